@@ -1,0 +1,31 @@
+# tuneloop: `make run` serves the embedded default, `make test` runs the test suite.
+# Both create or refresh .venv first (whenever pyproject.toml changed).
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test test-unit bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned: the CPU wheel on disk here. Installed later, or unpinned,
+	# pip would take the newest CUDA build (several GB) onto a CPU machine.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+run: $(STAMP)
+	$(BIN)/tuneloop run
+
+test: $(STAMP)
+	$(BIN)/pytest -q -p no:cacheprovider tests
+
+test-unit: $(STAMP)
+	$(BIN)/pytest -q -p no:cacheprovider tests/unit
+
+clean:
+	rm -rf $(VENV) .tuneloop

@@ -1,0 +1,99 @@
+"""The `tuneloop` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import typer
+
+from cluster.config import ConfigError, TuneloopConfig, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Serve, collect feedback, fine-tune, roll out.")
+ConfigOption = typer.Option(None, "--config", "-c", help="config file (default: $TUNELOOP_CONFIG or ./tuneloop.yaml)")
+
+
+def _load(config: str | None) -> TuneloopConfig:
+    try:
+        return load_config(config)
+    except ConfigError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+
+
+def _known_model(cfg: TuneloopConfig, model: str) -> None:
+    if model not in {m.name for m in cfg.models}:
+        typer.echo(f"unknown model {model!r}; configured: {[m.name for m in cfg.models]}", err=True)
+        raise typer.Exit(2)
+
+
+@app.command()
+def run(config: str | None = ConfigOption) -> None:
+    """Start Ray and serve every configured model (training v1 first where none exists)."""
+    from cluster.server import run_forever
+
+    run_forever(_load(config))
+
+
+@app.command()
+def train(
+    model: str,
+    config: str | None = ConfigOption,
+    address: str | None = typer.Option(None, help="Ray address to join (default: a running `tuneloop run`, else a local Ray)"),
+) -> None:
+    """Fine-tune a new version of MODEL on its seed data plus all feedback, gate it, promote it."""
+    from cluster.server_file import running_server_address
+    from cluster.storage import Storage
+
+    cfg = _load(config)
+    _known_model(cfg, model)
+    server = None if address else running_server_address(Storage(cfg.storage.root))
+    if server:
+        # A local Ray started by `tuneloop run` uses token auth (Ray's default since 2.5x),
+        # with the token in ~/.ray/auth_token; a joining driver opts in before importing ray.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        typer.echo(f"joining the Ray cluster of the running `tuneloop run` at {server}", err=True)
+    import ray
+
+    from cluster.server import init_ray
+    from training.launcher import run_training
+
+    init_ray(cfg, address or server)
+    try:
+        outcome = run_training(cfg, model)
+    finally:
+        ray.shutdown()
+    job = outcome.job
+    typer.echo(json.dumps(job.model_dump(include={"job_id", "model", "state", "version", "metrics", "error"}), indent=2))
+    if outcome.manifest is not None and outcome.manifest.gate is not None:
+        typer.echo(f"gate: {outcome.manifest.gate.reason}")
+    raise typer.Exit(0 if job.state in ("succeeded", "rejected") else 1)
+
+
+@app.command()
+def versions(model: str, config: str | None = ConfigOption) -> None:
+    """List MODEL's versions with their status and held-out accuracy."""
+    from cluster.registry import Registry
+    from cluster.storage import Storage
+
+    cfg = _load(config)
+    _known_model(cfg, model)
+    registry = Registry(Storage(cfg.storage.root))
+    production = registry.production(model)
+    for m in registry.versions(model):
+        acc = f"{m.metrics.accuracy:.4f}" if m.metrics else "-"
+        mark = "*" if m.version == production else " "
+        typer.echo(f"{mark} {m.version:<5} {m.status:<9} accuracy={acc} parent={m.parent or '-'} {m.created_at}")
+
+
+@app.command("check-config")
+def check_config(config: str | None = ConfigOption) -> None:
+    """Validate the config file and print it with defaults filled in."""
+    typer.echo(json.dumps(_load(config).model_dump(), indent=2))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    app()

@@ -1,0 +1,214 @@
+"""tuneloop's one config file, parsed into one pydantic model per component.
+
+Everything is validated before anything starts: unknown keys are rejected, and every
+error names the key and the value that was given. Pure: imports neither ray nor torch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_CONFIG_PATH = "tuneloop.yaml"
+CONFIG_ENV_VAR = "TUNELOOP_CONFIG"
+
+_MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+class ConfigError(ValueError):
+    """The config file is missing, unreadable or invalid; the message says where."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """One served model: what it predicts and where it starts from."""
+
+    name: str
+    task: Literal["text-classification"] = "text-classification"
+    base_model: str = Field(min_length=1, description="Hugging Face model id or local path")
+    labels: list[str] = Field(min_length=2)
+    seed_dataset: str | None = Field(
+        default=None, description="tsv/csv/jsonl/parquet file with columns text, label"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_slug(cls, v: str) -> str:
+        if not _MODEL_NAME.match(v):
+            raise ValueError(
+                f"model name {v!r} must be 1-64 chars of lowercase letters, digits, '-' or '_'"
+            )
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_unique(cls, v: list[str]) -> list[str]:
+        dupes = sorted({x for x in v if v.count(x) > 1})
+        if dupes:
+            raise ValueError(f"labels must be unique; repeated: {dupes}")
+        if any(not x.strip() for x in v):
+            raise ValueError(f"labels must be non-empty strings, got {v!r}")
+        return v
+
+
+class StorageConfig(_Strict):
+    """Where registry, feedback and predictions live: a local path or a pyarrow URI."""
+
+    root: str = "./.tuneloop"
+
+
+class AutoscalingConfig(_Strict):
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    target_ongoing_requests: float = Field(default=32.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class ServingConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    max_batch_size: int = Field(default=32, ge=1, le=1024)
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0, le=10)
+    num_replicas: int = Field(default=1, ge=1)
+    autoscaling: AutoscalingConfig | None = None
+    num_cpus_per_replica: float = Field(default=1.0, gt=0)
+    num_gpus_per_replica: float = Field(default=0.0, ge=0)
+    max_inputs_per_request: int = Field(default=64, ge=1, le=10_000)
+    max_chars_per_input: int = Field(default=2000, ge=1, le=1_000_000)
+    max_length: int = Field(default=128, ge=8, le=8192, description="tokenizer truncation")
+    reload_interval_s: float = Field(
+        default=2.0, gt=0, le=600, description="how often replicas look for a new production"
+    )
+
+
+class TrainingConfig(_Strict):
+    epochs: int = Field(default=3, ge=1, le=1000)
+    learning_rate: float = Field(default=5e-5, gt=0, lt=1)
+    weight_decay: float = Field(default=0.01, ge=0, lt=1)
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    batch_size: int = Field(default=16, ge=1, le=4096, description="per worker")
+    max_length: int = Field(default=128, ge=8, le=8192)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    num_workers: int = Field(default=2, ge=1, le=1024)
+    use_gpu: bool = False
+    eval_fraction: float = Field(default=0.2, gt=0, lt=1)
+    max_steps: int | None = Field(default=None, ge=1, description="stop early, for smoke runs")
+    seed: int = 0
+
+
+class TriggerConfig(_Strict):
+    every_n_feedback: int = Field(
+        default=0, ge=0, description="retrain after this many new feedback records; 0 = manual"
+    )
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(default=None, description="None starts a local Ray")
+    num_cpus: int | None = Field(
+        default=None, ge=1, description="logical CPUs for a local Ray (None = detect)"
+    )
+
+
+class TuneloopConfig(_Strict):
+    models: list[ModelConfig] = Field(min_length=1)
+    storage: StorageConfig = StorageConfig()
+    serving: ServingConfig = ServingConfig()
+    training: TrainingConfig = TrainingConfig()
+    trigger: TriggerConfig = TriggerConfig()
+    ray: RayConfig = RayConfig()
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, v: list[ModelConfig]) -> list[ModelConfig]:
+        names = [m.name for m in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique; repeated: {dupes}")
+        return v
+
+    def model(self, name: str) -> ModelConfig:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (value {e['input']!r})")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e['input']!r})")
+    return "\n".join(lines)
+
+
+def parse_config(data: object, source: str = "<dict>", base_dir: Path | None = None) -> TuneloopConfig:
+    """Validate a parsed YAML document; relative paths are taken from ``base_dir``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: expected a mapping at the top, got {data!r}")
+    try:
+        cfg = TuneloopConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+    if base_dir is not None:
+        cfg = _resolve_relative_paths(cfg, base_dir)
+    return cfg
+
+
+def _resolve_relative_paths(cfg: TuneloopConfig, base_dir: Path) -> TuneloopConfig:
+    def resolve(p: str) -> str:
+        if "://" in p or os.path.isabs(p):
+            return p
+        return str((base_dir / p).resolve())
+
+    def resolve_model_source(p: str) -> str:
+        # A base model is an HF id unless it names an existing local path.
+        candidate = base_dir / p
+        return str(candidate.resolve()) if candidate.exists() else p
+
+    models = [
+        m.model_copy(
+            update={
+                "seed_dataset": resolve(m.seed_dataset) if m.seed_dataset else None,
+                "base_model": resolve_model_source(m.base_model),
+            }
+        )
+        for m in cfg.models
+    ]
+    storage = cfg.storage.model_copy(update={"root": resolve(cfg.storage.root)})
+    return cfg.model_copy(update={"models": models, "storage": storage})
+
+
+def config_path(explicit: str | None = None) -> Path:
+    """--config wins, then $TUNELOOP_CONFIG, then ./tuneloop.yaml."""
+    return Path(explicit or os.environ.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG_PATH)
+
+
+def load_config(explicit: str | None = None) -> TuneloopConfig:
+    path = config_path(explicit)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+    return parse_config(data, source=str(path), base_dir=path.resolve().parent)

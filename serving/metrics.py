@@ -1,0 +1,79 @@
+"""All of tuneloop's Prometheus metrics, in one module.
+
+Serve replicas are separate processes, so the metrics use prometheus-client's
+multiprocess mode: every process writes to files under $PROMETHEUS_MULTIPROC_DIR and
+the ingress's GET /metrics aggregates them. Training runs are counted from the job
+records in storage, so jobs started by the CLI in another process are counted too.
+Labels stay low-cardinality: model, version, outcome; never a text, an id or a key.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter as _Tally
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client.core import CounterMetricFamily
+
+from cluster.jobs import JobStore
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+REQUESTS = Counter(
+    "tuneloop_requests", "Predict requests by outcome", ["model", "version", "outcome"]
+)
+REQUEST_LATENCY_SECONDS = Histogram(
+    "tuneloop_request_latency_seconds", "End-to-end predict latency in the ingress",
+    ["model", "version"], buckets=_LATENCY_BUCKETS,
+)
+MODEL_COMPUTE_SECONDS = Histogram(
+    "tuneloop_model_compute_seconds", "Time of one batch's tokenization and forward pass",
+    ["model", "version"], buckets=_LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "tuneloop_batch_size", "Texts per model batch", ["model", "version"], buckets=_BATCH_BUCKETS
+)
+FEEDBACK = Counter("tuneloop_feedback", "Feedback records accepted", ["model"])
+
+
+@contextmanager
+def timer(histogram: Histogram, *labels: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        histogram.labels(*labels).observe(time.perf_counter() - start)
+
+
+class TrainingRunsCollector:
+    """tuneloop_training_runs_total{model, outcome}, read from the job records."""
+
+    def __init__(self, jobs: JobStore):
+        self.jobs = jobs
+
+    def collect(self):
+        family = CounterMetricFamily(
+            "tuneloop_training_runs", "Training jobs by outcome", labels=["model", "outcome"]
+        )
+        tally = _Tally((j.model, j.state) for j in self.jobs.all())
+        for (model, outcome), n in sorted(tally.items()):
+            family.add_metric([model, outcome], n)
+        yield family
+
+
+def render(jobs: JobStore) -> bytes:
+    """The exposition text for GET /metrics: every process's metrics plus training runs."""
+    runs = CollectorRegistry()
+    runs.register(TrainingRunsCollector(jobs))
+    if os.environ.get(MULTIPROC_ENV):
+        served = CollectorRegistry()
+        multiprocess.MultiProcessCollector(served)
+    else:  # one process (unit use): its own default registry holds everything
+        served = REGISTRY
+    return generate_latest(served) + generate_latest(runs)

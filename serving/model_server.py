@@ -1,0 +1,135 @@
+"""The model deployment: one per served model, dynamic batching, hot version swaps.
+
+Each replica loads the registry's production version and keeps watching the registry's
+state file; when production changes (a training job promoted a version, from this process
+or another) it loads the new weights beside the old ones and swaps one reference. A batch
+already running finishes on the model it started with, so no request is dropped, and the
+application is never restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+from ray import serve
+
+from cluster.config import ModelConfig, ServingConfig
+from cluster.errors import NotReady
+from cluster.records import PredictionLog, new_prediction_id
+from cluster.registry import Registry
+from cluster.storage import Storage
+from serving import metrics
+
+log = logging.getLogger("ray.serve")
+
+
+class LoadedModel:
+    """One version's tokenizer and weights, ready for batched forward passes."""
+
+    def __init__(self, path: str, version: str, labels: list[str], max_length: int):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.version = version
+        self.labels = labels
+        self.max_length = max_length
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(self.device).eval()
+
+    def predict(self, texts: list[str]) -> list[dict[str, Any]]:
+        import torch
+
+        enc = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        with torch.inference_mode():
+            probs = self.model(**enc).logits.float().softmax(-1).cpu()
+        out = []
+        for row in probs.tolist():
+            best = max(range(len(row)), key=row.__getitem__)
+            out.append(
+                {"label": self.labels[best], "score": row[best], "scores": dict(zip(self.labels, row, strict=True))}
+            )
+        return out
+
+
+class ModelServer:
+    def __init__(self, model_cfg: dict, serving_cfg: dict, storage_root: str):
+        import torch
+
+        self.cfg = ModelConfig.model_validate(model_cfg)
+        self.serving = ServingConfig.model_validate(serving_cfg)
+        storage = Storage(storage_root)
+        self.registry = Registry(storage)
+        self.prediction_log = PredictionLog(storage)
+        torch.set_num_threads(max(1, math.ceil(self.serving.num_cpus_per_replica)))
+        # One thread runs the model: forward passes never overlap, and the event loop stays
+        # free to collect the next batch while this one computes.
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._predict_batch.set_max_batch_size(self.serving.max_batch_size)
+        self._predict_batch.set_batch_wait_timeout_s(self.serving.batch_wait_timeout_s)
+        self._loaded: LoadedModel | None = None
+        self._stop = threading.Event()
+        self._sync_with_registry()
+        self._watcher = threading.Thread(target=self._watch_registry, name="registry-watch", daemon=True)
+        self._watcher.start()
+
+    # -- versions ------------------------------------------------------------------------
+    def _sync_with_registry(self) -> None:
+        production = self.registry.production(self.cfg.name)
+        if production is None or (self._loaded and self._loaded.version == production):
+            return
+        path = self.registry.local_path(self.cfg.name, production)
+        new = LoadedModel(path, production, self.cfg.labels, self.serving.max_length)
+        old, self._loaded = self._loaded, new  # one reference swap; running batches keep `old`
+        log.info("model %s now serving %s (was %s)", self.cfg.name, production, old.version if old else None)
+
+    def _watch_registry(self) -> None:
+        while not self._stop.wait(self.serving.reload_interval_s):
+            try:
+                self._sync_with_registry()
+            except Exception:  # noqa: BLE001 - keep serving the loaded version; retry next tick
+                log.exception("model %s: could not load the new production version", self.cfg.name)
+
+    def status(self) -> dict[str, Any]:
+        return {"model": self.cfg.name, "version": self._loaded.version if self._loaded else None}
+
+    # -- predictions ---------------------------------------------------------------------
+    async def predict(self, texts: list[str]) -> list[dict[str, Any]]:
+        """Predict a request's texts; each text joins the shared batch queue on its own."""
+        if self._loaded is None:
+            raise NotReady(f"model {self.cfg.name!r} has no production version loaded yet")
+        return list(await asyncio.gather(*(self._predict_batch(t) for t in texts)))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def _predict_batch(self, texts: list[str]) -> list[dict[str, Any]]:
+        loaded = self._loaded  # pin one version for the whole batch
+        return await asyncio.get_running_loop().run_in_executor(self._compute, self._run_batch, loaded, texts)
+
+    def _run_batch(self, loaded: LoadedModel, texts: list[str]) -> list[dict[str, Any]]:
+        with metrics.timer(metrics.MODEL_COMPUTE_SECONDS, self.cfg.name, loaded.version):
+            results = loaded.predict(texts)
+        metrics.BATCH_SIZE.labels(self.cfg.name, loaded.version).observe(len(texts))
+        now = datetime.now(UTC)
+        rows = []
+        for text, r in zip(texts, results, strict=True):
+            r["id"] = new_prediction_id(now)
+            r["version"] = loaded.version
+            rows.append(
+                {"prediction_id": r["id"], "model": self.cfg.name, "version": loaded.version, "text": text,
+                 "label": r["label"], "score": r["score"], "scores": r["scores"], "created_at": now}
+            )
+        # Recorded before answering, so feedback by prediction id always finds it.
+        self.prediction_log.append(self.cfg.name, rows)
+        return results
+
+    def __del__(self):
+        self._stop.set()

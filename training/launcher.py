@@ -1,0 +1,169 @@
+"""Launch one fine-tuning job: data through Ray Data, a TorchTrainer with DeepSpeed workers,
+then the gate, the registry and (if accepted) production.
+
+Starts from the current production weights (the base model for v1) and trains on the seed
+dataset plus all feedback so far, so a new version keeps what earlier data taught.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import ray
+import ray.data
+from pyarrow import csv as pacsv
+from ray.train import DataConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from cluster.config import ModelConfig, TuneloopConfig
+from cluster.gate import evaluate_gate
+from cluster.jobs import JobRecord, JobStore
+from cluster.model_source import resolve_model_source
+from cluster.records import FeedbackStore
+from cluster.registry import EvalMetrics, GateResult, Manifest, Registry, now_iso
+from cluster.storage import Storage
+from training.data import file_sha256, is_held_out, seed_format
+from training.loop import train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingOutcome:
+    job: JobRecord
+    manifest: Manifest | None
+
+
+def _read_seed(path: str) -> ray.data.Dataset:
+    fmt = seed_format(path)
+    if fmt in (".tsv", ".csv"):
+        parse = pacsv.ParseOptions(delimiter="\t" if fmt == ".tsv" else ",", quote_char=False if fmt == ".tsv" else '"')
+        convert = pacsv.ConvertOptions(column_types={"text": pa.string(), "label": pa.string()})
+        ds = ray.data.read_csv(path, parse_options=parse, convert_options=convert)
+    elif fmt == ".jsonl":
+        ds = ray.data.read_json(path)
+    else:
+        ds = ray.data.read_parquet(path)
+    return ds.select_columns(["text", "label"])
+
+
+def _prepare(batch: pa.Table, labels: list[str], eval_fraction: float) -> pa.Table:
+    """Add label ids and the held-out flag; unknown labels fail the job with their value."""
+    texts = batch.column("text").cast(pa.string()).to_pylist()
+    names = batch.column("label").cast(pa.string()).to_pylist()
+    index = {name: i for i, name in enumerate(labels)}
+    unknown = sorted({n for n in names if n not in index})
+    if unknown:
+        raise ValueError(f"training data has labels {unknown} outside the model's labels {labels}")
+    return pa.table(
+        {
+            "text": pa.array(texts, pa.string()),
+            "label_id": pa.array([index[n] for n in names], pa.int64()),
+            "held_out": pa.array([is_held_out(t, eval_fraction) for t in texts], pa.bool_()),
+        }
+    )
+
+
+def _datasets(
+    mcfg: ModelConfig, storage: Storage, feedback: FeedbackStore, feedback_files: list[str], eval_fraction: float
+) -> tuple[dict[str, ray.data.Dataset], dict[str, Any]]:
+    ray.data.DataContext.get_current().enable_progress_bars = False  # they flood the server's log
+    parts, summary = [], {}
+    if mcfg.seed_dataset:
+        parts.append(_read_seed(mcfg.seed_dataset))
+        summary["seed"] = {"path": mcfg.seed_dataset, "sha256": file_sha256(mcfg.seed_dataset)}
+    if feedback_files:
+        parts.append(
+            ray.data.read_parquet(
+                [storage.path(f) for f in feedback_files], filesystem=storage.fs, partitioning=None
+            ).select_columns(["text", "label"])
+        )
+    if not parts:
+        raise ValueError(f"model {mcfg.name!r} has no seed dataset and no feedback to train on")
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    prepared = ds.map_batches(
+        _prepare, batch_format="pyarrow", fn_kwargs={"labels": mcfg.labels, "eval_fraction": eval_fraction}
+    ).materialize()
+    train = prepared.filter(expr="held_out == False").materialize()  # noqa: E712 - Ray Data expression
+    held_out = prepared.filter(expr="held_out == True").materialize()
+    summary["feedback"] = {"files": feedback_files, "rows": feedback.count_rows(feedback_files)}
+    summary["train_rows"] = train.count()
+    summary["eval_rows"] = held_out.count()
+    summary["total_rows"] = summary["train_rows"] + summary["eval_rows"]
+    if summary["train_rows"] == 0 or summary["eval_rows"] == 0:
+        raise ValueError(f"need rows in both splits, got {summary['train_rows']} train and {summary['eval_rows']} held out")
+    return {"train": train, "eval": held_out}, summary
+
+
+def run_training(cfg: TuneloopConfig, model: str, trigger: str = "manual", job: JobRecord | None = None) -> TrainingOutcome:
+    """Run one job to the end; never raises for a failed job (it is recorded as failed)."""
+    storage = Storage(cfg.storage.root)
+    registry, jobs, feedback = Registry(storage), JobStore(storage), FeedbackStore(storage)
+    mcfg = cfg.model(model)
+    job = job or jobs.create(model, trigger)
+    tcfg = cfg.training
+    try:
+        parent = registry.production(model)
+        init_path = registry.local_path(model, parent) if parent else resolve_model_source(mcfg.base_model)
+        feedback_files = feedback.files(model)  # the snapshot this job trains on
+        datasets, data = _datasets(mcfg, storage, feedback, feedback_files, tcfg.eval_fraction)
+        log.info("job %s: %s from %s, %s", job.job_id, model, parent or mcfg.base_model, data)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                **tcfg.model_dump(),
+                "init_path": init_path,
+                "labels": mcfg.labels,
+                "has_parent": parent is not None,
+                "train_rows": data["train_rows"],
+            },
+            scaling_config=ScalingConfig(
+                num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu, resources_per_worker={"CPU": 1}
+            ),
+            run_config=RunConfig(
+                name=f"{model}-{job.job_id}", storage_path=storage.path("train_runs"), storage_filesystem=storage.fs
+            ),
+            datasets=datasets,
+            dataset_config=DataConfig(datasets_to_split=["train"]),
+        )
+        result = trainer.fit()
+        report = result.metrics
+        metrics = EvalMetrics.model_validate(report["metrics"])
+        parent_metrics = EvalMetrics.model_validate(report["parent_metrics"]) if report["parent_metrics"] else None
+        gate = evaluate_gate(metrics.accuracy, parent_metrics.accuracy if parent_metrics else None)
+        manifest = Manifest(
+            version="pending",
+            model=model,
+            parent=parent,
+            base_model=mcfg.base_model,
+            task=mcfg.task,
+            labels=mcfg.labels,
+            training={**tcfg.model_dump(), "steps": report["steps"]},
+            data=data,
+            metrics=metrics,
+            parent_metrics=parent_metrics,
+            gate=GateResult(accepted=gate.accepted, reason=gate.reason),
+            status="accepted" if gate.accepted else "rejected",
+            job_id=job.job_id,
+        )
+        with result.checkpoint.as_directory() as ckpt_dir:
+            manifest = registry.publish(model, ckpt_dir, manifest)
+        if gate.accepted:
+            registry.set_production(model, manifest.version, event="promote", reason=gate.reason)
+        job.state = "succeeded" if gate.accepted else "rejected"
+        job.version = manifest.version
+        job.metrics = metrics.model_dump()
+        log.info("job %s: %s %s (%s)", job.job_id, manifest.version, job.state, gate.reason)
+        return TrainingOutcome(job, manifest)
+    except Exception as e:  # noqa: BLE001 - the job record carries the failure
+        log.error("job %s failed: %s", job.job_id, traceback.format_exc())
+        job.state = "failed"
+        job.error = f"{type(e).__name__}: {e}"
+        return TrainingOutcome(job, None)
+    finally:
+        job.finished_at = now_iso()
+        jobs.save(job)

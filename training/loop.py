@@ -1,0 +1,169 @@
+"""The Ray Train worker: fine-tune with DeepSpeed, evaluate, export one consolidated HF checkpoint.
+
+Runs once per worker inside a TorchTrainer, which has already set up torch.distributed
+(gloo on CPU, nccl on GPU); deepspeed.initialize joins that process group.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from typing import Any
+
+from training.deepspeed_config import build_deepspeed_config
+from training.metrics import classification_metrics
+
+EVAL_BATCH_SIZE = 64
+
+
+def _log(rank: int, msg: str) -> None:
+    if rank == 0:
+        print(f"[tuneloop train] {msg}", flush=True)
+
+
+def _param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases and LayerNorm weights, as in BERT's recipe."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "LayerNorm" in name or name.endswith(".bias") else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _encode(tokenizer, texts, max_length: int, device):
+    enc = tokenizer(
+        [str(t) for t in texts], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def _evaluate(engine, tokenizer, shard, max_length: int, num_labels: int) -> dict[str, float]:
+    """Score the whole held-out set. Every worker sees all of it (it is not split), so the
+    gate compares candidate and production on exactly the same rows, and ZeRO-3's
+    collective forward passes stay in step across ranks."""
+    import torch
+
+    engine.eval()
+    y_true: list[int] = []
+    y_pred: list[int] = []
+    with torch.no_grad():
+        for batch in shard.iter_batches(batch_size=EVAL_BATCH_SIZE, batch_format="numpy"):
+            logits = engine(**_encode(tokenizer, batch["text"], max_length, engine.device)).logits
+            y_pred.extend(logits.argmax(-1).tolist())
+            y_true.extend(int(x) for x in batch["label_id"])
+    engine.train()
+    return classification_metrics(y_true, y_pred, num_labels)
+
+
+def _consolidated_state_dict(module, rank: int) -> dict[str, Any]:
+    """Full weights on rank 0, gathering ZeRO-3 partitions one parameter at a time."""
+    import deepspeed
+
+    keys = set(module.state_dict().keys())  # persistent entries only
+    state: dict[str, Any] = {}
+    for name, param in module.named_parameters():
+        partitioned = hasattr(param, "ds_id")
+        ctx = deepspeed.zero.GatheredParameters([param], modifier_rank=None) if partitioned else nullcontext()
+        with ctx:
+            if rank == 0 and name in keys:
+                state[name] = param.data.detach().to("cpu", copy=True).contiguous()
+    if rank == 0:
+        for name, buf in module.named_buffers():
+            if name in keys:
+                state[name] = buf.detach().to("cpu", copy=True)
+    return state
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if config["use_gpu"] else "cpu")
+    import deepspeed
+    import ray.train
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(config["seed"])
+    labels: list[str] = config["labels"]
+    max_length: int = config["max_length"]
+    batch_size: int = config["batch_size"]
+
+    tokenizer = AutoTokenizer.from_pretrained(config["init_path"])
+    model = AutoModelForSequenceClassification.from_pretrained(
+        config["init_path"],
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+        ignore_mismatched_sizes=True,  # a base encoder or a changed label set gets a fresh head
+        dtype=torch.float32,
+    )
+    steps_per_epoch = max(1, math.ceil(config["train_rows"] / (batch_size * world)))
+    total_steps = steps_per_epoch * config["epochs"]
+    if config.get("max_steps"):
+        total_steps = min(total_steps, config["max_steps"])
+    ds_config = build_deepspeed_config(
+        zero_stage=config["zero_stage"],
+        micro_batch_size=batch_size,
+        world_size=world,
+        learning_rate=config["learning_rate"],
+        weight_decay=config["weight_decay"],
+        total_steps=total_steps,
+        warmup_ratio=config["warmup_ratio"],
+        use_gpu=config["use_gpu"],
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=_param_groups(model, config["weight_decay"]), config=ds_config
+    )
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval")
+
+    parent_metrics = None
+    if config["has_parent"]:
+        # The starting weights are production's: score them on the same held-out rows.
+        parent_metrics = _evaluate(engine, tokenizer, eval_shard, max_length, len(labels))
+        _log(rank, f"production baseline: {parent_metrics}")
+
+    step = 0
+    done = False
+    for epoch in range(config["epochs"]):
+        t0, seen, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
+        for batch in train_shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            enc = _encode(tokenizer, batch["text"], max_length, engine.device)
+            target = torch.as_tensor(batch["label_id"], dtype=torch.long, device=engine.device)
+            loss = engine(**enc, labels=target).loss
+            engine.backward(loss)
+            engine.step()
+            step += 1
+            seen += len(target)
+            loss_sum += float(loss)
+            batches += 1
+            if step >= total_steps:
+                done = True
+                break
+        dt = time.perf_counter() - t0
+        _log(
+            rank,
+            f"epoch {epoch + 1}/{config['epochs']} step {step}/{total_steps} "
+            f"loss {loss_sum / max(1, batches):.4f} {seen * world / max(dt, 1e-9):.1f} samples/s",
+        )
+        if done:
+            break
+
+    metrics = _evaluate(engine, tokenizer, eval_shard, max_length, len(labels))
+    _log(rank, f"held-out: {metrics}")
+    state = _consolidated_state_dict(engine.module, rank)
+    report = {"metrics": metrics, "parent_metrics": parent_metrics, "steps": step}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            engine.module.save_pretrained(tmp, state_dict=state)
+            tokenizer.save_pretrained(tmp)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(report, checkpoint=checkpoint)
