@@ -10,10 +10,10 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
+# torch first, pinned: the CPU wheel on disk here. Installed later, or unpinned, pip
+# would take the newest CUDA build (several GB) onto a CPU machine.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# torch first, pinned: the CPU wheel on disk here. Installed later, or unpinned,
-	# pip would take the newest CUDA build (several GB) onto a CPU machine.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@

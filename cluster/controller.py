@@ -20,6 +20,8 @@ from cluster.triggers import should_retrain
 
 log = logging.getLogger(__name__)
 CONTROLLER_NAME = "tuneloop-retrain-controller"
+# Named actors live in a namespace; Serve replicas run in Serve's, drivers in their own.
+CONTROLLER_NAMESPACE = "tuneloop"
 
 
 @ray.remote(num_cpus=0)

@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -19,7 +20,7 @@ import ray
 from ray import serve
 
 from cluster.config import TuneloopConfig
-from cluster.controller import CONTROLLER_NAME, RetrainController
+from cluster.controller import CONTROLLER_NAME, CONTROLLER_NAMESPACE, RetrainController
 from cluster.registry import Registry
 from cluster.server_file import remove_server_file, write_server_file
 from cluster.storage import Storage
@@ -49,12 +50,17 @@ def bootstrap_versions(cfg: TuneloopConfig) -> None:
                 raise SystemExit(f"could not train v1 of {m.name}: {outcome.job.error or outcome.job.state}")
 
 
-def start_serving(cfg: TuneloopConfig, metrics_dir: str | None) -> None:
+def start_serving(cfg: TuneloopConfig, metrics_dir: str | None) -> ray.actor.ActorHandle:
+    """Deploy the app and the retrain controller; keep the returned handle for as long as
+    the server runs (a named actor is still destroyed once no handle to it is left)."""
     from serving.app import APP_NAME, build_app
 
-    RetrainController.options(name=CONTROLLER_NAME, get_if_exists=True).remote(cfg.model_dump())
+    controller = RetrainController.options(
+        name=CONTROLLER_NAME, namespace=CONTROLLER_NAMESPACE, get_if_exists=True
+    ).remote(cfg.model_dump())
     serve.start(http_options={"host": cfg.serving.host, "port": cfg.serving.port})
     serve.run(build_app(cfg, metrics_dir), name=APP_NAME, route_prefix="/", blocking=False)
+    return controller
 
 
 def wait_ready(url: str, timeout_s: float = 300.0) -> None:
@@ -76,7 +82,18 @@ def metrics_dir_for(cfg: TuneloopConfig) -> str:
     return path
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Fail fast: otherwise Serve's proxy fails in the background and /readyz would be
+    answered by whatever already holds the port."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise SystemExit(f"cannot serve on {host}:{port}: {e.strerror} (another tuneloop run?)") from None
+
+
 def run_forever(cfg: TuneloopConfig) -> None:
+    check_port_free(cfg.serving.host, cfg.serving.port)
     metrics_dir = metrics_dir_for(cfg)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     started = time.monotonic()
@@ -89,7 +106,7 @@ def run_forever(cfg: TuneloopConfig) -> None:
         # After bootstrap: Ray Train's fit() installs its own SIGINT handler while it runs.
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        start_serving(cfg, metrics_dir)
+        controller = start_serving(cfg, metrics_dir)  # noqa: F841 - held to keep the actor alive
         url = f"http://{cfg.serving.host}:{cfg.serving.port}"
         wait_ready(url)
         print(f"tuneloop ready at {url} after {time.monotonic() - started:.1f}s "

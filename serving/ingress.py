@@ -21,7 +21,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.config import TuneloopConfig
-from cluster.controller import CONTROLLER_NAME
+from cluster.controller import CONTROLLER_NAME, CONTROLLER_NAMESPACE
 from cluster.errors import (
     InvalidLabel,
     InvalidValue,
@@ -131,7 +131,7 @@ class Ingress:
 
     def _controller(self):
         try:
-            return ray.get_actor(CONTROLLER_NAME)
+            return ray.get_actor(CONTROLLER_NAME, namespace=CONTROLLER_NAMESPACE)
         except ValueError:
             return None  # serving without the loop (tests, or an operator who retrains by hand)
 

@@ -16,6 +16,7 @@ import pyarrow as pa
 import ray
 import ray.data
 from pyarrow import csv as pacsv
+from ray.data.expressions import col
 from ray.train import DataConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -88,8 +89,8 @@ def _datasets(
     prepared = ds.map_batches(
         _prepare, batch_format="pyarrow", fn_kwargs={"labels": mcfg.labels, "eval_fraction": eval_fraction}
     ).materialize()
-    train = prepared.filter(expr="held_out == False").materialize()  # noqa: E712 - Ray Data expression
-    held_out = prepared.filter(expr="held_out == True").materialize()
+    train = prepared.filter(expr=col("held_out") == False).materialize()  # noqa: E712 - an expression
+    held_out = prepared.filter(expr=col("held_out") == True).materialize()  # noqa: E712
     summary["feedback"] = {"files": feedback_files, "rows": feedback.count_rows(feedback_files)}
     summary["train_rows"] = train.count()
     summary["eval_rows"] = held_out.count()

