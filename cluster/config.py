@@ -82,8 +82,12 @@ class AutoscalingConfig(_Strict):
 class ServingConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
-    max_batch_size: int = Field(default=32, ge=1, le=1024)
+    max_batch_size: int = Field(default=32, ge=1, le=1024, description="upper bound of a batch")
     batch_wait_timeout_s: float = Field(default=0.01, ge=0, le=10)
+    adaptive_batching: bool = Field(
+        default=True, description="AIMD: shrink batches that overrun target_batch_latency_s, regrow when fast"
+    )
+    target_batch_latency_s: float = Field(default=0.25, gt=0, le=60)
     num_replicas: int = Field(default=1, ge=1)
     autoscaling: AutoscalingConfig | None = None
     num_cpus_per_replica: float = Field(default=1.0, gt=0)

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import math
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +26,7 @@ from cluster.records import PredictionLog, new_prediction_id
 from cluster.registry import Registry
 from cluster.storage import Storage
 from serving import metrics
+from serving.batching_policy import AIMDPolicy, next_batch_size
 
 log = logging.getLogger("ray.serve")
 
@@ -74,7 +76,11 @@ class ModelServer:
         # One thread runs the model: forward passes never overlap, and the event loop stays
         # free to collect the next batch while this one computes.
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self._predict_batch.set_max_batch_size(self.serving.max_batch_size)
+        self._batch_limit = self.serving.max_batch_size
+        self._policy = AIMDPolicy(
+            target_batch_latency_s=self.serving.target_batch_latency_s, max_batch_size=self.serving.max_batch_size
+        )
+        self._predict_batch.set_max_batch_size(self._batch_limit)
         self._predict_batch.set_batch_wait_timeout_s(self.serving.batch_wait_timeout_s)
         self._loaded: LoadedModel | None = None
         self._stop = threading.Event()
@@ -112,7 +118,14 @@ class ModelServer:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _predict_batch(self, texts: list[str]) -> list[dict[str, Any]]:
         loaded = self._loaded  # pin one version for the whole batch
-        return await asyncio.get_running_loop().run_in_executor(self._compute, self._run_batch, loaded, texts)
+        start = time.perf_counter()
+        results = await asyncio.get_running_loop().run_in_executor(self._compute, self._run_batch, loaded, texts)
+        if self.serving.adaptive_batching:
+            limit = next_batch_size(self._policy, self._batch_limit, len(texts), time.perf_counter() - start)
+            if limit != self._batch_limit:
+                self._batch_limit = limit
+                self._predict_batch.set_max_batch_size(limit)
+        return results
 
     def _run_batch(self, loaded: LoadedModel, texts: list[str]) -> list[dict[str, Any]]:
         with metrics.timer(metrics.MODEL_COMPUTE_SECONDS, self.cfg.name, loaded.version):

@@ -1,0 +1,42 @@
+"""Adaptive batch sizing: Clipper's AIMD on measured batch latency. Pure; no Ray, no torch.
+
+A replica asks, after every batch, how large the next one may be. While batches finish
+inside the latency target and come back full (there is more work waiting), the limit grows
+by a fixed step; as soon as one batch overruns the target, it shrinks by a factor. The
+limit therefore settles just under the largest batch that meets the target on this
+hardware, for this model and these texts, without anyone tuning a knob.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AIMDPolicy:
+    target_batch_latency_s: float
+    min_batch_size: int = 1
+    max_batch_size: int = 256
+    additive_step: int = 4
+    backoff: float = 0.8
+
+    def __post_init__(self):
+        if self.target_batch_latency_s <= 0:
+            raise ValueError(f"target_batch_latency_s must be > 0, got {self.target_batch_latency_s!r}")
+        if not 1 <= self.min_batch_size <= self.max_batch_size:
+            raise ValueError(f"need 1 <= min_batch_size <= max_batch_size, got {self.min_batch_size!r}, "
+                             f"{self.max_batch_size!r}")
+        if not 0 < self.backoff < 1:
+            raise ValueError(f"backoff must be in (0, 1), got {self.backoff!r}")
+        if self.additive_step < 1:
+            raise ValueError(f"additive_step must be >= 1, got {self.additive_step!r}")
+
+
+def next_batch_size(policy: AIMDPolicy, limit: int, batch_size: int, batch_latency_s: float) -> int:
+    """The batch-size limit after a batch of ``batch_size`` (under ``limit``) took ``batch_latency_s``."""
+    if batch_latency_s > policy.target_batch_latency_s:
+        shrunk = int(limit * policy.backoff)
+        return max(policy.min_batch_size, min(shrunk, limit - 1))
+    if batch_size >= limit:  # full and fast: there may be room for more
+        return min(policy.max_batch_size, limit + policy.additive_step)
+    return limit  # a partial batch says nothing about larger ones

@@ -1,0 +1,49 @@
+import pytest
+
+from serving.batching_policy import AIMDPolicy, next_batch_size
+
+
+def test_grows_additively_while_full_and_fast():
+    p = AIMDPolicy(target_batch_latency_s=0.1, additive_step=4, max_batch_size=40)
+    assert next_batch_size(p, 16, 16, 0.05) == 20
+    assert next_batch_size(p, 38, 38, 0.05) == 40  # capped
+    assert next_batch_size(p, 40, 40, 0.05) == 40
+
+
+def test_partial_batches_leave_the_limit_alone():
+    p = AIMDPolicy(target_batch_latency_s=0.1)
+    assert next_batch_size(p, 32, 5, 0.01) == 32
+
+
+def test_backs_off_multiplicatively_on_overrun():
+    p = AIMDPolicy(target_batch_latency_s=0.1, backoff=0.5, min_batch_size=2)
+    assert next_batch_size(p, 32, 32, 0.2) == 16
+    assert next_batch_size(p, 3, 3, 0.2) == 2
+    assert next_batch_size(p, 2, 2, 0.2) == 2  # floor
+    p_mild = AIMDPolicy(target_batch_latency_s=0.1, backoff=0.99)
+    assert next_batch_size(p_mild, 10, 10, 0.5) == 9  # always shrinks by at least one
+
+
+def test_converges_under_a_linear_cost_model():
+    """Latency = 2 ms + 1 ms per text against a 50 ms target: the limit settles near 48."""
+    p = AIMDPolicy(target_batch_latency_s=0.050, additive_step=4, backoff=0.8, max_batch_size=256)
+    limit, history = 8, []
+    for _ in range(500):
+        latency = 0.002 + 0.001 * limit
+        limit = next_batch_size(p, limit, limit, latency)
+        history.append(limit)
+    tail = history[-100:]
+    assert max(tail) <= 52 and min(tail) >= 36
+    assert all(0.002 + 0.001 * x <= 0.056 for x in tail)
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [({"target_batch_latency_s": 0}, "target_batch_latency_s must be > 0, got 0"),
+     ({"target_batch_latency_s": 1, "min_batch_size": 5, "max_batch_size": 4}, "got 5, 4"),
+     ({"target_batch_latency_s": 1, "backoff": 1.5}, "got 1.5"),
+     ({"target_batch_latency_s": 1, "additive_step": 0}, "got 0")],
+)
+def test_invalid_policies_name_the_value(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment.replace("(", r"\(")):
+        AIMDPolicy(**kwargs)
