@@ -35,6 +35,10 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from serving.fast_path import enable_fast_path  # noqa: E402
+
+enable_fast_path()  # before ray is imported
+
 SST2 = ROOT.parent / "shared" / "data" / "sst2" / "dev.tsv"
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 LABELS = ["negative", "positive"]
@@ -169,7 +173,7 @@ def batch_stats(base_url: str) -> tuple[float, float]:
 
 
 # -- 3. the naive baseline --------------------------------------------------------------
-def naive_app(model_dir: str, threads: int):
+def naive_app(model_dir: str, threads: int, max_length: int):
     from ray import serve
     from starlette.requests import Request
 
@@ -184,7 +188,7 @@ def naive_app(model_dir: str, threads: int):
 
         async def __call__(self, request: Request):
             body = await request.json()
-            return self.pipe(body["inputs"][0])
+            return self.pipe(body["inputs"][0], truncation=True, max_length=max_length)
 
     return NaivePipeline.bind(model_dir)
 
@@ -202,7 +206,9 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny random model, short cells: checks the table only")
     args = ap.parse_args()
     if args.smoke:
-        args.concurrency, args.seconds, args.warmup = "4", 2.0, 0.5
+        args.seconds, args.warmup = 2.0, 0.5
+        if args.concurrency == ap.get_default("concurrency"):
+            args.concurrency = "4"
 
     import ray
     from ray import serve
@@ -222,7 +228,9 @@ def main() -> None:
     text_sets = {"short": short_texts(2000, rng), "long": long_texts(200, rng, tokenizer)}
     sets = [s for s in args.sets.split(",") if s]
     levels = [int(c) for c in args.concurrency.split(",")]
-    max_length = 256
+    from transformers import AutoConfig
+
+    max_length = min(256, AutoConfig.from_pretrained(model_dir).max_position_embeddings)
     batch_size = 32
 
     print(f"model: {'tiny random BERT (smoke)' if args.smoke else args.model}; threads: {args.threads}; "
@@ -264,7 +272,7 @@ def main() -> None:
                 print(f"tuneloop {s} c={c}: {r.throughput:.1f}/s", flush=True)
         serve.delete(APP_NAME)
         if not args.skip_naive:
-            serve.run(naive_app(model_dir, args.threads), name="naive", route_prefix="/naive", blocking=False)
+            serve.run(naive_app(model_dir, args.threads, max_length), name="naive", route_prefix="/naive", blocking=False)
             for s in sets:
                 for c in levels:
                     r = drive(f"{base}/naive", lambda t: {"inputs": [t]}, text_sets[s], c, args.seconds, args.warmup)

@@ -95,5 +95,8 @@ def check_config(config: str | None = ConfigOption) -> None:
 
 
 def main() -> None:
+    from serving.fast_path import enable_fast_path
+
+    enable_fast_path()  # before anything imports ray
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     app()

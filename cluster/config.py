@@ -83,7 +83,9 @@ class ServingConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     max_batch_size: int = Field(default=32, ge=1, le=1024, description="upper bound of a batch")
-    batch_wait_timeout_s: float = Field(default=0.01, ge=0, le=10)
+    # 0: a batch takes whatever queued while the previous one ran; under load batches fill
+    # by themselves, and at low load no request waits for company that is not coming.
+    batch_wait_timeout_s: float = Field(default=0.0, ge=0, le=10)
     adaptive_batching: bool = Field(
         default=True, description="AIMD: shrink batches that overrun target_batch_latency_s, regrow when fast"
     )

@@ -11,6 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from serving.fast_path import enable_fast_path
+
+enable_fast_path()  # test the data path users get; before ray is imported
+
 from cluster.config import TuneloopConfig, parse_config
 from cluster.registry import Manifest, Registry
 from cluster.storage import Storage
@@ -94,7 +98,7 @@ def make_config(root: Path, base_model: str, seed: str | None, **sections) -> Tu
     doc = {
         "models": [{"name": "sentiment", "base_model": base_model, "labels": LABELS, "seed_dataset": seed}],
         "storage": {"root": str(root)},
-        "serving": {"max_batch_size": 8, "batch_wait_timeout_s": 0.005, "max_inputs_per_request": 8,
+        "serving": {"max_batch_size": 8, "max_inputs_per_request": 8,
                     "max_chars_per_input": 200, "reload_interval_s": 0.5, "num_cpus_per_replica": 1},
         "training": {"epochs": 1, "batch_size": 8, "max_length": 32, "num_workers": 2, "zero_stage": 2},
     }
