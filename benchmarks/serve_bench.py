@@ -24,6 +24,7 @@ import math
 import os
 import random
 import re
+import socket
 import sys
 import tempfile
 import time
@@ -193,6 +194,12 @@ def naive_app(model_dir: str, threads: int, max_length: int):
     return NaivePipeline.bind(model_dir)
 
 
+def cfg_target(args) -> str:
+    from cluster.config import ServingConfig
+
+    return f"{args.target_batch_latency or ServingConfig().target_batch_latency_s:g}s"
+
+
 # -- main -------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -203,6 +210,8 @@ def main() -> None:
     ap.add_argument("--sets", default="short,long")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the bare loop and each replica")
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--target-batch-latency", type=float, default=None,
+                    help="serving.target_batch_latency_s for tuneloop (default: the config default)")
     ap.add_argument("--smoke", action="store_true", help="tiny random model, short cells: checks the table only")
     args = ap.parse_args()
     if args.smoke:
@@ -234,6 +243,7 @@ def main() -> None:
     batch_size = 32
 
     print(f"model: {'tiny random BERT (smoke)' if args.smoke else args.model}; threads: {args.threads}; "
+          f"target batch latency: {cfg_target(args)}; "
           f"texts: {'SST-2 dev' if SST2.exists() else 'generated'}; cpu cores: {os.cpu_count()}", flush=True)
     bare = {s: bare_throughput(model_dir, text_sets[s], batch_size, args.threads, max_length,
                                max(args.seconds / 2, 2.0)) for s in sets}
@@ -244,7 +254,8 @@ def main() -> None:
         "models": [{"name": "bench", "base_model": model_dir, "labels": LABELS}],
         "storage": {"root": str(work / "store")},
         "serving": {"max_batch_size": batch_size, "num_cpus_per_replica": args.threads, "max_length": max_length,
-                    "max_inputs_per_request": 64, "max_chars_per_input": 100_000},
+                    "max_inputs_per_request": 64, "max_chars_per_input": 100_000,
+                    **({"target_batch_latency_s": args.target_batch_latency} if args.target_batch_latency else {})},
     })
     registry = Registry(Storage(cfg.storage.root))
     v = registry.publish("bench", model_dir, Manifest(version="pending", model="bench", parent=None,
@@ -254,7 +265,9 @@ def main() -> None:
     metrics_dir = str(work / "prom")
     os.makedirs(metrics_dir)
     ray.init(num_cpus=max(4, args.threads + 2), include_dashboard=False, log_to_driver=False)
-    port = 18123
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
     rows = []

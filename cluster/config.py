@@ -83,9 +83,6 @@ class ServingConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     max_batch_size: int = Field(default=32, ge=1, le=1024, description="upper bound of a batch")
-    # 0: a batch takes whatever queued while the previous one ran; under load batches fill
-    # by themselves, and at low load no request waits for company that is not coming.
-    batch_wait_timeout_s: float = Field(default=0.0, ge=0, le=10)
     adaptive_batching: bool = Field(
         default=True, description="AIMD: shrink batches that overrun target_batch_latency_s, regrow when fast"
     )
@@ -94,6 +91,10 @@ class ServingConfig(_Strict):
     autoscaling: AutoscalingConfig | None = None
     num_cpus_per_replica: float = Field(default=1.0, gt=0)
     num_gpus_per_replica: float = Field(default=0.0, ge=0)
+    max_queued_requests: int = Field(
+        default=1024, ge=1, description="per model and caller; beyond it requests get 503 at once"
+    )
+    request_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     max_inputs_per_request: int = Field(default=64, ge=1, le=10_000)
     max_chars_per_input: int = Field(default=2000, ge=1, le=1_000_000)
     max_length: int = Field(default=128, ge=8, le=8192, description="tokenizer truncation")

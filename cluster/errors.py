@@ -64,6 +64,13 @@ class InvalidLabel(TuneloopError):
         super().__init__(f"label {label!r} is not one of model {model!r}'s labels {labels}")
 
 
+class Overloaded(TuneloopError):
+    """The model's queue is full or the request ran past its timeout: retry shortly."""
+
+    status, code = 503, "overloaded"
+    headers = {"Retry-After": "1"}
+
+
 class NotReady(TuneloopError):
     status, code = 503, "not_ready"
     headers = {"Retry-After": "5"}

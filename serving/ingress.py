@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, StrictStr, model_validator
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -25,7 +26,7 @@ from cluster.controller import CONTROLLER_NAME, CONTROLLER_NAMESPACE
 from cluster.errors import (
     InvalidLabel,
     InvalidValue,
-    NotReady,
+    Overloaded,
     PayloadTooLarge,
     TuneloopError,
     UnknownJob,
@@ -202,12 +203,24 @@ class Ingress:
         for i, text in enumerate(body.inputs):
             self._check_text(text, f"inputs[{i}]")
         start = time.perf_counter()
+        timeout = self.cfg.serving.request_timeout_s
+        response = None
         try:
-            predictions = await self.handles[model].predict.remote(body.inputs)
-        except NotReady:
+            response = self.handles[model].predict.remote(body.inputs)
+            predictions = await asyncio.wait_for(response, timeout)
+        except BackPressureError as e:
             metrics.REQUESTS.labels(model, "none", "rejected").inc()
-            raise
-        except Exception:
+            raise Overloaded(f"model {model!r} is at capacity ({e}); retry shortly") from None
+        except TimeoutError:
+            response.cancel()
+            metrics.REQUESTS.labels(model, "none", "rejected").inc()
+            raise Overloaded(f"model {model!r} did not answer within {timeout:g}s; retry shortly") from None
+        except Exception as e:
+            # A typed error raised in the replica arrives wrapped by Ray; keep its HTTP mapping.
+            cause = getattr(e, "cause", e)
+            if isinstance(cause, TuneloopError):
+                metrics.REQUESTS.labels(model, "none", "rejected").inc()
+                raise cause from None
             metrics.REQUESTS.labels(model, "none", "error").inc()
             raise
         version = predictions[0]["version"]

@@ -1,4 +1,4 @@
-"""The model deployment: one per served model, dynamic batching, hot version swaps.
+"""The model deployment: one per served model, continuous batching, hot version swaps.
 
 Each replica loads the registry's production version and keeps watching the registry's
 state file; when production changes (a training job promoted a version, from this process
@@ -18,14 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
-from ray import serve
-
 from cluster.config import ModelConfig, ServingConfig
 from cluster.errors import NotReady
 from cluster.records import PredictionLog, new_prediction_id
 from cluster.registry import Registry
 from cluster.storage import Storage
 from serving import metrics
+from serving.batcher import ContinuousBatcher
 from serving.batching_policy import AIMDPolicy, next_batch_size
 
 log = logging.getLogger("ray.serve")
@@ -76,12 +75,10 @@ class ModelServer:
         # One thread runs the model: forward passes never overlap, and the event loop stays
         # free to collect the next batch while this one computes.
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self._batch_limit = self.serving.max_batch_size
         self._policy = AIMDPolicy(
             target_batch_latency_s=self.serving.target_batch_latency_s, max_batch_size=self.serving.max_batch_size
         )
-        self._predict_batch.set_max_batch_size(self._batch_limit)
-        self._predict_batch.set_batch_wait_timeout_s(self.serving.batch_wait_timeout_s)
+        self._batcher = ContinuousBatcher(self._predict_batch, max_batch_size=self.serving.max_batch_size)
         self._loaded: LoadedModel | None = None
         self._stop = threading.Event()
         self._sync_with_registry()
@@ -110,21 +107,19 @@ class ModelServer:
 
     # -- predictions ---------------------------------------------------------------------
     async def predict(self, texts: list[str]) -> list[dict[str, Any]]:
-        """Predict a request's texts; each text joins the shared batch queue on its own."""
+        """Predict a request's texts; they join the replica's batch queue together."""
         if self._loaded is None:
             raise NotReady(f"model {self.cfg.name!r} has no production version loaded yet")
-        return list(await asyncio.gather(*(self._predict_batch(t) for t in texts)))
+        return await self._batcher.submit_many(texts)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _predict_batch(self, texts: list[str]) -> list[dict[str, Any]]:
         loaded = self._loaded  # pin one version for the whole batch
         start = time.perf_counter()
         results = await asyncio.get_running_loop().run_in_executor(self._compute, self._run_batch, loaded, texts)
         if self.serving.adaptive_batching:
-            limit = next_batch_size(self._policy, self._batch_limit, len(texts), time.perf_counter() - start)
-            if limit != self._batch_limit:
-                self._batch_limit = limit
-                self._predict_batch.set_max_batch_size(limit)
+            self._batcher.max_batch_size = next_batch_size(
+                self._policy, self._batcher.max_batch_size, len(texts), time.perf_counter() - start
+            )
         return results
 
     def _run_batch(self, loaded: LoadedModel, texts: list[str]) -> list[dict[str, Any]]:

@@ -1,0 +1,26 @@
+"""The serving benchmark runs end to end and prints its table (no timing assertions)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_serve_bench_smoke_prints_the_table():
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serve_bench.py"), "--smoke"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("|")]
+    assert lines[0].startswith("| server | texts | clients | texts/s | p50 ms")
+    servers = {line.split("|")[1].strip() for line in lines[2:]}
+    assert servers == {"bare model", "tuneloop", "naive"}
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        assert float(cells[3]) > 0, line  # every cell served something
+        if cells[0] != "bare model":
+            assert cells[-1] == "0", line  # and no request failed

@@ -1,0 +1,102 @@
+import asyncio
+
+import pytest
+
+from serving.batcher import ContinuousBatcher
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_backlog_forms_the_next_batch():
+    """While one batch computes, later requests queue; the next batch takes all of them."""
+    sizes = []
+
+    async def model(items):
+        sizes.append(len(items))
+        await asyncio.sleep(0.05)
+        return [x * 2 for x in items]
+
+    async def main():
+        b = ContinuousBatcher(model, max_batch_size=32)
+        first = asyncio.create_task(b.submit_many([0]))
+        await asyncio.sleep(0.01)  # the first batch (one item) is now running
+        rest = [asyncio.create_task(b.submit_many([i])) for i in range(1, 21)]
+        return await first, await asyncio.gather(*rest)
+
+    first, rest = run(main())
+    assert first == [0] and [r[0] for r in rest] == [i * 2 for i in range(1, 21)]
+    assert sizes == [1, 20]
+
+
+def test_no_waiting_at_low_load():
+    async def model(items):
+        return items
+
+    async def main():
+        b = ContinuousBatcher(model, max_batch_size=32)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await b.submit_many(["a"])
+        return loop.time() - t0
+
+    assert run(main()) < 0.01
+
+
+def test_batches_respect_the_limit_and_keep_order():
+    sizes = []
+
+    async def model(items):
+        sizes.append(len(items))
+        await asyncio.sleep(0)
+        return [f"r{x}" for x in items]
+
+    async def main():
+        b = ContinuousBatcher(model, max_batch_size=4)
+        return await b.submit_many(list(range(10)))
+
+    assert run(main()) == [f"r{i}" for i in range(10)]
+    assert sizes == [4, 4, 2]
+
+
+def test_errors_reach_every_caller_of_the_batch_and_the_loop_survives():
+    calls = 0
+
+    async def model(items):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ValueError("boom")
+        return items
+
+    async def main():
+        b = ContinuousBatcher(model, max_batch_size=8)
+        with pytest.raises(ValueError, match="boom"):
+            await b.submit_many([1, 2])
+        return await b.submit_many([3])
+
+    assert run(main()) == [3]
+
+
+def test_cancelled_items_are_skipped():
+    seen = []
+
+    async def model(items):
+        seen.extend(items)
+        await asyncio.sleep(0.05)
+        return items
+
+    async def main():
+        b = ContinuousBatcher(model, max_batch_size=8)
+        running = asyncio.create_task(b.submit_many(["first"]))
+        await asyncio.sleep(0.01)
+        doomed = asyncio.create_task(b.submit_many(["cancel-me"]))
+        await asyncio.sleep(0)
+        doomed.cancel()
+        kept = await b.submit_many(["kept"])
+        await running
+        return kept
+
+    assert run(main()) == ["kept"]
+    assert "cancel-me" not in seen
