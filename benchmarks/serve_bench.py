@@ -24,7 +24,6 @@ import math
 import os
 import random
 import re
-import socket
 import sys
 import tempfile
 import time
@@ -36,9 +35,9 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serving.fast_path import enable_fast_path  # noqa: E402
+from serving.fast_path import enable_fast_path, free_port  # noqa: E402
 
-enable_fast_path()  # before ray is imported
+enable_fast_path(private_haproxy_ports=True)  # before ray is imported
 
 SST2 = ROOT.parent / "shared" / "data" / "sst2" / "dev.tsv"
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -265,9 +264,7 @@ def main() -> None:
     metrics_dir = str(work / "prom")
     os.makedirs(metrics_dir)
     ray.init(num_cpus=max(4, args.threads + 2), include_dashboard=False, log_to_driver=False)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
     rows = []

@@ -11,25 +11,33 @@ and no request ever waits for company that is not coming. Pure asyncio; no Ray, 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
+
+from serving.batching_policy import select_batch
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
 class ContinuousBatcher(Generic[T, R]):
+    """``length`` (optional) makes batching length-aware: see ``select_batch``; the oldest
+    item always goes next, joined by the queued items (within ``window``) nearest in length."""
+
     def __init__(
         self,
         run_batch: Callable[[list[T]], Awaitable[list[R]]],
         max_batch_size: int,
+        length: Callable[[T], int] | None = None,
+        window: int = 4,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size!r}")
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size  # the replica's AIMD policy moves it
-        self._queue: deque[tuple[T, asyncio.Future]] = deque()
+        self._length = length
+        self._window = window  # look at window * max_batch_size queued items
+        self._queue: list[tuple[T, asyncio.Future]] = []
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
 
@@ -59,11 +67,17 @@ class ContinuousBatcher(Generic[T, R]):
             if not self._queue:
                 self._wake.clear()
                 await self._wake.wait()
-            batch = []
-            while self._queue and len(batch) < self.max_batch_size:
-                item, fut = self._queue.popleft()
-                if not fut.cancelled():  # its request timed out or went away: skip the work
-                    batch.append((item, fut))
+            # Drop items whose request timed out or went away: no work for nobody.
+            self._queue = [(item, fut) for item, fut in self._queue if not fut.cancelled()]
+            if self._length is None:
+                picked = list(range(min(len(self._queue), self.max_batch_size)))
+            else:
+                window = self._queue[: self._window * self.max_batch_size]
+                picked = select_batch([self._length(item) for item, _ in window], self.max_batch_size,
+                                      len(window))
+            batch = [self._queue[i] for i in picked]
+            chosen = set(picked)
+            self._queue = [entry for i, entry in enumerate(self._queue) if i not in chosen]
             if not batch:
                 continue
             try:

@@ -1,4 +1,10 @@
-"""Adaptive batch sizing: Clipper's AIMD on measured batch latency. Pure; no Ray, no torch.
+"""Batching policy: which queued texts form the next batch, and how many. Pure; no Ray, no torch.
+
+Length-aware selection: a batch is padded to its longest text, so mixing a 5-token and a
+60-token sentence makes the 5-token one cost 60. The oldest queued text always goes next
+(nothing starves); the rest of the batch are the queued texts nearest to it in length.
+
+Adaptive size: Clipper's AIMD on measured batch latency.
 
 A replica asks, after every batch, how large the next one may be. While batches finish
 inside the latency target and come back full (there is more work waiting), the limit grows
@@ -40,3 +46,14 @@ def next_batch_size(policy: AIMDPolicy, limit: int, batch_size: int, batch_laten
     if batch_size >= limit:  # full and fast: there may be room for more
         return min(policy.max_batch_size, limit + policy.additive_step)
     return limit  # a partial batch says nothing about larger ones
+
+
+def select_batch(lengths: list[int], limit: int, window: int) -> list[int]:
+    """Queue positions (ascending) of the next batch: the oldest item plus the ``limit - 1``
+    items among the first ``window`` whose lengths are nearest to it (older wins ties)."""
+    if not lengths or limit < 1:
+        return []
+    candidates = range(1, min(len(lengths), max(window, limit)))
+    anchor = lengths[0]
+    nearest = sorted(candidates, key=lambda i: (abs(lengths[i] - anchor), i))[: limit - 1]
+    return sorted([0, *nearest])

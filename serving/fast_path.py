@@ -9,10 +9,26 @@ they are set first thing, before anything imports ray. An operator's own setting
 from __future__ import annotations
 
 import os
+import socket
 
 FAST_PATH_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
-def enable_fast_path() -> None:
+# HAProxy's own metrics and stats listeners, on fixed ports by default (9101, 8404).
+HAPROXY_PORT_VARS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
+
+
+def enable_fast_path(private_haproxy_ports: bool = False) -> None:
+    """``private_haproxy_ports`` moves HAProxy's side listeners to free ports, so a second
+    Serve on the machine (a test session or a benchmark beside `tuneloop run`) can start."""
     for key, value in FAST_PATH_ENV.items():
         os.environ.setdefault(key, value)
+    if private_haproxy_ports:
+        for var in HAPROXY_PORT_VARS:
+            os.environ.setdefault(var, str(free_port()))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

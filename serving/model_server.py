@@ -78,7 +78,7 @@ class ModelServer:
         self._policy = AIMDPolicy(
             target_batch_latency_s=self.serving.target_batch_latency_s, max_batch_size=self.serving.max_batch_size
         )
-        self._batcher = ContinuousBatcher(self._predict_batch, max_batch_size=self.serving.max_batch_size)
+        self._batcher = ContinuousBatcher(self._predict_batch, max_batch_size=self.serving.max_batch_size, length=len)
         self._loaded: LoadedModel | None = None
         self._stop = threading.Event()
         self._sync_with_registry()

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 from pathlib import Path
 
 import httpx
 import pytest
 
-from serving.fast_path import enable_fast_path
+from serving.fast_path import enable_fast_path, free_port
 
-enable_fast_path()  # test the data path users get; before ray is imported
+enable_fast_path(private_haproxy_ports=True)  # the data path users get; before ray is imported
 
 from cluster.config import TuneloopConfig, parse_config
 from cluster.registry import Manifest, Registry
@@ -21,12 +20,6 @@ from cluster.storage import Storage
 
 LABELS = ["negative", "positive"]
 RAY_NUM_CPUS = 6  # more logical CPUs than training workers + replicas, or Ray Data starves
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +38,7 @@ def ray_session():
 def serve_port(ray_session) -> int:
     from ray import serve
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return port
 

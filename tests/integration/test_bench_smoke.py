@@ -5,11 +5,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from serving.fast_path import HAPROXY_PORT_VARS
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_serve_bench_smoke_prints_the_table():
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    # The benchmark starts its own Ray and Serve beside this session's: it must not reuse
+    # this session's metrics folder or HAProxy side ports.
+    private = {"PROMETHEUS_MULTIPROC_DIR", *HAPROXY_PORT_VARS}
+    env = {k: v for k, v in os.environ.items() if k not in private}
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "serve_bench.py"), "--smoke"],
         capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,

@@ -100,3 +100,25 @@ def test_cancelled_items_are_skipped():
 
     assert run(main()) == ["kept"]
     assert "cancel-me" not in seen
+
+
+def test_length_aware_batches_group_similar_lengths():
+    batches = []
+
+    async def model(items):
+        batches.append(sorted(items))
+        await asyncio.sleep(0.02)
+        return items
+
+    async def main():
+        b = ContinuousBatcher(model, max_batch_size=3, length=len)
+        first = asyncio.create_task(b.submit_many(["x"]))
+        await asyncio.sleep(0.005)  # model busy: the next six queue up together
+        texts = ["aa", "a" * 50, "bb", "b" * 52, "cc", "c" * 49]
+        rest = await asyncio.gather(*(b.submit_many([t]) for t in texts))
+        await first
+        return rest
+
+    rest = run(main())
+    assert [r[0] for r in rest] == ["aa", "a" * 50, "bb", "b" * 52, "cc", "c" * 49]  # answers go to their askers
+    assert batches[1] == ["aa", "bb", "cc"] and batches[2] == sorted(["a" * 50, "b" * 52, "c" * 49])

@@ -47,3 +47,14 @@ def test_converges_under_a_linear_cost_model():
 def test_invalid_policies_name_the_value(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment.replace("(", r"\(")):
         AIMDPolicy(**kwargs)
+
+
+def test_select_batch_keeps_the_oldest_and_groups_by_length():
+    from serving.batching_policy import select_batch
+
+    lengths = [10, 200, 12, 9, 180, 11, 50]
+    assert select_batch(lengths, 4, 7) == [0, 2, 3, 5]  # 10 with 12, 9, 11
+    assert select_batch([200, *lengths], 2, 8) == [0, 2]  # the oldest anchors, even when long
+    assert select_batch(lengths, 4, 2) == [0, 1, 2, 3]  # window never below the limit
+    assert select_batch([], 4, 4) == []
+    assert select_batch([5, 5, 5], 8, 32) == [0, 1, 2]
