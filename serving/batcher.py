@@ -41,10 +41,6 @@ class ContinuousBatcher(Generic[T, R]):
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
 
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
-
     async def submit_many(self, items: list[T]) -> list[R]:
         """Queue a request's items together and wait for their results, in order.
 
@@ -67,7 +63,7 @@ class ContinuousBatcher(Generic[T, R]):
             if not self._queue:
                 self._wake.clear()
                 await self._wake.wait()
-            # Drop items whose request timed out or went away: no work for nobody.
+            # Skip items whose request timed out or went away: nobody waits for them.
             self._queue = [(item, fut) for item, fut in self._queue if not fut.cancelled()]
             if self._length is None:
                 picked = list(range(min(len(self._queue), self.max_batch_size)))
