@@ -71,9 +71,6 @@ class Storage:
         return sorted(out)
 
     # -- writing -------------------------------------------------------------------------
-    def makedirs(self, rel: str) -> None:
-        self.fs.create_dir(self.path(rel), recursive=True)
-
     def write_bytes_atomic(self, rel: str, data: bytes) -> None:
         final = self.path(rel)
         parent = posixpath.dirname(final)
