@@ -222,10 +222,9 @@ def main() -> None:
     from ray import serve
 
     from cluster.config import parse_config
-    from cluster.registry import Manifest, Registry
     from cluster.server import wait_ready
-    from cluster.storage import Storage
     from serving.app import APP_NAME, build_app
+    from tests.integration.conftest import publish_version
 
     rng = random.Random(0)
     work = Path(tempfile.mkdtemp(prefix="tuneloop-bench-"))
@@ -256,10 +255,7 @@ def main() -> None:
                     "max_inputs_per_request": 64, "max_chars_per_input": 100_000,
                     **({"target_batch_latency_s": args.target_batch_latency} if args.target_batch_latency else {})},
     })
-    registry = Registry(Storage(cfg.storage.root))
-    v = registry.publish("bench", model_dir, Manifest(version="pending", model="bench", parent=None,
-                                                     base_model=model_dir, task="text-classification", labels=LABELS))
-    registry.set_production("bench", v.version, event="promote")
+    publish_version(cfg, model_dir)
 
     metrics_dir = str(work / "prom")
     os.makedirs(metrics_dir)
