@@ -69,8 +69,7 @@ class ContinuousBatcher(Generic[T, R]):
                 picked = list(range(min(len(self._queue), self.max_batch_size)))
             else:
                 window = self._queue[: self._window * self.max_batch_size]
-                picked = select_batch([self._length(item) for item, _ in window], self.max_batch_size,
-                                      len(window))
+                picked = select_batch([self._length(item) for item, _ in window], self.max_batch_size)
             batch = [self._queue[i] for i in picked]
             chosen = set(picked)
             self._queue = [entry for i, entry in enumerate(self._queue) if i not in chosen]

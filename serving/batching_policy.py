@@ -48,12 +48,12 @@ def next_batch_size(policy: AIMDPolicy, limit: int, batch_size: int, batch_laten
     return limit  # a partial batch says nothing about larger ones
 
 
-def select_batch(lengths: list[int], limit: int, window: int) -> list[int]:
+def select_batch(lengths: list[int], limit: int) -> list[int]:
     """Queue positions (ascending) of the next batch: the oldest item plus the ``limit - 1``
-    items among the first ``window`` whose lengths are nearest to it (older wins ties)."""
+    others whose lengths are nearest to it (older wins ties). The caller decides how far
+    into the queue to look by how many lengths it passes."""
     if not lengths or limit < 1:
         return []
-    candidates = range(1, min(len(lengths), max(window, limit)))
     anchor = lengths[0]
-    nearest = sorted(candidates, key=lambda i: (abs(lengths[i] - anchor), i))[: limit - 1]
+    nearest = sorted(range(1, len(lengths)), key=lambda i: (abs(lengths[i] - anchor), i))[: limit - 1]
     return sorted([0, *nearest])

@@ -53,8 +53,8 @@ def test_select_batch_keeps_the_oldest_and_groups_by_length():
     from serving.batching_policy import select_batch
 
     lengths = [10, 200, 12, 9, 180, 11, 50]
-    assert select_batch(lengths, 4, 7) == [0, 2, 3, 5]  # 10 with 12, 9, 11
-    assert select_batch([200, *lengths], 2, 8) == [0, 2]  # the oldest anchors, even when long
-    assert select_batch(lengths, 4, 2) == [0, 1, 2, 3]  # window never below the limit
-    assert select_batch([], 4, 4) == []
-    assert select_batch([5, 5, 5], 8, 32) == [0, 1, 2]
+    assert select_batch(lengths, 4) == [0, 2, 3, 5]  # 10 with 12, 9, 11
+    assert select_batch([200, *lengths], 2) == [0, 2]  # the oldest anchors, even when long
+    assert select_batch(lengths[:4], 4) == [0, 1, 2, 3]  # only the lengths given are candidates
+    assert select_batch([], 4) == []
+    assert select_batch([5, 5, 5], 8) == [0, 1, 2]
