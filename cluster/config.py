@@ -66,13 +66,28 @@ class StorageConfig(_Strict):
 
 
 class AutoscalingConfig(_Strict):
+    """Serve's autoscaling on ongoing requests per replica, within [min, max] replicas."""
+
     min_replicas: int = Field(default=1, ge=0)
-    max_replicas: int = Field(default=1, ge=1)
-    target_ongoing_requests: float = Field(default=32.0, gt=0)
+    max_replicas: int | None = Field(
+        default=None, ge=1, description="None: as many as this machine's cores hold (cores // num_cpus_per_replica)"
+    )
+    target_ongoing_requests: float = Field(
+        default=32.0, gt=0, description="requests per replica it aims at: about one full batch"
+    )
+    upscale_delay_s: float = Field(default=10.0, ge=0)
+    downscale_delay_s: float = Field(default=300.0, ge=0)
+    # Serve averages over this window; it must exceed Serve's metrics interval (10 s).
+    look_back_period_s: float = Field(default=30.0, gt=10)
+
+    def serve_config(self, num_cpus_per_replica: float, cores: int) -> dict:
+        """Serve's ``autoscaling_config``, with max_replicas resolved for ``cores``."""
+        fit = max(1, int(cores // num_cpus_per_replica))
+        return {**self.model_dump(), "max_replicas": max(self.max_replicas or fit, self.min_replicas, 1)}
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingConfig:
-        if self.min_replicas > self.max_replicas:
+        if self.max_replicas is not None and self.min_replicas > self.max_replicas:
             raise ValueError(
                 f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})"
             )
@@ -87,9 +102,9 @@ class ServingConfig(_Strict):
         default=True, description="AIMD: shrink batches that overrun target_batch_latency_s, regrow when fast"
     )
     target_batch_latency_s: float = Field(default=0.25, gt=0, le=60)
-    num_replicas: int = Field(default=1, ge=1)
-    autoscaling: AutoscalingConfig | None = None
-    num_cpus_per_replica: float = Field(default=1.0, gt=0)
+    num_replicas: int | None = Field(default=None, ge=1, description="a fixed count; turns autoscaling off")
+    autoscaling: AutoscalingConfig = AutoscalingConfig()
+    num_cpus_per_replica: float = Field(default=1.0, gt=0, description="also the replica's torch threads (rounded up)")
     num_gpus_per_replica: float = Field(default=0.0, ge=0)
     max_queued_requests: int = Field(
         default=1024, ge=1, description="per model and caller; beyond it requests get 503 at once"

@@ -6,6 +6,8 @@ The mapping to HTTP lives here, in one place; the ingress turns any of these int
 
 from __future__ import annotations
 
+import math
+
 
 class TuneloopError(Exception):
     status: int = 400
@@ -16,13 +18,39 @@ class TuneloopError(Exception):
         super().__init__(message)
         self.message = message
 
+    def body(self) -> dict[str, dict[str, str]]:
+        """The JSON error body of DESIGN.md's contract."""
+        return {"error": {"code": self.code, "message": self.message}}
+
 
 class InvalidRequest(TuneloopError):
     status, code = 400, "invalid_request"
 
 
+class MalformedJSON(TuneloopError):
+    status, code = 400, "malformed_json"
+
+
+class InvalidBody(TuneloopError):
+    """A well-formed JSON body of the wrong shape (what a schema would reject)."""
+
+    status, code = 422, "invalid_request"
+
+
 class InvalidValue(TuneloopError):
     status, code = 422, "invalid_value"
+
+
+class UnsupportedMediaType(TuneloopError):
+    status, code = 415, "unsupported_media_type"
+
+
+class NotFound(TuneloopError):
+    status, code = 404, "not_found"
+
+
+class MethodNotAllowed(TuneloopError):
+    status, code = 405, "method_not_allowed"
 
 
 class PayloadTooLarge(TuneloopError):
@@ -62,6 +90,27 @@ class InvalidLabel(TuneloopError):
 
     def __init__(self, model: str, label: str, labels: list[str]):
         super().__init__(f"label {label!r} is not one of model {model!r}'s labels {labels}")
+
+
+class Unauthorized(TuneloopError):
+    status, code = 401, "unauthorized"
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(TuneloopError):
+    status, code = 403, "forbidden"
+
+
+class Conflict(TuneloopError):
+    status, code = 409, "conflict"
+
+
+class RateLimited(TuneloopError):
+    status, code = 429, "rate_limited"
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.headers = {"Retry-After": str(max(1, math.ceil(retry_after)))}
 
 
 class Overloaded(TuneloopError):

@@ -53,13 +53,13 @@ def bootstrap_versions(cfg: TuneloopConfig) -> None:
 def start_serving(cfg: TuneloopConfig, metrics_dir: str | None) -> ray.actor.ActorHandle:
     """Deploy the app and the retrain controller; keep the returned handle for as long as
     the server runs (a named actor is still destroyed once no handle to it is left)."""
-    from serving.app import APP_NAME, build_app
+    from serving.app import deploy
 
     controller = RetrainController.options(
         name=CONTROLLER_NAME, namespace=CONTROLLER_NAMESPACE, get_if_exists=True
     ).remote(cfg.model_dump())
     serve.start(http_options={"host": cfg.serving.host, "port": cfg.serving.port})
-    serve.run(build_app(cfg, metrics_dir), name=APP_NAME, route_prefix="/", blocking=False)
+    deploy(cfg, metrics_dir)
     return controller
 
 

@@ -84,7 +84,7 @@ class Storage:
             finally:
                 os.close(fd)
             os.replace(tmp, final)
-            _fsync_dir(parent)
+            fsync_dir(parent)
         else:
             # Object stores publish an object whole on close, so no temporary is needed.
             with self.fs.open_output_stream(final) as f:
@@ -109,7 +109,7 @@ class Storage:
                 if Path(dst).exists():
                     raise FileExistsError(dst) from e
                 raise
-            _fsync_dir(posixpath.dirname(dst))
+            fsync_dir(posixpath.dirname(dst))
         else:
             if self.exists(dst_rel):
                 raise FileExistsError(dst)
@@ -122,7 +122,7 @@ class Storage:
             for dirpath, _, files in os.walk(self.path(rel)):
                 for name in files:
                     _fsync_file(os.path.join(dirpath, name))
-                _fsync_dir(dirpath)
+                fsync_dir(dirpath)
 
     def download_dir(self, rel: str, local_dir: str) -> None:
         pafs.copy_files(self.path(rel), local_dir, source_filesystem=self.fs)
@@ -139,7 +139,7 @@ def _fsync_file(path: str) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

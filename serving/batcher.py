@@ -11,6 +11,7 @@ and no request ever waits for company that is not coming. Pure asyncio; no Ray, 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
@@ -22,7 +23,9 @@ R = TypeVar("R")
 
 class ContinuousBatcher(Generic[T, R]):
     """``length`` (optional) makes batching length-aware: see ``select_batch``; the oldest
-    item always goes next, joined by the queued items (within ``window``) nearest in length."""
+    item always goes next, joined by the queued items (within ``window``) nearest in length.
+    ``on_batch`` (optional) hears how long each item of a batch waited in the queue, in
+    seconds, as the batch starts."""
 
     def __init__(
         self,
@@ -30,6 +33,7 @@ class ContinuousBatcher(Generic[T, R]):
         max_batch_size: int,
         length: Callable[[T], int] | None = None,
         window: int = 4,
+        on_batch: Callable[[list[float]], None] | None = None,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size!r}")
@@ -37,7 +41,8 @@ class ContinuousBatcher(Generic[T, R]):
         self.max_batch_size = max_batch_size  # the replica's AIMD policy moves it
         self._length = length
         self._window = window  # look at window * max_batch_size queued items
-        self._queue: list[tuple[T, asyncio.Future]] = []
+        self._on_batch = on_batch
+        self._queue: list[tuple[T, asyncio.Future, float]] = []
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
 
@@ -51,9 +56,10 @@ class ContinuousBatcher(Generic[T, R]):
             self._loop_task = asyncio.get_running_loop().create_task(self._consume())
         loop = asyncio.get_running_loop()
         futures = []
+        now = time.monotonic()
         for item in items:
             fut = loop.create_future()
-            self._queue.append((item, fut))
+            self._queue.append((item, fut, now))
             futures.append(fut)
         self._wake.set()
         return list(await asyncio.gather(*futures))
@@ -64,26 +70,29 @@ class ContinuousBatcher(Generic[T, R]):
                 self._wake.clear()
                 await self._wake.wait()
             # Skip items whose request timed out or went away: nobody waits for them.
-            self._queue = [(item, fut) for item, fut in self._queue if not fut.cancelled()]
+            self._queue = [entry for entry in self._queue if not entry[1].cancelled()]
             if self._length is None:
                 picked = list(range(min(len(self._queue), self.max_batch_size)))
             else:
                 window = self._queue[: self._window * self.max_batch_size]
-                picked = select_batch([self._length(item) for item, _ in window], self.max_batch_size)
+                picked = select_batch([self._length(entry[0]) for entry in window], self.max_batch_size)
             batch = [self._queue[i] for i in picked]
             chosen = set(picked)
             self._queue = [entry for i, entry in enumerate(self._queue) if i not in chosen]
             if not batch:
                 continue
+            if self._on_batch is not None:
+                now = time.monotonic()
+                self._on_batch([now - enqueued for _, _, enqueued in batch])
             try:
-                results = await self._run_batch([item for item, _ in batch])
+                results = await self._run_batch([item for item, _, _ in batch])
                 if len(results) != len(batch):
                     raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
             except Exception as e:  # noqa: BLE001 - each caller gets the batch's error
-                for _, fut in batch:
+                for _, fut, _ in batch:
                     if not fut.done():
                         fut.set_exception(e)
                 continue
-            for (_, fut), result in zip(batch, results, strict=True):
+            for (_, fut, _), result in zip(batch, results, strict=True):
                 if not fut.done():
                     fut.set_result(result)

@@ -8,7 +8,6 @@ only ever our own bug, never something a client sent.
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 import ray
@@ -17,17 +16,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, StrictStr, model_validator
 from ray import serve
-from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.config import TuneloopConfig
 from cluster.controller import CONTROLLER_NAME, CONTROLLER_NAMESPACE
 from cluster.errors import (
+    InvalidBody,
     InvalidLabel,
-    InvalidValue,
-    Overloaded,
-    PayloadTooLarge,
+    MalformedJSON,
+    NotReady,
     TuneloopError,
     UnknownJob,
     UnknownModel,
@@ -38,16 +35,13 @@ from cluster.records import FeedbackStore, PredictionLog
 from cluster.registry import Registry
 from cluster.storage import Storage
 from serving import metrics
+from serving.model_server import model_app_name, model_deployment_name
+from serving.predict_request import check_content_length, check_content_type, check_text_length, max_body_bytes
 
 log = logging.getLogger("ray.serve")
 READY_TIMEOUT_S = 5.0
 
 app = FastAPI(title="tuneloop", version="1")
-
-
-class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    inputs: list[StrictStr]
 
 
 class FeedbackRequest(BaseModel):
@@ -66,63 +60,57 @@ class FeedbackRequest(BaseModel):
         return self
 
 
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+def _error_response(exc: TuneloopError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 @app.exception_handler(TuneloopError)
 async def _tuneloop_error(_: Request, exc: TuneloopError) -> JSONResponse:
-    return _error(exc.status, exc.code, exc.message, exc.headers)
+    return _error_response(exc)
 
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
-        return _error(400, "malformed_json", "the request body is not valid JSON")
+        return _error_response(MalformedJSON("the request body is not valid JSON"))
     parts = []
     for e in errors[:5]:
         where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
         parts.append(f"{where}: {e.get('msg')}")
-    return _error(422, "invalid_request", "; ".join(parts))
+    return _error_response(InvalidBody("; ".join(parts)))
 
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return _error(exc.status_code, code, str(exc.detail))
+    return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code)
 
 
 @app.middleware("http")
 async def _check_body(request: Request, call_next):
-    if request.method == "POST":
-        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        if ctype != "application/json" and not ctype.endswith("+json"):
-            return _error(415, "unsupported_media_type", f"send JSON with Content-Type: application/json, not {ctype!r}")
-    limit = getattr(request.app.state, "max_body_bytes", None)
-    length = request.headers.get("content-length")
-    if limit is not None and length is not None:
-        if not length.isdigit():
-            return _error(400, "invalid_request", f"bad Content-Length {length!r}")
-        if int(length) > limit:
-            return _error(413, "payload_too_large", f"request body of {length} bytes exceeds {limit}")
+    try:
+        if request.method == "POST":
+            check_content_type(request.headers.get("content-type"))
+        limit = getattr(request.app.state, "max_body_bytes", None)
+        if limit is not None:
+            check_content_length(request.headers.get("content-length"), limit)
+    except TuneloopError as e:
+        return _error_response(e)
     return await call_next(request)
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, config: dict, model_handles: dict[str, DeploymentHandle]):
+    def __init__(self, config: dict):
         self.cfg = TuneloopConfig.model_validate(config)
-        self.handles = model_handles
         storage = Storage(self.cfg.storage.root)
         self.registry = Registry(storage)
         self.feedback = FeedbackStore(storage)
         self.predictions = PredictionLog(storage)
         self.jobs = JobStore(storage)
-        s = self.cfg.serving
-        # JSON may escape a character as \uXXXX: six bytes per character at worst.
-        app.state.max_body_bytes = s.max_inputs_per_request * (s.max_chars_per_input * 6 + 8) + 4096
+        app.state.max_body_bytes = max_body_bytes(self.cfg.serving)
 
     def _model_cfg(self, name: str):
         try:
@@ -136,11 +124,6 @@ class Ingress:
         except ValueError:
             return None  # serving without the loop (tests, or an operator who retrains by hand)
 
-    def _check_text(self, text: str, where: str) -> None:
-        limit = self.cfg.serving.max_chars_per_input
-        if len(text) > limit:
-            raise PayloadTooLarge(f"{where} has {len(text)} characters; the limit is {limit}")
-
     # -- health --------------------------------------------------------------------------
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -150,21 +133,32 @@ class Ingress:
     async def readyz(self) -> JSONResponse:
         async def loaded(name: str) -> str | None:
             try:
-                status = await asyncio.wait_for(self.handles[name].status.remote(), READY_TIMEOUT_S)
+                handle = serve.get_deployment_handle(model_deployment_name(name), model_app_name(name))
+                status = await asyncio.wait_for(handle.status.remote(), READY_TIMEOUT_S)
                 return status["version"]
             except Exception:  # noqa: BLE001 - unreachable replica means not ready
                 return None
 
-        versions = dict(zip(self.handles, await asyncio.gather(*(loaded(n) for n in self.handles)), strict=True))
+        names = [m.name for m in self.cfg.models]
+        versions = dict(zip(names, await asyncio.gather(*(loaded(n) for n in names)), strict=True))
         missing = sorted(n for n, v in versions.items() if v is None)
         if missing:
-            return _error(503, "not_ready", f"no production version loaded for {missing}", {"Retry-After": "5"})
+            return _error_response(NotReady(f"no production version loaded for {missing}"))
         return JSONResponse({"status": "ready", "models": versions})
 
     @app.get("/metrics")
     async def prometheus(self) -> Response:
-        body = await asyncio.to_thread(metrics.render, self.jobs)
+        body = await asyncio.to_thread(metrics.render, self.jobs, self._running_replicas)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def _running_replicas(self) -> dict[str, int]:
+        apps = serve.status().applications
+        out = {}
+        for m in self.cfg.models:
+            app_status = apps.get(model_app_name(m.name))
+            deployment = app_status.deployments.get(model_deployment_name(m.name)) if app_status else None
+            out[m.name] = deployment.replica_states.get("RUNNING", 0) if deployment else 0
+        return out
 
     # -- models --------------------------------------------------------------------------
     def _summary(self, name: str) -> dict[str, Any]:
@@ -193,40 +187,10 @@ class Ingress:
 
     # -- predictions ---------------------------------------------------------------------
     @app.post("/v1/models/{model}/predict")
-    async def predict(self, model: str, body: PredictRequest) -> dict[str, Any]:
+    async def predict(self, model: str) -> None:
+        """Reached only for a model with no application of its own (see serving/app.py)."""
         self._model_cfg(model)
-        limit = self.cfg.serving.max_inputs_per_request
-        if not body.inputs:
-            raise InvalidValue('"inputs" must hold at least one text')
-        if len(body.inputs) > limit:
-            raise PayloadTooLarge(f'"inputs" has {len(body.inputs)} texts; the limit is {limit}')
-        for i, text in enumerate(body.inputs):
-            self._check_text(text, f"inputs[{i}]")
-        start = time.perf_counter()
-        timeout = self.cfg.serving.request_timeout_s
-        response = None
-        try:
-            response = self.handles[model].predict.remote(body.inputs)
-            predictions = await asyncio.wait_for(response, timeout)
-        except BackPressureError as e:
-            metrics.REQUESTS.labels(model, "none", "rejected").inc()
-            raise Overloaded(f"model {model!r} is at capacity ({e}); retry shortly") from None
-        except TimeoutError:
-            response.cancel()
-            metrics.REQUESTS.labels(model, "none", "rejected").inc()
-            raise Overloaded(f"model {model!r} did not answer within {timeout:g}s; retry shortly") from None
-        except Exception as e:
-            # A typed error raised in the replica arrives wrapped by Ray; keep its HTTP mapping.
-            cause = getattr(e, "cause", e)
-            if isinstance(cause, TuneloopError):
-                metrics.REQUESTS.labels(model, "none", "rejected").inc()
-                raise cause from None
-            metrics.REQUESTS.labels(model, "none", "error").inc()
-            raise
-        version = predictions[0]["version"]
-        metrics.REQUEST_LATENCY_SECONDS.labels(model, version).observe(time.perf_counter() - start)
-        metrics.REQUESTS.labels(model, version, "ok").inc()
-        return {"model": model, "predictions": predictions}
+        raise NotReady(f"model {model!r} is not deployed yet")
 
     # -- feedback ------------------------------------------------------------------------
     @app.post("/v1/feedback", status_code=202)
@@ -244,7 +208,7 @@ class Ingress:
                       "predicted_at": served["created_at"]}
         else:
             model = self._model_cfg(body.model)
-            self._check_text(body.text, "text")
+            check_text_length(body.text, "text", self.cfg.serving.max_chars_per_input)
             fields = {"text": body.text}
         if body.label not in model.labels:
             raise InvalidLabel(model.name, body.label, model.labels)

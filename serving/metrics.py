@@ -12,11 +12,11 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter as _Tally
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from cluster.jobs import JobStore
 
@@ -24,12 +24,13 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 REQUESTS = Counter(
     "tuneloop_requests", "Predict requests by outcome", ["model", "version", "outcome"]
 )
 REQUEST_LATENCY_SECONDS = Histogram(
-    "tuneloop_request_latency_seconds", "End-to-end predict latency in the ingress",
+    "tuneloop_request_latency_seconds", "Predict latency in the model replica, from request received to answer",
     ["model", "version"], buckets=_LATENCY_BUCKETS,
 )
 MODEL_COMPUTE_SECONDS = Histogram(
@@ -38,6 +39,14 @@ MODEL_COMPUTE_SECONDS = Histogram(
 )
 BATCH_SIZE = Histogram(
     "tuneloop_batch_size", "Texts per model batch", ["model", "version"], buckets=_BATCH_BUCKETS
+)
+QUEUE_WAIT_SECONDS = Histogram(
+    "tuneloop_queue_wait_seconds", "Time a text waited in the replica's queue before its batch started",
+    ["model"], buckets=_LATENCY_BUCKETS,
+)
+BATCH_TOKENS = Histogram(
+    "tuneloop_batch_tokens", "Tokens per model batch: real ones, and padded (what the forward pass computes)",
+    ["model", "version", "kind"], buckets=_TOKEN_BUCKETS,
 )
 FEEDBACK = Counter("tuneloop_feedback", "Feedback records accepted", ["model"])
 
@@ -67,10 +76,24 @@ class TrainingRunsCollector:
         yield family
 
 
-def render(jobs: JobStore) -> bytes:
-    """The exposition text for GET /metrics: every process's metrics plus training runs."""
+class ReplicasCollector:
+    """tuneloop_replicas{model}: running replicas, as Serve reports them at scrape time."""
+
+    def __init__(self, running_replicas: Callable[[], dict[str, int]]):
+        self.running_replicas = running_replicas
+
+    def collect(self):
+        family = GaugeMetricFamily("tuneloop_replicas", "Running replicas per model", labels=["model"])
+        for model, n in sorted(self.running_replicas().items()):
+            family.add_metric([model], n)
+        yield family
+
+
+def render(jobs: JobStore, running_replicas: Callable[[], dict[str, int]]) -> bytes:
+    """The exposition text for GET /metrics: every process's metrics, training runs, replicas."""
     runs = CollectorRegistry()
     runs.register(TrainingRunsCollector(jobs))
+    runs.register(ReplicasCollector(running_replicas))
     if os.environ.get(MULTIPROC_ENV):
         served = CollectorRegistry()
         multiprocess.MultiProcessCollector(served)

@@ -4,6 +4,8 @@ a request past its timeout too, and the server serves normally as soon as load d
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import httpx
 import pytest
@@ -13,12 +15,10 @@ from tests.integration.conftest import make_config, publish_version
 
 
 def _deploy(cfg, metrics_dir, port):
-    from ray import serve
-
-    from serving.app import APP_NAME, build_app
+    from serving.app import deploy
 
     publish_version(cfg, cfg.models[0].base_model)
-    serve.run(build_app(cfg, metrics_dir), name=APP_NAME, route_prefix="/", blocking=False)
+    deploy(cfg, metrics_dir)
     url = f"http://127.0.0.1:{port}"
     wait_ready(url)
     return url
@@ -34,15 +34,13 @@ async def _flood(url: str, n: int) -> list[httpx.Response]:
 
 @pytest.fixture
 def tight(ray_session, serve_port, metrics_dir, tiny_model, tmp_path):
-    from ray import serve
-
-    from serving.app import APP_NAME
+    from serving.app import undeploy
 
     # One text per batch, 4 in flight, 1 queued: a burst of 60 requests of 8 texts overflows.
     cfg = make_config(tmp_path / "store", tiny_model, None,
                       serving={"max_batch_size": 1, "max_queued_requests": 1, "adaptive_batching": False})
     yield _deploy(cfg, metrics_dir, serve_port)
-    serve.delete(APP_NAME)
+    undeploy(cfg)
 
 
 def test_full_queue_answers_503_with_retry_after_then_recovers(tight):
@@ -65,13 +63,11 @@ def test_full_queue_answers_503_with_retry_after_then_recovers(tight):
 
 @pytest.fixture
 def impatient(ray_session, serve_port, metrics_dir, tiny_model, tmp_path):
-    from ray import serve
-
-    from serving.app import APP_NAME
+    from serving.app import undeploy
 
     cfg = make_config(tmp_path / "store", tiny_model, None, serving={"request_timeout_s": 0.001})
     yield _deploy(cfg, metrics_dir, serve_port)
-    serve.delete(APP_NAME)
+    undeploy(cfg)
 
 
 def test_request_past_its_timeout_gets_503(impatient):
@@ -79,3 +75,54 @@ def test_request_past_its_timeout_gets_503(impatient):
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert "did not answer within" in r.json()["error"]["message"]
     assert httpx.get(f"{impatient}/healthz").status_code == 200
+
+
+@pytest.fixture
+def elastic(ray_session, serve_port, metrics_dir, tiny_model, tmp_path):
+    from serving.app import undeploy
+
+    # One text per batch and a target of one request per replica: any load scales out.
+    cfg = make_config(tmp_path / "store", tiny_model, None, serving={
+        "max_batch_size": 1, "adaptive_batching": False,
+        "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                        "upscale_delay_s": 0, "look_back_period_s": 11}})
+    yield _deploy(cfg, metrics_dir, serve_port)
+    undeploy(cfg)
+
+
+def _replicas(url: str) -> int:
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith('tuneloop_replicas{model="sentiment"}'):
+            return int(float(line.split()[-1]))
+    raise AssertionError("tuneloop_replicas missing from /metrics")
+
+
+def test_replicas_scale_out_under_load_within_bounds(elastic):
+    assert _replicas(elastic) == 1
+    stop = threading.Event()
+    failures: list[str] = []
+
+    def client():
+        with httpx.Client(timeout=60) as c:
+            while not stop.is_set():
+                r = c.post(f"{elastic}/v1/models/sentiment/predict", json={"inputs": ["busy"] * 8})
+                if r.status_code != 200:
+                    failures.append(f"{r.status_code} {r.text}")
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 120
+        seen = 1
+        while time.monotonic() < deadline and seen < 2:
+            time.sleep(1)
+            seen = _replicas(elastic)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert seen == 2, "no second replica under load"
+    time.sleep(3)
+    assert _replicas(elastic) <= 2  # never past max_replicas
+    assert not failures, failures[:3]

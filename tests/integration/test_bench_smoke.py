@@ -29,3 +29,5 @@ def test_serve_bench_smoke_prints_the_table():
         assert float(cells[3]) > 0, line  # every cell served something
         if cells[0] != "bare model":
             assert cells[-1] == "0", line  # and no request failed
+    assert any(c.startswith("open ") for c in (line.split("|")[3].strip() for line in lines[2:]))
+    assert "p99 at half the peak throughput" in out.stdout

@@ -18,11 +18,10 @@ TRIGGER_EVERY = 4
 @pytest.fixture
 def loop(ray_session, serve_port, metrics_dir, tiny_model, seed_tsv, tmp_path):
     import ray
-    from ray import serve
 
     from cluster.controller import CONTROLLER_NAME, CONTROLLER_NAMESPACE
     from cluster.server import bootstrap_versions, start_serving, wait_ready
-    from serving.app import APP_NAME
+    from serving.app import undeploy
 
     cfg = make_config(tmp_path / "store", tiny_model, seed_tsv, training={"max_steps": 2},
                       trigger={"every_n_feedback": TRIGGER_EVERY})
@@ -31,7 +30,7 @@ def loop(ray_session, serve_port, metrics_dir, tiny_model, seed_tsv, tmp_path):
     url = f"http://127.0.0.1:{serve_port}"
     wait_ready(url)
     yield {"url": url, "cfg": cfg}
-    serve.delete(APP_NAME)
+    undeploy(cfg)
     assert ray.get_actor(CONTROLLER_NAME, namespace=CONTROLLER_NAMESPACE) is not None
     ray.kill(controller)
 

@@ -18,18 +18,16 @@ JSON = {"Content-Type": "application/json"}
 
 @pytest.fixture(scope="module")
 def app(ray_session, serve_port, metrics_dir, tiny_model, tmp_path_factory):
-    from ray import serve
-
-    from serving.app import APP_NAME, build_app
+    from serving.app import deploy, undeploy
 
     root = tmp_path_factory.mktemp("serving-store")
     cfg = make_config(root, tiny_model, None)
     publish_version(cfg, tiny_model)
-    serve.run(build_app(cfg, metrics_dir), name=APP_NAME, route_prefix="/", blocking=False)
+    deploy(cfg, metrics_dir)
     url = f"http://127.0.0.1:{serve_port}"
     wait_ready(url)
     yield {"url": url, "cfg": cfg, "root": root, "weights": tiny_model}
-    serve.delete(APP_NAME)
+    undeploy(cfg)
 
 
 def post(url: str, body, **kw) -> httpx.Response:
@@ -138,9 +136,12 @@ def test_metrics_endpoint(app):
     post(f"{app['url']}/v1/models/sentiment/predict", {"inputs": ["count me"]})
     text = httpx.get(f"{app['url']}/metrics").text
     for name in ("tuneloop_requests_total", "tuneloop_request_latency_seconds_bucket",
-                 "tuneloop_batch_size_bucket", "tuneloop_model_compute_seconds_bucket", "tuneloop_feedback_total"):
+                 "tuneloop_batch_size_bucket", "tuneloop_model_compute_seconds_bucket", "tuneloop_feedback_total",
+                 "tuneloop_queue_wait_seconds_bucket", "tuneloop_batch_tokens_bucket"):
         assert name in text, name
     assert 'model="sentiment"' in text and 'version="v1"' in text
+    assert 'kind="padded"' in text and 'kind="real"' in text
+    assert 'tuneloop_replicas{model="sentiment"} 1.0' in text
 
 
 def test_version_switch_under_load_drops_nothing(app):

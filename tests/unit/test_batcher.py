@@ -122,3 +122,22 @@ def test_length_aware_batches_group_similar_lengths():
     rest = run(main())
     assert [r[0] for r in rest] == ["aa", "a" * 50, "bb", "b" * 52, "cc", "c" * 49]  # answers go to their askers
     assert batches[1] == ["aa", "bb", "cc"] and batches[2] == sorted(["a" * 50, "b" * 52, "c" * 49])
+
+
+def test_on_batch_hears_each_items_queue_wait():
+    waits: list[list[float]] = []
+
+    async def model(items):
+        await asyncio.sleep(0.05)
+        return items
+
+    async def main():
+        b = ContinuousBatcher(model, max_batch_size=8, on_batch=waits.append)
+        first = asyncio.create_task(b.submit_many([1]))
+        await asyncio.sleep(0.01)
+        await asyncio.gather(first, b.submit_many([2, 3]))
+
+    run(main())
+    assert [len(w) for w in waits] == [1, 2]
+    assert waits[0][0] < 0.01  # the first item found the model free
+    assert all(0.03 < w < 0.2 for w in waits[1])  # the others waited for the first batch

@@ -84,3 +84,14 @@ def test_env_var_selects_config(tmp_path, monkeypatch):
 def test_uri_storage_root_is_kept():
     cfg = parse_config({"models": [MODEL], "storage": {"root": "s3://bucket/prefix"}}, base_dir=Path("/x"))
     assert cfg.storage.root == "s3://bucket/prefix"
+
+
+def test_autoscaling_is_on_by_default_and_bounded_by_the_machine():
+    cfg = parse_config({"models": [MODEL], "serving": {"num_cpus_per_replica": 2}})
+    assert cfg.serving.num_replicas is None
+    auto = cfg.serving.autoscaling.serve_config(cfg.serving.num_cpus_per_replica, cores=2)
+    assert (auto["min_replicas"], auto["max_replicas"]) == (1, 1)
+    assert cfg.serving.autoscaling.serve_config(2, cores=16)["max_replicas"] == 8
+    assert cfg.serving.autoscaling.serve_config(0.5, cores=2)["max_replicas"] == 4
+    fixed = parse_config({"models": [MODEL], "serving": {"autoscaling": {"min_replicas": 3, "max_replicas": 5}}})
+    assert fixed.serving.autoscaling.serve_config(1, cores=2)["max_replicas"] == 5

@@ -1,0 +1,88 @@
+"""Parsing and checking one predict request body. Pure: no Ray, no torch, no web framework.
+
+The model replica answers predict requests itself (see ``serving/app.py``), without FastAPI,
+so the checks that FastAPI and pydantic make for the other endpoints are made here, with
+the same errors: 415 for a body that is not JSON, 413 past the size limits, 400 for
+malformed JSON, 422 for a body of the wrong shape.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from cluster.config import ServingConfig
+from cluster.errors import (
+    InvalidBody,
+    InvalidRequest,
+    InvalidValue,
+    MalformedJSON,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+
+
+@dataclass(frozen=True)
+class PredictLimits:
+    max_inputs: int
+    max_chars: int
+    max_body_bytes: int
+
+    @classmethod
+    def from_config(cls, s: ServingConfig) -> PredictLimits:
+        return cls(s.max_inputs_per_request, s.max_chars_per_input, max_body_bytes(s))
+
+
+def max_body_bytes(s: ServingConfig) -> int:
+    # JSON may escape a character as \uXXXX: six bytes per character at worst.
+    return s.max_inputs_per_request * (s.max_chars_per_input * 6 + 8) + 4096
+
+
+def check_content_type(content_type: str | None) -> None:
+    ctype = (content_type or "application/json").split(";")[0].strip().lower()
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        raise UnsupportedMediaType(f"send JSON with Content-Type: application/json, not {ctype!r}")
+
+
+def check_content_length(content_length: str | None, limit: int) -> None:
+    """Refuse an oversized body from its header, before reading it."""
+    if content_length is None:
+        return
+    if not content_length.isdigit():
+        raise InvalidRequest(f"bad Content-Length {content_length!r}")
+    if int(content_length) > limit:
+        raise PayloadTooLarge(f"request body of {content_length} bytes exceeds {limit}")
+
+
+def check_text_length(text: str, where: str, max_chars: int) -> None:
+    if len(text) > max_chars:
+        raise PayloadTooLarge(f"{where} has {len(text)} characters; the limit is {max_chars}")
+
+
+def parse_predict_body(body: bytes, limits: PredictLimits) -> list[str]:
+    """``{"inputs": ["text", ...]}`` -> the texts, or the TuneloopError that says why not."""
+    if len(body) > limits.max_body_bytes:
+        raise PayloadTooLarge(f"request body of {len(body)} bytes exceeds {limits.max_body_bytes}")
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise MalformedJSON("the request body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise InvalidBody(f'the body must be a JSON object {{"inputs": [...]}}, not {type(doc).__name__}')
+    extra = sorted(set(doc) - {"inputs"})
+    if extra:
+        raise InvalidBody(f"unknown field(s) {extra}; the body takes only \"inputs\"")
+    if "inputs" not in doc:
+        raise InvalidBody('"inputs" is required: a list of texts')
+    inputs = doc["inputs"]
+    if not isinstance(inputs, list):
+        raise InvalidBody(f'"inputs" must be a list of texts, not {type(inputs).__name__}')
+    if not inputs:
+        raise InvalidValue('"inputs" must hold at least one text')
+    if len(inputs) > limits.max_inputs:
+        raise PayloadTooLarge(f'"inputs" has {len(inputs)} texts; the limit is {limits.max_inputs}')
+    for i, text in enumerate(inputs):
+        if not isinstance(text, str):
+            raise InvalidBody(f"inputs[{i}] must be a string, not {type(text).__name__}")
+        check_text_length(text, f"inputs[{i}]", limits.max_chars)
+    return inputs

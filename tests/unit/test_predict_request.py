@@ -1,0 +1,76 @@
+"""The predict body checks the model replica makes without FastAPI: same codes as the ingress."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cluster.config import ServingConfig
+from cluster.errors import TuneloopError
+from serving.predict_request import (
+    PredictLimits,
+    check_content_length,
+    check_content_type,
+    max_body_bytes,
+    parse_predict_body,
+)
+
+LIMITS = PredictLimits(max_inputs=3, max_chars=10, max_body_bytes=200)
+
+
+def _code(fn, *args) -> tuple[int, str]:
+    with pytest.raises(TuneloopError) as info:
+        fn(*args)
+    return info.value.status, info.value.code
+
+
+def test_a_good_body_gives_its_texts():
+    assert parse_predict_body(b'{"inputs": ["a", "b"]}', LIMITS) == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "body, status, code",
+    [
+        (b'{"inputs": ["x"', 400, "malformed_json"),
+        (b"\xff\xfe", 400, "malformed_json"),
+        (b"[1, 2]", 422, "invalid_request"),
+        (b"{}", 422, "invalid_request"),
+        (b'{"inputs": "x"}', 422, "invalid_request"),
+        (b'{"inputs": ["x", 3]}', 422, "invalid_request"),
+        (b'{"inputs": [null]}', 422, "invalid_request"),
+        (b'{"inputs": ["x"], "extra": 1}', 422, "invalid_request"),
+        (b'{"inputs": []}', 422, "invalid_value"),
+        (b'{"inputs": ["a", "b", "c", "d"]}', 413, "payload_too_large"),
+        (b'{"inputs": ["' + b"x" * 11 + b'"]}', 413, "payload_too_large"),
+        (b'{"inputs": ["' + b"x" * 300 + b'"]}', 413, "payload_too_large"),
+    ],
+)
+def test_bad_bodies_get_the_contract_codes(body, status, code):
+    assert _code(parse_predict_body, body, LIMITS) == (status, code)
+
+
+def test_errors_quote_what_was_wrong():
+    with pytest.raises(TuneloopError) as info:
+        parse_predict_body(json.dumps({"inputs": ["ok", 7]}).encode(), LIMITS)
+    assert "inputs[1]" in info.value.message and "int" in info.value.message
+    assert info.value.body() == {"error": {"code": "invalid_request", "message": info.value.message}}
+
+
+def test_headers_are_checked_before_the_body_is_read():
+    check_content_type(None)  # JSON is assumed
+    check_content_type("application/json; charset=utf-8")
+    check_content_type("application/problem+json")
+    assert _code(check_content_type, "text/plain") == (415, "unsupported_media_type")
+    check_content_length(None, 10)
+    check_content_length("10", 10)
+    assert _code(check_content_length, "11", 10) == (413, "payload_too_large")
+    assert _code(check_content_length, "-1", 10) == (400, "invalid_request")
+
+
+def test_body_limit_allows_the_largest_legal_request():
+    s = ServingConfig(max_inputs_per_request=4, max_chars_per_input=50)
+    limits = PredictLimits.from_config(s)
+    body = json.dumps({"inputs": ["\u00e9" * 50] * 4}).encode()  # every character escaped
+    assert len(body) <= max_body_bytes(s)
+    assert len(parse_predict_body(body, limits)) == 4
