@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-unit bench clean
+.PHONY: install run test test-unit crash-test clean
 
 install: $(STAMP)
 
@@ -22,7 +22,11 @@ run: $(STAMP)
 	$(BIN)/tuneloop run
 
 test: $(STAMP)
-	$(BIN)/pytest -q -p no:cacheprovider tests
+	$(BIN)/pytest -q -p no:cacheprovider -m "not slow" tests
+
+# kill -9 during a feedback flood, then count: minutes, so kept out of `make test`.
+crash-test: $(STAMP)
+	$(BIN)/pytest -q -s -p no:cacheprovider -m slow tests/integration/test_feedback_crash.py
 
 test-unit: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider tests/unit

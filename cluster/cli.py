@@ -88,6 +88,50 @@ def versions(model: str, config: str | None = ConfigOption) -> None:
         typer.echo(f"{mark} {m.version:<5} {m.status:<9} accuracy={acc} parent={m.parent or '-'} {m.created_at}")
 
 
+feedback_app = typer.Typer(no_args_is_help=True, help="What users said: statistics of the feedback.")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys: create and list (secrets are shown once, stored hashed).")
+app.add_typer(feedback_app, name="feedback")
+app.add_typer(keys_app, name="keys")
+
+
+@feedback_app.command("stats")
+def feedback_stats_cmd(model: str, config: str | None = ConfigOption) -> None:
+    """Counts by label, version and day, and each version's online accuracy, as JSON."""
+    from cluster.feedback_stats import feedback_stats
+    from cluster.records import FeedbackStore
+    from cluster.storage import Storage
+
+    cfg = _load(config)
+    _known_model(cfg, model)
+    store = FeedbackStore(Storage(cfg.storage.root), cfg.storage.journal_path())
+    typer.echo(json.dumps(feedback_stats(model, store.read_all(model)), indent=2))
+
+
+@keys_app.command("create")
+def keys_create(role: str = typer.Argument(..., help="predict, feedback or admin"),
+                config: str | None = ConfigOption) -> None:
+    """Create a key with ROLE; prints it once. A running server picks it up within seconds."""
+    from cluster.auth import ROLES, add_stored_key
+    from cluster.storage import Storage
+
+    if role not in ROLES:
+        typer.echo(f"role must be one of {list(ROLES)}, not {role!r}", err=True)
+        raise typer.Exit(2)
+    cfg = _load(config)
+    typer.echo(add_stored_key(Storage(cfg.storage.root), role))
+
+
+@keys_app.command("list")
+def keys_list(config: str | None = ConfigOption) -> None:
+    """Key ids and roles (never the keys)."""
+    from cluster.auth import KeyRing
+    from cluster.storage import Storage
+
+    cfg = _load(config)
+    for key in KeyRing(cfg.auth, Storage(cfg.storage.root)).keys():
+        typer.echo(f"{key.id}  {key.role}")
+
+
 @app.command("check-config")
 def check_config(config: str | None = ConfigOption) -> None:
     """Validate the config file and print it with defaults filled in."""

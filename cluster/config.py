@@ -63,6 +63,23 @@ class StorageConfig(_Strict):
     """Where registry, feedback and predictions live: a local path or a pyarrow URI."""
 
     root: str = "./.tuneloop"
+    journal_dir: str | None = Field(
+        default=None, description="local folder of the feedback journal; default <root>/journal for a local root"
+    )
+
+    @model_validator(mode="after")
+    def _journal_is_local(self) -> StorageConfig:
+        if self.journal_dir is None and "://" in self.root:
+            raise ValueError(
+                f"journal_dir is required when root is not a local path (root {self.root!r}): the feedback "
+                "journal appends and fsyncs, which needs a local disk"
+            )
+        if self.journal_dir is not None and "://" in self.journal_dir:
+            raise ValueError(f"journal_dir must be a local path, got {self.journal_dir!r}")
+        return self
+
+    def journal_path(self) -> str:
+        return self.journal_dir or os.path.join(self.root, "journal", "feedback")
 
 
 class AutoscalingConfig(_Strict):
@@ -118,6 +135,39 @@ class ServingConfig(_Strict):
     )
 
 
+class PredictionsConfig(_Strict):
+    """The prediction log (what was served, for joining feedback by prediction id)."""
+
+    sample_rate: float = Field(default=1.0, ge=0, le=1, description="share of predictions recorded")
+    retention_days: int | None = Field(default=30, ge=1, description="older date partitions are dropped; null keeps all")
+    flush_interval_s: float = Field(default=1.0, gt=0, le=60, description="replicas write what gathered this often")
+
+
+class FeedbackConfig(_Strict):
+    compact_interval_s: float = Field(
+        default=5.0, gt=0, le=3600, description="journal to Parquet this often (training reads the Parquet)"
+    )
+
+
+Role = Literal["predict", "feedback", "admin"]
+
+
+class ApiKeyConfig(_Strict):
+    id: str = Field(pattern=r"^[0-9a-f]{8}$")
+    role: Role
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the key's secret part, hex")
+
+
+class AuthConfig(_Strict):
+    """API keys (Authorization: Bearer tl_...) and what needs none."""
+
+    open_roles: list[Role] = Field(default=["predict"], description="roles anyone may act as without a key")
+    keys: list[ApiKeyConfig] = []
+    create_admin_key: bool = Field(default=True, description="`tuneloop run` creates one on first run")
+    feedback_per_minute: float = Field(default=120.0, gt=0, description="per key (or per anonymous client)")
+    feedback_burst: int = Field(default=30, ge=1)
+
+
 class TrainingConfig(_Strict):
     epochs: int = Field(default=3, ge=1, le=1000)
     learning_rate: float = Field(default=5e-5, gt=0, lt=1)
@@ -150,6 +200,9 @@ class TuneloopConfig(_Strict):
     models: list[ModelConfig] = Field(min_length=1)
     storage: StorageConfig = StorageConfig()
     serving: ServingConfig = ServingConfig()
+    predictions: PredictionsConfig = PredictionsConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
+    auth: AuthConfig = AuthConfig()
     training: TrainingConfig = TrainingConfig()
     trigger: TriggerConfig = TriggerConfig()
     ray: RayConfig = RayConfig()
@@ -214,7 +267,10 @@ def _resolve_relative_paths(cfg: TuneloopConfig, base_dir: Path) -> TuneloopConf
         )
         for m in cfg.models
     ]
-    storage = cfg.storage.model_copy(update={"root": resolve(cfg.storage.root)})
+    storage = cfg.storage.model_copy(update={
+        "root": resolve(cfg.storage.root),
+        "journal_dir": resolve(cfg.storage.journal_dir) if cfg.storage.journal_dir else None,
+    })
     return cfg.model_copy(update={"models": models, "storage": storage})
 
 

@@ -39,12 +39,13 @@ class RetrainController:
         storage = Storage(self.cfg.storage.root)
         self.jobs = JobStore(storage)
         self.running: dict[str, ray.ObjectRef] = {}
-        self.pending = {m.name: self._untrained_feedback(storage, m.name) for m in self.cfg.models}
+        journal = self.cfg.storage.journal_path()
+        self.pending = {m.name: self._untrained_feedback(storage, journal, m.name) for m in self.cfg.models}
 
     @staticmethod
-    def _untrained_feedback(storage: Storage, model: str) -> int:
+    def _untrained_feedback(storage: Storage, journal_dir: str, model: str) -> int:
         """Feedback rows that production's training did not see (all of them before v1)."""
-        registry, feedback = Registry(storage), FeedbackStore(storage)
+        registry, feedback = Registry(storage), FeedbackStore(storage, journal_dir)
         production = registry.production(model)
         used = set()
         if production is not None:

@@ -74,8 +74,8 @@ class UnknownVersion(TuneloopError):
 class UnknownPrediction(TuneloopError):
     status, code = 404, "unknown_prediction"
 
-    def __init__(self, prediction_id: str):
-        super().__init__(f"no prediction with id {prediction_id!r}")
+    def __init__(self, prediction_id: str, hint: str = ""):
+        super().__init__(f"no prediction with id {prediction_id!r}{hint}")
 
 
 class UnknownJob(TuneloopError):

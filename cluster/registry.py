@@ -85,6 +85,18 @@ class RegistryState(BaseModel):
     production: str | None = None
     history: list[HistoryEntry] = Field(default_factory=list)
 
+    def rollback_target(self) -> str | None:
+        """The production before the current one: promotions stack up, rollbacks pop, so
+        rolling back twice after v1, v2, v3 lands on v1."""
+        stack: list[str] = []
+        for entry in self.history:
+            if entry.event == "rollback":
+                if stack:
+                    stack.pop()
+            elif entry.production is not None:
+                stack.append(entry.production)
+        return stack[-2] if len(stack) >= 2 else None
+
 
 class Registry:
     def __init__(self, storage: Storage):

@@ -14,11 +14,13 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 import httpx
 import ray
 from ray import serve
 
+from cluster.auth import KEYS_FILE, ensure_admin_key
 from cluster.config import TuneloopConfig
 from cluster.controller import CONTROLLER_NAME, CONTROLLER_NAMESPACE, RetrainController
 from cluster.registry import Registry
@@ -63,9 +65,12 @@ def start_serving(cfg: TuneloopConfig, metrics_dir: str | None) -> ray.actor.Act
     return controller
 
 
-def wait_ready(url: str, timeout_s: float = 300.0) -> None:
+def wait_ready(url: str, timeout_s: float = 300.0, alive: Callable[[], bool] | None = None) -> None:
+    """Until GET /readyz answers 200; ``alive`` (optional) says whether the server still runs."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if alive is not None and not alive():
+            raise RuntimeError(f"the server behind {url} exited before it was ready")
         try:
             if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
                 return
@@ -86,6 +91,9 @@ def check_port_free(host: str, port: int) -> None:
     """Fail fast: otherwise Serve's proxy fails in the background and /readyz would be
     answered by whatever already holds the port."""
     with socket.socket() as s:
+        # As servers do: connections of a killed predecessor, left in TIME_WAIT, do not
+        # hold the port; only a live listener does.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
@@ -102,6 +110,10 @@ def run_forever(cfg: TuneloopConfig) -> None:
     stop = threading.Event()
     try:
         write_server_file(storage, ray.get_runtime_context().gcs_address)
+        admin_key = ensure_admin_key(cfg.auth, storage)
+        if admin_key:
+            print(f"created an admin API key; it is shown this once (only its hash is kept, in "
+                  f"{storage.path(KEYS_FILE)}):\n\n    {admin_key}\n", flush=True)
         bootstrap_versions(cfg)
         # After bootstrap: Ray Train's fit() installs its own SIGINT handler while it runs.
         signal.signal(signal.SIGINT, lambda *_: stop.set())

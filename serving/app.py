@@ -17,15 +17,8 @@ from ray import serve
 from cluster.config import TuneloopConfig
 from serving.ingress import Ingress
 from serving.metrics import MULTIPROC_ENV
-from serving.model_server import (
-    ModelServer,
-    in_flight_limit,
-    model_app_name,
-    model_deployment_name,
-    predict_route,
-)
-
-INGRESS_APP = "tuneloop"
+from serving.model_server import ModelServer, in_flight_limit
+from serving.names import INGRESS_APP, model_app_name, model_deployment_name, predict_route
 
 
 def _cores(cfg: TuneloopConfig) -> int:
@@ -52,7 +45,7 @@ def deploy(cfg: TuneloopConfig, metrics_dir: str | None = None) -> None:
             options["num_replicas"] = s.num_replicas
         else:
             options["autoscaling_config"] = s.autoscaling.serve_config(s.num_cpus_per_replica, _cores(cfg))
-        app = serve.deployment(ModelServer).options(**options).bind(m.model_dump(), s.model_dump(), cfg.storage.root)
+        app = serve.deployment(ModelServer).options(**options).bind(cfg.model_dump(), m.name)
         serve.run(app, name=model_app_name(m.name), route_prefix=predict_route(m.name), blocking=False)
     ingress = Ingress.options(ray_actor_options={"num_cpus": 0, **env})
     serve.run(ingress.bind(cfg.model_dump()), name=INGRESS_APP, route_prefix="/", blocking=False)

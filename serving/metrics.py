@@ -89,11 +89,36 @@ class ReplicasCollector:
         yield family
 
 
-def render(jobs: JobStore, running_replicas: Callable[[], dict[str, int]]) -> bytes:
-    """The exposition text for GET /metrics: every process's metrics, training runs, replicas."""
+class FeedbackStatsCollector:
+    """Gauges from the feedback itself (cluster/feedback_stats.py), computed at scrape time:
+    tuneloop_feedback_online_accuracy{model, version} and tuneloop_feedback_labels{model, label}."""
+
+    def __init__(self, stats: Callable[[], list[dict]]):
+        self.stats = stats
+
+    def collect(self):
+        accuracy = GaugeMetricFamily("tuneloop_feedback_online_accuracy",
+                                     "Share of feedback agreeing with what the version served",
+                                     labels=["model", "version"])
+        labels = GaugeMetricFamily("tuneloop_feedback_labels", "Feedback records counted, by label",
+                                   labels=["model", "label"])
+        for s in self.stats():
+            for version, v in s["by_version"].items():
+                accuracy.add_metric([s["model"], version], v["online_accuracy"])
+            for label, n in s["by_label"].items():
+                labels.add_metric([s["model"], label], n)
+        yield accuracy
+        yield labels
+
+
+def render(jobs: JobStore, running_replicas: Callable[[], dict[str, int]],
+           feedback_stats: Callable[[], list[dict]]) -> bytes:
+    """The exposition text for GET /metrics: every process's metrics, training runs, replicas
+    and feedback statistics."""
     runs = CollectorRegistry()
     runs.register(TrainingRunsCollector(jobs))
     runs.register(ReplicasCollector(running_replicas))
+    runs.register(FeedbackStatsCollector(feedback_stats))
     if os.environ.get(MULTIPROC_ENV):
         served = CollectorRegistry()
         multiprocess.MultiProcessCollector(served)

@@ -27,8 +27,10 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from cluster.config import ModelConfig, ServingConfig
+from cluster.auth import KeyRing
+from cluster.config import ServingConfig, TuneloopConfig
 from cluster.errors import MethodNotAllowed, NotFound, NotReady, Overloaded, TuneloopError
+from cluster.prediction_recorder import PredictionRecorder
 from cluster.records import PredictionLog, new_prediction_id
 from cluster.registry import Registry
 from cluster.storage import Storage
@@ -75,32 +77,23 @@ class LoadedModel:
         return out, tokens, padded
 
 
-def model_app_name(model: str) -> str:
-    return f"tuneloop-model-{model}"
-
-
-def model_deployment_name(model: str) -> str:
-    return f"model-{model}"
-
-
-def predict_route(model: str) -> str:
-    return f"/v1/models/{model}/predict"
-
-
 def in_flight_limit(s: ServingConfig) -> int:
     """Requests one replica holds: enough to fill several batches, plus the bounded queue."""
     return s.max_batch_size * 4 + s.max_queued_requests
 
 
 class ModelServer:
-    def __init__(self, model_cfg: dict, serving_cfg: dict, storage_root: str):
+    def __init__(self, config: dict, model: str):
         import torch
 
-        self.cfg = ModelConfig.model_validate(model_cfg)
-        self.serving = ServingConfig.model_validate(serving_cfg)
-        storage = Storage(storage_root)
+        cfg = TuneloopConfig.model_validate(config)
+        self.cfg, self.serving = cfg.model(model), cfg.serving
+        storage = Storage(cfg.storage.root)
         self.registry = Registry(storage)
-        self.prediction_log = PredictionLog(storage)
+        p = cfg.predictions
+        self.recorder = PredictionRecorder(PredictionLog(storage), model, p.sample_rate, p.flush_interval_s,
+                                           p.retention_days)
+        self._keys = KeyRing(cfg.auth, storage)
         torch.set_num_threads(max(1, math.ceil(self.serving.num_cpus_per_replica)))
         # One thread runs the model: forward passes never overlap, and the event loop stays
         # free to collect the next batch while this one computes.
@@ -150,6 +143,7 @@ class ModelServer:
                 raise NotFound(f"no route {request.url.path!r}")
             if request.method != "POST":
                 raise MethodNotAllowed(f"{request.method} is not allowed here; use POST")
+            self._keys.check(request.headers.get("authorization"), "predict")
             check_content_type(request.headers.get("content-type"))
             check_content_length(request.headers.get("content-length"), self._limits.max_body_bytes)
             texts = parse_predict_body(await request.body(), self._limits)
@@ -214,9 +208,9 @@ class ModelServer:
                 {"prediction_id": r["id"], "model": self.cfg.name, "version": loaded.version, "text": text,
                  "label": r["label"], "score": r["score"], "scores": r["scores"], "created_at": now}
             )
-        # Recorded before answering, so feedback by prediction id always finds it.
-        self.prediction_log.append(self.cfg.name, rows)
+        self.recorder.record(rows)  # written in the background, off the response path
         return results
 
     def __del__(self):
         self._stop.set()
+        self.recorder.close()

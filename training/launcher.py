@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import ray.data
 from pyarrow import csv as pacsv
@@ -21,12 +22,14 @@ from ray.train import DataConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from cluster.config import ModelConfig, TuneloopConfig
+from cluster.feedback_stats import superseded
 from cluster.gate import evaluate_gate
 from cluster.jobs import JobRecord, JobStore
 from cluster.model_source import resolve_model_source
 from cluster.records import FeedbackStore
 from cluster.registry import EvalMetrics, GateResult, Manifest, Registry, now_iso
 from cluster.storage import Storage
+from serving.names import INGRESS_APP, INGRESS_DEPLOYMENT
 from training.data import file_sha256, is_held_out, seed_format
 from training.loop import train_loop_per_worker
 
@@ -69,6 +72,10 @@ def _prepare(batch: pa.Table, labels: list[str], eval_fraction: float) -> pa.Tab
     )
 
 
+def _without_ids(batch: pa.Table, ids: list[str]) -> pa.Table:
+    return batch.filter(pc.invert(pc.is_in(batch["feedback_id"], value_set=pa.array(ids))))
+
+
 def _datasets(
     mcfg: ModelConfig, storage: Storage, feedback: FeedbackStore, feedback_files: list[str], eval_fraction: float
 ) -> tuple[dict[str, ray.data.Dataset], dict[str, Any]]:
@@ -77,12 +84,17 @@ def _datasets(
     if mcfg.seed_dataset:
         parts.append(_read_seed(mcfg.seed_dataset))
         summary["seed"] = {"path": mcfg.seed_dataset, "sha256": file_sha256(mcfg.seed_dataset)}
+    dropped: list[str] = []
     if feedback_files:
-        parts.append(
-            ray.data.read_parquet(
-                [storage.path(f) for f in feedback_files], filesystem=storage.fs, partitioning=None
-            ).select_columns(["text", "label"])
+        # Latest wins (cluster/feedback_stats.py): older feedback on a prediction is left out.
+        ids = feedback.read(mcfg.name, feedback_files).select(["feedback_id", "prediction_id", "created_at"])
+        dropped = sorted(superseded(ids.to_pylist()))
+        rows = ray.data.read_parquet(
+            [storage.path(f) for f in feedback_files], filesystem=storage.fs, partitioning=None
         )
+        if dropped:
+            rows = rows.map_batches(_without_ids, batch_format="pyarrow", fn_kwargs={"ids": dropped})
+        parts.append(rows.select_columns(["text", "label"]))
     if not parts:
         raise ValueError(f"model {mcfg.name!r} has no seed dataset and no feedback to train on")
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
@@ -91,7 +103,8 @@ def _datasets(
     ).materialize()
     train = prepared.filter(expr=col("held_out") == False).materialize()  # noqa: E712 - an expression
     held_out = prepared.filter(expr=col("held_out") == True).materialize()  # noqa: E712
-    summary["feedback"] = {"files": feedback_files, "rows": feedback.count_rows(feedback_files)}
+    summary["feedback"] = {"files": feedback_files, "rows": feedback.count_rows(feedback_files),
+                           "superseded": len(dropped)}
     summary["train_rows"] = train.count()
     summary["eval_rows"] = held_out.count()
     summary["total_rows"] = summary["train_rows"] + summary["eval_rows"]
@@ -100,14 +113,31 @@ def _datasets(
     return {"train": train, "eval": held_out}, summary
 
 
+def _settle_feedback(feedback: FeedbackStore) -> None:
+    """Bring every acknowledged record into Parquet before the snapshot: the live writer
+    (the ingress, if tuneloop is serving) compacts its journal on request, and segments
+    whose writer died are recovered here."""
+    from ray import serve
+
+    try:
+        ingress = serve.get_deployment_handle(INGRESS_DEPLOYMENT, INGRESS_APP)
+        ingress.compact_feedback.remote().result(timeout_s=60)
+    except Exception as e:  # noqa: BLE001 - not serving (a CLI job), or the ingress is restarting
+        log.info("no live feedback writer to compact (%s); recovering the journal here", type(e).__name__)
+    feedback.open_writer()  # recovers dead writers' segments
+    feedback.close()
+
+
 def run_training(cfg: TuneloopConfig, model: str, trigger: str = "manual", job: JobRecord | None = None) -> TrainingOutcome:
     """Run one job to the end; never raises for a failed job (it is recorded as failed)."""
     storage = Storage(cfg.storage.root)
-    registry, jobs, feedback = Registry(storage), JobStore(storage), FeedbackStore(storage)
+    registry, jobs = Registry(storage), JobStore(storage)
+    feedback = FeedbackStore(storage, cfg.storage.journal_path())
     mcfg = cfg.model(model)
     job = job or jobs.create(model, trigger)
     tcfg = cfg.training
     try:
+        _settle_feedback(feedback)
         parent = registry.production(model)
         init_path = registry.local_path(model, parent) if parent else resolve_model_source(mcfg.base_model)
         feedback_files = feedback.files(model)  # the snapshot this job trains on

@@ -14,12 +14,24 @@ from serving.fast_path import enable_fast_path, free_port
 
 enable_fast_path(private_haproxy_ports=True)  # the data path users get; before ray is imported
 
+from dataclasses import asdict
+
+from cluster.auth import new_key
 from cluster.config import TuneloopConfig, parse_config
 from cluster.registry import Manifest, Registry
 from cluster.storage import Storage
 
 LABELS = ["negative", "positive"]
 RAY_NUM_CPUS = 6  # more logical CPUs than training workers + replicas, or Ray Data starves
+
+# One key per role for the session; configs carry only their hashes.
+ADMIN_KEY, _ADMIN = new_key("admin")
+FEEDBACK_KEY, _FEEDBACK = new_key("feedback")
+PREDICT_KEY, _PREDICT = new_key("predict")
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
 
 
 @pytest.fixture(scope="session")
@@ -94,6 +106,9 @@ def make_config(root: Path, base_model: str, seed: str | None, **sections) -> Tu
         "serving": {"max_batch_size": 8, "max_inputs_per_request": 8,
                     "max_chars_per_input": 200, "reload_interval_s": 0.5, "num_cpus_per_replica": 1},
         "training": {"epochs": 1, "batch_size": 8, "max_length": 32, "num_workers": 2, "zero_stage": 2},
+        "auth": {"keys": [asdict(k) for k in (_ADMIN, _FEEDBACK, _PREDICT)], "create_admin_key": False},
+        "feedback": {"compact_interval_s": 0.5},
+        "predictions": {"flush_interval_s": 0.2},
     }
     for key, value in sections.items():
         doc[key] = {**doc.get(key, {}), **value}

@@ -10,7 +10,7 @@ import pytest
 
 from cluster.jobs import JobStore
 from cluster.storage import Storage
-from tests.integration.conftest import make_config
+from tests.integration.conftest import ADMIN_KEY, FEEDBACK_KEY, bearer, make_config
 
 TRIGGER_EVERY = 4
 
@@ -48,13 +48,20 @@ def test_feedback_triggers_a_new_version_that_takes_over(loop):
             {"model": "sentiment", "text": "the song was lovely", "label": "positive"},
         ]
         for body in answers:
-            assert c.post("/v1/feedback", json=body).status_code == 202
+            assert c.post("/v1/feedback", json=body, headers=bearer(FEEDBACK_KEY)).status_code == 202
         time.sleep(1)
         assert JobStore(Storage(cfg.storage.root)).all()[-1].trigger == "bootstrap"  # 3 < 4: no job yet
-        last = c.post("/v1/feedback", json={"model": "sentiment", "text": "the book was dreadful", "label": "negative"})
+        last = c.post("/v1/feedback", json={"model": "sentiment", "text": "the book was dreadful", "label": "negative"},
+                      headers=bearer(FEEDBACK_KEY))
         assert last.status_code == 202
 
         jobs = JobStore(Storage(cfg.storage.root))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(j.trigger == "feedback" for j in jobs.all()):
+            time.sleep(0.2)
+        # A manual retrain while the triggered job runs: refused, one job per model at a time.
+        busy = c.post("/v1/models/sentiment/retrain", json={}, headers=bearer(ADMIN_KEY))
+        assert busy.status_code == 409 and busy.json()["error"]["code"] == "conflict"
         deadline = time.monotonic() + 300
         triggered = []
         while time.monotonic() < deadline:
@@ -66,6 +73,11 @@ def test_feedback_triggers_a_new_version_that_takes_over(loop):
                 break
         assert len(triggered) == 1, [j.model_dump() for j in jobs.all()]
         job = triggered[0]
+        # The job trained on all four records: the ingress compacted its journal first.
+        from cluster.registry import Registry
+
+        if job.version:
+            assert Registry(Storage(cfg.storage.root)).manifest("sentiment", job.version).data["feedback"]["rows"] == 4
         # Replicas pick the new production up within their reload interval.
         version = "v1"
         deadline = time.monotonic() + 30

@@ -11,7 +11,15 @@ import pyarrow.dataset as pads
 import pytest
 
 from cluster.server import wait_ready
-from tests.integration.conftest import make_config, publish_version
+from tests.integration.conftest import (
+    ADMIN_KEY,
+    FEEDBACK_KEY,
+    PREDICT_KEY,
+    _FEEDBACK,
+    bearer,
+    make_config,
+    publish_version,
+)
 
 JSON = {"Content-Type": "application/json"}
 
@@ -21,7 +29,7 @@ def app(ray_session, serve_port, metrics_dir, tiny_model, tmp_path_factory):
     from serving.app import deploy, undeploy
 
     root = tmp_path_factory.mktemp("serving-store")
-    cfg = make_config(root, tiny_model, None)
+    cfg = make_config(root, tiny_model, None, auth={"feedback_burst": 20, "feedback_per_minute": 60})
     publish_version(cfg, tiny_model)
     deploy(cfg, metrics_dir)
     url = f"http://127.0.0.1:{serve_port}"
@@ -30,8 +38,8 @@ def app(ray_session, serve_port, metrics_dir, tiny_model, tmp_path_factory):
     undeploy(cfg)
 
 
-def post(url: str, body, **kw) -> httpx.Response:
-    return httpx.post(url, json=body, timeout=30, **kw)
+def post(url: str, body, key: str | None = FEEDBACK_KEY, **kw) -> httpx.Response:
+    return httpx.post(url, json=body, timeout=30, headers=bearer(key) if key else {}, **kw)
 
 
 def test_health_ready_and_models(app):
@@ -85,7 +93,7 @@ def test_predict_returns_id_version_and_scores(app):
 )
 def test_bad_requests_get_json_4xx(app, path, body, status, code):
     if isinstance(body, bytes):
-        r = httpx.post(app["url"] + path, content=body, headers=JSON)
+        r = httpx.post(app["url"] + path, content=body, headers={**JSON, **bearer(FEEDBACK_KEY)})
     else:
         r = post(app["url"] + path, body)
     assert r.status_code == status, r.text
@@ -103,7 +111,12 @@ def test_transport_level_rejections(app):
     assert httpx.get(f"{app['url']}/v1/jobs/unknown").status_code == 404
 
 
-def _feedback_rows(root) -> list[dict]:
+def _feedback_rows(root, wait_s: float = 10.0) -> list[dict]:
+    """The Parquet rows, once the journal has been compacted (every 0.5 s here)."""
+    journal = root / "journal" / "feedback"
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and any(p.stat().st_size for p in journal.glob("*.wal")):
+        time.sleep(0.1)
     path = root / "feedback" / "sentiment"
     if not path.exists():
         return []
@@ -119,12 +132,13 @@ def test_feedback_is_durable_parquet_joined_to_the_prediction(app):
     fid = r.json()["feedback_id"]
     r2 = post(f"{url}/v1/feedback", {"model": "sentiment", "text": "loved it", "label": "positive"})
     assert r2.status_code == 202
-    rows = {row["feedback_id"]: row for row in _feedback_rows(root)}  # on disk as soon as the 202 came
+    rows = {row["feedback_id"]: row for row in _feedback_rows(root)}  # compacted to Parquet
     assert len(rows) == before + 2
     joined = rows[fid]
     assert joined["text"] == "the soup was cold" and joined["prediction_id"] == pred["id"]
     assert joined["version"] == "v1" and joined["predicted_label"] == pred["label"]
     assert joined["label"] == "negative" and joined["predicted_at"] is not None
+    assert joined["key_id"] == _FEEDBACK.id  # which key sent it: its id, never the key
     by_text = rows[r2.json()["feedback_id"]]
     assert by_text["text"] == "loved it" and by_text["prediction_id"] is None and by_text["version"] is None
     # A rejected request stores nothing.
@@ -187,3 +201,67 @@ def test_version_switch_under_load_drops_nothing(app):
     late_old = [t for t, v in seen if v == current and t > switched_at + 1.0]
     assert not late_old
     assert httpx.get(f"{url}/readyz").json()["models"]["sentiment"] == new_version
+
+
+def test_keys_and_roles_are_enforced(app):
+    url = app["url"]
+    body = {"model": "sentiment", "text": "who may say this", "label": "positive"}
+    r = post(f"{url}/v1/feedback", body, key=None)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    assert r.headers["www-authenticate"] == "Bearer"
+    assert post(f"{url}/v1/feedback", body, key="tl_00000000_" + "0" * 32).status_code == 401
+    r = post(f"{url}/v1/feedback", body, key=PREDICT_KEY)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+    assert post(f"{url}/v1/feedback", body, key=ADMIN_KEY).status_code == 202  # admin ranks above
+    # Predict is open by default, and a bad key is still refused.
+    assert post(f"{url}/v1/models/sentiment/predict", {"inputs": ["x"]}, key=None).status_code == 200
+    assert post(f"{url}/v1/models/sentiment/predict", {"inputs": ["x"]}, key="tl_bad").status_code == 401
+    for path in ("retrain", "rollback"):
+        assert post(f"{url}/v1/models/sentiment/{path}", {}, key=FEEDBACK_KEY).status_code == 403
+    assert post(f"{url}/v1/models/sentiment/promote", {"version": "v1"}, key=None).status_code == 401
+    assert httpx.get(f"{url}/v1/models/sentiment/feedback/stats").status_code == 401
+
+
+def test_promote_and_rollback_by_an_admin(app):
+    url, cfg = app["url"], app["cfg"]
+    before = httpx.get(f"{url}/readyz").json()["models"]["sentiment"]
+    new = publish_version(cfg, app["weights"], promote=False)
+    r = post(f"{url}/v1/models/sentiment/promote", {"version": new}, key=ADMIN_KEY)
+    assert r.status_code == 200 and r.json()["production"] == new
+    assert r.json()["history"][-1]["reason"].startswith("by key ")
+    r = post(f"{url}/v1/models/sentiment/rollback", {}, key=ADMIN_KEY)
+    assert r.status_code == 200 and r.json()["production"] == before
+    r = post(f"{url}/v1/models/sentiment/promote", {"version": "v999"}, key=ADMIN_KEY)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_version"
+    r = post(f"{url}/v1/models/sentiment/retrain", {}, key=ADMIN_KEY)
+    assert r.status_code == 503  # this app runs without the retrain controller
+
+
+def test_second_feedback_on_a_prediction_wins_and_stats_count_it(app):
+    url = app["url"]
+    pred = post(f"{url}/v1/models/sentiment/predict", {"inputs": ["changed my mind"]}).json()["predictions"][0]
+    wrong = "negative" if pred["label"] == "positive" else "positive"
+    assert post(f"{url}/v1/feedback", {"prediction_id": pred["id"], "label": wrong}).status_code == 202
+    assert post(f"{url}/v1/feedback", {"prediction_id": pred["id"], "label": pred["label"]}).status_code == 202
+    stats = httpx.get(f"{url}/v1/models/sentiment/feedback/stats", headers=bearer(FEEDBACK_KEY)).json()
+    assert stats["superseded"] >= 1 and stats["total"] >= 1
+    version = stats["by_version"][pred["version"]]
+    assert 0 <= version["online_accuracy"] <= 1 and version["agreed"] >= 1
+    assert sum(stats["by_label"].values()) == stats["total"] == sum(stats["by_day"].values())
+    metrics = httpx.get(f"{url}/metrics").text
+    assert f'tuneloop_feedback_online_accuracy{{model="sentiment",version="{pred["version"]}"}}' in metrics
+
+
+def test_feedback_rate_limit_per_key(app):
+    url = app["url"]
+    from cluster.auth import add_stored_key
+    from cluster.storage import Storage
+
+    flood_key = add_stored_key(Storage(app["cfg"].storage.root), "feedback")  # picked up within seconds
+    time.sleep(6)
+    body = {"model": "sentiment", "text": "again and again", "label": "positive"}
+    codes = [post(f"{url}/v1/feedback", body, key=flood_key).status_code for _ in range(30)]
+    assert codes[:15] == [202] * 15 and 429 in codes, codes
+    limited = post(f"{url}/v1/feedback", body, key=flood_key)
+    assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+    assert post(f"{url}/v1/feedback", body, key=FEEDBACK_KEY).status_code == 202  # others unaffected

@@ -21,9 +21,16 @@ def trained(ray_session, tiny_model, seed_tsv, tmp_path_factory):
     root = tmp_path_factory.mktemp("train-store")
     cfg = make_config(root, tiny_model, seed_tsv, training={"max_steps": 2, "zero_stage": 2})
     first = run_training(cfg, "sentiment")
-    feedback = FeedbackStore(Storage(cfg.storage.root))
+    feedback = FeedbackStore(Storage(cfg.storage.root), cfg.storage.journal_path())
+    feedback.open_writer()
     for text, label in [("the film was a joy", "positive"), ("the film was a chore", "negative")] * 3:
         feedback.append(model="sentiment", text=text, label=label)
+    # Two answers on one prediction: only the later one is trained on.
+    feedback.append(model="sentiment", text="the film was fine", label="negative", prediction_id="p" * 32,
+                    version="v1", predicted_label="positive")
+    feedback.append(model="sentiment", text="the film was fine", label="positive", prediction_id="p" * 32,
+                    version="v1", predicted_label="positive")
+    feedback.close()  # compacts: training reads the Parquet
     cfg3 = make_config(root, tiny_model, seed_tsv, training={"max_steps": 2, "zero_stage": 3})
     second = run_training(cfg3, "sentiment", trigger="manual")
     return {"root": root, "first": first, "second": second, "registry": Registry(Storage(str(root)))}
@@ -49,7 +56,10 @@ def test_second_job_starts_from_production_with_feedback_and_zero3(trained):
     assert job.state in ("succeeded", "rejected"), job.error
     assert manifest.version == "v2" and manifest.parent == "v1"
     assert manifest.training["zero_stage"] == 3
-    assert manifest.data["feedback"]["rows"] == 6 and len(manifest.data["feedback"]["files"]) == 6
+    # 8 records compacted into one file; the older of two answers on one prediction is left out.
+    fb = manifest.data["feedback"]
+    assert fb["rows"] == 8 and len(fb["files"]) == 1 and fb["superseded"] == 1
+    assert manifest.data["total_rows"] == 80 + 7
     # Candidate and production were scored on the same held-out rows in the same job.
     assert manifest.parent_metrics is not None
     assert manifest.parent_metrics.eval_rows == manifest.metrics.eval_rows

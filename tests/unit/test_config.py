@@ -81,9 +81,23 @@ def test_env_var_selects_config(tmp_path, monkeypatch):
     assert cfg.storage.root == str(tmp_path / "state")
 
 
-def test_uri_storage_root_is_kept():
-    cfg = parse_config({"models": [MODEL], "storage": {"root": "s3://bucket/prefix"}}, base_dir=Path("/x"))
-    assert cfg.storage.root == "s3://bucket/prefix"
+def test_uri_storage_root_is_kept_and_needs_a_local_journal():
+    cfg = parse_config({"models": [MODEL], "storage": {"root": "s3://bucket/prefix", "journal_dir": "wal"}},
+                       base_dir=Path("/x"))
+    assert cfg.storage.root == "s3://bucket/prefix" and cfg.storage.journal_path() == "/x/wal"
+    with pytest.raises(ConfigError, match="journal_dir is required when root is not a local path"):
+        parse_config({"models": [MODEL], "storage": {"root": "s3://bucket/prefix"}})
+    local = parse_config({"models": [MODEL], "storage": {"root": "store"}}, base_dir=Path("/x"))
+    assert local.storage.journal_path() == "/x/store/journal/feedback"
+
+
+def test_auth_keys_in_the_config_are_hashes_with_known_roles():
+    good = {"id": "0a1b2c3d", "role": "feedback", "sha256": "a" * 64}
+    assert parse_config({"models": [MODEL], "auth": {"keys": [good]}}).auth.keys[0].role == "feedback"
+    with pytest.raises(ConfigError, match="auth.keys.0.role"):
+        parse_config({"models": [MODEL], "auth": {"keys": [{**good, "role": "owner"}]}})
+    with pytest.raises(ConfigError, match="auth.keys.0.sha256"):
+        parse_config({"models": [MODEL], "auth": {"keys": [{**good, "sha256": "tl_plain_secret"}]}})
 
 
 def test_autoscaling_is_on_by_default_and_bounded_by_the_machine():

@@ -1,4 +1,4 @@
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
@@ -16,23 +16,29 @@ def test_prediction_ids_carry_their_time():
         assert prediction_time(bad) is None
 
 
-def test_feedback_is_parquet_in_the_fixed_schema(tmp_path):
-    store = FeedbackStore(Storage(str(tmp_path)))
-    fid = store.append(model="m", text="great", label="positive")
+def test_feedback_is_journalled_then_parquet_in_the_fixed_schema(tmp_path):
+    store = FeedbackStore(Storage(str(tmp_path / "store")), str(tmp_path / "journal"))
+    store.open_writer()
+    fid = store.append(model="m", text="great", label="positive", key_id="0a1b2c3d")
     fid2 = store.append(model="m", text="bad", label="negative", prediction_id="p1", version="v1",
                         predicted_label="positive", predicted_at=datetime.now(UTC))
+    assert store.files("m") == []  # acknowledged and durable, not yet compacted
+    assert {r["feedback_id"] for r in store.read_all("m")} == {fid, fid2}  # but readable already
+    store.compact()
     files = store.files("m")
-    assert len(files) == 2 and all("/date=" in f for f in files)
+    assert len(files) == 1 and "/date=" in files[0]
     table = store.read("m")
     assert table.schema == FEEDBACK_SCHEMA
     rows = {r["feedback_id"]: r for r in table.to_pylist()}
     assert rows[fid]["label"] == "positive" and rows[fid]["prediction_id"] is None
+    assert rows[fid]["key_id"] == "0a1b2c3d"
     assert rows[fid2]["version"] == "v1" and rows[fid2]["predicted_label"] == "positive"
+    assert [r["feedback_id"] for r in store.read_all("m")].count(fid) == 1
     assert store.count_rows(files) == 2
     # Readable as it is, with hive partitioning, by plain pyarrow.
-    ds = pads.dataset(str(tmp_path / "feedback/m"), format="parquet", partitioning="hive")
+    ds = pads.dataset(str(tmp_path / "store/feedback/m"), format="parquet", partitioning="hive")
     assert ds.to_table().num_rows == 2
-    assert pq.read_table(str(tmp_path / files[0])).num_rows == 1
+    assert pq.read_table(str(tmp_path / "store" / files[0])).num_rows == 2
 
 
 def test_prediction_log_lookup(tmp_path):
@@ -45,3 +51,30 @@ def test_prediction_log_lookup(tmp_path):
     assert found["text"] == "t1" and found["version"] == "v3" and found["model"] == "m"
     assert log.lookup(["m"], new_prediction_id()) is None
     assert log.lookup(["m"], "not-an-id") is None
+
+
+def test_prediction_log_retention_drops_old_days(tmp_path):
+    log = PredictionLog(Storage(str(tmp_path)))
+    for day in (1, 2, 3):
+        when = datetime(2026, 11, day, tzinfo=UTC)
+        log.append("m", [{"prediction_id": new_prediction_id(when), "model": "m", "version": "v1", "text": "t",
+                          "label": "a", "score": 1.0, "scores": {"a": 1.0}, "created_at": when}])
+    assert log.drop_days_before("m", date(2026, 11, 3)) == ["date=2026-11-01", "date=2026-11-02"]
+    assert [i.base_name for i in Storage(str(tmp_path)).list_dir("predictions/m")] == ["date=2026-11-03"]
+
+
+def test_prediction_recorder_samples_and_writes_off_the_caller(tmp_path):
+    from cluster.prediction_recorder import PredictionRecorder
+
+    log = PredictionLog(Storage(str(tmp_path)))
+    draws = iter([0.1, 0.9, 0.3, 0.7])
+    recorder = PredictionRecorder(log, "m", sample_rate=0.5, flush_interval_s=3600, sample=lambda: next(draws))
+    now = datetime.now(UTC)
+    rows = [{"prediction_id": new_prediction_id(now), "model": "m", "version": "v1", "text": f"t{i}",
+             "label": "a", "score": 1.0, "scores": {"a": 1.0}, "created_at": now} for i in range(4)]
+    recorder.record(rows)
+    assert log.lookup(["m"], rows[0]["prediction_id"]) is None  # buffered: nothing on the caller's path
+    recorder.close()  # flushes
+    assert log.lookup(["m"], rows[0]["prediction_id"])["text"] == "t0"
+    assert log.lookup(["m"], rows[2]["prediction_id"])["text"] == "t2"
+    assert log.lookup(["m"], rows[1]["prediction_id"]) is None  # sampled out

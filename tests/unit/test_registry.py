@@ -85,3 +85,17 @@ def test_local_path_for_local_storage(tmp_path, weights):
     reg = Registry(Storage(str(tmp_path / "store")))
     reg.publish("m", weights, _manifest())
     assert reg.local_path("m", "v1") == str(tmp_path / "store/registry/m/v1")
+
+
+def test_rollback_pops_promotions_in_order():
+    from cluster.registry import HistoryEntry, RegistryState
+
+    def state(*events):
+        return RegistryState(production=events[-1][1] if events else None,
+                             history=[HistoryEntry(at="t", event=e, production=v) for e, v in events])
+
+    assert state().rollback_target() is None
+    assert state(("promote", "v1")).rollback_target() is None
+    assert state(("promote", "v1"), ("promote", "v2"), ("promote", "v3")).rollback_target() == "v2"
+    assert state(("promote", "v1"), ("promote", "v2"), ("promote", "v3"), ("rollback", "v2")).rollback_target() == "v1"
+    assert state(("promote", "v1"), ("promote", "v2"), ("rollback", "v1"), ("promote", "v3")).rollback_target() == "v1"

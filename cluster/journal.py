@@ -1,0 +1,218 @@
+"""The feedback write-ahead journal: acknowledged means fsynced; Parquet comes after.
+
+    <journal_dir>/<segment>.wal    one record per line: "<crc32, 8 hex> <json>\\n"
+
+``append`` writes a line and fsyncs it before returning, so a record that was acknowledged
+survives ``kill -9`` of any process, and of the machine's power, from then on. ``compact``
+turns finished segments into ``feedback/<model>/date=<day>/<segment>.parquet`` (one file
+per model and day, each written to a temporary and renamed), then deletes the segment.
+
+Exactly once: a segment's Parquet files are named after the segment, so compacting it
+again after a crash (between the rename and the delete) finds them and writes nothing.
+A line torn by a crash mid-append fails its checksum; it was never acknowledged and is
+dropped. Ownership: a writer holds ``flock`` on every segment it has not yet compacted,
+and the kernel releases it when the writer dies however it dies; any process that can
+take the lock of a segment may recover it. Hence the journal needs a local filesystem.
+
+Pure Python and pyarrow: no Ray, no torch.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+import zlib
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from cluster.storage import Storage, fsync_dir
+
+log = logging.getLogger("tuneloop")
+
+SUFFIX = ".wal"
+
+
+def encode_line(record: dict[str, Any]) -> bytes:
+    body = json.dumps(record, separators=(",", ":"), default=_iso, ensure_ascii=False).encode()
+    return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+def decode_line(line: bytes) -> dict[str, Any] | None:
+    """The record of one line, or None if the line is torn or corrupt."""
+    if not line.endswith(b"\n") or len(line) < 10 or line[8:9] != b" ":
+        return None
+    body = line[9:-1]
+    try:
+        if int(line[:8], 16) != zlib.crc32(body):
+            return None
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+def read_segment(path: str | Path) -> list[dict[str, Any]]:
+    """Every intact record of a segment, in order; a torn tail is dropped."""
+    records = []
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            record = decode_line(line)
+            if record is None:
+                if line.endswith(b"\n"):  # not a torn tail: say so, keep the rest
+                    log.error("journal %s: line %d is corrupt; skipped", path, n)
+                continue
+            records.append(record)
+    return records
+
+
+def _iso(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat(timespec="microseconds")
+    raise TypeError(f"cannot journal a {type(value).__name__}")
+
+
+class _Segment:
+    """An open segment this process owns: its file descriptor holds the lock."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.records = 0
+
+    def close(self) -> None:
+        os.close(self.fd)  # releases the lock
+
+
+class Journal:
+    """One writer's journal. ``to_table(records)`` gives the Parquet table of some records
+    and ``partition(record)`` the folder (relative to the storage root) one belongs in."""
+
+    def __init__(self, directory: str | Path, storage: Storage, to_table, partition):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.storage = storage
+        self._to_table = to_table
+        self._partition = partition
+        self._lock = threading.Lock()
+        self._active = self._open_segment()
+        self._finished: list[_Segment] = []
+        self._compact_lock = threading.Lock()
+
+    def _open_segment(self) -> _Segment:
+        name = f"{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}{SUFFIX}"
+        segment = _Segment(self.dir / name)
+        fsync_dir(str(self.dir))  # the segment's name is durable before any record in it
+        return segment
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Durable on return: written and fsynced."""
+        line = encode_line(record)
+        with self._lock:
+            os.write(self._active.fd, line)
+            os.fsync(self._active.fd)
+            self._active.records += 1
+
+    def compact(self) -> int:
+        """Move everything journalled so far, and any dead writer's segments, into
+        Parquet. Returns the number of records compacted."""
+        with self._compact_lock:
+            with self._lock:
+                if self._active.records:
+                    self._finished.append(self._active)
+                    self._active = self._open_segment()
+                finished, self._finished = self._finished, []
+            done = 0
+            for segment in finished:
+                done += self._compact_file(segment.path)
+                segment.path.unlink(missing_ok=True)
+                segment.close()
+            return done + self.recover()
+
+    def recover(self) -> int:
+        """Compact the segments of writers that died (their locks are free)."""
+        done = 0
+        own = {self._active.path.name}
+        for path in sorted(self.dir.glob(f"*{SUFFIX}")):
+            if path.name in own:
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # compacted meanwhile by its writer
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live writer owns it
+                if not path.exists():
+                    continue
+                n = self._compact_file(path)
+                path.unlink(missing_ok=True)
+                if n:
+                    log.info("journal: recovered %d records from %s", n, path.name)
+                done += n
+            finally:
+                os.close(fd)
+        return done
+
+    def _compact_file(self, path: Path) -> int:
+        records = read_segment(path)
+        groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for record in records:
+            groups[self._partition(record)].append(record)
+        for folder, rows in groups.items():
+            rel = f"{folder}/{path.stem}.parquet"
+            if not self.storage.exists(rel):  # already there: compacted before a crash
+                self.storage.write_parquet_atomic(rel, self._to_table(rows))
+        fsync_dir(str(self.dir))
+        return len(records)
+
+    def pending(self) -> list[dict[str, Any]]:
+        """Records of every segment not yet compacted, this writer's and others'."""
+        out = []
+        for path in sorted(self.dir.glob(f"*{SUFFIX}")):
+            try:
+                out.extend(read_segment(path))
+            except FileNotFoundError:
+                continue
+        return out
+
+    def close(self) -> None:
+        self.compact()
+        with self._lock:
+            self._active.path.unlink(missing_ok=True)
+            self._active.close()
+
+
+def pending_records(directory: str | Path) -> list[dict[str, Any]]:
+    """Records still in a journal folder, read by any process (they may also be in
+    Parquet already if a compaction is midway: callers dedupe by record id)."""
+    d = Path(directory)
+    out = []
+    for path in sorted(d.glob(f"*{SUFFIX}")) if d.exists() else []:
+        try:
+            out.extend(read_segment(path))
+        except FileNotFoundError:
+            continue
+    return out
+
+
+def records_to_table(records: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Journal records (timestamps as ISO text) as a table of ``schema``."""
+    columns = {}
+    for field in schema:
+        values = [r.get(field.name) for r in records]
+        if pa.types.is_timestamp(field.type):
+            values = [None if v is None else datetime.fromisoformat(v) for v in values]
+        columns[field.name] = pa.array(values, type=field.type)
+    return pa.table(columns, schema=schema)
+

@@ -1,0 +1,44 @@
+from datetime import UTC, datetime
+
+from cluster.feedback_stats import feedback_stats, superseded
+
+
+def _row(fid, label, *, pid=None, version=None, predicted=None, day=22, minute=0):
+    return {"feedback_id": fid, "prediction_id": pid, "version": version, "predicted_label": predicted,
+            "label": label, "created_at": datetime(2026, 11, day, 12, minute, tzinfo=UTC)}
+
+
+def test_latest_feedback_per_prediction_wins():
+    rows = [
+        _row("a", "positive", pid="p1", minute=1),
+        _row("b", "negative", pid="p1", minute=5),  # the user changed their mind
+        _row("c", "negative", pid="p1", minute=3),  # arrived late but older: loses too
+        _row("d", "positive", pid="p2"),
+        _row("e", "positive"),  # model + text: nothing to collide with
+        _row("f", "positive"),
+    ]
+    assert superseded(rows) == {"a", "c"}
+    assert superseded(list(reversed(rows))) == {"a", "c"}  # order of arrival does not matter
+
+
+def test_stats_count_labels_days_and_online_accuracy_per_version():
+    rows = [
+        _row("1", "positive", pid="p1", version="v1", predicted="positive", day=21),
+        _row("2", "negative", pid="p2", version="v1", predicted="positive", day=21),
+        _row("3", "negative", pid="p3", version="v2", predicted="negative"),
+        _row("4", "positive", pid="p3", version="v2", predicted="negative", minute=9),  # replaces 3
+        _row("5", "positive"),
+    ]
+    stats = feedback_stats("sentiment", rows)
+    assert stats["total"] == 4 and stats["superseded"] == 1
+    assert stats["by_label"] == {"negative": 1, "positive": 3}
+    assert stats["by_day"] == {"2026-11-21": 2, "2026-11-22": 2}
+    assert stats["by_version"] == {
+        "v1": {"feedback": 2, "agreed": 1, "online_accuracy": 0.5},
+        "v2": {"feedback": 1, "agreed": 0, "online_accuracy": 0.0},
+    }
+
+
+def test_no_feedback_gives_zeros_not_errors():
+    assert feedback_stats("m", []) == {"model": "m", "total": 0, "superseded": 0, "by_label": {},
+                                       "by_version": {}, "by_day": {}}
