@@ -128,7 +128,32 @@ def run_forever(cfg: TuneloopConfig) -> None:
     finally:
         remove_server_file(storage)
         if ray.is_initialized():
+            node_id = ray.get_runtime_context().get_node_id()
             try:
                 serve.shutdown()
             finally:
                 ray.shutdown()
+                stop_orphaned_haproxy(node_id)
+
+
+def stop_orphaned_haproxy(node_id: str) -> None:
+    """HAProxy runs detached from Ray's process tree. When Serve's controller misses its
+    30 s shutdown deadline (seen after training jobs ran beside the server), the HAProxy it
+    started keeps the port, and the next `tuneloop run` cannot start. Stop what is left of
+    this node's HAProxy (its config lives under a folder named after the node)."""
+    import psutil
+
+    marker = f"haproxy-serve/{node_id}/"
+    leftovers = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        try:
+            if "haproxy" in (proc.info["name"] or "") and marker in " ".join(proc.info["cmdline"] or ()):
+                proc.terminate()
+                leftovers.append(proc)
+        except psutil.Error:
+            continue
+    _, alive = psutil.wait_procs(leftovers, timeout=5)
+    for proc in alive:
+        proc.kill()
+    if leftovers:
+        log.info("stopped %d HAProxy process(es) that Serve's shutdown left behind", len(leftovers))

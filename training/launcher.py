@@ -7,6 +7,7 @@ dataset plus all feedback so far, so a new version keeps what earlier data taugh
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import traceback
 from dataclasses import dataclass
@@ -119,9 +120,14 @@ def _settle_feedback(feedback: FeedbackStore) -> None:
     whose writer died are recovered here."""
     from ray import serve
 
-    try:
+    async def ask_the_ingress() -> int:
+        # From inside an event loop: in Serve's throughput-optimized mode a handle's router
+        # runs on the caller's loop, and a blocking .result() outside one is refused.
         ingress = serve.get_deployment_handle(INGRESS_DEPLOYMENT, INGRESS_APP)
-        ingress.compact_feedback.remote().result(timeout_s=60)
+        return await asyncio.wait_for(ingress.compact_feedback.remote(), 60)
+
+    try:
+        asyncio.run(ask_the_ingress())
     except Exception as e:  # noqa: BLE001 - not serving (a CLI job), or the ingress is restarting
         log.info("no live feedback writer to compact (%s); recovering the journal here", type(e).__name__)
     feedback.open_writer()  # recovers dead writers' segments
