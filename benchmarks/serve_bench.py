@@ -302,7 +302,7 @@ def main() -> None:
     def one_text(t):
         return {"inputs": [t]}
 
-    def measure(set_name: str, load) -> tuple[LoadResult, float]:
+    def measure(load) -> tuple[LoadResult, float]:
         before = batch_stats(base)
         r = asyncio.run(load)
         after = batch_stats(base)
@@ -313,12 +313,12 @@ def main() -> None:
         wait_ready(base)
         for s in sets:
             for c in levels:
-                r, mean_batch = measure(s, _closed_loop(predict_url, one_text, text_sets[s], c, args.seconds, args.warmup))
+                r, mean_batch = measure(_closed_loop(predict_url, one_text, text_sets[s], c, args.seconds, args.warmup))
                 rows.append(("tuneloop", s, str(c), r, mean_batch))
                 print(f"tuneloop {s} c={c}: {r.throughput:.1f}/s", flush=True)
             peak = max(r.throughput for name, t, _, r, _ in rows if name == "tuneloop" and t == s)
             rate = peak / 2
-            r, mean_batch = measure(s, _open_loop(predict_url, one_text, text_sets[s], rate, args.seconds, args.warmup))
+            r, mean_batch = measure(_open_loop(predict_url, one_text, text_sets[s], rate, args.seconds, args.warmup))
             half_peak[s] = r
             rows.append(("tuneloop", s, f"open {rate:.0f}/s", r, mean_batch))
             print(f"tuneloop {s} open loop at {rate:.1f}/s: p99 {r.p99 * 1e3:.0f} ms", flush=True)

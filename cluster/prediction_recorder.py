@@ -5,7 +5,7 @@ answers at once; a background thread writes what gathered as one Parquet file ev
 ``flush_interval_s`` and drops date partitions older than ``retention_days``. A fraction
 ``sample_rate`` of predictions is kept (all by default). Feedback by prediction id may
 arrive before the row is written: the ingress waits out one flush interval for ids that
-young (a prediction id carries its time), see ``PredictionLog.lookup_recent``.
+young (a prediction id carries its time), see ``Ingress._served``.
 
 Rows buffered at the instant a replica is killed are lost; that costs feedback on those
 predictions their join (it answers 404), never an acknowledged feedback record.

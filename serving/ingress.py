@@ -26,6 +26,8 @@ from cluster.errors import (
     InvalidBody,
     InvalidLabel,
     MalformedJSON,
+    MethodNotAllowed,
+    NotFound,
     NotReady,
     TuneloopError,
     UnknownJob,
@@ -105,8 +107,10 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code)
+    typed = {404: NotFound, 405: MethodNotAllowed}.get(exc.status_code)
+    if typed is not None:
+        return _error_response(typed(str(exc.detail)))
+    return JSONResponse({"error": {"code": "http_error", "message": str(exc.detail)}}, status_code=exc.status_code)
 
 
 @app.middleware("http")

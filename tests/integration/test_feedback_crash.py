@@ -149,10 +149,8 @@ def test_acknowledged_feedback_survives_kill_9_exactly_once(tmp_path):
     server.start()
     journal = Path(cfg.storage.journal_path())
     deadline = time.monotonic() + 60
-    while any(journal.glob("*.wal")) and time.monotonic() < deadline:
-        # The running writer's own (empty) segment stays; wait for the rest to go.
-        if len(list(journal.glob("*.wal"))) == 1:
-            break
+    # The running writer's own (empty) segment stays; wait for the rest to go.
+    while len(list(journal.glob("*.wal"))) > 1 and time.monotonic() < deadline:
         time.sleep(0.5)
     server.stop()
 
