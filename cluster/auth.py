@@ -7,16 +7,23 @@ compared in constant time. Keys come from three places, all merged:
 - the config: ``auth.keys: [{id, role, sha256}]``;
 - the environment: ``TUNELOOP_API_KEYS="admin:tl_...,feedback:tl_..."``;
 - ``<storage>/auth/keys.json``, where ``tuneloop run`` keeps the admin key it creates on
-  first run (printed once, never again).
+  first run (the key itself goes to ``auth/admin-key.txt``, 0600, never to the logs) and
+  ``tuneloop keys create`` / ``keys revoke`` add and remove keys, under ``auth/keys.lock``.
 
 Roles are ranked: ``admin`` may do everything, ``feedback`` may also predict, ``predict``
 only predicts. A role listed in ``auth.open_roles`` needs no key (``predict`` by default).
+
+A key file that cannot be read or has the wrong shape raises KeyFileError, whose message
+names the file and the problem, never a secret: ``tuneloop run`` refuses to start on it,
+and a running server keeps its last good keys (see KeyRing).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
+import logging
 import os
 import re
 import secrets
@@ -26,15 +33,30 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from cluster.config import AuthConfig
-from cluster.errors import Forbidden, RateLimited, Unauthorized
+from cluster.config import AuthConfig, ConfigError
+from cluster.errors import Forbidden, KeyStoreUnavailable, RateLimited, Unauthorized
 from cluster.storage import Storage
+
+log = logging.getLogger("tuneloop")
 
 ROLES = ("predict", "feedback", "admin")
 KEYS_ENV = "TUNELOOP_API_KEYS"
 KEYS_FILE = "auth/keys.json"
+KEYS_LOCK = "auth/keys.lock"
+ADMIN_KEY_FILE = "auth/admin-key.txt"
 _KEY = re.compile(r"^tl_([0-9a-f]{8})_([0-9a-f]{32})$")
+_ID = re.compile(r"^[0-9a-f]{8}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _DUMMY_HASH = hashlib.sha256(b"no such key").hexdigest()
+
+
+class KeyFileError(ConfigError):
+    """The key file cannot be read or has the wrong shape; the message says which file and
+    what is wrong, never a secret."""
+
+
+class RevokeError(ValueError):
+    """A key that `tuneloop keys revoke` cannot remove from the key file; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -54,14 +76,26 @@ def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def _quote(value: Any) -> str:
+    """A bad value, as an error may show it: a short string or a number as it is; a longer
+    string, which could be a pasted key (its secret has 32 characters), by its length only."""
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool | int | float) or (isinstance(value, str) and len(value) <= 16):
+        return repr(value)
+    if isinstance(value, str):
+        return f"a string of {len(value)} characters"
+    return "a JSON object" if isinstance(value, dict) else "a JSON array"
+
+
 def keys_from_env(value: str | None) -> list[ApiKey]:
-    """``role:key,role:key`` -> keys; raises ValueError quoting a bad entry (never a secret)."""
+    """``role:key,role:key`` -> keys; raises ConfigError naming a bad entry (never a secret)."""
     out = []
     for n, entry in enumerate(filter(None, (e.strip() for e in (value or "").split(","))), 1):
         role, _, key = entry.partition(":")
         match = _KEY.match(key)
         if role not in ROLES or not match:
-            raise ValueError(f"{KEYS_ENV}: entry {n} must read <role>:tl_<8 hex>_<32 hex> with role in {ROLES}")
+            raise ConfigError(f"{KEYS_ENV}: entry {n} must read <role>:tl_<8 hex>_<32 hex> with role in {ROLES}")
         out.append(ApiKey(match.group(1), role, _hash(match.group(2))))
     return out
 
@@ -71,8 +105,53 @@ def stored_keys_doc(keys: Iterable[ApiKey]) -> dict[str, Any]:
     return {"keys": [{"id": k.id, "role": k.role, "sha256": k.sha256, "created_at": now} for k in keys]}
 
 
-def keys_from_doc(doc: dict[str, Any] | None) -> list[ApiKey]:
-    return [ApiKey(k["id"], k["role"], k["sha256"]) for k in (doc or {}).get("keys", [])]
+def keys_from_doc(doc: Any, source: str = KEYS_FILE) -> list[ApiKey]:
+    """The keys of a parsed key file (None: no file, no keys). Every entry is checked, so a
+    hand-edited file fails here, naming ``source`` and the entry, not in every request."""
+    if doc is None:
+        return []
+    if not isinstance(doc, dict):
+        raise KeyFileError(f'{source}: must be a JSON object {{"keys": [...]}}, not {_quote(doc)}')
+    if not isinstance(doc.get("keys"), list):
+        raise KeyFileError(f'{source}: "keys" must be a JSON array, not {_quote(doc.get("keys"))}')
+    out = []
+    for n, entry in enumerate(doc["keys"]):
+        where = f"{source}: keys[{n}]"
+        if not isinstance(entry, dict):
+            raise KeyFileError(f"{where} must be a JSON object {{id, role, sha256}}, not {_quote(entry)}")
+        key_id, role, sha256 = entry.get("id"), entry.get("role"), entry.get("sha256")
+        if not (isinstance(key_id, str) and _ID.match(key_id)):
+            raise KeyFileError(f"{where}: id must be 8 hex digits, not {_quote(key_id)}")
+        if not (isinstance(role, str) and role in ROLES):
+            raise KeyFileError(f"{where} (id {key_id}): role must be one of {list(ROLES)}, not {_quote(role)}")
+        if not (isinstance(sha256, str) and _SHA256.match(sha256)):
+            raise KeyFileError(f"{where} (id {key_id}): sha256 must be 64 hex digits, not {_quote(sha256)}")
+        out.append(ApiKey(key_id, role, sha256))
+    return out
+
+
+def read_key_file(storage: Storage) -> tuple[dict[str, Any], list[ApiKey]]:
+    """The key file's document (``{"keys": []}`` when there is none) and its keys. Raises
+    KeyFileError when it cannot be read or has the wrong shape."""
+    path = storage.path(KEYS_FILE)
+    try:
+        raw = storage.read_bytes(KEYS_FILE)
+    except OSError as e:
+        raise KeyFileError(f"cannot read the key file {path}: {e.strerror or e}") from None
+    if raw is None:
+        return {"keys": []}, []
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: say where, not what
+        raise KeyFileError(f"the key file {path} is not valid JSON ({e})") from None
+    return doc, keys_from_doc(doc, path)
+
+
+def without_key(doc: dict[str, Any], key_id: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A (checked) key file document without the entry of ``key_id``, and that entry (None
+    if it holds no such id). Pure: the caller reads and writes the file, under its lock."""
+    removed = next((k for k in doc["keys"] if k["id"] == key_id), None)
+    return {**doc, "keys": [k for k in doc["keys"] if k["id"] != key_id]}, removed
 
 
 @dataclass
@@ -122,40 +201,109 @@ class RateLimiter:
 
 class KeyRing:
     """Every key the config, the environment and the storage's key file hold, re-read at
-    most every ``refresh_s`` so that `tuneloop keys create` takes effect without a restart."""
+    most every ``refresh_s``, so that `tuneloop keys create` and `keys revoke` take effect
+    without a restart.
+
+    A key file that turns unreadable or corrupt (a bad hand edit, a changed permission, a
+    failed read from an object store) must not lock every client out: the last good key
+    set stays in use, the problem is logged once, and the file is tried again every
+    ``refresh_s``. Only while no good set was ever loaded does a request that needs a key
+    get KeyStoreUnavailable (503, retry later). A request without a key never reads the
+    keys (an open role passes, any other gets 401), so it is answered as usual."""
 
     def __init__(self, auth: AuthConfig, storage: Storage, refresh_s: float = 5.0,
                  clock: Callable[[], float] = time.monotonic):
         self.auth, self.storage, self.refresh_s, self.clock = auth, storage, refresh_s, clock
+        self._keyless = Authorizer([], frozenset(auth.open_roles))  # for requests without a key
         self._authorizer: Authorizer | None = None
-        self._loaded_at = 0.0
+        self._tried_at: float | None = None
+        self._problem: str | None = None  # what the last failed load said, logged once
 
     def keys(self) -> list[ApiKey]:
+        """All keys; raises ConfigError (KeyFileError for the file) if a source is bad."""
         keys = [ApiKey(k.id, k.role, k.sha256) for k in self.auth.keys]
         keys += keys_from_env(os.environ.get(KEYS_ENV))
-        return keys + keys_from_doc(self.storage.read_json(KEYS_FILE))
+        return keys + read_key_file(self.storage)[1]
 
     def check(self, authorization: str | None, role: str) -> str | None:
-        if role in self.auth.open_roles and not authorization:
-            return None  # nothing to read
+        if not authorization:
+            return self._keyless.check(authorization, role)  # None, or Unauthorized: nothing to read
+        return self._current().check(authorization, role)
+
+    def _current(self) -> Authorizer:
         now = self.clock()
-        if self._authorizer is None or now - self._loaded_at > self.refresh_s:
-            self._authorizer, self._loaded_at = Authorizer(self.keys(), frozenset(self.auth.open_roles)), now
-        return self._authorizer.check(authorization, role)
+        if self._tried_at is None or now - self._tried_at > self.refresh_s:
+            self._tried_at = now
+            try:
+                self._authorizer = Authorizer(self.keys(), frozenset(self.auth.open_roles))
+            except ConfigError as e:
+                if str(e) != self._problem:
+                    self._problem = str(e)
+                    log.error("API keys: %s; %s", e, "still using the keys loaded before" if self._authorizer
+                              else "requests that need a key get 503 until it is fixed")
+            else:
+                if self._problem is not None:
+                    log.info("API keys: the key sources are valid again")
+                self._problem = None
+        if self._authorizer is None:
+            raise KeyStoreUnavailable("API keys cannot be checked right now (the server cannot read its keys); "
+                                      "retry later")
+        return self._authorizer
 
 
-def add_stored_key(storage: Storage, role: str) -> str:
-    """Create a key with ``role``, store its hash in the key file, return the key."""
+def _add_key(storage: Storage, role: str) -> str:
+    """Under KEYS_LOCK. A key file that cannot be read is never rewritten: its keys would go."""
     key, record = new_key(role)
-    doc = storage.read_json(KEYS_FILE) or {"keys": []}
-    doc["keys"] += stored_keys_doc([record])["keys"]
+    doc, _ = read_key_file(storage)
+    doc["keys"] = [*doc["keys"], *stored_keys_doc([record])["keys"]]
     storage.write_json_atomic(KEYS_FILE, doc)
     return key
 
 
+def add_stored_key(storage: Storage, role: str) -> str:
+    """Create a key with ``role``, store its hash in the key file, return the key. Under the
+    key file's lock, so concurrent creates and revokes lose nothing."""
+    with storage.locked(KEYS_LOCK):
+        return _add_key(storage, role)
+
+
+def revoke_stored_key(auth: AuthConfig, storage: Storage, key_id: str) -> ApiKey:
+    """Remove key ``key_id`` from the key file and return it; a running server refuses it
+    from its KeyRing's next refresh (within 5 s). RevokeError, changing nothing, for an
+    unknown id, and for a key of the config or TUNELOOP_API_KEYS: those are not in the file,
+    and only editing them there (and restarting the server) removes them."""
+    if not (isinstance(key_id, str) and _ID.match(key_id)):
+        raise RevokeError(f"a key id is 8 hex digits (tl_<id>_…), not {_quote(key_id)}; "
+                          "`tuneloop keys list` shows the ids")
+    for where, keys in (("the config's auth.keys", auth.keys), (KEYS_ENV, keys_from_env(os.environ.get(KEYS_ENV)))):
+        if any(k.id == key_id for k in keys):
+            raise RevokeError(f"key {key_id} comes from {where}, not from the key file; "
+                              "remove it there and restart the server")
+    with storage.locked(KEYS_LOCK):
+        doc, _ = read_key_file(storage)
+        doc, removed = without_key(doc, key_id)
+        if removed is None:
+            raise RevokeError(f"no key with id {key_id!r} in {storage.path(KEYS_FILE)}; "
+                              "`tuneloop keys list` shows the ids")
+        storage.write_json_atomic(KEYS_FILE, doc)
+    return ApiKey(removed["id"], removed["role"], removed["sha256"])
+
+
 def ensure_admin_key(auth: AuthConfig, storage: Storage) -> str | None:
-    """On first run: create an admin key, store its hash, return the key (to print once).
-    None when an admin key exists already, or the config turns this off."""
-    if not auth.create_admin_key or any(k.role == "admin" for k in KeyRing(auth, storage).keys()):
+    """On first run: create an admin key, store its hash, return the key (for
+    save_admin_key). None when an admin key exists already, or the config turns this off."""
+    if not auth.create_admin_key:
         return None
-    return add_stored_key(storage, "admin")
+    with storage.locked(KEYS_LOCK):  # two first runs at once make one key, not two
+        if any(k.role == "admin" for k in KeyRing(auth, storage).keys()):
+            return None
+        return _add_key(storage, "admin")
+
+
+def save_admin_key(storage: Storage, key: str) -> str:
+    """Write the first admin key to ADMIN_KEY_FILE (0600 on a local root) and return where
+    it is, for the operator to read and then delete. Never printed: stdout ends up in
+    service logs, which others read and keep. On an object store the bucket's access
+    applies; whoever may write there could add a key hash to keys.json anyway."""
+    storage.write_bytes_atomic(ADMIN_KEY_FILE, f"{key}\n".encode())
+    return storage.path(ADMIN_KEY_FILE) if storage.is_local else f"{storage.uri.rstrip('/')}/{ADMIN_KEY_FILE}"

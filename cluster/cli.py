@@ -66,7 +66,8 @@ def train(
     finally:
         ray.shutdown()
     job = outcome.job
-    typer.echo(json.dumps(job.model_dump(include={"job_id", "model", "state", "version", "metrics", "error"}), indent=2))
+    typer.echo(json.dumps(job.model_dump(include={"job_id", "model", "state", "version", "promoted", "message",
+                                                  "metrics", "error"}), indent=2))
     if outcome.manifest is not None and outcome.manifest.gate is not None:
         typer.echo(f"gate: {outcome.manifest.gate.reason}")
     raise typer.Exit(0 if job.state in ("succeeded", "rejected") else 1)
@@ -89,7 +90,8 @@ def versions(model: str, config: str | None = ConfigOption) -> None:
 
 
 feedback_app = typer.Typer(no_args_is_help=True, help="What users said: statistics of the feedback.")
-keys_app = typer.Typer(no_args_is_help=True, help="API keys: create and list (secrets are shown once, stored hashed).")
+keys_app = typer.Typer(no_args_is_help=True,
+                       help="API keys: create, list and revoke (secrets are shown once, stored hashed).")
 app.add_typer(feedback_app, name="feedback")
 app.add_typer(keys_app, name="keys")
 
@@ -118,7 +120,12 @@ def keys_create(role: str = typer.Argument(..., help="predict, feedback or admin
         typer.echo(f"role must be one of {list(ROLES)}, not {role!r}", err=True)
         raise typer.Exit(2)
     cfg = _load(config)
-    typer.echo(add_stored_key(Storage(cfg.storage.root), role))
+    try:
+        key = add_stored_key(Storage(cfg.storage.root), role)
+    except ConfigError as e:  # a corrupt key file is reported, never overwritten
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+    typer.echo(key)
 
 
 @keys_app.command("list")
@@ -128,8 +135,30 @@ def keys_list(config: str | None = ConfigOption) -> None:
     from cluster.storage import Storage
 
     cfg = _load(config)
-    for key in KeyRing(cfg.auth, Storage(cfg.storage.root)).keys():
+    try:
+        keys = KeyRing(cfg.auth, Storage(cfg.storage.root)).keys()
+    except ConfigError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+    for key in keys:
         typer.echo(f"{key.id}  {key.role}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str = typer.Argument(..., help="the key's id, as `tuneloop keys list` shows it"),
+                config: str | None = ConfigOption) -> None:
+    """Remove a key from the key file; a running server refuses it within 5 s. Keys of the
+    config or $TUNELOOP_API_KEYS are removed there (and the server restarted)."""
+    from cluster.auth import RevokeError, revoke_stored_key
+    from cluster.storage import Storage
+
+    cfg = _load(config)
+    try:
+        key = revoke_stored_key(cfg.auth, Storage(cfg.storage.root), key_id)
+    except (RevokeError, ConfigError) as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"revoked key {key.id} (role {key.role}); a running server refuses it within 5 s")
 
 
 @app.command("check-config")

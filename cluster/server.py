@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -20,12 +19,12 @@ import httpx
 import ray
 from ray import serve
 
-from cluster.auth import KEYS_FILE, ensure_admin_key
-from cluster.config import TuneloopConfig
+from cluster.auth import KeyRing, ensure_admin_key, save_admin_key
+from cluster.config import ConfigError, TuneloopConfig
 from cluster.controller import CONTROLLER_NAME, CONTROLLER_NAMESPACE, RetrainController
 from cluster.registry import Registry
 from cluster.server_file import remove_server_file, write_server_file
-from cluster.storage import Storage
+from cluster.storage import Storage, private_temp_dir
 
 log = logging.getLogger("tuneloop")
 
@@ -81,7 +80,7 @@ def wait_ready(url: str, timeout_s: float = 300.0, alive: Callable[[], bool] | N
 
 
 def metrics_dir_for(cfg: TuneloopConfig) -> str:
-    path = os.path.join(tempfile.gettempdir(), f"tuneloop-metrics-{cfg.serving.port}")
+    path = os.path.join(private_temp_dir("tuneloop-metrics"), str(cfg.serving.port))
     shutil.rmtree(path, ignore_errors=True)  # counters restart with the server
     os.makedirs(path)
     return path
@@ -101,19 +100,22 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def run_forever(cfg: TuneloopConfig) -> None:
+    storage = Storage(cfg.storage.root)
+    try:
+        # First of all: a bad key file or $TUNELOOP_API_KEYS stops the start, rather than
+        # failing every request that needs a key once the server is up.
+        KeyRing(cfg.auth, storage).keys()
+    except ConfigError as e:
+        raise SystemExit(f"tuneloop: cannot start: {e}") from None
     check_port_free(cfg.serving.host, cfg.serving.port)
+    announce_admin_key(cfg, storage)
     metrics_dir = metrics_dir_for(cfg)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     started = time.monotonic()
     init_ray(cfg)
-    storage = Storage(cfg.storage.root)
     stop = threading.Event()
     try:
         write_server_file(storage, ray.get_runtime_context().gcs_address)
-        admin_key = ensure_admin_key(cfg.auth, storage)
-        if admin_key:
-            print(f"created an admin API key; it is shown this once (only its hash is kept, in "
-                  f"{storage.path(KEYS_FILE)}):\n\n    {admin_key}\n", flush=True)
         bootstrap_versions(cfg)
         # After bootstrap: Ray Train's fit() installs its own SIGINT handler while it runs.
         signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -136,14 +138,28 @@ def run_forever(cfg: TuneloopConfig) -> None:
                 stop_orphaned_haproxy(node_id)
 
 
+def announce_admin_key(cfg: TuneloopConfig, storage: Storage) -> None:
+    """On first run, create the admin key and say where it is. The key itself goes to a
+    file only its owner can read, never to stdout, which ends up in service logs."""
+    admin_key = ensure_admin_key(cfg.auth, storage)
+    if admin_key:
+        path = save_admin_key(storage, admin_key)
+        how = f"read it with `cat {path}`" if storage.is_local else "read it"
+        print(f"created an admin API key in {path} (not shown here: this output may end up in logs); "
+              f"{how}, keep it somewhere safe, then delete the file.", flush=True)
+
+
 def stop_orphaned_haproxy(node_id: str) -> None:
     """HAProxy runs detached from Ray's process tree. When Serve's controller misses its
     30 s shutdown deadline (seen after training jobs ran beside the server), the HAProxy it
     started keeps the port, and the next `tuneloop run` cannot start. Stop what is left of
-    this node's HAProxy (its config lives under a folder named after the node)."""
+    this node's HAProxy (its config lives under a folder named after the node, inside
+    tuneloop's private HAProxy folder)."""
     import psutil
 
-    marker = f"haproxy-serve/{node_id}/"
+    from serving.fast_path import haproxy_dir
+
+    marker = f"{haproxy_dir()}/{node_id}/"
     leftovers = []
     for proc in psutil.process_iter(["name", "cmdline"]):
         try:

@@ -3,21 +3,38 @@
 Every write that others may read is atomic: written under a hidden temporary name, then
 moved into place. On a local disk the file and its folder are fsynced, so a write that
 returned survives a crash of the process or the machine.
+
+On a local disk everything written here is private to the user running tuneloop: files
+0600, folders this class creates 0700 (the root too, when it creates it). The root holds
+predicted and corrected texts, model weights and the API key hashes, none of which other
+users of the machine should read. Folders that exist already keep their mode: a root the
+user made (a mount point, a folder shared with a group on purpose) is theirs to set, and
+the files in it are 0600 anyway; ``chmod -R go= <root>`` tightens a root written by an
+older tuneloop. On an object store the bucket's access policy applies instead.
 """
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
 import posixpath
+import threading
+import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+FILE_MODE, DIR_MODE = 0o600, 0o700  # on a local root: private to the user running tuneloop
+_process_locks: dict[str, threading.Lock] = {}  # Storage.locked on object stores
+_process_locks_guard = threading.Lock()
 
 
 class Storage:
@@ -75,11 +92,13 @@ class Storage:
         final = self.path(rel)
         parent = posixpath.dirname(final)
         tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}")
-        self.fs.create_dir(parent, recursive=True)
+        self._create_dir(parent)
         if self.is_local:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
             try:
-                os.write(fd, data)
+                view = memoryview(data)
+                while view:  # os.write may write less than asked (a large file, a full disk)
+                    view = view[os.write(fd, view):]
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -116,19 +135,94 @@ class Storage:
             self.fs.move(self.path(src_rel), dst)
 
     def upload_dir(self, local_dir: str, rel: str) -> None:
-        self.fs.create_dir(self.path(rel), recursive=True)
+        self._create_dir(self.path(rel))
         pafs.copy_files(local_dir, self.path(rel), destination_filesystem=self.fs)
         if self.is_local:
-            for dirpath, _, files in os.walk(self.path(rel)):
-                for name in files:
-                    _fsync_file(os.path.join(dirpath, name))
-                fsync_dir(dirpath)
+            # copy_files creates with the umask's modes; the 0700 folder made above hides
+            # the copies until they are made private here.
+            _make_tree_private(self.path(rel), fsync=True)
 
     def download_dir(self, rel: str, local_dir: str) -> None:
+        """Copy a folder to the local disk, as private as it is in a local root."""
+        make_private_dirs(local_dir)
         pafs.copy_files(self.path(rel), local_dir, source_filesystem=self.fs)
+        _make_tree_private(local_dir, fsync=False)
 
     def delete_dir(self, rel: str) -> None:
         self.fs.delete_dir(self.path(rel))
+
+    def _create_dir(self, path: str) -> None:
+        if self.is_local:
+            make_private_dirs(path)
+        else:
+            self.fs.create_dir(path, recursive=True)
+
+    # -- locking -------------------------------------------------------------------------
+    @contextmanager
+    def locked(self, rel: str) -> Iterator[None]:
+        """Hold an exclusive lock named ``rel`` (e.g. ``auth/keys.lock``) for the block: for
+        read-modify-write of a small file (the key file, a model's registry state) by
+        several processes, which would otherwise lose each other's updates.
+
+        On a local root: ``flock(LOCK_EX)`` on that file (created 0600 and kept: deleting
+        a lock file others may be waiting on would let two holders in). It excludes other
+        processes and other threads alike, and the kernel releases it when the holder
+        dies, however it dies. Not re-entrant: do not nest the same lock.
+
+        On an object store (s3://, gs://) pyarrow offers no lock, so this is only a lock
+        within this process. Known limit: two hosts, or two processes, updating the same
+        file there can still lose an update; run the writers of such a file in one process
+        (or keep the storage local) if that matters."""
+        path = self.path(rel)
+        if not self.is_local:
+            with _process_lock(f"{self.fs.type_name}:{path}"):
+                yield
+            return
+        make_private_dirs(posixpath.dirname(path))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+
+def _process_lock(name: str) -> threading.Lock:
+    with _process_locks_guard:
+        return _process_locks.setdefault(name, threading.Lock())
+
+
+def make_private_dirs(path: str) -> None:
+    """``mkdir -p`` whose new folders are 0700 (and durable); existing ones keep their mode.
+    For folders beside the storage layer too (the journal): ``Path.mkdir(parents=True,
+    mode=0o700)`` gives only the last folder that mode, its parents the umask's."""
+    path, missing = os.path.abspath(path), []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder, DIR_MODE)
+        except FileExistsError:
+            continue  # made meanwhile by another writer (of ours: 0700 too)
+        os.chmod(folder, DIR_MODE)  # exactly 0700, whatever the umask
+        fsync_dir(os.path.dirname(folder))
+
+
+def _make_tree_private(top: str, fsync: bool) -> None:
+    for dirpath, dirnames, files in os.walk(top):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), DIR_MODE)
+        for name in files:
+            path = os.path.join(dirpath, name)
+            os.chmod(path, FILE_MODE)
+            if fsync:
+                _fsync_file(path)
+        if fsync:
+            fsync_dir(dirpath)
 
 
 def _fsync_file(path: str) -> None:
@@ -145,3 +239,15 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def private_temp_dir(name: str) -> str:
+    """``<tmp>/<name>-<uid>``, made 0700: for caches and sockets that must not sit at a
+    path another user of the machine could create first (and fill) or read. Refuses a
+    folder of that name that another user owns."""
+    path = os.path.join(tempfile.gettempdir(), f"{name}-{os.getuid()}")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if os.stat(path).st_uid != os.getuid():
+        raise PermissionError(f"{path} belongs to another user; refusing to use it")
+    os.chmod(path, 0o700)
+    return path

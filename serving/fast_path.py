@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import socket
 
+from cluster.storage import private_temp_dir
+
 FAST_PATH_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
@@ -25,6 +27,18 @@ FAST_PATH_ENV = {
 # HAProxy's own metrics and stats listeners, on fixed ports by default (9101, 8404).
 HAPROXY_PORT_VARS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
 
+# Ray's HAProxy keeps its config, state and an admin socket (``stats socket ... mode 666
+# level admin``: anyone who can reach it can reconfigure the proxy) under the world-readable
+# /tmp/haproxy-serve. tuneloop moves them into a folder only its own user can enter; Serve
+# adds a folder per node below it. HAPROXY_DIR_ENV names that folder.
+HAPROXY_DIR_ENV = "TUNELOOP_HAPROXY_DIR"
+_HAPROXY_FILE_VARS = {
+    "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
+    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+}
+
 
 def enable_fast_path(private_haproxy_ports: bool = False) -> None:
     """``private_haproxy_ports`` moves HAProxy's side listeners to free ports, so a second
@@ -34,6 +48,17 @@ def enable_fast_path(private_haproxy_ports: bool = False) -> None:
     if private_haproxy_ports:
         for var in HAPROXY_PORT_VARS:
             os.environ.setdefault(var, str(free_port()))
+    base = haproxy_dir()
+    os.environ.setdefault("RAY_SERVE_HAPROXY_SERVER_STATE_BASE", base)
+    for var, name in _HAPROXY_FILE_VARS.items():
+        os.environ.setdefault(var, os.path.join(base, name))
+
+
+def haproxy_dir() -> str:
+    """A folder for HAProxy's files that only this user may enter (made 0700)."""
+    path = os.environ.get(HAPROXY_DIR_ENV) or private_temp_dir("tuneloop-haproxy")
+    os.environ[HAPROXY_DIR_ENV] = path  # Ray's processes inherit it, and find the same folder
+    return path
 
 
 def free_port() -> int:

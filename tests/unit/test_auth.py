@@ -1,9 +1,33 @@
 """Keys, roles and the feedback rate limit, as pure functions."""
 
+import json
+import logging
+import multiprocessing
+import os
+
 import pytest
 
-from cluster.auth import Authorizer, RateLimiter, keys_from_doc, keys_from_env, new_key, stored_keys_doc
-from cluster.errors import Forbidden, RateLimited, Unauthorized
+from cluster.auth import (
+    KEYS_ENV,
+    Authorizer,
+    KeyFileError,
+    KeyRing,
+    RateLimiter,
+    RevokeError,
+    add_stored_key,
+    ensure_admin_key,
+    keys_from_doc,
+    keys_from_env,
+    new_key,
+    read_key_file,
+    revoke_stored_key,
+    save_admin_key,
+    stored_keys_doc,
+    without_key,
+)
+from cluster.config import ApiKeyConfig, AuthConfig
+from cluster.errors import Forbidden, KeyStoreUnavailable, RateLimited, TuneloopError, Unauthorized
+from cluster.storage import Storage
 
 
 def test_keys_are_stored_hashed_and_checked_by_role():
@@ -73,14 +97,11 @@ def test_rate_limit_is_a_token_bucket_per_key():
 
 
 def test_first_run_creates_one_admin_key_stored_hashed(tmp_path, monkeypatch):
-    from cluster.auth import KEYS_ENV, KeyRing, ensure_admin_key
-    from cluster.config import AuthConfig
-    from cluster.storage import Storage
-
     monkeypatch.delenv(KEYS_ENV, raising=False)
     storage, auth = Storage(str(tmp_path)), AuthConfig()
     key = ensure_admin_key(auth, storage)
     assert key is not None and key not in (tmp_path / "auth/keys.json").read_text()
+    assert os.stat(tmp_path / "auth/keys.json").st_mode & 0o777 == 0o600
     assert ensure_admin_key(auth, storage) is None  # never a second one, never printed again
     ring = KeyRing(auth, storage, refresh_s=0)
     assert ring.check(f"Bearer {key}", "admin") == key.split("_")[1]
@@ -88,3 +109,185 @@ def test_first_run_creates_one_admin_key_stored_hashed(tmp_path, monkeypatch):
     monkeypatch.setenv(KEYS_ENV, f"feedback:{env_key}")
     assert ring.check(f"Bearer {env_key}", "feedback")  # picked up without a restart
     assert ensure_admin_key(AuthConfig(create_admin_key=False), Storage(str(tmp_path / "other"))) is None
+
+
+@pytest.fixture
+def storage(tmp_path, monkeypatch):
+    monkeypatch.delenv(KEYS_ENV, raising=False)
+    return Storage(str(tmp_path))
+
+
+def test_without_key_drops_only_that_entry_and_keeps_the_rest_of_the_document():
+    doc = {"keys": [{"id": "aaaaaaaa", "role": "admin", "sha256": "0" * 64, "created_at": "t1"},
+                    {"id": "bbbbbbbb", "role": "feedback", "sha256": "1" * 64, "created_at": "t2"}], "note": "x"}
+    kept, removed = without_key(doc, "aaaaaaaa")
+    assert removed == doc["keys"][0]
+    assert kept == {"keys": [doc["keys"][1]], "note": "x"} and len(doc["keys"]) == 2  # input untouched
+    assert without_key(doc, "cccccccc") == (doc, None)
+
+
+def test_a_revoked_key_is_refused_from_the_next_refresh(storage):
+    now = [0.0]
+    kept, revoked = add_stored_key(storage, "feedback"), add_stored_key(storage, "admin")
+    ring = KeyRing(AuthConfig(), storage, refresh_s=5.0, clock=lambda: now[0])
+    revoked_id = revoked.split("_")[1]
+    assert ring.check(f"Bearer {revoked}", "admin") == revoked_id
+    assert revoke_stored_key(AuthConfig(), storage, revoked_id).role == "admin"
+    assert revoked_id not in (storage.read_bytes("auth/keys.json") or b"").decode()
+    now[0] = 4.0
+    assert ring.check(f"Bearer {revoked}", "admin") == revoked_id  # the cached set, for at most 5 s
+    now[0] = 5.1
+    with pytest.raises(Unauthorized):
+        ring.check(f"Bearer {revoked}", "admin")
+    assert ring.check(f"Bearer {kept}", "feedback") == kept.split("_")[1]
+
+
+def test_revoke_refuses_unknown_ids_and_keys_that_live_elsewhere(storage, monkeypatch):
+    add_stored_key(storage, "admin")
+    before = storage.read_bytes("auth/keys.json")
+    with pytest.raises(RevokeError, match="no key with id 'cccccccc'.*keys list"):
+        revoke_stored_key(AuthConfig(), storage, "cccccccc")
+    config_key = ApiKeyConfig(id="dddddddd", role="admin", sha256="0" * 64)
+    with pytest.raises(RevokeError, match="dddddddd comes from the config's auth.keys"):
+        revoke_stored_key(AuthConfig(keys=[config_key]), storage, "dddddddd")
+    env_key, env_rec = new_key("feedback")
+    monkeypatch.setenv(KEYS_ENV, f"feedback:{env_key}")
+    with pytest.raises(RevokeError, match=f"{env_rec.id} comes from {KEYS_ENV}"):
+        revoke_stored_key(AuthConfig(), storage, env_rec.id)
+    pasted, _ = new_key("admin")  # the whole key where its id belongs: never echoed
+    with pytest.raises(RevokeError) as info:
+        revoke_stored_key(AuthConfig(), storage, pasted)
+    assert pasted.split("_")[2] not in str(info.value) and "8 hex digits" in str(info.value)
+    assert storage.read_bytes("auth/keys.json") == before  # nothing changed
+
+
+def _create_keys(root: str, n: int, start, out) -> None:
+    os.environ.pop(KEYS_ENV, None)
+    storage = Storage(root)
+    start.wait()
+    out.put([add_stored_key(storage, "feedback").split("_")[1] for _ in range(n)])
+
+
+def test_concurrent_key_creation_from_several_processes_loses_no_key(storage):
+    ctx = multiprocessing.get_context("spawn")
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_create_keys, args=(storage.root, 10, start, out)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    start.set()
+    created = [key_id for _ in procs for key_id in out.get(timeout=60)]
+    for p in procs:
+        p.join(30)
+    assert [p.exitcode for p in procs] == [0] * 4
+    assert sorted(k.id for k in read_key_file(storage)[1]) == sorted(created) and len(created) == 40
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    (b"{not json", "is not valid JSON"),
+    (b"\xff\xfe", "is not valid JSON"),
+    (b"[]", 'must be a JSON object {"keys": [...]}, not a JSON array'),
+    (b'{"keys": {}}', '"keys" must be a JSON array, not a JSON object'),
+    (b'{"keys": ["x"]}', "keys[0] must be a JSON object"),
+    (b'{"keys": [{"role": "admin", "sha256": "%s"}]}' % (b"0" * 64), "keys[0]: id must be 8 hex digits, not nothing"),
+    (b'{"keys": [{"id": "aaaaaaaa", "role": "owner", "sha256": "%s"}]}' % (b"0" * 64),
+     "keys[0] (id aaaaaaaa): role must be one of ['predict', 'feedback', 'admin'], not 'owner'"),
+    (b'{"keys": [{"id": "aaaaaaaa", "role": "admin", "sha256": "abc"}]}', "sha256 must be 64 hex digits, not 'abc'"),
+])
+def test_a_bad_key_file_names_the_file_and_the_problem(storage, content, problem):
+    os.makedirs(storage.path("auth"))
+    with open(storage.path("auth/keys.json"), "wb") as f:
+        f.write(content)
+    with pytest.raises(KeyFileError) as info:
+        KeyRing(AuthConfig(), storage).keys()
+    assert storage.path("auth/keys.json") in str(info.value) and problem in str(info.value)
+    with pytest.raises(KeyFileError):  # a file it cannot read is never overwritten
+        add_stored_key(storage, "admin")
+    with open(storage.path("auth/keys.json"), "rb") as f:
+        assert f.read() == content
+
+
+def test_a_key_pasted_into_the_key_file_is_not_echoed(storage):
+    key, rec = new_key("admin")
+    storage.write_json_atomic("auth/keys.json", {"keys": [{"id": key, "role": "admin", "sha256": rec.sha256}]})
+    with pytest.raises(KeyFileError) as info:
+        read_key_file(storage)
+    assert key.split("_")[2] not in str(info.value) and "a string of 44 characters" in str(info.value)
+
+
+def test_a_key_file_turning_corrupt_keeps_the_last_good_keys_and_logs_once(storage, caplog):
+    now = [0.0]
+    key = add_stored_key(storage, "feedback")
+    ring = KeyRing(AuthConfig(), storage, refresh_s=5.0, clock=lambda: now[0])
+    assert ring.check(f"Bearer {key}", "feedback")
+    good = storage.read_bytes("auth/keys.json")
+    storage.write_bytes_atomic("auth/keys.json", b'{"keys": [')
+    with caplog.at_level(logging.ERROR, logger="tuneloop"):
+        for t in (6.0, 12.0, 18.0):
+            now[0] = t
+            assert ring.check(f"Bearer {key}", "feedback") == key.split("_")[1]
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "not valid JSON" in errors[0].getMessage()
+    assert "still using the keys loaded before" in errors[0].getMessage()
+    storage.write_bytes_atomic("auth/keys.json", good)
+    revoke_stored_key(AuthConfig(), storage, key.split("_")[1])
+    now[0] = 24.0
+    with pytest.raises(Unauthorized):  # valid again: read again
+        ring.check(f"Bearer {key}", "feedback")
+
+
+def test_without_any_good_key_set_keyed_requests_get_503_and_open_ones_still_work(storage):
+    now = [0.0]
+    storage.write_bytes_atomic("auth/keys.json", b"{broken")
+    ring = KeyRing(AuthConfig(), storage, refresh_s=5.0, clock=lambda: now[0])
+    assert ring.check(None, "predict") is None  # without a key nothing is read: as usual
+    with pytest.raises(Unauthorized):
+        ring.check(None, "feedback")
+    key, _ = new_key("feedback")
+    for role in ("feedback", "predict"):  # a key given is checked, also for an open role
+        with pytest.raises(KeyStoreUnavailable) as info:
+            ring.check(f"Bearer {key}", role)
+        e = info.value
+        assert isinstance(e, TuneloopError) and e.status == 503 and e.code == "auth_unavailable"
+        assert e.headers == {"Retry-After": "5"} and "keys.json" not in e.message  # no server paths to clients
+    storage.write_json_atomic("auth/keys.json", {"keys": []})  # repaired
+    good = add_stored_key(storage, "feedback")
+    now[0] = 5.1
+    assert ring.check(f"Bearer {good}", "feedback") == good.split("_")[1]
+
+
+def test_the_first_admin_key_goes_to_a_private_file(storage):
+    key = add_stored_key(storage, "admin")
+    path = save_admin_key(storage, key)
+    assert path == storage.path("auth/admin-key.txt")
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    with open(path) as f:
+        assert f.read() == f"{key}\n"
+    assert json.loads(storage.read_bytes("auth/keys.json"))["keys"][0]["id"] == key.split("_")[1]
+
+
+def test_run_stops_before_anything_starts_on_a_bad_key_file(storage):
+    from cluster.config import parse_config
+    from cluster.server import run_forever
+
+    storage.write_bytes_atomic("auth/keys.json", b'{"keys": [{"id": "nothex!!"}]}')
+    cfg = parse_config({"models": [{"name": "m", "base_model": "some/model", "labels": ["a", "b"]}],
+                        "storage": {"root": storage.root}})
+    with pytest.raises(SystemExit) as info:  # Ray is never started (conftest would fail the test)
+        run_forever(cfg)
+    assert str(info.value).startswith("tuneloop: cannot start: ") and "keys[0]: id must be 8 hex digits" in str(info.value)
+
+
+def test_run_prints_where_the_first_admin_key_is_never_the_key(storage, capsys):
+    from cluster.config import parse_config
+    from cluster.server import announce_admin_key
+
+    cfg = parse_config({"models": [{"name": "m", "base_model": "some/model", "labels": ["a", "b"]}],
+                        "storage": {"root": storage.root}})
+    announce_admin_key(cfg, storage)
+    with open(storage.path("auth/admin-key.txt")) as f:
+        key = f.read().strip()
+    out = capsys.readouterr().out
+    assert key.startswith("tl_") and key not in out and key.split("_")[2] not in out
+    assert f"cat {storage.path('auth/admin-key.txt')}" in out
+    announce_admin_key(cfg, storage)  # an admin key exists: nothing more
+    assert capsys.readouterr().out == ""

@@ -1,0 +1,126 @@
+"""Storage: private file modes on a local root, and the lock for read-modify-write."""
+
+import multiprocessing
+import os
+import stat
+import threading
+import time
+
+import pyarrow as pa
+import pytest
+
+from cluster.storage import Storage
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_writes_are_private_and_a_root_storage_creates_is_0700(tmp_path):
+    root = tmp_path / "new-root"
+    storage = Storage(str(root))
+    storage.write_json_atomic("auth/keys.json", {"keys": []})
+    storage.write_parquet_atomic("feedback/m/date=2024-01-01/x.parquet", pa.table({"a": [1]}))
+    assert _mode(root) == 0o700
+    for folder in ("auth", "feedback", "feedback/m", "feedback/m/date=2024-01-01"):
+        assert _mode(root / folder) == 0o700, folder
+    assert _mode(root / "auth/keys.json") == 0o600
+    assert _mode(root / "feedback/m/date=2024-01-01/x.parquet") == 0o600
+    assert storage.read_json("auth/keys.json") == {"keys": []}
+
+
+def test_a_root_the_user_made_keeps_its_mode_and_old_files_are_tightened_on_rewrite(tmp_path):
+    tmp_path.chmod(0o755)
+    (tmp_path / "state.json").write_text("{}")
+    (tmp_path / "state.json").chmod(0o644)
+    storage = Storage(str(tmp_path))
+    storage.write_json_atomic("state.json", {"v": 1})
+    storage.write_bytes_atomic("sub/file.bin", b"x" * 100_000)
+    assert _mode(tmp_path) == 0o755  # the user's choice; what is in it is private anyway
+    assert _mode(tmp_path / "state.json") == 0o600
+    assert _mode(tmp_path / "sub") == 0o700 and _mode(tmp_path / "sub/file.bin") == 0o600
+    assert (tmp_path / "sub/file.bin").read_bytes() == b"x" * 100_000
+
+
+def test_uploaded_and_downloaded_folders_are_private(tmp_path):
+    src = tmp_path / "src"
+    (src / "nested").mkdir(parents=True)
+    (src / "config.json").write_text("{}")
+    (src / "nested/weights.bin").write_bytes(b"w")
+    for p in (src, src / "nested"):
+        p.chmod(0o755)
+    for p in (src / "config.json", src / "nested/weights.bin"):
+        p.chmod(0o644)
+    storage = Storage(str(tmp_path / "root"))
+    storage.upload_dir(str(src), "registry/m/.staging")
+    copy = tmp_path / "root/registry/m/.staging"
+    assert [_mode(copy / p) for p in (".", "nested", "config.json", "nested/weights.bin")] == [0o700, 0o700, 0o600, 0o600]
+    storage.download_dir("registry/m/.staging", str(tmp_path / "cache/m/v1"))
+    back = tmp_path / "cache/m/v1"
+    assert [_mode(back / p) for p in (".", "nested", "config.json", "nested/weights.bin")] == [0o700, 0o700, 0o600, 0o600]
+    assert (back / "nested/weights.bin").read_bytes() == b"w"
+
+
+def test_locked_makes_a_private_lock_file_and_releases_it_on_error(tmp_path):
+    storage = Storage(str(tmp_path / "root"))
+    with pytest.raises(RuntimeError), storage.locked("auth/keys.lock"):
+        raise RuntimeError("boom")
+    assert _mode(tmp_path / "root/auth") == 0o700
+    assert _mode(tmp_path / "root/auth/keys.lock") == 0o600
+    done = threading.Event()
+
+    def again():
+        with storage.locked("auth/keys.lock"):
+            done.set()
+
+    t = threading.Thread(target=again)
+    t.start()
+    t.join(5)
+    assert done.is_set()  # the lock was released by the exception
+
+
+def _slow_increment(root: str, times: int, start) -> None:
+    """A read-modify-write that loses updates unless it runs under the lock."""
+    storage = Storage(root)
+    start.wait()
+    for _ in range(times):
+        with storage.locked("counter.lock"):
+            n = storage.read_json("counter.json")["n"]
+            time.sleep(0.002)
+            storage.write_json_atomic("counter.json", {"n": n + 1})
+
+
+def test_locked_excludes_other_processes(tmp_path):
+    storage = Storage(str(tmp_path))
+    storage.write_json_atomic("counter.json", {"n": 0})
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Event()
+    procs = [ctx.Process(target=_slow_increment, args=(str(tmp_path), 15, start)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    start.set()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * 4
+    assert storage.read_json("counter.json") == {"n": 60}
+
+
+def test_locked_on_an_object_store_is_a_lock_within_the_process():
+    storage = Storage("mock:///bucket/root")
+    assert not storage.is_local
+    storage.write_json_atomic("counter.json", {"n": 0})
+
+    def work():
+        for _ in range(20):
+            with storage.locked("counter.lock"):
+                n = storage.read_json("counter.json")["n"]
+                time.sleep(0.0005)
+                storage.write_json_atomic("counter.json", {"n": n + 1})
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert storage.read_json("counter.json") == {"n": 80}
+    assert not storage.exists("counter.lock")  # nothing written for it
