@@ -2,12 +2,15 @@
 
 It is the edge where cluster/ meets Ray: the decision itself is the pure
 ``should_retrain``; each job runs as a Ray task so the actor stays responsive and a
-crashing job cannot take it down.
+crashing job cannot take it down. It also sweeps the job records for dead jobs
+(``JobStore.fail_stale``), so a job whose process died is marked failed within a minute.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import ray
 
@@ -22,9 +25,12 @@ log = logging.getLogger(__name__)
 CONTROLLER_NAME = "tuneloop-retrain-controller"
 # Named actors live in a namespace; Serve replicas run in Serve's, drivers in their own.
 CONTROLLER_NAMESPACE = "tuneloop"
+SWEEP_EVERY_S = 10.0  # how often dead jobs are looked for, besides on every call
 
 
-@ray.remote(num_cpus=0)
+# max_retries=0: a job whose process died is over (its record says so); a retry would train
+# again under the same job id on a newer snapshot. The next trigger starts a fresh job.
+@ray.remote(num_cpus=0, max_retries=0)
 def _train_job(config: dict, model: str, trigger: str, job: JobRecord) -> str:
     from training.launcher import run_training  # imported in the task, not by the actor
 
@@ -33,14 +39,22 @@ def _train_job(config: dict, model: str, trigger: str, job: JobRecord) -> str:
 
 @ray.remote(num_cpus=0, max_concurrency=4)
 class RetrainController:
+    """One job per model: ``running`` maps a model to its live job, whoever started it (this
+    controller, a predecessor that died, or `tuneloop train`), rebuilt from the job records
+    at start. Methods run on up to 4 threads, plus the sweeper's: ``_lock`` guards the maps.
+    The job's own lease (cluster/jobs.py) is the last word; this keeps the API honest (409)."""
+
     def __init__(self, config: dict):
         self.config = config
         self.cfg = TuneloopConfig.model_validate(config)
         storage = Storage(self.cfg.storage.root)
         self.jobs = JobStore(storage)
-        self.running: dict[str, ray.ObjectRef] = {}
+        self._lock = threading.Lock()
+        self.running: dict[str, str] = {j.model: j.job_id for j in self.jobs.all() if j.state == "running"}
+        self.tasks: dict[str, ray.ObjectRef] = {}  # model -> the job task this controller started
         journal = self.cfg.storage.journal_path()
         self.pending = {m.name: self._untrained_feedback(storage, journal, m.name) for m in self.cfg.models}
+        threading.Thread(target=self._sweep_forever, name="job-sweeper", daemon=True).start()
 
     @staticmethod
     def _untrained_feedback(storage: Storage, journal_dir: str, model: str) -> int:
@@ -52,35 +66,68 @@ class RetrainController:
             used = set(registry.manifest(model, production).data.get("feedback", {}).get("files", []))
         return feedback.count_rows([f for f in feedback.files(model) if f not in used])
 
+    def _sweep_forever(self) -> None:
+        """Marks dead jobs failed within SWEEP_EVERY_S of going stale, even when no request
+        comes: jobs of any model, including `tuneloop train` jobs this controller never saw."""
+        while True:
+            time.sleep(SWEEP_EVERY_S)
+            try:
+                self.jobs.fail_stale()
+                with self._lock:
+                    self._reap()
+            except Exception:  # noqa: BLE001 - storage hiccup: try again next round
+                log.exception("sweeping job records failed")
+
     def _reap(self) -> None:
-        for model, ref in list(self.running.items()):
+        """Forget finished tasks and jobs; called with ``_lock`` held."""
+        for model, ref in list(self.tasks.items()):
             ready, _ = ray.wait([ref], timeout=0)
             if ready:
-                del self.running[model]
+                del self.tasks[model]
                 try:
                     log.info("retrain of %s ended: %s", model, ray.get(ref))
-                except Exception:  # noqa: BLE001 - the job record holds the failure
+                except Exception as e:  # noqa: BLE001 - run_training never raises: its process died
                     log.exception("retrain task of %s crashed", model)
+                    job_id = self.running.get(model)
+                    job = self.jobs.get(job_id) if job_id else None
+                    if job is not None:
+                        self.jobs.fail_running(job, f"lost: the job's process died ({type(e).__name__})")
+        for model, job_id in list(self.running.items()):
+            if model not in self.tasks:
+                job = self.jobs.get(job_id)  # marks it failed if its heartbeat stopped
+                if job is None or job.state != "running":
+                    del self.running[model]
 
     def record_feedback(self, model: str, count: int = 1) -> str | None:
-        self._reap()
-        self.pending[model] = self.pending.get(model, 0) + count
-        if should_retrain(self.pending[model], self.cfg.trigger.every_n_feedback, model in self.running):
-            return self._start(model, "feedback")
-        return None
+        with self._lock:
+            self._reap()
+            self.pending[model] = self.pending.get(model, 0) + count
+            if should_retrain(self.pending[model], self.cfg.trigger.every_n_feedback, model in self.running):
+                return self._start(model, "feedback")
+            return None
 
     def start(self, model: str, trigger: str = "manual") -> str | None:
         """Start a job now; None if one is already running for this model."""
-        self._reap()
-        return None if model in self.running else self._start(model, trigger)
+        with self._lock:
+            self._reap()
+            return self._start(model, trigger)
 
-    def _start(self, model: str, trigger: str) -> str:
+    def _start(self, model: str, trigger: str) -> str | None:
+        if model in self.running:
+            return None
+        other = self.jobs.running(model)  # e.g. a `tuneloop train` beside the server
+        if other is not None:
+            self.running[model] = other.job_id
+            log.info("not starting a %s job for %s: job %s is running", trigger, model, other.job_id)
+            return None
         job = self.jobs.create(model, trigger)
         self.pending[model] = 0  # records arriving from now on count towards the next job
-        self.running[model] = _train_job.remote(self.config, model, trigger, job)
+        self.tasks[model] = _train_job.remote(self.config, model, trigger, job)
+        self.running[model] = job.job_id
         log.info("started retrain job %s for %s (%s)", job.job_id, model, trigger)
         return job.job_id
 
     def status(self) -> dict:
-        self._reap()
-        return {"pending": dict(self.pending), "running": sorted(self.running)}
+        with self._lock:
+            self._reap()
+            return {"pending": dict(self.pending), "running": sorted(self.running)}

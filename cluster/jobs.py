@@ -1,16 +1,50 @@
-"""Training job records: one JSON file per job under <storage>/jobs/, written atomically."""
+"""Training job records: one JSON file per job under <storage>/jobs/, written atomically.
+
+A job's process proves it is alive by refreshing ``heartbeat_at`` (``Heartbeat``). A
+process that dies cannot mark its own record failed, so readers do it: a ``running`` record
+whose heartbeat is older than ``STALE_AFTER_S`` is marked failed ("lost") by
+``JobStore.fail_stale``, which the retrain controller runs periodically, and by
+``JobStore.get``/``all`` when they meet one, so no dead job shows as running forever.
+
+One job per model runs at a time: the job's process holds the model's lease (``take_lease``)
+for its whole run, whoever started it (the controller or `tuneloop train`).
+"""
 
 from __future__ import annotations
 
+import fcntl
+import logging
+import os
+import socket
+import threading
 import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from cluster.registry import now_iso
+from cluster.errors import Conflict
+from cluster.registry import Registry
 from cluster.storage import Storage
 
+log = logging.getLogger(__name__)
+
 JobState = Literal["running", "succeeded", "rejected", "failed"]
+
+STALE_AFTER_S = 60.0
+"""A running job whose heartbeat is older than this is taken for dead."""
+HEARTBEAT_EVERY_S = 10.0
+"""How often a job's process refreshes its heartbeat: several beats fit in STALE_AFTER_S,
+so a slow write or two does not get a live job declared lost."""
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _iso(t: datetime) -> str:
+    return t.isoformat(timespec="milliseconds")
 
 
 class JobRecord(BaseModel):
@@ -21,32 +55,234 @@ class JobRecord(BaseModel):
     version: str | None = None
     metrics: dict[str, Any] | None = None
     error: str | None = None
+    # Whether the job's version became production: False for a rejected version and for a
+    # candidate left waiting because production moved while the job ran (see ``message``).
+    promoted: bool | None = None
+    message: str | None = None
     created_at: str
     finished_at: str | None = None
+    heartbeat_at: str | None = None
+    # Where the job runs: an operator (or a test) can find the process.
+    pid: int | None = None
+    host: str | None = None
+
+
+class JobRunning(Conflict):
+    """Another job of the same model holds the model's lease."""
 
 
 class JobStore:
-    def __init__(self, storage: Storage):
+    """Job records. ``clock`` and ``stale_after_s`` are parameters so that tests can move
+    time instead of waiting for it."""
+
+    def __init__(self, storage: Storage, clock: Callable[[], datetime] = _utcnow,
+                 stale_after_s: float = STALE_AFTER_S):
         self.storage = storage
+        self.clock = clock
+        self.stale_after_s = stale_after_s
+
+    def now(self) -> str:
+        return _iso(self.clock())
 
     def create(self, model: str, trigger: str) -> JobRecord:
-        job = JobRecord(job_id=uuid.uuid4().hex[:16], model=model, trigger=trigger, created_at=now_iso())
+        job = JobRecord(job_id=uuid.uuid4().hex[:16], model=model, trigger=trigger, created_at=self.now())
         self.save(job)
         return job
 
+    def _lock(self, model: str):
+        """Serialises writes to one model's job records, so marking a job lost never
+        overwrites the final record its (slow, not dead) process wrote meanwhile."""
+        return self.storage.locked(f"jobs/{model}.records.lock")
+
     def save(self, job: JobRecord) -> None:
+        with self._lock(job.model):
+            self._write(job)
+
+    def _write(self, job: JobRecord) -> None:
         self.storage.write_json_atomic(f"jobs/{job.job_id}.json", job.model_dump(mode="json"))
 
-    def get(self, job_id: str) -> JobRecord | None:
-        if not job_id.isalnum():
-            return None
+    def _read(self, job_id: str) -> JobRecord | None:
         raw = self.storage.read_json(f"jobs/{job_id}.json")
         return None if raw is None else JobRecord.model_validate(raw)
 
-    def all(self) -> list[JobRecord]:
+    # -- staleness -----------------------------------------------------------------------
+    def is_stale(self, job: JobRecord) -> bool:
+        """A running job whose process has not beaten for ``stale_after_s`` (counted from its
+        creation if it never beat: its process may never have started)."""
+        if job.state != "running":
+            return False
+        last = datetime.fromisoformat(job.heartbeat_at or job.created_at)
+        return self.clock() - last > timedelta(seconds=self.stale_after_s)
+
+    def _lost_error(self, job: JobRecord) -> str | None:
+        if not self.is_stale(job):
+            return None
+        if job.heartbeat_at:
+            return f"lost: no heartbeat since {job.heartbeat_at} (the job's process died)"
+        return (f"lost: no heartbeat since it was created at {job.created_at} "
+                "(the job's process died or never started)")
+
+    def _fail_if(self, job: JobRecord, error_of: Callable[[JobRecord], str | None]) -> JobRecord:
+        """Mark the job failed with ``error_of(record)`` unless that is None, deciding on the
+        record re-read under the model's lock: its process may have just written its end."""
+        with self._lock(job.model):
+            current = self._read(job.job_id) or job
+            error = error_of(current)
+            if error is None:
+                return current
+            current.state, current.error, current.finished_at = "failed", error, self.now()
+            self._write(current)
+        log.warning("job %s of %s marked failed: %s", current.job_id, current.model, error)
+        return current
+
+    def _settle(self, job: JobRecord) -> JobRecord:
+        """The record as it should read: a stale running job is marked failed (persisted)."""
+        return self._fail_if(job, self._lost_error) if self.is_stale(job) else job
+
+    def fail_running(self, job: JobRecord, error: str) -> JobRecord:
+        """Mark a job failed if its record still says running: its process is known dead."""
+        return self._fail_if(job, lambda current: error if current.state == "running" else None)
+
+    def fail_stale(self) -> list[JobRecord]:
+        """Mark every running job whose heartbeat stopped as failed; returns those marked."""
+        marked = []
+        for job in self._read_all():
+            if self.is_stale(job):
+                settled = self._settle(job)
+                if settled.state == "failed" and (settled.error or "").startswith("lost:"):
+                    marked.append(settled)
+        return marked
+
+    # -- reading -------------------------------------------------------------------------
+    def get(self, job_id: str) -> JobRecord | None:
+        """The record, with a dead running job reported (and persisted) as failed."""
+        if not job_id.isalnum():
+            return None
+        job = self._read(job_id)
+        return None if job is None else self._settle(job)
+
+    def _read_all(self) -> list[JobRecord]:
         jobs = []
         for rel in self.storage.list_files("jobs", ".json"):
             raw = self.storage.read_json(rel)
             if raw is not None:
                 jobs.append(JobRecord.model_validate(raw))
         return sorted(jobs, key=lambda j: j.created_at)
+
+    def all(self) -> list[JobRecord]:
+        return [self._settle(j) for j in self._read_all()]
+
+    def running(self, model: str) -> JobRecord | None:
+        """The live running job of ``model``, if any (dead ones are marked failed first)."""
+        return next((j for j in self.all() if j.model == model and j.state == "running"), None)
+
+
+class Heartbeat:
+    """Refreshes a running job's ``heartbeat_at`` every ``every_s`` from a daemon thread.
+
+    It writes a snapshot of the record as it was when started, plus the new time, so it
+    never publishes the job thread's half-updated outcome; ``stop`` joins the thread, so the
+    record the job writes after ``stop`` is the last word.
+    """
+
+    def __init__(self, jobs: JobStore, job: JobRecord, every_s: float = HEARTBEAT_EVERY_S):
+        self.jobs, self.job, self.every_s = jobs, job, every_s
+        self._snapshot = job.model_copy()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job.job_id}", daemon=True)
+
+    def beat(self) -> None:
+        self.job.heartbeat_at = self._snapshot.heartbeat_at = self.jobs.now()
+        self.jobs.save(self._snapshot)
+
+    def start(self) -> Heartbeat:
+        self.beat()  # at once: the record says who runs it before anyone looks
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.beat()
+            except Exception:  # noqa: BLE001 - a missed beat is retried; 6 in a row make it stale
+                log.exception("job %s: heartbeat failed", self.job.job_id)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+class JobLease:
+    """The right to run a job of ``model``, held by one process for the job's whole run.
+
+    On a local root it is ``flock(LOCK_EX | LOCK_NB)`` on ``<root>/jobs/<model>.lock``: the
+    kernel releases it when the process exits, however it dies, so a killed job never blocks
+    the next one. The holder writes its job id into the file, so a refused job can name it.
+    """
+
+    def __init__(self, path: str, fd: int):
+        self.path, self._fd = path, fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def take_lease(storage: Storage, jobs: JobStore, job: JobRecord) -> JobLease | None:
+    """Take ``job.model``'s lease for ``job`` or raise JobRunning naming the job that holds it.
+
+    Object stores have no lock that dies with its process, so there (None is returned) the
+    best available is a look at the records: refuse if another job of the model is running
+    with a fresh heartbeat. That check is not atomic; run jobs of a remote root from one
+    place (the server's controller) to be sure.
+    """
+    if not storage.is_local:
+        other = next((j for j in jobs.all() if j.model == job.model and j.state == "running"
+                      and j.job_id != job.job_id), None)
+        if other is not None:
+            raise JobRunning(f"job {other.job_id} is already running for {job.model!r} "
+                             f"(started {other.created_at}); wait for it to finish")
+        return None
+    path = storage.path(f"jobs/{job.model}.lock")
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)  # made already by the job's record
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another job"
+        os.close(fd)
+        raise JobRunning(f"{holder} is already running for {job.model!r} (it holds {path}); "
+                         "wait for it to finish") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"job {job.job_id} (pid {os.getpid()} on {socket.gethostname()})\n".encode(), 0)
+    return JobLease(path, fd)
+
+
+def promote_or_wait(registry: Registry, job: JobRecord, version: str, parent: str | None, reason: str) -> None:
+    """Promote a job's accepted ``version`` if production is still the ``parent`` it trained
+    from and was gated against; otherwise leave it waiting as a candidate.
+
+    Production moving during the job means someone decided (an operator rolled back, or
+    promoted another version): that decision stands, and the job's gate compared against a
+    parent that is no longer production. Sets ``job.promoted`` and ``job.message``.
+    """
+    try:
+        registry.promote(job.model, version, reason=f"job {job.job_id}: {reason}", expect_production=parent)
+    except Conflict as e:
+        state = registry.record_candidate(
+            job.model, version, reason=f"job {job.job_id} trained from {parent or 'the base model'}, "
+                                       f"but production moved meanwhile: {e.message}")
+        job.promoted = False
+        job.message = (f"{version} passed the gate against {parent or 'no production'} but production is now "
+                       f"{state.production or 'none'}: not promoted, it waits as a candidate. To promote it: "
+                       f'POST /v1/models/{job.model}/promote {{"version": "{version}"}}')
+        log.info("job %s: %s", job.job_id, job.message)
+        return
+    job.promoted = True
+    job.message = f"{version} promoted to production ({reason})"

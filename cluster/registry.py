@@ -3,30 +3,47 @@
 Layout under the storage root::
 
     registry/<model>/<version>/        save_pretrained output + manifest.json
-    registry/<model>/state.json        {"production": "v2", "history": [...]}
+    registry/<model>/state.json        {"production": "v2", "generation": 7, "history": [...]}
+    registry/<model>/state.lock        the lock every change of state.json is made under
 
 A version is staged under a hidden name and moved into place with its manifest already
 written, so readers never see half a version; rename onto an existing version fails, so
 two concurrent publishers cannot take the same number.
+
+Production moves only through ``Registry._transition``: a read-modify-write of state.json
+under the model's lock that bumps ``generation`` and appends one history entry. A training
+job, an operator's promote and an operator's rollback can race; the lock makes them take
+turns, and ``expect_production`` lets a job refuse to overwrite a decision made while it ran.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import tempfile
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cluster.errors import UnknownVersion
-from cluster.storage import Storage
+from cluster.errors import Conflict, UnknownVersion
+from cluster.storage import Storage, private_temp_dir
 
 _VERSION = re.compile(r"^v(\d+)$")
 MANIFEST = "manifest.json"
 STATE = "state.json"
+STATE_LOCK = "state.lock"
+
+
+class _Unchecked:
+    def __repr__(self) -> str:
+        return "UNCHECKED"
+
+
+UNCHECKED: Any = _Unchecked()
+"""Default of ``expect_production``: change production whatever it is now. (None cannot be
+the default: "expect no production yet" is what a job training v1 passes.)"""
 
 
 def version_number(version: str) -> int:
@@ -75,25 +92,33 @@ class Manifest(BaseModel):
 
 
 class HistoryEntry(BaseModel):
+    """One change of the state. ``production`` is production after the event; ``version``
+    is the version the event was about (for a candidate, the one left waiting);
+    ``generation`` is the state's generation the change produced (None in entries written
+    before generations existed)."""
+
     at: str
-    event: str
+    event: str  # "promote", "rollback" or "candidate"
     production: str | None
     reason: str = ""
+    version: str | None = None
+    generation: int | None = None
 
 
 class RegistryState(BaseModel):
     production: str | None = None
+    generation: int = 0
     history: list[HistoryEntry] = Field(default_factory=list)
 
     def rollback_target(self) -> str | None:
         """The production before the current one: promotions stack up, rollbacks pop, so
-        rolling back twice after v1, v2, v3 lands on v1."""
+        rolling back twice after v1, v2, v3 lands on v1. Candidates never were production."""
         stack: list[str] = []
         for entry in self.history:
             if entry.event == "rollback":
                 if stack:
                     stack.pop()
-            elif entry.production is not None:
+            elif entry.event != "candidate" and entry.production is not None:
                 stack.append(entry.production)
         return stack[-2] if len(stack) >= 2 else None
 
@@ -155,7 +180,7 @@ class Registry:
         self.manifest(model, version)  # raises UnknownVersion
         if self.storage.is_local:
             return self.storage.path(self._dir(model, version))
-        cache = cache_dir or os.path.join(tempfile.gettempdir(), "tuneloop-cache")
+        cache = cache_dir or private_temp_dir("tuneloop-cache")
         target = os.path.join(cache, model, version)
         if not os.path.exists(os.path.join(target, MANIFEST)):
             partial = f"{target}.partial-{uuid.uuid4().hex}"
@@ -175,10 +200,58 @@ class Registry:
     def production(self, model: str) -> str | None:
         return self.state(model).production
 
-    def set_production(self, model: str, version: str, event: str, reason: str = "") -> RegistryState:
-        self.manifest(model, version)  # raises UnknownVersion
-        state = self.state(model)
-        state.production = version
-        state.history.append(HistoryEntry(at=now_iso(), event=event, production=version, reason=reason))
-        self.storage.write_json_atomic(f"{self._dir(model)}/{STATE}", state.model_dump(mode="json"))
-        return state
+    def promote(self, model: str, version: str, reason: str = "",
+                expect_production: str | None = UNCHECKED) -> RegistryState:
+        """Make ``version`` production. With ``expect_production``, only if production is
+        still that (None: still no production); otherwise raises Conflict naming the current
+        one. Raises UnknownVersion for a version that was never published."""
+        self.manifest(model, version)  # raises UnknownVersion; manifests never change
+
+        def apply(state: RegistryState) -> HistoryEntry:
+            return HistoryEntry(at=now_iso(), event="promote", production=version, version=version, reason=reason)
+
+        return self._transition(model, apply, expect_production)
+
+    def rollback(self, model: str, reason: str = "", expect_production: str | None = UNCHECKED) -> RegistryState:
+        """Go back to the production before the current one (``RegistryState.rollback_target``),
+        worked out under the lock so that two rollbacks step back twice, not to the same
+        version. Raises Conflict if there is nothing to roll back to (or, with
+        ``expect_production``, if production is no longer that)."""
+
+        def apply(state: RegistryState) -> HistoryEntry:
+            target = state.rollback_target()
+            if target is None:
+                raise Conflict(f"{model!r} has no earlier production version to roll back to "
+                               f"(production is {state.production or 'none'})")
+            return HistoryEntry(at=now_iso(), event="rollback", production=target, version=target, reason=reason)
+
+        return self._transition(model, apply, expect_production)
+
+    def record_candidate(self, model: str, version: str, reason: str = "") -> RegistryState:
+        """Note in the history that ``version`` passed its gate but was left waiting, production
+        unchanged (production moved while its job ran). An operator may promote it by hand."""
+        self.manifest(model, version)
+
+        def apply(state: RegistryState) -> HistoryEntry:
+            return HistoryEntry(at=now_iso(), event="candidate", production=state.production, version=version,
+                                reason=reason)
+
+        return self._transition(model, apply, UNCHECKED)
+
+    def _transition(self, model: str, apply: Callable[[RegistryState], HistoryEntry],
+                    expect_production: str | None) -> RegistryState:
+        """The one writer of state.json: read, check, append ``apply``'s entry, bump the
+        generation and write, all under the model's lock, so concurrent changes (even from
+        other processes on a local root) take turns and none is lost."""
+        with self.storage.locked(f"{self._dir(model)}/{STATE_LOCK}"):
+            state = self.state(model)
+            if expect_production is not UNCHECKED and state.production != expect_production:
+                raise Conflict(f"production of {model!r} is now {state.production or 'none'} "
+                               f"(generation {state.generation}), not {expect_production or 'none'}")
+            entry = apply(state)
+            state.generation += 1
+            entry.generation = state.generation
+            state.production = entry.production
+            state.history.append(entry)
+            self.storage.write_json_atomic(f"{self._dir(model)}/{STATE}", state.model_dump(mode="json"))
+            return state

@@ -1,5 +1,6 @@
 """Launch one fine-tuning job: data through Ray Data, a TorchTrainer with DeepSpeed workers,
-then the gate, the registry and (if accepted) production.
+then the gate, the registry and (if accepted, and production is still the version the job
+started from) production.
 
 Starts from the current production weights (the base model for v1) and trains on the seed
 dataset plus all feedback so far, so a new version keeps what earlier data taught.
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -25,10 +28,10 @@ from ray.train.torch import TorchTrainer
 from cluster.config import ModelConfig, TuneloopConfig
 from cluster.feedback_stats import superseded
 from cluster.gate import evaluate_gate
-from cluster.jobs import JobRecord, JobStore
+from cluster.jobs import Heartbeat, JobRecord, JobRunning, JobStore, promote_or_wait, take_lease
 from cluster.model_source import resolve_model_source
 from cluster.records import FeedbackStore
-from cluster.registry import EvalMetrics, GateResult, Manifest, Registry, now_iso
+from cluster.registry import EvalMetrics, GateResult, Manifest, Registry
 from cluster.storage import Storage
 from serving.names import INGRESS_APP, INGRESS_DEPLOYMENT
 from training.data import file_sha256, is_held_out, seed_format
@@ -127,7 +130,9 @@ def _settle_feedback(feedback: FeedbackStore) -> None:
         return await asyncio.wait_for(ingress.compact_feedback.remote(), 60)
 
     try:
-        asyncio.run(ask_the_ingress())
+        # Only where tuneloop's ingress runs: a handle to an absent app waits out its timeout.
+        if INGRESS_APP in serve.status().applications:
+            asyncio.run(ask_the_ingress())
     except Exception as e:  # noqa: BLE001 - not serving (a CLI job), or the ingress is restarting
         log.info("no live feedback writer to compact (%s); recovering the journal here", type(e).__name__)
     feedback.open_writer()  # recovers dead writers' segments
@@ -135,66 +140,28 @@ def _settle_feedback(feedback: FeedbackStore) -> None:
 
 
 def run_training(cfg: TuneloopConfig, model: str, trigger: str = "manual", job: JobRecord | None = None) -> TrainingOutcome:
-    """Run one job to the end; never raises for a failed job (it is recorded as failed)."""
+    """Run one job to the end; never raises for a failed job (it is recorded as failed).
+
+    The process holds the model's lease for the whole run (a second job of the model fails
+    at once, naming this one) and beats the job's heartbeat, so that if it dies the job is
+    reported failed and the kernel frees the lease for the next one.
+    """
     storage = Storage(cfg.storage.root)
     registry, jobs = Registry(storage), JobStore(storage)
-    feedback = FeedbackStore(storage, cfg.storage.journal_path())
-    mcfg = cfg.model(model)
     job = job or jobs.create(model, trigger)
-    tcfg = cfg.training
+    job.pid, job.host = os.getpid(), socket.gethostname()
     try:
-        _settle_feedback(feedback)
-        parent = registry.production(model)
-        init_path = registry.local_path(model, parent) if parent else resolve_model_source(mcfg.base_model)
-        feedback_files = feedback.files(model)  # the snapshot this job trains on
-        datasets, data = _datasets(mcfg, storage, feedback, feedback_files, tcfg.eval_fraction)
-        log.info("job %s: %s from %s, %s", job.job_id, model, parent or mcfg.base_model, data)
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={
-                **tcfg.model_dump(),
-                "init_path": init_path,
-                "labels": mcfg.labels,
-                "has_parent": parent is not None,
-                "train_rows": data["train_rows"],
-            },
-            scaling_config=ScalingConfig(
-                num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu, resources_per_worker={"CPU": 1}
-            ),
-            run_config=RunConfig(
-                name=f"{model}-{job.job_id}", storage_path=storage.path("train_runs"), storage_filesystem=storage.fs
-            ),
-            datasets=datasets,
-            dataset_config=DataConfig(datasets_to_split=["train"]),
-        )
-        result = trainer.fit()
-        report = result.metrics
-        metrics = EvalMetrics.model_validate(report["metrics"])
-        parent_metrics = EvalMetrics.model_validate(report["parent_metrics"]) if report["parent_metrics"] else None
-        gate = evaluate_gate(metrics.accuracy, parent_metrics.accuracy if parent_metrics else None)
-        manifest = Manifest(
-            version="pending",
-            model=model,
-            parent=parent,
-            base_model=mcfg.base_model,
-            task=mcfg.task,
-            labels=mcfg.labels,
-            training={**tcfg.model_dump(), "steps": report["steps"]},
-            data=data,
-            metrics=metrics,
-            parent_metrics=parent_metrics,
-            gate=GateResult(accepted=gate.accepted, reason=gate.reason),
-            status="accepted" if gate.accepted else "rejected",
-            job_id=job.job_id,
-        )
-        with result.checkpoint.as_directory() as ckpt_dir:
-            manifest = registry.publish(model, ckpt_dir, manifest)
-        if gate.accepted:
-            registry.set_production(model, manifest.version, event="promote", reason=gate.reason)
-        job.state = "succeeded" if gate.accepted else "rejected"
-        job.version = manifest.version
-        job.metrics = metrics.model_dump()
-        log.info("job %s: %s %s (%s)", job.job_id, manifest.version, job.state, gate.reason)
+        lease = take_lease(storage, jobs, job)
+    except Exception as e:  # noqa: BLE001 - JobRunning, or the lock file could not be opened
+        error = e.message if isinstance(e, JobRunning) else f"{type(e).__name__}: {e}"
+        log.error("job %s not started: %s", job.job_id, error)
+        job.state, job.error, job.finished_at = "failed", error, jobs.now()
+        jobs.save(job)
+        return TrainingOutcome(job, None)
+    heartbeat = Heartbeat(jobs, job)
+    try:
+        heartbeat.start()
+        manifest = _train(cfg, model, job, storage, registry)
         return TrainingOutcome(job, manifest)
     except Exception as e:  # noqa: BLE001 - the job record carries the failure
         log.error("job %s failed: %s", job.job_id, traceback.format_exc())
@@ -202,5 +169,71 @@ def run_training(cfg: TuneloopConfig, model: str, trigger: str = "manual", job: 
         job.error = f"{type(e).__name__}: {e}"
         return TrainingOutcome(job, None)
     finally:
-        job.finished_at = now_iso()
+        heartbeat.stop()
+        job.finished_at = jobs.now()
         jobs.save(job)
+        if lease is not None:
+            lease.release()  # after the final record: the next job finds this one finished
+
+
+def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, registry: Registry) -> Manifest:
+    """Train, gate and publish; promote if accepted and production is still the parent."""
+    feedback = FeedbackStore(storage, cfg.storage.journal_path())
+    mcfg = cfg.model(model)
+    tcfg = cfg.training
+    _settle_feedback(feedback)
+    parent = registry.production(model)
+    init_path = registry.local_path(model, parent) if parent else resolve_model_source(mcfg.base_model)
+    feedback_files = feedback.files(model)  # the snapshot this job trains on
+    datasets, data = _datasets(mcfg, storage, feedback, feedback_files, tcfg.eval_fraction)
+    log.info("job %s: %s from %s, %s", job.job_id, model, parent or mcfg.base_model, data)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            **tcfg.model_dump(),
+            "init_path": init_path,
+            "labels": mcfg.labels,
+            "has_parent": parent is not None,
+            "train_rows": data["train_rows"],
+        },
+        scaling_config=ScalingConfig(
+            num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu, resources_per_worker={"CPU": 1}
+        ),
+        run_config=RunConfig(
+            name=f"{model}-{job.job_id}", storage_path=storage.path("train_runs"), storage_filesystem=storage.fs
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    report = result.metrics
+    metrics = EvalMetrics.model_validate(report["metrics"])
+    parent_metrics = EvalMetrics.model_validate(report["parent_metrics"]) if report["parent_metrics"] else None
+    gate = evaluate_gate(metrics.accuracy, parent_metrics.accuracy if parent_metrics else None)
+    manifest = Manifest(
+        version="pending",
+        model=model,
+        parent=parent,
+        base_model=mcfg.base_model,
+        task=mcfg.task,
+        labels=mcfg.labels,
+        training={**tcfg.model_dump(), "steps": report["steps"]},
+        data=data,
+        metrics=metrics,
+        parent_metrics=parent_metrics,
+        gate=GateResult(accepted=gate.accepted, reason=gate.reason),
+        status="accepted" if gate.accepted else "rejected",
+        job_id=job.job_id,
+    )
+    with result.checkpoint.as_directory() as ckpt_dir:
+        manifest = registry.publish(model, ckpt_dir, manifest)
+    job.version = manifest.version
+    job.metrics = metrics.model_dump()
+    if gate.accepted:
+        promote_or_wait(registry, job, manifest.version, parent, gate.reason)  # sets job.promoted
+        job.state = "succeeded"
+    else:
+        job.state, job.promoted = "rejected", False
+        job.message = f"{manifest.version} rejected by the gate: {gate.reason}"
+    log.info("job %s: %s %s (%s)", job.job_id, manifest.version, job.state, job.message)
+    return manifest

@@ -94,9 +94,10 @@ def test_feedback_triggers_a_new_version_that_takes_over(loop):
             return
         assert job.state == "succeeded", job.error
         assert version == "v2"
-        status = c.get(f"/v1/jobs/{job.job_id}").json()
-        assert status["state"] == "succeeded" and status["version"] == "v2"
-        detail = c.get("/v1/models/sentiment").json()
+        assert c.get(f"/v1/jobs/{job.job_id}").status_code == 401  # job records are for admins
+        status = c.get(f"/v1/jobs/{job.job_id}", headers=bearer(ADMIN_KEY)).json()
+        assert status["state"] == "succeeded" and status["version"] == "v2" and status["promoted"] is True
+        detail = c.get("/v1/models/sentiment", headers=bearer(ADMIN_KEY)).json()
         assert detail["production"] == "v2"
         v2 = next(v for v in detail["versions"] if v["version"] == "v2")
         assert v2["gate"]["accepted"] is True

@@ -1,9 +1,12 @@
+import json
+import multiprocessing
+import random
 import threading
 
 import pytest
 
-from cluster.errors import UnknownVersion
-from cluster.registry import Manifest, Registry
+from cluster.errors import Conflict, UnknownVersion
+from cluster.registry import HistoryEntry, Manifest, Registry, RegistryState
 from cluster.storage import Storage
 
 
@@ -71,12 +74,13 @@ def test_production_state_and_history(tmp_path, weights):
     assert reg.production("m") is None
     reg.publish("m", weights, _manifest())
     reg.publish("m", weights, _manifest())
-    reg.set_production("m", "v1", event="promote", reason="first")
-    state = reg.set_production("m", "v2", event="promote", reason="better")
-    assert state.production == "v2"
-    assert [(h.production, h.reason) for h in reg.state("m").history] == [("v1", "first"), ("v2", "better")]
+    reg.promote("m", "v1", reason="first")
+    state = reg.promote("m", "v2", reason="better")
+    assert state.production == "v2" and state.generation == 2
+    assert reg.state("m") == state
+    assert [(h.production, h.reason, h.generation) for h in state.history] == [("v1", "first", 1), ("v2", "better", 2)]
     with pytest.raises(UnknownVersion):
-        reg.set_production("m", "v9", event="promote")
+        reg.promote("m", "v9")
     with pytest.raises(UnknownVersion):
         reg.manifest("m", "../../etc")
 
@@ -88,8 +92,6 @@ def test_local_path_for_local_storage(tmp_path, weights):
 
 
 def test_rollback_pops_promotions_in_order():
-    from cluster.registry import HistoryEntry, RegistryState
-
     def state(*events):
         return RegistryState(production=events[-1][1] if events else None,
                              history=[HistoryEntry(at="t", event=e, production=v) for e, v in events])
@@ -99,3 +101,127 @@ def test_rollback_pops_promotions_in_order():
     assert state(("promote", "v1"), ("promote", "v2"), ("promote", "v3")).rollback_target() == "v2"
     assert state(("promote", "v1"), ("promote", "v2"), ("promote", "v3"), ("rollback", "v2")).rollback_target() == "v1"
     assert state(("promote", "v1"), ("promote", "v2"), ("rollback", "v1"), ("promote", "v3")).rollback_target() == "v1"
+    # A candidate never was production: it is not a step to roll back to.
+    assert state(("promote", "v1"), ("promote", "v2"), ("candidate", "v2")).rollback_target() == "v1"
+
+
+@pytest.fixture
+def reg3(tmp_path, weights):
+    """A registry with v1..v3 published and v1, v2 promoted in turn."""
+    reg = Registry(Storage(str(tmp_path / "store")))
+    for _ in range(3):
+        reg.publish("m", weights, _manifest())
+    reg.promote("m", "v1")
+    reg.promote("m", "v2")
+    return reg
+
+
+def test_rollback_works_out_its_target_and_counts_a_generation(reg3):
+    state = reg3.rollback("m", reason="bad v2")
+    assert (state.production, state.generation) == ("v1", 3)
+    last = state.history[-1]
+    assert (last.event, last.production, last.version, last.reason) == ("rollback", "v1", "v1", "bad v2")
+    with pytest.raises(Conflict, match="no earlier production version") as e:
+        reg3.rollback("m")
+    assert e.value.status == 409 and "production is v1" in e.value.message
+    assert reg3.state("m").generation == 3  # a refused change changes nothing
+
+
+def test_compare_and_set_refuses_when_production_moved(reg3):
+    with pytest.raises(Conflict, match="production of 'm' is now v2 \\(generation 2\\), not v1"):
+        reg3.promote("m", "v3", expect_production="v1")
+    assert reg3.state("m").production == "v2" and reg3.state("m").generation == 2
+    with pytest.raises(Conflict, match="now v2"):
+        reg3.rollback("m", expect_production="v3")
+    assert reg3.promote("m", "v3", expect_production="v2").production == "v3"
+    # None is a real expectation: "no production yet", as for a job training v1.
+    with pytest.raises(Conflict, match="not none"):
+        reg3.promote("m", "v1", expect_production=None)
+
+
+def test_first_promotion_expecting_no_production(tmp_path, weights):
+    reg = Registry(Storage(str(tmp_path / "store")))
+    reg.publish("m", weights, _manifest())
+    assert reg.promote("m", "v1", expect_production=None).production == "v1"
+
+
+def test_candidate_is_recorded_without_moving_production(reg3):
+    state = reg3.record_candidate("m", "v3", reason="production moved")
+    assert (state.production, state.generation) == ("v2", 3)
+    last = state.history[-1]
+    assert (last.event, last.production, last.version) == ("candidate", "v2", "v3")
+    assert state.rollback_target() == "v1"
+    with pytest.raises(UnknownVersion):
+        reg3.record_candidate("m", "v9")
+
+
+def test_state_written_before_generations_still_loads(tmp_path, weights):
+    store = tmp_path / "store"
+    reg = Registry(Storage(str(store)))
+    reg.publish("m", weights, _manifest())
+    reg.publish("m", weights, _manifest())
+    legacy = {"production": "v1", "history": [{"at": "t", "event": "promote", "production": "v1", "reason": ""}]}
+    (store / "registry/m/state.json").write_text(json.dumps(legacy))
+    assert reg.state("m").generation == 0
+    state = reg.promote("m", "v2")
+    assert (state.generation, state.history[-1].generation, state.rollback_target()) == (1, 1, "v1")
+
+
+# -- many writers at once ----------------------------------------------------------------
+VERSIONS = ["v1", "v2", "v3", "v4"]
+
+
+def _hammer(root: str, seed: int, rounds: int) -> int:
+    """Random promotes and rollbacks; returns how many were applied (not refused)."""
+    reg, rng, applied = Registry(Storage(root)), random.Random(seed), 0
+    for i in range(rounds):
+        try:
+            if rng.random() < 0.6:
+                reg.promote("m", rng.choice(VERSIONS), reason=f"w{seed}-{i}")
+            else:
+                reg.rollback("m", reason=f"w{seed}-{i}")
+            applied += 1
+        except Conflict:
+            pass  # nothing to roll back to
+    return applied
+
+
+def _assert_consistent(state: RegistryState, applied: int) -> None:
+    """Every applied change is in the history once, generations count 1, 2, ... without a gap,
+    and replaying the history gives each entry's production and the final production."""
+    assert len(state.history) == applied == state.generation
+    assert [h.generation for h in state.history] == list(range(1, applied + 1))
+    assert len({h.reason for h in state.history}) == applied
+    replay = RegistryState()
+    for h in state.history:
+        expected = replay.rollback_target() if h.event == "rollback" else h.version
+        assert h.production == expected, (h, replay.history[-3:])
+        replay.history.append(HistoryEntry.model_validate(h.model_dump()))
+        replay.production = h.production
+    assert replay.production == state.production
+
+
+@pytest.fixture
+def published(tmp_path, weights):
+    reg = Registry(Storage(str(tmp_path / "store")))
+    for _ in VERSIONS:
+        reg.publish("m", weights, _manifest())
+    return reg
+
+
+def test_concurrent_promotes_and_rollbacks_from_threads_keep_a_consistent_history(published):
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda s=s: results.append(_hammer(published.storage.uri, s, 25)))
+               for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 8
+    _assert_consistent(published.state("m"), sum(results))
+
+
+def test_concurrent_promotes_and_rollbacks_from_processes_keep_a_consistent_history(published):
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        results = pool.starmap(_hammer, [(published.storage.uri, s, 25) for s in range(4)])
+    _assert_consistent(published.state("m"), sum(results))

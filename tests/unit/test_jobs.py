@@ -1,0 +1,284 @@
+import multiprocessing
+import os
+import signal
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from cluster.errors import Conflict
+from cluster.jobs import Heartbeat, JobRecord, JobRunning, JobStore, promote_or_wait, take_lease
+from cluster.registry import Manifest, Registry
+from cluster.storage import Storage
+
+T0 = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = T0
+
+    def __call__(self) -> datetime:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def storage(tmp_path):
+    return Storage(str(tmp_path / "store"))
+
+
+@pytest.fixture
+def jobs(storage, clock):
+    return JobStore(storage, clock=clock)
+
+
+def _on_disk(storage: Storage, job_id: str) -> dict:
+    return storage.read_json(f"jobs/{job_id}.json")
+
+
+# -- staleness ---------------------------------------------------------------------------
+def test_a_running_job_without_heartbeat_goes_stale_a_minute_after_creation(jobs, storage, clock):
+    job = jobs.create("m", "manual")
+    clock.advance(60)
+    assert jobs.get(job.job_id).state == "running"  # exactly 60 s: not yet
+    clock.advance(0.5)
+    lost = jobs.get(job.job_id)
+    assert lost.state == "failed" and lost.finished_at == clock().isoformat(timespec="milliseconds")
+    assert lost.error == (f"lost: no heartbeat since it was created at {job.created_at} "
+                          "(the job's process died or never started)")
+    assert _on_disk(storage, job.job_id)["state"] == "failed"  # persisted, not just reported
+
+
+def test_heartbeats_keep_a_job_alive_and_the_last_one_is_named(jobs, clock):
+    job = jobs.create("m", "manual")
+    heartbeat = Heartbeat(jobs, job)
+    clock.advance(50)
+    heartbeat.beat()
+    beat_at = job.heartbeat_at
+    clock.advance(60)  # 110 s after creation, 60 s after the beat
+    assert jobs.get(job.job_id).state == "running"
+    clock.advance(1)
+    lost = jobs.get(job.job_id)
+    assert lost.state == "failed"
+    assert lost.error == f"lost: no heartbeat since {beat_at} (the job's process died)"
+
+
+def test_staleness_threshold_is_a_parameter(storage, clock):
+    quick = JobStore(storage, clock=clock, stale_after_s=2)
+    job = quick.create("m", "manual")
+    clock.advance(2.5)
+    assert quick.get(job.job_id).state == "failed"
+
+
+def test_finished_jobs_never_go_stale(jobs, clock):
+    job = jobs.create("m", "manual")
+    job.state = "succeeded"
+    jobs.save(job)
+    clock.advance(3600)
+    assert jobs.get(job.job_id).state == "succeeded"
+    assert jobs.fail_stale() == []
+
+
+def test_fail_stale_marks_only_dead_running_jobs(jobs, storage, clock):
+    dead = jobs.create("m", "manual")
+    done = jobs.create("m", "manual")
+    done.state = "rejected"
+    jobs.save(done)
+    clock.advance(61)
+    alive = jobs.create("other", "feedback")
+    marked = jobs.fail_stale()
+    assert [j.job_id for j in marked] == [dead.job_id]
+    states = {j.job_id: j.state for j in jobs.all()}
+    assert states == {dead.job_id: "failed", done.job_id: "rejected", alive.job_id: "running"}
+    assert jobs.fail_stale() == []  # already marked
+
+
+def test_all_reports_dead_jobs_as_failed(jobs, clock):
+    job = jobs.create("m", "manual")
+    clock.advance(61)
+    assert [(j.job_id, j.state) for j in jobs.all()] == [(job.job_id, "failed")]
+
+
+def test_running_finds_the_live_job_of_a_model(jobs, clock):
+    assert jobs.running("m") is None
+    job = jobs.create("m", "manual")
+    jobs.create("other", "manual")
+    assert jobs.running("m").job_id == job.job_id
+    clock.advance(61)
+    assert jobs.running("m") is None  # dead: does not block the next job
+
+
+def test_a_record_finished_meanwhile_is_not_marked_lost(jobs, storage, clock):
+    """The staleness decision is re-taken on the record as stored, under the lock."""
+    job = jobs.create("m", "manual")
+    seen_running = job.model_copy()
+    job.state = "succeeded"
+    jobs.save(job)
+    clock.advance(61)
+    assert jobs.fail_running(seen_running, "lost").state == "succeeded"
+    assert _on_disk(storage, job.job_id)["state"] == "succeeded"
+
+
+def test_fail_running_marks_a_job_whose_process_is_known_dead(jobs):
+    job = jobs.create("m", "manual")
+    failed = jobs.fail_running(job, "lost: the job's process died (WorkerCrashedError)")
+    assert (failed.state, failed.error) == ("failed", "lost: the job's process died (WorkerCrashedError)")
+    assert jobs.get(job.job_id).state == "failed"
+
+
+def test_heartbeat_thread_beats_at_start_and_stops_before_the_final_record(jobs, storage, clock):
+    job = jobs.create("m", "manual")
+    job.pid = 4242
+    heartbeat = Heartbeat(jobs, job, every_s=3600).start()
+    stored = _on_disk(storage, job.job_id)
+    assert stored["heartbeat_at"] == job.heartbeat_at == clock().isoformat(timespec="milliseconds")
+    assert stored["pid"] == 4242 and stored["state"] == "running"
+    job.state = "succeeded"  # the job's outcome is not published by the heartbeat...
+    clock.advance(5)
+    heartbeat.beat()
+    assert _on_disk(storage, job.job_id)["state"] == "running"
+    heartbeat.stop()
+    assert not heartbeat._thread.is_alive()
+    jobs.save(job)  # ...the job's final save is the last word
+    assert _on_disk(storage, job.job_id)["state"] == "succeeded"
+
+
+def test_records_written_before_heartbeats_still_load(storage, jobs):
+    legacy = {"job_id": "abc123", "model": "m", "state": "succeeded", "trigger": "manual", "version": "v2",
+              "metrics": None, "error": None, "created_at": "2025-01-01T00:00:00.000+00:00", "finished_at": None}
+    storage.write_json_atomic("jobs/abc123.json", legacy)
+    job = jobs.get("abc123")
+    assert job.state == "succeeded" and job.promoted is None and job.heartbeat_at is None
+
+
+# -- the per-model lease -----------------------------------------------------------------
+def _job(jobs: JobStore, model: str = "m") -> JobRecord:
+    return jobs.create(model, "manual")
+
+
+def test_lease_is_exclusive_per_model_and_released(storage, jobs):
+    first, second = _job(jobs), _job(jobs)
+    lease = take_lease(storage, jobs, first)
+    with pytest.raises(JobRunning, match=f"job {first.job_id} .* is already running for 'm'") as e:
+        take_lease(storage, jobs, second)
+    assert isinstance(e.value, Conflict) and e.value.status == 409
+    take_lease(storage, jobs, _job(jobs, "other")).release()  # other models are not blocked
+    lease.release()
+    take_lease(storage, jobs, second).release()
+
+
+def _hold_lease(root: str, job_id: str, conn) -> None:
+    """In a child process: take the lease, say so, hold it until told (or killed)."""
+    storage = Storage(root)
+    jobs = JobStore(storage)
+    lease = take_lease(storage, jobs, jobs.get(job_id))
+    conn.send("held")
+    try:
+        conn.recv()  # "release", or EOF when the parent goes away
+    except EOFError:
+        pass
+    lease.release()
+
+
+@pytest.fixture
+def child_holding_lease(storage, jobs):
+    # A pipe, not a multiprocessing.Event: setting an Event that a SIGKILLed child was
+    # waiting on blocks forever.
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    job = _job(jobs)
+    child = ctx.Process(target=_hold_lease, args=(storage.uri, job.job_id, theirs))
+    child.start()
+    assert ours.poll(60) and ours.recv() == "held", "the child did not take the lease"
+
+    def release() -> None:
+        try:
+            ours.send("release")
+        except OSError:
+            pass  # the child is gone
+
+    yield child, job, release
+    release()
+    child.join(60)
+    assert not child.is_alive()
+
+
+def test_lease_excludes_another_process_until_it_releases(storage, jobs, child_holding_lease):
+    child, holder, release = child_holding_lease
+    with pytest.raises(JobRunning, match=f"job {holder.job_id} \\(pid {child.pid} "):
+        take_lease(storage, jobs, _job(jobs))
+    release()
+    child.join(60)
+    take_lease(storage, jobs, _job(jobs)).release()
+
+
+def test_lease_of_a_killed_process_is_free_at_once(storage, jobs, child_holding_lease):
+    child, _, _ = child_holding_lease
+    os.kill(child.pid, signal.SIGKILL)
+    child.join(60)
+    take_lease(storage, jobs, _job(jobs)).release()
+
+
+# -- promotion at the end of a job -------------------------------------------------------
+@pytest.fixture
+def registry(storage, tmp_path):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "config.json").write_text("{}")
+    reg = Registry(storage)
+    for _ in range(3):
+        reg.publish("m", str(weights), Manifest(version="pending", model="m", parent=None, base_model="base",
+                                                task="text-classification", labels=["a", "b"]))
+    return reg
+
+
+def test_job_promotes_when_production_is_still_its_parent(registry, jobs):
+    registry.promote("m", "v1")
+    job = _job(jobs)
+    promote_or_wait(registry, job, "v2", parent="v1", reason="accuracy up")
+    assert registry.production("m") == "v2"
+    assert job.promoted is True and "promoted" in job.message
+    assert registry.state("m").history[-1].reason == f"job {job.job_id}: accuracy up"
+
+
+def test_first_version_promotes_only_onto_an_empty_production(registry, jobs):
+    job = _job(jobs)
+    promote_or_wait(registry, job, "v1", parent=None, reason="first version")
+    assert registry.production("m") == "v1" and job.promoted is True
+
+
+def test_job_leaves_its_version_as_candidate_after_a_rollback(registry, jobs, caplog):
+    """The bug: a job finishing after an operator's rollback promoted over it."""
+    registry.promote("m", "v1")
+    registry.promote("m", "v2")
+    job = _job(jobs)  # trains from v2...
+    registry.rollback("m", reason="operator: v2 is bad")  # ...while v2 is rolled back
+    before = registry.state("m")
+    with caplog.at_level("INFO", logger="cluster.jobs"):
+        promote_or_wait(registry, job, "v3", parent="v2", reason="accuracy up")
+    state = registry.state("m")
+    assert state.production == "v1"  # the rollback stands
+    assert state.generation == before.generation + 1
+    last = state.history[-1]
+    assert (last.event, last.production, last.version) == ("candidate", "v1", "v3")
+    assert "production of 'm' is now v1" in last.reason
+    assert job.promoted is False
+    assert "waits as a candidate" in job.message and 'POST /v1/models/m/promote {"version": "v3"}' in job.message
+    assert job.message in caplog.text
+    # The operator can still promote it by hand; the candidate entry is no rollback step.
+    assert registry.promote("m", "v3").rollback_target() == "v1"
+
+
+def test_job_record_fields_round_trip(storage, jobs):
+    job = _job(jobs)
+    job.promoted, job.message, job.pid, job.host = False, "waits", 7, "h"
+    jobs.save(job)
+    assert _on_disk(storage, job.job_id)["promoted"] is False
+    assert jobs.get(job.job_id) == job
