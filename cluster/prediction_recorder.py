@@ -9,6 +9,10 @@ young (a prediction id carries its time), see ``Ingress._served``.
 
 Rows buffered at the instant a replica is killed are lost; that costs feedback on those
 predictions their join (it answers 404), never an acknowledged feedback record.
+
+While writes fail, rows wait for the next flush, but at most ``max_buffered_rows`` of them:
+past that the oldest are dropped (counted in ``dropped`` and reported to ``on_drop``), so a
+store that is down for hours costs part of the log, not the replica's memory.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from cluster.records import PredictionLog
 log = logging.getLogger("tuneloop")
 
 PRUNE_EVERY_S = 3600.0
+DROP_WARNING_EVERY_S = 60.0  # a failing store drops rows on every request; one line a minute says it
 
 
 class PredictionRecorder:
@@ -37,10 +42,16 @@ class PredictionRecorder:
         flush_interval_s: float = 1.0,
         retention_days: int | None = None,
         sample: Callable[[], float] = random.random,
+        *,
+        max_buffered_rows: int = 100_000,
+        on_drop: Callable[[int], None] | None = None,
     ):
         self.log, self.model = prediction_log, model
         self.sample_rate, self.flush_interval_s, self.retention_days = sample_rate, flush_interval_s, retention_days
         self._sample = sample
+        self.max_buffered_rows, self._on_drop = max_buffered_rows, on_drop
+        self.dropped = 0  # rows dropped unwritten since the start, to keep the buffer bounded
+        self._unreported_drops, self._warned_at = 0, float("-inf")
         self._rows: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -54,6 +65,8 @@ class PredictionRecorder:
         if rows:
             with self._lock:
                 self._rows.extend(rows)
+                dropped = self._drop_oldest()
+            self._report_drops(dropped)
 
     def flush(self) -> int:
         with self._lock:
@@ -65,8 +78,36 @@ class PredictionRecorder:
         except Exception:
             with self._lock:
                 self._rows[:0] = rows  # first in line for the next flush
+                dropped = self._drop_oldest()
+            self._report_drops(dropped)
             raise
         return len(rows)
+
+    def _drop_oldest(self) -> int:
+        """With the lock held: cut the buffer back to ``max_buffered_rows``, oldest first (the
+        newest rows are the ones feedback is still likely to name). Returns how many went."""
+        excess = len(self._rows) - self.max_buffered_rows
+        if excess <= 0:
+            return 0
+        del self._rows[:excess]
+        self.dropped += excess
+        return excess
+
+    def _report_drops(self, n: int) -> None:
+        """Tell the caller's counter at once; tell the log at most once a minute, with the
+        count since the last warning."""
+        if n == 0:
+            return
+        if self._on_drop is not None:
+            self._on_drop(n)
+        now = time.monotonic()
+        with self._lock:
+            self._unreported_drops += n
+            if now - self._warned_at < DROP_WARNING_EVERY_S:
+                return
+            n, self._unreported_drops, self._warned_at = self._unreported_drops, 0, now
+        log.warning("prediction log %s: buffer full (%d rows) while writes fail; dropped the oldest %d rows "
+                    "since the last warning (%d in all)", self.model, self.max_buffered_rows, n, self.dropped)
 
     def prune(self, now: datetime | None = None) -> list[str]:
         if self.retention_days is None:

@@ -39,7 +39,7 @@ def test_duckdb_joins_feedback_to_what_was_served(tmp_path):
     joined = duckdb.sql(f"""
         SELECT f.label AS said, p.label AS served, p.version, p.text
         FROM read_parquet('{root}/feedback/*/*/*.parquet', hive_partitioning = true) f
-        JOIN read_parquet('{root}/predictions/*/*/*.parquet', hive_partitioning = true) p
+        JOIN read_parquet('{root}/predictions/*/*/*/*/*.parquet', hive_partitioning = true) p
           USING (prediction_id)
     """).fetchall()
     assert joined == [("negative", "positive", "v1", "t0")]
