@@ -85,7 +85,7 @@ def prepare_model(source: str, workdir: Path) -> str:
 
 
 def build_tiny(workdir: Path) -> str:
-    from tests.integration.conftest import build_tiny_model
+    from tests.tiny_models import build_tiny_model
 
     return build_tiny_model(workdir / "model", LABELS)
 

@@ -127,6 +127,9 @@ class ServingConfig(_Strict):
         default=1024, ge=1, description="per model and caller; beyond it requests get 503 at once"
     )
     request_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    body_timeout_s: float = Field(
+        default=10.0, gt=0, le=600, description="a client must send its whole request body within this; else 408"
+    )
     max_inputs_per_request: int = Field(default=64, ge=1, le=10_000)
     max_chars_per_input: int = Field(default=2000, ge=1, le=1_000_000)
     max_length: int = Field(default=128, ge=8, le=8192, description="tokenizer truncation")
@@ -141,11 +144,18 @@ class PredictionsConfig(_Strict):
     sample_rate: float = Field(default=1.0, ge=0, le=1, description="share of predictions recorded")
     retention_days: int | None = Field(default=30, ge=1, description="older date partitions are dropped; null keeps all")
     flush_interval_s: float = Field(default=1.0, gt=0, le=60, description="replicas write what gathered this often")
+    max_buffered_rows: int = Field(
+        default=100_000, ge=1,
+        description="unwritten rows a replica keeps while writes fail; past it the oldest are dropped (counted)",
+    )
 
 
 class FeedbackConfig(_Strict):
     compact_interval_s: float = Field(
         default=5.0, gt=0, le=3600, description="journal to Parquet this often (training reads the Parquet)"
+    )
+    idempotency_ttl_s: float = Field(
+        default=86_400.0, gt=0, le=30 * 86_400, description="how long a retried Idempotency-Key is recognised"
     )
 
 

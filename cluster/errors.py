@@ -41,6 +41,18 @@ class InvalidValue(TuneloopError):
     status, code = 422, "invalid_value"
 
 
+class InputRejected(TuneloopError):
+    """An input the tokenizer or model cannot take (found by running it alone)."""
+
+    status, code = 422, "invalid_input"
+
+
+class RequestTimeout(TuneloopError):
+    """The client sent its body too slowly."""
+
+    status, code = 408, "request_timeout"
+
+
 class UnsupportedMediaType(TuneloopError):
     status, code = 415, "unsupported_media_type"
 
@@ -120,6 +132,21 @@ class Overloaded(TuneloopError):
     headers = {"Retry-After": "1"}
 
 
+class StorageUnavailable(TuneloopError):
+    """A write could not be made durable (disk full, I/O error): nothing was stored."""
+
+    status, code = 503, "storage_unavailable"
+    headers = {"Retry-After": "5"}
+
+
 class NotReady(TuneloopError):
     status, code = 503, "not_ready"
+    headers = {"Retry-After": "5"}
+
+
+class KeyStoreUnavailable(TuneloopError):
+    """The API keys cannot be read (a corrupt or unreadable key file) and none were loaded
+    before, so a request that needs a key cannot be checked: retry once it is fixed."""
+
+    status, code = 503, "auth_unavailable"
     headers = {"Retry-After": "5"}

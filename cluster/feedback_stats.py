@@ -34,28 +34,63 @@ def superseded(rows: Iterable[dict[str, Any]]) -> set[str]:
     return out
 
 
+class FeedbackTally:
+    """The statistics of ``feedback_stats``, kept up to date one record at a time, so that
+    reading them (a Prometheus scrape, the stats endpoint) costs the same whatever the
+    amount of feedback stored. The writer folds in each record it stores; a restarted
+    writer folds in what is on disk once. Memory: one small entry per prediction id that
+    has feedback (for the latest-wins rule), none per record."""
+
+    def __init__(self, model: str):
+        self.model = model
+        self.superseded = 0
+        self._labels: Counter[str] = Counter()
+        self._days: Counter[str] = Counter()
+        self._versions: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # [feedback, agreed]
+        self._newest: dict[str, tuple[tuple[Any, str], dict[str, Any]]] = {}  # prediction id -> (order, row)
+
+    def add(self, row: dict[str, Any]) -> None:
+        pid = row.get("prediction_id")
+        if pid is not None:
+            order = (row["created_at"], row["feedback_id"])
+            current = self._newest.get(pid)
+            if current is not None:
+                self.superseded += 1
+                if order < current[0]:
+                    return  # an older record that arrived late: it never counted
+                self._count(current[1], -1)
+            self._newest[pid] = (order, row)
+        self._count(row, +1)
+
+    def add_all(self, rows: Iterable[dict[str, Any]]) -> FeedbackTally:
+        for row in rows:
+            self.add(row)
+        return self
+
+    def _count(self, row: dict[str, Any], sign: int) -> None:
+        self._labels[row["label"]] += sign
+        self._days[row["created_at"].strftime("%Y-%m-%d")] += sign
+        if row.get("version") is not None:
+            tally = self._versions[row["version"]]
+            tally[0] += sign
+            tally[1] += sign * int(row["label"] == row.get("predicted_label"))
+
+    def stats(self) -> dict[str, Any]:
+        by_label = {k: n for k, n in sorted(self._labels.items()) if n}
+        return {
+            "model": self.model,
+            "total": sum(by_label.values()),
+            "superseded": self.superseded,
+            "by_label": by_label,
+            "by_version": {
+                v: {"feedback": n, "agreed": agreed, "online_accuracy": agreed / n}
+                for v, (n, agreed) in sorted(self._versions.items()) if n
+            },
+            "by_day": {k: n for k, n in sorted(self._days.items()) if n},
+        }
+
+
 def feedback_stats(model: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Counts by label, by serving version and by day, and each version's online accuracy:
     the share of feedback on its predictions that agrees with what it served."""
-    drop = superseded(rows)
-    counted = [r for r in rows if r["feedback_id"] not in drop]
-    by_label = Counter(r["label"] for r in counted)
-    by_day = Counter(r["created_at"].strftime("%Y-%m-%d") for r in counted)
-    per_version: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for r in counted:
-        if r.get("version") is None:
-            continue
-        tally = per_version[r["version"]]
-        tally[0] += 1
-        tally[1] += int(r["label"] == r.get("predicted_label"))
-    return {
-        "model": model,
-        "total": len(counted),
-        "superseded": len(drop),
-        "by_label": dict(sorted(by_label.items())),
-        "by_version": {
-            v: {"feedback": n, "agreed": agreed, "online_accuracy": agreed / n}
-            for v, (n, agreed) in sorted(per_version.items())
-        },
-        "by_day": dict(sorted(by_day.items())),
-    }
+    return FeedbackTally(model).add_all(rows).stats()

@@ -19,6 +19,7 @@ Pure Python and pyarrow: no Ray, no torch.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -34,7 +35,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from cluster.storage import Storage, fsync_dir
+from cluster.errors import StorageUnavailable
+from cluster.storage import Storage, fsync_dir, make_private_dirs
 
 log = logging.getLogger("tuneloop")
 
@@ -84,63 +86,115 @@ class _Segment:
 
     def __init__(self, path: Path):
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self.records = 0
+        self.size = 0  # bytes of acknowledged records: where the next one starts
 
     def close(self) -> None:
         os.close(self.fd)  # releases the lock
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write may write less than asked (near a full disk): loop until all of it is
+    written, or an OSError says why not."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 class Journal:
     """One writer's journal. ``to_table(records)`` gives the Parquet table of some records
-    and ``partition(record)`` the folder (relative to the storage root) one belongs in."""
+    and ``partition(record)`` the folder (relative to the storage root) one belongs in.
+
+    A failed append (disk full, I/O error; a short write or a failed fsync) acknowledges
+    nothing and leaves nothing behind: the segment is cut back to its last acknowledged
+    record and retired (it is compacted as usual), and the next append opens a fresh
+    segment, so a half-written line can never be glued to the next record. Appends then
+    succeed again by themselves once space returns."""
 
     def __init__(self, directory: str | Path, storage: Storage, to_table, partition):
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(str(self.dir))
         self.storage = storage
         self._to_table = to_table
         self._partition = partition
         self._lock = threading.Lock()
-        self._active = self._open_segment()
+        self._active: _Segment | None = None  # opened by the first append
         self._finished: list[_Segment] = []
         self._compact_lock = threading.Lock()
 
     def _open_segment(self) -> _Segment:
         name = f"{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}{SUFFIX}"
         segment = _Segment(self.dir / name)
-        fsync_dir(str(self.dir))  # the segment's name is durable before any record in it
+        try:
+            fsync_dir(str(self.dir))  # the segment's name is durable before any record in it
+        except OSError:
+            segment.path.unlink(missing_ok=True)
+            segment.close()
+            raise
         return segment
 
     def append(self, record: dict[str, Any]) -> None:
-        """Durable on return: written and fsynced."""
+        """Durable on return: written and fsynced. Raises StorageUnavailable, having
+        stored nothing, when the record cannot be made durable."""
         line = encode_line(record)
         with self._lock:
-            os.write(self._active.fd, line)
-            os.fsync(self._active.fd)
-            self._active.records += 1
+            try:
+                if self._active is None:
+                    self._active = self._open_segment()
+            except OSError as e:
+                raise _unavailable(e) from e
+            segment = self._active
+            try:
+                _write_all(segment.fd, line)
+                os.fsync(segment.fd)
+            except OSError as e:
+                self._retire_after_failure(segment)
+                raise _unavailable(e) from e
+            segment.size += len(line)
+            segment.records += 1
+
+    def _retire_after_failure(self, segment: _Segment) -> None:
+        """Cut a segment back to its acknowledged records and stop appending to it. After a
+        failed fsync the kernel may have dropped the dirty pages or kept them; either way
+        the unacknowledged bytes go, and the records before them were fsynced already."""
+        self._active = None
+        try:
+            os.ftruncate(segment.fd, segment.size)
+            os.fsync(segment.fd)
+        except OSError:
+            log.exception("journal %s: could not cut back a failed append", segment.path.name)
+        if segment.records:
+            self._finished.append(segment)  # compacted with the others
+        else:
+            segment.path.unlink(missing_ok=True)
+            segment.close()
 
     def compact(self) -> int:
         """Move everything journalled so far, and any dead writer's segments, into
-        Parquet. Returns the number of records compacted."""
+        Parquet. Returns the number of records compacted. A segment leaves the list only
+        once its Parquet is written, so a failed compaction is retried by the next one."""
         with self._compact_lock:
             with self._lock:
-                if self._active.records:
+                if self._active is not None and self._active.records:
                     self._finished.append(self._active)
-                    self._active = self._open_segment()
-                finished, self._finished = self._finished, []
+                    self._active = None  # the next append opens a new segment
+                finished = list(self._finished)
             done = 0
             for segment in finished:
                 done += self._compact_file(segment.path)
                 segment.path.unlink(missing_ok=True)
                 segment.close()
+                with self._lock:
+                    self._finished.remove(segment)
             return done + self.recover()
 
     def recover(self) -> int:
         """Compact the segments of writers that died (their locks are free)."""
         done = 0
-        own = {self._active.path.name}
+        with self._lock:
+            own = {seg.path.name for seg in [self._active, *self._finished] if seg is not None}
         for path in sorted(self.dir.glob(f"*{SUFFIX}")):
             if path.name in own:
                 continue
@@ -176,21 +230,23 @@ class Journal:
         fsync_dir(str(self.dir))
         return len(records)
 
-    def pending(self) -> list[dict[str, Any]]:
-        """Records of every segment not yet compacted, this writer's and others'."""
-        out = []
-        for path in sorted(self.dir.glob(f"*{SUFFIX}")):
-            try:
-                out.extend(read_segment(path))
-            except FileNotFoundError:
-                continue
-        return out
-
     def close(self) -> None:
-        self.compact()
+        try:
+            self.compact()
+        except Exception:  # noqa: BLE001 - what is left stays journalled; the next writer recovers it
+            log.exception("journal: compaction at close failed; the next writer recovers the segments")
         with self._lock:
-            self._active.path.unlink(missing_ok=True)
-            self._active.close()
+            for segment in [self._active, *self._finished]:
+                if segment is not None:
+                    segment.close()  # releases the lock; a non-empty segment stays for recovery
+            if self._active is not None and not self._active.records:
+                self._active.path.unlink(missing_ok=True)
+            self._active, self._finished = None, []
+
+
+def _unavailable(e: OSError) -> StorageUnavailable:
+    why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted"}.get(e.errno, str(e))
+    return StorageUnavailable(f"feedback could not be stored durably ({why}); nothing was stored, retry later")
 
 
 def pending_records(directory: str | Path) -> list[dict[str, Any]]:

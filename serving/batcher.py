@@ -21,6 +21,14 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+class ItemFailed(Exception):
+    """Item ``index`` of a submitted request failed alone with ``error``."""
+
+    def __init__(self, index: int, error: Exception):
+        super().__init__(f"item {index}: {error}")
+        self.index, self.error = index, error
+
+
 class ContinuousBatcher(Generic[T, R]):
     """``length`` (optional) makes batching length-aware: see ``select_batch``; the oldest
     item always goes next, joined by the queued items (within ``window``) nearest in length.
@@ -62,7 +70,11 @@ class ContinuousBatcher(Generic[T, R]):
             self._queue.append((item, fut, now))
             futures.append(fut)
         self._wake.set()
-        return list(await asyncio.gather(*futures))
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        for i, result in enumerate(results):
+            if isinstance(result, Exception):
+                raise ItemFailed(i, result) from result
+        return list(results)
 
     async def _consume(self) -> None:
         while True:
@@ -84,15 +96,26 @@ class ContinuousBatcher(Generic[T, R]):
             if self._on_batch is not None:
                 now = time.monotonic()
                 self._on_batch([now - enqueued for _, _, enqueued in batch])
-            try:
-                results = await self._run_batch([item for item, _, _ in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
-            except Exception as e:  # noqa: BLE001 - each caller gets the batch's error
-                for _, fut, _ in batch:
-                    if not fut.done():
-                        fut.set_exception(e)
-                continue
-            for (_, fut, _), result in zip(batch, results, strict=True):
-                if not fut.done():
-                    fut.set_result(result)
+            await self._run_isolated(batch)
+
+    async def _run_isolated(self, batch: list[tuple[T, asyncio.Future, float]]) -> None:
+        """Run a batch; if it fails, run its halves, down to single items, so that only an
+        item that fails on its own gets an error and every other item its result. One bad
+        input among n costs about 2*log2(n) extra, ever smaller, batches; retrying each
+        item alone would cost n."""
+        try:
+            results = await self._run_batch([item for item, _, _ in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
+        except Exception as e:  # noqa: BLE001 - isolate, then the failing item gets its error
+            if len(batch) == 1:
+                if not batch[0][1].done():
+                    batch[0][1].set_exception(e)
+                return
+            half = len(batch) // 2
+            await self._run_isolated(batch[:half])
+            await self._run_isolated(batch[half:])
+            return
+        for (_, fut, _), result in zip(batch, results, strict=True):
+            if not fut.done():
+                fut.set_result(result)

@@ -8,11 +8,12 @@ only ever our own bug, never something a client sent.
 
 import asyncio
 import logging
+import threading
 import time
 from typing import Any
 
 import ray
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, StrictStr, model_validator
@@ -23,6 +24,8 @@ from cluster.config import TuneloopConfig
 from cluster.controller import CONTROLLER_NAME, CONTROLLER_NAMESPACE
 from cluster.errors import (
     Conflict,
+    Forbidden,
+    Overloaded,
     InvalidBody,
     InvalidLabel,
     MalformedJSON,
@@ -36,17 +39,30 @@ from cluster.errors import (
 )
 from cluster.jobs import JobStore
 from cluster.auth import KeyRing, RateLimiter
-from cluster.feedback_stats import feedback_stats
+from cluster.feedback_stats import FeedbackTally
+from cluster.idempotency import HEADER as IDEMPOTENCY_HEADER
+from cluster.idempotency import parse_key
 from cluster.records import FeedbackStore, PredictionLog, prediction_time
 from cluster.registry import Registry
 from cluster.storage import Storage
 from serving import metrics
 from serving.names import INGRESS_DEPLOYMENT, model_app_name, model_deployment_name
-from serving.predict_request import check_content_length, check_content_type, check_text_length, max_body_bytes
+from serving.predict_request import (
+    check_content_length,
+    check_content_type,
+    check_text_length,
+    check_unicode,
+    load_json,
+    max_body_bytes,
+    read_body,
+)
 
 log = logging.getLogger("ray.serve")
 READY_TIMEOUT_S = 5.0
 PREDICTION_LOG_SLACK_S = 1.0  # a flush's own time, beyond the replicas' flush interval
+# Feedback on ids younger than one flush waits for the log (asynchronously); past this many
+# such waits at once, more answer 503 at once: forged fresh ids cannot pile up.
+MAX_YOUNG_ID_WAITS = 256
 
 app = FastAPI(title="tuneloop", version="1")
 
@@ -74,6 +90,14 @@ class FeedbackRequest(BaseModel):
     model: StrictStr | None = None
     text: StrictStr | None = None
     label: StrictStr
+
+    @model_validator(mode="after")
+    def _valid_unicode(self) -> "FeedbackRequest":
+        for name in ("prediction_id", "model", "text", "label"):
+            value = getattr(self, name)
+            if value is not None:
+                check_unicode(value, name)  # the journal stores UTF-8; a lone surrogate is none
+        return self
 
     @model_validator(mode="after")
     def _one_form(self) -> "FeedbackRequest":
@@ -113,17 +137,51 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return JSONResponse({"error": {"code": "http_error", "message": str(exc.detail)}}, status_code=exc.status_code)
 
 
-@app.middleware("http")
-async def _check_body(request: Request, call_next):
-    try:
-        if request.method == "POST":
-            check_content_type(request.headers.get("content-type"))
-        limit = getattr(request.app.state, "max_body_bytes", None)
-        if limit is not None:
-            check_content_length(request.headers.get("content-length"), limit)
-    except TuneloopError as e:
-        return _error_response(e)
-    return await call_next(request)
+class BodyGuard:
+    """Every body is read here first, as the model replicas read theirs: capped while it
+    arrives (413), within ``body_timeout_s`` (408), and parsed once to refuse JSON nested
+    beyond what the parser can take (422), before FastAPI sees it. A plain ASGI middleware:
+    Starlette's ``BaseHTTPMiddleware`` cannot hand a body it has read on to the app."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        limit = getattr(app.state, "max_body_bytes", 1 << 20)
+
+        async def chunks():
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                yield message.get("body", b"")
+                if not message.get("more_body"):
+                    return
+
+        try:
+            check_content_type(headers.get("content-type"))
+            check_content_length(headers.get("content-length"), limit)
+            body = await read_body(chunks(), limit, getattr(app.state, "body_timeout_s", 10.0))
+            if body.strip():
+                load_json(body)
+        except TuneloopError as e:
+            return await _error_response(e)(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+app.add_middleware(BodyGuard)
 
 
 @serve.deployment(name=INGRESS_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0})
@@ -136,12 +194,19 @@ class Ingress:
         # The one feedback writer: recovers what a killed predecessor journalled, then
         # compacts the journal into Parquet in the background.
         self.feedback = FeedbackStore(storage, self.cfg.storage.journal_path())
-        self.feedback.open_writer(self.cfg.feedback.compact_interval_s)
+        # The statistics, counted once from what is stored, then kept up to date by each
+        # new record: a scrape costs the same whatever the amount of feedback.
+        self._tally_lock = threading.Lock()
+        self.tallies = {m.name: FeedbackTally(m.name).add_all(self.feedback.read_all(m.name)) for m in self.cfg.models}
+        self.feedback.open_writer(self.cfg.feedback.compact_interval_s, self.cfg.feedback.idempotency_ttl_s,
+                                  on_stored=self._feedback_stored)
+        self._young_id_waits = 0
         self.predictions = PredictionLog(storage)
         self.jobs = JobStore(storage)
         self.auth = KeyRing(self.cfg.auth, storage)
         self.feedback_limit = RateLimiter(self.cfg.auth.feedback_per_minute, self.cfg.auth.feedback_burst)
         app.state.max_body_bytes = max_body_bytes(self.cfg.serving)
+        app.state.body_timeout_s = self.cfg.serving.body_timeout_s
 
     def __del__(self):
         self.feedback.close()
@@ -155,6 +220,16 @@ class Ingress:
             return self.cfg.model(name)
         except KeyError:
             raise UnknownModel(name) from None
+
+    def _is_admin(self, authorization: str | None) -> bool:
+        """Whether the caller holds an admin key; no key is no admin, a bad key a 401."""
+        if authorization is None:
+            return False
+        try:
+            self.auth.check(authorization, "admin")
+        except Forbidden:
+            return False
+        return True
 
     def _controller(self):
         try:
@@ -185,12 +260,29 @@ class Ingress:
         return JSONResponse({"status": "ready", "models": versions})
 
     @app.get("/metrics")
-    async def prometheus(self) -> Response:
-        body = await asyncio.to_thread(metrics.render, self.jobs, self._running_replicas, self._all_feedback_stats)
+    async def prometheus(self, request: Request) -> Response:
+        """Operational series for anyone who can reach the port; the series derived from
+        feedback (online accuracy, labels) only for a key that may read feedback
+        statistics: Prometheus sends one as a bearer token (deploy/prometheus)."""
+        authorization = request.headers.get("authorization")
+        with_feedback = authorization is not None and self.auth.check(authorization, "feedback") is not None
+        body = await asyncio.to_thread(metrics.render, self.jobs, self._running_replicas,
+                                       self._all_feedback_stats if with_feedback else None)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def _all_feedback_stats(self) -> list[dict[str, Any]]:
-        return [feedback_stats(m.name, self.feedback.read_all(m.name)) for m in self.cfg.models]
+        with self._tally_lock:
+            return [tally.stats() for tally in self.tallies.values()]
+
+    def _feedback_stored(self, record: dict[str, Any]) -> None:
+        """Each newly stored record (never a repeated Idempotency-Key): statistics, the
+        counter, and the retrain trigger."""
+        with self._tally_lock:
+            self.tallies[record["model"]].add(record)
+        metrics.FEEDBACK.labels(record["model"]).inc()
+        controller = self._controller()
+        if controller is not None:
+            controller.record_feedback.remote(record["model"])  # fire and forget: the trigger
 
     def _running_replicas(self) -> dict[str, int]:
         apps = serve.status().applications
@@ -213,15 +305,19 @@ class Ingress:
         return {"models": await asyncio.to_thread(lambda: [self._summary(m.name) for m in self.cfg.models])}
 
     @app.get("/v1/models/{model}")
-    async def get_model(self, model: str) -> dict[str, Any]:
+    async def get_model(self, model: str, request: Request) -> dict[str, Any]:
+        """Versions' evaluation metrics and gate reasons are shown to admin keys only."""
+        admin = self._is_admin(request.headers.get("authorization"))
+
         def detail() -> dict[str, Any]:
             out = self._summary(model)
-            out["versions"] = [
-                {"version": v.version, "status": v.status, "parent": v.parent, "created_at": v.created_at,
-                 "metrics": v.metrics.model_dump() if v.metrics else None,
-                 "gate": v.gate.model_dump() if v.gate else None}
-                for v in self.registry.versions(model)
-            ]
+            out["versions"] = []
+            for v in self.registry.versions(model):
+                summary = {"version": v.version, "status": v.status, "parent": v.parent, "created_at": v.created_at}
+                if admin:
+                    summary["metrics"] = v.metrics.model_dump() if v.metrics else None
+                    summary["gate"] = v.gate.model_dump() if v.gate else None
+                out["versions"].append(summary)
             return out
 
         return await asyncio.to_thread(detail)
@@ -236,63 +332,80 @@ class Ingress:
 
     # -- feedback ------------------------------------------------------------------------
     @app.post("/v1/feedback", status_code=202)
-    async def post_feedback(self, body: FeedbackRequest, request: Request) -> dict[str, str]:
+    async def post_feedback(
+        self, body: FeedbackRequest, request: Request,
+        idempotency_key: str | None = Header(default=None, alias=IDEMPOTENCY_HEADER,
+                                             description="retry with the same key: stored once, same answer"),
+    ) -> dict[str, str]:
         key_id = self.auth.check(request.headers.get("authorization"), "feedback")
+        idempotency_key = parse_key(idempotency_key)
         # Per key; clients without one (feedback opened in the config) share one bucket.
         self.feedback_limit.take(key_id or "anonymous")
-        return await asyncio.to_thread(self._store_feedback, body, key_id)
+        fields = await self._feedback_fields(body)
+        return await asyncio.to_thread(self._store_feedback, body.label, fields, key_id, idempotency_key)
 
-    def _served(self, prediction_id: str) -> dict[str, Any]:
+    async def _served(self, prediction_id: str) -> dict[str, Any]:
         """The logged prediction. Replicas write their log once per flush interval, so an
-        id younger than that may not be on disk yet: wait out the interval, look again."""
+        id younger than that may not be on disk yet: wait out the interval (without holding
+        a thread), look again."""
         models = [m.name for m in self.cfg.models]
-        served = self.predictions.lookup(models, prediction_id)
+        served = await asyncio.to_thread(self.predictions.lookup, models, prediction_id)
         born = prediction_time(prediction_id)
         if served is None and born is not None:
             settle = self.cfg.predictions.flush_interval_s + PREDICTION_LOG_SLACK_S
             wait = born.timestamp() + settle - time.time()
             if 0 < wait <= settle:
-                time.sleep(wait)
-                served = self.predictions.lookup(models, prediction_id)
+                if self._young_id_waits >= MAX_YOUNG_ID_WAITS:
+                    raise Overloaded("too many feedback requests on predictions not yet logged; retry shortly")
+                self._young_id_waits += 1
+                try:
+                    await asyncio.sleep(wait)
+                finally:
+                    self._young_id_waits -= 1
+                served = await asyncio.to_thread(self.predictions.lookup, models, prediction_id)
         if served is None:
             hint = "" if self.cfg.predictions.sample_rate >= 1 else " (or it was not sampled into the log)"
             raise UnknownPrediction(prediction_id, hint)
         return served
 
-    def _store_feedback(self, body: FeedbackRequest, key_id: str | None) -> dict[str, str]:
+    async def _feedback_fields(self, body: FeedbackRequest) -> dict[str, Any]:
+        """The record's fields besides label and key: from the logged prediction, or as sent."""
         if body.prediction_id is not None:
-            served = self._served(body.prediction_id)
+            served = await self._served(body.prediction_id)
             model = self._model_cfg(served["model"])
-            fields = {"text": served["text"], "prediction_id": served["prediction_id"],
+            fields = {"model": model.name, "text": served["text"], "prediction_id": served["prediction_id"],
                       "version": served["version"], "predicted_label": served["label"],
                       "predicted_at": served["created_at"]}
         else:
             model = self._model_cfg(body.model)
             check_text_length(body.text, "text", self.cfg.serving.max_chars_per_input)
-            fields = {"text": body.text}
+            fields = {"model": model.name, "text": body.text}
         if body.label not in model.labels:
             raise InvalidLabel(model.name, body.label, model.labels)
-        feedback_id = self.feedback.append(model=model.name, label=body.label, key_id=key_id, **fields)
-        metrics.FEEDBACK.labels(model.name).inc()
-        controller = self._controller()
-        if controller is not None:
-            controller.record_feedback.remote(model.name)  # fire and forget: the trigger
+        return fields
+
+    def _store_feedback(self, label: str, fields: dict[str, Any], key_id: str | None,
+                        idempotency_key: str | None) -> dict[str, str]:
+        feedback_id = self.feedback.append(label=label, key_id=key_id, idempotency_key=idempotency_key, **fields)
         return {"feedback_id": feedback_id}
 
     # -- jobs ----------------------------------------------------------------------------
     @app.get("/v1/jobs/{job_id}")
-    async def get_job(self, job_id: str) -> dict[str, Any]:
+    async def get_job(self, job_id: str, request: Request) -> dict[str, Any]:
+        """Admins only: a job's record carries its error text and the gate's numbers."""
+        self.auth.check(request.headers.get("authorization"), "admin")
         job = await asyncio.to_thread(self.jobs.get, job_id)
         if job is None:
             raise UnknownJob(job_id)
-        return job.model_dump(include={"job_id", "model", "state", "version", "metrics", "error"})
+        return job.model_dump(include={"job_id", "model", "state", "version", "promoted", "message", "metrics", "error"})
 
     # -- feedback statistics -------------------------------------------------------------
     @app.get("/v1/models/{model}/feedback/stats")
     async def get_feedback_stats(self, model: str, request: Request) -> dict[str, Any]:
         self.auth.check(request.headers.get("authorization"), "feedback")
         self._model_cfg(model)
-        return await asyncio.to_thread(lambda: feedback_stats(model, self.feedback.read_all(model)))
+        with self._tally_lock:
+            return self.tallies[model].stats()
 
     # -- admin ---------------------------------------------------------------------------
     @app.post("/v1/models/{model}/retrain", status_code=202)
@@ -317,8 +430,10 @@ class Ingress:
             if manifest.status == "rejected" and not body.force:
                 raise Conflict(f"{body.version} was rejected by the gate ({manifest.gate.reason if manifest.gate else ''});"
                                ' send "force": true to promote it anyway')
-            return self._state_answer(model, self.registry.set_production(model, body.version, "promote",
-                                                                          f"by key {key_id}"))
+            labels = self._model_cfg(model).labels
+            if sorted(manifest.labels) != sorted(labels):
+                raise Conflict(f"{body.version} was trained for labels {manifest.labels}, the config has {labels}")
+            return self._state_answer(model, self.registry.promote(model, body.version, f"by key {key_id}"))
 
         return await asyncio.to_thread(switch)
 
@@ -326,15 +441,8 @@ class Ingress:
     async def rollback(self, model: str, request: Request, body: EmptyRequest | None = None) -> dict[str, Any]:
         key_id = self.auth.check(request.headers.get("authorization"), "admin")
         self._model_cfg(model)
-
-        def switch() -> dict[str, Any]:
-            target = self.registry.state(model).rollback_target()
-            if target is None:
-                raise Conflict(f"{model!r} has no earlier production version to roll back to")
-            return self._state_answer(model, self.registry.set_production(model, target, "rollback",
-                                                                          f"by key {key_id}"))
-
-        return await asyncio.to_thread(switch)
+        state = await asyncio.to_thread(self.registry.rollback, model, f"by key {key_id}")  # 409: nothing earlier
+        return self._state_answer(model, state)
 
     def _state_answer(self, model: str, state) -> dict[str, Any]:
         return {"model": model, "production": state.production, "canary": None, "shadow": None,

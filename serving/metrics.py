@@ -49,6 +49,10 @@ BATCH_TOKENS = Histogram(
     ["model", "version", "kind"], buckets=_TOKEN_BUCKETS,
 )
 FEEDBACK = Counter("tuneloop_feedback", "Feedback records accepted", ["model"])
+PREDICTION_LOG_DROPPED = Counter(
+    "tuneloop_prediction_log_dropped", "Prediction-log rows dropped (oldest first) while the log could not be written",
+    ["model"],
+)
 
 
 @contextmanager
@@ -112,13 +116,14 @@ class FeedbackStatsCollector:
 
 
 def render(jobs: JobStore, running_replicas: Callable[[], dict[str, int]],
-           feedback_stats: Callable[[], list[dict]]) -> bytes:
+           feedback_stats: Callable[[], list[dict]] | None) -> bytes:
     """The exposition text for GET /metrics: every process's metrics, training runs, replicas
-    and feedback statistics."""
+    and, when ``feedback_stats`` is given (the caller may read them), feedback statistics."""
     runs = CollectorRegistry()
     runs.register(TrainingRunsCollector(jobs))
     runs.register(ReplicasCollector(running_replicas))
-    runs.register(FeedbackStatsCollector(feedback_stats))
+    if feedback_stats is not None:
+        runs.register(FeedbackStatsCollector(feedback_stats))
     if os.environ.get(MULTIPROC_ENV):
         served = CollectorRegistry()
         multiprocess.MultiProcessCollector(served)

@@ -29,45 +29,75 @@ from starlette.responses import JSONResponse
 
 from cluster.auth import KeyRing
 from cluster.config import ServingConfig, TuneloopConfig
-from cluster.errors import MethodNotAllowed, NotFound, NotReady, Overloaded, TuneloopError
+from cluster.errors import InputRejected, MethodNotAllowed, NotFound, NotReady, Overloaded, TuneloopError
 from cluster.prediction_recorder import PredictionRecorder
 from cluster.records import PredictionLog, new_prediction_id
 from cluster.registry import Registry
 from cluster.storage import Storage
 from serving import metrics
-from serving.batcher import ContinuousBatcher
+from serving.batcher import ContinuousBatcher, ItemFailed
 from serving.batching_policy import AIMDPolicy, next_batch_size
-from serving.predict_request import PredictLimits, check_content_length, check_content_type, parse_predict_body
+from serving.predict_request import (
+    PredictLimits,
+    check_content_length,
+    check_content_type,
+    parse_predict_body,
+    read_body,
+)
 
 log = logging.getLogger("ray.serve")
 
 
+class LabelMismatch(ValueError):
+    """A version's checkpoint names other labels than the config: serving it would
+    mislabel answers (or fail on every predict), so it is refused at load."""
+
+
+def checkpoint_labels(id2label: dict, config_labels: list[str], version: str) -> list[str]:
+    """Labels in the checkpoint's own output order, checked against the config's set."""
+    labels = [id2label[i] for i in sorted(id2label, key=int)]
+    if sorted(labels) != sorted(config_labels):
+        raise LabelMismatch(
+            f"version {version}'s checkpoint has labels {labels}, the config {config_labels}; refusing to serve it"
+        )
+    return labels
+
+
 class LoadedModel:
-    """One version's tokenizer and weights, ready for batched forward passes."""
+    """One version's tokenizer and weights, ready for batched forward passes. Answers are
+    labelled with the checkpoint's own ``id2label`` (the order the head was trained in),
+    never by position in the config."""
 
     def __init__(self, path: str, version: str, labels: list[str], max_length: int):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.version = version
-        self.labels = labels
         self.max_length = max_length
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        self.labels = checkpoint_labels(self.model.config.id2label, labels, version)
 
     def predict(self, texts: list[str]) -> tuple[list[dict[str, Any]], int, int]:
-        """Results in order, and the batch's real and padded token counts."""
+        """Results in order, and the batch's real and padded token counts. An input the
+        tokenizer refuses, or one the model scores as NaN/inf, raises InputRejected: the
+        batcher then runs the batch in halves until that input stands alone."""
         import torch
 
-        enc = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
+        try:
+            enc = self.tokenizer(
+                texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+        except Exception as e:  # noqa: BLE001 - the tokenizer's errors come in many types
+            raise InputRejected(f"the tokenizer cannot take this input ({type(e).__name__}: {e})") from None
         tokens, padded = int(enc["attention_mask"].sum()), enc["attention_mask"].numel()
         enc = enc.to(self.device)
         with torch.inference_mode():
             probs = self.model(**enc).logits.float().softmax(-1).cpu()
+        if not bool(torch.isfinite(probs).all()):
+            raise InputRejected("the model produced non-finite scores for this input")
         out = []
         for row in probs.tolist():
             best = max(range(len(row)), key=row.__getitem__)
@@ -92,7 +122,8 @@ class ModelServer:
         self.registry = Registry(storage)
         p = cfg.predictions
         self.recorder = PredictionRecorder(PredictionLog(storage), model, p.sample_rate, p.flush_interval_s,
-                                           p.retention_days)
+                                           p.retention_days, max_buffered_rows=p.max_buffered_rows,
+                                           on_drop=metrics.PREDICTION_LOG_DROPPED.labels(model).inc)
         self._keys = KeyRing(cfg.auth, storage)
         torch.set_num_threads(max(1, math.ceil(self.serving.num_cpus_per_replica)))
         # One thread runs the model: forward passes never overlap, and the event loop stays
@@ -109,6 +140,7 @@ class ModelServer:
         self._in_flight = 0
         self._max_in_flight = in_flight_limit(self.serving)
         self._loaded: LoadedModel | None = None
+        self._refused: dict[str, str] = {}  # version -> why it cannot be served (versions are immutable)
         self._stop = threading.Event()
         self._sync_with_registry()
         self._watcher = threading.Thread(target=self._watch_registry, name="registry-watch", daemon=True)
@@ -117,10 +149,16 @@ class ModelServer:
     # -- versions ------------------------------------------------------------------------
     def _sync_with_registry(self) -> None:
         production = self.registry.production(self.cfg.name)
-        if production is None or (self._loaded and self._loaded.version == production):
+        if production is None or (self._loaded and self._loaded.version == production) or production in self._refused:
             return
         path = self.registry.local_path(self.cfg.name, production)
-        new = LoadedModel(path, production, self.cfg.labels, self.serving.max_length)
+        try:
+            new = LoadedModel(path, production, self.cfg.labels, self.serving.max_length)
+        except LabelMismatch as e:
+            self._refused[production] = str(e)
+            log.error("model %s: %s; still serving %s", self.cfg.name, e,
+                      self._loaded.version if self._loaded else "nothing")
+            return
         old, self._loaded = self._loaded, new  # one reference swap; running batches keep `old`
         log.info("model %s now serving %s (was %s)", self.cfg.name, production, old.version if old else None)
 
@@ -132,7 +170,8 @@ class ModelServer:
                 log.exception("model %s: could not load the new production version", self.cfg.name)
 
     def status(self) -> dict[str, Any]:
-        return {"model": self.cfg.name, "version": self._loaded.version if self._loaded else None}
+        return {"model": self.cfg.name, "version": self._loaded.version if self._loaded else None,
+                "refused": dict(self._refused)}
 
     # -- HTTP ------------------------------------------------------------------------------
     async def __call__(self, request: Request) -> JSONResponse:
@@ -146,10 +185,11 @@ class ModelServer:
             self._keys.check(request.headers.get("authorization"), "predict")
             check_content_type(request.headers.get("content-type"))
             check_content_length(request.headers.get("content-length"), self._limits.max_body_bytes)
-            texts = parse_predict_body(await request.body(), self._limits)
+            body = await read_body(request.stream(), self._limits.max_body_bytes, self.serving.body_timeout_s)
+            texts = parse_predict_body(body, self._limits)
             predictions = await self.predict(texts)
         except TuneloopError as e:
-            outcome = "rejected" if isinstance(e, Overloaded | NotReady) else "invalid"
+            outcome = "rejected" if e.status >= 500 else "invalid"  # 503s: overload, not ready, auth store
             metrics.REQUESTS.labels(model, "none", outcome).inc()
             return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
         except Exception:
@@ -166,13 +206,18 @@ class ModelServer:
     async def predict(self, texts: list[str]) -> list[dict[str, Any]]:
         """Predict a request's texts; they join the replica's batch queue together."""
         if self._loaded is None:
-            raise NotReady(f"model {self.cfg.name!r} has no production version loaded yet")
+            why = "; ".join(self._refused.values())
+            raise NotReady(f"model {self.cfg.name!r} has no production version loaded yet" + (f" ({why})" if why else ""))
         if self._in_flight >= self._max_in_flight:
             raise Overloaded(f"model {self.cfg.name!r} is at capacity ({self._in_flight} requests); retry shortly")
         timeout = self.serving.request_timeout_s
         self._in_flight += 1
         try:
             return await asyncio.wait_for(self._batcher.submit_many(texts), timeout)
+        except ItemFailed as failed:
+            if isinstance(failed.error, InputRejected):  # the input's fault, and this request's alone
+                raise InputRejected(f"inputs[{failed.index}]: {failed.error.message}") from None
+            raise failed.error from None
         except TimeoutError:
             raise Overloaded(f"model {self.cfg.name!r} did not answer within {timeout:g}s; retry shortly") from None
         finally:

@@ -2,13 +2,17 @@
 
 The model replica answers predict requests itself (see ``serving/app.py``), without FastAPI,
 so the checks that FastAPI and pydantic make for the other endpoints are made here, with
-the same errors: 415 for a body that is not JSON, 413 past the size limits, 400 for
-malformed JSON, 422 for a body of the wrong shape.
+the same errors: 415 for a body that is not JSON, 413 past the size limits (counted while
+the body is read), 408 for a body sent too slowly, 400 for malformed JSON, 422 for a body
+of the wrong shape, nested too deeply, or holding text that is not valid Unicode. The
+ingress reads its bodies through the same ``read_body`` and ``load_json``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from cluster.config import ServingConfig
@@ -18,6 +22,7 @@ from cluster.errors import (
     InvalidValue,
     MalformedJSON,
     PayloadTooLarge,
+    RequestTimeout,
     UnsupportedMediaType,
 )
 
@@ -59,14 +64,50 @@ def check_text_length(text: str, where: str, max_chars: int) -> None:
         raise PayloadTooLarge(f"{where} has {len(text)} characters; the limit is {max_chars}")
 
 
+def check_unicode(text: str, where: str) -> None:
+    """JSON may carry a lone surrogate (``"\\ud800"``) that decodes to a Python ``str`` but is
+    no Unicode text: tokenizers raise on it and UTF-8 cannot store it. Refuse it up front."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidValue(f"{where} is not valid Unicode text (a lone surrogate at character {e.start})") from None
+
+
+async def read_body(chunks: AsyncIterator[bytes], limit: int, timeout_s: float) -> bytes:
+    """The request body, counted while it arrives: past ``limit`` bytes it is refused at
+    once (413), so a chunked body with no Content-Length cannot fill a replica's memory,
+    and a sender slower than ``timeout_s`` for the whole body gets a 408."""
+
+    async def collect() -> bytes:
+        body = bytearray()
+        async for chunk in chunks:
+            body += chunk
+            if len(body) > limit:
+                raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+        return bytes(body)
+
+    try:
+        return await asyncio.wait_for(collect(), timeout_s)
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {timeout_s:g}s") from None
+
+
+def load_json(body: bytes):
+    """Parse JSON; a body nested too deeply for the parser is a client error (422), not
+    a RecursionError deep inside the server."""
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise MalformedJSON("the request body is not valid JSON") from None
+    except RecursionError:
+        raise InvalidBody("the JSON body is nested too deeply") from None
+
+
 def parse_predict_body(body: bytes, limits: PredictLimits) -> list[str]:
     """``{"inputs": ["text", ...]}`` -> the texts, or the TuneloopError that says why not."""
     if len(body) > limits.max_body_bytes:
         raise PayloadTooLarge(f"request body of {len(body)} bytes exceeds {limits.max_body_bytes}")
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise MalformedJSON("the request body is not valid JSON") from None
+    doc = load_json(body)
     if not isinstance(doc, dict):
         raise InvalidBody(f'the body must be a JSON object {{"inputs": [...]}}, not {type(doc).__name__}')
     extra = sorted(set(doc) - {"inputs"})
@@ -85,4 +126,5 @@ def parse_predict_body(body: bytes, limits: PredictLimits) -> list[str]:
         if not isinstance(text, str):
             raise InvalidBody(f"inputs[{i}] must be a string, not {type(text).__name__}")
         check_text_length(text, f"inputs[{i}]", limits.max_chars)
+        check_unicode(text, f"inputs[{i}]")
     return inputs

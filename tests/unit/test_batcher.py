@@ -2,7 +2,7 @@ import asyncio
 
 import pytest
 
-from serving.batcher import ContinuousBatcher
+from serving.batcher import ContinuousBatcher, ItemFailed
 
 
 def run(coro):
@@ -60,23 +60,57 @@ def test_batches_respect_the_limit_and_keep_order():
     assert sizes == [4, 4, 2]
 
 
-def test_errors_reach_every_caller_of_the_batch_and_the_loop_survives():
-    calls = 0
+def test_an_error_every_item_hits_reaches_every_caller_and_the_loop_survives():
+    broken = True
 
     async def model(items):
-        nonlocal calls
-        calls += 1
-        if calls == 1:
+        if broken:
             raise ValueError("boom")
         return items
 
     async def main():
+        nonlocal broken
         b = ContinuousBatcher(model, max_batch_size=8)
-        with pytest.raises(ValueError, match="boom"):
-            await b.submit_many([1, 2])
-        return await b.submit_many([3])
+        calls = [asyncio.create_task(b.submit_many([1, 2])), asyncio.create_task(b.submit_many([3]))]
+        for call in calls:
+            with pytest.raises(ItemFailed) as failed:
+                await call
+            assert isinstance(failed.value.error, ValueError) and failed.value.index == 0
+        broken = False
+        return await b.submit_many([4])
 
-    assert run(main()) == [3]
+    assert run(main()) == [4]
+
+
+def test_one_bad_item_fails_alone_and_its_batch_mates_succeed():
+    """A poisoned input co-batched with good ones: bisection finds it; only its request
+    fails, naming its position, and every other request gets its own answer."""
+    batches = []
+
+    async def model(items):
+        batches.append(list(items))
+        if "bad" in items:
+            raise ValueError("cannot tokenize")
+        return [x.upper() for x in items]
+
+    async def main():
+        b = ContinuousBatcher(model, max_batch_size=32)
+        blocker = asyncio.create_task(b.submit_many(["first"]))
+        await asyncio.sleep(0)  # the first batch runs; the rest queue up behind it
+        good = [asyncio.create_task(b.submit_many([f"g{i}", f"h{i}"])) for i in range(7)]
+        poisoned = asyncio.create_task(b.submit_many(["ok", "bad"]))
+        more = [asyncio.create_task(b.submit_many([f"m{i}"])) for i in range(6)]
+        await blocker
+        with pytest.raises(ItemFailed) as failed:
+            await poisoned
+        return failed.value, await asyncio.gather(*good), await asyncio.gather(*more)
+
+    failed, good, more = run(main())
+    assert failed.index == 1 and "cannot tokenize" in str(failed.error)
+    assert good == [[f"G{i}", f"H{i}"] for i in range(7)] and more == [[f"M{i}"] for i in range(6)]
+    assert len(batches[1]) == 22  # one batch held all of them, and failed
+    assert ["bad"] in batches  # isolated down to the single bad item
+    assert len(batches) <= 2 + 2 * 5  # bisection: about 2*log2(22) extra batches, not 22
 
 
 def test_cancelled_items_are_skipped():

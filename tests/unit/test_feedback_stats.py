@@ -42,3 +42,26 @@ def test_stats_count_labels_days_and_online_accuracy_per_version():
 def test_no_feedback_gives_zeros_not_errors():
     assert feedback_stats("m", []) == {"model": "m", "total": 0, "superseded": 0, "by_label": {},
                                        "by_version": {}, "by_day": {}}
+
+
+def test_the_running_tally_matches_a_full_recount_in_any_arrival_order():
+    import random
+
+    from cluster.feedback_stats import FeedbackTally
+
+    rng = random.Random(7)
+    rows = []
+    for i in range(300):
+        pid = f"p{rng.randrange(60)}" if rng.random() < 0.8 else None
+        version = rng.choice(["v1", "v2"]) if pid else None
+        rows.append(_row(str(i), rng.choice(["negative", "positive"]), pid=pid, version=version,
+                         predicted=rng.choice(["negative", "positive"]), day=rng.choice([21, 22]),
+                         minute=rng.randrange(60)))
+    expected = feedback_stats("m", rows)
+    for _ in range(5):
+        rng.shuffle(rows)
+        tally = FeedbackTally("m")
+        for row in rows:
+            tally.add(row)
+        assert tally.stats() == expected
+    assert expected["superseded"] == len(superseded(rows))

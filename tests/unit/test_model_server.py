@@ -1,0 +1,86 @@
+"""The model replica's decisions with a real tokenizer and a tiny real model, no Ray: a bad
+input fails its own request only, answers are labelled by the checkpoint, and a version
+whose labels disagree with the config is refused while the loaded one keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from cluster.config import parse_config
+from cluster.errors import InputRejected
+from cluster.registry import Manifest, Registry
+from cluster.storage import Storage
+from serving.model_server import LabelMismatch, ModelServer, checkpoint_labels
+from tests.tiny_models import build_tiny_model
+
+LABELS = ["negative", "positive"]
+
+
+def _publish(registry: Registry, weights: str) -> str:
+    manifest = registry.publish("sentiment", weights, Manifest(
+        version="pending", model="sentiment", parent=None, base_model=weights, task="text-classification",
+        labels=LABELS))
+    registry.promote("sentiment", manifest.version, reason="test")
+    return manifest.version
+
+
+@pytest.fixture
+def server(tmp_path):
+    weights = build_tiny_model(tmp_path / "tiny", LABELS)
+    cfg = parse_config({
+        "models": [{"name": "sentiment", "base_model": weights, "labels": LABELS}],
+        "storage": {"root": str(tmp_path / "store")},
+        "serving": {"max_batch_size": 32, "reload_interval_s": 600, "num_cpus_per_replica": 1},
+    })
+    registry = Registry(Storage(cfg.storage.root))
+    _publish(registry, weights)
+    replica = ModelServer(cfg.model_dump(), "sentiment")
+    yield replica, registry, tmp_path
+    replica.__del__()
+
+
+def test_a_bad_input_fails_its_own_request_and_its_batch_mates_succeed(server):
+    replica, _, _ = server
+
+    async def main():
+        good = [asyncio.create_task(replica.predict([f"good text {i}", "another"])) for i in range(12)]
+        bad = asyncio.create_task(replica.predict(["fine", "\ud800"]))  # the tokenizer raises on it
+        more = [asyncio.create_task(replica.predict([f"more {i}"])) for i in range(12)]
+        outcome = await asyncio.gather(bad, return_exceptions=True)
+        return outcome[0], await asyncio.gather(*good), await asyncio.gather(*more)
+
+    bad, good, more = asyncio.run(main())
+    assert isinstance(bad, InputRejected) and bad.status == 422 and bad.message.startswith("inputs[1]:")
+    assert all(len(r) == 2 and r[0]["version"] == "v1" for r in good)
+    assert all(len(r) == 1 for r in more)
+
+
+def test_answers_use_the_checkpoints_label_order(server):
+    replica, registry, tmp_path = server
+    # A head trained with the labels the other way round, and a bias that makes id 0 win.
+    reordered = build_tiny_model(tmp_path / "reordered", ["positive", "negative"], bias=[5.0, -5.0])
+    version = _publish(registry, reordered)
+    replica._sync_with_registry()
+    [answer] = asyncio.run(replica.predict(["anything"]))
+    assert answer["version"] == version and answer["label"] == "positive"  # id 0 of *this* checkpoint
+    assert answer["scores"]["positive"] > 0.99
+
+
+def test_a_version_with_other_labels_is_refused_and_the_loaded_one_keeps_serving(server):
+    replica, registry, tmp_path = server
+    three = build_tiny_model(tmp_path / "three", ["negative", "neutral", "positive"])
+    bad = _publish(registry, three)
+    replica._sync_with_registry()
+    assert replica.status()["version"] == "v1"
+    assert "neutral" in replica.status()["refused"][bad]
+    [answer] = asyncio.run(replica.predict(["still served"]))
+    assert answer["version"] == "v1"
+
+
+def test_checkpoint_labels_are_checked_as_a_set_and_kept_in_checkpoint_order():
+    assert checkpoint_labels({1: "a", 0: "b"}, ["a", "b"], "v1") == ["b", "a"]
+    assert checkpoint_labels({"0": "a", "1": "b"}, ["b", "a"], "v1") == ["a", "b"]
+    with pytest.raises(LabelMismatch, match=r"v3's checkpoint has labels \['LABEL_0', 'LABEL_1'\]"):
+        checkpoint_labels({0: "LABEL_0", 1: "LABEL_1"}, ["a", "b"], "v3")
