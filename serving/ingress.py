@@ -141,7 +141,14 @@ class BodyGuard:
     """Every body is read here first, as the model replicas read theirs: capped while it
     arrives (413), within ``body_timeout_s`` (408), and parsed once to refuse JSON nested
     beyond what the parser can take (422), before FastAPI sees it. A plain ASGI middleware:
-    Starlette's ``BaseHTTPMiddleware`` cannot hand a body it has read on to the app."""
+    Starlette's ``BaseHTTPMiddleware`` cannot hand a body it has read on to the app.
+
+    The limits are class attributes, set by ``Ingress.__init__``: Serve serves a pickled
+    copy of the FastAPI app and pickles the ingress class by value, so ``app.state`` set
+    there never reaches the app that answers; this class is imported by reference."""
+
+    max_body_bytes = 1 << 20
+    body_timeout_s = 10.0
 
     def __init__(self, app):
         self.app = app
@@ -150,7 +157,7 @@ class BodyGuard:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        limit = getattr(app.state, "max_body_bytes", 1 << 20)
+        limit = self.max_body_bytes
 
         async def chunks():
             while True:
@@ -164,7 +171,7 @@ class BodyGuard:
         try:
             check_content_type(headers.get("content-type"))
             check_content_length(headers.get("content-length"), limit)
-            body = await read_body(chunks(), limit, getattr(app.state, "body_timeout_s", 10.0))
+            body = await read_body(chunks(), limit, self.body_timeout_s)
             if body.strip():
                 load_json(body)
         except TuneloopError as e:
@@ -205,8 +212,8 @@ class Ingress:
         self.jobs = JobStore(storage)
         self.auth = KeyRing(self.cfg.auth, storage)
         self.feedback_limit = RateLimiter(self.cfg.auth.feedback_per_minute, self.cfg.auth.feedback_burst)
-        app.state.max_body_bytes = max_body_bytes(self.cfg.serving)
-        app.state.body_timeout_s = self.cfg.serving.body_timeout_s
+        BodyGuard.max_body_bytes = max_body_bytes(self.cfg.serving)
+        BodyGuard.body_timeout_s = self.cfg.serving.body_timeout_s
 
     def __del__(self):
         self.feedback.close()

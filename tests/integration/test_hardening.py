@@ -117,9 +117,19 @@ def test_a_slow_sender_gets_408(hardened, path):
         time.sleep(BODY_TIMEOUT_S + 1.5)
         return 12
 
+    start = time.monotonic()
     status, _ = _raw_request(hardened["port"], _post_head(path, "Content-Length: 1000\r\n"), trickle)
     assert status == 408
+    assert time.monotonic() - start < BODY_TIMEOUT_S + 4  # the configured deadline, not a default
     assert _predict_ok(hardened["url"])
+
+
+def test_the_configured_body_limit_holds_at_the_ingress(hardened):
+    """A feedback body past serving's byte limit (about 14 KB here), whatever it holds, is a
+    413 before any field is looked at."""
+    body = {"model": "sentiment", "text": "x", "label": "positive", "padding": "y" * 20_000}
+    r = httpx.post(f"{hardened['url']}/v1/feedback", json=body, headers=bearer(FEEDBACK_KEY))
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
 
 
 @pytest.mark.parametrize("path", ["/v1/models/sentiment/predict", "/v1/feedback"])
