@@ -22,6 +22,7 @@ run: $(STAMP)
 	$(BIN)/tuneloop run
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q -p no:cacheprovider -m "not slow" tests
 
 # kill -9 during a feedback flood, then count: minutes, so kept out of `make test`.

@@ -24,8 +24,8 @@ import pyarrow as pa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cluster.records import FEEDBACK_SCHEMA, FeedbackStore  # noqa: E402
-from cluster.storage import Storage  # noqa: E402
+from tuneloop.store.records import FEEDBACK_SCHEMA, FeedbackStore  # noqa: E402
+from tuneloop.store.storage import Storage  # noqa: E402
 
 
 def _row(i: int) -> dict:

@@ -36,8 +36,8 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cluster.records import PREDICTION_SCHEMA, PredictionLog, prediction_time  # noqa: E402
-from cluster.storage import Storage  # noqa: E402
+from tuneloop.store.records import PREDICTION_SCHEMA, PredictionLog, prediction_time  # noqa: E402
+from tuneloop.store.storage import Storage  # noqa: E402
 
 MODEL = "bench"
 DAY = datetime(2026, 6, 15, tzinfo=UTC)

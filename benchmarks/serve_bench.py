@@ -36,7 +36,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serving.fast_path import enable_fast_path, free_port  # noqa: E402
+from tuneloop.serving.fast_path import enable_fast_path, free_port  # noqa: E402
 
 enable_fast_path(private_haproxy_ports=True)  # before ray is imported
 
@@ -72,7 +72,7 @@ def prepare_model(source: str, workdir: Path) -> str:
     """A sequence-classification checkpoint of ``source`` (a fresh head if it has none)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from cluster.model_source import resolve_model_source
+    from tuneloop.core.model_source import resolve_model_source
 
     path = resolve_model_source(source)
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -226,7 +226,7 @@ def naive_app(model_dir: str, threads: int, max_length: int):
 
 
 def cfg_target(args) -> str:
-    from cluster.config import ServingConfig
+    from tuneloop.core.config import ServingConfig
 
     return f"{args.target_batch_latency or ServingConfig().target_batch_latency_s:g}s"
 
@@ -253,9 +253,9 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from cluster.config import parse_config
-    from cluster.server import wait_ready
-    from serving.app import deploy, undeploy
+    from tuneloop.core.config import parse_config
+    from tuneloop.control.server import wait_ready
+    from tuneloop.serving.app import deploy, undeploy
     from tests.integration.conftest import publish_version
 
     rng = random.Random(0)

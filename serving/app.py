@@ -14,11 +14,11 @@ import time
 import ray
 from ray import serve
 
-from cluster.config import TuneloopConfig
-from serving.ingress import Ingress
-from serving.metrics import MULTIPROC_ENV
-from serving.model_server import ModelServer, in_flight_limit
-from serving.names import INGRESS_APP, model_app_name, model_deployment_name, predict_route
+from tuneloop.core.config import TuneloopConfig
+from tuneloop.serving.ingress import Ingress
+from tuneloop.serving.metrics import MULTIPROC_ENV
+from tuneloop.serving.model_server import ModelServer, in_flight_limit
+from tuneloop.core.names import INGRESS_APP, model_app_name, model_deployment_name, predict_route
 
 
 def _cores(cfg: TuneloopConfig) -> int:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
-from serving.batching_policy import select_batch
+from tuneloop.core.batching_policy import select_batch
 
 T = TypeVar("T")
 R = TypeVar("R")

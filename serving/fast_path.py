@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 
-from cluster.storage import private_temp_dir
+from tuneloop.store.storage import private_temp_dir
 
 FAST_PATH_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",

@@ -20,9 +20,9 @@ from pydantic import BaseModel, ConfigDict, StrictStr, model_validator
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.config import TuneloopConfig
-from cluster.controller import CONTROLLER_NAME, CONTROLLER_NAMESPACE
-from cluster.errors import (
+from tuneloop.core.config import TuneloopConfig
+from tuneloop.core.names import CONTROLLER_NAME, CONTROLLER_NAMESPACE
+from tuneloop.core.errors import (
     Conflict,
     Forbidden,
     Overloaded,
@@ -37,17 +37,18 @@ from cluster.errors import (
     UnknownModel,
     UnknownPrediction,
 )
-from cluster.jobs import JobStore
-from cluster.auth import KeyRing, RateLimiter
-from cluster.feedback_stats import FeedbackTally
-from cluster.idempotency import HEADER as IDEMPOTENCY_HEADER
-from cluster.idempotency import parse_key
-from cluster.records import FeedbackStore, PredictionLog, prediction_time
-from cluster.registry import Registry
-from cluster.storage import Storage
-from serving import metrics
-from serving.names import INGRESS_DEPLOYMENT, model_app_name, model_deployment_name
-from serving.predict_request import (
+from tuneloop.store.jobs import JobStore
+from tuneloop.core.auth import RateLimiter
+from tuneloop.store.keys import KeyRing
+from tuneloop.core.feedback_stats import FeedbackTally
+from tuneloop.core.idempotency import HEADER as IDEMPOTENCY_HEADER
+from tuneloop.core.idempotency import parse_key
+from tuneloop.store.records import FeedbackStore, PredictionLog, prediction_time
+from tuneloop.store.registry import Registry
+from tuneloop.store.storage import Storage
+from tuneloop.serving import metrics
+from tuneloop.core.names import INGRESS_DEPLOYMENT, model_app_name, model_deployment_name
+from tuneloop.serving.predict_request import (
     check_content_length,
     check_content_type,
     check_text_length,

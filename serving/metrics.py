@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from cluster.jobs import JobStore
+from tuneloop.store.jobs import JobStore
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 

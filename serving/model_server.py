@@ -27,17 +27,17 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from cluster.auth import KeyRing
-from cluster.config import ServingConfig, TuneloopConfig
-from cluster.errors import InputRejected, MethodNotAllowed, NotFound, NotReady, Overloaded, TuneloopError
-from cluster.prediction_recorder import PredictionRecorder
-from cluster.records import PredictionLog, new_prediction_id
-from cluster.registry import Registry
-from cluster.storage import Storage
-from serving import metrics
-from serving.batcher import ContinuousBatcher, ItemFailed
-from serving.batching_policy import AIMDPolicy, next_batch_size
-from serving.predict_request import (
+from tuneloop.store.keys import KeyRing
+from tuneloop.core.config import ServingConfig, TuneloopConfig
+from tuneloop.core.errors import InputRejected, MethodNotAllowed, NotFound, NotReady, Overloaded, TuneloopError
+from tuneloop.store.prediction_recorder import PredictionRecorder
+from tuneloop.store.records import PredictionLog, new_prediction_id
+from tuneloop.store.registry import Registry
+from tuneloop.store.storage import Storage
+from tuneloop.serving import metrics
+from tuneloop.serving.batcher import ContinuousBatcher, ItemFailed
+from tuneloop.core.batching_policy import AIMDPolicy, next_batch_size
+from tuneloop.serving.predict_request import (
     PredictLimits,
     check_content_length,
     check_content_type,

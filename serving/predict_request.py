@@ -15,8 +15,8 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from cluster.config import ServingConfig
-from cluster.errors import (
+from tuneloop.core.config import ServingConfig
+from tuneloop.core.errors import (
     InvalidBody,
     InvalidRequest,
     InvalidValue,

@@ -25,17 +25,17 @@ from ray.data.expressions import col
 from ray.train import DataConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from cluster.config import ModelConfig, TuneloopConfig
-from cluster.feedback_stats import superseded
-from cluster.gate import evaluate_gate
-from cluster.jobs import Heartbeat, JobRecord, JobRunning, JobStore, promote_or_wait, take_lease
-from cluster.model_source import resolve_model_source
-from cluster.records import FeedbackStore
-from cluster.registry import EvalMetrics, GateResult, Manifest, Registry
-from cluster.storage import Storage
-from serving.names import INGRESS_APP, INGRESS_DEPLOYMENT
-from training.data import file_sha256, is_held_out, seed_format
-from training.loop import train_loop_per_worker
+from tuneloop.core.config import ModelConfig, TuneloopConfig
+from tuneloop.core.feedback_stats import superseded
+from tuneloop.core.gate import evaluate_gate
+from tuneloop.store.jobs import Heartbeat, JobRecord, JobRunning, JobStore, promote_or_wait, take_lease
+from tuneloop.core.model_source import resolve_model_source
+from tuneloop.store.records import FeedbackStore
+from tuneloop.store.registry import EvalMetrics, GateResult, Manifest, Registry
+from tuneloop.store.storage import Storage
+from tuneloop.core.names import INGRESS_APP, INGRESS_DEPLOYMENT
+from tuneloop.training.data import file_sha256, is_held_out, seed_format
+from tuneloop.training.loop import train_loop_per_worker
 
 log = logging.getLogger(__name__)
 

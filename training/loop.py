@@ -13,8 +13,8 @@ import time
 from contextlib import nullcontext
 from typing import Any
 
-from training.deepspeed_config import build_deepspeed_config
-from training.metrics import classification_metrics
+from tuneloop.training.deepspeed_config import build_deepspeed_config
+from tuneloop.training.metrics import classification_metrics
 
 EVAL_BATCH_SIZE = 64
 

@@ -10,16 +10,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving.fast_path import enable_fast_path, free_port
+from tuneloop.serving.fast_path import enable_fast_path, free_port
 
 enable_fast_path(private_haproxy_ports=True)  # the data path users get; before ray is imported
 
 from dataclasses import asdict
 
-from cluster.auth import new_key
-from cluster.config import TuneloopConfig, parse_config
-from cluster.registry import Manifest, Registry
-from cluster.storage import Storage
+from tuneloop.core.auth import new_key
+from tuneloop.core.config import TuneloopConfig, parse_config
+from tuneloop.store.registry import Manifest, Registry
+from tuneloop.store.storage import Storage
 from tests.tiny_models import build_tiny_model
 
 LABELS = ["negative", "positive"]

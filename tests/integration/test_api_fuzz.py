@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from cluster.server import wait_ready
+from tuneloop.control.server import wait_ready
 from tests.integration.conftest import ADMIN_KEY, FEEDBACK_KEY, bearer, make_config, publish_version
 
 EXAMPLES = 40  # per operation and mode
@@ -18,7 +18,7 @@ EXAMPLES = 40  # per operation and mode
 
 @pytest.fixture(scope="module")
 def api(ray_session, serve_port, metrics_dir, tiny_model, tmp_path_factory):
-    from serving.app import deploy, undeploy
+    from tuneloop.serving.app import deploy, undeploy
 
     cfg = make_config(tmp_path_factory.mktemp("fuzz-store"), tiny_model, None,
                       auth={"feedback_per_minute": 1e6, "feedback_burst": 10_000})

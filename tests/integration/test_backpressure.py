@@ -10,12 +10,12 @@ import time
 import httpx
 import pytest
 
-from cluster.server import wait_ready
+from tuneloop.control.server import wait_ready
 from tests.integration.conftest import make_config, publish_version
 
 
 def _deploy(cfg, metrics_dir, port):
-    from serving.app import deploy
+    from tuneloop.serving.app import deploy
 
     publish_version(cfg, cfg.models[0].base_model)
     deploy(cfg, metrics_dir)
@@ -34,7 +34,7 @@ async def _flood(url: str, n: int) -> list[httpx.Response]:
 
 @pytest.fixture
 def tight(ray_session, serve_port, metrics_dir, tiny_model, tmp_path):
-    from serving.app import undeploy
+    from tuneloop.serving.app import undeploy
 
     # One text per batch, 4 in flight, 1 queued: a burst of 60 requests of 8 texts overflows.
     cfg = make_config(tmp_path / "store", tiny_model, None,
@@ -63,7 +63,7 @@ def test_full_queue_answers_503_with_retry_after_then_recovers(tight):
 
 @pytest.fixture
 def impatient(ray_session, serve_port, metrics_dir, tiny_model, tmp_path):
-    from serving.app import undeploy
+    from tuneloop.serving.app import undeploy
 
     cfg = make_config(tmp_path / "store", tiny_model, None, serving={"request_timeout_s": 0.001})
     yield _deploy(cfg, metrics_dir, serve_port)
@@ -79,7 +79,7 @@ def test_request_past_its_timeout_gets_503(impatient):
 
 @pytest.fixture
 def elastic(ray_session, serve_port, metrics_dir, tiny_model, tmp_path):
-    from serving.app import undeploy
+    from tuneloop.serving.app import undeploy
 
     # One text per batch and a target of one request per replica: any load scales out.
     cfg = make_config(tmp_path / "store", tiny_model, None, serving={

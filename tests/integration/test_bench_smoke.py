@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from serving.fast_path import HAPROXY_PORT_VARS
+from tuneloop.serving.fast_path import HAPROXY_PORT_VARS
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -25,8 +25,8 @@ import pyarrow.dataset as pads
 import pytest
 import yaml
 
-from cluster.server import wait_ready
-from serving.fast_path import HAPROXY_PORT_VARS, free_port
+from tuneloop.control.server import wait_ready
+from tuneloop.serving.fast_path import HAPROXY_PORT_VARS, free_port
 from tests.integration.conftest import FEEDBACK_KEY, LABELS, bearer, make_config, publish_version
 from tests.tiny_models import build_tiny_model
 

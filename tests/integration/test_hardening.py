@@ -17,7 +17,7 @@ import httpx
 import pyarrow.dataset as pads
 import pytest
 
-from cluster.server import wait_ready
+from tuneloop.control.server import wait_ready
 from tests.integration.conftest import FEEDBACK_KEY, bearer, make_config, publish_version
 
 BODY_TIMEOUT_S = 1.0
@@ -34,7 +34,7 @@ def _mount_small_disk(path) -> bool:
 
 @pytest.fixture(scope="module")
 def hardened(ray_session, serve_port, metrics_dir, tiny_model, tmp_path_factory):
-    from serving.app import deploy, undeploy
+    from tuneloop.serving.app import deploy, undeploy
 
     base = tmp_path_factory.mktemp("hardening")
     small = base / "small-disk"
@@ -197,7 +197,7 @@ def test_a_retried_idempotency_key_stores_once_and_answers_the_same(hardened):
 
 
 def test_a_full_disk_answers_503_stores_every_202_exactly_once_and_recovers(hardened):
-    from serving.app import undeploy
+    from tuneloop.serving.app import undeploy
 
     if hardened["small"] is None:
         pytest.skip("cannot mount a tmpfs here; tests/unit/test_journal_faults.py injects the same faults")

@@ -8,8 +8,8 @@ import time
 import httpx
 import pytest
 
-from cluster.jobs import JobStore
-from cluster.storage import Storage
+from tuneloop.store.jobs import JobStore
+from tuneloop.store.storage import Storage
 from tests.integration.conftest import ADMIN_KEY, FEEDBACK_KEY, bearer, make_config
 
 TRIGGER_EVERY = 4
@@ -19,9 +19,9 @@ TRIGGER_EVERY = 4
 def loop(ray_session, serve_port, metrics_dir, tiny_model, seed_tsv, tmp_path):
     import ray
 
-    from cluster.controller import CONTROLLER_NAME, CONTROLLER_NAMESPACE
-    from cluster.server import bootstrap_versions, start_serving, wait_ready
-    from serving.app import undeploy
+    from tuneloop.core.names import CONTROLLER_NAME, CONTROLLER_NAMESPACE
+    from tuneloop.control.server import bootstrap_versions, start_serving, wait_ready
+    from tuneloop.serving.app import undeploy
 
     # No background compaction: the job itself must ask the ingress to compact its journal.
     cfg = make_config(tmp_path / "store", tiny_model, seed_tsv, training={"max_steps": 2},
@@ -76,7 +76,7 @@ def test_feedback_triggers_a_new_version_that_takes_over(loop):
         job = triggered[0]
         # The job trained on all four records, though none was compacted by the clock: the
         # job asked the ingress (through a Serve handle) to compact first.
-        from cluster.registry import Registry
+        from tuneloop.store.registry import Registry
 
         if job.version:
             assert Registry(Storage(cfg.storage.root)).manifest("sentiment", job.version).data["feedback"]["rows"] == 4

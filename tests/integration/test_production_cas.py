@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from cluster.jobs import JobStore
-from cluster.registry import Registry
-from cluster.storage import Storage
+from tuneloop.store.jobs import JobStore
+from tuneloop.store.registry import Registry
+from tuneloop.store.storage import Storage
 from tests.integration.conftest import LABELS, make_config, publish_version
 from tests.tiny_models import build_tiny_model
 
@@ -37,7 +37,7 @@ def _with_v1_v2(tmp_path, biased_model, seed_tsv):
 
 def test_rollback_during_a_retrain_stands_and_the_new_version_waits(ray_session, biased_model, seed_tsv, tmp_path,
                                                                     monkeypatch):
-    from training.launcher import run_training
+    from tuneloop.training.launcher import run_training
 
     cfg = _with_v1_v2(tmp_path, biased_model, seed_tsv)
     storage = Storage(cfg.storage.root)
@@ -87,8 +87,8 @@ def test_rollback_during_a_retrain_stands_and_the_new_version_waits(ray_session,
 def test_killed_training_process_is_reported_failed_and_frees_the_model(ray_session, biased_model, seed_tsv, tmp_path):
     import ray
 
-    from cluster.controller import RetrainController, _train_job
-    from training.launcher import run_training
+    from tuneloop.control.controller import RetrainController, _train_job
+    from tuneloop.training.launcher import run_training
 
     cfg = _with_v1_v2(tmp_path, biased_model, seed_tsv)
     storage = Storage(cfg.storage.root)

@@ -10,7 +10,7 @@ import httpx
 import pyarrow.dataset as pads
 import pytest
 
-from cluster.server import wait_ready
+from tuneloop.control.server import wait_ready
 from tests.integration.conftest import (
     ADMIN_KEY,
     FEEDBACK_KEY,
@@ -26,7 +26,7 @@ JSON = {"Content-Type": "application/json"}
 
 @pytest.fixture(scope="module")
 def app(ray_session, serve_port, metrics_dir, tiny_model, tmp_path_factory):
-    from serving.app import deploy, undeploy
+    from tuneloop.serving.app import deploy, undeploy
 
     root = tmp_path_factory.mktemp("serving-store")
     cfg = make_config(root, tiny_model, None, auth={"feedback_burst": 20, "feedback_per_minute": 60})
@@ -261,8 +261,8 @@ def test_second_feedback_on_a_prediction_wins_and_stats_count_it(app):
 
 def test_feedback_rate_limit_per_key(app):
     url = app["url"]
-    from cluster.auth import add_stored_key
-    from cluster.storage import Storage
+    from tuneloop.store.keys import add_stored_key
+    from tuneloop.store.storage import Storage
 
     flood_key = add_stored_key(Storage(app["cfg"].storage.root), "feedback")  # picked up within seconds
     time.sleep(6)

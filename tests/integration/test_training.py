@@ -7,16 +7,16 @@ import json
 
 import pytest
 
-from cluster.jobs import JobStore
-from cluster.records import FeedbackStore
-from cluster.registry import Registry
-from cluster.storage import Storage
+from tuneloop.store.jobs import JobStore
+from tuneloop.store.records import FeedbackStore
+from tuneloop.store.registry import Registry
+from tuneloop.store.storage import Storage
 from tests.integration.conftest import make_config
 
 
 @pytest.fixture(scope="module")
 def trained(ray_session, tiny_model, seed_tsv, tmp_path_factory):
-    from training.launcher import run_training
+    from tuneloop.training.launcher import run_training
 
     root = tmp_path_factory.mktemp("train-store")
     cfg = make_config(root, tiny_model, seed_tsv, training={"max_steps": 2, "zero_stage": 2})
@@ -90,7 +90,7 @@ def test_job_records(trained):
 
 
 def test_failed_job_is_recorded_not_raised(ray_session, tiny_model, tmp_path):
-    from training.launcher import run_training
+    from tuneloop.training.launcher import run_training
 
     bad_seed = tmp_path / "bad.tsv"
     bad_seed.write_text("text\tlabel\ngreat\tpositive\nawful\tneutral\n")

@@ -7,27 +7,29 @@ import os
 
 import pytest
 
-from cluster.auth import (
+from tuneloop.core.auth import (
     KEYS_ENV,
     Authorizer,
     KeyFileError,
-    KeyRing,
     RateLimiter,
     RevokeError,
-    add_stored_key,
-    ensure_admin_key,
     keys_from_doc,
     keys_from_env,
     new_key,
-    read_key_file,
-    revoke_stored_key,
-    save_admin_key,
     stored_keys_doc,
     without_key,
 )
-from cluster.config import ApiKeyConfig, AuthConfig
-from cluster.errors import Forbidden, KeyStoreUnavailable, RateLimited, TuneloopError, Unauthorized
-from cluster.storage import Storage
+from tuneloop.store.keys import (
+    KeyRing,
+    add_stored_key,
+    ensure_admin_key,
+    read_key_file,
+    revoke_stored_key,
+    save_admin_key,
+)
+from tuneloop.core.config import ApiKeyConfig, AuthConfig
+from tuneloop.core.errors import Forbidden, KeyStoreUnavailable, RateLimited, TuneloopError, Unauthorized
+from tuneloop.store.storage import Storage
 
 
 def test_keys_are_stored_hashed_and_checked_by_role():
@@ -266,8 +268,8 @@ def test_the_first_admin_key_goes_to_a_private_file(storage):
 
 
 def test_run_stops_before_anything_starts_on_a_bad_key_file(storage):
-    from cluster.config import parse_config
-    from cluster.server import run_forever
+    from tuneloop.core.config import parse_config
+    from tuneloop.control.server import run_forever
 
     storage.write_bytes_atomic("auth/keys.json", b'{"keys": [{"id": "nothex!!"}]}')
     cfg = parse_config({"models": [{"name": "m", "base_model": "some/model", "labels": ["a", "b"]}],
@@ -278,8 +280,8 @@ def test_run_stops_before_anything_starts_on_a_bad_key_file(storage):
 
 
 def test_run_prints_where_the_first_admin_key_is_never_the_key(storage, capsys):
-    from cluster.config import parse_config
-    from cluster.server import announce_admin_key
+    from tuneloop.core.config import parse_config
+    from tuneloop.control.server import announce_admin_key
 
     cfg = parse_config({"models": [{"name": "m", "base_model": "some/model", "labels": ["a", "b"]}],
                         "storage": {"root": storage.root}})

@@ -2,7 +2,7 @@ import asyncio
 
 import pytest
 
-from serving.batcher import ContinuousBatcher, ItemFailed
+from tuneloop.serving.batcher import ContinuousBatcher, ItemFailed
 
 
 def run(coro):

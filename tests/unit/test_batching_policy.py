@@ -1,6 +1,6 @@
 import pytest
 
-from serving.batching_policy import AIMDPolicy, next_batch_size
+from tuneloop.core.batching_policy import AIMDPolicy, next_batch_size
 
 
 def test_grows_additively_while_full_and_fast():
@@ -50,7 +50,7 @@ def test_invalid_policies_name_the_value(kwargs, fragment):
 
 
 def test_select_batch_keeps_the_oldest_and_groups_by_length():
-    from serving.batching_policy import select_batch
+    from tuneloop.core.batching_policy import select_batch
 
     lengths = [10, 200, 12, 9, 180, 11, 50]
     assert select_batch(lengths, 4) == [0, 2, 3, 5]  # 10 with 12, 9, 11

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import ConfigError, load_config, parse_config
+from tuneloop.core.config import ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = {"name": "sentiment", "base_model": "some/model", "labels": ["negative", "positive"]}

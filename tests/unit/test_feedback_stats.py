@@ -1,6 +1,6 @@
 from datetime import UTC, datetime
 
-from cluster.feedback_stats import feedback_stats, superseded
+from tuneloop.core.feedback_stats import feedback_stats, superseded
 
 
 def _row(fid, label, *, pid=None, version=None, predicted=None, day=22, minute=0):
@@ -47,7 +47,7 @@ def test_no_feedback_gives_zeros_not_errors():
 def test_the_running_tally_matches_a_full_recount_in_any_arrival_order():
     import random
 
-    from cluster.feedback_stats import FeedbackTally
+    from tuneloop.core.feedback_stats import FeedbackTally
 
     rng = random.Random(7)
     rows = []

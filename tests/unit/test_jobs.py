@@ -5,10 +5,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from cluster.errors import Conflict
-from cluster.jobs import Heartbeat, JobRecord, JobRunning, JobStore, promote_or_wait, take_lease
-from cluster.registry import Manifest, Registry
-from cluster.storage import Storage
+from tuneloop.core.errors import Conflict
+from tuneloop.store.jobs import Heartbeat, JobRecord, JobRunning, JobStore, promote_or_wait, take_lease
+from tuneloop.store.registry import Manifest, Registry
+from tuneloop.store.storage import Storage
 
 T0 = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -261,7 +261,7 @@ def test_job_leaves_its_version_as_candidate_after_a_rollback(registry, jobs, ca
     job = _job(jobs)  # trains from v2...
     registry.rollback("m", reason="operator: v2 is bad")  # ...while v2 is rolled back
     before = registry.state("m")
-    with caplog.at_level("INFO", logger="cluster.jobs"):
+    with caplog.at_level("INFO", logger="tuneloop.store.jobs"):
         promote_or_wait(registry, job, "v3", parent="v2", reason="accuracy up")
     state = registry.state("m")
     assert state.production == "v1"  # the rollback stands

@@ -11,8 +11,8 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from cluster.journal import Journal, decode_line, encode_line, pending_records, read_segment, records_to_table
-from cluster.storage import Storage
+from tuneloop.store.journal import Journal, decode_line, encode_line, pending_records, read_segment, records_to_table
+from tuneloop.store.storage import Storage
 
 SCHEMA = pa.schema([("id", pa.string()), ("model", pa.string()), ("at", pa.timestamp("ms", tz="UTC"))])
 
@@ -81,8 +81,8 @@ def test_a_dead_writers_segments_are_recovered_and_a_live_writers_left_alone(tmp
         import os, sys, signal
         from datetime import datetime, UTC
         sys.path.insert(0, {os.getcwd()!r})
-        from cluster.journal import Journal
-        from cluster.storage import Storage
+        from tuneloop.store.journal import Journal
+        from tuneloop.store.storage import Storage
         j = Journal({str(jdir)!r}, Storage({str(storage_root)!r}), None, None)
         for i in range(50):
             j.append({{"id": f"{{sys.argv[1]}}{{i}}", "model": "m", "at": datetime(2026, 11, 22, tzinfo=UTC)}})

@@ -11,9 +11,9 @@ import uuid
 
 import pytest
 
-from cluster.errors import StorageUnavailable
-from cluster.journal import Journal, pending_records, records_to_table
-from cluster.storage import Storage
+from tuneloop.core.errors import StorageUnavailable
+from tuneloop.store.journal import Journal, pending_records, records_to_table
+from tuneloop.store.storage import Storage
 from tests.unit.test_journal import SCHEMA, _journal, _record, _stored_ids
 
 

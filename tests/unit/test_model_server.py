@@ -8,11 +8,11 @@ import asyncio
 
 import pytest
 
-from cluster.config import parse_config
-from cluster.errors import InputRejected
-from cluster.registry import Manifest, Registry
-from cluster.storage import Storage
-from serving.model_server import LabelMismatch, ModelServer, checkpoint_labels
+from tuneloop.core.config import parse_config
+from tuneloop.core.errors import InputRejected
+from tuneloop.store.registry import Manifest, Registry
+from tuneloop.store.storage import Storage
+from tuneloop.serving.model_server import LabelMismatch, ModelServer, checkpoint_labels
 from tests.tiny_models import build_tiny_model
 
 LABELS = ["negative", "positive"]

@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 import duckdb
 import pyarrow.dataset as pads
 
-from cluster.records import FeedbackStore, PredictionLog, new_prediction_id
-from cluster.storage import Storage
+from tuneloop.store.records import FeedbackStore, PredictionLog, new_prediction_id
+from tuneloop.store.storage import Storage
 
 
 def _fill(tmp_path):

@@ -2,11 +2,11 @@
 
 import pytest
 
-from cluster.gate import evaluate_gate
-from cluster.triggers import should_retrain
-from training.data import is_held_out, seed_format
-from training.deepspeed_config import build_deepspeed_config
-from training.metrics import classification_metrics
+from tuneloop.core.gate import evaluate_gate
+from tuneloop.core.triggers import should_retrain
+from tuneloop.training.data import is_held_out, seed_format
+from tuneloop.training.deepspeed_config import build_deepspeed_config
+from tuneloop.training.metrics import classification_metrics
 
 
 def test_gate_accepts_first_version_and_ties_rejects_regressions():

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from cluster.config import ServingConfig
-from cluster.errors import TuneloopError
-from serving.predict_request import (
+from tuneloop.core.config import ServingConfig
+from tuneloop.core.errors import TuneloopError
+from tuneloop.serving.predict_request import (
     PredictLimits,
     check_content_length,
     check_content_type,

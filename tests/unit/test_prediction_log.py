@@ -11,10 +11,10 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from cluster import records
-from cluster.prediction_recorder import PredictionRecorder
-from cluster.records import PREDICTION_SCHEMA, PredictionLog, new_prediction_id
-from cluster.storage import Storage
+from tuneloop.store import records
+from tuneloop.store.prediction_recorder import PredictionRecorder
+from tuneloop.store.records import PREDICTION_SCHEMA, PredictionLog, new_prediction_id
+from tuneloop.store.storage import Storage
 
 
 def _row(when: datetime, text: str = "t", prediction_id: str | None = None) -> dict:

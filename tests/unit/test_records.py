@@ -3,8 +3,8 @@ from datetime import UTC, date, datetime
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from cluster.records import FEEDBACK_SCHEMA, FeedbackStore, PredictionLog, new_prediction_id, prediction_time
-from cluster.storage import Storage
+from tuneloop.store.records import FEEDBACK_SCHEMA, FeedbackStore, PredictionLog, new_prediction_id, prediction_time
+from tuneloop.store.storage import Storage
 
 
 def test_prediction_ids_carry_their_time():
@@ -64,7 +64,7 @@ def test_prediction_log_retention_drops_old_days(tmp_path):
 
 
 def test_prediction_recorder_samples_and_writes_off_the_caller(tmp_path):
-    from cluster.prediction_recorder import PredictionRecorder
+    from tuneloop.store.prediction_recorder import PredictionRecorder
 
     log = PredictionLog(Storage(str(tmp_path)))
     draws = iter([0.1, 0.9, 0.3, 0.7])

@@ -5,9 +5,9 @@ import threading
 
 import pytest
 
-from cluster.errors import Conflict, UnknownVersion
-from cluster.registry import HistoryEntry, Manifest, Registry, RegistryState
-from cluster.storage import Storage
+from tuneloop.core.errors import Conflict, UnknownVersion
+from tuneloop.store.registry import HistoryEntry, Manifest, Registry, RegistryState
+from tuneloop.store.storage import Storage
 
 
 def _manifest(**kw):

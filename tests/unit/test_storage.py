@@ -9,7 +9,7 @@ import time
 import pyarrow as pa
 import pytest
 
-from cluster.storage import Storage
+from tuneloop.store.storage import Storage
 
 
 def _mode(path) -> int:

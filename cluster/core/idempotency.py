@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from cluster.errors import InvalidRequest, InvalidValue
+from tuneloop.core.errors import InvalidRequest, InvalidValue
 
 HEADER = "Idempotency-Key"
 MAX_KEY_CHARS = 255

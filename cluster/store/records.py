@@ -35,9 +35,9 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from cluster.idempotency import IdempotencyIndex, fingerprint
-from cluster.journal import Journal, pending_records, records_to_table
-from cluster.storage import Storage
+from tuneloop.core.idempotency import IdempotencyIndex, fingerprint
+from tuneloop.store.journal import Journal, pending_records, records_to_table
+from tuneloop.store.storage import Storage
 
 log = logging.getLogger("tuneloop")
 

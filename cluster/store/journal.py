@@ -35,8 +35,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from cluster.errors import StorageUnavailable
-from cluster.storage import Storage, fsync_dir, make_private_dirs
+from tuneloop.core.errors import StorageUnavailable
+from tuneloop.store.storage import Storage, fsync_dir, make_private_dirs
 
 log = logging.getLogger("tuneloop")
 

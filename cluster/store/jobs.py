@@ -24,9 +24,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from cluster.errors import Conflict
-from cluster.registry import Registry
-from cluster.storage import Storage
+from tuneloop.core.errors import Conflict
+from tuneloop.store.registry import Registry
+from tuneloop.store.storage import Storage
 
 log = logging.getLogger(__name__)
 

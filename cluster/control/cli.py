@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from cluster.config import ConfigError, TuneloopConfig, load_config
+from tuneloop.core.config import ConfigError, TuneloopConfig, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Serve, collect feedback, fine-tune, roll out.")
 ConfigOption = typer.Option(None, "--config", "-c", help="config file (default: $TUNELOOP_CONFIG or ./tuneloop.yaml)")
@@ -32,7 +32,7 @@ def _known_model(cfg: TuneloopConfig, model: str) -> None:
 @app.command()
 def run(config: str | None = ConfigOption) -> None:
     """Start Ray and serve every configured model (training v1 first where none exists)."""
-    from cluster.server import run_forever
+    from tuneloop.control.server import run_forever
 
     run_forever(_load(config))
 
@@ -44,8 +44,8 @@ def train(
     address: str | None = typer.Option(None, help="Ray address to join (default: a running `tuneloop run`, else a local Ray)"),
 ) -> None:
     """Fine-tune a new version of MODEL on its seed data plus all feedback, gate it, promote it."""
-    from cluster.server_file import running_server_address
-    from cluster.storage import Storage
+    from tuneloop.store.server_file import running_server_address
+    from tuneloop.store.storage import Storage
 
     cfg = _load(config)
     _known_model(cfg, model)
@@ -57,8 +57,8 @@ def train(
         typer.echo(f"joining the Ray cluster of the running `tuneloop run` at {server}", err=True)
     import ray
 
-    from cluster.server import init_ray
-    from training.launcher import run_training
+    from tuneloop.control.server import init_ray
+    from tuneloop.training.launcher import run_training
 
     init_ray(cfg, address or server)
     try:
@@ -76,8 +76,8 @@ def train(
 @app.command()
 def versions(model: str, config: str | None = ConfigOption) -> None:
     """List MODEL's versions with their status and held-out accuracy."""
-    from cluster.registry import Registry
-    from cluster.storage import Storage
+    from tuneloop.store.registry import Registry
+    from tuneloop.store.storage import Storage
 
     cfg = _load(config)
     _known_model(cfg, model)
@@ -99,9 +99,9 @@ app.add_typer(keys_app, name="keys")
 @feedback_app.command("stats")
 def feedback_stats_cmd(model: str, config: str | None = ConfigOption) -> None:
     """Counts by label, version and day, and each version's online accuracy, as JSON."""
-    from cluster.feedback_stats import feedback_stats
-    from cluster.records import FeedbackStore
-    from cluster.storage import Storage
+    from tuneloop.core.feedback_stats import feedback_stats
+    from tuneloop.store.records import FeedbackStore
+    from tuneloop.store.storage import Storage
 
     cfg = _load(config)
     _known_model(cfg, model)
@@ -113,8 +113,9 @@ def feedback_stats_cmd(model: str, config: str | None = ConfigOption) -> None:
 def keys_create(role: str = typer.Argument(..., help="predict, feedback or admin"),
                 config: str | None = ConfigOption) -> None:
     """Create a key with ROLE; prints it once. A running server picks it up within seconds."""
-    from cluster.auth import ROLES, add_stored_key
-    from cluster.storage import Storage
+    from tuneloop.core.auth import ROLES
+    from tuneloop.store.keys import add_stored_key
+    from tuneloop.store.storage import Storage
 
     if role not in ROLES:
         typer.echo(f"role must be one of {list(ROLES)}, not {role!r}", err=True)
@@ -131,8 +132,8 @@ def keys_create(role: str = typer.Argument(..., help="predict, feedback or admin
 @keys_app.command("list")
 def keys_list(config: str | None = ConfigOption) -> None:
     """Key ids and roles (never the keys)."""
-    from cluster.auth import KeyRing
-    from cluster.storage import Storage
+    from tuneloop.store.keys import KeyRing
+    from tuneloop.store.storage import Storage
 
     cfg = _load(config)
     try:
@@ -149,8 +150,9 @@ def keys_revoke(key_id: str = typer.Argument(..., help="the key's id, as `tunelo
                 config: str | None = ConfigOption) -> None:
     """Remove a key from the key file; a running server refuses it within 5 s. Keys of the
     config or $TUNELOOP_API_KEYS are removed there (and the server restarted)."""
-    from cluster.auth import RevokeError, revoke_stored_key
-    from cluster.storage import Storage
+    from tuneloop.core.auth import RevokeError
+    from tuneloop.store.keys import revoke_stored_key
+    from tuneloop.store.storage import Storage
 
     cfg = _load(config)
     try:
@@ -168,7 +170,7 @@ def check_config(config: str | None = ConfigOption) -> None:
 
 
 def main() -> None:
-    from serving.fast_path import enable_fast_path
+    from tuneloop.serving.fast_path import enable_fast_path
 
     enable_fast_path()  # before anything imports ray
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from cluster.records import PredictionLog
+from tuneloop.store.records import PredictionLog
 
 log = logging.getLogger("tuneloop")
 

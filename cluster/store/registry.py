@@ -27,8 +27,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cluster.errors import Conflict, UnknownVersion
-from cluster.storage import Storage, private_temp_dir
+from tuneloop.core.errors import Conflict, UnknownVersion
+from tuneloop.store.storage import Storage, private_temp_dir
 
 _VERSION = re.compile(r"^v(\d+)$")
 MANIFEST = "manifest.json"

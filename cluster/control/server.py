@@ -19,12 +19,13 @@ import httpx
 import ray
 from ray import serve
 
-from cluster.auth import KeyRing, ensure_admin_key, save_admin_key
-from cluster.config import ConfigError, TuneloopConfig
-from cluster.controller import CONTROLLER_NAME, CONTROLLER_NAMESPACE, RetrainController
-from cluster.registry import Registry
-from cluster.server_file import remove_server_file, write_server_file
-from cluster.storage import Storage, private_temp_dir
+from tuneloop.store.keys import KeyRing, ensure_admin_key, save_admin_key
+from tuneloop.core.config import ConfigError, TuneloopConfig
+from tuneloop.control.controller import RetrainController
+from tuneloop.core.names import CONTROLLER_NAME, CONTROLLER_NAMESPACE
+from tuneloop.store.registry import Registry
+from tuneloop.store.server_file import remove_server_file, write_server_file
+from tuneloop.store.storage import Storage, private_temp_dir
 
 log = logging.getLogger("tuneloop")
 
@@ -40,7 +41,7 @@ def init_ray(cfg: TuneloopConfig, address: str | None = None) -> None:
 
 def bootstrap_versions(cfg: TuneloopConfig) -> None:
     """Train v1 of every model that has no production version yet."""
-    from training.launcher import run_training
+    from tuneloop.training.launcher import run_training
 
     registry = Registry(Storage(cfg.storage.root))
     for m in cfg.models:
@@ -54,7 +55,7 @@ def bootstrap_versions(cfg: TuneloopConfig) -> None:
 def start_serving(cfg: TuneloopConfig, metrics_dir: str | None) -> ray.actor.ActorHandle:
     """Deploy the app and the retrain controller; keep the returned handle for as long as
     the server runs (a named actor is still destroyed once no handle to it is left)."""
-    from serving.app import deploy
+    from tuneloop.serving.app import deploy
 
     controller = RetrainController.options(
         name=CONTROLLER_NAME, namespace=CONTROLLER_NAMESPACE, get_if_exists=True
@@ -157,7 +158,7 @@ def stop_orphaned_haproxy(node_id: str) -> None:
     tuneloop's private HAProxy folder)."""
     import psutil
 
-    from serving.fast_path import haproxy_dir
+    from tuneloop.serving.fast_path import haproxy_dir
 
     marker = f"{haproxy_dir()}/{node_id}/"
     leftovers = []

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from cluster.storage import Storage
+from tuneloop.store.storage import Storage
 
 SERVER_FILE = "server.json"
 

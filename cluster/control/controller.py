@@ -14,17 +14,15 @@ import time
 
 import ray
 
-from cluster.config import TuneloopConfig
-from cluster.jobs import JobRecord, JobStore
-from cluster.records import FeedbackStore
-from cluster.registry import Registry
-from cluster.storage import Storage
-from cluster.triggers import should_retrain
+from tuneloop.core.config import TuneloopConfig
+
+from tuneloop.store.jobs import JobRecord, JobStore
+from tuneloop.store.records import FeedbackStore
+from tuneloop.store.registry import Registry
+from tuneloop.store.storage import Storage
+from tuneloop.core.triggers import should_retrain
 
 log = logging.getLogger(__name__)
-CONTROLLER_NAME = "tuneloop-retrain-controller"
-# Named actors live in a namespace; Serve replicas run in Serve's, drivers in their own.
-CONTROLLER_NAMESPACE = "tuneloop"
 SWEEP_EVERY_S = 10.0  # how often dead jobs are looked for, besides on every call
 
 
@@ -32,7 +30,7 @@ SWEEP_EVERY_S = 10.0  # how often dead jobs are looked for, besides on every cal
 # again under the same job id on a newer snapshot. The next trigger starts a fresh job.
 @ray.remote(num_cpus=0, max_retries=0)
 def _train_job(config: dict, model: str, trigger: str, job: JobRecord) -> str:
-    from training.launcher import run_training  # imported in the task, not by the actor
+    from tuneloop.training.launcher import run_training  # imported in the task, not by the actor
 
     return run_training(TuneloopConfig.model_validate(config), model, trigger=trigger, job=job).job.state
 

@@ -1,0 +1,23 @@
+"""The names of tuneloop's Ray actors, Serve applications and deployments, and their routes.
+Pure: every layer may use them."""
+
+INGRESS_APP = "tuneloop"
+INGRESS_DEPLOYMENT = "Ingress"
+
+
+def model_app_name(model: str) -> str:
+    return f"tuneloop-model-{model}"
+
+
+def model_deployment_name(model: str) -> str:
+    return f"model-{model}"
+
+
+def predict_route(model: str) -> str:
+    return f"/v1/models/{model}/predict"
+
+
+# The retrain controller, a named actor. Named actors live in a namespace; Serve replicas
+# run in Serve's, drivers in their own.
+CONTROLLER_NAME = "tuneloop-retrain-controller"
+CONTROLLER_NAMESPACE = "tuneloop"

@@ -1,0 +1,162 @@
+"""The API keys tuneloop keeps: ``<storage>/auth/keys.json`` (hashes only), read by KeyRing and
+changed under a lock by ``tuneloop keys create`` / ``keys revoke`` and the first run.
+The rules (key format, roles, the rate limit) are ``tuneloop.core.auth``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tuneloop.core.auth import (
+    ADMIN_KEY_FILE,
+    KEYS_ENV,
+    KEYS_FILE,
+    KEYS_LOCK,
+    ApiKey,
+    Authorizer,
+    ID_PATTERN,
+    KeyFileError,
+    RevokeError,
+    keys_from_doc,
+    quote_value,
+    keys_from_env,
+    new_key,
+    stored_keys_doc,
+    without_key,
+)
+from tuneloop.core.config import AuthConfig, ConfigError
+from tuneloop.core.errors import KeyStoreUnavailable
+from tuneloop.store.storage import Storage
+
+log = logging.getLogger("tuneloop")
+
+
+def read_key_file(storage: Storage) -> tuple[dict[str, Any], list[ApiKey]]:
+    """The key file's document (``{"keys": []}`` when there is none) and its keys. Raises
+    KeyFileError when it cannot be read or has the wrong shape."""
+    path = storage.path(KEYS_FILE)
+    try:
+        raw = storage.read_bytes(KEYS_FILE)
+    except OSError as e:
+        raise KeyFileError(f"cannot read the key file {path}: {e.strerror or e}") from None
+    if raw is None:
+        return {"keys": []}, []
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: say where, not what
+        raise KeyFileError(f"the key file {path} is not valid JSON ({e})") from None
+    return doc, keys_from_doc(doc, path)
+
+
+class KeyRing:
+    """Every key the config, the environment and the storage's key file hold, re-read at
+    most every ``refresh_s``, so that `tuneloop keys create` and `keys revoke` take effect
+    without a restart.
+
+    A key file that turns unreadable or corrupt (a bad hand edit, a changed permission, a
+    failed read from an object store) must not lock every client out: the last good key
+    set stays in use, the problem is logged once, and the file is tried again every
+    ``refresh_s``. Only while no good set was ever loaded does a request that needs a key
+    get KeyStoreUnavailable (503, retry later). A request without a key never reads the
+    keys (an open role passes, any other gets 401), so it is answered as usual."""
+
+    def __init__(self, auth: AuthConfig, storage: Storage, refresh_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.auth, self.storage, self.refresh_s, self.clock = auth, storage, refresh_s, clock
+        self._keyless = Authorizer([], frozenset(auth.open_roles))  # for requests without a key
+        self._authorizer: Authorizer | None = None
+        self._tried_at: float | None = None
+        self._problem: str | None = None  # what the last failed load said, logged once
+
+    def keys(self) -> list[ApiKey]:
+        """All keys; raises ConfigError (KeyFileError for the file) if a source is bad."""
+        keys = [ApiKey(k.id, k.role, k.sha256) for k in self.auth.keys]
+        keys += keys_from_env(os.environ.get(KEYS_ENV))
+        return keys + read_key_file(self.storage)[1]
+
+    def check(self, authorization: str | None, role: str) -> str | None:
+        if not authorization:
+            return self._keyless.check(authorization, role)  # None, or Unauthorized: nothing to read
+        return self._current().check(authorization, role)
+
+    def _current(self) -> Authorizer:
+        now = self.clock()
+        if self._tried_at is None or now - self._tried_at > self.refresh_s:
+            self._tried_at = now
+            try:
+                self._authorizer = Authorizer(self.keys(), frozenset(self.auth.open_roles))
+            except ConfigError as e:
+                if str(e) != self._problem:
+                    self._problem = str(e)
+                    log.error("API keys: %s; %s", e, "still using the keys loaded before" if self._authorizer
+                              else "requests that need a key get 503 until it is fixed")
+            else:
+                if self._problem is not None:
+                    log.info("API keys: the key sources are valid again")
+                self._problem = None
+        if self._authorizer is None:
+            raise KeyStoreUnavailable("API keys cannot be checked right now (the server cannot read its keys); "
+                                      "retry later")
+        return self._authorizer
+
+
+def _add_key(storage: Storage, role: str) -> str:
+    """Under KEYS_LOCK. A key file that cannot be read is never rewritten: its keys would go."""
+    key, record = new_key(role)
+    doc, _ = read_key_file(storage)
+    doc["keys"] = [*doc["keys"], *stored_keys_doc([record])["keys"]]
+    storage.write_json_atomic(KEYS_FILE, doc)
+    return key
+
+
+def add_stored_key(storage: Storage, role: str) -> str:
+    """Create a key with ``role``, store its hash in the key file, return the key. Under the
+    key file's lock, so concurrent creates and revokes lose nothing."""
+    with storage.locked(KEYS_LOCK):
+        return _add_key(storage, role)
+
+
+def revoke_stored_key(auth: AuthConfig, storage: Storage, key_id: str) -> ApiKey:
+    """Remove key ``key_id`` from the key file and return it; a running server refuses it
+    from its KeyRing's next refresh (within 5 s). RevokeError, changing nothing, for an
+    unknown id, and for a key of the config or TUNELOOP_API_KEYS: those are not in the file,
+    and only editing them there (and restarting the server) removes them."""
+    if not (isinstance(key_id, str) and ID_PATTERN.match(key_id)):
+        raise RevokeError(f"a key id is 8 hex digits (tl_<id>_…), not {quote_value(key_id)}; "
+                          "`tuneloop keys list` shows the ids")
+    for where, keys in (("the config's auth.keys", auth.keys), (KEYS_ENV, keys_from_env(os.environ.get(KEYS_ENV)))):
+        if any(k.id == key_id for k in keys):
+            raise RevokeError(f"key {key_id} comes from {where}, not from the key file; "
+                              "remove it there and restart the server")
+    with storage.locked(KEYS_LOCK):
+        doc, _ = read_key_file(storage)
+        doc, removed = without_key(doc, key_id)
+        if removed is None:
+            raise RevokeError(f"no key with id {key_id!r} in {storage.path(KEYS_FILE)}; "
+                              "`tuneloop keys list` shows the ids")
+        storage.write_json_atomic(KEYS_FILE, doc)
+    return ApiKey(removed["id"], removed["role"], removed["sha256"])
+
+
+def ensure_admin_key(auth: AuthConfig, storage: Storage) -> str | None:
+    """On first run: create an admin key, store its hash, return the key (for
+    save_admin_key). None when an admin key exists already, or the config turns this off."""
+    if not auth.create_admin_key:
+        return None
+    with storage.locked(KEYS_LOCK):  # two first runs at once make one key, not two
+        if any(k.role == "admin" for k in KeyRing(auth, storage).keys()):
+            return None
+        return _add_key(storage, "admin")
+
+
+def save_admin_key(storage: Storage, key: str) -> str:
+    """Write the first admin key to ADMIN_KEY_FILE (0600 on a local root) and return where
+    it is, for the operator to read and then delete. Never printed: stdout ends up in
+    service logs, which others read and keep. On an object store the bucket's access
+    applies; whoever may write there could add a key hash to keys.json anyway."""
+    storage.write_bytes_atomic(ADMIN_KEY_FILE, f"{key}\n".encode())
+    return storage.path(ADMIN_KEY_FILE) if storage.is_local else f"{storage.uri.rstrip('/')}/{ADMIN_KEY_FILE}"
