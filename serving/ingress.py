@@ -47,6 +47,7 @@ from tuneloop.store.records import FeedbackStore, PredictionLog, prediction_time
 from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage
 from tuneloop.serving import metrics
+from tuneloop.serving.responses import error_response
 from tuneloop.core.names import INGRESS_DEPLOYMENT, model_app_name, model_deployment_name
 from tuneloop.serving.predict_request import (
     check_content_length,
@@ -109,32 +110,28 @@ class FeedbackRequest(BaseModel):
         return self
 
 
-def _error_response(exc: TuneloopError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-
 @app.exception_handler(TuneloopError)
 async def _tuneloop_error(_: Request, exc: TuneloopError) -> JSONResponse:
-    return _error_response(exc)
+    return error_response(exc)
 
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
-        return _error_response(MalformedJSON("the request body is not valid JSON"))
+        return error_response(MalformedJSON("the request body is not valid JSON"))
     parts = []
     for e in errors[:5]:
         where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
         parts.append(f"{where}: {e.get('msg')}")
-    return _error_response(InvalidBody("; ".join(parts)))
+    return error_response(InvalidBody("; ".join(parts)))
 
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     typed = {404: NotFound, 405: MethodNotAllowed}.get(exc.status_code)
     if typed is not None:
-        return _error_response(typed(str(exc.detail)))
+        return error_response(typed(str(exc.detail)))
     return JSONResponse({"error": {"code": "http_error", "message": str(exc.detail)}}, status_code=exc.status_code)
 
 
@@ -176,7 +173,7 @@ class BodyGuard:
             if body.strip():
                 load_json(body)
         except TuneloopError as e:
-            return await _error_response(e)(scope, receive, send)
+            return await error_response(e)(scope, receive, send)
         replayed = False
 
         async def replay():
@@ -264,7 +261,7 @@ class Ingress:
         versions = dict(zip(names, await asyncio.gather(*(loaded(n) for n in names)), strict=True))
         missing = sorted(n for n, v in versions.items() if v is None)
         if missing:
-            return _error_response(NotReady(f"no production version loaded for {missing}"))
+            return error_response(NotReady(f"no production version loaded for {missing}"))
         return JSONResponse({"status": "ready", "models": versions})
 
     @app.get("/metrics")
@@ -431,19 +428,10 @@ class Ingress:
     @app.post("/v1/models/{model}/promote")
     async def promote(self, model: str, body: PromoteRequest, request: Request) -> dict[str, Any]:
         key_id = self.auth.check(request.headers.get("authorization"), "admin")
-        self._model_cfg(model)
-
-        def switch() -> dict[str, Any]:
-            manifest = self.registry.manifest(model, body.version)  # 404 if unknown
-            if manifest.status == "rejected" and not body.force:
-                raise Conflict(f"{body.version} was rejected by the gate ({manifest.gate.reason if manifest.gate else ''});"
-                               ' send "force": true to promote it anyway')
-            labels = self._model_cfg(model).labels
-            if sorted(manifest.labels) != sorted(labels):
-                raise Conflict(f"{body.version} was trained for labels {manifest.labels}, the config has {labels}")
-            return self._state_answer(model, self.registry.promote(model, body.version, f"by key {key_id}"))
-
-        return await asyncio.to_thread(switch)
+        labels = self._model_cfg(model).labels
+        state = await asyncio.to_thread(self.registry.promote, model, body.version, f"by key {key_id}",
+                                        force=body.force, labels=labels)
+        return self._state_answer(model, state)
 
     @app.post("/v1/models/{model}/rollback")
     async def rollback(self, model: str, request: Request, body: EmptyRequest | None = None) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -35,6 +36,7 @@ from tuneloop.store.records import PredictionLog, new_prediction_id
 from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage
 from tuneloop.serving import metrics
+from tuneloop.serving.responses import error_response, internal_error_response
 from tuneloop.serving.batcher import ContinuousBatcher, ItemFailed
 from tuneloop.core.batching_policy import AIMDPolicy, next_batch_size
 from tuneloop.serving.predict_request import (
@@ -113,19 +115,29 @@ def in_flight_limit(s: ServingConfig) -> int:
 
 
 class ModelServer:
-    def __init__(self, config: dict, model: str):
-        import torch
+    """Serve constructs it from the config and a model name (``bind``). Its collaborators —
+    the registry, the prediction recorder, the key ring, the model loader — are built from
+    the config unless given, so tests hand it fakes (a loader that needs no torch) and run
+    its decisions in milliseconds, without Ray; ``watch=False`` leaves the registry watch
+    to the test (``_sync_with_registry``)."""
 
+    def __init__(self, config: dict, model: str, *, registry: Registry | None = None,
+                 recorder: PredictionRecorder | None = None, keys: KeyRing | None = None,
+                 load: Callable[[str, str, list[str], int], LoadedModel] | None = None, watch: bool = True):
         cfg = TuneloopConfig.model_validate(config)
         self.cfg, self.serving = cfg.model(model), cfg.serving
         storage = Storage(cfg.storage.root)
-        self.registry = Registry(storage)
+        self.registry = registry or Registry(storage)
         p = cfg.predictions
-        self.recorder = PredictionRecorder(PredictionLog(storage), model, p.sample_rate, p.flush_interval_s,
-                                           p.retention_days, max_buffered_rows=p.max_buffered_rows,
-                                           on_drop=metrics.PREDICTION_LOG_DROPPED.labels(model).inc)
-        self._keys = KeyRing(cfg.auth, storage)
-        torch.set_num_threads(max(1, math.ceil(self.serving.num_cpus_per_replica)))
+        self.recorder = recorder or PredictionRecorder(
+            PredictionLog(storage), model, p.sample_rate, p.flush_interval_s, p.retention_days,
+            max_buffered_rows=p.max_buffered_rows, on_drop=metrics.PREDICTION_LOG_DROPPED.labels(model).inc)
+        self._keys = keys or KeyRing(cfg.auth, storage)
+        if load is None:
+            import torch
+
+            torch.set_num_threads(max(1, math.ceil(self.serving.num_cpus_per_replica)))
+        self._load = load or LoadedModel
         # One thread runs the model: forward passes never overlap, and the event loop stays
         # free to collect the next batch while this one computes.
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -142,9 +154,9 @@ class ModelServer:
         self._loaded: LoadedModel | None = None
         self._refused: dict[str, str] = {}  # version -> why it cannot be served (versions are immutable)
         self._stop = threading.Event()
-        self._sync_with_registry()
-        self._watcher = threading.Thread(target=self._watch_registry, name="registry-watch", daemon=True)
-        self._watcher.start()
+        if watch:
+            self._sync_with_registry()
+            threading.Thread(target=self._watch_registry, name="registry-watch", daemon=True).start()
 
     # -- versions ------------------------------------------------------------------------
     def _sync_with_registry(self) -> None:
@@ -153,7 +165,7 @@ class ModelServer:
             return
         path = self.registry.local_path(self.cfg.name, production)
         try:
-            new = LoadedModel(path, production, self.cfg.labels, self.serving.max_length)
+            new = self._load(path, production, self.cfg.labels, self.serving.max_length)
         except LabelMismatch as e:
             self._refused[production] = str(e)
             log.error("model %s: %s; still serving %s", self.cfg.name, e,
@@ -191,12 +203,11 @@ class ModelServer:
         except TuneloopError as e:
             outcome = "rejected" if e.status >= 500 else "invalid"  # 503s: overload, not ready, auth store
             metrics.REQUESTS.labels(model, "none", outcome).inc()
-            return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+            return error_response(e)
         except Exception:
             metrics.REQUESTS.labels(model, "none", "error").inc()
             log.exception("model %s: predict failed", model)
-            return JSONResponse({"error": {"code": "internal", "message": "internal error; see the server log"}},
-                                status_code=500)
+            return internal_error_response()
         version = predictions[0]["version"]
         metrics.REQUEST_LATENCY_SECONDS.labels(model, version).observe(time.perf_counter() - start)
         metrics.REQUESTS.labels(model, version, "ok").inc()

@@ -31,7 +31,8 @@ from tuneloop.core.gate import evaluate_gate
 from tuneloop.store.jobs import Heartbeat, JobRecord, JobRunning, JobStore, promote_or_wait, take_lease
 from tuneloop.core.model_source import resolve_model_source
 from tuneloop.store.records import FeedbackStore
-from tuneloop.store.registry import EvalMetrics, GateResult, Manifest, Registry
+from tuneloop.core.evaluation import EvalMetrics
+from tuneloop.store.registry import Manifest, Registry
 from tuneloop.store.storage import Storage
 from tuneloop.core.names import INGRESS_APP, INGRESS_DEPLOYMENT
 from tuneloop.training.data import file_sha256, is_held_out, seed_format
@@ -221,7 +222,7 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
         data=data,
         metrics=metrics,
         parent_metrics=parent_metrics,
-        gate=GateResult(accepted=gate.accepted, reason=gate.reason),
+        gate=gate,
         status="accepted" if gate.accepted else "rejected",
         job_id=job.job_id,
     )

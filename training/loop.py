@@ -14,7 +14,7 @@ from contextlib import nullcontext
 from typing import Any
 
 from tuneloop.training.deepspeed_config import build_deepspeed_config
-from tuneloop.training.metrics import classification_metrics
+from tuneloop.core.evaluation import classification_metrics
 
 EVAL_BATCH_SIZE = 64
 
@@ -59,7 +59,7 @@ def _evaluate(engine, tokenizer, shard, max_length: int, num_labels: int) -> dic
             y_pred.extend(logits.argmax(-1).tolist())
             y_true.extend(int(x) for x in batch["label_id"])
     engine.train()
-    return classification_metrics(y_true, y_pred, num_labels)
+    return classification_metrics(y_true, y_pred, num_labels).model_dump()  # reported through Ray Train
 
 
 def _consolidated_state_dict(module, rank: int) -> dict[str, Any]:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pydantic import BaseModel
 
 
-@dataclass(frozen=True)
-class GateDecision:
+class GateDecision(BaseModel):
+    """The gate's verdict on a version, as its manifest records it."""
+
     accepted: bool
     reason: str
 
@@ -18,13 +19,14 @@ def evaluate_gate(candidate_accuracy: float, production_accuracy: float | None) 
     candidate is accepted.
     """
     if production_accuracy is None:
-        return GateDecision(True, f"first version: accuracy {candidate_accuracy:.4f}, no production to compare")
+        return GateDecision(accepted=True,
+                            reason=f"first version: accuracy {candidate_accuracy:.4f}, no production to compare")
     if candidate_accuracy >= production_accuracy:
         return GateDecision(
-            True,
-            f"accuracy {candidate_accuracy:.4f} >= production's {production_accuracy:.4f} on the same held-out data",
+            accepted=True,
+            reason=f"accuracy {candidate_accuracy:.4f} >= production's {production_accuracy:.4f} on the same held-out data",
         )
     return GateDecision(
-        False,
-        f"accuracy {candidate_accuracy:.4f} < production's {production_accuracy:.4f} on the same held-out data",
+        accepted=False,
+        reason=f"accuracy {candidate_accuracy:.4f} < production's {production_accuracy:.4f} on the same held-out data",
     )

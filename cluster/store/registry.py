@@ -28,6 +28,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tuneloop.core.errors import Conflict, UnknownVersion
+from tuneloop.core.evaluation import EvalMetrics
+from tuneloop.core.gate import GateDecision
 from tuneloop.store.storage import Storage, private_temp_dir
 
 _VERSION = re.compile(r"^v(\d+)$")
@@ -57,21 +59,6 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-class EvalMetrics(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    accuracy: float
-    precision: float
-    recall: float
-    f1: float
-    eval_rows: int
-
-
-class GateResult(BaseModel):
-    accepted: bool
-    reason: str
-
-
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -85,7 +72,7 @@ class Manifest(BaseModel):
     data: dict[str, Any] = Field(default_factory=dict)
     metrics: EvalMetrics | None = None
     parent_metrics: EvalMetrics | None = None
-    gate: GateResult | None = None
+    gate: GateDecision | None = None
     status: Literal["accepted", "rejected"] = "accepted"
     job_id: str | None = None
     created_at: str = Field(default_factory=now_iso)
@@ -201,11 +188,19 @@ class Registry:
         return self.state(model).production
 
     def promote(self, model: str, version: str, reason: str = "",
-                expect_production: str | None = UNCHECKED) -> RegistryState:
+                expect_production: str | None = UNCHECKED, force: bool = False,
+                labels: list[str] | None = None) -> RegistryState:
         """Make ``version`` production. With ``expect_production``, only if production is
         still that (None: still no production); otherwise raises Conflict naming the current
-        one. Raises UnknownVersion for a version that was never published."""
-        self.manifest(model, version)  # raises UnknownVersion; manifests never change
+        one. A version the gate rejected needs ``force``; with ``labels`` (the config's), a
+        version trained for other labels is refused. Raises UnknownVersion for a version
+        that was never published."""
+        manifest = self.manifest(model, version)  # raises UnknownVersion; manifests never change
+        if manifest.status == "rejected" and not force:
+            raise Conflict(f"{version} was rejected by the gate ({manifest.gate.reason if manifest.gate else ''}); "
+                           'force it to promote anyway ("force": true)')
+        if labels is not None and sorted(manifest.labels) != sorted(labels):
+            raise Conflict(f"{version} was trained for labels {manifest.labels}, the config has {labels}")
 
         def apply(state: RegistryState) -> HistoryEntry:
             return HistoryEntry(at=now_iso(), event="promote", production=version, version=version, reason=reason)

@@ -6,7 +6,7 @@ from tuneloop.core.gate import evaluate_gate
 from tuneloop.core.triggers import should_retrain
 from tuneloop.training.data import is_held_out, seed_format
 from tuneloop.training.deepspeed_config import build_deepspeed_config
-from tuneloop.training.metrics import classification_metrics
+from tuneloop.core.evaluation import classification_metrics
 
 
 def test_gate_accepts_first_version_and_ties_rejects_regressions():
@@ -42,7 +42,7 @@ def test_seed_format():
 
 def test_metrics_match_hand_computation():
     # labels 0,1,2; per-class P/R: c0 1/1,1/2  c1 1/2,1/1  c2 1/1,1/1
-    m = classification_metrics([0, 0, 1, 2], [0, 1, 1, 2], 3)
+    m = classification_metrics([0, 0, 1, 2], [0, 1, 1, 2], 3).model_dump()
     assert m["accuracy"] == pytest.approx(0.75)
     assert m["precision"] == pytest.approx((1 + 0.5 + 1) / 3)
     assert m["recall"] == pytest.approx((0.5 + 1 + 1) / 3)
@@ -52,9 +52,9 @@ def test_metrics_match_hand_computation():
 
 
 def test_metrics_edge_cases():
-    assert classification_metrics([], [], 2)["accuracy"] == 0.0
+    assert classification_metrics([], [], 2).accuracy == 0.0
     m = classification_metrics([0, 0], [1, 1], 2)  # never right: everything 0
-    assert m["accuracy"] == 0 and m["f1"] == 0
+    assert m.accuracy == 0 and m.f1 == 0
     with pytest.raises(ValueError):
         classification_metrics([0], [0, 1], 2)
 

@@ -225,3 +225,23 @@ def test_concurrent_promotes_and_rollbacks_from_processes_keep_a_consistent_hist
     with multiprocessing.get_context("spawn").Pool(4) as pool:
         results = pool.starmap(_hammer, [(published.storage.uri, s, 25) for s in range(4)])
     _assert_consistent(published.state("m"), sum(results))
+
+
+def test_promote_refuses_a_gate_rejected_version_without_force_and_other_labels(tmp_path):
+    from tuneloop.core.errors import Conflict
+    from tuneloop.core.gate import GateDecision
+    from tuneloop.store.registry import Manifest, Registry
+    from tuneloop.store.storage import Storage
+
+    reg = Registry(Storage(str(tmp_path / "store")))
+    weights = tmp_path / "w"
+    weights.mkdir()
+    (weights / "f.bin").write_bytes(b"x")
+    rejected = reg.publish("m", str(weights), Manifest(
+        version="pending", model="m", parent=None, base_model="b", task="text-classification",
+        labels=["a", "b"], status="rejected", gate=GateDecision(accepted=False, reason="worse")))
+    with pytest.raises(Conflict, match="rejected by the gate \\(worse\\)"):
+        reg.promote("m", rejected.version)
+    with pytest.raises(Conflict, match="trained for labels"):
+        reg.promote("m", rejected.version, force=True, labels=["a", "b", "c"])
+    assert reg.promote("m", rejected.version, force=True, labels=["b", "a"]).production == rejected.version

@@ -1,11 +1,24 @@
-"""Classification metrics: accuracy and macro precision, recall and F1. Pure Python."""
+"""Evaluation: the one metrics type of a version (``EvalMetrics``, stored in manifests and
+job records, compared by the gate) and how classification computes it. Pure Python."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pydantic import BaseModel, ConfigDict
 
-def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], num_labels: int) -> dict[str, float]:
+
+class EvalMetrics(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    accuracy: float
+    precision: float
+    recall: float
+    f1: float
+    eval_rows: int
+
+
+def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], num_labels: int) -> EvalMetrics:
     """Macro averages over the labels that occur in y_true or y_pred (as scikit-learn does).
 
     A label never predicted has precision 0 (no division warning), never true has recall 0.
@@ -14,7 +27,7 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], num_lab
         raise ValueError(f"y_true has {len(y_true)} items, y_pred {len(y_pred)}")
     n = len(y_true)
     if n == 0:
-        return {"accuracy": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "eval_rows": 0}
+        return EvalMetrics(accuracy=0.0, precision=0.0, recall=0.0, f1=0.0, eval_rows=0)
     tp = [0] * num_labels
     fp = [0] * num_labels
     fn = [0] * num_labels
@@ -32,10 +45,10 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], num_lab
         precisions.append(prec)
         recalls.append(rec)
         f1s.append(2 * prec * rec / (prec + rec) if prec + rec else 0.0)
-    return {
-        "accuracy": sum(tp) / n,
-        "precision": sum(precisions) / len(present),
-        "recall": sum(recalls) / len(present),
-        "f1": sum(f1s) / len(present),
-        "eval_rows": n,
-    }
+    return EvalMetrics(
+        accuracy=sum(tp) / n,
+        precision=sum(precisions) / len(present),
+        recall=sum(recalls) / len(present),
+        f1=sum(f1s) / len(present),
+        eval_rows=n,
+    )

@@ -1,0 +1,115 @@
+"""The model replica's decisions with fakes in place of the registry, the prediction log and
+the model: milliseconds, no torch, no Ray (the same replica class Serve runs)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from tuneloop.core.config import parse_config
+from tuneloop.core.errors import NotReady, Overloaded
+from tuneloop.serving.model_server import LabelMismatch, ModelServer
+
+LABELS = ["negative", "positive"]
+
+
+class FakeRegistry:
+    def __init__(self, production: str | None):
+        self.production_version = production
+
+    def production(self, model: str) -> str | None:
+        return self.production_version
+
+    def local_path(self, model: str, version: str) -> str:
+        return f"/weights/{version}"
+
+
+class FakeRecorder:
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def record(self, rows):
+        self.rows.extend(rows)
+
+    def close(self):
+        pass
+
+
+class FakeModel:
+    """Scores every text 'positive'; ``delay_s`` per batch stands in for a forward pass."""
+
+    def __init__(self, path, version, labels, max_length, delay_s=0.0):
+        if version == "bad":
+            raise LabelMismatch(f"version {version}'s checkpoint has labels ['x', 'y']")
+        self.version, self.labels, self.delay_s = version, labels, delay_s
+        self.batches: list[int] = []
+
+    def predict(self, texts):
+        time.sleep(self.delay_s)
+        self.batches.append(len(texts))
+        return [{"label": "positive", "score": 0.9, "scores": {"negative": 0.1, "positive": 0.9}} for _ in texts], 1, 1
+
+
+def _replica(production="v1", delay_s=0.0, **serving):
+    cfg = parse_config({"models": [{"name": "m", "base_model": "x", "labels": LABELS}],
+                        "serving": {"max_batch_size": 8, **serving}})
+    registry, recorder = FakeRegistry(production), FakeRecorder()
+    replica = ModelServer(cfg.model_dump(), "m", registry=registry, recorder=recorder, keys=object(),
+                          load=lambda *a: FakeModel(*a, delay_s=delay_s), watch=False)
+    replica._sync_with_registry()
+    return replica, registry, recorder
+
+
+def test_every_answer_carries_an_id_and_the_version_and_is_logged():
+    replica, _, recorder = _replica()
+    answers = asyncio.run(replica.predict(["a", "b"]))
+    assert [a["version"] for a in answers] == ["v1", "v1"] and len({a["id"] for a in answers}) == 2
+    assert [r["prediction_id"] for r in recorder.rows] == [a["id"] for a in answers]
+
+
+def test_no_production_yet_is_not_ready():
+    replica, _, _ = _replica(production=None)
+    with pytest.raises(NotReady):
+        asyncio.run(replica.predict(["a"]))
+
+
+def test_a_refused_version_leaves_the_loaded_one_serving_and_is_not_retried():
+    replica, registry, _ = _replica()
+    registry.production_version = "bad"
+    replica._sync_with_registry()
+    replica._sync_with_registry()  # versions are immutable: not loaded again
+    assert replica.status() == {"model": "m", "version": "v1", "refused": {"bad": replica._refused["bad"]}}
+    assert asyncio.run(replica.predict(["a"]))[0]["version"] == "v1"
+
+
+def test_a_version_refused_at_start_says_why_not_ready():
+    replica, _, _ = _replica(production="bad")
+    with pytest.raises(NotReady, match="checkpoint has labels"):
+        asyncio.run(replica.predict(["a"]))
+
+
+def test_past_capacity_the_answer_is_503_at_once():
+    replica, _, _ = _replica(max_queued_requests=1)
+    replica._in_flight = replica._max_in_flight
+    start = time.perf_counter()
+    with pytest.raises(Overloaded, match="at capacity"):
+        asyncio.run(replica.predict(["a"]))
+    assert time.perf_counter() - start < 0.05
+
+
+def test_a_request_past_its_timeout_is_503():
+    replica, _, _ = _replica(delay_s=0.3, request_timeout_s=0.05)
+    with pytest.raises(Overloaded, match="did not answer within"):
+        asyncio.run(replica.predict(["a"]))
+
+
+def test_concurrent_requests_share_batches():
+    replica, _, _ = _replica(delay_s=0.02)
+
+    async def burst():
+        return await asyncio.gather(*(replica.predict([f"t{i}"]) for i in range(16)))
+
+    assert len(asyncio.run(burst())) == 16
+    assert max(replica._loaded.batches) > 1
