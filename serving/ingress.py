@@ -8,8 +8,6 @@ only ever our own bug, never something a client sent.
 
 import asyncio
 import logging
-import threading
-import time
 from typing import Any
 
 import ray
@@ -25,9 +23,7 @@ from tuneloop.core.names import CONTROLLER_NAME, CONTROLLER_NAMESPACE
 from tuneloop.core.errors import (
     Conflict,
     Forbidden,
-    Overloaded,
     InvalidBody,
-    InvalidLabel,
     MalformedJSON,
     MethodNotAllowed,
     NotFound,
@@ -35,24 +31,21 @@ from tuneloop.core.errors import (
     TuneloopError,
     UnknownJob,
     UnknownModel,
-    UnknownPrediction,
 )
 from tuneloop.store.jobs import JobStore
 from tuneloop.core.auth import RateLimiter
 from tuneloop.store.keys import KeyRing
-from tuneloop.core.feedback_stats import FeedbackTally
 from tuneloop.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from tuneloop.core.idempotency import parse_key
-from tuneloop.store.records import FeedbackStore, PredictionLog, prediction_time
 from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage
 from tuneloop.serving import metrics
+from tuneloop.serving.feedback_service import FeedbackService
 from tuneloop.serving.responses import error_response
 from tuneloop.core.names import INGRESS_DEPLOYMENT, model_app_name, model_deployment_name
 from tuneloop.serving.predict_request import (
     check_content_length,
     check_content_type,
-    check_text_length,
     check_unicode,
     load_json,
     max_body_bytes,
@@ -61,10 +54,6 @@ from tuneloop.serving.predict_request import (
 
 log = logging.getLogger("ray.serve")
 READY_TIMEOUT_S = 5.0
-PREDICTION_LOG_SLACK_S = 1.0  # a flush's own time, beyond the replicas' flush interval
-# Feedback on ids younger than one flush waits for the log (asynchronously); past this many
-# such waits at once, more answer 503 at once: forged fresh ids cannot pile up.
-MAX_YOUNG_ID_WAITS = 256
 
 app = FastAPI(title="tuneloop", version="1")
 
@@ -196,17 +185,7 @@ class Ingress:
         self.cfg = TuneloopConfig.model_validate(config)
         storage = Storage(self.cfg.storage.root)
         self.registry = Registry(storage)
-        # The one feedback writer: recovers what a killed predecessor journalled, then
-        # compacts the journal into Parquet in the background.
-        self.feedback = FeedbackStore(storage, self.cfg.storage.journal_path())
-        # The statistics, counted once from what is stored, then kept up to date by each
-        # new record: a scrape costs the same whatever the amount of feedback.
-        self._tally_lock = threading.Lock()
-        self.tallies = {m.name: FeedbackTally(m.name).add_all(self.feedback.read_all(m.name)) for m in self.cfg.models}
-        self.feedback.open_writer(self.cfg.feedback.compact_interval_s, self.cfg.feedback.idempotency_ttl_s,
-                                  on_stored=self._feedback_stored)
-        self._young_id_waits = 0
-        self.predictions = PredictionLog(storage)
+        self.feedback = FeedbackService.from_config(self.cfg, trigger=self._trigger)
         self.jobs = JobStore(storage)
         self.auth = KeyRing(self.cfg.auth, storage)
         self.feedback_limit = RateLimiter(self.cfg.auth.feedback_per_minute, self.cfg.auth.feedback_burst)
@@ -272,22 +251,13 @@ class Ingress:
         authorization = request.headers.get("authorization")
         with_feedback = authorization is not None and self.auth.check(authorization, "feedback") is not None
         body = await asyncio.to_thread(metrics.render, self.jobs, self._running_replicas,
-                                       self._all_feedback_stats if with_feedback else None)
+                                       self.feedback.all_stats if with_feedback else None)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    def _all_feedback_stats(self) -> list[dict[str, Any]]:
-        with self._tally_lock:
-            return [tally.stats() for tally in self.tallies.values()]
-
-    def _feedback_stored(self, record: dict[str, Any]) -> None:
-        """Each newly stored record (never a repeated Idempotency-Key): statistics, the
-        counter, and the retrain trigger."""
-        with self._tally_lock:
-            self.tallies[record["model"]].add(record)
-        metrics.FEEDBACK.labels(record["model"]).inc()
+    def _trigger(self, model: str) -> None:
         controller = self._controller()
         if controller is not None:
-            controller.record_feedback.remote(record["model"])  # fire and forget: the trigger
+            controller.record_feedback.remote(model)  # fire and forget: the retrain trigger
 
     def _running_replicas(self) -> dict[str, int]:
         apps = serve.status().applications
@@ -346,52 +316,8 @@ class Ingress:
         idempotency_key = parse_key(idempotency_key)
         # Per key; clients without one (feedback opened in the config) share one bucket.
         self.feedback_limit.take(key_id or "anonymous")
-        fields = await self._feedback_fields(body)
-        return await asyncio.to_thread(self._store_feedback, body.label, fields, key_id, idempotency_key)
-
-    async def _served(self, prediction_id: str) -> dict[str, Any]:
-        """The logged prediction. Replicas write their log once per flush interval, so an
-        id younger than that may not be on disk yet: wait out the interval (without holding
-        a thread), look again."""
-        models = [m.name for m in self.cfg.models]
-        served = await asyncio.to_thread(self.predictions.lookup, models, prediction_id)
-        born = prediction_time(prediction_id)
-        if served is None and born is not None:
-            settle = self.cfg.predictions.flush_interval_s + PREDICTION_LOG_SLACK_S
-            wait = born.timestamp() + settle - time.time()
-            if 0 < wait <= settle:
-                if self._young_id_waits >= MAX_YOUNG_ID_WAITS:
-                    raise Overloaded("too many feedback requests on predictions not yet logged; retry shortly")
-                self._young_id_waits += 1
-                try:
-                    await asyncio.sleep(wait)
-                finally:
-                    self._young_id_waits -= 1
-                served = await asyncio.to_thread(self.predictions.lookup, models, prediction_id)
-        if served is None:
-            hint = "" if self.cfg.predictions.sample_rate >= 1 else " (or it was not sampled into the log)"
-            raise UnknownPrediction(prediction_id, hint)
-        return served
-
-    async def _feedback_fields(self, body: FeedbackRequest) -> dict[str, Any]:
-        """The record's fields besides label and key: from the logged prediction, or as sent."""
-        if body.prediction_id is not None:
-            served = await self._served(body.prediction_id)
-            model = self._model_cfg(served["model"])
-            fields = {"model": model.name, "text": served["text"], "prediction_id": served["prediction_id"],
-                      "version": served["version"], "predicted_label": served["label"],
-                      "predicted_at": served["created_at"]}
-        else:
-            model = self._model_cfg(body.model)
-            check_text_length(body.text, "text", self.cfg.serving.max_chars_per_input)
-            fields = {"model": model.name, "text": body.text}
-        if body.label not in model.labels:
-            raise InvalidLabel(model.name, body.label, model.labels)
-        return fields
-
-    def _store_feedback(self, label: str, fields: dict[str, Any], key_id: str | None,
-                        idempotency_key: str | None) -> dict[str, str]:
-        feedback_id = self.feedback.append(label=label, key_id=key_id, idempotency_key=idempotency_key, **fields)
+        feedback_id = await self.feedback.submit(body.label, prediction_id=body.prediction_id, model=body.model,
+                                                 text=body.text, key_id=key_id, idempotency_key=idempotency_key)
         return {"feedback_id": feedback_id}
 
     # -- jobs ----------------------------------------------------------------------------
@@ -408,9 +334,7 @@ class Ingress:
     @app.get("/v1/models/{model}/feedback/stats")
     async def get_feedback_stats(self, model: str, request: Request) -> dict[str, Any]:
         self.auth.check(request.headers.get("authorization"), "feedback")
-        self._model_cfg(model)
-        with self._tally_lock:
-            return self.tallies[model].stats()
+        return self.feedback.stats(model)
 
     # -- admin ---------------------------------------------------------------------------
     @app.post("/v1/models/{model}/retrain", status_code=202)

@@ -1,0 +1,126 @@
+"""Taking feedback: join it to the prediction it is about, check it, store it once, count it.
+
+The ingress's HTTP handlers call this; it knows nothing of HTTP. It takes its stores, the
+retrain trigger and its clock through the constructor (``from_config`` builds the real ones),
+so its decisions are unit-tested with fakes in milliseconds, without Serve or Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from tuneloop.core.config import TuneloopConfig
+from tuneloop.core.errors import InvalidLabel, Overloaded, UnknownModel, UnknownPrediction
+from tuneloop.core.feedback_stats import FeedbackTally
+from tuneloop.serving import metrics
+from tuneloop.serving.predict_request import check_text_length
+from tuneloop.store.records import FeedbackStore, PredictionLog, prediction_time
+from tuneloop.store.storage import Storage
+
+PREDICTION_LOG_SLACK_S = 1.0  # a flush's own time, beyond the replicas' flush interval
+# Feedback on ids younger than one flush waits for the log (asynchronously); past this many
+# such waits at once, more answer 503 at once: forged fresh ids cannot pile up.
+MAX_YOUNG_ID_WAITS = 256
+
+
+class FeedbackService:
+    def __init__(self, cfg: TuneloopConfig, store: FeedbackStore, predictions: PredictionLog, *,
+                 trigger: Callable[[str], None] | None = None, clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
+        self.cfg, self.store, self.predictions = cfg, store, predictions
+        self._trigger, self._clock, self._sleep = trigger, clock, sleep
+        # The statistics, counted once from what is stored, then kept up to date by each new
+        # record (``stored``): reading them costs the same whatever the amount of feedback.
+        self._tally_lock = threading.Lock()
+        self._tallies = {m.name: FeedbackTally(m.name).add_all(store.read_all(m.name)) for m in cfg.models}
+        self._young_id_waits = 0
+
+    @classmethod
+    def from_config(cls, cfg: TuneloopConfig, trigger: Callable[[str], None] | None = None) -> FeedbackService:
+        """The one feedback writer of a deployment: it recovers what a killed predecessor
+        journalled, then compacts the journal into Parquet in the background."""
+        storage = Storage(cfg.storage.root)
+        store = FeedbackStore(storage, cfg.storage.journal_path())
+        service = cls(cfg, store, PredictionLog(storage), trigger=trigger)
+        store.open_writer(cfg.feedback.compact_interval_s, cfg.feedback.idempotency_ttl_s, on_stored=service.stored)
+        return service
+
+    def _model(self, name: str):
+        try:
+            return self.cfg.model(name)
+        except KeyError:
+            raise UnknownModel(name) from None
+
+    # -- taking feedback -----------------------------------------------------------------
+    async def submit(self, label: str, *, prediction_id: str | None = None, model: str | None = None,
+                     text: str | None = None, key_id: str | None = None,
+                     idempotency_key: str | None = None) -> str:
+        """Store one feedback record (durable on return) and return its id; a repeated
+        Idempotency-Key returns the first id and stores nothing."""
+        if prediction_id is not None:
+            served = await self.served(prediction_id)
+            cfg = self._model(served["model"])
+            fields = {"model": cfg.name, "text": served["text"], "prediction_id": served["prediction_id"],
+                      "version": served["version"], "predicted_label": served["label"],
+                      "predicted_at": served["created_at"]}
+        else:
+            cfg = self._model(model)
+            check_text_length(text, "text", self.cfg.serving.max_chars_per_input)
+            fields = {"model": cfg.name, "text": text}
+        if label not in cfg.labels:
+            raise InvalidLabel(cfg.name, label, cfg.labels)
+        return await asyncio.to_thread(self.store.append, label=label, key_id=key_id,
+                                       idempotency_key=idempotency_key, **fields)
+
+    async def served(self, prediction_id: str) -> dict[str, Any]:
+        """The logged prediction. Replicas write their log once per flush interval, so an
+        id younger than that may not be on disk yet: wait out the interval (without holding
+        a thread), look again."""
+        models = [m.name for m in self.cfg.models]
+        found = await asyncio.to_thread(self.predictions.lookup, models, prediction_id)
+        born = prediction_time(prediction_id)
+        if found is None and born is not None:
+            settle = self.cfg.predictions.flush_interval_s + PREDICTION_LOG_SLACK_S
+            wait = born.timestamp() + settle - self._clock()
+            if 0 < wait <= settle:
+                if self._young_id_waits >= MAX_YOUNG_ID_WAITS:
+                    raise Overloaded("too many feedback requests on predictions not yet logged; retry shortly")
+                self._young_id_waits += 1
+                try:
+                    await self._sleep(wait)
+                finally:
+                    self._young_id_waits -= 1
+                found = await asyncio.to_thread(self.predictions.lookup, models, prediction_id)
+        if found is None:
+            hint = "" if self.cfg.predictions.sample_rate >= 1 else " (or it was not sampled into the log)"
+            raise UnknownPrediction(prediction_id, hint)
+        return found
+
+    def stored(self, record: dict[str, Any]) -> None:
+        """Each newly stored record (never a repeated Idempotency-Key): statistics, the
+        counter, and the retrain trigger."""
+        with self._tally_lock:
+            self._tallies[record["model"]].add(record)
+        metrics.FEEDBACK.labels(record["model"]).inc()
+        if self._trigger is not None:
+            self._trigger(record["model"])
+
+    # -- reading -------------------------------------------------------------------------
+    def stats(self, model: str) -> dict[str, Any]:
+        self._model(model)
+        with self._tally_lock:
+            return self._tallies[model].stats()
+
+    def all_stats(self) -> list[dict[str, Any]]:
+        with self._tally_lock:
+            return [tally.stats() for tally in self._tallies.values()]
+
+    def compact(self) -> int:
+        return self.store.compact()
+
+    def close(self) -> None:
+        self.store.close()

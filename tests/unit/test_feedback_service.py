@@ -1,0 +1,110 @@
+"""Taking feedback, with fakes in place of the journal and the prediction log: the join to
+the prediction, the wait for a young id, the checks, the statistics and the trigger.
+Milliseconds, no Serve, no Ray, no files."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import pytest
+
+from tuneloop.core.config import parse_config
+from tuneloop.core.errors import InvalidLabel, Overloaded, PayloadTooLarge, UnknownModel, UnknownPrediction
+from tuneloop.serving import feedback_service
+from tuneloop.serving.feedback_service import FeedbackService
+from tuneloop.store.records import new_prediction_id
+
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+
+
+class FakeStore:
+    def __init__(self, service_box):
+        self.appended, self.box = [], service_box
+
+    def read_all(self, model):
+        return []
+
+    def append(self, **record):
+        record = {"feedback_id": f"f{len(self.appended)}", "created_at": NOW, **record}
+        self.appended.append(record)
+        self.box[0].stored(record)  # what the real store's on_stored hook does
+        return record["feedback_id"]
+
+
+class FakeLog:
+    """Finds an id only from the ``visible_after``-th lookup on (a replica's flush)."""
+
+    def __init__(self, rows, visible_after=0):
+        self.rows, self.visible_after, self.lookups = rows, visible_after, 0
+
+    def lookup(self, models, prediction_id):
+        self.lookups += 1
+        return self.rows.get(prediction_id) if self.lookups > self.visible_after else None
+
+
+def _service(rows=None, visible_after=0):
+    cfg = parse_config({"models": [{"name": "m", "base_model": "x", "labels": ["neg", "pos"]}],
+                        "serving": {"max_chars_per_input": 20}, "predictions": {"flush_interval_s": 1.0}})
+    box, triggered, slept = [None], [], []
+
+    async def fake_sleep(seconds):
+        slept.append(seconds)
+
+    store = FakeStore(box)
+    service = FeedbackService(cfg, store, FakeLog(rows or {}, visible_after), trigger=triggered.append,
+                              clock=NOW.timestamp, sleep=fake_sleep)
+    box[0] = service
+    return service, store, triggered, slept
+
+
+def _served(pid, label="pos"):
+    return {"prediction_id": pid, "model": "m", "version": "v3", "text": "the served text", "label": label,
+            "created_at": NOW}
+
+
+def test_feedback_on_a_prediction_is_joined_to_what_was_served_counted_and_triggers():
+    pid = new_prediction_id(NOW)
+    service, store, triggered, _ = _service({pid: _served(pid)})
+    assert asyncio.run(service.submit("neg", prediction_id=pid, key_id="k1")) == "f0"
+    [record] = store.appended
+    assert record["text"] == "the served text" and record["version"] == "v3" and record["predicted_label"] == "pos"
+    assert record["key_id"] == "k1" and record["label"] == "neg"
+    assert triggered == ["m"]
+    stats = service.stats("m")
+    assert stats["total"] == 1 and stats["by_version"]["v3"]["online_accuracy"] == 0.0
+
+
+def test_a_young_id_waits_for_the_flush_without_a_thread_then_is_found():
+    pid = new_prediction_id(NOW)
+    service, store, _, slept = _service({pid: _served(pid)}, visible_after=1)
+    asyncio.run(service.submit("pos", prediction_id=pid))
+    assert slept == [pytest.approx(2.0, abs=0.01)]  # flush interval + slack, asked of the fake sleep
+    assert len(store.appended) == 1
+
+
+def test_an_old_unknown_id_is_404_at_once_and_a_forged_id_too():
+    service, store, _, slept = _service()
+    old = new_prediction_id(datetime(2026, 11, 1, tzinfo=UTC))
+    for pid in (old, "not-one-of-ours"):
+        with pytest.raises(UnknownPrediction):
+            asyncio.run(service.submit("pos", prediction_id=pid))
+    assert slept == [] and store.appended == []
+
+
+def test_too_many_young_id_waits_at_once_are_refused(monkeypatch):
+    monkeypatch.setattr(feedback_service, "MAX_YOUNG_ID_WAITS", 0)
+    service, _, _, _ = _service()
+    with pytest.raises(Overloaded):
+        asyncio.run(service.submit("pos", prediction_id=new_prediction_id(NOW)))
+
+
+def test_bad_feedback_stores_nothing():
+    service, store, triggered, _ = _service()
+    with pytest.raises(InvalidLabel):
+        asyncio.run(service.submit("neutral", model="m", text="ok"))
+    with pytest.raises(UnknownModel):
+        asyncio.run(service.submit("pos", model="nope", text="ok"))
+    with pytest.raises(PayloadTooLarge):
+        asyncio.run(service.submit("pos", model="m", text="x" * 21))
+    assert store.appended == [] and triggered == []
