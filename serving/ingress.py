@@ -185,6 +185,7 @@ class Ingress:
         self.cfg = TuneloopConfig.model_validate(config)
         storage = Storage(self.cfg.storage.root)
         self.registry = Registry(storage)
+        self._controller_handle = None
         self.feedback = FeedbackService.from_config(self.cfg, trigger=self._trigger)
         self.jobs = JobStore(storage)
         self.auth = KeyRing(self.cfg.auth, storage)
@@ -216,10 +217,15 @@ class Ingress:
         return True
 
     def _controller(self):
-        try:
-            return ray.get_actor(CONTROLLER_NAME, namespace=CONTROLLER_NAMESPACE)
-        except ValueError:
-            return None  # serving without the loop (tests, or an operator who retrains by hand)
+        """The retrain controller's handle, looked up until found, then kept: the trigger
+        runs for every stored record, inside the feedback store's append lock, and a lookup
+        is a round trip to Ray's GCS."""
+        if self._controller_handle is None:
+            try:
+                self._controller_handle = ray.get_actor(CONTROLLER_NAME, namespace=CONTROLLER_NAMESPACE)
+            except ValueError:
+                return None  # serving without the loop (tests, or an operator who retrains by hand)
+        return self._controller_handle
 
     # -- health --------------------------------------------------------------------------
     @app.get("/healthz")
