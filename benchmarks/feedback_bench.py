@@ -24,8 +24,12 @@ import pyarrow as pa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tuneloop.store.records import FEEDBACK_SCHEMA, FeedbackStore  # noqa: E402
+from tuneloop.core.tasks import make_task  # noqa: E402
+from tuneloop.store.records import FeedbackStore, feedback_schema  # noqa: E402
 from tuneloop.store.storage import Storage  # noqa: E402
+
+
+TASKS = {"bench": make_task("text-classification", ["negative", "positive"])}
 
 
 def _row(i: int) -> dict:
@@ -38,7 +42,7 @@ def _per_record_parquet(storage: Storage):
     def write(i: int) -> None:
         row = _row(i)
         storage.write_parquet_atomic(f"feedback/bench/date=x/{row['feedback_id']}.parquet",
-                                     pa.Table.from_pylist([row], schema=FEEDBACK_SCHEMA))
+                                     pa.Table.from_pylist([row], schema=feedback_schema(TASKS["bench"])))
     return write
 
 
@@ -92,7 +96,7 @@ def run(work: Path, records: int, thread_counts: list[int]) -> None:
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for threads in thread_counts:
         base = measure(_per_record_parquet(Storage(str(work / f"parquet-{threads}"))), records, threads)
-        store = FeedbackStore(Storage(str(work / f"journal-{threads}")), str(work / f"journal-{threads}/wal"))
+        store = FeedbackStore(Storage(str(work / f"journal-{threads}")), str(work / f"journal-{threads}/wal"), TASKS)
         store.open_writer()
         journal = measure(_journal(store), records, threads)
         t0 = time.perf_counter()

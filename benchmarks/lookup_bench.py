@@ -36,7 +36,8 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tuneloop.store.records import PREDICTION_SCHEMA, PredictionLog, prediction_time  # noqa: E402
+from tuneloop.core.tasks import make_task  # noqa: E402
+from tuneloop.store.records import PredictionLog, prediction_schema, prediction_time  # noqa: E402
 from tuneloop.store.storage import Storage  # noqa: E402
 
 MODEL = "bench"
@@ -44,6 +45,8 @@ DAY = datetime(2026, 6, 15, tzinfo=UTC)
 ROW_SPACING = timedelta(milliseconds=10)  # rows within one flush file: a ~1 s flush at 100 rows
 _started = time.perf_counter()
 
+
+TASKS = {MODEL: make_task("text-classification", ["negative", "positive"])}
 
 def progress(message: str) -> None:
     print(f"[{time.perf_counter() - _started:7.1f}s] {message}", file=sys.stderr, flush=True)
@@ -60,7 +63,7 @@ class _UnsyncedStorage(Storage):
 
 def build(root: Path, rows: int, rows_per_file: int, sample: int, rng: random.Random) -> tuple[int, list[str]]:
     """Write a day of ``rows`` predictions; returns the number of files and ``sample`` of the ids."""
-    log = PredictionLog(_UnsyncedStorage(str(root)))
+    log = PredictionLog(_UnsyncedStorage(str(root)), TASKS)
     files = math.ceil(rows / rows_per_file)
     wanted = set(rng.sample(range(rows), min(sample, rows)))
     ids: list[str] = []
@@ -99,7 +102,7 @@ def old_scan(storage: Storage, prediction_id: str) -> dict | None:
     with a filter."""
     when = prediction_time(prediction_id)
     files = storage.list_files(f"predictions/{MODEL}/date={when:%Y-%m-%d}", ".parquet")
-    table = pads.dataset([storage.path(f) for f in files], schema=PREDICTION_SCHEMA, format="parquet",
+    table = pads.dataset([storage.path(f) for f in files], schema=prediction_schema(TASKS[MODEL]), format="parquet",
                          filesystem=storage.fs).to_table(filter=pc.field("prediction_id") == prediction_id)
     return table.slice(0, 1).to_pylist()[0] if table.num_rows else None
 
@@ -148,7 +151,7 @@ def run(work: Path, args, rng: random.Random) -> dict:
         os.sync()  # the build's write-back would otherwise land in the first timings
         progress(f"built {files:,} files (synced to disk)")
         storage = Storage(str(work / case))
-        log = PredictionLog(storage)
+        log = PredictionLog(storage, TASKS)
         known = [rng.choice(ids) for _ in range(args.lookups)]
         unknown = unknown_ids(args.unknown, rng)
         old_n = args.lookups if case == "small" else args.old_lookups

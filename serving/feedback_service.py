@@ -14,10 +14,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tuneloop.core.config import TuneloopConfig
-from tuneloop.core.errors import InvalidLabel, Overloaded, UnknownModel, UnknownPrediction
+from tuneloop.core.errors import InvalidBody, Overloaded, UnknownModel, UnknownPrediction
 from tuneloop.core.feedback_stats import FeedbackTally
+from tuneloop.core.tasks import check_text_length, model_tasks
 from tuneloop.serving import metrics
-from tuneloop.serving.predict_request import check_text_length
 from tuneloop.store.records import FeedbackStore, PredictionLog, prediction_time
 from tuneloop.store.storage import Storage
 
@@ -32,11 +32,13 @@ class FeedbackService:
                  trigger: Callable[[str], None] | None = None, clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
         self.cfg, self.store, self.predictions = cfg, store, predictions
+        self.tasks = model_tasks(cfg.models)
         self._trigger, self._clock, self._sleep = trigger, clock, sleep
         # The statistics, counted once from what is stored, then kept up to date by each new
         # record (``stored``): reading them costs the same whatever the amount of feedback.
         self._tally_lock = threading.Lock()
-        self._tallies = {m.name: FeedbackTally(m.name).add_all(store.read_all(m.name)) for m in cfg.models}
+        self._tallies = {name: FeedbackTally(name, task).add_all(store.read_all(name))
+                         for name, task in self.tasks.items()}
         self._young_id_waits = 0
 
     @classmethod
@@ -44,8 +46,9 @@ class FeedbackService:
         """The one feedback writer of a deployment: it recovers what a killed predecessor
         journalled, then compacts the journal into Parquet in the background."""
         storage = Storage(cfg.storage.root)
-        store = FeedbackStore(storage, cfg.storage.journal_path())
-        service = cls(cfg, store, PredictionLog(storage), trigger=trigger)
+        tasks = model_tasks(cfg.models)
+        store = FeedbackStore(storage, cfg.storage.journal_path(), tasks)
+        service = cls(cfg, store, PredictionLog(storage, tasks), trigger=trigger)
         store.open_writer(cfg.feedback.compact_interval_s, cfg.feedback.idempotency_ttl_s, on_stored=service.stored)
         return service
 
@@ -56,25 +59,40 @@ class FeedbackService:
             raise UnknownModel(name) from None
 
     # -- taking feedback -----------------------------------------------------------------
-    async def submit(self, label: str, *, prediction_id: str | None = None, model: str | None = None,
+    async def submit(self, said: dict[str, Any], *, prediction_id: str | None = None, model: str | None = None,
                      text: str | None = None, key_id: str | None = None,
                      idempotency_key: str | None = None) -> str:
         """Store one feedback record (durable on return) and return its id; a repeated
-        Idempotency-Key returns the first id and stores nothing."""
+        Idempotency-Key returns the first id and stores nothing. ``said``: the task's
+        feedback fields as the user sent them (a classifier's ``{"label": ...}``)."""
+        self._check_shape(said, model)
         if prediction_id is not None:
             served = await self.served(prediction_id)
-            cfg = self._model(served["model"])
-            fields = {"model": cfg.name, "text": served["text"], "prediction_id": served["prediction_id"],
-                      "version": served["version"], "predicted_label": served["label"],
-                      "predicted_at": served["created_at"]}
+            name = self._model(served["model"]).name
+            task = self.tasks[name]
+            fields = {"model": name, "text": served["text"], "prediction_id": served["prediction_id"],
+                      "version": served["version"], "predicted_at": served["created_at"], **task.predicted(served)}
         else:
-            cfg = self._model(model)
+            name = self._model(model).name
+            task = self.tasks[name]
             check_text_length(text, "text", self.cfg.serving.max_chars_per_input)
-            fields = {"model": cfg.name, "text": text}
-        if label not in cfg.labels:
-            raise InvalidLabel(cfg.name, label, cfg.labels)
-        return await asyncio.to_thread(self.store.append, label=label, key_id=key_id,
-                                       idempotency_key=idempotency_key, **fields)
+            fields = {"model": name, "text": text}
+        task.check_feedback_fields(said)
+        fields.update(task.feedback_target(name, said))
+        return await asyncio.to_thread(self.store.append, key_id=key_id, idempotency_key=idempotency_key, **fields)
+
+    def _check_shape(self, said: dict[str, Any], model: str | None) -> None:
+        """Fields that no configured task takes are refused before a prediction is looked
+        up (422, not a 404 for a body that could never be right)."""
+        tasks = [self.tasks[model]] if model in self.tasks else list(self.tasks.values())
+        errors = []
+        for task in tasks:
+            try:
+                task.check_feedback_fields(said)
+                return
+            except InvalidBody as e:
+                errors.append(e)
+        raise errors[0]
 
     async def served(self, prediction_id: str) -> dict[str, Any]:
         """The logged prediction. Replicas write their log once per flush interval, so an

@@ -41,12 +41,12 @@ from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage
 from tuneloop.serving import metrics
 from tuneloop.serving.feedback_service import FeedbackService
-from tuneloop.serving.responses import error_response
+from tuneloop.serving.responses import V1, error_response
 from tuneloop.core.names import INGRESS_DEPLOYMENT, model_app_name, model_deployment_name
+from tuneloop.core.tasks import check_unicode
 from tuneloop.serving.predict_request import (
     check_content_length,
     check_content_type,
-    check_unicode,
     load_json,
     max_body_bytes,
     read_body,
@@ -76,18 +76,33 @@ class PromoteRequest(BaseModel):
 
 
 class FeedbackRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """What the user says about a prediction (``prediction_id``) or a text (``model`` and
+    ``text``): the other fields are the model's task's feedback fields (a classifier takes
+    ``label``), which the task checks (``FeedbackService.submit``)."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"example": {"prediction_id": "…", "label": "positive"}})
     prediction_id: StrictStr | None = None
     model: StrictStr | None = None
     text: StrictStr | None = None
-    label: StrictStr
 
     @model_validator(mode="after")
     def _valid_unicode(self) -> "FeedbackRequest":
-        for name in ("prediction_id", "model", "text", "label"):
-            value = getattr(self, name)
-            if value is not None:
-                check_unicode(value, name)  # the journal stores UTF-8; a lone surrogate is none
+        def walk(value: Any, where: str) -> None:  # the journal stores UTF-8; a lone surrogate is none
+            if isinstance(value, str):
+                check_unicode(value, where)
+            elif isinstance(value, list):
+                for i, item in enumerate(value):
+                    walk(item, f"{where}[{i}]")
+            elif isinstance(value, dict):
+                for key, item in value.items():
+                    walk(key, where)
+                    walk(item, f"{where}.{key}")
+
+        for name in ("prediction_id", "model", "text"):
+            walk(getattr(self, name), name)
+        for name, value in self.task_fields().items():
+            walk(name, "body")
+            walk(value, name)
         return self
 
     @model_validator(mode="after")
@@ -95,8 +110,12 @@ class FeedbackRequest(BaseModel):
         by_id = self.prediction_id is not None
         by_text = self.model is not None or self.text is not None
         if by_id == by_text or (by_text and (self.model is None or self.text is None)):
-            raise ValueError('give either "prediction_id" and "label", or "model", "text" and "label"')
+            raise ValueError('give either "prediction_id", or "model" and "text", with the task\'s feedback '
+                             'fields ("label" for text classification)')
         return self
+
+    def task_fields(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
 
 
 @app.exception_handler(TuneloopError)
@@ -121,7 +140,7 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     typed = {404: NotFound, 405: MethodNotAllowed}.get(exc.status_code)
     if typed is not None:
         return error_response(typed(str(exc.detail)))
-    return JSONResponse({"error": {"code": "http_error", "message": str(exc.detail)}}, status_code=exc.status_code)
+    return JSONResponse(V1.body("http_error", str(exc.detail)), status_code=exc.status_code)
 
 
 class BodyGuard:
@@ -322,7 +341,7 @@ class Ingress:
         idempotency_key = parse_key(idempotency_key)
         # Per key; clients without one (feedback opened in the config) share one bucket.
         self.feedback_limit.take(key_id or "anonymous")
-        feedback_id = await self.feedback.submit(body.label, prediction_id=body.prediction_id, model=body.model,
+        feedback_id = await self.feedback.submit(body.task_fields(), prediction_id=body.prediction_id, model=body.model,
                                                  text=body.text, key_id=key_id, idempotency_key=idempotency_key)
         return {"feedback_id": feedback_id}
 

@@ -39,6 +39,7 @@ from tuneloop.serving import metrics
 from tuneloop.serving.responses import error_response, internal_error_response
 from tuneloop.serving.batcher import ContinuousBatcher, ItemFailed
 from tuneloop.core.batching_policy import AIMDPolicy, next_batch_size
+from tuneloop.core.tasks import Task, make_task
 from tuneloop.serving.predict_request import (
     PredictLimits,
     check_content_length,
@@ -55,58 +56,59 @@ class LabelMismatch(ValueError):
     mislabel answers (or fail on every predict), so it is refused at load."""
 
 
-def checkpoint_labels(id2label: dict, config_labels: list[str], version: str) -> list[str]:
-    """Labels in the checkpoint's own output order, checked against the config's set."""
+def checkpoint_labels(id2label: dict, head_labels: list[str], version: str) -> list[str]:
+    """The head's labels in the checkpoint's own output order, checked against the set the
+    model's task expects (``Task.head_labels``, from the config)."""
     labels = [id2label[i] for i in sorted(id2label, key=int)]
-    if sorted(labels) != sorted(config_labels):
+    if sorted(labels) != sorted(head_labels):
         raise LabelMismatch(
-            f"version {version}'s checkpoint has labels {labels}, the config {config_labels}; refusing to serve it"
+            f"version {version}'s checkpoint has labels {labels}, the config {head_labels}; refusing to serve it"
         )
     return labels
 
 
 class LoadedModel:
-    """One version's tokenizer and weights, ready for batched forward passes. Answers are
-    labelled with the checkpoint's own ``id2label`` (the order the head was trained in),
-    never by position in the config."""
+    """One version's tokenizer and weights, ready for batched forward passes: the task says
+    which auto class loads them and turns the scores into answers. Scores are read by the
+    checkpoint's own ``id2label`` (the order the head was trained in), never by position in
+    the config."""
 
-    def __init__(self, path: str, version: str, labels: list[str], max_length: int):
+    def __init__(self, path: str, version: str, task: Task, max_length: int):
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        import transformers
 
-        self.version = version
+        self.version, self.task = version, task
         self.max_length = max_length
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(self.device).eval()
-        self.labels = checkpoint_labels(self.model.config.id2label, labels, version)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        auto_class = getattr(transformers, task.auto_class)
+        self.model = auto_class.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        self.head = checkpoint_labels(self.model.config.id2label, task.head_labels(), version)
 
     def predict(self, texts: list[str]) -> tuple[list[dict[str, Any]], int, int]:
-        """Results in order, and the batch's real and padded token counts. An input the
+        """Answers in order, and the batch's real and padded token counts. An input the
         tokenizer refuses, or one the model scores as NaN/inf, raises InputRejected: the
         batcher then runs the batch in halves until that input stands alone."""
         import torch
 
         try:
-            enc = self.tokenizer(
-                texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-            )
+            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                                 return_tensors="pt", **self.task.tokenizer_options)
         except Exception as e:  # noqa: BLE001 - the tokenizer's errors come in many types
             raise InputRejected(f"the tokenizer cannot take this input ({type(e).__name__}: {e})") from None
         tokens, padded = int(enc["attention_mask"].sum()), enc["attention_mask"].numel()
+        # What the task asked the tokenizer for beyond the model's inputs (offsets, say).
+        encoding = None
+        if self.task.tokenizer_options:
+            extra = {k: enc.pop(k) for k in ("offset_mapping", "special_tokens_mask") if k in enc}
+            encoding = {k: v.tolist() for k, v in {**enc, **extra}.items()}
         enc = enc.to(self.device)
         with torch.inference_mode():
             probs = self.model(**enc).logits.float().softmax(-1).cpu()
         if not bool(torch.isfinite(probs).all()):
             raise InputRejected("the model produced non-finite scores for this input")
-        out = []
-        for row in probs.tolist():
-            best = max(range(len(row)), key=row.__getitem__)
-            out.append(
-                {"label": self.labels[best], "score": row[best], "scores": dict(zip(self.labels, row, strict=True))}
-            )
-        return out, tokens, padded
+        return self.task.answers(texts, probs.tolist(), self.head, encoding), tokens, padded
 
 
 def in_flight_limit(s: ServingConfig) -> int:
@@ -123,14 +125,15 @@ class ModelServer:
 
     def __init__(self, config: dict, model: str, *, registry: Registry | None = None,
                  recorder: PredictionRecorder | None = None, keys: KeyRing | None = None,
-                 load: Callable[[str, str, list[str], int], LoadedModel] | None = None, watch: bool = True):
+                 load: Callable[[str, str, Task, int], LoadedModel] | None = None, watch: bool = True):
         cfg = TuneloopConfig.model_validate(config)
         self.cfg, self.serving = cfg.model(model), cfg.serving
+        self.task = make_task(self.cfg.task, self.cfg.labels)
         storage = Storage(cfg.storage.root)
         self.registry = registry or Registry(storage)
         p = cfg.predictions
         self.recorder = recorder or PredictionRecorder(
-            PredictionLog(storage), model, p.sample_rate, p.flush_interval_s, p.retention_days,
+            PredictionLog(storage, {model: self.task}), model, p.sample_rate, p.flush_interval_s, p.retention_days,
             max_buffered_rows=p.max_buffered_rows, on_drop=metrics.PREDICTION_LOG_DROPPED.labels(model).inc)
         self._keys = keys or KeyRing(cfg.auth, storage)
         if load is None:
@@ -145,7 +148,8 @@ class ModelServer:
             target_batch_latency_s=self.serving.target_batch_latency_s, max_batch_size=self.serving.max_batch_size
         )
         self._batcher = ContinuousBatcher(
-            self._predict_batch, max_batch_size=self.serving.max_batch_size, length=len, on_batch=self._observe_waits
+            self._predict_batch, max_batch_size=self.serving.max_batch_size,
+            length=len if self.task.batch_by_length else None, on_batch=self._observe_waits
         )
         self._limits = PredictLimits.from_config(self.serving)
         # Requests this replica holds (running or waiting); past the bound: 503 at once.
@@ -165,7 +169,7 @@ class ModelServer:
             return
         path = self.registry.local_path(self.cfg.name, production)
         try:
-            new = self._load(path, production, self.cfg.labels, self.serving.max_length)
+            new = self._load(path, production, self.task, self.serving.max_length)
         except LabelMismatch as e:
             self._refused[production] = str(e)
             log.error("model %s: %s; still serving %s", self.cfg.name, e,
@@ -198,7 +202,7 @@ class ModelServer:
             check_content_type(request.headers.get("content-type"))
             check_content_length(request.headers.get("content-length"), self._limits.max_body_bytes)
             body = await read_body(request.stream(), self._limits.max_body_bytes, self.serving.body_timeout_s)
-            texts = parse_predict_body(body, self._limits)
+            texts = parse_predict_body(body, self._limits, self.task)
             predictions = await self.predict(texts)
         except TuneloopError as e:
             outcome = "rejected" if e.status >= 500 else "invalid"  # 503s: overload, not ready, auth store
@@ -260,10 +264,8 @@ class ModelServer:
         for text, r in zip(texts, results, strict=True):
             r["id"] = new_prediction_id(now)
             r["version"] = loaded.version
-            rows.append(
-                {"prediction_id": r["id"], "model": self.cfg.name, "version": loaded.version, "text": text,
-                 "label": r["label"], "score": r["score"], "scores": r["scores"], "created_at": now}
-            )
+            rows.append({"prediction_id": r["id"], "model": self.cfg.name, "version": loaded.version, "text": text,
+                         "created_at": now, **self.task.prediction_record(r)})
         self.recorder.record(rows)  # written in the background, off the response path
         return results
 

@@ -4,8 +4,9 @@ The model replica answers predict requests itself (see ``serving/app.py``), with
 so the checks that FastAPI and pydantic make for the other endpoints are made here, with
 the same errors: 415 for a body that is not JSON, 413 past the size limits (counted while
 the body is read), 408 for a body sent too slowly, 400 for malformed JSON, 422 for a body
-of the wrong shape, nested too deeply, or holding text that is not valid Unicode. The
-ingress reads its bodies through the same ``read_body`` and ``load_json``.
+of the wrong shape or nested too deeply. What the ``inputs`` may hold is the model's task's
+rule (``Task.check_inputs``). The ingress reads its bodies through the same ``read_body``
+and ``load_json``.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from tuneloop.core.config import ServingConfig
+from tuneloop.core.tasks import Task
 from tuneloop.core.errors import (
     InvalidBody,
     InvalidRequest,
-    InvalidValue,
     MalformedJSON,
     PayloadTooLarge,
     RequestTimeout,
@@ -59,20 +60,6 @@ def check_content_length(content_length: str | None, limit: int) -> None:
         raise PayloadTooLarge(f"request body of {content_length} bytes exceeds {limit}")
 
 
-def check_text_length(text: str, where: str, max_chars: int) -> None:
-    if len(text) > max_chars:
-        raise PayloadTooLarge(f"{where} has {len(text)} characters; the limit is {max_chars}")
-
-
-def check_unicode(text: str, where: str) -> None:
-    """JSON may carry a lone surrogate (``"\\ud800"``) that decodes to a Python ``str`` but is
-    no Unicode text: tokenizers raise on it and UTF-8 cannot store it. Refuse it up front."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise InvalidValue(f"{where} is not valid Unicode text (a lone surrogate at character {e.start})") from None
-
-
 async def read_body(chunks: AsyncIterator[bytes], limit: int, timeout_s: float) -> bytes:
     """The request body, counted while it arrives: past ``limit`` bytes it is refused at
     once (413), so a chunked body with no Content-Length cannot fill a replica's memory,
@@ -103,8 +90,9 @@ def load_json(body: bytes):
         raise InvalidBody("the JSON body is nested too deeply") from None
 
 
-def parse_predict_body(body: bytes, limits: PredictLimits) -> list[str]:
-    """``{"inputs": ["text", ...]}`` -> the texts, or the TuneloopError that says why not."""
+def parse_predict_body(body: bytes, limits: PredictLimits, task: Task) -> list[str]:
+    """``{"inputs": [...]}`` -> the inputs as the model's task checks them (texts), or the
+    TuneloopError that says why not."""
     if len(body) > limits.max_body_bytes:
         raise PayloadTooLarge(f"request body of {len(body)} bytes exceeds {limits.max_body_bytes}")
     doc = load_json(body)
@@ -115,16 +103,4 @@ def parse_predict_body(body: bytes, limits: PredictLimits) -> list[str]:
         raise InvalidBody(f"unknown field(s) {extra}; the body takes only \"inputs\"")
     if "inputs" not in doc:
         raise InvalidBody('"inputs" is required: a list of texts')
-    inputs = doc["inputs"]
-    if not isinstance(inputs, list):
-        raise InvalidBody(f'"inputs" must be a list of texts, not {type(inputs).__name__}')
-    if not inputs:
-        raise InvalidValue('"inputs" must hold at least one text')
-    if len(inputs) > limits.max_inputs:
-        raise PayloadTooLarge(f'"inputs" has {len(inputs)} texts; the limit is {limits.max_inputs}')
-    for i, text in enumerate(inputs):
-        if not isinstance(text, str):
-            raise InvalidBody(f"inputs[{i}] must be a string, not {type(text).__name__}")
-        check_text_length(text, f"inputs[{i}]", limits.max_chars)
-        check_unicode(text, f"inputs[{i}]")
-    return inputs
+    return task.check_inputs(doc["inputs"], limits.max_inputs, limits.max_chars)

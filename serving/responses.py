@@ -1,20 +1,37 @@
 """The one place a TuneloopError becomes an HTTP answer, for the ingress and the model
-replicas alike: DESIGN.md's ``{"error": {"code", "message"}}`` with the error's status and
-headers (``Retry-After``, ``WWW-Authenticate``). Errors that are not TuneloopErrors are our
-own bugs: logged where they happen, answered 500 ``internal`` without details."""
+replicas alike, in the answer format of a protocol: DESIGN.md's v1, ``{"error": {"code",
+"message"}}``, with the error's status and headers (``Retry-After``, ``WWW-Authenticate``).
+A second protocol (KServe's v2, OpenAI's) is one more ``ErrorFormat``: the typed errors,
+their statuses and where they are raised stay as they are. Errors that are not
+TuneloopErrors are our own bugs: logged where they happen, answered 500 without details."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from starlette.responses import JSONResponse
 
 from tuneloop.core.errors import TuneloopError
 
-INTERNAL = {"error": {"code": "internal", "message": "internal error; see the server log"}}
+INTERNAL_CODE, INTERNAL_MESSAGE = "internal", "internal error; see the server log"
 
 
-def error_response(exc: TuneloopError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+@dataclass(frozen=True)
+class ErrorFormat:
+    """How a protocol writes an error: ``body(code, message)`` -> the JSON document."""
+
+    name: str
+    body: Callable[[str, str], dict[str, Any]]
 
 
-def internal_error_response() -> JSONResponse:
-    return JSONResponse(INTERNAL, status_code=500)
+V1 = ErrorFormat("v1", lambda code, message: {"error": {"code": code, "message": message}})
+
+
+def error_response(exc: TuneloopError, protocol: ErrorFormat = V1) -> JSONResponse:
+    return JSONResponse(protocol.body(exc.code, exc.message), status_code=exc.status, headers=exc.headers)
+
+
+def internal_error_response(protocol: ErrorFormat = V1) -> JSONResponse:
+    return JSONResponse(protocol.body(INTERNAL_CODE, INTERNAL_MESSAGE), status_code=500)

@@ -30,7 +30,8 @@ from tuneloop.core.feedback_stats import superseded
 from tuneloop.core.gate import evaluate_gate
 from tuneloop.store.jobs import Heartbeat, JobRecord, JobRunning, JobStore, promote_or_wait, take_lease
 from tuneloop.core.model_source import resolve_model_source
-from tuneloop.store.records import FeedbackStore
+from tuneloop.core.tasks import Task, model_tasks
+from tuneloop.store.records import FeedbackStore, arrow_type
 from tuneloop.core.evaluation import EvalMetrics
 from tuneloop.store.registry import Manifest, Registry
 from tuneloop.store.storage import Storage
@@ -47,31 +48,29 @@ class TrainingOutcome:
     manifest: Manifest | None
 
 
-def _read_seed(path: str) -> ray.data.Dataset:
+def _read_seed(path: str, task: Task) -> ray.data.Dataset:
+    columns = ["text", *task.target_columns]
     fmt = seed_format(path)
     if fmt in (".tsv", ".csv"):
         parse = pacsv.ParseOptions(delimiter="\t" if fmt == ".tsv" else ",", quote_char=False if fmt == ".tsv" else '"')
-        convert = pacsv.ConvertOptions(column_types={"text": pa.string(), "label": pa.string()})
+        convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in columns})
         ds = ray.data.read_csv(path, parse_options=parse, convert_options=convert)
     elif fmt == ".jsonl":
         ds = ray.data.read_json(path)
     else:
         ds = ray.data.read_parquet(path)
-    return ds.select_columns(["text", "label"])
+    return ds.select_columns(columns)
 
 
-def _prepare(batch: pa.Table, labels: list[str], eval_fraction: float) -> pa.Table:
-    """Add label ids and the held-out flag; unknown labels fail the job with their value."""
+def _prepare(batch: pa.Table, task: Task, eval_fraction: float) -> pa.Table:
+    """The task's training targets and the held-out flag; a target outside the model's
+    labels fails the job, naming it."""
     texts = batch.column("text").cast(pa.string()).to_pylist()
-    names = batch.column("label").cast(pa.string()).to_pylist()
-    index = {name: i for i, name in enumerate(labels)}
-    unknown = sorted({n for n in names if n not in index})
-    if unknown:
-        raise ValueError(f"training data has labels {unknown} outside the model's labels {labels}")
+    targets = task.training_targets({c: batch.column(c).to_pylist() for c in task.target_columns})
     return pa.table(
         {
             "text": pa.array(texts, pa.string()),
-            "label_id": pa.array([index[n] for n in names], pa.int64()),
+            **{c: pa.array(targets[c], arrow_type(t)) for c, t in task.training_columns.items()},
             "held_out": pa.array([is_held_out(t, eval_fraction) for t in texts], pa.bool_()),
         }
     )
@@ -82,12 +81,13 @@ def _without_ids(batch: pa.Table, ids: list[str]) -> pa.Table:
 
 
 def _datasets(
-    mcfg: ModelConfig, storage: Storage, feedback: FeedbackStore, feedback_files: list[str], eval_fraction: float
+    mcfg: ModelConfig, task: Task, storage: Storage, feedback: FeedbackStore, feedback_files: list[str],
+    eval_fraction: float,
 ) -> tuple[dict[str, ray.data.Dataset], dict[str, Any]]:
     ray.data.DataContext.get_current().enable_progress_bars = False  # they flood the server's log
     parts, summary = [], {}
     if mcfg.seed_dataset:
-        parts.append(_read_seed(mcfg.seed_dataset))
+        parts.append(_read_seed(mcfg.seed_dataset, task))
         summary["seed"] = {"path": mcfg.seed_dataset, "sha256": file_sha256(mcfg.seed_dataset)}
     dropped: list[str] = []
     if feedback_files:
@@ -99,12 +99,12 @@ def _datasets(
         )
         if dropped:
             rows = rows.map_batches(_without_ids, batch_format="pyarrow", fn_kwargs={"ids": dropped})
-        parts.append(rows.select_columns(["text", "label"]))
+        parts.append(rows.select_columns(["text", *task.target_columns]))
     if not parts:
         raise ValueError(f"model {mcfg.name!r} has no seed dataset and no feedback to train on")
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     prepared = ds.map_batches(
-        _prepare, batch_format="pyarrow", fn_kwargs={"labels": mcfg.labels, "eval_fraction": eval_fraction}
+        _prepare, batch_format="pyarrow", fn_kwargs={"task": task, "eval_fraction": eval_fraction}
     ).materialize()
     train = prepared.filter(expr=col("held_out") == False).materialize()  # noqa: E712 - an expression
     held_out = prepared.filter(expr=col("held_out") == True).materialize()  # noqa: E712
@@ -179,20 +179,22 @@ def run_training(cfg: TuneloopConfig, model: str, trigger: str = "manual", job: 
 
 def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, registry: Registry) -> Manifest:
     """Train, gate and publish; promote if accepted and production is still the parent."""
-    feedback = FeedbackStore(storage, cfg.storage.journal_path())
-    mcfg = cfg.model(model)
+    tasks = model_tasks(cfg.models)
+    feedback = FeedbackStore(storage, cfg.storage.journal_path(), tasks)
+    mcfg, task = cfg.model(model), tasks[model]
     tcfg = cfg.training
     _settle_feedback(feedback)
     parent = registry.production(model)
     init_path = registry.local_path(model, parent) if parent else resolve_model_source(mcfg.base_model)
     feedback_files = feedback.files(model)  # the snapshot this job trains on
-    datasets, data = _datasets(mcfg, storage, feedback, feedback_files, tcfg.eval_fraction)
+    datasets, data = _datasets(mcfg, task, storage, feedback, feedback_files, tcfg.eval_fraction)
     log.info("job %s: %s from %s, %s", job.job_id, model, parent or mcfg.base_model, data)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             **tcfg.model_dump(),
             "init_path": init_path,
+            "task": mcfg.task,
             "labels": mcfg.labels,
             "has_parent": parent is not None,
             "train_rows": data["train_rows"],
@@ -210,7 +212,7 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
     report = result.metrics
     metrics = EvalMetrics.model_validate(report["metrics"])
     parent_metrics = EvalMetrics.model_validate(report["parent_metrics"]) if report["parent_metrics"] else None
-    gate = evaluate_gate(metrics.accuracy, parent_metrics.accuracy if parent_metrics else None)
+    gate = evaluate_gate(task.gate_metric, metrics, parent_metrics)
     manifest = Manifest(
         version="pending",
         model=model,

@@ -13,8 +13,8 @@ import time
 from contextlib import nullcontext
 from typing import Any
 
+from tuneloop.core.tasks import Task, make_task
 from tuneloop.training.deepspeed_config import build_deepspeed_config
-from tuneloop.core.evaluation import classification_metrics
 
 EVAL_BATCH_SIZE = 64
 
@@ -37,29 +37,37 @@ def _param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def _encode(tokenizer, texts, max_length: int, device):
-    enc = tokenizer(
-        [str(t) for t in texts], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-    )
-    return {k: v.to(device) for k, v in enc.items()}
+def _encode(tokenizer, texts, max_length: int, device, task: Task) -> tuple[dict[str, Any], dict[str, list]]:
+    """The model's inputs on ``device``, and the encoding as lists for the task (with what
+    its ``tokenizer_options`` asked for, such as offsets, which the model does not take)."""
+    enc = tokenizer([str(t) for t in texts], padding=True, truncation=True, max_length=max_length,
+                    return_tensors="pt", **task.tokenizer_options)
+    extra = {k: enc.pop(k) for k in ("offset_mapping", "special_tokens_mask") if k in enc}
+    encoding = {k: v.tolist() for k, v in {**enc, **extra}.items()} if task.tokenizer_options else {}
+    return {k: v.to(device) for k, v in enc.items()}, encoding
 
 
-def _evaluate(engine, tokenizer, shard, max_length: int, num_labels: int) -> dict[str, float]:
+def _columns(batch: dict[str, Any]) -> dict[str, list]:
+    return {k: v.tolist() for k, v in batch.items()}
+
+
+def _evaluate(engine, tokenizer, shard, max_length: int, task: Task) -> dict[str, float]:
     """Score the whole held-out set. Every worker sees all of it (it is not split), so the
     gate compares candidate and production on exactly the same rows, and ZeRO-3's
     collective forward passes stay in step across ranks."""
     import torch
 
     engine.eval()
-    y_true: list[int] = []
-    y_pred: list[int] = []
+    y_true: list = []
+    y_pred: list = []
     with torch.no_grad():
         for batch in shard.iter_batches(batch_size=EVAL_BATCH_SIZE, batch_format="numpy"):
-            logits = engine(**_encode(tokenizer, batch["text"], max_length, engine.device)).logits
-            y_pred.extend(logits.argmax(-1).tolist())
-            y_true.extend(int(x) for x in batch["label_id"])
+            inputs, encoding = _encode(tokenizer, batch["text"], max_length, engine.device, task)
+            best = engine(**inputs).logits.argmax(-1).tolist()
+            y_pred.extend(task.predictions(best, encoding))
+            y_true.extend(task.batch_targets(_columns(batch), encoding))
     engine.train()
-    return classification_metrics(y_true, y_pred, num_labels).model_dump()  # reported through Ray Train
+    return task.metrics(y_true, y_pred).model_dump()  # reported through Ray Train
 
 
 def _consolidated_state_dict(module, rank: int) -> dict[str, Any]:
@@ -86,21 +94,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    import transformers
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(config["seed"])
-    labels: list[str] = config["labels"]
+    task = make_task(config["task"], config["labels"])
+    head = task.head_labels()
     max_length: int = config["max_length"]
     batch_size: int = config["batch_size"]
 
-    tokenizer = AutoTokenizer.from_pretrained(config["init_path"])
-    model = AutoModelForSequenceClassification.from_pretrained(
+    tokenizer = transformers.AutoTokenizer.from_pretrained(config["init_path"])
+    model = getattr(transformers, task.auto_class).from_pretrained(
         config["init_path"],
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
+        num_labels=len(head),
+        id2label=dict(enumerate(head)),
+        label2id={label: i for i, label in enumerate(head)},
         ignore_mismatched_sizes=True,  # a base encoder or a changed label set gets a fresh head
         dtype=torch.float32,
     )
@@ -127,7 +136,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     parent_metrics = None
     if config["has_parent"]:
         # The starting weights are production's: score them on the same held-out rows.
-        parent_metrics = _evaluate(engine, tokenizer, eval_shard, max_length, len(labels))
+        parent_metrics = _evaluate(engine, tokenizer, eval_shard, max_length, task)
         _log(rank, f"production baseline: {parent_metrics}")
 
     step = 0
@@ -135,9 +144,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(config["epochs"]):
         t0, seen, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
         for batch in train_shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
-            enc = _encode(tokenizer, batch["text"], max_length, engine.device)
-            target = torch.as_tensor(batch["label_id"], dtype=torch.long, device=engine.device)
-            loss = engine(**enc, labels=target).loss
+            inputs, encoding = _encode(tokenizer, batch["text"], max_length, engine.device, task)
+            targets = task.batch_targets(_columns(batch), encoding)
+            target = torch.as_tensor(targets, dtype=torch.long, device=engine.device)
+            loss = engine(**inputs, labels=target).loss
             engine.backward(loss)
             engine.step()
             step += 1
@@ -156,7 +166,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if done:
             break
 
-    metrics = _evaluate(engine, tokenizer, eval_shard, max_length, len(labels))
+    metrics = _evaluate(engine, tokenizer, eval_shard, max_length, task)
     _log(rank, f"held-out: {metrics}")
     state = _consolidated_state_dict(engine.module, rank)
     report = {"metrics": metrics, "parent_metrics": parent_metrics, "steps": step}

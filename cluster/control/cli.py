@@ -100,13 +100,15 @@ app.add_typer(keys_app, name="keys")
 def feedback_stats_cmd(model: str, config: str | None = ConfigOption) -> None:
     """Counts by label, version and day, and each version's online accuracy, as JSON."""
     from tuneloop.core.feedback_stats import feedback_stats
+    from tuneloop.core.tasks import model_tasks
     from tuneloop.store.records import FeedbackStore
     from tuneloop.store.storage import Storage
 
     cfg = _load(config)
     _known_model(cfg, model)
-    store = FeedbackStore(Storage(cfg.storage.root), cfg.storage.journal_path())
-    typer.echo(json.dumps(feedback_stats(model, store.read_all(model)), indent=2))
+    tasks = model_tasks(cfg.models)
+    store = FeedbackStore(Storage(cfg.storage.root), cfg.storage.journal_path(), tasks)
+    typer.echo(json.dumps(feedback_stats(model, tasks[model], store.read_all(model)), indent=2))
 
 
 @keys_app.command("create")

@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
 
 import ray
 
 from tuneloop.core.config import TuneloopConfig
-
 from tuneloop.store.jobs import JobRecord, JobStore
 from tuneloop.store.records import FeedbackStore
 from tuneloop.store.registry import Registry
@@ -35,40 +37,57 @@ def _train_job(config: dict, model: str, trigger: str, job: JobRecord) -> str:
     return run_training(TuneloopConfig.model_validate(config), model, trigger=trigger, job=job).job.state
 
 
-@ray.remote(num_cpus=0, max_concurrency=4)
-class RetrainController:
+class Retrainer:
     """One job per model: ``running`` maps a model to its live job, whoever started it (this
     controller, a predecessor that died, or `tuneloop train`), rebuilt from the job records
     at start. Methods run on up to 4 threads, plus the sweeper's: ``_lock`` guards the maps.
-    The job's own lease (cluster/jobs.py) is the last word; this keeps the API honest (409)."""
+    The job's own lease (store/jobs.py) is the last word; this keeps the API honest (409).
 
-    def __init__(self, config: dict):
-        self.config = config
-        self.cfg = TuneloopConfig.model_validate(config)
-        storage = Storage(self.cfg.storage.root)
-        self.jobs = JobStore(storage)
+    Its collaborators come through the constructor: the job store, ``launch`` (starts a job
+    and returns a ``concurrent.futures.Future`` of its final state) and the feedback not yet
+    trained on, so its decisions are unit-tested with a fake launch and no Ray.
+    ``from_config`` builds the real ones; ``RetrainController`` is this class as a Ray actor."""
+
+    def __init__(self, cfg: TuneloopConfig, jobs: JobStore, launch: Callable[[str, str, JobRecord], Future],
+                 pending: dict[str, int], *, sweep_every_s: float | None = SWEEP_EVERY_S):
+        self.cfg, self.jobs, self._launch = cfg, jobs, launch
         self._lock = threading.Lock()
         self.running: dict[str, str] = {j.model: j.job_id for j in self.jobs.all() if j.state == "running"}
-        self.tasks: dict[str, ray.ObjectRef] = {}  # model -> the job task this controller started
-        journal = self.cfg.storage.journal_path()
-        self.pending = {m.name: self._untrained_feedback(storage, journal, m.name) for m in self.cfg.models}
-        threading.Thread(target=self._sweep_forever, name="job-sweeper", daemon=True).start()
+        self.tasks: dict[str, Future] = {}  # model -> the job this controller started
+        self.pending = dict(pending)
+        if sweep_every_s is not None:
+            threading.Thread(target=self._sweep_forever, args=(sweep_every_s,), name="job-sweeper",
+                             daemon=True).start()
+
+    @classmethod
+    def parts_from_config(cls, config: dict) -> dict[str, Any]:
+        """The real collaborators: job records in the storage root, jobs as Ray tasks, and
+        the feedback that production's training did not see, counted from the files."""
+        cfg = TuneloopConfig.model_validate(config)
+        storage = Storage(cfg.storage.root)
+        journal = cfg.storage.journal_path()
+
+        def launch(model: str, trigger: str, job: JobRecord) -> Future:
+            return _train_job.remote(config, model, trigger, job).future()
+
+        pending = {m.name: cls._untrained_feedback(storage, journal, m.name) for m in cfg.models}
+        return {"cfg": cfg, "jobs": JobStore(storage), "launch": launch, "pending": pending}
 
     @staticmethod
     def _untrained_feedback(storage: Storage, journal_dir: str, model: str) -> int:
         """Feedback rows that production's training did not see (all of them before v1)."""
-        registry, feedback = Registry(storage), FeedbackStore(storage, journal_dir)
+        registry, feedback = Registry(storage), FeedbackStore(storage, journal_dir, {})  # counts files only
         production = registry.production(model)
         used = set()
         if production is not None:
             used = set(registry.manifest(model, production).data.get("feedback", {}).get("files", []))
         return feedback.count_rows([f for f in feedback.files(model) if f not in used])
 
-    def _sweep_forever(self) -> None:
-        """Marks dead jobs failed within SWEEP_EVERY_S of going stale, even when no request
+    def _sweep_forever(self, every_s: float) -> None:
+        """Marks dead jobs failed within ``every_s`` of going stale, even when no request
         comes: jobs of any model, including `tuneloop train` jobs this controller never saw."""
         while True:
-            time.sleep(SWEEP_EVERY_S)
+            time.sleep(every_s)
             try:
                 self.jobs.fail_stale()
                 with self._lock:
@@ -78,12 +97,11 @@ class RetrainController:
 
     def _reap(self) -> None:
         """Forget finished tasks and jobs; called with ``_lock`` held."""
-        for model, ref in list(self.tasks.items()):
-            ready, _ = ray.wait([ref], timeout=0)
-            if ready:
+        for model, task in list(self.tasks.items()):
+            if task.done():
                 del self.tasks[model]
                 try:
-                    log.info("retrain of %s ended: %s", model, ray.get(ref))
+                    log.info("retrain of %s ended: %s", model, task.result())
                 except Exception as e:  # noqa: BLE001 - run_training never raises: its process died
                     log.exception("retrain task of %s crashed", model)
                     job_id = self.running.get(model)
@@ -120,7 +138,7 @@ class RetrainController:
             return None
         job = self.jobs.create(model, trigger)
         self.pending[model] = 0  # records arriving from now on count towards the next job
-        self.tasks[model] = _train_job.remote(self.config, model, trigger, job)
+        self.tasks[model] = self._launch(model, trigger, job)
         self.running[model] = job.job_id
         log.info("started retrain job %s for %s (%s)", job.job_id, model, trigger)
         return job.job_id
@@ -129,3 +147,11 @@ class RetrainController:
         with self._lock:
             self._reap()
             return {"pending": dict(self.pending), "running": sorted(self.running)}
+
+
+@ray.remote(num_cpus=0, max_concurrency=4)
+class RetrainController(Retrainer):
+    """The Retrainer as the named Ray actor the ingress finds (``names.CONTROLLER_NAME``)."""
+
+    def __init__(self, config: dict):
+        super().__init__(**Retrainer.parts_from_config(config))

@@ -14,6 +14,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tuneloop.core.tasks import TASKS
+
 DEFAULT_CONFIG_PATH = "tuneloop.yaml"
 CONFIG_ENV_VAR = "TUNELOOP_CONFIG"
 
@@ -32,7 +34,7 @@ class ModelConfig(_Strict):
     """One served model: what it predicts and where it starts from."""
 
     name: str
-    task: Literal["text-classification"] = "text-classification"
+    task: str = Field(default="text-classification", description="one of tuneloop.core.tasks.TASKS")
     base_model: str = Field(min_length=1, description="Hugging Face model id or local path")
     labels: list[str] = Field(min_length=2)
     seed_dataset: str | None = Field(
@@ -46,6 +48,13 @@ class ModelConfig(_Strict):
             raise ValueError(
                 f"model name {v!r} must be 1-64 chars of lowercase letters, digits, '-' or '_'"
             )
+        return v
+
+    @field_validator("task")
+    @classmethod
+    def _task_is_known(cls, v: str) -> str:
+        if v not in TASKS:
+            raise ValueError(f"unknown task {v!r}; tuneloop knows {sorted(TASKS)}")
         return v
 
     @field_validator("labels")

@@ -1,7 +1,7 @@
 """Typed errors that reach clients, each with its HTTP status and machine code.
 
-The mapping to HTTP lives here, in one place; the ingress turns any of these into
-``{"error": {"code", "message"}}`` with the status below.
+The mapping to HTTP statuses lives here, in one place; ``serving/responses.py`` writes any
+of these in a protocol's error format (v1: ``{"error": {"code", "message"}}``).
 """
 
 from __future__ import annotations
@@ -17,10 +17,6 @@ class TuneloopError(Exception):
     def __init__(self, message: str):
         super().__init__(message)
         self.message = message
-
-    def body(self) -> dict[str, dict[str, str]]:
-        """The JSON error body of DESIGN.md's contract."""
-        return {"error": {"code": self.code, "message": self.message}}
 
 
 class InvalidRequest(TuneloopError):

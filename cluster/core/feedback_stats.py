@@ -14,6 +14,8 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from typing import Any
 
+from tuneloop.core.tasks import Task
+
 
 def superseded(rows: Iterable[dict[str, Any]]) -> set[str]:
     """Feedback ids that a later feedback on the same prediction replaces."""
@@ -41,9 +43,10 @@ class FeedbackTally:
     writer folds in what is on disk once. Memory: one small entry per prediction id that
     has feedback (for the latest-wins rule), none per record."""
 
-    def __init__(self, model: str):
-        self.model = model
+    def __init__(self, model: str, task: Task):
+        self.model, self.task = model, task
         self.superseded = 0
+        self._total = 0  # records that count (a record may count under several labels)
         self._labels: Counter[str] = Counter()
         self._days: Counter[str] = Counter()
         self._versions: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # [feedback, agreed]
@@ -68,18 +71,20 @@ class FeedbackTally:
         return self
 
     def _count(self, row: dict[str, Any], sign: int) -> None:
-        self._labels[row["label"]] += sign
+        self._total += sign
+        for label in self.task.feedback_labels(row):
+            self._labels[label] += sign
         self._days[row["created_at"].strftime("%Y-%m-%d")] += sign
         if row.get("version") is not None:
             tally = self._versions[row["version"]]
             tally[0] += sign
-            tally[1] += sign * int(row["label"] == row.get("predicted_label"))
+            tally[1] += sign * int(self.task.agrees(row))
 
     def stats(self) -> dict[str, Any]:
         by_label = {k: n for k, n in sorted(self._labels.items()) if n}
         return {
             "model": self.model,
-            "total": sum(by_label.values()),
+            "total": self._total,
             "superseded": self.superseded,
             "by_label": by_label,
             "by_version": {
@@ -90,7 +95,8 @@ class FeedbackTally:
         }
 
 
-def feedback_stats(model: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def feedback_stats(model: str, task: Task, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Counts by label, by serving version and by day, and each version's online accuracy:
-    the share of feedback on its predictions that agrees with what it served."""
-    return FeedbackTally(model).add_all(rows).stats()
+    the share of feedback on its predictions that agrees with what it served (as ``task``
+    judges agreement)."""
+    return FeedbackTally(model, task).add_all(rows).stats()

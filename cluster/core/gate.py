@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from tuneloop.core.evaluation import EvalMetrics
+
 
 class GateDecision(BaseModel):
     """The gate's verdict on a version, as its manifest records it."""
@@ -12,21 +14,23 @@ class GateDecision(BaseModel):
     reason: str
 
 
-def evaluate_gate(candidate_accuracy: float, production_accuracy: float | None) -> GateDecision:
-    """Accept when the candidate's held-out accuracy is not below production's on the same data.
+def evaluate_gate(metric: str, candidate: EvalMetrics, production: EvalMetrics | None) -> GateDecision:
+    """Accept when the candidate's held-out ``metric`` (the task's gate metric) is not below
+    production's on the same data.
 
     With no production version yet (the first version) there is nothing to protect, so the
     candidate is accepted.
     """
-    if production_accuracy is None:
-        return GateDecision(accepted=True,
-                            reason=f"first version: accuracy {candidate_accuracy:.4f}, no production to compare")
-    if candidate_accuracy >= production_accuracy:
+    value = float(getattr(candidate, metric))
+    if production is None:
+        return GateDecision(accepted=True, reason=f"first version: {metric} {value:.4f}, no production to compare")
+    baseline = float(getattr(production, metric))
+    if value >= baseline:
         return GateDecision(
             accepted=True,
-            reason=f"accuracy {candidate_accuracy:.4f} >= production's {production_accuracy:.4f} on the same held-out data",
+            reason=f"{metric} {value:.4f} >= production's {baseline:.4f} on the same held-out data",
         )
     return GateDecision(
         accepted=False,
-        reason=f"accuracy {candidate_accuracy:.4f} < production's {production_accuracy:.4f} on the same held-out data",
+        reason=f"{metric} {value:.4f} < production's {baseline:.4f} on the same held-out data",
     )

@@ -12,7 +12,6 @@ for its whole run, whoever started it (the controller or `tuneloop train`).
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import socket
@@ -25,8 +24,8 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from tuneloop.core.errors import Conflict
-from tuneloop.store.registry import Registry
-from tuneloop.store.storage import Storage
+from tuneloop.store.registry import Registry, iso_time
+from tuneloop.store.storage import FileLock, Storage
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +40,6 @@ so a slow write or two does not get a live job declared lost."""
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def _iso(t: datetime) -> str:
-    return t.isoformat(timespec="milliseconds")
 
 
 class JobRecord(BaseModel):
@@ -82,7 +77,7 @@ class JobStore:
         self.stale_after_s = stale_after_s
 
     def now(self) -> str:
-        return _iso(self.clock())
+        return iso_time(self.clock())
 
     def create(self, model: str, trigger: str) -> JobRecord:
         job = JobRecord(job_id=uuid.uuid4().hex[:16], model=model, trigger=trigger, created_at=self.now())
@@ -213,26 +208,13 @@ class Heartbeat:
             self._thread.join()
 
 
-class JobLease:
-    """The right to run a job of ``model``, held by one process for the job's whole run.
+def take_lease(storage: Storage, jobs: JobStore, job: JobRecord) -> FileLock | None:
+    """Take ``job.model``'s lease for ``job`` or raise JobRunning naming the job that holds it.
 
-    On a local root it is ``flock(LOCK_EX | LOCK_NB)`` on ``<root>/jobs/<model>.lock``: the
+    The right to run a job of a model, held by one process for the job's whole run. On a
+    local root it is the file lock ``<root>/jobs/<model>.lock`` (``Storage.file_lock``): the
     kernel releases it when the process exits, however it dies, so a killed job never blocks
     the next one. The holder writes its job id into the file, so a refused job can name it.
-    """
-
-    def __init__(self, path: str, fd: int):
-        self.path, self._fd = path, fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-
-def take_lease(storage: Storage, jobs: JobStore, job: JobRecord) -> JobLease | None:
-    """Take ``job.model``'s lease for ``job`` or raise JobRunning naming the job that holds it.
 
     Object stores have no lock that dies with its process, so there (None is returned) the
     best available is a look at the records: refuse if another job of the model is running
@@ -246,22 +228,15 @@ def take_lease(storage: Storage, jobs: JobStore, job: JobRecord) -> JobLease | N
             raise JobRunning(f"job {other.job_id} is already running for {job.model!r} "
                              f"(started {other.created_at}); wait for it to finish")
         return None
-    path = storage.path(f"jobs/{job.model}.lock")
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)  # made already by the job's record
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another job"
-        os.close(fd)
-        raise JobRunning(f"{holder} is already running for {job.model!r} (it holds {path}); "
-                         "wait for it to finish") from None
-    except BaseException:
-        os.close(fd)
-        raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"job {job.job_id} (pid {os.getpid()} on {socket.gethostname()})\n".encode(), 0)
-    return JobLease(path, fd)
+    rel = f"jobs/{job.model}.lock"
+    lease = storage.file_lock(rel, wait=False)
+    if lease is None:
+        with open(storage.path(rel), errors="replace") as f:
+            holder = f.read(200).strip() or "another job"
+        raise JobRunning(f"{holder} is already running for {job.model!r} (it holds {storage.path(rel)}); "
+                         "wait for it to finish")
+    lease.write_holder(f"job {job.job_id} (pid {os.getpid()} on {socket.gethostname()})")
+    return lease
 
 
 def promote_or_wait(registry: Registry, job: JobRecord, version: str, parent: str | None, reason: str) -> None:

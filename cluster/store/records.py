@@ -25,7 +25,7 @@ import logging
 import secrets
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -36,6 +36,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from tuneloop.core.idempotency import IdempotencyIndex, fingerprint
+from tuneloop.core.tasks import ColumnType, ListOf, MapOf, StructOf, Task
 from tuneloop.store.journal import Journal, pending_records, records_to_table
 from tuneloop.store.storage import Storage
 
@@ -43,34 +44,56 @@ log = logging.getLogger("tuneloop")
 
 _TS = pa.timestamp("ms", tz="UTC")
 
-PREDICTION_SCHEMA = pa.schema(
+# The columns every record has; a model's task adds its own (``Task.prediction_columns``,
+# ``Task.feedback_columns``): a sentiment model's label and scores, an entity model's spans.
+PREDICTION_COLUMNS = pa.schema(
     [
         ("prediction_id", pa.string()),
         ("model", pa.string()),
         ("version", pa.string()),
         ("text", pa.string()),
-        ("label", pa.string()),
-        ("score", pa.float32()),
-        ("scores", pa.map_(pa.string(), pa.float32())),
         ("created_at", _TS),
     ]
 )
 
-FEEDBACK_SCHEMA = pa.schema(
+FEEDBACK_COLUMNS = pa.schema(
     [
         ("feedback_id", pa.string()),
         ("prediction_id", pa.string()),  # null when given as model + text
         ("model", pa.string()),
         ("version", pa.string()),  # the version that predicted; null without a prediction
         ("text", pa.string()),
-        ("predicted_label", pa.string()),
-        ("label", pa.string()),  # what the user says is right
         ("predicted_at", _TS),
         ("created_at", _TS),
         ("key_id", pa.string()),  # the id of the API key that sent it (never the key); null if open
         ("idempotency_key", pa.string()),  # the client's Idempotency-Key header, if it sent one
     ]
 )
+
+
+def arrow_type(t: ColumnType) -> pa.DataType:
+    """A task's column type (``tuneloop.core.tasks``) as pyarrow's."""
+    if isinstance(t, str):
+        return pa.type_for_alias(t)
+    if isinstance(t, MapOf):
+        return pa.map_(arrow_type(t.key), arrow_type(t.value))
+    if isinstance(t, ListOf):
+        return pa.list_(arrow_type(t.item))
+    if isinstance(t, StructOf):
+        return pa.struct([(name, arrow_type(field)) for name, field in t.fields])
+    raise TypeError(f"not a column type: {t!r}")
+
+
+def _with_task_columns(shared: pa.Schema, columns: dict[str, ColumnType]) -> pa.Schema:
+    return pa.schema(list(shared) + [(name, arrow_type(t)) for name, t in columns.items()])
+
+
+def prediction_schema(task: Task) -> pa.Schema:
+    return _with_task_columns(PREDICTION_COLUMNS, task.prediction_columns)
+
+
+def feedback_schema(task: Task) -> pa.Schema:
+    return _with_task_columns(FEEDBACK_COLUMNS, task.feedback_columns)
 
 
 def new_prediction_id(now: datetime | None = None) -> str:
@@ -141,11 +164,14 @@ def _read(storage: Storage, files: list[str], schema: pa.Schema, filter=None) ->
 
 
 class PredictionLog:
-    def __init__(self, storage: Storage):
+    """What the replicas served, of the models in ``tasks`` (model name -> its task)."""
+
+    def __init__(self, storage: Storage, tasks: Mapping[str, Task]):
         self.storage = storage
+        self.tasks = tasks
 
     def append(self, model: str, rows: list[dict[str, Any]]) -> None:
-        """Record served rows (the PREDICTION_SCHEMA fields, created_at set): one file per
+        """Record served rows (the model's ``prediction_schema``, created_at set): one file per
         minute they fall in, so each row is filed under its own date, hour and minute even
         when a flush spans midnight.
 
@@ -154,7 +180,7 @@ class PredictionLog:
         file in place instead of logging its rows twice."""
         if not rows:
             return
-        table = pa.Table.from_pylist(rows, schema=PREDICTION_SCHEMA)
+        table = pa.Table.from_pylist(rows, schema=prediction_schema(self.tasks[model]))
         created_ms = table.column("created_at").cast(pa.int64()).to_pylist()
         by_minute: dict[int, list[int]] = {}
         for i, ms in enumerate(created_ms):
@@ -186,8 +212,9 @@ class PredictionLog:
         ms = int(prediction_id[:12], 16)
         match = pc.field("prediction_id") == prediction_id
         for model in models:
+            schema = prediction_schema(self.tasks[model])
             for files in (self._files_holding(model, ms), self._old_layout_files(model, ms)):
-                table = _read(self.storage, files, PREDICTION_SCHEMA, match)
+                table = _read(self.storage, files, schema, match)
                 if table.num_rows:
                     return table.slice(0, 1).to_pylist()[0]
         return None
@@ -216,21 +243,24 @@ class PredictionLog:
         ]
 
 
-def request_fields(record: dict[str, Any]) -> dict[str, Any]:
+def request_fields(record: dict[str, Any], task: Task) -> dict[str, Any]:
     """The fields a client sent for a feedback record (what an Idempotency-Key vouches for):
-    prediction id and label, or model, text and label."""
+    prediction id or model and text, and the task's feedback fields."""
+    said = {f: record.get(f) for f in task.feedback_fields}
     if record.get("prediction_id") is not None:
-        return {"prediction_id": record["prediction_id"], "label": record["label"]}
-    return {"model": record["model"], "text": record["text"], "label": record["label"]}
+        return {"prediction_id": record["prediction_id"], **said}
+    return {"model": record["model"], "text": record["text"], **said}
 
 
 class FeedbackStore:
-    """Feedback of every model. Readers (training, statistics) need only ``storage`` and the
-    journal folder; the one writer process (the ingress) calls ``open_writer`` first."""
+    """Feedback of the models in ``tasks`` (model name -> its task). Readers (training,
+    statistics) need only ``storage`` and the journal folder; the one writer process (the
+    ingress) calls ``open_writer`` first."""
 
-    def __init__(self, storage: Storage, journal_dir: str):
+    def __init__(self, storage: Storage, journal_dir: str, tasks: Mapping[str, Task]):
         self.storage = storage
         self.journal_dir = journal_dir
+        self.tasks = tasks
         self._journal: Journal | None = None
         self._stop = threading.Event()
         self._idempotency = IdempotencyIndex()
@@ -246,7 +276,7 @@ class FeedbackStore:
         background. ``on_stored`` hears each newly stored record (never a repeat)."""
         self._journal = Journal(
             self.journal_dir, self.storage,
-            to_table=lambda rows: records_to_table(rows, FEEDBACK_SCHEMA),
+            to_table=self._to_table,
             partition=lambda r: f"feedback/{r['model']}/date={r['created_at'][:10]}",
         )
         self._journal.recover()
@@ -257,47 +287,70 @@ class FeedbackStore:
             threading.Thread(target=self._compact_every, args=(compact_interval_s,),
                              name="feedback-compactor", daemon=True).start()
 
+    def _to_table(self, rows: list[dict[str, Any]]) -> pa.Table:
+        """One partition's journal records (one model's) as Parquet's table."""
+        task = self.tasks.get(rows[0]["model"])
+        if task is not None:
+            return records_to_table(rows, feedback_schema(task))
+        # A model taken out of the config: its records are kept, their task's columns typed
+        # as pyarrow infers them.
+        table = records_to_table(rows, FEEDBACK_COLUMNS)
+        own = pa.Table.from_pylist([{k: v for k, v in r.items() if k not in FEEDBACK_COLUMNS.names} for r in rows])
+        for name in own.column_names:
+            table = table.append_column(name, own[name])
+        return table
+
     def _remember_recent_keys(self) -> None:
         """Rebuild the Idempotency-Key index from the records of the last TTL (the date
         partitions it spans), so a retry after a restart is still recognised."""
         now = datetime.now(UTC)
         cutoff = (now - self._idempotency.ttl).strftime("%Y-%m-%d")
-        files = [f for f in self.storage.list_files("feedback", ".parquet")
-                 if next((p[5:] for p in f.split("/") if p.startswith("date=")), "") >= cutoff]
-        rows = _read(self.storage, files, FEEDBACK_SCHEMA, pc.field("idempotency_key").is_valid()).to_pylist()
-        rows += [r for r in pending_records(self.journal_dir) if r.get("idempotency_key")]
+        rows = []
+        for model in self.tasks:
+            files = [f for f in self.files(model)
+                     if next((p[5:] for p in f.split("/") if p.startswith("date=")), "") >= cutoff]
+            rows += _read(self.storage, files, self._schema(model), pc.field("idempotency_key").is_valid()).to_pylist()
+        rows += [r for r in pending_records(self.journal_dir) if r.get("idempotency_key") and r["model"] in self.tasks]
         for r in rows:
             at = r["created_at"] if isinstance(r["created_at"], datetime) else datetime.fromisoformat(r["created_at"])
-            self._idempotency.remember(r.get("key_id"), r["idempotency_key"], fingerprint(request_fields(r)),
-                                       r["feedback_id"], at)
+            request = fingerprint(request_fields(r, self.tasks[r["model"]]))
+            self._idempotency.remember(r.get("key_id"), r["idempotency_key"], request, r["feedback_id"], at)
         self._idempotency.forget_before(now)
+
+    def _schema(self, model: str) -> pa.Schema:
+        return feedback_schema(self.tasks[model])
 
     def append(
         self,
         *,
         model: str,
         text: str,
-        label: str,
         prediction_id: str | None = None,
         version: str | None = None,
-        predicted_label: str | None = None,
         predicted_at: datetime | None = None,
         key_id: str | None = None,
         idempotency_key: str | None = None,
+        **task_columns: Any,
     ) -> str:
         """Journal one record (written and fsynced on return) and return its feedback id.
-        With an ``idempotency_key`` seen before for the same request, store nothing and
-        return the first feedback id. Raises StorageUnavailable when nothing could be stored."""
+        ``task_columns`` are the model's task's ``feedback_columns`` (a classifier's
+        ``label`` and ``predicted_label``). With an ``idempotency_key`` seen before for the
+        same request, store nothing and return the first feedback id. Raises
+        StorageUnavailable when nothing could be stored."""
         if self._journal is None:
             raise RuntimeError("open_writer() first")
+        task = self.tasks[model]
+        unknown = sorted(set(task_columns) - set(task.feedback_columns))
+        if unknown:
+            raise TypeError(f"{unknown} are not columns of {task.name} feedback ({sorted(task.feedback_columns)})")
         record = {
             "feedback_id": uuid.uuid4().hex, "prediction_id": prediction_id, "model": model, "version": version,
-            "text": text, "predicted_label": predicted_label, "label": label, "predicted_at": predicted_at,
-            "created_at": datetime.now(UTC), "key_id": key_id, "idempotency_key": idempotency_key,
+            "text": text, "predicted_at": predicted_at, "created_at": datetime.now(UTC), "key_id": key_id,
+            "idempotency_key": idempotency_key, **{c: task_columns.get(c) for c in task.feedback_columns},
         }
         with self._append_lock:
             if idempotency_key is not None:
-                request = fingerprint(request_fields(record))
+                request = fingerprint(request_fields(record, task))
                 earlier = self._idempotency.answer(key_id, idempotency_key, request)
                 if earlier is not None:
                     return earlier
@@ -332,12 +385,12 @@ class FeedbackStore:
         return self.storage.list_files(f"feedback/{model}", ".parquet")
 
     def read(self, model: str, files: list[str] | None = None) -> pa.Table:
-        return _read(self.storage, self.files(model) if files is None else files, FEEDBACK_SCHEMA)
+        return _read(self.storage, self.files(model) if files is None else files, self._schema(model))
 
     def read_all(self, model: str) -> list[dict[str, Any]]:
         """Every acknowledged record, compacted or still in the journal, once each."""
         pending = [r for r in pending_records(self.journal_dir) if r.get("model") == model]
-        rows = self.read(model).to_pylist() + records_to_table(pending, FEEDBACK_SCHEMA).to_pylist()
+        rows = self.read(model).to_pylist() + records_to_table(pending, self._schema(model)).to_pylist()
         seen: set[str] = set()
         out = []
         for row in rows:  # a segment midway through compaction is in both

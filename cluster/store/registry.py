@@ -55,8 +55,13 @@ def version_number(version: str) -> int:
     return int(m.group(1))
 
 
+def iso_time(t: datetime) -> str:
+    """How every record of the store writes a time: ISO 8601, milliseconds, UTC offset."""
+    return t.isoformat(timespec="milliseconds")
+
+
 def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
+    return iso_time(datetime.now(UTC))
 
 
 class Manifest(BaseModel):

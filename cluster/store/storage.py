@@ -173,18 +173,51 @@ class Storage:
         within this process. Known limit: two hosts, or two processes, updating the same
         file there can still lose an update; run the writers of such a file in one process
         (or keep the storage local) if that matters."""
-        path = self.path(rel)
         if not self.is_local:
-            with _process_lock(f"{self.fs.type_name}:{path}"):
+            with _process_lock(f"{self.fs.type_name}:{self.path(rel)}"):
                 yield
             return
+        lock = self.file_lock(rel, wait=True)
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def file_lock(self, rel: str, *, wait: bool) -> FileLock | None:
+        """Take the flock ``rel`` of a local root and hold it until ``release()``, or until
+        this process dies (the kernel frees it, however the process dies). ``wait=False``:
+        None at once if another holder has it. Local roots only (see ``locked``)."""
+        if not self.is_local:
+            raise ValueError(f"file locks need a local storage root, not {self.uri!r}")
+        path = self.path(rel)
         make_private_dirs(posixpath.dirname(path))
         fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # releases the lock
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return FileLock(path, fd)
+
+
+class FileLock:
+    """A held flock on a local file (``Storage.file_lock``). The holder may write a line
+    into the file saying who it is, so that a refused taker can name it."""
+
+    def __init__(self, path: str, fd: int):
+        self.path, self._fd = path, fd
+
+    def write_holder(self, text: str) -> None:
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{text}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock
+            self._fd = None
 
 
 def _process_lock(name: str) -> threading.Lock:

@@ -7,7 +7,6 @@ import os
 import random
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tuneloop.serving.fast_path import enable_fast_path, free_port

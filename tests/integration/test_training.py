@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from tuneloop.core.tasks import model_tasks
 from tuneloop.store.jobs import JobStore
 from tuneloop.store.records import FeedbackStore
 from tuneloop.store.registry import Registry
@@ -21,7 +22,7 @@ def trained(ray_session, tiny_model, seed_tsv, tmp_path_factory):
     root = tmp_path_factory.mktemp("train-store")
     cfg = make_config(root, tiny_model, seed_tsv, training={"max_steps": 2, "zero_stage": 2})
     first = run_training(cfg, "sentiment")
-    feedback = FeedbackStore(Storage(cfg.storage.root), cfg.storage.journal_path())
+    feedback = FeedbackStore(Storage(cfg.storage.root), cfg.storage.journal_path(), model_tasks(cfg.models))
     feedback.open_writer()
     for text, label in [("the film was a joy", "positive"), ("the film was a chore", "negative")] * 3:
         feedback.append(model="sentiment", text=text, label=label)

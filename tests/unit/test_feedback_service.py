@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import pytest
 
 from tuneloop.core.config import parse_config
-from tuneloop.core.errors import InvalidLabel, Overloaded, PayloadTooLarge, UnknownModel, UnknownPrediction
+from tuneloop.core.errors import InvalidBody, InvalidLabel, Overloaded, PayloadTooLarge, UnknownModel, UnknownPrediction
 from tuneloop.serving import feedback_service
 from tuneloop.serving.feedback_service import FeedbackService
 from tuneloop.store.records import new_prediction_id
@@ -66,7 +66,7 @@ def _served(pid, label="pos"):
 def test_feedback_on_a_prediction_is_joined_to_what_was_served_counted_and_triggers():
     pid = new_prediction_id(NOW)
     service, store, triggered, _ = _service({pid: _served(pid)})
-    assert asyncio.run(service.submit("neg", prediction_id=pid, key_id="k1")) == "f0"
+    assert asyncio.run(service.submit({"label": "neg"}, prediction_id=pid, key_id="k1")) == "f0"
     [record] = store.appended
     assert record["text"] == "the served text" and record["version"] == "v3" and record["predicted_label"] == "pos"
     assert record["key_id"] == "k1" and record["label"] == "neg"
@@ -78,7 +78,7 @@ def test_feedback_on_a_prediction_is_joined_to_what_was_served_counted_and_trigg
 def test_a_young_id_waits_for_the_flush_without_a_thread_then_is_found():
     pid = new_prediction_id(NOW)
     service, store, _, slept = _service({pid: _served(pid)}, visible_after=1)
-    asyncio.run(service.submit("pos", prediction_id=pid))
+    asyncio.run(service.submit({"label": "pos"}, prediction_id=pid))
     assert slept == [pytest.approx(2.0, abs=0.01)]  # flush interval + slack, asked of the fake sleep
     assert len(store.appended) == 1
 
@@ -88,7 +88,7 @@ def test_an_old_unknown_id_is_404_at_once_and_a_forged_id_too():
     old = new_prediction_id(datetime(2026, 11, 1, tzinfo=UTC))
     for pid in (old, "not-one-of-ours"):
         with pytest.raises(UnknownPrediction):
-            asyncio.run(service.submit("pos", prediction_id=pid))
+            asyncio.run(service.submit({"label": "pos"}, prediction_id=pid))
     assert slept == [] and store.appended == []
 
 
@@ -96,15 +96,28 @@ def test_too_many_young_id_waits_at_once_are_refused(monkeypatch):
     monkeypatch.setattr(feedback_service, "MAX_YOUNG_ID_WAITS", 0)
     service, _, _, _ = _service()
     with pytest.raises(Overloaded):
-        asyncio.run(service.submit("pos", prediction_id=new_prediction_id(NOW)))
+        asyncio.run(service.submit({"label": "pos"}, prediction_id=new_prediction_id(NOW)))
 
 
 def test_bad_feedback_stores_nothing():
     service, store, triggered, _ = _service()
     with pytest.raises(InvalidLabel):
-        asyncio.run(service.submit("neutral", model="m", text="ok"))
+        asyncio.run(service.submit({"label": "neutral"}, model="m", text="ok"))
     with pytest.raises(UnknownModel):
-        asyncio.run(service.submit("pos", model="nope", text="ok"))
+        asyncio.run(service.submit({"label": "pos"}, model="nope", text="ok"))
     with pytest.raises(PayloadTooLarge):
-        asyncio.run(service.submit("pos", model="m", text="x" * 21))
+        asyncio.run(service.submit({"label": "pos"}, model="m", text="x" * 21))
+    with pytest.raises(InvalidBody, match="unknown field"):
+        asyncio.run(service.submit({"label": "pos", "labels": ["pos"]}, model="m", text="ok"))
+    with pytest.raises(InvalidBody, match="missing"):
+        asyncio.run(service.submit({}, model="m", text="ok"))
+    with pytest.raises(InvalidBody, match='"label" must be a string'):
+        asyncio.run(service.submit({"label": 3}, model="m", text="ok"))
     assert store.appended == [] and triggered == []
+
+
+def test_a_body_no_task_takes_is_refused_before_the_prediction_is_looked_up():
+    service, store, _, slept = _service()
+    with pytest.raises(InvalidBody):
+        asyncio.run(service.submit({"entities": []}, prediction_id=new_prediction_id(NOW)))
+    assert service.predictions.lookups == 0 and slept == [] and store.appended == []

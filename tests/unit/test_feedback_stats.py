@@ -1,6 +1,9 @@
 from datetime import UTC, datetime
 
 from tuneloop.core.feedback_stats import feedback_stats, superseded
+from tuneloop.core.tasks import make_task
+
+TASK = make_task("text-classification", ["negative", "positive"])
 
 
 def _row(fid, label, *, pid=None, version=None, predicted=None, day=22, minute=0):
@@ -29,7 +32,7 @@ def test_stats_count_labels_days_and_online_accuracy_per_version():
         _row("4", "positive", pid="p3", version="v2", predicted="negative", minute=9),  # replaces 3
         _row("5", "positive"),
     ]
-    stats = feedback_stats("sentiment", rows)
+    stats = feedback_stats("sentiment", TASK, rows)
     assert stats["total"] == 4 and stats["superseded"] == 1
     assert stats["by_label"] == {"negative": 1, "positive": 3}
     assert stats["by_day"] == {"2026-11-21": 2, "2026-11-22": 2}
@@ -40,7 +43,7 @@ def test_stats_count_labels_days_and_online_accuracy_per_version():
 
 
 def test_no_feedback_gives_zeros_not_errors():
-    assert feedback_stats("m", []) == {"model": "m", "total": 0, "superseded": 0, "by_label": {},
+    assert feedback_stats("m", TASK, []) == {"model": "m", "total": 0, "superseded": 0, "by_label": {},
                                        "by_version": {}, "by_day": {}}
 
 
@@ -57,10 +60,10 @@ def test_the_running_tally_matches_a_full_recount_in_any_arrival_order():
         rows.append(_row(str(i), rng.choice(["negative", "positive"]), pid=pid, version=version,
                          predicted=rng.choice(["negative", "positive"]), day=rng.choice([21, 22]),
                          minute=rng.randrange(60)))
-    expected = feedback_stats("m", rows)
+    expected = feedback_stats("m", TASK, rows)
     for _ in range(5):
         rng.shuffle(rows)
-        tally = FeedbackTally("m")
+        tally = FeedbackTally("m", TASK)
         for row in rows:
             tally.add(row)
         assert tally.stats() == expected

@@ -8,6 +8,10 @@ import pyarrow.dataset as pads
 
 from tuneloop.store.records import FeedbackStore, PredictionLog, new_prediction_id
 from tuneloop.store.storage import Storage
+from tuneloop.core.tasks import make_task
+
+TASK = make_task("text-classification", ["negative", "positive"])
+TASKS = {"m": TASK, "other": TASK, "sentiment": TASK}
 
 
 def _fill(tmp_path):
@@ -16,8 +20,8 @@ def _fill(tmp_path):
     rows = [{"prediction_id": new_prediction_id(now), "model": "sentiment", "version": "v1", "text": f"t{i}",
              "label": "positive", "score": 0.9, "scores": {"negative": 0.1, "positive": 0.9}, "created_at": now}
             for i in range(3)]
-    PredictionLog(storage).append("sentiment", rows)
-    feedback = FeedbackStore(storage, str(tmp_path / "journal"))
+    PredictionLog(storage, TASKS).append("sentiment", rows)
+    feedback = FeedbackStore(storage, str(tmp_path / "journal"), TASKS)
     feedback.open_writer()
     feedback.append(model="sentiment", text="t0", label="negative", prediction_id=rows[0]["prediction_id"],
                     version="v1", predicted_label="positive", predicted_at=now, key_id="0a1b2c3d")

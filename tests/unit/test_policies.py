@@ -6,15 +6,25 @@ from tuneloop.core.gate import evaluate_gate
 from tuneloop.core.triggers import should_retrain
 from tuneloop.training.data import is_held_out, seed_format
 from tuneloop.training.deepspeed_config import build_deepspeed_config
-from tuneloop.core.evaluation import classification_metrics
+from tuneloop.core.evaluation import EvalMetrics, classification_metrics
+
+
+def _metrics(accuracy: float, f1: float = 0.5) -> EvalMetrics:
+    return EvalMetrics(accuracy=accuracy, precision=0.5, recall=0.5, f1=f1, eval_rows=10)
 
 
 def test_gate_accepts_first_version_and_ties_rejects_regressions():
-    assert evaluate_gate(0.5, None).accepted
-    assert evaluate_gate(0.9, 0.9).accepted
-    assert evaluate_gate(0.91, 0.9).accepted
-    d = evaluate_gate(0.89, 0.9)
-    assert not d.accepted and "0.8900 < production's 0.9000" in d.reason
+    assert evaluate_gate("accuracy", _metrics(0.5), None).accepted
+    assert evaluate_gate("accuracy", _metrics(0.9), _metrics(0.9)).accepted
+    assert evaluate_gate("accuracy", _metrics(0.91), _metrics(0.9)).accepted
+    d = evaluate_gate("accuracy", _metrics(0.89), _metrics(0.9))
+    assert not d.accepted and "accuracy 0.8900 < production's 0.9000" in d.reason
+
+
+def test_gate_compares_the_metric_it_is_given():
+    # Higher accuracy, lower F1: a task gating on F1 rejects it.
+    d = evaluate_gate("f1", _metrics(0.95, f1=0.40), _metrics(0.90, f1=0.60))
+    assert not d.accepted and d.reason.startswith("f1 0.4000 < production's 0.6000")
 
 
 @pytest.mark.parametrize(

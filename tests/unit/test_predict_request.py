@@ -8,6 +8,8 @@ import pytest
 
 from tuneloop.core.config import ServingConfig
 from tuneloop.core.errors import TuneloopError
+from tuneloop.core.tasks import make_task
+from tuneloop.serving.responses import error_response
 from tuneloop.serving.predict_request import (
     PredictLimits,
     check_content_length,
@@ -17,6 +19,7 @@ from tuneloop.serving.predict_request import (
 )
 
 LIMITS = PredictLimits(max_inputs=3, max_chars=10, max_body_bytes=200)
+TASK = make_task("text-classification", ["negative", "positive"])
 
 
 def _code(fn, *args) -> tuple[int, str]:
@@ -26,7 +29,7 @@ def _code(fn, *args) -> tuple[int, str]:
 
 
 def test_a_good_body_gives_its_texts():
-    assert parse_predict_body(b'{"inputs": ["a", "b"]}', LIMITS) == ["a", "b"]
+    assert parse_predict_body(b'{"inputs": ["a", "b"]}', LIMITS, TASK) == ["a", "b"]
 
 
 @pytest.mark.parametrize(
@@ -47,14 +50,16 @@ def test_a_good_body_gives_its_texts():
     ],
 )
 def test_bad_bodies_get_the_contract_codes(body, status, code):
-    assert _code(parse_predict_body, body, LIMITS) == (status, code)
+    assert _code(parse_predict_body, body, LIMITS, TASK) == (status, code)
 
 
 def test_errors_quote_what_was_wrong():
     with pytest.raises(TuneloopError) as info:
-        parse_predict_body(json.dumps({"inputs": ["ok", 7]}).encode(), LIMITS)
+        parse_predict_body(json.dumps({"inputs": ["ok", 7]}).encode(), LIMITS, TASK)
     assert "inputs[1]" in info.value.message and "int" in info.value.message
-    assert info.value.body() == {"error": {"code": "invalid_request", "message": info.value.message}}
+    answer = error_response(info.value)
+    assert answer.status_code == 422
+    assert json.loads(answer.body) == {"error": {"code": "invalid_request", "message": info.value.message}}
 
 
 def test_headers_are_checked_before_the_body_is_read():
@@ -73,4 +78,4 @@ def test_body_limit_allows_the_largest_legal_request():
     limits = PredictLimits.from_config(s)
     body = json.dumps({"inputs": ["\u00e9" * 50] * 4}).encode()  # every character escaped
     assert len(body) <= max_body_bytes(s)
-    assert len(parse_predict_body(body, limits)) == 4
+    assert len(parse_predict_body(body, limits, TASK)) == 4

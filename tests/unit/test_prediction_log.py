@@ -13,8 +13,12 @@ import pytest
 
 from tuneloop.store import records
 from tuneloop.store.prediction_recorder import PredictionRecorder
-from tuneloop.store.records import PREDICTION_SCHEMA, PredictionLog, new_prediction_id
+from tuneloop.store.records import PredictionLog, prediction_schema, new_prediction_id
 from tuneloop.store.storage import Storage
+from tuneloop.core.tasks import make_task
+
+TASK = make_task("text-classification", ["negative", "positive"])
+TASKS = {"m": TASK, "other": TASK, "sentiment": TASK}
 
 
 def _row(when: datetime, text: str = "t", prediction_id: str | None = None) -> dict:
@@ -44,7 +48,7 @@ def _reads(monkeypatch) -> list[list[str]]:
 
 
 def test_rows_are_filed_under_their_own_minute_and_found_across_the_boundary(tmp_path):
-    log = PredictionLog(Storage(str(tmp_path)))
+    log = PredictionLog(Storage(str(tmp_path)), TASKS)
     late = datetime(2026, 5, 6, 10, 59, 59, 999000, tzinfo=UTC)
     early = datetime(2026, 5, 6, 11, 0, 0, 0, tzinfo=UTC)
     rows = [_row(late, "late"), _row(early, "early")]
@@ -64,7 +68,7 @@ def test_rows_are_filed_under_their_own_minute_and_found_across_the_boundary(tmp
 
 def test_a_flush_spanning_midnight_goes_to_both_days(tmp_path):
     storage = Storage(str(tmp_path))
-    log = PredictionLog(storage)
+    log = PredictionLog(storage, TASKS)
     before = datetime(2026, 12, 31, 23, 59, 59, 500000, tzinfo=UTC)
     after = before + timedelta(seconds=1)
     rows = [_row(before, "old year"), _row(after, "new year")]
@@ -83,12 +87,12 @@ def test_a_flush_spanning_midnight_goes_to_both_days(tmp_path):
 
 
 def test_files_of_the_earlier_layout_are_still_found(tmp_path):
-    log = PredictionLog(Storage(str(tmp_path)))
+    log = PredictionLog(Storage(str(tmp_path)), TASKS)
     when = datetime(2026, 2, 3, 4, 5, 6, tzinfo=UTC)
     old = _row(when, "written before hour folders")
     folder = tmp_path / "predictions/m/date=2026-02-03"
     folder.mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist([old], schema=PREDICTION_SCHEMA),
+    pq.write_table(pa.Table.from_pylist([old], schema=prediction_schema(TASK)),
                    folder / f"{int(when.timestamp() * 1000):013d}-{uuid.uuid4().hex}.parquet")
     new = _row(when + timedelta(minutes=1), "written after")
     log.append("m", [new])  # the same day now holds both layouts
@@ -99,7 +103,7 @@ def test_files_of_the_earlier_layout_are_still_found(tmp_path):
 
 
 def test_lookup_opens_only_the_files_whose_range_holds_the_id(tmp_path, monkeypatch):
-    log = PredictionLog(Storage(str(tmp_path)))
+    log = PredictionLog(Storage(str(tmp_path)), TASKS)
     start = datetime(2026, 7, 8, 9, 0, 0, tzinfo=UTC)
     flushes = [[_row(start + timedelta(seconds=s, milliseconds=k * 100), f"{s}.{k}") for k in range(5)]
                for s in range(60)]  # one flush a second: 60 files in one minute folder
@@ -117,7 +121,7 @@ def test_lookup_opens_only_the_files_whose_range_holds_the_id(tmp_path, monkeypa
 
 
 def test_lookup_tries_each_model_and_rejects_what_is_not_an_id(tmp_path):
-    log = PredictionLog(Storage(str(tmp_path)))
+    log = PredictionLog(Storage(str(tmp_path)), TASKS)
     row = _row(datetime.now(UTC))
     log.append("m", [row])
     assert log.lookup(["other", "m"], row["prediction_id"])["model"] == "m"

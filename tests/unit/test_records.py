@@ -3,8 +3,12 @@ from datetime import UTC, date, datetime
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from tuneloop.store.records import FEEDBACK_SCHEMA, FeedbackStore, PredictionLog, new_prediction_id, prediction_time
+from tuneloop.store.records import FeedbackStore, feedback_schema, PredictionLog, new_prediction_id, prediction_time
 from tuneloop.store.storage import Storage
+from tuneloop.core.tasks import make_task
+
+TASK = make_task("text-classification", ["negative", "positive"])
+TASKS = {"m": TASK, "other": TASK, "sentiment": TASK}
 
 
 def test_prediction_ids_carry_their_time():
@@ -17,7 +21,7 @@ def test_prediction_ids_carry_their_time():
 
 
 def test_feedback_is_journalled_then_parquet_in_the_fixed_schema(tmp_path):
-    store = FeedbackStore(Storage(str(tmp_path / "store")), str(tmp_path / "journal"))
+    store = FeedbackStore(Storage(str(tmp_path / "store")), str(tmp_path / "journal"), TASKS)
     store.open_writer()
     fid = store.append(model="m", text="great", label="positive", key_id="0a1b2c3d")
     fid2 = store.append(model="m", text="bad", label="negative", prediction_id="p1", version="v1",
@@ -28,7 +32,7 @@ def test_feedback_is_journalled_then_parquet_in_the_fixed_schema(tmp_path):
     files = store.files("m")
     assert len(files) == 1 and "/date=" in files[0]
     table = store.read("m")
-    assert table.schema == FEEDBACK_SCHEMA
+    assert table.schema == feedback_schema(TASK)
     rows = {r["feedback_id"]: r for r in table.to_pylist()}
     assert rows[fid]["label"] == "positive" and rows[fid]["prediction_id"] is None
     assert rows[fid]["key_id"] == "0a1b2c3d"
@@ -42,7 +46,7 @@ def test_feedback_is_journalled_then_parquet_in_the_fixed_schema(tmp_path):
 
 
 def test_prediction_log_lookup(tmp_path):
-    log = PredictionLog(Storage(str(tmp_path)))
+    log = PredictionLog(Storage(str(tmp_path)), TASKS)
     now = datetime.now(UTC)
     rows = [{"prediction_id": new_prediction_id(now), "model": "m", "version": "v3", "text": f"t{i}",
              "label": "a", "score": 0.9, "scores": {"a": 0.9, "b": 0.1}, "created_at": now} for i in range(3)]
@@ -54,7 +58,7 @@ def test_prediction_log_lookup(tmp_path):
 
 
 def test_prediction_log_retention_drops_old_days(tmp_path):
-    log = PredictionLog(Storage(str(tmp_path)))
+    log = PredictionLog(Storage(str(tmp_path)), TASKS)
     for day in (1, 2, 3):
         when = datetime(2026, 11, day, tzinfo=UTC)
         log.append("m", [{"prediction_id": new_prediction_id(when), "model": "m", "version": "v1", "text": "t",
@@ -66,7 +70,7 @@ def test_prediction_log_retention_drops_old_days(tmp_path):
 def test_prediction_recorder_samples_and_writes_off_the_caller(tmp_path):
     from tuneloop.store.prediction_recorder import PredictionRecorder
 
-    log = PredictionLog(Storage(str(tmp_path)))
+    log = PredictionLog(Storage(str(tmp_path)), TASKS)
     draws = iter([0.1, 0.9, 0.3, 0.7])
     recorder = PredictionRecorder(log, "m", sample_rate=0.5, flush_interval_s=3600, sample=lambda: next(draws))
     now = datetime.now(UTC)

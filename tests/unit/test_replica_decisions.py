@@ -40,10 +40,10 @@ class FakeRecorder:
 class FakeModel:
     """Scores every text 'positive'; ``delay_s`` per batch stands in for a forward pass."""
 
-    def __init__(self, path, version, labels, max_length, delay_s=0.0):
+    def __init__(self, path, version, task, max_length, delay_s=0.0):
         if version == "bad":
             raise LabelMismatch(f"version {version}'s checkpoint has labels ['x', 'y']")
-        self.version, self.labels, self.delay_s = version, labels, delay_s
+        self.version, self.task, self.delay_s = version, task, delay_s
         self.batches: list[int] = []
 
     def predict(self, texts):

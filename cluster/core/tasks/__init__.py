@@ -1,0 +1,43 @@
+"""The tasks tuneloop serves and trains, by the config's ``task`` name.
+
+Every module of this package that defines a ``Task`` subclass with a ``name`` adds that
+task: adding one (token classification, say) is a new module here, and its tests.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from tuneloop.core.tasks.base import ColumnType, ListOf, MapOf, StructOf, Task, check_text_length, check_unicode
+
+
+def _discover() -> dict[str, type[Task]]:
+    found: dict[str, type[Task]] = {}
+    for info in pkgutil.iter_modules(__path__):
+        if info.name == "base":
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for value in vars(module).values():
+            if isinstance(value, type) and issubclass(value, Task) and "name" in vars(value):
+                found[value.name] = value
+    return found
+
+
+TASKS: dict[str, type[Task]] = _discover()
+
+
+def make_task(name: str, labels: list[str]) -> Task:
+    try:
+        return TASKS[name](labels)
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; tuneloop knows {sorted(TASKS)}") from None
+
+
+def model_tasks(models) -> dict[str, Task]:
+    """Each configured model's task, by model name (``models``: the config's ModelConfigs)."""
+    return {m.name: make_task(m.task, m.labels) for m in models}
+
+
+__all__ = ["TASKS", "ColumnType", "ListOf", "MapOf", "StructOf", "Task", "check_text_length", "check_unicode",
+           "make_task", "model_tasks"]

@@ -1,0 +1,168 @@
+"""The Task contract: everything tuneloop does that depends on what a model predicts.
+
+A task owns, for one kind of model: how a predict request's inputs are checked, which
+Hugging Face auto class loads the model, how the model's scores become an answer, which
+feedback fields a user sends and how they are checked, the task's own columns of the
+prediction and feedback records, how training rows become training targets, the evaluation
+metrics and which of them the gate compares, and whether batches group inputs by length.
+Everything outside a task treats answers, targets and record columns as opaque.
+
+Pure: no torch, no pyarrow. The edges (the serving replica, the training worker) run the
+tokenizer and the model and hand plain lists to the task; the stores map the column types
+declared here onto Parquet. A task is a small picklable object made from the model's
+labels, so it crosses Ray by value.
+
+Adding a task is one module in this package (``tasks/__init__.py`` finds it by its ``name``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from tuneloop.core.errors import InvalidBody, InvalidValue, PayloadTooLarge
+from tuneloop.core.evaluation import EvalMetrics
+
+
+# -- column types: what a task's record columns hold, without naming pyarrow --------------
+@dataclass(frozen=True)
+class MapOf:
+    key: ColumnType
+    value: ColumnType
+
+
+@dataclass(frozen=True)
+class ListOf:
+    item: ColumnType
+
+
+@dataclass(frozen=True)
+class StructOf:
+    fields: tuple[tuple[str, ColumnType], ...]
+
+
+# A scalar is named as pyarrow names it ("string", "float32", "int64", "bool").
+ColumnType = str | MapOf | ListOf | StructOf
+
+
+# -- checks every text input takes --------------------------------------------------------
+def check_text_length(text: str, where: str, max_chars: int) -> None:
+    if len(text) > max_chars:
+        raise PayloadTooLarge(f"{where} has {len(text)} characters; the limit is {max_chars}")
+
+
+def check_unicode(text: str, where: str) -> None:
+    """JSON may carry a lone surrogate (``"\\ud800"``) that decodes to a Python ``str`` but is
+    no Unicode text: tokenizers raise on it and UTF-8 cannot store it. Refuse it up front."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidValue(f"{where} is not valid Unicode text (a lone surrogate at character {e.start})") from None
+
+
+class Task(ABC):
+    """One task's rules. Subclasses set the class attributes and implement the methods."""
+
+    name: ClassVar[str]  # the config's ``task`` value
+    auto_class: ClassVar[str]  # the transformers class that loads a checkpoint with its head
+    gate_metric: ClassVar[str]  # the EvalMetrics field the gate compares
+    batch_by_length: ClassVar[bool] = True  # padded encoders: batch inputs of similar length
+    tokenizer_options: ClassVar[dict[str, Any]] = {}  # extra tokenizer arguments at serving and training
+    prediction_columns: ClassVar[dict[str, ColumnType]]  # the task's part of a prediction record
+    feedback_fields: ClassVar[tuple[str, ...]]  # what a user sends besides the prediction or text
+    feedback_columns: ClassVar[dict[str, ColumnType]]  # the task's part of a feedback record
+    target_columns: ClassVar[tuple[str, ...]]  # what training reads from seed data and feedback
+    training_columns: ClassVar[dict[str, ColumnType]]  # what ``training_targets`` adds for the worker
+
+    def __init__(self, labels: Sequence[str]):
+        self.labels = list(labels)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.labels == self.labels
+
+    def __hash__(self) -> int:
+        return hash((self.name, tuple(self.labels)))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.labels!r})"
+
+    # -- requests ----------------------------------------------------------------------
+    def check_inputs(self, inputs: object, max_inputs: int, max_chars: int) -> list[str]:
+        """The ``inputs`` of a predict body, checked: a non-empty list of valid texts."""
+        if not isinstance(inputs, list):
+            raise InvalidBody(f'"inputs" must be a list of texts, not {type(inputs).__name__}')
+        if not inputs:
+            raise InvalidValue('"inputs" must hold at least one text')
+        if len(inputs) > max_inputs:
+            raise PayloadTooLarge(f'"inputs" has {len(inputs)} texts; the limit is {max_inputs}')
+        for i, text in enumerate(inputs):
+            if not isinstance(text, str):
+                raise InvalidBody(f"inputs[{i}] must be a string, not {type(text).__name__}")
+            check_text_length(text, f"inputs[{i}]", max_chars)
+            check_unicode(text, f"inputs[{i}]")
+        return inputs
+
+    # -- serving -----------------------------------------------------------------------
+    @abstractmethod
+    def head_labels(self) -> list[str]:
+        """The labels of the model's output units (a checkpoint's ``id2label`` values)."""
+
+    @abstractmethod
+    def answers(self, texts: list[str], scores: list, head: list[str],
+                encoding: dict[str, list] | None) -> list[dict[str, Any]]:
+        """Post-processing: per text, the answer fields (without id and version), from the
+        model's softmaxed scores, whose last axis follows ``head`` (the checkpoint's own
+        ``id2label`` order), and the tokenizer's output when ``tokenizer_options`` asks for
+        more than the ids (offsets, for a task that answers with spans)."""
+
+    @abstractmethod
+    def prediction_record(self, answer: dict[str, Any]) -> dict[str, Any]:
+        """The task's columns of the prediction log row for one answer."""
+
+    # -- feedback ----------------------------------------------------------------------
+    def check_feedback_fields(self, fields: dict[str, Any]) -> None:
+        """The shape of a feedback body's task fields: exactly ``feedback_fields``."""
+        extra = sorted(set(fields) - set(self.feedback_fields))
+        missing = [f for f in self.feedback_fields if fields.get(f) is None]
+        if extra or missing:
+            wanted = ", ".join(f'"{f}"' for f in self.feedback_fields)
+            said = f"unknown field(s) {extra}" if extra else f"missing {missing}"
+            raise InvalidBody(
+                f'{said}: give "prediction_id" or "model" and "text", and {wanted} ({self.name})'
+            )
+
+    @abstractmethod
+    def feedback_target(self, model: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """The user's fields, checked (a 4xx TuneloopError otherwise), as record columns."""
+
+    @abstractmethod
+    def predicted(self, served: dict[str, Any]) -> dict[str, Any]:
+        """The feedback columns that record what was served (from a prediction log row)."""
+
+    @abstractmethod
+    def feedback_labels(self, row: dict[str, Any]) -> list[str]:
+        """The labels a feedback record counts under in the statistics."""
+
+    @abstractmethod
+    def agrees(self, row: dict[str, Any]) -> bool:
+        """Whether a feedback record on a prediction says the prediction was right."""
+
+    # -- training ----------------------------------------------------------------------
+    @abstractmethod
+    def training_targets(self, columns: dict[str, list]) -> dict[str, list]:
+        """Seed or feedback rows' ``target_columns`` as the worker's ``training_columns``;
+        a value outside the model's labels raises ValueError naming it."""
+
+    @abstractmethod
+    def batch_targets(self, batch: dict[str, list], encoding: dict[str, list]) -> list:
+        """The loss's targets for a training batch, one per row (``labels=`` of the model)."""
+
+    @abstractmethod
+    def predictions(self, best: list, encoding: dict[str, list]) -> list:
+        """Evaluation: the model's argmax per row, in the form ``batch_targets`` gives."""
+
+    @abstractmethod
+    def metrics(self, y_true: list, y_pred: list) -> EvalMetrics:
+        """The evaluation of predictions against targets (lists from the two above)."""

@@ -1,0 +1,94 @@
+"""The retrain controller's decisions with a fake launch in place of Ray tasks, over real
+job records on disk: when a job starts, that one runs per model, that a crashed job is
+marked failed, that a job started elsewhere counts. Milliseconds, no Ray."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+from tuneloop.control.controller import Retrainer
+from tuneloop.core.config import parse_config
+from tuneloop.store.jobs import JobStore
+from tuneloop.store.storage import Storage
+
+
+class FakeLaunch:
+    """Records each launch and hands back a Future the test settles, as a Ray task's."""
+
+    def __init__(self, jobs: JobStore):
+        self.jobs = jobs
+        self.launched: list[tuple[str, str, object]] = []
+        self.futures: list[Future] = []
+
+    def __call__(self, model, trigger, job):
+        self.launched.append((model, trigger, job))
+        self.futures.append(Future())
+        return self.futures[-1]
+
+    def finish(self, i: int, state: str = "succeeded") -> None:
+        job = self.launched[i][2]
+        job.state, job.finished_at = state, self.jobs.now()
+        self.jobs.save(job)  # what run_training writes last
+        self.futures[i].set_result(state)
+
+
+def _retrainer(tmp_path, every_n=3, pending=None):
+    cfg = parse_config({"models": [{"name": "m", "base_model": "x", "labels": ["a", "b"]},
+                                   {"name": "n", "base_model": "x", "labels": ["a", "b"]}],
+                        "trigger": {"every_n_feedback": every_n}, "storage": {"root": str(tmp_path)}})
+    jobs = JobStore(Storage(str(tmp_path)))
+    launch = FakeLaunch(jobs)
+    return Retrainer(cfg, jobs, launch, pending or {"m": 0, "n": 0}, sweep_every_s=None), launch, jobs
+
+
+def test_every_nth_feedback_starts_one_job_and_the_count_restarts(tmp_path):
+    retrainer, launch, jobs = _retrainer(tmp_path, every_n=3)
+    assert [retrainer.record_feedback("m") for _ in range(2)] == [None, None]
+    job_id = retrainer.record_feedback("m")
+    assert job_id is not None and [(m, t) for m, t, _ in launch.launched] == [("m", "feedback")]
+    assert jobs.get(job_id).state == "running" and retrainer.status() == {"pending": {"m": 0, "n": 0},
+                                                                          "running": ["m"]}
+    # While it runs, more feedback is counted towards the next job but starts none.
+    assert [retrainer.record_feedback("m") for _ in range(5)] == [None] * 5
+    assert retrainer.start("m") is None  # the API answers 409
+    assert retrainer.start("n") is not None  # another model is not held up
+    launch.finish(0)
+    assert retrainer.record_feedback("m") is not None  # 6 pending >= 3, and nothing running
+    assert len(launch.launched) == 3
+
+
+def test_feedback_left_over_from_before_a_restart_counts(tmp_path):
+    retrainer, launch, _ = _retrainer(tmp_path, every_n=10, pending={"m": 9, "n": 0})
+    assert retrainer.record_feedback("m") is not None
+
+
+def test_manual_trigger_never_starts_on_feedback(tmp_path):
+    retrainer, launch, _ = _retrainer(tmp_path, every_n=0)
+    assert all(retrainer.record_feedback("m") is None for _ in range(50)) and launch.launched == []
+    assert retrainer.start("m", "manual (key 0a1b2c3d)") is not None
+
+
+def test_a_job_whose_task_crashed_is_marked_failed_and_frees_the_model(tmp_path):
+    retrainer, launch, jobs = _retrainer(tmp_path)
+    job_id = retrainer.start("m")
+    launch.futures[0].set_exception(RuntimeError("worker died"))
+    assert retrainer.status()["running"] == []
+    job = jobs.get(job_id)
+    assert job.state == "failed" and job.error == "lost: the job's process died (RuntimeError)"
+    assert retrainer.start("m") is not None
+
+
+def test_a_job_started_elsewhere_holds_the_model_until_it_ends(tmp_path):
+    retrainer, launch, jobs = _retrainer(tmp_path)
+    other = jobs.create("m", "manual")  # `tuneloop train` beside the server
+    assert retrainer.start("m") is None and launch.launched == []
+    other.state = "succeeded"
+    jobs.save(other)
+    assert retrainer.start("m") is not None
+
+
+def test_a_restarted_controller_knows_the_running_jobs_from_their_records(tmp_path):
+    first, _, jobs = _retrainer(tmp_path)
+    first.start("m")
+    second = Retrainer(first.cfg, jobs, lambda *a: Future(), {"m": 0, "n": 0}, sweep_every_s=None)
+    assert second.status()["running"] == ["m"] and second.start("m") is None

@@ -1,0 +1,165 @@
+"""The Task contract: text classification's rules, and that a second task needs nothing
+outside its own module (a span task, defined here, runs through the stores and the
+feedback service unchanged). Milliseconds; no torch, no Ray."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import pytest
+
+from tuneloop.core.config import ConfigError, parse_config
+from tuneloop.core.errors import InvalidBody, InvalidLabel, InvalidValue, PayloadTooLarge
+from tuneloop.core.evaluation import EvalMetrics
+from tuneloop.core.feedback_stats import feedback_stats
+from tuneloop.core.gate import evaluate_gate
+from tuneloop.core.tasks import TASKS, ListOf, StructOf, Task, make_task, model_tasks
+from tuneloop.store.records import FeedbackStore, PredictionLog, feedback_schema, new_prediction_id
+from tuneloop.store.storage import Storage
+
+LABELS = ["negative", "positive"]
+TC = make_task("text-classification", LABELS)
+
+
+def test_the_package_finds_its_tasks_and_the_config_names_them():
+    assert TASKS["text-classification"] is type(TC)
+    with pytest.raises(ConfigError, match="unknown task 'summarisation'"):
+        parse_config({"models": [{"name": "m", "task": "summarisation", "base_model": "x", "labels": LABELS}]})
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        make_task("nope", LABELS)
+
+
+def test_answers_read_scores_in_the_checkpoints_order():
+    # The checkpoint's head lists positive first: its first score is positive's.
+    [answer] = TC.answers(["t"], [[0.8, 0.2]], ["positive", "negative"], None)
+    assert answer == {"label": "positive", "score": 0.8, "scores": {"positive": 0.8, "negative": 0.2}}
+    assert TC.prediction_record({**answer, "id": "x", "version": "v1"}) == answer
+
+
+def test_inputs_are_checked_as_texts():
+    assert TC.check_inputs(["a", "b"], max_inputs=3, max_chars=5) == ["a", "b"]
+    for bad, error in (("x", InvalidBody), ([], InvalidValue), (["a"] * 4, PayloadTooLarge),
+                       (["toolong"], PayloadTooLarge), (["\ud800"], InvalidValue), ([1], InvalidBody)):
+        with pytest.raises(error):
+            TC.check_inputs(bad, max_inputs=3, max_chars=5)
+
+
+def test_feedback_fields_are_the_label_and_it_must_be_one_of_the_models():
+    TC.check_feedback_fields({"label": "positive"})
+    with pytest.raises(InvalidBody, match=r"unknown field\(s\) \['entities'\]"):
+        TC.check_feedback_fields({"label": "positive", "entities": []})
+    with pytest.raises(InvalidBody, match="missing"):
+        TC.check_feedback_fields({})
+    assert TC.feedback_target("m", {"label": "negative"}) == {"label": "negative"}
+    with pytest.raises(InvalidLabel, match="neutral"):
+        TC.feedback_target("m", {"label": "neutral"})
+    assert TC.predicted({"label": "positive", "score": 0.9}) == {"predicted_label": "positive"}
+    assert TC.agrees({"label": "positive", "predicted_label": "positive"})
+    assert not TC.agrees({"label": "positive", "predicted_label": None})
+
+
+def test_training_targets_are_label_ids_and_unknown_labels_fail_naming_them():
+    assert TC.training_targets({"label": ["positive", "negative", "positive"]}) == {"label_id": [1, 0, 1]}
+    numeric = make_task("text-classification", ["0", "1"])
+    assert numeric.training_targets({"label": [1, 0]}) == {"label_id": [1, 0]}  # a jsonl label 1 means "1"
+    with pytest.raises(ValueError, match=r"labels \['neutral'\] outside"):
+        TC.training_targets({"label": ["positive", "neutral"]})
+    assert TC.batch_targets({"label_id": [1, 0]}, {}) == [1, 0]
+    assert TC.metrics([1, 0, 1], TC.predictions([1, 1, 1], {})).accuracy == pytest.approx(2 / 3)
+    assert TC.gate_metric in EvalMetrics.model_fields
+
+
+# -- a second task, written as its own module would be -----------------------------------
+ENTITY = StructOf((("start", "int32"), ("end", "int32"), ("label", "string")))
+
+
+class Spans(Task):
+    """A toy span task: answers and feedback are lists of labelled character spans."""
+
+    name = "test-spans"
+    auto_class = "AutoModelForTokenClassification"
+    gate_metric = "f1"
+    prediction_columns = {"entities": ListOf(ENTITY)}
+    feedback_fields = ("entities",)
+    feedback_columns = {"predicted_entities": ListOf(ENTITY), "entities": ListOf(ENTITY)}
+    target_columns = ("entities",)
+    training_columns = {"entities": ListOf(ENTITY)}
+
+    def head_labels(self):
+        return ["O"] + [f"{p}-{label}" for label in self.labels for p in "BI"]
+
+    def answers(self, texts, scores, head, encoding):
+        return [{"entities": []} for _ in texts]
+
+    def prediction_record(self, answer):
+        return {"entities": answer["entities"]}
+
+    def feedback_target(self, model, fields):
+        spans = fields["entities"]
+        if not isinstance(spans, list) or any(s.get("label") not in self.labels for s in spans):
+            raise InvalidBody(f"entities must be spans labelled with {self.labels}")
+        return {"entities": spans}
+
+    def predicted(self, served):
+        return {"predicted_entities": served["entities"]}
+
+    def feedback_labels(self, row):
+        return [s["label"] for s in row["entities"]]
+
+    def agrees(self, row):
+        return row["entities"] == row.get("predicted_entities")
+
+    def training_targets(self, columns):
+        return {"entities": columns["entities"]}
+
+    def batch_targets(self, batch, encoding):
+        return batch["entities"]
+
+    def predictions(self, best, encoding):
+        return best
+
+    def metrics(self, y_true, y_pred):
+        return EvalMetrics(accuracy=0.0, precision=0.0, recall=0.0, f1=0.0, eval_rows=len(y_true))
+
+
+def test_a_second_task_runs_through_the_stores_and_the_feedback_service_unchanged(tmp_path, monkeypatch):
+    from tuneloop.serving.feedback_service import FeedbackService
+
+    monkeypatch.setitem(TASKS, Spans.name, Spans)  # what a module in tuneloop/core/tasks/ does by being there
+    cfg = parse_config({"models": [{"name": "sentiment", "base_model": "x", "labels": LABELS},
+                                   {"name": "ner", "task": "test-spans", "base_model": "x", "labels": ["PER", "LOC"]}],
+                        "storage": {"root": str(tmp_path / "store")}})
+    tasks = model_tasks(cfg.models)
+    spans = tasks["ner"]
+    storage = Storage(cfg.storage.root)
+    now = datetime.now(UTC)
+    pid = new_prediction_id(now)
+    served = [{"start": 0, "end": 3, "label": "PER"}]
+    log = PredictionLog(storage, tasks)
+    log.append("ner", [{"prediction_id": pid, "model": "ner", "version": "v1", "text": "Ada went to Paris",
+                        "created_at": now, "entities": served}])
+    assert log.lookup(["sentiment", "ner"], pid)["entities"] == served
+
+    store = FeedbackStore(storage, str(tmp_path / "journal"), tasks)
+    service = FeedbackService(cfg, store, log)
+    store.open_writer(on_stored=service.stored)
+    right = served + [{"start": 12, "end": 17, "label": "LOC"}]
+    fid = asyncio.run(service.submit({"entities": right}, prediction_id=pid, idempotency_key="k-1"))
+    assert asyncio.run(service.submit({"entities": right}, prediction_id=pid, idempotency_key="k-1")) == fid
+    with pytest.raises(InvalidBody, match="spans labelled"):
+        asyncio.run(service.submit({"entities": [{"label": "ORG"}]}, model="ner", text="x"))
+    with pytest.raises(InvalidBody, match="unknown field"):  # a classifier's field on a span model
+        asyncio.run(service.submit({"label": "positive"}, prediction_id=pid))
+    asyncio.run(service.submit({"label": "positive"}, model="sentiment", text="fine"))
+    store.compact()
+    [row] = store.read("ner").to_pylist()
+    assert row["entities"] == right and row["predicted_entities"] == served
+    assert store.read("ner").schema == feedback_schema(spans)
+    assert store.read("sentiment").to_pylist()[0]["label"] == "positive"
+    stats = feedback_stats("ner", spans, store.read_all("ner"))
+    assert stats["total"] == 1 and stats["by_label"] == {"LOC": 1, "PER": 1}
+    assert stats["by_version"]["v1"]["online_accuracy"] == 0.0
+    assert service.stats("ner") == stats
+    assert evaluate_gate(spans.gate_metric, spans.metrics([1], [1]), None).reason.startswith("first version: f1")
+    store.close()
