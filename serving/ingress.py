@@ -353,7 +353,8 @@ class Ingress:
         job = await asyncio.to_thread(self.jobs.get, job_id)
         if job is None:
             raise UnknownJob(job_id)
-        return job.model_dump(include={"job_id", "model", "state", "version", "promoted", "message", "metrics", "error"})
+        return job.model_dump(include={"job_id", "model", "state", "version", "promoted", "message", "metrics", "gate",
+                                       "error"})
 
     # -- feedback statistics -------------------------------------------------------------
     @app.get("/v1/models/{model}/feedback/stats")

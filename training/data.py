@@ -1,27 +1,27 @@
-"""Training data rules: which rows are held out, and how labels become ids. Pure."""
+"""Training data files: the formats a seed or golden file may have, how they are read, and
+their digests. Driver side, pyarrow."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from tuneloop.core.tasks import Task
+from tuneloop.store.records import arrow_type
+
 SEED_FORMATS = {".tsv", ".csv", ".jsonl", ".parquet"}
-
-
-def is_held_out(text: str, eval_fraction: float) -> bool:
-    """Stable split by the text's hash: a text is held out in every job or in none.
-
-    That keeps the gate honest (candidate and production score on rows neither trained on)
-    and keeps repeated feedback on one text from leaking between the splits.
-    """
-    digest = hashlib.blake2b(text.strip().lower().encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64 < eval_fraction
 
 
 def seed_format(path: str) -> str:
     suffix = Path(path).suffix.lower()
     if suffix not in SEED_FORMATS:
-        raise ValueError(f"seed dataset {path!r}: unsupported format {suffix!r}; use one of {sorted(SEED_FORMATS)}")
+        raise ValueError(f"dataset {path!r}: unsupported format {suffix!r}; use one of {sorted(SEED_FORMATS)}")
     return suffix
 
 
@@ -30,4 +30,45 @@ def file_sha256(path: str) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def read_dataset(path: str, task: Task) -> pa.Table:
+    """A seed or golden file as ``text`` plus the task's target columns, of the types the
+    task's feedback records give them (a classifier's ``label`` is a string even where a
+    jsonl file wrote ``1``); a missing column fails naming the file and the columns."""
+    fmt = seed_format(path)
+    columns = ["text", *task.target_columns]
+    types = {"text": pa.string(), **{c: arrow_type(task.feedback_columns[c]) for c in task.target_columns}}
+    if fmt in (".tsv", ".csv"):
+        parse = pacsv.ParseOptions(delimiter="\t" if fmt == ".tsv" else ",", quote_char=False if fmt == ".tsv" else '"')
+        table = pacsv.read_csv(path, parse_options=parse,
+                               convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in columns}))
+    elif fmt == ".jsonl":
+        table = pajson.read_json(path)
+    else:
+        table = pq.read_table(path)
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise ValueError(f"dataset {path!r} has no column(s) {missing}; it needs {columns}")
+    return pa.table({c: _as(table.column(c), types[c]) for c in columns})
+
+
+def _as(column: pa.ChunkedArray, to: pa.DataType) -> pa.ChunkedArray:
+    if pa.types.is_string(to) and pa.types.is_boolean(column.type):
+        return pa.chunked_array([pa.array([None if v is None else str(v).lower() for v in column.to_pylist()])])
+    return column.cast(to)
+
+
+def normalized(text: str) -> str:
+    """The form in which texts are compared (golden set exclusion)."""
+    return " ".join(text.split()).lower()
+
+
+def table_digest(table: pa.Table) -> str:
+    """A digest of a table's rows, stable across files and Parquet versions."""
+    h = hashlib.sha256()
+    for row in table.to_pylist():
+        h.update(json.dumps(row, sort_keys=True, default=str).encode())
+        h.update(b"\n")
     return h.hexdigest()

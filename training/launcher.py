@@ -1,9 +1,11 @@
-"""Launch one fine-tuning job: data through Ray Data, a TorchTrainer with DeepSpeed workers,
-then the gate, the registry and (if accepted, and production is still the version the job
-started from) production.
+"""Launch one fine-tuning job: its data (``job_data.py``: fresh feedback, replay, golden
+set), a TorchTrainer with DeepSpeed workers fed through Ray Data, then the gate, the
+registry and (if accepted, and production is still the version the job started from)
+production.
 
-Starts from the current production weights (the base model for v1) and trains on the seed
-dataset plus all feedback so far, so a new version keeps what earlier data taught.
+Starts from the current production weights (the base model for v1) and trains on the
+feedback that arrived since production was trained, plus a replay sample of the seed and
+of earlier feedback, so a new version learns what is new without forgetting the rest.
 """
 
 from __future__ import annotations
@@ -11,35 +13,40 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import socket
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 import ray.data
-from pyarrow import csv as pacsv
-from ray.data.expressions import col
 from ray.train import DataConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from tuneloop.core.config import ModelConfig, TuneloopConfig
-from tuneloop.core.feedback_stats import superseded
-from tuneloop.core.gate import evaluate_gate
-from tuneloop.store.jobs import Heartbeat, JobRecord, JobRunning, JobStore, promote_or_wait, take_lease
-from tuneloop.core.model_source import resolve_model_source
-from tuneloop.core.tasks import Task, model_tasks
-from tuneloop.store.records import FeedbackStore, arrow_type
+from tuneloop.core.config import GateConfig, TrainingConfig, TuneloopConfig
 from tuneloop.core.evaluation import EvalMetrics
+from tuneloop.core.gate import Evidence, GateDecision, decide
+from tuneloop.core.model_source import resolve_model_source
+from tuneloop.core.names import INGRESS_APP, INGRESS_DEPLOYMENT
+from tuneloop.core.resources import training_shortfall
+from tuneloop.core.tasks import Task, model_tasks
+from tuneloop.store.jobs import Heartbeat, JobRecord, JobRunning, JobStore, promote_or_wait, take_lease
+from tuneloop.store.records import FeedbackStore
 from tuneloop.store.registry import Manifest, Registry
 from tuneloop.store.storage import Storage
-from tuneloop.core.names import INGRESS_APP, INGRESS_DEPLOYMENT
-from tuneloop.training.data import file_sha256, is_held_out, seed_format
+from tuneloop.training.job_data import JobData, assemble, with_training_columns
 from tuneloop.training.loop import train_loop_per_worker
 
 log = logging.getLogger(__name__)
+RESOURCE_WAIT_S = 30.0  # how long a job waits for CPUs a finishing job or replica still holds
+KEEP_TRAIN_RUNS = 2  # Ray Train run folders kept per model (each holds a full checkpoint)
+
+
+class ResourcesUnavailable(RuntimeError):
+    """The job's workers cannot be scheduled beside what runs; the message says what to change."""
 
 
 @dataclass
@@ -48,74 +55,30 @@ class TrainingOutcome:
     manifest: Manifest | None
 
 
-def _read_seed(path: str, task: Task) -> ray.data.Dataset:
-    columns = ["text", *task.target_columns]
-    fmt = seed_format(path)
-    if fmt in (".tsv", ".csv"):
-        parse = pacsv.ParseOptions(delimiter="\t" if fmt == ".tsv" else ",", quote_char=False if fmt == ".tsv" else '"')
-        convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in columns})
-        ds = ray.data.read_csv(path, parse_options=parse, convert_options=convert)
-    elif fmt == ".jsonl":
-        ds = ray.data.read_json(path)
-    else:
-        ds = ray.data.read_parquet(path)
-    return ds.select_columns(columns)
-
-
-def _prepare(batch: pa.Table, task: Task, eval_fraction: float) -> pa.Table:
-    """The task's training targets and the held-out flag; a target outside the model's
-    labels fails the job, naming it."""
-    texts = batch.column("text").cast(pa.string()).to_pylist()
-    targets = task.training_targets({c: batch.column(c).to_pylist() for c in task.target_columns})
-    return pa.table(
-        {
-            "text": pa.array(texts, pa.string()),
-            **{c: pa.array(targets[c], arrow_type(t)) for c, t in task.training_columns.items()},
-            "held_out": pa.array([is_held_out(t, eval_fraction) for t in texts], pa.bool_()),
-        }
-    )
-
-
-def _without_ids(batch: pa.Table, ids: list[str]) -> pa.Table:
-    return batch.filter(pc.invert(pc.is_in(batch["feedback_id"], value_set=pa.array(ids))))
-
-
-def _datasets(
-    mcfg: ModelConfig, task: Task, storage: Storage, feedback: FeedbackStore, feedback_files: list[str],
-    eval_fraction: float,
-) -> tuple[dict[str, ray.data.Dataset], dict[str, Any]]:
+def _datasets(task: Task, data: JobData) -> tuple[dict[str, ray.data.Dataset], list[str]]:
+    """Ray datasets for the workers: ``train`` (split among them) and the evaluation sets
+    (each worker sees all of one; empty ones are left out)."""
     ray.data.DataContext.get_current().enable_progress_bars = False  # they flood the server's log
-    parts, summary = [], {}
-    if mcfg.seed_dataset:
-        parts.append(_read_seed(mcfg.seed_dataset, task))
-        summary["seed"] = {"path": mcfg.seed_dataset, "sha256": file_sha256(mcfg.seed_dataset)}
-    dropped: list[str] = []
-    if feedback_files:
-        # Latest wins (cluster/feedback_stats.py): older feedback on a prediction is left out.
-        ids = feedback.read(mcfg.name, feedback_files).select(["feedback_id", "prediction_id", "created_at"])
-        dropped = sorted(superseded(ids.to_pylist()))
-        rows = ray.data.read_parquet(
-            [storage.path(f) for f in feedback_files], filesystem=storage.fs, partitioning=None
-        )
-        if dropped:
-            rows = rows.map_batches(_without_ids, batch_format="pyarrow", fn_kwargs={"ids": dropped})
-        parts.append(rows.select_columns(["text", *task.target_columns]))
-    if not parts:
-        raise ValueError(f"model {mcfg.name!r} has no seed dataset and no feedback to train on")
-    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    prepared = ds.map_batches(
-        _prepare, batch_format="pyarrow", fn_kwargs={"task": task, "eval_fraction": eval_fraction}
-    ).materialize()
-    train = prepared.filter(expr=col("held_out") == False).materialize()  # noqa: E712 - an expression
-    held_out = prepared.filter(expr=col("held_out") == True).materialize()  # noqa: E712
-    summary["feedback"] = {"files": feedback_files, "rows": feedback.count_rows(feedback_files),
-                           "superseded": len(dropped)}
-    summary["train_rows"] = train.count()
-    summary["eval_rows"] = held_out.count()
-    summary["total_rows"] = summary["train_rows"] + summary["eval_rows"]
-    if summary["train_rows"] == 0 or summary["eval_rows"] == 0:
-        raise ValueError(f"need rows in both splits, got {summary['train_rows']} train and {summary['eval_rows']} held out")
-    return {"train": train, "eval": held_out}, summary
+    sets = {"train": with_training_columns(task, data.train)}
+    for name, table in (("golden", data.golden), ("fresh", data.fresh_eval)):
+        if table.num_rows:
+            sets[name] = with_training_columns(task, table).append_column(
+                "row", pa.array(range(table.num_rows), pa.int64()))
+    return {name: ray.data.from_arrow(table) for name, table in sets.items()}, [n for n in sets if n != "train"]
+
+
+def _wait_for_resources(tcfg: TrainingConfig, wait_s: float = RESOURCE_WAIT_S) -> None:
+    """Fail fast, saying what to change, when the workers cannot be scheduled: Ray Train's
+    worker group would otherwise wait for its CPUs forever while the job shows running. CPUs
+    held by a job or replica that is ending are waited for, up to ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        short = training_shortfall(tcfg.num_workers, tcfg.use_gpu, ray.cluster_resources(), ray.available_resources())
+        if short is None:
+            return
+        if "free" not in short or time.monotonic() > deadline:
+            raise ResourcesUnavailable(short)
+        time.sleep(1.0)
 
 
 def _settle_feedback(feedback: FeedbackStore) -> None:
@@ -186,9 +149,11 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
     _settle_feedback(feedback)
     parent = registry.production(model)
     init_path = registry.local_path(model, parent) if parent else resolve_model_source(mcfg.base_model)
-    feedback_files = feedback.files(model)  # the snapshot this job trains on
-    datasets, data = _datasets(mcfg, task, storage, feedback, feedback_files, tcfg.eval_fraction)
-    log.info("job %s: %s from %s, %s", job.job_id, model, parent or mcfg.base_model, data)
+    parent_manifest = registry.manifest(model, parent) if parent else None
+    data = assemble(task, mcfg, tcfg, registry, feedback, parent_manifest)
+    datasets, eval_sets = _datasets(task, data)
+    log.info("job %s: %s from %s, %s", job.job_id, model, parent or mcfg.base_model, data.summary)
+    _wait_for_resources(tcfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -197,7 +162,8 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
             "task": mcfg.task,
             "labels": mcfg.labels,
             "has_parent": parent is not None,
-            "train_rows": data["train_rows"],
+            "train_rows": data.train.num_rows,
+            "eval_sets": eval_sets,
         },
         scaling_config=ScalingConfig(
             num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu, resources_per_worker={"CPU": 1}
@@ -210,9 +176,7 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
     )
     result = trainer.fit()
     report = result.metrics
-    metrics = EvalMetrics.model_validate(report["metrics"])
-    parent_metrics = EvalMetrics.model_validate(report["parent_metrics"]) if report["parent_metrics"] else None
-    gate = evaluate_gate(task.gate_metric, metrics, parent_metrics)
+    gate, metrics, parent_metrics = _gate(task, cfg.gate, report)
     manifest = Manifest(
         version="pending",
         model=model,
@@ -221,17 +185,21 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
         task=mcfg.task,
         labels=mcfg.labels,
         training={**tcfg.model_dump(), "steps": report["steps"]},
-        data=data,
+        data={**data.summary, "fresh_eval": _fresh_numbers(gate)},
         metrics=metrics,
         parent_metrics=parent_metrics,
         gate=gate,
         status="accepted" if gate.accepted else "rejected",
         job_id=job.job_id,
     )
+    trained_on = data.train.select(["source", "feedback_id", "text", *task.target_columns])
     with result.checkpoint.as_directory() as ckpt_dir:
-        manifest = registry.publish(model, ckpt_dir, manifest)
+        manifest = registry.publish(model, ckpt_dir, manifest,
+                                    tables={"trained_on": trained_on, "reservoir": data.reservoir})
+    _prune_train_runs(storage, model)
     job.version = manifest.version
     job.metrics = metrics.model_dump()
+    job.gate = gate
     if gate.accepted:
         promote_or_wait(registry, job, manifest.version, parent, gate.reason)  # sets job.promoted
         job.state = "succeeded"
@@ -240,3 +208,35 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
         job.message = f"{manifest.version} rejected by the gate: {gate.reason}"
     log.info("job %s: %s %s (%s)", job.job_id, manifest.version, job.state, job.message)
     return manifest
+
+
+def _prune_train_runs(storage: Storage, model: str, keep: int = KEEP_TRAIN_RUNS) -> None:
+    """Ray Train's run folders hold a full checkpoint each, and the registry holds the
+    published copy: keep the newest few of a model (to debug a job), delete the rest."""
+    mine = re.compile(rf"^{re.escape(model)}-[0-9a-f]{{16}}$")  # <model>-<job id>: not model "a-b"'s for "a"
+    runs = sorted((i for i in storage.list_dir("train_runs") if mine.match(i.base_name)), key=lambda i: i.mtime_ns or 0)
+    for old in runs[:-keep] if keep else runs:
+        try:
+            storage.delete_dir(f"train_runs/{old.base_name}")
+        except OSError as e:  # another job's run being written, or already gone
+            log.warning("could not prune train run %s: %s", old.base_name, e)
+
+
+def _gate(task: Task, rules: GateConfig, report: dict) -> tuple[GateDecision, EvalMetrics, EvalMetrics | None]:
+    """The gate on what the workers measured: the golden set (the version's metrics) and the
+    kept-back fresh rows, candidate and production paired by row."""
+    candidate, parent = report["candidate"], report["parent"]
+    empty = {"metrics": EvalMetrics(accuracy=0, precision=0, recall=0, f1=0, eval_rows=0).model_dump(), "right": []}
+    golden = EvalMetrics.model_validate(candidate.get("golden", empty)["metrics"])
+    parent_golden = EvalMetrics.model_validate(parent.get("golden", empty)["metrics"]) if parent else None
+    ours = dict(candidate.get("fresh", empty)["right"])
+    theirs = dict(parent.get("fresh", empty)["right"]) if parent else {}
+    rows = sorted(set(ours) & set(theirs))
+    evidence = Evidence(metric=task.gate_metric, golden=golden, parent_golden=parent_golden,
+                        fresh_candidate=[ours[r] for r in rows], fresh_parent=[theirs[r] for r in rows],
+                        finite=all(e["finite"] for e in candidate.values()))
+    return decide(evidence, rules), golden, parent_golden
+
+
+def _fresh_numbers(gate: GateDecision) -> dict[str, Any]:
+    return next((c.numbers for c in gate.checks if c.name == "fresh"), {})

@@ -51,23 +51,40 @@ def _columns(batch: dict[str, Any]) -> dict[str, list]:
     return {k: v.tolist() for k, v in batch.items()}
 
 
-def _evaluate(engine, tokenizer, shard, max_length: int, task: Task) -> dict[str, float]:
-    """Score the whole held-out set. Every worker sees all of it (it is not split), so the
-    gate compares candidate and production on exactly the same rows, and ZeRO-3's
-    collective forward passes stay in step across ranks."""
+def _evaluate(engine, tokenizer, shard, max_length: int, task: Task) -> dict[str, Any]:
+    """Score a whole evaluation set: its metrics, whether each row (by its ``row`` number,
+    when the set has one) was answered right, and whether every output was finite. Every
+    worker sees all of the set (it is not split), so candidate and production are scored on
+    exactly the same rows, and ZeRO-3's collective forward passes stay in step across ranks."""
     import torch
 
     engine.eval()
     y_true: list = []
     y_pred: list = []
+    right: list[list] = []  # [row, answered right]: plain lists cross Ray Train's report
+    finite = True
     with torch.no_grad():
         for batch in shard.iter_batches(batch_size=EVAL_BATCH_SIZE, batch_format="numpy"):
             inputs, encoding = _encode(tokenizer, batch["text"], max_length, engine.device, task)
-            best = engine(**inputs).logits.argmax(-1).tolist()
-            y_pred.extend(task.predictions(best, encoding))
-            y_true.extend(task.batch_targets(_columns(batch), encoding))
+            logits = engine(**inputs).logits
+            finite = finite and bool(torch.isfinite(logits).all())
+            predicted = task.predictions(logits.argmax(-1).tolist(), encoding)
+            targets = task.batch_targets(_columns(batch), encoding)
+            y_pred.extend(predicted)
+            y_true.extend(targets)
+            if "row" in batch:
+                right.extend([int(r), bool(t == p)] for r, t, p in zip(batch["row"], targets, predicted, strict=True))
     engine.train()
-    return task.metrics(y_true, y_pred).model_dump()  # reported through Ray Train
+    return {"metrics": task.metrics(y_true, y_pred).model_dump(), "right": right, "finite": finite}
+
+
+def _evaluate_all(engine, tokenizer, shards: dict[str, Any], max_length: int, task: Task) -> dict[str, Any]:
+    return {name: _evaluate(engine, tokenizer, shard, max_length, task) for name, shard in shards.items()}
+
+
+def _summary(evaluations: dict[str, Any]) -> str:
+    return ", ".join(f"{name}: accuracy {e['metrics']['accuracy']:.4f} on {e['metrics']['eval_rows']} rows"
+                     for name, e in evaluations.items())
 
 
 def _consolidated_state_dict(module, rank: int) -> dict[str, Any]:
@@ -131,13 +148,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model=model, model_parameters=_param_groups(model, config["weight_decay"]), config=ds_config
     )
     train_shard = ray.train.get_dataset_shard("train")
-    eval_shard = ray.train.get_dataset_shard("eval")
+    eval_shards = {name: ray.train.get_dataset_shard(name) for name in config["eval_sets"]}
 
-    parent_metrics = None
+    parent_eval = None
     if config["has_parent"]:
-        # The starting weights are production's: score them on the same held-out rows.
-        parent_metrics = _evaluate(engine, tokenizer, eval_shard, max_length, task)
-        _log(rank, f"production baseline: {parent_metrics}")
+        # The starting weights are production's: score them on the same evaluation rows.
+        parent_eval = _evaluate_all(engine, tokenizer, eval_shards, max_length, task)
+        _log(rank, "production baseline: " + _summary(parent_eval))
 
     step = 0
     done = False
@@ -166,10 +183,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if done:
             break
 
-    metrics = _evaluate(engine, tokenizer, eval_shard, max_length, task)
-    _log(rank, f"held-out: {metrics}")
+    candidate_eval = _evaluate_all(engine, tokenizer, eval_shards, max_length, task)
+    _log(rank, "candidate: " + _summary(candidate_eval))
     state = _consolidated_state_dict(engine.module, rank)
-    report = {"metrics": metrics, "parent_metrics": parent_metrics, "steps": step}
+    report = {"candidate": candidate_eval, "parent": parent_eval, "steps": step}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:

@@ -18,6 +18,7 @@ from typing import Any
 import ray
 
 from tuneloop.core.config import TuneloopConfig
+from tuneloop.core.tasks import model_tasks
 from tuneloop.store.jobs import JobRecord, JobStore
 from tuneloop.store.records import FeedbackStore
 from tuneloop.store.registry import Registry
@@ -70,18 +71,16 @@ class Retrainer:
         def launch(model: str, trigger: str, job: JobRecord) -> Future:
             return _train_job.remote(config, model, trigger, job).future()
 
-        pending = {m.name: cls._untrained_feedback(storage, journal, m.name) for m in cfg.models}
+        feedback = FeedbackStore(storage, journal, model_tasks(cfg.models))
+        pending = {m.name: cls._untrained_feedback(Registry(storage), feedback, m.name) for m in cfg.models}
         return {"cfg": cfg, "jobs": JobStore(storage), "launch": launch, "pending": pending}
 
     @staticmethod
-    def _untrained_feedback(storage: Storage, journal_dir: str, model: str) -> int:
-        """Feedback rows that production's training did not see (all of them before v1)."""
-        registry, feedback = Registry(storage), FeedbackStore(storage, journal_dir, {})  # counts files only
+    def _untrained_feedback(registry: Registry, feedback: FeedbackStore, model: str) -> int:
+        """Feedback rows newer than what production trained on (all of them before v1)."""
         production = registry.production(model)
-        used = set()
-        if production is not None:
-            used = set(registry.manifest(model, production).data.get("feedback", {}).get("files", []))
-        return feedback.count_rows([f for f in feedback.files(model) if f not in used])
+        after = registry.manifest(model, production).watermark() if production else None
+        return feedback.read_since(model, after).num_rows
 
     def _sweep_forever(self, every_s: float) -> None:
         """Marks dead jobs failed within ``every_s`` of going stale, even when no request

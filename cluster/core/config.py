@@ -40,6 +40,10 @@ class ModelConfig(_Strict):
     seed_dataset: str | None = Field(
         default=None, description="tsv/csv/jsonl/parquet file with columns text, label"
     )
+    golden_dataset: str | None = Field(
+        default=None,
+        description="the gate's frozen evaluation set (same formats); default: a fixed sample of the seed taken at v1",
+    )
 
     @field_validator("name")
     @classmethod
@@ -197,9 +201,39 @@ class TrainingConfig(_Strict):
     zero_stage: Literal[0, 1, 2, 3] = 2
     num_workers: int = Field(default=2, ge=1, le=1024)
     use_gpu: bool = False
-    eval_fraction: float = Field(default=0.2, gt=0, lt=1)
+    eval_fraction: float = Field(
+        default=0.2, ge=0, lt=1,
+        description="newest share of a job's fresh feedback kept back to compare candidate and production; "
+                    "the next job trains on it",
+    )
+    replay_ratio: float = Field(
+        default=1.0, ge=0, le=100, description="replay rows (seed and earlier feedback) per fresh feedback row"
+    )
+    max_rows_per_job: int = Field(default=20_000, ge=1, description="fresh plus replay rows a job trains on, at most")
+    reservoir_size: int = Field(
+        default=10_000, ge=0, description="earlier feedback kept as a uniform sample for replay"
+    )
+    golden_fraction: float = Field(
+        default=0.2, gt=0, lt=1, description="share of the seed frozen as the golden set at v1 (no golden_dataset)"
+    )
+    golden_max_rows: int = Field(default=2000, ge=1)
     max_steps: int | None = Field(default=None, ge=1, description="stop early, for smoke runs")
     seed: int = 0
+
+
+class GateConfig(_Strict):
+    """What a candidate must show to replace production (``cluster/core/gate.py``)."""
+
+    golden_margin: float = Field(
+        default=0.01, ge=0, le=1, description="the gate metric may fall this much on the golden set, no more"
+    )
+    class_recall_margin: float = Field(
+        default=0.05, ge=0, le=1, description="any class's recall on the golden set may fall this much, no more"
+    )
+    alpha: float = Field(default=0.05, gt=0, lt=1, description="McNemar's test level on fresh feedback")
+    min_fresh_rows: int = Field(
+        default=30, ge=1, description="fresh rows needed for the test; with fewer the candidate must not lose"
+    )
 
 
 class TriggerConfig(_Strict):
@@ -223,6 +257,7 @@ class TuneloopConfig(_Strict):
     feedback: FeedbackConfig = FeedbackConfig()
     auth: AuthConfig = AuthConfig()
     training: TrainingConfig = TrainingConfig()
+    gate: GateConfig = GateConfig()
     trigger: TriggerConfig = TriggerConfig()
     ray: RayConfig = RayConfig()
 
@@ -281,6 +316,7 @@ def _resolve_relative_paths(cfg: TuneloopConfig, base_dir: Path) -> TuneloopConf
         m.model_copy(
             update={
                 "seed_dataset": resolve(m.seed_dataset) if m.seed_dataset else None,
+                "golden_dataset": resolve(m.golden_dataset) if m.golden_dataset else None,
                 "base_model": resolve_model_source(m.base_model),
             }
         )

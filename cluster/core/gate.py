@@ -1,36 +1,157 @@
-"""The evaluation gate: may a freshly trained version replace production? Pure."""
+"""The evaluation gate: may a freshly trained version replace production? Pure.
+
+Three checks, each recorded with its numbers (``GateCheck``), all of which must pass:
+
+1. **Golden set** -- a per-model evaluation set that is frozen at v1 and never fed from
+   feedback, so no client can choose what is on it. The candidate may lose at most
+   ``golden_margin`` of the task's gate metric against production, and at most
+   ``class_recall_margin`` of any class's recall (a model that trades a minority class for
+   the majority is caught even when the average holds).
+2. **Fresh feedback** -- the newest feedback, which the candidate did not train on: its
+   membership is set by arrival time, not by a hash of the text a client could aim at. With
+   at least ``min_fresh_rows`` rows the candidate must beat production by McNemar's exact
+   test (one-sided, on the rows where exactly one of the two is right) at level ``alpha``;
+   with fewer it must not be less often right than production.
+3. **Sanity** -- every output finite, and on a golden set holding several classes the
+   candidate predicts more than one of them where production did (a collapse is a
+   regression; a production that predicts one class already is not made worse by it).
+
+The first version has no production to compare: only finite outputs are required, and its
+numbers are recorded. Why McNemar: both models answer the same rows, so only the rows where they
+disagree carry information; a difference of accuracies ignores the pairing and needs far
+more rows for the same confidence.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+import math
+from typing import Any
 
+from pydantic import BaseModel, Field
+
+from tuneloop.core.config import GateConfig
 from tuneloop.core.evaluation import EvalMetrics
 
 
+class GateCheck(BaseModel):
+    name: str  # "golden", "fresh" or "sanity"
+    passed: bool
+    detail: str
+    numbers: dict[str, Any] = Field(default_factory=dict)
+
+
 class GateDecision(BaseModel):
-    """The gate's verdict on a version, as its manifest records it."""
+    """The gate's verdict on a version, as its manifest and job record keep it."""
 
     accepted: bool
     reason: str
+    checks: list[GateCheck] = Field(default_factory=list)
 
 
-def evaluate_gate(metric: str, candidate: EvalMetrics, production: EvalMetrics | None) -> GateDecision:
-    """Accept when the candidate's held-out ``metric`` (the task's gate metric) is not below
-    production's on the same data.
+class Evidence(BaseModel):
+    """What the training job measured, for one candidate against production (``parent``)."""
 
-    With no production version yet (the first version) there is nothing to protect, so the
-    candidate is accepted.
-    """
-    value = float(getattr(candidate, metric))
-    if production is None:
-        return GateDecision(accepted=True, reason=f"first version: {metric} {value:.4f}, no production to compare")
-    baseline = float(getattr(production, metric))
-    if value >= baseline:
-        return GateDecision(
-            accepted=True,
-            reason=f"{metric} {value:.4f} >= production's {baseline:.4f} on the same held-out data",
-        )
-    return GateDecision(
-        accepted=False,
-        reason=f"{metric} {value:.4f} < production's {baseline:.4f} on the same held-out data",
-    )
+    metric: str  # the task's gate metric, a field of EvalMetrics
+    golden: EvalMetrics
+    parent_golden: EvalMetrics | None = None
+    # Fresh rows, paired: whether the candidate / production answered each one right.
+    fresh_candidate: list[bool] = Field(default_factory=list)
+    fresh_parent: list[bool] = Field(default_factory=list)
+    finite: bool = True
+
+
+def mcnemar_exact(candidate_only: int, parent_only: int) -> float:
+    """One-sided p-value that the candidate is right more often than production, given the
+    rows only the candidate got right and those only production got right: P(X >= b) for
+    X ~ Binomial(b + c, 1/2). 1.0 with no discordant rows."""
+    n = candidate_only + parent_only
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(candidate_only, n + 1))
+    return min(1.0, tail / 2**n)
+
+
+def _golden_check(e: Evidence, rules: GateConfig) -> GateCheck:
+    if e.golden.eval_rows == 0:
+        return GateCheck(name="golden", passed=True, numbers={"rows": 0},
+                         detail="no golden set (the model has no seed_dataset or golden_dataset) to check")
+    value = float(getattr(e.golden, e.metric))
+    if e.parent_golden is None:
+        return GateCheck(name="golden", passed=True, detail=f"first version: {e.metric} {value:.4f} on the golden set",
+                         numbers={e.metric: value, "rows": e.golden.eval_rows})
+    base = float(getattr(e.parent_golden, e.metric))
+    numbers: dict[str, Any] = {e.metric: value, f"production_{e.metric}": base, "margin": rules.golden_margin,
+                               "rows": e.golden.eval_rows}
+    if value < base - rules.golden_margin:
+        return GateCheck(name="golden", passed=False, numbers=numbers,
+                         detail=f"{e.metric} {value:.4f} on the golden set is more than {rules.golden_margin:g} "
+                                f"below production's {base:.4f}")
+    drops = {}
+    for label, theirs in e.parent_golden.per_class.items():
+        ours = e.golden.per_class.get(label)
+        if ours is not None and theirs.support and ours.recall < theirs.recall - rules.class_recall_margin:
+            drops[label] = (round(ours.recall, 4), round(theirs.recall, 4))
+    numbers["recall_drops"] = drops
+    if drops:
+        worst = ", ".join(f"{k} {a:.4f} < {b:.4f}" for k, (a, b) in sorted(drops.items()))
+        return GateCheck(name="golden", passed=False, numbers=numbers,
+                         detail=f"recall on the golden set fell by more than {rules.class_recall_margin:g} for {worst}")
+    return GateCheck(name="golden", passed=True, numbers=numbers,
+                     detail=f"{e.metric} {value:.4f} on the golden set vs production's {base:.4f} "
+                            f"(margin {rules.golden_margin:g}); no class lost recall beyond {rules.class_recall_margin:g}")
+
+
+def _fresh_check(e: Evidence, rules: GateConfig) -> GateCheck:
+    n = len(e.fresh_candidate)
+    if len(e.fresh_parent) != n:
+        raise ValueError(f"fresh rows are paired: {n} candidate answers, {len(e.fresh_parent)} production's")
+    if e.parent_golden is None or n == 0:
+        return GateCheck(name="fresh", passed=True, numbers={"rows": n},
+                         detail="no fresh feedback to compare on" if n == 0 else "first version: nothing to compare")
+    b = sum(1 for c, p in zip(e.fresh_candidate, e.fresh_parent, strict=True) if c and not p)
+    c = sum(1 for cc, p in zip(e.fresh_candidate, e.fresh_parent, strict=True) if p and not cc)
+    ours, theirs = sum(e.fresh_candidate) / n, sum(e.fresh_parent) / n
+    numbers = {"rows": n, "accuracy": ours, "production_accuracy": theirs, "candidate_only": b, "production_only": c}
+    if n >= rules.min_fresh_rows:
+        p = mcnemar_exact(b, c)
+        numbers.update(p_value=p, alpha=rules.alpha, test="mcnemar_exact_one_sided")
+        passed = p < rules.alpha
+        verdict = "beats" if passed else "does not beat"
+        return GateCheck(name="fresh", passed=passed, numbers=numbers,
+                         detail=f"{verdict} production on {n} fresh rows: accuracy {ours:.4f} vs {theirs:.4f}, "
+                                f"McNemar p={p:.4g} (alpha {rules.alpha:g})")
+    passed = b >= c
+    return GateCheck(name="fresh", passed=passed, numbers=numbers,
+                     detail=f"{'does not lose' if passed else 'loses'} to production on {n} fresh rows (fewer than "
+                            f"{rules.min_fresh_rows} for the test): accuracy {ours:.4f} vs {theirs:.4f}")
+
+
+def _classes(m: EvalMetrics) -> tuple[int, int]:
+    """Classes present in the truth, and classes predicted, from the confusion matrix."""
+    if not m.confusion:
+        return 0, 0
+    return sum(1 for row in m.confusion if sum(row)), sum(1 for col in zip(*m.confusion, strict=True) if sum(col))
+
+
+def _sanity_check(e: Evidence) -> GateCheck:
+    true_classes, predicted = _classes(e.golden)
+    numbers = {"finite": e.finite, "true_classes": true_classes, "predicted_classes": predicted}
+    if not e.finite:
+        return GateCheck(name="sanity", passed=False, numbers=numbers, detail="the candidate produced non-finite outputs")
+    collapsed = true_classes > 1 and predicted <= 1
+    if collapsed and e.parent_golden is not None and _classes(e.parent_golden)[1] > 1:
+        return GateCheck(name="sanity", passed=False, numbers=numbers,
+                         detail=f"the candidate predicts one class for a golden set of {true_classes} classes "
+                                f"(production predicts {_classes(e.parent_golden)[1]})")
+    if collapsed:
+        return GateCheck(name="sanity", passed=True, numbers=numbers,
+                         detail="finite outputs; predicts one class, as production does" if e.parent_golden
+                         else "finite outputs; the first version predicts one class (nothing to protect)")
+    return GateCheck(name="sanity", passed=True, numbers=numbers, detail="finite outputs, no collapse to one class")
+
+
+def decide(evidence: Evidence, rules: GateConfig) -> GateDecision:
+    checks = [_golden_check(evidence, rules), _fresh_check(evidence, rules), _sanity_check(evidence)]
+    failed = [c for c in checks if not c.passed]
+    reason = "; ".join(c.detail for c in (failed or checks))
+    return GateDecision(accepted=not failed, reason=reason, checks=checks)

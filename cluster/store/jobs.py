@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from tuneloop.core.errors import Conflict
+from tuneloop.core.gate import GateDecision
 from tuneloop.store.registry import Registry, iso_time
 from tuneloop.store.storage import FileLock, Storage
 
@@ -49,6 +50,7 @@ class JobRecord(BaseModel):
     trigger: str = "manual"
     version: str | None = None
     metrics: dict[str, Any] | None = None
+    gate: GateDecision | None = None  # the verdict on the job's version, every check's numbers
     error: str | None = None
     # Whether the job's version became production: False for a rejected version and for a
     # candidate left waiting because production moved while the job ran (see ``message``).

@@ -33,7 +33,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from tuneloop.core.idempotency import IdempotencyIndex, fingerprint
 from tuneloop.core.tasks import ColumnType, ListOf, MapOf, StructOf, Task
@@ -387,6 +386,23 @@ class FeedbackStore:
     def read(self, model: str, files: list[str] | None = None) -> pa.Table:
         return _read(self.storage, self.files(model) if files is None else files, self._schema(model))
 
+    def read_since(self, model: str, after: tuple[datetime, str] | None) -> pa.Table:
+        """The compacted records after ``after`` -- a (created_at, feedback_id) position in
+        the order (created_at, feedback_id), which breaks ties within a millisecond -- or
+        all of them with None, in that order. Lists and reads only the date partitions from
+        ``after``'s day on, so a job's read follows the feedback that is new to it, not all
+        that was ever stored."""
+        files = self.files(model)
+        where = None
+        if after is not None:
+            at, last_id = after
+            day = at.astimezone(UTC).date().isoformat()
+            files = [f for f in files if next((p[5:] for p in f.split("/") if p.startswith("date=")), "") >= day]
+            t = pa.scalar(at, _TS)
+            where = (pc.field("created_at") > t) | ((pc.field("created_at") == t) & (pc.field("feedback_id") > last_id))
+        table = _read(self.storage, files, self._schema(model), where)
+        return table.sort_by([("created_at", "ascending"), ("feedback_id", "ascending")])
+
     def read_all(self, model: str) -> list[dict[str, Any]]:
         """Every acknowledged record, compacted or still in the journal, once each."""
         pending = [r for r in pending_records(self.journal_dir) if r.get("model") == model]
@@ -398,9 +414,3 @@ class FeedbackStore:
                 seen.add(row["feedback_id"])
                 out.append(row)
         return out
-
-    def count_rows(self, files: list[str]) -> int:
-        return sum(
-            pq.ParquetFile(self.storage.path(f), filesystem=self.storage.fs).metadata.num_rows
-            for f in files
-        )

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from tuneloop.core.errors import Conflict, UnknownVersion
@@ -34,6 +35,8 @@ from tuneloop.store.storage import Storage, private_temp_dir
 
 _VERSION = re.compile(r"^v(\d+)$")
 MANIFEST = "manifest.json"
+DATA_DIR = "data"  # beside the weights: the tables a version was trained with
+GOLDEN = "golden.parquet"  # beside the versions: the model's frozen golden set
 STATE = "state.json"
 STATE_LOCK = "state.lock"
 
@@ -81,6 +84,15 @@ class Manifest(BaseModel):
     status: Literal["accepted", "rejected"] = "accepted"
     job_id: str | None = None
     created_at: str = Field(default_factory=now_iso)
+
+    def watermark(self) -> tuple[datetime, str] | None:
+        """The position, in arrival order (created_at, feedback_id), of the newest feedback
+        this version trained on; None for a version that trained on none, or was trained
+        before watermarks were recorded (then all feedback is new to its children)."""
+        mark = self.data.get("watermark")
+        if not isinstance(mark, dict):
+            return None
+        return datetime.fromisoformat(mark["created_at"]), mark["feedback_id"]
 
 
 class HistoryEntry(BaseModel):
@@ -142,11 +154,16 @@ class Registry:
             raise UnknownVersion(model, version)
         return Manifest.model_validate(raw)
 
-    def publish(self, model: str, local_dir: str, manifest: Manifest) -> Manifest:
-        """Copy a saved model folder in as the next version; returns the final manifest."""
+    def publish(self, model: str, local_dir: str, manifest: Manifest,
+                tables: dict[str, pa.Table] | None = None) -> Manifest:
+        """Copy a saved model folder in as the next version; returns the final manifest.
+        ``tables`` (the rows it trained on, its replay reservoir) go in with it, as
+        ``data/<name>.parquet``, so a version and its data appear together or not at all."""
         staging = f"{self._dir(model)}/.staging-{uuid.uuid4().hex}"
         self.storage.upload_dir(local_dir, staging)
         try:
+            for name, table in (tables or {}).items():
+                self.storage.write_parquet_atomic(f"{staging}/{DATA_DIR}/{name}.parquet", table)
             for _ in range(100):
                 taken = [
                     version_number(i.base_name)
@@ -166,6 +183,25 @@ class Registry:
             if self.storage.exists(staging):
                 self.storage.delete_dir(staging)
             raise
+
+    def table(self, model: str, version: str, name: str) -> pa.Table | None:
+        """A table published with a version (``publish(tables=...)``), or None."""
+        self.manifest(model, version)  # raises UnknownVersion
+        return self.storage.read_parquet(f"{self._dir(model, version)}/{DATA_DIR}/{name}.parquet")
+
+    def golden(self, model: str) -> pa.Table | None:
+        """The model's frozen golden set, if one was frozen."""
+        return self.storage.read_parquet(f"{self._dir(model)}/{GOLDEN}")
+
+    def freeze_golden(self, model: str, table: pa.Table) -> pa.Table:
+        """Freeze ``table`` as the model's golden set unless one is frozen already (then
+        that one is returned): it never changes once written."""
+        with self.storage.locked(f"{self._dir(model)}/golden.lock"):
+            frozen = self.golden(model)
+            if frozen is not None:
+                return frozen
+            self.storage.write_parquet_atomic(f"{self._dir(model)}/{GOLDEN}", table)
+            return table
 
     def local_path(self, model: str, version: str, cache_dir: str | None = None) -> str:
         """A local folder holding the version's files, downloading them if storage is remote."""

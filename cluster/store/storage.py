@@ -117,6 +117,13 @@ class Storage:
         pq.write_table(table, buf, compression="zstd")
         self.write_bytes_atomic(rel, buf.getvalue())
 
+    def read_parquet(self, rel: str) -> pa.Table | None:
+        """A Parquet file's table, or None if it is not there."""
+        try:
+            return pq.read_table(self.path(rel), filesystem=self.fs)
+        except FileNotFoundError:
+            return None
+
     def move_dir(self, src_rel: str, dst_rel: str) -> None:
         """Publish a folder under its final name. Raises FileExistsError if taken."""
         dst = self.path(dst_rel)
@@ -216,7 +223,8 @@ class FileLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # releases the lock
+            fcntl.flock(self._fd, fcntl.LOCK_UN)  # a forked child holding the fd must not keep it
+            os.close(self._fd)
             self._fd = None
 
 

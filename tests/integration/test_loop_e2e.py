@@ -79,7 +79,12 @@ def test_feedback_triggers_a_new_version_that_takes_over(loop):
         from tuneloop.store.registry import Registry
 
         if job.version:
-            assert Registry(Storage(cfg.storage.root)).manifest("sentiment", job.version).data["feedback"]["rows"] == 4
+            manifest = Registry(Storage(cfg.storage.root)).manifest("sentiment", job.version)
+            fb = manifest.data["feedback"]
+            assert fb["fresh_rows"] + fb["on_golden_texts"] == 4  # feedback on golden texts never trains
+            # The verdict is the one its recorded checks give.
+            assert manifest.gate.accepted == all(c.passed for c in manifest.gate.checks)
+            assert job.state == ("succeeded" if manifest.gate.accepted else "rejected")
         # Replicas pick the new production up within their reload interval.
         version = "v1"
         deadline = time.monotonic() + 30

@@ -43,11 +43,13 @@ def test_first_job_trains_v1_from_the_base_model(trained):
     assert manifest.version == "v1" and manifest.parent is None and manifest.status == "accepted"
     assert manifest.training["zero_stage"] == 2 and manifest.training["steps"] == 2
     data = manifest.data
-    assert data["seed"]["sha256"] and data["feedback"]["rows"] == 0
-    assert data["train_rows"] + data["eval_rows"] == 80 and data["eval_rows"] > 0
-    assert manifest.metrics.eval_rows == data["eval_rows"]
+    assert data["seed"]["sha256"] and data["feedback"]["fresh_rows"] == 0
+    # The seed less its frozen golden set (20%, stratified) is what v1 learns.
+    assert (data["train_rows"], data["golden"]["rows"], data["eval_rows"]) == (64, 16, 16)
+    assert manifest.metrics.eval_rows == 16 and set(manifest.metrics.per_class) == {"negative", "positive"}
     for key in ("accuracy", "precision", "recall", "f1"):
         assert 0.0 <= getattr(manifest.metrics, key) <= 1.0
+    assert [c.name for c in manifest.gate.checks] == ["golden", "fresh", "sanity"]
     first_promotion = trained["registry"].state("sentiment").history[0]
     assert (first_promotion.production, first_promotion.event) == ("v1", "promote")
 
@@ -57,14 +59,20 @@ def test_second_job_starts_from_production_with_feedback_and_zero3(trained):
     assert job.state in ("succeeded", "rejected"), job.error
     assert manifest.version == "v2" and manifest.parent == "v1"
     assert manifest.training["zero_stage"] == 3
-    # 8 records compacted into one file; the older of two answers on one prediction is left out.
+    # 8 records; the older of two answers on one prediction is left out: 7 fresh, the newest
+    # one kept back for the gate, 6 trained on beside as many replayed seed rows.
     fb = manifest.data["feedback"]
-    assert fb["rows"] == 8 and len(fb["files"]) == 1 and fb["superseded"] == 1
-    assert manifest.data["total_rows"] == 80 + 7
-    # Candidate and production were scored on the same held-out rows in the same job.
+    assert (fb["fresh_rows"], fb["superseded"], fb["trained_rows"], fb["kept_back_rows"]) == (7, 1, 6, 1)
+    assert manifest.data["train_rows"] == 12 and manifest.data["replay"]["rows"] == 6
+    trained_on = trained["registry"].table("sentiment", "v2", "trained_on").to_pylist()
+    assert sorted(r["source"] for r in trained_on) == ["feedback"] * 6 + ["seed"] * 6
+    assert trained["registry"].table("sentiment", "v2", "reservoir").num_rows == 6
+    # Candidate and production were scored on the same golden and fresh rows in the same job.
     assert manifest.parent_metrics is not None
-    assert manifest.parent_metrics.eval_rows == manifest.metrics.eval_rows
-    expected = "accepted" if manifest.metrics.accuracy >= manifest.parent_metrics.accuracy else "rejected"
+    assert manifest.parent_metrics.eval_rows == manifest.metrics.eval_rows == 16
+    checks = {c.name: c for c in manifest.gate.checks}
+    assert checks["fresh"].numbers["rows"] == 1 and "p_value" not in checks["fresh"].numbers  # too few for the test
+    expected = "accepted" if all(c.passed for c in checks.values()) else "rejected"
     assert manifest.status == expected and manifest.gate.accepted == (expected == "accepted")
     production = trained["registry"].production("sentiment")
     assert production == ("v2" if expected == "accepted" else "v1")

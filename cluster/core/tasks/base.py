@@ -123,7 +123,8 @@ class Task(ABC):
 
     # -- feedback ----------------------------------------------------------------------
     def check_feedback_fields(self, fields: dict[str, Any]) -> None:
-        """The shape of a feedback body's task fields: exactly ``feedback_fields``."""
+        """The shape of a feedback body's task fields: exactly ``feedback_fields``, of the
+        right JSON types (values are checked by ``feedback_target``, once the model is known)."""
         extra = sorted(set(fields) - set(self.feedback_fields))
         missing = [f for f in self.feedback_fields if fields.get(f) is None]
         if extra or missing:
@@ -152,8 +153,14 @@ class Task(ABC):
     # -- training ----------------------------------------------------------------------
     @abstractmethod
     def training_targets(self, columns: dict[str, list]) -> dict[str, list]:
-        """Seed or feedback rows' ``target_columns`` as the worker's ``training_columns``;
-        a value outside the model's labels raises ValueError naming it."""
+        """Seed or feedback rows' ``target_columns`` (read as the types of ``feedback_columns``)
+        as the worker's ``training_columns``; a value outside the model's labels raises
+        ValueError naming it."""
+
+    def stratum(self, targets: dict[str, Any]) -> str:
+        """The group a training row is sampled in (replay and the golden sample keep each
+        group's share): by default its first target column's value."""
+        return str(targets[self.target_columns[0]])
 
     @abstractmethod
     def batch_targets(self, batch: dict[str, list], encoding: dict[str, list]) -> list:

@@ -34,10 +34,13 @@ class TextClassification(Task):
         return {"label": answer["label"], "score": answer["score"], "scores": answer["scores"]}
 
     # -- feedback ----------------------------------------------------------------------
+    def check_feedback_fields(self, fields: dict[str, Any]) -> None:
+        super().check_feedback_fields(fields)
+        if not isinstance(fields["label"], str):
+            raise InvalidBody(f'"label" must be a string, not {type(fields["label"]).__name__}')
+
     def feedback_target(self, model: str, fields: dict[str, Any]) -> dict[str, Any]:
         label = fields["label"]
-        if not isinstance(label, str):
-            raise InvalidBody(f'"label" must be a string, not {type(label).__name__}')
         if label not in self.labels:
             raise InvalidLabel(model, label, self.labels)
         return {"label": label}
@@ -54,7 +57,7 @@ class TextClassification(Task):
     # -- training ----------------------------------------------------------------------
     def training_targets(self, columns: dict[str, list]) -> dict[str, list]:
         index = {name: i for i, name in enumerate(self.labels)}
-        names = [None if n is None else str(n) for n in columns["label"]]  # a jsonl label 1 means "1"
+        names = columns["label"]  # cast to the column's type (string) by the reader
         unknown = sorted({str(n) for n in names if n not in index})
         if unknown:
             raise ValueError(f"training data has labels {unknown} outside the model's labels {self.labels}")
@@ -67,4 +70,4 @@ class TextClassification(Task):
         return [int(x) for x in best]
 
     def metrics(self, y_true: list, y_pred: list) -> EvalMetrics:
-        return classification_metrics(y_true, y_pred, len(self.labels))
+        return classification_metrics(y_true, y_pred, self.labels)

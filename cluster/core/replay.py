@@ -1,0 +1,87 @@
+"""Replay: what a retrain trains on, so that its cost follows fresh data and not history,
+and what it learned before is not forgotten. Pure: lists in, indices out.
+
+A job trains on the feedback that arrived since its parent's training (``fresh``), minus
+its newest share, which is kept back to compare candidate and production on rows neither
+trained on (by arrival time: a client cannot choose them). Beside it, a **replay** sample
+of what came earlier -- the seed data and a reservoir of all earlier feedback -- stratified
+by label, ``replay_ratio`` rows per fresh row, within ``max_rows_per_job``. Kept-back rows
+are fresh for the next job, so every accepted feedback row is trained on by some later
+version.
+
+The reservoir holds a uniform sample of all feedback ever trained on, at most
+``reservoir_size`` rows (Vitter's algorithm R): each version carries its own, so a job reads
+the parent's reservoir and the seed file, never the whole history.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def kept_back(fresh_rows: int, eval_fraction: float) -> int:
+    """How many of the newest fresh rows are evaluation-only in this job."""
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction!r}")
+    return int(fresh_rows * eval_fraction)
+
+
+def replay_quota(fresh_train_rows: int, ratio: float, max_rows: int) -> int:
+    """Replay rows beside ``fresh_train_rows`` fresh ones: ``ratio`` per fresh row, so that
+    fresh and replay together stay within ``max_rows`` (fresh rows first)."""
+    return max(0, min(round(fresh_train_rows * ratio), max_rows - fresh_train_rows))
+
+
+def stratified_sample(labels: Sequence[str], k: int, rng: random.Random) -> list[int]:
+    """``k`` indices of ``labels`` (all of them if fewer), each label getting its share of
+    the sample (largest remainder), every present label at least one when ``k`` allows."""
+    n = len(labels)
+    if k >= n:
+        return list(range(n))
+    if k <= 0:
+        return []
+    by_label: dict[str, list[int]] = defaultdict(list)
+    for i, label in enumerate(labels):
+        by_label[label].append(i)
+    groups = sorted(by_label.items())
+    exact = [(len(members) * k / n, label) for label, members in groups]
+    counts = {label: int(share) for share, label in exact}
+    if k >= len(groups):
+        for label, _ in groups:
+            counts[label] = max(counts[label], 1)
+    # Hand out what is left by largest remainder; take back from the largest if over.
+    remainder = sorted(exact, key=lambda x: (x[0] - int(x[0]), x[1]), reverse=True)
+    i = 0
+    while sum(counts.values()) < k:
+        label = remainder[i % len(remainder)][1]
+        if counts[label] < len(by_label[label]):
+            counts[label] += 1
+        i += 1
+    while sum(counts.values()) > k:
+        label = max(counts, key=lambda lb: counts[lb])
+        counts[label] -= 1
+    picked: list[int] = []
+    for label, members in groups:
+        picked.extend(rng.sample(members, counts[label]))
+    return sorted(picked)
+
+
+def reservoir_update(reservoir: list[T], seen: int, new: Sequence[T], capacity: int,
+                     rng: random.Random) -> tuple[list[T], int]:
+    """Algorithm R: after it, ``reservoir`` is a uniform sample of all ``seen + len(new)``
+    items, at most ``capacity`` of them. Returns the new reservoir and count."""
+    out = list(reservoir)
+    for item in new:
+        seen += 1
+        if len(out) < capacity:
+            out.append(item)
+        else:
+            j = rng.randrange(seen)
+            if j < capacity:
+                out[j] = item
+    return out, seen

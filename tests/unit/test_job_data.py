@@ -1,0 +1,143 @@
+"""What a retraining job trains and evaluates on, over real Parquet feedback and a real
+registry (no Ray): fresh feedback after the parent's watermark with its newest share kept
+back, a stratified replay sample, a frozen golden set, and a reservoir carried from version
+to version."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from tuneloop.core.config import parse_config
+from tuneloop.core.tasks import model_tasks
+from tuneloop.store.records import FeedbackStore
+from tuneloop.store.registry import Manifest, Registry
+from tuneloop.store.storage import Storage
+from tuneloop.training.job_data import assemble, with_training_columns
+
+
+@pytest.fixture
+def env(tmp_path):
+    seed = tmp_path / "seed.tsv"
+    rows = [(f"seed text {i}", "positive" if i % 2 else "negative") for i in range(100)]
+    seed.write_text("text\tlabel\n" + "".join(f"{t}\t{lab}\n" for t, lab in rows))
+    cfg = parse_config({"models": [{"name": "m", "base_model": "x", "labels": ["negative", "positive"],
+                                    "seed_dataset": str(seed)}],
+                        "storage": {"root": str(tmp_path / "store")},
+                        "training": {"replay_ratio": 1.0, "eval_fraction": 0.2, "max_rows_per_job": 1000,
+                                     "reservoir_size": 30}})
+    storage = Storage(cfg.storage.root)
+    tasks = model_tasks(cfg.models)
+    feedback = FeedbackStore(storage, str(tmp_path / "journal"), tasks)
+    feedback.open_writer()
+    yield cfg, tasks["m"], Registry(storage), feedback, tmp_path
+    feedback.close()
+
+
+def _publish(registry: Registry, tmp_path, data, version_of, summary) -> Manifest:
+    """Publish a version as a job does: its summary (watermark) and its reservoir."""
+    weights = tmp_path / f"weights-{version_of}"
+    weights.mkdir()
+    manifest = Manifest(version="pending", model="m", parent=None, base_model="x", task="text-classification",
+                        labels=["negative", "positive"], data=summary)
+    return registry.publish("m", str(weights), manifest, tables={"reservoir": data.reservoir})
+
+
+def _give(feedback: FeedbackStore, n: int, start: int = 0, label: str = "positive", **extra) -> list[str]:
+    ids = [feedback.append(model="m", text=f"feedback {start + i}", label=label, **extra) for i in range(n)]
+    feedback.compact()
+    return ids
+
+
+def test_first_job_learns_the_seed_and_freezes_a_stratified_golden_set(env):
+    cfg, task, registry, feedback, _ = env
+    data = assemble(task, cfg.model("m"), cfg.training, registry, feedback, None)
+    assert data.golden.num_rows == 20 and Counter(data.golden.column("label").to_pylist()) == {
+        "negative": 10, "positive": 10}
+    golden_texts = set(data.golden.column("text").to_pylist())
+    assert data.train.num_rows == 80 and not golden_texts & set(data.train.column("text").to_pylist())
+    assert data.summary["golden"]["rows"] == 20 and data.summary["golden"]["sha256"]
+    again = assemble(task, cfg.model("m"), cfg.training, registry, feedback, None)
+    assert again.golden.equals(data.golden)  # frozen: the same rows every job
+    assert with_training_columns(task, data.train).column_names == ["text", "label_id"]
+
+
+def test_a_child_trains_on_fresh_feedback_plus_as_much_replay_and_keeps_the_newest_back(env):
+    cfg, task, registry, feedback, tmp_path = env
+    first = assemble(task, cfg.model("m"), cfg.training, registry, feedback, None)
+    v1 = _publish(registry, tmp_path, first, "v1", first.summary)
+    _give(feedback, 50)
+    data = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v1)
+    fb = data.summary["feedback"]
+    assert (fb["fresh_rows"], fb["trained_rows"], fb["kept_back_rows"]) == (50, 40, 10)
+    sources = Counter(data.train.column("source").to_pylist())
+    assert sources == {"feedback": 40, "seed": 40}  # replay ratio 1; v1's reservoir holds no feedback yet
+    kept = data.fresh_eval.column("text").to_pylist()
+    in_order = feedback.read_since("m", None).column("text").to_pylist()
+    assert kept == in_order[-10:]  # the newest, by arrival (ties in a millisecond by feedback id)
+    assert data.reservoir.num_rows == 30 and data.summary["reservoir"]["seen"] == 40
+    # The next job starts after the watermark: the kept-back rows are fresh for it, and trained on.
+    v2 = _publish(registry, tmp_path, data, "v2", data.summary)
+    _give(feedback, 10, start=50)
+    nxt = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v2)
+    trained = {t for t, s in zip(nxt.train.column("text").to_pylist(), nxt.train.column("source").to_pylist(),
+                                 strict=True) if s == "feedback"}
+    assert set(kept) <= trained and nxt.summary["feedback"]["fresh_rows"] == 20
+    assert Counter(nxt.train.column("source").to_pylist())["replay"] > 0  # earlier feedback is replayed
+
+
+def test_latest_answer_per_prediction_wins_and_golden_texts_never_train(env):
+    cfg, task, registry, feedback, tmp_path = env
+    first = assemble(task, cfg.model("m"), cfg.training, registry, feedback, None)
+    v1 = _publish(registry, tmp_path, first, "v1", first.summary)
+    golden_text = first.golden.column("text").to_pylist()[0]
+    feedback.append(model="m", text="p", label="negative", prediction_id="a" * 32, version="v1",
+                    predicted_label="positive")
+    feedback.append(model="m", text="p", label="positive", prediction_id="a" * 32, version="v1",
+                    predicted_label="positive")
+    feedback.append(model="m", text=golden_text.upper(), label="positive")
+    _give(feedback, 10)
+    data = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v1)
+    assert data.summary["feedback"]["superseded"] == 1 and data.summary["feedback"]["on_golden_texts"] == 1
+    rows = data.train.to_pylist() + data.fresh_eval.to_pylist()
+    assert [r["label"] for r in rows if r["text"] == "p"] == ["positive"]
+    assert not any(r["text"].lower() == golden_text.lower() for r in rows)
+
+
+def test_the_row_budget_caps_replay_then_fresh(env):
+    cfg, task, registry, feedback, tmp_path = env
+    tight = cfg.training.model_copy(update={"max_rows_per_job": 30})
+    first = assemble(task, cfg.model("m"), tight, registry, feedback, None)
+    assert first.train.num_rows == 30
+    v1 = _publish(registry, tmp_path, first, "v1", first.summary)
+    _give(feedback, 100)
+    data = assemble(task, cfg.model("m"), tight, registry, feedback, v1)
+    fb = data.summary["feedback"]
+    assert data.train.num_rows == 30 and fb["trained_rows"] == 30 and fb["left_for_next_job"] == 50
+    assert data.summary["replay"]["rows"] == 0
+
+
+def test_without_new_feedback_a_job_replays(env):
+    cfg, task, registry, feedback, tmp_path = env
+    first = assemble(task, cfg.model("m"), cfg.training, registry, feedback, None)
+    v1 = _publish(registry, tmp_path, first, "v1", first.summary)
+    data = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v1)
+    assert data.summary["feedback"]["fresh_rows"] == 0 and data.train.num_rows == 80
+
+
+def test_old_train_runs_of_a_model_are_pruned_and_other_models_kept(tmp_path):
+    import os
+
+    from tuneloop.training.launcher import _prune_train_runs
+
+    storage = Storage(str(tmp_path / "store"))
+    names = [f"a-{i:016x}" for i in range(4)] + ["a-b-0000000000000000"]
+    for age, name in enumerate(names):
+        run = tmp_path / "store/train_runs" / name
+        run.mkdir(parents=True)
+        (run / "checkpoint.bin").write_bytes(b"w")
+        os.utime(run, (1_000_000 + age, 1_000_000 + age))
+    _prune_train_runs(storage, "a", keep=2)
+    assert sorted(p.name for p in (tmp_path / "store/train_runs").iterdir()) == [
+        "a-0000000000000002", "a-0000000000000003", "a-b-0000000000000000"]

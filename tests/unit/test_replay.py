@@ -1,0 +1,57 @@
+"""The replay policy's arithmetic: kept-back rows, quotas, stratified samples and the
+reservoir. Pure; milliseconds."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from tuneloop.core.replay import kept_back, replay_quota, reservoir_update, stratified_sample
+
+
+def test_kept_back_and_quota():
+    assert [kept_back(n, 0.2) for n in (0, 4, 5, 200)] == [0, 0, 1, 40]
+    with pytest.raises(ValueError):
+        kept_back(10, 1.0)
+    assert replay_quota(160, 1.0, 10_000) == 160
+    assert replay_quota(160, 3.0, 400) == 240  # the budget caps replay, never fresh rows
+    assert replay_quota(500, 1.0, 400) == 0
+
+
+def test_stratified_sample_keeps_label_shares_and_every_label():
+    labels = ["a"] * 900 + ["b"] * 90 + ["c"] * 10
+    picked = stratified_sample(labels, 100, random.Random(0))
+    assert len(picked) == 100 == len(set(picked))
+    assert Counter(labels[i] for i in picked) == {"a": 90, "b": 9, "c": 1}
+    rare = stratified_sample(["a"] * 999 + ["b"], 10, random.Random(0))
+    assert Counter(("a" if i < 999 else "b") for i in rare) == {"a": 9, "b": 1}
+    assert stratified_sample(labels, 5000, random.Random(0)) == list(range(1000))
+    assert stratified_sample(labels, 0, random.Random(0)) == []
+    assert stratified_sample(labels, 100, random.Random(1)) != picked  # seeded, not fixed
+
+
+def test_reservoir_is_bounded_and_uniform_over_all_history():
+    rng = random.Random(7)
+    hits = Counter()
+    for _ in range(2000):
+        reservoir, seen = [], 0
+        for batch in range(10):  # ten jobs of 20 fresh rows each
+            reservoir, seen = reservoir_update(reservoir, seen, [batch * 20 + i for i in range(20)], 50, rng)
+        assert len(reservoir) == 50 and seen == 200
+        hits.update(x // 20 for x in reservoir)
+    # Each job's rows make up a tenth of the reservoir on average: old ones are not forgotten.
+    assert all(abs(hits[b] / (2000 * 50) - 0.1) < 0.01 for b in range(10))
+
+
+def test_training_shortfall_says_what_to_change():
+    from tuneloop.core.resources import training_shortfall
+
+    assert training_shortfall(2, False, {"CPU": 6}, {"CPU": 5}) is None
+    short = training_shortfall(2, False, {"CPU": 2}, {"CPU": 2})
+    assert "needs 3 CPUs" in short and "has 2" in short and "ray.num_cpus" in short
+    busy = training_shortfall(2, False, {"CPU": 4}, {"CPU": 1})
+    assert "only 1 of 4 are free" in busy and "max_replicas" in busy
+    assert "GPUs" in training_shortfall(2, True, {"CPU": 8, "GPU": 1}, {"CPU": 8, "GPU": 1})
+    assert "free GPUs" in training_shortfall(1, True, {"CPU": 8, "GPU": 1}, {"CPU": 8, "GPU": 0})

@@ -1,0 +1,175 @@
+"""What one retraining job trains and evaluates on (``cluster/core/replay.py`` says why):
+
+- **fresh**: the feedback created after the parent's watermark (the newest record it
+  trained on), newest-per-prediction only; the newest ``eval_fraction`` of it is kept back
+  for the gate, the rest is trained on;
+- **replay**: a label-stratified sample of the seed and of the parent's reservoir (a
+  uniform sample of all earlier feedback), ``replay_ratio`` rows per fresh row;
+- **golden**: the model's frozen evaluation set, never trained on.
+
+Driver side, pyarrow. What it reads is the parent's reservoir, the seed and the golden
+files, and the feedback partitions from the watermark's day on: bounded by fresh data and
+the reservoir, not by how much feedback was ever stored.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from tuneloop.core.config import ModelConfig, TrainingConfig
+from tuneloop.core.feedback_stats import superseded
+from tuneloop.core.replay import kept_back, replay_quota, reservoir_update, stratified_sample
+from tuneloop.core.tasks import Task
+from tuneloop.store.records import FeedbackStore, arrow_type
+from tuneloop.store.registry import Manifest, Registry
+from tuneloop.training.data import file_sha256, normalized, read_dataset, table_digest
+
+TS = pa.timestamp("ms", tz="UTC")
+
+
+def row_schema(task: Task) -> pa.Schema:
+    """The rows a job handles: text, the task's targets, and where each row came from."""
+    return pa.schema([("text", pa.string())]
+                     + [(c, arrow_type(task.feedback_columns[c])) for c in task.target_columns]
+                     + [("source", pa.string()), ("feedback_id", pa.string()), ("prediction_id", pa.string()),
+                        ("created_at", TS)])
+
+
+def _rows(table: pa.Table, schema: pa.Schema, source: str | None = None) -> pa.Table:
+    """``table`` in ``schema``: missing columns null, ``source`` set when given."""
+    n = table.num_rows
+    columns = {}
+    for f in schema:
+        if f.name == "source" and source is not None:
+            columns[f.name] = pa.array([source] * n, pa.string())
+        elif f.name in table.column_names:
+            columns[f.name] = table.column(f.name).cast(f.type)
+        else:
+            columns[f.name] = pa.nulls(n, f.type)
+    return pa.table(columns, schema=schema)
+
+
+def _take(table: pa.Table, indices: list[int]) -> pa.Table:
+    return table.take(pa.array(indices, pa.int64()))
+
+
+def _without_texts(table: pa.Table, texts: set[str]) -> pa.Table:
+    if not texts or table.num_rows == 0:
+        return table
+    keep = [normalized(t) not in texts for t in table.column("text").to_pylist()]
+    return table.filter(pa.array(keep))
+
+
+@dataclass
+class JobData:
+    train: pa.Table  # row_schema: fresh training rows and the replay sample, shuffled
+    golden: pa.Table  # text and targets
+    fresh_eval: pa.Table  # row_schema: the newest fresh rows, kept back for the gate
+    reservoir: pa.Table  # row_schema: the child's uniform sample of all feedback trained on
+    summary: dict[str, Any] = field(default_factory=dict)  # the manifest's ``data``
+
+
+def golden_set(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Registry,
+               seed: pa.Table | None) -> tuple[pa.Table, dict[str, Any]]:
+    """The golden set: the configured file, or the frozen sample of the seed (taken at the
+    model's first job and never changed), or none."""
+    if mcfg.golden_dataset:
+        table = read_dataset(mcfg.golden_dataset, task)
+        return table, {"source": mcfg.golden_dataset, "sha256": file_sha256(mcfg.golden_dataset),
+                       "rows": table.num_rows}
+    frozen = registry.golden(mcfg.name)
+    if frozen is None and seed is not None and seed.num_rows:
+        size = min(tcfg.golden_max_rows, max(1, round(seed.num_rows * tcfg.golden_fraction)))
+        strata = [task.stratum(r) for r in seed.select(list(task.target_columns)).to_pylist()]
+        picked = stratified_sample(strata, size, random.Random(f"golden:{tcfg.seed}"))
+        frozen = registry.freeze_golden(mcfg.name, _take(seed, picked))
+    if frozen is None:
+        return pa.table({"text": pa.array([], pa.string())}), {"source": None, "rows": 0}
+    return frozen, {"source": "seed sample frozen at the first job", "sha256": table_digest(frozen),
+                    "rows": frozen.num_rows}
+
+
+def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Registry, feedback: FeedbackStore,
+             parent: Manifest | None) -> JobData:
+    schema = row_schema(task)
+    rng = random.Random(f"{tcfg.seed}:{parent.version if parent else 'v0'}")
+    seed = read_dataset(mcfg.seed_dataset, task) if mcfg.seed_dataset else None
+    golden, golden_summary = golden_set(task, mcfg, tcfg, registry, seed)
+    golden_texts = {normalized(t) for t in golden.column("text").to_pylist()}
+
+    # Fresh feedback: after the parent's watermark, newest answer per prediction.
+    after = parent.watermark() if parent else None
+    stored = feedback.read_since(mcfg.name, after)
+    dropped = superseded(stored.select(["feedback_id", "prediction_id", "created_at"]).to_pylist())
+    fresh = stored
+    if dropped:
+        fresh = fresh.filter(pc.invert(pc.is_in(fresh.column("feedback_id"), pa.array(sorted(dropped)))))
+    fresh = _rows(fresh, schema, "feedback")
+    on_golden = fresh.num_rows
+    fresh = _without_texts(fresh, golden_texts)
+    on_golden -= fresh.num_rows
+    n_eval = kept_back(fresh.num_rows, tcfg.eval_fraction)
+    n_train = min(fresh.num_rows - n_eval, tcfg.max_rows_per_job)
+    fresh_train, fresh_eval = fresh.slice(0, n_train), fresh.slice(fresh.num_rows - n_eval)
+    if n_train:
+        last = fresh_train.slice(n_train - 1).to_pylist()[0]
+        watermark = {"created_at": last["created_at"].isoformat(), "feedback_id": last["feedback_id"]}
+    else:
+        watermark = parent.data.get("watermark") if parent else None
+
+    # Replay pool: the seed (less the golden set) and the parent's reservoir, less what
+    # fresh feedback on the same prediction replaces.
+    reservoir = registry.table(mcfg.name, parent.version, "reservoir") if parent else None
+    reservoir = _rows(reservoir, schema) if reservoir is not None else schema.empty_table()
+    replaced = {p for p in fresh.column("prediction_id").to_pylist() if p is not None}
+    if replaced and reservoir.num_rows:
+        reservoir = reservoir.filter(pc.invert(pc.is_in(reservoir.column("prediction_id"), pa.array(sorted(replaced)))))
+    seed_pool = _without_texts(_rows(seed, schema, "seed"), golden_texts) if seed is not None else schema.empty_table()
+    pool = pa.concat_tables([seed_pool, _rows(reservoir, schema, "replay")])
+    if parent is None:
+        quota = tcfg.max_rows_per_job - n_train  # the first version learns the seed
+    elif n_train == 0:
+        quota = min(tcfg.max_rows_per_job, pool.num_rows)  # nothing new: a replay-only job
+    else:
+        quota = replay_quota(n_train, tcfg.replay_ratio, tcfg.max_rows_per_job)
+    strata = [task.stratum(r) for r in pool.select(list(task.target_columns)).to_pylist()]
+    replay = _take(pool, stratified_sample(strata, quota, rng))
+    train = pa.concat_tables([fresh_train, replay])
+    train = _take(train, rng.sample(range(train.num_rows), train.num_rows))
+    if train.num_rows == 0:
+        raise ValueError(f"model {mcfg.name!r} has no seed dataset and no feedback to train on")
+
+    # The child's reservoir: the parent's, with this job's fresh rows sampled in.
+    candidates = pa.concat_tables([reservoir, fresh_train])
+    seen = int(parent.data.get("reservoir", {}).get("seen", 0)) if parent else 0
+    seen = max(seen, reservoir.num_rows)
+    kept, seen = reservoir_update(list(range(reservoir.num_rows)), seen,
+                                  list(range(reservoir.num_rows, candidates.num_rows)), tcfg.reservoir_size, rng)
+    child_reservoir = _take(candidates, sorted(kept))
+
+    summary = {
+        "seed": {"path": mcfg.seed_dataset, "sha256": file_sha256(mcfg.seed_dataset),
+                 "rows": seed.num_rows} if seed is not None else None,
+        "golden": golden_summary,
+        "feedback": {"after": parent.data.get("watermark") if parent else None, "fresh_rows": fresh.num_rows,
+                     "superseded": len(dropped), "on_golden_texts": on_golden, "trained_rows": n_train, "kept_back_rows": n_eval,
+                     "left_for_next_job": fresh.num_rows - n_eval - n_train},
+        "replay": {"rows": replay.num_rows, "pool_rows": pool.num_rows, "ratio": tcfg.replay_ratio},
+        "reservoir": {"rows": child_reservoir.num_rows, "seen": seen},
+        "watermark": watermark,
+        "train_rows": train.num_rows,
+        "eval_rows": golden.num_rows + fresh_eval.num_rows,
+    }
+    return JobData(train=train, golden=golden, fresh_eval=fresh_eval, reservoir=child_reservoir, summary=summary)
+
+
+def with_training_columns(task: Task, table: pa.Table) -> pa.Table:
+    """``text`` and the task's training targets (label ids, for a classifier), for the workers."""
+    targets = task.training_targets({c: table.column(c).to_pylist() for c in task.target_columns})
+    return pa.table({"text": table.column("text"),
+                     **{c: pa.array(targets[c], arrow_type(t)) for c, t in task.training_columns.items()}})
