@@ -29,7 +29,7 @@ MAX_YOUNG_ID_WAITS = 256
 
 class FeedbackService:
     def __init__(self, cfg: TuneloopConfig, store: FeedbackStore, predictions: PredictionLog, *,
-                 trigger: Callable[[str], None] | None = None, clock: Callable[[], float] = time.time,
+                 trigger: Callable[[str, str | None, bool | None], None] | None = None, clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
         self.cfg, self.store, self.predictions = cfg, store, predictions
         self.tasks = model_tasks(cfg.models)
@@ -42,7 +42,8 @@ class FeedbackService:
         self._young_id_waits = 0
 
     @classmethod
-    def from_config(cls, cfg: TuneloopConfig, trigger: Callable[[str], None] | None = None) -> FeedbackService:
+    def from_config(cls, cfg: TuneloopConfig,
+                    trigger: Callable[[str, str | None, bool | None], None] | None = None) -> FeedbackService:
         """The one feedback writer of a deployment: it recovers what a killed predecessor
         journalled, then compacts the journal into Parquet in the background."""
         storage = Storage(cfg.storage.root)
@@ -125,7 +126,10 @@ class FeedbackService:
             self._tallies[record["model"]].add(record)
         metrics.FEEDBACK.labels(record["model"]).inc()
         if self._trigger is not None:
-            self._trigger(record["model"])
+            # The model, the version that predicted and whether the user agreed with it.
+            on_prediction = record.get("prediction_id") is not None
+            self._trigger(record["model"], record.get("version"),
+                          self.tasks[record["model"]].agrees(record) if on_prediction else None)
 
     # -- reading -------------------------------------------------------------------------
     def stats(self, model: str) -> dict[str, Any]:

@@ -279,10 +279,10 @@ class Ingress:
                                        self.feedback.all_stats if with_feedback else None)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    def _trigger(self, model: str) -> None:
+    def _trigger(self, model: str, version: str | None, agreed: bool | None) -> None:
         controller = self._controller()
         if controller is not None:
-            controller.record_feedback.remote(model)  # fire and forget: the retrain trigger
+            controller.record_feedback.remote(model, version, agreed)  # fire and forget: the retrain trigger
 
     def _running_replicas(self) -> dict[str, int]:
         apps = serve.status().applications

@@ -1,7 +1,7 @@
 """The retrain controller: a Ray actor that counts new feedback and starts training jobs.
 
 It is the edge where cluster/ meets Ray: the decision itself is the pure
-``should_retrain``; each job runs as a Ray task so the actor stays responsive and a
+``which_trigger``; each job runs as a Ray task so the actor stays responsive and a
 crashing job cannot take it down. It also sweeps the job records for dead jobs
 (``JobStore.fail_stale``), so a job whose process died is marked failed within a minute.
 """
@@ -12,7 +12,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from collections import deque
 from concurrent.futures import Future
+from datetime import datetime
 from typing import Any
 
 import ray
@@ -23,7 +25,7 @@ from tuneloop.store.jobs import JobRecord, JobStore
 from tuneloop.store.records import FeedbackStore
 from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage
-from tuneloop.core.triggers import should_retrain
+from tuneloop.core.triggers import online_accuracy, which_trigger
 
 log = logging.getLogger(__name__)
 SWEEP_EVERY_S = 10.0  # how often dead jobs are looked for, besides on every call
@@ -44,18 +46,29 @@ class Retrainer:
     at start. Methods run on up to 4 threads, plus the sweeper's: ``_lock`` guards the maps.
     The job's own lease (store/jobs.py) is the last word; this keeps the API honest (409).
 
-    Its collaborators come through the constructor: the job store, ``launch`` (starts a job
-    and returns a ``concurrent.futures.Future`` of its final state) and the feedback not yet
-    trained on, so its decisions are unit-tested with a fake launch and no Ray.
-    ``from_config`` builds the real ones; ``RetrainController`` is this class as a Ray actor."""
+    Its collaborators come through the constructor: the job store, the registry (production
+    and its golden accuracy, for the accuracy-drop trigger), ``launch`` (starts a job and
+    returns a ``concurrent.futures.Future`` of its final state), the feedback not yet trained
+    on and a clock, so its decisions are unit-tested with a fake launch and no Ray.
+    ``parts_from_config`` builds the real ones; ``RetrainController`` is this class as a Ray
+    actor. The sweeper also fires the schedule trigger."""
 
-    def __init__(self, cfg: TuneloopConfig, jobs: JobStore, launch: Callable[[str, str, JobRecord], Future],
-                 pending: dict[str, int], *, sweep_every_s: float | None = SWEEP_EVERY_S):
-        self.cfg, self.jobs, self._launch = cfg, jobs, launch
+    def __init__(self, cfg: TuneloopConfig, jobs: JobStore, registry: Registry,
+                 launch: Callable[[str, str, JobRecord], Future], pending: dict[str, int], *,
+                 clock: Callable[[], float] = time.time, sweep_every_s: float | None = SWEEP_EVERY_S):
+        self.cfg, self.jobs, self.registry, self._launch, self._clock = cfg, jobs, registry, launch, clock
         self._lock = threading.Lock()
-        self.running: dict[str, str] = {j.model: j.job_id for j in self.jobs.all() if j.state == "running"}
+        records = self.jobs.all()
+        self.running: dict[str, str] = {j.model: j.job_id for j in records if j.state == "running"}
         self.tasks: dict[str, Future] = {}  # model -> the job this controller started
         self.pending = dict(pending)
+        self.last_started: dict[str, float] = {}  # model -> when its newest job was created
+        for j in records:
+            self.last_started[j.model] = max(self.last_started.get(j.model, 0.0),
+                                             datetime.fromisoformat(j.created_at).timestamp())
+        # Whether users agreed with each of production's predictions that got feedback.
+        self.agreements: dict[str, deque[bool]] = {}
+        self._production: dict[str, tuple[str | None, float | None]] = {}  # model -> (version, golden accuracy)
         if sweep_every_s is not None:
             threading.Thread(target=self._sweep_forever, args=(sweep_every_s,), name="job-sweeper",
                              daemon=True).start()
@@ -71,9 +84,9 @@ class Retrainer:
         def launch(model: str, trigger: str, job: JobRecord) -> Future:
             return _train_job.remote(config, model, trigger, job).future()
 
-        feedback = FeedbackStore(storage, journal, model_tasks(cfg.models))
-        pending = {m.name: cls._untrained_feedback(Registry(storage), feedback, m.name) for m in cfg.models}
-        return {"cfg": cfg, "jobs": JobStore(storage), "launch": launch, "pending": pending}
+        feedback, registry = FeedbackStore(storage, journal, model_tasks(cfg.models)), Registry(storage)
+        pending = {m.name: cls._untrained_feedback(registry, feedback, m.name) for m in cfg.models}
+        return {"cfg": cfg, "jobs": JobStore(storage), "registry": registry, "launch": launch, "pending": pending}
 
     @staticmethod
     def _untrained_feedback(registry: Registry, feedback: FeedbackStore, model: str) -> int:
@@ -91,6 +104,8 @@ class Retrainer:
                 self.jobs.fail_stale()
                 with self._lock:
                     self._reap()
+                    for m in self.cfg.models:
+                        self._maybe_start(m.name)  # the schedule
             except Exception:  # noqa: BLE001 - storage hiccup: try again next round
                 log.exception("sweeping job records failed")
 
@@ -113,13 +128,38 @@ class Retrainer:
                 if job is None or job.state != "running":
                     del self.running[model]
 
-    def record_feedback(self, model: str, count: int = 1) -> str | None:
+    def record_feedback(self, model: str, version: str | None = None, agreed: bool | None = None) -> str | None:
+        """One new feedback record; ``agreed``: whether it agrees with the prediction of
+        ``version`` it is about (None for feedback given as a text). Returns the job id if
+        a trigger fired."""
         with self._lock:
             self._reap()
-            self.pending[model] = self.pending.get(model, 0) + count
-            if should_retrain(self.pending[model], self.cfg.trigger.every_n_feedback, model in self.running):
-                return self._start(model, "feedback")
-            return None
+            self.pending[model] = self.pending.get(model, 0) + 1
+            production, _ = self._production_of(model)
+            if agreed is not None and version is not None and version == production:
+                window = self.agreements.setdefault(model, deque(maxlen=self.cfg.trigger.accuracy_window))
+                window.append(agreed)
+            return self._maybe_start(model)
+
+    def _production_of(self, model: str) -> tuple[str | None, float | None]:
+        """Production's version and its accuracy on the golden set; a new production starts
+        a new agreement window."""
+        version = self.registry.production(model)
+        cached = self._production.get(model)
+        if cached is None or cached[0] != version:
+            metrics = self.registry.manifest(model, version).metrics if version else None
+            cached = (version, metrics.accuracy if metrics and metrics.eval_rows else None)
+            self._production[model] = cached
+            self.agreements.pop(model, None)
+        return cached
+
+    def _maybe_start(self, model: str) -> str | None:
+        """Start a job if a trigger fires; called with ``_lock`` held."""
+        _, golden_accuracy = self._production_of(model)
+        trigger = which_trigger(self.cfg.trigger, pending=self.pending.get(model, 0), running=model in self.running,
+                                now=self._clock(), last_started=self.last_started.get(model),
+                                agreements=list(self.agreements.get(model, ())), golden_accuracy=golden_accuracy)
+        return self._start(model, trigger) if trigger else None
 
     def start(self, model: str, trigger: str = "manual") -> str | None:
         """Start a job now; None if one is already running for this model."""
@@ -137,6 +177,7 @@ class Retrainer:
             return None
         job = self.jobs.create(model, trigger)
         self.pending[model] = 0  # records arriving from now on count towards the next job
+        self.last_started[model] = self._clock()
         self.tasks[model] = self._launch(model, trigger, job)
         self.running[model] = job.job_id
         log.info("started retrain job %s for %s (%s)", job.job_id, model, trigger)
@@ -145,7 +186,8 @@ class Retrainer:
     def status(self) -> dict:
         with self._lock:
             self._reap()
-            return {"pending": dict(self.pending), "running": sorted(self.running)}
+            return {"pending": dict(self.pending), "running": sorted(self.running),
+                    "online_accuracy": {m: online_accuracy(list(a)) for m, a in self.agreements.items()}}
 
 
 @ray.remote(num_cpus=0, max_concurrency=4)

@@ -237,9 +237,19 @@ class GateConfig(_Strict):
 
 
 class TriggerConfig(_Strict):
+    """When a retrain starts by itself (``cluster/core/triggers.py``); an admin can always."""
+
     every_n_feedback: int = Field(
-        default=0, ge=0, description="retrain after this many new feedback records; 0 = manual"
+        default=0, ge=0, description="retrain after this many new feedback records; 0 = off"
     )
+    interval_s: float | None = Field(
+        default=None, gt=0, description="retrain this often when there is new feedback; null = off"
+    )
+    accuracy_drop: float | None = Field(
+        default=None, gt=0, le=1,
+        description="retrain when users agree with production this much less often than its golden accuracy",
+    )
+    accuracy_window: int = Field(default=200, ge=1, description="production's last predictions with feedback to judge by")
 
 
 class RayConfig(_Strict):

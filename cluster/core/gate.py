@@ -9,9 +9,10 @@ Three checks, each recorded with its numbers (``GateCheck``), all of which must 
    the majority is caught even when the average holds).
 2. **Fresh feedback** -- the newest feedback, which the candidate did not train on: its
    membership is set by arrival time, not by a hash of the text a client could aim at. With
-   at least ``min_fresh_rows`` rows the candidate must beat production by McNemar's exact
-   test (one-sided, on the rows where exactly one of the two is right) at level ``alpha``;
-   with fewer it must not be less often right than production.
+   at least ``min_fresh_rows`` rows, and enough rows where exactly one of the two is right
+   for the test to reach ``alpha`` at all (k such rows give p >= 2^-k: 5 for 0.05), the
+   candidate must beat production by McNemar's exact test (one-sided) at level ``alpha``;
+   otherwise it must not be less often right than production.
 3. **Sanity** -- every output finite, and on a golden set holding several classes the
    candidate predicts more than one of them where production did (a collapse is a
    regression; a production that predicts one class already is not made worse by it).
@@ -112,7 +113,9 @@ def _fresh_check(e: Evidence, rules: GateConfig) -> GateCheck:
     c = sum(1 for cc, p in zip(e.fresh_candidate, e.fresh_parent, strict=True) if p and not cc)
     ours, theirs = sum(e.fresh_candidate) / n, sum(e.fresh_parent) / n
     numbers = {"rows": n, "accuracy": ours, "production_accuracy": theirs, "candidate_only": b, "production_only": c}
-    if n >= rules.min_fresh_rows:
+    # The exact test can only reach alpha with enough rows where the two disagree (with k of
+    # them, p is at least 2^-k): below that it could never pass, and "not lose" applies.
+    if n >= rules.min_fresh_rows and 0.5 ** (b + c) < rules.alpha:
         p = mcnemar_exact(b, c)
         numbers.update(p_value=p, alpha=rules.alpha, test="mcnemar_exact_one_sided")
         passed = p < rules.alpha
@@ -122,8 +125,8 @@ def _fresh_check(e: Evidence, rules: GateConfig) -> GateCheck:
                                 f"McNemar p={p:.4g} (alpha {rules.alpha:g})")
     passed = b >= c
     return GateCheck(name="fresh", passed=passed, numbers=numbers,
-                     detail=f"{'does not lose' if passed else 'loses'} to production on {n} fresh rows (fewer than "
-                            f"{rules.min_fresh_rows} for the test): accuracy {ours:.4f} vs {theirs:.4f}")
+                     detail=f"{'does not lose' if passed else 'loses'} to production on {n} fresh rows (too few, or "
+                            f"{b + c} where they differ, for the test): accuracy {ours:.4f} vs {theirs:.4f}")
 
 
 def _classes(m: EvalMetrics) -> tuple[int, int]:

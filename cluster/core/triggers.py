@@ -1,14 +1,40 @@
-"""When to retrain. Pure: the controller feeds it counts and whether a job is running."""
+"""When to retrain. Pure: the controller feeds it counts, times and agreements, and hears
+which trigger fired (the job record keeps it).
+
+- ``feedback``: ``every_n_feedback`` new records arrived since the last job started;
+- ``schedule``: ``interval_s`` passed since the last job started, and there is new feedback
+  (a job without any would only replay what it knew);
+- ``accuracy_drop``: over production's last ``accuracy_window`` predictions that got
+  feedback, the share the users agreed with fell ``accuracy_drop`` below production's
+  accuracy on its golden set, and there is new feedback to learn from;
+- manual: an admin, the CLI.
+
+One job per model at a time: records that arrive during a job count towards the next one.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 
-def should_retrain(pending_feedback: int, every_n_feedback: int, job_running: bool) -> bool:
-    """Retrain once ``every_n_feedback`` new records arrived since the last job started.
+from tuneloop.core.config import TriggerConfig
 
-    ``every_n_feedback == 0`` means manual only. One job per model at a time: records that
-    arrive during a job count towards the next one.
-    """
-    if every_n_feedback <= 0 or job_running:
-        return False
-    return pending_feedback >= every_n_feedback
+
+def online_accuracy(agreements: Sequence[bool]) -> float | None:
+    return sum(agreements) / len(agreements) if agreements else None
+
+
+def which_trigger(cfg: TriggerConfig, *, pending: int, running: bool, now: float, last_started: float | None,
+                  agreements: Sequence[bool] = (), golden_accuracy: float | None = None) -> str | None:
+    """The trigger that fires now, or None. ``agreements``: whether users agreed with each
+    of production's recent predictions that got feedback, oldest first."""
+    if running or pending <= 0:
+        return None
+    if cfg.every_n_feedback and pending >= cfg.every_n_feedback:
+        return "feedback"
+    if cfg.interval_s is not None and (last_started is None or now - last_started >= cfg.interval_s):
+        return "schedule"
+    if cfg.accuracy_drop is not None and golden_accuracy is not None and len(agreements) >= cfg.accuracy_window:
+        recent = online_accuracy(agreements[-cfg.accuracy_window:])
+        if recent is not None and recent <= golden_accuracy - cfg.accuracy_drop:
+            return "accuracy_drop"
+    return None

@@ -52,7 +52,7 @@ def _service(rows=None, visible_after=0):
         slept.append(seconds)
 
     store = FakeStore(box)
-    service = FeedbackService(cfg, store, FakeLog(rows or {}, visible_after), trigger=triggered.append,
+    service = FeedbackService(cfg, store, FakeLog(rows or {}, visible_after), trigger=lambda *a: triggered.append(a),
                               clock=NOW.timestamp, sleep=fake_sleep)
     box[0] = service
     return service, store, triggered, slept
@@ -70,7 +70,7 @@ def test_feedback_on_a_prediction_is_joined_to_what_was_served_counted_and_trigg
     [record] = store.appended
     assert record["text"] == "the served text" and record["version"] == "v3" and record["predicted_label"] == "pos"
     assert record["key_id"] == "k1" and record["label"] == "neg"
-    assert triggered == ["m"]
+    assert triggered == [("m", "v3", False)]  # the user disagreed with v3's "pos"
     stats = service.stats("m")
     assert stats["total"] == 1 and stats["by_version"]["v3"]["online_accuracy"] == 0.0
 

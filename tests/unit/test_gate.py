@@ -64,11 +64,22 @@ def test_fresh_rows_need_a_significant_win_when_there_are_enough():
     par = [False] * 10 + [True] * 1 + [True] * 29
     d = decide(_evidence(parent, parent, cand, par), RULES)
     assert d.accepted and d.checks[1].numbers["p_value"] < 0.05
-    # 3 against 1 on 40 rows is no evidence: rejected.
-    cand = [True] * 3 + [False] + [True] * 36
-    par = [False] * 3 + [True] + [True] * 36
+    # 5 against 3 on 40 rows is no evidence (p ~ 0.36): rejected.
+    cand = [True] * 5 + [False] * 3 + [True] * 32
+    par = [False] * 5 + [True] * 3 + [True] * 32
     d = decide(_evidence(parent, parent, cand, par), RULES)
     assert not d.accepted and "does not beat production on 40 fresh rows" in d.reason
+
+
+def test_with_too_few_disagreements_for_the_test_the_candidate_must_not_lose():
+    parent = _golden(45, 45)
+    # Production right on 39 of 40: the candidate can win at most one row, p >= 0.5.
+    cand = [True] * 40
+    par = [False] + [True] * 39
+    d = decide(_evidence(parent, parent, cand, par), RULES)
+    assert d.accepted and "1 where they differ" in d.checks[1].detail
+    d = decide(_evidence(parent, parent, par, cand), RULES)
+    assert not d.accepted and "loses to production on 40 fresh rows" in d.reason
 
 
 def test_few_fresh_rows_only_need_not_lose():

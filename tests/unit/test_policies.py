@@ -2,19 +2,41 @@
 
 import pytest
 
-from tuneloop.core.triggers import should_retrain
+from tuneloop.core.config import TriggerConfig
+from tuneloop.core.triggers import which_trigger
 from tuneloop.training.data import seed_format
 from tuneloop.training.deepspeed_config import build_deepspeed_config
 from tuneloop.core.evaluation import classification_metrics
 
 
+def _which(pending=1, running=False, now=1000.0, last=None, agreements=(), golden=None, **trigger):
+    return which_trigger(TriggerConfig(**trigger), pending=pending, running=running, now=now, last_started=last,
+                         agreements=agreements, golden_accuracy=golden)
+
+
 @pytest.mark.parametrize(
     "pending, every_n, running, expected",
-    [(0, 0, False, False), (100, 0, False, False), (4, 5, False, False), (5, 5, False, True),
-     (9, 5, False, True), (50, 5, True, False)],
+    [(0, 0, False, None), (100, 0, False, None), (4, 5, False, None), (5, 5, False, "feedback"),
+     (9, 5, False, "feedback"), (50, 5, True, None)],
 )
-def test_trigger(pending, every_n, running, expected):
-    assert should_retrain(pending, every_n, running) is expected
+def test_count_trigger(pending, every_n, running, expected):
+    assert _which(pending, running, every_n_feedback=every_n) == expected
+
+
+def test_schedule_trigger_needs_the_interval_and_new_feedback():
+    assert _which(pending=1, now=1000, last=500, interval_s=600) is None
+    assert _which(pending=1, now=1100, last=500, interval_s=600) == "schedule"
+    assert _which(pending=1, now=1100, last=None, interval_s=600) == "schedule"  # never trained by a job yet
+    assert _which(pending=0, now=9999, last=500, interval_s=600) is None  # nothing new to learn
+
+
+def test_accuracy_drop_trigger_compares_the_window_with_golden_accuracy():
+    window = [True] * 8 + [False] * 2  # users agree 80% of the time
+    assert _which(agreements=window, golden=0.90, accuracy_drop=0.05, accuracy_window=10) == "accuracy_drop"
+    assert _which(agreements=window, golden=0.84, accuracy_drop=0.05, accuracy_window=10) is None
+    assert _which(agreements=window[:9], golden=0.90, accuracy_drop=0.05, accuracy_window=10) is None  # too few yet
+    assert _which(agreements=[False] * 5 + window, golden=0.90, accuracy_drop=0.05, accuracy_window=10) == "accuracy_drop"
+    assert _which(pending=0, agreements=window, golden=0.9, accuracy_drop=0.05, accuracy_window=10) is None
 
 
 def test_seed_format():

@@ -8,7 +8,9 @@ from concurrent.futures import Future
 
 from tuneloop.control.controller import Retrainer
 from tuneloop.core.config import parse_config
+from tuneloop.core.evaluation import EvalMetrics
 from tuneloop.store.jobs import JobStore
+from tuneloop.store.registry import Manifest, Registry
 from tuneloop.store.storage import Storage
 
 
@@ -36,9 +38,10 @@ def _retrainer(tmp_path, every_n=3, pending=None):
     cfg = parse_config({"models": [{"name": "m", "base_model": "x", "labels": ["a", "b"]},
                                    {"name": "n", "base_model": "x", "labels": ["a", "b"]}],
                         "trigger": {"every_n_feedback": every_n}, "storage": {"root": str(tmp_path)}})
-    jobs = JobStore(Storage(str(tmp_path)))
+    storage = Storage(str(tmp_path))
+    jobs = JobStore(storage)
     launch = FakeLaunch(jobs)
-    return Retrainer(cfg, jobs, launch, pending or {"m": 0, "n": 0}, sweep_every_s=None), launch, jobs
+    return Retrainer(cfg, jobs, Registry(storage), launch, pending or {"m": 0, "n": 0}, sweep_every_s=None), launch, jobs
 
 
 def test_every_nth_feedback_starts_one_job_and_the_count_restarts(tmp_path):
@@ -46,8 +49,9 @@ def test_every_nth_feedback_starts_one_job_and_the_count_restarts(tmp_path):
     assert [retrainer.record_feedback("m") for _ in range(2)] == [None, None]
     job_id = retrainer.record_feedback("m")
     assert job_id is not None and [(m, t) for m, t, _ in launch.launched] == [("m", "feedback")]
-    assert jobs.get(job_id).state == "running" and retrainer.status() == {"pending": {"m": 0, "n": 0},
-                                                                          "running": ["m"]}
+    status = retrainer.status()
+    assert jobs.get(job_id).state == "running"
+    assert (status["pending"], status["running"]) == ({"m": 0, "n": 0}, ["m"])
     # While it runs, more feedback is counted towards the next job but starts none.
     assert [retrainer.record_feedback("m") for _ in range(5)] == [None] * 5
     assert retrainer.start("m") is None  # the API answers 409
@@ -90,5 +94,49 @@ def test_a_job_started_elsewhere_holds_the_model_until_it_ends(tmp_path):
 def test_a_restarted_controller_knows_the_running_jobs_from_their_records(tmp_path):
     first, _, jobs = _retrainer(tmp_path)
     first.start("m")
-    second = Retrainer(first.cfg, jobs, lambda *a: Future(), {"m": 0, "n": 0}, sweep_every_s=None)
+    second = Retrainer(first.cfg, jobs, first.registry, lambda *a: Future(), {"m": 0, "n": 0}, sweep_every_s=None)
     assert second.status()["running"] == ["m"] and second.start("m") is None
+
+
+def test_the_accuracy_drop_trigger_counts_feedback_on_productions_predictions_only(tmp_path):
+    cfg = parse_config({"models": [{"name": "m", "base_model": "x", "labels": ["a", "b"]}],
+                        "trigger": {"accuracy_drop": 0.1, "accuracy_window": 4}, "storage": {"root": str(tmp_path)}})
+    storage = Storage(str(tmp_path))
+    registry, jobs = Registry(storage), JobStore(storage)
+    weights = tmp_path / "w"
+    weights.mkdir()
+    golden = EvalMetrics(accuracy=0.9, precision=0.9, recall=0.9, f1=0.9, eval_rows=100)
+    v1 = registry.publish("m", str(weights), Manifest(version="pending", model="m", parent=None, base_model="x",
+                                                      task="text-classification", labels=["a", "b"], metrics=golden))
+    registry.promote("m", v1.version, reason="test")
+    launch = FakeLaunch(jobs)
+    retrainer = Retrainer(cfg, jobs, registry, launch, {"m": 0}, sweep_every_s=None)
+    for agreed in (False, False, False, False):
+        retrainer.record_feedback("m", "v0", agreed)  # an older version's predictions: not production's
+    retrainer.record_feedback("m", None, None)  # feedback given as a text
+    assert launch.launched == []
+    results = [retrainer.record_feedback("m", "v1", agreed) for agreed in (True, True, True, False)]
+    assert results[:3] == [None] * 3 and results[3] is not None  # 75% agreed, golden 90%: a drop of 15 points
+    assert [t for _, t, _ in launch.launched] == ["accuracy_drop"]
+    assert retrainer.status()["online_accuracy"] == {"m": 0.75}
+
+
+def test_the_schedule_fires_from_the_sweeper_when_there_is_new_feedback(tmp_path):
+    cfg = parse_config({"models": [{"name": "m", "base_model": "x", "labels": ["a", "b"]}],
+                        "trigger": {"interval_s": 60}, "storage": {"root": str(tmp_path)}})
+    storage = Storage(str(tmp_path))
+    jobs, now = JobStore(storage), [1000.0]
+    launch = FakeLaunch(jobs)
+    retrainer = Retrainer(cfg, jobs, Registry(storage), launch, {"m": 0}, clock=lambda: now[0], sweep_every_s=None)
+    with retrainer._lock:
+        assert retrainer._maybe_start("m") is None  # nothing new
+    assert retrainer.record_feedback("m") is not None  # never trained by a job: the schedule is due
+    launch.finish(0)
+    retrainer.record_feedback("m")
+    now[0] += 30
+    with retrainer._lock:
+        assert retrainer._maybe_start("m") is None  # 30 s of 60
+    now[0] += 31
+    with retrainer._lock:
+        assert retrainer._maybe_start("m") is not None
+    assert [t for _, t, _ in launch.launched] == ["schedule", "schedule"]
