@@ -11,8 +11,8 @@ two, so all three strategies start from the same weights, the same frozen golden
 the same job history; they differ only in the ``training`` keys a user would change:
 
 - ``replay``: tuneloop's default (replay_ratio 1.0: one seed/earlier row per fresh row);
-- ``everything``: every earlier row in every job (replay_ratio 100, the config's maximum,
-  is more replay rows than the pool holds, so the whole pool is taken);
+- ``everything``: every earlier row in every job (a replay_ratio far above what the pool
+  holds, so the whole pool is taken);
 - ``new-only``: replay_ratio 0, the new labels alone (it forgets SST-2).
 
 Then ``--rounds`` rounds of ``--round-size`` airline-tweet labels (negative/positive, in
@@ -67,7 +67,7 @@ USER_KEY, POISON_KEY = "0a1b2c3d", "deadbeef"
 FLIP = {"negative": "positive", "positive": "negative"}
 STRATEGIES = {  # what differs between them: only these training keys
     "replay": {"replay_ratio": 1.0},
-    "everything": {"replay_ratio": 100, "max_rows_per_job": 10**7, "reservoir_size": 10**7},
+    "everything": {"replay_ratio": 10**9, "max_rows_per_job": 10**7, "reservoir_size": 10**7},
     "new-only": {"replay_ratio": 0.0},
 }
 _started = time.perf_counter()

@@ -207,7 +207,7 @@ class TrainingConfig(_Strict):
                     "the next job trains on it",
     )
     replay_ratio: float = Field(
-        default=1.0, ge=0, le=100, description="replay rows (seed and earlier feedback) per fresh feedback row"
+        default=1.0, ge=0, description="replay rows (seed and earlier feedback) per fresh feedback row"
     )
     max_rows_per_job: int = Field(default=20_000, ge=1, description="fresh plus replay rows a job trains on, at most")
     reservoir_size: int = Field(
