@@ -98,11 +98,7 @@ class LoadedModel:
         except Exception as e:  # noqa: BLE001 - the tokenizer's errors come in many types
             raise InputRejected(f"the tokenizer cannot take this input ({type(e).__name__}: {e})") from None
         tokens, padded = int(enc["attention_mask"].sum()), enc["attention_mask"].numel()
-        # What the task asked the tokenizer for beyond the model's inputs (offsets, say).
-        encoding = None
-        if self.task.tokenizer_options:
-            extra = {k: enc.pop(k) for k in ("offset_mapping", "special_tokens_mask") if k in enc}
-            encoding = {k: v.tolist() for k, v in {**enc, **extra}.items()}
+        encoding = self.task.encoding_for(enc)  # and enc keeps only the model's inputs
         enc = enc.to(self.device)
         with torch.inference_mode():
             probs = self.model(**enc).logits.float().softmax(-1).cpu()

@@ -42,8 +42,7 @@ def _encode(tokenizer, texts, max_length: int, device, task: Task) -> tuple[dict
     its ``tokenizer_options`` asked for, such as offsets, which the model does not take)."""
     enc = tokenizer([str(t) for t in texts], padding=True, truncation=True, max_length=max_length,
                     return_tensors="pt", **task.tokenizer_options)
-    extra = {k: enc.pop(k) for k in ("offset_mapping", "special_tokens_mask") if k in enc}
-    encoding = {k: v.tolist() for k, v in {**enc, **extra}.items()} if task.tokenizer_options else {}
+    encoding = task.encoding_for(enc)  # and enc keeps only the model's inputs
     return {k: v.to(device) for k, v in enc.items()}, encoding
 
 

@@ -135,11 +135,11 @@ class Retrainer:
         with self._lock:
             self._reap()
             self.pending[model] = self.pending.get(model, 0) + 1
-            production, _ = self._production_of(model)
-            if agreed is not None and version is not None and version == production:
+            production = self._production_of(model)
+            if agreed is not None and version is not None and version == production[0]:
                 window = self.agreements.setdefault(model, deque(maxlen=self.cfg.trigger.accuracy_window))
                 window.append(agreed)
-            return self._maybe_start(model)
+            return self._maybe_start(model, production)
 
     def _production_of(self, model: str) -> tuple[str | None, float | None]:
         """Production's version and its accuracy on the golden set; a new production starts
@@ -153,9 +153,10 @@ class Retrainer:
             self.agreements.pop(model, None)
         return cached
 
-    def _maybe_start(self, model: str) -> str | None:
-        """Start a job if a trigger fires; called with ``_lock`` held."""
-        _, golden_accuracy = self._production_of(model)
+    def _maybe_start(self, model: str, production: tuple[str | None, float | None] | None = None) -> str | None:
+        """Start a job if a trigger fires; called with ``_lock`` held. ``production``: what
+        ``_production_of`` gave the caller already (else it is read here)."""
+        _, golden_accuracy = production or self._production_of(model)
         trigger = which_trigger(self.cfg.trigger, pending=self.pending.get(model, 0), running=model in self.running,
                                 now=self._clock(), last_started=self.last_started.get(model),
                                 agreements=list(self.agreements.get(model, ())), golden_accuracy=golden_accuracy)

@@ -153,6 +153,11 @@ def _rows_hash(table: pa.Table) -> str:
     return hashlib.blake2b(ids.encode(), digest_size=16).hexdigest()
 
 
+def _partition_day(path: str) -> str:
+    """The ``date=YYYY-MM-DD`` partition a file lies in ("" if none)."""
+    return next((part[5:] for part in path.split("/") if part.startswith("date=")), "")
+
+
 def _read(storage: Storage, files: list[str], schema: pa.Schema, filter=None) -> pa.Table:
     if not files:
         return schema.empty_table()
@@ -306,8 +311,7 @@ class FeedbackStore:
         cutoff = (now - self._idempotency.ttl).strftime("%Y-%m-%d")
         rows = []
         for model in self.tasks:
-            files = [f for f in self.files(model)
-                     if next((p[5:] for p in f.split("/") if p.startswith("date=")), "") >= cutoff]
+            files = [f for f in self.files(model) if _partition_day(f) >= cutoff]
             rows += _read(self.storage, files, self._schema(model), pc.field("idempotency_key").is_valid()).to_pylist()
         rows += [r for r in pending_records(self.journal_dir) if r.get("idempotency_key") and r["model"] in self.tasks]
         for r in rows:
@@ -397,7 +401,7 @@ class FeedbackStore:
         if after is not None:
             at, last_id = after
             day = at.astimezone(UTC).date().isoformat()
-            files = [f for f in files if next((p[5:] for p in f.split("/") if p.startswith("date=")), "") >= day]
+            files = [f for f in files if _partition_day(f) >= day]
             t = pa.scalar(at, _TS)
             where = (pc.field("created_at") > t) | ((pc.field("created_at") == t) & (pc.field("feedback_id") > last_id))
         table = _read(self.storage, files, self._schema(model), where)

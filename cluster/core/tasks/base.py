@@ -62,6 +62,10 @@ def check_unicode(text: str, where: str) -> None:
         raise InvalidValue(f"{where} is not valid Unicode text (a lone surrogate at character {e.start})") from None
 
 
+# Tokenizer outputs a task may ask for (``tokenizer_options``) that no model's forward takes.
+NON_MODEL_OUTPUTS = ("offset_mapping", "special_tokens_mask")
+
+
 class Task(ABC):
     """One task's rules. Subclasses set the class attributes and implement the methods."""
 
@@ -104,7 +108,16 @@ class Task(ABC):
             check_unicode(text, f"inputs[{i}]")
         return inputs
 
-    # -- serving -----------------------------------------------------------------------
+    # -- serving and training ----------------------------------------------------------
+    def encoding_for(self, enc: Any) -> dict[str, list]:
+        """Take out of the tokenizer's output (a dict-like of tensors) what the model does
+        not accept, such as offsets, and return the encoding as lists for this task's
+        methods: {} when ``tokenizer_options`` asks for nothing beyond the ids."""
+        extra = {k: enc.pop(k) for k in NON_MODEL_OUTPUTS if k in enc}
+        if not self.tokenizer_options:
+            return {}
+        return {k: v.tolist() for k, v in {**enc, **extra}.items()}
+
     @abstractmethod
     def head_labels(self) -> list[str]:
         """The labels of the model's output units (a checkpoint's ``id2label`` values)."""
