@@ -15,11 +15,15 @@ def build_deepspeed_config(
     total_steps: int,
     warmup_ratio: float,
     use_gpu: bool,
+    precision: str,
+    gradient_accumulation_steps: int = 1,
 ) -> dict[str, Any]:
-    """AdamW with linear warmup then linear decay to zero; bf16 on GPU, fp32 on CPU.
+    """AdamW with linear warmup then linear decay to zero, in ``precision`` (``recipe.resolve_precision``:
+    bf16, fp16 with dynamic loss scaling, or fp32); ``total_steps`` counts optimizer steps.
 
     The optimizer is torch's AdamW (``torch_adam``) because DeepSpeed's fused Adam needs
-    CUDA; on GPU it uses the fused kernel.
+    CUDA; on GPU it uses the fused kernel. In bf16 and fp16 DeepSpeed keeps fp32 master
+    weights in the optimizer, which is what the worker exports.
     """
     # DeepSpeed's WarmupDecayLR needs at least one warmup step and decays after it.
     warmup = max(1, int(total_steps * warmup_ratio))
@@ -30,11 +34,13 @@ def build_deepspeed_config(
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
-        "train_batch_size": micro_batch_size * world_size,
-        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch_size * world_size * gradient_accumulation_steps,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
         "gradient_clipping": 1.0,
         "zero_optimization": zero,
-        "bf16": {"enabled": use_gpu},
+        "bf16": {"enabled": precision == "bf16"},
+        # loss_scale 0: dynamic, starting at 2**16 and halving on overflow (the step is skipped).
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "optimizer": {
             "type": "AdamW",
             "params": {

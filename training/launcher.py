@@ -184,7 +184,7 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
         base_model=mcfg.base_model,
         task=mcfg.task,
         labels=mcfg.labels,
-        training={**tcfg.model_dump(), "steps": report["steps"]},
+        training={**tcfg.model_dump(), "steps": report["steps"], **report["recipe"]},
         data={**data.summary, "fresh_eval": _fresh_numbers(gate)},
         metrics=metrics,
         parent_metrics=parent_metrics,

@@ -15,6 +15,13 @@ from typing import Any
 
 from tuneloop.core.tasks import Task, make_task
 from tuneloop.training.deepspeed_config import build_deepspeed_config
+from tuneloop.training.recipe import (
+    EarlyStopping,
+    dropout_overrides,
+    frozen_parameters,
+    optimizer_steps,
+    resolve_precision,
+)
 
 EVAL_BATCH_SIZE = 64
 
@@ -51,8 +58,8 @@ def _columns(batch: dict[str, Any]) -> dict[str, list]:
 
 
 def _evaluate(engine, tokenizer, shard, max_length: int, task: Task) -> dict[str, Any]:
-    """Score a whole evaluation set: its metrics, whether each row (by its ``row`` number,
-    when the set has one) was answered right, and whether every output was finite. Every
+    """Score a whole evaluation set: its metrics, its mean loss, whether each row (by its
+    ``row`` number, when the set has one) was answered right, and whether every output was finite. Every
     worker sees all of the set (it is not split), so candidate and production are scored on
     exactly the same rows, and ZeRO-3's collective forward passes stay in step across ranks."""
     import torch
@@ -62,19 +69,23 @@ def _evaluate(engine, tokenizer, shard, max_length: int, task: Task) -> dict[str
     y_pred: list = []
     right: list[list] = []  # [row, answered right]: plain lists cross Ray Train's report
     finite = True
+    loss_sum = 0.0
     with torch.no_grad():
         for batch in shard.iter_batches(batch_size=EVAL_BATCH_SIZE, batch_format="numpy"):
             inputs, encoding = _encode(tokenizer, batch["text"], max_length, engine.device, task)
-            logits = engine(**inputs).logits
-            finite = finite and bool(torch.isfinite(logits).all())
-            predicted = task.predictions(logits.argmax(-1).tolist(), encoding)
             targets = task.batch_targets(_columns(batch), encoding)
+            out = engine(**inputs, labels=torch.as_tensor(targets, dtype=torch.long, device=engine.device))
+            logits = out.logits
+            finite = finite and bool(torch.isfinite(logits).all())
+            loss_sum += float(out.loss) * len(targets)
+            predicted = task.predictions(logits.argmax(-1).tolist(), encoding)
             y_pred.extend(predicted)
             y_true.extend(targets)
             if "row" in batch:
                 right.extend([int(r), bool(t == p)] for r, t, p in zip(batch["row"], targets, predicted, strict=True))
     engine.train()
-    return {"metrics": task.metrics(y_true, y_pred).model_dump(), "right": right, "finite": finite}
+    loss = loss_sum / len(y_true) if y_true else math.nan
+    return {"metrics": task.metrics(y_true, y_pred).model_dump(), "loss": loss, "right": right, "finite": finite}
 
 
 def _evaluate_all(engine, tokenizer, shards: dict[str, Any], max_length: int, task: Task) -> dict[str, Any]:
@@ -86,23 +97,55 @@ def _summary(evaluations: dict[str, Any]) -> str:
                      for name, e in evaluations.items())
 
 
-def _consolidated_state_dict(module, rank: int) -> dict[str, Any]:
-    """Full weights on rank 0, gathering ZeRO-3 partitions one parameter at a time."""
+def _consolidated_state_dict(module, rank: int, precision: str, frozen_fp32: dict[str, Any]) -> dict[str, Any]:
+    """Full fp32 weights on rank 0. Trained in bf16 or fp16, a parameter's weights in the
+    module are a rounded copy: the optimizer's fp32 master copy is what is exported (frozen
+    parameters have none, and are exported from the fp32 copy taken when they were loaded).
+    ZeRO-3's partitions are gathered one parameter at a time; every rank takes part."""
     import deepspeed
+    import torch
+    from deepspeed.utils import safe_get_full_fp32_param
 
     keys = set(module.state_dict().keys())  # persistent entries only
     state: dict[str, Any] = {}
     for name, param in module.named_parameters():
+        if name in frozen_fp32 or (precision != "fp32" and param.requires_grad is False):
+            if rank == 0 and name in keys:
+                state[name] = frozen_fp32[name] if name in frozen_fp32 else param.data.detach().float().cpu()
+            continue
+        master = safe_get_full_fp32_param(param) if precision != "fp32" else None  # collective
+        if master is not None:
+            if rank == 0 and name in keys:
+                state[name] = master.detach().to("cpu", torch.float32, copy=True).contiguous()
+            continue
         partitioned = hasattr(param, "ds_id")
         ctx = deepspeed.zero.GatheredParameters([param], modifier_rank=None) if partitioned else nullcontext()
         with ctx:
             if rank == 0 and name in keys:
-                state[name] = param.data.detach().to("cpu", copy=True).contiguous()
+                state[name] = param.data.detach().to("cpu", torch.float32, copy=True).contiguous()
     if rank == 0:
         for name, buf in module.named_buffers():
             if name in keys:
                 state[name] = buf.detach().to("cpu", copy=True)
     return state
+
+
+def _freeze(model, tcfg: dict[str, Any], rank: int, keep_fp32_copy: bool) -> dict[str, Any]:
+    """Freeze what the config asks (``recipe.frozen_parameters``); returns the frozen
+    parameters' fp32 weights on rank 0 when they will be rounded by half-precision training."""
+    names = frozen_parameters([n for n, _ in model.named_parameters()], model.base_model_prefix,
+                              tcfg["freeze_layers"], tcfg["feature_extraction"])
+    copies: dict[str, Any] = {}
+    for name, param in model.named_parameters():
+        if name in names:
+            param.requires_grad_(False)
+            if keep_fp32_copy and rank == 0:
+                copies[name] = param.detach().to("cpu", copy=True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    if names:
+        _log(rank, f"froze {len(names)} parameter tensors: training {trainable:,} of {total:,} weights")
+    return copies
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -119,8 +162,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     head = task.head_labels()
     max_length: int = config["max_length"]
     batch_size: int = config["batch_size"]
+    precision = resolve_precision(config["precision"], config["use_gpu"],
+                                  config["use_gpu"] and torch.cuda.is_bf16_supported())
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(config["init_path"])
+    model_config = transformers.AutoConfig.from_pretrained(config["init_path"]).to_dict()
     model = getattr(transformers, task.auto_class).from_pretrained(
         config["init_path"],
         num_labels=len(head),
@@ -128,11 +174,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         label2id={label: i for i, label in enumerate(head)},
         ignore_mismatched_sizes=True,  # a base encoder or a changed label set gets a fresh head
         dtype=torch.float32,
+        **dropout_overrides(model_config, config["dropout"]),
     )
-    steps_per_epoch = max(1, math.ceil(config["train_rows"] / (batch_size * world)))
-    total_steps = steps_per_epoch * config["epochs"]
-    if config.get("max_steps"):
-        total_steps = min(total_steps, config["max_steps"])
+    frozen_fp32 = _freeze(model, config, rank, keep_fp32_copy=precision != "fp32")
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    accumulation, total_steps = optimizer_steps(config["train_rows"], batch_size, world,
+                                                config["gradient_accumulation_steps"], config["epochs"],
+                                                config.get("max_steps"))
     ds_config = build_deepspeed_config(
         zero_stage=config["zero_stage"],
         micro_batch_size=batch_size,
@@ -142,10 +190,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         total_steps=total_steps,
         warmup_ratio=config["warmup_ratio"],
         use_gpu=config["use_gpu"],
+        precision=precision,
+        gradient_accumulation_steps=accumulation,
     )
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=_param_groups(model, config["weight_decay"]), config=ds_config
     )
+    _log(rank, f"{precision} on {engine.device}, {world} worker(s), {total_steps} optimizer steps "
+               f"of {batch_size * world * accumulation} rows")
     train_shard = ray.train.get_dataset_shard("train")
     eval_shards = {name: ray.train.get_dataset_shard(name) for name in config["eval_sets"]}
 
@@ -155,8 +207,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         parent_eval = _evaluate_all(engine, tokenizer, eval_shards, max_length, task)
         _log(rank, "production baseline: " + _summary(parent_eval))
 
-    step = 0
-    done = False
+    # Early stopping watches the loss on the fresh feedback kept back (what the model is
+    # adapting to), or on the golden set at v1, which has no fresh feedback.
+    monitor = next((name for name in ("fresh", "golden") if name in eval_shards), None)
+    stopping = EarlyStopping(config["early_stopping_patience"], config["early_stopping_min_delta"])
+    per_epoch = monitor is not None and config["early_stopping_patience"] is not None and config["epochs"] > 1
+    best: tuple[dict[str, Any], dict[str, Any]] | None = None  # (evaluation, weights) of the best epoch
+    epochs_run = 0
     for epoch in range(config["epochs"]):
         t0, seen, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
         for batch in train_shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
@@ -165,31 +222,47 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             target = torch.as_tensor(targets, dtype=torch.long, device=engine.device)
             loss = engine(**inputs, labels=target).loss
             engine.backward(loss)
-            engine.step()
-            step += 1
+            engine.step()  # an optimizer step at every accumulation boundary
             seen += len(target)
-            loss_sum += float(loss)
+            loss_sum += loss.detach().item()
             batches += 1
-            if step >= total_steps:
-                done = True
+            if engine.global_steps >= total_steps:
                 break
+        epochs_run += 1
         dt = time.perf_counter() - t0
-        _log(
-            rank,
-            f"epoch {epoch + 1}/{config['epochs']} step {step}/{total_steps} "
-            f"loss {loss_sum / max(1, batches):.4f} {seen * world / max(dt, 1e-9):.1f} samples/s",
-        )
-        if done:
+        line = (f"epoch {epoch + 1}/{config['epochs']} step {engine.global_steps}/{total_steps} "
+                f"loss {loss_sum / max(1, batches):.4f} {seen * world / max(dt, 1e-9):.1f} samples/s")
+        if per_epoch:
+            evaluation = _evaluate_all(engine, tokenizer, eval_shards, max_length, task)
+            if stopping.update(epoch, evaluation[monitor]["loss"]):
+                best = evaluation, _consolidated_state_dict(engine.module, rank, precision, frozen_fp32)
+            line += f", {monitor} loss {evaluation[monitor]['loss']:.4f} (best: epoch {stopping.best_epoch + 1})"
+        _log(rank, line)
+        if engine.global_steps >= total_steps:
+            break
+        if per_epoch and stopping.should_stop:
+            _log(rank, f"early stop: no lower {monitor} loss for {stopping.epochs_without_gain} epoch(s); "
+                       f"keeping epoch {stopping.best_epoch + 1}")
             break
 
-    candidate_eval = _evaluate_all(engine, tokenizer, eval_shards, max_length, task)
+    if best is None:  # not watching epochs (or every loss diverged): the last weights
+        best = (_evaluate_all(engine, tokenizer, eval_shards, max_length, task),
+                _consolidated_state_dict(engine.module, rank, precision, frozen_fp32))
+        stopping.best_epoch = epochs_run - 1
+    candidate_eval, state = best
     _log(rank, "candidate: " + _summary(candidate_eval))
-    state = _consolidated_state_dict(engine.module, rank)
-    report = {"candidate": candidate_eval, "parent": parent_eval, "steps": step}
+    report = {
+        "candidate": candidate_eval, "parent": parent_eval, "steps": engine.global_steps,
+        "recipe": {"precision": precision, "epochs_run": epochs_run, "best_epoch": stopping.best_epoch + 1,
+                   "early_stopped": epochs_run < config["epochs"] and engine.global_steps < total_steps,
+                   "monitor": monitor if per_epoch else None, "frozen_tensors": len(frozen), "accumulation": accumulation},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
             engine.module.save_pretrained(tmp, state_dict=state)
+            engine.module.config.dtype = "float32"  # save_pretrained wrote the module's (bf16) dtype
+            engine.module.config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(report, checkpoint=checkpoint)

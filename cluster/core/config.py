@@ -217,8 +217,38 @@ class TrainingConfig(_Strict):
         default=0.2, gt=0, lt=1, description="share of the seed frozen as the golden set at v1 (no golden_dataset)"
     )
     golden_max_rows: int = Field(default=2000, ge=1)
-    max_steps: int | None = Field(default=None, ge=1, description="stop early, for smoke runs")
+    max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps, for smoke runs")
     seed: int = 0
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        default="auto",
+        description="auto: bf16 on a GPU that has it, fp16 with loss scaling on one that does not, fp32 on CPU; "
+                    "the exported weights are always the fp32 master copy",
+    )
+    gradient_accumulation_steps: int = Field(
+        default=1, ge=1, le=1024, description="micro-batches per optimizer step (effective batch = batch_size x this x workers)"
+    )
+    freeze_layers: int = Field(
+        default=0, ge=0, le=1000, description="freeze the embeddings and the lowest N encoder layers; 0 = train all"
+    )
+    feature_extraction: bool = Field(default=False, description="freeze the whole encoder and train the head only")
+    dropout: float | None = Field(
+        default=None, ge=0, lt=1, description="dropout for every dropout setting of the model's config; null = the checkpoint's"
+    )
+    early_stopping_patience: int | None = Field(
+        default=2, ge=1,
+        description="stop after this many epochs without a lower loss on the fresh feedback kept back (the golden "
+                    "set when there is none) and keep the best epoch's weights; null = off",
+    )
+    early_stopping_min_delta: float = Field(default=0.0, ge=0, description="a loss this much lower counts as better")
+
+    @model_validator(mode="after")
+    def _precision_needs_gpu(self) -> TrainingConfig:
+        if self.precision in ("bf16", "fp16") and not self.use_gpu:
+            raise ValueError(
+                f"precision {self.precision!r} needs use_gpu: true; on CPU training runs in fp32 "
+                "(set precision: auto or fp32)"
+            )
+        return self
 
 
 class GateConfig(_Strict):

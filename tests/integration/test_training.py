@@ -98,6 +98,44 @@ def test_job_records(trained):
     assert first.state == "succeeded" and first.version == "v1" and first.finished_at
 
 
+def test_recipe_freezes_accumulates_and_watches_epochs(trained, tiny_model, seed_tsv):
+    """A third job with the transfer-learning knobs on: the frozen embeddings and lowest
+    layer come out bit for bit as production had them, the rest trains, and the manifest
+    says what the recipe did."""
+    from safetensors.torch import load_file
+
+    from tuneloop.training.launcher import run_training
+
+    root, registry = trained["root"], trained["registry"]
+    cfg = make_config(root, tiny_model, seed_tsv, training={
+        "epochs": 3, "zero_stage": 2, "freeze_layers": 1, "gradient_accumulation_steps": 2, "dropout": 0.2,
+        "early_stopping_patience": 1, "batch_size": 2, "learning_rate": 1e-3})
+    feedback = FeedbackStore(Storage(cfg.storage.root), cfg.storage.journal_path(), model_tasks(cfg.models))
+    feedback.open_writer()
+    for i in range(12):
+        feedback.append(model="sentiment", text=f"review {i} was {'great' if i % 2 else 'awful'}",
+                        label="positive" if i % 2 else "negative")
+    feedback.close()
+    parent = registry.production("sentiment")
+    outcome = run_training(cfg, "sentiment")
+    assert outcome.job.state in ("succeeded", "rejected"), outcome.job.error
+    recipe = outcome.manifest.training
+    assert recipe["precision"] == "fp32" and recipe["accumulation"] == 2 and recipe["monitor"] == "fresh"
+    assert recipe["frozen_tensors"] == 5 + 16  # 3 embedding tables and their LayerNorm (2), layer 0's 16
+    assert 1 <= recipe["best_epoch"] <= recipe["epochs_run"] <= 3
+    if recipe["early_stopped"]:
+        assert recipe["epochs_run"] - recipe["best_epoch"] == 1  # patience 1
+    before = load_file(f"{registry.local_path('sentiment', parent)}/model.safetensors")
+    after = load_file(f"{registry.local_path('sentiment', outcome.manifest.version)}/model.safetensors")
+    frozen = [k for k in before if k.startswith("bert.embeddings.") or k.startswith("bert.encoder.layer.0.")]
+    assert frozen and all(before[k].equal(after[k]) for k in frozen)
+    # Epoch 1 takes 2 optimizer steps (its first at warmup's learning rate 0): the head moved.
+    assert not after["classifier.weight"].equal(before["classifier.weight"])
+    assert all(t.dtype.is_floating_point is False or str(t.dtype) == "torch.float32" for t in after.values())
+    config = json.loads((root / "registry/sentiment" / outcome.manifest.version / "config.json").read_text())
+    assert config["hidden_dropout_prob"] == 0.2 and config["dtype"] == "float32"
+
+
 def test_failed_job_is_recorded_not_raised(ray_session, tiny_model, tmp_path):
     from tuneloop.training.launcher import run_training
 

@@ -68,17 +68,25 @@ def test_metrics_edge_cases():
 
 def test_deepspeed_config_cpu_and_gpu():
     cpu = build_deepspeed_config(zero_stage=2, micro_batch_size=16, world_size=2, learning_rate=1e-4,
-                                 weight_decay=0.01, total_steps=100, warmup_ratio=0.1, use_gpu=False)
-    assert cpu["train_batch_size"] == 32
+                                 weight_decay=0.01, total_steps=100, warmup_ratio=0.1, use_gpu=False,
+                                 precision="fp32")
+    assert cpu["train_batch_size"] == 32 and cpu["gradient_accumulation_steps"] == 1
     assert cpu["zero_optimization"] == {"stage": 2}
-    assert cpu["bf16"]["enabled"] is False
+    assert cpu["bf16"]["enabled"] is False and cpu["fp16"]["enabled"] is False
     assert cpu["optimizer"]["params"]["torch_adam"] is True
     assert cpu["scheduler"]["params"]["warmup_num_steps"] == 10
     assert cpu["scheduler"]["params"]["total_num_steps"] == 100
     gpu = build_deepspeed_config(zero_stage=3, micro_batch_size=8, world_size=4, learning_rate=1e-4,
-                                 weight_decay=0.0, total_steps=1, warmup_ratio=0.0, use_gpu=True)
-    assert gpu["bf16"]["enabled"] is True
+                                 weight_decay=0.0, total_steps=1, warmup_ratio=0.0, use_gpu=True,
+                                 precision="bf16", gradient_accumulation_steps=4)
+    assert gpu["bf16"]["enabled"] is True and gpu["fp16"]["enabled"] is False
+    # DeepSpeed checks train_batch_size == micro batch x accumulation x world size.
+    assert gpu["train_batch_size"] == 8 * 4 * 4 and gpu["gradient_accumulation_steps"] == 4
     assert gpu["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     # DeepSpeed needs >= 1 warmup step and a total beyond it, even for a one-step job.
     assert gpu["scheduler"]["params"]["warmup_num_steps"] == 1
     assert gpu["scheduler"]["params"]["total_num_steps"] == 2
+    fp16 = build_deepspeed_config(zero_stage=1, micro_batch_size=8, world_size=1, learning_rate=1e-4,
+                                  weight_decay=0.0, total_steps=10, warmup_ratio=0.1, use_gpu=True, precision="fp16")
+    assert fp16["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}  # dynamic loss scaling
+    assert fp16["bf16"]["enabled"] is False

@@ -1,0 +1,114 @@
+"""The training recipe's decisions (training/recipe.py): precision, freezing, dropout, step
+counts and early stopping, on names and numbers alone."""
+
+import math
+
+import pytest
+
+from tuneloop.core.config import TrainingConfig
+from tuneloop.training.recipe import (
+    EarlyStopping,
+    dropout_overrides,
+    frozen_parameters,
+    optimizer_steps,
+    resolve_precision,
+)
+
+# A BERT classifier's parameter names, two layers deep (what named_parameters() yields).
+BERT = [
+    "bert.embeddings.word_embeddings.weight",
+    "bert.embeddings.position_embeddings.weight",
+    "bert.embeddings.LayerNorm.weight",
+    *(f"bert.encoder.layer.{i}.{part}" for i in range(2)
+      for part in ("attention.self.query.weight", "intermediate.dense.weight", "output.LayerNorm.bias")),
+    "bert.pooler.dense.weight",
+    "classifier.weight",
+    "classifier.bias",
+]
+GPT2 = ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.attn.c_attn.weight",
+        "transformer.h.1.attn.c_attn.weight", "transformer.ln_f.weight", "score.weight"]
+
+
+def test_precision_by_device():
+    assert resolve_precision("auto", use_gpu=False, bf16_supported=False) == "fp32"
+    assert resolve_precision("auto", use_gpu=True, bf16_supported=True) == "bf16"
+    assert resolve_precision("auto", use_gpu=True, bf16_supported=False) == "fp16"  # V100, T4
+    assert resolve_precision("fp32", use_gpu=True, bf16_supported=True) == "fp32"
+    assert resolve_precision("fp16", use_gpu=True, bf16_supported=True) == "fp16"
+    with pytest.raises(ValueError, match="does not support bf16"):
+        resolve_precision("bf16", use_gpu=True, bf16_supported=False)
+    with pytest.raises(ValueError, match="needs a GPU"):
+        resolve_precision("fp16", use_gpu=False, bf16_supported=False)
+
+
+def test_config_refuses_half_precision_on_cpu_naming_the_value():
+    with pytest.raises(ValueError, match="precision 'bf16' needs use_gpu: true"):
+        TrainingConfig(precision="bf16")
+    assert TrainingConfig(precision="bf16", use_gpu=True).precision == "bf16"
+    assert TrainingConfig().precision == "auto"
+
+
+def test_nothing_frozen_by_default():
+    assert frozen_parameters(BERT, "bert", freeze_layers=0, feature_extraction=False) == set()
+
+
+def test_freeze_layers_takes_embeddings_and_the_lowest_blocks():
+    frozen = frozen_parameters(BERT, "bert", freeze_layers=1, feature_extraction=False)
+    assert {n for n in frozen if "embeddings" in n} == {n for n in BERT if "embeddings" in n}
+    assert all(n in frozen for n in BERT if ".layer.0." in n)
+    assert not any(".layer.1." in n or "pooler" in n or "classifier" in n for n in frozen)
+    everything = frozen_parameters(BERT, "bert", freeze_layers=2, feature_extraction=False)
+    assert all(".layer.1." in n for n in everything - frozen)
+    assert "bert.pooler.dense.weight" not in everything  # above the top block: trains
+
+
+def test_feature_extraction_freezes_the_whole_encoder_but_never_the_head():
+    frozen = frozen_parameters(BERT, "bert", freeze_layers=0, feature_extraction=True)
+    assert frozen == {n for n in BERT if n.startswith("bert.")}
+    gpt = frozen_parameters(GPT2, "transformer", freeze_layers=1, feature_extraction=False)
+    assert gpt == {"transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.attn.c_attn.weight"}
+
+
+def test_freezing_what_the_model_does_not_have_says_so():
+    with pytest.raises(ValueError, match="freeze_layers 3 exceeds the model's 2 encoder layers"):
+        frozen_parameters(BERT, "bert", freeze_layers=3, feature_extraction=False)
+    with pytest.raises(ValueError, match="no encoder parameters under 'roberta'"):
+        frozen_parameters(BERT, "roberta", freeze_layers=1, feature_extraction=False)
+    with pytest.raises(ValueError, match="no head"):
+        frozen_parameters(["bert.embeddings.weight"], "bert", freeze_layers=0, feature_extraction=True)
+
+
+def test_dropout_sets_only_the_keys_the_config_has():
+    bert_config = {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "classifier_dropout": None,
+                   "hidden_size": 384}
+    assert dropout_overrides(bert_config, 0.3) == {
+        "hidden_dropout_prob": 0.3, "attention_probs_dropout_prob": 0.3, "classifier_dropout": 0.3}
+    assert dropout_overrides(bert_config, None) == {}
+    assert dropout_overrides({"dropout": 0.1, "seq_classif_dropout": 0.2}, 0.0) == {"dropout": 0.0,
+                                                                                   "seq_classif_dropout": 0.0}
+
+
+def test_optimizer_steps_count_accumulated_micro_batches():
+    # 100 rows on 2 workers, 8 per micro-batch: 7 micro-batches an epoch each, 14 in 2 epochs;
+    # the optimizer steps at every 3rd: 4 steps (the last 2 micro-batches never step).
+    assert optimizer_steps(100, 8, 2, accumulation=3, epochs=2, max_steps=None) == (3, 4)
+    assert optimizer_steps(100, 8, 2, accumulation=1, epochs=2, max_steps=5) == (1, 5)
+    # Fewer micro-batches than the accumulation asked for: accumulate them all, step once.
+    assert optimizer_steps(20, 8, 2, accumulation=4, epochs=1, max_steps=None) == (2, 1)
+    assert optimizer_steps(0, 8, 2, accumulation=4, epochs=1, max_steps=None) == (1, 1)
+
+
+def test_early_stopping_keeps_the_best_epoch_and_waits_out_its_patience():
+    stop = EarlyStopping(patience=2, min_delta=0.01)
+    assert stop.update(0, 0.50) and not stop.should_stop
+    assert not stop.update(1, 0.495)  # within min_delta: no gain
+    assert not stop.should_stop
+    assert not stop.update(2, math.nan)  # a diverged epoch is never best
+    assert stop.should_stop and stop.best_epoch == 0
+    again = EarlyStopping(patience=1)
+    again.update(0, 0.5)
+    assert again.update(1, 0.4) and again.best_epoch == 1 and not again.should_stop
+    never = EarlyStopping(patience=None)
+    for epoch, loss in enumerate([0.3, 0.4, 0.5, 0.6]):
+        never.update(epoch, loss)
+    assert not never.should_stop and never.best_epoch == 0

@@ -1,0 +1,121 @@
+"""The transfer-learning recipe's decisions, as pure functions of names and numbers: which
+precision a device trains in, which parameters stay frozen, which config keys carry dropout,
+when to stop early. The worker (``loop.py``) applies them; tests check them without torch.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+Precision = str  # "bf16", "fp16" or "fp32"
+
+
+def resolve_precision(requested: str, use_gpu: bool, bf16_supported: bool) -> Precision:
+    """What a worker trains in. ``auto``: bf16 where the GPU has it (Ampere and later: no loss
+    scaling needed, fp32's range), fp16 with dynamic loss scaling on older GPUs, fp32 on CPU
+    (DeepSpeed's CPU path has no half-precision kernels worth having)."""
+    if requested == "auto":
+        if not use_gpu:
+            return "fp32"
+        return "bf16" if bf16_supported else "fp16"
+    if requested == "bf16" and use_gpu and not bf16_supported:
+        raise ValueError("precision 'bf16' was asked for, but this GPU does not support bf16: use fp16 or auto")
+    if requested in ("bf16", "fp16") and not use_gpu:
+        raise ValueError(f"precision {requested!r} needs a GPU; on CPU training runs in fp32")
+    return requested
+
+
+# Encoder blocks are numbered under one of these names in Hugging Face models: BERT, RoBERTa,
+# DistilBERT and ELECTRA ("layer"), Llama and Mistral ("layers"), T5 ("block"), GPT-2 ("h").
+_BLOCK = re.compile(r"(?:^|\.)(?:layer|layers|block|h)\.(\d+)\.")
+# Token and position embeddings, by the same families' names.
+_EMBEDDING = re.compile(r"(?:^|\.)(?:embeddings|embed_tokens|embed_positions|word_embeddings|wte|wpe|shared)(?:\.|$)")
+
+
+def frozen_parameters(names: Iterable[str], base_prefix: str, freeze_layers: int, feature_extraction: bool) -> set[str]:
+    """The parameter names to freeze. ``names`` are the whole model's (for a classifier,
+    ``bert.encoder.layer.3.output.dense.weight`` and ``classifier.weight``); the encoder's are
+    those under ``base_prefix`` (the model's ``base_model_prefix``), the rest are the head,
+    which always trains. Feature extraction freezes the whole encoder; ``freeze_layers`` N its
+    embeddings and blocks 0..N-1. Raises ValueError when the model cannot be frozen as asked."""
+    names = list(names)
+    if not feature_extraction and freeze_layers == 0:
+        return set()
+    encoder = [n for n in names if n.startswith(base_prefix + ".")]
+    if not encoder:
+        raise ValueError(f"no encoder parameters under {base_prefix!r}: this architecture cannot be frozen by tuneloop")
+    if len(encoder) == len(names):
+        raise ValueError("the model has no head outside its encoder: freezing would leave nothing to train")
+    if feature_extraction:
+        return set(encoder)
+    blocks = {int(m.group(1)) for n in encoder if (m := _BLOCK.search(n[len(base_prefix) + 1:]))}
+    if freeze_layers > len(blocks):
+        raise ValueError(f"freeze_layers {freeze_layers} exceeds the model's {len(blocks)} encoder layers "
+                         "(use feature_extraction to freeze the whole encoder)")
+    frozen = set()
+    for name in encoder:
+        inner = name[len(base_prefix) + 1:]
+        block = _BLOCK.search(inner)
+        if (block and int(block.group(1)) < freeze_layers) or (not block and _EMBEDDING.search(inner)):
+            frozen.add(name)
+    return frozen
+
+
+# Every config key that Hugging Face models use for a dropout probability on the path
+# a fine-tune trains (BERT, RoBERTa, DistilBERT, ELECTRA, GPT-2, T5, Llama).
+DROPOUT_KEYS = (
+    "hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout",  # BERT family
+    "dropout", "attention_dropout", "seq_classif_dropout",  # DistilBERT
+    "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout",  # GPT-2
+    "dropout_rate",  # T5
+)
+
+
+def dropout_overrides(config_keys: Iterable[str], dropout: float | None) -> dict[str, float]:
+    """The ``from_pretrained`` keyword arguments that set every dropout the model has to
+    ``dropout``; nothing when it is None (the checkpoint's own values stay)."""
+    if dropout is None:
+        return {}
+    return {key: dropout for key in DROPOUT_KEYS if key in set(config_keys)}
+
+
+def optimizer_steps(train_rows: int, micro_batch_size: int, world_size: int, accumulation: int,
+                    epochs: int, max_steps: int | None) -> tuple[int, int]:
+    """(accumulation to use, total optimizer steps). Each worker gets an equal share of the
+    rows and takes ceil(share / batch) micro-batches an epoch; DeepSpeed steps the optimizer
+    at every ``accumulation``-th micro-batch across epochs, and never for a partial group at
+    the end, so a job with fewer micro-batches than ``accumulation`` accumulates them all
+    (else it would never step)."""
+    micro = max(1, math.ceil((train_rows // world_size) / micro_batch_size)) * epochs
+    accumulation = min(accumulation, micro)
+    total = micro // accumulation
+    return accumulation, min(total, max_steps) if max_steps else total
+
+
+@dataclass
+class EarlyStopping:
+    """Stop when the monitored loss has not fallen by more than ``min_delta`` for
+    ``patience`` epochs in a row; ``best_epoch`` is the one whose weights to keep.
+    A ``patience`` of None never stops (but still tracks the best epoch)."""
+
+    patience: int | None
+    min_delta: float = 0.0
+    best: float = math.inf
+    best_epoch: int = -1
+    epochs_without_gain: int = 0
+
+    def update(self, epoch: int, loss: float) -> bool:
+        """Record an epoch's loss; True when it is the best so far. A non-finite loss is
+        never best."""
+        if math.isfinite(loss) and loss < self.best - self.min_delta:
+            self.best, self.best_epoch, self.epochs_without_gain = loss, epoch, 0
+            return True
+        self.epochs_without_gain += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.epochs_without_gain >= self.patience
