@@ -42,7 +42,7 @@ from tuneloop.store.storage import Storage
 from tuneloop.serving import metrics
 from tuneloop.serving.feedback_service import FeedbackService
 from tuneloop.serving.responses import V1, error_response
-from tuneloop.core.names import INGRESS_DEPLOYMENT, model_app_name, model_deployment_name
+from tuneloop.core.names import INGRESS_DEPLOYMENT, model_app_name, model_deployment_name, running_replicas
 from tuneloop.core.tasks import check_unicode
 from tuneloop.serving.predict_request import (
     check_content_length,
@@ -275,7 +275,8 @@ class Ingress:
         statistics: Prometheus sends one as a bearer token (deploy/prometheus)."""
         authorization = request.headers.get("authorization")
         with_feedback = authorization is not None and self.auth.check(authorization, "feedback") is not None
-        body = await asyncio.to_thread(metrics.render, self.jobs, self._running_replicas,
+        body = await asyncio.to_thread(metrics.render, self.jobs, self._running_replicas, self.registry,
+                                       [m.name for m in self.cfg.models],
                                        self.feedback.all_stats if with_feedback else None)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -286,12 +287,7 @@ class Ingress:
 
     def _running_replicas(self) -> dict[str, int]:
         apps = serve.status().applications
-        out = {}
-        for m in self.cfg.models:
-            app_status = apps.get(model_app_name(m.name))
-            deployment = app_status.deployments.get(model_deployment_name(m.name)) if app_status else None
-            out[m.name] = deployment.replica_states.get("RUNNING", 0) if deployment else 0
-        return out
+        return {m.name: running_replicas(apps, m.name) for m in self.cfg.models}
 
     # -- models --------------------------------------------------------------------------
     def _summary(self, name: str) -> dict[str, Any]:

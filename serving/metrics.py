@@ -19,6 +19,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, g
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from tuneloop.store.jobs import JobStore
+from tuneloop.store.registry import Registry
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -115,13 +116,38 @@ class FeedbackStatsCollector:
         yield labels
 
 
-def render(jobs: JobStore, running_replicas: Callable[[], dict[str, int]],
+class ServingTimeCollector:
+    """tuneloop_feedback_to_serving_seconds{model, version, phase}: how long the newest
+    feedback the production version learned from took to reach all traffic, by phase
+    (cluster/core/serving_time.py) and in total, read from its manifest at scrape time."""
+
+    def __init__(self, registry: Registry, models: list[str]):
+        self.registry, self.models = registry, models
+
+    def collect(self):
+        family = GaugeMetricFamily("tuneloop_feedback_to_serving_seconds",
+                                   "Feedback-to-serving time of the production version, by phase",
+                                   labels=["model", "version", "phase"])
+        for model in self.models:
+            production = self.registry.production(model)
+            timing = self.registry.manifest(model, production).serving_time if production else None
+            if timing is None:
+                continue
+            for phase, seconds in [*timing.phases.items(), ("total", timing.total_s)]:
+                if seconds is not None:
+                    family.add_metric([model, production, phase], seconds)
+        yield family
+
+
+def render(jobs: JobStore, running_replicas: Callable[[], dict[str, int]], registry: Registry, models: list[str],
            feedback_stats: Callable[[], list[dict]] | None) -> bytes:
-    """The exposition text for GET /metrics: every process's metrics, training runs, replicas
-    and, when ``feedback_stats`` is given (the caller may read them), feedback statistics."""
+    """The exposition text for GET /metrics: every process's metrics, training runs, replicas,
+    feedback-to-serving time and, when ``feedback_stats`` is given (the caller may read them),
+    feedback statistics."""
     runs = CollectorRegistry()
     runs.register(TrainingRunsCollector(jobs))
     runs.register(ReplicasCollector(running_replicas))
+    runs.register(ServingTimeCollector(registry, models))
     if feedback_stats is not None:
         runs.register(FeedbackStatsCollector(feedback_stats))
     if os.environ.get(MULTIPROC_ENV):

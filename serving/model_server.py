@@ -20,6 +20,7 @@ import logging
 import math
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -154,6 +155,7 @@ class ModelServer:
         self._loaded: LoadedModel | None = None
         self._refused: dict[str, str] = {}  # version -> why it cannot be served (versions are immutable)
         self._stop = threading.Event()
+        self._replica_id = uuid.uuid4().hex[:16]
         if watch:
             self._sync_with_registry()
             threading.Thread(target=self._watch_registry, name="registry-watch", daemon=True).start()
@@ -173,6 +175,10 @@ class ModelServer:
             return
         old, self._loaded = self._loaded, new  # one reference swap; running batches keep `old`
         log.info("model %s now serving %s (was %s)", self.cfg.name, production, old.version if old else None)
+        try:  # the rollout's end, for the version's feedback-to-serving time
+            self.registry.record_switch(self.cfg.name, production, self._replica_id)
+        except OSError as e:
+            log.warning("model %s: could not note the switch to %s: %s", self.cfg.name, production, e)
 
     def _watch_registry(self) -> None:
         while not self._stop.wait(self.serving.reload_interval_s):

@@ -18,6 +18,7 @@ import socket
 import time
 import traceback
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -30,8 +31,9 @@ from tuneloop.core.config import GateConfig, TrainingConfig, TuneloopConfig
 from tuneloop.core.evaluation import EvalMetrics
 from tuneloop.core.gate import Evidence, GateDecision, decide
 from tuneloop.core.model_source import resolve_model_source
-from tuneloop.core.names import INGRESS_APP, INGRESS_DEPLOYMENT
+from tuneloop.core.names import INGRESS_APP, INGRESS_DEPLOYMENT, model_app_name, running_replicas
 from tuneloop.core.resources import training_shortfall
+from tuneloop.core.serving_time import JobMoments, ServingTime, rollout_complete, serving_time
 from tuneloop.core.tasks import Task, model_tasks
 from tuneloop.store.jobs import Heartbeat, JobRecord, JobRunning, JobStore, promote_or_wait, take_lease
 from tuneloop.store.records import FeedbackStore
@@ -43,6 +45,7 @@ from tuneloop.training.loop import train_loop_per_worker
 log = logging.getLogger(__name__)
 RESOURCE_WAIT_S = 30.0  # how long a job waits for CPUs a finishing job or replica still holds
 KEEP_TRAIN_RUNS = 2  # Ray Train run folders kept per model (each holds a full checkpoint)
+ROLLOUT_WAIT_S = 120.0  # how long a job waits for every replica to serve its promoted version
 
 
 class ResourcesUnavailable(RuntimeError):
@@ -154,6 +157,7 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
     datasets, eval_sets = _datasets(task, data)
     log.info("job %s: %s from %s, %s", job.job_id, model, parent or mcfg.base_model, data.summary)
     _wait_for_resources(tcfg)
+    training_started = _now()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -175,8 +179,10 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()
+    training_ended = _now()
     report = result.metrics
     gate, metrics, parent_metrics = _gate(task, cfg.gate, report)
+    gated = _now()
     manifest = Manifest(
         version="pending",
         model=model,
@@ -192,10 +198,11 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
         status="accepted" if gate.accepted else "rejected",
         job_id=job.job_id,
     )
-    trained_on = data.train.select(["source", "feedback_id", "text", *task.target_columns])
+    trained_on = data.train.select(["source", "feedback_id", "prediction_id", "text", *task.target_columns])
     with result.checkpoint.as_directory() as ckpt_dir:
         manifest = registry.publish(model, ckpt_dir, manifest,
                                     tables={"trained_on": trained_on, "reservoir": data.reservoir})
+    published = _now()
     _prune_train_runs(storage, model)
     job.version = manifest.version
     job.metrics = metrics.model_dump()
@@ -206,8 +213,60 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
     else:
         job.state, job.promoted = "rejected", False
         job.message = f"{manifest.version} rejected by the gate: {gate.reason}"
-    log.info("job %s: %s %s (%s)", job.job_id, manifest.version, job.state, job.message)
+    moments = JobMoments(created=datetime.fromisoformat(job.created_at), training_started=training_started,
+                         training_ended=training_ended, evaluation_s=float(report.get("evaluation_s", 0.0)),
+                         gated=gated, published=published)
+    serving_all = None
+    if job.promoted and parent is not None and registry.switches(model, parent):
+        # Replicas served the parent from this registry: time the switch to the new version.
+        serving_all = _wait_for_rollout(registry, model, manifest.version, cfg.serving.reload_interval_s)
+    job.serving_time = serving_time(_newest_feedback(data.summary), moments, serving_all)
+    manifest = registry.record_serving_time(model, manifest.version, job.serving_time)
+    log.info("job %s: %s %s (%s); feedback to serving: %s", job.job_id, manifest.version, job.state, job.message,
+             _describe(job.serving_time))
     return manifest
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _newest_feedback(summary: dict[str, Any]) -> datetime | None:
+    """The newest feedback the job trained on (its watermark), if it trained on any new."""
+    if not summary["feedback"]["trained_rows"] or not summary.get("watermark"):
+        return None
+    return datetime.fromisoformat(summary["watermark"]["created_at"])
+
+
+def _wait_for_rollout(registry: Registry, model: str, version: str, reload_interval_s: float) -> datetime | None:
+    """When every running replica of the model serves ``version`` (each notes the switch in
+    the registry), waiting up to ROLLOUT_WAIT_S; None when the model is not being served
+    here (no `tuneloop run` beside a CLI job) or the rollout did not finish in time."""
+    from ray import serve
+
+    deadline = time.monotonic() + max(ROLLOUT_WAIT_S, 10 * reload_interval_s)
+    while True:
+        try:
+            apps = serve.status().applications
+        except Exception as e:  # noqa: BLE001 - Serve is not running here
+            log.info("%s %s: not served here (%s); no rollout to time", model, version, type(e).__name__)
+            return None
+        if model_app_name(model) not in apps:
+            return None
+        done = rollout_complete(running_replicas(apps, model), registry.switches(model, version))
+        if done is not None:
+            return done
+        if time.monotonic() > deadline:
+            log.warning("%s %s: not every replica serves it after %.0f s; rollout time left unknown",
+                        model, version, ROLLOUT_WAIT_S)
+            return None
+        time.sleep(min(1.0, reload_interval_s))
+
+
+def _describe(timing: ServingTime) -> str:
+    phases = ", ".join(f"{name} {s:.1f} s" for name, s in timing.phases.items() if s is not None)
+    total = f"{timing.total_s:.1f} s" if timing.total_s is not None else "total unknown"
+    return f"{total} ({phases})"
 
 
 def _prune_train_runs(storage: Storage, model: str, keep: int = KEEP_TRAIN_RUNS) -> None:

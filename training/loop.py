@@ -88,8 +88,20 @@ def _evaluate(engine, tokenizer, shard, max_length: int, task: Task) -> dict[str
     return {"metrics": task.metrics(y_true, y_pred).model_dump(), "loss": loss, "right": right, "finite": finite}
 
 
-def _evaluate_all(engine, tokenizer, shards: dict[str, Any], max_length: int, task: Task) -> dict[str, Any]:
-    return {name: _evaluate(engine, tokenizer, shard, max_length, task) for name, shard in shards.items()}
+class _Evaluator:
+    """Scores every evaluation set, and counts the seconds spent doing it (the job's
+    feedback-to-serving time puts them under evaluation, not training)."""
+
+    def __init__(self, engine, tokenizer, shards: dict[str, Any], max_length: int, task: Task):
+        self.engine, self.tokenizer, self.shards, self.max_length, self.task = engine, tokenizer, shards, max_length, task
+        self.seconds = 0.0
+
+    def __call__(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        out = {name: _evaluate(self.engine, self.tokenizer, shard, self.max_length, self.task)
+               for name, shard in self.shards.items()}
+        self.seconds += time.perf_counter() - t0
+        return out
 
 
 def _summary(evaluations: dict[str, Any]) -> str:
@@ -200,11 +212,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                f"of {batch_size * world * accumulation} rows")
     train_shard = ray.train.get_dataset_shard("train")
     eval_shards = {name: ray.train.get_dataset_shard(name) for name in config["eval_sets"]}
+    evaluate = _Evaluator(engine, tokenizer, eval_shards, max_length, task)
 
     parent_eval = None
     if config["has_parent"]:
         # The starting weights are production's: score them on the same evaluation rows.
-        parent_eval = _evaluate_all(engine, tokenizer, eval_shards, max_length, task)
+        parent_eval = evaluate()
         _log(rank, "production baseline: " + _summary(parent_eval))
 
     # Early stopping watches the loss on the fresh feedback kept back (what the model is
@@ -233,7 +246,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         line = (f"epoch {epoch + 1}/{config['epochs']} step {engine.global_steps}/{total_steps} "
                 f"loss {loss_sum / max(1, batches):.4f} {seen * world / max(dt, 1e-9):.1f} samples/s")
         if per_epoch:
-            evaluation = _evaluate_all(engine, tokenizer, eval_shards, max_length, task)
+            evaluation = evaluate()
             if stopping.update(epoch, evaluation[monitor]["loss"]):
                 best = evaluation, _consolidated_state_dict(engine.module, rank, precision, frozen_fp32)
             line += f", {monitor} loss {evaluation[monitor]['loss']:.4f} (best: epoch {stopping.best_epoch + 1})"
@@ -246,13 +259,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             break
 
     if best is None:  # not watching epochs (or every loss diverged): the last weights
-        best = (_evaluate_all(engine, tokenizer, eval_shards, max_length, task),
+        best = (evaluate(),
                 _consolidated_state_dict(engine.module, rank, precision, frozen_fp32))
         stopping.best_epoch = epochs_run - 1
     candidate_eval, state = best
     _log(rank, "candidate: " + _summary(candidate_eval))
     report = {
         "candidate": candidate_eval, "parent": parent_eval, "steps": engine.global_steps,
+        "evaluation_s": evaluate.seconds,
         "recipe": {"precision": precision, "epochs_run": epochs_run, "best_epoch": stopping.best_epoch + 1,
                    "early_stopped": epochs_run < config["epochs"] and engine.global_steps < total_steps,
                    "monitor": monitor if per_epoch else None, "frozen_tensors": len(frozen), "accumulation": accumulation},

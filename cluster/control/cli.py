@@ -89,6 +89,39 @@ def versions(model: str, config: str | None = ConfigOption) -> None:
         typer.echo(f"{mark} {m.version:<5} {m.status:<9} accuracy={acc} parent={m.parent or '-'} {m.created_at}")
 
 
+@app.command()
+def lineage(
+    target: str = typer.Argument(..., help="a prediction id, or a model name followed by a version"),
+    version: str | None = typer.Argument(None, help="with a model name: the version"),
+    rows: bool = typer.Option(False, "--rows", help="list every row each version trained on"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON (with every feedback id)"),
+    config: str | None = ConfigOption,
+) -> None:
+    """Where a prediction or a version came from: the version that served it, its ancestry,
+    the rows each version trained on, the golden set, and its feedback-to-serving time."""
+    from tuneloop.control.lineage import describe, prediction_lineage, version_lineage
+    from tuneloop.core.errors import UnknownPrediction, UnknownVersion
+    from tuneloop.core.tasks import model_tasks
+    from tuneloop.store.records import PredictionLog
+    from tuneloop.store.registry import Registry
+    from tuneloop.store.storage import Storage
+
+    cfg = _load(config)
+    storage = Storage(cfg.storage.root)
+    registry = Registry(storage)
+    try:
+        if version is not None:
+            _known_model(cfg, target)
+            found = version_lineage(registry, target, version, with_rows=rows)
+        else:
+            log = PredictionLog(storage, model_tasks(cfg.models))
+            found = prediction_lineage(registry, log, [m.name for m in cfg.models], target, with_rows=rows)
+    except (UnknownVersion, UnknownPrediction) as e:
+        typer.echo(e.message, err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(found, indent=2, default=str) if as_json else "\n".join(describe(found)))
+
+
 feedback_app = typer.Typer(no_args_is_help=True, help="What users said: statistics of the feedback.")
 keys_app = typer.Typer(no_args_is_help=True,
                        help="API keys: create, list and revoke (secrets are shown once, stored hashed).")

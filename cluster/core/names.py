@@ -21,3 +21,10 @@ def predict_route(model: str) -> str:
 # run in Serve's, drivers in their own.
 CONTROLLER_NAME = "tuneloop-retrain-controller"
 CONTROLLER_NAMESPACE = "tuneloop"
+
+
+def running_replicas(applications: dict, model: str) -> int:
+    """A model's running replicas in ``serve.status().applications`` (0 when not deployed)."""
+    app_status = applications.get(model_app_name(model))
+    deployment = app_status.deployments.get(model_deployment_name(model)) if app_status else None
+    return deployment.replica_states.get("RUNNING", 0) if deployment else 0

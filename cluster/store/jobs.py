@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 from tuneloop.core.errors import Conflict
 from tuneloop.core.gate import GateDecision
+from tuneloop.core.serving_time import ServingTime
 from tuneloop.store.registry import Registry, iso_time
 from tuneloop.store.storage import FileLock, Storage
 
@@ -56,6 +57,7 @@ class JobRecord(BaseModel):
     # candidate left waiting because production moved while the job ran (see ``message``).
     promoted: bool | None = None
     message: str | None = None
+    serving_time: ServingTime | None = None  # feedback to serving, by phase (also in the manifest)
     created_at: str
     finished_at: str | None = None
     heartbeat_at: str | None = None

@@ -24,7 +24,6 @@ import hashlib
 import logging
 import secrets
 import threading
-import uuid
 from collections.abc import Callable, Mapping
 from datetime import UTC, date, datetime
 from typing import Any
@@ -271,6 +270,7 @@ class FeedbackStore:
         self._on_stored: Callable[[dict[str, Any]], None] | None = None
         # One append at a time: an Idempotency-Key's check, append and remember are one step.
         self._append_lock = threading.Lock()
+        self._sequence = 0  # feedback ids of this writer sort in arrival order
 
     # -- writing -------------------------------------------------------------------------
     def open_writer(self, compact_interval_s: float | None = None, idempotency_ttl_s: float = 86_400.0,
@@ -323,6 +323,12 @@ class FeedbackStore:
     def _schema(self, model: str) -> pa.Schema:
         return feedback_schema(self.tasks[model])
 
+    def _next_feedback_id(self, now: datetime) -> str:
+        """32 hex digits that sort in arrival order within this writer: the millisecond, a
+        sequence number, then randomness (writers in other processes never collide)."""
+        self._sequence = (self._sequence + 1) % 16**6
+        return f"{int(now.timestamp() * 1000):012x}{self._sequence:06x}{secrets.token_hex(7)}"
+
     def append(
         self,
         *,
@@ -347,11 +353,16 @@ class FeedbackStore:
         if unknown:
             raise TypeError(f"{unknown} are not columns of {task.name} feedback ({sorted(task.feedback_columns)})")
         record = {
-            "feedback_id": uuid.uuid4().hex, "prediction_id": prediction_id, "model": model, "version": version,
-            "text": text, "predicted_at": predicted_at, "created_at": datetime.now(UTC), "key_id": key_id,
+            "feedback_id": None, "prediction_id": prediction_id, "model": model, "version": version,
+            "text": text, "predicted_at": predicted_at, "created_at": None, "key_id": key_id,
             "idempotency_key": idempotency_key, **{c: task_columns.get(c) for c in task.feedback_columns},
         }
         with self._append_lock:
+            # Under the lock, so that arrival order, (created_at, feedback_id) order and the
+            # journal's order agree: "latest answer wins" must not depend on a random id when
+            # two answers on one prediction arrive in the same millisecond.
+            record["created_at"] = datetime.now(UTC)
+            record["feedback_id"] = self._next_feedback_id(record["created_at"])
             if idempotency_key is not None:
                 request = fingerprint(request_fields(record, task))
                 earlier = self._idempotency.answer(key_id, idempotency_key, request)

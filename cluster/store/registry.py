@@ -5,6 +5,8 @@ Layout under the storage root::
     registry/<model>/<version>/        save_pretrained output + manifest.json
     registry/<model>/state.json        {"production": "v2", "generation": 7, "history": [...]}
     registry/<model>/state.lock        the lock every change of state.json is made under
+    registry/<model>/switches/<version>/<replica>.json
+                                       when each serving replica started answering with a version
 
 A version is staged under a hidden name and moved into place with its manifest already
 written, so readers never see half a version; rename onto an existing version fails, so
@@ -31,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tuneloop.core.errors import Conflict, UnknownVersion
 from tuneloop.core.evaluation import EvalMetrics
 from tuneloop.core.gate import GateDecision
+from tuneloop.core.serving_time import ServingTime
 from tuneloop.store.storage import Storage, private_temp_dir
 
 _VERSION = re.compile(r"^v(\d+)$")
@@ -39,6 +42,7 @@ DATA_DIR = "data"  # beside the weights: the tables a version was trained with
 GOLDEN = "golden.parquet"  # beside the versions: the model's frozen golden set
 STATE = "state.json"
 STATE_LOCK = "state.lock"
+SWITCHES = "switches"
 
 
 class _Unchecked:
@@ -84,6 +88,9 @@ class Manifest(BaseModel):
     status: Literal["accepted", "rejected"] = "accepted"
     job_id: str | None = None
     created_at: str = Field(default_factory=now_iso)
+    # Feedback-to-serving time (cluster/core/serving_time.py): written at publishing, and
+    # again with the rollout once the version serves all traffic.
+    serving_time: ServingTime | None = None
 
     def watermark(self) -> tuple[datetime, str] | None:
         """The position, in arrival order (created_at, feedback_id), of the newest feedback
@@ -189,6 +196,10 @@ class Registry:
         self.manifest(model, version)  # raises UnknownVersion
         return self.storage.read_parquet(f"{self._dir(model, version)}/{DATA_DIR}/{name}.parquet")
 
+    def table_path(self, model: str, version: str, name: str) -> str:
+        """Where a version's table lies (a path or URI of the storage), to read it with other tools."""
+        return self.storage.path(f"{self._dir(model, version)}/{DATA_DIR}/{name}.parquet")
+
     def golden(self, model: str) -> pa.Table | None:
         """The model's frozen golden set, if one was frozen."""
         return self.storage.read_parquet(f"{self._dir(model)}/{GOLDEN}")
@@ -202,6 +213,28 @@ class Registry:
                 return frozen
             self.storage.write_parquet_atomic(f"{self._dir(model)}/{GOLDEN}", table)
             return table
+
+    def record_serving_time(self, model: str, version: str, timing: ServingTime) -> Manifest:
+        """Complete a published version's manifest with its feedback-to-serving time, which
+        is known only after its rollout (the one field of a manifest written twice)."""
+        manifest = self.manifest(model, version).model_copy(update={"serving_time": timing})
+        self.storage.write_json_atomic(f"{self._dir(model, version)}/{MANIFEST}", manifest.model_dump(mode="json"))
+        return manifest
+
+    def record_switch(self, model: str, version: str, replica: str, at: datetime | None = None) -> None:
+        """A serving replica started answering with ``version`` (once per replica and version)."""
+        self.storage.write_json_atomic(f"{self._dir(model)}/{SWITCHES}/{version}/{replica}.json",
+                                       {"at": iso_time(at or datetime.now(UTC))})
+
+    def switches(self, model: str, version: str) -> list[datetime]:
+        """When each replica that ever served ``version`` started to."""
+        folder = f"{self._dir(model)}/{SWITCHES}/{version}"
+        times = []
+        for info in self.storage.list_dir(folder):
+            raw = self.storage.read_json(f"{folder}/{info.base_name}")
+            if raw and "at" in raw:
+                times.append(datetime.fromisoformat(raw["at"]))
+        return times
 
     def local_path(self, model: str, version: str, cache_dir: str | None = None) -> str:
         """A local folder holding the version's files, downloading them if storage is remote."""

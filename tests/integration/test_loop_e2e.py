@@ -24,7 +24,11 @@ def loop(ray_session, serve_port, metrics_dir, tiny_model, seed_tsv, tmp_path):
     from tuneloop.serving.app import undeploy
 
     # No background compaction: the job itself must ask the ingress to compact its journal.
-    cfg = make_config(tmp_path / "store", tiny_model, seed_tsv, training={"max_steps": 2},
+    # A learning rate this small leaves the candidate's answers production's, and the margins
+    # absorb any one golden row's flip: the gate accepts v2 every run, so the test can insist
+    # on it (the gate's own decisions are unit-tested in tests/unit/test_gate.py).
+    cfg = make_config(tmp_path / "store", tiny_model, seed_tsv, training={"max_steps": 2, "learning_rate": 1e-7},
+                      gate={"golden_margin": 0.2, "class_recall_margin": 0.5},
                       trigger={"every_n_feedback": TRIGGER_EVERY}, feedback={"compact_interval_s": 3600})
     bootstrap_versions(cfg)  # trains v1, as `tuneloop run` does on an empty registry
     controller = start_serving(cfg, metrics_dir)
@@ -78,27 +82,23 @@ def test_feedback_triggers_a_new_version_that_takes_over(loop):
         # job asked the ingress (through a Serve handle) to compact first.
         from tuneloop.store.registry import Registry
 
-        if job.version:
-            manifest = Registry(Storage(cfg.storage.root)).manifest("sentiment", job.version)
-            fb = manifest.data["feedback"]
-            assert fb["fresh_rows"] + fb["on_golden_texts"] == 4  # feedback on golden texts never trains
-            # The verdict is the one its recorded checks give.
-            assert manifest.gate.accepted == all(c.passed for c in manifest.gate.checks)
-            assert job.state == ("succeeded" if manifest.gate.accepted else "rejected")
-        # Replicas pick the new production up within their reload interval.
-        version = "v1"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and version == "v1":
-            r = c.post("/v1/models/sentiment/predict", json={"inputs": ["is it v2 yet"]})
-            version = r.json()["predictions"][0]["version"]
-            if job.state != "succeeded":
-                break
-            time.sleep(0.5)
-        if job.state == "rejected":  # a tiny random model may fail the gate: then v1 must stay
-            assert version == "v1" and job.version == "v2"
-            return
-        assert job.state == "succeeded", job.error
-        assert version == "v2"
+        assert job.state == "succeeded" and job.version == "v2" and job.promoted, job.model_dump()
+        registry = Registry(Storage(cfg.storage.root))
+        manifest = registry.manifest("sentiment", "v2")
+        fb = manifest.data["feedback"]
+        assert fb["fresh_rows"] + fb["on_golden_texts"] == 4  # feedback on golden texts never trains
+        assert manifest.gate.accepted and [c.name for c in manifest.gate.checks if c.passed] == ["golden", "fresh",
+                                                                                                "sanity"]
+        # Replicas picked the new production up within their reload interval, and the job
+        # waited for that to time the version's way from feedback to serving.
+        r = c.post("/v1/models/sentiment/predict", json={"inputs": ["is it v2 yet"]})
+        assert r.json()["predictions"][0]["version"] == "v2"
+        timing = manifest.serving_time
+        assert timing == job.serving_time and timing.total_s is not None
+        assert all(timing.phases[p] is not None for p in ("waiting_for_trigger", "queueing", "training",
+                                                          "evaluation", "publishing", "rollout"))
+        assert timing.total_s >= sum(timing.phases.values()) - 0.01  # the phases tile the total
+        assert timing.serving_all_at >= manifest.created_at
         assert c.get(f"/v1/jobs/{job.job_id}").status_code == 401  # job records are for admins
         status = c.get(f"/v1/jobs/{job.job_id}", headers=bearer(ADMIN_KEY)).json()
         assert status["state"] == "succeeded" and status["version"] == "v2" and status["promoted"] is True
@@ -108,3 +108,19 @@ def test_feedback_triggers_a_new_version_that_takes_over(loop):
         assert v2["gate"]["accepted"] is True
         metrics = c.get("/metrics").text
         assert 'tuneloop_training_runs_total{model="sentiment",outcome="succeeded"}' in metrics
+        assert f'tuneloop_feedback_to_serving_seconds{{model="sentiment",phase="total",version="v2"}} {timing.total_s}' \
+            in metrics
+
+    # Lineage: the first prediction was served by v1; its feedback trained v2 unless its text
+    # is in the golden set.
+    from tuneloop.control.lineage import prediction_lineage
+    from tuneloop.core.tasks import model_tasks
+    from tuneloop.store.records import PredictionLog
+
+    log = PredictionLog(Storage(cfg.storage.root), model_tasks(cfg.models))
+    found = prediction_lineage(registry, log, ["sentiment"], first["id"])
+    assert found["prediction"]["version"] == "v1" and [v["version"] for v in found["ancestry"]] == ["v1"]
+    on_golden = "the meal was superb" in registry.golden("sentiment").column("text").to_pylist()
+    assert found["feedback_trained_by"] == ([] if on_golden else ["v2"])
+    v2_lineage = registry.table("sentiment", "v2", "trained_on").to_pylist()
+    assert sum(r["source"] == "feedback" for r in v2_lineage) == fb["trained_rows"]

@@ -57,6 +57,11 @@ def test_a_bad_input_fails_its_own_request_and_its_batch_mates_succeed(server):
     assert all(len(r) == 1 for r in more)
 
 
+def test_a_replica_notes_each_version_it_starts_serving(server):
+    replica, registry, _ = server
+    assert len(registry.switches("sentiment", "v1")) == 1  # loaded at start: the rollout's end is timed by it
+
+
 def test_answers_use_the_checkpoints_label_order(server):
     replica, registry, tmp_path = server
     # A head trained with the labels the other way round, and a bias that makes id 0 win.

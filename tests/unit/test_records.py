@@ -44,6 +44,21 @@ def test_feedback_is_journalled_then_parquet_in_the_fixed_schema(tmp_path):
     assert pq.read_table(str(tmp_path / "store" / files[0])).num_rows == 2
 
 
+def test_feedback_ids_sort_in_arrival_order_within_a_millisecond(tmp_path):
+    """"Latest answer wins" orders by (created_at, feedback_id): answers in the same
+    millisecond must still sort as they arrived (random ids once made it a coin toss)."""
+    from tuneloop.core.feedback_stats import superseded
+
+    store = FeedbackStore(Storage(str(tmp_path / "store")), str(tmp_path / "journal"), TASKS)
+    store.open_writer()
+    ids = [store.append(model="m", text="t", label="positive" if i % 2 else "negative", prediction_id="p" * 32)
+           for i in range(200)]
+    store.close()
+    rows = store.read("m").sort_by([("created_at", "ascending"), ("feedback_id", "ascending")]).to_pylist()
+    assert [r["feedback_id"] for r in rows] == ids and all(len(i) == 32 for i in ids)
+    assert superseded(rows) == set(ids[:-1])
+
+
 def test_prediction_log_lookup(tmp_path):
     log = PredictionLog(Storage(str(tmp_path)), TASKS)
     now = datetime.now(UTC)

@@ -245,3 +245,22 @@ def test_promote_refuses_a_gate_rejected_version_without_force_and_other_labels(
     with pytest.raises(Conflict, match="trained for labels"):
         reg.promote("m", rejected.version, force=True, labels=["a", "b", "c"])
     assert reg.promote("m", rejected.version, force=True, labels=["b", "a"]).production == rejected.version
+
+
+def test_switches_and_serving_time_complete_a_published_version(tmp_path, weights):
+    from datetime import UTC, datetime
+
+    from tuneloop.core.serving_time import ServingTime
+
+    reg = Registry(Storage(str(tmp_path / "store")))
+    v1 = reg.publish("m", weights, _manifest()).version
+    assert reg.switches("m", v1) == []
+    t = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+    reg.record_switch("m", v1, "replica-a", at=t)
+    reg.record_switch("m", v1, "replica-b")
+    reg.record_switch("m", v1, "replica-a", at=t)  # noted again: still one replica
+    assert len(reg.switches("m", v1)) == 2 and t in reg.switches("m", v1)
+    assert [m.version for m in reg.versions("m")] == [v1]  # the switches folder is not a version
+    timing = ServingTime(phases={"rollout": 1.5}, total_s=9.0)
+    reg.record_serving_time("m", v1, timing)
+    assert reg.manifest("m", v1).serving_time == timing

@@ -18,12 +18,16 @@ LABELS = ["negative", "positive"]
 class FakeRegistry:
     def __init__(self, production: str | None):
         self.production_version = production
+        self.switched: list[str] = []
 
     def production(self, model: str) -> str | None:
         return self.production_version
 
     def local_path(self, model: str, version: str) -> str:
         return f"/weights/{version}"
+
+    def record_switch(self, model: str, version: str, replica: str) -> None:
+        self.switched.append(version)
 
 
 class FakeRecorder:
@@ -80,6 +84,7 @@ def test_a_refused_version_leaves_the_loaded_one_serving_and_is_not_retried():
     registry.production_version = "bad"
     replica._sync_with_registry()
     replica._sync_with_registry()  # versions are immutable: not loaded again
+    assert registry.switched == ["v1"]  # a refused version was never switched to
     assert replica.status() == {"model": "m", "version": "v1", "refused": {"bad": replica._refused["bad"]}}
     assert asyncio.run(replica.predict(["a"]))[0]["version"] == "v1"
 
