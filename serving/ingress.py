@@ -37,6 +37,7 @@ from tuneloop.core.auth import RateLimiter
 from tuneloop.store.keys import KeyRing
 from tuneloop.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from tuneloop.core.idempotency import parse_key
+from tuneloop.store.quarantine import QuarantineBook
 from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage
 from tuneloop.serving import metrics
@@ -204,6 +205,7 @@ class Ingress:
         self.cfg = TuneloopConfig.model_validate(config)
         storage = Storage(self.cfg.storage.root)
         self.registry = Registry(storage)
+        self.quarantine = QuarantineBook(storage)
         self._controller_handle = None
         self.feedback = FeedbackService.from_config(self.cfg, trigger=self._trigger)
         self.jobs = JobStore(storage)
@@ -359,6 +361,24 @@ class Ingress:
         return self.feedback.stats(model)
 
     # -- admin ---------------------------------------------------------------------------
+    @app.get("/v1/models/{model}/feedback/keys")
+    async def quarantined_keys(self, model: str, request: Request) -> dict[str, Any]:
+        """Feedback keys the quarantine flagged for this model, with why and their numbers."""
+        self.auth.check(request.headers.get("authorization"), "admin")
+        self._model_cfg(model)
+        verdicts = await asyncio.to_thread(self.quarantine.verdicts, model)
+        return {"model": model, "keys": [v.model_dump() for v in verdicts.values()]}
+
+    @app.post("/v1/models/{model}/feedback/keys/{key_id}/release")
+    async def release_key(self, model: str, key_id: str, request: Request,
+                          body: EmptyRequest | None = None) -> dict[str, Any]:
+        """Let a quarantined key's feedback be trained on, from the next job on. 404 when the
+        key is not quarantined."""
+        self.auth.check(request.headers.get("authorization"), "admin")
+        self._model_cfg(model)
+        verdict = await asyncio.to_thread(self.quarantine.release, model, key_id)
+        return {"model": model, **verdict.model_dump()}
+
     @app.post("/v1/models/{model}/retrain", status_code=202)
     async def retrain(self, model: str, request: Request, body: EmptyRequest | None = None) -> dict[str, str]:
         key_id = self.auth.check(request.headers.get("authorization"), "admin")

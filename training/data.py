@@ -60,11 +60,6 @@ def _as(column: pa.ChunkedArray, to: pa.DataType) -> pa.ChunkedArray:
     return column.cast(to)
 
 
-def normalized(text: str) -> str:
-    """The form in which texts are compared (golden set exclusion)."""
-    return " ".join(text.split()).lower()
-
-
 def table_digest(table: pa.Table) -> str:
     """A digest of a table's rows, stable across files and Parquet versions."""
     h = hashlib.sha256()

@@ -5,7 +5,9 @@
   for the gate, the rest is trained on;
 - **replay**: a label-stratified sample of the seed and of the parent's reservoir (a
   uniform sample of all earlier feedback), ``replay_ratio`` rows per fresh row;
-- **golden**: the model's frozen evaluation set, never trained on.
+- **golden**: the model's frozen evaluation set, never trained on;
+- **held**: fresh rows of keys the quarantine holds (``cluster/core/quarantine.py``), kept
+  beside the version until an admin releases the key; then the next job trains on them.
 
 Driver side, pyarrow. What it reads is the parent's reservoir, the seed and the golden
 files, and the feedback partitions from the watermark's day on: bounded by fresh data and
@@ -21,13 +23,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tuneloop.core.config import ModelConfig, TrainingConfig
+from tuneloop.core.config import ModelConfig, QuarantineConfig, TrainingConfig
 from tuneloop.core.feedback_stats import superseded
+from tuneloop.core.quarantine import ANONYMOUS, flag_keys, key_stats, normalized
 from tuneloop.core.replay import kept_back, replay_quota, reservoir_update, stratified_sample
 from tuneloop.core.tasks import Task
+from tuneloop.store.quarantine import QuarantineBook
 from tuneloop.store.records import FeedbackStore, arrow_type
 from tuneloop.store.registry import Manifest, Registry
-from tuneloop.training.data import file_sha256, normalized, read_dataset, table_digest
+from tuneloop.training.data import file_sha256, read_dataset, table_digest
 
 TS = pa.timestamp("ms", tz="UTC")
 
@@ -37,7 +41,7 @@ def row_schema(task: Task) -> pa.Schema:
     return pa.schema([("text", pa.string())]
                      + [(c, arrow_type(task.feedback_columns[c])) for c in task.target_columns]
                      + [("source", pa.string()), ("feedback_id", pa.string()), ("prediction_id", pa.string()),
-                        ("created_at", TS)])
+                        ("key_id", pa.string()), ("created_at", TS)])
 
 
 def _rows(table: pa.Table, schema: pa.Schema, source: str | None = None) -> pa.Table:
@@ -71,6 +75,7 @@ class JobData:
     golden: pa.Table  # text and targets
     fresh_eval: pa.Table  # row_schema: the newest fresh rows, kept back for the gate
     reservoir: pa.Table  # row_schema: the child's uniform sample of all feedback trained on
+    held: pa.Table  # row_schema: rows of quarantined keys, waiting for a release
     summary: dict[str, Any] = field(default_factory=dict)  # the manifest's ``data``
 
 
@@ -94,8 +99,33 @@ def golden_set(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Re
                     "rows": frozen.num_rows}
 
 
+def _quarantine(task: Task, qcfg: QuarantineConfig, book: QuarantineBook, model: str, stored: pa.Table,
+                parent: Manifest | None) -> tuple[set[str], dict[str, Any]]:
+    """Flag the keys of this job's feedback that are far off the rest, record them in the
+    book, and return every key now quarantined with the summary's numbers."""
+    flags: dict[str, str] = {}
+    stats = {}
+    if qcfg.enabled and stored.num_rows:
+        label_of = lambda r: task.stratum({c: r[c] for c in task.target_columns})  # noqa: E731
+        stats = key_stats(stored.to_pylist(), task.agrees, label_of)
+        reference = getattr(parent.metrics, task.gate_metric) if parent and parent.metrics else None
+        flags = flag_keys(stats, reference, min_rows=qcfg.min_rows, max_gap=qcfg.max_gap,
+                          min_shared_texts=qcfg.min_shared_texts, min_peer_agreement=qcfg.min_peer_agreement)
+        released = {k for k, v in book.verdicts(model).items() if v.state == "released"}
+        flags = {k: why for k, why in flags.items() if k not in released}  # an admin's release stands
+    held_keys = book.quarantine(model, flags, {k: stats[k].as_dict() for k in flags}) if flags \
+        else book.quarantined(model)
+    return held_keys, {"flagged": flags, "quarantined_keys": sorted(held_keys),
+                       "keys": {k: s.as_dict() for k, s in sorted(stats.items())}}
+
+
+def _of_keys(table: pa.Table, keys: set[str]) -> pa.Array:
+    """Which rows came from one of ``keys`` (rows without a key count as ANONYMOUS)."""
+    return pc.is_in(pc.fill_null(table.column("key_id"), ANONYMOUS), pa.array(sorted(keys), pa.string()))
+
+
 def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Registry, feedback: FeedbackStore,
-             parent: Manifest | None) -> JobData:
+             parent: Manifest | None, qcfg: QuarantineConfig | None = None) -> JobData:
     schema = row_schema(task)
     rng = random.Random(f"{tcfg.seed}:{parent.version if parent else 'v0'}")
     seed = read_dataset(mcfg.seed_dataset, task) if mcfg.seed_dataset else None
@@ -109,10 +139,21 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     fresh = stored
     if dropped:
         fresh = fresh.filter(pc.invert(pc.is_in(fresh.column("feedback_id"), pa.array(sorted(dropped)))))
+    held_keys, quarantine = _quarantine(task, qcfg or QuarantineConfig(), QuarantineBook(registry.storage),
+                                        mcfg.name, fresh, parent)
     fresh = _rows(fresh, schema, "feedback")
     on_golden = fresh.num_rows
     fresh = _without_texts(fresh, golden_texts)
     on_golden -= fresh.num_rows
+    # Quarantined keys' rows wait in the held table; released keys' held rows train now.
+    held = registry.table(mcfg.name, parent.version, "held") if parent else None
+    held = _rows(held, schema) if held is not None else schema.empty_table()
+    released = held.filter(pc.invert(_of_keys(held, held_keys)))
+    newly_held = fresh.filter(_of_keys(fresh, held_keys))  # rows past the watermark come again: once
+    newly_held = newly_held.filter(pc.invert(pc.is_in(newly_held.column("feedback_id"), held.column("feedback_id"))))
+    held = pa.concat_tables([held.filter(_of_keys(held, held_keys)), newly_held])
+    fresh = fresh.filter(pc.invert(_of_keys(fresh, held_keys)))
+    quarantine.update(held_rows=held.num_rows, released_rows=released.num_rows)
     n_eval = kept_back(fresh.num_rows, tcfg.eval_fraction)
     n_train = min(fresh.num_rows - n_eval, tcfg.max_rows_per_job)
     fresh_train, fresh_eval = fresh.slice(0, n_train), fresh.slice(fresh.num_rows - n_eval)
@@ -131,12 +172,14 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
         reservoir = reservoir.filter(pc.invert(pc.is_in(reservoir.column("prediction_id"), pa.array(sorted(replaced)))))
     seed_pool = _without_texts(_rows(seed, schema, "seed"), golden_texts) if seed is not None else schema.empty_table()
     pool = pa.concat_tables([seed_pool, _rows(reservoir, schema, "replay")])
+    fresh_train = pa.concat_tables([fresh_train, released])  # after the watermark's row: it stays put
+    n_new = fresh_train.num_rows
     if parent is None:
-        quota = tcfg.max_rows_per_job - n_train  # the first version learns the seed
-    elif n_train == 0:
+        quota = tcfg.max_rows_per_job - n_new  # the first version learns the seed
+    elif n_new == 0:
         quota = min(tcfg.max_rows_per_job, pool.num_rows)  # nothing new: a replay-only job
     else:
-        quota = replay_quota(n_train, tcfg.replay_ratio, tcfg.max_rows_per_job)
+        quota = replay_quota(n_new, tcfg.replay_ratio, tcfg.max_rows_per_job)
     strata = [task.stratum(r) for r in pool.select(list(task.target_columns)).to_pylist()]
     replay = _take(pool, stratified_sample(strata, quota, rng))
     train = pa.concat_tables([fresh_train, replay])
@@ -161,11 +204,13 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
                      "left_for_next_job": fresh.num_rows - n_eval - n_train},
         "replay": {"rows": replay.num_rows, "pool_rows": pool.num_rows, "ratio": tcfg.replay_ratio},
         "reservoir": {"rows": child_reservoir.num_rows, "seen": seen},
+        "quarantine": quarantine,
         "watermark": watermark,
         "train_rows": train.num_rows,
         "eval_rows": golden.num_rows + fresh_eval.num_rows,
     }
-    return JobData(train=train, golden=golden, fresh_eval=fresh_eval, reservoir=child_reservoir, summary=summary)
+    return JobData(train=train, golden=golden, fresh_eval=fresh_eval, reservoir=child_reservoir, held=held,
+                   summary=summary)
 
 
 def with_training_columns(task: Task, table: pa.Table) -> pa.Table:

@@ -153,7 +153,10 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
     parent = registry.production(model)
     init_path = registry.local_path(model, parent) if parent else resolve_model_source(mcfg.base_model)
     parent_manifest = registry.manifest(model, parent) if parent else None
-    data = assemble(task, mcfg, tcfg, registry, feedback, parent_manifest)
+    data = assemble(task, mcfg, tcfg, registry, feedback, parent_manifest, cfg.quarantine)
+    if data.summary["quarantine"]["flagged"]:
+        log.warning("job %s: quarantined feedback keys of %s: %s", job.job_id, model,
+                    data.summary["quarantine"]["flagged"])
     datasets, eval_sets = _datasets(task, data)
     log.info("job %s: %s from %s, %s", job.job_id, model, parent or mcfg.base_model, data.summary)
     _wait_for_resources(tcfg)
@@ -201,7 +204,8 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
     trained_on = data.train.select(["source", "feedback_id", "prediction_id", "text", *task.target_columns])
     with result.checkpoint.as_directory() as ckpt_dir:
         manifest = registry.publish(model, ckpt_dir, manifest,
-                                    tables={"trained_on": trained_on, "reservoir": data.reservoir})
+                                    tables={"trained_on": trained_on, "reservoir": data.reservoir,
+                                            "held": data.held})
     published = _now()
     _prune_train_runs(storage, model)
     job.version = manifest.version

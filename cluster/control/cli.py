@@ -122,7 +122,8 @@ def lineage(
     typer.echo(json.dumps(found, indent=2, default=str) if as_json else "\n".join(describe(found)))
 
 
-feedback_app = typer.Typer(no_args_is_help=True, help="What users said: statistics of the feedback.")
+feedback_app = typer.Typer(no_args_is_help=True,
+                           help="What users said: statistics of the feedback, and the keys held out of training.")
 keys_app = typer.Typer(no_args_is_help=True,
                        help="API keys: create, list and revoke (secrets are shown once, stored hashed).")
 app.add_typer(feedback_app, name="feedback")
@@ -142,6 +143,49 @@ def feedback_stats_cmd(model: str, config: str | None = ConfigOption) -> None:
     tasks = model_tasks(cfg.models)
     store = FeedbackStore(Storage(cfg.storage.root), cfg.storage.journal_path(), tasks)
     typer.echo(json.dumps(feedback_stats(model, tasks[model], store.read_all(model)), indent=2))
+
+
+@feedback_app.command("keys")
+def feedback_keys_cmd(model: str, config: str | None = ConfigOption) -> None:
+    """Each feedback key's agreement with production and with other keys over all of MODEL's
+    feedback, and the quarantine's verdicts, as JSON."""
+    from tuneloop.core.feedback_stats import superseded
+    from tuneloop.core.quarantine import key_stats
+    from tuneloop.core.tasks import model_tasks
+    from tuneloop.store.quarantine import QuarantineBook
+    from tuneloop.store.records import FeedbackStore
+    from tuneloop.store.storage import Storage
+
+    cfg = _load(config)
+    _known_model(cfg, model)
+    tasks, storage = model_tasks(cfg.models), Storage(cfg.storage.root)
+    task = tasks[model]
+    rows = FeedbackStore(storage, cfg.storage.journal_path(), tasks).read_all(model)
+    dropped = superseded(rows)
+    stats = key_stats([r for r in rows if r["feedback_id"] not in dropped], task.agrees,
+                      lambda r: task.stratum({c: r[c] for c in task.target_columns}))
+    verdicts = QuarantineBook(storage).verdicts(model)
+    out = [{**s.as_dict(), "quarantine": verdicts[k].model_dump() if k in verdicts else None}
+           for k, s in sorted(stats.items())]
+    typer.echo(json.dumps({"model": model, "keys": out}, indent=2))
+
+
+@feedback_app.command("release")
+def feedback_release_cmd(model: str, key_id: str = typer.Argument(..., help="a quarantined key's id"),
+                         config: str | None = ConfigOption) -> None:
+    """Let a quarantined key's feedback be trained on again, from MODEL's next job on."""
+    from tuneloop.core.errors import NotQuarantined
+    from tuneloop.store.quarantine import QuarantineBook
+    from tuneloop.store.storage import Storage
+
+    cfg = _load(config)
+    _known_model(cfg, model)
+    try:
+        verdict = QuarantineBook(Storage(cfg.storage.root)).release(model, key_id)
+    except NotQuarantined as e:
+        typer.echo(e.message, err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"released {key_id} for {model} (quarantined {verdict.since}: {verdict.reason})")
 
 
 @keys_app.command("create")

@@ -282,6 +282,22 @@ class TriggerConfig(_Strict):
     accuracy_window: int = Field(default=200, ge=1, description="production's last predictions with feedback to judge by")
 
 
+class QuarantineConfig(_Strict):
+    """Which feedback keys a job holds out of training (``cluster/core/quarantine.py``)."""
+
+    enabled: bool = True
+    min_rows: int = Field(default=20, ge=1, description="predictions a key must have judged before it can be flagged")
+    max_gap: float = Field(
+        default=0.4, gt=0, le=1,
+        description="flag a key agreeing with production this much less often than other keys do (or than "
+                    "production's golden accuracy, without other keys)",
+    )
+    min_shared_texts: int = Field(default=10, ge=1, description="texts a key shares with other keys before that counts")
+    min_peer_agreement: float = Field(
+        default=0.5, ge=0, le=1, description="flag a key giving other keys' label on fewer of its shared texts"
+    )
+
+
 class RayConfig(_Strict):
     address: str | None = Field(default=None, description="None starts a local Ray")
     num_cpus: int | None = Field(
@@ -299,6 +315,7 @@ class TuneloopConfig(_Strict):
     training: TrainingConfig = TrainingConfig()
     gate: GateConfig = GateConfig()
     trigger: TriggerConfig = TriggerConfig()
+    quarantine: QuarantineConfig = QuarantineConfig()
     ray: RayConfig = RayConfig()
 
     @field_validator("models")

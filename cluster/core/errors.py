@@ -93,6 +93,13 @@ class UnknownJob(TuneloopError):
         super().__init__(f"no training job with id {job_id!r}")
 
 
+class NotQuarantined(TuneloopError):
+    status, code = 404, "not_quarantined"
+
+    def __init__(self, model: str, key_id: str):
+        super().__init__(f"key {key_id!r} is not quarantined for model {model!r}")
+
+
 class InvalidLabel(TuneloopError):
     status, code = 422, "invalid_label"
 

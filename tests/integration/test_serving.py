@@ -241,6 +241,22 @@ def test_promote_and_rollback_by_an_admin(app):
     assert r.status_code == 503  # this app runs without the retrain controller
 
 
+def test_an_admin_lists_and_releases_quarantined_keys(app):
+    from tuneloop.store.quarantine import QuarantineBook
+    from tuneloop.store.storage import Storage
+
+    url, cfg = app["url"], app["cfg"]
+    QuarantineBook(Storage(cfg.storage.root)).quarantine("sentiment", {"bbbbbbbb": "far off"}, {"bbbbbbbb": {"rows": 40}})
+    assert httpx.get(f"{url}/v1/models/sentiment/feedback/keys", headers=bearer(FEEDBACK_KEY)).status_code == 403
+    listed = httpx.get(f"{url}/v1/models/sentiment/feedback/keys", headers=bearer(ADMIN_KEY)).json()
+    assert [(k["key_id"], k["state"], k["reason"]) for k in listed["keys"]] == [("bbbbbbbb", "quarantined", "far off")]
+    r = post(f"{url}/v1/models/sentiment/feedback/keys/bbbbbbbb/release", {}, key=ADMIN_KEY)
+    assert r.status_code == 200 and r.json()["state"] == "released"
+    again = post(f"{url}/v1/models/sentiment/feedback/keys/bbbbbbbb/release", {}, key=ADMIN_KEY)
+    assert again.status_code == 404 and again.json()["error"]["code"] == "not_quarantined"
+    assert httpx.get(f"{url}/v1/models/nope/feedback/keys", headers=bearer(ADMIN_KEY)).status_code == 404
+
+
 def test_second_feedback_on_a_prediction_wins_and_stats_count_it(app):
     url = app["url"]
     pred = post(f"{url}/v1/models/sentiment/predict", {"inputs": ["changed my mind"]}).json()["predictions"][0]

@@ -10,6 +10,7 @@ from collections import Counter
 import pytest
 
 from tuneloop.core.config import parse_config
+from tuneloop.core.evaluation import EvalMetrics
 from tuneloop.core.tasks import model_tasks
 from tuneloop.store.records import FeedbackStore
 from tuneloop.store.registry import Manifest, Registry
@@ -35,13 +36,15 @@ def env(tmp_path):
     feedback.close()
 
 
-def _publish(registry: Registry, tmp_path, data, version_of, summary) -> Manifest:
-    """Publish a version as a job does: its summary (watermark) and its reservoir."""
+def _publish(registry: Registry, tmp_path, data, version_of, summary, golden_accuracy: float | None = None) -> Manifest:
+    """Publish a version as a job does: its summary (watermark), its reservoir and held rows."""
     weights = tmp_path / f"weights-{version_of}"
     weights.mkdir()
+    metrics = None if golden_accuracy is None else EvalMetrics(accuracy=golden_accuracy, precision=0, recall=0, f1=0,
+                                                               eval_rows=20)
     manifest = Manifest(version="pending", model="m", parent=None, base_model="x", task="text-classification",
-                        labels=["negative", "positive"], data=summary)
-    return registry.publish("m", str(weights), manifest, tables={"reservoir": data.reservoir})
+                        labels=["negative", "positive"], data=summary, metrics=metrics)
+    return registry.publish("m", str(weights), manifest, tables={"reservoir": data.reservoir, "held": data.held})
 
 
 def _give(feedback: FeedbackStore, n: int, start: int = 0, label: str = "positive", **extra) -> list[str]:
@@ -141,3 +144,39 @@ def test_old_train_runs_of_a_model_are_pruned_and_other_models_kept(tmp_path):
     _prune_train_runs(storage, "a", keep=2)
     assert sorted(p.name for p in (tmp_path / "store/train_runs").iterdir()) == [
         "a-0000000000000002", "a-0000000000000003", "a-b-0000000000000000"]
+
+
+def test_a_key_flipping_labels_is_held_out_until_released_then_trained(env):
+    """One key answers 60 predictions, saying production (90% right on the golden set) was
+    wrong every time: the job quarantines the key, trains on none of its rows and keeps them
+    in the held table; once an admin releases the key, the next job trains on all of them."""
+    from tuneloop.store.quarantine import QuarantineBook
+
+    cfg, task, registry, feedback, tmp_path = env
+    first = assemble(task, cfg.model("m"), cfg.training, registry, feedback, None)
+    v1 = _publish(registry, tmp_path, first, "v1", first.summary, golden_accuracy=0.9)
+    honest = [feedback.append(model="m", text=f"honest {i}", label="positive", prediction_id=f"{i:032x}",
+                              version="v1", predicted_label="positive", key_id="aaaaaaaa") for i in range(10)]
+    flipped = [feedback.append(model="m", text=f"flipped {i}", label="negative", prediction_id=f"{1000 + i:032x}",
+                               version="v1", predicted_label="positive", key_id="bbbbbbbb") for i in range(60)]
+    feedback.compact()
+    data = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v1)
+    q = data.summary["quarantine"]
+    assert set(q["flagged"]) == {"bbbbbbbb"} and "0% of 60 predictions" in q["flagged"]["bbbbbbbb"]
+    assert q["held_rows"] == 60 and q["keys"]["aaaaaaaa"]["production_agreement"] == 1.0
+    seen = set(data.train.column("feedback_id").to_pylist()) | set(data.fresh_eval.column("feedback_id").to_pylist())
+    assert seen.isdisjoint(flipped) and set(honest) <= seen
+    assert sorted(data.held.column("feedback_id").to_pylist()) == sorted(flipped)
+    book = QuarantineBook(registry.storage)
+    assert book.quarantined("m") == {"bbbbbbbb"}
+
+    # Still held a job later (its rows past the watermark are read again, and held once).
+    v2 = _publish(registry, tmp_path, data, "v2", data.summary, golden_accuracy=0.9)
+    later = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v2)
+    assert later.held.num_rows == 60 and later.summary["quarantine"]["released_rows"] == 0
+    book.release("m", "bbbbbbbb")
+    released = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v2)
+    assert released.held.num_rows == 0 and released.summary["quarantine"]["released_rows"] == 60
+    trained = set(released.train.column("feedback_id").to_pylist())
+    assert set(flipped) <= trained  # released: trained on, never lost
+    assert released.summary["quarantine"]["flagged"] == {}  # a released key is not flagged again

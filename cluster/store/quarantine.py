@@ -1,0 +1,68 @@
+"""The quarantine book: per model, the feedback keys held out of training, why, and who
+released them. ``registry/<model>/quarantine.json``, changed under its lock.
+
+A job flags keys (``cluster/core/quarantine.py``) and records them here; their rows are
+kept, beside the version, in its ``held`` table until an admin releases the key; the next
+job then trains on them. A released key stays released: it is not flagged again.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from tuneloop.core.errors import NotQuarantined
+from tuneloop.store.registry import now_iso
+from tuneloop.store.storage import Storage
+
+
+class KeyVerdict(BaseModel):
+    key_id: str
+    state: Literal["quarantined", "released"]
+    reason: str
+    since: str
+    released_at: str | None = None
+    stats: dict[str, Any] = Field(default_factory=dict)  # the key's numbers when it was flagged
+
+
+class QuarantineBook:
+    def __init__(self, storage: Storage):
+        self.storage = storage
+
+    @staticmethod
+    def _file(model: str) -> str:
+        return f"registry/{model}/quarantine.json"
+
+    def verdicts(self, model: str) -> dict[str, KeyVerdict]:
+        raw = self.storage.read_json(self._file(model)) or {}
+        return {k: KeyVerdict.model_validate(v) for k, v in raw.items()}
+
+    def _write(self, model: str, verdicts: dict[str, KeyVerdict]) -> None:
+        self.storage.write_json_atomic(self._file(model), {k: v.model_dump() for k, v in sorted(verdicts.items())})
+
+    def quarantined(self, model: str) -> set[str]:
+        return {k for k, v in self.verdicts(model).items() if v.state == "quarantined"}
+
+    def quarantine(self, model: str, flags: dict[str, str], stats: dict[str, dict[str, Any]]) -> set[str]:
+        """Record newly flagged keys (a released key stays released); returns every key
+        now quarantined."""
+        with self.storage.locked(f"registry/{model}/quarantine.lock"):
+            verdicts = self.verdicts(model)
+            for key, reason in flags.items():
+                if key not in verdicts:
+                    verdicts[key] = KeyVerdict(key_id=key, state="quarantined", reason=reason, since=now_iso(),
+                                               stats=stats.get(key, {}))
+            self._write(model, verdicts)
+            return {k for k, v in verdicts.items() if v.state == "quarantined"}
+
+    def release(self, model: str, key_id: str) -> KeyVerdict:
+        """Let a quarantined key's rows be trained on (from the next job). Raises NotQuarantined."""
+        with self.storage.locked(f"registry/{model}/quarantine.lock"):
+            verdicts = self.verdicts(model)
+            verdict = verdicts.get(key_id)
+            if verdict is None or verdict.state != "quarantined":
+                raise NotQuarantined(model, key_id)
+            verdicts[key_id] = verdict.model_copy(update={"state": "released", "released_at": now_iso()})
+            self._write(model, verdicts)
+            return verdicts[key_id]
