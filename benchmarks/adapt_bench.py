@@ -19,8 +19,12 @@ Then ``--rounds`` rounds of ``--round-size`` airline-tweet labels (negative/posi
 tweet time order) arrive as feedback; after each, every strategy retrains through
 ``run_training`` (Ray Train + DeepSpeed, the gate, the registry) and its production model
 is scored on the airline test set and on SST-2 dev (each capped at ``--eval-rows`` rows, a
-fixed sample). Last, a poisoned round: the next ``--poison-rows`` airline labels, flipped,
-all from one API key, for ``replay`` and ``everything``; the gate should refuse them.
+fixed sample). Feedback is given on predictions, as users of the API give it: each label
+comes with what production predicted for the text (its prediction id, version and label).
+Last, a poisoned round: the next ``--poison-rows`` airline labels, flipped, all from one API
+key, for ``replay``, ``everything``, and ``replay`` with quarantine off (``golden-only``: the
+gate alone against the flipped round). Target: no flipped label reaches production (with
+quarantine on, a version trained on the honest rows only may well be promoted).
 
 Prints markdown tables (accuracy, change against v1 in points, job seconds and their ratio
 to ``everything`` in the same round) and whether the issue's targets were met; progress
@@ -54,7 +58,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer  # no
 from tuneloop.core.config import TuneloopConfig, parse_config  # noqa: E402
 from tuneloop.core.model_source import resolve_model_source  # noqa: E402
 from tuneloop.core.tasks import model_tasks  # noqa: E402
-from tuneloop.store.records import FeedbackStore  # noqa: E402
+from tuneloop.store.records import FeedbackStore, new_prediction_id  # noqa: E402
 from tuneloop.store.registry import Registry  # noqa: E402
 from tuneloop.store.storage import Storage  # noqa: E402
 from tuneloop.training.launcher import TrainingOutcome, run_training  # noqa: E402
@@ -64,6 +68,7 @@ LABELS = ["negative", "positive"]
 BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 RAY_NUM_CPUS = 6  # as tests/integration/conftest.py: more than the 2 workers, or Ray Data starves
 USER_KEY, POISON_KEY = "0a1b2c3d", "deadbeef"
+GOLDEN_ONLY = "golden-only"  # replay's history and keys, quarantine off: the gate alone
 FLIP = {"negative": "positive", "positive": "negative"}
 STRATEGIES = {  # what differs between them: only these training keys
     "replay": {"replay_ratio": 1.0},
@@ -89,8 +94,10 @@ def sample(rows: list, cap: int, seed: int) -> list:
     return rows if len(rows) <= cap else [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), cap))]
 
 
-def make_config(root: Path, seed_file: Path, base_model: str, epochs: int, **training) -> TuneloopConfig:
+def make_config(root: Path, seed_file: Path, base_model: str, epochs: int, quarantine: bool = True,
+                **training) -> TuneloopConfig:
     return parse_config({
+        "quarantine": {"enabled": quarantine},
         "models": [{"name": MODEL, "base_model": base_model, "labels": LABELS, "seed_dataset": str(seed_file)}],
         "storage": {"root": str(root)},
         "auth": {"create_admin_key": False},
@@ -100,12 +107,18 @@ def make_config(root: Path, seed_file: Path, base_model: str, epochs: int, **tra
 
 
 def add_feedback(cfg: TuneloopConfig, rows: list[tuple[str, str]], key_id: str) -> None:
-    """As the ingress would store it: journalled, then compacted into Parquet."""
+    """As the ingress would store feedback on predictions: each label with what production
+    predicted for its text, journalled, then compacted into Parquet."""
+    registry = Registry(Storage(cfg.storage.root))
+    version = registry.production(MODEL)
+    tokenizer, net = _load(registry.local_path(MODEL, version))
+    predicted = predict(tokenizer, net, [t for t, _ in rows], cfg.serving.max_length)
     store = FeedbackStore(Storage(cfg.storage.root), cfg.storage.journal_path(), model_tasks(cfg.models))
     store.open_writer()
     try:
-        for text, label in rows:
-            store.append(model=MODEL, text=text, label=label, key_id=key_id)
+        for (text, label), served in zip(rows, predicted, strict=True):
+            store.append(model=MODEL, text=text, label=label, key_id=key_id, prediction_id=new_prediction_id(),
+                         version=version, predicted_label=served)
         store.compact()
     finally:
         store.close()
@@ -119,6 +132,15 @@ def train(cfg: TuneloopConfig) -> tuple[TrainingOutcome, float]:
 
 
 _scores: dict[str, tuple[float, float]] = {}
+_models: dict[str, tuple] = {}
+
+
+def _load(path: str) -> tuple:
+    if path not in _models:
+        _models.clear()  # one model in memory at a time
+        _models[path] = (AutoTokenizer.from_pretrained(path),
+                         AutoModelForSequenceClassification.from_pretrained(path).eval())
+    return _models[path]
 
 
 def score(cfg: TuneloopConfig, airline: list[tuple[str, str]], sst2: list[tuple[str, str]]) -> tuple[float, float]:
@@ -126,23 +148,25 @@ def score(cfg: TuneloopConfig, airline: list[tuple[str, str]], sst2: list[tuple[
     registry = Registry(Storage(cfg.storage.root))
     path = registry.local_path(MODEL, registry.production(MODEL))
     if path not in _scores:  # a rejected job leaves production as it was: no need to score again
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        net = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        tokenizer, net = _load(path)
         _scores[path] = tuple(accuracy(tokenizer, net, rows, cfg.serving.max_length) for rows in (airline, sst2))
     return _scores[path]
 
 
-def accuracy(tokenizer, net, rows: list[tuple[str, str]], max_length: int) -> float:
+def predict(tokenizer, net, texts: list[str], max_length: int) -> list[str]:
     id2label = net.config.id2label  # the checkpoint's own label order, not an assumed one
-    right = 0
+    out: list[str] = []
     with torch.inference_mode():
-        for i in range(0, len(rows), 64):
-            batch = rows[i:i + 64]
-            enc = tokenizer([t for t, _ in batch], padding=True, truncation=True, max_length=max_length,
+        for i in range(0, len(texts), 64):
+            enc = tokenizer(texts[i:i + 64], padding=True, truncation=True, max_length=max_length,
                             return_tensors="pt")
-            predicted = net(**enc).logits.argmax(-1).tolist()
-            right += sum(id2label[p] == label for p, (_, label) in zip(predicted, batch))
-    return right / len(rows)
+            out.extend(id2label[p] for p in net(**enc).logits.argmax(-1).tolist())
+    return out
+
+
+def accuracy(tokenizer, net, rows: list[tuple[str, str]], max_length: int) -> float:
+    predicted = predict(tokenizer, net, [t for t, _ in rows], max_length)
+    return sum(p == label for p, (_, label) in zip(predicted, rows, strict=True)) / len(rows)
 
 
 @dataclass
@@ -154,6 +178,14 @@ class Result:
     seconds: float
     airline: float
     sst2: float
+    poisoned: bool = False  # production trained on a flipped label
+
+
+def poison_in_production(cfg: TuneloopConfig) -> bool:
+    """Whether the production version trained on any row from the poisoning key."""
+    registry = Registry(Storage(cfg.storage.root))
+    trained_on = registry.table(MODEL, registry.production(MODEL), "trained_on")
+    return trained_on is not None and POISON_KEY in trained_on.column("key_id").to_pylist()
 
 
 def job_cell(outcome: TrainingOutcome | None) -> str:
@@ -241,16 +273,21 @@ def run(args: argparse.Namespace, work: Path) -> None:
                 progress(f"round {r}/{args.rounds} {name}: {job_cell(outcome)} in {seconds:.0f} s; "
                          f"airline {airline:.3f}, SST-2 dev {sst2:.3f}")
 
-        # Poison: the next labels in time order, every one flipped, from one key.
+        # Poison: the next labels in time order, every one flipped, from one key; and the
+        # same against the gate alone (replay's history, quarantine off).
         start = args.rounds * args.round_size
         flipped = [(text, FLIP[label]) for text, label in stream[start:start + args.poison_rows]]
+        shutil.copytree(work / "replay", work / GOLDEN_ONLY, ignore=shutil.ignore_patterns("train_runs"))
+        cfgs[GOLDEN_ONLY] = make_config(work / GOLDEN_ONLY, seed_file, base_model, args.epochs, quarantine=False,
+                                        **STRATEGIES["replay"])
         poisoned = []
-        for name in ("replay", "everything"):
+        for name in ("replay", "everything", GOLDEN_ONLY):
             add_feedback(cfgs[name], flipped, POISON_KEY)
             progress(f"poison {name}: training ({len(flipped)} flipped rows from key {POISON_KEY})…")
             outcome, seconds = train(cfgs[name])
             airline, sst2 = score(cfgs[name], airline_test, sst2_dev)
-            poisoned.append(Result("poison", start + len(flipped), name, outcome, seconds, airline, sst2))
+            poisoned.append(Result("poison", start + len(flipped), name, outcome, seconds, airline, sst2,
+                                   poison_in_production(cfgs[name])))
             progress(f"poison {name}: {job_cell(outcome)} in {seconds:.0f} s")
     finally:
         ray.shutdown()
@@ -271,21 +308,28 @@ def report(results: list[Result], poisoned: list[Result], v1_airline: float, v1_
               f"| {pts(r.airline, v1_airline)} | {r.sst2:.3f} | {pts(r.sst2, v1_sst2)} | {r.seconds:.0f} | {ratio} |")
 
     print("\n## Flipped labels from one key\n")
-    print("| strategy | job | gate | airline test | Δ v1 (pts) | SST-2 dev | Δ v1 (pts) | job s |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| strategy | job | flipped labels in production | quarantine | gate | airline test | Δ v1 (pts) "
+          "| SST-2 dev | Δ v1 (pts) | job s |")
+    print("| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in poisoned:
         manifest = r.outcome.manifest
         reason = manifest.gate.reason if manifest and manifest.gate else (r.outcome.job.error or "")
-        print(f"| {r.strategy} | {job_cell(r.outcome)} | {reason.replace('|', '/')} | {r.airline:.3f} "
-              f"| {pts(r.airline, v1_airline)} | {r.sst2:.3f} | {pts(r.sst2, v1_sst2)} | {r.seconds:.0f} |")
+        held = manifest.data.get("quarantine", {}) if manifest else {}
+        quarantine = (f"{', '.join(held['flagged'])} held ({held['held_rows']} rows): "
+                      + "; ".join(held["flagged"].values())) if held.get("flagged") else "no key flagged"
+        print(f"| {r.strategy} | {job_cell(r.outcome)} | {'YES' if r.poisoned else 'no'} "
+              f"| {quarantine.replace('|', '/')} | {reason.replace('|', '/')} "
+              f"| {r.airline:.3f} | {pts(r.airline, v1_airline)} | {r.sst2:.3f} | {pts(r.sst2, v1_sst2)} "
+              f"| {r.seconds:.0f} |")
 
     # The issue's targets, for the default policy.
     replay = [r for r in results if r.strategy == "replay"]
     within = [r for r in replay if r.labels <= 400]
     gain = max((r.airline - v1_airline) * 100 for r in within) if within else None
     drop = max((v1_sst2 - r.sst2) * 100 for r in replay) if replay else None
-    poison = next(r for r in poisoned if r.strategy == "replay").outcome
-    refused = poison.manifest is not None and not poison.job.promoted  # a failed job refused nothing
+    def kept_out(strategy: str) -> tuple[TrainingOutcome, bool]:
+        r = next(r for r in poisoned if r.strategy == strategy)
+        return r.outcome, r.outcome.manifest is not None and not r.poisoned  # a failed job kept out nothing
 
     def verdict(ok: bool) -> str:
         return "met" if ok else "NOT met"
@@ -295,7 +339,9 @@ def report(results: list[Result], poisoned: list[Result], v1_airline: float, v1_
           + (f"{gain:+.1f} points, {verdict(gain >= 5)}" if gain is not None else "no round within 400 labels"))
     print("- SST-2 dev drop ≤ 1 point (worst round): "
           + (f"{drop:.1f} points, {verdict(drop <= 1)}" if drop is not None else "no rounds"))
-    print(f"- flipped round not promoted: {job_cell(poison)}, {verdict(refused)}")
+    for strategy in ("replay", GOLDEN_ONLY):
+        outcome, ok = kept_out(strategy)
+        print(f"- no flipped label reaches production ({strategy}): {job_cell(outcome)}, {verdict(ok)}")
 
 
 if __name__ == "__main__":

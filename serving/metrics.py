@@ -9,6 +9,7 @@ Labels stay low-cardinality: model, version, outcome; never a text, an id or a k
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import Counter as _Tally
@@ -21,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from tuneloop.store.jobs import JobStore
 from tuneloop.store.registry import Registry
 
+log = logging.getLogger(__name__)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -129,8 +131,12 @@ class ServingTimeCollector:
                                    "Feedback-to-serving time of the production version, by phase",
                                    labels=["model", "version", "phase"])
         for model in self.models:
-            production = self.registry.production(model)
-            timing = self.registry.manifest(model, production).serving_time if production else None
+            try:
+                production = self.registry.production(model)
+                timing = self.registry.manifest(model, production).serving_time if production else None
+            except Exception as e:  # noqa: BLE001 - one unreadable manifest must not cost the whole scrape
+                log.warning("metrics: no feedback-to-serving time for %s: %s", model, e)
+                continue
             if timing is None:
                 continue
             for phase, seconds in [*timing.phases.items(), ("total", timing.total_s)]:

@@ -74,6 +74,7 @@ class JobData:
     train: pa.Table  # row_schema: fresh training rows and the replay sample, shuffled
     golden: pa.Table  # text and targets
     fresh_eval: pa.Table  # row_schema: the newest fresh rows, kept back for the gate
+    validation: pa.Table  # row_schema: the fresh rows before those, early stopping's (none if it is off)
     reservoir: pa.Table  # row_schema: the child's uniform sample of all feedback trained on
     held: pa.Table  # row_schema: rows of quarantined keys, waiting for a release
     summary: dict[str, Any] = field(default_factory=dict)  # the manifest's ``data``
@@ -102,10 +103,13 @@ def golden_set(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Re
 def _quarantine(task: Task, qcfg: QuarantineConfig, book: QuarantineBook, model: str, stored: pa.Table,
                 parent: Manifest | None) -> tuple[set[str], dict[str, Any]]:
     """Flag the keys of this job's feedback that are far off the rest, record them in the
-    book, and return every key now quarantined with the summary's numbers."""
+    book, and return every key now quarantined with the summary's numbers. Turned off, it
+    holds nothing (rows held before train with this job)."""
+    if not qcfg.enabled:
+        return set(), {"flagged": {}, "quarantined_keys": [], "keys": {}, "enabled": False}
     flags: dict[str, str] = {}
     stats = {}
-    if qcfg.enabled and stored.num_rows:
+    if stored.num_rows:
         label_of = lambda r: task.stratum({c: r[c] for c in task.target_columns})  # noqa: E731
         stats = key_stats(stored.to_pylist(), task.agrees, label_of)
         reference = getattr(parent.metrics, task.gate_metric) if parent and parent.metrics else None
@@ -117,6 +121,20 @@ def _quarantine(task: Task, qcfg: QuarantineConfig, book: QuarantineBook, model:
         else book.quarantined(model)
     return held_keys, {"flagged": flags, "quarantined_keys": sorted(held_keys),
                        "keys": {k: s.as_dict() for k, s in sorted(stats.items())}}
+
+
+def _latest_answers(table: pa.Table) -> tuple[pa.Table, int]:
+    """``table`` with only the newest answer per prediction, and how many it dropped."""
+    dropped = superseded(table.select(["feedback_id", "prediction_id", "created_at"]).to_pylist())
+    if dropped:
+        table = table.filter(pc.invert(pc.is_in(table.column("feedback_id"), pa.array(sorted(dropped)))))
+    return table, len(dropped)
+
+
+def _among(table: pa.Table, column: str, other: pa.Table) -> pa.Array:
+    """Which rows of ``table`` have a ``column`` value that ``other`` has too (nulls never do)."""
+    values = other.column(column).combine_chunks().drop_null()
+    return pc.fill_null(pc.is_in(table.column(column), values), False)
 
 
 def _of_keys(table: pa.Table, keys: set[str]) -> pa.Array:
@@ -132,31 +150,41 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     golden, golden_summary = golden_set(task, mcfg, tcfg, registry, seed)
     golden_texts = {normalized(t) for t in golden.column("text").to_pylist()}
 
-    # Fresh feedback: after the parent's watermark, newest answer per prediction.
+    # Fresh feedback: after the parent's watermark. The keys the quarantine holds are set
+    # aside first (a held key's later answer must not replace another key's), then the
+    # newest answer per prediction wins.
     after = parent.watermark() if parent else None
     stored = feedback.read_since(mcfg.name, after)
-    dropped = superseded(stored.select(["feedback_id", "prediction_id", "created_at"]).to_pylist())
-    fresh = stored
-    if dropped:
-        fresh = fresh.filter(pc.invert(pc.is_in(fresh.column("feedback_id"), pa.array(sorted(dropped)))))
     held_keys, quarantine = _quarantine(task, qcfg or QuarantineConfig(), QuarantineBook(registry.storage),
-                                        mcfg.name, fresh, parent)
+                                        mcfg.name, _latest_answers(stored)[0], parent)
+    of_held = _of_keys(stored, held_keys)
+    fresh, n_superseded = _latest_answers(stored.filter(pc.invert(of_held)))
     fresh = _rows(fresh, schema, "feedback")
     on_golden = fresh.num_rows
     fresh = _without_texts(fresh, golden_texts)
     on_golden -= fresh.num_rows
-    # Quarantined keys' rows wait in the held table; released keys' held rows train now.
+
+    # Held rows: the parent's, less those of released keys, which train now (unless they lie
+    # past the watermark: then they came again above, as fresh rows), plus this job's.
     held = registry.table(mcfg.name, parent.version, "held") if parent else None
     held = _rows(held, schema) if held is not None else schema.empty_table()
-    released = held.filter(pc.invert(_of_keys(held, held_keys)))
-    newly_held = fresh.filter(_of_keys(fresh, held_keys))  # rows past the watermark come again: once
-    newly_held = newly_held.filter(pc.invert(pc.is_in(newly_held.column("feedback_id"), held.column("feedback_id"))))
-    held = pa.concat_tables([held.filter(_of_keys(held, held_keys)), newly_held])
-    fresh = fresh.filter(pc.invert(_of_keys(fresh, held_keys)))
+    still_held = _of_keys(held, held_keys)
+    released = held.filter(pc.invert(still_held))
+    released = released.filter(pc.invert(_among(released, "feedback_id", stored)))
+    released = _latest_answers(released.filter(pc.invert(_among(released, "prediction_id", fresh))))[0]
+    newly_held = _without_texts(_rows(stored.filter(of_held), schema, "feedback"), golden_texts)
+    newly_held = newly_held.filter(pc.invert(_among(newly_held, "feedback_id", held)))
+    held = pa.concat_tables([held.filter(still_held), newly_held])
     quarantine.update(held_rows=held.num_rows, released_rows=released.num_rows)
+
+    # Time order: [trained | validation | kept back for the gate]. Early stopping watches the
+    # validation rows, never the gate's; the next job trains on both (they are past the watermark).
     n_eval = kept_back(fresh.num_rows, tcfg.eval_fraction)
-    n_train = min(fresh.num_rows - n_eval, tcfg.max_rows_per_job)
+    watching = parent is not None and tcfg.early_stopping_patience is not None and tcfg.epochs > 1
+    n_val = kept_back(fresh.num_rows - n_eval, tcfg.eval_fraction) if watching else 0
+    n_train = min(fresh.num_rows - n_eval - n_val, tcfg.max_rows_per_job)
     fresh_train, fresh_eval = fresh.slice(0, n_train), fresh.slice(fresh.num_rows - n_eval)
+    validation = fresh.slice(fresh.num_rows - n_eval - n_val, n_val)
     if n_train:
         last = fresh_train.slice(n_train - 1).to_pylist()[0]
         watermark = {"created_at": last["created_at"].isoformat(), "feedback_id": last["feedback_id"]}
@@ -200,8 +228,9 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
                  "rows": seed.num_rows} if seed is not None else None,
         "golden": golden_summary,
         "feedback": {"after": parent.data.get("watermark") if parent else None, "fresh_rows": fresh.num_rows,
-                     "superseded": len(dropped), "on_golden_texts": on_golden, "trained_rows": n_train, "kept_back_rows": n_eval,
-                     "left_for_next_job": fresh.num_rows - n_eval - n_train},
+                     "superseded": n_superseded, "on_golden_texts": on_golden, "trained_rows": n_train,
+                     "validation_rows": n_val, "kept_back_rows": n_eval,
+                     "left_for_next_job": fresh.num_rows - n_eval - n_val - n_train},
         "replay": {"rows": replay.num_rows, "pool_rows": pool.num_rows, "ratio": tcfg.replay_ratio},
         "reservoir": {"rows": child_reservoir.num_rows, "seen": seen},
         "quarantine": quarantine,
@@ -209,8 +238,8 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
         "train_rows": train.num_rows,
         "eval_rows": golden.num_rows + fresh_eval.num_rows,
     }
-    return JobData(train=train, golden=golden, fresh_eval=fresh_eval, reservoir=child_reservoir, held=held,
-                   summary=summary)
+    return JobData(train=train, golden=golden, fresh_eval=fresh_eval, validation=validation,
+                   reservoir=child_reservoir, held=held, summary=summary)
 
 
 def with_training_columns(task: Task, table: pa.Table) -> pa.Table:

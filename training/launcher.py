@@ -63,7 +63,7 @@ def _datasets(task: Task, data: JobData) -> tuple[dict[str, ray.data.Dataset], l
     (each worker sees all of one; empty ones are left out)."""
     ray.data.DataContext.get_current().enable_progress_bars = False  # they flood the server's log
     sets = {"train": with_training_columns(task, data.train)}
-    for name, table in (("golden", data.golden), ("fresh", data.fresh_eval)):
+    for name, table in (("golden", data.golden), ("fresh", data.fresh_eval), ("validation", data.validation)):
         if table.num_rows:
             sets[name] = with_training_columns(task, table).append_column(
                 "row", pa.array(range(table.num_rows), pa.int64()))
@@ -150,6 +150,7 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
     mcfg, task = cfg.model(model), tasks[model]
     tcfg = cfg.training
     _settle_feedback(feedback)
+    feedback.merge_closed_days(model)  # under this job's lease
     parent = registry.production(model)
     init_path = registry.local_path(model, parent) if parent else resolve_model_source(mcfg.base_model)
     parent_manifest = registry.manifest(model, parent) if parent else None
@@ -201,7 +202,7 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
         status="accepted" if gate.accepted else "rejected",
         job_id=job.job_id,
     )
-    trained_on = data.train.select(["source", "feedback_id", "prediction_id", "text", *task.target_columns])
+    trained_on = data.train.select(["source", "feedback_id", "prediction_id", "key_id", "text", *task.target_columns])
     with result.checkpoint.as_directory() as ckpt_dir:
         manifest = registry.publish(model, ckpt_dir, manifest,
                                     tables={"trained_on": trained_on, "reservoir": data.reservoir,
@@ -220,14 +221,17 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
     moments = JobMoments(created=datetime.fromisoformat(job.created_at), training_started=training_started,
                          training_ended=training_ended, evaluation_s=float(report.get("evaluation_s", 0.0)),
                          gated=gated, published=published)
-    serving_all = None
-    if job.promoted and parent is not None and registry.switches(model, parent):
-        # Replicas served the parent from this registry: time the switch to the new version.
-        serving_all = _wait_for_rollout(registry, model, manifest.version, cfg.serving.reload_interval_s)
-    job.serving_time = serving_time(_newest_feedback(data.summary), moments, serving_all)
-    manifest = registry.record_serving_time(model, manifest.version, job.serving_time)
+    try:  # the version is published (and maybe serving): timing it must not fail the job
+        serving_all = None
+        if job.promoted and parent is not None and registry.switches(model, parent):
+            # Replicas served the parent from this registry: time the switch to the new version.
+            serving_all = _wait_for_rollout(registry, model, manifest.version, cfg.serving.reload_interval_s)
+        job.serving_time = serving_time(_newest_feedback(data.summary), moments, serving_all)
+        manifest = registry.record_serving_time(model, manifest.version, job.serving_time)
+    except Exception as e:  # noqa: BLE001 - Serve or storage trouble after the decision
+        log.warning("job %s: %s's feedback-to-serving time not recorded: %s", job.job_id, manifest.version, e)
     log.info("job %s: %s %s (%s); feedback to serving: %s", job.job_id, manifest.version, job.state, job.message,
-             _describe(job.serving_time))
+             _describe(job.serving_time) if job.serving_time else "not recorded")
     return manifest
 
 

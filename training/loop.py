@@ -142,6 +142,19 @@ def _consolidated_state_dict(module, rank: int, precision: str, frozen_fp32: dic
     return state
 
 
+def _from_rank_zero(value: float, device) -> float:
+    """Rank 0's ``value`` on every rank: decisions that lead to collective calls must not
+    hang on a near-tie that two ranks' arithmetic resolves differently."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(t, src=0)
+    return float(t.item())
+
+
 def _freeze(model, tcfg: dict[str, Any], rank: int, keep_fp32_copy: bool) -> dict[str, Any]:
     """Freeze what the config asks (``recipe.frozen_parameters``); returns the frozen
     parameters' fp32 weights on rank 0 when they will be rounded by half-precision training."""
@@ -175,7 +188,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     max_length: int = config["max_length"]
     batch_size: int = config["batch_size"]
     precision = resolve_precision(config["precision"], config["use_gpu"],
-                                  config["use_gpu"] and torch.cuda.is_bf16_supported())
+                                  config["use_gpu"] and torch.cuda.is_bf16_supported(), config["zero_stage"])
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(config["init_path"])
     model_config = transformers.AutoConfig.from_pretrained(config["init_path"]).to_dict()
@@ -205,9 +218,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         precision=precision,
         gradient_accumulation_steps=accumulation,
     )
-    engine, _, _, _ = deepspeed.initialize(
+    engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=_param_groups(model, config["weight_decay"]), config=ds_config
     )
+    # DeepSpeed's warmup sets the learning rate of "before iteration 0" (0) for the first
+    # update and that of iteration 0 (0 again) for the second: two updates that change
+    # nothing, which is all of a two-step job. One scheduler step ahead, only the first
+    # update is at 0, as in Hugging Face's linear schedule (DeepSpeed 0.19.8, measured: weights
+    # unchanged after two updates without this step, changed after the second with it).
+    scheduler.step()
     _log(rank, f"{precision} on {engine.device}, {world} worker(s), {total_steps} optimizer steps "
                f"of {batch_size * world * accumulation} rows")
     train_shard = ray.train.get_dataset_shard("train")
@@ -220,13 +239,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         parent_eval = evaluate()
         _log(rank, "production baseline: " + _summary(parent_eval))
 
-    # Early stopping watches the loss on the fresh feedback kept back (what the model is
-    # adapting to), or on the golden set at v1, which has no fresh feedback.
-    monitor = next((name for name in ("fresh", "golden") if name in eval_shards), None)
+    # Early stopping watches the loss on its validation rows (fresh feedback just before the
+    # gate's, never the gate's own), or at v1, which has no fresh feedback and no production
+    # for the gate to compare with, on the golden set.
+    monitor = "validation" if "validation" in eval_shards else None
+    if monitor is None and not config["has_parent"] and "golden" in eval_shards:
+        monitor = "golden"
     stopping = EarlyStopping(config["early_stopping_patience"], config["early_stopping_min_delta"])
     per_epoch = monitor is not None and config["early_stopping_patience"] is not None and config["epochs"] > 1
     best: tuple[dict[str, Any], dict[str, Any]] | None = None  # (evaluation, weights) of the best epoch
-    epochs_run = 0
+    epochs_run, steps_at_last_check = 0, 0
     for epoch in range(config["epochs"]):
         t0, seen, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
         for batch in train_shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
@@ -245,11 +267,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         dt = time.perf_counter() - t0
         line = (f"epoch {epoch + 1}/{config['epochs']} step {engine.global_steps}/{total_steps} "
                 f"loss {loss_sum / max(1, batches):.4f} {seen * world / max(dt, 1e-9):.1f} samples/s")
-        if per_epoch:
+        if per_epoch and engine.global_steps > steps_at_last_check:  # an epoch that stepped (accumulation)
+            steps_at_last_check = engine.global_steps
             evaluation = evaluate()
-            if stopping.update(epoch, evaluation[monitor]["loss"]):
+            # Every rank must take the same branch (the weights' gather is collective): rank 0's loss decides.
+            loss = _from_rank_zero(evaluation[monitor]["loss"], engine.device)
+            if stopping.update(epoch, loss):
                 best = evaluation, _consolidated_state_dict(engine.module, rank, precision, frozen_fp32)
-            line += f", {monitor} loss {evaluation[monitor]['loss']:.4f} (best: epoch {stopping.best_epoch + 1})"
+            line += f", {monitor} loss {loss:.4f} (best: epoch {stopping.best_epoch + 1})"
         _log(rank, line)
         if engine.global_steps >= total_steps:
             break

@@ -57,7 +57,9 @@ def version_lineage(registry: Registry, model: str, version: str, with_rows: boo
 def prediction_lineage(registry: Registry, log: PredictionLog, models: list[str], prediction_id: str,
                        with_rows: bool = False) -> dict[str, Any]:
     """Which version served ``prediction_id``, that version's lineage, and which versions
-    trained on feedback given about the prediction. Raises UnknownPrediction."""
+    trained on feedback given about the prediction (a rejected one says so; versions
+    published before ``trained_on`` had a prediction_id column cannot tell). Raises
+    UnknownPrediction."""
     record = log.lookup(models, prediction_id)
     if record is None:
         raise UnknownPrediction(prediction_id, " in the prediction log (it keeps predictions.sample_rate "
@@ -68,7 +70,7 @@ def prediction_lineage(registry: Registry, log: PredictionLog, models: list[str]
         trained = registry.table(model, m.version, TRAINED_ON)
         if trained is not None and "prediction_id" in trained.column_names and \
                 prediction_id in set(trained.column("prediction_id").to_pylist()):
-            learned_by.append(m.version)
+            learned_by.append(m.version if m.status == "accepted" else f"{m.version} ({m.status})")
     return {
         "prediction": {"prediction_id": prediction_id, "model": model, "version": version,
                        "created_at": record["created_at"].isoformat() if record.get("created_at") else None},

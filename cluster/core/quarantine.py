@@ -68,14 +68,17 @@ def key_stats(rows: Iterable[dict[str, Any]], agrees: Callable[[dict[str, Any]],
             s.agreed += bool(agrees(row))
         by_text[normalized(row["text"])].append((key, label_of(row)))
     for answers in by_text.values():
-        keys = {k for k, _ in answers}
-        if len(keys) < 2:
-            continue
+        per_key: dict[str, Counter] = defaultdict(Counter)
         for key, label in answers:
-            others = Counter(lab for k, lab in answers if k != key)
+            per_key[key][label] += 1
+        if len(per_key) < 2:
+            continue
+        everyone = sum(per_key.values(), Counter())
+        for key, label in answers:  # the other keys' labels: everyone's less this key's own
+            others = everyone - per_key[key]
             top = max(others.values())
             stats[key].shared += 1
-            stats[key].agreed_with_peers += label in {lab for lab, n in others.items() if n == top}
+            stats[key].agreed_with_peers += others[label] == top
     return stats
 
 

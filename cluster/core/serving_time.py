@@ -68,7 +68,10 @@ def serving_time(newest_feedback: datetime | None, job: JobMoments, serving_all:
 
 def rollout_complete(running_replicas: int, switched_at: list[datetime]) -> datetime | None:
     """When the version reached all traffic: the latest switch, once as many replicas have
-    switched to it as are running (a replica notes each version it loads); None before."""
+    switched to it as are running (a replica notes each version it loads); None before.
+    Counted, not matched by id (Serve does not name its running replicas to a job): a replica
+    that died after switching and was replaced counts twice, so such a rollout can be called
+    complete while one replica still has its reload interval to go."""
     if running_replicas <= 0 or len(switched_at) < running_replicas:
         return None
     return max(switched_at)

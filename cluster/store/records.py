@@ -157,6 +157,20 @@ def _partition_day(path: str) -> str:
     return next((part[5:] for part in path.split("/") if part.startswith("date=")), "")
 
 
+def _first_of_each_id(table: pa.Table, column: str) -> pa.Table:
+    """``table`` without repeated ids (the first row of each stays): a merge of small files
+    interrupted between writing the merged file and deleting its sources leaves rows twice."""
+    ids = table.column(column)
+    if table.num_rows == 0 or pc.count_distinct(ids).as_py() == table.num_rows:
+        return table
+    seen: set[str] = set()
+    keep = []
+    for i in ids.to_pylist():
+        keep.append(i not in seen)
+        seen.add(i)
+    return table.filter(pa.array(keep))
+
+
 def _read(storage: Storage, files: list[str], schema: pa.Schema, filter=None) -> pa.Table:
     if not files:
         return schema.empty_table()
@@ -164,6 +178,9 @@ def _read(storage: Storage, files: list[str], schema: pa.Schema, filter=None) ->
         [storage.path(f) for f in files], schema=schema, format="parquet", filesystem=storage.fs
     )
     return dataset.to_table(filter=filter)
+
+
+MERGE_MIN_FILES = 16  # a closed day with fewer compacted files is left as it is
 
 
 class PredictionLog:
@@ -399,7 +416,22 @@ class FeedbackStore:
         return self.storage.list_files(f"feedback/{model}", ".parquet")
 
     def read(self, model: str, files: list[str] | None = None) -> pa.Table:
-        return _read(self.storage, self.files(model) if files is None else files, self._schema(model))
+        """The records in ``files`` (all of the model's, listed now, by default)."""
+        if files is not None:
+            return _read(self.storage, files, self._schema(model))
+        return self._read_listed(model)
+
+    def _read_listed(self, model: str, since_day: str = "", where=None) -> pa.Table:
+        """Read the files listed now from ``since_day``'s partition on; if a merge replaced
+        some between the listing and the read, list again."""
+        for attempt in range(3):
+            files = [f for f in self.files(model) if _partition_day(f) >= since_day]
+            try:
+                return _read(self.storage, files, self._schema(model), where)
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+        return self._schema(model).empty_table()  # not reached: the last attempt returns or raises
 
     def read_since(self, model: str, after: tuple[datetime, str] | None) -> pa.Table:
         """The compacted records after ``after`` -- a (created_at, feedback_id) position in
@@ -407,16 +439,46 @@ class FeedbackStore:
         all of them with None, in that order. Lists and reads only the date partitions from
         ``after``'s day on, so a job's read follows the feedback that is new to it, not all
         that was ever stored."""
-        files = self.files(model)
         where = None
+        day = ""
         if after is not None:
             at, last_id = after
             day = at.astimezone(UTC).date().isoformat()
-            files = [f for f in files if _partition_day(f) >= day]
             t = pa.scalar(at, _TS)
             where = (pc.field("created_at") > t) | ((pc.field("created_at") == t) & (pc.field("feedback_id") > last_id))
-        table = _read(self.storage, files, self._schema(model), where)
+        table = _first_of_each_id(self._read_listed(model, day, where), "feedback_id")
         return table.sort_by([("created_at", "ascending"), ("feedback_id", "ascending")])
+
+    def merge_closed_days(self, model: str, today: date | None = None, min_files: int = MERGE_MIN_FILES) -> int:
+        """Merge each closed day's small files (compaction writes one every few seconds: up
+        to 17,280 a day) into one file, so that reading a day opens one file. Returns the
+        number of files removed. The merged file is written before its sources are deleted;
+        a crash in between leaves rows twice, which ``read_since`` and ``read_all`` drop by
+        feedback id, and the next merge cleans up. Run by a training job, under its model's
+        lease, so two merges of one model never overlap."""
+        today_iso = (today or datetime.now(UTC).date()).isoformat()
+        by_day: dict[str, list[str]] = {}
+        for f in self.files(model):
+            by_day.setdefault(_partition_day(f), []).append(f)
+        removed = 0
+        for day, files in sorted(by_day.items()):
+            if not day or day >= today_iso or len(files) < min_files:
+                continue  # today's partition still grows; a merged day holds one file
+            table = _first_of_each_id(self.read(model, files), "feedback_id")
+            if table.num_rows == 0:
+                continue
+            table = table.sort_by([("created_at", "ascending"), ("feedback_id", "ascending")])
+            ms = table.column("created_at").cast(pa.int64()).to_pylist()
+            digest = hashlib.blake2b("\n".join(table.column("feedback_id").to_pylist()).encode(),
+                                     digest_size=8).hexdigest()
+            merged = f"feedback/{model}/date={day}/merged-{_file_name(ms[0], ms[-1], digest)}"
+            self.storage.write_parquet_atomic(merged, table)
+            for f in files:
+                if f != merged:
+                    self.storage.delete_file(f)
+                    removed += 1
+            log.info("feedback %s: merged %d files of %s into one (%d records)", model, len(files), day, table.num_rows)
+        return removed
 
     def read_all(self, model: str) -> list[dict[str, Any]]:
         """Every acknowledged record, compacted or still in the journal, once each."""

@@ -158,6 +158,9 @@ class Storage:
     def delete_dir(self, rel: str) -> None:
         self.fs.delete_dir(self.path(rel))
 
+    def delete_file(self, rel: str) -> None:
+        self.fs.delete_file(self.path(rel))
+
     def _create_dir(self, path: str) -> None:
         if self.is_local:
             make_private_dirs(path)

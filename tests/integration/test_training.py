@@ -120,7 +120,7 @@ def test_recipe_freezes_accumulates_and_watches_epochs(trained, tiny_model, seed
     outcome = run_training(cfg, "sentiment")
     assert outcome.job.state in ("succeeded", "rejected"), outcome.job.error
     recipe = outcome.manifest.training
-    assert recipe["precision"] == "fp32" and recipe["accumulation"] == 2 and recipe["monitor"] == "fresh"
+    assert recipe["precision"] == "fp32" and recipe["accumulation"] == 2 and recipe["monitor"] == "validation"
     assert recipe["frozen_tensors"] == 5 + 16  # 3 embedding tables and their LayerNorm (2), layer 0's 16
     assert 1 <= recipe["best_epoch"] <= recipe["epochs_run"] <= 3
     if recipe["early_stopped"]:

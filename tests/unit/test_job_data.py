@@ -27,7 +27,7 @@ def env(tmp_path):
                                     "seed_dataset": str(seed)}],
                         "storage": {"root": str(tmp_path / "store")},
                         "training": {"replay_ratio": 1.0, "eval_fraction": 0.2, "max_rows_per_job": 1000,
-                                     "reservoir_size": 30}})
+                                     "reservoir_size": 30, "early_stopping_patience": None}})
     storage = Storage(cfg.storage.root)
     tasks = model_tasks(cfg.models)
     feedback = FeedbackStore(storage, str(tmp_path / "journal"), tasks)
@@ -159,24 +159,71 @@ def test_a_key_flipping_labels_is_held_out_until_released_then_trained(env):
                               version="v1", predicted_label="positive", key_id="aaaaaaaa") for i in range(10)]
     flipped = [feedback.append(model="m", text=f"flipped {i}", label="negative", prediction_id=f"{1000 + i:032x}",
                                version="v1", predicted_label="positive", key_id="bbbbbbbb") for i in range(60)]
+    honest += [feedback.append(model="m", text=f"honest {i}", label="positive", prediction_id=f"{i:032x}",
+                               version="v1", predicted_label="positive", key_id="aaaaaaaa") for i in range(10, 40)]
     feedback.compact()
     data = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v1)
     q = data.summary["quarantine"]
     assert set(q["flagged"]) == {"bbbbbbbb"} and "0% of 60 predictions" in q["flagged"]["bbbbbbbb"]
     assert q["held_rows"] == 60 and q["keys"]["aaaaaaaa"]["production_agreement"] == 1.0
+    assert "against other keys' 100%" in q["flagged"]["bbbbbbbb"]
     seen = set(data.train.column("feedback_id").to_pylist()) | set(data.fresh_eval.column("feedback_id").to_pylist())
-    assert seen.isdisjoint(flipped) and set(honest) <= seen
+    assert seen.isdisjoint(flipped) and set(honest) <= seen | set(data.validation.column("feedback_id").to_pylist())
     assert sorted(data.held.column("feedback_id").to_pylist()) == sorted(flipped)
     book = QuarantineBook(registry.storage)
     assert book.quarantined("m") == {"bbbbbbbb"}
 
-    # Still held a job later (its rows past the watermark are read again, and held once).
+    # Still held a job later; the watermark (the newest trained honest row) is past them all.
     v2 = _publish(registry, tmp_path, data, "v2", data.summary, golden_accuracy=0.9)
     later = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v2)
     assert later.held.num_rows == 60 and later.summary["quarantine"]["released_rows"] == 0
     book.release("m", "bbbbbbbb")
     released = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v2)
     assert released.held.num_rows == 0 and released.summary["quarantine"]["released_rows"] == 60
-    trained = set(released.train.column("feedback_id").to_pylist())
-    assert set(flipped) <= trained  # released: trained on, never lost
+    trained = [i for i in released.train.column("feedback_id").to_pylist() if i]  # seed rows have none
+    evaluated = released.fresh_eval.column("feedback_id").to_pylist()
+    assert len(trained) == len(set(trained)) and set(trained).isdisjoint(evaluated)  # each row once, never both
+    assert set(flipped) <= set(trained)
     assert released.summary["quarantine"]["flagged"] == {}  # a released key is not flagged again
+
+
+def test_early_stopping_watches_its_own_rows_never_the_gates(env):
+    """With early stopping on, the fresh rows before the kept-back ones are its validation
+    set: [trained | validation | kept back], and the next job trains on both."""
+    cfg, task, registry, feedback, tmp_path = env
+    watching = cfg.training.model_copy(update={"early_stopping_patience": 2, "epochs": 3})
+    first = assemble(task, cfg.model("m"), watching, registry, feedback, None)
+    assert first.validation.num_rows == 0  # v1 has no fresh feedback (it watches the golden set)
+    v1 = _publish(registry, tmp_path, first, "v1", first.summary)
+    ids = _give(feedback, 50)
+    data = assemble(task, cfg.model("m"), watching, registry, feedback, v1)
+    fb = data.summary["feedback"]
+    assert (fb["trained_rows"], fb["validation_rows"], fb["kept_back_rows"]) == (32, 8, 10)
+    in_order = feedback.read_since("m", None).column("feedback_id").to_pylist()
+    assert data.validation.column("feedback_id").to_pylist() == in_order[32:40]
+    assert set(in_order[:32]) <= set(data.train.column("feedback_id").to_pylist()) and set(ids) == set(in_order)
+    v2 = _publish(registry, tmp_path, data, "v2", data.summary)
+    nxt = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v2)
+    assert set(in_order[32:]) <= set(nxt.train.column("feedback_id").to_pylist()) | set(
+        nxt.fresh_eval.column("feedback_id").to_pylist())
+
+
+def test_held_rows_past_the_watermark_come_back_once_as_fresh_when_released(env):
+    cfg, task, registry, feedback, tmp_path = env
+    first = assemble(task, cfg.model("m"), cfg.training, registry, feedback, None)
+    v1 = _publish(registry, tmp_path, first, "v1", first.summary, golden_accuracy=0.9)
+    for i in range(25):
+        feedback.append(model="m", text=f"flipped {i}", label="negative", prediction_id=f"{1000 + i:032x}",
+                        version="v1", predicted_label="positive", key_id="bbbbbbbb")
+    feedback.compact()
+    data = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v1)
+    assert data.held.num_rows == 25 and data.summary["feedback"]["fresh_rows"] == 0
+    v2 = _publish(registry, tmp_path, data, "v2", data.summary, golden_accuracy=0.9)
+    from tuneloop.store.quarantine import QuarantineBook
+
+    QuarantineBook(registry.storage).release("m", "bbbbbbbb")
+    nxt = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v2)
+    # No watermark moved past them: they return as fresh rows, not also as released ones.
+    assert nxt.summary["quarantine"]["released_rows"] == 0 and nxt.summary["feedback"]["fresh_rows"] == 25
+    ids = nxt.train.column("feedback_id").to_pylist() + nxt.fresh_eval.column("feedback_id").to_pylist()
+    assert len([i for i in ids if i]) == 25 == len({i for i in ids if i})

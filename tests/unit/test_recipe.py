@@ -30,15 +30,18 @@ GPT2 = ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.att
 
 
 def test_precision_by_device():
-    assert resolve_precision("auto", use_gpu=False, bf16_supported=False) == "fp32"
-    assert resolve_precision("auto", use_gpu=True, bf16_supported=True) == "bf16"
-    assert resolve_precision("auto", use_gpu=True, bf16_supported=False) == "fp16"  # V100, T4
-    assert resolve_precision("fp32", use_gpu=True, bf16_supported=True) == "fp32"
-    assert resolve_precision("fp16", use_gpu=True, bf16_supported=True) == "fp16"
+    assert resolve_precision("auto", use_gpu=False, bf16_supported=False, zero_stage=2) == "fp32"
+    assert resolve_precision("auto", use_gpu=True, bf16_supported=True, zero_stage=0) == "bf16"
+    assert resolve_precision("auto", use_gpu=True, bf16_supported=False, zero_stage=2) == "fp16"  # V100, T4
+    assert resolve_precision("auto", use_gpu=True, bf16_supported=False, zero_stage=0) == "fp32"  # no master copy
+    assert resolve_precision("fp32", use_gpu=True, bf16_supported=True, zero_stage=2) == "fp32"
+    assert resolve_precision("fp16", use_gpu=True, bf16_supported=True, zero_stage=1) == "fp16"
     with pytest.raises(ValueError, match="does not support bf16"):
-        resolve_precision("bf16", use_gpu=True, bf16_supported=False)
+        resolve_precision("bf16", use_gpu=True, bf16_supported=False, zero_stage=2)
     with pytest.raises(ValueError, match="needs a GPU"):
-        resolve_precision("fp16", use_gpu=False, bf16_supported=False)
+        resolve_precision("fp16", use_gpu=False, bf16_supported=False, zero_stage=2)
+    with pytest.raises(ValueError, match="needs zero_stage 1 or more"):
+        resolve_precision("fp16", use_gpu=True, bf16_supported=False, zero_stage=0)
 
 
 def test_config_refuses_half_precision_on_cpu_naming_the_value():
@@ -46,6 +49,8 @@ def test_config_refuses_half_precision_on_cpu_naming_the_value():
         TrainingConfig(precision="bf16")
     assert TrainingConfig(precision="bf16", use_gpu=True).precision == "bf16"
     assert TrainingConfig().precision == "auto"
+    with pytest.raises(ValueError, match="precision 'fp16' needs zero_stage 1 or more"):
+        TrainingConfig(precision="fp16", use_gpu=True, zero_stage=0)
 
 
 def test_nothing_frozen_by_default():

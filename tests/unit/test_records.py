@@ -59,6 +59,31 @@ def test_feedback_ids_sort_in_arrival_order_within_a_millisecond(tmp_path):
     assert superseded(rows) == set(ids[:-1])
 
 
+def test_a_closed_days_small_files_merge_into_one_and_nothing_reads_twice(tmp_path):
+    import shutil
+    from datetime import timedelta
+
+    storage = Storage(str(tmp_path / "store"))
+    store = FeedbackStore(storage, str(tmp_path / "journal"), TASKS)
+    store.open_writer()
+    for i in range(20):  # one compaction every few seconds: one small file each
+        store.append(model="m", text=f"t{i}", label="positive")
+        store.compact()
+    before = store.read_since("m", None)
+    assert len(store.files("m")) == 20
+    today = datetime.now(UTC).date()
+    assert store.merge_closed_days("m", today=today) == 0  # today's partition still grows
+    tomorrow = today + timedelta(days=1)
+    assert store.merge_closed_days("m", today=tomorrow) == 20
+    (merged,) = store.files("m")
+    assert "/merged-" in merged and store.read_since("m", None).equals(before)
+    assert store.merge_closed_days("m", today=tomorrow) == 0  # one file: nothing to do
+    # A merge cut short after writing, before deleting: the rows lie twice, and are read once.
+    shutil.copy(storage.path(merged), storage.path(merged.replace("/merged-", "/copy-")))
+    assert store.read_since("m", None).equals(before) and len(store.read_all("m")) == 20
+    store.close()
+
+
 def test_prediction_log_lookup(tmp_path):
     log = PredictionLog(Storage(str(tmp_path)), TASKS)
     now = datetime.now(UTC)
