@@ -10,6 +10,7 @@ from collections import Counter
 from typing import Any
 
 from tuneloop.core.errors import UnknownPrediction
+from tuneloop.core.serving_time import PHASES
 from tuneloop.store.records import PredictionLog
 from tuneloop.store.registry import Manifest, Registry
 
@@ -103,7 +104,7 @@ def describe(lineage: dict[str, Any]) -> list[str]:
             lines.append(f"    gate: {v['gate']}")
         timing = v["serving_time"]
         if timing:
-            phases = ", ".join(f"{k} {s:.1f} s" for k, s in timing["phases"].items() if s is not None)
+            phases = ", ".join(f"{k} {timing['phases'][k]:.1f} s" for k in PHASES if timing["phases"].get(k) is not None)
             total = f"{timing['total_s']:.1f} s" if timing["total_s"] is not None else "not measured (not rolled out)"
             lines.append(f"    feedback to serving: {total} ({phases})")
         if v["rows_file"]:
