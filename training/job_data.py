@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 
 from tuneloop.core.config import ModelConfig, QuarantineConfig, TrainingConfig
 from tuneloop.core.feedback_stats import superseded
-from tuneloop.core.quarantine import ANONYMOUS, flag_keys, key_stats, normalized
+from tuneloop.core.quarantine import ANONYMOUS, flag_keys, normalized, task_key_stats
 from tuneloop.core.replay import kept_back, replay_quota, reservoir_update, stratified_sample
 from tuneloop.core.tasks import Task
 from tuneloop.store.quarantine import QuarantineBook
@@ -110,8 +110,7 @@ def _quarantine(task: Task, qcfg: QuarantineConfig, book: QuarantineBook, model:
     flags: dict[str, str] = {}
     stats = {}
     if stored.num_rows:
-        label_of = lambda r: task.stratum({c: r[c] for c in task.target_columns})  # noqa: E731
-        stats = key_stats(stored.to_pylist(), task.agrees, label_of)
+        stats = task_key_stats(task, stored.to_pylist())
         reference = getattr(parent.metrics, task.gate_metric) if parent and parent.metrics else None
         flags = flag_keys(stats, reference, min_rows=qcfg.min_rows, max_gap=qcfg.max_gap,
                           min_shared_texts=qcfg.min_shared_texts, min_peer_agreement=qcfg.min_peer_agreement)

@@ -33,7 +33,7 @@ from tuneloop.core.gate import Evidence, GateDecision, decide
 from tuneloop.core.model_source import resolve_model_source
 from tuneloop.core.names import INGRESS_APP, INGRESS_DEPLOYMENT, model_app_name, running_replicas
 from tuneloop.core.resources import training_shortfall
-from tuneloop.core.serving_time import JobMoments, ServingTime, rollout_complete, serving_time
+from tuneloop.core.serving_time import JobMoments, rollout_complete, serving_time
 from tuneloop.core.tasks import Task, model_tasks
 from tuneloop.store.jobs import Heartbeat, JobRecord, JobRunning, JobStore, promote_or_wait, take_lease
 from tuneloop.store.records import FeedbackStore
@@ -231,7 +231,7 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
     except Exception as e:  # noqa: BLE001 - Serve or storage trouble after the decision
         log.warning("job %s: %s's feedback-to-serving time not recorded: %s", job.job_id, manifest.version, e)
     log.info("job %s: %s %s (%s); feedback to serving: %s", job.job_id, manifest.version, job.state, job.message,
-             _describe(job.serving_time) if job.serving_time else "not recorded")
+             job.serving_time.describe() if job.serving_time else "not recorded")
     return manifest
 
 
@@ -269,12 +269,6 @@ def _wait_for_rollout(registry: Registry, model: str, version: str, reload_inter
                         model, version, ROLLOUT_WAIT_S)
             return None
         time.sleep(min(1.0, reload_interval_s))
-
-
-def _describe(timing: ServingTime) -> str:
-    phases = ", ".join(f"{name} {s:.1f} s" for name, s in timing.phases.items() if s is not None)
-    total = f"{timing.total_s:.1f} s" if timing.total_s is not None else "total unknown"
-    return f"{total} ({phases})"
 
 
 def _prune_train_runs(storage: Storage, model: str, keep: int = KEEP_TRAIN_RUNS) -> None:

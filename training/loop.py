@@ -155,9 +155,9 @@ def _from_rank_zero(value: float, device) -> float:
     return float(t.item())
 
 
-def _freeze(model, tcfg: dict[str, Any], rank: int, keep_fp32_copy: bool) -> dict[str, Any]:
-    """Freeze what the config asks (``recipe.frozen_parameters``); returns the frozen
-    parameters' fp32 weights on rank 0 when they will be rounded by half-precision training."""
+def _freeze(model, tcfg: dict[str, Any], rank: int, keep_fp32_copy: bool) -> tuple[set[str], dict[str, Any]]:
+    """Freeze what the config asks (``recipe.frozen_parameters``); returns the frozen names,
+    and their fp32 weights on rank 0 when half-precision training will round them."""
     names = frozen_parameters([n for n, _ in model.named_parameters()], model.base_model_prefix,
                               tcfg["freeze_layers"], tcfg["feature_extraction"])
     copies: dict[str, Any] = {}
@@ -170,7 +170,7 @@ def _freeze(model, tcfg: dict[str, Any], rank: int, keep_fp32_copy: bool) -> dic
     total = sum(p.numel() for p in model.parameters())
     if names:
         _log(rank, f"froze {len(names)} parameter tensors: training {trainable:,} of {total:,} weights")
-    return copies
+    return names, copies
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -201,8 +201,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         dtype=torch.float32,
         **dropout_overrides(model_config, config["dropout"]),
     )
-    frozen_fp32 = _freeze(model, config, rank, keep_fp32_copy=precision != "fp32")
-    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    frozen, frozen_fp32 = _freeze(model, config, rank, keep_fp32_copy=precision != "fp32")
     accumulation, total_steps = optimizer_steps(config["train_rows"], batch_size, world,
                                                 config["gradient_accumulation_steps"], config["epochs"],
                                                 config.get("max_steps"))

@@ -150,7 +150,7 @@ def feedback_keys_cmd(model: str, config: str | None = ConfigOption) -> None:
     """Each feedback key's agreement with production and with other keys over all of MODEL's
     feedback, and the quarantine's verdicts, as JSON."""
     from tuneloop.core.feedback_stats import superseded
-    from tuneloop.core.quarantine import key_stats
+    from tuneloop.core.quarantine import task_key_stats
     from tuneloop.core.tasks import model_tasks
     from tuneloop.store.quarantine import QuarantineBook
     from tuneloop.store.records import FeedbackStore
@@ -162,8 +162,7 @@ def feedback_keys_cmd(model: str, config: str | None = ConfigOption) -> None:
     task = tasks[model]
     rows = FeedbackStore(storage, cfg.storage.journal_path(), tasks).read_all(model)
     dropped = superseded(rows)
-    stats = key_stats([r for r in rows if r["feedback_id"] not in dropped], task.agrees,
-                      lambda r: task.stratum({c: r[c] for c in task.target_columns}))
+    stats = task_key_stats(task, [r for r in rows if r["feedback_id"] not in dropped])
     verdicts = QuarantineBook(storage).verdicts(model)
     out = [{**s.as_dict(), "quarantine": verdicts[k].model_dump() if k in verdicts else None}
            for k, s in sorted(stats.items())]

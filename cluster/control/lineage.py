@@ -10,7 +10,7 @@ from collections import Counter
 from typing import Any
 
 from tuneloop.core.errors import UnknownPrediction
-from tuneloop.core.serving_time import PHASES
+from tuneloop.core.serving_time import ServingTime
 from tuneloop.store.records import PredictionLog
 from tuneloop.store.registry import Manifest, Registry
 
@@ -102,11 +102,8 @@ def describe(lineage: dict[str, Any]) -> list[str]:
                      f"seed sha256 {seed.get('sha256') or '-'}")
         if v["gate"]:
             lines.append(f"    gate: {v['gate']}")
-        timing = v["serving_time"]
-        if timing:
-            phases = ", ".join(f"{k} {timing['phases'][k]:.1f} s" for k in PHASES if timing["phases"].get(k) is not None)
-            total = f"{timing['total_s']:.1f} s" if timing["total_s"] is not None else "not measured (not rolled out)"
-            lines.append(f"    feedback to serving: {total} ({phases})")
+        if v["serving_time"]:
+            lines.append(f"    feedback to serving: {ServingTime.model_validate(v['serving_time']).describe()}")
         if v["rows_file"]:
             lines.append(f"    rows: {v['rows_file']}")
         for r in v.get("rows", []):

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from tuneloop.core.tasks import Task
+
 ANONYMOUS = "(no key)"  # feedback taken without a key, where the feedback role is open
 
 
@@ -80,6 +82,11 @@ def key_stats(rows: Iterable[dict[str, Any]], agrees: Callable[[dict[str, Any]],
             stats[key].shared += 1
             stats[key].agreed_with_peers += others[label] == top
     return stats
+
+
+def task_key_stats(task: Task, rows: Iterable[dict[str, Any]]) -> dict[str, KeyStats]:
+    """``key_stats`` by ``task``'s rules: its agreement with a prediction, its label (stratum)."""
+    return key_stats(rows, task.agrees, lambda r: task.stratum({c: r[c] for c in task.target_columns}))
 
 
 def flag_keys(stats: dict[str, KeyStats], production_accuracy: float | None, *, min_rows: int, max_gap: float,

@@ -26,6 +26,12 @@ class ServingTime(BaseModel):
     phases: dict[str, float | None]
     total_s: float | None = None
 
+    def describe(self) -> str:
+        """One line: the total, then each phase that happened, in order."""
+        phases = ", ".join(f"{name} {self.phases[name]:.1f} s" for name in PHASES if self.phases.get(name) is not None)
+        total = f"{self.total_s:.1f} s" if self.total_s is not None else "not measured (not rolled out)"
+        return f"{total} ({phases})"
+
 
 @dataclass(frozen=True)
 class JobMoments:

@@ -152,6 +152,15 @@ def _rows_hash(table: pa.Table) -> str:
     return hashlib.blake2b(ids.encode(), digest_size=16).hexdigest()
 
 
+def _feedback_day_folder(model: str, day: str) -> str:
+    """Where a model's feedback of one day (YYYY-MM-DD) lies."""
+    return f"feedback/{model}/date={day}"
+
+
+# The order feedback arrived in: time, then id (ids sort in arrival order within a writer).
+_ARRIVAL_ORDER = [("created_at", "ascending"), ("feedback_id", "ascending")]
+
+
 def _partition_day(path: str) -> str:
     """The ``date=YYYY-MM-DD`` partition a file lies in ("" if none)."""
     return next((part[5:] for part in path.split("/") if part.startswith("date=")), "")
@@ -298,7 +307,7 @@ class FeedbackStore:
         self._journal = Journal(
             self.journal_dir, self.storage,
             to_table=self._to_table,
-            partition=lambda r: f"feedback/{r['model']}/date={r['created_at'][:10]}",
+            partition=lambda r: _feedback_day_folder(r["model"], r["created_at"][:10]),
         )
         self._journal.recover()
         self._idempotency = IdempotencyIndex(idempotency_ttl_s)
@@ -424,14 +433,15 @@ class FeedbackStore:
     def _read_listed(self, model: str, since_day: str = "", where=None) -> pa.Table:
         """Read the files listed now from ``since_day``'s partition on; if a merge replaced
         some between the listing and the read, list again."""
-        for attempt in range(3):
+        attempts = 3
+        while True:
             files = [f for f in self.files(model) if _partition_day(f) >= since_day]
             try:
                 return _read(self.storage, files, self._schema(model), where)
             except FileNotFoundError:
-                if attempt == 2:
+                attempts -= 1
+                if not attempts:
                     raise
-        return self._schema(model).empty_table()  # not reached: the last attempt returns or raises
 
     def read_since(self, model: str, after: tuple[datetime, str] | None) -> pa.Table:
         """The compacted records after ``after`` -- a (created_at, feedback_id) position in
@@ -447,7 +457,7 @@ class FeedbackStore:
             t = pa.scalar(at, _TS)
             where = (pc.field("created_at") > t) | ((pc.field("created_at") == t) & (pc.field("feedback_id") > last_id))
         table = _first_of_each_id(self._read_listed(model, day, where), "feedback_id")
-        return table.sort_by([("created_at", "ascending"), ("feedback_id", "ascending")])
+        return table.sort_by(_ARRIVAL_ORDER)
 
     def merge_closed_days(self, model: str, today: date | None = None, min_files: int = MERGE_MIN_FILES) -> int:
         """Merge each closed day's small files (compaction writes one every few seconds: up
@@ -467,11 +477,11 @@ class FeedbackStore:
             table = _first_of_each_id(self.read(model, files), "feedback_id")
             if table.num_rows == 0:
                 continue
-            table = table.sort_by([("created_at", "ascending"), ("feedback_id", "ascending")])
+            table = table.sort_by(_ARRIVAL_ORDER)
             ms = table.column("created_at").cast(pa.int64()).to_pylist()
             digest = hashlib.blake2b("\n".join(table.column("feedback_id").to_pylist()).encode(),
                                      digest_size=8).hexdigest()
-            merged = f"feedback/{model}/date={day}/merged-{_file_name(ms[0], ms[-1], digest)}"
+            merged = f"{_feedback_day_folder(model, day)}/merged-{_file_name(ms[0], ms[-1], digest)}"
             self.storage.write_parquet_atomic(merged, table)
             for f in files:
                 if f != merged:
