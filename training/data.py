@@ -1,5 +1,6 @@
 """Training data files: the formats a seed or golden file may have, how they are read, and
-their digests. Driver side, pyarrow."""
+their digests. Driver side, pyarrow: a file is a local path or any URI pyarrow opens
+(``s3://bucket/seed.tsv``, ``gs://…``), so a job on any node of a cluster reads the same one."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
@@ -19,15 +21,22 @@ SEED_FORMATS = {".tsv", ".csv", ".jsonl", ".parquet"}
 
 
 def seed_format(path: str) -> str:
-    suffix = Path(path).suffix.lower()
+    suffix = Path(path.split("?", 1)[0]).suffix.lower()
     if suffix not in SEED_FORMATS:
         raise ValueError(f"dataset {path!r}: unsupported format {suffix!r}; use one of {sorted(SEED_FORMATS)}")
     return suffix
 
 
+def _open(path: str) -> pa.NativeFile:
+    if "://" in path:
+        fs, inner = pafs.FileSystem.from_uri(path)
+        return fs.open_input_file(inner)  # random access: Parquet reads its footer first
+    return pa.OSFile(path, "rb")
+
+
 def file_sha256(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with _open(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -42,12 +51,15 @@ def read_dataset(path: str, task: Task) -> pa.Table:
     types = {"text": pa.string(), **{c: arrow_type(task.feedback_columns[c]) for c in task.target_columns}}
     if fmt in (".tsv", ".csv"):
         parse = pacsv.ParseOptions(delimiter="\t" if fmt == ".tsv" else ",", quote_char=False if fmt == ".tsv" else '"')
-        table = pacsv.read_csv(path, parse_options=parse,
-                               convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in columns}))
+        with _open(path) as f:
+            table = pacsv.read_csv(f, parse_options=parse,
+                                   convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in columns}))
     elif fmt == ".jsonl":
-        table = pajson.read_json(path)
+        with _open(path) as f:
+            table = pajson.read_json(f)
     else:
-        table = pq.read_table(path)
+        with _open(path) as f:
+            table = pq.read_table(f)
     missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise ValueError(f"dataset {path!r} has no column(s) {missing}; it needs {columns}")

@@ -40,7 +40,6 @@ log = logging.getLogger("tuneloop")
 ROLES = ("predict", "feedback", "admin")
 KEYS_ENV = "TUNELOOP_API_KEYS"
 KEYS_FILE = "auth/keys.json"
-KEYS_LOCK = "auth/keys.lock"
 ADMIN_KEY_FILE = "auth/admin-key.txt"
 _KEY = re.compile(r"^tl_([0-9a-f]{8})_([0-9a-f]{32})$")
 ID_PATTERN = re.compile(r"^[0-9a-f]{8}$")

@@ -72,6 +72,21 @@ class ModelConfig(_Strict):
         return v
 
 
+# Object stores tuneloop can share state on: the client module its conditional writes use
+# (cluster/store/conditional.py), the distribution, and tuneloop's extra that installs it.
+OBJECT_STORE_CLIENTS = {"s3": ("boto3", "boto3", "s3"), "gs": ("google.cloud.storage", "google-cloud-storage", "gcs"),
+                        "gcs": ("google.cloud.storage", "google-cloud-storage", "gcs")}
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package (google) is missing
+        return False
+
+
 class StorageConfig(_Strict):
     """Where registry, feedback and predictions live: a local path or a pyarrow URI."""
 
@@ -82,6 +97,13 @@ class StorageConfig(_Strict):
 
     @model_validator(mode="after")
     def _journal_is_local(self) -> StorageConfig:
+        scheme = self.root.split("://", 1)[0] if "://" in self.root else None
+        if scheme is not None and scheme not in OBJECT_STORE_CLIENTS:
+            raise ValueError(f"storage root {self.root!r}: tuneloop shares state on local paths, s3:// and gs:// "
+                             f"roots (conditional writes), not on {scheme}://")
+        if scheme is not None and not _installed(OBJECT_STORE_CLIENTS[scheme][0]):
+            raise ValueError(f"storage root {self.root!r} needs {OBJECT_STORE_CLIENTS[scheme][1]}: "
+                             f"pip install 'tuneloop[{OBJECT_STORE_CLIENTS[scheme][2]}]'")
         if self.journal_dir is None and "://" in self.root:
             raise ValueError(
                 f"journal_dir is required when root is not a local path (root {self.root!r}): the feedback "

@@ -88,17 +88,11 @@ class JobStore:
         self.save(job)
         return job
 
-    def _lock(self, model: str):
-        """Serialises writes to one model's job records, so marking a job lost never
-        overwrites the final record its (slow, not dead) process wrote meanwhile."""
-        return self.storage.locked(f"jobs/{model}.records.lock")
-
     def save(self, job: JobRecord) -> None:
-        with self._lock(job.model):
-            self._write(job)
-
-    def _write(self, job: JobRecord) -> None:
-        self.storage.write_json_atomic(f"jobs/{job.job_id}.json", job.model_dump(mode="json"))
+        """Every write of a record is a ``Storage.update``, so marking a job lost (a
+        read-decide-write by another process, maybe on another host) never overwrites the
+        final record its slow, not dead, process wrote meanwhile."""
+        self.storage.update_json(f"jobs/{job.job_id}.json", lambda _: job.model_dump(mode="json"))
 
     def _read(self, job_id: str) -> JobRecord | None:
         raw = self.storage.read_json(f"jobs/{job_id}.json")
@@ -123,15 +117,23 @@ class JobStore:
 
     def _fail_if(self, job: JobRecord, error_of: Callable[[JobRecord], str | None]) -> JobRecord:
         """Mark the job failed with ``error_of(record)`` unless that is None, deciding on the
-        record re-read under the model's lock: its process may have just written its end."""
-        with self._lock(job.model):
-            current = self._read(job.job_id) or job
+        record as it is at the write: its process may have just written its end."""
+        errors: list[str] = []
+
+        def fail(raw: dict | None) -> dict | None:
+            errors.clear()  # a retried compare-and-swap runs this again
+            current = job if raw is None else JobRecord.model_validate(raw)
             error = error_of(current)
             if error is None:
-                return current
+                return None
+            errors.append(error)
             current.state, current.error, current.finished_at = "failed", error, self.now()
-            self._write(current)
-        log.warning("job %s of %s marked failed: %s", current.job_id, current.model, error)
+            return current.model_dump(mode="json")
+
+        current = JobRecord.model_validate(self.storage.update_json(f"jobs/{job.job_id}.json", fail)
+                                           or job.model_dump(mode="json"))
+        if errors:
+            log.warning("job %s of %s marked failed: %s", current.job_id, current.model, errors[0])
         return current
 
     def _settle(self, job: JobRecord) -> JobRecord:
@@ -212,26 +214,19 @@ class Heartbeat:
             self._thread.join()
 
 
-def take_lease(storage: Storage, jobs: JobStore, job: JobRecord) -> FileLock | None:
+def take_lease(storage: Storage, jobs: JobStore, job: JobRecord) -> FileLock | RecordLease:
     """Take ``job.model``'s lease for ``job`` or raise JobRunning naming the job that holds it.
 
-    The right to run a job of a model, held by one process for the job's whole run. On a
-    local root it is the file lock ``<root>/jobs/<model>.lock`` (``Storage.file_lock``): the
-    kernel releases it when the process exits, however it dies, so a killed job never blocks
-    the next one. The holder writes its job id into the file, so a refused job can name it.
+    The right to run a job of a model, held by one process for the job's whole run, and
+    given back by ``release()``. On a local root it is the file lock ``<root>/jobs/<model>.lock``
+    (``Storage.file_lock``): the kernel releases it when the process exits, however it dies,
+    so a killed job never blocks the next one. The holder writes its job id into the file,
+    so a refused job can name it.
 
-    Object stores have no lock that dies with its process, so there (None is returned) the
-    best available is a look at the records: refuse if another job of the model is running
-    with a fresh heartbeat. That check is not atomic; run jobs of a remote root from one
-    place (the server's controller) to be sure.
+    Object stores have no lock that dies with its process: there it is ``RecordLease``.
     """
     if not storage.is_local:
-        other = next((j for j in jobs.all() if j.model == job.model and j.state == "running"
-                      and j.job_id != job.job_id), None)
-        if other is not None:
-            raise JobRunning(f"job {other.job_id} is already running for {job.model!r} "
-                             f"(started {other.created_at}); wait for it to finish")
-        return None
+        return RecordLease.take(storage, jobs, job)
     rel = f"jobs/{job.model}.lock"
     lease = storage.file_lock(rel, wait=False)
     if lease is None:
@@ -241,6 +236,36 @@ def take_lease(storage: Storage, jobs: JobStore, job: JobRecord) -> FileLock | N
                          "wait for it to finish")
     lease.write_holder(f"job {job.job_id} (pid {os.getpid()} on {socket.gethostname()})")
     return lease
+
+
+class RecordLease:
+    """A model's lease on an object store: ``jobs/<model>.lease`` names the job holding it,
+    taken and given back by compare-and-swap (``Storage.update``), so two hosts starting a
+    job at once cannot both win. A holder whose record no longer says running (it finished,
+    or its heartbeat stopped and it was marked lost: at most ``STALE_AFTER_S`` after its
+    process died) holds nothing, and the next job takes the lease over."""
+
+    def __init__(self, storage: Storage, rel: str, job_id: str):
+        self.storage, self.rel, self.job_id = storage, rel, job_id
+
+    @classmethod
+    def take(cls, storage: Storage, jobs: JobStore, job: JobRecord) -> RecordLease:
+        rel = f"jobs/{job.model}.lease"
+
+        def take_unless_held(doc: dict | None) -> dict:
+            holder = (doc or {}).get("job_id")
+            if holder and holder != job.job_id:
+                other = jobs.get(holder)  # a dead holder is settled as failed here
+                if other is not None and other.state == "running":
+                    raise JobRunning(f"job {holder} ({doc.get('where', '?')}) is already running for "
+                                     f"{job.model!r}; wait for it to finish")
+            return {"job_id": job.job_id, "where": f"pid {os.getpid()} on {socket.gethostname()}", "at": jobs.now()}
+
+        storage.update_json(rel, take_unless_held)
+        return cls(storage, rel, job.job_id)
+
+    def release(self) -> None:
+        self.storage.update_json(self.rel, lambda doc: {} if (doc or {}).get("job_id") == self.job_id else None)
 
 
 def promote_or_wait(registry: Registry, job: JobRecord, version: str, parent: str | None, reason: str) -> None:

@@ -1,5 +1,6 @@
 """The API keys tuneloop keeps: ``<storage>/auth/keys.json`` (hashes only), read by KeyRing and
-changed under a lock by ``tuneloop keys create`` / ``keys revoke`` and the first run.
+changed by ``tuneloop keys create`` / ``keys revoke`` and the first run, each change one
+``Storage.update`` so that concurrent ones, from any host, lose nothing.
 The rules (key format, roles, the rate limit) are ``tuneloop.core.auth``."""
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from tuneloop.core.auth import (
     ADMIN_KEY_FILE,
     KEYS_ENV,
     KEYS_FILE,
-    KEYS_LOCK,
     ApiKey,
     Authorizer,
     ID_PATTERN,
@@ -38,11 +38,14 @@ log = logging.getLogger("tuneloop")
 def read_key_file(storage: Storage) -> tuple[dict[str, Any], list[ApiKey]]:
     """The key file's document (``{"keys": []}`` when there is none) and its keys. Raises
     KeyFileError when it cannot be read or has the wrong shape."""
-    path = storage.path(KEYS_FILE)
     try:
         raw = storage.read_bytes(KEYS_FILE)
     except OSError as e:
-        raise KeyFileError(f"cannot read the key file {path}: {e.strerror or e}") from None
+        raise KeyFileError(f"cannot read the key file {storage.location(KEYS_FILE)}: {e.strerror or e}") from None
+    return _parse_key_file(raw, storage.location(KEYS_FILE))
+
+
+def _parse_key_file(raw: bytes | None, path: str) -> tuple[dict[str, Any], list[ApiKey]]:
     if raw is None:
         return {"keys": []}, []
     try:
@@ -50,6 +53,17 @@ def read_key_file(storage: Storage) -> tuple[dict[str, Any], list[ApiKey]]:
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: say where, not what
         raise KeyFileError(f"the key file {path} is not valid JSON ({e})") from None
     return doc, keys_from_doc(doc, path)
+
+
+def _change_key_file(storage: Storage, change: Callable[[dict[str, Any], list[ApiKey]], dict[str, Any] | None]) -> None:
+    """One read-modify-write of the key file. A key file that cannot be read is never
+    rewritten (its keys would go): KeyFileError, changing nothing."""
+
+    def on_bytes(raw: bytes | None) -> bytes | None:
+        new = change(*_parse_key_file(raw, storage.location(KEYS_FILE)))
+        return None if new is None else (json.dumps(new, indent=2, sort_keys=True) + "\n").encode()
+
+    storage.update(KEYS_FILE, on_bytes)
 
 
 class KeyRing:
@@ -104,20 +118,11 @@ class KeyRing:
         return self._authorizer
 
 
-def _add_key(storage: Storage, role: str) -> str:
-    """Under KEYS_LOCK. A key file that cannot be read is never rewritten: its keys would go."""
-    key, record = new_key(role)
-    doc, _ = read_key_file(storage)
-    doc["keys"] = [*doc["keys"], *stored_keys_doc([record])["keys"]]
-    storage.write_json_atomic(KEYS_FILE, doc)
-    return key
-
-
 def add_stored_key(storage: Storage, role: str) -> str:
-    """Create a key with ``role``, store its hash in the key file, return the key. Under the
-    key file's lock, so concurrent creates and revokes lose nothing."""
-    with storage.locked(KEYS_LOCK):
-        return _add_key(storage, role)
+    """Create a key with ``role``, store its hash in the key file, return the key."""
+    key, record = new_key(role)
+    _change_key_file(storage, lambda doc, _: {**doc, "keys": [*doc["keys"], *stored_keys_doc([record])["keys"]]})
+    return key
 
 
 def revoke_stored_key(auth: AuthConfig, storage: Storage, key_id: str) -> ApiKey:
@@ -132,13 +137,17 @@ def revoke_stored_key(auth: AuthConfig, storage: Storage, key_id: str) -> ApiKey
         if any(k.id == key_id for k in keys):
             raise RevokeError(f"key {key_id} comes from {where}, not from the key file; "
                               "remove it there and restart the server")
-    with storage.locked(KEYS_LOCK):
-        doc, _ = read_key_file(storage)
-        doc, removed = without_key(doc, key_id)
-        if removed is None:
-            raise RevokeError(f"no key with id {key_id!r} in {storage.path(KEYS_FILE)}; "
+    removed: dict[str, Any] = {}
+
+    def remove(doc: dict[str, Any], _: list[ApiKey]) -> dict[str, Any]:
+        rest, gone = without_key(doc, key_id)
+        if gone is None:
+            raise RevokeError(f"no key with id {key_id!r} in {storage.location(KEYS_FILE)}; "
                               "`tuneloop keys list` shows the ids")
-        storage.write_json_atomic(KEYS_FILE, doc)
+        removed.update(gone)
+        return rest
+
+    _change_key_file(storage, remove)
     return ApiKey(removed["id"], removed["role"], removed["sha256"])
 
 
@@ -147,10 +156,21 @@ def ensure_admin_key(auth: AuthConfig, storage: Storage) -> str | None:
     save_admin_key). None when an admin key exists already, or the config turns this off."""
     if not auth.create_admin_key:
         return None
-    with storage.locked(KEYS_LOCK):  # two first runs at once make one key, not two
-        if any(k.role == "admin" for k in KeyRing(auth, storage).keys()):
-            return None
-        return _add_key(storage, "admin")
+    outside = [*auth.keys, *keys_from_env(os.environ.get(KEYS_ENV))]
+    if any(k.role == "admin" for k in outside):
+        return None
+    key, record = new_key("admin")
+    made: list[str] = []
+
+    def add_unless_there(doc: dict[str, Any], stored: list[ApiKey]) -> dict[str, Any] | None:
+        made.clear()  # a retried compare-and-swap runs this again
+        if any(k.role == "admin" for k in stored):
+            return None  # two first runs at once make one key, not two
+        made.append(key)
+        return {**doc, "keys": [*doc["keys"], *stored_keys_doc([record])["keys"]]}
+
+    _change_key_file(storage, add_unless_there)
+    return made[0] if made else None
 
 
 def save_admin_key(storage: Storage, key: str) -> str:
@@ -159,4 +179,4 @@ def save_admin_key(storage: Storage, key: str) -> str:
     service logs, which others read and keep. On an object store the bucket's access
     applies; whoever may write there could add a key hash to keys.json anyway."""
     storage.write_bytes_atomic(ADMIN_KEY_FILE, f"{key}\n".encode())
-    return storage.path(ADMIN_KEY_FILE) if storage.is_local else f"{storage.uri.rstrip('/')}/{ADMIN_KEY_FILE}"
+    return storage.location(ADMIN_KEY_FILE)

@@ -1,5 +1,5 @@
 """The quarantine book: per model, the feedback keys held out of training, why, and who
-released them. ``registry/<model>/quarantine.json``, changed under its lock.
+released them. ``registry/<model>/quarantine.json``, each change one ``Storage.update``.
 
 A job flags keys (``cluster/core/quarantine.py``) and records them here; their rows are
 kept, beside the version, in its ``held`` table until an admin releases the key; the next
@@ -8,6 +8,7 @@ job then trains on them. A released key stays released: it is not flagged again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -38,8 +39,17 @@ class QuarantineBook:
         raw = self.storage.read_json(self._file(model)) or {}
         return {k: KeyVerdict.model_validate(v) for k, v in raw.items()}
 
-    def _write(self, model: str, verdicts: dict[str, KeyVerdict]) -> None:
-        self.storage.write_json_atomic(self._file(model), {k: v.model_dump() for k, v in sorted(verdicts.items())})
+    def _change(self, model: str, change: Callable[[dict[str, KeyVerdict]], None]) -> dict[str, KeyVerdict]:
+        """Read the verdicts, let ``change`` edit them in place, write them back; as one
+        ``Storage.update`` (``change`` may run again if another writer came first)."""
+
+        def edit(raw: dict | None) -> dict:
+            verdicts = {k: KeyVerdict.model_validate(v) for k, v in (raw or {}).items()}
+            change(verdicts)
+            return {k: v.model_dump() for k, v in sorted(verdicts.items())}
+
+        written = self.storage.update_json(self._file(model), edit)
+        return {k: KeyVerdict.model_validate(v) for k, v in written.items()}
 
     def quarantined(self, model: str) -> set[str]:
         return {k for k, v in self.verdicts(model).items() if v.state == "quarantined"}
@@ -47,22 +57,22 @@ class QuarantineBook:
     def quarantine(self, model: str, flags: dict[str, str], stats: dict[str, dict[str, Any]]) -> set[str]:
         """Record newly flagged keys (a released key stays released); returns every key
         now quarantined."""
-        with self.storage.locked(f"registry/{model}/quarantine.lock"):
-            verdicts = self.verdicts(model)
+
+        def flag(verdicts: dict[str, KeyVerdict]) -> None:
             for key, reason in flags.items():
                 if key not in verdicts:
                     verdicts[key] = KeyVerdict(key_id=key, state="quarantined", reason=reason, since=now_iso(),
                                                stats=stats.get(key, {}))
-            self._write(model, verdicts)
-            return {k for k, v in verdicts.items() if v.state == "quarantined"}
+
+        return {k for k, v in self._change(model, flag).items() if v.state == "quarantined"}
 
     def release(self, model: str, key_id: str) -> KeyVerdict:
         """Let a quarantined key's rows be trained on (from the next job). Raises NotQuarantined."""
-        with self.storage.locked(f"registry/{model}/quarantine.lock"):
-            verdicts = self.verdicts(model)
+
+        def free(verdicts: dict[str, KeyVerdict]) -> None:
             verdict = verdicts.get(key_id)
             if verdict is None or verdict.state != "quarantined":
                 raise NotQuarantined(model, key_id)
             verdicts[key_id] = verdict.model_copy(update={"state": "released", "released_at": now_iso()})
-            self._write(model, verdicts)
-            return verdicts[key_id]
+
+        return self._change(model, free)[key_id]

@@ -4,18 +4,22 @@ Layout under the storage root::
 
     registry/<model>/<version>/        save_pretrained output + manifest.json
     registry/<model>/state.json        {"production": "v2", "generation": 7, "history": [...]}
-    registry/<model>/state.lock        the lock every change of state.json is made under
+    registry/<model>/.claims/<version> who took a version number (written first, never removed)
     registry/<model>/switches/<version>/<replica>.json
                                        when each serving replica started answering with a version
 
-A version is staged under a hidden name and moved into place with its manifest already
-written, so readers never see half a version; rename onto an existing version fails, so
-two concurrent publishers cannot take the same number.
+Publishing works the same on a local disk and on an object store, where no folder can be
+renamed: the publisher claims the next number (``Storage.create_new`` of its claim: one
+winner however many race), copies the files into the version's folder, and writes the
+manifest last. The manifest is the commit point: a version without one is invisible
+(``versions`` skips it, ``manifest`` says unknown), so readers never see half a version,
+and a publisher that dies mid-copy leaves a gap in the numbers, not a broken version.
 
 Production moves only through ``Registry._transition``: a read-modify-write of state.json
-under the model's lock that bumps ``generation`` and appends one history entry. A training
-job, an operator's promote and an operator's rollback can race; the lock makes them take
-turns, and ``expect_production`` lets a job refuse to overwrite a decision made while it ran.
+(``Storage.update``: under a flock locally, compare-and-swap on object stores) that bumps
+``generation`` and appends one history entry. A training job, an operator's promote and an
+operator's rollback can race, from any host; they take turns, and ``expect_production``
+lets a job refuse to overwrite a decision made while it ran.
 """
 
 from __future__ import annotations
@@ -34,14 +38,14 @@ from tuneloop.core.errors import Conflict, UnknownVersion
 from tuneloop.core.evaluation import EvalMetrics
 from tuneloop.core.gate import GateDecision
 from tuneloop.core.serving_time import ServingTime
-from tuneloop.store.storage import Storage, private_temp_dir
+from tuneloop.store.storage import Storage, parquet_bytes, private_temp_dir
 
 _VERSION = re.compile(r"^v(\d+)$")
 MANIFEST = "manifest.json"
 DATA_DIR = "data"  # beside the weights: the tables a version was trained with
 GOLDEN = "golden.parquet"  # beside the versions: the model's frozen golden set
 STATE = "state.json"
-STATE_LOCK = "state.lock"
+CLAIMS = ".claims"
 SWITCHES = "switches"
 
 
@@ -166,30 +170,28 @@ class Registry:
         """Copy a saved model folder in as the next version; returns the final manifest.
         ``tables`` (the rows it trained on, its replay reservoir) go in with it, as
         ``data/<name>.parquet``, so a version and its data appear together or not at all."""
-        staging = f"{self._dir(model)}/.staging-{uuid.uuid4().hex}"
-        self.storage.upload_dir(local_dir, staging)
-        try:
-            for name, table in (tables or {}).items():
-                self.storage.write_parquet_atomic(f"{staging}/{DATA_DIR}/{name}.parquet", table)
-            for _ in range(100):
-                taken = [
-                    version_number(i.base_name)
-                    for i in self.storage.list_dir(self._dir(model))
-                    if _VERSION.match(i.base_name)
-                ]
-                version = f"v{max(taken, default=0) + 1}"
-                final = manifest.model_copy(update={"version": version, "model": model})
-                self.storage.write_json_atomic(f"{staging}/{MANIFEST}", final.model_dump(mode="json"))
-                try:
-                    self.storage.move_dir(staging, self._dir(model, version))
-                    return final
-                except FileExistsError:
-                    continue  # another publisher took this number: take the next one
-            raise RuntimeError(f"could not allocate a version for {model}")
-        except BaseException:
-            if self.storage.exists(staging):
-                self.storage.delete_dir(staging)
-            raise
+        version = self._claim_version(model)
+        folder = self._dir(model, version)
+        final = manifest.model_copy(update={"version": version, "model": model})
+        self.storage.upload_dir(local_dir, folder)
+        for name, table in (tables or {}).items():
+            self.storage.write_parquet_atomic(f"{folder}/{DATA_DIR}/{name}.parquet", table)
+        self.storage.write_json_atomic(f"{folder}/{MANIFEST}", final.model_dump(mode="json"))  # the commit
+        return final
+
+    def _claim_version(self, model: str) -> str:
+        """Take the next version number: the first one past every claim and folder that
+        ``create_new`` gets. A claim is never given back, so a failed publish leaves a gap."""
+        claims = f"{self._dir(model)}/{CLAIMS}"
+        taken = [version_number(i.base_name)
+                 for folder in (self._dir(model), claims)
+                 for i in self.storage.list_dir(folder) if _VERSION.match(i.base_name)]
+        number = max(taken, default=0) + 1
+        for _ in range(100):
+            if self.storage.create_new(f"{claims}/v{number}", f"{uuid.uuid4().hex} {now_iso()}\n".encode()):
+                return f"v{number}"
+            number += 1  # another publisher took it
+        raise RuntimeError(f"could not claim a version number for {model}")
 
     def table(self, model: str, version: str, name: str) -> pa.Table | None:
         """A table published with a version (``publish(tables=...)``), or None."""
@@ -207,12 +209,9 @@ class Registry:
     def freeze_golden(self, model: str, table: pa.Table) -> pa.Table:
         """Freeze ``table`` as the model's golden set unless one is frozen already (then
         that one is returned): it never changes once written."""
-        with self.storage.locked(f"{self._dir(model)}/golden.lock"):
-            frozen = self.golden(model)
-            if frozen is not None:
-                return frozen
-            self.storage.write_parquet_atomic(f"{self._dir(model)}/{GOLDEN}", table)
+        if self.storage.create_new(f"{self._dir(model)}/{GOLDEN}", parquet_bytes(table)):
             return table
+        return self.golden(model)
 
     def record_serving_time(self, model: str, version: str, timing: ServingTime) -> Manifest:
         """Complete a published version's manifest with its feedback-to-serving time, which
@@ -310,10 +309,11 @@ class Registry:
     def _transition(self, model: str, apply: Callable[[RegistryState], HistoryEntry],
                     expect_production: str | None) -> RegistryState:
         """The one writer of state.json: read, check, append ``apply``'s entry, bump the
-        generation and write, all under the model's lock, so concurrent changes (even from
-        other processes on a local root) take turns and none is lost."""
-        with self.storage.locked(f"{self._dir(model)}/{STATE_LOCK}"):
-            state = self.state(model)
+        generation and write, as one ``Storage.update``, so concurrent changes (from any
+        process on any host) take turns and none is lost. ``apply`` may run more than once
+        (compare-and-swap retries): it only reads the state it is given."""
+        def change(raw: dict | None) -> dict:
+            state = RegistryState() if raw is None else RegistryState.model_validate(raw)
             if expect_production is not UNCHECKED and state.production != expect_production:
                 raise Conflict(f"production of {model!r} is now {state.production or 'none'} "
                                f"(generation {state.generation}), not {expect_production or 'none'}")
@@ -322,5 +322,6 @@ class Registry:
             entry.generation = state.generation
             state.production = entry.production
             state.history.append(entry)
-            self.storage.write_json_atomic(f"{self._dir(model)}/{STATE}", state.model_dump(mode="json"))
-            return state
+            return state.model_dump(mode="json")
+
+        return RegistryState.model_validate(self.storage.update_json(f"{self._dir(model)}/{STATE}", change))

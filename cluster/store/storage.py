@@ -4,6 +4,11 @@ Every write that others may read is atomic: written under a hidden temporary nam
 moved into place. On a local disk the file and its folder are fsynced, so a write that
 returned survives a crash of the process or the machine.
 
+What several processes, on several hosts, race for goes through two calls that work the
+same on every kind of root: ``create_new`` (a claim: exactly one writer wins a name) and
+``update`` (read-modify-write, compare-and-swap on object stores). There is no directory
+rename anywhere: object stores cannot move a folder atomically.
+
 On a local disk everything written here is private to the user running tuneloop: files
 0600, folders this class creates 0700 (the root too, when it creates it). The root holds
 predicted and corrected texts, model weights and the API key hashes, none of which other
@@ -20,10 +25,9 @@ import io
 import json
 import os
 import posixpath
-import threading
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,9 +36,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from tuneloop.store.conditional import ConditionalWrites, conditional_writes
+
 FILE_MODE, DIR_MODE = 0o600, 0o700  # on a local root: private to the user running tuneloop
-_process_locks: dict[str, threading.Lock] = {}  # Storage.locked on object stores
-_process_locks_guard = threading.Lock()
+UPDATE_ATTEMPTS = 100  # compare-and-swap retries before giving up (contention is a few writers)
 
 
 class Storage:
@@ -47,12 +52,18 @@ class Storage:
             self.fs, self.root = pafs.LocalFileSystem(), str(Path(root).resolve())
         self.uri = root
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+        self._writes: ConditionalWrites | None = None  # object stores: made on first use
 
     def __reduce__(self):  # pickled into Ray tasks as just the URI
         return (Storage, (self.uri,))
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
+
+    def location(self, rel: str) -> str:
+        """Where ``rel`` is, as an operator writes it: a path, or ``s3://bucket/...`` (the
+        URI's endpoint and options left out)."""
+        return self.path(rel) if self.is_local else f"{self.uri.split('://', 1)[0]}://{self.path(rel)}"
 
     # -- reading -------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
@@ -90,32 +101,34 @@ class Storage:
     # -- writing -------------------------------------------------------------------------
     def write_bytes_atomic(self, rel: str, data: bytes) -> None:
         final = self.path(rel)
-        parent = posixpath.dirname(final)
-        tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}")
-        self._create_dir(parent)
         if self.is_local:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-            try:
-                view = memoryview(data)
-                while view:  # os.write may write less than asked (a large file, a full disk)
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, final)
-            fsync_dir(parent)
+            os.replace(self._write_temporary(final, data), final)
+            fsync_dir(posixpath.dirname(final))
         else:
             # Object stores publish an object whole on close, so no temporary is needed.
             with self.fs.open_output_stream(final) as f:
                 f.write(data)
 
+    def _write_temporary(self, final: str, data: bytes) -> str:
+        """A fsynced private temporary beside ``final`` (local roots), for renaming or linking."""
+        parent = posixpath.dirname(final)
+        tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}")
+        self._create_dir(parent)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        try:
+            view = memoryview(data)
+            while view:  # os.write may write less than asked (a large file, a full disk)
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return tmp
+
     def write_json_atomic(self, rel: str, obj: Any) -> None:
-        self.write_bytes_atomic(rel, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+        self.write_bytes_atomic(rel, _json_bytes(obj))
 
     def write_parquet_atomic(self, rel: str, table: pa.Table) -> None:
-        buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
-        self.write_bytes_atomic(rel, buf.getvalue())
+        self.write_bytes_atomic(rel, parquet_bytes(table))
 
     def read_parquet(self, rel: str) -> pa.Table | None:
         """A Parquet file's table, or None if it is not there."""
@@ -124,22 +137,65 @@ class Storage:
         except FileNotFoundError:
             return None
 
-    def move_dir(self, src_rel: str, dst_rel: str) -> None:
-        """Publish a folder under its final name. Raises FileExistsError if taken."""
-        dst = self.path(dst_rel)
+    def create_new(self, rel: str, data: bytes) -> bool:
+        """Write ``rel`` only if nothing is there yet; False (writing nothing) if it is. The
+        claim that several writers, on several hosts, may race for: exactly one wins. Local:
+        an fsynced temporary ``link(2)``-ed into place (fails on an existing name). Object
+        stores: a create-only conditional put (``conditional.py``)."""
+        if not self.is_local:
+            return self._conditional().write(self.path(rel), data, None)
+        final = self.path(rel)
+        tmp = self._write_temporary(final, data)
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        fsync_dir(posixpath.dirname(final))
+        return True
+
+    def update(self, rel: str, change: Callable[[bytes | None], bytes | None]) -> bytes | None:
+        """Read-modify-write of a small file that several processes, on several hosts, may
+        change at once. ``change(current bytes or None)`` returns the new bytes, or None to
+        leave the file as it is; it may raise to abort. Returns what the file holds after.
+
+        Local: under the file's flock (``locked``), so writers take turns. Object stores:
+        compare-and-swap, the write refused if anyone wrote since the read, and then
+        ``change`` runs again on the fresh copy: it must be a pure function of its input."""
         if self.is_local:
-            # rename(2) onto an existing non-empty folder fails: that is our version lock.
-            try:
-                os.rename(self.path(src_rel), dst)
-            except OSError as e:
-                if Path(dst).exists():
-                    raise FileExistsError(dst) from e
-                raise
-            fsync_dir(posixpath.dirname(dst))
-        else:
-            if self.exists(dst_rel):
-                raise FileExistsError(dst)
-            self.fs.move(self.path(src_rel), dst)
+            with self.locked(_lock_name(rel)):
+                current = self.read_bytes(rel)
+                new = change(current)
+                if new is None:
+                    return current
+                self.write_bytes_atomic(rel, new)
+                return new
+        writes = self._conditional()
+        for _ in range(UPDATE_ATTEMPTS):
+            current, token = writes.read(self.path(rel))
+            new = change(current)
+            if new is None:
+                return current
+            if writes.write(self.path(rel), new, token):
+                return new
+        raise RuntimeError(f"{self.path(rel)} kept changing under {UPDATE_ATTEMPTS} attempts to update it")
+
+    def update_json(self, rel: str, change: Callable[[Any | None], Any | None]) -> Any | None:
+        """``update`` of a JSON document: ``change(document or None)`` returns the new
+        document, or None to keep it."""
+
+        def as_bytes(raw: bytes | None) -> bytes | None:
+            new = change(None if raw is None else json.loads(raw))
+            return None if new is None else _json_bytes(new)
+
+        raw = self.update(rel, as_bytes)
+        return None if raw is None else json.loads(raw)
+
+    def _conditional(self) -> ConditionalWrites:
+        if self._writes is None:
+            self._writes = conditional_writes(self.uri)
+        return self._writes
 
     def upload_dir(self, local_dir: str, rel: str) -> None:
         self._create_dir(self.path(rel))
@@ -179,14 +235,7 @@ class Storage:
         processes and other threads alike, and the kernel releases it when the holder
         dies, however it dies. Not re-entrant: do not nest the same lock.
 
-        On an object store (s3://, gs://) pyarrow offers no lock, so this is only a lock
-        within this process. Known limit: two hosts, or two processes, updating the same
-        file there can still lose an update; run the writers of such a file in one process
-        (or keep the storage local) if that matters."""
-        if not self.is_local:
-            with _process_lock(f"{self.fs.type_name}:{self.path(rel)}"):
-                yield
-            return
+        Local roots only: on an object store use ``update`` (compare-and-swap) instead."""
         lock = self.file_lock(rel, wait=True)
         try:
             yield
@@ -231,9 +280,20 @@ class FileLock:
             self._fd = None
 
 
-def _process_lock(name: str) -> threading.Lock:
-    with _process_locks_guard:
-        return _process_locks.setdefault(name, threading.Lock())
+def parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def _lock_name(rel: str) -> str:
+    """The flock ``update`` takes for ``rel`` on a local root: hidden, beside it."""
+    folder, name = posixpath.split(rel)
+    return posixpath.join(folder, f".{name}.lock")
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
 def make_private_dirs(path: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import uuid
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,10 @@ import pytest
 from tuneloop.serving.fast_path import enable_fast_path, free_port
 
 enable_fast_path(private_haproxy_ports=True)  # the data path users get; before ray is imported
+# The local S3 endpoint (s3_root) takes any keys; set before Ray starts so that its workers
+# inherit them, and so that no client goes looking for an instance role.
+os.environ.update(AWS_ACCESS_KEY_ID="tuneloop-test", AWS_SECRET_ACCESS_KEY="tuneloop-test",
+                  AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
 
 from dataclasses import asdict
 
@@ -22,6 +27,7 @@ from tuneloop.store.storage import Storage
 from tests.tiny_models import build_tiny_model
 
 LABELS = ["negative", "positive"]
+S3_BUCKET = "tuneloop-test"
 RAY_NUM_CPUS = 6  # more logical CPUs than training workers + replicas, or Ray Data starves
 
 # One key per role for the session; configs carry only their hashes.
@@ -53,6 +59,27 @@ def serve_port(ray_session) -> int:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return port
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 endpoint on loopback (moto's server: the S3 REST API, conditional writes
+    included), with a bucket; yields ``host:port``."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket=S3_BUCKET)
+    yield f"{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_root(s3_endpoint) -> str:
+    """A fresh storage root on the local S3 endpoint, as a user would write it."""
+    return f"s3://{S3_BUCKET}/{uuid.uuid4().hex[:12]}?endpoint_override={s3_endpoint}&scheme=http"
 
 
 @pytest.fixture(scope="session")

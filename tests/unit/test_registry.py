@@ -8,6 +8,7 @@ import pytest
 from tuneloop.core.errors import Conflict, UnknownVersion
 from tuneloop.store.registry import HistoryEntry, Manifest, Registry, RegistryState
 from tuneloop.store.storage import Storage
+from tests.concurrency import in_threads
 
 
 def _manifest(**kw):
@@ -34,26 +35,26 @@ def test_publish_numbers_versions_and_writes_manifest(tmp_path, weights):
     assert reg.manifest("m", "v2").parent == "v1"
     files = sorted(p.name for p in (tmp_path / "store/registry/m/v2").iterdir())
     assert files == ["config.json", "manifest.json", "model.safetensors"]
-    # Nothing temporary is left beside the versions.
-    assert sorted(p.name for p in (tmp_path / "store/registry/m").iterdir()) == ["v1", "v2"]
+    # Nothing temporary is left beside the versions; each number has its claim.
+    assert sorted(p.name for p in (tmp_path / "store/registry/m").iterdir()) == [".claims", "v1", "v2"]
+    assert sorted(p.name for p in (tmp_path / "store/registry/m/.claims").iterdir()) == ["v1", "v2"]
+
+
+def test_a_publisher_that_died_mid_copy_leaves_a_gap_not_a_version(tmp_path, weights):
+    reg = Registry(Storage(str(tmp_path / "store")))
+    reg.publish("m", weights, _manifest())
+    reg._claim_version("m")  # v2 claimed, files half copied, no manifest: the publisher died
+    (tmp_path / "store/registry/m/v2").mkdir()
+    (tmp_path / "store/registry/m/v2/config.json").write_text("{}")
+    assert [m.version for m in reg.versions("m")] == ["v1"]
+    with pytest.raises(UnknownVersion):
+        reg.manifest("m", "v2")
+    assert reg.publish("m", weights, _manifest(parent="v1")).version == "v3"
 
 
 def test_concurrent_publishers_get_distinct_versions(tmp_path, weights):
     reg = Registry(Storage(str(tmp_path / "store")))
-    out, errors = [], []
-
-    def publish():
-        try:
-            out.append(reg.publish("m", weights, _manifest()).version)
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=publish) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    out = in_threads(lambda: reg.publish("m", weights, _manifest()).version, n=6)
     assert sorted(out, key=lambda v: int(v[1:])) == [f"v{i}" for i in range(1, 7)]
 
 

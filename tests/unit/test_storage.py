@@ -1,6 +1,5 @@
 """Storage: private file modes on a local root, and the lock for read-modify-write."""
 
-import multiprocessing
 import os
 import stat
 import threading
@@ -10,6 +9,7 @@ import pyarrow as pa
 import pytest
 
 from tuneloop.store.storage import Storage
+from tests.concurrency import in_processes
 
 
 def _mode(path) -> int:
@@ -93,34 +93,25 @@ def _slow_increment(root: str, times: int, start) -> None:
 def test_locked_excludes_other_processes(tmp_path):
     storage = Storage(str(tmp_path))
     storage.write_json_atomic("counter.json", {"n": 0})
-    ctx = multiprocessing.get_context("spawn")
-    start = ctx.Event()
-    procs = [ctx.Process(target=_slow_increment, args=(str(tmp_path), 15, start)) for _ in range(4)]
-    for p in procs:
-        p.start()
-    start.set()
-    for p in procs:
-        p.join(60)
-    assert [p.exitcode for p in procs] == [0] * 4
+    in_processes(_slow_increment, (str(tmp_path), 15), n=4)
     assert storage.read_json("counter.json") == {"n": 60}
 
 
-def test_locked_on_an_object_store_is_a_lock_within_the_process():
-    storage = Storage("mock:///bucket/root")
-    assert not storage.is_local
-    storage.write_json_atomic("counter.json", {"n": 0})
+def _increment_by_update(root: str, times: int, start) -> None:
+    storage = Storage(root)
+    start.wait()
+    for _ in range(times):
+        storage.update_json("counter.json", lambda doc: {"n": (doc or {"n": 0})["n"] + 1})
 
-    def work():
-        for _ in range(20):
-            with storage.locked("counter.lock"):
-                n = storage.read_json("counter.json")["n"]
-                time.sleep(0.0005)
-                storage.write_json_atomic("counter.json", {"n": n + 1})
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert storage.read_json("counter.json") == {"n": 80}
-    assert not storage.exists("counter.lock")  # nothing written for it
+def test_update_and_create_new_take_turns_across_processes(tmp_path):
+    """The two calls every shared write goes through (object stores: tests/integration/
+    test_object_store.py runs the same against a real S3 endpoint)."""
+    storage = Storage(str(tmp_path))
+    in_processes(_increment_by_update, (str(tmp_path), 15), n=3)
+    assert storage.read_json("counter.json") == {"n": 45}
+    assert storage.update_json("counter.json", lambda doc: None) == {"n": 45}  # None: keep it
+    assert storage.create_new("claims/v1", b"a") and not storage.create_new("claims/v1", b"b")
+    assert storage.read_bytes("claims/v1") == b"a"
+    assert _mode(tmp_path / "claims/v1") == 0o600
+    assert sorted(p.name for p in (tmp_path / "claims").iterdir()) == ["v1"]  # no temporary left

@@ -1,0 +1,128 @@
+"""Conditional writes on object stores: the one thing pyarrow's filesystems lack.
+
+Several hosts change the same small documents (a model's state.json, the key file, job
+records) and claim the same names (a version number). On a local disk a ``flock`` or an
+exclusive ``link(2)`` makes them take turns. An object store has no lock, but it can refuse
+a write: S3 ``PutObject`` with ``If-None-Match: *`` (create only) or ``If-Match: <etag>``
+(replace only what was read), GCS uploads with ``ifGenerationMatch``. Both answer 412 to
+the loser, who re-reads and tries again: compare-and-swap, atomic on the service's side.
+
+Reads and every other write still go through pyarrow; only these two calls use the
+vendor's client (boto3, google-cloud-storage), built from the same URI and the same
+credentials chain, imported on first use so that a local root needs neither.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+from urllib.parse import parse_qs, urlparse
+
+class ConditionalWrites(Protocol):
+    def read(self, path: str) -> tuple[bytes | None, str | None]:
+        """The object's bytes and its version token (None, None when absent)."""
+
+    def write(self, path: str, data: bytes, token: str | None) -> bool:
+        """Write ``data`` only if the object is still at ``token`` (None: only if absent);
+        False if another writer got there first."""
+
+
+def conditional_writes(uri: str) -> ConditionalWrites:
+    scheme = urlparse(uri).scheme
+    if scheme == "s3":
+        return _S3(uri)
+    if scheme in ("gs", "gcs"):
+        return _Gcs(uri)
+    raise ValueError(f"tuneloop can share state on local paths, s3:// and gs:// roots, not on {uri!r}")
+
+
+def _split(path: str) -> tuple[str, str]:
+    bucket, _, key = path.partition("/")
+    return bucket, key
+
+
+def _option(query: dict[str, list[str]], name: str) -> str | None:
+    values = query.get(name)
+    return values[0] if values else None
+
+
+class _S3:
+    """boto3 against the endpoint, region and keys the URI names (pyarrow's query options:
+    ``endpoint_override``, ``scheme``, ``region``, ``access_key``, ``secret_key``); what it
+    leaves out comes from boto3's usual chain (environment, profile, instance role)."""
+
+    def __init__(self, uri: str):
+        import boto3
+        import botocore.exceptions
+
+        query = parse_qs(urlparse(uri).query)
+        endpoint = _option(query, "endpoint_override")
+        if endpoint and "://" not in endpoint:
+            endpoint = f"{_option(query, 'scheme') or 'https'}://{endpoint}"
+        self._client = boto3.client(
+            "s3", endpoint_url=endpoint, region_name=_option(query, "region"),
+            aws_access_key_id=_option(query, "access_key"), aws_secret_access_key=_option(query, "secret_key"))
+        self._error = botocore.exceptions.ClientError
+
+    def read(self, path: str) -> tuple[bytes | None, str | None]:
+        bucket, key = _split(path)
+        try:
+            got = self._client.get_object(Bucket=bucket, Key=key)
+        except self._error as e:
+            if e.response["Error"]["Code"] in ("NoSuchKey", "404"):
+                return None, None
+            raise
+        return got["Body"].read(), got["ETag"]
+
+    def write(self, path: str, data: bytes, token: str | None) -> bool:
+        bucket, key = _split(path)
+        condition = {"IfMatch": token} if token is not None else {"IfNoneMatch": "*"}
+        try:
+            self._client.put_object(Bucket=bucket, Key=key, Body=data, **condition)
+        except self._error as e:
+            # 412: someone wrote first; 409: a concurrent conditional write is in flight.
+            if e.response["ResponseMetadata"]["HTTPStatusCode"] in (409, 412):
+                return False
+            raise
+        return True
+
+
+class _Gcs:
+    """google-cloud-storage, generation-matched; ``STORAGE_EMULATOR_HOST`` or the URI's
+    ``endpoint_override`` points it at another endpoint (an emulator in the tests)."""
+
+    def __init__(self, uri: str):
+        from google.api_core.exceptions import NotFound, PreconditionFailed
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        query = parse_qs(urlparse(uri).query)
+        endpoint = _option(query, "endpoint_override")
+        if endpoint:
+            if "://" not in endpoint:
+                endpoint = f"{_option(query, 'scheme') or 'https'}://{endpoint}"
+            anonymous = _option(query, "anonymous") == "true"
+            self._client = storage.Client(
+                project=_option(query, "project_id") or "tuneloop",
+                credentials=AnonymousCredentials() if anonymous else None,
+                client_options={"api_endpoint": endpoint})
+        else:
+            self._client = storage.Client()
+        self._not_found, self._precondition = NotFound, PreconditionFailed
+
+    def read(self, path: str) -> tuple[bytes | None, str | None]:
+        bucket, key = _split(path)
+        blob = self._client.bucket(bucket).blob(key)
+        try:
+            data = blob.download_as_bytes()
+        except self._not_found:
+            return None, None
+        return data, str(blob.generation)
+
+    def write(self, path: str, data: bytes, token: str | None) -> bool:
+        bucket, key = _split(path)
+        blob = self._client.bucket(bucket).blob(key)
+        try:
+            blob.upload_from_string(data, if_generation_match=int(token) if token is not None else 0)
+        except self._precondition:
+            return False
+        return True

@@ -1,0 +1,148 @@
+"""Storage on an object store, against a real S3 endpoint on loopback (moto's server):
+claims and compare-and-swap from several processes, the registry, keys, quarantine, the
+job lease, feedback Parquet, and a training job whose seed, checkpoints and version all
+live in the bucket. pyarrow's S3 filesystem for everything but the conditional puts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from tuneloop.core.config import AuthConfig
+from tuneloop.core.errors import Conflict, NotQuarantined
+from tuneloop.core.tasks import model_tasks
+from tuneloop.store.jobs import JobRunning, JobStore, take_lease
+from tuneloop.store.keys import KeyRing, add_stored_key, ensure_admin_key, revoke_stored_key, save_admin_key
+from tuneloop.store.quarantine import QuarantineBook
+from tuneloop.store.records import FeedbackStore
+from tuneloop.store.registry import Manifest, Registry
+from tuneloop.store.storage import Storage
+from tests.concurrency import in_processes, in_threads
+from tests.integration.conftest import LABELS, make_config
+
+
+def _increment(root: str, times: int, start) -> None:
+    storage = Storage(root)
+    start.wait()
+    for _ in range(times):
+        storage.update_json("counter.json", lambda doc: {"n": (doc or {"n": 0})["n"] + 1})
+
+
+def _promote_back_and_forth(root: str, times: int, start) -> None:
+    registry = Registry(Storage(root))
+    start.wait()
+    for i in range(times):
+        registry.promote("m", "v1" if i % 2 else "v2", reason=f"pid {os.getpid()}")
+
+
+def _manifest(parent: str | None = None) -> Manifest:
+    return Manifest(version="pending", model="m", parent=parent, base_model="tiny", task="text-classification",
+                    labels=LABELS)
+
+
+@pytest.fixture
+def weights(tmp_path) -> str:
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(os.urandom(4096))
+    (folder / "config.json").write_text("{}")
+    return str(folder)
+
+
+def test_compare_and_swap_and_claims_hold_across_processes(s3_root):
+    storage = Storage(s3_root)
+    assert not storage.is_local
+    in_processes(_increment, (s3_root, 8), n=3)
+    assert storage.read_json("counter.json") == {"n": 24}  # no update lost
+    assert storage.create_new("claims/x", b"first") and not storage.create_new("claims/x", b"second")
+    assert storage.read_bytes("claims/x") == b"first"
+
+
+def test_registry_publishes_without_renames_and_keeps_every_transition(s3_root, weights, tmp_path):
+    registry = Registry(Storage(s3_root))
+    out = in_threads(lambda: registry.publish("m", weights, _manifest(), tables={"trained_on": pa.table({"a": [1]})}).version,
+                     n=4)
+    assert sorted(out) == ["v1", "v2", "v3", "v4"]
+    assert [m.version for m in registry.versions("m")] == ["v1", "v2", "v3", "v4"]
+    local = Path(registry.local_path("m", "v3", cache_dir=str(tmp_path / "cache")))
+    assert (local / "model.safetensors").read_bytes() == Path(weights, "model.safetensors").read_bytes()
+    assert registry.table("m", "v3", "trained_on").to_pylist() == [{"a": 1}]
+
+    registry.promote("m", "v1")
+    in_processes(_promote_back_and_forth, (s3_root, 5), n=3)
+    state = registry.state("m")
+    assert state.generation == 16 and len(state.history) == 16  # 1 + 3 x 5, none lost
+    assert [e.generation for e in state.history] == list(range(1, 17))
+    with pytest.raises(Conflict):
+        registry.promote("m", "v4", expect_production="v3")
+
+    golden = pa.table({"text": ["a"], "label": ["positive"]})
+    assert registry.freeze_golden("m", golden) == golden
+    assert registry.freeze_golden("m", pa.table({"text": ["b"], "label": ["negative"]})) == golden
+
+
+def test_keys_quarantine_and_the_job_lease(s3_root):
+    storage = Storage(s3_root)
+    auth = AuthConfig(create_admin_key=True)
+    first = ensure_admin_key(auth, storage)
+    assert first is not None and ensure_admin_key(auth, storage) is None  # one admin key, once
+    where = save_admin_key(storage, first)
+    assert where.startswith("s3://tuneloop-test/") and where.endswith("/auth/admin-key.txt") and "?" not in where
+    feedback_key = add_stored_key(storage, "feedback")
+    ring = KeyRing(auth, storage)
+    assert sorted(k.role for k in ring.keys()) == ["admin", "feedback"]
+    revoke_stored_key(auth, storage, feedback_key.split("_")[1])
+    assert [k.role for k in KeyRing(auth, storage).keys()] == ["admin"]
+
+    book = QuarantineBook(storage)
+    assert book.quarantine("m", {"k1": "far off"}, {}) == {"k1"}
+    assert book.release("m", "k1").state == "released"
+    with pytest.raises(NotQuarantined):
+        book.release("m", "k1")
+
+    jobs = JobStore(storage)
+    first_job, second_job = jobs.create("m", "manual"), jobs.create("m", "manual")
+    lease = take_lease(storage, jobs, first_job)
+    with pytest.raises(JobRunning, match=first_job.job_id):
+        take_lease(storage, jobs, second_job)
+    first_job.state = "succeeded"
+    jobs.save(first_job)
+    take_lease(storage, jobs, second_job).release()  # a finished holder holds nothing
+    lease.release()  # no longer its lease: changes nothing
+
+
+def test_feedback_parquet_lands_in_the_bucket(s3_root, tmp_path):
+    from tuneloop.core.tasks import make_task
+
+    storage = Storage(s3_root)
+    store = FeedbackStore(storage, str(tmp_path / "journal"), {"m": make_task("text-classification", LABELS)})
+    store.open_writer()
+    ids = [store.append(model="m", text=f"text {i}", label=LABELS[i % 2]) for i in range(10)]
+    store.close()  # compacts
+    assert store.files("m") and all("/date=" in f for f in store.files("m"))
+    assert sorted(r["feedback_id"] for r in store.read("m").to_pylist()) == sorted(ids)
+
+
+def test_a_training_job_reads_its_seed_and_writes_everything_to_the_bucket(ray_session, tiny_model, seed_tsv,
+                                                                           s3_root, tmp_path):
+    from tuneloop.training.launcher import run_training
+
+    storage = Storage(s3_root)
+    storage.write_bytes_atomic("data/seed.tsv", Path(seed_tsv).read_bytes())
+    base, query = s3_root.split("?")
+    cfg = make_config(tmp_path, tiny_model, f"{base}/data/seed.tsv?{query}",
+                      storage={"root": s3_root, "journal_dir": str(tmp_path / "journal")},
+                      training={"max_steps": 2})
+    result = run_training(cfg, "sentiment")
+    assert result.job.state == "succeeded", result.job.error
+    registry = Registry(storage)
+    assert registry.production("sentiment") == "v1"
+    manifest = registry.manifest("sentiment", "v1")
+    assert manifest.data["seed"]["sha256"] and manifest.data["train_rows"] == 64
+    assert storage.list_files("registry/sentiment/v1", ".safetensors")
+    assert storage.list_files("train_runs")  # Ray Train's run folder is shared too
+    assert JobStore(storage).get(result.job.job_id).state == "succeeded"
+    assert model_tasks(cfg.models)["sentiment"].labels == LABELS
