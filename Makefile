@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-unit crash-test clean
+.PHONY: install run test test-unit crash-test deploy-files clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ test: $(STAMP)
 # kill -9 during a feedback flood, then count: minutes, so kept out of `make test`.
 crash-test: $(STAMP)
 	$(BIN)/pytest -q -s -p no:cacheprovider -m slow tests/integration/test_feedback_crash.py
+
+# deploy/'s example files, rendered from deploy/tuneloop.cluster.yaml (a test fails if they drift).
+deploy-files: $(STAMP)
+	for target in kuberay aws gcp serve; do $(BIN)/tuneloop deploy render --target $$target --config deploy/tuneloop.cluster.yaml; done
 
 test-unit: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider tests/unit

@@ -13,47 +13,85 @@ import time
 
 import ray
 from ray import serve
+from ray.serve import Application
 
 from tuneloop.core.config import TuneloopConfig
 from tuneloop.serving.ingress import Ingress
 from tuneloop.serving.metrics import MULTIPROC_ENV
 from tuneloop.serving.model_server import ModelServer, in_flight_limit
-from tuneloop.core.names import INGRESS_APP, model_app_name, model_deployment_name, predict_route
+from tuneloop.core.names import CONTROLLER_APP, INGRESS_APP, model_app_name, model_deployment_name, predict_route
+from tuneloop.store.storage import private_temp_dir
+
+
+JOURNAL_RESOURCE = "tuneloop-journal"
+"""A custom resource that the node holding the feedback journal's persistent disk offers
+(deploy/: the head). Where a cluster has it, the ingress, the journal's one writer, is
+pinned there, so acknowledged feedback is always on that disk; where none offers it (one
+machine), the ingress goes anywhere."""
+
+
+def default_metrics_dir() -> str:
+    return os.path.join(private_temp_dir("tuneloop-metrics"), "serve")
 
 
 def _cores(cfg: TuneloopConfig) -> int:
-    """Cores the replicas may spread over: the cluster's when joining one, else this
+    """Cores the replicas may spread over: the cluster's when part of one, else this
     machine's (a local Ray's logical CPUs are set above the cores, for Ray Data's tasks)."""
-    if cfg.ray.address:
+    if ray.is_initialized() and (cfg.ray.address or os.environ.get("RAY_ADDRESS") or not ray_is_local()):
         return int(ray.cluster_resources().get("CPU", 1))
     return os.cpu_count() or 1
 
 
-def deploy(cfg: TuneloopConfig, metrics_dir: str | None = None) -> None:
-    """Deploy (or update) every model application, then the ingress; returns at once."""
+def ray_is_local() -> bool:
+    """Whether Ray is this one machine (one node)."""
+    return len([n for n in ray.nodes() if n.get("Alive")]) <= 1
+
+
+def _env(metrics_dir: str | None) -> dict:
+    return {"runtime_env": {"env_vars": {MULTIPROC_ENV: metrics_dir}}} if metrics_dir else {}
+
+
+def model_app(cfg: TuneloopConfig, model: str, metrics_dir: str | None) -> Application:
     s = cfg.serving
-    env = {"runtime_env": {"env_vars": {MULTIPROC_ENV: metrics_dir}}} if metrics_dir else {}
+    options = {
+        "name": model_deployment_name(model),
+        "ray_actor_options": {"num_cpus": s.num_cpus_per_replica, "num_gpus": s.num_gpus_per_replica,
+                              **({"resources": dict(s.resources_per_replica)} if s.resources_per_replica else {}),
+                              **_env(metrics_dir)},
+        # The replica bounds what it holds itself (in_flight_limit) and answers 503 in
+        # JSON past it; Serve's own limit sits above so that it never answers first.
+        "max_ongoing_requests": in_flight_limit(s) + s.max_batch_size,
+    }
+    if s.num_replicas is not None:
+        options["num_replicas"] = s.num_replicas
+    else:
+        options["autoscaling_config"] = s.autoscaling.serve_config(s.num_cpus_per_replica, _cores(cfg))
+    return serve.deployment(ModelServer).options(**options).bind(cfg.model_dump(), model)
+
+
+def ingress_app(cfg: TuneloopConfig, metrics_dir: str | None) -> Application:
+    return Ingress.options(ray_actor_options={"num_cpus": 0, **on_journal_node(), **_env(metrics_dir)}
+                           ).bind(cfg.model_dump())
+
+
+def on_journal_node() -> dict:
+    """Actor options that pin to the journal's node (``JOURNAL_RESOURCE``) where one offers it."""
+    offered = ray.is_initialized() and JOURNAL_RESOURCE in ray.cluster_resources()
+    return {"resources": {JOURNAL_RESOURCE: 0.01}} if offered else {}
+
+
+def deploy(cfg: TuneloopConfig, metrics_dir: str | None = None) -> None:
+    """Deploy (or update) every model application, then the ingress; returns at once.
+    Serving only: ``tuneloop.control.apps.deploy`` adds the retrain controller."""
     for m in cfg.models:
-        options = {
-            "name": model_deployment_name(m.name),
-            "ray_actor_options": {"num_cpus": s.num_cpus_per_replica, "num_gpus": s.num_gpus_per_replica, **env},
-            # The replica bounds what it holds itself (in_flight_limit) and answers 503 in
-            # JSON past it; Serve's own limit sits above so that it never answers first.
-            "max_ongoing_requests": in_flight_limit(s) + s.max_batch_size,
-        }
-        if s.num_replicas is not None:
-            options["num_replicas"] = s.num_replicas
-        else:
-            options["autoscaling_config"] = s.autoscaling.serve_config(s.num_cpus_per_replica, _cores(cfg))
-        app = serve.deployment(ModelServer).options(**options).bind(cfg.model_dump(), m.name)
-        serve.run(app, name=model_app_name(m.name), route_prefix=predict_route(m.name), blocking=False)
-    ingress = Ingress.options(ray_actor_options={"num_cpus": 0, **env})
-    serve.run(ingress.bind(cfg.model_dump()), name=INGRESS_APP, route_prefix="/", blocking=False)
+        serve.run(model_app(cfg, m.name, metrics_dir), name=model_app_name(m.name), route_prefix=predict_route(m.name),
+                  blocking=False)
+    serve.run(ingress_app(cfg, metrics_dir), name=INGRESS_APP, route_prefix="/", blocking=False)
 
 
 def undeploy(cfg: TuneloopConfig, timeout_s: float = 120.0) -> None:
     """Delete every application at once (each replica drains for a while), then wait."""
-    names = [INGRESS_APP, *(model_app_name(m.name) for m in cfg.models)]
+    names = [INGRESS_APP, CONTROLLER_APP, *(model_app_name(m.name) for m in cfg.models)]
     for name in names:
         serve.delete(name, _blocking=False)
     deadline = time.monotonic() + timeout_s

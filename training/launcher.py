@@ -43,7 +43,6 @@ from tuneloop.training.job_data import JobData, assemble, with_training_columns
 from tuneloop.training.loop import train_loop_per_worker
 
 log = logging.getLogger(__name__)
-RESOURCE_WAIT_S = 30.0  # how long a job waits for CPUs a finishing job or replica still holds
 KEEP_TRAIN_RUNS = 2  # Ray Train run folders kept per model (each holds a full checkpoint)
 ROLLOUT_WAIT_S = 120.0  # how long a job waits for every replica to serve its promoted version
 
@@ -70,18 +69,25 @@ def _datasets(task: Task, data: JobData) -> tuple[dict[str, ray.data.Dataset], l
     return {name: ray.data.from_arrow(table) for name, table in sets.items()}, [n for n in sets if n != "train"]
 
 
-def _wait_for_resources(tcfg: TrainingConfig, wait_s: float = RESOURCE_WAIT_S) -> None:
+def _wait_for_resources(tcfg: TrainingConfig) -> None:
     """Fail fast, saying what to change, when the workers cannot be scheduled: Ray Train's
     worker group would otherwise wait for its CPUs forever while the job shows running. CPUs
-    held by a job or replica that is ending are waited for, up to ``wait_s``."""
-    deadline = time.monotonic() + wait_s
+    held by a job or replica that is ending are waited for, up to ``resource_wait_s``."""
+    deadline = time.monotonic() + tcfg.resource_wait_s
     while True:
-        short = training_shortfall(tcfg.num_workers, tcfg.use_gpu, ray.cluster_resources(), ray.available_resources())
+        short = training_shortfall(tcfg.num_workers, _per_worker(tcfg), ray.cluster_resources(),
+                                   ray.available_resources())
         if short is None:
             return
         if "free" not in short or time.monotonic() > deadline:
             raise ResourcesUnavailable(short)
         time.sleep(1.0)
+
+
+def _per_worker(tcfg: TrainingConfig) -> dict[str, float]:
+    """What each training worker asks Ray for."""
+    gpus = {"GPU": tcfg.gpus_per_worker} if tcfg.use_gpu else {}
+    return {"CPU": tcfg.cpus_per_worker, **gpus, **tcfg.resources_per_worker}
 
 
 def _settle_feedback(feedback: FeedbackStore) -> None:
@@ -174,7 +180,7 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
             "eval_sets": eval_sets,
         },
         scaling_config=ScalingConfig(
-            num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu, resources_per_worker={"CPU": 1}
+            num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu, resources_per_worker=_per_worker(tcfg)
         ),
         run_config=RunConfig(
             name=f"{model}-{job.job_id}", storage_path=storage.path("train_runs"), storage_filesystem=storage.fs

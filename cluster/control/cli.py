@@ -9,6 +9,7 @@ import sys
 
 import typer
 
+from tuneloop.control.deploy_cli import deploy_app
 from tuneloop.core.config import ConfigError, TuneloopConfig, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Serve, collect feedback, fine-tune, roll out.")
@@ -49,7 +50,8 @@ def train(
 
     cfg = _load(config)
     _known_model(cfg, model)
-    server = None if address else running_server_address(Storage(cfg.storage.root))
+    # In a Ray Job ($RAY_ADDRESS set) the job's cluster is the one to join.
+    server = None if address or os.environ.get("RAY_ADDRESS") else running_server_address(Storage(cfg.storage.root))
     if server:
         # A local Ray started by `tuneloop run` uses token auth (Ray's default since 2.5x),
         # with the token in ~/.ray/auth_token; a joining driver opts in before importing ray.
@@ -128,6 +130,7 @@ keys_app = typer.Typer(no_args_is_help=True,
                        help="API keys: create, list and revoke (secrets are shown once, stored hashed).")
 app.add_typer(feedback_app, name="feedback")
 app.add_typer(keys_app, name="keys")
+app.add_typer(deploy_app, name="deploy")
 
 
 @feedback_app.command("stats")

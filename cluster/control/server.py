@@ -21,8 +21,6 @@ from ray import serve
 
 from tuneloop.store.keys import KeyRing, ensure_admin_key, save_admin_key
 from tuneloop.core.config import ConfigError, TuneloopConfig
-from tuneloop.control.controller import RetrainController
-from tuneloop.core.names import CONTROLLER_NAME, CONTROLLER_NAMESPACE
 from tuneloop.store.registry import Registry
 from tuneloop.store.server_file import remove_server_file, write_server_file
 from tuneloop.store.storage import Storage, private_temp_dir
@@ -31,8 +29,9 @@ log = logging.getLogger("tuneloop")
 
 
 def init_ray(cfg: TuneloopConfig, address: str | None = None) -> None:
-    """Join ``address`` (or the config's) if given, else start a local Ray in-process."""
-    address = address or cfg.ray.address
+    """Join ``address`` (or the config's, or $RAY_ADDRESS: set for a Ray Job's entrypoint)
+    if there is one, else start a local Ray in-process."""
+    address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, include_dashboard=False, log_to_driver=True)
     else:
@@ -52,17 +51,13 @@ def bootstrap_versions(cfg: TuneloopConfig) -> None:
                 raise SystemExit(f"could not train v1 of {m.name}: {outcome.job.error or outcome.job.state}")
 
 
-def start_serving(cfg: TuneloopConfig, metrics_dir: str | None) -> ray.actor.ActorHandle:
-    """Deploy the app and the retrain controller; keep the returned handle for as long as
-    the server runs (a named actor is still destroyed once no handle to it is left)."""
-    from tuneloop.serving.app import deploy
+def start_serving(cfg: TuneloopConfig, metrics_dir: str | None) -> None:
+    """Start Serve's proxy and deploy every application (control/apps.py), the retrain
+    controller's keeper included: what a Serve config file or a RayService deploys."""
+    from tuneloop.control.apps import deploy
 
-    controller = RetrainController.options(
-        name=CONTROLLER_NAME, namespace=CONTROLLER_NAMESPACE, get_if_exists=True
-    ).remote(cfg.model_dump())
     serve.start(http_options={"host": cfg.serving.host, "port": cfg.serving.port})
     deploy(cfg, metrics_dir)
-    return controller
 
 
 def wait_ready(url: str, timeout_s: float = 300.0, alive: Callable[[], bool] | None = None) -> None:
@@ -121,7 +116,7 @@ def run_forever(cfg: TuneloopConfig) -> None:
         # After bootstrap: Ray Train's fit() installs its own SIGINT handler while it runs.
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        controller = start_serving(cfg, metrics_dir)  # noqa: F841 - held to keep the actor alive
+        start_serving(cfg, metrics_dir)
         url = f"http://{cfg.serving.host}:{cfg.serving.port}"
         wait_ready(url)
         print(f"tuneloop ready at {url} after {time.monotonic() - started:.1f}s "

@@ -14,6 +14,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tuneloop.core.deploy_config import DeployConfig
 from tuneloop.core.tasks import TASKS
 
 DEFAULT_CONFIG_PATH = "tuneloop.yaml"
@@ -158,6 +159,10 @@ class ServingConfig(_Strict):
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     num_cpus_per_replica: float = Field(default=1.0, gt=0, description="also the replica's torch threads (rounded up)")
     num_gpus_per_replica: float = Field(default=0.0, ge=0)
+    resources_per_replica: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each model replica also asks for (a node type): replicas go only to "
+                    "nodes that offer them")
     max_queued_requests: int = Field(
         default=1024, ge=1, description="per model and caller; beyond it requests get 503 at once"
     )
@@ -223,6 +228,19 @@ class TrainingConfig(_Strict):
     zero_stage: Literal[0, 1, 2, 3] = 2
     num_workers: int = Field(default=2, ge=1, le=1024)
     use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="Ray CPUs each training worker asks for")
+    gpus_per_worker: float = Field(
+        default=1.0, gt=0, le=8,
+        description="with use_gpu: GPUs each worker asks for; below 1 (one worker only) it shares a GPU with "
+                    "serving replicas (serving.num_gpus_per_replica)")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each worker also asks for (a node type): workers go only to nodes "
+                    "that offer them")
+    resource_wait_s: float = Field(
+        default=30.0, ge=0,
+        description="how long a job waits for busy CPUs/GPUs to free up (or an autoscaler to add them) before "
+                    "it fails saying what to change")
     eval_fraction: float = Field(
         default=0.2, ge=0, lt=1,
         description="newest share of a job's fresh feedback kept back to compare candidate and production; "
@@ -262,6 +280,15 @@ class TrainingConfig(_Strict):
                     "set when there is none) and keep the best epoch's weights; null = off",
     )
     early_stopping_min_delta: float = Field(default=0.0, ge=0, description="a loss this much lower counts as better")
+
+    @model_validator(mode="after")
+    def _whole_gpus_for_several_workers(self) -> TrainingConfig:
+        if self.use_gpu and self.num_workers > 1 and self.gpus_per_worker != int(self.gpus_per_worker):
+            raise ValueError(
+                f"gpus_per_worker {self.gpus_per_worker:g} with num_workers {self.num_workers}: two DeepSpeed ranks "
+                "could land on one GPU, which NCCL refuses; use whole GPUs, or num_workers: 1 to share a GPU "
+                "with serving")
+        return self
 
     @model_validator(mode="after")
     def _precision_needs_gpu(self) -> TrainingConfig:
@@ -344,6 +371,7 @@ class TuneloopConfig(_Strict):
     trigger: TriggerConfig = TriggerConfig()
     quarantine: QuarantineConfig = QuarantineConfig()
     ray: RayConfig = RayConfig()
+    deploy: DeployConfig = DeployConfig()
 
     @field_validator("models")
     @classmethod

@@ -21,6 +21,9 @@ def predict_route(model: str) -> str:
 # run in Serve's, drivers in their own.
 CONTROLLER_NAME = "tuneloop-retrain-controller"
 CONTROLLER_NAMESPACE = "tuneloop"
+# The Serve application that keeps the controller alive (control/apps.py).
+CONTROLLER_APP = "tuneloop-controller"
+CONTROLLER_DEPLOYMENT = "RetrainControllerKeeper"
 
 
 def running_replicas(applications: dict, model: str) -> int:

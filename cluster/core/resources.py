@@ -12,26 +12,41 @@ from __future__ import annotations
 DATA_CPUS = 1
 
 
-def training_shortfall(num_workers: int, use_gpu: bool, total: dict[str, float],
+def training_shortfall(num_workers: int, per_worker: dict[str, float], total: dict[str, float],
                        available: dict[str, float]) -> str | None:
-    """Why the job cannot start now (None if it can): ``total`` and ``available`` are Ray's
-    ``cluster_resources()`` and ``available_resources()``."""
-    cpus = num_workers + DATA_CPUS
+    """Why the job cannot start now (None if it can): ``per_worker`` is what each worker asks
+    Ray for (``CPU``, ``GPU`` when it uses one, custom resources); ``total`` and ``available``
+    are Ray's ``cluster_resources()`` and ``available_resources()``. A shortfall of *free*
+    resources says "free": the caller may wait for it."""
+    cpus_per_worker = per_worker.get("CPU", 0.0)
+    cpus = num_workers * cpus_per_worker + DATA_CPUS
     have_total, have_free = total.get("CPU", 0.0), available.get("CPU", 0.0)
     if have_total < cpus:
-        return (f"training needs {cpus:g} CPUs (training.num_workers={num_workers} plus {DATA_CPUS} for Ray Data) "
-                f"but the Ray cluster has {have_total:g}; raise ray.num_cpus (a local Ray) or add nodes, "
-                f"or lower training.num_workers")
+        return (f"training needs {cpus:g} CPUs (training.num_workers={num_workers} x cpus_per_worker="
+                f"{cpus_per_worker:g} plus {DATA_CPUS} for Ray Data) but the Ray cluster has {have_total:g}; raise "
+                f"ray.num_cpus (a local Ray) or add nodes, or lower training.num_workers or cpus_per_worker")
     if have_free < cpus:
         return (f"training needs {cpus:g} free CPUs but only {have_free:g} of {have_total:g} are free (serving "
                 f"replicas hold the rest); raise ray.num_cpus, lower serving.autoscaling.max_replicas or "
                 f"training.num_workers")
-    if use_gpu:
-        if total.get("GPU", 0.0) < num_workers:
-            return (f"training.use_gpu needs {num_workers} GPUs (one per worker) but the Ray cluster has "
-                    f"{total.get('GPU', 0.0):g}; lower training.num_workers or set use_gpu: false")
-        if available.get("GPU", 0.0) < num_workers:
-            return (f"training.use_gpu needs {num_workers} free GPUs but only {available.get('GPU', 0.0):g} are "
-                    f"free (serving replicas hold the rest); lower serving.num_gpus_per_replica or "
-                    f"training.num_workers")
+    gpus_per_worker = per_worker.get("GPU", 0.0)
+    if gpus_per_worker:
+        gpus = num_workers * gpus_per_worker
+        if total.get("GPU", 0.0) < gpus:
+            return (f"training.use_gpu needs {gpus:g} GPUs (num_workers={num_workers} x gpus_per_worker="
+                    f"{gpus_per_worker:g}) but the Ray cluster has {total.get('GPU', 0.0):g}; lower "
+                    f"training.num_workers or gpus_per_worker, add GPU nodes, or set use_gpu: false")
+        if available.get("GPU", 0.0) < gpus:
+            return (f"training.use_gpu needs {gpus:g} free GPUs but only {available.get('GPU', 0.0):g} are free "
+                    f"(serving replicas hold the rest: serving.num_gpus_per_replica); lower it, or "
+                    f"training.gpus_per_worker (one worker may take a share of a GPU), or add GPU nodes")
+    for name, amount in sorted(per_worker.items()):
+        if name in ("CPU", "GPU"):
+            continue
+        need = num_workers * amount
+        if total.get(name, 0.0) < need:
+            return (f"training.resources_per_worker asks for {need:g} {name!r} in all, but the Ray cluster offers "
+                    f"{total.get(name, 0.0):g}; start nodes with it (ray start --resources) or change the setting")
+        if available.get(name, 0.0) < need:
+            return f"training needs {need:g} free {name!r} but only {available.get(name, 0.0):g} are free"
     return None

@@ -31,13 +31,21 @@ def loop(ray_session, serve_port, metrics_dir, tiny_model, seed_tsv, tmp_path):
                       gate={"golden_margin": 0.2, "class_recall_margin": 0.5},
                       trigger={"every_n_feedback": TRIGGER_EVERY}, feedback={"compact_interval_s": 3600})
     bootstrap_versions(cfg)  # trains v1, as `tuneloop run` does on an empty registry
-    controller = start_serving(cfg, metrics_dir)
+    start_serving(cfg, metrics_dir)
     url = f"http://127.0.0.1:{serve_port}"
     wait_ready(url)
     yield {"url": url, "cfg": cfg}
-    undeploy(cfg)
+    # The controller is the keeper application's (control/apps.py): it goes with it.
     assert ray.get_actor(CONTROLLER_NAME, namespace=CONTROLLER_NAMESPACE) is not None
-    ray.kill(controller)
+    undeploy(cfg)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            ray.get_actor(CONTROLLER_NAME, namespace=CONTROLLER_NAMESPACE)
+        except ValueError:
+            break
+        assert time.monotonic() < deadline, "the retrain controller outlived its keeper"
+        time.sleep(0.5)
 
 
 def test_feedback_triggers_a_new_version_that_takes_over(loop):

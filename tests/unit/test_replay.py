@@ -48,10 +48,28 @@ def test_reservoir_is_bounded_and_uniform_over_all_history():
 def test_training_shortfall_says_what_to_change():
     from tuneloop.core.resources import training_shortfall
 
-    assert training_shortfall(2, False, {"CPU": 6}, {"CPU": 5}) is None
-    short = training_shortfall(2, False, {"CPU": 2}, {"CPU": 2})
+    cpu = {"CPU": 1}
+    assert training_shortfall(2, cpu, {"CPU": 6}, {"CPU": 5}) is None
+    short = training_shortfall(2, cpu, {"CPU": 2}, {"CPU": 2})
     assert "needs 3 CPUs" in short and "has 2" in short and "ray.num_cpus" in short
-    busy = training_shortfall(2, False, {"CPU": 4}, {"CPU": 1})
+    busy = training_shortfall(2, cpu, {"CPU": 4}, {"CPU": 1})
     assert "only 1 of 4 are free" in busy and "max_replicas" in busy
-    assert "GPUs" in training_shortfall(2, True, {"CPU": 8, "GPU": 1}, {"CPU": 8, "GPU": 1})
-    assert "free GPUs" in training_shortfall(1, True, {"CPU": 8, "GPU": 1}, {"CPU": 8, "GPU": 0})
+    assert "needs 5 CPUs" in training_shortfall(2, {"CPU": 2}, {"CPU": 4}, {"CPU": 4})  # cpus_per_worker counts
+    # One GPU: a replica holds half of it. Two whole-GPU workers never fit; one worker with
+    # the other half does; a worker asking for a whole GPU waits for the replica's half.
+    one_gpu, half_free = {"CPU": 8, "GPU": 1}, {"CPU": 8, "GPU": 0.5}
+    assert "needs 2 GPUs" in training_shortfall(2, {"CPU": 1, "GPU": 1}, one_gpu, half_free)
+    assert training_shortfall(1, {"CPU": 1, "GPU": 0.5}, one_gpu, half_free) is None
+    assert "free GPUs" in training_shortfall(1, {"CPU": 1, "GPU": 1}, one_gpu, half_free)
+    # A custom resource no node offers: Ray Train would wait for it forever.
+    assert "offers 0" in training_shortfall(2, {"CPU": 1, "training-node": 1}, {"CPU": 8}, {"CPU": 8})
+
+
+def test_several_gpu_workers_take_whole_gpus():
+    from tuneloop.core.config import ConfigError, parse_config
+
+    model = {"name": "m", "base_model": "b", "labels": ["a", "b"]}
+    with pytest.raises(ConfigError, match="gpus_per_worker 0.5 with num_workers 2.*NCCL refuses"):
+        parse_config({"models": [model], "training": {"use_gpu": True, "gpus_per_worker": 0.5}})
+    one = parse_config({"models": [model], "training": {"use_gpu": True, "num_workers": 1, "gpus_per_worker": 0.5}})
+    assert one.training.gpus_per_worker == 0.5

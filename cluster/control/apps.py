@@ -1,0 +1,89 @@
+"""The Serve applications of a tuneloop deployment, and the builder that makes them.
+
+``build`` is Serve's application builder, ``import_path: tuneloop.control.apps:build``:
+what `serve run`, `serve deploy` and a KubeRay RayService's ``serveConfigV2`` deploy
+(``tuneloop deploy render`` writes those files from the config, ``serve_applications``),
+and what `tuneloop run` deploys too. The applications: one per model (its replicas, routed
+at its predict path), the ingress at ``/``, and the retrain controller (no route).
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+from ray import serve
+from ray.serve import Application
+
+from tuneloop.control.controller import RetrainController
+from tuneloop.core.config import TuneloopConfig, load_config
+from tuneloop.core.names import (CONTROLLER_APP, CONTROLLER_DEPLOYMENT, CONTROLLER_NAME, CONTROLLER_NAMESPACE,
+                                 INGRESS_APP, model_app_name, predict_route)
+from tuneloop.serving.app import default_metrics_dir, ingress_app, model_app, on_journal_node
+from tuneloop.serving.app import deploy as deploy_serving
+from tuneloop.serving.metrics import MULTIPROC_ENV
+
+IMPORT_PATH = "tuneloop.control.apps:build"
+ARGS = ("config", "app", "metrics_dir")
+
+
+def build(args: dict[str, str]) -> Application:
+    """``args``: ``config`` (the tuneloop.yaml path on the cluster's nodes; default
+    $TUNELOOP_CONFIG, then ./tuneloop.yaml), ``app`` (a model's name, ``ingress`` or
+    ``controller``) and ``metrics_dir`` (where replicas write their metrics; default
+    $PROMETHEUS_MULTIPROC_DIR, else a private folder on each node). A bad config or
+    argument fails the deploy with the reason, before any replica starts."""
+    unknown = sorted(set(args) - set(ARGS))
+    if unknown:
+        raise ValueError(f"unknown args {unknown}; {IMPORT_PATH} takes {list(ARGS)}")
+    cfg = load_config(args.get("config"))
+    metrics_dir = args.get("metrics_dir") or os.environ.get(MULTIPROC_ENV) or default_metrics_dir()
+    app = args.get("app", "ingress")
+    if app == "ingress":
+        return ingress_app(cfg, metrics_dir)
+    if app == "controller":
+        return controller_app(cfg)
+    if app not in {m.name for m in cfg.models}:
+        raise ValueError(f"app {app!r} is neither ingress, controller nor a model of the config "
+                         f"({[m.name for m in cfg.models]})")
+    return model_app(cfg, app, metrics_dir)
+
+
+def serve_applications(cfg: TuneloopConfig, config_path: str) -> list[dict]:
+    """The ``applications`` of a Serve config file for ``cfg``, read on the nodes from
+    ``config_path``: the models, the controller, and the ingress at ``/``."""
+    def app(name: str, which: str, route: str | None) -> dict:
+        entry = {"name": name, "import_path": IMPORT_PATH, "args": {"config": config_path, "app": which}}
+        return {**entry, "route_prefix": route} if route else entry
+
+    return [*(app(model_app_name(m.name), m.name, predict_route(m.name)) for m in cfg.models),
+            app(CONTROLLER_APP, "controller", None), app(INGRESS_APP, "ingress", "/")]
+
+
+@serve.deployment(name=CONTROLLER_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0},
+                  health_check_period_s=10, health_check_timeout_s=60)
+class ControllerKeeper:
+    """Owns the retrain controller, the named actor the ingress finds: Serve keeps this one
+    replica alive, restarts it when its health check finds the controller dead, and the new
+    replica starts a new controller (the controller rebuilds its state from the job records
+    and the feedback files). So a Serve-deployed tuneloop retrains without a driver process."""
+
+    def __init__(self, config: dict):
+        self._controller = RetrainController.options(
+            name=CONTROLLER_NAME, namespace=CONTROLLER_NAMESPACE, get_if_exists=True, **on_journal_node()
+        ).remote(config)
+        ray.get(self._controller.status.remote())  # up before the replica says it is
+
+    def check_health(self) -> None:
+        ray.get(self._controller.status.remote(), timeout=30)
+
+
+def controller_app(cfg: TuneloopConfig) -> Application:
+    return ControllerKeeper.options(ray_actor_options={"num_cpus": 0, **on_journal_node()}).bind(cfg.model_dump())
+
+
+def deploy(cfg: TuneloopConfig, metrics_dir: str | None = None) -> None:
+    """Deploy (or update) every application of ``cfg``, the ones ``build`` makes for a Serve
+    config file; returns at once."""
+    serve.run(controller_app(cfg), name=CONTROLLER_APP, route_prefix=None, blocking=False)
+    deploy_serving(cfg, metrics_dir)

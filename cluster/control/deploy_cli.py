@@ -1,0 +1,147 @@
+"""The `tuneloop deploy …` commands (operate.py does the work)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+import yaml
+
+from tuneloop.control import operate
+from tuneloop.control.manifests import NotClusterable
+from tuneloop.core.config import ConfigError, TuneloopConfig, config_path, load_config
+
+deploy_app = typer.Typer(no_args_is_help=True, help=(
+    "Run tuneloop on a GPU cluster: KubeRay (kubectl) or the Ray cluster launcher (ray up) on AWS or GCP. "
+    "Every command renders deploy/'s files from the config first; --dry-run prints them and the commands, "
+    "and runs nothing."))
+
+ConfigOption = typer.Option(None, "--config", "-c", help="config file (default: $TUNELOOP_CONFIG or ./tuneloop.yaml)")
+TargetOption = typer.Option("kuberay", "--target", "-t", help="kuberay, aws or gcp")
+DirOption = typer.Option(None, "--dir", help="where the rendered files go (default deploy/kuberay, deploy/launcher/<cloud>)")
+DryRunOption = typer.Option(False, "--dry-run", help="print the files and the commands; run nothing")
+
+
+def _load(config: str | None) -> tuple[TuneloopConfig, dict[str, Any]]:
+    try:
+        cfg = load_config(config)
+    except ConfigError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+    return cfg, yaml.safe_load(config_path(config).read_text())
+
+
+def _render(cfg: TuneloopConfig, doc: dict[str, Any], target: str, folder: str | None) -> Path:
+    if target not in (*operate.TARGETS, "serve"):
+        typer.echo(f"unknown target {target!r}; choose one of {[*operate.TARGETS, 'serve']}", err=True)
+        raise typer.Exit(2)
+    out = Path(folder or operate.DEFAULT_DIRS[target])
+    try:
+        written = operate.render(cfg, doc, target, out)
+    except NotClusterable as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+    for path in written:
+        typer.echo(f"rendered {path}")
+    return out
+
+
+def _verb(verb: str, config: str | None, target: str, folder: str | None, dry_run: bool,
+          model: str | None = None) -> TuneloopConfig:
+    cfg, doc = _load(config)
+    if model is not None and model not in {m.name for m in cfg.models}:
+        typer.echo(f"unknown model {model!r}; configured: {[m.name for m in cfg.models]}", err=True)
+        raise typer.Exit(2)
+    out = _render(cfg, doc, target, folder)
+    if target == "serve":
+        typer.echo("target serve only renders (deploy it with `serve deploy`)", err=True)
+        raise typer.Exit(2)
+    operate.run_steps(operate.plan(cfg, target, verb, out, model), dry_run, typer.echo)
+    return cfg
+
+
+@deploy_app.command("render")
+def render_cmd(config: str | None = ConfigOption, target: str = TargetOption, folder: str | None = DirOption) -> None:
+    """Write the target's files: kuberay (ConfigMap, journal volume, RayService, a RayJob per
+    model, PodMonitor), aws or gcp (cluster launcher YAML, the cluster's config, Serve's
+    config) or serve (a Serve config file)."""
+    cfg, doc = _load(config)
+    _render(cfg, doc, target, folder)
+
+
+@deploy_app.command("up")
+def up_cmd(config: str | None = ConfigOption, target: str = TargetOption, folder: str | None = DirOption,
+           dry_run: bool = DryRunOption) -> None:
+    """Create the cluster and start serving every model."""
+    _verb("up", config, target, folder, dry_run)
+
+
+@deploy_app.command("deploy")
+def deploy_cmd(config: str | None = ConfigOption, target: str = TargetOption, folder: str | None = DirOption,
+               dry_run: bool = DryRunOption) -> None:
+    """Apply a changed config to the running cluster, without downtime."""
+    _verb("deploy", config, target, folder, dry_run)
+
+
+@deploy_app.command("status")
+def status_cmd(config: str | None = ConfigOption, target: str = TargetOption, folder: str | None = DirOption,
+               dry_run: bool = DryRunOption) -> None:
+    """The cluster's and Serve's state, then per model: production, newest job, online
+    accuracy, feedback since production's training (read from the storage root)."""
+    cfg = _verb("status", config, target, folder, dry_run)
+    if dry_run:
+        typer.echo(f"# then reads production, jobs and feedback from {cfg.storage.root}")
+        return
+    for row in operate.model_status(cfg):
+        typer.echo("  ".join(f"{k}={v}" for k, v in row.items()))
+
+
+@deploy_app.command("rollout")
+def rollout_cmd(model: str, version: str | None = typer.Argument(None, help="the version to make production"),
+                rollback: bool = typer.Option(False, "--rollback", help="back to the production before this one"),
+                config: str | None = ConfigOption, dry_run: bool = DryRunOption) -> None:
+    """Make VERSION production (or roll back): replicas on every node switch to it within
+    serving.reload_interval_s, without a restart and without dropping a request."""
+    from tuneloop.core.errors import Conflict, UnknownVersion
+    from tuneloop.store.registry import Registry
+    from tuneloop.store.storage import Storage
+
+    cfg, _ = _load(config)
+    if (version is None) == (not rollback):
+        typer.echo("give a VERSION or --rollback", err=True)
+        raise typer.Exit(2)
+    what = "roll back" if rollback else f"promote {version}"
+    typer.echo(f"# {what} of {model} in {cfg.storage.root}")
+    if dry_run:
+        return
+    registry = Registry(Storage(cfg.storage.root))
+    try:
+        state = (registry.rollback(model, reason="tuneloop deploy rollout --rollback") if rollback else
+                 registry.promote(model, version, reason="tuneloop deploy rollout",
+                                  labels=cfg.model(model).labels))
+    except (Conflict, UnknownVersion, KeyError) as e:
+        typer.echo(getattr(e, "message", str(e)), err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{model}: production is {state.production} (generation {state.generation})")
+
+
+@deploy_app.command("retrain")
+def retrain_cmd(model: str, config: str | None = ConfigOption, target: str = TargetOption,
+                folder: str | None = DirOption, dry_run: bool = DryRunOption) -> None:
+    """Train MODEL now as a Ray Job (KubeRay: its own RayJob cluster on GPU workers)."""
+    _verb("retrain", config, target, folder, dry_run, model=model)
+
+
+@deploy_app.command("logs")
+def logs_cmd(config: str | None = ConfigOption, target: str = TargetOption, folder: str | None = DirOption,
+             dry_run: bool = DryRunOption) -> None:
+    """The head's log and Serve's logs."""
+    _verb("logs", config, target, folder, dry_run)
+
+
+@deploy_app.command("down")
+def down_cmd(config: str | None = ConfigOption, target: str = TargetOption, folder: str | None = DirOption,
+             dry_run: bool = DryRunOption) -> None:
+    """Tear the cluster down (KubeRay keeps the journal's volume; the bucket keeps everything else)."""
+    _verb("down", config, target, folder, dry_run)

@@ -1,0 +1,328 @@
+"""Everything deploy/ holds, rendered from the config: pure functions from a validated
+config (and the operator's own document of it) to the dicts written as YAML.
+
+- ``serve_config``: a Serve config file (`serve deploy`, `serve run`, a RayService's
+  ``serveConfigV2``): one application per model, the retrain controller, the ingress.
+- ``kuberay``: a ConfigMap with the cluster's tuneloop.yaml, the RayService that serves
+  (GPU workers, autoscaling, a head that runs no replicas and keeps the feedback journal on
+  a persistent volume), one RayJob per model for training, and a PodMonitor.
+- ``launcher``: Ray cluster launcher YAMLs for AWS and GCP.
+
+The cluster's config is the operator's document with two keys set for the cluster (the
+journal on the head's volume, Serve on every address); nothing else is rewritten.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shlex
+from typing import Any
+
+import yaml
+
+from tuneloop.core.config import TuneloopConfig
+from tuneloop.core.names import CONTROLLER_APP, INGRESS_APP, model_app_name, predict_route
+
+IMPORT_PATH = "tuneloop.control.apps:build"
+RAY_VERSION = "2.60.0"
+CONFIG_FILE = "tuneloop.yaml"
+SERVE_FILE = "serve.yaml"
+LAUNCHER_ETC = "etc"  # beside a launcher YAML: the folder mounted at deploy.config_dir on every node
+SERVE_PORT = 8000
+METRICS_PORT = 8080  # Ray's metrics export port on every node (rayStartParams)
+JOURNAL_RESOURCE = "tuneloop-journal"  # = serving.app.JOURNAL_RESOURCE: the ingress and controller go there
+# Serve's fast data path (serving/fast_path.py) for the pods: `ray start` there never runs
+# tuneloop's CLI, which sets these on one machine.
+FAST_PATH_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+                 "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
+
+
+class NotClusterable(ValueError):
+    """The config names something only this machine has."""
+
+
+def cluster_problems(cfg: TuneloopConfig) -> list[str]:
+    """What in ``cfg`` cannot work on a cluster's nodes: a local storage root (pods and
+    instances share no disk) and seed or golden files at relative paths."""
+    problems = []
+    if "://" not in cfg.storage.root:
+        problems.append(f"storage.root {cfg.storage.root!r} is a local path, which the cluster's nodes do not share: "
+                        "use an s3:// or gs:// root")
+    for m in cfg.models:
+        for key in ("seed_dataset", "golden_dataset"):
+            path = getattr(m, key)
+            if path and "://" not in path and not path.startswith(_IMAGE_ROOT):
+                problems.append(f"models.{m.name}.{key} {path!r} is a file of this machine: put it in the bucket "
+                                f"(s3://…, gs://…) or give a path inside the image (under {_IMAGE_ROOT})")
+    return problems
+
+
+_IMAGE_ROOT = "/app/"  # where deploy/docker's images hold tuneloop's tree (the shipped seed files)
+
+
+def cluster_config_doc(doc: dict[str, Any], cfg: TuneloopConfig) -> dict[str, Any]:
+    """The operator's config document as the cluster's nodes read it."""
+    problems = cluster_problems(cfg)
+    if problems:
+        raise NotClusterable("this config cannot run on a cluster:\n  " + "\n  ".join(problems))
+    out = copy.deepcopy(doc)
+    out.setdefault("storage", {})["journal_dir"] = cfg.deploy.journal_dir
+    out.setdefault("serving", {})["host"] = "0.0.0.0"
+    out["serving"]["port"] = SERVE_PORT
+    return out
+
+
+def serve_applications(cfg: TuneloopConfig, config_path: str) -> list[dict[str, Any]]:
+    def app(name: str, which: str, route: str | None) -> dict[str, Any]:
+        # route_prefix null: no HTTP route (left out, Serve would take "/", the ingress's).
+        return {"name": name, "route_prefix": route, "import_path": IMPORT_PATH,
+                "args": {"config": config_path, "app": which}}
+
+    return [*(app(model_app_name(m.name), m.name, predict_route(m.name)) for m in cfg.models),
+            app(CONTROLLER_APP, "controller", None), app(INGRESS_APP, "ingress", "/")]
+
+
+def serve_config(cfg: TuneloopConfig, config_path: str) -> dict[str, Any]:
+    """A Serve config file whose applications read ``config_path`` on the nodes."""
+    return {"proxy_location": "EveryNode", "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},
+            "applications": serve_applications(cfg, config_path)}
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (serveConfigV2, the ConfigMap's config) as literal blocks."""
+
+
+_Dumper.add_representer(str, lambda dumper, value: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", value, style="|" if "\n" in value else None))
+
+
+def dump_all(docs: list[dict[str, Any]]) -> str:
+    return yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False, width=120)
+
+
+# -- KubeRay ----------------------------------------------------------------------------
+def _labels(cfg: TuneloopConfig, component: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "tuneloop", "app.kubernetes.io/instance": cfg.deploy.name,
+            "app.kubernetes.io/component": component}
+
+
+def _env(cfg: TuneloopConfig) -> tuple[list[dict], list[dict]]:
+    """Every node's environment: the config's path, Serve's fast path, and the operator's
+    Secret (API keys, object-store credentials) as variables; optional, so a cluster whose
+    nodes get credentials from their service account needs none."""
+    env = [{"name": "TUNELOOP_CONFIG", "value": f"{cfg.deploy.config_dir}/{CONFIG_FILE}"},
+           *({"name": k, "value": v} for k, v in FAST_PATH_ENV.items())]
+    return env, [{"secretRef": {"name": cfg.deploy.secret, "optional": True}}]
+
+
+def _container(cfg: TuneloopConfig, name: str, cpus: int, memory: str, gpus: int,
+               ports: list[tuple[str, int]], journal: bool) -> dict[str, Any]:
+    env, env_from = _env(cfg)
+    limits: dict[str, Any] = {"cpu": str(cpus), "memory": memory}
+    if gpus:
+        limits["nvidia.com/gpu"] = str(gpus)
+    mounts = [{"name": "config", "mountPath": cfg.deploy.config_dir, "readOnly": True}]
+    if journal:
+        mounts.append({"name": "journal", "mountPath": cfg.deploy.journal_dir})
+    return {"name": name, "image": cfg.deploy.image, "imagePullPolicy": "IfNotPresent", "env": env, "envFrom": env_from,
+            "resources": {"limits": limits, "requests": dict(limits)},
+            "ports": [{"name": n, "containerPort": p} for n, p in ports], "volumeMounts": mounts}
+
+
+def config_map_name(cfg: TuneloopConfig, cluster_doc: dict[str, Any]) -> str:
+    """Named after its content: a changed config is a new ConfigMap, hence a changed pod
+    template, hence a zero-downtime upgrade (below); a mounted ConfigMap edited in place
+    would reach running replicas late or never (they read the config when built)."""
+    digest = hashlib.sha256(yaml.safe_dump(cluster_doc, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{cfg.deploy.name}-config-{digest}"
+
+
+def _config_volume(config_map: str) -> dict[str, Any]:
+    return {"name": "config", "configMap": {"name": config_map}}
+
+
+def _pod(cfg: TuneloopConfig, component: str, container: dict, volumes: list[dict], gpus: int) -> dict[str, Any]:
+    spec: dict[str, Any] = {"containers": [container], "volumes": volumes}
+    if gpus:
+        spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    return {"metadata": {"labels": _labels(cfg, component)}, "spec": spec}
+
+
+def _cluster_spec(cfg: TuneloopConfig, config_map: str, serving: bool) -> dict[str, Any]:
+    """A RayCluster spec: a CPU head that runs no replicas and no training workers
+    (``num-cpus: 0``) and, when serving, holds the journal volume and offers the journal
+    resource the ingress is pinned to; a worker group the autoscaler sizes."""
+    d, w = cfg.deploy, cfg.deploy.workers
+    head_ports = [("gcs", 6379), ("dashboard", 8265), ("client", 10001), ("serve", SERVE_PORT),
+                  ("metrics", METRICS_PORT)]
+    head_params = {"num-cpus": "0", "dashboard-host": "0.0.0.0", "metrics-export-port": str(METRICS_PORT)}
+    head_volumes = [_config_volume(config_map)]
+    if serving:
+        # KubeRay's documented quoting: the JSON in double quotes, its own quotes escaped.
+        head_params["resources"] = json.dumps(json.dumps({JOURNAL_RESOURCE: 1}))
+        head_volumes.append({"name": "journal", "persistentVolumeClaim": {"claimName": f"{d.name}-journal"}})
+    head = _container(cfg, "ray-head", d.head_cpus, d.head_memory, 0, head_ports, journal=serving)
+    worker = _container(cfg, "ray-worker", w.cpus_per_worker, w.memory, w.gpus_per_worker,
+                        [("serve", SERVE_PORT), ("metrics", METRICS_PORT)], journal=False)
+    group = "gpu" if w.gpus_per_worker else "cpu"
+    return {
+        "rayVersion": RAY_VERSION,
+        "enableInTreeAutoscaling": True,
+        "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 300},
+        "headGroupSpec": {"rayStartParams": head_params,
+                          "template": _pod(cfg, "head", head, head_volumes, 0)},
+        "workerGroupSpecs": [{
+            "groupName": group, "replicas": w.min_workers, "minReplicas": w.min_workers, "maxReplicas": w.max_workers,
+            "rayStartParams": {"metrics-export-port": str(METRICS_PORT)},
+            "template": _pod(cfg, f"{group}-worker", worker, [_config_volume(config_map)], w.gpus_per_worker),
+        }],
+    }
+
+
+def kuberay(cfg: TuneloopConfig, doc: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The KubeRay manifests, by file name: ``config.yaml`` (ConfigMap and the journal's
+    PersistentVolumeClaim), ``rayservice.yaml``, ``rayjob-<model>.yaml``, ``podmonitor.yaml``."""
+    d = cfg.deploy
+    config_path = f"{d.config_dir}/{CONFIG_FILE}"
+    cluster_doc = cluster_config_doc(doc, cfg)
+    config_map = config_map_name(cfg, cluster_doc)
+    meta = {"namespace": d.namespace}
+    claim: dict[str, Any] = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": d.journal_size}}}
+    if d.storage_class:
+        claim["storageClassName"] = d.storage_class
+    files = {
+        "config.yaml": [
+            {"apiVersion": "v1", "kind": "ConfigMap",
+             "metadata": {"name": config_map, **meta, "labels": _labels(cfg, "config")},
+             "data": {CONFIG_FILE: yaml.safe_dump(cluster_doc, sort_keys=False)}},
+            {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+             "metadata": {"name": f"{d.name}-journal", **meta, "labels": _labels(cfg, "journal")}, "spec": claim},
+        ],
+        "rayservice.yaml": [{
+            "apiVersion": "ray.io/v1", "kind": "RayService",
+            "metadata": {"name": d.name, **meta, "labels": _labels(cfg, "serving")},
+            "spec": {
+                # Zero-downtime upgrades: a change of the cluster spec (a new image, new
+                # sizes) makes KubeRay start a whole new RayCluster beside the running one,
+                # deploy serveConfigV2 there, and move the Service only once every
+                # application is healthy there; the old cluster then drains and goes. A
+                # change of serveConfigV2 alone is applied in place by Serve, which starts
+                # new replicas before it stops old ones. New model *versions* need neither:
+                # replicas hot-swap to production from the registry without a restart.
+                "upgradeStrategy": {"type": "NewCluster"},
+                "serveConfigV2": yaml.safe_dump(serve_config(cfg, config_path), sort_keys=False),
+                "rayClusterConfig": _cluster_spec(cfg, config_map, serving=True),
+            },
+        }],
+        "podmonitor.yaml": [{
+            # Prometheus Operator: scrape Ray's metrics agent on every node (Serve's own
+            # metrics) and tuneloop's /metrics on the head, where the ingress runs.
+            "apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
+            "metadata": {"name": d.name, **meta, "labels": _labels(cfg, "monitoring")},
+            "spec": {"selector": {"matchLabels": {"app.kubernetes.io/instance": d.name}},
+                     "podMetricsEndpoints": [{"port": "metrics", "interval": "15s"},
+                                             {"port": "serve", "path": "/metrics", "interval": "15s"}]},
+        }],
+    }
+    for m in cfg.models:
+        files[f"rayjob-{m.name}.yaml"] = [{
+            "apiVersion": "ray.io/v1", "kind": "RayJob",
+            "metadata": {"name": f"{d.name}-train-{m.name}", **meta, "labels": _labels(cfg, "training")},
+            "spec": {
+                # A cluster of its own for the job, gone when it ends: training capacity
+                # never competes with serving's. The serving cluster's controller trains
+                # on its own workers when feedback triggers it; this is the manual path.
+                "entrypoint": shlex.join(["python", "-m", "tuneloop.control", "train", m.name,
+                                          "--config", config_path]),
+                "shutdownAfterJobFinishes": True,
+                "ttlSecondsAfterFinished": 600,
+                "backoffLimit": 0,
+                "rayClusterSpec": _cluster_spec(cfg, config_map, serving=False),
+            },
+        }]
+    return files
+
+
+# -- Ray cluster launcher ---------------------------------------------------------------
+def _setup_commands(cfg: TuneloopConfig, config_path: str) -> list[str]:
+    return [f"mkdir -p {cfg.deploy.journal_dir}",
+            *(f"echo 'export {k}={v}' >> ~/.bashrc" for k, v in FAST_PATH_ENV.items()),
+            f"echo 'export TUNELOOP_CONFIG={config_path}' >> ~/.bashrc"]
+
+
+def launcher(cfg: TuneloopConfig, cloud: str) -> dict[str, Any]:
+    """A Ray cluster launcher YAML (`ray up`) for ``cloud`` ("aws" or "gcp"): the image as a
+    docker container on every node, a CPU head holding the journal, GPU workers (spot or
+    preemptible) the autoscaler adds up to ``deploy.workers.max_workers``."""
+    d, w = cfg.deploy, cfg.deploy.workers
+    config_path = f"{d.config_dir}/{CONFIG_FILE}"
+    head_resources = {"CPU": 0, JOURNAL_RESOURCE: 1}
+    worker_resources: dict[str, Any] = {"CPU": w.cpus_per_worker, "GPU": w.gpus_per_worker}
+    if cloud == "aws":
+        a = d.aws
+        worker_node: dict[str, Any] = {"InstanceType": a.worker_instance}
+        if a.spot:
+            worker_node["InstanceMarketOptions"] = {"MarketType": "spot"}
+        provider = {"type": "aws", "region": a.region, "cache_stopped_nodes": False}
+        head_node: dict[str, Any] = {"InstanceType": a.head_instance,
+                                     "BlockDeviceMappings": [{"DeviceName": "/dev/sda1",
+                                                              "Ebs": {"VolumeSize": 200, "VolumeType": "gp3"}}]}
+        auth = {"ssh_user": "ubuntu"}
+    elif cloud == "gcp":
+        g = d.gcp
+
+        def node(machine: str, accelerators: bool, preemptible: bool) -> dict[str, Any]:
+            out: dict[str, Any] = {
+                "machineType": machine,
+                "disks": [{"boot": True, "autoDelete": True, "type": "PERSISTENT",
+                           "initializeParams": {"diskSizeGb": 200, "sourceImage":
+                                                "projects/deeplearning-platform-release/global/images/family/"
+                                                "common-cu124-ubuntu-2204-py310"}}],
+                "scheduling": [{"onHostMaintenance": "TERMINATE"}, {"preemptible": preemptible}],
+            }
+            if accelerators:
+                out["guestAccelerators"] = [{"acceleratorType": g.accelerator, "acceleratorCount": w.gpus_per_worker}]
+            return out
+
+        provider = {"type": "gcp", "region": g.region, "availability_zone": g.zone, "project_id": g.project_id}
+        head_node = node(g.head_instance, False, False)
+        worker_node = node(g.worker_instance, bool(w.gpus_per_worker), g.preemptible)
+        auth = {"ssh_user": "ubuntu"}
+    else:
+        raise ValueError(f"unknown cloud {cloud!r}; tuneloop renders aws and gcp")
+    return {
+        "cluster_name": d.name,
+        "max_workers": w.max_workers,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 5,
+        "docker": {"image": d.image, "container_name": "tuneloop", "pull_before_run": True,
+                   # The journal on the host's disk: it outlives a restarted container.
+                   "run_options": ["--ulimit nofile=65536:65536", f"-v {d.journal_dir}:{d.journal_dir}"],
+                   "worker_run_options": ["--gpus all"] if w.gpus_per_worker else []},
+        "provider": provider,
+        "auth": auth,
+        "available_node_types": {
+            "head": {"resources": head_resources, "node_config": head_node},
+            "gpu_worker" if w.gpus_per_worker else "cpu_worker": {
+                "min_workers": w.min_workers, "max_workers": w.max_workers,
+                "resources": worker_resources, "node_config": worker_node},
+        },
+        "head_node_type": "head",
+        # The config and the Serve config travel with `ray up` (file_mounts, relative to
+        # the folder `ray up` runs in: the rendered one) to the same folder on every node.
+        "file_mounts": {d.config_dir: f"./{LAUNCHER_ETC}"},
+        "initialization_commands": [],
+        "setup_commands": _setup_commands(cfg, config_path),
+        "head_start_ray_commands": [
+            "ray stop",
+            f"ray start --head --port=6379 --dashboard-host=0.0.0.0 --metrics-export-port={METRICS_PORT} "
+            "--autoscaling-config=~/ray_bootstrap_config.yaml --num-cpus=0 "
+            f"--resources='{{\"{JOURNAL_RESOURCE}\": 1}}'",
+        ],
+        "worker_start_ray_commands": [
+            "ray stop",
+            f"ray start --address=$RAY_HEAD_IP:6379 --metrics-export-port={METRICS_PORT}",
+        ],
+    }

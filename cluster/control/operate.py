@@ -1,0 +1,149 @@
+"""`tuneloop deploy`: one command for operators of a GPU cluster.
+
+Every verb first renders deploy/'s files from the config (``manifests.py``), so what is
+applied is what the config says; then runs ``kubectl`` (KubeRay) or ``ray`` (the cluster
+launcher on AWS or GCP). ``--dry-run`` prints the files and exactly the commands, and runs
+nothing. ``status`` and ``rollout`` also read and change the registry in the storage root
+directly: the operator's machine reaches the same bucket as the cluster.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+from tuneloop.control import manifests
+from tuneloop.core.config import TuneloopConfig
+
+TARGETS = ("kuberay", "aws", "gcp")
+DEFAULT_DIRS = {"kuberay": "deploy/kuberay", "aws": "deploy/launcher/aws", "gcp": "deploy/launcher/gcp",
+                "serve": "deploy/serve"}
+SERVE_LOGS = "tail -n 200 /tmp/ray/session_latest/logs/serve/*.log"
+
+
+@dataclass(frozen=True)
+class Step:
+    argv: list[str]
+    cwd: str | None = None
+
+    def __str__(self) -> str:
+        return (f"(cd {shlex.quote(self.cwd)} && {shlex.join(self.argv)})" if self.cwd else shlex.join(self.argv))
+
+
+def render(cfg: TuneloopConfig, doc: dict[str, Any], target: str, out: Path) -> list[Path]:
+    """Write ``target``'s files into ``out``; returns them."""
+    files: dict[str, Any]
+    if target == "kuberay":
+        files = {name: docs for name, docs in manifests.kuberay(cfg, doc).items()}
+    elif target in ("aws", "gcp"):
+        cluster_doc = manifests.cluster_config_doc(doc, cfg)
+        etc = manifests.LAUNCHER_ETC
+        files = {"cluster.yaml": [manifests.launcher(cfg, target)], f"{etc}/{manifests.CONFIG_FILE}": [cluster_doc],
+                 f"{etc}/{manifests.SERVE_FILE}": [manifests.serve_config(cfg, f"{cfg.deploy.config_dir}/"
+                                                                               f"{manifests.CONFIG_FILE}")]}
+    elif target == "serve":
+        files = {manifests.SERVE_FILE: [manifests.serve_config(cfg, f"{cfg.deploy.config_dir}/{manifests.CONFIG_FILE}")]}
+    else:
+        raise ValueError(f"unknown target {target!r}; choose one of {[*TARGETS, 'serve']}")
+    written = []
+    for name, docs in files.items():
+        path = out / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = f"# Rendered by `tuneloop deploy render --target {target}` from the tuneloop config: edit that, not this.\n"
+        path.write_text(header + manifests.dump_all(docs))
+        written.append(path)
+    return written
+
+
+def plan(cfg: TuneloopConfig, target: str, verb: str, folder: Path, model: str | None = None) -> list[Step]:
+    """The commands ``verb`` runs, in order (``status`` and ``rollout`` add work of their own)."""
+    d = cfg.deploy
+    if target == "kuberay":
+        k = ["kubectl", "-n", d.namespace]
+        head = f"svc/{d.name}-head-svc"
+        files = {name: str(folder / name) for name in ("config.yaml", "rayservice.yaml", "podmonitor.yaml")}
+        steps = {
+            "up": [Step([*k, "apply", "-f", files["config.yaml"]]), Step([*k, "apply", "-f", files["rayservice.yaml"]]),
+                   Step([*k, "apply", "-f", files["podmonitor.yaml"]]),
+                   Step([*k, "wait", "--for=condition=Ready", f"rayservice/{d.name}", "--timeout=30m"])],
+            "deploy": [Step([*k, "apply", "-f", files["config.yaml"]]), Step([*k, "apply", "-f", files["rayservice.yaml"]])],
+            "status": [Step([*k, "get", "rayservice", d.name, "-o", "wide"]),
+                       Step([*k, "get", "pods", "-l", f"app.kubernetes.io/instance={d.name}", "-o", "wide"]),
+                       Step([*k, "exec", head, "--", "serve", "status"])],
+            "rollout": [],
+            "retrain": [Step([*k, "delete", "rayjob", f"{d.name}-train-{model}", "--ignore-not-found"]),
+                        Step([*k, "apply", "-f", str(folder / f"rayjob-{model}.yaml")])],
+            "logs": [Step([*k, "logs", "-l", f"app.kubernetes.io/instance={d.name},app.kubernetes.io/component=head",
+                           "--tail=200"]),
+                     Step([*k, "exec", head, "--", "sh", "-c", SERVE_LOGS])],
+            # The journal's volume is kept: unacknowledged nothing, but compacted-not-yet
+            # feedback lives there. `kubectl delete pvc <name>-journal` once it is drained.
+            "down": [Step([*k, "delete", "-f", files["podmonitor.yaml"], "--ignore-not-found"]),
+                     Step([*k, "delete", "-f", files["rayservice.yaml"], "--ignore-not-found"])],
+        }
+    elif target in ("aws", "gcp"):
+        here = str(folder)
+        config_path = f"{d.config_dir}/{manifests.CONFIG_FILE}"
+
+        def on_head(command: str) -> Step:
+            return Step(["ray", "exec", "cluster.yaml", command], cwd=here)
+
+        deploy_serve = on_head(f"serve deploy {d.config_dir}/{manifests.SERVE_FILE}")
+        steps = {
+            "up": [Step(["ray", "up", "-y", "cluster.yaml"], cwd=here), deploy_serve],
+            "deploy": [Step(["ray", "up", "-y", "--no-restart", "cluster.yaml"], cwd=here), deploy_serve],
+            "status": [on_head("serve status")],
+            "rollout": [],
+            "retrain": [on_head(shlex.join(["ray", "job", "submit", "--address", "http://127.0.0.1:8265", "--no-wait",
+                                            "--", "python", "-m", "tuneloop.control", "train", str(model),
+                                            "--config", config_path]))],
+            "logs": [on_head(SERVE_LOGS)],
+            "down": [Step(["ray", "down", "-y", "cluster.yaml"], cwd=here)],
+        }
+    else:
+        raise ValueError(f"unknown target {target!r}; choose one of {list(TARGETS)}")
+    if verb not in steps:
+        raise ValueError(f"unknown verb {verb!r}; choose one of {sorted(steps)}")
+    return steps[verb]
+
+
+def run_steps(steps: list[Step], dry_run: bool, echo) -> None:
+    for step in steps:
+        echo(f"$ {step}")
+        if not dry_run:
+            subprocess.run(step.argv, cwd=step.cwd, check=True)
+
+
+def model_status(cfg: TuneloopConfig) -> list[dict[str, Any]]:
+    """Per model, from the storage root: production, the newest job, online accuracy (users'
+    agreement with production on its predictions that got feedback) and the feedback
+    arrived since production's training data was taken."""
+    from tuneloop.core.feedback_stats import feedback_stats
+    from tuneloop.core.tasks import model_tasks
+    from tuneloop.store.jobs import JobStore
+    from tuneloop.store.records import FeedbackStore
+    from tuneloop.store.registry import Registry
+    from tuneloop.store.storage import Storage, private_temp_dir
+
+    storage = Storage(cfg.storage.root)
+    registry, jobs = Registry(storage), JobStore(storage)
+    # Compacted feedback only: the journal is the ingress's, on the cluster.
+    tasks = model_tasks(cfg.models)
+    feedback = FeedbackStore(storage, private_temp_dir("tuneloop-status-journal"), tasks)
+    records = jobs.all()
+    rows = []
+    for m in cfg.models:
+        production = registry.production(m.name)
+        mark = registry.manifest(m.name, production).watermark() if production else None
+        fresh = feedback.read_since(m.name, mark).to_pylist()
+        online = feedback_stats(m.name, tasks[m.name], fresh)["by_version"].get(production or "")
+        last = next((j for j in reversed(records) if j.model == m.name), None)
+        rows.append({"model": m.name, "production": production or "-",
+                     "job": f"{last.state} ({last.job_id[:8]}, {last.version or '-'})" if last else "-",
+                     "online_accuracy": f"{online['online_accuracy']:.3f} of {online['feedback']}" if online else "-",
+                     "feedback_since": len(fresh)})
+    return rows

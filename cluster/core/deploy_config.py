@@ -1,0 +1,94 @@
+"""The config's ``deploy`` section: how `tuneloop deploy` runs tuneloop on a GPU cluster.
+
+Every manifest under deploy/ (KubeRay's RayService and RayJob, the Ray cluster launcher's
+YAMLs) is rendered from this and the rest of the config by ``tuneloop deploy render``, so
+the cluster and the config cannot drift. Every key has a default that renders a working
+cluster; an operator changes the image, the names and the sizes.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")  # Kubernetes' memory/storage quantities
+_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _quantity(value: str) -> str:
+    if not _QUANTITY.match(value):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 16Gi, 512Mi)")
+    return value
+
+
+Quantity = Annotated[str, AfterValidator(_quantity)]
+
+
+class WorkersConfig(_Strict):
+    """The worker group: where model replicas and training workers run. GPU nodes by
+    default; ``gpus_per_worker: 0`` makes a CPU cluster."""
+
+    min_workers: int = Field(default=1, ge=0)
+    max_workers: int = Field(default=4, ge=1, description="the autoscaler adds workers up to this")
+    gpus_per_worker: int = Field(default=1, ge=0)
+    cpus_per_worker: int = Field(default=8, ge=1)
+    memory: Quantity = Field(default="32Gi", description="per worker pod")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> WorkersConfig:
+        if self.max_workers < self.min_workers:
+            raise ValueError(f"max_workers ({self.max_workers}) is below min_workers ({self.min_workers})")
+        return self
+
+
+class AwsConfig(_Strict):
+    region: str = "us-west-2"
+    head_instance: str = "m6i.2xlarge"
+    worker_instance: str = Field(default="g5.2xlarge", description="one NVIDIA A10G, 8 vCPUs")
+    spot: bool = Field(default=True, description="workers on spot instances (the head never is)")
+
+
+class GcpConfig(_Strict):
+    project_id: str = "my-gcp-project"
+    region: str = "us-central1"
+    zone: str = "us-central1-a"
+    head_instance: str = "n2-standard-8"
+    worker_instance: str = Field(default="g2-standard-8", description="one NVIDIA L4, 8 vCPUs")
+    accelerator: str = "nvidia-l4"
+    preemptible: bool = Field(default=True, description="workers preemptible (the head never is)")
+
+
+class DeployConfig(_Strict):
+    name: str = Field(default="tuneloop", max_length=40, pattern=_DNS_LABEL,
+                      description="the RayService, RayJob, ConfigMap and cluster names start with it")
+    namespace: str = Field(default="default", max_length=63, pattern=_DNS_LABEL)
+    image: str = Field(default="tuneloop:0.1.0-cuda",
+                       description="the image deploy/docker/Dockerfile.cuda builds; push it and name it here")
+    head_cpus: int = Field(default=4, ge=1)
+    head_memory: Quantity = "16Gi"
+    workers: WorkersConfig = WorkersConfig()
+    journal_size: Quantity = Field(default="20Gi", description="the head's persistent volume for the feedback journal")
+    storage_class: str | None = Field(default=None, description="of that volume; None: the cluster's default")
+    secret: str = Field(default="tuneloop", pattern=_DNS_LABEL,
+                        description="Secret whose keys become environment variables on every node: "
+                                    "TUNELOOP_API_KEYS, AWS_* or GOOGLE_* credentials (optional)")
+    config_dir: str = Field(default="/etc/tuneloop", description="where the config's ConfigMap is mounted")
+    journal_dir: str = Field(default="/var/lib/tuneloop/journal", description="where the journal volume is mounted")
+    aws: AwsConfig = AwsConfig()
+    gcp: GcpConfig = GcpConfig()
+
+    @field_validator("config_dir", "journal_dir")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"must be an absolute path in the container, got {v!r}")
+        return v.rstrip("/") or "/"
+
+
+Target = Literal["serve", "kuberay", "aws", "gcp"]

@@ -1,0 +1,188 @@
+"""deploy/: every rendered file validates against the schema of what reads it, the committed
+examples are what the example config renders (no drift), and every --dry-run prints
+commands that parse. No Ray cluster: Ray's and Serve's schemas are imported, not run."""
+
+from __future__ import annotations
+
+import copy
+import filecmp
+import json
+import shlex
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tuneloop.control import manifests, operate
+from tuneloop.control.cli import app
+from tuneloop.core.config import parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "deploy" / "tuneloop.cluster.yaml"
+SCHEMAS = ROOT / "tests" / "schemas"
+CRDS = {("ray.io/v1", "RayService"): "kuberay-rayservice-v1.json", ("ray.io/v1", "RayJob"): "kuberay-rayjob-v1.json",
+        ("monitoring.coreos.com/v1", "PodMonitor"): "prometheus-operator-podmonitor-v1.json"}
+
+
+def _example():
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    return parse_config(doc, base_dir=EXAMPLE.parent), doc
+
+
+def _strict(schema):
+    """As `kubectl --validate=strict`: an unknown field is an error, not silently pruned."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if ("properties" in schema and "additionalProperties" not in schema
+                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [_strict(v) for v in schema]
+    return schema
+
+
+def _validate_k8s(doc: dict) -> None:
+    key = (doc["apiVersion"], doc["kind"])
+    if key in CRDS:
+        schema = _strict(json.loads((SCHEMAS / CRDS[key]).read_text()))
+        jsonschema.Draft7Validator(schema).validate(doc)
+    else:
+        kubernetes_validate.validate(doc, "1.33.0", strict=True)
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    cfg, doc = _example()
+    out = tmp_path_factory.mktemp("deploy")
+    for target in ("kuberay", "aws", "gcp", "serve"):
+        operate.render(cfg, doc, target, out / operate.DEFAULT_DIRS[target].removeprefix("deploy/"))
+    return out
+
+
+def test_the_committed_files_are_what_the_example_config_renders(rendered):
+    for folder in ("kuberay", "launcher/aws", "launcher/gcp", "serve"):
+        diff = filecmp.dircmp(rendered / folder, ROOT / "deploy" / folder)
+        assert not (diff.left_only or diff.right_only or diff.diff_files), (
+            f"deploy/{folder} drifted from the config: run `make deploy-files` ({diff.report()})")
+
+
+def test_every_kubernetes_manifest_validates_against_its_schema(rendered):
+    docs = [d for f in sorted((rendered / "kuberay").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text())]
+    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "PersistentVolumeClaim", "PodMonitor", "RayJob",
+                                               "RayService"]
+    for doc in docs:
+        _validate_k8s(doc)
+    service = next(d for d in docs if d["kind"] == "RayService")
+    broken = copy.deepcopy(service)
+    broken["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["imagePullPolicee"] = "x"
+    with pytest.raises(jsonschema.ValidationError, match="imagePullPolicee"):
+        _validate_k8s(broken)
+
+
+def test_the_rayservice_serves_from_gpu_workers_and_keeps_the_journal_on_the_head(rendered):
+    docs = {d["kind"]: d for f in (rendered / "kuberay").glob("*.yaml") for d in yaml.safe_load_all(f.read_text())}
+    cluster = docs["RayService"]["spec"]["rayClusterConfig"]
+    head, (workers,) = cluster["headGroupSpec"], cluster["workerGroupSpecs"]
+    assert head["rayStartParams"]["num-cpus"] == "0"  # no replica and no training worker on the head
+    assert json.loads(json.loads(head["rayStartParams"]["resources"])) == {manifests.JOURNAL_RESOURCE: 1}
+    head_pod = head["template"]["spec"]
+    assert {v["name"] for v in head_pod["volumes"]} == {"config", "journal"}
+    gpu = workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    assert gpu == "1" and (workers["minReplicas"], workers["maxReplicas"]) == (1, 4)
+    assert cluster["enableInTreeAutoscaling"] is True
+    config_map = docs["ConfigMap"]["metadata"]["name"]
+    assert head_pod["volumes"][0]["configMap"]["name"] == config_map  # the config's content names it
+    inside = parse_config(yaml.safe_load(docs["ConfigMap"]["data"]["tuneloop.yaml"]))
+    assert inside.storage.journal_dir == inside.deploy.journal_dir and inside.serving.host == "0.0.0.0"
+    job = docs["RayJob"]["spec"]
+    assert shlex.split(job["entrypoint"])[:5] == ["python", "-m", "tuneloop.control", "train", "sentiment"]
+
+
+def test_serve_configs_validate_and_route_every_model(rendered):
+    from ray.serve.schema import ServeDeploySchema
+
+    for path in [rendered / "serve/serve.yaml", rendered / "launcher/aws/etc/serve.yaml"]:
+        schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+        routes = {a.name: a.route_prefix for a in schema.applications}
+        assert routes == {"tuneloop-model-sentiment": "/v1/models/sentiment/predict", "tuneloop-controller": None,
+                          "tuneloop": "/"}
+
+
+def test_launcher_yamls_validate_against_rays_schema(rendered):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    for cloud in ("aws", "gcp"):
+        doc = yaml.safe_load((rendered / f"launcher/{cloud}/cluster.yaml").read_text())
+        validate_config(prepare_config(copy.deepcopy(doc)))
+        assert doc["available_node_types"]["head"]["resources"] == {"CPU": 0, manifests.JOURNAL_RESOURCE: 1}
+        with pytest.raises(jsonschema.ValidationError):
+            validate_config(prepare_config({**copy.deepcopy(doc), "max_workerz": 3}))
+    aws = yaml.safe_load((rendered / "launcher/aws/cluster.yaml").read_text())
+    assert aws["available_node_types"]["gpu_worker"]["node_config"]["InstanceMarketOptions"] == {"MarketType": "spot"}
+
+
+def test_a_config_that_only_this_machine_can_run_is_refused():
+    cfg = parse_config({"models": [{"name": "m", "base_model": "b", "labels": ["a", "b"], "seed_dataset": "seed.tsv"}]})
+    with pytest.raises(manifests.NotClusterable, match="storage.root.*local path") as refused:
+        manifests.kuberay(cfg, {})
+    assert "seed_dataset 'seed.tsv'" in str(refused.value)
+
+
+def test_a_config_without_a_deploy_section_renders_with_the_defaults(tmp_path):
+    doc = {"models": [{"name": "intent", "base_model": "b", "labels": ["a", "b"]}],
+           "storage": {"root": "s3://bucket/tl", "journal_dir": "/j"}}
+    files = operate.render(parse_config(doc), doc, "kuberay", tmp_path)
+    assert sorted(p.name for p in files) == ["config.yaml", "podmonitor.yaml", "rayjob-intent.yaml", "rayservice.yaml"]
+    for path in files:
+        for manifest in yaml.safe_load_all(path.read_text()):
+            _validate_k8s(manifest)
+
+
+def _parses(argv: list[str]) -> None:
+    """Parse (not run) a `ray …` or `serve …` command line with Ray's own click CLIs."""
+    import click
+    from ray.scripts.scripts import cli as ray_cli
+    from ray.serve.scripts import cli as serve_cli
+
+    command, args = {"ray": ray_cli, "serve": serve_cli}[argv[0]], argv[1:]
+    name = argv[0]
+    while isinstance(command, click.Group):
+        name, args = args[0], args[1:]
+        command = command.get_command(click.Context(command), name)
+        assert command is not None, f"no command {name!r} in {shlex.join(argv)}"
+    command.make_context(name, list(args))
+
+
+@pytest.mark.parametrize("target", operate.TARGETS)
+def test_every_dry_run_prints_commands_that_parse_and_files_that_exist(target, tmp_path):
+    cfg, _ = _example()
+    runner = CliRunner()
+    for verb, model in [("up", None), ("deploy", None), ("status", None), ("retrain", "sentiment"), ("logs", None),
+                        ("down", None)]:
+        result = runner.invoke(app, ["deploy", verb, *([model] if model else []), "--config", str(EXAMPLE),
+                                     "--target", target, "--dir", str(tmp_path), "--dry-run"])
+        assert result.exit_code == 0, result.output
+        steps = operate.plan(cfg, target, verb, tmp_path, model)
+        printed = [line[2:] for line in result.output.splitlines() if line.startswith("$ ")]
+        assert steps and printed == [str(step) for step in steps]
+        for step in steps:
+            argv = step.argv
+            if argv[0] == "kubectl":
+                assert argv[:3] == ["kubectl", "-n", "tuneloop"], step
+            else:
+                _parses(argv)
+                if argv[:2] == ["ray", "exec"]:  # the command it runs on the head
+                    inner = shlex.split(argv[3])
+                    if inner[0] in ("ray", "serve"):
+                        _parses(inner)
+                    for arg in inner:  # files on the nodes: the rendered etc/, mounted at deploy.config_dir
+                        if arg.startswith(cfg.deploy.config_dir + "/"):
+                            assert Path(step.cwd, manifests.LAUNCHER_ETC, Path(arg).name).exists(), step
+            for arg in argv:
+                if arg.endswith(".yaml") and " " not in arg:
+                    assert Path(step.cwd or ".", arg).exists(), f"{step} names {arg}, which was not rendered"
+    rollout = runner.invoke(app, ["deploy", "rollout", "sentiment", "v2", "--config", str(EXAMPLE), "--dry-run"])
+    assert rollout.exit_code == 0 and "promote v2 of sentiment in s3://my-tuneloop-bucket/tuneloop" in rollout.output
