@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-unit crash-test deploy-files clean
+.PHONY: install run test test-unit crash-test cluster-test deploy-files clean
 
 install: $(STAMP)
 
@@ -23,7 +23,13 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/lint-imports
-	$(BIN)/pytest -q -p no:cacheprovider -m "not slow" tests
+	$(BIN)/pytest -q -p no:cacheprovider -m "not slow and not cluster" tests
+	$(MAKE) --no-print-directory cluster-test
+
+# Two Ray nodes of this machine (`ray start --head` + `ray start --address`), storage on a
+# local S3 endpoint: a pytest run of its own, as it starts Ray clusters of its own (~2.5 min).
+cluster-test: $(STAMP)
+	$(BIN)/pytest -q -p no:cacheprovider -m cluster tests/integration/test_two_nodes.py
 
 # kill -9 during a feedback flood, then count: minutes, so kept out of `make test`.
 crash-test: $(STAMP)
