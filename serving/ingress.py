@@ -42,6 +42,7 @@ from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage
 from tuneloop.serving import metrics
 from tuneloop.serving.feedback_service import FeedbackService
+from tuneloop.serving.metric_files import cluster_metric_files, metrics_base, use_node_folder
 from tuneloop.serving.responses import V1, error_response
 from tuneloop.core.names import INGRESS_DEPLOYMENT, model_app_name, model_deployment_name, running_replicas
 from tuneloop.core.tasks import check_unicode
@@ -202,6 +203,7 @@ app.add_middleware(BodyGuard)
 @serve.ingress(app)
 class Ingress:
     def __init__(self, config: dict):
+        use_node_folder()  # first: before any metric value (serving/metric_files.py)
         self.cfg = TuneloopConfig.model_validate(config)
         storage = Storage(self.cfg.storage.root)
         self.registry = Registry(storage)
@@ -277,10 +279,17 @@ class Ingress:
         statistics: Prometheus sends one as a bearer token (deploy/prometheus)."""
         authorization = request.headers.get("authorization")
         with_feedback = authorization is not None and self.auth.check(authorization, "feedback") is not None
-        body = await asyncio.to_thread(metrics.render, self.jobs, self._running_replicas, self.registry,
-                                       [m.name for m in self.cfg.models],
-                                       self.feedback.all_stats if with_feedback else None)
+        stats = self.feedback.all_stats if with_feedback else None
+        body = await asyncio.to_thread(self._render_metrics, stats)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def _render_metrics(self, stats) -> bytes:
+        models = [m.name for m in self.cfg.models]
+        base = metrics_base()
+        if not base:  # one process (unit use)
+            return metrics.render(self.jobs, self._running_replicas, self.registry, models, stats)
+        with cluster_metric_files(base) as files:  # every node's replicas
+            return metrics.render(self.jobs, self._running_replicas, self.registry, models, stats, files)
 
     def _trigger(self, model: str, version: str | None, agreed: bool | None) -> None:
         controller = self._controller()

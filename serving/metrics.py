@@ -147,9 +147,21 @@ class ServingTimeCollector:
         yield family
 
 
+class FilesCollector:
+    """The replicas' metrics, merged from their multiprocess files wherever those were
+    gathered from (serving/metric_files.py: every node's)."""
+
+    def __init__(self, files: list[str]):
+        self.files = files
+
+    def collect(self):
+        return multiprocess.MultiProcessCollector.merge(self.files, accumulate=True)
+
+
 def render(jobs: JobStore, running_replicas: Callable[[], dict[str, int]], registry: Registry, models: list[str],
-           feedback_stats: Callable[[], list[dict]] | None) -> bytes:
-    """The exposition text for GET /metrics: every process's metrics, training runs, replicas,
+           feedback_stats: Callable[[], list[dict]] | None, files: list[str] | None = None) -> bytes:
+    """The exposition text for GET /metrics: every process's metrics (from ``files``, the
+    multiprocess files of every node, when given), training runs, replicas,
     feedback-to-serving time and, when ``feedback_stats`` is given (the caller may read them),
     feedback statistics."""
     runs = CollectorRegistry()
@@ -158,7 +170,10 @@ def render(jobs: JobStore, running_replicas: Callable[[], dict[str, int]], regis
     runs.register(ServingTimeCollector(registry, models))
     if feedback_stats is not None:
         runs.register(FeedbackStatsCollector(feedback_stats))
-    if os.environ.get(MULTIPROC_ENV):
+    if files is not None:
+        served = CollectorRegistry()
+        served.register(FilesCollector(files))
+    elif os.environ.get(MULTIPROC_ENV):
         served = CollectorRegistry()
         multiprocess.MultiProcessCollector(served)
     else:  # one process (unit use): its own default registry holds everything

@@ -37,6 +37,7 @@ from tuneloop.store.records import PredictionLog, new_prediction_id
 from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage
 from tuneloop.serving import metrics
+from tuneloop.serving.metric_files import use_node_folder
 from tuneloop.serving.responses import error_response, internal_error_response
 from tuneloop.serving.batcher import ContinuousBatcher, ItemFailed
 from tuneloop.core.batching_policy import AIMDPolicy, next_batch_size
@@ -123,6 +124,7 @@ class ModelServer:
     def __init__(self, config: dict, model: str, *, registry: Registry | None = None,
                  recorder: PredictionRecorder | None = None, keys: KeyRing | None = None,
                  load: Callable[[str, str, Task, int], LoadedModel] | None = None, watch: bool = True):
+        use_node_folder()  # first: before any metric value (serving/metric_files.py)
         cfg = TuneloopConfig.model_validate(config)
         self.cfg, self.serving = cfg.model(model), cfg.serving
         self.task = make_task(self.cfg.task, self.cfg.labels)

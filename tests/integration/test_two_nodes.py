@@ -1,9 +1,10 @@
-"""Two Ray nodes on one machine, as on a cluster: `ray start --head` (the serving node, with
-the journal) and `ray start --address=…` (the training node), each with its own resources;
-storage in a bucket on the local S3 endpoint. The rendered Serve config goes in with `serve
-deploy` (the RayService path); predictions are served on the head's node, feedback arrives,
-a retrain runs its workers on the other node, and the new version is served. Both nodes'
-metrics are scraped.
+"""Two Ray nodes on one machine, as on a cluster: `ray start --head` (the journal, hence the
+ingress and the controller, and training) and `ray start --address=…` (the model replicas),
+each with its own resources; storage in a bucket on the local S3 endpoint. The rendered Serve
+config goes in with `serve deploy` (the RayService path); predictions are served from the
+second node, feedback arrives, a retrain runs its workers on the head's node, and the new
+version is served. The ingress's /metrics has the other node's replica's counts, and both
+nodes' Ray exporters answer.
 
 Its own pytest run (`make cluster-test`, also the last step of `make test`): it starts
 Ray clusters of its own, which cannot share a process with the test session's local Ray.
@@ -15,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,14 +49,15 @@ def _run(*argv: str, timeout: float = 180) -> str:
 def cluster(tmp_path_factory):
     ports = {name: free_port() for name in ("gcs", "dashboard", "head_metrics", "node_metrics", "agent", "agent_grpc",
                                             "runtime_env")}
-    _run(RAY, "start", "--head", f"--port={ports['gcs']}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-         f"--resources={json.dumps({'tuneloop-journal': 1, 'serving-node': 10})}",
+    # The head: the journal (ingress, controller) and training; the other node: the replicas.
+    _run(RAY, "start", "--head", f"--port={ports['gcs']}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
+         f"--resources={json.dumps({'tuneloop-journal': 1, 'training-node': 10})}",
          f"--metrics-export-port={ports['head_metrics']}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={ports['dashboard']}", "--disable-usage-stats")
     try:
         # A second node of the same machine: every port of its own.
-        _run(RAY, "start", f"--address=127.0.0.1:{ports['gcs']}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
-             f"--resources={json.dumps({'training-node': 10})}", f"--metrics-export-port={ports['node_metrics']}",
+        _run(RAY, "start", f"--address=127.0.0.1:{ports['gcs']}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+             f"--resources={json.dumps({'serving-node': 10})}", f"--metrics-export-port={ports['node_metrics']}",
              f"--dashboard-agent-listen-port={ports['agent']}", f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
              f"--runtime-env-agent-port={ports['runtime_env']}", "--disable-usage-stats")
         import ray
@@ -100,6 +103,11 @@ def _stop_cluster(gcs_port: int) -> None:
             proc.kill()
         except psutil.Error:
             pass
+    # As `ray stop` does: the next ray.init() on this machine would otherwise try to join
+    # the cluster `ray start` recorded here, long gone (and fail when given num_cpus).
+    current = Path(tempfile.gettempdir(), "ray", "ray_current_cluster")
+    if current.exists() and current.read_text().strip().endswith(f":{gcs_port}"):
+        current.unlink()
 
 
 def _actors(cluster, prefix: str) -> list:
@@ -162,6 +170,7 @@ def test_serving_on_one_node_training_on_the_other(cluster, s3_root, tiny_model,
             assert time.monotonic() < deadline, "v2 never served"
             time.sleep(1)
         tuneloop_metrics = client.get("/metrics").text
+    # Counted by the replica on the other node, gathered by the ingress (serving/metric_files.py).
     assert 'tuneloop_requests_total{model="sentiment",outcome="ok",version="v2"}' in tuneloop_metrics
     assert 'tuneloop_training_runs_total{model="sentiment",outcome="succeeded"}' in tuneloop_metrics
     for node in ("head_metrics", "node_metrics"):  # Ray's exporter on each node

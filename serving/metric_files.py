@@ -1,0 +1,118 @@
+"""Every node's replica metrics, for the ingress's GET /metrics.
+
+Replicas are processes on any node of the cluster; each writes prometheus-client's
+multiprocess files under ``<$PROMETHEUS_MULTIPROC_DIR>/<its node id>`` (``use_node_folder``),
+on that node's disk. The ingress, on one node, would see only its own node's. So at each
+scrape it asks every live node, with a Ray task pinned there, for the used part of its
+folder's files, and merges them all (``metrics.render``). On one machine there is nothing to
+ask: the files are read where they are. (The node folder keeps two nodes of one machine,
+as in the two-node test, from counting each other's files twice.)
+
+A node that does not answer within ``timeout_s`` is left out of that scrape (and logged), so
+one slow node never fails /metrics; counters from its replicas reappear at the next scrape.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from tuneloop.serving.metrics import MULTIPROC_ENV
+
+log = logging.getLogger(__name__)
+NODE_TIMEOUT_S = 5.0
+
+
+BASE_ENV = "TUNELOOP_METRICS_BASE"  # the configured folder, once use_node_folder moved this process below it
+
+
+def use_node_folder() -> None:
+    """Send this process's metrics to its node's folder below $PROMETHEUS_MULTIPROC_DIR. In a
+    replica's constructor, before its first metric value (every tuneloop metric has labels,
+    so none has a value before its first ``.labels()``). Once per process."""
+    base = os.environ.get(MULTIPROC_ENV)
+    if not base or os.environ.get(BASE_ENV) or not ray.is_initialized():
+        return
+    folder = os.path.join(base, ray.get_runtime_context().get_node_id())
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    os.environ[BASE_ENV], os.environ[MULTIPROC_ENV] = base, folder
+
+
+def metrics_base() -> str | None:
+    """The configured metrics folder (None: one process, no multiprocess files)."""
+    return os.environ.get(BASE_ENV) or os.environ.get(MULTIPROC_ENV)
+
+
+def _node_folder(base: str) -> str:
+    return os.path.join(base, ray.get_runtime_context().get_node_id())
+
+
+def _used_bytes(path: str) -> bytes:
+    """A multiprocess file's used part (its first 4 bytes say how much): a fresh file is
+    64 KiB of which a few hundred bytes are metrics."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+        used = struct.unpack_from("i", head, 0)[0]
+        return head[:used] if used <= len(head) else head + f.read(used - len(head))
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _node_files(base: str) -> dict[str, bytes]:
+    directory = _node_folder(base)
+    if not os.path.isdir(directory):
+        return {}
+    out = {}
+    for name in os.listdir(directory):
+        if name.endswith(".db"):
+            try:
+                out[name] = _used_bytes(os.path.join(directory, name))
+            except (FileNotFoundError, struct.error):
+                continue  # a live gauge's file removed as its process ended, or one just created
+    return out
+
+
+@contextmanager
+def cluster_metric_files(base: str, timeout_s: float = NODE_TIMEOUT_S) -> Iterator[list[str]]:
+    """Paths of every live node's metric files below ``base``, for the block: on one machine
+    the files where they are, else copies in a private temporary folder (one per scrape, so
+    scrapes never share one), named per node so that one pid on two nodes stays two
+    processes (prometheus-client reads the type, a gauge's mode and the pid from the name:
+    ``<type>[_<mode>]_<pid>.db``)."""
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) <= 1:
+        directory = _node_folder(base)
+        yield ([os.path.join(directory, f) for f in sorted(os.listdir(directory)) if f.endswith(".db")]
+               if os.path.isdir(directory) else [])
+        return
+    refs = {node: _node_files.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+                                      ).remote(base) for node in nodes}
+    ready, late = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    if late:
+        log.warning("metrics: %d of %d nodes did not send their replicas' metrics within %.0fs; left out of this "
+                    "scrape", len(late), len(refs), timeout_s)
+        for ref in late:
+            ray.cancel(ref, force=True)
+    with tempfile.TemporaryDirectory(prefix="tuneloop-metrics-") as into:
+        paths = []
+        for index, (node, ref) in enumerate(refs.items()):
+            if ref not in ready:
+                continue
+            try:
+                files = ray.get(ref)
+            except ray.exceptions.RayError as e:  # the node went away mid-scrape
+                log.warning("metrics: node %s: %s", node[:8], e)
+                continue
+            for name, data in files.items():
+                stem, pid = name[:-3].rsplit("_", 1)
+                path = os.path.join(into, f"{stem}_n{index}-{pid}.db")
+                with open(path, "wb") as f:
+                    f.write(data)
+                paths.append(path)
+        yield paths
