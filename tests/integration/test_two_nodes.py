@@ -20,16 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-# Ray's token authentication, as on a real cluster: `ray start --head` makes the token
-# (~/.ray/auth_token); the second node and this driver opt in to present it, before ray loads.
-os.environ["RAY_AUTH_MODE"] = "token"
-
-import httpx  # noqa: E402
-import pytest  # noqa: E402
-import yaml  # noqa: E402
+import httpx
+import pytest
+import yaml
 
 from tuneloop.control.manifests import serve_config
-from tuneloop.control.server import wait_ready
 from tuneloop.serving.fast_path import free_port
 from tests.integration.conftest import (ADMIN_KEY, FEEDBACK_KEY, PREDICT_KEY, bearer, make_config,
                                         publish_version)
@@ -47,6 +42,12 @@ def _run(*argv: str, timeout: float = 180) -> str:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    # Ray's token authentication, as on a real cluster: `ray start --head` makes the token
+    # (~/.ray/auth_token); the second node and this driver opt in to present it. Ray reads the
+    # setting when it is imported, so this module imports nothing that imports ray: set at
+    # collection, it would reach the test session's own local Ray in `make test`'s main run.
+    assert "ray" not in sys.modules, "ray was imported before the two-node cluster could set RAY_AUTH_MODE"
+    os.environ["RAY_AUTH_MODE"] = "token"
     ports = {name: free_port() for name in ("gcs", "dashboard", "head_metrics", "node_metrics", "agent", "agent_grpc",
                                             "runtime_env")}
     # The head: the journal (ingress, controller) and training; the other node: the replicas.
@@ -119,6 +120,8 @@ def _actors(cluster, prefix: str) -> list:
 
 def test_serving_on_one_node_training_on_the_other(cluster, s3_root, tiny_model, seed_tsv, tmp_path):
     from ray import serve
+
+    from tuneloop.control.server import wait_ready
 
     from tuneloop.store.storage import Storage
 
