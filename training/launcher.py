@@ -32,7 +32,7 @@ from tuneloop.core.evaluation import EvalMetrics
 from tuneloop.core.gate import Evidence, GateDecision, decide
 from tuneloop.core.model_source import resolve_model_source
 from tuneloop.core.names import INGRESS_APP, INGRESS_DEPLOYMENT, model_app_name, running_replicas
-from tuneloop.core.resources import training_shortfall
+from tuneloop.core.resources import DATA_CPUS, training_shortfall
 from tuneloop.core.serving_time import JobMoments, rollout_complete, serving_time
 from tuneloop.core.tasks import Task, model_tasks
 from tuneloop.store.jobs import Heartbeat, JobRecord, JobRunning, JobStore, promote_or_wait, take_lease
@@ -69,19 +69,31 @@ def _datasets(task: Task, data: JobData) -> tuple[dict[str, ray.data.Dataset], l
     return {name: ray.data.from_arrow(table) for name, table in sets.items()}, [n for n in sets if n != "train"]
 
 
-def _wait_for_resources(tcfg: TrainingConfig) -> None:
+def _wait_for_resources(tcfg: TrainingConfig, autoscaled: bool) -> None:
     """Fail fast, saying what to change, when the workers cannot be scheduled: Ray Train's
     worker group would otherwise wait for its CPUs forever while the job shows running. CPUs
-    held by a job or replica that is ending are waited for, up to ``resource_wait_s``."""
+    held by a job or replica that is ending are waited for, up to ``resource_wait_s``. On a
+    cluster that may autoscale (``autoscaled``), resources it lacks altogether are asked of
+    its autoscaler and waited for too: a GPU node takes minutes to join."""
+    per_worker = _per_worker(tcfg)
+    if autoscaled:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[per_worker] * tcfg.num_workers + [{"CPU": DATA_CPUS}])
     deadline = time.monotonic() + tcfg.resource_wait_s
-    while True:
-        short = training_shortfall(tcfg.num_workers, _per_worker(tcfg), ray.cluster_resources(),
-                                   ray.available_resources())
-        if short is None:
-            return
-        if "free" not in short or time.monotonic() > deadline:
-            raise ResourcesUnavailable(short)
-        time.sleep(1.0)
+    try:
+        while True:
+            short = training_shortfall(tcfg.num_workers, per_worker, ray.cluster_resources(),
+                                       ray.available_resources())
+            if short is None:
+                return
+            waitable = autoscaled or " free " in short
+            if not waitable or time.monotonic() > deadline:
+                raise ResourcesUnavailable(short)
+            time.sleep(1.0)
+    finally:
+        if autoscaled:
+            request_resources(bundles=[])  # the workers' own demand keeps the nodes from now on
 
 
 def _per_worker(tcfg: TrainingConfig) -> dict[str, float]:
@@ -106,6 +118,11 @@ def _settle_feedback(feedback: FeedbackStore) -> None:
         # Only where tuneloop's ingress runs: a handle to an absent app waits out its timeout.
         if INGRESS_APP in serve.status().applications:
             asyncio.run(ask_the_ingress())
+        elif "://" in feedback.storage.uri:
+            # A Ray cluster of its own (a KubeRay RayJob): the serving cluster's journal is
+            # out of reach; what it has not compacted yet waits for the next job.
+            log.warning("no tuneloop ingress in this Ray cluster: feedback the serving cluster has not compacted "
+                        "yet (at most feedback.compact_interval_s old) is left to the next job")
     except Exception as e:  # noqa: BLE001 - not serving (a CLI job), or the ingress is restarting
         log.info("no live feedback writer to compact (%s); recovering the journal here", type(e).__name__)
     feedback.open_writer()  # recovers dead writers' segments
@@ -166,7 +183,8 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
                     data.summary["quarantine"]["flagged"])
     datasets, eval_sets = _datasets(task, data)
     log.info("job %s: %s from %s, %s", job.job_id, model, parent or mcfg.base_model, data.summary)
-    _wait_for_resources(tcfg)
+    # A cluster joined by address may autoscale; the local Ray `tuneloop run` starts cannot.
+    _wait_for_resources(tcfg, autoscaled=bool(cfg.ray.address or os.environ.get("RAY_ADDRESS")))
     training_started = _now()
     trainer = TorchTrainer(
         train_loop_per_worker,

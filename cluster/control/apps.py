@@ -2,7 +2,7 @@
 
 ``build`` is Serve's application builder, ``import_path: tuneloop.control.apps:build``:
 what `serve run`, `serve deploy` and a KubeRay RayService's ``serveConfigV2`` deploy
-(``tuneloop deploy render`` writes those files from the config, ``serve_applications``),
+(``tuneloop deploy render`` writes those files from the config: ``manifests.serve_config``),
 and what `tuneloop run` deploys too. The applications: one per model (its replicas, routed
 at its predict path), the ingress at ``/``, and the retrain controller (no route).
 """
@@ -16,15 +16,16 @@ from ray import serve
 from ray.serve import Application
 
 from tuneloop.control.controller import RetrainController
+from tuneloop.control.manifests import IMPORT_PATH
 from tuneloop.core.config import TuneloopConfig, load_config
-from tuneloop.core.names import (CONTROLLER_APP, CONTROLLER_DEPLOYMENT, CONTROLLER_NAME, CONTROLLER_NAMESPACE,
-                                 INGRESS_APP, model_app_name, predict_route)
+from tuneloop.core.names import CONTROLLER_APP, CONTROLLER_DEPLOYMENT, CONTROLLER_NAME, CONTROLLER_NAMESPACE
 from tuneloop.serving.app import default_metrics_dir, ingress_app, model_app, on_journal_node
 from tuneloop.serving.app import deploy as deploy_serving
 from tuneloop.serving.metrics import MULTIPROC_ENV
 
-IMPORT_PATH = "tuneloop.control.apps:build"
-ARGS = ("config", "app", "metrics_dir")
+# config_sha256: the config's digest, which the rendered Serve config carries so that a
+# changed config is a changed application (Serve rebuilds an app only when its args change).
+ARGS = ("config", "app", "metrics_dir", "config_sha256")
 
 
 def build(args: dict[str, str]) -> Application:
@@ -47,17 +48,6 @@ def build(args: dict[str, str]) -> Application:
         raise ValueError(f"app {app!r} is neither ingress, controller nor a model of the config "
                          f"({[m.name for m in cfg.models]})")
     return model_app(cfg, app, metrics_dir)
-
-
-def serve_applications(cfg: TuneloopConfig, config_path: str) -> list[dict]:
-    """The ``applications`` of a Serve config file for ``cfg``, read on the nodes from
-    ``config_path``: the models, the controller, and the ingress at ``/``."""
-    def app(name: str, which: str, route: str | None) -> dict:
-        entry = {"name": name, "import_path": IMPORT_PATH, "args": {"config": config_path, "app": which}}
-        return {**entry, "route_prefix": route} if route else entry
-
-    return [*(app(model_app_name(m.name), m.name, predict_route(m.name)) for m in cfg.models),
-            app(CONTROLLER_APP, "controller", None), app(INGRESS_APP, "ingress", "/")]
 
 
 @serve.deployment(name=CONTROLLER_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0},

@@ -8,8 +8,9 @@ config (and the operator's own document of it) to the dicts written as YAML.
   a persistent volume), one RayJob per model for training, and a PodMonitor.
 - ``launcher``: Ray cluster launcher YAMLs for AWS and GCP.
 
-The cluster's config is the operator's document with two keys set for the cluster (the
-journal on the head's volume, Serve on every address); nothing else is rewritten.
+The cluster's config is the operator's document with the keys a cluster needs set (the
+journal on the head's volume, Serve on every address, Ray joined, not started); nothing
+else is rewritten.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ SERVE_FILE = "serve.yaml"
 LAUNCHER_ETC = "etc"  # beside a launcher YAML: the folder mounted at deploy.config_dir on every node
 SERVE_PORT = 8000
 METRICS_PORT = 8080  # Ray's metrics export port on every node (rayStartParams)
+SERVING_HEAD = "serving-head"  # the component label of the RayService's head pod
+METRICS_KEY = "TUNELOOP_METRICS_KEY"  # the Secret's key Prometheus scrapes /metrics with
 JOURNAL_RESOURCE = "tuneloop-journal"  # = serving.app.JOURNAL_RESOURCE: the ingress and controller go there
 # Serve's fast data path (serving/fast_path.py) for the pods: `ray start` there never runs
 # tuneloop's CLI, which sets these on one machine.
@@ -71,14 +74,21 @@ def cluster_config_doc(doc: dict[str, Any], cfg: TuneloopConfig) -> dict[str, An
     out.setdefault("storage", {})["journal_dir"] = cfg.deploy.journal_dir
     out.setdefault("serving", {})["host"] = "0.0.0.0"
     out["serving"]["port"] = SERVE_PORT
+    # Join the cluster the process runs in (a Ray Job's entrypoint, `tuneloop train` in a pod),
+    # which may autoscale: a training job asks the autoscaler for what it lacks and waits.
+    out.setdefault("ray", {})["address"] = "auto"
     return out
 
 
 def serve_applications(cfg: TuneloopConfig, config_path: str) -> list[dict[str, Any]]:
+    # The config's digest rides along: Serve rebuilds an application only when its
+    # import_path, args or runtime_env change, and a config edited in place changes none.
+    digest = hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
+
     def app(name: str, which: str, route: str | None) -> dict[str, Any]:
         # route_prefix null: no HTTP route (left out, Serve would take "/", the ingress's).
         return {"name": name, "route_prefix": route, "import_path": IMPORT_PATH,
-                "args": {"config": config_path, "app": which}}
+                "args": {"config": config_path, "app": which, "config_sha256": digest}}
 
     return [*(app(model_app_name(m.name), m.name, predict_route(m.name)) for m in cfg.models),
             app(CONTROLLER_APP, "controller", None), app(INGRESS_APP, "ingress", "/")]
@@ -172,11 +182,12 @@ def _cluster_spec(cfg: TuneloopConfig, config_map: str, serving: bool) -> dict[s
         "enableInTreeAutoscaling": True,
         "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 300},
         "headGroupSpec": {"rayStartParams": head_params,
-                          "template": _pod(cfg, "head", head, head_volumes, 0)},
+                          "template": _pod(cfg, SERVING_HEAD if serving else "training-head", head, head_volumes, 0)},
         "workerGroupSpecs": [{
             "groupName": group, "replicas": w.min_workers, "minReplicas": w.min_workers, "maxReplicas": w.max_workers,
             "rayStartParams": {"metrics-export-port": str(METRICS_PORT)},
-            "template": _pod(cfg, f"{group}-worker", worker, [_config_volume(config_map)], w.gpus_per_worker),
+            "template": _pod(cfg, f"{'serving' if serving else 'training'}-{group}-worker", worker,
+                             [_config_volume(config_map)], w.gpus_per_worker),
         }],
     }
 
@@ -216,15 +227,28 @@ def kuberay(cfg: TuneloopConfig, doc: dict[str, Any]) -> dict[str, list[dict[str
                 "rayClusterConfig": _cluster_spec(cfg, config_map, serving=True),
             },
         }],
-        "podmonitor.yaml": [{
-            # Prometheus Operator: scrape Ray's metrics agent on every node (Serve's own
-            # metrics) and tuneloop's /metrics on the head, where the ingress runs.
-            "apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
-            "metadata": {"name": d.name, **meta, "labels": _labels(cfg, "monitoring")},
-            "spec": {"selector": {"matchLabels": {"app.kubernetes.io/instance": d.name}},
-                     "podMetricsEndpoints": [{"port": "metrics", "interval": "15s"},
-                                             {"port": "serve", "path": "/metrics", "interval": "15s"}]},
-        }],
+        "podmonitor.yaml": [
+            {   # Prometheus Operator: Ray's metrics agent on every node of every cluster
+                # (serving and training jobs): Serve's, Ray Train's and the nodes' own series.
+                "apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
+                "metadata": {"name": f"{d.name}-ray", **meta, "labels": _labels(cfg, "monitoring")},
+                "spec": {"selector": {"matchLabels": {"app.kubernetes.io/instance": d.name}},
+                         "podMetricsEndpoints": [{"port": "metrics", "interval": "15s"}]},
+            },
+            {   # tuneloop's /metrics, on the serving head only: its ingress already gathers
+                # every node's replicas, so scraping each pod would count them once per pod.
+                # The feedback-derived series need a key that may read feedback statistics:
+                # the Secret's TUNELOOP_METRICS_KEY (`tuneloop keys create feedback`).
+                "apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
+                "metadata": {"name": f"{d.name}-tuneloop", **meta, "labels": _labels(cfg, "monitoring")},
+                "spec": {"selector": {"matchLabels": {"app.kubernetes.io/instance": d.name,
+                                                      "app.kubernetes.io/component": SERVING_HEAD}},
+                         "podMetricsEndpoints": [{
+                             "port": "serve", "path": "/metrics", "interval": "15s",
+                             "authorization": {"type": "Bearer", "credentials": {
+                                 "name": d.secret, "key": METRICS_KEY, "optional": True}}}]},
+            },
+        ],
     }
     for m in cfg.models:
         files[f"rayjob-{m.name}.yaml"] = [{
@@ -265,6 +289,8 @@ def launcher(cfg: TuneloopConfig, cloud: str) -> dict[str, Any]:
         worker_node: dict[str, Any] = {"InstanceType": a.worker_instance}
         if a.spot:
             worker_node["InstanceMarketOptions"] = {"MarketType": "spot"}
+        if a.worker_instance_profile_arn:
+            worker_node["IamInstanceProfile"] = {"Arn": a.worker_instance_profile_arn}
         provider = {"type": "aws", "region": a.region, "cache_stopped_nodes": False}
         head_node: dict[str, Any] = {"InstanceType": a.head_instance,
                                      "BlockDeviceMappings": [{"DeviceName": "/dev/sda1",
@@ -273,7 +299,7 @@ def launcher(cfg: TuneloopConfig, cloud: str) -> dict[str, Any]:
     elif cloud == "gcp":
         g = d.gcp
 
-        def node(machine: str, accelerators: bool, preemptible: bool) -> dict[str, Any]:
+        def node(machine: str, accelerators: bool, preemptible: bool, worker: bool) -> dict[str, Any]:
             out: dict[str, Any] = {
                 "machineType": machine,
                 "disks": [{"boot": True, "autoDelete": True, "type": "PERSISTENT",
@@ -282,13 +308,19 @@ def launcher(cfg: TuneloopConfig, cloud: str) -> dict[str, Any]:
                                                 "common-cu124-ubuntu-2204-py310"}}],
                 "scheduling": [{"onHostMaintenance": "TERMINATE"}, {"preemptible": preemptible}],
             }
+            if worker:  # the head gets the launcher's own service account; workers the project's
+                # default one, with the scope that reaches the bucket (gs://).
+                out["serviceAccounts"] = [{"email": "default",
+                                           "scopes": ["https://www.googleapis.com/auth/cloud-platform"]}]
             if accelerators:
                 out["guestAccelerators"] = [{"acceleratorType": g.accelerator, "acceleratorCount": w.gpus_per_worker}]
+                # The deep learning image installs the NVIDIA driver only when asked.
+                out["metadata"] = {"items": [{"key": "install-nvidia-driver", "value": "True"}]}
             return out
 
         provider = {"type": "gcp", "region": g.region, "availability_zone": g.zone, "project_id": g.project_id}
-        head_node = node(g.head_instance, False, False)
-        worker_node = node(g.worker_instance, bool(w.gpus_per_worker), g.preemptible)
+        head_node = node(g.head_instance, False, False, worker=False)
+        worker_node = node(g.worker_instance, bool(w.gpus_per_worker), g.preemptible, worker=True)
         auth = {"ssh_user": "ubuntu"}
     else:
         raise ValueError(f"unknown cloud {cloud!r}; tuneloop renders aws and gcp")

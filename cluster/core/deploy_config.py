@@ -52,6 +52,10 @@ class AwsConfig(_Strict):
     head_instance: str = "m6i.2xlarge"
     worker_instance: str = Field(default="g5.2xlarge", description="one NVIDIA A10G, 8 vCPUs")
     spot: bool = Field(default=True, description="workers on spot instances (the head never is)")
+    worker_instance_profile_arn: str | None = Field(
+        default=None, description="an IAM instance profile giving the workers the bucket (the launcher gives the "
+                                  "head one of its own, not the workers); None: credentials from the Secret-less "
+                                  "environment only")
 
 
 class GcpConfig(_Strict):

@@ -10,6 +10,11 @@ the loser, who re-reads and tries again: compare-and-swap, atomic on the service
 Reads and every other write still go through pyarrow; only these two calls use the
 vendor's client (boto3, google-cloud-storage), built from the same URI and the same
 credentials chain, imported on first use so that a local root needs neither.
+
+The conditional put is never retried by the client: a retry of a put whose first attempt
+landed (the answer lost on the way) would be refused, and the caller, taking that for
+another writer's win, would apply its change twice (a rollback stepping back two versions).
+So a lost answer surfaces as the client's error, and the caller's operation fails instead.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ class _S3:
 
     def __init__(self, uri: str):
         import boto3
+        import botocore.config
         import botocore.exceptions
 
         query = parse_qs(urlparse(uri).query)
@@ -60,7 +66,8 @@ class _S3:
             endpoint = f"{_option(query, 'scheme') or 'https'}://{endpoint}"
         self._client = boto3.client(
             "s3", endpoint_url=endpoint, region_name=_option(query, "region"),
-            aws_access_key_id=_option(query, "access_key"), aws_secret_access_key=_option(query, "secret_key"))
+            aws_access_key_id=_option(query, "access_key"), aws_secret_access_key=_option(query, "secret_key"),
+            config=botocore.config.Config(retries={"total_max_attempts": 1}))  # see the module's docstring
         self._error = botocore.exceptions.ClientError
 
     def read(self, path: str) -> tuple[bytes | None, str | None]:
@@ -122,7 +129,8 @@ class _Gcs:
         bucket, key = _split(path)
         blob = self._client.bucket(bucket).blob(key)
         try:
-            blob.upload_from_string(data, if_generation_match=int(token) if token is not None else 0)
+            blob.upload_from_string(data, if_generation_match=int(token) if token is not None else 0,
+                                    retry=None)  # see the module's docstring
         except self._precondition:
             return False
         return True

@@ -92,7 +92,12 @@ class JobStore:
         """Every write of a record is a ``Storage.update``, so marking a job lost (a
         read-decide-write by another process, maybe on another host) never overwrites the
         final record its slow, not dead, process wrote meanwhile."""
-        self.storage.update_json(f"jobs/{job.job_id}.json", lambda _: job.model_dump(mode="json"))
+        def write(stored: dict | None) -> dict | None:
+            if job.state == "running" and stored is not None and stored.get("state") != "running":
+                return None  # marked lost meanwhile (its heartbeat was late): a beat must not revive it
+            return job.model_dump(mode="json")
+
+        self.storage.update_json(f"jobs/{job.job_id}.json", write)
 
     def _read(self, job_id: str) -> JobRecord | None:
         raw = self.storage.read_json(f"jobs/{job_id}.json")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -173,9 +174,16 @@ class Registry:
         version = self._claim_version(model)
         folder = self._dir(model, version)
         final = manifest.model_copy(update={"version": version, "model": model})
-        self.storage.upload_dir(local_dir, folder)
-        for name, table in (tables or {}).items():
-            self.storage.write_parquet_atomic(f"{folder}/{DATA_DIR}/{name}.parquet", table)
+        try:
+            self.storage.upload_dir(local_dir, folder)
+            for name, table in (tables or {}).items():
+                self.storage.write_parquet_atomic(f"{folder}/{DATA_DIR}/{name}.parquet", table)
+        except BaseException:
+            # The copy failed (a full disk, a lost connection): take the weights back. The
+            # claim stays, so the number is never reused; a crash here leaves the folder.
+            if self.storage.exists(folder):
+                self.storage.delete_dir(folder)
+            raise
         self.storage.write_json_atomic(f"{folder}/{MANIFEST}", final.model_dump(mode="json"))  # the commit
         return final
 
@@ -211,7 +219,12 @@ class Registry:
         that one is returned): it never changes once written."""
         if self.storage.create_new(f"{self._dir(model)}/{GOLDEN}", parquet_bytes(table)):
             return table
-        return self.golden(model)
+        for _ in range(50):  # another job's write won: on S3 (409) it may still be landing
+            frozen = self.golden(model)
+            if frozen is not None:
+                return frozen
+            time.sleep(0.2)
+        raise RuntimeError(f"the golden set of {model} was claimed by another job but never appeared")
 
     def record_serving_time(self, model: str, version: str, timing: ServingTime) -> Manifest:
         """Complete a published version's manifest with its feedback-to-serving time, which

@@ -25,6 +25,8 @@ import io
 import json
 import os
 import posixpath
+import random
+import time
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -39,7 +41,7 @@ import pyarrow.parquet as pq
 from tuneloop.store.conditional import ConditionalWrites, conditional_writes
 
 FILE_MODE, DIR_MODE = 0o600, 0o700  # on a local root: private to the user running tuneloop
-UPDATE_ATTEMPTS = 100  # compare-and-swap retries before giving up (contention is a few writers)
+UPDATE_ATTEMPTS = 30  # compare-and-swap retries before giving up (backing off to 1 s: contention is a few writers)
 
 
 class Storage:
@@ -172,13 +174,14 @@ class Storage:
                 self.write_bytes_atomic(rel, new)
                 return new
         writes = self._conditional()
-        for _ in range(UPDATE_ATTEMPTS):
+        for attempt in range(UPDATE_ATTEMPTS):
             current, token = writes.read(self.path(rel))
             new = change(current)
             if new is None:
                 return current
             if writes.write(self.path(rel), new, token):
                 return new
+            time.sleep(random.uniform(0, min(1.0, 0.02 * 2 ** attempt)))  # contention: back off, with jitter
         raise RuntimeError(f"{self.path(rel)} kept changing under {UPDATE_ATTEMPTS} attempts to update it")
 
     def update_json(self, rel: str, change: Callable[[Any | None], Any | None]) -> Any | None:

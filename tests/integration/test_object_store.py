@@ -1,7 +1,8 @@
 """Storage on an object store, against a real S3 endpoint on loopback (moto's server):
 claims and compare-and-swap from several processes, the registry, keys, quarantine, the
-job lease, feedback Parquet, and a training job whose seed, checkpoints and version all
-live in the bucket. pyarrow's S3 filesystem for everything but the conditional puts."""
+job lease, feedback Parquet. pyarrow's S3 filesystem for everything but the conditional
+puts. A training job whose seed, checkpoints and versions live in the bucket runs in
+test_two_nodes.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import pytest
 
 from tuneloop.core.config import AuthConfig
 from tuneloop.core.errors import Conflict, NotQuarantined
-from tuneloop.core.tasks import model_tasks
 from tuneloop.store.jobs import JobRunning, JobStore, take_lease
 from tuneloop.store.keys import KeyRing, add_stored_key, ensure_admin_key, revoke_stored_key, save_admin_key
 from tuneloop.store.quarantine import QuarantineBook
@@ -21,7 +21,7 @@ from tuneloop.store.records import FeedbackStore
 from tuneloop.store.registry import Manifest, Registry
 from tuneloop.store.storage import Storage
 from tests.concurrency import in_processes, in_threads
-from tests.integration.conftest import LABELS, make_config
+from tests.integration.conftest import LABELS
 
 
 def _increment(root: str, times: int, start) -> None:
@@ -124,25 +124,3 @@ def test_feedback_parquet_lands_in_the_bucket(s3_root, tmp_path):
     store.close()  # compacts
     assert store.files("m") and all("/date=" in f for f in store.files("m"))
     assert sorted(r["feedback_id"] for r in store.read("m").to_pylist()) == sorted(ids)
-
-
-def test_a_training_job_reads_its_seed_and_writes_everything_to_the_bucket(ray_session, tiny_model, seed_tsv,
-                                                                           s3_root, tmp_path):
-    from tuneloop.training.launcher import run_training
-
-    storage = Storage(s3_root)
-    storage.write_bytes_atomic("data/seed.tsv", Path(seed_tsv).read_bytes())
-    base, query = s3_root.split("?")
-    cfg = make_config(tmp_path, tiny_model, f"{base}/data/seed.tsv?{query}",
-                      storage={"root": s3_root, "journal_dir": str(tmp_path / "journal")},
-                      training={"max_steps": 2})
-    result = run_training(cfg, "sentiment")
-    assert result.job.state == "succeeded", result.job.error
-    registry = Registry(storage)
-    assert registry.production("sentiment") == "v1"
-    manifest = registry.manifest("sentiment", "v1")
-    assert manifest.data["seed"]["sha256"] and manifest.data["train_rows"] == 64
-    assert storage.list_files("registry/sentiment/v1", ".safetensors")
-    assert storage.list_files("train_runs")  # Ray Train's run folder is shared too
-    assert JobStore(storage).get(result.job.job_id).state == "succeeded"
-    assert model_tasks(cfg.models)["sentiment"].labels == LABELS

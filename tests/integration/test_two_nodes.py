@@ -123,6 +123,7 @@ def test_serving_on_one_node_training_on_the_other(cluster, s3_root, tiny_model,
 
     from tuneloop.control.server import wait_ready
 
+    from tuneloop.store.registry import Registry
     from tuneloop.store.storage import Storage
 
     storage = Storage(s3_root)
@@ -173,6 +174,9 @@ def test_serving_on_one_node_training_on_the_other(cluster, s3_root, tiny_model,
             assert time.monotonic() < deadline, "v2 never served"
             time.sleep(1)
         tuneloop_metrics = client.get("/metrics").text
+    # The job read its seed from the bucket and left everything there, Ray Train's run folder too.
+    assert Registry(storage).manifest("sentiment", "v2").data["seed"]["sha256"]
+    assert storage.list_files("registry/sentiment/v2", ".safetensors") and storage.list_files("train_runs")
     # Counted by the replica on the other node, gathered by the ingress (serving/metric_files.py).
     assert 'tuneloop_requests_total{model="sentiment",outcome="ok",version="v2"}' in tuneloop_metrics
     assert 'tuneloop_training_runs_total{model="sentiment",outcome="succeeded"}' in tuneloop_metrics

@@ -71,8 +71,8 @@ def test_the_committed_files_are_what_the_example_config_renders(rendered):
 
 def test_every_kubernetes_manifest_validates_against_its_schema(rendered):
     docs = [d for f in sorted((rendered / "kuberay").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text())]
-    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "PersistentVolumeClaim", "PodMonitor", "RayJob",
-                                               "RayService"]
+    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "PersistentVolumeClaim", "PodMonitor", "PodMonitor",
+                                               "RayJob", "RayService"]
     for doc in docs:
         _validate_k8s(doc)
     service = next(d for d in docs if d["kind"] == "RayService")
@@ -84,6 +84,13 @@ def test_every_kubernetes_manifest_validates_against_its_schema(rendered):
 
 def test_the_rayservice_serves_from_gpu_workers_and_keeps_the_journal_on_the_head(rendered):
     docs = {d["kind"]: d for f in (rendered / "kuberay").glob("*.yaml") for d in yaml.safe_load_all(f.read_text())}
+    monitors = [d for d in yaml.safe_load_all((rendered / "kuberay/podmonitor.yaml").read_text())]
+    tuneloop_monitor = next(m for m in monitors if m["metadata"]["name"].endswith("-tuneloop"))
+    head_labels = docs["RayService"]["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]["labels"]
+    # /metrics already covers every node: scraped on the serving head alone, with a key.
+    assert tuneloop_monitor["spec"]["selector"]["matchLabels"].items() <= head_labels.items()
+    assert tuneloop_monitor["spec"]["podMetricsEndpoints"][0]["authorization"]["credentials"]["key"] == \
+        manifests.METRICS_KEY
     cluster = docs["RayService"]["spec"]["rayClusterConfig"]
     head, (workers,) = cluster["headGroupSpec"], cluster["workerGroupSpecs"]
     assert head["rayStartParams"]["num-cpus"] == "0"  # no replica and no training worker on the head

@@ -282,3 +282,15 @@ def test_job_record_fields_round_trip(storage, jobs):
     jobs.save(job)
     assert _on_disk(storage, job.job_id)["promoted"] is False
     assert jobs.get(job.job_id) == job
+
+
+def test_a_late_heartbeat_does_not_revive_a_job_marked_lost(jobs, storage, clock):
+    """Its host could not write for a minute: another host marked it lost, and the next
+    job may have taken the lease. The late beat must leave the record failed."""
+    job = jobs.create("m", "manual")
+    beat = Heartbeat(jobs, job)
+    beat.beat()
+    clock.advance(61)
+    assert [j.job_id for j in jobs.fail_stale()] == [job.job_id]
+    beat.beat()
+    assert _on_disk(storage, job.job_id)["state"] == "failed"
