@@ -24,10 +24,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/lint-imports
 	$(BIN)/pytest -q -p no:cacheprovider -m "not slow and not cluster" tests
-	$(MAKE) --no-print-directory cluster-test
 
 # Two Ray nodes of this machine (`ray start --head` + `ray start --address`), storage on a
-# local S3 endpoint: a pytest run of its own, as it starts Ray clusters of its own (~2.5 min).
+# local S3 endpoint: a pytest run of its own, as it starts Ray clusters of its own (~2.5 min;
+# kept out of `make test`, which it would take past 15 minutes).
 cluster-test: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider -m cluster tests/integration/test_two_nodes.py
 

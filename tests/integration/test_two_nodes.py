@@ -6,7 +6,7 @@ second node, feedback arrives, a retrain runs its workers on the head's node, an
 version is served. The ingress's /metrics has the other node's replica's counts, and both
 nodes' Ray exporters answer.
 
-Its own pytest run (`make cluster-test`, also the last step of `make test`): it starts
+Its own pytest run (`make cluster-test`; kept out of `make test` for time): it starts
 Ray clusters of its own, which cannot share a process with the test session's local Ray.
 """
 
