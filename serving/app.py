@@ -19,15 +19,9 @@ from tuneloop.core.config import TuneloopConfig
 from tuneloop.serving.ingress import Ingress
 from tuneloop.serving.metrics import MULTIPROC_ENV
 from tuneloop.serving.model_server import ModelServer, in_flight_limit
-from tuneloop.core.names import CONTROLLER_APP, INGRESS_APP, model_app_name, model_deployment_name, predict_route
+from tuneloop.core.names import (CONTROLLER_APP, INGRESS_APP, JOURNAL_RESOURCE, model_app_name, model_deployment_name,
+                                 predict_route)
 from tuneloop.store.storage import private_temp_dir
-
-
-JOURNAL_RESOURCE = "tuneloop-journal"
-"""A custom resource that the node holding the feedback journal's persistent disk offers
-(deploy/: the head). Where a cluster has it, the ingress, the journal's one writer, is
-pinned there, so acknowledged feedback is always on that disk; where none offers it (one
-machine), the ingress goes anywhere."""
 
 
 def default_metrics_dir() -> str:

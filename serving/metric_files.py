@@ -63,18 +63,22 @@ def _used_bytes(path: str) -> bytes:
         return head[:used] if used <= len(head) else head + f.read(used - len(head))
 
 
-@ray.remote(num_cpus=0, max_retries=0)
-def _node_files(base: str) -> dict[str, bytes]:
+def _metric_files(base: str) -> list[str]:
+    """This node's metric files below ``base``."""
     directory = _node_folder(base)
     if not os.path.isdir(directory):
-        return {}
+        return []
+    return [os.path.join(directory, name) for name in sorted(os.listdir(directory)) if name.endswith(".db")]
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _node_files(base: str) -> dict[str, bytes]:
     out = {}
-    for name in os.listdir(directory):
-        if name.endswith(".db"):
-            try:
-                out[name] = _used_bytes(os.path.join(directory, name))
-            except (FileNotFoundError, struct.error):
-                continue  # a live gauge's file removed as its process ended, or one just created
+    for path in _metric_files(base):
+        try:
+            out[os.path.basename(path)] = _used_bytes(path)
+        except (FileNotFoundError, struct.error):
+            continue  # a live gauge's file removed as its process ended, or one just created
     return out
 
 
@@ -87,9 +91,7 @@ def cluster_metric_files(base: str, timeout_s: float = NODE_TIMEOUT_S) -> Iterat
     ``<type>[_<mode>]_<pid>.db``)."""
     nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
     if len(nodes) <= 1:
-        directory = _node_folder(base)
-        yield ([os.path.join(directory, f) for f in sorted(os.listdir(directory)) if f.endswith(".db")]
-               if os.path.isdir(directory) else [])
+        yield _metric_files(base)
         return
     refs = {node: _node_files.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
                                       ).remote(base) for node in nodes}

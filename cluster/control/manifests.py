@@ -24,7 +24,10 @@ from typing import Any
 import yaml
 
 from tuneloop.core.config import TuneloopConfig
-from tuneloop.core.names import CONTROLLER_APP, INGRESS_APP, model_app_name, predict_route
+from tuneloop.core.names import CONTROLLER_APP, INGRESS_APP, JOURNAL_RESOURCE, model_app_name, predict_route
+# Serve's fast data path for the nodes too: `ray start` there never runs tuneloop's CLI,
+# which sets these variables on one machine.
+from tuneloop.serving.fast_path import FAST_PATH_ENV
 
 IMPORT_PATH = "tuneloop.control.apps:build"
 RAY_VERSION = "2.60.0"
@@ -35,11 +38,6 @@ SERVE_PORT = 8000
 METRICS_PORT = 8080  # Ray's metrics export port on every node (rayStartParams)
 SERVING_HEAD = "serving-head"  # the component label of the RayService's head pod
 METRICS_KEY = "TUNELOOP_METRICS_KEY"  # the Secret's key Prometheus scrapes /metrics with
-JOURNAL_RESOURCE = "tuneloop-journal"  # = serving.app.JOURNAL_RESOURCE: the ingress and controller go there
-# Serve's fast data path (serving/fast_path.py) for the pods: `ray start` there never runs
-# tuneloop's CLI, which sets these on one machine.
-FAST_PATH_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-                 "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
 
 
 class NotClusterable(ValueError):

@@ -21,6 +21,12 @@ def predict_route(model: str) -> str:
 # run in Serve's, drivers in their own.
 CONTROLLER_NAME = "tuneloop-retrain-controller"
 CONTROLLER_NAMESPACE = "tuneloop"
+# A custom resource that the node holding the feedback journal's persistent disk offers
+# (deploy/ renders it on the head). Where a cluster has it, the ingress, the journal's one
+# writer, and the controller are pinned there (serving/app.py, on_journal_node), so
+# acknowledged feedback is always on that disk; where none offers it (one machine), they
+# go anywhere.
+JOURNAL_RESOURCE = "tuneloop-journal"
 # The Serve application that keeps the controller alive (control/apps.py).
 CONTROLLER_APP = "tuneloop-controller"
 CONTROLLER_DEPLOYMENT = "RetrainControllerKeeper"

@@ -30,7 +30,7 @@ from tuneloop.core.auth import (
 )
 from tuneloop.core.config import AuthConfig, ConfigError
 from tuneloop.core.errors import KeyStoreUnavailable
-from tuneloop.store.storage import Storage
+from tuneloop.store.storage import Storage, json_bytes
 
 log = logging.getLogger("tuneloop")
 
@@ -61,7 +61,7 @@ def _change_key_file(storage: Storage, change: Callable[[dict[str, Any], list[Ap
 
     def on_bytes(raw: bytes | None) -> bytes | None:
         new = change(*_parse_key_file(raw, storage.location(KEYS_FILE)))
-        return None if new is None else (json.dumps(new, indent=2, sort_keys=True) + "\n").encode()
+        return None if new is None else json_bytes(new)
 
     storage.update(KEYS_FILE, on_bytes)
 

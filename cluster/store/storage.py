@@ -127,7 +127,7 @@ class Storage:
         return tmp
 
     def write_json_atomic(self, rel: str, obj: Any) -> None:
-        self.write_bytes_atomic(rel, _json_bytes(obj))
+        self.write_bytes_atomic(rel, json_bytes(obj))
 
     def write_parquet_atomic(self, rel: str, table: pa.Table) -> None:
         self.write_bytes_atomic(rel, parquet_bytes(table))
@@ -190,7 +190,7 @@ class Storage:
 
         def as_bytes(raw: bytes | None) -> bytes | None:
             new = change(None if raw is None else json.loads(raw))
-            return None if new is None else _json_bytes(new)
+            return None if new is None else json_bytes(new)
 
         raw = self.update(rel, as_bytes)
         return None if raw is None else json.loads(raw)
@@ -295,7 +295,8 @@ def _lock_name(rel: str) -> str:
     return posixpath.join(folder, f".{name}.lock")
 
 
-def _json_bytes(obj: Any) -> bytes:
+def json_bytes(obj: Any) -> bytes:
+    """How the store writes a JSON document (also ``update``'s callers that parse it themselves)."""
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
