@@ -19,7 +19,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tuneloop.core.config import TuneloopConfig
-from tuneloop.core.names import CONTROLLER_NAME, CONTROLLER_NAMESPACE
+from tuneloop.core.names import CONTROLLER_NAMESPACE, controller_name
 from tuneloop.core.errors import (
     Conflict,
     Forbidden,
@@ -245,7 +245,8 @@ class Ingress:
         is a round trip to Ray's GCS."""
         if self._controller_handle is None:
             try:
-                self._controller_handle = ray.get_actor(CONTROLLER_NAME, namespace=CONTROLLER_NAMESPACE)
+                self._controller_handle = ray.get_actor(controller_name(self.cfg.digest()),
+                                                      namespace=CONTROLLER_NAMESPACE)
             except ValueError:
                 return None  # serving without the loop (tests, or an operator who retrains by hand)
         return self._controller_handle

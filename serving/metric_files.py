@@ -4,12 +4,12 @@ Replicas are processes on any node of the cluster; each writes prometheus-client
 multiprocess files under ``<$PROMETHEUS_MULTIPROC_DIR>/<its node id>`` (``use_node_folder``),
 on that node's disk. The ingress, on one node, would see only its own node's. So at each
 scrape it asks every live node, with a Ray task pinned there, for the used part of its
-folder's files, and merges them all (``metrics.render``). On one machine there is nothing to
+folder's files, and merges each node's (``metrics.render``: one series per node). On one machine there is nothing to
 ask: the files are read where they are. (The node folder keeps two nodes of one machine,
 as in the two-node test, from counting each other's files twice.)
 
 A node that does not answer within ``timeout_s`` is left out of that scrape (and logged), so
-one slow node never fails /metrics; counters from its replicas reappear at the next scrape.
+one slow node never fails /metrics; its series miss that scrape (a gap, not a counter reset).
 """
 
 from __future__ import annotations
@@ -54,6 +54,12 @@ def _node_folder(base: str) -> str:
     return os.path.join(base, ray.get_runtime_context().get_node_id())
 
 
+def node_label(node_id: str) -> str:
+    """A node's value of the ``node`` label: its id's first 12 hex digits (as `ray status`
+    abbreviates it; unique among a cluster's nodes in practice, and short in a legend)."""
+    return node_id[:12]
+
+
 def _used_bytes(path: str) -> bytes:
     """A multiprocess file's used part (its first 4 bytes say how much): a fresh file is
     64 KiB of which a few hundred bytes are metrics."""
@@ -83,15 +89,13 @@ def _node_files(base: str) -> dict[str, bytes]:
 
 
 @contextmanager
-def cluster_metric_files(base: str, timeout_s: float = NODE_TIMEOUT_S) -> Iterator[list[str]]:
-    """Paths of every live node's metric files below ``base``, for the block: on one machine
-    the files where they are, else copies in a private temporary folder (one per scrape, so
-    scrapes never share one), named per node so that one pid on two nodes stays two
-    processes (prometheus-client reads the type, a gauge's mode and the pid from the name:
-    ``<type>[_<mode>]_<pid>.db``)."""
+def cluster_metric_files(base: str, timeout_s: float = NODE_TIMEOUT_S) -> Iterator[dict[str, list[str]]]:
+    """Paths of every live node's metric files below ``base``, by node label, for the block:
+    on one machine the files where they are, else copies in a private temporary folder (one
+    per scrape, so scrapes never share one)."""
     nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
     if len(nodes) <= 1:
-        yield _metric_files(base)
+        yield {node_label(ray.get_runtime_context().get_node_id()): _metric_files(base)}
         return
     refs = {node: _node_files.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
                                       ).remote(base) for node in nodes}
@@ -102,8 +106,8 @@ def cluster_metric_files(base: str, timeout_s: float = NODE_TIMEOUT_S) -> Iterat
         for ref in late:
             ray.cancel(ref, force=True)
     with tempfile.TemporaryDirectory(prefix="tuneloop-metrics-") as into:
-        paths = []
-        for index, (node, ref) in enumerate(refs.items()):
+        paths: dict[str, list[str]] = {}
+        for node, ref in refs.items():
             if ref not in ready:
                 continue
             try:
@@ -111,10 +115,10 @@ def cluster_metric_files(base: str, timeout_s: float = NODE_TIMEOUT_S) -> Iterat
             except ray.exceptions.RayError as e:  # the node went away mid-scrape
                 log.warning("metrics: node %s: %s", node[:8], e)
                 continue
+            folder = os.path.join(into, node)  # the file names as they were: prometheus-client reads the
+            os.makedirs(folder)  # type, a gauge's mode and the pid from them (<type>[_<mode>]_<pid>.db)
             for name, data in files.items():
-                stem, pid = name[:-3].rsplit("_", 1)
-                path = os.path.join(into, f"{stem}_n{index}-{pid}.db")
-                with open(path, "wb") as f:
+                with open(os.path.join(folder, name), "wb") as f:
                     f.write(data)
-                paths.append(path)
+            paths[node_label(node)] = [os.path.join(folder, name) for name in files]
         yield paths

@@ -4,7 +4,8 @@ Serve replicas are separate processes, so the metrics use prometheus-client's
 multiprocess mode: every process writes to files under $PROMETHEUS_MULTIPROC_DIR and
 the ingress's GET /metrics aggregates them. Training runs are counted from the job
 records in storage, so jobs started by the CLI in another process are counted too.
-Labels stay low-cardinality: model, version, outcome; never a text, an id or a key.
+Labels stay low-cardinality: model, version, outcome (and the node of a replica's series);
+never a text, a request id or a key.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from tuneloop.store.jobs import JobStore
 from tuneloop.store.registry import Registry
 
 log = logging.getLogger(__name__)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+NODE_LABEL = "node"  # the Ray node a replica series comes from (its id's first 12 hex digits)
 if os.environ.get(MULTIPROC_ENV):  # a replica on a node where no one made it yet (serve deploy, RayService)
     os.makedirs(os.environ[MULTIPROC_ENV], mode=0o700, exist_ok=True)
 
@@ -148,20 +150,31 @@ class ServingTimeCollector:
 
 
 class FilesCollector:
-    """The replicas' metrics, merged from their multiprocess files wherever those were
-    gathered from (serving/metric_files.py: every node's)."""
+    """The replicas' metrics, merged from their multiprocess files per node (gathered by
+    serving/metric_files.py), each series labelled with its ``node``. Per-node series, not
+    one sum: when a node leaves (scale-down) or misses a scrape, its series go stale and
+    ``sum(rate(...))`` over the rest stays right, where a sum would drop and read to
+    Prometheus as a counter reset (a spike in ``rate()``)."""
 
-    def __init__(self, files: list[str]):
-        self.files = files
+    def __init__(self, files_by_node: dict[str, list[str]]):
+        self.files_by_node = files_by_node
 
     def collect(self):
-        return multiprocess.MultiProcessCollector.merge(self.files, accumulate=True)
+        families: dict[str, Metric] = {}  # one family per name: the exposition format allows one
+        for node, files in self.files_by_node.items():
+            for merged in multiprocess.MultiProcessCollector.merge(files, accumulate=True):
+                family = families.setdefault(merged.name, Metric(merged.name, merged.documentation, merged.type,
+                                                                 merged.unit))
+                for sample in merged.samples:
+                    family.add_sample(sample.name, {**sample.labels, NODE_LABEL: node}, sample.value,
+                                      sample.timestamp, sample.exemplar)
+        return list(families.values())
 
 
 def render(jobs: JobStore, running_replicas: Callable[[], dict[str, int]], registry: Registry, models: list[str],
-           feedback_stats: Callable[[], list[dict]] | None, files: list[str] | None = None) -> bytes:
+           feedback_stats: Callable[[], list[dict]] | None, files: dict[str, list[str]] | None = None) -> bytes:
     """The exposition text for GET /metrics: every process's metrics (from ``files``, the
-    multiprocess files of every node, when given), training runs, replicas,
+    multiprocess files of each node, when given), training runs, replicas,
     feedback-to-serving time and, when ``feedback_stats`` is given (the caller may read them),
     feedback statistics."""
     runs = CollectorRegistry()

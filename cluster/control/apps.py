@@ -9,7 +9,9 @@ at its predict path), the ingress at ``/``, and the retrain controller (no route
 
 from __future__ import annotations
 
+import logging
 import os
+import uuid
 
 import ray
 from ray import serve
@@ -18,13 +20,14 @@ from ray.serve import Application
 from tuneloop.control.controller import RetrainController
 from tuneloop.control.manifests import IMPORT_PATH
 from tuneloop.core.config import TuneloopConfig, load_config
-from tuneloop.core.names import CONTROLLER_APP, CONTROLLER_DEPLOYMENT, CONTROLLER_NAME, CONTROLLER_NAMESPACE
+from tuneloop.core.names import CONTROLLER_APP, CONTROLLER_DEPLOYMENT, CONTROLLER_NAMESPACE, controller_name
 from tuneloop.serving.app import default_metrics_dir, ingress_app, model_app, on_journal_node
 from tuneloop.serving.app import deploy as deploy_serving
 from tuneloop.serving.metrics import MULTIPROC_ENV
 
 # config_sha256: the config's digest, which the rendered Serve config carries so that a
 # changed config is a changed application (Serve rebuilds an app only when its args change).
+log = logging.getLogger(__name__)
 ARGS = ("config", "app", "metrics_dir", "config_sha256")
 
 
@@ -53,23 +56,38 @@ def build(args: dict[str, str]) -> Application:
 @serve.deployment(name=CONTROLLER_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0},
                   health_check_period_s=10, health_check_timeout_s=60)
 class ControllerKeeper:
-    """Owns the retrain controller, the named actor the ingress finds: Serve keeps this one
-    replica alive, restarts it when its health check finds the controller dead, and the new
-    replica starts a new controller (the controller rebuilds its state from the job records
-    and the feedback files). So a Serve-deployed tuneloop retrains without a driver process."""
+    """Keeps the retrain controller of its config, the named actor the ingress finds, so a
+    Serve-deployed tuneloop retrains without a driver process. The controller is detached
+    and this replica only its owner of the moment (``RetrainController.adopt``):
 
-    def __init__(self, config: dict):
+    - the replica crashes: Serve starts another, which adopts the same controller; a
+      running job goes on;
+    - the controller dies: the health check fails, and the new replica starts a new one
+      (which rebuilds its state from the job records and the feedback files);
+    - the application is deleted, or updated with a changed config (a new controller name):
+      ``__del__`` retires the controller, which finishes its running job first. Meanwhile
+      the new config's controller sees that job's record and starts none beside it."""
+
+    def __init__(self, config: dict, name: str):
+        self._owner = uuid.uuid4().hex
         self._controller = RetrainController.options(
-            name=CONTROLLER_NAME, namespace=CONTROLLER_NAMESPACE, get_if_exists=True, **on_journal_node()
+            name=name, namespace=CONTROLLER_NAMESPACE, get_if_exists=True, lifetime="detached", **on_journal_node()
         ).remote(config)
-        ray.get(self._controller.status.remote())  # up before the replica says it is
+        ray.get(self._controller.adopt.remote(self._owner))  # up before the replica says it is
 
     def check_health(self) -> None:
         ray.get(self._controller.status.remote(), timeout=30)
 
+    def __del__(self):
+        try:
+            ray.get(self._controller.retire.remote(self._owner), timeout=10)
+        except Exception as e:  # noqa: BLE001 - the controller is gone already: nothing to retire
+            log.info("retrain controller not retired: %s", e)
+
 
 def controller_app(cfg: TuneloopConfig) -> Application:
-    return ControllerKeeper.options(ray_actor_options={"num_cpus": 0, **on_journal_node()}).bind(cfg.model_dump())
+    return ControllerKeeper.options(ray_actor_options={"num_cpus": 0, **on_journal_node()}).bind(
+        cfg.model_dump(), controller_name(cfg.digest()))
 
 
 def deploy(cfg: TuneloopConfig, metrics_dir: str | None = None) -> None:

@@ -69,6 +69,7 @@ class Retrainer:
         # Whether users agreed with each of production's predictions that got feedback.
         self.agreements: dict[str, deque[bool]] = {}
         self._production: dict[str, tuple[str | None, float | None]] = {}  # model -> (version, golden accuracy)
+        self.retiring = False  # set while handing over to a successor: no new job starts
         if sweep_every_s is not None:
             threading.Thread(target=self._sweep_forever, args=(sweep_every_s,), name="job-sweeper",
                              daemon=True).start()
@@ -171,6 +172,9 @@ class Retrainer:
     def _start(self, model: str, trigger: str) -> str | None:
         if model in self.running:
             return None
+        if self.retiring:
+            log.debug("not starting a %s job for %s: this controller is handing over to its successor", trigger, model)
+            return None
         other = self.jobs.running(model)  # e.g. a `tuneloop train` beside the server
         if other is not None:
             self.running[model] = other.job_id
@@ -184,6 +188,12 @@ class Retrainer:
         log.info("started retrain job %s for %s (%s)", job.job_id, model, trigger)
         return job.job_id
 
+    def busy(self) -> bool:
+        """Whether a job this controller started is still running."""
+        with self._lock:
+            self._reap()
+            return bool(self.tasks)
+
     def status(self) -> dict:
         with self._lock:
             self._reap()
@@ -193,7 +203,37 @@ class Retrainer:
 
 @ray.remote(num_cpus=0, max_concurrency=4)
 class RetrainController(Retrainer):
-    """The Retrainer as the named Ray actor the ingress finds (``names.CONTROLLER_NAME``)."""
+    """The Retrainer as the named Ray actor the ingress finds (``names.controller_name``).
+
+    Started detached by its keeper (control/apps.py), so it outlives the keeper's replica:
+    a keeper that crashed is replaced by one that ``adopt``s the same controller, and its
+    running job goes on. Its keeper, stopping, ``retire``s it: it starts no new job, waits
+    for its own to end (the job is its task: it would die with it), then leaves; unless a
+    new keeper adopted it meanwhile (a rolling update of the same config)."""
 
     def __init__(self, config: dict):
         super().__init__(**Retrainer.parts_from_config(config))
+        self._owner: str | None = None
+
+    def adopt(self, owner: str) -> None:
+        with self._lock:
+            self._owner, self.retiring = owner, False
+
+    def retire(self, owner: str) -> bool:
+        """Called by keeper ``owner`` as it stops; False (and nothing done) if another
+        keeper owns this controller now. Returns at once; the leaving happens in a thread."""
+        with self._lock:
+            if owner != self._owner:
+                return False
+            self.retiring = True
+        threading.Thread(target=self._leave_when_idle, args=(owner,), name="retire", daemon=True).start()
+        return True
+
+    def _leave_when_idle(self, owner: str, every_s: float = 2.0) -> None:
+        while self.busy():
+            time.sleep(every_s)
+        with self._lock:
+            if not self.retiring or owner != self._owner:
+                return  # adopted again while its job ran
+        log.info("retrain controller retired (its keeper stopped)")
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)

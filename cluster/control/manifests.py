@@ -51,6 +51,9 @@ def cluster_problems(cfg: TuneloopConfig) -> list[str]:
     if "://" not in cfg.storage.root:
         problems.append(f"storage.root {cfg.storage.root!r} is a local path, which the cluster's nodes do not share: "
                         "use an s3:// or gs:// root")
+    if cfg.serving.num_gpus_per_replica and not cfg.deploy.workers.gpus_per_worker:
+        problems.append(f"serving.num_gpus_per_replica is {cfg.serving.num_gpus_per_replica} but deploy.workers."
+                        "gpus_per_worker is 0: give the workers GPUs or serve on CPUs (num_gpus_per_replica: 0)")
     for m in cfg.models:
         for key in ("seed_dataset", "golden_dataset"):
             path = getattr(m, key)
@@ -75,13 +78,28 @@ def cluster_config_doc(doc: dict[str, Any], cfg: TuneloopConfig) -> dict[str, An
     # Join the cluster the process runs in (a Ray Job's entrypoint, `tuneloop train` in a pod),
     # which may autoscale: a training job asks the autoscaler for what it lacks and waits.
     out.setdefault("ray", {})["address"] = "auto"
+    autoscaling = out["serving"].setdefault("autoscaling", {})
+    if autoscaling.get("max_replicas") is None:  # else the builder counts the CPUs up at deploy time
+        autoscaling["max_replicas"] = replicas_the_workers_hold(cfg)
     return out
+
+
+def replicas_the_workers_hold(cfg: TuneloopConfig) -> int:
+    """The most replicas of one model ``deploy.workers.max_workers`` workers hold (CPUs and,
+    when replicas take GPUs, GPUs per worker), the ceiling for Serve's autoscaler on a cluster
+    when ``serving.autoscaling.max_replicas`` is left out. (On one machine the builder counts
+    the machine's CPUs; on a cluster that grows, the CPUs up at deploy time are too few.)"""
+    s, w = cfg.serving, cfg.deploy.workers
+    per_worker = int(w.cpus_per_worker // s.num_cpus_per_replica)
+    if s.num_gpus_per_replica:
+        per_worker = min(per_worker, int(w.gpus_per_worker // s.num_gpus_per_replica))
+    return max(1, per_worker * w.max_workers, s.autoscaling.min_replicas)
 
 
 def serve_applications(cfg: TuneloopConfig, config_path: str) -> list[dict[str, Any]]:
     # The config's digest rides along: Serve rebuilds an application only when its
     # import_path, args or runtime_env change, and a config edited in place changes none.
-    digest = hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
+    digest = cfg.digest()
 
     def app(name: str, which: str, route: str | None) -> dict[str, Any]:
         # route_prefix null: no HTTP route (left out, Serve would take "/", the ingress's).
@@ -155,7 +173,23 @@ def _pod(cfg: TuneloopConfig, component: str, container: dict, volumes: list[dic
     spec: dict[str, Any] = {"containers": [container], "volumes": volumes}
     if gpus:
         spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    if component == SERVING_HEAD:
+        spec["affinity"] = _with_the_journal(cfg)
     return {"metadata": {"labels": _labels(cfg, component)}, "spec": spec}
+
+
+def _with_the_journal(cfg: TuneloopConfig) -> dict[str, Any]:
+    """The serving head goes where a serving head of this deployment already runs. A
+    ``NewCluster`` upgrade starts a second head while the first still holds the journal's
+    ReadWriteOnce volume, which attaches to one node but serves every pod there: on that
+    node the new head mounts it at once, and the two ingresses each write segments of their
+    own, under ``flock`` (store/journal.py); when KubeRay deletes the old cluster the new
+    ingress recovers what the old one left. With no head running (the first, or after its
+    node died) the term matches nothing and Kubernetes places the pod freely."""
+    return {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
+        "labelSelector": {"matchLabels": _labels(cfg, SERVING_HEAD)},
+        "topologyKey": "kubernetes.io/hostname",
+    }]}}
 
 
 def _cluster_spec(cfg: TuneloopConfig, config_map: str, serving: bool) -> dict[str, Any]:
@@ -216,7 +250,8 @@ def kuberay(cfg: TuneloopConfig, doc: dict[str, Any]) -> dict[str, list[dict[str
                 # Zero-downtime upgrades: a change of the cluster spec (a new image, new
                 # sizes) makes KubeRay start a whole new RayCluster beside the running one,
                 # deploy serveConfigV2 there, and move the Service only once every
-                # application is healthy there; the old cluster then drains and goes. A
+                # application is healthy there; the old cluster then drains and goes. The
+                # new head shares the old one's node and journal (_with_the_journal). A
                 # change of serveConfigV2 alone is applied in place by Serve, which starts
                 # new replicas before it stops old ones. New model *versions* need neither:
                 # replicas hot-swap to production from the registry without a restart.

@@ -6,6 +6,7 @@ error names the key and the value that was given. Pure: imports neither ray nor 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -387,6 +388,11 @@ class TuneloopConfig(_Strict):
             if m.name == name:
                 return m
         raise KeyError(name)
+
+    def digest(self) -> str:
+        """The config's identity (16 hex digits of its SHA-256): the same for the same
+        settings in every process that loads them, whatever the file's layout."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

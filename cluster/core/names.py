@@ -21,6 +21,14 @@ def predict_route(model: str) -> str:
 # run in Serve's, drivers in their own.
 CONTROLLER_NAME = "tuneloop-retrain-controller"
 CONTROLLER_NAMESPACE = "tuneloop"
+
+
+def controller_name(config_digest: str) -> str:
+    """The controller of one config (``TuneloopConfig.digest``): a changed config starts a
+    controller of its own beside the old one, which finishes its job and leaves
+    (control/apps.py), and the ingress of each config finds its own."""
+    return f"{CONTROLLER_NAME}-{config_digest}"
+
 # A custom resource that the node holding the feedback journal's persistent disk offers
 # (deploy/ renders it on the head). Where a cluster has it, the ingress, the journal's one
 # writer, and the controller are pinned there (serving/app.py, on_journal_node), so

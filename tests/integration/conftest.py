@@ -133,3 +133,21 @@ def publish_version(cfg: TuneloopConfig, weights: str, promote: bool = True) -> 
     if promote:
         registry.promote(m.name, manifest.version, reason="test")
     return manifest.version
+
+
+def wait_controller_gone(cfg: TuneloopConfig, why: str, timeout_s: float = 30.0) -> None:
+    """Until the retrain controller of ``cfg`` has left (control/apps.py retires it)."""
+    import time
+
+    import ray
+
+    from tuneloop.core.names import CONTROLLER_NAMESPACE, controller_name
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get_actor(controller_name(cfg.digest()), namespace=CONTROLLER_NAMESPACE)
+        except ValueError:
+            return
+        assert time.monotonic() < deadline, why
+        time.sleep(0.5)

@@ -10,7 +10,7 @@ import pytest
 
 from tuneloop.store.jobs import JobStore
 from tuneloop.store.storage import Storage
-from tests.integration.conftest import ADMIN_KEY, FEEDBACK_KEY, bearer, make_config
+from tests.integration.conftest import ADMIN_KEY, FEEDBACK_KEY, bearer, make_config, wait_controller_gone
 
 TRIGGER_EVERY = 4
 
@@ -19,7 +19,7 @@ TRIGGER_EVERY = 4
 def loop(ray_session, serve_port, metrics_dir, tiny_model, seed_tsv, tmp_path):
     import ray
 
-    from tuneloop.core.names import CONTROLLER_NAME, CONTROLLER_NAMESPACE
+    from tuneloop.core.names import CONTROLLER_NAMESPACE, controller_name
     from tuneloop.control.server import bootstrap_versions, start_serving, wait_ready
     from tuneloop.serving.app import undeploy
 
@@ -36,16 +36,9 @@ def loop(ray_session, serve_port, metrics_dir, tiny_model, seed_tsv, tmp_path):
     wait_ready(url)
     yield {"url": url, "cfg": cfg}
     # The controller is the keeper application's (control/apps.py): it goes with it.
-    assert ray.get_actor(CONTROLLER_NAME, namespace=CONTROLLER_NAMESPACE) is not None
+    assert ray.get_actor(controller_name(cfg.digest()), namespace=CONTROLLER_NAMESPACE) is not None
     undeploy(cfg)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            ray.get_actor(CONTROLLER_NAME, namespace=CONTROLLER_NAMESPACE)
-        except ValueError:
-            break
-        assert time.monotonic() < deadline, "the retrain controller outlived its keeper"
-        time.sleep(0.5)
+    wait_controller_gone(cfg, "the retrain controller outlived its keeper")
 
 
 def test_feedback_triggers_a_new_version_that_takes_over(loop):

@@ -12,8 +12,8 @@ import yaml
 
 from tuneloop.control.manifests import serve_config
 from tuneloop.control.server import wait_ready
-from tuneloop.core.names import CONTROLLER_NAME, CONTROLLER_NAMESPACE
-from tests.integration.conftest import PREDICT_KEY, bearer, make_config, publish_version
+from tuneloop.core.names import CONTROLLER_NAMESPACE, controller_name
+from tests.integration.conftest import PREDICT_KEY, bearer, make_config, publish_version, wait_controller_gone
 
 
 def test_the_rendered_serve_config_deploys_every_application(ray_session, serve_port, tiny_model, tmp_path):
@@ -43,7 +43,7 @@ def test_the_rendered_serve_config_deploys_every_application(ray_session, serve_
         deadline = time.monotonic() + 60
         while True:  # the controller's keeper started it: retraining works without a driver
             try:
-                ray.get_actor(CONTROLLER_NAME, namespace=CONTROLLER_NAMESPACE)
+                ray.get_actor(controller_name(cfg.digest()), namespace=CONTROLLER_NAMESPACE)
                 break
             except ValueError:
                 assert time.monotonic() < deadline, "no retrain controller after the config deploy"
@@ -62,3 +62,49 @@ def test_the_builder_refuses_bad_args_before_any_replica_starts(tmp_path):
         build({"config": str(config_file), "modell": "x"})
     with pytest.raises(ValueError, match="neither ingress, controller nor a model"):
         build({"config": str(config_file), "app": "nope"})
+
+
+def test_a_changed_config_hands_the_controller_over_and_its_job_finishes(ray_session, serve_port, metrics_dir,
+                                                                        tiny_model, seed_tsv, tmp_path):
+    """A config change rolls the controller's keeper: the old controller, detached, finishes
+    the job it started (a job is its controller's task and would die with it), starts no
+    other, and leaves; the new config's controller takes over."""
+    import ray
+    from ray import serve
+
+    from tuneloop.control.apps import controller_app, deploy
+    from tuneloop.core.names import CONTROLLER_APP
+    from tuneloop.serving.app import undeploy
+    from tuneloop.store.jobs import JobStore
+    from tuneloop.store.storage import Storage
+
+    def controller(c, timeout_s=60):
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return ray.get_actor(controller_name(c.digest()), namespace=CONTROLLER_NAMESPACE)
+            except ValueError:
+                assert time.monotonic() < deadline, "no retrain controller"
+                time.sleep(0.5)
+
+    cfg = make_config(tmp_path / "store", tiny_model, seed_tsv, training={"max_steps": 2, "learning_rate": 1e-7},
+                      gate={"golden_margin": 0.2, "class_recall_margin": 0.5})
+    publish_version(cfg, tiny_model)
+    deploy(cfg, metrics_dir)
+    try:
+        wait_ready(f"http://127.0.0.1:{serve_port}", timeout_s=180)
+        job_id = ray.get(controller(cfg).start.remote("sentiment"))
+        assert job_id is not None
+        changed = cfg.model_copy(update={"trigger": cfg.trigger.model_copy(update={"every_n_feedback": 7})})
+        serve.run(controller_app(changed), name=CONTROLLER_APP, route_prefix=None, blocking=False)
+        assert ray.get(controller(changed).status.remote())["running"] == ["sentiment"]  # the old one's job
+        jobs = JobStore(Storage(cfg.storage.root))
+        deadline = time.monotonic() + 300
+        while (job := jobs.get(job_id)).state == "running":
+            assert time.monotonic() < deadline, f"job {job_id} still running"
+            time.sleep(2)
+        assert job.state in {"succeeded", "rejected"}, job.error  # ran to its end: not lost
+        wait_controller_gone(cfg, "the old controller outlived its job")  # retired once its job ended
+        assert ray.get(controller(changed).status.remote())["running"] == []
+    finally:
+        undeploy(cfg)

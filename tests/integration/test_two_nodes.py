@@ -3,7 +3,8 @@ ingress and the controller, and training) and `ray start --address=…` (the mod
 each with its own resources; storage in a bucket on the local S3 endpoint. The rendered Serve
 config goes in with `serve deploy` (the RayService path); predictions are served from the
 second node, feedback arrives, a retrain runs its workers on the head's node, and the new
-version is served. The ingress's /metrics has the other node's replica's counts, and both
+version is served. The ingress's /metrics has the other node's replica's counts, labelled with
+that node, and both
 nodes' Ray exporters answer.
 
 Its own pytest run (`make cluster-test`; kept out of `make test` for time): it starts
@@ -23,6 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tuneloop.control.manifests import serve_config
 from tuneloop.serving.fast_path import free_port
@@ -178,7 +180,11 @@ def test_serving_on_one_node_training_on_the_other(cluster, s3_root, tiny_model,
     assert Registry(storage).manifest("sentiment", "v2").data["seed"]["sha256"]
     assert storage.list_files("registry/sentiment/v2", ".safetensors") and storage.list_files("train_runs")
     # Counted by the replica on the other node, gathered by the ingress (serving/metric_files.py).
-    assert 'tuneloop_requests_total{model="sentiment",outcome="ok",version="v2"}' in tuneloop_metrics
+    # One series per node (serving/metrics.py, FilesCollector): these are the serving node's.
+    requests = {(s.labels["node"], s.labels["version"], s.labels["outcome"])
+                for f in text_string_to_metric_families(tuneloop_metrics) if f.name == "tuneloop_requests"
+                for s in f.samples if s.name == "tuneloop_requests_total"}
+    assert (cluster["nodes"]["serving-node"][:12], "v2", "ok") in requests, requests
     assert 'tuneloop_training_runs_total{model="sentiment",outcome="succeeded"}' in tuneloop_metrics
     for node in ("head_metrics", "node_metrics"):  # Ray's exporter on each node
         scraped = httpx.get(f"http://127.0.0.1:{cluster['ports'][node]}/metrics", timeout=30)

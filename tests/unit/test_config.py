@@ -109,3 +109,17 @@ def test_autoscaling_is_on_by_default_and_bounded_by_the_machine():
     assert cfg.serving.autoscaling.serve_config(0.5, cores=2)["max_replicas"] == 4
     fixed = parse_config({"models": [MODEL], "serving": {"autoscaling": {"min_replicas": 3, "max_replicas": 5}}})
     assert fixed.serving.autoscaling.serve_config(1, cores=2)["max_replicas"] == 5
+
+
+def test_digest_is_the_same_wherever_the_config_is_loaded(tmp_path):
+    """The ingress and the controller's keeper each load the config and must agree on its
+    digest: it names the controller (core/names.controller_name)."""
+    import yaml
+
+    cfg = parse_config({"models": [MODEL], "storage": {"root": str(tmp_path)}})
+    path = tmp_path / "tuneloop.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    again = parse_config(cfg.model_dump())
+    assert cfg.digest() == again.digest() == load_config(str(path)).digest()
+    changed = parse_config({"models": [MODEL], "storage": {"root": str(tmp_path)}, "trigger": {"every_n_feedback": 7}})
+    assert changed.digest() != cfg.digest()

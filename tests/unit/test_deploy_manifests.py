@@ -97,6 +97,9 @@ def test_the_rayservice_serves_from_gpu_workers_and_keeps_the_journal_on_the_hea
     assert json.loads(json.loads(head["rayStartParams"]["resources"])) == {manifests.JOURNAL_RESOURCE: 1}
     head_pod = head["template"]["spec"]
     assert {v["name"] for v in head_pod["volumes"]} == {"config", "journal"}
+    # A NewCluster upgrade's second head lands beside the first, where the journal volume is.
+    (term,) = head_pod["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["labelSelector"]["matchLabels"] == head_labels and term["topologyKey"] == "kubernetes.io/hostname"
     gpu = workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
     assert gpu == "1" and (workers["minReplicas"], workers["maxReplicas"]) == (1, 4)
     assert cluster["enableInTreeAutoscaling"] is True
@@ -104,6 +107,7 @@ def test_the_rayservice_serves_from_gpu_workers_and_keeps_the_journal_on_the_hea
     assert head_pod["volumes"][0]["configMap"]["name"] == config_map  # the config's content names it
     inside = parse_config(yaml.safe_load(docs["ConfigMap"]["data"]["tuneloop.yaml"]))
     assert inside.storage.journal_dir == inside.deploy.journal_dir and inside.serving.host == "0.0.0.0"
+    assert inside.serving.autoscaling.max_replicas == 8  # as the example config says
     job = docs["RayJob"]["spec"]
     assert shlex.split(job["entrypoint"])[:5] == ["python", "-m", "tuneloop.control", "train", "sentiment"]
 
@@ -136,6 +140,26 @@ def test_a_config_that_only_this_machine_can_run_is_refused():
     with pytest.raises(manifests.NotClusterable, match="storage.root.*local path") as refused:
         manifests.kuberay(cfg, {})
     assert "seed_dataset 'seed.tsv'" in str(refused.value)
+
+
+@pytest.mark.parametrize(("serving", "workers", "expected"), [
+    ({}, {}, 32),  # 1 CPU a replica, 8 CPUs a worker, 4 workers
+    ({"num_cpus_per_replica": 2, "num_gpus_per_replica": 0.5}, {"gpus_per_worker": 1}, 8),  # 2 a GPU
+    ({"num_cpus_per_replica": 1, "num_gpus_per_replica": 1}, {"gpus_per_worker": 2, "max_workers": 3}, 6),
+    ({"num_cpus_per_replica": 16}, {"cpus_per_worker": 8}, 1),  # never below one
+])
+def test_left_out_max_replicas_becomes_what_the_workers_hold(serving, workers, expected):
+    doc = {"models": [{"name": "m", "base_model": "b", "labels": ["a", "b"]}], "storage": {"root": "s3://b/tl", "journal_dir": "/j"},
+           "serving": serving, "deploy": {"workers": workers}}
+    inside = parse_config(manifests.cluster_config_doc(doc, parse_config(doc)))
+    assert inside.serving.autoscaling.max_replicas == expected
+
+
+def test_gpu_replicas_on_a_cluster_without_gpus_are_refused():
+    doc = {"models": [{"name": "m", "base_model": "b", "labels": ["a", "b"]}], "storage": {"root": "s3://b/tl", "journal_dir": "/j"},
+           "serving": {"num_gpus_per_replica": 1}, "deploy": {"workers": {"gpus_per_worker": 0}}}
+    with pytest.raises(manifests.NotClusterable, match="gpus_per_worker is 0"):
+        manifests.cluster_config_doc(doc, parse_config(doc))
 
 
 def test_a_config_without_a_deploy_section_renders_with_the_defaults(tmp_path):

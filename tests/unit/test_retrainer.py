@@ -140,3 +140,24 @@ def test_the_schedule_fires_from_the_sweeper_when_there_is_new_feedback(tmp_path
     with retrainer._lock:
         assert retrainer._maybe_start("m") is not None
     assert [t for _, t, _ in launch.launched] == ["schedule", "schedule"]
+
+
+def test_a_retiring_controller_starts_no_job_and_is_busy_until_its_own_ends(tmp_path):
+    """Handing over to a new config's controller (control/apps.py): the old one finishes
+    its job and starts no other; the successor sees that job and starts none beside it."""
+    retrainer, launch, jobs = _retrainer(tmp_path, every_n=1)
+    assert retrainer.record_feedback("m") is not None and retrainer.busy()
+    retrainer.retiring = True
+    launch.finish(0)
+    assert not retrainer.busy()
+    assert retrainer.record_feedback("m") is None and retrainer.start("n") is None
+    assert len(launch.launched) == 1
+
+
+def test_a_new_controller_waits_for_the_job_of_the_one_it_replaces(tmp_path):
+    old, launch, jobs = _retrainer(tmp_path, every_n=1)
+    assert old.record_feedback("m") is not None
+    new, new_launch, _ = _retrainer(tmp_path, every_n=1)
+    assert new.record_feedback("m") is None and not new_launch.launched  # the old one's job runs
+    launch.finish(0)
+    assert new.record_feedback("m") is not None
