@@ -26,10 +26,12 @@ test: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider -m "not slow and not cluster" tests
 
 # Two Ray nodes of this machine (`ray start --head` + `ray start --address`), storage on a
-# local S3 endpoint: a pytest run of its own, as it starts Ray clusters of its own (~2.5 min;
-# kept out of `make test`, which it would take past 15 minutes).
+# local S3 endpoint: a pytest run of its own, as it starts Ray clusters of its own (~2.5 min);
+# then a config change rolling the retrain controller under a running job (~2.5 min). Kept
+# out of `make test`, which they would take past 15 minutes.
 cluster-test: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider -m cluster tests/integration/test_two_nodes.py
+	$(BIN)/pytest -q -p no:cacheprovider -m cluster tests/integration/test_serve_config.py
 
 # kill -9 during a feedback flood, then count: minutes, so kept out of `make test`.
 crash-test: $(STAMP)

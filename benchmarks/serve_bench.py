@@ -196,6 +196,20 @@ async def _open_loop(url, body_of, texts, rate: float, seconds: float, warmup: f
     return rec.result()
 
 
+def start_serve(work: Path, threads: int) -> tuple[str, str]:
+    """A local Ray (CPUs beyond the replica's threads, for Serve's own actors) and Serve's
+    proxy on a free loopback port: (the replicas' metrics folder, the base URL)."""
+    import ray
+    from ray import serve
+
+    metrics_dir = str(work / "prom")
+    os.makedirs(metrics_dir)
+    ray.init(num_cpus=max(4, threads + 2), include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return metrics_dir, f"http://127.0.0.1:{port}"
+
+
 def batch_stats(base_url: str) -> tuple[float, float]:
     """(sum, count) of tuneloop_batch_size across versions, from /metrics."""
     text = httpx.get(f"{base_url}/metrics", timeout=10).text
@@ -289,12 +303,7 @@ def main() -> None:
     })
     publish_version(cfg, model_dir)
 
-    metrics_dir = str(work / "prom")
-    os.makedirs(metrics_dir)
-    ray.init(num_cpus=max(4, args.threads + 2), include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    base = f"http://127.0.0.1:{port}"
+    metrics_dir, base = start_serve(work, args.threads)
     rows = []
     half_peak: dict[str, LoadResult] = {}
     predict_url = f"{base}/v1/models/bench/predict"

@@ -54,6 +54,11 @@ class ContinuousBatcher(Generic[T, R]):
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
 
+    @property
+    def queued(self) -> int:
+        """Items waiting for a batch (not those of the batch running)."""
+        return len(self._queue)
+
     async def submit_many(self, items: list[T]) -> list[R]:
         """Queue a request's items together and wait for their results, in order.
 

@@ -38,7 +38,9 @@ from tuneloop.store.keys import KeyRing
 from tuneloop.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from tuneloop.core.idempotency import parse_key
 from tuneloop.store.quarantine import QuarantineBook
-from tuneloop.store.registry import Registry
+from tuneloop.store.registry import Registry, RegistryState
+from tuneloop.store.rollout_actions import RolloutAction, operate_rollout
+from tuneloop.core.rollout import Stage
 from tuneloop.store.storage import Storage
 from tuneloop.serving import metrics
 from tuneloop.serving.feedback_service import FeedbackService
@@ -74,6 +76,27 @@ class EmptyRequest(BaseModel):
 class PromoteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: StrictStr
+    force: bool = False
+
+
+def _rollout_fields(state: RegistryState) -> dict[str, Any]:
+    """Production and, during a rollout, its challenger: ``shadow`` (a version) or ``canary``
+    (a version and its percent of requests), and the rollout itself."""
+    r = state.rollout
+    return {"production": state.production,
+            "canary": {"version": r.version, "percent": r.percent} if r and r.stage == "canary" else None,
+            "shadow": r.version if r and r.stage == "shadow" else None,
+            "rollout": r.model_dump() if r else None}
+
+
+class RolloutRequest(BaseModel):
+    """``start`` (``version``; ``stage`` shadow or canary, else as rollout.mode says),
+    ``pause``, ``resume``, ``step`` (force the next stage) or ``rollback``."""
+
+    model_config = ConfigDict(extra="forbid")
+    action: RolloutAction
+    version: StrictStr | None = None
+    stage: Stage | None = None
     force: bool = False
 
 
@@ -288,9 +311,11 @@ class Ingress:
         models = [m.name for m in self.cfg.models]
         base = metrics_base()
         if not base:  # one process (unit use)
-            return metrics.render(self.jobs, self._running_replicas, self.registry, models, stats)
+            return metrics.render(self.jobs, self._running_replicas, self.registry, models, stats,
+                                  shadow_percent=self.cfg.rollout.shadow_percent)
         with cluster_metric_files(base) as files:  # every node's replicas
-            return metrics.render(self.jobs, self._running_replicas, self.registry, models, stats, files)
+            return metrics.render(self.jobs, self._running_replicas, self.registry, models, stats, files,
+                                  self.cfg.rollout.shadow_percent)
 
     def _trigger(self, model: str, version: str | None, agreed: bool | None) -> None:
         controller = self._controller()
@@ -305,8 +330,7 @@ class Ingress:
     def _summary(self, name: str) -> dict[str, Any]:
         m = self._model_cfg(name)
         state = self.registry.state(name)
-        return {"name": m.name, "task": m.task, "labels": m.labels, "production": state.production,
-                "canary": None, "shadow": None}
+        return {"name": m.name, "task": m.task, "labels": m.labels, **_rollout_fields(state)}
 
     @app.get("/v1/models")
     async def list_models(self) -> dict[str, Any]:
@@ -314,11 +338,14 @@ class Ingress:
 
     @app.get("/v1/models/{model}")
     async def get_model(self, model: str, request: Request) -> dict[str, Any]:
-        """Versions' evaluation metrics and gate reasons are shown to admin keys only."""
+        """Versions' evaluation metrics, gate reasons and the state's history are shown to
+        admin keys only."""
         admin = self._is_admin(request.headers.get("authorization"))
 
         def detail() -> dict[str, Any]:
             out = self._summary(model)
+            if admin:  # who or what moved production and the rollout, with the numbers it saw
+                out["history"] = [h.model_dump() for h in self.registry.state(model).history[-20:]]
             out["versions"] = []
             for v in self.registry.versions(model):
                 summary = {"version": v.version, "status": v.status, "parent": v.parent, "created_at": v.created_at}
@@ -416,6 +443,14 @@ class Ingress:
         state = await asyncio.to_thread(self.registry.rollback, model, f"by key {key_id}")  # 409: nothing earlier
         return self._state_answer(model, state)
 
-    def _state_answer(self, model: str, state) -> dict[str, Any]:
-        return {"model": model, "production": state.production, "canary": None, "shadow": None,
-                "history": [h.model_dump() for h in state.history[-10:]]}
+    @app.post("/v1/models/{model}/rollout")
+    async def rollout(self, model: str, body: RolloutRequest, request: Request) -> dict[str, Any]:
+        key_id = self.auth.check(request.headers.get("authorization"), "admin")
+        m = self._model_cfg(model)
+        state = await asyncio.to_thread(operate_rollout, self.registry, model, body.action, f"by key {key_id}",
+                                        self.cfg.rollout, m.labels, body.version, body.stage, body.force)
+        return self._state_answer(model, state)
+
+    def _state_answer(self, model: str, state: RegistryState) -> dict[str, Any]:
+        return {"model": model, **_rollout_fields(state), "history": [h.model_dump() for h in state.history[-10:]]}
+

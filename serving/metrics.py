@@ -14,12 +14,14 @@ import logging
 import os
 import time
 from collections import Counter as _Tally
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from tuneloop.core.rollout import VersionHealth
 from tuneloop.store.jobs import JobStore
 from tuneloop.store.registry import Registry
 
@@ -56,6 +58,14 @@ BATCH_TOKENS = Histogram(
     ["model", "version", "kind"], buckets=_TOKEN_BUCKETS,
 )
 FEEDBACK = Counter("tuneloop_feedback", "Feedback records accepted", ["model"])
+PREDICT_ERRORS = Counter(
+    "tuneloop_predict_errors", "Predict requests the model failed (500), by the version they were routed to",
+    ["model", "version"],
+)
+SHADOW_RUNS = Counter(
+    "tuneloop_shadow_runs", "Requests a rollout's shadow version ran on (ok, error) or skipped under load (shed)",
+    ["model", "version", "outcome"],
+)
 PREDICTION_LOG_DROPPED = Counter(
     "tuneloop_prediction_log_dropped", "Prediction-log rows dropped (oldest first) while the log could not be written",
     ["model"],
@@ -111,15 +121,62 @@ class FeedbackStatsCollector:
         accuracy = GaugeMetricFamily("tuneloop_feedback_online_accuracy",
                                      "Share of feedback agreeing with what the version served",
                                      labels=["model", "version"])
+        judged = GaugeMetricFamily("tuneloop_feedback_judged", "Predictions with feedback, by the version that "
+                                   "served them (online accuracy's sample size)", labels=["model", "version"])
         labels = GaugeMetricFamily("tuneloop_feedback_labels", "Feedback records counted, by label",
                                    labels=["model", "label"])
         for s in self.stats():
             for version, v in s["by_version"].items():
                 accuracy.add_metric([s["model"], version], v["online_accuracy"])
+                judged.add_metric([s["model"], version], v["feedback"])
             for label, n in s["by_label"].items():
                 labels.add_metric([s["model"], label], n)
         yield accuracy
+        yield judged
         yield labels
+
+
+_ROLLOUT_EVENTS = ("rollout", "step", "promote", "abort", "pause", "resume", "alert")
+
+
+class RolloutCollector:
+    """A rollout's traffic and decisions, read from the registry's state at scrape time:
+    tuneloop_traffic_share{model, version, role} (production and canary: the share of
+    requests each answers; shadow: the share it also runs), tuneloop_rollout_events_total
+    {model, event, by} (automatic: decided by the rollout driver; operator: by hand) and
+    tuneloop_rollout_alert{model, version} (1: no decision past rollout.inconclusive_after_s)."""
+
+    def __init__(self, registry: Registry, models: list[str], shadow_percent: float):
+        self.registry, self.models, self.shadow_percent = registry, models, shadow_percent
+
+    def collect(self):
+        share = GaugeMetricFamily("tuneloop_traffic_share", "Share of requests each version answers (shadow: "
+                                  "runs too)", labels=["model", "version", "role"])
+        events = CounterMetricFamily("tuneloop_rollout_events", "Rollout events: rollout, step, promote, abort, "
+                                     "pause, resume, alert", labels=["model", "event", "by"])
+        alert = GaugeMetricFamily("tuneloop_rollout_alert", "1 while a rollout waits past its inconclusive timeout",
+                                  labels=["model", "version"])
+        for model in self.models:
+            try:
+                state = self.registry.state(model)
+            except Exception as e:  # noqa: BLE001 - one model's storage trouble must not fail the scrape
+                log.warning("metrics: no rollout state for %s: %s", model, e)
+                continue
+            r = state.rollout
+            canary = r.percent / 100 if r and r.stage == "canary" else 0.0
+            if state.production:
+                share.add_metric([model, state.production, "production"], 1.0 - canary)
+            if r:
+                role, value = ("canary", canary) if r.stage == "canary" else ("shadow", self.shadow_percent / 100)
+                share.add_metric([model, r.version, role], value)
+                alert.add_metric([model, r.version], float(r.alerted))
+            tally = _Tally((h.event, "automatic" if h.numbers is not None else "operator") for h in state.history
+                           if h.event in _ROLLOUT_EVENTS)
+            for (event, by), n in sorted(tally.items()):
+                events.add_metric([model, event, by], n)
+        yield share
+        yield events
+        yield alert
 
 
 class ServingTimeCollector:
@@ -171,8 +228,35 @@ class FilesCollector:
         return list(families.values())
 
 
+def version_health(files_by_node: dict[str, list[str]], model: str) -> dict[str, VersionHealth]:
+    """Each version's serving counts, summed over every node's replicas, for a rollout's
+    health (control/rollout_driver.py): requests (answered, and failed in the model) with
+    the answered ones' latency buckets; a shadow's runs and failures (its answers reach no
+    user, so no latency)."""
+    requests: dict[str, float] = defaultdict(float)
+    errors: dict[str, float] = defaultdict(float)
+    buckets: dict[str, dict[float, float]] = defaultdict(lambda: defaultdict(float))
+    for family in FilesCollector(files_by_node).collect():
+        for s in family.samples:
+            if s.labels.get("model") != model or "version" not in s.labels:
+                continue
+            version, outcome = s.labels["version"], s.labels.get("outcome")
+            if s.name == "tuneloop_request_latency_seconds_bucket":
+                buckets[version][float(s.labels["le"])] += s.value
+            elif s.name == "tuneloop_request_latency_seconds_count":
+                requests[version] += s.value
+            elif s.name == "tuneloop_predict_errors_total" or (s.name == "tuneloop_shadow_runs_total"
+                                                                and outcome == "error"):
+                requests[version] += s.value
+                errors[version] += s.value
+            elif s.name == "tuneloop_shadow_runs_total" and outcome == "ok":
+                requests[version] += s.value
+    return {v: VersionHealth(requests[v], errors[v], tuple(sorted(buckets[v].items()))) for v in requests}
+
+
 def render(jobs: JobStore, running_replicas: Callable[[], dict[str, int]], registry: Registry, models: list[str],
-           feedback_stats: Callable[[], list[dict]] | None, files: dict[str, list[str]] | None = None) -> bytes:
+           feedback_stats: Callable[[], list[dict]] | None, files: dict[str, list[str]] | None = None,
+           shadow_percent: float = 100.0) -> bytes:
     """The exposition text for GET /metrics: every process's metrics (from ``files``, the
     multiprocess files of each node, when given), training runs, replicas,
     feedback-to-serving time and, when ``feedback_stats`` is given (the caller may read them),
@@ -181,6 +265,7 @@ def render(jobs: JobStore, running_replicas: Callable[[], dict[str, int]], regis
     runs.register(TrainingRunsCollector(jobs))
     runs.register(ReplicasCollector(running_replicas))
     runs.register(ServingTimeCollector(registry, models))
+    runs.register(RolloutCollector(registry, models, shadow_percent))
     if feedback_stats is not None:
         runs.register(FeedbackStatsCollector(feedback_stats))
     if files is not None:

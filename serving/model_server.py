@@ -11,13 +11,23 @@ state file; when production changes (a training job promoted a version, from thi
 or another) it loads the new weights beside the old ones and swaps one reference. A batch
 already running finishes on the model it started with, so no request is dropped, and the
 application is never restarted.
+
+During a rollout (core/rollout.py, in the same state file) it also holds the challenger: at
+most two versions resident, each with its own batch queue and one compute thread for both.
+In canary, a request whose client falls below the canary's percent (``canary_bucket`` of
+its ``X-Client-Id``, else its API key, else the request) is answered by the challenger. In
+shadow, after production's answer is sent, a share of requests is run on the challenger
+too, and its answers logged under the same prediction ids (``SHADOW_ROOT``); shadow work is
+shed first: never while production has texts queued, and one shadow batch at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
+import random
 import threading
 import time
 import uuid
@@ -33,7 +43,7 @@ from tuneloop.store.keys import KeyRing
 from tuneloop.core.config import ServingConfig, TuneloopConfig
 from tuneloop.core.errors import InputRejected, MethodNotAllowed, NotFound, NotReady, Overloaded, TuneloopError
 from tuneloop.store.prediction_recorder import PredictionRecorder
-from tuneloop.store.records import PredictionLog, new_prediction_id
+from tuneloop.store.records import SHADOW_ROOT, PredictionLog, new_prediction_id, prediction_time
 from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage
 from tuneloop.serving import metrics
@@ -41,6 +51,7 @@ from tuneloop.serving.metric_files import use_node_folder
 from tuneloop.serving.responses import error_response, internal_error_response
 from tuneloop.serving.batcher import ContinuousBatcher, ItemFailed
 from tuneloop.core.batching_policy import AIMDPolicy, next_batch_size
+from tuneloop.core.rollout import Rollout, canary_bucket
 from tuneloop.core.tasks import Task, make_task
 from tuneloop.serving.predict_request import (
     PredictLimits,
@@ -51,6 +62,7 @@ from tuneloop.serving.predict_request import (
 )
 
 log = logging.getLogger("ray.serve")
+CLIENT_HEADER = "x-client-id"  # keeps a client on one version through a canary step
 
 
 class LabelMismatch(ValueError):
@@ -122,7 +134,8 @@ class ModelServer:
     to the test (``_sync_with_registry``)."""
 
     def __init__(self, config: dict, model: str, *, registry: Registry | None = None,
-                 recorder: PredictionRecorder | None = None, keys: KeyRing | None = None,
+                 recorder: PredictionRecorder | None = None, shadow_recorder: PredictionRecorder | None = None,
+                 keys: KeyRing | None = None,
                  load: Callable[[str, str, Task, int], LoadedModel] | None = None, watch: bool = True):
         use_node_folder()  # first: before any metric value (serving/metric_files.py)
         cfg = TuneloopConfig.model_validate(config)
@@ -134,6 +147,12 @@ class ModelServer:
         self.recorder = recorder or PredictionRecorder(
             PredictionLog(storage, {model: self.task}), model, p.sample_rate, p.flush_interval_s, p.retention_days,
             max_buffered_rows=p.max_buffered_rows, on_drop=metrics.PREDICTION_LOG_DROPPED.labels(model).inc)
+        # Shadow answers: every one logged (they are scored against feedback in pairs).
+        self.shadow_recorder = shadow_recorder or PredictionRecorder(
+            PredictionLog(storage, {model: self.task}, root=SHADOW_ROOT), model, 1.0, p.flush_interval_s,
+            p.retention_days, max_buffered_rows=p.max_buffered_rows,
+            on_drop=metrics.PREDICTION_LOG_DROPPED.labels(model).inc)
+        self.rollout_cfg = cfg.rollout
         self._keys = keys or KeyRing(cfg.auth, storage)
         if load is None:
             import torch
@@ -146,15 +165,16 @@ class ModelServer:
         self._policy = AIMDPolicy(
             target_batch_latency_s=self.serving.target_batch_latency_s, max_batch_size=self.serving.max_batch_size
         )
-        self._batcher = ContinuousBatcher(
-            self._predict_batch, max_batch_size=self.serving.max_batch_size,
-            length=len if self.task.batch_by_length else None, on_batch=self._observe_waits
-        )
+        self._batcher = self._new_batcher("production")
+        self._challenger_batcher = self._new_batcher("challenger")
         self._limits = PredictLimits.from_config(self.serving)
         # Requests this replica holds (running or waiting); past the bound: 503 at once.
         self._in_flight = 0
         self._max_in_flight = in_flight_limit(self.serving)
         self._loaded: LoadedModel | None = None
+        self._challenger: LoadedModel | None = None  # a rollout's, beside production
+        self._rollout: Rollout | None = None
+        self._shadowing = 0  # shadow batches running (at most one)
         self._refused: dict[str, str] = {}  # version -> why it cannot be served (versions are immutable)
         self._stop = threading.Event()
         self._replica_id = uuid.uuid4().hex[:16]
@@ -163,24 +183,46 @@ class ModelServer:
             threading.Thread(target=self._watch_registry, name="registry-watch", daemon=True).start()
 
     # -- versions ------------------------------------------------------------------------
+    def _new_batcher(self, role: str) -> ContinuousBatcher:
+        return ContinuousBatcher(functools.partial(self._predict_batch, role), max_batch_size=self.serving.max_batch_size,
+                                 length=len if self.task.batch_by_length else None, on_batch=self._observe_waits)
+
     def _sync_with_registry(self) -> None:
-        production = self.registry.production(self.cfg.name)
-        if production is None or (self._loaded and self._loaded.version == production) or production in self._refused:
-            return
-        path = self.registry.local_path(self.cfg.name, production)
+        state = self.registry.state(self.cfg.name)
+        production, rollout = state.production, state.rollout
+        challenger = rollout.version if rollout else None
+        if production is not None and not (self._loaded and self._loaded.version == production):
+            reuse = self._challenger if self._challenger and self._challenger.version == production else None
+            new = reuse or self._load_version(production)  # the challenger promoted: already resident
+            if new is not None:
+                old, self._loaded = self._loaded, new  # one reference swap; running batches keep `old`
+                log.info("model %s now serving %s (was %s)", self.cfg.name, production, old.version if old else None)
+                try:  # the rollout's end, for the version's feedback-to-serving time
+                    self.registry.record_switch(self.cfg.name, production, self._replica_id)
+                except OSError as e:
+                    log.warning("model %s: could not note the switch to %s: %s", self.cfg.name, production, e)
+        if challenger is None or challenger == production:
+            if self._challenger is not None and self._challenger is not self._loaded:
+                log.info("model %s: challenger %s unloaded", self.cfg.name, self._challenger.version)
+            self._challenger = None
+        elif not (self._challenger and self._challenger.version == challenger):
+            self._challenger = None  # first out: never three versions resident
+            self._challenger = self._load_version(challenger)
+            if self._challenger is not None:
+                log.info("model %s: challenger %s loaded (%s)", self.cfg.name, challenger, rollout.stage)
+        self._rollout = rollout
+
+    def _load_version(self, version: str) -> LoadedModel | None:
+        if version in self._refused:
+            return None
+        path = self.registry.local_path(self.cfg.name, version)
         try:
-            new = self._load(path, production, self.task, self.serving.max_length)
+            return self._load(path, version, self.task, self.serving.max_length)
         except LabelMismatch as e:
-            self._refused[production] = str(e)
+            self._refused[version] = str(e)
             log.error("model %s: %s; still serving %s", self.cfg.name, e,
                       self._loaded.version if self._loaded else "nothing")
-            return
-        old, self._loaded = self._loaded, new  # one reference swap; running batches keep `old`
-        log.info("model %s now serving %s (was %s)", self.cfg.name, production, old.version if old else None)
-        try:  # the rollout's end, for the version's feedback-to-serving time
-            self.registry.record_switch(self.cfg.name, production, self._replica_id)
-        except OSError as e:
-            log.warning("model %s: could not note the switch to %s: %s", self.cfg.name, production, e)
+            return None
 
     def _watch_registry(self) -> None:
         while not self._stop.wait(self.serving.reload_interval_s):
@@ -191,7 +233,8 @@ class ModelServer:
 
     def status(self) -> dict[str, Any]:
         return {"model": self.cfg.name, "version": self._loaded.version if self._loaded else None,
-                "refused": dict(self._refused)}
+                "challenger": self._challenger.version if self._challenger else None,
+                "rollout": self._rollout.model_dump() if self._rollout else None, "refused": dict(self._refused)}
 
     # -- HTTP ------------------------------------------------------------------------------
     async def __call__(self, request: Request) -> JSONResponse:
@@ -202,12 +245,12 @@ class ModelServer:
                 raise NotFound(f"no route {request.url.path!r}")
             if request.method != "POST":
                 raise MethodNotAllowed(f"{request.method} is not allowed here; use POST")
-            self._keys.check(request.headers.get("authorization"), "predict")
+            key_id = self._keys.check(request.headers.get("authorization"), "predict")
             check_content_type(request.headers.get("content-type"))
             check_content_length(request.headers.get("content-length"), self._limits.max_body_bytes)
             body = await read_body(request.stream(), self._limits.max_body_bytes, self.serving.body_timeout_s)
             texts = parse_predict_body(body, self._limits, self.task)
-            predictions = await self.predict(texts)
+            predictions = await self.predict(texts, client=request.headers.get(CLIENT_HEADER) or key_id)
         except TuneloopError as e:
             outcome = "rejected" if e.status >= 500 else "invalid"  # 503s: overload, not ready, auth store
             metrics.REQUESTS.labels(model, "none", outcome).inc()
@@ -222,35 +265,82 @@ class ModelServer:
         return JSONResponse({"model": model, "predictions": predictions})
 
     # -- predictions ---------------------------------------------------------------------
-    async def predict(self, texts: list[str]) -> list[dict[str, Any]]:
-        """Predict a request's texts; they join the replica's batch queue together."""
+    async def predict(self, texts: list[str], client: str | None = None) -> list[dict[str, Any]]:
+        """Predict a request's texts; they join a batch queue together: production's, or
+        in canary the challenger's when ``client`` (else the request) falls in its share."""
         if self._loaded is None:
             why = "; ".join(self._refused.values())
             raise NotReady(f"model {self.cfg.name!r} has no production version loaded yet" + (f" ({why})" if why else ""))
         if self._in_flight >= self._max_in_flight:
             raise Overloaded(f"model {self.cfg.name!r} is at capacity ({self._in_flight} requests); retry shortly")
+        rollout, challenger = self._rollout, self._challenger
+        canary = (rollout is not None and rollout.stage == "canary" and challenger is not None
+                  and canary_bucket(client or uuid.uuid4().hex) < rollout.percent)
         timeout = self.serving.request_timeout_s
         self._in_flight += 1
         try:
-            return await asyncio.wait_for(self._batcher.submit_many(texts), timeout)
+            batcher = self._challenger_batcher if canary else self._batcher
+            predictions = await asyncio.wait_for(batcher.submit_many(texts), timeout)
         except ItemFailed as failed:
             if isinstance(failed.error, InputRejected):  # the input's fault, and this request's alone
                 raise InputRejected(f"inputs[{failed.index}]: {failed.error.message}") from None
+            if not isinstance(failed.error, TuneloopError):  # the model failed: a rollout's health counts it
+                version = (challenger if canary else self._loaded).version
+                metrics.PREDICT_ERRORS.labels(self.cfg.name, version).inc()
             raise failed.error from None
         except TimeoutError:
             raise Overloaded(f"model {self.cfg.name!r} did not answer within {timeout:g}s; retry shortly") from None
         finally:
             self._in_flight -= 1
+        if rollout is not None and rollout.stage == "shadow" and challenger is not None:
+            self._maybe_shadow(challenger, texts, predictions)
+        return predictions
 
-    async def _predict_batch(self, texts: list[str]) -> list[dict[str, Any]]:
-        loaded = self._loaded  # pin one version for the whole batch
+    async def _predict_batch(self, role: str, texts: list[str]) -> list[dict[str, Any]]:
+        # Pin one version for the whole batch; a challenger gone meanwhile (its rollout
+        # ended) leaves its queued texts to production: none is dropped.
+        loaded = (self._challenger or self._loaded) if role == "challenger" else self._loaded
+        batcher = self._challenger_batcher if role == "challenger" else self._batcher
         start = time.perf_counter()
         results = await asyncio.get_running_loop().run_in_executor(self._compute, self._run_batch, loaded, texts)
         if self.serving.adaptive_batching:
-            self._batcher.max_batch_size = next_batch_size(
-                self._policy, self._batcher.max_batch_size, len(texts), time.perf_counter() - start
+            batcher.max_batch_size = next_batch_size(
+                self._policy, batcher.max_batch_size, len(texts), time.perf_counter() - start
             )
         return results
+
+    # -- shadow ----------------------------------------------------------------------------
+    def _maybe_shadow(self, challenger: LoadedModel, texts: list[str], predictions: list[dict[str, Any]]) -> None:
+        """Run the shadow on a request already answered, unless that would take compute from
+        production: shed while production has texts queued or a shadow batch runs."""
+        if random.random() * 100 >= self.rollout_cfg.shadow_percent:
+            return
+        if self._batcher.queued or self._shadowing:
+            metrics.SHADOW_RUNS.labels(self.cfg.name, challenger.version, "shed").inc()
+            return
+        self._shadowing += 1
+        task = asyncio.get_running_loop().run_in_executor(
+            self._compute, self._run_shadow, challenger, texts, [p["id"] for p in predictions])
+        task.add_done_callback(self._shadow_done)
+
+    def _shadow_done(self, _future) -> None:
+        self._shadowing -= 1
+
+    def _run_shadow(self, challenger: LoadedModel, texts: list[str], ids: list[str]) -> None:
+        try:
+            with metrics.timer(metrics.MODEL_COMPUTE_SECONDS, self.cfg.name, challenger.version):
+                results, _, _ = challenger.predict(texts)
+        except Exception as e:  # noqa: BLE001 - counted against the challenger's health, never the request's
+            metrics.SHADOW_RUNS.labels(self.cfg.name, challenger.version, "error").inc()
+            log.warning("model %s: shadow %s failed on a request production answered: %s", self.cfg.name,
+                        challenger.version, e)
+            return
+        metrics.SHADOW_RUNS.labels(self.cfg.name, challenger.version, "ok").inc()
+        # Filed at the production answer's time (its id's), where a lookup of the id looks.
+        self.shadow_recorder.record([
+            {"prediction_id": pid, "model": self.cfg.name, "version": challenger.version, "text": text,
+             "created_at": prediction_time(pid), **self.task.prediction_record(r)}
+            for pid, text, r in zip(ids, texts, results, strict=True)])
 
     def _observe_waits(self, waits: list[float]) -> None:
         histogram = metrics.QUEUE_WAIT_SECONDS.labels(self.cfg.name)
@@ -276,3 +366,4 @@ class ModelServer:
     def __del__(self):
         self._stop.set()
         self.recorder.close()
+        self.shadow_recorder.close()

@@ -35,7 +35,7 @@ from tuneloop.core.names import INGRESS_APP, INGRESS_DEPLOYMENT, model_app_name,
 from tuneloop.core.resources import DATA_CPUS, training_shortfall
 from tuneloop.core.serving_time import JobMoments, rollout_complete, serving_time
 from tuneloop.core.tasks import Task, model_tasks
-from tuneloop.store.jobs import Heartbeat, JobRecord, JobRunning, JobStore, promote_or_wait, take_lease
+from tuneloop.store.jobs import Heartbeat, JobRecord, JobRunning, JobStore, hand_over, take_lease
 from tuneloop.store.records import FeedbackStore
 from tuneloop.store.registry import Manifest, Registry
 from tuneloop.store.storage import Storage
@@ -237,7 +237,7 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
     job.metrics = metrics.model_dump()
     job.gate = gate
     if gate.accepted:
-        promote_or_wait(registry, job, manifest.version, parent, gate.reason)  # sets job.promoted
+        hand_over(registry, job, manifest.version, parent, gate.reason, cfg.rollout)  # sets job.promoted
         job.state = "succeeded"
     else:
         job.state, job.promoted = "rejected", False

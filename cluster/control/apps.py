@@ -46,7 +46,7 @@ def build(args: dict[str, str]) -> Application:
     if app == "ingress":
         return ingress_app(cfg, metrics_dir)
     if app == "controller":
-        return controller_app(cfg)
+        return controller_app(cfg, metrics_dir)
     if app not in {m.name for m in cfg.models}:
         raise ValueError(f"app {app!r} is neither ingress, controller nor a model of the config "
                          f"({[m.name for m in cfg.models]})")
@@ -68,11 +68,11 @@ class ControllerKeeper:
       ``__del__`` retires the controller, which finishes its running job first. Meanwhile
       the new config's controller sees that job's record and starts none beside it."""
 
-    def __init__(self, config: dict, name: str):
+    def __init__(self, config: dict, name: str, metrics_dir: str | None):
         self._owner = uuid.uuid4().hex
         self._controller = RetrainController.options(
             name=name, namespace=CONTROLLER_NAMESPACE, get_if_exists=True, lifetime="detached", **on_journal_node()
-        ).remote(config)
+        ).remote(config, metrics_dir)
         ray.get(self._controller.adopt.remote(self._owner))  # up before the replica says it is
 
     def check_health(self) -> None:
@@ -85,13 +85,15 @@ class ControllerKeeper:
             log.info("retrain controller not retired: %s", e)
 
 
-def controller_app(cfg: TuneloopConfig) -> Application:
+def controller_app(cfg: TuneloopConfig, metrics_dir: str | None = None) -> Application:
+    """``metrics_dir``: where the replicas write their metrics, which a rollout's health is
+    read from (None: no rollout health, as in a process without multiprocess metrics)."""
     return ControllerKeeper.options(ray_actor_options={"num_cpus": 0, **on_journal_node()}).bind(
-        cfg.model_dump(), controller_name(cfg.digest()))
+        cfg.model_dump(), controller_name(cfg.digest()), metrics_dir)
 
 
 def deploy(cfg: TuneloopConfig, metrics_dir: str | None = None) -> None:
     """Deploy (or update) every application of ``cfg``, the ones ``build`` makes for a Serve
     config file; returns at once."""
-    serve.run(controller_app(cfg), name=CONTROLLER_APP, route_prefix=None, blocking=False)
+    serve.run(controller_app(cfg, metrics_dir), name=CONTROLLER_APP, route_prefix=None, blocking=False)
     deploy_serving(cfg, metrics_dir)

@@ -124,6 +124,47 @@ def lineage(
     typer.echo(json.dumps(found, indent=2, default=str) if as_json else "\n".join(describe(found)))
 
 
+@app.command()
+def rollout(
+    model: str,
+    action: str = typer.Argument("status", help="status, start, pause, resume, step or rollback"),
+    version: str | None = typer.Argument(None, help="with start: the version to roll out"),
+    stage: str | None = typer.Option(None, help="with start: shadow or canary (default: as rollout.mode says)"),
+    force: bool = typer.Option(False, "--force", help="with start: a version the gate rejected too"),
+    config: str | None = ConfigOption,
+) -> None:
+    """MODEL's rollout: its state and recent decisions (status), or an operator's action. The
+    retrain controller decides by itself between actions; these are written to the same
+    state, and every replica follows within serving.reload_interval_s."""
+    from tuneloop.core.errors import Conflict, UnknownVersion
+    from tuneloop.store.registry import Registry
+    from tuneloop.store.rollout_actions import operate_rollout
+    from tuneloop.store.storage import Storage
+
+    cfg = _load(config)
+    _known_model(cfg, model)
+    if action not in ("status", "start", "pause", "resume", "step", "rollback") or stage not in (None, "shadow", "canary"):
+        typer.echo(f"unknown action {action!r} or stage {stage!r}; see --help", err=True)
+        raise typer.Exit(2)
+    registry = Registry(Storage(cfg.storage.root))
+    if action == "status":
+        state = registry.state(model)
+    else:
+        try:
+            state = operate_rollout(registry, model, action, "by `tuneloop rollout`", cfg.rollout,
+                                    cfg.model(model).labels, version, stage, force)
+        except (Conflict, UnknownVersion) as e:
+            typer.echo(e.message, err=True)
+            raise typer.Exit(2) from None
+    r = state.rollout
+    typer.echo(f"{model}: production {state.production or 'none'}" + (
+        f"; challenger {r.version} in {r.stage}" + (f" at {r.percent:g}%" if r.stage == "canary" else "")
+        + (" (paused)" if r.paused else "") + (" (alert: no decision yet)" if r.alerted else "") if r else
+        "; no rollout under way"))
+    for entry in [h for h in state.history if h.event not in ("candidate",)][-8:]:
+        typer.echo(f"  {entry.at}  {entry.event:<8} {entry.version or '-':<5} {entry.reason}")
+
+
 feedback_app = typer.Typer(no_args_is_help=True,
                            help="What users said: statistics of the feedback, and the keys held out of training.")
 keys_app = typer.Typer(no_args_is_help=True,

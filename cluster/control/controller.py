@@ -22,7 +22,10 @@ import ray
 from tuneloop.core.config import TuneloopConfig
 from tuneloop.core.tasks import model_tasks
 from tuneloop.store.jobs import JobRecord, JobStore
-from tuneloop.store.records import FeedbackStore
+from tuneloop.control.rollout_driver import RolloutDriver
+from tuneloop.serving.metric_files import cluster_metric_files
+from tuneloop.serving.metrics import version_health
+from tuneloop.store.records import SHADOW_ROOT, FeedbackStore, PredictionLog
 from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage
 from tuneloop.core.triggers import online_accuracy, which_trigger
@@ -201,6 +204,18 @@ class Retrainer:
                     "online_accuracy": {m: online_accuracy(list(a)) for m, a in self.agreements.items()}}
 
 
+def _health_reader(metrics_dir: str | None) -> Callable[[str], dict]:
+    """The versions' serving counts, from every node's replica metric files."""
+
+    def read(model: str) -> dict:
+        if not metrics_dir:
+            return {}
+        with cluster_metric_files(metrics_dir) as files:
+            return version_health(files, model)
+
+    return read
+
+
 @ray.remote(num_cpus=0, max_concurrency=4)
 class RetrainController(Retrainer):
     """The Retrainer as the named Ray actor the ingress finds (``names.controller_name``).
@@ -211,9 +226,27 @@ class RetrainController(Retrainer):
     for its own to end (the job is its task: it would die with it), then leaves; unless a
     new keeper adopted it meanwhile (a rolling update of the same config)."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, metrics_dir: str | None = None):
         super().__init__(**Retrainer.parts_from_config(config))
         self._owner: str | None = None
+        storage = Storage(self.cfg.storage.root)
+        tasks = model_tasks(self.cfg.models)
+        self.rollouts = RolloutDriver(self.cfg, self.registry, FeedbackStore(storage, self.cfg.storage.journal_path(), tasks),
+                                      PredictionLog(storage, tasks, root=SHADOW_ROOT), _health_reader(metrics_dir))
+        threading.Thread(target=self._drive_rollouts, name="rollouts", daemon=True).start()
+
+    def _drive_rollouts(self) -> None:
+        """Every rollout.evaluate_every_s, each model's rollout moves on its evidence
+        (control/rollout_driver.py); not while handing over to a successor."""
+        while True:
+            time.sleep(self.cfg.rollout.evaluate_every_s)
+            if not self.retiring:
+                self.rollouts.look_all()
+
+    def rollout_decisions(self) -> dict[str, dict]:
+        """The latest decision per model under rollout, for status."""
+        return {m: {"action": d.action, "reason": d.reason, "alert": d.alert, "numbers": d.numbers}
+                for m, d in self.rollouts.last.items()}
 
     def adopt(self, owner: str) -> None:
         with self._lock:

@@ -137,12 +137,15 @@ def model_status(cfg: TuneloopConfig) -> list[dict[str, Any]]:
     records = jobs.all()
     rows = []
     for m in cfg.models:
-        production = registry.production(m.name)
+        state = registry.state(m.name)
+        production, r = state.production, state.rollout
         mark = registry.manifest(m.name, production).watermark() if production else None
         fresh = feedback.read_since(m.name, mark).to_pylist()
         online = feedback_stats(m.name, tasks[m.name], fresh)["by_version"].get(production or "")
         last = next((j for j in reversed(records) if j.model == m.name), None)
         rows.append({"model": m.name, "production": production or "-",
+                     "rollout": (f"{r.version} {r.stage}" + (f" {r.percent:g}%" if r.stage == "canary" else "")
+                                 + (" paused" if r.paused else "") + (" ALERT" if r.alerted else "")) if r else "-",
                      "job": f"{last.state} ({last.job_id[:8]}, {last.version or '-'})" if last else "-",
                      "online_accuracy": f"{online['online_accuracy']:.3f} of {online['feedback']}" if online else "-",
                      "feedback_since": len(fresh)})

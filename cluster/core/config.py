@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tuneloop.core.deploy_config import DeployConfig
+from tuneloop.core.rollout import RolloutConfig
 from tuneloop.core.tasks import TASKS
 
 DEFAULT_CONFIG_PATH = "tuneloop.yaml"
@@ -370,6 +371,7 @@ class TuneloopConfig(_Strict):
     training: TrainingConfig = TrainingConfig()
     gate: GateConfig = GateConfig()
     trigger: TriggerConfig = TriggerConfig()
+    rollout: RolloutConfig = RolloutConfig()
     quarantine: QuarantineConfig = QuarantineConfig()
     ray: RayConfig = RayConfig()
     deploy: DeployConfig = DeployConfig()

@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 from tuneloop.core.errors import Conflict
 from tuneloop.core.gate import GateDecision
+from tuneloop.core.rollout import RolloutConfig, first_stage
 from tuneloop.core.serving_time import ServingTime
 from tuneloop.store.registry import Registry, iso_time
 from tuneloop.store.storage import FileLock, Storage
@@ -295,3 +296,30 @@ def promote_or_wait(registry: Registry, job: JobRecord, version: str, parent: st
         return
     job.promoted = True
     job.message = f"{version} promoted to production ({reason})"
+
+
+def hand_over(registry: Registry, job: JobRecord, version: str, parent: str | None, reason: str,
+              rollout: RolloutConfig) -> None:
+    """What becomes of a job's accepted ``version``, by ``rollout.mode``: production at once
+    (direct; also the first version, which has no production to be compared with), a
+    candidate waiting for an operator (gated), or production's challenger in a rollout
+    (shadow, canary). Sets ``job.promoted`` and ``job.message``."""
+    if rollout.mode == "direct" or parent is None:
+        promote_or_wait(registry, job, version, parent, reason)
+        return
+    job.promoted = False
+    if rollout.mode == "gated":
+        registry.record_candidate(job.model, version, reason=f"job {job.job_id}: {reason}; rollout.mode is gated")
+        job.message = (f"{version} passed the gate and waits for an operator (rollout.mode: gated): "
+                       f"`tuneloop rollout start {job.model} {version}` or promote it")
+        return
+    stage, _, percent = first_stage(rollout.mode, rollout.canary_steps)
+    try:
+        registry.start_rollout(job.model, version, stage, percent, f"job {job.job_id}: {reason}",
+                               expect_production=parent)
+    except Conflict as e:
+        registry.record_candidate(job.model, version, reason=f"job {job.job_id}: not rolled out: {e.message}")
+        job.message = f"{version} passed the gate but was not rolled out ({e.message}): it waits as a candidate"
+        return
+    job.message = f"{version} passed the gate and is production's challenger ({stage}" + \
+        (f" {percent:g}%)" if stage == "canary" else ")")

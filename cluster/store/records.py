@@ -120,14 +120,14 @@ _MINUTE_MS = 60_000
 _LOOKUP_TOLERANCE_MS = 1
 
 
-def _date_folder(model: str, day: date) -> str:
-    return f"predictions/{model}/date={day.isoformat()}"
+def _date_folder(model: str, day: date, root: str = "predictions") -> str:
+    return f"{root}/{model}/date={day.isoformat()}"
 
 
-def _minute_folder(model: str, minute: int) -> str:
+def _minute_folder(model: str, minute: int, root: str = "predictions") -> str:
     """The folder of ``minute``, counted in minutes since the epoch (UTC)."""
     start = datetime.fromtimestamp(minute * 60, UTC)
-    return f"{_date_folder(model, start.date())}/hour={start.hour:02d}/minute={start.minute:02d}"
+    return f"{_date_folder(model, start.date(), root)}/hour={start.hour:02d}/minute={start.minute:02d}"
 
 
 def _file_name(first_ms: int, last_ms: int, ident: str) -> str:
@@ -192,12 +192,18 @@ def _read(storage: Storage, files: list[str], schema: pa.Schema, filter=None) ->
 MERGE_MIN_FILES = 16  # a closed day with fewer compacted files is left as it is
 
 
-class PredictionLog:
-    """What the replicas served, of the models in ``tasks`` (model name -> its task)."""
+SHADOW_ROOT = "shadow_predictions"
 
-    def __init__(self, storage: Storage, tasks: Mapping[str, Task]):
+
+class PredictionLog:
+    """What the replicas served, of the models in ``tasks`` (model name -> its task).
+    ``root``: ``SHADOW_ROOT`` for a rollout's shadow answers, logged under the ids of the
+    production answers they shadow (so the same id's lookup in the main log stays unique)."""
+
+    def __init__(self, storage: Storage, tasks: Mapping[str, Task], root: str = "predictions"):
         self.storage = storage
         self.tasks = tasks
+        self.root = root
 
     def append(self, model: str, rows: list[dict[str, Any]]) -> None:
         """Record served rows (the model's ``prediction_schema``, created_at set): one file per
@@ -218,15 +224,15 @@ class PredictionLog:
             part = table.take(indices)
             stamps = [created_ms[i] for i in indices]
             name = _file_name(min(stamps), max(stamps), _rows_hash(part))
-            self.storage.write_parquet_atomic(f"{_minute_folder(model, minute)}/{name}", part)
+            self.storage.write_parquet_atomic(f"{_minute_folder(model, minute, self.root)}/{name}", part)
 
     def drop_days_before(self, model: str, day: date) -> list[str]:
         """Delete the date partitions older than ``day`` (retention); returns their names."""
         dropped = []
-        for info in self.storage.list_dir(f"predictions/{model}"):
+        for info in self.storage.list_dir(f"{self.root}/{model}"):
             name = info.base_name
             if name.startswith("date=") and name[5:] < day.isoformat():
-                self.storage.delete_dir(f"predictions/{model}/{name}")
+                self.storage.delete_dir(f"{self.root}/{model}/{name}")
                 dropped.append(name)
         return dropped
 
@@ -253,7 +259,7 @@ class PredictionLog:
         minutes = sorted({(ms - _LOOKUP_TOLERANCE_MS) // _MINUTE_MS, (ms + _LOOKUP_TOLERANCE_MS) // _MINUTE_MS})
         files = []
         for minute in minutes:
-            folder = _minute_folder(model, minute)
+            folder = _minute_folder(model, minute, self.root)
             for info in self.storage.list_dir(folder):
                 span = _time_range(info.base_name)
                 if span and span[0] - _LOOKUP_TOLERANCE_MS <= ms <= span[1] + _LOOKUP_TOLERANCE_MS:
@@ -264,7 +270,7 @@ class PredictionLog:
         """Files written before the hour folders, directly in the id's date folder: listing
         the date folder is cheap (24 hour folders, and these), reading them is what it was."""
         day = datetime.fromtimestamp(ms / 1000, UTC).date()
-        folder = _date_folder(model, day)
+        folder = _date_folder(model, day, self.root)
         return [
             f"{folder}/{info.base_name}"
             for info in self.storage.list_dir(folder)

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tuneloop.core.errors import Conflict, UnknownVersion
 from tuneloop.core.evaluation import EvalMetrics
 from tuneloop.core.gate import GateDecision
+from tuneloop.core.rollout import Rollout, Stage
 from tuneloop.core.serving_time import ServingTime
 from tuneloop.store.storage import Storage, parquet_bytes, private_temp_dir
 
@@ -114,27 +115,32 @@ class HistoryEntry(BaseModel):
     before generations existed)."""
 
     at: str
-    event: str  # "promote", "rollback" or "candidate"
+    # "promote", "rollback", "candidate"; a rollout's "rollout" (start), "step", "abort",
+    # "pause", "resume" and "alert" (core/rollout.py)
+    event: str
     production: str | None
     reason: str = ""
     version: str | None = None
     generation: int | None = None
+    numbers: dict[str, Any] | None = None  # what an automatic decision saw
 
 
 class RegistryState(BaseModel):
     production: str | None = None
     generation: int = 0
+    rollout: Rollout | None = None  # the challenger under way, if any
     history: list[HistoryEntry] = Field(default_factory=list)
 
     def rollback_target(self) -> str | None:
         """The production before the current one: promotions stack up, rollbacks pop, so
-        rolling back twice after v1, v2, v3 lands on v1. Candidates never were production."""
+        rolling back twice after v1, v2, v3 lands on v1. Candidates and challengers never
+        were production."""
         stack: list[str] = []
         for entry in self.history:
             if entry.event == "rollback":
                 if stack:
                     stack.pop()
-            elif entry.event != "candidate" and entry.production is not None:
+            elif entry.event == "promote" and entry.production is not None:
                 stack.append(entry.production)
         return stack[-2] if len(stack) >= 2 else None
 
@@ -281,25 +287,38 @@ class Registry:
         one. A version the gate rejected needs ``force``; with ``labels`` (the config's), a
         version trained for other labels is refused. Raises UnknownVersion for a version
         that was never published."""
-        manifest = self.manifest(model, version)  # raises UnknownVersion; manifests never change
-        if manifest.status == "rejected" and not force:
-            raise Conflict(f"{version} was rejected by the gate ({manifest.gate.reason if manifest.gate else ''}); "
-                           'force it to promote anyway ("force": true)')
-        if labels is not None and sorted(manifest.labels) != sorted(labels):
-            raise Conflict(f"{version} was trained for labels {manifest.labels}, the config has {labels}")
+        self._servable(model, version, force, labels, "promote")
 
         def apply(state: RegistryState) -> HistoryEntry:
-            return HistoryEntry(at=now_iso(), event="promote", production=version, version=version, reason=reason)
+            if state.rollout is not None and state.rollout.version != version:
+                reason_ = f"{reason}; the rollout of {state.rollout.version} ends with it"
+            else:
+                reason_ = reason
+            state.rollout = None  # promoting the challenger ends its rollout too
+            return HistoryEntry(at=now_iso(), event="promote", production=version, version=version, reason=reason_)
 
         return self._transition(model, apply, expect_production)
 
+    def _servable(self, model: str, version: str, force: bool, labels: list[str] | None, verb: str) -> None:
+        manifest = self.manifest(model, version)  # raises UnknownVersion; manifests never change
+        if manifest.status == "rejected" and not force:
+            raise Conflict(f"{version} was rejected by the gate ({manifest.gate.reason if manifest.gate else ''}); "
+                           f'force it to {verb} anyway ("force": true)')
+        if labels is not None and sorted(manifest.labels) != sorted(labels):
+            raise Conflict(f"{version} was trained for labels {manifest.labels}, the config has {labels}")
+
     def rollback(self, model: str, reason: str = "", expect_production: str | None = UNCHECKED) -> RegistryState:
-        """Go back to the production before the current one (``RegistryState.rollback_target``),
-        worked out under the lock so that two rollbacks step back twice, not to the same
-        version. Raises Conflict if there is nothing to roll back to (or, with
-        ``expect_production``, if production is no longer that)."""
+        """Back to production alone: during a rollout, end it (the challenger never was
+        production); otherwise go back to the production before the current one
+        (``RegistryState.rollback_target``), worked out under the lock so that two rollbacks
+        step back twice, not to the same version. Raises Conflict if there is nothing to
+        roll back to (or, with ``expect_production``, if production is no longer that)."""
 
         def apply(state: RegistryState) -> HistoryEntry:
+            if state.rollout is not None:
+                challenger, state.rollout = state.rollout.version, None
+                return HistoryEntry(at=now_iso(), event="abort", production=state.production, version=challenger,
+                                    reason=reason)
             target = state.rollback_target()
             if target is None:
                 raise Conflict(f"{model!r} has no earlier production version to roll back to "
@@ -318,6 +337,82 @@ class Registry:
                                 reason=reason)
 
         return self._transition(model, apply, UNCHECKED)
+
+    # -- rollouts (core/rollout.py) ------------------------------------------------------
+    def start_rollout(self, model: str, version: str, stage: Stage, percent: float, reason: str = "",
+                      expect_production: str | None = UNCHECKED, force: bool = False,
+                      labels: list[str] | None = None) -> RegistryState:
+        """Make ``version`` production's challenger, at ``stage`` (``percent``: the canary's
+        share). Conflict if a rollout is under way, or (``expect_production``) production moved."""
+        self._servable(model, version, force, labels, "roll out")
+
+        def apply(state: RegistryState) -> HistoryEntry:
+            if state.rollout is not None:
+                raise Conflict(f"{state.rollout.version} of {model!r} is being rolled out ({state.rollout.stage}); "
+                               "finish or roll back that rollout first")
+            if version == state.production:
+                raise Conflict(f"{version} is production already")
+            at = now_iso()
+            state.rollout = Rollout(version=version, stage=stage, percent=percent, started_at=at, stage_started_at=at)
+            return HistoryEntry(at=at, event="rollout", production=state.production, version=version,
+                                reason=f"{stage}{f' {percent:g}%' if stage == 'canary' else ''}: {reason}")
+
+        return self._transition(model, apply, expect_production)
+
+    def advance_rollout(self, model: str, version: str, steps: list[float], reason: str = "",
+                        numbers: dict[str, Any] | None = None) -> RegistryState:
+        """The challenger ``version`` goes one stage on (``Rollout.next_stage``): the next
+        canary step, or production after the last. Conflict if it is not the challenger."""
+
+        def apply(state: RegistryState) -> HistoryEntry:
+            rollout = self._rollout_of(model, state, version)
+            at, nxt = now_iso(), rollout.next_stage(steps)
+            if nxt is None:
+                state.rollout = None
+                return HistoryEntry(at=at, event="promote", production=version, version=version,
+                                    reason=f"rollout done: {reason}", numbers=numbers)
+            stage, step, percent = nxt
+            state.rollout = rollout.model_copy(update={"stage": stage, "step": step, "percent": percent,
+                                                       "stage_started_at": at, "alerted": False})
+            return HistoryEntry(at=at, event="step", production=state.production, version=version,
+                                reason=f"{stage} {percent:g}%: {reason}", numbers=numbers)
+
+        return self._transition(model, apply, UNCHECKED)
+
+    def mark_rollout(self, model: str, version: str, event: str, reason: str = "",
+                     numbers: dict[str, Any] | None = None) -> RegistryState:
+        """``event``: "pause" (no automatic decision until "resume"), "resume", or "alert"
+        (the evidence stays inconclusive: raised once a stage)."""
+        flags = {"pause": {"paused": True}, "resume": {"paused": False}, "alert": {"alerted": True}}[event]
+
+        def apply(state: RegistryState) -> HistoryEntry:
+            rollout = self._rollout_of(model, state, version)
+            if event == "resume":  # its evidence starts again: the wait before an alert too
+                flags["stage_started_at"] = now_iso()
+            state.rollout = rollout.model_copy(update=flags)
+            return HistoryEntry(at=now_iso(), event=event, production=state.production, version=version,
+                                reason=reason, numbers=numbers)
+
+        return self._transition(model, apply, UNCHECKED)
+
+    def abort_rollout(self, model: str, version: str, reason: str = "",
+                      numbers: dict[str, Any] | None = None) -> RegistryState:
+        """End the rollout of the challenger ``version``: production alone takes the traffic."""
+
+        def apply(state: RegistryState) -> HistoryEntry:
+            self._rollout_of(model, state, version)
+            state.rollout = None
+            return HistoryEntry(at=now_iso(), event="abort", production=state.production, version=version,
+                                reason=reason, numbers=numbers)
+
+        return self._transition(model, apply, UNCHECKED)
+
+    @staticmethod
+    def _rollout_of(model: str, state: RegistryState, version: str) -> Rollout:
+        if state.rollout is None or state.rollout.version != version:
+            now = f"{state.rollout.version} is" if state.rollout else "no version is"
+            raise Conflict(f"{version} of {model!r} is not being rolled out ({now})")
+        return state.rollout
 
     def _transition(self, model: str, apply: Callable[[RegistryState], HistoryEntry],
                     expect_production: str | None) -> RegistryState:

@@ -64,6 +64,7 @@ def test_the_builder_refuses_bad_args_before_any_replica_starts(tmp_path):
         build({"config": str(config_file), "app": "nope"})
 
 
+@pytest.mark.cluster  # `make cluster-test`: a real training job, ~2.5 min, past make test's budget
 def test_a_changed_config_hands_the_controller_over_and_its_job_finishes(ray_session, serve_port, metrics_dir,
                                                                         tiny_model, seed_tsv, tmp_path):
     """A config change rolls the controller's keeper: the old controller, detached, finishes

@@ -49,12 +49,12 @@ def test_health_ready_and_models(app):
     assert ready.status_code == 200 and ready.json()["models"] == {"sentiment": "v1"}
     models = httpx.get(f"{url}/v1/models").json()["models"]
     assert models == [{"name": "sentiment", "task": "text-classification", "labels": ["negative", "positive"],
-                       "production": "v1", "canary": None, "shadow": None}]
+                       "production": "v1", "canary": None, "shadow": None, "rollout": None}]
     detail = httpx.get(f"{url}/v1/models/sentiment").json()
     assert [v["version"] for v in detail["versions"]] == ["v1"]
-    assert "gate" not in detail["versions"][0]  # gate reasons and metrics are for admins
+    assert "gate" not in detail["versions"][0] and "history" not in detail  # gate, metrics, history: admins'
     detail = httpx.get(f"{url}/v1/models/sentiment", headers=bearer(ADMIN_KEY)).json()
-    assert {"gate", "metrics"} <= set(detail["versions"][0])
+    assert {"gate", "metrics"} <= set(detail["versions"][0]) and detail["history"][-1]["event"] == "promote"
 
 
 def test_predict_returns_id_version_and_scores(app):

@@ -6,7 +6,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from tuneloop.core.errors import Conflict
-from tuneloop.store.jobs import Heartbeat, JobRecord, JobRunning, JobStore, promote_or_wait, take_lease
+from tuneloop.core.rollout import RolloutConfig
+from tuneloop.store.jobs import Heartbeat, JobRecord, JobRunning, JobStore, hand_over, promote_or_wait, take_lease
 from tuneloop.store.registry import Manifest, Registry
 from tuneloop.store.storage import Storage
 
@@ -294,3 +295,32 @@ def test_a_late_heartbeat_does_not_revive_a_job_marked_lost(jobs, storage, clock
     assert [j.job_id for j in jobs.fail_stale()] == [job.job_id]
     beat.beat()
     assert _on_disk(storage, job.job_id)["state"] == "failed"
+
+
+@pytest.mark.parametrize(("mode", "stage", "percent"), [("shadow", "shadow", 0.0), ("canary", "canary", 5.0)])
+def test_a_rollout_mode_makes_the_version_a_challenger_not_production(registry, jobs, mode, stage, percent):
+    registry.promote("m", "v1")
+    job = _job(jobs)
+    hand_over(registry, job, "v2", parent="v1", reason="accuracy up", rollout=RolloutConfig(mode=mode))
+    state = registry.state("m")
+    assert state.production == "v1" and (state.rollout.version, state.rollout.stage) == ("v2", stage)
+    assert state.rollout.percent == percent and job.promoted is False and "challenger" in job.message
+
+
+def test_gated_leaves_a_candidate_and_the_first_version_is_promoted_whatever_the_mode(registry, jobs):
+    first = _job(jobs)
+    hand_over(registry, first, "v1", parent=None, reason="first", rollout=RolloutConfig(mode="shadow"))
+    assert registry.production("m") == "v1" and first.promoted  # nothing to compare with
+    job = _job(jobs)
+    hand_over(registry, job, "v2", parent="v1", reason="up", rollout=RolloutConfig(mode="gated"))
+    state = registry.state("m")
+    assert (state.production, state.rollout, state.history[-1].event) == ("v1", None, "candidate")
+    assert "waits for an operator" in job.message
+
+
+def test_a_second_challenger_waits_as_a_candidate(registry, jobs):
+    registry.promote("m", "v1")
+    registry.start_rollout("m", "v2", "shadow", 0)
+    job = _job(jobs)
+    hand_over(registry, job, "v3", parent="v1", reason="up", rollout=RolloutConfig(mode="canary"))
+    assert registry.state("m").rollout.version == "v2" and "waits as a candidate" in job.message

@@ -46,3 +46,44 @@ def test_a_node_missing_from_a_scrape_leaves_the_others_unchanged(tmp_path):
     _, both = _rendered(tmp_path, {"aaaa": node_a, "bbbb": node_b})
     _, one = _rendered(tmp_path, {"aaaa": node_a})
     assert one == {("aaaa", "v1"): both[("aaaa", "v1")]}
+
+
+def _write(folder, pid: int, kind: str, entries) -> str:
+    """A multiprocess file of metric ``kind`` with ``entries``: (metric, sample, labels, value)."""
+    folder.mkdir(exist_ok=True)
+    path = str(folder / f"{kind}_{pid}.db")
+    values = MmapedDict(path)
+    for metric, sample, labels, value in entries:
+        values.write_value(mmap_key(metric, sample, list(labels), list(labels.values()), "h"), value, 0.0)
+    values.close()
+    return path
+
+
+def test_version_health_sums_nodes_and_separates_served_from_shadow(tmp_path):
+    from tuneloop.serving.metrics import version_health
+
+    latency = "tuneloop_request_latency_seconds"
+
+    def served(folder, pid, version, fast, slow, errors):
+        v = {"model": "m", "version": version}
+        return [_write(folder, pid, "histogram", [
+                    (latency, f"{latency}_bucket", {**v, "le": "0.1"}, fast),
+                    (latency, f"{latency}_bucket", {**v, "le": "1.0"}, slow),
+                    (latency, f"{latency}_bucket", {**v, "le": "+Inf"}, 0),
+                    (latency, f"{latency}_sum", v, 0.05 * fast + 0.5 * slow)]),
+                _write(folder, pid, "counter", [("tuneloop_predict_errors", "tuneloop_predict_errors_total", v,
+                                                 errors)])]
+
+    shadow = {"model": "m", "version": "v2"}
+    files = {"a": served(tmp_path / "a", 1, "v1", 90, 10, 1),
+             "b": served(tmp_path / "b", 1, "v1", 99, 1, 0) + [
+                 _write(tmp_path / "b", 2, "counter", [
+                     ("tuneloop_shadow_runs", "tuneloop_shadow_runs_total", {**shadow, "outcome": "ok"}, 40),
+                     ("tuneloop_shadow_runs", "tuneloop_shadow_runs_total", {**shadow, "outcome": "error"}, 2),
+                     ("tuneloop_shadow_runs", "tuneloop_shadow_runs_total", {**shadow, "outcome": "shed"}, 7)])]}
+    health = version_health(files, "m")
+    v1, v2 = health["v1"], health["v2"]
+    assert (v1.requests, v1.errors) == (201, 1)  # 200 answered on two nodes, 1 failed
+    assert dict(v1.latency_buckets) == {0.1: 189, 1.0: 200, float("inf"): 200}
+    assert 0.1 < v1.p99_s() <= 1.0
+    assert (v2.requests, v2.errors, v2.latency_buckets) == (42, 2, ())  # shed runs are no requests

@@ -15,19 +15,33 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tuneloop.serving.metrics import render
 from tuneloop.store.jobs import JobStore
-from tuneloop.store.registry import Registry
+from tuneloop.store.registry import Manifest, Registry
 from tuneloop.store.storage import Storage
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 _NAME = re.compile(r"\b(tuneloop_[a-z_]+?)(?:_total|_bucket|_sum|_count)?\b")
-STATS = [{"model": "m", "by_version": {"v1": {"online_accuracy": 0.9}}, "by_label": {"a": 1}}]
+STATS = [{"model": "m", "by_version": {"v1": {"online_accuracy": 0.9, "feedback": 10}}, "by_label": {"a": 1}}]
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> set[str]:
-    storage = Storage(str(tmp_path_factory.mktemp("store")))
-    text = render(JobStore(storage), lambda: {"m": 1}, Registry(storage), ["m"], lambda: STATS).decode()
-    return {family.name for family in text_string_to_metric_families(text)}
+def exported_text(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("store")
+    storage = Storage(str(root))
+    registry = Registry(storage)
+    (root / "weights").mkdir()
+    (root / "weights/config.json").write_text("{}")
+    for _ in range(2):  # a rollout under way: its series too
+        registry.publish("m", str(root / "weights"), Manifest(version="pending", model="m", parent=None,
+                                                              base_model="b", task="text-classification",
+                                                              labels=["a", "b"]))
+    registry.promote("m", "v1")
+    registry.start_rollout("m", "v2", "canary", 5.0)
+    return render(JobStore(storage), lambda: {"m": 1}, registry, ["m"], lambda: STATS).decode()
+
+
+@pytest.fixture(scope="module")
+def exported(exported_text) -> set[str]:
+    return {family.name for family in text_string_to_metric_families(exported_text)}
 
 
 def _names(expr: str) -> set[str]:
@@ -43,11 +57,21 @@ def test_every_dashboard_panel_queries_exported_metrics(exported):
         assert _names(expr) <= exported, f"{expr} names {_names(expr) - exported}, which tuneloop does not export"
 
 
+def test_a_rollout_shows_each_versions_share_and_its_events(exported_text):
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(exported_text) for s in f.samples}
+    assert samples[("tuneloop_traffic_share", (("model", "m"), ("role", "production"), ("version", "v1")))] == 0.95
+    assert samples[("tuneloop_traffic_share", (("model", "m"), ("role", "canary"), ("version", "v2")))] == 0.05
+    assert samples[("tuneloop_rollout_events_total", (("by", "operator"), ("event", "rollout"), ("model", "m")))] == 1
+    assert samples[("tuneloop_rollout_alert", (("model", "m"), ("version", "v2")))] == 0
+
+
 def test_alert_rules_are_well_formed_and_name_exported_metrics(exported):
     doc = yaml.safe_load((DEPLOY / "prometheus/alerts.yml").read_text())
     rules = [r for group in doc["groups"] for r in group["rules"]]
     assert {r["alert"] for r in rules} >= {"TuneloopOverloaded", "TuneloopErrorRate", "TuneloopP99LatencyHigh",
-                                           "TuneloopTrainingFailed", "TuneloopOnlineAccuracyDrop"}
+                                           "TuneloopTrainingFailed", "TuneloopOnlineAccuracyDrop",
+                                           "TuneloopRolloutRolledBack", "TuneloopRolloutStuck"}
     for rule in rules:
         assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"} and rule["labels"]["severity"]
         assert _names(rule["expr"]) and _names(rule["expr"]) <= exported, rule["alert"]

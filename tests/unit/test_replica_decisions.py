@@ -11,6 +11,7 @@ import pytest
 from tuneloop.core.config import parse_config
 from tuneloop.core.errors import NotReady, Overloaded
 from tuneloop.serving.model_server import LabelMismatch, ModelServer
+from tuneloop.store.registry import RegistryState
 
 LABELS = ["negative", "positive"]
 
@@ -22,6 +23,9 @@ class FakeRegistry:
 
     def production(self, model: str) -> str | None:
         return self.production_version
+
+    def state(self, model: str) -> RegistryState:
+        return RegistryState(production=self.production_version)
 
     def local_path(self, model: str, version: str) -> str:
         return f"/weights/{version}"
@@ -60,7 +64,8 @@ def _replica(production="v1", delay_s=0.0, **serving):
     cfg = parse_config({"models": [{"name": "m", "base_model": "x", "labels": LABELS}],
                         "serving": {"max_batch_size": 8, **serving}})
     registry, recorder = FakeRegistry(production), FakeRecorder()
-    replica = ModelServer(cfg.model_dump(), "m", registry=registry, recorder=recorder, keys=object(),
+    replica = ModelServer(cfg.model_dump(), "m", registry=registry, recorder=recorder, shadow_recorder=FakeRecorder(),
+                          keys=object(),
                           load=lambda *a: FakeModel(*a, delay_s=delay_s), watch=False)
     replica._sync_with_registry()
     return replica, registry, recorder
@@ -85,7 +90,8 @@ def test_a_refused_version_leaves_the_loaded_one_serving_and_is_not_retried():
     replica._sync_with_registry()
     replica._sync_with_registry()  # versions are immutable: not loaded again
     assert registry.switched == ["v1"]  # a refused version was never switched to
-    assert replica.status() == {"model": "m", "version": "v1", "refused": {"bad": replica._refused["bad"]}}
+    assert replica.status() == {"model": "m", "version": "v1", "challenger": None, "rollout": None,
+                                "refused": {"bad": replica._refused["bad"]}}
     assert asyncio.run(replica.predict(["a"]))[0]["version"] == "v1"
 
 

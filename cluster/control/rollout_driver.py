@@ -1,0 +1,106 @@
+"""The rollout's automatic decisions, applied: look at each model's rollout, gather its
+evidence, ``decide``, and move the registry's state.
+
+The retrain controller runs one ``RolloutDriver`` every ``rollout.evaluate_every_s``. It
+reads the stage's feedback from the bucket (compacted within ``feedback.compact_interval_s``),
+the challenger's shadow answers from their log (each found once, then kept), and the
+versions' serving counters through ``health`` (the ingress gathers them from every node's
+replicas); it keeps each stage's first health reading as the baseline the stage's counts
+are measured from. Every decision that moves the state is written to the state's history
+with the numbers it saw; a hold is logged, and raised once a stage as an alert when overdue.
+Its collaborators come through the constructor, so it is unit-tested without Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+
+from tuneloop.core.config import TuneloopConfig
+from tuneloop.core.errors import Conflict
+from tuneloop.core.rollout import Decision, VersionHealth, decide
+from tuneloop.core.rollout_evidence import evidence, stage_feedback
+from tuneloop.core.tasks import model_tasks
+from tuneloop.store.records import FeedbackStore, PredictionLog
+from tuneloop.store.registry import Registry
+
+log = logging.getLogger(__name__)
+Health = Callable[[str], Mapping[str, VersionHealth]]  # model -> version -> cumulative counts
+
+
+class RolloutDriver:
+    def __init__(self, cfg: TuneloopConfig, registry: Registry, feedback: FeedbackStore, shadow_log: PredictionLog,
+                 health: Health, clock: Callable[[], datetime] = lambda: datetime.now(UTC)):
+        self.cfg, self.registry, self.feedback, self.shadow_log = cfg, registry, feedback, shadow_log
+        self.health, self.clock = health, clock
+        self.tasks = model_tasks(cfg.models)
+        self._baselines: dict[tuple[str, str, str], Mapping[str, VersionHealth]] = {}
+        self._shadow_answers: dict[str, dict] = {}  # prediction id -> the shadow's answer (found once)
+        self.last: dict[str, Decision] = {}  # model -> the latest decision, for status
+
+    def look_all(self) -> None:
+        for m in self.cfg.models:
+            try:
+                self.look(m.name)
+            except Exception:  # noqa: BLE001 - storage or Serve hiccup: the next look tries again
+                log.exception("rollout of %s: look failed", m.name)
+
+    def look(self, model: str) -> Decision | None:
+        """One look at ``model``'s rollout; the decision taken (None: no rollout, or paused)."""
+        state = self.registry.state(model)
+        rollout = state.rollout
+        if rollout is None:
+            self._shadow_answers = {k: v for k, v in self._shadow_answers.items() if v.get("model") != model}
+            return None
+        if rollout.paused or state.production is None:
+            return None
+        started = datetime.fromisoformat(rollout.stage_started_at)
+        rows = stage_feedback(self.feedback.read_since(model, (started, "")).to_pylist(), started)
+        shadow = self._find_shadow_answers(model, rows) if rollout.stage == "shadow" else {}
+        seen = self._health_since(model, rollout.version, rollout.stage_started_at)
+        found = evidence(self.tasks[model], state.production, rollout, rows, shadow, seen)
+        decision = decide(self.cfg.rollout, found, (self.clock() - started).total_seconds())
+        self.last[model] = decision
+        try:
+            self._apply(model, rollout.version, rollout.alerted, decision)
+        except Conflict as e:  # an operator or another controller moved it meanwhile: theirs stands
+            log.info("rollout of %s %s: %s not applied: %s", model, rollout.version, decision.action, e.message)
+        return decision
+
+    def _apply(self, model: str, version: str, alerted: bool, d: Decision) -> None:
+        if d.action == "advance":
+            state = self.registry.advance_rollout(model, version, self.cfg.rollout.canary_steps, d.reason, d.numbers)
+            where = "production" if state.rollout is None else f"canary {state.rollout.percent:g}%"
+            log.info("rollout of %s %s: advanced to %s (%s)", model, version, where, d.reason)
+        elif d.action == "rollback":
+            self.registry.abort_rollout(model, version, f"automatic: {d.reason}", d.numbers)
+            log.warning("rollout of %s %s: rolled back (%s)", model, version, d.reason)
+        elif d.alert and not alerted:
+            self.registry.mark_rollout(model, version, "alert", d.reason, d.numbers)
+            log.warning("rollout of %s %s: no decision after %.0fs (%s); an operator may step or roll back it", model,
+                        version, self.cfg.rollout.inconclusive_after_s, d.reason)
+        else:
+            log.debug("rollout of %s %s: hold (%s)", model, version, d.reason)
+
+    def _find_shadow_answers(self, model: str, rows: list[dict]) -> dict[str, dict]:
+        for row in rows:
+            pid = row["prediction_id"]
+            if pid not in self._shadow_answers:
+                answer = self.shadow_log.lookup([model], pid)
+                if answer is not None:
+                    self._shadow_answers[pid] = answer
+        return {r["prediction_id"]: self._shadow_answers[r["prediction_id"]] for r in rows
+                if r["prediction_id"] in self._shadow_answers}
+
+    def _health_since(self, model: str, version: str, stage_started_at: str) -> dict[str, VersionHealth]:
+        try:
+            now = self.health(model)
+        except Exception as e:  # noqa: BLE001 - judge on the feedback alone this time
+            log.warning("rollout of %s: no health counters this look (%s: %s)", model, type(e).__name__, e)
+            return {}
+        key = (model, version, stage_started_at)
+        for old in [k for k in self._baselines if k[0] == model and k != key]:
+            del self._baselines[old]  # a stage gone by
+        baseline = self._baselines.setdefault(key, now)
+        return {v: h.since(baseline.get(v)) for v, h in now.items()}

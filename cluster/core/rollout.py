@@ -1,0 +1,239 @@
+"""Safe rollout on live traffic: the stages, their settings, and the decision at each look.
+
+A version that passed the offline gate becomes the *challenger* of production:
+
+    shadow (it answers a share of production's requests too, after production's answer
+            was sent; its answers are logged, never returned)
+      -> canary at each of ``canary_steps`` percent of requests (it answers them)
+      -> production                                and back to production alone from any stage
+
+It is judged on the labels users send later, against production on the same footing:
+
+- in **shadow**, paired: both versions answered the very same requests, so the feedback on a
+  request scores both; the difference rests on the discordant pairs alone (McNemar's
+  statistic, as a Wald interval on the paired difference of proportions);
+- in **canary**, the two versions answered different requests of the same period: a
+  two-proportion interval (Agresti and Caffo's, which holds at small counts and at 0% or
+  100% agreement, where Wald's collapses).
+
+``decide`` advances when the challenger is *not worse* than production by more than
+``margin`` (the lower confidence bound of challenger minus production above ``-margin``,
+after ``min_feedback``), rolls back when it is significantly worse (the upper bound below 0,
+already after ``min_feedback_to_roll_back``) or unhealthy (error rate or p99 beyond bounds
+of production's), and otherwise holds, raising an alert once the
+evidence stays inconclusive past ``inconclusive_after_s``. Pure: no Ray, no torch, no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass, field
+from statistics import NormalDist
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Mode = Literal["direct", "gated", "shadow", "canary"]
+Stage = Literal["shadow", "canary"]
+Action = Literal["advance", "rollback", "hold"]
+
+
+class RolloutConfig(BaseModel):
+    """``rollout:`` in the config: what happens to a job's version that passed the gate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Mode = Field(default="direct", description=(
+        "direct: production at once; gated: waits for an operator (promote, or start its rollout); "
+        "shadow: shadow, then the canary steps, then production; canary: the canary steps, then production"))
+    shadow_percent: float = Field(default=100.0, gt=0, le=100,
+                                  description="share of production's requests the shadow answers too")
+    canary_steps: list[float] = Field(default=[5.0, 25.0, 50.0], min_length=1,
+                                      description="percent of requests the canary answers, step by step")
+    margin: float = Field(default=0.02, ge=0, lt=1,
+                          description="how much lower the challenger's online accuracy may be and still advance")
+    confidence: float = Field(default=0.95, gt=0.5, lt=1, description="of each one-sided bound")
+    min_feedback: int = Field(default=100, ge=1, description=(
+        "feedback before a stage is judged: pairs in shadow, on each version's answers in canary"))
+    min_feedback_to_roll_back: int = Field(default=30, ge=1, description=(
+        "feedback before a significant loss rolls back (earlier than min_feedback when it is clear)"))
+    min_requests: int = Field(default=50, ge=1,
+                              description="challenger requests (or shadow runs) before its health is judged")
+    max_error_rate_increase: float = Field(default=0.01, ge=0, le=1,
+                                           description="over production's error rate: beyond it, roll back")
+    max_latency_ratio: float = Field(default=1.5, ge=1,
+                                     description="challenger p99 compute time over production's: beyond it, roll back")
+    inconclusive_after_s: float = Field(default=3600.0, gt=0,
+                                        description="hold this long without a decision, then alert")
+    evaluate_every_s: float = Field(default=15.0, gt=0, description="how often the controller looks")
+
+    @field_validator("canary_steps")
+    @classmethod
+    def _increasing_shares(cls, steps: list[float]) -> list[float]:
+        if any(not 0 < s < 100 for s in steps) or any(b <= a for a, b in zip(steps, steps[1:])):
+            raise ValueError(f"canary_steps must be increasing percentages between 0 and 100 (exclusive), got {steps}")
+        return steps
+
+
+class Rollout(BaseModel):
+    """A rollout under way, in the registry's state (store/registry.py), where the replicas
+    read it: ``percent`` is the canary's share now (0 in shadow), kept here rather than read
+    from the config so that a config edited mid-rollout moves no traffic by itself."""
+
+    version: str
+    stage: Stage
+    step: int = 0  # index into canary_steps while in canary
+    percent: float = 0.0
+    started_at: str  # the rollout's start
+    stage_started_at: str  # feedback on predictions from here on is this stage's evidence
+    paused: bool = False
+    alerted: bool = False  # the inconclusive alert was raised for this stage
+
+    def next_stage(self, steps: list[float]) -> tuple[Stage, int, float] | None:
+        """Where advancing leads: the next canary step, or None (production)."""
+        step = 0 if self.stage == "shadow" else self.step + 1
+        return ("canary", step, steps[step]) if step < len(steps) else None
+
+
+def first_stage(mode: Mode, steps: list[float]) -> tuple[Stage, int, float]:
+    return ("shadow", 0, 0.0) if mode == "shadow" else ("canary", 0, steps[0])
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What one look saw since the stage started. Accuracy: ``pairs`` with ``production_only``
+    (production right, challenger wrong) and ``challenger_only`` in shadow; each version's
+    feedback and agreements in canary. Health: requests and errors of each version (shadow
+    runs for the challenger in shadow) and p99 compute seconds (None: not measured)."""
+
+    paired: bool
+    pairs: int = 0
+    production_only: int = 0
+    challenger_only: int = 0
+    production_feedback: int = 0
+    production_agreed: int = 0
+    challenger_feedback: int = 0
+    challenger_agreed: int = 0
+    production_requests: int = 0
+    production_errors: int = 0
+    challenger_requests: int = 0
+    challenger_errors: int = 0
+    production_p99_s: float | None = None
+    challenger_p99_s: float | None = None
+
+    def samples(self) -> int:
+        return self.pairs if self.paired else min(self.production_feedback, self.challenger_feedback)
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    reason: str
+    alert: bool = False  # hold, and tell an operator: the evidence stays inconclusive
+    numbers: dict = field(default_factory=dict)
+
+
+def accuracy_difference(e: Evidence, confidence: float) -> tuple[float, float, float]:
+    """Challenger minus production online accuracy, with its one-sided lower and upper
+    bounds at ``confidence``."""
+    z = NormalDist().inv_cdf(confidence)
+    if e.paired:
+        n, b, c = e.pairs, e.production_only, e.challenger_only
+        diff = (c - b) / n
+        se = math.sqrt(max(0.0, (b + c) - (c - b) ** 2 / n)) / n
+    else:
+        p1 = (e.production_agreed + 1) / (e.production_feedback + 2)
+        p2 = (e.challenger_agreed + 1) / (e.challenger_feedback + 2)
+        diff = p2 - p1
+        se = math.sqrt(p1 * (1 - p1) / (e.production_feedback + 2) + p2 * (1 - p2) / (e.challenger_feedback + 2))
+    return diff, diff - z * se, diff + z * se
+
+
+def _rate(errors: int, requests: int) -> float:
+    return errors / requests if requests else 0.0
+
+
+def health_breach(cfg: RolloutConfig, e: Evidence) -> str | None:
+    """Why the challenger is unhealthy next to production, or None."""
+    if e.challenger_requests < cfg.min_requests:
+        return None
+    mine, theirs = _rate(e.challenger_errors, e.challenger_requests), _rate(e.production_errors, e.production_requests)
+    if mine > theirs + cfg.max_error_rate_increase:
+        return (f"error rate {mine:.2%} over {e.challenger_requests} requests, production's {theirs:.2%} "
+                f"(allowed: +{cfg.max_error_rate_increase:.2%})")
+    if e.challenger_p99_s is not None and e.production_p99_s and e.production_requests >= cfg.min_requests:
+        ratio = e.challenger_p99_s / e.production_p99_s
+        if ratio > cfg.max_latency_ratio:
+            return (f"p99 compute {e.challenger_p99_s * 1000:.1f} ms, {ratio:.2f}x production's "
+                    f"{e.production_p99_s * 1000:.1f} ms (allowed: {cfg.max_latency_ratio:g}x)")
+    return None
+
+
+def decide(cfg: RolloutConfig, e: Evidence, waited_s: float) -> Decision:
+    """The decision at one look, ``waited_s`` after the stage started."""
+    numbers = {k: v for k, v in asdict(e).items() if v is not None}
+    breach = health_breach(cfg, e)
+    if breach:
+        return Decision("rollback", f"unhealthy: {breach}", numbers=numbers)
+    overdue = waited_s >= cfg.inconclusive_after_s
+    n = e.samples()
+    what = "pairs" if e.paired else "feedback on each version"
+    if n < min(cfg.min_feedback, cfg.min_feedback_to_roll_back):
+        return Decision("hold", f"waiting for feedback: {n} of {cfg.min_feedback} {what}", alert=overdue,
+                        numbers=numbers)
+    diff, low, high = accuracy_difference(e, cfg.confidence)
+    numbers |= {"difference": round(diff, 4), "lower": round(low, 4), "upper": round(high, 4)}
+    said = f"online accuracy {diff:+.1%} vs production ({cfg.confidence:.0%} bounds {low:+.1%} .. {high:+.1%})"
+    if n >= cfg.min_feedback and low > -cfg.margin:
+        return Decision("advance", f"not worse: {said}, margin {cfg.margin:.1%}", numbers=numbers)
+    if n >= cfg.min_feedback_to_roll_back and high < 0:
+        return Decision("rollback", f"worse: {said}", numbers=numbers)
+    if n < cfg.min_feedback:
+        return Decision("hold", f"waiting for feedback: {n} of {cfg.min_feedback} {what} ({said})", alert=overdue,
+                        numbers=numbers)
+    return Decision("hold", f"inconclusive: {said}", alert=overdue, numbers=numbers)
+
+
+def canary_bucket(key: str) -> float:
+    """Where a client falls in [0, 100): the canary answers it while its bucket is below the
+    canary's percent, so a sticky client stays on one version through a step (and, as the
+    share grows, moves to the canary once and stays)."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2 ** 64 * 100
+
+
+def quantile_from_buckets(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """The ``q`` quantile of a histogram given as cumulative (upper bound, count) pairs, in
+    increasing bounds, interpolated within its bucket as Prometheus's histogram_quantile
+    does; None without observations. Past the last finite bound: that bound."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower
+            return lower + (bound - lower) * ((rank - below) / (count - below) if count > below else 1.0)
+        lower, below = bound, count
+    return lower
+
+
+@dataclass(frozen=True)
+class VersionHealth:
+    """One version's cumulative serving counts, as a replica's metrics have them."""
+
+    requests: float = 0.0
+    errors: float = 0.0
+    latency_buckets: tuple[tuple[float, float], ...] = ()
+
+    def since(self, start: VersionHealth | None) -> VersionHealth:
+        """What happened after ``start`` (a snapshot of the same counters)."""
+        if start is None:
+            return self
+        before = dict(start.latency_buckets)
+        return VersionHealth(self.requests - start.requests, self.errors - start.errors,
+                             tuple((le, n - before.get(le, 0.0)) for le, n in self.latency_buckets))
+
+    def p99_s(self) -> float | None:
+        return quantile_from_buckets(list(self.latency_buckets), 0.99)

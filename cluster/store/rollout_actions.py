@@ -1,0 +1,41 @@
+"""What an operator may do to a rollout (admin API, `tuneloop rollout`), in one place.
+
+``start`` a version's rollout (a gated candidate, or any published version), ``pause`` and
+``resume`` the automatic decisions, force the next ``step``, or ``rollback`` to production
+alone. Each is one registry transition (store/registry.py), recorded with who asked.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from tuneloop.core.errors import Conflict
+from tuneloop.core.rollout import RolloutConfig, Stage, first_stage
+from tuneloop.store.registry import Registry, RegistryState
+
+RolloutAction = Literal["start", "pause", "resume", "step", "rollback"]
+
+
+def operate_rollout(registry: Registry, model: str, action: RolloutAction, who: str, rollout: RolloutConfig,
+                    labels: list[str], version: str | None = None, stage: Stage | None = None,
+                    force: bool = False) -> RegistryState:
+    """Raises Conflict (409) when the action does not fit the state (no rollout to pause,
+    one already under way to start), UnknownVersion (404) for a version never published."""
+    if action == "start":
+        if version is None:
+            raise Conflict("say which version to roll out")
+        mode = stage or (rollout.mode if rollout.mode in ("shadow", "canary") else "shadow")
+        first, _, percent = first_stage(mode, rollout.canary_steps)
+        return registry.start_rollout(model, version, first, percent, f"started {who}", force=force, labels=labels)
+    current = registry.state(model).rollout
+    if current is None:
+        raise Conflict(f"no rollout of {model!r} is under way")
+    if version is not None and version != current.version:
+        raise Conflict(f"the rollout under way is {current.version}'s, not {version}'s")
+    if action == "step":
+        return registry.advance_rollout(model, current.version, rollout.canary_steps, f"forced {who}")
+    if action == "rollback":
+        return registry.abort_rollout(model, current.version, f"rolled back {who}")
+    if (action == "pause") == current.paused:
+        raise Conflict(f"the rollout of {current.version} is {'paused' if current.paused else 'running'} already")
+    return registry.mark_rollout(model, current.version, action, who)

@@ -1,0 +1,110 @@
+"""A replica during a rollout, with a tiny real model and no Ray: canary traffic goes to the
+challenger by client, shadow answers are logged under production's ids, at most two
+versions are resident, and a promoted challenger is not loaded again."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from prometheus_client import REGISTRY
+
+from tuneloop.core.config import parse_config
+from tuneloop.core.rollout import canary_bucket
+from tuneloop.core.tasks import make_task
+from tuneloop.store.records import SHADOW_ROOT, PredictionLog
+from tuneloop.store.registry import Manifest, Registry
+from tuneloop.store.storage import Storage
+from tuneloop.serving.model_server import ModelServer
+from tests.tiny_models import build_tiny_model
+
+LABELS = ["negative", "positive"]
+
+
+@pytest.fixture
+def rollout(tmp_path):
+    weights = build_tiny_model(tmp_path / "tiny", LABELS)
+    cfg = parse_config({
+        "models": [{"name": "sentiment", "base_model": weights, "labels": LABELS}],
+        "storage": {"root": str(tmp_path / "store")},
+        "serving": {"max_batch_size": 32, "reload_interval_s": 600, "num_cpus_per_replica": 1},
+        "predictions": {"flush_interval_s": 0.05},
+    })
+    registry = Registry(Storage(cfg.storage.root))
+    for _ in range(3):
+        registry.publish("sentiment", weights, Manifest(version="pending", model="sentiment", parent=None,
+                                                        base_model=weights, task="text-classification", labels=LABELS))
+    registry.promote("sentiment", "v1")
+    replica = ModelServer(cfg.model_dump(), "sentiment")
+    yield replica, registry, cfg
+    replica.__del__()
+
+
+def test_canary_answers_the_clients_below_its_share_and_keeps_each_on_one_version(rollout):
+    replica, registry, _ = rollout
+    registry.start_rollout("sentiment", "v2", "canary", 30.0)
+    replica._sync_with_registry()
+    clients = [f"client-{i}" for i in range(40)]
+
+    async def main():
+        return [(await replica.predict(["a text"], client=c))[0]["version"] for c in clients * 2]
+
+    versions = asyncio.run(main())
+    expected = ["v2" if canary_bucket(c) < 30 else "v1" for c in clients]
+    assert versions == expected * 2  # sticky: the same client, the same version
+    assert {"v1", "v2"} == set(versions)
+
+
+def test_shadow_answers_are_logged_under_production_ids_and_never_returned(rollout):
+    replica, registry, cfg = rollout
+    registry.start_rollout("sentiment", "v2", "shadow", 0)
+    replica._sync_with_registry()
+
+    async def main():
+        answers = []
+        for i in range(5):
+            answers += await replica.predict([f"text {i}"])
+            await asyncio.sleep(0.05)  # the shadow runs after the answer, when production is idle
+        return answers
+
+    answers = asyncio.run(main())
+    assert {a["version"] for a in answers} == {"v1"}
+    replica.shadow_recorder.close()  # flush
+    replica.recorder.close()
+    storage, tasks = Storage(cfg.storage.root), {"sentiment": make_task("text-classification", LABELS)}
+    shadow, served = PredictionLog(storage, tasks, root=SHADOW_ROOT), PredictionLog(storage, tasks)
+    for a in answers:
+        assert shadow.lookup(["sentiment"], a["id"])["version"] == "v2"
+        assert served.lookup(["sentiment"], a["id"])["version"] == "v1"
+
+
+def test_shadow_work_is_shed_while_one_runs(rollout):
+    replica, registry, _ = rollout
+    registry.start_rollout("sentiment", "v2", "shadow", 0)
+    replica._sync_with_registry()
+    replica._shadowing = 1  # a shadow batch is running
+    labels = {"model": "sentiment", "version": "v2"}
+
+    def count(outcome):
+        return REGISTRY.get_sample_value("tuneloop_shadow_runs_total", {**labels, "outcome": outcome}) or 0
+
+    before = count("shed"), count("ok")
+    asyncio.run(replica.predict(["text"]))
+    assert (count("shed"), count("ok")) == (before[0] + 1, before[1])  # none started beside it
+
+
+def test_two_versions_resident_at_most_and_a_promoted_challenger_is_not_reloaded(rollout):
+    replica, registry, _ = rollout
+    registry.start_rollout("sentiment", "v2", "canary", 5.0)
+    replica._sync_with_registry()
+    challenger = replica._challenger
+    assert challenger.version == "v2" and replica.status()["challenger"] == "v2"
+    registry.advance_rollout("sentiment", "v2", [5.0])  # the last step: production
+    replica._sync_with_registry()
+    assert replica._loaded is challenger and replica._challenger is None
+    registry.start_rollout("sentiment", "v3", "shadow", 0)
+    replica._sync_with_registry()
+    assert (replica._loaded.version, replica._challenger.version) == ("v2", "v3")
+    registry.rollback("sentiment")  # ends v3's rollout
+    replica._sync_with_registry()
+    assert replica._challenger is None and replica._loaded.version == "v2"

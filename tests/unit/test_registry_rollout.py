@@ -1,0 +1,78 @@
+"""Rollouts in the registry's state: the one owner of production also owns its challenger."""
+
+import pytest
+
+from tuneloop.core.errors import Conflict
+from tuneloop.store.registry import Manifest, Registry
+from tuneloop.store.storage import Storage
+
+STEPS = [5.0, 25.0, 50.0]
+
+
+@pytest.fixture
+def reg(tmp_path):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "config.json").write_text("{}")
+    registry = Registry(Storage(str(tmp_path / "store")))
+    for parent in (None, "v1", "v1"):
+        registry.publish("m", str(weights), Manifest(version="pending", model="m", parent=parent, base_model="b",
+                                                     task="text-classification", labels=["a", "b"]))
+    registry.promote("m", "v1")
+    return registry
+
+
+def test_shadow_then_each_canary_step_then_production(reg):
+    state = reg.start_rollout("m", "v2", "shadow", 0, "job j1", expect_production="v1")
+    assert (state.production, state.rollout.version, state.rollout.stage) == ("v1", "v2", "shadow")
+    seen = []
+    for _ in range(len(STEPS)):
+        state = reg.advance_rollout("m", "v2", STEPS, "not worse", {"pairs": 120})
+        seen.append((state.rollout.stage, state.rollout.percent))
+    assert seen == [("canary", 5.0), ("canary", 25.0), ("canary", 50.0)]
+    state = reg.advance_rollout("m", "v2", STEPS, "not worse")
+    assert (state.production, state.rollout) == ("v2", None)
+    assert [h.event for h in state.history] == ["promote", "rollout", "step", "step", "step", "promote"]
+    assert state.history[2].numbers == {"pairs": 120}
+    assert state.rollback_target() == "v1"  # the steps were never production
+
+
+def test_rollback_during_a_rollout_ends_it_and_keeps_production(reg):
+    reg.start_rollout("m", "v2", "canary", 5.0)
+    state = reg.rollback("m", "by key k")
+    assert (state.production, state.rollout, state.history[-1].event) == ("v1", None, "abort")
+    with pytest.raises(Conflict, match="no earlier production"):
+        reg.rollback("m")  # nothing rolled out now, and v1 is the first production
+
+
+def test_one_rollout_at_a_time_and_only_its_challenger_moves(reg):
+    reg.start_rollout("m", "v2", "shadow", 0)
+    with pytest.raises(Conflict, match="v2 of 'm' is being rolled out"):
+        reg.start_rollout("m", "v3", "shadow", 0)
+    with pytest.raises(Conflict, match="v3 of 'm' is not being rolled out"):
+        reg.advance_rollout("m", "v3", STEPS)
+    reg.abort_rollout("m", "v2")
+    with pytest.raises(Conflict, match="production of 'm' is now v1"):  # a job trained from another parent
+        reg.start_rollout("m", "v3", "shadow", 0, expect_production="v2")
+
+
+def test_pause_resume_and_alert_are_flags_in_the_history(reg):
+    reg.start_rollout("m", "v2", "canary", 5.0)
+    assert reg.mark_rollout("m", "v2", "pause", "by key k").rollout.paused
+    started = reg.state("m").rollout.stage_started_at
+    resumed = reg.mark_rollout("m", "v2", "resume").rollout
+    assert not resumed.paused and resumed.stage_started_at >= started
+    assert reg.mark_rollout("m", "v2", "alert", "inconclusive").rollout.alerted
+    assert reg.advance_rollout("m", "v2", STEPS).rollout.alerted is False  # a new stage, a new wait
+
+
+def test_promoting_by_hand_ends_any_rollout(reg):
+    reg.start_rollout("m", "v2", "canary", 5.0)
+    state = reg.promote("m", "v3", "by key k")
+    assert (state.production, state.rollout) == ("v3", None)
+    assert "rollout of v2 ends" in state.history[-1].reason
+
+
+def test_production_is_not_its_own_challenger(reg):
+    with pytest.raises(Conflict, match="is production already"):
+        reg.start_rollout("m", "v1", "shadow", 0)

@@ -1,0 +1,124 @@
+"""The rollout driver over real storage (registry state, feedback Parquet, the shadow log),
+no Ray: feedback on each version decides, the state moves, and health counts since the
+stage started can roll a challenger back before any feedback."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from tuneloop.control.rollout_driver import RolloutDriver
+from tuneloop.core.config import parse_config
+from tuneloop.core.rollout import VersionHealth
+from tuneloop.core.tasks import model_tasks
+from tuneloop.store.records import SHADOW_ROOT, FeedbackStore, PredictionLog, new_prediction_id
+from tuneloop.store.registry import Manifest, Registry
+from tuneloop.store.storage import Storage
+
+LABELS = ["negative", "positive"]
+
+
+class World:
+    def __init__(self, tmp_path, mode):
+        self.cfg = parse_config({
+            "models": [{"name": "m", "base_model": "b", "labels": LABELS}], "storage": {"root": str(tmp_path / "s")},
+            "rollout": {"mode": mode, "min_feedback": 60, "canary_steps": [10, 50], "min_requests": 20}})
+        storage = Storage(self.cfg.storage.root)
+        self.tasks = model_tasks(self.cfg.models)
+        self.registry = Registry(storage)
+        weights = tmp_path / "w"
+        weights.mkdir()
+        (weights / "config.json").write_text("{}")
+        for _ in range(2):
+            self.registry.publish("m", str(weights), Manifest(version="pending", model="m", parent=None,
+                                                              base_model="b", task="text-classification",
+                                                              labels=LABELS))
+        self.registry.promote("m", "v1")
+        self.feedback = FeedbackStore(storage, str(tmp_path / "journal"), self.tasks)
+        self.feedback.open_writer()
+        self.shadow = PredictionLog(storage, self.tasks, root=SHADOW_ROOT)
+        self.health: dict[str, VersionHealth] = {}
+        self.driver = RolloutDriver(self.cfg, self.registry, self.feedback, self.shadow, lambda _: self.health)
+        self.rng = random.Random(0)
+
+    def served(self, version: str, right: bool, shadow_right: bool | None = None) -> None:
+        """One prediction of ``version`` with feedback saying whether it was right (and the
+        shadow's answer to the same request, when given)."""
+        at = datetime.now(UTC)
+        pid = new_prediction_id(at)
+        truth = self.rng.choice(LABELS)
+        wrong = LABELS[1 - LABELS.index(truth)]
+        self.feedback.append(model="m", text="t", label=truth, prediction_id=pid, version=version,
+                             predicted_label=truth if right else wrong, predicted_at=at)
+        if shadow_right is not None:
+            self.shadow.append("m", [{"prediction_id": pid, "model": "m", "version": "v2", "text": "t",
+                                      "created_at": at, "label": truth if shadow_right else wrong,
+                                      "scores": {truth: 0.9, wrong: 0.1}}])
+
+
+@pytest.fixture
+def shadow_world(tmp_path):
+    world = World(tmp_path, "shadow")
+    world.registry.start_rollout("m", "v2", "shadow", 0)
+    return world
+
+
+def test_a_better_shadow_goes_to_canary_then_production_by_its_feedback(shadow_world):
+    w = shadow_world
+    assert w.driver.look("m").action == "hold"  # no feedback yet
+    for i in range(80):  # production right 70%, the shadow 90%, on the same requests
+        w.served("v1", right=i % 10 < 7, shadow_right=i % 10 < 9)
+    w.feedback.compact()
+    decision = w.driver.look("m")
+    assert decision.action == "advance" and decision.numbers["pairs"] == 80
+    state = w.registry.state("m")
+    assert (state.rollout.stage, state.rollout.percent) == ("canary", 10.0)
+    assert state.history[-1].numbers["challenger_only"] == 16
+    # Canary: only predictions since the step count; v2 now answers its own share.
+    assert w.driver.look("m").action == "hold"
+    for step in range(2):
+        for i in range(70):
+            w.served("v1", right=i % 10 < 7)
+            w.served("v2", right=i % 10 < 9)
+        w.feedback.compact()
+        assert w.driver.look("m").action == "advance"
+    state = w.registry.state("m")
+    assert (state.production, state.rollout) == ("v2", None)
+    assert [h.event for h in state.history][-4:] == ["rollout", "step", "step", "promote"]
+
+
+def test_a_worse_shadow_is_rolled_back_by_itself(shadow_world):
+    w = shadow_world
+    for i in range(80):
+        w.served("v1", right=i % 10 < 9, shadow_right=i % 10 < 5)
+    w.feedback.compact()
+    assert w.driver.look("m").action == "rollback"
+    state = w.registry.state("m")
+    assert (state.production, state.rollout, state.history[-1].event) == ("v1", None, "abort")
+    assert state.history[-1].reason.startswith("automatic: worse")
+
+
+def test_unhealthy_canary_rolls_back_on_counts_since_its_stage_began(tmp_path):
+    w = World(tmp_path, "canary")
+    w.registry.start_rollout("m", "v2", "canary", 10.0)
+    # Failures before the stage began are the baseline, not the stage's.
+    w.health = {"v1": VersionHealth(1000, 0), "v2": VersionHealth(100, 90)}
+    assert w.driver.look("m").action == "hold"
+    w.health = {"v1": VersionHealth(2000, 1), "v2": VersionHealth(130, 100)}  # +30 requests, +10 errors
+    decision = w.driver.look("m")
+    assert decision.action == "rollback" and "error rate 33.33%" in decision.reason
+    assert w.registry.state("m").rollout is None
+
+
+def test_a_paused_rollout_is_left_alone_and_an_overdue_one_alerts_once(tmp_path):
+    w = World(tmp_path, "canary")
+    w.registry.start_rollout("m", "v2", "canary", 10.0)
+    w.registry.mark_rollout("m", "v2", "pause")
+    assert w.driver.look("m") is None
+    w.registry.mark_rollout("m", "v2", "resume")
+    w.driver.clock = lambda: datetime.now(UTC) + timedelta(seconds=w.cfg.rollout.inconclusive_after_s + 1)
+    assert w.driver.look("m").alert and w.registry.state("m").rollout.alerted
+    w.driver.look("m")
+    assert [h.event for h in w.registry.state("m").history].count("alert") == 1

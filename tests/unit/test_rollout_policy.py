@@ -1,0 +1,116 @@
+"""The rollout's decisions (cluster/core/rollout.py): pure, milliseconds."""
+
+import pytest
+from pydantic import ValidationError
+
+from tuneloop.core.rollout import (Evidence, Rollout, RolloutConfig, accuracy_difference, canary_bucket, decide,
+                                   first_stage)
+
+CFG = RolloutConfig(min_feedback=100, margin=0.02, min_requests=50)
+
+
+def paired(pairs, production_only, challenger_only, **health):
+    return Evidence(paired=True, pairs=pairs, production_only=production_only, challenger_only=challenger_only,
+                    **health)
+
+
+def canary(production, challenger, **health):
+    (pn, pa), (cn, ca) = production, challenger
+    return Evidence(paired=False, production_feedback=pn, production_agreed=pa, challenger_feedback=cn,
+                    challenger_agreed=ca, **health)
+
+
+def test_a_better_shadow_advances_a_worse_one_rolls_back():
+    assert decide(CFG, paired(200, 5, 30), 60).action == "advance"
+    worse = decide(CFG, paired(200, 40, 5), 60)
+    assert worse.action == "rollback" and worse.reason.startswith("worse")
+    assert worse.numbers["upper"] < 0
+
+
+def test_identical_answers_advance_on_enough_pairs():
+    # A challenger that agrees with production on every request is not worse.
+    assert decide(CFG, paired(100, 0, 0), 60).action == "advance"
+
+
+def test_too_little_feedback_holds_and_alerts_only_when_overdue():
+    early = decide(CFG, paired(99, 0, 50), 60)
+    assert (early.action, early.alert) == ("hold", False) and "99 of 100 pairs" in early.reason
+    late = decide(CFG, paired(99, 0, 50), CFG.inconclusive_after_s)
+    assert (late.action, late.alert) == ("hold", True)
+
+
+def test_a_flapping_challenger_is_inconclusive_then_alerts():
+    # As many requests it gets right alone as production does: neither bound decides.
+    e = paired(200, 30, 30)
+    diff, low, high = accuracy_difference(e, CFG.confidence)
+    assert diff == 0 and low < -CFG.margin and high > 0
+    assert decide(CFG, e, 10).action == "hold" and not decide(CFG, e, 10).alert
+    assert decide(CFG, e, 4000).alert
+
+
+def test_canary_compares_proportions_and_needs_feedback_on_both():
+    assert decide(CFG, canary((1000, 900), (100, 97)), 60).action == "advance"
+    assert decide(CFG, canary((1000, 900), (120, 80)), 60).action == "rollback"
+    assert decide(CFG, canary((1000, 900), (99, 99)), 60).action == "hold"
+    assert decide(CFG, canary((50, 45), (500, 450)), 60).action == "hold"  # production's side is short
+
+
+def test_all_right_or_all_wrong_does_not_break_the_interval():
+    _, low, high = accuracy_difference(canary((100, 100), (100, 100)), 0.95)
+    assert low < 0 < high  # Agresti-Caffo: a real width at 100%
+    assert decide(CFG, canary((200, 0), (200, 200)), 1).action == "advance"
+
+
+def test_health_breaches_roll_back_before_any_feedback():
+    errors = decide(CFG, paired(0, 0, 0, production_requests=1000, production_errors=1, challenger_requests=100,
+                                challenger_errors=5), 1)
+    assert errors.action == "rollback" and "error rate 5.00%" in errors.reason
+    slow = decide(CFG, paired(0, 0, 0, production_requests=1000, challenger_requests=100,
+                              production_p99_s=0.010, challenger_p99_s=0.020), 1)
+    assert slow.action == "rollback" and "2.00x" in slow.reason
+    few = decide(CFG, paired(0, 0, 0, production_requests=1000, challenger_requests=49, challenger_errors=49), 1)
+    assert few.action == "hold"  # under min_requests: health not judged yet
+
+
+def test_stages_follow_the_mode_and_the_steps():
+    steps = [5.0, 25.0, 50.0]
+    assert first_stage("shadow", steps) == ("shadow", 0, 0.0)
+    assert first_stage("canary", steps) == ("canary", 0, 5.0)
+    r = Rollout(version="v2", stage="shadow", started_at="t", stage_started_at="t")
+    assert r.next_stage(steps) == ("canary", 0, 5.0)
+    r = Rollout(version="v2", stage="canary", step=1, percent=25, started_at="t", stage_started_at="t")
+    assert r.next_stage(steps) == ("canary", 2, 50.0)
+    assert r.model_copy(update={"step": 2}).next_stage(steps) is None  # then production
+
+
+@pytest.mark.parametrize("steps", [[5, 5], [50, 25], [0, 10], [10, 100], []])
+def test_bad_canary_steps_are_refused_quoting_them(steps):
+    with pytest.raises(ValidationError, match="canary_steps"):
+        RolloutConfig(canary_steps=steps)
+
+
+def test_canary_buckets_are_stable_and_spread():
+    assert canary_bucket("key-1") == canary_bucket("key-1")
+    buckets = [canary_bucket(f"client-{i}") for i in range(4000)]
+    assert all(0 <= b < 100 for b in buckets)
+    share = sum(b < 25 for b in buckets) / len(buckets)
+    assert 0.22 < share < 0.28
+
+
+def test_quantiles_interpolate_within_a_bucket_as_prometheus_does():
+    from tuneloop.core.rollout import VersionHealth, quantile_from_buckets
+
+    buckets = [(0.1, 50.0), (0.2, 100.0), (float("inf"), 100.0)]
+    assert quantile_from_buckets(buckets, 0.5) == pytest.approx(0.1)
+    assert quantile_from_buckets(buckets, 0.75) == pytest.approx(0.15)
+    assert quantile_from_buckets([(0.1, 0.0), (float("inf"), 0.0)], 0.99) is None
+    assert quantile_from_buckets([(0.1, 1.0), (float("inf"), 100.0)], 0.99) == 0.1  # past the last bound
+    start = VersionHealth(10, 1, ((0.1, 5.0), (float("inf"), 10.0)))
+    now = VersionHealth(30, 2, ((0.1, 20.0), (float("inf"), 30.0)))
+    assert now.since(start) == VersionHealth(20, 1, ((0.1, 15.0), (float("inf"), 20.0)))
+
+
+def test_a_clear_loss_rolls_back_before_min_feedback_but_not_before_its_own_minimum():
+    assert decide(CFG, paired(29, 20, 0), 1).action == "hold"  # under min_feedback_to_roll_back (30)
+    assert decide(CFG, paired(40, 25, 0), 1).action == "rollback"  # 40 < min_feedback (100), yet clear
+    assert decide(CFG, paired(40, 0, 25), 1).action == "hold"  # a clear gain still waits for min_feedback
