@@ -64,20 +64,24 @@ def shadow_runs(base: str) -> dict[str, float]:
 
 
 async def drive_feedback(base: str, texts: list[str], rate: float, judge, done, timeout_s: float,
-                         on_state) -> float:
+                         on_state) -> tuple[float, int]:
     """Predict and send feedback at ``rate`` per second (each with ``judge``'s label) until
-    ``done(state)``; returns the seconds it took. ``on_state`` hears every state polled."""
+    ``done(state)``; returns the seconds it took and the feedback stored (202).
+    ``on_state`` hears every state polled."""
     start = time.perf_counter()
     rng = random.Random(2)
+    stored = 0
     async with _session(256) as session:
 
         async def one(text: str) -> None:
+            nonlocal stored
             try:
                 async with session.post(f"{base}/v1/models/bench/predict", json={"inputs": [text]}) as r:
                     answer = (await r.json())["predictions"][0]
                 async with session.post(f"{base}/v1/feedback",
                                         json={"prediction_id": answer["id"], "label": judge(answer)}) as r:
                     await r.read()
+                    stored += r.status == 202
             except (aiohttp.ClientError, KeyError, TimeoutError):
                 pass
 
@@ -99,7 +103,7 @@ async def drive_feedback(base: str, texts: list[str], rate: float, judge, done, 
             next_at += rng.expovariate(rate)
         for t in tasks:
             t.cancel()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, stored
 
 
 def main() -> None:
@@ -110,6 +114,7 @@ def main() -> None:
     ap.add_argument("--min-feedback", type=int, default=100, help="rollout.min_feedback")
     ap.add_argument("--steps", default="5,25,50", help="rollout.canary_steps")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the replica")
+    ap.add_argument("--parts", default="shadow,decisions", help="which parts to run")
     ap.add_argument("--smoke", action="store_true", help="tiny random model, short cells: checks the tables only")
     args = ap.parse_args()
     if args.smoke:
@@ -135,7 +140,8 @@ def main() -> None:
         "storage": {"root": str(work / "store")},
         "serving": {"max_batch_size": 32, "num_cpus_per_replica": args.threads, "max_length": 128,
                     "reload_interval_s": 0.5},
-        "auth": {"open_roles": ["predict", "feedback"]},
+        # Open roles share one rate-limit bucket: lift it, or it caps feedback at 2/s.
+        "auth": {"open_roles": ["predict", "feedback"], "feedback_per_minute": 600_000, "feedback_burst": 10_000},
         "feedback": {"compact_interval_s": 1.0},
         "rollout": {"min_feedback": args.min_feedback, "canary_steps": steps, "evaluate_every_s": 2,
                     "min_requests": 10**9},  # health is not what this measures
@@ -153,71 +159,83 @@ def main() -> None:
     try:
         deploy(cfg, metrics_dir)
         wait_ready(base, timeout_s=300)
-
-        def one(t):
-            return {"inputs": [t]}
-
-        # 1. shadow cost at half of peak
-        peak = asyncio.run(_closed_loop(url, one, texts, 16, args.seconds, 2.0)).throughput
-        rate = peak / 2
-        baseline = asyncio.run(_open_loop(url, one, texts, rate, args.seconds, 2.0))
-        registry.start_rollout("bench", "v2", "shadow", 0, "benchmark")
-        registry.mark_rollout("bench", "v2", "pause", "benchmark: measure only")
-        deadline = time.monotonic() + 120
-        while not shadow_runs(base).get("ok"):
-            assert time.monotonic() < deadline, "the shadow never ran"
-            asyncio.run(_open_loop(url, one, texts, 2.0, 1.0, 0.0))
-        before = shadow_runs(base)
-        shadowed = asyncio.run(_open_loop(url, one, texts, rate, args.seconds, 2.0))
-        after = shadow_runs(base)
-        registry.abort_rollout("bench", "v2", "benchmark")
-        ran, shed = (after.get(k, 0) - before.get(k, 0) for k in ("ok", "shed"))
-        print(f"\n1. Shadow cost at half of peak ({rate:.1f} requests/s; peak {peak:.1f}/s, 16 clients)\n")
-        print("| | p50 ms | p99 ms | errors | p50 ratio | p99 ratio |\n| --- | ---: | ---: | ---: | ---: | ---: |")
-        for name, r in (("production alone", baseline), ("with a shadow", shadowed)):
-            print(f"| {name} | {r.p50 * 1e3:.1f} | {r.p99 * 1e3:.1f} | {r.errors} | {r.p50 / baseline.p50:.2f} | "
-                  f"{r.p99 / baseline.p99:.2f} |")
-        print(f"\nshadow runs: {ran:.0f} ran, {shed:.0f} shed ({ran / max(1.0, ran + shed):.0%} of requests shadowed)")
-
-        # 2. decision times
-        stages: list[tuple[float, str]] = []
-
-        def note(t: float, state: dict) -> None:
-            r = state.get("rollout")
-            where = "production" if state["production"] == "v2" else (
-                f"{r['stage']} {r['percent']:g}%" if r else "rolled back")
-            if not stages or stages[-1][1] != where:
-                stages.append((t, where))
-
-        registry.promote("bench", "v1")  # a fresh start: v1 production, v2 again challenger
-        registry.start_rollout("bench", "v2", "shadow", 0, "benchmark: good challenger")
-        took = asyncio.run(drive_feedback(base, texts, args.feedback_rate, lambda a: "positive",
-                                          lambda s: s["production"] == "v2", 3600, note))
-        bound = args.min_feedback / args.feedback_rate + sum(args.min_feedback / (p / 100 * args.feedback_rate)
-                                                              for p in steps)
-        print(f"\n2. Decision time at {args.feedback_rate:g} feedback/s\n")
-        print("| rollout | stages reached (s from start) | took s | least possible s | ratio |")
-        print("| --- | --- | ---: | ---: | ---: |")
-        print(f"| better challenger, shadow to production | {', '.join(f'{w} {t:.0f}' for t, w in stages)} | "
-              f"{took:.0f} | {bound:.0f} | {took / bound:.2f} |")
-        registry.rollback("bench")  # v1 production again
-        stages.clear()
-        registry.start_rollout("bench", "v2", "canary", steps[0], "benchmark: worse canary")
-        took = asyncio.run(drive_feedback(
-            base, texts, args.feedback_rate,
-            lambda a: a["label"] if a["version"] == "v1" else LABELS[1 - LABELS.index(a["label"])],
-            lambda s: s["rollout"] is None, 3600, note))
-        needed = min(args.min_feedback, cfg.rollout.min_feedback_to_roll_back)
-        bound = needed / (steps[0] / 100 * args.feedback_rate)
-        print(f"| worse canary at {steps[0]:g}%, to rollback | {', '.join(f'{w} {t:.0f}' for t, w in stages)} | "
-              f"{took:.0f} | {bound:.0f} | {took / bound:.2f} |")
-        print("\nLeast possible: the feedback a decision needs (min_feedback to advance, min_feedback_to_roll_back "
-              "to roll back), on the challenger's share, at the rate above; the rest is the evaluation interval "
-              "(2 s here), the log flush before feedback can join a prediction, and compaction.")
+        parts = set(args.parts.split(","))
+        if "shadow" in parts:
+            shadow_cost(base, url, registry, texts, args.seconds)
+        if "decisions" in parts:
+            decision_times(base, registry, texts, args, steps, cfg.rollout.min_feedback_to_roll_back)
         undeploy(cfg)
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def _one(text: str) -> dict:
+    return {"inputs": [text]}
+
+
+def shadow_cost(base: str, url: str, registry, texts: list[str], seconds: float) -> None:
+    """Part 1: production's latency at half of its peak, alone and with a shadow."""
+    peak = asyncio.run(_closed_loop(url, _one, texts, 16, seconds, 2.0)).throughput
+    rate = peak / 2
+    baseline = asyncio.run(_open_loop(url, _one, texts, rate, seconds, 2.0))
+    registry.start_rollout("bench", "v2", "shadow", 0, "benchmark")
+    registry.mark_rollout("bench", "v2", "pause", "benchmark: measure only")
+    deadline = time.monotonic() + 120
+    while not shadow_runs(base).get("ok"):
+        assert time.monotonic() < deadline, "the shadow never ran"
+        asyncio.run(_open_loop(url, _one, texts, 2.0, 1.0, 0.0))
+    before = shadow_runs(base)
+    shadowed = asyncio.run(_open_loop(url, _one, texts, rate, seconds, 2.0))
+    after = shadow_runs(base)
+    registry.abort_rollout("bench", "v2", "benchmark")
+    ran, shed = (after.get(k, 0) - before.get(k, 0) for k in ("ok", "shed"))
+    print(f"\n1. Shadow cost at half of peak ({rate:.1f} requests/s; peak {peak:.1f}/s, 16 clients)\n")
+    print("| | p50 ms | p99 ms | errors | p50 ratio | p99 ratio |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, r in (("production alone", baseline), ("with a shadow", shadowed)):
+        print(f"| {name} | {r.p50 * 1e3:.1f} | {r.p99 * 1e3:.1f} | {r.errors} | {r.p50 / baseline.p50:.2f} | "
+              f"{r.p99 / baseline.p99:.2f} |")
+    print(f"\nshadow runs: {ran:.0f} ran, {shed:.0f} shed ({ran / max(1.0, ran + shed):.0%} of requests shadowed)",
+          flush=True)
+
+
+def decision_times(base: str, registry, texts: list[str], args, steps: list[float], to_roll_back: int) -> None:
+    """Part 2: a better challenger from its start to production, a worse canary to rollback."""
+    stages: list[tuple[float, str]] = []
+
+    def note(t: float, state: dict) -> None:
+        r = state.get("rollout")
+        where = "production" if state["production"] == "v2" else (
+            f"{r['stage']} {r['percent']:g}%" if r else "rolled back")
+        if not stages or stages[-1][1] != where:
+            stages.append((t, where))
+
+    def row(name: str, took: float, stored: int, bound: float) -> None:
+        print(f"| {name} | {', '.join(f'{w} {t:.0f}' for t, w in stages)} | {stored} | {took:.0f} | {bound:.0f} | "
+              f"{took / bound:.2f} |", flush=True)
+
+    registry.promote("bench", "v1")  # a fresh start: v1 production, v2 the challenger
+    registry.start_rollout("bench", "v2", "shadow", 0, "benchmark: better challenger")
+    print(f"\n2. Decision time at {args.feedback_rate:g} feedback/s\n")
+    print("| rollout | stages reached (s from start) | feedback stored | took s | least possible s | ratio |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    took, stored = asyncio.run(drive_feedback(base, texts, args.feedback_rate, lambda a: "positive",
+                                              lambda s: s["production"] == "v2", 3600, note))
+    rate = args.feedback_rate
+    row("better challenger, shadow to production", took, stored,
+        args.min_feedback / rate + sum(args.min_feedback / (p / 100 * rate) for p in steps))
+    registry.rollback("bench")  # v1 production again
+    stages.clear()
+    registry.start_rollout("bench", "v2", "canary", steps[0], "benchmark: worse canary")
+    took, stored = asyncio.run(drive_feedback(
+        base, texts, rate, lambda a: a["label"] if a["version"] == "v1" else LABELS[1 - LABELS.index(a["label"])],
+        lambda s: s["rollout"] is None, 3600, note))
+    row(f"worse canary at {steps[0]:g}%, to rollback", took, stored,
+        min(args.min_feedback, to_roll_back) / (steps[0] / 100 * rate))
+    print("\nLeast possible: the feedback a decision needs (min_feedback to advance, min_feedback_to_roll_back "
+          "to roll back), on the challenger's share, at the rate above; the rest is the evaluation interval "
+          "(2 s here), the log flush before feedback can join a prediction, compaction, and, near a tie, the "
+          "extra feedback the bound needs.")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ In canary, a request whose client falls below the canary's percent (``canary_buc
 its ``X-Client-Id``, else its API key, else the request) is answered by the challenger. In
 shadow, after production's answer is sent, a share of requests is run on the challenger
 too, and its answers logged under the same prediction ids (``SHADOW_ROOT``); shadow work is
-shed first: never while production has texts queued, and one shadow batch at a time.
+shed first: it starts only when the compute thread is idle, one shadow batch at a time.
 """
 
 from __future__ import annotations
@@ -175,6 +175,7 @@ class ModelServer:
         self._challenger: LoadedModel | None = None  # a rollout's, beside production
         self._rollout: Rollout | None = None
         self._shadowing = 0  # shadow batches running (at most one)
+        self._computing = 0  # production or canary batches handed to the compute thread
         self._refused: dict[str, str] = {}  # version -> why it cannot be served (versions are immutable)
         self._stop = threading.Event()
         self._replica_id = uuid.uuid4().hex[:16]
@@ -302,7 +303,11 @@ class ModelServer:
         loaded = (self._challenger or self._loaded) if role == "challenger" else self._loaded
         batcher = self._challenger_batcher if role == "challenger" else self._batcher
         start = time.perf_counter()
-        results = await asyncio.get_running_loop().run_in_executor(self._compute, self._run_batch, loaded, texts)
+        self._computing += 1
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self._compute, self._run_batch, loaded, texts)
+        finally:
+            self._computing -= 1
         if self.serving.adaptive_batching:
             batcher.max_batch_size = next_batch_size(
                 self._policy, batcher.max_batch_size, len(texts), time.perf_counter() - start
@@ -312,10 +317,11 @@ class ModelServer:
     # -- shadow ----------------------------------------------------------------------------
     def _maybe_shadow(self, challenger: LoadedModel, texts: list[str], predictions: list[dict[str, Any]]) -> None:
         """Run the shadow on a request already answered, unless that would take compute from
-        production: shed while production has texts queued or a shadow batch runs."""
+        production: shed while a batch computes or waits, or another shadow batch runs (so
+        a shadow batch only ever starts on an idle compute thread)."""
         if random.random() * 100 >= self.rollout_cfg.shadow_percent:
             return
-        if self._batcher.queued or self._shadowing:
+        if self._batcher.queued or self._challenger_batcher.queued or self._computing or self._shadowing:
             metrics.SHADOW_RUNS.labels(self.cfg.name, challenger.version, "shed").inc()
             return
         self._shadowing += 1
