@@ -260,7 +260,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny random model, short cells: checks the table only")
     args = ap.parse_args()
     if args.smoke:
-        args.seconds, args.warmup = 2.0, 0.5
+        args.seconds, args.warmup = 1.0, 0.25
         if args.concurrency == ap.get_default("concurrency"):
             args.concurrency = "4"
 

@@ -18,7 +18,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from tuneloop.core.rollout import VersionHealth
@@ -65,6 +65,13 @@ PREDICT_ERRORS = Counter(
 SHADOW_RUNS = Counter(
     "tuneloop_shadow_runs", "Requests a rollout's shadow version ran on (ok, error) or skipped under load (shed)",
     ["model", "version", "outcome"],
+)
+# Most recent value across a node's replicas: every replica holding a version holds the same
+# bytes of it, and the one that let it go last wrote 0 (a crashed replica's last value stays).
+RESIDENT_WEIGHT_BYTES = Gauge(
+    "tuneloop_resident_weight_bytes", "Weights and buffers a replica holds for a version (0 once unloaded); "
+    "at most two versions (production and a rollout's challenger) are resident", ["model", "version"],
+    multiprocess_mode="mostrecent",
 )
 PREDICTION_LOG_DROPPED = Counter(
     "tuneloop_prediction_log_dropped", "Prediction-log rows dropped (oldest first) while the log could not be written",

@@ -99,6 +99,10 @@ class LoadedModel:
         auto_class = getattr(transformers, task.auto_class)
         self.model = auto_class.from_pretrained(path, dtype=dtype).to(self.device).eval()
         self.head = checkpoint_labels(self.model.config.id2label, task.head_labels(), version)
+        # What holding this version costs the replica: its weights and buffers, as loaded
+        # (bf16 on a GPU, fp32 on CPU); activations come and go with each batch.
+        self.weight_bytes = sum(t.numel() * t.element_size()
+                                for t in (*self.model.parameters(), *self.model.buffers()))
 
     def predict(self, texts: list[str]) -> tuple[list[dict[str, Any]], int, int]:
         """Answers in order, and the batch's real and padded token counts. An input the
@@ -177,6 +181,7 @@ class ModelServer:
         self._shadowing = 0  # shadow batches running (at most one)
         self._computing = 0  # production or canary batches handed to the compute thread
         self._refused: dict[str, str] = {}  # version -> why it cannot be served (versions are immutable)
+        self._resident: dict[str, int] = {}  # version -> weight bytes, as last reported
         self._stop = threading.Event()
         self._replica_id = uuid.uuid4().hex[:16]
         if watch:
@@ -210,8 +215,22 @@ class ModelServer:
             self._challenger = None  # first out: never three versions resident
             self._challenger = self._load_version(challenger)
             if self._challenger is not None:
-                log.info("model %s: challenger %s loaded (%s)", self.cfg.name, challenger, rollout.stage)
+                log.info("model %s: challenger %s loaded (%s; %.0f MB of weights, %.0f MB with production's)",
+                         self.cfg.name, challenger, rollout.stage, self._challenger.weight_bytes / 1e6,
+                         (self._challenger.weight_bytes + (self._loaded.weight_bytes if self._loaded else 0)) / 1e6)
         self._rollout = rollout
+        self._report_resident()
+
+    def _report_resident(self) -> None:
+        """tuneloop_resident_weight_bytes of the versions this replica holds now (at most
+        two), and 0 for any it let go since the last report."""
+        resident = {m.version: m.weight_bytes for m in (self._loaded, self._challenger) if m is not None}
+        for version in self._resident.keys() - resident.keys():
+            metrics.RESIDENT_WEIGHT_BYTES.labels(self.cfg.name, version).set(0)
+        for version, size in resident.items():
+            if self._resident.get(version) != size:
+                metrics.RESIDENT_WEIGHT_BYTES.labels(self.cfg.name, version).set(size)
+        self._resident = resident
 
     def _load_version(self, version: str) -> LoadedModel | None:
         if version in self._refused:
@@ -235,7 +254,8 @@ class ModelServer:
     def status(self) -> dict[str, Any]:
         return {"model": self.cfg.name, "version": self._loaded.version if self._loaded else None,
                 "challenger": self._challenger.version if self._challenger else None,
-                "rollout": self._rollout.model_dump() if self._rollout else None, "refused": dict(self._refused)}
+                "rollout": self._rollout.model_dump() if self._rollout else None, "refused": dict(self._refused),
+                "resident_weight_bytes": dict(self._resident)}
 
     # -- HTTP ------------------------------------------------------------------------------
     async def __call__(self, request: Request) -> JSONResponse:

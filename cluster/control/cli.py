@@ -156,13 +156,48 @@ def rollout(
         except (Conflict, UnknownVersion) as e:
             typer.echo(e.message, err=True)
             raise typer.Exit(2) from None
+    for line in _describe_state(model, state):
+        typer.echo(line)
+
+
+def _describe_state(model: str, state, last: int = 8) -> list[str]:
+    """Production, the rollout under way, and the last changes with who or what made them
+    and the numbers an automatic decision saw."""
     r = state.rollout
-    typer.echo(f"{model}: production {state.production or 'none'}" + (
+    lines = [f"{model}: production {state.production or 'none'}" + (
         f"; challenger {r.version} in {r.stage}" + (f" at {r.percent:g}%" if r.stage == "canary" else "")
-        + (" (paused)" if r.paused else "") + (" (alert: no decision yet)" if r.alerted else "") if r else
-        "; no rollout under way"))
-    for entry in [h for h in state.history if h.event not in ("candidate",)][-8:]:
-        typer.echo(f"  {entry.at}  {entry.event:<8} {entry.version or '-':<5} {entry.reason}")
+        + f" since {r.stage_started_at}" + (" (paused)" if r.paused else "")
+        + (" (alert: no decision yet)" if r.alerted else "") if r else "; no rollout under way")]
+    for entry in [h for h in state.history if h.event != "candidate"][-last:]:
+        lines.append(f"  {entry.at}  {entry.event:<8} {entry.version or '-':<5} {entry.reason}")
+        if entry.numbers:
+            lines.append("      " + " ".join(f"{k}={v}" for k, v in entry.numbers.items()))
+    return lines
+
+
+@app.command()
+def status(
+    model: str | None = typer.Argument(None, help="one model (default: every configured model)"),
+    as_json: bool = typer.Option(False, "--json", help="print the registry's state as JSON"),
+    config: str | None = ConfigOption,
+) -> None:
+    """Each model's production version, its rollout (stage, traffic share, paused or alerted)
+    and its last changes: who or what decided, and the numbers an automatic decision saw."""
+    from tuneloop.store.registry import Registry
+    from tuneloop.store.storage import Storage
+
+    cfg = _load(config)
+    if model is not None:
+        _known_model(cfg, model)
+    registry = Registry(Storage(cfg.storage.root))
+    names = [model] if model else [m.name for m in cfg.models]
+    states = {name: registry.state(name) for name in names}
+    if as_json:
+        typer.echo(json.dumps({n: s.model_dump() for n, s in states.items()}, indent=2, default=str))
+        return
+    for name, state in states.items():
+        for line in _describe_state(name, state):
+            typer.echo(line)
 
 
 feedback_app = typer.Typer(no_args_is_help=True,

@@ -16,6 +16,13 @@ It is judged on the labels users send later, against production on the same foot
   two-proportion interval (Agresti and Caffo's, which holds at small counts and at 0% or
   100% agreement, where Wald's collapses).
 
+The bounds are a *confidence sequence* by default (``sequential``): valid at every look at
+once, however often the controller looks, so a challenger slightly worse than ``margin``
+cannot advance at some lucky look over a long stage, as it can when a fixed-sample bound
+is tested at each look (peeking). The price is width: at ``min_feedback``, where the
+sequence is tightest, the bound is 3.0 standard errors from the difference instead of 1.6
+at 95% (``bound_multiplier``), so a close call takes about 3.4 times the feedback.
+
 ``decide`` advances when the challenger is *not worse* than production by more than
 ``margin`` (the lower confidence bound of challenger minus production above ``-margin``,
 after ``min_feedback``), rolls back when it is significantly worse (the upper bound below 0,
@@ -54,6 +61,9 @@ class RolloutConfig(BaseModel):
     margin: float = Field(default=0.02, ge=0, lt=1,
                           description="how much lower the challenger's online accuracy may be and still advance")
     confidence: float = Field(default=0.95, gt=0.5, lt=1, description="of each one-sided bound")
+    sequential: bool = Field(default=True, description=(
+        "bounds valid at every look at once (a confidence sequence); false: a fixed-sample bound at each "
+        "look, narrower, but repeated looks raise the chance that a slightly worse challenger advances"))
     min_feedback: int = Field(default=100, ge=1, description=(
         "feedback before a stage is judged: pairs in shadow, on each version's answers in canary"))
     min_feedback_to_roll_back: int = Field(default=30, ge=1, description=(
@@ -134,10 +144,26 @@ class Decision:
     numbers: dict = field(default_factory=dict)
 
 
-def accuracy_difference(e: Evidence, confidence: float) -> tuple[float, float, float]:
+def bound_multiplier(confidence: float, n: int, sequential_from: int | None = None) -> float:
+    """How many standard errors a one-sided bound at ``confidence`` lies from the estimate,
+    after ``n`` samples. Fixed-sample (``sequential_from`` None): the normal quantile.
+    Sequential: Robbins's normal-mixture boundary as an asymptotic confidence sequence
+    (Waudby-Smith, Arbour, Sinha, Kennedy and Ramdas, 2021, Theorem 2.2), tightest at
+    ``sequential_from`` samples: sqrt(2 (x+1)/x log(sqrt(x+1)/alpha)) with x = n rho^2. Its
+    alpha covers both sides, so each one-sided bound holds at ``confidence`` or better."""
+    if sequential_from is None:
+        return NormalDist().inv_cdf(confidence)
+    alpha = 1 - confidence
+    rho2 = (-2 * math.log(alpha) + math.log(1 - 2 * math.log(alpha))) / sequential_from
+    x = max(n, 1) * rho2
+    return math.sqrt(2 * (x + 1) / x * math.log(math.sqrt(x + 1) / alpha))
+
+
+def accuracy_difference(e: Evidence, confidence: float, sequential_from: int | None = None) -> tuple[float, float, float]:
     """Challenger minus production online accuracy, with its one-sided lower and upper
-    bounds at ``confidence``."""
-    z = NormalDist().inv_cdf(confidence)
+    bounds at ``confidence`` (valid at every look at once with ``sequential_from``, see
+    ``bound_multiplier``)."""
+    z = bound_multiplier(confidence, e.samples(), sequential_from)
     if e.paired:
         n, b, c = e.pairs, e.production_only, e.challenger_only
         diff = (c - b) / n
@@ -182,9 +208,10 @@ def decide(cfg: RolloutConfig, e: Evidence, waited_s: float) -> Decision:
     if n < min(cfg.min_feedback, cfg.min_feedback_to_roll_back):
         return Decision("hold", f"waiting for feedback: {n} of {cfg.min_feedback} {what}", alert=overdue,
                         numbers=numbers)
-    diff, low, high = accuracy_difference(e, cfg.confidence)
+    diff, low, high = accuracy_difference(e, cfg.confidence, cfg.min_feedback if cfg.sequential else None)
     numbers |= {"difference": round(diff, 4), "lower": round(low, 4), "upper": round(high, 4)}
-    said = f"online accuracy {diff:+.1%} vs production ({cfg.confidence:.0%} bounds {low:+.1%} .. {high:+.1%})"
+    kind = "sequential " if cfg.sequential else ""
+    said = f"online accuracy {diff:+.1%} vs production ({cfg.confidence:.0%} {kind}bounds {low:+.1%} .. {high:+.1%})"
     if n >= cfg.min_feedback and low > -cfg.margin:
         return Decision("advance", f"not worse: {said}, margin {cfg.margin:.1%}", numbers=numbers)
     if n >= cfg.min_feedback_to_roll_back and high < 0:

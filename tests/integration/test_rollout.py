@@ -1,7 +1,7 @@
 """Safe rollout on live traffic, over real HTTP and Serve, with feedback injected so that the
 challenger is better or worse than production: a better one goes shadow -> canary ->
 production by itself, a worse one is rolled back by itself, and four clients predicting
-throughout see no failure.
+throughout see no failure while the model's replicas scale between one and two.
 
 v1 is a tiny random model; v2 the same with a classifier bias that makes it answer
 "positive" always, so the two disagree on a share of texts and feedback can say which of
@@ -35,7 +35,11 @@ def deployed(ray_session, serve_port, metrics_dir, tiny_model, tmp_path_factory)
                       rollout={"min_feedback": 20, "min_feedback_to_roll_back": 20, "canary_steps": [50],
                                "evaluate_every_s": 1, "max_latency_ratio": 20, "min_requests": 1000,
                                "inconclusive_after_s": 15},
-                      auth={"feedback_per_minute": 6000, "feedback_burst": 100})
+                      auth={"feedback_per_minute": 6000, "feedback_burst": 100},
+                      # The clients' load alone asks for a second replica; it goes 5 s after the load.
+                      serving={"autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 0.25,
+                                               "upscale_delay_s": 0, "downscale_delay_s": 5,
+                                               "look_back_period_s": 11}})
     publish_version(cfg, tiny_model)
     biased = build_tiny_model(tmp_path_factory.mktemp("positive"), LABELS, bias=[0.0, 5.0])
     publish_version(cfg, biased, promote=False)  # v2
@@ -59,15 +63,26 @@ def live(deployed):
 
 
 class Clients:
-    """Four clients predicting throughout, each with its own id (sticky in canary)."""
+    """Four clients predicting throughout, each with its own id (sticky in canary), and the
+    model's running replica counts seen meanwhile."""
 
     def __init__(self, url: str):
         self.url, self.stop_flag = url, threading.Event()
         self.failures: list[str] = []
         self.versions: set[str] = set()
+        self.replicas: list[int] = []
         self.threads = [threading.Thread(target=self._run, args=(f"client-{i}",), daemon=True) for i in range(4)]
+        self.threads.append(threading.Thread(target=self._count_replicas, daemon=True))
         for t in self.threads:
             t.start()
+
+    def _count_replicas(self) -> None:
+        from ray import serve
+
+        from tuneloop.core.names import running_replicas
+
+        while not self.stop_flag.wait(1.0):
+            self.replicas.append(running_replicas(serve.status().applications, "sentiment"))
 
     def _run(self, client: str) -> None:
         with httpx.Client(timeout=60) as c:
@@ -131,6 +146,7 @@ def test_a_better_challenger_goes_shadow_canary_production_by_itself(live):
     assert final["rollout"] is None
     clients.stop()
     assert clients.failures == [] and clients.versions >= {"v1", "v2"}
+    assert clients.replicas[0] <= 2 and max(clients.replicas) == 2, clients.replicas  # scaled out meanwhile
     paused = httpx.post(f"{url}/v1/models/sentiment/rollout", json={"action": "pause"}, headers=bearer(ADMIN_KEY))
     assert paused.status_code == 409 and "no rollout" in paused.text  # nothing under way any more
     # Started by an operator (no numbers), moved by the driver (with the numbers it saw); an

@@ -87,3 +87,25 @@ def test_version_health_sums_nodes_and_separates_served_from_shadow(tmp_path):
     assert dict(v1.latency_buckets) == {0.1: 189, 1.0: 200, float("inf"): 200}
     assert 0.1 < v1.p99_s() <= 1.0
     assert (v2.requests, v2.errors, v2.latency_buckets) == (42, 2, ())  # shed runs are no requests
+
+
+def _resident_file(folder, pid: int, value: float, at: float) -> str:
+    """A replica's resident-weights gauge file (mostrecent mode: value and its write time)."""
+    folder.mkdir(exist_ok=True)
+    path = str(folder / f"gauge_mostrecent_{pid}.db")
+    values = MmapedDict(path)
+    key = mmap_key("tuneloop_resident_weight_bytes", "tuneloop_resident_weight_bytes", ["model", "version"],
+                   ["m", "v2"], "Weights.")
+    values.write_value(key, value, at)
+    values.close()
+    return path
+
+
+def test_resident_weights_are_the_last_replicas_word_per_node(tmp_path):
+    # Two replicas on one node held v2; the one that let it go last wrote 0.
+    held, let_go = _resident_file(tmp_path / "a", 7, 4e6, at=100.0), _resident_file(tmp_path / "a", 8, 0, at=200.0)
+    storage = Storage(str(tmp_path / "store"))
+    text = render(JobStore(storage), lambda: {}, Registry(storage), ["m"], None, {"aaaa": [held, let_go]}).decode()
+    values = [s.value for f in text_string_to_metric_families(text) if f.name == "tuneloop_resident_weight_bytes"
+              for s in f.samples]
+    assert values == [0.0]

@@ -93,18 +93,28 @@ def test_shadow_work_is_shed_while_one_runs(rollout):
     assert (count("shed"), count("ok")) == (before[0] + 1, before[1])  # none started beside it
 
 
+def _resident_bytes(version: str) -> float | None:
+    return REGISTRY.get_sample_value("tuneloop_resident_weight_bytes", {"model": "sentiment", "version": version})
+
+
 def test_two_versions_resident_at_most_and_a_promoted_challenger_is_not_reloaded(rollout):
     replica, registry, _ = rollout
     registry.start_rollout("sentiment", "v2", "canary", 5.0)
     replica._sync_with_registry()
     challenger = replica._challenger
     assert challenger.version == "v2" and replica.status()["challenger"] == "v2"
+    size = sum(p.numel() * 4 for p in challenger.model.parameters())  # fp32 on CPU; buffers on top
+    assert size <= challenger.weight_bytes < size * 1.1
+    assert replica.status()["resident_weight_bytes"] == {"v1": challenger.weight_bytes, "v2": challenger.weight_bytes}
+    assert _resident_bytes("v1") == _resident_bytes("v2") == challenger.weight_bytes
     registry.advance_rollout("sentiment", "v2", [5.0])  # the last step: production
     replica._sync_with_registry()
     assert replica._loaded is challenger and replica._challenger is None
     registry.start_rollout("sentiment", "v3", "shadow", 0)
     replica._sync_with_registry()
     assert (replica._loaded.version, replica._challenger.version) == ("v2", "v3")
+    assert _resident_bytes("v1") == 0 and _resident_bytes("v3") == challenger.weight_bytes  # v1 let go
     registry.rollback("sentiment")  # ends v3's rollout
     replica._sync_with_registry()
     assert replica._challenger is None and replica._loaded.version == "v2"
+    assert replica.status()["resident_weight_bytes"] == {"v2": challenger.weight_bytes} and _resident_bytes("v3") == 0

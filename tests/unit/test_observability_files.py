@@ -13,7 +13,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tuneloop.serving.metrics import render
+from tuneloop.serving.metrics import RESIDENT_WEIGHT_BYTES, render
 from tuneloop.store.jobs import JobStore
 from tuneloop.store.registry import Manifest, Registry
 from tuneloop.store.storage import Storage
@@ -36,6 +36,8 @@ def exported_text(tmp_path_factory) -> str:
                                                               labels=["a", "b"]))
     registry.promote("m", "v1")
     registry.start_rollout("m", "v2", "canary", 5.0)
+    for version in ("v1", "v2"):  # as the replicas holding both report them
+        RESIDENT_WEIGHT_BYTES.labels("m", version).set(4e6)
     return render(JobStore(storage), lambda: {"m": 1}, registry, ["m"], lambda: STATS).decode()
 
 

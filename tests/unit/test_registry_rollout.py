@@ -76,3 +76,26 @@ def test_promoting_by_hand_ends_any_rollout(reg):
 def test_production_is_not_its_own_challenger(reg):
     with pytest.raises(Conflict, match="is production already"):
         reg.start_rollout("m", "v1", "shadow", 0)
+
+
+def test_tuneloop_status_shows_the_rollout_and_the_numbers_decisions_saw(reg, tmp_path):
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from tuneloop.control.cli import app
+
+    reg.start_rollout("m", "v2", "shadow", 0, "by `tuneloop rollout`")
+    reg.advance_rollout("m", "v2", STEPS, "automatic: not worse", {"pairs": 120, "lower": -0.01})
+    config = tmp_path / "tuneloop.yaml"
+    config.write_text(yaml.safe_dump({"models": [{"name": "m", "base_model": "b", "labels": ["a", "b"]}],
+                                      "storage": {"root": str(tmp_path / "store")}}))
+    runner = CliRunner()
+    shown = runner.invoke(app, ["status", "-c", str(config)])
+    assert shown.exit_code == 0, shown.output
+    assert "m: production v1; challenger v2 in canary at 5%" in shown.output
+    assert "automatic: not worse" in shown.output and "lower=-0.01 pairs=120" in shown.output
+    as_json = json.loads(runner.invoke(app, ["status", "m", "--json", "-c", str(config)]).output)
+    assert as_json["m"]["rollout"]["percent"] == 5.0 and as_json["m"]["history"][-1]["event"] == "step"
+    assert runner.invoke(app, ["status", "nope", "-c", str(config)]).exit_code == 2

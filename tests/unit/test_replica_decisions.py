@@ -53,6 +53,7 @@ class FakeModel:
             raise LabelMismatch(f"version {version}'s checkpoint has labels ['x', 'y']")
         self.version, self.task, self.delay_s = version, task, delay_s
         self.batches: list[int] = []
+        self.weight_bytes = 1000
 
     def predict(self, texts):
         time.sleep(self.delay_s)
@@ -91,7 +92,7 @@ def test_a_refused_version_leaves_the_loaded_one_serving_and_is_not_retried():
     replica._sync_with_registry()  # versions are immutable: not loaded again
     assert registry.switched == ["v1"]  # a refused version was never switched to
     assert replica.status() == {"model": "m", "version": "v1", "challenger": None, "rollout": None,
-                                "refused": {"bad": replica._refused["bad"]}}
+                                "refused": {"bad": replica._refused["bad"]}, "resident_weight_bytes": {"v1": 1000}}
     assert asyncio.run(replica.predict(["a"]))[0]["version"] == "v1"
 
 

@@ -114,3 +114,43 @@ def test_a_clear_loss_rolls_back_before_min_feedback_but_not_before_its_own_mini
     assert decide(CFG, paired(29, 20, 0), 1).action == "hold"  # under min_feedback_to_roll_back (30)
     assert decide(CFG, paired(40, 25, 0), 1).action == "rollback"  # 40 < min_feedback (100), yet clear
     assert decide(CFG, paired(40, 0, 25), 1).action == "hold"  # a clear gain still waits for min_feedback
+
+
+def _looked_at_until_decided(cfg, seed, production_only, challenger_only, looks=100, every=25):
+    """One simulated shadow stage: ``every`` pairs between looks (each pair discordant with
+    the given chances), the decision at each look, the first that is not hold."""
+    import random
+
+    rng, b, c = random.Random(seed), 0, 0
+    for look in range(1, looks + 1):
+        for _ in range(every):
+            u = rng.random()
+            b, c = b + (u < production_only), c + (production_only <= u < production_only + challenger_only)
+        action = decide(cfg, paired(look * every, b, c), 1).action
+        if action != "hold":
+            return action
+    return "hold"
+
+
+def test_sequential_bounds_keep_their_confidence_over_a_hundred_looks():
+    # 200 stages of up to 2,500 pairs looked at every 25. A challenger 2.5 points worse (past
+    # the 2-point margin) must not advance, and an equal one must not be rolled back, more
+    # than 5% of the time; a fixed-sample bound tested at each look does both far more often.
+    def share(sequential, action, production_only, challenger_only):
+        cfg = RolloutConfig(sequential=sequential)
+        runs = [_looked_at_until_decided(cfg, s, production_only, challenger_only) for s in range(200)]
+        return runs.count(action) / len(runs)
+
+    assert share(True, "advance", 0.065, 0.04) <= 0.05 < 0.10 <= share(False, "advance", 0.065, 0.04)
+    assert share(True, "rollback", 0.05, 0.05) <= 0.05 < 0.20 <= share(False, "rollback", 0.05, 0.05)
+    assert share(True, "advance", 0.04, 0.05) >= 0.9  # a better one still gets through
+
+
+def test_the_sequential_bound_is_tightest_near_min_feedback():
+    from tuneloop.core.rollout import bound_multiplier
+
+    fixed = bound_multiplier(0.95, 100)
+    widths = {n: bound_multiplier(0.95, n, sequential_from=100) for n in (25, 100, 400, 10_000)}
+    assert fixed == pytest.approx(1.645, abs=1e-3)
+    assert min(widths, key=widths.get) == 100 and 1.8 * fixed < widths[100] < 1.9 * fixed
+    assert widths[10_000] < 2.2 * fixed  # grows only as sqrt(log n) past it
