@@ -239,6 +239,22 @@ def naive_app(model_dir: str, threads: int, max_length: int):
     return NaivePipeline.bind(model_dir)
 
 
+def wait_answering(url: str, body: dict, timeout_s: float = 180.0) -> None:
+    """Until ``url`` answers ``body`` with 200: ``serve.run(..., blocking=False)`` returns
+    before the app's route and replica are up, and a cell started then counts their 404s
+    and 503s as errors."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.post(url, json=body, timeout=30).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
 def cfg_target(args) -> str:
     from tuneloop.core.config import ServingConfig
 
@@ -260,7 +276,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny random model, short cells: checks the table only")
     args = ap.parse_args()
     if args.smoke:
-        args.seconds, args.warmup = 1.0, 0.25
+        args.seconds, args.warmup = 2.0, 0.5
         if args.concurrency == ap.get_default("concurrency"):
             args.concurrency = "4"
 
@@ -334,6 +350,7 @@ def main() -> None:
         undeploy(cfg)
         if not args.skip_naive:
             serve.run(naive_app(model_dir, args.threads, max_length), name="naive", route_prefix="/naive", blocking=False)
+            wait_answering(f"{base}/naive", one_text(text_sets[sets[0]][0]))
             for s in sets:
                 for c in levels:
                     r = asyncio.run(_closed_loop(f"{base}/naive", one_text, text_sets[s], c, args.seconds, args.warmup))
