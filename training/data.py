@@ -60,6 +60,14 @@ def read_dataset(path: str, task: Task) -> pa.Table:
     else:
         with _open(path) as f:
             table = pq.read_table(f)
+    if task.reads_rows:
+        rows = []
+        for i, row in enumerate(table.to_pylist()):
+            try:
+                rows.append(task.dataset_row(row))
+            except ValueError as e:
+                raise ValueError(f"dataset {path!r}, row {i + 1}: {e}") from None
+        return pa.table({c: pa.array([r[c] for r in rows], types[c]) for c in columns})
     missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise ValueError(f"dataset {path!r} has no column(s) {missing}; it needs {columns}")

@@ -77,18 +77,22 @@ def train(
 
 @app.command()
 def versions(model: str, config: str | None = ConfigOption) -> None:
-    """List MODEL's versions with their status and held-out accuracy."""
+    """List MODEL's versions with their status and held-out accuracy (and the metric its
+    gate compares, where that is another: entity F1 for token classification)."""
+    from tuneloop.core.tasks import model_task
     from tuneloop.store.registry import Registry
     from tuneloop.store.storage import Storage
 
     cfg = _load(config)
     _known_model(cfg, model)
+    gated = model_task(cfg.model(model)).gate_metric
     registry = Registry(Storage(cfg.storage.root))
     production = registry.production(model)
     for m in registry.versions(model):
-        acc = f"{m.metrics.accuracy:.4f}" if m.metrics else "-"
+        scores = " ".join(f"{name}={getattr(m.metrics, name):.4f}" if m.metrics else f"{name}=-"
+                          for name in dict.fromkeys(["accuracy", gated]))
         mark = "*" if m.version == production else " "
-        typer.echo(f"{mark} {m.version:<5} {m.status:<9} accuracy={acc} parent={m.parent or '-'} {m.created_at}")
+        typer.echo(f"{mark} {m.version:<5} {m.status:<9} {scores} parent={m.parent or '-'} {m.created_at}")
 
 
 @app.command()

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tuneloop.core.deploy_config import DeployConfig
 from tuneloop.core.rollout import RolloutConfig
-from tuneloop.core.tasks import TASKS
+from tuneloop.core.tasks import TASKS, model_task
 
 DEFAULT_CONFIG_PATH = "tuneloop.yaml"
 CONFIG_ENV_VAR = "TUNELOOP_CONFIG"
@@ -39,7 +39,8 @@ class ModelConfig(_Strict):
     name: str
     task: str = Field(default="text-classification", description="one of tuneloop.core.tasks.TASKS")
     base_model: str = Field(min_length=1, description="Hugging Face model id or local path")
-    labels: list[str] = Field(min_length=2)
+    labels: list[str] = Field(min_length=1, description=(
+        "text-classification: two or more classes; token-classification: entity types (or their BIO tags)"))
     seed_dataset: str | None = Field(
         default=None, description="tsv/csv/jsonl/parquet file with columns text, label"
     )
@@ -47,6 +48,11 @@ class ModelConfig(_Strict):
         default=None,
         description="the gate's frozen evaluation set (same formats); default: a fixed sample of the seed taken at v1",
     )
+    aggregation: Literal["first", "average"] = Field(default="first", description=(
+        "token-classification: a word's tag is its first sub-word token's, or the argmax of its tokens' mean scores"))
+    window_stride: int | None = Field(default=None, ge=0, description=(
+        "token-classification: tokens each window over a long text shares with the one before "
+        "(default: a quarter of serving.max_length)"))
 
     @field_validator("name")
     @classmethod
@@ -73,6 +79,11 @@ class ModelConfig(_Strict):
         if any(not x.strip() for x in v):
             raise ValueError(f"labels must be non-empty strings, got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _task_takes_the_labels(self) -> ModelConfig:
+        model_task(self)  # raises ValueError quoting what the task cannot take
+        return self
 
 
 # Object stores tuneloop can share state on: the client module its conditional writes use

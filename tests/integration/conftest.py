@@ -108,9 +108,13 @@ def seed_tsv(tmp_path_factory) -> str:
     return str(path)
 
 
-def make_config(root: Path, base_model: str, seed: str | None, **sections) -> TuneloopConfig:
+def make_config(root: Path, base_model: str, seed: str | None, model: dict | None = None,
+                **sections) -> TuneloopConfig:
+    """The tests' config: one model (``sentiment`` unless ``model`` says otherwise), and
+    ``sections`` merged over the defaults here."""
     doc = {
-        "models": [{"name": "sentiment", "base_model": base_model, "labels": LABELS, "seed_dataset": seed}],
+        "models": [{"name": "sentiment", "base_model": base_model, "labels": LABELS, "seed_dataset": seed,
+                    **(model or {})}],
         "storage": {"root": str(root)},
         "serving": {"max_batch_size": 8, "max_inputs_per_request": 8,
                     "max_chars_per_input": 200, "reload_interval_s": 0.5, "num_cpus_per_replica": 1},

@@ -51,9 +51,9 @@ def test_feedback_fields_are_the_label_and_it_must_be_one_of_the_models():
         TC.check_feedback_fields({"label": "positive", "entities": []})
     with pytest.raises(InvalidBody, match="missing"):
         TC.check_feedback_fields({})
-    assert TC.feedback_target("m", {"label": "negative"}) == {"label": "negative"}
+    assert TC.feedback_target("m", {"label": "negative"}, "t") == {"label": "negative"}
     with pytest.raises(InvalidLabel, match="neutral"):
-        TC.feedback_target("m", {"label": "neutral"})
+        TC.feedback_target("m", {"label": "neutral"}, "t")
     assert TC.predicted({"label": "positive", "score": 0.9}) == {"predicted_label": "positive"}
     assert TC.agrees({"label": "positive", "predicted_label": "positive"})
     assert not TC.agrees({"label": "positive", "predicted_label": None})
@@ -93,7 +93,7 @@ class Spans(Task):
     def prediction_record(self, answer):
         return {"entities": answer["entities"]}
 
-    def feedback_target(self, model, fields):
+    def feedback_target(self, model, fields, text):
         spans = fields["entities"]
         if not isinstance(spans, list) or any(s.get("label") not in self.labels for s in spans):
             raise InvalidBody(f"entities must be spans labelled with {self.labels}")

@@ -27,17 +27,27 @@ def _discover() -> dict[str, type[Task]]:
 TASKS: dict[str, type[Task]] = _discover()
 
 
-def make_task(name: str, labels: list[str]) -> Task:
+def make_task(name: str, labels: list[str], **options) -> Task:
+    """The task ``name`` for ``labels``, with its ``options`` (``Task.options``; others are ignored)."""
     try:
-        return TASKS[name](labels)
+        cls = TASKS[name]
     except KeyError:
         raise ValueError(f"unknown task {name!r}; tuneloop knows {sorted(TASKS)}") from None
+    return cls(labels, **{k: v for k, v in options.items() if k in cls.options})
+
+
+def model_task(m) -> Task:
+    """A configured model's task (``m``: a ModelConfig, or its dump)."""
+    get = m.get if isinstance(m, dict) else lambda k, default=None: getattr(m, k, default)
+    cls = TASKS.get(get("task"))
+    options = {k: get(k) for k in (cls.options if cls else ()) if get(k) is not None}
+    return make_task(get("task"), get("labels"), **options)
 
 
 def model_tasks(models) -> dict[str, Task]:
     """Each configured model's task, by model name (``models``: the config's ModelConfigs)."""
-    return {m.name: make_task(m.task, m.labels) for m in models}
+    return {m.name: model_task(m) for m in models}
 
 
 __all__ = ["TASKS", "ColumnType", "ListOf", "MapOf", "StructOf", "Task", "check_text_length", "check_unicode",
-           "make_task", "model_tasks"]
+           "make_task", "model_task", "model_tasks"]

@@ -63,7 +63,7 @@ def check_unicode(text: str, where: str) -> None:
 
 
 # Tokenizer outputs a task may ask for (``tokenizer_options``) that no model's forward takes.
-NON_MODEL_OUTPUTS = ("offset_mapping", "special_tokens_mask")
+NON_MODEL_OUTPUTS = ("offset_mapping", "special_tokens_mask", "overflow_to_sample_mapping")
 
 
 class Task(ABC):
@@ -74,6 +74,9 @@ class Task(ABC):
     gate_metric: ClassVar[str]  # the EvalMetrics field the gate compares
     batch_by_length: ClassVar[bool] = True  # padded encoders: batch inputs of similar length
     tokenizer_options: ClassVar[dict[str, Any]] = {}  # extra tokenizer arguments at serving and training
+    needs_word_ids: ClassVar[bool] = False  # the encoding carries each token's word (a fast tokenizer's)
+    options: ClassVar[tuple[str, ...]] = ()  # the ModelConfig fields the task is made with, beside labels
+    reads_rows: ClassVar[bool] = False  # dataset files are read row by row through ``dataset_row``
     prediction_columns: ClassVar[dict[str, ColumnType]]  # the task's part of a prediction record
     feedback_fields: ClassVar[tuple[str, ...]]  # what a user sends besides the prediction or text
     feedback_columns: ClassVar[dict[str, ColumnType]]  # the task's part of a feedback record
@@ -109,14 +112,22 @@ class Task(ABC):
         return inputs
 
     # -- serving and training ----------------------------------------------------------
+    def serving_tokenizer_options(self, max_length: int) -> dict[str, Any]:
+        """The tokenizer's extra arguments when serving (a task may read long texts in
+        windows there, which training, one target per row, does not)."""
+        return self.tokenizer_options
+
     def encoding_for(self, enc: Any) -> dict[str, list]:
-        """Take out of the tokenizer's output (a dict-like of tensors) what the model does
-        not accept, such as offsets, and return the encoding as lists for this task's
+        """Take out of the tokenizer's output (a BatchEncoding of tensors) what the model
+        does not accept, such as offsets, and return the encoding as lists for this task's
         methods: {} when ``tokenizer_options`` asks for nothing beyond the ids."""
         extra = {k: enc.pop(k) for k in NON_MODEL_OUTPUTS if k in enc}
         if not self.tokenizer_options:
             return {}
-        return {k: v.tolist() for k, v in {**enc, **extra}.items()}
+        out = {k: v.tolist() for k, v in {**enc, **extra}.items()}
+        if self.needs_word_ids:
+            out["word_ids"] = [enc.word_ids(i) for i in range(len(out["input_ids"]))]
+        return out
 
     @abstractmethod
     def head_labels(self) -> list[str]:
@@ -128,7 +139,9 @@ class Task(ABC):
         """Post-processing: per text, the answer fields (without id and version), from the
         model's softmaxed scores, whose last axis follows ``head`` (the checkpoint's own
         ``id2label`` order), and the tokenizer's output when ``tokenizer_options`` asks for
-        more than the ids (offsets, for a task that answers with spans)."""
+        more than the ids (offsets, for a task that answers with spans). With windows
+        (``serving_tokenizer_options``) scores has a row per window, and the encoding's
+        ``overflow_to_sample_mapping`` says whose."""
 
     @abstractmethod
     def prediction_record(self, answer: dict[str, Any]) -> dict[str, Any]:
@@ -148,8 +161,8 @@ class Task(ABC):
             )
 
     @abstractmethod
-    def feedback_target(self, model: str, fields: dict[str, Any]) -> dict[str, Any]:
-        """The user's fields, checked (a 4xx TuneloopError otherwise), as record columns."""
+    def feedback_target(self, model: str, fields: dict[str, Any], text: str) -> dict[str, Any]:
+        """The user's fields on ``text``, checked (a 4xx TuneloopError otherwise), as record columns."""
 
     @abstractmethod
     def predicted(self, served: dict[str, Any]) -> dict[str, Any]:
@@ -164,6 +177,11 @@ class Task(ABC):
         """Whether a feedback record on a prediction says the prediction was right."""
 
     # -- training ----------------------------------------------------------------------
+    def dataset_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        """With ``reads_rows``: one row of a seed or golden file as ``text`` and the target
+        columns (a task may read other layouts here), checked; ValueError says what is wrong."""
+        raise NotImplementedError
+
     @abstractmethod
     def training_targets(self, columns: dict[str, list]) -> dict[str, list]:
         """Seed or feedback rows' ``target_columns`` (read as the types of ``feedback_columns``)

