@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-unit crash-test cluster-test deploy-files clean
+.PHONY: install run test test-unit crash-test cluster-test bench-smoke deploy-files clean
 
 install: $(STAMP)
 
@@ -23,7 +23,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/lint-imports
-	$(BIN)/pytest -q -p no:cacheprovider -m "not slow and not cluster" tests
+	$(BIN)/pytest -q -p no:cacheprovider -m "not slow and not cluster" --durations=15 tests
 
 # Two Ray nodes of this machine (`ray start --head` + `ray start --address`), storage on a
 # local S3 endpoint: a pytest run of its own, as it starts Ray clusters of its own (~2.5 min);
@@ -36,6 +36,10 @@ cluster-test: $(STAMP)
 # kill -9 during a feedback flood, then count: minutes, so kept out of `make test`.
 crash-test: $(STAMP)
 	$(BIN)/pytest -q -s -p no:cacheprovider -m slow tests/integration/test_feedback_crash.py
+
+# The serving benchmark end to end with a tiny model (its own Ray and Serve: ~70 s).
+bench-smoke: $(STAMP)
+	$(BIN)/pytest -q -p no:cacheprovider -m slow tests/integration/test_bench_smoke.py
 
 # deploy/'s example files, rendered from deploy/tuneloop.cluster.yaml (a test fails if they drift).
 deploy-files: $(STAMP)

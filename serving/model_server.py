@@ -119,7 +119,8 @@ class LoadedModel:
         encoding = self.task.encoding_for(enc)  # and enc keeps only the model's inputs
         enc = enc.to(self.device)
         with torch.inference_mode():
-            probs = self.model(**enc).logits.float().softmax(-1).cpu()
+            logits = self.model(**enc).logits.float()
+            probs = (logits.sigmoid() if self.task.activation == "sigmoid" else logits.softmax(-1)).cpu()
         if not bool(torch.isfinite(probs).all()):
             raise InputRejected("the model produced non-finite scores for this input")
         return self.task.answers(texts, probs.tolist(), self.head, encoding), tokens, padded

@@ -34,3 +34,27 @@ def build_tiny_model(path: Path, labels: list[str], bias: list[float] | None = N
     model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     return str(path)
+
+
+def predict_with_replica(model_cfg: dict, weights: str, store: Path, texts: list[str], **serving) -> list[dict]:
+    """``texts`` answered by a model replica (no Ray) serving ``weights`` as v1 of the one
+    model ``model_cfg`` configures (name, task, labels and its options)."""
+    import asyncio
+
+    from tuneloop.core.config import parse_config
+    from tuneloop.serving.model_server import ModelServer
+    from tuneloop.store.registry import Manifest, Registry
+    from tuneloop.store.storage import Storage
+
+    cfg = parse_config({"models": [{**model_cfg, "base_model": weights}], "storage": {"root": str(store)},
+                        "serving": {"reload_interval_s": 600, "num_cpus_per_replica": 1, **serving}})
+    m = cfg.models[0]
+    registry = Registry(Storage(cfg.storage.root))
+    registry.publish(m.name, weights, Manifest(version="pending", model=m.name, parent=None, base_model=weights,
+                                               task=m.task, labels=m.labels))
+    registry.promote(m.name, "v1")
+    replica = ModelServer(cfg.model_dump(), m.name)
+    try:
+        return asyncio.run(replica.predict(texts))
+    finally:
+        replica.__del__()

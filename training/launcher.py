@@ -107,12 +107,19 @@ def _settle_feedback(feedback: FeedbackStore) -> None:
     (the ingress, if tuneloop is serving) compacts its journal on request, and segments
     whose writer died are recovered here."""
     from ray import serve
+    from ray.serve.handle import DeploymentHandle
 
     async def ask_the_ingress() -> int:
         # From inside an event loop: in Serve's throughput-optimized mode a handle's router
-        # runs on the caller's loop, and a blocking .result() outside one is refused.
-        ingress = serve.get_deployment_handle(INGRESS_DEPLOYMENT, INGRESS_APP)
-        return await asyncio.wait_for(ingress.compact_feedback.remote(), 60)
+        # runs on the caller's loop, and a blocking .result() outside one is refused. A
+        # handle of its own, shut down on this loop: serve.get_deployment_handle's would stay
+        # cached with its router on this loop once it is closed, and a later serve.shutdown()
+        # in this process fails on it ("Event loop is closed").
+        ingress = DeploymentHandle(INGRESS_DEPLOYMENT, INGRESS_APP)
+        try:
+            return await asyncio.wait_for(ingress.compact_feedback.remote(), 60)
+        finally:
+            await ingress.shutdown_async()
 
     try:
         # Only where tuneloop's ingress runs: a handle to an absent app waits out its timeout.
@@ -193,6 +200,7 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
             "init_path": init_path,
             "task": mcfg.task,
             "labels": mcfg.labels,
+            "task_options": {k: getattr(mcfg, k) for k in task.options},
             "has_parent": parent is not None,
             "train_rows": data.train.num_rows,
             "eval_sets": eval_sets,

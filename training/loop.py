@@ -53,6 +53,19 @@ def _encode(tokenizer, texts, max_length: int, device, task: Task) -> tuple[dict
     return {k: v.to(device) for k, v in enc.items()}, encoding
 
 
+def _target_tensor(targets: list, task: Task, device):
+    """The loss's targets: class or tag ids, or multi-hot rows (``task.target_dtype``)."""
+    import torch
+
+    return torch.as_tensor(targets, dtype=torch.float32 if task.target_dtype == "float" else torch.long, device=device)
+
+
+def _activated(logits, task: Task):
+    """Scores from logits as the task reads them: a softmax over the last axis, or a sigmoid
+    per output (multi-label)."""
+    return logits.float().sigmoid() if task.activation == "sigmoid" else logits.float().softmax(-1)
+
+
 def _columns(batch: dict[str, Any]) -> dict[str, list]:
     return {k: v.tolist() for k, v in batch.items()}
 
@@ -74,11 +87,11 @@ def _evaluate(engine, tokenizer, shard, max_length: int, task: Task) -> dict[str
         for batch in shard.iter_batches(batch_size=EVAL_BATCH_SIZE, batch_format="numpy"):
             inputs, encoding = _encode(tokenizer, batch["text"], max_length, engine.device, task)
             targets = task.batch_targets(_columns(batch), encoding)
-            out = engine(**inputs, labels=torch.as_tensor(targets, dtype=torch.long, device=engine.device))
+            out = engine(**inputs, labels=_target_tensor(targets, task, engine.device))
             logits = out.logits
             finite = finite and bool(torch.isfinite(logits).all())
             loss_sum += float(out.loss) * len(targets)
-            predicted = task.predictions(logits.argmax(-1).tolist(), encoding)
+            predicted = task.predictions(_activated(logits, task).tolist(), encoding)
             y_pred.extend(predicted)
             y_true.extend(targets)
             if "row" in batch:
@@ -196,7 +209,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(config["seed"])
-    task = make_task(config["task"], config["labels"])
+    task = make_task(config["task"], config["labels"], **config.get("task_options", {}))
     head = task.head_labels()
     max_length: int = config["max_length"]
     batch_size: int = config["batch_size"]
@@ -212,6 +225,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         label2id={label: i for i, label in enumerate(head)},
         ignore_mismatched_sizes=True,  # a base encoder or a changed label set gets a fresh head
         dtype=torch.float32,
+        **task.model_options,
         **dropout_overrides(model_config, config["dropout"]),
     )
     frozen, frozen_fp32 = _freeze(model, config, rank, keep_fp32_copy=precision != "fp32")
@@ -266,7 +280,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for batch in train_shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
             inputs, encoding = _encode(tokenizer, batch["text"], max_length, engine.device, task)
             targets = task.batch_targets(_columns(batch), encoding)
-            target = torch.as_tensor(targets, dtype=torch.long, device=engine.device)
+            target = _target_tensor(targets, task, engine.device)
             loss = engine(**inputs, labels=target).loss
             engine.backward(loss)
             engine.step()  # an optimizer step at every accumulation boundary

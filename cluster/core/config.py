@@ -50,6 +50,9 @@ class ModelConfig(_Strict):
     )
     aggregation: Literal["first", "average"] = Field(default="first", description=(
         "token-classification: a word's tag is its first sub-word token's, or the argmax of its tokens' mean scores"))
+    threshold: float | dict[str, float] = Field(default=0.5, description=(
+        "multi-label-classification: the score a label needs to be answered, one for all or per label "
+        "(labels left out: 0.5)"))
     window_stride: int | None = Field(default=None, ge=0, description=(
         "token-classification: tokens each window over a long text shares with the one before "
         "(default: a quarter of serving.max_length)"))

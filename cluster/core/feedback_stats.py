@@ -50,6 +50,8 @@ class FeedbackTally:
         self._labels: Counter[str] = Counter()
         self._days: Counter[str] = Counter()
         self._versions: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # [feedback, agreed]
+        # version -> label -> {right, wrong, missed}: online precision and recall per label
+        self._outcomes: dict[str, dict[str, Counter[str]]] = defaultdict(lambda: defaultdict(Counter))
         self._newest: dict[str, tuple[tuple[Any, str], dict[str, Any]]] = {}  # prediction id -> (order, row)
 
     def add(self, row: dict[str, Any]) -> None:
@@ -79,6 +81,13 @@ class FeedbackTally:
             tally = self._versions[row["version"]]
             tally[0] += sign
             tally[1] += sign * int(self.task.agrees(row))
+            for label, outcome in self.task.label_outcomes(row):
+                self._outcomes[row["version"]][label][outcome] += sign
+
+    def _label_quality(self, version: str) -> dict[str, dict[str, Any]]:
+        """Each label's online precision (of what the version served as it, the share users
+        confirmed) and recall (of what users said it was, the share the version served)."""
+        return {label: _quality(c) for label, c in sorted(self._outcomes[version].items()) if any(c.values())}
 
     def stats(self) -> dict[str, Any]:
         by_label = {k: n for k, n in sorted(self._labels.items()) if n}
@@ -88,11 +97,22 @@ class FeedbackTally:
             "superseded": self.superseded,
             "by_label": by_label,
             "by_version": {
-                v: {"feedback": n, "agreed": agreed, "online_accuracy": agreed / n}
+                v: {"feedback": n, "agreed": agreed, "online_accuracy": agreed / n,
+                    "by_label": self._label_quality(v)}
                 for v, (n, agreed) in sorted(self._versions.items()) if n
             },
             "by_day": {k: n for k, n in sorted(self._days.items()) if n},
         }
+
+
+def _ratio(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+def _quality(c: Counter[str]) -> dict[str, Any]:
+    right, wrong, missed = c["right"], c["wrong"], c["missed"]
+    return {"right": right, "wrong": wrong, "missed": missed,
+            "precision": _ratio(right, right + wrong), "recall": _ratio(right, right + missed)}
 
 
 def feedback_stats(model: str, task: Task, rows: list[dict[str, Any]]) -> dict[str, Any]:

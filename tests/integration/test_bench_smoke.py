@@ -5,9 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tuneloop.serving.fast_path import HAPROXY_PORT_VARS
 
 ROOT = Path(__file__).resolve().parents[2]
+# Its own Ray and Serve, every cell of the table: about 70 s, so `make bench-smoke`, not `make test`.
+pytestmark = pytest.mark.slow
 
 
 def test_serve_bench_smoke_prints_the_table():

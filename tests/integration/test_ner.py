@@ -103,3 +103,19 @@ def test_corrected_entities_are_feedback_and_bad_spans_are_refused(ner):
         after = c.get("/v1/models/ner/feedback/stats", headers=bearer(ADMIN_KEY)).json()
     assert after == before  # nothing of the refused ones was stored
     assert after["total"] == 2 and after["by_label"] == {"LOC": 1, "O": 1, "PER": 1}
+    # Online quality per type: each corrected entity was either served (right) or missed.
+    quality = after["by_version"]["v1"]["by_label"]
+    assert all(quality[t]["right"] + quality[t]["missed"] == 1 for t in TYPES), quality
+
+
+def test_a_second_job_learns_the_corrections_and_the_gate_compares_entity_f1(ner):
+    from tuneloop.training.launcher import run_training
+
+    _, cfg, _ = ner
+    outcome = run_training(cfg, "ner", trigger="manual")
+    assert outcome.job.state in ("succeeded", "rejected"), outcome.job.model_dump()
+    manifest = outcome.manifest
+    feedback = manifest.data["feedback"]
+    assert manifest.parent == "v1" and feedback["fresh_rows"] + feedback["on_golden_texts"] == 2  # both corrections
+    golden = next(c for c in manifest.gate.checks if c.name == "golden")
+    assert {"f1", "production_f1"} <= set(golden.numbers), golden

@@ -36,9 +36,13 @@ def test_stats_count_labels_days_and_online_accuracy_per_version():
     assert stats["total"] == 4 and stats["superseded"] == 1
     assert stats["by_label"] == {"negative": 1, "positive": 3}
     assert stats["by_day"] == {"2026-11-21": 2, "2026-11-22": 2}
+    pos = {"right": 1, "wrong": 1, "missed": 0, "precision": 0.5, "recall": 1.0}
+    neg = {"right": 0, "wrong": 0, "missed": 1, "precision": None, "recall": 0.0}
     assert stats["by_version"] == {
-        "v1": {"feedback": 2, "agreed": 1, "online_accuracy": 0.5},
-        "v2": {"feedback": 1, "agreed": 0, "online_accuracy": 0.0},
+        "v1": {"feedback": 2, "agreed": 1, "online_accuracy": 0.5, "by_label": {"negative": neg, "positive": pos}},
+        "v2": {"feedback": 1, "agreed": 0, "online_accuracy": 0.0, "by_label": {
+            "negative": {"right": 0, "wrong": 1, "missed": 0, "precision": 0.0, "recall": None},
+            "positive": {"right": 0, "wrong": 0, "missed": 1, "precision": None, "recall": 0.0}}},
     }
 
 

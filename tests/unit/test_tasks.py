@@ -64,7 +64,8 @@ def test_training_targets_are_label_ids_and_unknown_labels_fail_naming_them():
     with pytest.raises(ValueError, match=r"labels \['neutral'\] outside"):
         TC.training_targets({"label": ["positive", "neutral"]})
     assert TC.batch_targets({"label_id": [1, 0]}, {}) == [1, 0]
-    assert TC.metrics([1, 0, 1], TC.predictions([1, 1, 1], {})).accuracy == pytest.approx(2 / 3)
+    scores = [[0.2, 0.8], [0.4, 0.6], [0.1, 0.9]]  # softmaxed, in head order: positive every time
+    assert TC.metrics([1, 0, 1], TC.predictions(scores, {})).accuracy == pytest.approx(2 / 3)
     assert TC.gate_metric in EvalMetrics.model_fields
 
 
@@ -107,6 +108,9 @@ class Spans(Task):
 
     def agrees(self, row):
         return row["entities"] == row.get("predicted_entities")
+
+    def label_outcomes(self, row):
+        return []
 
     def training_targets(self, columns):
         return {"entities": columns["entities"]}

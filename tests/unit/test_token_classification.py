@@ -147,6 +147,10 @@ def test_feedback_is_the_corrected_entity_list_and_agrees_when_it_is_what_was_se
     assert NER.agrees({**target, **served}) and not NER.agrees({**target, "predicted_entities": GOLD[:1]})
     assert not NER.agrees({**target, "predicted_entities": None})  # feedback on a text, not a prediction
     assert NER.feedback_labels(target) == ["PER", "LOC"] and NER.feedback_labels({"entities": []}) == ["O"]
+    # Online quality per type: Paris served as PER (wrong), so LOC was missed; Ada right.
+    served_wrong = {**target, "predicted_entities": [GOLD[0], {**GOLD[1], "label": "PER"}]}
+    assert NER.label_outcomes(served_wrong) == [("LOC", "missed"), ("PER", "right"), ("PER", "wrong")]
+    assert NER.label_outcomes(target) == []  # on a text: nothing was served
 
 
 def test_training_labels_each_words_first_piece_and_ignores_the_rest(tokenizer):
@@ -162,8 +166,9 @@ def test_training_labels_each_words_first_piece_and_ignores_the_rest(tokenizer):
     assert labelled == [("ada", "B-PER"), ("love", "I-PER"), ("visited", "O"), ("paris", "B-LOC"), ("yesterday", "O")]
     assert [HEAD[t] for t in rows[1] if t != IGNORE] == ["B-LOC"]
     # What the model says at ignored positions never counts.
-    best = [[4 if t == IGNORE else t for t in row] for row in rows]
-    assert NER.predictions(best, encoding) == rows
+    scores = [[[1.0 if h == (4 if t == IGNORE else t) else 0.0 for h in range(len(HEAD))] for t in row]
+              for row in rows]
+    assert NER.predictions(scores, encoding) == rows
 
 
 def test_entity_metrics_are_seqevals_per_type_and_micro():
@@ -178,6 +183,7 @@ def test_entity_metrics_are_seqevals_per_type_and_micro():
     assert m.per_class["PER"].precision == 0.5 and m.per_class["LOC"].recall == 0.0
     assert m.accuracy == 0.0 and m.tag_accuracy == pytest.approx(4 / 6) and m.eval_rows == 2
     assert NER.metrics(truth, [truth[0], guessed[1]]).accuracy == 0.5  # texts answered exactly right
+    assert m.confusion[3] == [1, 1, 0, 0, 0]  # the two B-LOC words: one tagged O, one B-PER
 
 
 def test_seed_files_give_text_and_entities_or_conll_tokens_and_tags(tmp_path):
@@ -206,29 +212,12 @@ def test_seed_files_give_text_and_entities_or_conll_tokens_and_tags(tmp_path):
 def test_a_replica_answers_every_word_of_a_long_text_with_offsets(tmp_path):
     # A tiny model whose head says B-PER everywhere: every word is an entity of its own, so
     # the answer shows whether each word of a text past max_length was read.
-    import asyncio
-
-    from tests.tiny_models import build_tiny_model
-    from tuneloop.serving.model_server import ModelServer
-    from tuneloop.store.registry import Manifest, Registry
-    from tuneloop.store.storage import Storage
+    from tests.tiny_models import build_tiny_model, predict_with_replica
 
     weights = build_tiny_model(tmp_path / "ner", TYPES, bias=[0.0, 9.0, 0.0, 0.0, 0.0], task="token-classification")
-    cfg = parse_config({
-        "models": [{"name": "ner", "task": "token-classification", "base_model": weights, "labels": TYPES}],
-        "storage": {"root": str(tmp_path / "store")},
-        "serving": {"max_length": 16, "reload_interval_s": 600, "num_cpus_per_replica": 1},
-    })
-    registry = Registry(Storage(cfg.storage.root))
-    registry.publish("ner", weights, Manifest(version="pending", model="ner", parent=None, base_model=weights,
-                                              task="token-classification", labels=TYPES))
-    registry.promote("ner", "v1")
-    replica = ModelServer(cfg.model_dump(), "ner")
-    try:
-        long_text = " ".join(f"w{i}" for i in range(60))  # about 120 tokens: 10 windows of 16
-        short, long = asyncio.run(replica.predict(["Ada met Bo", long_text]))
-    finally:
-        replica.__del__()
+    long_text = " ".join(f"w{i}" for i in range(60))  # about 120 tokens: 10 windows of 16
+    short, long = predict_with_replica({"name": "ner", "task": "token-classification", "labels": TYPES}, weights,
+                                       tmp_path / "store", ["Ada met Bo", long_text], max_length=16)
     assert [(e["text"], e["label"]) for e in short["entities"]] == [("Ada", "PER"), ("met", "PER"), ("Bo", "PER")]
     assert short["version"] == "v1" and short["id"] != long["id"]
     assert [e["text"] for e in long["entities"]] == long_text.split()
@@ -254,3 +243,9 @@ def test_the_gate_compares_entity_f1_and_each_types_recall():
                            parent_golden=NER.metrics(rare, rare)), GateConfig())
     assert not lost.accepted and "recall on the golden set fell" in lost.checks[0].detail
     assert lost.checks[0].numbers["recall_drops"] == {"LOC": (0.0, 1.0)}
+    # A candidate that tags every word O collapsed: production tagged three tags.
+    all_o = [[t if t == IGNORE else 0 for t in row] for row in truth]
+    collapsed = decide(Evidence(metric=NER.gate_metric, golden=NER.metrics(truth, all_o),
+                                parent_golden=NER.metrics(truth, truth)), GateConfig())
+    sanity = next(c for c in collapsed.checks if c.name == "sanity")
+    assert not sanity.passed and "predicts one class" in sanity.detail

@@ -71,6 +71,9 @@ class Task(ABC):
 
     name: ClassVar[str]  # the config's ``task`` value
     auto_class: ClassVar[str]  # the transformers class that loads a checkpoint with its head
+    model_options: ClassVar[dict[str, Any]] = {}  # config values the model is loaded with for training
+    activation: ClassVar[str] = "softmax"  # logits to scores: "softmax" (one answer) or "sigmoid" (each on its own)
+    target_dtype: ClassVar[str] = "long"  # the loss's targets: class ids ("long") or multi-hot ("float")
     gate_metric: ClassVar[str]  # the EvalMetrics field the gate compares
     batch_by_length: ClassVar[bool] = True  # padded encoders: batch inputs of similar length
     tokenizer_options: ClassVar[dict[str, Any]] = {}  # extra tokenizer arguments at serving and training
@@ -176,6 +179,12 @@ class Task(ABC):
     def agrees(self, row: dict[str, Any]) -> bool:
         """Whether a feedback record on a prediction says the prediction was right."""
 
+    @abstractmethod
+    def label_outcomes(self, row: dict[str, Any]) -> list[tuple[str, str]]:
+        """What a feedback record on a prediction says of each label it involves: ``right``
+        (served and confirmed), ``wrong`` (served, not confirmed) or ``missed`` (not served,
+        the user's); [] for feedback on a text. Online precision and recall per label."""
+
     # -- training ----------------------------------------------------------------------
     def dataset_row(self, row: dict[str, Any]) -> dict[str, Any]:
         """With ``reads_rows``: one row of a seed or golden file as ``text`` and the target
@@ -198,8 +207,9 @@ class Task(ABC):
         """The loss's targets for a training batch, one per row (``labels=`` of the model)."""
 
     @abstractmethod
-    def predictions(self, best: list, encoding: dict[str, list]) -> list:
-        """Evaluation: the model's argmax per row, in the form ``batch_targets`` gives."""
+    def predictions(self, scores: list, encoding: dict[str, list]) -> list:
+        """Evaluation: the model's answer per row from its scores (``activation`` applied,
+        the last axis in ``head_labels`` order), in the form ``batch_targets`` gives."""
 
     @abstractmethod
     def metrics(self, y_true: list, y_pred: list) -> EvalMetrics:

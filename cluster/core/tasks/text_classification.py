@@ -59,6 +59,12 @@ class TextClassification(Task):
     def agrees(self, row: dict[str, Any]) -> bool:
         return row["label"] == row.get("predicted_label")
 
+    def label_outcomes(self, row: dict[str, Any]) -> list[tuple[str, str]]:
+        served = row.get("predicted_label")
+        if served is None:
+            return []
+        return [(served, "right")] if served == row["label"] else [(served, "wrong"), (row["label"], "missed")]
+
     # -- training ----------------------------------------------------------------------
     def training_targets(self, columns: dict[str, list]) -> dict[str, list]:
         index = {name: i for i, name in enumerate(self.labels)}
@@ -71,8 +77,8 @@ class TextClassification(Task):
     def batch_targets(self, batch: dict[str, list], encoding: dict[str, list]) -> list[int]:
         return [int(x) for x in batch["label_id"]]
 
-    def predictions(self, best: list, encoding: dict[str, list]) -> list[int]:
-        return [int(x) for x in best]
+    def predictions(self, scores: list, encoding: dict[str, list]) -> list[int]:
+        return [max(range(len(row)), key=row.__getitem__) for row in scores]
 
     def metrics(self, y_true: list, y_pred: list) -> EvalMetrics:
         return classification_metrics(y_true, y_pred, self.labels)

@@ -208,6 +208,16 @@ class TokenClassification(Task):
             return sorted((e["start"], e["end"], e["label"]) for e in spans or [])
         return row.get("predicted_entities") is not None and key(row["entities"]) == key(row["predicted_entities"])
 
+    def label_outcomes(self, row: dict[str, Any]) -> list[tuple[str, str]]:
+        """Per entity: served and in the corrected list (right), served only (wrong), the
+        user's only (missed), by its type."""
+        if row.get("predicted_entities") is None:
+            return []
+        served = {(e["start"], e["end"], e["label"]) for e in row["predicted_entities"]}
+        said = {(e["start"], e["end"], e["label"]) for e in row["entities"] or []}
+        return sorted([(e[2], "right") for e in served & said] + [(e[2], "wrong") for e in served - said]
+                      + [(e[2], "missed") for e in said - served])
+
     # -- training ----------------------------------------------------------------------
     def dataset_row(self, row: dict[str, Any]) -> dict[str, Any]:
         """``{"text", "entities": [{"start", "end", "label"}]}``, or CoNLL's ``{"tokens",
@@ -251,17 +261,17 @@ class TokenClassification(Task):
             out.append(tags)
         return out
 
-    def predictions(self, best: list, encoding: dict[str, list]) -> list[list[int]]:
+    def predictions(self, scores: list, encoding: dict[str, list]) -> list[list[int]]:
         """The model's tag at each position ``batch_targets`` labels, IGNORE elsewhere."""
         out = []
-        for row, tags in enumerate(best):
+        for row, token_scores in enumerate(scores):
             words, previous_word, kept = encoding["word_ids"][row], None, []
             for j, (word, (start, end)) in enumerate(zip(words, encoding["offset_mapping"][row], strict=True)):
                 if word is None or word == previous_word or end <= start:
                     kept.append(IGNORE)
                     continue
                 previous_word = word
-                kept.append(int(tags[j]))
+                kept.append(max(range(len(token_scores[j])), key=token_scores[j].__getitem__))
             out.append(kept)
         return out
 
@@ -274,23 +284,29 @@ def entity_metrics(y_true: list[list[int]], y_pred: list[list[int]], head: list[
     over entities (``precision``, ``recall``, ``f1``) and per type (``per_class``).
     ``accuracy`` is the share of texts whose every word was tagged right: what a user's
     feedback agreeing with a prediction means (``agrees``), so online accuracy and the
-    accuracy-drop trigger compare like with like; ``tag_accuracy`` is per word."""
+    accuracy-drop trigger compare like with like; ``tag_accuracy`` is per word, and
+    ``confusion`` counts words by true and predicted tag (``head`` order), so the gate's
+    sanity check sees a model that collapsed to tagging everything O."""
     from seqeval.metrics import classification_report
 
     true_tags, pred_tags, right, words, exact = [], [], 0, 0, 0
+    confusion = [[0] * len(head) for _ in head]
     for t_row, p_row in zip(y_true, y_pred, strict=True):
         pairs = [(t, p) for t, p in zip(t_row, p_row, strict=True) if t != IGNORE]
+        for t, p in pairs:
+            confusion[t][p] += 1
         true_tags.append([head[t] for t, _ in pairs])
         pred_tags.append([head[p] for _, p in pairs])
         right += sum(t == p for t, p in pairs)
         words += len(pairs)
         exact += all(t == p for t, p in pairs)
     if not words:
-        return EvalMetrics(accuracy=0.0, precision=0.0, recall=0.0, f1=0.0, eval_rows=len(y_true))
+        return EvalMetrics(accuracy=0.0, precision=0.0, recall=0.0, f1=0.0, eval_rows=len(y_true), confusion=confusion)
     report = classification_report(true_tags, pred_tags, output_dict=True, zero_division=0)
     micro = report.get("micro avg", {"precision": 0.0, "recall": 0.0, "f1-score": 0.0})
     per_type = {t: ClassMetrics(precision=report[t]["precision"], recall=report[t]["recall"],
                                 f1=report[t]["f1-score"], support=int(report[t]["support"]))
                 for t in types if t in report}
     return EvalMetrics(accuracy=exact / len(y_true), precision=micro["precision"], recall=micro["recall"],
-                       f1=micro["f1-score"], eval_rows=len(y_true), per_class=per_type, tag_accuracy=right / words)
+                       f1=micro["f1-score"], eval_rows=len(y_true), per_class=per_type, confusion=confusion,
+                       tag_accuracy=right / words)
