@@ -6,7 +6,10 @@ Three checks, each recorded with its numbers (``GateCheck``), all of which must 
    feedback, so no client can choose what is on it. The candidate may lose at most
    ``golden_margin`` of the task's gate metric against production, and at most
    ``class_recall_margin`` of any class's recall (a model that trades a minority class for
-   the majority is caught even when the average holds).
+   the majority is caught even when the average holds) -- a drop chance does not explain:
+   Fisher's exact test at ``alpha`` shared among the classes. With 77 intents a golden set
+   holds a few rows per class, and some class of a better model loses one or two by chance
+   at every job; the bare margin rejected such candidates every time.
 2. **Fresh feedback** -- the newest feedback, which the candidate did not train on: its
    membership is set by arrival time, not by a hash of the text a client could aim at. With
    at least ``min_fresh_rows`` rows, and enough rows where exactly one of the two is right
@@ -72,6 +75,16 @@ def mcnemar_exact(candidate_only: int, parent_only: int) -> float:
     return min(1.0, tail / 2**n)
 
 
+def fisher_lower(ours: int, theirs: int, n: int) -> float:
+    """One-sided p-value of Fisher's exact test that the candidate's rate (``ours`` of ``n``)
+    is below production's (``theirs`` of the same ``n``): P(X <= ours) with X hypergeometric,
+    the rows right in all (ours + theirs) drawn n of 2n."""
+    right = ours + theirs
+    total = math.comb(2 * n, n)
+    tail = sum(math.comb(right, x) * math.comb(2 * n - right, n - x) for x in range(max(0, right - n), ours + 1))
+    return min(1.0, tail / total)
+
+
 def _golden_check(e: Evidence, rules: GateConfig) -> GateCheck:
     if e.golden.eval_rows == 0:
         return GateCheck(name="golden", passed=True, numbers={"rows": 0},
@@ -87,19 +100,26 @@ def _golden_check(e: Evidence, rules: GateConfig) -> GateCheck:
         return GateCheck(name="golden", passed=False, numbers=numbers,
                          detail=f"{e.metric} {value:.4f} on the golden set is more than {rules.golden_margin:g} "
                                 f"below production's {base:.4f}")
-    drops = {}
-    for label, theirs in e.parent_golden.per_class.items():
-        ours = e.golden.per_class.get(label)
-        if ours is not None and theirs.support and ours.recall < theirs.recall - rules.class_recall_margin:
-            drops[label] = (round(ours.recall, 4), round(theirs.recall, 4))
-    numbers["recall_drops"] = drops
+    drops, by_chance = {}, {}
+    classes = [label for label, theirs in e.parent_golden.per_class.items() if theirs.support]
+    level = rules.alpha / max(1, len(classes))  # Bonferroni: one false alarm in 1/alpha jobs, whatever the classes
+    for label in classes:
+        theirs, ours = e.parent_golden.per_class[label], e.golden.per_class.get(label)
+        if ours is None or ours.recall >= theirs.recall - rules.class_recall_margin:
+            continue
+        n = theirs.support
+        p = fisher_lower(round(ours.recall * n), round(theirs.recall * n), n)
+        (drops if p < level else by_chance)[label] = (round(ours.recall, 4), round(theirs.recall, 4))
+    numbers.update(recall_drops=drops, recall_drops_by_chance=by_chance, recall_test_level=level)
     if drops:
         worst = ", ".join(f"{k} {a:.4f} < {b:.4f}" for k, (a, b) in sorted(drops.items()))
         return GateCheck(name="golden", passed=False, numbers=numbers,
-                         detail=f"recall on the golden set fell by more than {rules.class_recall_margin:g} for {worst}")
+                         detail=f"recall on the golden set fell by more than {rules.class_recall_margin:g} for {worst} "
+                                f"(Fisher's exact test, p < {level:.2g})")
     return GateCheck(name="golden", passed=True, numbers=numbers,
                      detail=f"{e.metric} {value:.4f} on the golden set vs production's {base:.4f} "
-                            f"(margin {rules.golden_margin:g}); no class lost recall beyond {rules.class_recall_margin:g}")
+                            f"(margin {rules.golden_margin:g}); no class lost recall beyond {rules.class_recall_margin:g}"
+                            + (f" but by chance ({len(by_chance)} within Fisher's test at {level:.2g})" if by_chance else ""))
 
 
 def _fresh_check(e: Evidence, rules: GateConfig) -> GateCheck:

@@ -9,7 +9,7 @@ import pytest
 
 from tuneloop.core.evaluation import classification_metrics
 from tuneloop.core.config import GateConfig
-from tuneloop.core.gate import Evidence, decide, mcnemar_exact
+from tuneloop.core.gate import Evidence, decide, fisher_lower, mcnemar_exact
 
 LABELS = ["negative", "positive"]
 RULES = GateConfig()  # margins 0.01 and 0.05, alpha 0.05, 30 fresh rows for the test
@@ -50,11 +50,47 @@ def test_golden_accuracy_may_fall_by_the_margin_and_no_more():
 
 
 def test_a_class_losing_recall_fails_even_when_the_average_holds():
-    parent = _golden(45, 45)  # recall 0.9 each
-    candidate = _golden(50, 41)  # accuracy 0.91, but positive recall 0.82
+    parent = _golden(360, 360, n=800)  # recall 0.9 each
+    candidate = _golden(400, 328, n=800)  # accuracy 0.91, but positive recall 0.82
     d = decide(_evidence(candidate, parent), RULES)
-    assert not d.accepted and "positive 0.8200 < 0.9000" in d.reason
+    assert not d.accepted and "positive 0.8200 < 0.9000" in d.reason and "Fisher" in d.reason
     assert d.checks[0].numbers["recall_drops"] == {"positive": (0.82, 0.9)}
+
+
+def test_a_recall_drop_chance_explains_does_not_fail():
+    # The same rates on 50 rows a class: 4 rows lost is what chance does (Fisher p 0.19).
+    d = decide(_evidence(_golden(50, 41), _golden(45, 45)), RULES)
+    assert d.accepted, d.reason
+    assert d.checks[0].numbers["recall_drops_by_chance"] == {"positive": (0.82, 0.9)}
+
+
+def test_fisher_lower_matches_the_hypergeometric_tail():
+    assert fisher_lower(5, 5, 10) == pytest.approx(0.6719, abs=1e-4)  # scipy.stats.fisher_exact, alternative="less"
+    assert fisher_lower(0, 10, 10) == pytest.approx(1 / math.comb(20, 10))
+    assert fisher_lower(10, 0, 10) == 1.0
+
+
+def test_many_classes_a_better_model_passes_and_a_traded_class_fails():
+    """77 intents, 26 golden rows each (BANKING77's 2,000-row golden set): a better candidate
+    that loses 2 rows of a few classes by chance passes; one that gives up a class fails."""
+    labels = [f"intent_{i}" for i in range(77)]
+    truth = [k for k in range(77) for _ in range(26)]
+
+    def answers(right_per_class: dict[int, int], default: int) -> list[int]:
+        out = []
+        for k in range(77):
+            right = right_per_class.get(k, default)
+            out += [k] * right + [(k + 1) % 77] * (26 - right)
+        return out
+
+    parent = classification_metrics(truth, answers({}, 22), labels)
+    better = classification_metrics(truth, answers({3: 20, 40: 20, 70: 19}, 24), labels)
+    d = decide(Evidence(metric="accuracy", golden=better, parent_golden=parent), RULES)
+    assert d.accepted, d.reason
+    assert set(d.checks[0].numbers["recall_drops_by_chance"]) == {"intent_3", "intent_40", "intent_70"}
+    traded = classification_metrics(truth, answers({5: 4}, 24), labels)
+    d = decide(Evidence(metric="accuracy", golden=traded, parent_golden=parent), RULES)
+    assert not d.accepted and d.checks[0].numbers["recall_drops"] == {"intent_5": (0.1538, 0.8462)}
 
 
 def test_fresh_rows_need_a_significant_win_when_there_are_enough():

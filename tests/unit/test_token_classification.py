@@ -236,9 +236,9 @@ def test_the_gate_compares_entity_f1_and_each_types_recall():
     same = decide(Evidence(metric=NER.gate_metric, golden=NER.metrics(truth, truth),
                            parent_golden=NER.metrics(truth, misses_loc)), GateConfig())
     assert same.accepted, same.reason
-    # Two LOC among 200 PER: losing both barely moves F1, but LOC's recall falls to 0.
-    rare = [[IGNORE, 1, 0, IGNORE]] * 200 + [[IGNORE, 3, IGNORE]] * 2
-    lost_rare = [[IGNORE, 1, 0, IGNORE]] * 200 + [[IGNORE, 0, IGNORE]] * 2
+    # Ten LOC among 1,000 PER: losing them barely moves F1, but LOC's recall falls to 0.
+    rare = [[IGNORE, 1, 0, IGNORE]] * 1000 + [[IGNORE, 3, IGNORE]] * 10
+    lost_rare = [[IGNORE, 1, 0, IGNORE]] * 1000 + [[IGNORE, 0, IGNORE]] * 10
     lost = decide(Evidence(metric=NER.gate_metric, golden=NER.metrics(rare, lost_rare),
                            parent_golden=NER.metrics(rare, rare)), GateConfig())
     assert not lost.accepted and "recall on the golden set fell" in lost.checks[0].detail

@@ -1,0 +1,76 @@
+"""An intent model with 77 labels (BANKING77's count) end to end on a tiny random-init model:
+v1 trains through Ray Train on a seed that holds every label, the golden set is stratified
+(every label in it), the metrics carry 77 classes and a 77 x 77 confusion matrix, a replica
+answers with 77 scores, and v2 trains on feedback and is gated with its recall test shared
+among the 77 classes."""
+
+from __future__ import annotations
+
+import pytest
+
+from tuneloop.core.tasks import model_tasks
+from tuneloop.store.records import FeedbackStore
+from tuneloop.store.registry import Registry
+from tuneloop.store.storage import Storage
+from tests.integration.conftest import make_config
+from tests.tiny_models import build_tiny_model, predict_with_replica
+
+INTENTS = [f"intent_{k:02d}" for k in range(77)]
+WORDS = ["card", "cash", "transfer", "balance", "fee", "rate", "pin", "top up", "refund", "account", "limit"]
+
+
+def _text(k: int, j: int) -> str:
+    return f"question {j} about {WORDS[k % len(WORDS)]} and {WORDS[(k // len(WORDS)) % len(WORDS)]} number {k}"
+
+
+@pytest.fixture(scope="module")
+def intents(ray_session, tmp_path_factory):
+    from tuneloop.training.launcher import run_training
+
+    seed = tmp_path_factory.mktemp("intent-seed") / "seed.tsv"
+    seed.write_text("text\tlabel\n" + "".join(f"{_text(k, j)}\t{label}\n" for k, label in enumerate(INTENTS)
+                                              for j in range(5)))
+    base = build_tiny_model(tmp_path_factory.mktemp("tiny-intent"), INTENTS)
+    root = tmp_path_factory.mktemp("intent-store")
+    cfg = make_config(root, base, str(seed), model={"name": "intent", "labels": INTENTS},
+                      training={"max_steps": 2, "early_stopping_patience": None},
+                      gate={"golden_margin": 1.0})  # a random tiny model: reach the per-class test whatever it scores
+    first = run_training(cfg, "intent", trigger="bootstrap")
+    feedback = FeedbackStore(Storage(cfg.storage.root), cfg.storage.journal_path(), model_tasks(cfg.models))
+    feedback.open_writer()
+    for k in range(0, 77, 2):  # corrections on 39 of the intents, one new phrasing each
+        feedback.append(model="intent", text=f"another way to ask {_text(k, 9)}", label=INTENTS[k])
+    feedback.close()
+    second = run_training(cfg, "intent", trigger="manual")
+    return {"cfg": cfg, "root": root, "first": first, "second": second}
+
+
+def test_v1_learns_77_labels_with_a_stratified_golden_set(intents):
+    first = intents["first"]
+    assert first.job.state == "succeeded" and first.job.version == "v1", first.job.error
+    m = first.manifest
+    assert m.labels == INTENTS and m.data["golden"]["rows"] == 77  # 20% of 385, every intent in it
+    assert set(m.metrics.per_class) == set(INTENTS) and all(c.support == 1 for c in m.metrics.per_class.values())
+    assert len(m.metrics.confusion) == 77 and all(len(row) == 77 for row in m.metrics.confusion)
+    assert sum(map(sum, m.metrics.confusion)) == m.metrics.eval_rows == 77
+
+
+def test_a_replica_answers_with_77_scores(intents, tmp_path):
+    weights = Registry(Storage(str(intents["root"]))).local_path("intent", "v1")
+    answers = predict_with_replica({"name": "intent", "labels": INTENTS}, weights, tmp_path, [_text(3, 0), "hello"])
+    for a in answers:
+        assert a["label"] in INTENTS and set(a["scores"]) == set(INTENTS)
+        assert sum(a["scores"].values()) == pytest.approx(1.0, abs=1e-3)
+        assert a["score"] == max(a["scores"].values())
+
+
+def test_v2_adapts_on_feedback_and_is_gated_over_77_classes(intents):
+    second = intents["second"]
+    assert second.job.state in ("succeeded", "rejected"), second.job.error
+    m = second.manifest
+    assert m.version == "v2" and m.parent == "v1"
+    assert m.data["feedback"]["fresh_rows"] == 39
+    golden = next(c for c in m.gate.checks if c.name == "golden")
+    # The recall test's level is alpha shared among the 77 classes.
+    assert golden.numbers["recall_test_level"] == pytest.approx(0.05 / 77)
+    assert len(m.metrics.confusion) == 77
