@@ -6,8 +6,10 @@ Runs once per worker inside a TorchTrainer, which has already set up torch.distr
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -18,6 +20,7 @@ from tuneloop.training.deepspeed_config import build_deepspeed_config
 from tuneloop.training.recipe import (
     EarlyStopping,
     dropout_overrides,
+    eta,
     frozen_parameters,
     optimizer_steps,
     resolve_precision,
@@ -27,8 +30,11 @@ EVAL_BATCH_SIZE = 64
 
 
 def _log(rank: int, msg: str) -> None:
+    # Not print(): Ray Train sends a worker's print() both to its logger and to the stream
+    # it wraps, so every line reached the console twice.
     if rank == 0:
-        print(f"[tuneloop train] {msg}", flush=True)
+        sys.stdout.write(f"[tuneloop train] {msg}\n")
+        sys.stdout.flush()
 
 
 def _param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
@@ -206,6 +212,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     if not config["use_gpu"]:
         _without_shm_all_reduce()
+    # Its scheduler warns "before it has started" at the step taken ahead on purpose (below).
+    deepspeed.utils.logger.setLevel(logging.ERROR)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(config["seed"])
@@ -274,7 +282,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     stopping = EarlyStopping(config["early_stopping_patience"], config["early_stopping_min_delta"])
     per_epoch = monitor is not None and config["early_stopping_patience"] is not None and config["epochs"] > 1
     best: tuple[dict[str, Any], dict[str, Any]] | None = None  # (evaluation, weights) of the best epoch
-    epochs_run, steps_at_last_check = 0, 0
+    epochs_run, steps_at_last_check, started = 0, 0, time.perf_counter()
     for epoch in range(config["epochs"]):
         t0, seen, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
         for batch in train_shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
@@ -301,7 +309,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if stopping.update(epoch, loss):
                 best = evaluation, _consolidated_state_dict(engine.module, rank, precision, frozen_fp32)
             line += f", {monitor} loss {loss:.4f} (best: epoch {stopping.best_epoch + 1})"
-        _log(rank, line)
+        _log(rank, line + eta(time.perf_counter() - started, engine.global_steps, total_steps))
         if engine.global_steps >= total_steps:
             break
         if per_epoch and stopping.should_stop:

@@ -101,6 +101,15 @@ def optimizer_steps(train_rows: int, micro_batch_size: int, world_size: int, acc
     return accumulation, min(total, max_steps) if max_steps else total
 
 
+def eta(elapsed_s: float, steps_done: int, total_steps: int) -> str:
+    """``", ETA 1m05s"`` for the steps left at the pace so far (evaluations included), or
+    ``""`` before the first step or after the last."""
+    if steps_done <= 0 or steps_done >= total_steps:
+        return ""
+    left = round(elapsed_s / steps_done * (total_steps - steps_done))
+    return f", ETA {left // 60}m{left % 60:02d}s" if left >= 60 else f", ETA {left}s"
+
+
 @dataclass
 class EarlyStopping:
     """Stop when the monitored loss has not fallen by more than ``min_delta`` for

@@ -19,6 +19,7 @@ import httpx
 import ray
 from ray import serve
 
+from tuneloop.control import worker_setup
 from tuneloop.store.keys import KeyRing, ensure_admin_key, save_admin_key
 from tuneloop.core.config import ConfigError, TuneloopConfig
 from tuneloop.store.registry import Registry
@@ -35,7 +36,8 @@ def init_ray(cfg: TuneloopConfig, address: str | None = None) -> None:
     if address:
         ray.init(address=address, include_dashboard=False, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"worker_process_setup_hook": worker_setup.HOOK})
 
 
 def bootstrap_versions(cfg: TuneloopConfig) -> None:

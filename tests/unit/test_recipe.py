@@ -9,6 +9,7 @@ from tuneloop.core.config import TrainingConfig
 from tuneloop.training.recipe import (
     EarlyStopping,
     dropout_overrides,
+    eta,
     frozen_parameters,
     optimizer_steps,
     resolve_precision,
@@ -117,3 +118,9 @@ def test_early_stopping_keeps_the_best_epoch_and_waits_out_its_patience():
     for epoch, loss in enumerate([0.3, 0.4, 0.5, 0.6]):
         never.update(epoch, loss)
     assert not never.should_stop and never.best_epoch == 0
+
+
+def test_eta_is_the_pace_so_far_times_the_steps_left():
+    assert eta(30.0, 10, 40) == ", ETA 1m30s"
+    assert eta(5.0, 10, 20) == ", ETA 5s"
+    assert eta(0.0, 0, 20) == "" and eta(9.0, 20, 20) == ""

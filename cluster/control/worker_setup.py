@@ -1,0 +1,53 @@
+"""What every Ray worker process of a local tuneloop (`tuneloop run`, `tuneloop train`
+without a server) sets up first: Ray's ``worker_process_setup_hook``, named by import path
+so workers import this module and nothing else of tuneloop's.
+
+It keeps library chatter off the console, where an operator reads the job's progress lines
+and tuneloop's own log. A first `make run` printed 350 lines for each model's job before
+this, 30 of them tuneloop's; the libraries' own log files under the Ray session keep theirs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+HOOK = f"{__name__}.quiet_library_logs"
+
+QUIET_LOGGERS = {
+    # Asks the State API once a second whether the train controller still lives; only the
+    # dashboard serves that API, and a local Ray here starts without one (a process and
+    # ~150 MB on a 2-core machine), so each ask logged a warning: 173 lines in one first
+    # `make run`. Its work (removing a placement group a crashed controller left) is a
+    # safety net; a controller that ends removes its own.
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+}
+# Ray Train logs each report (the whole metrics dict: a confusion matrix, every golden
+# row's verdict) at info, under a logger named by its file's path, which its own
+# log_level setting does not reach.
+TRAIN_CONTEXT_LOGGER = ("train", "v2", "_internal", "execution", "context.py")
+
+ENVIRONMENT = {
+    # The weights-loading bars and the load report that lists the new head's tensors as
+    # MISSING (a fresh classifier head: expected at every first job).
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    # Watches for spot-instance preemption, which a local Ray cannot have; its actor logged
+    # a core-worker error line at every job.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+
+def quiet_library_logs() -> None:
+    for name, value in ENVIRONMENT.items():
+        os.environ.setdefault(name, value)  # a user's own setting wins
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+    import ray  # already imported: this runs in a Ray worker
+
+    logging.getLogger(os.path.join(os.path.dirname(ray.__file__), *TRAIN_CONTEXT_LOGGER)).setLevel(logging.WARNING)
+    # Libraries' notices about their own deprecated calls (torch.distributed inside
+    # DeepSpeed, Ray Data's options): nothing an operator of tuneloop can act on.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
