@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 import ray.data
-from ray.train import DataConfig, RunConfig, ScalingConfig
+from ray.train import DataConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from tuneloop.core.config import GateConfig, TrainingConfig, TuneloopConfig
@@ -60,7 +60,9 @@ class TrainingOutcome:
 def _datasets(task: Task, data: JobData) -> tuple[dict[str, ray.data.Dataset], list[str]]:
     """Ray datasets for the workers: ``train`` (split among them) and the evaluation sets
     (each worker sees all of one; empty ones are left out)."""
-    ray.data.DataContext.get_current().enable_progress_bars = False  # they flood the server's log
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # they flood the server's log
+    context.print_on_execution_start = False  # each dataset's plan, at every epoch
     sets = {"train": with_training_columns(task, data.train)}
     for name, table in (("golden", data.golden), ("fresh", data.fresh_eval), ("validation", data.validation)):
         if table.num_rows:
@@ -178,7 +180,7 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
     tasks = model_tasks(cfg.models)
     feedback = FeedbackStore(storage, cfg.storage.journal_path(), tasks)
     mcfg, task = cfg.model(model), tasks[model]
-    tcfg = cfg.training
+    tcfg = cfg.training_for(model)
     _settle_feedback(feedback)
     feedback.merge_closed_days(model)  # under this job's lease
     parent = registry.production(model)
@@ -209,7 +211,10 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
             num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu, resources_per_worker=_per_worker(tcfg)
         ),
         run_config=RunConfig(
-            name=f"{model}-{job.job_id}", storage_path=storage.path("train_runs"), storage_filesystem=storage.fs
+            name=f"{model}-{job.job_id}", storage_path=storage.path("train_runs"), storage_filesystem=storage.fs,
+            # Ray Train's own info lines (each report's whole metrics dict, every checkpoint's
+            # path: 40 lines a job) are in its log files; the console gets the job's progress.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),

@@ -10,7 +10,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -56,6 +56,9 @@ class ModelConfig(_Strict):
     window_stride: int | None = Field(default=None, ge=0, description=(
         "token-classification: tokens each window over a long text shares with the one before "
         "(default: a quarter of serving.max_length)"))
+    training: dict[str, Any] = Field(default_factory=dict, description=(
+        "this model's own values for keys of the top-level training: section (epochs, learning_rate, ...); "
+        "keys left out keep the top-level value"))
 
     @field_validator("name")
     @classmethod
@@ -399,11 +402,31 @@ class TuneloopConfig(_Strict):
             raise ValueError(f"model names must be unique; repeated: {dupes}")
         return v
 
+    @model_validator(mode="after")
+    def _model_training_is_valid(self) -> TuneloopConfig:
+        for m in self.models:
+            self.training_for(m.name)  # raises ValueError naming the model and the key
+        return self
+
     def model(self, name: str) -> ModelConfig:
         for m in self.models:
             if m.name == name:
                 return m
         raise KeyError(name)
+
+    def training_for(self, name: str) -> TrainingConfig:
+        """The training settings of model ``name``: the top-level ones, with the model's own
+        ``training:`` keys over them (a 12-intent seed set wants more epochs than sentiment)."""
+        overrides = self.model(name).training
+        if not overrides:
+            return self.training
+        try:
+            return TrainingConfig.model_validate({**self.training.model_dump(exclude_unset=True), **overrides})
+        except ValidationError as err:
+            reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: "
+                                f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']} (got {e['input']!r})"
+                                for e in err.errors())
+            raise ValueError(f"model {name!r}: its training: settings are invalid: {reasons}") from None
 
     def digest(self) -> str:
         """The config's identity (16 hex digits of its SHA-256): the same for the same

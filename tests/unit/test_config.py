@@ -15,6 +15,26 @@ def test_shipped_config_is_valid_and_resolves_paths():
     assert m.base_model == "sentence-transformers/all-MiniLM-L6-v2"  # an id, not a path
     assert Path(m.seed_dataset).is_file()
     assert Path(cfg.storage.root).is_absolute()
+    assert {m.name: m.task for m in cfg.models} == {
+        "sentiment": "text-classification", "intent": "text-classification", "ner": "token-classification"}
+    assert all(Path(m.seed_dataset).is_file() for m in cfg.models)
+
+
+def test_a_model_overrides_training_keys_and_keeps_the_rest():
+    cfg = parse_config({"models": [{**MODEL, "training": {"epochs": 9}}, {**MODEL, "name": "other"}],
+                        "training": {"learning_rate": 1e-4, "epochs": 2}})
+    own, other = cfg.training_for("sentiment"), cfg.training_for("other")
+    assert (own.epochs, own.learning_rate, other.epochs, other.learning_rate) == (9, 1e-4, 2, 1e-4)
+
+
+@pytest.mark.parametrize("training, fragment", [({"epochs": 0}, "epochs: Input should be greater than or equal to 1 "
+                                                                 "(got 0)"),
+                                                 ({"epoch": 3}, "epoch: unknown key (got 3)"),
+                                                 ({"precision": "bf16"}, "needs use_gpu")])
+def test_a_models_bad_training_key_is_refused_naming_the_model(training, fragment):
+    with pytest.raises(ConfigError) as e:
+        parse_config({"models": [{**MODEL, "training": training}]})
+    assert "model 'sentiment': its training: settings are invalid" in str(e.value) and fragment in str(e.value)
 
 
 def test_unknown_key_is_named_with_its_value():
