@@ -10,6 +10,11 @@ One command, one run, ratios against baselines measured in that same run:
 2. tuneloop: the real Serve app over HTTP, one text per request;
 3. naive: Ray Serve + a transformers pipeline, one forward pass per request, no batching.
 
+``--task token-classification`` measures a named-entity model instead (a token-classification
+head over PER, ORG, LOC and MISC): the bare loop's forward passes give every token's tag
+scores, tuneloop answers entities with character offsets, the naive pipeline
+``token-classification`` with ``aggregation_strategy="first"``.
+
 Each server is driven by a closed-loop generator on loopback (C clients, each sending its
 next request when the last one returns) at several concurrency levels. Texts are SST-2
 sentences from ../shared/data/sst2 when present, generated otherwise ("short"), and
@@ -42,7 +47,21 @@ enable_fast_path(private_haproxy_ports=True)  # before ray is imported
 
 SST2 = ROOT.parent / "shared" / "data" / "sst2" / "dev.tsv"
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-LABELS = ["negative", "positive"]
+LABELS = {"text-classification": ["negative", "positive"], "token-classification": ["PER", "ORG", "LOC", "MISC"]}
+
+
+def _auto_class(task: str):
+    import transformers
+
+    from tuneloop.core.tasks import make_task
+
+    return getattr(transformers, make_task(task, LABELS[task]).auto_class)
+
+
+def _head_labels(task: str) -> list[str]:
+    from tuneloop.core.tasks import make_task
+
+    return make_task(task, LABELS[task]).head_labels()
 
 
 # -- texts ------------------------------------------------------------------------------
@@ -68,15 +87,15 @@ def long_texts(n: int, rng: random.Random, tokenizer, min_tokens: int = 200) -> 
 
 
 # -- the model under test ---------------------------------------------------------------
-def prepare_model(source: str, workdir: Path) -> str:
-    """A sequence-classification checkpoint of ``source`` (a fresh head if it has none)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def prepare_model(source: str, workdir: Path, task: str) -> str:
+    """A checkpoint of ``source`` with ``task``'s head (a fresh head if it has none)."""
+    from transformers import AutoTokenizer
 
     from tuneloop.core.model_source import resolve_model_source
 
-    path = resolve_model_source(source)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=2, id2label=dict(enumerate(LABELS)), label2id={x: i for i, x in enumerate(LABELS)}
+    path, labels = resolve_model_source(source), _head_labels(task)
+    model = _auto_class(task).from_pretrained(
+        path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={x: i for i, x in enumerate(labels)}
     )
     out = workdir / "model"
     model.save_pretrained(str(out))
@@ -84,21 +103,21 @@ def prepare_model(source: str, workdir: Path) -> str:
     return str(out)
 
 
-def build_tiny(workdir: Path) -> str:
+def build_tiny(workdir: Path, task: str) -> str:
     from tests.tiny_models import build_tiny_model
 
-    return build_tiny_model(workdir / "model", LABELS)
+    return build_tiny_model(workdir / "model", LABELS[task], task=task)
 
 
 # -- 1. bare model ----------------------------------------------------------------------
-def bare_throughput(model_dir: str, texts: list[str], batch_size: int, threads: int, max_length: int,
+def bare_throughput(model_dir: str, task: str, texts: list[str], batch_size: int, threads: int, max_length: int,
                     seconds: float) -> float:
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    model = _auto_class(task).from_pretrained(model_dir).eval()
 
     def run(batch):
         enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
@@ -219,7 +238,7 @@ def batch_stats(base_url: str) -> tuple[float, float]:
 
 
 # -- 3. the naive baseline --------------------------------------------------------------
-def naive_app(model_dir: str, threads: int, max_length: int):
+def naive_app(model_dir: str, task: str, threads: int, max_length: int):
     from ray import serve
     from starlette.requests import Request
 
@@ -230,11 +249,17 @@ def naive_app(model_dir: str, threads: int, max_length: int):
             from transformers import pipeline
 
             torch.set_num_threads(threads)
-            self.pipe = pipeline("text-classification", model=path, tokenizer=path, device="cpu")
+            if task == "token-classification":
+                self.pipe = pipeline(task, model=path, tokenizer=path, device="cpu", aggregation_strategy="first")
+                self.options = {}
+            else:
+                self.pipe = pipeline(task, model=path, tokenizer=path, device="cpu")
+                self.options = {"truncation": True, "max_length": max_length}
 
         async def __call__(self, request: Request):
             body = await request.json()
-            return self.pipe(body["inputs"][0], truncation=True, max_length=max_length)
+            answer = self.pipe(body["inputs"][0], **self.options)
+            return [{**e, "score": float(e["score"])} for e in answer] if task == "token-classification" else answer
 
     return NaivePipeline.bind(model_dir)
 
@@ -265,6 +290,7 @@ def cfg_target(args) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=DEFAULT_MODEL, help="HF id or local path (default: all-MiniLM-L6-v2)")
+    ap.add_argument("--task", default="text-classification", choices=sorted(LABELS))
     ap.add_argument("--concurrency", default="1,16,64", help="comma-separated client counts")
     ap.add_argument("--seconds", type=float, default=15.0, help="measured seconds per cell")
     ap.add_argument("--warmup", type=float, default=3.0)
@@ -290,7 +316,7 @@ def main() -> None:
 
     rng = random.Random(0)
     work = Path(tempfile.mkdtemp(prefix="tuneloop-bench-"))
-    model_dir = build_tiny(work) if args.smoke else prepare_model(args.model, work)
+    model_dir = build_tiny(work, args.task) if args.smoke else prepare_model(args.model, work, args.task)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -302,16 +328,17 @@ def main() -> None:
     max_length = min(256, AutoConfig.from_pretrained(model_dir).max_position_embeddings)
     batch_size = 32
 
-    print(f"model: {'tiny random BERT (smoke)' if args.smoke else args.model}; threads: {args.threads}; "
+    print(f"model: {'tiny random BERT (smoke)' if args.smoke else args.model}; task: {args.task}; "
+          f"threads: {args.threads}; "
           f"target batch latency: {cfg_target(args)}; "
           f"texts: {'SST-2 dev' if SST2.exists() else 'generated'}; cpu cores: {os.cpu_count()}", flush=True)
-    bare = {s: bare_throughput(model_dir, text_sets[s], batch_size, args.threads, max_length,
+    bare = {s: bare_throughput(model_dir, args.task, text_sets[s], batch_size, args.threads, max_length,
                                max(args.seconds / 2, 2.0)) for s in sets}
     for s in sets:
         print(f"bare {s}: {bare[s]:.1f} texts/s", flush=True)
 
     cfg = parse_config({
-        "models": [{"name": "bench", "base_model": model_dir, "labels": LABELS}],
+        "models": [{"name": "bench", "task": args.task, "base_model": model_dir, "labels": LABELS[args.task]}],
         "storage": {"root": str(work / "store")},
         "serving": {"max_batch_size": batch_size, "num_cpus_per_replica": args.threads, "max_length": max_length,
                     "max_inputs_per_request": 64, "max_chars_per_input": 100_000,
@@ -349,7 +376,7 @@ def main() -> None:
             print(f"tuneloop {s} open loop at {rate:.1f}/s: p99 {r.p99 * 1e3:.0f} ms", flush=True)
         undeploy(cfg)
         if not args.skip_naive:
-            serve.run(naive_app(model_dir, args.threads, max_length), name="naive", route_prefix="/naive", blocking=False)
+            serve.run(naive_app(model_dir, args.task, args.threads, max_length), name="naive", route_prefix="/naive", blocking=False)
             wait_answering(f"{base}/naive", one_text(text_sets[sets[0]][0]))
             for s in sets:
                 for c in levels:
