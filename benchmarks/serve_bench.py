@@ -250,7 +250,12 @@ def naive_app(model_dir: str, task: str, threads: int, max_length: int):
 
             torch.set_num_threads(threads)
             if task == "token-classification":
-                self.pipe = pipeline(task, model=path, tokenizer=path, device="cpu", aggregation_strategy="first")
+                from transformers import AutoTokenizer
+
+                # Long texts in overlapping windows, as tuneloop reads them (a quarter shared).
+                tokenizer = AutoTokenizer.from_pretrained(path, model_max_length=max_length)
+                self.pipe = pipeline(task, model=path, tokenizer=tokenizer, device="cpu",
+                                     aggregation_strategy="first", stride=max_length // 4)
                 self.options = {}
             else:
                 self.pipe = pipeline(task, model=path, tokenizer=path, device="cpu")

@@ -8,7 +8,7 @@
   DeepSpeed workers, ZeRO-2, the registry, the gate) fine-tunes ``--base-model`` on the
   train split, with the test split as golden set; a plain Hugging Face loop in this process
   (AutoModelForSequenceClassification, torch's AdamW with no decay on biases and LayerNorm,
-  ``get_linear_schedule_with_warmup``) trains the same model on the same rows with the same
+  gradients clipped at norm 1 as Trainer does, ``get_linear_schedule_with_warmup``) trains the same model on the same rows with the same
   epochs, learning rate, global batch (2 workers x 16), max_length and warmup. Both are
   scored on the test split by the same code. Target: tuneloop within 1 point of the plain
   loop in accuracy and macro F1.
@@ -127,6 +127,7 @@ def plain_loop(base: str, labels: list[str], rows: list[tuple[str, str]], epochs
                             return_tensors="pt")
             loss = net(**enc, labels=torch.tensor([index[y] for _, y in chunk])).loss
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)  # Trainer's max_grad_norm, and tuneloop's
             optimizer.step()
             schedule.step()
             optimizer.zero_grad()
@@ -170,7 +171,7 @@ def intent_part(args, work: Path) -> list[str]:
     plain_s = plain_loop(resolve_model_source(args.base_model), labels, train_rows, args.epochs, work / "plain")
     theirs = score_classifier(str(work / "plain"), labels, test_rows)
     gap_acc, gap_f1 = 100 * (ours.accuracy - theirs.accuracy), 100 * (ours.f1 - theirs.f1)
-    met = gap_acc >= -1 and gap_f1 >= -1
+    met = abs(gap_acc) <= 1 and abs(gap_f1) <= 1  # the same recipe should land within a point, either way
     return [
         f"BANKING77, {len(labels)} intents: {len(train_rows)} train rows, {len(test_rows)} test rows, "
         f"{args.epochs} epochs, global batch {WORKERS * BATCH}, lr {LEARNING_RATE:g}, max_length {MAX_LENGTH}",
@@ -182,8 +183,9 @@ def intent_part(args, work: Path) -> list[str]:
         f"| tuneloop job (Ray Train, 2 DeepSpeed workers, ZeRO-2; gate, registry) | {ours.accuracy:.4f} | "
         f"{ours.f1:.4f} | {tuneloop_s:.0f} | {tuneloop_s / plain_s:.2f} |",
         "",
-        f"tuneloop - plain: {gap_acc:+.2f} points accuracy, {gap_f1:+.2f} points macro F1; target within 1 point: "
-        f"{'met' if met else 'NOT met'} (the manifest's own golden accuracy: {outcome.manifest.metrics.accuracy:.4f})",
+        f"tuneloop - plain: {gap_acc:+.2f} points accuracy, {gap_f1:+.2f} points macro F1; target within 1 point "
+        f"either way: {'met' if met else 'NOT met'} (the manifest's own golden accuracy: "
+        f"{outcome.manifest.metrics.accuracy:.4f})",
     ]
 
 

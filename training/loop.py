@@ -22,6 +22,7 @@ from tuneloop.training.recipe import (
     dropout_overrides,
     eta,
     frozen_parameters,
+    head_order,
     optimizer_steps,
     resolve_precision,
 )
@@ -203,6 +204,51 @@ def _without_shm_all_reduce() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def load_for_training(init_path: str, task: Task, dropout: float | None):
+    """The model to fine-tune, in fp32, with ``task``'s head in its label order: a base
+    encoder or another label set gets a fresh head; a checkpoint whose head has these labels
+    in another order (a hub NER model's tags, a classifier trained elsewhere) has its output
+    rows put in tuneloop's order. Without that its rows were read as the labels at their
+    positions, and a [positive, negative] head started out answering each as the other."""
+    import torch
+    import transformers
+
+    head = task.head_labels()
+    model_config = transformers.AutoConfig.from_pretrained(init_path)
+    id2label = {int(i): label for i, label in (model_config.id2label or {}).items()}
+    order = head_order([id2label.get(i) for i in range(len(id2label))], head)
+    model = getattr(transformers, task.auto_class).from_pretrained(
+        init_path,
+        num_labels=len(head),
+        id2label=dict(enumerate(head)),
+        label2id={label: i for i, label in enumerate(head)},
+        ignore_mismatched_sizes=True,  # a base encoder or a changed label set gets a fresh head
+        dtype=torch.float32,
+        **task.model_options,
+        **dropout_overrides(model_config.to_dict(), dropout),
+    )
+    if order is not None:
+        _reorder_output_rows(model, order)
+    return model
+
+
+def _reorder_output_rows(model, order: list[int]) -> None:
+    """Permute the rows of the head's last layer (its weight, and bias if any: the last
+    parameters outside the encoder, as Hugging Face heads register them)."""
+    import torch
+
+    prefix = model.base_model_prefix + "."
+    outside = [(n, p) for n, p in model.named_parameters() if not n.startswith(prefix)]
+    last = [p for _, p in outside[-2:] if p.shape[0] == len(order)]
+    if sum(p.ndim == 2 for p in last) != 1:
+        raise ValueError(f"cannot find the output layer of {type(model).__name__} to put its "
+                         f"{len(order)} label rows in order (parameters outside the encoder: {[n for n, _ in outside]})")
+    index = torch.tensor(order)
+    with torch.no_grad():
+        for p in last:
+            p.copy_(p[index])
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if config["use_gpu"] else "cpu")
     import deepspeed
@@ -218,24 +264,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(config["seed"])
     task = make_task(config["task"], config["labels"], **config.get("task_options", {}))
-    head = task.head_labels()
     max_length: int = config["max_length"]
     batch_size: int = config["batch_size"]
     precision = resolve_precision(config["precision"], config["use_gpu"],
                                   config["use_gpu"] and torch.cuda.is_bf16_supported(), config["zero_stage"])
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(config["init_path"])
-    model_config = transformers.AutoConfig.from_pretrained(config["init_path"]).to_dict()
-    model = getattr(transformers, task.auto_class).from_pretrained(
-        config["init_path"],
-        num_labels=len(head),
-        id2label=dict(enumerate(head)),
-        label2id={label: i for i, label in enumerate(head)},
-        ignore_mismatched_sizes=True,  # a base encoder or a changed label set gets a fresh head
-        dtype=torch.float32,
-        **task.model_options,
-        **dropout_overrides(model_config, config["dropout"]),
-    )
+    model = load_for_training(config["init_path"], task, config["dropout"])
     frozen, frozen_fp32 = _freeze(model, config, rank, keep_fp32_copy=precision != "fp32")
     accumulation, total_steps = optimizer_steps(config["train_rows"], batch_size, world,
                                                 config["gradient_accumulation_steps"], config["epochs"],

@@ -101,6 +101,20 @@ def optimizer_steps(train_rows: int, micro_batch_size: int, world_size: int, acc
     return accumulation, min(total, max_steps) if max_steps else total
 
 
+def head_order(checkpoint_labels: list[str] | None, head: list[str]) -> list[int] | None:
+    """The rows of a checkpoint's output layer in ``head``'s order, when the checkpoint already
+    has a head for the same labels in another order (names compared case-insensitively: a
+    hub model's ``B-PER`` is tuneloop's ``B-PER``); None when its rows already line up, or when
+    its labels are not these (generic ``LABEL_0``, another label set: the head is new)."""
+    if not checkpoint_labels or len(checkpoint_labels) != len(head):
+        return None
+    index = {str(label).lower(): i for i, label in enumerate(checkpoint_labels)}
+    if len(index) != len(head) or any(label.lower() not in index for label in head):
+        return None
+    order = [index[label.lower()] for label in head]
+    return None if order == list(range(len(head))) else order
+
+
 def eta(elapsed_s: float, steps_done: int, total_steps: int) -> str:
     """``", ETA 1m05s"`` for the steps left at the pace so far (evaluations included), or
     ``""`` before the first step or after the last."""

@@ -11,6 +11,7 @@ from tuneloop.training.recipe import (
     dropout_overrides,
     eta,
     frozen_parameters,
+    head_order,
     optimizer_steps,
     resolve_precision,
 )
@@ -124,3 +125,35 @@ def test_eta_is_the_pace_so_far_times_the_steps_left():
     assert eta(30.0, 10, 40) == ", ETA 1m30s"
     assert eta(5.0, 10, 20) == ", ETA 5s"
     assert eta(0.0, 0, 20) == "" and eta(9.0, 20, 20) == ""
+
+
+def test_head_order_maps_a_checkpoints_rows_to_the_configs_labels():
+    assert head_order(["POSITIVE", "NEGATIVE"], ["negative", "positive"]) == [1, 0]
+    assert head_order(["O", "B-PER", "I-PER", "B-LOC", "I-LOC"], ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]) == \
+        [0, 3, 4, 1, 2]
+    assert head_order(["negative", "positive"], ["negative", "positive"]) is None  # already in order
+    assert head_order(["LABEL_0", "LABEL_1"], ["negative", "positive"]) is None  # generic: a new head
+    assert head_order(["a", "b", "c"], ["a", "b"]) is None and head_order(None, ["a"]) is None
+    assert head_order(["spam", "ham"], ["negative", "positive"]) is None  # other labels
+
+
+def test_a_checkpoint_with_the_labels_in_another_order_trains_from_its_rows_in_order(tmp_path):
+    """A real tiny checkpoint whose head says [positive, negative] (its bias makes positive win),
+    loaded for a config listing [negative, positive]: the rows move, so it still answers
+    positive, now at index 1 (loading alone, no Ray)."""
+    from tests.tiny_models import build_tiny_model
+    from tuneloop.core.tasks import make_task
+    from tuneloop.training.loop import load_for_training
+
+    path = build_tiny_model(tmp_path / "m", ["positive", "negative"], bias=[4.0, -4.0])
+    model = load_for_training(path, make_task("text-classification", ["negative", "positive"]), None)
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    assert model.classifier.bias.tolist() == [-4.0, 4.0]
+    import torch
+    from transformers import AutoModelForTokenClassification
+
+    tagger = build_tiny_model(tmp_path / "t", ["LOC", "PER"], task="token-classification")
+    before = AutoModelForTokenClassification.from_pretrained(tagger).classifier.weight  # O, B-LOC, I-LOC, B-PER, I-PER
+    after = load_for_training(tagger, make_task("token-classification", ["PER", "LOC"]), None)
+    assert list(after.config.id2label.values()) == ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    assert torch.equal(after.classifier.weight, before[[0, 3, 4, 1, 2]])
