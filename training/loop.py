@@ -318,6 +318,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     per_epoch = monitor is not None and config["early_stopping_patience"] is not None and config["epochs"] > 1
     best: tuple[dict[str, Any], dict[str, Any]] | None = None  # (evaluation, weights) of the best epoch
     epochs_run, steps_at_last_check, started = 0, 0, time.perf_counter()
+    # from_pretrained leaves a model in eval mode and deepspeed.initialize keeps it so: a job
+    # that scored nothing first (v1 without early stopping) trained with dropout off, and one
+    # with early stopping had it off for its first epoch only.
+    engine.train()
     for epoch in range(config["epochs"]):
         t0, seen, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
         for batch in train_shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
