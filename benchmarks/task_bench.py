@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/task_bench.py [--parts intent,ner] [--data ../shared/data]
         [--intent-train-rows N] [--ner-train-rows N] [--test-rows N] [--epochs 3]
-        [--feedback-rows 200] [--feedback-type TYPE] [--base-model ID_OR_PATH] [--keep]
+        [--plain-seeds 0,1,2] [--feedback-rows 200] [--feedback-type TYPE] [--replay-ratio 1]
+        [--base-model ID_OR_PATH] [--keep]
 
 - ``intent``: BANKING77 (77 intents). tuneloop's job (``run_training``: Ray Train, 2
   DeepSpeed workers, ZeRO-2, the registry, the gate) fine-tunes ``--base-model`` on the
@@ -11,7 +12,8 @@
   gradients clipped at norm 1 as Trainer does, ``get_linear_schedule_with_warmup``) trains the same model on the same rows with the same
   epochs, learning rate, global batch (2 workers x 16), max_length and warmup. Both are
   scored on the test split by the same code. Target: tuneloop within 1 point of the plain
-  loop in accuracy and macro F1.
+  loop in accuracy and macro F1 (of their mean with several ``--plain-seeds``, which also
+  print the plain loop's own spread: how far a seed alone moves it).
 - ``ner``: CoNLL-2003 (PER, ORG, LOC, MISC). v1 is fine-tuned on the train split through
   tuneloop, scored on test by entity F1 (seqeval, micro) next to BERT-base's published
   92.4 (Devlin et al., 2019: not run here). Then a feedback round: ``--feedback-rows``
@@ -98,11 +100,13 @@ def train(cfg: TuneloopConfig, model: str) -> tuple[TrainingOutcome, float]:
 
 # ---- intent: tuneloop against a plain Hugging Face loop ------------------------------------
 
-def plain_loop(base: str, labels: list[str], rows: list[tuple[str, str]], epochs: int, out: Path) -> float:
-    """The textbook fine-tuning loop, one process, 2 torch threads; returns its seconds."""
+def plain_loop(base: str, labels: list[str], rows: list[tuple[str, str]], epochs: int, out: Path,
+               seed: int = 0) -> float:
+    """The textbook fine-tuning loop, one process, 2 torch threads; returns its seconds.
+    ``seed`` sets the head's initialisation, dropout and the order of every epoch."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(base)
     net = AutoModelForSequenceClassification.from_pretrained(
@@ -116,7 +120,7 @@ def plain_loop(base: str, labels: list[str], rows: list[tuple[str, str]], epochs
     steps = epochs * -(-len(rows) // batch)
     schedule = get_linear_schedule_with_warmup(optimizer, max(1, int(steps * WARMUP)), steps)
     index = {x: i for i, x in enumerate(labels)}
-    rng = random.Random(0)
+    rng = random.Random(seed)
     net.train()
     for epoch in range(epochs):
         order = list(rows)
@@ -131,7 +135,7 @@ def plain_loop(base: str, labels: list[str], rows: list[tuple[str, str]], epochs
             optimizer.step()
             schedule.step()
             optimizer.zero_grad()
-        progress(f"plain loop: epoch {epoch + 1}/{epochs} done, last loss {loss.item():.3f}")
+        progress(f"plain loop (seed {seed}): epoch {epoch + 1}/{epochs} done, last loss {loss.item():.3f}")
     net.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return time.perf_counter() - t0
@@ -168,25 +172,41 @@ def intent_part(args, work: Path) -> list[str]:
     progress(f"intent: tuneloop v1 in {tuneloop_s:.0f}s, golden accuracy {outcome.manifest.metrics.accuracy:.4f}")
     registry = Registry(Storage(cfg.storage.root))
     ours = score_classifier(registry.local_path("intent", "v1"), labels, test_rows)
-    plain_s = plain_loop(resolve_model_source(args.base_model), labels, train_rows, args.epochs, work / "plain")
-    theirs = score_classifier(str(work / "plain"), labels, test_rows)
-    gap_acc, gap_f1 = 100 * (ours.accuracy - theirs.accuracy), 100 * (ours.f1 - theirs.f1)
+    plain = []  # (seed, metrics, seconds) per seed of the plain loop
+    for seed in args.plain_seeds:
+        seconds = plain_loop(resolve_model_source(args.base_model), labels, train_rows, args.epochs,
+                             work / f"plain-{seed}", seed)
+        plain.append((seed, score_classifier(str(work / f"plain-{seed}"), labels, test_rows), seconds))
+    mean_acc = sum(m.accuracy for _, m, _ in plain) / len(plain)
+    mean_f1 = sum(m.f1 for _, m, _ in plain) / len(plain)
+    plain_s = sum(t for _, _, t in plain) / len(plain)
+    gap_acc, gap_f1 = 100 * (ours.accuracy - mean_acc), 100 * (ours.f1 - mean_f1)
     met = abs(gap_acc) <= 1 and abs(gap_f1) <= 1  # the same recipe should land within a point, either way
-    return [
+    lines = [
         f"BANKING77, {len(labels)} intents: {len(train_rows)} train rows, {len(test_rows)} test rows, "
         f"{args.epochs} epochs, global batch {WORKERS * BATCH}, lr {LEARNING_RATE:g}, max_length {MAX_LENGTH}",
         "",
         "| trained by | test accuracy | test macro F1 | seconds | ratio to plain |",
         "| --- | --- | --- | --- | --- |",
-        f"| plain Hugging Face loop (1 process, 2 threads) | {theirs.accuracy:.4f} | {theirs.f1:.4f} | "
-        f"{plain_s:.0f} | 1.00 |",
-        f"| tuneloop job (Ray Train, 2 DeepSpeed workers, ZeRO-2; gate, registry) | {ours.accuracy:.4f} | "
-        f"{ours.f1:.4f} | {tuneloop_s:.0f} | {tuneloop_s / plain_s:.2f} |",
-        "",
-        f"tuneloop - plain: {gap_acc:+.2f} points accuracy, {gap_f1:+.2f} points macro F1; target within 1 point "
-        f"either way: {'met' if met else 'NOT met'} (the manifest's own golden accuracy: "
-        f"{outcome.manifest.metrics.accuracy:.4f})",
     ]
+    for seed, m, seconds in plain:
+        lines.append(f"| plain Hugging Face loop (1 process, 2 threads), seed {seed} | {m.accuracy:.4f} | {m.f1:.4f} | "
+                     f"{seconds:.0f} | {seconds / plain_s:.2f} |")
+    if len(plain) > 1:
+        lines.append(f"| plain loop, mean of {len(plain)} seeds | {mean_acc:.4f} | {mean_f1:.4f} | {plain_s:.0f} | 1.00 |")
+    lines += [
+        f"| tuneloop job (Ray Train, 2 DeepSpeed workers, ZeRO-2; gate, registry), training.seed 0 | "
+        f"{ours.accuracy:.4f} | {ours.f1:.4f} | {tuneloop_s:.0f} | {tuneloop_s / plain_s:.2f} |",
+        "",
+        f"tuneloop - plain{' (mean)' if len(plain) > 1 else ''}: {gap_acc:+.2f} points accuracy, {gap_f1:+.2f} "
+        f"points macro F1; target within 1 point either way: {'met' if met else 'NOT met'} (the manifest's own "
+        f"golden accuracy: {outcome.manifest.metrics.accuracy:.4f})",
+    ]
+    if len(plain) > 1:
+        accs, f1s = [m.accuracy for _, m, _ in plain], [m.f1 for _, m, _ in plain]
+        lines.append(f"the plain loop's own spread over its seeds (max - min): {100 * (max(accs) - min(accs)):.2f} "
+                     f"points accuracy, {100 * (max(f1s) - min(f1s)):.2f} points macro F1")
+    return lines
 
 
 # ---- NER: CoNLL-2003, then a feedback round on one entity type ------------------------------
@@ -200,7 +220,8 @@ def ner_part(args, work: Path) -> list[str]:
     for name, rows in (("ner-seed.jsonl", train_rows), ("ner-golden.jsonl", test_rows)):
         (work / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     model = {"name": "ner", "task": "token-classification", "base_model": args.base_model, "labels": NER_TYPES,
-             "seed_dataset": str(work / "ner-seed.jsonl"), "golden_dataset": str(work / "ner-golden.jsonl")}
+             "seed_dataset": str(work / "ner-seed.jsonl"), "golden_dataset": str(work / "ner-golden.jsonl"),
+             "training": {"replay_ratio": args.replay_ratio}}
     cfg = make_config(work / "ner-store", model, args.epochs)
     v1, v1_s = train(cfg, "ner")
     before = v1.manifest.metrics
@@ -228,7 +249,8 @@ def ner_part(args, work: Path) -> list[str]:
         "| --- | --- | --- | --- | --- |",
         f"| BERT-base, published (Devlin et al., 2019; not run here) | {BERT_BASE_CONLL_F1:.3f} | | | |",
         f"| tuneloop v1 | {before.f1:.4f} | {before.precision:.4f} | {before.recall:.4f} | {v1_s:.0f} |",
-        f"| tuneloop v2 (+{len(chosen)} corrected {weakest} sentences, {v2.manifest.status}"
+        f"| tuneloop v2 (+{len(chosen)} corrected {weakest} sentences, replay ratio {args.replay_ratio:g}, "
+        f"{v2.manifest.status}"
         f"{', promoted' if v2.job.promoted else ''}) | {after.f1:.4f} | {after.precision:.4f} | "
         f"{after.recall:.4f} | {v2_s:.0f} |",
         "",
@@ -254,8 +276,12 @@ def main() -> None:
     ap.add_argument("--intent-train-rows", type=int, default=None, help="sample of BANKING77 train (default: all)")
     ap.add_argument("--ner-train-rows", type=int, default=None, help="sample of CoNLL train (default: all)")
     ap.add_argument("--test-rows", type=int, default=None, help="sample of each test split (default: all)")
+    ap.add_argument("--plain-seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0],
+                    help="seeds of the plain loop, comma-separated: several show its own spread (default: 0)")
     ap.add_argument("--feedback-rows", type=int, default=200)
     ap.add_argument("--feedback-type", choices=NER_TYPES, default=None)
+    ap.add_argument("--replay-ratio", type=float, default=1.0,
+                    help="training.replay_ratio of the feedback round: replay rows per fresh row (default: 1, tuneloop's)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args()
     parts = [p for p in args.parts.split(",") if p]

@@ -249,6 +249,16 @@ def _reorder_output_rows(model, order: list[int]) -> None:
             p.copy_(p[index])
 
 
+def epoch_batches(shard, epoch: int, batch_size: int, shard_rows: int, seed: int, rank: int, world: int):
+    """One epoch of a worker's shard in numpy batches: the job's order (shuffled once, by
+    ``job_data``) at epoch 0, reshuffled at every later epoch with a seed of its own, as a
+    textbook loop reshuffles every epoch. Ray Data's iterator replays the shard's blocks in
+    the same order otherwise; the buffer holds the whole shard (a few MB of text even at
+    ``max_rows_per_job``), so the shuffle is a full one, not a local one."""
+    shuffle = {"local_shuffle_buffer_size": shard_rows, "local_shuffle_seed": (seed * 1000 + epoch) * world + rank}
+    return shard.iter_batches(batch_size=batch_size, batch_format="numpy", **(shuffle if epoch else {}))
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if config["use_gpu"] else "cpu")
     import deepspeed
@@ -324,7 +334,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine.train()
     for epoch in range(config["epochs"]):
         t0, seen, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
-        for batch in train_shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        for batch in epoch_batches(train_shard, epoch, batch_size, -(-config["train_rows"] // world),
+                                   config["seed"], rank, world):
             inputs, encoding = _encode(tokenizer, batch["text"], max_length, engine.device, task)
             targets = task.batch_targets(_columns(batch), encoding)
             target = _target_tensor(targets, task, engine.device)

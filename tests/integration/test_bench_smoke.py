@@ -1,5 +1,6 @@
-"""The serving benchmark runs end to end and prints its table (no timing assertions)."""
+"""The benchmarks run end to end and print their tables (no timing or quality assertions)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tuneloop.serving.fast_path import HAPROXY_PORT_VARS
+from tests.tiny_models import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 # Its own Ray and Serve, every cell of the table: about 70 s, so `make bench-smoke`, not `make test`.
@@ -36,3 +38,33 @@ def test_serve_bench_smoke_prints_the_table():
             assert cells[-1] == "0", line  # and no request failed
     assert any(c.startswith("open ") for c in (line.split("|")[3].strip() for line in lines[2:]))
     assert "p99 at half the peak throughput" in out.stdout
+
+
+def test_task_bench_smoke_prints_both_tables(tmp_path):
+    # Stand-ins for ../shared/data in its layout (tests never need it) and a tiny base model:
+    # both parts, two plain-loop seeds and the feedback round, in about 3 minutes.
+    intents = ["card_arrival", "exchange_rate", "top_up_failed"]
+    bank = tmp_path / "data" / "banking77"
+    bank.mkdir(parents=True)
+    for split, n in (("train", 8), ("test", 3)):  # the texts differ by split: tuneloop drops golden texts from training
+        (bank / f"{split}.tsv").write_text("text\tlabel\n" + "".join(
+            f"{split} question {j} about {label.replace('_', ' ')}\t{label}\n" for j in range(n) for label in intents))
+    conll = tmp_path / "data" / "conll2003"
+    conll.mkdir()
+    tags = ["B-PER", "O", "B-ORG", "O", "B-LOC", "O", "B-MISC", "I-MISC", "O"]
+    for split, n in (("train", 24), ("test", 8), ("dev", 8)):
+        (conll / f"{split}.jsonl").write_text("".join(json.dumps(
+            {"tokens": ["Ada", "met", "Acme", "in", "Paris", "at", "Euro", "2000", f"{split}{j}"], "tags": tags}) + "\n"
+            for j in range(n)))
+    base = build_tiny_model(tmp_path / "tiny", intents)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "task_bench.py"), "--data", str(tmp_path / "data"),
+         "--base-model", base, "--epochs", "1", "--plain-seeds", "0,1", "--feedback-rows", "4"],
+        capture_output=True, text=True, timeout=900, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "## intent" in out.stdout and "## ner" in out.stdout
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert sum("plain Hugging Face loop" in r for r in rows) == 2 and any("mean of 2 seeds" in r for r in rows)
+    assert any(r.startswith("| tuneloop job") for r in rows) and any(r.startswith("| tuneloop v2") for r in rows)
+    assert "the plain loop's own spread" in out.stdout and "gate on v2:" in out.stdout

@@ -74,3 +74,44 @@ def test_v2_adapts_on_feedback_and_is_gated_over_77_classes(intents):
     # The recall test's level is alpha shared among the 77 classes.
     assert golden.numbers["recall_test_level"] == pytest.approx(0.05 / 77)
     assert len(m.metrics.confusion) == 77
+
+
+TOPICS = ["billing", "refund", "urgent"]
+
+
+@pytest.fixture(scope="module")
+def multi_label(ray_session, tmp_path_factory):
+    """A multi-label model (sigmoid per label) through two real jobs: v1 on a seed whose rows
+    hold zero, one or several labels, v2 on feedback that gives the full label list."""
+    from tuneloop.training.launcher import run_training
+
+    combos = [[], ["billing"], ["refund"], ["urgent"], ["billing", "refund"], ["refund", "urgent"],
+              ["billing", "refund", "urgent"]]
+    seed = tmp_path_factory.mktemp("ml-seed") / "seed.tsv"
+    seed.write_text("text\tlabels\n" + "".join(f"message {j} on {' and '.join(c) or 'nothing'}\t{'|'.join(c)}\n"
+                                              for j in range(8) for c in combos))
+    base = build_tiny_model(tmp_path_factory.mktemp("tiny-ml"), TOPICS, task="multi-label-classification")
+    cfg = make_config(tmp_path_factory.mktemp("ml-store"), base, str(seed),
+                      model={"name": "tickets", "task": "multi-label-classification", "labels": TOPICS},
+                      training={"max_steps": 2, "early_stopping_patience": None}, gate={"golden_margin": 1.0})
+    first = run_training(cfg, "tickets", trigger="bootstrap")
+    feedback = FeedbackStore(Storage(cfg.storage.root), cfg.storage.journal_path(), model_tasks(cfg.models))
+    feedback.open_writer()
+    for j in range(6):
+        feedback.append(model="tickets", text=f"charged twice, refund me now {j}", labels=["billing", "refund", "urgent"])
+        feedback.append(model="tickets", text=f"thanks for the help {j}", labels=[])
+    feedback.close()
+    return first, run_training(cfg, "tickets", trigger="manual")
+
+
+def test_multi_label_trains_and_adapts_with_per_label_metrics(multi_label):
+    first, second = multi_label
+    assert first.job.state == "succeeded" and first.job.version == "v1", first.job.error
+    m = first.manifest
+    assert m.data["golden"]["rows"] > 0 and set(m.metrics.per_class) == set(TOPICS)
+    assert m.metrics.eval_rows == m.data["golden"]["rows"]
+    assert all(0.0 <= getattr(m.metrics, k) <= 1.0 for k in ("accuracy", "precision", "recall", "f1"))
+    assert second.job.state in ("succeeded", "rejected"), second.job.error
+    m2 = second.manifest
+    assert (m2.version, m2.parent) == ("v2", "v1") and m2.data["feedback"]["fresh_rows"] == 12
+    assert "golden" in [c.name for c in m2.gate.checks] and set(m2.metrics.per_class) == set(TOPICS)
