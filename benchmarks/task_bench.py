@@ -1,7 +1,7 @@
 """Many labels and entities on real data, through tuneloop's own training job:
 
     .venv/bin/python benchmarks/task_bench.py [--parts intent,ner] [--data ../shared/data]
-        [--intent-train-rows N] [--ner-train-rows N] [--test-rows N] [--epochs 3]
+        [--intent-train-rows N] [--ner-train-rows N] [--test-rows N] [--epochs 3] [--learning-rate 5e-5]
         [--plain-seeds 0,1,2] [--feedback-rows 200] [--feedback-type TYPE] [--replay-ratio 1]
         [--base-model ID_OR_PATH] [--keep]
 
@@ -60,7 +60,7 @@ from benchmarks.adapt_bench import progress, read_tsv, sample  # noqa: E402
 
 BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 RAY_NUM_CPUS = 6  # as tests/integration/conftest.py: more than the 2 workers, or Ray Data starves
-WORKERS, BATCH, MAX_LENGTH, LEARNING_RATE, WARMUP, WEIGHT_DECAY = 2, 16, 64, 5e-5, 0.1, 0.01
+WORKERS, BATCH, MAX_LENGTH, WARMUP, WEIGHT_DECAY = 2, 16, 64, 0.1, 0.01
 NER_TYPES = ["PER", "ORG", "LOC", "MISC"]
 BERT_BASE_CONLL_F1 = 0.924
 
@@ -78,13 +78,13 @@ def sample_of(rows: list, cap: int | None, seed: int) -> list:
     return sample(rows, cap if cap is not None else len(rows), seed)
 
 
-def make_config(root: Path, model: dict, epochs: int) -> TuneloopConfig:
+def make_config(root: Path, model: dict, epochs: int, learning_rate: float) -> TuneloopConfig:
     return parse_config({
         "models": [model],
         "storage": {"root": str(root)},
         "auth": {"create_admin_key": False},
         "training": {"epochs": epochs, "num_workers": WORKERS, "batch_size": BATCH, "max_length": MAX_LENGTH,
-                     "learning_rate": LEARNING_RATE, "warmup_ratio": WARMUP, "weight_decay": WEIGHT_DECAY,
+                     "learning_rate": learning_rate, "warmup_ratio": WARMUP, "weight_decay": WEIGHT_DECAY,
                      "early_stopping_patience": None, "seed": 0, "golden_max_rows": 100_000},
     })
 
@@ -100,8 +100,8 @@ def train(cfg: TuneloopConfig, model: str) -> tuple[TrainingOutcome, float]:
 
 # ---- intent: tuneloop against a plain Hugging Face loop ------------------------------------
 
-def plain_loop(base: str, labels: list[str], rows: list[tuple[str, str]], epochs: int, out: Path,
-               seed: int = 0) -> float:
+def plain_loop(base: str, labels: list[str], rows: list[tuple[str, str]], epochs: int, learning_rate: float,
+               out: Path, seed: int = 0) -> float:
     """The textbook fine-tuning loop, one process, 2 torch threads; returns its seconds.
     ``seed`` sets the head's initialisation, dropout and the order of every epoch."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
@@ -115,7 +115,7 @@ def plain_loop(base: str, labels: list[str], rows: list[tuple[str, str]], epochs
     groups = [{"params": [p for n, p in net.named_parameters() if not n.endswith(no_decay)],
                "weight_decay": WEIGHT_DECAY},
               {"params": [p for n, p in net.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=LEARNING_RATE)
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate)
     batch = WORKERS * BATCH  # tuneloop's global batch: 2 workers x 16, gradients averaged
     steps = epochs * -(-len(rows) // batch)
     schedule = get_linear_schedule_with_warmup(optimizer, max(1, int(steps * WARMUP)), steps)
@@ -167,7 +167,8 @@ def intent_part(args, work: Path) -> list[str]:
         (work / name).write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
     cfg = make_config(work / "store", {"name": "intent", "base_model": args.base_model, "labels": labels,
                                        "seed_dataset": str(work / "seed.tsv"),
-                                       "golden_dataset": str(work / "golden.tsv")}, args.epochs)
+                                       "golden_dataset": str(work / "golden.tsv")}, args.epochs,
+                      args.learning_rate)
     outcome, tuneloop_s = train(cfg, "intent")
     progress(f"intent: tuneloop v1 in {tuneloop_s:.0f}s, golden accuracy {outcome.manifest.metrics.accuracy:.4f}")
     registry = Registry(Storage(cfg.storage.root))
@@ -175,7 +176,7 @@ def intent_part(args, work: Path) -> list[str]:
     plain = []  # (seed, metrics, seconds) per seed of the plain loop
     for seed in args.plain_seeds:
         seconds = plain_loop(resolve_model_source(args.base_model), labels, train_rows, args.epochs,
-                             work / f"plain-{seed}", seed)
+                             args.learning_rate, work / f"plain-{seed}", seed)
         plain.append((seed, score_classifier(str(work / f"plain-{seed}"), labels, test_rows), seconds))
     mean_acc = sum(m.accuracy for _, m, _ in plain) / len(plain)
     mean_f1 = sum(m.f1 for _, m, _ in plain) / len(plain)
@@ -184,7 +185,7 @@ def intent_part(args, work: Path) -> list[str]:
     met = abs(gap_acc) <= 1 and abs(gap_f1) <= 1  # the same recipe should land within a point, either way
     lines = [
         f"BANKING77, {len(labels)} intents: {len(train_rows)} train rows, {len(test_rows)} test rows, "
-        f"{args.epochs} epochs, global batch {WORKERS * BATCH}, lr {LEARNING_RATE:g}, max_length {MAX_LENGTH}",
+        f"{args.epochs} epochs, global batch {WORKERS * BATCH}, lr {args.learning_rate:g}, max_length {MAX_LENGTH}",
         "",
         "| trained by | test accuracy | test macro F1 | seconds | ratio to plain |",
         "| --- | --- | --- | --- | --- |",
@@ -222,7 +223,7 @@ def ner_part(args, work: Path) -> list[str]:
     model = {"name": "ner", "task": "token-classification", "base_model": args.base_model, "labels": NER_TYPES,
              "seed_dataset": str(work / "ner-seed.jsonl"), "golden_dataset": str(work / "ner-golden.jsonl"),
              "training": {"replay_ratio": args.replay_ratio}}
-    cfg = make_config(work / "ner-store", model, args.epochs)
+    cfg = make_config(work / "ner-store", model, args.epochs, args.learning_rate)
     v1, v1_s = train(cfg, "ner")
     before = v1.manifest.metrics
     progress(f"ner: v1 in {v1_s:.0f}s, test entity F1 {before.f1:.4f}")
@@ -242,7 +243,7 @@ def ner_part(args, work: Path) -> list[str]:
     after = v2.manifest.metrics
     lines = [
         f"CoNLL-2003 English: {len(train_rows)} train sentences, {len(test_rows)} test sentences, "
-        f"{args.epochs} epochs, global batch {WORKERS * BATCH}, lr {LEARNING_RATE:g}, max_length {MAX_LENGTH} "
+        f"{args.epochs} epochs, global batch {WORKERS * BATCH}, lr {args.learning_rate:g}, max_length {MAX_LENGTH} "
         f"({args.base_model})",
         "",
         "| | test entity F1 (micro) | precision | recall | job seconds |",
@@ -273,6 +274,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--base-model", default=BASE_MODEL)
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--learning-rate", type=float, default=5e-5, help="both parts, tuneloop and the plain loop")
     ap.add_argument("--intent-train-rows", type=int, default=None, help="sample of BANKING77 train (default: all)")
     ap.add_argument("--ner-train-rows", type=int, default=None, help="sample of CoNLL train (default: all)")
     ap.add_argument("--test-rows", type=int, default=None, help="sample of each test split (default: all)")

@@ -2,17 +2,19 @@
 v1 trains through Ray Train on a seed that holds every label, the golden set is stratified
 (every label in it), the metrics carry 77 classes and a 77 x 77 confusion matrix, a replica
 answers with 77 scores, and v2 trains on feedback and is gated with its recall test shared
-among the 77 classes."""
+among the 77 classes. Then the multi-label mode: trained, served over HTTP with a threshold
+per label, its feedback (the full label list) checked and stored, and v2 trained on it."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from tuneloop.core.tasks import model_tasks
 from tuneloop.store.records import FeedbackStore
 from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage
-from tests.integration.conftest import make_config
+from tests.integration.conftest import ADMIN_KEY, FEEDBACK_KEY, bearer, make_config
 from tests.tiny_models import build_tiny_model, predict_with_replica
 
 INTENTS = [f"intent_{k:02d}" for k in range(77)]
@@ -80,9 +82,11 @@ TOPICS = ["billing", "refund", "urgent"]
 
 
 @pytest.fixture(scope="module")
-def multi_label(ray_session, tmp_path_factory):
-    """A multi-label model (sigmoid per label) through two real jobs: v1 on a seed whose rows
-    hold zero, one or several labels, v2 on feedback that gives the full label list."""
+def multi_label(ray_session, serve_port, metrics_dir, tmp_path_factory):
+    """A multi-label model (sigmoid per label): v1 through a real job on a seed whose rows
+    hold zero, one or several labels, then served over HTTP."""
+    from tuneloop.control.server import wait_ready
+    from tuneloop.serving.app import deploy, undeploy
     from tuneloop.training.launcher import run_training
 
     combos = [[], ["billing"], ["refund"], ["urgent"], ["billing", "refund"], ["refund", "urgent"],
@@ -92,26 +96,59 @@ def multi_label(ray_session, tmp_path_factory):
                                               for j in range(8) for c in combos))
     base = build_tiny_model(tmp_path_factory.mktemp("tiny-ml"), TOPICS, task="multi-label-classification")
     cfg = make_config(tmp_path_factory.mktemp("ml-store"), base, str(seed),
-                      model={"name": "tickets", "task": "multi-label-classification", "labels": TOPICS},
+                      model={"name": "tickets", "task": "multi-label-classification", "labels": TOPICS,
+                             "threshold": {"urgent": 0.9}},
                       training={"max_steps": 2, "early_stopping_patience": None}, gate={"golden_margin": 1.0})
     first = run_training(cfg, "tickets", trigger="bootstrap")
-    feedback = FeedbackStore(Storage(cfg.storage.root), cfg.storage.journal_path(), model_tasks(cfg.models))
-    feedback.open_writer()
-    for j in range(6):
-        feedback.append(model="tickets", text=f"charged twice, refund me now {j}", labels=["billing", "refund", "urgent"])
-        feedback.append(model="tickets", text=f"thanks for the help {j}", labels=[])
-    feedback.close()
-    return first, run_training(cfg, "tickets", trigger="manual")
+    deploy(cfg, metrics_dir)
+    url = f"http://127.0.0.1:{serve_port}"
+    wait_ready(url, timeout_s=180)
+    yield url, cfg, first
+    undeploy(cfg)
 
 
-def test_multi_label_trains_and_adapts_with_per_label_metrics(multi_label):
-    first, second = multi_label
+def test_multi_label_v1_trains_with_per_label_metrics(multi_label):
+    _, _, first = multi_label
     assert first.job.state == "succeeded" and first.job.version == "v1", first.job.error
     m = first.manifest
     assert m.data["golden"]["rows"] > 0 and set(m.metrics.per_class) == set(TOPICS)
     assert m.metrics.eval_rows == m.data["golden"]["rows"]
     assert all(0.0 <= getattr(m.metrics, k) <= 1.0 for k in ("accuracy", "precision", "recall", "f1"))
+
+
+def test_multi_label_answers_and_feedback_over_http(multi_label):
+    url, _, _ = multi_label
+    with httpx.Client(base_url=url, timeout=60) as c:
+        r = c.post("/v1/models/tickets/predict", json={"inputs": ["charged twice, refund me now"]})
+        assert r.status_code == 200, r.text
+        [answer] = r.json()["predictions"]
+        assert set(answer) == {"id", "version", "labels", "scores"} and set(answer["scores"]) == set(TOPICS)
+        # Sigmoids, one per label, each against its own threshold.
+        assert answer["labels"] == [t for t in TOPICS if answer["scores"][t] >= (0.9 if t == "urgent" else 0.5)]
+        before = c.get("/v1/models/tickets/feedback/stats", headers=bearer(ADMIN_KEY)).json()
+        for body, why in [({"prediction_id": answer["id"], "labels": ["billing", "spam"]}, "spam"),
+                          ({"prediction_id": answer["id"], "labels": "billing"}, "list of label names"),
+                          ({"prediction_id": answer["id"], "label": "billing"}, "labels")]:
+            refused = c.post("/v1/feedback", json=body, headers=bearer(FEEDBACK_KEY))
+            assert refused.status_code == 422 and why in refused.json()["error"]["message"], refused.text
+        assert c.get("/v1/models/tickets/feedback/stats", headers=bearer(ADMIN_KEY)).json() == before
+        stored = [c.post("/v1/feedback", json={"prediction_id": answer["id"], "labels": ["refund", "billing"]},
+                         headers=bearer(FEEDBACK_KEY))]
+        for j in range(5):
+            stored.append(c.post("/v1/feedback", json={"model": "tickets", "text": f"charged twice, refund me {j}",
+                                                       "labels": ["billing", "refund", "urgent"]},
+                                 headers=bearer(FEEDBACK_KEY)))
+            stored.append(c.post("/v1/feedback", json={"model": "tickets", "text": f"thanks for the help {j}",
+                                                       "labels": []}, headers=bearer(FEEDBACK_KEY)))
+    assert [s.status_code for s in stored] == [202] * 11, [s.text for s in stored]
+
+
+def test_multi_label_v2_adapts_on_that_feedback(multi_label):
+    from tuneloop.training.launcher import run_training
+
+    _, cfg, _ = multi_label
+    second = run_training(cfg, "tickets", trigger="manual")
     assert second.job.state in ("succeeded", "rejected"), second.job.error
-    m2 = second.manifest
-    assert (m2.version, m2.parent) == ("v2", "v1") and m2.data["feedback"]["fresh_rows"] == 12
-    assert "golden" in [c.name for c in m2.gate.checks] and set(m2.metrics.per_class) == set(TOPICS)
+    m = second.manifest
+    assert (m.version, m.parent) == ("v2", "v1") and m.data["feedback"]["fresh_rows"] == 11
+    assert "golden" in [c.name for c in m.gate.checks] and set(m.metrics.per_class) == set(TOPICS)
