@@ -3,6 +3,7 @@ and tiny random-init BERT models built here (no downloads)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import uuid
@@ -155,3 +156,21 @@ def wait_controller_gone(cfg: TuneloopConfig, why: str, timeout_s: float = 30.0)
             return
         assert time.monotonic() < deadline, why
         time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def trained_and_served(cfg: TuneloopConfig, model: str, metrics_dir: str, serve_port: int):
+    """v1 of ``model`` trained by a real job, then the config's applications deployed;
+    yields the base URL and the job's outcome, and undeploys after."""
+    from tuneloop.control.server import wait_ready
+    from tuneloop.serving.app import deploy, undeploy
+    from tuneloop.training.launcher import run_training
+
+    outcome = run_training(cfg, model, trigger="bootstrap")
+    deploy(cfg, metrics_dir)
+    url = f"http://127.0.0.1:{serve_port}"
+    try:
+        wait_ready(url, timeout_s=180)
+        yield url, outcome
+    finally:
+        undeploy(cfg)

@@ -14,7 +14,7 @@ from tuneloop.core.tasks import model_tasks
 from tuneloop.store.records import FeedbackStore
 from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage
-from tests.integration.conftest import ADMIN_KEY, FEEDBACK_KEY, bearer, make_config
+from tests.integration.conftest import ADMIN_KEY, FEEDBACK_KEY, bearer, make_config, trained_and_served
 from tests.tiny_models import build_tiny_model, predict_with_replica
 
 INTENTS = [f"intent_{k:02d}" for k in range(77)]
@@ -85,10 +85,6 @@ TOPICS = ["billing", "refund", "urgent"]
 def multi_label(ray_session, serve_port, metrics_dir, tmp_path_factory):
     """A multi-label model (sigmoid per label): v1 through a real job on a seed whose rows
     hold zero, one or several labels, then served over HTTP."""
-    from tuneloop.control.server import wait_ready
-    from tuneloop.serving.app import deploy, undeploy
-    from tuneloop.training.launcher import run_training
-
     combos = [[], ["billing"], ["refund"], ["urgent"], ["billing", "refund"], ["refund", "urgent"],
               ["billing", "refund", "urgent"]]
     seed = tmp_path_factory.mktemp("ml-seed") / "seed.tsv"
@@ -99,12 +95,8 @@ def multi_label(ray_session, serve_port, metrics_dir, tmp_path_factory):
                       model={"name": "tickets", "task": "multi-label-classification", "labels": TOPICS,
                              "threshold": {"urgent": 0.9}},
                       training={"max_steps": 2, "early_stopping_patience": None}, gate={"golden_margin": 1.0})
-    first = run_training(cfg, "tickets", trigger="bootstrap")
-    deploy(cfg, metrics_dir)
-    url = f"http://127.0.0.1:{serve_port}"
-    wait_ready(url, timeout_s=180)
-    yield url, cfg, first
-    undeploy(cfg)
+    with trained_and_served(cfg, "tickets", metrics_dir, serve_port) as (url, first):
+        yield url, cfg, first
 
 
 def test_multi_label_v1_trains_with_per_label_metrics(multi_label):

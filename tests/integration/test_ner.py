@@ -12,7 +12,7 @@ import random
 import httpx
 import pytest
 
-from tests.integration.conftest import ADMIN_KEY, FEEDBACK_KEY, bearer, make_config
+from tests.integration.conftest import ADMIN_KEY, FEEDBACK_KEY, bearer, make_config, trained_and_served
 from tests.tiny_models import build_tiny_model
 
 TYPES = ["PER", "LOC"]
@@ -39,21 +39,13 @@ def seed_conll(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def ner(ray_session, serve_port, metrics_dir, seed_conll, tmp_path_factory):
-    from tuneloop.control.server import wait_ready
-    from tuneloop.serving.app import deploy, undeploy
-    from tuneloop.training.launcher import run_training
-
     base = build_tiny_model(tmp_path_factory.mktemp("tiny-ner"), TYPES, task="token-classification")
     cfg = make_config(tmp_path_factory.mktemp("store"), base, seed_conll,
                       model={"name": "ner", "task": "token-classification", "labels": TYPES},
                       serving={"max_length": 16, "max_chars_per_input": 2000},
                       training={"epochs": 2, "learning_rate": 5e-3})
-    outcome = run_training(cfg, "ner", trigger="bootstrap")
-    deploy(cfg, metrics_dir)
-    url = f"http://127.0.0.1:{serve_port}"
-    wait_ready(url, timeout_s=180)
-    yield url, cfg, outcome
-    undeploy(cfg)
+    with trained_and_served(cfg, "ner", metrics_dir, serve_port) as (url, outcome):
+        yield url, cfg, outcome
 
 
 def test_v1_trains_on_conll_tokens_and_is_scored_by_entity_f1(ner):
