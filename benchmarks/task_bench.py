@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/task_bench.py [--parts intent,ner] [--data ../shared/data]
         [--intent-train-rows N] [--ner-train-rows N] [--test-rows N] [--epochs 3] [--learning-rate 5e-5]
-        [--plain-seeds 0,1,2] [--feedback-rows 200] [--feedback-type TYPE] [--replay-ratio 1]
-        [--base-model ID_OR_PATH] [--keep]
+        [--plain-seeds 0,1,2] [--tuneloop-seeds 0,1,2] [--feedback-rows 200] [--feedback-type TYPE]
+        [--replay-ratio 1] [--base-model ID_OR_PATH] [--keep]
 
 - ``intent``: BANKING77 (77 intents). tuneloop's job (``run_training``: Ray Train, 2
   DeepSpeed workers, ZeRO-2, the registry, the gate) fine-tunes ``--base-model`` on the
@@ -12,8 +12,8 @@
   gradients clipped at norm 1 as Trainer does, ``get_linear_schedule_with_warmup``) trains the same model on the same rows with the same
   epochs, learning rate, global batch (2 workers x 16), max_length and warmup. Both are
   scored on the test split by the same code. Target: tuneloop within 1 point of the plain
-  loop in accuracy and macro F1 (of their mean with several ``--plain-seeds``, which also
-  print the plain loop's own spread: how far a seed alone moves it).
+  loop in accuracy and macro F1, their means over ``--plain-seeds`` and ``--tuneloop-seeds``
+  (several also print each side's own spread: how far a seed alone moves it).
 - ``ner``: CoNLL-2003 (PER, ORG, LOC, MISC). v1 is fine-tuned on the train split through
   tuneloop, scored on test by entity F1 (seqeval, micro) next to BERT-base's published
   92.4 (Devlin et al., 2019: not run here). Then a feedback round: ``--feedback-rows``
@@ -78,14 +78,14 @@ def sample_of(rows: list, cap: int | None, seed: int) -> list:
     return sample(rows, cap if cap is not None else len(rows), seed)
 
 
-def make_config(root: Path, model: dict, epochs: int, learning_rate: float) -> TuneloopConfig:
+def make_config(root: Path, model: dict, epochs: int, learning_rate: float, seed: int = 0) -> TuneloopConfig:
     return parse_config({
         "models": [model],
         "storage": {"root": str(root)},
         "auth": {"create_admin_key": False},
         "training": {"epochs": epochs, "num_workers": WORKERS, "batch_size": BATCH, "max_length": MAX_LENGTH,
                      "learning_rate": learning_rate, "warmup_ratio": WARMUP, "weight_decay": WEIGHT_DECAY,
-                     "early_stopping_patience": None, "seed": 0, "golden_max_rows": 100_000},
+                     "early_stopping_patience": None, "seed": seed, "golden_max_rows": 100_000},
     })
 
 
@@ -165,23 +165,24 @@ def intent_part(args, work: Path) -> list[str]:
     progress(f"intent: {len(train_rows)} train rows, {len(test_rows)} test rows, {len(labels)} intents")
     for name, rows in (("seed.tsv", train_rows), ("golden.tsv", test_rows)):
         (work / name).write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
-    cfg = make_config(work / "store", {"name": "intent", "base_model": args.base_model, "labels": labels,
-                                       "seed_dataset": str(work / "seed.tsv"),
-                                       "golden_dataset": str(work / "golden.tsv")}, args.epochs,
-                      args.learning_rate)
-    outcome, tuneloop_s = train(cfg, "intent")
-    progress(f"intent: tuneloop v1 in {tuneloop_s:.0f}s, golden accuracy {outcome.manifest.metrics.accuracy:.4f}")
-    registry = Registry(Storage(cfg.storage.root))
-    ours = score_classifier(registry.local_path("intent", "v1"), labels, test_rows)
-    plain = []  # (seed, metrics, seconds) per seed of the plain loop
+    ours = []  # (seed, metrics, seconds) per training.seed of tuneloop's job
+    for seed in args.tuneloop_seeds:
+        cfg = make_config(work / f"store-{seed}", {"name": "intent", "base_model": args.base_model, "labels": labels,
+                                                   "seed_dataset": str(work / "seed.tsv"),
+                                                   "golden_dataset": str(work / "golden.tsv")}, args.epochs,
+                          args.learning_rate, seed)
+        outcome, seconds = train(cfg, "intent")
+        progress(f"intent: tuneloop v1 (seed {seed}) in {seconds:.0f}s, golden accuracy "
+                 f"{outcome.manifest.metrics.accuracy:.4f}")
+        weights = Registry(Storage(cfg.storage.root)).local_path("intent", "v1")
+        ours.append((seed, score_classifier(weights, labels, test_rows), seconds))
+    plain = []  # the same per seed of the plain loop
     for seed in args.plain_seeds:
         seconds = plain_loop(resolve_model_source(args.base_model), labels, train_rows, args.epochs,
                              args.learning_rate, work / f"plain-{seed}", seed)
         plain.append((seed, score_classifier(str(work / f"plain-{seed}"), labels, test_rows), seconds))
-    mean_acc = sum(m.accuracy for _, m, _ in plain) / len(plain)
-    mean_f1 = sum(m.f1 for _, m, _ in plain) / len(plain)
-    plain_s = sum(t for _, _, t in plain) / len(plain)
-    gap_acc, gap_f1 = 100 * (ours.accuracy - mean_acc), 100 * (ours.f1 - mean_f1)
+    (plain_acc, plain_f1, plain_s), (our_acc, our_f1, _) = _means(plain), _means(ours)
+    gap_acc, gap_f1 = 100 * (our_acc - plain_acc), 100 * (our_f1 - plain_f1)
     met = abs(gap_acc) <= 1 and abs(gap_f1) <= 1  # the same recipe should land within a point, either way
     lines = [
         f"BANKING77, {len(labels)} intents: {len(train_rows)} train rows, {len(test_rows)} test rows, "
@@ -189,25 +190,32 @@ def intent_part(args, work: Path) -> list[str]:
         "",
         "| trained by | test accuracy | test macro F1 | seconds | ratio to plain |",
         "| --- | --- | --- | --- | --- |",
-    ]
-    for seed, m, seconds in plain:
-        lines.append(f"| plain Hugging Face loop (1 process, 2 threads), seed {seed} | {m.accuracy:.4f} | {m.f1:.4f} | "
-                     f"{seconds:.0f} | {seconds / plain_s:.2f} |")
-    if len(plain) > 1:
-        lines.append(f"| plain loop, mean of {len(plain)} seeds | {mean_acc:.4f} | {mean_f1:.4f} | {plain_s:.0f} | 1.00 |")
-    lines += [
-        f"| tuneloop job (Ray Train, 2 DeepSpeed workers, ZeRO-2; gate, registry), training.seed 0 | "
-        f"{ours.accuracy:.4f} | {ours.f1:.4f} | {tuneloop_s:.0f} | {tuneloop_s / plain_s:.2f} |",
+        *_seed_rows("plain Hugging Face loop (1 process, 2 threads)", plain, plain_s),
+        *_seed_rows("tuneloop job (Ray Train, 2 DeepSpeed workers, ZeRO-2; gate, registry)", ours, plain_s),
         "",
-        f"tuneloop - plain{' (mean)' if len(plain) > 1 else ''}: {gap_acc:+.2f} points accuracy, {gap_f1:+.2f} "
-        f"points macro F1; target within 1 point either way: {'met' if met else 'NOT met'} (the manifest's own "
-        f"golden accuracy: {outcome.manifest.metrics.accuracy:.4f})",
+        f"tuneloop - plain (means over their seeds): {gap_acc:+.2f} points accuracy, {gap_f1:+.2f} points macro F1; "
+        f"target within 1 point either way: {'met' if met else 'NOT met'}",
     ]
-    if len(plain) > 1:
-        accs, f1s = [m.accuracy for _, m, _ in plain], [m.f1 for _, m, _ in plain]
-        lines.append(f"the plain loop's own spread over its seeds (max - min): {100 * (max(accs) - min(accs)):.2f} "
-                     f"points accuracy, {100 * (max(f1s) - min(f1s)):.2f} points macro F1")
+    for name, runs in (("plain loop", plain), ("tuneloop job", ours)):
+        if len(runs) > 1:
+            accs, f1s = [m.accuracy for _, m, _ in runs], [m.f1 for _, m, _ in runs]
+            lines.append(f"the {name}'s own spread over its seeds (max - min): {100 * (max(accs) - min(accs)):.2f} "
+                         f"points accuracy, {100 * (max(f1s) - min(f1s)):.2f} points macro F1")
     return lines
+
+
+def _means(runs: list[tuple[int, EvalMetrics, float]]) -> tuple[float, float, float]:
+    """Mean accuracy, macro F1 and seconds over seeds."""
+    return tuple(sum(x) / len(runs) for x in zip(*((m.accuracy, m.f1, t) for _, m, t in runs), strict=True))
+
+
+def _seed_rows(name: str, runs: list[tuple[int, EvalMetrics, float]], plain_s: float) -> list[str]:
+    rows = [f"| {name}, seed {seed} | {m.accuracy:.4f} | {m.f1:.4f} | {t:.0f} | {t / plain_s:.2f} |"
+            for seed, m, t in runs]
+    if len(runs) > 1:
+        acc, f1, t = _means(runs)
+        rows.append(f"| {name}, mean of {len(runs)} seeds | {acc:.4f} | {f1:.4f} | {t:.0f} | {t / plain_s:.2f} |")
+    return rows
 
 
 # ---- NER: CoNLL-2003, then a feedback round on one entity type ------------------------------
@@ -268,6 +276,10 @@ def ner_part(args, work: Path) -> list[str]:
     return lines
 
 
+def _seeds(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--parts", default="intent,ner")
@@ -278,8 +290,10 @@ def main() -> None:
     ap.add_argument("--intent-train-rows", type=int, default=None, help="sample of BANKING77 train (default: all)")
     ap.add_argument("--ner-train-rows", type=int, default=None, help="sample of CoNLL train (default: all)")
     ap.add_argument("--test-rows", type=int, default=None, help="sample of each test split (default: all)")
-    ap.add_argument("--plain-seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0],
+    ap.add_argument("--plain-seeds", type=_seeds, default=[0],
                     help="seeds of the plain loop, comma-separated: several show its own spread (default: 0)")
+    ap.add_argument("--tuneloop-seeds", type=_seeds, default=[0],
+                    help="training.seed of tuneloop's intent job, one job each (default: 0)")
     ap.add_argument("--feedback-rows", type=int, default=200)
     ap.add_argument("--feedback-type", choices=NER_TYPES, default=None)
     ap.add_argument("--replay-ratio", type=float, default=1.0,

@@ -65,6 +65,7 @@ def test_task_bench_smoke_prints_both_tables(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "## intent" in out.stdout and "## ner" in out.stdout
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
-    assert sum("plain Hugging Face loop" in r for r in rows) == 2 and any("mean of 2 seeds" in r for r in rows)
+    plain = [r for r in rows if r.startswith("| plain Hugging Face loop")]
+    assert [r.split("|")[1].strip().split(", ")[-1] for r in plain] == ["seed 0", "seed 1", "mean of 2 seeds"]
     assert any(r.startswith("| tuneloop job") for r in rows) and any(r.startswith("| tuneloop v2") for r in rows)
     assert "the plain loop's own spread" in out.stdout and "gate on v2:" in out.stdout
