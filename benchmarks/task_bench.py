@@ -9,8 +9,9 @@
   DeepSpeed workers, ZeRO-2, the registry, the gate) fine-tunes ``--base-model`` on the
   train split, with the test split as golden set; a plain Hugging Face loop in this process
   (AutoModelForSequenceClassification, torch's AdamW with no decay on biases and LayerNorm,
-  gradients clipped at norm 1 as Trainer does, ``get_linear_schedule_with_warmup``) trains the same model on the same rows with the same
-  epochs, learning rate, global batch (2 workers x 16), max_length and warmup. Both are
+  gradients clipped at norm 1 as Trainer does, ``get_linear_schedule_with_warmup``) trains
+  the same model on the same rows with the same epochs, learning rate, global batch (2
+  workers x 16), max_length and warmup. Both are
   scored on the test split by the same code. Target: tuneloop within 1 point of the plain
   loop in accuracy and macro F1, their means over ``--plain-seeds`` and ``--tuneloop-seeds``
   (several also print each side's own spread: how far a seed alone moves it).

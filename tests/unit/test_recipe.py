@@ -141,6 +141,9 @@ def test_a_checkpoint_with_the_labels_in_another_order_trains_from_its_rows_in_o
     """A real tiny checkpoint whose head says [positive, negative] (its bias makes positive win),
     loaded for a config listing [negative, positive]: the rows move, so it still answers
     positive, now at index 1 (loading alone, no Ray)."""
+    import torch
+    from transformers import AutoModelForTokenClassification
+
     from tests.tiny_models import build_tiny_model
     from tuneloop.core.tasks import make_task
     from tuneloop.training.loop import load_for_training
@@ -149,9 +152,6 @@ def test_a_checkpoint_with_the_labels_in_another_order_trains_from_its_rows_in_o
     model = load_for_training(path, make_task("text-classification", ["negative", "positive"]), None)
     assert model.config.id2label == {0: "negative", 1: "positive"}
     assert model.classifier.bias.tolist() == [-4.0, 4.0]
-    import torch
-    from transformers import AutoModelForTokenClassification
-
     tagger = build_tiny_model(tmp_path / "t", ["LOC", "PER"], task="token-classification")
     before = AutoModelForTokenClassification.from_pretrained(tagger).classifier.weight  # O, B-LOC, I-LOC, B-PER, I-PER
     after = load_for_training(tagger, make_task("token-classification", ["PER", "LOC"]), None)
