@@ -159,18 +159,29 @@ def wait_controller_gone(cfg: TuneloopConfig, why: str, timeout_s: float = 30.0)
 
 
 @contextlib.contextmanager
-def trained_and_served(cfg: TuneloopConfig, model: str, metrics_dir: str, serve_port: int):
-    """v1 of ``model`` trained by a real job, then the config's applications deployed;
-    yields the base URL and the job's outcome, and undeploys after."""
+def served(cfg: TuneloopConfig, metrics_dir: str, serve_port: int, with_controller: bool = False,
+           timeout_s: float = 180):
+    """The config's applications deployed (its published versions; the retrain controller
+    too when ``with_controller``) and ready; yields the base URL, and undeploys after."""
+    from tuneloop.control.apps import deploy as deploy_with_controller
     from tuneloop.control.server import wait_ready
     from tuneloop.serving.app import deploy, undeploy
+
+    (deploy_with_controller if with_controller else deploy)(cfg, metrics_dir)
+    url = f"http://127.0.0.1:{serve_port}"
+    try:
+        wait_ready(url, timeout_s=timeout_s)
+        yield url
+    finally:
+        undeploy(cfg)
+
+
+@contextlib.contextmanager
+def trained_and_served(cfg: TuneloopConfig, model: str, metrics_dir: str, serve_port: int):
+    """v1 of ``model`` trained by a real job, then served (``served``); yields the base URL
+    and the job's outcome."""
     from tuneloop.training.launcher import run_training
 
     outcome = run_training(cfg, model, trigger="bootstrap")
-    deploy(cfg, metrics_dir)
-    url = f"http://127.0.0.1:{serve_port}"
-    try:
-        wait_ready(url, timeout_s=180)
+    with served(cfg, metrics_dir, serve_port) as url:
         yield url, outcome
-    finally:
-        undeploy(cfg)

@@ -10,24 +10,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from tuneloop.control.server import wait_ready
-from tests.integration.conftest import ADMIN_KEY, FEEDBACK_KEY, bearer, make_config, publish_version
+from tests.integration.conftest import ADMIN_KEY, FEEDBACK_KEY, bearer, make_config, publish_version, served
 
 EXAMPLES = 40  # per operation and mode
 
 
 @pytest.fixture(scope="module")
 def api(ray_session, serve_port, metrics_dir, tiny_model, tmp_path_factory):
-    from tuneloop.serving.app import deploy, undeploy
-
     cfg = make_config(tmp_path_factory.mktemp("fuzz-store"), tiny_model, None,
                       auth={"feedback_per_minute": 1e6, "feedback_burst": 10_000})
     publish_version(cfg, tiny_model)
-    deploy(cfg, metrics_dir)
-    url = f"http://127.0.0.1:{serve_port}"
-    wait_ready(url)
-    yield url
-    undeploy(cfg)
+    with served(cfg, metrics_dir, serve_port) as url:
+        yield url
 
 
 def _fuzz(url: str, key: str | None, skip: set[str] = frozenset()) -> tuple[int, list[str]]:

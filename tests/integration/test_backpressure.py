@@ -10,18 +10,7 @@ import time
 import httpx
 import pytest
 
-from tuneloop.control.server import wait_ready
-from tests.integration.conftest import make_config, publish_version
-
-
-def _deploy(cfg, metrics_dir, port):
-    from tuneloop.serving.app import deploy
-
-    publish_version(cfg, cfg.models[0].base_model)
-    deploy(cfg, metrics_dir)
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(url)
-    return url
+from tests.integration.conftest import make_config, publish_version, served
 
 
 async def _flood(url: str, n: int) -> list[httpx.Response]:
@@ -34,13 +23,12 @@ async def _flood(url: str, n: int) -> list[httpx.Response]:
 
 @pytest.fixture
 def tight(ray_session, serve_port, metrics_dir, tiny_model, tmp_path):
-    from tuneloop.serving.app import undeploy
-
     # One text per batch, 4 in flight, 1 queued: a burst of 60 requests of 8 texts overflows.
     cfg = make_config(tmp_path / "store", tiny_model, None,
                       serving={"max_batch_size": 1, "max_queued_requests": 1, "adaptive_batching": False})
-    yield _deploy(cfg, metrics_dir, serve_port)
-    undeploy(cfg)
+    publish_version(cfg, tiny_model)
+    with served(cfg, metrics_dir, serve_port) as url:
+        yield url
 
 
 def test_full_queue_answers_503_with_retry_after_then_recovers(tight):
@@ -63,11 +51,10 @@ def test_full_queue_answers_503_with_retry_after_then_recovers(tight):
 
 @pytest.fixture
 def impatient(ray_session, serve_port, metrics_dir, tiny_model, tmp_path):
-    from tuneloop.serving.app import undeploy
-
     cfg = make_config(tmp_path / "store", tiny_model, None, serving={"request_timeout_s": 0.001})
-    yield _deploy(cfg, metrics_dir, serve_port)
-    undeploy(cfg)
+    publish_version(cfg, tiny_model)
+    with served(cfg, metrics_dir, serve_port) as url:
+        yield url
 
 
 def test_request_past_its_timeout_gets_503(impatient):
@@ -79,15 +66,14 @@ def test_request_past_its_timeout_gets_503(impatient):
 
 @pytest.fixture
 def elastic(ray_session, serve_port, metrics_dir, tiny_model, tmp_path):
-    from tuneloop.serving.app import undeploy
-
     # One text per batch and a target of one request per replica: any load scales out.
     cfg = make_config(tmp_path / "store", tiny_model, None, serving={
         "max_batch_size": 1, "adaptive_batching": False,
         "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
                         "upscale_delay_s": 0, "look_back_period_s": 11}})
-    yield _deploy(cfg, metrics_dir, serve_port)
-    undeploy(cfg)
+    publish_version(cfg, tiny_model)
+    with served(cfg, metrics_dir, serve_port) as url:
+        yield url
 
 
 def _replicas(url: str) -> int:

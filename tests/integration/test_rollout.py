@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.integration.conftest import (ADMIN_KEY, FEEDBACK_KEY, LABELS, PREDICT_KEY, bearer, make_config,
-                                        publish_version)
+                                        publish_version, served)
 from tests.tiny_models import build_tiny_model
 
 TEXTS = [f"the {thing} was {how}" for thing in ("film", "meal", "hotel", "song", "game")
@@ -27,10 +27,6 @@ TEXTS = [f"the {thing} was {how}" for thing in ("film", "meal", "hotel", "song",
 
 @pytest.fixture(scope="module")
 def deployed(ray_session, serve_port, metrics_dir, tiny_model, tmp_path_factory):
-    from tuneloop.control.apps import deploy
-    from tuneloop.control.server import wait_ready
-    from tuneloop.serving.app import undeploy
-
     cfg = make_config(tmp_path_factory.mktemp("store"), tiny_model, None,
                       rollout={"min_feedback": 20, "min_feedback_to_roll_back": 20, "canary_steps": [50],
                                "evaluate_every_s": 1, "max_latency_ratio": 20, "min_requests": 1000,
@@ -43,11 +39,8 @@ def deployed(ray_session, serve_port, metrics_dir, tiny_model, tmp_path_factory)
     publish_version(cfg, tiny_model)
     biased = build_tiny_model(tmp_path_factory.mktemp("positive"), LABELS, bias=[0.0, 5.0])
     publish_version(cfg, biased, promote=False)  # v2
-    deploy(cfg, metrics_dir)
-    url = f"http://127.0.0.1:{serve_port}"
-    wait_ready(url, timeout_s=180)
-    yield url
-    undeploy(cfg)
+    with served(cfg, metrics_dir, serve_port, with_controller=True) as url:
+        yield url
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import httpx
 import pyarrow.dataset as pads
 import pytest
 
-from tuneloop.control.server import wait_ready
 from tests.integration.conftest import (
     ADMIN_KEY,
     FEEDBACK_KEY,
@@ -19,6 +18,7 @@ from tests.integration.conftest import (
     bearer,
     make_config,
     publish_version,
+    served,
 )
 
 JSON = {"Content-Type": "application/json"}
@@ -26,16 +26,11 @@ JSON = {"Content-Type": "application/json"}
 
 @pytest.fixture(scope="module")
 def app(ray_session, serve_port, metrics_dir, tiny_model, tmp_path_factory):
-    from tuneloop.serving.app import deploy, undeploy
-
     root = tmp_path_factory.mktemp("serving-store")
     cfg = make_config(root, tiny_model, None, auth={"feedback_burst": 20, "feedback_per_minute": 60})
     publish_version(cfg, tiny_model)
-    deploy(cfg, metrics_dir)
-    url = f"http://127.0.0.1:{serve_port}"
-    wait_ready(url)
-    yield {"url": url, "cfg": cfg, "root": root, "weights": tiny_model}
-    undeploy(cfg)
+    with served(cfg, metrics_dir, serve_port) as url:
+        yield {"url": url, "cfg": cfg, "root": root, "weights": tiny_model}
 
 
 def post(url: str, body, key: str | None = FEEDBACK_KEY, **kw) -> httpx.Response:
