@@ -22,6 +22,13 @@ QUIET_LOGGERS = {
     # `make run`. Its work (removing a placement group a crashed controller left) is a
     # safety net; a controller that ends removes its own.
     "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+    # "Dataset golden_... execution finished in 0.00 seconds": one line per dataset and
+    # epoch, from the split coordinator and from each worker (each scores every evaluation
+    # set): 28 of a first `make run`'s 106 lines. Its warnings and errors still show.
+    "ray.data._internal.execution.streaming_executor": logging.WARNING,
+    # "Progress bars disabled. To enable, set ...": once per process, 9 lines a first
+    # `make run`; tuneloop turns them off on purpose (training/launcher.py).
+    "ray.data._internal.progress": logging.ERROR,
 }
 # Ray Train logs each report (the whole metrics dict: a confusion matrix, every golden
 # row's verdict) at info, under a logger named by its file's path, which its own
