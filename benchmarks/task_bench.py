@@ -23,9 +23,10 @@
   per-type F1 on test before and after is printed.
 
 Early stopping is off in both parts: with the test split as the golden set it would watch
-test. Prints markdown tables; progress goes to stderr. Starts its own local Ray (6 logical
-CPUs). Slow on a CPU: the full splits take most of an hour per part on 2 cores, so the
-``--*-rows`` options sample them (fixed samples, training.seed 0).
+test. Prints markdown tables; progress, the jobs' epoch lines included, goes to stderr.
+Starts its own local Ray (6 logical CPUs). Slow on a CPU: the full splits take most of an
+hour per part on 2 cores, so the ``--*-rows`` options sample them (fixed samples,
+training.seed 0).
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ sys.path.insert(0, str(ROOT))
 
 import ray  # noqa: E402
 import torch  # noqa: E402
+import transformers  # noqa: E402
 
+from tuneloop.control import worker_setup  # noqa: E402
 from tuneloop.core.config import TuneloopConfig, parse_config  # noqa: E402
 from tuneloop.core.evaluation import EvalMetrics, classification_metrics  # noqa: E402
 from tuneloop.core.model_source import resolve_model_source  # noqa: E402
@@ -92,8 +95,7 @@ def make_config(root: Path, model: dict, epochs: int, learning_rate: float, seed
 
 def train(cfg: TuneloopConfig, model: str) -> tuple[TrainingOutcome, float]:
     t0 = time.perf_counter()
-    with contextlib.redirect_stdout(sys.stderr):  # Ray Train's reports must not mix into the tables
-        outcome = run_training(cfg, model, trigger="benchmark")
+    outcome = run_training(cfg, model, trigger="benchmark")
     if outcome.manifest is None:
         raise SystemExit(f"the {model} job failed: {outcome.job.error}")
     return outcome, time.perf_counter() - t0
@@ -308,20 +310,29 @@ def main() -> None:
     if not args.data.is_dir():
         raise SystemExit(f"no data at {args.data} (see ../shared/data/README.md)")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    # The plain loop and the scoring load models here: no weight-loading bars, no load report
+    # listing the fresh head's tensors as missing (the workers are quieted by the hook below).
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(2)
     work = Path(tempfile.mkdtemp(prefix="tuneloop-task-bench-"))
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    ray.init(num_cpus=RAY_NUM_CPUS, include_dashboard=False, log_to_driver=False)
     tables: list[str] = []
-    try:
-        for part in parts:
-            tables += [f"## {part}", ""] + (intent_part if part == "intent" else ner_part)(args, work) + [""]
-    finally:
-        ray.shutdown()
-        if args.keep:
-            progress(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+    # The jobs' progress lines (an epoch's loss, samples/s and ETA) come through Ray's log
+    # monitor, quieted as `tuneloop run` quiets them; whatever prints goes to stderr, the
+    # tables alone to stdout.
+    with contextlib.redirect_stdout(sys.stderr):
+        ray.init(num_cpus=RAY_NUM_CPUS, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"worker_process_setup_hook": worker_setup.HOOK})
+        try:
+            for part in parts:
+                tables += [f"## {part}", ""] + (intent_part if part == "intent" else ner_part)(args, work) + [""]
+        finally:
+            ray.shutdown()
+            if args.keep:
+                progress(f"kept {work}")
+            else:
+                shutil.rmtree(work, ignore_errors=True)
     print("\n".join(tables))
 
 

@@ -69,3 +69,7 @@ def test_task_bench_smoke_prints_both_tables(tmp_path):
     assert [r.split("|")[1].strip().split(", ")[-1] for r in plain] == ["seed 0", "seed 1", "mean of 2 seeds"]
     assert any(r.startswith("| tuneloop job") for r in rows) and any(r.startswith("| tuneloop v2") for r in rows)
     assert "the plain loop's own spread" in out.stdout and "gate on v2:" in out.stdout
+    # The jobs' progress reaches stderr through Ray's log monitor; stdout holds the tables alone.
+    assert "[tuneloop train] epoch 1/1" in out.stderr
+    assert all(not line or line.startswith(("## ", "| ", "BANKING77", "CoNLL", "tuneloop", "the ", "gate"))
+               for line in out.stdout.splitlines()), out.stdout
