@@ -8,11 +8,9 @@
 - ``intent``: BANKING77 (77 intents). tuneloop's job (``run_training``: Ray Train, 2
   DeepSpeed workers, ZeRO-2, the registry, the gate) fine-tunes ``--base-model`` on the
   train split, with the test split as golden set; a plain Hugging Face loop in this process
-  (AutoModelForSequenceClassification, torch's AdamW with no decay on biases and LayerNorm,
-  gradients clipped at norm 1 as Trainer does, ``get_linear_schedule_with_warmup``) trains
-  the same model on the same rows with the same epochs, learning rate, global batch (2
-  workers x 16), max_length and warmup. Both are
-  scored on the test split by the same code. Target: tuneloop within 1 point of the plain
+  (``plain_loop.py``) trains the same model on the same rows with the same epochs, learning
+  rate, global batch (2 workers x 16), max_length and warmup. Both are scored on the test
+  split by the same code. Target: tuneloop within 1 point of the plain
   loop in accuracy and macro F1, their means over ``--plain-seeds`` and ``--tuneloop-seeds``
   (several also print each side's own spread: how far a seed alone moves it).
 - ``ner``: CoNLL-2003 (PER, ORG, LOC, MISC). v1 is fine-tuned on the train split through
@@ -36,7 +34,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -61,6 +58,7 @@ from tuneloop.store.registry import Registry  # noqa: E402
 from tuneloop.store.storage import Storage  # noqa: E402
 from tuneloop.training.launcher import TrainingOutcome, run_training  # noqa: E402
 from benchmarks.adapt_bench import progress, read_tsv, sample  # noqa: E402
+from benchmarks.plain_loop import fine_tune  # noqa: E402
 
 BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 RAY_NUM_CPUS = 6  # as tests/integration/conftest.py: more than the 2 workers, or Ray Data starves
@@ -103,47 +101,6 @@ def train(cfg: TuneloopConfig, model: str) -> tuple[TrainingOutcome, float]:
 
 # ---- intent: tuneloop against a plain Hugging Face loop ------------------------------------
 
-def plain_loop(base: str, labels: list[str], rows: list[tuple[str, str]], epochs: int, learning_rate: float,
-               out: Path, seed: int = 0) -> float:
-    """The textbook fine-tuning loop, one process, 2 torch threads; returns its seconds.
-    ``seed`` sets the head's initialisation, dropout and the order of every epoch."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
-
-    torch.manual_seed(seed)
-    t0 = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    net = AutoModelForSequenceClassification.from_pretrained(
-        base, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={x: i for i, x in enumerate(labels)})
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
-    groups = [{"params": [p for n, p in net.named_parameters() if not n.endswith(no_decay)],
-               "weight_decay": WEIGHT_DECAY},
-              {"params": [p for n, p in net.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=learning_rate)
-    batch = WORKERS * BATCH  # tuneloop's global batch: 2 workers x 16, gradients averaged
-    steps = epochs * -(-len(rows) // batch)
-    schedule = get_linear_schedule_with_warmup(optimizer, max(1, int(steps * WARMUP)), steps)
-    index = {x: i for i, x in enumerate(labels)}
-    rng = random.Random(seed)
-    net.train()
-    for epoch in range(epochs):
-        order = list(rows)
-        rng.shuffle(order)
-        for i in range(0, len(order), batch):
-            chunk = order[i:i + batch]
-            enc = tokenizer([t for t, _ in chunk], padding=True, truncation=True, max_length=MAX_LENGTH,
-                            return_tensors="pt")
-            loss = net(**enc, labels=torch.tensor([index[y] for _, y in chunk])).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)  # Trainer's max_grad_norm, and tuneloop's
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad()
-        progress(f"plain loop (seed {seed}): epoch {epoch + 1}/{epochs} done, last loss {loss.item():.3f}")
-    net.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return time.perf_counter() - t0
-
-
 def score_classifier(path: str, labels: list[str], rows: list[tuple[str, str]]) -> EvalMetrics:
     """Accuracy and macro F1 of a saved classifier, in its own label order, on ``rows``."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -181,9 +138,11 @@ def intent_part(args, work: Path) -> list[str]:
         ours.append((seed, score_classifier(weights, labels, test_rows), seconds))
     plain = []  # the same per seed of the plain loop
     for seed in args.plain_seeds:
-        seconds = plain_loop(resolve_model_source(args.base_model), labels, train_rows, args.epochs,
-                             args.learning_rate, work / f"plain-{seed}", seed)
-        plain.append((seed, score_classifier(str(work / f"plain-{seed}"), labels, test_rows), seconds))
+        times = fine_tune(resolve_model_source(args.base_model), labels, train_rows, epochs=args.epochs,
+                          learning_rate=args.learning_rate, batch_size=WORKERS * BATCH, max_length=MAX_LENGTH,
+                          warmup_ratio=WARMUP, weight_decay=WEIGHT_DECAY, seed=seed, out=work / f"plain-{seed}",
+                          progress=progress)
+        plain.append((seed, score_classifier(str(work / f"plain-{seed}"), labels, test_rows), times.total_s))
     (plain_acc, plain_f1, plain_s), (our_acc, our_f1, _) = _means(plain), _means(ours)
     gap_acc, gap_f1 = 100 * (our_acc - plain_acc), 100 * (our_f1 - plain_f1)
     met = abs(gap_acc) <= 1 and abs(gap_f1) <= 1  # the same recipe should land within a point, either way
