@@ -41,6 +41,7 @@ from tuneloop.store.registry import Manifest, Registry
 from tuneloop.store.storage import Storage
 from tuneloop.training.job_data import JobData, assemble, with_training_columns
 from tuneloop.training.loop import train_loop_per_worker
+from tuneloop.training.recipe import training_speed
 
 log = logging.getLogger(__name__)
 KEEP_TRAIN_RUNS = 2  # Ray Train run folders kept per model (each holds a full checkpoint)
@@ -231,7 +232,8 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
         base_model=mcfg.base_model,
         task=mcfg.task,
         labels=mcfg.labels,
-        training={**tcfg.model_dump(), "steps": report["steps"], **report["recipe"]},
+        training={**tcfg.model_dump(), "steps": report["steps"], **report["recipe"],
+                  "speed": _speed(report, training_started)},
         data={**data.summary, "fresh_eval": _fresh_numbers(gate)},
         metrics=metrics,
         parent_metrics=parent_metrics,
@@ -270,6 +272,14 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
     log.info("job %s: %s %s (%s); feedback to serving: %s", job.job_id, manifest.version, job.state, job.message,
              job.serving_time.describe() if job.serving_time else "not recorded")
     return manifest
+
+
+def _speed(report: dict[str, Any], training_started: datetime) -> dict[str, Any]:
+    """The run's samples/s per epoch and its start-up: from its start here to the first
+    batch in the workers (both wall clocks of this machine or of nodes kept in sync)."""
+    first = report.get("first_batch_at")
+    return training_speed([tuple(e) for e in report.get("epochs", [])],
+                          None if first is None else max(0.0, first - training_started.timestamp()))
 
 
 def _now() -> datetime:

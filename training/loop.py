@@ -306,8 +306,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # update is at 0, as in Hugging Face's linear schedule (DeepSpeed 0.19.8, measured: weights
     # unchanged after two updates without this step, changed after the second with it).
     scheduler.step()
-    _log(rank, f"{precision} on {engine.device}, {world} worker(s), {total_steps} optimizer steps "
-               f"of {batch_size * world * accumulation} rows")
+    _log(rank, f"{precision} on {engine.device}, {world} worker(s) of {torch.get_num_threads()} thread(s), "
+               f"{total_steps} optimizer steps of {batch_size * world * accumulation} rows")
     train_shard = ray.train.get_dataset_shard("train")
     eval_shards = {name: ray.train.get_dataset_shard(name) for name in config["eval_sets"]}
     evaluate = _Evaluator(engine, tokenizer, eval_shards, max_length, task)
@@ -328,6 +328,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     per_epoch = monitor is not None and config["early_stopping_patience"] is not None and config["epochs"] > 1
     best: tuple[dict[str, Any], dict[str, Any]] | None = None  # (evaluation, weights) of the best epoch
     epochs_run, steps_at_last_check, started = 0, 0, time.perf_counter()
+    epoch_times: list[list[float]] = []  # [rows of all workers, seconds] per epoch
+    first_batch_at: float | None = None  # wall clock: the launcher times the start-up to it
     # from_pretrained leaves a model in eval mode and deepspeed.initialize keeps it so: a job
     # that scored nothing first (v1 without early stopping) trained with dropout off, and one
     # with early stopping had it off for its first epoch only.
@@ -336,6 +338,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t0, seen, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
         for batch in epoch_batches(train_shard, epoch, batch_size, -(-config["train_rows"] // world),
                                    config["seed"], rank, world):
+            if first_batch_at is None:  # less production's baseline scoring: evaluation, not start-up
+                first_batch_at = time.time() - evaluate.seconds
             inputs, encoding = _encode(tokenizer, batch["text"], max_length, engine.device, task)
             targets = task.batch_targets(_columns(batch), encoding)
             target = _target_tensor(targets, task, engine.device)
@@ -349,6 +353,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 break
         epochs_run += 1
         dt = time.perf_counter() - t0
+        epoch_times.append([seen * world, dt])
         line = (f"epoch {epoch + 1}/{config['epochs']} step {engine.global_steps}/{total_steps} "
                 f"loss {loss_sum / max(1, batches):.4f} {seen * world / max(dt, 1e-9):.1f} samples/s")
         if per_epoch and engine.global_steps > steps_at_last_check:  # an epoch that stepped (accumulation)
@@ -375,7 +380,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _log(rank, "candidate: " + _summary(candidate_eval))
     report = {
         "candidate": candidate_eval, "parent": parent_eval, "steps": engine.global_steps,
-        "evaluation_s": evaluate.seconds,
+        "evaluation_s": evaluate.seconds, "epochs": epoch_times, "first_batch_at": first_batch_at,
         "recipe": {"precision": precision, "epochs_run": epochs_run, "best_epoch": stopping.best_epoch + 1,
                    "early_stopped": epochs_run < config["epochs"] and engine.global_steps < total_steps,
                    "monitor": monitor if per_epoch else None, "frozen_tensors": len(frozen), "accumulation": accumulation},

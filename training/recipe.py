@@ -9,6 +9,7 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 Precision = str  # "bf16", "fp16" or "fp32"
 
@@ -148,3 +149,18 @@ class EarlyStopping:
     @property
     def should_stop(self) -> bool:
         return self.patience is not None and self.epochs_without_gain >= self.patience
+
+
+def training_speed(epochs: list[tuple[int, float]], startup_s: float | None) -> dict[str, Any]:
+    """A job's speed, for its manifest: samples/s of each epoch (its rows, all workers', and
+    its seconds), the steady state over the epochs after the first (which pays the warm-up:
+    first allocations, the data pipeline's start), or the only epoch's, and the start-up
+    (the run's start to its first batch: workers, model load, DeepSpeed, first block)."""
+    rates = [round(rows / seconds, 2) if seconds > 0 else None for rows, seconds in epochs]
+    steady = epochs[1:] or epochs
+    seconds = sum(s for _, s in steady)
+    return {
+        "startup_s": None if startup_s is None else round(startup_s, 2),
+        "epoch_samples_per_s": rates,
+        "steady_samples_per_s": round(sum(r for r, _ in steady) / seconds, 2) if seconds > 0 else None,
+    }

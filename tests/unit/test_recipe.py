@@ -14,6 +14,7 @@ from tuneloop.training.recipe import (
     head_order,
     optimizer_steps,
     resolve_precision,
+    training_speed,
 )
 
 # A BERT classifier's parameter names, two layers deep (what named_parameters() yields).
@@ -157,3 +158,11 @@ def test_a_checkpoint_with_the_labels_in_another_order_trains_from_its_rows_in_o
     after = load_for_training(tagger, make_task("token-classification", ["PER", "LOC"]), None)
     assert list(after.config.id2label.values()) == ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
     assert torch.equal(after.classifier.weight, before[[0, 3, 4, 1, 2]])
+
+
+def test_training_speed_leaves_the_first_epoch_out_of_the_steady_state():
+    speed = training_speed([(1000, 50.0), (1000, 20.0), (1000, 30.0)], startup_s=12.345)
+    assert speed == {"startup_s": 12.35, "epoch_samples_per_s": [20.0, 50.0, 33.33], "steady_samples_per_s": 40.0}
+    assert training_speed([(300, 10.0)], None) == {"startup_s": None, "epoch_samples_per_s": [30.0],
+                                                    "steady_samples_per_s": 30.0}
+    assert training_speed([], None)["steady_samples_per_s"] is None  # a job stopped before its first epoch ended
