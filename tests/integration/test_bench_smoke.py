@@ -73,3 +73,30 @@ def test_task_bench_smoke_prints_both_tables(tmp_path):
     assert "[tuneloop train] epoch 1/1" in out.stderr
     assert all(not line or line.startswith(("## ", "| ", "BANKING77", "CoNLL", "tuneloop", "the ", "gate"))
                for line in out.stdout.splitlines()), out.stdout
+
+
+def test_train_bench_smoke_prints_the_table(tmp_path):
+    # SST-2's layout (labels 0 and 1) with stand-in texts and a tiny base model: the plain
+    # loop and two jobs (1 worker at ZeRO-0, 2 at ZeRO-2), about 2 minutes.
+    sst2 = tmp_path / "data" / "sst2"
+    sst2.mkdir(parents=True)
+    for split, n in (("train", 24), ("dev", 8)):
+        (sst2 / f"{split}.tsv").write_text("text\tlabel\n" + "".join(
+            f"the {split} film {j} was {'awful' if j % 2 else 'lovely'} \t{1 - j % 2}\n" for j in range(n)))
+    base = build_tiny_model(tmp_path / "tiny", ["negative", "positive"])
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "train_bench.py"), "--data", str(tmp_path / "data"),
+         "--base-model", base, "--rows", "16", "--batch-size", "4", "--setups", "1x0,2x2"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    names = [r.split("|")[1].strip() for r in rows[1:]]
+    assert names == ["plain Hugging Face loop (1 process, 2 threads)", "tuneloop job, 1 worker(s), ZeRO-0",
+                     "tuneloop job, 2 worker(s), ZeRO-2"]
+    for row in rows[1:]:
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert float(cells[2]) > 0 and float(cells[1]) >= 0, row  # steady samples/s, start-up
+        if "tuneloop" in cells[0]:
+            assert float(cells[4]) >= 0 and float(cells[5]) >= 0, row  # evaluation, publishing
+    assert "1 worker: steady state" in out.stdout and "[tuneloop train] epoch 2/2" in out.stderr

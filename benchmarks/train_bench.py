@@ -1,0 +1,165 @@
+"""Training speed: tuneloop's job against a plain Hugging Face loop on the same model, rows,
+global batch and epochs, in the same run.
+
+    .venv/bin/python benchmarks/train_bench.py [--data ../shared/data] [--rows 2000] [--epochs 2]
+        [--setups 1x0,1x2,2x2] [--threads 2] [--batch-size 32] [--base-model ID_OR_PATH]
+
+Rows: a fixed sample of SST-2's train split (short texts); the golden set: SST-2 dev, scored
+once at the end of each job. The plain loop (``plain_loop.py``) runs in this process on
+``--threads`` torch threads. A setup ``WxZ`` is a tuneloop job with W workers at ZeRO stage
+Z, the global batch and the threads split among them (``training.cpus_per_worker`` =
+threads / W: Ray gives a worker as many torch threads as CPUs).
+
+Reported apart, for each:
+- start-up: the plain loop's model load; the job's queueing (lease, reading its data,
+  waiting for CPUs) plus its run's start to the first batch (Ray Train's workers, the
+  model's load, DeepSpeed's initialize, Ray Data's first block);
+- steady state: samples/s over the epochs after the first (the first pays the warm-up);
+- the job's evaluation (inside its run) and publishing (after the gate), and the whole.
+Ray's own start (once per run) is printed above the table.
+Targets: steady state >= 0.95x the plain loop's with 1 worker; start-up <= 30 s.
+Prints a markdown table; progress, the jobs' epoch lines included, goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from tuneloop.control import worker_setup  # noqa: E402
+from tuneloop.core.config import parse_config  # noqa: E402
+from tuneloop.core.model_source import resolve_model_source  # noqa: E402
+from tuneloop.training.launcher import run_training  # noqa: E402
+from benchmarks.adapt_bench import progress, read_tsv, sample  # noqa: E402
+from benchmarks.plain_loop import fine_tune  # noqa: E402
+
+BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+LABELS = ["negative", "positive"]
+MAX_LENGTH, LEARNING_RATE, WARMUP, WEIGHT_DECAY = 64, 5e-5, 0.1, 0.01
+SPARE_CPUS = 4  # Ray's logical CPUs beyond the workers': Ray Data's (DATA_CPUS) and the train controller
+
+
+def read_rows(path: Path) -> list[tuple[str, str]]:
+    """SST-2's (text, label) pairs; its labels are 0 and 1."""
+    return [(r["text"], LABELS[int(r["label"])]) for r in read_tsv(path)]
+
+
+def parse_setups(text: str) -> list[tuple[int, int]]:
+    setups = []
+    for item in text.split(","):
+        workers, _, zero = item.partition("x")
+        if not (workers.isdigit() and zero in {"0", "1", "2", "3"} and int(workers) >= 1):
+            raise argparse.ArgumentTypeError(f"a setup is WORKERSxZERO_STAGE, as 1x0 or 2x2; got {item!r}")
+        setups.append((int(workers), int(zero)))
+    return setups
+
+
+def job(work: Path, args, workers: int, zero: int) -> dict[str, float | None]:
+    """One tuneloop job of ``workers`` x ZeRO ``zero``; its phases' seconds."""
+    if args.batch_size % workers or args.threads % workers:
+        raise SystemExit(f"--batch-size {args.batch_size} and --threads {args.threads} must split among {workers} workers")
+    cfg = parse_config({
+        "models": [{"name": "sentiment", "base_model": args.base_model, "labels": LABELS,
+                    "seed_dataset": str(work / "seed.tsv"), "golden_dataset": str(work / "golden.tsv")}],
+        "storage": {"root": str(work / f"store-{workers}x{zero}")},
+        "auth": {"create_admin_key": False},
+        "training": {"epochs": args.epochs, "num_workers": workers, "zero_stage": zero,
+                     "batch_size": args.batch_size // workers, "cpus_per_worker": args.threads // workers,
+                     "max_length": MAX_LENGTH, "learning_rate": LEARNING_RATE, "warmup_ratio": WARMUP,
+                     "weight_decay": WEIGHT_DECAY, "early_stopping_patience": None, "seed": 0,
+                     "golden_max_rows": 100_000},
+    })
+    t0 = time.perf_counter()
+    outcome = run_training(cfg, "sentiment", trigger="benchmark")
+    whole = time.perf_counter() - t0
+    if outcome.manifest is None:
+        raise SystemExit(f"the {workers}x{zero} job failed: {outcome.job.error}")
+    speed, phases = outcome.manifest.training["speed"], outcome.job.serving_time.phases
+    progress(f"tuneloop {workers} worker(s), ZeRO-{zero}: {whole:.0f}s, steady {speed['steady_samples_per_s']} "
+             f"samples/s, golden accuracy {outcome.manifest.metrics.accuracy:.4f}")
+    return {"startup": (phases["queueing"] or 0.0) + (speed["startup_s"] or 0.0),
+            "steady": speed["steady_samples_per_s"], "evaluation": phases["evaluation"],
+            "publishing": phases["publishing"], "whole": whole}
+
+
+def _cell(value: float | None, fmt: str = ".1f") -> str:
+    return "" if value is None else format(value, fmt)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--base-model", default=BASE_MODEL)
+    ap.add_argument("--rows", type=int, default=2000, help="SST-2 train rows (a fixed sample)")
+    ap.add_argument("--epochs", type=int, default=2, help="2 or more: the steady state leaves the first out")
+    ap.add_argument("--batch-size", type=int, default=32, help="global batch, split among a job's workers")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the plain loop, split among the workers")
+    ap.add_argument("--setups", type=parse_setups, default=parse_setups("1x0,1x2,2x2"),
+                    help="tuneloop jobs, WORKERSxZERO_STAGE, comma-separated (default: 1x0,1x2,2x2)")
+    args = ap.parse_args()
+    if not (args.data / "sst2" / "train.tsv").is_file():
+        raise SystemExit(f"no SST-2 at {args.data / 'sst2'} (see ../shared/data/README.md)")
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
+    rows = sample(read_rows(args.data / "sst2" / "train.tsv"), args.rows, 0)
+    golden = read_rows(args.data / "sst2" / "dev.tsv")
+    work = Path(tempfile.mkdtemp(prefix="tuneloop-train-bench-"))
+    for name, part in (("seed.tsv", rows), ("golden.tsv", golden)):
+        (work / name).write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in part))
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    results: list[tuple[int, int, dict[str, float | None]]] = []  # workers, ZeRO stage, phases
+    with contextlib.redirect_stdout(sys.stderr):  # the tables alone on stdout
+        progress(f"{len(rows)} train rows, {len(golden)} golden rows, {args.epochs} epochs, batch {args.batch_size}")
+        plain = fine_tune(resolve_model_source(args.base_model), LABELS, rows, epochs=args.epochs,
+                          learning_rate=LEARNING_RATE, batch_size=args.batch_size, max_length=MAX_LENGTH,
+                          warmup_ratio=WARMUP, weight_decay=WEIGHT_DECAY, progress=progress)
+        t0 = time.perf_counter()
+        ray.init(num_cpus=args.threads + SPARE_CPUS, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"worker_process_setup_hook": worker_setup.HOOK})
+        ray_s = time.perf_counter() - t0
+        try:
+            for workers, zero in args.setups:
+                results.append((workers, zero, job(work, args, workers, zero)))
+        finally:
+            ray.shutdown()
+            shutil.rmtree(work, ignore_errors=True)
+    base = plain.steady_samples_per_s
+    lines = [
+        f"SST-2: {len(rows)} train rows, {len(golden)} golden rows, {args.epochs} epochs, global batch {args.batch_size}, "
+        f"max_length {MAX_LENGTH}, {args.threads} threads in all; Ray's start {ray_s:.1f}s (once per run)",
+        "",
+        "| trained by | start-up s | steady samples/s | ratio to plain | evaluation s | publishing s | whole s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| plain Hugging Face loop (1 process, {args.threads} threads) | {plain.load_s:.1f} | {base:.1f} | 1.00 | | | "
+        f"{plain.total_s:.1f} |",
+    ]
+    for workers, zero, r in results:
+        ratio = r["steady"] / base if r["steady"] else None
+        lines.append(f"| tuneloop job, {workers} worker(s), ZeRO-{zero} | {_cell(r['startup'])} | {_cell(r['steady'])} | {_cell(ratio, '.2f')} | "
+                     f"{_cell(r['evaluation'])} | {_cell(r['publishing'])} | {r['whole']:.1f} |")
+    one = [(r["steady"] / base, r["startup"]) for workers, _, r in results if workers == 1 and r["steady"]]
+    if one:
+        best, startup = max(one)
+        lines += ["", f"1 worker: steady state {best:.2f}x the plain loop's (target 0.95x: {'met' if best >= 0.95 else 'NOT met'}), "
+                      f"start-up {startup:.1f}s (target 30 s: {'met' if startup <= 30 else 'NOT met'})"]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
