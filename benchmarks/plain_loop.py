@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from tuneloop.training.recipe import training_speed
+
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")
 
 
@@ -32,9 +34,8 @@ class LoopTimes:
 
     @property
     def steady_samples_per_s(self) -> float:
-        """Samples/s over the epochs after the first (which pays warm-up), or the only one."""
-        epochs = self.epoch_s[1:] or self.epoch_s
-        return self.rows * len(epochs) / sum(epochs)
+        """As a job's manifest counts it (``training_speed``): the epochs after the first."""
+        return training_speed([(self.rows, s) for s in self.epoch_s], None)["steady_samples_per_s"]
 
 
 def fine_tune(base: str, labels: list[str], rows: list[tuple[str, str]], *, epochs: int, learning_rate: float,

@@ -71,7 +71,8 @@ def parse_setups(text: str) -> list[tuple[int, int]]:
 def job(work: Path, args, workers: int, zero: int) -> dict[str, float | None]:
     """One tuneloop job of ``workers`` x ZeRO ``zero``; its phases' seconds."""
     if args.batch_size % workers or args.threads % workers:
-        raise SystemExit(f"--batch-size {args.batch_size} and --threads {args.threads} must split among {workers} workers")
+        raise SystemExit(f"--batch-size {args.batch_size} and --threads {args.threads} "
+                         f"must split among {workers} workers")
     cfg = parse_config({
         "models": [{"name": "sentiment", "base_model": args.base_model, "labels": LABELS,
                     "seed_dataset": str(work / "seed.tsv"), "golden_dataset": str(work / "golden.tsv")}],
@@ -151,12 +152,14 @@ def main() -> None:
     ]
     for workers, zero, r in results:
         ratio = r["steady"] / base if r["steady"] else None
-        lines.append(f"| tuneloop job, {workers} worker(s), ZeRO-{zero} | {_cell(r['startup'])} | {_cell(r['steady'])} | {_cell(ratio, '.2f')} | "
-                     f"{_cell(r['evaluation'])} | {_cell(r['publishing'])} | {r['whole']:.1f} |")
+        cells = [_cell(r["startup"]), _cell(r["steady"]), _cell(ratio, ".2f"), _cell(r["evaluation"]),
+                 _cell(r["publishing"]), f"{r['whole']:.1f}"]
+        lines.append(f"| tuneloop job, {workers} worker(s), ZeRO-{zero} | " + " | ".join(cells) + " |")
     one = [(r["steady"] / base, r["startup"]) for workers, _, r in results if workers == 1 and r["steady"]]
     if one:
         best, startup = max(one)
-        lines += ["", f"1 worker: steady state {best:.2f}x the plain loop's (target 0.95x: {'met' if best >= 0.95 else 'NOT met'}), "
+        lines += ["", f"1 worker: steady state {best:.2f}x the plain loop's "
+                      f"(target 0.95x: {'met' if best >= 0.95 else 'NOT met'}), "
                       f"start-up {startup:.1f}s (target 30 s: {'met' if startup <= 30 else 'NOT met'})"]
     print("\n".join(lines))
 

@@ -277,8 +277,8 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
 def _speed(report: dict[str, Any], training_started: datetime) -> dict[str, Any]:
     """The run's samples/s per epoch and its start-up: from its start here to the first
     batch in the workers (both wall clocks of this machine or of nodes kept in sync)."""
-    first = report.get("first_batch_at")
-    return training_speed([tuple(e) for e in report.get("epochs", [])],
+    first = report["first_batch_at"]  # None when no batch came
+    return training_speed([tuple(e) for e in report["epochs"]],
                           None if first is None else max(0.0, first - training_started.timestamp()))
 
 
