@@ -17,6 +17,11 @@ Reported apart, for each:
 - steady state: samples/s over the epochs after the first (the first pays the warm-up);
 - the job's evaluation (inside its run) and publishing (after the gate), and the whole.
 Ray's own start (once per run) is printed above the table.
+
+The plain loop runs before every job and once after the last, and each job's ratio is to the
+mean of the two plain runs around it: this machine's speed drifts by a quarter over minutes
+(measured: the same plain loop at 50 and at 38 samples/s half an hour apart), more than the
+gap being measured, so one baseline at the start judged late jobs against another machine.
 Targets: steady state >= 0.95x the plain loop's with 1 worker; start-up <= 30 s.
 Prints a markdown table; progress, the jobs' epoch lines included, goes to stderr.
 """
@@ -127,9 +132,13 @@ def main() -> None:
     results: list[tuple[int, int, dict[str, float | None]]] = []  # workers, ZeRO stage, phases
     with contextlib.redirect_stdout(sys.stderr):  # the tables alone on stdout
         progress(f"{len(rows)} train rows, {len(golden)} golden rows, {args.epochs} epochs, batch {args.batch_size}")
-        plain = fine_tune(resolve_model_source(args.base_model), LABELS, rows, epochs=args.epochs,
-                          learning_rate=LEARNING_RATE, batch_size=args.batch_size, max_length=MAX_LENGTH,
-                          warmup_ratio=WARMUP, weight_decay=WEIGHT_DECAY, progress=progress)
+        def plain_loop():
+            return fine_tune(base_model, LABELS, rows, epochs=args.epochs, learning_rate=LEARNING_RATE,
+                             batch_size=args.batch_size, max_length=MAX_LENGTH, warmup_ratio=WARMUP,
+                             weight_decay=WEIGHT_DECAY, progress=progress)
+
+        base_model = resolve_model_source(args.base_model)
+        plains = [plain_loop()]  # before every job, and after the last
         t0 = time.perf_counter()
         ray.init(num_cpus=args.threads + SPARE_CPUS, include_dashboard=False, log_to_driver=True,
                  runtime_env={"worker_process_setup_hook": worker_setup.HOOK})
@@ -137,25 +146,32 @@ def main() -> None:
         try:
             for workers, zero in args.setups:
                 results.append((workers, zero, job(work, args, workers, zero)))
+                plains.append(plain_loop())
         finally:
             ray.shutdown()
             shutil.rmtree(work, ignore_errors=True)
-    base = plain.steady_samples_per_s
+    steady = [p.steady_samples_per_s for p in plains]
     lines = [
         f"SST-2: {len(rows)} train rows, {len(golden)} golden rows, {args.epochs} epochs, global batch {args.batch_size}, "
         f"max_length {MAX_LENGTH}, {args.threads} threads in all; Ray's start {ray_s:.1f}s (once per run)",
         "",
         "| trained by | start-up s | steady samples/s | ratio to plain | evaluation s | publishing s | whole s |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-        f"| plain Hugging Face loop (1 process, {args.threads} threads) | {plain.load_s:.1f} | {base:.1f} | 1.00 | | | "
-        f"{plain.total_s:.1f} |",
     ]
-    for workers, zero, r in results:
-        ratio = r["steady"] / base if r["steady"] else None
+    one = []  # (ratio, start-up) of the 1-worker jobs
+    for i, plain in enumerate(plains):
+        lines.append(f"| plain Hugging Face loop (1 process, {args.threads} threads), run {i + 1} | {plain.load_s:.1f} | "
+                     f"{steady[i]:.1f} | | | | {plain.total_s:.1f} |")
+        if i == len(results):
+            break
+        workers, zero, r = results[i]
+        ratio = r["steady"] / ((steady[i] + steady[i + 1]) / 2) if r["steady"] else None
         cells = [_cell(r["startup"]), _cell(r["steady"]), _cell(ratio, ".2f"), _cell(r["evaluation"]),
                  _cell(r["publishing"]), f"{r['whole']:.1f}"]
         lines.append(f"| tuneloop job, {workers} worker(s), ZeRO-{zero} | " + " | ".join(cells) + " |")
-    one = [(r["steady"] / base, r["startup"]) for workers, _, r in results if workers == 1 and r["steady"]]
+        if workers == 1 and ratio:
+            one.append((ratio, r["startup"]))
+    lines += ["", "A job's ratio is to the mean of the plain runs just before and after it."]
     if one:
         best, startup = max(one)
         lines += ["", f"1 worker: steady state {best:.2f}x the plain loop's "

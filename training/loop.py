@@ -25,6 +25,7 @@ from tuneloop.training.recipe import (
     head_order,
     optimizer_steps,
     resolve_precision,
+    zero_stage_to_run,
 )
 
 EVAL_BATCH_SIZE = 64
@@ -282,11 +283,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tokenizer = transformers.AutoTokenizer.from_pretrained(config["init_path"])
     model = load_for_training(config["init_path"], task, config["dropout"])
     frozen, frozen_fp32 = _freeze(model, config, rank, keep_fp32_copy=precision != "fp32")
+    zero_stage = zero_stage_to_run(config["zero_stage"], world, precision)
+    if zero_stage != config["zero_stage"]:
+        _log(rank, f"ZeRO-{config['zero_stage']} partitions nothing on one worker: training at stage 0")
     accumulation, total_steps = optimizer_steps(config["train_rows"], batch_size, world,
                                                 config["gradient_accumulation_steps"], config["epochs"],
                                                 config.get("max_steps"))
     ds_config = build_deepspeed_config(
-        zero_stage=config["zero_stage"],
+        zero_stage=zero_stage,
         micro_batch_size=batch_size,
         world_size=world,
         learning_rate=config["learning_rate"],
@@ -383,7 +387,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "evaluation_s": evaluate.seconds, "epochs": epoch_times, "first_batch_at": first_batch_at,
         "recipe": {"precision": precision, "epochs_run": epochs_run, "best_epoch": stopping.best_epoch + 1,
                    "early_stopped": epochs_run < config["epochs"] and engine.global_steps < total_steps,
-                   "monitor": monitor if per_epoch else None, "frozen_tensors": len(frozen), "accumulation": accumulation},
+                   "monitor": monitor if per_epoch else None, "zero_stage_run": zero_stage,
+                   "frozen_tensors": len(frozen), "accumulation": accumulation},
     }
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None

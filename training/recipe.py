@@ -35,6 +35,16 @@ def resolve_precision(requested: str, use_gpu: bool, bf16_supported: bool, zero_
     return requested
 
 
+
+def zero_stage_to_run(requested: int, world_size: int, precision: Precision) -> int:
+    """The ZeRO stage a job runs at. ZeRO partitions optimizer state and gradients (and at
+    stage 3 the weights) among the workers: a lone worker has no one to share them with, so
+    stages 1 to 3 add only their bookkeeping (flattened gradient buckets, a norm computed
+    over partitions). Measured on CPU, MiniLM-L6 on SST-2, one run: one worker at ZeRO-2
+    trained at 24.0 samples/s, at ZeRO-0 at 34.6. A lone fp32 worker therefore runs at stage
+    0; in bf16 or fp16 the stage stays, as it holds the fp32 master weights the export reads."""
+    return 0 if world_size == 1 and precision == "fp32" else requested
+
 # Encoder blocks are numbered under one of these names in Hugging Face models: BERT, RoBERTa,
 # DistilBERT and ELECTRA ("layer"), Llama and Mistral ("layers"), T5 ("block"), GPT-2 ("h").
 _BLOCK = re.compile(r"(?:^|\.)(?:layer|layers|block|h)\.(\d+)\.")

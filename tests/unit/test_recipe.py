@@ -15,6 +15,7 @@ from tuneloop.training.recipe import (
     optimizer_steps,
     resolve_precision,
     training_speed,
+    zero_stage_to_run,
 )
 
 # A BERT classifier's parameter names, two layers deep (what named_parameters() yields).
@@ -45,6 +46,13 @@ def test_precision_by_device():
         resolve_precision("fp16", use_gpu=False, bf16_supported=False, zero_stage=2)
     with pytest.raises(ValueError, match="needs zero_stage 1 or more"):
         resolve_precision("fp16", use_gpu=True, bf16_supported=False, zero_stage=0)
+
+
+def test_a_lone_fp32_worker_trains_at_zero_stage_0():
+    assert [zero_stage_to_run(stage, 1, "fp32") for stage in (0, 1, 2, 3)] == [0, 0, 0, 0]
+    assert zero_stage_to_run(2, 2, "fp32") == 2  # two workers share: the stage holds
+    assert zero_stage_to_run(2, 1, "bf16") == 2  # half precision: its fp32 master weights are exported
+    assert zero_stage_to_run(1, 1, "fp16") == 1
 
 
 def test_config_refuses_half_precision_on_cpu_naming_the_value():
