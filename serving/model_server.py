@@ -50,9 +50,11 @@ from tuneloop.serving import metrics
 from tuneloop.serving.metric_files import use_node_folder
 from tuneloop.serving.responses import error_response, internal_error_response
 from tuneloop.serving.batcher import ContinuousBatcher, ItemFailed
+from tuneloop.serving.loaded_models import LabelMismatch, LoadedModel, load_model
 from tuneloop.core.batching_policy import AIMDPolicy, next_batch_size
 from tuneloop.core.rollout import Rollout, canary_bucket
-from tuneloop.core.tasks import Task, model_task
+from tuneloop.core.runtimes import choose_runtime, hardware_class
+from tuneloop.core.tasks import model_task
 from tuneloop.serving.predict_request import (
     PredictLimits,
     check_content_length,
@@ -63,67 +65,6 @@ from tuneloop.serving.predict_request import (
 
 log = logging.getLogger("ray.serve")
 CLIENT_HEADER = "x-client-id"  # keeps a client on one version through a canary step
-
-
-class LabelMismatch(ValueError):
-    """A version's checkpoint names other labels than the config: serving it would
-    mislabel answers (or fail on every predict), so it is refused at load."""
-
-
-def checkpoint_labels(id2label: dict, head_labels: list[str], version: str) -> list[str]:
-    """The head's labels in the checkpoint's own output order, checked against the set the
-    model's task expects (``Task.head_labels``, from the config)."""
-    labels = [id2label[i] for i in sorted(id2label, key=int)]
-    if sorted(labels) != sorted(head_labels):
-        raise LabelMismatch(
-            f"version {version}'s checkpoint has labels {labels}, the config {head_labels}; refusing to serve it"
-        )
-    return labels
-
-
-class LoadedModel:
-    """One version's tokenizer and weights, ready for batched forward passes: the task says
-    which auto class loads them and turns the scores into answers. Scores are read by the
-    checkpoint's own ``id2label`` (the order the head was trained in), never by position in
-    the config."""
-
-    def __init__(self, path: str, version: str, task: Task, max_length: int):
-        import torch
-        import transformers
-
-        self.version, self.task = version, task
-        self.max_length = max_length
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-        auto_class = getattr(transformers, task.auto_class)
-        self.model = auto_class.from_pretrained(path, dtype=dtype).to(self.device).eval()
-        self.head = checkpoint_labels(self.model.config.id2label, task.head_labels(), version)
-        # What holding this version costs the replica: its weights and buffers, as loaded
-        # (bf16 on a GPU, fp32 on CPU); activations come and go with each batch.
-        self.weight_bytes = sum(t.numel() * t.element_size()
-                                for t in (*self.model.parameters(), *self.model.buffers()))
-
-    def predict(self, texts: list[str]) -> tuple[list[dict[str, Any]], int, int]:
-        """Answers in order, and the batch's real and padded token counts. An input the
-        tokenizer refuses, or one the model scores as NaN/inf, raises InputRejected: the
-        batcher then runs the batch in halves until that input stands alone."""
-        import torch
-
-        try:
-            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                                 return_tensors="pt", **self.task.serving_tokenizer_options(self.max_length))
-        except Exception as e:  # noqa: BLE001 - the tokenizer's errors come in many types
-            raise InputRejected(f"the tokenizer cannot take this input ({type(e).__name__}: {e})") from None
-        tokens, padded = int(enc["attention_mask"].sum()), enc["attention_mask"].numel()
-        encoding = self.task.encoding_for(enc)  # and enc keeps only the model's inputs
-        enc = enc.to(self.device)
-        with torch.inference_mode():
-            logits = self.model(**enc).logits.float()
-            probs = (logits.sigmoid() if self.task.activation == "sigmoid" else logits.softmax(-1)).cpu()
-        if not bool(torch.isfinite(probs).all()):
-            raise InputRejected("the model produced non-finite scores for this input")
-        return self.task.answers(texts, probs.tolist(), self.head, encoding), tokens, padded
 
 
 def in_flight_limit(s: ServingConfig) -> int:
@@ -141,7 +82,7 @@ class ModelServer:
     def __init__(self, config: dict, model: str, *, registry: Registry | None = None,
                  recorder: PredictionRecorder | None = None, shadow_recorder: PredictionRecorder | None = None,
                  keys: KeyRing | None = None,
-                 load: Callable[[str, str, Task, int], LoadedModel] | None = None, watch: bool = True):
+                 load: Callable[..., LoadedModel] | None = None, watch: bool = True):
         use_node_folder()  # first: before any metric value (serving/metric_files.py)
         cfg = TuneloopConfig.model_validate(config)
         self.cfg, self.serving = cfg.model(model), cfg.serving
@@ -163,7 +104,9 @@ class ModelServer:
             import torch
 
             torch.set_num_threads(max(1, math.ceil(self.serving.num_cpus_per_replica)))
-        self._load = load or LoadedModel
+        self._threads = max(1, math.ceil(self.serving.num_cpus_per_replica))
+        self._load = load or load_model
+        self._runtimes: dict[str, str] = {}  # version -> the runtime serving it, and why
         # One thread runs the model: forward passes never overlap, and the event loop stays
         # free to collect the next batch while this one computes.
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -237,13 +180,31 @@ class ModelServer:
         if version in self._refused:
             return None
         path = self.registry.local_path(self.cfg.name, version)
+        runtime, artifact, why = self._runtime_for(version)
         try:
-            return self._load(path, version, self.task, self.serving.max_length)
+            loaded = self._load(path, version, self.task, self.serving.max_length, runtime, artifact)
         except LabelMismatch as e:
             self._refused[version] = str(e)
             log.error("model %s: %s; still serving %s", self.cfg.name, e,
                       self._loaded.version if self._loaded else "nothing")
             return None
+        self._runtimes[version] = f"{runtime} ({why})"
+        log.info("model %s: %s runs on %s: %s", self.cfg.name, version, runtime, why)
+        return loaded
+
+    def _runtime_for(self, version: str) -> tuple[str, str | None, str]:
+        """(runtime, its artifact's path under the version's folder, why) for ``version``:
+        ``serving.runtime`` against the artifacts its manifest records."""
+        if self.serving.runtime == "torch":
+            return "torch", None, "serving.runtime is torch"
+        optimization = getattr(self.registry.manifest(self.cfg.name, version), "optimization", None)
+        device = "cuda" if self._has_gpu() else "cpu"
+        runtime, why = choose_runtime(self.serving.runtime, optimization, hardware_class(device, self._threads))
+        artifact = optimization.artifacts[runtime].path if runtime != "torch" else None
+        return runtime, artifact, why
+
+    def _has_gpu(self) -> bool:
+        return self.serving.num_gpus_per_replica > 0
 
     def _watch_registry(self) -> None:
         while not self._stop.wait(self.serving.reload_interval_s):
@@ -256,7 +217,8 @@ class ModelServer:
         return {"model": self.cfg.name, "version": self._loaded.version if self._loaded else None,
                 "challenger": self._challenger.version if self._challenger else None,
                 "rollout": self._rollout.model_dump() if self._rollout else None, "refused": dict(self._refused),
-                "resident_weight_bytes": dict(self._resident)}
+                "resident_weight_bytes": dict(self._resident),
+                "runtimes": {v: self._runtimes[v] for v in self._resident if v in self._runtimes}}
 
     # -- HTTP ------------------------------------------------------------------------------
     async def __call__(self, request: Request) -> JSONResponse:

@@ -17,6 +17,7 @@ import re
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -50,6 +51,10 @@ ROLLOUT_WAIT_S = 120.0  # how long a job waits for every replica to serve its pr
 
 class ResourcesUnavailable(RuntimeError):
     """The job's workers cannot be scheduled beside what runs; the message says what to change."""
+
+
+# (config, registry, model, version) -> the version's manifest with its optimized artifacts
+Optimizer = Callable[[TuneloopConfig, Registry, str, str], Manifest]
 
 
 @dataclass
@@ -139,8 +144,13 @@ def _settle_feedback(feedback: FeedbackStore) -> None:
     feedback.close()
 
 
-def run_training(cfg: TuneloopConfig, model: str, trigger: str = "manual", job: JobRecord | None = None) -> TrainingOutcome:
+def run_training(cfg: TuneloopConfig, model: str, trigger: str = "manual", job: JobRecord | None = None,
+                 optimize: Optimizer | None = None) -> TrainingOutcome:
     """Run one job to the end; never raises for a failed job (it is recorded as failed).
+
+    ``optimize`` (the control layer's ``serving.optimize.optimize_version``) builds an
+    accepted version's optimized artifacts before it is handed over to serving, when
+    ``optimize.enabled``; its failure leaves the version to serve on PyTorch.
 
     The process holds the model's lease for the whole run (a second job of the model fails
     at once, naming this one) and beats the job's heartbeat, so that if it dies the job is
@@ -161,7 +171,7 @@ def run_training(cfg: TuneloopConfig, model: str, trigger: str = "manual", job: 
     heartbeat = Heartbeat(jobs, job)
     try:
         heartbeat.start()
-        manifest = _train(cfg, model, job, storage, registry)
+        manifest = _train(cfg, model, job, storage, registry, optimize)
         return TrainingOutcome(job, manifest)
     except Exception as e:  # noqa: BLE001 - the job record carries the failure
         log.error("job %s failed: %s", job.job_id, traceback.format_exc())
@@ -176,7 +186,8 @@ def run_training(cfg: TuneloopConfig, model: str, trigger: str = "manual", job: 
             lease.release()  # after the final record: the next job finds this one finished
 
 
-def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, registry: Registry) -> Manifest:
+def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, registry: Registry,
+           optimize: Optimizer | None) -> Manifest:
     """Train, gate and publish; promote if accepted and production is still the parent."""
     tasks = model_tasks(cfg.models)
     feedback = FeedbackStore(storage, cfg.storage.journal_path(), tasks)
@@ -251,6 +262,11 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
     job.version = manifest.version
     job.metrics = metrics.model_dump()
     job.gate = gate
+    if gate.accepted and optimize is not None and cfg.optimize.enabled and cfg.optimize.runtimes:
+        try:
+            manifest = optimize(cfg, registry, model, manifest.version)
+        except Exception:  # noqa: BLE001 - the version still serves, on PyTorch
+            log.exception("job %s: optimizing %s failed; it serves on PyTorch", job.job_id, manifest.version)
     if gate.accepted:
         hand_over(registry, job, manifest.version, parent, gate.reason, cfg.rollout)  # sets job.promoted
         job.state = "succeeded"

@@ -60,11 +60,12 @@ def train(
     import ray
 
     from tuneloop.control.server import init_ray
+    from tuneloop.serving.optimize import optimize_version
     from tuneloop.training.launcher import run_training
 
     init_ray(cfg, address or server)
     try:
-        outcome = run_training(cfg, model)
+        outcome = run_training(cfg, model, optimize=optimize_version)
     finally:
         ray.shutdown()
     job = outcome.job
@@ -93,6 +94,32 @@ def versions(model: str, config: str | None = ConfigOption) -> None:
                           for name in dict.fromkeys(["accuracy", gated]))
         mark = "*" if m.version == production else " "
         typer.echo(f"{mark} {m.version:<5} {m.status:<9} {scores} parent={m.parent or '-'} {m.created_at}")
+
+
+@app.command()
+def optimize(model: str, version: str, config: str | None = ConfigOption) -> None:
+    """Build VERSION's optimized artifacts (ONNX, int8: `optimize.runtimes`), check each
+    against PyTorch on the golden set, measure every runtime's texts/s here, and record it
+    all in the version's manifest; replicas with `serving.runtime: auto` pick them up at
+    their next load of the version. Exits 1 when no artifact passed parity."""
+    import logging
+
+    from tuneloop.core.errors import UnknownVersion
+    from tuneloop.serving.optimize import optimize_version
+    from tuneloop.store.registry import Registry
+    from tuneloop.store.storage import Storage
+
+    cfg = _load(config)
+    _known_model(cfg, model)
+    logging.getLogger("torch").setLevel(logging.ERROR)  # the exporter's progress lines
+    try:
+        manifest = optimize_version(cfg, Registry(Storage(cfg.storage.root)), model, version,
+                                    progress=lambda line: typer.echo(line, err=True))
+    except UnknownVersion as e:
+        typer.echo(e.message, err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(manifest.optimization.model_dump(mode="json"), indent=2))
+    raise typer.Exit(0 if any(a.parity.passed for a in manifest.optimization.artifacts.values()) else 1)
 
 
 @app.command()

@@ -38,9 +38,11 @@ SWEEP_EVERY_S = 10.0  # how often dead jobs are looked for, besides on every cal
 # again under the same job id on a newer snapshot. The next trigger starts a fresh job.
 @ray.remote(num_cpus=0, max_retries=0)
 def _train_job(config: dict, model: str, trigger: str, job: JobRecord) -> str:
-    from tuneloop.training.launcher import run_training  # imported in the task, not by the actor
+    from tuneloop.serving.optimize import optimize_version  # imported in the task, not by the actor
+    from tuneloop.training.launcher import run_training
 
-    return run_training(TuneloopConfig.model_validate(config), model, trigger=trigger, job=job).job.state
+    return run_training(TuneloopConfig.model_validate(config), model, trigger=trigger, job=job,
+                        optimize=optimize_version).job.state
 
 
 class Retrainer:

@@ -195,6 +195,10 @@ class ServingConfig(_Strict):
     reload_interval_s: float = Field(
         default=2.0, gt=0, le=600, description="how often replicas look for a new production"
     )
+    runtime: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
+        default="auto",
+        description="what runs the forward passes: an artifact that passed parity (tuneloop optimize), or torch; "
+                    "auto: the fastest measured on the replica's hardware")
 
 
 class PredictionsConfig(_Strict):
@@ -339,6 +343,22 @@ class GateConfig(_Strict):
     )
 
 
+class OptimizeConfig(_Strict):
+    """Optimized artifacts of every version (``tuneloop optimize``; ``cluster/core/runtimes.py``):
+    built by the job before its version takes traffic, or later for an existing version."""
+
+    enabled: bool = Field(default=True, description="the job builds the artifacts of each version it publishes")
+    runtimes: list[Literal["onnx", "onnx-int8"]] = Field(
+        default_factory=lambda: ["onnx", "onnx-int8"], description="artifacts to build: ONNX, and its int8 variant")
+    min_agreement: float = Field(
+        default=0.99, ge=0, le=1, description="share of golden rows an artifact must answer as PyTorch does")
+    max_accuracy_drop: float = Field(
+        default=0.005, ge=0, le=1, description="an artifact's golden accuracy may fall this much below PyTorch's")
+    parity_max_rows: int = Field(default=2000, ge=1, description="golden rows the parity check reads, at most")
+    speed_batch_size: int = Field(default=32, ge=1, le=1024, description="batch of the texts/s measured per runtime")
+    speed_seconds: float = Field(default=3.0, gt=0, le=600, description="how long each runtime's speed is measured")
+
+
 class TriggerConfig(_Strict):
     """When a retrain starts by itself (``cluster/core/triggers.py``); an admin can always."""
 
@@ -387,6 +407,7 @@ class TuneloopConfig(_Strict):
     auth: AuthConfig = AuthConfig()
     training: TrainingConfig = TrainingConfig()
     gate: GateConfig = GateConfig()
+    optimize: OptimizeConfig = OptimizeConfig()
     trigger: TriggerConfig = TriggerConfig()
     rollout: RolloutConfig = RolloutConfig()
     quarantine: QuarantineConfig = QuarantineConfig()

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tuneloop.core.errors import Conflict, UnknownVersion
 from tuneloop.core.evaluation import EvalMetrics
 from tuneloop.core.gate import GateDecision
+from tuneloop.core.runtimes import Optimization
 from tuneloop.core.rollout import Rollout, Stage
 from tuneloop.core.serving_time import ServingTime
 from tuneloop.store.storage import Storage, parquet_bytes, private_temp_dir
@@ -45,6 +46,7 @@ from tuneloop.store.storage import Storage, parquet_bytes, private_temp_dir
 _VERSION = re.compile(r"^v(\d+)$")
 MANIFEST = "manifest.json"
 DATA_DIR = "data"  # beside the weights: the tables a version was trained with
+ARTIFACTS = "artifacts"  # beside the weights: optimized runtimes' files (ONNX), added after publishing
 GOLDEN = "golden.parquet"  # beside the versions: the model's frozen golden set
 STATE = "state.json"
 CLAIMS = ".claims"
@@ -97,6 +99,9 @@ class Manifest(BaseModel):
     # Feedback-to-serving time (cluster/core/serving_time.py): written at publishing, and
     # again with the rollout once the version serves all traffic.
     serving_time: ServingTime | None = None
+    # Optimized artifacts (ONNX, int8) with their parity checks and every runtime's speed:
+    # written by ``tuneloop optimize`` (or the job) after publishing, before serving.
+    optimization: Optimization | None = None
 
     def watermark(self) -> tuple[datetime, str] | None:
         """The position, in arrival order (created_at, feedback_id), of the newest feedback
@@ -239,6 +244,16 @@ class Registry:
         self.storage.write_json_atomic(f"{self._dir(model, version)}/{MANIFEST}", manifest.model_dump(mode="json"))
         return manifest
 
+    def record_optimization(self, model: str, version: str, local_dir: str, optimization: Optimization) -> Manifest:
+        """Add a version's optimized artifacts: the files of ``local_dir`` go in under the
+        version's ``artifacts/`` folder first, then the manifest records them (its commit
+        point, as at publishing: a replica reads an artifact only once the manifest names it)."""
+        self.manifest(model, version)  # raises UnknownVersion
+        self.storage.upload_dir(local_dir, f"{self._dir(model, version)}/{ARTIFACTS}")
+        manifest = self.manifest(model, version).model_copy(update={"optimization": optimization})
+        self.storage.write_json_atomic(f"{self._dir(model, version)}/{MANIFEST}", manifest.model_dump(mode="json"))
+        return manifest
+
     def record_switch(self, model: str, version: str, replica: str, at: datetime | None = None) -> None:
         """A serving replica started answering with ``version`` (once per replica and version)."""
         self.storage.write_json_atomic(f"{self._dir(model)}/{SWITCHES}/{version}/{replica}.json",
@@ -256,7 +271,7 @@ class Registry:
 
     def local_path(self, model: str, version: str, cache_dir: str | None = None) -> str:
         """A local folder holding the version's files, downloading them if storage is remote."""
-        self.manifest(model, version)  # raises UnknownVersion
+        manifest = self.manifest(model, version)  # raises UnknownVersion
         if self.storage.is_local:
             return self.storage.path(self._dir(model, version))
         cache = cache_dir or private_temp_dir("tuneloop-cache")
@@ -269,6 +284,15 @@ class Registry:
                 os.rename(partial, target)
             except OSError:
                 pass  # a concurrent download won; its copy is identical
+        artifacts = os.path.join(target, ARTIFACTS)
+        if manifest.optimization and manifest.optimization.artifacts and not os.path.exists(artifacts):
+            # Optimized after this copy was cached: its artifacts come now, the same way.
+            partial = f"{artifacts}.partial-{uuid.uuid4().hex}"
+            self.storage.download_dir(f"{self._dir(model, version)}/{ARTIFACTS}", partial)
+            try:
+                os.rename(partial, artifacts)
+            except OSError:
+                pass
         return target
 
     # -- state ---------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from tuneloop.core.config import parse_config
 from tuneloop.core.errors import InputRejected
 from tuneloop.store.registry import Manifest, Registry
 from tuneloop.store.storage import Storage
-from tuneloop.serving.model_server import LabelMismatch, ModelServer, checkpoint_labels
+from tuneloop.serving.loaded_models import LabelMismatch, checkpoint_labels
+from tuneloop.serving.model_server import ModelServer
 from tests.tiny_models import build_tiny_model
 
 LABELS = ["negative", "positive"]

@@ -5,21 +5,28 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 
 import pytest
 
 from tuneloop.core.config import parse_config
 from tuneloop.core.errors import NotReady, Overloaded
-from tuneloop.serving.model_server import LabelMismatch, ModelServer
+from tuneloop.core.runtimes import ArtifactRecord, Optimization, ParityCheck
+from tuneloop.serving.loaded_models import LabelMismatch
+from tuneloop.serving.model_server import ModelServer
 from tuneloop.store.registry import RegistryState
 
 LABELS = ["negative", "positive"]
 
 
 class FakeRegistry:
-    def __init__(self, production: str | None):
+    def __init__(self, production: str | None, optimization: Optimization | None = None):
         self.production_version = production
         self.switched: list[str] = []
+        self.optimization = optimization
+
+    def manifest(self, model: str, version: str) -> SimpleNamespace:
+        return SimpleNamespace(optimization=self.optimization)
 
     def production(self, model: str) -> str | None:
         return self.production_version
@@ -48,10 +55,11 @@ class FakeRecorder:
 class FakeModel:
     """Scores every text 'positive'; ``delay_s`` per batch stands in for a forward pass."""
 
-    def __init__(self, path, version, task, max_length, delay_s=0.0):
+    def __init__(self, path, version, task, max_length, runtime="torch", artifact=None, delay_s=0.0):
         if version == "bad":
             raise LabelMismatch(f"version {version}'s checkpoint has labels ['x', 'y']")
         self.version, self.task, self.delay_s = version, task, delay_s
+        self.runtime, self.artifact = runtime, artifact
         self.batches: list[int] = []
         self.weight_bytes = 1000
 
@@ -61,10 +69,10 @@ class FakeModel:
         return [{"label": "positive", "score": 0.9, "scores": {"negative": 0.1, "positive": 0.9}} for _ in texts], 1, 1
 
 
-def _replica(production="v1", delay_s=0.0, **serving):
+def _replica(production="v1", delay_s=0.0, optimization=None, **serving):
     cfg = parse_config({"models": [{"name": "m", "base_model": "x", "labels": LABELS}],
                         "serving": {"max_batch_size": 8, **serving}})
-    registry, recorder = FakeRegistry(production), FakeRecorder()
+    registry, recorder = FakeRegistry(production, optimization), FakeRecorder()
     replica = ModelServer(cfg.model_dump(), "m", registry=registry, recorder=recorder, shadow_recorder=FakeRecorder(),
                           keys=object(),
                           load=lambda *a: FakeModel(*a, delay_s=delay_s), watch=False)
@@ -92,7 +100,8 @@ def test_a_refused_version_leaves_the_loaded_one_serving_and_is_not_retried():
     replica._sync_with_registry()  # versions are immutable: not loaded again
     assert registry.switched == ["v1"]  # a refused version was never switched to
     assert replica.status() == {"model": "m", "version": "v1", "challenger": None, "rollout": None,
-                                "refused": {"bad": replica._refused["bad"]}, "resident_weight_bytes": {"v1": 1000}}
+                                "refused": {"bad": replica._refused["bad"]}, "resident_weight_bytes": {"v1": 1000},
+                                "runtimes": {"v1": "torch (auto: no runtime measured on cpu/1t)"}}
     assert asyncio.run(replica.predict(["a"]))[0]["version"] == "v1"
 
 
@@ -125,3 +134,37 @@ def test_concurrent_requests_share_batches():
 
     assert len(asyncio.run(burst())) == 16
     assert max(replica._loaded.batches) > 1
+
+
+def _optimized(int8_passed: bool = True) -> Optimization:
+    def record(runtime, passed):
+        parity = ParityCheck(passed=passed, detail="test", rows=10, agreement=1.0 if passed else 0.5,
+                             accuracy=0.9, reference_accuracy=0.9)
+        return ArtifactRecord(runtime=runtime, path=f"artifacts/{runtime}/model.onnx", bytes=1, build_s=1.0,
+                              parity=parity)
+    return Optimization(artifacts={"onnx": record("onnx", True), "onnx-int8": record("onnx-int8", int8_passed)},
+                        texts_per_s={"cpu/1t": {"torch": 100.0, "onnx": 120.0, "onnx-int8": 250.0}})
+
+
+def test_auto_serves_the_fastest_artifact_that_passed_parity_on_the_replicas_hardware():
+    replica, _, _ = _replica(optimization=_optimized(), num_cpus_per_replica=1)
+    assert (replica._loaded.runtime, replica._loaded.artifact) == ("onnx-int8", "artifacts/onnx-int8/model.onnx")
+    assert replica.status()["runtimes"]["v1"].startswith("onnx-int8 (auto: fastest on cpu/1t")
+    failed, _, _ = _replica(optimization=_optimized(int8_passed=False), num_cpus_per_replica=1)
+    assert failed._loaded.runtime == "onnx"  # the faster int8 failed parity: never served
+
+
+def test_auto_serves_torch_where_the_speeds_were_measured_on_other_hardware():
+    replica, _, _ = _replica(optimization=_optimized(), num_cpus_per_replica=2)  # measured at 1 thread
+    assert replica._loaded.runtime == "torch"
+    assert "no runtime measured on cpu/2t" in replica.status()["runtimes"]["v1"]
+
+
+def test_a_named_runtime_serves_when_it_passed_and_torch_otherwise():
+    named, _, _ = _replica(optimization=_optimized(), runtime="onnx", num_cpus_per_replica=1)
+    assert named._loaded.runtime == "onnx"
+    failed, _, _ = _replica(optimization=_optimized(int8_passed=False), runtime="onnx-int8")
+    assert failed._loaded.runtime == "torch"
+    assert "failed parity" in failed.status()["runtimes"]["v1"]
+    plain, _, _ = _replica(optimization=None, runtime="onnx")
+    assert plain._loaded.runtime == "torch"

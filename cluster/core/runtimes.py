@@ -1,0 +1,108 @@
+"""What runs a version's forward passes: PyTorch, or an optimized artifact built from it.
+
+Every version can carry optimized artifacts (``ArtifactRecord``): an ONNX export run by ONNX
+Runtime, and its dynamically quantized int8 variant. Each passed or failed a parity check
+against the PyTorch version on the golden set (``parity_check``), and the texts/s of every
+runtime was measured where it was built, on one hardware class (``hardware_class``). A
+replica serves with ``choose_runtime``: the one its config names, or under ``auto`` the
+fastest that passed on its own hardware class. Pure: the manifest's records in, a name out.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+TORCH = "torch"
+ARTIFACT_RUNTIMES = ("onnx", "onnx-int8")  # built on CPU; fp16/bf16 on a GPU is torch's own
+RuntimeName = Literal["auto", "torch", "onnx", "onnx-int8"]
+ArtifactName = Literal["onnx", "onnx-int8"]
+
+
+class ParityCheck(BaseModel):
+    """An artifact's answers against the PyTorch version's, on the same golden rows."""
+
+    passed: bool
+    detail: str
+    rows: int
+    agreement: float  # share of rows answered the same
+    accuracy: float | None  # the artifact's; None without golden labels
+    reference_accuracy: float | None  # the PyTorch version's
+
+
+class ArtifactRecord(BaseModel):
+    runtime: ArtifactName
+    path: str  # under the version's folder
+    bytes: int
+    build_s: float
+    parity: ParityCheck
+
+
+class Optimization(BaseModel):
+    """A version's artifacts and every runtime's measured speed, as its manifest keeps them."""
+
+    artifacts: dict[str, ArtifactRecord] = Field(default_factory=dict)
+    # hardware class -> runtime -> texts/s at ``batch_size``, measured one after another
+    texts_per_s: dict[str, dict[str, float]] = Field(default_factory=dict)
+    batch_size: int = 32
+    built_at: str | None = None
+
+
+def hardware_class(device: str, threads: int) -> str:
+    """The speed measurements' key: a device (``cpu`` or a GPU's name) and the threads a
+    replica gives it; a replica of other threads may rank the runtimes otherwise."""
+    return f"{device}/{threads}t" if device == "cpu" else device
+
+
+def parity_check(reference: list, answers: list, accuracy: float, reference_accuracy: float,
+                 min_agreement: float, max_accuracy_drop: float) -> ParityCheck:
+    """Compare an artifact's answers on the golden rows (``answers``) with the PyTorch
+    version's (``reference``), row by row, and their accuracies on those rows (the task's
+    own: tokens for NER). Passes when the share of rows answered the same reaches
+    ``min_agreement`` and the artifact's accuracy is at most ``max_accuracy_drop`` below
+    PyTorch's (both shares, 0..1)."""
+    if len(reference) != len(answers):
+        raise ValueError(f"parity rows differ: {len(reference)} reference answers, {len(answers)} artifact answers")
+    n = len(answers)
+    if n == 0:
+        return ParityCheck(passed=False, rows=0, agreement=0.0, accuracy=None, reference_accuracy=None,
+                           detail="no golden rows to check parity on: the artifact is not served")
+    agreement = sum(a == r for a, r in zip(answers, reference, strict=True)) / n
+    numbers = {"rows": n, "agreement": agreement, "accuracy": accuracy, "reference_accuracy": reference_accuracy}
+    problems = []
+    if agreement < min_agreement:
+        problems.append(f"answers {agreement:.2%} of {n} golden rows as PyTorch does (needs {min_agreement:.2%})")
+    if accuracy < reference_accuracy - max_accuracy_drop:
+        problems.append(f"accuracy {accuracy:.4f} is more than {max_accuracy_drop:g} below PyTorch's "
+                        f"{reference_accuracy:.4f}")
+    if problems:
+        return ParityCheck(passed=False, detail="; ".join(problems), **numbers)
+    return ParityCheck(passed=True, **numbers,
+                       detail=f"answers {agreement:.2%} of {n} golden rows as PyTorch does; "
+                              f"accuracy {accuracy:.4f} vs {reference_accuracy:.4f}")
+
+
+def choose_runtime(requested: str, optimization: Optimization | None, hardware: str) -> tuple[str, str]:
+    """(runtime to serve with, why). A named artifact serves when it passed its parity check,
+    else PyTorch does (a version is never left unserved for want of an artifact). ``auto``
+    takes the fastest runtime measured on ``hardware`` among PyTorch and the artifacts that
+    passed; with no measurement on this hardware class, PyTorch."""
+    if requested == TORCH:
+        return TORCH, "serving.runtime is torch"
+    artifacts = optimization.artifacts if optimization else {}
+    if requested != "auto":
+        record = artifacts.get(requested)
+        if record is None:
+            return TORCH, f"serving.runtime is {requested}, but this version has no {requested} artifact"
+        if not record.parity.passed:
+            return TORCH, f"serving.runtime is {requested}, but its artifact failed parity: {record.parity.detail}"
+        return requested, f"serving.runtime is {requested}; parity: {record.parity.detail}"
+    speeds = (optimization.texts_per_s.get(hardware) if optimization else None) or {}
+    eligible = {name: speed for name, speed in speeds.items()
+                if name == TORCH or (name in artifacts and artifacts[name].parity.passed)}
+    if not eligible:
+        return TORCH, f"auto: no runtime measured on {hardware}"
+    best = max(eligible, key=lambda name: (eligible[name], name == TORCH))
+    ranked = ", ".join(f"{name} {speed:.0f}" for name, speed in sorted(eligible.items(), key=lambda kv: -kv[1]))
+    return best, f"auto: fastest on {hardware} of those that passed parity (texts/s: {ranked})"

@@ -1,0 +1,141 @@
+"""A version ready for batched forward passes, on one runtime: PyTorch, or an ONNX artifact
+run by ONNX Runtime (``cluster/core/runtimes.py`` says which serves).
+
+Both tokenize the same way and turn scores into answers the same way (the task's); only the
+forward pass differs. Scores are read by the checkpoint's own ``id2label`` (the order the
+head was trained in), never by position in the config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from tuneloop.core.errors import InputRejected
+from tuneloop.core.tasks import Task
+
+
+class LabelMismatch(ValueError):
+    """A version's checkpoint names other labels than the config: serving it would
+    mislabel answers (or fail on every predict), so it is refused at load."""
+
+
+def checkpoint_labels(id2label: dict, head_labels: list[str], version: str) -> list[str]:
+    """The head's labels in the checkpoint's own output order, checked against the set the
+    model's task expects (``Task.head_labels``, from the config)."""
+    labels = [id2label[i] for i in sorted(id2label, key=int)]
+    if sorted(labels) != sorted(head_labels):
+        raise LabelMismatch(
+            f"version {version}'s checkpoint has labels {labels}, the config {head_labels}; refusing to serve it"
+        )
+    return labels
+
+
+class LoadedModel:
+    """One version's tokenizer and PyTorch weights (bf16 on a GPU, fp32 on CPU)."""
+
+    runtime = "torch"
+
+    def __init__(self, path: str, version: str, task: Task, max_length: int):
+        import transformers
+
+        self.version, self.task, self.max_length = version, task, max_length
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        self._load_weights(path)
+
+    def _load_weights(self, path: str) -> None:
+        import torch
+        import transformers
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        auto_class = getattr(transformers, self.task.auto_class)
+        self.model = auto_class.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        self.head = checkpoint_labels(self.model.config.id2label, self.task.head_labels(), self.version)
+        # What holding this version costs the replica: its weights and buffers, as loaded;
+        # activations come and go with each batch.
+        self.weight_bytes = sum(t.numel() * t.element_size()
+                                for t in (*self.model.parameters(), *self.model.buffers()))
+
+    def _forward(self, enc) -> Any:
+        """Activated scores (a float tensor on the CPU) of a tokenized batch."""
+        import torch
+
+        enc = enc.to(self.device)
+        with torch.inference_mode():
+            logits = self.model(**enc).logits.float()
+            return (logits.sigmoid() if self.task.activation == "sigmoid" else logits.softmax(-1)).cpu()
+
+    def scores(self, texts: list[str], tokenizer_options: dict[str, Any]) -> tuple[Any, dict[str, list], int, int]:
+        """(activated scores, the task's encoding, real tokens, padded tokens) of ``texts``."""
+        import torch
+
+        try:
+            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                                 return_tensors="pt", **tokenizer_options)
+        except Exception as e:  # noqa: BLE001 - the tokenizer's errors come in many types
+            raise InputRejected(f"the tokenizer cannot take this input ({type(e).__name__}: {e})") from None
+        tokens, padded = int(enc["attention_mask"].sum()), enc["attention_mask"].numel()
+        encoding = self.task.encoding_for(enc)  # and enc keeps only the model's inputs
+        probs = self._forward(enc)
+        if not bool(torch.isfinite(probs).all()):
+            raise InputRejected("the model produced non-finite scores for this input")
+        return probs, encoding, tokens, padded
+
+    def predict(self, texts: list[str]) -> tuple[list[dict[str, Any]], int, int]:
+        """Answers in order, and the batch's real and padded token counts. An input the
+        tokenizer refuses, or one the model scores as NaN/inf, raises InputRejected: the
+        batcher then runs the batch in halves until that input stands alone."""
+        probs, encoding, tokens, padded = self.scores(texts, self.task.serving_tokenizer_options(self.max_length))
+        return self.task.answers(texts, probs.tolist(), self.head, encoding), tokens, padded
+
+
+class OnnxModel(LoadedModel):
+    """The same version run by ONNX Runtime from an artifact ``tuneloop optimize`` built
+    (``model.onnx`` beside the version's tokenizer; int8 or fp32 weights), on the replica's
+    torch threads. The head's labels come from the checkpoint's config, as for PyTorch."""
+
+    def __init__(self, path: str, version: str, task: Task, max_length: int, artifact: str, runtime: str):
+        self.artifact, self.runtime = artifact, runtime
+        super().__init__(path, version, task, max_length)
+
+    def _load_weights(self, path: str) -> None:
+        import torch
+
+        with open(os.path.join(path, "config.json")) as f:
+            id2label = json.load(f)["id2label"]
+        self.head = checkpoint_labels(id2label, self.task.head_labels(), self.version)
+        self.session = onnx_session(os.path.join(path, self.artifact), torch.get_num_threads())
+        self.inputs = {i.name for i in self.session.get_inputs()}
+        self.weight_bytes = os.path.getsize(os.path.join(path, self.artifact))
+
+    def _forward(self, enc) -> Any:
+        import torch
+
+        feed = {k: v.numpy() for k, v in enc.items() if k in self.inputs}
+        logits = torch.from_numpy(self.session.run(["logits"], feed)[0]).float()
+        return logits.sigmoid() if self.task.activation == "sigmoid" else logits.softmax(-1)
+
+
+def onnx_session(path: str, threads: int):
+    """An ONNX Runtime session on the CPU with ``threads`` intra-op threads and all graph
+    optimizations (ONNX Runtime fuses attention and GELU on load)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = max(1, threads)
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: its warnings name graph internals
+    return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def load_model(path: str, version: str, task: Task, max_length: int, runtime: str = "torch",
+               artifact: str | None = None) -> LoadedModel:
+    """A version on ``runtime``; ``artifact`` is the ONNX file's path under ``path``."""
+    if runtime == "torch":
+        return LoadedModel(path, version, task, max_length)
+    if artifact is None:
+        raise ValueError(f"runtime {runtime!r} needs the artifact's path")
+    return OnnxModel(path, version, task, max_length, artifact, runtime)

@@ -1,0 +1,88 @@
+"""`tuneloop optimize` on a real version (a tiny BERT exported by torch's dynamo exporter,
+quantized by ONNX Runtime), its record in the manifest, and a replica serving the ONNX
+artifact over real HTTP with the PyTorch version's answers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import httpx
+import pytest
+import yaml
+
+from tests.integration.conftest import PREDICT_KEY, bearer, make_config, publish_version, served
+
+TEXTS = ["the film was great", "the meal was awful", "a phone", "the hotel was lovely and the song was poor"]
+
+
+@pytest.fixture(scope="module")
+def optimized(tmp_path_factory, tiny_model, seed_tsv):
+    from typer.testing import CliRunner
+
+    from tuneloop.control.cli import app
+    from tuneloop.core.tasks import model_task
+    from tuneloop.store.registry import Registry
+    from tuneloop.store.storage import Storage
+    from tuneloop.training.data import read_dataset
+
+    tmp_path = tmp_path_factory.mktemp("optimize")
+    cfg = make_config(tmp_path / "store", tiny_model, seed_tsv, serving={"runtime": "onnx"},
+                      optimize={"speed_seconds": 0.2})
+    version = publish_version(cfg, tiny_model)
+    registry = Registry(Storage(cfg.storage.root))
+    golden = registry.freeze_golden("sentiment", read_dataset(seed_tsv, model_task(cfg.models[0])))
+    config = tmp_path / "tuneloop.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=True)))
+    shown = CliRunner().invoke(app, ["optimize", "sentiment", version, "-c", str(config)])
+    assert shown.exit_code == 0, shown.output
+    return cfg, registry, version, golden, shown.output
+
+
+def test_optimize_records_checked_artifacts_in_the_manifest(optimized):
+    cfg, registry, version, golden, output = optimized
+    optimization = registry.manifest("sentiment", version).optimization
+    assert set(optimization.artifacts) == {"onnx", "onnx-int8"}
+    onnx = optimization.artifacts["onnx"]
+    # fp32 ONNX answers every golden row as PyTorch does.
+    assert onnx.parity.passed and onnx.parity.rows == golden.num_rows and onnx.parity.agreement == 1.0
+    assert onnx.parity.accuracy == onnx.parity.reference_accuracy
+    folder = registry.local_path("sentiment", version)
+    for record in optimization.artifacts.values():
+        assert os.path.getsize(os.path.join(folder, record.path)) == record.bytes > 0
+    assert optimization.artifacts["onnx-int8"].bytes < onnx.bytes  # int8 weights
+    speeds = optimization.texts_per_s["cpu/1t"]  # the config's replicas: 1 CPU each
+    assert speeds["torch"] > 0 and speeds["onnx"] > 0
+    assert '"onnx-int8"' in output  # the CLI prints the record
+
+
+def test_a_replica_serves_the_onnx_artifact_with_pytorchs_answers(optimized, metrics_dir, serve_port):
+    from ray.serve.handle import DeploymentHandle
+
+    from tuneloop.core.names import model_app_name, model_deployment_name
+    from tuneloop.core.tasks import model_task
+    from tuneloop.serving.loaded_models import LoadedModel
+
+    cfg, registry, version, _, _ = optimized
+    reference = LoadedModel(registry.local_path("sentiment", version), version, model_task(cfg.models[0]),
+                            cfg.serving.max_length)
+    expected, _, _ = reference.predict(TEXTS)
+    with served(cfg, metrics_dir, serve_port) as url:
+        async def replica_status() -> dict:
+            # Serve's handles route on the caller's event loop (throughput-optimized mode).
+            handle = DeploymentHandle(model_deployment_name("sentiment"), model_app_name("sentiment"))
+            try:
+                return await handle.status.remote()
+            finally:
+                await handle.shutdown_async()
+
+        status = asyncio.run(replica_status())
+        assert status["runtimes"][version].startswith("onnx (serving.runtime is onnx")
+        r = httpx.post(f"{url}/v1/models/sentiment/predict", json={"inputs": TEXTS}, headers=bearer(PREDICT_KEY),
+                       timeout=30)
+    assert r.status_code == 200, r.text
+    answers = r.json()["predictions"]
+    assert [a["version"] for a in answers] == [version] * len(TEXTS)
+    for got, want in zip(answers, expected, strict=True):
+        assert got["label"] == want["label"]
+        assert got["scores"] == pytest.approx(want["scores"], abs=1e-5)

@@ -1,0 +1,69 @@
+"""Which runtime serves a version, and the artifacts' parity check: pure, no torch, no Ray."""
+
+from __future__ import annotations
+
+import pytest
+
+from tuneloop.core.runtimes import ArtifactRecord, Optimization, ParityCheck, choose_runtime, hardware_class, parity_check
+
+
+def test_parity_passes_within_both_bounds_and_quotes_its_numbers():
+    check = parity_check(["a"] * 99 + ["b"], ["a"] * 100, accuracy=0.90, reference_accuracy=0.903,
+                         min_agreement=0.99, max_accuracy_drop=0.005)
+    assert check.passed and check.rows == 100 and check.agreement == pytest.approx(0.99)
+    assert "99.00% of 100 golden rows" in check.detail
+
+
+def test_parity_fails_on_agreement_or_accuracy_and_says_which():
+    low = parity_check(["a"] * 100, ["a"] * 97 + ["b"] * 3, 0.9, 0.9, 0.99, 0.005)
+    assert not low.passed and "97.00%" in low.detail and "needs 99.00%" in low.detail
+    worse = parity_check(["a"] * 100, ["a"] * 100, 0.89, 0.90, 0.99, 0.005)
+    assert not worse.passed and "accuracy 0.8900 is more than 0.005 below PyTorch's 0.9000" in worse.detail
+    # An artifact that is more accurate than PyTorch is not held back for it.
+    assert parity_check(["a"] * 100, ["a"] * 100, 0.95, 0.90, 0.99, 0.005).passed
+
+
+def test_parity_with_no_rows_fails_and_unpaired_rows_raise():
+    assert not parity_check([], [], 0.0, 0.0, 0.99, 0.005).passed
+    with pytest.raises(ValueError, match="parity rows differ"):
+        parity_check(["a"], ["a", "b"], 1.0, 1.0, 0.99, 0.005)
+
+
+def _optimization(speeds: dict[str, float], failed: tuple[str, ...] = ()) -> Optimization:
+    def record(runtime):
+        return ArtifactRecord(runtime=runtime, path=f"artifacts/{runtime}/model.onnx", bytes=1, build_s=0.1,
+                              parity=ParityCheck(passed=runtime not in failed, detail="d", rows=1, agreement=1.0,
+                                                 accuracy=1.0, reference_accuracy=1.0))
+    return Optimization(artifacts={r: record(r) for r in ("onnx", "onnx-int8")}, texts_per_s={"cpu/2t": speeds})
+
+
+def test_auto_takes_the_fastest_that_passed_on_this_hardware():
+    opt = _optimization({"torch": 100, "onnx": 130, "onnx-int8": 260})
+    assert choose_runtime("auto", opt, "cpu/2t")[0] == "onnx-int8"
+    assert choose_runtime("auto", _optimization({"torch": 100, "onnx": 130, "onnx-int8": 260}, failed=("onnx-int8",)),
+                          "cpu/2t")[0] == "onnx"
+    # PyTorch wins where it is fastest, and a tie.
+    assert choose_runtime("auto", _optimization({"torch": 300, "onnx": 130, "onnx-int8": 260}), "cpu/2t")[0] == "torch"
+    assert choose_runtime("auto", _optimization({"torch": 130, "onnx": 130}), "cpu/2t")[0] == "torch"
+
+
+def test_auto_without_a_measurement_here_or_any_artifact_serves_torch():
+    opt = _optimization({"torch": 100, "onnx-int8": 260})
+    runtime, why = choose_runtime("auto", opt, "cpu/4t")
+    assert runtime == "torch" and "no runtime measured on cpu/4t" in why
+    assert choose_runtime("auto", None, "cpu/2t")[0] == "torch"
+
+
+def test_a_named_runtime_serves_only_when_its_artifact_passed():
+    opt = _optimization({"torch": 100}, failed=("onnx-int8",))
+    assert choose_runtime("onnx", opt, "cpu/8t")[0] == "onnx"  # named: whatever the hardware
+    runtime, why = choose_runtime("onnx-int8", opt, "cpu/2t")
+    assert runtime == "torch" and "failed parity" in why
+    runtime, why = choose_runtime("onnx", None, "cpu/2t")
+    assert runtime == "torch" and "no onnx artifact" in why
+    assert choose_runtime("torch", opt, "cpu/2t") == ("torch", "serving.runtime is torch")
+
+
+def test_hardware_class_names_the_threads_on_cpu_only():
+    assert hardware_class("cpu", 2) == "cpu/2t"
+    assert hardware_class("cuda", 2) == "cuda"
