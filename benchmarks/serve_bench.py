@@ -10,6 +10,13 @@ One command, one run, ratios against baselines measured in that same run:
 2. tuneloop: the real Serve app over HTTP, one text per request;
 3. naive: Ray Serve + a transformers pipeline, one forward pass per request, no batching.
 
+tuneloop is measured once per ``--runtimes`` value (``serving.runtime``: default torch and
+auto). Before serving, the version is optimized as a job would (``tuneloop optimize``: ONNX
+and int8 artifacts, their parity on the golden set, every runtime's speed here), and with
+SST-2 present the model is first fine-tuned on ``--fine-tune-rows`` of its training split
+and SST-2 dev is its golden set, so each artifact's parity line gives its SST-2 dev
+accuracy beside PyTorch's.
+
 ``--task token-classification`` measures a named-entity model instead (a token-classification
 head over PER, ORG, LOC and MISC): the bare loop's forward passes give every token's tag
 scores, tuneloop answers entities with character offsets, the naive pipeline
@@ -107,6 +114,57 @@ def build_tiny(workdir: Path, task: str) -> str:
     from tests.tiny_models import build_tiny_model
 
     return build_tiny_model(workdir / "model", LABELS[task], task=task)
+
+
+def fine_tuned(model_dir: str, train_tsv: Path, rows: int, threads: int) -> str:
+    """``model_dir`` fine-tuned on ``rows`` of SST-2's training split (one epoch): served
+    answers and the artifacts' parity then mean something (a fresh head is a coin toss)."""
+    import torch
+
+    from benchmarks.adapt_bench import read_tsv
+    from benchmarks.plain_loop import fine_tune
+
+    torch.set_num_threads(threads)
+    labels = LABELS["text-classification"]
+    data = [(r["text"], labels[int(r["label"])]) for r in read_tsv(train_tsv)]
+    random.Random(0).shuffle(data)
+    out = Path(model_dir).with_name("fine-tuned")
+    t0 = time.perf_counter()
+    fine_tune(model_dir, labels, data[:rows], epochs=1, learning_rate=5e-5, batch_size=32, max_length=64,
+              warmup_ratio=0.1, weight_decay=0.01, out=out)
+    print(f"fine-tuned on {min(rows, len(data))} SST-2 train rows in {time.perf_counter() - t0:.0f}s", flush=True)
+    return str(out)
+
+
+def optimized(cfg, version: str, task: str, texts: list[str], runtimes: list[str]) -> dict[str, str]:
+    """Optimize the version as a job would, on a golden set (SST-2 dev for text
+    classification, when present; else the generated texts labelled by the model itself);
+    prints each artifact's parity and speed. Returns what serves each ``runtimes`` value."""
+    import pyarrow as pa
+
+    from tuneloop.core.runtimes import choose_runtime, hardware_class
+    from tuneloop.serving.loaded_models import LoadedModel
+    from tuneloop.serving.optimize import optimize_version
+    from tuneloop.store.registry import Registry
+    from tuneloop.store.storage import Storage
+
+    registry = Registry(Storage(cfg.storage.root))
+    if task == "text-classification" and SST2.exists():
+        rows = [line.split("\t") for line in SST2.read_text().splitlines()[1:] if line.strip()]
+        golden = pa.table({"text": [r[0] for r in rows], "label": [LABELS[task][int(r[1])] for r in rows]})
+    elif task == "text-classification":
+        from tuneloop.core.tasks import model_task
+
+        model = LoadedModel(registry.local_path("bench", version), version, model_task(cfg.models[0]), 64)
+        sample = texts[:200]
+        golden = pa.table({"text": sample, "label": [a["label"] for a in model.predict(sample)[0]]})
+    else:
+        golden = None  # entity tags: no golden set here, so no artifact passes parity
+    if golden is not None:
+        registry.freeze_golden("bench", golden)
+    manifest = optimize_version(cfg, registry, "bench", version, progress=lambda line: print(line, flush=True))
+    hardware = hardware_class("cpu", max(1, math.ceil(cfg.serving.num_cpus_per_replica)))
+    return {r: choose_runtime(r, manifest.optimization, hardware)[0] for r in runtimes}
 
 
 # -- 1. bare model ----------------------------------------------------------------------
@@ -304,10 +362,16 @@ def main() -> None:
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--target-batch-latency", type=float, default=None,
                     help="serving.target_batch_latency_s for tuneloop (default: the config default)")
+    ap.add_argument("--runtimes", default="torch,auto",
+                    help="serving.runtime values to measure tuneloop with (torch, auto, onnx, onnx-int8)")
+    ap.add_argument("--fine-tune-rows", type=int, default=6000,
+                    help="SST-2 train rows to fine-tune the model on first (text classification; 0: a fresh head)")
+    ap.add_argument("--min-agreement", type=float, default=None,
+                    help="optimize.min_agreement: share of golden rows an artifact must answer as PyTorch (default 0.99)")
     ap.add_argument("--smoke", action="store_true", help="tiny random model, short cells: checks the table only")
     args = ap.parse_args()
     if args.smoke:
-        args.seconds, args.warmup = 2.0, 0.5
+        args.seconds, args.warmup, args.fine_tune_rows = 2.0, 0.5, 0
         if args.concurrency == ap.get_default("concurrency"):
             args.concurrency = "4"
 
@@ -322,6 +386,9 @@ def main() -> None:
     rng = random.Random(0)
     work = Path(tempfile.mkdtemp(prefix="tuneloop-bench-"))
     model_dir = build_tiny(work, args.task) if args.smoke else prepare_model(args.model, work, args.task)
+    sst2_train = SST2.with_name("train.tsv")
+    if args.fine_tune_rows and args.task == "text-classification" and sst2_train.exists():
+        model_dir = fine_tuned(model_dir, sst2_train, args.fine_tune_rows, args.threads)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -348,8 +415,13 @@ def main() -> None:
         "serving": {"max_batch_size": batch_size, "num_cpus_per_replica": args.threads, "max_length": max_length,
                     "max_inputs_per_request": 64, "max_chars_per_input": 100_000,
                     **({"target_batch_latency_s": args.target_batch_latency} if args.target_batch_latency else {})},
+        "optimize": {} if args.min_agreement is None else {"min_agreement": args.min_agreement},
     })
-    publish_version(cfg, model_dir)
+    version = publish_version(cfg, model_dir)
+    runtimes = [r for r in args.runtimes.split(",") if r]
+    served_by = {r: r for r in runtimes}
+    if set(runtimes) - {"torch"}:
+        served_by.update(optimized(cfg, version, args.task, text_sets["short"], runtimes))
 
     metrics_dir, base = start_serve(work, args.threads)
     rows = []
@@ -366,20 +438,25 @@ def main() -> None:
         return r, (after[0] - before[0]) / max(1.0, after[1] - before[1])
 
     try:
-        deploy(cfg, metrics_dir)
-        wait_ready(base)
-        for s in sets:
-            for c in levels:
-                r, mean_batch = measure(_closed_loop(predict_url, one_text, text_sets[s], c, args.seconds, args.warmup))
-                rows.append(("tuneloop", s, str(c), r, mean_batch))
-                print(f"tuneloop {s} c={c}: {r.throughput:.1f}/s", flush=True)
-            peak = max(r.throughput for name, t, _, r, _ in rows if name == "tuneloop" and t == s)
-            rate = peak / 2
-            r, mean_batch = measure(_open_loop(predict_url, one_text, text_sets[s], rate, args.seconds, args.warmup))
-            half_peak[s] = r
-            rows.append(("tuneloop", s, f"open {rate:.0f}/s", r, mean_batch))
-            print(f"tuneloop {s} open loop at {rate:.1f}/s: p99 {r.p99 * 1e3:.0f} ms", flush=True)
-        undeploy(cfg)
+        for runtime in runtimes:
+            name = f"tuneloop, {runtime}" + (f" ({served_by[runtime]})" if served_by[runtime] != runtime else "")
+            runtime_cfg = cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"runtime": runtime})})
+            deploy(runtime_cfg, metrics_dir)
+            wait_ready(base)
+            for s in sets:
+                for c in levels:
+                    r, mean_batch = measure(_closed_loop(predict_url, one_text, text_sets[s], c, args.seconds,
+                                                         args.warmup))
+                    rows.append((name, s, str(c), r, mean_batch))
+                    print(f"{name} {s} c={c}: {r.throughput:.1f}/s", flush=True)
+                peak = max(r.throughput for n, t, _, r, _ in rows if n == name and t == s)
+                rate = peak / 2
+                r, mean_batch = measure(_open_loop(predict_url, one_text, text_sets[s], rate, args.seconds,
+                                                   args.warmup))
+                half_peak[f"{name}, {s}"] = r
+                rows.append((name, s, f"open {rate:.0f}/s", r, mean_batch))
+                print(f"{name} {s} open loop at {rate:.1f}/s: p99 {r.p99 * 1e3:.0f} ms", flush=True)
+            undeploy(runtime_cfg)
         if not args.skip_naive:
             serve.run(naive_app(model_dir, args.task, args.threads, max_length), name="naive", route_prefix="/naive", blocking=False)
             wait_answering(f"{base}/naive", one_text(text_sets[sets[0]][0]))
@@ -404,10 +481,11 @@ def main() -> None:
         print(f"| {name} | {s} | {c} | {r.throughput:.1f} | {r.p50 * 1e3:.1f} | {r.p95 * 1e3:.1f} | "
               f"{r.p99 * 1e3:.1f} | {mb:.1f} | {r.throughput / bare[s]:.2f} | {vs_naive} | {r.errors} |")
     print()
-    for s, r in half_peak.items():
+    for key, r in half_peak.items():
         # One batch's compute: a full batch of this set's texts in the bare loop.
+        s = key.rsplit(", ", 1)[1]
         batch_s = batch_size / bare[s]
-        print(f"{s}: p99 at half the peak throughput = {r.p99 * 1e3:.0f} ms = {r.p99 / batch_s:.2f}× "
+        print(f"{key}: p99 at half the peak throughput = {r.p99 * 1e3:.0f} ms = {r.p99 / batch_s:.2f}× "
               f"one batch's compute ({batch_size} texts in the bare loop: {batch_s * 1e3:.0f} ms)")
 
 if __name__ == "__main__":

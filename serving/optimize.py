@@ -7,8 +7,9 @@ traffic. For each runtime of ``optimize.runtimes``:
   length dynamic), run by ONNX Runtime. The older TorchScript exporter traced
   transformers 5's attention-mask code at the sample's length: its logits differed by up
   to 0.06 and 15% of SST-2 answers changed (measured); the dynamo export matches to 1e-7.
-- ``onnx-int8``: that export with its MatMul weights quantized to int8 and activations
-  quantized per batch (ONNX Runtime's dynamic quantization): no calibration data.
+- ``onnx-int8``: that export with its MatMul weights quantized to int8, a scale per
+  output channel, and activations quantized per batch (ONNX Runtime's dynamic
+  quantization): no calibration data.
 
 Each artifact then answers the model's golden rows beside the PyTorch version
 (``parity_check``: agreement and accuracy), and every runtime's texts/s through the whole
@@ -58,9 +59,14 @@ def export_onnx(path: str, task: Task, out: str) -> None:
 
 
 def quantize_int8(source: str, out: str) -> None:
+    """int8 weights, one scale per output channel. Measured on MiniLM-L6 fine-tuned on 2,000
+    SST-2 rows (872 dev rows): one scale per tensor answered 95.5% of rows as fp32 did
+    (accuracy -0.6 point), per channel 98.3% (+0.1 point) at the same speed (2.2x fp32);
+    7-bit ``reduce_range`` 91.4%, uint8 weights 97.1% at two thirds of the speed, and
+    leaving the feed-forward layers in fp32 98.6% at 0.7x the speed."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(source, out, weight_type=QuantType.QInt8)
+    quantize_dynamic(source, out, weight_type=QuantType.QInt8, per_channel=True)
 
 
 # The exporter's and its optimizer's chatter: a line per graph rewrite at info (70 an
@@ -166,7 +172,7 @@ def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, versio
             answers, accuracy = _answers(loaded, task, texts, targets, ocfg.speed_batch_size)
             parity = parity_check(reference_answers, answers, accuracy, reference_accuracy,
                                   ocfg.min_agreement, ocfg.max_accuracy_drop)
-            if parity.passed:
+            if parity.passed and device == "cpu":  # ONNX Runtime's CPU build: no speed for a GPU's class
                 speeds[runtime] = texts_per_s(loaded, speed_texts, ocfg.speed_batch_size, ocfg.speed_seconds)
             records[runtime] = ArtifactRecord(runtime=runtime, path=relative, bytes=os.path.getsize(out),
                                               build_s=round(build_s, 2), parity=parity)

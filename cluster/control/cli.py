@@ -93,7 +93,9 @@ def versions(model: str, config: str | None = ConfigOption) -> None:
         scores = " ".join(f"{name}={getattr(m.metrics, name):.4f}" if m.metrics else f"{name}=-"
                           for name in dict.fromkeys(["accuracy", gated]))
         mark = "*" if m.version == production else " "
-        typer.echo(f"{mark} {m.version:<5} {m.status:<9} {scores} parent={m.parent or '-'} {m.created_at}")
+        passed = [r for r, a in (m.optimization.artifacts if m.optimization else {}).items() if a.parity.passed]
+        typer.echo(f"{mark} {m.version:<5} {m.status:<9} {scores} parent={m.parent or '-'} "
+                   f"artifacts={','.join(passed) or '-'} {m.created_at}")
 
 
 @app.command()

@@ -123,6 +123,8 @@ def make_config(root: Path, base_model: str, seed: str | None, model: dict | Non
         "auth": {"keys": [asdict(k) for k in (_ADMIN, _FEEDBACK, _PREDICT)], "create_admin_key": False},
         "feedback": {"compact_interval_s": 0.5},
         "predictions": {"flush_interval_s": 0.2},
+        # Jobs' ONNX export and speed runs: ~10 s each; tests/integration/test_optimize.py has them.
+        "optimize": {"enabled": False},
     }
     for key, value in sections.items():
         doc[key] = {**doc.get(key, {}), **value}

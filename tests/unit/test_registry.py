@@ -265,3 +265,23 @@ def test_switches_and_serving_time_complete_a_published_version(tmp_path, weight
     timing = ServingTime(phases={"rollout": 1.5}, total_s=9.0)
     reg.record_serving_time("m", v1, timing)
     assert reg.manifest("m", v1).serving_time == timing
+
+
+def test_record_optimization_adds_the_artifacts_then_names_them_in_the_manifest(tmp_path, weights):
+    from tuneloop.core.runtimes import ArtifactRecord, Optimization, ParityCheck
+
+    reg = Registry(Storage(str(tmp_path / "store")))
+    reg.publish("m", weights, _manifest())
+    built = tmp_path / "built" / "onnx"
+    built.mkdir(parents=True)
+    (built / "model.onnx").write_bytes(b"\1" * 64)
+    parity = ParityCheck(passed=True, detail="d", rows=5, agreement=1.0, accuracy=0.8, reference_accuracy=0.8)
+    record = ArtifactRecord(runtime="onnx", path="artifacts/onnx/model.onnx", bytes=64, build_s=1.0, parity=parity)
+    reg.record_optimization("m", "v1", str(tmp_path / "built"),
+                            Optimization(artifacts={"onnx": record}, texts_per_s={"cpu/2t": {"torch": 1.0, "onnx": 2.0}}))
+    manifest = reg.manifest("m", "v1")
+    assert manifest.optimization.artifacts["onnx"].parity.agreement == 1.0
+    assert manifest.optimization.texts_per_s == {"cpu/2t": {"torch": 1.0, "onnx": 2.0}}
+    assert (tmp_path / "store/registry/m/v1/artifacts/onnx/model.onnx").read_bytes() == b"\1" * 64
+    with pytest.raises(UnknownVersion):
+        reg.record_optimization("m", "v9", str(tmp_path / "built"), Optimization())
