@@ -73,6 +73,12 @@ RESIDENT_WEIGHT_BYTES = Gauge(
     "at most two versions (production and a rollout's challenger) are resident", ["model", "version"],
     multiprocess_mode="mostrecent",
 )
+# The same for the runtime each resident version runs on (serving.runtime): 1 while it
+# does, 0 once the version is let go.
+SERVING_RUNTIME = Gauge(
+    "tuneloop_serving_runtime", "1 for the runtime (torch, onnx, onnx-int8) a resident version runs on, "
+    "0 once unloaded", ["model", "version", "runtime"], multiprocess_mode="mostrecent",
+)
 PREDICTION_LOG_DROPPED = Counter(
     "tuneloop_prediction_log_dropped", "Prediction-log rows dropped (oldest first) while the log could not be written",
     ["model"],

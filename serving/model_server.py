@@ -107,6 +107,7 @@ class ModelServer:
         self._threads = max(1, math.ceil(self.serving.num_cpus_per_replica))
         self._load = load or load_model
         self._runtimes: dict[str, str] = {}  # version -> the runtime serving it, and why
+        self._resident_runtime: dict[str, str] = {}  # version -> its runtime, as last reported
         # One thread runs the model: forward passes never overlap, and the event loop stays
         # free to collect the next batch while this one computes.
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -168,12 +169,16 @@ class ModelServer:
     def _report_resident(self) -> None:
         """tuneloop_resident_weight_bytes of the versions this replica holds now (at most
         two), and 0 for any it let go since the last report."""
-        resident = {m.version: m.weight_bytes for m in (self._loaded, self._challenger) if m is not None}
+        held = {m.version: m for m in (self._loaded, self._challenger) if m is not None}
+        resident = {version: m.weight_bytes for version, m in held.items()}
         for version in self._resident.keys() - resident.keys():
             metrics.RESIDENT_WEIGHT_BYTES.labels(self.cfg.name, version).set(0)
+            metrics.SERVING_RUNTIME.labels(self.cfg.name, version, self._resident_runtime.pop(version)).set(0)
         for version, size in resident.items():
             if self._resident.get(version) != size:
                 metrics.RESIDENT_WEIGHT_BYTES.labels(self.cfg.name, version).set(size)
+                self._resident_runtime[version] = getattr(held[version], "runtime", "torch")
+                metrics.SERVING_RUNTIME.labels(self.cfg.name, version, self._resident_runtime[version]).set(1)
         self._resident = resident
 
     def _load_version(self, version: str) -> LoadedModel | None:
@@ -182,7 +187,18 @@ class ModelServer:
         path = self.registry.local_path(self.cfg.name, version)
         runtime, artifact, why = self._runtime_for(version)
         try:
-            loaded = self._load(path, version, self.task, self.serving.max_length, runtime, artifact)
+            try:
+                loaded = self._load(path, version, self.task, self.serving.max_length, runtime, artifact)
+            except LabelMismatch:
+                raise
+            except Exception as e:  # noqa: BLE001 - a broken or unloadable artifact: the weights still serve
+                if runtime == "torch":
+                    raise
+                log.warning("model %s: %s's %s artifact did not load (%s: %s); serving it on torch",
+                            self.cfg.name, version, runtime, type(e).__name__, e)
+                why = f"the {runtime} artifact did not load: {type(e).__name__}"
+                runtime = "torch"
+                loaded = self._load(path, version, self.task, self.serving.max_length, runtime, None)
         except LabelMismatch as e:
             self._refused[version] = str(e)
             log.error("model %s: %s; still serving %s", self.cfg.name, e,

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tuneloop.serving.metrics import RESIDENT_WEIGHT_BYTES, render
+from tuneloop.serving.metrics import RESIDENT_WEIGHT_BYTES, SERVING_RUNTIME, render
 from tuneloop.store.jobs import JobStore
 from tuneloop.store.registry import Manifest, Registry
 from tuneloop.store.storage import Storage
@@ -38,6 +38,7 @@ def exported_text(tmp_path_factory) -> str:
     registry.start_rollout("m", "v2", "canary", 5.0)
     for version in ("v1", "v2"):  # as the replicas holding both report them
         RESIDENT_WEIGHT_BYTES.labels("m", version).set(4e6)
+        SERVING_RUNTIME.labels("m", version, "onnx-int8").set(1)
     return render(JobStore(storage), lambda: {"m": 1}, registry, ["m"], lambda: STATS).decode()
 
 

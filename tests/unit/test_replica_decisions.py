@@ -8,6 +8,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from prometheus_client import REGISTRY
 
 from tuneloop.core.config import parse_config
 from tuneloop.core.errors import NotReady, Overloaded
@@ -58,6 +59,8 @@ class FakeModel:
     def __init__(self, path, version, task, max_length, runtime="torch", artifact=None, delay_s=0.0):
         if version == "bad":
             raise LabelMismatch(f"version {version}'s checkpoint has labels ['x', 'y']")
+        if runtime != "torch" and artifact.startswith("broken"):
+            raise RuntimeError("[ONNXRuntimeError] : 7 : INVALID_PROTOBUF")
         self.version, self.task, self.delay_s = version, task, delay_s
         self.runtime, self.artifact = runtime, artifact
         self.batches: list[int] = []
@@ -136,11 +139,11 @@ def test_concurrent_requests_share_batches():
     assert max(replica._loaded.batches) > 1
 
 
-def _optimized(int8_passed: bool = True) -> Optimization:
+def _optimized(int8_passed: bool = True, folder: str = "artifacts") -> Optimization:
     def record(runtime, passed):
         parity = ParityCheck(passed=passed, detail="test", rows=10, agreement=1.0 if passed else 0.5,
                              accuracy=0.9, reference_accuracy=0.9)
-        return ArtifactRecord(runtime=runtime, path=f"artifacts/{runtime}/model.onnx", bytes=1, build_s=1.0,
+        return ArtifactRecord(runtime=runtime, path=f"{folder}/{runtime}/model.onnx", bytes=1, build_s=1.0,
                               parity=parity)
     return Optimization(artifacts={"onnx": record("onnx", True), "onnx-int8": record("onnx-int8", int8_passed)},
                         texts_per_s={"cpu/1t": {"torch": 100.0, "onnx": 120.0, "onnx-int8": 250.0}})
@@ -150,6 +153,8 @@ def test_auto_serves_the_fastest_artifact_that_passed_parity_on_the_replicas_har
     replica, _, _ = _replica(optimization=_optimized(), num_cpus_per_replica=1)
     assert (replica._loaded.runtime, replica._loaded.artifact) == ("onnx-int8", "artifacts/onnx-int8/model.onnx")
     assert replica.status()["runtimes"]["v1"].startswith("onnx-int8 (auto: fastest on cpu/1t")
+    assert REGISTRY.get_sample_value("tuneloop_serving_runtime",
+                                     {"model": "m", "version": "v1", "runtime": "onnx-int8"}) == 1
     failed, _, _ = _replica(optimization=_optimized(int8_passed=False), num_cpus_per_replica=1)
     assert failed._loaded.runtime == "onnx"  # the faster int8 failed parity: never served
 
@@ -168,3 +173,10 @@ def test_a_named_runtime_serves_when_it_passed_and_torch_otherwise():
     assert "failed parity" in failed.status()["runtimes"]["v1"]
     plain, _, _ = _replica(optimization=None, runtime="onnx")
     assert plain._loaded.runtime == "torch"
+
+
+def test_an_artifact_that_does_not_load_leaves_the_version_serving_on_torch():
+    replica, _, _ = _replica(optimization=_optimized(folder="broken"), num_cpus_per_replica=1)
+    assert replica._loaded.runtime == "torch" and replica._loaded.version == "v1"
+    assert replica.status()["runtimes"]["v1"] == "torch (the onnx-int8 artifact did not load: RuntimeError)"
+    assert asyncio.run(replica.predict(["a"]))[0]["version"] == "v1"
