@@ -179,6 +179,8 @@ def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, versio
             progress(f"{model} {version}: {runtime} built in {build_s:.0f}s, {os.path.getsize(out) / 1e6:.0f} MB; "
                      f"parity {'passed' if parity.passed else 'FAILED'}: {parity.detail}"
                      + (f"; {speeds[runtime]:.0f} texts/s" if runtime in speeds else ""))
+        if "onnx" not in records and os.path.exists(fp32):
+            os.remove(fp32)  # only int8 was asked for: its fp32 source is not kept
         optimization = Optimization(artifacts=records, texts_per_s={hardware: {k: round(v, 1) for k, v in speeds.items()}},
                                     batch_size=ocfg.speed_batch_size, built_at=datetime.now(UTC).isoformat())
         return registry.record_optimization(model, version, tmp, optimization)

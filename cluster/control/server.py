@@ -42,13 +42,14 @@ def init_ray(cfg: TuneloopConfig, address: str | None = None) -> None:
 
 def bootstrap_versions(cfg: TuneloopConfig) -> None:
     """Train v1 of every model that has no production version yet."""
+    from tuneloop.serving.optimize import optimize_version
     from tuneloop.training.launcher import run_training
 
     registry = Registry(Storage(cfg.storage.root))
     for m in cfg.models:
         if registry.production(m.name) is None:
             log.info("model %s has no version yet: fine-tuning v1 from %s", m.name, m.base_model)
-            outcome = run_training(cfg, m.name, trigger="bootstrap")
+            outcome = run_training(cfg, m.name, trigger="bootstrap", optimize=optimize_version)
             if outcome.job.state != "succeeded":
                 raise SystemExit(f"could not train v1 of {m.name}: {outcome.job.error or outcome.job.state}")
 
