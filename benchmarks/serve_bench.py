@@ -163,7 +163,7 @@ def optimized(cfg, version: str, task: str, texts: list[str], runtimes: list[str
     if golden is not None:
         registry.freeze_golden("bench", golden)
     manifest = optimize_version(cfg, registry, "bench", version, progress=lambda line: print(line, flush=True))
-    hardware = hardware_class("cpu", max(1, math.ceil(cfg.serving.num_cpus_per_replica)))
+    hardware = hardware_class("cpu", cfg.serving.replica_threads)
     return {r: choose_runtime(r, manifest.optimization, hardware)[0] for r in runtimes}
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
 import random
 import threading
 import time
@@ -103,11 +102,9 @@ class ModelServer:
         if load is None:
             import torch
 
-            torch.set_num_threads(max(1, math.ceil(self.serving.num_cpus_per_replica)))
-        self._threads = max(1, math.ceil(self.serving.num_cpus_per_replica))
+            torch.set_num_threads(self.serving.replica_threads)
         self._load = load or load_model
-        self._runtimes: dict[str, str] = {}  # version -> the runtime serving it, and why
-        self._resident_runtime: dict[str, str] = {}  # version -> its runtime, as last reported
+        self._runtimes: dict[str, tuple[str, str]] = {}  # version -> the runtime serving it, and why
         # One thread runs the model: forward passes never overlap, and the event loop stays
         # free to collect the next batch while this one computes.
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -169,16 +166,14 @@ class ModelServer:
     def _report_resident(self) -> None:
         """tuneloop_resident_weight_bytes of the versions this replica holds now (at most
         two), and 0 for any it let go since the last report."""
-        held = {m.version: m for m in (self._loaded, self._challenger) if m is not None}
-        resident = {version: m.weight_bytes for version, m in held.items()}
+        resident = {m.version: m.weight_bytes for m in (self._loaded, self._challenger) if m is not None}
         for version in self._resident.keys() - resident.keys():
             metrics.RESIDENT_WEIGHT_BYTES.labels(self.cfg.name, version).set(0)
-            metrics.SERVING_RUNTIME.labels(self.cfg.name, version, self._resident_runtime.pop(version)).set(0)
+            metrics.SERVING_RUNTIME.labels(self.cfg.name, version, self._runtimes[version][0]).set(0)
         for version, size in resident.items():
             if self._resident.get(version) != size:
                 metrics.RESIDENT_WEIGHT_BYTES.labels(self.cfg.name, version).set(size)
-                self._resident_runtime[version] = getattr(held[version], "runtime", "torch")
-                metrics.SERVING_RUNTIME.labels(self.cfg.name, version, self._resident_runtime[version]).set(1)
+                metrics.SERVING_RUNTIME.labels(self.cfg.name, version, self._runtimes[version][0]).set(1)
         self._resident = resident
 
     def _load_version(self, version: str) -> LoadedModel | None:
@@ -204,7 +199,7 @@ class ModelServer:
             log.error("model %s: %s; still serving %s", self.cfg.name, e,
                       self._loaded.version if self._loaded else "nothing")
             return None
-        self._runtimes[version] = f"{runtime} ({why})"
+        self._runtimes[version] = runtime, why
         log.info("model %s: %s runs on %s: %s", self.cfg.name, version, runtime, why)
         return loaded
 
@@ -213,14 +208,12 @@ class ModelServer:
         ``serving.runtime`` against the artifacts its manifest records."""
         if self.serving.runtime == "torch":
             return "torch", None, "serving.runtime is torch"
-        optimization = getattr(self.registry.manifest(self.cfg.name, version), "optimization", None)
-        device = "cuda" if self._has_gpu() else "cpu"
-        runtime, why = choose_runtime(self.serving.runtime, optimization, hardware_class(device, self._threads))
+        optimization = self.registry.manifest(self.cfg.name, version).optimization
+        device = "cuda" if self.serving.num_gpus_per_replica > 0 else "cpu"
+        runtime, why = choose_runtime(self.serving.runtime, optimization,
+                                      hardware_class(device, self.serving.replica_threads))
         artifact = optimization.artifacts[runtime].path if runtime != "torch" else None
         return runtime, artifact, why
-
-    def _has_gpu(self) -> bool:
-        return self.serving.num_gpus_per_replica > 0
 
     def _watch_registry(self) -> None:
         while not self._stop.wait(self.serving.reload_interval_s):
@@ -234,7 +227,7 @@ class ModelServer:
                 "challenger": self._challenger.version if self._challenger else None,
                 "rollout": self._rollout.model_dump() if self._rollout else None, "refused": dict(self._refused),
                 "resident_weight_bytes": dict(self._resident),
-                "runtimes": {v: self._runtimes[v] for v in self._resident if v in self._runtimes}}
+                "runtimes": {v: f"{self._runtimes[v][0]} ({self._runtimes[v][1]})" for v in self._resident}}
 
     # -- HTTP ------------------------------------------------------------------------------
     async def __call__(self, request: Request) -> JSONResponse:

@@ -132,7 +132,7 @@ def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, versio
     transformers.utils.logging.disable_progress_bar()  # a weights-loading bar per runtime
     ocfg, task = cfg.optimize, model_task(cfg.model(model))
     path = registry.local_path(model, version)
-    threads = max(1, math.ceil(cfg.serving.num_cpus_per_replica))
+    threads = cfg.serving.replica_threads
     torch.set_num_threads(threads)  # the replica's: speeds are ranked for it
     texts, targets = _golden(registry, model, task, ocfg.parity_max_rows)
     max_length = cfg.serving.max_length

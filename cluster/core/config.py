@@ -7,6 +7,7 @@ error names the key and the value that was given. Pure: imports neither ray nor 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from pathlib import Path
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tuneloop.core.deploy_config import DeployConfig
 from tuneloop.core.rollout import RolloutConfig
+from tuneloop.core.runtimes import ArtifactName, RuntimeName
 from tuneloop.core.tasks import TASKS, model_task
 
 DEFAULT_CONFIG_PATH = "tuneloop.yaml"
@@ -195,10 +197,16 @@ class ServingConfig(_Strict):
     reload_interval_s: float = Field(
         default=2.0, gt=0, le=600, description="how often replicas look for a new production"
     )
-    runtime: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
+    runtime: RuntimeName = Field(
         default="auto",
         description="what runs the forward passes: an artifact that passed parity (tuneloop optimize), or torch; "
                     "auto: the fastest measured on the replica's hardware")
+
+    @property
+    def replica_threads(self) -> int:
+        """A replica's torch (and ONNX Runtime) threads: its CPUs, rounded up. The optimizer
+        times the runtimes at this count, and a replica looks its speeds up by it."""
+        return max(1, math.ceil(self.num_cpus_per_replica))
 
 
 class PredictionsConfig(_Strict):
@@ -348,7 +356,7 @@ class OptimizeConfig(_Strict):
     built by the job before its version takes traffic, or later for an existing version."""
 
     enabled: bool = Field(default=True, description="the job builds the artifacts of each version it publishes")
-    runtimes: list[Literal["onnx", "onnx-int8"]] = Field(
+    runtimes: list[ArtifactName] = Field(
         default_factory=lambda: ["onnx", "onnx-int8"], description="artifacts to build: ONNX, and its int8 variant")
     min_agreement: float = Field(
         default=0.99, ge=0, le=1, description="share of golden rows an artifact must answer as PyTorch does")

@@ -15,9 +15,8 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 TORCH = "torch"
-ARTIFACT_RUNTIMES = ("onnx", "onnx-int8")  # built on CPU; fp16/bf16 on a GPU is torch's own
 RuntimeName = Literal["auto", "torch", "onnx", "onnx-int8"]
-ArtifactName = Literal["onnx", "onnx-int8"]
+ArtifactName = Literal["onnx", "onnx-int8"]  # built on CPU; on a GPU torch serves in bf16
 
 
 class ParityCheck(BaseModel):

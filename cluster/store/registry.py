@@ -277,23 +277,23 @@ class Registry:
         cache = cache_dir or private_temp_dir("tuneloop-cache")
         target = os.path.join(cache, model, version)
         if not os.path.exists(os.path.join(target, MANIFEST)):
-            partial = f"{target}.partial-{uuid.uuid4().hex}"
-            self.storage.download_dir(self._dir(model, version), partial)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            try:
-                os.rename(partial, target)
-            except OSError:
-                pass  # a concurrent download won; its copy is identical
+            self._download(self._dir(model, version), target)
         artifacts = os.path.join(target, ARTIFACTS)
         if manifest.optimization and manifest.optimization.artifacts and not os.path.exists(artifacts):
             # Optimized after this copy was cached: its artifacts come now, the same way.
-            partial = f"{artifacts}.partial-{uuid.uuid4().hex}"
-            self.storage.download_dir(f"{self._dir(model, version)}/{ARTIFACTS}", partial)
-            try:
-                os.rename(partial, artifacts)
-            except OSError:
-                pass
+            self._download(f"{self._dir(model, version)}/{ARTIFACTS}", artifacts)
         return target
+
+    def _download(self, folder: str, target: str) -> None:
+        """``folder`` of the storage to the local ``target``, whole or not at all: into a
+        private name first, then renamed."""
+        partial = f"{target}.partial-{uuid.uuid4().hex}"
+        self.storage.download_dir(folder, partial)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        try:
+            os.rename(partial, target)
+        except OSError:
+            pass  # a concurrent download won; its copy is identical
 
     # -- state ---------------------------------------------------------------------------
     def state(self, model: str) -> RegistryState:
