@@ -89,9 +89,14 @@ def _quiet():
             logging.getLogger(name).setLevel(level)
 
 
-def _golden(registry: Registry, model: str, task: Task, max_rows: int) -> tuple[list[str], dict[str, list]]:
-    """The golden set's texts and training targets (the same columns a job evaluates on)."""
-    table = registry.golden(model)
+def _golden(registry: Registry, model: str, version: str, task: Task,
+            max_rows: int) -> tuple[list[str], dict[str, list]]:
+    """The texts and training targets of the golden set the version was judged on: the rows
+    its job published beside it (a configured golden_dataset, a student's teacher's set), or
+    for a version published without them the model's frozen set."""
+    table = registry.table(model, version, "golden")
+    if table is None:
+        table = registry.golden(model)
     if table is None or table.num_rows == 0:
         return [], {}
     table = table.slice(0, max_rows)
@@ -134,7 +139,7 @@ def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, versio
     path = registry.local_path(model, version)
     threads = cfg.serving.replica_threads
     torch.set_num_threads(threads)  # the replica's: speeds are ranked for it
-    texts, targets = _golden(registry, model, task, ocfg.parity_max_rows)
+    texts, targets = _golden(registry, model, version, task, ocfg.parity_max_rows)
     max_length = cfg.serving.max_length
     reference = LoadedModel(path, version, task, max_length)
     reference_answers, reference_accuracy = _answers(reference, task, texts, targets, ocfg.speed_batch_size)

@@ -142,11 +142,20 @@ def _of_keys(table: pa.Table, keys: set[str]) -> pa.Array:
 
 
 def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Registry, feedback: FeedbackStore,
-             parent: Manifest | None, qcfg: QuarantineConfig | None = None) -> JobData:
+             parent: Manifest | None, qcfg: QuarantineConfig | None = None,
+             teacher: ModelConfig | None = None) -> JobData:
+    """A job's data. A distilled student (``teacher``: its teacher's config) is judged on the
+    teacher's golden set, so that both are measured on the same rows, and without a seed of
+    its own it learns from the teacher's seed texts."""
     schema = row_schema(task)
     rng = random.Random(f"{tcfg.seed}:{parent.version if parent else 'v0'}")
-    seed = read_dataset(mcfg.seed_dataset, task) if mcfg.seed_dataset else None
-    golden, golden_summary = golden_set(task, mcfg, tcfg, registry, seed)
+    seed_path = mcfg.seed_dataset or (teacher.seed_dataset if teacher else None)
+    seed = read_dataset(seed_path, task) if seed_path else None
+    if teacher is None:
+        golden, golden_summary = golden_set(task, mcfg, tcfg, registry, seed)
+    else:  # the teacher's, frozen at its first job: never a sample of this model's seed
+        golden, golden_summary = golden_set(task, teacher, tcfg, registry, None)
+        golden_summary["model"] = teacher.name
     golden_texts = {normalized(t) for t in golden.column("text").to_pylist()}
 
     # Fresh feedback: after the parent's watermark. The keys the quarantine holds are set
@@ -223,7 +232,7 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     child_reservoir = _take(candidates, sorted(kept))
 
     summary = {
-        "seed": {"path": mcfg.seed_dataset, "sha256": file_sha256(mcfg.seed_dataset),
+        "seed": {"path": seed_path, "sha256": file_sha256(seed_path),
                  "rows": seed.num_rows} if seed is not None else None,
         "golden": golden_summary,
         "feedback": {"after": parent.data.get("watermark") if parent else None, "fresh_rows": fresh.num_rows,

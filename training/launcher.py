@@ -30,7 +30,7 @@ from ray.train.torch import TorchTrainer
 
 from tuneloop.core.config import GateConfig, TrainingConfig, TuneloopConfig
 from tuneloop.core.evaluation import EvalMetrics
-from tuneloop.core.gate import Evidence, GateDecision, decide
+from tuneloop.core.gate import Evidence, GateDecision, TeacherEvidence, decide
 from tuneloop.core.model_source import resolve_model_source
 from tuneloop.core.names import INGRESS_APP, INGRESS_DEPLOYMENT, model_app_name, running_replicas
 from tuneloop.core.resources import DATA_CPUS, training_shortfall
@@ -40,6 +40,7 @@ from tuneloop.store.jobs import Heartbeat, JobRecord, JobRunning, JobStore, hand
 from tuneloop.store.records import FeedbackStore
 from tuneloop.store.registry import Manifest, Registry
 from tuneloop.store.storage import Storage
+from tuneloop.training.distill import teacher_of, with_teacher_logits
 from tuneloop.training.job_data import JobData, assemble, with_training_columns
 from tuneloop.training.loop import train_loop_per_worker
 from tuneloop.training.recipe import training_speed
@@ -196,17 +197,30 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
     _settle_feedback(feedback)
     feedback.merge_closed_days(model)  # under this job's lease
     parent = registry.production(model)
-    init_path = registry.local_path(model, parent) if parent else resolve_model_source(mcfg.base_model)
+    teacher = teacher_of(cfg, registry, model)
+    if parent:
+        init_path = registry.local_path(model, parent)
+    elif teacher is not None and teacher.student_layers:
+        init_path = teacher.path  # cut to student_layers in the workers
+    else:
+        init_path = resolve_model_source(mcfg.base_model)
     parent_manifest = registry.manifest(model, parent) if parent else None
-    data = assemble(task, mcfg, tcfg, registry, feedback, parent_manifest, cfg.quarantine)
+    data = assemble(task, mcfg, tcfg, registry, feedback, parent_manifest, cfg.quarantine,
+                    teacher=cfg.model(teacher.model) if teacher else None)
     if data.summary["quarantine"]["flagged"]:
         log.warning("job %s: quarantined feedback keys of %s: %s", job.job_id, model,
                     data.summary["quarantine"]["flagged"])
     datasets, eval_sets = _datasets(task, data)
-    log.info("job %s: %s from %s, %s", job.job_id, model, parent or mcfg.base_model, data.summary)
+    log.info("job %s: %s from %s, %s", job.job_id, model, parent or mcfg.starts_from(), data.summary)
     # A cluster joined by address may autoscale; the local Ray `tuneloop run` starts cannot.
     _wait_for_resources(tcfg, autoscaled=bool(cfg.ray.address or os.environ.get("RAY_ADDRESS")))
-    training_started = _now()
+    training_started = _now()  # a student's teacher scoring its rows is training, not queueing
+    if teacher is not None:
+        datasets["train"], teacher.scoring_s = with_teacher_logits(
+            datasets["train"], teacher.path, task, tcfg.max_length, tcfg.use_gpu, tcfg.cpus_per_worker)
+        log.info("job %s: teacher %s %s scored %d rows in %.1f s", job.job_id, teacher.model, teacher.version,
+                 data.train.num_rows, teacher.scoring_s)
+    run_started = _now()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -218,6 +232,7 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
             "has_parent": parent is not None,
             "train_rows": data.train.num_rows,
             "eval_sets": eval_sets,
+            "distill": teacher.loop_config(parent is None) if teacher else None,
         },
         scaling_config=ScalingConfig(
             num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu, resources_per_worker=_per_worker(tcfg)
@@ -234,28 +249,29 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
     result = trainer.fit()
     training_ended = _now()
     report = result.metrics
-    gate, metrics, parent_metrics = _gate(task, cfg.gate, report)
+    gate, metrics, parent_metrics = _gate(task, cfg.gate, report, teacher.evidence() if teacher else None)
     gated = _now()
     manifest = Manifest(
         version="pending",
         model=model,
         parent=parent,
-        base_model=mcfg.base_model,
+        base_model=mcfg.starts_from(),
         task=mcfg.task,
         labels=mcfg.labels,
         training={**tcfg.model_dump(), "steps": report["steps"], **report["recipe"],
-                  "speed": _speed(report, training_started)},
+                  "speed": _speed(report, run_started)},
         data={**data.summary, "fresh_eval": _fresh_numbers(gate)},
         metrics=metrics,
         parent_metrics=parent_metrics,
         gate=gate,
         status="accepted" if gate.accepted else "rejected",
         job_id=job.job_id,
+        distilled_from=teacher.record(parent is None) if teacher else None,
     )
     trained_on = data.train.select(["source", "feedback_id", "prediction_id", "key_id", "text", *task.target_columns])
     with result.checkpoint.as_directory() as ckpt_dir:
         manifest = registry.publish(model, ckpt_dir, manifest,
-                                    tables={"trained_on": trained_on, "reservoir": data.reservoir,
+                                    tables={"trained_on": trained_on, "reservoir": data.reservoir, "golden": data.golden,
                                             "held": data.held})
     published = _now()
     _prune_train_runs(storage, model)
@@ -290,12 +306,12 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
     return manifest
 
 
-def _speed(report: dict[str, Any], training_started: datetime) -> dict[str, Any]:
+def _speed(report: dict[str, Any], run_started: datetime) -> dict[str, Any]:
     """The run's samples/s per epoch and its start-up: from its start here to the first
     batch in the workers (both wall clocks of this machine or of nodes kept in sync)."""
     first = report["first_batch_at"]  # None when no batch came
     return training_speed([tuple(e) for e in report["epochs"]],
-                          None if first is None else max(0.0, first - training_started.timestamp()))
+                          None if first is None else max(0.0, first - run_started.timestamp()))
 
 
 def _now() -> datetime:
@@ -346,7 +362,8 @@ def _prune_train_runs(storage: Storage, model: str, keep: int = KEEP_TRAIN_RUNS)
             log.warning("could not prune train run %s: %s", old.base_name, e)
 
 
-def _gate(task: Task, rules: GateConfig, report: dict) -> tuple[GateDecision, EvalMetrics, EvalMetrics | None]:
+def _gate(task: Task, rules: GateConfig, report: dict,
+          teacher: TeacherEvidence | None) -> tuple[GateDecision, EvalMetrics, EvalMetrics | None]:
     """The gate on what the workers measured: the golden set (the version's metrics) and the
     kept-back fresh rows, candidate and production paired by row."""
     candidate, parent = report["candidate"], report["parent"]
@@ -358,7 +375,7 @@ def _gate(task: Task, rules: GateConfig, report: dict) -> tuple[GateDecision, Ev
     rows = sorted(set(ours) & set(theirs))
     evidence = Evidence(metric=task.gate_metric, golden=golden, parent_golden=parent_golden,
                         fresh_candidate=[ours[r] for r in rows], fresh_parent=[theirs[r] for r in rows],
-                        finite=all(e["finite"] for e in candidate.values()))
+                        finite=all(e["finite"] for e in candidate.values()), teacher=teacher)
     return decide(evidence, rules), golden, parent_golden
 
 

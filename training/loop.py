@@ -17,6 +17,7 @@ from typing import Any
 
 from tuneloop.core.tasks import Task, make_task
 from tuneloop.training.deepspeed_config import build_deepspeed_config
+from tuneloop.training.distill import TEACHER_COLUMN, distillation_loss, keep_layers
 from tuneloop.training.recipe import (
     EarlyStopping,
     dropout_overrides,
@@ -25,6 +26,7 @@ from tuneloop.training.recipe import (
     head_order,
     optimizer_steps,
     resolve_precision,
+    student_layers,
     zero_stage_to_run,
 )
 
@@ -282,6 +284,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(config["init_path"])
     model = load_for_training(config["init_path"], task, config["dropout"])
+    distill = config.get("distill")
+    if distill and distill["student_layers"]:  # a student's v1, made from its teacher
+        total = model.config.num_hidden_layers
+        kept = student_layers(total, distill["student_layers"])
+        keep_layers(model, kept)
+        _log(rank, f"student: layers {kept} of the teacher's {total}")
     frozen, frozen_fp32 = _freeze(model, config, rank, keep_fp32_copy=precision != "fp32")
     zero_stage = zero_stage_to_run(config["zero_stage"], world, precision)
     if zero_stage != config["zero_stage"]:
@@ -347,7 +355,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             inputs, encoding = _encode(tokenizer, batch["text"], max_length, engine.device, task)
             targets = task.batch_targets(_columns(batch), encoding)
             target = _target_tensor(targets, task, engine.device)
-            loss = engine(**inputs, labels=target).loss
+            out = engine(**inputs, labels=target)
+            loss = out.loss
+            if distill:
+                teacher_logits = torch.as_tensor(batch[TEACHER_COLUMN], device=engine.device)
+                loss = distillation_loss(out.logits, teacher_logits, loss, task, distill["temperature"],
+                                         distill["alpha"])
             engine.backward(loss)
             engine.step()  # an optimizer step at every accumulation boundary
             seen += len(target)

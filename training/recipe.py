@@ -1,6 +1,6 @@
 """The transfer-learning recipe's decisions, as pure functions of names and numbers: which
 precision a device trains in, which parameters stay frozen, which config keys carry dropout,
-when to stop early. The worker (``loop.py``) applies them; tests check them without torch.
+when to stop early, which layers a distilled student keeps. The worker (``loop.py``) applies them; tests check them without torch.
 """
 
 from __future__ import annotations
@@ -124,6 +124,17 @@ def head_order(checkpoint_labels: list[str] | None, head: list[str]) -> list[int
         return None
     order = [index[label.lower()] for label in head]
     return None if order == list(range(len(head))) else order
+
+
+def student_layers(teacher_layers: int, keep: int) -> list[int]:
+    """Which of a teacher's encoder layers a student made from it keeps: ``keep`` of them,
+    spread evenly from the first to the last (the last feeds the head the teacher was
+    fine-tuned with). DistilBERT initialised its student the same way, one layer of two."""
+    if not 1 <= keep <= teacher_layers:
+        raise ValueError(f"distill.student_layers {keep} must be between 1 and the teacher's {teacher_layers} layers")
+    if keep == 1:
+        return [teacher_layers - 1]
+    return sorted({round(i * (teacher_layers - 1) / (keep - 1)) for i in range(keep)})
 
 
 def eta(elapsed_s: float, steps_done: int, total_steps: int) -> str:

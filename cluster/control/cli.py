@@ -94,7 +94,8 @@ def versions(model: str, config: str | None = ConfigOption) -> None:
                           for name in dict.fromkeys(["accuracy", gated]))
         mark = "*" if m.version == production else " "
         passed = [r for r, a in (m.optimization.artifacts if m.optimization else {}).items() if a.parity.passed]
-        typer.echo(f"{mark} {m.version:<5} {m.status:<9} {scores} parent={m.parent or '-'} "
+        teacher = f" teacher={m.distilled_from['model']}:{m.distilled_from['version']}" if m.distilled_from else ""
+        typer.echo(f"{mark} {m.version:<5} {m.status:<9} {scores} parent={m.parent or '-'}{teacher} "
                    f"artifacts={','.join(passed) or '-'} {m.created_at}")
 
 

@@ -121,7 +121,11 @@ class Retrainer:
             if task.done():
                 del self.tasks[model]
                 try:
-                    log.info("retrain of %s ended: %s", model, task.result())
+                    state = task.result()
+                    log.info("retrain of %s ended: %s", model, state)
+                    if state == "succeeded":  # a new teacher version: its students learn from it
+                        for student in self.cfg.students_of(model):
+                            self._start(student, f"teacher {model}")
                 except Exception as e:  # noqa: BLE001 - run_training never raises: its process died
                     log.exception("retrain task of %s crashed", model)
                     job_id = self.running.get(model)

@@ -35,6 +35,7 @@ def _version_entry(registry: Registry, m: Manifest, with_rows: bool) -> dict[str
         "golden": m.data.get("golden"),
         "watermark": m.data.get("watermark"),
         "gate": m.gate.reason if m.gate else None,
+        "distilled_from": m.distilled_from,
         "serving_time": m.serving_time.model_dump() if m.serving_time else None,
         "rows_file": registry.table_path(m.model, m.version, TRAINED_ON) if trained is not None else None,
     }
@@ -100,6 +101,12 @@ def describe(lineage: dict[str, Any]) -> list[str]:
         seed = v["seed"] or {}
         lines.append(f"    golden set: {golden.get('rows', 0)} rows, sha256 {golden.get('sha256') or '-'}; "
                      f"seed sha256 {seed.get('sha256') or '-'}")
+        teacher = v.get("distilled_from")
+        if teacher:
+            metrics = teacher.get("teacher_metrics") or {}
+            lines.append(f"    distilled from {teacher['model']} {teacher['version']} (accuracy "
+                         f"{metrics.get('accuracy', float('nan')):.4f} on the golden set), temperature "
+                         f"{teacher['temperature']:g}, alpha {teacher['alpha']:g}")
         if v["gate"]:
             lines.append(f"    gate: {v['gate']}")
         if v["serving_time"]:

@@ -46,9 +46,9 @@ def bootstrap_versions(cfg: TuneloopConfig) -> None:
     from tuneloop.training.launcher import run_training
 
     registry = Registry(Storage(cfg.storage.root))
-    for m in cfg.models:
+    for m in cfg.in_training_order():
         if registry.production(m.name) is None:
-            log.info("model %s has no version yet: fine-tuning v1 from %s", m.name, m.base_model)
+            log.info("model %s has no version yet: fine-tuning v1 from %s", m.name, m.starts_from())
             outcome = run_training(cfg, m.name, trigger="bootstrap", optimize=optimize_version)
             if outcome.job.state != "succeeded":
                 raise SystemExit(f"could not train v1 of {m.name}: {outcome.job.error or outcome.job.state}")

@@ -25,6 +25,7 @@ DEFAULT_CONFIG_PATH = "tuneloop.yaml"
 CONFIG_ENV_VAR = "TUNELOOP_CONFIG"
 
 _MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+DISTILLABLE_TASKS = frozenset({"text-classification", "multi-label-classification"})
 
 
 class ConfigError(ValueError):
@@ -35,12 +36,32 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class DistillConfig(_Strict):
+    """A student model distilled from a larger teacher model's production version: every job
+    of the student trains on the teacher's soft labels over its texts (seed, replay and
+    feedback) beside their own labels, and is gated on the teacher's golden set. Soft labels
+    need one answer per text: text and multi-label classification."""
+
+    teacher: str = Field(description="name of the teacher model (another model of this config, same labels)")
+    temperature: float = Field(default=2.0, gt=0, le=100, description=(
+        "softens both models' scores before they are compared (Hinton et al.; DistilBERT used 2)"))
+    alpha: float = Field(default=0.5, ge=0, le=1, description=(
+        "weight of the teacher's soft labels in the loss; 1 - alpha goes to the rows' own labels"))
+    max_gap: float = Field(default=0.02, ge=0, le=1, description=(
+        "the gate: the student's gate metric on the teacher's golden set may be this much below the "
+        "teacher production's, no more"))
+    student_layers: int | None = Field(default=None, ge=1, le=1000, description=(
+        "v1 starts from the teacher's production weights with this many of its encoder layers, spread "
+        "evenly (DistilBERT's initialisation), instead of from base_model"))
+
+
 class ModelConfig(_Strict):
     """One served model: what it predicts and where it starts from."""
 
     name: str
     task: str = Field(default="text-classification", description="one of tuneloop.core.tasks.TASKS")
-    base_model: str = Field(min_length=1, description="Hugging Face model id or local path")
+    base_model: str | None = Field(default=None, min_length=1, description=(
+        "Hugging Face model id or local path; may be left out by a student with distill.student_layers"))
     labels: list[str] = Field(min_length=1, description=(
         "text-classification: two or more classes; token-classification: entity types (or their BIO tags)"))
     seed_dataset: str | None = Field(
@@ -61,6 +82,8 @@ class ModelConfig(_Strict):
     training: dict[str, Any] = Field(default_factory=dict, description=(
         "this model's own values for keys of the top-level training: section (epochs, learning_rate, ...); "
         "keys left out keep the top-level value"))
+    distill: DistillConfig | None = Field(default=None, description=(
+        "train this model as a student of another (smaller and faster, at a bounded loss of accuracy)"))
 
     @field_validator("name")
     @classmethod
@@ -92,6 +115,23 @@ class ModelConfig(_Strict):
     def _task_takes_the_labels(self) -> ModelConfig:
         model_task(self)  # raises ValueError quoting what the task cannot take
         return self
+
+    @model_validator(mode="after")
+    def _starts_somewhere(self) -> ModelConfig:
+        if self.base_model is None and (self.distill is None or self.distill.student_layers is None):
+            raise ValueError(f"model {self.name!r} needs a base_model (or, as a student, distill.student_layers)")
+        if self.distill is not None and self.distill.teacher == self.name:
+            raise ValueError(f"model {self.name!r} cannot be its own distill.teacher")
+        if self.distill is not None and self.task not in DISTILLABLE_TASKS:
+            raise ValueError(f"model {self.name!r}: distillation needs one answer per text "
+                             f"({sorted(DISTILLABLE_TASKS)}), not task {self.task!r}")
+        return self
+
+    def starts_from(self) -> str:
+        """What v1 starts from, in words (a log line, a manifest's base_model)."""
+        if self.distill is not None and self.distill.student_layers is not None:
+            return f"{self.distill.teacher}'s production, {self.distill.student_layers} encoder layers"
+        return str(self.base_model)
 
 
 # Object stores tuneloop can share state on: the client module its conditional writes use
@@ -437,11 +477,37 @@ class TuneloopConfig(_Strict):
             self.training_for(m.name)  # raises ValueError naming the model and the key
         return self
 
+    @model_validator(mode="after")
+    def _teachers_are_models(self) -> TuneloopConfig:
+        names = {m.name: m for m in self.models}
+        for m in self.models:
+            if m.distill is None:
+                continue
+            teacher = names.get(m.distill.teacher)
+            if teacher is None:
+                raise ValueError(f"model {m.name!r}: distill.teacher {m.distill.teacher!r} is not a model of this "
+                                 f"config (models: {sorted(names)})")
+            if teacher.task != m.task or sorted(teacher.labels) != sorted(m.labels):
+                raise ValueError(f"model {m.name!r}: its teacher {teacher.name!r} must have the same task and labels "
+                                 f"(teacher: {teacher.task} {teacher.labels}; student: {m.task} {m.labels})")
+            if teacher.distill is not None:
+                raise ValueError(f"model {m.name!r}: its teacher {teacher.name!r} is itself a student (of "
+                                 f"{teacher.distill.teacher!r}); distill from a model trained on its own labels")
+        return self
+
     def model(self, name: str) -> ModelConfig:
         for m in self.models:
             if m.name == name:
                 return m
         raise KeyError(name)
+
+    def students_of(self, name: str) -> list[str]:
+        """The models distilled from model ``name``."""
+        return [m.name for m in self.models if m.distill is not None and m.distill.teacher == name]
+
+    def in_training_order(self) -> list[ModelConfig]:
+        """The models, teachers before their students (a student's v1 needs its teacher's)."""
+        return sorted(self.models, key=lambda m: m.distill is not None)
 
     def training_for(self, name: str) -> TrainingConfig:
         """The training settings of model ``name``: the top-level ones, with the model's own
@@ -503,7 +569,7 @@ def _resolve_relative_paths(cfg: TuneloopConfig, base_dir: Path) -> TuneloopConf
             update={
                 "seed_dataset": resolve(m.seed_dataset) if m.seed_dataset else None,
                 "golden_dataset": resolve(m.golden_dataset) if m.golden_dataset else None,
-                "base_model": resolve_model_source(m.base_model),
+                "base_model": resolve_model_source(m.base_model) if m.base_model else None,
             }
         )
         for m in cfg.models

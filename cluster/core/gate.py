@@ -1,6 +1,7 @@
 """The evaluation gate: may a freshly trained version replace production? Pure.
 
-Three checks, each recorded with its numbers (``GateCheck``), all of which must pass:
+Three checks (four for a distilled student), each recorded with its numbers (``GateCheck``),
+all of which must pass:
 
 1. **Golden set** -- a per-model evaluation set that is frozen at v1 and never fed from
    feedback, so no client can choose what is on it. The candidate may lose at most
@@ -16,7 +17,11 @@ Three checks, each recorded with its numbers (``GateCheck``), all of which must 
    for the test to reach ``alpha`` at all (k such rows give p >= 2^-k: 5 for 0.05), the
    candidate must beat production by McNemar's exact test (one-sided) at level ``alpha``;
    otherwise it must not be less often right than production.
-3. **Sanity** -- every output finite, and on a golden set holding several classes the
+3. **Teacher** (a distilled student only, ``ModelConfig.distill``) -- on the teacher's
+   golden set, which the student is evaluated on, its gate metric may be at most
+   ``max_gap`` below the teacher production's: the student exists to be faster at a bounded
+   loss, and a student that fell further behind is not worth its speed.
+4. **Sanity** -- every output finite, and on a golden set holding several classes the
    candidate predicts more than one of them where production did (a collapse is a
    regression; a production that predicts one class already is not made worse by it).
 
@@ -38,7 +43,7 @@ from tuneloop.core.evaluation import EvalMetrics
 
 
 class GateCheck(BaseModel):
-    name: str  # "golden", "fresh" or "sanity"
+    name: str  # "golden", "fresh", "teacher" or "sanity"
     passed: bool
     detail: str
     numbers: dict[str, Any] = Field(default_factory=dict)
@@ -52,6 +57,15 @@ class GateDecision(BaseModel):
     checks: list[GateCheck] = Field(default_factory=list)
 
 
+class TeacherEvidence(BaseModel):
+    """A distilled student's teacher: its production version and that version's golden metrics."""
+
+    model: str
+    version: str
+    golden: EvalMetrics
+    max_gap: float
+
+
 class Evidence(BaseModel):
     """What the training job measured, for one candidate against production (``parent``)."""
 
@@ -62,6 +76,7 @@ class Evidence(BaseModel):
     fresh_candidate: list[bool] = Field(default_factory=list)
     fresh_parent: list[bool] = Field(default_factory=list)
     finite: bool = True
+    teacher: TeacherEvidence | None = None
 
 
 def mcnemar_exact(candidate_only: int, parent_only: int) -> float:
@@ -173,8 +188,23 @@ def _sanity_check(e: Evidence) -> GateCheck:
     return GateCheck(name="sanity", passed=True, numbers=numbers, detail="finite outputs, no collapse to one class")
 
 
+def _teacher_check(e: Evidence, t: TeacherEvidence) -> GateCheck:
+    ours, theirs = float(getattr(e.golden, e.metric)), float(getattr(t.golden, e.metric))
+    numbers = {e.metric: ours, f"teacher_{e.metric}": theirs, "max_gap": t.max_gap, "rows": e.golden.eval_rows,
+               "teacher": f"{t.model} {t.version}"}
+    if e.golden.eval_rows == 0 or t.golden.eval_rows == 0:
+        return GateCheck(name="teacher", passed=True, numbers=numbers,
+                         detail=f"no golden set to compare with teacher {t.model} {t.version} on")
+    passed = ours >= theirs - t.max_gap - 1e-9  # exactly max_gap below passes, whatever the rounding
+    return GateCheck(name="teacher", passed=passed, numbers=numbers,
+                     detail=f"{e.metric} {ours:.4f} on the golden set is {'within' if passed else 'more than'} "
+                            f"{t.max_gap:g} {'of' if passed else 'below'} teacher {t.model} {t.version}'s {theirs:.4f}")
+
+
 def decide(evidence: Evidence, rules: GateConfig) -> GateDecision:
     checks = [_golden_check(evidence, rules), _fresh_check(evidence, rules), _sanity_check(evidence)]
+    if evidence.teacher is not None:
+        checks.insert(2, _teacher_check(evidence, evidence.teacher))
     failed = [c for c in checks if not c.passed]
     reason = "; ".join(c.detail for c in (failed or checks))
     return GateDecision(accepted=not failed, reason=reason, checks=checks)

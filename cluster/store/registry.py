@@ -102,6 +102,9 @@ class Manifest(BaseModel):
     # Optimized artifacts (ONNX, int8) with their parity checks and every runtime's speed:
     # written by ``tuneloop optimize`` (or the job) after publishing, before serving.
     optimization: Optimization | None = None
+    # A distilled student's teacher (``ModelConfig.distill``): its model and production
+    # version when the job started, the loss's settings and the teacher's golden metrics.
+    distilled_from: dict[str, Any] | None = None
 
     def watermark(self) -> tuple[datetime, str] | None:
         """The position, in arrival order (created_at, feedback_id), of the newest feedback

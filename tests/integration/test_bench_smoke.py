@@ -108,3 +108,21 @@ def test_train_bench_smoke_prints_the_table(tmp_path):
             assert float(cells[4]) >= 0 and float(cells[5]) >= 0, row  # evaluation, publishing
             assert float(cells[3]) > 0, row  # its ratio to the plain runs beside it
     assert "1 worker: steady state" in out.stdout and "[tuneloop train] epoch 2/2" in out.stderr
+
+
+def test_distill_bench_smoke_prints_both_tables():
+    # A tiny random teacher, a 1-layer student and its hard-label twin, each trained,
+    # optimized and served over HTTP: about 2.5 minutes.
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "distill_bench.py"), "--smoke"],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.stdout.splitlines()
+            if line.startswith("| ") and "---" not in line]
+    models = [r for r in rows if r[0].startswith(("teacher", "student")) and len(r) == 8]
+    assert [r[0] for r in models] == ["teacher", "student (alpha 0.5)", "student-hard (alpha 0.0)"]
+    assert [int(r[1]) for r in models] == [2, 1, 1]  # the students keep 1 of the teacher's 2 layers
+    assert all(0 <= float(r[2]) <= 1 and float(r[5]) > 0 for r in models)
+    served = [r for r in rows if len(r) == 7 and r[0] in ("teacher", "student", "student-hard")]
+    assert len(served) == 6 and all(float(r[2]) > 0 and r[5] == "0" for r in served)  # texts/s, no errors
+    assert "student at 64 clients:" in out.stdout
+    assert "[tuneloop train] student: layers [1] of the teacher's 2" in out.stderr

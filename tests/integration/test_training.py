@@ -47,6 +47,8 @@ def test_first_job_trains_v1_from_the_base_model(trained):
     # The seed less its frozen golden set (20%, stratified) is what v1 learns.
     assert (data["train_rows"], data["golden"]["rows"], data["eval_rows"]) == (64, 16, 16)
     assert manifest.metrics.eval_rows == 16 and set(manifest.metrics.per_class) == {"negative", "positive"}
+    # The rows it was judged on lie beside it: the optimizer's parity check reads them.
+    assert trained["registry"].table("sentiment", "v1", "golden").equals(trained["registry"].golden("sentiment"))
     for key in ("accuracy", "precision", "recall", "f1"):
         assert 0.0 <= getattr(manifest.metrics, key) <= 1.0
     assert [c.name for c in manifest.gate.checks] == ["golden", "fresh", "sanity"]
@@ -134,6 +136,47 @@ def test_recipe_freezes_accumulates_and_watches_epochs(trained, tiny_model, seed
     assert all(t.dtype.is_floating_point is False or str(t.dtype) == "torch.float32" for t in after.values())
     config = json.loads((root / "registry/sentiment" / outcome.manifest.version / "config.json").read_text())
     assert config["hidden_dropout_prob"] == 0.2 and config["dtype"] == "float32"
+
+
+def test_a_student_distils_from_the_teachers_production_and_is_gated_against_it(trained, tiny_model, seed_tsv):
+    """A 1-layer student cut from the teacher's production, trained on its soft labels over
+    the teacher's seed, judged on the teacher's golden set; its lineage names the teacher."""
+    import transformers
+
+    from tuneloop.control.lineage import describe, version_lineage
+    from tuneloop.training.launcher import run_training
+
+    registry = trained["registry"]
+    teacher_version = registry.production("sentiment")
+    student = {"name": "small", "labels": ["negative", "positive"],
+               "distill": {"teacher": "sentiment", "student_layers": 1, "max_gap": 1.0}}
+    cfg = make_config(trained["root"], tiny_model, seed_tsv, training={"max_steps": 2, "num_workers": 1})
+    cfg = cfg.model_copy(update={"models": [*cfg.models, cfg.models[0].model_validate(student)]})
+    outcome = run_training(cfg, "small")
+    job, manifest = outcome.job, outcome.manifest
+    assert job.state == "succeeded", job.error
+    assert manifest.distilled_from["model"] == "sentiment" and manifest.distilled_from["version"] == teacher_version
+    assert manifest.distilled_from["student_layers"] == 1 and manifest.distilled_from["scoring_s"] > 0
+    teacher_metrics = registry.manifest("sentiment", teacher_version).metrics
+    assert manifest.distilled_from["teacher_metrics"]["accuracy"] == teacher_metrics.accuracy
+    # The teacher's frozen golden set (16 rows), none of this model's own; its seed's other 64 rows.
+    assert manifest.data["golden"]["model"] == "sentiment" and manifest.metrics.eval_rows == 16
+    assert registry.golden("small") is None and manifest.data["train_rows"] == 64
+    assert registry.table("small", "v1", "golden").equals(registry.golden("sentiment"))
+    checks = {c.name: c for c in manifest.gate.checks}
+    assert checks["teacher"].passed and checks["teacher"].numbers["teacher"] == f"sentiment {teacher_version}"
+    assert registry.production("small") == "v1"
+    config = transformers.AutoConfig.from_pretrained(registry.local_path("small", "v1"))
+    assert config.num_hidden_layers == 1  # the teacher has 2
+    shown = "\n".join(describe(version_lineage(registry, "small", "v1")))
+    assert f"distilled from sentiment {teacher_version}" in shown and "temperature 2, alpha 0.5" in shown
+
+    # A student of a teacher without a production version fails at once, saying so.
+    orphan = {**student, "name": "orphan", "distill": {"teacher": "untrained", "student_layers": 1}}
+    untrained = {"name": "untrained", "base_model": tiny_model, "labels": ["negative", "positive"]}
+    cfg = cfg.model_copy(update={"models": [*cfg.models, *(cfg.models[0].model_validate(m) for m in (untrained, orphan))]})
+    failed = run_training(cfg, "orphan").job
+    assert failed.state == "failed" and "untrained, which has no production version yet" in failed.error
 
 
 def test_failed_job_is_recorded_not_raised(ray_session, tiny_model, tmp_path):

@@ -161,3 +161,21 @@ def test_a_new_controller_waits_for_the_job_of_the_one_it_replaces(tmp_path):
     assert new.record_feedback("m") is None and not new_launch.launched  # the old one's job runs
     launch.finish(0)
     assert new.record_feedback("m") is not None
+
+
+def test_a_teachers_new_version_starts_a_job_of_each_student(tmp_path):
+    cfg = parse_config({"models": [{"name": "big", "base_model": "x", "labels": ["a", "b"]},
+                                   {"name": "small", "labels": ["a", "b"],
+                                    "distill": {"teacher": "big", "student_layers": 1}}],
+                        "storage": {"root": str(tmp_path)}})
+    storage = Storage(str(tmp_path))
+    jobs = JobStore(storage)
+    launch = FakeLaunch(jobs)
+    retrainer = Retrainer(cfg, jobs, Registry(storage), launch, {"big": 0, "small": 0}, sweep_every_s=None)
+    retrainer.start("big")
+    launch.finish(0, "rejected")  # no new teacher version: the student is left alone
+    assert retrainer.status()["running"] == [] and len(launch.launched) == 1
+    retrainer.start("big")
+    launch.finish(1)
+    assert retrainer.status()["running"] == ["small"]
+    assert [(m, t) for m, t, _ in launch.launched[2:]] == [("small", "teacher big")]

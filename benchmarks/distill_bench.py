@@ -1,0 +1,236 @@
+"""Distillation: a student's accuracy and serving speed against its teacher's, in one run.
+
+    .venv/bin/python benchmarks/distill_bench.py [--rows 6000] [--student-layers 2] [--epochs 3]
+    .venv/bin/python benchmarks/distill_bench.py --smoke      # tiny models, generated texts: checks the table
+
+Three tuneloop jobs on the same SST-2 train rows (a fixed sample), SST-2 dev as the golden
+set, each followed by the job's optimization (ONNX, int8, parity, speeds) as in production:
+
+1. **teacher**: MiniLM-L6 fine-tuned on the rows (``--teacher-epochs``);
+2. **student**: ``distill.student_layers`` of the teacher's layers, trained on the teacher's
+   soft labels and the rows' own (``distill.alpha``, ``distill.temperature``);
+3. **student, hard labels only**: the same student with ``alpha: 0``: what the soft labels add.
+
+Speed, each model on its own: texts/s of the model alone per runtime (what the optimizer
+measured at publish, batch 32, ``--threads`` threads), and tuneloop serving it over HTTP with
+``runtime: auto`` to 1 and 64 closed-loop clients (SST-2 dev texts, one per request). Ratios
+are to the teacher in the same run. Target (issue 14): the student at >= 3x the teacher's
+serving throughput, <= 2 points below its SST-2 dev accuracy. Progress goes to stderr, the
+tables to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.serve_bench import _closed_loop  # noqa: E402  (enables Serve's fast path before ray's import)
+
+import ray  # noqa: E402
+import transformers  # noqa: E402
+
+from benchmarks.adapt_bench import progress, read_tsv, sample  # noqa: E402
+from tuneloop.control import worker_setup  # noqa: E402
+from tuneloop.core.config import parse_config  # noqa: E402
+from tuneloop.core.model_source import resolve_model_source  # noqa: E402
+from tuneloop.core.runtimes import choose_runtime, hardware_class  # noqa: E402
+
+BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+LABELS = ["negative", "positive"]
+MODELS = ("teacher", "student", "student-hard")
+
+
+def write_tsv(path: Path, rows: list[tuple[str, str]]) -> str:
+    path.write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
+    return str(path)
+
+
+def data(args, work: Path) -> tuple[str, str, list[str]]:
+    """(seed file, golden file, texts to serve): SST-2, or generated texts for --smoke."""
+    sst2 = args.data / "sst2"
+    if args.smoke or not (sst2 / "train.tsv").is_file():
+        if not args.smoke:
+            raise SystemExit(f"no SST-2 at {sst2} (see ../shared/data/README.md); --smoke runs without it")
+        rng = random.Random(0)
+        words = {"positive": ["great", "lovely", "fine", "superb"], "negative": ["awful", "poor", "dull", "bad"]}
+        rows = [(f"the film was {rng.choice(words[y])} {i}", y) for i, y in enumerate(LABELS * 60)]
+        return write_tsv(work / "seed.tsv", rows[:80]), write_tsv(work / "golden.tsv", rows[80:]), [t for t, _ in rows]
+    train = [(r["text"], LABELS[int(r["label"])]) for r in read_tsv(sst2 / "train.tsv")]
+    golden = [(r["text"], LABELS[int(r["label"])]) for r in read_tsv(sst2 / "dev.tsv")]
+    return (write_tsv(work / "seed.tsv", sample(train, args.rows, 0)), write_tsv(work / "golden.tsv", golden),
+            [t for t, _ in golden])
+
+
+def config(args, work: Path, base_model: str, seed: str, golden: str):
+    student = {"labels": LABELS, "training": {"epochs": args.epochs, "learning_rate": args.student_lr}}
+    distill = {"teacher": "teacher", "student_layers": args.student_layers, "temperature": args.temperature}
+    return parse_config({
+        "models": [
+            {"name": "teacher", "base_model": base_model, "labels": LABELS, "seed_dataset": seed,
+             "golden_dataset": golden, "training": {"epochs": args.teacher_epochs}},
+            {"name": "student", **student, "distill": {**distill, "alpha": args.alpha, "max_gap": 1.0}},
+            {"name": "student-hard", **student, "distill": {**distill, "alpha": 0.0, "max_gap": 1.0}},
+        ],
+        "storage": {"root": str(work / "store")},
+        "auth": {"create_admin_key": False},
+        "serving": {"num_cpus_per_replica": args.threads, "max_length": 64, "max_batch_size": 32,
+                    "num_replicas": 1},
+        "training": {"num_workers": 1, "zero_stage": 0, "batch_size": 32, "cpus_per_worker": args.threads,
+                     "max_length": 64, "learning_rate": 5e-5 if not args.smoke else 1e-3,
+                     "early_stopping_patience": None, "golden_max_rows": 100_000},
+        "optimize": {"speed_seconds": 1.0 if args.smoke else 3.0},
+    })
+
+
+def train_all(cfg) -> dict[str, dict]:
+    """Each model's job (teacher first); what the tables need of each version."""
+    from tuneloop.serving.optimize import optimize_version
+    from tuneloop.training.launcher import run_training
+
+    out = {}
+    hardware = hardware_class("cpu", cfg.serving.replica_threads)
+    for name in MODELS:
+        t0 = time.perf_counter()
+        outcome = run_training(cfg, name, trigger="benchmark", optimize=optimize_version)
+        m = outcome.manifest
+        if m is None or outcome.job.state != "succeeded":
+            raise SystemExit(f"the {name} job did not succeed: {outcome.job.error or outcome.job.message}")
+        speeds = m.optimization.texts_per_s.get(hardware, {}) if m.optimization else {}
+        auto = choose_runtime("auto", m.optimization, hardware)[0]
+        layers = transformers.AutoConfig.from_pretrained(_local(cfg, name, m.version)).num_hidden_layers
+        out[name] = {"accuracy": m.metrics.accuracy, "f1": m.metrics.f1, "speeds": speeds, "auto": auto,
+                     "layers": layers, "job_s": time.perf_counter() - t0,
+                     "scoring_s": (m.distilled_from or {}).get("scoring_s")}
+        progress(f"{name}: {m.version} in {out[name]['job_s']:.0f}s, golden accuracy {m.metrics.accuracy:.4f}, "
+                 f"serves {auto}, model alone {speeds}")
+    return out
+
+
+def _local(cfg, model: str, version: str) -> str:
+    from tuneloop.store.registry import Registry
+    from tuneloop.store.storage import Storage
+
+    return Registry(Storage(cfg.storage.root)).local_path(model, version)
+
+
+def serve_all(cfg, work: Path, texts: list[str], levels: list[int], seconds: float, warmup: float) -> dict:
+    """Each model served by tuneloop (runtime auto), loaded on its own: {(model, clients): LoadResult}."""
+    from ray import serve
+
+    from tuneloop.control.server import wait_ready
+    from tuneloop.serving.app import deploy
+    from tuneloop.serving.fast_path import free_port
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    base = f"http://127.0.0.1:{port}"
+    os.makedirs(work / "prom")
+    deploy(cfg, str(work / "prom"))
+    wait_ready(base)
+    results = {}
+    for name in MODELS:
+        for c in levels:
+            r = asyncio.run(_closed_loop(f"{base}/v1/models/{name}/predict", lambda t: {"inputs": [t]}, texts, c,
+                                         seconds, warmup))
+            results[(name, c)] = r
+            progress(f"served {name} c={c}: {r.throughput:.1f} texts/s, p50 {r.p50 * 1e3:.1f} ms, errors {r.errors}")
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--base-model", default=BASE_MODEL, help="the teacher's base (HF id or local path)")
+    ap.add_argument("--rows", type=int, default=6000, help="SST-2 train rows all three train on")
+    ap.add_argument("--teacher-epochs", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=3, help="the students' epochs")
+    ap.add_argument("--student-lr", type=float, default=1e-4, help="the students' learning rate (the teacher's: 5e-5)")
+    ap.add_argument("--student-layers", type=int, default=2, help="distill.student_layers")
+    ap.add_argument("--alpha", type=float, default=0.5, help="distill.alpha of the student")
+    ap.add_argument("--temperature", type=float, default=2.0)
+    ap.add_argument("--threads", type=int, default=2, help="a replica's threads (and the training worker's)")
+    ap.add_argument("--concurrency", default="1,64")
+    ap.add_argument("--seconds", type=float, default=15.0, help="measured seconds per served cell")
+    ap.add_argument("--smoke", action="store_true", help="tiny random teacher, generated texts: checks the table only")
+    args = ap.parse_args()
+    warmup = 3.0
+    if args.smoke:
+        args.seconds, warmup, args.student_layers = 2.0, 0.5, 1
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    work = Path(tempfile.mkdtemp(prefix="tuneloop-distill-bench-"))
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    with contextlib.redirect_stdout(sys.stderr):  # the tables alone on stdout
+        if args.smoke:
+            from tests.tiny_models import build_tiny_model
+
+            base_model = build_tiny_model(work / "tiny", LABELS)
+        else:
+            base_model = resolve_model_source(args.base_model)
+        seed, golden, texts = data(args, work)
+        cfg = config(args, work, base_model, seed, golden)
+        # One Ray for the jobs and Serve: logical CPUs for a training worker, Ray Data's scoring
+        # actor and, later, a replica of each model (each on the replica's threads).
+        ray.init(num_cpus=len(MODELS) * cfg.serving.replica_threads + 4, include_dashboard=False,
+                 log_to_driver=True, runtime_env={"worker_process_setup_hook": worker_setup.HOOK})
+        try:
+            trained = train_all(cfg)
+            served = serve_all(cfg, work, texts, [int(c) for c in args.concurrency.split(",")], args.seconds, warmup)
+        finally:
+            with contextlib.suppress(Exception):
+                from ray import serve
+
+                serve.shutdown()
+            ray.shutdown()
+    print(table(args, trained, served))
+
+
+def table(args, trained: dict, served: dict) -> str:
+    teacher = trained["teacher"]
+    source = "smoke: tiny random teacher, 80 generated rows, 40 golden" if args.smoke else \
+        f"SST-2: {args.rows} train rows, SST-2 dev golden"
+    lines = [f"{source}; teacher {args.teacher_epochs} epoch(s), students "
+             f"{args.epochs} at learning rate {args.student_lr:g}, temperature {args.temperature:g}; {args.threads} threads "
+             "a replica", "",
+             "| model | layers | SST-2 dev accuracy | vs teacher (points) | serves | model alone, torch texts/s | "
+             "model alone, served runtime texts/s | × teacher (alone) |",
+             "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+    for name in MODELS:
+        t = trained[name]
+        alone = t["speeds"].get(t["auto"], 0.0)
+        lines.append(f"| {name}{'' if name == 'teacher' else ' (alpha ' + str(args.alpha if name == 'student' else 0.0) + ')'} "
+                     f"| {t['layers']} | {t['accuracy']:.4f} | {100 * (t['accuracy'] - teacher['accuracy']):+.2f} "
+                     f"| {t['auto']} | {t['speeds'].get('torch', 0.0):.1f} | {alone:.1f} "
+                     f"| {alone / max(teacher['speeds'].get(teacher['auto'], 0.0), 1e-9):.2f} |")
+    lines += ["", "| served (runtime auto) | clients | texts/s | p50 ms | p99 ms | errors | × teacher |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for (name, c), r in served.items():
+        base = served[("teacher", c)].throughput
+        lines.append(f"| {name} | {c} | {r.throughput:.1f} | {r.p50 * 1e3:.1f} | {r.p99 * 1e3:.1f} | {r.errors} "
+                     f"| {r.throughput / max(base, 1e-9):.2f} |")
+    student = trained["student"]
+    top = max(c for _, c in served) if served else None
+    if top is not None:
+        ratio = served[("student", top)].throughput / max(served[("teacher", top)].throughput, 1e-9)
+        gap = 100 * (teacher["accuracy"] - student["accuracy"])
+        lines += ["", f"student at {top} clients: {ratio:.2f}x the teacher's served texts/s (target 3x: "
+                      f"{'met' if ratio >= 3 else 'NOT met'}), {gap:.2f} points below its accuracy (target <= 2: "
+                      f"{'met' if gap <= 2 else 'NOT met'}); the teacher scored the student's rows in "
+                      f"{student['scoring_s']}s"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

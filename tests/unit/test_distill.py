@@ -1,0 +1,137 @@
+"""Distillation's pure parts and its torch pieces on a tiny model: the config a student
+needs, which teacher layers a student keeps, the gate's teacher check, the loss, and a
+student's data (the teacher's golden set and seed). No Ray."""
+
+from __future__ import annotations
+
+import pytest
+
+from tuneloop.core.config import ConfigError, parse_config
+from tuneloop.core.config import GateConfig
+from tuneloop.core.evaluation import classification_metrics
+from tuneloop.core.gate import Evidence, TeacherEvidence, decide
+from tuneloop.core.tasks import make_task, model_tasks
+from tuneloop.store.records import FeedbackStore
+from tuneloop.store.registry import Registry
+from tuneloop.store.storage import Storage
+from tuneloop.training.job_data import assemble
+from tuneloop.training.recipe import student_layers
+
+LABELS = ["negative", "positive"]
+TEACHER = {"name": "big", "base_model": "x", "labels": LABELS}
+
+
+def _cfg(student: dict, teacher: dict = TEACHER, **top):
+    return parse_config({"models": [teacher, {"name": "small", "labels": LABELS, **student}], **top})
+
+
+def test_a_student_names_its_teacher_and_may_start_from_its_layers():
+    cfg = _cfg({"distill": {"teacher": "big", "student_layers": 2}})
+    small = cfg.model("small")
+    assert small.base_model is None and small.distill.temperature == 2.0 and small.distill.alpha == 0.5
+    assert small.distill.max_gap == 0.02 and "big's production" in small.starts_from()
+    assert cfg.students_of("big") == ["small"] and cfg.students_of("small") == []
+    assert _cfg({"base_model": "y", "distill": {"teacher": "big"}}).model("small").starts_from() == "y"
+
+
+@pytest.mark.parametrize("student,teacher,quoted", [
+    ({"distill": {"teacher": "nobody", "student_layers": 2}}, TEACHER, "'nobody' is not a model"),
+    ({"distill": {"teacher": "big"}}, TEACHER, "needs a base_model"),
+    ({"base_model": "y", "distill": {"teacher": "small"}}, TEACHER, "its own distill.teacher"),
+    ({"base_model": "y", "distill": {"teacher": "big"}}, {**TEACHER, "labels": ["a", "b"]}, "same task and labels"),
+    ({"base_model": "y", "distill": {"teacher": "big", "temperature": 0}}, TEACHER, "temperature"),
+    ({"base_model": "y", "task": "token-classification", "labels": ["PER"], "distill": {"teacher": "big"}},
+     {**TEACHER, "task": "token-classification", "labels": ["PER"]}, "one answer per text"),
+])
+def test_a_student_config_that_cannot_work_is_refused_saying_why(student, teacher, quoted):
+    with pytest.raises(ConfigError, match=quoted):
+        _cfg(student, teacher)
+
+
+def test_a_teacher_may_not_be_a_student_itself_and_teachers_train_first():
+    with pytest.raises(ConfigError, match="is itself a student"):
+        parse_config({"models": [TEACHER, {"name": "mid", "base_model": "y", "labels": LABELS,
+                                           "distill": {"teacher": "big"}},
+                                 {"name": "tiny", "base_model": "y", "labels": LABELS, "distill": {"teacher": "mid"}}]})
+    cfg = parse_config({"models": [{"name": "small", "labels": LABELS, "distill": {"teacher": "big",
+                                                                                 "student_layers": 1}}, TEACHER]})
+    assert [m.name for m in cfg.in_training_order()] == ["big", "small"]
+
+
+def test_a_student_keeps_layers_spread_from_the_first_to_the_last():
+    assert student_layers(6, 2) == [0, 5]
+    assert student_layers(6, 3) == [0, 2, 5]
+    assert student_layers(12, 6) == [0, 2, 4, 7, 9, 11]
+    assert student_layers(6, 6) == list(range(6))
+    assert student_layers(6, 1) == [5]
+    with pytest.raises(ValueError, match="between 1 and the teacher's 6 layers"):
+        student_layers(6, 7)
+
+
+def _golden(right: int, n: int = 100):
+    return classification_metrics([0] * (n // 2) + [1] * (n // 2),
+                                  [0] * right + [1] * (n // 2 - right) + [1] * (n // 2), LABELS)
+
+
+def test_the_gate_holds_a_student_within_max_gap_of_its_teacher():
+    teacher = TeacherEvidence(model="big", version="v3", golden=_golden(45), max_gap=0.02)  # 0.95
+    close = decide(Evidence(metric="accuracy", golden=_golden(44), teacher=teacher), GateConfig())  # 0.94
+    assert close.accepted and [c.name for c in close.checks] == ["golden", "fresh", "teacher", "sanity"]
+    assert close.checks[2].numbers["teacher_accuracy"] == 0.95
+    edge = decide(Evidence(metric="accuracy", golden=_golden(43), teacher=teacher), GateConfig())  # 0.93
+    assert edge.accepted  # exactly max_gap below
+    far = decide(Evidence(metric="accuracy", golden=_golden(42), teacher=teacher), GateConfig())  # 0.92
+    assert not far.accepted and "more than 0.02 below teacher big v3's 0.9500" in far.reason
+
+
+def test_the_loss_is_the_soft_labels_mixed_with_the_hard_by_alpha():
+    import torch
+
+    from tuneloop.training.distill import distillation_loss
+
+    task = make_task("text-classification", LABELS)
+    teacher = torch.tensor([[2.0, -1.0], [0.0, 3.0]])
+    hard = torch.tensor(0.7)
+    # A student that answers as the teacher does has no soft loss left: only (1 - alpha) x hard.
+    assert float(distillation_loss(teacher.clone(), teacher, hard, task, 2.0, 0.25)) == pytest.approx(0.75 * 0.7)
+    student = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
+    p = (teacher / 2).softmax(-1)
+    kl = float((p * (p.log() - torch.log(torch.tensor(0.5)))).sum(-1).mean())
+    assert float(distillation_loss(student, teacher, hard, task, 2.0, 1.0)) == pytest.approx(kl * 4, rel=1e-5)
+    multi = make_task("multi-label-classification", LABELS)
+    assert float(distillation_loss(teacher.clone(), teacher, hard, multi, 1.0, 0.0)) == pytest.approx(0.7)
+
+
+def test_keep_layers_cuts_a_model_to_a_working_smaller_one(tmp_path):
+    import torch
+    import transformers
+
+    from tests.tiny_models import build_tiny_model
+    from tuneloop.training.distill import keep_layers
+
+    path = build_tiny_model(tmp_path / "m", LABELS)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(path).eval()
+    ids = torch.tensor([[101, 2000, 2001, 102]])
+    keep_layers(model, [1])
+    assert model.config.num_hidden_layers == 1 and len(model.bert.encoder.layer) == 1
+    assert model(input_ids=ids).logits.shape == (1, 2)
+    model.save_pretrained(tmp_path / "cut")
+    again = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "cut").eval()
+    assert torch.allclose(again(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_a_students_data_is_judged_on_the_teachers_golden_set_and_learns_its_seed(tmp_path):
+    seed = tmp_path / "seed.tsv"
+    seed.write_text("text\tlabel\n" + "".join(f"text {i}\t{LABELS[i % 2]}\n" for i in range(50)))
+    cfg = _cfg({"distill": {"teacher": "big", "student_layers": 1}}, {**TEACHER, "seed_dataset": str(seed)},
+               storage={"root": str(tmp_path / "store")})
+    storage = Storage(cfg.storage.root)
+    tasks, registry = model_tasks(cfg.models), Registry(storage)
+    feedback = FeedbackStore(storage, str(tmp_path / "journal"), tasks)
+    teachers = assemble(tasks["big"], cfg.model("big"), cfg.training, registry, feedback, None)  # freezes golden
+    students = assemble(tasks["small"], cfg.model("small"), cfg.training, registry, feedback, None,
+                        teacher=cfg.model("big"))
+    assert students.golden.equals(teachers.golden) and students.summary["golden"]["model"] == "big"
+    assert registry.golden("small") is None  # nothing frozen under the student's name
+    assert sorted(students.train.column("text").to_pylist()) == sorted(teachers.train.column("text").to_pylist())
+    assert students.summary["seed"]["path"] == str(seed)

@@ -1,0 +1,158 @@
+"""Distillation (``ModelConfig.distill``): a student learns from a teacher's soft labels.
+
+``teacher_of`` finds a student's teacher for a job; three pieces run where torch runs:
+
+- ``with_teacher_logits``: the teacher's production version scores every training row
+  once, as a Ray Data batch-inference stage before the workers start (an actor holding the
+  teacher; on a GPU cluster it takes a GPU). The workers read the logits as a column, so the
+  teacher costs one forward pass per row, not one per row per epoch.
+- ``keep_layers``: a student made from the teacher itself (``distill.student_layers``).
+- ``distillation_loss``: Hinton et al.'s loss, the teacher's softened scores against the
+  student's, mixed with the rows' own labels.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray.data
+
+from tuneloop.core.config import DistillConfig, TuneloopConfig
+from tuneloop.core.evaluation import EvalMetrics
+from tuneloop.core.gate import TeacherEvidence
+from tuneloop.core.tasks import Task
+from tuneloop.store.registry import Registry
+
+TEACHER_COLUMN = "teacher_logits"
+SCORE_BATCH_SIZE = 64
+
+
+@dataclass
+class Teacher:
+    """A student's teacher for one job: the teacher model's production version when the job
+    started (a later promotion of the teacher does not change what this job learns from)."""
+
+    model: str
+    version: str
+    path: str
+    metrics: EvalMetrics | None
+    settings: DistillConfig
+    scoring_s: float = 0.0
+
+    @property
+    def student_layers(self) -> int | None:
+        return self.settings.student_layers
+
+    def loop_config(self, first_version: bool) -> dict[str, Any]:
+        """What the workers need: the loss's settings, and at v1 the layers to keep."""
+        return {"temperature": self.settings.temperature, "alpha": self.settings.alpha,
+                "student_layers": self.settings.student_layers if first_version else None}
+
+    def evidence(self) -> TeacherEvidence | None:
+        if self.metrics is None:
+            return None
+        return TeacherEvidence(model=self.model, version=self.version, golden=self.metrics,
+                               max_gap=self.settings.max_gap)
+
+    def record(self, first_version: bool) -> dict[str, Any]:
+        return {"model": self.model, "version": self.version, **self.loop_config(first_version),
+                "max_gap": self.settings.max_gap, "scoring_s": round(self.scoring_s, 2),
+                "teacher_metrics": self.metrics.model_dump() if self.metrics else None}
+
+
+def teacher_of(cfg: TuneloopConfig, registry: Registry, model: str) -> Teacher | None:
+    """Model ``model``'s teacher, if it is a student; fails when the teacher has no production."""
+    settings = cfg.model(model).distill
+    if settings is None:
+        return None
+    version = registry.production(settings.teacher)
+    if version is None:
+        raise ValueError(f"{model} is distilled from {settings.teacher}, which has no production version yet: "
+                         f"train it first (tuneloop train {settings.teacher})")
+    manifest = registry.manifest(settings.teacher, version)
+    return Teacher(model=settings.teacher, version=version, path=registry.local_path(settings.teacher, version),
+                    metrics=manifest.metrics, settings=settings)
+
+
+class _TeacherScorer:
+    """A Ray Data actor: the teacher, and a batch's logits in the student's label order."""
+
+    def __init__(self, path: str, auto_class: str, head: list[str], max_length: int, use_gpu: bool):
+        import torch
+        import transformers
+
+        self.device = "cuda" if use_gpu else "cpu"
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        self.model = getattr(transformers, auto_class).from_pretrained(path, dtype=torch.float32).to(self.device).eval()
+        id2label = {int(i): label for i, label in self.model.config.id2label.items()}
+        theirs = [id2label[i] for i in range(len(id2label))]
+        if sorted(theirs) != sorted(head):
+            raise ValueError(f"the teacher at {path} answers {theirs}, the student {head}: distillation needs the same labels")
+        self.order = [theirs.index(label) for label in head]
+        self.max_length = max_length
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        enc = self.tokenizer([str(t) for t in batch["text"]], padding=True, truncation=True,
+                             max_length=self.max_length, return_tensors="pt")
+        with torch.inference_mode():
+            logits = self.model(**{k: v.to(self.device) for k, v in enc.items()}).logits.float()
+        return {**batch, TEACHER_COLUMN: logits[:, self.order].cpu().numpy()}
+
+
+def with_teacher_logits(train: ray.data.Dataset, teacher_path: str, task: Task, max_length: int, use_gpu: bool,
+                        cpus: float) -> tuple[ray.data.Dataset, float]:
+    """``train`` with the teacher's logits per row (materialized: scored once, read every
+    epoch), and the seconds the scoring took."""
+    t0 = time.perf_counter()
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # "execution finished" lines: the job logs its own
+    scored = train.map_batches(
+        _TeacherScorer, batch_size=SCORE_BATCH_SIZE, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cpus, num_gpus=1 if use_gpu else 0,
+        fn_constructor_kwargs={"path": teacher_path, "auto_class": task.auto_class, "head": task.head_labels(),
+                               "max_length": max_length, "use_gpu": use_gpu},
+    ).materialize()
+    return scored, time.perf_counter() - t0
+
+
+def keep_layers(model, keep: list[int]) -> None:
+    """Cut ``model``'s encoder to the layers ``keep`` (indices into its stack), in place: the
+    first module list of the base model as long as its config's ``num_hidden_layers`` is the
+    stack (BERT's ``encoder.layer``, DistilBERT's ``transformer.layer``)."""
+    import torch
+
+    total = model.config.num_hidden_layers
+    stack = next(((name, m) for name, m in model.base_model.named_modules()
+                  if isinstance(m, torch.nn.ModuleList) and len(m) == total), None)
+    if stack is None:
+        raise ValueError(f"cannot find the {total} encoder layers of {type(model).__name__} to keep {keep} of")
+    name, layers = stack
+    parent = model.base_model.get_submodule(name.rpartition(".")[0]) if "." in name else model.base_model
+    setattr(parent, name.rpartition(".")[2], torch.nn.ModuleList([layers[i] for i in keep]))
+    for i, layer in enumerate(getattr(parent, name.rpartition(".")[2])):
+        for sub in layer.modules():  # attention modules that index a cache by their layer
+            if hasattr(sub, "layer_idx"):
+                sub.layer_idx = i
+    model.config.num_hidden_layers = len(keep)
+
+
+def distillation_loss(student_logits, teacher_logits, hard_loss, task: Task, temperature: float, alpha: float):
+    """``alpha`` x the soft-label loss + (1 - alpha) x ``hard_loss`` (the rows' own labels).
+    The soft loss compares the student's scores with the teacher's, both softened by
+    ``temperature``: cross-entropy for one answer per text (KL divergence plus a constant),
+    binary cross-entropy per label for multi-label. It is scaled by temperature squared,
+    which keeps its gradients the size of the hard loss's (Hinton et al., 2015)."""
+    import torch.nn.functional as F
+
+    s, t = student_logits.float() / temperature, teacher_logits.float() / temperature
+    if task.activation == "sigmoid":
+        soft = F.binary_cross_entropy_with_logits(s, t.sigmoid())
+    else:
+        soft = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
+    return alpha * soft * temperature**2 + (1 - alpha) * hard_loss
+
