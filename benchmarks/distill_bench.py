@@ -225,8 +225,9 @@ def table(args, trained: dict, served: dict) -> str:
     if top is not None:
         ratio = served[("student", top)].throughput / max(served[("teacher", top)].throughput, 1e-9)
         gap = 100 * (teacher["accuracy"] - student["accuracy"])
+        where = f"{gap:.2f} points below" if gap > 0 else f"{-gap:.2f} points above"
         lines += ["", f"student at {top} clients: {ratio:.2f}x the teacher's served texts/s (target 3x: "
-                      f"{'met' if ratio >= 3 else 'NOT met'}), {gap:.2f} points below its accuracy (target <= 2: "
+                      f"{'met' if ratio >= 3 else 'NOT met'}), {where} its accuracy (target <= 2 below: "
                       f"{'met' if gap <= 2 else 'NOT met'}); the teacher scored the student's rows in "
                       f"{student['scoring_s']}s"]
     return "\n".join(lines)

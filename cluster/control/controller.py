@@ -56,7 +56,8 @@ class Retrainer:
     returns a ``concurrent.futures.Future`` of its final state), the feedback not yet trained
     on and a clock, so its decisions are unit-tested with a fake launch and no Ray.
     ``parts_from_config`` builds the real ones; ``RetrainController`` is this class as a Ray
-    actor. The sweeper also fires the schedule trigger."""
+    actor. The sweeper also fires the schedule trigger, and starts a distilled student's job
+    when its teacher's production changed."""
 
     def __init__(self, cfg: TuneloopConfig, jobs: JobStore, registry: Registry,
                  launch: Callable[[str, str, JobRecord], Future], pending: dict[str, int], *,
@@ -74,6 +75,7 @@ class Retrainer:
         # Whether users agreed with each of production's predictions that got feedback.
         self.agreements: dict[str, deque[bool]] = {}
         self._production: dict[str, tuple[str | None, float | None]] = {}  # model -> (version, golden accuracy)
+        self.learned_from: dict[str, str | None] = {}  # student -> its teacher's version its newest job was for
         self.retiring = False  # set while handing over to a successor: no new job starts
         if sweep_every_s is not None:
             threading.Thread(target=self._sweep_forever, args=(sweep_every_s,), name="job-sweeper",
@@ -112,6 +114,7 @@ class Retrainer:
                     self._reap()
                     for m in self.cfg.models:
                         self._maybe_start(m.name)  # the schedule
+                    self._follow_teachers()
             except Exception:  # noqa: BLE001 - storage hiccup: try again next round
                 log.exception("sweeping job records failed")
 
@@ -121,11 +124,7 @@ class Retrainer:
             if task.done():
                 del self.tasks[model]
                 try:
-                    state = task.result()
-                    log.info("retrain of %s ended: %s", model, state)
-                    if state == "succeeded":  # a new teacher version: its students learn from it
-                        for student in self.cfg.students_of(model):
-                            self._start(student, f"teacher {model}")
+                    log.info("retrain of %s ended: %s", model, task.result())
                 except Exception as e:  # noqa: BLE001 - run_training never raises: its process died
                     log.exception("retrain task of %s crashed", model)
                     job_id = self.running.get(model)
@@ -171,6 +170,30 @@ class Retrainer:
                                 now=self._clock(), last_started=self.last_started.get(model),
                                 agreements=list(self.agreements.get(model, ())), golden_accuracy=golden_accuracy)
         return self._start(model, trigger) if trigger else None
+
+    def _follow_teachers(self) -> None:
+        """A student whose teacher's production is not the version it last learned from gets
+        a job (trigger ``teacher``): whichever way the teacher's production changed (its job,
+        a rollout's last step, an operator's promotion or rollback). Once per teacher version:
+        a student job the gate rejects is not started again for the same one. Called with
+        ``_lock`` held."""
+        for m in self.cfg.models:
+            if m.distill is None:
+                continue
+            teacher = self.registry.production(m.distill.teacher)
+            if teacher is None or teacher == self._learned_from(m.name):
+                continue
+            if self._start(m.name, f"teacher {m.distill.teacher} {teacher}") is not None:
+                self.learned_from[m.name] = teacher
+
+    def _learned_from(self, student: str) -> str | None:
+        """The teacher version the student's newest job was started for; at first, the one
+        its production was distilled from."""
+        if student not in self.learned_from:
+            production = self.registry.production(student)
+            source = self.registry.manifest(student, production).distilled_from if production else None
+            self.learned_from[student] = source["version"] if source else None
+        return self.learned_from[student]
 
     def start(self, model: str, trigger: str = "manual") -> str | None:
         """Start a job now; None if one is already running for this model."""

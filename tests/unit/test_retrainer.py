@@ -163,19 +163,42 @@ def test_a_new_controller_waits_for_the_job_of_the_one_it_replaces(tmp_path):
     assert new.record_feedback("m") is not None
 
 
-def test_a_teachers_new_version_starts_a_job_of_each_student(tmp_path):
+def test_a_student_follows_its_teachers_production_once_per_version(tmp_path):
     cfg = parse_config({"models": [{"name": "big", "base_model": "x", "labels": ["a", "b"]},
                                    {"name": "small", "labels": ["a", "b"],
                                     "distill": {"teacher": "big", "student_layers": 1}}],
                         "storage": {"root": str(tmp_path)}})
     storage = Storage(str(tmp_path))
-    jobs = JobStore(storage)
+    jobs, registry = JobStore(storage), Registry(storage)
     launch = FakeLaunch(jobs)
-    retrainer = Retrainer(cfg, jobs, Registry(storage), launch, {"big": 0, "small": 0}, sweep_every_s=None)
-    retrainer.start("big")
-    launch.finish(0, "rejected")  # no new teacher version: the student is left alone
-    assert retrainer.status()["running"] == [] and len(launch.launched) == 1
-    retrainer.start("big")
+    retrainer = Retrainer(cfg, jobs, registry, launch, {"big": 0, "small": 0}, sweep_every_s=None)
+
+    def sweep():
+        with retrainer._lock:
+            retrainer._reap()
+            retrainer._follow_teachers()
+        return [(m, t) for m, t, _ in launch.launched]
+
+    def publish(model, distilled_from=None):
+        weights = tmp_path / f"w-{model}-{len(registry.versions(model))}"
+        weights.mkdir()
+        m = registry.publish(model, str(weights), Manifest(version="pending", model=model, parent=None, base_model="x",
+                                                           task="text-classification", labels=["a", "b"],
+                                                           distilled_from=distilled_from))
+        registry.promote(model, m.version, reason="test")
+        return m.version
+
+    assert sweep() == []  # the teacher has no production: nothing to learn from
+    publish("big")
+    assert sweep() == [("small", "teacher big v1")]
+    launch.finish(0, "rejected")  # the gate said no: not tried again for v1
+    assert sweep() == [("small", "teacher big v1")]
+    publish("big")  # however v2 became production (a job, a rollout, an operator)
+    assert sweep()[1:] == [("small", "teacher big v2")]
     launch.finish(1)
-    assert retrainer.status()["running"] == ["small"]
-    assert [(m, t) for m, t, _ in launch.launched[2:]] == [("small", "teacher big")]
+    publish("small", {"model": "big", "version": "v2"})
+    # A restarted controller reads what the student's production learned from.
+    again = Retrainer(cfg, jobs, registry, launch, {"big": 0, "small": 0}, sweep_every_s=None)
+    with again._lock:
+        again._follow_teachers()
+    assert len(launch.launched) == 2
