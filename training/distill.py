@@ -110,14 +110,25 @@ def with_teacher_logits(train: ray.data.Dataset, teacher_path: str, task: Task, 
     """``train`` with the teacher's logits per row (materialized: scored once, read every
     epoch), and the seconds the scoring took."""
     t0 = time.perf_counter()
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # "execution finished" lines: the job logs its own
-    scored = train.map_batches(
+    # Its "Dataset ... execution finished" line at info: the job logs its own. Put back after.
+    executor = logging.getLogger("ray.data._internal.execution.streaming_executor")
+    level = executor.level
+    executor.setLevel(max(level, logging.WARNING))
+    try:
+        scored = _scored(train, teacher_path, task, max_length, use_gpu, cpus)
+    finally:
+        executor.setLevel(level)
+    return scored, time.perf_counter() - t0
+
+
+def _scored(train: ray.data.Dataset, teacher_path: str, task: Task, max_length: int, use_gpu: bool,
+            cpus: float) -> ray.data.Dataset:
+    return train.map_batches(
         _TeacherScorer, batch_size=SCORE_BATCH_SIZE, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cpus, num_gpus=1 if use_gpu else 0,
         fn_constructor_kwargs={"path": teacher_path, "auto_class": task.auto_class, "head": task.head_labels(),
                                "max_length": max_length, "use_gpu": use_gpu},
     ).materialize()
-    return scored, time.perf_counter() - t0
 
 
 def keep_layers(model, keep: list[int]) -> None:
