@@ -501,10 +501,6 @@ class TuneloopConfig(_Strict):
                 return m
         raise KeyError(name)
 
-    def students_of(self, name: str) -> list[str]:
-        """The models distilled from model ``name``."""
-        return [m.name for m in self.models if m.distill is not None and m.distill.teacher == name]
-
     def in_training_order(self) -> list[ModelConfig]:
         """The models, teachers before their students (a student's v1 needs its teacher's)."""
         return sorted(self.models, key=lambda m: m.distill is not None)
