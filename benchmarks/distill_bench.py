@@ -45,6 +45,7 @@ from tuneloop.control import worker_setup  # noqa: E402
 from tuneloop.core.config import parse_config  # noqa: E402
 from tuneloop.core.model_source import resolve_model_source  # noqa: E402
 from tuneloop.core.runtimes import choose_runtime, hardware_class  # noqa: E402
+from tuneloop.serving.loaded_models import cpu_class  # noqa: E402
 
 BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 LABELS = ["negative", "positive"]
@@ -99,7 +100,7 @@ def train_all(cfg) -> dict[str, dict]:
     from tuneloop.training.launcher import run_training
 
     out = {}
-    hardware = hardware_class("cpu", cfg.serving.replica_threads)
+    hardware = hardware_class(cpu_class(), cfg.serving.replica_threads)
     for name in MODELS:
         t0 = time.perf_counter()
         outcome = run_training(cfg, name, trigger="benchmark", optimize=optimize_version)

@@ -143,7 +143,7 @@ def optimized(cfg, version: str, task: str, texts: list[str], runtimes: list[str
     import pyarrow as pa
 
     from tuneloop.core.runtimes import choose_runtime, hardware_class
-    from tuneloop.serving.loaded_models import LoadedModel
+    from tuneloop.serving.loaded_models import LoadedModel, cpu_class
     from tuneloop.serving.optimize import optimize_version
     from tuneloop.store.registry import Registry
     from tuneloop.store.storage import Storage
@@ -163,7 +163,7 @@ def optimized(cfg, version: str, task: str, texts: list[str], runtimes: list[str
     if golden is not None:
         registry.freeze_golden("bench", golden)
     manifest = optimize_version(cfg, registry, "bench", version, progress=lambda line: print(line, flush=True))
-    hardware = hardware_class("cpu", cfg.serving.replica_threads)
+    hardware = hardware_class(cpu_class(), cfg.serving.replica_threads)
     return {r: choose_runtime(r, manifest.optimization, hardware)[0] for r in runtimes}
 
 

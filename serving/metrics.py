@@ -76,7 +76,7 @@ RESIDENT_WEIGHT_BYTES = Gauge(
 # The same for the runtime each resident version runs on (serving.runtime): 1 while it
 # does, 0 once the version is let go.
 SERVING_RUNTIME = Gauge(
-    "tuneloop_serving_runtime", "1 for the runtime (torch, onnx, onnx-int8) a resident version runs on, "
+    "tuneloop_serving_runtime", "1 for the runtime (torch, torch-bf16, onnx, onnx-int8) a resident version runs on, "
     "0 once unloaded", ["model", "version", "runtime"], multiprocess_mode="mostrecent",
 )
 PREDICTION_LOG_DROPPED = Counter(

@@ -49,7 +49,7 @@ from tuneloop.serving import metrics
 from tuneloop.serving.metric_files import use_node_folder
 from tuneloop.serving.responses import error_response, internal_error_response
 from tuneloop.serving.batcher import ContinuousBatcher, ItemFailed
-from tuneloop.serving.loaded_models import LabelMismatch, LoadedModel, load_model
+from tuneloop.serving.loaded_models import LabelMismatch, LoadedModel, cpu_class, load_model
 from tuneloop.core.batching_policy import AIMDPolicy, next_batch_size
 from tuneloop.core.rollout import Rollout, canary_bucket
 from tuneloop.core.runtimes import choose_runtime, hardware_class
@@ -209,7 +209,7 @@ class ModelServer:
         if self.serving.runtime == "torch":
             return "torch", None, "serving.runtime is torch"
         optimization = self.registry.manifest(self.cfg.name, version).optimization
-        device = "cuda" if self.serving.num_gpus_per_replica > 0 else "cpu"
+        device = "cuda" if self.serving.num_gpus_per_replica > 0 else cpu_class()
         runtime, why = choose_runtime(self.serving.runtime, optimization,
                                       hardware_class(device, self.serving.replica_threads))
         artifact = optimization.artifacts[runtime].path if runtime != "torch" else None

@@ -10,6 +10,12 @@ traffic. For each runtime of ``optimize.runtimes``:
 - ``onnx-int8``: that export with its MatMul weights quantized to int8, a scale per
   output channel, and activations quantized per batch (ONNX Runtime's dynamic
   quantization): no calibration data.
+- ``torch-bf16``: the PyTorch weights cast to bf16 at load (no file), built only on a CPU
+  with native bf16 arithmetic (AVX512-BF16 or AMX: ``cpu-bf16`` in the hardware class).
+  On MiniLM-L6 fine-tuned on 6,000 SST-2 rows it answered all 872 SST-2 dev rows as fp32
+  does, at 1.6x fp32's texts/s at batch 32 and 1.7x at batch 8, where int8 agreed on 97.3%
+  at 1.7x (measured on an EPYC with AVX512-BF16). ``torch.compile`` on top reached 1.84x
+  but took 30 s per load: not used.
 
 Each artifact then answers the model's golden rows beside the PyTorch version
 (``parity_check``: agreement and accuracy), and every runtime's texts/s through the whole
@@ -33,7 +39,7 @@ from datetime import UTC, datetime
 from tuneloop.core.config import TuneloopConfig
 from tuneloop.core.runtimes import ArtifactRecord, Optimization, ParityCheck, hardware_class, parity_check
 from tuneloop.core.tasks import Task, model_task
-from tuneloop.serving.loaded_models import LoadedModel, load_model
+from tuneloop.serving.loaded_models import LoadedModel, cpu_class, load_model
 from tuneloop.store.registry import ARTIFACTS, Manifest, Registry
 
 log = logging.getLogger("tuneloop.optimize")
@@ -130,6 +136,13 @@ def texts_per_s(loaded: LoadedModel, texts: list[str], batch_size: int, seconds:
     return done / (time.perf_counter() - start)
 
 
+def _not_built(runtime: str, build_s: float, why: str, path: str = "") -> ArtifactRecord:
+    """The record of an artifact that was not built: failed, so never served, saying why."""
+    return ArtifactRecord(runtime=runtime, path=path, bytes=0, build_s=round(build_s, 2),
+                          parity=ParityCheck(passed=False, rows=0, agreement=0.0, accuracy=None,
+                                             reference_accuracy=None, detail=f"not built: {why}"))
+
+
 def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, version: str,
                      progress: Callable[[str], None] = log.info) -> Manifest:
     """Build, check and measure ``version``'s artifacts; record them in its manifest."""
@@ -146,7 +159,7 @@ def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, versio
     reference = LoadedModel(path, version, task, max_length)
     reference_answers, reference_accuracy = _answers(reference, task, texts, targets, ocfg.speed_batch_size)
     device = "cuda" if reference.device.type == "cuda" else "cpu"
-    hardware = hardware_class(device, threads)
+    hardware = hardware_class("cuda" if device == "cuda" else cpu_class(), threads)
     speed_texts = texts or SAMPLE_TEXTS * ocfg.speed_batch_size
     speeds = {"torch": texts_per_s(reference, speed_texts, ocfg.speed_batch_size, ocfg.speed_seconds)}
     progress(f"{model} {version}: torch {speeds['torch']:.0f} texts/s on {hardware}")
@@ -156,22 +169,29 @@ def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, versio
         fp32 = os.path.join(tmp, "onnx", "model.onnx")
         for runtime in dict.fromkeys(ocfg.runtimes):  # in order, once each
             started = time.perf_counter()
-            out = fp32 if runtime == "onnx" else os.path.join(tmp, runtime, "model.onnx")
-            os.makedirs(os.path.dirname(out), exist_ok=True)
-            relative = f"{ARTIFACTS}/{os.path.relpath(out, tmp)}"
-            try:
-                with _quiet():
-                    if not os.path.exists(fp32):
-                        export_onnx(path, task, fp32)
-                    if runtime == "onnx-int8":
-                        quantize_int8(fp32, out)
-            except Exception as e:  # noqa: BLE001 - an architecture the exporter cannot take: torch serves
-                log.warning("%s %s: building %s failed: %s", model, version, runtime, e)
-                records[runtime] = ArtifactRecord(
-                    runtime=runtime, path=relative, bytes=0, build_s=time.perf_counter() - started,
-                    parity=ParityCheck(passed=False, rows=0, agreement=0.0, accuracy=None, reference_accuracy=None,
-                                       detail=f"not built: {type(e).__name__}: {e}"))
+            out, relative = None, ""  # torch-bf16: no file, the version's weights cast at load
+            if runtime == "torch-bf16" and device == "cuda":
+                records[runtime] = _not_built(runtime, 0.0, "on a GPU PyTorch already serves in bf16")
                 continue
+            if runtime == "torch-bf16" and hardware.startswith("cpu/"):
+                records[runtime] = _not_built(runtime, 0.0, "this CPU has no native bf16 arithmetic "
+                                              "(AVX512-BF16 or AMX): emulated, it runs slower than fp32")
+                continue
+            if runtime != "torch-bf16":
+                out = fp32 if runtime == "onnx" else os.path.join(tmp, runtime, "model.onnx")
+                os.makedirs(os.path.dirname(out), exist_ok=True)
+                relative = f"{ARTIFACTS}/{os.path.relpath(out, tmp)}"
+                try:
+                    with _quiet():
+                        if not os.path.exists(fp32):
+                            export_onnx(path, task, fp32)
+                        if runtime == "onnx-int8":
+                            quantize_int8(fp32, out)
+                except Exception as e:  # noqa: BLE001 - an architecture the exporter cannot take: torch serves
+                    log.warning("%s %s: building %s failed: %s", model, version, runtime, e)
+                    records[runtime] = _not_built(runtime, time.perf_counter() - started, f"{type(e).__name__}: {e}",
+                                                  relative)
+                    continue
             build_s = time.perf_counter() - started
             # At serving the artifact lies under the version's folder; here an absolute path
             # (os.path.join keeps it) points at the copy still in tmp.
@@ -181,9 +201,10 @@ def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, versio
                                   ocfg.min_agreement, ocfg.max_accuracy_drop)
             if parity.passed and device == "cpu":  # ONNX Runtime's CPU build: no speed for a GPU's class
                 speeds[runtime] = texts_per_s(loaded, speed_texts, ocfg.speed_batch_size, ocfg.speed_seconds)
-            records[runtime] = ArtifactRecord(runtime=runtime, path=relative, bytes=os.path.getsize(out),
+            size = os.path.getsize(out) if out else loaded.weight_bytes  # torch-bf16: its weights as loaded
+            records[runtime] = ArtifactRecord(runtime=runtime, path=relative, bytes=size,
                                               build_s=round(build_s, 2), parity=parity)
-            progress(f"{model} {version}: {runtime} built in {build_s:.0f}s, {os.path.getsize(out) / 1e6:.0f} MB; "
+            progress(f"{model} {version}: {runtime} built in {build_s:.0f}s, {size / 1e6:.0f} MB; "
                      f"parity {'passed' if parity.passed else 'FAILED'}: {parity.detail}"
                      + (f"; {speeds[runtime]:.0f} texts/s" if runtime in speeds else ""))
         if "onnx" not in records and os.path.exists(fp32):

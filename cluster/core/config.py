@@ -397,7 +397,8 @@ class OptimizeConfig(_Strict):
 
     enabled: bool = Field(default=True, description="the job builds the artifacts of each version it publishes")
     runtimes: list[ArtifactName] = Field(
-        default_factory=lambda: ["onnx", "onnx-int8"], description="artifacts to build: ONNX, and its int8 variant")
+        default_factory=lambda: ["onnx", "onnx-int8", "torch-bf16"],
+        description="artifacts to build: ONNX, its int8 variant, and PyTorch in bf16 (on a CPU with native bf16)")
     min_agreement: float = Field(
         default=0.99, ge=0, le=1, description="share of golden rows an artifact must answer as PyTorch does")
     max_accuracy_drop: float = Field(

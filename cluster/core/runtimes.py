@@ -1,7 +1,8 @@
 """What runs a version's forward passes: PyTorch, or an optimized artifact built from it.
 
 Every version can carry optimized artifacts (``ArtifactRecord``): an ONNX export run by ONNX
-Runtime, and its dynamically quantized int8 variant. Each passed or failed a parity check
+Runtime, its dynamically quantized int8 variant, and the PyTorch weights cast to bf16 on a CPU
+with native bf16 (``torch-bf16``: no file of its own, cast at load). Each passed or failed a parity check
 against the PyTorch version on the golden set (``parity_check``), and the texts/s of every
 runtime was measured where it was built, on one hardware class (``hardware_class``). A
 replica serves with ``choose_runtime``: the one its config names, or under ``auto`` the
@@ -15,8 +16,8 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 TORCH = "torch"
-RuntimeName = Literal["auto", "torch", "onnx", "onnx-int8"]
-ArtifactName = Literal["onnx", "onnx-int8"]  # built on CPU; on a GPU torch serves in bf16
+RuntimeName = Literal["auto", "torch", "onnx", "onnx-int8", "torch-bf16"]
+ArtifactName = Literal["onnx", "onnx-int8", "torch-bf16"]  # built on CPU; on a GPU torch serves in bf16
 
 
 class ParityCheck(BaseModel):
@@ -32,7 +33,7 @@ class ParityCheck(BaseModel):
 
 class ArtifactRecord(BaseModel):
     runtime: ArtifactName
-    path: str  # under the version's folder
+    path: str  # under the version's folder; "" for torch-bf16, which loads the version's weights
     bytes: int
     build_s: float
     parity: ParityCheck
@@ -49,9 +50,10 @@ class Optimization(BaseModel):
 
 
 def hardware_class(device: str, threads: int) -> str:
-    """The speed measurements' key: a device (``cpu`` or a GPU's name) and the threads a
-    replica gives it; a replica of other threads may rank the runtimes otherwise."""
-    return f"{device}/{threads}t" if device == "cpu" else device
+    """The speed measurements' key: a device (``cpu``, ``cpu-bf16`` for a CPU with native
+    bf16 arithmetic, or a GPU's name) and the threads a replica gives it; a replica of other
+    threads, or a CPU without bf16 instructions, may rank the runtimes otherwise."""
+    return f"{device}/{threads}t" if device.startswith("cpu") else device
 
 
 def parity_check(reference: list, answers: list, accuracy: float, reference_accuracy: float,

@@ -282,7 +282,8 @@ class Registry:
         if not os.path.exists(os.path.join(target, MANIFEST)):
             self._download(self._dir(model, version), target)
         artifacts = os.path.join(target, ARTIFACTS)
-        if manifest.optimization and manifest.optimization.artifacts and not os.path.exists(artifacts):
+        files = manifest.optimization and any(a.path for a in manifest.optimization.artifacts.values())
+        if files and not os.path.exists(artifacts):  # torch-bf16 alone has no file
             # Optimized after this copy was cached: its artifacts come now, the same way.
             self._download(f"{self._dir(model, version)}/{ARTIFACTS}", artifacts)
         return target

@@ -40,18 +40,26 @@ def optimized(tmp_path_factory, tiny_model, seed_tsv):
 
 
 def test_optimize_records_checked_artifacts_in_the_manifest(optimized):
+    from tuneloop.serving.loaded_models import cpu_class
+
     cfg, registry, version, golden, output = optimized
     optimization = registry.manifest("sentiment", version).optimization
-    assert set(optimization.artifacts) == {"onnx", "onnx-int8"}
+    assert set(optimization.artifacts) == {"onnx", "onnx-int8", "torch-bf16"}
     onnx = optimization.artifacts["onnx"]
     # fp32 ONNX answers every golden row as PyTorch does.
     assert onnx.parity.passed and onnx.parity.rows == golden.num_rows and onnx.parity.agreement == 1.0
     assert onnx.parity.accuracy == onnx.parity.reference_accuracy
     folder = registry.local_path("sentiment", version)
-    for record in optimization.artifacts.values():
+    for name in ("onnx", "onnx-int8"):
+        record = optimization.artifacts[name]
         assert os.path.getsize(os.path.join(folder, record.path)) == record.bytes > 0
     assert optimization.artifacts["onnx-int8"].bytes < onnx.bytes  # int8 weights
-    speeds = optimization.texts_per_s["cpu/1t"]  # the config's replicas: 1 CPU each
+    bf16 = optimization.artifacts["torch-bf16"]  # no file: the weights, cast at load
+    if cpu_class() == "cpu-bf16":
+        assert bf16.path == "" and bf16.parity.rows == golden.num_rows and 0 < bf16.bytes < onnx.bytes
+    else:
+        assert not bf16.parity.passed and "no native bf16" in bf16.parity.detail
+    speeds = optimization.texts_per_s[f"{cpu_class()}/1t"]  # the config's replicas: 1 CPU each
     assert speeds["torch"] > 0 and speeds["onnx"] > 0
     assert '"onnx-int8"' in output  # the CLI prints the record
 

@@ -13,11 +13,12 @@ from prometheus_client import REGISTRY
 from tuneloop.core.config import parse_config
 from tuneloop.core.errors import NotReady, Overloaded
 from tuneloop.core.runtimes import ArtifactRecord, Optimization, ParityCheck
-from tuneloop.serving.loaded_models import LabelMismatch
+from tuneloop.serving.loaded_models import LabelMismatch, cpu_class
 from tuneloop.serving.model_server import ModelServer
 from tuneloop.store.registry import RegistryState
 
 LABELS = ["negative", "positive"]
+CPU = cpu_class()  # cpu-bf16 on a CPU with native bf16: speeds are keyed by it
 
 
 class FakeRegistry:
@@ -104,7 +105,7 @@ def test_a_refused_version_leaves_the_loaded_one_serving_and_is_not_retried():
     assert registry.switched == ["v1"]  # a refused version was never switched to
     assert replica.status() == {"model": "m", "version": "v1", "challenger": None, "rollout": None,
                                 "refused": {"bad": replica._refused["bad"]}, "resident_weight_bytes": {"v1": 1000},
-                                "runtimes": {"v1": "torch (auto: no runtime measured on cpu/1t)"}}
+                                "runtimes": {"v1": f"torch (auto: no runtime measured on {CPU}/1t)"}}
     assert asyncio.run(replica.predict(["a"]))[0]["version"] == "v1"
 
 
@@ -139,30 +140,37 @@ def test_concurrent_requests_share_batches():
     assert max(replica._loaded.batches) > 1
 
 
-def _optimized(int8_passed: bool = True, folder: str = "artifacts") -> Optimization:
-    def record(runtime, passed):
+def _optimized(int8_passed: bool = True, folder: str = "artifacts", bf16_speed: float | None = None) -> Optimization:
+    def record(runtime, passed, path=None):
         parity = ParityCheck(passed=passed, detail="test", rows=10, agreement=1.0 if passed else 0.5,
                              accuracy=0.9, reference_accuracy=0.9)
-        return ArtifactRecord(runtime=runtime, path=f"{folder}/{runtime}/model.onnx", bytes=1, build_s=1.0,
-                              parity=parity)
-    return Optimization(artifacts={"onnx": record("onnx", True), "onnx-int8": record("onnx-int8", int8_passed)},
-                        texts_per_s={"cpu/1t": {"torch": 100.0, "onnx": 120.0, "onnx-int8": 250.0}})
+        return ArtifactRecord(runtime=runtime, path=f"{folder}/{runtime}/model.onnx" if path is None else path,
+                              bytes=1, build_s=1.0, parity=parity)
+    artifacts = {"onnx": record("onnx", True), "onnx-int8": record("onnx-int8", int8_passed)}
+    speeds = {"torch": 100.0, "onnx": 120.0, "onnx-int8": 250.0}
+    if bf16_speed is not None:
+        artifacts["torch-bf16"] = record("torch-bf16", True, path="")
+        speeds["torch-bf16"] = bf16_speed
+    return Optimization(artifacts=artifacts, texts_per_s={f"{CPU}/1t": speeds})
 
 
 def test_auto_serves_the_fastest_artifact_that_passed_parity_on_the_replicas_hardware():
     replica, _, _ = _replica(optimization=_optimized(), num_cpus_per_replica=1)
     assert (replica._loaded.runtime, replica._loaded.artifact) == ("onnx-int8", "artifacts/onnx-int8/model.onnx")
-    assert replica.status()["runtimes"]["v1"].startswith("onnx-int8 (auto: fastest on cpu/1t")
+    assert replica.status()["runtimes"]["v1"].startswith(f"onnx-int8 (auto: fastest on {CPU}/1t")
     assert REGISTRY.get_sample_value("tuneloop_serving_runtime",
                                      {"model": "m", "version": "v1", "runtime": "onnx-int8"}) == 1
     failed, _, _ = _replica(optimization=_optimized(int8_passed=False), num_cpus_per_replica=1)
     assert failed._loaded.runtime == "onnx"  # the faster int8 failed parity: never served
+    # torch-bf16 has no file: the version's own weights, cast at load.
+    bf16, _, _ = _replica(optimization=_optimized(int8_passed=False, bf16_speed=180.0), num_cpus_per_replica=1)
+    assert (bf16._loaded.runtime, bf16._loaded.artifact) == ("torch-bf16", "")
 
 
 def test_auto_serves_torch_where_the_speeds_were_measured_on_other_hardware():
     replica, _, _ = _replica(optimization=_optimized(), num_cpus_per_replica=2)  # measured at 1 thread
     assert replica._loaded.runtime == "torch"
-    assert "no runtime measured on cpu/2t" in replica.status()["runtimes"]["v1"]
+    assert f"no runtime measured on {CPU}/2t" in replica.status()["runtimes"]["v1"]
 
 
 def test_a_named_runtime_serves_when_it_passed_and_torch_otherwise():

@@ -66,4 +66,5 @@ def test_a_named_runtime_serves_only_when_its_artifact_passed():
 
 def test_hardware_class_names_the_threads_on_cpu_only():
     assert hardware_class("cpu", 2) == "cpu/2t"
+    assert hardware_class("cpu-bf16", 4) == "cpu-bf16/4t"  # a CPU with native bf16 ranks apart
     assert hardware_class("cuda", 2) == "cuda"
