@@ -116,23 +116,29 @@ def build_tiny(workdir: Path, task: str) -> str:
     return build_tiny_model(workdir / "model", LABELS[task], task=task)
 
 
-def fine_tuned(model_dir: str, train_tsv: Path, rows: int, threads: int) -> str:
+def sst2_train_rows(train_tsv: Path, rows: int) -> list[tuple[str, str]]:
+    """The ``rows`` SST-2 train rows the benchmark fine-tunes on (shuffled, seed 0)."""
+    from benchmarks.adapt_bench import read_tsv
+
+    labels = LABELS["text-classification"]
+    data = [(r["text"], labels[int(r["label"])]) for r in read_tsv(train_tsv)]
+    random.Random(0).shuffle(data)
+    return data[:rows]
+
+
+def fine_tuned(model_dir: str, rows: list[tuple[str, str]], threads: int) -> str:
     """``model_dir`` fine-tuned on ``rows`` of SST-2's training split (one epoch): served
     answers and the artifacts' parity then mean something (a fresh head is a coin toss)."""
     import torch
 
-    from benchmarks.adapt_bench import read_tsv
     from benchmarks.plain_loop import fine_tune
 
     torch.set_num_threads(threads)
-    labels = LABELS["text-classification"]
-    data = [(r["text"], labels[int(r["label"])]) for r in read_tsv(train_tsv)]
-    random.Random(0).shuffle(data)
     out = Path(model_dir).with_name("fine-tuned")
     t0 = time.perf_counter()
-    fine_tune(model_dir, labels, data[:rows], epochs=1, learning_rate=5e-5, batch_size=32, max_length=64,
-              warmup_ratio=0.1, weight_decay=0.01, out=out)
-    print(f"fine-tuned on {min(rows, len(data))} SST-2 train rows in {time.perf_counter() - t0:.0f}s", flush=True)
+    fine_tune(model_dir, LABELS["text-classification"], rows, epochs=1, learning_rate=5e-5, batch_size=32,
+              max_length=64, warmup_ratio=0.1, weight_decay=0.01, out=out)
+    print(f"fine-tuned on {len(rows)} SST-2 train rows in {time.perf_counter() - t0:.0f}s", flush=True)
     return str(out)
 
 
@@ -387,8 +393,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tuneloop-bench-"))
     model_dir = build_tiny(work, args.task) if args.smoke else prepare_model(args.model, work, args.task)
     sst2_train = SST2.with_name("train.tsv")
+    train_rows: list[tuple[str, str]] = []  # published as the version's trained_on: int8 calibrates on them
     if args.fine_tune_rows and args.task == "text-classification" and sst2_train.exists():
-        model_dir = fine_tuned(model_dir, sst2_train, args.fine_tune_rows, args.threads)
+        train_rows = sst2_train_rows(sst2_train, args.fine_tune_rows)
+        model_dir = fine_tuned(model_dir, train_rows, args.threads)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -417,7 +425,10 @@ def main() -> None:
                     **({"target_batch_latency_s": args.target_batch_latency} if args.target_batch_latency else {})},
         "optimize": {} if args.min_agreement is None else {"min_agreement": args.min_agreement},
     })
-    version = publish_version(cfg, model_dir)
+    import pyarrow as pa
+
+    trained_on = {"trained_on": pa.table({"text": [t for t, _ in train_rows], "label": [y for _, y in train_rows]})}
+    version = publish_version(cfg, model_dir, tables=trained_on if train_rows else None)
     runtimes = [r for r in args.runtimes.split(",") if r]
     served_by = {r: r for r in runtimes}
     if set(runtimes) - {"torch"}:

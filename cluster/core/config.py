@@ -404,6 +404,12 @@ class OptimizeConfig(_Strict):
     max_accuracy_drop: float = Field(
         default=0.005, ge=0, le=1, description="an artifact's golden accuracy may fall this much below PyTorch's")
     parity_max_rows: int = Field(default=2000, ge=1, description="golden rows the parity check reads, at most")
+    int8_smoothing: float = Field(
+        default=0.8, ge=0, le=1,
+        description="SmoothQuant's alpha before int8: how much of each activation channel's range moves into the "
+                    "weights (0: none)")
+    calibration_rows: int = Field(
+        default=256, ge=1, description="texts that calibrate the smoothing: the version's training rows, else golden")
     speed_batch_size: int = Field(default=32, ge=1, le=1024, description="batch of the texts/s measured per runtime")
     speed_seconds: float = Field(default=3.0, gt=0, le=600, description="how long each runtime's speed is measured")
 

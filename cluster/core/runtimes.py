@@ -37,6 +37,7 @@ class ArtifactRecord(BaseModel):
     bytes: int
     build_s: float
     parity: ParityCheck
+    settings: dict[str, float | int | str] = Field(default_factory=dict)  # how it was built (int8: smoothing)
 
 
 class Optimization(BaseModel):

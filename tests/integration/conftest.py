@@ -131,12 +131,14 @@ def make_config(root: Path, base_model: str, seed: str | None, model: dict | Non
     return parse_config(doc)
 
 
-def publish_version(cfg: TuneloopConfig, weights: str, promote: bool = True) -> str:
-    """Put a saved model into the registry directly (serving tests need no training)."""
+def publish_version(cfg: TuneloopConfig, weights: str, promote: bool = True, tables: dict | None = None) -> str:
+    """Put a saved model into the registry directly (serving tests need no training);
+    ``tables`` as a job publishes them beside it (``trained_on``: its training rows)."""
     registry = Registry(Storage(cfg.storage.root))
     m = cfg.models[0]
     manifest = registry.publish(m.name, weights, Manifest(version="pending", model=m.name, parent=registry.production(m.name),
-                                                          base_model=m.base_model, task=m.task, labels=m.labels))
+                                                          base_model=m.base_model, task=m.task, labels=m.labels),
+                                tables=tables)
     if promote:
         registry.promote(m.name, manifest.version, reason="test")
     return manifest.version
