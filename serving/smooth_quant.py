@@ -14,7 +14,10 @@ the residual branch never sees it). Measured on MiniLM-L6 fine-tuned on 6,000 SS
 calibrated on 512 train rows it was not tuned on, the int8 artifact's answers on SST-2 dev
 (872 rows) agreed with PyTorch's on 97.25% without smoothing, and with alpha 0.5 96.8%,
 0.7 98.97%, 0.8 99.54%, 0.9 99.08%, 1.0 98.85%, at the speed of plain int8 (the Mul costs
-nothing measurable): 0.8 is the default (``optimize.int8_smoothing``).
+nothing measurable); on one tuned on 2,000 rows, 97.59% unsmoothed, 99.43% at 0.7 and 0.8,
+99.31% at 0.9: 0.8 is the default (``optimize.int8_smoothing``). ONNX Runtime's transformer
+fusions (SkipLayerNormalization, BiasGelu) before smoothing made no difference measurable
+through this machine's noise, and are not applied.
 """
 
 from __future__ import annotations

@@ -111,3 +111,22 @@ def test_a_second_job_learns_the_corrections_and_the_gate_compares_entity_f1(ner
     assert manifest.parent == "v1" and feedback["fresh_rows"] + feedback["on_golden_texts"] == 2  # both corrections
     golden = next(c for c in manifest.gate.checks if c.name == "golden")
     assert {"f1", "production_f1"} <= set(golden.numbers), golden
+
+
+def test_v1s_int8_artifact_is_smoothed_on_its_training_rows_and_checked_tag_by_tag(ner):
+    from tuneloop.serving.optimize import optimize_version
+    from tuneloop.store.registry import Registry
+    from tuneloop.store.storage import Storage
+
+    _, cfg, outcome = ner
+    cfg = cfg.model_copy(update={"optimize": cfg.optimize.model_copy(update={"speed_seconds": 0.2})})
+    registry = Registry(Storage(cfg.storage.root))
+    optimization = optimize_version(cfg, registry, "ner", "v1").optimization
+    trained_on = registry.table("ner", "v1", "trained_on")
+    int8 = optimization.artifacts["onnx-int8"]
+    assert int8.bytes > 0 and int8.settings["smoothing_alpha"] == 0.8
+    assert int8.settings["calibration"] == "trained_on"  # the job published its rows: no golden text calibrates
+    assert int8.settings["calibration_rows"] == min(256, trained_on.num_rows)
+    fp32 = optimization.artifacts["onnx"].parity
+    assert fp32.passed and fp32.agreement == 1.0 and fp32.rows > 0  # per golden sentence, its tags
+    assert int8.parity.rows == fp32.rows
