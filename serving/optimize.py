@@ -164,6 +164,31 @@ def texts_per_s(loaded: LoadedModel, texts: list[str], batch_size: int, seconds:
     return done / (time.perf_counter() - start)
 
 
+def _no_bf16(device: str, hardware: str) -> str | None:
+    """Why ``torch-bf16`` is not built here, or None where it is."""
+    if device == "cuda":
+        return "on a GPU PyTorch already serves in bf16"
+    if hardware.startswith("cpu/"):
+        return "this CPU has no native bf16 arithmetic (AVX512-BF16 or AMX): emulated, it runs slower than fp32"
+    return None
+
+
+def _int8(fp32: str, out: str, alpha: float, calibration: tuple[list[str], str],
+          ranges_of: Callable[[list[str]], dict]) -> dict:
+    """Quantize ``fp32`` to ``out``, smoothed at ``alpha`` on the ``calibration`` texts
+    (none: unsmoothed); returns the settings the manifest records."""
+    texts, source = calibration
+    alpha = alpha if texts else 0.0
+    settings = {"weights": "int8, a scale per output channel", "activations": "uint8, a scale per batch",
+                "smoothing_alpha": alpha}
+    ranges = None
+    if alpha > 0:
+        settings.update(calibration=source, calibration_rows=len(texts))
+        ranges = ranges_of(texts)
+    quantize_int8(fp32, out, ranges, alpha)
+    return settings
+
+
 def _not_built(runtime: str, build_s: float, why: str, path: str = "") -> ArtifactRecord:
     """The record of an artifact that was not built: failed, so never served, saying why."""
     return ArtifactRecord(runtime=runtime, path=path, bytes=0, build_s=round(build_s, 2),
@@ -200,12 +225,8 @@ def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, versio
             started = time.perf_counter()
             out, relative = None, ""  # torch-bf16: no file, the version's weights cast at load
             settings: dict = {}
-            if runtime == "torch-bf16" and device == "cuda":
-                records[runtime] = _not_built(runtime, 0.0, "on a GPU PyTorch already serves in bf16")
-                continue
-            if runtime == "torch-bf16" and hardware.startswith("cpu/"):
-                records[runtime] = _not_built(runtime, 0.0, "this CPU has no native bf16 arithmetic "
-                                              "(AVX512-BF16 or AMX): emulated, it runs slower than fp32")
+            if runtime == "torch-bf16" and (why := _no_bf16(device, hardware)):
+                records[runtime] = _not_built(runtime, 0.0, why)
                 continue
             if runtime != "torch-bf16":
                 out = fp32 if runtime == "onnx" else os.path.join(tmp, runtime, "model.onnx")
@@ -216,16 +237,10 @@ def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, versio
                         if not os.path.exists(fp32):
                             export_onnx(path, task, fp32)
                         if runtime == "onnx-int8":
-                            calibration, source = _calibration_texts(registry, model, version, texts,
-                                                                     ocfg.calibration_rows)
-                            alpha = ocfg.int8_smoothing if calibration else 0.0
-                            settings = {"weights": "int8, a scale per output channel",
-                                        "activations": "uint8, a scale per batch", "smoothing_alpha": alpha}
-                            ranges = None
-                            if alpha > 0:
-                                settings.update(calibration=source, calibration_rows=len(calibration))
-                                ranges = activation_ranges(fp32, tokenizer, task, calibration, max_length, threads)
-                            quantize_int8(fp32, out, ranges, alpha)
+                            calibration = _calibration_texts(registry, model, version, texts, ocfg.calibration_rows)
+                            settings = _int8(fp32, out, ocfg.int8_smoothing, calibration,
+                                             lambda sample: activation_ranges(fp32, tokenizer, task, sample,
+                                                                             max_length, threads))
                 except Exception as e:  # noqa: BLE001 - an architecture the exporter cannot take: torch serves
                     log.warning("%s %s: building %s failed: %s", model, version, runtime, e)
                     records[runtime] = _not_built(runtime, time.perf_counter() - started, f"{type(e).__name__}: {e}",
