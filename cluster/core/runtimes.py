@@ -86,14 +86,16 @@ def parity_check(reference: list, answers: list, accuracy: float, reference_accu
 
 
 def choose_runtime(requested: str, optimization: Optimization | None, hardware: str) -> tuple[str, str]:
-    """(runtime to serve with, why). A named artifact serves when it passed its parity check,
-    else PyTorch does (a version is never left unserved for want of an artifact). ``auto``
+    """(runtime to serve with, why). A named artifact serves when it passed its parity check
+    (``torch-bf16`` only on a CPU with native bf16), else PyTorch does (a version is never left unserved for want of an artifact). ``auto``
     takes the fastest runtime measured on ``hardware`` among PyTorch and the artifacts that
     passed; with no measurement on this hardware class, PyTorch."""
     if requested == TORCH:
         return TORCH, "serving.runtime is torch"
     artifacts = optimization.artifacts if optimization else {}
     if requested != "auto":
+        if requested == "torch-bf16" and hardware.startswith("cpu/"):
+            return TORCH, "serving.runtime is torch-bf16, but this CPU has no native bf16 (emulated, slower than fp32)"
         record = artifacts.get(requested)
         if record is None:
             return TORCH, f"serving.runtime is {requested}, but this version has no {requested} artifact"

@@ -64,6 +64,15 @@ def test_a_named_runtime_serves_only_when_its_artifact_passed():
     assert choose_runtime("torch", opt, "cpu/2t") == ("torch", "serving.runtime is torch")
 
 
+def test_a_named_bf16_runtime_serves_only_on_a_cpu_with_native_bf16():
+    parity = ParityCheck(passed=True, detail="ok", rows=10, agreement=1.0, accuracy=0.9, reference_accuracy=0.9)
+    opt = Optimization(artifacts={"torch-bf16": ArtifactRecord(runtime="torch-bf16", path="", bytes=1, build_s=0.0,
+                                                               parity=parity)})
+    assert choose_runtime("torch-bf16", opt, "cpu-bf16/2t")[0] == "torch-bf16"
+    runtime, why = choose_runtime("torch-bf16", opt, "cpu/2t")  # measured on another CPU: emulated here
+    assert runtime == "torch" and "no native bf16" in why
+
+
 def test_hardware_class_names_the_threads_on_cpu_only():
     assert hardware_class("cpu", 2) == "cpu/2t"
     assert hardware_class("cpu-bf16", 4) == "cpu-bf16/4t"  # a CPU with native bf16 ranks apart
