@@ -97,16 +97,20 @@ def test_train_bench_smoke_prints_the_table(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     names = [r.split("|")[1].strip() for r in rows[1:]]
-    # The plain loop before every job and after the last: the jobs' baselines beside them.
-    plain = "plain Hugging Face loop (1 process, 2 threads), run "
-    assert names == [plain + "1", "tuneloop job, 1 worker(s), ZeRO-0", plain + "2",
-                     "tuneloop job, 2 worker(s), ZeRO-2", plain + "3"]
+    # The plain loop alone before Ray and after it; beside the idle Ray before every job and
+    # after the last: the jobs' baselines beside them.
+    plain = "plain Hugging Face loop (1 process, 2 threads), "
+    assert names == [plain + "alone, before Ray", plain + "beside the idle Ray, run 1",
+                     "tuneloop job, 1 worker(s), ZeRO-0", plain + "beside the idle Ray, run 2",
+                     "tuneloop job, 2 worker(s), ZeRO-2", plain + "beside the idle Ray, run 3",
+                     plain + "alone, after Ray"]
     for row in rows[1:]:
         cells = [c.strip() for c in row.split("|")[1:-1]]
         assert float(cells[2]) > 0 and float(cells[1]) >= 0, row  # steady samples/s, start-up
         if "tuneloop" in cells[0]:
-            assert float(cells[4]) >= 0 and float(cells[5]) >= 0, row  # evaluation, publishing
-            assert float(cells[3]) > 0, row  # its ratio to the plain runs beside it
+            assert float(cells[5]) >= 0 and float(cells[6]) >= 0, row  # evaluation, publishing
+            assert float(cells[3]) > 0 and float(cells[4]) > 0, row  # its ratios: beside Ray, alone
+    assert "Ray's idle processes alone: the plain loop beside them at" in out.stdout
     assert "1 worker: steady state" in out.stdout and "[tuneloop train] epoch 2/2" in out.stderr
 
 
