@@ -367,6 +367,9 @@ def main() -> None:
     ap.add_argument("--sets", default="short,long")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the bare loop and each replica")
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--replicas", type=int, default=1,
+                    help="tuneloop model replicas sharing --threads (2 on 2 threads: two 1-thread replicas, "
+                         "tuneloop's default deployment on 2 cores)")
     ap.add_argument("--target-batch-latency", type=float, default=None,
                     help="serving.target_batch_latency_s for tuneloop (default: the config default)")
     ap.add_argument("--runtimes", default="torch,auto",
@@ -377,6 +380,8 @@ def main() -> None:
                     help="optimize.min_agreement: share of golden rows an artifact must answer as PyTorch (default 0.99)")
     ap.add_argument("--smoke", action="store_true", help="tiny random model, short cells: checks the table only")
     args = ap.parse_args()
+    if not 1 <= args.replicas <= args.threads:
+        ap.error(f"--replicas must be between 1 and --threads ({args.threads}), got {args.replicas}")
     if args.smoke:
         args.seconds, args.warmup, args.fine_tune_rows = 2.0, 0.5, 0
         if args.concurrency == ap.get_default("concurrency"):
@@ -410,7 +415,7 @@ def main() -> None:
     batch_size = 32
 
     print(f"model: {'tiny random BERT (smoke)' if args.smoke else args.model}; task: {args.task}; "
-          f"threads: {args.threads}; "
+          f"threads: {args.threads} ({args.replicas} replica(s) of {args.threads / args.replicas:g}); "
           f"target batch latency: {cfg_target(args)}; "
           f"texts: {'SST-2 dev' if SST2.exists() else 'generated'}; cpu cores: {os.cpu_count()}", flush=True)
     def bare_run() -> dict[str, float]:
@@ -430,7 +435,8 @@ def main() -> None:
     cfg = parse_config({
         "models": [{"name": "bench", "task": args.task, "base_model": model_dir, "labels": LABELS[args.task]}],
         "storage": {"root": str(work / "store")},
-        "serving": {"max_batch_size": batch_size, "num_cpus_per_replica": args.threads, "max_length": max_length,
+        "serving": {"max_batch_size": batch_size, "num_cpus_per_replica": args.threads / args.replicas,
+                    "num_replicas": args.replicas, "max_length": max_length,
                     "max_inputs_per_request": 64, "max_chars_per_input": 100_000,
                     **({"target_batch_latency_s": args.target_batch_latency} if args.target_batch_latency else {})},
         "optimize": {} if args.min_agreement is None else {"min_agreement": args.min_agreement},
