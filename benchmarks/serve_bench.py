@@ -365,7 +365,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15.0, help="measured seconds per cell")
     ap.add_argument("--warmup", type=float, default=3.0)
     ap.add_argument("--sets", default="short,long")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads of the bare loop and each replica")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the bare loop, split among the replicas")
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--replicas", type=int, default=1,
                     help="tuneloop model replicas sharing --threads (2 on 2 threads: two 1-thread replicas, "
@@ -421,7 +421,7 @@ def main() -> None:
     def bare_run() -> dict[str, float]:
         """The bare loop now, per text set. It runs before the first server and after each
         one, and every server is rated against the mean of the two runs beside it: the same
-        loop measured 104-137 texts/s in runs of one afternoon here, so one measurement at
+        loop measured 104-149 texts/s in runs of one afternoon here, so one measurement at
         the start rated the same server 1.59x in one run and 2.07x in the next."""
         rates = {s: bare_throughput(model_dir, args.task, text_sets[s], batch_size, args.threads, max_length,
                                     max(args.seconds, 2.0)) for s in sets}

@@ -167,13 +167,14 @@ def main() -> None:
         "| evaluation s | publishing s | whole s |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    plain_name = f"plain Hugging Face loop (1 process, {args.threads} threads)"
-    lines.append(f"| {plain_name}, alone, before Ray | {alone[0].load_s:.1f} | {alone[0].steady_samples_per_s:.1f} "
-                 f"| | | | | {alone[0].total_s:.1f} |")
+    def plain_row(where: str, plain) -> str:
+        return (f"| plain Hugging Face loop (1 process, {args.threads} threads), {where} | {plain.load_s:.1f} | "
+                f"{plain.steady_samples_per_s:.1f} | | | | | {plain.total_s:.1f} |")
+
+    lines.append(plain_row("alone, before Ray", alone[0]))
     one = []  # (ratio to the plain loop alone, ratio beside Ray, start-up) of the 1-worker jobs
     for i, plain in enumerate(plains):
-        lines.append(f"| {plain_name}, beside the idle Ray, run {i + 1} | {plain.load_s:.1f} | "
-                     f"{steady[i]:.1f} | | | | | {plain.total_s:.1f} |")
+        lines.append(plain_row(f"beside the idle Ray, run {i + 1}", plain))
         if i == len(results):
             break
         workers, zero, r = results[i]
@@ -184,8 +185,7 @@ def main() -> None:
         lines.append(f"| tuneloop job, {workers} worker(s), ZeRO-{zero} | " + " | ".join(cells) + " |")
         if workers == 1 and to_alone:
             one.append((to_alone, beside, r["startup"]))
-    lines.append(f"| {plain_name}, alone, after Ray | {alone[1].load_s:.1f} | {alone[1].steady_samples_per_s:.1f} "
-                 f"| | | | | {alone[1].total_s:.1f} |")
+    lines.append(plain_row("alone, after Ray", alone[1]))
     beside_ray = (sum(steady) / len(steady)) / alone_steady
     lines += ["", "Ratio beside Ray: to the mean of the plain runs just before and after the job, which share the "
                   "machine with Ray's idle processes as the job does; alone: to the mean of the two runs "
