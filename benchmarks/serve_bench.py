@@ -97,11 +97,16 @@ def long_texts(n: int, rng: random.Random, tokenizer, min_tokens: int = 200) -> 
 # -- the model under test ---------------------------------------------------------------
 def prepare_model(source: str, workdir: Path, task: str) -> str:
     """A checkpoint of ``source`` with ``task``'s head (a fresh head if it has none)."""
+    import torch
     from transformers import AutoTokenizer
 
     from tuneloop.core.model_source import resolve_model_source
 
     path, labels = resolve_model_source(source), _head_labels(task)
+    # A seeded head: the fine-tuned model, and so each artifact's parity, is the same in
+    # every run. Unseeded, two runs fine-tuned models whose int8 artifacts agreed with
+    # PyTorch on 99.08% and 98.51% of SST-2 dev: one passed the 99% bar, one did not.
+    torch.manual_seed(0)
     model = _auto_class(task).from_pretrained(
         path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={x: i for i, x in enumerate(labels)}
     )
@@ -357,6 +362,14 @@ def cfg_target(args) -> str:
 
 
 # -- main -------------------------------------------------------------------------------
+def default_replicas(threads: int) -> int:
+    """The replicas tuneloop's default config runs on ``threads`` cores under load:
+    autoscaling's ``max_replicas`` left out is ``cores // num_cpus_per_replica``."""
+    from tuneloop.core.config import ServingConfig
+
+    return max(1, int(threads // ServingConfig().num_cpus_per_replica))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=DEFAULT_MODEL, help="HF id or local path (default: all-MiniLM-L6-v2)")
@@ -367,9 +380,9 @@ def main() -> None:
     ap.add_argument("--sets", default="short,long")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the bare loop, split among the replicas")
     ap.add_argument("--skip-naive", action="store_true")
-    ap.add_argument("--replicas", type=int, default=1,
-                    help="tuneloop model replicas sharing --threads (2 on 2 threads: two 1-thread replicas, "
-                         "tuneloop's default deployment on 2 cores)")
+    ap.add_argument("--replicas", type=int, default=None,
+                    help="tuneloop model replicas sharing --threads (default: tuneloop's default deployment "
+                         "under load, threads // serving.num_cpus_per_replica: two 1-thread replicas on 2)")
     ap.add_argument("--target-batch-latency", type=float, default=None,
                     help="serving.target_batch_latency_s for tuneloop (default: the config default)")
     ap.add_argument("--runtimes", default="torch,auto",
@@ -380,6 +393,8 @@ def main() -> None:
                     help="optimize.min_agreement: share of golden rows an artifact must answer as PyTorch (default 0.99)")
     ap.add_argument("--smoke", action="store_true", help="tiny random model, short cells: checks the table only")
     args = ap.parse_args()
+    if args.replicas is None:
+        args.replicas = default_replicas(args.threads)
     if not 1 <= args.replicas <= args.threads:
         ap.error(f"--replicas must be between 1 and --threads ({args.threads}), got {args.replicas}")
     if args.smoke:
