@@ -5,8 +5,8 @@ One command, one run, ratios against baselines measured in that same run:
     .venv/bin/python benchmarks/serve_bench.py              # full run (minutes)
     .venv/bin/python benchmarks/serve_bench.py --smoke      # tiny model, seconds: checks the table
 
-1. bare: batched forward passes in a plain Python loop (same model, texts and thread count
-   as a serving replica) -- the hardware limit for this model here; run before the first
+1. bare: batched forward passes in a plain Python loop (same model and texts, all of
+   ``--threads`` in one process, which the replicas split) -- run before the first
    server and after each, and each server is rated against the two runs beside it;
 2. tuneloop: the real Serve app over HTTP, one text per request;
 3. naive: Ray Serve + a transformers pipeline, one forward pass per request, no batching.
@@ -363,8 +363,9 @@ def cfg_target(args) -> str:
 
 # -- main -------------------------------------------------------------------------------
 def default_replicas(threads: int) -> int:
-    """The replicas tuneloop's default config runs on ``threads`` cores under load:
-    autoscaling's ``max_replicas`` left out is ``cores // num_cpus_per_replica``."""
+    """The replicas serving's defaults run on ``threads`` cores under load: autoscaling's
+    ``max_replicas`` left out is ``cores // num_cpus_per_replica``, and that is 1 left out
+    (the example tuneloop.yaml sets 2: three models share its 2 cores)."""
     from tuneloop.core.config import ServingConfig
 
     return max(1, int(threads // ServingConfig().num_cpus_per_replica))
@@ -381,7 +382,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the bare loop, split among the replicas")
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--replicas", type=int, default=None,
-                    help="tuneloop model replicas sharing --threads (default: tuneloop's default deployment "
+                    help="tuneloop model replicas sharing --threads (default: serving's default deployment "
                          "under load, threads // serving.num_cpus_per_replica: two 1-thread replicas on 2)")
     ap.add_argument("--target-batch-latency", type=float, default=None,
                     help="serving.target_batch_latency_s for tuneloop (default: the config default)")
