@@ -363,12 +363,14 @@ def cfg_target(args) -> str:
 
 # -- main -------------------------------------------------------------------------------
 def default_replicas(threads: int) -> int:
-    """The replicas serving's defaults run on ``threads`` cores under load: autoscaling's
-    ``max_replicas`` left out is ``cores // num_cpus_per_replica``, and that is 1 left out
-    (the example tuneloop.yaml sets 2: three models share its 2 cores)."""
+    """The replicas serving's defaults run on ``threads`` cores under load: the
+    ``max_replicas`` autoscaling resolves when the config leaves it and
+    ``num_cpus_per_replica`` (1) out. The example tuneloop.yaml sets 2: three models share
+    its 2 cores."""
     from tuneloop.core.config import ServingConfig
 
-    return max(1, int(threads // ServingConfig().num_cpus_per_replica))
+    serving = ServingConfig()
+    return serving.autoscaling.serve_config(serving.num_cpus_per_replica, threads)["max_replicas"]
 
 
 def main() -> None:
