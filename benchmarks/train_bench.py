@@ -54,6 +54,7 @@ from tuneloop.control import worker_setup  # noqa: E402
 from tuneloop.core.config import parse_config  # noqa: E402
 from tuneloop.core.model_source import resolve_model_source  # noqa: E402
 from tuneloop.training.launcher import run_training  # noqa: E402
+from tuneloop.training.recipe import STARTUP_PARTS  # noqa: E402
 from benchmarks.adapt_bench import progress, read_tsv, sample  # noqa: E402
 from benchmarks.plain_loop import fine_tune  # noqa: E402
 
@@ -103,6 +104,8 @@ def job(work: Path, args, workers: int, zero: int) -> dict[str, float | None]:
     progress(f"tuneloop {workers} worker(s), ZeRO-{zero}: {whole:.0f}s, steady {speed['steady_samples_per_s']} "
              f"samples/s, golden accuracy {outcome.manifest.metrics.accuracy:.4f}")
     return {"startup": (phases["queueing"] or 0.0) + (speed["startup_s"] or 0.0),
+            "startup_parts": {"queueing": phases["queueing"],  # the manifest keeps its keys sorted
+                              **{k: (speed["startup_parts"] or {}).get(k) for k in STARTUP_PARTS}},
             "steady": speed["steady_samples_per_s"], "evaluation": phases["evaluation"],
             "publishing": phases["publishing"], "whole": whole}
 
@@ -186,6 +189,11 @@ def main() -> None:
         if workers == 1 and to_alone:
             one.append((to_alone, beside, r["startup"]))
     lines.append(plain_row("alone, after Ray", alone[1]))
+    lines += ["", "Start-up in parts (queueing: the lease and reading the job's data; workers: Ray Train's "
+                  "controller, placement group, worker processes and process group; model load; DeepSpeed's "
+                  "initialize; first batch: Ray Data's first block), seconds:"]
+    lines += [f"- {w} worker(s), ZeRO-{z}: " + ", ".join(f"{k} {_cell(v)}" for k, v in r["startup_parts"].items())
+              for w, z, r in results]
     beside_ray = (sum(steady) / len(steady)) / alone_steady
     lines += ["", "Ratio beside Ray: to the mean of the plain runs just before and after the job, which share the "
                   "machine with Ray's idle processes as the job does; alone: to the mean of the two runs "

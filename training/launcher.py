@@ -43,7 +43,7 @@ from tuneloop.store.storage import Storage
 from tuneloop.training.distill import teacher_of, with_teacher_logits
 from tuneloop.training.job_data import JobData, assemble, with_training_columns
 from tuneloop.training.loop import train_loop_per_worker
-from tuneloop.training.recipe import training_speed
+from tuneloop.training.recipe import startup_parts, training_speed
 
 log = logging.getLogger(__name__)
 KEEP_TRAIN_RUNS = 2  # Ray Train run folders kept per model (each holds a full checkpoint)
@@ -308,10 +308,9 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
 
 def _speed(report: dict[str, Any], run_started: datetime) -> dict[str, Any]:
     """The run's samples/s per epoch and its start-up: from its start here to the first
-    batch in the workers (both wall clocks of this machine or of nodes kept in sync)."""
-    first = report["first_batch_at"]  # None when no batch came
+    batch in the workers, in parts (both wall clocks of this machine or of nodes kept in sync)."""
     return training_speed([tuple(e) for e in report["epochs"]],
-                          None if first is None else max(0.0, first - run_started.timestamp()))
+                          startup_parts(run_started.timestamp(), report["startup_marks"]))
 
 
 def _now() -> datetime:

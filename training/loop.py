@@ -263,6 +263,7 @@ def epoch_batches(shard, epoch: int, batch_size: int, shard_rows: int, seed: int
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    marks = {"loop_started": time.time()}  # the start-up's parts (recipe.startup_parts), wall clocks
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if config["use_gpu"] else "cpu")
     import deepspeed
     import ray.train
@@ -290,6 +291,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         kept = student_layers(total, distill["student_layers"])
         keep_layers(model, kept)
         _log(rank, f"student: layers {kept} of the teacher's {total}")
+    marks["model_loaded"] = time.time()
     frozen, frozen_fp32 = _freeze(model, config, rank, keep_fp32_copy=precision != "fp32")
     zero_stage = zero_stage_to_run(config["zero_stage"], world, precision)
     if zero_stage != config["zero_stage"]:
@@ -318,6 +320,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # update is at 0, as in Hugging Face's linear schedule (DeepSpeed 0.19.8, measured: weights
     # unchanged after two updates without this step, changed after the second with it).
     scheduler.step()
+    marks["engine_ready"] = time.time()
     _log(rank, f"{precision} on {engine.device}, {world} worker(s) of {torch.get_num_threads()} thread(s), "
                f"{total_steps} optimizer steps of {batch_size * world * accumulation} rows")
     train_shard = ray.train.get_dataset_shard("train")
@@ -341,7 +344,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     best: tuple[dict[str, Any], dict[str, Any]] | None = None  # (evaluation, weights) of the best epoch
     epochs_run, steps_at_last_check, started = 0, 0, time.perf_counter()
     epoch_times: list[list[float]] = []  # [rows of all workers, seconds] per epoch
-    first_batch_at: float | None = None  # wall clock: the launcher times the start-up to it
     # from_pretrained leaves a model in eval mode and deepspeed.initialize keeps it so: a job
     # that scored nothing first (v1 without early stopping) trained with dropout off, and one
     # with early stopping had it off for its first epoch only.
@@ -350,8 +352,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t0, seen, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
         for batch in epoch_batches(train_shard, epoch, batch_size, -(-config["train_rows"] // world),
                                    config["seed"], rank, world):
-            if first_batch_at is None:  # less production's baseline scoring: evaluation, not start-up
-                first_batch_at = time.time() - evaluate.seconds
+            if "first_batch" not in marks:  # less production's baseline scoring: evaluation, not start-up
+                marks["first_batch"] = time.time() - evaluate.seconds
             inputs, encoding = _encode(tokenizer, batch["text"], max_length, engine.device, task)
             targets = task.batch_targets(_columns(batch), encoding)
             target = _target_tensor(targets, task, engine.device)
@@ -397,7 +399,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _log(rank, "candidate: " + _summary(candidate_eval))
     report = {
         "candidate": candidate_eval, "parent": parent_eval, "steps": engine.global_steps,
-        "evaluation_s": evaluate.seconds, "epochs": epoch_times, "first_batch_at": first_batch_at,
+        "evaluation_s": evaluate.seconds, "epochs": epoch_times, "startup_marks": marks,
         "recipe": {"precision": precision, "epochs_run": epochs_run, "best_epoch": stopping.best_epoch + 1,
                    "early_stopped": epochs_run < config["epochs"] and engine.global_steps < total_steps,
                    "monitor": monitor if per_epoch else None, "zero_stage_run": zero_stage,

@@ -172,16 +172,33 @@ class EarlyStopping:
         return self.patience is not None and self.epochs_without_gain >= self.patience
 
 
-def training_speed(epochs: list[tuple[int, float]], startup_s: float | None) -> dict[str, Any]:
+STARTUP_MARKS = ("loop_started", "model_loaded", "engine_ready", "first_batch")
+STARTUP_PARTS = ("workers", "model_load", "deepspeed", "first_batch")
+
+
+def startup_parts(run_started: float, marks: dict[str, float | None]) -> dict[str, float] | None:
+    """A run's start-up split at the marks its rank-0 worker took (wall clocks, seconds):
+    ``workers`` from the run's start to the loop's first line (Ray Train's controller, the
+    placement group, the worker processes, the process group), ``model_load`` (imports,
+    tokenizer and weights), ``deepspeed`` (``deepspeed.initialize``) and ``first_batch``
+    (Ray Data's first block reaching the worker). None when a mark is missing: no batch came."""
+    times = [run_started, *(marks.get(m) for m in STARTUP_MARKS)]
+    if any(t is None for t in times):
+        return None
+    return {part: round(max(0.0, end - start), 2) for part, start, end in zip(STARTUP_PARTS, times, times[1:])}
+
+
+def training_speed(epochs: list[tuple[int, float]], startup: dict[str, float] | None) -> dict[str, Any]:
     """A job's speed, for its manifest: samples/s of each epoch (its rows, all workers', and
     its seconds), the steady state over the epochs after the first (which pays the warm-up:
     first allocations, the data pipeline's start), or the only epoch's, and the start-up
-    (the run's start to its first batch: workers, model load, DeepSpeed, first block)."""
+    (the run's start to its first batch) whole and in the parts of ``startup_parts``."""
     rates = [round(rows / seconds, 2) if seconds > 0 else None for rows, seconds in epochs]
     steady = epochs[1:] or epochs
     seconds = sum(s for _, s in steady)
     return {
-        "startup_s": None if startup_s is None else round(startup_s, 2),
+        "startup_s": None if startup is None else round(sum(startup.values()), 2),
+        "startup_parts": startup,
         "epoch_samples_per_s": rates,
         "steady_samples_per_s": round(sum(r for r, _ in steady) / seconds, 2) if seconds > 0 else None,
     }

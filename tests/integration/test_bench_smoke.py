@@ -111,6 +111,12 @@ def test_train_bench_smoke_prints_the_table(tmp_path):
             assert float(cells[5]) >= 0 and float(cells[6]) >= 0, row  # evaluation, publishing
             assert float(cells[3]) > 0 and float(cells[4]) > 0, row  # its ratios: beside Ray, alone
     assert "Ray's idle processes alone: the plain loop beside them at" in out.stdout
+    parts = [line for line in out.stdout.splitlines() if line.startswith("- ") and "worker(s), ZeRO-" in line]
+    assert [p.split(":")[0] for p in parts] == ["- 1 worker(s), ZeRO-0", "- 2 worker(s), ZeRO-2"]
+    for line in parts:  # each part in seconds
+        seconds = dict(kv.rsplit(" ", 1) for kv in line.split(": ", 1)[1].split(", "))
+        assert list(seconds) == ["queueing", "workers", "model_load", "deepspeed", "first_batch"], line
+        assert all(float(v) >= 0 for v in seconds.values()), line
     assert "1 worker: steady state" in out.stdout and "[tuneloop train] epoch 2/2" in out.stderr
 
 

@@ -42,6 +42,10 @@ def test_first_job_trains_v1_from_the_base_model(trained):
     assert job.state == "succeeded", job.error
     assert manifest.version == "v1" and manifest.parent is None and manifest.status == "accepted"
     assert manifest.training["zero_stage"] == 2 and manifest.training["steps"] == 2
+    speed = manifest.training["speed"]  # the start-up, whole and at the worker's marks
+    assert set(speed["startup_parts"]) == {"workers", "model_load", "deepspeed", "first_batch"}
+    assert all(s >= 0 for s in speed["startup_parts"].values()) and speed["startup_parts"]["workers"] > 0
+    assert speed["startup_s"] == pytest.approx(sum(speed["startup_parts"].values()), abs=0.02)
     data = manifest.data
     assert data["seed"]["sha256"] and data["feedback"]["fresh_rows"] == 0
     # The seed less its frozen golden set (20%, stratified) is what v1 learns.

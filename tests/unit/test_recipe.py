@@ -14,6 +14,7 @@ from tuneloop.training.recipe import (
     head_order,
     optimizer_steps,
     resolve_precision,
+    startup_parts,
     training_speed,
     zero_stage_to_run,
 )
@@ -169,8 +170,19 @@ def test_a_checkpoint_with_the_labels_in_another_order_trains_from_its_rows_in_o
 
 
 def test_training_speed_leaves_the_first_epoch_out_of_the_steady_state():
-    speed = training_speed([(1000, 50.0), (1000, 20.0), (1000, 30.0)], startup_s=12.345)
-    assert speed == {"startup_s": 12.35, "epoch_samples_per_s": [20.0, 50.0, 33.33], "steady_samples_per_s": 40.0}
-    assert training_speed([(300, 10.0)], None) == {"startup_s": None, "epoch_samples_per_s": [30.0],
-                                                    "steady_samples_per_s": 30.0}
+    parts = {"workers": 5.5, "model_load": 3.0, "deepspeed": 0.5, "first_batch": 3.345}
+    speed = training_speed([(1000, 50.0), (1000, 20.0), (1000, 30.0)], parts)
+    assert speed == {"startup_s": 12.35, "startup_parts": parts, "epoch_samples_per_s": [20.0, 50.0, 33.33],
+                     "steady_samples_per_s": 40.0}
+    assert training_speed([(300, 10.0)], None) == {"startup_s": None, "startup_parts": None,
+                                                    "epoch_samples_per_s": [30.0], "steady_samples_per_s": 30.0}
     assert training_speed([], None)["steady_samples_per_s"] is None  # a job stopped before its first epoch ended
+
+
+def test_startup_parts_split_the_start_up_at_the_workers_marks():
+    marks = {"loop_started": 106.0, "model_loaded": 109.25, "engine_ready": 109.75, "first_batch": 112.0}
+    assert startup_parts(100.0, marks) == {"workers": 6.0, "model_load": 3.25, "deepspeed": 0.5, "first_batch": 2.25}
+    assert startup_parts(100.0, {**marks, "first_batch": None}) is None  # no batch came
+    assert startup_parts(100.0, {k: v for k, v in marks.items() if k != "first_batch"}) is None
+    # Another node's clock a little behind the driver's: a part is never negative.
+    assert startup_parts(107.0, marks)["workers"] == 0.0
