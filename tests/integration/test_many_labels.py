@@ -34,8 +34,10 @@ def intents(ray_session, tmp_path_factory):
                                               for j in range(5)))
     base = build_tiny_model(tmp_path_factory.mktemp("tiny-intent"), INTENTS)
     root = tmp_path_factory.mktemp("intent-store")
+    # One worker: these jobs are about labels, not sharding (test_training.py trains 2 workers at
+    # ZeRO-2 and 3); a second worker process cost each job about 12 s here.
     cfg = make_config(root, base, str(seed), model={"name": "intent", "labels": INTENTS},
-                      training={"max_steps": 2, "early_stopping_patience": None},
+                      training={"max_steps": 2, "early_stopping_patience": None, "num_workers": 1},
                       gate={"golden_margin": 1.0})  # a random tiny model: reach the per-class test whatever it scores
     first = run_training(cfg, "intent", trigger="bootstrap")
     feedback = FeedbackStore(Storage(cfg.storage.root), cfg.storage.journal_path(), model_tasks(cfg.models))
@@ -94,7 +96,8 @@ def multi_label(ray_session, serve_port, metrics_dir, tmp_path_factory):
     cfg = make_config(tmp_path_factory.mktemp("ml-store"), base, str(seed),
                       model={"name": "tickets", "task": "multi-label-classification", "labels": TOPICS,
                              "threshold": {"urgent": 0.9}},
-                      training={"max_steps": 2, "early_stopping_patience": None}, gate={"golden_margin": 1.0})
+                      training={"max_steps": 2, "early_stopping_patience": None, "num_workers": 1},
+                      gate={"golden_margin": 1.0})
     with trained_and_served(cfg, "tickets", metrics_dir, serve_port) as (url, first):
         yield url, cfg, first
 
