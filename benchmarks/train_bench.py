@@ -103,9 +103,9 @@ def job(work: Path, args, workers: int, zero: int) -> dict[str, float | None]:
     speed, phases = outcome.manifest.training["speed"], outcome.job.serving_time.phases
     progress(f"tuneloop {workers} worker(s), ZeRO-{zero}: {whole:.0f}s, steady {speed['steady_samples_per_s']} "
              f"samples/s, golden accuracy {outcome.manifest.metrics.accuracy:.4f}")
-    return {"startup": (phases["queueing"] or 0.0) + (speed["startup_s"] or 0.0),
-            "startup_parts": {"queueing": phases["queueing"],  # the manifest keeps its keys sorted
-                              **{k: (speed["startup_parts"] or {}).get(k) for k in STARTUP_PARTS}},
+    in_run = speed["startup_parts"] or {}  # None when no batch came
+    parts = {"queueing": phases["queueing"], **{k: in_run.get(k) for k in STARTUP_PARTS}}  # the manifest sorts keys
+    return {"startup": sum(v or 0.0 for v in parts.values()), "startup_parts": parts,
             "steady": speed["steady_samples_per_s"], "evaluation": phases["evaluation"],
             "publishing": phases["publishing"], "whole": whole}
 
