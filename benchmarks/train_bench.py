@@ -13,7 +13,7 @@ threads / W: Ray gives a worker as many torch threads as CPUs).
 Reported apart, for each:
 - start-up: the plain loop's model load; the job's queueing (lease, reading its data,
   waiting for CPUs) plus its run's start to the first batch (Ray Train's workers, the
-  model's load, DeepSpeed's initialize, Ray Data's first block);
+  model's load, DeepSpeed's initialize, the first batch);
 - steady state: samples/s over the epochs after the first (the first pays the warm-up);
 - the job's evaluation (inside its run) and publishing (after the gate), and the whole.
 Ray's own start (once per run) is printed above the table.
@@ -61,7 +61,7 @@ from benchmarks.plain_loop import fine_tune  # noqa: E402
 BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 LABELS = ["negative", "positive"]
 MAX_LENGTH, LEARNING_RATE, WARMUP, WEIGHT_DECAY = 64, 5e-5, 0.1, 0.01
-SPARE_CPUS = 4  # Ray's logical CPUs beyond the workers': Ray Data's (DATA_CPUS) and the train controller
+SPARE_CPUS = 4  # Ray's logical CPUs beyond the workers': the job's spare (DATA_CPUS) and the train controller
 
 
 def read_rows(path: Path) -> list[tuple[str, str]]:
@@ -191,7 +191,7 @@ def main() -> None:
     lines.append(plain_row("alone, after Ray", alone[1]))
     lines += ["", "Start-up in parts (queueing: the lease and reading the job's data; workers: Ray Train's "
                   "controller, placement group, worker processes and process group; model load; DeepSpeed's "
-                  "initialize; first batch: Ray Data's first block), seconds:"]
+                  "initialize; first batch: the job's tables from the object store), seconds:"]
     lines += [f"- {w} worker(s), ZeRO-{z}: " + ", ".join(f"{k} {_cell(v)}" for k, v in r["startup_parts"].items())
               for w, z, r in results]
     beside_ray = (sum(steady) / len(steady)) / alone_steady

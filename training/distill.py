@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import ray
 import ray.data
 
 from tuneloop.core.config import DistillConfig, TuneloopConfig
@@ -95,21 +97,28 @@ class _TeacherScorer:
         self.order = [theirs.index(label) for label in head]
         self.max_length = max_length
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
-        enc = self.tokenizer([str(t) for t in batch["text"]], padding=True, truncation=True,
+        enc = self.tokenizer([str(t) for t in batch.column("text").to_pylist()], padding=True, truncation=True,
                              max_length=self.max_length, return_tensors="pt")
         with torch.inference_mode():
             logits = self.model(**{k: v.to(self.device) for k, v in enc.items()}).logits.float()
-        return {**batch, TEACHER_COLUMN: logits[:, self.order].cpu().numpy()}
+        logits = logits[:, self.order].cpu().numpy().astype(np.float32)
+        # A plain fixed-size list column (not Ray Data's tensor extension type): the workers
+        # read it as lists without Ray Data.
+        column = pa.FixedSizeListArray.from_arrays(pa.array(logits.ravel()), logits.shape[1])
+        return batch.append_column(TEACHER_COLUMN, column)
 
 
-def with_teacher_logits(train: ray.data.Dataset, teacher_path: str, task: Task, max_length: int, use_gpu: bool,
-                        cpus: float) -> tuple[ray.data.Dataset, float]:
-    """``train`` with the teacher's logits per row (materialized: scored once, read every
-    epoch), and the seconds the scoring took."""
+def with_teacher_logits(train: pa.Table, teacher_path: str, task: Task, max_length: int, use_gpu: bool,
+                        cpus: float) -> tuple[pa.Table, float]:
+    """``train`` with the teacher's logits per row (scored once, read every epoch), and the
+    seconds the scoring took."""
     t0 = time.perf_counter()
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # they flood the server's log
+    context.print_on_execution_start = False
     # Its "Dataset ... execution finished" line at info: the job logs its own. Put back after.
     executor = logging.getLogger("ray.data._internal.execution.streaming_executor")
     level = executor.level
@@ -121,14 +130,14 @@ def with_teacher_logits(train: ray.data.Dataset, teacher_path: str, task: Task, 
     return scored, time.perf_counter() - t0
 
 
-def _scored(train: ray.data.Dataset, teacher_path: str, task: Task, max_length: int, use_gpu: bool,
-            cpus: float) -> ray.data.Dataset:
-    return train.map_batches(
-        _TeacherScorer, batch_size=SCORE_BATCH_SIZE, batch_format="numpy",
+def _scored(train: pa.Table, teacher_path: str, task: Task, max_length: int, use_gpu: bool, cpus: float) -> pa.Table:
+    scored = ray.data.from_arrow(train).map_batches(
+        _TeacherScorer, batch_size=SCORE_BATCH_SIZE, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cpus, num_gpus=1 if use_gpu else 0,
         fn_constructor_kwargs={"path": teacher_path, "auto_class": task.auto_class, "head": task.head_labels(),
                                "max_length": max_length, "use_gpu": use_gpu},
-    ).materialize()
+    )
+    return pa.concat_tables(ray.get(scored.to_arrow_refs()))
 
 
 def keep_layers(model, keep: list[int]) -> None:

@@ -1,5 +1,5 @@
 """Launch one fine-tuning job: its data (``job_data.py``: fresh feedback, replay, golden
-set), a TorchTrainer with DeepSpeed workers fed through Ray Data, then the gate, the
+set), a TorchTrainer with DeepSpeed workers fed its tables through Ray's object store, then the gate, the
 registry and (if accepted, and production is still the version the job started from)
 production.
 
@@ -24,8 +24,7 @@ from typing import Any
 
 import pyarrow as pa
 import ray
-import ray.data
-from ray.train import DataConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from tuneloop.core.config import GateConfig, TrainingConfig, TuneloopConfig
@@ -64,18 +63,15 @@ class TrainingOutcome:
     manifest: Manifest | None
 
 
-def _datasets(task: Task, data: JobData) -> tuple[dict[str, ray.data.Dataset], list[str]]:
-    """Ray datasets for the workers: ``train`` (split among them) and the evaluation sets
-    (each worker sees all of one; empty ones are left out)."""
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # they flood the server's log
-    context.print_on_execution_start = False  # each dataset's plan, at every epoch
+def _job_tables(task: Task, data: JobData) -> dict[str, pa.Table]:
+    """The tables the workers read: ``train`` (split among them) and the evaluation sets
+    (each worker scores all of one; empty ones are left out), with a ``row`` number each."""
     sets = {"train": with_training_columns(task, data.train)}
     for name, table in (("golden", data.golden), ("fresh", data.fresh_eval), ("validation", data.validation)):
         if table.num_rows:
             sets[name] = with_training_columns(task, table).append_column(
                 "row", pa.array(range(table.num_rows), pa.int64()))
-    return {name: ray.data.from_arrow(table) for name, table in sets.items()}, [n for n in sets if n != "train"]
+    return sets
 
 
 def _wait_for_resources(tcfg: TrainingConfig, autoscaled: bool) -> None:
@@ -210,14 +206,14 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
     if data.summary["quarantine"]["flagged"]:
         log.warning("job %s: quarantined feedback keys of %s: %s", job.job_id, model,
                     data.summary["quarantine"]["flagged"])
-    datasets, eval_sets = _datasets(task, data)
+    tables = _job_tables(task, data)
     log.info("job %s: %s from %s, %s", job.job_id, model, parent or mcfg.starts_from(), data.summary)
     # A cluster joined by address may autoscale; the local Ray `tuneloop run` starts cannot.
     _wait_for_resources(tcfg, autoscaled=bool(cfg.ray.address or os.environ.get("RAY_ADDRESS")))
     training_started = _now()  # a student's teacher scoring its rows is training, not queueing
     if teacher is not None:
-        datasets["train"], teacher.scoring_s = with_teacher_logits(
-            datasets["train"], teacher.path, task, tcfg.max_length, tcfg.use_gpu, tcfg.cpus_per_worker)
+        tables["train"], teacher.scoring_s = with_teacher_logits(
+            tables["train"], teacher.path, task, tcfg.max_length, tcfg.use_gpu, tcfg.cpus_per_worker)
         log.info("job %s: teacher %s %s scored %d rows in %.1f s", job.job_id, teacher.model, teacher.version,
                  data.train.num_rows, teacher.scoring_s)
     run_started = _now()
@@ -231,7 +227,8 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
             "task_options": {k: getattr(mcfg, k) for k in task.options},
             "has_parent": parent is not None,
             "train_rows": data.train.num_rows,
-            "eval_sets": eval_sets,
+            # Object references, not the tables: each worker reads them from the object store.
+            "tables": {name: ray.put(table) for name, table in tables.items()},
             "distill": teacher.loop_config(parent is None) if teacher else None,
         },
         scaling_config=ScalingConfig(
@@ -243,8 +240,6 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
             # path: 40 lines a job) are in its log files; the console gets the job's progress.
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()
     training_ended = _now()

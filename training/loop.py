@@ -29,6 +29,7 @@ from tuneloop.training.recipe import (
     student_layers,
     zero_stage_to_run,
 )
+from tuneloop.training.shards import batches, epoch_batches, worker_shard
 
 EVAL_BATCH_SIZE = 64
 
@@ -76,11 +77,7 @@ def _activated(logits, task: Task):
     return logits.float().sigmoid() if task.activation == "sigmoid" else logits.float().softmax(-1)
 
 
-def _columns(batch: dict[str, Any]) -> dict[str, list]:
-    return {k: v.tolist() for k, v in batch.items()}
-
-
-def _evaluate(engine, tokenizer, shard, max_length: int, task: Task) -> dict[str, Any]:
+def _evaluate(engine, tokenizer, rows, max_length: int, task: Task) -> dict[str, Any]:
     """Score a whole evaluation set: its metrics, its mean loss, whether each row (by its
     ``row`` number, when the set has one) was answered right, and whether every output was finite. Every
     worker sees all of the set (it is not split), so candidate and production are scored on
@@ -94,9 +91,9 @@ def _evaluate(engine, tokenizer, shard, max_length: int, task: Task) -> dict[str
     finite = True
     loss_sum = 0.0
     with torch.no_grad():
-        for batch in shard.iter_batches(batch_size=EVAL_BATCH_SIZE, batch_format="numpy"):
+        for batch in batches(rows, EVAL_BATCH_SIZE):
             inputs, encoding = _encode(tokenizer, batch["text"], max_length, engine.device, task)
-            targets = task.batch_targets(_columns(batch), encoding)
+            targets = task.batch_targets(batch, encoding)
             out = engine(**inputs, labels=_target_tensor(targets, task, engine.device))
             logits = out.logits
             finite = finite and bool(torch.isfinite(logits).all())
@@ -115,14 +112,14 @@ class _Evaluator:
     """Scores every evaluation set, and counts the seconds spent doing it (the job's
     feedback-to-serving time puts them under evaluation, not training)."""
 
-    def __init__(self, engine, tokenizer, shards: dict[str, Any], max_length: int, task: Task):
-        self.engine, self.tokenizer, self.shards, self.max_length, self.task = engine, tokenizer, shards, max_length, task
+    def __init__(self, engine, tokenizer, sets: dict[str, Any], max_length: int, task: Task):
+        self.engine, self.tokenizer, self.sets, self.max_length, self.task = engine, tokenizer, sets, max_length, task
         self.seconds = 0.0
 
     def __call__(self) -> dict[str, Any]:
         t0 = time.perf_counter()
-        out = {name: _evaluate(self.engine, self.tokenizer, shard, self.max_length, self.task)
-               for name, shard in self.shards.items()}
+        out = {name: _evaluate(self.engine, self.tokenizer, rows, self.max_length, self.task)
+               for name, rows in self.sets.items()}
         self.seconds += time.perf_counter() - t0
         return out
 
@@ -252,16 +249,6 @@ def _reorder_output_rows(model, order: list[int]) -> None:
             p.copy_(p[index])
 
 
-def epoch_batches(shard, epoch: int, batch_size: int, shard_rows: int, seed: int, rank: int, world: int):
-    """One epoch of a worker's shard in numpy batches: the job's order (shuffled once, by
-    ``job_data``) at epoch 0, reshuffled at every later epoch with a seed of its own, as a
-    textbook loop reshuffles every epoch. Ray Data's iterator replays the shard's blocks in
-    the same order otherwise; the buffer holds the whole shard (a few MB of text even at
-    ``max_rows_per_job``), so the shuffle is a full one, not a local one."""
-    shuffle = {"local_shuffle_buffer_size": shard_rows, "local_shuffle_seed": (seed * 1000 + epoch) * world + rank}
-    return shard.iter_batches(batch_size=batch_size, batch_format="numpy", **(shuffle if epoch else {}))
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     marks = {"loop_started": time.time()}  # the start-up's parts (recipe.startup_parts), wall clocks
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if config["use_gpu"] else "cpu")
@@ -323,9 +310,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     marks["engine_ready"] = time.time()
     _log(rank, f"{precision} on {engine.device}, {world} worker(s) of {torch.get_num_threads()} thread(s), "
                f"{total_steps} optimizer steps of {batch_size * world * accumulation} rows")
-    train_shard = ray.train.get_dataset_shard("train")
-    eval_shards = {name: ray.train.get_dataset_shard(name) for name in config["eval_sets"]}
-    evaluate = _Evaluator(engine, tokenizer, eval_shards, max_length, task)
+    # The job's tables, from the object store (zero-copy): train is split, each worker scores
+    # all of every evaluation set (shards.py says why not Ray Data).
+    tables = {name: ray.get(ref) for name, ref in config["tables"].items()}
+    train_shard = worker_shard(tables.pop("train"), rank, world)
+    evaluate = _Evaluator(engine, tokenizer, tables, max_length, task)
 
     parent_eval = None
     if config["has_parent"]:
@@ -336,8 +325,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Early stopping watches the loss on its validation rows (fresh feedback just before the
     # gate's, never the gate's own), or at v1, which has no fresh feedback and no production
     # for the gate to compare with, on the golden set.
-    monitor = "validation" if "validation" in eval_shards else None
-    if monitor is None and not config["has_parent"] and "golden" in eval_shards:
+    monitor = "validation" if "validation" in tables else None
+    if monitor is None and not config["has_parent"] and "golden" in tables:
         monitor = "golden"
     stopping = EarlyStopping(config["early_stopping_patience"], config["early_stopping_min_delta"])
     per_epoch = monitor is not None and config["early_stopping_patience"] is not None and config["epochs"] > 1
@@ -350,17 +339,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine.train()
     for epoch in range(config["epochs"]):
         t0, seen, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
-        for batch in epoch_batches(train_shard, epoch, batch_size, -(-config["train_rows"] // world),
-                                   config["seed"], rank, world):
+        for batch in epoch_batches(train_shard, epoch, batch_size, config["seed"], rank, world):
             if "first_batch" not in marks:  # less production's baseline scoring: evaluation, not start-up
                 marks["first_batch"] = time.time() - evaluate.seconds
             inputs, encoding = _encode(tokenizer, batch["text"], max_length, engine.device, task)
-            targets = task.batch_targets(_columns(batch), encoding)
+            targets = task.batch_targets(batch, encoding)
             target = _target_tensor(targets, task, engine.device)
             out = engine(**inputs, labels=target)
             loss = out.loss
             if distill:
-                teacher_logits = torch.as_tensor(batch[TEACHER_COLUMN], device=engine.device)
+                teacher_logits = torch.tensor(batch[TEACHER_COLUMN], dtype=torch.float32, device=engine.device)
                 loss = distillation_loss(out.logits, teacher_logits, loss, task, distill["temperature"],
                                          distill["alpha"])
             engine.backward(loss)

@@ -181,7 +181,8 @@ def startup_parts(run_started: float, marks: dict[str, float | None]) -> dict[st
     ``workers`` from the run's start to the loop's first line (Ray Train's controller, the
     placement group, the worker processes, the process group), ``model_load`` (imports,
     tokenizer and weights), ``deepspeed`` (``deepspeed.initialize``) and ``first_batch``
-    (Ray Data's first block reaching the worker). None when a mark is missing: no batch came."""
+    (the job's tables read from the object store, the first batch cut). None when a mark is
+    missing: no batch came."""
     times = [run_started, *(marks.get(m) for m in STARTUP_MARKS)]
     if any(t is None for t in times):
         return None

@@ -7,8 +7,10 @@ ran. A job therefore checks first and fails fast, saying what to change.
 
 from __future__ import annotations
 
-# Ray Data's read and map tasks need a CPU of their own beside the workers while the
-# datasets stream in; without it ingestion starves and the workers wait on it.
+# One CPU beyond the workers'. Jobs fed their workers through Ray Data once, whose tasks
+# starved without a CPU of their own; the workers now read the job's tables from the object
+# store (training/shards.py), but a student's teacher still scores its rows on Ray Data, and
+# a spare CPU keeps Ray's own tasks from waiting on a job that took every one.
 DATA_CPUS = 1
 
 

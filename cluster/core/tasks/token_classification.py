@@ -114,7 +114,7 @@ class TokenClassification(Task):
     feedback_columns = {"predicted_entities": ListOf(SPAN), "entities": ListOf(SPAN)}
     target_columns = ("entities",)
     # Each entity as three numbers, start, end and type index, one after the other: a flat
-    # list column crosses Ray Data's numpy batches as one array per row.
+    # int64 list column, the plainest Arrow type for the workers' tables and trained_on.
     training_columns = {"spans": ListOf("int64")}
 
     def __init__(self, labels: Sequence[str], aggregation: str = "first", window_stride: int | None = None):

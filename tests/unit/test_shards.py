@@ -1,0 +1,43 @@
+import pyarrow as pa
+import pytest
+
+from tuneloop.training.shards import batches, epoch_batches, worker_rows, worker_shard
+
+
+def _table(n: int) -> pa.Table:
+    return pa.table({"i": list(range(n)), "tags": [[i, i + 1] for i in range(n)]})
+
+
+def _order(shard: pa.Table, epoch: int, rank: int = 0, world: int = 2, seed: int = 0) -> list[int]:
+    return [i for batch in epoch_batches(shard, epoch, 8, seed=seed, rank=rank, world=world) for i in batch["i"]]
+
+
+def test_each_epoch_after_the_first_reshuffles_the_shard():
+    shard = _table(40)
+    assert _order(shard, 0) == list(range(40))  # the job's own (already shuffled) order
+    epochs = [_order(shard, e) for e in (1, 2)]
+    for seen in epochs:
+        assert sorted(seen) == list(range(40)) and seen != list(range(40))
+    assert epochs[0] != epochs[1]  # a new order every epoch...
+    assert _order(shard, 1) == epochs[0]  # ...that a rerun repeats
+    assert _order(shard, 1, rank=1) != epochs[0]  # each worker its own
+    assert _order(shard, 1, seed=1) != epochs[0]  # and each job seed
+
+
+def test_workers_get_equal_disjoint_shares_of_the_rows():
+    table = _table(43)
+    shares = [worker_shard(table, rank, 3)["i"].to_pylist() for rank in range(3)]
+    assert [len(s) for s in shares] == [14, 14, 14] == [worker_rows(43, 3)] * 3  # one row left out
+    assert sorted(sum(shares, [])) == list(range(42))
+    assert worker_shard(table, 0, 1).num_rows == 43  # one worker: every row
+    with pytest.raises(ValueError, match="rank 3"):
+        worker_shard(table, 3, 3)
+
+
+def test_batches_are_python_lists_with_a_short_last_one():
+    out = list(batches(_table(10), 4))
+    assert [len(b["i"]) for b in out] == [4, 4, 2]
+    assert out[0] == {"i": [0, 1, 2, 3], "tags": [[0, 1], [1, 2], [2, 3], [3, 4]]}
+    assert list(batches(_table(0), 4)) == []
+    with pytest.raises(ValueError, match="at least 1, not 0"):
+        next(batches(_table(3), 0))
