@@ -136,3 +136,22 @@ def test_distill_bench_smoke_prints_both_tables():
     assert len(served) == 6 and all(float(r[2]) > 0 and r[5] == "0" for r in served)  # texts/s, no errors
     assert "student at 64 clients:" in out.stdout
     assert "[tuneloop train] student: layers [1] of the teacher's 2" in out.stderr
+
+
+def test_idle_bench_smoke_prints_the_table(tmp_path):
+    # Generated texts (no --data there), a tiny model, one actor: about 30 s.
+    base = build_tiny_model(tmp_path / "tiny", ["negative", "positive"])
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "idle_bench.py"), "--data", str(tmp_path / "none"),
+         "--base-model", base, "--actors", "1,2", "--threads", "1", "--rounds", "2", "--steps", "2"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[0].startswith("| torch threads | idle actors | samples/s, actors alive")
+    cells = [[c.strip() for c in row.split("|")[1:-1]] for row in rows[1:]]
+    assert [(c[0], c[1]) for c in cells] == [("1", "1"), ("1", "2")]
+    for c in cells:
+        alive, killed, ratio = float(c[2]), float(c[3]), float(c[4])
+        assert alive > 0 and killed > 0 and abs(ratio - round(alive / killed, 2)) <= 0.011, c
+    assert "round 2/2: alive" in out.stderr  # a line per probe
