@@ -1,7 +1,7 @@
 """Launch one fine-tuning job: its data (``job_data.py``: fresh feedback, replay, golden
-set), a TorchTrainer with DeepSpeed workers fed its tables through Ray's object store, then the gate, the
-registry and (if accepted, and production is still the version the job started from)
-production.
+set), a TorchTrainer with DeepSpeed workers that read its tables from Ray's object store,
+then the gate, the registry and (if accepted, and production is still the version the job
+started from) production.
 
 Starts from the current production weights (the base model for v1) and trains on the
 feedback that arrived since production was trained, plus a replay sample of the seed and
@@ -64,8 +64,8 @@ class TrainingOutcome:
 
 
 def _job_tables(task: Task, data: JobData) -> dict[str, pa.Table]:
-    """The tables the workers read: ``train`` (split among them) and the evaluation sets
-    (each worker scores all of one; empty ones are left out), with a ``row`` number each."""
+    """The tables the workers read: ``train`` (split among them) and the evaluation sets,
+    each with a ``row`` number (each worker scores all of one; empty ones are left out)."""
     sets = {"train": with_training_columns(task, data.train)}
     for name, table in (("golden", data.golden), ("fresh", data.fresh_eval), ("validation", data.validation)):
         if table.num_rows:
