@@ -99,6 +99,13 @@ def dropout_overrides(config_keys: Iterable[str], dropout: float | None) -> dict
     return {key: dropout for key in DROPOUT_KEYS if key in set(config_keys)}
 
 
+def worker_rows(rows: int, world: int) -> int:
+    """Rows each worker trains on an epoch: an equal share, the remainder (fewer than
+    ``world`` rows) left out, so every worker takes the same number of steps (their
+    gradients meet in an all-reduce at each one)."""
+    return rows // world
+
+
 def optimizer_steps(train_rows: int, micro_batch_size: int, world_size: int, accumulation: int,
                     epochs: int, max_steps: int | None) -> tuple[int, int]:
     """(accumulation to use, total optimizer steps). Each worker gets an equal share of the
@@ -106,7 +113,7 @@ def optimizer_steps(train_rows: int, micro_batch_size: int, world_size: int, acc
     at every ``accumulation``-th micro-batch across epochs, and never for a partial group at
     the end, so a job with fewer micro-batches than ``accumulation`` accumulates them all
     (else it would never step)."""
-    micro = max(1, math.ceil((train_rows // world_size) / micro_batch_size)) * epochs
+    micro = max(1, math.ceil(worker_rows(train_rows, world_size) / micro_batch_size)) * epochs
     accumulation = min(accumulation, micro)
     total = micro // accumulation
     return accumulation, min(total, max_steps) if max_steps else total

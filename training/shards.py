@@ -21,16 +21,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-
-def worker_rows(rows: int, world: int) -> int:
-    """Rows each worker trains on an epoch: an equal share, the remainder (fewer than
-    ``world`` rows) left out, so every worker takes the same number of steps (their
-    gradients meet in an all-reduce at each one)."""
-    return rows if world == 1 else rows // world
+from tuneloop.training.recipe import worker_rows
 
 
 def worker_shard(table: pa.Table, rank: int, world: int) -> pa.Table:
-    """Worker ``rank``'s contiguous share of ``table`` (already shuffled by ``job_data``)."""
+    """Worker ``rank``'s contiguous share of ``table`` (already shuffled by ``job_data``):
+    ``worker_rows`` of them, the share ``optimizer_steps`` counts steps for."""
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not one of {world} workers")
     share = worker_rows(table.num_rows, world)

@@ -1,7 +1,8 @@
 import pyarrow as pa
 import pytest
 
-from tuneloop.training.shards import batches, epoch_batches, worker_rows, worker_shard
+from tuneloop.training.recipe import worker_rows
+from tuneloop.training.shards import batches, epoch_batches, worker_shard
 
 
 def _table(n: int) -> pa.Table:
