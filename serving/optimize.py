@@ -48,6 +48,18 @@ log = logging.getLogger("tuneloop.optimize")
 SAMPLE_TEXTS = ["a short one", "and a somewhat longer sample text for the export"]
 
 
+def forward_inputs(net, encoding: dict) -> dict:
+    """The tensors of ``encoding`` that ``net.forward`` names. A tokenizer may return more
+    than its model takes (a BERT tokenizer saved beside a DistilBERT gives
+    ``token_type_ids``); eager PyTorch swallows them in ``**kwargs``, but the exporter's
+    dynamic shapes must name the forward's arguments exactly."""
+    import inspect
+
+    named = {name for name, p in inspect.signature(net.forward).parameters.items()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {name: value for name, value in encoding.items() if name in named}
+
+
 def export_onnx(path: str, task: Task, out: str) -> None:
     """Export the version at ``path`` (fp32, on the CPU) to ``out``, with dynamic batch and length."""
     import torch
@@ -59,7 +71,7 @@ def export_onnx(path: str, task: Task, out: str) -> None:
     task.encoding_for(enc)  # drops what the model does not take (offsets, word ids)
     longest = int(getattr(net.config, "max_position_embeddings", 0) or 8192)
     batch, length = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("length", min=1, max=longest)
-    inputs = dict(enc)
+    inputs = forward_inputs(net, dict(enc))
     program = torch.onnx.export(net, (), kwargs=inputs, input_names=list(inputs), output_names=["logits"],
                                 dynamic_shapes={name: {0: batch, 1: length} for name in inputs},
                                 dynamo=True, optimize=True, verbose=False)

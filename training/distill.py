@@ -158,6 +158,10 @@ def keep_layers(model, keep: list[int]) -> None:
         for sub in layer.modules():  # attention modules that index a cache by their layer
             if hasattr(sub, "layer_idx"):
                 sub.layer_idx = i
+    # Configs with a type per layer (ModernBERT's attention pattern, in transformers 5) are
+    # validated against num_hidden_layers on assignment: cut the list first.
+    if isinstance(getattr(model.config, "layer_types", None), list | tuple):
+        model.config.layer_types = [model.config.layer_types[i] for i in keep]
     model.config.num_hidden_layers = len(keep)
 
 

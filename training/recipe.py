@@ -69,6 +69,10 @@ def frozen_parameters(names: Iterable[str], base_prefix: str, freeze_layers: int
     if feature_extraction:
         return set(encoder)
     blocks = {int(m.group(1)) for n in encoder if (m := _BLOCK.search(n[len(base_prefix) + 1:]))}
+    if not blocks:
+        raise ValueError(f"freeze_layers {freeze_layers}: the encoder under {base_prefix!r} has no numbered layers "
+                         "of its own to freeze (ALBERT, for one, shares one layer's weights among all of them); "
+                         "use feature_extraction to freeze the whole encoder")
     if freeze_layers > len(blocks):
         raise ValueError(f"freeze_layers {freeze_layers} exceeds the model's {len(blocks)} encoder layers "
                          "(use feature_extraction to freeze the whole encoder)")

@@ -93,6 +93,12 @@ def test_freezing_what_the_model_does_not_have_says_so():
         frozen_parameters(BERT, "roberta", freeze_layers=1, feature_extraction=False)
     with pytest.raises(ValueError, match="no head"):
         frozen_parameters(["bert.embeddings.weight"], "bert", freeze_layers=0, feature_extraction=True)
+    # ALBERT's blocks share one set of weights: no lowest layer to freeze alone, but the encoder can be.
+    albert = ["albert.embeddings.word_embeddings.weight", "albert.encoder.embedding_hidden_mapping_in.weight",
+              "albert.encoder.albert_layer_groups.0.albert_layers.0.attention.query.weight", "classifier.weight"]
+    with pytest.raises(ValueError, match="freeze_layers 1: the encoder under 'albert' has no numbered layers"):
+        frozen_parameters(albert, "albert", freeze_layers=1, feature_extraction=False)
+    assert frozen_parameters(albert, "albert", freeze_layers=0, feature_extraction=True) == set(albert[:3])
 
 
 def test_dropout_sets_only_the_keys_the_config_has():
