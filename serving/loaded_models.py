@@ -65,6 +65,7 @@ class LoadedModel:
         dtype = torch.bfloat16 if self.device.type == "cuda" or self.bf16 else torch.float32
         auto_class = getattr(transformers, self.task.auto_class)
         self.model = auto_class.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        self.model.config.use_cache = False  # a decoder's (GPT-2's) key-value cache is for generating, not scoring
         self.head = checkpoint_labels(self.model.config.id2label, self.task.head_labels(), self.version)
         # What holding this version costs the replica: its weights and buffers, as loaded;
         # activations come and go with each batch.

@@ -67,6 +67,7 @@ def export_onnx(path: str, task: Task, out: str) -> None:
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     net = getattr(transformers, task.auto_class).from_pretrained(path, dtype=torch.float32).eval()
+    net.config.use_cache = False  # a decoder (GPT-2) returns its key-value cache too otherwise: not exportable
     enc = tokenizer(SAMPLE_TEXTS, padding=True, return_tensors="pt", **task.tokenizer_options)
     task.encoding_for(enc)  # drops what the model does not take (offsets, word ids)
     longest = int(getattr(net.config, "max_position_embeddings", 0) or 8192)

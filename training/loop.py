@@ -193,6 +193,22 @@ def _freeze(model, tcfg: dict[str, Any], rank: int, keep_fp32_copy: bool) -> tup
     return names, copies
 
 
+def _with_pad_token(tokenizer, model) -> str | None:
+    """Give a tokenizer without a padding token (GPT-2's, Llama's: decoder families) its end
+    token as padding, and tell the model, which finds a text's last real token by it. Batches
+    need padding, and the version saved with both serves as it trained. Returns what it did."""
+    if tokenizer.pad_token is not None:
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        return None
+    if tokenizer.eos_token is None:
+        raise ValueError(f"the tokenizer of {type(model).__name__} has neither a padding nor an end token "
+                         "to pad batches with: save the base model's tokenizer with a pad_token")
+    tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return f"the tokenizer has no padding token: padding with its end token {tokenizer.eos_token!r}"
+
+
 def _without_shm_all_reduce() -> None:
     """On CPU, DeepSpeed's process-group setup compiles its shared-memory all-reduce, a C++
     extension (measured: 2 minutes on 2 cores, at a machine's first job and again for each
@@ -272,6 +288,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(config["init_path"])
     model = load_for_training(config["init_path"], task, config["dropout"])
+    if padded := _with_pad_token(tokenizer, model):
+        _log(rank, padded)
     distill = config.get("distill")
     if distill and distill["student_layers"]:  # a student's v1, made from its teacher
         total = model.config.num_hidden_layers
