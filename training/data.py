@@ -71,7 +71,24 @@ def read_dataset(path: str, task: Task) -> pa.Table:
     missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise ValueError(f"dataset {path!r} has no column(s) {missing}; it needs {columns}")
-    return pa.table({c: _as(table.column(c), types[c]) for c in columns})
+    table = pa.table({c: _as(table.column(c), types[c]) for c in columns})
+    _check_rows(path, task, table)
+    return table
+
+
+def _check_rows(path: str, task: Task, table: pa.Table) -> None:
+    """Fail on a row the model cannot learn before anything is made of the file: the golden
+    set frozen from a seed is kept for good, so a bad label frozen in it failed every later job."""
+    for column in ("text", *task.target_columns):
+        nulls = table.column(column).null_count
+        if nulls:
+            first = table.column(column).is_null().to_pylist().index(True)
+            raise ValueError(f"dataset {path!r}, row {first + 1}: no {column!r} ({nulls} such row(s))")
+    try:
+        task.training_targets({c: table.column(c).to_pylist() for c in task.target_columns})
+    except ValueError as e:
+        raise ValueError(f"dataset {path!r}: {e}") from None
+
 
 
 def _as(column: pa.ChunkedArray, to: pa.DataType) -> pa.ChunkedArray:

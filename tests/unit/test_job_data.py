@@ -15,6 +15,7 @@ from tuneloop.core.tasks import model_tasks
 from tuneloop.store.records import FeedbackStore
 from tuneloop.store.registry import Manifest, Registry
 from tuneloop.store.storage import Storage
+from tuneloop.training.data import read_dataset
 from tuneloop.training.job_data import assemble, with_training_columns
 
 
@@ -64,6 +65,22 @@ def test_first_job_learns_the_seed_and_freezes_a_stratified_golden_set(env):
     again = assemble(task, cfg.model("m"), cfg.training, registry, feedback, None)
     assert again.golden.equals(data.golden)  # frozen: the same rows every job
     assert with_training_columns(task, data.train).column_names == ["text", "label_id"]
+
+
+def test_a_seed_row_the_model_cannot_learn_fails_the_job_before_a_golden_set_is_frozen(env):
+    cfg, task, registry, feedback, tmp_path = env
+    seed = tmp_path / "seed.tsv"
+    good = seed.read_text()
+    seed.write_text(good + "a typo in a label\tPositive\n")
+    with pytest.raises(ValueError, match=r"seed.tsv': training data has labels \['Positive'\] outside"):
+        assemble(task, cfg.model("m"), cfg.training, registry, feedback, None)
+    assert registry.golden("m") is None  # nothing frozen: fixing the file is enough
+    jsonl = tmp_path / "seed.jsonl"
+    jsonl.write_text('{"text": "fine", "label": "positive"}\n{"text": null, "label": "negative"}\n')
+    with pytest.raises(ValueError, match=r"seed.jsonl', row 2: no 'text'"):
+        read_dataset(str(jsonl), task)
+    seed.write_text(good)
+    assert assemble(task, cfg.model("m"), cfg.training, registry, feedback, None).golden.num_rows == 20
 
 
 def test_a_child_trains_on_fresh_feedback_plus_as_much_replay_and_keeps_the_newest_back(env):
