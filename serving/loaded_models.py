@@ -55,6 +55,9 @@ class LoadedModel:
         if bf16:
             self.runtime = "torch-bf16"
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        # The tokens the model takes, which the job that made the version saved in its
+        # tokenizer: a longer batch failed indexing the model's position table (a 500).
+        self.max_length = min(max_length, self.tokenizer.model_max_length)
         self._load_weights(path)
 
     def _load_weights(self, path: str) -> None:

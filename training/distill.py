@@ -95,7 +95,7 @@ class _TeacherScorer:
         if sorted(theirs) != sorted(head):
             raise ValueError(f"the teacher at {path} answers {theirs}, the student {head}: distillation needs the same labels")
         self.order = [theirs.index(label) for label in head]
-        self.max_length = max_length
+        self.max_length = min(max_length, self.tokenizer.model_max_length)  # a job saved the model's limit there
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch

@@ -209,6 +209,23 @@ def _with_pad_token(tokenizer, model) -> str | None:
     return f"the tokenizer has no padding token: padding with its end token {tokenizer.eos_token!r}"
 
 
+def _fit_to_positions(tokenizer, model, max_length: int) -> tuple[int, str | None]:
+    """``max_length`` within the tokens ``model`` takes: its table of absolute positions
+    (less the slots before the first position, in families that number positions after the
+    pad id: RoBERTa's 514 hold 512 tokens), and the tokenizer's own limit. A longer batch
+    failed indexing that table. The tokenizer keeps the limit, so the version it is saved
+    with tells every replica, PyTorch or ONNX. Returns the length and what it changed."""
+    table = next((m for name, m in model.base_model.named_modules()
+                  if name.rpartition(".")[2] in ("position_embeddings", "wpe") and hasattr(m, "num_embeddings")), None)
+    if table is not None:
+        before = table.padding_idx + 1 if table.padding_idx is not None else 0
+        tokenizer.model_max_length = min(tokenizer.model_max_length, table.num_embeddings - before)
+    if max_length <= tokenizer.model_max_length:
+        return max_length, None
+    return tokenizer.model_max_length, (f"max_length {max_length} is more than the {tokenizer.model_max_length} "
+                                        f"tokens {type(model).__name__} takes: training at {tokenizer.model_max_length}")
+
+
 def _without_shm_all_reduce() -> None:
     """On CPU, DeepSpeed's process-group setup compiles its shared-memory all-reduce, a C++
     extension (measured: 2 minutes on 2 cores, at a machine's first job and again for each
@@ -290,6 +307,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = load_for_training(config["init_path"], task, config["dropout"])
     if padded := _with_pad_token(tokenizer, model):
         _log(rank, padded)
+    max_length, capped = _fit_to_positions(tokenizer, model, max_length)
+    if capped:
+        _log(rank, capped)
     distill = config.get("distill")
     if distill and distill["student_layers"]:  # a student's v1, made from its teacher
         total = model.config.num_hidden_layers

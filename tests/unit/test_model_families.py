@@ -83,3 +83,29 @@ def test_a_tokenizer_with_nothing_to_pad_with_is_refused_saying_so(tmp_path):
     model = transformers.AutoModelForSequenceClassification.from_pretrained(path)
     with pytest.raises(ValueError, match="neither a padding nor an end token"):
         _with_pad_token(tokenizer, model)
+
+
+@pytest.mark.parametrize(("family", "takes"), [("bert", 128), ("roberta", 129), ("gpt2", 128), ("modernbert", 512)])
+def test_max_length_is_held_to_the_tokens_the_model_takes_and_its_version_says_so(tmp_path, family, takes):
+    """Tiny models hold 128 positions (RoBERTa's 130 less the pad id's slot and the one
+    before it); ModernBERT's rotary positions have no table, so the tokenizer's 512 holds."""
+    import transformers
+
+    from tests.tiny_models import build_tiny_model
+    from tuneloop.serving.loaded_models import LoadedModel
+    from tuneloop.training.loop import _fit_to_positions, _with_pad_token
+
+    path = build_tiny_model(tmp_path / "m", LABELS, family=family)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(path).eval()
+    _with_pad_token(tokenizer, model)
+    assert _fit_to_positions(tokenizer, model, 64) == (64, None)
+    length, said = _fit_to_positions(tokenizer, model, 1024)
+    assert length == takes and f"max_length 1024 is more than the {takes} tokens" in said
+    model.save_pretrained(tmp_path / "v1")
+    tokenizer.save_pretrained(tmp_path / "v1")
+    # A replica configured for more reads the limit from the version and answers a long text.
+    replica = LoadedModel(str(tmp_path / "v1"), "v1", make_task("text-classification", LABELS), max_length=1024)
+    assert replica.max_length == takes
+    answers, tokens, _ = replica.predict(["word " * 3000, "short"])
+    assert len(answers) == 2 and tokens <= takes + 3
