@@ -157,6 +157,21 @@ def _container(cfg: TuneloopConfig, name: str, cpus: int, memory: str, gpus: int
             "ports": [{"name": n, "containerPort": p} for n, p in ports], "volumeMounts": mounts}
 
 
+# KubeRay refuses a RayJob whose name is longer (it appends 6 characters for the cluster, whose
+# service names must stay DNS labels) or is no DNS-1035 label.
+MAX_RAYJOB_NAME = 47
+
+
+def rayjob_name(cfg: TuneloopConfig, model: str) -> str:
+    """The RayJob that trains ``model``: a model name may hold ``_`` and run to 64
+    characters, a RayJob's may not; a shortened name ends with a digest of the model's."""
+    name = f"{cfg.deploy.name}-train-{model.replace('_', '-')}".rstrip("-")
+    if len(name) <= MAX_RAYJOB_NAME and "_" not in model:
+        return name
+    digest = hashlib.sha256(model.encode()).hexdigest()[:6]
+    return f"{name[:MAX_RAYJOB_NAME - len(digest) - 1].rstrip('-')}-{digest}"
+
+
 def config_map_name(cfg: TuneloopConfig, cluster_doc: dict[str, Any]) -> str:
     """Named after its content: a changed config is a new ConfigMap, hence a changed pod
     template, hence a zero-downtime upgrade (below); a mounted ConfigMap edited in place
@@ -286,7 +301,7 @@ def kuberay(cfg: TuneloopConfig, doc: dict[str, Any]) -> dict[str, list[dict[str
     for m in cfg.models:
         files[f"rayjob-{m.name}.yaml"] = [{
             "apiVersion": "ray.io/v1", "kind": "RayJob",
-            "metadata": {"name": f"{d.name}-train-{m.name}", **meta, "labels": _labels(cfg, "training")},
+            "metadata": {"name": rayjob_name(cfg, m.name), **meta, "labels": _labels(cfg, "training")},
             "spec": {
                 # A cluster of its own for the job, gone when it ends: training capacity
                 # never competes with serving's. The serving cluster's controller trains

@@ -65,6 +65,7 @@ def plan(cfg: TuneloopConfig, target: str, verb: str, folder: Path, model: str |
     if target == "kuberay":
         k = ["kubectl", "-n", d.namespace]
         head = f"svc/{d.name}-head-svc"
+        job = manifests.rayjob_name(cfg, model) if model else ""
         files = {name: str(folder / name) for name in ("config.yaml", "rayservice.yaml", "podmonitor.yaml")}
         steps = {
             "up": [Step([*k, "apply", "-f", files["config.yaml"]]), Step([*k, "apply", "-f", files["rayservice.yaml"]]),
@@ -75,7 +76,7 @@ def plan(cfg: TuneloopConfig, target: str, verb: str, folder: Path, model: str |
                        Step([*k, "get", "pods", "-l", f"app.kubernetes.io/instance={d.name}", "-o", "wide"]),
                        Step([*k, "exec", head, "--", "serve", "status"])],
             "rollout": [],
-            "retrain": [Step([*k, "delete", "rayjob", f"{d.name}-train-{model}", "--ignore-not-found"]),
+            "retrain": [Step([*k, "delete", "rayjob", job, "--ignore-not-found"]),
                         Step([*k, "apply", "-f", str(folder / f"rayjob-{model}.yaml")])],
             "logs": [Step([*k, "logs", "-l", f"app.kubernetes.io/instance={d.name},app.kubernetes.io/component=head",
                            "--tail=200"]),

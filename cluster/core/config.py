@@ -157,6 +157,11 @@ class StorageConfig(_Strict):
         default=None, description="local folder of the feedback journal; default <root>/journal for a local root"
     )
 
+    @field_validator("root", "journal_dir")
+    @classmethod
+    def _file_uri_is_a_path(cls, v: str | None) -> str | None:
+        return v[len("file://"):] if v and v.startswith("file://") else v
+
     @model_validator(mode="after")
     def _journal_is_local(self) -> StorageConfig:
         scheme = self.root.split("://", 1)[0] if "://" in self.root else None
@@ -558,13 +563,14 @@ def parse_config(data: object, source: str = "<dict>", base_dir: Path | None = N
 
 def _resolve_relative_paths(cfg: TuneloopConfig, base_dir: Path) -> TuneloopConfig:
     def resolve(p: str) -> str:
+        p = os.path.expanduser(p)
         if "://" in p or os.path.isabs(p):
             return p
         return str((base_dir / p).resolve())
 
     def resolve_model_source(p: str) -> str:
         # A base model is an HF id unless it names an existing local path.
-        candidate = base_dir / p
+        candidate = base_dir / os.path.expanduser(p)
         return str(candidate.resolve()) if candidate.exists() else p
 
     models = [

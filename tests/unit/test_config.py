@@ -55,6 +55,9 @@ def test_bad_value_is_quoted():
         ({"labels": ["a", "a"]}, "repeated: ['a']"),
         ({"labels": ["only"]}, "labels"),
         ({"name": "Bad Name"}, "'Bad Name'"),
+        ({"task": "token-classification", "labels": ["O"]}, "labels ['O'] name no entity type"),
+        ({"task": "multi-label-classification", "labels": ["billing|refund", "other"]}, "may not hold '|'"),
+        ({"task": "multi-label-classification", "labels": ["urgent ", "other"]}, "start or end with a space"),
     ],
 )
 def test_model_validation(override, fragment):
@@ -109,6 +112,15 @@ def test_uri_storage_root_is_kept_and_needs_a_local_journal():
         parse_config({"models": [MODEL], "storage": {"root": "s3://bucket/prefix"}})
     local = parse_config({"models": [MODEL], "storage": {"root": "store"}}, base_dir=Path("/x"))
     assert local.storage.journal_path() == "/x/store/journal/feedback"
+
+
+def test_home_and_file_uri_paths_are_the_local_paths_they_name(monkeypatch):
+    monkeypatch.setenv("HOME", "/home/someone")
+    cfg = parse_config({"models": [{**MODEL, "seed_dataset": "~/seed.tsv"}], "storage": {"root": "~/tl"}},
+                       base_dir=Path("/x"))
+    assert cfg.storage.root == "/home/someone/tl" and cfg.models[0].seed_dataset == "/home/someone/seed.tsv"
+    uri = parse_config({"models": [MODEL], "storage": {"root": "file:///data/tl"}})
+    assert uri.storage.root == "/data/tl" and uri.storage.journal_path() == "/data/tl/journal/feedback"
 
 
 def test_auth_keys_in_the_config_are_hashes_with_known_roles():

@@ -162,6 +162,22 @@ def test_gpu_replicas_on_a_cluster_without_gpus_are_refused():
         manifests.cluster_config_doc(doc, parse_config(doc))
 
 
+@pytest.mark.parametrize("model", ["intent_v2", "m" * 64, "a-" * 20 + "b"])
+def test_a_rayjob_is_named_as_kuberay_takes_whatever_the_model_is_called(tmp_path, model):
+    import re
+
+    doc = {"models": [{"name": model, "base_model": "b", "labels": ["a", "b"]}],
+           "storage": {"root": "s3://bucket/tl", "journal_dir": "/j"}, "deploy": {"name": "n" * 40}}
+    cfg = parse_config(doc)
+    operate.render(cfg, doc, "kuberay", tmp_path)
+    (job,) = yaml.safe_load_all((tmp_path / f"rayjob-{model}.yaml").read_text())
+    name = job["metadata"]["name"]
+    assert len(name) <= 47 and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name), name
+    assert name != manifests.rayjob_name(cfg, model[:-1] + "z")  # shortened names stay apart
+    assert operate.plan(cfg, "kuberay", "retrain", tmp_path, model)[0].argv == [
+        "kubectl", "-n", "default", "delete", "rayjob", name, "--ignore-not-found"]
+
+
 def test_a_config_without_a_deploy_section_renders_with_the_defaults(tmp_path):
     doc = {"models": [{"name": "intent", "base_model": "b", "labels": ["a", "b"]}],
            "storage": {"root": "s3://bucket/tl", "journal_dir": "/j"}}

@@ -35,6 +35,11 @@ class MultiLabelClassification(Task):
     training_columns = {"label_ids": ListOf("int64")}
 
     def __init__(self, labels: Sequence[str], threshold: float | dict[str, float] = 0.5):
+        # A tsv or csv row joins its labels with "|" and each is stripped (dataset_row).
+        unreadable = [x for x in labels if "|" in x or x != x.strip()]
+        if unreadable:
+            raise ValueError(f"multi-label labels {unreadable}: a label may not hold '|' or start or end with "
+                             "a space (seed files join labels with '|')")
         super().__init__(labels)
         thresholds = threshold if isinstance(threshold, dict) else dict.fromkeys(self.labels, threshold)
         unknown = sorted(set(thresholds) - set(self.labels))

@@ -36,7 +36,10 @@ def entity_types(labels: Sequence[str]) -> list[str]:
     """The entity types a config's labels name: the labels themselves, or, for a BIO tag
     list (every label ``O``, ``B-X`` or ``I-X``), its types in order of first mention."""
     if "O" in labels and all(x == "O" or x[:2] in ("B-", "I-") for x in labels):
-        return list(dict.fromkeys(x[2:] for x in labels if x != "O"))
+        types = list(dict.fromkeys(x[2:] for x in labels if x != "O"))
+        if not types:
+            raise ValueError(f"labels {list(labels)} name no entity type: give the types (PER, LOC, ...)")
+        return types
     bad = [x for x in labels if x == "O" or x[:2] in ("B-", "I-")]
     if bad:
         raise ValueError(f"labels {bad} look like BIO tags: give the entity types (PER, LOC, ...) or every tag with O")
