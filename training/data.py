@@ -55,8 +55,7 @@ def read_dataset(path: str, task: Task) -> pa.Table:
             table = pacsv.read_csv(f, parse_options=parse,
                                    convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in columns}))
     elif fmt == ".jsonl":
-        with _open(path) as f:
-            table = pajson.read_json(f)
+        table = _read_jsonl(path, [c for c in columns if pa.types.is_string(types[c])])
     else:
         with _open(path) as f:
             table = pq.read_table(f)
@@ -89,6 +88,25 @@ def _check_rows(path: str, task: Task, table: pa.Table) -> None:
     except ValueError as e:
         raise ValueError(f"dataset {path!r}: {e}") from None
 
+
+
+def _read_jsonl(path: str, string_columns: list[str]) -> pa.Table:
+    """pyarrow's reader, or, where it refuses a column whose values change type (a label
+    written ``1`` in one row and ``"positive"`` in the next), the lines one by one with
+    those columns' numbers as strings."""
+    try:
+        with _open(path) as f:
+            return pajson.read_json(f)
+    except pa.ArrowInvalid:
+        with _open(path) as f:
+            rows = [json.loads(line) for line in f.read().decode("utf-8-sig").splitlines() if line.strip()]
+    for row in rows:
+        for c in string_columns:
+            if isinstance(row.get(c), bool):
+                row[c] = str(row[c]).lower()
+            elif isinstance(row.get(c), int | float):
+                row[c] = str(row[c])
+    return pa.Table.from_pylist(rows)
 
 
 def _as(column: pa.ChunkedArray, to: pa.DataType) -> pa.ChunkedArray:

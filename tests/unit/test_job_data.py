@@ -244,3 +244,12 @@ def test_held_rows_past_the_watermark_come_back_once_as_fresh_when_released(env)
     assert nxt.summary["quarantine"]["released_rows"] == 0 and nxt.summary["feedback"]["fresh_rows"] == 25
     ids = nxt.train.column("feedback_id").to_pylist() + nxt.fresh_eval.column("feedback_id").to_pylist()
     assert len([i for i in ids if i]) == 25 == len({i for i in ids if i})
+
+
+def test_a_jsonl_seed_may_write_labels_as_numbers_and_strings_in_one_file(tmp_path):
+    from tuneloop.core.tasks import make_task
+
+    path = tmp_path / "seed.jsonl"
+    path.write_text('{"text": "a", "label": 0}\n{"text": "b", "label": "1"}\n{"text": "c", "label": true}\n')
+    table = read_dataset(str(path), make_task("text-classification", ["0", "1", "true"]))
+    assert table.column("label").to_pylist() == ["0", "1", "true"]
