@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 
 from tuneloop.core.config import TuneloopConfig
 from tuneloop.core.errors import Conflict
-from tuneloop.core.rollout import Decision, VersionHealth, decide
+from tuneloop.core.rollout import Decision, Rollout, VersionHealth, decide
 from tuneloop.core.rollout_evidence import evidence, stage_feedback
 from tuneloop.core.tasks import model_tasks
 from tuneloop.store.records import FeedbackStore, PredictionLog
@@ -63,21 +63,23 @@ class RolloutDriver:
         decision = decide(self.cfg.rollout, found, (self.clock() - started).total_seconds())
         self.last[model] = decision
         try:
-            self._apply(model, rollout.version, rollout.alerted, decision)
+            self._apply(model, rollout, decision)
         except Conflict as e:  # an operator or another controller moved it meanwhile: theirs stands
             log.info("rollout of %s %s: %s not applied: %s", model, rollout.version, decision.action, e.message)
         return decision
 
-    def _apply(self, model: str, version: str, alerted: bool, d: Decision) -> None:
+    def _apply(self, model: str, judged: Rollout, d: Decision) -> None:
+        version = judged.version
         if d.action == "advance":
-            state = self.registry.advance_rollout(model, version, self.cfg.rollout.canary_steps, d.reason, d.numbers)
+            state = self.registry.advance_rollout(model, version, self.cfg.rollout.canary_steps, d.reason, d.numbers,
+                                                  judged=judged)
             where = "production" if state.rollout is None else f"canary {state.rollout.percent:g}%"
             log.info("rollout of %s %s: advanced to %s (%s)", model, version, where, d.reason)
         elif d.action == "rollback":
-            self.registry.abort_rollout(model, version, f"automatic: {d.reason}", d.numbers)
+            self.registry.abort_rollout(model, version, f"automatic: {d.reason}", d.numbers, judged=judged)
             log.warning("rollout of %s %s: rolled back (%s)", model, version, d.reason)
-        elif d.alert and not alerted:
-            self.registry.mark_rollout(model, version, "alert", d.reason, d.numbers)
+        elif d.alert and not judged.alerted:
+            self.registry.mark_rollout(model, version, "alert", d.reason, d.numbers, judged=judged)
             log.warning("rollout of %s %s: no decision after %.0fs (%s); an operator may step or roll back it", model,
                         version, self.cfg.rollout.inconclusive_after_s, d.reason)
         else:

@@ -133,6 +133,10 @@ class HistoryEntry(BaseModel):
     numbers: dict[str, Any] | None = None  # what an automatic decision saw
 
 
+class _Unchanged(Exception):
+    """A transition that would change nothing: state.json is left as it is."""
+
+
 class RegistryState(BaseModel):
     production: str | None = None
     generation: int = 0
@@ -148,8 +152,8 @@ class RegistryState(BaseModel):
             if entry.event == "rollback":
                 if stack:
                     stack.pop()
-            elif entry.event == "promote" and entry.production is not None:
-                stack.append(entry.production)
+            elif entry.event == "promote" and entry.production is not None and stack[-1:] != [entry.production]:
+                stack.append(entry.production)  # a repeated promotion (older state files have them) is one
         return stack[-2] if len(stack) >= 2 else None
 
 
@@ -318,6 +322,11 @@ class Registry:
         self._servable(model, version, force, labels, "promote")
 
         def apply(state: RegistryState) -> HistoryEntry:
+            if version == state.production:
+                if state.rollout is None:
+                    raise _Unchanged  # a retried promotion: nothing to record, rollback unmoved
+                raise Conflict(f"{version} is production already, and {state.rollout.version} is being rolled out "
+                               "beside it: roll back to end that rollout")
             if state.rollout is not None and state.rollout.version != version:
                 reason_ = f"{reason}; the rollout of {state.rollout.version} ends with it"
             else:
@@ -325,13 +334,17 @@ class Registry:
             state.rollout = None  # promoting the challenger ends its rollout too
             return HistoryEntry(at=now_iso(), event="promote", production=version, version=version, reason=reason_)
 
-        return self._transition(model, apply, expect_production)
+        try:
+            return self._transition(model, apply, expect_production)
+        except _Unchanged:
+            return self.state(model)
 
     def _servable(self, model: str, version: str, force: bool, labels: list[str] | None, verb: str) -> None:
         manifest = self.manifest(model, version)  # raises UnknownVersion; manifests never change
         if manifest.status == "rejected" and not force:
-            raise Conflict(f"{version} was rejected by the gate ({manifest.gate.reason if manifest.gate else ''}); "
-                           f'force it to {verb} anyway ("force": true)')
+            why = f" ({manifest.gate.reason})" if manifest.gate and manifest.gate.reason else ""
+            raise Conflict(f"{version} was rejected by the gate{why}; to {verb} it anyway, force it "
+                           '("force": true over HTTP, --force on the command line)')
         if labels is not None and sorted(manifest.labels) != sorted(labels):
             raise Conflict(f"{version} was trained for labels {manifest.labels}, the config has {labels}")
 
@@ -380,6 +393,9 @@ class Registry:
                                "finish or roll back that rollout first")
             if version == state.production:
                 raise Conflict(f"{version} is production already")
+            if state.production is None:
+                raise Conflict(f"{model!r} has no production version to roll {version} out beside: promote it "
+                               "(a first version needs no rollout)")
             at = now_iso()
             state.rollout = Rollout(version=version, stage=stage, percent=percent, started_at=at, stage_started_at=at)
             return HistoryEntry(at=at, event="rollout", production=state.production, version=version,
@@ -388,12 +404,13 @@ class Registry:
         return self._transition(model, apply, expect_production)
 
     def advance_rollout(self, model: str, version: str, steps: list[float], reason: str = "",
-                        numbers: dict[str, Any] | None = None) -> RegistryState:
+                        numbers: dict[str, Any] | None = None, judged: Rollout | None = None) -> RegistryState:
         """The challenger ``version`` goes one stage on (``Rollout.next_stage``): the next
-        canary step, or production after the last. Conflict if it is not the challenger."""
+        canary step, or production after the last. Conflict if it is not the challenger, or
+        (``judged``: the rollout a decision was made on) if it moved since."""
 
         def apply(state: RegistryState) -> HistoryEntry:
-            rollout = self._rollout_of(model, state, version)
+            rollout = self._rollout_of(model, state, version, judged)
             at, nxt = now_iso(), rollout.next_stage(steps)
             if nxt is None:
                 state.rollout = None
@@ -408,13 +425,13 @@ class Registry:
         return self._transition(model, apply, UNCHECKED)
 
     def mark_rollout(self, model: str, version: str, event: str, reason: str = "",
-                     numbers: dict[str, Any] | None = None) -> RegistryState:
+                     numbers: dict[str, Any] | None = None, judged: Rollout | None = None) -> RegistryState:
         """``event``: "pause" (no automatic decision until "resume"), "resume", or "alert"
         (the evidence stays inconclusive: raised once a stage)."""
         flags = {"pause": {"paused": True}, "resume": {"paused": False}, "alert": {"alerted": True}}[event]
 
         def apply(state: RegistryState) -> HistoryEntry:
-            rollout = self._rollout_of(model, state, version)
+            rollout = self._rollout_of(model, state, version, judged)
             if event == "resume":  # its evidence starts again: the wait before an alert too
                 flags["stage_started_at"] = now_iso()
             state.rollout = rollout.model_copy(update=flags)
@@ -424,11 +441,11 @@ class Registry:
         return self._transition(model, apply, UNCHECKED)
 
     def abort_rollout(self, model: str, version: str, reason: str = "",
-                      numbers: dict[str, Any] | None = None) -> RegistryState:
+                      numbers: dict[str, Any] | None = None, judged: Rollout | None = None) -> RegistryState:
         """End the rollout of the challenger ``version``: production alone takes the traffic."""
 
         def apply(state: RegistryState) -> HistoryEntry:
-            self._rollout_of(model, state, version)
+            self._rollout_of(model, state, version, judged)
             state.rollout = None
             return HistoryEntry(at=now_iso(), event="abort", production=state.production, version=version,
                                 reason=reason, numbers=numbers)
@@ -436,11 +453,18 @@ class Registry:
         return self._transition(model, apply, UNCHECKED)
 
     @staticmethod
-    def _rollout_of(model: str, state: RegistryState, version: str) -> Rollout:
+    def _rollout_of(model: str, state: RegistryState, version: str, judged: Rollout | None = None) -> Rollout:
+        """The rollout of ``version``; with ``judged``, only while it is at the stage that
+        decision judged and not paused: the controller reads feedback for seconds between
+        looking and acting, and an operator's pause or step in between stands."""
         if state.rollout is None or state.rollout.version != version:
             now = f"{state.rollout.version} is" if state.rollout else "no version is"
             raise Conflict(f"{version} of {model!r} is not being rolled out ({now})")
-        return state.rollout
+        r = state.rollout
+        if judged is not None and (r.paused or (r.stage, r.step, r.stage_started_at) !=
+                                   (judged.stage, judged.step, judged.stage_started_at)):
+            raise Conflict(f"the rollout of {version} of {model!r} was paused or moved on since it was judged")
+        return r
 
     def _transition(self, model: str, apply: Callable[[RegistryState], HistoryEntry],
                     expect_production: str | None) -> RegistryState:

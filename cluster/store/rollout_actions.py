@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from tuneloop.core.errors import Conflict
+from tuneloop.core.errors import Conflict, InvalidBody
 from tuneloop.core.rollout import RolloutConfig, Stage, first_stage
 from tuneloop.store.registry import Registry, RegistryState
 
@@ -20,13 +20,16 @@ def operate_rollout(registry: Registry, model: str, action: RolloutAction, who: 
                     labels: list[str], version: str | None = None, stage: Stage | None = None,
                     force: bool = False) -> RegistryState:
     """Raises Conflict (409) when the action does not fit the state (no rollout to pause,
-    one already under way to start), UnknownVersion (404) for a version never published."""
+    one already under way to start), UnknownVersion (404) for a version never published,
+    InvalidBody (422) for a start without a version, or a stage or force with another action."""
     if action == "start":
         if version is None:
-            raise Conflict("say which version to roll out")
+            raise InvalidBody('"start" needs the version to roll out ("version": "v2")')
         mode = stage or (rollout.mode if rollout.mode in ("shadow", "canary") else "shadow")
         first, _, percent = first_stage(mode, rollout.canary_steps)
         return registry.start_rollout(model, version, first, percent, f"started {who}", force=force, labels=labels)
+    if stage is not None or force:
+        raise InvalidBody(f'"stage" and "force" go with "start", not with {action!r}')
     current = registry.state(model).rollout
     if current is None:
         raise Conflict(f"no rollout of {model!r} is under way")

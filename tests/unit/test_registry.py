@@ -104,6 +104,8 @@ def test_rollback_pops_promotions_in_order():
     assert state(("promote", "v1"), ("promote", "v2"), ("rollback", "v1"), ("promote", "v3")).rollback_target() == "v1"
     # A candidate never was production: it is not a step to roll back to.
     assert state(("promote", "v1"), ("promote", "v2"), ("candidate", "v2")).rollback_target() == "v1"
+    # A promotion repeated back to back (state files written before it was a no-op) is one step.
+    assert state(("promote", "v1"), ("promote", "v2"), ("promote", "v2")).rollback_target() == "v1"
 
 
 @pytest.fixture
@@ -126,6 +128,13 @@ def test_rollback_works_out_its_target_and_counts_a_generation(reg3):
         reg3.rollback("m")
     assert e.value.status == 409 and "production is v1" in e.value.message
     assert reg3.state("m").generation == 3  # a refused change changes nothing
+
+
+def test_promoting_production_again_changes_nothing_and_rollback_still_goes_back(reg3):
+    before = reg3.state("m")
+    assert reg3.promote("m", "v2", reason="a retried request") == before  # nothing written
+    assert reg3.state("m") == before
+    assert reg3.rollback("m").production == "v1"
 
 
 def test_compare_and_set_refuses_when_production_moved(reg3):
@@ -173,15 +182,16 @@ VERSIONS = ["v1", "v2", "v3", "v4"]
 
 
 def _hammer(root: str, seed: int, rounds: int) -> int:
-    """Random promotes and rollbacks; returns how many were applied (not refused)."""
+    """Random promotes and rollbacks; returns how many were applied (not refused, not a no-op)."""
     reg, rng, applied = Registry(Storage(root)), random.Random(seed), 0
     for i in range(rounds):
         try:
             if rng.random() < 0.6:
-                reg.promote("m", rng.choice(VERSIONS), reason=f"w{seed}-{i}")
+                state = reg.promote("m", rng.choice(VERSIONS), reason=f"w{seed}-{i}")
+                applied += state.history[-1].reason == f"w{seed}-{i}"  # not when it was production already
             else:
                 reg.rollback("m", reason=f"w{seed}-{i}")
-            applied += 1
+                applied += 1
         except Conflict:
             pass  # nothing to roll back to
     return applied
@@ -246,6 +256,33 @@ def test_promote_refuses_a_gate_rejected_version_without_force_and_other_labels(
     with pytest.raises(Conflict, match="trained for labels"):
         reg.promote("m", rejected.version, force=True, labels=["a", "b", "c"])
     assert reg.promote("m", rejected.version, force=True, labels=["b", "a"]).production == rejected.version
+
+
+def test_deploy_rollout_forces_a_rejected_version_only_when_told_and_knows_its_models(tmp_path):
+    from typer.testing import CliRunner
+
+    from tuneloop.control.cli import app
+    from tuneloop.core.gate import GateDecision
+    from tuneloop.store.registry import Manifest, Registry
+    from tuneloop.store.storage import Storage
+
+    reg = Registry(Storage(str(tmp_path / "store")))
+    weights = tmp_path / "w"
+    weights.mkdir()
+    (weights / "f.bin").write_bytes(b"x")
+    reg.publish("m", str(weights), Manifest(version="pending", model="m", parent=None, base_model="b",
+                                            task="text-classification", labels=["a", "b"], status="rejected",
+                                            gate=GateDecision(accepted=False, reason="worse")))
+    config = tmp_path / "tuneloop.yaml"
+    config.write_text(f"models: [{{name: m, base_model: b, labels: [a, b]}}]\nstorage: {{root: {tmp_path / 'store'}}}\n")
+    runner = CliRunner()
+    refused = runner.invoke(app, ["deploy", "rollout", "m", "v1", "--config", str(config)])
+    assert refused.exit_code == 2 and "--force on the command line" in refused.output
+    forced = runner.invoke(app, ["deploy", "rollout", "m", "v1", "--force", "--config", str(config)])
+    assert forced.exit_code == 0 and "m: production is v1" in forced.output
+    unknown = runner.invoke(app, ["deploy", "rollout", "nosuch", "v1", "--config", str(config)])
+    assert unknown.exit_code == 2 and "unknown model 'nosuch'; configured: ['m']" in unknown.output
+    assert not (tmp_path / "store" / "registry" / "nosuch").exists()
 
 
 def test_switches_and_serving_time_complete_a_published_version(tmp_path, weights):

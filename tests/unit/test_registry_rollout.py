@@ -76,6 +76,23 @@ def test_promoting_by_hand_ends_any_rollout(reg):
 def test_production_is_not_its_own_challenger(reg):
     with pytest.raises(Conflict, match="is production already"):
         reg.start_rollout("m", "v1", "shadow", 0)
+    # Promoting production during a rollout would end it unasked: refused, the rollout goes on.
+    reg.start_rollout("m", "v2", "canary", 5.0)
+    with pytest.raises(Conflict, match="v1 is production already, and v2 is being rolled out"):
+        reg.promote("m", "v1")
+    assert reg.state("m").rollout.version == "v2"
+
+
+def test_a_rollout_needs_a_production_to_roll_out_beside(tmp_path):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "config.json").write_text("{}")
+    registry = Registry(Storage(str(tmp_path / "store")))
+    registry.publish("m", str(weights), Manifest(version="pending", model="m", parent=None, base_model="b",
+                                                 task="text-classification", labels=["a", "b"]))
+    with pytest.raises(Conflict, match="no production version to roll v1 out beside: promote it") as e:
+        registry.start_rollout("m", "v1", "shadow", 0)
+    assert e.value.status == 409 and registry.state("m").generation == 0
 
 
 def test_tuneloop_status_shows_the_rollout_and_the_numbers_decisions_saw(reg, tmp_path):
@@ -99,3 +116,17 @@ def test_tuneloop_status_shows_the_rollout_and_the_numbers_decisions_saw(reg, tm
     as_json = json.loads(runner.invoke(app, ["status", "m", "--json", "-c", str(config)]).output)
     assert as_json["m"]["rollout"]["percent"] == 5.0 and as_json["m"]["history"][-1]["event"] == "step"
     assert runner.invoke(app, ["status", "nope", "-c", str(config)]).exit_code == 2
+
+
+def test_an_operators_action_missing_or_misplacing_a_field_is_a_422(reg):
+    from tuneloop.core.errors import InvalidBody
+    from tuneloop.core.rollout import RolloutConfig
+    from tuneloop.store.rollout_actions import operate_rollout
+
+    with pytest.raises(InvalidBody, match='"start" needs the version') as e:
+        operate_rollout(reg, "m", "start", "by k", RolloutConfig(), ["a", "b"])
+    assert e.value.status == 422
+    operate_rollout(reg, "m", "start", "by k", RolloutConfig(), ["a", "b"], "v2", "canary")
+    with pytest.raises(InvalidBody, match='"stage" and "force" go with "start", not with \'pause\''):
+        operate_rollout(reg, "m", "pause", "by k", RolloutConfig(), ["a", "b"], stage="shadow")
+    assert not reg.state("m").rollout.paused  # nothing done

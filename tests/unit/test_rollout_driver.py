@@ -122,3 +122,26 @@ def test_a_paused_rollout_is_left_alone_and_an_overdue_one_alerts_once(tmp_path)
     assert w.driver.look("m").alert and w.registry.state("m").rollout.alerted
     w.driver.look("m")
     assert [h.event for h in w.registry.state("m").history].count("alert") == 1
+
+
+@pytest.mark.parametrize("operator", ["pause", "step"])
+def test_an_operators_pause_or_step_while_the_driver_judges_stands(tmp_path, operator):
+    """The driver reads the state, then feedback and health (seconds, at scale), then acts:
+    an operator acting in between wins, and the driver's decision on the old stage is dropped."""
+    w = World(tmp_path, "canary")
+    w.registry.start_rollout("m", "v2", "canary", 10.0)
+    w.health = {"v1": VersionHealth(1000, 0), "v2": VersionHealth(100, 0)}
+    assert w.driver.look("m").action == "hold"  # the stage's baseline counts
+
+    def operator_acts_while_health_is_read(_model):
+        if operator == "pause":
+            w.registry.mark_rollout("m", "v2", "pause")
+        else:
+            w.registry.advance_rollout("m", "v2", w.cfg.rollout.canary_steps, "by hand")
+        return {"v1": VersionHealth(2000, 1), "v2": VersionHealth(130, 30)}  # +30 requests, +30 errors
+
+    w.driver.health = operator_acts_while_health_is_read
+    assert w.driver.look("m").action == "rollback"  # judged on the stage it read...
+    state = w.registry.state("m")  # ...and not applied: the operator's change stands
+    assert state.rollout is not None and state.rollout.version == "v2" and state.history[-1].event == operator
+    assert state.rollout.paused if operator == "pause" else state.rollout.percent == 50
