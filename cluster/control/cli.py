@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from tuneloop.control.deploy_cli import deploy_app
+from tuneloop.control.deploy_cli import deploy_app, known_model
 from tuneloop.core.config import ConfigError, TuneloopConfig, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Serve, collect feedback, fine-tune, roll out.")
@@ -22,12 +22,6 @@ def _load(config: str | None) -> TuneloopConfig:
     except ConfigError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(2) from None
-
-
-def _known_model(cfg: TuneloopConfig, model: str) -> None:
-    if model not in {m.name for m in cfg.models}:
-        typer.echo(f"unknown model {model!r}; configured: {[m.name for m in cfg.models]}", err=True)
-        raise typer.Exit(2)
 
 
 @app.command()
@@ -49,7 +43,7 @@ def train(
     from tuneloop.store.storage import Storage
 
     cfg = _load(config)
-    _known_model(cfg, model)
+    known_model(cfg, model)
     # In a Ray Job ($RAY_ADDRESS set) the job's cluster is the one to join.
     server = None if address or os.environ.get("RAY_ADDRESS") else running_server_address(Storage(cfg.storage.root))
     if server:
@@ -85,11 +79,14 @@ def versions(model: str, config: str | None = ConfigOption) -> None:
     from tuneloop.store.storage import Storage
 
     cfg = _load(config)
-    _known_model(cfg, model)
+    known_model(cfg, model)
     gated = model_task(cfg.model(model)).gate_metric
     registry = Registry(Storage(cfg.storage.root))
     production = registry.production(model)
-    for m in registry.versions(model):
+    published = registry.versions(model)
+    if not published:
+        typer.echo(f"{model} has no versions yet: `tuneloop train {model}` makes one (`tuneloop run` makes v1 itself)")
+    for m in published:
         scores = " ".join(f"{name}={getattr(m.metrics, name):.4f}" if m.metrics else f"{name}=-"
                           for name in dict.fromkeys(["accuracy", gated]))
         mark = "*" if m.version == production else " "
@@ -113,7 +110,7 @@ def optimize(model: str, version: str, config: str | None = ConfigOption) -> Non
     from tuneloop.store.storage import Storage
 
     cfg = _load(config)
-    _known_model(cfg, model)
+    known_model(cfg, model)
     logging.getLogger("torch").setLevel(logging.ERROR)  # the exporter's progress lines
     try:
         manifest = optimize_version(cfg, Registry(Storage(cfg.storage.root)), model, version,
@@ -147,7 +144,7 @@ def lineage(
     registry = Registry(storage)
     try:
         if version is not None:
-            _known_model(cfg, target)
+            known_model(cfg, target)
             found = version_lineage(registry, target, version, with_rows=rows)
         else:
             log = PredictionLog(storage, model_tasks(cfg.models))
@@ -170,15 +167,18 @@ def rollout(
     """MODEL's rollout: its state and recent decisions (status), or an operator's action. The
     retrain controller decides by itself between actions; these are written to the same
     state, and every replica follows within serving.reload_interval_s."""
-    from tuneloop.core.errors import Conflict, UnknownVersion
+    from tuneloop.core.errors import Conflict, InvalidBody, UnknownVersion
     from tuneloop.store.registry import Registry
     from tuneloop.store.rollout_actions import operate_rollout
     from tuneloop.store.storage import Storage
 
     cfg = _load(config)
-    _known_model(cfg, model)
-    if action not in ("status", "start", "pause", "resume", "step", "rollback") or stage not in (None, "shadow", "canary"):
-        typer.echo(f"unknown action {action!r} or stage {stage!r}; see --help", err=True)
+    known_model(cfg, model)
+    if action not in ("status", "start", "pause", "resume", "step", "rollback"):
+        typer.echo(f"unknown action {action!r}: status, start, pause, resume, step or rollback", err=True)
+        raise typer.Exit(2)
+    if stage not in (None, "shadow", "canary"):
+        typer.echo(f"unknown stage {stage!r}: shadow or canary", err=True)
         raise typer.Exit(2)
     registry = Registry(Storage(cfg.storage.root))
     if action == "status":
@@ -187,7 +187,7 @@ def rollout(
         try:
             state = operate_rollout(registry, model, action, "by `tuneloop rollout`", cfg.rollout,
                                     cfg.model(model).labels, version, stage, force)
-        except (Conflict, UnknownVersion) as e:
+        except (Conflict, InvalidBody, UnknownVersion) as e:
             typer.echo(e.message, err=True)
             raise typer.Exit(2) from None
     for line in _describe_state(model, state):
@@ -222,7 +222,7 @@ def status(
 
     cfg = _load(config)
     if model is not None:
-        _known_model(cfg, model)
+        known_model(cfg, model)
     registry = Registry(Storage(cfg.storage.root))
     names = [model] if model else [m.name for m in cfg.models]
     states = {name: registry.state(name) for name in names}
@@ -252,7 +252,7 @@ def feedback_stats_cmd(model: str, config: str | None = ConfigOption) -> None:
     from tuneloop.store.storage import Storage
 
     cfg = _load(config)
-    _known_model(cfg, model)
+    known_model(cfg, model)
     tasks = model_tasks(cfg.models)
     store = FeedbackStore(Storage(cfg.storage.root), cfg.storage.journal_path(), tasks)
     typer.echo(json.dumps(feedback_stats(model, tasks[model], store.read_all(model)), indent=2))
@@ -270,7 +270,7 @@ def feedback_keys_cmd(model: str, config: str | None = ConfigOption) -> None:
     from tuneloop.store.storage import Storage
 
     cfg = _load(config)
-    _known_model(cfg, model)
+    known_model(cfg, model)
     tasks, storage = model_tasks(cfg.models), Storage(cfg.storage.root)
     task = tasks[model]
     rows = FeedbackStore(storage, cfg.storage.journal_path(), tasks).read_all(model)
@@ -291,7 +291,7 @@ def feedback_release_cmd(model: str, key_id: str = typer.Argument(..., help="a q
     from tuneloop.store.storage import Storage
 
     cfg = _load(config)
-    _known_model(cfg, model)
+    known_model(cfg, model)
     try:
         verdict = QuarantineBook(Storage(cfg.storage.root)).release(model, key_id)
     except NotQuarantined as e:

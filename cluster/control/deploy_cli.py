@@ -23,6 +23,12 @@ DirOption = typer.Option(None, "--dir", help="where the rendered files go (defau
 DryRunOption = typer.Option(False, "--dry-run", help="print the files and the commands; run nothing")
 
 
+def known_model(cfg: TuneloopConfig, model: str) -> None:
+    if model not in {m.name for m in cfg.models}:
+        typer.echo(f"unknown model {model!r}; configured: {[m.name for m in cfg.models]}", err=True)
+        raise typer.Exit(2)
+
+
 def _load(config: str | None) -> tuple[TuneloopConfig, dict[str, Any]]:
     try:
         cfg = load_config(config)
@@ -100,6 +106,7 @@ def status_cmd(config: str | None = ConfigOption, target: str = TargetOption, fo
 @deploy_app.command("rollout")
 def rollout_cmd(model: str, version: str | None = typer.Argument(None, help="the version to make production"),
                 rollback: bool = typer.Option(False, "--rollback", help="back to the production before this one"),
+                force: bool = typer.Option(False, "--force", help="a version the gate rejected too"),
                 config: str | None = ConfigOption, dry_run: bool = DryRunOption) -> None:
     """Make VERSION production (or roll back): replicas on every node switch to it within
     serving.reload_interval_s, without a restart and without dropping a request."""
@@ -108,6 +115,7 @@ def rollout_cmd(model: str, version: str | None = typer.Argument(None, help="the
     from tuneloop.store.storage import Storage
 
     cfg, _ = _load(config)
+    known_model(cfg, model)
     if (version is None) == (not rollback):
         typer.echo("give a VERSION or --rollback", err=True)
         raise typer.Exit(2)
@@ -118,9 +126,9 @@ def rollout_cmd(model: str, version: str | None = typer.Argument(None, help="the
     registry = Registry(Storage(cfg.storage.root))
     try:
         state = (registry.rollback(model, reason="tuneloop deploy rollout --rollback") if rollback else
-                 registry.promote(model, version, reason="tuneloop deploy rollout",
+                 registry.promote(model, version, reason="tuneloop deploy rollout", force=force,
                                   labels=cfg.model(model).labels))
-    except (Conflict, UnknownVersion, KeyError) as e:
+    except (Conflict, UnknownVersion) as e:
         typer.echo(getattr(e, "message", str(e)), err=True)
         raise typer.Exit(2) from None
     typer.echo(f"{model}: production is {state.production} (generation {state.generation})")

@@ -311,7 +311,7 @@ def hand_over(registry: Registry, job: JobRecord, version: str, parent: str | No
     if rollout.mode == "gated":
         registry.record_candidate(job.model, version, reason=f"job {job.job_id}: {reason}; rollout.mode is gated")
         job.message = (f"{version} passed the gate and waits for an operator (rollout.mode: gated): "
-                       f"`tuneloop rollout start {job.model} {version}` or promote it")
+                       f"`tuneloop rollout {job.model} start {version}` or promote it")
         return
     stage, _, percent = first_stage(rollout.mode, rollout.canary_steps)
     try:
