@@ -79,13 +79,14 @@ class PromoteRequest(BaseModel):
     force: bool = False
 
 
-def _rollout_fields(state: RegistryState) -> dict[str, Any]:
-    """Production and, during a rollout, its challenger: ``shadow`` (a version) or ``canary``
-    (a version and its percent of requests), and the rollout itself."""
+def _rollout_fields(state: RegistryState, shadow_percent: float) -> dict[str, Any]:
+    """Production and, during a rollout, its challenger as ``shadow`` or ``canary``: its
+    version and share (the percent of requests the canary answers, or of production's
+    requests the shadow answers beside it), and the rollout itself."""
     r = state.rollout
     return {"production": state.production,
             "canary": {"version": r.version, "percent": r.percent} if r and r.stage == "canary" else None,
-            "shadow": r.version if r and r.stage == "shadow" else None,
+            "shadow": {"version": r.version, "percent": shadow_percent} if r and r.stage == "shadow" else None,
             "rollout": r.model_dump() if r else None}
 
 
@@ -330,7 +331,8 @@ class Ingress:
     def _summary(self, name: str) -> dict[str, Any]:
         m = self._model_cfg(name)
         state = self.registry.state(name)
-        return {"name": m.name, "task": m.task, "labels": m.labels, **_rollout_fields(state)}
+        return {"name": m.name, "task": m.task, "labels": m.labels,
+                **_rollout_fields(state, self.cfg.rollout.shadow_percent)}
 
     @app.get("/v1/models")
     async def list_models(self) -> dict[str, Any]:
@@ -452,5 +454,6 @@ class Ingress:
         return self._state_answer(model, state)
 
     def _state_answer(self, model: str, state: RegistryState) -> dict[str, Any]:
-        return {"model": model, **_rollout_fields(state), "history": [h.model_dump() for h in state.history[-10:]]}
+        return {"model": model, **_rollout_fields(state, self.cfg.rollout.shadow_percent),
+                "history": [h.model_dump() for h in state.history[-10:]]}
 

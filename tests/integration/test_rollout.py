@@ -130,7 +130,7 @@ def test_a_better_challenger_goes_shadow_canary_production_by_itself(live):
     started = httpx.post(f"{url}/v1/models/sentiment/rollout", json={"action": "start", "version": "v2",
                                                                      "stage": "shadow"}, headers=bearer(ADMIN_KEY))
     assert started.status_code == 200, started.text
-    assert started.json()["shadow"] == "v2" and started.json()["production"] == "v1"
+    assert started.json()["shadow"] == {"version": "v2", "percent": 100.0} and started.json()["production"] == "v1"
     # v2 says "positive" always; the users say so too: production is wrong where it differs.
     in_canary = _feedback_until(url, lambda s: s["canary"] is not None or s["production"] == "v2",
                                 judge=lambda a: "positive")
