@@ -27,7 +27,9 @@ def build_deepspeed_config(
     """
     # DeepSpeed's WarmupDecayLR needs at least one warmup step and decays after it.
     warmup = max(1, int(total_steps * warmup_ratio))
-    total_steps = max(total_steps, warmup + 1)
+    schedule = {"type": "WarmupDecayLR", "params": {
+        "warmup_min_lr": 0.0, "warmup_max_lr": learning_rate, "warmup_num_steps": warmup,
+        "total_num_steps": max(total_steps, warmup + 1), "warmup_type": "linear"}}
     zero: dict[str, Any] = {"stage": zero_stage}
     if zero_stage == 3:
         # Export gathers the partitioned weights into one consolidated checkpoint.
@@ -51,16 +53,9 @@ def build_deepspeed_config(
                 "torch_adam": not use_gpu,
             },
         },
-        "scheduler": {
-            "type": "WarmupDecayLR",
-            "params": {
-                "warmup_min_lr": 0.0,
-                "warmup_max_lr": learning_rate,
-                "warmup_num_steps": warmup,
-                "total_num_steps": total_steps,
-                "warmup_type": "linear",
-            },
-        },
+        # A lone update is at the learning rate itself: warmed up, it was at 0 and the
+        # job learned nothing (the first update of a schedule is at 0, as in Hugging Face's).
+        **({"scheduler": schedule} if total_steps > 1 else {}),
         "steps_per_print": 10**9,  # tuneloop logs progress itself
         "wall_clock_breakdown": False,
     }

@@ -16,6 +16,7 @@ the reservoir, not by how much feedback was ever stored.
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,8 @@ from tuneloop.store.quarantine import QuarantineBook
 from tuneloop.store.records import FeedbackStore, arrow_type
 from tuneloop.store.registry import Manifest, Registry
 from tuneloop.training.data import file_sha256, read_dataset, table_digest
+
+log = logging.getLogger(__name__)
 
 TS = pa.timestamp("ms", tz="UTC")
 
@@ -80,6 +83,17 @@ class JobData:
     summary: dict[str, Any] = field(default_factory=dict)  # the manifest's ``data``
 
 
+def _warn_missing_labels(task: Task, golden: pa.Table) -> None:
+    """Say so when the frozen golden set leaves labels out: the gate cannot see a version
+    lose (or learn) them there, for good."""
+    if "label" not in task.target_columns:
+        return
+    missing = sorted(set(task.labels) - set(golden.column("label").to_pylist()))
+    if missing:
+        log.warning("the golden set frozen from the seed has no row of %s: the gate judges those labels on "
+                    "fresh feedback only (set golden_dataset to a file that has them)", missing)
+
+
 def golden_set(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Registry,
                seed: pa.Table | None) -> tuple[pa.Table, dict[str, Any]]:
     """The golden set: the configured file, or the frozen sample of the seed (taken at the
@@ -90,10 +104,17 @@ def golden_set(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Re
                        "rows": table.num_rows}
     frozen = registry.golden(mcfg.name)
     if frozen is None and seed is not None and seed.num_rows:
-        size = min(tcfg.golden_max_rows, max(1, round(seed.num_rows * tcfg.golden_fraction)))
+        # Each class keeps a row to train on, its first: a class's only example went to the
+        # golden set (every class present gets a row there), and a tiny first seed went
+        # there whole, frozen for good with nothing left to train on.
         strata = [task.stratum(r) for r in seed.select(list(task.target_columns)).to_pylist()]
-        picked = stratified_sample(strata, size, random.Random(f"golden:{tcfg.seed}"))
-        frozen = registry.freeze_golden(mcfg.name, _take(seed, picked))
+        firsts = {s: i for i, s in reversed(list(enumerate(strata)))}
+        eligible = [i for i, s in enumerate(strata) if firsts[s] != i]
+        size = min(tcfg.golden_max_rows, max(1, round(seed.num_rows * tcfg.golden_fraction)), len(eligible))
+        if size > 0:
+            picked = stratified_sample([strata[i] for i in eligible], size, random.Random(f"golden:{tcfg.seed}"))
+            frozen = registry.freeze_golden(mcfg.name, _take(seed, [eligible[i] for i in picked]))
+            _warn_missing_labels(task, frozen)
     if frozen is None:
         return pa.table({"text": pa.array([], pa.string())}), {"source": None, "rows": 0}
     return frozen, {"source": "seed sample frozen at the first job", "sha256": table_digest(frozen),

@@ -63,12 +63,19 @@ class TrainingOutcome:
     manifest: Manifest | None
 
 
+SANITY_ROWS = 256
+
+
 def _job_tables(task: Task, data: JobData) -> dict[str, pa.Table]:
     """The tables the workers read: ``train`` (split among them) and the evaluation sets,
     each with a ``row`` number (each worker scores all of one; empty ones are left out)."""
     sets = {"train": with_training_columns(task, data.train)}
-    for name, table in (("golden", data.golden), ("fresh", data.fresh_eval), ("validation", data.validation)):
-        if table.num_rows:
+    # Without a golden set or kept-back rows, some training rows are scored anyway: the gate's
+    # check for finite outputs otherwise looked at nothing, and passed weights gone to NaN.
+    sanity = data.train.slice(0, SANITY_ROWS) if not (data.golden.num_rows or data.fresh_eval.num_rows) else None
+    for name, table in (("golden", data.golden), ("fresh", data.fresh_eval), ("validation", data.validation),
+                        ("sanity", sanity)):
+        if table is not None and table.num_rows:
             sets[name] = with_training_columns(task, table).append_column(
                 "row", pa.array(range(table.num_rows), pa.int64()))
     return sets
@@ -206,6 +213,9 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
     if data.summary["quarantine"]["flagged"]:
         log.warning("job %s: quarantined feedback keys of %s: %s", job.job_id, model,
                     data.summary["quarantine"]["flagged"])
+    if data.train.num_rows < tcfg.num_workers:  # a worker without a row trains nothing, and says nothing
+        raise ValueError(f"{data.train.num_rows} training row(s) for {tcfg.num_workers} workers: each needs one at "
+                         "least; add seed data or feedback, or lower training.num_workers")
     tables = _job_tables(task, data)
     log.info("job %s: %s from %s, %s", job.job_id, model, parent or mcfg.starts_from(), data.summary)
     # A cluster joined by address may autoscale; the local Ray `tuneloop run` starts cannot.

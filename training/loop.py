@@ -344,7 +344,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # nothing, which is all of a two-step job. One scheduler step ahead, only the first
     # update is at 0, as in Hugging Face's linear schedule (DeepSpeed 0.19.8, measured: weights
     # unchanged after two updates without this step, changed after the second with it).
-    scheduler.step()
+    if scheduler is not None:  # none for a one-update job (deepspeed_config.py)
+        scheduler.step()
     marks["engine_ready"] = time.time()
     _log(rank, f"{precision} on {engine.device}, {world} worker(s) of {torch.get_num_threads()} thread(s), "
                f"{total_steps} optimizer steps of {batch_size * world * accumulation} rows")

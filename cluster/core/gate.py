@@ -103,7 +103,8 @@ def fisher_lower(ours: int, theirs: int, n: int) -> float:
 def _golden_check(e: Evidence, rules: GateConfig) -> GateCheck:
     if e.golden.eval_rows == 0:
         return GateCheck(name="golden", passed=True, numbers={"rows": 0},
-                         detail="no golden set (the model has no seed_dataset or golden_dataset) to check")
+                         detail="no golden set to check (no golden_dataset, and no seed, or one too small "
+                                "to keep rows of each class back)")
     value = float(getattr(e.golden, e.metric))
     if e.parent_golden is None:
         return GateCheck(name="golden", passed=True, detail=f"first version: {e.metric} {value:.4f} on the golden set",

@@ -253,3 +253,22 @@ def test_a_jsonl_seed_may_write_labels_as_numbers_and_strings_in_one_file(tmp_pa
     path.write_text('{"text": "a", "label": 0}\n{"text": "b", "label": "1"}\n{"text": "c", "label": true}\n')
     table = read_dataset(str(path), make_task("text-classification", ["0", "1", "true"]))
     assert table.column("label").to_pylist() == ["0", "1", "true"]
+
+
+@pytest.mark.parametrize("labels", [
+    ["positive"] * 50 + ["negative"] * 49 + ["neutral"],  # a class with one row
+    ["positive", "negative"],  # a tiny seed: one row of each
+    ["positive", "positive", "negative"],
+])
+def test_every_class_of_the_seed_keeps_a_row_to_train_on(tmp_path, labels):
+    seed = tmp_path / "seed.tsv"
+    seed.write_text("text\tlabel\n" + "".join(f"text {i}\t{label}\n" for i, label in enumerate(labels)))
+    cfg = parse_config({"models": [{"name": "m", "base_model": "x", "labels": ["negative", "neutral", "positive"],
+                                    "seed_dataset": str(seed)}],
+                        "storage": {"root": str(tmp_path / "store")}, "training": {"golden_fraction": 0.9}})
+    storage = Storage(cfg.storage.root)
+    tasks = model_tasks(cfg.models)
+    feedback = FeedbackStore(storage, str(tmp_path / "journal"), tasks)
+    data = assemble(tasks["m"], cfg.model("m"), cfg.training, Registry(storage), feedback, None)
+    assert set(data.train.column("label").to_pylist()) == set(labels)
+    assert data.golden.num_rows == min(round(0.9 * len(labels)), len(labels) - len(set(labels)))

@@ -83,9 +83,12 @@ def test_deepspeed_config_cpu_and_gpu():
     # DeepSpeed checks train_batch_size == micro batch x accumulation x world size.
     assert gpu["train_batch_size"] == 8 * 4 * 4 and gpu["gradient_accumulation_steps"] == 4
     assert gpu["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
-    # DeepSpeed needs >= 1 warmup step and a total beyond it, even for a one-step job.
-    assert gpu["scheduler"]["params"]["warmup_num_steps"] == 1
-    assert gpu["scheduler"]["params"]["total_num_steps"] == 2
+    # A one-update job runs at the learning rate itself: warmed up, its update was at 0.
+    assert "scheduler" not in gpu and gpu["optimizer"]["params"]["lr"] == 1e-4
+    two = build_deepspeed_config(zero_stage=0, micro_batch_size=8, world_size=1, learning_rate=1e-4,
+                                 weight_decay=0.0, total_steps=2, warmup_ratio=0.0, use_gpu=False, precision="fp32")
+    # DeepSpeed needs >= 1 warmup step and a total beyond it.
+    assert two["scheduler"]["params"]["warmup_num_steps"] == 1 and two["scheduler"]["params"]["total_num_steps"] == 2
     fp16 = build_deepspeed_config(zero_stage=1, micro_batch_size=8, world_size=1, learning_rate=1e-4,
                                   weight_decay=0.0, total_steps=10, warmup_ratio=0.1, use_gpu=True, precision="fp16")
     assert fp16["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}  # dynamic loss scaling
