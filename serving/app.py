@@ -30,10 +30,11 @@ def default_metrics_dir() -> str:
 
 def _cores(cfg: TuneloopConfig) -> int:
     """Cores the replicas may spread over: the cluster's when part of one, else this
-    machine's (a local Ray's logical CPUs are set above the cores, for Ray Data's tasks)."""
+    machine's (a local Ray's logical CPUs are set above the cores, for Ray Data's tasks), or
+    that local Ray's CPUs where they are fewer: replicas beyond them would wait unplaced."""
     if ray.is_initialized() and (cfg.ray.address or os.environ.get("RAY_ADDRESS") or not ray_is_local()):
         return int(ray.cluster_resources().get("CPU", 1))
-    return os.cpu_count() or 1
+    return min(os.cpu_count() or 1, cfg.ray.num_cpus or os.cpu_count() or 1)
 
 
 def ray_is_local() -> bool:

@@ -376,8 +376,8 @@ class Ingress:
     ) -> dict[str, str]:
         key_id = self.auth.check(request.headers.get("authorization"), "feedback")
         idempotency_key = parse_key(idempotency_key)
-        # Per key; clients without one (feedback opened in the config) share one bucket.
-        self.feedback_limit.take(key_id or "anonymous")
+        # Per key; a client without one (feedback opened in the config) by its address.
+        self.feedback_limit.take(key_id or f"anonymous {request.client.host if request.client else ''}")
         feedback_id = await self.feedback.submit(body.task_fields(), prediction_id=body.prediction_id, model=body.model,
                                                  text=body.text, key_id=key_id, idempotency_key=idempotency_key)
         return {"feedback_id": feedback_id}

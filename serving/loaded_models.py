@@ -65,7 +65,10 @@ class LoadedModel:
         import transformers
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device.type == "cuda" or self.bf16 else torch.float32
+        if self.device.type == "cuda":  # a GPU without bf16 (T4, V100) emulates it slowly: fp16 there
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            dtype = torch.bfloat16 if self.bf16 else torch.float32
         auto_class = getattr(transformers, self.task.auto_class)
         self.model = auto_class.from_pretrained(path, dtype=dtype).to(self.device).eval()
         self.model.config.use_cache = False  # a decoder's (GPT-2's) key-value cache is for generating, not scoring

@@ -40,8 +40,9 @@ class PredictLimits:
 
 
 def max_body_bytes(s: ServingConfig) -> int:
-    # JSON may escape a character as \uXXXX: six bytes per character at worst.
-    return s.max_inputs_per_request * (s.max_chars_per_input * 6 + 8) + 4096
+    # JSON may escape a character as \uXXXX, and one outside the BMP (an emoji) as a pair of
+    # them: twelve bytes per character at worst (Python's json.dumps writes them so).
+    return s.max_inputs_per_request * (s.max_chars_per_input * 12 + 8) + 4096
 
 
 def check_content_type(content_type: str | None) -> None:

@@ -22,6 +22,7 @@ from ray import serve
 from tuneloop.control import worker_setup
 from tuneloop.store.keys import KeyRing, ensure_admin_key, save_admin_key
 from tuneloop.core.config import ConfigError, TuneloopConfig
+from tuneloop.core.resources import serving_shortfall
 from tuneloop.store.registry import Registry
 from tuneloop.store.server_file import remove_server_file, write_server_file
 from tuneloop.store.storage import Storage, private_temp_dir
@@ -112,6 +113,14 @@ def run_forever(cfg: TuneloopConfig) -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     started = time.monotonic()
     init_ray(cfg)
+    if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):  # a joined cluster may autoscale
+        s = cfg.serving
+        short = serving_shortfall(len(cfg.models), s.num_replicas or s.autoscaling.min_replicas,
+                                  {"CPU": s.num_cpus_per_replica, "GPU": s.num_gpus_per_replica,
+                                   **s.resources_per_replica}, ray.cluster_resources())
+        if short:
+            ray.shutdown()
+            raise SystemExit(f"tuneloop: cannot start: {short}")
     stop = threading.Event()
     try:
         write_server_file(storage, ray.get_runtime_context().gcs_address)

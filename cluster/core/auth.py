@@ -168,8 +168,13 @@ class RateLimiter:
         self.rate, self.burst, self.clock = per_minute / 60.0, burst, clock
         self._buckets: dict[str, tuple[float, float]] = {}
 
+    MAX_BUCKETS = 4096  # past it, buckets that have refilled are forgotten (a new one starts full)
+
     def take(self, key: str) -> None:
         now = self.clock()
+        if len(self._buckets) > self.MAX_BUCKETS:
+            self._buckets = {k: (t, at) for k, (t, at) in self._buckets.items()
+                             if t + (now - at) * self.rate < self.burst}
         tokens, last = self._buckets.get(key, (float(self.burst), now))
         tokens = min(float(self.burst), tokens + (now - last) * self.rate)
         if tokens < 1.0:

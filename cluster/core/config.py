@@ -491,6 +491,18 @@ class TuneloopConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _feedback_can_find_predictions(self) -> TuneloopConfig:
+        # Feedback by prediction id joins the prediction log: with nothing logged, every such
+        # feedback is a 404, and what needs it waits forever.
+        if self.predictions.sample_rate == 0:
+            needs = ([f"rollout.mode {self.rollout.mode}"] if self.rollout.mode in ("shadow", "canary") else []) + (
+                ["trigger.accuracy_drop"] if self.trigger.accuracy_drop is not None else [])
+            if needs:
+                raise ValueError(f"predictions.sample_rate 0 logs no prediction, but {' and '.join(needs)} judge "
+                                 "versions by feedback on their predictions: raise it")
+        return self
+
+    @model_validator(mode="after")
     def _teachers_are_models(self) -> TuneloopConfig:
         names = {m.name: m for m in self.models}
         for m in self.models:

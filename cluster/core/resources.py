@@ -1,8 +1,11 @@
-"""Can a training job be scheduled beside what is running? Pure.
+"""Can a training job be scheduled beside what is running, and can serving's replicas be
+placed at all? Pure.
 
 Ray Train's worker group waits for its CPUs indefinitely: a job asked for more than the
 cluster has free (the serving replicas hold theirs) showed ``running`` forever while nothing
-ran. A job therefore checks first and fails fast, saying what to change.
+ran. A job therefore checks first and fails fast, saying what to change. Serve waits the
+same way for replicas no node can hold: `tuneloop run` gave up after 300 s saying only "not
+ready".
 """
 
 from __future__ import annotations
@@ -51,4 +54,19 @@ def training_shortfall(num_workers: int, per_worker: dict[str, float], total: di
                     f"{total.get(name, 0.0):g}; start nodes with it (ray start --resources) or change the setting")
         if available.get(name, 0.0) < need:
             return f"training needs {need:g} free {name!r} but only {available.get(name, 0.0):g} are free"
+    return None
+
+
+def serving_shortfall(models: int, replicas: int, per_replica: dict[str, float], total: dict[str, float]) -> str | None:
+    """Why ``models`` x ``replicas`` (each model's fixed or minimum count) replicas asking
+    ``per_replica`` each (``CPU``, ``GPU``, custom resources) can never all be placed on a
+    Ray cluster of ``total`` (``cluster_resources()``); None if they can."""
+    for name, amount in sorted(per_replica.items()):
+        need, have = models * replicas * amount, total.get(name, 0.0)
+        if amount and have < need:
+            setting = {"CPU": "num_cpus_per_replica", "GPU": "num_gpus_per_replica"}.get(name, "resources_per_replica")
+            return (f"serving needs {need:g} {name} ({models} model(s) x {replicas} replica(s) x {amount:g}, "
+                    f"serving.{setting}) but the Ray cluster has {have:g}; lower serving.{setting}, "
+                    f"serving.num_replicas or autoscaling.min_replicas"
+                    + (", or raise ray.num_cpus" if name == "CPU" else ", or add nodes that have it"))
     return None

@@ -94,6 +94,8 @@ def choose_runtime(requested: str, optimization: Optimization | None, hardware: 
         return TORCH, "serving.runtime is torch"
     artifacts = optimization.artifacts if optimization else {}
     if requested != "auto":
+        if not hardware.startswith("cpu"):  # ONNX Runtime runs the artifacts on the CPU here
+            return TORCH, f"serving.runtime is {requested}, an artifact built for CPUs: on {hardware} PyTorch serves"
         if requested == "torch-bf16" and hardware.startswith("cpu/"):
             return TORCH, "serving.runtime is torch-bf16, but this CPU has no native bf16 (emulated, slower than fp32)"
         record = artifacts.get(requested)

@@ -125,9 +125,9 @@ def test_a_slow_sender_gets_408(hardened, path):
 
 
 def test_the_configured_body_limit_holds_at_the_ingress(hardened):
-    """A feedback body past serving's byte limit (about 14 KB here), whatever it holds, is a
+    """A feedback body past serving's byte limit (about 23 KB here), whatever it holds, is a
     413 before any field is looked at."""
-    body = {"model": "sentiment", "text": "x", "label": "positive", "padding": "y" * 20_000}
+    body = {"model": "sentiment", "text": "x", "label": "positive", "padding": "y" * 30_000}
     r = httpx.post(f"{hardened['url']}/v1/feedback", json=body, headers=bearer(FEEDBACK_KEY))
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
 

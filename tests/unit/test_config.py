@@ -114,6 +114,13 @@ def test_uri_storage_root_is_kept_and_needs_a_local_journal():
     assert local.storage.journal_path() == "/x/store/journal/feedback"
 
 
+@pytest.mark.parametrize("section", [{"rollout": {"mode": "shadow"}}, {"trigger": {"accuracy_drop": 0.05}}])
+def test_logging_no_prediction_is_refused_where_feedback_on_predictions_decides(section):
+    assert parse_config({"models": [MODEL], "predictions": {"sample_rate": 0}}).predictions.sample_rate == 0
+    with pytest.raises(ConfigError, match="predictions.sample_rate 0 logs no prediction, but"):
+        parse_config({"models": [MODEL], "predictions": {"sample_rate": 0}, **section})
+
+
 def test_home_and_file_uri_paths_are_the_local_paths_they_name(monkeypatch):
     monkeypatch.setenv("HOME", "/home/someone")
     cfg = parse_config({"models": [{**MODEL, "seed_dataset": "~/seed.tsv"}], "storage": {"root": "~/tl"}},

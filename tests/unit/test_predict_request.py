@@ -79,3 +79,5 @@ def test_body_limit_allows_the_largest_legal_request():
     body = json.dumps({"inputs": ["\u00e9" * 50] * 4}).encode()  # every character escaped
     assert len(body) <= max_body_bytes(s)
     assert len(parse_predict_body(body, limits, TASK)) == 4
+    emoji = json.dumps({"inputs": ["\U0001f600" * 50] * 4}).encode()  # each a pair of escapes, 12 bytes
+    assert len(emoji) <= max_body_bytes(s) and len(parse_predict_body(emoji, limits, TASK)) == 4

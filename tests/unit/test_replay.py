@@ -73,3 +73,20 @@ def test_several_gpu_workers_take_whole_gpus():
         parse_config({"models": [model], "training": {"use_gpu": True, "gpus_per_worker": 0.5}})
     one = parse_config({"models": [model], "training": {"use_gpu": True, "num_workers": 1, "gpus_per_worker": 0.5}})
     assert one.training.gpus_per_worker == 0.5
+
+
+def test_serving_shortfall_names_what_no_node_can_hold():
+    from tuneloop.core.config import parse_config
+    from tuneloop.core.resources import serving_shortfall
+
+    cpu = {"CPU": 2.0, "GPU": 0.0}
+    assert serving_shortfall(3, 1, cpu, {"CPU": 9}) is None  # the shipped config on its local Ray
+    short = serving_shortfall(3, 1, {"CPU": 4.0, "GPU": 0.0}, {"CPU": 9})
+    assert "serving needs 12 CPU (3 model(s) x 1 replica(s) x 4, serving.num_cpus_per_replica)" in short
+    assert "has 9" in short and "ray.num_cpus" in short
+    gpu = serving_shortfall(1, 2, {"CPU": 1.0, "GPU": 1.0}, {"CPU": 8})
+    assert "serving needs 2 GPU" in gpu and "serving.num_gpus_per_replica" in gpu and "add nodes" in gpu
+    assert "serving.resources_per_replica" in serving_shortfall(1, 1, {"CPU": 1.0, "serving-node": 1.0}, {"CPU": 8})
+    # The config's defaults fit a one-core machine.
+    s = parse_config({"models": [{"name": "m", "base_model": "b", "labels": ["a", "b"]}]}).serving
+    assert serving_shortfall(1, s.autoscaling.min_replicas, {"CPU": s.num_cpus_per_replica}, {"CPU": 1}) is None

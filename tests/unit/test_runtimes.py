@@ -62,6 +62,9 @@ def test_a_named_runtime_serves_only_when_its_artifact_passed():
     runtime, why = choose_runtime("onnx", None, "cpu/2t")
     assert runtime == "torch" and "no onnx artifact" in why
     assert choose_runtime("torch", opt, "cpu/2t") == ("torch", "serving.runtime is torch")
+    # A GPU replica would have run the CPU artifact beside an idle GPU.
+    runtime, why = choose_runtime("onnx", opt, "cuda")
+    assert runtime == "torch" and "built for CPUs: on cuda PyTorch serves" in why
 
 
 def test_a_named_bf16_runtime_serves_only_on_a_cpu_with_native_bf16():
