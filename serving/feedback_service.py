@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tuneloop.core.config import TuneloopConfig
-from tuneloop.core.errors import InvalidBody, Overloaded, UnknownModel, UnknownPrediction
+from tuneloop.core.errors import InvalidBody, InvalidValue, Overloaded, UnknownModel, UnknownPrediction
 from tuneloop.core.feedback_stats import FeedbackTally
 from tuneloop.core.tasks import check_text_length, model_tasks
 from tuneloop.serving import metrics
@@ -77,6 +77,8 @@ class FeedbackService:
             name = self._model(model).name
             task = self.tasks[name]
             check_text_length(text, "text", self.cfg.serving.max_chars_per_input)
+            if not text.strip():  # nothing to learn, and quarantine would see every key share one text
+                raise InvalidValue("text is empty: feedback on a text needs the text")
             fields = {"model": name, "text": text}
         task.check_feedback_fields(said)
         fields.update(task.feedback_target(name, said, fields["text"]))

@@ -68,12 +68,14 @@ class Retrainer:
         self.running: dict[str, str] = {j.model: j.job_id for j in records if j.state == "running"}
         self.tasks: dict[str, Future] = {}  # model -> the job this controller started
         self.pending = dict(pending)
+        self.counted: dict[str, int] = {}  # model -> the records its running job was started for
         self.last_started: dict[str, float] = {}  # model -> when its newest job was created
         for j in records:
             self.last_started[j.model] = max(self.last_started.get(j.model, 0.0),
                                              datetime.fromisoformat(j.created_at).timestamp())
         # Whether users agreed with each of production's predictions that got feedback.
         self.agreements: dict[str, deque[bool]] = {}
+        self.judged_since_start: dict[str, int] = {}  # model -> agreements recorded since its newest job started
         self._production: dict[str, tuple[str | None, float | None]] = {}  # model -> (version, golden accuracy)
         self.learned_from: dict[str, str | None] = {}  # student -> its teacher's version its newest job was for
         self.retiring = False  # set while handing over to a successor: no new job starts
@@ -136,6 +138,9 @@ class Retrainer:
                 job = self.jobs.get(job_id)  # marks it failed if its heartbeat stopped
                 if job is None or job.state != "running":
                     del self.running[model]
+                    if job is not None and job.state == "failed":  # its records wait untrained: count them again
+                        self.pending[model] = self.pending.get(model, 0) + self.counted.pop(model, 0)
+                    self.counted.pop(model, None)
 
     def record_feedback(self, model: str, version: str | None = None, agreed: bool | None = None) -> str | None:
         """One new feedback record; ``agreed``: whether it agrees with the prediction of
@@ -148,6 +153,7 @@ class Retrainer:
             if agreed is not None and version is not None and version == production[0]:
                 window = self.agreements.setdefault(model, deque(maxlen=self.cfg.trigger.accuracy_window))
                 window.append(agreed)
+                self.judged_since_start[model] = self.judged_since_start.get(model, 0) + 1
             return self._maybe_start(model, production)
 
     def _production_of(self, model: str) -> tuple[str | None, float | None]:
@@ -166,9 +172,14 @@ class Retrainer:
         """Start a job if a trigger fires; called with ``_lock`` held. ``production``: what
         ``_production_of`` gave the caller already (else it is read here)."""
         _, golden_accuracy = production or self._production_of(model)
+        # Only agreements judged since the last job started: the window that fired holds the
+        # same disagreements, and after a rejected or failed job it fired again at every
+        # feedback record, job after job. A full window of new ones fires again.
+        window = list(self.agreements.get(model, ()))
+        recent = window[len(window) - min(len(window), self.judged_since_start.get(model, len(window))):]
         trigger = which_trigger(self.cfg.trigger, pending=self.pending.get(model, 0), running=model in self.running,
                                 now=self._clock(), last_started=self.last_started.get(model),
-                                agreements=list(self.agreements.get(model, ())), golden_accuracy=golden_accuracy)
+                                agreements=recent, golden_accuracy=golden_accuracy)
         return self._start(model, trigger) if trigger else None
 
     def _follow_teachers(self) -> None:
@@ -213,7 +224,9 @@ class Retrainer:
             log.info("not starting a %s job for %s: job %s is running", trigger, model, other.job_id)
             return None
         job = self.jobs.create(model, trigger)
+        self.counted[model] = self.pending.get(model, 0)  # given back if the job fails
         self.pending[model] = 0  # records arriving from now on count towards the next job
+        self.judged_since_start[model] = 0
         self.last_started[model] = self._clock()
         self.tasks[model] = self._launch(model, trigger, job)
         self.running[model] = job.job_id

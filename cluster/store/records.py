@@ -315,7 +315,11 @@ class FeedbackStore:
             to_table=self._to_table,
             partition=lambda r: _feedback_day_folder(r["model"], r["created_at"][:10]),
         )
-        self._journal.recover()
+        try:
+            self._journal.recover()
+        except OSError as e:  # a full disk or read-only store: the compactor tries again; feedback says 503 meanwhile
+            log.warning("feedback journal: recovering dead writers' records failed (%s); left for the next "
+                        "compaction", e)
         self._idempotency = IdempotencyIndex(idempotency_ttl_s)
         self._remember_recent_keys()
         self._on_stored = on_stored

@@ -20,6 +20,7 @@ older tuneloop. On an object store the bucket's access policy applies instead.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import io
 import json
@@ -104,7 +105,13 @@ class Storage:
     def write_bytes_atomic(self, rel: str, data: bytes) -> None:
         final = self.path(rel)
         if self.is_local:
-            os.replace(self._write_temporary(final, data), final)
+            tmp = self._write_temporary(final, data)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
             fsync_dir(posixpath.dirname(final))
         else:
             # Object stores publish an object whole on close, so no temporary is needed.
@@ -122,8 +129,14 @@ class Storage:
             while view:  # os.write may write less than asked (a large file, a full disk)
                 view = view[os.write(fd, view):]
             os.fsync(fd)
-        finally:
+        except BaseException:
+            # A full disk is retried every few seconds (compaction, the prediction log): each
+            # try left a hidden partial file, eating the space that came back.
             os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        os.close(fd)
         return tmp
 
     def write_json_atomic(self, rel: str, obj: Any) -> None:

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import pytest
 
 from tuneloop.core.config import parse_config
-from tuneloop.core.errors import InvalidBody, InvalidLabel, Overloaded, PayloadTooLarge, UnknownModel, UnknownPrediction
+from tuneloop.core.errors import InvalidBody, InvalidLabel, InvalidValue, Overloaded, PayloadTooLarge, UnknownModel, UnknownPrediction
 from tuneloop.serving import feedback_service
 from tuneloop.serving.feedback_service import FeedbackService
 from tuneloop.store.records import new_prediction_id
@@ -113,6 +113,10 @@ def test_bad_feedback_stores_nothing():
         asyncio.run(service.submit({}, model="m", text="ok"))
     with pytest.raises(InvalidBody, match='"label" must be a string'):
         asyncio.run(service.submit({"label": 3}, model="m", text="ok"))
+    for blank in ("", " \n\t"):
+        with pytest.raises(InvalidValue, match="text is empty") as e:
+            asyncio.run(service.submit({"label": "pos"}, model="m", text=blank))
+        assert e.value.status == 422
     assert store.appended == [] and triggered == []
 
 

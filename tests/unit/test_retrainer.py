@@ -119,6 +119,26 @@ def test_the_accuracy_drop_trigger_counts_feedback_on_productions_predictions_on
     assert results[:3] == [None] * 3 and results[3] is not None  # 75% agreed, golden 90%: a drop of 15 points
     assert [t for _, t, _ in launch.launched] == ["accuracy_drop"]
     assert retrainer.status()["online_accuracy"] == {"m": 0.75}
+    # The gate rejects the job: production stays, and so does the window that fired. It fires
+    # again only on a full window judged since (it had fired at every record, job after job).
+    launch.finish(0, "rejected")
+    results = [retrainer.record_feedback("m", "v1", agreed) for agreed in (False, False, False, False)]
+    assert results[:3] == [None] * 3 and results[3] is not None
+    assert [t for _, t, _ in launch.launched] == ["accuracy_drop"] * 2
+
+
+def test_a_failed_job_gives_back_the_feedback_it_was_started_for(tmp_path):
+    retrainer, launch, jobs = _retrainer(tmp_path, every_n=3)
+    for _ in range(3):
+        retrainer.record_feedback("m")
+    retrainer.record_feedback("m")  # one more while it runs
+    launch.finish(0, "failed")
+    assert retrainer.status()["pending"]["m"] == 4  # untrained: they count towards the next job
+    launch2 = retrainer.record_feedback("m")
+    assert launch2 is not None and len(launch.launched) == 2
+    launch.finish(1, "rejected")  # a job that ran and was judged used its records
+    retrainer.record_feedback("m")
+    assert retrainer.status()["pending"]["m"] == 1
 
 
 def test_the_schedule_fires_from_the_sweeper_when_there_is_new_feedback(tmp_path):

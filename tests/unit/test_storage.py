@@ -115,3 +115,21 @@ def test_update_and_create_new_take_turns_across_processes(tmp_path):
     assert storage.read_bytes("claims/v1") == b"a"
     assert _mode(tmp_path / "claims/v1") == 0o600
     assert sorted(p.name for p in (tmp_path / "claims").iterdir()) == ["v1"]  # no temporary left
+
+
+def test_a_write_that_fails_leaves_no_temporary_behind(tmp_path, monkeypatch):
+    import errno
+
+    storage = Storage(str(tmp_path))
+    storage.write_bytes_atomic("a/b.json", b"{}")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    for _ in range(3):  # compaction and the prediction log retry every few seconds
+        with pytest.raises(OSError, match="No space left"):
+            storage.write_bytes_atomic("a/c.parquet", b"x" * 50_000)
+        with pytest.raises(OSError, match="No space left"):
+            storage.create_new("a/d.json", b"{}")
+    assert sorted(os.listdir(tmp_path / "a")) == ["b.json"]
