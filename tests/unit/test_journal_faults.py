@@ -141,3 +141,27 @@ def test_a_real_full_disk_then_freed_then_a_restart_keeps_every_acknowledged_rec
     assert restarted.recover() == len(acknowledged)
     stored = _stored_ids(storage)
     assert sorted(stored) == sorted(acknowledged)  # each acknowledged record exactly once
+
+
+def test_a_writer_starts_even_when_a_dead_writers_records_cannot_be_recovered_yet(tmp_path, monkeypatch):
+    """The ingress opens the writer in its constructor: an error there restarted it forever,
+    every route down, where feedback should answer 503 until the disk is back."""
+    from tuneloop.core.tasks import make_task
+    from tuneloop.store.records import FeedbackStore
+
+    tasks = {"m": make_task("text-classification", ["neg", "pos"])}
+    storage = Storage(str(tmp_path / "store"))
+    dead = FeedbackStore(storage, str(tmp_path / "j"), tasks)
+    dead.open_writer()
+    acknowledged = dead.append(model="m", text="kept", label="pos")
+    dead._journal.close()  # the process died: its segment stays, its lock is free
+
+    real = Storage.write_parquet_atomic
+    monkeypatch.setattr(Storage, "write_parquet_atomic",
+                        lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    restarted = FeedbackStore(storage, str(tmp_path / "j"), tasks)
+    restarted.open_writer()  # does not raise
+    monkeypatch.setattr(Storage, "write_parquet_atomic", real)
+    restarted.compact()  # the disk is back: the next compaction recovers the record
+    assert restarted.read("m").column("feedback_id").to_pylist() == [acknowledged]
+    restarted.close()
