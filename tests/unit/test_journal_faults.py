@@ -154,7 +154,7 @@ def test_a_writer_starts_even_when_a_dead_writers_records_cannot_be_recovered_ye
     dead = FeedbackStore(storage, str(tmp_path / "j"), tasks)
     dead.open_writer()
     acknowledged = dead.append(model="m", text="kept", label="pos")
-    dead._journal.close()  # the process died: its segment stays, its lock is free
+    dead._journal._active.close()  # the process died: its segment stays, uncompacted, its lock free
 
     real = Storage.write_parquet_atomic
     monkeypatch.setattr(Storage, "write_parquet_atomic",
