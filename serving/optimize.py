@@ -229,7 +229,7 @@ def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, versio
     max_length = cfg.serving.max_length
     reference = LoadedModel(path, version, task, max_length)
     reference_answers, reference_accuracy = _answers(reference, task, texts, targets, ocfg.speed_batch_size)
-    tokenizer = reference.tokenizer
+    tokenizer, max_length = reference.tokenizer, reference.max_length  # held to what the model takes
     device = "cuda" if reference.device.type == "cuda" else "cpu"
     hardware = hardware_class("cuda" if device == "cuda" else cpu_class(), threads)
     speed_texts = texts or SAMPLE_TEXTS * ocfg.speed_batch_size

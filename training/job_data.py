@@ -104,12 +104,15 @@ def golden_set(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Re
                        "rows": table.num_rows}
     frozen = registry.golden(mcfg.name)
     if frozen is None and seed is not None and seed.num_rows:
-        # Each class keeps a row to train on, its first: a class's only example went to the
-        # golden set (every class present gets a row there), and a tiny first seed went
-        # there whole, frozen for good with nothing left to train on.
+        # Each class keeps a row to train on, its first (other tasks: the seed's first row): a
+        # class's only example went to the golden set (every class present gets a row there),
+        # and a tiny first seed went there whole, frozen for good with nothing left to train on.
         strata = [task.stratum(r) for r in seed.select(list(task.target_columns)).to_pylist()]
-        firsts = {s: i for i, s in reversed(list(enumerate(strata)))}
-        eligible = [i for i, s in enumerate(strata) if firsts[s] != i]
+        if "label" in task.target_columns:  # one class a row: its stratum
+            firsts = {s: i for i, s in reversed(list(enumerate(strata)))}
+            eligible = [i for i, s in enumerate(strata) if firsts[s] != i]
+        else:  # a combination of labels or entity types a row: keeping one of each kept too many
+            eligible = list(range(1, seed.num_rows))
         size = min(tcfg.golden_max_rows, max(1, round(seed.num_rows * tcfg.golden_fraction)), len(eligible))
         if size > 0:
             picked = stratified_sample([strata[i] for i in eligible], size, random.Random(f"golden:{tcfg.seed}"))

@@ -68,7 +68,6 @@ class Retrainer:
         self.running: dict[str, str] = {j.model: j.job_id for j in records if j.state == "running"}
         self.tasks: dict[str, Future] = {}  # model -> the job this controller started
         self.pending = dict(pending)
-        self.counted: dict[str, int] = {}  # model -> the records its running job was started for
         self.last_started: dict[str, float] = {}  # model -> when its newest job was created
         for j in records:
             self.last_started[j.model] = max(self.last_started.get(j.model, 0.0),
@@ -138,9 +137,6 @@ class Retrainer:
                 job = self.jobs.get(job_id)  # marks it failed if its heartbeat stopped
                 if job is None or job.state != "running":
                     del self.running[model]
-                    if job is not None and job.state == "failed":  # its records wait untrained: count them again
-                        self.pending[model] = self.pending.get(model, 0) + self.counted.pop(model, 0)
-                    self.counted.pop(model, None)
 
     def record_feedback(self, model: str, version: str | None = None, agreed: bool | None = None) -> str | None:
         """One new feedback record; ``agreed``: whether it agrees with the prediction of
@@ -224,8 +220,10 @@ class Retrainer:
             log.info("not starting a %s job for %s: job %s is running", trigger, model, other.job_id)
             return None
         job = self.jobs.create(model, trigger)
-        self.counted[model] = self.pending.get(model, 0)  # given back if the job fails
-        self.pending[model] = 0  # records arriving from now on count towards the next job
+        # Records arriving from now on count towards the next job. A failed job's are not
+        # counted again: a job failing for good (too little data, a bad seed) then restarted at
+        # every sweep; they train with the next job, by trigger, schedule or an operator.
+        self.pending[model] = 0
         self.judged_since_start[model] = 0
         self.last_started[model] = self._clock()
         self.tasks[model] = self._launch(model, trigger, job)

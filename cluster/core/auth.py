@@ -175,7 +175,10 @@ class RateLimiter:
         if len(self._buckets) > self.MAX_BUCKETS:
             self._buckets = {k: (t, at) for k, (t, at) in self._buckets.items()
                              if t + (now - at) * self.rate < self.burst}
-        tokens, last = self._buckets.get(key, (float(self.burst), now))
+            if len(self._buckets) > self.MAX_BUCKETS // 2:  # many clients draining at once: the
+                # least recently seen half goes too, so a sweep comes at most every 2048 takes
+                self._buckets = dict(list(self._buckets.items())[-(self.MAX_BUCKETS // 2):])
+        tokens, last = self._buckets.pop(key, (float(self.burst), now))  # re-added last: recently seen
         tokens = min(float(self.burst), tokens + (now - last) * self.rate)
         if tokens < 1.0:
             wait = (1.0 - tokens) / self.rate

@@ -150,7 +150,12 @@ class RegistryState(BaseModel):
         stack: list[str] = []
         for entry in self.history:
             if entry.event == "rollback":
-                if stack:
+                # Back to the entry's production: in state files from before a repeated
+                # promotion was a no-op, a rollback could land where it started.
+                if entry.production in stack:
+                    while stack[-1] != entry.production:
+                        stack.pop()
+                elif stack:
                     stack.pop()
             elif entry.event == "promote" and entry.production is not None and stack[-1:] != [entry.production]:
                 stack.append(entry.production)  # a repeated promotion (older state files have them) is one

@@ -101,17 +101,20 @@ def test_rate_limit_is_a_token_bucket_per_key():
 def test_many_clients_keep_only_the_buckets_that_have_not_refilled():
     now = [0.0]
     limiter = RateLimiter(per_minute=60, burst=3, clock=lambda: now[0])
-    for i in range(RateLimiter.MAX_BUCKETS + 1):
+    for i in range(RateLimiter.MAX_BUCKETS - 1):
         limiter.take(f"anonymous 10.0.{i // 256}.{i % 256}")
     for _ in range(2):
         limiter.take("busy")
+    limiter.take("late")  # one past the bound: the next take sweeps
     now[0] += 1.0  # the one-take buckets are full again; "busy" is one short
     limiter.take("one more")
     assert set(limiter._buckets) == {"busy", "one more"}
     with pytest.raises(RateLimited):  # forgetting never lets a client past its limit
         for _ in range(3):
             limiter.take("busy")
-
+    for i in range(5 * RateLimiter.MAX_BUCKETS):  # clients all draining at once: still bounded
+        limiter.take(f"anonymous fd00::{i:x}")
+    assert len(limiter._buckets) <= RateLimiter.MAX_BUCKETS + 1
 
 def test_first_run_creates_one_admin_key_stored_hashed(tmp_path, monkeypatch):
     monkeypatch.delenv(KEYS_ENV, raising=False)

@@ -106,6 +106,8 @@ def test_rollback_pops_promotions_in_order():
     assert state(("promote", "v1"), ("promote", "v2"), ("candidate", "v2")).rollback_target() == "v1"
     # A promotion repeated back to back (state files written before it was a no-op) is one step.
     assert state(("promote", "v1"), ("promote", "v2"), ("promote", "v2")).rollback_target() == "v1"
+    # ... and a rollback that then stayed on v2 still leaves v1 to go back to.
+    assert state(("promote", "v1"), ("promote", "v2"), ("promote", "v2"), ("rollback", "v2")).rollback_target() == "v1"
 
 
 @pytest.fixture

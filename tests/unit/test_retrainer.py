@@ -127,18 +127,16 @@ def test_the_accuracy_drop_trigger_counts_feedback_on_productions_predictions_on
     assert [t for _, t, _ in launch.launched] == ["accuracy_drop"] * 2
 
 
-def test_a_failed_job_gives_back_the_feedback_it_was_started_for(tmp_path):
+def test_a_job_that_fails_for_good_is_not_restarted_until_new_feedback_is_due(tmp_path):
     retrainer, launch, jobs = _retrainer(tmp_path, every_n=3)
     for _ in range(3):
         retrainer.record_feedback("m")
-    retrainer.record_feedback("m")  # one more while it runs
-    launch.finish(0, "failed")
-    assert retrainer.status()["pending"]["m"] == 4  # untrained: they count towards the next job
-    launch2 = retrainer.record_feedback("m")
-    assert launch2 is not None and len(launch.launched) == 2
-    launch.finish(1, "rejected")  # a job that ran and was judged used its records
-    retrainer.record_feedback("m")
-    assert retrainer.status()["pending"]["m"] == 1
+    launch.finish(0, "failed")  # e.g. too few rows for its workers: the next try fails too
+    with retrainer._lock:  # what the sweeper does every 10 s
+        retrainer._reap()
+        assert retrainer._maybe_start("m") is None
+    assert len(launch.launched) == 1 and retrainer.status()["pending"]["m"] == 0
+    assert [retrainer.record_feedback("m") is not None for _ in range(3)] == [False, False, True]
 
 
 def test_the_schedule_fires_from_the_sweeper_when_there_is_new_feedback(tmp_path):
