@@ -134,7 +134,11 @@ class HistoryEntry(BaseModel):
 
 
 class _Unchanged(Exception):
-    """A transition that would change nothing: state.json is left as it is."""
+    """A transition that would change nothing: state.json is left as it is (``state``)."""
+
+    def __init__(self, state: RegistryState):
+        super().__init__()
+        self.state = state
 
 
 class RegistryState(BaseModel):
@@ -329,7 +333,7 @@ class Registry:
         def apply(state: RegistryState) -> HistoryEntry:
             if version == state.production:
                 if state.rollout is None:
-                    raise _Unchanged  # a retried promotion: nothing to record, rollback unmoved
+                    raise _Unchanged(state)  # a retried promotion: nothing to record, rollback unmoved
                 raise Conflict(f"{version} is production already, and {state.rollout.version} is being rolled out "
                                "beside it: roll back to end that rollout")
             if state.rollout is not None and state.rollout.version != version:
@@ -341,8 +345,8 @@ class Registry:
 
         try:
             return self._transition(model, apply, expect_production)
-        except _Unchanged:
-            return self.state(model)
+        except _Unchanged as unchanged:
+            return unchanged.state  # as read under the update: a second read could race a writer
 
     def _servable(self, model: str, version: str, force: bool, labels: list[str] | None, verb: str) -> None:
         manifest = self.manifest(model, version)  # raises UnknownVersion; manifests never change
