@@ -39,7 +39,7 @@ def read_key_file(storage: Storage) -> tuple[dict[str, Any], list[ApiKey]]:
     """The key file's document (``{"keys": []}`` when there is none) and its keys. Raises
     KeyFileError when it cannot be read or has the wrong shape."""
     try:
-        raw = storage.read_bytes(KEYS_FILE)
+        raw = storage.read_document(KEYS_FILE)
     except OSError as e:
         raise KeyFileError(f"cannot read the key file {storage.location(KEYS_FILE)}: {e.strerror or e}") from None
     return _parse_key_file(raw, storage.location(KEYS_FILE))

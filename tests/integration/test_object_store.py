@@ -92,6 +92,34 @@ def test_registry_publishes_without_renames_and_keeps_every_transition(s3_root, 
     assert registry.freeze_golden("m", pa.table({"text": ["b"], "label": ["negative"]})) == golden
 
 
+def test_a_document_read_while_it_is_replaced_is_one_version_of_it(s3_root):
+    """pyarrow reads an object's size, then ranges of it: one replaced in between came back
+    cut (a replica's poll of state.json, an API read of it, the key file's refresh)."""
+    import threading
+    import time
+
+    storage = Storage(s3_root)
+    storage.update_json("state.json", lambda _: {"n": 0, "pad": ""})
+    done = threading.Event()
+
+    def writer():
+        i = 0
+        while not done.is_set():
+            i += 1
+            storage.update_json("state.json", lambda doc: {"n": doc["n"] + 1, "pad": "x" * (100 * (i % 9))})
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    seen, deadline = [], time.monotonic() + 3
+    try:
+        while time.monotonic() < deadline:
+            seen.append(storage.read_json("state.json")["n"])  # raised on a cut document
+    finally:
+        done.set()
+        thread.join()
+    assert len(set(seen)) > 5 and seen == sorted(seen)
+
+
 def test_keys_quarantine_and_the_job_lease(s3_root):
     storage = Storage(s3_root)
     auth = AuthConfig(create_admin_key=True)
