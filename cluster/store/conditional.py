@@ -19,6 +19,8 @@ So a lost answer surfaces as the client's error, and the caller's operation fail
 
 from __future__ import annotations
 
+import random
+import time
 from typing import Protocol
 from urllib.parse import parse_qs, urlparse
 
@@ -29,6 +31,9 @@ class ConditionalWrites(Protocol):
     def write(self, path: str, data: bytes, token: str | None) -> bool:
         """Write ``data`` only if the object is still at ``token`` (None: only if absent);
         False if another writer got there first."""
+
+
+READ_ATTEMPTS = 4
 
 
 def conditional_writes(uri: str) -> ConditionalWrites:
@@ -71,14 +76,21 @@ class _S3:
         self._error = botocore.exceptions.ClientError
 
     def read(self, path: str) -> tuple[bytes | None, str | None]:
+        """A read is safe to repeat, unlike the conditional put: a 5xx (S3's 500 or 503
+        SlowDown; the local endpoint's 500 under a concurrent put) is retried with backoff."""
         bucket, key = _split(path)
-        try:
-            got = self._client.get_object(Bucket=bucket, Key=key)
-        except self._error as e:
-            if e.response["Error"]["Code"] in ("NoSuchKey", "404"):
-                return None, None
-            raise
-        return got["Body"].read(), got["ETag"]
+        attempt = 0
+        while True:
+            try:
+                got = self._client.get_object(Bucket=bucket, Key=key)
+                return got["Body"].read(), got["ETag"]
+            except self._error as e:
+                if e.response["Error"]["Code"] in ("NoSuchKey", "404"):
+                    return None, None
+                attempt += 1
+                if e.response["ResponseMetadata"].get("HTTPStatusCode", 0) < 500 or attempt == READ_ATTEMPTS:
+                    raise
+            time.sleep(random.uniform(0, 0.05 * 2 ** attempt))
 
     def write(self, path: str, data: bytes, token: str | None) -> bool:
         bucket, key = _split(path)
