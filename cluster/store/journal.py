@@ -41,6 +41,7 @@ from tuneloop.store.storage import Storage, fsync_dir, make_private_dirs
 log = logging.getLogger("tuneloop")
 
 SUFFIX = ".wal"
+CREATING = ".new"  # a segment being created: never recovered, never compacted
 
 
 def encode_line(record: dict[str, Any]) -> bytes:
@@ -85,9 +86,20 @@ class _Segment:
     """An open segment this process owns: its file descriptor holds the lock."""
 
     def __init__(self, path: Path):
+        # Locked under a name recovery does not look at, then renamed (the lock stays with
+        # the open file): created under its own name, a recovery between the create and the
+        # lock held it, and the append failed with EAGAIN as a 503 (seen in CI), or worse,
+        # recovered and unlinked the file the writer was about to lock.
+        creating = path.with_name(path.name + CREATING)
+        self.fd = os.open(creating, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(creating, path)
+        except BaseException:
+            os.close(self.fd)
+            creating.unlink(missing_ok=True)
+            raise
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self.records = 0
         self.size = 0  # bytes of acknowledged records: where the next one starts
 

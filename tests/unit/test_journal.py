@@ -103,3 +103,29 @@ def test_a_dead_writers_segments_are_recovered_and_a_live_writers_left_alone(tmp
     live.wait()
     assert journal.recover() == 50  # the live writer exited without compacting: now it is ours
     assert sorted(_stored_ids(storage)) == sorted([f"die{i}" for i in range(50)] + [f"live{i}" for i in range(50)])
+
+
+def test_a_recovery_running_while_a_segment_is_created_neither_takes_nor_blocks_it(tmp_path, monkeypatch):
+    """Another writer's recovery (it runs after each compaction) between a new segment's
+    create and its lock: it took the lock (the append failed with EAGAIN, a 503 in CI) or
+    compacted the empty file and unlinked it under the writer, whose records then went into
+    a deleted file."""
+    import fcntl
+
+    from tuneloop.store import journal as journal_module
+
+    journal, storage = _journal(tmp_path)
+    other, _ = _journal(tmp_path)  # the same folder, another writer
+    real, state = fcntl.flock, {"armed": True}
+
+    def flock(fd, operation):
+        if state["armed"]:
+            state["armed"] = False
+            state["recovered"] = other.recover()
+        return real(fd, operation)
+
+    monkeypatch.setattr(journal_module.fcntl, "flock", flock)
+    journal.append(_record(1))
+    monkeypatch.undo()
+    assert state["recovered"] == 0
+    assert journal.compact() == 1 and _stored_ids(storage) == ["r1"]
