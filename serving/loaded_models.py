@@ -51,7 +51,7 @@ class LoadedModel:
     def __init__(self, path: str, version: str, task: Task, max_length: int, bf16: bool = False):
         import transformers
 
-        self.version, self.task, self.max_length, self.bf16 = version, task, max_length, bf16
+        self.version, self.task, self.bf16 = version, task, bf16
         if bf16:
             self.runtime = "torch-bf16"
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)

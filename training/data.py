@@ -89,7 +89,6 @@ def _check_rows(path: str, task: Task, table: pa.Table) -> None:
         raise ValueError(f"dataset {path!r}: {e}") from None
 
 
-
 def _read_jsonl(path: str, string_columns: list[str]) -> pa.Table:
     """pyarrow's reader, or, where it refuses a column whose values change type (a label
     written ``1`` in one row and ``"positive"`` in the next), the lines one by one with
