@@ -207,7 +207,6 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     newly_held = _without_texts(_rows(stored.filter(of_held), schema, "feedback"), golden_texts)
     newly_held = newly_held.filter(pc.invert(_among(newly_held, "feedback_id", held)))
     held = pa.concat_tables([held.filter(still_held), newly_held])
-    quarantine.update(held_rows=held.num_rows, released_rows=released.num_rows)
 
     # Time order: [trained | validation | kept back for the gate]. Early stopping watches the
     # validation rows, never the gate's; the next job trains on both (they are past the watermark).
@@ -215,6 +214,13 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     watching = parent is not None and tcfg.early_stopping_patience is not None and tcfg.epochs > 1
     n_val = kept_back(fresh.num_rows - n_eval, tcfg.eval_fraction) if watching else 0
     n_train = min(fresh.num_rows - n_eval - n_val, tcfg.max_rows_per_job)
+    # Released rows train within the row budget too; the rest wait in the held table, where
+    # the next job finds them released again.
+    n_released = min(released.num_rows, tcfg.max_rows_per_job - n_train)
+    released, waiting = released.slice(0, n_released), released.slice(n_released)
+    held = pa.concat_tables([held, waiting])
+    quarantine.update(held_rows=held.num_rows - waiting.num_rows, released_rows=released.num_rows,
+                      released_waiting_rows=waiting.num_rows)
     fresh_train, fresh_eval = fresh.slice(0, n_train), fresh.slice(fresh.num_rows - n_eval)
     validation = fresh.slice(fresh.num_rows - n_eval - n_val, n_val)
     if n_train:

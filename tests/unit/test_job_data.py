@@ -204,6 +204,41 @@ def test_a_key_flipping_labels_is_held_out_until_released_then_trained(env):
     assert released.summary["quarantine"]["flagged"] == {}  # a released key is not flagged again
 
 
+def test_released_rows_train_within_the_row_budget_and_the_rest_wait_for_the_next_job(env):
+    from tuneloop.store.quarantine import QuarantineBook
+
+    cfg, task, registry, feedback, tmp_path = env
+    tight = cfg.training.model_copy(update={"max_rows_per_job": 40})
+    first = assemble(task, cfg.model("m"), tight, registry, feedback, None)
+    v1 = _publish(registry, tmp_path, first, "v1", first.summary, golden_accuracy=0.9)
+    def honest(i):
+        feedback.append(model="m", text=f"honest {i}", label="positive", prediction_id=f"{i:032x}",
+                        version="v1", predicted_label="positive", key_id="aaaaaaaa")
+
+    for i in range(10):
+        honest(i)
+    flipped = [feedback.append(model="m", text=f"flipped {i}", label="negative", prediction_id=f"{1000 + i:032x}",
+                               version="v1", predicted_label="positive", key_id="bbbbbbbb") for i in range(60)]
+    for i in range(10, 40):
+        honest(i)  # the watermark lies past the flipped rows: released, they are not fresh again
+    feedback.compact()
+    data = assemble(task, cfg.model("m"), tight, registry, feedback, v1)
+    assert data.held.num_rows == 60
+    v2 = _publish(registry, tmp_path, data, "v2", data.summary, golden_accuracy=0.9)
+    QuarantineBook(registry.storage).release("m", "bbbbbbbb")
+
+    now = assemble(task, cfg.model("m"), tight, registry, feedback, v2)
+    q, fresh = now.summary["quarantine"], now.summary["feedback"]["trained_rows"]
+    assert now.train.num_rows == 40 and q["released_rows"] == 40 - fresh and q["released_waiting_rows"] == 20 + fresh
+    assert q["held_rows"] == 0 and now.held.num_rows == 20 + fresh  # kept, to be released again
+    v3 = _publish(registry, tmp_path, now, "v3", now.summary, golden_accuracy=0.9)
+    later = assemble(task, cfg.model("m"), tight, registry, feedback, v3)
+    assert later.summary["quarantine"]["released_rows"] == 20 + fresh and later.held.num_rows == 0
+    trained = [r["feedback_id"] for d in (now, later) for r in d.train.to_pylist()
+               if r["feedback_id"] in flipped and r["source"] != "replay"]
+    assert sorted(trained) == sorted(flipped)  # every released row trained, once (replay aside)
+
+
 def test_early_stopping_watches_its_own_rows_never_the_gates(env):
     """With early stopping on, the fresh rows before the kept-back ones are its validation
     set: [trained | validation | kept back], and the next job trains on both."""
