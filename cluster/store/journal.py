@@ -42,6 +42,9 @@ log = logging.getLogger("tuneloop")
 
 SUFFIX = ".wal"
 CREATING = ".new"  # a segment being created: never recovered, never compacted
+# A writer creates, locks and renames a ``.new`` file within microseconds; one older than this
+# was left by a writer that died in between. It is empty (records go in after the rename).
+STALE_CREATING_S = 60.0
 
 
 def encode_line(record: dict[str, Any]) -> bytes:
@@ -203,7 +206,9 @@ class Journal:
             return done + self.recover()
 
     def recover(self) -> int:
-        """Compact the segments of writers that died (their locks are free)."""
+        """Compact the segments of writers that died (their locks are free), and delete the
+        empty files of those that died creating a segment."""
+        self._remove_stale_creating()
         done = 0
         with self._lock:
             own = {seg.path.name for seg in [self._active, *self._finished] if seg is not None}
@@ -229,6 +234,22 @@ class Journal:
             finally:
                 os.close(fd)
         return done
+
+    def _remove_stale_creating(self) -> None:
+        for path in self.dir.glob(f"*{SUFFIX}{CREATING}"):
+            try:
+                if time.time() - path.stat().st_mtime < STALE_CREATING_S:
+                    continue
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                path.unlink(missing_ok=True)
+            except BlockingIOError:
+                continue  # a writer holds it (it renames it next)
+            finally:
+                os.close(fd)
 
     def _compact_file(self, path: Path) -> int:
         records = read_segment(path)

@@ -129,3 +129,22 @@ def test_a_recovery_running_while_a_segment_is_created_neither_takes_nor_blocks_
     monkeypatch.undo()
     assert state["recovered"] == 0
     assert journal.compact() == 1 and _stored_ids(storage) == ["r1"]
+
+
+def test_the_empty_file_of_a_writer_that_died_creating_a_segment_is_removed_once_stale(tmp_path):
+    """A writer killed between creating a segment's ``.new`` file and renaming it leaves an
+    empty file; a recovery removes it once it is a minute old, unless a writer holds it."""
+    import fcntl
+    import time
+
+    journal, _ = _journal(tmp_path)
+    stale, fresh, held = (tmp_path / "j" / f"{n}.wal.new" for n in ("stale", "fresh", "held"))
+    for path in (stale, fresh, held):
+        path.touch()
+    old = time.time() - 120
+    os.utime(stale, (old, old))
+    os.utime(held, (old, old))
+    with open(held, "rb") as writer:
+        fcntl.flock(writer, fcntl.LOCK_EX)
+        assert journal.recover() == 0
+    assert not stale.exists() and fresh.exists() and held.exists()
