@@ -43,7 +43,10 @@ bench-smoke: $(STAMP)
 
 # deploy/'s example files, rendered from deploy/tuneloop.cluster.yaml (a test fails if they drift).
 deploy-files: $(STAMP)
-	for target in kuberay aws gcp serve; do $(BIN)/tuneloop deploy render --target $$target --config deploy/tuneloop.cluster.yaml; done
+	$(BIN)/tuneloop deploy render --config deploy/tuneloop.cluster.yaml --target kuberay --dir deploy/kuberay
+	$(BIN)/tuneloop deploy render --config deploy/tuneloop.cluster.yaml --target aws --dir deploy/launcher/aws
+	$(BIN)/tuneloop deploy render --config deploy/tuneloop.cluster.yaml --target gcp --dir deploy/launcher/gcp
+	$(BIN)/tuneloop deploy render --config deploy/tuneloop.cluster.yaml --target serve --dir deploy/serve
 
 test-unit: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider tests/unit

@@ -14,12 +14,14 @@ from tuneloop.core.config import ConfigError, TuneloopConfig, config_path, load_
 
 deploy_app = typer.Typer(no_args_is_help=True, help=(
     "Run tuneloop on a GPU cluster: KubeRay (kubectl) or the Ray cluster launcher (ray up) on AWS or GCP. "
-    "Every command renders deploy/'s files from the config first; --dry-run prints them and the commands, "
-    "and runs nothing."))
+    "Every command renders the cluster's files from the config first (into .tuneloop/deploy/, or --dir); "
+    "--dry-run prints them and the commands, and runs nothing."))
 
 ConfigOption = typer.Option(None, "--config", "-c", help="config file (default: $TUNELOOP_CONFIG or ./tuneloop.yaml)")
 TargetOption = typer.Option("kuberay", "--target", "-t", help="kuberay, aws or gcp")
-DirOption = typer.Option(None, "--dir", help="where the rendered files go (default deploy/kuberay, deploy/launcher/<cloud>)")
+DirOption = typer.Option(None, "--dir", help=(
+    "where the rendered files go (default .tuneloop/deploy/kuberay, .tuneloop/deploy/launcher/<cloud>, "
+    ".tuneloop/deploy/serve)"))
 DryRunOption = typer.Option(False, "--dry-run", help="print the files and the commands; run nothing")
 
 
@@ -42,7 +44,7 @@ def _render(cfg: TuneloopConfig, doc: dict[str, Any], target: str, folder: str |
     if target not in (*operate.TARGETS, "serve"):
         typer.echo(f"unknown target {target!r}; choose one of {[*operate.TARGETS, 'serve']}", err=True)
         raise typer.Exit(2)
-    out = Path(folder or operate.DEFAULT_DIRS[target])
+    out = Path(folder) if folder else Path(operate.DEFAULT_ROOT, operate.FOLDERS[target])
     try:
         written = operate.render(cfg, doc, target, out)
     except NotClusterable as e:

@@ -1,6 +1,6 @@
 """`tuneloop deploy`: one command for operators of a GPU cluster.
 
-Every verb first renders deploy/'s files from the config (``manifests.py``), so what is
+Every verb first renders the cluster's files from the config (``manifests.py``), so what is
 applied is what the config says; then runs ``kubectl`` (KubeRay) or ``ray`` (the cluster
 launcher on AWS or GCP). ``--dry-run`` prints the files and exactly the commands, and runs
 nothing. ``status`` and ``rollout`` also read and change the registry in the storage root
@@ -20,8 +20,11 @@ from tuneloop.control import manifests
 from tuneloop.core.config import TuneloopConfig
 
 TARGETS = ("kuberay", "aws", "gcp")
-DEFAULT_DIRS = {"kuberay": "deploy/kuberay", "aws": "deploy/launcher/aws", "gcp": "deploy/launcher/gcp",
-                "serve": "deploy/serve"}
+# A target's folder under a root: deploy/ for the example files (`make deploy-files`), and by
+# default .tuneloop/deploy/ (git-ignored), so that rendering an operator's own config never
+# overwrites the committed examples.
+FOLDERS = {"kuberay": "kuberay", "aws": "launcher/aws", "gcp": "launcher/gcp", "serve": "serve"}
+DEFAULT_ROOT = ".tuneloop/deploy"
 SERVE_LOGS = "tail -n 200 /tmp/ray/session_latest/logs/serve/*.log"
 
 

@@ -58,7 +58,7 @@ def rendered(tmp_path_factory):
     cfg, doc = _example()
     out = tmp_path_factory.mktemp("deploy")
     for target in ("kuberay", "aws", "gcp", "serve"):
-        operate.render(cfg, doc, target, out / operate.DEFAULT_DIRS[target].removeprefix("deploy/"))
+        operate.render(cfg, doc, target, out / operate.FOLDERS[target])
     return out
 
 
@@ -233,3 +233,15 @@ def test_every_dry_run_prints_commands_that_parse_and_files_that_exist(target, t
                     assert Path(step.cwd or ".", arg).exists(), f"{step} names {arg}, which was not rendered"
     rollout = runner.invoke(app, ["deploy", "rollout", "sentiment", "v2", "--config", str(EXAMPLE), "--dry-run"])
     assert rollout.exit_code == 0 and "promote v2 of sentiment in s3://my-tuneloop-bucket/tuneloop" in rollout.output
+
+
+def test_rendering_without_a_folder_writes_under_dot_tuneloop_never_over_the_examples(tmp_path, monkeypatch):
+    """An operator renders their own config from the clone: the committed examples under
+    deploy/ must stay the example's (a test compares them), so the default is git-ignored."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "deploy" / "kuberay").mkdir(parents=True)
+    result = CliRunner().invoke(app, ["deploy", "up", "--config", str(EXAMPLE), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / ".tuneloop/deploy/kuberay/rayservice.yaml").exists()
+    assert not any((tmp_path / "deploy" / "kuberay").iterdir())
+    assert "kubectl -n tuneloop apply -f .tuneloop/deploy/kuberay/config.yaml" in result.output

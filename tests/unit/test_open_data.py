@@ -39,11 +39,23 @@ def test_pyarrow_and_pandas_read_the_layout(tmp_path):
 
 
 def test_duckdb_joins_feedback_to_what_was_served(tmp_path):
+    """README's query, per model: beside an NER model (entities, no label column) a glob over
+    every model's files fails on the schema."""
     root, rows = _fill(tmp_path)
+    ner = make_task("token-classification", ["PER", "LOC"])
+    storage = Storage(str(root))
+    now = datetime.now(UTC)
+    PredictionLog(storage, {"ner": ner}).append("ner", [{
+        "prediction_id": new_prediction_id(now), "model": "ner", "version": "v1", "text": "Ann",
+        "entities": [{"start": 0, "end": 3, "label": "PER", "score": 0.9}], "created_at": now}])
+    feedback = FeedbackStore(storage, str(tmp_path / "journal-ner"), {"ner": ner})
+    feedback.open_writer()
+    feedback.append(model="ner", text="Ann", entities=[{"start": 0, "end": 3, "label": "PER"}])
+    feedback.close()
     joined = duckdb.sql(f"""
         SELECT f.label AS said, p.label AS served, p.version, p.text
-        FROM read_parquet('{root}/feedback/*/*/*.parquet', hive_partitioning = true) f
-        JOIN read_parquet('{root}/predictions/*/*/*/*/*.parquet', hive_partitioning = true) p
+        FROM read_parquet('{root}/feedback/sentiment/*/*.parquet', hive_partitioning = true) f
+        JOIN read_parquet('{root}/predictions/sentiment/*/*/*/*.parquet', hive_partitioning = true) p
           USING (prediction_id)
     """).fetchall()
     assert joined == [("negative", "positive", "v1", "t0")]
