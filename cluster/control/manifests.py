@@ -51,15 +51,39 @@ def cluster_problems(cfg: TuneloopConfig) -> list[str]:
     if "://" not in cfg.storage.root:
         problems.append(f"storage.root {cfg.storage.root!r} is a local path, which the cluster's nodes do not share: "
                         "use an s3:// or gs:// root")
-    if cfg.serving.num_gpus_per_replica and not cfg.deploy.workers.gpus_per_worker:
-        problems.append(f"serving.num_gpus_per_replica is {cfg.serving.num_gpus_per_replica} but deploy.workers."
-                        "gpus_per_worker is 0: give the workers GPUs or serve on CPUs (num_gpus_per_replica: 0)")
+    problems += _unplaceable(cfg)
     for m in cfg.models:
         for key in ("seed_dataset", "golden_dataset"):
             path = getattr(m, key)
             if path and "://" not in path and not path.startswith(_IMAGE_ROOT):
                 problems.append(f"models.{m.name}.{key} {path!r} is a file of this machine: put it in the bucket "
                                 f"(s3://…, gs://…) or give a path inside the image (under {_IMAGE_ROOT})")
+    return problems
+
+
+def _unplaceable(cfg: TuneloopConfig) -> list[str]:
+    """Replicas or training workers that no rendered worker node can hold: they would wait
+    unplaced (a job for resource_wait_s, then fail) on a cluster that started fine."""
+    w, s = cfg.deploy.workers, cfg.serving
+    asks = [("serving", "num_cpus_per_replica", s.num_cpus_per_replica, "cpus_per_worker", w.cpus_per_worker),
+            ("serving", "num_gpus_per_replica", s.num_gpus_per_replica, "gpus_per_worker", w.gpus_per_worker)]
+    custom = [("serving.resources_per_replica", s.resources_per_replica)]
+    for m in cfg.models:
+        t = cfg.training_for(m.name)
+        where = "training" if not m.training else f"models.{m.name}.training"
+        asks.append((where, "cpus_per_worker", t.cpus_per_worker, "cpus_per_worker", w.cpus_per_worker))
+        if t.use_gpu:
+            asks.append((where, "gpus_per_worker", t.gpus_per_worker, "gpus_per_worker", w.gpus_per_worker))
+        custom.append((f"{where}.resources_per_worker", t.resources_per_worker))
+    problems = []
+    for section, key, need, node_key, node_has in dict.fromkeys(asks):
+        if need > node_has:
+            problems.append(f"{section}.{key} is {need:g} but a worker node has {node_has:g} (deploy.workers."
+                            f"{node_key}): lower it or give the workers more")
+    for key, resources in dict.fromkeys((k, tuple(sorted(r.items()))) for k, r in custom):
+        if resources:
+            problems.append(f"{key} asks for {dict(resources)}, which no rendered node offers (its nodes offer "
+                            "CPUs and GPUs): leave it out on a rendered cluster")
     return problems
 
 

@@ -55,6 +55,13 @@ class DistillConfig(_Strict):
         "evenly (DistilBERT's initialisation), instead of from base_model"))
 
 
+def _repeated(values: list[str]) -> list[str]:
+    return sorted({v for v in values if values.count(v) > 1})
+
+
+TASK_OPTIONS = ("aggregation", "threshold", "window_stride")  # ModelConfig keys of one task or another
+
+
 class ModelConfig(_Strict):
     """One served model: what it predicts and where it starts from."""
 
@@ -104,7 +111,7 @@ class ModelConfig(_Strict):
     @field_validator("labels")
     @classmethod
     def _labels_unique(cls, v: list[str]) -> list[str]:
-        dupes = sorted({x for x in v if v.count(x) > 1})
+        dupes = _repeated(v)
         if dupes:
             raise ValueError(f"labels must be unique; repeated: {dupes}")
         if any(not x.strip() for x in v):
@@ -114,6 +121,18 @@ class ModelConfig(_Strict):
     @model_validator(mode="after")
     def _task_takes_the_labels(self) -> ModelConfig:
         model_task(self)  # raises ValueError quoting what the task cannot take
+        return self
+
+    @model_validator(mode="after")
+    def _options_are_the_tasks(self) -> ModelConfig:
+        # Compared with the defaults, not with what the file set: a dumped config (as
+        # replicas get it) sets every key to its value.
+        takes = TASKS[self.task].options
+        other = {k: getattr(self, k) for k in TASK_OPTIONS
+                 if k not in takes and getattr(self, k) != type(self).model_fields[k].default}
+        if other:
+            raise ValueError(f"model {self.name!r}: {other} apply to other tasks, not {self.task!r}"
+                             + (f" (it takes {list(takes)})" if takes else ""))
         return self
 
     @model_validator(mode="after")
@@ -230,7 +249,7 @@ class ServingConfig(_Strict):
         description="custom Ray resources each model replica also asks for (a node type): replicas go only to "
                     "nodes that offer them")
     max_queued_requests: int = Field(
-        default=1024, ge=1, description="per model and caller; beyond it requests get 503 at once"
+        default=1024, ge=1, description="per replica; beyond it requests get 503 at once"
     )
     request_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     body_timeout_s: float = Field(
@@ -246,6 +265,13 @@ class ServingConfig(_Strict):
         default="auto",
         description="what runs the forward passes: an artifact that passed parity (tuneloop optimize), or torch; "
                     "auto: the fastest measured on the replica's hardware")
+
+    @model_validator(mode="after")
+    def _one_way_to_size(self) -> ServingConfig:
+        if self.num_replicas is not None and self.autoscaling != AutoscalingConfig():
+            raise ValueError(f"num_replicas {self.num_replicas} is a fixed count, which turns autoscaling off, but "
+                             "autoscaling: is set too: keep one of them")
+        return self
 
     @property
     def replica_threads(self) -> int:
@@ -292,6 +318,14 @@ class AuthConfig(_Strict):
     create_admin_key: bool = Field(default=True, description="`tuneloop run` creates one on first run")
     feedback_per_minute: float = Field(default=120.0, gt=0, description="per key (or per anonymous client)")
     feedback_burst: int = Field(default=30, ge=1)
+
+    @field_validator("keys")
+    @classmethod
+    def _ids_unique(cls, v: list[ApiKeyConfig]) -> list[ApiKeyConfig]:
+        dupes = _repeated([k.id for k in v])
+        if dupes:
+            raise ValueError(f"auth.keys ids must be unique (one would shadow the other); repeated: {dupes}")
+        return v
 
 
 class TrainingConfig(_Strict):
@@ -478,8 +512,7 @@ class TuneloopConfig(_Strict):
     @field_validator("models")
     @classmethod
     def _unique_names(cls, v: list[ModelConfig]) -> list[ModelConfig]:
-        names = [m.name for m in v]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        dupes = _repeated([m.name for m in v])
         if dupes:
             raise ValueError(f"model names must be unique; repeated: {dupes}")
         return v
@@ -500,6 +533,15 @@ class TuneloopConfig(_Strict):
             if needs:
                 raise ValueError(f"predictions.sample_rate 0 logs no prediction, but {' and '.join(needs)} judge "
                                  "versions by feedback on their predictions: raise it")
+        return self
+
+    @model_validator(mode="after")
+    def _windows_overlap_less_than_half(self) -> TuneloopConfig:
+        most = self.serving.max_length // 2
+        for m in self.models:
+            if m.window_stride is not None and m.window_stride > most:
+                raise ValueError(f"model {m.name!r}: window_stride {m.window_stride} exceeds half of serving.max_length "
+                                 f"({self.serving.max_length}): windows would share most of their tokens; at most {most}")
         return self
 
     @model_validator(mode="after")
@@ -540,7 +582,7 @@ class TuneloopConfig(_Strict):
             return TrainingConfig.model_validate({**self.training.model_dump(exclude_unset=True), **overrides})
         except ValidationError as err:
             reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: "
-                                f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']} (got {e['input']!r})"
+                                f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}{_got(e)}"
                                 for e in err.errors())
             raise ValueError(f"model {name!r}: its training: settings are invalid: {reasons}") from None
 
@@ -550,6 +592,12 @@ class TuneloopConfig(_Strict):
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
 
 
+def _got(error: dict[str, Any]) -> str:
+    """What a message quotes of the value: nothing for a whole section or model (a check
+    across its keys names the values itself; the mapping would print every key, hashes too)."""
+    return "" if isinstance(error["input"], dict) else f" (got {error['input']!r})"
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
@@ -557,7 +605,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (value {e['input']!r})")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e['input']!r})")
+            lines.append(f"  {key}: {e['msg']}{_got(e)}")
     return "\n".join(lines)
 
 

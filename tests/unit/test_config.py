@@ -162,3 +162,36 @@ def test_digest_is_the_same_wherever_the_config_is_loaded(tmp_path):
     assert cfg.digest() == again.digest() == load_config(str(path)).digest()
     changed = parse_config({"models": [MODEL], "storage": {"root": str(tmp_path)}, "trigger": {"every_n_feedback": 7}})
     assert changed.digest() != cfg.digest()
+
+
+@pytest.mark.parametrize("model, serving, fragment", [
+    ({"threshold": 0.7}, {}, "{'threshold': 0.7} apply to other tasks, not 'text-classification'"),
+    ({"task": "token-classification", "labels": ["PER"], "threshold": {"PER": 0.9}}, {},
+     "apply to other tasks, not 'token-classification' (it takes ['aggregation', 'window_stride'])"),
+    ({"window_stride": 8}, {}, "{'window_stride': 8} apply to other tasks"),
+    ({"task": "token-classification", "labels": ["PER"], "window_stride": 65}, {"max_length": 128},
+     "window_stride 65 exceeds half of serving.max_length (128)"),
+    ({}, {"num_replicas": 2, "autoscaling": {"max_replicas": 4}}, "num_replicas 2 is a fixed count"),
+])
+def test_settings_that_would_be_ignored_are_refused(model, serving, fragment):
+    with pytest.raises(ConfigError) as e:
+        parse_config({"models": [{**MODEL, **model}], "serving": serving})
+    assert fragment in str(e.value)
+
+
+def test_settings_of_the_task_and_defaults_written_out_are_taken():
+    cfg = parse_config({"models": [{**MODEL, "threshold": 0.5, "aggregation": "first"},
+                                   {**MODEL, "name": "ner", "task": "token-classification", "labels": ["PER"],
+                                    "window_stride": 64}],
+                        "serving": {"num_replicas": 2, "autoscaling": {}}})
+    assert parse_config(cfg.model_dump()) == cfg  # as replicas re-read it: every key written out
+
+
+def test_repeated_key_ids_are_refused_and_a_check_across_keys_does_not_print_the_section():
+    key = {"id": "0a1b2c3d", "role": "admin", "sha256": "ab" * 32}
+    with pytest.raises(ConfigError) as e:
+        parse_config({"models": [MODEL], "auth": {"keys": [key, {**key, "role": "feedback"}]}})
+    assert "repeated: ['0a1b2c3d']" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        parse_config({"models": [MODEL], "serving": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}})
+    assert "min_replicas (3) exceeds max_replicas (2)" in str(e.value) and "got {" not in str(e.value)

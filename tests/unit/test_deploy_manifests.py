@@ -146,7 +146,7 @@ def test_a_config_that_only_this_machine_can_run_is_refused():
     ({}, {}, 32),  # 1 CPU a replica, 8 CPUs a worker, 4 workers
     ({"num_cpus_per_replica": 2, "num_gpus_per_replica": 0.5}, {"gpus_per_worker": 1}, 8),  # 2 a GPU
     ({"num_cpus_per_replica": 1, "num_gpus_per_replica": 1}, {"gpus_per_worker": 2, "max_workers": 3}, 6),
-    ({"num_cpus_per_replica": 16}, {"cpus_per_worker": 8}, 1),  # never below one
+    ({"autoscaling": {"min_replicas": 40}}, {}, 40),  # never below the minimum
 ])
 def test_left_out_max_replicas_becomes_what_the_workers_hold(serving, workers, expected):
     doc = {"models": [{"name": "m", "base_model": "b", "labels": ["a", "b"]}], "storage": {"root": "s3://b/tl", "journal_dir": "/j"},
@@ -155,10 +155,29 @@ def test_left_out_max_replicas_becomes_what_the_workers_hold(serving, workers, e
     assert inside.serving.autoscaling.max_replicas == expected
 
 
-def test_gpu_replicas_on_a_cluster_without_gpus_are_refused():
-    doc = {"models": [{"name": "m", "base_model": "b", "labels": ["a", "b"]}], "storage": {"root": "s3://b/tl", "journal_dir": "/j"},
-           "serving": {"num_gpus_per_replica": 1}, "deploy": {"workers": {"gpus_per_worker": 0}}}
-    with pytest.raises(manifests.NotClusterable, match="gpus_per_worker is 0"):
+@pytest.mark.parametrize(("sections", "message"), [
+    ({"serving": {"num_gpus_per_replica": 1}, "deploy": {"workers": {"gpus_per_worker": 0}}},
+     "serving.num_gpus_per_replica is 1 but a worker node has 0 (deploy.workers.gpus_per_worker)"),
+    ({"serving": {"num_cpus_per_replica": 16}}, "serving.num_cpus_per_replica is 16 but a worker node has 8"),
+    ({"training": {"use_gpu": True}, "deploy": {"workers": {"gpus_per_worker": 0}}},
+     "training.gpus_per_worker is 1 but a worker node has 0"),
+    ({"training": {"cpus_per_worker": 12}}, "training.cpus_per_worker is 12 but a worker node has 8"),
+    ({"serving": {"resources_per_replica": {"serving-node": 1}}},
+     "serving.resources_per_replica asks for {'serving-node': 1.0}, which no rendered node offers"),
+    ({"training": {"resources_per_worker": {"trainer": 1}}}, "training.resources_per_worker asks for"),
+])
+def test_what_no_rendered_worker_node_can_hold_is_refused(sections, message):
+    doc = {"models": [{"name": "m", "base_model": "b", "labels": ["a", "b"]}],
+           "storage": {"root": "s3://b/tl", "journal_dir": "/j"}, **sections}
+    with pytest.raises(manifests.NotClusterable) as refused:
+        manifests.cluster_config_doc(doc, parse_config(doc))
+    assert message in str(refused.value)
+
+
+def test_a_models_own_training_settings_are_checked_against_the_nodes_too():
+    doc = {"models": [{"name": "m", "base_model": "b", "labels": ["a", "b"], "training": {"cpus_per_worker": 9}}],
+           "storage": {"root": "s3://b/tl", "journal_dir": "/j"}}
+    with pytest.raises(manifests.NotClusterable, match="models.m.training.cpus_per_worker is 9"):
         manifests.cluster_config_doc(doc, parse_config(doc))
 
 
