@@ -139,6 +139,13 @@ class ModelConfig(_Strict):
     def _starts_somewhere(self) -> ModelConfig:
         if self.base_model is None and (self.distill is None or self.distill.student_layers is None):
             raise ValueError(f"model {self.name!r} needs a base_model (or, as a student, distill.student_layers)")
+        if self.distill is not None and self.distill.student_layers is not None and self.base_model is not None:
+            raise ValueError(f"model {self.name!r}: base_model {self.base_model!r} and distill.student_layers "
+                             f"{self.distill.student_layers} both say where v1 starts: keep one (student_layers cuts "
+                             "the teacher's production)")
+        if self.distill is not None and self.golden_dataset is not None:
+            raise ValueError(f"model {self.name!r}: a student is gated on its teacher's golden set, so its own "
+                             f"golden_dataset {self.golden_dataset!r} would never be read: set it on the teacher")
         if self.distill is not None and self.distill.teacher == self.name:
             raise ValueError(f"model {self.name!r} cannot be its own distill.teacher")
         if self.distill is not None and self.task not in DISTILLABLE_TASKS:

@@ -36,6 +36,10 @@ def test_a_student_names_its_teacher_and_may_start_from_its_layers():
 @pytest.mark.parametrize("student,teacher,quoted", [
     ({"distill": {"teacher": "nobody", "student_layers": 2}}, TEACHER, "'nobody' is not a model"),
     ({"distill": {"teacher": "big"}}, TEACHER, "needs a base_model"),
+    ({"base_model": "y", "distill": {"teacher": "big", "student_layers": 2}}, TEACHER,
+     "base_model 'y' and distill.student_layers 2 both say where v1 starts"),
+    ({"base_model": "y", "golden_dataset": "g.tsv", "distill": {"teacher": "big"}}, TEACHER,
+     "its own golden_dataset 'g.tsv' would never be read"),
     ({"base_model": "y", "distill": {"teacher": "small"}}, TEACHER, "its own distill.teacher"),
     ({"base_model": "y", "distill": {"teacher": "big"}}, {**TEACHER, "labels": ["a", "b"]}, "same task and labels"),
     ({"base_model": "y", "distill": {"teacher": "big", "temperature": 0}}, TEACHER, "temperature"),
