@@ -16,6 +16,7 @@ from ray import serve
 from ray.serve import Application
 
 from tuneloop.core.config import TuneloopConfig
+from tuneloop.core.resources import training_cpus
 from tuneloop.serving.ingress import Ingress
 from tuneloop.serving.metrics import MULTIPROC_ENV
 from tuneloop.serving.model_server import ModelServer, in_flight_limit
@@ -28,13 +29,25 @@ def default_metrics_dir() -> str:
     return os.path.join(private_temp_dir("tuneloop-metrics"), "serve")
 
 
+def _on_a_cluster(cfg: TuneloopConfig) -> bool:
+    return ray.is_initialized() and bool(cfg.ray.address or os.environ.get("RAY_ADDRESS") or not ray_is_local())
+
+
 def _cores(cfg: TuneloopConfig) -> int:
     """Cores the replicas may spread over: the cluster's when part of one, else this
     machine's (a local Ray's logical CPUs are set above the cores, for Ray Data's tasks), or
     that local Ray's CPUs where they are fewer: replicas beyond them would wait unplaced."""
-    if ray.is_initialized() and (cfg.ray.address or os.environ.get("RAY_ADDRESS") or not ray_is_local()):
+    if _on_a_cluster(cfg):
         return int(ray.cluster_resources().get("CPU", 1))
     return min(os.cpu_count() or 1, cfg.ray.num_cpus or os.cpu_count() or 1)
+
+
+def _training_cpus(cfg: TuneloopConfig) -> float:
+    """The CPUs a training job of this config takes from the replicas' cores: on one machine,
+    the largest job's. A cluster's jobs run on nodes (or a RayJob cluster) of their own."""
+    if _on_a_cluster(cfg):
+        return 0.0
+    return max(training_cpus(t.num_workers, t.cpus_per_worker) for t in (cfg.training_for(m.name) for m in cfg.models))
 
 
 def ray_is_local() -> bool:
@@ -60,7 +73,8 @@ def model_app(cfg: TuneloopConfig, model: str, metrics_dir: str | None) -> Appli
     if s.num_replicas is not None:
         options["num_replicas"] = s.num_replicas
     else:
-        options["autoscaling_config"] = s.autoscaling.serve_config(s.num_cpus_per_replica, _cores(cfg))
+        options["autoscaling_config"] = s.autoscaling.serve_config(s.num_cpus_per_replica, _cores(cfg), len(cfg.models),
+                                                                   _training_cpus(cfg))
     return serve.deployment(ModelServer).options(**options).bind(cfg.model_dump(), model)
 
 

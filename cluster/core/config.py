@@ -215,8 +215,9 @@ class AutoscalingConfig(_Strict):
 
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int | None = Field(
-        default=None, ge=1, description="None: as many as this machine's cores hold (cores // num_cpus_per_replica)"
-    )
+        default=None, ge=1, description=(
+            "None: as many as this machine's cores hold beside a training job, shared by the models "
+            "((cores - the job's CPUs) // (num_cpus_per_replica x models), at least 1)"))
     target_ongoing_requests: float = Field(
         default=32.0, gt=0, description="requests per replica it aims at: about one full batch"
     )
@@ -225,9 +226,13 @@ class AutoscalingConfig(_Strict):
     # Serve averages over this window; it must exceed Serve's metrics interval (10 s).
     look_back_period_s: float = Field(default=30.0, gt=10)
 
-    def serve_config(self, num_cpus_per_replica: float, cores: int) -> dict:
-        """Serve's ``autoscaling_config``, with max_replicas resolved for ``cores``."""
-        fit = max(1, int(cores // num_cpus_per_replica))
+    def serve_config(self, num_cpus_per_replica: float, cores: int, models: int = 1, reserved_cpus: float = 0) -> dict:
+        """Serve's ``autoscaling_config``, with max_replicas resolved for ``cores`` shared by
+        ``models`` models beside ``reserved_cpus`` (a training job's). Each model's own
+        ceiling at all the cores let three models ask for three times the machine, and the
+        replicas, once scaled out, held the CPUs a retraining job then waited for and failed
+        without."""
+        fit = max(1, int((cores - reserved_cpus) // (num_cpus_per_replica * models)))
         return {**self.model_dump(), "max_replicas": max(self.max_replicas or fit, self.min_replicas, 1)}
 
     @model_validator(mode="after")

@@ -17,6 +17,11 @@ from __future__ import annotations
 DATA_CPUS = 1
 
 
+def training_cpus(num_workers: int, cpus_per_worker: float) -> float:
+    """The CPUs a job asks Ray for: its workers' and ``DATA_CPUS``."""
+    return num_workers * cpus_per_worker + DATA_CPUS
+
+
 def training_shortfall(num_workers: int, per_worker: dict[str, float], total: dict[str, float],
                        available: dict[str, float]) -> str | None:
     """Why the job cannot start now (None if it can): ``per_worker`` is what each worker asks
@@ -24,7 +29,7 @@ def training_shortfall(num_workers: int, per_worker: dict[str, float], total: di
     are Ray's ``cluster_resources()`` and ``available_resources()``. A shortfall of *free*
     resources says "free": the caller may wait for it."""
     cpus_per_worker = per_worker.get("CPU", 0.0)
-    cpus = num_workers * cpus_per_worker + DATA_CPUS
+    cpus = training_cpus(num_workers, cpus_per_worker)
     have_total, have_free = total.get("CPU", 0.0), available.get("CPU", 0.0)
     if have_total < cpus:
         return (f"training needs {cpus:g} CPUs (training.num_workers={num_workers} x cpus_per_worker="

@@ -148,6 +148,10 @@ def test_autoscaling_is_on_by_default_and_bounded_by_the_machine():
     assert cfg.serving.autoscaling.serve_config(0.5, cores=2)["max_replicas"] == 4
     fixed = parse_config({"models": [MODEL], "serving": {"autoscaling": {"min_replicas": 3, "max_replicas": 5}}})
     assert fixed.serving.autoscaling.serve_config(1, cores=2)["max_replicas"] == 5
+    # Three models beside a 2-worker job (3 CPUs) on 16 cores share 13: 2 replicas of 2 CPUs each.
+    assert cfg.serving.autoscaling.serve_config(2, cores=16, models=3, reserved_cpus=3)["max_replicas"] == 2
+    assert cfg.serving.autoscaling.serve_config(2, cores=2, models=3, reserved_cpus=3)["max_replicas"] == 1
+    assert fixed.serving.autoscaling.serve_config(1, cores=16, models=3, reserved_cpus=3)["max_replicas"] == 5
 
 
 def test_digest_is_the_same_wherever_the_config_is_loaded(tmp_path):
