@@ -283,7 +283,7 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
     job.version = manifest.version
     job.metrics = metrics.model_dump()
     job.gate = gate
-    if gate.accepted and optimize is not None and cfg.optimize.enabled and cfg.optimize.runtimes:
+    if gate.accepted and optimize is not None and cfg.builds_artifacts():
         try:
             manifest = optimize(cfg, registry, model, manifest.version)
         except Exception:  # noqa: BLE001 - the version still serves, on PyTorch

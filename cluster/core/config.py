@@ -447,7 +447,9 @@ class OptimizeConfig(_Strict):
     """Optimized artifacts of every version (``tuneloop optimize``; ``cluster/core/runtimes.py``):
     built by the job before its version takes traffic, or later for an existing version."""
 
-    enabled: bool = Field(default=True, description="the job builds the artifacts of each version it publishes")
+    enabled: bool | None = Field(default=None, description=(
+        "the job builds the artifacts of each version it publishes; None: when replicas serve on CPUs (the "
+        "artifacts are CPU runtimes: a GPU replica serves PyTorch in bf16 or fp16)"))
     runtimes: list[ArtifactName] = Field(
         default_factory=lambda: ["onnx", "onnx-int8", "torch-bf16"],
         description="artifacts to build: ONNX, its int8 variant, and PyTorch in bf16 (on a CPU with native bf16)")
@@ -546,6 +548,26 @@ class TuneloopConfig(_Strict):
                 raise ValueError(f"predictions.sample_rate 0 logs no prediction, but {' and '.join(needs)} judge "
                                  "versions by feedback on their predictions: raise it")
         return self
+
+    @model_validator(mode="after")
+    def _runtime_can_be_built_and_served(self) -> TuneloopConfig:
+        runtime = self.serving.runtime
+        if runtime in ("auto", "torch"):
+            return self
+        if runtime not in self.optimize.runtimes:
+            raise ValueError(f"serving.runtime {runtime!r} is an artifact that optimize.runtimes "
+                             f"{list(self.optimize.runtimes)} never builds: add it there, or serve auto or torch")
+        if self.serving.num_gpus_per_replica:
+            raise ValueError(f"serving.runtime {runtime!r} is an artifact for CPUs, but replicas serve on GPUs "
+                             f"(num_gpus_per_replica {self.serving.num_gpus_per_replica:g}), where PyTorch serves in "
+                             "bf16 or fp16: use auto or torch")
+        return self
+
+    def builds_artifacts(self) -> bool:
+        """Whether a job builds the optimized artifacts of its version (``optimize.enabled``)."""
+        if self.optimize.enabled is not None:
+            return self.optimize.enabled and bool(self.optimize.runtimes)
+        return not self.serving.num_gpus_per_replica and bool(self.optimize.runtimes)
 
     @model_validator(mode="after")
     def _windows_overlap_less_than_half(self) -> TuneloopConfig:

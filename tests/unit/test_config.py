@@ -199,3 +199,15 @@ def test_repeated_key_ids_are_refused_and_a_check_across_keys_does_not_print_the
     with pytest.raises(ConfigError) as e:
         parse_config({"models": [MODEL], "serving": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}})
     assert "min_replicas (3) exceeds max_replicas (2)" in str(e.value) and "got {" not in str(e.value)
+
+
+def test_a_named_runtime_must_be_built_and_servable_and_gpu_replicas_build_no_cpu_artifacts():
+    with pytest.raises(ConfigError, match=r"'onnx-int8' is an artifact that optimize.runtimes \['onnx'\] never builds"):
+        parse_config({"models": [MODEL], "serving": {"runtime": "onnx-int8"}, "optimize": {"runtimes": ["onnx"]}})
+    with pytest.raises(ConfigError, match="an artifact for CPUs, but replicas serve on GPUs"):
+        parse_config({"models": [MODEL], "serving": {"runtime": "onnx", "num_gpus_per_replica": 1}})
+    assert parse_config({"models": [MODEL]}).builds_artifacts()
+    assert not parse_config({"models": [MODEL], "serving": {"num_gpus_per_replica": 1}}).builds_artifacts()
+    assert parse_config({"models": [MODEL], "serving": {"num_gpus_per_replica": 1},
+                         "optimize": {"enabled": True}}).builds_artifacts()
+    assert not parse_config({"models": [MODEL], "optimize": {"runtimes": []}}).builds_artifacts()
