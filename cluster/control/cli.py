@@ -44,6 +44,12 @@ def train(
 
     cfg = _load(config)
     known_model(cfg, model)
+    from tuneloop.control.server import data_problems
+
+    problems = data_problems(cfg, [model])
+    if problems:
+        typer.echo("cannot train:\n  " + "\n  ".join(problems), err=True)
+        raise typer.Exit(2)
     # In a Ray Job ($RAY_ADDRESS set) the job's cluster is the one to join.
     server = None if address or os.environ.get("RAY_ADDRESS") else running_server_address(Storage(cfg.storage.root))
     if server:

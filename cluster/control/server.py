@@ -20,6 +20,7 @@ import ray
 from ray import serve
 
 from tuneloop.control import worker_setup
+from tuneloop.store.journal import pending_records
 from tuneloop.store.keys import KeyRing, ensure_admin_key, save_admin_key
 from tuneloop.core.config import ConfigError, TuneloopConfig
 from tuneloop.core.resources import serving_shortfall
@@ -39,6 +40,28 @@ def init_ray(cfg: TuneloopConfig, address: str | None = None) -> None:
     else:
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True,
                  runtime_env={"worker_process_setup_hook": worker_setup.HOOK})
+
+
+def data_problems(cfg: TuneloopConfig, models: list[str] | None = None) -> list[str]:
+    """What would fail ``models``' jobs (default: all) only once Ray, and maybe other models'
+    jobs, had run: a local seed or golden file that is not there, or a model with no version
+    and nothing to train v1 on (no seed, no teacher, no feedback)."""
+    storage = Storage(cfg.storage.root)
+    registry = Registry(storage)
+    problems = []
+    for m in cfg.models:
+        if models is not None and m.name not in models:
+            continue
+        for key in ("seed_dataset", "golden_dataset"):
+            path = getattr(m, key)
+            if path and "://" not in path and not os.path.exists(path):
+                problems.append(f"models.{m.name}.{key} {path!r} does not exist")
+        if m.seed_dataset is None and m.distill is None and registry.production(m.name) is None \
+                and not storage.exists(f"feedback/{m.name}") \
+                and not any(r.get("model") == m.name for r in pending_records(cfg.storage.journal_path())):
+            problems.append(f"model {m.name!r} has no version yet and nothing to train v1 on: give it a "
+                            "seed_dataset (labelled rows: text and label), or send feedback on it first")
+    return problems
 
 
 def bootstrap_versions(cfg: TuneloopConfig) -> None:
@@ -107,6 +130,9 @@ def run_forever(cfg: TuneloopConfig) -> None:
         KeyRing(cfg.auth, storage).keys()
     except ConfigError as e:
         raise SystemExit(f"tuneloop: cannot start: {e}") from None
+    problems = data_problems(cfg)
+    if problems:
+        raise SystemExit("tuneloop: cannot start:\n  " + "\n  ".join(problems))
     check_port_free(cfg.serving.host, cfg.serving.port)
     announce_admin_key(cfg, storage)
     metrics_dir = metrics_dir_for(cfg)

@@ -1,0 +1,48 @@
+"""`tuneloop run` and `tuneloop train` refuse, before Ray starts, data that would fail a job
+only later: a missing seed or golden file, or a model with nothing to train v1 on."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tuneloop.control.cli import app
+from tuneloop.control.server import data_problems, run_forever
+from tuneloop.core.config import parse_config
+from tuneloop.store.records import FeedbackStore
+from tuneloop.store.storage import Storage
+from tuneloop.core.tasks import model_tasks
+
+
+def _cfg(tmp_path, **model):
+    return parse_config({"models": [{"name": "m", "base_model": "some/model", "labels": ["a", "b"], **model}],
+                         "storage": {"root": str(tmp_path / "store")}})
+
+
+def test_a_missing_seed_or_golden_file_stops_run_before_ray_starts(tmp_path):
+    cfg = _cfg(tmp_path, seed_dataset=str(tmp_path / "nope.tsv"), golden_dataset=str(tmp_path / "gold.tsv"))
+    with pytest.raises(SystemExit) as info:  # conftest fails the test should Ray start
+        run_forever(cfg)
+    assert f"models.m.seed_dataset '{tmp_path / 'nope.tsv'}' does not exist" in str(info.value)
+    assert "models.m.golden_dataset" in str(info.value)
+
+
+def test_a_model_without_a_seed_needs_feedback_or_a_version(tmp_path):
+    cfg = _cfg(tmp_path)
+    assert "has no version yet and nothing to train v1 on" in data_problems(cfg)[0]
+    feedback = FeedbackStore(Storage(cfg.storage.root), cfg.storage.journal_path(), model_tasks(cfg.models))
+    feedback.open_writer()
+    feedback.append(model="m", text="fine", label="a")  # journalled, not yet compacted
+    assert data_problems(cfg) == []
+    feedback.close()  # compacted into Parquet
+    assert data_problems(cfg) == []
+
+
+def test_train_refuses_a_missing_seed_naming_it(tmp_path):
+    config = tmp_path / "tuneloop.yaml"
+    config.write_text(yaml.safe_dump({"models": [{"name": "m", "base_model": "some/model", "labels": ["a", "b"],
+                                                  "seed_dataset": "seed.tsv"}],
+                                      "storage": {"root": str(tmp_path / "store")}}))
+    result = CliRunner().invoke(app, ["train", "m", "--config", str(config)])
+    assert result.exit_code == 2 and f"models.m.seed_dataset '{tmp_path / 'seed.tsv'}' does not exist" in result.output
