@@ -279,6 +279,18 @@ class ServingConfig(_Strict):
                     "auto: the fastest measured on the replica's hardware")
 
     @model_validator(mode="after")
+    def _target_is_reachable(self) -> ServingConfig:
+        # A replica holds at most 4 batches in flight and the queue (serving/model_server.py's
+        # in_flight_limit); Serve never sees more ongoing requests than that.
+        most = self.max_batch_size * 4 + self.max_queued_requests
+        if self.num_replicas is None and self.autoscaling.target_ongoing_requests >= most:
+            raise ValueError(f"autoscaling.target_ongoing_requests {self.autoscaling.target_ongoing_requests:g} is "
+                             f"never reached: a replica holds at most {most} requests (4 x max_batch_size "
+                             f"{self.max_batch_size} + max_queued_requests {self.max_queued_requests}), so it would "
+                             "never scale out; lower it")
+        return self
+
+    @model_validator(mode="after")
     def _one_way_to_size(self) -> ServingConfig:
         if self.num_replicas is not None and self.autoscaling != AutoscalingConfig():
             raise ValueError(f"num_replicas {self.num_replicas} is a fixed count, which turns autoscaling off, but "

@@ -25,7 +25,8 @@ async def _flood(url: str, n: int) -> list[httpx.Response]:
 def tight(ray_session, serve_port, metrics_dir, tiny_model, tmp_path):
     # One text per batch, 4 in flight, 1 queued: a burst of 60 requests of 8 texts overflows.
     cfg = make_config(tmp_path / "store", tiny_model, None,
-                      serving={"max_batch_size": 1, "max_queued_requests": 1, "adaptive_batching": False})
+                      serving={"max_batch_size": 1, "max_queued_requests": 1, "adaptive_batching": False,
+                               "num_replicas": 1})
     publish_version(cfg, tiny_model)
     with served(cfg, metrics_dir, serve_port) as url:
         yield url

@@ -176,6 +176,8 @@ def test_digest_is_the_same_wherever_the_config_is_loaded(tmp_path):
     ({"task": "token-classification", "labels": ["PER"], "window_stride": 65}, {"max_length": 128},
      "window_stride 65 exceeds half of serving.max_length (128)"),
     ({}, {"num_replicas": 2, "autoscaling": {"max_replicas": 4}}, "num_replicas 2 is a fixed count"),
+    ({}, {"max_batch_size": 2, "max_queued_requests": 4}, "target_ongoing_requests 32 is never reached: a replica "
+                                                          "holds at most 12 requests"),
 ])
 def test_settings_that_would_be_ignored_are_refused(model, serving, fragment):
     with pytest.raises(ConfigError) as e:
