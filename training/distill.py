@@ -112,9 +112,11 @@ class _TeacherScorer:
 
 
 def with_teacher_logits(train: pa.Table, teacher_path: str, task: Task, max_length: int, use_gpu: bool,
-                        cpus: float) -> tuple[pa.Table, float]:
+                        cpus: float, gpus: float) -> tuple[pa.Table, float]:
     """``train`` with the teacher's logits per row (scored once, read every epoch), and the
-    seconds the scoring took."""
+    seconds the scoring took. The scorer asks for what one training worker asks (``cpus``,
+    and ``gpus`` with ``use_gpu``): the job checked those were free, and a worker sharing a
+    GPU with serving (``gpus_per_worker`` below 1) left its scorer waiting for a whole GPU."""
     t0 = time.perf_counter()
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # they flood the server's log
@@ -124,16 +126,17 @@ def with_teacher_logits(train: pa.Table, teacher_path: str, task: Task, max_leng
     level = executor.level
     executor.setLevel(max(level, logging.WARNING))
     try:
-        scored = _scored(train, teacher_path, task, max_length, use_gpu, cpus)
+        scored = _scored(train, teacher_path, task, max_length, use_gpu, cpus, gpus)
     finally:
         executor.setLevel(level)
     return scored, time.perf_counter() - t0
 
 
-def _scored(train: pa.Table, teacher_path: str, task: Task, max_length: int, use_gpu: bool, cpus: float) -> pa.Table:
+def _scored(train: pa.Table, teacher_path: str, task: Task, max_length: int, use_gpu: bool, cpus: float,
+            gpus: float) -> pa.Table:
     scored = ray.data.from_arrow(train).map_batches(
         _TeacherScorer, batch_size=SCORE_BATCH_SIZE, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cpus, num_gpus=1 if use_gpu else 0,
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cpus, num_gpus=gpus if use_gpu else 0,
         fn_constructor_kwargs={"path": teacher_path, "auto_class": task.auto_class, "head": task.head_labels(),
                                "max_length": max_length, "use_gpu": use_gpu},
     )

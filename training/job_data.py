@@ -114,6 +114,10 @@ def golden_set(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Re
         else:  # a combination of labels or entity types a row: keeping one of each kept too many
             eligible = list(range(1, seed.num_rows))
         size = min(tcfg.golden_max_rows, max(1, round(seed.num_rows * tcfg.golden_fraction)), len(eligible))
+        if size > 0 and seed.num_rows - size < tcfg.num_workers:  # checked here: the golden set is for good
+            raise ValueError(f"model {mcfg.name!r}: a golden set of {size} of the seed's {seed.num_rows} rows "
+                             f"(golden_fraction {tcfg.golden_fraction:g}) leaves {seed.num_rows - size} to train on, "
+                             f"fewer than training.num_workers {tcfg.num_workers}: lower either, or add seed rows")
         if size > 0:
             picked = stratified_sample([strata[i] for i in eligible], size, random.Random(f"golden:{tcfg.seed}"))
             frozen = registry.freeze_golden(mcfg.name, _take(seed, [eligible[i] for i in picked]))

@@ -223,7 +223,8 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
     training_started = _now()  # a student's teacher scoring its rows is training, not queueing
     if teacher is not None:
         tables["train"], teacher.scoring_s = with_teacher_logits(
-            tables["train"], teacher.path, task, tcfg.max_length, tcfg.use_gpu, tcfg.cpus_per_worker)
+            tables["train"], teacher.path, task, tcfg.max_length, tcfg.use_gpu, tcfg.cpus_per_worker,
+            tcfg.gpus_per_worker)
         log.info("job %s: teacher %s %s scored %d rows in %.1f s", job.job_id, teacher.model, teacher.version,
                  data.train.num_rows, teacher.scoring_s)
     run_started = _now()

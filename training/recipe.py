@@ -85,29 +85,29 @@ def frozen_parameters(names: Iterable[str], base_prefix: str, freeze_layers: int
     return frozen
 
 
-# Every config key that Hugging Face models use for a dropout probability on the path
-# a fine-tune trains (BERT, RoBERTa, DistilBERT, ELECTRA, GPT-2, T5, Llama).
-DROPOUT_KEYS = (
-    "hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout",  # BERT family
-    "dropout", "attention_dropout", "seq_classif_dropout",  # DistilBERT
-    "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout",  # GPT-2
-    "dropout_rate",  # T5
-)
+# A dropout probability in a Hugging Face config: a key naming dropout (or GPT-2's "pdrop")
+# whose value is a number, or None (BERT's classifier_dropout: "use hidden_dropout_prob").
+# A fixed list of keys missed ModernBERT's embedding_dropout and mlp_dropout and DeBERTa's
+# pooler_dropout, which kept the checkpoint's values without a word.
+_DROPOUT_KEY = re.compile(r"dropout|pdrop")
 
 
-def dropout_overrides(config_keys: Iterable[str], dropout: float | None) -> dict[str, float]:
-    """The ``from_pretrained`` keyword arguments that set every dropout the model has to
-    ``dropout``; nothing when it is None (the checkpoint's own values stay)."""
+def dropout_overrides(config: dict[str, Any], dropout: float | None) -> dict[str, float]:
+    """The ``from_pretrained`` keyword arguments that set every dropout the model's
+    ``config`` (its ``to_dict()``) has to ``dropout``; nothing when it is None (the
+    checkpoint's own values stay)."""
     if dropout is None:
         return {}
-    return {key: dropout for key in DROPOUT_KEYS if key in set(config_keys)}
+    return {key: dropout for key, value in config.items() if _DROPOUT_KEY.search(key)
+            and (value is None or (isinstance(value, int | float) and not isinstance(value, bool)))}
 
 
 def worker_rows(rows: int, world: int) -> int:
-    """Rows each worker trains on an epoch: an equal share, the remainder (fewer than
-    ``world`` rows) left out, so every worker takes the same number of steps (their
-    gradients meet in an all-reduce at each one)."""
-    return rows // world
+    """Rows each worker trains on an epoch: an equal share, rounded up, so every worker
+    takes the same number of steps (their gradients meet in an all-reduce at each one) and
+    no row is left out; the last shares wrap around to the first rows (fewer than ``world``
+    rows train twice an epoch), as torch's DistributedSampler pads."""
+    return -(-rows // world)
 
 
 def optimizer_steps(train_rows: int, micro_batch_size: int, world_size: int, accumulation: int,

@@ -30,7 +30,9 @@ def worker_shard(table: pa.Table, rank: int, world: int) -> pa.Table:
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not one of {world} workers")
     share = worker_rows(table.num_rows, world)
-    return table.slice(rank * share, share)
+    if (rank + 1) * share <= table.num_rows:
+        return table.slice(rank * share, share)
+    return table.take(pa.array([(rank * share + i) % table.num_rows for i in range(share)], pa.int64()))
 
 
 def batches(table: pa.Table, batch_size: int, order: np.ndarray | None = None) -> Iterator[dict[str, list[Any]]]:

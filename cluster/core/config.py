@@ -55,6 +55,18 @@ class DistillConfig(_Strict):
         "evenly (DistilBERT's initialisation), instead of from base_model"))
 
 
+def custom_resources(v: dict[str, float], key: str, instead: str) -> dict[str, float]:
+    """``v`` if it names only custom Ray resources, each a positive amount: CPUs and GPUs
+    there would replace (or contradict) the settings made for them."""
+    builtin = sorted(name for name in v if name.upper() in ("CPU", "GPU"))
+    if builtin:
+        raise ValueError(f"{key} {v}: {builtin} are not custom resources; set {instead} instead")
+    bad = {name: amount for name, amount in v.items() if not amount > 0}
+    if bad:
+        raise ValueError(f"{key} {v}: amounts must be above 0, got {bad}")
+    return v
+
+
 def _repeated(values: list[str]) -> list[str]:
     return sorted({v for v in values if values.count(v) > 1})
 
@@ -278,6 +290,11 @@ class ServingConfig(_Strict):
         description="what runs the forward passes: an artifact that passed parity (tuneloop optimize), or torch; "
                     "auto: the fastest measured on the replica's hardware")
 
+    @field_validator("resources_per_replica")
+    @classmethod
+    def _custom_resources_only(cls, v: dict[str, float]) -> dict[str, float]:
+        return custom_resources(v, "resources_per_replica", "num_cpus_per_replica and num_gpus_per_replica")
+
     @model_validator(mode="after")
     def _target_is_reachable(self) -> ServingConfig:
         # A replica holds at most 4 batches in flight and the queue (serving/model_server.py's
@@ -364,7 +381,7 @@ class TrainingConfig(_Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0, description="Ray CPUs each training worker asks for")
     gpus_per_worker: float = Field(
-        default=1.0, gt=0, le=8,
+        default=1.0, gt=0,
         description="with use_gpu: GPUs each worker asks for; below 1 (one worker only) it shares a GPU with "
                     "serving replicas (serving.num_gpus_per_replica)")
     resources_per_worker: dict[str, float] = Field(
@@ -392,7 +409,7 @@ class TrainingConfig(_Strict):
     )
     golden_max_rows: int = Field(default=2000, ge=1)
     max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps, for smoke runs")
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="numpy's and torch's generators take 0..2^32-1")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         default="auto",
         description="auto: bf16 on a GPU that has it, fp16 with loss scaling on one that does not, fp32 on CPU; "
@@ -415,6 +432,19 @@ class TrainingConfig(_Strict):
                     "epoch's weights; off without such rows; null = off",
     )
     early_stopping_min_delta: float = Field(default=0.0, ge=0, description="a loss this much lower counts as better")
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _one_gpu_a_worker(cls, v: float) -> float:
+        if v > 1:
+            raise ValueError(f"gpus_per_worker {v:g}: a worker trains on one GPU (a DeepSpeed rank has one device), "
+                             "so the others would sit idle; for more GPUs, raise num_workers")
+        return v
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_resources_only(cls, v: dict[str, float]) -> dict[str, float]:
+        return custom_resources(v, "resources_per_worker", "cpus_per_worker and use_gpu/gpus_per_worker")
 
     @model_validator(mode="after")
     def _whole_gpus_for_several_workers(self) -> TrainingConfig:

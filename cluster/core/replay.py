@@ -74,8 +74,10 @@ def stratified_sample(labels: Sequence[str], k: int, rng: random.Random) -> list
 def reservoir_update(reservoir: list[T], seen: int, new: Sequence[T], capacity: int,
                      rng: random.Random) -> tuple[list[T], int]:
     """Algorithm R: after it, ``reservoir`` is a uniform sample of all ``seen + len(new)``
-    items, at most ``capacity`` of them. Returns the new reservoir and count."""
-    out = list(reservoir)
+    items, at most ``capacity`` of them. Returns the new reservoir and count. A reservoir
+    larger than ``capacity`` (the config lowered it) is first cut to a uniform sample of
+    ``capacity``: still a uniform sample of everything seen."""
+    out = list(reservoir) if len(reservoir) <= capacity else rng.sample(list(reservoir), capacity)
     for item in new:
         seen += 1
         if len(out) < capacity:

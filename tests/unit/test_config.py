@@ -213,3 +213,16 @@ def test_a_named_runtime_must_be_built_and_servable_and_gpu_replicas_build_no_cp
     assert parse_config({"models": [MODEL], "serving": {"num_gpus_per_replica": 1},
                          "optimize": {"enabled": True}}).builds_artifacts()
     assert not parse_config({"models": [MODEL], "optimize": {"runtimes": []}}).builds_artifacts()
+
+
+@pytest.mark.parametrize("sections, fragment", [
+    ({"training": {"seed": -1}}, "seed: Input should be greater than or equal to 0"),
+    ({"training": {"use_gpu": True, "gpus_per_worker": 2}}, "gpus_per_worker 2: a worker trains on one GPU"),
+    ({"training": {"resources_per_worker": {"GPU": 1}}}, "['GPU'] are not custom resources; set cpus_per_worker"),
+    ({"serving": {"resources_per_replica": {"cpu": 2}}}, "['cpu'] are not custom resources; set num_cpus_per_replica"),
+    ({"serving": {"resources_per_replica": {"node-a": 0}}}, "amounts must be above 0, got {'node-a': 0.0}"),
+])
+def test_resources_a_worker_cannot_use_are_refused(sections, fragment):
+    with pytest.raises(ConfigError) as e:
+        parse_config({"models": [MODEL], **sections})
+    assert fragment in str(e.value)

@@ -307,3 +307,20 @@ def test_every_class_of_the_seed_keeps_a_row_to_train_on(tmp_path, labels):
     data = assemble(tasks["m"], cfg.model("m"), cfg.training, Registry(storage), feedback, None)
     assert set(data.train.column("label").to_pylist()) == set(labels)
     assert data.golden.num_rows == min(round(0.9 * len(labels)), len(labels) - len(set(labels)))
+
+
+def test_a_golden_set_leaving_fewer_rows_than_workers_is_refused_before_it_is_frozen(tmp_path):
+    seed = tmp_path / "seed.tsv"
+    seed.write_text("text\tlabel\n" + "".join(f"text {i}\t{('negative', 'positive')[i % 2]}\n" for i in range(10)))
+    doc = {"models": [{"name": "m", "base_model": "x", "labels": ["negative", "positive"], "seed_dataset": str(seed)}],
+           "storage": {"root": str(tmp_path / "store")}, "training": {"golden_fraction": 0.9, "num_workers": 4}}
+    cfg = parse_config(doc)
+    storage = Storage(cfg.storage.root)
+    tasks = model_tasks(cfg.models)
+    feedback = FeedbackStore(storage, str(tmp_path / "journal"), tasks)
+    with pytest.raises(ValueError, match=r"golden set of 8 of the seed's 10 rows \(golden_fraction 0.9\) leaves 2"):
+        assemble(tasks["m"], cfg.model("m"), cfg.training, Registry(storage), feedback, None)
+    assert Registry(storage).golden("m") is None  # nothing frozen: a lower golden_fraction takes effect
+    lower = parse_config({**doc, "training": {"golden_fraction": 0.5, "num_workers": 4}})
+    data = assemble(tasks["m"], lower.model("m"), lower.training, Registry(storage), feedback, None)
+    assert data.golden.num_rows == 5

@@ -109,6 +109,12 @@ def test_dropout_sets_only_the_keys_the_config_has():
     assert dropout_overrides(bert_config, None) == {}
     assert dropout_overrides({"dropout": 0.1, "seq_classif_dropout": 0.2}, 0.0) == {"dropout": 0.0,
                                                                                    "seq_classif_dropout": 0.0}
+    modernbert = {"embedding_dropout": 0.0, "mlp_dropout": 0.0, "attention_dropout": 0.0, "classifier_dropout": 0.0,
+                  "use_dropout_mask": True, "dropout_kind": "standard", "hidden_size": 64}
+    assert dropout_overrides(modernbert, 0.1) == {"embedding_dropout": 0.1, "mlp_dropout": 0.1,
+                                                  "attention_dropout": 0.1, "classifier_dropout": 0.1}
+    assert dropout_overrides({"resid_pdrop": 0.1, "embd_pdrop": 0.1, "pooler_dropout": 0}, 0.2) == {
+        "resid_pdrop": 0.2, "embd_pdrop": 0.2, "pooler_dropout": 0.2}
 
 
 def test_optimizer_steps_count_accumulated_micro_batches():

@@ -45,6 +45,18 @@ def test_reservoir_is_bounded_and_uniform_over_all_history():
     assert all(abs(hits[b] / (2000 * 50) - 0.1) < 0.01 for b in range(10))
 
 
+def test_a_lowered_reservoir_size_shrinks_the_reservoir_and_keeps_it_uniform():
+    rng = random.Random(3)
+    hits = Counter()
+    for _ in range(2000):
+        reservoir, seen = reservoir_update([], 0, list(range(100)), 100, rng)  # the old size: 100
+        reservoir, seen = reservoir_update(reservoir, seen, list(range(100, 200)), 20, rng)  # lowered to 20
+        assert len(reservoir) == 20 and seen == 200
+        hits.update(x // 100 for x in reservoir)
+    assert abs(hits[1] / (2000 * 20) - 0.5) < 0.02  # the new rows are half of what was seen, and of the sample
+    assert reservoir_update(list(range(10)), 10, [10, 11], 0, rng)[0] == []
+
+
 def test_training_shortfall_says_what_to_change():
     from tuneloop.core.resources import training_shortfall
 

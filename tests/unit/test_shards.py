@@ -25,11 +25,13 @@ def test_each_epoch_after_the_first_reshuffles_the_shard():
     assert _order(shard, 1, seed=1) != epochs[0]  # and each job seed
 
 
-def test_workers_get_equal_disjoint_shares_of_the_rows():
+def test_workers_get_equal_shares_of_every_row():
     table = _table(43)
     shares = [worker_shard(table, rank, 3)["i"].to_pylist() for rank in range(3)]
-    assert [len(s) for s in shares] == [14, 14, 14] == [worker_rows(43, 3)] * 3  # one row left out
-    assert sorted(sum(shares, [])) == list(range(42))
+    assert [len(s) for s in shares] == [15, 15, 15] == [worker_rows(43, 3)] * 3
+    assert sorted(sum(shares, [])) == sorted(list(range(43)) + [0, 1])  # the last share wraps to the first rows
+    shares = [worker_shard(_table(5), rank, 4)["i"].to_pylist() for rank in range(4)]
+    assert shares == [[0, 1], [2, 3], [4, 0], [1, 2]]  # every row trains, none left out
     assert worker_shard(table, 0, 1).num_rows == 43  # one worker: every row
     with pytest.raises(ValueError, match="rank 3"):
         worker_shard(table, 3, 3)
