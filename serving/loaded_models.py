@@ -96,7 +96,12 @@ class LoadedModel:
                                  return_tensors="pt", **tokenizer_options)
         except Exception as e:  # noqa: BLE001 - the tokenizer's errors come in many types
             raise InputRejected(f"the tokenizer cannot take this input ({type(e).__name__}: {e})") from None
-        tokens, padded = int(enc["attention_mask"].sum()), enc["attention_mask"].numel()
+        mask = enc["attention_mask"]
+        if mask.shape[-1] == 0 or bool((mask.sum(-1) == 0).any()):
+            # A tokenizer that adds no special tokens (GPT-2's) gives "" none: the forward pass
+            # then failed reshaping an empty tensor, a 500.
+            raise InputRejected("a text has no tokens this model reads (empty, or only characters its tokenizer drops)")
+        tokens, padded = int(mask.sum()), mask.numel()
         encoding = self.task.encoding_for(enc)  # and enc keeps only the model's inputs
         probs = self._forward(enc)
         if not bool(torch.isfinite(probs).all()):

@@ -49,30 +49,41 @@ def read_dataset(path: str, task: Task) -> pa.Table:
     fmt = seed_format(path)
     columns = ["text", *task.target_columns]
     types = {"text": pa.string(), **{c: arrow_type(task.feedback_columns[c]) for c in task.target_columns}}
-    if fmt in (".tsv", ".csv"):
-        parse = pacsv.ParseOptions(delimiter="\t" if fmt == ".tsv" else ",", quote_char=False if fmt == ".tsv" else '"')
-        with _open(path) as f:
-            table = pacsv.read_csv(f, parse_options=parse,
-                                   convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in columns}))
-    elif fmt == ".jsonl":
-        table = _read_jsonl(path, [c for c in columns if pa.types.is_string(types[c])])
-    else:
-        with _open(path) as f:
-            table = pq.read_table(f)
+    try:
+        read = _read_file(path, fmt, columns, types)
+        if not task.reads_rows and isinstance(read, list):
+            read = pa.Table.from_pylist(read)
+    except (pa.ArrowInvalid, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"dataset {path!r} cannot be read as {fmt[1:]}: {e}") from None
     if task.reads_rows:
         rows = []
-        for i, row in enumerate(table.to_pylist()):
+        for i, row in enumerate(read if isinstance(read, list) else read.to_pylist()):
             try:
                 rows.append(task.dataset_row(row))
             except ValueError as e:
                 raise ValueError(f"dataset {path!r}, row {i + 1}: {e}") from None
         return pa.table({c: pa.array([r[c] for r in rows], types[c]) for c in columns})
-    missing = [c for c in columns if c not in table.column_names]
+    missing = [c for c in columns if c not in read.column_names]
     if missing:
         raise ValueError(f"dataset {path!r} has no column(s) {missing}; it needs {columns}")
-    table = pa.table({c: _as(table.column(c), types[c]) for c in columns})
+    table = pa.table({c: _as(read.column(c), types[c]) for c in columns})
     _check_rows(path, task, table)
     return table
+
+
+def _read_file(path: str, fmt: str, columns: list[str], types: dict[str, pa.DataType]) -> pa.Table | list[dict]:
+    """The file as a table, or, for a jsonl file pyarrow refuses, as its rows."""
+    if fmt in (".tsv", ".csv"):
+        # TSV as IANA defines it: no quoting, a '"' is text (tweets and reviews open with one);
+        # a file with quoted fields is a CSV.
+        parse = pacsv.ParseOptions(delimiter="\t" if fmt == ".tsv" else ",", quote_char=False if fmt == ".tsv" else '"')
+        with _open(path) as f:
+            return pacsv.read_csv(f, parse_options=parse,
+                                  convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in columns}))
+    if fmt == ".jsonl":
+        return _read_jsonl(path, columns, [c for c in columns if pa.types.is_string(types[c])])
+    with _open(path) as f:
+        return pq.read_table(f)
 
 
 def _check_rows(path: str, task: Task, table: pa.Table) -> None:
@@ -89,23 +100,36 @@ def _check_rows(path: str, task: Task, table: pa.Table) -> None:
         raise ValueError(f"dataset {path!r}: {e}") from None
 
 
-def _read_jsonl(path: str, string_columns: list[str]) -> pa.Table:
+# Keys a task may read from a row besides its columns: CoNLL's layout for token classification.
+_ROW_KEYS = ("tokens", "tags")
+
+
+def _read_jsonl(path: str, columns: list[str], string_columns: list[str]) -> pa.Table | list[dict]:
     """pyarrow's reader, or, where it refuses a column whose values change type (a label
-    written ``1`` in one row and ``"positive"`` in the next), the lines one by one with
-    those columns' numbers as strings."""
+    written ``1`` in one row and ``"positive"`` in the next, labels as a list in one row and
+    joined by "|" in the next), the rows one by one with those columns' numbers as strings,
+    and only the keys tuneloop reads (another key whose type changes, an ``id`` or a
+    ``meta``, failed the whole file)."""
     try:
         with _open(path) as f:
             return pajson.read_json(f)
     except pa.ArrowInvalid:
         with _open(path) as f:
-            rows = [json.loads(line) for line in f.read().decode("utf-8-sig").splitlines() if line.strip()]
+            lines = [line for line in f.read().decode("utf-8-sig").splitlines() if line.strip()]
+    keep = (*columns, *_ROW_KEYS)
+    rows = []
+    for n, line in enumerate(lines, 1):
+        row = json.loads(line)
+        if not isinstance(row, dict):
+            raise ValueError(f"dataset {path!r}, line {n}: a row must be a JSON object, got {line[:80]!r}")
+        rows.append({k: row[k] for k in keep if k in row})
     for row in rows:
         for c in string_columns:
             if isinstance(row.get(c), bool):
                 row[c] = str(row[c]).lower()
             elif isinstance(row.get(c), int | float):
                 row[c] = str(row[c])
-    return pa.Table.from_pylist(rows)
+    return rows
 
 
 def _as(column: pa.ChunkedArray, to: pa.DataType) -> pa.ChunkedArray:

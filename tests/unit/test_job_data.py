@@ -324,3 +324,35 @@ def test_a_golden_set_leaving_fewer_rows_than_workers_is_refused_before_it_is_fr
     lower = parse_config({**doc, "training": {"golden_fraction": 0.5, "num_workers": 4}})
     data = assemble(tasks["m"], lower.model("m"), lower.training, Registry(storage), feedback, None)
     assert data.golden.num_rows == 5
+
+
+def test_a_jsonl_seed_whose_other_keys_change_type_is_read(tmp_path):
+    from tuneloop.core.tasks import make_task
+
+    path = tmp_path / "seed.jsonl"
+    path.write_text('{"text": "a", "label": 0, "id": 1, "meta": {"src": "web"}}\n'
+                    '{"text": "b", "label": "1", "id": "a2", "meta": "web"}\n')
+    table = read_dataset(str(path), make_task("text-classification", ["0", "1"]))
+    assert table.to_pylist() == [{"text": "a", "label": "0"}, {"text": "b", "label": "1"}]
+    multi = tmp_path / "multi.jsonl"
+    multi.write_text('{"text": "a", "labels": [0, 2]}\n{"text": "b", "labels": "1|2", "id": 3}\n'
+                     '{"text": "c", "labels": [], "id": "x"}\n')
+    table = read_dataset(str(multi), make_task("multi-label-classification", ["0", "1", "2"]))
+    assert table.column("labels").to_pylist() == [["0", "2"], ["1", "2"], []]
+
+
+@pytest.mark.parametrize(("name", "content", "fragment"), [
+    ("seed.tsv", 'text\tlabel\n"a\tquoted"\tpositive\nb\tnegative\n', "cannot be read as tsv: CSV parse error"),
+    ("seed.csv", "text,label\na,positive\n \n", "cannot be read as csv: CSV parse error"),
+    ("seed.jsonl", '{"text": "a", "label": "positive"}\n{"text": "b", "label": \n', "cannot be read as jsonl"),
+    ("seed.jsonl", '{"text": "a", "label": "positive"}\n["b", "negative"]\n', "line 2: a row must be a JSON object"),
+    ("seed.parquet", "not parquet", "cannot be read as parquet"),
+])
+def test_a_file_that_cannot_be_parsed_is_named_in_the_error(tmp_path, name, content, fragment):
+    from tuneloop.core.tasks import make_task
+
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError) as e:
+        read_dataset(str(path), make_task("text-classification", ["negative", "positive"]))
+    assert str(path) in str(e.value) and fragment in str(e.value)

@@ -109,3 +109,21 @@ def test_max_length_is_held_to_the_tokens_the_model_takes_and_its_version_says_s
     assert replica.max_length == takes
     answers, tokens, _ = replica.predict(["word " * 3000, "short"])
     assert len(answers) == 2 and tokens <= takes + 3
+
+
+def test_a_text_without_tokens_is_rejected_not_a_server_error(tmp_path):
+    """GPT-2's tokenizer adds no special tokens, so "" has none; the forward pass then failed."""
+    import functools
+
+    from tests.tiny_models import build_tiny_model
+    from tuneloop.core.errors import InputRejected
+    from tuneloop.core.tasks import make_task
+    from tuneloop.serving.loaded_models import LoadedModel
+
+    loaded = LoadedModel(build_tiny_model(tmp_path / "bert", LABELS), "v1", make_task("text-classification", LABELS), 32)
+    real = loaded.tokenizer
+    loaded.tokenizer = functools.partial(real, add_special_tokens=False)  # as GPT-2's
+    assert len(loaded.predict(["fine", "good"])[0]) == 2
+    for texts in ([""], ["", "good"]):  # alone, or beside others (the batcher then splits the batch)
+        with pytest.raises(InputRejected, match="no tokens"):
+            loaded.predict(texts)

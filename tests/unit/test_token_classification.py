@@ -79,6 +79,22 @@ def test_answers_are_entities_with_offsets_into_the_text(tokenizer):
     assert NER.prediction_record(found) == {"entities": [{**g, "score": 1.0} for g in GOLD]}
 
 
+def test_an_entity_keeps_the_accent_the_tokenizer_stripped(tokenizer):
+    text = "Jose\u0301 visited Cafe\u0301 Lyon"  # decomposed accents: MiniLM's uncased tokenizer drops them
+    spans = [{"start": 0, "end": 5, "label": "PER"}, {"start": 14, "end": 24, "label": "LOC"}]
+
+    def tag(start, first_piece):
+        for e in spans:
+            if e["start"] <= start < e["end"]:
+                return ("B-" if start == e["start"] else "I-") + e["label"]
+        return "O"
+
+    encoding = encode(tokenizer, NER, [text])
+    [found] = NER.answers([text], scores_from(encoding, tag), HEAD, encoding)
+    assert [(e["start"], e["end"], e["text"]) for e in found["entities"]] == [
+        (0, 5, "Jose\u0301"), (14, 24, "Cafe\u0301 Lyon")]
+
+
 def test_first_takes_a_words_first_piece_and_average_its_mean(tokenizer):
     # "Lovelace" is several pieces: its first says I-PER, the rest say O.
     def first_piece_only(start, first_piece):

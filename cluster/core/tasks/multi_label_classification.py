@@ -105,6 +105,9 @@ class MultiLabelClassification(Task):
         labels = row.get("labels")
         if isinstance(labels, str):
             labels = [x.strip() for x in labels.split("|") if x.strip()]
+        if isinstance(labels, list):  # numbers as strings, as a CSV gives them ([0, 2] for labels "0", "2")
+            labels = [str(x).lower() if isinstance(x, bool) else str(x) if isinstance(x, int | float) else x
+                      for x in labels]
         if not isinstance(row.get("text"), str) or not isinstance(labels, list):
             raise ValueError(f'a row needs "text" and "labels" (a list, or joined by "|"), got {row!r}')
         unknown = sorted({str(x) for x in labels if x not in self.labels})

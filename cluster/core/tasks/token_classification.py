@@ -20,6 +20,7 @@ seqeval, per type and micro-averaged (``f1`` is what the gate compares).
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -82,6 +83,14 @@ def tagged_tokens(tokens: list[str], tags: list[str], types: list[str]) -> dict[
         at += len(token) + 1
     return {"text": " ".join(tokens),
             "entities": [{k: e[k] for k in ("start", "end", "label")} for e in bio_entities(words)]}
+
+
+def _through_marks(text: str, end: int) -> int:
+    """A word's end moved past the combining marks that follow it: an uncased tokenizer strips
+    accents, so the token of "cafe\u0301" ended before its accent and the entity cut "café"."""
+    while end < len(text) and unicodedata.combining(text[end]):
+        end += 1
+    return end
 
 
 def _tokens_of_text(encoding: dict[str, list], windows: list[int]) -> list[tuple[int, int, int, int, int]]:
@@ -154,7 +163,7 @@ class TokenClassification(Task):
                 probs = tokens[0][2] if self.aggregation == "first" else \
                     [sum(p[k] for _, _, p in tokens) / len(tokens) for k in range(len(head))]
                 best = max(range(len(head)), key=probs.__getitem__)
-                words.append((tokens[0][0], tokens[-1][1], head[best], probs[best]))
+                words.append((tokens[0][0], _through_marks(text, tokens[-1][1]), head[best], probs[best]))
             words.sort()
             out.append({"entities": [{**e, "text": text[e["start"]:e["end"]]} for e in bio_entities(words)]})
         return out
