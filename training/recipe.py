@@ -52,6 +52,25 @@ _BLOCK = re.compile(r"(?:^|\.)(?:layer|layers|block|h)\.(\d+)\.")
 _EMBEDDING = re.compile(r"(?:^|\.)(?:embeddings|embed_tokens|embed_positions|word_embeddings|wte|wpe|shared)(?:\.|$)")
 
 
+# Where Hugging Face configs keep the encoder's layer count (BERT and most; GPT-2; T5).
+_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def freeze_problem(config: dict[str, Any], freeze_layers: int, feature_extraction: bool,
+                   student_layers: int | None = None) -> str | None:
+    """Why ``freeze_layers`` cannot apply to the model of ``config`` (its config.json), known
+    before the workers start; None if it can or the count is unknown. A student's v1 has
+    ``student_layers``. (The workers check the parameters themselves, ``frozen_parameters``:
+    that came only after the job's start-up.)"""
+    if feature_extraction or not freeze_layers:
+        return None
+    layers = student_layers or next((config[k] for k in _LAYER_COUNT_KEYS if isinstance(config.get(k), int)), None)
+    if layers is not None and freeze_layers > layers:
+        return (f"freeze_layers {freeze_layers} exceeds the model's {layers} encoder layers "
+                "(use feature_extraction to freeze the whole encoder)")
+    return None
+
+
 def frozen_parameters(names: Iterable[str], base_prefix: str, freeze_layers: int, feature_extraction: bool) -> set[str]:
     """The parameter names to freeze. ``names`` are the whole model's (for a classifier,
     ``bert.encoder.layer.3.output.dense.weight`` and ``classifier.weight``); the encoder's are

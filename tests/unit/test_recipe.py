@@ -198,3 +198,14 @@ def test_startup_parts_split_the_start_up_at_the_workers_marks():
     assert startup_parts(100.0, {k: v for k, v in marks.items() if k != "first_batch"}) is None
     # Another node's clock a little behind the driver's: a part is never negative.
     assert startup_parts(107.0, marks)["workers"] == 0.0
+
+
+def test_freeze_layers_beyond_the_models_layers_is_known_from_its_config():
+    from tuneloop.training.recipe import freeze_problem
+
+    bert, gpt2 = {"num_hidden_layers": 12}, {"n_layer": 6}
+    assert "freeze_layers 13 exceeds the model's 12 encoder layers" in freeze_problem(bert, 13, False)
+    assert freeze_problem(bert, 12, False) is None and freeze_problem(bert, 13, True) is None
+    assert "exceeds the model's 6" in freeze_problem(gpt2, 7, False)
+    assert "exceeds the model's 2" in freeze_problem(bert, 3, False, student_layers=2)  # a student's v1
+    assert freeze_problem({}, 40, False) is None  # unknown: the workers check the parameters
