@@ -165,7 +165,10 @@ def accuracy_difference(e: Evidence, confidence: float, sequential_from: int | N
     ``bound_multiplier``)."""
     z = bound_multiplier(confidence, e.samples(), sequential_from)
     if e.paired:
-        n, b, c = e.pairs, e.production_only, e.challenger_only
+        # Agresti and Min's (2005) half a pair added to each cell: Wald's interval on the raw
+        # counts has no width when no pair disagrees (b = c = 0), and one concordant pair
+        # advanced a shadow with min_feedback 1.
+        n, b, c = e.pairs + 2, e.production_only + 0.5, e.challenger_only + 0.5
         diff = (c - b) / n
         se = math.sqrt(max(0.0, (b + c) - (c - b) ** 2 / n)) / n
     else:

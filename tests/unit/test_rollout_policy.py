@@ -28,8 +28,14 @@ def test_a_better_shadow_advances_a_worse_one_rolls_back():
 
 
 def test_identical_answers_advance_on_enough_pairs():
-    # A challenger that agrees with production on every request is not worse.
-    assert decide(CFG, paired(100, 0, 0), 60).action == "advance"
+    # A challenger that agrees with production on every request is not worse, once the pairs
+    # bound how often it could disagree: 100 agreeing pairs still allow a 3% loss (the rule
+    # of three), more than the 2% margin. Wald's interval had no width with no disagreement,
+    # and one pair advanced a shadow with min_feedback 1.
+    assert decide(CFG, paired(200, 0, 0), 60).action == "advance"
+    assert decide(CFG, paired(100, 0, 0), 60).action == "hold"
+    assert decide(RolloutConfig(min_feedback=1), paired(1, 0, 0), 60).action == "hold"
+    assert decide(RolloutConfig(min_feedback=1), paired(1, 0, 1), 60).action == "hold"
 
 
 def test_too_little_feedback_holds_and_alerts_only_when_overdue():
