@@ -76,6 +76,7 @@ class Retrainer:
         self.agreements: dict[str, deque[bool]] = {}
         self.judged_since_start: dict[str, int] = {}  # model -> agreements recorded since its newest job started
         self._production: dict[str, tuple[str | None, float | None]] = {}  # model -> (version, golden accuracy)
+        self._in_rollout: dict[str, bool] = {}  # model -> a challenger is being rolled out (read with production)
         self.learned_from: dict[str, str | None] = {}  # student -> its teacher's version its newest job was for
         self.retiring = False  # set while handing over to a successor: no new job starts
         if sweep_every_s is not None:
@@ -155,7 +156,9 @@ class Retrainer:
     def _production_of(self, model: str) -> tuple[str | None, float | None]:
         """Production's version and its accuracy on the golden set; a new production starts
         a new agreement window."""
-        version = self.registry.production(model)
+        state = self.registry.state(model)
+        version = state.production
+        self._in_rollout[model] = state.rollout is not None
         cached = self._production.get(model)
         if cached is None or cached[0] != version:
             metrics = self.registry.manifest(model, version).metrics if version else None
@@ -168,6 +171,10 @@ class Retrainer:
         """Start a job if a trigger fires; called with ``_lock`` held. ``production``: what
         ``_production_of`` gave the caller already (else it is read here)."""
         _, golden_accuracy = production or self._production_of(model)
+        if self._in_rollout.get(model):
+            # Its version would start no rollout of its own while one runs (a 409 in
+            # hand_over): it would only wait as a candidate. The records keep counting.
+            return None
         # Only agreements judged since the last job started: the window that fired holds the
         # same disagreements, and after a rejected or failed job it fired again at every
         # feedback record, job after job. A full window of new ones fires again.

@@ -216,6 +216,10 @@ def decide(cfg: RolloutConfig, e: Evidence, waited_s: float) -> Decision:
     kind = "sequential " if cfg.sequential else ""
     said = f"online accuracy {diff:+.1%} vs production ({cfg.confidence:.0%} {kind}bounds {low:+.1%} .. {high:+.1%})"
     if n >= cfg.min_feedback and low > -cfg.margin:
+        if e.challenger_requests < cfg.min_requests:  # its health not judged yet: never advance unseen
+            return Decision("hold", f"not worse so far ({said}), waiting for {cfg.min_requests} challenger "
+                                    f"requests to judge its health: {e.challenger_requests}", alert=overdue,
+                            numbers=numbers)
         return Decision("advance", f"not worse: {said}, margin {cfg.margin:.1%}", numbers=numbers)
     if n >= cfg.min_feedback_to_roll_back and high < 0:
         return Decision("rollback", f"worse: {said}", numbers=numbers)

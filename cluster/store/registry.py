@@ -441,8 +441,8 @@ class Registry:
 
         def apply(state: RegistryState) -> HistoryEntry:
             rollout = self._rollout_of(model, state, version, judged)
-            if event == "resume":  # its evidence starts again: the wait before an alert too
-                flags["stage_started_at"] = now_iso()
+            if event == "resume":  # its evidence starts again: the wait before an alert, and the alert, too
+                flags.update(stage_started_at=now_iso(), alerted=False)
             state.rollout = rollout.model_copy(update=flags)
             return HistoryEntry(at=now_iso(), event=event, production=state.production, version=version,
                                 reason=reason, numbers=numbers)

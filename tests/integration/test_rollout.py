@@ -29,7 +29,7 @@ TEXTS = [f"the {thing} was {how}" for thing in ("film", "meal", "hotel", "song",
 def deployed(ray_session, serve_port, metrics_dir, tiny_model, tmp_path_factory):
     cfg = make_config(tmp_path_factory.mktemp("store"), tiny_model, None,
                       rollout={"min_feedback": 20, "min_feedback_to_roll_back": 20, "canary_steps": [50],
-                               "evaluate_every_s": 1, "max_latency_ratio": 20, "min_requests": 1000,
+                               "evaluate_every_s": 1, "max_latency_ratio": 20, "min_requests": 20,
                                "inconclusive_after_s": 15},
                       auth={"feedback_per_minute": 6000, "feedback_burst": 100},
                       # The clients' load alone asks for a second replica; it goes 5 s after the load.

@@ -220,3 +220,21 @@ def test_a_student_follows_its_teachers_production_once_per_version(tmp_path):
     with again._lock:
         again._follow_teachers()
     assert len(launch.launched) == 2
+
+
+def test_no_automatic_job_starts_while_a_challenger_is_rolled_out(tmp_path):
+    """Its version could start no rollout of its own (a 409): it would wait as a candidate."""
+    retrainer, launch, _ = _retrainer(tmp_path, every_n=2)
+    registry = retrainer.registry
+    weights = tmp_path / "w"
+    weights.mkdir()
+    for parent in (None, "v1"):
+        registry.publish("m", str(weights), Manifest(version="pending", model="m", parent=parent, base_model="x",
+                                                     task="text-classification", labels=["a", "b"]))
+    registry.promote("m", "v1")
+    registry.start_rollout("m", "v2", "shadow", 0)
+    assert [retrainer.record_feedback("m") for _ in range(4)] == [None] * 4 and launch.launched == []
+    assert retrainer.start("m") is not None  # an operator still may
+    launch.finish(0)
+    registry.rollback("m")  # the rollout ends: feedback starts jobs again
+    assert [retrainer.record_feedback("m") for _ in range(2)][-1] is not None

@@ -40,12 +40,20 @@ class World:
         self.feedback.open_writer()
         self.shadow = PredictionLog(storage, self.tasks, root=SHADOW_ROOT)
         self.health: dict[str, VersionHealth] = {}
-        self.driver = RolloutDriver(self.cfg, self.registry, self.feedback, self.shadow, lambda _: self.health)
+        self.driver = RolloutDriver(self.cfg, self.registry, self.feedback, self.shadow, lambda _: dict(self.health))
         self.rng = random.Random(0)
+
+    def _count(self, version: str) -> None:
+        """One request in ``version``'s serving counters, as a replica's metrics count it."""
+        h = self.health.get(version, VersionHealth())
+        self.health[version] = VersionHealth(h.requests + 1, h.errors, h.latency_buckets)
 
     def served(self, version: str, right: bool, shadow_right: bool | None = None) -> None:
         """One prediction of ``version`` with feedback saying whether it was right (and the
         shadow's answer to the same request, when given)."""
+        self._count(version)
+        if shadow_right is not None:
+            self._count("v2")  # a shadow run
         at = datetime.now(UTC)
         pid = new_prediction_id(at)
         truth = self.rng.choice(LABELS)
@@ -79,6 +87,7 @@ def test_a_better_shadow_goes_to_canary_then_production_by_its_feedback(shadow_w
     # Canary: only predictions since the step count; v2 now answers its own share.
     assert w.driver.look("m").action == "hold"
     for step in range(2):
+        assert w.driver.look("m").action == "hold"  # the stage's first look: its health counts start here
         for i in range(70):
             w.served("v1", right=i % 10 < 7)
             w.served("v2", right=i % 10 < 9)

@@ -10,12 +10,15 @@ CFG = RolloutConfig(min_feedback=100, margin=0.02, min_requests=50)
 
 
 def paired(pairs, production_only, challenger_only, **health):
+    """Shadow evidence; the challenger's health seen (``min_requests`` runs) unless given."""
+    health = {"challenger_requests": CFG.min_requests, **health}
     return Evidence(paired=True, pairs=pairs, production_only=production_only, challenger_only=challenger_only,
                     **health)
 
 
 def canary(production, challenger, **health):
     (pn, pa), (cn, ca) = production, challenger
+    health = {"challenger_requests": CFG.min_requests, **health}
     return Evidence(paired=False, production_feedback=pn, production_agreed=pa, challenger_feedback=cn,
                     challenger_agreed=ca, **health)
 
@@ -65,6 +68,13 @@ def test_all_right_or_all_wrong_does_not_break_the_interval():
     _, low, high = accuracy_difference(canary((100, 100), (100, 100)), 0.95)
     assert low < 0 < high  # Agresti-Caffo: a real width at 100%
     assert decide(CFG, canary((200, 0), (200, 200)), 1).action == "advance"
+
+
+def test_a_challenger_whose_health_was_not_seen_does_not_advance():
+    unseen = decide(CFG, paired(200, 5, 30, challenger_requests=49), 60)
+    assert unseen.action == "hold" and "waiting for 50 challenger requests to judge its health: 49" in unseen.reason
+    assert decide(CFG, paired(200, 5, 30, challenger_requests=50), 60).action == "advance"
+    assert decide(CFG, paired(200, 40, 5, challenger_requests=0), 60).action == "rollback"  # worse needs no health
 
 
 def test_health_breaches_roll_back_before_any_feedback():
