@@ -85,6 +85,7 @@ class ModelServer:
         use_node_folder()  # first: before any metric value (serving/metric_files.py)
         cfg = TuneloopConfig.model_validate(config)
         self.cfg, self.serving = cfg.model(model), cfg.serving
+        self.runtimes = tuple(cfg.optimize.runtimes)  # the artifacts the operator wants: others are not served
         self.task = model_task(self.cfg)
         storage = Storage(cfg.storage.root)
         self.registry = registry or Registry(storage)
@@ -211,7 +212,7 @@ class ModelServer:
         optimization = self.registry.manifest(self.cfg.name, version).optimization
         device = "cuda" if self.serving.num_gpus_per_replica > 0 else cpu_class()
         runtime, why = choose_runtime(self.serving.runtime, optimization,
-                                      hardware_class(device, self.serving.replica_threads))
+                                      hardware_class(device, self.serving.replica_threads), self.runtimes)
         artifact = optimization.artifacts[runtime].path if runtime != "torch" else None
         return runtime, artifact, why
 

@@ -208,6 +208,7 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     released = held.filter(pc.invert(still_held))
     released = released.filter(pc.invert(_among(released, "feedback_id", stored)))
     released = _latest_answers(released.filter(pc.invert(_among(released, "prediction_id", fresh))))[0]
+    released = _without_texts(released, golden_texts)  # a golden_dataset set since they were held
     newly_held = _without_texts(_rows(stored.filter(of_held), schema, "feedback"), golden_texts)
     newly_held = newly_held.filter(pc.invert(_among(newly_held, "feedback_id", held)))
     held = pa.concat_tables([held.filter(still_held), newly_held])
@@ -237,6 +238,7 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     # fresh feedback on the same prediction replaces.
     reservoir = registry.table(mcfg.name, parent.version, "reservoir") if parent else None
     reservoir = _rows(reservoir, schema) if reservoir is not None else schema.empty_table()
+    reservoir = _without_texts(reservoir, golden_texts)  # a golden_dataset set since it was sampled
     replaced = {p for p in fresh.column("prediction_id").to_pylist() if p is not None}
     if replaced and reservoir.num_rows:
         reservoir = reservoir.filter(pc.invert(pc.is_in(reservoir.column("prediction_id"), pa.array(sorted(replaced)))))

@@ -56,7 +56,16 @@ def data_problems(cfg: TuneloopConfig, models: list[str] | None = None) -> list[
             path = getattr(m, key)
             if path and "://" not in path and not os.path.exists(path):
                 problems.append(f"models.{m.name}.{key} {path!r} does not exist")
-        if m.seed_dataset is None and m.distill is None and registry.production(m.name) is None \
+        production = registry.production(m.name)
+        manifest = registry.manifest(m.name, production) if production else None
+        if manifest is not None and manifest.task != m.task:
+            problems.append(f"model {m.name!r}: its production {production} was trained for {manifest.task}, the "
+                            f"config says {m.task}: a new task needs a new model name")
+        elif manifest is not None and sorted(set(manifest.labels) - set(m.labels)):
+            problems.append(f"model {m.name!r}: the config drops label(s) {sorted(set(manifest.labels) - set(m.labels))} "
+                            f"of its production {production}, whose golden set, replay rows and feedback hold them: "
+                            "restore them (labels may be added), or give the new label set a new model name")
+        if m.seed_dataset is None and m.distill is None and production is None \
                 and not storage.exists(f"feedback/{m.name}") \
                 and not any(r.get("model") == m.name for r in pending_records(cfg.storage.journal_path())):
             problems.append(f"model {m.name!r} has no version yet and nothing to train v1 on: give it a "
@@ -71,11 +80,19 @@ def bootstrap_versions(cfg: TuneloopConfig) -> None:
 
     registry = Registry(Storage(cfg.storage.root))
     for m in cfg.in_training_order():
-        if registry.production(m.name) is None:
+        production = registry.production(m.name)
+        if production is None:
             log.info("model %s has no version yet: fine-tuning v1 from %s", m.name, m.starts_from())
-            outcome = run_training(cfg, m.name, trigger="bootstrap", optimize=optimize_version)
-            if outcome.job.state != "succeeded":
-                raise SystemExit(f"could not train v1 of {m.name}: {outcome.job.error or outcome.job.state}")
+        elif added := sorted(set(m.labels) - set(registry.manifest(m.name, production).labels)):
+            # Its replicas refuse a version without the config's labels: nothing would serve.
+            log.info("model %s: the config adds label(s) %s to production %s's: fine-tuning a version with them",
+                     m.name, added, production)
+        else:
+            continue
+        outcome = run_training(cfg, m.name, trigger="bootstrap", optimize=optimize_version)
+        if outcome.job.state != "succeeded" or not outcome.job.promoted:
+            raise SystemExit(f"could not train a version of {m.name} to serve: "
+                             f"{outcome.job.error or outcome.job.message or outcome.job.state}")
 
 
 def start_serving(cfg: TuneloopConfig, metrics_dir: str | None) -> None:

@@ -85,14 +85,19 @@ def parity_check(reference: list, answers: list, accuracy: float, reference_accu
                               f"accuracy {accuracy:.4f} vs {reference_accuracy:.4f}")
 
 
-def choose_runtime(requested: str, optimization: Optimization | None, hardware: str) -> tuple[str, str]:
+def choose_runtime(requested: str, optimization: Optimization | None, hardware: str,
+                   allowed: tuple[str, ...] | None = None) -> tuple[str, str]:
     """(runtime to serve with, why). A named artifact serves when it passed its parity check
-    (``torch-bf16`` only on a CPU with native bf16), else PyTorch does (a version is never left unserved for want of an artifact). ``auto``
-    takes the fastest runtime measured on ``hardware`` among PyTorch and the artifacts that
-    passed; with no measurement on this hardware class, PyTorch."""
+    (``torch-bf16`` only on a CPU with native bf16), else PyTorch does (a version is never
+    left unserved for want of an artifact). ``auto`` takes the fastest runtime measured on
+    ``hardware`` among PyTorch and the artifacts that passed; with no measurement on this
+    hardware class, PyTorch. Only artifacts ``allowed`` (``optimize.runtimes``; None: all)
+    serve: an operator who drops one from the config stops it serving too."""
     if requested == TORCH:
         return TORCH, "serving.runtime is torch"
     artifacts = optimization.artifacts if optimization else {}
+    if allowed is not None:
+        artifacts = {name: record for name, record in artifacts.items() if name in allowed}
     if requested != "auto":
         if not hardware.startswith("cpu"):  # ONNX Runtime runs the artifacts on the CPU here
             return TORCH, f"serving.runtime is {requested}, an artifact built for CPUs: on {hardware} PyTorch serves"

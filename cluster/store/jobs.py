@@ -304,7 +304,9 @@ def hand_over(registry: Registry, job: JobRecord, version: str, parent: str | No
     (direct; also the first version, which has no production to be compared with), a
     candidate waiting for an operator (gated), or production's challenger in a rollout
     (shadow, canary). Sets ``job.promoted`` and ``job.message``."""
-    if rollout.mode == "direct" or parent is None:
+    if rollout.mode == "direct" or parent is None or \
+            set(registry.manifest(job.model, parent).labels) != set(registry.manifest(job.model, version).labels):
+        # Production trained for other labels cannot serve beside it, nor be compared with it.
         promote_or_wait(registry, job, version, parent, reason)
         return
     job.promoted = False

@@ -356,3 +356,21 @@ def test_a_file_that_cannot_be_parsed_is_named_in_the_error(tmp_path, name, cont
     with pytest.raises(ValueError) as e:
         read_dataset(str(path), make_task("text-classification", ["negative", "positive"]))
     assert str(path) in str(e.value) and fragment in str(e.value)
+
+
+def test_a_golden_dataset_set_later_keeps_its_texts_out_of_replay(env):
+    cfg, task, registry, feedback, tmp_path = env
+    first = assemble(task, cfg.model("m"), cfg.training, registry, feedback, None)
+    v1 = _publish(registry, tmp_path, first, "v1", first.summary)
+    _give(feedback, 20)
+    second = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v1)
+    v2 = _publish(registry, tmp_path, second, "v2", second.summary)
+    assert "feedback 3" in second.reservoir.column("text").to_pylist()
+    golden = tmp_path / "golden.tsv"
+    golden.write_text("text\tlabel\nfeedback 3\tpositive\nseed text 1\tpositive\n")
+    later = cfg.model("m").model_copy(update={"golden_dataset": str(golden)})
+    everything = cfg.training.model_copy(update={"replay_ratio": 1000.0})  # the whole replay pool
+    third = assemble(task, later, everything, registry, feedback, v2)
+    assert third.summary["replay"]["rows"] == third.summary["replay"]["pool_rows"]
+    assert third.golden.num_rows == 2
+    assert {"feedback 3", "seed text 1"}.isdisjoint(third.train.column("text").to_pylist())

@@ -46,3 +46,44 @@ def test_train_refuses_a_missing_seed_naming_it(tmp_path):
                                       "storage": {"root": str(tmp_path / "store")}}))
     result = CliRunner().invoke(app, ["train", "m", "--config", str(config)])
     assert result.exit_code == 2 and f"models.m.seed_dataset '{tmp_path / 'seed.tsv'}' does not exist" in result.output
+
+
+def _published(tmp_path, task="text-classification", labels=("a", "b")):
+    from tuneloop.store.registry import Manifest, Registry
+
+    registry = Registry(Storage(str(tmp_path / "store")))
+    weights = tmp_path / "w"
+    weights.mkdir(exist_ok=True)
+    registry.publish("m", str(weights), Manifest(version="pending", model="m", parent=None, base_model="some/model",
+                                                 task=task, labels=list(labels)))
+    registry.promote("m", "v1")
+    return registry
+
+
+def test_a_changed_task_or_a_dropped_label_is_refused_at_start_and_an_added_label_is_not(tmp_path):
+    _published(tmp_path)
+    assert data_problems(_cfg(tmp_path)) == []
+    assert "trained for text-classification, the config says multi-label-classification" in data_problems(
+        _cfg(tmp_path, task="multi-label-classification"))[0]
+    dropped = data_problems(_cfg(tmp_path, labels=["a", "c"]))
+    assert len(dropped) == 1 and "drops label(s) ['b'] of its production v1" in dropped[0]
+    assert data_problems(_cfg(tmp_path, labels=["b", "a", "c"])) == []  # added: bootstrap trains a version
+
+
+def test_a_version_with_other_labels_than_production_is_promoted_not_rolled_out(tmp_path):
+    from tuneloop.core.rollout import RolloutConfig
+    from tuneloop.store.jobs import JobStore, hand_over
+    from tuneloop.store.registry import Manifest
+
+    registry = _published(tmp_path)
+    for labels in (["a", "b"], ["a", "b", "c"]):
+        registry.publish("m", str(tmp_path / "w"), Manifest(version="pending", model="m", parent="v1",
+                                                            base_model="some/model", task="text-classification",
+                                                            labels=labels))
+    jobs = JobStore(registry.storage)
+    same, added = jobs.create("m", "bootstrap"), jobs.create("m", "bootstrap")
+    hand_over(registry, same, "v2", "v1", "gate passed", RolloutConfig(mode="shadow"))
+    assert not same.promoted and registry.state("m").rollout.version == "v2"
+    registry.rollback("m")
+    hand_over(registry, added, "v3", "v1", "gate passed", RolloutConfig(mode="shadow"))
+    assert added.promoted and registry.production("m") == "v3"  # v1 cannot serve the new labels

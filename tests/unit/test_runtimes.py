@@ -47,6 +47,12 @@ def test_auto_takes_the_fastest_that_passed_on_this_hardware():
     assert choose_runtime("auto", _optimization({"torch": 130, "onnx": 130}), "cpu/2t")[0] == "torch"
 
 
+def test_an_artifact_dropped_from_optimize_runtimes_no_longer_serves():
+    opt = _optimization({"torch": 100, "onnx": 130, "onnx-int8": 260})
+    assert choose_runtime("auto", opt, "cpu/2t", allowed=("onnx", "torch-bf16"))[0] == "onnx"
+    assert choose_runtime("auto", opt, "cpu/2t", allowed=())[0] == "torch"
+
+
 def test_auto_without_a_measurement_here_or_any_artifact_serves_torch():
     opt = _optimization({"torch": 100, "onnx-int8": 260})
     runtime, why = choose_runtime("auto", opt, "cpu/4t")
