@@ -94,15 +94,26 @@ class Retrainer:
         def launch(model: str, trigger: str, job: JobRecord) -> Future:
             return _train_job.remote(config, model, trigger, job).future()
 
-        feedback, registry = FeedbackStore(storage, journal, model_tasks(cfg.models)), Registry(storage)
-        pending = {m.name: cls._untrained_feedback(registry, feedback, m.name) for m in cfg.models}
-        return {"cfg": cfg, "jobs": JobStore(storage), "registry": registry, "launch": launch, "pending": pending}
+        feedback, registry, jobs = FeedbackStore(storage, journal, model_tasks(cfg.models)), Registry(storage), \
+            JobStore(storage)
+        started = {}  # model -> when its newest job started
+        for job in jobs.all():
+            started[job.model] = max(started.get(job.model, job.created_at), job.created_at)
+        pending = {m.name: cls._untrained_feedback(registry, feedback, m.name, started.get(m.name))
+                   for m in cfg.models}
+        return {"cfg": cfg, "jobs": jobs, "registry": registry, "launch": launch, "pending": pending}
 
     @staticmethod
-    def _untrained_feedback(registry: Registry, feedback: FeedbackStore, model: str) -> int:
-        """Feedback rows newer than what production trained on (all of them before v1)."""
+    def _untrained_feedback(registry: Registry, feedback: FeedbackStore, model: str, newest_job: str | None) -> int:
+        """Feedback rows newer than what production trained on (all of them before v1) and
+        than the newest job's start: a job that failed or was rejected had them, and, as in
+        a running controller, they wait for the next job rather than start one at once (a
+        model whose jobs kept failing started one after every restart)."""
         production = registry.production(model)
         after = registry.manifest(model, production).watermark() if production else None
+        if newest_job is not None:
+            started = (datetime.fromisoformat(newest_job), "")
+            after = started if after is None else max(after, started)
         return feedback.read_since(model, after).num_rows
 
     def _sweep_forever(self, every_s: float) -> None:
@@ -197,15 +208,15 @@ class Retrainer:
             teacher = self.registry.production(m.distill.teacher)
             if teacher is None or teacher == self._learned_from(m.name):
                 continue
-            if self._start(m.name, f"teacher {m.distill.teacher} {teacher}") is not None:
-                self.learned_from[m.name] = teacher
+            self._start(m.name, f"teacher {m.distill.teacher} {teacher}")  # records learned_from
 
     def _learned_from(self, student: str) -> str | None:
         """The teacher version the student's newest job was started for; at first, the one
-        its production was distilled from."""
+        its newest version was distilled from, production or not: after a restart (every
+        config change is one) a version the gate rejected was retried for the same teacher."""
         if student not in self.learned_from:
-            production = self.registry.production(student)
-            source = self.registry.manifest(student, production).distilled_from if production else None
+            newest = self.registry.versions(student)[-1:]
+            source = newest[0].distilled_from if newest else None
             self.learned_from[student] = source["version"] if source else None
         return self.learned_from[student]
 
@@ -227,6 +238,9 @@ class Retrainer:
             log.info("not starting a %s job for %s: job %s is running", trigger, model, other.job_id)
             return None
         job = self.jobs.create(model, trigger)
+        teacher = self.cfg.model(model).distill
+        if teacher is not None:  # any job of a student distils from the teacher's production now
+            self.learned_from[model] = self.registry.production(teacher.teacher)
         # Records arriving from now on count towards the next job. A failed job's are not
         # counted again: a job failing for good (too little data, a bad seed) then restarted at
         # every sweep; they train with the next job, by trigger, schedule or an operator.

@@ -88,6 +88,11 @@ def bootstrap_versions(cfg: TuneloopConfig) -> None:
             log.info("model %s: the config adds label(s) %s to production %s's: fine-tuning a version with them",
                      m.name, added, production)
         else:
+            first = registry.versions(m.name)[:1]
+            if m.base_model and first and first[0].base_model not in (None, m.base_model):
+                log.warning("model %s: base_model is now %s, but its versions descend from %s: jobs go on from "
+                            "production's weights; to start over from %s, give the model a new name", m.name,
+                            m.base_model, first[0].base_model, m.base_model)
             continue
         outcome = run_training(cfg, m.name, trigger="bootstrap", optimize=optimize_version)
         if outcome.job.state != "succeeded" or not outcome.job.promoted:

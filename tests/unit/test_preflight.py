@@ -87,3 +87,14 @@ def test_a_version_with_other_labels_than_production_is_promoted_not_rolled_out(
     registry.rollback("m")
     hand_over(registry, added, "v3", "v1", "gate passed", RolloutConfig(mode="shadow"))
     assert added.promoted and registry.production("m") == "v3"  # v1 cannot serve the new labels
+
+
+def test_a_changed_base_model_is_named_at_start(tmp_path, caplog):
+    import logging
+
+    from tuneloop.control.server import bootstrap_versions
+
+    _published(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="tuneloop"):
+        bootstrap_versions(_cfg(tmp_path, base_model="other/model"))  # nothing to train: production serves
+    assert "base_model is now other/model, but its versions descend from some/model" in caplog.text

@@ -238,3 +238,58 @@ def test_no_automatic_job_starts_while_a_challenger_is_rolled_out(tmp_path):
     launch.finish(0)
     registry.rollback("m")  # the rollout ends: feedback starts jobs again
     assert [retrainer.record_feedback("m") for _ in range(2)][-1] is not None
+
+
+def test_after_a_restart_feedback_a_failed_job_had_does_not_start_a_job_again(tmp_path):
+    from tuneloop.core.tasks import model_tasks
+    from tuneloop.store.records import FeedbackStore
+
+    config = {"models": [{"name": "m", "base_model": "x", "labels": ["a", "b"]}],
+              "trigger": {"every_n_feedback": 3}, "storage": {"root": str(tmp_path)}}
+    cfg = parse_config(config)
+    storage = Storage(str(tmp_path))
+    feedback = FeedbackStore(storage, str(tmp_path / "journal"), model_tasks(cfg.models))
+    feedback.open_writer()
+    for i in range(5):
+        feedback.append(model="m", text=f"t{i}", label="a")
+    feedback.compact()
+    jobs = JobStore(storage)
+    job = jobs.create("m", "feedback")
+    job.state = "failed"
+    jobs.save(job)
+    for i in range(2):
+        feedback.append(model="m", text=f"later {i}", label="a")
+    feedback.close()
+    assert Retrainer.parts_from_config(cfg.model_dump())["pending"] == {"m": 2}
+
+
+def test_a_student_job_for_any_reason_counts_as_learning_from_the_teachers_production(tmp_path):
+    """Its job distils from the teacher's production then: a 'teacher' job after it would
+    repeat it. And after a restart, a version the gate rejected is not retried for the same
+    teacher version."""
+    cfg = parse_config({"models": [{"name": "big", "base_model": "x", "labels": ["a", "b"]},
+                                   {"name": "small", "labels": ["a", "b"],
+                                    "distill": {"teacher": "big", "student_layers": 1}}],
+                        "trigger": {"every_n_feedback": 1}, "storage": {"root": str(tmp_path)}})
+    storage = Storage(str(tmp_path))
+    jobs, registry = JobStore(storage), Registry(storage)
+    launch = FakeLaunch(jobs)
+    weights = tmp_path / "w"
+    weights.mkdir()
+    for model, distilled_from in (("big", None), ("small", {"model": "big", "version": "v1"})):
+        registry.publish(model, str(weights), Manifest(version="pending", model=model, parent=None, base_model="x",
+                                                       task="text-classification", labels=["a", "b"],
+                                                       distilled_from=distilled_from))
+    registry.promote("big", "v1")  # the student's v1: published, rejected by its gate, never production
+    retrainer = Retrainer(cfg, jobs, registry, launch, {"big": 0, "small": 0}, sweep_every_s=None)
+    with retrainer._lock:
+        retrainer._follow_teachers()
+    assert launch.launched == []  # restarted: v1 of the teacher was tried already
+    registry.publish("big", str(weights), Manifest(version="pending", model="big", parent="v1", base_model="x",
+                                                   task="text-classification", labels=["a", "b"]))
+    registry.promote("big", "v2")
+    assert retrainer.record_feedback("small") is not None  # a feedback job, distilling from v2
+    launch.finish(0)
+    with retrainer._lock:
+        retrainer._follow_teachers()
+    assert [(m, t) for m, t, _ in launch.launched] == [("small", "feedback")]
