@@ -152,6 +152,10 @@ def lineage(
         if version is not None:
             known_model(cfg, target)
             found = version_lineage(registry, target, version, with_rows=rows)
+        elif target in {m.name for m in cfg.models}:
+            typer.echo(f"{target!r} is a model: give a version too (tuneloop lineage {target} vN), or a "
+                       "prediction id alone", err=True)
+            raise typer.Exit(2)
         else:
             log = PredictionLog(storage, model_tasks(cfg.models))
             found = prediction_lineage(registry, log, [m.name for m in cfg.models], target, with_rows=rows)
@@ -185,6 +189,9 @@ def rollout(
         raise typer.Exit(2)
     if stage not in (None, "shadow", "canary"):
         typer.echo(f"unknown stage {stage!r}: shadow or canary", err=True)
+        raise typer.Exit(2)
+    if action == "status" and (version is not None or stage is not None or force):
+        typer.echo("a version, --stage and --force go with start, not status", err=True)
         raise typer.Exit(2)
     registry = Registry(Storage(cfg.storage.root))
     if action == "status":
@@ -362,8 +369,16 @@ def keys_revoke(key_id: str = typer.Argument(..., help="the key's id, as `tunelo
 
 @app.command("check-config")
 def check_config(config: str | None = ConfigOption) -> None:
-    """Validate the config file and print it with defaults filled in."""
-    typer.echo(json.dumps(_load(config).model_dump(), indent=2))
+    """Validate the config file and print it with defaults filled in; then check what `tuneloop
+    run` checks before it starts (seed and golden files, something to train v1 on)."""
+    from tuneloop.control.server import data_problems
+
+    cfg = _load(config)
+    typer.echo(json.dumps(cfg.model_dump(), indent=2))
+    problems = data_problems(cfg)
+    if problems:
+        typer.echo("tuneloop run would refuse to start:\n  " + "\n  ".join(problems), err=True)
+        raise typer.Exit(2)
 
 
 def main() -> None:
@@ -371,4 +386,10 @@ def main() -> None:
 
     enable_fast_path()  # before anything imports ray
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    app()
+    from tuneloop.core.errors import CorruptStoredFile
+
+    try:
+        app()
+    except CorruptStoredFile as e:  # a hand-edited or cut file: say which, not a traceback
+        print(f"tuneloop: {e.message}", file=sys.stderr)
+        sys.exit(2)

@@ -15,10 +15,10 @@ from tuneloop.core.config import ConfigError, TuneloopConfig, config_path, load_
 deploy_app = typer.Typer(no_args_is_help=True, help=(
     "Run tuneloop on a GPU cluster: KubeRay (kubectl) or the Ray cluster launcher (ray up) on AWS or GCP. "
     "Every command renders the cluster's files from the config first (into .tuneloop/deploy/, or --dir); "
-    "--dry-run prints them and the commands, and runs nothing."))
+    "the verbs that run commands take --dry-run, which prints the files and the commands and runs nothing."))
 
 ConfigOption = typer.Option(None, "--config", "-c", help="config file (default: $TUNELOOP_CONFIG or ./tuneloop.yaml)")
-TargetOption = typer.Option("kuberay", "--target", "-t", help="kuberay, aws or gcp")
+TargetOption = typer.Option("kuberay", "--target", "-t", help="kuberay, aws or gcp (render also: serve)")
 DirOption = typer.Option(None, "--dir", help=(
     "where the rendered files go (default .tuneloop/deploy/kuberay, .tuneloop/deploy/launcher/<cloud>, "
     ".tuneloop/deploy/serve)"))
@@ -61,11 +61,16 @@ def _verb(verb: str, config: str | None, target: str, folder: str | None, dry_ru
     if model is not None and model not in {m.name for m in cfg.models}:
         typer.echo(f"unknown model {model!r}; configured: {[m.name for m in cfg.models]}", err=True)
         raise typer.Exit(2)
-    out = _render(cfg, doc, target, folder)
     if target == "serve":
-        typer.echo("target serve only renders (deploy it with `serve deploy`)", err=True)
+        typer.echo("target serve only renders (`tuneloop deploy render --target serve`; deploy it with "
+                   "`serve deploy`)", err=True)
         raise typer.Exit(2)
-    operate.run_steps(operate.plan(cfg, target, verb, out, model), dry_run, typer.echo)
+    out = _render(cfg, doc, target, folder)
+    try:
+        operate.run_steps(operate.plan(cfg, target, verb, out, model), dry_run, typer.echo)
+    except operate.StepFailed as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(e.code or 1) from None
     return cfg
 
 

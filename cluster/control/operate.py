@@ -115,11 +115,25 @@ def plan(cfg: TuneloopConfig, target: str, verb: str, folder: Path, model: str |
     return steps[verb]
 
 
+class StepFailed(RuntimeError):
+    """A command a verb runs failed or is not installed: its message says which."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
 def run_steps(steps: list[Step], dry_run: bool, echo) -> None:
     for step in steps:
         echo(f"$ {step}")
-        if not dry_run:
+        if dry_run:
+            continue
+        try:
             subprocess.run(step.argv, cwd=step.cwd, check=True)
+        except FileNotFoundError:
+            raise StepFailed(f"{step.argv[0]} is not installed (or not on PATH); it runs: {step}", 127) from None
+        except subprocess.CalledProcessError as e:
+            raise StepFailed(f"failed (exit {e.returncode}): {step}", e.returncode) from None
 
 
 def model_status(cfg: TuneloopConfig) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ error names the key and the value that was given. Pure: imports neither ray nor 
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import math
 import os
@@ -658,7 +659,7 @@ class TuneloopConfig(_Strict):
             return TrainingConfig.model_validate({**self.training.model_dump(exclude_unset=True), **overrides})
         except ValidationError as err:
             reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: "
-                                f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}{_got(e)}"
+                                f"{'unknown key' if e['type'] == 'extra_forbidden' else _msg(e)}{_got(e)}"
                                 for e in err.errors())
             raise ValueError(f"model {name!r}: its training: settings are invalid: {reasons}") from None
 
@@ -674,15 +675,41 @@ def _got(error: dict[str, Any]) -> str:
     return "" if isinstance(error["input"], dict) else f" (got {error['input']!r})"
 
 
+def _msg(error: dict[str, Any]) -> str:
+    """pydantic's message without its "Value error, " prefix: ours say what is wrong."""
+    return error["msg"].removeprefix("Value error, ")
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (value {e['input']!r})")
+            near = difflib.get_close_matches(str(e["loc"][-1]), _known_keys(e["loc"][:-1]), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            value = "" if isinstance(e["input"], dict) else f" (value {e['input']!r})"
+            lines.append(f"  {key}: unknown key{value}{hint}")
         else:
-            lines.append(f"  {key}: {e['msg']}{_got(e)}")
+            lines.append(f"  {key}: {_msg(e)}{_got(e)}")
     return "\n".join(lines)
+
+
+def _known_keys(loc: tuple) -> list[str]:
+    """The keys the section at ``loc`` (a path of the config) takes; [] where not known."""
+    model: Any = TuneloopConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue  # an item of a list: models[0]
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        inner = [a for a in getattr(annotation, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else \
+            (inner[0] if inner else None)
+        if model is None:
+            return []
+    return list(getattr(model, "model_fields", {}))
 
 
 def parse_config(data: object, source: str = "<dict>", base_dir: Path | None = None) -> TuneloopConfig:

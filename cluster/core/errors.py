@@ -142,6 +142,17 @@ class StorageUnavailable(TuneloopError):
     headers = {"Retry-After": "5"}
 
 
+class CorruptStoredFile(TuneloopError):
+    """A file of the storage root (registry state, a manifest) that tuneloop cannot read:
+    cut, or edited by hand. Nothing is served from it until an operator restores it."""
+
+    status, code = 503, "corrupt_stored_file"
+
+    def __init__(self, path: str, why: str):
+        super().__init__(f"{path} is not a file tuneloop can read ({why}): restore it (from a backup, or the "
+                         "registry's history in state.json)")
+
+
 class NotReady(TuneloopError):
     status, code = 503, "not_ready"
     headers = {"Retry-After": "5"}

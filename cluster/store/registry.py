@@ -30,18 +30,20 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tuneloop.core.errors import Conflict, UnknownVersion
+from tuneloop.core.errors import Conflict, CorruptStoredFile, UnknownVersion
 from tuneloop.core.evaluation import EvalMetrics
 from tuneloop.core.gate import GateDecision
 from tuneloop.core.runtimes import Optimization
 from tuneloop.core.rollout import Rollout, Stage
 from tuneloop.core.serving_time import ServingTime
 from tuneloop.store.storage import Storage, parquet_bytes, private_temp_dir
+
+_Doc = TypeVar("_Doc", bound=BaseModel)
 
 _VERSION = re.compile(r"^v(\d+)$")
 MANIFEST = "manifest.json"
@@ -180,18 +182,31 @@ class Registry:
         out = []
         for info in self.storage.list_dir(self._dir(model)):
             if _VERSION.match(info.base_name):
-                raw = self.storage.read_json(f"{self._dir(model, info.base_name)}/{MANIFEST}")
-                if raw is not None:
-                    out.append(Manifest.model_validate(raw))
+                manifest = self._read(Manifest, f"{self._dir(model, info.base_name)}/{MANIFEST}")
+                if manifest is not None:
+                    out.append(manifest)
         return sorted(out, key=lambda m: version_number(m.version))
 
     def manifest(self, model: str, version: str) -> Manifest:
         if not _VERSION.match(version):
             raise UnknownVersion(model, version)
-        raw = self.storage.read_json(f"{self._dir(model, version)}/{MANIFEST}")
-        if raw is None:
+        manifest = self._read(Manifest, f"{self._dir(model, version)}/{MANIFEST}")
+        if manifest is None:
             raise UnknownVersion(model, version)
-        return Manifest.model_validate(raw)
+        return manifest
+
+    def _read(self, document: type[_Doc], rel: str) -> _Doc | None:
+        """The stored document ``rel`` as ``document``; None if absent. One that is cut or
+        was edited by hand raises CorruptStoredFile naming it (it was a traceback)."""
+        try:
+            raw = self.storage.read_json(rel)
+            return None if raw is None else document.model_validate(raw)
+        except ValidationError as e:
+            first = e.errors()[0]
+            why = f"{'.'.join(str(p) for p in first['loc']) or 'the document'}: {first['msg']}"
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            why = f"{type(e).__name__}: {e}"
+        raise CorruptStoredFile(self.storage.path(rel), why)
 
     def publish(self, model: str, local_dir: str, manifest: Manifest,
                 tables: dict[str, pa.Table] | None = None) -> Manifest:
@@ -314,8 +329,7 @@ class Registry:
 
     # -- state ---------------------------------------------------------------------------
     def state(self, model: str) -> RegistryState:
-        raw = self.storage.read_json(f"{self._dir(model)}/{STATE}")
-        return RegistryState() if raw is None else RegistryState.model_validate(raw)
+        return self._read(RegistryState, f"{self._dir(model)}/{STATE}") or RegistryState()
 
     def production(self, model: str) -> str | None:
         return self.state(model).production

@@ -226,3 +226,13 @@ def test_resources_a_worker_cannot_use_are_refused(sections, fragment):
     with pytest.raises(ConfigError) as e:
         parse_config({"models": [MODEL], **sections})
     assert fragment in str(e.value)
+
+
+def test_config_errors_read_as_tuneloops_own():
+    with pytest.raises(ConfigError) as e:
+        parse_config({"models": [MODEL], "servng": {"port": 1}, "serving": {"prot": 8000}})
+    assert "servng: unknown key; did you mean 'serving'?" in str(e.value) and "{'port'" not in str(e.value)
+    assert "serving.prot: unknown key (value 8000); did you mean 'port'?" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        parse_config({"models": [{"name": "m", "labels": ["a", "b"]}]})
+    assert "Value error" not in str(e.value) and "models.0: model 'm' needs a base_model" in str(e.value)

@@ -1,0 +1,65 @@
+"""What the CLI says when something is off: one line and exit 2, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tuneloop.control.cli import app
+from tuneloop.control.operate import Step, StepFailed, run_steps
+from tuneloop.core.errors import CorruptStoredFile
+from tuneloop.store.registry import Manifest, Registry
+from tuneloop.store.storage import Storage
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "tuneloop.yaml"
+    path.write_text(yaml.safe_dump({"models": [{"name": "m", "base_model": "some/model", "labels": ["a", "b"],
+                                                "seed_dataset": str(tmp_path / "seed.tsv")}],
+                                    "storage": {"root": str(tmp_path / "store")}}))
+    (tmp_path / "seed.tsv").write_text("text\tlabel\nx\ta\ny\tb\n")
+    weights = tmp_path / "w"
+    weights.mkdir()
+    registry = Registry(Storage(str(tmp_path / "store")))
+    registry.publish("m", str(weights), Manifest(version="pending", model="m", parent=None, base_model="some/model",
+                                                 task="text-classification", labels=["a", "b"]))
+    registry.promote("m", "v1")
+    return str(path)
+
+
+@pytest.mark.parametrize("content", ['{"production": "v1", "hist', '{"production": 3}'])
+def test_a_cut_or_hand_edited_state_file_is_named_not_a_traceback(config, tmp_path, content):
+    (tmp_path / "store/registry/m/state.json").write_text(content)
+    with pytest.raises(CorruptStoredFile, match="state.json is not a file tuneloop can read"):
+        Registry(Storage(str(tmp_path / "store"))).state("m")
+    done = subprocess.run([sys.executable, "-m", "tuneloop.control", "versions", "m", "--config", config],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "state.json is not a file tuneloop can read" in done.stderr
+
+
+def test_misplaced_arguments_and_a_model_given_as_a_prediction_id_are_refused(config):
+    runner = CliRunner()
+    status = runner.invoke(app, ["rollout", "m", "status", "v9", "--stage", "canary", "--config", config])
+    assert status.exit_code == 2 and "go with start, not status" in status.output
+    lineage = runner.invoke(app, ["lineage", "m", "--config", config])
+    assert lineage.exit_code == 2 and "'m' is a model: give a version too" in lineage.output
+
+
+def test_check_config_fails_on_what_run_would_refuse(config, tmp_path):
+    (tmp_path / "seed.tsv").unlink()
+    checked = CliRunner().invoke(app, ["check-config", "--config", config])
+    assert checked.exit_code == 2 and "seed_dataset" in checked.output and "does not exist" in checked.output
+
+
+def test_a_deploy_command_that_fails_or_is_missing_says_so_in_one_line(tmp_path):
+    with pytest.raises(StepFailed, match=r"failed \(exit 3\)") as failed:
+        run_steps([Step(["sh", "-c", "exit 3"])], dry_run=False, echo=lambda _: None)
+    assert failed.value.code == 3
+    with pytest.raises(StepFailed, match="no-such-tool is not installed"):
+        run_steps([Step(["no-such-tool", "apply"])], dry_run=False, echo=lambda _: None)
