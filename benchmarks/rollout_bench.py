@@ -143,8 +143,10 @@ def main() -> None:
         # Open roles share one rate-limit bucket: lift it, or it caps feedback at 2/s.
         "auth": {"open_roles": ["predict", "feedback"], "feedback_per_minute": 600_000, "feedback_burst": 10_000},
         "feedback": {"compact_interval_s": 1.0},
+        # Health is not what this measures: judged from a few requests on, with bounds no
+        # healthy challenger reaches (a challenger advances only once its health was judged).
         "rollout": {"min_feedback": args.min_feedback, "canary_steps": steps, "evaluate_every_s": 2,
-                    "min_requests": 10**9},  # health is not what this measures
+                    "min_requests": 10, "max_error_rate_increase": 1.0, "max_latency_ratio": 1000.0},
     })
     publish_version(cfg, model_dir)
     publish_version(cfg, challenger_dir, promote=False)  # v2

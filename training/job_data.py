@@ -95,9 +95,10 @@ def _warn_missing_labels(task: Task, golden: pa.Table) -> None:
 
 
 def golden_set(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Registry,
-               seed: pa.Table | None) -> tuple[pa.Table, dict[str, Any]]:
+               seed: pa.Table | None, feedback_rows: int = 0) -> tuple[pa.Table, dict[str, Any]]:
     """The golden set: the configured file, or the frozen sample of the seed (taken at the
-    model's first job and never changed), or none."""
+    model's first job and never changed), or none. ``feedback_rows``: the feedback the first
+    job also trains on."""
     if mcfg.golden_dataset:
         table = read_dataset(mcfg.golden_dataset, task)
         return table, {"source": mcfg.golden_dataset, "sha256": file_sha256(mcfg.golden_dataset),
@@ -114,9 +115,10 @@ def golden_set(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Re
         else:  # a combination of labels or entity types a row: keeping one of each kept too many
             eligible = list(range(1, seed.num_rows))
         size = min(tcfg.golden_max_rows, max(1, round(seed.num_rows * tcfg.golden_fraction)), len(eligible))
-        if size > 0 and seed.num_rows - size < tcfg.num_workers:  # checked here: the golden set is for good
+        left = seed.num_rows - size + feedback_rows
+        if size > 0 and left < tcfg.num_workers:  # checked here: the golden set is for good
             raise ValueError(f"model {mcfg.name!r}: a golden set of {size} of the seed's {seed.num_rows} rows "
-                             f"(golden_fraction {tcfg.golden_fraction:g}) leaves {seed.num_rows - size} to train on, "
+                             f"(golden_fraction {tcfg.golden_fraction:g}) leaves {left} to train on, "
                              f"fewer than training.num_workers {tcfg.num_workers}: lower either, or add seed rows")
         if size > 0:
             picked = stratified_sample([strata[i] for i in eligible], size, random.Random(f"golden:{tcfg.seed}"))
@@ -179,18 +181,19 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     rng = random.Random(f"{tcfg.seed}:{parent.version if parent else 'v0'}")
     seed_path = mcfg.seed_dataset or (teacher.seed_dataset if teacher else None)
     seed = read_dataset(seed_path, task) if seed_path else None
+    # Fresh feedback: after the parent's watermark (read first: the first job's golden set
+    # counts it among the rows left to train on).
+    after = parent.watermark() if parent else None
+    stored = feedback.read_since(mcfg.name, after)
     if teacher is None:
-        golden, golden_summary = golden_set(task, mcfg, tcfg, registry, seed)
+        golden, golden_summary = golden_set(task, mcfg, tcfg, registry, seed, stored.num_rows)
     else:  # the teacher's, frozen at its first job: never a sample of this model's seed
         golden, golden_summary = golden_set(task, teacher, tcfg, registry, None)
         golden_summary["model"] = teacher.name
     golden_texts = {normalized(t) for t in golden.column("text").to_pylist()}
 
-    # Fresh feedback: after the parent's watermark. The keys the quarantine holds are set
-    # aside first (a held key's later answer must not replace another key's), then the
-    # newest answer per prediction wins.
-    after = parent.watermark() if parent else None
-    stored = feedback.read_since(mcfg.name, after)
+    # The keys the quarantine holds are set aside first (a held key's later answer must not
+    # replace another key's), then the newest answer per prediction wins.
     held_keys, quarantine = _quarantine(task, qcfg or QuarantineConfig(), QuarantineBook(registry.storage),
                                         mcfg.name, _latest_answers(stored)[0], parent)
     of_held = _of_keys(stored, held_keys)

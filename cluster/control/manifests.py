@@ -102,9 +102,10 @@ def cluster_config_doc(doc: dict[str, Any], cfg: TuneloopConfig) -> dict[str, An
     # Join the cluster the process runs in (a Ray Job's entrypoint, `tuneloop train` in a pod),
     # which may autoscale: a training job asks the autoscaler for what it lacks and waits.
     out.setdefault("ray", {})["address"] = "auto"
-    autoscaling = out["serving"].setdefault("autoscaling", {})
-    if autoscaling.get("max_replicas") is None:  # else the builder counts the CPUs up at deploy time
-        autoscaling["max_replicas"] = replicas_the_workers_hold(cfg)
+    if cfg.serving.num_replicas is None:  # a fixed count turns autoscaling off: no block beside it
+        autoscaling = out["serving"].setdefault("autoscaling", {})
+        if autoscaling.get("max_replicas") is None:  # else the builder counts the CPUs up at deploy time
+            autoscaling["max_replicas"] = replicas_the_workers_hold(cfg)
     return out
 
 

@@ -301,7 +301,8 @@ class ServingConfig(_Strict):
         # A replica holds at most 4 batches in flight and the queue (serving/model_server.py's
         # in_flight_limit); Serve never sees more ongoing requests than that.
         most = self.max_batch_size * 4 + self.max_queued_requests
-        if self.num_replicas is None and self.autoscaling.target_ongoing_requests >= most:
+        fixed = self.autoscaling.max_replicas is not None and self.autoscaling.max_replicas <= self.autoscaling.min_replicas
+        if self.num_replicas is None and not fixed and self.autoscaling.target_ongoing_requests >= most:
             raise ValueError(f"autoscaling.target_ongoing_requests {self.autoscaling.target_ongoing_requests:g} is "
                              f"never reached: a replica holds at most {most} requests (4 x max_batch_size "
                              f"{self.max_batch_size} + max_queued_requests {self.max_queued_requests}), so it would "

@@ -185,6 +185,12 @@ def test_settings_that_would_be_ignored_are_refused(model, serving, fragment):
     assert fragment in str(e.value)
 
 
+def test_an_unreachable_target_is_fine_where_replicas_cannot_scale_anyway():
+    small = {"max_batch_size": 2, "max_queued_requests": 4}
+    assert parse_config({"models": [MODEL], "serving": {**small, "autoscaling": {"min_replicas": 2,
+                                                                                "max_replicas": 2}}})
+
+
 def test_settings_of_the_task_and_defaults_written_out_are_taken():
     cfg = parse_config({"models": [{**MODEL, "threshold": 0.5, "aggregation": "first"},
                                    {**MODEL, "name": "ner", "task": "token-classification", "labels": ["PER"],

@@ -264,3 +264,10 @@ def test_rendering_without_a_folder_writes_under_dot_tuneloop_never_over_the_exa
     assert (tmp_path / ".tuneloop/deploy/kuberay/rayservice.yaml").exists()
     assert not any((tmp_path / "deploy" / "kuberay").iterdir())
     assert "kubectl -n tuneloop apply -f .tuneloop/deploy/kuberay/config.yaml" in result.output
+
+
+def test_a_fixed_replica_count_renders_a_config_the_cluster_accepts():
+    doc = {"models": [{"name": "m", "base_model": "b", "labels": ["a", "b"]}],
+           "storage": {"root": "s3://b/tl", "journal_dir": "/j"}, "serving": {"num_replicas": 2}}
+    inside = parse_config(manifests.cluster_config_doc(doc, parse_config(doc)))
+    assert inside.serving.num_replicas == 2

@@ -374,3 +374,11 @@ def test_a_golden_dataset_set_later_keeps_its_texts_out_of_replay(env):
     assert third.summary["replay"]["rows"] == third.summary["replay"]["pool_rows"]
     assert third.golden.num_rows == 2
     assert {"feedback 3", "seed text 1"}.isdisjoint(third.train.column("text").to_pylist())
+
+
+def test_the_first_jobs_feedback_counts_among_the_rows_a_golden_set_leaves(env):
+    cfg, task, registry, feedback, tmp_path = env
+    tight = cfg.training.model_copy(update={"golden_fraction": 0.9, "num_workers": 12})
+    _give(feedback, 5)  # 100 seed rows, 90 golden: 10 seed rows and 5 feedback rows train, >= 12 workers
+    data = assemble(task, cfg.model("m"), tight, registry, feedback, None)
+    assert data.golden.num_rows == 90 and data.train.num_rows >= 12
