@@ -34,8 +34,11 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.serve_bench import (LABELS, _closed_loop, _open_loop, _session, build_tiny,  # noqa: E402
+from benchmarks.serve_bench import (LABELS as TASK_LABELS, _closed_loop, _open_loop, _session, build_tiny,  # noqa: E402
                                     prepare_model, short_texts, start_serve)
+
+TASK = "text-classification"
+LABELS = TASK_LABELS[TASK]
 
 
 def biased_copy(model_dir: str, out: Path, bias: float = 5.0) -> str:
@@ -132,7 +135,7 @@ def main() -> None:
     from tuneloop.store.storage import Storage
 
     work = Path(tempfile.mkdtemp(prefix="tuneloop-rollout-bench-"))
-    model_dir = build_tiny(work) if args.smoke else prepare_model(args.model, work)
+    model_dir = build_tiny(work, TASK) if args.smoke else prepare_model(args.model, work, TASK)
     challenger_dir = biased_copy(model_dir, work / "biased")
     steps = [float(s) for s in args.steps.split(",")]
     cfg = parse_config({

@@ -155,3 +155,18 @@ def test_idle_bench_smoke_prints_the_table(tmp_path):
         alive, killed, ratio = float(c[2]), float(c[3]), float(c[4])
         assert alive > 0 and killed > 0 and abs(ratio - round(alive / killed, 2)) <= 0.011, c
     assert "round 2/2: alive" in out.stderr  # a line per probe
+
+
+def test_rollout_bench_smoke_decides_both_rollouts():
+    # A tiny model served with a shadow, then a better challenger to production and a worse
+    # canary rolled back by the controller: about 90 s.
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rollout_bench.py"), "--smoke"],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.stdout.splitlines()
+            if line.startswith("| ") and "---" not in line]
+    shadow = {r[0]: r for r in rows if r[0] in ("production alone", "with a shadow")}
+    assert len(shadow) == 2 and all(r[3] == "0" for r in shadow.values())  # no errors
+    decided = {r[0]: r[1] for r in rows if r[0].startswith(("better challenger", "worse canary"))}
+    assert "production" in decided["better challenger, shadow to production"]
+    assert "rolled back" in decided["worse canary at 50%, to rollback"]
