@@ -46,7 +46,8 @@ from tuneloop.serving import metrics
 from tuneloop.serving.feedback_service import FeedbackService
 from tuneloop.serving.metric_files import cluster_metric_files, metrics_base, use_node_folder
 from tuneloop.serving.responses import V1, error_response
-from tuneloop.core.names import INGRESS_DEPLOYMENT, model_app_name, model_deployment_name, running_replicas
+from tuneloop.core.names import (INGRESS_DEPLOYMENT, model_app_name, model_deployment_name, predict_route,
+                                 running_replicas)
 from tuneloop.core.tasks import check_unicode
 from tuneloop.serving.predict_request import (
     check_content_length,
@@ -165,7 +166,9 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     typed = {404: NotFound, 405: MethodNotAllowed}.get(exc.status_code)
     if typed is not None:
-        return error_response(typed(str(exc.detail)))
+        answer = error_response(typed(str(exc.detail)))
+        answer.headers.update(exc.headers or {})  # a 405's Allow: the methods the path takes
+        return answer
     return JSONResponse(V1.body("http_error", str(exc.detail)), status_code=exc.status_code)
 
 
@@ -253,15 +256,16 @@ class Ingress:
         except KeyError:
             raise UnknownModel(name) from None
 
-    def _is_admin(self, authorization: str | None) -> bool:
-        """Whether the caller holds an admin key; no key is no admin, a bad key a 401."""
-        if authorization is None:
+    def _holds(self, authorization: str | None, role: str) -> bool:
+        """Whether the caller's key may act as ``role``, on a route that answers anyone
+        (with more for such a key): no key (or an empty header) or a lower role is not, a
+        key that is not valid a 401."""
+        if not authorization:
             return False
         try:
-            self.auth.check(authorization, "admin")
+            return self.auth.check(authorization, role) is not None
         except Forbidden:
             return False
-        return True
 
     def _controller(self):
         """The retrain controller's handle, looked up until found, then kept: the trigger
@@ -302,8 +306,7 @@ class Ingress:
         """Operational series for anyone who can reach the port; the series derived from
         feedback (online accuracy, labels) only for a key that may read feedback
         statistics: Prometheus sends one as a bearer token (deploy/prometheus)."""
-        authorization = request.headers.get("authorization")
-        with_feedback = authorization is not None and self.auth.check(authorization, "feedback") is not None
+        with_feedback = self._holds(request.headers.get("authorization"), "feedback")
         stats = self.feedback.all_stats if with_feedback else None
         body = await asyncio.to_thread(self._render_metrics, stats)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -342,7 +345,7 @@ class Ingress:
     async def get_model(self, model: str, request: Request) -> dict[str, Any]:
         """Versions' evaluation metrics, gate reasons and the state's history are shown to
         admin keys only."""
-        admin = self._is_admin(request.headers.get("authorization"))
+        admin = self._holds(request.headers.get("authorization"), "admin")
 
         def detail() -> dict[str, Any]:
             out = self._summary(model)
@@ -361,10 +364,14 @@ class Ingress:
 
     # -- predictions ---------------------------------------------------------------------
     @app.post("/v1/models/{model}/predict")
-    async def predict(self, model: str, body: PredictRequest) -> None:
+    async def predict(self, model: str, body: PredictRequest, request: Request) -> None:
         """Answered by the model's own replicas (serving/app.py); declared here for the
-        OpenAPI schema, and reached only for a model that has no application."""
+        OpenAPI schema, and reached only for a model that has no application, or by a path
+        the proxy routes as written but which decodes to the route (``%70redict``)."""
         self._model_cfg(model)
+        raw = request.scope.get("raw_path", b"").decode("latin-1")
+        if raw and raw != predict_route(model):
+            raise NotFound(f"send predictions to {predict_route(model)} as written, not percent-encoded ({raw!r})")
         raise NotReady(f"model {model!r} is not deployed yet")
 
     # -- feedback ------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def max_body_bytes(s: ServingConfig) -> int:
 
 def check_content_type(content_type: str | None) -> None:
     ctype = (content_type or "application/json").split(";")[0].strip().lower()
-    if ctype != "application/json" and not ctype.endswith("+json"):
+    if ctype != "application/json" and not (ctype.startswith("application/") and ctype.endswith("+json")):
         raise UnsupportedMediaType(f"send JSON with Content-Type: application/json, not {ctype!r}")
 
 
@@ -91,8 +91,10 @@ def load_json(body: bytes):
     a RecursionError deep inside the server."""
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise MalformedJSON("the request body is not valid JSON") from None
+    except ValueError as e:  # valid JSON Python will not convert: an integer over 4,300 digits
+        raise InvalidBody(f"the JSON body holds a value out of range: {e}") from None
     except RecursionError:
         doc = None
     else:

@@ -30,7 +30,10 @@ V1 = ErrorFormat("v1", lambda code, message: {"error": {"code": code, "message":
 
 
 def error_response(exc: TuneloopError, protocol: ErrorFormat = V1) -> JSONResponse:
-    return JSONResponse(protocol.body(exc.code, exc.message), status_code=exc.status, headers=exc.headers)
+    # A message may quote what the client sent, a lone surrogate too, which UTF-8 cannot
+    # encode: the answer would fail inside the error handler (a plain-text 500).
+    message = exc.message.encode("utf-8", "backslashreplace").decode("utf-8")
+    return JSONResponse(protocol.body(exc.code, message), status_code=exc.status, headers=exc.headers)
 
 
 def internal_error_response(protocol: ErrorFormat = V1) -> JSONResponse:

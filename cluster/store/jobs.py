@@ -163,7 +163,7 @@ class JobStore:
     # -- reading -------------------------------------------------------------------------
     def get(self, job_id: str) -> JobRecord | None:
         """The record, with a dead running job reported (and persisted) as failed."""
-        if not job_id.isalnum():
+        if not (len(job_id) <= 64 and job_id.isascii() and job_id.isalnum()):  # no such file name: a 404
             return None
         job = self._read(job_id)
         return None if job is None else self._settle(job)

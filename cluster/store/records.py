@@ -109,12 +109,15 @@ def prediction_time(prediction_id: str) -> datetime | None:
     except ValueError:
         return None
     try:
-        return datetime.fromtimestamp(ms / 1000, UTC)
+        # A lookup reads the minute after too: an id in the last minute before year 10000
+        # would name a folder datetime cannot (a 500); no prediction of ours is that late.
+        return datetime.fromtimestamp(ms / 1000, UTC) if (ms + 2 * _MINUTE_MS) / 1000 < _LATEST_S else None
     except (OverflowError, OSError, ValueError):
         return None
 
 
 _MINUTE_MS = 60_000
+_LATEST_S = datetime(9999, 12, 31, tzinfo=UTC).timestamp()
 # A row's created_at and its id's time are the same clock reading, but the id's milliseconds
 # go through a float (timestamp() * 1000) and can come out one below the stored value.
 _LOOKUP_TOLERANCE_MS = 1
@@ -409,7 +412,11 @@ class FeedbackStore:
                 self._idempotency.remember(key_id, idempotency_key, request, record["feedback_id"],
                                            record["created_at"])
             if self._on_stored is not None:
-                self._on_stored(record)
+                try:
+                    self._on_stored(record)
+                except Exception:  # noqa: BLE001 - stored already: a 500 would make a client store it again
+                    log.exception("feedback %s is stored, but what follows a stored record failed",
+                                  record["feedback_id"])
         return record["feedback_id"]
 
     def compact(self) -> int:

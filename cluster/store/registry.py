@@ -45,7 +45,7 @@ from tuneloop.store.storage import Storage, parquet_bytes, private_temp_dir
 
 _Doc = TypeVar("_Doc", bound=BaseModel)
 
-_VERSION = re.compile(r"^v(\d+)$")
+_VERSION = re.compile(r"^v([0-9]{1,9})\Z")  # ASCII digits; "v1\n" or a 300-digit name is no version
 MANIFEST = "manifest.json"
 DATA_DIR = "data"  # beside the weights: the tables a version was trained with
 ARTIFACTS = "artifacts"  # beside the weights: optimized runtimes' files (ONNX), added after publishing

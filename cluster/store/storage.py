@@ -21,6 +21,7 @@ older tuneloop. On an object store the bucket's access policy applies instead.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import io
 import json
@@ -78,6 +79,10 @@ class Storage:
                 return f.read()
         except FileNotFoundError:
             return None
+        except OSError as e:
+            if e.errno == errno.ENAMETOOLONG or "name too long" in str(e).lower():  # no file can have it
+                return None
+            raise
 
     def read_document(self, rel: str) -> bytes | None:
         """A small document that writers replace whole (state.json, the key file, job

@@ -18,7 +18,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from tuneloop.control.server import wait_ready
-from tests.integration.conftest import FEEDBACK_KEY, bearer, make_config, publish_version
+from tests.integration.conftest import ADMIN_KEY, FEEDBACK_KEY, PREDICT_KEY, bearer, make_config, publish_version
 
 BODY_TIMEOUT_S = 1.0
 
@@ -183,6 +183,28 @@ def _stored_feedback_ids(root) -> list[str]:
     if not path.exists():
         return []
     return pads.dataset(str(path), format="parquet", partitioning="hive").to_table().column("feedback_id").to_pylist()
+
+
+def test_odd_paths_ids_and_headers_get_a_json_4xx(hardened):
+    url, admin = hardened["url"], bearer(ADMIN_KEY)
+    with httpx.Client(timeout=30) as c:
+        # A percent-encoded predict path: the proxy routes it as written, to the ingress.
+        encoded = c.post(f"{url}/v1/models/sentiment/%70redict", json={"inputs": ["x"]})
+        assert encoded.status_code == 404 and "/v1/models/sentiment/predict" in encoded.json()["error"]["message"]
+        assert c.get(f"{url}/v1/jobs/{'a' * 300}", headers=admin).json()["error"]["code"] == "unknown_job"
+        assert c.get(f"{url}/v1/jobs/{'é' * 100}", headers=admin).status_code == 404
+        promoted = c.post(f"{url}/v1/models/sentiment/promote", json={"version": "v" + "1" * 300}, headers=admin)
+        assert promoted.status_code == 404 and promoted.json()["error"]["code"] == "unknown_version"
+        late = c.post(f"{url}/v1/feedback", json={"prediction_id": "e677d21fdbff" + "0" * 20, "label": "positive"},
+                      headers=bearer(FEEDBACK_KEY))
+        assert late.status_code == 404 and late.json()["error"]["code"] == "unknown_prediction"
+        # Routes that answer anyone: an empty header is no key, a lower role sees less.
+        assert c.get(f"{url}/v1/models/sentiment", headers={"Authorization": ""}).status_code == 200
+        metrics = c.get(f"{url}/metrics", headers=bearer(PREDICT_KEY))
+        assert metrics.status_code == 200 and "tuneloop_feedback_online_accuracy" not in metrics.text
+        wrong = c.get(f"{url}/v1/feedback")
+        assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+        assert wrong.headers["allow"] == "POST"
 
 
 def test_a_retried_idempotency_key_stores_once_and_answers_the_same(hardened):

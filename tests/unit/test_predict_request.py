@@ -67,6 +67,7 @@ def test_headers_are_checked_before_the_body_is_read():
     check_content_type("application/json; charset=utf-8")
     check_content_type("application/problem+json")
     assert _code(check_content_type, "text/plain") == (415, "unsupported_media_type")
+    assert _code(check_content_type, "text/x+json") == (415, "unsupported_media_type")  # FastAPI parses it not
     check_content_length(None, 10)
     check_content_length("10", 10)
     assert _code(check_content_length, "11", 10) == (413, "payload_too_large")
@@ -81,3 +82,17 @@ def test_body_limit_allows_the_largest_legal_request():
     assert len(parse_predict_body(body, limits, TASK)) == 4
     emoji = json.dumps({"inputs": ["\U0001f600" * 50] * 4}).encode()  # each a pair of escapes, 12 bytes
     assert len(emoji) <= max_body_bytes(s) and len(parse_predict_body(emoji, limits, TASK)) == 4
+
+
+def test_valid_json_python_cannot_convert_is_a_422_not_malformed():
+    from tuneloop.serving.predict_request import load_json
+
+    assert _code(load_json, b'{"n": ' + b"9" * 5000 + b"}") == (422, "invalid_request")  # int()'s digit limit
+    assert _code(load_json, b'{"n": 9') == (400, "malformed_json")
+
+
+def test_an_error_quoting_a_lone_surrogate_is_still_json():
+    from tuneloop.core.errors import Conflict
+
+    answer = error_response(Conflict("version '\ud800' is not the one rolled out"))
+    assert answer.status_code == 409 and "\\ud800" in json.loads(answer.body)["error"]["message"]

@@ -16,8 +16,17 @@ def test_prediction_ids_carry_their_time():
     pid = new_prediction_id(now)
     assert len(pid) == 32 and prediction_time(pid) == now
     assert new_prediction_id(now) != pid
-    for bad in ["", "0000", "z" * 32, "f" * 32 + "0"]:
+    for bad in ["", "0000", "z" * 32, "f" * 32 + "0", "e677d21fdbff" + "0" * 20]:  # the last: 9999-12-31 23:59:59.999
         assert prediction_time(bad) is None
+    assert prediction_time("e677c7d32400" + "0" * 20) == datetime(9999, 12, 30, tzinfo=UTC)
+
+
+def test_a_lookup_of_an_id_from_the_last_minute_before_year_10000_finds_nothing(tmp_path):
+    from tuneloop.core.tasks import make_task
+    from tuneloop.store.storage import Storage
+
+    log = PredictionLog(Storage(str(tmp_path)), {"m": make_task("text-classification", ["a", "b"])})
+    assert log.lookup(["m"], "e677d21fdbff" + "0" * 20) is None
 
 
 def test_feedback_is_journalled_then_parquet_in_the_fixed_schema(tmp_path):
