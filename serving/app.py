@@ -16,7 +16,6 @@ from ray import serve
 from ray.serve import Application
 
 from tuneloop.core.config import TuneloopConfig
-from tuneloop.core.resources import training_cpus
 from tuneloop.serving.ingress import Ingress
 from tuneloop.serving.metrics import MULTIPROC_ENV
 from tuneloop.serving.model_server import ModelServer, in_flight_limit
@@ -47,7 +46,7 @@ def _training_cpus(cfg: TuneloopConfig) -> float:
     the largest job's. A cluster's jobs run on nodes (or a RayJob cluster) of their own."""
     if _on_a_cluster(cfg):
         return 0.0
-    return max(training_cpus(t.num_workers, t.cpus_per_worker) for t in (cfg.training_for(m.name) for m in cfg.models))
+    return cfg.largest_job_cpus()
 
 
 def ray_is_local() -> bool:

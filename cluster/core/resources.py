@@ -10,6 +10,8 @@ ready".
 
 from __future__ import annotations
 
+import math
+
 # One CPU beyond the workers'. Jobs fed their workers through Ray Data once, whose tasks
 # starved without a CPU of their own; the workers now read the job's tables from the object
 # store (training/shards.py), but a student's teacher still scores its rows on Ray Data, and
@@ -75,3 +77,25 @@ def serving_shortfall(models: int, replicas: int, per_replica: dict[str, float],
                     f"serving.num_replicas or autoscaling.min_replicas"
                     + (", or raise ray.num_cpus" if name == "CPU" else ", or add nodes that have it"))
     return None
+
+
+def local_ray_cpus(cores: int, models: int, replicas: int, cpus_per_replica: float, training: float) -> int:
+    """Logical CPUs for a local Ray whose config leaves ``ray.num_cpus`` out: the machine's
+    cores, or more where the replicas' minimum and the largest training job need more (Ray's
+    CPUs are what it schedules by, not a cap on threads: the shipped config gives 9 on 2
+    cores). Detecting the cores alone failed v1 on 2 cores: a job of 2 workers asks for 3."""
+    return max(cores, math.ceil(models * replicas * cpus_per_replica + training))
+
+
+def retraining_shortfall(models: int, replicas: int, cpus_per_replica: float, training: float,
+                         total: float) -> str | None:
+    """Why no training job could ever run beside the replicas' fixed or minimum count on a
+    Ray of ``total`` CPUs (None if one can): v1 trains before serving starts, but every
+    retrain after it would wait and fail."""
+    serving = models * replicas * cpus_per_replica
+    if serving + training <= total:
+        return None
+    return (f"a training job needs {training:g} CPUs beside the replicas' {serving:g} ({models} model(s) x "
+            f"{replicas} replica(s) x {cpus_per_replica:g}), more than the {total:g} of Ray: raise ray.num_cpus to "
+            f"{math.ceil(serving + training)} (or leave it out), or lower serving.num_replicas, "
+            f"autoscaling.min_replicas or training.num_workers")

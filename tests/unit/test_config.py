@@ -2,7 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from tuneloop.core.config import ConfigError, load_config, parse_config
+import yaml
+
+from tuneloop.core.config import DEFAULT_BASE_MODEL, ConfigError, TrainingConfig, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = {"name": "sentiment", "base_model": "some/model", "labels": ["negative", "positive"]}
@@ -27,14 +29,14 @@ def test_a_model_overrides_training_keys_and_keeps_the_rest():
     assert (own.epochs, own.learning_rate, other.epochs, other.learning_rate) == (9, 1e-4, 2, 1e-4)
 
 
-@pytest.mark.parametrize("training, fragment", [({"epochs": 0}, "epochs: Input should be greater than or equal to 1 "
-                                                                 "(got 0)"),
-                                                 ({"epoch": 3}, "epoch: unknown key (got 3)"),
-                                                 ({"precision": "bf16"}, "needs use_gpu")])
+@pytest.mark.parametrize("training, fragment", [
+    ({"epochs": 0}, "models.sentiment.training.epochs: Input should be greater than or equal to 1 (got 0)"),
+    ({"epoch": 3}, "models.sentiment.training.epoch: unknown key (value 3); did you mean 'epochs'?"),
+    ({"precision": "bf16"}, "models.sentiment.training: precision 'bf16' needs use_gpu")])
 def test_a_models_bad_training_key_is_refused_naming_the_model(training, fragment):
     with pytest.raises(ConfigError) as e:
         parse_config({"models": [{**MODEL, "training": training}]})
-    assert "model 'sentiment': its training: settings are invalid" in str(e.value) and fragment in str(e.value)
+    assert fragment in str(e.value) and "<root>" not in str(e.value)
 
 
 def test_unknown_key_is_named_with_its_value():
@@ -240,5 +242,44 @@ def test_config_errors_read_as_tuneloops_own():
     assert "servng: unknown key; did you mean 'serving'?" in str(e.value) and "{'port'" not in str(e.value)
     assert "serving.prot: unknown key (value 8000); did you mean 'port'?" in str(e.value)
     with pytest.raises(ConfigError) as e:
-        parse_config({"models": [{"name": "m", "labels": ["a", "b"]}]})
-    assert "Value error" not in str(e.value) and "models.0: model 'm' needs a base_model" in str(e.value)
+        parse_config({"models": [{"name": "m", "labels": ["a"]}]})
+    assert "Value error" not in str(e.value) and "models.0: " in str(e.value)
+
+
+def test_a_minimal_config_starts_from_the_default_model_and_empty_sections_count_as_left_out():
+    cfg = parse_config({"models": [{"name": "m", "labels": ["a", "b"], "training": None}], "training": None,
+                        "serving": None, "rollout": None})
+    assert cfg.model("m").base_model == DEFAULT_BASE_MODEL and cfg.training == TrainingConfig()
+    assert cfg.serving.port == 8000 and cfg.rollout.mode == "direct"
+
+
+def _yaml(text: str):
+    return parse_config(yaml.safe_load(text))
+
+
+def test_labels_yaml_read_as_numbers_are_strings_and_as_booleans_are_refused():
+    cfg = _yaml("models: [{name: m, labels: [0, 1, 2.5]}]")
+    assert cfg.model("m").labels == ["0", "1", "2.5"]
+    with pytest.raises(ConfigError, match=r"YAML read \[True, False\] as true/false: quote such labels"):
+        _yaml("models: [{name: m, labels: [yes, no]}]")
+
+
+@pytest.mark.parametrize("name", ["ingress", "controller"])
+def test_names_of_tuneloops_own_applications_are_not_model_names(name):
+    with pytest.raises(ConfigError, match=f"model name '{name}' is reserved"):
+        parse_config({"models": [{"name": name, "labels": ["a", "b"]}]})
+
+
+def test_a_models_own_training_errors_name_its_key_and_suggest_one():
+    with pytest.raises(ConfigError) as e:
+        parse_config({"models": [{"name": "m", "labels": ["a", "b"], "training": {"epoch": 5}}]})
+    assert "models.m.training.epoch: unknown key (value 5); did you mean 'epochs'?" in str(e.value)
+    assert "<root>" not in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        parse_config({"models": [{"name": "m", "labels": ["a", "b"], "training": {"precision": "bf16"}}]})
+    assert "<root>" not in str(e.value) and "models.m.training: " in str(e.value)
+
+
+def test_an_ipv6_host_is_refused_saying_what_to_give():
+    with pytest.raises(ConfigError, match="host '::': tuneloop listens on IPv4"):
+        parse_config({"models": [MODEL], "serving": {"host": "::"}})

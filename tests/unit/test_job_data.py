@@ -341,6 +341,24 @@ def test_a_jsonl_seed_whose_other_keys_change_type_is_read(tmp_path):
     assert table.column("labels").to_pylist() == [["0", "2"], ["1", "2"], []]
 
 
+def test_a_large_csv_whose_quoted_texts_hold_line_breaks_is_read(tmp_path):
+    """As pandas or a spreadsheet export reviews: pyarrow read such a file in 1 MB blocks
+    cut at line breaks, and failed it once it was over one block."""
+    import csv
+
+    from tuneloop.core.tasks import make_task
+
+    path = tmp_path / "seed.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "text", "label"])
+        for i in range(30_000):
+            writer.writerow([i, f"line one of review {i}, quoted\nline two", ["negative", "positive"][i % 2]])
+    assert path.stat().st_size > 1 << 20  # pyarrow's block
+    table = read_dataset(str(path), make_task("text-classification", ["negative", "positive"]))
+    assert table.num_rows == 30_000 and table.column("text")[7].as_py() == "line one of review 7, quoted\nline two"
+
+
 @pytest.mark.parametrize(("name", "content", "fragment"), [
     ("seed.tsv", 'text\tlabel\n"a\tquoted"\tpositive\nb\tnegative\n', "cannot be read as tsv: CSV parse error"),
     ("seed.csv", "text,label\na,positive\n \n", "cannot be read as csv: CSV parse error"),

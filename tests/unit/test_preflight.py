@@ -98,3 +98,28 @@ def test_a_changed_base_model_is_named_at_start(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="tuneloop"):
         bootstrap_versions(_cfg(tmp_path, base_model="other/model"))  # nothing to train: production serves
     assert "base_model is now other/model, but its versions descend from some/model" in caplog.text
+
+
+def test_a_seed_a_job_could_not_read_is_refused_before_ray_naming_what_it_has(tmp_path):
+    seed = tmp_path / "seed.csv"
+    seed.write_text("sentence,label\nfine,a\nbad,b\n")
+    problems = data_problems(_cfg(tmp_path, seed_dataset=str(seed)))
+    assert len(problems) == 1 and "has no column(s) ['text']" in problems[0] and "'sentence'" in problems[0]
+    seed.write_text("text;label\nfine;a\n")
+    assert "has ['text;label']; one column read: a .csv is read comma-separated" in \
+        data_problems(_cfg(tmp_path, seed_dataset=str(seed)))[0]
+    tsv = tmp_path / "seed.tsv"
+    tsv.write_text("text,label\nfine,a\n")
+    assert "and a .tsv tab-separated" in data_problems(_cfg(tmp_path, seed_dataset=str(tsv)))[0]
+    tsv.write_text("text\tlabel\nfine\tc\n")
+    assert "'c'" in data_problems(_cfg(tmp_path, seed_dataset=str(tsv)))[0]
+    tsv.write_text("text\tlabel\nfine\ta\nbad\tb\n")
+    assert data_problems(_cfg(tmp_path, seed_dataset=str(tsv))) == []
+
+
+def test_a_seed_is_not_read_again_once_the_model_has_a_version(tmp_path):
+    _published(tmp_path)
+    seed = tmp_path / "seed.csv"
+    seed.write_text("sentence,label\nfine,a\n")
+    assert data_problems(_cfg(tmp_path, seed_dataset=str(seed))) == []
+    assert "golden_dataset" in data_problems(_cfg(tmp_path, seed_dataset=str(seed), golden_dataset=str(seed)))[0]

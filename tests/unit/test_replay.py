@@ -77,6 +77,22 @@ def test_training_shortfall_says_what_to_change():
     assert "offers 0" in training_shortfall(2, {"CPU": 1, "training-node": 1}, {"CPU": 8}, {"CPU": 8})
 
 
+def test_a_local_ray_left_unsized_fits_the_replicas_and_a_job_and_a_small_one_is_refused():
+    from tuneloop.core.config import parse_config
+    from tuneloop.core.resources import local_ray_cpus, retraining_shortfall
+
+    # One model on 2 cores: a replica of 1 CPU and a job of 2 workers + 1 need 4 of Ray's.
+    assert local_ray_cpus(2, 1, 1, 1.0, 3.0) == 4
+    assert local_ray_cpus(16, 1, 1, 1.0, 3.0) == 16  # the cores, where they are more
+    assert local_ray_cpus(2, 3, 1, 2.0, 3.0) == 9  # the shipped config's 9
+    cfg = parse_config({"models": [{"name": "m", "labels": ["a", "b"], "training": {"num_workers": 4}},
+                                   {"name": "n", "labels": ["a", "b"]}]})
+    assert cfg.largest_job_cpus() == 5.0  # m's own num_workers, not the top-level 2
+    assert retraining_shortfall(1, 1, 1.0, 3.0, 4.0) is None
+    short = retraining_shortfall(1, 2, 1.0, 3.0, 4.0)  # num_replicas 2 on ray.num_cpus 4
+    assert "needs 3 CPUs beside the replicas' 2" in short and "raise ray.num_cpus to 5" in short
+
+
 def test_several_gpu_workers_take_whole_gpus():
     from tuneloop.core.config import ConfigError, parse_config
 
