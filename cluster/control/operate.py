@@ -30,11 +30,15 @@ SERVE_LOGS = "tail -n 200 /tmp/ray/session_latest/logs/serve/*.log"
 
 @dataclass(frozen=True)
 class Step:
+    """One command. ``only_if``: a probe run first; where it fails the step is skipped (what
+    a cluster may lack, such as the Prometheus Operator's PodMonitor kind)."""
     argv: list[str]
     cwd: str | None = None
+    only_if: list[str] | None = None
 
     def __str__(self) -> str:
-        return (f"(cd {shlex.quote(self.cwd)} && {shlex.join(self.argv)})" if self.cwd else shlex.join(self.argv))
+        line = f"(cd {shlex.quote(self.cwd)} && {shlex.join(self.argv)})" if self.cwd else shlex.join(self.argv)
+        return f"{line}  # only if `{shlex.join(self.only_if)}` succeeds" if self.only_if else line
 
 
 def render(cfg: TuneloopConfig, doc: dict[str, Any], target: str, out: Path) -> list[Path]:
@@ -70,9 +74,13 @@ def plan(cfg: TuneloopConfig, target: str, verb: str, folder: Path, model: str |
         head = f"svc/{d.name}-head-svc"
         job = manifests.rayjob_name(cfg, model) if model else ""
         files = {name: str(folder / name) for name in ("config.yaml", "rayservice.yaml", "podmonitor.yaml")}
+        # The Prometheus Operator is optional: without its PodMonitor kind, kubectl refuses
+        # the file (--ignore-not-found does not cover an unknown kind), and up or down would
+        # stop there.
+        has_podmonitor = ["kubectl", "get", "crd", "podmonitors.monitoring.coreos.com"]
         steps = {
             "up": [Step([*k, "apply", "-f", files["config.yaml"]]), Step([*k, "apply", "-f", files["rayservice.yaml"]]),
-                   Step([*k, "apply", "-f", files["podmonitor.yaml"]]),
+                   Step([*k, "apply", "-f", files["podmonitor.yaml"]], only_if=has_podmonitor),
                    Step([*k, "wait", "--for=condition=Ready", f"rayservice/{d.name}", "--timeout=30m"])],
             "deploy": [Step([*k, "apply", "-f", files["config.yaml"]]), Step([*k, "apply", "-f", files["rayservice.yaml"]])],
             "status": [Step([*k, "get", "rayservice", d.name, "-o", "wide"]),
@@ -86,7 +94,7 @@ def plan(cfg: TuneloopConfig, target: str, verb: str, folder: Path, model: str |
                      Step([*k, "exec", head, "--", "sh", "-c", SERVE_LOGS])],
             # The journal's volume is kept: unacknowledged nothing, but compacted-not-yet
             # feedback lives there. `kubectl delete pvc <name>-journal` once it is drained.
-            "down": [Step([*k, "delete", "-f", files["podmonitor.yaml"], "--ignore-not-found"]),
+            "down": [Step([*k, "delete", "-f", files["podmonitor.yaml"], "--ignore-not-found"], only_if=has_podmonitor),
                      Step([*k, "delete", "-f", files["rayservice.yaml"], "--ignore-not-found"])],
         }
     elif target in ("aws", "gcp"):
@@ -128,12 +136,22 @@ def run_steps(steps: list[Step], dry_run: bool, echo) -> None:
         echo(f"$ {step}")
         if dry_run:
             continue
+        if step.only_if and not _succeeds(step.only_if, step.cwd):
+            echo(f"  skipped: `{shlex.join(step.only_if)}` failed")
+            continue
         try:
             subprocess.run(step.argv, cwd=step.cwd, check=True)
         except FileNotFoundError:
             raise StepFailed(f"{step.argv[0]} is not installed (or not on PATH); it runs: {step}", 127) from None
         except subprocess.CalledProcessError as e:
             raise StepFailed(f"failed (exit {e.returncode}): {step}", e.returncode) from None
+
+
+def _succeeds(argv: list[str], cwd: str | None) -> bool:
+    try:
+        return subprocess.run(argv, cwd=cwd, capture_output=True).returncode == 0
+    except FileNotFoundError:
+        return False
 
 
 def model_status(cfg: TuneloopConfig) -> list[dict[str, Any]]:

@@ -10,7 +10,8 @@ import yaml
 from typer.testing import CliRunner
 
 from tuneloop.control.cli import app
-from tuneloop.control.operate import Step, StepFailed, run_steps
+from tuneloop.control.operate import Step, StepFailed, plan, run_steps
+from tuneloop.core.config import parse_config
 from tuneloop.core.errors import CorruptStoredFile
 from tuneloop.store.registry import Manifest, Registry
 from tuneloop.store.storage import Storage
@@ -63,3 +64,22 @@ def test_a_deploy_command_that_fails_or_is_missing_says_so_in_one_line(tmp_path)
     assert failed.value.code == 3
     with pytest.raises(StepFailed, match="no-such-tool is not installed"):
         run_steps([Step(["no-such-tool", "apply"])], dry_run=False, echo=lambda _: None)
+
+
+def test_a_step_whose_probe_fails_is_skipped_and_the_rest_run(tmp_path):
+    """The PodMonitor needs the Prometheus Operator, which README calls optional."""
+    echoed, marker = [], tmp_path / "ran"
+    run_steps([Step(["sh", "-c", "exit 3"], only_if=["sh", "-c", "exit 1"]),
+               Step(["sh", "-c", "exit 3"], only_if=["no-such-probe"]),
+               Step(["touch", str(marker)])], dry_run=False, echo=echoed.append)
+    assert marker.exists() and sum("skipped" in line for line in echoed) == 2
+    with pytest.raises(StepFailed):
+        run_steps([Step(["sh", "-c", "exit 3"], only_if=["true"])], dry_run=False, echo=lambda _: None)
+
+
+def test_kuberay_up_and_down_apply_the_podmonitor_only_where_its_kind_exists(tmp_path):
+    cfg = parse_config({"models": [{"name": "m", "labels": ["a", "b"]}]}, base_dir=tmp_path)
+    for verb in ("up", "down"):
+        steps = [s for s in plan(cfg, "kuberay", verb, tmp_path) if "podmonitor.yaml" in str(s)]
+        assert len(steps) == 1 and steps[0].only_if and "podmonitors.monitoring.coreos.com" in steps[0].only_if
+    assert any("rayservice.yaml" in str(s) for s in plan(cfg, "kuberay", "down", tmp_path))
