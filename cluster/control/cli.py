@@ -44,22 +44,23 @@ def train(
 
     cfg = _load(config)
     known_model(cfg, model)
-    from tuneloop.control.server import data_problems
+    # In a Ray Job ($RAY_ADDRESS set) the job's cluster is the one to join.
+    server = None if address or os.environ.get("RAY_ADDRESS") else running_server_address(Storage(cfg.storage.root))
+    if server:
+        # A local Ray started by `tuneloop run` uses token auth (Ray's default since 2.5x),
+        # with the token in ~/.ray/auth_token; a joining driver opts in before anything
+        # imports ray (control/server.py does).
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    import ray
+
+    from tuneloop.control.server import data_problems, init_ray
 
     problems = data_problems(cfg, [model])
     if problems:
         typer.echo("cannot train:\n  " + "\n  ".join(problems), err=True)
         raise typer.Exit(2)
-    # In a Ray Job ($RAY_ADDRESS set) the job's cluster is the one to join.
-    server = None if address or os.environ.get("RAY_ADDRESS") else running_server_address(Storage(cfg.storage.root))
     if server:
-        # A local Ray started by `tuneloop run` uses token auth (Ray's default since 2.5x),
-        # with the token in ~/.ray/auth_token; a joining driver opts in before importing ray.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
         typer.echo(f"joining the Ray cluster of the running `tuneloop run` at {server}", err=True)
-    import ray
-
-    from tuneloop.control.server import init_ray
     from tuneloop.serving.optimize import optimize_version
     from tuneloop.training.launcher import run_training
 

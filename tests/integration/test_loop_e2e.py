@@ -3,12 +3,18 @@ controller actor, and predictions then report the new version, without a restart
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from tuneloop.store.jobs import JobStore
+from tuneloop.store.server_file import remove_server_file, write_server_file
 from tuneloop.store.storage import Storage
 from tests.integration.conftest import ADMIN_KEY, FEEDBACK_KEY, bearer, make_config, wait_controller_gone
 
@@ -125,3 +131,28 @@ def test_feedback_triggers_a_new_version_that_takes_over(loop):
     assert found["feedback_trained_by"] == ([] if on_golden else ["v2"])
     v2_lineage = registry.table("sentiment", "v2", "trained_on").to_pylist()
     assert sum(r["source"] == "feedback" for r in v2_lineage) == fb["trained_rows"]
+
+    # An operator's `tuneloop train` in another terminal joins the running server's Ray (the
+    # address its server file names, with Ray's token), trains beside the replicas and
+    # promotes v3, which they then serve.
+    import ray
+
+    config_path = Path(cfg.storage.root).parent / "tuneloop.yaml"
+    config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    write_server_file(Storage(cfg.storage.root), ray.get_runtime_context().gcs_address)
+    try:
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+        trained = subprocess.run([str(Path(sys.executable).with_name("tuneloop")), "train", "sentiment", "--config",
+                                  str(config_path)], capture_output=True, text=True, timeout=300, env=env)
+    finally:
+        remove_server_file(Storage(cfg.storage.root))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "joining the Ray cluster of the running `tuneloop run`" in trained.stderr
+    assert '"version": "v3"' in trained.stdout and '"promoted": true' in trained.stdout, trained.stdout[-2000:]
+    deadline = time.monotonic() + 30
+    version = None
+    while time.monotonic() < deadline and version != "v3":
+        version = httpx.post(f"{url}/v1/models/sentiment/predict", json={"inputs": ["v3?"]},
+                             timeout=30).json()["predictions"][0]["version"]
+        time.sleep(0.5)
+    assert version == "v3"
