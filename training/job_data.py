@@ -83,15 +83,27 @@ class JobData:
     summary: dict[str, Any] = field(default_factory=dict)  # the manifest's ``data``
 
 
+def golden_labels_missing(task: Task, golden: pa.Table) -> list[str]:
+    """The labels (entity types) no row of ``golden`` holds."""
+    column = task.target_columns[0]
+    values = golden.column(column).to_pylist()
+    if column == "label":
+        present = set(values)
+    elif column == "labels":
+        present = {label for row in values for label in row or ()}
+    else:  # entities: an NER golden set without any gave the gate an F1 of 0 against 0
+        present = {entity["label"] for row in values for entity in row or ()}
+    known = getattr(task, "types", task.labels)
+    return sorted(set(known) - present)
+
+
 def _warn_missing_labels(task: Task, golden: pa.Table) -> None:
     """Say so when the frozen golden set leaves labels out: the gate cannot see a version
     lose (or learn) them there, for good."""
-    if "label" not in task.target_columns:
-        return
-    missing = sorted(set(task.labels) - set(golden.column("label").to_pylist()))
+    missing = golden_labels_missing(task, golden)
     if missing:
-        log.warning("the golden set frozen from the seed has no row of %s: the gate judges those labels on "
-                    "fresh feedback only (set golden_dataset to a file that has them)", missing)
+        log.warning("the golden set frozen from the seed has no row of %s: the gate judges those on fresh "
+                    "feedback only (set golden_dataset to a file that has them)", missing)
 
 
 def golden_set(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Registry,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pyarrow as pa
 import pytest
 
 from tuneloop.core.config import parse_config
@@ -400,3 +401,18 @@ def test_the_first_jobs_feedback_counts_among_the_rows_a_golden_set_leaves(env):
     _give(feedback, 5)  # 100 seed rows, 90 golden: 10 seed rows and 5 feedback rows train, >= 12 workers
     data = assemble(task, cfg.model("m"), tight, registry, feedback, None)
     assert data.golden.num_rows == 90 and data.train.num_rows >= 12
+
+
+def test_the_labels_a_golden_set_lacks_are_named_for_every_task():
+    from tuneloop.core.tasks import make_task
+    from tuneloop.training.job_data import golden_labels_missing
+
+    text = make_task("text-classification", ["a", "b", "c"])
+    assert golden_labels_missing(text, pa.table({"text": ["x", "y"], "label": ["a", "a"]})) == ["b", "c"]
+    multi = make_task("multi-label-classification", ["a", "b", "c"])
+    assert golden_labels_missing(multi, pa.table({"text": ["x", "y"], "labels": [["a"], ["c", "a"]]})) == ["b"]
+    ner = make_task("token-classification", ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"])
+    entities = pa.array([[], [{"start": 0, "end": 3, "label": "LOC"}]],
+                        pa.list_(pa.struct([("start", pa.int32()), ("end", pa.int32()), ("label", pa.string())])))
+    assert golden_labels_missing(ner, pa.table({"text": ["x", "Rome"], "entities": entities})) == ["PER"]
+    assert golden_labels_missing(ner, pa.table({"text": ["x"], "entities": entities[:1]})) == ["LOC", "PER"]
