@@ -369,7 +369,7 @@ class Ingress:
         OpenAPI schema, and reached only for a model that has no application, or by a path
         the proxy routes as written but which decodes to the route (``%70redict``)."""
         self._model_cfg(model)
-        raw = request.scope.get("raw_path", b"").decode("latin-1")
+        raw = (request.scope.get("raw_path") or b"").decode("latin-1")
         if raw and raw != predict_route(model):
             raise NotFound(f"send predictions to {predict_route(model)} as written, not percent-encoded ({raw!r})")
         raise NotReady(f"model {model!r} is not deployed yet")

@@ -53,7 +53,7 @@ def read_dataset(path: str, task: Task) -> pa.Table:
         read = _read_file(path, fmt, columns, types)
         if not task.reads_rows and isinstance(read, list):
             read = pa.Table.from_pylist(read)
-    except (pa.ArrowInvalid, json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (pa.ArrowException, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"dataset {path!r} cannot be read as {fmt[1:]}: {e}") from None
     if task.reads_rows:
         rows = []
@@ -70,7 +70,11 @@ def read_dataset(path: str, task: Task) -> pa.Table:
                 if fmt in (".tsv", ".csv") and len(found) == 1 else "")
         raise ValueError(f"dataset {path!r} has no column(s) {missing}; it needs {columns}, and has "
                          f"{found[:20]}{hint}")
-    table = pa.table({c: _as(read.column(c), types[c]) for c in columns})
+    try:
+        table = pa.table({c: _as(read.column(c), types[c]) for c in columns})
+    except pa.ArrowException as e:  # a list where a label goes, a struct where text does
+        raise ValueError(f"dataset {path!r}: its columns {columns} are not of the types tuneloop reads "
+                         f"({', '.join(f'{c}: {read.column(c).type}' for c in columns)}): {e}") from None
     _check_rows(path, task, table)
     return table
 

@@ -96,14 +96,16 @@ def cluster_config_doc(doc: dict[str, Any], cfg: TuneloopConfig) -> dict[str, An
     if problems:
         raise NotClusterable("this config cannot run on a cluster:\n  " + "\n  ".join(problems))
     out = copy.deepcopy(doc)
-    out.setdefault("storage", {})["journal_dir"] = cfg.deploy.journal_dir
-    out.setdefault("serving", {})["host"] = "0.0.0.0"
+    for section in ("storage", "serving", "ray"):
+        out[section] = out.get(section) or {}  # left out, or every key commented out (null)
+    out["storage"]["journal_dir"] = cfg.deploy.journal_dir
+    out["serving"]["host"] = "0.0.0.0"
     out["serving"]["port"] = SERVE_PORT
     # Join the cluster the process runs in (a Ray Job's entrypoint, `tuneloop train` in a pod),
     # which may autoscale: a training job asks the autoscaler for what it lacks and waits.
-    out.setdefault("ray", {})["address"] = "auto"
+    out["ray"]["address"] = "auto"
     if cfg.serving.num_replicas is None:  # a fixed count turns autoscaling off: no block beside it
-        autoscaling = out["serving"].setdefault("autoscaling", {})
+        autoscaling = out["serving"]["autoscaling"] = out["serving"].get("autoscaling") or {}
         if autoscaling.get("max_replicas") is None:  # else the builder counts the CPUs up at deploy time
             autoscaling["max_replicas"] = replicas_the_workers_hold(cfg)
     return out

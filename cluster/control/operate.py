@@ -77,7 +77,9 @@ def plan(cfg: TuneloopConfig, target: str, verb: str, folder: Path, model: str |
         # The Prometheus Operator is optional: without its PodMonitor kind, kubectl refuses
         # the file (--ignore-not-found does not cover an unknown kind), and up or down would
         # stop there.
-        has_podmonitor = ["kubectl", "get", "crd", "podmonitors.monitoring.coreos.com"]
+        # api-resources: any logged-in user may list kinds (reading CRDs needs cluster rights).
+        has_podmonitor = ["sh", "-c", "kubectl api-resources --api-group=monitoring.coreos.com -o name "
+                                      "| grep -q '^podmonitors'"]
         steps = {
             "up": [Step([*k, "apply", "-f", files["config.yaml"]]), Step([*k, "apply", "-f", files["rayservice.yaml"]]),
                    Step([*k, "apply", "-f", files["podmonitor.yaml"]], only_if=has_podmonitor),
@@ -149,8 +151,8 @@ def run_steps(steps: list[Step], dry_run: bool, echo) -> None:
 
 def _succeeds(argv: list[str], cwd: str | None) -> bool:
     try:
-        return subprocess.run(argv, cwd=cwd, capture_output=True).returncode == 0
-    except FileNotFoundError:
+        return subprocess.run(argv, cwd=cwd, capture_output=True, timeout=60).returncode == 0
+    except (FileNotFoundError, subprocess.TimeoutExpired):
         return False
 
 

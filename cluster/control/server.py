@@ -94,6 +94,8 @@ def _unreadable(path: str, m: ModelConfig) -> list[str]:
         read_dataset(path, model_task(m))
     except (ValueError, OSError) as e:
         return [str(e)]
+    except Exception as e:  # noqa: BLE001 - a row shaped as no task expects: say so, not a traceback
+        return [f"dataset {path!r} cannot be read: {type(e).__name__}: {e}"]
     return []
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from tuneloop.core.deploy_config import DeployConfig
+from tuneloop.core.deploy_config import DeployConfig, Section
 from tuneloop.core.resources import training_cpus
 from tuneloop.core.rollout import RolloutConfig
 from tuneloop.core.runtimes import ArtifactName, RuntimeName
@@ -39,11 +39,9 @@ class ConfigError(ValueError):
     """The config file is missing, unreadable or invalid; the message says where."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DistillConfig(_Strict):
+class DistillConfig(Section):
     """A student model distilled from a larger teacher model's production version: every job
     of the student trains on the teacher's soft labels over its texts (seed, replay and
     feedback) beside their own labels, and is gated on the teacher's golden set. Soft labels
@@ -81,7 +79,7 @@ def _repeated(values: list[str]) -> list[str]:
 TASK_OPTIONS = ("aggregation", "threshold", "window_stride")  # ModelConfig keys of one task or another
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Section):
     """One served model: what it predicts and where it starts from."""
 
     name: str
@@ -120,10 +118,7 @@ class ModelConfig(_Strict):
         data = dict(data)
         if data.get("training", {}) is None:  # a section whose keys are all commented out
             data["training"] = {}
-        distill = data.get("distill")
-        get = distill.get if isinstance(distill, dict) else lambda key: getattr(distill, key, None)
-        cut = get("student_layers") is not None
-        if data.get("base_model") is None and not cut:
+        if data.get("base_model") is None and data.get("distill") is None:  # a student says where it starts
             data["base_model"] = DEFAULT_BASE_MODEL
         return data
 
@@ -147,8 +142,17 @@ class ModelConfig(_Strict):
             return v
         flags = [x for x in v if isinstance(x, bool)]
         if flags:
-            raise ValueError(f"labels {v!r}: YAML read {flags} as true/false: quote such labels (\"yes\", \"no\")")
-        return [str(x) if isinstance(x, int | float) else x for x in v]
+            raise ValueError(f"YAML read {flags} as true/false: quote such labels (\"yes\", \"no\")")
+        decimals = [x for x in v if isinstance(x, float)]
+        if decimals:  # a seed's 1.0 reads as "1": quoted, the label says which it is
+            raise ValueError(f"YAML read {decimals} as numbers with decimals: quote such labels")
+        return [str(x) if isinstance(x, int) else x for x in v]
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _threshold_labels_as_strings(cls, v: Any) -> Any:
+        return {str(k) if isinstance(k, int) and not isinstance(k, bool) else k: x for k, x in v.items()} \
+            if isinstance(v, dict) else v
 
     @field_validator("task")
     @classmethod
@@ -186,6 +190,8 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _starts_somewhere(self) -> ModelConfig:
+        if self.base_model is None and (self.distill is None or self.distill.student_layers is None):
+            raise ValueError(f"model {self.name!r} needs a base_model (or, as a student, distill.student_layers)")
         if self.distill is not None and self.distill.student_layers is not None and self.base_model is not None:
             raise ValueError(f"model {self.name!r}: base_model {self.base_model!r} and distill.student_layers "
                              f"{self.distill.student_layers} both say where v1 starts: keep one (student_layers cuts "
@@ -222,7 +228,7 @@ def _installed(module: str) -> bool:
         return False
 
 
-class StorageConfig(_Strict):
+class StorageConfig(Section):
     """Where registry, feedback and predictions live: a local path or a pyarrow URI."""
 
     root: str = "./.tuneloop"
@@ -257,7 +263,7 @@ class StorageConfig(_Strict):
         return self.journal_dir or os.path.join(self.root, "journal", "feedback")
 
 
-class AutoscalingConfig(_Strict):
+class AutoscalingConfig(Section):
     """Serve's autoscaling on ongoing requests per replica, within [min, max] replicas."""
 
     min_replicas: int = Field(default=1, ge=0)
@@ -291,7 +297,7 @@ class AutoscalingConfig(_Strict):
         return self
 
 
-class ServingConfig(_Strict):
+class ServingConfig(Section):
     host: str = Field(default="127.0.0.1", min_length=1,
                       description="an IPv4 address or host name; 0.0.0.0: every interface")
     port: int = Field(default=8000, ge=1, le=65535)
@@ -367,7 +373,7 @@ class ServingConfig(_Strict):
         return max(1, math.ceil(self.num_cpus_per_replica))
 
 
-class PredictionsConfig(_Strict):
+class PredictionsConfig(Section):
     """The prediction log (what was served, for joining feedback by prediction id)."""
 
     sample_rate: float = Field(default=1.0, ge=0, le=1, description="share of predictions recorded")
@@ -379,7 +385,7 @@ class PredictionsConfig(_Strict):
     )
 
 
-class FeedbackConfig(_Strict):
+class FeedbackConfig(Section):
     compact_interval_s: float = Field(
         default=5.0, gt=0, le=3600, description="journal to Parquet this often (training reads the Parquet)"
     )
@@ -391,13 +397,13 @@ class FeedbackConfig(_Strict):
 Role = Literal["predict", "feedback", "admin"]
 
 
-class ApiKeyConfig(_Strict):
+class ApiKeyConfig(Section):
     id: str = Field(pattern=r"^[0-9a-f]{8}$")
     role: Role
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the key's secret part, hex")
 
 
-class AuthConfig(_Strict):
+class AuthConfig(Section):
     """API keys (Authorization: Bearer tl_...) and what needs none."""
 
     open_roles: list[Role] = Field(default=["predict"], description="roles anyone may act as without a key")
@@ -415,7 +421,7 @@ class AuthConfig(_Strict):
         return v
 
 
-class TrainingConfig(_Strict):
+class TrainingConfig(Section):
     epochs: int = Field(default=3, ge=1, le=1000)
     learning_rate: float = Field(default=5e-5, gt=0, lt=1)
     weight_decay: float = Field(default=0.01, ge=0, lt=1)
@@ -516,7 +522,7 @@ class TrainingConfig(_Strict):
         return self
 
 
-class GateConfig(_Strict):
+class GateConfig(Section):
     """What a candidate must show to replace production (``cluster/core/gate.py``)."""
 
     golden_margin: float = Field(
@@ -531,7 +537,7 @@ class GateConfig(_Strict):
     )
 
 
-class OptimizeConfig(_Strict):
+class OptimizeConfig(Section):
     """Optimized artifacts of every version (``tuneloop optimize``; ``cluster/core/runtimes.py``):
     built by the job before its version takes traffic, or later for an existing version."""
 
@@ -556,7 +562,7 @@ class OptimizeConfig(_Strict):
     speed_seconds: float = Field(default=3.0, gt=0, le=600, description="how long each runtime's speed is measured")
 
 
-class TriggerConfig(_Strict):
+class TriggerConfig(Section):
     """When a retrain starts by itself (``cluster/core/triggers.py``); an admin can always."""
 
     every_n_feedback: int = Field(
@@ -572,7 +578,7 @@ class TriggerConfig(_Strict):
     accuracy_window: int = Field(default=200, ge=1, description="production's last predictions with feedback to judge by")
 
 
-class QuarantineConfig(_Strict):
+class QuarantineConfig(Section):
     """Which feedback keys a job holds out of training (``cluster/core/quarantine.py``)."""
 
     enabled: bool = True
@@ -588,14 +594,15 @@ class QuarantineConfig(_Strict):
     )
 
 
-class RayConfig(_Strict):
+class RayConfig(Section):
     address: str | None = Field(default=None, description="None starts a local Ray")
     num_cpus: int | None = Field(
-        default=None, ge=1, description="logical CPUs for a local Ray (None = detect)"
+        default=None, ge=1, description=("logical CPUs for a local Ray (None: the cores, or what the replicas' "
+                                         "minimum and the largest training job need, if more)")
     )
 
 
-class TuneloopConfig(_Strict):
+class TuneloopConfig(Section):
     models: list[ModelConfig] = Field(min_length=1)
     storage: StorageConfig = StorageConfig()
     serving: ServingConfig = ServingConfig()
@@ -610,14 +617,6 @@ class TuneloopConfig(_Strict):
     quarantine: QuarantineConfig = QuarantineConfig()
     ray: RayConfig = RayConfig()
     deploy: DeployConfig = DeployConfig()
-
-    @model_validator(mode="before")
-    @classmethod
-    def _empty_sections_are_left_out(cls, data: Any) -> Any:
-        # `training:` with every key commented out is YAML's null: the section's defaults.
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if not (v is None and k != "models" and k in cls.model_fields)}
-        return data
 
     @field_validator("models")
     @classmethod

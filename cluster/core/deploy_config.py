@@ -9,7 +9,7 @@ cluster; an operator changes the image, the names and the sizes.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -17,8 +17,23 @@ _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")  # Kubernet
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 
-class _Strict(BaseModel):
+class Section(BaseModel):
+    """A section of the config: unknown keys refused, frozen once read. A sub-section whose
+    keys are all commented out, which YAML reads as null, takes its defaults."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections_take_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items() if not (v is None and _is_section(cls.model_fields.get(k)))}
+
+
+def _is_section(field: Any) -> bool:
+    kind = getattr(field, "annotation", None)
+    return isinstance(kind, type) and issubclass(kind, BaseModel)
 
 
 def _quantity(value: str) -> str:
@@ -30,7 +45,7 @@ def _quantity(value: str) -> str:
 Quantity = Annotated[str, AfterValidator(_quantity)]
 
 
-class WorkersConfig(_Strict):
+class WorkersConfig(Section):
     """The worker group: where model replicas and training workers run. GPU nodes by
     default; ``gpus_per_worker: 0`` makes a CPU cluster."""
 
@@ -47,7 +62,7 @@ class WorkersConfig(_Strict):
         return self
 
 
-class AwsConfig(_Strict):
+class AwsConfig(Section):
     region: str = "us-west-2"
     head_instance: str = "m6i.2xlarge"
     worker_instance: str = Field(default="g5.2xlarge", description="one NVIDIA A10G, 8 vCPUs")
@@ -58,7 +73,7 @@ class AwsConfig(_Strict):
                                   "environment only")
 
 
-class GcpConfig(_Strict):
+class GcpConfig(Section):
     project_id: str = "my-gcp-project"
     region: str = "us-central1"
     zone: str = "us-central1-a"
@@ -68,7 +83,7 @@ class GcpConfig(_Strict):
     preemptible: bool = Field(default=True, description="workers preemptible (the head never is)")
 
 
-class DeployConfig(_Strict):
+class DeployConfig(Section):
     name: str = Field(default="tuneloop", max_length=40, pattern=_DNS_LABEL,
                       description="the RayService, RayJob, ConfigMap and cluster names start with it")
     namespace: str = Field(default="default", max_length=63, pattern=_DNS_LABEL)

@@ -98,4 +98,5 @@ def retraining_shortfall(models: int, replicas: int, cpus_per_replica: float, tr
     return (f"a training job needs {training:g} CPUs beside the replicas' {serving:g} ({models} model(s) x "
             f"{replicas} replica(s) x {cpus_per_replica:g}), more than the {total:g} of Ray: raise ray.num_cpus to "
             f"{math.ceil(serving + training)} (or leave it out), or lower serving.num_replicas, "
-            f"autoscaling.min_replicas or training.num_workers")
+            f"autoscaling.min_replicas, or the largest job's num_workers or cpus_per_worker (training:, or a "
+            f"model's own training:)")

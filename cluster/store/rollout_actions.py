@@ -34,7 +34,7 @@ def operate_rollout(registry: Registry, model: str, action: RolloutAction, who: 
     if current is None:
         raise Conflict(f"no rollout of {model!r} is under way")
     if version is not None and version != current.version:
-        raise Conflict(f"the rollout under way is {current.version}'s, not {version!r}'s")
+        raise Conflict(f"the rollout under way is of {current.version}, not of {version!r}")
     if action == "step":
         return registry.advance_rollout(model, current.version, rollout.canary_steps, f"forced {who}")
     if action == "rollback":

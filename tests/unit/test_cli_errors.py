@@ -81,5 +81,5 @@ def test_kuberay_up_and_down_apply_the_podmonitor_only_where_its_kind_exists(tmp
     cfg = parse_config({"models": [{"name": "m", "labels": ["a", "b"]}]}, base_dir=tmp_path)
     for verb in ("up", "down"):
         steps = [s for s in plan(cfg, "kuberay", verb, tmp_path) if "podmonitor.yaml" in str(s)]
-        assert len(steps) == 1 and steps[0].only_if and "podmonitors.monitoring.coreos.com" in steps[0].only_if
+        assert len(steps) == 1 and "--api-group=monitoring.coreos.com" in steps[0].only_if[-1]
     assert any("rayservice.yaml" in str(s) for s in plan(cfg, "kuberay", "down", tmp_path))

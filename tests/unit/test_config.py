@@ -248,9 +248,11 @@ def test_config_errors_read_as_tuneloops_own():
 
 def test_a_minimal_config_starts_from_the_default_model_and_empty_sections_count_as_left_out():
     cfg = parse_config({"models": [{"name": "m", "labels": ["a", "b"], "training": None}], "training": None,
-                        "serving": None, "rollout": None})
+                        "serving": None, "rollout": None, "deploy": {"workers": None}})
     assert cfg.model("m").base_model == DEFAULT_BASE_MODEL and cfg.training == TrainingConfig()
-    assert cfg.serving.port == 8000 and cfg.rollout.mode == "direct"
+    assert cfg.serving.port == 8000 and cfg.rollout.mode == "direct" and cfg.deploy.workers.max_workers >= 1
+    nested = parse_config({"models": [{"name": "m", "labels": ["a", "b"]}], "serving": {"autoscaling": None}})
+    assert nested.serving.autoscaling.min_replicas == 1
 
 
 def _yaml(text: str):
@@ -258,8 +260,10 @@ def _yaml(text: str):
 
 
 def test_labels_yaml_read_as_numbers_are_strings_and_as_booleans_are_refused():
-    cfg = _yaml("models: [{name: m, labels: [0, 1, 2.5]}]")
-    assert cfg.model("m").labels == ["0", "1", "2.5"]
+    cfg = _yaml("models: [{name: m, labels: [0, 1, '2.5'], task: multi-label-classification, threshold: {1: 0.7}}]")
+    assert cfg.model("m").labels == ["0", "1", "2.5"] and cfg.model("m").threshold == {"1": 0.7}
+    with pytest.raises(ConfigError, match=r"YAML read \[1.0\] as numbers with decimals: quote such labels"):
+        _yaml("models: [{name: m, labels: [0, 1.0]}]")
     with pytest.raises(ConfigError, match=r"YAML read \[True, False\] as true/false: quote such labels"):
         _yaml("models: [{name: m, labels: [yes, no]}]")
 

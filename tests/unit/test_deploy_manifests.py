@@ -147,6 +147,8 @@ def test_a_config_that_only_this_machine_can_run_is_refused():
     ({"num_cpus_per_replica": 2, "num_gpus_per_replica": 0.5}, {"gpus_per_worker": 1}, 8),  # 2 a GPU
     ({"num_cpus_per_replica": 1, "num_gpus_per_replica": 1}, {"gpus_per_worker": 2, "max_workers": 3}, 6),
     ({"autoscaling": {"min_replicas": 40}}, {}, 40),  # never below the minimum
+    (None, {}, 32),  # every key of a section commented out: YAML's null
+    ({"autoscaling": None}, {}, 32),
 ])
 def test_left_out_max_replicas_becomes_what_the_workers_hold(serving, workers, expected):
     doc = {"models": [{"name": "m", "base_model": "b", "labels": ["a", "b"]}], "storage": {"root": "s3://b/tl", "journal_dir": "/j"},

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tuneloop.core.config import DEFAULT_BASE_MODEL, ConfigError, parse_config
+from tuneloop.core.config import ConfigError, parse_config
 from tuneloop.core.config import GateConfig
 from tuneloop.core.evaluation import classification_metrics
 from tuneloop.core.gate import Evidence, TeacherEvidence, decide
@@ -31,11 +31,11 @@ def test_a_student_names_its_teacher_and_may_start_from_its_layers():
     assert small.base_model is None and small.distill.temperature == 2.0 and small.distill.alpha == 0.5
     assert small.distill.max_gap == 0.02 and "big's production" in small.starts_from()
     assert _cfg({"base_model": "y", "distill": {"teacher": "big"}}).model("small").starts_from() == "y"
-    assert _cfg({"distill": {"teacher": "big"}}).model("small").base_model == DEFAULT_BASE_MODEL
 
 
 @pytest.mark.parametrize("student,teacher,quoted", [
     ({"distill": {"teacher": "nobody", "student_layers": 2}}, TEACHER, "'nobody' is not a model"),
+    ({"distill": {"teacher": "big"}}, TEACHER, "needs a base_model"),  # not the default: a student is smaller
     ({"base_model": "y", "distill": {"teacher": "big", "student_layers": 2}}, TEACHER,
      "base_model 'y' and distill.student_layers 2 both say where v1 starts"),
     ({"base_model": "y", "golden_dataset": "g.tsv", "distill": {"teacher": "big"}}, TEACHER,

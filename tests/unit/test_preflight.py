@@ -123,3 +123,10 @@ def test_a_seed_is_not_read_again_once_the_model_has_a_version(tmp_path):
     seed.write_text("sentence,label\nfine,a\n")
     assert data_problems(_cfg(tmp_path, seed_dataset=str(seed))) == []
     assert "golden_dataset" in data_problems(_cfg(tmp_path, seed_dataset=str(seed), golden_dataset=str(seed)))[0]
+
+
+def test_a_seed_whose_labels_are_lists_for_a_classifier_is_a_problem_not_a_traceback(tmp_path):
+    seed = tmp_path / "seed.jsonl"
+    seed.write_text('{"text": "fine", "label": ["a"]}\n{"text": "bad", "label": ["b"]}\n')
+    problems = data_problems(_cfg(tmp_path, seed_dataset=str(seed)))
+    assert len(problems) == 1 and "are not of the types tuneloop reads" in problems[0] and "label: list" in problems[0]
