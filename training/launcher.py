@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -115,6 +116,20 @@ def _per_worker(tcfg: TrainingConfig) -> dict[str, float]:
     return {"CPU": tcfg.cpus_per_worker, **gpus, **tcfg.resources_per_worker}
 
 
+_HANDLE_LOOP: asyncio.AbstractEventLoop | None = None
+
+
+def _handle_loop() -> asyncio.AbstractEventLoop:
+    """An event loop that runs for the rest of the process, for Serve handles: Serve binds
+    the process's shared long-poll client to the first loop a handle runs on, and one that
+    stopped (asyncio.run's) made it log an ERROR at the next update after every job."""
+    global _HANDLE_LOOP
+    if _HANDLE_LOOP is None:
+        _HANDLE_LOOP = asyncio.new_event_loop()
+        threading.Thread(target=_HANDLE_LOOP.run_forever, name="tuneloop-serve-handles", daemon=True).start()
+    return _HANDLE_LOOP
+
+
 def _settle_feedback(feedback: FeedbackStore) -> None:
     """Bring every acknowledged record into Parquet before the snapshot: the live writer
     (the ingress, if tuneloop is serving) compacts its journal on request, and segments
@@ -137,7 +152,7 @@ def _settle_feedback(feedback: FeedbackStore) -> None:
     try:
         # Only where tuneloop's ingress runs: a handle to an absent app waits out its timeout.
         if INGRESS_APP in serve.status().applications:
-            asyncio.run(ask_the_ingress())
+            asyncio.run_coroutine_threadsafe(ask_the_ingress(), _handle_loop()).result(70)
         elif "://" in feedback.storage.uri:
             # A Ray cluster of its own (a KubeRay RayJob): the serving cluster's journal is
             # out of reach; what it has not compacted yet waits for the next job.

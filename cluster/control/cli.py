@@ -65,6 +65,8 @@ def train(
     from tuneloop.training.launcher import run_training
 
     init_ray(cfg, address or server)
+    # The job's handle to the ingress logs Serve's start-up of its router at info: not this command's news.
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     try:
         outcome = run_training(cfg, model, optimize=optimize_version)
     finally:

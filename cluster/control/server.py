@@ -37,7 +37,10 @@ def init_ray(cfg: TuneloopConfig, address: str | None = None) -> None:
     if there is one, else start a local Ray in-process."""
     address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+        # The hook quiets the library logs of this driver's job's workers (Ray Train's own
+        # actors among them), as it does for a local Ray's.
+        ray.init(address=address, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"worker_process_setup_hook": worker_setup.HOOK})
     else:
         s = cfg.serving
         num_cpus = cfg.ray.num_cpus or local_ray_cpus(os.cpu_count() or 1, len(cfg.models), _min_replicas(cfg),
