@@ -314,11 +314,13 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
     job.version = manifest.version
     job.metrics = metrics.model_dump()
     job.gate = gate
+    optimized = None
     if gate.accepted and optimize is not None and cfg.builds_artifacts():
         try:
             manifest = optimize(cfg, registry, model, manifest.version)
         except Exception:  # noqa: BLE001 - the version still serves, on PyTorch
             log.exception("job %s: optimizing %s failed; it serves on PyTorch", job.job_id, manifest.version)
+        optimized = _now()
     if gate.accepted:
         hand_over(registry, job, manifest.version, parent, gate.reason, cfg.rollout)  # sets job.promoted
         job.state = "succeeded"
@@ -327,7 +329,7 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
         job.message = f"{manifest.version} rejected by the gate: {gate.reason}"
     moments = JobMoments(created=datetime.fromisoformat(job.created_at), training_started=training_started,
                          training_ended=training_ended, evaluation_s=float(report.get("evaluation_s", 0.0)),
-                         gated=gated, published=published)
+                         gated=gated, published=published, optimized=optimized)
     try:  # the version is published (and maybe serving): timing it must not fail the job
         serving_all = None
         if job.promoted and parent is not None and registry.switches(model, parent):

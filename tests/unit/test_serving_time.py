@@ -20,8 +20,12 @@ def test_phases_tile_the_way_from_feedback_to_serving():
     timing = serving_time(T0, MOMENTS, serving_all=_at(101))
     assert list(timing.phases) == list(PHASES)
     assert timing.phases == {"waiting_for_trigger": 30.0, "queueing": 5.0, "training": 48.0,
-                             "evaluation": 12.5, "publishing": 2.5, "rollout": 3.0}
-    assert timing.total_s == 101.0 == sum(timing.phases.values())
+                             "evaluation": 12.5, "publishing": 2.5, "optimizing": None, "rollout": 3.0}
+    assert timing.total_s == 101.0 == sum(s for s in timing.phases.values() if s is not None)
+    optimized = JobMoments(**{**MOMENTS.__dict__, "optimized": _at(99.5)})
+    timing = serving_time(T0, optimized, serving_all=_at(101))
+    assert (timing.phases["optimizing"], timing.phases["rollout"]) == (1.5, 1.5)
+    assert timing.total_s == 101.0 == sum(s for s in timing.phases.values() if s is not None)
     assert timing.newest_feedback_at == "2026-11-23T12:00:00.000+00:00"
     assert timing.serving_all_at == "2026-11-23T12:01:41.000+00:00"
 
