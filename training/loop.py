@@ -320,7 +320,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     frozen, frozen_fp32 = _freeze(model, config, rank, keep_fp32_copy=precision != "fp32")
     zero_stage = zero_stage_to_run(config["zero_stage"], world, precision)
     if zero_stage != config["zero_stage"]:
-        _log(rank, f"ZeRO-{config['zero_stage']} partitions nothing on one worker: training at stage 0")
+        why = ("partitions nothing on one worker" if zero_stage == 0 else
+               f"keeps no fp32 master weights to export in {precision}")
+        _log(rank, f"ZeRO-{config['zero_stage']} {why}: training at stage {zero_stage}")
     accumulation, total_steps = optimizer_steps(config["train_rows"], batch_size, world,
                                                 config["gradient_accumulation_steps"], config["epochs"],
                                                 config.get("max_steps"))

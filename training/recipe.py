@@ -42,8 +42,13 @@ def zero_stage_to_run(requested: int, world_size: int, precision: Precision) -> 
     stages 1 to 3 add only their bookkeeping (flattened gradient buckets, a norm computed
     over partitions). Measured on CPU, MiniLM-L6 on SST-2, one run: one worker at ZeRO-2
     trained at 24.0 samples/s, at ZeRO-0 at 34.6. A lone fp32 worker therefore runs at stage
-    0; in bf16 or fp16 the stage stays, as it holds the fp32 master weights the export reads."""
-    return 0 if world_size == 1 and precision == "fp32" else requested
+    0; in bf16 or fp16 the stage stays, as it holds the fp32 master weights the export reads,
+    and stage 0 runs as stage 1: DeepSpeed 0.19's bf16 at stage 0 wraps the optimizer in its
+    fp16 optimizer, whose fp32 copies ``safe_get_full_fp32_param`` cannot reach, so the export
+    took the bf16-rounded weights."""
+    if precision == "fp32":
+        return 0 if world_size == 1 else requested
+    return max(requested, 1)
 
 # Encoder blocks are numbered under one of these names in Hugging Face models: BERT, RoBERTa,
 # DistilBERT and ELECTRA ("layer"), Llama and Mistral ("layers"), T5 ("block"), GPT-2 ("h").

@@ -53,6 +53,7 @@ def test_a_lone_fp32_worker_trains_at_zero_stage_0():
     assert [zero_stage_to_run(stage, 1, "fp32") for stage in (0, 1, 2, 3)] == [0, 0, 0, 0]
     assert zero_stage_to_run(2, 2, "fp32") == 2  # two workers share: the stage holds
     assert zero_stage_to_run(2, 1, "bf16") == 2  # half precision: its fp32 master weights are exported
+    assert zero_stage_to_run(0, 1, "bf16") == zero_stage_to_run(0, 4, "bf16") == 1  # stage 0 keeps none to export
     assert zero_stage_to_run(1, 1, "fp16") == 1
 
 
