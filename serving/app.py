@@ -101,9 +101,14 @@ def deploy(cfg: TuneloopConfig, metrics_dir: str | None = None, also: Sequence[s
                    wait_for_applications_running=False)
 
 
+def application_names(cfg: TuneloopConfig) -> list[str]:
+    """Every Serve application of ``cfg``, the retrain controller's keeper included."""
+    return [INGRESS_APP, CONTROLLER_APP, *(model_app_name(m.name) for m in cfg.models)]
+
+
 def undeploy(cfg: TuneloopConfig, timeout_s: float = 120.0) -> None:
     """Delete every application at once (each replica drains for a while), then wait."""
-    names = [INGRESS_APP, CONTROLLER_APP, *(model_app_name(m.name) for m in cfg.models)]
+    names = application_names(cfg)
     for name in names:
         serve.delete(name, _blocking=False)
     deadline = time.monotonic() + timeout_s

@@ -23,6 +23,7 @@ from tuneloop.control import worker_setup
 from tuneloop.store.journal import pending_records
 from tuneloop.store.keys import KeyRing, ensure_admin_key, save_admin_key
 from tuneloop.core.config import ConfigError, ModelConfig, TuneloopConfig
+from tuneloop.core.names import all_running, deploy_failures
 from tuneloop.core.tasks import model_task
 from tuneloop.core.resources import local_ray_cpus, retraining_shortfall, serving_shortfall
 from tuneloop.store.registry import Registry
@@ -138,17 +139,27 @@ def start_serving(cfg: TuneloopConfig, metrics_dir: str | None) -> None:
     deploy(cfg, metrics_dir)
 
 
-def wait_ready(url: str, timeout_s: float = 300.0, alive: Callable[[], bool] | None = None) -> None:
-    """Until GET /readyz answers 200; ``alive`` (optional) says whether the server still runs."""
+def wait_ready(url: str, timeout_s: float = 300.0, alive: Callable[[], bool] | None = None,
+               apps: list[str] | None = None) -> None:
+    """Until GET /readyz answers 200; ``alive`` (optional) says whether the server still runs.
+    ``apps``: Serve applications of this Ray that must be running too (the retrain
+    controller's, which /readyz does not cover); one Serve could not deploy fails the wait
+    with Serve's reason: they are deployed together, and nothing else would say why."""
     deadline = time.monotonic() + timeout_s
+    ready = False
     while time.monotonic() < deadline:
         if alive is not None and not alive():
             raise RuntimeError(f"the server behind {url} exited before it was ready")
+        statuses = serve.status().applications if apps else {}
+        failed = deploy_failures(statuses, apps or [])
+        if failed:
+            raise RuntimeError("Serve could not deploy " + "; ".join(failed))
         try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return
+            ready = ready or httpx.get(f"{url}/readyz", timeout=5).status_code == 200
         except httpx.HTTPError:
             pass
+        if ready and all_running(statuses, apps or []):
+            return
         time.sleep(0.5)
     raise TimeoutError(f"{url} was not ready within {timeout_s:.0f}s")
 
@@ -209,7 +220,12 @@ def run_forever(cfg: TuneloopConfig) -> None:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         start_serving(cfg, metrics_dir)
         url = f"http://{cfg.serving.host}:{cfg.serving.port}"
-        wait_ready(url)
+        from tuneloop.serving.app import application_names
+
+        try:
+            wait_ready(url, apps=application_names(cfg))
+        except (RuntimeError, TimeoutError) as e:
+            raise SystemExit(f"tuneloop: cannot start: {e}") from None
         print(f"tuneloop ready at {url} after {time.monotonic() - started:.1f}s "
               f"(metrics at {url}/metrics; Ctrl-C stops)", flush=True)
         stop.wait()

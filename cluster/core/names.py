@@ -40,6 +40,26 @@ CONTROLLER_APP = "tuneloop-controller"
 CONTROLLER_DEPLOYMENT = "RetrainControllerKeeper"
 
 
+def deploy_failures(applications: dict, apps: list[str]) -> list[str]:
+    """``name: why`` for each of ``apps`` that Serve could not deploy (``applications``:
+    ``serve.status().applications``; a status is a str enum)."""
+    return [f"{name}: {_why(status)}" for name in apps
+            if (status := applications.get(name)) is not None and status.status == "DEPLOY_FAILED"]
+
+
+def _why(app_status) -> str:
+    """The application's message, with its failed deployments' own (their replica's
+    traceback, of which the last line says what failed)."""
+    lines = [line for d in getattr(app_status, "deployments", {}).values()
+             if d.status in ("DEPLOY_FAILED", "UNHEALTHY") and d.message
+             for line in [d.message.strip().splitlines()[-1]]]
+    return "; ".join([app_status.message, *lines])
+
+
+def all_running(applications: dict, apps: list[str]) -> bool:
+    return all((status := applications.get(name)) is not None and status.status == "RUNNING" for name in apps)
+
+
 def running_replicas(applications: dict, model: str) -> int:
     """A model's running replicas in ``serve.status().applications`` (0 when not deployed)."""
     app_status = applications.get(model_app_name(model))

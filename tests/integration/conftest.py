@@ -169,12 +169,14 @@ def served(cfg: TuneloopConfig, metrics_dir: str, serve_port: int, with_controll
     too when ``with_controller``) and ready; yields the base URL, and undeploys after."""
     from tuneloop.control.apps import deploy as deploy_with_controller
     from tuneloop.control.server import wait_ready
-    from tuneloop.serving.app import deploy, undeploy
+    from tuneloop.core.names import CONTROLLER_APP
+    from tuneloop.serving.app import application_names, deploy, undeploy
 
     (deploy_with_controller if with_controller else deploy)(cfg, metrics_dir)
     url = f"http://127.0.0.1:{serve_port}"
+    apps = [name for name in application_names(cfg) if with_controller or name != CONTROLLER_APP]
     try:
-        wait_ready(url, timeout_s=timeout_s)
+        wait_ready(url, timeout_s=timeout_s, apps=apps)
         yield url
     finally:
         undeploy(cfg)
