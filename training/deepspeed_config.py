@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -12,24 +13,18 @@ def build_deepspeed_config(
     world_size: int,
     learning_rate: float,
     weight_decay: float,
-    total_steps: int,
-    warmup_ratio: float,
     use_gpu: bool,
     precision: str,
     gradient_accumulation_steps: int = 1,
 ) -> dict[str, Any]:
-    """AdamW with linear warmup then linear decay to zero, in ``precision`` (``recipe.resolve_precision``:
-    bf16, fp16 with dynamic loss scaling, or fp32); ``total_steps`` counts optimizer steps.
+    """AdamW in ``precision`` (``recipe.resolve_precision``: bf16, fp16 with dynamic loss
+    scaling, or fp32). Its learning rate follows ``lr_multiplier``, which the worker hands
+    DeepSpeed as a scheduler of its own.
 
     The optimizer is torch's AdamW (``torch_adam``) because DeepSpeed's fused Adam needs
     CUDA; on GPU it uses the fused kernel. In bf16 and fp16 DeepSpeed keeps fp32 master
     weights in the optimizer, which is what the worker exports.
     """
-    # DeepSpeed's WarmupDecayLR needs at least one warmup step and decays after it.
-    warmup = max(1, int(total_steps * warmup_ratio))
-    schedule = {"type": "WarmupDecayLR", "params": {
-        "warmup_min_lr": 0.0, "warmup_max_lr": learning_rate, "warmup_num_steps": warmup,
-        "total_num_steps": max(total_steps, warmup + 1), "warmup_type": "linear"}}
     zero: dict[str, Any] = {"stage": zero_stage}
     if zero_stage == 3:
         # Export gathers the partitioned weights into one consolidated checkpoint.
@@ -53,9 +48,23 @@ def build_deepspeed_config(
                 "torch_adam": not use_gpu,
             },
         },
-        # A lone update is at the learning rate itself: warmed up, it was at 0 and the
-        # job learned nothing (the first update of a schedule is at 0, as in Hugging Face's).
-        **({"scheduler": schedule} if total_steps > 1 else {}),
         "steps_per_print": 10**9,  # tuneloop logs progress itself
         "wall_clock_breakdown": False,
     }
+
+
+def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
+    """Hugging Face's count, ``ceil(total x ratio)``, 0 allowed, and always short of the
+    whole job: a job of one update runs it at the learning rate (warmed up, it was at 0 and
+    the job learned nothing)."""
+    return max(0, min(math.ceil(total_steps * warmup_ratio), total_steps - 1))
+
+
+def lr_multiplier(step: int, total_steps: int, warmup: int) -> float:
+    """The learning rate of update ``step`` (from 0), as a share of the configured one:
+    Hugging Face's linear schedule, up from 0 over ``warmup`` updates, then down towards 0
+    at ``total_steps``. DeepSpeed's WarmupDecayLR, used before, took at least 2 warmup
+    updates whatever warmup_ratio said (0 included): a job of 5 ran at 0, 0.5, 1, 0.67, 0.33."""
+    if step < warmup:
+        return step / warmup
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup))

@@ -16,7 +16,7 @@ from contextlib import nullcontext
 from typing import Any
 
 from tuneloop.core.tasks import Task, make_task
-from tuneloop.training.deepspeed_config import build_deepspeed_config
+from tuneloop.training.deepspeed_config import build_deepspeed_config, lr_multiplier, warmup_steps
 from tuneloop.training.distill import TEACHER_COLUMN, distillation_loss, keep_layers
 from tuneloop.training.recipe import (
     EarlyStopping,
@@ -292,7 +292,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     if not config["use_gpu"]:
         _without_shm_all_reduce()
-    # Its scheduler warns "before it has started" at the step taken ahead on purpose (below).
+    # Its info lines (the engine's set-up, step by step) are not an operator's; warnings go too.
     deepspeed.utils.logger.setLevel(logging.ERROR)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -332,22 +332,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         world_size=world,
         learning_rate=config["learning_rate"],
         weight_decay=config["weight_decay"],
-        total_steps=total_steps,
-        warmup_ratio=config["warmup_ratio"],
         use_gpu=config["use_gpu"],
         precision=precision,
         gradient_accumulation_steps=accumulation,
     )
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=_param_groups(model, config["weight_decay"]), config=ds_config
+    warmup = warmup_steps(total_steps, config["warmup_ratio"])
+    # DeepSpeed steps the scheduler after each optimizer step (not after one a fp16 overflow
+    # skipped); LambdaLR sets update k's rate to the configured one x lr_multiplier(k).
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=_param_groups(model, config["weight_decay"]), config=ds_config,
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_multiplier(step, total_steps, warmup)),
     )
-    # DeepSpeed's warmup sets the learning rate of "before iteration 0" (0) for the first
-    # update and that of iteration 0 (0 again) for the second: two updates that change
-    # nothing, which is all of a two-step job. One scheduler step ahead, only the first
-    # update is at 0, as in Hugging Face's linear schedule (DeepSpeed 0.19.8, measured: weights
-    # unchanged after two updates without this step, changed after the second with it).
-    if scheduler is not None:  # none for a one-update job (deepspeed_config.py)
-        scheduler.step()
     marks["engine_ready"] = time.time()
     _log(rank, f"{precision} on {engine.device}, {world} worker(s) of {torch.get_num_threads()} thread(s), "
                f"{total_steps} optimizer steps of {batch_size * world * accumulation} rows")

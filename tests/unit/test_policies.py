@@ -5,7 +5,7 @@ import pytest
 from tuneloop.core.config import TriggerConfig
 from tuneloop.core.triggers import which_trigger
 from tuneloop.training.data import seed_format
-from tuneloop.training.deepspeed_config import build_deepspeed_config
+from tuneloop.training.deepspeed_config import build_deepspeed_config, lr_multiplier, warmup_steps
 from tuneloop.core.evaluation import classification_metrics
 
 
@@ -68,28 +68,34 @@ def test_metrics_edge_cases():
 
 def test_deepspeed_config_cpu_and_gpu():
     cpu = build_deepspeed_config(zero_stage=2, micro_batch_size=16, world_size=2, learning_rate=1e-4,
-                                 weight_decay=0.01, total_steps=100, warmup_ratio=0.1, use_gpu=False,
+                                 weight_decay=0.01, use_gpu=False,
                                  precision="fp32")
     assert cpu["train_batch_size"] == 32 and cpu["gradient_accumulation_steps"] == 1
     assert cpu["zero_optimization"] == {"stage": 2}
     assert cpu["bf16"]["enabled"] is False and cpu["fp16"]["enabled"] is False
     assert cpu["optimizer"]["params"]["torch_adam"] is True
-    assert cpu["scheduler"]["params"]["warmup_num_steps"] == 10
-    assert cpu["scheduler"]["params"]["total_num_steps"] == 100
+    assert "scheduler" not in cpu  # the worker's own (lr_multiplier)
     gpu = build_deepspeed_config(zero_stage=3, micro_batch_size=8, world_size=4, learning_rate=1e-4,
-                                 weight_decay=0.0, total_steps=1, warmup_ratio=0.0, use_gpu=True,
+                                 weight_decay=0.0, use_gpu=True,
                                  precision="bf16", gradient_accumulation_steps=4)
     assert gpu["bf16"]["enabled"] is True and gpu["fp16"]["enabled"] is False
     # DeepSpeed checks train_batch_size == micro batch x accumulation x world size.
     assert gpu["train_batch_size"] == 8 * 4 * 4 and gpu["gradient_accumulation_steps"] == 4
     assert gpu["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
-    # A one-update job runs at the learning rate itself: warmed up, its update was at 0.
-    assert "scheduler" not in gpu and gpu["optimizer"]["params"]["lr"] == 1e-4
-    two = build_deepspeed_config(zero_stage=0, micro_batch_size=8, world_size=1, learning_rate=1e-4,
-                                 weight_decay=0.0, total_steps=2, warmup_ratio=0.0, use_gpu=False, precision="fp32")
-    # DeepSpeed needs >= 1 warmup step and a total beyond it.
-    assert two["scheduler"]["params"]["warmup_num_steps"] == 1 and two["scheduler"]["params"]["total_num_steps"] == 2
+    assert gpu["optimizer"]["params"]["lr"] == 1e-4
     fp16 = build_deepspeed_config(zero_stage=1, micro_batch_size=8, world_size=1, learning_rate=1e-4,
-                                  weight_decay=0.0, total_steps=10, warmup_ratio=0.1, use_gpu=True, precision="fp16")
+                                  weight_decay=0.0, use_gpu=True, precision="fp16")
     assert fp16["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}  # dynamic loss scaling
     assert fp16["bf16"]["enabled"] is False
+
+
+def test_the_learning_rate_warms_up_and_decays_as_hugging_faces_linear_schedule():
+    def rates(total, ratio):
+        warmup = warmup_steps(total, ratio)
+        return [round(lr_multiplier(step, total, warmup), 3) for step in range(total)]
+
+    assert rates(10, 0.2) == [0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
+    assert rates(5, 0.0) == [1.0, 0.8, 0.6, 0.4, 0.2]  # warmup_ratio 0: no warmup
+    assert rates(1, 0.1) == [1.0]  # a lone update at the learning rate, whatever the ratio
+    assert rates(2, 0.1) == [0.0, 1.0]
+    assert rates(3, 1.0) == [0.0, 0.5, 1.0]  # warmup never takes the whole job
