@@ -351,7 +351,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # all of every evaluation set (shards.py says why not Ray Data).
     tables = {name: ray.get(ref) for name, ref in config["tables"].items()}
     train_shard = worker_shard(tables.pop("train"), rank, world)
-    evaluate = _Evaluator(engine, tokenizer, tables, max_length, task)
+    # The evaluation sets are scored at the serving length (training.max_length may differ:
+    # the shipped config trains at 64 and serves at 128), within what the model takes.
+    eval_length = min(config.get("eval_max_length", max_length), tokenizer.model_max_length)
+    evaluate = _Evaluator(engine, tokenizer, tables, eval_length, task)
 
     parent_eval = None
     if config["has_parent"]:
