@@ -499,6 +499,13 @@ class TrainingConfig(Section):
         return custom_resources(v, "resources_per_worker", "cpus_per_worker and use_gpu/gpus_per_worker")
 
     @model_validator(mode="after")
+    def _a_row_for_every_worker(self) -> TrainingConfig:
+        if self.max_rows_per_job < self.num_workers:
+            raise ValueError(f"max_rows_per_job {self.max_rows_per_job} is fewer than num_workers {self.num_workers}: "
+                             "a worker would have no row to train on")
+        return self
+
+    @model_validator(mode="after")
     def _whole_gpus_for_several_workers(self) -> TrainingConfig:
         if self.use_gpu and self.num_workers > 1 and self.gpus_per_worker != int(self.gpus_per_worker):
             raise ValueError(

@@ -287,3 +287,8 @@ def test_a_models_own_training_errors_name_its_key_and_suggest_one():
 def test_an_ipv6_host_is_refused_saying_what_to_give():
     with pytest.raises(ConfigError, match="host '::': tuneloop listens on IPv4"):
         parse_config({"models": [MODEL], "serving": {"host": "::"}})
+
+
+def test_a_job_that_could_leave_a_worker_without_rows_is_refused():
+    with pytest.raises(ConfigError, match="max_rows_per_job 1 is fewer than num_workers 2"):
+        parse_config({"models": [MODEL], "training": {"max_rows_per_job": 1}})
