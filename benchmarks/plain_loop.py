@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from tuneloop.training.deepspeed_config import warmup_steps
 from tuneloop.training.recipe import training_speed
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")
@@ -57,7 +58,7 @@ def fine_tune(base: str, labels: list[str], rows: list[tuple[str, str]], *, epoc
               {"params": [p for n, p in net.named_parameters() if n.endswith(NO_DECAY)], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=learning_rate)
     steps = epochs * -(-len(rows) // batch_size)
-    schedule = get_linear_schedule_with_warmup(optimizer, max(1, int(steps * warmup_ratio)), steps)
+    schedule = get_linear_schedule_with_warmup(optimizer, warmup_steps(steps, warmup_ratio), steps)  # the job's count
     index = {x: i for i, x in enumerate(labels)}
     rng = random.Random(seed)
     net.train()

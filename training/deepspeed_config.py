@@ -57,7 +57,8 @@ def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
     """Hugging Face's count, ``ceil(total x ratio)``, 0 allowed, and always short of the
     whole job: a job of one update runs it at the learning rate (warmed up, it was at 0 and
     the job learned nothing)."""
-    return max(0, min(math.ceil(total_steps * warmup_ratio), total_steps - 1))
+    # Rounded first: 100 x 0.07 is 7.000000000000001 in floating point, which ceil makes 8.
+    return max(0, min(math.ceil(round(total_steps * warmup_ratio, 9)), total_steps - 1))
 
 
 def lr_multiplier(step: int, total_steps: int, warmup: int) -> float:

@@ -371,8 +371,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     stopping = EarlyStopping(config["early_stopping_patience"], config["early_stopping_min_delta"])
     per_epoch = monitor is not None and config["early_stopping_patience"] is not None and config["epochs"] > 1
     if monitor is None and config["early_stopping_patience"] is not None and config["epochs"] > 1:
-        _log(rank, "early stopping is off for this job: no validation rows (too little fresh feedback) and no "
-                   "golden set to watch")
+        _log(rank, "early stopping is off for this job: no validation rows (too little fresh feedback"
+                   + ("; the golden set is the gate's)" if config["has_parent"] else ", and no golden set)"))
     best: tuple[dict[str, Any], dict[str, Any]] | None = None  # (evaluation, weights) of the best epoch
     epochs_run, steps_at_last_check, started = 0, 0, time.perf_counter()
     epoch_times: list[list[float]] = []  # [rows of all workers, seconds] per epoch

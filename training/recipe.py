@@ -17,17 +17,13 @@ Precision = str  # "bf16", "fp16" or "fp32"
 def resolve_precision(requested: str, use_gpu: bool, bf16_supported: bool, zero_stage: int) -> Precision:
     """What a worker trains in. ``auto``: bf16 where the GPU has it (Ampere and later: no loss
     scaling needed, fp32's range), fp16 with dynamic loss scaling on older GPUs, fp32 on CPU
-    (DeepSpeed's CPU path has no half-precision kernels worth having). fp16 needs ZeRO stage
-    1 or more: at stage 0 DeepSpeed's fp16 optimizer exposes no fp32 master copy to export,
-    so ``auto`` trains such a GPU in fp32 there."""
+    (DeepSpeed's CPU path has no half-precision kernels worth having). Half precision asked
+    at ZeRO stage 0 runs at stage 1 (``zero_stage_to_run``), which keeps the fp32 master
+    weights the export reads."""
     if requested == "auto":
         if not use_gpu:
             return "fp32"
-        if bf16_supported:
-            return "bf16"
-        return "fp16" if zero_stage >= 1 else "fp32"
-    if requested == "fp16" and zero_stage == 0:
-        raise ValueError("precision 'fp16' needs zero_stage 1 or more (stage 0 keeps no fp32 master weights to export)")
+        return "bf16" if bf16_supported else "fp16"
     if requested == "bf16" and use_gpu and not bf16_supported:
         raise ValueError("precision 'bf16' was asked for, but this GPU does not support bf16: use fp16 or auto")
     if requested in ("bf16", "fp16") and not use_gpu:

@@ -23,7 +23,7 @@ from tuneloop.control import worker_setup
 from tuneloop.store.journal import pending_records
 from tuneloop.store.keys import KeyRing, ensure_admin_key, save_admin_key
 from tuneloop.core.config import ConfigError, ModelConfig, TuneloopConfig
-from tuneloop.core.names import all_running, deploy_failures
+from tuneloop.core.names import deploy_failures, not_running
 from tuneloop.core.tasks import model_task
 from tuneloop.core.resources import local_ray_cpus, retraining_shortfall, serving_shortfall
 from tuneloop.store.registry import Registry
@@ -146,7 +146,7 @@ def wait_ready(url: str, timeout_s: float = 300.0, alive: Callable[[], bool] | N
     controller's, which /readyz does not cover); one Serve could not deploy fails the wait
     with Serve's reason: they are deployed together, and nothing else would say why."""
     deadline = time.monotonic() + timeout_s
-    ready = False
+    ready, waiting = False, []
     while time.monotonic() < deadline:
         if alive is not None and not alive():
             raise RuntimeError(f"the server behind {url} exited before it was ready")
@@ -158,10 +158,12 @@ def wait_ready(url: str, timeout_s: float = 300.0, alive: Callable[[], bool] | N
             ready = ready or httpx.get(f"{url}/readyz", timeout=5).status_code == 200
         except httpx.HTTPError:
             pass
-        if ready and all_running(statuses, apps or []):
+        waiting = not_running(statuses, apps or [])
+        if ready and not waiting:
             return
         time.sleep(0.5)
-    raise TimeoutError(f"{url} was not ready within {timeout_s:.0f}s")
+    raise TimeoutError(f"{url} was not ready within {timeout_s:.0f}s" + (f"; not running: {', '.join(waiting)}"
+                                                                       if waiting else ""))
 
 
 def metrics_dir_for(cfg: TuneloopConfig) -> str:

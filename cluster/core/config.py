@@ -521,11 +521,6 @@ class TrainingConfig(Section):
                 f"precision {self.precision!r} needs use_gpu: true; on CPU training runs in fp32 "
                 "(set precision: auto or fp32)"
             )
-        if self.precision == "fp16" and self.zero_stage == 0:
-            raise ValueError(
-                "precision 'fp16' needs zero_stage 1 or more: at stage 0 DeepSpeed keeps no fp32 master weights "
-                "to export (use bf16, or zero_stage: 1)"
-            )
         return self
 
 

@@ -50,14 +50,15 @@ def deploy_failures(applications: dict, apps: list[str]) -> list[str]:
 def _why(app_status) -> str:
     """The application's message, with its failed deployments' own (their replica's
     traceback, of which the last line says what failed)."""
-    lines = [line for d in getattr(app_status, "deployments", {}).values()
-             if d.status in ("DEPLOY_FAILED", "UNHEALTHY") and d.message
-             for line in [d.message.strip().splitlines()[-1]]]
-    return "; ".join([app_status.message, *lines])
+    lines = [d.message.strip().splitlines()[-1] for d in getattr(app_status, "deployments", {}).values()
+             if d.status in ("DEPLOY_FAILED", "UNHEALTHY") and (d.message or "").strip()]
+    return "; ".join(part for part in [app_status.message, *lines] if part)
 
 
-def all_running(applications: dict, apps: list[str]) -> bool:
-    return all((status := applications.get(name)) is not None and status.status == "RUNNING" for name in apps)
+def not_running(applications: dict, apps: list[str]) -> list[str]:
+    """``name (status)`` for each of ``apps`` that is not running (yet)."""
+    return [f"{name} ({status.status if status is not None else 'not deployed'})" for name in apps
+            if (status := applications.get(name)) is None or status.status != "RUNNING"]
 
 
 def running_replicas(applications: dict, model: str) -> int:

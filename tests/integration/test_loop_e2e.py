@@ -27,7 +27,7 @@ def loop(ray_session, serve_port, metrics_dir, tiny_model, seed_tsv, tmp_path):
 
     from tuneloop.core.names import CONTROLLER_NAMESPACE, controller_name
     from tuneloop.control.server import bootstrap_versions, start_serving, wait_ready
-    from tuneloop.serving.app import undeploy
+    from tuneloop.serving.app import application_names, undeploy
 
     # No background compaction: the job itself must ask the ingress to compact its journal.
     # A learning rate this small leaves the candidate's answers production's, and the margins
@@ -39,7 +39,7 @@ def loop(ray_session, serve_port, metrics_dir, tiny_model, seed_tsv, tmp_path):
     bootstrap_versions(cfg)  # trains v1, as `tuneloop run` does on an empty registry
     start_serving(cfg, metrics_dir)
     url = f"http://127.0.0.1:{serve_port}"
-    wait_ready(url)
+    wait_ready(url, apps=application_names(cfg))  # the controller too: it counts the feedback below
     yield {"url": url, "cfg": cfg}
     # The controller is the keeper application's (control/apps.py): it goes with it.
     assert ray.get_actor(controller_name(cfg.digest()), namespace=CONTROLLER_NAMESPACE) is not None

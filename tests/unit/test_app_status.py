@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from tuneloop.core.names import all_running, deploy_failures
+from tuneloop.core.names import deploy_failures, not_running
 
 
 def _app(status: str, message: str = "", **deployments: tuple[str, str]) -> SimpleNamespace:
@@ -27,5 +27,9 @@ def test_a_failed_application_is_named_with_its_deployments_last_line():
 
 def test_ready_means_every_application_named_runs():
     apps = {"a": _app("RUNNING"), "b": _app("DEPLOYING")}
-    assert all_running(apps, ["a"]) and not all_running(apps, ["a", "b"]) and not all_running(apps, ["a", "c"])
-    assert all_running(apps, [])
+    assert not_running(apps, ["a"]) == [] and not_running(apps, []) == []
+    assert not_running(apps, ["a", "b", "c"]) == ["b (DEPLOYING)", "c (not deployed)"]
+
+
+def test_empty_messages_add_nothing():
+    assert deploy_failures({"x": _app("DEPLOY_FAILED", "", d=("DEPLOY_FAILED", "  \n"))}, ["x"]) == ["x: "]

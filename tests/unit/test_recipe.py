@@ -38,22 +38,21 @@ def test_precision_by_device():
     assert resolve_precision("auto", use_gpu=False, bf16_supported=False, zero_stage=2) == "fp32"
     assert resolve_precision("auto", use_gpu=True, bf16_supported=True, zero_stage=0) == "bf16"
     assert resolve_precision("auto", use_gpu=True, bf16_supported=False, zero_stage=2) == "fp16"  # V100, T4
-    assert resolve_precision("auto", use_gpu=True, bf16_supported=False, zero_stage=0) == "fp32"  # no master copy
+    assert resolve_precision("auto", use_gpu=True, bf16_supported=False, zero_stage=0) == "fp16"  # run at stage 1
     assert resolve_precision("fp32", use_gpu=True, bf16_supported=True, zero_stage=2) == "fp32"
     assert resolve_precision("fp16", use_gpu=True, bf16_supported=True, zero_stage=1) == "fp16"
     with pytest.raises(ValueError, match="does not support bf16"):
         resolve_precision("bf16", use_gpu=True, bf16_supported=False, zero_stage=2)
     with pytest.raises(ValueError, match="needs a GPU"):
         resolve_precision("fp16", use_gpu=False, bf16_supported=False, zero_stage=2)
-    with pytest.raises(ValueError, match="needs zero_stage 1 or more"):
-        resolve_precision("fp16", use_gpu=True, bf16_supported=False, zero_stage=0)
+    assert resolve_precision("fp16", use_gpu=True, bf16_supported=False, zero_stage=0) == "fp16"
 
 
 def test_a_lone_fp32_worker_trains_at_zero_stage_0():
     assert [zero_stage_to_run(stage, 1, "fp32") for stage in (0, 1, 2, 3)] == [0, 0, 0, 0]
     assert zero_stage_to_run(2, 2, "fp32") == 2  # two workers share: the stage holds
     assert zero_stage_to_run(2, 1, "bf16") == 2  # half precision: its fp32 master weights are exported
-    assert zero_stage_to_run(0, 1, "bf16") == zero_stage_to_run(0, 4, "bf16") == 1  # stage 0 keeps none to export
+    assert zero_stage_to_run(0, 1, "bf16") == zero_stage_to_run(0, 4, "fp16") == 1  # stage 0 keeps none to export
     assert zero_stage_to_run(1, 1, "fp16") == 1
 
 
@@ -62,8 +61,7 @@ def test_config_refuses_half_precision_on_cpu_naming_the_value():
         TrainingConfig(precision="bf16")
     assert TrainingConfig(precision="bf16", use_gpu=True).precision == "bf16"
     assert TrainingConfig().precision == "auto"
-    with pytest.raises(ValueError, match="precision 'fp16' needs zero_stage 1 or more"):
-        TrainingConfig(precision="fp16", use_gpu=True, zero_stage=0)
+    assert TrainingConfig(precision="fp16", use_gpu=True, zero_stage=0).zero_stage == 0  # runs at stage 1
 
 
 def test_nothing_frozen_by_default():
