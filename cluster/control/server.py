@@ -220,11 +220,11 @@ def run_forever(cfg: TuneloopConfig) -> None:
         # After bootstrap: Ray Train's fit() installs its own SIGINT handler while it runs.
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        start_serving(cfg, metrics_dir)
         url = f"http://{cfg.serving.host}:{cfg.serving.port}"
         from tuneloop.serving.app import application_names
 
         try:
+            start_serving(cfg, metrics_dir)  # Serve raises RuntimeError for an application it could not deploy
             wait_ready(url, apps=application_names(cfg))
         except (RuntimeError, TimeoutError) as e:
             raise SystemExit(f"tuneloop: cannot start: {e}") from None
