@@ -9,7 +9,6 @@ replicas, one process hop, and every other path falls through to the FastAPI ing
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 import time
 
 import ray
@@ -89,19 +88,17 @@ def on_journal_node() -> dict:
     return {"resources": {JOURNAL_RESOURCE: 0.01}} if offered else {}
 
 
-def deploy(cfg: TuneloopConfig, metrics_dir: str | None = None, also: Sequence[serve.RunTarget] = ()) -> None:
-    """Deploy (or update) ``also``, then every model application, then the ingress, each
-    once the one before runs (Serve raises RuntimeError for one it could not deploy).
-    Serving only: ``tuneloop.control.apps.deploy`` adds the retrain controller. Deployed
-    together (serve.run_many), restart to ready fell from 30-34 s to 20-26 s, but two
-    fresh-clone CI runs then failed the first hardening test right after ready (a 64 MiB
-    chunked body read past 16 MiB before its 413): one after another, until that is
-    understood."""
-    targets = [*also, *(serve.RunTarget(model_app(cfg, m.name, metrics_dir), name=model_app_name(m.name),
-                                        route_prefix=predict_route(m.name)) for m in cfg.models),
-               serve.RunTarget(ingress_app(cfg, metrics_dir), name=INGRESS_APP, route_prefix="/")]
-    for target in targets:
-        serve.run(target.target, name=target.name, route_prefix=target.route_prefix)
+def deploy(cfg: TuneloopConfig, metrics_dir: str | None = None) -> None:
+    """Deploy (or update) every model application, then the ingress, each once the one
+    before runs (Serve raises RuntimeError for one it could not deploy). Serving only:
+    ``tuneloop.control.apps.deploy`` adds the retrain controller. Deployed together
+    (serve.run_many), restart to ready fell from 30-34 s to 20-26 s, but two fresh-clone CI
+    runs then failed the first hardening test right after ready (a 64 MiB chunked body read
+    past 16 MiB before its 413): one after another, until that is understood."""
+    for m in cfg.models:
+        serve.run(model_app(cfg, m.name, metrics_dir), name=model_app_name(m.name), route_prefix=predict_route(m.name),
+                  blocking=False)
+    serve.run(ingress_app(cfg, metrics_dir), name=INGRESS_APP, route_prefix="/", blocking=False)
 
 
 def application_names(cfg: TuneloopConfig) -> list[str]:

@@ -94,6 +94,6 @@ def controller_app(cfg: TuneloopConfig, metrics_dir: str | None = None) -> Appli
 
 def deploy(cfg: TuneloopConfig, metrics_dir: str | None = None) -> None:
     """Deploy (or update) every application of ``cfg``, the ones ``build`` makes for a Serve
-    config file; returns at once."""
-    deploy_serving(cfg, metrics_dir,
-                   also=[serve.RunTarget(controller_app(cfg, metrics_dir), name=CONTROLLER_APP, route_prefix=None)])
+    config file, one after another (serving.app.deploy says why)."""
+    serve.run(controller_app(cfg, metrics_dir), name=CONTROLLER_APP, route_prefix=None, blocking=False)
+    deploy_serving(cfg, metrics_dir)

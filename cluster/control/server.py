@@ -144,7 +144,7 @@ def wait_ready(url: str, timeout_s: float = 300.0, alive: Callable[[], bool] | N
     """Until GET /readyz answers 200; ``alive`` (optional) says whether the server still runs.
     ``apps``: Serve applications of this Ray that must be running too (the retrain
     controller's, which /readyz does not cover); one Serve could not deploy fails the wait
-    with Serve's reason: they are deployed together, and nothing else would say why."""
+    with Serve's reason, where the wait alone would say only "not ready"."""
     deadline = time.monotonic() + timeout_s
     ready, waiting = False, []
     while time.monotonic() < deadline:

@@ -39,8 +39,6 @@ class ConfigError(ValueError):
     """The config file is missing, unreadable or invalid; the message says where."""
 
 
-
-
 class DistillConfig(Section):
     """A student model distilled from a larger teacher model's production version: every job
     of the student trains on the teacher's soft labels over its texts (seed, replay and
