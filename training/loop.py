@@ -301,7 +301,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     max_length: int = config["max_length"]
     batch_size: int = config["batch_size"]
     precision = resolve_precision(config["precision"], config["use_gpu"],
-                                  config["use_gpu"] and torch.cuda.is_bf16_supported(), config["zero_stage"])
+                                  config["use_gpu"] and torch.cuda.is_bf16_supported())
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(config["init_path"])
     model = load_for_training(config["init_path"], task, config["dropout"])

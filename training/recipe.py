@@ -14,7 +14,7 @@ from typing import Any
 Precision = str  # "bf16", "fp16" or "fp32"
 
 
-def resolve_precision(requested: str, use_gpu: bool, bf16_supported: bool, zero_stage: int) -> Precision:
+def resolve_precision(requested: str, use_gpu: bool, bf16_supported: bool) -> Precision:
     """What a worker trains in. ``auto``: bf16 where the GPU has it (Ampere and later: no loss
     scaling needed, fp32's range), fp16 with dynamic loss scaling on older GPUs, fp32 on CPU
     (DeepSpeed's CPU path has no half-precision kernels worth having). Half precision asked

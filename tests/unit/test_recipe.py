@@ -35,17 +35,16 @@ GPT2 = ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.att
 
 
 def test_precision_by_device():
-    assert resolve_precision("auto", use_gpu=False, bf16_supported=False, zero_stage=2) == "fp32"
-    assert resolve_precision("auto", use_gpu=True, bf16_supported=True, zero_stage=0) == "bf16"
-    assert resolve_precision("auto", use_gpu=True, bf16_supported=False, zero_stage=2) == "fp16"  # V100, T4
-    assert resolve_precision("auto", use_gpu=True, bf16_supported=False, zero_stage=0) == "fp16"  # run at stage 1
-    assert resolve_precision("fp32", use_gpu=True, bf16_supported=True, zero_stage=2) == "fp32"
-    assert resolve_precision("fp16", use_gpu=True, bf16_supported=True, zero_stage=1) == "fp16"
+    assert resolve_precision("auto", use_gpu=False, bf16_supported=False) == "fp32"
+    assert resolve_precision("auto", use_gpu=True, bf16_supported=True) == "bf16"
+    assert resolve_precision("auto", use_gpu=True, bf16_supported=False) == "fp16"  # V100, T4
+    assert resolve_precision("fp32", use_gpu=True, bf16_supported=True) == "fp32"
+    assert resolve_precision("fp16", use_gpu=True, bf16_supported=True) == "fp16"
     with pytest.raises(ValueError, match="does not support bf16"):
-        resolve_precision("bf16", use_gpu=True, bf16_supported=False, zero_stage=2)
+        resolve_precision("bf16", use_gpu=True, bf16_supported=False)
     with pytest.raises(ValueError, match="needs a GPU"):
-        resolve_precision("fp16", use_gpu=False, bf16_supported=False, zero_stage=2)
-    assert resolve_precision("fp16", use_gpu=True, bf16_supported=False, zero_stage=0) == "fp16"
+        resolve_precision("fp16", use_gpu=False, bf16_supported=False)
+    assert resolve_precision("fp16", use_gpu=True, bf16_supported=False) == "fp16"
 
 
 def test_a_lone_fp32_worker_trains_at_zero_stage_0():
