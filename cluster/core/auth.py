@@ -12,7 +12,8 @@ compared in constant time. Keys come from three places, all merged:
   ``tuneloop keys create`` / ``keys revoke`` add and remove keys, under ``auth/keys.lock``.
 
 Roles are ranked: ``admin`` may do everything, ``feedback`` may also predict, ``predict``
-only predicts. A role listed in ``auth.open_roles`` needs no key (``predict`` by default).
+only predicts. A role listed in ``auth.open_roles``, and every role below it, needs no key
+(``predict`` by default).
 
 A key file that cannot be read or has the wrong shape raises KeyFileError, whose message
 names the file and the problem, never a secret: ``tuneloop run`` refuses to start on it,
@@ -141,6 +142,10 @@ class Authorizer:
 
     def __post_init__(self):
         self._by_id = {k.id: k for k in self.keys}
+        # An open role opens those ranked below it, as a key's role does: `open_roles:
+        # [feedback]` left predicting behind a key while anyone could send feedback.
+        top = max((ROLES.index(r) for r in self.open_roles), default=-1)
+        self.open_roles = frozenset(ROLES[: top + 1])
 
     def check(self, authorization: str | None, role: str) -> str | None:
         """The id of the key that may act as ``role``; None for an open role without a key.

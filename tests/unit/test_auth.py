@@ -74,6 +74,16 @@ def test_open_roles_need_no_key_but_a_given_key_is_still_checked():
         auth.check(None, "admin")
 
 
+def test_an_open_role_opens_the_roles_below_it_and_none_above():
+    feedback_open = Authorizer([], open_roles=frozenset({"feedback"}))
+    assert feedback_open.check(None, "predict") is None and feedback_open.check(None, "feedback") is None
+    with pytest.raises(Unauthorized):
+        feedback_open.check(None, "admin")
+    closed = Authorizer([], open_roles=frozenset())
+    with pytest.raises(Unauthorized):
+        closed.check(None, "predict")
+
+
 def test_env_keys_parse_and_errors_never_echo_a_secret():
     key, rec = new_key("feedback")
     assert keys_from_env(f"feedback:{key}, ") == [rec]
