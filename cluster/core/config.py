@@ -261,6 +261,9 @@ class StorageConfig(Section):
         return self.journal_dir or os.path.join(self.root, "journal", "feedback")
 
 
+DEFAULT_TARGET_ONGOING = 32.0  # Serve's autoscaling target per replica: one default batch
+
+
 class AutoscalingConfig(Section):
     """Serve's autoscaling on ongoing requests per replica, within [min, max] replicas."""
 
@@ -270,7 +273,8 @@ class AutoscalingConfig(Section):
             "None: as many as this machine's cores hold beside a training job, shared by the models "
             "((cores - the job's CPUs) // (num_cpus_per_replica x models), at least 1)"))
     target_ongoing_requests: float = Field(
-        default=32.0, gt=0, description="requests per replica it aims at: about one full batch"
+        default=DEFAULT_TARGET_ONGOING, gt=0,
+        description="requests per replica it aims at: one full batch (default 32, or a smaller max_batch_size)"
     )
     upscale_delay_s: float = Field(default=10.0, ge=0)
     downscale_delay_s: float = Field(default=300.0, ge=0)
@@ -344,6 +348,21 @@ class ServingConfig(Section):
     def _custom_resources_only(cls, v: dict[str, float]) -> dict[str, float]:
         return custom_resources(v, "resources_per_replica", "num_cpus_per_replica and num_gpus_per_replica")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _target_of_a_small_batch(cls, data: Any) -> Any:
+        """``autoscaling.target_ongoing_requests`` left out is one full batch: 32, or a
+        smaller ``max_batch_size``. At 32 whatever the batch, ``max_batch_size: 4`` with
+        ``max_queued_requests: 8`` was refused over a key the user never wrote."""
+        if not isinstance(data, dict) or data.get("num_replicas") is not None:
+            return data
+        auto = data.get("autoscaling") or {}
+        size = data.get("max_batch_size")
+        if isinstance(auto, dict) and "target_ongoing_requests" not in auto \
+                and type(size) is int and 1 <= size < DEFAULT_TARGET_ONGOING:
+            data = {**data, "autoscaling": {**auto, "target_ongoing_requests": float(size)}}
+        return data
+
     @model_validator(mode="after")
     def _target_is_reachable(self) -> ServingConfig:
         # A replica holds at most 4 batches in flight and the queue (serving/model_server.py's
@@ -404,7 +423,7 @@ class ApiKeyConfig(Section):
 class AuthConfig(Section):
     """API keys (Authorization: Bearer tl_...) and what needs none."""
 
-    open_roles: list[Role] = Field(default=["predict"], description="roles anyone may act as without a key")
+    open_roles: list[Role] = Field(default=["predict"], description="roles anyone may act as without a key (and those ranked below: feedback opens predict)")
     keys: list[ApiKeyConfig] = []
     create_admin_key: bool = Field(default=True, description="`tuneloop run` creates one on first run")
     feedback_per_minute: float = Field(default=120.0, gt=0, description="per key (or per anonymous client)")

@@ -178,13 +178,21 @@ def test_digest_is_the_same_wherever_the_config_is_loaded(tmp_path):
     ({"task": "token-classification", "labels": ["PER"], "window_stride": 65}, {"max_length": 128},
      "window_stride 65 exceeds half of serving.max_length (128)"),
     ({}, {"num_replicas": 2, "autoscaling": {"max_replicas": 4}}, "num_replicas 2 is a fixed count"),
-    ({}, {"max_batch_size": 2, "max_queued_requests": 4}, "target_ongoing_requests 32 is never reached: a replica "
-                                                          "holds at most 12 requests"),
+    ({}, {"max_batch_size": 2, "max_queued_requests": 4, "autoscaling": {"target_ongoing_requests": 32}},
+     "target_ongoing_requests 32 is never reached: a replica holds at most 12 requests"),
 ])
 def test_settings_that_would_be_ignored_are_refused(model, serving, fragment):
     with pytest.raises(ConfigError) as e:
         parse_config({"models": [{**MODEL, **model}], "serving": serving})
     assert fragment in str(e.value)
+
+
+def test_a_target_left_out_is_one_full_batch_of_a_small_max_batch_size():
+    small = parse_config({"models": [MODEL], "serving": {"max_batch_size": 2, "max_queued_requests": 4}})
+    assert small.serving.autoscaling.target_ongoing_requests == 2
+    assert parse_config(small.model_dump()) == small  # as replicas re-read it
+    assert parse_config({"models": [MODEL], "serving": {"max_batch_size": 256}}).serving.autoscaling \
+        .target_ongoing_requests == 32
 
 
 def test_an_unreachable_target_is_fine_where_replicas_cannot_scale_anyway():
