@@ -191,19 +191,28 @@ class Journal:
         Parquet. Returns the number of records compacted. A segment leaves the list only
         once its Parquet is written, so a failed compaction is retried by the next one."""
         with self._compact_lock:
+            # Those a failed compaction left first, and only then the active segment: taken
+            # at every compaction whatever became of the last, each interval of an object
+            # store's outage added a segment to the list, with its open descriptor (200
+            # failed intervals held 200), until the ingress ran out of them.
+            done = self._compact_finished()
             with self._lock:
                 if self._active is not None and self._active.records:
                     self._finished.append(self._active)
                     self._active = None  # the next append opens a new segment
-                finished = list(self._finished)
-            done = 0
-            for segment in finished:
-                done += self._compact_file(segment.path)
-                segment.path.unlink(missing_ok=True)
-                segment.close()
-                with self._lock:
-                    self._finished.remove(segment)
-            return done + self.recover()
+            return done + self._compact_finished() + self.recover()
+
+    def _compact_finished(self) -> int:
+        with self._lock:
+            finished = list(self._finished)
+        done = 0
+        for segment in finished:
+            done += self._compact_file(segment.path)
+            segment.path.unlink(missing_ok=True)
+            segment.close()
+            with self._lock:
+                self._finished.remove(segment)
+        return done
 
     def recover(self) -> int:
         """Compact the segments of writers that died (their locks are free), and delete the

@@ -165,3 +165,26 @@ def test_a_writer_starts_even_when_a_dead_writers_records_cannot_be_recovered_ye
     restarted.compact()  # the disk is back: the next compaction recovers the record
     assert restarted.read("m").column("feedback_id").to_pylist() == [acknowledged]
     restarted.close()
+
+
+def test_an_object_store_outage_keeps_one_open_segment_however_many_intervals_fail(tmp_path, monkeypatch):
+    """Each compaction interval of an outage used to move the active segment, descriptor and
+    lock held, onto a list that only a successful compaction emptied."""
+    journal, storage = _journal(tmp_path)
+    real = Storage.write_parquet_atomic
+
+    def outage(self, rel, table):
+        raise OSError("object store unreachable")
+
+    monkeypatch.setattr(Storage, "write_parquet_atomic", outage)
+    for i in range(20):
+        journal.append(_record(i))
+        with pytest.raises(OSError, match="unreachable"):
+            journal.compact()
+    assert len(journal._finished) == 1  # the first interval's segment; the rest are still being appended to
+    assert len(list((tmp_path / "j").iterdir())) == 2
+    monkeypatch.setattr(Storage, "write_parquet_atomic", real)
+    assert journal.compact() == 20
+    assert sorted(_stored_ids(storage)) == sorted(f"r{i}" for i in range(20))
+    journal.close()
+    assert list((tmp_path / "j").iterdir()) == []
