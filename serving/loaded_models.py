@@ -44,14 +44,18 @@ def cpu_class() -> str:
 
 class LoadedModel:
     """One version's tokenizer and PyTorch weights: bf16 on a GPU, fp32 on a CPU unless
-    ``bf16`` (the ``torch-bf16`` runtime)."""
+    ``bf16`` (the ``torch-bf16`` runtime). On a GPU only when ``gpu`` (the replica was given
+    one, ``serving.num_gpus_per_replica``): Ray 2.60 leaves ``CUDA_VISIBLE_DEVICES`` as it is
+    for an actor that asked for no GPU, so a CPU replica on a GPU host saw every GPU and
+    took GPU 0 behind Ray's back."""
 
     runtime = "torch"
 
-    def __init__(self, path: str, version: str, task: Task, max_length: int, bf16: bool = False):
+    def __init__(self, path: str, version: str, task: Task, max_length: int, bf16: bool = False,
+                 gpu: bool = False):
         import transformers
 
-        self.version, self.task, self.bf16 = version, task, bf16
+        self.version, self.task, self.bf16, self.gpu = version, task, bf16, gpu
         if bf16:
             self.runtime = "torch-bf16"
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
@@ -64,7 +68,7 @@ class LoadedModel:
         import torch
         import transformers
 
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device("cuda" if self.gpu and torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda":  # a GPU without bf16 (T4, V100) emulates it slowly: fp16 there
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         else:
@@ -157,10 +161,11 @@ def onnx_session(path: str, threads: int):
 
 
 def load_model(path: str, version: str, task: Task, max_length: int, runtime: str = "torch",
-               artifact: str | None = None) -> LoadedModel:
-    """A version on ``runtime``; ``artifact`` is the ONNX file's path under ``path``."""
+               artifact: str | None = None, gpu: bool = False) -> LoadedModel:
+    """A version on ``runtime``; ``artifact`` is the ONNX file's path under ``path``; ``gpu``:
+    PyTorch runtimes use a GPU (ONNX Runtime runs on the CPU)."""
     if runtime in ("torch", "torch-bf16"):
-        return LoadedModel(path, version, task, max_length, bf16=runtime == "torch-bf16")
+        return LoadedModel(path, version, task, max_length, bf16=runtime == "torch-bf16", gpu=gpu)
     if artifact is None:
         raise ValueError(f"runtime {runtime!r} needs the artifact's path")
     return OnnxModel(path, version, task, max_length, artifact, runtime)

@@ -227,7 +227,8 @@ def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, versio
     torch.set_num_threads(threads)  # the replica's: speeds are ranked for it
     texts, targets = _golden(registry, model, version, task, ocfg.parity_max_rows)
     max_length = cfg.serving.max_length
-    reference = LoadedModel(path, version, task, max_length)
+    gpu = cfg.serving.num_gpus_per_replica > 0  # measured where the replicas run
+    reference = LoadedModel(path, version, task, max_length, gpu=gpu)
     reference_answers, reference_accuracy = _answers(reference, task, texts, targets, ocfg.speed_batch_size)
     tokenizer, max_length = reference.tokenizer, reference.max_length  # held to what the model takes
     device = "cuda" if reference.device.type == "cuda" else "cpu"
@@ -267,7 +268,7 @@ def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, versio
             build_s = time.perf_counter() - started
             # At serving the artifact lies under the version's folder; here an absolute path
             # (os.path.join keeps it) points at the copy still in tmp.
-            loaded = load_model(path, version, task, max_length, runtime, out)
+            loaded = load_model(path, version, task, max_length, runtime, out, gpu=gpu)
             answers, accuracy = _answers(loaded, task, texts, targets, ocfg.speed_batch_size)
             parity = parity_check(reference_answers, answers, accuracy, reference_accuracy,
                                   ocfg.min_agreement, ocfg.max_accuracy_drop)
