@@ -8,6 +8,7 @@ only ever our own bug, never something a client sent.
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import ray
@@ -59,6 +60,7 @@ from tuneloop.serving.predict_request import (
 
 log = logging.getLogger("ray.serve")
 READY_TIMEOUT_S = 5.0
+CONTROLLER_LOOKUP_S = 30.0  # how long a retrain controller handle is trusted (Ingress._controller)
 
 app = FastAPI(title="tuneloop", version="1")
 
@@ -235,7 +237,7 @@ class Ingress:
         storage = Storage(self.cfg.storage.root)
         self.registry = Registry(storage)
         self.quarantine = QuarantineBook(storage)
-        self._controller_handle = None
+        self._controller_handle, self._controller_found_at = None, 0.0
         self.feedback = FeedbackService.from_config(self.cfg, trigger=self._trigger)
         self.jobs = JobStore(storage)
         self.auth = KeyRing(self.cfg.auth, storage)
@@ -267,15 +269,21 @@ class Ingress:
         except Forbidden:
             return False
 
-    def _controller(self):
-        """The retrain controller's handle, looked up until found, then kept: the trigger
-        runs for every stored record, inside the feedback store's append lock, and a lookup
-        is a round trip to Ray's GCS."""
-        if self._controller_handle is None:
+    def _controller(self, fresh: bool = False):
+        """The retrain controller's handle, kept for ``CONTROLLER_LOOKUP_S`` and then looked
+        up again (or at once when ``fresh``): the trigger runs for every stored record,
+        inside the feedback store's append lock, and a lookup is a round trip to Ray's GCS.
+        Kept for good, a handle outlived its controller: when the keeper replaced a dead one,
+        the triggers went to the dead actor and were dropped, and retraining never fired
+        again. The new controller counts what it missed from the feedback files."""
+        now = time.monotonic()
+        if fresh or self._controller_handle is None or now - self._controller_found_at > CONTROLLER_LOOKUP_S:
             try:
                 self._controller_handle = ray.get_actor(controller_name(self.cfg.digest()),
                                                       namespace=CONTROLLER_NAMESPACE)
+                self._controller_found_at = now
             except ValueError:
+                self._controller_handle = None
                 return None  # serving without the loop (tests, or an operator who retrains by hand)
         return self._controller_handle
 
@@ -429,10 +437,16 @@ class Ingress:
     async def retrain(self, model: str, request: Request, body: EmptyRequest | None = None) -> dict[str, str]:
         key_id = self.auth.check(request.headers.get("authorization"), "admin")
         self._model_cfg(model)
-        controller = self._controller()
-        if controller is None:
-            raise NotReady("retraining is not available here: no retrain controller is running")
-        job_id = await controller.start.remote(model, f"manual (key {key_id})")
+        for looked_again in (False, True):  # a controller that died since the lookup: its keeper starts another
+            controller = self._controller(fresh=looked_again)
+            if controller is None:
+                raise NotReady("retraining is not available here: no retrain controller is running")
+            try:
+                job_id = await controller.start.remote(model, f"manual (key {key_id})")
+                break
+            except ray.exceptions.RayActorError:
+                if looked_again:
+                    raise NotReady("the retrain controller is restarting; retry shortly") from None
         if job_id is None:
             raise Conflict(f"a training job for {model!r} is already running")
         return {"job_id": job_id}
