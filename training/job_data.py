@@ -153,7 +153,11 @@ def _quarantine(task: Task, qcfg: QuarantineConfig, book: QuarantineBook, model:
     stats = {}
     if stored.num_rows:
         stats = task_key_stats(task, stored.to_pylist())
-        reference = getattr(parent.metrics, task.gate_metric) if parent and parent.metrics else None
+        # Accuracy, whatever the gate compares: for every task it is the share of texts answered
+        # exactly right, what a key's agreement with production counts (``Task.agrees``). An
+        # entity or multi-label F1 runs far above exact agreement on multi-entity texts, and
+        # held a lone honest key's feedback.
+        reference = parent.metrics.accuracy if parent and parent.metrics else None
         flags = flag_keys(stats, reference, min_rows=qcfg.min_rows, max_gap=qcfg.max_gap,
                           min_shared_texts=qcfg.min_shared_texts, min_peer_agreement=qcfg.min_peer_agreement)
         released = {k for k, v in book.verdicts(model).items() if v.state == "released"}
@@ -272,6 +276,10 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     train = pa.concat_tables([fresh_train, replay])
     train = _take(train, rng.sample(range(train.num_rows), train.num_rows))
     if train.num_rows == 0:
+        if seed is not None and seed.num_rows:
+            raise ValueError(f"model {mcfg.name!r}: every row of its seed dataset is in its golden set, which never "
+                             "trains, and there is no feedback to train on: give a golden_dataset apart from the "
+                             "seed (or leave it out: a sample of the seed is then kept back)")
         raise ValueError(f"model {mcfg.name!r} has no seed dataset and no feedback to train on")
 
     # The child's reservoir: the parent's, with this job's fresh rows sampled in.

@@ -416,3 +416,41 @@ def test_the_labels_a_golden_set_lacks_are_named_for_every_task():
                         pa.list_(pa.struct([("start", pa.int32()), ("end", pa.int32()), ("label", pa.string())])))
     assert golden_labels_missing(ner, pa.table({"text": ["x", "Rome"], "entities": entities})) == ["PER"]
     assert golden_labels_missing(ner, pa.table({"text": ["x"], "entities": entities[:1]})) == ["LOC", "PER"]
+
+
+def test_a_lone_key_is_judged_against_production_exact_answers_not_its_f1(tmp_path):
+    """Multi-label production at golden F1 0.9 answers only 30% of texts exactly right (its
+    accuracy). A lone key agreeing exactly on 40% of its predictions is as honest as that;
+    judged against the F1 (allowed gap 0.4), its feedback would have been held."""
+    seed = tmp_path / "seed.jsonl"
+    seed.write_text("".join(f'{{"text": "seed {i}", "labels": ["a"]}}\n' for i in range(40)))
+    cfg = parse_config({"models": [{"name": "m", "task": "multi-label-classification", "base_model": "x",
+                                    "labels": ["a", "b", "c"], "seed_dataset": str(seed)}],
+                        "storage": {"root": str(tmp_path / "store")}})
+    storage = Storage(cfg.storage.root)
+    tasks = model_tasks(cfg.models)
+    feedback = FeedbackStore(storage, str(tmp_path / "journal"), tasks)
+    feedback.open_writer()
+    registry = Registry(storage)
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    metrics = EvalMetrics(accuracy=0.3, precision=0.9, recall=0.9, f1=0.9, eval_rows=20)
+    v1 = registry.publish("m", str(weights), Manifest(
+        version="pending", model="m", parent=None, base_model="x", task="multi-label-classification",
+        labels=["a", "b", "c"], data={}, metrics=metrics))
+    for i in range(40):
+        feedback.append(model="m", text=f"t {i}", labels=["a", "b"] if i % 5 < 2 else ["a"], key_id="aaaaaaaa",
+                        prediction_id=f"{i:032x}", version="v1", predicted_labels=["a", "b"])
+    feedback.compact()
+    data = assemble(tasks["m"], cfg.model("m"), cfg.training, registry, feedback, v1)
+    feedback.close()
+    q = data.summary["quarantine"]
+    assert q["keys"]["aaaaaaaa"]["production_agreement"] == 0.4
+    assert q["flagged"] == {} and data.held.num_rows == 0
+
+
+def test_a_golden_set_holding_the_whole_seed_is_named_as_the_reason_nothing_trains(env):
+    cfg, task, registry, feedback, tmp_path = env
+    same = cfg.model("m").model_copy(update={"golden_dataset": cfg.model("m").seed_dataset})
+    with pytest.raises(ValueError, match="every row of its seed dataset is in its golden set"):
+        assemble(task, same, cfg.training, registry, feedback, None)
