@@ -102,7 +102,7 @@ def _evaluate(engine, tokenizer, rows, max_length: int, task: Task) -> dict[str,
             y_pred.extend(predicted)
             y_true.extend(targets)
             if "row" in batch:
-                right.extend([int(r), bool(t == p)] for r, t, p in zip(batch["row"], targets, predicted, strict=True))
+                right.extend([int(r), task.answered_right(t, p)] for r, t, p in zip(batch["row"], targets, predicted, strict=True))
     engine.train()
     loss = loss_sum / len(y_true) if y_true else math.nan
     return {"metrics": task.metrics(y_true, y_pred).model_dump(), "loss": loss, "right": right, "finite": finite}

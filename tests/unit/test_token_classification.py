@@ -225,6 +225,29 @@ def test_seed_files_give_text_and_entities_or_conll_tokens_and_tags(tmp_path):
         read_dataset(str(bad), NER)
 
 
+def test_conll_tags_given_as_ids_are_named_by_bio_labels_and_bad_rows_say_why():
+    hf = make_task("token-classification", ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"])
+    row = hf.dataset_row({"tokens": ["Peter", "Blackburn", "in", "Rome"], "tags": [1, 2, 0, 5]})
+    assert row == {"text": "Peter Blackburn in Rome", "entities": [{"start": 0, "end": 15, "label": "PER"},
+                                                                       {"start": 19, "end": 23, "label": "LOC"}]}
+    for task, bad, fragment in [
+        (NER, {"tokens": ["Bob"], "tags": [1]}, "labels written as BIO tags in the numbers' order"),
+        (hf, {"tokens": ["Bob"], "tags": [9]}, r"tag ids \[9\] are not ids"),
+        (hf, {"tokens": ["Bob", 3], "tags": ["B-PER", "O"]}, '"tokens" must be a list of strings'),
+        (hf, {"tokens": ["Bob"], "tags": [None]}, '"tags" must be a list of BIO tags'),
+        (hf, {"tokens": ["", "x"], "tags": ["B-PER", "O"]}, "not a span of the text"),
+    ]:
+        with pytest.raises(ValueError, match=fragment):
+            task.dataset_row(bad)
+
+
+def test_a_text_is_answered_right_when_its_entities_are_whatever_the_tags_spell_them_with():
+    # I-PER I-PER decodes as B-PER I-PER (as serving and seqeval read it): the same entity.
+    truth, guessed = [[IGNORE, 1, 2, 0]], [[IGNORE, 2, 2, 0]]
+    assert NER.answered_right(truth[0], guessed[0]) and NER.metrics(truth, guessed).accuracy == 1.0
+    assert not NER.answered_right(truth[0], [IGNORE, 1, 0, 0])
+
+
 def test_a_replica_answers_every_word_of_a_long_text_with_offsets(tmp_path):
     # A tiny model whose head says B-PER everywhere: every word is an entity of its own, so
     # the answer shows whether each word of a text past max_length was read.

@@ -211,6 +211,11 @@ class Task(ABC):
         """Evaluation: the model's answer per row from its scores (``activation`` applied,
         the last axis in ``head_labels`` order), in the form ``batch_targets`` gives."""
 
+    def answered_right(self, target: Any, predicted: Any) -> bool:
+        """Whether one row's prediction is its target (forms of the two above), as a user's
+        feedback agreeing with it means (``agrees``); the gate's test on fresh rows counts it."""
+        return target == predicted
+
     @abstractmethod
     def metrics(self, y_true: list, y_pred: list) -> EvalMetrics:
         """The evaluation of predictions against targets (lists from the two above)."""

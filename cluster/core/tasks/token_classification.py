@@ -235,7 +235,15 @@ class TokenClassification(Task):
         """``{"text", "entities": [{"start", "end", "label"}]}``, or CoNLL's ``{"tokens",
         "tags"}`` (BIO tags per token; the text is the tokens joined by spaces)."""
         if row.get("tokens") is not None and row.get("tags") is not None:
-            return tagged_tokens(row["tokens"], row["tags"], self.types)
+            tokens, tags = row["tokens"], row["tags"]
+            if not isinstance(tokens, list) or any(not isinstance(t, str) for t in tokens):
+                raise ValueError(f'"tokens" must be a list of strings, got {str(tokens)[:200]}')
+            if isinstance(tags, list) and tags and all(type(t) is int for t in tags):
+                tags = self._tag_names(tags)
+            if not isinstance(tags, list) or any(not isinstance(t, str) for t in tags):
+                raise ValueError(f'"tags" must be a list of BIO tags (or of their ids), got {str(tags)[:200]}')
+            row = tagged_tokens(tokens, tags, self.types)
+            return {"text": row["text"], "entities": self._checked_spans(row["entities"], row["text"])}
         if not isinstance(row.get("text"), str) or not isinstance(row.get("entities"), list):
             raise ValueError(f'a row needs "text" and "entities" (or "tokens" and "tags"), got keys {sorted(row)}')
         for e in row["entities"]:
@@ -243,6 +251,17 @@ class TokenClassification(Task):
                     or not isinstance(e.get("label"), str):
                 raise ValueError(f'each entity needs integer "start", "end" and a "label", got {e!r}')
         return {"text": row["text"], "entities": self._checked_spans(row["entities"], row["text"])}
+
+    def _tag_names(self, ids: list[int]) -> list[str]:
+        """Tags given as ids (Hugging Face's ``conll2003`` ``ner_tags``): the config's labels,
+        written as BIO tags in the ids' order, name them."""
+        if "O" not in self.labels:
+            raise ValueError(f"tags given as numbers need the model's labels written as BIO tags in the numbers' "
+                             f"order (O, B-PER, I-PER, ...), not the entity types {self.labels}")
+        bad = sorted({t for t in ids if not 0 <= t < len(self.labels)})
+        if bad:
+            raise ValueError(f"tag ids {bad[:10]} are not ids of the model's {len(self.labels)} labels")
+        return [self.labels[t] for t in ids]
 
     def training_targets(self, columns: dict[str, list]) -> dict[str, list]:
         index = {t: i for i, t in enumerate(self.types)}
@@ -287,16 +306,30 @@ class TokenClassification(Task):
             out.append(kept)
         return out
 
+    def answered_right(self, target: list[int], predicted: list[int]) -> bool:
+        """The same entities, as serving decodes them: ``I-PER I-PER`` is ``B-PER I-PER``."""
+        head = self.head_labels()
+        pairs = [(t, p) for t, p in zip(target, predicted, strict=True) if t != IGNORE]
+        return tag_entities([head[t] for t, _ in pairs]) == tag_entities([head[p] for _, p in pairs])
+
     def metrics(self, y_true: list, y_pred: list) -> EvalMetrics:
         return entity_metrics(y_true, y_pred, self.head_labels(), self.types)
+
+
+def tag_entities(tags: list[str]) -> list[tuple[str, int, int]]:
+    """The entities of a BIO tag sequence, (type, first word, last word), read as seqeval
+    and serving read them (an ``I-`` after another type or ``O`` begins an entity)."""
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    return get_entities(tags)
 
 
 def entity_metrics(y_true: list[list[int]], y_pred: list[list[int]], head: list[str], types: list[str]) -> EvalMetrics:
     """Entity-level precision, recall and F1 (seqeval's default, CoNLL-style), micro-averaged
     over entities (``precision``, ``recall``, ``f1``) and per type (``per_class``).
-    ``accuracy`` is the share of texts whose every word was tagged right: what a user's
-    feedback agreeing with a prediction means (``agrees``), so online accuracy and the
-    accuracy-drop trigger compare like with like; ``tag_accuracy`` is per word, and
+    ``accuracy`` is the share of texts whose entities were all found, and nothing else: what
+    a user's feedback agreeing with a prediction means (``agrees``), so online accuracy and
+    the accuracy-drop trigger compare like with like; ``tag_accuracy`` is per word, and
     ``confusion`` counts words by true and predicted tag (``head`` order), so the gate's
     sanity check sees a model that collapsed to tagging everything O."""
     from seqeval.metrics import classification_report
@@ -311,7 +344,7 @@ def entity_metrics(y_true: list[list[int]], y_pred: list[list[int]], head: list[
         pred_tags.append([head[p] for _, p in pairs])
         right += sum(t == p for t, p in pairs)
         words += len(pairs)
-        exact += all(t == p for t, p in pairs)
+        exact += tag_entities(true_tags[-1]) == tag_entities(pred_tags[-1])
     if not words:
         return EvalMetrics(accuracy=0.0, precision=0.0, recall=0.0, f1=0.0, eval_rows=len(y_true), confusion=confusion)
     report = classification_report(true_tags, pred_tags, output_dict=True, zero_division=0)
