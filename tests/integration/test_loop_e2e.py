@@ -159,3 +159,31 @@ def test_feedback_triggers_a_new_version_that_takes_over(loop):
                              timeout=30).json()["predictions"][0]["version"]
         time.sleep(0.5)
     assert version == "v3"
+
+    # The keeper replaces a retrain controller that died. The ingress's handle to the dead
+    # one is looked up again, and a retrain request reaches the new controller: a job record
+    # (as a `tuneloop train` beside the server writes) holds the model, so it answers 409.
+    # Kept for good, the handle made it a 500, and the triggers went nowhere.
+    from tuneloop.core.names import CONTROLLER_NAMESPACE, controller_name
+
+    name = controller_name(cfg.digest())
+    dead = ray.get_actor(name, namespace=CONTROLLER_NAMESPACE)
+    holder = jobs.create("sentiment", "manual")
+    try:
+        with httpx.Client(base_url=url, timeout=30, headers=bearer(ADMIN_KEY)) as c:
+            assert c.post("/v1/models/sentiment/retrain", json={}).status_code == 409
+            ray.kill(dead, no_restart=True)
+            deadline, new = time.monotonic() + 120, None
+            while time.monotonic() < deadline:
+                try:
+                    new = ray.get_actor(name, namespace=CONTROLLER_NAMESPACE)
+                    if new._actor_id != dead._actor_id:
+                        break
+                except ValueError:
+                    pass  # between the two
+                time.sleep(1)
+            assert new is not None and new._actor_id != dead._actor_id, "the keeper started no new controller"
+            again = c.post("/v1/models/sentiment/retrain", json={})
+            assert again.status_code == 409 and "already running" in again.json()["error"]["message"], again.text
+    finally:
+        jobs.fail_running(holder, "held the model for the test")
