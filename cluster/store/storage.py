@@ -105,6 +105,14 @@ class Storage:
     def list_dir(self, rel: str) -> list[pafs.FileInfo]:
         """Direct children of a folder, hidden (temporary) entries left out; [] if absent."""
         sel = pafs.FileSelector(self.path(rel), allow_not_found=True, recursive=False)
+        for _ in range(4):
+            try:
+                return [i for i in self.fs.get_file_info(sel) if not i.base_name.startswith(".")]
+            except FileNotFoundError:
+                # Locally, pyarrow stats each entry it read: a writer's temporary unlinked in
+                # between fails the whole listing ("Cannot list directory"; 1 in 25 runs of
+                # six concurrent publishers). The folder is there: list it again.
+                continue
         return [i for i in self.fs.get_file_info(sel) if not i.base_name.startswith(".")]
 
     def list_files(self, rel: str, suffix: str = "") -> list[str]:
