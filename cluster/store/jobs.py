@@ -27,6 +27,7 @@ from tuneloop.core.errors import Conflict
 from tuneloop.core.gate import GateDecision
 from tuneloop.core.rollout import RolloutConfig, first_stage
 from tuneloop.core.serving_time import ServingTime
+from tuneloop.core.tasks import head_label_set
 from tuneloop.store.registry import Registry, iso_time
 from tuneloop.store.storage import FileLock, Storage
 
@@ -304,8 +305,10 @@ def hand_over(registry: Registry, job: JobRecord, version: str, parent: str | No
     (direct; also the first version, which has no production to be compared with), a
     candidate waiting for an operator (gated), or production's challenger in a rollout
     (shadow, canary). Sets ``job.promoted`` and ``job.message``."""
-    if rollout.mode == "direct" or parent is None or \
-            set(registry.manifest(job.model, parent).labels) != set(registry.manifest(job.model, version).labels):
+    production = registry.manifest(job.model, parent) if parent is not None else None
+    candidate = registry.manifest(job.model, version)
+    if rollout.mode == "direct" or production is None or \
+            head_label_set(production.task, production.labels) != head_label_set(candidate.task, candidate.labels):
         # Production trained for other labels cannot serve beside it, nor be compared with it.
         promote_or_wait(registry, job, version, parent, reason)
         return

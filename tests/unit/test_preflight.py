@@ -70,6 +70,15 @@ def test_a_changed_task_or_a_dropped_label_is_refused_at_start_and_an_added_labe
     assert data_problems(_cfg(tmp_path, labels=["b", "a", "c"])) == []  # added: bootstrap trains a version
 
 
+def test_entity_types_rewritten_as_their_bio_tags_are_the_same_labels(tmp_path):
+    ner = {"task": "token-classification"}
+    registry = _published(tmp_path, task="token-classification", labels=["PER", "LOC"])
+    bio = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    assert data_problems(_cfg(tmp_path, **ner, labels=bio)) == []
+    assert "drops label(s) ['B-LOC', 'I-LOC']" in data_problems(_cfg(tmp_path, **ner, labels=["PER"]))[0]
+    assert registry.promote("m", "v1", labels=bio).production == "v1"
+
+
 def test_a_version_with_other_labels_than_production_is_promoted_not_rolled_out(tmp_path):
     from tuneloop.core.rollout import RolloutConfig
     from tuneloop.store.jobs import JobStore, hand_over

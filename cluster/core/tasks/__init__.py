@@ -36,6 +36,13 @@ def make_task(name: str, labels: list[str], **options) -> Task:
     return cls(labels, **{k: v for k, v in options.items() if k in cls.options})
 
 
+def head_label_set(task: str, labels: list[str]) -> frozenset[str]:
+    """What a model of ``task`` answers with ``labels``, whichever way they are written: the
+    entity types ``[PER, LOC]`` and their BIO tags ``[O, B-PER, I-PER, B-LOC, I-LOC]`` are the
+    same head. Compare label lists of a config and a version with it."""
+    return frozenset(make_task(task, list(labels)).head_labels())
+
+
 def model_task(m) -> Task:
     """A configured model's task (``m``: a ModelConfig, or its dump)."""
     get = m.get if isinstance(m, dict) else lambda k, default=None: getattr(m, k, default)
@@ -50,4 +57,4 @@ def model_tasks(models) -> dict[str, Task]:
 
 
 __all__ = ["TASKS", "ColumnType", "ListOf", "MapOf", "StructOf", "Task", "check_text_length", "check_unicode",
-           "make_task", "model_task", "model_tasks"]
+           "head_label_set", "make_task", "model_task", "model_tasks"]
