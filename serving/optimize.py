@@ -150,9 +150,10 @@ def _answers(loaded: LoadedModel, task: Task, texts: list[str], targets: dict[st
     y_true, y_pred = [], []
     for i in range(0, len(texts), batch_size):
         chunk = texts[i:i + batch_size]
-        probs, encoding, _, _ = loaded.scores(chunk, task.tokenizer_options)
-        y_pred.extend(task.predictions(probs.tolist(), encoding))
-        y_true.extend(task.batch_targets({c: v[i:i + batch_size] for c, v in targets.items()}, encoding))
+        probs, encoding, _, _ = loaded.scores(chunk, task.serving_tokenizer_options(loaded.max_length))
+        truth, answers = task.evaluated({c: v[i:i + batch_size] for c, v in targets.items()}, encoding, probs.tolist())
+        y_pred.extend(answers)
+        y_true.extend(truth)
     return y_pred, float(task.metrics(y_true, y_pred).accuracy) if y_true else math.nan
 
 

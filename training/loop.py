@@ -55,11 +55,13 @@ def _param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def _encode(tokenizer, texts, max_length: int, device, task: Task) -> tuple[dict[str, Any], dict[str, list]]:
+def _encode(tokenizer, texts, max_length: int, device, task: Task,
+            options: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, list]]:
     """The model's inputs on ``device``, and the encoding as lists for the task (with what
-    its ``tokenizer_options`` asked for, such as offsets, which the model does not take)."""
+    its ``tokenizer_options``, or ``options``, asked for, such as offsets, which the model
+    does not take)."""
     enc = tokenizer([str(t) for t in texts], padding=True, truncation=True, max_length=max_length,
-                    return_tensors="pt", **task.tokenizer_options)
+                    return_tensors="pt", **(task.tokenizer_options if options is None else options))
     encoding = task.encoding_for(enc)  # and enc keeps only the model's inputs
     return {k: v.to(device) for k, v in enc.items()}, encoding
 
@@ -89,22 +91,27 @@ def _evaluate(engine, tokenizer, rows, max_length: int, task: Task) -> dict[str,
     y_pred: list = []
     right: list[list] = []  # [row, answered right]: plain lists cross Ray Train's report
     finite = True
-    loss_sum = 0.0
+    loss_sum, windows_scored = 0.0, 0
     with torch.no_grad():
         for batch in batches(rows, EVAL_BATCH_SIZE):
-            inputs, encoding = _encode(tokenizer, batch["text"], max_length, engine.device, task)
-            targets = task.batch_targets(batch, encoding)
-            out = engine(**inputs, labels=_target_tensor(targets, task, engine.device))
+            # Read as the replicas read it: a long text in windows, where its task has them.
+            inputs, encoding = _encode(tokenizer, batch["text"], max_length, engine.device, task,
+                                       task.serving_tokenizer_options(max_length))
+            of_window = encoding.get("overflow_to_sample_mapping") or range(len(batch["text"]))
+            windows = {k: [v[int(i)] for i in of_window] for k, v in batch.items()}  # a row per window
+            window_targets = task.batch_targets(windows, encoding)
+            out = engine(**inputs, labels=_target_tensor(window_targets, task, engine.device))
             logits = out.logits
             finite = finite and bool(torch.isfinite(logits).all())
-            loss_sum += float(out.loss) * len(targets)
-            predicted = task.predictions(_activated(logits, task).tolist(), encoding)
+            loss_sum += float(out.loss) * len(window_targets)
+            windows_scored += len(window_targets)
+            targets, predicted = task.evaluated(batch, encoding, _activated(logits, task).tolist())
             y_pred.extend(predicted)
             y_true.extend(targets)
             if "row" in batch:
                 right.extend([int(r), task.answered_right(t, p)] for r, t, p in zip(batch["row"], targets, predicted, strict=True))
     engine.train()
-    loss = loss_sum / len(y_true) if y_true else math.nan
+    loss = loss_sum / windows_scored if windows_scored else math.nan
     return {"metrics": task.metrics(y_true, y_pred).model_dump(), "loss": loss, "right": right, "finite": finite}
 
 

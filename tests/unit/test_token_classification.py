@@ -263,6 +263,50 @@ def test_a_replica_answers_every_word_of_a_long_text_with_offsets(tmp_path):
     assert all(long_text[e["start"]:e["end"]] == e["text"] and 0 < e["score"] <= 1 for e in long["entities"])
 
 
+def _encoded(tokenizer, texts, options):
+    return NER.encoding_for(tokenizer(texts, padding=True, truncation=True, max_length=16, return_tensors="pt",
+                                      **options))
+
+
+def test_evaluation_reads_every_word_of_a_long_text_as_serving_does(tmp_path):
+    # Every word of a 60-word text is a PER; the "model" finds those of the first window only.
+    # Cut at max_length, evaluation saw the first window's words alone and scored recall 1.0.
+    import transformers
+
+    from tests.tiny_models import build_tiny_model
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(build_tiny_model(tmp_path / "ner", TYPES,
+                                                                            task="token-classification"))
+    text = " ".join(f"w{i}" for i in range(60))
+    at, entities = 0, []
+    for word in text.split():
+        entities.append({"start": at, "end": at + len(word), "label": "PER"})
+        at += len(word) + 1
+    batch = NER.training_targets({"entities": [entities]})
+    encoding = _encoded(tokenizer, [text], NER.serving_tokenizer_options(16))
+    assert len(encoding["input_ids"]) > 2  # windows
+    scores = [[[0.0, 1.0, 0.0, 0.0, 0.0] if w == 0 else [1.0, 0.0, 0.0, 0.0, 0.0] for _ in ids]
+              for w, ids in enumerate(encoding["input_ids"])]
+    truth, answers = NER.evaluated(batch, encoding, scores)
+    assert len(truth[0]) == len(answers[0]) == 60 and set(truth[0]) == {1}
+    found = sum(a == 1 for a in answers[0])
+    assert 0 < found < 60 and NER.metrics(truth, answers).recall == pytest.approx(found / 60)
+
+
+def test_an_entity_inside_a_word_tags_the_word(tmp_path):
+    import transformers
+
+    from tests.tiny_models import build_tiny_model
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(build_tiny_model(tmp_path / "ner", TYPES,
+                                                                            task="token-classification"))
+    text = "JohnSmith spoke"
+    batch = NER.training_targets({"entities": [[{"start": 4, "end": 9, "label": "PER"}]]})
+    encoding = _encoded(tokenizer, [text], NER.tokenizer_options)
+    tags = [t for t in NER.batch_targets(batch, encoding)[0] if t != IGNORE]
+    assert tags == [1, 0]  # JohnSmith B-PER, spoke O (it was O, O: the entity trained as nothing)
+
+
 def test_the_gate_compares_entity_f1_and_each_types_recall():
     from tuneloop.core.config import GateConfig
     from tuneloop.core.gate import Evidence, decide

@@ -211,6 +211,12 @@ class Task(ABC):
         """Evaluation: the model's answer per row from its scores (``activation`` applied,
         the last axis in ``head_labels`` order), in the form ``batch_targets`` gives."""
 
+    def evaluated(self, batch: dict[str, list], encoding: dict[str, list], scores: list) -> tuple[list, list]:
+        """Evaluation: (targets, predictions) per row of ``batch``, from an encoding made with
+        ``serving_tokenizer_options`` and its activated ``scores``: the rows read as the
+        replicas read them, so the gate scores what serves."""
+        return self.batch_targets(batch, encoding), self.predictions(scores, encoding)
+
     def answered_right(self, target: Any, predicted: Any) -> bool:
         """Whether one row's prediction is its target (forms of the two above), as a user's
         feedback agreeing with it means (``agrees``); the gate's test on fresh rows counts it."""

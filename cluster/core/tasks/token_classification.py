@@ -149,23 +149,34 @@ class TokenClassification(Task):
 
     # -- serving -----------------------------------------------------------------------
     def answers(self, texts, scores, head, encoding) -> list[dict[str, Any]]:
-        rows = encoding.get("overflow_to_sample_mapping") or list(range(len(texts)))
+        out = []
+        for text, words in zip(texts, self._words(len(texts), encoding, scores), strict=True):
+            tagged = []
+            for start, end, probs in words:
+                best = max(range(len(head)), key=probs.__getitem__)
+                tagged.append((start, _through_marks(text, end), head[best], probs[best]))
+            out.append({"entities": [{**e, "text": text[e["start"]:e["end"]]} for e in bio_entities(tagged)]})
+        return out
+
+    def _words(self, n_texts: int, encoding: dict[str, list], scores: list) -> list[list[tuple[int, int, list]]]:
+        """Per text, its words in text order as (start, end, scores): each token read once
+        from the window where it sits furthest from an edge, and a word's scores its first
+        token's (``aggregation: first``) or its tokens' mean (``average``)."""
+        rows = encoding.get("overflow_to_sample_mapping") or list(range(n_texts))
         windows: dict[int, list[int]] = {}
         for w, t in enumerate(rows):
             windows.setdefault(int(t), []).append(w)
         out = []
-        for t, text in enumerate(texts):
+        for t in range(n_texts):
             by_word: dict[int, list[tuple[int, int, list[float]]]] = {}
             for word, start, end, w, j in _tokens_of_text(encoding, windows.get(t, [])):
                 by_word.setdefault(word, []).append((start, end, scores[w][j]))
             words = []
             for tokens in by_word.values():
                 probs = tokens[0][2] if self.aggregation == "first" else \
-                    [sum(p[k] for _, _, p in tokens) / len(tokens) for k in range(len(head))]
-                best = max(range(len(head)), key=probs.__getitem__)
-                words.append((tokens[0][0], _through_marks(text, tokens[-1][1]), head[best], probs[best]))
-            words.sort()
-            out.append({"entities": [{**e, "text": text[e["start"]:e["end"]]} for e in bio_entities(words)]})
+                    [sum(p[k] for _, _, p in tokens) / len(tokens) for k in range(len(tokens[0][2]))]
+                words.append((tokens[0][0], tokens[-1][1], probs))
+            out.append(sorted(words, key=lambda w: w[:2]))
         return out
 
     def prediction_record(self, answer: dict[str, Any]) -> dict[str, Any]:
@@ -278,19 +289,39 @@ class TokenClassification(Task):
     def batch_targets(self, batch: dict[str, list], encoding: dict[str, list]) -> list[list[int]]:
         out = []
         for row, spans in enumerate(batch["spans"]):
-            triples = [(int(spans[k]), int(spans[k + 1]), int(spans[k + 2])) for k in range(0, len(spans), 3)]
+            triples = _triples(spans)
+            words, offsets = encoding["word_ids"][row], encoding["offset_mapping"][row]
+            extent: dict[int, tuple[int, int]] = {}  # word -> its tokens' first start and last end
+            for word, (start, end) in zip(words, offsets, strict=True):
+                if word is not None and end > start:
+                    first, last = extent.get(word, (start, end))
+                    extent[word] = (min(first, start), max(last, end))
             tags, previous_word, previous_span = [], None, None
-            for word, (start, end) in zip(encoding["word_ids"][row], encoding["offset_mapping"][row], strict=True):
+            for word, (start, end) in zip(words, offsets, strict=True):
                 if word is None or word == previous_word or end <= start:
                     tags.append(IGNORE)  # special, padding, or a word's continuation piece
                     continue
                 previous_word = word
-                span = next(((s, e, t) for s, e, t in triples if s <= start < e), None)
-                # B- at a span's first word, I- after a word of the same span.
-                tags.append(0 if span is None else 1 + 2 * span[2] + (span == previous_span))
+                span = _span_of(triples, *extent[word])
+                tags.append(_tag_id(span, previous_span))
                 previous_span = span
             out.append(tags)
         return out
+
+    def evaluated(self, batch: dict[str, list], encoding: dict[str, list], scores: list) -> tuple[list, list]:
+        """Per text, the tags of every word, read over all of its windows as serving reads it
+        (a text cut at ``max_length`` lost its later words from the truth and the answer alike,
+        and a model right in the first window alone scored F1 1.0)."""
+        y_true, y_pred = [], []
+        for spans, words in zip(batch["spans"], self._words(len(batch["spans"]), encoding, scores), strict=True):
+            triples, truth, previous_span = _triples(spans), [], None
+            for start, end, _ in words:
+                span = _span_of(triples, start, end)
+                truth.append(_tag_id(span, previous_span))
+                previous_span = span
+            y_true.append(truth)
+            y_pred.append([max(range(len(p)), key=p.__getitem__) for _, _, p in words])
+        return y_true, y_pred
 
     def predictions(self, scores: list, encoding: dict[str, list]) -> list[list[int]]:
         """The model's tag at each position ``batch_targets`` labels, IGNORE elsewhere."""
@@ -314,6 +345,24 @@ class TokenClassification(Task):
 
     def metrics(self, y_true: list, y_pred: list) -> EvalMetrics:
         return entity_metrics(y_true, y_pred, self.head_labels(), self.types)
+
+
+def _triples(spans: list[int]) -> list[tuple[int, int, int]]:
+    """A row's flat ``spans`` column as (start, end, type index) triples."""
+    return [(int(spans[k]), int(spans[k + 1]), int(spans[k + 2])) for k in range(0, len(spans), 3)]
+
+
+def _span_of(triples: list[tuple[int, int, int]], start: int, end: int) -> tuple[int, int, int] | None:
+    """The first span a word (``start``..``end``, all of its tokens) overlaps. By its first
+    token's start alone, "Smith" in "JohnSmith" or "15" in "iPhone15" matched no word, and
+    a user's entity trained as O."""
+    return next(((s, e, t) for s, e, t in triples if s < end and start < e), None)
+
+
+def _tag_id(span: tuple[int, int, int] | None, previous_span: tuple[int, int, int] | None) -> int:
+    """A word's tag id in ``head_labels`` order: O, or B- at a span's first word and I- after
+    a word of the same span."""
+    return 0 if span is None else 1 + 2 * span[2] + (span == previous_span)
 
 
 def tag_entities(tags: list[str]) -> list[tuple[str, int, int]]:
