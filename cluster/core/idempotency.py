@@ -2,9 +2,12 @@
 (draft-ietf-httpapi-idempotency-key-header): a client that retries a request with the same
 key gets the first answer again and nothing is stored twice.
 
-- The key is scoped by the API key that sent it (anonymous clients share one scope), so two
-  clients cannot collide, or probe each other's keys.
-- A key reused with a *different* request is refused (422), as the draft asks.
+- The key is scoped by the API key that sent it, so two clients cannot collide, or probe
+  each other's keys. Clients without an API key (where ``auth.open_roles`` opens feedback)
+  cannot be told apart: their keys are scoped by the request too, so one client's key is
+  never refused or answered for another's different request.
+- A key reused with a *different* request is refused (422), as the draft asks (for a client
+  with an API key: without one, a different request is a new one).
 - Keys are remembered for ``ttl_s`` (24 h by default): the index is rebuilt from the stored
   records when the writer starts, so a retry after a restart is recognised too. Every record
   carries its key, so the index is derived state, never the only copy.
@@ -60,13 +63,13 @@ class IdempotencyIndex:
         self._seen: dict[tuple[str, str], Seen] = {}
 
     @staticmethod
-    def _scope(key_id: str | None) -> str:
-        return key_id or "anonymous"
+    def _scope(key_id: str | None, request_fingerprint: str) -> str:
+        return key_id or f"anonymous {request_fingerprint}"
 
     def answer(self, key_id: str | None, key: str, request_fingerprint: str) -> str | None:
         """The feedback id already stored for this key and request, or None if the key is
         new. Raises InvalidValue (422) for the key reused with another request."""
-        seen = self._seen.get((self._scope(key_id), key))
+        seen = self._seen.get((self._scope(key_id, request_fingerprint), key))
         if seen is None:
             return None
         if seen.fingerprint != request_fingerprint:
@@ -75,7 +78,7 @@ class IdempotencyIndex:
 
     def remember(self, key_id: str | None, key: str, request_fingerprint: str, feedback_id: str,
                  at: datetime) -> None:
-        self._seen[(self._scope(key_id), key)] = Seen(request_fingerprint, feedback_id, at)
+        self._seen[(self._scope(key_id, request_fingerprint), key)] = Seen(request_fingerprint, feedback_id, at)
 
     def forget_before(self, now: datetime) -> int:
         """Drop keys older than the TTL; returns how many went."""
