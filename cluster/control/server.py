@@ -25,7 +25,8 @@ from tuneloop.store.keys import KeyRing, ensure_admin_key, save_admin_key
 from tuneloop.core.config import ConfigError, ModelConfig, TuneloopConfig
 from tuneloop.core.names import deploy_failures, not_running
 from tuneloop.core.tasks import head_label_set, model_task
-from tuneloop.core.resources import local_ray_cpus, retraining_shortfall, serving_shortfall
+from tuneloop.core.resources import (gpu_retraining_shortfall, local_ray_cpus, retraining_shortfall,
+                                     serving_shortfall)
 from tuneloop.store.registry import Registry
 from tuneloop.store.server_file import remove_server_file, write_server_file
 from tuneloop.store.storage import Storage, private_temp_dir
@@ -212,6 +213,8 @@ def run_forever(cfg: TuneloopConfig) -> None:
                                    **s.resources_per_replica}, ray.cluster_resources())
         short = short or retraining_shortfall(len(cfg.models), _min_replicas(cfg), s.num_cpus_per_replica,
                                               cfg.largest_job_cpus(), ray.cluster_resources().get("CPU", 0.0))
+        short = short or gpu_retraining_shortfall(len(cfg.models), _min_replicas(cfg), s.num_gpus_per_replica,
+                                                  cfg.largest_job_gpus(), ray.cluster_resources().get("GPU", 0.0))
         if short:
             ray.shutdown()
             raise SystemExit(f"tuneloop: cannot start: {short}")

@@ -725,6 +725,11 @@ class TuneloopConfig(Section):
         jobs = (self.training_for(m.name) for m in self.models)
         return max(training_cpus(t.num_workers, t.cpus_per_worker) for t in jobs)
 
+    def largest_job_gpus(self) -> float:
+        """The GPUs the largest of the models' training jobs asks Ray for (0 on CPUs)."""
+        jobs = (self.training_for(m.name) for m in self.models)
+        return max(t.num_workers * t.gpus_per_worker if t.use_gpu else 0.0 for t in jobs)
+
     def training_for(self, name: str) -> TrainingConfig:
         """The training settings of model ``name``: the top-level ones, with the model's own
         ``training:`` keys over them (a 12-intent seed set wants more epochs than sentiment)."""

@@ -87,6 +87,20 @@ def local_ray_cpus(cores: int, models: int, replicas: int, cpus_per_replica: flo
     return max(cores, math.ceil(models * replicas * cpus_per_replica + training))
 
 
+def gpu_retraining_shortfall(models: int, replicas: int, gpus_per_replica: float, training: float,
+                             total: float) -> str | None:
+    """As ``retraining_shortfall``, for GPUs: replicas holding every GPU left a GPU job
+    waiting ``resource_wait_s`` and failing at every retrain after v1."""
+    serving = models * replicas * gpus_per_replica
+    if not training or serving + training <= total + 1e-9:
+        return None
+    return (f"a training job needs {training:g} GPU(s) beside the replicas' {serving:g} ({models} model(s) x "
+            f"{replicas} replica(s) x {gpus_per_replica:g}), more than the {total:g} Ray has: lower "
+            "serving.num_gpus_per_replica (a share, such as 0.5, lets a replica and a worker use one GPU), "
+            "serving.num_replicas or autoscaling.min_replicas, or the largest GPU job's num_workers or "
+            "gpus_per_worker")
+
+
 def retraining_shortfall(models: int, replicas: int, cpus_per_replica: float, training: float,
                          total: float) -> str | None:
     """Why no training job could ever run beside the replicas' fixed or minimum count on a

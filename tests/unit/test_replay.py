@@ -93,6 +93,20 @@ def test_a_local_ray_left_unsized_fits_the_replicas_and_a_job_and_a_small_one_is
     assert "needs 3 CPUs beside the replicas' 2" in short and "raise ray.num_cpus to 5" in short
 
 
+def test_gpu_replicas_holding_every_gpu_a_job_needs_are_refused_at_start():
+    from tuneloop.core.config import parse_config
+    from tuneloop.core.resources import gpu_retraining_shortfall
+
+    cfg = parse_config({"models": [{"name": "m", "labels": ["a", "b"], "training": {"use_gpu": True}},
+                                   {"name": "n", "labels": ["a", "b"]}],
+                        "training": {"num_workers": 1}})
+    assert cfg.largest_job_gpus() == 1.0
+    short = gpu_retraining_shortfall(2, 1, 1.0, cfg.largest_job_gpus(), 2.0)  # two models' replicas on 2 GPUs
+    assert "needs 1 GPU(s) beside the replicas' 2" in short
+    assert gpu_retraining_shortfall(2, 1, 0.5, 1.0, 2.0) is None  # replicas sharing a GPU leave one
+    assert gpu_retraining_shortfall(1, 1, 0.0, 0.0, 0.0) is None  # CPUs only
+
+
 def test_several_gpu_workers_take_whole_gpus():
     from tuneloop.core.config import ConfigError, parse_config
 
