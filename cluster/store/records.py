@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import secrets
 import threading
 from collections.abc import Callable, Mapping
@@ -196,6 +197,7 @@ MERGE_MIN_FILES = 16  # a closed day with fewer compacted files is left as it is
 
 
 SHADOW_ROOT = "shadow_predictions"
+JOURNAL_DIRS = "journal/dirs.json"  # every local folder a feedback writer has journalled in
 
 
 class PredictionLog:
@@ -313,13 +315,10 @@ class FeedbackStore:
         """Become a writer: recover what dead writers left, remember the Idempotency-Keys of
         the last ``idempotency_ttl_s``, then (if an interval is given) compact in the
         background. ``on_stored`` hears each newly stored record (never a repeat)."""
-        self._journal = Journal(
-            self.journal_dir, self.storage,
-            to_table=self._to_table,
-            partition=lambda r: _feedback_day_folder(r["model"], r["created_at"][:10]),
-        )
+        self._journal = self._journal_in(self.journal_dir)
         try:
             self._journal.recover()
+            self._recover_earlier_journals()
         except OSError as e:  # a full disk or read-only store: the compactor tries again; feedback says 503 meanwhile
             log.warning("feedback journal: recovering dead writers' records failed (%s); left for the next "
                         "compaction", e)
@@ -329,6 +328,23 @@ class FeedbackStore:
         if compact_interval_s is not None:
             threading.Thread(target=self._compact_every, args=(compact_interval_s,),
                              name="feedback-compactor", daemon=True).start()
+
+    def _journal_in(self, directory: str) -> Journal:
+        return Journal(directory, self.storage, to_table=self._to_table,
+                       partition=lambda r: _feedback_day_folder(r["model"], r["created_at"][:10]))
+
+    def _recover_earlier_journals(self) -> None:
+        """Compact what writers left in the journal folders used before this one, which the
+        storage root records (``JOURNAL_DIRS``). After a crash, records acknowledged in a
+        folder that ``storage.journal_dir`` then moved away from were never read again."""
+        here = os.path.abspath(self.journal_dir)
+        known = self.storage.update_json(JOURNAL_DIRS, lambda dirs: None if here in (dirs or [])
+                                         else sorted({*(dirs or []), here}))
+        for directory in known:
+            if directory != here and os.path.isdir(directory):
+                n = self._journal_in(directory).recover()
+                if n:
+                    log.info("feedback journal: recovered %d records from the earlier journal folder %s", n, directory)
 
     def _to_table(self, rows: list[dict[str, Any]]) -> pa.Table:
         """One partition's journal records (one model's) as Parquet's table."""

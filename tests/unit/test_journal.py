@@ -148,3 +148,33 @@ def test_the_empty_file_of_a_writer_that_died_creating_a_segment_is_removed_once
         fcntl.flock(writer, fcntl.LOCK_EX)
         assert journal.recover() == 0
     assert not stale.exists() and fresh.exists() and held.exists()
+
+
+def test_records_a_writer_left_in_an_earlier_journal_dir_reach_parquet_when_the_dir_changes(tmp_path):
+    """A writer killed after acknowledging records; the operator then moves
+    storage.journal_dir. The next writer, in the new folder, compacts the old one's."""
+    root, old, new = tmp_path / "store", tmp_path / "old-journal", tmp_path / "new-journal"
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {os.getcwd()!r})
+        from tuneloop.core.tasks import make_task
+        from tuneloop.store.records import FeedbackStore
+        from tuneloop.store.storage import Storage
+        store = FeedbackStore(Storage({str(root)!r}), {str(old)!r}, {{"m": make_task("text-classification", ["a", "b"])}})
+        store.open_writer()
+        for i in range(3):
+            store.append(model="m", text=f"kept {{i}}", label="a")
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    assert subprocess.run([sys.executable, "-c", script], capture_output=True).returncode == -9
+
+    from tuneloop.core.tasks import make_task
+    from tuneloop.store.records import FeedbackStore
+
+    store = FeedbackStore(Storage(str(root)), str(new), {"m": make_task("text-classification", ["a", "b"])})
+    store.open_writer()
+    try:
+        assert sorted(store.read_since("m", None).column("text").to_pylist()) == ["kept 0", "kept 1", "kept 2"]
+        assert list(old.glob("*.wal")) == []
+    finally:
+        store.close()
