@@ -329,10 +329,10 @@ class Ingress:
             return metrics.render(self.jobs, self._running_replicas, self.registry, models, stats, files,
                                   self.cfg.rollout.shadow_percent)
 
-    def _trigger(self, model: str, version: str | None, agreed: bool | None) -> None:
+    def _trigger(self, model: str, version: str | None, agreed: bool | None, prediction_id: str | None) -> None:
         controller = self._controller()
-        if controller is not None:
-            controller.record_feedback.remote(model, version, agreed)  # fire and forget: the retrain trigger
+        if controller is not None:  # fire and forget: the retrain trigger
+            controller.record_feedback.remote(model, version, agreed, prediction_id)
 
     def _running_replicas(self) -> dict[str, int]:
         apps = serve.status().applications

@@ -61,6 +61,7 @@ class Retrainer:
 
     def __init__(self, cfg: TuneloopConfig, jobs: JobStore, registry: Registry,
                  launch: Callable[[str, str, JobRecord], Future], pending: dict[str, int], *,
+                 counted: dict[str, set[str]] | None = None,
                  clock: Callable[[], float] = time.time, sweep_every_s: float | None = SWEEP_EVERY_S):
         self.cfg, self.jobs, self.registry, self._launch, self._clock = cfg, jobs, registry, launch, clock
         self._lock = threading.Lock()
@@ -68,6 +69,9 @@ class Retrainer:
         self.running: dict[str, str] = {j.model: j.job_id for j in records if j.state == "running"}
         self.tasks: dict[str, Future] = {}  # model -> the job this controller started
         self.pending = dict(pending)
+        # model -> the predictions whose feedback ``pending`` counts: a second answer on one
+        # of them replaces the first in training (the newest wins) and is not counted again.
+        self.counted: dict[str, set[str]] = {m: set(ids) for m, ids in (counted or {}).items()}
         self.last_started: dict[str, float] = {}  # model -> when its newest job was created
         for j in records:
             self.last_started[j.model] = max(self.last_started.get(j.model, 0.0),
@@ -99,22 +103,28 @@ class Retrainer:
         started = {}  # model -> when its newest job started
         for job in jobs.all():
             started[job.model] = max(started.get(job.model, job.created_at), job.created_at)
-        pending = {m.name: cls._untrained_feedback(registry, feedback, m.name, started.get(m.name))
-                   for m in cfg.models}
-        return {"cfg": cfg, "jobs": jobs, "registry": registry, "launch": launch, "pending": pending}
+        untrained = {m.name: cls._untrained_feedback(registry, feedback, m.name, started.get(m.name))
+                     for m in cfg.models}
+        return {"cfg": cfg, "jobs": jobs, "registry": registry, "launch": launch,
+                "pending": {m: n for m, (n, _) in untrained.items()},
+                "counted": {m: ids for m, (_, ids) in untrained.items()}}
 
     @staticmethod
-    def _untrained_feedback(registry: Registry, feedback: FeedbackStore, model: str, newest_job: str | None) -> int:
-        """Feedback rows newer than what production trained on (all of them before v1) and
-        than the newest job's start: a job that failed or was rejected had them, and, as in
-        a running controller, they wait for the next job rather than start one at once (a
-        model whose jobs kept failing started one after every restart)."""
+    def _untrained_feedback(registry: Registry, feedback: FeedbackStore, model: str,
+                            newest_job: str | None) -> tuple[int, set[str]]:
+        """Feedback newer than what production trained on (all of it before v1) and than the
+        newest job's start, and the predictions it is about: a job that failed or was
+        rejected had it, and, as in a running controller, it waits for the next job rather
+        than start one at once (a model whose jobs kept failing started one after every
+        restart). Answers on one prediction count once: the newest replaces the others."""
         production = registry.production(model)
         after = registry.manifest(model, production).watermark() if production else None
         if newest_job is not None:
             started = (datetime.fromisoformat(newest_job), "")
             after = started if after is None else max(after, started)
-        return feedback.read_since(model, after).num_rows
+        ids = feedback.read_since(model, after).column("prediction_id").to_pylist()
+        on_predictions = {i for i in ids if i is not None}
+        return sum(i is None for i in ids) + len(on_predictions), on_predictions
 
     def _sweep_forever(self, every_s: float) -> None:
         """Marks dead jobs failed within ``every_s`` of going stale, even when no request
@@ -150,13 +160,18 @@ class Retrainer:
                 if job is None or job.state != "running":
                     del self.running[model]
 
-    def record_feedback(self, model: str, version: str | None = None, agreed: bool | None = None) -> str | None:
+    def record_feedback(self, model: str, version: str | None = None, agreed: bool | None = None,
+                        prediction_id: str | None = None) -> str | None:
         """One new feedback record; ``agreed``: whether it agrees with the prediction of
-        ``version`` it is about (None for feedback given as a text). Returns the job id if
-        a trigger fired."""
+        ``version`` it is about (None for feedback given as a text), ``prediction_id`` that
+        prediction's. Returns the job id if a trigger fired."""
         with self._lock:
             self._reap()
-            self.pending[model] = self.pending.get(model, 0) + 1
+            counted = self.counted.setdefault(model, set())
+            if prediction_id is None or prediction_id not in counted:  # four relabellings are one row to train
+                self.pending[model] = self.pending.get(model, 0) + 1
+                if prediction_id is not None:
+                    counted.add(prediction_id)
             production = self._production_of(model)
             if agreed is not None and version is not None and version == production[0]:
                 window = self.agreements.setdefault(model, deque(maxlen=self.cfg.trigger.accuracy_window))
@@ -245,6 +260,7 @@ class Retrainer:
         # counted again: a job failing for good (too little data, a bad seed) then restarted at
         # every sweep; they train with the next job, by trigger, schedule or an operator.
         self.pending[model] = 0
+        self.counted[model] = set()
         self.judged_since_start[model] = 0
         self.last_started[model] = self._clock()
         self.tasks[model] = self._launch(model, trigger, job)

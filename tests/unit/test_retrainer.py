@@ -61,6 +61,18 @@ def test_every_nth_feedback_starts_one_job_and_the_count_restarts(tmp_path):
     assert len(launch.launched) == 3
 
 
+def test_answers_on_one_prediction_count_once_until_a_job_starts(tmp_path):
+    retrainer, launch, _ = _retrainer(tmp_path, every_n=3, pending={"m": 1, "n": 0})
+    retrainer.counted["m"] = {"p0"}  # as parts_from_config finds it in the files
+    for _ in range(4):  # a user relabelling the same predictions: one row each to train
+        assert retrainer.record_feedback("m", "v1", False, "p0") is None
+        assert retrainer.record_feedback("m", "v1", False, "p1") is None
+    assert retrainer.status()["pending"]["m"] == 2 and launch.launched == []
+    assert retrainer.record_feedback("m", None, None, None) is not None  # a text: a new row
+    assert retrainer.record_feedback("m", "v1", True, "p0") is None  # after the job started: counts again
+    assert retrainer.status()["pending"]["m"] == 1
+
+
 def test_feedback_left_over_from_before_a_restart_counts(tmp_path):
     retrainer, launch, _ = _retrainer(tmp_path, every_n=10, pending={"m": 9, "n": 0})
     assert retrainer.record_feedback("m") is not None
@@ -259,8 +271,12 @@ def test_after_a_restart_feedback_a_failed_job_had_does_not_start_a_job_again(tm
     jobs.save(job)
     for i in range(2):
         feedback.append(model="m", text=f"later {i}", label="a")
+    for label in ("a", "b", "a"):  # three answers on one prediction: one row to train
+        feedback.append(model="m", text="relabelled", label=label, prediction_id="f" * 32, version="v1",
+                        predicted_label="a")
     feedback.close()
-    assert Retrainer.parts_from_config(cfg.model_dump())["pending"] == {"m": 2}
+    parts = Retrainer.parts_from_config(cfg.model_dump())
+    assert parts["pending"] == {"m": 3} and parts["counted"] == {"m": {"f" * 32}}
 
 
 def test_a_student_job_for_any_reason_counts_as_learning_from_the_teachers_production(tmp_path):
