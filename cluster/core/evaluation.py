@@ -13,6 +13,7 @@ class ClassMetrics(BaseModel):
     recall: float
     f1: float
     support: int  # rows whose true class this is
+    predicted: int | None = None  # rows answered with it, where no confusion matrix counts them (multi-label)
 
 
 class EvalMetrics(BaseModel):

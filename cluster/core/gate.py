@@ -166,10 +166,14 @@ def _fresh_check(e: Evidence, rules: GateConfig) -> GateCheck:
 
 
 def _classes(m: EvalMetrics) -> tuple[int, int]:
-    """Classes present in the truth, and classes predicted, from the confusion matrix."""
-    if not m.confusion:
-        return 0, 0
-    return sum(1 for row in m.confusion if sum(row)), sum(1 for col in zip(*m.confusion, strict=True) if sum(col))
+    """Classes present in the truth, and classes predicted: from the confusion matrix, or
+    (multi-label, which has none) each label's counts. A multi-label model whose sigmoids
+    all fell under their thresholds answers no label at all: 0 predicted."""
+    if m.confusion:
+        return sum(1 for row in m.confusion if sum(row)), sum(1 for col in zip(*m.confusion, strict=True) if sum(col))
+    if m.per_class and all(c.predicted is not None for c in m.per_class.values()):
+        return sum(1 for c in m.per_class.values() if c.support), sum(1 for c in m.per_class.values() if c.predicted)
+    return 0, 0
 
 
 def _sanity_check(e: Evidence) -> GateCheck:
@@ -180,7 +184,8 @@ def _sanity_check(e: Evidence) -> GateCheck:
     collapsed = true_classes > 1 and predicted <= 1
     if collapsed and e.parent_golden is not None and _classes(e.parent_golden)[1] > 1:
         return GateCheck(name="sanity", passed=False, numbers=numbers,
-                         detail=f"the candidate predicts one class for a golden set of {true_classes} classes "
+                         detail=f"the candidate predicts {'one class' if predicted else 'no class'} for a golden "
+                                f"set of {true_classes} classes "
                                 f"(production predicts {_classes(e.parent_golden)[1]})")
     if collapsed:
         return GateCheck(name="sanity", passed=True, numbers=numbers,

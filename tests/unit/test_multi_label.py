@@ -81,6 +81,20 @@ def test_metrics_per_label_and_exact_sets():
     assert m.f1 == pytest.approx((1.0 + 0.0 + 2 / 3) / 3)
 
 
+def test_the_gate_refuses_a_candidate_that_answers_no_label_where_production_answers_several():
+    from tuneloop.core.config import GateConfig
+    from tuneloop.core.gate import Evidence, decide
+
+    truth = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]] * 10
+    nothing = [[0.0, 0.0, 0.0]] * 40  # every sigmoid under its threshold
+    lenient = GateConfig(golden_margin=1.0, class_recall_margin=1.0)
+    d = decide(Evidence(metric="f1", golden=ML.metrics(truth, nothing), parent_golden=ML.metrics(truth, truth)),
+               lenient)
+    assert not d.accepted and "predicts no class for a golden set of 3 classes (production predicts 3)" in d.reason
+    assert decide(Evidence(metric="f1", golden=ML.metrics(truth, truth), parent_golden=ML.metrics(truth, truth)),
+                  lenient).accepted
+
+
 def test_a_replica_scores_each_label_with_a_sigmoid(tmp_path):
     from tests.tiny_models import build_tiny_model, predict_with_replica
 

@@ -161,7 +161,7 @@ def multi_label_metrics(y_true: list[list[float]], y_pred: list[list[float]], la
         precision = tp / (tp + fp) if tp + fp else 0.0
         recall = tp / (tp + fn) if tp + fn else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[label] = ClassMetrics(precision=precision, recall=recall, f1=f1, support=tp + fn)
+        per_class[label] = ClassMetrics(precision=precision, recall=recall, f1=f1, support=tp + fn, predicted=tp + fp)
     n = len(per_class) or 1
     exact = sum(1 for t, p in zip(y_true, y_pred, strict=True) if list(t) == list(p))
     return EvalMetrics(accuracy=exact / len(y_true), precision=sum(c.precision for c in per_class.values()) / n,
