@@ -29,7 +29,7 @@ MAX_YOUNG_ID_WAITS = 256
 
 class FeedbackService:
     def __init__(self, cfg: TuneloopConfig, store: FeedbackStore, predictions: PredictionLog, *,
-                 trigger: Callable[[str, str | None, bool | None], None] | None = None, clock: Callable[[], float] = time.time,
+                 trigger: Callable[[str, str | None, bool | None, str | None], None] | None = None, clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
         self.cfg, self.store, self.predictions = cfg, store, predictions
         self.tasks = model_tasks(cfg.models)
@@ -43,7 +43,7 @@ class FeedbackService:
 
     @classmethod
     def from_config(cls, cfg: TuneloopConfig,
-                    trigger: Callable[[str, str | None, bool | None], None] | None = None) -> FeedbackService:
+                    trigger: Callable[[str, str | None, bool | None, str | None], None] | None = None) -> FeedbackService:
         """The one feedback writer of a deployment: it recovers what a killed predecessor
         journalled, then compacts the journal into Parquet in the background."""
         storage = Storage(cfg.storage.root)

@@ -41,7 +41,7 @@ class FeedbackTally:
     reading them (a Prometheus scrape, the stats endpoint) costs the same whatever the
     amount of feedback stored. The writer folds in each record it stores; a restarted
     writer folds in what is on disk once. Memory: one small entry per prediction id that
-    has feedback (for the latest-wins rule), none per record."""
+    has feedback (for the latest-wins rule: the record less its text), none per record."""
 
     def __init__(self, model: str, task: Task):
         self.model, self.task = model, task
@@ -64,7 +64,8 @@ class FeedbackTally:
                 if order < current[0]:
                     return  # an older record that arrived late: it never counted
                 self._count(current[1], -1)
-            self._newest[pid] = (order, row)
+            # Without its text (up to max_chars_per_input): what _count reads of it is small.
+            self._newest[pid] = (order, {k: v for k, v in row.items() if k != "text"})
         self._count(row, +1)
 
     def add_all(self, rows: Iterable[dict[str, Any]]) -> FeedbackTally:
