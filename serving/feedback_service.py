@@ -29,7 +29,8 @@ MAX_YOUNG_ID_WAITS = 256
 
 class FeedbackService:
     def __init__(self, cfg: TuneloopConfig, store: FeedbackStore, predictions: PredictionLog, *,
-                 trigger: Callable[[str, str | None, bool | None, str | None], None] | None = None, clock: Callable[[], float] = time.time,
+                 trigger: Callable[[str, str | None, bool | None, str | None], None] | None = None,
+                 clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
         self.cfg, self.store, self.predictions = cfg, store, predictions
         self.tasks = model_tasks(cfg.models)
