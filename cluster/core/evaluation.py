@@ -13,7 +13,7 @@ class ClassMetrics(BaseModel):
     recall: float
     f1: float
     support: int  # rows whose true class this is
-    predicted: int | None = None  # rows answered with it, where no confusion matrix counts them (multi-label)
+    predicted: int | None = None  # rows answered with it (None in metrics recorded before it was counted)
 
 
 class EvalMetrics(BaseModel):
@@ -54,7 +54,7 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels:
         prec = tp / predicted if predicted else 0.0
         rec = tp / support if support else 0.0
         per_class[label] = ClassMetrics(precision=prec, recall=rec, f1=2 * prec * rec / (prec + rec) if prec + rec else 0.0,
-                                        support=support)
+                                        support=support, predicted=predicted)
     present = list(per_class.values())
     return EvalMetrics(
         accuracy=sum(confusion[i][i] for i in range(k)) / n,

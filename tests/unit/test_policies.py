@@ -55,7 +55,8 @@ def test_metrics_match_hand_computation():
     assert m["f1"] == pytest.approx(sum(f1) / 3)
     assert m["eval_rows"] == 4
     assert m["confusion"] == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
-    assert m["per_class"]["a"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
+    assert m["per_class"]["a"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2,
+                                     "predicted": 1}
 
 
 def test_metrics_edge_cases():
