@@ -59,7 +59,10 @@ def _min_replicas(cfg: TuneloopConfig) -> int:
 def data_problems(cfg: TuneloopConfig, models: list[str] | None = None) -> list[str]:
     """What would fail ``models``' jobs (default: all) only once Ray, and maybe other models'
     jobs, had run: a local seed or golden file that is not there, or a model with no version
-    and nothing to train v1 on (no seed, no teacher, no feedback)."""
+    and nothing to train v1 on (no seed, no teacher, no feedback), or a ``base_model`` path
+    with nothing there; and, for all models (``run``, ``check-config``), a local Ray's
+    ``num_cpus`` too small for a job beside the replicas (which ``run`` would refuse once
+    Ray is up)."""
     storage = Storage(cfg.storage.root)
     registry = Registry(storage)
     problems = []
@@ -75,6 +78,11 @@ def data_problems(cfg: TuneloopConfig, models: list[str] | None = None) -> list[
                 problems.append(f"models.{m.name}.{key} {path!r} does not exist")
             elif key == "golden_dataset" or production is None:  # what the next job reads
                 problems.extend(f"models.{m.name}.{key}: {e}" for e in _unreadable(path, m))
+        base = m.base_model
+        if production is None and base and base.startswith(("/", "./", "../", "~")) \
+                and not os.path.exists(os.path.expanduser(base)):
+            problems.append(f"models.{m.name}.base_model {base!r} is a path, and nothing is there (a Hugging Face "
+                            "id reads org/name)")
         manifest = registry.manifest(m.name, production) if production else None
         if manifest is not None and manifest.task != m.task:
             problems.append(f"model {m.name!r}: its production {production} was trained for {manifest.task}, the "
@@ -89,6 +97,11 @@ def data_problems(cfg: TuneloopConfig, models: list[str] | None = None) -> list[
                 and not any(r.get("model") == m.name for r in pending_records(cfg.storage.journal_path())):
             problems.append(f"model {m.name!r} has no version yet and nothing to train v1 on: give it a "
                             "seed_dataset (labelled rows: text and label), or send feedback on it first")
+    if models is None and cfg.ray.num_cpus is not None and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        short = retraining_shortfall(len(cfg.models), _min_replicas(cfg), cfg.serving.num_cpus_per_replica,
+                                     cfg.largest_job_cpus(), cfg.ray.num_cpus)
+        if short:
+            problems.append(short)
     return problems
 
 

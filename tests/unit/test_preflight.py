@@ -79,6 +79,16 @@ def test_entity_types_rewritten_as_their_bio_tags_are_the_same_labels(tmp_path):
     assert registry.promote("m", "v1", labels=bio).production == "v1"
 
 
+def test_a_base_model_path_with_nothing_there_and_a_ray_too_small_for_a_retrain_are_named(tmp_path):
+    problems = data_problems(_cfg(tmp_path, base_model=str(tmp_path / "models" / "bert")))
+    assert "base_model" in problems[0] and "is a path, and nothing is there" in problems[0]
+    assert not any("base_model" in p for p in data_problems(_cfg(tmp_path, base_model="org/name")))  # a Hugging Face id
+    small = parse_config({"models": [{"name": "m", "base_model": "some/model", "labels": ["a", "b"]}],
+                          "storage": {"root": str(tmp_path / "store")}, "ray": {"num_cpus": 2}})
+    assert "raise ray.num_cpus to 4" in data_problems(small)[-1]
+    assert not any("num_cpus" in p for p in data_problems(small, ["m"]))  # `tuneloop train` runs no replicas
+
+
 def test_a_version_with_other_labels_than_production_is_promoted_not_rolled_out(tmp_path):
     from tuneloop.core.rollout import RolloutConfig
     from tuneloop.store.jobs import JobStore, hand_over
