@@ -100,12 +100,18 @@ def _evaluate(engine, tokenizer, rows, max_length: int, task: Task) -> dict[str,
             of_window = encoding.get("overflow_to_sample_mapping") or range(len(batch["text"]))
             windows = {k: [v[int(i)] for i in of_window] for k, v in batch.items()}  # a row per window
             window_targets = task.batch_targets(windows, encoding)
-            out = engine(**inputs, labels=_target_tensor(window_targets, task, engine.device))
-            logits = out.logits
-            finite = finite and bool(torch.isfinite(logits).all())
-            loss_sum += float(out.loss) * len(window_targets)
+            scores: list = []
+            # At most EVAL_BATCH_SIZE windows a forward pass: a batch of long documents is
+            # thousands of windows (seed and golden rows have no max_chars_per_input).
+            for start in range(0, len(window_targets), EVAL_BATCH_SIZE):
+                end = start + EVAL_BATCH_SIZE
+                out = engine(**{k: v[start:end] for k, v in inputs.items()},
+                             labels=_target_tensor(window_targets[start:end], task, engine.device))
+                finite = finite and bool(torch.isfinite(out.logits).all())
+                loss_sum += float(out.loss) * len(window_targets[start:end])
+                scores.extend(_activated(out.logits, task).tolist())
             windows_scored += len(window_targets)
-            targets, predicted = task.evaluated(batch, encoding, _activated(logits, task).tolist())
+            targets, predicted = task.evaluated(batch, encoding, scores)
             y_pred.extend(predicted)
             y_true.extend(targets)
             if "row" in batch:
