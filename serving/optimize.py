@@ -272,7 +272,7 @@ def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, versio
             loaded = load_model(path, version, task, max_length, runtime, out, gpu=gpu)
             answers, accuracy = _answers(loaded, task, texts, targets, ocfg.speed_batch_size)
             parity = parity_check(reference_answers, answers, accuracy, reference_accuracy,
-                                  ocfg.min_agreement, ocfg.max_accuracy_drop)
+                                  ocfg.min_agreement, ocfg.max_accuracy_drop, task.answered_right)
             if parity.passed and device == "cpu":  # ONNX Runtime's CPU build: no speed for a GPU's class
                 speeds[runtime] = texts_per_s(loaded, speed_texts, ocfg.speed_batch_size, ocfg.speed_seconds)
             size = os.path.getsize(out) if out else loaded.weight_bytes  # torch-bf16: its weights as loaded

@@ -267,7 +267,7 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
             "labels": mcfg.labels,
             "task_options": {k: getattr(mcfg, k) for k in task.options},
             "has_parent": parent is not None,
-            # The gate judges what will serve: texts cut where the replicas cut them.
+            # The gate judges what will serve: texts read as the replicas read them (cut, or in windows).
             "eval_max_length": cfg.serving.max_length,
             "train_rows": data.train.num_rows,
             # Object references, not the tables: each worker reads them from the object store.

@@ -11,7 +11,9 @@ fastest that passed on its own hardware class. Pure: the manifest's records in, 
 
 from __future__ import annotations
 
-from typing import Literal
+import operator
+from collections.abc import Callable
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -58,10 +60,12 @@ def hardware_class(device: str, threads: int) -> str:
 
 
 def parity_check(reference: list, answers: list, accuracy: float, reference_accuracy: float,
-                 min_agreement: float, max_accuracy_drop: float) -> ParityCheck:
+                 min_agreement: float, max_accuracy_drop: float,
+                 same: Callable[[Any, Any], bool] = operator.eq) -> ParityCheck:
     """Compare an artifact's answers on the golden rows (``answers``) with the PyTorch
-    version's (``reference``), row by row, and their accuracies on those rows (the task's
-    own: tokens for NER). Passes when the share of rows answered the same reaches
+    version's (``reference``), row by row (``same``: the task's ``answered_right``, so two
+    tag sequences spelling the same entities agree), and their accuracies on those rows (the
+    task's own). Passes when the share of rows answered the same reaches
     ``min_agreement`` and the artifact's accuracy is at most ``max_accuracy_drop`` below
     PyTorch's (both shares, 0..1)."""
     if len(reference) != len(answers):
@@ -70,7 +74,7 @@ def parity_check(reference: list, answers: list, accuracy: float, reference_accu
     if n == 0:
         return ParityCheck(passed=False, rows=0, agreement=0.0, accuracy=None, reference_accuracy=None,
                            detail="no golden rows to check parity on: the artifact is not served")
-    agreement = sum(a == r for a, r in zip(answers, reference, strict=True)) / n
+    agreement = sum(same(r, a) for a, r in zip(answers, reference, strict=True)) / n
     numbers = {"rows": n, "agreement": agreement, "accuracy": accuracy, "reference_accuracy": reference_accuracy}
     problems = []
     if agreement < min_agreement:

@@ -13,9 +13,10 @@ token taken from the window where it sits furthest from an edge, so no text is c
 
 Feedback is the corrected entity list, ``[{"start", "end", "label"}]`` into the text: spans
 in range, non-empty, not overlapping and of known types, or 422. Training labels the first
-token of each word by the span it falls in (``B-`` at the span's first word) and -100
-elsewhere; evaluation reads the tags of those tokens back as entities and scores them with
-seqeval, per type and micro-averaged (``f1`` is what the gate compares).
+token of each word by the first span the word overlaps (``B-`` at the span's first word) and
+-100 elsewhere; evaluation reads a text as serving does (in windows, each word tagged by
+``aggregation``), turns the word tags back into entities and scores them with seqeval, per
+type and micro-averaged (``f1`` is what the gate compares).
 """
 
 from __future__ import annotations
