@@ -274,7 +274,7 @@ class AutoscalingConfig(Section):
             "((cores - the job's CPUs) // (num_cpus_per_replica x models), at least 1)"))
     target_ongoing_requests: float = Field(
         default=DEFAULT_TARGET_ONGOING, gt=0,
-        description="requests per replica it aims at: one full batch (default 32, or a smaller max_batch_size)"
+        description="requests per replica it aims at (default 32, or one batch where a replica never holds 32)"
     )
     upscale_delay_s: float = Field(default=10.0, ge=0)
     downscale_delay_s: float = Field(default=300.0, ge=0)
@@ -351,15 +351,21 @@ class ServingConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _target_of_a_small_batch(cls, data: Any) -> Any:
-        """``autoscaling.target_ongoing_requests`` left out is one full batch: 32, or a
-        smaller ``max_batch_size``. At 32 whatever the batch, ``max_batch_size: 4`` with
-        ``max_queued_requests: 8`` was refused over a key the user never wrote."""
+        """``autoscaling.target_ongoing_requests`` left out is 32, or, where a replica could
+        never hold 32 requests (4 x ``max_batch_size`` + ``max_queued_requests``), one full
+        batch: ``max_batch_size: 4`` with ``max_queued_requests: 8`` was refused over a key
+        the user never wrote. Configs that held 32 keep it (a lower target scales out more
+        replicas, which take the CPUs a retrain needs)."""
         if not isinstance(data, dict) or data.get("num_replicas") is not None:
             return data
-        auto = data.get("autoscaling") or {}
-        size = data.get("max_batch_size")
+        auto = data.get("autoscaling")
+        if isinstance(auto, AutoscalingConfig):
+            auto = auto.model_dump(exclude_unset=True)
+        auto = auto or {}
+        size, queue = data.get("max_batch_size", 32), data.get("max_queued_requests", 1024)
         if isinstance(auto, dict) and "target_ongoing_requests" not in auto \
-                and type(size) is int and 1 <= size < DEFAULT_TARGET_ONGOING:
+                and type(size) is int and type(queue) is int and 1 <= size \
+                and DEFAULT_TARGET_ONGOING >= 4 * size + queue:
             data = {**data, "autoscaling": {**auto, "target_ongoing_requests": float(size)}}
         return data
 

@@ -191,8 +191,8 @@ def test_a_target_left_out_is_one_full_batch_of_a_small_max_batch_size():
     small = parse_config({"models": [MODEL], "serving": {"max_batch_size": 2, "max_queued_requests": 4}})
     assert small.serving.autoscaling.target_ongoing_requests == 2
     assert parse_config(small.model_dump()) == small  # as replicas re-read it
-    assert parse_config({"models": [MODEL], "serving": {"max_batch_size": 256}}).serving.autoscaling \
-        .target_ongoing_requests == 32
+    for serving in ({"max_batch_size": 256}, {"max_batch_size": 8}):  # 32 reachable: kept
+        assert parse_config({"models": [MODEL], "serving": serving}).serving.autoscaling.target_ongoing_requests == 32
 
 
 def test_an_unreachable_target_is_fine_where_replicas_cannot_scale_anyway():
