@@ -302,6 +302,7 @@ class FeedbackStore:
         self.journal_dir = journal_dir
         self.tasks = tasks
         self._journal: Journal | None = None
+        self._earlier_recovered = False  # what writers left in journal folders used before this one
         self._stop = threading.Event()
         self._idempotency = IdempotencyIndex()
         self._on_stored: Callable[[dict[str, Any]], None] | None = None
@@ -318,10 +319,11 @@ class FeedbackStore:
         self._journal = self._journal_in(self.journal_dir)
         try:
             self._journal.recover()
-            self._recover_earlier_journals()
         except OSError as e:  # a full disk or read-only store: the compactor tries again; feedback says 503 meanwhile
             log.warning("feedback journal: recovering dead writers' records failed (%s); left for the next "
                         "compaction", e)
+        self._earlier_recovered = False
+        self._recover_earlier_journals()
         self._idempotency = IdempotencyIndex(idempotency_ttl_s)
         self._remember_recent_keys()
         self._on_stored = on_stored
@@ -338,13 +340,20 @@ class FeedbackStore:
         storage root records (``JOURNAL_DIRS``). After a crash, records acknowledged in a
         folder that ``storage.journal_dir`` then moved away from were never read again."""
         here = os.path.abspath(self.journal_dir)
-        known = self.storage.update_json(JOURNAL_DIRS, lambda dirs: None if here in (dirs or [])
-                                         else sorted({*(dirs or []), here}))
-        for directory in known:
-            if directory != here and os.path.isdir(directory):
-                n = self._journal_in(directory).recover()
-                if n:
-                    log.info("feedback journal: recovered %d records from the earlier journal folder %s", n, directory)
+        try:
+            known = self.storage.update_json(JOURNAL_DIRS, lambda dirs: None if here in (dirs or [])
+                                             else sorted({*(dirs or []), here}))
+            for directory in known:
+                if directory != here and os.path.isdir(directory):
+                    n = self._journal_in(directory).recover()
+                    if n:
+                        log.info("feedback journal: recovered %d records from the earlier journal folder %s", n,
+                                 directory)
+        except OSError as e:  # the compactor tries again, as for this folder's own
+            log.warning("feedback journal: recovering earlier journal folders failed (%s); left for the next "
+                        "compaction", e)
+            return
+        self._earlier_recovered = True
 
     def _to_table(self, rows: list[dict[str, Any]]) -> pa.Table:
         """One partition's journal records (one model's) as Parquet's table."""
@@ -436,7 +445,11 @@ class FeedbackStore:
         return record["feedback_id"]
 
     def compact(self) -> int:
-        return self._journal.compact() if self._journal else 0
+        if self._journal is None:
+            return 0
+        if not self._earlier_recovered:
+            self._recover_earlier_journals()
+        return self._journal.compact()
 
     def _compact_every(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
