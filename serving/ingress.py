@@ -60,7 +60,7 @@ from tuneloop.serving.predict_request import (
 
 log = logging.getLogger("ray.serve")
 READY_TIMEOUT_S = 5.0
-CONTROLLER_LOOKUP_S = 30.0  # how long a retrain controller handle is trusted (Ingress._controller)
+CONTROLLER_LOOKUP_S = 5.0  # how long a retrain controller handle is trusted (Ingress._controller)
 
 app = FastAPI(title="tuneloop", version="1")
 
@@ -275,7 +275,9 @@ class Ingress:
         inside the feedback store's append lock, and a lookup is a round trip to Ray's GCS.
         Kept for good, a handle outlived its controller: when the keeper replaced a dead one,
         the triggers went to the dead actor and were dropped, and retraining never fired
-        again. The new controller counts what it missed from the feedback files."""
+        again. The new controller counts the compacted feedback files when it starts; records
+        still in the journal then, or sent to the dead one in the seconds before the next
+        lookup, count with the next job instead (they train with it all the same)."""
         now = time.monotonic()
         if fresh or self._controller_handle is None or now - self._controller_found_at > CONTROLLER_LOOKUP_S:
             try:
@@ -440,7 +442,8 @@ class Ingress:
         for looked_again in (False, True):  # a controller that died since the lookup: its keeper starts another
             controller = self._controller(fresh=looked_again)
             if controller is None:
-                raise NotReady("retraining is not available here: no retrain controller is running")
+                raise NotReady("the retrain controller is restarting; retry shortly" if looked_again
+                               else "retraining is not available here: no retrain controller is running")
             try:
                 job_id = await controller.start.remote(model, f"manual (key {key_id})")
                 break
