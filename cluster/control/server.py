@@ -24,7 +24,7 @@ from tuneloop.store.journal import pending_records
 from tuneloop.store.keys import KeyRing, ensure_admin_key, save_admin_key
 from tuneloop.core.config import ConfigError, ModelConfig, TuneloopConfig
 from tuneloop.core.names import deploy_failures, not_running
-from tuneloop.core.tasks import head_label_set, model_task
+from tuneloop.core.tasks import label_set, model_task
 from tuneloop.core.resources import (gpu_retraining_shortfall, local_ray_cpus, retraining_shortfall,
                                      serving_shortfall)
 from tuneloop.store.registry import Registry
@@ -87,8 +87,8 @@ def data_problems(cfg: TuneloopConfig, models: list[str] | None = None) -> list[
         if manifest is not None and manifest.task != m.task:
             problems.append(f"model {m.name!r}: its production {production} was trained for {manifest.task}, the "
                             f"config says {m.task}: a new task needs a new model name")
-        elif manifest is not None and (dropped := _as_written(m.task, head_label_set(m.task, manifest.labels)
-                                                              - head_label_set(m.task, m.labels))):
+        elif manifest is not None and (dropped := sorted(label_set(m.task, manifest.labels)
+                                                         - label_set(m.task, m.labels))):
             problems.append(f"model {m.name!r}: the config drops label(s) {dropped} "
                             f"of its production {production}, whose golden set, replay rows and feedback hold them: "
                             "restore them (labels may be added), or give the new label set a new model name")
@@ -103,14 +103,6 @@ def data_problems(cfg: TuneloopConfig, models: list[str] | None = None) -> list[
         if short:
             problems.append(short)
     return problems
-
-
-def _as_written(task: str, head_labels: set[str]) -> list[str]:
-    """Head labels as a config names them: entity types for token classification, whose
-    head holds their B- and I- tags."""
-    if task == "token-classification":
-        return sorted({x[2:] for x in head_labels if x != "O"})
-    return sorted(head_labels)
 
 
 def _unreadable(path: str, m: ModelConfig) -> list[str]:
@@ -136,8 +128,8 @@ def bootstrap_versions(cfg: TuneloopConfig) -> None:
         production = registry.production(m.name)
         if production is None:
             log.info("model %s has no version yet: fine-tuning v1 from %s", m.name, m.starts_from())
-        elif added := _as_written(m.task, head_label_set(m.task, m.labels)
-                                  - head_label_set(m.task, registry.manifest(m.name, production).labels)):
+        elif added := sorted(label_set(m.task, m.labels)
+                             - label_set(m.task, registry.manifest(m.name, production).labels)):
             # Its replicas refuse a version without the config's labels: nothing would serve.
             log.info("model %s: the config adds label(s) %s to production %s's: fine-tuning a version with them",
                      m.name, added, production)

@@ -27,7 +27,7 @@ from tuneloop.core.errors import Conflict
 from tuneloop.core.gate import GateDecision
 from tuneloop.core.rollout import RolloutConfig, first_stage
 from tuneloop.core.serving_time import ServingTime
-from tuneloop.core.tasks import head_label_set
+from tuneloop.core.tasks import label_set
 from tuneloop.store.registry import Registry, iso_time
 from tuneloop.store.storage import FileLock, Storage
 
@@ -308,7 +308,7 @@ def hand_over(registry: Registry, job: JobRecord, version: str, parent: str | No
     production = registry.manifest(job.model, parent) if parent is not None else None
     candidate = registry.manifest(job.model, version)
     if rollout.mode == "direct" or production is None or \
-            head_label_set(production.task, production.labels) != head_label_set(candidate.task, candidate.labels):
+            label_set(production.task, production.labels) != label_set(candidate.task, candidate.labels):
         # Production trained for other labels cannot serve beside it, nor be compared with it.
         promote_or_wait(registry, job, version, parent, reason)
         return

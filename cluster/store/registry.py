@@ -39,7 +39,7 @@ from tuneloop.core.errors import Conflict, CorruptStoredFile, UnknownVersion
 from tuneloop.core.evaluation import EvalMetrics
 from tuneloop.core.gate import GateDecision
 from tuneloop.core.runtimes import Optimization
-from tuneloop.core.tasks import head_label_set
+from tuneloop.core.tasks import label_set
 from tuneloop.core.rollout import Rollout, Stage
 from tuneloop.core.serving_time import ServingTime
 from tuneloop.store.storage import Storage, parquet_bytes, private_temp_dir
@@ -369,7 +369,7 @@ class Registry:
             why = f" ({manifest.gate.reason})" if manifest.gate and manifest.gate.reason else ""
             raise Conflict(f"{version} was rejected by the gate{why}; to {verb} it anyway, force it "
                            '("force": true over HTTP, --force on the command line)')
-        if labels is not None and head_label_set(manifest.task, manifest.labels) != head_label_set(manifest.task, labels):
+        if labels is not None and label_set(manifest.task, manifest.labels) != label_set(manifest.task, labels):
             raise Conflict(f"{version} was trained for labels {manifest.labels}, the config has {labels}")
 
     def rollback(self, model: str, reason: str = "", expect_production: str | None = UNCHECKED) -> RegistryState:

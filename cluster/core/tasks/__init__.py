@@ -36,11 +36,11 @@ def make_task(name: str, labels: list[str], **options) -> Task:
     return cls(labels, **{k: v for k, v in options.items() if k in cls.options})
 
 
-def head_label_set(task: str, labels: list[str]) -> frozenset[str]:
-    """What a model of ``task`` answers with ``labels``, whichever way they are written: the
-    entity types ``[PER, LOC]`` and their BIO tags ``[O, B-PER, I-PER, B-LOC, I-LOC]`` are the
-    same head. Compare label lists of a config and a version with it."""
-    return frozenset(make_task(task, list(labels)).head_labels())
+def label_set(task: str, labels: list[str]) -> frozenset[str]:
+    """The labels of a model of ``task``, as a config names them, whichever way ``labels``
+    writes them: the entity types ``[PER, LOC]`` and their BIO tags ``[O, B-PER, I-PER,
+    B-LOC, I-LOC]`` are one set. Compare label lists of a config and a version with it."""
+    return frozenset(make_task(task, list(labels)).label_names())
 
 
 def model_task(m) -> Task:
@@ -57,4 +57,4 @@ def model_tasks(models) -> dict[str, Task]:
 
 
 __all__ = ["TASKS", "ColumnType", "ListOf", "MapOf", "StructOf", "Task", "check_text_length", "check_unicode",
-           "head_label_set", "make_task", "model_task", "model_tasks"]
+           "label_set", "make_task", "model_task", "model_tasks"]

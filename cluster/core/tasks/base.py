@@ -132,6 +132,10 @@ class Task(ABC):
             out["word_ids"] = [enc.word_ids(i) for i in range(len(out["input_ids"]))]
         return out
 
+    def label_names(self) -> list[str]:
+        """The labels as a config names them (``label_set`` compares them)."""
+        return self.labels
+
     @abstractmethod
     def head_labels(self) -> list[str]:
         """The labels of the model's output units (a checkpoint's ``id2label`` values)."""

@@ -138,6 +138,9 @@ class TokenClassification(Task):
         self.aggregation = aggregation
         self.window_stride = window_stride
 
+    def label_names(self) -> list[str]:
+        return self.types  # however the config wrote them: types, or their BIO tags
+
     def head_labels(self) -> list[str]:
         return ["O"] + [f"{p}-{t}" for t in self.types for p in ("B", "I")]
 
