@@ -71,8 +71,11 @@ class Retrainer:
         self.pending = dict(pending)
         # model -> the predictions whose feedback ``pending`` counts: a second answer on one
         # of them replaces the first in training (the newest wins) and is not counted again.
-        cap = max(1, cfg.trigger.every_n_feedback)
-        self.counted: dict[str, set[str]] = {m: set(sorted(ids)[:cap]) for m, ids in (counted or {}).items()}
+        # Past the count that fires (or 1, which the schedule needs), repeats no longer matter:
+        # the sets stay that small when jobs are rare or only manual.
+        self._counted_cap = max(1, cfg.trigger.every_n_feedback)
+        self.counted: dict[str, set[str]] = {m: set(sorted(ids)[:self._counted_cap])
+                                             for m, ids in (counted or {}).items()}
         self.last_started: dict[str, float] = {}  # model -> when its newest job was created
         for j in records:
             self.last_started[j.model] = max(self.last_started.get(j.model, 0.0),
@@ -171,9 +174,7 @@ class Retrainer:
             counted = self.counted.setdefault(model, set())
             if prediction_id is None or prediction_id not in counted:  # four relabellings are one row to train
                 self.pending[model] = self.pending.get(model, 0) + 1
-                # Past the count that fires (or 1, which the schedule needs), repeats no longer
-                # matter: the set stays that small when jobs are rare or only manual.
-                if prediction_id is not None and len(counted) < max(1, self.cfg.trigger.every_n_feedback):
+                if prediction_id is not None and len(counted) < self._counted_cap:
                     counted.add(prediction_id)
             production = self._production_of(model)
             if agreed is not None and version is not None and version == production[0]:

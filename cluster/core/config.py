@@ -362,7 +362,8 @@ class ServingConfig(Section):
         if isinstance(auto, AutoscalingConfig):
             auto = auto.model_dump(exclude_unset=True)
         auto = auto or {}
-        size, queue = data.get("max_batch_size", 32), data.get("max_queued_requests", 1024)
+        size = data.get("max_batch_size", cls.model_fields["max_batch_size"].default)
+        queue = data.get("max_queued_requests", cls.model_fields["max_queued_requests"].default)
         if isinstance(auto, dict) and "target_ongoing_requests" not in auto \
                 and type(size) is int and type(queue) is int and 1 <= size \
                 and DEFAULT_TARGET_ONGOING >= 4 * size + queue:

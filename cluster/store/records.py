@@ -322,7 +322,6 @@ class FeedbackStore:
         except OSError as e:  # a full disk or read-only store: the compactor tries again; feedback says 503 meanwhile
             log.warning("feedback journal: recovering dead writers' records failed (%s); left for the next "
                         "compaction", e)
-        self._earlier_recovered = False
         self._recover_earlier_journals()
         self._idempotency = IdempotencyIndex(idempotency_ttl_s)
         self._remember_recent_keys()
