@@ -32,6 +32,12 @@ from tuneloop.core.triggers import online_accuracy, which_trigger
 
 log = logging.getLogger(__name__)
 SWEEP_EVERY_S = 10.0  # how often dead jobs are looked for, besides on every call
+# How long the registry state read for a feedback record serves the records after it. Every
+# record reached the controller as a call of its own, and each read the state from storage
+# with the lock held: one object-store GET (tens of ms) a record, so on S3 the controller
+# fell behind at a few dozen records/s while the journal acknowledges thousands. A rollout
+# or a new production now reaches the triggers up to this much later.
+STATE_REFRESH_S = 1.0
 
 
 # max_retries=0: a job whose process died is over (its record says so); a retry would train
@@ -62,8 +68,11 @@ class Retrainer:
     def __init__(self, cfg: TuneloopConfig, jobs: JobStore, registry: Registry,
                  launch: Callable[[str, str, JobRecord], Future], pending: dict[str, int], *,
                  counted: dict[str, set[str]] | None = None,
-                 clock: Callable[[], float] = time.time, sweep_every_s: float | None = SWEEP_EVERY_S):
+                 clock: Callable[[], float] = time.time, sweep_every_s: float | None = SWEEP_EVERY_S,
+                 state_refresh_s: float = STATE_REFRESH_S):
         self.cfg, self.jobs, self.registry, self._launch, self._clock = cfg, jobs, registry, launch, clock
+        self._state_refresh_s = state_refresh_s
+        self._state_read_at: dict[str, float] = {}  # model -> when its registry state was last read
         self._lock = threading.Lock()
         records = self.jobs.all()
         self.running: dict[str, str] = {j.model: j.job_id for j in records if j.state == "running"}
@@ -184,12 +193,15 @@ class Retrainer:
             return self._maybe_start(model, production)
 
     def _production_of(self, model: str) -> tuple[str | None, float | None]:
-        """Production's version and its accuracy on the golden set; a new production starts
-        a new agreement window."""
+        """Production's version and its accuracy on the golden set, read from the registry at
+        most every ``state_refresh_s``; a new production starts a new agreement window."""
+        now, cached = self._clock(), self._production.get(model)
+        if cached is not None and now - self._state_read_at.get(model, float("-inf")) < self._state_refresh_s:
+            return cached
         state = self.registry.state(model)
+        self._state_read_at[model] = now
         version = state.production
         self._in_rollout[model] = state.rollout is not None
-        cached = self._production.get(model)
         if cached is None or cached[0] != version:
             metrics = self.registry.manifest(model, version).metrics if version else None
             cached = (version, metrics.accuracy if metrics and metrics.eval_rows else None)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 
-from tuneloop.control.controller import Retrainer
+from tuneloop.control.controller import STATE_REFRESH_S, Retrainer
 from tuneloop.core.config import parse_config
 from tuneloop.core.evaluation import EvalMetrics
 from tuneloop.store.jobs import JobStore
@@ -34,14 +34,15 @@ class FakeLaunch:
         self.futures[i].set_result(state)
 
 
-def _retrainer(tmp_path, every_n=3, pending=None):
+def _retrainer(tmp_path, every_n=3, pending=None, clock=None):
     cfg = parse_config({"models": [{"name": "m", "base_model": "x", "labels": ["a", "b"]},
                                    {"name": "n", "base_model": "x", "labels": ["a", "b"]}],
                         "trigger": {"every_n_feedback": every_n}, "storage": {"root": str(tmp_path)}})
     storage = Storage(str(tmp_path))
     jobs = JobStore(storage)
     launch = FakeLaunch(jobs)
-    return Retrainer(cfg, jobs, Registry(storage), launch, pending or {"m": 0, "n": 0}, sweep_every_s=None), launch, jobs
+    return Retrainer(cfg, jobs, Registry(storage), launch, pending or {"m": 0, "n": 0}, sweep_every_s=None,
+                     **({"clock": clock} if clock else {})), launch, jobs
 
 
 def test_every_nth_feedback_starts_one_job_and_the_count_restarts(tmp_path):
@@ -236,7 +237,8 @@ def test_a_student_follows_its_teachers_production_once_per_version(tmp_path):
 
 def test_no_automatic_job_starts_while_a_challenger_is_rolled_out(tmp_path):
     """Its version could start no rollout of its own (a 409): it would wait as a candidate."""
-    retrainer, launch, _ = _retrainer(tmp_path, every_n=2)
+    now = [1000.0]
+    retrainer, launch, _ = _retrainer(tmp_path, every_n=2, clock=lambda: now[0])
     registry = retrainer.registry
     weights = tmp_path / "w"
     weights.mkdir()
@@ -248,8 +250,34 @@ def test_no_automatic_job_starts_while_a_challenger_is_rolled_out(tmp_path):
     assert [retrainer.record_feedback("m") for _ in range(4)] == [None] * 4 and launch.launched == []
     assert retrainer.start("m") is not None  # an operator still may
     launch.finish(0)
-    registry.rollback("m")  # the rollout ends: feedback starts jobs again
-    assert [retrainer.record_feedback("m") for _ in range(2)][-1] is not None
+    registry.rollback("m")  # the rollout ends: feedback starts jobs again, once the state is read again
+    assert retrainer.record_feedback("m") is None
+    now[0] += STATE_REFRESH_S
+    assert retrainer.record_feedback("m") is not None
+
+
+class CountingRegistry(Registry):
+    def __init__(self, storage):
+        super().__init__(storage)
+        self.state_reads = 0
+
+    def state(self, model):
+        self.state_reads += 1
+        return super().state(model)
+
+
+def test_a_burst_of_feedback_reads_the_registry_state_once_a_refresh_period(tmp_path):
+    """A record a call: reading the state for each held the lock for an object-store GET."""
+    cfg = parse_config({"models": [{"name": "m", "base_model": "x", "labels": ["a", "b"]}],
+                        "trigger": {"every_n_feedback": 10_000}, "storage": {"root": str(tmp_path)}})
+    storage = Storage(str(tmp_path))
+    jobs, registry, now = JobStore(storage), CountingRegistry(storage), [1000.0]
+    retrainer = Retrainer(cfg, jobs, registry, FakeLaunch(jobs), {"m": 0}, clock=lambda: now[0], sweep_every_s=None)
+    for i in range(500):
+        retrainer.record_feedback("m", "v1", True, f"p{i}")
+        now[0] += 0.01  # 100 records a second for 5 s
+    assert registry.state_reads == 5
+    assert retrainer.pending["m"] == 500
 
 
 def test_after_a_restart_feedback_a_failed_job_had_does_not_start_a_job_again(tmp_path):
