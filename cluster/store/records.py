@@ -184,13 +184,47 @@ def _first_of_each_id(table: pa.Table, column: str) -> pa.Table:
     return table.filter(pa.array(keep))
 
 
+# What pyarrow raises for a file it can open but not read as the schema says: a cast that
+# would lose data, a column of another type, bytes that are no Parquet. Not OSError: a
+# missing file or an unreachable store fails the read, as a reader must not skip those.
+_NOT_OUR_FORMAT = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError)
+_reported: set[str] = set()  # files already logged as unreadable by this process
+
+
 def _read(storage: Storage, files: list[str], schema: pa.Schema, filter=None) -> pa.Table:
+    """The rows of ``files`` in ``schema``. A file written by another tool is read as far as
+    it can be: a pandas backfill's ``created_at`` in ns (pyarrow refuses the cast to ms,
+    which would drop the sub-millisecond part) failed every read of the model's records, the
+    ingress's start among them. Such a file is cast with truncation; one that cannot be read
+    at all is logged and skipped, not the whole read failed."""
     if not files:
         return schema.empty_table()
-    dataset = pads.dataset(
-        [storage.path(f) for f in files], schema=schema, format="parquet", filesystem=storage.fs
-    )
-    return dataset.to_table(filter=filter)
+    try:
+        return _dataset(storage, files, schema).to_table(filter=filter)
+    except _NOT_OUR_FORMAT:
+        return pa.concat_tables([_read_one(storage, f, schema, filter) for f in files])
+
+
+def _dataset(storage: Storage, files: list[str], schema: pa.Schema) -> pads.Dataset:
+    return pads.dataset([storage.path(f) for f in files], schema=schema, format="parquet", filesystem=storage.fs)
+
+
+def _read_one(storage: Storage, file: str, schema: pa.Schema, filter) -> pa.Table:
+    try:
+        return _dataset(storage, [file], schema).to_table(filter=filter)
+    except _NOT_OUR_FORMAT:
+        pass
+    try:
+        found = _dataset(storage, [file], None).to_table()
+        columns = [found.column(f.name).cast(f.type, safe=False) if f.name in found.column_names
+                   else pa.nulls(found.num_rows, f.type) for f in schema]
+        table = pa.Table.from_arrays(columns, schema=schema)
+        return table.filter(filter) if filter is not None else table
+    except _NOT_OUR_FORMAT as e:
+        level = logging.DEBUG if file in _reported else logging.ERROR
+        _reported.add(file)
+        log.log(level, "skipping %s: not readable as tuneloop's records (%s)", storage.path(file), e)
+        return schema.empty_table()
 
 
 MERGE_MIN_FILES = 16  # a closed day with fewer compacted files is left as it is

@@ -149,3 +149,32 @@ def test_read_since_reads_only_newer_records_from_their_date_partitions(tmp_path
     storage.write_bytes_atomic("feedback/m/date=2000-01-01/x.parquet", b"not parquet")
     assert store.read_since("m", (cut[0] + timedelta(days=1), "")).num_rows == 0
     store.close()
+
+
+def test_a_file_written_by_another_tool_is_read_as_far_as_it_can_be(tmp_path, caplog):
+    """A pandas backfill writes created_at in ns, which pyarrow will not cast to ms without
+    losing data: it failed every read of the model's feedback, the ingress's start among
+    them. A file that is no Parquet at all is skipped and named in the log."""
+    import pyarrow as pa
+
+    storage = Storage(str(tmp_path / "store"))
+    store = FeedbackStore(storage, str(tmp_path / "journal"), TASKS)
+    store.open_writer()
+    ours = store.append(model="m", text="great", label="positive", idempotency_key="k1")
+    store.compact()
+    day = tmp_path / "store/feedback/m/date=2026-01-02"
+    day.mkdir(parents=True)
+    at = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    pq.write_table(pa.table({"feedback_id": ["backfilled"], "model": ["m"], "text": ["fine"], "label": ["positive"],
+                             "created_at": pa.array([at], pa.timestamp("ns", tz="UTC"))}), day / "pandas.parquet")
+    (day / "truncated.parquet").write_bytes(b"PAR1 not really")
+    rows = {r["feedback_id"]: r for r in store.read("m").to_pylist()}
+    assert set(rows) == {ours, "backfilled"}
+    assert rows["backfilled"]["created_at"] == at.replace(microsecond=678000)  # cut to the schema's ms
+    assert rows["backfilled"]["prediction_id"] is None  # a column the file lacks reads as null
+    assert "truncated.parquet" in caplog.text
+    store.close()
+    again = FeedbackStore(storage, str(tmp_path / "journal"), TASKS)  # remembers the keys of the last day
+    again.open_writer()
+    assert again.read("m").num_rows == 2
+    again.close()
