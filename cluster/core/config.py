@@ -523,28 +523,31 @@ class TrainingConfig(Section):
         return custom_resources(v, "resources_per_worker", "cpus_per_worker and use_gpu/gpus_per_worker")
 
     @model_validator(mode="after")
-    def _a_row_for_every_worker(self) -> TrainingConfig:
+    def _keys_agree(self) -> TrainingConfig:
         if self.max_rows_per_job < self.num_workers:
             raise ValueError(f"max_rows_per_job {self.max_rows_per_job} is fewer than num_workers {self.num_workers}: "
                              "a worker would have no row to train on")
-        return self
-
-    @model_validator(mode="after")
-    def _whole_gpus_for_several_workers(self) -> TrainingConfig:
         if self.use_gpu and self.num_workers > 1 and self.gpus_per_worker != int(self.gpus_per_worker):
             raise ValueError(
                 f"gpus_per_worker {self.gpus_per_worker:g} with num_workers {self.num_workers}: two DeepSpeed ranks "
                 "could land on one GPU, which NCCL refuses; use whole GPUs, or num_workers: 1 to share a GPU "
                 "with serving")
-        return self
-
-    @model_validator(mode="after")
-    def _precision_needs_gpu(self) -> TrainingConfig:
         if self.precision in ("bf16", "fp16") and not self.use_gpu:
             raise ValueError(
                 f"precision {self.precision!r} needs use_gpu: true; on CPU training runs in fp32 "
                 "(set precision: auto or fp32)"
             )
+        return self
+
+
+class TrainingDefaults(TrainingConfig):
+    """The top-level ``training:`` section: each key is a default that a model's own
+    ``training:`` may override, so the checks across keys are made on what each model trains
+    with (``TuneloopConfig.training_for``), not on the section alone: ``precision: bf16``
+    here with ``use_gpu: true`` in every model is a valid config."""
+
+    @model_validator(mode="after")
+    def _keys_agree(self) -> TrainingDefaults:
         return self
 
 
@@ -635,7 +638,7 @@ class TuneloopConfig(Section):
     predictions: PredictionsConfig = PredictionsConfig()
     feedback: FeedbackConfig = FeedbackConfig()
     auth: AuthConfig = AuthConfig()
-    training: TrainingConfig = TrainingConfig()
+    training: TrainingDefaults = TrainingDefaults()
     gate: GateConfig = GateConfig()
     optimize: OptimizeConfig = OptimizeConfig()
     trigger: TriggerConfig = TriggerConfig()
@@ -741,12 +744,10 @@ class TuneloopConfig(Section):
         """The training settings of model ``name``: the top-level ones, with the model's own
         ``training:`` keys over them (a 12-intent seed set wants more epochs than sentiment)."""
         overrides = self.model(name).training
-        if not overrides:
-            return self.training
         try:
             return TrainingConfig.model_validate({**self.training.model_dump(exclude_unset=True), **overrides})
         except ValidationError as err:
-            where = f"models.{name}.training"
+            where = f"models.{name}.training" if overrides else "training"
             raise ValueError("\n  ".join(_error_line(e, where, ("training", *e["loc"][:-1]))
                                           for e in err.errors())) from None
 

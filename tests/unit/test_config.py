@@ -39,6 +39,18 @@ def test_a_models_bad_training_key_is_refused_naming_the_model(training, fragmen
     assert fragment in str(e.value) and "<root>" not in str(e.value)
 
 
+def test_the_top_level_training_keys_are_checked_together_as_each_model_trains_with_them():
+    """The section's keys are defaults: a GPU precision there is fine when every model says
+    use_gpu, and refused, naming the section, once a model trains with it as it is."""
+    gpu = {"use_gpu": True, "num_workers": 1}
+    cfg = parse_config({"models": [{**MODEL, "training": gpu}, {**MODEL, "name": "other", "training": gpu}],
+                        "training": {"precision": "bf16"}})
+    assert cfg.training_for("other").precision == "bf16" and cfg.training_for("other").use_gpu
+    with pytest.raises(ConfigError) as e:
+        parse_config({"models": [{**MODEL, "training": gpu}, {**MODEL, "name": "other"}], "training": {"precision": "bf16"}})
+    assert "  training: precision 'bf16' needs use_gpu" in str(e.value)
+
+
 def test_unknown_key_is_named_with_its_value():
     with pytest.raises(ConfigError) as e:
         parse_config({"models": [MODEL], "serving": {"prot": 8000}})
@@ -257,7 +269,7 @@ def test_config_errors_read_as_tuneloops_own():
 def test_a_minimal_config_starts_from_the_default_model_and_empty_sections_count_as_left_out():
     cfg = parse_config({"models": [{"name": "m", "labels": ["a", "b"], "training": None}], "training": None,
                         "serving": None, "rollout": None, "deploy": {"workers": None}})
-    assert cfg.model("m").base_model == DEFAULT_BASE_MODEL and cfg.training == TrainingConfig()
+    assert cfg.model("m").base_model == DEFAULT_BASE_MODEL and cfg.training_for("m") == TrainingConfig()
     assert cfg.serving.port == 8000 and cfg.rollout.mode == "direct" and cfg.deploy.workers.max_workers >= 1
     nested = parse_config({"models": [{"name": "m", "labels": ["a", "b"]}], "serving": {"autoscaling": None}})
     assert nested.serving.autoscaling.min_replicas == 1
