@@ -44,7 +44,7 @@ from tuneloop.store.storage import Storage
 from tuneloop.training.distill import teacher_of, with_teacher_logits
 from tuneloop.training.job_data import JobData, assemble, with_training_columns
 from tuneloop.training.loop import train_loop_per_worker
-from tuneloop.training.recipe import freeze_problem, startup_parts, training_speed
+from tuneloop.training.recipe import layer_problem, startup_parts, training_speed
 
 log = logging.getLogger(__name__)
 KEEP_TRAIN_RUNS = 2  # Ray Train run folders kept per model (each holds a full checkpoint)
@@ -164,15 +164,15 @@ def _settle_feedback(feedback: FeedbackStore) -> None:
     feedback.close()
 
 
-def _check_freezing(tcfg: TrainingConfig, init_path: str, student_layers: int | None) -> None:
-    """Fail now, before Ray Train starts, on freeze_layers the model does not have."""
+def _check_layers(tcfg: TrainingConfig, init_path: str, student_layers: int | None) -> None:
+    """Fail now, before Ray Train starts, on layers the model does not have (``layer_problem``)."""
     config_file = os.path.join(init_path, "config.json")
     try:
         with open(config_file) as f:
             config = json.load(f)
     except (OSError, ValueError):
         return  # the workers' own check still stands
-    problem = freeze_problem(config, tcfg.freeze_layers, tcfg.feature_extraction, student_layers)
+    problem = layer_problem(config, tcfg.freeze_layers, tcfg.feature_extraction, student_layers)
     if problem:
         raise ValueError(problem)
 
@@ -236,6 +236,7 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
         init_path = teacher.path  # cut to student_layers in the workers
     else:
         init_path = resolve_model_source(mcfg.base_model)
+    _check_layers(tcfg, init_path, teacher.student_layers if teacher is not None and not parent else None)
     parent_manifest = registry.manifest(model, parent) if parent else None
     data = assemble(task, mcfg, tcfg, registry, feedback, parent_manifest, cfg.quarantine,
                     teacher=cfg.model(teacher.model) if teacher else None)
@@ -245,7 +246,6 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
     if data.train.num_rows < tcfg.num_workers:  # a worker without a row trains nothing, and says nothing
         raise ValueError(f"{data.train.num_rows} training row(s) for {tcfg.num_workers} workers: each needs one at "
                          "least; add seed data or feedback, or lower training.num_workers")
-    _check_freezing(tcfg, init_path, teacher.student_layers if teacher is not None and not parent else None)
     tables = _job_tables(task, data)
     log.info("job %s: %s from %s, %s", job.job_id, model, parent or mcfg.starts_from(), data.summary)
     # A cluster joined by address may autoscale; the local Ray `tuneloop run` starts cannot.

@@ -57,15 +57,20 @@ _EMBEDDING = re.compile(r"(?:^|\.)(?:embeddings|embed_tokens|embed_positions|wor
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
-def freeze_problem(config: dict[str, Any], freeze_layers: int, feature_extraction: bool,
-                   student_layers: int | None = None) -> str | None:
-    """Why ``freeze_layers`` cannot apply to the model of ``config`` (its config.json), known
-    before the workers start; None if it can or the count is unknown. A student's v1 has
-    ``student_layers``. (The workers check the parameters themselves, ``frozen_parameters``:
-    that came only after the job's start-up.)"""
+def layer_problem(config: dict[str, Any], freeze_layers: int, feature_extraction: bool,
+                  student_layers: int | None = None) -> str | None:
+    """Why the job cannot take the layers it asks of the model of ``config`` (its config.json),
+    known before the workers start: ``freeze_layers`` it does not have, or, for a student's
+    v1 cut from this teacher, more ``student_layers`` than the teacher has. None if it can,
+    or the count is unknown. (The workers check the parameters themselves, ``frozen_parameters``
+    and ``student_layers``: that came only after the job's start-up.)"""
+    layers = next((config[k] for k in _LAYER_COUNT_KEYS if isinstance(config.get(k), int)), None)
+    if student_layers is not None and layers is not None and student_layers > layers:
+        return (f"distill.student_layers {student_layers} exceeds the teacher's {layers} encoder layers: "
+                f"a student cut from it keeps at most {layers}")
+    layers = student_layers or layers
     if feature_extraction or not freeze_layers:
         return None
-    layers = student_layers or next((config[k] for k in _LAYER_COUNT_KEYS if isinstance(config.get(k), int)), None)
     if layers is not None and freeze_layers > layers:
         return (f"freeze_layers {freeze_layers} exceeds the model's {layers} encoder layers "
                 "(use feature_extraction to freeze the whole encoder)")

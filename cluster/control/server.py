@@ -6,6 +6,8 @@ in another terminal joins this Ray cluster instead of starting a second one.
 
 from __future__ import annotations
 
+import importlib
+import json
 import logging
 import os
 import shutil
@@ -23,6 +25,7 @@ from tuneloop.control import worker_setup
 from tuneloop.store.journal import pending_records
 from tuneloop.store.keys import KeyRing, ensure_admin_key, save_admin_key
 from tuneloop.core.config import ConfigError, ModelConfig, TuneloopConfig
+from tuneloop.core.model_source import BUNDLED_MODELS
 from tuneloop.core.names import deploy_failures, not_running
 from tuneloop.core.tasks import label_set, model_task
 from tuneloop.core.resources import (gpu_retraining_shortfall, local_ray_cpus, retraining_shortfall,
@@ -83,6 +86,10 @@ def data_problems(cfg: TuneloopConfig, models: list[str] | None = None) -> list[
                 and not os.path.exists(os.path.expanduser(base)):
             problems.append(f"models.{m.name}.base_model {base!r} is a path, and nothing is there (a Hugging Face "
                             "id reads org/name)")
+        if m.distill is not None and m.distill.student_layers and production is None:
+            problem = _student_layers_problem(cfg.model(m.distill.teacher).base_model, m.distill.student_layers)
+            if problem:
+                problems.append(f"model {m.name!r}: {problem}")
         manifest = registry.manifest(m.name, production) if production else None
         if manifest is not None and manifest.task != m.task:
             problems.append(f"model {m.name!r}: its production {production} was trained for {manifest.task}, the "
@@ -103,6 +110,26 @@ def data_problems(cfg: TuneloopConfig, models: list[str] | None = None) -> list[
         if short:
             problems.append(short)
     return problems
+
+
+def _student_layers_problem(teacher_base: str | None, student_layers: int) -> str | None:
+    """More ``student_layers`` than the teacher's base model has (every version of the teacher
+    has its layers), known from its config.json when it is on this machine: a local folder
+    or a bundled package. A hub id is not looked up (no download before Ray starts)."""
+    from tuneloop.training.recipe import layer_problem
+
+    folder = teacher_base if teacher_base and os.path.isdir(teacher_base) else None
+    if folder is None and teacher_base in BUNDLED_MODELS:
+        try:
+            folder = str(importlib.import_module(BUNDLED_MODELS[teacher_base]).get_model_path())
+        except ImportError:
+            return None
+    try:
+        with open(os.path.join(folder or "", "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return layer_problem(config if isinstance(config, dict) else {}, 0, False, student_layers)
 
 
 def _unreadable(path: str, m: ModelConfig) -> list[str]:

@@ -149,3 +149,17 @@ def test_a_seed_whose_labels_are_lists_for_a_classifier_is_a_problem_not_a_trace
     seed.write_text('{"text": "fine", "label": ["a"]}\n{"text": "bad", "label": ["b"]}\n')
     problems = data_problems(_cfg(tmp_path, seed_dataset=str(seed)))
     assert len(problems) == 1 and "are not of the types tuneloop reads" in problems[0] and "label: list" in problems[0]
+
+
+def test_a_student_with_more_layers_than_its_teacher_is_named_before_ray(tmp_path):
+    """Known from the teacher's config.json (here the bundled default model's, 6 layers):
+    before, the job failed in its workers, after the teacher's v1 had trained."""
+    def cfg(layers):
+        return parse_config({"models": [{"name": "teacher", "labels": ["a", "b"], "seed_dataset": None},
+                                        {"name": "student", "labels": ["a", "b"],
+                                         "distill": {"teacher": "teacher", "student_layers": layers}}],
+                             "storage": {"root": str(tmp_path / "store")}})
+    problems = data_problems(cfg(8))
+    assert any("model 'student': distill.student_layers 8 exceeds the teacher's 6 encoder layers" in p
+               for p in problems), problems
+    assert not any("student_layers" in p for p in data_problems(cfg(6)))

@@ -199,11 +199,12 @@ def test_startup_parts_split_the_start_up_at_the_workers_marks():
 
 
 def test_freeze_layers_beyond_the_models_layers_is_known_from_its_config():
-    from tuneloop.training.recipe import freeze_problem
+    from tuneloop.training.recipe import layer_problem
 
     bert, gpt2 = {"num_hidden_layers": 12}, {"n_layer": 6}
-    assert "freeze_layers 13 exceeds the model's 12 encoder layers" in freeze_problem(bert, 13, False)
-    assert freeze_problem(bert, 12, False) is None and freeze_problem(bert, 13, True) is None
-    assert "exceeds the model's 6" in freeze_problem(gpt2, 7, False)
-    assert "exceeds the model's 2" in freeze_problem(bert, 3, False, student_layers=2)  # a student's v1
-    assert freeze_problem({}, 40, False) is None  # unknown: the workers check the parameters
+    assert "freeze_layers 13 exceeds the model's 12 encoder layers" in layer_problem(bert, 13, False)
+    assert layer_problem(bert, 12, False) is None and layer_problem(bert, 13, True) is None
+    assert "exceeds the model's 6" in layer_problem(gpt2, 7, False)
+    assert "exceeds the model's 2" in layer_problem(bert, 3, False, student_layers=2)  # a student's v1
+    assert layer_problem({}, 40, False) is None  # unknown: the workers check the parameters
+    assert "student_layers 7 exceeds the teacher's 6" in layer_problem(gpt2, 0, False, student_layers=7)
