@@ -379,7 +379,7 @@ def check_config(config: str | None = ConfigOption) -> None:
     cfg = _load(config)
     typer.echo(json.dumps(cfg.model_dump(), indent=2))
     # An object-store root is not opened: validating a cluster's config works offline.
-    problems = data_problems(cfg) if "://" not in cfg.storage.root else []
+    problems = data_problems(cfg, offline="://" in cfg.storage.root)
     if problems:
         typer.echo("tuneloop run would refuse to start:\n  " + "\n  ".join(problems), err=True)
         raise typer.Exit(2)

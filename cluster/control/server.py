@@ -59,20 +59,21 @@ def _min_replicas(cfg: TuneloopConfig) -> int:
     return cfg.serving.num_replicas or cfg.serving.autoscaling.min_replicas
 
 
-def data_problems(cfg: TuneloopConfig, models: list[str] | None = None) -> list[str]:
+def data_problems(cfg: TuneloopConfig, models: list[str] | None = None, offline: bool = False) -> list[str]:
     """What would fail ``models``' jobs (default: all) only once Ray, and maybe other models'
     jobs, had run: a local seed or golden file that is not there, or a model with no version
     and nothing to train v1 on (no seed, no teacher, no feedback), or a ``base_model`` path
     with nothing there; and, for all models (``run``, ``check-config``), a local Ray's
     ``num_cpus`` too small for a job beside the replicas (which ``run`` would refuse once
-    Ray is up)."""
-    storage = Storage(cfg.storage.root)
-    registry = Registry(storage)
+    Ray is up). ``offline``: the storage is not opened (`check-config` on a cluster's config,
+    whose bucket this machine may not reach), so what needs the registry is not checked."""
+    storage = None if offline else Storage(cfg.storage.root)
+    registry = None if storage is None else Registry(storage)
     problems = []
     for m in cfg.models:
         if models is not None and m.name not in models:
             continue
-        production = registry.production(m.name)
+        production = registry.production(m.name) if registry else None
         for key in ("seed_dataset", "golden_dataset"):
             path = getattr(m, key)
             if not path or "://" in path:
@@ -90,7 +91,7 @@ def data_problems(cfg: TuneloopConfig, models: list[str] | None = None) -> list[
             problem = _student_layers_problem(cfg.model(m.distill.teacher).base_model, m.distill.student_layers)
             if problem:
                 problems.append(f"model {m.name!r}: {problem}")
-        manifest = registry.manifest(m.name, production) if production else None
+        manifest = registry.manifest(m.name, production) if registry and production else None
         if manifest is not None and manifest.task != m.task:
             problems.append(f"model {m.name!r}: its production {production} was trained for {manifest.task}, the "
                             f"config says {m.task}: a new task needs a new model name")
@@ -99,7 +100,7 @@ def data_problems(cfg: TuneloopConfig, models: list[str] | None = None) -> list[
             problems.append(f"model {m.name!r}: the config drops label(s) {dropped} "
                             f"of its production {production}, whose golden set, replay rows and feedback hold them: "
                             "restore them (labels may be added), or give the new label set a new model name")
-        if m.seed_dataset is None and m.distill is None and production is None \
+        if m.seed_dataset is None and m.distill is None and storage is not None and production is None \
                 and not storage.exists(f"feedback/{m.name}") \
                 and not any(r.get("model") == m.name for r in pending_records(cfg.storage.journal_path())):
             problems.append(f"model {m.name!r} has no version yet and nothing to train v1 on: give it a "

@@ -58,6 +58,18 @@ def test_check_config_fails_on_what_run_would_refuse(config, tmp_path):
     assert checked.exit_code == 2 and "seed_dataset" in checked.output and "does not exist" in checked.output
 
 
+def test_check_config_of_a_bucket_config_opens_no_bucket_and_still_checks_the_local_files(tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump({
+        "models": [{"name": "m", "base_model": "some/model", "labels": ["a", "b"], "seed_dataset": "seed.tsv"}],
+        "storage": {"root": "s3://no-such-bucket/x?endpoint_override=127.0.0.1:9&scheme=http",
+                    "journal_dir": str(tmp_path / "journal")}}))
+    checked = CliRunner().invoke(app, ["check-config", "--config", str(path)])
+    assert checked.exit_code == 2 and "models.m.seed_dataset" in checked.output and "does not exist" in checked.output
+    (tmp_path / "seed.tsv").write_text("text\tlabel\nx\ta\ny\tb\n")
+    assert CliRunner().invoke(app, ["check-config", "--config", str(path)]).exit_code == 0
+
+
 def test_a_deploy_command_that_fails_or_is_missing_says_so_in_one_line(tmp_path):
     with pytest.raises(StepFailed, match=r"failed \(exit 3\)") as failed:
         run_steps([Step(["sh", "-c", "exit 3"])], dry_run=False, echo=lambda _: None)
