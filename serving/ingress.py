@@ -347,14 +347,18 @@ class Ingress:
         return {"name": m.name, "task": m.task, "labels": m.labels,
                 **_rollout_fields(state, self.cfg.rollout.shadow_percent)}
 
+    # Who may read the models: whoever may predict (anyone, by default), as a client needs
+    # the labels to read an answer; with predict closed (auth.open_roles: []), a key.
     @app.get("/v1/models")
-    async def list_models(self) -> dict[str, Any]:
+    async def list_models(self, request: Request) -> dict[str, Any]:
+        self.auth.check(request.headers.get("authorization"), "predict")
         return {"models": await asyncio.to_thread(lambda: [self._summary(m.name) for m in self.cfg.models])}
 
     @app.get("/v1/models/{model}")
     async def get_model(self, model: str, request: Request) -> dict[str, Any]:
         """Versions' evaluation metrics, gate reasons and the state's history are shown to
         admin keys only."""
+        self.auth.check(request.headers.get("authorization"), "predict")
         admin = self._holds(request.headers.get("authorization"), "admin")
 
         def detail() -> dict[str, Any]:

@@ -219,6 +219,7 @@ def test_keys_and_roles_are_enforced(app):
         assert post(f"{url}/v1/models/sentiment/{path}", {}, key=FEEDBACK_KEY).status_code == 403
     assert post(f"{url}/v1/models/sentiment/promote", {"version": "v1"}, key=None).status_code == 401
     assert httpx.get(f"{url}/v1/models/sentiment/feedback/stats").status_code == 401
+    assert httpx.get(f"{url}/v1/models", headers=bearer("tl_bad")).status_code == 401  # as predict: a key is checked
 
 
 def test_promote_and_rollback_by_an_admin(app):
