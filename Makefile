@@ -11,10 +11,12 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 # torch first, pinned: the CPU wheel on disk here. Installed later, or unpinned, pip
-# would take the newest CUDA build (several GB) onto a CPU machine.
+# would take the newest CUDA build (several GB) onto a CPU machine. Where pip's own
+# configuration has no CPU wheel, TORCH_INDEX names an index that does (README, Set-up).
+TORCH_INDEX ?=
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 

@@ -247,7 +247,8 @@ class StorageConfig(Section):
                              f"roots (conditional writes), not on {scheme}://")
         if scheme is not None and not _installed(OBJECT_STORE_CLIENTS[scheme][0]):
             raise ValueError(f"storage root {self.root!r} needs {OBJECT_STORE_CLIENTS[scheme][1]}: "
-                             f"pip install 'tuneloop[{OBJECT_STORE_CLIENTS[scheme][2]}]'")
+                             f"`.venv/bin/pip install -e '.[{OBJECT_STORE_CLIENTS[scheme][2]}]'` in tuneloop's clone "
+                             f"(or `pip install {OBJECT_STORE_CLIENTS[scheme][1]}`)")
         if self.journal_dir is None and "://" in self.root:
             raise ValueError(
                 f"journal_dir is required when root is not a local path (root {self.root!r}): the feedback "
