@@ -67,11 +67,15 @@ class FeedbackService:
         """Store one feedback record (durable on return) and return its id; a repeated
         Idempotency-Key returns the first id and stores nothing. ``said``: the task's
         feedback fields as the user sent them (a classifier's ``{"label": ...}``)."""
+        if model is not None:
+            self._model(model)  # 404 for a model that is not served, whatever the body says
         self._check_shape(said, model)
         if prediction_id is not None:
             served = await self.served(prediction_id)
             name = self._model(served["model"]).name
             task = self.tasks[name]
+            if not (served["text"] or "").strip():  # served, but nothing to learn: as for a text given blank
+                raise InvalidValue(f"prediction {prediction_id} was of an empty text: there is nothing to learn")
             fields = {"model": name, "text": served["text"], "prediction_id": served["prediction_id"],
                       "version": served["version"], "predicted_at": served["created_at"], **task.predicted(served)}
         else:
@@ -88,7 +92,10 @@ class FeedbackService:
     def _check_shape(self, said: dict[str, Any], model: str | None) -> None:
         """Fields that no configured task takes are refused before a prediction is looked
         up (422, not a 404 for a body that could never be right)."""
-        tasks = [self.tasks[model]] if model in self.tasks else list(self.tasks.values())
+        # The tasks whose fields the body names first: an NER body with a bad span is told
+        # about its span, not that "entities" is no classifier's field.
+        tasks = [self.tasks[model]] if model in self.tasks else \
+            sorted(self.tasks.values(), key=lambda t: not set(said) & set(t.feedback_fields))
         errors = []
         for task in tasks:
             try:

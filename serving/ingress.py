@@ -15,7 +15,7 @@ import ray
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr, model_validator
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -46,7 +46,7 @@ from tuneloop.store.storage import Storage
 from tuneloop.serving import metrics
 from tuneloop.serving.feedback_service import FeedbackService
 from tuneloop.serving.metric_files import cluster_metric_files, metrics_base, use_node_folder
-from tuneloop.serving.responses import V1, error_response
+from tuneloop.serving.responses import V1, error_response, internal_error_response
 from tuneloop.core.names import (INGRESS_DEPLOYMENT, model_app_name, model_deployment_name, predict_route,
                                  running_replicas)
 from tuneloop.core.tasks import check_unicode
@@ -79,7 +79,7 @@ class EmptyRequest(BaseModel):
 class PromoteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: StrictStr
-    force: bool = False
+    force: StrictBool = False  # "yes" or 1 promoting a gate-rejected version would be a surprise
 
 
 def _rollout_fields(state: RegistryState, shadow_percent: float) -> dict[str, Any]:
@@ -101,7 +101,7 @@ class RolloutRequest(BaseModel):
     action: RolloutAction
     version: StrictStr | None = None
     stage: Stage | None = None
-    force: bool = False
+    force: StrictBool = False
 
 
 class FeedbackRequest(BaseModel):
@@ -150,6 +150,14 @@ class FeedbackRequest(BaseModel):
 @app.exception_handler(TuneloopError)
 async def _tuneloop_error(_: Request, exc: TuneloopError) -> JSONResponse:
     return error_response(exc)
+
+
+@app.exception_handler(Exception)
+async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+    # A storage OSError, a job record that no longer validates: a JSON 500 as the model
+    # replicas answer, not Starlette's plain text; the traceback goes to the log.
+    log.error("unexpected error answering a request: %s: %s", type(exc).__name__, exc, exc_info=exc)
+    return internal_error_response()
 
 
 @app.exception_handler(RequestValidationError)

@@ -55,7 +55,7 @@ def check_content_length(content_length: str | None, limit: int) -> None:
     """Refuse an oversized body from its header, before reading it."""
     if content_length is None:
         return
-    if not content_length.isdigit():
+    if not (content_length.isascii() and content_length.isdigit() and len(content_length) <= 19):
         raise InvalidRequest(f"bad Content-Length {content_length!r}")
     if int(content_length) > limit:
         raise PayloadTooLarge(f"request body of {content_length} bytes exceeds {limit}")

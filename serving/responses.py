@@ -29,10 +29,15 @@ class ErrorFormat:
 V1 = ErrorFormat("v1", lambda code, message: {"error": {"code": code, "message": message}})
 
 
+MAX_MESSAGE_CHARS = 2000  # an error quoting a 1 MB label answered 1 MB
+
+
 def error_response(exc: TuneloopError, protocol: ErrorFormat = V1) -> JSONResponse:
     # A message may quote what the client sent, a lone surrogate too, which UTF-8 cannot
     # encode: the answer would fail inside the error handler (a plain-text 500).
     message = exc.message.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(message) > MAX_MESSAGE_CHARS:  # a quoted label or id may be as long as the body
+        message = f"{message[:MAX_MESSAGE_CHARS]}… ({len(message)} characters)"
     return JSONResponse(protocol.body(exc.code, message), status_code=exc.status, headers=exc.headers)
 
 

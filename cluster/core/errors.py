@@ -147,6 +147,7 @@ class CorruptStoredFile(TuneloopError):
     cut, or edited by hand. Nothing is served from it until an operator restores it."""
 
     status, code = 503, "corrupt_stored_file"
+    headers = {"Retry-After": "30"}  # an operator restores the file; a 503 says when to look again
 
     def __init__(self, path: str, why: str):
         super().__init__(f"{path} is not a file tuneloop can read ({why}): restore it (from a backup, or the "

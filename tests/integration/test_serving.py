@@ -226,6 +226,9 @@ def test_promote_and_rollback_by_an_admin(app):
     url, cfg = app["url"], app["cfg"]
     before = httpx.get(f"{url}/readyz").json()["models"]["sentiment"]
     new = publish_version(cfg, app["weights"], promote=False)
+    for loose in ("yes", 1):  # pydantic's lax mode read both as true: a rejected version promoted
+        r = post(f"{url}/v1/models/sentiment/promote", {"version": new, "force": loose}, key=ADMIN_KEY)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
     r = post(f"{url}/v1/models/sentiment/promote", {"version": new}, key=ADMIN_KEY)
     assert r.status_code == 200 and r.json()["production"] == new
     assert r.json()["history"][-1]["reason"].startswith("by key ")

@@ -125,3 +125,23 @@ def test_a_body_no_task_takes_is_refused_before_the_prediction_is_looked_up():
     with pytest.raises(InvalidBody):
         asyncio.run(service.submit({"entities": []}, prediction_id=new_prediction_id(NOW)))
     assert service.predictions.lookups == 0 and slept == [] and store.appended == []
+
+
+def test_an_unknown_model_is_404_whatever_the_body_and_an_empty_served_text_is_nothing_to_learn():
+    pid = new_prediction_id(NOW)
+    service, store, _, _ = _service({pid: {**_served(pid), "text": "  "}})
+    with pytest.raises(UnknownModel):  # was a 422 for the body's shape
+        asyncio.run(service.submit({"labels": ["a"]}, model="nope", text="hi"))
+    with pytest.raises(InvalidValue, match="empty text"):  # predict answers "", but a training row of it is not
+        asyncio.run(service.submit({"label": "pos"}, prediction_id=pid))
+    assert store.appended == []
+
+
+def test_with_several_tasks_a_bad_body_is_told_what_its_own_task_says():
+    cfg = parse_config({"models": [{"name": "m", "base_model": "x", "labels": ["neg", "pos"]},
+                                   {"name": "ner", "base_model": "x", "task": "token-classification",
+                                    "labels": ["PER"]}]})
+    service = FeedbackService(cfg, FakeStore([None]), FakeLog({}), trigger=lambda *a: None, clock=NOW.timestamp)
+    with pytest.raises(InvalidBody) as e:
+        asyncio.run(service.submit({"entities": "PER"}, prediction_id=new_prediction_id(NOW)))
+    assert '"entities" must be a list of {"start", "end", "label"}, not str' in str(e.value)  # not "unknown field"

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tuneloop.core.config import ServingConfig
-from tuneloop.core.errors import TuneloopError
+from tuneloop.core.errors import InvalidRequest, TuneloopError
 from tuneloop.core.tasks import make_task
 from tuneloop.serving.responses import error_response
 from tuneloop.serving.predict_request import (
@@ -96,3 +96,17 @@ def test_an_error_quoting_a_lone_surrogate_is_still_json():
 
     answer = error_response(Conflict("version '\ud800' is not the one rolled out"))
     assert answer.status_code == 409 and "\\ud800" in json.loads(answer.body)["error"]["message"]
+
+
+@pytest.mark.parametrize("header", ["²", "1" * 20, "-1", "1e3"])
+def test_a_content_length_int_cannot_read_is_a_400_not_a_500(header):
+    """"²" passed str.isdigit and then failed int(): a ValueError, a 500."""
+    with pytest.raises(InvalidRequest):
+        check_content_length(header, 1000)
+
+
+def test_an_error_quoting_a_huge_value_is_cut():
+    from tuneloop.core.errors import InvalidLabel
+
+    body = json.loads(error_response(InvalidLabel("m", "x" * 1_000_000, ["a", "b"])).body)
+    assert len(body["error"]["message"]) < 2100 and body["error"]["message"].endswith("characters)")
