@@ -82,6 +82,13 @@ class PromoteRequest(BaseModel):
     force: StrictBool = False  # "yes" or 1 promoting a gate-rejected version would be a surprise
 
 
+def _request_id(key_id: str | None, action: str, idempotency_key: str | None) -> str | None:
+    """An operator request's id in the registry's history: its key, what it asked and the
+    client's Idempotency-Key (None without one: every call acts)."""
+    key = parse_key(idempotency_key)
+    return None if key is None else f"{key_id} {action} {key}"
+
+
 def _rollout_fields(state: RegistryState, shadow_percent: float) -> dict[str, Any]:
     """Production and, during a rollout, its challenger as ``shadow`` or ``canary``: its
     version and share (the percent of requests the canary answers, or of production's
@@ -466,27 +473,35 @@ class Ingress:
             raise Conflict(f"a training job for {model!r} is already running")
         return {"job_id": job_id}
 
+    # Production's moves take an Idempotency-Key too: a rollback retried after a timeout
+    # stepped production back twice. The registry's history keeps each request's id.
     @app.post("/v1/models/{model}/promote")
-    async def promote(self, model: str, body: PromoteRequest, request: Request) -> dict[str, Any]:
+    async def promote(self, model: str, body: PromoteRequest, request: Request,
+                      idempotency_key: str | None = Header(default=None, alias=IDEMPOTENCY_HEADER)) -> dict[str, Any]:
         key_id = self.auth.check(request.headers.get("authorization"), "admin")
         labels = self._model_cfg(model).labels
         state = await asyncio.to_thread(self.registry.promote, model, body.version, f"by key {key_id}",
-                                        force=body.force, labels=labels)
+                                        force=body.force, labels=labels,
+                                        request=_request_id(key_id, "promote", idempotency_key))
         return self._state_answer(model, state)
 
     @app.post("/v1/models/{model}/rollback")
-    async def rollback(self, model: str, request: Request, body: EmptyRequest | None = None) -> dict[str, Any]:
+    async def rollback(self, model: str, request: Request, body: EmptyRequest | None = None,
+                       idempotency_key: str | None = Header(default=None, alias=IDEMPOTENCY_HEADER)) -> dict[str, Any]:
         key_id = self.auth.check(request.headers.get("authorization"), "admin")
         self._model_cfg(model)
-        state = await asyncio.to_thread(self.registry.rollback, model, f"by key {key_id}")  # 409: nothing earlier
+        state = await asyncio.to_thread(self.registry.rollback, model, f"by key {key_id}",  # 409: nothing earlier
+                                        request=_request_id(key_id, "rollback", idempotency_key))
         return self._state_answer(model, state)
 
     @app.post("/v1/models/{model}/rollout")
-    async def rollout(self, model: str, body: RolloutRequest, request: Request) -> dict[str, Any]:
+    async def rollout(self, model: str, body: RolloutRequest, request: Request,
+                      idempotency_key: str | None = Header(default=None, alias=IDEMPOTENCY_HEADER)) -> dict[str, Any]:
         key_id = self.auth.check(request.headers.get("authorization"), "admin")
         m = self._model_cfg(model)
         state = await asyncio.to_thread(operate_rollout, self.registry, model, body.action, f"by key {key_id}",
-                                        self.cfg.rollout, m.labels, body.version, body.stage, body.force)
+                                        self.cfg.rollout, m.labels, body.version, body.stage, body.force,
+                                        _request_id(key_id, f"rollout {body.action}", idempotency_key))
         return self._state_answer(model, state)
 
     def _state_answer(self, model: str, state: RegistryState) -> dict[str, Any]:

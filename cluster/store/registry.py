@@ -134,6 +134,9 @@ class HistoryEntry(BaseModel):
     version: str | None = None
     generation: int | None = None
     numbers: dict[str, Any] | None = None  # what an automatic decision saw
+    # The operator's request that made it (an admin call's Idempotency-Key, with its key id
+    # and action): a retried rollback then moves production once, not twice.
+    request: str | None = None
 
 
 class _Unchanged(Exception):
@@ -337,7 +340,7 @@ class Registry:
 
     def promote(self, model: str, version: str, reason: str = "",
                 expect_production: str | None = UNCHECKED, force: bool = False,
-                labels: list[str] | None = None) -> RegistryState:
+                labels: list[str] | None = None, request: str | None = None) -> RegistryState:
         """Make ``version`` production. With ``expect_production``, only if production is
         still that (None: still no production); otherwise raises Conflict naming the current
         one. A version the gate rejected needs ``force``; with ``labels`` (the config's), a
@@ -358,10 +361,7 @@ class Registry:
             state.rollout = None  # promoting the challenger ends its rollout too
             return HistoryEntry(at=now_iso(), event="promote", production=version, version=version, reason=reason_)
 
-        try:
-            return self._transition(model, apply, expect_production)
-        except _Unchanged as unchanged:
-            return unchanged.state  # as read under the update: a second read could race a writer
+        return self._transition(model, apply, expect_production, request)
 
     def _servable(self, model: str, version: str, force: bool, labels: list[str] | None, verb: str) -> None:
         manifest = self.manifest(model, version)  # raises UnknownVersion; manifests never change
@@ -372,7 +372,8 @@ class Registry:
         if labels is not None and label_set(manifest.task, manifest.labels) != label_set(manifest.task, labels):
             raise Conflict(f"{version} was trained for labels {manifest.labels}, the config has {labels}")
 
-    def rollback(self, model: str, reason: str = "", expect_production: str | None = UNCHECKED) -> RegistryState:
+    def rollback(self, model: str, reason: str = "", expect_production: str | None = UNCHECKED,
+                 request: str | None = None) -> RegistryState:
         """Back to production alone: during a rollout, end it (the challenger never was
         production); otherwise go back to the production before the current one
         (``RegistryState.rollback_target``), worked out under the lock so that two rollbacks
@@ -390,7 +391,7 @@ class Registry:
                                f"(production is {state.production or 'none'})")
             return HistoryEntry(at=now_iso(), event="rollback", production=target, version=target, reason=reason)
 
-        return self._transition(model, apply, expect_production)
+        return self._transition(model, apply, expect_production, request)
 
     def record_candidate(self, model: str, version: str, reason: str = "") -> RegistryState:
         """Note in the history that ``version`` passed its gate but was left waiting, production
@@ -406,7 +407,7 @@ class Registry:
     # -- rollouts (core/rollout.py) ------------------------------------------------------
     def start_rollout(self, model: str, version: str, stage: Stage, percent: float, reason: str = "",
                       expect_production: str | None = UNCHECKED, force: bool = False,
-                      labels: list[str] | None = None) -> RegistryState:
+                      labels: list[str] | None = None, request: str | None = None) -> RegistryState:
         """Make ``version`` production's challenger, at ``stage`` (``percent``: the canary's
         share). Conflict if a rollout is under way, or (``expect_production``) production moved."""
         self._servable(model, version, force, labels, "roll out")
@@ -425,10 +426,11 @@ class Registry:
             return HistoryEntry(at=at, event="rollout", production=state.production, version=version,
                                 reason=f"{stage}{f' {percent:g}%' if stage == 'canary' else ''}: {reason}")
 
-        return self._transition(model, apply, expect_production)
+        return self._transition(model, apply, expect_production, request)
 
     def advance_rollout(self, model: str, version: str, steps: list[float], reason: str = "",
-                        numbers: dict[str, Any] | None = None, judged: Rollout | None = None) -> RegistryState:
+                        numbers: dict[str, Any] | None = None, judged: Rollout | None = None,
+                        request: str | None = None) -> RegistryState:
         """The challenger ``version`` goes one stage on (``Rollout.next_stage``): the next
         canary step, or production after the last. Conflict if it is not the challenger, or
         (``judged``: the rollout a decision was made on) if it moved since."""
@@ -446,10 +448,11 @@ class Registry:
             return HistoryEntry(at=at, event="step", production=state.production, version=version,
                                 reason=f"{stage} {percent:g}%: {reason}", numbers=numbers)
 
-        return self._transition(model, apply, UNCHECKED)
+        return self._transition(model, apply, UNCHECKED, request)
 
     def mark_rollout(self, model: str, version: str, event: str, reason: str = "",
-                     numbers: dict[str, Any] | None = None, judged: Rollout | None = None) -> RegistryState:
+                     numbers: dict[str, Any] | None = None, judged: Rollout | None = None,
+                     request: str | None = None) -> RegistryState:
         """``event``: "pause" (no automatic decision until "resume"), "resume", or "alert"
         (the evidence stays inconclusive: raised once a stage)."""
         flags = {"pause": {"paused": True}, "resume": {"paused": False}, "alert": {"alerted": True}}[event]
@@ -462,10 +465,11 @@ class Registry:
             return HistoryEntry(at=now_iso(), event=event, production=state.production, version=version,
                                 reason=reason, numbers=numbers)
 
-        return self._transition(model, apply, UNCHECKED)
+        return self._transition(model, apply, UNCHECKED, request)
 
     def abort_rollout(self, model: str, version: str, reason: str = "",
-                      numbers: dict[str, Any] | None = None, judged: Rollout | None = None) -> RegistryState:
+                      numbers: dict[str, Any] | None = None, judged: Rollout | None = None,
+                      request: str | None = None) -> RegistryState:
         """End the rollout of the challenger ``version``: production alone takes the traffic."""
 
         def apply(state: RegistryState) -> HistoryEntry:
@@ -474,7 +478,7 @@ class Registry:
             return HistoryEntry(at=now_iso(), event="abort", production=state.production, version=version,
                                 reason=reason, numbers=numbers)
 
-        return self._transition(model, apply, UNCHECKED)
+        return self._transition(model, apply, UNCHECKED, request)
 
     @staticmethod
     def _rollout_of(model: str, state: RegistryState, version: str, judged: Rollout | None = None) -> Rollout:
@@ -491,21 +495,27 @@ class Registry:
         return r
 
     def _transition(self, model: str, apply: Callable[[RegistryState], HistoryEntry],
-                    expect_production: str | None) -> RegistryState:
+                    expect_production: str | None, request: str | None = None) -> RegistryState:
         """The one writer of state.json: read, check, append ``apply``'s entry, bump the
         generation and write, as one ``Storage.update``, so concurrent changes (from any
         process on any host) take turns and none is lost. ``apply`` may run more than once
-        (compare-and-swap retries): it only reads the state it is given."""
+        (compare-and-swap retries): it only reads the state it is given. A ``request`` the
+        history already holds changes nothing: the state is answered as it is now."""
         def change(raw: dict | None) -> dict:
             state = RegistryState() if raw is None else RegistryState.model_validate(raw)
+            if request is not None and any(e.request == request for e in state.history):
+                raise _Unchanged(state)  # a retry of a request that was carried out
             if expect_production is not UNCHECKED and state.production != expect_production:
                 raise Conflict(f"production of {model!r} is now {state.production or 'none'} "
                                f"(generation {state.generation}), not {expect_production or 'none'}")
             entry = apply(state)
             state.generation += 1
-            entry.generation = state.generation
+            entry.generation, entry.request = state.generation, request
             state.production = entry.production
             state.history.append(entry)
             return state.model_dump(mode="json")
 
-        return RegistryState.model_validate(self.storage.update_json(f"{self._dir(model)}/{STATE}", change))
+        try:
+            return RegistryState.model_validate(self.storage.update_json(f"{self._dir(model)}/{STATE}", change))
+        except _Unchanged as unchanged:
+            return unchanged.state  # as read under the update: a second read could race a writer

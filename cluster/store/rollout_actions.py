@@ -18,8 +18,9 @@ RolloutAction = Literal["start", "pause", "resume", "step", "rollback"]
 
 def operate_rollout(registry: Registry, model: str, action: RolloutAction, who: str, rollout: RolloutConfig,
                     labels: list[str], version: str | None = None, stage: Stage | None = None,
-                    force: bool = False) -> RegistryState:
-    """Raises Conflict (409) when the action does not fit the state (no rollout to pause,
+                    force: bool = False, request: str | None = None) -> RegistryState:
+    """``request``: the operator's request id (``Registry._transition``): a retry changes
+    nothing, and answers the state as it is. Raises Conflict (409) when the action does not fit the state (no rollout to pause,
     one already under way to start), UnknownVersion (404) for a version never published,
     InvalidBody (422) for a start without a version, or a stage or force with another action."""
     if action == "start":
@@ -27,18 +28,22 @@ def operate_rollout(registry: Registry, model: str, action: RolloutAction, who: 
             raise InvalidBody('"start" needs the version to roll out ("version": "v2")')
         mode = stage or (rollout.mode if rollout.mode in ("shadow", "canary") else "shadow")
         first, _, percent = first_stage(mode, rollout.canary_steps)
-        return registry.start_rollout(model, version, first, percent, f"started {who}", force=force, labels=labels)
+        return registry.start_rollout(model, version, first, percent, f"started {who}", force=force, labels=labels,
+                                      request=request)
     if stage is not None or force:
         raise InvalidBody(f'"stage" and "force" go with "start", not with {action!r}')
-    current = registry.state(model).rollout
+    state = registry.state(model)
+    if request is not None and any(e.request == request for e in state.history):
+        return state  # a retry: the rollout it stepped or ended may be gone, which is no conflict
+    current = state.rollout
     if current is None:
         raise Conflict(f"no rollout of {model!r} is under way")
     if version is not None and version != current.version:
         raise Conflict(f"the rollout under way is of {current.version}, not of {version!r}")
     if action == "step":
-        return registry.advance_rollout(model, current.version, rollout.canary_steps, f"forced {who}")
+        return registry.advance_rollout(model, current.version, rollout.canary_steps, f"forced {who}", request=request)
     if action == "rollback":
-        return registry.abort_rollout(model, current.version, f"rolled back {who}")
+        return registry.abort_rollout(model, current.version, f"rolled back {who}", request=request)
     if (action == "pause") == current.paused:
         raise Conflict(f"the rollout of {current.version} is {'paused' if current.paused else 'running'} already")
-    return registry.mark_rollout(model, current.version, action, who)
+    return registry.mark_rollout(model, current.version, action, who, request=request)

@@ -33,8 +33,8 @@ def app(ray_session, serve_port, metrics_dir, tiny_model, tmp_path_factory):
         yield {"url": url, "cfg": cfg, "root": root, "weights": tiny_model}
 
 
-def post(url: str, body, key: str | None = FEEDBACK_KEY, **kw) -> httpx.Response:
-    return httpx.post(url, json=body, timeout=30, headers=bearer(key) if key else {}, **kw)
+def post(url: str, body, key: str | None = FEEDBACK_KEY, headers: dict | None = None, **kw) -> httpx.Response:
+    return httpx.post(url, json=body, timeout=30, headers={**(bearer(key) if key else {}), **(headers or {})}, **kw)
 
 
 def test_health_ready_and_models(app):
@@ -232,8 +232,9 @@ def test_promote_and_rollback_by_an_admin(app):
     r = post(f"{url}/v1/models/sentiment/promote", {"version": new}, key=ADMIN_KEY)
     assert r.status_code == 200 and r.json()["production"] == new
     assert r.json()["history"][-1]["reason"].startswith("by key ")
-    r = post(f"{url}/v1/models/sentiment/rollback", {}, key=ADMIN_KEY)
-    assert r.status_code == 200 and r.json()["production"] == before
+    for _ in range(2):  # retried after a timeout: production steps back once
+        r = post(f"{url}/v1/models/sentiment/rollback", {}, key=ADMIN_KEY, headers={"Idempotency-Key": "rb-1"})
+        assert r.status_code == 200 and r.json()["production"] == before
     r = post(f"{url}/v1/models/sentiment/promote", {"version": "v999"}, key=ADMIN_KEY)
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_version"
     r = post(f"{url}/v1/models/sentiment/retrain", {}, key=ADMIN_KEY)

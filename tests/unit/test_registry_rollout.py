@@ -130,3 +130,26 @@ def test_an_operators_action_missing_or_misplacing_a_field_is_a_422(reg):
     with pytest.raises(InvalidBody, match='"stage" and "force" go with "start", not with \'pause\''):
         operate_rollout(reg, "m", "pause", "by k", RolloutConfig(), ["a", "b"], stage="shadow")
     assert not reg.state("m").rollout.paused  # nothing done
+
+
+def test_an_operators_retried_request_moves_production_once(reg):
+    """A rollback retried after a timeout stepped production back twice (v3 to v2 to v1);
+    with the request's id the history holds, the retry answers the state as it is."""
+    from tuneloop.core.rollout import RolloutConfig
+    from tuneloop.store.rollout_actions import operate_rollout
+
+    reg.promote("m", "v2")
+    reg.promote("m", "v3")
+    first = reg.rollback("m", "by key k", request="k rollback r1")
+    again = reg.rollback("m", "by key k", request="k rollback r1")
+    assert first.production == again.production == "v2" and again.generation == first.generation
+    assert reg.rollback("m", "by key k", request="k rollback r2").production == "v1"  # a new request acts
+    steps = RolloutConfig(mode="canary", canary_steps=[5.0, 25.0, 50.0])
+    operate_rollout(reg, "m", "start", "by k", steps, ["a", "b"], "v3", "canary", request="k start s1")
+    for _ in range(2):  # a forced step, retried: one step
+        state = operate_rollout(reg, "m", "step", "by k", steps, ["a", "b"], request="k step s2")
+        assert (state.rollout.stage, state.rollout.percent) == ("canary", 25.0)
+    for _ in range(2):  # the rollout's end, retried: no 409 for a rollout that is gone
+        state = operate_rollout(reg, "m", "rollback", "by k", steps, ["a", "b"], request="k rollback s3")
+        assert (state.production, state.rollout) == ("v1", None)
+    assert reg.state("m").history[-1].request == "k rollback s3"
