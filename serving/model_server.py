@@ -64,6 +64,7 @@ from tuneloop.serving.predict_request import (
 
 log = logging.getLogger("ray.serve")
 CLIENT_HEADER = "x-client-id"  # keeps a client on one version through a canary step
+LOAD_RETRY_S, LOAD_RETRY_MAX_S = 10.0, 600.0  # a version that failed to load is tried again, doubling
 
 
 def in_flight_limit(s: ServingConfig) -> int:
@@ -124,6 +125,7 @@ class ModelServer:
         self._shadowing = 0  # shadow batches running (at most one)
         self._computing = 0  # production or canary batches handed to the compute thread
         self._refused: dict[str, str] = {}  # version -> why it cannot be served (versions are immutable)
+        self._failed: dict[str, tuple[float, str, int]] = {}  # version -> (next try, why, tries) of a failed load
         self._resident: dict[str, int] = {}  # version -> weight bytes, as last reported
         self._stop = threading.Event()
         self._replica_id = uuid.uuid4().hex[:16]
@@ -140,6 +142,8 @@ class ModelServer:
         state = self.registry.state(self.cfg.name)
         production, rollout = state.production, state.rollout
         challenger = rollout.version if rollout else None
+        if self._challenger is not None and self._challenger.version not in (production, challenger):
+            self._challenger = None  # a challenger the state no longer names goes before a new production loads
         if production is not None and not (self._loaded and self._loaded.version == production):
             reuse = self._challenger if self._challenger and self._challenger.version == production else None
             new = reuse or self._load_version(production)  # the challenger promoted: already resident
@@ -178,28 +182,48 @@ class ModelServer:
         self._resident = resident
 
     def _load_version(self, version: str) -> LoadedModel | None:
+        """The version loaded, or None: one trained for other labels never (``_refused``),
+        one that failed to load (files missing or cut, a download that broke) until its next
+        try, ``LOAD_RETRY_S`` doubling up to ``LOAD_RETRY_MAX_S``. A failure raised here
+        stopped a new replica's start (a crash loop, even for a broken challenger beside a
+        good production) and kept running replicas from taking the rollout's next state."""
         if version in self._refused:
             return None
-        path = self.registry.local_path(self.cfg.name, version)
-        runtime, artifact, why = self._runtime_for(version)
+        failed = self._failed.get(version)
+        if failed is not None and time.monotonic() < failed[0]:
+            return None
         try:
-            try:
-                loaded = self._load(path, version, self.task, self.serving.max_length, runtime, artifact)
-            except LabelMismatch:
-                raise
-            except Exception as e:  # noqa: BLE001 - a broken or unloadable artifact: the weights still serve
-                if runtime == "torch":
-                    raise
-                log.warning("model %s: %s's %s artifact did not load (%s: %s); serving it on torch",
-                            self.cfg.name, version, runtime, type(e).__name__, e)
-                why = f"the {runtime} artifact did not load: {type(e).__name__}"
-                runtime = "torch"
-                loaded = self._load(path, version, self.task, self.serving.max_length, runtime, None)
+            loaded = self._load_runtime(version)
         except LabelMismatch as e:
             self._refused[version] = str(e)
             log.error("model %s: %s; still serving %s", self.cfg.name, e,
                       self._loaded.version if self._loaded else "nothing")
             return None
+        except Exception as e:  # noqa: BLE001 - serve what loads; this one is tried again later
+            tries = failed[2] + 1 if failed else 1
+            wait = min(LOAD_RETRY_MAX_S, LOAD_RETRY_S * 2 ** (tries - 1))
+            self._failed[version] = (time.monotonic() + wait, f"{type(e).__name__}: {e}", tries)
+            log.error("model %s: %s did not load (%s: %s); still serving %s; trying again in %.0f s", self.cfg.name,
+                      version, type(e).__name__, e, self._loaded.version if self._loaded else "nothing", wait)
+            return None
+        self._failed.pop(version, None)
+        return loaded
+
+    def _load_runtime(self, version: str) -> LoadedModel:
+        path = self.registry.local_path(self.cfg.name, version)
+        runtime, artifact, why = self._runtime_for(version)
+        try:
+            loaded = self._load(path, version, self.task, self.serving.max_length, runtime, artifact)
+        except LabelMismatch:
+            raise
+        except Exception as e:  # noqa: BLE001 - a broken or unloadable artifact: the weights still serve
+            if runtime == "torch":
+                raise
+            log.warning("model %s: %s's %s artifact did not load (%s: %s); serving it on torch",
+                        self.cfg.name, version, runtime, type(e).__name__, e)
+            why = f"the {runtime} artifact did not load: {type(e).__name__}"
+            runtime = "torch"
+            loaded = self._load(path, version, self.task, self.serving.max_length, runtime, None)
         self._runtimes[version] = runtime, why
         log.info("model %s: %s runs on %s: %s", self.cfg.name, version, runtime, why)
         return loaded
@@ -227,6 +251,7 @@ class ModelServer:
         return {"model": self.cfg.name, "version": self._loaded.version if self._loaded else None,
                 "challenger": self._challenger.version if self._challenger else None,
                 "rollout": self._rollout.model_dump() if self._rollout else None, "refused": dict(self._refused),
+                "failed": {v: why for v, (_, why, _) in self._failed.items()},
                 "resident_weight_bytes": dict(self._resident),
                 "runtimes": {v: f"{self._runtimes[v][0]} ({self._runtimes[v][1]})" for v in self._resident}}
 
@@ -263,7 +288,7 @@ class ModelServer:
         """Predict a request's texts; they join a batch queue together: production's, or
         in canary the challenger's when ``client`` (else the request) falls in its share."""
         if self._loaded is None:
-            why = "; ".join(self._refused.values())
+            why = "; ".join([*self._refused.values(), *(why for _, why, _ in self._failed.values())])
             raise NotReady(f"model {self.cfg.name!r} has no production version loaded yet" + (f" ({why})" if why else ""))
         if self._in_flight >= self._max_in_flight:
             raise Overloaded(f"model {self.cfg.name!r} is at capacity ({self._in_flight} requests); retry shortly")
@@ -327,8 +352,10 @@ class ModelServer:
 
     def _run_shadow(self, challenger: LoadedModel, texts: list[str], ids: list[str]) -> None:
         try:
-            with metrics.timer(metrics.MODEL_COMPUTE_SECONDS, self.cfg.name, challenger.version):
-                results, _, _ = challenger.predict(texts)
+            results, step = [], self.serving.max_batch_size  # a request may hold more texts than a batch
+            for i in range(0, len(texts), step):
+                with metrics.timer(metrics.MODEL_COMPUTE_SECONDS, self.cfg.name, challenger.version):
+                    results += challenger.predict(texts[i:i + step])[0]
         except Exception as e:  # noqa: BLE001 - counted against the challenger's health, never the request's
             metrics.SHADOW_RUNS.labels(self.cfg.name, challenger.version, "error").inc()
             log.warning("model %s: shadow %s failed on a request production answered: %s", self.cfg.name,

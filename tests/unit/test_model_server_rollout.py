@@ -118,3 +118,31 @@ def test_two_versions_resident_at_most_and_a_promoted_challenger_is_not_reloaded
     replica._sync_with_registry()
     assert replica._challenger is None and replica._loaded.version == "v2"
     assert replica.status()["resident_weight_bytes"] == {"v2": challenger.weight_bytes} and _resident_bytes("v3") == 0
+
+
+def test_a_challenger_whose_files_are_cut_does_not_stop_a_replica_and_is_tried_again(rollout, tmp_path):
+    """Its load failure was raised: a new replica's constructor failed (Serve restarts it,
+    a crash loop beside a good production), and running ones never took the rollout's
+    next state."""
+    from pathlib import Path
+
+    from tuneloop.serving import model_server
+
+    replica, registry, cfg = rollout
+    weights = Path(registry.local_path("sentiment", "v2"))
+    for f in weights.glob("*.safetensors"):
+        f.write_bytes(b"cut")
+    registry.start_rollout("sentiment", "v2", "canary", 50.0)
+    fresh = ModelServer(cfg.model_dump(), "sentiment")  # raised before
+    try:
+        assert fresh.status()["version"] == "v1" and fresh.status()["challenger"] is None
+        assert fresh.status()["rollout"]["version"] == "v2" and "v2" in fresh.status()["failed"]
+        answers = asyncio.run(fresh.predict(["a text"], client="anyone"))
+        assert answers[0]["version"] == "v1"  # a canary without its challenger: production answers
+        fresh._sync_with_registry()
+        assert fresh._failed["v2"][2] == 1  # not tried again before its wait is over
+        fresh._failed["v2"] = (0.0, *fresh._failed["v2"][1:])
+        fresh._sync_with_registry()
+        assert fresh._failed["v2"][2] == 2 and fresh._failed["v2"][0] - model_server.time.monotonic() > 15
+    finally:
+        fresh.__del__()
