@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -324,12 +325,16 @@ class Registry:
         """``folder`` of the storage to the local ``target``, whole or not at all: into a
         private name first, then renamed."""
         partial = f"{target}.partial-{uuid.uuid4().hex}"
-        self.storage.download_dir(folder, partial)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
         try:
+            self.storage.download_dir(folder, partial)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
             os.rename(partial, target)
         except OSError:
-            pass  # a concurrent download won; its copy is identical
+            if not os.path.isdir(target):
+                raise
+            # a concurrent download won; its copy is identical
+        finally:  # what a broken or losing download left: a whole model's copy each time
+            shutil.rmtree(partial, ignore_errors=True)
 
     # -- state ---------------------------------------------------------------------------
     def state(self, model: str) -> RegistryState:

@@ -324,3 +324,15 @@ def test_record_optimization_adds_the_artifacts_then_names_them_in_the_manifest(
     assert (tmp_path / "store/registry/m/v1/artifacts/onnx/model.onnx").read_bytes() == b"\1" * 64
     with pytest.raises(UnknownVersion):
         reg.record_optimization("m", "v9", str(tmp_path / "built"), Optimization())
+
+
+def test_a_download_that_breaks_or_loses_the_race_leaves_no_partial_copy(tmp_path):
+    """Each left a whole model's copy in the node's cache, one more at every retry."""
+    storage = Storage(str(tmp_path / "store"))
+    storage.write_bytes_atomic("registry/m/v1/config.json", b"{}")
+    registry, cache = Registry(storage), tmp_path / "cache"
+    registry._download("registry/m/v1", str(cache / "v1"))
+    registry._download("registry/m/v1", str(cache / "v1"))  # a replica beside it got there first
+    with pytest.raises(OSError):
+        registry._download("registry/m/v9", str(cache / "v9"))  # nothing there: the download breaks
+    assert sorted(p.name for p in cache.iterdir()) == ["v1"] and (cache / "v1/config.json").exists()
