@@ -24,6 +24,7 @@ from tuneloop.training.recipe import (
     eta,
     frozen_parameters,
     head_order,
+    inherited_rows,
     optimizer_steps,
     resolve_precision,
     student_layers,
@@ -79,11 +80,13 @@ def _activated(logits, task: Task):
     return logits.float().sigmoid() if task.activation == "sigmoid" else logits.float().softmax(-1)
 
 
-def _evaluate(engine, tokenizer, rows, max_length: int, task: Task) -> dict[str, Any]:
+def _evaluate(engine, tokenizer, rows, max_length: int, task: Task, masked: list[int] | None = None) -> dict[str, Any]:
     """Score a whole evaluation set: its metrics, its mean loss, whether each row (by its
     ``row`` number, when the set has one) was answered right, and whether every output was finite. Every
     worker sees all of the set (it is not split), so candidate and production are scored on
-    exactly the same rows, and ZeRO-3's collective forward passes stay in step across ranks."""
+    exactly the same rows, and ZeRO-3's collective forward passes stay in step across ranks.
+    ``masked``: output rows never answered (production's baseline, which had no rows for the
+    labels added since: their fresh rows would answer at random); its loss is then NaN."""
     import torch
 
     engine.eval()
@@ -107,9 +110,13 @@ def _evaluate(engine, tokenizer, rows, max_length: int, task: Task) -> dict[str,
                 end = start + EVAL_BATCH_SIZE
                 out = engine(**{k: v[start:end] for k, v in inputs.items()},
                              labels=_target_tensor(window_targets[start:end], task, engine.device))
-                finite = finite and bool(torch.isfinite(out.logits).all())
+                logits = out.logits
+                if masked:
+                    logits = logits.clone()
+                    logits[..., masked] = -1e4
+                finite = finite and bool(torch.isfinite(logits).all())
                 loss_sum += float(out.loss) * len(window_targets[start:end])
-                scores.extend(_activated(out.logits, task).tolist())
+                scores.extend(_activated(logits, task).tolist())
             windows_scored += len(window_targets)
             targets, predicted = task.evaluated(batch, encoding, scores)
             y_pred.extend(predicted)
@@ -117,7 +124,7 @@ def _evaluate(engine, tokenizer, rows, max_length: int, task: Task) -> dict[str,
             if "row" in batch:
                 right.extend([int(r), task.answered_right(t, p)] for r, t, p in zip(batch["row"], targets, predicted, strict=True))
     engine.train()
-    loss = loss_sum / windows_scored if windows_scored else math.nan
+    loss = loss_sum / windows_scored if windows_scored and not masked else math.nan
     return {"metrics": task.metrics(y_true, y_pred).model_dump(), "loss": loss, "right": right, "finite": finite}
 
 
@@ -129,9 +136,9 @@ class _Evaluator:
         self.engine, self.tokenizer, self.sets, self.max_length, self.task = engine, tokenizer, sets, max_length, task
         self.seconds = 0.0
 
-    def __call__(self) -> dict[str, Any]:
+    def __call__(self, masked: list[int] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
-        out = {name: _evaluate(self.engine, self.tokenizer, rows, self.max_length, self.task)
+        out = {name: _evaluate(self.engine, self.tokenizer, rows, self.max_length, self.task, masked)
                for name, rows in self.sets.items()}
         self.seconds += time.perf_counter() - t0
         return out
@@ -250,19 +257,23 @@ def _without_shm_all_reduce() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def load_for_training(init_path: str, task: Task, dropout: float | None):
-    """The model to fine-tune, in fp32, with ``task``'s head in its label order: a base
-    encoder or another label set gets a fresh head; a checkpoint whose head has these labels
-    in another order (a hub NER model's tags, a classifier trained elsewhere) has its output
-    rows put in tuneloop's order. Without that its rows were read as the labels at their
-    positions, and a [positive, negative] head started out answering each as the other."""
+def load_for_training(init_path: str, task: Task, dropout: float | None) -> tuple[Any, list[int]]:
+    """The model to fine-tune, in fp32, with ``task``'s head in its label order, and the
+    rows of that head the checkpoint had none for. A base encoder or another label set gets
+    a fresh head; a checkpoint whose head has these labels in another order (a hub NER
+    model's tags, a classifier trained elsewhere) has its output rows put in tuneloop's
+    order. Without that its rows were read as the labels at their positions, and a
+    [positive, negative] head started out answering each as the other. A checkpoint with
+    some of the labels (labels added to the config) keeps its rows for those: its answers
+    are production's as they were, which the gate compares the candidate with."""
     import torch
     import transformers
 
     head = task.head_labels()
     model_config = transformers.AutoConfig.from_pretrained(init_path)
     id2label = {int(i): label for i, label in (model_config.id2label or {}).items()}
-    order = head_order([id2label.get(i) for i in range(len(id2label))], head)
+    labels = [id2label.get(i) for i in range(len(id2label))]
+    order, inherited = head_order(labels, head), inherited_rows(labels, head)
     model = getattr(transformers, task.auto_class).from_pretrained(
         init_path,
         num_labels=len(head),
@@ -275,23 +286,37 @@ def load_for_training(init_path: str, task: Task, dropout: float | None):
     )
     if order is not None:
         _reorder_output_rows(model, order)
-    return model
+    if inherited is None:
+        return model, []
+    production = getattr(transformers, task.auto_class).from_pretrained(init_path, dtype=torch.float32,
+                                                                        **task.model_options)
+    new, old = _output_layer(model, len(head)), _output_layer(production, len(labels))
+    kept = [(i, row) for i, row in enumerate(inherited) if row is not None]
+    with torch.no_grad():
+        for p, q in zip(new, old, strict=True):
+            p[torch.tensor([i for i, _ in kept])] = q[torch.tensor([row for _, row in kept])]
+    return model, [i for i, row in enumerate(inherited) if row is None]
+
+
+def _output_layer(model, rows: int) -> list:
+    """The head's last layer: its weight, and bias if any (the last parameters outside the
+    encoder, as Hugging Face heads register them), with one row a label."""
+    prefix = model.base_model_prefix + "."
+    outside = [(n, p) for n, p in model.named_parameters() if not n.startswith(prefix)]
+    last = [p for _, p in outside[-2:] if p.shape[0] == rows]
+    if sum(p.ndim == 2 for p in last) != 1:
+        raise ValueError(f"cannot find the output layer of {type(model).__name__}, of {rows} label rows "
+                         f"(parameters outside the encoder: {[n for n, _ in outside]})")
+    return last
 
 
 def _reorder_output_rows(model, order: list[int]) -> None:
-    """Permute the rows of the head's last layer (its weight, and bias if any: the last
-    parameters outside the encoder, as Hugging Face heads register them)."""
+    """Permute the rows of the head's last layer into ``order``."""
     import torch
 
-    prefix = model.base_model_prefix + "."
-    outside = [(n, p) for n, p in model.named_parameters() if not n.startswith(prefix)]
-    last = [p for _, p in outside[-2:] if p.shape[0] == len(order)]
-    if sum(p.ndim == 2 for p in last) != 1:
-        raise ValueError(f"cannot find the output layer of {type(model).__name__} to put its "
-                         f"{len(order)} label rows in order (parameters outside the encoder: {[n for n, _ in outside]})")
     index = torch.tensor(order)
     with torch.no_grad():
-        for p in last:
+        for p in _output_layer(model, len(order)):
             p.copy_(p[index])
 
 
@@ -317,7 +342,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                   config["use_gpu"] and torch.cuda.is_bf16_supported())
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(config["init_path"])
-    model = load_for_training(config["init_path"], task, config["dropout"])
+    model, new_rows = load_for_training(config["init_path"], task, config["dropout"])
     if padded := _with_pad_token(tokenizer, model):
         _log(rank, padded)
     max_length, capped = _fit_to_positions(tokenizer, model, max_length)
@@ -371,8 +396,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     parent_eval = None
     if config["has_parent"]:
-        # The starting weights are production's: score them on the same evaluation rows.
-        parent_eval = evaluate()
+        # The starting weights are production's: score them on the same evaluation rows, as
+        # production answers (never a label added since: it has no such row).
+        if new_rows:
+            _log(rank, f"labels added since production: {[task.head_labels()[i] for i in new_rows]} "
+                       "(production's rows for the others are kept)")
+        parent_eval = evaluate(masked=new_rows)
         _log(rank, "production baseline: " + _summary(parent_eval))
 
     # Early stopping watches the loss on its validation rows (fresh feedback just before the

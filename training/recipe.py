@@ -162,6 +162,21 @@ def head_order(checkpoint_labels: list[str] | None, head: list[str]) -> list[int
     return None if order == list(range(len(head))) else order
 
 
+def inherited_rows(checkpoint_labels: list[str] | None, head: list[str]) -> list[int | None] | None:
+    """For a head with labels the checkpoint's lacks (labels added to a model that has
+    versions): each head label's row in the checkpoint's output layer, None for a new one;
+    None when the checkpoint's labels are not all in the head (a base encoder's LABEL_0,
+    another label set), or when they are all of it (``head_order``'s case). Names compared
+    case-insensitively, as there."""
+    if not checkpoint_labels or len(checkpoint_labels) >= len(head):
+        return None
+    index = {str(label).lower(): i for i, label in enumerate(checkpoint_labels)}
+    wanted = {label.lower() for label in head}
+    if len(index) != len(checkpoint_labels) or not index.keys() <= wanted:
+        return None
+    return [index.get(label.lower()) for label in head]
+
+
 def student_layers(teacher_layers: int, keep: int) -> list[int]:
     """Which of a teacher's encoder layers a student made from it keeps: ``keep`` of them,
     spread evenly from the first to the last (the last feeds the head the teacher was

@@ -193,3 +193,26 @@ def test_failed_job_is_recorded_not_raised(ray_session, tiny_model, tmp_path):
     assert outcome.job.state == "failed" and outcome.manifest is None
     assert "neutral" in outcome.job.error
     assert Registry(Storage(cfg.storage.root)).versions("sentiment") == []
+
+
+def test_a_label_added_keeps_productions_rows_and_its_baseline_is_productions_own_answers(trained, tiny_model,
+                                                                                             seed_tsv, tmp_path):
+    """The new head took random rows for every label, and production's baseline (which the
+    gate compares the candidate with) was scored on them: noise, not production. Run last:
+    it moves the module's production."""
+    from tuneloop.training.launcher import run_training
+
+    registry = trained["registry"]
+    production = registry.production("sentiment")
+    seed = tmp_path / "seed3.tsv"
+    seed.write_text(open(seed_tsv).read() + "".join(f"the {t} was so-so\tneutral\n" for t in ("film", "meal", "book")))
+    cfg = make_config(trained["root"], tiny_model, str(seed), model={"labels": ["negative", "neutral", "positive"]},
+                      training={"max_steps": 2, "zero_stage": 2})
+    outcome = run_training(cfg, "sentiment", trigger="manual")
+    assert outcome.job.state in ("succeeded", "rejected"), outcome.job.error
+    # The frozen golden set, scored as production answers it: what its own job recorded,
+    # and never the label production lacks (the confusion's columns: negative, neutral, positive).
+    parent, recorded = outcome.manifest.parent_metrics, registry.manifest("sentiment", production).metrics
+    assert parent.eval_rows == 16 and parent.accuracy == recorded.accuracy
+    assert [row[1] for row in parent.confusion] == [0, 0, 0]
+    assert [[parent.confusion[i][j] for j in (0, 2)] for i in (0, 2)] == recorded.confusion

@@ -147,6 +147,15 @@ def test_eta_is_the_pace_so_far_times_the_steps_left():
     assert eta(0.0, 0, 20) == "" and eta(9.0, 20, 20) == ""
 
 
+def test_inherited_rows_are_a_checkpoints_rows_for_a_head_with_labels_added():
+    from tuneloop.training.recipe import inherited_rows
+
+    assert inherited_rows(["NEGATIVE", "positive"], ["negative", "neutral", "positive"]) == [0, None, 1]
+    assert inherited_rows(["LABEL_0", "LABEL_1"], ["a", "b", "c"]) is None  # a base encoder: a fresh head
+    assert inherited_rows(["a", "b"], ["a", "b"]) is None and inherited_rows(["a", "x"], ["a", "b", "c"]) is None
+    assert inherited_rows(None, ["a"]) is None
+
+
 def test_head_order_maps_a_checkpoints_rows_to_the_configs_labels():
     assert head_order(["POSITIVE", "NEGATIVE"], ["negative", "positive"]) == [1, 0]
     assert head_order(["O", "B-PER", "I-PER", "B-LOC", "I-LOC"], ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]) == \
@@ -169,14 +178,21 @@ def test_a_checkpoint_with_the_labels_in_another_order_trains_from_its_rows_in_o
     from tuneloop.training.loop import load_for_training
 
     path = build_tiny_model(tmp_path / "m", ["positive", "negative"], bias=[4.0, -4.0])
-    model = load_for_training(path, make_task("text-classification", ["negative", "positive"]), None)
+    model, added = load_for_training(path, make_task("text-classification", ["negative", "positive"]), None)
     assert model.config.id2label == {0: "negative", 1: "positive"}
     assert model.classifier.bias.tolist() == [-4.0, 4.0]
     tagger = build_tiny_model(tmp_path / "t", ["LOC", "PER"], task="token-classification")
     before = AutoModelForTokenClassification.from_pretrained(tagger).classifier.weight  # O, B-LOC, I-LOC, B-PER, I-PER
-    after = load_for_training(tagger, make_task("token-classification", ["PER", "LOC"]), None)
+    after, _ = load_for_training(tagger, make_task("token-classification", ["PER", "LOC"]), None)
     assert list(after.config.id2label.values()) == ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
     assert torch.equal(after.classifier.weight, before[[0, 3, 4, 1, 2]])
+    assert added == []
+    # A label added to the config: production's rows stay for the labels it had.
+    grown, added = load_for_training(path, make_task("text-classification", ["negative", "neutral", "positive"]),
+                                     None)
+    assert added == [1] and grown.classifier.bias[[0, 2]].tolist() == [-4.0, 4.0]
+    more, added = load_for_training(tagger, make_task("token-classification", ["PER", "LOC", "MISC"]), None)
+    assert added == [5, 6] and torch.equal(more.classifier.weight[:5], before[[0, 3, 4, 1, 2]])
 
 
 def test_training_speed_leaves_the_first_epoch_out_of_the_steady_state():
