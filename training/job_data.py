@@ -281,6 +281,13 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
                              "trains, and there is no feedback to train on: give a golden_dataset apart from the "
                              "seed (or leave it out: a sample of the seed is then kept back)")
         raise ValueError(f"model {mcfg.name!r} has no seed dataset and no feedback to train on")
+    # A text the job trains on is no evidence about the candidate: kept-back and validation
+    # rows that repeat one (a frequent query; one text answered on two predictions; a seed
+    # text sent again) leave the gate's and early stopping's sets. They are past the
+    # watermark, so the next job still trains on them.
+    train_texts = {normalized(t) for t in train.column("text").to_pylist()}
+    drawn = fresh_eval.num_rows + validation.num_rows
+    fresh_eval, validation = _without_texts(fresh_eval, train_texts), _without_texts(validation, train_texts)
 
     # The child's reservoir: the parent's, with this job's fresh rows sampled in.
     candidates = pa.concat_tables([reservoir, fresh_train])
@@ -296,7 +303,8 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
         "golden": golden_summary,
         "feedback": {"after": parent.data.get("watermark") if parent else None, "fresh_rows": fresh.num_rows,
                      "superseded": n_superseded, "on_golden_texts": on_golden, "trained_rows": n_train,
-                     "validation_rows": n_val, "kept_back_rows": n_eval,
+                     "validation_rows": validation.num_rows, "kept_back_rows": fresh_eval.num_rows,
+                     "kept_back_repeating_training": drawn - fresh_eval.num_rows - validation.num_rows,
                      "left_for_next_job": fresh.num_rows - n_eval - n_val - n_train},
         "replay": {"rows": replay.num_rows, "pool_rows": pool.num_rows, "ratio": tcfg.replay_ratio},
         "reservoir": {"rows": child_reservoir.num_rows, "seen": seen},

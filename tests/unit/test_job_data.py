@@ -108,6 +108,30 @@ def test_a_child_trains_on_fresh_feedback_plus_as_much_replay_and_keeps_the_newe
     assert Counter(nxt.train.column("source").to_pylist())["replay"] > 0  # earlier feedback is replayed
 
 
+def test_kept_back_rows_repeating_a_text_the_job_trains_on_are_no_evidence(env):
+    """A frequent query answered in the trained share and again in the kept-back one, or a
+    seed text sent as feedback: the gate's McNemar test counted the candidate right on text
+    it had just learned."""
+    cfg, task, registry, feedback, tmp_path = env
+    first = assemble(task, cfg.model("m"), cfg.training, registry, feedback, None)
+    v1 = _publish(registry, tmp_path, first, "v1", first.summary)
+    _give(feedback, 40)
+    seed_texts = set(first.train.column("text").to_pylist())
+    feedback.append(model="m", text="  Feedback 3 ", label="negative")  # the 4th fresh text, spaced and cased
+    feedback.append(model="m", text=sorted(seed_texts)[0], label="negative")  # gone if replay trains on it
+    for i in range(8):
+        feedback.append(model="m", text=f"new text {i}", label="positive")
+    feedback.compact()
+    data = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v1)
+    kept = data.fresh_eval.column("text").to_pylist()
+    trained = {t.strip().lower() for t in data.train.column("text").to_pylist()}
+    seed_kept = [] if sorted(seed_texts)[0] in trained else [sorted(seed_texts)[0]]
+    assert kept == seed_kept + [f"new text {i}" for i in range(8)] and not {t.lower() for t in kept} & trained
+    fb = data.summary["feedback"]
+    assert (fb["fresh_rows"], fb["kept_back_rows"], fb["kept_back_repeating_training"]) == (
+        50, 8 + len(seed_kept), 2 - len(seed_kept))
+
+
 def test_latest_answer_per_prediction_wins_and_golden_texts_never_train(env):
     cfg, task, registry, feedback, tmp_path = env
     first = assemble(task, cfg.model("m"), cfg.training, registry, feedback, None)
