@@ -122,19 +122,28 @@ def golden_set(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Re
         # and a tiny first seed went there whole, frozen for good with nothing left to train on.
         strata = [task.stratum(r) for r in seed.select(list(task.target_columns)).to_pylist()]
         if "label" in task.target_columns:  # one class a row: its stratum
-            firsts = {s: i for i, s in reversed(list(enumerate(strata)))}
-            eligible = [i for i, s in enumerate(strata) if firsts[s] != i]
+            kept = set({s: i for i, s in reversed(list(enumerate(strata)))}.values())
         else:  # a combination of labels or entity types a row: keeping one of each kept too many
-            eligible = list(range(1, seed.num_rows))
+            kept = {0}
+        # One row a text: every row of a golden text leaves training, so a duplicate of a
+        # kept row's text (or a text picked twice) took a class's last training row with it.
+        texts = [normalized(t) for t in seed.column("text").to_pylist()]
+        taken, eligible = {texts[i] for i in kept}, []
+        for i, text in enumerate(texts):
+            if text not in taken:
+                taken.add(text)
+                eligible.append(i)
         size = min(tcfg.golden_max_rows, max(1, round(seed.num_rows * tcfg.golden_fraction)), len(eligible))
-        left = seed.num_rows - size + feedback_rows
-        if size > 0 and left < tcfg.num_workers:  # checked here: the golden set is for good
-            raise ValueError(f"model {mcfg.name!r}: a golden set of {size} of the seed's {seed.num_rows} rows "
-                             f"(golden_fraction {tcfg.golden_fraction:g}) leaves {left} to train on, "
-                             f"fewer than training.num_workers {tcfg.num_workers}: lower either, or add seed rows")
         if size > 0:
-            picked = stratified_sample([strata[i] for i in eligible], size, random.Random(f"golden:{tcfg.seed}"))
-            frozen = registry.freeze_golden(mcfg.name, _take(seed, [eligible[i] for i in picked]))
+            picked = [eligible[i] for i in stratified_sample([strata[i] for i in eligible], size,
+                                                             random.Random(f"golden:{tcfg.seed}"))]
+            golden_texts = {texts[i] for i in picked}
+            left = sum(t not in golden_texts for t in texts) + feedback_rows
+            if left < tcfg.num_workers:  # checked here: the golden set is for good
+                raise ValueError(f"model {mcfg.name!r}: a golden set of {size} of the seed's {seed.num_rows} rows "
+                                 f"(golden_fraction {tcfg.golden_fraction:g}) leaves {left} to train on, fewer "
+                                 f"than training.num_workers {tcfg.num_workers}: lower either, or add seed rows")
+            frozen = registry.freeze_golden(mcfg.name, _take(seed, picked))
             _warn_missing_labels(task, frozen)
     if frozen is None:
         return pa.table({"text": pa.array([], pa.string())}), {"source": None, "rows": 0}

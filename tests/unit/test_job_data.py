@@ -334,6 +334,24 @@ def test_every_class_of_the_seed_keeps_a_row_to_train_on(tmp_path, labels):
     assert data.golden.num_rows == min(round(0.9 * len(labels)), len(labels) - len(set(labels)))
 
 
+def test_a_class_whose_rows_repeat_one_text_keeps_it_to_train_on(tmp_path):
+    """Golden texts leave training with every row that has them: a duplicate of the row
+    kept for its class, picked for the golden set, took that class's last training row."""
+    seed = tmp_path / "seed.tsv"
+    rows = [(f"text {i}", "positive") for i in range(20)] + [("Call me back", "negative")] * 5
+    seed.write_text("text\tlabel\n" + "".join(f"{t}\t{label}\n" for t, label in rows))
+    cfg = parse_config({"models": [{"name": "m", "base_model": "x", "labels": ["negative", "positive"],
+                                    "seed_dataset": str(seed)}],
+                        "storage": {"root": str(tmp_path / "store")}, "training": {"golden_fraction": 0.5}})
+    storage = Storage(cfg.storage.root)
+    tasks = model_tasks(cfg.models)
+    data = assemble(tasks["m"], cfg.model("m"), cfg.training, Registry(storage),
+                    FeedbackStore(storage, str(tmp_path / "journal"), tasks), None)
+    assert data.train.column("label").to_pylist().count("negative") == 5
+    assert "Call me back" not in data.golden.column("text").to_pylist()
+    assert len(set(data.golden.column("text").to_pylist())) == data.golden.num_rows == 12  # half the 25 rows
+
+
 def test_a_golden_set_leaving_fewer_rows_than_workers_is_refused_before_it_is_frozen(tmp_path):
     seed = tmp_path / "seed.tsv"
     seed.write_text("text\tlabel\n" + "".join(f"text {i}\t{('negative', 'positive')[i % 2]}\n" for i in range(10)))
