@@ -16,7 +16,8 @@ all of which must pass:
    at least ``min_fresh_rows`` rows, and enough rows where exactly one of the two is right
    for the test to reach ``alpha`` at all (k such rows give p >= 2^-k: 5 for 0.05), the
    candidate must beat production by McNemar's exact test (one-sided) at level ``alpha``;
-   otherwise it must not be less often right than production.
+   otherwise it must not be less often right than production. With no golden set either,
+   it must have rows: a candidate is never promoted on no evidence.
 3. **Teacher** (a distilled student only, ``ModelConfig.distill``) -- on the teacher's
    golden set, which the student is evaluated on, its gate metric may be at most
    ``max_gap`` below the teacher production's: the student exists to be faster at a bounded
@@ -142,6 +143,12 @@ def _fresh_check(e: Evidence, rules: GateConfig) -> GateCheck:
     n = len(e.fresh_candidate)
     if len(e.fresh_parent) != n:
         raise ValueError(f"fresh rows are paired: {n} candidate answers, {len(e.fresh_parent)} production's")
+    if e.parent_golden is not None and n == 0 and e.golden.eval_rows == 0:
+        # Neither set has a row: a candidate would replace production on no evidence at all.
+        return GateCheck(name="fresh", passed=False, numbers={"rows": 0, "golden_rows": 0},
+                         detail="no fresh feedback kept back and no golden set: nothing shows the candidate is "
+                                "not worse than production (give the model a golden_dataset, or keep "
+                                "training.eval_fraction above 0: a job with more feedback keeps rows back)")
     if e.parent_golden is None or n == 0:
         return GateCheck(name="fresh", passed=True, numbers={"rows": n},
                          detail="no fresh feedback to compare on" if n == 0 else "first version: nothing to compare")

@@ -147,7 +147,12 @@ def test_the_metric_compared_is_the_tasks():
     assert not d.accepted and d.checks[0].detail.startswith("f1 ")
 
 
-def test_without_a_golden_set_the_golden_check_says_so():
+def test_without_a_golden_set_the_golden_check_says_so_and_fresh_rows_must_exist():
     empty = classification_metrics([], [], LABELS)
-    d = decide(_evidence(empty, empty), RULES)
+    d = decide(_evidence(empty, empty, cand=[True, True], par=[True, False]), RULES)
     assert d.accepted and d.checks[0].detail.startswith("no golden set")
+    # Nothing at all to compare on (a feedback-only model's job with eval_fraction 0 or a
+    # handful of rows): accepted before, production replaced on no evidence.
+    d = decide(_evidence(empty, empty), RULES)
+    assert not d.accepted and "nothing shows the candidate is not worse" in d.reason
+    assert decide(_evidence(empty), RULES).accepted  # a first version has nothing to protect
