@@ -237,6 +237,9 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
     else:
         init_path = resolve_model_source(mcfg.base_model)
     _check_layers(tcfg, init_path, teacher.student_layers if teacher is not None and not parent else None)
+    if tcfg.feature_extraction and tcfg.freeze_layers:
+        log.warning("job %s: feature_extraction freezes the whole encoder; freeze_layers %d has no effect",
+                    job.job_id, tcfg.freeze_layers)
     parent_manifest = registry.manifest(model, parent) if parent else None
     data = assemble(task, mcfg, tcfg, registry, feedback, parent_manifest, cfg.quarantine,
                     teacher=cfg.model(teacher.model) if teacher else None)
