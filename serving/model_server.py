@@ -87,6 +87,7 @@ class ModelServer:
         cfg = TuneloopConfig.model_validate(config)
         self.cfg, self.serving = cfg.model(model), cfg.serving
         self.runtimes = tuple(cfg.optimize.runtimes)  # the artifacts the operator wants: others are not served
+        self._parity_limits = cfg.optimize.min_agreement, cfg.optimize.max_accuracy_drop  # today's, not the build's
         self.task = model_task(self.cfg)
         storage = Storage(cfg.storage.root)
         self.registry = registry or Registry(storage)
@@ -236,7 +237,8 @@ class ModelServer:
         optimization = self.registry.manifest(self.cfg.name, version).optimization
         device = "cuda" if self.serving.num_gpus_per_replica > 0 else cpu_class()
         runtime, why = choose_runtime(self.serving.runtime, optimization,
-                                      hardware_class(device, self.serving.replica_threads), self.runtimes)
+                                      hardware_class(device, self.serving.replica_threads), self.runtimes,
+                                      self._parity_limits)
         artifact = optimization.artifacts[runtime].path if runtime != "torch" else None
         return runtime, artifact, why
 

@@ -89,19 +89,41 @@ def parity_check(reference: list, answers: list, accuracy: float, reference_accu
                               f"accuracy {accuracy:.4f} vs {reference_accuracy:.4f}")
 
 
+def _holds_to(parity: ParityCheck, limits: tuple[float, float] | None) -> ParityCheck:
+    """``parity`` judged again by today's ``(min_agreement, max_accuracy_drop)``: a record
+    built under looser ones that today's refuse no longer passes (its numbers are kept)."""
+    if limits is None or not parity.passed:
+        return parity
+    min_agreement, max_drop = limits
+    problems = []
+    if parity.agreement < min_agreement:
+        problems.append(f"answered {parity.agreement:.2%} of {parity.rows} golden rows as PyTorch does, below "
+                        f"optimize.min_agreement {min_agreement:.2%}")
+    if parity.accuracy is not None and parity.reference_accuracy is not None \
+            and parity.accuracy < parity.reference_accuracy - max_drop:
+        problems.append(f"accuracy {parity.accuracy:.4f} is more than optimize.max_accuracy_drop {max_drop:g} below "
+                        f"PyTorch's {parity.reference_accuracy:.4f}")
+    return parity.model_copy(update={"passed": False, "detail": "; ".join(problems)}) if problems else parity
+
+
 def choose_runtime(requested: str, optimization: Optimization | None, hardware: str,
-                   allowed: tuple[str, ...] | None = None) -> tuple[str, str]:
+                   allowed: tuple[str, ...] | None = None,
+                   parity_limits: tuple[float, float] | None = None) -> tuple[str, str]:
     """(runtime to serve with, why). A named artifact serves when it passed its parity check
     (``torch-bf16`` only on a CPU with native bf16), else PyTorch does (a version is never
     left unserved for want of an artifact). ``auto`` takes the fastest runtime measured on
     ``hardware`` among PyTorch and the artifacts that passed; with no measurement on this
     hardware class, PyTorch. Only artifacts ``allowed`` (``optimize.runtimes``; None: all)
-    serve: an operator who drops one from the config stops it serving too."""
+    serve: an operator who drops one from the config stops it serving too. With
+    ``parity_limits`` (the config's ``min_agreement, max_accuracy_drop``), a parity record
+    must also hold to them: thresholds tightened since stop artifacts built before."""
     if requested == TORCH:
         return TORCH, "serving.runtime is torch"
     artifacts = optimization.artifacts if optimization else {}
     if allowed is not None:
         artifacts = {name: record for name, record in artifacts.items() if name in allowed}
+    artifacts = {name: record.model_copy(update={"parity": _holds_to(record.parity, parity_limits)})
+                 for name, record in artifacts.items()}
     if requested != "auto":
         if not hardware.startswith("cpu"):  # ONNX Runtime runs the artifacts on the CPU here
             return TORCH, f"serving.runtime is {requested}, an artifact built for CPUs: on {hardware} PyTorch serves"

@@ -53,6 +53,16 @@ def test_an_artifact_dropped_from_optimize_runtimes_no_longer_serves():
     assert choose_runtime("auto", opt, "cpu/2t", allowed=())[0] == "torch"
 
 
+def test_parity_thresholds_tightened_since_the_build_stop_the_artifacts_that_miss_them():
+    opt = _optimization({"torch": 100, "onnx": 130, "onnx-int8": 260})
+    opt.artifacts["onnx-int8"].parity = ParityCheck(passed=True, detail="d", rows=200, agreement=0.99, accuracy=0.88,
+                                                    reference_accuracy=0.89)
+    assert choose_runtime("auto", opt, "cpu/2t", parity_limits=(0.99, 0.01))[0] == "onnx-int8"  # as built
+    assert choose_runtime("auto", opt, "cpu/2t", parity_limits=(0.995, 0.01))[0] == "onnx"
+    runtime, why = choose_runtime("onnx-int8", opt, "cpu/2t", parity_limits=(0.99, 0.005))
+    assert runtime == "torch" and "more than optimize.max_accuracy_drop 0.005 below PyTorch's 0.8900" in why
+
+
 def test_auto_without_a_measurement_here_or_any_artifact_serves_torch():
     opt = _optimization({"torch": 100, "onnx-int8": 260})
     runtime, why = choose_runtime("auto", opt, "cpu/4t")
