@@ -272,6 +272,11 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
         reservoir = reservoir.filter(pc.invert(pc.is_in(reservoir.column("prediction_id"), pa.array(sorted(replaced)))))
     seed_pool = _without_texts(_rows(seed, schema, "seed"), golden_texts) if seed is not None else schema.empty_table()
     pool = pa.concat_tables([seed_pool, _rows(reservoir, schema, "replay")])
+    if parent is None and tcfg.early_stopping_patience is not None and tcfg.epochs > 1:
+        # v1 has no fresh feedback to watch: early stopping watches a stratified share of the
+        # seed it would train on. It watched the golden set, which then judged the epoch it
+        # had picked (v1's recorded metrics, a student's teacher check). Later jobs replay it.
+        validation, pool = _seed_validation(task, pool, tcfg.eval_fraction, rng)
     fresh_train = pa.concat_tables([fresh_train, released])  # after the watermark's row: it stays put
     n_new = fresh_train.num_rows
     if parent is None:
@@ -297,6 +302,7 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     train_texts = {normalized(t) for t in train.column("text").to_pylist()}
     drawn = fresh_eval.num_rows + validation.num_rows
     fresh_eval, validation = _without_texts(fresh_eval, train_texts), _without_texts(validation, train_texts)
+    repeating = drawn - fresh_eval.num_rows - validation.num_rows
 
     # The child's reservoir: the parent's, with this job's fresh rows sampled in.
     candidates = pa.concat_tables([reservoir, fresh_train])
@@ -312,10 +318,11 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
         "golden": golden_summary,
         "feedback": {"after": parent.data.get("watermark") if parent else None, "fresh_rows": fresh.num_rows,
                      "superseded": n_superseded, "on_golden_texts": on_golden, "trained_rows": n_train,
-                     "validation_rows": validation.num_rows, "kept_back_rows": fresh_eval.num_rows,
-                     "kept_back_repeating_training": drawn - fresh_eval.num_rows - validation.num_rows,
+                     "validation_rows": validation.num_rows if parent else 0, "kept_back_rows": fresh_eval.num_rows,
+                     "kept_back_repeating_training": repeating,
                      "left_for_next_job": fresh.num_rows - n_eval - n_val - n_train},
         "replay": {"rows": replay.num_rows, "pool_rows": pool.num_rows, "ratio": tcfg.replay_ratio},
+        "validation": {"rows": validation.num_rows, "source": "seed" if parent is None else "feedback"},
         "reservoir": {"rows": child_reservoir.num_rows, "seen": seen},
         "quarantine": quarantine,
         "watermark": watermark,
@@ -324,6 +331,17 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     }
     return JobData(train=train, golden=golden, fresh_eval=fresh_eval, validation=validation,
                    reservoir=child_reservoir, held=held, summary=summary)
+
+
+def _seed_validation(task: Task, pool: pa.Table, fraction: float, rng: random.Random) -> tuple[pa.Table, pa.Table]:
+    """(validation rows, the pool less them): ``fraction`` of the pool, stratified, never a
+    stratum's first row (each class keeps one to train on)."""
+    strata = [task.stratum(r) for r in pool.select(list(task.target_columns)).to_pylist()]
+    firsts = set({s: i for i, s in reversed(list(enumerate(strata)))}.values())
+    eligible = [i for i in range(pool.num_rows) if i not in firsts]
+    picked = {eligible[i] for i in stratified_sample([strata[i] for i in eligible],
+                                                     kept_back(pool.num_rows, fraction), rng)}
+    return _take(pool, sorted(picked)), _take(pool, [i for i in range(pool.num_rows) if i not in picked])
 
 
 def with_training_columns(task: Task, table: pa.Table) -> pa.Table:

@@ -405,8 +405,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _log(rank, "production baseline: " + _summary(parent_eval))
 
     # Early stopping watches the loss on its validation rows (fresh feedback just before the
-    # gate's, never the gate's own), or at v1, which has no fresh feedback and no production
-    # for the gate to compare with, on the golden set.
+    # gate's, never the gate's own; at v1 a share of the seed), or, at a v1 whose seed was too
+    # small to spare one, on the golden set (v1 has no production for the gate to compare with).
     monitor = "validation" if "validation" in tables else None
     if monitor is None and not config["has_parent"] and "golden" in tables:
         monitor = "golden"

@@ -505,7 +505,7 @@ class TrainingConfig(Section):
     early_stopping_patience: int | None = Field(
         default=2, ge=1,
         description="stop after this many epochs without a lower loss on the validation rows (the eval_fraction of "
-                    "fresh feedback just before the gate's kept-back rows; at v1 the golden set) and keep the best "
+                    "fresh feedback just before the gate's kept-back rows; at v1 that share of the seed) and keep the best "
                     "epoch's weights; off without such rows; null = off",
     )
     early_stopping_min_delta: float = Field(default=0.0, ge=0, description="a loss this much lower counts as better")
