@@ -501,3 +501,18 @@ def test_a_golden_set_holding_the_whole_seed_is_named_as_the_reason_nothing_trai
     same = cfg.model("m").model_copy(update={"golden_dataset": cfg.model("m").seed_dataset})
     with pytest.raises(ValueError, match="every row of its seed dataset is in its golden set"):
         assemble(task, same, cfg.training, registry, feedback, None)
+
+
+def test_a_golden_dataset_taken_out_later_leaves_no_golden_set_rather_than_one_of_trained_rows(env, caplog):
+    """A sample of the seed frozen at a later job held rows production had trained on: the
+    candidate was compared with a model that had seen its golden answers."""
+    cfg, task, registry, feedback, tmp_path = env
+    golden = tmp_path / "golden.tsv"
+    golden.write_text("text\tlabel\nkept apart\tpositive\nalso apart\tnegative\n")
+    first = assemble(task, cfg.model("m").model_copy(update={"golden_dataset": str(golden)}), cfg.training,
+                     registry, feedback, None)
+    v1 = _publish(registry, tmp_path, first, "v1", first.summary)
+    _give(feedback, 20)
+    second = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v1)  # golden_dataset gone
+    assert second.golden.num_rows == 0 and registry.golden("m") is None
+    assert "give the model a golden_dataset" in caplog.text
