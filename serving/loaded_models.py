@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any
 
-from tuneloop.core.errors import InputRejected
+from tuneloop.core.errors import InputRejected, NonFiniteScores
 from tuneloop.core.tasks import Task
 
 
@@ -109,7 +109,7 @@ class LoadedModel:
         encoding = self.task.encoding_for(enc)  # and enc keeps only the model's inputs
         probs = self._forward(enc)
         if not bool(torch.isfinite(probs).all()):
-            raise InputRejected("the model produced non-finite scores for this input")
+            raise NonFiniteScores("the model produced non-finite scores for this input")
         return probs, encoding, tokens, padded
 
     def predict(self, texts: list[str]) -> tuple[list[dict[str, Any]], int, int]:

@@ -40,7 +40,8 @@ from starlette.responses import JSONResponse
 
 from tuneloop.store.keys import KeyRing
 from tuneloop.core.config import ServingConfig, TuneloopConfig
-from tuneloop.core.errors import InputRejected, MethodNotAllowed, NotFound, NotReady, Overloaded, TuneloopError
+from tuneloop.core.errors import (InputRejected, MethodNotAllowed, NonFiniteScores, NotFound, NotReady, Overloaded,
+                                  TuneloopError)
 from tuneloop.store.prediction_recorder import PredictionRecorder
 from tuneloop.store.records import SHADOW_ROOT, PredictionLog, new_prediction_id, prediction_time
 from tuneloop.store.registry import Registry
@@ -303,11 +304,12 @@ class ModelServer:
             batcher = self._challenger_batcher if canary else self._batcher
             predictions = await asyncio.wait_for(batcher.submit_many(texts), timeout)
         except ItemFailed as failed:
-            if isinstance(failed.error, InputRejected):  # the input's fault, and this request's alone
-                raise InputRejected(f"inputs[{failed.index}]: {failed.error.message}") from None
-            if not isinstance(failed.error, TuneloopError):  # the model failed: a rollout's health counts it
+            if isinstance(failed.error, NonFiniteScores) or not isinstance(failed.error, TuneloopError):
+                # the model failed (NaN scores too): a rollout's health counts it
                 version = (challenger if canary else self._loaded).version
                 metrics.PREDICT_ERRORS.labels(self.cfg.name, version).inc()
+            if isinstance(failed.error, InputRejected):  # this request's alone
+                raise InputRejected(f"inputs[{failed.index}]: {failed.error.message}") from None
             raise failed.error from None
         except TimeoutError:
             raise Overloaded(f"model {self.cfg.name!r} did not answer within {timeout:g}s; retry shortly") from None

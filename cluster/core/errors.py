@@ -43,6 +43,11 @@ class InputRejected(TuneloopError):
     status, code = 422, "invalid_input"
 
 
+class NonFiniteScores(InputRejected):
+    """The model scored an input as NaN or infinity: answered as the input's 422 (its batch
+    mates are fine), but a fault of the version too, which a rollout's health counts."""
+
+
 class RequestTimeout(TuneloopError):
     """The client sent its body too slowly."""
 

@@ -58,6 +58,30 @@ def test_a_bad_input_fails_its_own_request_and_its_batch_mates_succeed(server):
     assert all(len(r) == 1 for r in more)
 
 
+def test_non_finite_scores_are_the_inputs_422_and_the_versions_error(server):
+    """A version scoring a text as NaN (fp16 overflow) was counted nowhere: a canary doing
+    so looked healthy to its rollout."""
+    from prometheus_client import REGISTRY
+
+    from tuneloop.core.errors import NonFiniteScores
+
+    replica, _, _ = server
+    loaded, real = replica._loaded, replica._loaded.predict
+
+    def predict(texts):
+        if "overflow" in texts:
+            raise NonFiniteScores("the model produced non-finite scores for this input")
+        return real(texts)
+
+    loaded.predict = predict
+    before = REGISTRY.get_sample_value("tuneloop_predict_errors_total", {"model": "sentiment", "version": "v1"}) or 0
+    with pytest.raises(InputRejected) as e:
+        asyncio.run(replica.predict(["fine", "overflow"]))
+    assert e.value.status == 422 and e.value.message.startswith("inputs[1]: the model produced non-finite")
+    after = REGISTRY.get_sample_value("tuneloop_predict_errors_total", {"model": "sentiment", "version": "v1"})
+    assert after == before + 1
+
+
 def test_a_replica_notes_each_version_it_starts_serving(server):
     replica, registry, _ = server
     assert len(registry.switches("sentiment", "v1")) == 1  # loaded at start: the rollout's end is timed by it
