@@ -470,6 +470,9 @@ class Ingress:
                 if looked_again:
                     raise NotReady("the retrain controller is restarting; retry shortly") from None
         if job_id is None:
+            status = await controller.status.remote()
+            if status["retiring"] and model not in status["running"]:  # a config change rolling the controller
+                raise NotReady("the retrain controller is handing over to a new one; retry shortly")
             raise Conflict(f"a training job for {model!r} is already running")
         return {"job_id": job_id}
 

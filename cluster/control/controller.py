@@ -293,7 +293,7 @@ class Retrainer:
     def status(self) -> dict:
         with self._lock:
             self._reap()
-            return {"pending": dict(self.pending), "running": sorted(self.running),
+            return {"pending": dict(self.pending), "running": sorted(self.running), "retiring": self.retiring,
                     "online_accuracy": {m: online_accuracy(list(a)) for m, a in self.agreements.items()}}
 
 

@@ -183,6 +183,8 @@ def test_a_retiring_controller_starts_no_job_and_is_busy_until_its_own_ends(tmp_
     assert not retrainer.busy()
     assert retrainer.record_feedback("m") is None and retrainer.start("n") is None
     assert len(launch.launched) == 1
+    # What lets the ingress answer a manual retrain 503 "handing over", not 409 "running".
+    assert retrainer.status()["retiring"] and "n" not in retrainer.status()["running"]
 
 
 def test_a_new_controller_waits_for_the_job_of_the_one_it_replaces(tmp_path):
