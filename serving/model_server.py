@@ -324,17 +324,19 @@ class ModelServer:
         # ended) leaves its queued texts to production: none is dropped.
         loaded = (self._challenger or self._loaded) if role == "challenger" else self._loaded
         batcher = self._challenger_batcher if role == "challenger" else self._batcher
-        start = time.perf_counter()
         self._computing += 1
         try:
-            results = await asyncio.get_running_loop().run_in_executor(self._compute, self._run_batch, loaded, texts)
+            results, seconds = await asyncio.get_running_loop().run_in_executor(
+                self._compute, self._timed_batch, loaded, texts)
         finally:
             self._computing -= 1
-        if self.serving.adaptive_batching:
-            batcher.max_batch_size = next_batch_size(
-                self._policy, batcher.max_batch_size, len(texts), time.perf_counter() - start
-            )
+        if self.serving.adaptive_batching:  # the batch's own time: not its wait behind the other role's or a shadow's
+            batcher.max_batch_size = next_batch_size(self._policy, batcher.max_batch_size, len(texts), seconds)
         return results
+
+    def _timed_batch(self, loaded: LoadedModel, texts: list[str]) -> tuple[list[dict[str, Any]], float]:
+        start = time.perf_counter()
+        return self._run_batch(loaded, texts), time.perf_counter() - start
 
     # -- shadow ----------------------------------------------------------------------------
     def _maybe_shadow(self, challenger: LoadedModel, texts: list[str], predictions: list[dict[str, Any]]) -> None:

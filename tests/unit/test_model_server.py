@@ -114,3 +114,23 @@ def test_checkpoint_labels_are_checked_as_a_set_and_kept_in_checkpoint_order():
     assert checkpoint_labels({"0": "a", "1": "b"}, ["b", "a"], "v1") == ["a", "b"]
     with pytest.raises(LabelMismatch, match=r"v3's checkpoint has labels \['LABEL_0', 'LABEL_1'\]"):
         checkpoint_labels({0: "LABEL_0", 1: "LABEL_1"}, ["a", "b"], "v3")
+
+
+def test_adaptive_batching_times_a_batch_not_its_wait_for_the_compute_thread(server):
+    """Production's and a canary's batches (and shadow runs) share one compute thread: a
+    batch that waited behind another's counted the wait as its own latency, and the limit
+    shrank for work that was not its."""
+    import time as clock
+
+    replica, _, _ = server
+    assert replica.serving.adaptive_batching
+    limit = replica._batcher.max_batch_size
+
+    async def main():
+        blocked = asyncio.get_running_loop().run_in_executor(replica._compute, clock.sleep,
+                                                            3 * replica.serving.target_batch_latency_s)
+        await replica.predict(["waits behind a long batch"])
+        await blocked
+
+    asyncio.run(main())
+    assert replica._batcher.max_batch_size >= limit
