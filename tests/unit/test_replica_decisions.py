@@ -104,7 +104,8 @@ def test_a_refused_version_leaves_the_loaded_one_serving_and_is_not_retried():
     replica._sync_with_registry()  # versions are immutable: not loaded again
     assert registry.switched == ["v1"]  # a refused version was never switched to
     assert replica.status() == {"model": "m", "version": "v1", "challenger": None, "rollout": None,
-                                "refused": {"bad": replica._refused["bad"]}, "resident_weight_bytes": {"v1": 1000},
+                                "refused": {"bad": replica._refused["bad"]}, "failed": {},
+                                "resident_weight_bytes": {"v1": 1000},
                                 "runtimes": {"v1": f"torch (auto: no runtime measured on {CPU}/1t)"}}
     assert asyncio.run(replica.predict(["a"]))[0]["version"] == "v1"
 
