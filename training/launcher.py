@@ -68,6 +68,16 @@ class TrainingOutcome:
 SANITY_ROWS = 256
 
 
+def _data_line(summary: dict) -> str:
+    """What a job trains and is judged on, in one line (the manifest keeps the whole summary)."""
+    fb, replay = summary["feedback"], summary["replay"]
+    held = summary["quarantine"].get("held_rows", 0)
+    return (f"{summary['train_rows']} rows to train ({fb['trained_rows']} fresh feedback, {replay['rows']} replayed"
+            f"{'' if summary.get('seed') is None else ' or seed'}), golden set {summary['golden']['rows']}, "
+            f"{fb['kept_back_rows']} fresh kept back for the gate, {summary['validation']['rows']} for early stopping"
+            + (f", {held} held by the quarantine" if held else ""))
+
+
 def _job_tables(task: Task, data: JobData) -> dict[str, pa.Table]:
     """The tables the workers read: ``train`` (split among them) and the evaluation sets,
     each with a ``row`` number (each worker scores all of one; empty ones are left out)."""
@@ -159,7 +169,7 @@ def _settle_feedback(feedback: FeedbackStore) -> None:
             log.warning("no tuneloop ingress in this Ray cluster: feedback the serving cluster has not compacted "
                         "yet (at most feedback.compact_interval_s old) is left to the next job")
     except Exception as e:  # noqa: BLE001 - not serving (a CLI job), or the ingress is restarting
-        log.info("no live feedback writer to compact (%s); recovering the journal here", type(e).__name__)
+        log.debug("no live feedback writer to compact (%s); recovering the journal here", type(e).__name__)
     feedback.open_writer()  # recovers dead writers' segments
     feedback.close()
 
@@ -206,6 +216,12 @@ def run_training(cfg: TuneloopConfig, model: str, trigger: str = "manual", job: 
         heartbeat.start()
         manifest = _train(cfg, model, job, storage, registry, optimize)
         return TrainingOutcome(job, manifest)
+    except (ValueError, ResourcesUnavailable) as e:  # the data, the config or the cluster: its message says
+        log.error("job %s failed: %s", job.job_id, e)
+        log.debug("job %s failed: %s", job.job_id, traceback.format_exc())
+        job.state = "failed"
+        job.error = f"{type(e).__name__}: {e}"
+        return TrainingOutcome(job, None)
     except Exception as e:  # noqa: BLE001 - the job record carries the failure
         log.error("job %s failed: %s", job.job_id, traceback.format_exc())
         job.state = "failed"
@@ -250,7 +266,7 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
         raise ValueError(f"{data.train.num_rows} training row(s) for {tcfg.num_workers} workers: each needs one at "
                          "least; add seed data or feedback, or lower training.num_workers")
     tables = _job_tables(task, data)
-    log.info("job %s: %s from %s, %s", job.job_id, model, parent or mcfg.starts_from(), data.summary)
+    log.info("job %s: %s from %s: %s", job.job_id, model, parent or mcfg.starts_from(), _data_line(data.summary))
     # A cluster joined by address may autoscale; the local Ray `tuneloop run` starts cannot.
     _wait_for_resources(tcfg, autoscaled=bool(cfg.ray.address or os.environ.get("RAY_ADDRESS")))
     training_started = _now()  # a student's teacher scoring its rows is training, not queueing

@@ -397,3 +397,11 @@ def main() -> None:
     except CorruptStoredFile as e:  # a hand-edited or cut file: say which, not a traceback
         print(f"tuneloop: {e.message}", file=sys.stderr)
         sys.exit(2)
+    except SystemExit as e:  # `run` refusing to start says why: exit 2, as every other refusal
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            sys.exit(2)
+        raise
+    except OSError as e:  # the storage root a file, unreadable, or a bucket out of reach: say so in a line
+        print(f"tuneloop: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -46,7 +46,21 @@ ENVIRONMENT = {
 }
 
 
+# tuneloop's own lines in a worker: a job's steps and the gate's verdict (a Ray task of the
+# retrain controller), the controller's and the rollout driver's decisions. Ray sets up only
+# its own logger in a worker, so below WARNING they were dropped: `tuneloop run` showed a
+# job's epoch lines and nothing of what it decided.
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 def quiet_library_logs() -> None:
+    tuneloop = logging.getLogger("tuneloop")
+    if not tuneloop.handlers:
+        handler = logging.StreamHandler()  # stderr, which Ray forwards to the driver's console
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        tuneloop.addHandler(handler)
+        tuneloop.setLevel(logging.INFO)
+        tuneloop.propagate = False  # a handler a library put on the root logger would print it twice
     for name, value in ENVIRONMENT.items():
         os.environ.setdefault(name, value)  # a user's own setting wins
     for name, level in QUIET_LOGGERS.items():

@@ -95,3 +95,14 @@ def test_kuberay_up_and_down_apply_the_podmonitor_only_where_its_kind_exists(tmp
         steps = [s for s in plan(cfg, "kuberay", verb, tmp_path) if "podmonitor.yaml" in str(s)]
         assert len(steps) == 1 and "--api-group=monitoring.coreos.com" in steps[0].only_if[-1]
     assert any("rayservice.yaml" in str(s) for s in plan(cfg, "kuberay", "down", tmp_path))
+
+
+def test_a_storage_root_that_cannot_be_read_is_one_line_not_a_traceback(tmp_path):
+    (tmp_path / "file").write_text("x")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"models": [{"name": "m", "labels": ["a", "b"]}],
+                                      "storage": {"root": str(tmp_path / "file")}}))
+    done = subprocess.run([sys.executable, "-m", "tuneloop.control", "versions", "m", "--config", str(config)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "tuneloop: NotADirectoryError" in done.stderr and str(tmp_path / "file") in done.stderr

@@ -31,8 +31,13 @@ def test_info_is_hidden_and_warnings_kept_where_the_hook_says(monkeypatch):
     for name in worker_setup.QUIET_LOGGERS:
         monkeypatch.setattr(logging.getLogger(name), "level", logging.NOTSET)
     monkeypatch.setattr(os, "environ", dict(os.environ))  # the hook's variables stay in this test
+    ours = logging.getLogger("tuneloop")  # and its handler: later tests read tuneloop's lines with caplog
+    for attr, value in (("handlers", []), ("level", logging.NOTSET), ("propagate", True)):
+        monkeypatch.setattr(ours, attr, value)
     with warnings.catch_warnings():  # and so do its warning filters
         worker_setup.quiet_library_logs()
+    # tuneloop's own info lines print in a worker (Ray sets up only its own logger there).
+    assert ours.isEnabledFor(logging.INFO) and len(ours.handlers) == 1 and not ours.propagate
     finished = logging.getLogger("ray.data._internal.execution.streaming_executor")
     assert not finished.isEnabledFor(logging.INFO)  # "Dataset ... execution finished"
     assert finished.isEnabledFor(logging.WARNING)
