@@ -276,6 +276,10 @@ def run_forever(cfg: TuneloopConfig) -> None:
             raise SystemExit(f"tuneloop: cannot start: {e}") from None
         print(f"tuneloop ready at {url} after {time.monotonic() - started:.1f}s "
               f"(metrics at {url}/metrics; Ctrl-C stops)", flush=True)
+        registry = Registry(storage)
+        for m in cfg.models:  # what serves where: the first thing a user of a fresh server asks
+            print(f"  {m.name} {registry.production(m.name)} ({m.task}): POST {url}/v1/models/{m.name}/predict",
+                  flush=True)
         stop.wait()
         print("tuneloop: stopping", flush=True)
     finally:
