@@ -33,6 +33,7 @@ from tuneloop.training.recipe import (
 from tuneloop.training.shards import batches, epoch_batches, worker_shard
 
 EVAL_BATCH_SIZE = 64
+PROGRESS_EVERY_S = 30.0  # a line within an epoch this often: a one-epoch job showed none until it ended
 
 
 def _log(rank: int, msg: str) -> None:
@@ -417,6 +418,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    + ("; the golden set is the gate's)" if config["has_parent"] else ", and no golden set)"))
     best: tuple[dict[str, Any], dict[str, Any]] | None = None  # (evaluation, weights) of the best epoch
     epochs_run, steps_at_last_check, started = 0, 0, time.perf_counter()
+    last_line = started
     epoch_times: list[list[float]] = []  # [rows of all workers, seconds] per epoch
     # from_pretrained leaves a model in eval mode and deepspeed.initialize keeps it so: a job
     # that scored nothing first (v1 without early stopping) trained with dropout off, and one
@@ -443,6 +445,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batches += 1
             if engine.global_steps >= total_steps:
                 break
+            if time.perf_counter() - last_line >= PROGRESS_EVERY_S:
+                last_line = time.perf_counter()
+                _log(rank, f"epoch {epoch + 1}/{config['epochs']} step {engine.global_steps}/{total_steps} "
+                           f"loss {loss_sum / batches:.4f}" + eta(last_line - started, engine.global_steps, total_steps))
         epochs_run += 1
         dt = time.perf_counter() - t0
         epoch_times.append([seen * world, dt])
@@ -457,6 +463,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 best = evaluation, _consolidated_state_dict(engine.module, rank, precision, frozen_fp32)
             line += f", {monitor} loss {loss:.4f} (best: epoch {stopping.best_epoch + 1})"
         _log(rank, line + eta(time.perf_counter() - started, engine.global_steps, total_steps))
+        last_line = time.perf_counter()
         if engine.global_steps >= total_steps:
             break
         if per_epoch and stopping.should_stop:
