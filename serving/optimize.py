@@ -247,7 +247,9 @@ def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, versio
             settings: dict = {}
             if runtime == "torch-bf16" and (why := _no_bf16(device, hardware)):
                 records[runtime] = _not_built(runtime, 0.0, why)
+                progress(f"{model} {version}: torch-bf16 not built: {why}")
                 continue
+            progress(f"{model} {version}: building {runtime}")
             if runtime != "torch-bf16":
                 out = fp32 if runtime == "onnx" else os.path.join(tmp, runtime, "model.onnx")
                 os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -269,8 +271,13 @@ def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, versio
             build_s = time.perf_counter() - started
             # At serving the artifact lies under the version's folder; here an absolute path
             # (os.path.join keeps it) points at the copy still in tmp.
-            loaded = load_model(path, version, task, max_length, runtime, out, gpu=gpu)
-            answers, accuracy = _answers(loaded, task, texts, targets, ocfg.speed_batch_size)
+            try:
+                loaded = load_model(path, version, task, max_length, runtime, out, gpu=gpu)
+                answers, accuracy = _answers(loaded, task, texts, targets, ocfg.speed_batch_size)
+            except Exception as e:  # noqa: BLE001 - built, but it will not load or answer: torch serves
+                log.warning("%s %s: %s was built but does not run: %s", model, version, runtime, e)
+                records[runtime] = _not_built(runtime, build_s, f"{type(e).__name__}: {e}", relative)
+                continue
             parity = parity_check(reference_answers, answers, accuracy, reference_accuracy,
                                   ocfg.min_agreement, ocfg.max_accuracy_drop, task.answered_right)
             if parity.passed and device == "cpu":  # ONNX Runtime's CPU build: no speed for a GPU's class
