@@ -24,6 +24,22 @@ def _load(config: str | None) -> TuneloopConfig:
         raise typer.Exit(2) from None
 
 
+def _stored(cfg: TuneloopConfig):
+    """The storage root a command reads: a local one that is not there is said so (a typo
+    in storage.root read as a fresh install: "no versions yet", "production none")."""
+    from tuneloop.store.storage import Storage
+
+    root = cfg.storage.root
+    if "://" not in root and os.path.exists(root) and not os.path.isdir(root):
+        typer.echo(f"tuneloop: storage root {root} is a file, not a folder", err=True)
+        raise typer.Exit(2)
+    if "://" not in root and not os.path.isdir(root):
+        typer.echo(f"tuneloop: storage root {root} does not exist: nothing has run with this config "
+                   "(or storage.root is not where it ran)", err=True)
+        raise typer.Exit(2)
+    return Storage(cfg.storage.root)
+
+
 @app.command()
 def run(config: str | None = ConfigOption) -> None:
     """Start Ray and serve every configured model (training v1 first where none exists)."""
@@ -85,12 +101,11 @@ def versions(model: str, config: str | None = ConfigOption) -> None:
     gate compares, where that is another: entity F1 for token classification)."""
     from tuneloop.core.tasks import model_task
     from tuneloop.store.registry import Registry
-    from tuneloop.store.storage import Storage
 
     cfg = _load(config)
     known_model(cfg, model)
     gated = model_task(cfg.model(model)).gate_metric
-    registry = Registry(Storage(cfg.storage.root))
+    registry = Registry(_stored(cfg))
     production = registry.production(model)
     published = registry.versions(model)
     if not published:
@@ -146,10 +161,9 @@ def lineage(
     from tuneloop.core.tasks import model_tasks
     from tuneloop.store.records import PredictionLog
     from tuneloop.store.registry import Registry
-    from tuneloop.store.storage import Storage
 
     cfg = _load(config)
-    storage = Storage(cfg.storage.root)
+    storage = _stored(cfg)
     registry = Registry(storage)
     try:
         if version is not None:
@@ -183,7 +197,6 @@ def rollout(
     from tuneloop.core.errors import Conflict, InvalidBody, UnknownVersion
     from tuneloop.store.registry import Registry
     from tuneloop.store.rollout_actions import operate_rollout
-    from tuneloop.store.storage import Storage
 
     cfg = _load(config)
     known_model(cfg, model)
@@ -196,7 +209,7 @@ def rollout(
     if action == "status" and (version is not None or stage is not None or force):
         typer.echo("a version, --stage and --force go with start, not status", err=True)
         raise typer.Exit(2)
-    registry = Registry(Storage(cfg.storage.root))
+    registry = Registry(_stored(cfg))
     if action == "status":
         state = registry.state(model)
     else:
@@ -234,12 +247,11 @@ def status(
     """Each model's production version, its rollout (stage, traffic share, paused or alerted)
     and its last changes: who or what decided, and the numbers an automatic decision saw."""
     from tuneloop.store.registry import Registry
-    from tuneloop.store.storage import Storage
 
     cfg = _load(config)
     if model is not None:
         known_model(cfg, model)
-    registry = Registry(Storage(cfg.storage.root))
+    registry = Registry(_stored(cfg))
     names = [model] if model else [m.name for m in cfg.models]
     states = {name: registry.state(name) for name in names}
     if as_json:
@@ -265,12 +277,11 @@ def feedback_stats_cmd(model: str, config: str | None = ConfigOption) -> None:
     from tuneloop.core.feedback_stats import feedback_stats
     from tuneloop.core.tasks import model_tasks
     from tuneloop.store.records import FeedbackStore
-    from tuneloop.store.storage import Storage
 
     cfg = _load(config)
     known_model(cfg, model)
     tasks = model_tasks(cfg.models)
-    store = FeedbackStore(Storage(cfg.storage.root), cfg.storage.journal_path(), tasks)
+    store = FeedbackStore(_stored(cfg), cfg.storage.journal_path(), tasks)
     typer.echo(json.dumps(feedback_stats(model, tasks[model], store.read_all(model)), indent=2))
 
 
@@ -283,11 +294,10 @@ def feedback_keys_cmd(model: str, config: str | None = ConfigOption) -> None:
     from tuneloop.core.tasks import model_tasks
     from tuneloop.store.quarantine import QuarantineBook
     from tuneloop.store.records import FeedbackStore
-    from tuneloop.store.storage import Storage
 
     cfg = _load(config)
     known_model(cfg, model)
-    tasks, storage = model_tasks(cfg.models), Storage(cfg.storage.root)
+    tasks, storage = model_tasks(cfg.models), _stored(cfg)
     task = tasks[model]
     rows = FeedbackStore(storage, cfg.storage.journal_path(), tasks).read_all(model)
     dropped = superseded(rows)
@@ -304,12 +314,11 @@ def feedback_release_cmd(model: str, key_id: str = typer.Argument(..., help="a q
     """Let a quarantined key's feedback be trained on again, from MODEL's next job on."""
     from tuneloop.core.errors import NotQuarantined
     from tuneloop.store.quarantine import QuarantineBook
-    from tuneloop.store.storage import Storage
 
     cfg = _load(config)
     known_model(cfg, model)
     try:
-        verdict = QuarantineBook(Storage(cfg.storage.root)).release(model, key_id)
+        verdict = QuarantineBook(_stored(cfg)).release(model, key_id)
     except NotQuarantined as e:
         typer.echo(e.message, err=True)
         raise typer.Exit(2) from None
@@ -340,11 +349,10 @@ def keys_create(role: str = typer.Argument(..., help="predict, feedback or admin
 def keys_list(config: str | None = ConfigOption) -> None:
     """Key ids and roles (never the keys)."""
     from tuneloop.store.keys import KeyRing
-    from tuneloop.store.storage import Storage
 
     cfg = _load(config)
     try:
-        keys = KeyRing(cfg.auth, Storage(cfg.storage.root)).keys()
+        keys = KeyRing(cfg.auth, _stored(cfg)).keys()
     except ConfigError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(2) from None

@@ -105,4 +105,23 @@ def test_a_storage_root_that_cannot_be_read_is_one_line_not_a_traceback(tmp_path
     done = subprocess.run([sys.executable, "-m", "tuneloop.control", "versions", "m", "--config", str(config)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "tuneloop: NotADirectoryError" in done.stderr and str(tmp_path / "file") in done.stderr
+    assert f"tuneloop: storage root {tmp_path / 'file'} is a file, not a folder" in done.stderr
+    # A storage error past that check (here: a registry folder that is a file) is one line too.
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store/registry").write_text("x")
+    config.write_text(yaml.safe_dump({"models": [{"name": "m", "labels": ["a", "b"]}],
+                                      "storage": {"root": str(tmp_path / "store")}}))
+    done = subprocess.run([sys.executable, "-m", "tuneloop.control", "versions", "m", "--config", str(config)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "tuneloop: NotADirectoryError" in done.stderr
+
+
+def test_a_read_of_a_storage_root_that_is_not_there_says_so(tmp_path):
+    """A typo in storage.root read as a fresh install: "no versions yet", "production none"."""
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"models": [{"name": "m", "labels": ["a", "b"]}],
+                                      "storage": {"root": str(tmp_path / "nope")}}))
+    for command in (["versions", "m"], ["status"], ["feedback", "stats", "m"], ["keys", "list"]):
+        done = CliRunner().invoke(app, [*command, "--config", str(config)])
+        assert done.exit_code == 2 and "storage root" in done.output and "does not exist" in done.output, command
+    assert not (tmp_path / "nope").exists()
