@@ -108,19 +108,20 @@ def _warn_missing_labels(task: Task, golden: pa.Table) -> None:
 
 def golden_set(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Registry,
                seed: pa.Table | None, feedback_rows: int = 0,
-               has_versions: bool = False) -> tuple[pa.Table, dict[str, Any]]:
+               trained_on_seed: bool = False) -> tuple[pa.Table, dict[str, Any]]:
     """The golden set: the configured file, or the frozen sample of the seed (taken at the
     model's first job and never changed), or none. ``feedback_rows``: the feedback the first
-    job also trains on. A model that ``has_versions`` already and no frozen sample (its
-    golden_dataset was taken out of the config since) gets none: they trained on its seed."""
+    job also trains on. A model whose production ``trained_on_seed`` and that has no frozen
+    sample (its golden_dataset was taken out of the config since) gets none."""
     if mcfg.golden_dataset:
         table = read_dataset(mcfg.golden_dataset, task)
         return table, {"source": mcfg.golden_dataset, "sha256": file_sha256(mcfg.golden_dataset),
                        "rows": table.num_rows}
     frozen = registry.golden(mcfg.name)
-    if frozen is None and has_versions and seed is not None and seed.num_rows:
-        log.warning("model %s has versions and no golden set: a sample of its seed taken now would hold rows they "
-                    "trained on, so none is taken; give the model a golden_dataset", mcfg.name)
+    if frozen is None and trained_on_seed and seed is not None and seed.num_rows:
+        log.warning("model %s has no golden set, and its production trained on its seed: a sample of the seed "
+                    "taken now would hold rows it learned, so none is taken; give the model a golden_dataset",
+                    mcfg.name)
     elif frozen is None and seed is not None and seed.num_rows:
         # Each class keeps a row to train on, its first (other tasks: the seed's first row): a
         # class's only example went to the golden set (every class present gets a row there),
@@ -216,7 +217,10 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     after = parent.watermark() if parent else None
     stored = feedback.read_since(mcfg.name, after)
     if teacher is None:
-        golden, golden_summary = golden_set(task, mcfg, tcfg, registry, seed, stored.num_rows, parent is not None)
+        # A production trained by a job with a seed has seen any sample of it; one published by
+        # hand (weights from elsewhere) has not, and its first job may still freeze one.
+        trained_on_seed = parent is not None and (parent.data or {}).get("seed") is not None
+        golden, golden_summary = golden_set(task, mcfg, tcfg, registry, seed, stored.num_rows, trained_on_seed)
     else:  # the teacher's, frozen at its first job: never a sample of this model's seed
         golden, golden_summary = golden_set(task, teacher, tcfg, registry, None)
         golden_summary["model"] = teacher.name
