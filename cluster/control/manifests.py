@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import shlex
 from typing import Any
 
@@ -76,6 +77,14 @@ def _unplaceable(cfg: TuneloopConfig) -> list[str]:
             asks.append((where, "gpus_per_worker", t.gpus_per_worker, "gpus_per_worker", w.gpus_per_worker))
         custom.append((f"{where}.resources_per_worker", t.resources_per_worker))
     problems = []
+    ceiling = cfg.serving.num_replicas or cfg.serving.autoscaling.max_replicas
+    room = _replicas_a_worker_holds(cfg) * max(0, w.max_workers - _training_nodes(cfg))
+    if ceiling is not None and ceiling > room and _replicas_a_worker_holds(cfg):
+        problems.append(f"a model's {ceiling} replicas (serving.{'num_replicas' if s.num_replicas else 'autoscaling.max_replicas'}) "
+                        f"and the largest retraining job ({_training_nodes(cfg)} worker node(s)) need more than "
+                        f"deploy.workers.max_workers {w.max_workers} nodes hold ({room} replicas beside the job): "
+                        "under load a retrain would wait for resources until it failed; lower the replicas or raise "
+                        "max_workers")
     for section, key, need, node_key, node_has in dict.fromkeys(asks):
         if need > node_has:
             problems.append(f"{section}.{key} is {need:g} but a worker node has {node_has:g} (deploy.workers."
@@ -111,16 +120,34 @@ def cluster_config_doc(doc: dict[str, Any], cfg: TuneloopConfig) -> dict[str, An
     return out
 
 
-def replicas_the_workers_hold(cfg: TuneloopConfig) -> int:
-    """The most replicas of one model ``deploy.workers.max_workers`` workers hold (CPUs and,
-    when replicas take GPUs, GPUs per worker), the ceiling for Serve's autoscaler on a cluster
-    when ``serving.autoscaling.max_replicas`` is left out. (On one machine the builder counts
-    the machine's CPUs; on a cluster that grows, the CPUs up at deploy time are too few.)"""
+def _training_nodes(cfg: TuneloopConfig) -> int:
+    """Worker nodes the largest retraining job fills (its GPUs, or else its CPUs): a job the
+    controller starts runs on the serving cluster, beside the replicas."""
+    w = cfg.deploy.workers
+    gpus, cpus = cfg.largest_job_gpus(), cfg.largest_job_cpus()
+    if gpus and w.gpus_per_worker:
+        return math.ceil(gpus / w.gpus_per_worker)
+    return math.ceil(cpus / w.cpus_per_worker)
+
+
+def _replicas_a_worker_holds(cfg: TuneloopConfig) -> int:
     s, w = cfg.serving, cfg.deploy.workers
     per_worker = int(w.cpus_per_worker // s.num_cpus_per_replica)
     if s.num_gpus_per_replica:
         per_worker = min(per_worker, int(w.gpus_per_worker // s.num_gpus_per_replica))
-    return max(1, per_worker * w.max_workers, s.autoscaling.min_replicas)
+    return per_worker
+
+
+def replicas_the_workers_hold(cfg: TuneloopConfig) -> int:
+    """The most replicas of one model ``deploy.workers.max_workers`` workers hold (CPUs and,
+    when replicas take GPUs, GPUs per worker) beside the largest retraining job's nodes, the
+    ceiling for Serve's autoscaler on a cluster when ``serving.autoscaling.max_replicas`` is
+    left out. (On one machine the builder counts the machine's CPUs; on a cluster that grows,
+    the CPUs up at deploy time are too few.) Replicas that filled every node left a retrain
+    waiting for a GPU under load, until it failed."""
+    w = cfg.deploy.workers
+    spare = max(0, w.max_workers - _training_nodes(cfg))
+    return max(1, _replicas_a_worker_holds(cfg) * spare, cfg.serving.autoscaling.min_replicas)
 
 
 def serve_applications(cfg: TuneloopConfig, config_path: str) -> list[dict[str, Any]]:
@@ -157,7 +184,10 @@ def dump_all(docs: list[dict[str, Any]]) -> str:
 
 # -- KubeRay ----------------------------------------------------------------------------
 def _labels(cfg: TuneloopConfig, component: str) -> dict[str, str]:
-    return {"app.kubernetes.io/name": "tuneloop", "app.kubernetes.io/instance": cfg.deploy.name,
+    # part-of, not name: KubeRay labels its pods app.kubernetes.io/name=kuberay and lets a
+    # template's own value replace it, and its head Service selects on that label: with
+    # name=tuneloop it matched no pod (`deploy status` and `deploy logs` exec'd into nothing).
+    return {"app.kubernetes.io/part-of": "tuneloop", "app.kubernetes.io/instance": cfg.deploy.name,
             "app.kubernetes.io/component": component}
 
 
@@ -361,6 +391,12 @@ def launcher(cfg: TuneloopConfig, cloud: str) -> dict[str, Any]:
     worker_resources: dict[str, Any] = {"CPU": w.cpus_per_worker, "GPU": w.gpus_per_worker}
     if cloud == "aws":
         a = d.aws
+        if cfg.storage.root.startswith("s3://") and not a.worker_instance_profile_arn:
+            # The launcher gives the head an instance profile, never the workers, and passes
+            # no Secret: replicas could not load a version, nor training workers checkpoint.
+            raise NotClusterable(f"storage.root {cfg.storage.root!r} is a bucket the GPU workers must reach: give "
+                                 "them an IAM instance profile that may read and write it "
+                                 "(deploy.aws.worker_instance_profile_arn)")
         worker_node: dict[str, Any] = {"InstanceType": a.worker_instance}
         if a.spot:
             worker_node["InstanceMarketOptions"] = {"MarketType": "spot"}

@@ -66,6 +66,14 @@ def render(cfg: TuneloopConfig, doc: dict[str, Any], target: str, out: Path) -> 
     return written
 
 
+# Exits 1 naming the job while a RayJob of that name is still at work (KubeRay's deployment
+# status); a finished, failed or absent one lets the retrain go on.
+_REFUSE_A_RUNNING_JOB = (
+    'status=$({k} get rayjob {job} -o jsonpath="{{.status.jobDeploymentStatus}}" 2>/dev/null); '
+    'case "$status" in Initializing|Waiting|Running|Retrying|Suspending) '
+    'echo "rayjob {job} is still $status: wait for it (tuneloop deploy status)" >&2; exit 1;; esac')
+
+
 def plan(cfg: TuneloopConfig, target: str, verb: str, folder: Path, model: str | None = None) -> list[Step]:
     """The commands ``verb`` runs, in order (``status`` and ``rollout`` add work of their own)."""
     d = cfg.deploy
@@ -89,15 +97,25 @@ def plan(cfg: TuneloopConfig, target: str, verb: str, folder: Path, model: str |
                        Step([*k, "get", "pods", "-l", f"app.kubernetes.io/instance={d.name}", "-o", "wide"]),
                        Step([*k, "exec", head, "--", "serve", "status"])],
             "rollout": [],
-            "retrain": [Step([*k, "delete", "rayjob", job, "--ignore-not-found"]),
+            # The job mounts the ConfigMap named after the config's content: applied first, as
+            # a config changed since `up` names one that is not there yet. A job of the same
+            # name still running is left alone (deleting it killed a training run midway).
+            "retrain": [Step(["sh", "-c", _REFUSE_A_RUNNING_JOB.format(k=shlex.join(k), job=job)]),
+                        Step([*k, "apply", "-f", files["config.yaml"]]),
+                        Step([*k, "delete", "rayjob", job, "--ignore-not-found"]),
                         Step([*k, "apply", "-f", str(folder / f"rayjob-{model}.yaml")])],
-            "logs": [Step([*k, "logs", "-l", f"app.kubernetes.io/instance={d.name},app.kubernetes.io/component=head",
+            "logs": [Step([*k, "logs", "-l",
+                           f"app.kubernetes.io/instance={d.name},app.kubernetes.io/component={manifests.SERVING_HEAD}",
                            "--tail=200"]),
                      Step([*k, "exec", head, "--", "sh", "-c", SERVE_LOGS])],
             # The journal's volume is kept: unacknowledged nothing, but compacted-not-yet
             # feedback lives there. `kubectl delete pvc <name>-journal` once it is drained.
             "down": [Step([*k, "delete", "-f", files["podmonitor.yaml"], "--ignore-not-found"], only_if=has_podmonitor),
-                     Step([*k, "delete", "-f", files["rayservice.yaml"], "--ignore-not-found"])],
+                     Step([*k, "delete", "-f", files["rayservice.yaml"], "--ignore-not-found"]),
+                     # Retrain jobs, and the ConfigMap each config change left (content-named).
+                     Step([*k, "delete", "rayjob,configmap", "-l",
+                           f"app.kubernetes.io/instance={d.name},app.kubernetes.io/part-of=tuneloop",
+                           "--ignore-not-found"])],
         }
     elif target in ("aws", "gcp"):
         here = str(folder)

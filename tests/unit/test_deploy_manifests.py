@@ -107,7 +107,7 @@ def test_the_rayservice_serves_from_gpu_workers_and_keeps_the_journal_on_the_hea
     assert head_pod["volumes"][0]["configMap"]["name"] == config_map  # the config's content names it
     inside = parse_config(yaml.safe_load(docs["ConfigMap"]["data"]["tuneloop.yaml"]))
     assert inside.storage.journal_dir == inside.deploy.journal_dir and inside.serving.host == "0.0.0.0"
-    assert inside.serving.autoscaling.max_replicas == 8  # as the example config says
+    assert inside.serving.autoscaling.max_replicas == 4  # as the example config says
     job = docs["RayJob"]["spec"]
     assert shlex.split(job["entrypoint"])[:5] == ["python", "-m", "tuneloop.control", "train", "sentiment"]
 
@@ -143,12 +143,12 @@ def test_a_config_that_only_this_machine_can_run_is_refused():
 
 
 @pytest.mark.parametrize(("serving", "workers", "expected"), [
-    ({}, {}, 32),  # 1 CPU a replica, 8 CPUs a worker, 4 workers
-    ({"num_cpus_per_replica": 2, "num_gpus_per_replica": 0.5}, {"gpus_per_worker": 1}, 8),  # 2 a GPU
-    ({"num_cpus_per_replica": 1, "num_gpus_per_replica": 1}, {"gpus_per_worker": 2, "max_workers": 3}, 6),
+    ({}, {}, 24),  # 1 CPU a replica, 8 CPUs a worker, 4 workers, one of them the retrain's
+    ({"num_cpus_per_replica": 2, "num_gpus_per_replica": 0.5}, {"gpus_per_worker": 1}, 6),  # 2 a GPU
+    ({"num_cpus_per_replica": 1, "num_gpus_per_replica": 1}, {"gpus_per_worker": 2, "max_workers": 3}, 4),
     ({"autoscaling": {"min_replicas": 40}}, {}, 40),  # never below the minimum
-    (None, {}, 32),  # every key of a section commented out: YAML's null
-    ({"autoscaling": None}, {}, 32),
+    (None, {}, 24),  # every key of a section commented out: YAML's null
+    ({"autoscaling": None}, {}, 24),
 ])
 def test_left_out_max_replicas_becomes_what_the_workers_hold(serving, workers, expected):
     doc = {"models": [{"name": "m", "base_model": "b", "labels": ["a", "b"]}], "storage": {"root": "s3://b/tl", "journal_dir": "/j"},
@@ -167,6 +167,11 @@ def test_left_out_max_replicas_becomes_what_the_workers_hold(serving, workers, e
     ({"serving": {"resources_per_replica": {"serving-node": 1}}},
      "serving.resources_per_replica asks for {'serving-node': 1.0}, which no rendered node offers"),
     ({"training": {"resources_per_worker": {"trainer": 1}}}, "training.resources_per_worker asks for"),
+    # 8 replicas of half a GPU fill the 4 one-GPU nodes: a GPU retrain (2 workers) waited until it failed.
+    ({"serving": {"num_cpus_per_replica": 2, "num_gpus_per_replica": 0.5, "autoscaling": {"max_replicas": 8}},
+      "training": {"use_gpu": True}},
+     "a model's 8 replicas (serving.autoscaling.max_replicas) and the largest retraining job (2 worker node(s)) "
+     "need more than deploy.workers.max_workers 4 nodes hold (4 replicas beside the job)"),
 ])
 def test_what_no_rendered_worker_node_can_hold_is_refused(sections, message):
     doc = {"models": [{"name": "m", "base_model": "b", "labels": ["a", "b"]}],
@@ -174,6 +179,18 @@ def test_what_no_rendered_worker_node_can_hold_is_refused(sections, message):
     with pytest.raises(manifests.NotClusterable) as refused:
         manifests.cluster_config_doc(doc, parse_config(doc))
     assert message in str(refused.value)
+
+
+def test_an_aws_cluster_on_a_bucket_needs_the_workers_instance_profile():
+    """The launcher gives the head an instance profile, never the workers: they could not
+    read a version or write a checkpoint."""
+    doc = {"models": [{"name": "m", "base_model": "b", "labels": ["a", "b"]}],
+           "storage": {"root": "s3://b/tl", "journal_dir": "/j"}}
+    with pytest.raises(manifests.NotClusterable, match="deploy.aws.worker_instance_profile_arn"):
+        manifests.launcher(parse_config(doc), "aws")
+    doc["deploy"] = {"aws": {"worker_instance_profile_arn": "arn:aws:iam::1:instance-profile/w"}}
+    node = manifests.launcher(parse_config(doc), "aws")["available_node_types"]["gpu_worker"]["node_config"]
+    assert node["IamInstanceProfile"] == {"Arn": "arn:aws:iam::1:instance-profile/w"}
 
 
 def test_a_models_own_training_settings_are_checked_against_the_nodes_too():
@@ -195,8 +212,9 @@ def test_a_rayjob_is_named_as_kuberay_takes_whatever_the_model_is_called(tmp_pat
     name = job["metadata"]["name"]
     assert len(name) <= 47 and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name), name
     assert name != manifests.rayjob_name(cfg, model[:-1] + "z")  # shortened names stay apart
-    assert operate.plan(cfg, "kuberay", "retrain", tmp_path, model)[0].argv == [
-        "kubectl", "-n", "default", "delete", "rayjob", name, "--ignore-not-found"]
+    steps = [step.argv for step in operate.plan(cfg, "kuberay", "retrain", tmp_path, model)]
+    assert f"get rayjob {name} " in steps[0][2]  # first: a job of that name still running stops the retrain
+    assert ["kubectl", "-n", "default", "delete", "rayjob", name, "--ignore-not-found"] in steps
 
 
 def test_a_config_without_a_deploy_section_renders_with_the_defaults(tmp_path):
@@ -240,6 +258,8 @@ def test_every_dry_run_prints_commands_that_parse_and_files_that_exist(target, t
             argv = step.argv
             if argv[0] == "kubectl":
                 assert argv[:3] == ["kubectl", "-n", "tuneloop"], step
+            elif argv[0] == "sh":  # a guard or probe around kubectl
+                assert "kubectl" in argv[2], step
             else:
                 _parses(argv)
                 if argv[:2] == ["ray", "exec"]:  # the command it runs on the head
