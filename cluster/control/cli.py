@@ -358,6 +358,8 @@ def keys_list(config: str | None = ConfigOption) -> None:
         raise typer.Exit(2) from None
     for key in keys:
         typer.echo(f"{key.id}  {key.role}")
+    if not keys:
+        typer.echo("no API keys (tuneloop keys create ROLE makes one)", err=True)
 
 
 @keys_app.command("revoke")
@@ -391,6 +393,7 @@ def check_config(config: str | None = ConfigOption) -> None:
     if problems:
         typer.echo("tuneloop run would refuse to start:\n  " + "\n  ".join(problems), err=True)
         raise typer.Exit(2)
+    typer.echo(f"config OK: {len(cfg.models)} model(s), {', '.join(m.name for m in cfg.models)}", err=True)
 
 
 def main() -> None:

@@ -155,8 +155,9 @@ class CorruptStoredFile(TuneloopError):
     headers = {"Retry-After": "30"}  # an operator restores the file; a 503 says when to look again
 
     def __init__(self, path: str, why: str):
-        super().__init__(f"{path} is not a file tuneloop can read ({why}): restore it (from a backup, or the "
-                         "registry's history in state.json)")
+        where = ("a backup (the bucket's versioning)" if path.endswith("state.json") else
+                 "a backup, or the registry's history in state.json")
+        super().__init__(f"{path} is not a file tuneloop can read ({why}): restore it from {where}")
 
 
 class NotReady(TuneloopError):

@@ -52,6 +52,13 @@ def test_misplaced_arguments_and_a_model_given_as_a_prediction_id_are_refused(co
     assert lineage.exit_code == 2 and "'m' is a model: give a version too" in lineage.output
 
 
+def test_check_config_says_ok_and_an_empty_key_list_says_so(config):
+    checked = CliRunner().invoke(app, ["check-config", "--config", config])
+    assert checked.exit_code == 0 and "config OK: 1 model(s), m" in checked.output
+    listed = CliRunner().invoke(app, ["keys", "list", "--config", config])
+    assert listed.exit_code == 0 and "no API keys" in listed.output
+
+
 def test_check_config_fails_on_what_run_would_refuse(config, tmp_path):
     (tmp_path / "seed.tsv").unlink()
     checked = CliRunner().invoke(app, ["check-config", "--config", config])
