@@ -128,7 +128,7 @@ def golden_set(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Re
         # and a tiny first seed went there whole, frozen for good with nothing left to train on.
         strata = [task.stratum(r) for r in seed.select(list(task.target_columns)).to_pylist()]
         if "label" in task.target_columns:  # one class a row: its stratum
-            kept = set({s: i for i, s in reversed(list(enumerate(strata)))}.values())
+            kept = _first_of_each(strata)
         else:  # a combination of labels or entity types a row: keeping one of each kept too many
             kept = {0}
         # One row a text: every row of a golden text leaves training, so a duplicate of a
@@ -342,11 +342,16 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
                    reservoir=child_reservoir, held=held, summary=summary)
 
 
+def _first_of_each(strata: list[str]) -> set[int]:
+    """The index of each stratum's first row (the row a class keeps to train on)."""
+    return set({s: i for i, s in reversed(list(enumerate(strata)))}.values())
+
+
 def _seed_validation(task: Task, pool: pa.Table, fraction: float, rng: random.Random) -> tuple[pa.Table, pa.Table]:
     """(validation rows, the pool less them): ``fraction`` of the pool, stratified, never a
     stratum's first row (each class keeps one to train on)."""
     strata = [task.stratum(r) for r in pool.select(list(task.target_columns)).to_pylist()]
-    firsts = set({s: i for i, s in reversed(list(enumerate(strata)))}.values())
+    firsts = _first_of_each(strata)
     eligible = [i for i in range(pool.num_rows) if i not in firsts]
     picked = {eligible[i] for i in stratified_sample([strata[i] for i in eligible],
                                                      kept_back(pool.num_rows, fraction), rng)}

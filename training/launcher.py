@@ -11,7 +11,6 @@ of earlier feedback, so a new version learns what is new without forgetting the 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import re
@@ -32,7 +31,7 @@ from ray.train.torch import TorchTrainer
 from tuneloop.core.config import GateConfig, TrainingConfig, TuneloopConfig
 from tuneloop.core.evaluation import EvalMetrics
 from tuneloop.core.gate import Evidence, GateDecision, TeacherEvidence, decide
-from tuneloop.core.model_source import resolve_model_source
+from tuneloop.core.model_source import local_config, resolve_model_source
 from tuneloop.core.names import INGRESS_APP, INGRESS_DEPLOYMENT, model_app_name, running_replicas
 from tuneloop.core.resources import DATA_CPUS, training_shortfall
 from tuneloop.core.serving_time import JobMoments, rollout_complete, serving_time
@@ -176,11 +175,8 @@ def _settle_feedback(feedback: FeedbackStore) -> None:
 
 def _check_layers(tcfg: TrainingConfig, init_path: str, student_layers: int | None) -> None:
     """Fail now, before Ray Train starts, on layers the model does not have (``layer_problem``)."""
-    config_file = os.path.join(init_path, "config.json")
-    try:
-        with open(config_file) as f:
-            config = json.load(f)
-    except (OSError, ValueError):
+    config = local_config(init_path)
+    if config is None:
         return  # the workers' own check still stands
     problem = layer_problem(config, tcfg.freeze_layers, tcfg.feature_extraction, student_layers)
     if problem:
@@ -216,14 +212,13 @@ def run_training(cfg: TuneloopConfig, model: str, trigger: str = "manual", job: 
         heartbeat.start()
         manifest = _train(cfg, model, job, storage, registry, optimize)
         return TrainingOutcome(job, manifest)
-    except (ValueError, ResourcesUnavailable) as e:  # the data, the config or the cluster: its message says
-        log.error("job %s failed: %s", job.job_id, e)
-        log.debug("job %s failed: %s", job.job_id, traceback.format_exc())
-        job.state = "failed"
-        job.error = f"{type(e).__name__}: {e}"
-        return TrainingOutcome(job, None)
     except Exception as e:  # noqa: BLE001 - the job record carries the failure
-        log.error("job %s failed: %s", job.job_id, traceback.format_exc())
+        # The data, the config or the cluster (ValueError, ResourcesUnavailable): its message
+        # says it; anything else is a bug, with its traceback.
+        expected = isinstance(e, ValueError | ResourcesUnavailable)
+        log.error("job %s failed: %s", job.job_id, e if expected else traceback.format_exc())
+        if expected:
+            log.debug("job %s failed: %s", job.job_id, traceback.format_exc())
         job.state = "failed"
         job.error = f"{type(e).__name__}: {e}"
         return TrainingOutcome(job, None)

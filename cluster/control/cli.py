@@ -30,14 +30,12 @@ def _stored(cfg: TuneloopConfig):
     from tuneloop.store.storage import Storage
 
     root = cfg.storage.root
-    if "://" not in root and os.path.exists(root) and not os.path.isdir(root):
-        typer.echo(f"tuneloop: storage root {root} is a file, not a folder", err=True)
-        raise typer.Exit(2)
     if "://" not in root and not os.path.isdir(root):
-        typer.echo(f"tuneloop: storage root {root} does not exist: nothing has run with this config "
-                   "(or storage.root is not where it ran)", err=True)
+        why = ("is a file, not a folder" if os.path.exists(root) else
+               "does not exist: nothing has run with this config (or storage.root is not where it ran)")
+        typer.echo(f"tuneloop: storage root {root} {why}", err=True)
         raise typer.Exit(2)
-    return Storage(cfg.storage.root)
+    return Storage(root)
 
 
 @app.command()

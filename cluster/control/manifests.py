@@ -78,7 +78,7 @@ def _unplaceable(cfg: TuneloopConfig) -> list[str]:
         custom.append((f"{where}.resources_per_worker", t.resources_per_worker))
     problems = []
     ceiling = cfg.serving.num_replicas or cfg.serving.autoscaling.max_replicas
-    room = _replicas_a_worker_holds(cfg) * max(0, w.max_workers - _training_nodes(cfg))
+    room = _replicas_beside_training(cfg)
     if ceiling is not None and ceiling > room and _replicas_a_worker_holds(cfg):
         problems.append(f"a model's {ceiling} replicas (serving.{'num_replicas' if s.num_replicas else 'autoscaling.max_replicas'}) "
                         f"and the largest retraining job ({_training_nodes(cfg)} worker node(s)) need more than "
@@ -138,6 +138,11 @@ def _replicas_a_worker_holds(cfg: TuneloopConfig) -> int:
     return per_worker
 
 
+def _replicas_beside_training(cfg: TuneloopConfig) -> int:
+    """Replicas of one model the worker nodes hold once the largest retraining job has its own."""
+    return _replicas_a_worker_holds(cfg) * max(0, cfg.deploy.workers.max_workers - _training_nodes(cfg))
+
+
 def replicas_the_workers_hold(cfg: TuneloopConfig) -> int:
     """The most replicas of one model ``deploy.workers.max_workers`` workers hold (CPUs and,
     when replicas take GPUs, GPUs per worker) beside the largest retraining job's nodes, the
@@ -145,9 +150,7 @@ def replicas_the_workers_hold(cfg: TuneloopConfig) -> int:
     left out. (On one machine the builder counts the machine's CPUs; on a cluster that grows,
     the CPUs up at deploy time are too few.) Replicas that filled every node left a retrain
     waiting for a GPU under load, until it failed."""
-    w = cfg.deploy.workers
-    spare = max(0, w.max_workers - _training_nodes(cfg))
-    return max(1, _replicas_a_worker_holds(cfg) * spare, cfg.serving.autoscaling.min_replicas)
+    return max(1, _replicas_beside_training(cfg), cfg.serving.autoscaling.min_replicas)
 
 
 def serve_applications(cfg: TuneloopConfig, config_path: str) -> list[dict[str, Any]]:

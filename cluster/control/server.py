@@ -6,8 +6,6 @@ in another terminal joins this Ray cluster instead of starting a second one.
 
 from __future__ import annotations
 
-import importlib
-import json
 import logging
 import os
 import shutil
@@ -25,7 +23,7 @@ from tuneloop.control import worker_setup
 from tuneloop.store.journal import pending_records
 from tuneloop.store.keys import KeyRing, ensure_admin_key, save_admin_key
 from tuneloop.core.config import ConfigError, ModelConfig, TuneloopConfig
-from tuneloop.core.model_source import BUNDLED_MODELS
+from tuneloop.core.model_source import local_config
 from tuneloop.core.names import deploy_failures, not_running
 from tuneloop.core.tasks import label_set, model_task
 from tuneloop.core.resources import (gpu_retraining_shortfall, local_ray_cpus, retraining_shortfall,
@@ -119,18 +117,8 @@ def _student_layers_problem(teacher_base: str | None, student_layers: int) -> st
     or a bundled package. A hub id is not looked up (no download before Ray starts)."""
     from tuneloop.training.recipe import layer_problem
 
-    folder = teacher_base if teacher_base and os.path.isdir(teacher_base) else None
-    if folder is None and teacher_base in BUNDLED_MODELS:
-        try:
-            folder = str(importlib.import_module(BUNDLED_MODELS[teacher_base]).get_model_path())
-        except ImportError:
-            return None
-    try:
-        with open(os.path.join(folder or "", "config.json")) as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return layer_problem(config if isinstance(config, dict) else {}, 0, False, student_layers)
+    config = local_config(teacher_base)
+    return None if config is None else layer_problem(config, 0, False, student_layers)
 
 
 def _unreadable(path: str, m: ModelConfig) -> list[str]:

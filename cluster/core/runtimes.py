@@ -76,12 +76,7 @@ def parity_check(reference: list, answers: list, accuracy: float, reference_accu
                            detail="no golden rows to check parity on: the artifact is not served")
     agreement = sum(same(r, a) for a, r in zip(answers, reference, strict=True)) / n
     numbers = {"rows": n, "agreement": agreement, "accuracy": accuracy, "reference_accuracy": reference_accuracy}
-    problems = []
-    if agreement < min_agreement:
-        problems.append(f"answers {agreement:.2%} of {n} golden rows as PyTorch does (needs {min_agreement:.2%})")
-    if accuracy < reference_accuracy - max_accuracy_drop:
-        problems.append(f"accuracy {accuracy:.4f} is more than {max_accuracy_drop:g} below PyTorch's "
-                        f"{reference_accuracy:.4f}")
+    problems = _parity_problems(agreement, n, accuracy, reference_accuracy, min_agreement, max_accuracy_drop)
     if problems:
         return ParityCheck(passed=False, detail="; ".join(problems), **numbers)
     return ParityCheck(passed=True, **numbers,
@@ -89,21 +84,28 @@ def parity_check(reference: list, answers: list, accuracy: float, reference_accu
                               f"accuracy {accuracy:.4f} vs {reference_accuracy:.4f}")
 
 
+def _parity_problems(agreement: float, rows: int, accuracy: float | None, reference_accuracy: float | None,
+                     min_agreement: float, max_accuracy_drop: float) -> list[str]:
+    """What in an artifact's parity numbers misses the two bounds (none: it passes)."""
+    problems = []
+    if agreement < min_agreement:
+        problems.append(f"answers {agreement:.2%} of {rows} golden rows as PyTorch does (needs {min_agreement:.2%})")
+    if accuracy is not None and reference_accuracy is not None and accuracy < reference_accuracy - max_accuracy_drop:
+        problems.append(f"accuracy {accuracy:.4f} is more than {max_accuracy_drop:g} below PyTorch's "
+                        f"{reference_accuracy:.4f}")
+    return problems
+
+
 def _holds_to(parity: ParityCheck, limits: tuple[float, float] | None) -> ParityCheck:
     """``parity`` judged again by today's ``(min_agreement, max_accuracy_drop)``: a record
     built under looser ones that today's refuse no longer passes (its numbers are kept)."""
     if limits is None or not parity.passed:
         return parity
-    min_agreement, max_drop = limits
-    problems = []
-    if parity.agreement < min_agreement:
-        problems.append(f"answered {parity.agreement:.2%} of {parity.rows} golden rows as PyTorch does, below "
-                        f"optimize.min_agreement {min_agreement:.2%}")
-    if parity.accuracy is not None and parity.reference_accuracy is not None \
-            and parity.accuracy < parity.reference_accuracy - max_drop:
-        problems.append(f"accuracy {parity.accuracy:.4f} is more than optimize.max_accuracy_drop {max_drop:g} below "
-                        f"PyTorch's {parity.reference_accuracy:.4f}")
-    return parity.model_copy(update={"passed": False, "detail": "; ".join(problems)}) if problems else parity
+    problems = _parity_problems(parity.agreement, parity.rows, parity.accuracy, parity.reference_accuracy, *limits)
+    if not problems:
+        return parity
+    return parity.model_copy(update={"passed": False, "detail": "by today's optimize.min_agreement and "
+                                                                "max_accuracy_drop: " + "; ".join(problems)})
 
 
 def choose_runtime(requested: str, optimization: Optimization | None, hardware: str,

@@ -154,6 +154,10 @@ class RegistryState(BaseModel):
     rollout: Rollout | None = None  # the challenger under way, if any
     history: list[HistoryEntry] = Field(default_factory=list)
 
+    def carried_out(self, request: str | None) -> bool:
+        """Whether an operator's ``request`` (``HistoryEntry.request``) is in the history."""
+        return request is not None and any(e.request == request for e in self.history)
+
     def rollback_target(self) -> str | None:
         """The production before the current one: promotions stack up, rollbacks pop, so
         rolling back twice after v1, v2, v3 lands on v1. Candidates and challengers never
@@ -508,7 +512,7 @@ class Registry:
         history already holds changes nothing: the state is answered as it is now."""
         def change(raw: dict | None) -> dict:
             state = RegistryState() if raw is None else RegistryState.model_validate(raw)
-            if request is not None and any(e.request == request for e in state.history):
+            if state.carried_out(request):
                 raise _Unchanged(state)  # a retry of a request that was carried out
             if expect_production is not UNCHECKED and state.production != expect_production:
                 raise Conflict(f"production of {model!r} is now {state.production or 'none'} "

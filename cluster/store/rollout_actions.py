@@ -33,7 +33,7 @@ def operate_rollout(registry: Registry, model: str, action: RolloutAction, who: 
     if stage is not None or force:
         raise InvalidBody(f'"stage" and "force" go with "start", not with {action!r}')
     state = registry.state(model)
-    if request is not None and any(e.request == request for e in state.history):
+    if state.carried_out(request):
         return state  # a retry: the rollout it stepped or ended may be gone, which is no conflict
     current = state.rollout
     if current is None:
