@@ -59,7 +59,8 @@ BATCH_TOKENS = Histogram(
 )
 FEEDBACK = Counter("tuneloop_feedback", "Feedback records accepted", ["model"])
 PREDICT_ERRORS = Counter(
-    "tuneloop_predict_errors", "Predict requests the model failed (500), by the version they were routed to",
+    "tuneloop_predict_errors",
+    "Predict requests the model failed (500) or did not answer in time (503), by the version they were routed to",
     ["model", "version"],
 )
 SHADOW_RUNS = Counter(

@@ -298,6 +298,7 @@ class ModelServer:
         rollout, challenger = self._rollout, self._challenger
         canary = (rollout is not None and rollout.stage == "canary" and challenger is not None
                   and canary_bucket(client or uuid.uuid4().hex) < rollout.percent)
+        routed = challenger if canary else self._loaded  # the version a failure counts against
         timeout = self.serving.request_timeout_s
         self._in_flight += 1
         try:
@@ -306,12 +307,14 @@ class ModelServer:
         except ItemFailed as failed:
             if isinstance(failed.error, NonFiniteScores) or not isinstance(failed.error, TuneloopError):
                 # the model failed (NaN scores too): a rollout's health counts it
-                version = (challenger if canary else self._loaded).version
-                metrics.PREDICT_ERRORS.labels(self.cfg.name, version).inc()
+                metrics.PREDICT_ERRORS.labels(self.cfg.name, routed.version).inc()
             if isinstance(failed.error, InputRejected):  # this request's alone
                 raise InputRejected(f"inputs[{failed.index}]: {failed.error.message}") from None
             raise failed.error from None
         except TimeoutError:
+            # Counted against the version it was routed to: a canary too slow to answer
+            # otherwise left only its fast answers in its health (and its latency).
+            metrics.PREDICT_ERRORS.labels(self.cfg.name, routed.version).inc()
             raise Overloaded(f"model {self.cfg.name!r} did not answer within {timeout:g}s; retry shortly") from None
         finally:
             self._in_flight -= 1
