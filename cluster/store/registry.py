@@ -24,6 +24,7 @@ lets a job refuse to overwrite a decision made while it ran.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -65,6 +66,16 @@ class _Unchecked:
 UNCHECKED: Any = _Unchecked()
 """Default of ``expect_production``: change production whatever it is now. (None cannot be
 the default: "expect no production yet" is what a job training v1 passes.)"""
+
+
+def _cached_build(target: str) -> str | None:
+    """Which build of the artifacts a cached copy holds: its manifest's ``built_at``, the
+    manifest copied with it (None when it names none, or cannot be read: fetch them anew)."""
+    try:
+        with open(os.path.join(target, MANIFEST)) as f:
+            return (json.load(f).get("optimization") or {}).get("built_at")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def version_number(version: str) -> int:
@@ -318,12 +329,33 @@ class Registry:
         target = os.path.join(cache, model, version)
         if not os.path.exists(os.path.join(target, MANIFEST)):
             self._download(self._dir(model, version), target)
-        artifacts = os.path.join(target, ARTIFACTS)
         files = manifest.optimization and any(a.path for a in manifest.optimization.artifacts.values())
-        if files and not os.path.exists(artifacts):  # torch-bf16 alone has no file
-            # Optimized after this copy was cached: its artifacts come now, the same way.
-            self._download(f"{self._dir(model, version)}/{ARTIFACTS}", artifacts)
+        if files and _cached_build(target) != manifest.optimization.built_at:  # torch-bf16 alone has no file
+            # Optimized (or optimized again: `tuneloop optimize` rebuilds the same file names)
+            # after this copy was cached. The old files served under the new records would
+            # be the artifacts whose parity the new build replaced.
+            self._refresh_artifacts(model, version, target, manifest)
         return target
+
+    def _refresh_artifacts(self, model: str, version: str, target: str, manifest: Manifest) -> None:
+        """The version's artifacts folder anew, then the cached manifest that says which build
+        it holds. A session already open on an old file keeps it (Linux keeps an open file)."""
+        artifacts = os.path.join(target, ARTIFACTS)
+        fresh, stale = f"{artifacts}.fresh-{uuid.uuid4().hex}", f"{artifacts}.stale-{uuid.uuid4().hex}"
+        self._download(f"{self._dir(model, version)}/{ARTIFACTS}", fresh)
+        try:
+            if os.path.isdir(artifacts):
+                os.rename(artifacts, stale)
+            os.rename(fresh, artifacts)
+        except OSError:  # another replica of this node swapped in the same build meanwhile
+            pass
+        finally:
+            shutil.rmtree(fresh, ignore_errors=True)
+            shutil.rmtree(stale, ignore_errors=True)
+        written = os.path.join(target, f"{MANIFEST}.{uuid.uuid4().hex}")
+        with open(written, "w") as f:
+            json.dump(manifest.model_dump(mode="json"), f)
+        os.replace(written, os.path.join(target, MANIFEST))  # what the folder now holds
 
     def _download(self, folder: str, target: str) -> None:
         """``folder`` of the storage to the local ``target``, whole or not at all: into a

@@ -92,6 +92,35 @@ def test_registry_publishes_without_renames_and_keeps_every_transition(s3_root, 
     assert registry.freeze_golden("m", pa.table({"text": ["b"], "label": ["negative"]})) == golden
 
 
+def test_a_version_optimized_again_is_fetched_again_by_a_node_that_cached_it(s3_root, weights, tmp_path):
+    """`tuneloop optimize` rebuilds an artifact under the same file name: a node that had
+    cached the version kept serving the old file under the new build's parity record."""
+    from tuneloop.core.runtimes import ArtifactRecord, Optimization, ParityCheck
+
+    registry = Registry(Storage(s3_root))
+    version = registry.publish("m", weights, _manifest()).version
+    cache = str(tmp_path / "cache")
+
+    def optimize(content: bytes, built_at: str) -> None:
+        built = tmp_path / f"built-{built_at}"
+        built.mkdir()
+        (built / "model.onnx").write_bytes(content)
+        parity = ParityCheck(passed=True, detail="", rows=1, agreement=1.0, accuracy=1.0, reference_accuracy=1.0)
+        record = ArtifactRecord(runtime="onnx", path="artifacts/model.onnx", bytes=len(content), build_s=0.1,
+                                parity=parity)
+        registry.record_optimization("m", version, str(built), Optimization(artifacts={"onnx": record},
+                                                                            built_at=built_at))
+
+    optimize(b"first build", "2026-12-01T00:00:00+00:00")
+    local = Path(registry.local_path("m", version, cache_dir=cache))
+    assert (local / "artifacts" / "model.onnx").read_bytes() == b"first build"
+    optimize(b"second build", "2026-12-02T00:00:00+00:00")
+    again = Path(registry.local_path("m", version, cache_dir=cache))
+    assert again == local and (local / "artifacts" / "model.onnx").read_bytes() == b"second build"
+    assert sorted(p.name for p in local.iterdir() if p.name.startswith("artifacts")) == ["artifacts"]  # no leftovers
+    assert (local / "model.safetensors").read_bytes() == Path(weights, "model.safetensors").read_bytes()
+
+
 def test_a_document_read_while_it_is_replaced_is_one_version_of_it(s3_root):
     """pyarrow reads an object's size, then ranges of it: one replaced in between came back
     cut (a replica's poll of state.json, an API read of it, the key file's refresh)."""
