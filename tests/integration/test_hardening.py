@@ -211,10 +211,16 @@ def test_a_retried_idempotency_key_stores_once_and_answers_the_same(hardened):
     url = hardened["url"]
     body = {"model": "sentiment", "text": f"retry me {uuid.uuid4()}", "label": "positive"}
     headers = {**bearer(FEEDBACK_KEY), "Idempotency-Key": f'"{uuid.uuid4()}"'}
+
+    def stored() -> int:
+        return httpx.get(f"{url}/v1/models/sentiment/feedback/stats", headers=bearer(FEEDBACK_KEY)).json()["total"]
+
+    before = stored()
     first = httpx.post(f"{url}/v1/feedback", json=body, headers=headers)
     again = httpx.post(f"{url}/v1/feedback", json=body, headers=headers)
     assert first.status_code == again.status_code == 202
     assert first.json() == again.json()
+    assert stored() == before + 1
     other = httpx.post(f"{url}/v1/feedback", json={**body, "label": "negative"}, headers=headers)
     assert other.status_code == 422 and "different request" in other.json()["error"]["message"]
     bad_key = httpx.post(f"{url}/v1/feedback", json=body, headers={**bearer(FEEDBACK_KEY), "Idempotency-Key": "x" * 300})

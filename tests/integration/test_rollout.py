@@ -134,12 +134,12 @@ def test_a_better_challenger_goes_shadow_canary_production_by_itself(live):
     # v2 says "positive" always; the users say so too: production is wrong where it differs.
     in_canary = _feedback_until(url, lambda s: s["canary"] is not None or s["production"] == "v2",
                                 judge=lambda a: "positive")
-    assert in_canary["production"] == "v1" or in_canary["rollout"] is None
+    assert in_canary["canary"] is None or in_canary["canary"]["version"] == "v2"
     final = _feedback_until(url, lambda s: s["production"] == "v2", judge=lambda a: "positive")
     assert final["rollout"] is None
     clients.stop()
     assert clients.failures == [] and clients.versions >= {"v1", "v2"}
-    assert clients.replicas[0] <= 2 and max(clients.replicas) == 2, clients.replicas  # scaled out meanwhile
+    assert max(clients.replicas) == 2, clients.replicas  # scaled out meanwhile
     paused = httpx.post(f"{url}/v1/models/sentiment/rollout", json={"action": "pause"}, headers=bearer(ADMIN_KEY))
     assert paused.status_code == 409 and "no rollout" in paused.text  # nothing under way any more
     # Started by an operator (no numbers), moved by the driver (with the numbers it saw); an

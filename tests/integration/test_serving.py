@@ -10,6 +10,7 @@ import httpx
 import pyarrow.dataset as pads
 import pytest
 
+from tuneloop.store.storage import Storage
 from tests.integration.conftest import (
     ADMIN_KEY,
     FEEDBACK_KEY,
@@ -200,6 +201,14 @@ def test_version_switch_under_load_drops_nothing(app):
     late_old = [t for t, v in seen if v == current and t > switched_at + 1.0]
     assert not late_old
     assert httpx.get(f"{url}/readyz").json()["models"]["sentiment"] == new_version
+    # Without a restart: each replica notes a switch under its own id (a fresh one per replica
+    # object), and the ones that moved to the new version are the ones that served the old.
+    storage = Storage(cfg.storage.root)
+
+    def replicas(version: str) -> set[str]:
+        return {i.base_name.removesuffix(".json") for i in storage.list_dir(f"registry/sentiment/switches/{version}")}
+
+    assert replicas(new_version) and replicas(new_version) <= replicas(current)
 
 
 def test_keys_and_roles_are_enforced(app):

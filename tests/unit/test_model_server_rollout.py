@@ -55,6 +55,40 @@ def test_canary_answers_the_clients_below_its_share_and_keeps_each_on_one_versio
     assert {"v1", "v2"} == set(versions)
 
 
+def test_a_canary_that_does_not_answer_in_time_counts_the_timeout_as_its_error(rollout):
+    """A canary too slow to answer within request_timeout_s left only its fast answers in
+    its rollout's health: its timeouts counted against no version."""
+    import time
+
+    from tuneloop.core.errors import Overloaded
+
+    replica, registry, _ = rollout
+    registry.start_rollout("sentiment", "v2", "canary", 50.0)
+    replica._sync_with_registry()
+    replica.serving = replica.serving.model_copy(update={"request_timeout_s": 0.2})
+    challenger, real = replica._challenger, replica._challenger.predict
+
+    def slow(texts):
+        time.sleep(0.5)
+        return real(texts)
+
+    challenger.predict = slow
+    canary_client = next(c for c in (f"client-{i}" for i in range(100)) if canary_bucket(c) < 50)
+    production_client = next(c for c in (f"client-{i}" for i in range(100)) if canary_bucket(c) >= 50)
+
+    def errors(version: str) -> float:
+        return REGISTRY.get_sample_value("tuneloop_predict_errors_total", {"model": "sentiment", "version": version}) or 0
+
+    before = errors("v1"), errors("v2")
+    with pytest.raises(Overloaded) as e:
+        asyncio.run(replica.predict(["too slow"], client=canary_client))
+    assert e.value.status == 503 and "did not answer within 0.2s" in e.value.message
+    replica.serving = replica.serving.model_copy(update={"request_timeout_s": 30.0})  # past the slow batch
+    [answer] = asyncio.run(replica.predict(["in time"], client=production_client))
+    assert answer["version"] == "v1"
+    assert (errors("v1"), errors("v2")) == (before[0], before[1] + 1)
+
+
 def test_shadow_answers_are_logged_under_production_ids_and_never_returned(rollout):
     replica, registry, cfg = rollout
     registry.start_rollout("sentiment", "v2", "shadow", 0)

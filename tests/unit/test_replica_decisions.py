@@ -99,12 +99,16 @@ def test_no_production_yet_is_not_ready():
 
 def test_a_refused_version_leaves_the_loaded_one_serving_and_is_not_retried():
     replica, registry, _ = _replica()
+    loads: list[str] = []
+    load = replica._load
+    replica._load = lambda path, version, *rest: loads.append(version) or load(path, version, *rest)
     registry.production_version = "bad"
     replica._sync_with_registry()
     replica._sync_with_registry()  # versions are immutable: not loaded again
+    assert loads == ["bad"]
     assert registry.switched == ["v1"]  # a refused version was never switched to
     assert replica.status() == {"model": "m", "version": "v1", "challenger": None, "rollout": None,
-                                "refused": {"bad": replica._refused["bad"]}, "failed": {},
+                                "refused": {"bad": "version bad's checkpoint has labels ['x', 'y']"}, "failed": {},
                                 "resident_weight_bytes": {"v1": 1000},
                                 "runtimes": {"v1": f"torch (auto: no runtime measured on {CPU}/1t)"}}
     assert asyncio.run(replica.predict(["a"]))[0]["version"] == "v1"
