@@ -17,13 +17,15 @@ from collections import Counter as _Tally
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from tuneloop.core.rollout import VersionHealth
 from tuneloop.store.jobs import JobStore
-from tuneloop.store.registry import Registry
+from tuneloop.store.registry import Registry, RegistryState
 
 log = logging.getLogger(__name__)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -31,6 +33,9 @@ NODE_LABEL = "node"  # the Ray node a replica series comes from (its id's first 
 if os.environ.get(MULTIPROC_ENV):  # a replica on a node where no one made it yet (serve deploy, RayService)
     os.makedirs(os.environ[MULTIPROC_ENV], mode=0o700, exist_ok=True)
 
+# A version's series stay this long after it left service: past any rate() window a
+# dashboard or alert uses (deploy/prometheus: 5 minutes), so its last increments are counted.
+RETIRED_SERIES_S = 3600.0
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -160,8 +165,8 @@ class RolloutCollector:
     {model, event, by} (automatic: decided by the rollout driver; operator: by hand) and
     tuneloop_rollout_alert{model, version} (1: no decision past rollout.inconclusive_after_s)."""
 
-    def __init__(self, registry: Registry, models: list[str], shadow_percent: float):
-        self.registry, self.models, self.shadow_percent = registry, models, shadow_percent
+    def __init__(self, states: dict[str, RegistryState], shadow_percent: float):
+        self.states, self.shadow_percent = states, shadow_percent
 
     def collect(self):
         share = GaugeMetricFamily("tuneloop_traffic_share", "Share of requests each version answers (shadow: "
@@ -170,12 +175,7 @@ class RolloutCollector:
                                      "pause, resume, alert", labels=["model", "event", "by"])
         alert = GaugeMetricFamily("tuneloop_rollout_alert", "1 while a rollout waits past its inconclusive timeout",
                                   labels=["model", "version"])
-        for model in self.models:
-            try:
-                state = self.registry.state(model)
-            except Exception as e:  # noqa: BLE001 - one model's storage trouble must not fail the scrape
-                log.warning("metrics: no rollout state for %s: %s", model, e)
-                continue
+        for model, state in self.states.items():
             r = state.rollout
             canary = r.percent / 100 if r and r.stage == "canary" else 0.0
             if state.production:
@@ -198,16 +198,16 @@ class ServingTimeCollector:
     feedback the production version learned from took to reach all traffic, by phase
     (cluster/core/serving_time.py) and in total, read from its manifest at scrape time."""
 
-    def __init__(self, registry: Registry, models: list[str]):
-        self.registry, self.models = registry, models
+    def __init__(self, registry: Registry, states: dict[str, RegistryState]):
+        self.registry, self.states = registry, states
 
     def collect(self):
         family = GaugeMetricFamily("tuneloop_feedback_to_serving_seconds",
                                    "Feedback-to-serving time of the production version, by phase",
                                    labels=["model", "version", "phase"])
-        for model in self.models:
+        for model, state in self.states.items():
+            production = state.production
             try:
-                production = self.registry.production(model)
                 timing = self.registry.manifest(model, production).serving_time if production else None
             except Exception as e:  # noqa: BLE001 - one unreadable manifest must not cost the whole scrape
                 log.warning("metrics: no feedback-to-serving time for %s: %s", model, e)
@@ -268,18 +268,46 @@ def version_health(files_by_node: dict[str, list[str]], model: str) -> dict[str,
     return {v: VersionHealth(requests[v], errors[v], tuple(sorted(buckets[v].items()))) for v in requests}
 
 
+class InServiceCollector:
+    """Another collector's series, less those of versions that left service over
+    ``RETIRED_SERIES_S`` ago (``RegistryState.in_service_since``). A replica's counters live
+    in its multiprocess files for good, so a model retrained every hour would otherwise
+    expose a dozen latency, batch and token histograms per node for every version it ever
+    had. A version back in service (a rollback to it) shows its series again."""
+
+    def __init__(self, source: Any, retired: dict[str, set[str]]):
+        self.source, self.retired = source, retired
+
+    def collect(self):
+        for family in self.source.collect():
+            family.samples = [s for s in family.samples
+                              if s.labels.get("version") not in self.retired.get(s.labels.get("model"), ())]
+            yield family
+
+
+def _states(registry: Registry, models: list[str]) -> dict[str, RegistryState]:
+    states = {}
+    for model in models:
+        try:
+            states[model] = registry.state(model)
+        except Exception as e:  # noqa: BLE001 - one model's storage trouble must not fail the scrape
+            log.warning("metrics: no registry state for %s: %s", model, e)
+    return states
+
+
 def render(jobs: JobStore, running_replicas: Callable[[], dict[str, int]], registry: Registry, models: list[str],
            feedback_stats: Callable[[], list[dict]] | None, files: dict[str, list[str]] | None = None,
            shadow_percent: float = 100.0) -> bytes:
     """The exposition text for GET /metrics: every process's metrics (from ``files``, the
     multiprocess files of each node, when given), training runs, replicas,
     feedback-to-serving time and, when ``feedback_stats`` is given (the caller may read them),
-    feedback statistics."""
+    feedback statistics; none of a long-retired version (``InServiceCollector``)."""
+    states = _states(registry, models)  # read once a scrape: one GET each on a bucket
     runs = CollectorRegistry()
     runs.register(TrainingRunsCollector(jobs))
     runs.register(ReplicasCollector(running_replicas))
-    runs.register(ServingTimeCollector(registry, models))
-    runs.register(RolloutCollector(registry, models, shadow_percent))
+    runs.register(ServingTimeCollector(registry, states))
+    runs.register(RolloutCollector(states, shadow_percent))
     if feedback_stats is not None:
         runs.register(FeedbackStatsCollector(feedback_stats))
     if files is not None:
@@ -290,4 +318,11 @@ def render(jobs: JobStore, running_replicas: Callable[[], dict[str, int]], regis
         multiprocess.MultiProcessCollector(served)
     else:  # one process (unit use): its own default registry holds everything
         served = REGISTRY
-    return generate_latest(served) + generate_latest(runs)
+    since = datetime.now(UTC) - timedelta(seconds=RETIRED_SERIES_S)
+    retired = {m: state.named() - state.in_service_since(since) for m, state in states.items()}
+    out = b""
+    for source in (served, runs):
+        shown = CollectorRegistry(auto_describe=False)
+        shown.register(InServiceCollector(source, retired))
+        out += generate_latest(shown)
+    return out

@@ -169,6 +169,27 @@ class RegistryState(BaseModel):
         """Whether an operator's ``request`` (``HistoryEntry.request``) is in the history."""
         return request is not None and any(e.request == request for e in self.history)
 
+    def in_service_since(self, since: datetime) -> set[str]:
+        """The versions that took traffic at or after ``since``: production and the rollout's
+        challenger now, and every version a change of the state since then named, or moved
+        production away from (pure: ``since`` is the caller's clock)."""
+        served = {self.production, self.rollout.version if self.rollout else None}
+        before: str | None = None  # production before each entry
+        for entry in self.history:
+            at = datetime.fromisoformat(entry.at)
+            if (at if at.tzinfo else at.replace(tzinfo=UTC)) >= since:
+                served |= {entry.production, entry.version, before}
+            before = entry.production
+        served.discard(None)
+        return served
+
+    def named(self) -> set[str]:
+        """Every version the state or its history names."""
+        out = {self.production, self.rollout.version if self.rollout else None}
+        out |= {v for e in self.history for v in (e.production, e.version)}
+        out.discard(None)
+        return out
+
     def rollback_target(self) -> str | None:
         """The production before the current one: promotions stack up, rollbacks pop, so
         rolling back twice after v1, v2, v3 lands on v1. Candidates and challengers never

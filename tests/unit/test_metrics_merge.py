@@ -109,3 +109,47 @@ def test_resident_weights_are_the_last_replicas_word_per_node(tmp_path):
     values = [s.value for f in text_string_to_metric_families(text) if f.name == "tuneloop_resident_weight_bytes"
               for s in f.samples]
     assert values == [0.0]
+
+
+def _state(storage, *changes, rollout=None) -> None:
+    """state.json of model m from (minutes ago, event, production after it, version)."""
+    from datetime import UTC, datetime, timedelta
+
+    from tuneloop.store.registry import HistoryEntry, RegistryState, iso_time
+
+    now = datetime.now(UTC)
+    history = [HistoryEntry(at=iso_time(now - timedelta(minutes=ago)), event=event, production=production,
+                            version=version) for ago, event, production, version in changes]
+    state = RegistryState(production=history[-1].production, generation=len(history), history=history,
+                          rollout=rollout)
+    storage.write_json_atomic("registry/m/state.json", state.model_dump(mode="json"))
+
+
+def test_a_version_out_of_service_for_an_hour_leaves_the_exposition(tmp_path):
+    """A replica's counters live in its files for good: a model retrained every hour exposed a
+    dozen histograms per node for every version it ever had."""
+    storage = Storage(str(tmp_path / "store"))
+    _state(storage, (300, "promote", "v1", "v1"), (120, "promote", "v2", "v2"), (100, "candidate", "v2", "v4"),
+           (10, "promote", "v3", "v3"))
+    files = [_counter_file(tmp_path / "a", 7, 1, version=v) for v in ("v1", "v2", "v3")]
+    files.append(_counter_file(tmp_path / "a", 8, 1, version="none"))  # requests no version answered
+    _, samples = _rendered(tmp_path, {"aaaa": files})
+    # v1 left production 120 minutes ago; v2 ten minutes ago, still within the hour.
+    assert set(samples) == {("aaaa", "v2"), ("aaaa", "v3"), ("aaaa", "none")}
+    # v1 promoted again a minute ago: back in service, shown again; v3 left a minute ago, v2 long since.
+    _state(storage, (300, "promote", "v1", "v1"), (120, "promote", "v2", "v2"), (100, "promote", "v3", "v3"),
+           (1, "promote", "v1", "v1"))
+    _, samples = _rendered(tmp_path, {"aaaa": files})
+    assert set(samples) == {("aaaa", "v1"), ("aaaa", "v3"), ("aaaa", "none")}
+
+
+def test_a_challenger_of_a_long_rollout_stays_in_the_exposition(tmp_path):
+    from tuneloop.core.rollout import Rollout
+
+    storage = Storage(str(tmp_path / "store"))
+    long_ago = "2026-01-01T00:00:00.000+00:00"
+    _state(storage, (300, "promote", "v1", "v1"), (200, "rollout", "v1", "v2"),
+           rollout=Rollout(version="v2", stage="canary", percent=5.0, started_at=long_ago, stage_started_at=long_ago))
+    files = [_counter_file(tmp_path / "a", 7, 1, version=v) for v in ("v1", "v2")]
+    _, samples = _rendered(tmp_path, {"aaaa": files})
+    assert set(samples) == {("aaaa", "v1"), ("aaaa", "v2")}
