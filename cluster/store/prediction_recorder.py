@@ -117,13 +117,18 @@ class PredictionRecorder:
 
     def _run(self) -> None:
         while not self._stop.wait(self.flush_interval_s):
-            try:
-                self.flush()
-                if time.monotonic() - self._last_prune > PRUNE_EVERY_S:
-                    self._last_prune = time.monotonic()
+            # Retention first and apart: on a full disk every flush fails, and pruning is
+            # what frees the space the flushes (and the feedback journal beside them) wait for.
+            if time.monotonic() - self._last_prune > PRUNE_EVERY_S:
+                self._last_prune = time.monotonic()
+                try:
                     dropped = self.prune()
                     if dropped:
                         log.info("prediction log %s: dropped %s (retention)", self.model, dropped)
+                except Exception:  # noqa: BLE001 - tried again at the next period
+                    log.exception("prediction log %s: retention failed; will retry", self.model)
+            try:
+                self.flush()
             except Exception:  # noqa: BLE001 - keep the rows for the next try
                 log.exception("prediction log %s: write failed; will retry", self.model)
 

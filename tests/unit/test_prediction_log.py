@@ -176,3 +176,27 @@ def test_the_requeue_after_a_failed_flush_respects_the_bound():
     flaky.ok, flaky.during = True, None
     recorder.close()
     assert [r["text"] for r in flaky.written] == ["a2", "b0", "b1", "b2"]
+
+
+def test_retention_runs_while_every_write_fails(tmp_path):
+    """On a full disk every flush fails, and retention (what frees the space) came after the
+    flush in the same try: it never ran while traffic came in."""
+    import errno
+    import time
+
+    log = PredictionLog(Storage(str(tmp_path)), TASKS)
+    log.append("m", [_row(datetime.now(UTC) - timedelta(days=10), "old")])
+    assert any("date=" in f for f in _files(tmp_path))
+
+    def full(model, rows):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    log.append = full
+    recorder = PredictionRecorder(log, "m", flush_interval_s=0.05, retention_days=7)
+    recorder.record([_row(datetime.now(UTC), "new")])  # its flush fails at every tick
+    deadline = time.monotonic() + 10
+    while _files(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    recorder._stop.set()
+    assert _files(tmp_path) == []  # the old day went
+    assert recorder._rows and recorder._rows[0]["text"] == "new"  # kept for when space returns
