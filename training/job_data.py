@@ -216,6 +216,18 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     # counts it among the rows left to train on).
     after = parent.watermark() if parent else None
     stored = feedback.read_since(mcfg.name, after)
+    # Records a second live writer holds uncompacted (an upgrade's two ingresses) may be older
+    # than the newest compacted row; a watermark past them would leave them out of every job.
+    # What arrived since the oldest of them waits for the next job.
+    pending = feedback.oldest_pending(mcfg.name)
+    n_behind_pending = 0
+    if pending is not None:
+        before = stored.filter(pc.less(stored.column("created_at"),
+                                       pa.scalar(pending, stored.schema.field("created_at").type)))
+        n_behind_pending, stored = stored.num_rows - before.num_rows, before
+        if n_behind_pending:
+            log.info("%s: %d feedback records arrived after %s, which another writer has not compacted yet: they "
+                     "wait for the next job", mcfg.name, n_behind_pending, pending.isoformat())
     if teacher is None:
         # A production trained by a job with a seed has seen any sample of it; one published by
         # hand (weights from elsewhere) has not, and its first job may still freeze one.
@@ -329,7 +341,8 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
                      "superseded": n_superseded, "on_golden_texts": on_golden, "trained_rows": n_train,
                      "validation_rows": validation.num_rows if parent else 0, "kept_back_rows": fresh_eval.num_rows,
                      "kept_back_repeating_training": repeating,
-                     "left_for_next_job": fresh.num_rows - n_eval - n_val - n_train},
+                     "left_for_next_job": fresh.num_rows - n_eval - n_val - n_train,
+                     "waiting_for_compaction": n_behind_pending},
         "replay": {"rows": replay.num_rows, "pool_rows": pool.num_rows, "ratio": tcfg.replay_ratio},
         "validation": {"rows": validation.num_rows, "source": "seed" if parent is None else "feedback"},
         "reservoir": {"rows": child_reservoir.num_rows, "seen": seen},

@@ -174,12 +174,12 @@ def _first_of_each_id(table: pa.Table, column: str) -> pa.Table:
     """``table`` without repeated ids (the first row of each stays): a merge of small files
     interrupted between writing the merged file and deleting its sources leaves rows twice."""
     ids = table.column(column)
-    if table.num_rows == 0 or pc.count_distinct(ids).as_py() == table.num_rows:
+    if table.num_rows == 0 or pc.count_distinct(ids, mode="all").as_py() == table.num_rows:
         return table
     seen: set[str] = set()
     keep = []
     for i in ids.to_pylist():
-        keep.append(i not in seen)
+        keep.append(i is None or i not in seen)  # rows without an id (another tool's) are each their own
         seen.add(i)
     return table.filter(pa.array(keep))
 
@@ -191,25 +191,26 @@ _NOT_OUR_FORMAT = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedErr
 _reported: set[str] = set()  # files already logged as unreadable by this process
 
 
-def _read(storage: Storage, files: list[str], schema: pa.Schema, filter=None) -> pa.Table:
+def _read(storage: Storage, files: list[str], schema: pa.Schema, filter=None,
+          skipped: list[str] | None = None) -> pa.Table:
     """The rows of ``files`` in ``schema``. A file written by another tool is read as far as
     it can be: a pandas backfill's ``created_at`` in ns (pyarrow refuses the cast to ms,
     which would drop the sub-millisecond part) failed every read of the model's records, the
     ingress's start among them. Such a file is cast with truncation; one that cannot be read
-    at all is logged and skipped, not the whole read failed."""
+    at all is logged and skipped (added to ``skipped``), not the whole read failed."""
     if not files:
         return schema.empty_table()
     try:
         return _dataset(storage, files, schema).to_table(filter=filter)
     except _NOT_OUR_FORMAT:
-        return pa.concat_tables([_read_one(storage, f, schema, filter) for f in files])
+        return pa.concat_tables([_read_one(storage, f, schema, filter, skipped) for f in files])
 
 
 def _dataset(storage: Storage, files: list[str], schema: pa.Schema) -> pads.Dataset:
     return pads.dataset([storage.path(f) for f in files], schema=schema, format="parquet", filesystem=storage.fs)
 
 
-def _read_one(storage: Storage, file: str, schema: pa.Schema, filter) -> pa.Table:
+def _read_one(storage: Storage, file: str, schema: pa.Schema, filter, skipped: list[str] | None) -> pa.Table:
     try:
         return _dataset(storage, [file], schema).to_table(filter=filter)
     except _NOT_OUR_FORMAT:
@@ -224,6 +225,8 @@ def _read_one(storage: Storage, file: str, schema: pa.Schema, filter) -> pa.Tabl
         level = logging.DEBUG if file in _reported else logging.ERROR
         _reported.add(file)
         log.log(level, "skipping %s: not readable as tuneloop's records (%s)", storage.path(file), e)
+        if skipped is not None:
+            skipped.append(file)
         return schema.empty_table()
 
 
@@ -406,11 +409,11 @@ class FeedbackStore:
         partitions it spans), so a retry after a restart is still recognised."""
         now = datetime.now(UTC)
         cutoff = (now - self._idempotency.ttl).strftime("%Y-%m-%d")
-        rows = []
+        # The journal before Parquet: a segment leaves the journal only once its Parquet is
+        # written, so one compacted between the two reads is still in the second.
+        rows = [r for r in pending_records(self.journal_dir) if r.get("idempotency_key") and r["model"] in self.tasks]
         for model in self.tasks:
-            files = [f for f in self.files(model) if _partition_day(f) >= cutoff]
-            rows += _read(self.storage, files, self._schema(model), pc.field("idempotency_key").is_valid()).to_pylist()
-        rows += [r for r in pending_records(self.journal_dir) if r.get("idempotency_key") and r["model"] in self.tasks]
+            rows += self._read_listed(model, cutoff, pc.field("idempotency_key").is_valid()).to_pylist()
         for r in rows:
             at = r["created_at"] if isinstance(r["created_at"], datetime) else datetime.fromisoformat(r["created_at"])
             request = fingerprint(request_fields(r, self.tasks[r["model"]]))
@@ -511,16 +514,26 @@ class FeedbackStore:
 
     def _read_listed(self, model: str, since_day: str = "", where=None) -> pa.Table:
         """Read the files listed now from ``since_day``'s partition on; if a merge replaced
-        some between the listing and the read, list again."""
-        attempts = 3
-        while True:
+        some between the listing and the read, list again. A merge deletes a day's sources
+        one by one (thousands, on a bucket: minutes), so lists again may keep meeting it:
+        then each file is read alone, and one gone from a day that holds a merged file is
+        passed over. The merge wrote that file, with the gone file's rows, before deleting."""
+        schema = self._schema(model)
+        for _ in range(3):
             files = [f for f in self.files(model) if _partition_day(f) >= since_day]
             try:
-                return _read(self.storage, files, self._schema(model), where)
+                return _read(self.storage, files, schema, where)
             except FileNotFoundError:
-                attempts -= 1
-                if not attempts:
+                continue
+        merged_days = {_partition_day(f) for f in files if f.rsplit("/", 1)[-1].startswith("merged-")}
+        parts = []
+        for f in files:
+            try:
+                parts.append(_read(self.storage, [f], schema, where))
+            except FileNotFoundError:
+                if _partition_day(f) not in merged_days:
                     raise
+        return pa.concat_tables(parts) if parts else schema.empty_table()
 
     def read_since(self, model: str, after: tuple[datetime, str] | None) -> pa.Table:
         """The compacted records after ``after`` -- a (created_at, feedback_id) position in
@@ -553,9 +566,17 @@ class FeedbackStore:
         for day, files in sorted(by_day.items()):
             if not day or day >= today_iso or len(files) < min_files:
                 continue  # today's partition still grows; a merged day holds one file
-            table = _first_of_each_id(self.read(model, files), "feedback_id")
+            unreadable: list[str] = []
+            table = _first_of_each_id(_read(self.storage, files, self._schema(model), skipped=unreadable),
+                                      "feedback_id")
             if table.num_rows == 0:
                 continue
+            if table.column("feedback_id").null_count or table.column("created_at").null_count:
+                # Another tool's rows without an id or a time: no merged file name, no order.
+                log.warning("feedback %s: %s holds records without feedback_id or created_at; its files are "
+                            "left unmerged", model, day)
+                continue
+            files = [f for f in files if f not in unreadable]  # never deleted: their rows are in no merge
             table = table.sort_by(_ARRIVAL_ORDER)
             ms = table.column("created_at").cast(pa.int64()).to_pylist()
             digest = hashlib.blake2b("\n".join(table.column("feedback_id").to_pylist()).encode(),
@@ -569,6 +590,13 @@ class FeedbackStore:
             log.info("feedback %s: merged %d files of %s into one (%d records)", model, len(files), day, table.num_rows)
         return removed
 
+    def oldest_pending(self, model: str) -> datetime | None:
+        """When the oldest of ``model``'s records still in this node's journal folder arrived:
+        another live writer's (a second ingress during an upgrade) that no compaction could
+        reach, which may be older than the newest record in Parquet."""
+        times = [r["created_at"] for r in pending_records(self.journal_dir) if r.get("model") == model]
+        return min(datetime.fromisoformat(t) for t in times) if times else None
+
     def read_all(self, model: str) -> list[dict[str, Any]]:
         """Every acknowledged record, compacted or still in the journal, once each."""
         pending = [r for r in pending_records(self.journal_dir) if r.get("model") == model]
@@ -576,7 +604,7 @@ class FeedbackStore:
         seen: set[str] = set()
         out = []
         for row in rows:  # a segment midway through compaction is in both
-            if row["feedback_id"] not in seen:
+            if row["feedback_id"] is None or row["feedback_id"] not in seen:
                 seen.add(row["feedback_id"])
                 out.append(row)
         return out

@@ -516,3 +516,29 @@ def test_a_golden_dataset_taken_out_later_leaves_no_golden_set_rather_than_one_o
     second = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v1)  # golden_dataset gone
     assert second.golden.num_rows == 0 and registry.golden("m") is None
     assert "give the model a golden_dataset" in caplog.text
+
+
+def test_records_another_live_writer_has_not_compacted_hold_the_watermark_back(env):
+    """During an upgrade two ingresses journal side by side; a job compacts one. The other's
+    records, older than the newest compacted one, fell behind the job's watermark and no later
+    job read them: acknowledged feedback never trained on."""
+    import time
+
+    cfg, task, registry, feedback, tmp_path = env
+    first = assemble(task, cfg.model("m"), cfg.training, registry, feedback, None)
+    v1 = _publish(registry, tmp_path, first, "v1", first.summary)
+    _give(feedback, 20)
+    other = FeedbackStore(registry.storage, str(tmp_path / "journal"), feedback.tasks)  # the second ingress
+    other.open_writer()
+    late = [other.append(model="m", text=f"other writer {i}", label="negative") for i in range(5)]
+    time.sleep(0.01)
+    _give(feedback, 30, start=20)  # newer, and compacted: the newest rows in Parquet
+    data = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v1)
+    fb = data.summary["feedback"]
+    assert (fb["fresh_rows"], fb["waiting_for_compaction"]) == (20, 30)
+    other.close()  # compacts its records
+    v2 = _publish(registry, tmp_path, data, "v2", data.summary)
+    nxt = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v2)
+    seen = {*nxt.train.column("feedback_id").to_pylist(), *nxt.fresh_eval.column("feedback_id").to_pylist()}
+    assert set(late) <= seen and nxt.summary["feedback"]["waiting_for_compaction"] == 0
+    assert nxt.summary["feedback"]["fresh_rows"] == 4 + 5 + 30  # v1's kept back, the other's, the waiting ones

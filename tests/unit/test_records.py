@@ -178,3 +178,72 @@ def test_a_file_written_by_another_tool_is_read_as_far_as_it_can_be(tmp_path, ca
     again.open_writer()
     assert again.read("m").num_rows == 2
     again.close()
+
+
+def _compacted_one_by_one(tmp_path, n: int) -> tuple[Storage, FeedbackStore]:
+    """A writer that compacted after each of ``n`` records: a small file each, as at 5 s."""
+    storage = Storage(str(tmp_path / "store"))
+    store = FeedbackStore(storage, str(tmp_path / "journal"), TASKS)
+    store.open_writer()
+    for i in range(n):
+        store.append(model="m", text=f"t{i}", label="positive")
+        store.compact()
+    return storage, store
+
+
+def test_a_day_merge_keeps_what_it_could_not_read_and_rows_without_ids(tmp_path):
+    """The merge deleted every listed file of the day, one it had skipped as unreadable too
+    (its rows gone for good); rows a backfill wrote without feedback_id crashed it, and
+    all but one of them were read as duplicates of each other."""
+    import pyarrow as pa
+    from datetime import timedelta
+
+    storage, store = _compacted_one_by_one(tmp_path, 16)
+    day = storage.path(store.files("m")[0]).rsplit("/", 1)[0]
+    with open(f"{day}/other-tool.parquet", "wb") as f:
+        f.write(b"PAR1 not really")
+    tomorrow = datetime.now(UTC).date() + timedelta(days=1)
+    assert store.merge_closed_days("m", today=tomorrow) == 16
+    assert sorted(f.rsplit("/", 1)[1].split("-")[0] for f in store.files("m")) == ["merged", "other"]
+    assert store.read_since("m", None).num_rows == 16
+
+    closed = tmp_path / "store/feedback/m/date=2026-01-02"
+    closed.mkdir(parents=True)
+    for i in range(16):  # a backfill without ids, in many files
+        pq.write_table(pa.table({"model": ["m", "m"], "text": [f"a{i}", f"b{i}"], "label": ["positive"] * 2,
+                                 "created_at": pa.array([datetime(2026, 1, 2, tzinfo=UTC)] * 2,
+                                                        pa.timestamp("ms", tz="UTC"))}), closed / f"backfill-{i}.parquet")
+    assert store.merge_closed_days("m", today=tomorrow) == 0  # left as it is, no crash
+    assert len(list(closed.iterdir())) == 16
+    assert store.read_since("m", None).num_rows == 16 + 32 and len(store.read_all("m")) == 16 + 32
+    store.close()
+
+
+def test_a_read_that_keeps_meeting_a_merge_deleting_its_sources_still_reads_every_record(tmp_path, monkeypatch):
+    """A merge deletes a day's sources one by one (minutes on a bucket); a reader listed
+    again three times, met a deleted file each time and failed: an ingress starting then
+    crash-looped."""
+    import shutil
+    from datetime import timedelta
+
+    from tuneloop.store import records
+
+    storage, store = _compacted_one_by_one(tmp_path, 20)
+    sources = store.files("m")
+    saved = tmp_path / "sources"
+    shutil.copytree(storage.path(sources[0]).rsplit("/", 1)[0], saved)
+    store.merge_closed_days("m", today=datetime.now(UTC).date() + timedelta(days=1))
+    day = storage.path(sources[0]).rsplit("/", 1)[0]
+    for f in saved.iterdir():  # the moment after the merged file was written: every source still there
+        shutil.copy(f, day)
+    real, doomed = records._read, sorted(sources)
+
+    def racing_merge(storage_, files, schema, filter=None, skipped=None):
+        if doomed:  # the merge deletes one more source before each read
+            storage.delete_file(doomed.pop(0))
+        return real(storage_, files, schema, filter, skipped)
+
+    monkeypatch.setattr(records, "_read", racing_merge)
+    rows = store.read_since("m", None)
+    assert sorted(rows.column("text").to_pylist()) == sorted(f"t{i}" for i in range(20))
+    store.close()
