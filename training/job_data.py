@@ -264,9 +264,11 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
 
     # Time order: [trained | validation | kept back for the gate]. Early stopping watches the
     # validation rows, never the gate's; the next job trains on both (they are past the watermark).
-    n_eval = kept_back(fresh.num_rows, tcfg.eval_fraction)
+    # Each within max_rows_per_job too: after a backlog of a million rows, a fifth of them was
+    # scored twice (candidate and production) for the gate, and every epoch for early stopping.
+    n_eval = min(kept_back(fresh.num_rows, tcfg.eval_fraction), tcfg.max_rows_per_job)
     watching = parent is not None and tcfg.early_stopping_patience is not None and tcfg.epochs > 1
-    n_val = kept_back(fresh.num_rows - n_eval, tcfg.eval_fraction) if watching else 0
+    n_val = min(kept_back(fresh.num_rows - n_eval, tcfg.eval_fraction), tcfg.max_rows_per_job) if watching else 0
     n_train = min(fresh.num_rows - n_eval - n_val, tcfg.max_rows_per_job)
     # Released rows train within the row budget too; the rest wait in the held table, where
     # the next job finds them released again.
@@ -297,7 +299,7 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
         # v1 has no fresh feedback to watch: early stopping watches a stratified share of the
         # seed it would train on. It watched the golden set, which then judged the epoch it
         # had picked (v1's recorded metrics, a student's teacher check). Later jobs replay it.
-        validation, pool = _seed_validation(task, pool, tcfg.eval_fraction, rng)
+        validation, pool = _seed_validation(task, pool, tcfg.eval_fraction, tcfg.max_rows_per_job, rng)
     fresh_train = pa.concat_tables([fresh_train, released])  # after the watermark's row: it stays put
     n_new = fresh_train.num_rows
     if parent is None:
@@ -360,14 +362,15 @@ def _first_of_each(strata: list[str]) -> set[int]:
     return set({s: i for i, s in reversed(list(enumerate(strata)))}.values())
 
 
-def _seed_validation(task: Task, pool: pa.Table, fraction: float, rng: random.Random) -> tuple[pa.Table, pa.Table]:
-    """(validation rows, the pool less them): ``fraction`` of the pool, stratified, never a
-    stratum's first row (each class keeps one to train on)."""
+def _seed_validation(task: Task, pool: pa.Table, fraction: float, max_rows: int,
+                     rng: random.Random) -> tuple[pa.Table, pa.Table]:
+    """(validation rows, the pool less them): ``fraction`` of the pool, at most ``max_rows``,
+    stratified, never a stratum's first row (each class keeps one to train on)."""
     strata = [task.stratum(r) for r in pool.select(list(task.target_columns)).to_pylist()]
     firsts = _first_of_each(strata)
     eligible = [i for i in range(pool.num_rows) if i not in firsts]
     picked = {eligible[i] for i in stratified_sample([strata[i] for i in eligible],
-                                                     kept_back(pool.num_rows, fraction), rng)}
+                                                     min(kept_back(pool.num_rows, fraction), max_rows), rng)}
     return _take(pool, sorted(picked)), _take(pool, [i for i in range(pool.num_rows) if i not in picked])
 
 

@@ -477,7 +477,9 @@ class TrainingConfig(Section):
     replay_ratio: float = Field(
         default=1.0, ge=0, description="replay rows (seed and earlier feedback) per fresh feedback row"
     )
-    max_rows_per_job: int = Field(default=20_000, ge=1, description="fresh plus replay rows a job trains on, at most")
+    max_rows_per_job: int = Field(default=20_000, ge=1, description=(
+        "fresh plus replay rows a job trains on, at most; at most as many are kept back for the gate, and as many "
+        "for early stopping"))
     reservoir_size: int = Field(
         default=10_000, ge=0, description="earlier feedback kept as a uniform sample for replay"
     )

@@ -163,6 +163,23 @@ def test_the_row_budget_caps_replay_then_fresh(env):
     assert data.summary["replay"]["rows"] == 0
 
 
+def test_the_row_budget_caps_the_kept_back_and_validation_rows_too(env):
+    """After a backlog, a fifth of every fresh row was kept back: scored by candidate and
+    production for the gate, and every epoch for early stopping, whatever the budget."""
+    cfg, task, registry, feedback, tmp_path = env
+    tight = cfg.training.model_copy(update={"max_rows_per_job": 30, "early_stopping_patience": 1, "epochs": 3})
+    first = assemble(task, cfg.model("m"), tight, registry, feedback, None)
+    assert first.validation.num_rows == 16  # a fifth of the 80 rows the seed leaves to train on: within 30
+    v1 = _publish(registry, tmp_path, first, "v1", first.summary)
+    _give(feedback, 400)
+    data = assemble(task, cfg.model("m"), tight, registry, feedback, v1)
+    fb = data.summary["feedback"]
+    assert (data.fresh_eval.num_rows, data.validation.num_rows, fb["trained_rows"]) == (30, 30, 30)
+    assert fb["left_for_next_job"] == 400 - 90
+    low = tight.model_copy(update={"max_rows_per_job": 10})
+    assert assemble(task, cfg.model("m"), low, registry, feedback, None).validation.num_rows == 10  # v1's, of the seed
+
+
 def test_without_new_feedback_a_job_replays(env):
     cfg, task, registry, feedback, tmp_path = env
     first = assemble(task, cfg.model("m"), cfg.training, registry, feedback, None)
