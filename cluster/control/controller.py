@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from collections import deque
 from concurrent.futures import Future
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import ray
@@ -25,13 +25,14 @@ from tuneloop.store.jobs import JobRecord, JobStore
 from tuneloop.control.rollout_driver import RolloutDriver
 from tuneloop.serving.metric_files import cluster_metric_files
 from tuneloop.serving.metrics import version_health
-from tuneloop.store.records import SHADOW_ROOT, FeedbackStore, PredictionLog
+from tuneloop.store.records import PREDICTIONS_ROOT, SHADOW_ROOT, FeedbackStore, PredictionLog
 from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage
 from tuneloop.core.triggers import online_accuracy, which_trigger
 
 log = logging.getLogger(__name__)
 SWEEP_EVERY_S = 10.0  # how often dead jobs are looked for, besides on every call
+PRUNE_EVERY_S = 3600.0  # how often removed models' prediction logs are held to retention
 # How long the registry state read for a feedback record serves the records after it. Every
 # record reached the controller as a call of its own, and each read the state from storage
 # with the lock held: one object-store GET (tens of ms) a record, so on S3 the controller
@@ -96,6 +97,7 @@ class Retrainer:
         self._in_rollout: dict[str, bool] = {}  # model -> a challenger is being rolled out (read with production)
         self.learned_from: dict[str, str | None] = {}  # student -> its teacher's version its newest job was for
         self.retiring = False  # set while handing over to a successor: no new job starts
+        self._pruned_at: float | None = None  # when removed models' prediction logs were last pruned
         if sweep_every_s is not None:
             threading.Thread(target=self._sweep_forever, args=(sweep_every_s,), name="job-sweeper",
                              daemon=True).start()
@@ -151,8 +153,32 @@ class Retrainer:
                     for m in self.cfg.models:
                         self._maybe_start(m.name)  # the schedule
                     self._follow_teachers()
+                if self._pruned_at is None or self._clock() - self._pruned_at >= PRUNE_EVERY_S:
+                    self._pruned_at = self._clock()
+                    self.prune_removed_models()
             except Exception:  # noqa: BLE001 - storage hiccup: try again next round
                 log.exception("sweeping job records failed")
+
+    def prune_removed_models(self) -> list[str]:
+        """``predictions.retention_days`` for the prediction logs (served and shadow) of
+        models taken out of the config: each replica prunes its own model's, and no replica
+        serves these any more, so their days stayed for good. Returns what it dropped."""
+        days = self.cfg.predictions.retention_days
+        if days is None:
+            return []
+        cutoff = (datetime.fromtimestamp(self._clock(), UTC) - timedelta(days=days)).date()
+        configured = {m.name for m in self.cfg.models}
+        storage, dropped = self.registry.storage, []
+        for root in (PREDICTIONS_ROOT, SHADOW_ROOT):
+            predictions = PredictionLog(storage, {}, root=root)
+            for folder in storage.list_dir(root):
+                if folder.base_name not in configured:
+                    days_gone = predictions.drop_days_before(folder.base_name, cutoff)
+                    dropped += [f"{root}/{folder.base_name}/{d}" for d in days_gone]
+        if dropped:
+            log.info("prediction logs of models no longer configured: dropped %d days past retention (%s)",
+                     len(dropped), ", ".join(dropped[:5]) + (" ..." if len(dropped) > 5 else ""))
+        return dropped
 
     def _reap(self) -> None:
         """Forget finished tasks and jobs; called with ``_lock`` held."""

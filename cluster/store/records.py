@@ -124,11 +124,15 @@ _LATEST_S = datetime(9999, 12, 31, tzinfo=UTC).timestamp()
 _LOOKUP_TOLERANCE_MS = 1
 
 
-def _date_folder(model: str, day: date, root: str = "predictions") -> str:
+PREDICTIONS_ROOT = "predictions"
+SHADOW_ROOT = "shadow_predictions"
+
+
+def _date_folder(model: str, day: date, root: str = PREDICTIONS_ROOT) -> str:
     return f"{root}/{model}/date={day.isoformat()}"
 
 
-def _minute_folder(model: str, minute: int, root: str = "predictions") -> str:
+def _minute_folder(model: str, minute: int, root: str = PREDICTIONS_ROOT) -> str:
     """The folder of ``minute``, counted in minutes since the epoch (UTC)."""
     start = datetime.fromtimestamp(minute * 60, UTC)
     return f"{_date_folder(model, start.date(), root)}/hour={start.hour:02d}/minute={start.minute:02d}"
@@ -233,7 +237,6 @@ def _read_one(storage: Storage, file: str, schema: pa.Schema, filter, skipped: l
 MERGE_MIN_FILES = 16  # a closed day with fewer compacted files is left as it is
 
 
-SHADOW_ROOT = "shadow_predictions"
 JOURNAL_DIRS = "journal/dirs.json"  # every local folder a feedback writer has journalled in
 
 
@@ -242,7 +245,7 @@ class PredictionLog:
     ``root``: ``SHADOW_ROOT`` for a rollout's shadow answers, logged under the ids of the
     production answers they shadow (so the same id's lookup in the main log stays unique)."""
 
-    def __init__(self, storage: Storage, tasks: Mapping[str, Task], root: str = "predictions"):
+    def __init__(self, storage: Storage, tasks: Mapping[str, Task], root: str = PREDICTIONS_ROOT):
         self.storage = storage
         self.tasks = tasks
         self.root = root

@@ -339,3 +339,30 @@ def test_a_student_job_for_any_reason_counts_as_learning_from_the_teachers_produ
     with retrainer._lock:
         retrainer._follow_teachers()
     assert [(m, t) for m, t, _ in launch.launched] == [("small", "feedback")]
+
+
+def test_prediction_logs_of_a_model_taken_out_of_the_config_are_held_to_retention(tmp_path):
+    """Each replica prunes its own model's log; a model no replica serves any more kept
+    every day of its log for good."""
+    from datetime import UTC, datetime, timedelta
+
+    from tuneloop.core.tasks import make_task
+    from tuneloop.store.records import SHADOW_ROOT, PredictionLog, new_prediction_id
+
+    now = datetime(2026, 12, 4, 12, tzinfo=UTC)
+    retrainer, _, _ = _retrainer(tmp_path, clock=lambda: now.timestamp())
+    storage = retrainer.registry.storage
+    task = make_task("text-classification", ["a", "b"])
+    for root in ("predictions", SHADOW_ROOT):
+        log = PredictionLog(storage, {"gone": task, "m": task}, root=root)
+        for model in ("gone", "m"):
+            for age in (40, 1):
+                at = now - timedelta(days=age)
+                log.append(model, [{"prediction_id": new_prediction_id(at), "model": model, "version": "v1",
+                                    "text": "t", "label": "a", "score": 1.0, "scores": {"a": 1.0}, "created_at": at}])
+    dropped = retrainer.prune_removed_models()  # retention_days: 30 by default
+    old_day = f"date={(now - timedelta(days=40)).date().isoformat()}"
+    assert sorted(dropped) == [f"predictions/gone/{old_day}", f"{SHADOW_ROOT}/gone/{old_day}"]
+    for root in ("predictions", SHADOW_ROOT):
+        assert len(storage.list_dir(f"{root}/gone")) == 1  # the recent day stays
+        assert len(storage.list_dir(f"{root}/m")) == 2  # a configured model's: its replicas' job
