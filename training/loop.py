@@ -289,9 +289,13 @@ def load_for_training(init_path: str, task: Task, dropout: float | None) -> tupl
         _reorder_output_rows(model, order)
     if inherited is None:
         return model, []
-    production = getattr(transformers, task.auto_class).from_pretrained(init_path, dtype=torch.float32,
-                                                                        **task.model_options)
-    new, old = _output_layer(model, len(head)), _output_layer(production, len(labels))
+    named = _output_layer(model, len(head), named=True)
+    old = _saved_rows(init_path, [name for name, _ in named], len(labels))
+    if old is None:  # not in safetensors (a .bin checkpoint): the whole model, for its head
+        production = getattr(transformers, task.auto_class).from_pretrained(init_path, dtype=torch.float32,
+                                                                            **task.model_options)
+        old = _output_layer(production, len(labels))
+    new = [p for _, p in named]
     kept = [(i, row) for i, row in enumerate(inherited) if row is not None]
     with torch.no_grad():
         for p, q in zip(new, old, strict=True):
@@ -299,16 +303,48 @@ def load_for_training(init_path: str, task: Task, dropout: float | None) -> tupl
     return model, [i for i, row in enumerate(inherited) if row is None]
 
 
-def _output_layer(model, rows: int) -> list:
+def _output_layer(model, rows: int, named: bool = False) -> list:
     """The head's last layer: its weight, and bias if any (the last parameters outside the
-    encoder, as Hugging Face heads register them), with one row a label."""
+    encoder, as Hugging Face heads register them), with one row a label; with ``named``,
+    (name, parameter) pairs."""
     prefix = model.base_model_prefix + "."
     outside = [(n, p) for n, p in model.named_parameters() if not n.startswith(prefix)]
-    last = [p for _, p in outside[-2:] if p.shape[0] == rows]
-    if sum(p.ndim == 2 for p in last) != 1:
+    last = [(n, p) for n, p in outside[-2:] if p.shape[0] == rows]
+    if sum(p.ndim == 2 for _, p in last) != 1:
         raise ValueError(f"cannot find the output layer of {type(model).__name__}, of {rows} label rows "
                          f"(parameters outside the encoder: {[n for n, _ in outside]})")
-    return last
+    return last if named else [p for _, p in last]
+
+
+def _saved_rows(path: str, names: list[str], rows: int) -> list | None:
+    """Just the tensors ``names`` of the checkpoint at ``path``, from its safetensors (one
+    file, or shards and their index), in fp32; None when they are not all there with
+    ``rows`` rows. A job that adds labels needs production's output rows only: it loaded the
+    whole production model a second time for them."""
+    import json
+
+    from safetensors import safe_open
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map", {})
+        files = {n: os.path.join(path, weight_map[n]) for n in names if n in weight_map}
+    else:
+        single = os.path.join(path, "model.safetensors")
+        files = {n: single for n in names} if os.path.exists(single) else {}
+    out = []
+    for name in names:
+        if name not in files:
+            return None
+        with safe_open(files[name], framework="pt") as saved:
+            if name not in saved.keys():
+                return None
+            tensor = saved.get_tensor(name).float()
+        if tensor.shape[0] != rows:
+            return None
+        out.append(tensor)
+    return out
 
 
 def _reorder_output_rows(model, order: list[int]) -> None:

@@ -191,6 +191,12 @@ def test_a_checkpoint_with_the_labels_in_another_order_trains_from_its_rows_in_o
     grown, added = load_for_training(path, make_task("text-classification", ["negative", "neutral", "positive"]),
                                      None)
     assert added == [1] and grown.classifier.bias[[0, 2]].tolist() == [-4.0, 4.0]
+    # Production's rows come from its safetensors alone, not from a second load of the model.
+    from tuneloop.training.loop import _saved_rows
+
+    weight, bias = _saved_rows(path, ["classifier.weight", "classifier.bias"], 2)
+    assert bias.tolist() == [4.0, -4.0] and weight.shape[0] == 2
+    assert _saved_rows(path, ["classifier.weight"], 3) is None and _saved_rows(path, ["no.such"], 2) is None
     more, added = load_for_training(tagger, make_task("token-classification", ["PER", "LOC", "MISC"]), None)
     assert added == [5, 6] and torch.equal(more.classifier.weight[:5], before[[0, 3, 4, 1, 2]])
 
