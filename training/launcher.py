@@ -423,11 +423,16 @@ def _gate(task: Task, rules: GateConfig, report: dict,
     empty = {"metrics": EvalMetrics(accuracy=0, precision=0, recall=0, f1=0, eval_rows=0).model_dump(), "right": []}
     golden = EvalMetrics.model_validate(candidate.get("golden", empty)["metrics"])
     parent_golden = EvalMetrics.model_validate(parent.get("golden", empty)["metrics"]) if parent else None
-    ours = dict(candidate.get("fresh", empty)["right"])
-    theirs = dict(parent.get("fresh", empty)["right"]) if parent else {}
-    rows = sorted(set(ours) & set(theirs))
+    def paired(name: str) -> tuple[list[bool], list[bool]]:
+        ours = dict(candidate.get(name, empty)["right"])
+        theirs = dict(parent.get(name, empty)["right"]) if parent else {}
+        rows = sorted(set(ours) & set(theirs))
+        return [ours[r] for r in rows], [theirs[r] for r in rows]
+
+    (fresh_ours, fresh_theirs), (golden_ours, golden_theirs) = paired("fresh"), paired("golden")
     evidence = Evidence(metric=task.gate_metric, golden=golden, parent_golden=parent_golden,
-                        fresh_candidate=[ours[r] for r in rows], fresh_parent=[theirs[r] for r in rows],
+                        fresh_candidate=fresh_ours, fresh_parent=fresh_theirs,
+                        golden_candidate=golden_ours, golden_parent=golden_theirs,
                         finite=all(e["finite"] for e in candidate.values()), teacher=teacher)
     return decide(evidence, rules), golden, parent_golden
 

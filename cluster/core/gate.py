@@ -76,6 +76,9 @@ class Evidence(BaseModel):
     # Fresh rows, paired: whether the candidate / production answered each one right.
     fresh_candidate: list[bool] = Field(default_factory=list)
     fresh_parent: list[bool] = Field(default_factory=list)
+    # The golden rows, paired the same way (empty when the job did not record them).
+    golden_candidate: list[bool] = Field(default_factory=list)
+    golden_parent: list[bool] = Field(default_factory=list)
     finite: bool = True
     teacher: TeacherEvidence | None = None
 
@@ -114,9 +117,21 @@ def _golden_check(e: Evidence, rules: GateConfig) -> GateCheck:
     numbers: dict[str, Any] = {e.metric: value, f"production_{e.metric}": base, "margin": rules.golden_margin,
                                "rows": e.golden.eval_rows}
     if value < base - rules.golden_margin:
+        # The margin is a hard bound (a safety gate errs towards keeping production); what
+        # the paired rows say of chance is recorded, so that an operator can tell a real
+        # regression from a golden set too small to separate the two.
+        chance = ""
+        if e.golden_candidate and len(e.golden_candidate) == len(e.golden_parent):
+            pairs = list(zip(e.golden_candidate, e.golden_parent, strict=True))
+            b, c = sum(x and not y for x, y in pairs), sum(y and not x for x, y in pairs)
+            p = mcnemar_exact(c, b)  # that production is right more often than the candidate
+            numbers.update(candidate_only=b, production_only=c, p_value_worse=p)
+            if p >= rules.alpha:
+                chance = (f"; chance could explain it (only production right on {c} rows, only the candidate on {b}: "
+                          f"McNemar p={p:.3g}): a larger golden set would tell them apart")
         return GateCheck(name="golden", passed=False, numbers=numbers,
                          detail=f"{e.metric} {value:.4f} on the golden set is more than {rules.golden_margin:g} "
-                                f"below production's {base:.4f}")
+                                f"below production's {base:.4f}{chance}")
     drops, by_chance = {}, {}
     classes = [label for label, theirs in e.parent_golden.per_class.items() if theirs.support]
     level = rules.alpha / max(1, len(classes))  # Bonferroni: one false alarm in 1/alpha jobs, whatever the classes

@@ -49,6 +49,22 @@ def test_golden_accuracy_may_fall_by_the_margin_and_no_more():
     assert "0.8800 on the golden set is more than 0.01 below production's 0.9000" in d.reason
 
 
+def test_a_golden_veto_says_whether_chance_could_explain_the_drop():
+    """The margin stays a hard bound; the record tells a regression from a golden set too
+    small to separate the two models."""
+    parent = _golden(9, 9, n=20)  # 0.90
+    small = Evidence(metric="accuracy", golden=_golden(8, 9, n=20), parent_golden=parent,
+                     golden_candidate=[True] * 16 + [False, True, False, False],  # 17 right
+                     golden_parent=[True] * 16 + [True, False, True, False])  # 18 right
+    d = decide(small, RULES)  # one row lost: production alone right on 2, the candidate on 1
+    assert not d.accepted and "chance could explain it" in d.reason
+    assert d.checks[0].numbers["p_value_worse"] == pytest.approx(mcnemar_exact(2, 1))
+    big = Evidence(metric="accuracy", golden=_golden(360, 352, n=800), parent_golden=_golden(380, 380, n=800),
+                   golden_candidate=[True] * 712 + [False] * 88, golden_parent=[True] * 760 + [False] * 40)
+    d = decide(big, RULES)  # 48 rows only production answers right, none only the candidate
+    assert not d.accepted and "chance" not in d.reason and d.checks[0].numbers["p_value_worse"] < 1e-9
+
+
 def test_a_class_losing_recall_fails_even_when_the_average_holds():
     parent = _golden(360, 360, n=800)  # recall 0.9 each
     candidate = _golden(400, 328, n=800)  # accuracy 0.91, but positive recall 0.82
