@@ -88,11 +88,18 @@ def _node_files(base: str) -> dict[str, bytes]:
     return out
 
 
+class IncompleteScrape(RuntimeError):
+    """Some live node's metric files did not come (``cluster_metric_files(complete=True)``)."""
+
+
 @contextmanager
-def cluster_metric_files(base: str, timeout_s: float = NODE_TIMEOUT_S) -> Iterator[dict[str, list[str]]]:
+def cluster_metric_files(base: str, timeout_s: float = NODE_TIMEOUT_S,
+                         complete: bool = False) -> Iterator[dict[str, list[str]]]:
     """Paths of every live node's metric files below ``base``, by node label, for the block:
     on one machine the files where they are, else copies in a private temporary folder (one
-    per scrape, so scrapes never share one)."""
+    per scrape, so scrapes never share one). ``complete``: raise IncompleteScrape rather than
+    leave a node out (a rollout's health baseline missing a node counted that node's whole
+    history as the stage's once it answered)."""
     nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
     if len(nodes) <= 1:
         yield {node_label(ray.get_runtime_context().get_node_id()): _metric_files(base)}
@@ -105,6 +112,7 @@ def cluster_metric_files(base: str, timeout_s: float = NODE_TIMEOUT_S) -> Iterat
                     "scrape", len(late), len(refs), timeout_s)
         for ref in late:
             ray.cancel(ref, force=True)
+    missing = len(late)
     with tempfile.TemporaryDirectory(prefix="tuneloop-metrics-") as into:
         paths: dict[str, list[str]] = {}
         for node, ref in refs.items():
@@ -114,6 +122,7 @@ def cluster_metric_files(base: str, timeout_s: float = NODE_TIMEOUT_S) -> Iterat
                 files = ray.get(ref)
             except ray.exceptions.RayError as e:  # the node went away mid-scrape
                 log.warning("metrics: node %s: %s", node[:8], e)
+                missing += 1
                 continue
             folder = os.path.join(into, node)  # the file names as they were: prometheus-client reads the
             os.makedirs(folder)  # type, a gauge's mode and the pid from them (<type>[_<mode>]_<pid>.db)
@@ -121,4 +130,6 @@ def cluster_metric_files(base: str, timeout_s: float = NODE_TIMEOUT_S) -> Iterat
                 with open(os.path.join(folder, name), "wb") as f:
                     f.write(data)
             paths[node_label(node)] = [os.path.join(folder, name) for name in files]
+        if complete and missing:
+            raise IncompleteScrape(f"{missing} of {len(refs)} nodes did not send their replicas' metrics")
         yield paths

@@ -36,7 +36,7 @@ from tuneloop.core.names import INGRESS_APP, INGRESS_DEPLOYMENT, model_app_name,
 from tuneloop.core.resources import DATA_CPUS, training_shortfall
 from tuneloop.core.serving_time import JobMoments, rollout_complete, serving_time
 from tuneloop.core.tasks import Task, model_tasks
-from tuneloop.store.jobs import Heartbeat, JobRecord, JobRunning, JobStore, hand_over, take_lease
+from tuneloop.store.jobs import Heartbeat, JobLost, JobRecord, JobRunning, JobStore, hand_over, take_lease
 from tuneloop.store.records import FeedbackStore
 from tuneloop.store.registry import Manifest, Registry
 from tuneloop.store.storage import Storage
@@ -215,7 +215,7 @@ def run_training(cfg: TuneloopConfig, model: str, trigger: str = "manual", job: 
     except Exception as e:  # noqa: BLE001 - the job record carries the failure
         # The data, the config or the cluster (ValueError, ResourcesUnavailable): its message
         # says it; anything else is a bug, with its traceback.
-        expected = isinstance(e, ValueError | ResourcesUnavailable)
+        expected = isinstance(e, ValueError | ResourcesUnavailable | JobLost)
         log.error("job %s failed: %s", job.job_id, e if expected else traceback.format_exc())
         if expected:
             log.debug("job %s failed: %s", job.job_id, traceback.format_exc())
@@ -225,9 +225,10 @@ def run_training(cfg: TuneloopConfig, model: str, trigger: str = "manual", job: 
     finally:
         heartbeat.stop()
         job.finished_at = jobs.now()
-        jobs.save(job)
-        if lease is not None:
-            lease.release()  # after the final record: the next job finds this one finished
+        try:
+            jobs.save(job)
+        finally:  # after the final record (the next job finds this one finished), or without it
+            lease.release()
 
 
 def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, registry: Registry,
@@ -321,6 +322,8 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
         distilled_from=teacher.record(parent is None) if teacher else None,
     )
     trained_on = data.train.select(["source", "feedback_id", "prediction_id", "key_id", "text", *task.target_columns])
+    jobs = JobStore(storage)
+    jobs.check_still_running(job)  # marked lost meanwhile: the model's next job may be running
     with result.checkpoint.as_directory() as ckpt_dir:
         manifest = registry.publish(model, ckpt_dir, manifest,
                                     tables={"trained_on": trained_on, "reservoir": data.reservoir, "golden": data.golden,
@@ -338,6 +341,7 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
             log.exception("job %s: optimizing %s failed; it serves on PyTorch", job.job_id, manifest.version)
         optimized = _now()
     if gate.accepted:
+        jobs.check_still_running(job)  # optimizing takes minutes
         hand_over(registry, job, manifest.version, parent, gate.reason, cfg.rollout)  # sets job.promoted
         job.state = "succeeded"
     else:

@@ -74,6 +74,7 @@ class Retrainer:
         self.cfg, self.jobs, self.registry, self._launch, self._clock = cfg, jobs, registry, launch, clock
         self._state_refresh_s = state_refresh_s
         self._state_read_at: dict[str, float] = {}  # model -> when its registry state was last read
+        self._records_read_at = float("-inf")  # when the records of jobs started elsewhere were last read
         self._lock = threading.Lock()
         records = self.jobs.all()
         self.running: dict[str, str] = {j.model: j.job_id for j in records if j.state == "running"}
@@ -151,7 +152,10 @@ class Retrainer:
                 with self._lock:
                     self._reap()
                     for m in self.cfg.models:
-                        self._maybe_start(m.name)  # the schedule
+                        try:
+                            self._maybe_start(m.name)  # the schedule
+                        except Exception:  # noqa: BLE001 - one model's cut state.json must not stop the others'
+                            log.exception("sweep: could not check %s's triggers", m.name)
                     self._follow_teachers()
                 if self._pruned_at is None or self._clock() - self._pruned_at >= PRUNE_EVERY_S:
                     self._pruned_at = self._clock()
@@ -180,8 +184,10 @@ class Retrainer:
                      len(dropped), ", ".join(dropped[:5]) + (" ..." if len(dropped) > 5 else ""))
         return dropped
 
-    def _reap(self) -> None:
-        """Forget finished tasks and jobs; called with ``_lock`` held."""
+    def _reap(self, check_records: bool = True) -> None:
+        """Forget finished tasks and jobs; called with ``_lock`` held. ``check_records``:
+        also read the records of jobs started elsewhere (one storage read each), which
+        the sweeper does every few seconds and a feedback record at most every ``state_refresh_s``."""
         for model, task in list(self.tasks.items()):
             if task.done():
                 del self.tasks[model]
@@ -193,7 +199,10 @@ class Retrainer:
                     job = self.jobs.get(job_id) if job_id else None
                     if job is not None:
                         self.jobs.fail_running(job, f"lost: the job's process died ({type(e).__name__})")
-        for model, job_id in list(self.running.items()):
+                self.running.pop(model, None)  # its record is final: the task wrote it, or it was failed above
+        if check_records:
+            self._records_read_at = self._clock()
+        for model, job_id in list(self.running.items()) if check_records else ():
             if model not in self.tasks:
                 job = self.jobs.get(job_id)  # marks it failed if its heartbeat stopped
                 if job is None or job.state != "running":
@@ -205,7 +214,9 @@ class Retrainer:
         ``version`` it is about (None for feedback given as a text), ``prediction_id`` that
         prediction's. Returns the job id if a trigger fired."""
         with self._lock:
-            self._reap()
+            # The records of jobs started elsewhere at most every state_refresh_s: a read each on
+            # every feedback record, under the lock, for the whole of a `tuneloop train` or RayJob job.
+            self._reap(check_records=self._clock() - self._records_read_at >= self._state_refresh_s)
             counted = self.counted.setdefault(model, set())
             if prediction_id is None or prediction_id not in counted:  # four relabellings are one row to train
                 self.pending[model] = self.pending.get(model, 0) + 1
@@ -262,10 +273,18 @@ class Retrainer:
         for m in self.cfg.models:
             if m.distill is None:
                 continue
-            teacher = self.registry.production(m.distill.teacher)
-            if teacher is None or teacher == self._learned_from(m.name):
-                continue
-            self._start(m.name, f"teacher {m.distill.teacher} {teacher}")  # records learned_from
+            try:
+                teacher = self.registry.production(m.distill.teacher)
+                if teacher is None or teacher == self._learned_from(m.name):
+                    continue
+                self._production_of(m.name)
+                if self._in_rollout.get(m.name):
+                    # Its version would only wait as a candidate, and learned_from would say this
+                    # teacher was followed: the student waits for its own rollout to end.
+                    continue
+                self._start(m.name, f"teacher {m.distill.teacher} {teacher}")  # records learned_from
+            except Exception:  # noqa: BLE001 - one student's storage trouble must not stop the others'
+                log.exception("sweep: could not follow %s's teacher", m.name)
 
     def _learned_from(self, student: str) -> str | None:
         """The teacher version the student's newest job was started for; at first, the one
@@ -329,7 +348,7 @@ def _health_reader(metrics_dir: str | None) -> Callable[[str], dict]:
     def read(model: str) -> dict:
         if not metrics_dir:
             return {}
-        with cluster_metric_files(metrics_dir) as files:
+        with cluster_metric_files(metrics_dir, complete=True) as files:  # a partial one is no baseline
             return version_health(files, model)
 
     return read
@@ -382,7 +401,12 @@ class RetrainController(Retrainer):
         return True
 
     def _leave_when_idle(self, owner: str, every_s: float = 2.0) -> None:
-        while self.busy():
+        while True:
+            try:
+                if not self.busy():
+                    break
+            except Exception:  # noqa: BLE001 - storage trouble: this thread must not die and the actor stay
+                log.exception("retiring controller: could not read its job's state; trying again")
             time.sleep(every_s)
         with self._lock:
             if not self.retiring or owner != self._owner:

@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from tuneloop.core.config import TuneloopConfig
 from tuneloop.core.errors import Conflict
 from tuneloop.core.rollout import Decision, Rollout, VersionHealth, decide
 from tuneloop.core.rollout_evidence import evidence, stage_feedback
 from tuneloop.core.tasks import model_tasks
-from tuneloop.store.records import FeedbackStore, PredictionLog
+from tuneloop.store.records import FeedbackStore, PredictionLog, prediction_time
 from tuneloop.store.registry import Registry
 
 log = logging.getLogger(__name__)
+# A prediction this old with no shadow answer logged will not get one: replicas flush their
+# logs every second, and a shadow runs when production is idle, within seconds under load.
+SHADOW_SETTLE_S = 120.0
 Health = Callable[[str], Mapping[str, VersionHealth]]  # model -> version -> cumulative counts
 
 
@@ -37,6 +40,7 @@ class RolloutDriver:
         self.tasks = model_tasks(cfg.models)
         self._baselines: dict[tuple[str, str, str], Mapping[str, VersionHealth]] = {}
         self._shadow_answers: dict[str, dict] = {}  # prediction id -> the shadow's answer (found once)
+        self._no_shadow: dict[str, str] = {}  # prediction id -> model: old enough, and no shadow answer
         self.last: dict[str, Decision] = {}  # model -> the latest decision, for status
 
     def look_all(self) -> None:
@@ -52,12 +56,13 @@ class RolloutDriver:
         rollout = state.rollout
         if rollout is None:
             self._shadow_answers = {k: v for k, v in self._shadow_answers.items() if v.get("model") != model}
+            self._no_shadow = {k: m for k, m in self._no_shadow.items() if m != model}
             return None
         if rollout.paused or state.production is None:
             return None
         started = datetime.fromisoformat(rollout.stage_started_at)
         rows = stage_feedback(self.feedback.read_since(model, (started, "")).to_pylist(), started)
-        shadow = self._find_shadow_answers(model, rows) if rollout.stage == "shadow" else {}
+        shadow = self._find_shadow_answers(model, rollout.version, rows) if rollout.stage == "shadow" else {}
         seen = self._health_since(model, rollout.version, rollout.stage_started_at)
         found = evidence(self.tasks[model], state.production, rollout, rows, shadow, seen)
         decision = decide(self.cfg.rollout, found, (self.clock() - started).total_seconds())
@@ -85,15 +90,24 @@ class RolloutDriver:
         else:
             log.debug("rollout of %s %s: hold (%s)", model, version, d.reason)
 
-    def _find_shadow_answers(self, model: str, rows: list[dict]) -> dict[str, dict]:
+    def _find_shadow_answers(self, model: str, version: str, rows: list[dict]) -> dict[str, dict]:
+        """The challenger ``version``'s shadow answers to the rows' predictions. Each is looked
+        up until found, or until its prediction is ``SHADOW_SETTLE_S`` old without one (shed
+        under load, or outside ``shadow_percent``): every look listed and read the stage's
+        misses again, a look growing with the stage. Another version's answer (a replica that
+        had not yet reloaded after an operator swapped the challenger) is not this one's."""
+        settled = self.clock() - timedelta(seconds=SHADOW_SETTLE_S)
         for row in rows:
             pid = row["prediction_id"]
-            if pid not in self._shadow_answers:
-                answer = self.shadow_log.lookup([model], pid)
-                if answer is not None:
-                    self._shadow_answers[pid] = answer
-        return {r["prediction_id"]: self._shadow_answers[r["prediction_id"]] for r in rows
-                if r["prediction_id"] in self._shadow_answers}
+            if pid in self._shadow_answers or pid in self._no_shadow:
+                continue
+            answer = self.shadow_log.lookup([model], pid)
+            if answer is not None:
+                self._shadow_answers[pid] = answer
+            elif (at := prediction_time(pid)) is not None and at < settled:
+                self._no_shadow[pid] = model
+        return {r["prediction_id"]: a for r in rows
+                if (a := self._shadow_answers.get(r["prediction_id"])) is not None and a.get("version") == version}
 
     def _health_since(self, model: str, version: str, stage_started_at: str) -> dict[str, VersionHealth]:
         try:

@@ -72,6 +72,11 @@ class JobRunning(Conflict):
     """Another job of the same model holds the model's lease."""
 
 
+class JobLost(RuntimeError):
+    """This job's record no longer says running: it was marked lost (its heartbeats did not
+    reach storage in time), and its lease may be another job's by now."""
+
+
 class JobStore:
     """Job records. ``clock`` and ``stale_after_s`` are parameters so that tests can move
     time instead of waiting for it."""
@@ -180,6 +185,16 @@ class JobStore:
     def all(self) -> list[JobRecord]:
         return [self._settle(j) for j in self._read_all()]
 
+    def check_still_running(self, job: JobRecord) -> None:
+        """Raise JobLost unless ``job``'s stored record still says running. A job whose beats
+        stalled (storage throttled, a partition) was marked lost and trained on; the next job
+        took its lease, and both published."""
+        stored = self._read(job.job_id)
+        if stored is None or stored.state != "running":
+            raise JobLost(f"job {job.job_id} was marked {stored.state if stored else 'gone'} while it ran"
+                          + (f" ({stored.error})" if stored is not None and stored.error else "")
+                          + ": another job may hold its lease; not publishing")
+
     def running(self, model: str) -> JobRecord | None:
         """The live running job of ``model``, if any (dead ones are marked failed first)."""
         return next((j for j in self.all() if j.model == model and j.state == "running"), None)
@@ -241,7 +256,11 @@ def take_lease(storage: Storage, jobs: JobStore, job: JobRecord) -> FileLock | R
             holder = f.read(200).strip() or "another job"
         raise JobRunning(f"{holder} is already running for {job.model!r} (it holds {storage.path(rel)}); "
                          "wait for it to finish")
-    lease.write_holder(f"job {job.job_id} (pid {os.getpid()} on {socket.gethostname()})")
+    try:
+        lease.write_holder(f"job {job.job_id} (pid {os.getpid()} on {socket.gethostname()})")
+    except BaseException:  # a full disk: the lock must not stay with this (pooled, long-lived) process
+        lease.release()
+        raise
     return lease
 
 
@@ -281,17 +300,19 @@ def promote_or_wait(registry: Registry, job: JobRecord, version: str, parent: st
 
     Production moving during the job means someone decided (an operator rolled back, or
     promoted another version): that decision stands, and the job's gate compared against a
-    parent that is no longer production. Sets ``job.promoted`` and ``job.message``.
+    parent that is no longer production. So does a rollout an operator started meanwhile:
+    promoting would end it. Sets ``job.promoted`` and ``job.message``.
     """
     try:
-        registry.promote(job.model, version, reason=f"job {job.job_id}: {reason}", expect_production=parent)
+        registry.promote(job.model, version, reason=f"job {job.job_id}: {reason}", expect_production=parent,
+                         over_rollout=False)
     except Conflict as e:
-        state = registry.record_candidate(
+        registry.record_candidate(
             job.model, version, reason=f"job {job.job_id} trained from {parent or 'the base model'}, "
-                                       f"but production moved meanwhile: {e.message}")
+                                       f"but an operator decided meanwhile: {e.message}")
         job.promoted = False
-        job.message = (f"{version} passed the gate against {parent or 'no production'} but production is now "
-                       f"{state.production or 'none'}: not promoted, it waits as a candidate. To promote it: "
+        job.message = (f"{version} passed the gate against {parent or 'no production'} but was not promoted "
+                       f"({e.message}): it waits as a candidate. To promote it: "
                        f'POST /v1/models/{job.model}/promote {{"version": "{version}"}}')
         log.info("job %s: %s", job.job_id, job.message)
         return

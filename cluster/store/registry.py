@@ -402,15 +402,20 @@ class Registry:
 
     def promote(self, model: str, version: str, reason: str = "",
                 expect_production: str | None = UNCHECKED, force: bool = False,
-                labels: list[str] | None = None, request: str | None = None) -> RegistryState:
+                labels: list[str] | None = None, request: str | None = None,
+                over_rollout: bool = True) -> RegistryState:
         """Make ``version`` production. With ``expect_production``, only if production is
         still that (None: still no production); otherwise raises Conflict naming the current
         one. A version the gate rejected needs ``force``; with ``labels`` (the config's), a
         version trained for other labels is refused. Raises UnknownVersion for a version
-        that was never published."""
+        that was never published. Without ``over_rollout`` (a job's own promotion), a
+        rollout under way is a Conflict too: an operator's decision, which stands."""
         self._servable(model, version, force, labels, "promote")
 
         def apply(state: RegistryState) -> HistoryEntry:
+            if not over_rollout and state.rollout is not None and state.rollout.version != version:
+                raise Conflict(f"{state.rollout.version} of {model!r} is being rolled out "
+                               f"({state.rollout.stage}); that rollout stands")
             if version == state.production:
                 if state.rollout is None:
                     raise _Unchanged(state)  # a retried promotion: nothing to record, rollback unmoved

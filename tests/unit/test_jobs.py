@@ -127,6 +127,19 @@ def test_a_record_finished_meanwhile_is_not_marked_lost(jobs, storage, clock):
     assert _on_disk(storage, job.job_id)["state"] == "succeeded"
 
 
+def test_a_job_marked_lost_while_it_ran_stops_before_publishing(jobs, storage, clock):
+    """Beats that stalled (storage throttled) got a live job marked lost; it trained on while
+    the next job took the model's lease, and both published."""
+    from tuneloop.store.jobs import JobLost
+
+    job = jobs.create("m", "manual")
+    jobs.check_still_running(job)  # alive: nothing to say
+    clock.advance(61)
+    jobs.fail_stale()
+    with pytest.raises(JobLost, match="marked failed while it ran .*lost: no heartbeat.*not publishing"):
+        jobs.check_still_running(job)
+
+
 def test_fail_running_marks_a_job_whose_process_is_known_dead(jobs):
     job = jobs.create("m", "manual")
     failed = jobs.fail_running(job, "lost: the job's process died (WorkerCrashedError)")
@@ -324,3 +337,34 @@ def test_a_second_challenger_waits_as_a_candidate(registry, jobs):
     job = _job(jobs)
     hand_over(registry, job, "v3", parent="v1", reason="up", rollout=RolloutConfig(mode="canary"))
     assert registry.state("m").rollout.version == "v2" and "waits as a candidate" in job.message
+
+
+def test_a_direct_jobs_version_leaves_an_operators_rollout_under_way(registry, jobs):
+    """rollout.mode direct: a job finishing while an operator rolled out another version
+    promoted over it, ending the rollout the operator had started."""
+    registry.promote("m", "v1")
+    job = _job(jobs)  # trains from v1...
+    registry.start_rollout("m", "v2", "shadow", 0)  # ...while an operator starts v2's rollout
+    hand_over(registry, job, "v3", parent="v1", reason="up", rollout=RolloutConfig(mode="direct"))
+    state = registry.state("m")
+    assert (state.production, state.rollout.version, state.history[-1].event) == ("v1", "v2", "candidate")
+    assert job.promoted is False and "v2 of 'm' is being rolled out (shadow)" in job.message
+    assert "waits as a candidate" in job.message
+    assert registry.promote("m", "v3").production == "v3"  # an operator still may, ending it
+
+
+def test_a_lease_whose_holder_could_not_be_written_is_given_back(jobs, storage, monkeypatch):
+    """On a full disk the lock was taken and never returned: in a pooled Ray worker, which
+    lives on, every later job of the model failed as 'already running'."""
+    import errno
+
+    from tuneloop.store.storage import FileLock
+
+    def full(self, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(FileLock, "write_holder", full)
+    with pytest.raises(OSError, match="No space"):
+        take_lease(storage, jobs, jobs.create("m", "manual"))
+    monkeypatch.undo()
+    take_lease(storage, jobs, jobs.create("m", "manual")).release()  # free: no JobRunning

@@ -188,12 +188,18 @@ def test_a_retiring_controller_starts_no_job_and_is_busy_until_its_own_ends(tmp_
 
 
 def test_a_new_controller_waits_for_the_job_of_the_one_it_replaces(tmp_path):
-    old, launch, jobs = _retrainer(tmp_path, every_n=1)
+    now = [1000.0]
+    old, launch, jobs = _retrainer(tmp_path, every_n=1, clock=lambda: now[0])
     assert old.record_feedback("m") is not None
-    new, new_launch, _ = _retrainer(tmp_path, every_n=1)
+    new, new_launch, _ = _retrainer(tmp_path, every_n=1, clock=lambda: now[0])
     assert new.record_feedback("m") is None and not new_launch.launched  # the old one's job runs
     launch.finish(0)
-    assert new.record_feedback("m") is not None
+    reads = []
+    real_get = new.jobs.get
+    new.jobs.get = lambda job_id: reads.append(job_id) or real_get(job_id)
+    assert new.record_feedback("m") is None and reads == []  # its record is read at most once a second
+    now[0] += STATE_REFRESH_S
+    assert new.record_feedback("m") is not None and len(reads) == 1
 
 
 def test_a_student_follows_its_teachers_production_once_per_version(tmp_path):
@@ -235,6 +241,17 @@ def test_a_student_follows_its_teachers_production_once_per_version(tmp_path):
     with again._lock:
         again._follow_teachers()
     assert len(launch.launched) == 2
+    # While the student rolls out a version of its own, a new teacher version waits: its job's
+    # version could only wait as a candidate, and the teacher version would count as followed.
+    publish("small", {"model": "big", "version": "v2"})
+    registry.promote("small", "v1", reason="test")
+    registry.start_rollout("small", "v2", "shadow", 0)
+    publish("big")
+    retrainer._state_read_at.clear()
+    assert len(sweep()) == 2
+    registry.abort_rollout("small", "v2", "test")
+    retrainer._state_read_at.clear()
+    assert sweep()[2:] == [("small", "teacher big v3")]
 
 
 def test_no_automatic_job_starts_while_a_challenger_is_rolled_out(tmp_path):

@@ -48,9 +48,9 @@ class World:
         h = self.health.get(version, VersionHealth())
         self.health[version] = VersionHealth(h.requests + 1, h.errors, h.latency_buckets)
 
-    def served(self, version: str, right: bool, shadow_right: bool | None = None) -> None:
+    def served(self, version: str, right: bool, shadow_right: bool | None = None, shadow_version: str = "v2") -> str:
         """One prediction of ``version`` with feedback saying whether it was right (and the
-        shadow's answer to the same request, when given)."""
+        shadow's answer to the same request, when given); its id."""
         self._count(version)
         if shadow_right is not None:
             self._count("v2")  # a shadow run
@@ -61,9 +61,10 @@ class World:
         self.feedback.append(model="m", text="t", label=truth, prediction_id=pid, version=version,
                              predicted_label=truth if right else wrong, predicted_at=at)
         if shadow_right is not None:
-            self.shadow.append("m", [{"prediction_id": pid, "model": "m", "version": "v2", "text": "t",
+            self.shadow.append("m", [{"prediction_id": pid, "model": "m", "version": shadow_version, "text": "t",
                                       "created_at": at, "label": truth if shadow_right else wrong,
                                       "scores": {truth: 0.9, wrong: 0.1}}])
+        return pid
 
 
 @pytest.fixture
@@ -154,3 +155,25 @@ def test_an_operators_pause_or_step_while_the_driver_judges_stands(tmp_path, ope
     state = w.registry.state("m")  # ...and not applied: the operator's change stands
     assert state.rollout is not None and state.rollout.version == "v2" and state.history[-1].event == operator
     assert state.rollout.paused if operator == "pause" else state.rollout.percent == 50
+
+
+def test_only_the_challengers_shadow_answers_count_and_a_settled_miss_is_not_looked_up_again(shadow_world):
+    """A replica that had not reloaded after an operator swapped the challenger logged the
+    old one's answers, which counted as the new one's; and every look read the log again
+    for each prediction whose shadow run was shed, a look growing with the stage."""
+    w = shadow_world
+    ours = [w.served("v1", right=True, shadow_right=True) for _ in range(3)]
+    stale = [w.served("v1", right=True, shadow_right=False, shadow_version="v9") for _ in range(3)]
+    shed = [w.served("v1", right=True) for _ in range(3)]
+    rows = [{"prediction_id": p} for p in ours + stale + shed]
+    assert set(w.driver._find_shadow_answers("m", "v2", rows)) == set(ours)
+    lookups = []
+    real = w.shadow.lookup
+    w.shadow.lookup = lambda models, pid: lookups.append(pid) or real(models, pid)
+    w.driver._find_shadow_answers("m", "v2", rows)
+    assert sorted(lookups) == sorted(shed)  # young misses: their shadow may still be logged
+    lookups.clear()
+    w.driver.clock = lambda: datetime.now(UTC) + timedelta(minutes=5)
+    w.driver._find_shadow_answers("m", "v2", rows)  # settled now: the last lookups of them
+    w.driver._find_shadow_answers("m", "v2", rows)
+    assert sorted(lookups) == sorted(shed)
