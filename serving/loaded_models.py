@@ -70,7 +70,8 @@ class LoadedModel:
 
         self.device = torch.device("cuda" if self.gpu and torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda":  # a GPU without bf16 (T4, V100) emulates it slowly: fp16 there
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # Not torch's default, which counts emulation (every CUDA GPU), as support.
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         else:
             dtype = torch.bfloat16 if self.bf16 else torch.float32
         auto_class = getattr(transformers, self.task.auto_class)

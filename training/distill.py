@@ -28,6 +28,7 @@ from tuneloop.core.evaluation import EvalMetrics
 from tuneloop.core.gate import TeacherEvidence
 from tuneloop.core.tasks import Task
 from tuneloop.store.registry import Registry
+from tuneloop.training.model_files import ModelFiles
 
 TEACHER_COLUMN = "teacher_logits"
 SCORE_BATCH_SIZE = 64
@@ -40,7 +41,7 @@ class Teacher:
 
     model: str
     version: str
-    path: str
+    files: ModelFiles  # the teacher version's, fetched where they are read
     metrics: EvalMetrics | None
     settings: DistillConfig
     scoring_s: float = 0.0
@@ -76,17 +77,19 @@ def teacher_of(cfg: TuneloopConfig, registry: Registry, model: str) -> Teacher |
         raise ValueError(f"{model} is distilled from {settings.teacher}, which has no production version yet: "
                          f"train it first (tuneloop train {settings.teacher})")
     manifest = registry.manifest(settings.teacher, version)
-    return Teacher(model=settings.teacher, version=version, path=registry.local_path(settings.teacher, version),
-                    metrics=manifest.metrics, settings=settings)
+    return Teacher(model=settings.teacher, version=version,
+                   files=ModelFiles.of_version(registry, settings.teacher, version), metrics=manifest.metrics,
+                   settings=settings)
 
 
 class _TeacherScorer:
     """A Ray Data actor: the teacher, and a batch's logits in the student's label order."""
 
-    def __init__(self, path: str, auto_class: str, head: list[str], max_length: int, use_gpu: bool):
+    def __init__(self, files: dict, auto_class: str, head: list[str], max_length: int, use_gpu: bool):
         import torch
         import transformers
 
+        path = ModelFiles(**files).local_path()  # on the actor's node
         self.device = "cuda" if use_gpu else "cpu"
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         self.model = getattr(transformers, auto_class).from_pretrained(path, dtype=torch.float32).to(self.device).eval()
@@ -111,7 +114,7 @@ class _TeacherScorer:
         return batch.append_column(TEACHER_COLUMN, column)
 
 
-def with_teacher_logits(train: pa.Table, teacher_path: str, task: Task, max_length: int, use_gpu: bool,
+def with_teacher_logits(train: pa.Table, teacher: ModelFiles, task: Task, max_length: int, use_gpu: bool,
                         cpus: float, gpus: float) -> tuple[pa.Table, float]:
     """``train`` with the teacher's logits per row (scored once, read every epoch), and the
     seconds the scoring took. The scorer asks for what one training worker asks (``cpus``,
@@ -126,18 +129,18 @@ def with_teacher_logits(train: pa.Table, teacher_path: str, task: Task, max_leng
     level = executor.level
     executor.setLevel(max(level, logging.WARNING))
     try:
-        scored = _scored(train, teacher_path, task, max_length, use_gpu, cpus, gpus)
+        scored = _scored(train, teacher, task, max_length, use_gpu, cpus, gpus)
     finally:
         executor.setLevel(level)
     return scored, time.perf_counter() - t0
 
 
-def _scored(train: pa.Table, teacher_path: str, task: Task, max_length: int, use_gpu: bool, cpus: float,
+def _scored(train: pa.Table, teacher: ModelFiles, task: Task, max_length: int, use_gpu: bool, cpus: float,
             gpus: float) -> pa.Table:
     scored = ray.data.from_arrow(train).map_batches(
         _TeacherScorer, batch_size=SCORE_BATCH_SIZE, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cpus, num_gpus=gpus if use_gpu else 0,
-        fn_constructor_kwargs={"path": teacher_path, "auto_class": task.auto_class, "head": task.head_labels(),
+        fn_constructor_kwargs={"files": teacher.model_dump(), "auto_class": task.auto_class, "head": task.head_labels(),
                                "max_length": max_length, "use_gpu": use_gpu},
     )
     return pa.concat_tables(ray.get(scored.to_arrow_refs()))

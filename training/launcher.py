@@ -31,7 +31,7 @@ from ray.train.torch import TorchTrainer
 from tuneloop.core.config import GateConfig, TrainingConfig, TuneloopConfig
 from tuneloop.core.evaluation import EvalMetrics
 from tuneloop.core.gate import Evidence, GateDecision, TeacherEvidence, decide
-from tuneloop.core.model_source import local_config, resolve_model_source
+from tuneloop.core.model_source import local_config
 from tuneloop.core.names import INGRESS_APP, INGRESS_DEPLOYMENT, model_app_name, running_replicas
 from tuneloop.core.resources import DATA_CPUS, training_shortfall
 from tuneloop.core.serving_time import JobMoments, rollout_complete, serving_time
@@ -43,6 +43,7 @@ from tuneloop.store.storage import Storage
 from tuneloop.training.distill import teacher_of, with_teacher_logits
 from tuneloop.training.job_data import JobData, assemble, with_training_columns
 from tuneloop.training.loop import train_loop_per_worker
+from tuneloop.training.model_files import ModelFiles
 from tuneloop.training.recipe import layer_problem, startup_parts, training_speed
 
 log = logging.getLogger(__name__)
@@ -242,12 +243,14 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
     feedback.merge_closed_days(model)  # under this job's lease
     parent = registry.production(model)
     teacher = teacher_of(cfg, registry, model)
+    # init_files: what the workers fetch on their own nodes; init_path: this node's copy.
     if parent:
-        init_path = registry.local_path(model, parent)
+        init_files = ModelFiles.of_version(registry, model, parent)
     elif teacher is not None and teacher.student_layers:
-        init_path = teacher.path  # cut to student_layers in the workers
+        init_files = teacher.files  # cut to student_layers in the workers
     else:
-        init_path = resolve_model_source(mcfg.base_model)
+        init_files = ModelFiles(base_model=mcfg.base_model)
+    init_path = init_files.local_path()
     _check_layers(tcfg, init_path, teacher.student_layers if teacher is not None and not parent else None)
     if tcfg.feature_extraction and tcfg.freeze_layers:
         log.warning("job %s: feature_extraction freezes the whole encoder; freeze_layers %d has no effect",
@@ -268,7 +271,7 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
     training_started = _now()  # a student's teacher scoring its rows is training, not queueing
     if teacher is not None:
         tables["train"], teacher.scoring_s = with_teacher_logits(
-            tables["train"], teacher.path, task, tcfg.max_length, tcfg.use_gpu, tcfg.cpus_per_worker,
+            tables["train"], teacher.files, task, tcfg.max_length, tcfg.use_gpu, tcfg.cpus_per_worker,
             tcfg.gpus_per_worker)
         log.info("job %s: teacher %s %s scored %d rows in %.1f s", job.job_id, teacher.model, teacher.version,
                  data.train.num_rows, teacher.scoring_s)
@@ -277,7 +280,7 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
         train_loop_per_worker,
         train_loop_config={
             **tcfg.model_dump(),
-            "init_path": init_path,
+            "init_files": init_files.model_dump(),
             "task": mcfg.task,
             "labels": mcfg.labels,
             "task_options": {k: getattr(mcfg, k) for k in task.options},

@@ -18,6 +18,7 @@ from typing import Any
 from tuneloop.core.tasks import Task, make_task
 from tuneloop.training.deepspeed_config import build_deepspeed_config, lr_multiplier, warmup_steps
 from tuneloop.training.distill import TEACHER_COLUMN, distillation_loss, keep_layers
+from tuneloop.training.model_files import ModelFiles
 from tuneloop.training.recipe import (
     EarlyStopping,
     dropout_overrides,
@@ -81,6 +82,19 @@ def _activated(logits, task: Task):
     return logits.float().sigmoid() if task.activation == "sigmoid" else logits.float().softmax(-1)
 
 
+def _eval_loss(logits, target, task: Task):
+    """The loss the model's head computes (cross-entropy over classes or tags, tags marked
+    -100 left out; binary cross-entropy per label for multi-label), from fp32 logits: the
+    head's own, on a bf16 engine's bf16 logits, was rounded to 3 significant digits, enough
+    to change which epoch early stopping keeps."""
+    import torch.nn.functional as F
+
+    logits = logits.float()
+    if task.activation == "sigmoid":
+        return F.binary_cross_entropy_with_logits(logits, target.float())
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+
+
 def _evaluate(engine, tokenizer, rows, max_length: int, task: Task, masked: list[int] | None = None) -> dict[str, Any]:
     """Score a whole evaluation set: its metrics, its mean loss, whether each row (by its
     ``row`` number, when the set has one) was answered right, and whether every output was finite. Every
@@ -109,14 +123,13 @@ def _evaluate(engine, tokenizer, rows, max_length: int, task: Task, masked: list
             # thousands of windows (seed and golden rows have no max_chars_per_input).
             for start in range(0, len(window_targets), EVAL_BATCH_SIZE):
                 end = start + EVAL_BATCH_SIZE
-                out = engine(**{k: v[start:end] for k, v in inputs.items()},
-                             labels=_target_tensor(window_targets[start:end], task, engine.device))
-                logits = out.logits
+                logits = engine(**{k: v[start:end] for k, v in inputs.items()}).logits
+                target = _target_tensor(window_targets[start:end], task, engine.device)
                 if masked:
                     logits = logits.clone()
                     logits[..., masked] = -1e4
                 finite = finite and bool(torch.isfinite(logits).all())
-                loss_sum += float(out.loss) * len(window_targets[start:end])
+                loss_sum += float(_eval_loss(logits, target, task)) * len(window_targets[start:end])
                 scores.extend(_activated(logits, task).tolist())
             windows_scored += len(window_targets)
             targets, predicted = task.evaluated(batch, encoding, scores)
@@ -376,10 +389,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     max_length: int = config["max_length"]
     batch_size: int = config["batch_size"]
     precision = resolve_precision(config["precision"], config["use_gpu"],
-                                  config["use_gpu"] and torch.cuda.is_bf16_supported())
+                                  config["use_gpu"] and torch.cuda.is_bf16_supported(including_emulation=False))
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(config["init_path"])
-    model, new_rows = load_for_training(config["init_path"], task, config["dropout"])
+    init_path = ModelFiles(**config["init_files"]).local_path()  # on this worker's node
+    tokenizer = transformers.AutoTokenizer.from_pretrained(init_path)
+    model, new_rows = load_for_training(init_path, task, config["dropout"])
     if padded := _with_pad_token(tokenizer, model):
         _log(rank, padded)
     max_length, capped = _fit_to_positions(tokenizer, model, max_length)
@@ -412,8 +426,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         gradient_accumulation_steps=accumulation,
     )
     warmup = warmup_steps(total_steps, config["warmup_ratio"])
-    # DeepSpeed steps the scheduler after each optimizer step (not after one a fp16 overflow
-    # skipped); LambdaLR sets update k's rate to the configured one x lr_multiplier(k).
+    # DeepSpeed steps the scheduler after each optimizer step it applied, and the loop after
+    # one it skipped; LambdaLR sets step k's rate to the configured one x lr_multiplier(k).
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=_param_groups(model, config["weight_decay"]), config=ds_config,
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
@@ -453,7 +467,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _log(rank, "early stopping is off for this job: no validation rows (too little fresh feedback"
                    + ("; the golden set is the gate's)" if config["has_parent"] else ", and no golden set)"))
     best: tuple[dict[str, Any], dict[str, Any]] | None = None  # (evaluation, weights) of the best epoch
-    epochs_run, steps_at_last_check, started = 0, 0, time.perf_counter()
+    epochs_run, applied, applied_at_last_check, started = 0, 0, 0, time.perf_counter()
     last_line = started
     epoch_times: list[list[float]] = []  # [rows of all workers, seconds] per epoch
     # from_pretrained leaves a model in eval mode and deepspeed.initialize keeps it so: a job
@@ -475,7 +489,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 loss = distillation_loss(out.logits, teacher_logits, loss, task, distill["temperature"],
                                          distill["alpha"])
             engine.backward(loss)
+            steps_before = engine.global_steps
             engine.step()  # an optimizer step at every accumulation boundary
+            if engine.global_steps > steps_before:
+                if engine.was_step_applied():
+                    applied += 1
+                elif engine.lr_scheduler is not None:
+                    # Skipped by the loss scale (fp16 overflow; bf16 inf or NaN): DeepSpeed counts it
+                    # in global_steps, which end the job, but does not step the schedule, whose
+                    # warmup then shifted and whose last rate stayed above 0. The schedule follows.
+                    engine.lr_scheduler.step()
             seen += len(target)
             loss_sum += loss.detach().item()
             batches += 1
@@ -490,8 +513,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         epoch_times.append([seen * world, dt])
         line = (f"epoch {epoch + 1}/{config['epochs']} step {engine.global_steps}/{total_steps} "
                 f"loss {loss_sum / max(1, batches):.4f} {seen * world / max(dt, 1e-9):.1f} samples/s")
-        if per_epoch and engine.global_steps > steps_at_last_check:  # an epoch that stepped (accumulation)
-            steps_at_last_check = engine.global_steps
+        if per_epoch and applied > applied_at_last_check:  # an epoch that updated the weights
+            applied_at_last_check = applied
             evaluation = evaluate()
             # Every rank must take the same branch (the weights' gather is collective): rank 0's loss decides.
             loss = _from_rank_zero(evaluation[monitor]["loss"], engine.device)
@@ -519,7 +542,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "recipe": {"precision": precision, "epochs_run": epochs_run, "best_epoch": stopping.best_epoch + 1,
                    "early_stopped": epochs_run < config["epochs"] and engine.global_steps < total_steps,
                    "monitor": monitor if per_epoch else None, "zero_stage_run": zero_stage,
-                   "frozen_tensors": len(frozen), "accumulation": accumulation},
+                   "frozen_tensors": len(frozen), "accumulation": accumulation,
+                   "skipped_steps": engine.global_steps - applied},
     }
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None

@@ -121,6 +121,26 @@ def test_a_version_optimized_again_is_fetched_again_by_a_node_that_cached_it(s3_
     assert (local / "model.safetensors").read_bytes() == Path(weights, "model.safetensors").read_bytes()
 
 
+def test_a_worker_fetches_the_version_it_starts_from_on_its_own_node(s3_root, weights, tmp_path, monkeypatch):
+    """The driver handed workers its own node's download folder: on a worker node without it,
+    from_pretrained read the path as a hub id. What crosses to a worker is what to fetch."""
+    import pickle
+
+    from tuneloop.training.model_files import ModelFiles
+
+    registry = Registry(Storage(s3_root))
+    version = registry.publish("m", weights, _manifest()).version
+    files = pickle.loads(pickle.dumps(ModelFiles.of_version(registry, "m", version).model_dump()))
+    import tempfile
+
+    (tmp_path / "worker-node").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "worker-node"))  # another node: another cache
+    local = Path(ModelFiles(**files).local_path())
+    assert str(local).startswith(str(tmp_path / "worker-node"))
+    assert (local / "model.safetensors").read_bytes() == Path(weights, "model.safetensors").read_bytes()
+    assert ModelFiles(base_model=weights).local_path() == weights  # a folder every node has
+
+
 def test_a_document_read_while_it_is_replaced_is_one_version_of_it(s3_root):
     """pyarrow reads an object's size, then ranges of it: one replaced in between came back
     cut (a replica's poll of state.json, an API read of it, the key file's refresh)."""

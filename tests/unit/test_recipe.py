@@ -230,3 +230,35 @@ def test_freeze_layers_beyond_the_models_layers_is_known_from_its_config():
     assert "exceeds the model's 2" in layer_problem(bert, 3, False, student_layers=2)  # a student's v1
     assert layer_problem({}, 40, False) is None  # unknown: the workers check the parameters
     assert "student_layers 7 exceeds the teacher's 6" in layer_problem(gpt2, 0, False, student_layers=7)
+
+
+@pytest.mark.parametrize(("task_name", "labels"), [("text-classification", ["negative", "positive"]),
+                                                   ("token-classification", ["PER", "LOC"]),
+                                                   ("multi-label-classification", ["a", "b", "c"])])
+def test_the_evaluation_loss_is_the_heads_own_computed_in_fp32(tmp_path, task_name, labels):
+    """Early stopping reads the evaluation loss: computed from fp32 logits (a bf16 engine's
+    head rounded it), it must stay the loss the model's head computes."""
+    import torch
+    import transformers
+
+    from tests.tiny_models import build_tiny_model
+    from tuneloop.core.tasks import make_task
+    from tuneloop.training.loop import _eval_loss
+
+    task = make_task(task_name, labels)
+    path = build_tiny_model(tmp_path / "m", labels, task=task_name)
+    model = getattr(transformers, task.auto_class).from_pretrained(path, **task.model_options).eval()
+    enc = transformers.AutoTokenizer.from_pretrained(path)(["one text", "and another longer one"], padding=True,
+                                                          return_tensors="pt")
+    heads = len(task.head_labels())
+    if task_name == "token-classification":
+        target = torch.randint(0, heads, enc["input_ids"].shape)
+        target[:, 0] = -100  # [CLS]: no tag
+    elif task_name == "multi-label-classification":
+        target = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    else:
+        target = torch.tensor([0, 1])
+    with torch.no_grad():
+        out = model(**enc, labels=target)
+    assert float(_eval_loss(out.logits.bfloat16(), target, task)) == pytest.approx(float(out.loss), rel=1e-2)
+    assert float(_eval_loss(out.logits, target, task)) == pytest.approx(float(out.loss), rel=1e-6)
