@@ -175,7 +175,7 @@ def test_a_checkpoint_with_the_labels_in_another_order_trains_from_its_rows_in_o
 
     from tests.tiny_models import build_tiny_model
     from tuneloop.core.tasks import make_task
-    from tuneloop.training.loop import load_for_training
+    from tuneloop.training.model_files import load_for_training
 
     path = build_tiny_model(tmp_path / "m", ["positive", "negative"], bias=[4.0, -4.0])
     model, added = load_for_training(path, make_task("text-classification", ["negative", "positive"]), None)
@@ -192,7 +192,7 @@ def test_a_checkpoint_with_the_labels_in_another_order_trains_from_its_rows_in_o
                                      None)
     assert added == [1] and grown.classifier.bias[[0, 2]].tolist() == [-4.0, 4.0]
     # Production's rows come from its safetensors alone, not from a second load of the model.
-    from tuneloop.training.loop import _saved_rows
+    from tuneloop.training.model_files import _saved_rows
 
     weight, bias = _saved_rows(path, ["classifier.weight", "classifier.bias"], 2)
     assert bias.tolist() == [4.0, -4.0] and weight.shape[0] == 2
