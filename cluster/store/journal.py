@@ -128,12 +128,14 @@ class Journal:
     segment, so a half-written line can never be glued to the next record. Appends then
     succeed again by themselves once space returns."""
 
-    def __init__(self, directory: str | Path, storage: Storage, to_table, partition):
+    def __init__(self, directory: str | Path, storage: Storage, to_table, partition, unmerged=None):
         self.dir = Path(directory)
         make_private_dirs(str(self.dir))
         self.storage = storage
         self._to_table = to_table
         self._partition = partition
+        # unmerged(folder, records): those a merge of the folder does not hold already (None: all)
+        self._unmerged = unmerged
         self._lock = threading.Lock()
         self._active: _Segment | None = None  # opened by the first append
         self._finished: list[_Segment] = []
@@ -267,7 +269,11 @@ class Journal:
             groups[self._partition(record)].append(record)
         for folder, rows in groups.items():
             rel = f"{folder}/{path.stem}.parquet"
-            if not self.storage.exists(rel):  # already there: compacted before a crash
+            if self.storage.exists(rel):  # already there: compacted before a crash
+                continue
+            if self._unmerged is not None:  # or compacted, then merged into the day's file
+                rows = self._unmerged(folder, rows)
+            if rows:
                 self.storage.write_parquet_atomic(rel, self._to_table(rows))
         fsync_dir(str(self.dir))
         return len(records)

@@ -235,6 +235,7 @@ def _read_one(storage: Storage, file: str, schema: pa.Schema, filter, skipped: l
 
 
 MERGE_MIN_FILES = 16  # a closed day with fewer compacted files is left as it is
+MERGED_PREFIX = "merged-"  # a day's merged file: merged-<first ms>-<last ms>-<digest>.parquet
 
 
 JOURNAL_DIRS = "journal/dirs.json"  # every local folder a feedback writer has journalled in
@@ -372,7 +373,23 @@ class FeedbackStore:
 
     def _journal_in(self, directory: str) -> Journal:
         return Journal(directory, self.storage, to_table=self._to_table,
-                       partition=lambda r: _feedback_day_folder(r["model"], r["created_at"][:10]))
+                       partition=lambda r: _feedback_day_folder(r["model"], r["created_at"][:10]),
+                       unmerged=self._unmerged)
+
+    def _unmerged(self, folder: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``records`` of a closed day less those its merged file holds. A segment compacted,
+        then left in the journal by a crash, then merged with its day (its own file deleted
+        by the merge) was written again beside the merged file when it was recovered: every
+        reader but tuneloop's own (which drop a repeated id) read its rows twice. Today's
+        folder is never merged, and is not listed for this at every compaction."""
+        if _partition_day(folder) >= datetime.now(UTC).date().isoformat():
+            return records
+        merged = [f for f in self.storage.list_files(folder, ".parquet")
+                  if f.rsplit("/", 1)[-1].startswith(MERGED_PREFIX)]
+        if not merged:
+            return records
+        ids = set(_read(self.storage, merged, pa.schema([("feedback_id", pa.string())])).column("feedback_id").to_pylist())
+        return [r for r in records if r["feedback_id"] not in ids]
 
     def _recover_earlier_journals(self) -> None:
         """Compact what writers left in the journal folders used before this one, which the
@@ -528,7 +545,7 @@ class FeedbackStore:
                 return _read(self.storage, files, schema, where)
             except FileNotFoundError:
                 continue
-        merged_days = {_partition_day(f) for f in files if f.rsplit("/", 1)[-1].startswith("merged-")}
+        merged_days = {_partition_day(f) for f in files if f.rsplit("/", 1)[-1].startswith(MERGED_PREFIX)}
         parts = []
         for f in files:
             try:
@@ -584,7 +601,7 @@ class FeedbackStore:
             ms = table.column("created_at").cast(pa.int64()).to_pylist()
             digest = hashlib.blake2b("\n".join(table.column("feedback_id").to_pylist()).encode(),
                                      digest_size=8).hexdigest()
-            merged = f"{_feedback_day_folder(model, day)}/merged-{_file_name(ms[0], ms[-1], digest)}"
+            merged = f"{_feedback_day_folder(model, day)}/{MERGED_PREFIX}{_file_name(ms[0], ms[-1], digest)}"
             self.storage.write_parquet_atomic(merged, table)
             for f in files:
                 if f != merged:

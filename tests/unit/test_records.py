@@ -247,3 +247,35 @@ def test_a_read_that_keeps_meeting_a_merge_deleting_its_sources_still_reads_ever
     rows = store.read_since("m", None)
     assert sorted(rows.column("text").to_pylist()) == sorted(f"t{i}" for i in range(20))
     store.close()
+
+
+def test_a_segment_recovered_after_its_day_was_merged_is_not_written_twice(tmp_path):
+    """Compacted, left in the journal by a crash, then merged with its closed day: recovered,
+    it was written again beside the merged file, and every reader but tuneloop's own read
+    its rows twice."""
+    import shutil
+    from datetime import timedelta
+
+    from tuneloop.store.journal import SUFFIX, encode_line
+
+    journal, day = tmp_path / "journal", datetime.now(UTC) - timedelta(days=2)
+    journal.mkdir()
+    segments = []
+    for i in range(16):  # a closed day's compactions, as a writer journalled them
+        record = {"feedback_id": f"{i:032x}", "prediction_id": None, "model": "m", "version": None,
+                  "text": f"t{i}", "predicted_at": None, "created_at": day + timedelta(seconds=i), "key_id": None,
+                  "idempotency_key": None, "label": "positive", "predicted_label": None}
+        segments.append(journal / f"{i:020d}-1-{i:08x}{SUFFIX}")
+        segments[-1].write_bytes(encode_line(record))
+    shutil.copy(segments[3], tmp_path / "left-by-a-crash")
+    storage = Storage(str(tmp_path / "store"))
+    store = FeedbackStore(storage, str(journal), TASKS)
+    store.open_writer()  # recovers (compacts) the 16 segments
+    assert len(store.files("m")) == 16 and store.merge_closed_days("m") == 16
+    store.close()
+    shutil.copy(tmp_path / "left-by-a-crash", segments[3])  # the crash: its segment was still there
+    again = FeedbackStore(storage, str(journal), TASKS)
+    again.open_writer()  # recovers it
+    again.close()
+    plain = pads.dataset(str(tmp_path / "store/feedback/m"), format="parquet", partitioning="hive").to_table()
+    assert plain.num_rows == 16 and not segments[3].exists()
