@@ -148,9 +148,13 @@ def _answers(loaded: LoadedModel, task: Task, texts: list[str], targets: dict[st
              batch_size: int) -> tuple[list, float]:
     """Per golden row, the model's answer in the task's evaluation form, and its accuracy."""
     y_true, y_pred = [], []
+    # Scores come in the checkpoint's label order; the task reads them in the config's (a
+    # version trained before the config listed its labels in another order is still served).
+    order = [loaded.head.index(label) for label in task.head_labels()]
     for i in range(0, len(texts), batch_size):
         chunk = texts[i:i + batch_size]
         probs, encoding, _, _ = loaded.scores(chunk, task.serving_tokenizer_options(loaded.max_length))
+        probs = probs[..., order]
         truth, answers = task.evaluated({c: v[i:i + batch_size] for c, v in targets.items()}, encoding, probs.tolist())
         y_pred.extend(answers)
         y_true.extend(truth)

@@ -84,7 +84,8 @@ def test_corrected_entities_are_feedback_and_bad_spans_are_refused(ner):
         before = c.get("/v1/models/ner/feedback/stats", headers=bearer(ADMIN_KEY)).json()
         for bad, why in [([{"start": 0, "end": 5, "label": "ORG"}], "unknown type"),
                          ([{"start": 0, "end": 50, "label": "PER"}], "not a span of the text"),
-                         ([{"start": 0, "end": 9, "label": "PER"}, {"start": 6, "end": 12, "label": "LOC"}], "overlap"),
+                         ([{"start": 0, "end": 9, "label": "PER"}, {"start": 6, "end": 11, "label": "LOC"}], "overlap"),
+                         ([{"start": 14, "end": 19, "label": "LOC"}], "' Oslo' begins or ends with whitespace"),
                          ([{"start": 0, "end": 5, "label": "PER", "text": "Alan"}], "the text there is 'Grace'")]:
             refused = c.post("/v1/feedback", json={"prediction_id": answer["id"], "entities": bad},
                              headers=bearer(FEEDBACK_KEY))

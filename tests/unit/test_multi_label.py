@@ -104,3 +104,12 @@ def test_a_replica_scores_each_label_with_a_sigmoid(tmp_path):
                                     ["my card was charged twice, help now"])
     assert answer["labels"] == ["billing", "urgent"] and answer["version"] == "v1"
     assert answer["scores"]["billing"] > 0.99 and answer["scores"]["refund"] < 0.01  # sigmoids, not a softmax
+
+
+def test_the_no_label_key_of_feedback_statistics_is_no_label_name_and_nothing_to_find_is_perfect():
+    with pytest.raises(ValueError, match="'\\(none\\)' is reserved"):
+        make_task("multi-label-classification", ["(none)", "a"])
+    none = [[0.0, 0.0, 0.0]]
+    perfect = ML.metrics(none, none)
+    assert (perfect.precision, perfect.recall, perfect.f1) == (1.0, 1.0, 1.0)
+    assert ML.metrics(none, [[1.0, 0.0, 0.0]]).f1 == 0.0

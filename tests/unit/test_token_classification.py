@@ -68,6 +68,9 @@ def test_labels_are_entity_types_or_a_bio_tag_list():
     with pytest.raises(ConfigError, match="aggregation"):
         parse_config({"models": [{"name": "ner", "task": "token-classification", "base_model": "x",
                                   "labels": TYPES, "aggregation": "max"}]})
+    for tags, named in ((["O", "B-O", "I-O", "B-PER", "I-PER"], "type O"), (["O", "B-", "I-"], "type empty")):
+        with pytest.raises(ValueError, match=named):  # "O" is no entity; "" dropped every entity
+            make_task("token-classification", tags)
 
 
 def test_answers_are_entities_with_offsets_into_the_text(tokenizer):
@@ -93,6 +96,50 @@ def test_an_entity_keeps_the_accent_the_tokenizer_stripped(tokenizer):
     [found] = NER.answers([text], scores_from(encoding, tag), HEAD, encoding)
     assert [(e["start"], e["end"], e["text"]) for e in found["entities"]] == [
         (0, 5, "Jose\u0301"), (14, 24, "Cafe\u0301 Lyon")]
+
+
+def test_an_entity_keeps_the_marks_the_tokenizer_stripped_whatever_combining_says(tokenizer):
+    """Devanagari vowel signs and the anusvara are nonspacing marks (Mn) the uncased
+    tokenizer drops, but unicodedata.combining() is 0 for them: the entity lost its last sign."""
+    text = "I flew to \u092c\u0947\u0902\u0917\u0932\u0941\u0930\u0941 today"  # बेंगलुरु
+    span = {"start": 10, "end": 18, "label": "LOC"}
+
+    def tag(start, first_piece):
+        return ("B-LOC" if start == 10 else "I-LOC") if 10 <= start < 18 else "O"
+
+    encoding = encode(tokenizer, NER, [text])
+    [found] = NER.answers([text], scores_from(encoding, tag), HEAD, encoding)
+    assert [(e["start"], e["end"]) for e in found["entities"]] == [(span["start"], span["end"])]
+
+
+def test_a_character_split_in_several_tokens_is_read_from_its_first_like_training_labels_it():
+    """A byte-level BPE gives "М" (or an emoji) several tokens of the same offsets: serving
+    read the last of them, training labels the first."""
+    from tuneloop.core.tasks.token_classification import _tokens_of_text
+
+    encoding = {"word_ids": [[None, 0, 1, 1, 1, 2, 3, None]],
+                "offset_mapping": [[(0, 0), (0, 3), (4, 5), (4, 5), (5, 9), (10, 12), (13, 15), (0, 0)]]}
+    tokens = _tokens_of_text(encoding, [0])  # the second piece lies further from the window's edges
+    assert [(word, start, end, position) for word, start, end, _, position in tokens] == [
+        (0, 0, 3, 1), (1, 4, 5, 2), (1, 5, 9, 4), (2, 10, 12, 5), (3, 13, 15, 6)]
+
+
+def test_feedback_spans_of_or_edged_with_whitespace_are_refused():
+    text = "Kofi Annan spoke in Geneva."
+    with pytest.raises(InvalidValue, match="covers only whitespace"):
+        NER.feedback_target("ner", {"entities": [{"start": 10, "end": 11, "label": "PER"}]}, text)
+    with pytest.raises(InvalidValue, match=r"' Geneva' begins or ends with whitespace; the entity is 20..26"):
+        NER.feedback_target("ner", {"entities": [{"start": 19, "end": 26, "label": "LOC"}]}, text)
+    assert NER.feedback_target("ner", {"entities": [{"start": 20, "end": 26, "label": "LOC"}]}, text) == {
+        "entities": [{"start": 20, "end": 26, "label": "LOC"}]}
+
+
+def test_no_entity_in_the_truth_and_none_predicted_is_a_perfect_score():
+    """seqeval's 0 made a perfect production score as low as a candidate that tags everything."""
+    nothing = [[0, 0, 0], [0, 0]]
+    perfect = NER.metrics(nothing, nothing)
+    assert (perfect.precision, perfect.recall, perfect.f1, perfect.accuracy) == (1.0, 1.0, 1.0, 1.0)
+    assert NER.metrics(nothing, [[1, 2, 0], [0, 0]]).f1 == 0.0
 
 
 def test_first_takes_a_words_first_piece_and_average_its_mean(tokenizer):

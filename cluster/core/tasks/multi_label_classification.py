@@ -19,6 +19,9 @@ from tuneloop.core.evaluation import ClassMetrics, EvalMetrics
 from tuneloop.core.tasks.base import ListOf, MapOf, Task
 
 
+NO_LABEL = "(none)"  # feedback statistics' key for a text given no label
+
+
 class MultiLabelClassification(Task):
     name = "multi-label-classification"
     auto_class = "AutoModelForSequenceClassification"
@@ -40,6 +43,9 @@ class MultiLabelClassification(Task):
         if unreadable:
             raise ValueError(f"multi-label labels {unreadable}: a label may not hold '|' or start or end with "
                              "a space (seed files join labels with '|')")
+        if NO_LABEL in labels:
+            raise ValueError(f"multi-label label {NO_LABEL!r} is reserved: feedback statistics count texts with "
+                             "no label under it")
         super().__init__(labels)
         thresholds = threshold if isinstance(threshold, dict) else dict.fromkeys(self.labels, threshold)
         unknown = sorted(set(thresholds) - set(self.labels))
@@ -86,7 +92,7 @@ class MultiLabelClassification(Task):
         return {"predicted_labels": list(served["labels"])}
 
     def feedback_labels(self, row: dict[str, Any]) -> list[str]:
-        return list(row["labels"]) or ["(none)"]
+        return list(row["labels"]) or [NO_LABEL]
 
     def agrees(self, row: dict[str, Any]) -> bool:
         return row.get("predicted_labels") is not None and set(row["labels"]) == set(row["predicted_labels"])
@@ -162,8 +168,10 @@ def multi_label_metrics(y_true: list[list[float]], y_pred: list[list[float]], la
         recall = tp / (tp + fn) if tp + fn else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         per_class[label] = ClassMetrics(precision=precision, recall=recall, f1=f1, support=tp + fn, predicted=tp + fp)
-    n = len(per_class) or 1
     exact = sum(1 for t, p in zip(y_true, y_pred, strict=True) if list(t) == list(p))
+    if not per_class:  # no label in the truth and none predicted: every answer right (0 let anything pass)
+        return EvalMetrics(accuracy=exact / len(y_true), precision=1.0, recall=1.0, f1=1.0, eval_rows=len(y_true))
+    n = len(per_class)
     return EvalMetrics(accuracy=exact / len(y_true), precision=sum(c.precision for c in per_class.values()) / n,
                        recall=sum(c.recall for c in per_class.values()) / n, f1=sum(c.f1 for c in per_class.values()) / n,
                        eval_rows=len(y_true), per_class=per_class)
