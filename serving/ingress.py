@@ -54,7 +54,6 @@ from tuneloop.serving.predict_request import (
     check_content_length,
     check_content_type,
     load_json,
-    max_body_bytes,
     read_body,
 )
 
@@ -257,7 +256,7 @@ class Ingress:
         self.jobs = JobStore(storage)
         self.auth = KeyRing(self.cfg.auth, storage)
         self.feedback_limit = RateLimiter(self.cfg.auth.feedback_per_minute, self.cfg.auth.feedback_burst)
-        BodyGuard.max_body_bytes = max_body_bytes(self.cfg.serving)
+        BodyGuard.max_body_bytes = self.cfg.serving.max_body_bytes()
         BodyGuard.body_timeout_s = self.cfg.serving.body_timeout_s
 
     def __del__(self):

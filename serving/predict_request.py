@@ -36,13 +36,7 @@ class PredictLimits:
 
     @classmethod
     def from_config(cls, s: ServingConfig) -> PredictLimits:
-        return cls(s.max_inputs_per_request, s.max_chars_per_input, max_body_bytes(s))
-
-
-def max_body_bytes(s: ServingConfig) -> int:
-    # JSON may escape a character as \uXXXX, and one outside the BMP (an emoji) as a pair of
-    # them: twelve bytes per character at worst (Python's json.dumps writes them so).
-    return s.max_inputs_per_request * (s.max_chars_per_input * 12 + 8) + 4096
+        return cls(s.max_inputs_per_request, s.max_chars_per_input, s.max_body_bytes())
 
 
 def check_content_type(content_type: str | None) -> None:

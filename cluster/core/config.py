@@ -58,15 +58,18 @@ class DistillConfig(Section):
         "evenly (DistilBERT's initialisation), instead of from base_model"))
 
 
+RAY_MIN_AMOUNT = 1e-4  # Ray refuses resource amounts finer than this when it places an actor
+
+
 def custom_resources(v: dict[str, float], key: str, instead: str) -> dict[str, float]:
     """``v`` if it names only custom Ray resources, each a positive amount: CPUs and GPUs
     there would replace (or contradict) the settings made for them."""
     builtin = sorted(name for name in v if name.upper() in ("CPU", "GPU"))
     if builtin:
         raise ValueError(f"{key} {v}: {builtin} are not custom resources; set {instead} instead")
-    bad = {name: amount for name, amount in v.items() if not amount > 0}
+    bad = {name: amount for name, amount in v.items() if not amount >= RAY_MIN_AMOUNT}
     if bad:
-        raise ValueError(f"{key} {v}: amounts must be above 0, got {bad}")
+        raise ValueError(f"{key} {v}: amounts must be at least {RAY_MIN_AMOUNT:g} (Ray's precision), got {bad}")
     return v
 
 
@@ -171,7 +174,10 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _task_takes_the_labels(self) -> ModelConfig:
-        model_task(self)  # raises ValueError quoting what the task cannot take
+        try:
+            model_task(self)  # raises ValueError quoting what the task cannot take
+        except ValueError as e:
+            raise ValueError(f"model {self.name!r} ({self.task}): {e}") from None
         return self
 
     @model_validator(mode="after")
@@ -231,7 +237,7 @@ class StorageConfig(Section):
 
     root: str = "./.tuneloop"
     journal_dir: str | None = Field(
-        default=None, description="local folder of the feedback journal; default <root>/journal for a local root"
+        default=None, description="local folder of the feedback journal; default <root>/journal/feedback for a local root"
     )
 
     @field_validator("root", "journal_dir")
@@ -263,6 +269,7 @@ class StorageConfig(Section):
 
 
 DEFAULT_TARGET_ONGOING = 32.0  # Serve's autoscaling target per replica: one default batch
+MAX_BODY_BYTES = 256 * 2**20  # a predict body's ceiling, whatever the limits multiply to
 
 
 class AutoscalingConfig(Section):
@@ -305,6 +312,15 @@ class ServingConfig(Section):
                       description="an IPv4 address or host name; 0.0.0.0: every interface")
     port: int = Field(default=8000, ge=1, le=65535)
 
+    @field_validator("port")
+    @classmethod
+    def _not_haproxys(cls, v: int) -> int:
+        # Ray's HAProxy opens these on every interface beside the serving port.
+        for var, default in (("RAY_SERVE_HAPROXY_STATS_PORT", 8404), ("RAY_SERVE_HAPROXY_METRICS_PORT", 9101)):
+            if v == int(os.environ.get(var) or default):
+                raise ValueError(f"port {v} is Ray Serve's HAProxy listener ({var}); give the server another port")
+        return v
+
     @field_validator("host")
     @classmethod
     def _host_is_ipv4(cls, v: str) -> str:
@@ -320,8 +336,11 @@ class ServingConfig(Section):
     target_batch_latency_s: float = Field(default=0.25, gt=0, le=60)
     num_replicas: int | None = Field(default=None, ge=1, description="a fixed count; turns autoscaling off")
     autoscaling: AutoscalingConfig = AutoscalingConfig()
-    num_cpus_per_replica: float = Field(default=1.0, gt=0, description="also the replica's torch threads (rounded up)")
-    num_gpus_per_replica: float = Field(default=0.0, ge=0)
+    num_cpus_per_replica: float = Field(default=1.0, ge=RAY_MIN_AMOUNT,
+                                        description="also the replica's torch threads (rounded up)")
+    num_gpus_per_replica: float = Field(default=0.0, ge=0, le=1, description=(
+        "0, a share of one GPU (several replicas on it), or 1: a replica runs on one device, so more GPUs "
+        "are more replicas"))
     resources_per_replica: dict[str, float] = Field(
         default_factory=dict,
         description="custom Ray resources each model replica also asks for (a node type): replicas go only to "
@@ -384,6 +403,22 @@ class ServingConfig(Section):
                              "never scale out; lower it")
         return self
 
+    def max_body_bytes(self) -> int:
+        """The largest predict body the limits allow: JSON may escape a character as \\uXXXX,
+        and one outside the BMP (an emoji) as a pair of them, twelve bytes at worst (Python's
+        json.dumps writes them so)."""
+        return self.max_inputs_per_request * (self.max_chars_per_input * 12 + 8) + 4096
+
+    @model_validator(mode="after")
+    def _bodies_fit_in_memory(self) -> ServingConfig:
+        # Bodies are read whole, and a replica holds up to 4 batches and its queue of them.
+        if self.max_body_bytes() > MAX_BODY_BYTES:
+            raise ValueError(f"max_inputs_per_request {self.max_inputs_per_request} x max_chars_per_input "
+                             f"{self.max_chars_per_input} allows request bodies of {self.max_body_bytes() / 2**20:,.0f} "
+                             f"MiB, which are read whole into memory: at most {MAX_BODY_BYTES // 2**20} MiB; "
+                             "lower one of them")
+        return self
+
     @model_validator(mode="after")
     def _one_way_to_size(self) -> ServingConfig:
         if self.num_replicas is not None and self.autoscaling != AutoscalingConfig():
@@ -432,6 +467,14 @@ class AuthConfig(Section):
     """API keys (Authorization: Bearer tl_...) and what needs none."""
 
     open_roles: list[Role] = Field(default=["predict"], description="roles anyone may act as without a key (and those ranked below: feedback opens predict)")
+
+    @field_validator("open_roles")
+    @classmethod
+    def _admin_needs_a_key(cls, v: list[str]) -> list[str]:
+        if "admin" in v:
+            raise ValueError(f"open_roles {v}: admin cannot be open (anyone could promote, roll back and release "
+                             "the quarantine); open predict or feedback, and give admins keys")
+        return v
     keys: list[ApiKeyConfig] = []
     create_admin_key: bool = Field(default=True, description="`tuneloop run` creates one on first run")
     feedback_per_minute: float = Field(default=120.0, gt=0, description="per key (or per anonymous client)")

@@ -107,7 +107,19 @@ class DeployConfig(Section):
     def _absolute(cls, v: str) -> str:
         if not v.startswith("/"):
             raise ValueError(f"must be an absolute path in the container, got {v!r}")
-        return v.rstrip("/") or "/"
+        if v.rstrip("/") == "":
+            raise ValueError("must be a folder below / (a volume mounted at / would hide the container's files)")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _mounts_apart(self) -> DeployConfig:
+        # Both are volume mounts of the head's container: Kubernetes refuses one path twice,
+        # and the journal's inside the read-only ConfigMap cannot be mounted.
+        a, b = self.config_dir, self.journal_dir
+        if a == b or a.startswith(b + "/") or b.startswith(a + "/"):
+            raise ValueError(f"config_dir {a!r} and journal_dir {b!r} are mounted apart: neither may be, or lie "
+                             "within, the other")
+        return self
 
 
 Target = Literal["serve", "kuberay", "aws", "gcp"]

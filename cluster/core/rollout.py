@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from statistics import NormalDist
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Mode = Literal["direct", "gated", "shadow", "canary"]
 Stage = Literal["shadow", "canary"]
@@ -84,6 +84,19 @@ class RolloutConfig(BaseModel):
         if any(not 0 < s < 100 for s in steps) or any(b <= a for a, b in zip(steps, steps[1:])):
             raise ValueError(f"canary_steps must be increasing percentages between 0 and 100 (exclusive), got {steps}")
         return steps
+
+    @model_validator(mode="after")
+    def _rollback_evidence_comes_first(self) -> RolloutConfig:
+        # Past min_feedback a stage is judged in full; a smaller rollback threshold is the point.
+        # Left out, it is at most min_feedback: "min_feedback: 20" alone was refused over a key
+        # the user never wrote.
+        if "min_feedback_to_roll_back" not in self.model_fields_set:
+            self.min_feedback_to_roll_back = min(self.min_feedback_to_roll_back, self.min_feedback)
+        if self.min_feedback_to_roll_back > self.min_feedback:
+            raise ValueError(f"min_feedback_to_roll_back {self.min_feedback_to_roll_back} exceeds min_feedback "
+                             f"{self.min_feedback}: a challenger significantly worse in between would hold its "
+                             "share instead of rolling back")
+        return self
 
 
 class Rollout(BaseModel):

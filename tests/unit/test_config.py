@@ -248,7 +248,11 @@ def test_a_named_runtime_must_be_built_and_servable_and_gpu_replicas_build_no_cp
     ({"training": {"use_gpu": True, "gpus_per_worker": 2}}, "gpus_per_worker 2: a worker trains on one GPU"),
     ({"training": {"resources_per_worker": {"GPU": 1}}}, "['GPU'] are not custom resources; set cpus_per_worker"),
     ({"serving": {"resources_per_replica": {"cpu": 2}}}, "['cpu'] are not custom resources; set num_cpus_per_replica"),
-    ({"serving": {"resources_per_replica": {"node-a": 0}}}, "amounts must be above 0, got {'node-a': 0.0}"),
+    ({"serving": {"resources_per_replica": {"node-a": 0}}},
+     "amounts must be at least 0.0001 (Ray's precision), got {'node-a': 0.0}"),
+    ({"serving": {"resources_per_replica": {"node-a": 0.00001}}}, "got {'node-a': 1e-05}"),
+    ({"serving": {"num_cpus_per_replica": 0.00001}}, "num_cpus_per_replica: Input should be greater than or equal to"),
+    ({"serving": {"num_gpus_per_replica": 1.5}}, "num_gpus_per_replica: Input should be less than or equal to 1"),
 ])
 def test_resources_a_worker_cannot_use_are_refused(sections, fragment):
     with pytest.raises(ConfigError) as e:
@@ -312,3 +316,35 @@ def test_an_ipv6_host_is_refused_saying_what_to_give():
 def test_a_job_that_could_leave_a_worker_without_rows_is_refused():
     with pytest.raises(ConfigError, match="max_rows_per_job 1 is fewer than num_workers 2"):
         parse_config({"models": [MODEL], "training": {"max_rows_per_job": 1}})
+
+
+@pytest.mark.parametrize("sections, fragment", [
+    ({"serving": {"max_inputs_per_request": 10000, "max_chars_per_input": 1000000}},
+     "max_inputs_per_request 10000 x max_chars_per_input 1000000 allows request bodies of 114,441 MiB"),
+    ({"auth": {"open_roles": ["predict", "admin"]}}, "open_roles ['predict', 'admin']: admin cannot be open"),
+    ({"rollout": {"min_feedback": 100, "min_feedback_to_roll_back": 1000}},
+     "min_feedback_to_roll_back 1000 exceeds min_feedback 100"),
+    ({"serving": {"port": 8404}}, "port 8404 is Ray Serve's HAProxy listener (RAY_SERVE_HAPROXY_STATS_PORT)"),
+    ({"models": [{**MODEL, "task": "multi-label-classification", "threshold": 1.5}]},
+     "model 'sentiment' (multi-label-classification): thresholds must be between 0 and 1"),
+])
+def test_settings_that_would_fail_once_running_are_refused_naming_key_and_value(sections, fragment):
+    with pytest.raises(ConfigError) as e:
+        parse_config({"models": [MODEL], **sections})
+    assert fragment in str(e.value)
+
+
+@pytest.mark.parametrize("config_dir, journal_dir", [("/data", "/data"), ("/etc/tuneloop", "/etc/tuneloop/journal"),
+                                                     ("/", "/var/lib/journal")])
+def test_the_heads_two_mounts_lie_apart(config_dir, journal_dir):
+    from tuneloop.core.deploy_config import DeployConfig
+
+    with pytest.raises(ValueError, match="mounted apart|a folder below /"):
+        DeployConfig(config_dir=config_dir, journal_dir=journal_dir)
+
+
+def test_a_min_feedback_below_the_rollback_default_takes_it_down_with_it():
+    from tuneloop.core.rollout import RolloutConfig
+
+    assert RolloutConfig(min_feedback=20).min_feedback_to_roll_back == 20  # a key left out never fails
+    assert RolloutConfig().min_feedback_to_roll_back == 30

@@ -14,7 +14,6 @@ from tuneloop.serving.predict_request import (
     PredictLimits,
     check_content_length,
     check_content_type,
-    max_body_bytes,
     parse_predict_body,
 )
 
@@ -78,10 +77,10 @@ def test_body_limit_allows_the_largest_legal_request():
     s = ServingConfig(max_inputs_per_request=4, max_chars_per_input=50)
     limits = PredictLimits.from_config(s)
     body = json.dumps({"inputs": ["\u00e9" * 50] * 4}).encode()  # every character escaped
-    assert len(body) <= max_body_bytes(s)
+    assert len(body) <= s.max_body_bytes()
     assert len(parse_predict_body(body, limits, TASK)) == 4
     emoji = json.dumps({"inputs": ["\U0001f600" * 50] * 4}).encode()  # each a pair of escapes, 12 bytes
-    assert len(emoji) <= max_body_bytes(s) and len(parse_predict_body(emoji, limits, TASK)) == 4
+    assert len(emoji) <= s.max_body_bytes() and len(parse_predict_body(emoji, limits, TASK)) == 4
 
 
 def test_valid_json_python_cannot_convert_is_a_422_not_malformed():
