@@ -411,8 +411,10 @@ class Ingress:
     ) -> dict[str, str]:
         key_id = self.auth.check(request.headers.get("authorization"), "feedback")
         idempotency_key = parse_key(idempotency_key)
-        # Per key; a client without one (feedback opened in the config) by its address.
-        self.feedback_limit.take(key_id or f"anonymous {request.client.host if request.client else ''}")
+        # Per key; clients without one (feedback opened in the config) share one bucket. Their
+        # address is no name: behind Serve's HAProxy every request comes from 127.0.0.1, whose
+        # X-Forwarded-For uvicorn believes, so a client was whatever address it claimed.
+        self.feedback_limit.take(key_id or "anonymous")
         feedback_id = await self.feedback.submit(body.task_fields(), prediction_id=body.prediction_id, model=body.model,
                                                  text=body.text, key_id=key_id, idempotency_key=idempotency_key)
         return {"feedback_id": feedback_id}

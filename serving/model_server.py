@@ -291,7 +291,10 @@ class ModelServer:
         """Predict a request's texts; they join a batch queue together: production's, or
         in canary the challenger's when ``client`` (else the request) falls in its share."""
         if self._loaded is None:
-            why = "; ".join([*self._refused.values(), *(why for _, why, _ in self._failed.values())])
+            # A load's own error names local paths and bucket keys: the log has it, not anyone
+            # who may call predict (open by default).
+            why = "; ".join([*self._refused.values(),
+                             *(f"{v} did not load; the server's log says why" for v in self._failed)])
             raise NotReady(f"model {self.cfg.name!r} has no production version loaded yet" + (f" ({why})" if why else ""))
         if self._in_flight >= self._max_in_flight:
             raise Overloaded(f"model {self.cfg.name!r} is at capacity ({self._in_flight} requests); retry shortly")

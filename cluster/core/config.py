@@ -806,7 +806,16 @@ class TuneloopConfig(Section):
 def _got(error: dict[str, Any]) -> str:
     """What a message quotes of the value: nothing for a whole section or model (a check
     across its keys names the values itself; the mapping would print every key, hashes too)."""
-    return "" if isinstance(error["input"], dict) else f" (got {error['input']!r})"
+    return "" if isinstance(error["input"], dict) else f" (got {_shown(error)})"
+
+
+def _shown(error: dict[str, Any]) -> str:
+    """The bad value as an error shows it; in ``auth`` a long string only by its length: it
+    could be an API key pasted where its hash goes, and the message ends up in service logs."""
+    value = error["input"]
+    if error["loc"][:1] == ("auth",) and isinstance(value, str) and len(value) > 16:
+        return f"a string of {len(value)} characters"
+    return repr(value)
 
 
 def _msg(error: dict[str, Any]) -> str:
@@ -822,7 +831,7 @@ def _error_line(e: dict[str, Any], prefix: str = "", section: tuple | None = Non
         near = difflib.get_close_matches(str(e["loc"][-1]), _known_keys(e["loc"][:-1] if section is None else section),
                                          n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""
-        value = "" if isinstance(e["input"], dict) else f" (value {e['input']!r})"
+        value = "" if isinstance(e["input"], dict) else f" (value {_shown(e)})"
         return f"{key}: unknown key{value}{hint}"
     # A check across a section's keys (loc empty) names the keys itself.
     return f"{key}: {_msg(e)}{_got(e)}" if key else f"{_msg(e)}{_got(e)}"

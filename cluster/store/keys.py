@@ -30,9 +30,10 @@ from tuneloop.core.auth import (
 )
 from tuneloop.core.config import AuthConfig, ConfigError
 from tuneloop.core.errors import KeyStoreUnavailable
-from tuneloop.store.storage import Storage, json_bytes
+from tuneloop.store.storage import Storage, json_bytes, private_temp_dir
 
 log = logging.getLogger("tuneloop")
+ADMIN_KEY_MADE = "admin_key_created_at"  # in the key file: the first run made its admin key then
 
 
 def read_key_file(storage: Storage) -> tuple[dict[str, Any], list[ApiKey]]:
@@ -153,7 +154,9 @@ def revoke_stored_key(auth: AuthConfig, storage: Storage, key_id: str) -> ApiKey
 
 def ensure_admin_key(auth: AuthConfig, storage: Storage) -> str | None:
     """On first run: create an admin key, store its hash, return the key (for
-    save_admin_key). None when an admin key exists already, or the config turns this off."""
+    save_admin_key). None when an admin key exists already, one was created here before
+    (the key file says so: an admin key revoked because it leaked was minted again at the
+    next start), or the config turns this off."""
     if not auth.create_admin_key:
         return None
     outside = [*auth.keys, *keys_from_env(os.environ.get(KEYS_ENV))]
@@ -164,19 +167,27 @@ def ensure_admin_key(auth: AuthConfig, storage: Storage) -> str | None:
 
     def add_unless_there(doc: dict[str, Any], stored: list[ApiKey]) -> dict[str, Any] | None:
         made.clear()  # a retried compare-and-swap runs this again
-        if any(k.role == "admin" for k in stored):
-            return None  # two first runs at once make one key, not two
+        if any(k.role == "admin" for k in stored) or doc.get(ADMIN_KEY_MADE):
+            return None  # two first runs at once make one key, not two; a revoked one stays revoked
         made.append(key)
-        return {**doc, "keys": [*doc["keys"], *stored_keys_doc([record])["keys"]]}
+        return {**doc, ADMIN_KEY_MADE: stored_keys_doc([record])["keys"][0]["created_at"],
+                "keys": [*doc["keys"], *stored_keys_doc([record])["keys"]]}
 
     _change_key_file(storage, add_unless_there)
     return made[0] if made else None
 
 
 def save_admin_key(storage: Storage, key: str) -> str:
-    """Write the first admin key to ADMIN_KEY_FILE (0600 on a local root) and return where
-    it is, for the operator to read and then delete. Never printed: stdout ends up in
-    service logs, which others read and keep. On an object store the bucket's access
-    applies; whoever may write there could add a key hash to keys.json anyway."""
-    storage.write_bytes_atomic(ADMIN_KEY_FILE, f"{key}\n".encode())
-    return storage.location(ADMIN_KEY_FILE)
+    """Write the first admin key to ADMIN_KEY_FILE (0600) and return where it is, for the
+    operator to read and then delete. Never printed: stdout ends up in service logs, which
+    others read and keep. Never in a bucket either, whose readers (analysts querying the
+    feedback, training workers) are not all admins: with an object-store root it goes to
+    a private folder of this machine."""
+    if storage.is_local:
+        storage.write_bytes_atomic(ADMIN_KEY_FILE, f"{key}\n".encode())
+        return storage.location(ADMIN_KEY_FILE)
+    path = os.path.join(private_temp_dir("tuneloop-admin-key"), os.path.basename(ADMIN_KEY_FILE))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{key}\n")
+    return path

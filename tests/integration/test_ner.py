@@ -85,11 +85,12 @@ def test_corrected_entities_are_feedback_and_bad_spans_are_refused(ner):
         for bad, why in [([{"start": 0, "end": 5, "label": "ORG"}], "unknown type"),
                          ([{"start": 0, "end": 50, "label": "PER"}], "not a span of the text"),
                          ([{"start": 0, "end": 9, "label": "PER"}, {"start": 6, "end": 11, "label": "LOC"}], "overlap"),
-                         ([{"start": 14, "end": 19, "label": "LOC"}], "' Oslo' begins or ends with whitespace"),
-                         ([{"start": 0, "end": 5, "label": "PER", "text": "Alan"}], "the text there is 'Grace'")]:
+                         ([{"start": 14, "end": 19, "label": "LOC"}], "begins or ends with whitespace; the entity is 15..19"),
+                         ([{"start": 0, "end": 5, "label": "PER", "text": "Alan"}], "says 'Alan' but the text there is not that")]:
             refused = c.post("/v1/feedback", json={"prediction_id": answer["id"], "entities": bad},
                              headers=bearer(FEEDBACK_KEY))
             assert refused.status_code == 422 and why in refused.json()["error"]["message"], refused.text
+            assert "Grace" not in refused.text  # the text of a prediction is never quoted back
         shape = c.post("/v1/feedback", json={"prediction_id": answer["id"], "label": "PER"},
                        headers=bearer(FEEDBACK_KEY))
         assert shape.status_code == 422 and "entities" in shape.json()["error"]["message"]

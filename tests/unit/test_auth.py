@@ -321,3 +321,31 @@ def test_run_prints_where_the_first_admin_key_is_never_the_key(storage, capsys):
     assert f"cat {storage.path('auth/admin-key.txt')}" in out
     announce_admin_key(cfg, storage)  # an admin key exists: nothing more
     assert capsys.readouterr().out == ""
+
+
+def test_a_revoked_first_admin_key_is_not_made_again(tmp_path, monkeypatch):
+    """Revoked because it leaked, it was minted again at the next start."""
+    from tuneloop.core.auth import ApiKey
+    from tuneloop.store.keys import read_key_file
+
+    monkeypatch.delenv(KEYS_ENV, raising=False)
+    storage, auth = Storage(str(tmp_path)), AuthConfig()
+    key = ensure_admin_key(auth, storage)
+    [made] = read_key_file(storage)[1]
+    assert key is not None and isinstance(made, ApiKey) and made.role == "admin"
+    revoke_stored_key(auth, storage, made.id)
+    assert ensure_admin_key(auth, storage) is None and read_key_file(storage)[1] == []
+
+
+def test_the_first_admin_key_of_a_bucket_root_is_written_on_this_machine_not_in_the_bucket(tmp_path, monkeypatch):
+    import tempfile
+
+    from tuneloop.store.keys import save_admin_key
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "machine"))
+    (tmp_path / "machine").mkdir()
+    bucket = Storage(str(tmp_path / "bucket"))
+    bucket.is_local = False
+    where = save_admin_key(bucket, "tl_00000000_" + "a" * 32)
+    assert where.startswith(str(tmp_path / "machine")) and os.stat(where).st_mode & 0o777 == 0o600
+    assert not (tmp_path / "bucket" / "auth" / "admin-key.txt").exists()

@@ -212,11 +212,13 @@ class TokenClassification(Task):
 
     def feedback_target(self, model: str, fields: dict[str, Any], text: str) -> dict[str, Any]:
         try:
-            return {"entities": self._checked_spans(fields["entities"], text)}
+            # Not quoting the text: feedback by prediction id checks spans against a text another
+            # client sent, which an error would otherwise hand to whoever holds the id.
+            return {"entities": self._checked_spans(fields["entities"], text, quote=False)}
         except ValueError as e:
             raise InvalidValue(f"model {model!r}: {e}") from None
 
-    def _checked_spans(self, entities: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+    def _checked_spans(self, entities: list[dict[str, Any]], text: str, quote: bool = True) -> list[dict[str, Any]]:
         """``entities`` in text order as {start, end, label}, or ValueError: a type the model
         does not know, a span outside the text or empty, an echoed ``text`` that is not the
         text there, a span of whitespace or with whitespace at an edge, or two spans that overlap."""
@@ -226,14 +228,16 @@ class TokenClassification(Task):
                 raise ValueError(f"{where}: unknown type; the model knows {self.types}")
             if not 0 <= e["start"] < e["end"] <= len(text):
                 raise ValueError(f"{where}: not a span of the text, which has {len(text)} characters")
-            if e.get("text") is not None and e["text"] != text[e["start"]:e["end"]]:
-                raise ValueError(f"{where}: says {e['text']!r} but the text there is {text[e['start']:e['end']]!r}")
             covered = text[e["start"]:e["end"]]
+            shown = f" {covered!r}" if quote else ""
+            if e.get("text") is not None and e["text"] != covered:
+                raise ValueError(f"{where}: says {e['text']!r} but the text there is not that"
+                                 + (f": it is {covered!r}" if quote else ""))
             if not covered.strip():
-                raise ValueError(f"{where}: covers only whitespace ({covered!r})")
+                raise ValueError(f"{where}: covers only whitespace")
             if covered != covered.strip():  # a word it does not cover would count as missed for good
                 start = e["start"] + len(covered) - len(covered.lstrip())
-                raise ValueError(f"{where}: {covered!r} begins or ends with whitespace; the entity is "
+                raise ValueError(f"{where}:{shown} begins or ends with whitespace; the entity is "
                                  f"{start}..{start + len(covered.strip())}")
         spans = sorted(({"start": e["start"], "end": e["end"], "label": e["label"]} for e in entities),
                        key=lambda e: (e["start"], e["end"]))
