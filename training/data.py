@@ -63,6 +63,9 @@ def read_dataset(path: str, task: Task) -> pa.Table:
             except ValueError as e:
                 raise ValueError(f"dataset {path!r}, row {i + 1}: {e}") from None
         return pa.table({c: pa.array([r[c] for r in rows], types[c]) for c in columns})
+    twice = sorted({c for c in columns if read.column_names.count(c) > 1})
+    if twice:  # pyarrow's column() raised a KeyError on it, a traceback
+        raise ValueError(f"dataset {path!r} has the column(s) {twice} more than once: keep one of each")
     missing = [c for c in columns if c not in read.column_names]
     if missing:
         found = read.column_names
@@ -128,7 +131,9 @@ def _read_jsonl(path: str, columns: list[str], string_columns: list[str]) -> pa.
             return pajson.read_json(f)
     except pa.ArrowInvalid:
         with _open(path) as f:
-            lines = [line for line in f.read().decode("utf-8-sig").splitlines() if line.strip()]
+            # Split at "\n" only: splitlines() also splits at U+2028, U+2029 and U+0085, which a
+            # JSON string may hold unescaped.
+            lines = [line.removesuffix("\r") for line in f.read().decode("utf-8-sig").split("\n") if line.strip()]
     keep = (*columns, *_ROW_KEYS)
     rows = []
     for n, line in enumerate(lines, 1):
@@ -140,8 +145,9 @@ def _read_jsonl(path: str, columns: list[str], string_columns: list[str]) -> pa.
         for c in string_columns:
             if isinstance(row.get(c), bool):
                 row[c] = str(row[c]).lower()
-            elif isinstance(row.get(c), int | float):
-                row[c] = str(row[c])
+            elif isinstance(row.get(c), int | float):  # 1.0 as "1", as pyarrow's reader casts it
+                value = row[c]
+                row[c] = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
     return rows
 
 

@@ -237,6 +237,17 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
         golden, golden_summary = golden_set(task, teacher, tcfg, registry, None)
         golden_summary["model"] = teacher.name
     golden_texts = {normalized(t) for t in golden.column("text").to_pylist()}
+    frozen = registry.golden(mcfg.name)
+    if frozen is not None and mcfg.golden_dataset:
+        # The sample frozen at the first job stays out of training while a golden_dataset
+        # judges instead: taken out of the config, the file leaves that sample judging again.
+        golden_texts |= {normalized(t) for t in frozen.column("text").to_pylist()}
+    before = ((parent.data or {}).get("golden") or {}) if parent is not None else {}
+    if mcfg.golden_dataset and before.get("sha256") and before.get("source") == mcfg.golden_dataset \
+            and before["sha256"] != golden_summary.get("sha256"):
+        log.warning("%s: golden_dataset %s changed since production was judged on it (sha256 %s, now %s): the "
+                    "gate compares the two versions on the new file", mcfg.name, mcfg.golden_dataset,
+                    before["sha256"][:12], str(golden_summary.get("sha256"))[:12])
 
     # The keys the quarantine holds are set aside first (a held key's later answer must not
     # replace another key's), then the newest answer per prediction wins.

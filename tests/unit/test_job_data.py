@@ -335,6 +335,19 @@ def test_a_jsonl_seed_may_write_labels_as_numbers_and_strings_in_one_file(tmp_pa
     path.write_text('{"text": "a", "label": 0}\n{"text": "b", "label": "1"}\n{"text": "c", "label": true}\n')
     table = read_dataset(str(path), make_task("text-classification", ["0", "1", "true"]))
     assert table.column("label").to_pylist() == ["0", "1", "true"]
+    # 1.0 reads as "1" either way, and a text may hold U+2028 unescaped (valid JSON).
+    path.write_text('{"text": "a\u2028b", "label": 1.0}\n{"text": "c", "label": "0"}\r\n', encoding="utf-8")
+    table = read_dataset(str(path), make_task("text-classification", ["0", "1"]))
+    assert table.to_pylist() == [{"text": "a\u2028b", "label": "1"}, {"text": "c", "label": "0"}]
+
+
+def test_a_dataset_with_a_column_twice_is_refused_naming_it(tmp_path):
+    from tuneloop.core.tasks import make_task
+
+    path = tmp_path / "seed.csv"
+    path.write_text("text,label,label\nfine,positive,negative\n")
+    with pytest.raises(ValueError, match=r"has the column\(s\) \['label'\] more than once"):
+        read_dataset(str(path), make_task("text-classification", ["negative", "positive"]))
 
 
 @pytest.mark.parametrize("labels", [
@@ -457,6 +470,9 @@ def test_a_golden_dataset_set_later_keeps_its_texts_out_of_replay(env):
     assert third.summary["replay"]["rows"] == third.summary["replay"]["pool_rows"]
     assert third.golden.num_rows == 2
     assert {"feedback 3", "seed text 1"}.isdisjoint(third.train.column("text").to_pylist())
+    # The sample frozen at v1 stays out of training too: without the file it judges again.
+    sample = set(registry.golden("m").column("text").to_pylist())
+    assert sample and sample.isdisjoint(third.train.column("text").to_pylist())
 
 
 def test_the_first_jobs_feedback_counts_among_the_rows_a_golden_set_leaves(env):
