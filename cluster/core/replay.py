@@ -80,10 +80,16 @@ def reservoir_update(reservoir: list[T], seen: int, new: Sequence[T], capacity: 
     out = list(reservoir) if len(reservoir) <= capacity else rng.sample(list(reservoir), capacity)
     for item in new:
         seen += 1
-        if len(out) < capacity:
+        if seen <= capacity:  # every item so far fits
             out.append(item)
-        else:
-            j = rng.randrange(seen)
-            if j < capacity:
-                out[j] = item
+            continue
+        # A reservoir short of capacity after ``seen`` passed it lost rows (a newer answer
+        # replaced them, a golden text took them out): the gaps are slots like any other,
+        # each new item's chance capacity/seen. Filling them first kept a job's first rows
+        # every time (52% against 1.3% for the rest, 5 gaps a job at capacity 100).
+        j = rng.randrange(seen)
+        if j < len(out):
+            out[j] = item
+        elif j < capacity:
+            out.append(item)
     return out, seen
