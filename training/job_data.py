@@ -264,6 +264,10 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     # past the watermark: then they came again above, as fresh rows), plus this job's.
     held = registry.table(mcfg.name, parent.version, "held") if parent else None
     held = _rows(held, schema) if held is not None else schema.empty_table()
+    # A held answer that a newer one on its prediction replaced (this window's rows are all
+    # newer) is gone for good: released later, it trained over what users said since.
+    replaced_since = pc.and_(_among(held, "prediction_id", stored), pc.invert(_among(held, "feedback_id", stored)))
+    held = held.filter(pc.invert(replaced_since))
     still_held = _of_keys(held, held_keys)
     released = held.filter(pc.invert(still_held))
     released = released.filter(pc.invert(_among(released, "feedback_id", stored)))
@@ -301,7 +305,7 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     reservoir = registry.table(mcfg.name, parent.version, "reservoir") if parent else None
     reservoir = _rows(reservoir, schema) if reservoir is not None else schema.empty_table()
     reservoir = _without_texts(reservoir, golden_texts)  # a golden_dataset set since it was sampled
-    replaced = {p for p in fresh.column("prediction_id").to_pylist() if p is not None}
+    replaced = {p for t in (fresh, released) for p in t.column("prediction_id").to_pylist() if p is not None}
     if replaced and reservoir.num_rows:
         reservoir = reservoir.filter(pc.invert(pc.is_in(reservoir.column("prediction_id"), pa.array(sorted(replaced)))))
     seed_pool = _without_texts(_rows(seed, schema, "seed"), golden_texts) if seed is not None else schema.empty_table()

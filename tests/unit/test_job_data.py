@@ -246,6 +246,36 @@ def test_a_key_flipping_labels_is_held_out_until_released_then_trained(env):
     assert released.summary["quarantine"]["flagged"] == {}  # a released key is not flagged again
 
 
+def test_a_held_answer_replaced_by_a_newer_one_is_not_trained_when_its_key_is_released(env):
+    """Latest answer wins: a held key's answers on predictions that users answered again
+    since trained, once released, over the newer answers (which the reservoir also replayed)."""
+    from tuneloop.store.quarantine import QuarantineBook
+
+    cfg, task, registry, feedback, tmp_path = env
+    first = assemble(task, cfg.model("m"), cfg.training, registry, feedback, None)
+    v1 = _publish(registry, tmp_path, first, "v1", first.summary, golden_accuracy=0.9)
+    stale = [feedback.append(model="m", text=f"flipped {i}", label="negative", prediction_id=f"{1000 + i:032x}",
+                             version="v1", predicted_label="positive", key_id="bbbbbbbb") for i in range(60)]
+    for i in range(40):  # after them: the watermark passes the held rows
+        feedback.append(model="m", text=f"honest {i}", label="positive", prediction_id=f"{i:032x}",
+                        version="v1", predicted_label="positive", key_id="aaaaaaaa")
+    feedback.compact()
+    held = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v1)
+    assert held.held.num_rows == 60
+    v2 = _publish(registry, tmp_path, held, "v2", held.summary, golden_accuracy=0.9)
+    for i in range(25):  # users answer 25 of those predictions again, agreeing with production
+        feedback.append(model="m", text=f"flipped {i}", label="positive", prediction_id=f"{1000 + i:032x}",
+                        version="v1", predicted_label="positive", key_id="aaaaaaaa")
+    feedback.compact()
+    answered = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v2)  # trains them; B still held
+    v3 = _publish(registry, tmp_path, answered, "v3", answered.summary, golden_accuracy=0.9)
+    QuarantineBook(registry.storage).release("m", "bbbbbbbb")
+    released = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v3)
+    trained = set(released.train.column("feedback_id").to_pylist())
+    assert trained.isdisjoint(stale[:25]) and set(stale[25:]) <= trained
+    assert released.summary["quarantine"]["released_rows"] == 35
+
+
 def test_released_rows_train_within_the_row_budget_and_the_rest_wait_for_the_next_job(env):
     from tuneloop.store.quarantine import QuarantineBook
 
