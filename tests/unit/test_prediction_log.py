@@ -194,9 +194,11 @@ def test_retention_runs_while_every_write_fails(tmp_path):
     log.append = full
     recorder = PredictionRecorder(log, "m", flush_interval_s=0.05, retention_days=7)
     recorder.record([_row(datetime.now(UTC), "new")])  # its flush fails at every tick
+    days = tmp_path / "predictions" / "m"
     deadline = time.monotonic() + 10
-    while _files(tmp_path) and time.monotonic() < deadline:
+    while any(days.iterdir()) and time.monotonic() < deadline:  # the thread deletes under rglob's feet
         time.sleep(0.05)
     recorder._stop.set()
+    recorder._thread.join()
     assert _files(tmp_path) == []  # the old day went
     assert recorder._rows and recorder._rows[0]["text"] == "new"  # kept for when space returns
