@@ -505,6 +505,22 @@ def test_a_golden_dataset_set_later_keeps_its_texts_out_of_replay(env):
     assert sample and sample.isdisjoint(third.train.column("text").to_pylist())
 
 
+def test_a_seed_too_small_once_early_stopping_takes_its_share_is_refused_before_a_golden_set_is_frozen(env):
+    cfg, task, registry, feedback, tmp_path = env
+    seed = tmp_path / "small.tsv"
+    seed.write_text("text\tlabel\n" + "".join(f"t{i}\t{'positive' if i % 2 else 'negative'}\n" for i in range(12)))
+    small = cfg.model("m").model_copy(update={"seed_dataset": str(seed)})
+    watching = cfg.training.model_copy(update={"num_workers": 8, "early_stopping_patience": 2, "epochs": 3})
+    # 12 rows: 2 golden leave 10, of which 2 watch early stopping: 8 train, enough for 8 workers...
+    assert assemble(task, small, watching, Registry(registry.storage), feedback, None).train.num_rows >= 8
+    fresh_root = Registry(type(registry.storage)(str(tmp_path / "other")))
+    nine = watching.model_copy(update={"num_workers": 9})  # ...not for 9: refused, and nothing frozen
+    with pytest.raises(ValueError, match=r"leaves 8 to train on \(2 more watch early stopping\), fewer than "
+                                         r"training.num_workers 9"):
+        assemble(task, small, nine, fresh_root, feedback, None)
+    assert fresh_root.golden("m") is None
+
+
 def test_the_first_jobs_feedback_counts_among_the_rows_a_golden_set_leaves(env):
     cfg, task, registry, feedback, tmp_path = env
     tight = cfg.training.model_copy(update={"golden_fraction": 0.9, "num_workers": 12})
