@@ -288,9 +288,8 @@ def announce_admin_key(cfg: TuneloopConfig, storage: Storage) -> None:
     admin_key = ensure_admin_key(cfg.auth, storage)
     if admin_key:
         path = save_admin_key(storage, admin_key)
-        how = f"read it with `cat {path}`" if storage.is_local else "read it"
         print(f"created an admin API key in {path} (not shown here: this output may end up in logs); "
-              f"{how}, keep it somewhere safe, then delete the file.", flush=True)
+              f"read it with `cat {path}`, keep it somewhere safe, then delete the file.", flush=True)
 
 
 def stop_orphaned_haproxy(node_id: str) -> None:
