@@ -621,3 +621,21 @@ def test_records_another_live_writer_has_not_compacted_hold_the_watermark_back(e
     seen = {*nxt.train.column("feedback_id").to_pylist(), *nxt.fresh_eval.column("feedback_id").to_pylist()}
     assert set(late) <= seen and nxt.summary["feedback"]["waiting_for_compaction"] == 0
     assert nxt.summary["feedback"]["fresh_rows"] == 4 + 5 + 30  # v1's kept back, the other's, the waiting ones
+
+
+def test_a_golden_dataset_edited_between_jobs_is_warned_about_and_judges_on_the_new_file(env, caplog):
+    """The gate compares the two versions on today's file; an operator reading why a version
+    passed or failed must know the yardstick moved since production was judged."""
+    cfg, task, registry, feedback, tmp_path = env
+    golden = tmp_path / "golden.tsv"
+    golden.write_text("text\tlabel\nkept apart\tpositive\nalso apart\tnegative\n")
+    judged = cfg.model("m").model_copy(update={"golden_dataset": str(golden)})
+    first = assemble(task, judged, cfg.training, registry, feedback, None)
+    v1 = _publish(registry, tmp_path, first, "v1", first.summary)
+    _give(feedback, 20)
+    assemble(task, judged, cfg.training, registry, feedback, v1)
+    assert "changed since production was judged" not in caplog.text  # the same file: no warning
+    golden.write_text("text\tlabel\nkept apart\tpositive\nalso apart\tnegative\na third\tpositive\n")
+    third = assemble(task, judged, cfg.training, registry, feedback, v1)
+    assert "golden_dataset " + str(golden) + " changed since production was judged" in caplog.text
+    assert third.golden.num_rows == 3

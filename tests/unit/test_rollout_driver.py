@@ -177,3 +177,23 @@ def test_only_the_challengers_shadow_answers_count_and_a_settled_miss_is_not_loo
     w.driver._find_shadow_answers("m", "v2", rows)  # settled now: the last lookups of them
     w.driver._find_shadow_answers("m", "v2", rows)
     assert sorted(lookups) == sorted(shed)
+
+
+def test_a_look_without_every_nodes_counters_sets_no_baseline(tmp_path):
+    """A scrape missing a node raises (serving/metric_files.IncompleteScrape) rather than
+    return a partial reading: taken as the stage's baseline, that node's whole history of
+    errors would count as the stage's once the node answered, and roll a healthy canary back."""
+    w = World(tmp_path, "canary")
+    w.registry.start_rollout("m", "v2", "canary", 10.0)
+
+    def partial(_model):
+        raise RuntimeError("1 of 2 nodes did not send their replicas' metrics")
+
+    w.driver.health = partial
+    assert w.driver.look("m").action == "hold"  # judged on feedback alone: none yet
+    w.driver.health = lambda _: dict(w.health)
+    w.health = {"v1": VersionHealth(1000, 0), "v2": VersionHealth(100, 90)}  # the node's history, errors and all
+    assert w.driver.look("m").action == "hold"  # the first whole reading is the baseline
+    w.health = {"v1": VersionHealth(2000, 0), "v2": VersionHealth(130, 90)}  # +30 requests, no new errors
+    assert w.driver.look("m").action == "hold"
+    assert w.registry.state("m").rollout is not None
