@@ -212,7 +212,9 @@ def _container(cfg: TuneloopConfig, name: str, cpus: int, memory: str, gpus: int
     mounts = [{"name": "config", "mountPath": cfg.deploy.config_dir, "readOnly": True}]
     if journal:
         mounts.append({"name": "journal", "mountPath": cfg.deploy.journal_dir})
-    return {"name": name, "image": cfg.deploy.image, "imagePullPolicy": "IfNotPresent", "env": env, "envFrom": env_from,
+    # No imagePullPolicy: Kubernetes' default pulls a ``:latest`` or untagged image on every
+    # start and a pinned tag once, so an image rebuilt under ``:latest`` reaches the nodes.
+    return {"name": name, "image": cfg.deploy.image, "env": env, "envFrom": env_from,
             "resources": {"limits": limits, "requests": dict(limits)},
             "ports": [{"name": n, "containerPort": p} for n, p in ports], "volumeMounts": mounts}
 

@@ -110,6 +110,9 @@ def test_the_rayservice_serves_from_gpu_workers_and_keeps_the_journal_on_the_hea
     assert inside.serving.autoscaling.max_replicas == 4  # as the example config says
     job = docs["RayJob"]["spec"]
     assert shlex.split(job["entrypoint"])[:5] == ["python", "-m", "tuneloop.control", "train", "sentiment"]
+    # Kubernetes' default pull policy: an image rebuilt under :latest reaches restarted pods.
+    pods = [head_pod, workers["template"]["spec"], job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]]
+    assert all("imagePullPolicy" not in c for pod in pods for c in pod["containers"])
 
 
 def test_serve_configs_validate_and_route_every_model(rendered):
