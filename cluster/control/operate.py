@@ -73,6 +73,24 @@ _REFUSE_A_RUNNING_JOB = (
     'case "$status" in Initializing|Waiting|Running|Retrying|Suspending) '
     'echo "rayjob {job} is still $status: wait for it (tuneloop deploy status)" >&2; exit 1;; esac')
 
+# A NewCluster upgrade serves from the old cluster while the new one starts (minutes): the
+# RayService stays Ready throughout, so `kubectl wait --for=condition=Ready` returned at once.
+# Done is KubeRay having read the applied spec (observedGeneration) with no UpgradeInProgress
+# condition True (KubeRay >= 1.3); an in-place Serve update then waits on Ready below.
+_WAIT_FOR_THE_UPGRADE = (
+    'i=0; while [ $i -lt {tries} ]; do '
+    's=$({k} get rayservice {name} -o jsonpath=\'{{.metadata.generation}}/{{.status.observedGeneration}}/'
+    '{{.status.conditions[?(@.type=="UpgradeInProgress")].status}}\') || s=; '  # unreachable: ask again
+    'case "$s" in ""|*/*/True) ;; *) g=${{s%%/*}}; r=${{s#*/}}; [ "$g" = "${{r%%/*}}" ] && exit 0;; esac; '
+    'if [ $((i % 12)) = 0 ]; then echo "rayservice {name}: waiting for the upgrade (generation/seen/upgrading: $s)" >&2; fi; '
+    'i=$((i + 1)); sleep {poll_s}; done; '
+    'echo "rayservice {name}: upgrade not done after $((i * {poll_s})) s (kubectl describe rayservice {name})" >&2; exit 1')
+
+
+def wait_for_the_upgrade(kubectl: str, name: str, poll_s: int = 5, tries: int = 360) -> str:
+    """The shell loop that waits (``tries`` x ``poll_s``: 30 minutes) for ``name``'s upgrade."""
+    return _WAIT_FOR_THE_UPGRADE.format(k=kubectl, name=name, poll_s=poll_s, tries=tries)
+
 
 def plan(cfg: TuneloopConfig, target: str, verb: str, folder: Path, model: str | None = None) -> list[Step]:
     """The commands ``verb`` runs, in order (``status`` and ``rollout`` add work of their own)."""
@@ -92,7 +110,9 @@ def plan(cfg: TuneloopConfig, target: str, verb: str, folder: Path, model: str |
             "up": [Step([*k, "apply", "-f", files["config.yaml"]]), Step([*k, "apply", "-f", files["rayservice.yaml"]]),
                    Step([*k, "apply", "-f", files["podmonitor.yaml"]], only_if=has_podmonitor),
                    Step([*k, "wait", "--for=condition=Ready", f"rayservice/{d.name}", "--timeout=30m"])],
-            "deploy": [Step([*k, "apply", "-f", files["config.yaml"]]), Step([*k, "apply", "-f", files["rayservice.yaml"]])],
+            "deploy": [Step([*k, "apply", "-f", files["config.yaml"]]), Step([*k, "apply", "-f", files["rayservice.yaml"]]),
+                       Step(["sh", "-c", wait_for_the_upgrade(shlex.join(k), d.name)]),
+                       Step([*k, "wait", "--for=condition=Ready", f"rayservice/{d.name}", "--timeout=30m"])],
             "status": [Step([*k, "get", "rayservice", d.name, "-o", "wide"]),
                        Step([*k, "get", "pods", "-l", f"app.kubernetes.io/instance={d.name}", "-o", "wide"]),
                        Step([*k, "exec", head, "--", "serve", "status"])],

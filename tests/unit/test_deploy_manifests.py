@@ -8,6 +8,7 @@ import copy
 import filecmp
 import json
 import shlex
+import subprocess
 from pathlib import Path
 
 import jsonschema
@@ -296,3 +297,28 @@ def test_a_fixed_replica_count_renders_a_config_the_cluster_accepts():
            "storage": {"root": "s3://b/tl", "journal_dir": "/j"}, "serving": {"num_replicas": 2}}
     inside = parse_config(manifests.cluster_config_doc(doc, parse_config(doc)))
     assert inside.serving.num_replicas == 2
+
+
+@pytest.mark.parametrize("answers, done", [
+    (["2/1/", "2/2/True", "2/2/False"], True),  # the spec read, a new cluster starting, then switched
+    (["", "3/3/"], True),  # kubectl failed once (no answer is no "done"); a KubeRay without the condition
+    (["2/1/", "2/1/", "2/1/"], False),  # never read: gives up, saying so
+])
+def test_deploy_waits_until_kuberay_has_read_the_spec_and_no_upgrade_is_in_progress(tmp_path, answers, done):
+    """The RayService stays Ready while a NewCluster upgrade starts its second cluster, so
+    waiting on Ready alone returned before the new config served anything."""
+    states = tmp_path / "states"
+    states.write_text("".join(a + "\n" for a in answers))
+    kubectl = tmp_path / "kubectl"  # stands in for the cluster: prints the next state, one per call
+    kubectl.write_text(f'#!/bin/sh\nline=$(head -n 1 "{states}"); sed -i 1d "{states}"\n'
+                       '[ -n "$line" ] || exit 1\nprintf %s "$line"\n')
+    kubectl.chmod(0o755)
+    script = operate.wait_for_the_upgrade(str(kubectl), "svc", poll_s=0, tries=len(answers))
+    result = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30)
+    assert (result.returncode == 0) is done, result.stderr
+    assert states.read_text() == ""  # asked once per try, and stopped at the first done
+    if not done:
+        assert "rayservice svc: upgrade not done after 0 s" in result.stderr
+    cfg, _ = _example()
+    steps = [" ".join(step.argv) for step in operate.plan(cfg, "kuberay", "deploy", tmp_path)]
+    assert any("UpgradeInProgress" in step for step in steps) and "wait --for=condition=Ready" in steps[-1]
