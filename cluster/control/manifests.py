@@ -248,6 +248,8 @@ def _config_volume(config_map: str) -> dict[str, Any]:
 
 def _pod(cfg: TuneloopConfig, component: str, container: dict, volumes: list[dict], gpus: int) -> dict[str, Any]:
     spec: dict[str, Any] = {"containers": [container], "volumes": volumes}
+    if cfg.deploy.service_account:
+        spec["serviceAccountName"] = cfg.deploy.service_account
     if gpus:
         spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     if component == SERVING_HEAD:

@@ -97,6 +97,10 @@ class DeployConfig(Section):
     secret: str = Field(default="tuneloop", pattern=_DNS_LABEL,
                         description="Secret whose keys become environment variables on every node: "
                                     "TUNELOOP_API_KEYS, AWS_* or GOOGLE_* credentials (optional)")
+    service_account: str | None = Field(
+        default=None, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="the Kubernetes service account every pod runs as (bucket access through IRSA or "
+                    "GKE Workload Identity, instead of keys in the Secret); None: the namespace's default")
     config_dir: str = Field(default="/etc/tuneloop", description="where the config's ConfigMap is mounted")
     journal_dir: str = Field(default="/var/lib/tuneloop/journal", description="where the journal volume is mounted")
     aws: AwsConfig = AwsConfig()

@@ -231,6 +231,24 @@ def test_a_config_without_a_deploy_section_renders_with_the_defaults(tmp_path):
             _validate_k8s(manifest)
 
 
+def test_every_pod_runs_as_the_configured_service_account(tmp_path):
+    """Bucket access through IRSA or GKE Workload Identity, without keys in the Secret."""
+    doc = {"models": [{"name": "intent", "base_model": "b", "labels": ["a", "b"]}],
+           "storage": {"root": "s3://bucket/tl", "journal_dir": "/j"}, "deploy": {"service_account": "tuneloop-s3"}}
+    files = operate.render(parse_config(doc), doc, "kuberay", tmp_path)
+    pods = []
+    for path in files:
+        for manifest in yaml.safe_load_all(path.read_text()):
+            _validate_k8s(manifest)
+            spec = manifest.get("spec", {})
+            cluster = spec.get("rayClusterConfig") or spec.get("rayClusterSpec")
+            if cluster:
+                pods += [g["template"]["spec"] for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]]
+    assert len(pods) == 4 and all(pod["serviceAccountName"] == "tuneloop-s3" for pod in pods)
+    with pytest.raises(ValueError, match="service_account"):
+        parse_config({**doc, "deploy": {"service_account": "Not_A_Name"}})
+
+
 def _parses(argv: list[str]) -> None:
     """Parse (not run) a `ray …` or `serve …` command line with Ray's own click CLIs."""
     import click
