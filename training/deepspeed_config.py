@@ -24,12 +24,17 @@ def build_deepspeed_config(
     The optimizer is torch's AdamW (``torch_adam``) because DeepSpeed's fused Adam needs
     CUDA; on GPU it uses the fused kernel. In bf16 and fp16 DeepSpeed keeps fp32 master
     weights in the optimizer, which is what the worker exports.
+
+    bf16 gradients are accumulated in fp32 (``data_types.grad_accum_dtype``): left out,
+    DeepSpeed 0.19 accumulates them in bf16, whose 8-bit mantissa drops a micro-batch's
+    gradient smaller than 1/256 of the running sum. ZeRO stages 1-3 honour it (stage 0 refuses
+    the mix; ``zero_stage_to_run`` never runs half precision there).
     """
     zero: dict[str, Any] = {"stage": zero_stage}
     if zero_stage == 3:
         # Export gathers the partitioned weights into one consolidated checkpoint.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
-    return {
+    config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "train_batch_size": micro_batch_size * world_size * gradient_accumulation_steps,
         "gradient_accumulation_steps": gradient_accumulation_steps,
@@ -51,6 +56,9 @@ def build_deepspeed_config(
         "steps_per_print": 10**9,  # tuneloop logs progress itself
         "wall_clock_breakdown": False,
     }
+    if precision == "bf16" and zero_stage >= 1:
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
 
 
 def warmup_steps(total_steps: int, warmup_ratio: float) -> int:

@@ -84,6 +84,8 @@ def test_deepspeed_config_cpu_and_gpu():
     assert gpu["train_batch_size"] == 8 * 4 * 4 and gpu["gradient_accumulation_steps"] == 4
     assert gpu["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     assert gpu["optimizer"]["params"]["lr"] == 1e-4
+    assert gpu["data_types"] == {"grad_accum_dtype": "fp32"}  # not bf16's 8-bit mantissa
+    assert "data_types" not in cpu  # fp32 accumulates in fp32
     fp16 = build_deepspeed_config(zero_stage=1, micro_batch_size=8, world_size=1, learning_rate=1e-4,
                                   weight_decay=0.0, use_gpu=True, precision="fp16")
     assert fp16["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}  # dynamic loss scaling

@@ -1,0 +1,46 @@
+"""DeepSpeed itself, run on the CPU accelerator in bf16 with the config tuneloop builds: the
+gradients of an accumulation group add up in fp32. No GPU here, so this is the one place the
+bf16 path's accumulation runs for real (its process: DeepSpeed's process group stays apart
+from the tests' Ray)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tuneloop.serving.fast_path import free_port
+
+SCRIPT = r'''
+import os, sys, torch
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import deepspeed
+from deepspeed.utils import safe_get_full_grad
+from tuneloop.training.deepspeed_config import build_deepspeed_config
+
+deepspeed.init_distributed(dist_backend="gloo")
+n = 64
+for stage, ours in [(1, True), (2, True), (3, True), (2, False)]:
+    config = build_deepspeed_config(zero_stage=stage, micro_batch_size=1, world_size=1, learning_rate=1e-3,
+                                    weight_decay=0.0, use_gpu=False, precision="bf16", gradient_accumulation_steps=n)
+    if not ours:
+        config.pop("data_types")
+    model = torch.nn.Linear(1, 1, bias=False)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    # d(loss)/dw is the input: one micro-batch of 1, then 63 of 1/512 (each under half a
+    # bf16 step of the running sum, 1/256): the group's gradient is 1 + 63/512 = 1.123.
+    for i in range(n):
+        engine.backward(engine(torch.full((1, 1), 1.0 if i == 0 else 1 / 512, dtype=torch.bfloat16)).float().sum())
+        if i == n - 1:
+            print("SUM", stage, ours, float(safe_get_full_grad(engine.module.weight).float().sum()) * n, flush=True)
+        engine.step()
+'''
+
+
+def test_bf16_gradients_accumulate_in_fp32_at_every_zero_stage():
+    run = subprocess.run([sys.executable, "-c", SCRIPT, str(free_port())], capture_output=True, text=True, timeout=300)
+    sums = {(int(s), o == "True"): float(v) for line in run.stdout.splitlines() if line.startswith("SUM ")
+            for _, s, o, v in [line.split()]}
+    assert len(sums) == 4, run.stdout[-2000:] + run.stderr[-4000:]
+    for stage in (1, 2, 3):
+        assert abs(sums[stage, True] - (1 + 63 / 512)) < 0.005, sums  # every micro-batch counted
+    assert sums[2, False] == 1.0, sums  # DeepSpeed's own default, bf16: the 63 small ones were lost
