@@ -193,6 +193,21 @@ def _consolidated_state_dict(module, rank: int, precision: str, frozen_fp32: dic
     return state
 
 
+def _on_every_rank(flag: bool, device) -> bool:
+    """Whether ``flag`` holds on every rank. A job whose workers landed on GPUs of two kinds
+    (one without bf16) trains in one precision, fp16, on all of them: ranks in different
+    precisions would not agree on their collectives' tensors, and a rank refusing bf16 alone
+    left the others waiting for it."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def _from_rank_zero(value: float, device) -> float:
     """Rank 0's ``value`` on every rank: decisions that lead to collective calls must not
     hang on a near-tie that two ranks' arithmetic resolves differently."""
@@ -273,6 +288,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if config["use_gpu"] else "cpu")
     import deepspeed
     import ray.train
+    import ray.train.torch
     import torch
     import transformers
 
@@ -286,8 +302,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     task = make_task(config["task"], config["labels"], **config.get("task_options", {}))
     max_length: int = config["max_length"]
     batch_size: int = config["batch_size"]
+    bf16 = config["use_gpu"] and torch.cuda.is_bf16_supported(including_emulation=False)
     precision = resolve_precision(config["precision"], config["use_gpu"],
-                                  config["use_gpu"] and torch.cuda.is_bf16_supported(including_emulation=False))
+                                  _on_every_rank(bf16, ray.train.torch.get_device()))
 
     init_path = ModelFiles(**config["init_files"]).local_path()  # on this worker's node
     tokenizer = transformers.AutoTokenizer.from_pretrained(init_path)
