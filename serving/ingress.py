@@ -34,7 +34,7 @@ from tuneloop.core.errors import (
     UnknownModel,
 )
 from tuneloop.store.jobs import JobStore
-from tuneloop.core.auth import RateLimiter
+from tuneloop.core.auth import METRICS_ROLE, RateLimiter
 from tuneloop.store.keys import KeyRing
 from tuneloop.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from tuneloop.core.idempotency import parse_key
@@ -328,9 +328,9 @@ class Ingress:
     @app.get("/metrics")
     async def prometheus(self, request: Request) -> Response:
         """Operational series for anyone who can reach the port; the series derived from
-        feedback (online accuracy, labels) only for a key that may read feedback
-        statistics: Prometheus sends one as a bearer token (deploy/prometheus)."""
-        with_feedback = self._holds(request.headers.get("authorization"), "feedback")
+        feedback (online accuracy, labels) only for a key of role metrics, feedback or
+        admin: Prometheus sends a metrics key as a bearer token (deploy/prometheus)."""
+        with_feedback = self._holds(request.headers.get("authorization"), METRICS_ROLE)
         stats = self.feedback.all_stats if with_feedback else None
         body = await asyncio.to_thread(self._render_metrics, stats)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -324,15 +324,15 @@ def feedback_release_cmd(model: str, key_id: str = typer.Argument(..., help="a q
 
 
 @keys_app.command("create")
-def keys_create(role: str = typer.Argument(..., help="predict, feedback or admin"),
+def keys_create(role: str = typer.Argument(..., help="predict, feedback, admin, or metrics (Prometheus' scrape key)"),
                 config: str | None = ConfigOption) -> None:
     """Create a key with ROLE; prints it once. A running server picks it up within seconds."""
-    from tuneloop.core.auth import ROLES
+    from tuneloop.core.auth import KEY_ROLES
     from tuneloop.store.keys import add_stored_key
     from tuneloop.store.storage import Storage
 
-    if role not in ROLES:
-        typer.echo(f"role must be one of {list(ROLES)}, not {role!r}", err=True)
+    if role not in KEY_ROLES:
+        typer.echo(f"role must be one of {list(KEY_ROLES)}, not {role!r}", err=True)
         raise typer.Exit(2)
     cfg = _load(config)
     try:

@@ -350,7 +350,7 @@ def kuberay(cfg: TuneloopConfig, doc: dict[str, Any]) -> dict[str, list[dict[str
             {   # tuneloop's /metrics, on the serving head only: its ingress already gathers
                 # every node's replicas, so scraping each pod would count them once per pod.
                 # The feedback-derived series need a key that may read feedback statistics:
-                # the Secret's TUNELOOP_METRICS_KEY (`tuneloop keys create feedback`).
+                # the Secret's TUNELOOP_METRICS_KEY (`tuneloop keys create metrics`).
                 "apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
                 "metadata": {"name": f"{d.name}-tuneloop", **meta, "labels": _labels(cfg, "monitoring")},
                 "spec": {"selector": {"matchLabels": {"app.kubernetes.io/instance": d.name,

@@ -13,7 +13,9 @@ compared in constant time. Keys come from three places, all merged:
 
 Roles are ranked: ``admin`` may do everything, ``feedback`` may also predict, ``predict``
 only predicts. A role listed in ``auth.open_roles``, and every role below it, needs no key
-(``predict`` by default).
+(``predict`` by default). One role stands apart: ``metrics`` only reads /metrics' series
+derived from feedback (as ``feedback`` and ``admin`` may), the key Prometheus scrapes with;
+a leaked scrape key then cannot send feedback that trains the next version.
 
 A key file that cannot be read or has the wrong shape raises KeyFileError, whose message
 names the file and the problem, never a secret: ``tuneloop run`` refuses to start on it,
@@ -38,7 +40,9 @@ from tuneloop.core.errors import Forbidden, RateLimited, Unauthorized
 
 log = logging.getLogger("tuneloop")
 
-ROLES = ("predict", "feedback", "admin")
+ROLES = ("predict", "feedback", "admin")  # ranked: each may do what those before it may
+METRICS_ROLE = "metrics"  # reads /metrics' feedback-derived series, nothing else
+KEY_ROLES = (*ROLES, METRICS_ROLE)
 KEYS_ENV = "TUNELOOP_API_KEYS"
 KEYS_FILE = "auth/keys.json"
 ADMIN_KEY_FILE = "auth/admin-key.txt"
@@ -92,8 +96,8 @@ def keys_from_env(value: str | None) -> list[ApiKey]:
     for n, entry in enumerate(filter(None, (e.strip() for e in (value or "").split(","))), 1):
         role, _, key = entry.partition(":")
         match = _KEY.match(key)
-        if role not in ROLES or not match:
-            raise ConfigError(f"{KEYS_ENV}: entry {n} must read <role>:tl_<8 hex>_<32 hex> with role in {ROLES}")
+        if role not in KEY_ROLES or not match:
+            raise ConfigError(f"{KEYS_ENV}: entry {n} must read <role>:tl_<8 hex>_<32 hex> with role in {KEY_ROLES}")
         out.append(ApiKey(match.group(1), role, _hash(match.group(2))))
     return out
 
@@ -120,8 +124,8 @@ def keys_from_doc(doc: Any, source: str = KEYS_FILE) -> list[ApiKey]:
         key_id, role, sha256 = entry.get("id"), entry.get("role"), entry.get("sha256")
         if not (isinstance(key_id, str) and ID_PATTERN.match(key_id)):
             raise KeyFileError(f"{where}: id must be 8 hex digits, not {quote_value(key_id)}")
-        if not (isinstance(role, str) and role in ROLES):
-            raise KeyFileError(f"{where} (id {key_id}): role must be one of {list(ROLES)}, not {quote_value(role)}")
+        if not (isinstance(role, str) and role in KEY_ROLES):
+            raise KeyFileError(f"{where} (id {key_id}): role must be one of {list(KEY_ROLES)}, not {quote_value(role)}")
         if not (isinstance(sha256, str) and _SHA256.match(sha256)):
             raise KeyFileError(f"{where} (id {key_id}): sha256 must be 64 hex digits, not {quote_value(sha256)}")
         out.append(ApiKey(key_id, role, sha256))
@@ -161,9 +165,18 @@ class Authorizer:
         ok = hmac.compare_digest(_hash(match.group(2)) if match else "", key.sha256 if key else _DUMMY_HASH)
         if key is None or not ok:
             raise Unauthorized("the API key is not valid")
-        if ROLES.index(key.role) < ROLES.index(role) and role not in self.open_roles:
+        if not grants(key.role, role) and role not in self.open_roles:
             raise Forbidden(f"key {key.id} has role {key.role!r}; this needs {role!r}")
         return key.id
+
+
+def grants(key_role: str, role: str) -> bool:
+    """Whether a key of ``key_role`` may act as ``role``."""
+    if role == METRICS_ROLE:
+        return key_role in (METRICS_ROLE, "feedback", "admin")
+    if key_role == METRICS_ROLE:
+        return False
+    return ROLES.index(key_role) >= ROLES.index(role)
 
 
 class RateLimiter:

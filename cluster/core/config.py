@@ -459,7 +459,7 @@ Role = Literal["predict", "feedback", "admin"]
 
 class ApiKeyConfig(Section):
     id: str = Field(pattern=r"^[0-9a-f]{8}$")
-    role: Role
+    role: Literal["predict", "feedback", "admin", "metrics"]  # metrics: /metrics' feedback series only
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the key's secret part, hex")
 
 

@@ -35,6 +35,7 @@ RAY_NUM_CPUS = 6  # more logical CPUs than training workers + replicas, or Ray D
 ADMIN_KEY, _ADMIN = new_key("admin")
 FEEDBACK_KEY, _FEEDBACK = new_key("feedback")
 PREDICT_KEY, _PREDICT = new_key("predict")
+METRICS_KEY, _METRICS = new_key("metrics")
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -120,7 +121,7 @@ def make_config(root: Path, base_model: str, seed: str | None, model: dict | Non
         "serving": {"max_batch_size": 8, "max_inputs_per_request": 8,
                     "max_chars_per_input": 200, "reload_interval_s": 0.5, "num_cpus_per_replica": 1},
         "training": {"epochs": 1, "batch_size": 8, "max_length": 32, "num_workers": 2, "zero_stage": 2},
-        "auth": {"keys": [asdict(k) for k in (_ADMIN, _FEEDBACK, _PREDICT)], "create_admin_key": False},
+        "auth": {"keys": [asdict(k) for k in (_ADMIN, _FEEDBACK, _PREDICT, _METRICS)], "create_admin_key": False},
         "feedback": {"compact_interval_s": 0.5},
         "predictions": {"flush_interval_s": 0.2},
         # Jobs' ONNX export and speed runs: ~10 s each; tests/integration/test_optimize.py has them.

@@ -14,6 +14,7 @@ from tuneloop.store.storage import Storage
 from tests.integration.conftest import (
     ADMIN_KEY,
     FEEDBACK_KEY,
+    METRICS_KEY,
     PREDICT_KEY,
     _FEEDBACK,
     bearer,
@@ -279,6 +280,10 @@ def test_second_feedback_on_a_prediction_wins_and_stats_count_it(app):
     assert sum(stats["by_label"].values()) == stats["total"] == sum(stats["by_day"].values())
     series = f'tuneloop_feedback_online_accuracy{{model="sentiment",version="{pred["version"]}"}}'
     assert series in httpx.get(f"{url}/metrics", headers=bearer(FEEDBACK_KEY)).text
+    assert series in httpx.get(f"{url}/metrics", headers=bearer(METRICS_KEY)).text  # Prometheus' scrape key...
+    refused = post(f"{url}/v1/feedback", {"prediction_id": pred["id"], "label": wrong}, key=METRICS_KEY)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "forbidden"  # ...sends no feedback
+    assert httpx.get(f"{url}/v1/models/sentiment/feedback/stats", headers=bearer(METRICS_KEY)).status_code == 403
     open_metrics = httpx.get(f"{url}/metrics").text  # no key: operational series only
     assert "tuneloop_feedback_online_accuracy" not in open_metrics and "tuneloop_requests_total" in open_metrics
     assert httpx.get(f"{url}/metrics", headers=bearer("tl_00000000_" + "0" * 32)).status_code == 401

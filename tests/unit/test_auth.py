@@ -13,6 +13,7 @@ from tuneloop.core.auth import (
     KeyFileError,
     RateLimiter,
     RevokeError,
+    grants,
     keys_from_doc,
     keys_from_env,
     new_key,
@@ -47,6 +48,21 @@ def test_keys_are_stored_hashed_and_checked_by_role():
         auth.check(f"Bearer {pr}", "feedback")
     with pytest.raises(Forbidden):
         auth.check(f"Bearer {fb}", "admin")
+
+
+def test_a_metrics_key_reads_the_feedback_series_and_nothing_else():
+    """Prometheus' scrape key sits in a Secret or a file: leaked, it must not send feedback
+    that trains the next version, nor read what the feedback says."""
+    key, rec = new_key("metrics")
+    auth = Authorizer([rec, *(new_key(r)[1] for r in ("feedback", "admin"))], open_roles=frozenset())
+    assert auth.check(f"Bearer {key}", "metrics") == rec.id
+    for role in ("predict", "feedback", "admin"):
+        with pytest.raises(Forbidden, match="has role 'metrics'"):
+            auth.check(f"Bearer {key}", role)
+    assert Authorizer([rec], open_roles=frozenset({"predict"})).check(f"Bearer {key}", "predict") == rec.id  # open
+    assert grants("feedback", "metrics") and grants("admin", "metrics") and not grants("predict", "metrics")
+    assert keys_from_env(f"metrics:{key}") == [rec]
+    assert AuthConfig(keys=[ApiKeyConfig(id=rec.id, role="metrics", sha256=rec.sha256)]).keys[0].role == "metrics"
 
 
 @pytest.mark.parametrize("header", [None, "", "Bearer", "Basic abc", "Bearer tl_0000_x",
@@ -220,7 +236,7 @@ def test_concurrent_key_creation_from_several_processes_loses_no_key(storage):
     (b'{"keys": ["x"]}', "keys[0] must be a JSON object"),
     (b'{"keys": [{"role": "admin", "sha256": "%s"}]}' % (b"0" * 64), "keys[0]: id must be 8 hex digits, not nothing"),
     (b'{"keys": [{"id": "aaaaaaaa", "role": "owner", "sha256": "%s"}]}' % (b"0" * 64),
-     "keys[0] (id aaaaaaaa): role must be one of ['predict', 'feedback', 'admin'], not 'owner'"),
+     "keys[0] (id aaaaaaaa): role must be one of ['predict', 'feedback', 'admin', 'metrics'], not 'owner'"),
     (b'{"keys": [{"id": "aaaaaaaa", "role": "admin", "sha256": "abc"}]}', "sha256 must be 64 hex digits, not 'abc'"),
 ])
 def test_a_bad_key_file_names_the_file_and_the_problem(storage, content, problem):
