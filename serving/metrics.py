@@ -36,9 +36,12 @@ if os.environ.get(MULTIPROC_ENV):  # a replica on a node where no one made it ye
 # A version's series stay this long after it left service: past any rate() window a
 # dashboard or alert uses (deploy/prometheus: 5 minutes), so its last increments are counted.
 RETIRED_SERIES_S = 3600.0
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-_TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+# Up to what the config allows (serving.request_timeout_s <= 3600, max_batch_size <= 1024,
+# a batch of 1024 x max_length 8192 tokens): past the top bucket a value says only "more",
+# and the rollout's p99 (quantile_from_buckets) stopped at 30 s.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 131072, 524288, 2097152, 8388608)
 
 REQUESTS = Counter(
     "tuneloop_requests", "Predict requests by outcome", ["model", "version", "outcome"]
@@ -101,19 +104,33 @@ def timer(histogram: Histogram, *labels: str) -> Iterator[None]:
 
 
 class TrainingRunsCollector:
-    """tuneloop_training_runs_total{model, outcome}, read from the job records."""
+    """tuneloop_training_runs_total{model, outcome}: finished jobs, and
+    tuneloop_training_jobs_running{model}, read from the job records. Every model's outcomes
+    start at 0: a series born at 1 hid the first failure from ``increase()``, which alerts
+    use, and a running job counted in the counter made it fall when the job ended (a reset
+    to Prometheus, and a phantom run in every ``increase()``)."""
 
-    def __init__(self, jobs: JobStore):
-        self.jobs = jobs
+    OUTCOMES = ("succeeded", "rejected", "failed")
+
+    def __init__(self, jobs: JobStore, models: list[str]):
+        self.jobs, self.models = jobs, models
 
     def collect(self):
-        family = CounterMetricFamily(
-            "tuneloop_training_runs", "Training jobs by outcome", labels=["model", "outcome"]
-        )
-        tally = _Tally((j.model, j.state) for j in self.jobs.all())
-        for (model, outcome), n in sorted(tally.items()):
-            family.add_metric([model, outcome], n)
-        yield family
+        try:
+            records = self.jobs.all()
+        except Exception as e:  # noqa: BLE001 - the job store's trouble must not fail the scrape
+            log.warning("metrics: no job records: %s", e)
+            return
+        runs = CounterMetricFamily("tuneloop_training_runs", "Finished training jobs by outcome",
+                                   labels=["model", "outcome"])
+        running = GaugeMetricFamily("tuneloop_training_jobs_running", "Training jobs running now", labels=["model"])
+        tally = _Tally((j.model, j.state) for j in records)
+        for model in sorted(set(self.models) | {m for m, _ in tally}):
+            for outcome in self.OUTCOMES:
+                runs.add_metric([model, outcome], tally[model, outcome])
+            running.add_metric([model], tally[model, "running"])
+        yield runs
+        yield running
 
 
 class ReplicasCollector:
@@ -123,8 +140,13 @@ class ReplicasCollector:
         self.running_replicas = running_replicas
 
     def collect(self):
+        try:
+            replicas = self.running_replicas()
+        except Exception as e:  # noqa: BLE001 - Serve's status unreadable: the other series still go out
+            log.warning("metrics: no replica counts from Serve: %s", e)
+            return
         family = GaugeMetricFamily("tuneloop_replicas", "Running replicas per model", labels=["model"])
-        for model, n in sorted(self.running_replicas().items()):
+        for model, n in sorted(replicas.items()):
             family.add_metric([model], n)
         yield family
 
@@ -156,13 +178,23 @@ class FeedbackStatsCollector:
 
 
 _ROLLOUT_EVENTS = ("rollout", "step", "promote", "abort", "pause", "resume", "alert")
+_DECIDED_BY = ("automatic", "job", "operator")
+
+
+def _decided_by(entry) -> str:
+    """automatic: the rollout driver, which records the numbers it saw; job: a training job
+    promoting what its gate passed (its reason names the job); operator: by hand."""
+    if entry.numbers is not None:
+        return "automatic"
+    return "job" if entry.reason.startswith("job ") else "operator"
 
 
 class RolloutCollector:
     """A rollout's traffic and decisions, read from the registry's state at scrape time:
     tuneloop_traffic_share{model, version, role} (production and canary: the share of
     requests each answers; shadow: the share it also runs), tuneloop_rollout_events_total
-    {model, event, by} (automatic: decided by the rollout driver; operator: by hand) and
+    {model, event, by} (automatic: decided by the rollout driver; job: a training job's
+    promotion; operator: by hand) and
     tuneloop_rollout_alert{model, version} (1: no decision past rollout.inconclusive_after_s)."""
 
     def __init__(self, states: dict[str, RegistryState], shadow_percent: float):
@@ -184,10 +216,10 @@ class RolloutCollector:
                 role, value = ("canary", canary) if r.stage == "canary" else ("shadow", self.shadow_percent / 100)
                 share.add_metric([model, r.version, role], value)
                 alert.add_metric([model, r.version], float(r.alerted))
-            tally = _Tally((h.event, "automatic" if h.numbers is not None else "operator") for h in state.history
-                           if h.event in _ROLLOUT_EVENTS)
-            for (event, by), n in sorted(tally.items()):
-                events.add_metric([model, event, by], n)
+            tally = _Tally((h.event, _decided_by(h)) for h in state.history if h.event in _ROLLOUT_EVENTS)
+            for event in _ROLLOUT_EVENTS:  # from 0, so that increase() sees the first one
+                for by in _DECIDED_BY:
+                    events.add_metric([model, event, by], tally[event, by])
         yield share
         yield events
         yield alert
@@ -304,7 +336,7 @@ def render(jobs: JobStore, running_replicas: Callable[[], dict[str, int]], regis
     feedback statistics; none of a long-retired version (``InServiceCollector``)."""
     states = _states(registry, models)  # read once a scrape: one GET each on a bucket
     runs = CollectorRegistry()
-    runs.register(TrainingRunsCollector(jobs))
+    runs.register(TrainingRunsCollector(jobs, models))
     runs.register(ReplicasCollector(running_replicas))
     runs.register(ServingTimeCollector(registry, states))
     runs.register(RolloutCollector(states, shadow_percent))

@@ -83,3 +83,51 @@ def test_alert_rules_are_well_formed_and_name_exported_metrics(exported):
         checked = subprocess.run([promtool, "check", "rules", str(DEPLOY / "prometheus/alerts.yml")],
                                  capture_output=True, text=True)
         assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def _samples(text: str) -> dict:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_counters_alerts_take_increase_of_start_at_zero_and_never_fall(tmp_path):
+    """increase() over a series born at 1 is 0: the first failed job and the first automatic
+    abort never alerted. A running job in the runs counter made it fall when the job ended."""
+    storage = Storage(str(tmp_path))
+    registry, jobs = Registry(storage), JobStore(storage)
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w/config.json").write_text("{}")
+    for _ in range(2):
+        registry.publish("m", str(tmp_path / "w"), Manifest(version="pending", model="m", parent=None,
+                                                            base_model="b", task="text-classification",
+                                                            labels=["a", "b"]))
+    registry.promote("m", "v1", reason="job 0123456789abcdef: passed its gate")
+    fresh = _samples(render(jobs, lambda: {"m": 1}, registry, ["m"], None).decode())
+    for outcome in ("succeeded", "rejected", "failed"):
+        assert fresh[("tuneloop_training_runs_total", (("model", "m"), ("outcome", outcome)))] == 0
+    assert fresh[("tuneloop_training_jobs_running", (("model", "m"),))] == 0
+    assert fresh[("tuneloop_rollout_events_total", (("by", "automatic"), ("event", "abort"), ("model", "m")))] == 0
+    assert fresh[("tuneloop_rollout_events_total", (("by", "job"), ("event", "promote"), ("model", "m")))] == 1
+
+    job = jobs.create("m", "feedback")
+    running = _samples(render(jobs, lambda: {"m": 1}, registry, ["m"], None).decode())
+    assert running[("tuneloop_training_jobs_running", (("model", "m"),))] == 1
+    assert ("tuneloop_training_runs_total", (("model", "m"), ("outcome", "running"))) not in running
+    jobs.save(job.model_copy(update={"state": "failed", "error": "boom"}))
+    done = _samples(render(jobs, lambda: {"m": 1}, registry, ["m"], None).decode())
+    assert done[("tuneloop_training_runs_total", (("model", "m"), ("outcome", "failed")))] == 1
+    assert done[("tuneloop_training_jobs_running", (("model", "m"),))] == 0
+
+
+def test_a_job_store_or_serve_that_cannot_answer_leaves_the_other_series(tmp_path):
+    class Unreadable(JobStore):
+        def all(self):
+            raise OSError("bucket throttled")
+
+    def no_serve():
+        raise RuntimeError("Serve controller unreachable")
+
+    storage = Storage(str(tmp_path))
+    text = render(Unreadable(storage), no_serve, Registry(storage), ["m"], lambda: STATS).decode()
+    names = {f.name for f in text_string_to_metric_families(text)}
+    assert "tuneloop_feedback_online_accuracy" in names and "tuneloop_training_runs" not in names
