@@ -262,8 +262,9 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
 
     # The keys the quarantine holds are set aside first (a held key's later answer must not
     # replace another key's), then the newest answer per prediction wins.
+    latest = _latest_answers(stored)[0]
     held_keys, quarantine = _quarantine(task, qcfg or QuarantineConfig(), QuarantineBook(registry.storage),
-                                        mcfg.name, _latest_answers(stored)[0], parent)
+                                        mcfg.name, latest, parent)
     of_held = _of_keys(stored, held_keys)
     fresh, n_superseded = _latest_answers(stored.filter(pc.invert(of_held)))
     fresh = _rows(fresh, schema, "feedback")
@@ -284,7 +285,9 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     released = released.filter(pc.invert(_among(released, "feedback_id", stored)))
     released = _latest_answers(released.filter(pc.invert(_among(released, "prediction_id", fresh))))[0]
     released = _without_texts(released, golden_texts)  # a golden_dataset set since they were held
-    newly_held = _without_texts(_rows(stored.filter(of_held), schema, "feedback"), golden_texts)
+    # Only a held key's answers that are still the latest on their prediction: one another key
+    # replaced in this window, held, was released later over the answer this job trained on.
+    newly_held = _without_texts(_rows(latest.filter(_of_keys(latest, held_keys)), schema, "feedback"), golden_texts)
     newly_held = newly_held.filter(pc.invert(_among(newly_held, "feedback_id", held)))
     held = pa.concat_tables([held.filter(still_held), newly_held])
 

@@ -276,6 +276,34 @@ def test_a_held_answer_replaced_by_a_newer_one_is_not_trained_when_its_key_is_re
     assert released.summary["quarantine"]["released_rows"] == 35
 
 
+def test_a_held_answer_replaced_within_its_own_window_is_never_held_nor_released(env):
+    """The replacement came in the same job's window as the held answer: the job trained the
+    newer answer, and must not keep the older one to release over it later."""
+    from tuneloop.store.quarantine import QuarantineBook
+
+    cfg, task, registry, feedback, tmp_path = env
+    first = assemble(task, cfg.model("m"), cfg.training, registry, feedback, None)
+    v1 = _publish(registry, tmp_path, first, "v1", first.summary, golden_accuracy=0.9)
+    stale = [feedback.append(model="m", text=f"flipped {i}", label="negative", prediction_id=f"{1000 + i:032x}",
+                             version="v1", predicted_label="positive", key_id="bbbbbbbb") for i in range(60)]
+    newer = [feedback.append(model="m", text=f"flipped {i}", label="positive", prediction_id=f"{1000 + i:032x}",
+                             version="v1", predicted_label="positive", key_id="aaaaaaaa") for i in range(25)]
+    for i in range(40):
+        feedback.append(model="m", text=f"honest {i}", label="positive", prediction_id=f"{i:032x}",
+                        version="v1", predicted_label="positive", key_id="aaaaaaaa")
+    feedback.compact()
+    data = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v1)
+    assert set(data.summary["quarantine"]["flagged"]) == {"bbbbbbbb"}
+    assert sorted(data.held.column("feedback_id").to_pylist()) == sorted(stale[25:])
+    seen = {i for t in (data.train, data.validation, data.fresh_eval) for i in t.column("feedback_id").to_pylist()}
+    assert set(newer) <= seen
+    v2 = _publish(registry, tmp_path, data, "v2", data.summary, golden_accuracy=0.9)
+    QuarantineBook(registry.storage).release("m", "bbbbbbbb")
+    released = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v2)
+    assert released.summary["quarantine"]["released_rows"] == 35
+    assert set(released.train.column("feedback_id").to_pylist()).isdisjoint(stale[:25])
+
+
 def test_released_rows_train_within_the_row_budget_and_the_rest_wait_for_the_next_job(env):
     from tuneloop.store.quarantine import QuarantineBook
 
