@@ -136,12 +136,12 @@ class FeedbackService:
             self._tallies[record["model"]].add(record)
         metrics.FEEDBACK.labels(record["model"]).inc()
         if self._trigger is not None:
-            # The model, the version that predicted, whether the user agreed with it, and which
-            # prediction it was (a second answer on it replaces the first).
+            # The model, the version that predicted, whether the user agreed with it, which
+            # prediction it was (a second answer on it replaces the first), and whose key.
             on_prediction = record.get("prediction_id") is not None
             self._trigger(record["model"], record.get("version"),
                           self.tasks[record["model"]].agrees(record) if on_prediction else None,
-                          record.get("prediction_id"))
+                          record.get("prediction_id"), record.get("key_id"))
 
     # -- reading -------------------------------------------------------------------------
     def stats(self, model: str) -> dict[str, Any]:

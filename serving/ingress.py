@@ -345,10 +345,11 @@ class Ingress:
             return metrics.render(self.jobs, self._running_replicas, self.registry, models, stats, files,
                                   self.cfg.rollout.shadow_percent)
 
-    def _trigger(self, model: str, version: str | None, agreed: bool | None, prediction_id: str | None) -> None:
+    def _trigger(self, model: str, version: str | None, agreed: bool | None, prediction_id: str | None,
+                 key_id: str | None) -> None:
         controller = self._controller()
         if controller is not None:  # fire and forget: the retrain trigger
-            controller.record_feedback.remote(model, version, agreed, prediction_id)
+            controller.record_feedback.remote(model, version, agreed, prediction_id, key_id)
 
     def _running_replicas(self) -> dict[str, int]:
         apps = serve.status().applications

@@ -20,8 +20,10 @@ from typing import Any
 import ray
 
 from tuneloop.core.config import TuneloopConfig
+from tuneloop.core.quarantine import ANONYMOUS
 from tuneloop.core.tasks import model_tasks
 from tuneloop.store.jobs import JobRecord, JobStore
+from tuneloop.store.quarantine import QuarantineBook
 from tuneloop.control.rollout_driver import RolloutDriver
 from tuneloop.serving.metric_files import cluster_metric_files
 from tuneloop.serving.metrics import version_health
@@ -93,6 +95,11 @@ class Retrainer:
                                              datetime.fromisoformat(j.created_at).timestamp())
         # Whether users agreed with each of production's predictions that got feedback.
         self.agreements: dict[str, deque[bool]] = {}
+        # model -> the predictions ``agreements`` judges, oldest first (and as a set): a repeated
+        # answer on one is not judged again, or one client re-answering a prediction filled
+        # the window and started accuracy-drop jobs one after another.
+        self._judged: dict[str, tuple[deque[str], set[str]]] = {}
+        self._held: dict[str, tuple[float, set[str]]] = {}  # model -> (read at, keys the quarantine holds)
         self.judged_since_start: dict[str, int] = {}  # model -> agreements recorded since its newest job started
         self._production: dict[str, tuple[str | None, float | None]] = {}  # model -> (version, golden accuracy)
         self._in_rollout: dict[str, bool] = {}  # model -> a challenger is being rolled out (read with production)
@@ -209,25 +216,53 @@ class Retrainer:
                     del self.running[model]
 
     def record_feedback(self, model: str, version: str | None = None, agreed: bool | None = None,
-                        prediction_id: str | None = None) -> str | None:
+                        prediction_id: str | None = None, key_id: str | None = None) -> str | None:
         """One new feedback record; ``agreed``: whether it agrees with the prediction of
         ``version`` it is about (None for feedback given as a text), ``prediction_id`` that
-        prediction's. Returns the job id if a trigger fired."""
+        prediction's, ``key_id`` the key that sent it. Returns the job id if a trigger fired."""
         with self._lock:
             # The records of jobs started elsewhere at most every state_refresh_s: a read each on
             # every feedback record, under the lock, for the whole of a `tuneloop train` or RayJob job.
             self._reap(check_records=self._clock() - self._records_read_at >= self._state_refresh_s)
+            if (key_id or ANONYMOUS) in self._held_keys(model):
+                return None  # the job holds it out of training: it starts none either
             counted = self.counted.setdefault(model, set())
             if prediction_id is None or prediction_id not in counted:  # four relabellings are one row to train
                 self.pending[model] = self.pending.get(model, 0) + 1
                 if prediction_id is not None and len(counted) < self._counted_cap:
                     counted.add(prediction_id)
             production = self._production_of(model)
-            if agreed is not None and version is not None and version == production[0]:
+            if agreed is not None and version is not None and version == production[0] \
+                    and self._first_judgment(model, prediction_id):
                 window = self.agreements.setdefault(model, deque(maxlen=self.cfg.trigger.accuracy_window))
                 window.append(agreed)
                 self.judged_since_start[model] = self.judged_since_start.get(model, 0) + 1
             return self._maybe_start(model, production)
+
+    def _first_judgment(self, model: str, prediction_id: str | None) -> bool:
+        """Whether ``prediction_id`` is not among the predictions the agreement window judges
+        (and now is); the window follows production's (``_production_of`` resets both)."""
+        order, ids = self._judged.setdefault(model, (deque(), set()))
+        if prediction_id is None:
+            return True
+        if prediction_id in ids:
+            return False
+        order.append(prediction_id)
+        ids.add(prediction_id)
+        while len(order) > self.cfg.trigger.accuracy_window:
+            ids.discard(order.popleft())
+        return True
+
+    def _held_keys(self, model: str) -> set[str]:
+        """The keys the quarantine holds for ``model``, read at most every state_refresh_s."""
+        read_at, keys = self._held.get(model, (float("-inf"), set()))
+        if self._clock() - read_at >= self._state_refresh_s:
+            try:
+                keys = QuarantineBook(self.registry.storage).quarantined(model)
+            except Exception as e:  # noqa: BLE001 - the bucket's hiccup: the last keys stand
+                log.warning("retrain trigger: quarantine book of %s unreadable: %s", model, e)
+            self._held[model] = (self._clock(), keys)
+        return keys
 
     def _production_of(self, model: str) -> tuple[str | None, float | None]:
         """Production's version and its accuracy on the golden set, read from the registry at
@@ -244,6 +279,7 @@ class Retrainer:
             cached = (version, metrics.accuracy if metrics and metrics.eval_rows else None)
             self._production[model] = cached
             self.agreements.pop(model, None)
+            self._judged.pop(model, None)
         return cached
 
     def _maybe_start(self, model: str, production: tuple[str | None, float | None] | None = None) -> str | None:

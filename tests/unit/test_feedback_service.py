@@ -70,7 +70,7 @@ def test_feedback_on_a_prediction_is_joined_to_what_was_served_counted_and_trigg
     [record] = store.appended
     assert record["text"] == "the served text" and record["version"] == "v3" and record["predicted_label"] == "pos"
     assert record["key_id"] == "k1" and record["label"] == "neg"
-    assert triggered == [("m", "v3", False, pid)]  # the user disagreed with v3's "pos" (prediction pid)
+    assert triggered == [("m", "v3", False, pid, "k1")]  # the user disagreed with v3's "pos" (prediction pid)
     stats = service.stats("m")
     assert stats["total"] == 1 and stats["by_version"]["v3"]["online_accuracy"] == 0.0
 

@@ -140,6 +140,47 @@ def test_the_accuracy_drop_trigger_counts_feedback_on_productions_predictions_on
     assert [t for _, t, _ in launch.launched] == ["accuracy_drop"] * 2
 
 
+def _accuracy_drop_world(tmp_path):
+    cfg = parse_config({"models": [{"name": "m", "base_model": "x", "labels": ["a", "b"]}],
+                        "trigger": {"accuracy_drop": 0.1, "accuracy_window": 4, "every_n_feedback": 5},
+                        "storage": {"root": str(tmp_path)}})
+    storage = Storage(str(tmp_path))
+    registry, jobs = Registry(storage), JobStore(storage)
+    (tmp_path / "w").mkdir()
+    golden = EvalMetrics(accuracy=0.9, precision=0.9, recall=0.9, f1=0.9, eval_rows=100)
+    registry.publish("m", str(tmp_path / "w"), Manifest(version="pending", model="m", parent=None, base_model="x",
+                                                        task="text-classification", labels=["a", "b"],
+                                                        metrics=golden))
+    registry.promote("m", "v1", reason="test")
+    launch = FakeLaunch(jobs)
+    return Retrainer(cfg, jobs, registry, launch, {"m": 0}, sweep_every_s=None), launch, registry
+
+
+def test_one_client_re_answering_one_prediction_starts_no_job(tmp_path):
+    """200 disagreements on one prediction filled the agreement window and started an
+    accuracy-drop job; after it, 200 more started the next, without end."""
+    retrainer, launch, _ = _accuracy_drop_world(tmp_path)
+    assert all(retrainer.record_feedback("m", "v1", False, "p0", "k1") is None for _ in range(200))
+    assert launch.launched == []
+    results = [retrainer.record_feedback("m", "v1", False, f"p{i}", "k1") for i in range(1, 4)]
+    assert results[:2] == [None, None] and results[2] is not None  # four predictions judged: the window fires
+    assert [t for _, t, _ in launch.launched] == ["accuracy_drop"]
+    launch.finish(0, "rejected")
+    assert all(retrainer.record_feedback("m", "v1", False, f"p{i % 4}", "k1") is None for i in range(200))
+    assert len(launch.launched) == 1  # the same four predictions again, after the job: no second job
+
+
+def test_feedback_of_a_key_the_quarantine_holds_starts_no_job(tmp_path):
+    from tuneloop.store.quarantine import QuarantineBook
+
+    retrainer, launch, registry = _accuracy_drop_world(tmp_path)
+    QuarantineBook(registry.storage).quarantine("m", {"bad00000": "flipped every label"}, {})
+    assert all(retrainer.record_feedback("m", "v1", False, f"p{i}", "bad00000") is None for i in range(50))
+    assert launch.launched == [] and retrainer.pending["m"] == 0
+    assert retrainer.record_feedback("m", None, None, None, None) is None  # keyless: counts (1 of 5)
+    assert retrainer.pending["m"] == 1
+
+
 def test_a_job_that_fails_for_good_is_not_restarted_until_new_feedback_is_due(tmp_path):
     retrainer, launch, jobs = _retrainer(tmp_path, every_n=3)
     for _ in range(3):
