@@ -19,9 +19,11 @@ from datetime import UTC, datetime, timedelta
 
 from tuneloop.core.config import TuneloopConfig
 from tuneloop.core.errors import Conflict
+from tuneloop.core.quarantine import ANONYMOUS
 from tuneloop.core.rollout import Decision, Rollout, VersionHealth, decide
 from tuneloop.core.rollout_evidence import evidence, stage_feedback
 from tuneloop.core.tasks import model_tasks
+from tuneloop.store.quarantine import QuarantineBook
 from tuneloop.store.records import FeedbackStore, PredictionLog, prediction_time
 from tuneloop.store.registry import Registry
 
@@ -62,6 +64,10 @@ class RolloutDriver:
             return None
         started = datetime.fromisoformat(rollout.stage_started_at)
         rows = stage_feedback(self.feedback.read_since(model, (started, "")).to_pylist(), started)
+        # A key the quarantine holds out of training judges no rollout either: agreeing with
+        # the challenger and not with production, it promoted it (or the reverse, rolled back).
+        held = QuarantineBook(self.registry.storage).quarantined(model)
+        rows = [r for r in rows if (r.get("key_id") or ANONYMOUS) not in held]
         shadow = self._find_shadow_answers(model, rollout.version, rows) if rollout.stage == "shadow" else {}
         seen = self._health_since(model, rollout.version, rollout.stage_started_at)
         found = evidence(self.tasks[model], state.production, rollout, rows, shadow, seen)

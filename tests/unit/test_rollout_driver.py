@@ -48,7 +48,8 @@ class World:
         h = self.health.get(version, VersionHealth())
         self.health[version] = VersionHealth(h.requests + 1, h.errors, h.latency_buckets)
 
-    def served(self, version: str, right: bool, shadow_right: bool | None = None, shadow_version: str = "v2") -> str:
+    def served(self, version: str, right: bool, shadow_right: bool | None = None, shadow_version: str = "v2",
+               key_id: str | None = None) -> str:
         """One prediction of ``version`` with feedback saying whether it was right (and the
         shadow's answer to the same request, when given); its id."""
         self._count(version)
@@ -59,7 +60,7 @@ class World:
         truth = self.rng.choice(LABELS)
         wrong = LABELS[1 - LABELS.index(truth)]
         self.feedback.append(model="m", text="t", label=truth, prediction_id=pid, version=version,
-                             predicted_label=truth if right else wrong, predicted_at=at)
+                             predicted_label=truth if right else wrong, predicted_at=at, key_id=key_id)
         if shadow_right is not None:
             self.shadow.append("m", [{"prediction_id": pid, "model": "m", "version": shadow_version, "text": "t",
                                       "created_at": at, "label": truth if shadow_right else wrong,
@@ -97,6 +98,25 @@ def test_a_better_shadow_goes_to_canary_then_production_by_its_feedback(shadow_w
     state = w.registry.state("m")
     assert (state.production, state.rollout) == ("v2", None)
     assert [h.event for h in state.history][-4:] == ["rollout", "step", "step", "promote"]
+
+
+def test_feedback_of_a_key_the_quarantine_holds_judges_no_rollout(shadow_world):
+    """Held out of training, a key agreeing with the challenger and not with production
+    promoted it all the same."""
+    from tuneloop.store.quarantine import QuarantineBook
+
+    w = shadow_world
+    QuarantineBook(w.registry.storage).quarantine("m", {"bad00000": "disagrees with production"}, {})
+    assert w.driver.look("m").action == "hold"  # the stage's first look: its health counts start here
+    for i in range(80):
+        w.served("v1", right=False, shadow_right=True, key_id="bad00000")
+    w.feedback.compact()
+    decision = w.driver.look("m")
+    assert decision.action == "hold" and w.registry.state("m").rollout.stage == "shadow"
+    for i in range(80):  # the same evidence from an honest key moves it
+        w.served("v1", right=i % 10 < 7, shadow_right=i % 10 < 9, key_id="good0000")
+    w.feedback.compact()
+    assert w.driver.look("m").action == "advance"
 
 
 def test_a_worse_shadow_is_rolled_back_by_itself(shadow_world):
