@@ -350,6 +350,7 @@ class FeedbackStore:
         # One append at a time: an Idempotency-Key's check, append and remember are one step.
         self._append_lock = threading.Lock()
         self._sequence = 0  # feedback ids of this writer sort in arrival order
+        self._last_created_at = datetime.min.replace(tzinfo=UTC)  # created_at never goes back (append)
 
     # -- writing -------------------------------------------------------------------------
     def open_writer(self, compact_interval_s: float | None = None, idempotency_ttl_s: float = 86_400.0,
@@ -481,7 +482,10 @@ class FeedbackStore:
             # Under the lock, so that arrival order, (created_at, feedback_id) order and the
             # journal's order agree: "latest answer wins" must not depend on a random id when
             # two answers on one prediction arrive in the same millisecond.
-            record["created_at"] = datetime.now(UTC)
+            # Never before this writer's last record: a wall clock stepped back (NTP) put
+            # acknowledged records behind a job's watermark, where no job ever read them.
+            self._last_created_at = max(datetime.now(UTC), self._last_created_at)
+            record["created_at"] = self._last_created_at
             record["feedback_id"] = self._next_feedback_id(record["created_at"])
             if idempotency_key is not None:
                 request = fingerprint(request_fields(record, task))

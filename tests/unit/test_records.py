@@ -279,3 +279,29 @@ def test_a_segment_recovered_after_its_day_was_merged_is_not_written_twice(tmp_p
     again.close()
     plain = pads.dataset(str(tmp_path / "store/feedback/m"), format="parquet", partitioning="hive").to_table()
     assert plain.num_rows == 16 and not segments[3].exists()
+
+
+def test_a_wall_clock_stepped_back_never_puts_a_record_behind_an_earlier_one(tmp_path, monkeypatch):
+    """NTP stepping the clock back put acknowledged records before a job's watermark, where
+    no job read them, and let an older answer win "latest wins"."""
+    import tuneloop.store.records as records
+
+    clock = [datetime(2026, 5, 1, 12, 0, 5, tzinfo=UTC)]
+
+    class SteppedClock(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return clock[0]
+
+    store = FeedbackStore(Storage(str(tmp_path / "store")), str(tmp_path / "journal"), TASKS)
+    store.open_writer()
+    monkeypatch.setattr(records, "datetime", SteppedClock)
+    first = store.append(model="m", text="t", label="negative", prediction_id="p" * 32)
+    clock[0] = datetime(2026, 5, 1, 12, 0, 3, tzinfo=UTC)  # two seconds back
+    second = store.append(model="m", text="t", label="positive", prediction_id="p" * 32)
+    monkeypatch.undo()
+    store.close()
+    rows = {r["feedback_id"]: r for r in store.read("m").to_pylist()}
+    assert rows[second]["created_at"] >= rows[first]["created_at"] and second > first
+    after_first = store.read_since("m", (rows[first]["created_at"], first)).column("feedback_id").to_pylist()
+    assert after_first == [second]
