@@ -274,15 +274,20 @@ class FilesCollector:
         return list(families.values())
 
 
-def version_health(files_by_node: dict[str, list[str]], model: str) -> dict[str, VersionHealth]:
-    """Each version's serving counts, summed over every node's replicas, for a rollout's
-    health (control/rollout_driver.py): requests (answered, and failed in the model) with
-    the answered ones' latency buckets; a shadow's runs and failures (its answers reach no
-    user, so no latency)."""
+def version_health(files_by_node: dict[str, list[str]], model: str) -> dict[str, dict[str, VersionHealth]]:
+    """Each node's serving counts by version, for a rollout's health (control/rollout_driver.py,
+    which measures a stage node by node: ``health_since``)."""
+    return {node: _node_health(files, model) for node, files in files_by_node.items()}
+
+
+def _node_health(files: list[str], model: str) -> dict[str, VersionHealth]:
+    """Each version's serving counts, summed over one node's replicas: requests (answered,
+    and failed in the model) with the answered ones' latency buckets; a shadow's runs and
+    failures (its answers reach no user, so no latency)."""
     requests: dict[str, float] = defaultdict(float)
     errors: dict[str, float] = defaultdict(float)
     buckets: dict[str, dict[float, float]] = defaultdict(lambda: defaultdict(float))
-    for family in FilesCollector(files_by_node).collect():
+    for family in FilesCollector({"": files}).collect():
         for s in family.samples:
             if s.labels.get("model") != model or "version" not in s.labels:
                 continue

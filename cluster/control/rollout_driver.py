@@ -14,13 +14,13 @@ Its collaborators come through the constructor, so it is unit-tested without Ray
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from tuneloop.core.config import TuneloopConfig
 from tuneloop.core.errors import Conflict
 from tuneloop.core.quarantine import ANONYMOUS
-from tuneloop.core.rollout import Decision, Rollout, VersionHealth, decide
+from tuneloop.core.rollout import Decision, NodeHealth, Rollout, VersionHealth, decide, health_since
 from tuneloop.core.rollout_evidence import evidence, stage_feedback
 from tuneloop.core.tasks import model_tasks
 from tuneloop.store.quarantine import QuarantineBook
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 # A prediction this old with no shadow answer logged will not get one: replicas flush their
 # logs every second, and a shadow runs when production is idle, within seconds under load.
 SHADOW_SETTLE_S = 120.0
-Health = Callable[[str], Mapping[str, VersionHealth]]  # model -> version -> cumulative counts
+Health = Callable[[str], NodeHealth]  # model -> node -> version -> cumulative counts
 
 
 class RolloutDriver:
@@ -40,7 +40,7 @@ class RolloutDriver:
         self.cfg, self.registry, self.feedback, self.shadow_log = cfg, registry, feedback, shadow_log
         self.health, self.clock = health, clock
         self.tasks = model_tasks(cfg.models)
-        self._baselines: dict[tuple[str, str, str], Mapping[str, VersionHealth]] = {}
+        self._baselines: dict[tuple[str, str, str], NodeHealth] = {}
         self._shadow_answers: dict[str, dict] = {}  # prediction id -> the shadow's answer (found once)
         self._no_shadow: dict[str, str] = {}  # prediction id -> model: old enough, and no shadow answer
         self.last: dict[str, Decision] = {}  # model -> the latest decision, for status
@@ -125,4 +125,4 @@ class RolloutDriver:
         for old in [k for k in self._baselines if k[0] == model and k != key]:
             del self._baselines[old]  # a stage gone by
         baseline = self._baselines.setdefault(key, now)
-        return {v: h.since(baseline.get(v)) for v, h in now.items()}
+        return health_since(now, baseline)

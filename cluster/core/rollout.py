@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from statistics import NormalDist
 from typing import Literal
@@ -275,12 +276,36 @@ class VersionHealth:
     latency_buckets: tuple[tuple[float, float], ...] = ()
 
     def since(self, start: VersionHealth | None) -> VersionHealth:
-        """What happened after ``start`` (a snapshot of the same counters)."""
+        """What happened after ``start`` (a snapshot of the same counters; never below 0: a
+        replica's counters that went, with their process's files, are no negative events)."""
         if start is None:
             return self
         before = dict(start.latency_buckets)
-        return VersionHealth(self.requests - start.requests, self.errors - start.errors,
-                             tuple((le, n - before.get(le, 0.0)) for le, n in self.latency_buckets))
+        return VersionHealth(max(0.0, self.requests - start.requests), max(0.0, self.errors - start.errors),
+                             tuple((le, max(0.0, n - before.get(le, 0.0))) for le, n in self.latency_buckets))
+
+    def __add__(self, other: VersionHealth) -> VersionHealth:
+        buckets = dict(self.latency_buckets)
+        for le, n in other.latency_buckets:
+            buckets[le] = buckets.get(le, 0.0) + n
+        return VersionHealth(self.requests + other.requests, self.errors + other.errors,
+                             tuple(sorted(buckets.items())))
 
     def p99_s(self) -> float | None:
         return quantile_from_buckets(list(self.latency_buckets), 0.99)
+
+
+NodeHealth = Mapping[str, Mapping[str, VersionHealth]]  # node -> version -> cumulative counts
+
+
+def health_since(now: NodeHealth, baseline: NodeHealth) -> dict[str, VersionHealth]:
+    """Each version's counts since ``baseline``, node by node, then summed. Summed first, a
+    node that left (a spot worker) took its history out of the total: 20 errors before the
+    stage, gone, made the stage's next 10 errors read as -10 and its error rate negative.
+    A node new since the baseline counts from 0; one gone since is not counted."""
+    out: dict[str, VersionHealth] = {}
+    for node, versions in now.items():
+        before = baseline.get(node, {})
+        for version, health in versions.items():
+            out[version] = out.get(version, VersionHealth()) + health.since(before.get(version))
+    return out

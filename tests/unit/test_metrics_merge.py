@@ -81,7 +81,11 @@ def test_version_health_sums_nodes_and_separates_served_from_shadow(tmp_path):
                      ("tuneloop_shadow_runs", "tuneloop_shadow_runs_total", {**shadow, "outcome": "ok"}, 40),
                      ("tuneloop_shadow_runs", "tuneloop_shadow_runs_total", {**shadow, "outcome": "error"}, 2),
                      ("tuneloop_shadow_runs", "tuneloop_shadow_runs_total", {**shadow, "outcome": "shed"}, 7)])]}
-    health = version_health(files, "m")
+    from tuneloop.core.rollout import health_since
+
+    by_node = version_health(files, "m")
+    assert set(by_node) == {"a", "b"} and by_node["a"]["v1"].requests == 101
+    health = health_since(by_node, {})
     v1, v2 = health["v1"], health["v2"]
     assert (v1.requests, v1.errors) == (201, 1)  # 200 answered on two nodes, 1 failed
     assert dict(v1.latency_buckets) == {0.1: 189, 1.0: 200, float("inf"): 200}

@@ -40,7 +40,8 @@ class World:
         self.feedback.open_writer()
         self.shadow = PredictionLog(storage, self.tasks, root=SHADOW_ROOT)
         self.health: dict[str, VersionHealth] = {}
-        self.driver = RolloutDriver(self.cfg, self.registry, self.feedback, self.shadow, lambda _: dict(self.health))
+        self.driver = RolloutDriver(self.cfg, self.registry, self.feedback, self.shadow,
+                                     lambda _: {"node-a": dict(self.health)})
         self.rng = random.Random(0)
 
     def _count(self, version: str) -> None:
@@ -168,7 +169,7 @@ def test_an_operators_pause_or_step_while_the_driver_judges_stands(tmp_path, ope
             w.registry.mark_rollout("m", "v2", "pause")
         else:
             w.registry.advance_rollout("m", "v2", w.cfg.rollout.canary_steps, "by hand")
-        return {"v1": VersionHealth(2000, 1), "v2": VersionHealth(130, 30)}  # +30 requests, +30 errors
+        return {"node-a": {"v1": VersionHealth(2000, 1), "v2": VersionHealth(130, 30)}}  # +30 requests, +30 errors
 
     w.driver.health = operator_acts_while_health_is_read
     assert w.driver.look("m").action == "rollback"  # judged on the stage it read...
@@ -211,9 +212,24 @@ def test_a_look_without_every_nodes_counters_sets_no_baseline(tmp_path):
 
     w.driver.health = partial
     assert w.driver.look("m").action == "hold"  # judged on feedback alone: none yet
-    w.driver.health = lambda _: dict(w.health)
+    w.driver.health = lambda _: {"node-a": dict(w.health)}
     w.health = {"v1": VersionHealth(1000, 0), "v2": VersionHealth(100, 90)}  # the node's history, errors and all
     assert w.driver.look("m").action == "hold"  # the first whole reading is the baseline
     w.health = {"v1": VersionHealth(2000, 0), "v2": VersionHealth(130, 90)}  # +30 requests, no new errors
     assert w.driver.look("m").action == "hold"
     assert w.registry.state("m").rollout is not None
+
+
+def test_a_node_leaving_takes_its_history_not_the_stages_errors(tmp_path):
+    """Summed over nodes first, a spot node that left with 20 errors before the stage made
+    the stage's next 10 errors read as -10: a negative error rate, and no rollback."""
+    w = World(tmp_path, "canary")
+    w.registry.start_rollout("m", "v2", "canary", 10.0)
+    nodes = {"a": {"v2": VersionHealth(40, 20)}, "b": {"v2": VersionHealth(10, 0)}}
+    w.driver.health = lambda _: {n: dict(v) for n, v in nodes.items()}
+    assert w.driver.look("m").action == "hold"  # the baseline: both nodes
+    del nodes["a"]  # node a left; node b serves the stage, and fails
+    nodes["b"] = {"v2": VersionHealth(40, 10)}
+    nodes["c"] = {"v2": VersionHealth(30, 0)}  # new since the baseline: counts from 0
+    decision = w.driver.look("m")
+    assert decision.action == "rollback" and "error rate 16.67%" in decision.reason  # 10 of 60
