@@ -41,7 +41,7 @@ from starlette.responses import JSONResponse
 from tuneloop.store.keys import KeyRing
 from tuneloop.core.config import ServingConfig, TuneloopConfig
 from tuneloop.core.errors import (InputRejected, MethodNotAllowed, NonFiniteScores, NotFound, NotReady, Overloaded,
-                                  TuneloopError)
+                                  TimedOut, TuneloopError)
 from tuneloop.store.prediction_recorder import PredictionRecorder
 from tuneloop.store.records import SHADOW_ROOT, PredictionLog, new_prediction_id, prediction_time
 from tuneloop.store.registry import Registry
@@ -273,6 +273,9 @@ class ModelServer:
             body = await read_body(request.stream(), self._limits.max_body_bytes, self.serving.body_timeout_s)
             texts = parse_predict_body(body, self._limits, self.task)
             predictions = await self.predict(texts, client=request.headers.get(CLIENT_HEADER) or key_id)
+        except TimedOut as e:  # the version it was routed to did not answer in time
+            metrics.REQUESTS.labels(model, e.version, "timeout").inc()
+            return error_response(e)
         except TuneloopError as e:
             outcome = "rejected" if e.status >= 500 else "invalid"  # 503s: overload, not ready, auth store
             metrics.REQUESTS.labels(model, "none", outcome).inc()
@@ -318,7 +321,8 @@ class ModelServer:
             # Counted against the version it was routed to: a canary too slow to answer
             # otherwise left only its fast answers in its health (and its latency).
             metrics.PREDICT_ERRORS.labels(self.cfg.name, routed.version).inc()
-            raise Overloaded(f"model {self.cfg.name!r} did not answer within {timeout:g}s; retry shortly") from None
+            raise TimedOut(f"model {self.cfg.name!r} did not answer within {timeout:g}s; retry shortly",
+                           routed.version) from None
         finally:
             self._in_flight -= 1
         if rollout is not None and rollout.stage == "shadow" and challenger is not None:

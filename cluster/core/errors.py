@@ -140,6 +140,16 @@ class Overloaded(TuneloopError):
     headers = {"Retry-After": "1"}
 
 
+class TimedOut(Overloaded):
+    """The request ran past ``serving.request_timeout_s`` in the version it was routed to:
+    to a client, an overload (retry); to the metrics, that version's timeout (a hung model
+    is no traffic to scale out for)."""
+
+    def __init__(self, message: str, version: str):
+        super().__init__(message)
+        self.version = version
+
+
 class StorageUnavailable(TuneloopError):
     """A write could not be made durable (disk full, I/O error): nothing was stored."""
 

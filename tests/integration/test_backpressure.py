@@ -4,6 +4,7 @@ a request past its timeout too, and the server serves normally as soon as load d
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 
@@ -61,8 +62,12 @@ def impatient(ray_session, serve_port, metrics_dir, tiny_model, tmp_path):
 def test_request_past_its_timeout_gets_503(impatient):
     r = httpx.post(f"{impatient}/v1/models/sentiment/predict", json={"inputs": ["x"] * 8}, timeout=30)
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
-    assert "did not answer within" in r.json()["error"]["message"]
+    assert "did not answer within" in r.json()["error"]["message"] and r.json()["error"]["code"] == "overloaded"
     assert httpx.get(f"{impatient}/healthz").status_code == 200
+    # A timeout, not an overload, to the metrics, and against the version that did not answer.
+    metrics = httpx.get(f"{impatient}/metrics").text
+    assert re.search(r'tuneloop_requests_total\{[^}]*outcome="timeout"[^}]*version="v1"[^}]*\} 1\.0', metrics), \
+        [line for line in metrics.splitlines() if line.startswith("tuneloop_requests_total")]
 
 
 @pytest.fixture
