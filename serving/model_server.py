@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import random
 import threading
 import time
@@ -338,6 +339,14 @@ class ModelServer:
         try:
             results, seconds = await asyncio.get_running_loop().run_in_executor(
                 self._compute, self._timed_batch, loaded, texts)
+        except Exception as e:
+            if self.serving.adaptive_batching and len(texts) > 1 and not isinstance(e, TuneloopError):
+                # The model failed on the batch (out of memory on a GPU): shrink as for an overrun.
+                # Its halves then succeeded under the limit, "partial, no signal", and every
+                # full batch failed again.
+                batcher.max_batch_size = next_batch_size(self._policy, batcher.max_batch_size, len(texts),
+                                                         math.inf)
+            raise
         finally:
             self._computing -= 1
         if self.serving.adaptive_batching:  # the batch's own time: not its wait behind the other role's or a shadow's

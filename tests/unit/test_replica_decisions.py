@@ -145,6 +145,27 @@ def test_concurrent_requests_share_batches():
     assert max(replica._loaded.batches) > 1
 
 
+def test_a_batch_the_model_fails_on_shrinks_the_adaptive_limit():
+    """A GPU out of memory at a full batch: its halves then succeeded under the limit
+    ("partial, no signal") and the limit stayed, so every full batch failed again."""
+    replica, _, _ = _replica(delay_s=0.02)
+    real = replica._loaded.predict
+
+    def out_of_memory_past_two(texts):
+        if len(texts) > 2:
+            raise RuntimeError("CUDA out of memory")
+        return real(texts)
+
+    replica._loaded.predict = out_of_memory_past_two
+
+    async def burst():
+        return await asyncio.gather(*(replica.predict([f"t{i}"]) for i in range(8)), return_exceptions=True)
+
+    limit = replica._batcher.max_batch_size
+    asyncio.run(burst())
+    assert replica._batcher.max_batch_size < limit
+
+
 def _optimized(int8_passed: bool = True, folder: str = "artifacts", bf16_speed: float | None = None) -> Optimization:
     def record(runtime, passed, path=None):
         parity = ParityCheck(passed=passed, detail="test", rows=10, agreement=1.0 if passed else 0.5,
