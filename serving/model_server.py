@@ -377,8 +377,14 @@ class ModelServer:
 
     def _run_shadow(self, challenger: LoadedModel, texts: list[str], ids: list[str]) -> None:
         try:
-            results, step = [], self.serving.max_batch_size  # a request may hold more texts than a batch
+            # A request may hold more texts than a batch: pieces of the challenger's adaptive
+            # limit (a 64-text request at the configured 32 held production for two overlong
+            # batches), and none once production has work waiting (the rest is shed).
+            results, step = [], max(1, self._challenger_batcher.max_batch_size)
             for i in range(0, len(texts), step):
+                if i and (self._batcher.queued or self._challenger_batcher.queued):
+                    metrics.SHADOW_RUNS.labels(self.cfg.name, challenger.version, "shed").inc()
+                    return
                 with metrics.timer(metrics.MODEL_COMPUTE_SECONDS, self.cfg.name, challenger.version):
                     results += challenger.predict(texts[i:i + step])[0]
         except Exception as e:  # noqa: BLE001 - counted against the challenger's health, never the request's

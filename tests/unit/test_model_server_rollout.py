@@ -127,6 +127,33 @@ def test_shadow_work_is_shed_while_one_runs(rollout):
     assert (count("shed"), count("ok")) == (before[0] + 1, before[1])  # none started beside it
 
 
+def test_a_long_shadow_request_runs_in_the_challengers_batches_and_yields_to_production(rollout):
+    """A 64-text request ran in pieces of the configured max_batch_size, all in one call on
+    the compute thread, while production's queue waited behind it."""
+    replica, registry, _ = rollout
+    registry.start_rollout("sentiment", "v2", "shadow", 0)
+    replica._sync_with_registry()
+    challenger = replica._challenger
+    sizes, real = [], challenger.predict
+
+    def counted(texts):
+        sizes.append(len(texts))
+        return real(texts)
+
+    challenger.predict = counted
+    replica._challenger_batcher.max_batch_size = 4  # the adaptive limit, down from 32
+    ids = [f"{i:032x}" for i in range(10)]
+    replica._run_shadow(challenger, [f"t{i}" for i in range(10)], ids)
+    assert sizes == [4, 4, 2]
+    labels = {"model": "sentiment", "version": "v2", "outcome": "shed"}
+    shed = REGISTRY.get_sample_value("tuneloop_shadow_runs_total", labels) or 0
+    sizes.clear()
+    replica._batcher._queue.append(object())  # production has work waiting after the first piece
+    replica._run_shadow(challenger, [f"t{i}" for i in range(10)], ids)
+    replica._batcher._queue.clear()
+    assert sizes == [4] and REGISTRY.get_sample_value("tuneloop_shadow_runs_total", labels) == shed + 1
+
+
 def _resident_bytes(version: str) -> float | None:
     return REGISTRY.get_sample_value("tuneloop_resident_weight_bytes", {"model": "sentiment", "version": version})
 
