@@ -24,6 +24,7 @@ import pyarrow as pa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.percentiles import percentile  # noqa: E402
 from tuneloop.core.tasks import make_task  # noqa: E402
 from tuneloop.store.records import FeedbackStore, feedback_schema  # noqa: E402
 from tuneloop.store.storage import Storage  # noqa: E402
@@ -75,7 +76,7 @@ def measure(write, records: int, threads: int) -> tuple[float, float, float]:
         t.join()
     elapsed = time.perf_counter() - start
     latencies.sort()
-    return len(latencies) / elapsed, latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99)]
+    return len(latencies) / elapsed, percentile(latencies, 0.5), percentile(latencies, 0.99)
 
 
 def main() -> None:

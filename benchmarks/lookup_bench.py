@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.percentiles import percentile  # noqa: E402
 from tuneloop.core.tasks import make_task  # noqa: E402
 from tuneloop.store.records import PredictionLog, prediction_schema, prediction_time  # noqa: E402
 from tuneloop.store.storage import Storage  # noqa: E402
@@ -119,7 +120,7 @@ def measure(lookup, ids: list[str], expect_found: bool) -> tuple[float, float]:
         if not expect_found and row is not None:
             raise SystemExit(f"lookup found the unknown id {pid}")
     times.sort()
-    return times[len(times) // 2] * 1e3, times[min(len(times) - 1, math.ceil(len(times) * 0.99) - 1)] * 1e3
+    return percentile(times, 0.5) * 1e3, percentile(times, 0.99) * 1e3
 
 
 def main() -> None:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import os
 import random
 import re
@@ -49,6 +48,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.percentiles import percentile  # noqa: E402
 from tuneloop.serving.fast_path import enable_fast_path, free_port  # noqa: E402
 
 enable_fast_path(private_haproxy_ports=True)  # before ray is imported
@@ -148,10 +148,12 @@ def fine_tuned(model_dir: str, rows: list[tuple[str, str]], threads: int) -> str
     return str(out)
 
 
-def optimized(cfg, version: str, task: str, texts: list[str], runtimes: list[str]) -> dict[str, str]:
+def optimized(cfg, version: str, task: str, texts: list[str],
+              runtimes: list[str]) -> tuple[dict[str, str], dict[str, str]]:
     """Optimize the version as a job would, on a golden set (SST-2 dev for text
     classification, when present; else the generated texts labelled by the model itself);
-    prints each artifact's parity and speed. Returns what serves each ``runtimes`` value."""
+    prints each artifact's parity and speed. Returns what serves each ``runtimes`` value, and
+    each artifact's path under the version's folder."""
     import pyarrow as pa
 
     from tuneloop.core.runtimes import choose_runtime, hardware_class
@@ -176,7 +178,8 @@ def optimized(cfg, version: str, task: str, texts: list[str], runtimes: list[str
         registry.freeze_golden("bench", golden)
     manifest = optimize_version(cfg, registry, "bench", version, progress=lambda line: print(line, flush=True))
     hardware = hardware_class(cpu_class(), cfg.serving.replica_threads)
-    return {r: choose_runtime(r, manifest.optimization, hardware)[0] for r in runtimes}
+    return ({r: choose_runtime(r, manifest.optimization, hardware)[0] for r in runtimes},
+            {name: record.path for name, record in manifest.optimization.artifacts.items()})
 
 
 # -- 1. bare model ----------------------------------------------------------------------
@@ -204,6 +207,19 @@ def bare_throughput(model_dir: str, task: str, texts: list[str], batch_size: int
     return done / (time.perf_counter() - start)
 
 
+def bare_artifact_throughput(path: str, version: str, task, runtime: str, artifact: str, texts: list[str],
+                             batch_size: int, threads: int, max_length: int, seconds: float) -> float:
+    """The bare loop on an optimized artifact (``runtime``): what the model alone does on the
+    runtime a server row serves, so that the server is also rated against the same model."""
+    import torch
+
+    from tuneloop.serving.loaded_models import load_model
+    from tuneloop.serving.optimize import texts_per_s
+
+    torch.set_num_threads(threads)  # ONNX Runtime's session takes torch's thread count
+    return texts_per_s(load_model(path, version, task, max_length, runtime, artifact), texts, batch_size, seconds)
+
+
 # -- load generator ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class LoadResult:
@@ -223,8 +239,11 @@ class _Recorder:
         self.latencies: list[float] = []
         self.errors = 0
 
-    async def send(self, session: aiohttp.ClientSession, url: str, body) -> None:
-        t0 = time.perf_counter()
+    async def send(self, session: aiohttp.ClientSession, url: str, body, scheduled: float | None = None) -> None:
+        """One request; its latency from ``scheduled`` when given (an open loop's arrival
+        time: a send the client's own event loop delayed is part of what a user waits),
+        else from now."""
+        t0 = time.perf_counter() if scheduled is None else scheduled
         try:
             async with session.post(url, json=body) as r:
                 await r.read()
@@ -238,12 +257,9 @@ class _Recorder:
                 self.errors += 1
 
     def result(self) -> LoadResult:
-        lat = sorted(self.latencies) or [math.nan]
-
-        def pct(q):
-            return lat[min(len(lat) - 1, int(q * len(lat)))]
-
-        return LoadResult(len(self.latencies) / self.seconds, pct(0.5), pct(0.95), pct(0.99), self.errors)
+        lat = sorted(self.latencies)
+        return LoadResult(len(self.latencies) / self.seconds, percentile(lat, 0.5), percentile(lat, 0.95),
+                          percentile(lat, 0.99), self.errors)
 
 
 def _session(connections: int) -> aiohttp.ClientSession:
@@ -278,7 +294,7 @@ async def _open_loop(url, body_of, texts, rate: float, seconds: float, warmup: f
         tasks, i, next_at = [], 0, time.perf_counter()
         while next_at < rec.stop_at:
             await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
-            tasks.append(asyncio.create_task(rec.send(session, url, body_of(texts[i % len(texts)]))))
+            tasks.append(asyncio.create_task(rec.send(session, url, body_of(texts[i % len(texts)]), next_at)))
             i += 1
             next_at += rng.expovariate(rate)
         await asyncio.gather(*tasks)
@@ -441,14 +457,23 @@ def main() -> None:
         one, and every server is rated against the mean of the two runs beside it: the same
         loop measured 104-149 texts/s in runs of one afternoon here, so one measurement at
         the start rated the same server 1.59x in one run and 2.07x in the next."""
+        seconds = max(args.seconds, 2.0)
         rates = {s: bare_throughput(model_dir, args.task, text_sets[s], batch_size, args.threads, max_length,
-                                    max(args.seconds, 2.0)) for s in sets}
+                                    seconds) for s in sets}
         for s in sets:
             print(f"bare {s}, run {len(bares) + 1}: {rates[s]:.1f} texts/s", flush=True)
+        for art in artifacts_served:  # keyed (set, runtime); the plain key is PyTorch's
+            for s in sets:
+                rates[s, art] = bare_artifact_throughput(
+                    registry.local_path("bench", version), version, model_task(cfg.models[0]), art,
+                    artifact_paths[art], text_sets[s], batch_size, args.threads, max_length, seconds)
+                print(f"bare {s} on {art}, run {len(bares) + 1}: {rates[s, art]:.1f} texts/s", flush=True)
         return rates
 
-    bares: list[dict[str, float]] = []
-    bares.append(bare_run())
+    # Ray and Serve first: every bare run beside them, as every server is. Run 1 alone, before
+    # Ray, ran 5-10% faster and made the first server's baseline a mix of the two.
+    metrics_dir, base = start_serve(work, args.threads)
+    bares: list[dict] = []
 
     cfg = parse_config({
         "models": [{"name": "bench", "task": args.task, "base_model": model_dir, "labels": LABELS[args.task]}],
@@ -464,12 +489,20 @@ def main() -> None:
     trained_on = {"trained_on": pa.table({"text": [t for t, _ in train_rows], "label": [y for _, y in train_rows]})}
     version = publish_version(cfg, model_dir, tables=trained_on if train_rows else None)
     runtimes = [r for r in args.runtimes.split(",") if r]
-    served_by = {r: r for r in runtimes}
+    served_by, artifact_paths = {r: r for r in runtimes}, {}
     if set(runtimes) - {"torch"}:
-        served_by.update(optimized(cfg, version, args.task, text_sets["short"], runtimes))
+        chosen, artifact_paths = optimized(cfg, version, args.task, text_sets["short"], runtimes)
+        served_by.update(chosen)
+    artifacts_served = sorted({a for a in served_by.values() if a not in ("torch", "torch-bf16")})
+    from tuneloop.core.tasks import model_task
+    from tuneloop.store.registry import Registry
+    from tuneloop.store.storage import Storage
 
-    metrics_dir, base = start_serve(work, args.threads)
+    registry = Registry(Storage(cfg.storage.root))
+    bares.append(bare_run())
+
     rows = []  # (server, texts, clients, result, mean batch, index of the bare run before it)
+    runtime_of: dict[str, str] = {}  # server row name -> the runtime that served it
     half_peak: dict[str, tuple[LoadResult, int]] = {}
     predict_url = f"{base}/v1/models/bench/predict"
 
@@ -477,14 +510,24 @@ def main() -> None:
         return {"inputs": [t]}
 
     def measure(load) -> tuple[LoadResult, float]:
-        before = batch_stats(base)
-        r = asyncio.run(load)
+        """The load's result and the mean batch of its measured seconds (read once its
+        warm-up ends: taken before it, the warm-up's batches counted too)."""
+        async def run() -> tuple[LoadResult, tuple[float, float]]:
+            async def after_warmup() -> tuple[float, float]:
+                await asyncio.sleep(args.warmup)
+                return await asyncio.to_thread(batch_stats, base)
+
+            snapshot = asyncio.create_task(after_warmup())
+            return await load, await snapshot
+
+        r, before = asyncio.run(run())
         after = batch_stats(base)
         return r, (after[0] - before[0]) / max(1.0, after[1] - before[1])
 
     try:
         for runtime in runtimes:
             name = f"tuneloop, {runtime}" + (f" ({served_by[runtime]})" if served_by[runtime] != runtime else "")
+            runtime_of[name] = served_by[runtime]
             runtime_cfg = cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"runtime": runtime})})
             deploy(runtime_cfg, metrics_dir)
             wait_ready(base)
@@ -517,24 +560,32 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
 
-    def bare(s: str, before: int) -> float:
+    def bare(s: str, before: int, runtime: str = "torch") -> float:
         """The baseline of a server measured after bare run ``before``: the mean of that run
-        and the next."""
-        return (bares[before][s] + bares[before + 1][s]) / 2
+        and the next (on ``runtime``'s artifact when it is one)."""
+        key = (s, runtime) if runtime in artifacts_served else s
+        return (bares[before][key] + bares[before + 1][key]) / 2
 
     naive = {(s, c): r.throughput for name, s, c, r, _, _ in rows if name == "naive"}
     print()
-    print("| server | texts | clients | texts/s | p50 ms | p95 ms | p99 ms | mean batch | × bare | × naive | errors |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| server | texts | clients | texts/s | p50 ms | p95 ms | p99 ms | mean batch | × bare | × bare, its runtime "
+          "| × naive | errors |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for s in sets:
-        for i, rates in enumerate(bares):
-            print(f"| bare model | {s} | run {i + 1} | {rates[s]:.1f} | - | - | - | {batch_size} | - | - | - |")
+        for runtime in ["torch", *artifacts_served]:
+            for i, rates in enumerate(bares):
+                rate = rates[s] if runtime == "torch" else rates[s, runtime]
+                print(f"| bare model, {runtime} | {s} | run {i + 1} | {rate:.1f} | - | - | - | {batch_size} | - | - "
+                      "| - | - |")
     for name, s, c, r, mb, before in rows:
         vs_naive = f"{r.throughput / naive[(s, c)]:.2f}" if naive.get((s, c)) else "-"
+        own = f"{r.throughput / bare(s, before, runtime_of[name]):.2f}" if name in runtime_of else "-"
         print(f"| {name} | {s} | {c} | {r.throughput:.1f} | {r.p50 * 1e3:.1f} | {r.p95 * 1e3:.1f} | "
-              f"{r.p99 * 1e3:.1f} | {mb:.1f} | {r.throughput / bare(s, before):.2f} | {vs_naive} | {r.errors} |")
+              f"{r.p99 * 1e3:.1f} | {mb:.1f} | {r.throughput / bare(s, before):.2f} | {own} | {vs_naive} | {r.errors} |")
     print()
-    print("× bare: to the mean of the bare runs just before and after the server (run k and k+1).")
+    print("× bare: to the mean of the bare PyTorch runs just before and after the server (run k and k+1), "
+          "as the issue's target is set; × bare, its runtime: to the bare loop on the runtime the server ran "
+          "(an int8 artifact's own speed), which separates what serving keeps from what quantization gave.")
     for key, (r, before) in half_peak.items():
         # One batch's compute: a full batch of this set's texts in the bare loop.
         s = key.rsplit(", ", 1)[1]
