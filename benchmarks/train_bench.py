@@ -200,10 +200,14 @@ def main() -> None:
                   "with no Ray running.",
               f"Ray's idle processes alone: the plain loop beside them at {beside_ray:.2f}x its speed alone."]
     if one:
-        best, beside, startup = max(one)
-        lines += ["", f"1 worker: steady state {best:.2f}x the plain loop's alone ({_cell(beside, '.2f')}x beside "
-                      f"the idle Ray; target 0.95x alone: {'met' if best >= 0.95 else 'NOT met'}), "
-                      f"start-up {startup:.1f}s (target 30 s: {'met' if startup <= 30 else 'NOT met'})"]
+        # Every 1-worker setup must meet the targets: the worst decides (the best, chosen
+        # before, let one good setup speak for a slower one).
+        worst, beside, _ = min(one)
+        startup = max(s for _, _, s in one)
+        lines += ["", f"1 worker ({len(one)} setup(s), the worst of each): steady state {worst:.2f}x the plain loop's "
+                      f"alone ({_cell(beside, '.2f')}x beside the idle Ray; target 0.95x alone: "
+                      f"{'met' if worst >= 0.95 else 'NOT met'}), start-up {startup:.1f}s "
+                      f"(target 30 s: {'met' if startup <= 30 else 'NOT met'})"]
     print("\n".join(lines))
 
 

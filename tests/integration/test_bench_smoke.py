@@ -124,7 +124,7 @@ def test_train_bench_smoke_prints_the_table(tmp_path):
         seconds = dict(kv.rsplit(" ", 1) for kv in line.split(": ", 1)[1].split(", "))
         assert list(seconds) == ["queueing", "workers", "model_load", "deepspeed", "first_batch"], line
         assert all(float(v) >= 0 for v in seconds.values()), line
-    assert "1 worker: steady state" in out.stdout and "[tuneloop train] epoch 2/2" in out.stderr
+    assert "the worst of each): steady state" in out.stdout and "[tuneloop train] epoch 2/2" in out.stderr
 
 
 def test_distill_bench_smoke_prints_both_tables():
@@ -172,8 +172,10 @@ def test_rollout_bench_smoke_decides_both_rollouts():
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.stdout.splitlines()
             if line.startswith("| ") and "---" not in line]
-    shadow = {r[0]: r for r in rows if r[0] in ("production alone", "with a shadow")}
-    assert len(shadow) == 2 and all(r[3] == "0" for r in shadow.values())  # no errors
+    shadow = {r[0]: r for r in rows if r[0].startswith(("production alone", "with a shadow"))}
+    assert len(shadow) == 3 and all(r[3] == "0" for r in shadow.values())  # alone, shadowed, alone; no errors
     decided = {r[0]: r[1] for r in rows if r[0].startswith(("better challenger", "worse canary"))}
+    failed = [r[3] for r in rows if r[0].startswith(("better challenger", "worse canary"))]
+    assert len(failed) == 2 and all(f.isdigit() for f in failed)  # failures counted, not dropped
     assert "production" in decided["better challenger, shadow to production"]
     assert "rolled back" in decided["worse canary at 50%, to rollback"]
