@@ -33,7 +33,10 @@ class ContinuousBatcher(Generic[T, R]):
     """``length`` (optional) makes batching length-aware: see ``select_batch``; the oldest
     item always goes next, joined by the queued items (within ``window``) nearest in length.
     ``on_batch`` (optional) hears how long each item of a batch waited in the queue, in
-    seconds, as the batch starts."""
+    seconds, as the batch starts. ``slot`` (optional) gives the lock of the compute that
+    batchers share (a replica's production and challenger batchers): a batch is chosen only
+    once it is held, so each takes what queued while the other's batch ran, not a batch
+    picked early that then waited behind it."""
 
     def __init__(
         self,
@@ -42,10 +45,12 @@ class ContinuousBatcher(Generic[T, R]):
         length: Callable[[T], int] | None = None,
         window: int = 4,
         on_batch: Callable[[list[float]], None] | None = None,
+        slot: Callable[[], asyncio.Lock] | None = None,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size!r}")
         self._run_batch = run_batch
+        self._slot = slot
         self.max_batch_size = max_batch_size  # the replica's AIMD policy moves it
         self._length = length
         self._window = window  # look at window * max_batch_size queued items
@@ -86,22 +91,30 @@ class ContinuousBatcher(Generic[T, R]):
             if not self._queue:
                 self._wake.clear()
                 await self._wake.wait()
-            # Skip items whose request timed out or went away: nobody waits for them.
-            self._queue = [entry for entry in self._queue if not entry[1].cancelled()]
-            if self._length is None:
-                picked = list(range(min(len(self._queue), self.max_batch_size)))
+            if self._slot is None:
+                await self._next_batch()
             else:
-                window = self._queue[: self._window * self.max_batch_size]
-                picked = select_batch([self._length(entry[0]) for entry in window], self.max_batch_size)
-            batch = [self._queue[i] for i in picked]
-            chosen = set(picked)
-            self._queue = [entry for i, entry in enumerate(self._queue) if i not in chosen]
-            if not batch:
-                continue
-            if self._on_batch is not None:
-                now = time.monotonic()
-                self._on_batch([now - enqueued for _, _, enqueued in batch])
-            await self._run_isolated(batch)
+                async with self._slot():
+                    await self._next_batch()
+
+    async def _next_batch(self) -> None:
+        """Choose a batch from what queued, and run it."""
+        # Skip items whose request timed out or went away: nobody waits for them.
+        self._queue = [entry for entry in self._queue if not entry[1].cancelled()]
+        if self._length is None:
+            picked = list(range(min(len(self._queue), self.max_batch_size)))
+        else:
+            window = self._queue[: self._window * self.max_batch_size]
+            picked = select_batch([self._length(entry[0]) for entry in window], self.max_batch_size)
+        batch = [self._queue[i] for i in picked]
+        chosen = set(picked)
+        self._queue = [entry for i, entry in enumerate(self._queue) if i not in chosen]
+        if not batch:
+            return
+        if self._on_batch is not None:
+            now = time.monotonic()
+            self._on_batch([now - enqueued for _, _, enqueued in batch])
+        await self._run_isolated(batch)
 
     async def _run_isolated(self, batch: list[tuple[T, asyncio.Future, float]]) -> None:
         """Run a batch; if it fails, run its halves, down to single items, so that only an

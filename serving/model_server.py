@@ -116,6 +116,8 @@ class ModelServer:
         self._policy = AIMDPolicy(
             target_batch_latency_s=self.serving.target_batch_latency_s, max_batch_size=self.serving.max_batch_size
         )
+        self._slot: asyncio.Lock | None = None
+        self._slot_loop: asyncio.AbstractEventLoop | None = None
         self._batcher = self._new_batcher("production")
         self._challenger_batcher = self._new_batcher("challenger")
         self._limits = PredictLimits.from_config(self.serving)
@@ -139,7 +141,18 @@ class ModelServer:
     # -- versions ------------------------------------------------------------------------
     def _new_batcher(self, role: str) -> ContinuousBatcher:
         return ContinuousBatcher(functools.partial(self._predict_batch, role), max_batch_size=self.serving.max_batch_size,
-                                 length=len if self.task.batch_by_length else None, on_batch=self._observe_waits)
+                                 length=len if self.task.batch_by_length else None, on_batch=self._observe_waits,
+                                 slot=self._compute_slot)
+
+    def _compute_slot(self) -> asyncio.Lock:
+        """The lock production's and the challenger's batchers take before choosing a batch
+        (one compute thread): in a canary, production chose a batch of 1 while the canary's
+        batch ran, and later arrivals waited a whole extra batch. One per event loop (an
+        asyncio lock belongs to the loop it first waited in)."""
+        loop = asyncio.get_running_loop()
+        if self._slot_loop is not loop:
+            self._slot, self._slot_loop = asyncio.Lock(), loop
+        return self._slot
 
     def _sync_with_registry(self) -> None:
         state = self.registry.state(self.cfg.name)

@@ -175,3 +175,32 @@ def test_on_batch_hears_each_items_queue_wait():
     assert [len(w) for w in waits] == [1, 2]
     assert waits[0][0] < 0.01  # the first item found the model free
     assert all(0.03 < w < 0.2 for w in waits[1])  # the others waited for the first batch
+
+
+def test_batchers_sharing_a_compute_slot_choose_their_batch_only_when_it_is_free():
+    """Production and a canary on one compute thread: production's batcher chose a batch of
+    the one text queued while the canary's batch ran, then waited with it behind that batch;
+    the texts arriving meanwhile waited a whole extra batch."""
+    batches: list[tuple[str, list[int]]] = []
+    slot = asyncio.Lock()
+
+    def runner(role):
+        async def run(items):
+            batches.append((role, list(items)))
+            await asyncio.sleep(0.05)  # the one compute thread, busy
+            return items
+        return run
+
+    async def scenario():
+        canary = ContinuousBatcher(runner("canary"), max_batch_size=8, slot=lambda: slot)
+        production = ContinuousBatcher(runner("production"), max_batch_size=8, slot=lambda: slot)
+        first = asyncio.create_task(canary.submit_many([100]))
+        await asyncio.sleep(0.01)  # the canary's batch is running
+        waiting = [asyncio.create_task(production.submit_many([i])) for i in range(3)]
+        for i in range(3, 6):  # arrivals while production waits for the slot
+            await asyncio.sleep(0.01)
+            waiting.append(asyncio.create_task(production.submit_many([i])))
+        await asyncio.gather(first, *waiting)
+
+    asyncio.run(scenario())
+    assert batches == [("canary", [100]), ("production", [0, 1, 2, 3, 4, 5])]
