@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections import Counter as _Tally
 from collections import defaultdict
@@ -181,12 +182,17 @@ _ROLLOUT_EVENTS = ("rollout", "step", "promote", "abort", "pause", "resume", "al
 _DECIDED_BY = ("automatic", "job", "operator")
 
 
+# A job's reason starts with its id (store/jobs.py), after the stage a rollout's reason
+# leads with ("shadow: job 0123456789abcdef: ...", store/registry.py).
+_JOB_REASON = re.compile(r"^(?:(?:shadow|canary)(?: [0-9.]+%)?: )?job [0-9a-f]{16}\b")
+
+
 def _decided_by(entry) -> str:
     """automatic: the rollout driver, which records the numbers it saw; job: a training job
-    promoting what its gate passed (its reason names the job); operator: by hand."""
+    promoting what its gate passed, or starting its rollout; operator: by hand."""
     if entry.numbers is not None:
         return "automatic"
-    return "job" if entry.reason.startswith("job ") else "operator"
+    return "job" if _JOB_REASON.match(entry.reason) else "operator"
 
 
 class RolloutCollector:

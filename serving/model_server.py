@@ -353,10 +353,12 @@ class ModelServer:
             results, seconds = await asyncio.get_running_loop().run_in_executor(
                 self._compute, self._timed_batch, loaded, texts)
         except Exception as e:
-            if self.serving.adaptive_batching and len(texts) > 1 and not isinstance(e, TuneloopError):
-                # The model failed on the batch (out of memory on a GPU): shrink as for an overrun.
-                # Its halves then succeeded under the limit, "partial, no signal", and every
-                # full batch failed again.
+            if self.serving.adaptive_batching and len(texts) > 1 and len(texts) >= batcher.max_batch_size \
+                    and not isinstance(e, TuneloopError):
+                # The model failed on a full batch (out of memory on a GPU): shrink as for an
+                # overrun. Its halves then succeeded under the limit, "partial, no signal", and
+                # every full batch failed again. Not on the halves the batcher retries: one bad
+                # input failing each of them shrank the limit five times.
                 batcher.max_batch_size = next_batch_size(self._policy, batcher.max_batch_size, len(texts),
                                                          math.inf)
             raise
@@ -390,12 +392,14 @@ class ModelServer:
 
     def _run_shadow(self, challenger: LoadedModel, texts: list[str], ids: list[str]) -> None:
         try:
-            # A request may hold more texts than a batch: pieces of the challenger's adaptive
-            # limit (a 64-text request at the configured 32 held production for two overlong
-            # batches), and none once production has work waiting (the rest is shed).
-            results, step = [], max(1, self._challenger_batcher.max_batch_size)
+            # A request may hold more texts than a batch: pieces of the adaptive limit (a
+            # 64-text request at the configured 32 held production for two overlong batches;
+            # production's, which moves in every stage, and a canary's), and none once a batch
+            # waits for the compute thread or texts for a batch (the rest is shed).
+            results = []
+            step = max(1, min(self._batcher.max_batch_size, self._challenger_batcher.max_batch_size))
             for i in range(0, len(texts), step):
-                if i and (self._batcher.queued or self._challenger_batcher.queued):
+                if i and (self._computing or self._batcher.queued or self._challenger_batcher.queued):
                     metrics.SHADOW_RUNS.labels(self.cfg.name, challenger.version, "shed").inc()
                     return
                 with metrics.timer(metrics.MODEL_COMPUTE_SECONDS, self.cfg.name, challenger.version):

@@ -41,6 +41,9 @@ PRUNE_EVERY_S = 3600.0  # how often removed models' prediction logs are held to 
 # fell behind at a few dozen records/s while the journal acknowledges thousands. A rollout
 # or a new production now reaches the triggers up to this much later.
 STATE_REFRESH_S = 1.0
+# Production's judged predictions remembered, in agreement windows (trigger.accuracy_window):
+# 200 x 50 ids, about a megabyte a model.
+JUDGED_MEMORY = 50
 
 
 # max_retries=0: a job whose process died is over (its record says so); a retry would train
@@ -95,9 +98,11 @@ class Retrainer:
                                              datetime.fromisoformat(j.created_at).timestamp())
         # Whether users agreed with each of production's predictions that got feedback.
         self.agreements: dict[str, deque[bool]] = {}
-        # model -> the predictions ``agreements`` judges, oldest first (and as a set): a repeated
-        # answer on one is not judged again, or one client re-answering a prediction filled
-        # the window and started accuracy-drop jobs one after another.
+        # model -> the predictions of production's judged so far, oldest first (and as a set):
+        # a repeated answer on one is not judged again, or one client re-answering a prediction
+        # filled the window and started accuracy-drop jobs one after another. Remembered for
+        # JUDGED_MEMORY windows, well past the window itself: held to its size, a client
+        # cycling through one id more than the window judged each answer anew.
         self._judged: dict[str, tuple[deque[str], set[str]]] = {}
         self._held: dict[str, tuple[float, set[str]]] = {}  # model -> (read at, keys the quarantine holds)
         self.judged_since_start: dict[str, int] = {}  # model -> agreements recorded since its newest job started
@@ -240,8 +245,8 @@ class Retrainer:
             return self._maybe_start(model, production)
 
     def _first_judgment(self, model: str, prediction_id: str | None) -> bool:
-        """Whether ``prediction_id`` is not among the predictions the agreement window judges
-        (and now is); the window follows production's (``_production_of`` resets both)."""
+        """Whether ``prediction_id`` was not judged yet under this production (and now is;
+        ``_production_of`` forgets them with the window when production changes)."""
         order, ids = self._judged.setdefault(model, (deque(), set()))
         if prediction_id is None:
             return True
@@ -249,7 +254,7 @@ class Retrainer:
             return False
         order.append(prediction_id)
         ids.add(prediction_id)
-        while len(order) > self.cfg.trigger.accuracy_window:
+        while len(order) > JUDGED_MEMORY * self.cfg.trigger.accuracy_window:
             ids.discard(order.popleft())
         return True
 

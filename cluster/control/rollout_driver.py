@@ -63,11 +63,13 @@ class RolloutDriver:
         if rollout.paused or state.production is None:
             return None
         started = datetime.fromisoformat(rollout.stage_started_at)
-        rows = stage_feedback(self.feedback.read_since(model, (started, "")).to_pylist(), started)
         # A key the quarantine holds out of training judges no rollout either: agreeing with
         # the challenger and not with production, it promoted it (or the reverse, rolled back).
+        # Left out before the newest answer per prediction is taken: after, a held key's answer
+        # replaced an honest one and was then dropped, and the prediction counted for nothing.
         held = QuarantineBook(self.registry.storage).quarantined(model)
-        rows = [r for r in rows if (r.get("key_id") or ANONYMOUS) not in held]
+        rows = stage_feedback([r for r in self.feedback.read_since(model, (started, "")).to_pylist()
+                               if (r.get("key_id") or ANONYMOUS) not in held], started)
         shadow = self._find_shadow_answers(model, rollout.version, rows) if rollout.stage == "shadow" else {}
         seen = self._health_since(model, rollout.version, rollout.stage_started_at)
         found = evidence(self.tasks[model], state.production, rollout, rows, shadow, seen)

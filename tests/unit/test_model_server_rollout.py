@@ -141,17 +141,23 @@ def test_a_long_shadow_request_runs_in_the_challengers_batches_and_yields_to_pro
         return real(texts)
 
     challenger.predict = counted
-    replica._challenger_batcher.max_batch_size = 4  # the adaptive limit, down from 32
+    replica._batcher.max_batch_size = 4  # production's adaptive limit, down from 32 (a shadow changes none)
     ids = [f"{i:032x}" for i in range(10)]
     replica._run_shadow(challenger, [f"t{i}" for i in range(10)], ids)
     assert sizes == [4, 4, 2]
     labels = {"model": "sentiment", "version": "v2", "outcome": "shed"}
     shed = REGISTRY.get_sample_value("tuneloop_shadow_runs_total", labels) or 0
-    sizes.clear()
-    replica._batcher._queue.append(object())  # production has work waiting after the first piece
-    replica._run_shadow(challenger, [f"t{i}" for i in range(10)], ids)
-    replica._batcher._queue.clear()
-    assert sizes == [4] and REGISTRY.get_sample_value("tuneloop_shadow_runs_total", labels) == shed + 1
+    for waiting in ("a batch", "texts"):
+        sizes.clear()
+        if waiting == "a batch":  # production's batch, chosen, waits for the compute thread
+            replica._computing = 1
+        else:  # production's texts wait for a batch
+            replica._batcher._queue.append(object())
+        replica._run_shadow(challenger, [f"t{i}" for i in range(10)], ids)
+        replica._computing = 0
+        replica._batcher._queue.clear()
+        assert sizes == [4]
+    assert REGISTRY.get_sample_value("tuneloop_shadow_runs_total", labels) == shed + 2
 
 
 def _resident_bytes(version: str) -> float | None:

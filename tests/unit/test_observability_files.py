@@ -102,7 +102,10 @@ def test_counters_alerts_take_increase_of_start_at_zero_and_never_fall(tmp_path)
                                                             base_model="b", task="text-classification",
                                                             labels=["a", "b"]))
     registry.promote("m", "v1", reason="job 0123456789abcdef: passed its gate")
+    registry.start_rollout("m", "v2", "canary", 5.0, "job 0123456789abcdef: passed its gate")  # "canary 5%: job ..."
     fresh = _samples(render(jobs, lambda: {"m": 1}, registry, ["m"], None).decode())
+    assert fresh[("tuneloop_rollout_events_total", (("by", "job"), ("event", "rollout"), ("model", "m")))] == 1
+    assert fresh[("tuneloop_rollout_events_total", (("by", "operator"), ("event", "rollout"), ("model", "m")))] == 0
     for outcome in ("succeeded", "rejected", "failed"):
         assert fresh[("tuneloop_training_runs_total", (("model", "m"), ("outcome", outcome)))] == 0
     assert fresh[("tuneloop_training_jobs_running", (("model", "m"),))] == 0

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client import REGISTRY
 
+from tuneloop.core.batching_policy import next_batch_size
 from tuneloop.core.config import parse_config
 from tuneloop.core.errors import NotReady, Overloaded
 from tuneloop.core.runtimes import ArtifactRecord, Optimization, ParityCheck
@@ -164,6 +165,25 @@ def test_a_batch_the_model_fails_on_shrinks_the_adaptive_limit():
     limit = replica._batcher.max_batch_size
     asyncio.run(burst())
     assert replica._batcher.max_batch_size < limit
+
+    # One bad input fails a full batch and each half the batcher retries: one shrink, not one a half.
+    replica._loaded.predict = real
+    replica._batcher.max_batch_size = limit
+    bad = replica._loaded.predict
+
+    def fails_on_one_text(texts):
+        if "bad" in texts:
+            raise RuntimeError("a tokenizer bug on one input")
+        return bad(texts)
+
+    replica._loaded.predict = fails_on_one_text
+
+    async def one_bad():
+        return await asyncio.gather(*(replica.predict(["bad" if i == 3 else f"t{i}"]) for i in range(8)),
+                                    return_exceptions=True)
+
+    asyncio.run(one_bad())
+    assert replica._batcher.max_batch_size == next_batch_size(replica._policy, limit, limit, float("inf"))
 
 
 def _optimized(int8_passed: bool = True, folder: str = "artifacts", bf16_speed: float | None = None) -> Optimization:

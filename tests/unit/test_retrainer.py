@@ -168,6 +168,15 @@ def test_one_client_re_answering_one_prediction_starts_no_job(tmp_path):
     launch.finish(0, "rejected")
     assert all(retrainer.record_feedback("m", "v1", False, f"p{i % 4}", "k1") is None for i in range(200))
     assert len(launch.launched) == 1  # the same four predictions again, after the job: no second job
+    # Cycling through one id more than the window (4) judged each answer anew. (Five distinct
+    # predictions answered since the job do make every_n_feedback's count, 5 here.)
+    finished = len(launch.launched)
+    for i in range(200):
+        retrainer.record_feedback("m", "v1", False, f"p{i % 5}", "k1")
+        for j in range(finished, len(launch.launched)):
+            launch.finish(j, "rejected")
+        finished = len(launch.launched)
+    assert [t for _, t, _ in launch.launched].count("accuracy_drop") == 1
 
 
 def test_feedback_of_a_key_the_quarantine_holds_starts_no_job(tmp_path):

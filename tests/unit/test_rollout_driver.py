@@ -120,6 +120,23 @@ def test_feedback_of_a_key_the_quarantine_holds_judges_no_rollout(shadow_world):
     assert w.driver.look("m").action == "advance"
 
 
+def test_a_held_keys_answer_on_an_honest_keys_prediction_does_not_erase_it(shadow_world):
+    """Taken out after the newest answer per prediction was chosen, a held key's later answer
+    replaced the honest one and was then dropped: the prediction counted for nothing."""
+    from tuneloop.store.quarantine import QuarantineBook
+
+    w = shadow_world
+    QuarantineBook(w.registry.storage).quarantine("m", {"bad00000": "disagrees with production"}, {})
+    assert w.driver.look("m").action == "hold"
+    pids = [w.served("v1", right=i % 10 < 7, shadow_right=i % 10 < 9, key_id="good0000") for i in range(80)]
+    for pid in pids:  # the held key answers every one of them again, later
+        w.feedback.append(model="m", text="t", label="positive", prediction_id=pid, version="v1",
+                          predicted_label="negative", key_id="bad00000")
+    w.feedback.compact()
+    decision = w.driver.look("m")
+    assert decision.action == "advance" and decision.numbers["pairs"] == 80
+
+
 def test_a_worse_shadow_is_rolled_back_by_itself(shadow_world):
     w = shadow_world
     for i in range(80):
