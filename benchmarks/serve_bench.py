@@ -493,7 +493,7 @@ def main() -> None:
     if set(runtimes) - {"torch"}:
         chosen, artifact_paths = optimized(cfg, version, args.task, text_sets["short"], runtimes)
         served_by.update(chosen)
-    artifacts_served = sorted({a for a in served_by.values() if a not in ("torch", "torch-bf16")})
+    artifacts_served = sorted({a for a in served_by.values() if a != "torch"})  # torch-bf16 too: its own loop
     from tuneloop.core.tasks import model_task
     from tuneloop.store.registry import Registry
     from tuneloop.store.storage import Storage
