@@ -55,6 +55,14 @@ def _give(feedback: FeedbackStore, n: int, start: int = 0, label: str = "positiv
     return ids
 
 
+def _on_v1(feedback: FeedbackStore, kind: str, label: str, key_id: str, ids: range) -> list[str]:
+    """Answers on v1's predictions, which all said "positive": ``kind`` "honest" answers
+    prediction i, "flipped" prediction 1000 + i (its text says which); their feedback ids."""
+    first = 0 if kind == "honest" else 1000
+    return [feedback.append(model="m", text=f"{kind} {i}", label=label, prediction_id=f"{first + i:032x}",
+                            version="v1", predicted_label="positive", key_id=key_id) for i in ids]
+
+
 def test_first_job_learns_the_seed_and_freezes_a_stratified_golden_set(env):
     cfg, task, registry, feedback, _ = env
     data = assemble(task, cfg.model("m"), cfg.training, registry, feedback, None)
@@ -214,12 +222,9 @@ def test_a_key_flipping_labels_is_held_out_until_released_then_trained(env):
     cfg, task, registry, feedback, tmp_path = env
     first = assemble(task, cfg.model("m"), cfg.training, registry, feedback, None)
     v1 = _publish(registry, tmp_path, first, "v1", first.summary, golden_accuracy=0.9)
-    honest = [feedback.append(model="m", text=f"honest {i}", label="positive", prediction_id=f"{i:032x}",
-                              version="v1", predicted_label="positive", key_id="aaaaaaaa") for i in range(10)]
-    flipped = [feedback.append(model="m", text=f"flipped {i}", label="negative", prediction_id=f"{1000 + i:032x}",
-                               version="v1", predicted_label="positive", key_id="bbbbbbbb") for i in range(60)]
-    honest += [feedback.append(model="m", text=f"honest {i}", label="positive", prediction_id=f"{i:032x}",
-                               version="v1", predicted_label="positive", key_id="aaaaaaaa") for i in range(10, 40)]
+    honest = _on_v1(feedback, "honest", "positive", "aaaaaaaa", range(10))
+    flipped = _on_v1(feedback, "flipped", "negative", "bbbbbbbb", range(60))
+    honest += _on_v1(feedback, "honest", "positive", "aaaaaaaa", range(10, 40))
     feedback.compact()
     data = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v1)
     q = data.summary["quarantine"]
@@ -254,18 +259,13 @@ def test_a_held_answer_replaced_by_a_newer_one_is_not_trained_when_its_key_is_re
     cfg, task, registry, feedback, tmp_path = env
     first = assemble(task, cfg.model("m"), cfg.training, registry, feedback, None)
     v1 = _publish(registry, tmp_path, first, "v1", first.summary, golden_accuracy=0.9)
-    stale = [feedback.append(model="m", text=f"flipped {i}", label="negative", prediction_id=f"{1000 + i:032x}",
-                             version="v1", predicted_label="positive", key_id="bbbbbbbb") for i in range(60)]
-    for i in range(40):  # after them: the watermark passes the held rows
-        feedback.append(model="m", text=f"honest {i}", label="positive", prediction_id=f"{i:032x}",
-                        version="v1", predicted_label="positive", key_id="aaaaaaaa")
+    stale = _on_v1(feedback, "flipped", "negative", "bbbbbbbb", range(60))
+    _on_v1(feedback, "honest", "positive", "aaaaaaaa", range(40))  # after them: the watermark passes the held rows
     feedback.compact()
     held = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v1)
     assert held.held.num_rows == 60
     v2 = _publish(registry, tmp_path, held, "v2", held.summary, golden_accuracy=0.9)
-    for i in range(25):  # users answer 25 of those predictions again, agreeing with production
-        feedback.append(model="m", text=f"flipped {i}", label="positive", prediction_id=f"{1000 + i:032x}",
-                        version="v1", predicted_label="positive", key_id="aaaaaaaa")
+    _on_v1(feedback, "flipped", "positive", "aaaaaaaa", range(25))  # users answer 25 again, agreeing with production
     feedback.compact()
     answered = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v2)  # trains them; B still held
     v3 = _publish(registry, tmp_path, answered, "v3", answered.summary, golden_accuracy=0.9)
@@ -284,13 +284,9 @@ def test_a_held_answer_replaced_within_its_own_window_is_never_held_nor_released
     cfg, task, registry, feedback, tmp_path = env
     first = assemble(task, cfg.model("m"), cfg.training, registry, feedback, None)
     v1 = _publish(registry, tmp_path, first, "v1", first.summary, golden_accuracy=0.9)
-    stale = [feedback.append(model="m", text=f"flipped {i}", label="negative", prediction_id=f"{1000 + i:032x}",
-                             version="v1", predicted_label="positive", key_id="bbbbbbbb") for i in range(60)]
-    newer = [feedback.append(model="m", text=f"flipped {i}", label="positive", prediction_id=f"{1000 + i:032x}",
-                             version="v1", predicted_label="positive", key_id="aaaaaaaa") for i in range(25)]
-    for i in range(40):
-        feedback.append(model="m", text=f"honest {i}", label="positive", prediction_id=f"{i:032x}",
-                        version="v1", predicted_label="positive", key_id="aaaaaaaa")
+    stale = _on_v1(feedback, "flipped", "negative", "bbbbbbbb", range(60))
+    newer = _on_v1(feedback, "flipped", "positive", "aaaaaaaa", range(25))
+    _on_v1(feedback, "honest", "positive", "aaaaaaaa", range(40))
     feedback.compact()
     data = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v1)
     assert set(data.summary["quarantine"]["flagged"]) == {"bbbbbbbb"}
@@ -311,16 +307,10 @@ def test_released_rows_train_within_the_row_budget_and_the_rest_wait_for_the_nex
     tight = cfg.training.model_copy(update={"max_rows_per_job": 40})
     first = assemble(task, cfg.model("m"), tight, registry, feedback, None)
     v1 = _publish(registry, tmp_path, first, "v1", first.summary, golden_accuracy=0.9)
-    def honest(i):
-        feedback.append(model="m", text=f"honest {i}", label="positive", prediction_id=f"{i:032x}",
-                        version="v1", predicted_label="positive", key_id="aaaaaaaa")
-
-    for i in range(10):
-        honest(i)
-    flipped = [feedback.append(model="m", text=f"flipped {i}", label="negative", prediction_id=f"{1000 + i:032x}",
-                               version="v1", predicted_label="positive", key_id="bbbbbbbb") for i in range(60)]
-    for i in range(10, 40):
-        honest(i)  # the watermark lies past the flipped rows: released, they are not fresh again
+    _on_v1(feedback, "honest", "positive", "aaaaaaaa", range(10))
+    flipped = _on_v1(feedback, "flipped", "negative", "bbbbbbbb", range(60))
+    # The watermark lies past the flipped rows: released, they are not fresh again.
+    _on_v1(feedback, "honest", "positive", "aaaaaaaa", range(10, 40))
     feedback.compact()
     data = assemble(task, cfg.model("m"), tight, registry, feedback, v1)
     assert data.held.num_rows == 60
@@ -369,9 +359,7 @@ def test_held_rows_past_the_watermark_come_back_once_as_fresh_when_released(env)
     cfg, task, registry, feedback, tmp_path = env
     first = assemble(task, cfg.model("m"), cfg.training, registry, feedback, None)
     v1 = _publish(registry, tmp_path, first, "v1", first.summary, golden_accuracy=0.9)
-    for i in range(25):
-        feedback.append(model="m", text=f"flipped {i}", label="negative", prediction_id=f"{1000 + i:032x}",
-                        version="v1", predicted_label="positive", key_id="bbbbbbbb")
+    _on_v1(feedback, "flipped", "negative", "bbbbbbbb", range(25))
     feedback.compact()
     data = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v1)
     assert data.held.num_rows == 25 and data.summary["feedback"]["fresh_rows"] == 0
