@@ -137,10 +137,10 @@ def alone_speeds(cfg, trained: dict, texts: list[str], seconds: float, rounds: i
     loaded = {}
     for name in MODELS:
         version = trained[name]["version"]
-        manifest, runtime = registry.manifest(name, version), trained[name]["auto"]
-        artifact = manifest.optimization.artifacts[runtime].path if runtime != "torch" else None
+        runtime = trained[name]["auto"]
         loaded[name] = load_model(registry.local_path(name, version), version, model_task(cfg.model(name)),
-                                  cfg.serving.max_length, runtime, artifact)
+                                  cfg.serving.max_length, runtime,
+                                  registry.manifest(name, version).optimization.artifact_path(runtime))
     measured: dict[str, list[float]] = {name: [] for name in MODELS}
     for _ in range(rounds):
         for name in MODELS:

@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import aiohttp
@@ -50,6 +51,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.percentiles import percentile  # noqa: E402
 from tuneloop.serving.fast_path import enable_fast_path, free_port  # noqa: E402
+
+if TYPE_CHECKING:
+    from tuneloop.core.runtimes import Optimization
 
 enable_fast_path(private_haproxy_ports=True)  # before ray is imported
 
@@ -149,11 +153,11 @@ def fine_tuned(model_dir: str, rows: list[tuple[str, str]], threads: int) -> str
 
 
 def optimized(cfg, version: str, task: str, texts: list[str],
-              runtimes: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+              runtimes: list[str]) -> tuple[dict[str, str], Optimization]:
     """Optimize the version as a job would, on a golden set (SST-2 dev for text
     classification, when present; else the generated texts labelled by the model itself);
     prints each artifact's parity and speed. Returns what serves each ``runtimes`` value, and
-    each artifact's path under the version's folder."""
+    the version's ``Optimization`` (its artifacts)."""
     import pyarrow as pa
 
     from tuneloop.core.runtimes import choose_runtime, hardware_class
@@ -178,8 +182,7 @@ def optimized(cfg, version: str, task: str, texts: list[str],
         registry.freeze_golden("bench", golden)
     manifest = optimize_version(cfg, registry, "bench", version, progress=lambda line: print(line, flush=True))
     hardware = hardware_class(cpu_class(), cfg.serving.replica_threads)
-    return ({r: choose_runtime(r, manifest.optimization, hardware)[0] for r in runtimes},
-            {name: record.path for name, record in manifest.optimization.artifacts.items()})
+    return {r: choose_runtime(r, manifest.optimization, hardware)[0] for r in runtimes}, manifest.optimization
 
 
 # -- 1. bare model ----------------------------------------------------------------------
@@ -466,7 +469,7 @@ def main() -> None:
             for s in sets:
                 rates[s, art] = bare_artifact_throughput(
                     registry.local_path("bench", version), version, model_task(cfg.models[0]), art,
-                    artifact_paths[art], text_sets[s], batch_size, args.threads, max_length, seconds)
+                    optimization.artifact_path(art), text_sets[s], batch_size, args.threads, max_length, seconds)
                 print(f"bare {s} on {art}, run {len(bares) + 1}: {rates[s, art]:.1f} texts/s", flush=True)
         return rates
 
@@ -489,9 +492,9 @@ def main() -> None:
     trained_on = {"trained_on": pa.table({"text": [t for t, _ in train_rows], "label": [y for _, y in train_rows]})}
     version = publish_version(cfg, model_dir, tables=trained_on if train_rows else None)
     runtimes = [r for r in args.runtimes.split(",") if r]
-    served_by, artifact_paths = {r: r for r in runtimes}, {}
+    served_by, optimization = {r: r for r in runtimes}, None
     if set(runtimes) - {"torch"}:
-        chosen, artifact_paths = optimized(cfg, version, args.task, text_sets["short"], runtimes)
+        chosen, optimization = optimized(cfg, version, args.task, text_sets["short"], runtimes)
         served_by.update(chosen)
     artifacts_served = sorted({a for a in served_by.values() if a != "torch"})  # torch-bf16 too: its own loop
     from tuneloop.core.tasks import model_task

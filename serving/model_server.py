@@ -254,7 +254,7 @@ class ModelServer:
         runtime, why = choose_runtime(self.serving.runtime, optimization,
                                       hardware_class(device, self.serving.replica_threads), self.runtimes,
                                       self._parity_limits)
-        artifact = optimization.artifacts[runtime].path if runtime != "torch" else None
+        artifact = optimization.artifact_path(runtime) if optimization else None  # none: PyTorch serves
         return runtime, artifact, why
 
     def _watch_registry(self) -> None:
@@ -353,7 +353,7 @@ class ModelServer:
             results, seconds = await asyncio.get_running_loop().run_in_executor(
                 self._compute, self._timed_batch, loaded, texts)
         except Exception as e:
-            if self.serving.adaptive_batching and len(texts) > 1 and len(texts) >= batcher.max_batch_size \
+            if self.serving.adaptive_batching and len(texts) >= batcher.max_batch_size \
                     and not isinstance(e, TuneloopError):
                 # The model failed on a full batch (out of memory on a GPU): shrink as for an
                 # overrun. Its halves then succeeded under the limit, "partial, no signal", and
@@ -379,13 +379,18 @@ class ModelServer:
         a shadow batch only ever starts on an idle compute thread)."""
         if random.random() * 100 >= self.rollout_cfg.shadow_percent:
             return
-        if self._batcher.queued or self._challenger_batcher.queued or self._computing or self._shadowing:
+        if self._compute_wanted() or self._shadowing:
             metrics.SHADOW_RUNS.labels(self.cfg.name, challenger.version, "shed").inc()
             return
         self._shadowing += 1
         task = asyncio.get_running_loop().run_in_executor(
             self._compute, self._run_shadow, challenger, texts, [p["id"] for p in predictions])
         task.add_done_callback(self._shadow_done)
+
+    def _compute_wanted(self) -> bool:
+        """Production or a canary has work: texts waiting for a batch, or a batch computing or
+        waiting for the compute thread."""
+        return bool(self._batcher.queued or self._challenger_batcher.queued or self._computing)
 
     def _shadow_done(self, _future) -> None:
         self._shadowing -= 1
@@ -399,7 +404,7 @@ class ModelServer:
             results = []
             step = max(1, min(self._batcher.max_batch_size, self._challenger_batcher.max_batch_size))
             for i in range(0, len(texts), step):
-                if i and (self._computing or self._batcher.queued or self._challenger_batcher.queued):
+                if i and self._compute_wanted():
                     metrics.SHADOW_RUNS.labels(self.cfg.name, challenger.version, "shed").inc()
                     return
                 with metrics.timer(metrics.MODEL_COMPUTE_SECONDS, self.cfg.name, challenger.version):

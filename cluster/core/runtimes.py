@@ -51,6 +51,11 @@ class Optimization(BaseModel):
     batch_size: int = 32
     built_at: str | None = None
 
+    def artifact_path(self, runtime: str) -> str | None:
+        """What ``runtime`` loads under the version's folder: None for PyTorch, which loads the
+        version's weights ("" for torch-bf16, which does too)."""
+        return None if runtime == "torch" else self.artifacts[runtime].path
+
 
 def hardware_class(device: str, threads: int) -> str:
     """The speed measurements' key: a device (``cpu``, ``cpu-bf16`` for a CPU with native
