@@ -53,5 +53,7 @@ deploy-files: $(STAMP)
 test-unit: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider tests/unit
 
+# The venv and build leftovers only: .tuneloop holds the versions, feedback, journal and API
+# keys, which a rebuilt venv must find again (wipe it by hand, knowingly).
 clean:
-	rm -rf $(VENV) .tuneloop
+	rm -rf $(VENV) *.egg-info
