@@ -49,7 +49,7 @@ from tuneloop.serving.metric_files import cluster_metric_files, metrics_base, us
 from tuneloop.serving.responses import V1, error_response, internal_error_response
 from tuneloop.core.names import (INGRESS_DEPLOYMENT, model_app_name, model_deployment_name, predict_route,
                                  running_replicas)
-from tuneloop.core.tasks import check_unicode
+from tuneloop.core.tasks import check_unicode, model_task
 from tuneloop.serving.predict_request import (
     check_content_length,
     check_content_type,
@@ -359,7 +359,9 @@ class Ingress:
     def _summary(self, name: str) -> dict[str, Any]:
         m = self._model_cfg(name)
         state = self.registry.state(name)
-        return {"name": m.name, "task": m.task, "labels": m.labels,
+        # The labels answers carry and feedback names, as entity types where a token
+        # classifier's config lists BIO tags (B-PER was refused as feedback: "unknown type").
+        return {"name": m.name, "task": m.task, "labels": model_task(m).label_names(),
                 **_rollout_fields(state, self.cfg.rollout.shadow_percent)}
 
     # Who may read the models: whoever may predict (anyone, by default), as a client needs

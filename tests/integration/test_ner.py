@@ -16,6 +16,7 @@ from tests.integration.conftest import ADMIN_KEY, FEEDBACK_KEY, bearer, make_con
 from tests.tiny_models import build_tiny_model
 
 TYPES = ["PER", "LOC"]
+BIO_TAGS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]  # the config names the types by their tags, a form it takes
 NAMES = ["Ada", "Grace", "Alan", "Linus", "Barbara", "Ken"]
 CITIES = ["Paris", "Berlin", "Lisbon", "Oslo", "Cairo", "Lima"]
 TEMPLATES = [["{n}", "flew", "to", "{c}"], ["{n}", "lives", "in", "{c}"], ["we", "met", "{n}", "in", "{c}", "today"],
@@ -41,7 +42,7 @@ def seed_conll(tmp_path_factory) -> str:
 def ner(ray_session, serve_port, metrics_dir, seed_conll, tmp_path_factory):
     base = build_tiny_model(tmp_path_factory.mktemp("tiny-ner"), TYPES, task="token-classification")
     cfg = make_config(tmp_path_factory.mktemp("store"), base, seed_conll,
-                      model={"name": "ner", "task": "token-classification", "labels": TYPES},
+                      model={"name": "ner", "task": "token-classification", "labels": BIO_TAGS},
                       serving={"max_length": 16, "max_chars_per_input": 2000},
                       training={"epochs": 2, "learning_rate": 5e-3})
     with trained_and_served(cfg, "ner", metrics_dir, serve_port) as (url, outcome):
@@ -54,6 +55,12 @@ def test_v1_trains_on_conll_tokens_and_is_scored_by_entity_f1(ner):
     metrics = outcome.manifest.metrics
     assert 0 <= metrics.f1 <= 1 and set(metrics.per_class) <= set(TYPES) and metrics.eval_rows > 0
     assert outcome.manifest.data["golden"]["rows"] > 0  # a stratified sample of the seed, frozen
+
+
+def test_the_model_list_gives_the_entity_types_answers_and_feedback_use(ner):
+    url, _, _ = ner
+    listed = {m["name"]: m for m in httpx.get(f"{url}/v1/models", timeout=30).json()["models"]}
+    assert listed["ner"]["labels"] == TYPES  # not the config's BIO_TAGS: feedback naming B-PER is refused
 
 
 def test_predictions_are_entities_with_offsets_even_past_max_length(ner):

@@ -133,7 +133,8 @@ class Task(ABC):
         return out
 
     def label_names(self) -> list[str]:
-        """The labels as a config names them (``label_set`` compares them)."""
+        """The labels answers carry and feedback names (``label_set`` compares them;
+        ``GET /v1/models`` lists them): a token classifier's entity types."""
         return self.labels
 
     @abstractmethod

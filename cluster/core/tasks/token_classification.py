@@ -150,7 +150,7 @@ class TokenClassification(Task):
         self.window_stride = window_stride
 
     def label_names(self) -> list[str]:
-        return self.types  # however the config wrote them: types, or their BIO tags
+        return self.types  # however the config wrote them (types, or their BIO tags): PER, not B-PER
 
     def head_labels(self) -> list[str]:
         return ["O"] + [f"{p}-{t}" for t in self.types for p in ("B", "I")]
