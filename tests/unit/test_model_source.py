@@ -1,0 +1,49 @@
+"""Resolving a hub id fetches what transformers loads, not the whole repo."""
+
+from __future__ import annotations
+
+import fnmatch
+
+import huggingface_hub
+
+from tuneloop.core.model_source import resolve_model_source
+
+# A sentence-transformers repo's layout: the same weights in several formats.
+REPO = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+        "special_tokens_map.json", "1_Pooling/config.json", "pytorch_model.bin", "tf_model.h5", "rust_model.ot",
+        "onnx/model.onnx", "onnx/model_qint8_avx512.onnx", "openvino/openvino_model.bin", "openvino/openvino_model.xml"]
+
+
+def fake_hub(tmp_path, repo_files):
+    """snapshot_download over a repo of ``repo_files``: the files its patterns select land in one folder."""
+    calls = []
+
+    def snapshot_download(source, allow_patterns=None, **options):
+        calls.append(allow_patterns)
+        for name in repo_files:
+            if allow_patterns is None or any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+                (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+                (tmp_path / name).write_text("x")
+        return str(tmp_path)
+    return snapshot_download, calls
+
+
+def fetched(tmp_path) -> set[str]:
+    return {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
+
+
+def test_a_repo_with_safetensors_gives_its_configs_weights_and_tokenizer_only(tmp_path, monkeypatch):
+    fake, calls = fake_hub(tmp_path, REPO)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    assert resolve_model_source("org/minilm") == str(tmp_path)
+    assert fetched(tmp_path) == {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                                 "vocab.txt", "special_tokens_map.json", "1_Pooling/config.json"}
+    assert len(calls) == 1
+
+
+def test_a_repo_without_safetensors_gives_its_pytorch_weights(tmp_path, monkeypatch):
+    fake, calls = fake_hub(tmp_path, [n for n in REPO if not n.endswith(".safetensors")])
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    resolve_model_source("org/old-bert")
+    assert "pytorch_model.bin" in fetched(tmp_path) and "openvino/openvino_model.bin" not in fetched(tmp_path)
+    assert len(calls) == 2
