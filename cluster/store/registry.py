@@ -241,12 +241,17 @@ class Registry:
         was edited by hand raises CorruptStoredFile naming it (it was a traceback)."""
         try:
             raw = self.storage.read_json(rel)
-            return None if raw is None else document.model_validate(raw)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise CorruptStoredFile(self.storage.path(rel), f"{type(e).__name__}: {e}") from None
+        return None if raw is None else self._parsed(document, raw, rel)
+
+    def _parsed(self, document: type[_Doc], raw: Any, rel: str) -> _Doc:
+        """``raw`` (the JSON of ``rel``) as ``document``, or CorruptStoredFile saying what is wrong."""
+        try:
+            return document.model_validate(raw)
         except ValidationError as e:
             first = e.errors()[0]
             why = f"{'.'.join(str(p) for p in first['loc']) or 'the document'}: {first['msg']}"
-        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-            why = f"{type(e).__name__}: {e}"
         raise CorruptStoredFile(self.storage.path(rel), why)
 
     def publish(self, model: str, local_dir: str, manifest: Manifest,
@@ -568,8 +573,12 @@ class Registry:
         process on any host) take turns and none is lost. ``apply`` may run more than once
         (compare-and-swap retries): it only reads the state it is given. A ``request`` the
         history already holds changes nothing: the state is answered as it is now."""
+        rel = f"{self._dir(model)}/{STATE}"
+
         def change(raw: dict | None) -> dict:
-            state = RegistryState() if raw is None else RegistryState.model_validate(raw)
+            # A state.json cut or edited by hand: 503 corrupt_stored_file, as its reads answer
+            # (a promote or rollback on it was a 500 while the operator was repairing things).
+            state = RegistryState() if raw is None else self._parsed(RegistryState, raw, rel)
             if state.carried_out(request):
                 raise _Unchanged(state)  # a retry of a request that was carried out
             if expect_production is not UNCHECKED and state.production != expect_production:
@@ -583,6 +592,8 @@ class Registry:
             return state.model_dump(mode="json")
 
         try:
-            return RegistryState.model_validate(self.storage.update_json(f"{self._dir(model)}/{STATE}", change))
+            return RegistryState.model_validate(self.storage.update_json(rel, change))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # not JSON: found reading it, before ``change``
+            raise CorruptStoredFile(self.storage.path(rel), f"{type(e).__name__}: {e}") from None
         except _Unchanged as unchanged:
             return unchanged.state  # as read under the update: a second read could race a writer

@@ -44,6 +44,18 @@ def test_a_cut_or_hand_edited_state_file_is_named_not_a_traceback(config, tmp_pa
     assert "state.json is not a file tuneloop can read" in done.stderr
 
 
+@pytest.mark.parametrize("content", ['{"production": "v1", "hist', '{"production": 3}', '\udcff'])
+def test_a_change_of_production_on_a_cut_state_file_names_it_and_writes_nothing(config, tmp_path, content):
+    state = tmp_path / "store/registry/m/state.json"
+    state.write_bytes(content.encode("utf-8", "surrogateescape"))
+    registry = Registry(Storage(str(tmp_path / "store")))
+    for change in (lambda: registry.promote("m", "v1", force=True), lambda: registry.rollback("m")):
+        with pytest.raises(CorruptStoredFile, match="state.json is not a file tuneloop can read") as e:
+            change()
+        assert e.value.status == 503
+    assert state.read_bytes() == content.encode("utf-8", "surrogateescape")
+
+
 def test_misplaced_arguments_and_a_model_given_as_a_prediction_id_are_refused(config):
     runner = CliRunner()
     status = runner.invoke(app, ["rollout", "m", "status", "v9", "--stage", "canary", "--config", config])
