@@ -498,7 +498,8 @@ class Ingress:
         key_id = self.auth.check(request.headers.get("authorization"), "admin")
         self._model_cfg(model)
         state = await asyncio.to_thread(self.registry.rollback, model, f"by key {key_id}",  # 409: nothing earlier
-                                        request=_request_id(key_id, "rollback", idempotency_key))
+                                        request=_request_id(key_id, "rollback", idempotency_key),
+                                        labels=self._model_cfg(model).labels)
         return self._state_answer(model, state)
 
     @app.post("/v1/models/{model}/rollout")

@@ -132,7 +132,8 @@ def rollout_cmd(model: str, version: str | None = typer.Argument(None, help="the
         return
     registry = Registry(Storage(cfg.storage.root))
     try:
-        state = (registry.rollback(model, reason="tuneloop deploy rollout --rollback") if rollback else
+        state = (registry.rollback(model, reason="tuneloop deploy rollout --rollback", labels=cfg.model(model).labels)
+                 if rollback else
                  registry.promote(model, version, reason="tuneloop deploy rollout", force=force,
                                   labels=cfg.model(model).labels))
     except (Conflict, UnknownVersion) as e:

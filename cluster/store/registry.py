@@ -445,12 +445,15 @@ class Registry:
             raise Conflict(f"{version} was trained for labels {manifest.labels}, the config has {labels}")
 
     def rollback(self, model: str, reason: str = "", expect_production: str | None = UNCHECKED,
-                 request: str | None = None) -> RegistryState:
+                 request: str | None = None, labels: list[str] | None = None) -> RegistryState:
         """Back to production alone: during a rollout, end it (the challenger never was
         production); otherwise go back to the production before the current one
         (``RegistryState.rollback_target``), worked out under the lock so that two rollbacks
         step back twice, not to the same version. Raises Conflict if there is nothing to
-        roll back to (or, with ``expect_production``, if production is no longer that)."""
+        roll back to (or, with ``expect_production``, if production is no longer that), or,
+        given the config's ``labels``, if that version was trained for others: the replicas
+        could not load it and kept serving the version rolled back from, while the state
+        named the other (and a replica started later had nothing to serve)."""
 
         def apply(state: RegistryState) -> HistoryEntry:
             if state.rollout is not None:
@@ -461,6 +464,12 @@ class Registry:
             if target is None:
                 raise Conflict(f"{model!r} has no earlier production version to roll back to "
                                f"(production is {state.production or 'none'})")
+            if labels is not None:
+                try:
+                    self._servable(model, target, True, labels, "roll back to")
+                except Conflict as e:
+                    raise Conflict(f"cannot roll back from {state.production} to {target}: {e.message}; promote a "
+                                   "version trained for the config's labels instead") from None
             return HistoryEntry(at=now_iso(), event="rollback", production=target, version=target, reason=reason)
 
         return self._transition(model, apply, expect_production, request)

@@ -132,6 +132,18 @@ def test_rollback_works_out_its_target_and_counts_a_generation(reg3):
     assert reg3.state("m").generation == 3  # a refused change changes nothing
 
 
+def test_rollback_to_a_version_of_other_labels_is_refused_and_changes_nothing(tmp_path, weights):
+    reg = Registry(Storage(str(tmp_path / "store")))
+    old = reg.publish("m", weights, _manifest(labels=["a", "b"])).version
+    new = reg.publish("m", weights, _manifest(labels=["a", "b", "c"])).version  # a label was added
+    reg.promote("m", old)
+    reg.promote("m", new, labels=["a", "b", "c"])
+    with pytest.raises(Conflict, match=f"cannot roll back from {new} to {old}: {old} was trained for labels"):
+        reg.rollback("m", labels=["c", "b", "a"])
+    assert (reg.state("m").production, reg.state("m").generation) == (new, 2)
+    assert reg.rollback("m", labels=["b", "a"]).production == old  # a config that went back to the old labels
+
+
 def test_promoting_production_again_changes_nothing_and_rollback_still_goes_back(reg3):
     before = reg3.state("m")
     assert reg3.promote("m", "v2", reason="a retried request") == before  # nothing written
