@@ -24,6 +24,8 @@ lets a job refuse to overwrite a decision made while it ran.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import re
@@ -68,14 +70,27 @@ UNCHECKED: Any = _Unchecked()
 the default: "expect no production yet" is what a job training v1 passes.)"""
 
 
-def _cached_build(target: str) -> str | None:
-    """Which build of the artifacts a cached copy holds: its manifest's ``built_at``, the
-    manifest copied with it (None when it names none, or cannot be read: fetch them anew)."""
+def _cached_manifest(target: str) -> dict:
+    """The manifest copied with a cached version ({} when there is none, or it cannot be read:
+    fetch the version anew)."""
     try:
         with open(os.path.join(target, MANIFEST)) as f:
-            return (json.load(f).get("optimization") or {}).get("built_at")
-    except (OSError, ValueError, AttributeError):
-        return None
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _cached_build(target: str) -> str | None:
+    """Which build of the artifacts a cached copy holds: its manifest's ``built_at``."""
+    return (_cached_manifest(target).get("optimization") or {}).get("built_at")
+
+
+def cache_folder(storage_uri: str) -> str:
+    """A folder of this node's cache for one storage root: two roots on one host (staging and
+    production buckets, or a bucket wiped and made again) both have a sentiment v1, and one
+    folder per model and version served the first root's weights for the second's."""
+    return hashlib.sha256(storage_uri.encode()).hexdigest()[:16]
 
 
 def version_number(version: str) -> int:
@@ -352,8 +367,17 @@ class Registry:
         if self.storage.is_local:
             return self.storage.path(self._dir(model, version))
         cache = cache_dir or private_temp_dir("tuneloop-cache")
-        target = os.path.join(cache, model, version)
-        if not os.path.exists(os.path.join(target, MANIFEST)):
+        target = os.path.join(cache, cache_folder(self.storage.uri), model, version)
+        cached = _cached_manifest(target)
+        if cached and cached.get("created_at") != manifest.created_at:
+            # Another version of that name: the root's registry was made anew since (a bucket
+            # emptied, or a prefix reused). Set aside whole, as a download is whole.
+            stale = f"{target}.stale-{uuid.uuid4().hex}"
+            with contextlib.suppress(OSError):  # another replica of this node set it aside first
+                os.rename(target, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+            cached = {}
+        if not cached:
             self._download(self._dir(model, version), target)
         files = manifest.optimization and any(a.path for a in manifest.optimization.artifacts.values())
         if files and _cached_build(target) != manifest.optimization.built_at:  # torch-bf16 alone has no file

@@ -92,6 +92,30 @@ def test_registry_publishes_without_renames_and_keeps_every_transition(s3_root, 
     assert registry.freeze_golden("m", pa.table({"text": ["b"], "label": ["negative"]})) == golden
 
 
+def test_a_nodes_cache_keeps_two_roots_apart_and_refetches_a_root_made_anew(s3_endpoint, weights, tmp_path):
+    """The cache was one folder per model and version: a second root's v1 (staging and
+    production buckets on one host, or a bucket emptied and filled again) was served from
+    the first root's files, with no error while the labels matched."""
+    import uuid
+
+    from tests.integration.conftest import S3_BUCKET
+
+    cache = str(tmp_path / "cache")
+
+    def publish(root: str, content: bytes) -> Path:
+        Path(weights, "model.safetensors").write_bytes(content)
+        registry = Registry(Storage(root))
+        assert registry.publish("m", weights, _manifest()).version == "v1"
+        return Path(registry.local_path("m", "v1", cache_dir=cache), "model.safetensors")
+
+    staging, production = (f"s3://{S3_BUCKET}/{uuid.uuid4().hex[:12]}?endpoint_override={s3_endpoint}&scheme=http"
+                           for _ in range(2))
+    assert publish(staging, b"staging weights").read_bytes() == b"staging weights"
+    assert publish(production, b"production weights").read_bytes() == b"production weights"
+    Storage(staging).delete_dir("registry")  # the staging registry is made anew
+    assert publish(staging, b"new staging weights").read_bytes() == b"new staging weights"
+
+
 def test_a_version_optimized_again_is_fetched_again_by_a_node_that_cached_it(s3_root, weights, tmp_path):
     """`tuneloop optimize` rebuilds an artifact under the same file name: a node that had
     cached the version kept serving the old file under the new build's parity record."""
