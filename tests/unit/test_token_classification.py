@@ -82,6 +82,28 @@ def test_answers_are_entities_with_offsets_into_the_text(tokenizer):
     assert NER.prediction_record(found) == {"entities": [{**g, "score": 1.0} for g in GOLD]}
 
 
+def test_entities_of_a_tokenizer_whose_words_carry_their_leading_space_start_at_the_word():
+    """A byte-level BPE (GPT-2's, trim_offsets off) gives " Lovelace" and " Paris" their
+    space: the answers began with it, and the same spans sent back were refused."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([TEXT, "nothing here at all"], vocab_size=300, min_frequency=1, special_tokens=["<pad>"])
+    byte_level = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, pad_token="<pad>")
+    encoding = encode(byte_level, NER, [TEXT])
+    assert [tuple(o) for o in encoding["offset_mapping"][0][:4]] == [(0, 3), (3, 12), (12, 20), (20, 26)]
+
+    def tag(start, first_piece):  # the word's tag, read at its first character after the space
+        return gold_tag(start + (TEXT[start] == " "), first_piece)
+
+    [found] = NER.answers([TEXT], scores_from(encoding, tag), HEAD, encoding)
+    assert [{k: e[k] for k in ("start", "end", "label", "text")} for e in found["entities"]] == [
+        {**GOLD[0], "text": "Ada Lovelace"}, {**GOLD[1], "text": "Paris"}]
+    said = [{k: e[k] for k in ("start", "end", "label")} for e in found["entities"]]
+    assert NER.feedback_target("ner", {"entities": said}, TEXT) == {"entities": said}  # taken back as answered
+
+
 def test_an_entity_keeps_the_accent_the_tokenizer_stripped(tokenizer):
     text = "Jose\u0301 visited Cafe\u0301 Lyon"  # decomposed accents: MiniLM's uncased tokenizer drops them
     spans = [{"start": 0, "end": 5, "label": "PER"}, {"start": 14, "end": 24, "label": "LOC"}]

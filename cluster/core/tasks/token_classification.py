@@ -100,6 +100,19 @@ def _through_marks(text: str, end: int) -> int:
     return end
 
 
+def _trimmed(text: str):
+    """An entity's span without the whitespace at its edges, and its text. A byte-level BPE
+    (GPT-2's) or SentencePiece tokenizer (DeBERTa's) gives a word its leading space: every
+    entity past the first word began with one, and the same span sent back as feedback was
+    refused ("begins or ends with whitespace")."""
+    def trim(e: dict[str, Any]) -> dict[str, Any]:
+        covered = text[e["start"]:e["end"]]
+        start = e["start"] + len(covered) - len(covered.lstrip())
+        end = max(start, e["end"] - (len(covered) - len(covered.rstrip())))
+        return {**e, "start": start, "end": end, "text": text[start:end]}
+    return trim
+
+
 def _tokens_of_text(encoding: dict[str, list], windows: list[int]) -> list[tuple[int, int, int, int, int]]:
     """One text's tokens from its ``windows`` (rows of the encoding): (word, start, end,
     window, position), each token once, from the window where it is furthest from an edge."""
@@ -170,7 +183,7 @@ class TokenClassification(Task):
             for start, end, probs in words:
                 best = max(range(len(head)), key=probs.__getitem__)
                 tagged.append((start, _through_marks(text, end), head[best], probs[best]))
-            out.append({"entities": [{**e, "text": text[e["start"]:e["end"]]} for e in bio_entities(tagged)]})
+            out.append({"entities": [e for e in map(_trimmed(text), bio_entities(tagged)) if e["start"] < e["end"]]})
         return out
 
     def _words(self, n_texts: int, encoding: dict[str, list], scores: list) -> list[list[tuple[int, int, list]]]:
