@@ -55,15 +55,19 @@ def _param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def _encode(tokenizer, texts, max_length: int, device, task: Task,
-            options: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, list]]:
-    """The model's inputs on ``device``, and the encoding as lists for the task (with what
-    its ``tokenizer_options``, or ``options``, asked for, such as offsets, which the model
-    does not take)."""
-    enc = tokenizer([str(t) for t in texts], padding=True, truncation=True, max_length=max_length,
-                    return_tensors="pt", **(task.tokenizer_options if options is None else options))
+def _windowed(tokenizer, batch: dict[str, list], max_length: int, device,
+              task: Task) -> tuple[dict[str, Any], dict[str, list], dict[str, list]]:
+    """``batch`` read as the replicas read it: the model's inputs on ``device``, the encoding
+    as lists for the task (with what it asked the tokenizer for, such as offsets, which the
+    model does not take), and the batch with a row per window. A task that reads long texts
+    in windows (token classification) has a window per ``max_length`` tokens, each a row of
+    the inputs; any other, a row per text."""
+    enc = tokenizer([str(t) for t in batch["text"]], padding=True, truncation=True, max_length=max_length,
+                    return_tensors="pt", **task.serving_tokenizer_options(max_length))
     encoding = task.encoding_for(enc)  # and enc keeps only the model's inputs
-    return {k: v.to(device) for k, v in enc.items()}, encoding
+    of_window = encoding.get("overflow_to_sample_mapping") or range(len(batch["text"]))
+    windows = {k: [v[int(i)] for i in of_window] for k, v in batch.items()}
+    return {k: v.to(device) for k, v in enc.items()}, encoding, windows
 
 
 def _target_tensor(targets: list, task: Task, device):
@@ -110,10 +114,7 @@ def _evaluate(engine, tokenizer, rows, max_length: int, task: Task, masked: list
     with torch.no_grad():
         for batch in batches(rows, EVAL_BATCH_SIZE):
             # Read as the replicas read it: a long text in windows, where its task has them.
-            inputs, encoding = _encode(tokenizer, batch["text"], max_length, engine.device, task,
-                                       task.serving_tokenizer_options(max_length))
-            of_window = encoding.get("overflow_to_sample_mapping") or range(len(batch["text"]))
-            windows = {k: [v[int(i)] for i in of_window] for k, v in batch.items()}  # a row per window
+            inputs, encoding, windows = _windowed(tokenizer, batch, max_length, engine.device, task)
             window_targets = task.batch_targets(windows, encoding)
             scores: list = []
             # At most EVAL_BATCH_SIZE windows a forward pass: a batch of long documents is
@@ -394,13 +395,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for batch in epoch_batches(train_shard, epoch, batch_size, config["seed"], rank, world):
             if "first_batch" not in marks:  # less production's baseline scoring: evaluation, not start-up
                 marks["first_batch"] = time.time() - evaluate.seconds
-            inputs, encoding = _encode(tokenizer, batch["text"], max_length, engine.device, task)
-            targets = task.batch_targets(batch, encoding)
-            target = _target_tensor(targets, task, engine.device)
+            # A long text in windows where its task reads it so: cut at max_length, the
+            # entities past the cut (a correction late in a feedback text) never trained.
+            inputs, encoding, windows = _windowed(tokenizer, batch, max_length, engine.device, task)
+            target = _target_tensor(task.batch_targets(windows, encoding), task, engine.device)
             out = engine(**inputs, labels=target)
             loss = out.loss
             if distill:
-                teacher_logits = torch.tensor(batch[TEACHER_COLUMN], dtype=torch.float32, device=engine.device)
+                teacher_logits = torch.tensor(windows[TEACHER_COLUMN], dtype=torch.float32, device=engine.device)
                 loss = distillation_loss(out.logits, teacher_logits, loss, task, distill["temperature"],
                                          distill["alpha"])
             engine.backward(loss)
@@ -414,7 +416,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     # in global_steps, which end the job, but does not step the schedule, whose
                     # warmup then shifted and whose last rate stayed above 0. The schedule follows.
                     engine.lr_scheduler.step()
-            seen += len(target)
+            seen += len(batch["text"])
             loss_sum += loss.detach().item()
             batches += 1
             if engine.global_steps >= total_steps:

@@ -364,6 +364,32 @@ def test_evaluation_reads_every_word_of_a_long_text_as_serving_does(tmp_path):
     assert 0 < found < 60 and NER.metrics(truth, answers).recall == pytest.approx(found / 60)
 
 
+def test_training_reads_a_long_text_in_windows_and_tags_an_entity_a_window_begins_inside(tmp_path):
+    """Training cut texts at max_length: an entity past the cut (a correction late in a
+    feedback text) never trained. Each window is now a row of the batch."""
+    import transformers
+
+    from tests.tiny_models import build_tiny_model
+    from tuneloop.training.loop import _windowed
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(build_tiny_model(tmp_path / "ner", TYPES,
+                                                                            task="token-classification"))
+    filler = " ".join(["and"] * 17)  # windows of 14 tokens, 10 apart: the third begins at the name's 4th word
+    text = f"{filler} john henry paul george mark peter luke james met {filler} Paris"
+    name, paris = text.index("john"), text.index("Paris")
+    entities = [{"start": name, "end": text.index(" met"), "label": "PER"},
+                {"start": paris, "end": paris + 5, "label": "LOC"}]
+    batch = {"text": [text], **NER.training_targets({"entities": [entities]}), "row": [7]}
+    inputs, encoding, windows = _windowed(tokenizer, batch, 16, "cpu", NER)
+    assert inputs["input_ids"].shape[0] == len(windows["text"]) > 2 and windows["row"] == [7] * len(windows["text"])
+    targets = NER.batch_targets(windows, encoding)
+    tagged = [[HEAD[t] for t in row if t != IGNORE] for row in targets]
+    assert tagged[-1][-1] == "B-LOC"  # past the first max_length tokens
+    in_person = [row for row in tagged if "I-PER" in row]
+    assert any(row[0] == "I-PER" for row in in_person), tagged  # a window begun inside the name continues it
+    assert all(row.count("B-PER") <= 1 for row in tagged)
+
+
 def test_an_entity_inside_a_word_tags_the_word(tmp_path):
     import transformers
 

@@ -340,8 +340,10 @@ class TokenClassification(Task):
                 if word is None or word == previous_word or end <= start:
                     tags.append(IGNORE)  # special, padding, or a word's continuation piece
                     continue
-                previous_word = word
                 span = _span_of(triples, *extent[word])
+                if previous_word is None and span is not None and span[0] < extent[word][0]:
+                    previous_span = span  # a window that begins inside an entity: I- here, as in the text
+                previous_word = word
                 tags.append(_tag_id(span, previous_span))
                 previous_span = span
             out.append(tags)
