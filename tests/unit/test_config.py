@@ -118,6 +118,17 @@ def test_env_var_selects_config(tmp_path, monkeypatch):
     assert cfg.storage.root == str(tmp_path / "state")
 
 
+@pytest.mark.parametrize("root", ["s3://AKIAXYZ:s3cr3t@bucket/prefix?endpoint_override=minio:9000",
+                                  "s3://bucket/prefix?access_key=AKIAXYZ&secret_key=s3cr3t",
+                                  "gs://user:s3cr3t@bucket/prefix"])
+def test_credentials_in_a_storage_uri_are_refused_without_printing_them(root):
+    with pytest.raises(ConfigError, match="carries credentials: give them to every node as environment") as e:
+        parse_config({"models": [MODEL], "storage": {"root": root, "journal_dir": "/wal"}})
+    assert "s3cr3t" not in str(e.value) and "bucket/prefix" in str(e.value)
+    assert parse_config({"models": [MODEL], "storage": {"root": "s3://bucket/p?region=eu-west-1&scheme=http",
+                                                        "journal_dir": "/wal"}}).storage.root.endswith("scheme=http")
+
+
 def test_uri_storage_root_is_kept_and_needs_a_local_journal():
     cfg = parse_config({"models": [MODEL], "storage": {"root": "s3://bucket/prefix", "journal_dir": "wal"}},
                        base_dir=Path("/x"))
