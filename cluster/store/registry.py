@@ -257,7 +257,7 @@ class Registry:
         try:
             raw = self.storage.read_json(rel)
         except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-            raise CorruptStoredFile(self.storage.path(rel), f"{type(e).__name__}: {e}") from None
+            raise CorruptStoredFile(self.storage.location(rel), f"{type(e).__name__}: {e}") from None
         return None if raw is None else self._parsed(document, raw, rel)
 
     def _parsed(self, document: type[_Doc], raw: Any, rel: str) -> _Doc:
@@ -267,7 +267,7 @@ class Registry:
         except ValidationError as e:
             first = e.errors()[0]
             why = f"{'.'.join(str(p) for p in first['loc']) or 'the document'}: {first['msg']}"
-        raise CorruptStoredFile(self.storage.path(rel), why)
+        raise CorruptStoredFile(self.storage.location(rel), why)
 
     def publish(self, model: str, local_dir: str, manifest: Manifest,
                 tables: dict[str, pa.Table] | None = None) -> Manifest:
@@ -311,7 +311,7 @@ class Registry:
 
     def table_path(self, model: str, version: str, name: str) -> str:
         """Where a version's table lies (a path or URI of the storage), to read it with other tools."""
-        return self.storage.path(f"{self._dir(model, version)}/{DATA_DIR}/{name}.parquet")
+        return self.storage.location(f"{self._dir(model, version)}/{DATA_DIR}/{name}.parquet")
 
     def golden(self, model: str) -> pa.Table | None:
         """The model's frozen golden set, if one was frozen."""
@@ -627,6 +627,6 @@ class Registry:
         try:
             return RegistryState.model_validate(self.storage.update_json(rel, change))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:  # not JSON: found reading it, before ``change``
-            raise CorruptStoredFile(self.storage.path(rel), f"{type(e).__name__}: {e}") from None
+            raise CorruptStoredFile(self.storage.location(rel), f"{type(e).__name__}: {e}") from None
         except _Unchanged as unchanged:
             return unchanged.state  # as read under the update: a second read could race a writer

@@ -75,6 +75,7 @@ def test_registry_publishes_without_renames_and_keeps_every_transition(s3_root, 
     local = Path(registry.local_path("m", "v3", cache_dir=str(tmp_path / "cache")))
     assert (local / "model.safetensors").read_bytes() == Path(weights, "model.safetensors").read_bytes()
     assert registry.table("m", "v3", "trained_on").to_pylist() == [{"a": 1}]
+    assert registry.table_path("m", "v3", "trained_on").startswith("s3://")  # pasted into another tool, it works
 
     registry.promote("m", "v1")
     counts = tmp_path / "applied"
