@@ -33,6 +33,7 @@ import math
 import os
 import tempfile
 import time
+import uuid
 import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -243,8 +244,11 @@ def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, versio
     progress(f"{model} {version}: torch {speeds['torch']:.0f} texts/s on {hardware}")
     del reference
     records: dict[str, ArtifactRecord] = {}
+    # Each build in a folder of its own under artifacts/: a rebuild never writes over the
+    # files a replica may be loading under the last build's parity record.
+    build = f"{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex[:6]}"
     with tempfile.TemporaryDirectory(prefix="tuneloop-optimize-") as tmp:
-        fp32 = os.path.join(tmp, "onnx", "model.onnx")
+        fp32 = os.path.join(tmp, build, "onnx", "model.onnx")
         for runtime in dict.fromkeys(ocfg.runtimes):  # in order, once each
             started = time.perf_counter()
             out, relative = None, ""  # torch-bf16: no file, the version's weights cast at load
@@ -255,7 +259,7 @@ def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, versio
                 continue
             progress(f"{model} {version}: building {runtime}")
             if runtime != "torch-bf16":
-                out = fp32 if runtime == "onnx" else os.path.join(tmp, runtime, "model.onnx")
+                out = fp32 if runtime == "onnx" else os.path.join(tmp, build, runtime, "model.onnx")
                 os.makedirs(os.path.dirname(out), exist_ok=True)
                 relative = f"{ARTIFACTS}/{os.path.relpath(out, tmp)}"
                 try:

@@ -37,6 +37,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tuneloop.core.errors import Conflict, CorruptStoredFile, UnknownVersion
@@ -339,11 +340,25 @@ class Registry:
     def record_optimization(self, model: str, version: str, local_dir: str, optimization: Optimization) -> Manifest:
         """Add a version's optimized artifacts: the files of ``local_dir`` go in under the
         version's ``artifacts/`` folder first, then the manifest records them (its commit
-        point, as at publishing: a replica reads an artifact only once the manifest names it)."""
+        point, as at publishing: a replica reads an artifact only once the manifest names it),
+        then what the manifest no longer names (an earlier build's folder) is removed. A
+        build in a folder of its own (``tuneloop optimize`` names one per build) leaves the
+        served files as they are until then: rebuilt under the same names, a replica loading
+        meanwhile read a half-copied file, or the new build under the old build's parity."""
         self.manifest(model, version)  # raises UnknownVersion
-        self.storage.upload_dir(local_dir, f"{self._dir(model, version)}/{ARTIFACTS}")
+        artifacts = f"{self._dir(model, version)}/{ARTIFACTS}"
+        self.storage.upload_dir(local_dir, artifacts)
         manifest = self.manifest(model, version).model_copy(update={"optimization": optimization})
         self.storage.write_json_atomic(f"{self._dir(model, version)}/{MANIFEST}", manifest.model_dump(mode="json"))
+        named = {a.path.split("/")[1] for a in optimization.artifacts.values()
+                 if a.path.startswith(f"{ARTIFACTS}/") and a.path.count("/") >= 1}
+        for info in self.storage.list_dir(artifacts):
+            if info.base_name not in named:
+                gone = f"{artifacts}/{info.base_name}"
+                if info.type == pafs.FileType.Directory:
+                    self.storage.delete_dir(gone)
+                else:
+                    self.storage.delete_file(gone)
         return manifest
 
     def record_switch(self, model: str, version: str, replica: str, at: datetime | None = None) -> None:
@@ -381,7 +396,7 @@ class Registry:
             self._download(self._dir(model, version), target)
         files = manifest.optimization and any(a.path for a in manifest.optimization.artifacts.values())
         if files and _cached_build(target) != manifest.optimization.built_at:  # torch-bf16 alone has no file
-            # Optimized (or optimized again: `tuneloop optimize` rebuilds the same file names)
+            # Optimized (or optimized again: a new build's folder, or the same file names of older builds)
             # after this copy was cached. The old files served under the new records would
             # be the artifacts whose parity the new build replaced.
             self._refresh_artifacts(model, version, target, manifest)

@@ -338,6 +338,40 @@ def test_record_optimization_adds_the_artifacts_then_names_them_in_the_manifest(
         reg.record_optimization("m", "v9", str(tmp_path / "built"), Optimization())
 
 
+def test_a_rebuild_leaves_the_served_files_alone_until_its_manifest_names_its_own(tmp_path, weights, monkeypatch):
+    """Rebuilt under the same names, the files a replica loads were written over before the
+    manifest moved: a half-copied file, or the new build under the old build's parity."""
+    from tuneloop.core.runtimes import ArtifactRecord, Optimization, ParityCheck
+
+    storage = Storage(str(tmp_path / "store"))
+    reg = Registry(storage)
+    reg.publish("m", weights, _manifest())
+    folder = tmp_path / "store/registry/m/v1/artifacts"
+    parity = ParityCheck(passed=True, detail="d", rows=5, agreement=1.0, accuracy=0.8, reference_accuracy=0.8)
+
+    def optimize(build: str, content: bytes) -> None:
+        built = tmp_path / f"built-{build}"
+        (built / build / "onnx").mkdir(parents=True)
+        (built / build / "onnx/model.onnx").write_bytes(content)
+        record = ArtifactRecord(runtime="onnx", path=f"artifacts/{build}/onnx/model.onnx", bytes=len(content),
+                                build_s=1.0, parity=parity)
+        reg.record_optimization("m", "v1", str(built), Optimization(artifacts={"onnx": record}, built_at=build))
+
+    optimize("b1", b"first")
+    commit = storage.write_json_atomic
+    seen_at_commit = []
+
+    def spy(rel, doc):
+        seen_at_commit.append((folder / "b1/onnx/model.onnx").read_bytes())
+        return commit(rel, doc)
+
+    monkeypatch.setattr(storage, "write_json_atomic", spy)
+    optimize("b2", b"second")
+    assert seen_at_commit == [b"first"]  # served as it was while the second build went in
+    assert [p.name for p in folder.iterdir()] == ["b2"]  # then the first build's folder went
+    assert reg.manifest("m", "v1").optimization.artifacts["onnx"].path == "artifacts/b2/onnx/model.onnx"
+
+
 def test_a_download_that_breaks_or_loses_the_race_leaves_no_partial_copy(tmp_path):
     """Each left a whole model's copy in the node's cache, one more at every retry."""
     storage = Storage(str(tmp_path / "store"))
