@@ -409,6 +409,9 @@ class RetrainController(Retrainer):
         super().__init__(**Retrainer.parts_from_config(config))
         self._owner: str | None = None
         storage = Storage(self.cfg.storage.root)
+        problem = storage.conditional_write_problem()
+        if problem:  # the deployment fails to start, saying why, rather than lose updates
+            raise RuntimeError(problem)
         tasks = model_tasks(self.cfg.models)
         self.rollouts = RolloutDriver(self.cfg, self.registry, FeedbackStore(storage, self.cfg.storage.journal_path(), tasks),
                                       PredictionLog(storage, tasks, root=SHADOW_ROOT), _health_reader(metrics_dir))

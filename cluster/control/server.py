@@ -69,6 +69,8 @@ def data_problems(cfg: TuneloopConfig, models: list[str] | None = None, offline:
     storage = None if offline else Storage(cfg.storage.root)
     registry = None if storage is None else Registry(storage)
     problems = []
+    if storage is not None and (problem := storage.conditional_write_problem()):
+        problems.append(problem)  # an object store that would lose concurrent updates
     for m in cfg.models:
         if models is not None and m.name not in models:
             continue

@@ -235,6 +235,34 @@ class Storage:
         raw = self.update(rel, as_bytes)
         return None if raw is None else json.loads(raw)
 
+    def conditional_write_problem(self) -> str | None:
+        """Why this object store cannot hold tuneloop's shared state, or None where it can:
+        a probe object written create-only twice, then twice at one version token. A store
+        that ignores If-None-Match or If-Match (some S3-compatible ones) takes every write, so
+        version claims and the compare-and-swap of state.json, keys and job leases would let
+        the last writer win, silently. A local root (``link(2)``, ``flock``) needs no probe."""
+        if self.is_local:
+            return None
+        # At the root, not in a folder of its own: pyarrow leaves a folder's marker object
+        # behind when its last file goes.
+        writes, path = self._conditional(), self.path(f".probe-{uuid.uuid4().hex}")
+        try:
+            if not writes.write(path, b"1", None):
+                return f"storage root {self.location('')}: a create-only write of a new object was refused"
+            ignored = ["If-None-Match (create-only)"] if writes.write(path, b"2", None) else []
+            _, token = writes.read(path)
+            if writes.write(path, b"3", token) and writes.write(path, b"4", token):
+                ignored.append("If-Match (compare-and-swap)")
+        finally:
+            with contextlib.suppress(OSError):
+                self.fs.delete_file(path)
+        if ignored:
+            return (f"storage root {self.location('')}: the object store ignores {' and '.join(ignored)} on writes, "
+                    "so two writers of a version number, state.json, the key file or a job lease would both "
+                    "succeed, the last one silently winning: use a store that honours conditional writes "
+                    "(AWS S3 and GCS do; check an S3-compatible store's support for both headers)")
+        return None
+
     def _conditional(self) -> ConditionalWrites:
         if self._writes is None:
             self._writes = conditional_writes(self.uri)

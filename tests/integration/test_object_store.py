@@ -60,6 +60,11 @@ def weights(tmp_path) -> str:
 def test_compare_and_swap_and_claims_hold_across_processes(s3_root):
     storage = Storage(s3_root)
     assert not storage.is_local
+    assert storage.conditional_write_problem() is None  # the start's probe: this endpoint honours both
+    import pyarrow.fs as pafs
+
+    everything = storage.fs.get_file_info(pafs.FileSelector(storage.root, allow_not_found=True, recursive=True))
+    assert not [i.path for i in everything if ".probe" in i.path]  # and leaves nothing behind
     in_processes(_increment, (s3_root, 8), n=3)
     assert storage.read_json("counter.json") == {"n": 24}  # no update lost
     assert storage.create_new("claims/x", b"first") and not storage.create_new("claims/x", b"second")

@@ -133,3 +133,41 @@ def test_a_write_that_fails_leaves_no_temporary_behind(tmp_path, monkeypatch):
         with pytest.raises(OSError, match="No space left"):
             storage.create_new("a/d.json", b"{}")
     assert sorted(os.listdir(tmp_path / "a")) == ["b.json"]
+
+
+class _Store:
+    """An object store's conditional writes over a dict, honouring If-None-Match and If-Match
+    or not, as some S3-compatible stores do not."""
+
+    def __init__(self, none_match: bool, match: bool):
+        self.objects: dict[str, tuple[bytes, str]] = {}
+        self.none_match, self.match, self.puts = none_match, match, 0
+
+    def read(self, path):
+        data, token = self.objects.get(path, (None, None))
+        return data, token
+
+    def write(self, path, data, token):
+        current = self.objects.get(path)
+        if token is None and current is not None and self.none_match:
+            return False
+        if token is not None and (current is None or current[1] != token) and self.match:
+            return False
+        self.puts += 1
+        self.objects[path] = (data, f"etag-{self.puts}")
+        return True
+
+
+@pytest.mark.parametrize(("none_match", "match", "ignored"), [
+    (True, True, None), (False, True, "If-None-Match (create-only) on writes"),
+    (True, False, "If-Match (compare-and-swap) on writes"),
+    (False, False, "If-None-Match (create-only) and If-Match (compare-and-swap)")])
+def test_an_object_store_that_ignores_conditional_writes_is_named_before_it_loses_updates(none_match, match, ignored):
+    storage = Storage("mock:///bucket/tl")
+    storage._writes = _Store(none_match, match)
+    problem = storage.conditional_write_problem()
+    if ignored is None:
+        assert problem is None
+    else:
+        assert problem.startswith("storage root mock://bucket/tl") and f"ignores {ignored}" in problem
+    assert Storage("/tmp").conditional_write_problem() is None  # a local root: link(2) and flock
