@@ -77,6 +77,7 @@ def smooth(source: str, out: str, ranges: dict[str, np.ndarray], alpha: float) -
     model = onnx.load(source)
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
+    added: set[str] = set()
     smoothed = 0
     for name, nodes in _weight_matmuls(model).items():
         if name not in ranges:
@@ -93,9 +94,15 @@ def smooth(source: str, out: str, ranges: dict[str, np.ndarray], alpha: float) -
         graph.node.insert(first, onnx.helper.make_node("Mul", [name, inverse.name], [f"{name}{SUFFIX}"],
                                                        name=f"{name}{SUFFIX}_mul"))
         for node, weight in zip(nodes, weights, strict=True):
-            scaled = numpy_helper.from_array((weight * scale[:, None]).astype(np.float32), f"{node.input[1]}{SUFFIX}")
-            graph.initializer.append(scaled)
-            node.input[0], node.input[1] = f"{name}{SUFFIX}", scaled.name
+            # Named for its weight and this input: one weight shared by MatMuls of other
+            # inputs (ALBERT's one layer) is scaled once per input, and two initializers of
+            # one name left ONNX Runtime keeping the last (outputs off by up to 16).
+            scaled_name = f"{node.input[1]}{SUFFIX}_for_{name}"
+            if scaled_name not in added:
+                graph.initializer.append(numpy_helper.from_array((weight * scale[:, None]).astype(np.float32),
+                                                                 scaled_name))
+                added.add(scaled_name)
+            node.input[0], node.input[1] = f"{name}{SUFFIX}", scaled_name
             smoothed += 1
     onnx.save(model, out)
     return smoothed

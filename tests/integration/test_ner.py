@@ -133,7 +133,7 @@ def test_v1s_int8_artifact_is_smoothed_on_its_training_rows_and_checked_tag_by_t
     optimization = optimize_version(cfg, registry, "ner", "v1").optimization
     trained_on = registry.table("ner", "v1", "trained_on")
     int8 = optimization.artifacts["onnx-int8"]
-    assert int8.bytes > 0 and int8.settings["smoothing_alpha"] == 0.8
+    assert int8.bytes > 0 and int8.settings["smoothing_alpha"] == 0.8 and int8.settings["smoothed_matmuls"] > 0
     assert int8.settings["calibration"] == "trained_on"  # the job published its rows: no golden text calibrates
     assert int8.settings["calibration_rows"] == min(256, trained_on.num_rows)
     fp32 = optimization.artifacts["onnx"].parity

@@ -59,3 +59,24 @@ def test_inputs_without_calibration_are_left_as_they_were(tmp_path):
     _graph(str(tmp_path / "fp32.onnx"), w1, w2)
     assert smooth(str(tmp_path / "fp32.onnx"), str(tmp_path / "same.onnx"), {"other": np.ones(4)}, alpha=0.8) == 0
     assert not [n for n in onnx.load(str(tmp_path / "same.onnx")).graph.node if n.op_type == "Mul"]
+
+
+def test_a_weight_shared_by_matmuls_of_two_inputs_is_scaled_once_for_each(tmp_path):
+    """ALBERT shares one layer's weights: both smoothed copies took one name, and ONNX
+    Runtime kept the last, so the first MatMul ran on weights scaled for the other input."""
+    w = RNG.normal(size=(4, 4)).astype(np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "shared", [x], [y], [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "fp32.onnx"))
+    inputs = RNG.normal(size=(16, 4)).astype(np.float32)
+    inputs[:, 1] *= 40
+    hidden = np.maximum(inputs @ w, 0)
+    ranges = {"x": np.abs(inputs).max(axis=0), "r": np.abs(hidden).max(axis=0)}
+    assert smooth(str(tmp_path / "fp32.onnx"), str(tmp_path / "smoothed.onnx"), ranges, alpha=0.8) == 2
+    names = [i.name for i in onnx.load(str(tmp_path / "smoothed.onnx")).graph.initializer]
+    assert len(names) == len(set(names))
+    np.testing.assert_allclose(_run(str(tmp_path / "smoothed.onnx"), inputs)[0],
+                               _run(str(tmp_path / "fp32.onnx"), inputs)[0], rtol=1e-4, atol=1e-3)
