@@ -23,12 +23,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from tuneloop.core.errors import Conflict
+from tuneloop.core.errors import Conflict, CorruptStoredFile
 from tuneloop.core.gate import GateDecision
 from tuneloop.core.rollout import RolloutConfig, first_stage
 from tuneloop.core.serving_time import ServingTime
 from tuneloop.core.tasks import label_set
-from tuneloop.store.registry import Registry, iso_time
+from tuneloop.store.registry import Registry, iso_time, parse_stored, read_stored
 from tuneloop.store.storage import FileLock, Storage
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ class JobStore:
         self.storage = storage
         self.clock = clock
         self.stale_after_s = stale_after_s
+        self._unreadable: set[str] = set()  # records warned about as unreadable
 
     def now(self) -> str:
         return iso_time(self.clock())
@@ -107,8 +108,7 @@ class JobStore:
         self.storage.update_json(f"jobs/{job.job_id}.json", write)
 
     def _read(self, job_id: str) -> JobRecord | None:
-        raw = self.storage.read_json(f"jobs/{job_id}.json")
-        return None if raw is None else JobRecord.model_validate(raw)
+        return read_stored(self.storage, JobRecord, f"jobs/{job_id}.json")  # cut or hand-edited: CorruptStoredFile
 
     # -- staleness -----------------------------------------------------------------------
     def is_stale(self, job: JobRecord) -> bool:
@@ -132,9 +132,11 @@ class JobStore:
         record as it is at the write: its process may have just written its end."""
         errors: list[str] = []
 
+        rel = f"jobs/{job.job_id}.json"
+
         def fail(raw: dict | None) -> dict | None:
             errors.clear()  # a retried compare-and-swap runs this again
-            current = job if raw is None else JobRecord.model_validate(raw)
+            current = job if raw is None else parse_stored(self.storage, JobRecord, raw, rel)
             error = error_of(current)
             if error is None:
                 return None
@@ -142,8 +144,7 @@ class JobStore:
             current.state, current.error, current.finished_at = "failed", error, self.now()
             return current.model_dump(mode="json")
 
-        current = JobRecord.model_validate(self.storage.update_json(f"jobs/{job.job_id}.json", fail)
-                                           or job.model_dump(mode="json"))
+        current = JobRecord.model_validate(self.storage.update_json(rel, fail) or job.model_dump(mode="json"))
         if errors:
             log.warning("job %s of %s marked failed: %s", current.job_id, current.model, errors[0])
         return current
@@ -175,11 +176,20 @@ class JobStore:
         return None if job is None else self._settle(job)
 
     def _read_all(self) -> list[JobRecord]:
+        """Every readable record. One that is cut or hand-edited is left out, with a warning
+        once per process: it stopped the retrain controller at every start, and every sweep
+        that marks dead jobs (``GET /v1/jobs/{id}`` answers it 503 corrupt_stored_file)."""
         jobs = []
         for rel in self.storage.list_files("jobs", ".json"):
-            raw = self.storage.read_json(rel)
-            if raw is not None:
-                jobs.append(JobRecord.model_validate(raw))
+            try:
+                job = read_stored(self.storage, JobRecord, rel)
+            except CorruptStoredFile as e:
+                if rel not in self._unreadable:
+                    self._unreadable.add(rel)
+                    log.warning("%s; it is left out of the job records until it is fixed", e.message)
+                continue
+            if job is not None:
+                jobs.append(job)
         return sorted(jobs, key=lambda j: j.created_at)
 
     def all(self) -> list[JobRecord]:

@@ -94,6 +94,26 @@ def cache_folder(storage_uri: str) -> str:
     return hashlib.sha256(storage_uri.encode()).hexdigest()[:16]
 
 
+def read_stored(storage: Storage, document: type[_Doc], rel: str) -> _Doc | None:
+    """The stored document ``rel`` as ``document``; None if absent. One that is cut or was
+    edited by hand raises CorruptStoredFile naming it (it was a traceback, or a 500)."""
+    try:
+        raw = storage.read_json(rel)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CorruptStoredFile(storage.location(rel), f"{type(e).__name__}: {e}") from None
+    return None if raw is None else parse_stored(storage, document, raw, rel)
+
+
+def parse_stored(storage: Storage, document: type[_Doc], raw: Any, rel: str) -> _Doc:
+    """``raw`` (the JSON of ``rel``) as ``document``, or CorruptStoredFile saying what is wrong."""
+    try:
+        return document.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        why = f"{'.'.join(str(p) for p in first['loc']) or 'the document'}: {first['msg']}"
+    raise CorruptStoredFile(storage.location(rel), why)
+
+
 def version_number(version: str) -> int:
     m = _VERSION.match(version)
     if not m:
@@ -239,7 +259,7 @@ class Registry:
         out = []
         for info in self.storage.list_dir(self._dir(model)):
             if _VERSION.match(info.base_name):
-                manifest = self._read(Manifest, f"{self._dir(model, info.base_name)}/{MANIFEST}")
+                manifest = read_stored(self.storage, Manifest, f"{self._dir(model, info.base_name)}/{MANIFEST}")
                 if manifest is not None:
                     out.append(manifest)
         return sorted(out, key=lambda m: version_number(m.version))
@@ -247,28 +267,10 @@ class Registry:
     def manifest(self, model: str, version: str) -> Manifest:
         if not _VERSION.match(version):
             raise UnknownVersion(model, version)
-        manifest = self._read(Manifest, f"{self._dir(model, version)}/{MANIFEST}")
+        manifest = read_stored(self.storage, Manifest, f"{self._dir(model, version)}/{MANIFEST}")
         if manifest is None:
             raise UnknownVersion(model, version)
         return manifest
-
-    def _read(self, document: type[_Doc], rel: str) -> _Doc | None:
-        """The stored document ``rel`` as ``document``; None if absent. One that is cut or
-        was edited by hand raises CorruptStoredFile naming it (it was a traceback)."""
-        try:
-            raw = self.storage.read_json(rel)
-        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-            raise CorruptStoredFile(self.storage.location(rel), f"{type(e).__name__}: {e}") from None
-        return None if raw is None else self._parsed(document, raw, rel)
-
-    def _parsed(self, document: type[_Doc], raw: Any, rel: str) -> _Doc:
-        """``raw`` (the JSON of ``rel``) as ``document``, or CorruptStoredFile saying what is wrong."""
-        try:
-            return document.model_validate(raw)
-        except ValidationError as e:
-            first = e.errors()[0]
-            why = f"{'.'.join(str(p) for p in first['loc']) or 'the document'}: {first['msg']}"
-        raise CorruptStoredFile(self.storage.location(rel), why)
 
     def publish(self, model: str, local_dir: str, manifest: Manifest,
                 tables: dict[str, pa.Table] | None = None) -> Manifest:
@@ -439,7 +441,7 @@ class Registry:
 
     # -- state ---------------------------------------------------------------------------
     def state(self, model: str) -> RegistryState:
-        return self._read(RegistryState, f"{self._dir(model)}/{STATE}") or RegistryState()
+        return read_stored(self.storage, RegistryState, f"{self._dir(model)}/{STATE}") or RegistryState()
 
     def production(self, model: str) -> str | None:
         return self.state(model).production
@@ -626,7 +628,7 @@ class Registry:
         def change(raw: dict | None) -> dict:
             # A state.json cut or edited by hand: 503 corrupt_stored_file, as its reads answer
             # (a promote or rollback on it was a 500 while the operator was repairing things).
-            state = RegistryState() if raw is None else self._parsed(RegistryState, raw, rel)
+            state = RegistryState() if raw is None else parse_stored(self.storage, RegistryState, raw, rel)
             if state.carried_out(request):
                 raise _Unchanged(state)  # a retry of a request that was carried out
             if expect_production is not UNCHECKED and state.production != expect_production:

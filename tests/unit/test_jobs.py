@@ -116,6 +116,22 @@ def test_running_finds_the_live_job_of_a_model(jobs, clock):
     assert jobs.running("m") is None  # dead: does not block the next job
 
 
+@pytest.mark.parametrize("content", ['{"job_id": "cut', '{"job_id": 3}'])
+def test_a_cut_job_record_is_left_out_of_the_others_and_named_when_asked_for(jobs, storage, clock, content):
+    """One cut jobs/*.json stopped the retrain controller at every start (jobs.all()) and every
+    sweep that marks dead jobs; GET /v1/jobs/{id} answered it 500."""
+    from tuneloop.core.errors import CorruptStoredFile
+
+    live = jobs.create("m", "manual")
+    storage.write_bytes_atomic("jobs/bad0000000000000.json", content.encode())
+    assert [j.job_id for j in jobs.all()] == [live.job_id] and jobs.running("m").job_id == live.job_id
+    clock.advance(300)
+    assert [j.job_id for j in jobs.fail_stale()] == [live.job_id]  # the sweep still marks the dead one
+    with pytest.raises(CorruptStoredFile, match="bad0000000000000.json is not a file tuneloop can read") as e:
+        jobs.get("bad0000000000000")
+    assert e.value.status == 503
+
+
 def test_a_record_finished_meanwhile_is_not_marked_lost(jobs, storage, clock):
     """The staleness decision is re-taken on the record as stored, under the lock."""
     job = jobs.create("m", "manual")
