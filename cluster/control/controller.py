@@ -150,7 +150,12 @@ class Retrainer:
         if newest_job is not None:
             started = (datetime.fromisoformat(newest_job), "")
             after = started if after is None else max(after, started)
-        ids = feedback.read_since(model, after).column("prediction_id").to_pylist()
+        rows = feedback.read_since(model, after)
+        # A key the quarantine holds counts toward no trigger, after a restart too: its rows
+        # were counted here, and a flagged flood started a job at every restart.
+        held = QuarantineBook(registry.storage).quarantined(model)
+        ids = [i for i, key in zip(rows.column("prediction_id").to_pylist(), rows.column("key_id").to_pylist(),
+                                   strict=True) if (key or ANONYMOUS) not in held]
         on_predictions = {i for i in ids if i is not None}
         return sum(i is None for i in ids) + len(on_predictions), on_predictions
 
@@ -203,6 +208,10 @@ class Retrainer:
         for model, task in list(self.tasks.items()):
             if task.done():
                 del self.tasks[model]
+                # Read production and the rollout anew before the next trigger: the job may have
+                # just handed its version to a rollout, which a cached read (up to a second old)
+                # missed, and a second job started whose version could only wait.
+                self._state_read_at.pop(model, None)
                 try:
                     log.info("retrain of %s ended: %s", model, task.result())
                 except Exception as e:  # noqa: BLE001 - run_training never raises: its process died
@@ -219,6 +228,7 @@ class Retrainer:
                 job = self.jobs.get(job_id)  # marks it failed if its heartbeat stopped
                 if job is None or job.state != "running":
                     del self.running[model]
+                    self._state_read_at.pop(model, None)
 
     def record_feedback(self, model: str, version: str | None = None, agreed: bool | None = None,
                         prediction_id: str | None = None, key_id: str | None = None) -> str | None:

@@ -325,6 +325,24 @@ def test_no_automatic_job_starts_while_a_challenger_is_rolled_out(tmp_path):
     assert retrainer.record_feedback("m") is not None
 
 
+def test_no_second_job_starts_on_a_cached_state_when_the_first_hands_its_version_to_a_rollout(tmp_path):
+    """The job writes the rollout a moment before its task returns: the state cached up to a
+    second earlier said no rollout, and the count a job's run filled started a second job."""
+    now = [1000.0]
+    retrainer, launch, _ = _retrainer(tmp_path, every_n=2, clock=lambda: now[0])
+    registry, weights = retrainer.registry, tmp_path / "w"
+    weights.mkdir()
+    for parent in (None, "v1"):
+        registry.publish("m", str(weights), Manifest(version="pending", model="m", parent=parent, base_model="x",
+                                                     task="text-classification", labels=["a", "b"]))
+    registry.promote("m", "v1")
+    assert [retrainer.record_feedback("m") is not None for _ in range(2)] == [False, True]  # job A
+    assert [retrainer.record_feedback("m") for _ in range(2)] == [None, None]  # counted while A runs
+    registry.start_rollout("m", "v2", "shadow", 0)  # A's hand-over, then its task returns
+    launch.finish(0)
+    assert retrainer.record_feedback("m") is None and len(launch.launched) == 1  # same second: read anew
+
+
 class CountingRegistry(Registry):
     def __init__(self, storage):
         super().__init__(storage)
@@ -374,6 +392,27 @@ def test_after_a_restart_feedback_a_failed_job_had_does_not_start_a_job_again(tm
     feedback.close()
     parts = Retrainer.parts_from_config(cfg.model_dump())
     assert parts["pending"] == {"m": 3} and parts["counted"] == {"m": {"f" * 32}}
+
+
+def test_after_a_restart_feedback_of_a_key_the_quarantine_holds_counts_toward_no_trigger(tmp_path):
+    """A running controller skipped a held key's records, but its restart recounted them, and
+    a flagged flood started a job at every restart (any config change restarts it)."""
+    from tuneloop.core.tasks import model_tasks
+    from tuneloop.store.quarantine import QuarantineBook
+    from tuneloop.store.records import FeedbackStore
+
+    cfg = parse_config({"models": [{"name": "m", "base_model": "x", "labels": ["a", "b"]}],
+                        "trigger": {"every_n_feedback": 3}, "storage": {"root": str(tmp_path)}})
+    storage = Storage(str(tmp_path))
+    feedback = FeedbackStore(storage, str(tmp_path / "journal"), model_tasks(cfg.models))
+    feedback.open_writer()
+    for i in range(40):
+        feedback.append(model="m", text=f"flood {i}", label="a", key_id="bad00000")
+    feedback.append(model="m", text="honest", label="b", key_id="good0000")
+    feedback.append(model="m", text="open", label="b")
+    feedback.close()
+    QuarantineBook(storage).quarantine("m", {"bad00000": "flipped every label"}, {})
+    assert Retrainer.parts_from_config(cfg.model_dump())["pending"] == {"m": 2}
 
 
 def test_a_student_job_for_any_reason_counts_as_learning_from_the_teachers_production(tmp_path):
