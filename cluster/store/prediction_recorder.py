@@ -10,9 +10,12 @@ young (a prediction id carries its time), see ``Ingress._served``.
 Rows buffered at the instant a replica is killed are lost; that costs feedback on those
 predictions their join (it answers 404), never an acknowledged feedback record.
 
-While writes fail, rows wait for the next flush, but at most ``max_buffered_rows`` of them:
-past that the oldest are dropped (counted in ``dropped`` and reported to ``on_drop``), so a
-store that is down for hours costs part of the log, not the replica's memory.
+While writes fail (or one hangs past two flush intervals), rows wait for the next flush, but
+at most ``max_buffered_rows`` of them: past that the oldest are dropped (counted in
+``dropped`` and reported to ``on_drop``), so a store that is down for hours costs part of the
+log, not the replica's memory. While writes keep up, a flush interval's rows are kept however
+many they are: capped on every record, a cap below the rows of one interval dropped rows of a
+healthy log, and feedback on them answered 404.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ class PredictionRecorder:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._last_prune = 0.0
+        self._failing = False  # the last flush's write failed
+        self._flushed_at = time.monotonic()  # when the last flush ended without failing
         self._thread = threading.Thread(target=self._run, name=f"prediction-log-{model}", daemon=True)
         self._thread.start()
 
@@ -65,23 +70,30 @@ class PredictionRecorder:
         if rows:
             with self._lock:
                 self._rows.extend(rows)
-                dropped = self._drop_oldest()
+                dropped = self._drop_oldest() if self._behind() else 0
             self._report_drops(dropped)
 
     def flush(self) -> int:
         with self._lock:
             rows, self._rows = self._rows, []
-        if not rows:
-            return 0
-        try:
-            self.log.append(self.model, rows)
-        except Exception:
-            with self._lock:
-                self._rows[:0] = rows  # first in line for the next flush
-                dropped = self._drop_oldest()
-            self._report_drops(dropped)
-            raise
+        if rows:
+            try:
+                self.log.append(self.model, rows)
+            except Exception:
+                with self._lock:
+                    self._failing = True
+                    self._rows[:0] = rows  # first in line for the next flush
+                    dropped = self._drop_oldest()
+                self._report_drops(dropped)
+                raise
+        with self._lock:
+            self._failing, self._flushed_at = False, time.monotonic()
         return len(rows)
+
+    def _behind(self) -> bool:
+        """With the lock held: whether writes are failing, or the last flush ended more than
+        two intervals ago (a write hangs): the buffer is then held to ``max_buffered_rows``."""
+        return self._failing or time.monotonic() - self._flushed_at > 2 * self.flush_interval_s
 
     def _drop_oldest(self) -> int:
         """With the lock held: cut the buffer back to ``max_buffered_rows``, oldest first (the

@@ -150,7 +150,9 @@ def test_the_buffer_is_bounded_dropping_the_oldest(caplog):
     rows = [_row(now, f"t{i}") for i in range(7)]
     with caplog.at_level(logging.WARNING, logger="tuneloop"):
         recorder.record(rows[:2])
-        recorder.record(rows[2:5])  # 5 > 3: t0 and t1 go
+        with pytest.raises(OSError):
+            recorder.flush()
+        recorder.record(rows[2:5])  # writes fail, 5 > 3: t0 and t1 go
         assert recorder.dropped == 2 and drops == [2]
         with pytest.raises(OSError):
             recorder.flush()
@@ -161,6 +163,19 @@ def test_the_buffer_is_bounded_dropping_the_oldest(caplog):
     flaky.ok = True
     recorder.close()
     assert [r["text"] for r in flaky.written] == ["t4", "t5", "t6"]
+
+
+def test_while_writes_keep_up_a_flush_intervals_rows_are_kept_past_the_bound():
+    """Capped on every record, a cap below one interval's rows dropped rows of a healthy log
+    (and feedback on them answered 404), with a warning that writes were failing."""
+    flaky, drops = _FlakyLog(), []
+    flaky.ok = True
+    recorder = PredictionRecorder(flaky, "m", flush_interval_s=3600, max_buffered_rows=100, on_drop=drops.append)
+    now = datetime.now(UTC)
+    for b in range(5):
+        recorder.record([_row(now, f"b{b}-{i}") for i in range(32)])
+    assert recorder.flush() == 160 and recorder.dropped == 0 and drops == []
+    recorder.close()
 
 
 def test_the_requeue_after_a_failed_flush_respects_the_bound():
