@@ -442,6 +442,24 @@ class ServingConfig(Section):
                              "lower one of them")
         return self
 
+    @field_validator("num_replicas", mode="before")
+    @classmethod
+    def _auto_is_autoscaling(cls, v: Any) -> Any:
+        """Ray Serve's own ``num_replicas: "auto"`` is tuneloop's autoscaling (left out, or null)."""
+        return None if v == "auto" else v
+
+    @model_validator(mode="after")
+    def _a_batch_fits_in_the_timeout(self) -> ServingConfig:
+        # The adaptive limit shrinks a batch only when its compute overruns the target; a
+        # request also waits for the batch before it. At a target past half the timeout,
+        # batches grew toward it while every request timed out (504), and nothing corrected.
+        if self.target_batch_latency_s * 2 > self.request_timeout_s:
+            raise ValueError(f"target_batch_latency_s {self.target_batch_latency_s:g} is more than half of "
+                             f"request_timeout_s {self.request_timeout_s:g}: a request waits for the batch before "
+                             "its own, so batches grown to the target time requests out; lower the target or "
+                             "raise the timeout")
+        return self
+
     @model_validator(mode="after")
     def _one_way_to_size(self) -> ServingConfig:
         if self.num_replicas is not None and self.autoscaling != AutoscalingConfig():

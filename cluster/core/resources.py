@@ -94,6 +94,9 @@ def gpu_retraining_shortfall(models: int, replicas: int, gpus_per_replica: float
     serving = models * replicas * gpus_per_replica
     if not training or serving + training <= total + 1e-9:
         return None
+    if total == 0:  # no setting of GPU counts helps: training must leave the GPU
+        return ("training.use_gpu is true, but Ray sees no GPU on this machine: set training.use_gpu: false "
+                "(and a model's own training: use_gpu, where one sets it), or run on a machine with GPUs")
     return (f"a training job needs {training:g} GPU(s) beside the replicas' {serving:g} ({models} model(s) x "
             f"{replicas} replica(s) x {gpus_per_replica:g}), more than the {total:g} Ray has: lower "
             "serving.num_gpus_per_replica (a share, such as 0.5, lets a replica and a worker use one GPU), "

@@ -53,7 +53,8 @@ def test_full_queue_answers_503_with_retry_after_then_recovers(tight):
 
 @pytest.fixture
 def impatient(ray_session, serve_port, metrics_dir, tiny_model, tmp_path):
-    cfg = make_config(tmp_path / "store", tiny_model, None, serving={"request_timeout_s": 0.001})
+    cfg = make_config(tmp_path / "store", tiny_model, None,
+                      serving={"request_timeout_s": 0.001, "target_batch_latency_s": 0.0005})
     publish_version(cfg, tiny_model)
     with served(cfg, metrics_dir, serve_port) as url:
         yield url

@@ -129,6 +129,14 @@ def test_credentials_in_a_storage_uri_are_refused_without_printing_them(root):
                                                         "journal_dir": "/wal"}}).storage.root.endswith("scheme=http")
 
 
+def test_a_batch_target_past_half_the_timeout_is_refused_and_auto_replicas_is_autoscaling():
+    with pytest.raises(ConfigError, match="target_batch_latency_s 5 is more than half of request_timeout_s 2"):
+        parse_config({"models": [MODEL], "serving": {"target_batch_latency_s": 5, "request_timeout_s": 2}})
+    assert parse_config({"models": [MODEL], "serving": {"target_batch_latency_s": 1, "request_timeout_s": 2}})
+    auto = parse_config({"models": [MODEL], "serving": {"num_replicas": "auto", "autoscaling": {"max_replicas": 4}}})
+    assert auto.serving.num_replicas is None and auto.serving.autoscaling.max_replicas == 4
+
+
 def test_uri_storage_root_is_kept_and_needs_a_local_journal():
     cfg = parse_config({"models": [MODEL], "storage": {"root": "s3://bucket/prefix", "journal_dir": "wal"}},
                        base_dir=Path("/x"))

@@ -121,6 +121,8 @@ def test_gpu_replicas_holding_every_gpu_a_job_needs_are_refused_at_start():
     short = gpu_retraining_shortfall(2, 1, 1.0, cfg.largest_job_gpus(), 2.0)  # two models' replicas on 2 GPUs
     assert "needs 1 GPU(s) beside the replicas' 2" in short
     assert gpu_retraining_shortfall(2, 1, 0.5, 1.0, 2.0) is None  # replicas sharing a GPU leave one
+    # No GPU at all: no count of GPUs to lower helps, and the message says what does.
+    assert "Ray sees no GPU on this machine: set training.use_gpu: false" in gpu_retraining_shortfall(1, 1, 0, 1.0, 0)
     assert gpu_retraining_shortfall(1, 1, 0.0, 0.0, 0.0) is None  # CPUs only
 
 

@@ -131,7 +131,7 @@ def test_past_capacity_the_answer_is_503_at_once():
 
 
 def test_a_request_past_its_timeout_is_503():
-    replica, _, _ = _replica(delay_s=0.3, request_timeout_s=0.05)
+    replica, _, _ = _replica(delay_s=0.3, request_timeout_s=0.05, target_batch_latency_s=0.02)
     with pytest.raises(Overloaded, match="did not answer within"):
         asyncio.run(replica.predict(["a"]))
 
