@@ -3,7 +3,7 @@
 It is the edge where cluster/ meets Ray: the decision itself is the pure
 ``which_trigger``; each job runs as a Ray task so the actor stays responsive and a
 crashing job cannot take it down. It also sweeps the job records for dead jobs
-(``JobStore.fail_stale``), so a job whose process died is marked failed within a minute.
+(``JobStore.all``, which settles them), so a job whose process died is marked failed within a minute.
 """
 
 from __future__ import annotations
@@ -93,6 +93,8 @@ class Retrainer:
         self.counted: dict[str, set[str]] = {m: set(sorted(ids)[:self._counted_cap])
                                              for m, ids in (counted or {}).items()}
         self.last_started: dict[str, float] = {}  # model -> when its newest job was created
+        self._started_here: set[str] = set()  # the jobs this controller started (a few a day)
+        self._configured = {m.name for m in cfg.models}
         for j in records:
             self.last_started[j.model] = max(self.last_started.get(j.model, 0.0),
                                              datetime.fromisoformat(j.created_at).timestamp())
@@ -160,25 +162,31 @@ class Retrainer:
         return sum(i is None for i in ids) + len(on_predictions), on_predictions
 
     def _sweep_forever(self, every_s: float) -> None:
-        """Marks dead jobs failed within ``every_s`` of going stale, even when no request
-        comes: jobs of any model, including `tuneloop train` jobs this controller never saw."""
+        """``sweep`` every ``every_s``, even when no request comes."""
         while True:
             time.sleep(every_s)
             try:
-                self.jobs.fail_stale()
-                with self._lock:
-                    self._reap()
-                    for m in self.cfg.models:
-                        try:
-                            self._maybe_start(m.name)  # the schedule
-                        except Exception:  # noqa: BLE001 - one model's cut state.json must not stop the others'
-                            log.exception("sweep: could not check %s's triggers", m.name)
-                    self._follow_teachers()
-                if self._pruned_at is None or self._clock() - self._pruned_at >= PRUNE_EVERY_S:
-                    self._pruned_at = self._clock()
-                    self.prune_removed_models()
+                self.sweep()
             except Exception:  # noqa: BLE001 - storage hiccup: try again next round
                 log.exception("sweeping job records failed")
+
+    def sweep(self) -> None:
+        """Marks dead jobs failed (jobs of any model, including `tuneloop train` jobs this
+        controller never saw), notices jobs started elsewhere, and runs the schedule and the
+        students' following of their teachers."""
+        records = self.jobs.all()  # marks the dead ones failed
+        with self._lock:
+            self._notice_jobs_started_elsewhere(records)
+            self._reap()
+            for m in self.cfg.models:
+                try:
+                    self._maybe_start(m.name)  # the schedule
+                except Exception:  # noqa: BLE001 - one model's cut state.json must not stop the others'
+                    log.exception("sweep: could not check %s's triggers", m.name)
+            self._follow_teachers()
+        if self._pruned_at is None or self._clock() - self._pruned_at >= PRUNE_EVERY_S:
+            self._pruned_at = self._clock()
+            self.prune_removed_models()
 
     def prune_removed_models(self) -> list[str]:
         """``predictions.retention_days`` for the prediction logs (served and shadow) of
@@ -364,21 +372,56 @@ class Retrainer:
             self.running[model] = other.job_id
             log.info("not starting a %s job for %s: job %s is running", trigger, model, other.job_id)
             return None
-        job = self.jobs.create(model, trigger)
+        # Everything that may fail before the record is written: a record written first was
+        # left "running" with no process behind it, every trigger deferring to it until it
+        # was marked lost (a failed run in the metrics and its alert).
         teacher = self.cfg.model(model).distill
+        teacher_production = self.registry.production(teacher.teacher) if teacher is not None else None
+        job = self.jobs.create(model, trigger)
+        try:
+            task = self._launch(model, trigger, job)
+        except Exception as e:
+            self.jobs.fail_running(job, f"could not start: {type(e).__name__}: {e}")
+            raise
         if teacher is not None:  # any job of a student distils from the teacher's production now
-            self.learned_from[model] = self.registry.production(teacher.teacher)
-        # Records arriving from now on count towards the next job. A failed job's are not
-        # counted again: a job failing for good (too little data, a bad seed) then restarted at
-        # every sweep; they train with the next job, by trigger, schedule or an operator.
+            self.learned_from[model] = teacher_production
+        self._counting_from(model, self._clock())
+        self.tasks[model] = task
+        self.running[model] = job.job_id
+        self._started_here.add(job.job_id)
+        log.info("started retrain job %s for %s (%s)", job.job_id, model, trigger)
+        return job.job_id
+
+    def _counting_from(self, model: str, started: float) -> None:
+        """Triggers count anew from a job's start: the records arriving from now on count
+        towards the next job. A failed job's are not counted again: a job failing for good
+        (too little data, a bad seed) then restarted at every sweep; they train with the next
+        job, by trigger, schedule or an operator."""
         self.pending[model] = 0
         self.counted[model] = set()
         self.judged_since_start[model] = 0
-        self.last_started[model] = self._clock()
-        self.tasks[model] = self._launch(model, trigger, job)
-        self.running[model] = job.job_id
-        log.info("started retrain job %s for %s (%s)", job.job_id, model, trigger)
-        return job.job_id
+        self.last_started[model] = started
+
+    def _notice_jobs_started_elsewhere(self, records: list[JobRecord]) -> None:
+        """Called with ``_lock`` held, with every job record: a job this controller did not
+        start (``tuneloop train`` or ``deploy retrain`` beside it) trained on what the
+        triggers were counting, so they count anew from its start, as after a restart (the
+        few records between its start and this sweep are left to the next job); a student's
+        job learned from its teacher's production of now. Otherwise, once it ended, the
+        counts of before it started another job within a sweep, on a handful of new rows."""
+        for job in records:
+            started = datetime.fromisoformat(job.created_at).timestamp()
+            if job.job_id in self._started_here or job.model not in self._configured \
+                    or started <= self.last_started.get(job.model, 0.0):
+                continue
+            log.info("job %s of %s started elsewhere (%s): the triggers count from its start", job.job_id,
+                     job.model, job.trigger)
+            self._counting_from(job.model, started)
+            teacher = self.cfg.model(job.model).distill
+            if teacher is not None:
+                self.learned_from[job.model] = self.registry.production(teacher.teacher)
+            if job.state == "running":
+                self.running.setdefault(job.model, job.job_id)
 
     def busy(self) -> bool:
         """Whether a job this controller started is still running."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 
+import pytest
+
 from tuneloop.control.controller import STATE_REFRESH_S, Retrainer
 from tuneloop.core.config import parse_config
 from tuneloop.core.evaluation import EvalMetrics
@@ -341,6 +343,39 @@ def test_no_second_job_starts_on_a_cached_state_when_the_first_hands_its_version
     registry.start_rollout("m", "v2", "shadow", 0)  # A's hand-over, then its task returns
     launch.finish(0)
     assert retrainer.record_feedback("m") is None and len(launch.launched) == 1  # same second: read anew
+
+
+def test_a_job_started_elsewhere_resets_the_counts_it_trained_on(tmp_path):
+    """A `tuneloop train` beside the server trained on what the triggers counted; once it
+    ended, the counts of before it started another job within a sweep."""
+    retrainer, launch, jobs = _retrainer(tmp_path, every_n=5)
+    assert [retrainer.record_feedback("m") for _ in range(4)] == [None] * 4
+    elsewhere = jobs.create("m", "manual")  # the operator's job reads those four
+    retrainer.sweep()
+    assert retrainer.pending["m"] == 0 and retrainer.running["m"] == elsewhere.job_id
+    elsewhere.state, elsewhere.finished_at = "succeeded", jobs.now()
+    jobs.save(elsewhere)
+    retrainer.sweep()
+    assert retrainer.record_feedback("m") is None and launch.launched == []  # 1 of 5, not 5
+    assert [retrainer.record_feedback("m") for _ in range(4)][-1] is not None  # the fifth after it
+
+
+def test_a_job_that_cannot_be_launched_leaves_no_running_record_and_keeps_the_count(tmp_path):
+    """Its record, written first, stayed "running" with no process until marked lost."""
+    retrainer, launch, jobs = _retrainer(tmp_path, every_n=2)
+
+    def refuse(model, trigger, job):
+        raise RuntimeError("the cluster refused the task")
+
+    retrainer._launch = refuse
+    retrainer.record_feedback("m")
+    with pytest.raises(RuntimeError, match="refused"):
+        retrainer.record_feedback("m")
+    [record] = jobs.all()
+    assert record.state == "failed" and record.error == "could not start: RuntimeError: the cluster refused the task"
+    assert retrainer.pending["m"] == 2 and "m" not in retrainer.running
+    retrainer._launch = launch
+    assert retrainer.record_feedback("m") is not None  # the count stood: the next record fires
 
 
 class CountingRegistry(Registry):
