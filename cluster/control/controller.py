@@ -75,7 +75,8 @@ class Retrainer:
                  launch: Callable[[str, str, JobRecord], Future], pending: dict[str, int], *,
                  counted: dict[str, set[str]] | None = None,
                  clock: Callable[[], float] = time.time, sweep_every_s: float | None = SWEEP_EVERY_S,
-                 state_refresh_s: float = STATE_REFRESH_S):
+                 state_refresh_s: float = STATE_REFRESH_S,
+                 judged: dict[str, tuple[str | None, list[tuple[str, bool]], int]] | None = None):
         self.cfg, self.jobs, self.registry, self._launch, self._clock = cfg, jobs, registry, launch, clock
         self._state_refresh_s = state_refresh_s
         self._state_read_at: dict[str, float] = {}  # model -> when its registry state was last read
@@ -109,6 +110,17 @@ class Retrainer:
         self._held: dict[str, tuple[float, set[str]]] = {}  # model -> (read at, keys the quarantine holds)
         self.judged_since_start: dict[str, int] = {}  # model -> agreements recorded since its newest job started
         self._production: dict[str, tuple[str | None, float | None]] = {}  # model -> (version, golden accuracy)
+        # The accuracy-drop windows of before a restart (``_judged_feedback``), kept while
+        # production is the version they are of.
+        self._judged_of: dict[str, str] = {}
+        for model, (version, answers, after_job) in (judged or {}).items():
+            if version is None:
+                continue
+            self.agreements[model] = deque((a for _, a in answers), maxlen=cfg.trigger.accuracy_window)
+            remembered = deque(pid for pid, _ in answers[-JUDGED_MEMORY * cfg.trigger.accuracy_window:])
+            self._judged[model] = (remembered, set(remembered))
+            self.judged_since_start[model] = after_job
+            self._judged_of[model] = version
         self._in_rollout: dict[str, bool] = {}  # model -> a challenger is being rolled out (read with production)
         self.learned_from: dict[str, str | None] = {}  # student -> its teacher's version its newest job was for
         self.retiring = False  # set while handing over to a successor: no new job starts
@@ -135,9 +147,35 @@ class Retrainer:
             started[job.model] = max(started.get(job.model, job.created_at), job.created_at)
         untrained = {m.name: cls._untrained_feedback(registry, feedback, m.name, started.get(m.name))
                      for m in cfg.models}
+        tasks = model_tasks(cfg.models)
+        judged = {m.name: cls._judged_feedback(registry, feedback, tasks[m.name], m.name, started.get(m.name))
+                  for m in cfg.models} if cfg.trigger.accuracy_drop is not None else {}
         return {"cfg": cfg, "jobs": jobs, "registry": registry, "launch": launch,
                 "pending": {m: n for m, (n, _) in untrained.items()},
-                "counted": {m: ids for m, (_, ids) in untrained.items()}}
+                "counted": {m: ids for m, (_, ids) in untrained.items()}, "judged": judged}
+
+    @staticmethod
+    def _judged_feedback(registry: Registry, feedback: FeedbackStore, task, model: str,
+                         newest_job: str | None) -> tuple[str | None, list[tuple[str, bool]], int]:
+        """(production, whether users agreed with each of its predictions that got feedback
+        from a key the quarantine does not hold, judged on the first answer, oldest first,
+        how many were judged after the newest job started): the accuracy-drop window as the
+        running controller kept it. A restart (any config change) emptied it, and the
+        trigger waited for a whole window of new answers, days at low traffic."""
+        production = registry.production(model)
+        if production is None:
+            return None, [], 0
+        since = datetime.fromisoformat(registry.manifest(model, production).created_at)
+        held = QuarantineBook(registry.storage).quarantined(model)
+        first: dict[str, tuple[datetime, bool]] = {}
+        for row in sorted(feedback.read_since(model, (since, "")).to_pylist(), key=lambda r: r["created_at"]):
+            if row.get("version") == production and row.get("prediction_id") is not None \
+                    and (row.get("key_id") or ANONYMOUS) not in held:
+                first.setdefault(row["prediction_id"], (row["created_at"], task.agrees(row)))
+        started = datetime.fromisoformat(newest_job) if newest_job else None
+        answers = sorted(first.items(), key=lambda item: item[1][0])
+        after_job = sum(1 for _, (at, _) in answers if started is None or at > started)
+        return production, [(pid, agreed) for pid, (_, agreed) in answers], after_job
 
     @staticmethod
     def _untrained_feedback(registry: Registry, feedback: FeedbackStore, model: str,
@@ -301,8 +339,9 @@ class Retrainer:
             metrics = self.registry.manifest(model, version).metrics if version else None
             cached = (version, metrics.accuracy if metrics and metrics.eval_rows else None)
             self._production[model] = cached
-            self.agreements.pop(model, None)
-            self._judged.pop(model, None)
+            if self._judged_of.pop(model, None) != version:  # not the window rebuilt at the start
+                self.agreements.pop(model, None)
+                self._judged.pop(model, None)
         return cached
 
     def _maybe_start(self, model: str, production: tuple[str | None, float | None] | None = None) -> str | None:

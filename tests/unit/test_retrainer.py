@@ -142,6 +142,42 @@ def test_the_accuracy_drop_trigger_counts_feedback_on_productions_predictions_on
     assert [t for _, t, _ in launch.launched] == ["accuracy_drop"] * 2
 
 
+def test_a_restart_keeps_the_accuracy_drop_window_of_productions_judged_predictions(tmp_path):
+    """A restart (any config change restarts the controller) emptied the window: the trigger
+    waited for a whole window of new answers, and answers judged before were judged again."""
+    from tuneloop.core.tasks import model_tasks
+    from tuneloop.store.quarantine import QuarantineBook
+    from tuneloop.store.records import FeedbackStore
+
+    _, _, registry = _accuracy_drop_world(tmp_path)  # v1 in production, golden accuracy 0.9, a window of 4
+    config = {"models": [{"name": "m", "base_model": "x", "labels": ["a", "b"]}],
+              "trigger": {"accuracy_drop": 0.1, "accuracy_window": 4}, "storage": {"root": str(tmp_path)}}
+    cfg = parse_config(config)
+    feedback = FeedbackStore(registry.storage, str(tmp_path / "journal"), model_tasks(cfg.models))
+    feedback.open_writer()
+
+    def answer(pid, label, key=None, version="v1"):
+        feedback.append(model="m", text=f"text of {pid}", label=label, prediction_id=pid, version=version,
+                        predicted_label="a", key_id=key)
+
+    answer("p0", "a")
+    answer("p1", "a")
+    answer("p2", "b")  # wrong
+    answer("p0", "b")  # a second answer on p0: judged on its first
+    answer("p3", "b", key="bad00000")  # a key the quarantine holds
+    answer("p4", "b", version="v0")  # an older version's prediction
+    feedback.close()
+    QuarantineBook(registry.storage).quarantine("m", {"bad00000": "flipped"}, {})
+    parts = Retrainer.parts_from_config(cfg.model_dump())
+    assert parts["judged"] == {"m": ("v1", [("p0", True), ("p1", True), ("p2", False)], 3)}
+    jobs = parts["jobs"]
+    launch = FakeLaunch(jobs)
+    retrainer = Retrainer(**{**parts, "launch": launch}, sweep_every_s=None)
+    assert retrainer.record_feedback("m", "v1", False, "p1") is None  # judged before the restart: not again
+    assert retrainer.record_feedback("m", "v1", True, "p5") is not None  # 3 of 4 agreed, golden 0.9: the drop
+    assert [t for _, t, _ in launch.launched] == ["accuracy_drop"]
+
+
 def _accuracy_drop_world(tmp_path):
     cfg = parse_config({"models": [{"name": "m", "base_model": "x", "labels": ["a", "b"]}],
                         "trigger": {"accuracy_drop": 0.1, "accuracy_window": 4, "every_n_feedback": 5},
