@@ -49,6 +49,12 @@ def _training_cpus(cfg: TuneloopConfig) -> float:
     return cfg.largest_job_cpus()
 
 
+def _gpus(cfg: TuneloopConfig) -> tuple[float, float]:
+    """(GPUs the replicas may share, those a training job takes from them), as for CPUs."""
+    total = float(ray.cluster_resources().get("GPU", 0.0)) if ray.is_initialized() else 0.0
+    return total, 0.0 if _on_a_cluster(cfg) else cfg.largest_job_gpus()
+
+
 def ray_is_local() -> bool:
     """Whether Ray is this one machine (one node)."""
     return len([n for n in ray.nodes() if n.get("Alive")]) <= 1
@@ -72,8 +78,10 @@ def model_app(cfg: TuneloopConfig, model: str, metrics_dir: str | None) -> Appli
     if s.num_replicas is not None:
         options["num_replicas"] = s.num_replicas
     else:
-        options["autoscaling_config"] = s.autoscaling.serve_config(s.num_cpus_per_replica, _cores(cfg), len(cfg.models),
-                                                                   _training_cpus(cfg))
+        gpus, training_gpus = _gpus(cfg)
+        options["autoscaling_config"] = s.autoscaling.serve_config(
+            s.num_cpus_per_replica, _cores(cfg), len(cfg.models), _training_cpus(cfg),
+            s.num_gpus_per_replica, gpus, training_gpus)
     return serve.deployment(ModelServer).options(**options).bind(cfg.model_dump(), model)
 
 

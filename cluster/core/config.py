@@ -312,14 +312,17 @@ class AutoscalingConfig(Section):
     # Serve averages over this window; it must exceed Serve's metrics interval (10 s).
     look_back_period_s: float = Field(default=30.0, gt=10)
 
-    def serve_config(self, num_cpus_per_replica: float, cores: int, models: int = 1, reserved_cpus: float = 0) -> dict:
+    def serve_config(self, num_cpus_per_replica: float, cores: int, models: int = 1, reserved_cpus: float = 0,
+                     num_gpus_per_replica: float = 0, gpus: float = 0, reserved_gpus: float = 0) -> dict:
         """Serve's ``autoscaling_config``, with max_replicas resolved for ``cores`` shared by
-        ``models`` models beside ``reserved_cpus`` (a training job's). Each model's own
-        ceiling at all the cores let three models ask for three times the machine, and the
-        replicas, once scaled out, held the CPUs a retraining job then waited for and failed
-        without."""
-        fit = max(1, int((cores - reserved_cpus) // (num_cpus_per_replica * models)))
-        return {**self.model_dump(), "max_replicas": max(self.max_replicas or fit, self.min_replicas, 1)}
+        ``models`` models beside ``reserved_cpus`` (a training job's), and for GPU replicas the
+        ``gpus`` beside ``reserved_gpus`` too. Each model's own ceiling at all the cores let
+        three models ask for three times the machine, and the replicas, once scaled out, held
+        the CPUs (or the GPU share) a retraining job then waited for and failed without."""
+        fit = int((cores - reserved_cpus) // (num_cpus_per_replica * models))
+        if num_gpus_per_replica > 0:
+            fit = min(fit, int((gpus - reserved_gpus) // (num_gpus_per_replica * models)))
+        return {**self.model_dump(), "max_replicas": max(self.max_replicas or max(1, fit), self.min_replicas, 1)}
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingConfig:

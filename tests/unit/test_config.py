@@ -185,6 +185,12 @@ def test_autoscaling_is_on_by_default_and_bounded_by_the_machine():
     assert cfg.serving.autoscaling.serve_config(2, cores=16, models=3, reserved_cpus=3)["max_replicas"] == 2
     assert cfg.serving.autoscaling.serve_config(2, cores=2, models=3, reserved_cpus=3)["max_replicas"] == 1
     assert fixed.serving.autoscaling.serve_config(1, cores=16, models=3, reserved_cpus=3)["max_replicas"] == 5
+    # Half-GPU replicas beside a job on half of the one GPU: one replica, not the 14 the cores allow
+    # (a second took the job's half, and every retrain waited for a GPU and failed).
+    assert cfg.serving.autoscaling.serve_config(1, cores=16, reserved_cpus=2, num_gpus_per_replica=0.5, gpus=1,
+                                                reserved_gpus=0.5)["max_replicas"] == 1
+    assert cfg.serving.autoscaling.serve_config(1, cores=16, reserved_cpus=2, num_gpus_per_replica=0.5,
+                                                gpus=4)["max_replicas"] == 8
 
 
 def test_digest_is_the_same_wherever_the_config_is_loaded(tmp_path):
