@@ -44,6 +44,9 @@ STATE_REFRESH_S = 1.0
 # Production's judged predictions remembered, in agreement windows (trigger.accuracy_window):
 # 200 x 50 ids, about a megabyte a model.
 JUDGED_MEMORY = 50
+# After a launch failed (the cluster refused the task), automatic triggers wait this long
+# before the next try; an operator's retrain tries at once.
+LAUNCH_RETRY_S = 60.0
 
 
 # max_retries=0: a job whose process died is over (its record says so); a retry would train
@@ -94,7 +97,10 @@ class Retrainer:
         self.counted: dict[str, set[str]] = {m: set(sorted(ids)[:self._counted_cap])
                                              for m, ids in (counted or {}).items()}
         self.last_started: dict[str, float] = {}  # model -> when its newest job was created
-        self._started_here: set[str] = set()  # the jobs this controller started (a few a day)
+        # Job records already accounted for: those there at the start (the counts above
+        # begin after the newest) and those this controller started, or failed to (a few a day).
+        self._seen_jobs: set[str] = {j.job_id for j in records}
+        self._launch_failed_at: dict[str, float] = {}  # model -> when its last launch failed
         self._configured = {m.name for m in cfg.models}
         for j in records:
             self.last_started[j.model] = max(self.last_started.get(j.model, 0.0),
@@ -168,7 +174,11 @@ class Retrainer:
         since = datetime.fromisoformat(registry.manifest(model, production).created_at)
         held = QuarantineBook(registry.storage).quarantined(model)
         first: dict[str, tuple[datetime, bool]] = {}
-        for row in sorted(feedback.read_since(model, (since, "")).to_pylist(), key=lambda r: r["created_at"]):
+        rows = feedback.read_since(model, (since, ""))
+        # The columns a judgment reads, not the texts: months of feedback in the controller actor.
+        rows = rows.select([c for c in ("prediction_id", "version", "key_id", "created_at", *task.feedback_columns)
+                            if c in rows.column_names])
+        for row in sorted(rows.to_pylist(), key=lambda r: r["created_at"]):
             if row.get("version") == production and row.get("prediction_id") is not None \
                     and (row.get("key_id") or ANONYMOUS) not in held:
                 first.setdefault(row["prediction_id"], (row["created_at"], task.agrees(row)))
@@ -416,10 +426,14 @@ class Retrainer:
         # was marked lost (a failed run in the metrics and its alert).
         teacher = self.cfg.model(model).distill
         teacher_production = self.registry.production(teacher.teacher) if teacher is not None else None
+        if trigger != "manual" and self._clock() - self._launch_failed_at.get(model, float("-inf")) < LAUNCH_RETRY_S:
+            return None  # a failing launch is not retried at every feedback record, each with a record of its own
         job = self.jobs.create(model, trigger)
+        self._seen_jobs.add(job.job_id)
         try:
             task = self._launch(model, trigger, job)
         except Exception as e:
+            self._launch_failed_at[model] = self._clock()
             self.jobs.fail_running(job, f"could not start: {type(e).__name__}: {e}")
             raise
         if teacher is not None:  # any job of a student distils from the teacher's production now
@@ -427,7 +441,6 @@ class Retrainer:
         self._counting_from(model, self._clock())
         self.tasks[model] = task
         self.running[model] = job.job_id
-        self._started_here.add(job.job_id)
         log.info("started retrain job %s for %s (%s)", job.job_id, model, trigger)
         return job.job_id
 
@@ -449,13 +462,15 @@ class Retrainer:
         job learned from its teacher's production of now. Otherwise, once it ended, the
         counts of before it started another job within a sweep, on a handful of new rows."""
         for job in records:
-            started = datetime.fromisoformat(job.created_at).timestamp()
-            if job.job_id in self._started_here or job.model not in self._configured \
-                    or started <= self.last_started.get(job.model, 0.0):
+            if job.job_id in self._seen_jobs or job.model not in self._configured:
                 continue
+            if job.state != "running" and job.heartbeat_at is None:
+                continue  # never ran (refused the model's lease, or died at once): it trained on nothing
+            self._seen_jobs.add(job.job_id)
             log.info("job %s of %s started elsewhere (%s): the triggers count from its start", job.job_id,
                      job.model, job.trigger)
-            self._counting_from(job.model, started)
+            # Its host's clock, held to this one's: ahead, it would hold the schedule back.
+            self._counting_from(job.model, min(datetime.fromisoformat(job.created_at).timestamp(), self._clock()))
             teacher = self.cfg.model(job.model).distill
             if teacher is not None:
                 self.learned_from[job.model] = self.registry.production(teacher.teacher)

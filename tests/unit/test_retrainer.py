@@ -8,7 +8,7 @@ from concurrent.futures import Future
 
 import pytest
 
-from tuneloop.control.controller import STATE_REFRESH_S, Retrainer
+from tuneloop.control.controller import LAUNCH_RETRY_S, STATE_REFRESH_S, Retrainer
 from tuneloop.core.config import parse_config
 from tuneloop.core.evaluation import EvalMetrics
 from tuneloop.store.jobs import JobStore
@@ -386,6 +386,11 @@ def test_a_job_started_elsewhere_resets_the_counts_it_trained_on(tmp_path):
     ended, the counts of before it started another job within a sweep."""
     retrainer, launch, jobs = _retrainer(tmp_path, every_n=5)
     assert [retrainer.record_feedback("m") for _ in range(4)] == [None] * 4
+    refused = jobs.create("m", "manual")  # one refused the model's lease: it never ran, trained on nothing
+    refused.state, refused.finished_at = "failed", jobs.now()
+    jobs.save(refused)
+    retrainer.sweep()
+    assert retrainer.pending["m"] == 4
     elsewhere = jobs.create("m", "manual")  # the operator's job reads those four
     retrainer.sweep()
     assert retrainer.pending["m"] == 0 and retrainer.running["m"] == elsewhere.job_id
@@ -398,7 +403,8 @@ def test_a_job_started_elsewhere_resets_the_counts_it_trained_on(tmp_path):
 
 def test_a_job_that_cannot_be_launched_leaves_no_running_record_and_keeps_the_count(tmp_path):
     """Its record, written first, stayed "running" with no process until marked lost."""
-    retrainer, launch, jobs = _retrainer(tmp_path, every_n=2)
+    now = [1000.0]
+    retrainer, launch, jobs = _retrainer(tmp_path, every_n=2, clock=lambda: now[0])
 
     def refuse(model, trigger, job):
         raise RuntimeError("the cluster refused the task")
@@ -407,11 +413,14 @@ def test_a_job_that_cannot_be_launched_leaves_no_running_record_and_keeps_the_co
     retrainer.record_feedback("m")
     with pytest.raises(RuntimeError, match="refused"):
         retrainer.record_feedback("m")
+    retrainer.sweep()  # its own failed record is no job started elsewhere
     [record] = jobs.all()
     assert record.state == "failed" and record.error == "could not start: RuntimeError: the cluster refused the task"
     assert retrainer.pending["m"] == 2 and "m" not in retrainer.running
     retrainer._launch = launch
-    assert retrainer.record_feedback("m") is not None  # the count stood: the next record fires
+    assert retrainer.record_feedback("m") is None and len(jobs.all()) == 1  # not retried at every record
+    now[0] += LAUNCH_RETRY_S
+    assert retrainer.record_feedback("m") is not None  # the count stood: the next try fires
 
 
 class CountingRegistry(Registry):
