@@ -13,6 +13,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -258,10 +259,11 @@ class StorageConfig(Section):
         if "://" not in v:
             return v
         scheme, rest = v.split("://", 1)
-        netloc, query = rest.split("/", 1)[0].split("?", 1)[0], v.partition("?")[2]
-        secret_keys = {"access_key", "secret_key", "session_token"} & {p.partition("=")[0] for p in query.split("&")}
-        if "@" in netloc or secret_keys:
-            shown = f"{scheme}://…@{rest.split('@', 1)[1]}" if "@" in netloc else f"{scheme}://{rest.partition('?')[0]}"
+        # An @ anywhere before the query: a secret key may hold a "/", which ends the host part.
+        location, _, query = rest.partition("?")
+        names = {unquote(p.partition("=")[0]).lower() for p in query.split("&")}
+        if "@" in location or names & {"access_key", "secret_key", "session_token"}:
+            shown = f"{scheme}://{location.rpartition('@')[2]}"  # never the keys, nor the query
             raise PydanticCustomError(CREDENTIALS_IN_URI, (  # a type of its own: the message never quotes the value
                 f"storage root {shown!r} carries credentials: give them to every node as environment variables "
                 "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or GOOGLE_APPLICATION_CREDENTIALS), a profile or "

@@ -120,6 +120,9 @@ def test_env_var_selects_config(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("root", ["s3://AKIAXYZ:s3cr3t@bucket/prefix?endpoint_override=minio:9000",
                                   "s3://bucket/prefix?access_key=AKIAXYZ&secret_key=s3cr3t",
+                                  "s3://AKIAXYZ:s3cr3t@bucket/prefix?session_token=s3cr3t",
+                                  "s3://AKIAXYZ:abc/s3cr3t@bucket/prefix",  # a secret key with a "/"
+                                  "s3://bucket/prefix?Secret%5FKey=s3cr3t",
                                   "gs://user:s3cr3t@bucket/prefix"])
 def test_credentials_in_a_storage_uri_are_refused_without_printing_them(root):
     with pytest.raises(ConfigError, match="carries credentials: give them to every node as environment") as e:
