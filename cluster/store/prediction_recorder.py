@@ -139,6 +139,8 @@ class PredictionRecorder:
                         log.info("prediction log %s: dropped %s (retention)", self.model, dropped)
                 except Exception:  # noqa: BLE001 - tried again at the next period
                     log.exception("prediction log %s: retention failed; will retry", self.model)
+                with self._lock:  # a long prune is no hung write: the rows of its time are kept
+                    self._flushed_at = max(self._flushed_at, time.monotonic() - self.flush_interval_s)
             try:
                 self.flush()
             except Exception:  # noqa: BLE001 - keep the rows for the next try
