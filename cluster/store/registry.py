@@ -87,6 +87,15 @@ def _cached_build(target: str) -> str | None:
     return (_cached_manifest(target).get("optimization") or {}).get("built_at")
 
 
+def _artifact_entries(optimization: Optimization | None) -> set[str]:
+    """The entries of a version's ``artifacts/`` folder that a record's artifacts lie in (a
+    build's folder, or a file or runtime folder of builds made before folders per build)."""
+    if optimization is None:
+        return set()
+    return {a.path.split("/")[1] for a in optimization.artifacts.values()
+            if a.path.startswith(f"{ARTIFACTS}/") and a.path.count("/") >= 1}
+
+
 def cache_folder(storage_uri: str) -> str:
     """A folder of this node's cache for one storage root: two roots on one host (staging and
     production buckets, or a bucket wiped and made again) both have a sentiment v1, and one
@@ -350,14 +359,15 @@ class Registry:
         self.manifest(model, version)  # raises UnknownVersion
         artifacts = f"{self._dir(model, version)}/{ARTIFACTS}"
         self.storage.upload_dir(local_dir, artifacts)
-        manifest = self.manifest(model, version).model_copy(update={"optimization": optimization})
+        before = self.manifest(model, version)
+        manifest = before.model_copy(update={"optimization": optimization})
         self.storage.write_json_atomic(f"{self._dir(model, version)}/{MANIFEST}", manifest.model_dump(mode="json"))
-        named = {a.path.split("/")[1] for a in optimization.artifacts.values()
-                 if a.path.startswith(f"{ARTIFACTS}/") and a.path.count("/") >= 1}
-        for info in self.storage.list_dir(artifacts):
-            if info.base_name not in named:
-                gone = f"{artifacts}/{info.base_name}"
-                if info.type == pafs.FileType.Directory:
+        # What the replaced record named and this one does not: a build under way beside
+        # this one (a job's and an operator's) is named by neither, and keeps its files.
+        for entry in _artifact_entries(before.optimization) - _artifact_entries(optimization):
+            gone = f"{artifacts}/{entry}"
+            if self.storage.exists(gone):
+                if self.storage.fs.get_file_info(self.storage.path(gone)).type == pafs.FileType.Directory:
                     self.storage.delete_dir(gone)
                 else:
                     self.storage.delete_file(gone)

@@ -366,9 +366,11 @@ def test_a_rebuild_leaves_the_served_files_alone_until_its_manifest_names_its_ow
         return commit(rel, doc)
 
     monkeypatch.setattr(storage, "write_json_atomic", spy)
+    (folder / "b3/onnx").mkdir(parents=True)  # an operator's build, still uploading beside the job's
+    (folder / "b3/onnx/model.onnx").write_bytes(b"third, half")
     optimize("b2", b"second")
     assert seen_at_commit == [b"first"]  # served as it was while the second build went in
-    assert [p.name for p in folder.iterdir()] == ["b2"]  # then the first build's folder went
+    assert sorted(p.name for p in folder.iterdir()) == ["b2", "b3"]  # the first build's folder went, not b3
     assert reg.manifest("m", "v1").optimization.artifacts["onnx"].path == "artifacts/b2/onnx/model.onnx"
 
 
