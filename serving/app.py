@@ -49,10 +49,14 @@ def _training_cpus(cfg: TuneloopConfig) -> float:
     return cfg.largest_job_cpus()
 
 
-def _gpus(cfg: TuneloopConfig) -> tuple[float, float]:
-    """(GPUs the replicas may share, those a training job takes from them), as for CPUs."""
-    total = float(ray.cluster_resources().get("GPU", 0.0)) if ray.is_initialized() else 0.0
-    return total, 0.0 if _on_a_cluster(cfg) else cfg.largest_job_gpus()
+def _gpu_ceiling(cfg: TuneloopConfig) -> dict[str, float]:
+    """On one machine, its GPUs and those the largest training job takes from the replicas:
+    ``serve_config``'s GPU arguments. On a cluster none: GPU nodes an autoscaler adds later
+    are not up yet when the application is built (0 GPUs held the ceiling at 1 replica)."""
+    if _on_a_cluster(cfg) or not ray.is_initialized():
+        return {}
+    return {"num_gpus_per_replica": cfg.serving.num_gpus_per_replica,
+            "gpus": float(ray.cluster_resources().get("GPU", 0.0)), "reserved_gpus": cfg.largest_job_gpus()}
 
 
 def ray_is_local() -> bool:
@@ -78,10 +82,8 @@ def model_app(cfg: TuneloopConfig, model: str, metrics_dir: str | None) -> Appli
     if s.num_replicas is not None:
         options["num_replicas"] = s.num_replicas
     else:
-        gpus, training_gpus = _gpus(cfg)
         options["autoscaling_config"] = s.autoscaling.serve_config(
-            s.num_cpus_per_replica, _cores(cfg), len(cfg.models), _training_cpus(cfg),
-            s.num_gpus_per_replica, gpus, training_gpus)
+            s.num_cpus_per_replica, _cores(cfg), len(cfg.models), _training_cpus(cfg), **_gpu_ceiling(cfg))
     return serve.deployment(ModelServer).options(**options).bind(cfg.model_dump(), model)
 
 
