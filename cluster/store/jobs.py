@@ -3,8 +3,8 @@
 A job's process proves it is alive by refreshing ``heartbeat_at`` (``Heartbeat``). A
 process that dies cannot mark its own record failed, so readers do it: a ``running`` record
 whose heartbeat is older than ``STALE_AFTER_S`` is marked failed ("lost") by
-``JobStore.fail_stale``, which the retrain controller runs periodically, and by
-``JobStore.get``/``all`` when they meet one, so no dead job shows as running forever.
+``JobStore.get``/``all`` when they meet one (the retrain controller's sweep reads them all
+every few seconds), so no dead job shows as running forever.
 
 One job per model runs at a time: the job's process holds the model's lease (``take_lease``)
 for its whole run, whoever started it (the controller or `tuneloop train`).
@@ -157,16 +157,6 @@ class JobStore:
         """Mark a job failed if its record still says running: its process is known dead."""
         return self._fail_if(job, lambda current: error if current.state == "running" else None)
 
-    def fail_stale(self) -> list[JobRecord]:
-        """Mark every running job whose heartbeat stopped as failed; returns those marked."""
-        marked = []
-        for job in self._read_all():
-            if self.is_stale(job):
-                settled = self._settle(job)
-                if settled.state == "failed" and (settled.error or "").startswith("lost:"):
-                    marked.append(settled)
-        return marked
-
     # -- reading -------------------------------------------------------------------------
     def get(self, job_id: str) -> JobRecord | None:
         """The record, with a dead running job reported (and persisted) as failed."""
@@ -193,6 +183,7 @@ class JobStore:
         return sorted(jobs, key=lambda j: j.created_at)
 
     def all(self) -> list[JobRecord]:
+        """Every readable record, a dead running job's marked failed (persisted) first."""
         return [self._settle(j) for j in self._read_all()]
 
     def check_still_running(self, job: JobRecord) -> None:

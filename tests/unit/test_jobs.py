@@ -84,21 +84,19 @@ def test_finished_jobs_never_go_stale(jobs, clock):
     jobs.save(job)
     clock.advance(3600)
     assert jobs.get(job.job_id).state == "succeeded"
-    assert jobs.fail_stale() == []
+    assert [j.state for j in jobs.all()] == ["succeeded"]
 
 
-def test_fail_stale_marks_only_dead_running_jobs(jobs, storage, clock):
+def test_reading_all_marks_only_dead_running_jobs_and_persists_it(jobs, storage, clock):
     dead = jobs.create("m", "manual")
     done = jobs.create("m", "manual")
     done.state = "rejected"
     jobs.save(done)
     clock.advance(61)
     alive = jobs.create("other", "feedback")
-    marked = jobs.fail_stale()
-    assert [j.job_id for j in marked] == [dead.job_id]
     states = {j.job_id: j.state for j in jobs.all()}
     assert states == {dead.job_id: "failed", done.job_id: "rejected", alive.job_id: "running"}
-    assert jobs.fail_stale() == []  # already marked
+    assert _on_disk(storage, dead.job_id)["state"] == "failed" and _on_disk(storage, alive.job_id)["state"] == "running"
 
 
 def test_all_reports_dead_jobs_as_failed(jobs, clock):
@@ -126,7 +124,7 @@ def test_a_cut_job_record_is_left_out_of_the_others_and_named_when_asked_for(job
     storage.write_bytes_atomic("jobs/bad0000000000000.json", content.encode())
     assert [j.job_id for j in jobs.all()] == [live.job_id] and jobs.running("m").job_id == live.job_id
     clock.advance(300)
-    assert [j.job_id for j in jobs.fail_stale()] == [live.job_id]  # the sweep still marks the dead one
+    assert [(j.job_id, j.state) for j in jobs.all()] == [(live.job_id, "failed")]  # the sweep still marks the dead one
     with pytest.raises(CorruptStoredFile, match="bad0000000000000.json is not a file tuneloop can read") as e:
         jobs.get("bad0000000000000")
     assert e.value.status == 503
@@ -151,7 +149,7 @@ def test_a_job_marked_lost_while_it_ran_stops_before_publishing(jobs, storage, c
     job = jobs.create("m", "manual")
     jobs.check_still_running(job)  # alive: nothing to say
     clock.advance(61)
-    jobs.fail_stale()
+    jobs.all()  # the controller's sweep
     with pytest.raises(JobLost, match="marked failed while it ran .*lost: no heartbeat.*not publishing"):
         jobs.check_still_running(job)
 
@@ -321,7 +319,7 @@ def test_a_late_heartbeat_does_not_revive_a_job_marked_lost(jobs, storage, clock
     beat = Heartbeat(jobs, job)
     beat.beat()
     clock.advance(61)
-    assert [j.job_id for j in jobs.fail_stale()] == [job.job_id]
+    assert [(j.job_id, j.state) for j in jobs.all()] == [(job.job_id, "failed")]
     beat.beat()
     assert _on_disk(storage, job.job_id)["state"] == "failed"
 

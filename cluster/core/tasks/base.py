@@ -116,8 +116,8 @@ class Task(ABC):
 
     # -- serving and training ----------------------------------------------------------
     def serving_tokenizer_options(self, max_length: int) -> dict[str, Any]:
-        """The tokenizer's extra arguments when serving (a task may read long texts in
-        windows there, which training, one target per row, does not)."""
+        """The tokenizer's extra arguments as the replicas read texts (a task may read long
+        texts in windows, each a row of the batch); training and the gate read them so too."""
         return self.tokenizer_options
 
     def encoding_for(self, enc: Any) -> dict[str, list]:
