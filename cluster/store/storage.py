@@ -246,18 +246,22 @@ class Storage:
         # At the root, not in a folder of its own: pyarrow leaves a folder's marker object
         # behind when its last file goes.
         writes, path = self._conditional(), self.path(f".probe-{uuid.uuid4().hex}")
+        root = self.location("").rstrip("/")
         try:
             if not writes.write(path, b"1", None):
-                return f"storage root {self.location('')}: a create-only write of a new object was refused"
+                return f"storage root {root}: a create-only write of a new object was refused"
             ignored = ["If-None-Match (create-only)"] if writes.write(path, b"2", None) else []
             _, token = writes.read(path)
             if writes.write(path, b"3", token) and writes.write(path, b"4", token):
                 ignored.append("If-Match (compare-and-swap)")
+        except Exception as e:  # noqa: BLE001 - a store that refuses the headers (501), or cannot be reached
+            return (f"storage root {root}: writing a probe object with If-None-Match and If-Match "
+                    f"failed ({type(e).__name__}: {e}); tuneloop needs both for its shared state")
         finally:
             with contextlib.suppress(OSError):
                 self.fs.delete_file(path)
         if ignored:
-            return (f"storage root {self.location('')}: the object store ignores {' and '.join(ignored)} on writes, "
+            return (f"storage root {root}: the object store ignores {' and '.join(ignored)} on writes, "
                     "so two writers of a version number, state.json, the key file or a job lease would both "
                     "succeed, the last one silently winning: use a store that honours conditional writes "
                     "(AWS S3 and GCS do; check an S3-compatible store's support for both headers)")

@@ -171,3 +171,18 @@ def test_an_object_store_that_ignores_conditional_writes_is_named_before_it_lose
     else:
         assert problem.startswith("storage root mock://bucket/tl") and f"ignores {ignored}" in problem
     assert Storage("/tmp").conditional_write_problem() is None  # a local root: link(2) and flock
+
+
+def test_a_store_that_refuses_the_conditional_headers_is_named_not_a_traceback():
+    class Refusing(_Store):
+        def write(self, path, data, token):
+            if token is not None or path in self.objects:
+                raise RuntimeError("NotImplemented (501): A header you provided implies functionality that is not "
+                                   "implemented")
+            return super().write(path, data, token)
+
+    storage = Storage("mock:///bucket/tl")
+    storage._writes = Refusing(True, True)
+    problem = storage.conditional_write_problem()
+    assert problem.startswith("storage root mock://bucket/tl: writing a probe object with If-None-Match and If-Match "
+                              "failed (RuntimeError: NotImplemented (501)")
