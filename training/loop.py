@@ -288,6 +288,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     marks = {"loop_started": time.time()}  # the start-up's parts (recipe.startup_parts), wall clocks
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if config["use_gpu"] else "cpu")
     import deepspeed
+    import pyarrow as pa
     import ray.train
     import ray.train.torch
     import torch
@@ -328,7 +329,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         why = ("partitions nothing on one worker" if zero_stage == 0 else
                f"keeps no fp32 master weights to export in {precision}")
         _log(rank, f"ZeRO-{config['zero_stage']} {why}: training at stage {zero_stage}")
-    accumulation, total_steps = optimizer_steps(config["train_rows"], batch_size, world,
+    # The job's tables, from the object store (zero-copy): train is split, each worker scores
+    # all of every evaluation set (shards.py says why not Ray Data). A long text trains in
+    # serving's windows, a row each (the same rows on every worker: they split them evenly).
+    tables = {name: ray.get(ref) for name, ref in config["tables"].items()}
+    train = tables.pop("train")
+    rows = train.to_pydict()
+    windowed = task.window_rows(tokenizer, rows, max_length)
+    if windowed is not rows:
+        _log(rank, f"{train.num_rows} texts train in {len(windowed['text'])} windows of {max_length} tokens")
+        train = pa.Table.from_pydict(windowed, schema=train.schema)
+    accumulation, total_steps = optimizer_steps(train.num_rows, batch_size, world,
                                                 config["gradient_accumulation_steps"], config["epochs"],
                                                 config.get("max_steps"))
     ds_config = build_deepspeed_config(
@@ -352,10 +363,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     marks["engine_ready"] = time.time()
     _log(rank, f"{precision} on {engine.device}, {world} worker(s) of {torch.get_num_threads()} thread(s), "
                f"{total_steps} optimizer steps of {batch_size * world * accumulation} rows")
-    # The job's tables, from the object store (zero-copy): train is split, each worker scores
-    # all of every evaluation set (shards.py says why not Ray Data).
-    tables = {name: ray.get(ref) for name, ref in config["tables"].items()}
-    train_shard = worker_shard(tables.pop("train"), rank, world)
+    train_shard = worker_shard(train, rank, world)
     # The evaluation sets are scored at the serving length (training.max_length may differ:
     # the shipped config trains at 64 and serves at 128), within what the model takes.
     eval_length = min(config.get("eval_max_length", max_length), tokenizer.model_max_length)

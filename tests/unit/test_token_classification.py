@@ -366,7 +366,8 @@ def test_evaluation_reads_every_word_of_a_long_text_as_serving_does(tmp_path):
 
 def test_training_reads_a_long_text_in_windows_and_tags_an_entity_a_window_begins_inside(tmp_path):
     """Training cut texts at max_length: an entity past the cut (a correction late in a
-    feedback text) never trained. Each window is now a row of the batch."""
+    feedback text) never trained. A long text is now a row per serving window (a step holds
+    batch_size of them, not every window of a batch's texts)."""
     import transformers
 
     from tests.tiny_models import build_tiny_model
@@ -379,15 +380,21 @@ def test_training_reads_a_long_text_in_windows_and_tags_an_entity_a_window_begin
     name, paris = text.index("john"), text.index("Paris")
     entities = [{"start": name, "end": text.index(" met"), "label": "PER"},
                 {"start": paris, "end": paris + 5, "label": "LOC"}]
-    batch = {"text": [text], **NER.training_targets({"entities": [entities]}), "row": [7]}
-    inputs, encoding, windows = _windowed(tokenizer, batch, 16, "cpu", NER)
-    assert inputs["input_ids"].shape[0] == len(windows["text"]) > 2 and windows["row"] == [7] * len(windows["text"])
-    targets = NER.batch_targets(windows, encoding)
-    tagged = [[HEAD[t] for t in row if t != IGNORE] for row in targets]
+    rows = {"text": [text, "Ada met Bo"], **NER.training_targets({"entities": [entities, []]}), "row": [7, 8]}
+    windows = NER.window_rows(tokenizer, rows, 16)
+    assert len(windows["text"]) > 3 and windows["row"][-1] == 8 and windows["text"][-1] == "Ada met Bo"
+    assert all(t in text for t in windows["text"][:-1]) and windows["row"][:-1] == [7] * (len(windows["text"]) - 1)
+    tagged = []
+    for i in range(len(windows["text"]) - 1):  # each window a row of its own, as a training batch reads it
+        one = {k: v[i:i + 1] for k, v in windows.items()}
+        _, encoding, as_read = _windowed(tokenizer, one, 16, "cpu", NER)
+        assert len(as_read["text"]) == 1  # a window's text is one window again
+        tagged.append([HEAD[t] for t in NER.batch_targets(as_read, encoding)[0] if t != IGNORE])
     assert tagged[-1][-1] == "B-LOC"  # past the first max_length tokens
-    in_person = [row for row in tagged if "I-PER" in row]
-    assert any(row[0] == "I-PER" for row in in_person), tagged  # a window begun inside the name continues it
+    assert any(row[0] == "I-PER" for row in tagged if "I-PER" in row), tagged  # a window begun inside the name
     assert all(row.count("B-PER") <= 1 for row in tagged)
+    assert NER.window_rows(tokenizer, {"text": ["Ada met Bo"], "spans": [[]]}, 16) == {"text": ["Ada met Bo"],
+                                                                                      "spans": [[]]}
 
 
 def test_an_entity_inside_a_word_tags_the_word(tmp_path):

@@ -115,6 +115,12 @@ class Task(ABC):
         return inputs
 
     # -- serving and training ----------------------------------------------------------
+    def window_rows(self, tokenizer: Any, rows: dict[str, list], max_length: int) -> dict[str, list]:
+        """Training rows (columns of lists) as the replicas read their texts: a task that
+        reads a long text in windows gives a row per window (see TokenClassification); any
+        other, ``rows`` as they are."""
+        return rows
+
     def serving_tokenizer_options(self, max_length: int) -> dict[str, Any]:
         """The tokenizer's extra arguments as the replicas read texts (a task may read long
         texts in windows, each a row of the batch); training and the gate read them so too."""

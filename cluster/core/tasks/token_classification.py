@@ -175,6 +175,35 @@ class TokenClassification(Task):
         return {**self.tokenizer_options, "return_overflowing_tokens": True,
                 "stride": max(0, min(stride, max_length // 2))}
 
+    def window_rows(self, tokenizer: Any, rows: dict[str, list], max_length: int) -> dict[str, list]:
+        """A text longer than ``max_length`` tokens as a row per serving window: the text from
+        the window's first token to its last, its spans shifted there (those that overlap it;
+        one begun before it keeps its start before 0, so its words there tag I-). A training
+        step then holds ``batch_size`` windows, as many as it held texts: with every window
+        of a batch's texts in one step, a long seed document made one step of hundreds."""
+        texts = [str(t) for t in rows["text"]]
+        if not texts:
+            return rows
+        enc = tokenizer(texts, truncation=True, max_length=max_length, **self.serving_tokenizer_options(max_length))
+        windows: dict[int, list[tuple[int, int]]] = {}
+        for w, t in enumerate(enc["overflow_to_sample_mapping"]):
+            content = [(a, b) for a, b in enc["offset_mapping"][w] if b > a]
+            if content:
+                windows.setdefault(int(t), []).append((content[0][0], max(b for _, b in content)))
+        if all(len(windows.get(t, ())) <= 1 for t in range(len(texts))):
+            return rows  # every text fits one window: the rows as they are
+        out: dict[str, list] = {k: [] for k in rows}
+        for t, text in enumerate(texts):
+            ranges = windows.get(t, [])
+            for a, b in ranges if len(ranges) > 1 else [(None, None)]:  # a text of one window: as it is
+                for k, column in rows.items():
+                    out[k].append(column[t])
+                if a is not None:
+                    out["text"][-1] = text[a:b]
+                    out["spans"][-1] = [x for s, e, y in _triples(rows["spans"][t]) if s < b and e > a
+                                        for x in (s - a, e - a, y)]
+        return out
+
     # -- serving -----------------------------------------------------------------------
     def answers(self, texts, scores, head, encoding) -> list[dict[str, Any]]:
         out = []
