@@ -27,6 +27,7 @@ import asyncio
 import functools
 import logging
 import math
+import os
 import random
 import threading
 import time
@@ -228,6 +229,12 @@ class ModelServer:
     def _load_runtime(self, version: str) -> LoadedModel:
         path = self.registry.local_path(self.cfg.name, version)
         runtime, artifact, why = self._runtime_for(version)
+        if artifact and not os.path.exists(os.path.join(path, artifact)):
+            # An optimize build recorded between the two reads of the manifest (local_path's
+            # and _runtime_for's): the folder holds the other build's files. Read both anew,
+            # once; the artifact served torch for good otherwise.
+            path = self.registry.local_path(self.cfg.name, version)
+            runtime, artifact, why = self._runtime_for(version)
         try:
             loaded = self._load(path, version, self.task, self.serving.max_length, runtime, artifact)
         except LabelMismatch:

@@ -200,6 +200,32 @@ def _optimized(int8_passed: bool = True, folder: str = "artifacts", bf16_speed: 
     return Optimization(artifacts=artifacts, texts_per_s={f"{CPU}/1t": speeds})
 
 
+def test_a_build_recorded_between_the_replicas_two_reads_of_the_manifest_is_read_anew(tmp_path):
+    """The folder held the new build while the manifest read next still named the old one,
+    whose files were gone: the replica served torch for good."""
+    (tmp_path / "v1/artifacts/b2/onnx-int8").mkdir(parents=True)
+    (tmp_path / "v1/artifacts/b2/onnx-int8/model.onnx").write_bytes(b"int8")
+
+    class Rebuilt(FakeRegistry):
+        def __init__(self):
+            super().__init__("v1")
+            self.builds = [_optimized(folder="artifacts/b1"), _optimized(folder="artifacts/b2")]
+
+        def manifest(self, model, version):
+            self.optimization = self.builds.pop(0) if self.builds else self.optimization
+            return SimpleNamespace(optimization=self.optimization)
+
+        def local_path(self, model, version):
+            return str(tmp_path / version)
+
+    cfg = parse_config({"models": [{"name": "m", "base_model": "x", "labels": LABELS}],
+                        "serving": {"num_cpus_per_replica": 1}})
+    replica = ModelServer(cfg.model_dump(), "m", registry=Rebuilt(), recorder=FakeRecorder(),
+                          shadow_recorder=FakeRecorder(), keys=object(), load=lambda *a: FakeModel(*a), watch=False)
+    replica._sync_with_registry()
+    assert (replica._loaded.runtime, replica._loaded.artifact) == ("onnx-int8", "artifacts/b2/onnx-int8/model.onnx")
+
+
 def test_auto_serves_the_fastest_artifact_that_passed_parity_on_the_replicas_hardware():
     replica, _, _ = _replica(optimization=_optimized(), num_cpus_per_replica=1)
     assert (replica._loaded.runtime, replica._loaded.artifact) == ("onnx-int8", "artifacts/onnx-int8/model.onnx")
