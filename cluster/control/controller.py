@@ -151,18 +151,21 @@ class Retrainer:
         started = {}  # model -> when its newest job started
         for job in jobs.all():
             started[job.model] = max(started.get(job.model, job.created_at), job.created_at)
-        untrained = {m.name: cls._untrained_feedback(registry, feedback, m.name, started.get(m.name))
+        # Feedback of a key the quarantine holds counts toward no trigger, after a restart too.
+        held = {m.name: QuarantineBook(storage).quarantined(m.name) for m in cfg.models}
+        untrained = {m.name: cls._untrained_feedback(registry, feedback, m.name, started.get(m.name), held[m.name])
                      for m in cfg.models}
         tasks = model_tasks(cfg.models)
-        judged = {m.name: cls._judged_feedback(registry, feedback, tasks[m.name], m.name, started.get(m.name))
+        judged = {m.name: cls._judged_feedback(registry, feedback, tasks[m.name], m.name, started.get(m.name),
+                                               held[m.name])
                   for m in cfg.models} if cfg.trigger.accuracy_drop is not None else {}
         return {"cfg": cfg, "jobs": jobs, "registry": registry, "launch": launch,
                 "pending": {m: n for m, (n, _) in untrained.items()},
                 "counted": {m: ids for m, (_, ids) in untrained.items()}, "judged": judged}
 
     @staticmethod
-    def _judged_feedback(registry: Registry, feedback: FeedbackStore, task, model: str,
-                         newest_job: str | None) -> tuple[str | None, list[tuple[str, bool]], int]:
+    def _judged_feedback(registry: Registry, feedback: FeedbackStore, task, model: str, newest_job: str | None,
+                         held: set[str]) -> tuple[str | None, list[tuple[str, bool]], int]:
         """(production, whether users agreed with each of its predictions that got feedback
         from a key the quarantine does not hold, judged on the first answer, oldest first,
         how many were judged after the newest job started): the accuracy-drop window as the
@@ -172,8 +175,7 @@ class Retrainer:
         if production is None:
             return None, [], 0
         since = datetime.fromisoformat(registry.manifest(model, production).created_at)
-        held = QuarantineBook(registry.storage).quarantined(model)
-        first: dict[str, tuple[datetime, bool]] = {}
+        first: dict[str, tuple[datetime, bool]] = {}  # in the order of their first answers
         rows = feedback.read_since(model, (since, ""))
         # The columns a judgment reads, not the texts: months of feedback in the controller actor.
         rows = rows.select([c for c in ("prediction_id", "version", "key_id", "created_at", *task.feedback_columns)
@@ -183,13 +185,12 @@ class Retrainer:
                     and (row.get("key_id") or ANONYMOUS) not in held:
                 first.setdefault(row["prediction_id"], (row["created_at"], task.agrees(row)))
         started = datetime.fromisoformat(newest_job) if newest_job else None
-        answers = sorted(first.items(), key=lambda item: item[1][0])
-        after_job = sum(1 for _, (at, _) in answers if started is None or at > started)
-        return production, [(pid, agreed) for pid, (_, agreed) in answers], after_job
+        after_job = sum(1 for at, _ in first.values() if started is None or at > started)
+        return production, [(pid, agreed) for pid, (_, agreed) in first.items()], after_job
 
     @staticmethod
     def _untrained_feedback(registry: Registry, feedback: FeedbackStore, model: str,
-                            newest_job: str | None) -> tuple[int, set[str]]:
+                            newest_job: str | None, held: set[str]) -> tuple[int, set[str]]:
         """Feedback newer than what production trained on (all of it before v1) and than the
         newest job's start, and the predictions it is about: a job that failed or was
         rejected had it, and, as in a running controller, it waits for the next job rather
@@ -201,9 +202,7 @@ class Retrainer:
             started = (datetime.fromisoformat(newest_job), "")
             after = started if after is None else max(after, started)
         rows = feedback.read_since(model, after)
-        # A key the quarantine holds counts toward no trigger, after a restart too: its rows
-        # were counted here, and a flagged flood started a job at every restart.
-        held = QuarantineBook(registry.storage).quarantined(model)
+        # Not the ``held`` keys' rows: counted here, a flagged flood started a job at every restart.
         ids = [i for i, key in zip(rows.column("prediction_id").to_pylist(), rows.column("key_id").to_pylist(),
                                    strict=True) if (key or ANONYMOUS) not in held]
         on_predictions = {i for i in ids if i is not None}

@@ -92,8 +92,7 @@ def _artifact_entries(optimization: Optimization | None) -> set[str]:
     build's folder, or a file or runtime folder of builds made before folders per build)."""
     if optimization is None:
         return set()
-    return {a.path.split("/")[1] for a in optimization.artifacts.values()
-            if a.path.startswith(f"{ARTIFACTS}/") and a.path.count("/") >= 1}
+    return {a.path.split("/")[1] for a in optimization.artifacts.values() if a.path.startswith(f"{ARTIFACTS}/")}
 
 
 def cache_folder(storage_uri: str) -> str:
@@ -366,11 +365,11 @@ class Registry:
         # this one (a job's and an operator's) is named by neither, and keeps its files.
         for entry in _artifact_entries(before.optimization) - _artifact_entries(optimization):
             gone = f"{artifacts}/{entry}"
-            if self.storage.exists(gone):
-                if self.storage.fs.get_file_info(self.storage.path(gone)).type == pafs.FileType.Directory:
-                    self.storage.delete_dir(gone)
-                else:
-                    self.storage.delete_file(gone)
+            kind = self.storage.fs.get_file_info(self.storage.path(gone)).type
+            if kind == pafs.FileType.Directory:
+                self.storage.delete_dir(gone)
+            elif kind == pafs.FileType.File:
+                self.storage.delete_file(gone)
         return manifest
 
     def record_switch(self, model: str, version: str, replica: str, at: datetime | None = None) -> None:
