@@ -177,14 +177,17 @@ def _quarantine(task: Task, qcfg: QuarantineConfig, book: QuarantineBook, model:
     flags: dict[str, str] = {}
     stats = {}
     if stored.num_rows:
-        stats = task_key_stats(task, stored.to_pylist())
+        # Keys held already neither vote on shared texts nor set another key's reference.
+        before = book.quarantined(model)
+        stats = task_key_stats(task, stored.to_pylist(), before)
         # Accuracy, whatever the gate compares: for every task it is the share of texts answered
         # exactly right, what a key's agreement with production counts (``Task.agrees``). An
         # entity or multi-label F1 runs far above exact agreement on multi-entity texts, and
         # held a lone honest key's feedback.
         reference = parent.metrics.accuracy if parent and parent.metrics else None
         flags = flag_keys(stats, reference, min_rows=qcfg.min_rows, max_gap=qcfg.max_gap,
-                          min_shared_texts=qcfg.min_shared_texts, min_peer_agreement=qcfg.min_peer_agreement)
+                          min_shared_texts=qcfg.min_shared_texts, min_peer_agreement=qcfg.min_peer_agreement,
+                          held=before)
         released = {k for k, v in book.verdicts(model).items() if v.state == "released"}
         flags = {k: why for k, why in flags.items() if k not in released}  # an admin's release stands
     held_keys = book.quarantine(model, flags, {k: stats[k].as_dict() for k in flags}) if flags \
@@ -323,7 +326,11 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     if replaced and reservoir.num_rows:
         reservoir = reservoir.filter(pc.invert(pc.is_in(reservoir.column("prediction_id"), pa.array(sorted(replaced)))))
     seed_pool = _without_texts(_rows(seed, schema, "seed"), golden_texts) if seed is not None else schema.empty_table()
-    pool = pa.concat_tables([seed_pool, _rows(reservoir, schema, "replay")])
+    # A key held since its rows were sampled in replays none of them; they stay in the
+    # reservoir, so that an admin's release brings them back.
+    replayable = reservoir.filter(pc.invert(_of_keys(reservoir, held_keys))) if held_keys else reservoir
+    quarantine["held_replay_rows"] = reservoir.num_rows - replayable.num_rows
+    pool = pa.concat_tables([seed_pool, _rows(replayable, schema, "replay")])
     if parent is None and tcfg.early_stopping_patience is not None and tcfg.epochs > 1:
         # v1 has no fresh feedback to watch: early stopping watches a stratified share of the
         # seed it would train on. It watched the golden set, which then judged the epoch it

@@ -299,8 +299,9 @@ def feedback_keys_cmd(model: str, config: str | None = ConfigOption) -> None:
     task = tasks[model]
     rows = FeedbackStore(storage, cfg.storage.journal_path(), tasks).read_all(model)
     dropped = superseded(rows)
-    stats = task_key_stats(task, [r for r in rows if r["feedback_id"] not in dropped])
     verdicts = QuarantineBook(storage).verdicts(model)
+    held = {k for k, v in verdicts.items() if v.state == "quarantined"}
+    stats = task_key_stats(task, [r for r in rows if r["feedback_id"] not in dropped], held)
     out = [{**s.as_dict(), "quarantine": verdicts[k].model_dump() if k in verdicts else None}
            for k, s in sorted(stats.items())]
     typer.echo(json.dumps({"model": model, "keys": out}, indent=2))

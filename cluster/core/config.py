@@ -706,8 +706,8 @@ class QuarantineConfig(Section):
     min_rows: int = Field(default=20, ge=1, description="predictions a key must have judged before it can be flagged")
     max_gap: float = Field(
         default=0.4, gt=0, le=1,
-        description="flag a key agreeing with production this much less often than other keys do (or than "
-                    "production's golden accuracy, without other keys)",
+        description="flag a key agreeing with production this much less often than the median of production's "
+                    "golden accuracy and the other keys that judged min_rows",
     )
     min_shared_texts: int = Field(default=10, ge=1, description="texts a key shares with other keys before that counts")
     min_peer_agreement: float = Field(

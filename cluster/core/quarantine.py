@@ -6,7 +6,7 @@ Two signals, per API key (records carry the id of the key that sent them):
 - **production**: on feedback about a prediction, how often the key agrees with what the
   production model served. Production passed the golden set, so an honest key agrees about
   as often as production is right there (its golden accuracy), and as often as other keys
-  do. A key agreeing ``max_gap`` less often than that reference is flagged.
+  do: the median of those. A key agreeing ``max_gap`` less often than that reference is flagged.
 - **peers**: on texts that other keys labelled too, how often the key gives the label most
   of them gave. Below ``min_peer_agreement`` it is flagged.
 
@@ -16,8 +16,10 @@ golden accuracy, whether or not other keys sent feedback.
 
 from __future__ import annotations
 
+import json
+import statistics
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,12 +57,15 @@ class KeyStats:
 
 
 def key_stats(rows: Iterable[dict[str, Any]], agrees: Callable[[dict[str, Any]], bool],
-              label_of: Callable[[dict[str, Any]], str]) -> dict[str, KeyStats]:
+              label_of: Callable[[dict[str, Any]], str], held: Collection[str] = ()) -> dict[str, KeyStats]:
     """Per key: its rows, its agreement with production (``agrees`` on rows that have a
-    prediction) and with other keys on shared texts (``label_of`` a row, compared with the
-    most common label the other keys gave the same text)."""
+    prediction) and with other keys on shared texts. On a text, each key has one vote: its
+    newest label (``label_of`` a row); a key shares the text when at least two other keys
+    not ``held`` (quarantined already) labelled it and most of them gave one label. A key
+    posting a text many times outvoted two honest keys, and two keys alone contradicting
+    each other on a text flagged both, the honest one too."""
     stats: dict[str, KeyStats] = {}
-    by_text: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    votes: dict[str, dict[str, str]] = defaultdict(dict)  # text -> key -> its newest label
     for row in rows:
         key = row.get("key_id") or ANONYMOUS
         s = stats.setdefault(key, KeyStats(key))
@@ -68,45 +73,53 @@ def key_stats(rows: Iterable[dict[str, Any]], agrees: Callable[[dict[str, Any]],
         if row.get("prediction_id") is not None:
             s.judged += 1
             s.agreed += bool(agrees(row))
-        by_text[normalized(row["text"])].append((key, label_of(row)))
-    for answers in by_text.values():
-        per_key: dict[str, Counter] = defaultdict(Counter)
-        for key, label in answers:
-            per_key[key][label] += 1
-        if len(per_key) < 2:
-            continue
-        everyone = sum(per_key.values(), Counter())
-        for key, label in answers:  # the other keys' labels: everyone's less this key's own
-            others = everyone - per_key[key]
-            top = max(others.values())
+        votes[normalized(row["text"])][key] = label_of(row)
+    for by_key in votes.values():
+        for key, label in by_key.items():
+            others = Counter(other for k, other in by_key.items() if k != key and k not in held)
+            voters = sum(others.values())
+            if voters < 2:
+                continue
+            top, count = others.most_common(1)[0]
+            if count * 2 <= voters:
+                continue  # the other keys split: no label to agree with
             stats[key].shared += 1
-            stats[key].agreed_with_peers += others[label] == top
+            stats[key].agreed_with_peers += label == top
     return stats
 
 
-def task_key_stats(task: Task, rows: Iterable[dict[str, Any]]) -> dict[str, KeyStats]:
-    """``key_stats`` by ``task``'s rules: its agreement with a prediction, its label (stratum)."""
-    return key_stats(rows, task.agrees, lambda r: task.stratum({c: r[c] for c in task.target_columns}))
+def canonical_target(value: Any) -> str:
+    """A row's target in one spelling whatever its order: lists (labels, entity spans) sorted,
+    mappings by key; two keys giving the same entities in another order agree."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in sorted(v.items())}
+        if isinstance(v, (list, tuple)):
+            return sorted((plain(x) for x in v), key=lambda x: json.dumps(x, sort_keys=True, default=str))
+        return v
+    return json.dumps(plain(value), sort_keys=True, default=str)
+
+
+def task_key_stats(task: Task, rows: Iterable[dict[str, Any]], held: Collection[str] = ()) -> dict[str, KeyStats]:
+    """``key_stats`` by ``task``'s rules: its agreement with a prediction; its whole target
+    (every entity span, not the types a row mentions, which agreed whatever spans a key
+    tagged)."""
+    return key_stats(rows, task.agrees, lambda r: canonical_target({c: r[c] for c in task.target_columns}), held)
 
 
 def flag_keys(stats: dict[str, KeyStats], production_accuracy: float | None, *, min_rows: int, max_gap: float,
-              min_shared_texts: int, min_peer_agreement: float) -> dict[str, str]:
-    """The keys to quarantine, each with the reason in words. The production reference is
-    the other keys' agreement when they judged at least ``min_rows`` predictions, else
-    production's golden accuracy; no reference, no production check."""
+              min_shared_texts: int, min_peer_agreement: float, held: Collection[str] = ()) -> dict[str, str]:
+    """The keys to quarantine, each with the reason in words. A key's production reference is
+    the median of production's golden accuracy and each other key's agreement (those that
+    judged at least ``min_rows`` predictions and are not ``held``); no reference, no
+    production check. A median, not the other keys' rows pooled: two keys flipping labels
+    together pulled the pooled reference down to where neither was flagged."""
     flags: dict[str, str] = {}
     for key, s in stats.items():
         if key == ANONYMOUS:
             continue  # no key to hold; open feedback is the operator's choice
         reasons = []
-        others_judged = sum(o.judged for k, o in stats.items() if k != key)
-        others_agreed = sum(o.agreed for k, o in stats.items() if k != key)
-        if others_judged >= min_rows:
-            reference, of = others_agreed / others_judged, f"other keys' {others_agreed / others_judged:.0%}"
-        elif production_accuracy is not None:
-            reference, of = production_accuracy, f"production's golden accuracy {production_accuracy:.0%}"
-        else:
-            reference = None
+        reference, of = _production_reference(key, stats, production_accuracy, min_rows, held)
         if reference is not None and s.judged >= min_rows and s.production_agreement < reference - max_gap:
             reasons.append(f"agrees with production on {s.production_agreement:.0%} of {s.judged} predictions, "
                            f"against {of} (allowed gap {max_gap:.0%})")
@@ -116,3 +129,17 @@ def flag_keys(stats: dict[str, KeyStats], production_accuracy: float | None, *, 
         if reasons:
             flags[key] = "; ".join(reasons)
     return flags
+
+
+def _production_reference(key: str, stats: dict[str, KeyStats], production_accuracy: float | None,
+                          min_rows: int, held: Collection[str]) -> tuple[float | None, str]:
+    """(what ``key``'s agreement with production is held to, that reference in words)."""
+    others = [o.production_agreement for k, o in stats.items() if k != key and k not in held and o.judged >= min_rows]
+    points = others + ([production_accuracy] if production_accuracy is not None else [])
+    if not points:
+        return None, ""
+    median = statistics.median(points)
+    if not others:
+        return median, f"production's golden accuracy {median:.0%}"
+    golden = f" and production's golden accuracy {production_accuracy:.0%}" if production_accuracy is not None else ""
+    return median, f"{median:.0%}, the median of {len(others)} other key(s){golden}"

@@ -230,7 +230,7 @@ def test_a_key_flipping_labels_is_held_out_until_released_then_trained(env):
     q = data.summary["quarantine"]
     assert set(q["flagged"]) == {"bbbbbbbb"} and "0% of 60 predictions" in q["flagged"]["bbbbbbbb"]
     assert q["held_rows"] == 60 and q["keys"]["aaaaaaaa"]["production_agreement"] == 1.0
-    assert "against other keys' 100%" in q["flagged"]["bbbbbbbb"]
+    assert "against 95%, the median of 1 other key(s) and production's golden accuracy 90%" in q["flagged"]["bbbbbbbb"]
     seen = set(data.train.column("feedback_id").to_pylist()) | set(data.fresh_eval.column("feedback_id").to_pylist())
     assert seen.isdisjoint(flipped) and set(honest) <= seen | set(data.validation.column("feedback_id").to_pylist())
     assert sorted(data.held.column("feedback_id").to_pylist()) == sorted(flipped)
@@ -249,6 +249,36 @@ def test_a_key_flipping_labels_is_held_out_until_released_then_trained(env):
     assert len(trained) == len(set(trained)) and set(trained).isdisjoint(evaluated)  # each row once, never both
     assert set(flipped) <= set(trained)
     assert released.summary["quarantine"]["flagged"] == {}  # a released key is not flagged again
+
+
+def test_a_key_held_later_replays_none_of_the_rows_it_sent_before(env):
+    """A key's first rows, too few to judge it, train and enter the reservoir; once a later
+    job holds the key, none of them is replayed, and a release brings them back."""
+    from tuneloop.store.quarantine import QuarantineBook
+
+    cfg, task, registry, feedback, tmp_path = env
+    tcfg = cfg.training.model_copy(update={"reservoir_size": 1000})
+    first = assemble(task, cfg.model("m"), tcfg, registry, feedback, None)
+    v1 = _publish(registry, tmp_path, first, "v1", first.summary, golden_accuracy=0.9)
+    early = _on_v1(feedback, "flipped", "negative", "bbbbbbbb", range(15))  # under min_rows: not judged
+    _on_v1(feedback, "honest", "positive", "aaaaaaaa", range(30))
+    feedback.compact()
+    second = assemble(task, cfg.model("m"), tcfg, registry, feedback, v1)
+    assert second.summary["quarantine"]["flagged"] == {}
+    in_reservoir = set(early) & set(second.reservoir.column("feedback_id").to_pylist())
+    assert in_reservoir  # trained, and sampled into the reservoir
+    v2 = _publish(registry, tmp_path, second, "v2", second.summary, golden_accuracy=0.9)
+    _on_v1(feedback, "flipped", "negative", "bbbbbbbb", range(15, 60))
+    _on_v1(feedback, "honest", "positive", "aaaaaaaa", range(30, 60))
+    feedback.compact()
+    third = assemble(task, cfg.model("m"), tcfg, registry, feedback, v2)
+    assert set(third.summary["quarantine"]["flagged"]) == {"bbbbbbbb"}
+    assert third.summary["quarantine"]["held_replay_rows"] == len(in_reservoir)
+    assert in_reservoir.isdisjoint(third.train.column("feedback_id").to_pylist())
+    assert in_reservoir <= set(third.reservoir.column("feedback_id").to_pylist())  # kept for a release
+    QuarantineBook(registry.storage).release("m", "bbbbbbbb")
+    released = assemble(task, cfg.model("m"), tcfg, registry, feedback, v2)
+    assert released.summary["quarantine"]["held_replay_rows"] == 0
 
 
 def test_a_held_answer_replaced_by_a_newer_one_is_not_trained_when_its_key_is_released(env):

@@ -4,7 +4,8 @@ which keys are far off the rest, on numbers alone, and the book that holds the v
 import pytest
 
 from tuneloop.core.errors import NotQuarantined
-from tuneloop.core.quarantine import ANONYMOUS, flag_keys, key_stats
+from tuneloop.core.quarantine import ANONYMOUS, flag_keys, key_stats, task_key_stats
+from tuneloop.core.tasks.token_classification import TokenClassification
 from tuneloop.store.quarantine import QuarantineBook
 from tuneloop.store.storage import Storage
 
@@ -30,7 +31,22 @@ def test_a_key_agreeing_far_less_than_the_others_is_flagged():
     stats = key_stats(rows, _agrees, _label)
     assert stats["flipper"].production_agreement == 0.1 and stats["honest1"].judged == 50
     flags = flag_keys(stats, production_accuracy=0.9, **RULES)
-    assert set(flags) == {"flipper"} and "10% of 40 predictions, against other keys' 88%" in flags["flipper"]
+    assert set(flags) == {"flipper"}
+    assert "10% of 40 predictions, against 90%, the median of 2 other key(s) and production's golden accuracy 90%" \
+        in flags["flipper"]
+
+
+def test_two_keys_flipping_together_are_both_flagged():
+    # Pooled, the other keys' rows (5 of 100 and 26 of 30 agreeing) made a reference of 24%,
+    # which neither flipper missed by the allowed gap.
+    rows = _rows("flip1", 100, 5) + _rows("flip2", 100, 5, start=100) + _rows("honest", 30, 26, start=200)
+    flags = flag_keys(key_stats(rows, _agrees, _label), production_accuracy=0.9, **RULES)
+    assert set(flags) == {"flip1", "flip2"} and "against 87%" in flags["flip1"]
+    # A key quarantined already sets no other key's reference: the flipper alone, judged on
+    # the honest key and production, is flagged; and the honest one is not.
+    stats = key_stats(rows, _agrees, _label, held={"flip2"})
+    assert set(flag_keys(stats, production_accuracy=0.9, held={"flip2"}, **RULES)) >= {"flip1"}
+    assert "honest" not in flag_keys(stats, production_accuracy=0.9, held={"flip2"}, **RULES)
 
 
 def test_alone_a_key_is_judged_against_productions_golden_accuracy():
@@ -55,9 +71,51 @@ def test_a_key_contradicting_other_keys_on_shared_texts_is_flagged():
     b = [{**r, "prediction_id": None} for r in _rows("b", 12, 12, text="shared {}")]
     c = [{**r, "prediction_id": None} for r in _rows("c", 12, 0, text="shared {}")]
     stats = key_stats(a + b + c, _agrees, _label)
-    assert stats["c"].shared == 12 and stats["c"].peer_agreement == 0.0 and stats["a"].peer_agreement == 1.0
+    assert stats["c"].shared == 12 and stats["c"].peer_agreement == 0.0
+    assert stats["a"].shared == 0  # a's others, b and c, split: no label to agree with
     flags = flag_keys(stats, production_accuracy=None, **RULES)
     assert set(flags) == {"c"} and "0% of 12 shared texts" in flags["c"]
+
+
+def _unjudged(key, n, label, times=1):
+    """``key`` labelling texts "shared 0".. "shared n-1" ``label``, each ``times`` times, with no prediction."""
+    return [{**r, "prediction_id": None} for r in _rows(key, n, 0, text="shared {}", label=label)] * times
+
+
+def test_a_key_posting_a_text_many_times_has_one_vote_and_cannot_flag_honest_keys():
+    stats = key_stats(_unjudged("a", 12, "pos") + _unjudged("b", 12, "pos") + _unjudged("spam", 12, "neg", times=3),
+                      _agrees, _label)
+    assert stats["a"].shared == 0  # a's others, b (pos) and spam (neg, one vote): a split
+    assert stats["spam"].shared == 12 and stats["spam"].rows == 36
+    assert set(flag_keys(stats, production_accuracy=None, **RULES)) == {"spam"}
+
+
+def test_two_keys_alone_contradicting_each_other_are_not_judged_by_peers():
+    stats = key_stats(_unjudged("a", 12, "pos") + _unjudged("b", 12, "neg"), _agrees, _label)
+    assert stats["a"].shared == 0 and stats["b"].shared == 0
+    assert flag_keys(stats, production_accuracy=None, **RULES) == {}
+
+
+def test_a_quarantined_key_does_not_vote_on_shared_texts():
+    rows = _unjudged("a", 12, "pos") + _unjudged("held1", 12, "neg") + _unjudged("held2", 12, "neg")
+    assert flag_keys(key_stats(rows, _agrees, _label), production_accuracy=None, **RULES) == \
+        {"a": "gives other keys' label on 0% of 12 shared texts (at least 50% expected)"}
+    held = {"held1", "held2"}
+    assert "a" not in flag_keys(key_stats(rows, _agrees, _label, held=held), production_accuracy=None, held=held,
+                                **RULES)
+
+
+def test_entity_feedback_agrees_with_peers_only_on_the_same_spans():
+    task = TokenClassification(["PER", "LOC"])
+    person = [{"start": 0, "end": 4, "label": "PER"}]
+
+    def rows(key, spans):
+        return [{"key_id": key, "prediction_id": None, "text": f"John went home {i}", "entities": spans}
+                for i in range(12)]
+    wrong_span = [{"start": 5, "end": 9, "label": "PER"}]  # "went": the same type, another span
+    stats = task_key_stats(task, rows("a", person) + rows("b", list(reversed(person + []))) + rows("c", wrong_span))
+    assert stats["c"].shared == 12 and stats["c"].peer_agreement == 0.0
+    assert stats["a"].shared == 0  # a's others, b and c, split
 
 
 def test_the_book_quarantines_releases_and_never_requarantines(tmp_path):
