@@ -12,9 +12,21 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 from tuneloop.core.tasks import Task
+
+
+UNDATED = "undated"  # by_day's entry for rows another tool stored without created_at
+_BEFORE_ANY = datetime.min.replace(tzinfo=UTC)
+
+
+def _order(row: dict[str, Any]) -> tuple[datetime, str]:
+    """Where ``row`` stands in arrival order, (created_at, feedback_id). A row another tool
+    stored without either (a backfill, which the store keeps) stands first: comparing its
+    None with a time stopped the ingress at every start."""
+    return row.get("created_at") or _BEFORE_ANY, row.get("feedback_id") or ""
 
 
 def superseded(rows: Iterable[dict[str, Any]]) -> set[str]:
@@ -25,7 +37,7 @@ def superseded(rows: Iterable[dict[str, Any]]) -> set[str]:
         pid = row.get("prediction_id")
         if pid is None:
             continue
-        key = (row["created_at"], row["feedback_id"])
+        key = _order(row)
         if pid not in newest:
             newest[pid] = key
         elif key > newest[pid]:
@@ -33,6 +45,8 @@ def superseded(rows: Iterable[dict[str, Any]]) -> set[str]:
             newest[pid] = key
         else:
             out.add(row["feedback_id"])
+    out.discard("")  # rows without an id (a backfill's) cannot be named: they stay
+    out.discard(None)
     return out
 
 
@@ -57,7 +71,7 @@ class FeedbackTally:
     def add(self, row: dict[str, Any]) -> None:
         pid = row.get("prediction_id")
         if pid is not None:
-            order = (row["created_at"], row["feedback_id"])
+            order = _order(row)
             current = self._newest.get(pid)
             if current is not None:
                 self.superseded += 1
@@ -77,7 +91,7 @@ class FeedbackTally:
         self._total += sign
         for label in self.task.feedback_labels(row):
             self._labels[label] += sign
-        self._days[row["created_at"].strftime("%Y-%m-%d")] += sign
+        self._days[row["created_at"].strftime("%Y-%m-%d") if row.get("created_at") else UNDATED] += sign
         if row.get("version") is not None:
             tally = self._versions[row["version"]]
             tally[0] += sign

@@ -305,3 +305,30 @@ def test_a_wall_clock_stepped_back_never_puts_a_record_behind_an_earlier_one(tmp
     assert rows[second]["created_at"] >= rows[first]["created_at"] and second > first
     after_first = store.read_since("m", (rows[first]["created_at"], first)).column("feedback_id").to_pylist()
     assert after_first == [second]
+
+
+def test_a_backfill_without_times_or_ids_is_counted_by_the_feedback_statistics(tmp_path):
+    """Rows another tool stored without created_at or feedback_id (kept, read with nulls)
+    stopped the ingress at every start: its statistics compared None with a time."""
+    import pyarrow as pa
+
+    from tuneloop.core.feedback_stats import UNDATED, FeedbackTally, superseded
+
+    storage = Storage(str(tmp_path / "store"))
+    store = FeedbackStore(storage, str(tmp_path / "journal"), TASKS)
+    store.open_writer()
+    ours = store.append(model="m", text="great", label="positive", prediction_id="p1", version="v1",
+                        predicted_label="positive")
+    store.compact()
+    day = tmp_path / "store/feedback/m/date=2026-01-02"
+    day.mkdir(parents=True)
+    pq.write_table(pa.table({"model": ["m", "m"], "text": ["fine", "bad"], "label": ["negative", "negative"],
+                             "prediction_id": ["p1", None]}), day / "backfill.parquet")
+    rows = store.read_all("m")
+    assert len(rows) == 3 and sum(r["created_at"] is None for r in rows) == 2
+    stats = FeedbackTally("m", TASKS["m"]).add_all(rows).stats()
+    assert stats["total"] == 2 and stats["superseded"] == 1  # the undated answer on p1 is the older
+    assert stats["by_label"] == {"negative": 1, "positive": 1}
+    assert stats["by_day"][UNDATED] == 1
+    assert superseded(rows) == set()  # the older answer has no id to name
+    store.close()
