@@ -317,8 +317,8 @@ def test_a_backfill_without_times_or_ids_is_counted_by_the_feedback_statistics(t
     storage = Storage(str(tmp_path / "store"))
     store = FeedbackStore(storage, str(tmp_path / "journal"), TASKS)
     store.open_writer()
-    ours = store.append(model="m", text="great", label="positive", prediction_id="p1", version="v1",
-                        predicted_label="positive")
+    store.append(model="m", text="great", label="positive", prediction_id="p1", version="v1",
+                 predicted_label="positive")
     store.compact()
     day = tmp_path / "store/feedback/m/date=2026-01-02"
     day.mkdir(parents=True)
