@@ -37,9 +37,9 @@ from tuneloop.store.jobs import JobStore
 from tuneloop.core.auth import METRICS_ROLE, RateLimiter
 from tuneloop.store.keys import KeyRing
 from tuneloop.core.idempotency import HEADER as IDEMPOTENCY_HEADER
-from tuneloop.core.idempotency import parse_key
+from tuneloop.core.idempotency import fingerprint, parse_key
 from tuneloop.store.quarantine import QuarantineBook
-from tuneloop.store.registry import Registry, RegistryState
+from tuneloop.store.registry import BODY, Registry, RegistryState
 from tuneloop.store.rollout_actions import RolloutAction, operate_rollout
 from tuneloop.core.rollout import Stage
 from tuneloop.store.storage import Storage
@@ -81,11 +81,16 @@ class PromoteRequest(BaseModel):
     force: StrictBool = False  # "yes" or 1 promoting a gate-rejected version would be a surprise
 
 
-def _request_id(key_id: str | None, action: str, idempotency_key: str | None) -> str | None:
-    """An operator request's id in the registry's history: its key, what it asked and the
-    client's Idempotency-Key (None without one: every call acts)."""
+def _request_id(key_id: str | None, action: str, idempotency_key: str | None,
+                body: BaseModel | None = None) -> str | None:
+    """An operator request's id in the registry's history: its key, what it asked, the
+    client's Idempotency-Key (None without one: every call acts) and its body's fingerprint,
+    so that the key reused for another version is refused (422) rather than answered with
+    the first request's outcome and nothing done."""
     key = parse_key(idempotency_key)
-    return None if key is None else f"{key_id} {action} {key}"
+    if key is None:
+        return None
+    return f"{key_id} {action} {key}{BODY}{fingerprint(body.model_dump() if body else {})[:16]}"
 
 
 def _rollout_fields(state: RegistryState, shadow_percent: float) -> dict[str, Any]:
@@ -489,7 +494,7 @@ class Ingress:
         labels = self._model_cfg(model).labels
         state = await asyncio.to_thread(self.registry.promote, model, body.version, f"by key {key_id}",
                                         force=body.force, labels=labels,
-                                        request=_request_id(key_id, "promote", idempotency_key))
+                                        request=_request_id(key_id, "promote", idempotency_key, body))
         return self._state_answer(model, state)
 
     @app.post("/v1/models/{model}/rollback")
@@ -509,7 +514,7 @@ class Ingress:
         m = self._model_cfg(model)
         state = await asyncio.to_thread(operate_rollout, self.registry, model, body.action, f"by key {key_id}",
                                         self.cfg.rollout, m.labels, body.version, body.stage, body.force,
-                                        _request_id(key_id, f"rollout {body.action}", idempotency_key))
+                                        _request_id(key_id, f"rollout {body.action}", idempotency_key, body))
         return self._state_answer(model, state)
 
     def _state_answer(self, model: str, state: RegistryState) -> dict[str, Any]:

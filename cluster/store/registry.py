@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tuneloop.core.errors import Conflict, CorruptStoredFile, UnknownVersion
+from tuneloop.core.errors import Conflict, CorruptStoredFile, InvalidValue, UnknownVersion
 from tuneloop.core.evaluation import EvalMetrics
 from tuneloop.core.gate import GateDecision
 from tuneloop.core.runtimes import Optimization
@@ -195,6 +195,9 @@ class HistoryEntry(BaseModel):
     request: str | None = None
 
 
+BODY = " body="  # in a request id: what follows is the request body's fingerprint
+
+
 class _Unchanged(Exception):
     """A transition that would change nothing: state.json is left as it is (``state``)."""
 
@@ -210,8 +213,19 @@ class RegistryState(BaseModel):
     history: list[HistoryEntry] = Field(default_factory=list)
 
     def carried_out(self, request: str | None) -> bool:
-        """Whether an operator's ``request`` (``HistoryEntry.request``) is in the history."""
-        return request is not None and any(e.request == request for e in self.history)
+        """Whether an operator's ``request`` (``HistoryEntry.request``) is in the history.
+        Raises InvalidValue (422) for its Idempotency-Key carried out with another body
+        (``BODY``: a request id may end with its body's fingerprint)."""
+        if request is None:
+            return False
+        asked = request.split(BODY)[0]
+        for e in self.history:
+            if e.request == request:
+                return True
+            if e.request is not None and BODY in request and e.request.split(BODY)[0] == asked:
+                raise InvalidValue(f"Idempotency-Key {asked.rsplit(' ', 1)[-1]!r} was used for a different "
+                                   "request; use a new key per request")
+        return False
 
     def in_service_since(self, since: datetime) -> set[str]:
         """The versions that took traffic at or after ``since``: production and the rollout's

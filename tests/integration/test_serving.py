@@ -245,6 +245,12 @@ def test_promote_and_rollback_by_an_admin(app):
     for _ in range(2):  # retried after a timeout: production steps back once
         r = post(f"{url}/v1/models/sentiment/rollback", {}, key=ADMIN_KEY, headers={"Idempotency-Key": "rb-1"})
         assert r.status_code == 200 and r.json()["production"] == before
+    r = post(f"{url}/v1/models/sentiment/promote", {"version": new}, key=ADMIN_KEY, headers={"Idempotency-Key": "pr-1"})
+    assert r.status_code == 200 and r.json()["production"] == new
+    # The same key for another version: refused, not answered with the first one's outcome.
+    r = post(f"{url}/v1/models/sentiment/promote", {"version": before}, key=ADMIN_KEY,
+             headers={"Idempotency-Key": "pr-1"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_value" and "pr-1" in r.json()["error"]["message"]
     r = post(f"{url}/v1/models/sentiment/promote", {"version": "v999"}, key=ADMIN_KEY)
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_version"
     r = post(f"{url}/v1/models/sentiment/retrain", {}, key=ADMIN_KEY)

@@ -153,3 +153,20 @@ def test_an_operators_retried_request_moves_production_once(reg):
         state = operate_rollout(reg, "m", "rollback", "by k", steps, ["a", "b"], request="k rollback s3")
         assert (state.production, state.rollout) == ("v1", None)
     assert reg.state("m").history[-1].request == "k rollback s3"
+
+
+
+def test_an_idempotency_key_reused_for_another_body_is_refused_and_changes_nothing(reg):
+    """A script reusing one Idempotency-Key to promote v2, then v3, got 200 for the second
+    while production stayed at v2."""
+    from tuneloop.core.errors import InvalidValue
+    from tuneloop.store.registry import BODY
+
+    reg.promote("m", "v2", request=f"k promote p1{BODY}aaaa")
+    assert reg.promote("m", "v2", request=f"k promote p1{BODY}aaaa").production == "v2"  # the retry
+    generation = reg.state("m").generation
+    with pytest.raises(InvalidValue, match="'p1' was used for a different request"):
+        reg.promote("m", "v3", request=f"k promote p1{BODY}bbbb")
+    assert (reg.state("m").production, reg.state("m").generation) == ("v2", generation)
+    assert reg.promote("m", "v3", request=f"k promote p2{BODY}bbbb").production == "v3"  # a new key acts
+    assert reg.promote("m", "v2", request=f"other promote p1{BODY}bbbb").production == "v2"  # another API key's
