@@ -61,7 +61,10 @@ log = logging.getLogger("ray.serve")
 READY_TIMEOUT_S = 5.0
 CONTROLLER_LOOKUP_S = 5.0  # how long a retrain controller handle is trusted (Ingress._controller)
 
-app = FastAPI(title="tuneloop", version="1")
+# A body without a Content-Type is JSON, as the model replicas read it (BodyGuard refuses any
+# other type first): FastAPI's strict default left it unparsed, and feedback sent as
+# requests' data=json.dumps(...) got a 422 "Input should be a valid dictionary".
+app = FastAPI(title="tuneloop", version="1", strict_content_type=False)
 
 
 class PredictRequest(BaseModel):
