@@ -228,11 +228,12 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     # Fresh feedback: after the parent's watermark (read first: the first job's golden set
     # counts it among the rows left to train on).
     after = parent.watermark() if parent else None
-    stored = feedback.read_since(mcfg.name, after)
     # Records a second live writer holds uncompacted (an upgrade's two ingresses) may be older
     # than the newest compacted row; a watermark past them would leave them out of every job.
-    # What arrived since the oldest of them waits for the next job.
+    # What arrived since the oldest of them waits for the next job. Looked for before the
+    # Parquet is read: the other way round, a segment compacted in between was in neither.
     pending = feedback.oldest_pending(mcfg.name)
+    stored = feedback.read_since(mcfg.name, after)
     n_behind_pending = 0
     if pending is not None:
         before = stored.filter(pc.less(stored.column("created_at"),

@@ -193,16 +193,18 @@ class Journal:
         Parquet. Returns the number of records compacted. A segment leaves the list only
         once its Parquet is written, so a failed compaction is retried by the next one."""
         with self._compact_lock:
-            # Those a failed compaction left first, and only then the active segment: taken
-            # at every compaction whatever became of the last, each interval of an object
-            # store's outage added a segment to the list, with its open descriptor (200
-            # failed intervals held 200), until the ingress ran out of them.
-            done = self._compact_finished()
+            # A dead writer's segments (older) first: written after this writer's newer
+            # ones, a job reading Parquet between the two writes set its watermark past them,
+            # and no job read them again. Then those a failed compaction left, and only then
+            # the active segment: taken at every compaction whatever became of the last, each
+            # interval of an object store's outage added a segment to the list, with its open
+            # descriptor (200 failed intervals held 200), until the ingress ran out of them.
+            done = self.recover() + self._compact_finished()
             with self._lock:
                 if self._active is not None and self._active.records:
                     self._finished.append(self._active)
                     self._active = None  # the next append opens a new segment
-            return done + self._compact_finished() + self.recover()
+            return done + self._compact_finished()
 
     def _compact_finished(self) -> int:
         with self._lock:

@@ -178,3 +178,32 @@ def test_records_a_writer_left_in_an_earlier_journal_dir_reach_parquet_when_the_
         assert list(old.glob("*.wal")) == []
     finally:
         store.close()
+
+
+def test_a_dead_writers_older_segments_reach_parquet_before_this_writers_newer_ones(tmp_path):
+    """Written after this writer's own (newer) records, a dead writer's (older) ones left a
+    window in which a job read the newer Parquet alone, set its watermark past the older
+    records, and no job read them again."""
+    class Unreachable(Storage):
+        def write_parquet_atomic(self, rel, table):
+            raise OSError("the bucket is unreachable")
+
+    class Recording(Storage):
+        written: list[str] = []
+
+        def write_parquet_atomic(self, rel, table):
+            self.written.append(table.column("id")[0].as_py())
+            super().write_parquet_atomic(rel, table)
+
+    root = str(tmp_path / "store")
+    dead = Journal(tmp_path / "j", Unreachable(root), lambda rows: records_to_table(rows, SCHEMA),
+                   lambda r: f"feedback/{r['model']}/date={r['at'][:10]}")
+    dead.append(_record(1))
+    dead.close()  # its compaction failed: the segment stays, unlocked, as a killed writer's would
+    storage = Recording(root)
+    journal = Journal(tmp_path / "j", storage, lambda rows: records_to_table(rows, SCHEMA),
+                      lambda r: f"feedback/{r['model']}/date={r['at'][:10]}")
+    journal.append(_record(2))
+    assert journal.compact() == 2
+    assert storage.written == ["r1", "r2"]
+    assert sorted(_stored_ids(storage)) == ["r1", "r2"]
