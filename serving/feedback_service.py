@@ -14,7 +14,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tuneloop.core.config import TuneloopConfig
-from tuneloop.core.errors import InvalidBody, InvalidValue, Overloaded, UnknownModel, UnknownPrediction
+from tuneloop.core.errors import (InvalidBody, InvalidValue, Overloaded, StorageUnavailable, UnknownModel,
+                                  UnknownPrediction)
 from tuneloop.core.feedback_stats import FeedbackTally
 from tuneloop.core.tasks import check_text_length, model_tasks
 from tuneloop.serving import metrics
@@ -110,7 +111,7 @@ class FeedbackService:
         id younger than that may not be on disk yet: wait out the interval (without holding
         a thread), look again."""
         models = [m.name for m in self.cfg.models]
-        found = await asyncio.to_thread(self.predictions.lookup, models, prediction_id)
+        found = await self._lookup(models, prediction_id)
         born = prediction_time(prediction_id)
         if found is None and born is not None:
             settle = self.cfg.predictions.flush_interval_s + PREDICTION_LOG_SLACK_S
@@ -123,11 +124,21 @@ class FeedbackService:
                     await self._sleep(wait)
                 finally:
                     self._young_id_waits -= 1
-                found = await asyncio.to_thread(self.predictions.lookup, models, prediction_id)
+                found = await self._lookup(models, prediction_id)
         if found is None:
             hint = "" if self.cfg.predictions.sample_rate >= 1 else " (or it was not sampled into the log)"
             raise UnknownPrediction(prediction_id, hint)
         return found
+
+    async def _lookup(self, models: list[str], prediction_id: str) -> dict[str, Any] | None:
+        """The prediction log's row of ``prediction_id``. The log unreachable (an object
+        store's outage) answers 503 with Retry-After, not 500: clients retry a 503, and
+        dropped the feedback on a 500."""
+        try:
+            return await asyncio.to_thread(self.predictions.lookup, models, prediction_id)
+        except OSError as e:
+            raise StorageUnavailable(f"the prediction log cannot be read ({type(e).__name__}: {e}); "
+                                     "nothing was stored, retry later") from None
 
     def stored(self, record: dict[str, Any]) -> None:
         """Each newly stored record (never a repeated Idempotency-Key): statistics, the

@@ -145,3 +145,22 @@ def test_with_several_tasks_a_bad_body_is_told_what_its_own_task_says():
     with pytest.raises(InvalidBody) as e:
         asyncio.run(service.submit({"entities": "PER"}, prediction_id=new_prediction_id(NOW)))
     assert '"entities" must be a list of {"start", "end", "label"}, not str' in str(e.value)  # not "unknown field"
+
+
+def test_feedback_on_a_prediction_while_the_log_is_unreachable_is_503_and_stores_nothing(tmp_path):
+    """An object store's outage during the lookup was a 500 without Retry-After: clients that
+    retry only 429 and 503 dropped the feedback."""
+    from tuneloop.core.errors import StorageUnavailable
+    from tuneloop.core.tasks import model_tasks
+    from tuneloop.store.records import PredictionLog
+    from tuneloop.store.storage import Storage
+
+    class Unreachable(Storage):
+        def list_dir(self, rel):
+            raise OSError("When listing objects under key 'predictions/m': AWS Error NETWORK_CONNECTION")
+
+    service, store, _, _ = _service()
+    service.predictions = PredictionLog(Unreachable(str(tmp_path)), model_tasks(service.cfg.models))
+    with pytest.raises(StorageUnavailable, match="the prediction log cannot be read") as e:
+        asyncio.run(service.submit({"label": "pos"}, prediction_id=new_prediction_id(datetime(2026, 11, 1, tzinfo=UTC))))
+    assert e.value.status == 503 and e.value.headers["Retry-After"] and store.appended == []
