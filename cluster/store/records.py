@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from tuneloop.core.idempotency import IdempotencyIndex, fingerprint
 from tuneloop.core.tasks import ColumnType, ListOf, MapOf, StructOf, Task
@@ -232,6 +233,16 @@ def _read_one(storage: Storage, file: str, schema: pa.Schema, filter, skipped: l
         if skipped is not None:
             skipped.append(file)
         return schema.empty_table()
+
+
+def _other_columns(storage: Storage, file: str, schema: pa.Schema) -> list[str]:
+    """The columns ``file`` holds that ``schema`` lacks (none for a file not readable as
+    Parquet: ``_read`` deals with those)."""
+    try:
+        found = pq.read_schema(storage.path(file), filesystem=storage.fs)
+    except _NOT_OUR_FORMAT:
+        return []
+    return [name for name in found.names if schema.get_field_index(name) < 0]
 
 
 MERGE_MIN_FILES = 16  # a closed day with fewer compacted files is left as it is
@@ -590,9 +601,12 @@ class FeedbackStore:
         for day, files in sorted(by_day.items()):
             if not day or day >= today_iso or len(files) < min_files:
                 continue  # today's partition still grows; a merged day holds one file
+            schema = self._schema(model)
+            # Another tool's file with columns of its own (an annotator's name) is left as it is:
+            # the merged file holds only the schema's columns, and its sources are deleted.
+            files = [f for f in files if not _other_columns(self.storage, f, schema)]
             unreadable: list[str] = []
-            table = _first_of_each_id(_read(self.storage, files, self._schema(model), skipped=unreadable),
-                                      "feedback_id")
+            table = _first_of_each_id(_read(self.storage, files, schema, skipped=unreadable), "feedback_id")
             if table.num_rows == 0:
                 continue
             if table.column("feedback_id").null_count or table.column("created_at").null_count:

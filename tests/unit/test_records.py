@@ -219,6 +219,24 @@ def test_a_day_merge_keeps_what_it_could_not_read_and_rows_without_ids(tmp_path)
     store.close()
 
 
+def test_a_day_merge_leaves_another_tools_file_with_columns_of_its_own_in_place(tmp_path):
+    """The merged file holds the schema's columns only, and its sources are deleted: a
+    backfill's extra column (an annotator's name) was gone for good."""
+    import pyarrow as pa
+    from datetime import timedelta
+
+    storage, store = _compacted_one_by_one(tmp_path, 16)
+    day = storage.path(store.files("m")[0]).rsplit("/", 1)[0]
+    at = pa.array([datetime.now(UTC)], pa.timestamp("ms", tz="UTC"))
+    pq.write_table(pa.table({"feedback_id": ["annotated"], "model": ["m"], "text": ["fine"], "label": ["positive"],
+                             "created_at": at, "annotator": ["ada"]}), f"{day}/annotated.parquet")
+    assert store.merge_closed_days("m", today=datetime.now(UTC).date() + timedelta(days=1)) == 16
+    assert sorted(f.rsplit("/", 1)[1].split("-")[0] for f in store.files("m")) == ["annotated.parquet", "merged"]
+    assert pq.read_table(f"{day}/annotated.parquet").column("annotator").to_pylist() == ["ada"]
+    assert store.read_since("m", None).num_rows == 17
+    store.close()
+
+
 def test_a_read_that_keeps_meeting_a_merge_deleting_its_sources_still_reads_every_record(tmp_path, monkeypatch):
     """A merge deletes a day's sources one by one (minutes on a bucket); a reader listed
     again three times, met a deleted file each time and failed: an ingress starting then
