@@ -25,7 +25,7 @@ from typing import Any
 
 import pyarrow as pa
 import ray
-from ray.train import LoggingConfig, RunConfig, ScalingConfig
+from ray.train import LoggingConfig, RunConfig, ScalingConfig, WorkerGroupError
 from ray.train.torch import TorchTrainer
 
 from tuneloop.core.config import GateConfig, TrainingConfig, TuneloopConfig
@@ -118,6 +118,18 @@ def _wait_for_resources(tcfg: TrainingConfig, autoscaled: bool) -> None:
     finally:
         if autoscaled:
             request_resources(bundles=[])  # the workers' own demand keeps the nodes from now on
+
+
+def worker_value_error(e: WorkerGroupError) -> ValueError | None:
+    """The ValueError every failed worker raised (the loop's own checks: a tokenizer with
+    neither a pad nor an end token, no output layer to find), as itself: Ray Train wraps it
+    in the worker's traceback, which the job's error then carried instead of the message.
+    None for anything else, a bug, whose traceback is what a user needs."""
+    # Ray Train 2.60 keeps the worker's exception in UserExceptionWithTraceback._base_exc.
+    causes = [getattr(f, "_base_exc", f) for f in e.worker_failures.values()]
+    if causes and all(isinstance(c, ValueError) for c in causes):
+        return ValueError(str(causes[0]))
+    return None
 
 
 def _per_worker(tcfg: TrainingConfig) -> dict[str, float]:
@@ -302,7 +314,10 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except WorkerGroupError as e:
+        raise worker_value_error(e) or e from None
     training_ended = _now()
     report = result.metrics
     gate, metrics, parent_metrics = _gate(task, cfg.gate, report, teacher.evidence() if teacher else None)

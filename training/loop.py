@@ -49,10 +49,10 @@ def _param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 or "LayerNorm" in name or name.endswith(".bias") else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    # An empty group is left out: DeepSpeed's ZeRO 1/2 read each group's first parameter, and a
+    # frozen GPT-2 (its score head has no bias) had no parameter without decay.
+    return [group for group in ({"params": decay, "weight_decay": weight_decay},
+                                {"params": no_decay, "weight_decay": 0.0}) if group["params"]]
 
 
 def _windowed(tokenizer, batch: dict[str, list], max_length: int, device,

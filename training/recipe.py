@@ -49,12 +49,15 @@ def zero_stage_to_run(requested: int, world_size: int, precision: Precision) -> 
 # Encoder blocks are numbered under one of these names in Hugging Face models: BERT, RoBERTa,
 # DistilBERT and ELECTRA ("layer"), Llama and Mistral ("layers"), T5 ("block"), GPT-2 ("h").
 _BLOCK = re.compile(r"(?:^|\.)(?:layer|layers|block|h)\.(\d+)\.")
-# Token and position embeddings, by the same families' names.
-_EMBEDDING = re.compile(r"(?:^|\.)(?:embeddings|embed_tokens|embed_positions|word_embeddings|wte|wpe|shared)(?:\.|$)")
+# What feeds the first block, outside any block: token and position embeddings by the same
+# families' names, and any name holding "embed" (ELECTRA's embeddings_project, DeBERTa's
+# rel_embeddings, which every block reads), which named segments alone left training.
+_EMBEDDING = re.compile(r"(?:^|\.)(?:\w*embed\w*|wte|wpe|shared)(?:\.|$)")
 
 
-# Where Hugging Face configs keep the encoder's layer count (BERT and most; GPT-2; T5).
-_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+# Where Hugging Face configs keep the encoder's layer count (BERT and most; GPT-2; T5;
+# DistilBERT, whose config.json has n_layers alone and whose checks were skipped).
+_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 
 def layer_problem(config: dict[str, Any], freeze_layers: int, feature_extraction: bool,

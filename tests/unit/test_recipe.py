@@ -84,6 +84,48 @@ def test_feature_extraction_freezes_the_whole_encoder_but_never_the_head():
     assert gpt == {"transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.attn.c_attn.weight"}
 
 
+def test_freeze_layers_takes_every_embedding_stage_that_feeds_the_blocks():
+    """ELECTRA's projection of its small embeddings and DeBERTa's relative position
+    embeddings sit outside every block and feed them all: they trained while the layers
+    below them were 'frozen'."""
+    electra = ["electra.embeddings.word_embeddings.weight", "electra.embeddings_project.weight",
+               "electra.embeddings_project.bias", "electra.encoder.layer.0.attention.self.query.weight",
+               "electra.encoder.layer.1.attention.self.query.weight", "classifier.dense.weight"]
+    assert frozen_parameters(electra, "electra", freeze_layers=1, feature_extraction=False) == set(electra[:4])
+    deberta = ["deberta.embeddings.word_embeddings.weight", "deberta.encoder.rel_embeddings.weight",
+               "deberta.encoder.layer.0.attention.self.query_proj.weight",
+               "deberta.encoder.layer.1.attention.self.query_proj.weight", "classifier.weight"]
+    assert frozen_parameters(deberta, "deberta", freeze_layers=1, feature_extraction=False) == set(deberta[:3])
+
+
+def test_a_frozen_model_whose_head_has_no_bias_gets_no_empty_parameter_group():
+    """DeepSpeed's ZeRO 1/2 read each group's first parameter: GPT-2's score head has no
+    bias, so with its encoder frozen the no-decay group was empty (an IndexError)."""
+    import torch
+
+    from tuneloop.training.loop import _param_groups
+
+    head = torch.nn.Sequential(torch.nn.Linear(4, 2, bias=False))
+    groups = _param_groups(head, 0.01)
+    assert [(len(g["params"]), g["weight_decay"]) for g in groups] == [(1, 0.01)]
+
+
+def test_an_error_every_training_worker_raised_reaches_the_job_as_its_message():
+    """Ray Train wraps a worker's exception in its traceback: the job's error carried that
+    instead of the loop's own message."""
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+
+    from tuneloop.training.launcher import worker_value_error
+
+    why = ValueError("the tokenizer has neither a pad nor an end token")
+    wrapped = {rank: UserExceptionWithTraceback(why, "Traceback ...\nValueError: the tokenizer ...") for rank in (0, 1)}
+    unwrapped = worker_value_error(WorkerGroupError("workers failed", wrapped))
+    assert isinstance(unwrapped, ValueError) and str(unwrapped) == "the tokenizer has neither a pad nor an end token"
+    bug = {0: UserExceptionWithTraceback(KeyError("x"), "Traceback ...")}
+    assert worker_value_error(WorkerGroupError("workers failed", bug)) is None  # a bug keeps its traceback
+
+
 def test_freezing_what_the_model_does_not_have_says_so():
     with pytest.raises(ValueError, match="freeze_layers 3 exceeds the model's 2 encoder layers"):
         frozen_parameters(BERT, "bert", freeze_layers=3, feature_extraction=False)
@@ -224,6 +266,7 @@ def test_freeze_layers_beyond_the_models_layers_is_known_from_its_config():
     from tuneloop.training.recipe import layer_problem
 
     bert, gpt2 = {"num_hidden_layers": 12}, {"n_layer": 6}
+    assert "exceeds the model's 6" in layer_problem({"n_layers": 6}, 7, False)  # DistilBERT's config.json
     assert "freeze_layers 13 exceeds the model's 12 encoder layers" in layer_problem(bert, 13, False)
     assert layer_problem(bert, 12, False) is None and layer_problem(bert, 13, True) is None
     assert "exceeds the model's 6" in layer_problem(gpt2, 7, False)
