@@ -125,14 +125,13 @@ def golden_set(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Re
                     "taken now would hold rows it learned, so none is taken; give the model a golden_dataset",
                     mcfg.name)
     elif frozen is None and seed is not None and seed.num_rows:
-        # Each class keeps a row to train on, its first (other tasks: the seed's first row): a
-        # class's only example went to the golden set (every class present gets a row there),
-        # and a tiny first seed went there whole, frozen for good with nothing left to train on.
-        strata = [task.stratum(r) for r in seed.select(list(task.target_columns)).to_pylist()]
-        if "label" in task.target_columns:  # one class a row: its stratum
-            kept = _first_of_each(strata)
-        else:  # a combination of labels or entity types a row: keeping one of each kept too many
-            kept = {0}
+        # Each label (entity type, or none at all) keeps a row to train on, the first holding
+        # it: a label's only example went to the golden set (every stratum present gets a row
+        # there), frozen for good and never trained; a tiny first seed went there whole. One
+        # row a label, not a combination: a combination a row kept too many.
+        targets = seed.select(list(task.target_columns)).to_pylist()
+        strata = [task.stratum(r) for r in targets]
+        kept = _first_with_each_label(task, targets)
         # One row a text: every row of a golden text leaves training, so a duplicate of a
         # kept row's text (or a text picked twice) took a class's last training row with it.
         texts = [normalized(t) for t in seed.column("text").to_pylist()]
@@ -392,6 +391,16 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     }
     return JobData(train=train, golden=golden, fresh_eval=fresh_eval, validation=validation,
                    reservoir=child_reservoir, held=held, summary=summary)
+
+
+def _first_with_each_label(task: Task, targets: list[dict[str, Any]]) -> set[int]:
+    """The index of the first row holding each label (by ``Task.feedback_labels``: a class,
+    each of a multi-label row's labels, each entity type, or the row's having none)."""
+    first: dict[str, int] = {}
+    for i, row in enumerate(targets):
+        for label in task.feedback_labels({c: [] if v is None else v for c, v in row.items()}):
+            first.setdefault(label, i)
+    return set(first.values())
 
 
 def _first_of_each(strata: list[str]) -> set[int]:

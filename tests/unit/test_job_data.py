@@ -445,6 +445,37 @@ def test_every_class_of_the_seed_keeps_a_row_to_train_on(tmp_path, labels):
     assert data.golden.num_rows == min(round(0.9 * len(labels)), len(labels) - len(set(labels)))
 
 
+@pytest.mark.parametrize("task_name", ["multi-label-classification", "token-classification"])
+def test_a_label_seen_in_one_seed_row_keeps_it_to_train_on_for_every_task(tmp_path, task_name):
+    """Only the seed's first row stayed out of the golden set for these tasks: a label (or
+    entity type) in one row alone is a stratum of its own, sure to be picked, and was never
+    trained by any version."""
+    import json
+
+    def row(i, labels):
+        if task_name == "multi-label-classification":
+            return {"text": f"text {i}", "labels": labels}
+        return {"text": f"word{i} x", "entities": [{"start": 0, "end": len(f"word{i}"), "label": t} for t in labels]}
+    rows = [row(i, ["a"]) for i in range(20)] + [row(20 + i, ["b"]) for i in range(20)] + \
+        [row(40 + i, ["a", "b"][: 1 + i % 2]) for i in range(9)] + [row(49, ["c"])]
+    if task_name == "token-classification":  # one entity a text: a second type on one word overlaps
+        rows = [{**r, "entities": r["entities"][:1]} for r in rows]
+    seed = tmp_path / "seed.jsonl"
+    seed.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = parse_config({"models": [{"name": "m", "task": task_name, "base_model": "x", "labels": ["a", "b", "c"],
+                                    "seed_dataset": str(seed)}],
+                        "storage": {"root": str(tmp_path / "store")}, "training": {"golden_fraction": 0.5}})
+    storage = Storage(cfg.storage.root)
+    tasks = model_tasks(cfg.models)
+    data = assemble(tasks["m"], cfg.model("m"), cfg.training, Registry(storage),
+                    FeedbackStore(storage, str(tmp_path / "journal"), tasks), None)
+    column = "labels" if task_name == "multi-label-classification" else "entities"
+    trained = {t if isinstance(t, str) else t["label"] for targets in data.train.column(column).to_pylist()
+               for t in targets}
+    assert trained == {"a", "b", "c"}
+    assert data.golden.num_rows == 25
+
+
 def test_a_class_whose_rows_repeat_one_text_keeps_it_to_train_on(tmp_path):
     """Golden texts leave training with every row that has them: a duplicate of the row
     kept for its class, picked for the golden set, took that class's last training row."""
