@@ -445,6 +445,17 @@ def test_every_class_of_the_seed_keeps_a_row_to_train_on(tmp_path, labels):
     assert data.golden.num_rows == min(round(0.9 * len(labels)), len(labels) - len(set(labels)))
 
 
+def _first_job(tmp_path, seed, labels: list[str], golden_fraction: float, task: str = "text-classification"):
+    """The data of model m's first job on ``seed``, nothing else configured."""
+    cfg = parse_config({"models": [{"name": "m", "task": task, "base_model": "x", "labels": labels,
+                                    "seed_dataset": str(seed)}],
+                        "storage": {"root": str(tmp_path / "store")}, "training": {"golden_fraction": golden_fraction}})
+    storage = Storage(cfg.storage.root)
+    tasks = model_tasks(cfg.models)
+    return assemble(tasks["m"], cfg.model("m"), cfg.training, Registry(storage),
+                    FeedbackStore(storage, str(tmp_path / "journal"), tasks), None)
+
+
 @pytest.mark.parametrize("task_name", ["multi-label-classification", "token-classification"])
 def test_a_label_seen_in_one_seed_row_keeps_it_to_train_on_for_every_task(tmp_path, task_name):
     """Only the seed's first row stayed out of the golden set for these tasks: a label (or
@@ -462,13 +473,7 @@ def test_a_label_seen_in_one_seed_row_keeps_it_to_train_on_for_every_task(tmp_pa
         rows = [{**r, "entities": r["entities"][:1]} for r in rows]
     seed = tmp_path / "seed.jsonl"
     seed.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = parse_config({"models": [{"name": "m", "task": task_name, "base_model": "x", "labels": ["a", "b", "c"],
-                                    "seed_dataset": str(seed)}],
-                        "storage": {"root": str(tmp_path / "store")}, "training": {"golden_fraction": 0.5}})
-    storage = Storage(cfg.storage.root)
-    tasks = model_tasks(cfg.models)
-    data = assemble(tasks["m"], cfg.model("m"), cfg.training, Registry(storage),
-                    FeedbackStore(storage, str(tmp_path / "journal"), tasks), None)
+    data = _first_job(tmp_path, seed, ["a", "b", "c"], 0.5, task_name)
     column = "labels" if task_name == "multi-label-classification" else "entities"
     trained = {t if isinstance(t, str) else t["label"] for targets in data.train.column(column).to_pylist()
                for t in targets}
@@ -482,13 +487,7 @@ def test_a_class_whose_rows_repeat_one_text_keeps_it_to_train_on(tmp_path):
     seed = tmp_path / "seed.tsv"
     rows = [(f"text {i}", "positive") for i in range(20)] + [("Call me back", "negative")] * 5
     seed.write_text("text\tlabel\n" + "".join(f"{t}\t{label}\n" for t, label in rows))
-    cfg = parse_config({"models": [{"name": "m", "base_model": "x", "labels": ["negative", "positive"],
-                                    "seed_dataset": str(seed)}],
-                        "storage": {"root": str(tmp_path / "store")}, "training": {"golden_fraction": 0.5}})
-    storage = Storage(cfg.storage.root)
-    tasks = model_tasks(cfg.models)
-    data = assemble(tasks["m"], cfg.model("m"), cfg.training, Registry(storage),
-                    FeedbackStore(storage, str(tmp_path / "journal"), tasks), None)
+    data = _first_job(tmp_path, seed, ["negative", "positive"], 0.5)
     assert data.train.column("label").to_pylist().count("negative") >= 1
     assert "Call me back" not in data.golden.column("text").to_pylist()
     assert len(set(data.golden.column("text").to_pylist())) == data.golden.num_rows == 12  # half the 25 rows
