@@ -325,11 +325,19 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     replaced = {p for t in (fresh, released) for p in t.column("prediction_id").to_pylist() if p is not None}
     if replaced and reservoir.num_rows:
         reservoir = reservoir.filter(pc.invert(pc.is_in(reservoir.column("prediction_id"), pa.array(sorted(replaced)))))
-    seed_pool = _without_texts(_rows(seed, schema, "seed"), golden_texts) if seed is not None else schema.empty_table()
+    # Nor what a newer answer on the same text replaces: feedback given as model + text has no
+    # prediction id, and a user's correction of a seed text trained beside the seed's old
+    # label, which came back in every job after (and, sampled, took the correction out of
+    # the gate's kept-back rows). Users' answers (this job's, the reservoir's) replace the seed's.
+    answered = {normalized(t) for table in (fresh, released) for t in table.column("text").to_pylist()}
+    reservoir = _without_texts(reservoir, answered)
     # A key held since its rows were sampled in replays none of them; they stay in the
     # reservoir, so that an admin's release brings them back.
     replayable = reservoir.filter(pc.invert(_of_keys(reservoir, held_keys))) if held_keys else reservoir
     quarantine["held_replay_rows"] = reservoir.num_rows - replayable.num_rows
+    answered |= {normalized(t) for t in replayable.column("text").to_pylist()}
+    seed_pool = _without_texts(_rows(seed, schema, "seed"), golden_texts | answered) if seed is not None \
+        else schema.empty_table()
     pool = pa.concat_tables([seed_pool, _rows(replayable, schema, "replay")])
     if parent is None and tcfg.early_stopping_patience is not None and tcfg.epochs > 1:
         # v1 has no fresh feedback to watch: early stopping watches a stratified share of the

@@ -116,6 +116,26 @@ def test_a_child_trains_on_fresh_feedback_plus_as_much_replay_and_keeps_the_newe
     assert Counter(nxt.train.column("source").to_pylist())["replay"] > 0  # earlier feedback is replayed
 
 
+def test_a_users_answer_on_a_seed_text_replaces_the_seeds_row_in_replay(env):
+    """Feedback given as model + text has no prediction id: a correction of a seed text
+    trained beside the seed's old label, which every later job replayed again."""
+    cfg, task, registry, feedback, tmp_path = env
+    first = assemble(task, cfg.model("m"), cfg.training, registry, feedback, None)
+    v1 = _publish(registry, tmp_path, first, "v1", first.summary)
+    trained = [r for r in first.train.to_pylist() if r["text"].startswith("seed text")][:10]
+    corrected = {r["text"]: ("negative" if r["label"] == "positive" else "positive") for r in trained}
+    for text, label in corrected.items():
+        feedback.append(model="m", text=f"  {text.upper()} ", label=label)  # the same text, written otherwise
+    feedback.compact()
+    second = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v1)
+    rows = second.train.to_pylist() + second.fresh_eval.to_pylist() + second.validation.to_pylist()
+    said = [r for r in rows if r["text"].strip().lower() in corrected]
+    assert len(said) == 10 and all(r["source"] == "feedback" for r in said)  # the seed's rows are out
+    v2 = _publish(registry, tmp_path, second, "v2", second.summary)
+    third = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v2)  # replay only: in the reservoir
+    assert not [r for r in third.train.to_pylist() if r["source"] == "seed" and r["text"] in corrected]
+
+
 def test_kept_back_rows_repeating_a_text_the_job_trains_on_are_no_evidence(env):
     """A frequent query answered in the trained share and again in the kept-back one, or a
     seed text sent as feedback: the gate's McNemar test counted the candidate right on text
