@@ -46,7 +46,7 @@ class ModelFiles(BaseModel):
 def load_for_training(init_path: str, task: Task, dropout: float | None) -> tuple[Any, list[int]]:
     """The model to fine-tune, in fp32, with ``task``'s head in its label order, and the
     rows of that head the checkpoint had none for. A base encoder or another label set gets
-    a fresh head; a checkpoint whose head has these labels in another order (a hub NER
+    a fresh head (of as many labels under other names too); a checkpoint whose head has these labels in another order (a hub NER
     model's tags, a classifier trained elsewhere) has its output rows put in tuneloop's
     order. Without that its rows were read as the labels at their positions, and a
     [positive, negative] head started out answering each as the other. A checkpoint with
@@ -72,6 +72,8 @@ def load_for_training(init_path: str, task: Task, dropout: float | None) -> tupl
     )
     if order is not None:
         _reorder_output_rows(model, order)
+    elif _other_labels(labels, head):
+        _fresh_output_layer(model, len(head))
     if inherited is None:
         return model, []
     named = _output_layer(model, len(head), named=True)
@@ -86,6 +88,31 @@ def load_for_training(init_path: str, task: Task, dropout: float | None) -> tupl
         for p, q in zip(new, old, strict=True):
             p[torch.tensor([i for i, _ in kept])] = q[torch.tensor([row for _, row in kept])]
     return model, [i for i, row in enumerate(inherited) if row is None]
+
+
+def _other_labels(checkpoint_labels: list[str | None], head: list[str]) -> bool:
+    """Whether the checkpoint's head is as large as ``head`` but for labels of its own names
+    (a hub sentiment model's NEGATIVE/POSITIVE under a config's neg/pos): loaded as it is
+    (the shapes match), its rows were read as the config's labels at their positions.
+    Transformers' placeholder names (LABEL_0, ...) say nothing of what a row means: kept."""
+    if len(checkpoint_labels) != len(head) or any(label is None for label in checkpoint_labels):
+        return False
+    if all(str(label).upper() == f"LABEL_{i}" for i, label in enumerate(checkpoint_labels)):
+        return False
+    return {str(label).lower() for label in checkpoint_labels} != {label.lower() for label in head}
+
+
+def _fresh_output_layer(model, rows: int) -> None:
+    """Initialise the head's last layer anew, as transformers does a missing one."""
+    import torch
+
+    std = getattr(model.config, "initializer_range", 0.02)
+    with torch.no_grad():
+        for p in _output_layer(model, rows):
+            if p.ndim == 2:
+                p.normal_(mean=0.0, std=std)
+            else:
+                p.zero_()
 
 
 def _output_layer(model, rows: int, named: bool = False) -> list:

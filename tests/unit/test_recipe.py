@@ -238,6 +238,12 @@ def test_a_checkpoint_with_the_labels_in_another_order_trains_from_its_rows_in_o
 
     weight, bias = _saved_rows(path, ["classifier.weight", "classifier.bias"], 2)
     assert bias.tolist() == [4.0, -4.0] and weight.shape[0] == 2
+    # As many labels under other names: a fresh head, not [positive, negative]'s rows read as [neg, pos].
+    fresh, added = load_for_training(path, make_task("text-classification", ["neg", "pos"]), None)
+    assert fresh.classifier.bias.tolist() == [0.0, 0.0] and not torch.equal(fresh.classifier.weight, weight)
+    generic = build_tiny_model(tmp_path / "g", ["LABEL_0", "LABEL_1"], bias=[4.0, -4.0])
+    kept, _ = load_for_training(generic, make_task("text-classification", ["neg", "pos"]), None)
+    assert kept.classifier.bias.tolist() == [4.0, -4.0]  # placeholder names: nothing to say they differ
     assert _saved_rows(path, ["classifier.weight"], 3) is None and _saved_rows(path, ["no.such"], 2) is None
     more, added = load_for_training(tagger, make_task("token-classification", ["PER", "LOC", "MISC"]), None)
     assert added == [5, 6] and torch.equal(more.classifier.weight[:5], before[[0, 3, 4, 1, 2]])
