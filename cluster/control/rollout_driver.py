@@ -5,8 +5,9 @@ The retrain controller runs one ``RolloutDriver`` every ``rollout.evaluate_every
 reads the stage's feedback from the bucket (compacted within ``feedback.compact_interval_s``),
 the challenger's shadow answers from their log (each found once, then kept), and the
 versions' serving counters through ``health`` (the ingress gathers them from every node's
-replicas); it keeps each stage's first health reading as the baseline the stage's counts
-are measured from. Every decision that moves the state is written to the state's history
+replicas); the reading of the look that advanced a stage is the next stage's baseline, the
+one its counts are measured from (a stage it did not start, an operator's or one under way
+at the controller's start, counts from its first look). Every decision that moves the state is written to the state's history
 with the numbers it saw; a hold is logged, and raised once a stage as an alert when overdue.
 Its collaborators come through the constructor, so it is unit-tested without Ray.
 """
@@ -41,6 +42,7 @@ class RolloutDriver:
         self.health, self.clock = health, clock
         self.tasks = model_tasks(cfg.models)
         self._baselines: dict[tuple[str, str, str], NodeHealth] = {}
+        self._readings: dict[str, NodeHealth] = {}  # model -> this look's health reading
         self._shadow_answers: dict[str, dict] = {}  # prediction id -> the shadow's answer (found once)
         self._no_shadow: dict[str, str] = {}  # prediction id -> model: old enough, and no shadow answer
         self.last: dict[str, Decision] = {}  # model -> the latest decision, for status
@@ -87,6 +89,10 @@ class RolloutDriver:
             state = self.registry.advance_rollout(model, version, self.cfg.rollout.canary_steps, d.reason, d.numbers,
                                                   judged=judged)
             where = "production" if state.rollout is None else f"canary {state.rollout.percent:g}%"
+            if state.rollout is not None and model in self._readings:
+                # The next stage counts from this look, not from the driver's first look at it
+                # (evaluate_every_s later): a canary's first errors at 25% went uncounted.
+                self._baselines[(model, version, state.rollout.stage_started_at)] = self._readings[model]
             log.info("rollout of %s %s: advanced to %s (%s)", model, version, where, d.reason)
         elif d.action == "rollback":
             self.registry.abort_rollout(model, version, f"automatic: {d.reason}", d.numbers, judged=judged)
@@ -118,11 +124,13 @@ class RolloutDriver:
                 if (a := self._shadow_answers.get(r["prediction_id"])) is not None and a.get("version") == version}
 
     def _health_since(self, model: str, version: str, stage_started_at: str) -> dict[str, VersionHealth]:
+        self._readings.pop(model, None)
         try:
             now = self.health(model)
         except Exception as e:  # noqa: BLE001 - judge on the feedback alone this time
             log.warning("rollout of %s: no health counters this look (%s: %s)", model, type(e).__name__, e)
             return {}
+        self._readings[model] = now
         key = (model, version, stage_started_at)
         for old in [k for k in self._baselines if k[0] == model and k != key]:
             del self._baselines[old]  # a stage gone by

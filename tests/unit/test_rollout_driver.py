@@ -217,6 +217,23 @@ def test_only_the_challengers_shadow_answers_count_and_a_settled_miss_is_not_loo
     assert sorted(lookups) == sorted(shed)
 
 
+def test_errors_right_after_an_advance_count_toward_the_next_stage(tmp_path):
+    """The next stage counted from the driver's first look at it, evaluate_every_s after the
+    advance: a canary failing as soon as it took 50% went on to production."""
+    w = World(tmp_path, "canary")
+    w.registry.start_rollout("m", "v2", "canary", 10.0)
+    assert w.driver.look("m").action == "hold"  # the first stage's baseline
+    for i in range(70):
+        w.served("v1", right=i % 10 < 7)
+        w.served("v2", right=i % 10 < 9)
+    w.feedback.compact()
+    assert w.driver.look("m").action == "advance" and w.registry.state("m").rollout.percent == 50.0
+    h = w.health["v2"]
+    w.health["v2"] = VersionHealth(h.requests + 30, h.errors + 20, h.latency_buckets)  # before the next look
+    decision = w.driver.look("m")
+    assert decision.action == "rollback" and "error rate 66.67%" in decision.reason
+
+
 def test_a_look_without_every_nodes_counters_sets_no_baseline(tmp_path):
     """A scrape missing a node raises (serving/metric_files.IncompleteScrape) rather than
     return a partial reading: taken as the stage's baseline, that node's whole history of
