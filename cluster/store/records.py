@@ -26,7 +26,7 @@ import os
 import secrets
 import threading
 from collections.abc import Callable, Mapping
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import pyarrow as pa
@@ -378,6 +378,7 @@ class FeedbackStore:
         self._recover_earlier_journals()
         self._idempotency = IdempotencyIndex(idempotency_ttl_s)
         self._remember_recent_keys()
+        self._resume_clock()
         self._on_stored = on_stored
         if compact_interval_s is not None:
             threading.Thread(target=self._compact_every, args=(compact_interval_s,),
@@ -451,6 +452,24 @@ class FeedbackStore:
             request = fingerprint(request_fields(r, self.tasks[r["model"]]))
             self._idempotency.remember(r.get("key_id"), r["idempotency_key"], request, r["feedback_id"], at)
         self._idempotency.forget_before(now)
+
+    def _resume_clock(self) -> None:
+        """Start this writer's created_at past the newest stored record's (the journal's and
+        each model's newest date partition's), as ``append`` keeps it past its own last one:
+        a clock that ran fast set a job's watermark in the future; corrected by NTP, a
+        restarted ingress stamped new records behind that watermark, where no job read them.
+        One millisecond past: at the same millisecond this writer's ids sorted before it."""
+        stamps = [datetime.fromisoformat(r["created_at"]) for r in pending_records(self.journal_dir)
+                  if r.get("created_at")]
+        for model in self.tasks:
+            files = self.files(model)
+            newest_day = max((_partition_day(f) for f in files), default="")
+            if newest_day:
+                newest = pc.max(_read(self.storage, [f for f in files if _partition_day(f) == newest_day],
+                                      self._schema(model)).column("created_at")).as_py()
+                stamps += [newest] if newest is not None else []
+        if stamps:
+            self._last_created_at = max(self._last_created_at, max(stamps) + timedelta(milliseconds=1))
 
     def _schema(self, model: str) -> pa.Schema:
         return feedback_schema(self.tasks[model])

@@ -350,3 +350,25 @@ def test_a_backfill_without_times_or_ids_is_counted_by_the_feedback_statistics(t
     assert stats["by_day"][UNDATED] == 1
     assert superseded(rows) == set()  # the older answer has no id to name
     store.close()
+
+
+def test_a_restarted_writer_stamps_records_past_the_newest_stored_one(tmp_path):
+    """A clock that ran fast set a job's watermark in the future; corrected, a restarted
+    writer stamped new records behind it, where no job read them."""
+    import pyarrow as pa
+    from datetime import timedelta
+
+    storage = Storage(str(tmp_path / "store"))
+    ahead = datetime.now(UTC) + timedelta(minutes=10)  # the fast clock's last record
+    day = tmp_path / f"store/feedback/m/date={ahead.date().isoformat()}"
+    day.mkdir(parents=True)
+    fast_id = f"{int(ahead.timestamp() * 1000):012x}" + "f" * 20
+    pq.write_table(pa.table({"feedback_id": [fast_id], "model": ["m"], "text": ["then"], "label": ["positive"],
+                             "created_at": pa.array([ahead], pa.timestamp("ms", tz="UTC"))}), day / "fast.parquet")
+    watermark = (ahead.replace(microsecond=ahead.microsecond // 1000 * 1000), fast_id)  # a job trained up to it
+    store = FeedbackStore(storage, str(tmp_path / "journal"), TASKS)
+    store.open_writer()
+    new = store.append(model="m", text="now", label="negative")
+    store.compact()
+    assert store.read_since("m", watermark).column("feedback_id").to_pylist() == [new]
+    store.close()
