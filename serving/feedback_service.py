@@ -39,7 +39,7 @@ class FeedbackService:
         # The statistics, counted once from what is stored, then kept up to date by each new
         # record (``stored``): reading them costs the same whatever the amount of feedback.
         self._tally_lock = threading.Lock()
-        self._tallies = {name: FeedbackTally(name, task).add_all(store.read_all(name))
+        self._tallies = {name: FeedbackTally(name, task).add_all(store.read_all(name, without_text=True))
                          for name, task in self.tasks.items()}
         self._young_id_waits = 0
 

@@ -280,7 +280,7 @@ def feedback_stats_cmd(model: str, config: str | None = ConfigOption) -> None:
     known_model(cfg, model)
     tasks = model_tasks(cfg.models)
     store = FeedbackStore(_stored(cfg), cfg.storage.journal_path(), tasks)
-    typer.echo(json.dumps(feedback_stats(model, tasks[model], store.read_all(model)), indent=2))
+    typer.echo(json.dumps(feedback_stats(model, tasks[model], store.read_all(model, without_text=True)), indent=2))
 
 
 @feedback_app.command("keys")

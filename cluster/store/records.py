@@ -566,13 +566,14 @@ class FeedbackStore:
             return _read(self.storage, files, self._schema(model))
         return self._read_listed(model)
 
-    def _read_listed(self, model: str, since_day: str = "", where=None) -> pa.Table:
+    def _read_listed(self, model: str, since_day: str = "", where=None, schema: pa.Schema | None = None) -> pa.Table:
         """Read the files listed now from ``since_day``'s partition on; if a merge replaced
         some between the listing and the read, list again. A merge deletes a day's sources
         one by one (thousands, on a bucket: minutes), so lists again may keep meeting it:
         then each file is read alone, and one gone from a day that holds a merged file is
-        passed over. The merge wrote that file, with the gone file's rows, before deleting."""
-        schema = self._schema(model)
+        passed over. The merge wrote that file, with the gone file's rows, before deleting.
+        ``schema``: fewer of the model's columns, read alone."""
+        schema = schema or self._schema(model)
         for _ in range(3):
             files = [f for f in self.files(model) if _partition_day(f) >= since_day]
             try:
@@ -654,10 +655,15 @@ class FeedbackStore:
         times = [r["created_at"] for r in pending_records(self.journal_dir) if r.get("model") == model]
         return min(datetime.fromisoformat(t) for t in times) if times else None
 
-    def read_all(self, model: str) -> list[dict[str, Any]]:
-        """Every acknowledged record, compacted or still in the journal, once each."""
+    def read_all(self, model: str, without_text: bool = False) -> list[dict[str, Any]]:
+        """Every acknowledged record, compacted or still in the journal, once each;
+        ``without_text``: all but the texts (the statistics' read at an ingress's start, whose
+        memory the texts, up to max_chars_per_input each, made grow with all feedback ever)."""
+        schema = self._schema(model)
+        if without_text:
+            schema = schema.remove(schema.get_field_index("text"))
         pending = [r for r in pending_records(self.journal_dir) if r.get("model") == model]
-        rows = self.read(model).to_pylist() + records_to_table(pending, self._schema(model)).to_pylist()
+        rows = self._read_listed(model, schema=schema).to_pylist() + records_to_table(pending, schema).to_pylist()
         seen: set[str] = set()
         out = []
         for row in rows:  # a segment midway through compaction is in both

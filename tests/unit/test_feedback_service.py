@@ -22,7 +22,7 @@ class FakeStore:
     def __init__(self, service_box):
         self.appended, self.box = [], service_box
 
-    def read_all(self, model):
+    def read_all(self, model, without_text=False):
         return []
 
     def append(self, **record):

@@ -344,6 +344,8 @@ def test_a_backfill_without_times_or_ids_is_counted_by_the_feedback_statistics(t
                              "prediction_id": ["p1", None]}), day / "backfill.parquet")
     rows = store.read_all("m")
     assert len(rows) == 3 and sum(r["created_at"] is None for r in rows) == 2
+    lean = store.read_all("m", without_text=True)  # what the ingress's statistics read at its start
+    assert [{k: v for k, v in r.items() if k != "text"} for r in rows] == lean and "text" not in lean[0]
     stats = FeedbackTally("m", TASKS["m"]).add_all(rows).stats()
     assert stats["total"] == 2 and stats["superseded"] == 1  # the undated answer on p1 is the older
     assert stats["by_label"] == {"negative": 1, "positive": 1}
