@@ -78,9 +78,10 @@ def _unplaceable(cfg: TuneloopConfig) -> list[str]:
         custom.append((f"{where}.resources_per_worker", t.resources_per_worker))
     problems = []
     ceiling = cfg.serving.num_replicas or cfg.serving.autoscaling.max_replicas
-    room = _replicas_beside_training(cfg)
-    if ceiling is not None and ceiling > room and _replicas_a_worker_holds(cfg):
-        problems.append(f"a model's {ceiling} replicas (serving.{'num_replicas' if s.num_replicas else 'autoscaling.max_replicas'}) "
+    room, n = _replicas_beside_training(cfg), len(cfg.models)
+    if ceiling is not None and ceiling * n > room and _replicas_a_worker_holds(cfg):
+        each = f"{n} models' {ceiling} replicas each" if n > 1 else f"a model's {ceiling} replicas"
+        problems.append(f"{each} (serving.{'num_replicas' if s.num_replicas else 'autoscaling.max_replicas'}) "
                         f"and the largest retraining job ({_training_nodes(cfg)} worker node(s)) need more than "
                         f"deploy.workers.max_workers {w.max_workers} nodes hold ({room} replicas beside the job): "
                         "under load a retrain would wait for resources until it failed; lower the replicas or raise "
@@ -139,18 +140,20 @@ def _replicas_a_worker_holds(cfg: TuneloopConfig) -> int:
 
 
 def _replicas_beside_training(cfg: TuneloopConfig) -> int:
-    """Replicas of one model the worker nodes hold once the largest retraining job has its own."""
+    """Replicas (of all the models together) the worker nodes hold once the largest
+    retraining job has its own."""
     return _replicas_a_worker_holds(cfg) * max(0, cfg.deploy.workers.max_workers - _training_nodes(cfg))
 
 
 def replicas_the_workers_hold(cfg: TuneloopConfig) -> int:
     """The most replicas of one model ``deploy.workers.max_workers`` workers hold (CPUs and,
-    when replicas take GPUs, GPUs per worker) beside the largest retraining job's nodes, the
-    ceiling for Serve's autoscaler on a cluster when ``serving.autoscaling.max_replicas`` is
-    left out. (On one machine the builder counts the machine's CPUs; on a cluster that grows,
-    the CPUs up at deploy time are too few.) Replicas that filled every node left a retrain
-    waiting for a GPU under load, until it failed."""
-    return max(1, _replicas_beside_training(cfg), cfg.serving.autoscaling.min_replicas)
+    when replicas take GPUs, GPUs per worker) beside the largest retraining job's nodes,
+    shared by the models, the ceiling for Serve's autoscaler on a cluster when
+    ``serving.autoscaling.max_replicas`` is left out. (On one machine the builder counts the
+    machine's CPUs; on a cluster that grows, the CPUs up at deploy time are too few.)
+    Replicas that filled every node left a retrain waiting for a GPU under load, until it
+    failed; each of three models given all the room did the same."""
+    return max(1, _replicas_beside_training(cfg) // len(cfg.models), cfg.serving.autoscaling.min_replicas)
 
 
 def serve_applications(cfg: TuneloopConfig, config_path: str) -> list[dict[str, Any]]:

@@ -254,9 +254,19 @@ def run_forever(cfg: TuneloopConfig) -> None:
     try:
         write_server_file(storage, ray.get_runtime_context().gcs_address)
         bootstrap_versions(cfg)
+        ready = threading.Event()
+
+        def on_signal(*_) -> None:
+            if not ready.is_set():
+                # Still starting: Serve waits for replicas with no deadline (one that cannot
+                # be placed waits for good), and a handler that only set ``stop`` left Ctrl-C
+                # and SIGTERM unheard there. Unwind through the clean-up below instead.
+                raise KeyboardInterrupt
+            stop.set()
+
         # After bootstrap: Ray Train's fit() installs its own SIGINT handler while it runs.
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
         url = f"http://{cfg.serving.host}:{cfg.serving.port}"
         from tuneloop.serving.app import application_names
 
@@ -265,6 +275,10 @@ def run_forever(cfg: TuneloopConfig) -> None:
             wait_ready(url, apps=application_names(cfg))
         except (RuntimeError, TimeoutError) as e:
             raise SystemExit(f"tuneloop: cannot start: {e}") from None
+        except KeyboardInterrupt:
+            print("tuneloop: interrupted while starting; stopping", flush=True)
+            raise SystemExit(130) from None
+        ready.set()
         print(f"tuneloop ready at {url} after {time.monotonic() - started:.1f}s "
               f"(metrics at {url}/metrics; Ctrl-C stops)", flush=True)
         registry = Registry(storage)

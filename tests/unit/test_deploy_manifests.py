@@ -161,6 +161,20 @@ def test_left_out_max_replicas_becomes_what_the_workers_hold(serving, workers, e
     assert inside.serving.autoscaling.max_replicas == expected
 
 
+def test_several_models_share_the_replicas_the_workers_hold():
+    """Each model's ceiling was all the room: three models scaled to three times what the
+    workers hold beside a retrain, which then waited until it failed."""
+    models = [{"name": n, "base_model": "b", "labels": ["a", "b"]} for n in ("m1", "m2", "m3")]
+    doc = {"models": models, "storage": {"root": "s3://b/tl", "journal_dir": "/j"},
+           "serving": {"num_cpus_per_replica": 2, "num_gpus_per_replica": 0.5}, "training": {"use_gpu": True},
+           "deploy": {"workers": {"gpus_per_worker": 1}}}
+    inside = parse_config(manifests.cluster_config_doc(doc, parse_config(doc)))
+    assert inside.serving.autoscaling.max_replicas == 1  # 4 replicas beside the 2-node retrain, for 3 models
+    doc["serving"]["autoscaling"] = {"max_replicas": 2}
+    with pytest.raises(manifests.NotClusterable, match="3 models' 2 replicas each"):
+        manifests.cluster_config_doc(doc, parse_config(doc))
+
+
 @pytest.mark.parametrize(("sections", "message"), [
     ({"serving": {"num_gpus_per_replica": 1}, "deploy": {"workers": {"gpus_per_worker": 0}}},
      "serving.num_gpus_per_replica is 1 but a worker node has 0 (deploy.workers.gpus_per_worker)"),
