@@ -29,6 +29,7 @@ from tuneloop.core.errors import (
     MethodNotAllowed,
     NotFound,
     NotReady,
+    StorageUnavailable,
     TuneloopError,
     UnknownJob,
     UnknownModel,
@@ -166,10 +167,18 @@ async def _tuneloop_error(_: Request, exc: TuneloopError) -> JSONResponse:
     return error_response(exc)
 
 
+@app.exception_handler(OSError)
+async def _storage_error(_: Request, exc: OSError) -> JSONResponse:
+    # The storage root out of reach (a bucket's outage, credentials gone, a full disk): a 503
+    # that clients retry, not a 500 that many drop. What failed goes to the log.
+    log.warning("storage error answering a request: %s: %s", type(exc).__name__, exc)
+    return error_response(StorageUnavailable("the storage root cannot be read or written now; retry later"))
+
+
 @app.exception_handler(Exception)
 async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
-    # A storage OSError, a job record that no longer validates: a JSON 500 as the model
-    # replicas answer, not Starlette's plain text; the traceback goes to the log.
+    # A job record that no longer validates, a bug: a JSON 500 as the model replicas
+    # answer, not Starlette's plain text; the traceback goes to the log.
     log.error("unexpected error answering a request: %s: %s", type(exc).__name__, exc, exc_info=exc)
     return internal_error_response()
 

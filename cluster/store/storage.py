@@ -91,12 +91,20 @@ class Storage:
         (118 of 306 reads torn against a writer on the local S3 endpoint; none in one GET)."""
         if self.is_local:
             return self.read_bytes(rel)
+        return self._vendor("read", rel, lambda: self._conditional().read(self.path(rel)))[0]
+
+    def _vendor(self, what: str, rel: str, call: Callable[[], Any]) -> Any:
+        """``call`` of the vendor's client (boto3, google-cloud-storage), its errors (no
+        credentials, an endpoint out of reach, a 403) raised as OSError, as pyarrow raises
+        its own: the CLI and the ingress answer those in a line (503 over HTTP); the
+        client's own types reached users as tracebacks (`tuneloop keys create` without
+        credentials)."""
         try:
-            return self._conditional().read(self.path(rel))[0]
+            return call()
         except OSError:
             raise
-        except Exception as e:  # noqa: BLE001 - the vendor client's errors, as pyarrow's reads raise them
-            raise OSError(f"cannot read {self.location(rel)}: {e}") from e
+        except Exception as e:  # noqa: BLE001 - the vendor client's errors, of many types
+            raise OSError(f"cannot {what} {self.location(rel)}: {type(e).__name__}: {e}") from e
 
     def read_json(self, rel: str) -> Any | None:
         raw = self.read_document(rel)
@@ -185,7 +193,7 @@ class Storage:
         an fsynced temporary ``link(2)``-ed into place (fails on an existing name). Object
         stores: a create-only conditional put (``conditional.py``)."""
         if not self.is_local:
-            return self._conditional().write(self.path(rel), data, None)
+            return self._vendor("write", rel, lambda: self._conditional().write(self.path(rel), data, None))
         final = self.path(rel)
         tmp = self._write_temporary(final, data)
         try:
@@ -213,13 +221,13 @@ class Storage:
                     return current
                 self.write_bytes_atomic(rel, new)
                 return new
-        writes = self._conditional()
+        writes = self._vendor("reach", rel, self._conditional)
         for attempt in range(UPDATE_ATTEMPTS):
-            current, token = writes.read(self.path(rel))
-            new = change(current)
+            current, token = self._vendor("read", rel, lambda: writes.read(self.path(rel)))
+            new = change(current)  # its own errors (a conflict, a bad key file) pass as they are
             if new is None:
                 return current
-            if writes.write(self.path(rel), new, token):
+            if self._vendor("write", rel, lambda: writes.write(self.path(rel), new, token)):  # noqa: B023
                 return new
             time.sleep(random.uniform(0, min(1.0, 0.02 * 2 ** attempt)))  # contention: back off, with jitter
         raise RuntimeError(f"{self.path(rel)} kept changing under {UPDATE_ATTEMPTS} attempts to update it")

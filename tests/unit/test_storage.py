@@ -186,3 +186,30 @@ def test_a_store_that_refuses_the_conditional_headers_is_named_not_a_traceback()
     problem = storage.conditional_write_problem()
     assert problem.startswith("storage root mock://bucket/tl: writing a probe object with If-None-Match and If-Match "
                               "failed (RuntimeError: NotImplemented (501)")
+
+
+def test_the_object_store_clients_errors_reach_callers_as_oserror_and_a_changes_own_pass():
+    """boto3's NoCredentialsError or a 403 ClientError got past every `except OSError` of the
+    CLI and the ingress: `tuneloop keys create` without credentials printed a traceback."""
+    class NoCredentials(Exception):
+        pass
+
+    class Unauthorised(_Store):
+        def write(self, path, data, token):
+            raise NoCredentials("Unable to locate credentials")
+
+    storage = Storage("mock:///bucket/tl")
+    storage._writes = Unauthorised(True, True)
+    with pytest.raises(OSError, match="cannot write mock://bucket/tl/auth/keys.json: NoCredentials: Unable to locate"):
+        storage.update_json("auth/keys.json", lambda doc: {"keys": []})
+    with pytest.raises(OSError, match="NoCredentials"):
+        storage.create_new("models/m/v1.claim", b"1")
+
+    class Conflict(Exception):
+        pass
+
+    def refuse(_doc):
+        raise Conflict("production moved")
+    storage._writes = _Store(True, True)
+    with pytest.raises(Conflict):  # what the change itself raises is the caller's, not the store's
+        storage.update_json("state.json", refuse)
