@@ -407,6 +407,9 @@ def main() -> None:
     except CorruptStoredFile as e:  # a hand-edited or cut file: say which, not a traceback
         print(f"tuneloop: {e.message}", file=sys.stderr)
         sys.exit(2)
+    except ConfigError as e:  # found past the config's validation: a storage root pyarrow cannot open
+        print(f"tuneloop: {e}", file=sys.stderr)
+        sys.exit(2)
     except SystemExit as e:  # `run` refusing to start says why: exit 2, as every other refusal
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)

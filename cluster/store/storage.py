@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from tuneloop.core.config import ConfigError
 from tuneloop.store.conditional import ConditionalWrites, conditional_writes
 
 FILE_MODE, DIR_MODE = 0o600, 0o700  # on a local root: private to the user running tuneloop
@@ -51,7 +52,10 @@ class Storage:
 
     def __init__(self, root: str):
         if "://" in root:
-            self.fs, self.root = pafs.FileSystem.from_uri(root)
+            try:
+                self.fs, self.root = pafs.FileSystem.from_uri(root)
+            except pa.ArrowInvalid as e:  # a query parameter pyarrow does not take (a typo): a traceback per command
+                raise ConfigError(f"storage.root {root!r} cannot be opened: {e}") from None
         else:
             self.fs, self.root = pafs.LocalFileSystem(), str(Path(root).resolve())
         self.uri = root

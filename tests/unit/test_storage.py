@@ -213,3 +213,10 @@ def test_the_object_store_clients_errors_reach_callers_as_oserror_and_a_changes_
     storage._writes = _Store(True, True)
     with pytest.raises(Conflict):  # what the change itself raises is the caller's, not the store's
         storage.update_json("state.json", refuse)
+
+
+def test_a_storage_root_pyarrow_cannot_open_is_a_config_error_naming_it():
+    from tuneloop.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"storage.root 's3://bkt/tl\?endpointoverride=x' cannot be opened: .*query"):
+        Storage("s3://bkt/tl?endpointoverride=x")  # endpoint_override, mistyped
