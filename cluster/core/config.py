@@ -404,7 +404,7 @@ class ServingConfig(Section):
         batch: ``max_batch_size: 4`` with ``max_queued_requests: 8`` was refused over a key
         the user never wrote. Configs that held 32 keep it (a lower target scales out more
         replicas, which take the CPUs a retrain needs)."""
-        if not isinstance(data, dict) or data.get("num_replicas") is not None:
+        if not isinstance(data, dict) or data.get("num_replicas") not in (None, "auto"):  # "auto": autoscaling
             return data
         auto = data.get("autoscaling")
         if isinstance(auto, AutoscalingConfig):

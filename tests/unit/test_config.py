@@ -230,6 +230,9 @@ def test_settings_that_would_be_ignored_are_refused(model, serving, fragment):
 def test_a_target_left_out_is_one_full_batch_of_a_small_max_batch_size():
     small = parse_config({"models": [MODEL], "serving": {"max_batch_size": 2, "max_queued_requests": 4}})
     assert small.serving.autoscaling.target_ongoing_requests == 2
+    auto = parse_config({"models": [MODEL], "serving": {"max_batch_size": 2, "max_queued_requests": 4,
+                                                        "num_replicas": "auto"}})  # as Ray Serve writes autoscaling
+    assert auto.serving.autoscaling.target_ongoing_requests == 2 and auto.serving.num_replicas is None
     assert parse_config(small.model_dump()) == small  # as replicas re-read it
     for serving in ({"max_batch_size": 256}, {"max_batch_size": 8}):  # 32 reachable: kept
         assert parse_config({"models": [MODEL], "serving": serving}).serving.autoscaling.target_ongoing_requests == 32
