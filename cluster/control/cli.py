@@ -399,7 +399,11 @@ def main() -> None:
     from tuneloop.serving.fast_path import enable_fast_path
 
     enable_fast_path()  # before anything imports ray
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # tuneloop's own lines at info; libraries' at warning: botocore said where it found
+    # credentials on every command, httpx logged each readiness poll of `run`.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("tuneloop").setLevel(logging.INFO)
     from tuneloop.core.errors import CorruptStoredFile
 
     try:
