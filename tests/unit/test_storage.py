@@ -220,3 +220,16 @@ def test_a_storage_root_pyarrow_cannot_open_is_a_config_error_naming_it():
 
     with pytest.raises(ConfigError, match=r"storage.root 's3://bkt/tl\?endpointoverride=x' cannot be opened: .*query"):
         Storage("s3://bkt/tl?endpointoverride=x")  # endpoint_override, mistyped
+
+
+def test_a_server_file_written_on_another_host_is_not_joined(tmp_path):
+    """A bucket is shared by hosts: another host's `tuneloop run`, whose pid was alive here
+    (a container's pid 1), was taken for a server of this host."""
+    from tuneloop.store.server_file import SERVER_FILE, running_server_address, write_server_file
+
+    storage = Storage(str(tmp_path))
+    write_server_file(storage, "127.0.0.1:6379")
+    assert running_server_address(storage) == "127.0.0.1:6379"  # this process, this host
+    other = {**storage.read_json(SERVER_FILE), "host": "another-host"}
+    storage.write_json_atomic(SERVER_FILE, other)
+    assert running_server_address(storage) is None
