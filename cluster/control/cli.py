@@ -368,11 +368,10 @@ def keys_revoke(key_id: str = typer.Argument(..., help="the key's id, as `tunelo
     config or $TUNELOOP_API_KEYS are removed there (and the server restarted)."""
     from tuneloop.core.auth import RevokeError
     from tuneloop.store.keys import revoke_stored_key
-    from tuneloop.store.storage import Storage
 
     cfg = _load(config)
-    try:
-        key = revoke_stored_key(cfg.auth, Storage(cfg.storage.root), key_id)
+    try:  # a root that is not there holds no key, and a mistyped one is not made
+        key = revoke_stored_key(cfg.auth, _stored(cfg), key_id)
     except (RevokeError, ConfigError) as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(2) from None

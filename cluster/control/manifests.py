@@ -19,6 +19,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import shlex
 from typing import Any
 
@@ -59,6 +60,12 @@ def cluster_problems(cfg: TuneloopConfig) -> list[str]:
             if path and "://" not in path and not path.startswith(_IMAGE_ROOT):
                 problems.append(f"models.{m.name}.{key} {path!r} is a file of this machine: put it in the bucket "
                                 f"(s3://…, gs://…) or give a path inside the image (under {_IMAGE_ROOT})")
+        base = m.base_model
+        if base and not base.startswith(_IMAGE_ROOT) and (base.startswith(("/", "./", "../", "~"))
+                                                          or os.path.exists(base)):
+            # A hub id ("org/name") is fetched on every node; this folder is on no node.
+            problems.append(f"models.{m.name}.base_model {base!r} is a folder of this machine: give a Hugging Face "
+                            f"hub id, or bake the weights into the image (under {_IMAGE_ROOT})")
     return problems
 
 

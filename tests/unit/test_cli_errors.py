@@ -140,7 +140,8 @@ def test_a_read_of_a_storage_root_that_is_not_there_says_so(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"models": [{"name": "m", "labels": ["a", "b"]}],
                                       "storage": {"root": str(tmp_path / "nope")}}))
-    for command in (["versions", "m"], ["status"], ["feedback", "stats", "m"], ["keys", "list"]):
+    for command in (["versions", "m"], ["status"], ["feedback", "stats", "m"], ["keys", "list"],
+                    ["keys", "revoke", "aaaaaaaa"]):  # a revoke made the mistyped root, and reads then found it
         done = CliRunner().invoke(app, [*command, "--config", str(config)])
         assert done.exit_code == 2 and "storage root" in done.output and "does not exist" in done.output, command
     assert not (tmp_path / "nope").exists()

@@ -139,11 +139,19 @@ def test_launcher_yamls_validate_against_rays_schema(rendered):
     assert aws["available_node_types"]["gpu_worker"]["node_config"]["InstanceMarketOptions"] == {"MarketType": "spot"}
 
 
-def test_a_config_that_only_this_machine_can_run_is_refused():
+def test_a_config_that_only_this_machine_can_run_is_refused(tmp_path):
     cfg = parse_config({"models": [{"name": "m", "base_model": "b", "labels": ["a", "b"], "seed_dataset": "seed.tsv"}]})
     with pytest.raises(manifests.NotClusterable, match="storage.root.*local path") as refused:
         manifests.kuberay(cfg, {})
     assert "seed_dataset 'seed.tsv'" in str(refused.value)
+    for base in ("./mymodel", str(tmp_path)):  # weights in a folder of this machine: on no node
+        cfg = parse_config({"models": [{"name": "m", "base_model": base, "labels": ["a", "b"]}],
+                            "storage": {"root": "s3://b/tl", "journal_dir": "/j"}})
+        assert any(f"base_model {base!r} is a folder of this machine" in p for p in manifests.cluster_problems(cfg))
+    for base in ("sentence-transformers/all-MiniLM-L6-v2", "/app/models/minilm"):  # the hub's, the image's
+        cfg = parse_config({"models": [{"name": "m", "base_model": base, "labels": ["a", "b"]}],
+                            "storage": {"root": "s3://b/tl", "journal_dir": "/j"}})
+        assert manifests.cluster_problems(cfg) == []
 
 
 @pytest.mark.parametrize(("serving", "workers", "expected"), [
