@@ -21,6 +21,7 @@ healthy log, and feedback on them answered 404.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 import time
@@ -58,7 +59,9 @@ class PredictionRecorder:
         self._rows: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._last_prune = 0.0
+        # At the first tick: 0.0 waited for an hour of the host's uptime, so a node booted
+        # less than PRUNE_EVERY_S ago kept every expired day until then.
+        self._last_prune = -math.inf
         self._failing = False  # the last flush's write failed
         self._flushed_at = time.monotonic()  # when the last flush ended without failing
         self._thread = threading.Thread(target=self._run, name=f"prediction-log-{model}", daemon=True)
