@@ -526,7 +526,7 @@ class Ingress:
         m = self._model_cfg(model)
         state = await asyncio.to_thread(operate_rollout, self.registry, model, body.action, f"by key {key_id}",
                                         self.cfg.rollout, m.labels, body.version, body.stage, body.force,
-                                        _request_id(key_id, f"rollout {body.action}", idempotency_key, body))
+                                        _request_id(key_id, "rollout", idempotency_key, body))
         return self._state_answer(model, state)
 
     def _state_answer(self, model: str, state: RegistryState) -> dict[str, Any]:

@@ -220,9 +220,9 @@ class RegistryState(BaseModel):
             return False
         asked = request.split(BODY)[0]
         for e in self.history:
-            if e.request == request:
+            if e.request in (request, asked):  # the latter written before request ids had a body
                 return True
-            if e.request is not None and BODY in request and e.request.split(BODY)[0] == asked:
+            if e.request is not None and BODY in request and BODY in e.request and e.request.split(BODY)[0] == asked:
                 raise InvalidValue(f"Idempotency-Key {asked.rsplit(' ', 1)[-1]!r} was used for a different "
                                    "request; use a new key per request")
         return False

@@ -170,3 +170,7 @@ def test_an_idempotency_key_reused_for_another_body_is_refused_and_changes_nothi
     assert (reg.state("m").production, reg.state("m").generation) == ("v2", generation)
     assert reg.promote("m", "v3", request=f"k promote p2{BODY}bbbb").production == "v3"  # a new key acts
     assert reg.promote("m", "v2", request=f"other promote p1{BODY}bbbb").production == "v2"  # another API key's
+    # A retry after an upgrade, of a request carried out before ids had a body: done, not refused.
+    reg.rollback("m", "by key k", request="k rollback r1")
+    state = reg.state("m")
+    assert reg.rollback("m", "by key k", request=f"k rollback r1{BODY}cccc").generation == state.generation
