@@ -250,11 +250,10 @@ def run_forever(cfg: TuneloopConfig) -> None:
         if short:
             ray.shutdown()
             raise SystemExit(f"tuneloop: cannot start: {short}")
-    stop = threading.Event()
+    stop, ready = threading.Event(), threading.Event()
     try:
         write_server_file(storage, ray.get_runtime_context().gcs_address)
         bootstrap_versions(cfg)
-        ready = threading.Event()
 
         def on_signal(*_) -> None:
             if not ready.is_set():
@@ -288,6 +287,7 @@ def run_forever(cfg: TuneloopConfig) -> None:
         stop.wait()
         print("tuneloop: stopping", flush=True)
     finally:
+        ready.set()  # a second Ctrl-C now only asks to stop: raised here, it cut the clean-up short
         remove_server_file(storage)
         if ray.is_initialized():
             node_id = ray.get_runtime_context().get_node_id()

@@ -461,12 +461,11 @@ class FeedbackStore:
         One millisecond past: at the same millisecond this writer's ids sorted before it."""
         stamps = [datetime.fromisoformat(r["created_at"]) for r in pending_records(self.journal_dir)
                   if r.get("created_at")]
+        times = pa.schema([("created_at", _TS)])  # the one column: no texts read at start
         for model in self.tasks:
-            files = self.files(model)
-            newest_day = max((_partition_day(f) for f in files), default="")
-            if newest_day:
-                newest = pc.max(_read(self.storage, [f for f in files if _partition_day(f) == newest_day],
-                                      self._schema(model)).column("created_at")).as_py()
+            newest_day = max((_partition_day(f) for f in self.files(model)), default="")
+            if newest_day:  # listed again as it is read: a job merging that day deletes its sources
+                newest = pc.max(self._read_listed(model, newest_day, schema=times).column("created_at")).as_py()
                 stamps += [newest] if newest is not None else []
         if stamps:
             self._last_created_at = max(self._last_created_at, max(stamps) + timedelta(milliseconds=1))
