@@ -287,7 +287,7 @@ def feedback_stats_cmd(model: str, config: str | None = ConfigOption) -> None:
 def feedback_keys_cmd(model: str, config: str | None = ConfigOption) -> None:
     """Each feedback key's agreement with production and with other keys over all of MODEL's
     feedback, and the quarantine's verdicts, as JSON."""
-    from tuneloop.core.feedback_stats import superseded
+    from tuneloop.core.feedback_stats import arrival_order, superseded
     from tuneloop.core.quarantine import task_key_stats
     from tuneloop.core.tasks import model_tasks
     from tuneloop.store.quarantine import QuarantineBook
@@ -297,7 +297,8 @@ def feedback_keys_cmd(model: str, config: str | None = ConfigOption) -> None:
     known_model(cfg, model)
     tasks, storage = model_tasks(cfg.models), _stored(cfg)
     task = tasks[model]
-    rows = FeedbackStore(storage, cfg.storage.journal_path(), tasks).read_all(model)
+    # In arrival order, as a job reads them: a key's vote on a text is its newest answer.
+    rows = sorted(FeedbackStore(storage, cfg.storage.journal_path(), tasks).read_all(model), key=arrival_order)
     dropped = superseded(rows)
     verdicts = QuarantineBook(storage).verdicts(model)
     held = {k for k, v in verdicts.items() if v.state == "quarantined"}

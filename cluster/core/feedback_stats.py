@@ -22,7 +22,7 @@ UNDATED = "undated"  # by_day's entry for rows another tool stored without creat
 _BEFORE_ANY = datetime.min.replace(tzinfo=UTC)
 
 
-def _order(row: dict[str, Any]) -> tuple[datetime, str]:
+def arrival_order(row: dict[str, Any]) -> tuple[datetime, str]:
     """Where ``row`` stands in arrival order, (created_at, feedback_id). A row another tool
     stored without either (a backfill, which the store keeps) stands first: comparing its
     None with a time stopped the ingress at every start."""
@@ -37,7 +37,7 @@ def superseded(rows: Iterable[dict[str, Any]]) -> set[str]:
         pid = row.get("prediction_id")
         if pid is None:
             continue
-        key = _order(row)
+        key = arrival_order(row)
         if pid not in newest:
             newest[pid] = key
         elif key > newest[pid]:
@@ -71,7 +71,7 @@ class FeedbackTally:
     def add(self, row: dict[str, Any]) -> None:
         pid = row.get("prediction_id")
         if pid is not None:
-            order = _order(row)
+            order = arrival_order(row)
             current = self._newest.get(pid)
             if current is not None:
                 self.superseded += 1

@@ -107,15 +107,17 @@ def test_a_quarantined_key_does_not_vote_on_shared_texts():
 
 def test_entity_feedback_agrees_with_peers_only_on_the_same_spans():
     task = TokenClassification(["PER", "LOC"])
-    person = [{"start": 0, "end": 4, "label": "PER"}]
+    spans = [{"start": 0, "end": 4, "label": "PER"}, {"start": 10, "end": 14, "label": "LOC"}]  # John, home
 
     def rows(key, spans):
         return [{"key_id": key, "prediction_id": None, "text": f"John went home {i}", "entities": spans}
                 for i in range(12)]
-    wrong_span = [{"start": 5, "end": 9, "label": "PER"}]  # "went": the same type, another span
-    stats = task_key_stats(task, rows("a", person) + rows("b", list(reversed(person + []))) + rows("c", wrong_span))
+    wrong_span = [{"start": 5, "end": 9, "label": "PER"}, spans[1]]  # "went": the same types, another span
+    stats = task_key_stats(task, rows("a", spans) + rows("b", list(reversed(spans))) + rows("c", wrong_span))
     assert stats["c"].shared == 12 and stats["c"].peer_agreement == 0.0
     assert stats["a"].shared == 0  # a's others, b and c, split
+    d = task_key_stats(task, rows("a", spans) + rows("b", list(reversed(spans))) + rows("d", spans))
+    assert d["b"].shared == 12 and d["b"].peer_agreement == 1.0  # the same entities in another order agree
 
 
 def test_the_book_quarantines_releases_and_never_requarantines(tmp_path):
