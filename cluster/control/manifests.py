@@ -84,11 +84,15 @@ def _unplaceable(cfg: TuneloopConfig) -> list[str]:
             asks.append((where, "gpus_per_worker", t.gpus_per_worker, "gpus_per_worker", w.gpus_per_worker))
         custom.append((f"{where}.resources_per_worker", t.resources_per_worker))
     problems = []
-    ceiling = cfg.serving.num_replicas or cfg.serving.autoscaling.max_replicas
+    # Left out, max_replicas is the room shared by the models, but never below one replica
+    # each (or min_replicas): more models than the room holds are refused as a set value is.
+    key = "num_replicas" if s.num_replicas else "autoscaling.max_replicas" if s.autoscaling.max_replicas else \
+        "autoscaling.min_replicas, max_replicas left out"
+    ceiling = s.num_replicas or s.autoscaling.max_replicas or max(1, s.autoscaling.min_replicas)
     room, n = _replicas_beside_training(cfg), len(cfg.models)
-    if ceiling is not None and ceiling * n > room and _replicas_a_worker_holds(cfg):
+    if ceiling * n > room and _replicas_a_worker_holds(cfg):
         each = f"{n} models' {ceiling} replicas each" if n > 1 else f"a model's {ceiling} replicas"
-        problems.append(f"{each} (serving.{'num_replicas' if s.num_replicas else 'autoscaling.max_replicas'}) "
+        problems.append(f"{each} (serving.{key}) "
                         f"and the largest retraining job ({_training_nodes(cfg)} worker node(s)) need more than "
                         f"deploy.workers.max_workers {w.max_workers} nodes hold ({room} replicas beside the job): "
                         "under load a retrain would wait for resources until it failed; lower the replicas or raise "

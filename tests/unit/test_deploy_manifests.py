@@ -158,7 +158,7 @@ def test_a_config_that_only_this_machine_can_run_is_refused(tmp_path):
     ({}, {}, 24),  # 1 CPU a replica, 8 CPUs a worker, 4 workers, one of them the retrain's
     ({"num_cpus_per_replica": 2, "num_gpus_per_replica": 0.5}, {"gpus_per_worker": 1}, 6),  # 2 a GPU
     ({"num_cpus_per_replica": 1, "num_gpus_per_replica": 1}, {"gpus_per_worker": 2, "max_workers": 3}, 4),
-    ({"autoscaling": {"min_replicas": 40}}, {}, 40),  # never below the minimum
+    ({"autoscaling": {"min_replicas": 20}}, {}, 24),  # a minimum within the room (past it: refused, below)
     (None, {}, 24),  # every key of a section commented out: YAML's null
     ({"autoscaling": None}, {}, 24),
 ])
@@ -180,6 +180,14 @@ def test_several_models_share_the_replicas_the_workers_hold():
     assert inside.serving.autoscaling.max_replicas == 1  # 4 replicas beside the 2-node retrain, for 3 models
     doc["serving"]["autoscaling"] = {"max_replicas": 2}
     with pytest.raises(manifests.NotClusterable, match="3 models' 2 replicas each"):
+        manifests.cluster_config_doc(doc, parse_config(doc))
+    doc["serving"]["autoscaling"] = {"min_replicas": 5}  # always on, past the room
+    with pytest.raises(manifests.NotClusterable, match=r"3 models' 5 replicas each \(serving.autoscaling.min_replicas"):
+        manifests.cluster_config_doc(doc, parse_config(doc))
+    # Five models, max_replicas left out: one replica each is more than the 4 the room holds.
+    doc["models"] = [{"name": f"m{i}", "base_model": "b", "labels": ["a", "b"]} for i in range(5)]
+    doc["serving"]["autoscaling"] = {}
+    with pytest.raises(manifests.NotClusterable, match=r"5 models' 1 replicas each \(serving.autoscaling.min_replicas"):
         manifests.cluster_config_doc(doc, parse_config(doc))
 
 
