@@ -235,8 +235,8 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     stored = feedback.read_since(mcfg.name, after)
     n_behind_pending = 0
     if pending is not None:
-        before = stored.filter(pc.less(stored.column("created_at"),
-                                       pa.scalar(pending, stored.schema.field("created_at").type)))
+        before = stored.filter(pc.fill_null(pc.less(stored.column("created_at"),  # undated rows: older than all
+                                                    pa.scalar(pending, stored.schema.field("created_at").type)), True))
         n_behind_pending, stored = stored.num_rows - before.num_rows, before
         if n_behind_pending:
             log.info("%s: %d feedback records arrived after %s, which another writer has not compacted yet: they "
@@ -311,9 +311,12 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
                       released_waiting_rows=waiting.num_rows)
     fresh_train, fresh_eval = fresh.slice(0, n_train), fresh.slice(fresh.num_rows - n_eval)
     validation = fresh.slice(fresh.num_rows - n_eval - n_val, n_val)
-    if n_train:
-        last = fresh_train.slice(n_train - 1).to_pylist()[0]
-        watermark = {"created_at": last["created_at"].isoformat(), "feedback_id": last["feedback_id"]}
+    # The newest trained row that has a time (another tool's undated rows come first, and
+    # a job of them alone moves no watermark).
+    dated = fresh_train.filter(pc.is_valid(fresh_train.column("created_at")))
+    if dated.num_rows:
+        last = dated.slice(dated.num_rows - 1).to_pylist()[0]
+        watermark = {"created_at": last["created_at"].isoformat(), "feedback_id": last["feedback_id"] or ""}
     else:
         watermark = parent.data.get("watermark") if parent else None
 

@@ -167,7 +167,9 @@ def _feedback_day_folder(model: str, day: str) -> str:
 
 
 # The order feedback arrived in: time, then id (ids sort in arrival order within a writer).
-_ARRIVAL_ORDER = [("created_at", "ascending"), ("feedback_id", "ascending")]
+# Rows another tool stored without a time or an id first, as older than any of ours (the
+# statistics' arrival_order too): last, they fell among a job's newest, kept-back rows.
+_ARRIVAL_ORDER = [("created_at", "ascending", "at_start"), ("feedback_id", "ascending", "at_start")]
 
 
 def _partition_day(path: str) -> str:

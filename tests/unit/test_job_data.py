@@ -136,6 +136,24 @@ def test_a_users_answer_on_a_seed_text_replaces_the_seeds_row_in_replay(env):
     assert not [r for r in third.train.to_pylist() if r["source"] == "seed" and r["text"] in corrected]
 
 
+def test_another_tools_undated_rows_train_first_and_move_no_watermark(env):
+    """Rows a backfill stored without created_at sorted last, among the newest kept back for
+    the gate, and the job failed setting its watermark from one of them."""
+    import pyarrow.parquet as pq
+
+    cfg, task, registry, feedback, tmp_path = env
+    _give(feedback, 30)
+    day = tmp_path / "store/feedback/m/date=2026-01-02"
+    day.mkdir(parents=True)
+    pq.write_table(pa.table({"model": ["m"] * 50, "text": [f"backfill {i}" for i in range(50)],
+                             "label": ["negative"] * 50}), day / "backfill.parquet")
+    data = assemble(task, cfg.model("m"), cfg.training, registry, feedback, None)
+    kept_back = data.fresh_eval.column("text").to_pylist()  # the newest 16 of 80: ours, dated, last
+    assert len(kept_back) == 16 and all(t.startswith("feedback ") for t in kept_back)
+    assert sum(t.startswith("backfill ") for t in data.train.column("text").to_pylist()) == 50
+    assert data.summary["watermark"]["feedback_id"]  # from the newest dated row trained
+
+
 def test_kept_back_rows_repeating_a_text_the_job_trains_on_are_no_evidence(env):
     """A frequent query answered in the trained share and again in the kept-back one, or a
     seed text sent as feedback: the gate's McNemar test counted the candidate right on text
