@@ -80,6 +80,9 @@ class JobData:
     validation: pa.Table  # row_schema: the fresh rows before those, early stopping's (none if it is off)
     reservoir: pa.Table  # row_schema: the child's uniform sample of all feedback trained on
     held: pa.Table  # row_schema: rows of quarantined keys, waiting for a release
+    # The seed's texts users answered (normalized), carried from version to version: their
+    # seed rows replay no more.
+    answered: pa.Table = field(default_factory=lambda: pa.table({"text": pa.array([], pa.string())}))
     summary: dict[str, Any] = field(default_factory=dict)  # the manifest's ``data``
 
 
@@ -331,14 +334,20 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     # Nor what a newer answer on the same text replaces: feedback given as model + text has no
     # prediction id, and a user's correction of a seed text trained beside the seed's old
     # label, which came back in every job after (and, sampled, took the correction out of
-    # the gate's kept-back rows). Users' answers (this job's, the reservoir's) replace the seed's.
-    answered = {normalized(t) for table in (fresh, released) for t in table.column("text").to_pylist()}
-    reservoir = _without_texts(reservoir, answered)
+    # the gate's kept-back rows).
+    def texts(table: pa.Table) -> set[str]:
+        return {normalized(t) for t in table.column("text").to_pylist()}
+    reservoir = _without_texts(reservoir, texts(fresh))  # fresh rows are newer than any there
     # A key held since its rows were sampled in replays none of them; they stay in the
     # reservoir, so that an admin's release brings them back.
     replayable = reservoir.filter(pc.invert(_of_keys(reservoir, held_keys))) if held_keys else reservoir
     quarantine["held_replay_rows"] = reservoir.num_rows - replayable.num_rows
-    answered |= {normalized(t) for t in replayable.column("text").to_pylist()}
+    # A seed text users answered, now or in any job before, is theirs: kept from version to
+    # version (``answered``), as the reservoir, a sample, forgets most answers.
+    earlier = registry.table(mcfg.name, parent.version, "answered") if parent else None
+    answered = texts(earlier) if earlier is not None else set()
+    if seed is not None:
+        answered |= texts(seed) & (texts(fresh) | texts(released) | texts(replayable))
     seed_pool = _without_texts(_rows(seed, schema, "seed"), golden_texts | answered) if seed is not None \
         else schema.empty_table()
     pool = pa.concat_tables([seed_pool, _rows(replayable, schema, "replay")])
@@ -401,7 +410,8 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
         "eval_rows": golden.num_rows + fresh_eval.num_rows,
     }
     return JobData(train=train, golden=golden, fresh_eval=fresh_eval, validation=validation,
-                   reservoir=child_reservoir, held=held, summary=summary)
+                   reservoir=child_reservoir, held=held, summary=summary,
+                   answered=pa.table({"text": pa.array(sorted(answered), pa.string())}))
 
 
 def _first_with_each_label(task: Task, targets: list[dict[str, Any]]) -> set[int]:

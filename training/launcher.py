@@ -345,7 +345,7 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
     with result.checkpoint.as_directory() as ckpt_dir:
         manifest = registry.publish(model, ckpt_dir, manifest,
                                     tables={"trained_on": trained_on, "reservoir": data.reservoir, "golden": data.golden,
-                                            "held": data.held})
+                                            "held": data.held, "answered": data.answered})
     published = _now()
     _prune_train_runs(storage, model)
     job.version = manifest.version

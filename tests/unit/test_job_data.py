@@ -46,7 +46,8 @@ def _publish(registry: Registry, tmp_path, data, version_of, summary, golden_acc
                                                                eval_rows=20)
     manifest = Manifest(version="pending", model="m", parent=None, base_model="x", task="text-classification",
                         labels=["negative", "positive"], data=summary, metrics=metrics)
-    return registry.publish("m", str(weights), manifest, tables={"reservoir": data.reservoir, "held": data.held})
+    return registry.publish("m", str(weights), manifest, tables={"reservoir": data.reservoir, "held": data.held,
+                                                                 "answered": data.answered})
 
 
 def _give(feedback: FeedbackStore, n: int, start: int = 0, label: str = "positive", **extra) -> list[str]:
@@ -126,14 +127,17 @@ def test_a_users_answer_on_a_seed_text_replaces_the_seeds_row_in_replay(env):
     corrected = {r["text"]: ("negative" if r["label"] == "positive" else "positive") for r in trained}
     for text, label in corrected.items():
         feedback.append(model="m", text=f"  {text.upper()} ", label=label)  # the same text, written otherwise
-    feedback.compact()
+    _give(feedback, 200, start=1000)  # more answers than the reservoir (30 rows) keeps
     second = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v1)
     rows = second.train.to_pylist() + second.fresh_eval.to_pylist() + second.validation.to_pylist()
     said = [r for r in rows if r["text"].strip().lower() in corrected]
     assert len(said) == 10 and all(r["source"] == "feedback" for r in said)  # the seed's rows are out
     v2 = _publish(registry, tmp_path, second, "v2", second.summary)
-    third = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v2)  # replay only: in the reservoir
+    kept = {r["text"].strip().lower() for r in second.reservoir.to_pylist()} & set(corrected)
+    assert len(kept) < 10  # the reservoir, a sample, forgot some corrections
+    third = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v2)  # replay only
     assert not [r for r in third.train.to_pylist() if r["source"] == "seed" and r["text"] in corrected]
+    assert set(third.answered.column("text").to_pylist()) == set(corrected)  # carried on to v3's children
 
 
 def test_another_tools_undated_rows_train_first_and_move_no_watermark(env):
