@@ -113,3 +113,17 @@ def test_the_no_label_key_of_feedback_statistics_is_no_label_name_and_nothing_to
     perfect = ML.metrics(none, none)
     assert (perfect.precision, perfect.recall, perfect.f1) == (1.0, 1.0, 1.0)
     assert ML.metrics(none, [[1.0, 0.0, 0.0]]).f1 == 0.0
+    empty = [[0.0, 0.0, 0.0]] * 100  # a stray label once, against one on every text: told apart
+    assert ML.metrics(empty, [[1.0, 0.0, 0.0]] + empty[1:]).f1 == 0.99
+    assert ML.metrics(empty, [[1.0, 0.0, 0.0]] * 100).f1 == 0.0
+
+
+def test_a_stray_prediction_of_a_label_the_golden_set_lacks_does_not_sink_the_average():
+    """A label added to the config since the golden set was frozen: the candidate's one
+    stray prediction of it averaged an F1 of 0 in, and the gate rejected a better candidate."""
+    truth = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]] * 50  # no text has "urgent"
+    stray = [list(t) for t in truth]
+    stray[0] = [1.0, 0.0, 1.0]
+    m = ML.metrics(truth, stray)
+    assert m.f1 == 1.0 and m.accuracy == 0.99  # billing and refund perfect; the exact sets count the stray
+    assert m.per_class["urgent"].support == 0 and m.per_class["urgent"].predicted == 1  # still reported

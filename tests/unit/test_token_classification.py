@@ -161,7 +161,11 @@ def test_no_entity_in_the_truth_and_none_predicted_is_a_perfect_score():
     nothing = [[0, 0, 0], [0, 0]]
     perfect = NER.metrics(nothing, nothing)
     assert (perfect.precision, perfect.recall, perfect.f1, perfect.accuracy) == (1.0, 1.0, 1.0, 1.0)
-    assert NER.metrics(nothing, [[1, 2, 0], [0, 0]]).f1 == 0.0
+    assert NER.metrics(nothing, [[1, 2, 0], [0, 0]]).f1 == 0.5  # one text of two: the share predicting none
+    # One stray entity in a hundred texts against entities everywhere: told apart (both scored 0).
+    empty = [[0, 0]] * 100
+    one_stray, everywhere = NER.metrics(empty, [[1, 0]] + [[0, 0]] * 99), NER.metrics(empty, [[1, 1]] * 100)
+    assert (one_stray.f1, everywhere.f1) == (0.99, 0.0)
 
 
 def test_first_takes_a_words_first_piece_and_average_its_mean(tokenizer):

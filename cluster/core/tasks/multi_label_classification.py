@@ -151,8 +151,14 @@ class MultiLabelClassification(Task):
 
 def multi_label_metrics(y_true: list[list[float]], y_pred: list[list[float]], labels: list[str]) -> EvalMetrics:
     """Per label precision, recall, F1 and support (texts it applies to), their macro
-    averages over the labels that occur in the truth or the predictions, and ``accuracy``
-    the share of texts whose whole label set is right."""
+    averages over the labels that occur in the truth, and ``accuracy`` the share of texts
+    whose whole label set is right. Over the truth's labels, not those the model predicted
+    too: one stray prediction of a label the golden set lacks (one added to the config
+    since) added an F1 of 0 to the candidate's average and not production's, and the gate
+    rejected a better candidate. A stray label costs the precision of no label, but the
+    exact-set ``accuracy`` still counts it. A truth with no label at all: all three are
+    ``accuracy``, the share of texts where nothing was predicted (an F1 of 0 told a model
+    that labels every text from one that labels one)."""
     if len(y_true) != len(y_pred):
         raise ValueError(f"y_true has {len(y_true)} items, y_pred {len(y_pred)}")
     if not y_true:
@@ -168,10 +174,12 @@ def multi_label_metrics(y_true: list[list[float]], y_pred: list[list[float]], la
         recall = tp / (tp + fn) if tp + fn else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         per_class[label] = ClassMetrics(precision=precision, recall=recall, f1=f1, support=tp + fn, predicted=tp + fp)
-    exact = sum(1 for t, p in zip(y_true, y_pred, strict=True) if list(t) == list(p))
-    if not per_class:  # no label in the truth and none predicted: every answer right (0 let anything pass)
-        return EvalMetrics(accuracy=exact / len(y_true), precision=1.0, recall=1.0, f1=1.0, eval_rows=len(y_true))
-    n = len(per_class)
-    return EvalMetrics(accuracy=exact / len(y_true), precision=sum(c.precision for c in per_class.values()) / n,
-                       recall=sum(c.recall for c in per_class.values()) / n, f1=sum(c.f1 for c in per_class.values()) / n,
+    exact = sum(1 for t, p in zip(y_true, y_pred, strict=True) if list(t) == list(p)) / len(y_true)
+    truth = [c for c in per_class.values() if c.support]
+    if not truth:
+        return EvalMetrics(accuracy=exact, precision=exact, recall=exact, f1=exact, eval_rows=len(y_true),
+                           per_class=per_class)
+    n = len(truth)
+    return EvalMetrics(accuracy=exact, precision=sum(c.precision for c in truth) / n,
+                       recall=sum(c.recall for c in truth) / n, f1=sum(c.f1 for c in truth) / n,
                        eval_rows=len(y_true), per_class=per_class)

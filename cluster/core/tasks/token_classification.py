@@ -467,11 +467,13 @@ def entity_metrics(y_true: list[list[int]], y_pred: list[list[int]], head: list[
     if not words:
         return EvalMetrics(accuracy=0.0, precision=0.0, recall=0.0, f1=0.0, eval_rows=len(y_true), confusion=confusion)
     report = classification_report(true_tags, pred_tags, output_dict=True, zero_division=0)
-    # No entity in the truth and none predicted: every answer right. seqeval's 0 made a
-    # perfect production score as low as a candidate tagging everything, and the gate passed it.
-    nothing = not any(map(tag_entities, true_tags)) and not any(map(tag_entities, pred_tags))
-    micro = report.get("micro avg", {"precision": 0.0, "recall": 0.0, "f1-score": 0.0}) if not nothing \
-        else {"precision": 1.0, "recall": 1.0, "f1-score": 1.0}
+    # No entity in the truth: all three are the share of texts where none was predicted
+    # (1.0 when none was). seqeval's 0 scored a production with one stray entity as low as a
+    # candidate tagging every word, and the gate passed it.
+    if not any(map(tag_entities, true_tags)):
+        micro = {"precision": exact / len(y_true), "recall": exact / len(y_true), "f1-score": exact / len(y_true)}
+    else:
+        micro = report.get("micro avg", {"precision": 0.0, "recall": 0.0, "f1-score": 0.0})
     per_type = {t: ClassMetrics(precision=report[t]["precision"], recall=report[t]["recall"],
                                 f1=report[t]["f1-score"], support=int(report[t]["support"]))
                 for t in types if t in report}
