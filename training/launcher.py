@@ -320,7 +320,7 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
         raise worker_value_error(e) or e from None
     training_ended = _now()
     report = result.metrics
-    gate, metrics, parent_metrics = _gate(task, cfg.gate, report, teacher.evidence() if teacher else None)
+    gate, metrics, parent_metrics = _gate(task, cfg.gate, report, teacher.evidence() if teacher else None, data.golden)
     gated = _now()
     manifest = Manifest(
         version="pending",
@@ -437,24 +437,32 @@ def _prune_train_runs(storage: Storage, model: str, keep: int = KEEP_TRAIN_RUNS)
             log.warning("could not prune train run %s: %s", old.base_name, e)
 
 
-def _gate(task: Task, rules: GateConfig, report: dict,
-          teacher: TeacherEvidence | None) -> tuple[GateDecision, EvalMetrics, EvalMetrics | None]:
+def _gate(task: Task, rules: GateConfig, report: dict, teacher: TeacherEvidence | None,
+          golden_table: pa.Table | None = None) -> tuple[GateDecision, EvalMetrics, EvalMetrics | None]:
     """The gate on what the workers measured: the golden set (the version's metrics) and the
-    kept-back fresh rows, candidate and production paired by row."""
+    kept-back fresh rows, candidate and production paired by row; with one class a text,
+    each golden row's class (``golden_table``'s, by row number)."""
     candidate, parent = report["candidate"], report["parent"]
     empty = {"metrics": EvalMetrics(accuracy=0, precision=0, recall=0, f1=0, eval_rows=0).model_dump(), "right": []}
     golden = EvalMetrics.model_validate(candidate.get("golden", empty)["metrics"])
     parent_golden = EvalMetrics.model_validate(parent.get("golden", empty)["metrics"]) if parent else None
-    def paired(name: str) -> tuple[list[bool], list[bool]]:
+    def rows_of(name: str) -> list[int]:
         ours = dict(candidate.get(name, empty)["right"])
         theirs = dict(parent.get(name, empty)["right"]) if parent else {}
-        rows = sorted(set(ours) & set(theirs))
-        return [ours[r] for r in rows], [theirs[r] for r in rows]
+        return sorted(set(ours) & set(theirs))
+
+    def paired(name: str) -> tuple[list[bool], list[bool]]:
+        ours, theirs = dict(candidate.get(name, empty)["right"]), dict(parent.get(name, empty)["right"]) if parent else {}
+        return [ours[r] for r in rows_of(name)], [theirs[r] for r in rows_of(name)]
 
     (fresh_ours, fresh_theirs), (golden_ours, golden_theirs) = paired("fresh"), paired("golden")
+    classes = []
+    if golden_table is not None and task.target_columns == ("label",) and golden_ours:
+        labels = golden_table.column("label").to_pylist()
+        classes = [labels[r] for r in rows_of("golden")]
     evidence = Evidence(metric=task.gate_metric, golden=golden, parent_golden=parent_golden,
                         fresh_candidate=fresh_ours, fresh_parent=fresh_theirs,
-                        golden_candidate=golden_ours, golden_parent=golden_theirs,
+                        golden_candidate=golden_ours, golden_parent=golden_theirs, golden_classes=classes,
                         finite=all(e["finite"] for e in candidate.values()), teacher=teacher)
     return decide(evidence, rules), golden, parent_golden
 

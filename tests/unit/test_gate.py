@@ -80,6 +80,33 @@ def test_a_recall_drop_chance_explains_does_not_fail():
     assert d.checks[0].numbers["recall_drops_by_chance"] == {"positive": (0.82, 0.9)}
 
 
+def test_a_class_drop_is_tested_on_the_classes_rows_paired_when_their_classes_are_known():
+    """Both models answer the same rows: Fisher's test for two independent samples passed a
+    candidate that lost 7 of the minority class's 40 rows and gained none (p 0.042, above
+    the Bonferroni level 0.025); McNemar on those rows gives 2^-7."""
+    classes = ["a"] * 360 + ["b"] * 40
+    production = [True] * 340 + [False] * 20 + [True] * 36 + [False] * 4
+    candidate = [True] * 352 + [False] * 8 + [True] * 29 + [False] * 11  # b's right rows: a subset of production's
+    labels = ["a", "b"]
+
+    def metrics(right):
+        return classification_metrics([0 if k == "a" else 1 for k in classes],
+                                      [(0 if k == "a" else 1) if r else (1 if k == "a" else 0)
+                                       for k, r in zip(classes, right)], labels)
+    unpaired = Evidence(metric="accuracy", golden=metrics(candidate), parent_golden=metrics(production),
+                        golden_candidate=candidate, golden_parent=production)
+    assert decide(unpaired, RULES).accepted  # Fisher's: b's drop is "chance"
+    paired = unpaired.model_copy(update={"golden_classes": classes})
+    d = decide(paired, RULES)
+    assert not d.accepted and "b 0.7250 < 0.9000" in d.reason and "McNemar's exact test on the class's rows" in d.reason
+
+
+def test_a_fall_of_exactly_the_margin_passes_whatever_the_float():
+    rules = GateConfig(golden_margin=0.05)
+    parent = _golden(260, 260, n=1000)  # 0.52
+    assert decide(_evidence(_golden(235, 235, n=1000), parent), rules).accepted  # 0.47: exactly 5 points
+
+
 def test_fisher_lower_matches_the_hypergeometric_tail():
     assert fisher_lower(5, 5, 10) == pytest.approx(0.6719, abs=1e-4)  # scipy.stats.fisher_exact, alternative="less"
     assert fisher_lower(0, 10, 10) == pytest.approx(1 / math.comb(20, 10))
