@@ -271,7 +271,7 @@ class Ingress:
         self._controller_handle, self._controller_found_at = None, 0.0
         self.feedback = FeedbackService.from_config(self.cfg, trigger=self._trigger)
         self.jobs = JobStore(storage)
-        self.auth = KeyRing(self.cfg.auth, storage)
+        self.auth = KeyRing(self.cfg.auth, storage, background=True)
         self.feedback_limit = RateLimiter(self.cfg.auth.feedback_per_minute, self.cfg.auth.feedback_burst)
         BodyGuard.max_body_bytes = self.cfg.serving.max_body_bytes()
         BodyGuard.body_timeout_s = self.cfg.serving.body_timeout_s

@@ -104,7 +104,7 @@ class ModelServer:
             p.retention_days, max_buffered_rows=p.max_buffered_rows,
             on_drop=metrics.PREDICTION_LOG_DROPPED.labels(model).inc)
         self.rollout_cfg = cfg.rollout
-        self._keys = keys or KeyRing(cfg.auth, storage)
+        self._keys = keys or KeyRing(cfg.auth, storage, background=True)
         if load is None:
             import torch
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -80,8 +81,13 @@ class KeyRing:
     keys (an open role passes, any other gets 401), so it is answered as usual."""
 
     def __init__(self, auth: AuthConfig, storage: Storage, refresh_s: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, background: bool = False):
+        """``background``: once a key set is loaded, re-read the sources in a thread of their
+        own while requests are checked against the last set. For a server's event loop,
+        which a read of the key file from a slow or unreachable bucket (boto3's minutes of
+        timeouts and retries) froze every 5 s, with every request it held."""
         self.auth, self.storage, self.refresh_s, self.clock = auth, storage, refresh_s, clock
+        self.background = background
         self._keyless = Authorizer([], frozenset(auth.open_roles))  # for requests without a key
         self._authorizer: Authorizer | None = None
         self._tried_at: float | None = None
@@ -102,21 +108,32 @@ class KeyRing:
         now = self.clock()
         if self._tried_at is None or now - self._tried_at > self.refresh_s:
             self._tried_at = now
-            try:
-                self._authorizer = Authorizer(self.keys(), frozenset(self.auth.open_roles))
-            except ConfigError as e:
-                if str(e) != self._problem:
-                    self._problem = str(e)
-                    log.error("API keys: %s; %s", e, "still using the keys loaded before" if self._authorizer
-                              else "requests that need a key get 503 until it is fixed")
+            if self.background and self._authorizer is not None:
+                threading.Thread(target=self._load, name="api-key-refresh", daemon=True).start()
             else:
-                if self._problem is not None:
-                    log.info("API keys: the key sources are valid again")
-                self._problem = None
+                self._load()
         if self._authorizer is None:
             raise KeyStoreUnavailable("API keys cannot be checked right now (the server cannot read its keys); "
                                       "retry later")
         return self._authorizer
+
+
+    def _load(self) -> None:
+        try:
+            authorizer = Authorizer(self.keys(), frozenset(self.auth.open_roles))
+        except ConfigError as e:
+            if str(e) != self._problem:
+                self._problem = str(e)
+                log.error("API keys: %s; %s", e, "still using the keys loaded before" if self._authorizer
+                          else "requests that need a key get 503 until it is fixed")
+        except OSError as e:  # a bucket out of reach: as a bad file, the last good set stays
+            log.warning("API keys: the key file cannot be read (%s); %s", e, "still using the keys loaded before"
+                        if self._authorizer else "requests that need a key get 503 until it can")
+        else:
+            self._authorizer = authorizer  # one assignment: a request sees the old set or the new
+            if self._problem is not None:
+                log.info("API keys: the key sources are valid again")
+            self._problem = None
 
 
 def add_stored_key(storage: Storage, role: str) -> str:

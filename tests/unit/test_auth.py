@@ -188,6 +188,37 @@ def test_a_revoked_key_is_refused_from_the_next_refresh(storage):
     assert ring.check(f"Bearer {kept}", "feedback") == kept.split("_")[1]
 
 
+def test_a_servers_key_refresh_never_holds_a_request_on_a_slow_key_file(storage):
+    """A replica's event loop read the key file inline every 5 s: a slow bucket froze every
+    request it held. In the background, the last good set answers while the file is read."""
+    import threading
+    import time
+
+    now = [0.0]
+    key = add_stored_key(storage, "feedback")
+    ring = KeyRing(AuthConfig(), storage, refresh_s=5.0, clock=lambda: now[0], background=True)
+    assert ring.check(f"Bearer {key}", "feedback")  # the first set: read at once
+    released, read = threading.Event(), threading.Event()
+    real = storage.read_document
+
+    def slow(rel):
+        read.set()
+        released.wait(10)
+        return real(rel)
+    storage.read_document = slow
+    now[0] = 6.0
+    started = time.monotonic()
+    assert ring.check(f"Bearer {key}", "feedback") == key.split("_")[1]  # the last set, at once
+    assert time.monotonic() - started < 1.0 and read.wait(5)
+    released.set()
+
+    def unreachable(rel):
+        raise OSError("the bucket cannot be reached")
+    storage.read_document = unreachable
+    ring.background, now[0] = False, 12.0
+    assert ring.check(f"Bearer {key}", "feedback")  # an unreachable bucket keeps the last set too
+
+
 def test_revoke_refuses_unknown_ids_and_keys_that_live_elsewhere(storage, monkeypatch):
     add_stored_key(storage, "admin")
     before = storage.read_bytes("auth/keys.json")
