@@ -120,7 +120,11 @@ class ContinuousBatcher(Generic[T, R]):
         """Run a batch; if it fails, run its halves, down to single items, so that only an
         item that fails on its own gets an error and every other item its result. One bad
         input among n costs about 2*log2(n) extra, ever smaller, batches; retrying each
-        item alone would cost n."""
+        item alone would cost n. Items whose request gave up meanwhile are not retried: a
+        model failing every batch ran 2n-1 forward passes a batch for nobody."""
+        batch = [entry for entry in batch if not entry[1].done()]
+        if not batch:
+            return
         try:
             results = await self._run_batch([item for item, _, _ in batch])
             if len(results) != len(batch):

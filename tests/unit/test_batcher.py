@@ -204,3 +204,29 @@ def test_batchers_sharing_a_compute_slot_choose_their_batch_only_when_it_is_free
 
     asyncio.run(scenario())
     assert batches == [("canary", [100]), ("production", [0, 1, 2, 3, 4, 5])]
+
+
+def test_a_failed_batch_whose_requests_gave_up_is_not_retried_in_halves():
+    """A model failing every batch ran 2n-1 forward passes a batch of n, for requests that
+    had timed out while the first one ran."""
+    calls = []
+
+    async def model(items):
+        calls.append(len(items))
+        await asyncio.sleep(0.05)
+        raise RuntimeError("out of memory")
+
+    async def main():
+        b = ContinuousBatcher(model, max_batch_size=8)
+        first = asyncio.create_task(b.submit_many(["blocker"]))
+        await asyncio.sleep(0.01)
+        waiting = [asyncio.create_task(b.submit_many([f"t{i}"])) for i in range(8)]
+        await asyncio.sleep(0.06)  # the 8 now run as one batch
+        for task in waiting:
+            task.cancel()  # their requests time out while it runs
+        await asyncio.sleep(0.3)
+        with pytest.raises(ItemFailed):
+            await first
+
+    run(main())
+    assert calls == [1, 8]  # the blocker, then the batch once: no halves for nobody
