@@ -275,7 +275,9 @@ class ModelServer:
         return {"model": self.cfg.name, "version": self._loaded.version if self._loaded else None,
                 "challenger": self._challenger.version if self._challenger else None,
                 "rollout": self._rollout.model_dump() if self._rollout else None, "refused": dict(self._refused),
-                "failed": {v: why for v, (_, why, _) in self._failed.items()},
+                # Copies first (dict() is one step under the GIL): the watcher thread adds and
+                # removes entries while a request reads them ("changed size during iteration").
+                "failed": {v: why for v, (_, why, _) in dict(self._failed).items()},
                 "resident_weight_bytes": dict(self._resident),
                 "runtimes": {v: f"{self._runtimes[v][0]} ({self._runtimes[v][1]})" for v in self._resident}}
 
@@ -317,8 +319,8 @@ class ModelServer:
         if self._loaded is None:
             # A load's own error names local paths and bucket keys: the log has it, not anyone
             # who may call predict (open by default).
-            why = "; ".join([*self._refused.values(),
-                             *(f"{v} did not load; the server's log says why" for v in self._failed)])
+            why = "; ".join([*dict(self._refused).values(),
+                             *(f"{v} did not load; the server's log says why" for v in dict(self._failed))])
             raise NotReady(f"model {self.cfg.name!r} has no production version loaded yet" + (f" ({why})" if why else ""))
         if self._in_flight >= self._max_in_flight:
             raise Overloaded(f"model {self.cfg.name!r} is at capacity ({self._in_flight} requests); retry shortly")
