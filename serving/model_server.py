@@ -325,6 +325,10 @@ class ModelServer:
         if self._in_flight >= self._max_in_flight:
             raise Overloaded(f"model {self.cfg.name!r} is at capacity ({self._in_flight} requests); retry shortly")
         rollout, challenger = self._rollout, self._challenger
+        if challenger is not None and (rollout is None or challenger.version != rollout.version):
+            # The watcher thread swaps the challenger before the rollout: a new shadow read
+            # beside the old canary's percent answered users for that moment.
+            challenger = None
         canary = (rollout is not None and rollout.stage == "canary" and challenger is not None
                   and canary_bucket(client or uuid.uuid4().hex) < rollout.percent)
         routed = challenger if canary else self._loaded  # the version a failure counts against

@@ -55,6 +55,24 @@ def test_canary_answers_the_clients_below_its_share_and_keeps_each_on_one_versio
     assert {"v1", "v2"} == set(versions)
 
 
+def test_a_challenger_swapped_before_its_rollout_answers_no_user(rollout):
+    """The watcher thread loads the next challenger before it publishes the next rollout: a
+    new shadow read beside the old canary's percent answered users in that moment."""
+    replica, registry, _ = rollout
+    registry.start_rollout("sentiment", "v2", "canary", 100.0)
+    replica._sync_with_registry()
+    registry.abort_rollout("sentiment", "v2", "by hand")
+    registry.start_rollout("sentiment", "v3", "shadow", 0.0)
+    canary_at_100 = replica._rollout
+    replica._sync_with_registry()
+    replica._rollout = canary_at_100  # the moment between the two assignments
+
+    async def main():
+        return [(await replica.predict(["a text"], client=f"c{i}"))[0]["version"] for i in range(10)]
+
+    assert set(asyncio.run(main())) == {"v1"}
+
+
 def test_a_canary_that_does_not_answer_in_time_counts_the_timeout_as_its_error(rollout):
     """A canary too slow to answer within request_timeout_s left only its fast answers in
     its rollout's health: its timeouts counted against no version."""
