@@ -59,6 +59,9 @@ def _gpu_ceiling(cfg: TuneloopConfig) -> dict[str, float]:
             "gpus": float(ray.cluster_resources().get("GPU", 0.0)), "reserved_gpus": cfg.largest_job_gpus()}
 
 
+SHUTDOWN_SLACK_S = 20.0  # Serve's draining before a replica's requests end, and the log flush after
+
+
 def ray_is_local() -> bool:
     """Whether Ray is this one machine (one node)."""
     return len([n for n in ray.nodes() if n.get("Alive")]) <= 1
@@ -78,6 +81,11 @@ def model_app(cfg: TuneloopConfig, model: str, metrics_dir: str | None) -> Appli
         # The replica bounds what it holds itself (in_flight_limit) and answers 503 in
         # JSON past it; Serve's own limit sits above so that it never answers first.
         "max_ongoing_requests": in_flight_limit(s) + s.max_batch_size,
+        # Long enough for what a replica holds when Serve stops it (a config change, a scale
+        # down): its requests, each up to request_timeout_s after a batch's wait, then the
+        # prediction logs' flush. Serve's 20 s default cut requests of its 30 s timeout off
+        # as resets, and could kill the replica before the flush.
+        "graceful_shutdown_timeout_s": s.request_timeout_s + s.target_batch_latency_s + SHUTDOWN_SLACK_S,
     }
     if s.num_replicas is not None:
         options["num_replicas"] = s.num_replicas

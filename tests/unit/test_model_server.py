@@ -138,3 +138,16 @@ def test_adaptive_batching_times_a_batch_not_its_wait_for_the_compute_thread(ser
 
     asyncio.run(main())
     assert replica._batcher.max_batch_size >= limit
+
+
+def test_serve_waits_for_a_replicas_requests_and_log_flush_before_it_kills_it():
+    """Serve's 20 s default cut off requests of the 30 s request timeout as resets when a
+    replica was stopped (a config change, a scale down), and could kill it before its
+    prediction log's flush."""
+    from tuneloop.core.config import parse_config
+    from tuneloop.serving.app import model_app
+
+    cfg = parse_config({"models": [{"name": "m", "base_model": "b", "labels": ["a", "b"]}],
+                        "serving": {"num_replicas": 1, "request_timeout_s": 120}})
+    options = model_app(cfg, "m", None)._bound_deployment._deployment_config  # no Ray started: the options alone
+    assert options.graceful_shutdown_timeout_s >= 120 + cfg.serving.target_batch_latency_s + 5
