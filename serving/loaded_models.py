@@ -50,6 +50,9 @@ class LoadedModel:
     took GPU 0 behind Ray's back."""
 
     runtime = "torch"
+    # Rows a forward pass takes at most: a token classifier reads a long text in many windows,
+    # and a batch of 32 texts of 2,000 characters went through one pass as 672 rows.
+    max_rows = 64
 
     def __init__(self, path: str, version: str, task: Task, max_length: int, bf16: bool = False,
                  gpu: bool = False):
@@ -108,10 +111,21 @@ class LoadedModel:
             raise InputRejected("a text has no tokens this model reads (empty, or only characters its tokenizer drops)")
         tokens, padded = int(mask.sum()), mask.numel()
         encoding = self.task.encoding_for(enc)  # and enc keeps only the model's inputs
-        probs = self._forward(enc)
+        probs = self._forward_rows(enc)
         if not bool(torch.isfinite(probs).all()):
             raise NonFiniteScores("the model produced non-finite scores for this input")
         return probs, encoding, tokens, padded
+
+    def _forward_rows(self, enc) -> Any:
+        """``_forward`` in passes of at most ``max_rows`` rows (windows), scores in order."""
+        import torch
+        import transformers
+
+        rows = int(next(iter(enc.values())).shape[0])
+        if rows <= self.max_rows:
+            return self._forward(enc)
+        return torch.cat([self._forward(transformers.BatchEncoding({k: v[i:i + self.max_rows] for k, v in enc.items()}))
+                          for i in range(0, rows, self.max_rows)])
 
     def predict(self, texts: list[str]) -> tuple[list[dict[str, Any]], int, int]:
         """Answers in order, and the batch's real and padded token counts. An input the
@@ -162,11 +176,16 @@ def onnx_session(path: str, threads: int):
 
 
 def load_model(path: str, version: str, task: Task, max_length: int, runtime: str = "torch",
-               artifact: str | None = None, gpu: bool = False) -> LoadedModel:
+               artifact: str | None = None, gpu: bool = False, max_rows: int | None = None) -> LoadedModel:
     """A version on ``runtime``; ``artifact`` is the ONNX file's path under ``path``; ``gpu``:
-    PyTorch runtimes use a GPU (ONNX Runtime runs on the CPU)."""
+    PyTorch runtimes use a GPU (ONNX Runtime runs on the CPU); ``max_rows``: rows (windows) a
+    forward pass takes at most (a replica's ``max_batch_size``)."""
     if runtime in ("torch", "torch-bf16"):
-        return LoadedModel(path, version, task, max_length, bf16=runtime == "torch-bf16", gpu=gpu)
-    if artifact is None:
+        loaded = LoadedModel(path, version, task, max_length, bf16=runtime == "torch-bf16", gpu=gpu)
+    elif artifact is None:
         raise ValueError(f"runtime {runtime!r} needs the artifact's path")
-    return OnnxModel(path, version, task, max_length, artifact, runtime)
+    else:
+        loaded = OnnxModel(path, version, task, max_length, artifact, runtime)
+    if max_rows is not None:
+        loaded.max_rows = max_rows
+    return loaded

@@ -109,7 +109,8 @@ class ModelServer:
             import torch
 
             torch.set_num_threads(self.serving.replica_threads)
-        self._load = load or functools.partial(load_model, gpu=self.serving.num_gpus_per_replica > 0)
+        self._load = load or functools.partial(load_model, gpu=self.serving.num_gpus_per_replica > 0,
+                                               max_rows=self.serving.max_batch_size)
         self._runtimes: dict[str, tuple[str, str]] = {}  # version -> the runtime serving it, and why
         # One thread runs the model: forward passes never overlap, and the event loop stays
         # free to collect the next batch while this one computes.

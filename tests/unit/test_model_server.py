@@ -151,3 +151,21 @@ def test_serve_waits_for_a_replicas_requests_and_log_flush_before_it_kills_it():
                         "serving": {"num_replicas": 1, "request_timeout_s": 120}})
     options = model_app(cfg, "m", None)._bound_deployment._deployment_config  # no Ray started: the options alone
     assert options.graceful_shutdown_timeout_s >= 120 + cfg.serving.target_batch_latency_s + 5
+
+
+def test_a_token_classifiers_windows_run_in_passes_of_at_most_max_rows_with_the_same_answers(tmp_path):
+    """A batch of long texts is many windows: 32 texts of 2,000 characters went through one
+    forward pass as 672 rows, past what max_batch_size bounds."""
+    from tuneloop.core.tasks import make_task
+    from tuneloop.serving.loaded_models import load_model
+
+    task = make_task("token-classification", ["PER", "LOC"])
+    weights = build_tiny_model(tmp_path / "ner", ["PER", "LOC"], task="token-classification")
+    texts = [" ".join(f"Ada{i} went to Paris{j}" for j in range(40)) for i in range(3)]
+    whole = load_model(weights, "v1", task, 16)
+    passes = load_model(weights, "v1", task, 16, max_rows=4)
+    seen = []
+    forward = passes._forward
+    passes._forward = lambda enc: seen.append(int(enc["input_ids"].shape[0])) or forward(enc)
+    assert passes.predict(texts)[0] == whole.predict(texts)[0]
+    assert len(seen) > 3 and max(seen) == 4  # many windows, never more than 4 rows a pass
