@@ -37,13 +37,13 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from tuneloop.store.keys import KeyRing
 from tuneloop.core.config import ServingConfig, TuneloopConfig
-from tuneloop.core.errors import (InputRejected, MethodNotAllowed, NonFiniteScores, NotFound, NotReady, Overloaded,
-                                  TimedOut, TuneloopError)
+from tuneloop.core.errors import (InputRejected, InvalidRequest, MethodNotAllowed, NonFiniteScores, NotFound, NotReady,
+                                  Overloaded, TimedOut, TuneloopError)
 from tuneloop.store.prediction_recorder import PredictionRecorder
 from tuneloop.store.records import SHADOW_ROOT, PredictionLog, new_prediction_id, prediction_time
 from tuneloop.store.registry import Registry
@@ -304,13 +304,19 @@ class ModelServer:
             outcome = "rejected" if e.status >= 500 else "invalid"  # 503s: overload, not ready, auth store
             metrics.REQUESTS.labels(model, "none", outcome).inc()
             return error_response(e)
+        except ClientDisconnect:  # gone before its body was read: no one to answer, no error of ours
+            metrics.REQUESTS.labels(model, "none", "invalid").inc()
+            return error_response(InvalidRequest("the client disconnected before its body was read"))
         except Exception:
             metrics.REQUESTS.labels(model, "none", "error").inc()
             log.exception("model %s: predict failed", model)
             return internal_error_response()
-        version = predictions[0]["version"]
-        metrics.REQUEST_LATENCY_SECONDS.labels(model, version).observe(time.perf_counter() - start)
-        metrics.REQUESTS.labels(model, version, "ok").inc()
+        # Under each version that answered some of its texts (a swap between two of its
+        # batches answers a request with two): the first alone left the other's latency out
+        # of a canary's p99.
+        for version in dict.fromkeys(p["version"] for p in predictions):
+            metrics.REQUEST_LATENCY_SECONDS.labels(model, version).observe(time.perf_counter() - start)
+            metrics.REQUESTS.labels(model, version, "ok").inc()
         return JSONResponse({"model": model, "predictions": predictions})
 
     # -- predictions ---------------------------------------------------------------------
