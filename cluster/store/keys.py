@@ -82,12 +82,15 @@ class KeyRing:
 
     def __init__(self, auth: AuthConfig, storage: Storage, refresh_s: float = 5.0,
                  clock: Callable[[], float] = time.monotonic, background: bool = False):
-        """``background``: once a key set is loaded, re-read the sources in a thread of their
-        own while requests are checked against the last set. For a server's event loop,
-        which a read of the key file from a slow or unreachable bucket (boto3's minutes of
-        timeouts and retries) froze every 5 s, with every request it held."""
+        """``background``: once a key set is loaded, a thread of its own re-reads the sources
+        every ``refresh_s`` and requests are checked against the last set, never reading. For
+        a server's event loop, which a read of the key file from a slow or unreachable
+        bucket (boto3's minutes of timeouts and retries) froze every 5 s, with every request
+        it held. On a timer, not on a request: a revoked key is refused within ``refresh_s``
+        even after an idle spell, as before."""
         self.auth, self.storage, self.refresh_s, self.clock = auth, storage, refresh_s, clock
         self.background = background
+        self._refresher: threading.Thread | None = None
         self._keyless = Authorizer([], frozenset(auth.open_roles))  # for requests without a key
         self._authorizer: Authorizer | None = None
         self._tried_at: float | None = None
@@ -106,17 +109,22 @@ class KeyRing:
 
     def _current(self) -> Authorizer:
         now = self.clock()
-        if self._tried_at is None or now - self._tried_at > self.refresh_s:
+        if self._refresher is None and (self._tried_at is None or now - self._tried_at > self.refresh_s):
             self._tried_at = now
+            self._load()
             if self.background and self._authorizer is not None:
-                threading.Thread(target=self._load, name="api-key-refresh", daemon=True).start()
-            else:
-                self._load()
+                self._refresher = threading.Thread(target=self._refresh_forever, name="api-key-refresh", daemon=True)
+                self._refresher.start()
         if self._authorizer is None:
             raise KeyStoreUnavailable("API keys cannot be checked right now (the server cannot read its keys); "
                                       "retry later")
         return self._authorizer
 
+
+    def _refresh_forever(self) -> None:
+        while True:
+            time.sleep(self.refresh_s)
+            self._load()
 
     def _load(self) -> None:
         try:
