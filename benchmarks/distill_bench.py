@@ -140,7 +140,8 @@ def alone_speeds(cfg, trained: dict, texts: list[str], seconds: float, rounds: i
         runtime = trained[name]["auto"]
         loaded[name] = load_model(registry.local_path(name, version), version, model_task(cfg.model(name)),
                                   cfg.serving.max_length, runtime,
-                                  registry.manifest(name, version).optimization.artifact_path(runtime))
+                                  registry.manifest(name, version).optimization.artifact_path(runtime),
+                                  max_rows=cfg.serving.max_batch_size)
     measured: dict[str, list[float]] = {name: [] for name in MODELS}
     for _ in range(rounds):
         for name in MODELS:

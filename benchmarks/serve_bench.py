@@ -220,7 +220,8 @@ def bare_artifact_throughput(path: str, version: str, task, runtime: str, artifa
     from tuneloop.serving.optimize import texts_per_s
 
     torch.set_num_threads(threads)  # ONNX Runtime's session takes torch's thread count
-    return texts_per_s(load_model(path, version, task, max_length, runtime, artifact), texts, batch_size, seconds)
+    return texts_per_s(load_model(path, version, task, max_length, runtime, artifact, max_rows=batch_size), texts,
+                       batch_size, seconds)
 
 
 # -- load generator ---------------------------------------------------------------------

@@ -82,10 +82,10 @@ def model_app(cfg: TuneloopConfig, model: str, metrics_dir: str | None) -> Appli
         # JSON past it; Serve's own limit sits above so that it never answers first.
         "max_ongoing_requests": in_flight_limit(s) + s.max_batch_size,
         # Long enough for what a replica holds when Serve stops it (a config change, a scale
-        # down): its requests, each up to request_timeout_s after a batch's wait, then the
+        # down): its requests, each its body's read then up to request_timeout_s, then the
         # prediction logs' flush. Serve's 20 s default cut requests of its 30 s timeout off
         # as resets, and could kill the replica before the flush.
-        "graceful_shutdown_timeout_s": s.request_timeout_s + s.target_batch_latency_s + SHUTDOWN_SLACK_S,
+        "graceful_shutdown_timeout_s": s.body_timeout_s + s.request_timeout_s + SHUTDOWN_SLACK_S,
     }
     if s.num_replicas is not None:
         options["num_replicas"] = s.num_replicas

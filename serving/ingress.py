@@ -277,6 +277,7 @@ class Ingress:
         BodyGuard.body_timeout_s = self.cfg.serving.body_timeout_s
 
     def __del__(self):
+        self.auth.close()
         self.feedback.close()
 
     async def compact_feedback(self) -> int:

@@ -365,8 +365,11 @@ class ModelServer:
 
     async def _predict_batch(self, role: str, texts: list[str]) -> list[dict[str, Any]]:
         # Pin one version for the whole batch; a challenger gone meanwhile (its rollout
-        # ended) leaves its queued texts to production: none is dropped.
-        loaded = (self._challenger or self._loaded) if role == "challenger" else self._loaded
+        # ended), or not the rollout's (the next one swapped in first, a shadow), leaves its
+        # queued texts to production: none is dropped, and none answered by a shadow.
+        challenger, rollout = self._challenger, self._rollout
+        mine = challenger is not None and rollout is not None and challenger.version == rollout.version
+        loaded = challenger if role == "challenger" and mine else self._loaded
         batcher = self._challenger_batcher if role == "challenger" else self._batcher
         self._computing += 1
         try:
@@ -464,5 +467,6 @@ class ModelServer:
 
     def __del__(self):
         self._stop.set()
+        self._keys.close()
         self.recorder.close()
         self.shadow_recorder.close()

@@ -241,6 +241,7 @@ def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, versio
     max_length = cfg.serving.max_length
     gpu = cfg.serving.num_gpus_per_replica > 0  # measured where the replicas run
     reference = LoadedModel(path, version, task, max_length, gpu=gpu)
+    reference.max_rows = cfg.serving.max_batch_size  # as a replica runs it
     reference_answers, reference_accuracy = _answers(reference, task, texts, targets, ocfg.speed_batch_size)
     tokenizer, max_length = reference.tokenizer, reference.max_length  # held to what the model takes
     device = "cuda" if reference.device.type == "cuda" else "cpu"
@@ -286,7 +287,8 @@ def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, versio
             # At serving the artifact lies under the version's folder; here an absolute path
             # (os.path.join keeps it) points at the copy still in tmp.
             try:
-                loaded = load_model(path, version, task, max_length, runtime, out, gpu=gpu)
+                loaded = load_model(path, version, task, max_length, runtime, out, gpu=gpu,
+                                    max_rows=cfg.serving.max_batch_size)  # as a replica runs it
                 answers, accuracy = _answers(loaded, task, texts, targets, ocfg.speed_batch_size)
             except Exception as e:  # noqa: BLE001 - built, but it will not load or answer: torch serves
                 log.warning("%s %s: %s was built but does not run: %s", model, version, runtime, e)

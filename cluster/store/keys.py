@@ -52,8 +52,8 @@ def _parse_key_file(raw: bytes | None, path: str) -> tuple[dict[str, Any], list[
         return {"keys": []}, []
     try:
         doc = json.loads(raw)
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: say where, not what
-        raise KeyFileError(f"the key file {path} is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nested past the parser
+        raise KeyFileError(f"the key file {path} is not valid JSON ({type(e).__name__}: {e})") from None
     return doc, keys_from_doc(doc, path)
 
 
@@ -82,19 +82,26 @@ class KeyRing:
 
     def __init__(self, auth: AuthConfig, storage: Storage, refresh_s: float = 5.0,
                  clock: Callable[[], float] = time.monotonic, background: bool = False):
-        """``background``: once a key set is loaded, a thread of its own re-reads the sources
-        every ``refresh_s`` and requests are checked against the last set, never reading. For
-        a server's event loop, which a read of the key file from a slow or unreachable
-        bucket (boto3's minutes of timeouts and retries) froze every 5 s, with every request
-        it held. On a timer, not on a request: a revoked key is refused within ``refresh_s``
-        even after an idle spell, as before."""
+        """``background``: the sources are read once here, when a server builds its ring
+        (never on a request), then by a thread of its own every ``refresh_s``; requests are
+        checked against the last set, never reading. For a server's event loop, which a read
+        of the key file from a slow or unreachable bucket (boto3's minutes of timeouts and
+        retries) froze every 5 s, with every request it held. On a timer, not on a request:
+        a revoked key is refused within ``refresh_s`` even after an idle spell. ``close``
+        stops the thread."""
         self.auth, self.storage, self.refresh_s, self.clock = auth, storage, refresh_s, clock
         self.background = background
-        self._refresher: threading.Thread | None = None
         self._keyless = Authorizer([], frozenset(auth.open_roles))  # for requests without a key
         self._authorizer: Authorizer | None = None
         self._tried_at: float | None = None
         self._problem: str | None = None  # what the last failed load said, logged once
+        self._closed = threading.Event()
+        if background:
+            self._load()
+            threading.Thread(target=self._refresh_forever, name="api-key-refresh", daemon=True).start()
+
+    def close(self) -> None:
+        self._closed.set()
 
     def keys(self) -> list[ApiKey]:
         """All keys; raises ConfigError (KeyFileError for the file) if a source is bad."""
@@ -109,34 +116,29 @@ class KeyRing:
 
     def _current(self) -> Authorizer:
         now = self.clock()
-        if self._refresher is None and (self._tried_at is None or now - self._tried_at > self.refresh_s):
+        if not self.background and (self._tried_at is None or now - self._tried_at > self.refresh_s):
             self._tried_at = now
             self._load()
-            if self.background and self._authorizer is not None:
-                self._refresher = threading.Thread(target=self._refresh_forever, name="api-key-refresh", daemon=True)
-                self._refresher.start()
         if self._authorizer is None:
             raise KeyStoreUnavailable("API keys cannot be checked right now (the server cannot read its keys); "
                                       "retry later")
         return self._authorizer
 
-
     def _refresh_forever(self) -> None:
-        while True:
-            time.sleep(self.refresh_s)
-            self._load()
+        while not self._closed.wait(self.refresh_s):
+            try:
+                self._load()
+            except Exception:  # noqa: BLE001 - a thread that died froze the key set until a restart
+                log.exception("API keys: re-reading the keys failed; trying again in %gs", self.refresh_s)
 
     def _load(self) -> None:
         try:
             authorizer = Authorizer(self.keys(), frozenset(self.auth.open_roles))
-        except ConfigError as e:
+        except ConfigError as e:  # a bad file, or one out of reach: the last good set stays
             if str(e) != self._problem:
                 self._problem = str(e)
                 log.error("API keys: %s; %s", e, "still using the keys loaded before" if self._authorizer
                           else "requests that need a key get 503 until it is fixed")
-        except OSError as e:  # a bucket out of reach: as a bad file, the last good set stays
-            log.warning("API keys: the key file cannot be read (%s); %s", e, "still using the keys loaded before"
-                        if self._authorizer else "requests that need a key get 503 until it can")
         else:
             self._authorizer = authorizer  # one assignment: a request sees the old set or the new
             if self._problem is not None:

@@ -196,32 +196,32 @@ def test_a_servers_key_refresh_never_holds_a_request_on_a_slow_key_file(storage)
     import time
 
     key, other = add_stored_key(storage, "feedback"), add_stored_key(storage, "admin")
-    ring = KeyRing(AuthConfig(), storage, refresh_s=0.2, background=True)
-    assert ring.check(f"Bearer {key}", "feedback")  # the first set: read at once
-    released, read = threading.Event(), threading.Event()
-    real = storage.read_document
+    ring = KeyRing(AuthConfig(), storage, refresh_s=0.2, background=True)  # read here, when built
+    try:
+        released, read = threading.Event(), threading.Event()
+        real = storage.read_document
 
-    def slow(rel):
-        read.set()
-        released.wait(10)
-        return real(rel)
-    storage.read_document = slow
-    assert read.wait(5)  # the refresher is reading, slowly
-    started = time.monotonic()
-    assert ring.check(f"Bearer {key}", "feedback") == key.split("_")[1]  # the last set, at once
-    assert time.monotonic() - started < 0.5
-    storage.read_document = real
-    released.set()
-    revoke_stored_key(AuthConfig(), storage, other.split("_")[1])
-    time.sleep(0.6)  # no request meanwhile
-    with pytest.raises(Unauthorized):
-        ring.check(f"Bearer {other}", "admin")
-
-    def unreachable(rel):
-        raise OSError("the bucket cannot be reached")
-    storage.read_document = unreachable
-    time.sleep(0.5)
-    assert ring.check(f"Bearer {key}", "feedback")  # an unreachable bucket keeps the last set too
+        def slow(rel):
+            read.set()
+            released.wait(10)
+            return real(rel)
+        storage.read_document = slow
+        assert read.wait(5)  # the refresher is reading, slowly
+        started = time.monotonic()
+        assert ring.check(f"Bearer {key}", "feedback") == key.split("_")[1]  # the last set, at once
+        assert time.monotonic() - started < 0.5
+        storage.read_document = real
+        released.set()
+        revoke_stored_key(AuthConfig(), storage, other.split("_")[1])
+        time.sleep(0.6)  # no request meanwhile
+        with pytest.raises(Unauthorized):
+            ring.check(f"Bearer {other}", "admin")
+        storage.write_bytes_atomic("auth/keys.json", b"[" * 100_000 + b"]" * 100_000)  # past the JSON parser
+        time.sleep(0.5)
+        assert ring.check(f"Bearer {key}", "feedback")  # the last good set stays, and the thread lives
+        assert [t for t in threading.enumerate() if t.name == "api-key-refresh"]
+    finally:
+        ring.close()
 
 
 def test_revoke_refuses_unknown_ids_and_keys_that_live_elsewhere(storage, monkeypatch):

@@ -211,20 +211,26 @@ def test_a_failed_batch_whose_requests_gave_up_is_not_retried_in_halves():
     had timed out while the first one ran."""
     calls = []
 
-    async def model(items):
-        calls.append(len(items))
-        await asyncio.sleep(0.05)
-        raise RuntimeError("out of memory")
-
     async def main():
+        started, fail = asyncio.Event(), asyncio.Event()
+
+        async def model(items):
+            calls.append(len(items))
+            if len(items) == 8:
+                started.set()
+                await fail.wait()  # held until the test has cancelled its requests
+            raise RuntimeError("out of memory")
+
         b = ContinuousBatcher(model, max_batch_size=8)
         first = asyncio.create_task(b.submit_many(["blocker"]))
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)
         waiting = [asyncio.create_task(b.submit_many([f"t{i}"])) for i in range(8)]
-        await asyncio.sleep(0.06)  # the 8 now run as one batch
+        await asyncio.wait_for(started.wait(), 5)  # the 8 run as one batch
         for task in waiting:
             task.cancel()  # their requests time out while it runs
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0)
+        fail.set()
+        await asyncio.sleep(0.1)
         with pytest.raises(ItemFailed):
             await first
 

@@ -150,7 +150,7 @@ def test_serve_waits_for_a_replicas_requests_and_log_flush_before_it_kills_it():
     cfg = parse_config({"models": [{"name": "m", "base_model": "b", "labels": ["a", "b"]}],
                         "serving": {"num_replicas": 1, "request_timeout_s": 120}})
     options = model_app(cfg, "m", None)._bound_deployment._deployment_config  # no Ray started: the options alone
-    assert options.graceful_shutdown_timeout_s >= 120 + cfg.serving.target_batch_latency_s + 5
+    assert options.graceful_shutdown_timeout_s >= cfg.serving.body_timeout_s + 120 + 5
 
 
 def test_a_token_classifiers_windows_run_in_passes_of_at_most_max_rows_with_the_same_answers(tmp_path):
