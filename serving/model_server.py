@@ -105,6 +105,7 @@ class ModelServer:
             on_drop=metrics.PREDICTION_LOG_DROPPED.labels(model).inc)
         self.rollout_cfg = cfg.rollout
         self._keys = keys or KeyRing(cfg.auth, storage, background=True)
+        self._own_keys = keys is None  # its refresher thread is this replica's to stop
         if load is None:
             import torch
 
@@ -467,6 +468,7 @@ class ModelServer:
 
     def __del__(self):
         self._stop.set()
-        self._keys.close()
+        if self._own_keys:
+            self._keys.close()
         self.recorder.close()
         self.shadow_recorder.close()
