@@ -301,7 +301,10 @@ def test_feedback_rate_limit_per_key(app):
     from tuneloop.store.storage import Storage
 
     flood_key = add_stored_key(Storage(app["cfg"].storage.root), "feedback")  # picked up within seconds
-    time.sleep(6)
+    deadline = time.monotonic() + 30  # the key refresher's next read (every 5 s, on its own thread)
+    while httpx.get(f"{url}/v1/models/sentiment/feedback/stats", headers=bearer(flood_key)).status_code != 200:
+        assert time.monotonic() < deadline, "the new key was not picked up within 30 s"
+        time.sleep(0.2)
     body = {"model": "sentiment", "text": "again and again", "label": "positive"}
     answers = [post(f"{url}/v1/feedback", body, key=flood_key) for _ in range(30)]
     codes = [r.status_code for r in answers]

@@ -1,4 +1,4 @@
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
@@ -181,13 +181,27 @@ def test_a_file_written_by_another_tool_is_read_as_far_as_it_can_be(tmp_path, ca
 
 
 def _compacted_one_by_one(tmp_path, n: int) -> tuple[Storage, FeedbackStore]:
-    """A writer that compacted after each of ``n`` records: a small file each, as at 5 s."""
+    """A writer that compacted after each of ``n`` records: a small file each, as at 5 s,
+    all of yesterday noon (a run across midnight split them over two days, and neither day
+    held enough to merge)."""
+    from unittest import mock
+
+    from tuneloop.store import records
+
+    noon = (datetime.now(UTC) - timedelta(days=1)).replace(hour=12, minute=0, second=0, microsecond=0)
+
+    class Yesterday(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return noon
+
     storage = Storage(str(tmp_path / "store"))
     store = FeedbackStore(storage, str(tmp_path / "journal"), TASKS)
     store.open_writer()
-    for i in range(n):
-        store.append(model="m", text=f"t{i}", label="positive")
-        store.compact()
+    with mock.patch.object(records, "datetime", Yesterday):
+        for i in range(n):
+            store.append(model="m", text=f"t{i}", label="positive")
+            store.compact()
     return storage, store
 
 
