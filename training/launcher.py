@@ -446,20 +446,18 @@ def _gate(task: Task, rules: GateConfig, report: dict, teacher: TeacherEvidence 
     empty = {"metrics": EvalMetrics(accuracy=0, precision=0, recall=0, f1=0, eval_rows=0).model_dump(), "right": []}
     golden = EvalMetrics.model_validate(candidate.get("golden", empty)["metrics"])
     parent_golden = EvalMetrics.model_validate(parent.get("golden", empty)["metrics"]) if parent else None
-    def rows_of(name: str) -> list[int]:
+    def paired(name: str) -> tuple[list[int], list[bool], list[bool]]:
+        """The rows both scored, and whether the candidate / production answered each right."""
         ours = dict(candidate.get(name, empty)["right"])
         theirs = dict(parent.get(name, empty)["right"]) if parent else {}
-        return sorted(set(ours) & set(theirs))
+        rows = sorted(set(ours) & set(theirs))
+        return rows, [ours[r] for r in rows], [theirs[r] for r in rows]
 
-    def paired(name: str) -> tuple[list[bool], list[bool]]:
-        ours, theirs = dict(candidate.get(name, empty)["right"]), dict(parent.get(name, empty)["right"]) if parent else {}
-        return [ours[r] for r in rows_of(name)], [theirs[r] for r in rows_of(name)]
-
-    (fresh_ours, fresh_theirs), (golden_ours, golden_theirs) = paired("fresh"), paired("golden")
+    (_, fresh_ours, fresh_theirs), (golden_rows, golden_ours, golden_theirs) = paired("fresh"), paired("golden")
     classes = []
-    if golden_table is not None and task.target_columns == ("label",) and golden_ours:
+    if golden_table is not None and task.target_columns == ("label",) and golden_rows:
         labels = golden_table.column("label").to_pylist()
-        classes = [labels[r] for r in rows_of("golden")]
+        classes = [labels[r] for r in golden_rows]
     evidence = Evidence(metric=task.gate_metric, golden=golden, parent_golden=parent_golden,
                         fresh_candidate=fresh_ours, fresh_parent=fresh_theirs,
                         golden_candidate=golden_ours, golden_parent=golden_theirs, golden_classes=classes,
