@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import typer
-import yaml
 
 from tuneloop.control import operate
 from tuneloop.control.manifests import NotClusterable
-from tuneloop.core.config import ConfigError, TuneloopConfig, config_path, load_config
+from tuneloop.core.config import ConfigError, TuneloopConfig, config_path, load_config, read_config_yaml
 
 deploy_app = typer.Typer(no_args_is_help=True, help=(
     "Run tuneloop on a GPU cluster: KubeRay (kubectl) or the Ray cluster launcher (ray up) on AWS or GCP. "
@@ -37,7 +36,7 @@ def _load(config: str | None) -> tuple[TuneloopConfig, dict[str, Any]]:
     except ConfigError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(2) from None
-    return cfg, yaml.safe_load(config_path(config).read_text())
+    return cfg, read_config_yaml(config_path(config))
 
 
 def _render(cfg: TuneloopConfig, doc: dict[str, Any], target: str, folder: str | None) -> Path:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from urllib.parse import unquote
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from tuneloop.core.deploy_config import DeployConfig, Section
@@ -96,10 +96,10 @@ class ModelConfig(Section):
     labels: list[str] = Field(min_length=1, description=(
         "text-classification: two or more classes; token-classification: entity types (or their BIO tags)"))
     seed_dataset: str | None = Field(
-        default=None, description="tsv/csv/jsonl/parquet file with columns text, label"
+        default=None, min_length=1, description="tsv/csv/jsonl/parquet file with columns text, label"
     )
     golden_dataset: str | None = Field(
-        default=None,
+        default=None, min_length=1,
         description="the gate's frozen evaluation set (same formats); default: a fixed sample of the seed taken at v1",
     )
     aggregation: Literal["first", "average"] = Field(default="first", description=(
@@ -115,6 +115,11 @@ class ModelConfig(Section):
         "keys left out keep the top-level value"))
     distill: DistillConfig | None = Field(default=None, description=(
         "train this model as a student of another (smaller and faster, at a bounded loss of accuracy)"))
+
+    @field_validator("seed_dataset", "golden_dataset")
+    @classmethod
+    def _no_credentials_in_a_dataset_uri(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return refuse_credentials(v, info.field_name) if v else v
 
     @model_validator(mode="before")
     @classmethod
@@ -237,12 +242,39 @@ def _installed(module: str) -> bool:
         return False
 
 
+def without_credentials(uri: str) -> str:
+    """``uri`` as messages may quote it: its scheme and location, never keys (``KEY:SECRET@``)
+    nor its query (``?secret_key=``)."""
+    if "://" not in uri:
+        return uri
+    scheme, rest = uri.split("://", 1)
+    # An @ anywhere before the query: a secret key may hold a "/", which ends the host part.
+    return f"{scheme}://{rest.partition('?')[0].rpartition('@')[2]}"
+
+
+def refuse_credentials(v: str, what: str) -> str:
+    """``v`` unless it is a URI carrying keys (``s3://KEY:SECRET@bucket``, or ``?secret_key=``):
+    keys there reached pyarrow only, not the conditional writes' boto3 client, which then
+    wrote as another identity or found none; and the URI is printed in logs, command output
+    and every version's manifest. The error never quotes the keys."""
+    if "://" not in v:
+        return v
+    location, _, query = v.split("://", 1)[1].partition("?")
+    names = {unquote(p.partition("=")[0]).lower() for p in query.split("&")}
+    if "@" in location or names & {"access_key", "secret_key", "session_token"}:
+        raise PydanticCustomError(CREDENTIALS_IN_URI, (  # a type of its own: the message never quotes the value
+            f"{what} {without_credentials(v)!r} carries credentials: give them to every node as environment variables "
+            "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or GOOGLE_APPLICATION_CREDENTIALS), a profile or "
+            "an instance role (deploy.service_account on Kubernetes)").replace("{", "{{").replace("}", "}}"))
+    return v
+
+
 class StorageConfig(Section):
     """Where registry, feedback and predictions live: a local path or a pyarrow URI."""
 
-    root: str = "./.tuneloop"
+    root: str = Field(default="./.tuneloop", min_length=1)
     journal_dir: str | None = Field(
-        default=None, description="local folder of the feedback journal; default <root>/journal/feedback for a local root"
+        default=None, min_length=1, description="local folder of the feedback journal; default <root>/journal/feedback for a local root"
     )
 
     @field_validator("root", "journal_dir")
@@ -253,22 +285,7 @@ class StorageConfig(Section):
     @field_validator("root")
     @classmethod
     def _no_credentials_in_the_uri(cls, v: str) -> str:
-        """Keys in the root reached pyarrow only (``s3://KEY:SECRET@bucket``; its query
-        refuses ``access_key``), not the conditional writes' boto3 client, which then wrote
-        as another identity or found none; and the root is printed in logs and command output."""
-        if "://" not in v:
-            return v
-        scheme, rest = v.split("://", 1)
-        # An @ anywhere before the query: a secret key may hold a "/", which ends the host part.
-        location, _, query = rest.partition("?")
-        names = {unquote(p.partition("=")[0]).lower() for p in query.split("&")}
-        if "@" in location or names & {"access_key", "secret_key", "session_token"}:
-            shown = f"{scheme}://{location.rpartition('@')[2]}"  # never the keys, nor the query
-            raise PydanticCustomError(CREDENTIALS_IN_URI, (  # a type of its own: the message never quotes the value
-                f"storage root {shown!r} carries credentials: give them to every node as environment variables "
-                "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or GOOGLE_APPLICATION_CREDENTIALS), a profile or "
-                "an instance role (deploy.service_account on Kubernetes)").replace("{", "{{").replace("}", "}}"))
-        return v
+        return refuse_credentials(v, "storage root")
 
     @model_validator(mode="after")
     def _journal_is_local(self) -> StorageConfig:
@@ -286,7 +303,7 @@ class StorageConfig(Section):
                 "journal appends and fsyncs, which needs a local disk"
             )
         if self.journal_dir is not None and "://" in self.journal_dir:
-            raise ValueError(f"journal_dir must be a local path, got {self.journal_dir!r}")
+            raise ValueError(f"journal_dir must be a local path, got {without_credentials(self.journal_dir)!r}")
         return self
 
     def journal_path(self) -> str:
@@ -507,6 +524,15 @@ class ApiKeyConfig(Section):
     id: str = Field(pattern=r"^[0-9a-f]{8}$")
     role: Literal["predict", "feedback", "admin", "metrics"]  # metrics: /metrics' feedback series only
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the key's secret part, hex")
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _id_read_as_a_number(cls, v: Any) -> Any:
+        """An id of digits alone (one in fifty) unquoted is a YAML number, and one such as
+        01234567 octal: the error quoted a value the user never wrote."""
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            raise ValueError("YAML read this id as a number: quote it (id: \"01234567\")")
+        return v
 
 
 class AuthConfig(Section):
@@ -861,6 +887,10 @@ def _shown(error: dict[str, Any]) -> str:
     value = error["input"]
     if error["loc"][:1] == ("auth",) and isinstance(value, str) and len(value) > 16:
         return f"a string of {len(value)} characters"
+    if isinstance(value, str) and "://" in value:  # a URI anywhere, by its location alone: keys ride in it
+        return repr(without_credentials(value))
+    if isinstance(value, list) and any(isinstance(item, dict) for item in value):
+        return f"a list of {len(value)} entries"  # models or keys: every hash and path (the check names the repeats)
     return repr(value)
 
 
@@ -952,14 +982,45 @@ def config_path(explicit: str | None = None) -> Path:
     return Path(explicit or os.environ.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG_PATH)
 
 
-def load_config(explicit: str | None = None) -> TuneloopConfig:
-    path = config_path(explicit)
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping: PyYAML keeps the last
+    silently, so a ``training:`` section appended below the shipped one replaced it whole
+    (its ``max_length`` and the rest fell back to defaults without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *anchor``, overridable by design
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                continue  # a list as a key: the base loader refuses it below
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{self.name}: key {key!r} appears twice in one mapping, at lines "
+                                  f"{seen[key]} and {line}; merge them into one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_config_yaml(path: Path) -> Any:
+    """The YAML document at ``path``, with a repeated key refused (``_StrictLoader``); a
+    ConfigError says what is wrong in one line."""
     try:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        loader = _StrictLoader(text)
+        loader.name = str(path)
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         raise ConfigError(f"config {path} is not valid YAML: {e}") from None
-    return parse_config(data, source=str(path), base_dir=path.resolve().parent)
+
+
+def load_config(explicit: str | None = None) -> TuneloopConfig:
+    path = config_path(explicit)
+    return parse_config(read_config_yaml(path), source=str(path), base_dir=path.resolve().parent)

@@ -19,7 +19,8 @@ _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 class Section(BaseModel):
     """A section of the config: unknown keys refused, frozen once read. A sub-section whose
-    keys are all commented out, which YAML reads as null, takes its defaults."""
+    keys are all commented out, which YAML reads as null, takes its defaults; so does a list
+    or mapping that is empty by default (``auth.keys:`` with every key commented out)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -28,12 +29,15 @@ class Section(BaseModel):
     def _empty_sections_take_defaults(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        return {k: v for k, v in data.items() if not (v is None and _is_section(cls.model_fields.get(k)))}
+        return {k: v for k, v in data.items() if not (v is None and _null_means_default(cls.model_fields.get(k)))}
 
 
-def _is_section(field: Any) -> bool:
+def _null_means_default(field: Any) -> bool:
     kind = getattr(field, "annotation", None)
-    return isinstance(kind, type) and issubclass(kind, BaseModel)
+    if isinstance(kind, type) and issubclass(kind, BaseModel):
+        return True
+    default = getattr(field, "default", None)
+    return getattr(field, "default_factory", None) in (list, dict) or (isinstance(default, list | dict) and not default)
 
 
 def _quantity(value: str) -> str:

@@ -105,6 +105,23 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(str(scalar))
 
 
+def test_a_key_written_twice_is_refused_with_its_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys: a section appended below the shipped one
+    replaced it whole, its other keys falling back to defaults without a word."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("models: []\ntraining:\n  max_length: 64\n  num_workers: 2\ntraining:\n  use_gpu: true\n")
+    with pytest.raises(ConfigError, match=r"key 'training' appears twice in one mapping, at lines 2 and 5"):
+        load_config(str(twice))
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("models:\n  - name: a\n    labels: [x, y]\n    labels: [z]\n")
+    with pytest.raises(ConfigError, match=r"'labels' appears twice .* lines 3 and 4"):
+        load_config(str(nested))
+    anchors = tmp_path / "anchors.yaml"  # a merge key's override is not a repeat
+    anchors.write_text("base: &b {x: 1}\nother:\n  <<: *b\n  x: 2\n")
+    from tuneloop.core.config import read_config_yaml
+    assert read_config_yaml(anchors)["other"] == {"x": 2}
+
+
 def test_env_var_selects_config(tmp_path, monkeypatch):
     (tmp_path / "seed.tsv").write_text("text\tlabel\n")
     (tmp_path / "alt.yaml").write_text(
@@ -130,6 +147,35 @@ def test_credentials_in_a_storage_uri_are_refused_without_printing_them(root):
     assert "s3cr3t" not in str(e.value) and "bucket/prefix" in str(e.value)
     assert parse_config({"models": [MODEL], "storage": {"root": "s3://bucket/p?region=eu-west-1&scheme=http",
                                                         "journal_dir": "/wal"}}).storage.root.endswith("scheme=http")
+
+
+def test_keys_in_a_dataset_uri_or_in_any_quoted_uri_are_never_printed():
+    """The seed's URI went into every version's manifest and the job's log."""
+    for key, uri in [("seed_dataset", "s3://AKIAXYZ:s3cr3t@bucket/seed.tsv"),
+                     ("golden_dataset", "s3://bucket/golden.tsv?secret_key=s3cr3t")]:
+        with pytest.raises(ConfigError, match=f"models.0.{key}: {key} .* carries credentials") as e:
+            parse_config({"models": [{**MODEL, key: uri}]})
+        assert "s3cr3t" not in str(e.value)
+    for storage in [{"rot": "s3://AKIAXYZ:s3cr3t@bucket/x"},  # a misspelt key quotes its value
+                    {"root": "/x", "journal_dir": "s3://AKIAXYZ:s3cr3t@bucket/j"}]:
+        with pytest.raises(ConfigError) as e:
+            parse_config({"models": [MODEL], "storage": storage})
+        assert "s3cr3t" not in str(e.value) and "s3://bucket/" in str(e.value)
+
+
+def test_an_empty_path_is_refused_not_read_as_left_out():
+    """journal_dir "" passed here, became None, and the replicas then refused the config inside Ray."""
+    for config in [{"storage": {"root": "s3://b/t", "journal_dir": ""}}, {"storage": {"root": ""}},
+                   {"models": [{**MODEL, "seed_dataset": ""}]}, {"models": [{**MODEL, "golden_dataset": ""}]}]:
+        with pytest.raises(ConfigError, match="String should have at least 1 character"):
+            parse_config({"models": [MODEL], **config})
+
+
+def test_an_unquoted_numeric_key_id_says_to_quote_it_and_an_empty_key_list_is_none():
+    with pytest.raises(ConfigError, match=r"auth.keys.0.id: YAML read this id as a number: quote it"):
+        parse_config({"models": [MODEL], "auth": {"keys": [{"id": 342391, "role": "admin", "sha256": "a" * 64}]}})
+    cfg = parse_config({"models": [MODEL], "auth": {"keys": None}, "serving": {"resources_per_replica": None}})
+    assert cfg.auth.keys == [] and cfg.serving.resources_per_replica == {}
 
 
 def test_a_batch_target_past_half_the_timeout_is_refused_and_auto_replicas_is_autoscaling():
