@@ -527,7 +527,8 @@ class Ingress:
         m = self._model_cfg(model)
         state = await asyncio.to_thread(operate_rollout, self.registry, model, body.action, f"by key {key_id}",
                                         self.cfg.rollout, m.labels, body.version, body.stage, body.force,
-                                        _request_id(key_id, "rollout", idempotency_key, body))
+                                        _request_id(key_id, "rollout", idempotency_key, body),
+                                        logs_predictions=self.cfg.predictions.sample_rate > 0)
         return self._state_answer(model, state)
 
     def _state_answer(self, model: str, state: RegistryState) -> dict[str, Any]:

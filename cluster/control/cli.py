@@ -213,7 +213,8 @@ def rollout(
     else:
         try:
             state = operate_rollout(registry, model, action, "by `tuneloop rollout`", cfg.rollout,
-                                    cfg.model(model).labels, version, stage, force)
+                                    cfg.model(model).labels, version, stage, force,
+                                    logs_predictions=cfg.predictions.sample_rate > 0)
         except (Conflict, InvalidBody, UnknownVersion) as e:
             typer.echo(e.message, err=True)
             raise typer.Exit(2) from None

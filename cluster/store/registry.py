@@ -122,6 +122,11 @@ def parse_stored(storage: Storage, document: type[_Doc], raw: Any, rel: str) -> 
     raise CorruptStoredFile(storage.location(rel), why)
 
 
+def _stage_of(rollout: Rollout) -> tuple:
+    """Where a rollout stands: a step or a pause leaves another value."""
+    return rollout.stage, rollout.step, rollout.stage_started_at
+
+
 def version_number(version: str) -> int:
     m = _VERSION.match(version)
     if not m:
@@ -575,13 +580,18 @@ class Registry:
 
     def advance_rollout(self, model: str, version: str, steps: list[float], reason: str = "",
                         numbers: dict[str, Any] | None = None, judged: Rollout | None = None,
-                        request: str | None = None) -> RegistryState:
+                        request: str | None = None, seen: Rollout | None = None) -> RegistryState:
         """The challenger ``version`` goes one stage on (``Rollout.next_stage``): the next
         canary step, or production after the last. Conflict if it is not the challenger, or
-        (``judged``: the rollout a decision was made on) if it moved since."""
+        (``judged``: the rollout a decision was made on) if it moved or was paused since, or
+        (``seen``: the rollout an operator saw, paused or not) if it moved since: an operator's
+        step at 25% landing just after the controller's own step would skip the 50% stage."""
 
         def apply(state: RegistryState) -> HistoryEntry:
             rollout = self._rollout_of(model, state, version, judged)
+            if seen is not None and _stage_of(rollout) != _stage_of(seen):
+                raise Conflict(f"the rollout of {version} of {model!r} moved on to {rollout.stage} "
+                               f"{rollout.percent:g}% since it was read: look again before stepping")
             at, nxt = now_iso(), rollout.next_stage(steps)
             if nxt is None:
                 state.rollout = None
@@ -634,8 +644,7 @@ class Registry:
             now = f"{state.rollout.version} is" if state.rollout else "no version is"
             raise Conflict(f"{version} of {model!r} is not being rolled out ({now})")
         r = state.rollout
-        if judged is not None and (r.paused or (r.stage, r.step, r.stage_started_at) !=
-                                   (judged.stage, judged.step, judged.stage_started_at)):
+        if judged is not None and (r.paused or _stage_of(r) != _stage_of(judged)):
             raise Conflict(f"the rollout of {version} of {model!r} was paused or moved on since it was judged")
         return r
 

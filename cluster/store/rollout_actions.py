@@ -18,14 +18,19 @@ RolloutAction = Literal["start", "pause", "resume", "step", "rollback"]
 
 def operate_rollout(registry: Registry, model: str, action: RolloutAction, who: str, rollout: RolloutConfig,
                     labels: list[str], version: str | None = None, stage: Stage | None = None,
-                    force: bool = False, request: str | None = None) -> RegistryState:
+                    force: bool = False, request: str | None = None, logs_predictions: bool = True) -> RegistryState:
     """``request``: the operator's request id (``Registry._transition``): a retry changes
     nothing, and answers the state as it is. Raises Conflict (409) when the action does not fit the state (no rollout to pause,
     one already under way to start), UnknownVersion (404) for a version never published,
-    InvalidBody (422) for a start without a version, or a stage or force with another action."""
+    InvalidBody (422) for a start without a version, or a stage or force with another action.
+    ``logs_predictions``: false when ``predictions.sample_rate`` is 0, and a start is a
+    Conflict: its stages are judged by feedback on logged predictions, which would never come."""
     if action == "start":
         if version is None:
             raise InvalidBody('"start" needs the version to roll out ("version": "v2")')
+        if not logs_predictions:
+            raise Conflict("predictions.sample_rate is 0: a rollout's stages are judged by feedback on logged "
+                           "predictions, so it would never advance; raise it, or promote the version")
         mode = stage or (rollout.mode if rollout.mode in ("shadow", "canary") else "shadow")
         first, _, percent = first_stage(mode, rollout.canary_steps)
         return registry.start_rollout(model, version, first, percent, f"started {who}", force=force, labels=labels,
@@ -41,7 +46,8 @@ def operate_rollout(registry: Registry, model: str, action: RolloutAction, who: 
     if version is not None and version != current.version:
         raise Conflict(f"the rollout under way is of {current.version}, not of {version!r}")
     if action == "step":
-        return registry.advance_rollout(model, current.version, rollout.canary_steps, f"forced {who}", request=request)
+        return registry.advance_rollout(model, current.version, rollout.canary_steps, f"forced {who}",
+                                        request=request, seen=current)
     if action == "rollback":
         return registry.abort_rollout(model, current.version, f"rolled back {who}", request=request)
     if (action == "pause") == current.paused:

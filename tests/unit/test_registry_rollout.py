@@ -155,6 +155,44 @@ def test_an_operators_retried_request_moves_production_once(reg):
     assert reg.state("m").history[-1].request == "k rollback s3"
 
 
+def test_an_operators_step_after_the_controllers_own_is_a_conflict_not_two_stages(reg, monkeypatch):
+    """An operator who saw 25% forces a step just as the controller steps to 50%: the
+    operator's step promoted the challenger without the 50% stage ever being judged."""
+    from tuneloop.core.rollout import RolloutConfig
+    from tuneloop.store.rollout_actions import operate_rollout
+
+    steps = RolloutConfig(mode="canary", canary_steps=[5.0, 25.0, 50.0])
+    operate_rollout(reg, "m", "start", "by k", steps, ["a", "b"], "v2", "canary")
+    operate_rollout(reg, "m", "pause", "by k", steps, ["a", "b"])
+    operate_rollout(reg, "m", "step", "by k", steps, ["a", "b"])  # paused: an operator's step still goes
+    assert reg.state("m").rollout.percent == 25.0
+    operate_rollout(reg, "m", "resume", "by k", steps, ["a", "b"])
+    real = reg.advance_rollout
+
+    def controller_steps_first(*args, **kwargs):
+        real("m", "v2", steps.canary_steps, "controller")  # between the operator's read and write
+        monkeypatch.setattr(reg, "advance_rollout", real)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reg, "advance_rollout", controller_steps_first)
+    with pytest.raises(Conflict, match="moved on to canary 50% since it was read"):
+        operate_rollout(reg, "m", "step", "by k", steps, ["a", "b"])
+    state = reg.state("m")
+    assert (state.production, state.rollout.percent) == ("v1", 50.0)
+
+
+def test_a_rollout_is_not_started_when_no_prediction_is_logged(reg):
+    """With predictions.sample_rate 0 no feedback can be joined to the canary's answers: the
+    rollout sat inconclusive until its alert."""
+    from tuneloop.core.rollout import RolloutConfig
+    from tuneloop.store.rollout_actions import operate_rollout
+
+    with pytest.raises(Conflict, match="sample_rate is 0") as e:
+        operate_rollout(reg, "m", "start", "by k", RolloutConfig(mode="gated"), ["a", "b"], "v2",
+                        logs_predictions=False)
+    assert e.value.status == 409 and reg.state("m").rollout is None
+
+
 
 def test_an_idempotency_key_reused_for_another_body_is_refused_and_changes_nothing(reg):
     """A script reusing one Idempotency-Key to promote v2, then v3, got 200 for the second
