@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tuneloop.core.errors import Conflict, CorruptStoredFile, InvalidValue, UnknownVersion
 from tuneloop.core.evaluation import EvalMetrics
 from tuneloop.core.gate import GateDecision
-from tuneloop.core.runtimes import Optimization
+from tuneloop.core.runtimes import TORCH, Optimization
 from tuneloop.core.tasks import label_set
 from tuneloop.core.rollout import Rollout, Stage
 from tuneloop.core.serving_time import ServingTime
@@ -93,6 +93,18 @@ def _artifact_entries(optimization: Optimization | None) -> set[str]:
     if optimization is None:
         return set()
     return {a.path.split("/")[1] for a in optimization.artifacts.values() if a.path.startswith(f"{ARTIFACTS}/")}
+
+
+def _with_other_classes(new: Optimization, old: Optimization | None) -> Optimization:
+    """``new``, keeping ``old``'s speeds on the hardware classes ``new`` was not measured on,
+    for the runtimes ``new`` still serves (PyTorch and its artifacts)."""
+    if old is None:
+        return new
+    runtimes = {TORCH, *new.artifacts}
+    kept = {hardware: {name: speed for name, speed in speeds.items() if name in runtimes}
+            for hardware, speeds in old.texts_per_s.items() if hardware not in new.texts_per_s}
+    kept = {hardware: speeds for hardware, speeds in kept.items() if speeds}
+    return new.model_copy(update={"texts_per_s": {**kept, **new.texts_per_s}}) if kept else new
 
 
 def cache_folder(storage_uri: str) -> str:
@@ -361,10 +373,8 @@ class Registry:
 
     def record_serving_time(self, model: str, version: str, timing: ServingTime) -> Manifest:
         """Complete a published version's manifest with its feedback-to-serving time, which
-        is known only after its rollout (the one field of a manifest written twice)."""
-        manifest = self.manifest(model, version).model_copy(update={"serving_time": timing})
-        self.storage.write_json_atomic(f"{self._dir(model, version)}/{MANIFEST}", manifest.model_dump(mode="json"))
-        return manifest
+        is known only after its rollout."""
+        return self._update_manifest(model, version, lambda m: m.model_copy(update={"serving_time": timing}))
 
     def record_optimization(self, model: str, version: str, local_dir: str, optimization: Optimization) -> Manifest:
         """Add a version's optimized artifacts: the files of ``local_dir`` go in under the
@@ -373,16 +383,24 @@ class Registry:
         then what the manifest no longer names (an earlier build's folder) is removed. A
         build in a folder of its own (``tuneloop optimize`` names one per build) leaves the
         served files as they are until then: rebuilt under the same names, a replica loading
-        meanwhile read a half-copied file, or the new build under the old build's parity."""
+        meanwhile read a half-copied file, or the new build under the old build's parity.
+
+        Speeds measured on other hardware classes stay, for the runtimes the new record
+        still has: an operator's rebuild from another machine dropped the cluster's speeds,
+        and every replica fell back to PyTorch at its next load."""
         self.manifest(model, version)  # raises UnknownVersion
         artifacts = f"{self._dir(model, version)}/{ARTIFACTS}"
         self.storage.upload_dir(local_dir, artifacts)
-        before = self.manifest(model, version)
-        manifest = before.model_copy(update={"optimization": optimization})
-        self.storage.write_json_atomic(f"{self._dir(model, version)}/{MANIFEST}", manifest.model_dump(mode="json"))
+        replaced: list[Optimization | None] = [None]
+
+        def record(before: Manifest) -> Manifest:
+            replaced[0] = before.optimization
+            return before.model_copy(update={"optimization": _with_other_classes(optimization, before.optimization)})
+
+        manifest = self._update_manifest(model, version, record)
         # What the replaced record named and this one does not: a build under way beside
         # this one (a job's and an operator's) is named by neither, and keeps its files.
-        for entry in _artifact_entries(before.optimization) - _artifact_entries(optimization):
+        for entry in _artifact_entries(replaced[0]) - _artifact_entries(optimization):
             gone = f"{artifacts}/{entry}"
             kind = self.storage.fs.get_file_info(self.storage.path(gone)).type
             if kind == pafs.FileType.Directory:
@@ -390,6 +408,21 @@ class Registry:
             elif kind == pafs.FileType.File:
                 self.storage.delete_file(gone)
         return manifest
+
+    def _update_manifest(self, model: str, version: str, change: Callable[[Manifest], Manifest]) -> Manifest:
+        """One field of a published manifest changed as one read-modify-write (``Storage.update``):
+        a job recording its serving time while an operator's optimize recorded a build wrote
+        back the manifest it had read, naming a build whose files the other had just removed."""
+        if not _VERSION.match(version):
+            raise UnknownVersion(model, version)
+        rel = f"{self._dir(model, version)}/{MANIFEST}"
+
+        def apply(raw: Any | None) -> Any:
+            if raw is None:
+                raise UnknownVersion(model, version)
+            return change(parse_stored(self.storage, Manifest, raw, rel)).model_dump(mode="json")
+
+        return Manifest.model_validate(self.storage.update_json(rel, apply))
 
     def record_switch(self, model: str, version: str, replica: str, at: datetime | None = None) -> None:
         """A serving replica started answering with ``version`` (once per replica and version)."""

@@ -358,20 +358,62 @@ def test_a_rebuild_leaves_the_served_files_alone_until_its_manifest_names_its_ow
         reg.record_optimization("m", "v1", str(built), Optimization(artifacts={"onnx": record}, built_at=build))
 
     optimize("b1", b"first")
-    commit = storage.write_json_atomic
+    commit = storage.update_json
     seen_at_commit = []
 
-    def spy(rel, doc):
+    def spy(rel, change):
         seen_at_commit.append((folder / "b1/onnx/model.onnx").read_bytes())
-        return commit(rel, doc)
+        return commit(rel, change)
 
-    monkeypatch.setattr(storage, "write_json_atomic", spy)
+    monkeypatch.setattr(storage, "update_json", spy)
     (folder / "b3/onnx").mkdir(parents=True)  # an operator's build, still uploading beside the job's
     (folder / "b3/onnx/model.onnx").write_bytes(b"third, half")
     optimize("b2", b"second")
     assert seen_at_commit == [b"first"]  # served as it was while the second build went in
     assert sorted(p.name for p in folder.iterdir()) == ["b2", "b3"]  # the first build's folder went, not b3
     assert reg.manifest("m", "v1").optimization.artifacts["onnx"].path == "artifacts/b2/onnx/model.onnx"
+
+
+def test_a_serving_time_recorded_during_an_operators_rebuild_keeps_the_rebuild(tmp_path, weights, monkeypatch):
+    """A job's serving time, written back over the manifest it had read, named build b1
+    after the operator's build b2 had replaced it and removed b1's files."""
+    from tuneloop.core.runtimes import ArtifactRecord, Optimization, ParityCheck
+    from tuneloop.core.serving_time import ServingTime
+
+    storage = Storage(str(tmp_path / "store"))
+    reg = Registry(storage)
+    reg.publish("m", weights, _manifest())
+    parity = ParityCheck(passed=True, detail="d", rows=5, agreement=1.0, accuracy=0.8, reference_accuracy=0.8)
+
+    def build(name: str, speeds: dict) -> Optimization:
+        built = tmp_path / f"built-{name}"
+        (built / name).mkdir(parents=True)
+        (built / name / "model.onnx").write_bytes(name.encode())
+        record = ArtifactRecord(runtime="onnx", path=f"artifacts/{name}/model.onnx", bytes=2, build_s=1.0,
+                                parity=parity)
+        optimization = Optimization(artifacts={"onnx": record}, texts_per_s=speeds, built_at=name)
+        reg.record_optimization("m", "v1", str(built), optimization)
+        return optimization
+
+    build("b1", {"cpu-bf16/2t": {"torch": 1.0, "onnx": 2.0, "onnx-int8": 3.0}, "cpu/1t": {"torch": 0.5}})
+    old_manifest = reg.manifest("m", "v1")  # what the job had read
+    commit = storage.update_json
+
+    def rebuild_lands_first(rel, change):  # the operator's rebuild lands as the job records
+        monkeypatch.setattr(storage, "update_json", commit)
+        build("b2", {"cpu/1t": {"torch": 0.6, "onnx": 0.9}})
+        return commit(rel, change)
+
+    monkeypatch.setattr(storage, "update_json", rebuild_lands_first)
+    monkeypatch.setattr(reg, "manifest", lambda model, version: old_manifest)
+    reg.record_serving_time("m", "v1", ServingTime(phases={"rollout": 1.0}, total_s=2.0))
+    monkeypatch.undo()
+    manifest = reg.manifest("m", "v1")
+    assert manifest.serving_time.total_s == 2.0 and manifest.optimization.built_at == "b2"
+    assert sorted(p.name for p in (tmp_path / "store/registry/m/v1/artifacts").iterdir()) == ["b2"]
+    # The rebuild, measured on a 1-thread CPU, kept the cluster's speeds of the runtimes it still has.
+    assert manifest.optimization.texts_per_s == {"cpu/1t": {"torch": 0.6, "onnx": 0.9},
+                                                 "cpu-bf16/2t": {"torch": 1.0, "onnx": 2.0}}
 
 
 def test_a_download_that_breaks_or_loses_the_race_leaves_no_partial_copy(tmp_path):
