@@ -116,22 +116,13 @@ class Storage:
 
     def list_dir(self, rel: str) -> list[pafs.FileInfo]:
         """Direct children of a folder, hidden (temporary) entries left out; [] if absent."""
-        sel = pafs.FileSelector(self.path(rel), allow_not_found=True, recursive=False)
-        for _ in range(4):
-            try:
-                return [i for i in self.fs.get_file_info(sel) if not i.base_name.startswith(".")]
-            except FileNotFoundError:
-                # Locally, pyarrow stats each entry it read: a writer's temporary unlinked in
-                # between fails the whole listing ("Cannot list directory"; 1 in 25 runs of
-                # six concurrent publishers). The folder is there: list it again.
-                continue
-        return [i for i in self.fs.get_file_info(sel) if not i.base_name.startswith(".")]
+        listed = self._listing(pafs.FileSelector(self.path(rel), allow_not_found=True, recursive=False))
+        return [i for i in listed if not i.base_name.startswith(".")]
 
     def list_files(self, rel: str, suffix: str = "") -> list[str]:
         """All files below a folder, recursively, as paths relative to the root, sorted."""
-        sel = pafs.FileSelector(self.path(rel), allow_not_found=True, recursive=True)
         out = []
-        for info in self.fs.get_file_info(sel):
+        for info in self._listing(pafs.FileSelector(self.path(rel), allow_not_found=True, recursive=True)):
             if info.type != pafs.FileType.File or not info.path.endswith(suffix):
                 continue
             relpath = posixpath.relpath(info.path, self.root)
@@ -139,6 +130,18 @@ class Storage:
                 continue
             out.append(relpath)
         return sorted(out)
+
+    def _listing(self, sel: pafs.FileSelector) -> list[pafs.FileInfo]:
+        for _ in range(4):
+            try:
+                return self.fs.get_file_info(sel)
+            except FileNotFoundError:
+                # Locally, pyarrow stats each entry it read: a writer's temporary unlinked in
+                # between fails the whole listing ("Cannot list directory"; 1 in 25 runs of
+                # six concurrent publishers; job records' heartbeats and feedback compaction
+                # write beside recursive listings all the time). The folder is there: list it again.
+                continue
+        return self.fs.get_file_info(sel)
 
     # -- writing -------------------------------------------------------------------------
     def write_bytes_atomic(self, rel: str, data: bytes) -> None:
