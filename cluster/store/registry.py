@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -50,6 +51,7 @@ from tuneloop.core.serving_time import ServingTime
 from tuneloop.store.storage import Storage, parquet_bytes, private_temp_dir
 
 _Doc = TypeVar("_Doc", bound=BaseModel)
+log = logging.getLogger(__name__)
 
 _VERSION = re.compile(r"^v([0-9]{1,9})\Z")  # ASCII digits; "v1\n" or a 300-digit name is no version
 MANIFEST = "manifest.json"
@@ -294,11 +296,17 @@ class Registry:
 
     # -- versions ------------------------------------------------------------------------
     def versions(self, model: str) -> list[Manifest]:
-        """Published versions, oldest first."""
+        """Published versions, oldest first. One whose manifest cannot be read (edited by
+        hand, cut, or written by a newer tuneloop) is left out with a warning naming it:
+        it made every listing fail, and with it the ingress's start and a student's lineage."""
         out = []
         for info in self.storage.list_dir(self._dir(model)):
             if _VERSION.match(info.base_name):
-                manifest = read_stored(self.storage, Manifest, f"{self._dir(model, info.base_name)}/{MANIFEST}")
+                try:
+                    manifest = read_stored(self.storage, Manifest, f"{self._dir(model, info.base_name)}/{MANIFEST}")
+                except CorruptStoredFile as e:
+                    log.warning("%s %s left out of the versions listed: %s", model, info.base_name, e.message)
+                    continue
                 if manifest is not None:
                     out.append(manifest)
         return sorted(out, key=lambda m: version_number(m.version))

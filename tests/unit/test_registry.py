@@ -426,3 +426,19 @@ def test_a_download_that_breaks_or_loses_the_race_leaves_no_partial_copy(tmp_pat
     with pytest.raises(OSError):
         registry._download("registry/m/v9", str(cache / "v9"))  # nothing there: the download breaks
     assert sorted(p.name for p in cache.iterdir()) == ["v1"] and (cache / "v1/config.json").exists()
+
+
+def test_one_unreadable_manifest_is_left_out_of_the_versions_not_fatal_to_them(tmp_path, weights, caplog):
+    """One manifest edited by hand (or written by a newer tuneloop with a runtime this one
+    does not know) failed every listing: the ingress's start, a student's lineage."""
+    from tuneloop.core.errors import CorruptStoredFile
+
+    reg = Registry(Storage(str(tmp_path / "store")))
+    for _ in range(3):
+        reg.publish("m", weights, _manifest())
+    (tmp_path / "store/registry/m/v2/manifest.json").write_text('{"version": "v2", "model": "m", "task": 7}')
+    with caplog.at_level("WARNING", logger="tuneloop.store.registry"):
+        assert [m.version for m in reg.versions("m")] == ["v1", "v3"]
+    assert "m v2 left out of the versions listed" in caplog.text and "manifest.json" in caplog.text
+    with pytest.raises(CorruptStoredFile):  # asked for by name, it is still an error an operator sees
+        reg.manifest("m", "v2")
