@@ -1,6 +1,6 @@
 """`tuneloop run`: start Ray, make sure every model has a version, serve until Ctrl-C.
 
-Also records where the running cluster is (<storage>/server.json), so `tuneloop train`
+Also records where the running cluster is (<storage>/servers/<host>.json), so `tuneloop train`
 in another terminal joins this Ray cluster instead of starting a second one.
 """
 

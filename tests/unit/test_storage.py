@@ -225,11 +225,18 @@ def test_a_storage_root_pyarrow_cannot_open_is_a_config_error_naming_it():
 def test_a_server_file_written_on_another_host_is_not_joined(tmp_path):
     """A bucket is shared by hosts: another host's `tuneloop run`, whose pid was alive here
     (a container's pid 1), was taken for a server of this host."""
-    from tuneloop.store.server_file import SERVER_FILE, running_server_address, write_server_file
+    import os
+
+    from tuneloop.store.server_file import remove_server_file, running_server_address, server_file, write_server_file
 
     storage = Storage(str(tmp_path))
     write_server_file(storage, "127.0.0.1:6379")
     assert running_server_address(storage) == "127.0.0.1:6379"  # this process, this host
-    other = {**storage.read_json(SERVER_FILE), "host": "another-host"}
-    storage.write_json_atomic(SERVER_FILE, other)
+    mine = storage.read_json(server_file())
+    storage.write_json_atomic(server_file(), {**mine, "host": "another-host"})
+    assert running_server_address(storage) is None
+    storage.write_json_atomic(server_file(), {**mine, "pid": os.getppid()})  # another server of this host
+    remove_server_file(storage)  # this process's stop leaves the other's file
+    assert running_server_address(storage) == "127.0.0.1:6379"
+    (tmp_path / server_file()).write_text('{"pid": ')  # cut: no server, not a traceback
     assert running_server_address(storage) is None
