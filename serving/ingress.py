@@ -259,6 +259,21 @@ class BodyGuard:
 app.add_middleware(BodyGuard)
 
 
+def readiness(answers: dict[str, tuple[str | None, dict[str, str]]]) -> JSONResponse:
+    """``/readyz``'s answer from each model's (loaded version, {version it would not load: why})."""
+    problems = {name: why for name, (_, why) in answers.items() if why}
+    missing = sorted(name for name, (version, _) in answers.items() if version is None)
+    if missing:
+        reasons = "; ".join(f"{name} {version}: {why}" for name in missing
+                            for version, why in problems.get(name, {}).items())
+        return error_response(NotReady(f"no production version loaded for {missing}"
+                                       + (f" ({reasons})" if reasons else "")))
+    body: dict[str, Any] = {"status": "ready", "models": {name: version for name, (version, _) in answers.items()}}
+    if problems:
+        body["not_loaded"] = problems
+    return JSONResponse(body)
+
+
 @serve.deployment(name=INGRESS_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Ingress:
@@ -328,20 +343,19 @@ class Ingress:
 
     @app.get("/readyz")
     async def readyz(self) -> JSONResponse:
-        async def loaded(name: str) -> str | None:
+        """200 once every model has a version loaded; either way it names the versions a
+        replica refused or failed to load, and why (labels other than the config's, a
+        download that failed), which before only a predict's 503 and the log said."""
+        async def loaded(name: str) -> tuple[str | None, dict[str, str]]:
             try:
                 handle = serve.get_deployment_handle(model_deployment_name(name), model_app_name(name))
                 status = await asyncio.wait_for(handle.status.remote(), READY_TIMEOUT_S)
-                return status["version"]
             except Exception:  # noqa: BLE001 - unreachable replica means not ready
-                return None
+                return None, {}
+            return status["version"], {**status.get("failed", {}), **status.get("refused", {})}
 
         names = [m.name for m in self.cfg.models]
-        versions = dict(zip(names, await asyncio.gather(*(loaded(n) for n in names)), strict=True))
-        missing = sorted(n for n, v in versions.items() if v is None)
-        if missing:
-            return error_response(NotReady(f"no production version loaded for {missing}"))
-        return JSONResponse({"status": "ready", "models": versions})
+        return readiness(dict(zip(names, await asyncio.gather(*(loaded(n) for n in names)), strict=True)))
 
     @app.get("/metrics")
     async def prometheus(self, request: Request) -> Response:
