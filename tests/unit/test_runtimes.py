@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tuneloop.core.runtimes import ArtifactRecord, Optimization, ParityCheck, choose_runtime, hardware_class, parity_check
+from tuneloop.core.runtimes import (ArtifactRecord, Optimization, ParityCheck, choose_runtime, hardware_class, parity_check,
+                                    worst_parity)
 
 
 def test_parity_passes_within_both_bounds_and_quotes_its_numbers():
@@ -27,6 +28,19 @@ def test_parity_with_no_rows_fails_and_unpaired_rows_raise():
     assert not parity_check([], [], 0.0, 0.0, 0.99, 0.005).passed
     with pytest.raises(ValueError, match="parity rows differ"):
         parity_check(["a"], ["a", "b"], 1.0, 1.0, 0.99, 0.005)
+
+
+def test_an_artifact_is_judged_by_its_worst_batch_size():
+    """Dynamic int8's answers depend on a text's batch mates: passing at batch 32 alone let an
+    artifact serve lone requests it answered under the bar."""
+    at_32 = parity_check(["a"] * 100, ["a"] * 100, 0.9, 0.9, 0.99, 0.005)
+    at_1 = parity_check(["a"] * 100, ["a"] * 98 + ["b"] * 2, 0.9, 0.9, 0.99, 0.005)
+    judged = worst_parity({32: at_32, 1: at_1})
+    assert not judged.passed and judged.agreement == 0.98
+    assert judged.detail.startswith("at batch 1: answers 98.00% of 100") and judged.detail.endswith("(100.00% at batch 32)")
+    both_pass = worst_parity({32: at_32, 1: parity_check(["a"] * 100, ["a"] * 99 + ["b"], 0.9, 0.9, 0.99, 0.005)})
+    assert both_pass.passed and both_pass.agreement == 0.99 and both_pass.detail.startswith("at batch 1: ")
+    assert worst_parity({32: at_32}) == at_32  # one size: as it was
 
 
 def _optimization(speeds: dict[str, float], failed: tuple[str, ...] = ()) -> Optimization:

@@ -1,0 +1,26 @@
+"""The rows an artifact's parity check reads: spread over the golden set, not its first rows."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from tuneloop.core.tasks import model_task
+from tuneloop.core.config import ModelConfig
+from tuneloop.serving.optimize import _golden
+from tuneloop.store.registry import Manifest, Registry
+from tuneloop.store.storage import Storage
+
+
+def test_parity_reads_rows_spread_over_a_golden_set_sorted_by_label(tmp_path):
+    """A 10,000-row golden file sorted by label, cut at its first 2,000 rows, checked one class."""
+    task = model_task(ModelConfig(name="m", labels=["a", "b"]))
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "config.json").write_text("{}")
+    registry = Registry(Storage(str(tmp_path / "store")))
+    golden = pa.table({"text": [f"t{i}" for i in range(10)], "label": ["a"] * 6 + ["b"] * 4})
+    registry.publish("m", str(weights), Manifest(version="pending", model="m", parent=None, base_model="b",
+                                                 task="text-classification", labels=["a", "b"]), tables={"golden": golden})
+    texts, targets = _golden(registry, "m", "v1", task, 4)
+    assert texts == ["t0", "t2", "t5", "t7"] and [len(v) for v in targets.values()] == [4]
+    assert _golden(registry, "m", "v1", task, 100)[0] == [f"t{i}" for i in range(10)]  # all of a small set
