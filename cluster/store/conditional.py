@@ -15,6 +15,8 @@ The conditional put is never retried by the client: a retry of a put whose first
 landed (the answer lost on the way) would be refused, and the caller, taking that for
 another writer's win, would apply its change twice (a rollback stepping back two versions).
 So a lost answer surfaces as the client's error, and the caller's operation fails instead.
+A put the store refused for its request rate (S3's 503 SlowDown) wrote nothing, and is sent
+again after a pause.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ class ConditionalWrites(Protocol):
 
 
 READ_ATTEMPTS = 4
+# What a store answers a request it refused before acting on it (its request rate): safe to
+# send again, conditional or not. Not a 500, nor a connection cut, after which a put may have landed.
+S3_REFUSALS = ("SlowDown", "TooManyRequests", "RequestLimitExceeded", "Throttling", "ThrottlingException")
 
 
 def conditional_writes(uri: str) -> ConditionalWrites:
@@ -74,10 +79,13 @@ class _S3:
             "s3", endpoint_url=endpoint, region_name=_option(query, "region"),
             config=botocore.config.Config(retries={"total_max_attempts": 1}))  # see the module's docstring
         self._error = botocore.exceptions.ClientError
+        # A connection refused, reset or timed out: a read is safe to send again.
+        self._transport = (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)
 
     def read(self, path: str) -> tuple[bytes | None, str | None]:
         """A read is safe to repeat, unlike the conditional put: a 5xx (S3's 500 or 503
-        SlowDown; the local endpoint's 500 under a concurrent put) is retried with backoff."""
+        SlowDown; the local endpoint's 500 under a concurrent put) or a connection that
+        failed is retried with backoff."""
         bucket, key = _split(path)
         attempt = 0
         while True:
@@ -90,19 +98,30 @@ class _S3:
                 attempt += 1
                 if e.response["ResponseMetadata"].get("HTTPStatusCode", 0) < 500 or attempt == READ_ATTEMPTS:
                     raise
+            except self._transport:
+                attempt += 1
+                if attempt == READ_ATTEMPTS:
+                    raise
             time.sleep(random.uniform(0, 0.05 * 2 ** attempt))
 
     def write(self, path: str, data: bytes, token: str | None) -> bool:
+        """One conditional put; sent again only when the store refused it for its request
+        rate (S3_REFUSALS), which writes nothing: a promote hitting S3's SlowDown failed."""
         bucket, key = _split(path)
         condition = {"IfMatch": token} if token is not None else {"IfNoneMatch": "*"}
-        try:
-            self._client.put_object(Bucket=bucket, Key=key, Body=data, **condition)
-        except self._error as e:
-            # 412: someone wrote first; 409: a concurrent conditional write is in flight.
-            if e.response["ResponseMetadata"]["HTTPStatusCode"] in (409, 412):
-                return False
-            raise
-        return True
+        attempt = 0
+        while True:
+            try:
+                self._client.put_object(Bucket=bucket, Key=key, Body=data, **condition)
+                return True
+            except self._error as e:
+                # 412: someone wrote first; 409: a concurrent conditional write is in flight.
+                if e.response["ResponseMetadata"].get("HTTPStatusCode") in (409, 412):
+                    return False
+                attempt += 1
+                if e.response["Error"].get("Code") not in S3_REFUSALS or attempt == READ_ATTEMPTS:
+                    raise
+            time.sleep(random.uniform(0, 0.05 * 2 ** attempt))
 
 
 class _Gcs:

@@ -1,5 +1,6 @@
 """Storage: private file modes on a local root, and the lock for read-modify-write."""
 
+import io
 import os
 import stat
 import threading
@@ -240,3 +241,39 @@ def test_a_server_file_written_on_another_host_is_not_joined(tmp_path):
     assert running_server_address(storage) == "127.0.0.1:6379"
     (tmp_path / server_file()).write_text('{"pid": ')  # cut: no server, not a traceback
     assert running_server_address(storage) is None
+
+
+def test_s3_puts_refused_for_rate_are_sent_again_and_reads_survive_a_dropped_connection(monkeypatch):
+    """A promote that hit S3's 503 SlowDown failed, though the store had written nothing; a
+    read failed on one reset connection. Neither is sent again when it may have landed (a 500)."""
+    import botocore.exceptions
+    from botocore.stub import Stubber
+
+    from tuneloop.store import conditional
+
+    monkeypatch.setattr(conditional.time, "sleep", lambda s: None)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    s3 = conditional._S3("s3://bucket/tl?region=us-east-1")
+    put = {"Bucket": "bucket", "Key": "tl/state.json", "Body": b"{}", "IfMatch": '"e1"'}
+    with Stubber(s3._client) as stub:
+        stub.add_client_error("put_object", "SlowDown", "Please reduce your request rate.", 503, expected_params=put)
+        stub.add_response("put_object", {"ETag": '"e2"'}, put)
+        assert s3.write("bucket/tl/state.json", b"{}", '"e1"') is True
+        stub.add_client_error("put_object", "InternalError", "We encountered an internal error.", 500, expected_params=put)
+        with pytest.raises(botocore.exceptions.ClientError, match="InternalError"):
+            s3.write("bucket/tl/state.json", b"{}", '"e1"')  # it may have landed: the caller's update fails
+        stub.add_client_error("put_object", "PreconditionFailed", "", 412, expected_params=put)
+        assert s3.write("bucket/tl/state.json", b"{}", '"e1"') is False
+        stub.assert_no_pending_responses()
+
+    calls = []
+
+    def get_object(**kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:
+            raise botocore.exceptions.EndpointConnectionError(endpoint_url="https://s3.example")
+        return {"Body": io.BytesIO(b"{}"), "ETag": '"e2"'}
+
+    monkeypatch.setattr(s3._client, "get_object", get_object)
+    assert s3.read("bucket/tl/state.json") == (b"{}", '"e2"') and len(calls) == 2
