@@ -89,6 +89,55 @@ def _cached_build(target: str) -> str | None:
     return (_cached_manifest(target).get("optimization") or {}).get("built_at")
 
 
+CACHE_KEEP_VERSIONS = 3  # a node's cached versions of a model kept besides any used within the hour
+CACHE_KEEP_USED_S = 3600.0
+
+
+def prune_cache(models_dir: str, keep: str, now: float | None = None) -> list[str]:
+    """Remove a node's cached versions of one model (``models_dir``: its folders by version)
+    but ``keep``, the newest CACHE_KEEP_VERSIONS, and any used within CACHE_KEEP_USED_S
+    (``local_path`` touches a version each time it hands it out); and what killed downloads
+    left (``.partial-*``, ``.stale-*``) over that age. Continuous training cached every version
+    ever served on every node, a few hundred MB each, until the disk filled. Returns the
+    versions removed. A replica still serving a removed version keeps its files open (Linux
+    frees them on close); one loading it again downloads it again."""
+    now = time.time() if now is None else now
+    try:
+        entries = os.listdir(models_dir)
+    except OSError:
+        return []
+    versions = sorted((e for e in entries if _VERSION.match(e)), key=version_number)
+    kept = {keep, *versions[-CACHE_KEEP_VERSIONS:]}
+    removed = []
+    for entry in entries:
+        leftover = ".partial-" in entry or ".stale-" in entry
+        if entry in kept or not (leftover or entry in versions):
+            continue
+        try:
+            if now - os.stat(os.path.join(models_dir, entry)).st_mtime < CACHE_KEEP_USED_S:
+                continue
+        except OSError:
+            continue
+        _set_aside(os.path.join(models_dir, entry))
+        removed.append(entry)
+    return removed
+
+
+def _set_aside(path: str) -> None:
+    """Remove a cached folder: renamed first, so no reader ever sees it half deleted."""
+    stale = path if ".stale-" in path else f"{path}.stale-{uuid.uuid4().hex}"
+    with contextlib.suppress(OSError):  # another replica of this node set it aside first
+        os.rename(path, stale)
+    shutil.rmtree(stale, ignore_errors=True)
+
+
+def _write_cached_manifest(folder: str, manifest: Manifest) -> None:
+    written = os.path.join(folder, f"{MANIFEST}.{uuid.uuid4().hex}")
+    with open(written, "w") as f:
+        json.dump(manifest.model_dump(mode="json"), f)
+    os.replace(written, os.path.join(folder, MANIFEST))
+
+
 def _artifact_entries(optimization: Optimization | None) -> set[str]:
     """The entries of a version's ``artifacts/`` folder that a record's artifacts lie in (a
     build's folder, or a file or runtime folder of builds made before folders per build)."""
@@ -448,29 +497,36 @@ class Registry:
         return times
 
     def local_path(self, model: str, version: str, cache_dir: str | None = None) -> str:
-        """A local folder holding the version's files, downloading them if storage is remote."""
+        """A local folder holding the version's files, downloading them if storage is remote:
+        its weights and the artifacts its manifest names, not the tables it was trained on
+        nor earlier builds' files, which no replica reads. Each download prunes the node's
+        cache of the model (``prune_cache``)."""
         manifest = self.manifest(model, version)  # raises UnknownVersion
         if self.storage.is_local:
             return self.storage.path(self._dir(model, version))
         cache = cache_dir or private_temp_dir("tuneloop-cache")
-        target = os.path.join(cache, cache_folder(self.storage.uri), model, version)
+        models = os.path.join(cache, cache_folder(self.storage.uri), model)
+        target = os.path.join(models, version)
         cached = _cached_manifest(target)
         if cached and cached.get("created_at") != manifest.created_at:
             # Another version of that name: the root's registry was made anew since (a bucket
             # emptied, or a prefix reused). Set aside whole, as a download is whole.
-            stale = f"{target}.stale-{uuid.uuid4().hex}"
-            with contextlib.suppress(OSError):  # another replica of this node set it aside first
-                os.rename(target, stale)
-            shutil.rmtree(stale, ignore_errors=True)
+            _set_aside(target)
             cached = {}
         if not cached:
-            self._download(self._dir(model, version), target)
+            named = _artifact_entries(manifest.optimization)
+            self._download(self._dir(model, version), target, manifest,
+                           lambda p: not p.startswith(f"{DATA_DIR}/") and (
+                               not p.startswith(f"{ARTIFACTS}/") or p.split("/")[1] in named))
+            prune_cache(models, keep=version)
         files = manifest.optimization and any(a.path for a in manifest.optimization.artifacts.values())
         if files and _cached_build(target) != manifest.optimization.built_at:  # torch-bf16 alone has no file
             # Optimized (or optimized again: a new build's folder, or the same file names of older builds)
             # after this copy was cached. The old files served under the new records would
             # be the artifacts whose parity the new build replaced.
             self._refresh_artifacts(model, version, target, manifest)
+        with contextlib.suppress(OSError):
+            os.utime(target)  # used now: prune_cache keeps it
         return target
 
     def _refresh_artifacts(self, model: str, version: str, target: str, manifest: Manifest) -> None:
@@ -478,7 +534,9 @@ class Registry:
         it holds. A session already open on an old file keeps it (Linux keeps an open file)."""
         artifacts = os.path.join(target, ARTIFACTS)
         fresh, stale = f"{artifacts}.fresh-{uuid.uuid4().hex}", f"{artifacts}.stale-{uuid.uuid4().hex}"
-        self._download(f"{self._dir(model, version)}/{ARTIFACTS}", fresh)
+        named = _artifact_entries(manifest.optimization)
+        self.storage.download_dir(f"{self._dir(model, version)}/{ARTIFACTS}", fresh,
+                                  lambda p: p.split("/")[0] in named)
         try:
             if os.path.isdir(artifacts):
                 os.rename(artifacts, stale)
@@ -488,17 +546,19 @@ class Registry:
         finally:
             shutil.rmtree(fresh, ignore_errors=True)
             shutil.rmtree(stale, ignore_errors=True)
-        written = os.path.join(target, f"{MANIFEST}.{uuid.uuid4().hex}")
-        with open(written, "w") as f:
-            json.dump(manifest.model_dump(mode="json"), f)
-        os.replace(written, os.path.join(target, MANIFEST))  # what the folder now holds
+        _write_cached_manifest(target, manifest)  # what the folder now holds
 
-    def _download(self, folder: str, target: str) -> None:
-        """``folder`` of the storage to the local ``target``, whole or not at all: into a
-        private name first, then renamed."""
+    def _download(self, folder: str, target: str, manifest: Manifest | None = None,
+                  wanted: Callable[[str], bool] | None = None) -> None:
+        """``folder`` of the storage (the files ``wanted`` accepts) to the local ``target``,
+        whole or not at all: into a private name first, then renamed. With ``manifest``
+        (the one whose files were chosen), the copy's manifest is that one: a rebuild landing
+        during the download named files this copy does not hold."""
         partial = f"{target}.partial-{uuid.uuid4().hex}"
         try:
-            self.storage.download_dir(folder, partial)
+            self.storage.download_dir(folder, partial, wanted)
+            if manifest is not None:
+                _write_cached_manifest(partial, manifest)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             os.rename(partial, target)
         except OSError:

@@ -295,10 +295,18 @@ class Storage:
             # the copies until they are made private here.
             _make_tree_private(self.path(rel), fsync=True)
 
-    def download_dir(self, rel: str, local_dir: str) -> None:
-        """Copy a folder to the local disk, as private as it is in a local root."""
+    def download_dir(self, rel: str, local_dir: str, wanted: Callable[[str], bool] | None = None) -> None:
+        """Copy a folder to the local disk, as private as it is in a local root; with
+        ``wanted``, only the files whose path below the folder it accepts."""
         make_private_dirs(local_dir)
-        pafs.copy_files(self.path(rel), local_dir, source_filesystem=self.fs)
+        if wanted is None:
+            pafs.copy_files(self.path(rel), local_dir, source_filesystem=self.fs)
+        else:
+            for file in self.list_files(rel):
+                below = posixpath.relpath(file, rel)
+                if wanted(below):
+                    os.makedirs(os.path.join(local_dir, os.path.dirname(below)), exist_ok=True)
+                    pafs.copy_files(self.path(file), os.path.join(local_dir, below), source_filesystem=self.fs)
         _make_tree_private(local_dir, fsync=False)
 
     def delete_dir(self, rel: str) -> None:

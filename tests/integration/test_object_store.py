@@ -7,6 +7,7 @@ test_two_nodes.py."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -79,6 +80,11 @@ def test_registry_publishes_without_renames_and_keeps_every_transition(s3_root, 
     assert [m.version for m in registry.versions("m")] == ["v1", "v2", "v3", "v4"]
     local = Path(registry.local_path("m", "v3", cache_dir=str(tmp_path / "cache")))
     assert (local / "model.safetensors").read_bytes() == Path(weights, "model.safetensors").read_bytes()
+    assert not (local / "data").exists()  # the tables it trained on are read from the bucket, never here
+    for version in ("v1", "v2"):  # used two hours ago: v1 goes when v4 is fetched, v2 stays among the newest 3
+        os.utime(registry.local_path("m", version, cache_dir=str(tmp_path / "cache")), (time.time() - 7200,) * 2)
+    registry.local_path("m", "v4", cache_dir=str(tmp_path / "cache"))
+    assert sorted(p.name for p in local.parent.iterdir()) == ["v2", "v3", "v4"]
     assert registry.table("m", "v3", "trained_on").to_pylist() == [{"a": 1}]
     assert registry.table_path("m", "v3", "trained_on").startswith("s3://")  # pasted into another tool, it works
 

@@ -442,3 +442,24 @@ def test_one_unreadable_manifest_is_left_out_of_the_versions_not_fatal_to_them(t
     assert "m v2 left out of the versions listed" in caplog.text and "manifest.json" in caplog.text
     with pytest.raises(CorruptStoredFile):  # asked for by name, it is still an error an operator sees
         reg.manifest("m", "v2")
+
+
+def test_a_nodes_cache_keeps_the_newest_versions_and_those_used_within_the_hour(tmp_path):
+    """Every version ever served stayed in every node's cache, a few hundred MB each."""
+    import os
+    import time
+
+    from tuneloop.store.registry import prune_cache
+
+    models = tmp_path / "m"
+    now = time.time()
+    for name, age_s in [("v1", 7200), ("v2", 60), ("v3", 7200), ("v10", 7200), ("v11", 7200), ("v12", 7200),
+                        ("v4.partial-ab", 7200), ("v5.partial-cd", 60), ("v6.stale-ef", 7200), ("notes", 7200)]:
+        (models / name).mkdir(parents=True)
+        (models / name / "f").write_text("x")
+        os.utime(models / name, (now - age_s,) * 2)
+    removed = prune_cache(str(models), keep="v3", now=now)
+    assert sorted(removed) == ["v1", "v4.partial-ab", "v6.stale-ef"]
+    # v2 used a minute ago, v3 asked for, v10-v12 the newest, a download under way, and what is not ours stay.
+    assert sorted(p.name for p in models.iterdir()) == ["notes", "v10", "v11", "v12", "v2", "v3", "v5.partial-cd"]
+    assert prune_cache(str(tmp_path / "absent"), keep="v1") == []
