@@ -402,6 +402,20 @@ def _setup_commands(cfg: TuneloopConfig, config_path: str) -> list[str]:
             f"echo 'export TUNELOOP_CONFIG={config_path}' >> ~/.bashrc"]
 
 
+# GPUs of the GPU instance types tuneloop's defaults come from and their neighbours: a changed
+# deploy.workers.gpus_per_worker beside an unchanged instance type rendered a cluster whose
+# workers declared GPUs they lacked (AWS), or that GCP refused (acceleratorCount).
+INSTANCE_GPUS = {
+    **{f"{family}.{size}": 1 for family in ("g4dn", "g5", "g6") for size in
+       ("xlarge", "2xlarge", "4xlarge", "8xlarge", "16xlarge")},
+    **{f"{family}.{size}": 4 for family in ("g4dn", "g5", "g6") for size in ("12xlarge", "24xlarge")},
+    **{f"{family}.48xlarge": 8 for family in ("g5", "g6")},
+    "p4d.24xlarge": 8, "p5.48xlarge": 8,
+    **{f"g2-standard-{n}": 1 for n in (4, 8, 12, 16, 32)}, "g2-standard-24": 2, "g2-standard-48": 4,
+    "g2-standard-96": 8, **{f"a2-highgpu-{n}g": n for n in (1, 2, 4, 8)}, "a2-megagpu-16g": 16, "a3-highgpu-8g": 8,
+}
+
+
 def launcher(cfg: TuneloopConfig, cloud: str) -> dict[str, Any]:
     """A Ray cluster launcher YAML (`ray up`) for ``cloud`` ("aws" or "gcp"): the image as a
     docker container on every node, a CPU head holding the journal, GPU workers (spot or
@@ -410,6 +424,11 @@ def launcher(cfg: TuneloopConfig, cloud: str) -> dict[str, Any]:
     config_path = f"{d.config_dir}/{CONFIG_FILE}"
     head_resources = {"CPU": 0, JOURNAL_RESOURCE: 1}
     worker_resources: dict[str, Any] = {"CPU": w.cpus_per_worker, "GPU": w.gpus_per_worker}
+    instance = {"aws": d.aws.worker_instance, "gcp": d.gcp.worker_instance}.get(cloud)
+    if w.gpus_per_worker and INSTANCE_GPUS.get(instance, w.gpus_per_worker) != w.gpus_per_worker:
+        raise NotClusterable(f"deploy.workers.gpus_per_worker is {w.gpus_per_worker}, but a {instance} has "
+                             f"{INSTANCE_GPUS[instance]}: set deploy.{cloud}.worker_instance to a type with "
+                             f"{w.gpus_per_worker} GPUs")
     if cloud == "aws":
         a = d.aws
         if cfg.storage.root.startswith("s3://") and not a.worker_instance_profile_arn:

@@ -8,6 +8,7 @@ cluster; an operator changes the image, the names and the sizes.
 
 from __future__ import annotations
 
+import posixpath
 import re
 from typing import Annotated, Any, Literal
 
@@ -49,6 +50,12 @@ def _quantity(value: str) -> str:
 Quantity = Annotated[str, AfterValidator(_quantity)]
 
 
+# What the images (deploy/docker) need in place: a volume mounted at one of these, or above
+# one, hides it (/app holds tuneloop, /etc the CA certificates a bucket's TLS needs).
+IMAGE_FOLDERS = ("/app", "/bin", "/etc", "/home/ray", "/lib", "/lib64", "/opt", "/root", "/sbin", "/tmp", "/usr",
+                 "/var/lib/dpkg", "/dev", "/proc", "/sys")
+
+
 class WorkersConfig(Section):
     """The worker group: where model replicas and training workers run. GPU nodes by
     default; ``gpus_per_worker: 0`` makes a CPU cluster."""
@@ -86,6 +93,13 @@ class GcpConfig(Section):
     accelerator: str = "nvidia-l4"
     preemptible: bool = Field(default=True, description="workers preemptible (the head never is)")
 
+    @model_validator(mode="after")
+    def _zone_in_region(self) -> GcpConfig:
+        if not self.zone.startswith(f"{self.region}-"):
+            raise ValueError(f"zone {self.zone!r} is not in region {self.region!r} (a zone is the region and a "
+                             f"letter, e.g. {self.region}-a): set both")
+        return self
+
 
 class DeployConfig(Section):
     name: str = Field(default="tuneloop", max_length=40, pattern=_DNS_LABEL,
@@ -115,9 +129,14 @@ class DeployConfig(Section):
     def _absolute(cls, v: str) -> str:
         if not v.startswith("/"):
             raise ValueError(f"must be an absolute path in the container, got {v!r}")
-        if v.rstrip("/") == "":
+        folder = posixpath.normpath(v)
+        if folder == "/":
             raise ValueError("must be a folder below / (a volume mounted at / would hide the container's files)")
-        return v.rstrip("/")
+        hidden = [f for f in IMAGE_FOLDERS if f == folder or f.startswith(folder + "/")]
+        if hidden:
+            raise ValueError(f"{v!r} would be mounted over the image's {hidden[0]} (tuneloop's code, Python, "
+                             "certificates): choose a folder of its own, e.g. /etc/tuneloop or /var/lib/tuneloop")
+        return folder
 
     @model_validator(mode="after")
     def _mounts_apart(self) -> DeployConfig:

@@ -227,6 +227,29 @@ def test_an_aws_cluster_on_a_bucket_needs_the_workers_instance_profile():
     assert node["IamInstanceProfile"] == {"Arn": "arn:aws:iam::1:instance-profile/w"}
 
 
+def test_a_gpu_count_the_instance_type_lacks_is_refused_and_mounts_keep_clear_of_the_image():
+    """gpus_per_worker 2 beside the default one-GPU instance rendered a cluster GCP refused
+    (acceleratorCount) and AWS workers declaring a GPU they lacked; a zone outside the region
+    failed at `ray up`; a volume at /app hid tuneloop's code from every pod."""
+    from tuneloop.core.config import ConfigError
+
+    doc = {"models": [{"name": "m", "base_model": "b", "labels": ["a", "b"]}],
+           "storage": {"root": "s3://b/tl", "journal_dir": "/j"},
+           "deploy": {"workers": {"gpus_per_worker": 2}, "aws": {"worker_instance_profile_arn": "arn:aws:iam::1:instance-profile/w"}}}
+    for cloud, instance in [("gcp", "g2-standard-8"), ("aws", "g5.2xlarge")]:
+        with pytest.raises(manifests.NotClusterable, match=f"gpus_per_worker is 2, but a {instance} has 1"):
+            manifests.launcher(parse_config(doc), cloud)
+    doc["deploy"]["gcp"] = {"worker_instance": "g2-standard-24"}
+    assert manifests.launcher(parse_config(doc), "gcp")["available_node_types"]["gpu_worker"]["resources"]["GPU"] == 2
+    doc["deploy"]["gcp"] = {"worker_instance": "custom-gpu-box"}  # a type not in the table: taken as said
+    assert manifests.launcher(parse_config(doc), "gcp")
+    for deploy, message in [({"gcp": {"region": "europe-west4"}}, "zone 'us-central1-a' is not in region"),
+                            ({"config_dir": "/app"}, "mounted over the image's /app"),
+                            ({"journal_dir": "/var"}, "mounted over the image's /var/lib/dpkg")]:
+        with pytest.raises(ConfigError, match=message):
+            parse_config({**doc, "deploy": deploy})
+
+
 def test_a_models_own_training_settings_are_checked_against_the_nodes_too():
     doc = {"models": [{"name": "m", "base_model": "b", "labels": ["a", "b"], "training": {"cpus_per_worker": 9}}],
            "storage": {"root": "s3://b/tl", "journal_dir": "/j"}}
