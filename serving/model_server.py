@@ -58,6 +58,7 @@ from tuneloop.core.rollout import Rollout, canary_bucket
 from tuneloop.core.runtimes import choose_runtime, hardware_class
 from tuneloop.core.tasks import model_task
 from tuneloop.serving.predict_request import (
+    BodyBudget,
     PredictLimits,
     check_content_length,
     check_content_type,
@@ -124,6 +125,7 @@ class ModelServer:
         self._batcher = self._new_batcher("production")
         self._challenger_batcher = self._new_batcher("challenger")
         self._limits = PredictLimits.from_config(self.serving)
+        self._body_budget = BodyBudget(self.serving.max_body_bytes_in_flight)
         # Requests this replica holds (running or waiting); past the bound: 503 at once.
         self._in_flight = 0
         self._max_in_flight = in_flight_limit(self.serving)
@@ -287,6 +289,7 @@ class ModelServer:
     async def __call__(self, request: Request) -> JSONResponse:
         start = time.perf_counter()
         model = self.cfg.name
+        held = 0
         try:
             if request.scope["path"].rstrip("/") != request.scope.get("root_path", "").rstrip("/"):
                 raise NotFound(f"no route {request.url.path!r}")
@@ -295,8 +298,11 @@ class ModelServer:
             key_id = self._keys.check(request.headers.get("authorization"), "predict")
             check_content_type(request.headers.get("content-type"))
             check_content_length(request.headers.get("content-length"), self._limits.max_body_bytes)
-            body = await read_body(request.stream(), self._limits.max_body_bytes, self.serving.body_timeout_s)
+            body = await read_body(request.stream(), self._limits.max_body_bytes, self.serving.body_timeout_s,
+                                   self._body_budget)
+            held = len(body)
             texts = parse_predict_body(body, self._limits, self.task)
+            del body  # its texts stay held until answered: the budget counts the body's bytes for them
             predictions = await self.predict(texts, client=request.headers.get(CLIENT_HEADER) or key_id)
         except TimedOut as e:  # the version it was routed to did not answer in time
             metrics.REQUESTS.labels(model, e.version, "timeout").inc()
@@ -312,6 +318,8 @@ class ModelServer:
             metrics.REQUESTS.labels(model, "none", "error").inc()
             log.exception("model %s: predict failed", model)
             return internal_error_response()
+        finally:
+            self._body_budget.give(held)
         # Under each version that answered some of its texts (a swap between two of its
         # batches answers a request with two): the first alone left the other's latency out
         # of a canary's p99.

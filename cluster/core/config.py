@@ -399,6 +399,9 @@ class ServingConfig(Section):
     )
     max_inputs_per_request: int = Field(default=64, ge=1, le=10_000)
     max_chars_per_input: int = Field(default=2000, ge=1, le=1_000_000)
+    max_body_bytes_in_flight: int = Field(default=512 * 2**20, ge=1, description=(
+        "request bytes a replica holds at once, bodies being read and requests being answered; past it a "
+        "request is a 503 overloaded (Retry-After 1)"))
     max_length: int = Field(default=128, ge=8, le=8192, description="tokenizer truncation")
     reload_interval_s: float = Field(
         default=2.0, gt=0, le=600, description="how often replicas look for a new production"
@@ -462,6 +465,10 @@ class ServingConfig(Section):
                              f"{self.max_chars_per_input} allows request bodies of {self.max_body_bytes() / 2**20:,.0f} "
                              f"MiB, which are read whole into memory: at most {MAX_BODY_BYTES // 2**20} MiB; "
                              "lower one of them")
+        if self.max_body_bytes() > self.max_body_bytes_in_flight:
+            raise ValueError(f"max_body_bytes_in_flight {self.max_body_bytes_in_flight} is below one request body's "
+                             f"largest, {self.max_body_bytes()} bytes (max_inputs_per_request x max_chars_per_input): "
+                             "raise it")
         return self
 
     @field_validator("num_replicas", mode="before")

@@ -109,3 +109,38 @@ def test_an_error_quoting_a_huge_value_is_cut():
 
     body = json.loads(error_response(InvalidLabel("m", "x" * 1_000_000, ["a", "b"])).body)
     assert len(body["error"]["message"]) < 2100 and body["error"]["message"].endswith("characters)")
+
+
+def test_a_replicas_request_bytes_are_bounded_together_and_given_back_on_every_outcome():
+    """One body's limit times the requests Serve lets a replica take let 114 MiB bodies add
+    up to 132 GiB: bytes are taken from the replica's budget as they arrive."""
+    import asyncio
+
+    from tuneloop.core.errors import Overloaded, PayloadTooLarge, RequestTimeout
+    from tuneloop.serving.predict_request import BodyBudget, read_body
+
+    async def chunks(*parts: bytes, stall_s: float = 0.0):
+        for part in parts:
+            yield part
+        await asyncio.sleep(stall_s)
+
+    budget = BodyBudget(10)
+    first = asyncio.run(read_body(chunks(b"1234", b"5678"), limit=100, timeout_s=5, budget=budget))
+    assert first == b"12345678" and budget.held == 8  # held until its request is answered
+    with pytest.raises(Overloaded, match="holds 10 bytes of requests, its limit 10") as e:
+        asyncio.run(read_body(chunks(b"ab", b"cde"), limit=100, timeout_s=5, budget=budget))
+    assert e.value.status == 503 and budget.held == 8  # the refused body's own bytes went back
+    with pytest.raises(PayloadTooLarge):
+        asyncio.run(read_body(chunks(b"ab", b"c"), limit=2, timeout_s=5, budget=budget))
+    with pytest.raises(RequestTimeout):
+        asyncio.run(read_body(chunks(b"a", stall_s=1.0), limit=100, timeout_s=0.05, budget=budget))
+    assert budget.held == 8
+    budget.give(len(first))
+    assert budget.held == 0 and asyncio.run(read_body(chunks(b"0123456789"), 100, 5, budget)) == b"0123456789"
+
+
+def test_the_bytes_in_flight_must_hold_one_whole_body():
+    from tuneloop.core.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="max_body_bytes_in_flight 1000 is below one request body's largest"):
+        parse_config({"models": [{"name": "m", "labels": ["a", "b"]}], "serving": {"max_body_bytes_in_flight": 1000}})
