@@ -114,21 +114,36 @@ def quantize_int8(source: str, out: str, ranges: dict | None = None, alpha: floa
 
 
 # The exporter's and its optimizer's chatter: a line per graph rewrite at info (70 an
-# export), torchvision's absence, axis renames. The root logger: ONNX Runtime's quantizer
-# advises shape-inference pre-processing there, which dynamic int8 of MatMuls does not need.
-NOISY_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx", "torch.export", "torch._export", "")
+# export), torchvision's absence, axis renames; and ONNX Runtime's quantizer, which advises
+# shape-inference pre-processing on the root logger (dynamic int8 of MatMuls needs none).
+NOISY_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx", "torch.export", "torch._export")
+NOISY_MODULES = r"(copyreg|onnx_ir|onnxscript|onnxruntime|torch\.onnx|torch\.export|torch\._export|torch\.fx)(\..*)?"
+
+
+class _FromTheQuantizer(logging.Filter):
+    """Drops what ONNX Runtime's modules log on the root logger (``logging.warning``); a root
+    logger's filter sees only records logged on it, never those of other loggers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "/onnxruntime/" not in record.pathname.replace("\\", "/")
 
 
 @contextlib.contextmanager
 def _quiet():
+    """The exporters and quantizer quiet, and only they: the root logger's level and every
+    warning were turned off for the process while a build ran (minutes, in the job process,
+    whose other threads' warnings went with them)."""
     levels = {name: logging.getLogger(name).level for name in NOISY_LOGGERS}
+    root, quantizer = logging.getLogger(), _FromTheQuantizer()
     try:
         for name in NOISY_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
+        root.addFilter(quantizer)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            warnings.filterwarnings("ignore", module=NOISY_MODULES)
             yield
     finally:
+        root.removeFilter(quantizer)
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
 

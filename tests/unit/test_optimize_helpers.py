@@ -1,4 +1,4 @@
-"""The rows an artifact's parity check reads: spread over the golden set, not its first rows."""
+"""Parts of building a version's artifacts: the rows the parity check reads, and what the build keeps quiet."""
 
 from __future__ import annotations
 
@@ -24,3 +24,21 @@ def test_parity_reads_rows_spread_over_a_golden_set_sorted_by_label(tmp_path):
     texts, targets = _golden(registry, "m", "v1", task, 4)
     assert texts == ["t0", "t2", "t5", "t7"] and [len(v) for v in targets.values()] == [4]
     assert _golden(registry, "m", "v1", task, 100)[0] == [f"t{i}" for i in range(10)]  # all of a small set
+
+
+def test_a_build_quiets_the_exporters_alone_not_the_process(caplog):
+    """The root logger's level and every warning were off for the process while a build ran:
+    the job's other threads' warnings went too."""
+    import logging
+    import warnings
+
+    from tuneloop.serving.optimize import _quiet
+
+    with caplog.at_level(logging.INFO), _quiet(), warnings.catch_warnings(record=True) as shown:
+        logging.getLogger("tuneloop.training.launcher").warning("a job's own warning")
+        logging.warning("another thread's root warning")
+        logging.getLogger("torch.onnx").warning("an exporter's chatter")
+        warnings.warn("a library's warning", UserWarning, stacklevel=1)
+    assert "a job's own warning" in caplog.text and "another thread's root warning" in caplog.text
+    assert "an exporter's chatter" not in caplog.text
+    assert [str(w.message) for w in shown] == ["a library's warning"]
