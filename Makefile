@@ -23,9 +23,11 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/tuneloop run
 
+# Unit tests first, before the integration tests' shared Ray starts: run after it, they
+# ran beside its processes and its metrics folder (its environment variables were set).
 test: $(STAMP)
 	$(BIN)/lint-imports
-	$(BIN)/pytest -q -p no:cacheprovider -m "not slow and not cluster" --durations=15 tests
+	$(BIN)/pytest -q -p no:cacheprovider -m "not slow and not cluster" --durations=15 tests/unit tests/integration
 
 # Two Ray nodes of this machine (`ray start --head` + `ray start --address`), storage on a
 # local S3 endpoint: a pytest run of its own, as it starts Ray clusters of its own (~2.5 min);

@@ -67,6 +67,19 @@ from tuneloop.serving.predict_request import (
 )
 
 log = logging.getLogger("ray.serve")
+
+
+def request_outcome(error: TuneloopError) -> str:
+    """``tuneloop_requests_total``'s outcome of a refused request: ``invalid`` (the client's
+    4xx), ``rejected`` (overload: more traffic than replicas), ``unavailable`` (another 503: no
+    version loaded, storage or the key file out of reach), ``error`` (the model scored the
+    input NaN: a 422 to the client, a fault of the version). A version that failed to load
+    counted as overload, and NaN scores as the client's error: neither reached an alert."""
+    if isinstance(error, NonFiniteScores):
+        return "error"
+    if error.status < 500:
+        return "invalid"
+    return "rejected" if isinstance(error, Overloaded) else "unavailable"
 CLIENT_HEADER = "x-client-id"  # keeps a client on one version through a canary step
 LOAD_RETRY_S, LOAD_RETRY_MAX_S = 10.0, 600.0  # a version that failed to load is tried again, doubling
 
@@ -308,9 +321,11 @@ class ModelServer:
             metrics.REQUESTS.labels(model, e.version, "timeout").inc()
             return error_response(e)
         except TuneloopError as e:
-            outcome = "rejected" if e.status >= 500 else "invalid"  # 503s: overload, not ready, auth store
-            metrics.REQUESTS.labels(model, "none", outcome).inc()
+            metrics.REQUESTS.labels(model, "none", request_outcome(e)).inc()
             return error_response(e)
+        except asyncio.CancelledError:  # the client left, or the proxy gave up: counted, not answered
+            metrics.REQUESTS.labels(model, "none", "cancelled").inc()
+            raise
         except ClientDisconnect:  # gone before its body was read: no one to answer, no error of ours
             metrics.REQUESTS.labels(model, "none", "invalid").inc()
             return error_response(InvalidRequest("the client disconnected before its body was read"))
@@ -357,8 +372,8 @@ class ModelServer:
             if isinstance(failed.error, NonFiniteScores) or not isinstance(failed.error, TuneloopError):
                 # the model failed (NaN scores too): a rollout's health counts it
                 metrics.PREDICT_ERRORS.labels(self.cfg.name, routed.version).inc()
-            if isinstance(failed.error, InputRejected):  # this request's alone
-                raise InputRejected(f"inputs[{failed.index}]: {failed.error.message}") from None
+            if isinstance(failed.error, InputRejected):  # this request's alone; NaN scores stay a fault of ours
+                raise type(failed.error)(f"inputs[{failed.index}]: {failed.error.message}") from None
             raise failed.error from None
         except TimeoutError:
             # Counted against the version it was routed to: a canary too slow to answer

@@ -13,7 +13,7 @@ from tuneloop.core.errors import InputRejected
 from tuneloop.store.registry import Manifest, Registry
 from tuneloop.store.storage import Storage
 from tuneloop.serving.loaded_models import LabelMismatch, checkpoint_labels
-from tuneloop.serving.model_server import ModelServer
+from tuneloop.serving.model_server import ModelServer, request_outcome
 from tests.tiny_models import build_tiny_model
 
 LABELS = ["negative", "positive"]
@@ -80,6 +80,19 @@ def test_non_finite_scores_are_the_inputs_422_and_the_versions_error(server):
     assert e.value.status == 422 and e.value.message.startswith("inputs[1]: the model produced non-finite")
     after = REGISTRY.get_sample_value("tuneloop_predict_errors_total", {"model": "sentiment", "version": "v1"})
     assert after == before + 1
+    assert request_outcome(e.value) == "error"  # the request counts as the version's fault, not the client's
+
+
+def test_a_refused_requests_outcome_tells_overload_from_unavailable_and_the_clients_error():
+    """Every 503 counted as overload: a version that failed to load answered 503 not_ready to
+    every request, and only the overload alert (add replicas) fired."""
+    from tuneloop.core.errors import InvalidBody, NotReady, Overloaded, StorageUnavailable, TimedOut
+
+    assert request_outcome(Overloaded("at capacity")) == "rejected"
+    assert request_outcome(TimedOut("slow", "v1")) == "rejected"  # __call__ counts it as timeout first
+    assert request_outcome(NotReady("no version")) == "unavailable"
+    assert request_outcome(StorageUnavailable("disk")) == "unavailable"
+    assert request_outcome(InvalidBody("bad")) == "invalid"
 
 
 def test_a_replica_notes_each_version_it_starts_serving(server):

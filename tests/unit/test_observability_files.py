@@ -73,6 +73,7 @@ def test_alert_rules_are_well_formed_and_name_exported_metrics(exported):
     doc = yaml.safe_load((DEPLOY / "prometheus/alerts.yml").read_text())
     rules = [r for group in doc["groups"] for r in group["rules"]]
     assert {r["alert"] for r in rules} >= {"TuneloopOverloaded", "TuneloopErrorRate", "TuneloopP99LatencyHigh",
+                                           "TuneloopUnavailable", "TuneloopDown",
                                            "TuneloopTrainingFailed", "TuneloopOnlineAccuracyDrop",
                                            "TuneloopRolloutRolledBack", "TuneloopRolloutStuck"}
     for rule in rules:
