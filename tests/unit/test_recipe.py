@@ -311,3 +311,8 @@ def test_the_evaluation_loss_is_the_heads_own_computed_in_fp32(tmp_path, task_na
         out = model(**enc, labels=target)
     assert float(_eval_loss(out.logits.bfloat16(), target, task)) == pytest.approx(float(out.loss), rel=1e-2)
     assert float(_eval_loss(out.logits, target, task)) == pytest.approx(float(out.loss), rel=1e-6)
+    # From bf16 logits: upcast first, so the loss is fp32's of those very logits, not bf16's (3 digits).
+    rounded = out.logits.bfloat16()
+    loss = _eval_loss(rounded, target, task)
+    assert loss.dtype == torch.float32
+    assert float(loss) == pytest.approx(float(_eval_loss(rounded.float(), target, task)), rel=1e-6)
