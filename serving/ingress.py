@@ -15,7 +15,7 @@ import ray
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -110,13 +110,15 @@ def _rollout_fields(state: RegistryState, shadow_percent: float) -> dict[str, An
 
 class RolloutRequest(BaseModel):
     """``start`` (``version``; ``stage`` shadow or canary, else as rollout.mode says),
-    ``pause``, ``resume``, ``step`` (force the next stage) or ``rollback``."""
+    ``pause``, ``resume``, ``step`` (force the next stage; ``at``: the percent it was seen
+    at, a 409 if it moved since) or ``rollback``."""
 
     model_config = ConfigDict(extra="forbid")
     action: RolloutAction
     version: StrictStr | None = None
     stage: Stage | None = None
     force: StrictBool = False
+    at: float | None = Field(default=None, ge=0, le=100)
 
 
 class FeedbackRequest(BaseModel):
@@ -344,15 +346,17 @@ class Ingress:
     @app.get("/readyz")
     async def readyz(self) -> JSONResponse:
         """200 once every model has a version loaded; either way it names the versions a
-        replica refused or failed to load, and why (labels other than the config's, a
-        download that failed), which before only a predict's 503 and the log said."""
+        replica refused (labels other than the config's, and which) or failed to load, which
+        before only a predict's 503 and the log said."""
         async def loaded(name: str) -> tuple[str | None, dict[str, str]]:
             try:
                 handle = serve.get_deployment_handle(model_deployment_name(name), model_app_name(name))
                 status = await asyncio.wait_for(handle.status.remote(), READY_TIMEOUT_S)
             except Exception:  # noqa: BLE001 - unreachable replica means not ready
                 return None, {}
-            return status["version"], {**status.get("failed", {}), **status.get("refused", {})}
+            # A failed load's own text names paths and bucket keys, and /readyz needs no key.
+            failed = {version: "did not load; the server's log says why" for version in status.get("failed", {})}
+            return status["version"], {**failed, **status.get("refused", {})}
 
         names = [m.name for m in self.cfg.models]
         return readiness(dict(zip(names, await asyncio.gather(*(loaded(n) for n in names)), strict=True)))
@@ -542,7 +546,7 @@ class Ingress:
         state = await asyncio.to_thread(operate_rollout, self.registry, model, body.action, f"by key {key_id}",
                                         self.cfg.rollout, m.labels, body.version, body.stage, body.force,
                                         _request_id(key_id, "rollout", idempotency_key, body),
-                                        logs_predictions=self.cfg.predictions.sample_rate > 0)
+                                        logs_predictions=self.cfg.predictions.sample_rate > 0, at=body.at)
         return self._state_answer(model, state)
 
     def _state_answer(self, model: str, state: RegistryState) -> dict[str, Any]:

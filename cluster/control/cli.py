@@ -187,6 +187,7 @@ def rollout(
     version: str | None = typer.Argument(None, help="with start: the version to roll out"),
     stage: str | None = typer.Option(None, help="with start: shadow or canary (default: as rollout.mode says)"),
     force: bool = typer.Option(False, "--force", help="with start: a version the gate rejected too"),
+    at: float | None = typer.Option(None, "--at", help="with step: the percent you saw it at (refused if it moved since)"),
     config: str | None = ConfigOption,
 ) -> None:
     """MODEL's rollout: its state and recent decisions (status), or an operator's action. The
@@ -204,8 +205,8 @@ def rollout(
     if stage not in (None, "shadow", "canary"):
         typer.echo(f"unknown stage {stage!r}: shadow or canary", err=True)
         raise typer.Exit(2)
-    if action == "status" and (version is not None or stage is not None or force):
-        typer.echo("a version, --stage and --force go with start, not status", err=True)
+    if action == "status" and (version is not None or stage is not None or force or at is not None):
+        typer.echo("a version, --stage and --force go with start, --at with step, not with status", err=True)
         raise typer.Exit(2)
     registry = Registry(_stored(cfg))
     if action == "status":
@@ -214,7 +215,7 @@ def rollout(
         try:
             state = operate_rollout(registry, model, action, "by `tuneloop rollout`", cfg.rollout,
                                     cfg.model(model).labels, version, stage, force,
-                                    logs_predictions=cfg.predictions.sample_rate > 0)
+                                    logs_predictions=cfg.predictions.sample_rate > 0, at=at)
         except (Conflict, InvalidBody, UnknownVersion) as e:
             typer.echo(e.message, err=True)
             raise typer.Exit(2) from None

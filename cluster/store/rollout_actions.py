@@ -18,13 +18,17 @@ RolloutAction = Literal["start", "pause", "resume", "step", "rollback"]
 
 def operate_rollout(registry: Registry, model: str, action: RolloutAction, who: str, rollout: RolloutConfig,
                     labels: list[str], version: str | None = None, stage: Stage | None = None,
-                    force: bool = False, request: str | None = None, logs_predictions: bool = True) -> RegistryState:
+                    force: bool = False, request: str | None = None, logs_predictions: bool = True,
+                    at: float | None = None) -> RegistryState:
     """``request``: the operator's request id (``Registry._transition``): a retry changes
     nothing, and answers the state as it is. Raises Conflict (409) when the action does not fit the state (no rollout to pause,
     one already under way to start), UnknownVersion (404) for a version never published,
     InvalidBody (422) for a start without a version, or a stage or force with another action.
     ``logs_predictions``: false when ``predictions.sample_rate`` is 0, and a start is a
-    Conflict: its stages are judged by feedback on logged predictions, which would never come."""
+    Conflict: its stages are judged by feedback on logged predictions, which would never come.
+    ``at``: with ``step``, the percent the operator saw the rollout at; a Conflict if it has
+    moved since (the controller stepped from 25% to 50% meanwhile: the operator's step
+    would have promoted past a stage never judged)."""
     if action == "start":
         if version is None:
             raise InvalidBody('"start" needs the version to roll out ("version": "v2")')
@@ -37,6 +41,8 @@ def operate_rollout(registry: Registry, model: str, action: RolloutAction, who: 
                                       request=request)
     if stage is not None or force:
         raise InvalidBody(f'"stage" and "force" go with "start", not with {action!r}')
+    if at is not None and action != "step":
+        raise InvalidBody(f'"at" goes with "step", not with {action!r}')
     state = registry.state(model)
     if state.carried_out(request):
         return state  # a retry: the rollout it stepped or ended may be gone, which is no conflict
@@ -46,6 +52,9 @@ def operate_rollout(registry: Registry, model: str, action: RolloutAction, who: 
     if version is not None and version != current.version:
         raise Conflict(f"the rollout under way is of {current.version}, not of {version!r}")
     if action == "step":
+        if at is not None and at != current.percent:
+            raise Conflict(f"the rollout of {current.version} is at {current.stage} {current.percent:g}%, not at "
+                           f"{at:g}%: it moved since you looked; look again before stepping")
         return registry.advance_rollout(model, current.version, rollout.canary_steps, f"forced {who}",
                                         request=request, seen=current)
     if action == "rollback":

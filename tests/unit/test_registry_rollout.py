@@ -181,6 +181,24 @@ def test_an_operators_step_after_the_controllers_own_is_a_conflict_not_two_stage
     assert (state.production, state.rollout.percent) == ("v1", 50.0)
 
 
+def test_an_operators_step_at_the_percent_seen_is_refused_once_the_rollout_moved(reg):
+    """The operator saw 25% on the dashboard; the controller stepped to 50% before the
+    operator's step was sent: without the percent seen, it promoted past an unjudged stage."""
+    from tuneloop.core.errors import InvalidBody
+    from tuneloop.core.rollout import RolloutConfig
+    from tuneloop.store.rollout_actions import operate_rollout
+
+    steps = RolloutConfig(mode="canary", canary_steps=[5.0, 25.0, 50.0])
+    operate_rollout(reg, "m", "start", "by k", steps, ["a", "b"], "v2", "canary")
+    operate_rollout(reg, "m", "step", "by k", steps, ["a", "b"], at=5.0)  # as seen: it goes
+    reg.advance_rollout("m", "v2", steps.canary_steps, "controller")  # 25% -> 50%, judged
+    with pytest.raises(Conflict, match="at canary 50%, not at 25%: it moved since you looked"):
+        operate_rollout(reg, "m", "step", "by k", steps, ["a", "b"], at=25.0)
+    assert (reg.state("m").production, reg.state("m").rollout.percent) == ("v1", 50.0)
+    with pytest.raises(InvalidBody, match='"at" goes with "step"'):
+        operate_rollout(reg, "m", "pause", "by k", steps, ["a", "b"], at=50.0)
+
+
 def test_a_rollout_is_not_started_when_no_prediction_is_logged(reg):
     """With predictions.sample_rate 0 no feedback can be joined to the canary's answers: the
     rollout sat inconclusive until its alert."""
