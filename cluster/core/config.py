@@ -119,7 +119,7 @@ class ModelConfig(Section):
     @field_validator("seed_dataset", "golden_dataset")
     @classmethod
     def _no_credentials_in_a_dataset_uri(cls, v: str | None, info: ValidationInfo) -> str | None:
-        return refuse_credentials(v, info.field_name) if v else v
+        return refuse_credentials(v, info.field_name, authority_only=True) if v else v
 
     @model_validator(mode="before")
     @classmethod
@@ -252,7 +252,7 @@ def without_credentials(uri: str) -> str:
     return f"{scheme}://{rest.partition('?')[0].rpartition('@')[2]}"
 
 
-def refuse_credentials(v: str, what: str) -> str:
+def refuse_credentials(v: str, what: str, authority_only: bool = False) -> str:
     """``v`` unless it is a URI carrying keys (``s3://KEY:SECRET@bucket``, or ``?secret_key=``):
     keys there reached pyarrow only, not the conditional writes' boto3 client, which then
     wrote as another identity or found none; and the URI is printed in logs, command output
@@ -260,6 +260,8 @@ def refuse_credentials(v: str, what: str) -> str:
     if "://" not in v:
         return v
     location, _, query = v.split("://", 1)[1].partition("?")
+    if authority_only:  # a file's path may hold an @ (team@corp/seed.csv); a key is before the first /
+        location = location.partition("/")[0]
     names = {unquote(p.partition("=")[0]).lower() for p in query.split("&")}
     if "@" in location or names & {"access_key", "secret_key", "session_token"}:
         raise PydanticCustomError(CREDENTIALS_IN_URI, (  # a type of its own: the message never quotes the value
@@ -280,7 +282,11 @@ class StorageConfig(Section):
     @field_validator("root", "journal_dir")
     @classmethod
     def _file_uri_is_a_path(cls, v: str | None) -> str | None:
-        return v[len("file://"):] if v and v.startswith("file://") else v
+        if v and v.startswith("file://"):
+            v = v[len("file://"):]
+            if not v:
+                raise ValueError("'file://' names no folder: give its path (file:///data/tuneloop, or /data/tuneloop)")
+        return v
 
     @field_validator("root")
     @classmethod
@@ -898,6 +904,8 @@ def _shown(error: dict[str, Any]) -> str:
         return repr(without_credentials(value))
     if isinstance(value, list) and any(isinstance(item, dict) for item in value):
         return f"a list of {len(value)} entries"  # models or keys: every hash and path (the check names the repeats)
+    if isinstance(value, list):
+        return repr([without_credentials(item) if isinstance(item, str) else item for item in value])
     return repr(value)
 
 

@@ -50,10 +50,11 @@ def _quantity(value: str) -> str:
 Quantity = Annotated[str, AfterValidator(_quantity)]
 
 
-# What the images (deploy/docker) need in place: a volume mounted at one of these, or above
-# one, hides it (/app holds tuneloop, /etc the CA certificates a bucket's TLS needs).
-IMAGE_FOLDERS = ("/app", "/bin", "/etc", "/home/ray", "/lib", "/lib64", "/opt", "/root", "/sbin", "/tmp", "/usr",
-                 "/var/lib/dpkg", "/dev", "/proc", "/sys")
+# What the images (deploy/docker) need in place: a volume mounted at, in or above one of
+# these hides it (/app holds tuneloop, /usr/local its Python); and at or above one of
+# IMAGE_FILES, which hides those (the CA certificates a bucket's TLS needs).
+IMAGE_FOLDERS = ("/app", "/bin", "/dev", "/home/ray", "/lib", "/lib64", "/proc", "/sbin", "/sys", "/usr")
+IMAGE_FILES = ("/etc/ssl", "/etc/pki", "/etc/ca-certificates", "/etc/passwd", "/root", "/tmp", "/var/lib/dpkg")
 
 
 class WorkersConfig(Section):
@@ -129,10 +130,11 @@ class DeployConfig(Section):
     def _absolute(cls, v: str) -> str:
         if not v.startswith("/"):
             raise ValueError(f"must be an absolute path in the container, got {v!r}")
-        folder = posixpath.normpath(v)
+        folder = "/" + posixpath.normpath(v).lstrip("/")  # "//app" is /app
         if folder == "/":
             raise ValueError("must be a folder below / (a volume mounted at / would hide the container's files)")
-        hidden = [f for f in IMAGE_FOLDERS if f == folder or f.startswith(folder + "/")]
+        hidden = [f for f in IMAGE_FOLDERS if f == folder or f.startswith(folder + "/") or folder.startswith(f + "/")]
+        hidden += [f for f in IMAGE_FILES if f == folder or f.startswith(folder + "/")]
         if hidden:
             raise ValueError(f"{v!r} would be mounted over the image's {hidden[0]} (tuneloop's code, Python, "
                              "certificates): choose a folder of its own, e.g. /etc/tuneloop or /var/lib/tuneloop")

@@ -479,7 +479,10 @@ class Registry:
                 raise UnknownVersion(model, version)
             return change(parse_stored(self.storage, Manifest, raw, rel)).model_dump(mode="json")
 
-        return Manifest.model_validate(self.storage.update_json(rel, apply))
+        try:
+            return Manifest.model_validate(self.storage.update_json(rel, apply))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # a cut or hand-edited manifest
+            raise CorruptStoredFile(self.storage.location(rel), f"{type(e).__name__}: {e}") from None
 
     def record_switch(self, model: str, version: str, replica: str, at: datetime | None = None) -> None:
         """A serving replica started answering with ``version`` (once per replica and version)."""
@@ -507,6 +510,8 @@ class Registry:
         cache = cache_dir or private_temp_dir("tuneloop-cache")
         models = os.path.join(cache, cache_folder(self.storage.uri), model)
         target = os.path.join(models, version)
+        with contextlib.suppress(OSError):
+            os.utime(target)  # used now, before anything else: prune_cache (another replica's) keeps it
         cached = _cached_manifest(target)
         if cached and cached.get("created_at") != manifest.created_at:
             # Another version of that name: the root's registry was made anew since (a bucket
@@ -525,8 +530,8 @@ class Registry:
             # after this copy was cached. The old files served under the new records would
             # be the artifacts whose parity the new build replaced.
             self._refresh_artifacts(model, version, target, manifest)
-        with contextlib.suppress(OSError):
-            os.utime(target)  # used now: prune_cache keeps it
+        if not os.path.isdir(target):  # pruned between our look and now (its last use was over an hour ago)
+            return self.local_path(model, version, cache_dir)
         return target
 
     def _refresh_artifacts(self, model: str, version: str, target: str, manifest: Manifest) -> None:

@@ -156,6 +156,10 @@ def test_keys_in_a_dataset_uri_or_in_any_quoted_uri_are_never_printed():
         with pytest.raises(ConfigError, match=f"models.0.{key}: {key} .* carries credentials") as e:
             parse_config({"models": [{**MODEL, key: uri}]})
         assert "s3cr3t" not in str(e.value)
+    assert parse_config({"models": [{**MODEL, "seed_dataset": "gs://bucket/team@corp/seed.csv"}]})  # an @ in the path
+    with pytest.raises(ConfigError) as e:  # a misspelt key holding a list of URIs
+        parse_config({"models": [{**MODEL, "seed_datasets": ["s3://AKIAXYZ:s3cr3t@bucket/x"]}]})
+    assert "s3cr3t" not in str(e.value) and "s3://bucket/x" in str(e.value)
     for storage in [{"rot": "s3://AKIAXYZ:s3cr3t@bucket/x"},  # a misspelt key quotes its value
                     {"root": "/x", "journal_dir": "s3://AKIAXYZ:s3cr3t@bucket/j"}]:
         with pytest.raises(ConfigError) as e:
@@ -165,6 +169,8 @@ def test_keys_in_a_dataset_uri_or_in_any_quoted_uri_are_never_printed():
 
 def test_an_empty_path_is_refused_not_read_as_left_out():
     """journal_dir "" passed here, became None, and the replicas then refused the config inside Ray."""
+    with pytest.raises(ConfigError, match="'file://' names no folder"):
+        parse_config({"models": [MODEL], "storage": {"root": "s3://b/t", "journal_dir": "file://"}})
     for config in [{"storage": {"root": "s3://b/t", "journal_dir": ""}}, {"storage": {"root": ""}},
                    {"models": [{**MODEL, "seed_dataset": ""}]}, {"models": [{**MODEL, "golden_dataset": ""}]}]:
         with pytest.raises(ConfigError, match="String should have at least 1 character"):

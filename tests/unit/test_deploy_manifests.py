@@ -245,7 +245,10 @@ def test_a_gpu_count_the_instance_type_lacks_is_refused_and_mounts_keep_clear_of
     assert manifests.launcher(parse_config(doc), "gcp")
     for deploy, message in [({"gcp": {"region": "europe-west4"}}, "zone 'us-central1-a' is not in region"),
                             ({"config_dir": "/app"}, "mounted over the image's /app"),
-                            ({"journal_dir": "/var"}, "mounted over the image's /var/lib/dpkg")]:
+                            ({"journal_dir": "/var"}, "mounted over the image's /var/lib/dpkg"),
+                            ({"config_dir": "/usr/local"}, "mounted over the image's /usr"),  # its Python
+                            ({"config_dir": "//app"}, "mounted over the image's /app"),
+                            ({"config_dir": "/etc/ssl"}, "mounted over the image's /etc/ssl")]:
         with pytest.raises(ConfigError, match=message):
             parse_config({**doc, "deploy": deploy})
 

@@ -442,6 +442,10 @@ def test_one_unreadable_manifest_is_left_out_of_the_versions_not_fatal_to_them(t
     assert "m v2 left out of the versions listed" in caplog.text and "manifest.json" in caplog.text
     with pytest.raises(CorruptStoredFile):  # asked for by name, it is still an error an operator sees
         reg.manifest("m", "v2")
+    (tmp_path / "store/registry/m/v3/manifest.json").write_text('{"version": "v3", ')  # cut
+    from tuneloop.core.serving_time import ServingTime
+    with pytest.raises(CorruptStoredFile, match="v3/manifest.json is not a file tuneloop can read"):
+        reg.record_serving_time("m", "v3", ServingTime(phases={}, total_s=1.0))
 
 
 def test_a_nodes_cache_keeps_the_newest_versions_and_those_used_within_the_hour(tmp_path):
