@@ -137,16 +137,18 @@ def test_acknowledged_feedback_survives_kill_9_exactly_once(tmp_path):
     try:
         while len(kills) < MIN_KILLS or len(acked) < MIN_RECORDS:
             time.sleep(rng.uniform(2, 5))
-            victim = plan.pop(0) if plan else rng.choice(["ingress", "model", "cluster"])
+            victim = plan[0] if plan else rng.choice(["ingress", "model", "cluster"])
             if victim == "cluster":
                 server.kill_all()
                 server.start()
             else:
                 marker = "ServeReplica:tuneloop:Ingress" if victim == "ingress" else "ServeReplica:tuneloop-model-"
                 proc = server.find(marker)
-                if proc is None:
+                if proc is None:  # not up again yet: the plan keeps it for the next round
                     continue
                 proc.send_signal(signal.SIGKILL)
+            if plan:
+                plan.pop(0)
             kills.append(victim)
     finally:
         stop.set()
@@ -172,7 +174,7 @@ def test_acknowledged_feedback_survives_kill_9_exactly_once(tmp_path):
     wrong_id = [t for t, fid in acked.items() if t in stored and stored[t] != [fid]]
     print(f"\nacknowledged {len(acked)} records over {len(kills)} kills ({', '.join(kills)}); "
           f"stored {len(rows)}; lost {len(lost)}; duplicated {len(duplicated)}")
-    assert len(kills) >= MIN_KILLS and "cluster" in kills and "ingress" in kills
+    assert len(kills) >= MIN_KILLS and {"cluster", "ingress", "model"} <= set(kills)
     assert len(acked) >= MIN_RECORDS
     assert not lost, lost[:5]
     assert not duplicated, duplicated[:5]

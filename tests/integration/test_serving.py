@@ -142,8 +142,9 @@ def test_feedback_is_durable_parquet_joined_to_the_prediction(app):
     assert joined["key_id"] == _FEEDBACK.id  # which key sent it: its id, never the key
     by_text = rows[r2.json()["feedback_id"]]
     assert by_text["text"] == "loved it" and by_text["prediction_id"] is None and by_text["version"] is None
-    # A rejected request stores nothing.
-    post(f"{url}/v1/feedback", {"prediction_id": pred["id"], "label": "neutral"})
+    # A rejected request (a label the model does not have) stores nothing.
+    refused = post(f"{url}/v1/feedback", {"prediction_id": pred["id"], "label": "neutral"})
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "invalid_label", refused.text
     assert len(_feedback_rows(root)) == before + 2
 
 

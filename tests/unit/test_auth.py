@@ -221,8 +221,18 @@ def test_a_servers_key_refresh_never_holds_a_request_on_a_slow_key_file(storage)
                 break
             assert time.monotonic() < deadline, "the revoked key was still accepted after 10 s"
             time.sleep(0.05)
+        reads = []
+
+        def counted(rel):
+            reads.append(rel)
+            return real(rel)
+        storage.read_document = counted
         storage.write_bytes_atomic("auth/keys.json", b"[" * 100_000 + b"]" * 100_000)  # past the JSON parser
-        time.sleep(0.5)
+        reads.clear()
+        deadline = time.monotonic() + 10
+        while len(reads) < 2:  # a second read: the first, of the unparseable file, went through the parser
+            assert time.monotonic() < deadline, "the refresher stopped reading the key file"
+            time.sleep(0.05)
         assert ring.check(f"Bearer {key}", "feedback")  # the last good set stays, and the thread lives
         assert [t for t in threading.enumerate() if t.name == "api-key-refresh"]
     finally:

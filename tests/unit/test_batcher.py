@@ -41,7 +41,7 @@ def test_no_waiting_at_low_load():
         await b.submit_many(["a"])
         return loop.time() - t0
 
-    assert run(main()) < 0.01
+    assert run(main()) < 0.03  # no batching window waited (a loaded machine's scheduling aside)
 
 
 def test_batches_respect_the_limit_and_keep_order():
@@ -173,7 +173,7 @@ def test_on_batch_hears_each_items_queue_wait():
 
     run(main())
     assert [len(w) for w in waits] == [1, 2]
-    assert waits[0][0] < 0.01  # the first item found the model free
+    assert waits[0][0] < 0.03  # the first item found the model free (the batch took 0.05 s)
     assert all(0.03 < w < 0.2 for w in waits[1])  # the others waited for the first batch
 
 

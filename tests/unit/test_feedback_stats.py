@@ -65,6 +65,20 @@ def test_the_running_tally_matches_a_full_recount_in_any_arrival_order():
                          predicted=rng.choice(["negative", "positive"]), day=rng.choice([21, 22]),
                          minute=rng.randrange(60)))
     expected = feedback_stats("m", TASK, rows)
+    # Recounted here apart from the module's tally (feedback_stats is that tally too).
+    from collections import Counter
+
+    gone = superseded(rows)
+    kept = [r for r in rows if r["feedback_id"] not in gone]
+    assert (expected["total"], expected["superseded"]) == (len(kept), len(gone))
+    assert expected["by_label"] == dict(Counter(r["label"] for r in kept))
+    assert expected["by_day"] == dict(Counter(f"{r['created_at']:%Y-%m-%d}" for r in kept))
+    for version in ("v1", "v2"):
+        served = [r for r in kept if r["version"] == version]
+        agreed = sum(r["label"] == r["predicted_label"] for r in served)
+        got = expected["by_version"][version]
+        assert (got["feedback"], got["agreed"]) == (len(served), agreed)
+        assert got["online_accuracy"] == agreed / len(served)
     for _ in range(5):
         rng.shuffle(rows)
         tally = FeedbackTally("m", TASK)

@@ -127,7 +127,7 @@ def test_past_capacity_the_answer_is_503_at_once():
     start = time.perf_counter()
     with pytest.raises(Overloaded, match="at capacity"):
         asyncio.run(replica.predict(["a"]))
-    assert time.perf_counter() - start < 0.05
+    assert time.perf_counter() - start < 0.5  # not after waiting in a queue (request_timeout_s)
 
 
 def test_a_request_past_its_timeout_is_503():
