@@ -109,9 +109,15 @@ class TrainingRunsCollector:
     tuneloop_training_jobs_running{model}, read from the job records. Every model's outcomes
     start at 0: a series born at 1 hid the first failure from ``increase()``, which alerts
     use, and a running job counted in the counter made it fall when the job ended (a reset
-    to Prometheus, and a phantom run in every ``increase()``)."""
+    to Prometheus, and a phantom run in every ``increase()``). A finished job stays counted
+    under the outcome it was first counted with, for the life of this process: a record
+    briefly unreadable, or a job marked lost whose process then finished, made the counter
+    fall, and the failure alert fire on the reset."""
 
     OUTCOMES = ("succeeded", "rejected", "failed")
+
+    # job id -> (model, outcome), once counted; for the process, as a collector lasts one scrape
+    _finished: dict[str, tuple[str, str]] = {}
 
     def __init__(self, jobs: JobStore, models: list[str]):
         self.jobs, self.models = jobs, models
@@ -125,7 +131,10 @@ class TrainingRunsCollector:
         runs = CounterMetricFamily("tuneloop_training_runs", "Finished training jobs by outcome",
                                    labels=["model", "outcome"])
         running = GaugeMetricFamily("tuneloop_training_jobs_running", "Training jobs running now", labels=["model"])
-        tally = _Tally((j.model, j.state) for j in records)
+        for j in records:
+            if j.state in self.OUTCOMES:
+                self._finished.setdefault(j.job_id, (j.model, j.state))
+        tally = _Tally([*self._finished.values(), *((j.model, j.state) for j in records if j.state == "running")])
         for model in sorted(set(self.models) | {m for m, _ in tally}):
             for outcome in self.OUTCOMES:
                 runs.add_metric([model, outcome], tally[model, outcome])

@@ -121,6 +121,12 @@ def test_counters_alerts_take_increase_of_start_at_zero_and_never_fall(tmp_path)
     done = _samples(render(jobs, lambda: {"m": 1}, registry, ["m"], None).decode())
     assert done[("tuneloop_training_runs_total", (("model", "m"), ("outcome", "failed")))] == 1
     assert done[("tuneloop_training_jobs_running", (("model", "m"),))] == 0
+    # Marked lost, then finished by its still-running process; then its record cut: counted once, as first seen.
+    jobs.save(job.model_copy(update={"state": "succeeded"}))
+    (tmp_path / f"jobs/{job.job_id}.json").write_text("{")
+    later = _samples(render(jobs, lambda: {"m": 1}, registry, ["m"], None).decode())
+    assert later[("tuneloop_training_runs_total", (("model", "m"), ("outcome", "failed")))] == 1
+    assert later[("tuneloop_training_runs_total", (("model", "m"), ("outcome", "succeeded")))] == 0
 
 
 def test_a_job_store_or_serve_that_cannot_answer_leaves_the_other_series(tmp_path):
