@@ -125,6 +125,8 @@ def main() -> None:
     ap.add_argument("--setups", type=parse_setups, default=parse_setups("1x0,1x2,2x2"),
                     help="tuneloop jobs, WORKERSxZERO_STAGE, comma-separated (default: 1x0,1x2,2x2)")
     args = ap.parse_args()
+    if args.epochs < 2:
+        ap.error(f"--epochs {args.epochs}: the steady state leaves the first epoch out, so it needs 2 or more")
     if not (args.data / "sst2" / "train.tsv").is_file():
         raise SystemExit(f"no SST-2 at {args.data / 'sst2'} (see ../shared/data/README.md)")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
