@@ -52,12 +52,25 @@ def train(
     config: str | None = ConfigOption,
     address: str | None = typer.Option(None, help="Ray address to join (default: a running `tuneloop run`, else a local Ray)"),
 ) -> None:
-    """Fine-tune a new version of MODEL on its seed data plus all feedback, gate it, promote it."""
+    """Fine-tune a new version of MODEL from its production (or, for the first, its base model)
+    on the feedback new since then and a replay of earlier data, gate it, and hand it over as
+    rollout.mode says (direct: production at once). A version the gate rejects exits 0 too;
+    a failed job exits 1."""
+    from tuneloop.core.config import ray_address_problem
+    from tuneloop.store.jobs import JobStore
     from tuneloop.store.server_file import running_server_address
     from tuneloop.store.storage import Storage
 
     cfg = _load(config)
     known_model(cfg, model)
+    if address and (problem := ray_address_problem(address)):
+        typer.echo(f"--address: {problem}", err=True)
+        raise typer.Exit(2)
+    running = JobStore(Storage(cfg.storage.root)).running(model)
+    if running is not None:  # before Ray starts, and without a failed job record to alert on
+        typer.echo(f"job {running.job_id} of {model} is running (started {running.created_at}): wait for it, "
+                   f"or see `tuneloop status {model}`", err=True)
+        raise typer.Exit(2)
     # In a Ray Job ($RAY_ADDRESS set) the job's cluster is the one to join.
     server = None if address or os.environ.get("RAY_ADDRESS") else running_server_address(Storage(cfg.storage.root))
     if server:
@@ -83,6 +96,9 @@ def train(
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     try:
         outcome = run_training(cfg, model, optimize=optimize_version)
+    except KeyboardInterrupt:
+        typer.echo("tuneloop train: interrupted; the job is recorded as failed (tuneloop status)", err=True)
+        raise typer.Exit(130) from None
     finally:
         ray.shutdown()
     job = outcome.job
@@ -127,15 +143,21 @@ def optimize(model: str, version: str, config: str | None = ConfigOption) -> Non
     import logging
 
     from tuneloop.core.errors import UnknownVersion
-    from tuneloop.serving.optimize import optimize_version
     from tuneloop.store.registry import Registry
-    from tuneloop.store.storage import Storage
 
     cfg = _load(config)
     known_model(cfg, model)
+    registry = Registry(_stored(cfg))
+    try:
+        registry.manifest(model, version)  # before torch is imported: a mistyped version says so at once
+    except UnknownVersion as e:
+        typer.echo(e.message, err=True)
+        raise typer.Exit(2) from None
+    from tuneloop.serving.optimize import optimize_version
+
     logging.getLogger("torch").setLevel(logging.ERROR)  # the exporter's progress lines
     try:
-        manifest = optimize_version(cfg, Registry(Storage(cfg.storage.root)), model, version,
+        manifest = optimize_version(cfg, registry, model, version,
                                     progress=lambda line: typer.echo(line, err=True))
     except UnknownVersion as e:
         typer.echo(e.message, err=True)
@@ -185,7 +207,7 @@ def rollout(
     model: str,
     action: str = typer.Argument("status", help="status, start, pause, resume, step or rollback"),
     version: str | None = typer.Argument(None, help="with start: the version to roll out"),
-    stage: str | None = typer.Option(None, help="with start: shadow or canary (default: as rollout.mode says)"),
+    stage: str | None = typer.Option(None, help="with start: shadow or canary (default: canary if rollout.mode is canary, else shadow)"),
     force: bool = typer.Option(False, "--force", help="with start: a version the gate rejected too"),
     at: float | None = typer.Option(None, "--at", help="with step: the percent you saw it at (refused if it moved since)"),
     config: str | None = ConfigOption,
@@ -207,6 +229,16 @@ def rollout(
         raise typer.Exit(2)
     if action == "status" and (version is not None or stage is not None or force or at is not None):
         typer.echo("a version, --stage and --force go with start, --at with step, not with status", err=True)
+        raise typer.Exit(2)
+    # In the command's own words (operate_rollout's are the HTTP body's).
+    if action == "start" and version is None:
+        typer.echo(f"give the version to roll out: tuneloop rollout {model} start VERSION", err=True)
+        raise typer.Exit(2)
+    if action != "start" and (stage is not None or force):
+        typer.echo(f"--stage and --force go with start, not with {action}", err=True)
+        raise typer.Exit(2)
+    if action != "step" and at is not None:
+        typer.echo(f"--at goes with step, not with {action}", err=True)
         raise typer.Exit(2)
     registry = Registry(_stored(cfg))
     if action == "status":

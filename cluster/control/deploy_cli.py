@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,9 @@ def rollout_cmd(model: str, version: str | None = typer.Argument(None, help="the
     typer.echo(f"# {what} of {model} in {cfg.storage.root}")
     if dry_run:
         return
+    if "://" not in cfg.storage.root and not os.path.isdir(cfg.storage.root):  # a typo: not made by the state's lock
+        typer.echo(f"storage root {cfg.storage.root} does not exist: nothing has run with this config", err=True)
+        raise typer.Exit(2)
     registry = Registry(Storage(cfg.storage.root))
     try:
         state = (registry.rollback(model, reason="tuneloop deploy rollout --rollback", labels=cfg.model(model).labels)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,11 +181,19 @@ def run_steps(steps: list[Step], dry_run: bool, echo) -> None:
             echo(f"  skipped: `{shlex.join(step.only_if)}` failed")
             continue
         try:
-            subprocess.run(step.argv, cwd=step.cwd, check=True)
+            subprocess.run([_beside_python(step.argv[0]), *step.argv[1:]], cwd=step.cwd, check=True)
         except FileNotFoundError:
             raise StepFailed(f"{step.argv[0]} is not installed (or not on PATH); it runs: {step}", 127) from None
         except subprocess.CalledProcessError as e:
             raise StepFailed(f"failed (exit {e.returncode}): {step}", e.returncode) from None
+
+
+def _beside_python(program: str) -> str:
+    """``ray`` (or ``serve``) installed beside this Python, where there is one: the README runs
+    `.venv/bin/tuneloop` without activating the venv, and a `ray` from PATH was missing, or
+    another Ray release than the image's."""
+    beside = Path(sys.executable).parent / program
+    return str(beside) if program in ("ray", "serve") and beside.is_file() else program
 
 
 def _succeeds(argv: list[str], cwd: str | None) -> bool:

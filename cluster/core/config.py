@@ -754,12 +754,32 @@ class QuarantineConfig(Section):
     )
 
 
+def ray_address_problem(address: str) -> str | None:
+    """Why Ray could not join ``address``, or None: ``auto``, ``host:port`` or
+    ``ray://host:port``. Ray raised a bare ValueError ("Invalid address format") for a host
+    without its port, a traceback at `tuneloop run`."""
+    if address == "auto":
+        return None
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return (f"Ray address {address!r} is not host:port (the head's GCS port, 6379 by default: e.g. "
+                f"{address.removeprefix('ray://').split(':')[0] or 'head'}:6379), ray://host:port or auto")
+    return None
+
+
 class RayConfig(Section):
     address: str | None = Field(default=None, description="None starts a local Ray")
     num_cpus: int | None = Field(
         default=None, ge=1, description=("logical CPUs for a local Ray (None: the cores, or what the replicas' "
                                          "minimum and the largest training job need, if more)")
     )
+
+    @field_validator("address")
+    @classmethod
+    def _joinable(cls, v: str | None) -> str | None:
+        if v is not None and (problem := ray_address_problem(v)):
+            raise ValueError(problem)
+        return v
 
 
 class TuneloopConfig(Section):

@@ -81,7 +81,8 @@ class UnknownVersion(TuneloopError):
     status, code = 404, "unknown_version"
 
     def __init__(self, model: str, version: str):
-        super().__init__(f"model {model!r} has no version {version!r}")
+        hint = f"; versions are named v1, v2, ...: did you mean 'v{version}'?" if str(version).isdigit() else ""
+        super().__init__(f"model {model!r} has no version {version!r}{hint}")
 
 
 class UnknownPrediction(TuneloopError):

@@ -59,7 +59,11 @@ def test_a_change_of_production_on_a_cut_state_file_names_it_and_writes_nothing(
 def test_misplaced_arguments_and_a_model_given_as_a_prediction_id_are_refused(config):
     runner = CliRunner()
     status = runner.invoke(app, ["rollout", "m", "status", "v9", "--stage", "canary", "--config", config])
-    assert status.exit_code == 2 and "go with start, not status" in status.output
+    assert status.exit_code == 2 and "go with start, --at with step, not with status" in status.output
+    start = runner.invoke(app, ["rollout", "m", "start", "--config", config])
+    assert start.exit_code == 2 and "give the version to roll out: tuneloop rollout m start VERSION" in start.output
+    pause = runner.invoke(app, ["rollout", "m", "pause", "--force", "--config", config])
+    assert pause.exit_code == 2 and "--stage and --force go with start, not with pause" in pause.output
     lineage = runner.invoke(app, ["lineage", "m", "--config", config])
     assert lineage.exit_code == 2 and "'m' is a model: give a version too" in lineage.output
 
@@ -95,6 +99,19 @@ def test_a_deploy_command_that_fails_or_is_missing_says_so_in_one_line(tmp_path)
     assert failed.value.code == 3
     with pytest.raises(StepFailed, match="no-such-tool is not installed"):
         run_steps([Step(["no-such-tool", "apply"])], dry_run=False, echo=lambda _: None)
+
+
+def test_ray_steps_run_the_ray_beside_this_python_not_one_on_path(monkeypatch):
+    """The README runs .venv/bin/tuneloop without activating the venv: `ray` was not on PATH
+    (exit 127), or was another Ray release than the image's."""
+    from pathlib import Path
+
+    from tuneloop.control.operate import _beside_python
+
+    assert _beside_python("ray") == str(Path(sys.executable).parent / "ray")
+    assert _beside_python("kubectl") == "kubectl"
+    monkeypatch.setenv("PATH", "/nonexistent")
+    run_steps([Step(["ray", "--version"])], dry_run=False, echo=lambda _: None)
 
 
 def test_a_step_whose_probe_fails_is_skipped_and_the_rest_run(tmp_path):
@@ -145,3 +162,33 @@ def test_a_read_of_a_storage_root_that_is_not_there_says_so(tmp_path):
         done = CliRunner().invoke(app, [*command, "--config", str(config)])
         assert done.exit_code == 2 and "storage root" in done.output and "does not exist" in done.output, command
     assert not (tmp_path / "nope").exists()
+
+
+def test_train_while_a_job_of_the_model_runs_is_refused_before_ray_and_writes_no_record(config, tmp_path):
+    """It started Ray, wrote a failed job record (the training-failed alert fired) and exited 1."""
+    from tuneloop.store.jobs import JobStore
+
+    jobs = JobStore(Storage(str(tmp_path / "store")))
+    running = jobs.create("m", "feedback")
+    shown = CliRunner().invoke(app, ["train", "m", "-c", config])
+    assert shown.exit_code == 2 and f"job {running.job_id} of m is running" in shown.output
+    assert [j.job_id for j in jobs.all()] == [running.job_id]
+
+
+def test_a_version_given_as_a_number_is_refused_with_its_name_and_before_torch_loads(config):
+    shown = CliRunner().invoke(app, ["optimize", "m", "3", "-c", config])
+    assert shown.exit_code == 2 and "has no version '3'; versions are named v1, v2, ...: did you mean 'v3'?" in shown.output
+    shown = CliRunner().invoke(app, ["rollout", "m", "start", "3", "-c", config])
+    assert shown.exit_code == 2 and "did you mean 'v3'?" in shown.output
+
+
+def test_a_ray_address_without_its_port_is_refused_in_a_line(config):
+    """Ray raised a bare ValueError ("Invalid address format"): a traceback."""
+    from tuneloop.core.config import ConfigError
+
+    shown = CliRunner().invoke(app, ["train", "m", "--address", "10.0.0.5", "-c", config])
+    assert shown.exit_code == 2 and "--address: Ray address '10.0.0.5' is not host:port" in shown.output
+    with pytest.raises(ConfigError, match="ray.address: Ray address 'head' is not host:port .*head:6379"):
+        parse_config({"models": [{"name": "m", "labels": ["a", "b"]}], "ray": {"address": "head"}})
+    for fine in ("auto", "10.0.0.5:6379", "ray://head:10001"):
+        assert parse_config({"models": [{"name": "m", "labels": ["a", "b"]}], "ray": {"address": fine}})
