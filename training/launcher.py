@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import re
+import signal
 import socket
 import threading
 import time
@@ -132,6 +133,23 @@ def worker_value_error(e: WorkerGroupError) -> ValueError | None:
     return None
 
 
+def _fit(trainer: TorchTrainer) -> Any:
+    """``trainer.fit()``, with Ctrl-C raised as KeyboardInterrupt and the process's own SIGINT
+    handler back afterwards. Ray Train 2.60 installs a handler for the run that aborts it and
+    then exits 0 (SystemExit): an interrupted `tuneloop train` ended with exit 0 and its job
+    record still "running", until marked lost a minute later. And it leaves that handler in
+    place, so Ctrl-C during the gate, publishing or the rollout wait did nothing."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        return trainer.fit()
+    except SystemExit:  # only Ray Train's Ctrl-C handler exits from inside fit()
+        raise KeyboardInterrupt from None
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+
+
 def _per_worker(tcfg: TrainingConfig) -> dict[str, float]:
     """What each training worker asks Ray for."""
     gpus = {"GPU": tcfg.gpus_per_worker} if tcfg.use_gpu else {}
@@ -225,6 +243,10 @@ def run_training(cfg: TuneloopConfig, model: str, trigger: str = "manual", job: 
         heartbeat.start()
         manifest = _train(cfg, model, job, storage, registry, optimize)
         return TrainingOutcome(job, manifest)
+    except KeyboardInterrupt:  # the operator's Ctrl-C: recorded as such, then passed on
+        log.warning("job %s interrupted (Ctrl-C); recorded as failed", job.job_id)
+        job.state, job.error = "failed", "interrupted: Ctrl-C in the process that ran the job"
+        raise
     except Exception as e:  # noqa: BLE001 - the job record carries the failure
         # The data, the config or the cluster (ValueError, ResourcesUnavailable): its message
         # says it; anything else is a bug, with its traceback.
@@ -315,7 +337,7 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
         ),
     )
     try:
-        result = trainer.fit()
+        result = _fit(trainer)
     except WorkerGroupError as e:
         raise worker_value_error(e) or e from None
     training_ended = _now()

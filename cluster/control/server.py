@@ -253,7 +253,11 @@ def run_forever(cfg: TuneloopConfig) -> None:
     stop, ready = threading.Event(), threading.Event()
     try:
         write_server_file(storage, ray.get_runtime_context().gcs_address)
-        bootstrap_versions(cfg)
+        try:
+            bootstrap_versions(cfg)
+        except KeyboardInterrupt:  # the job's record says interrupted; what is published stays
+            print("tuneloop: interrupted while training a first version; stopping", flush=True)
+            raise SystemExit(130) from None
 
         def on_signal(*_) -> None:
             if not ready.is_set():
