@@ -251,6 +251,7 @@ def run_forever(cfg: TuneloopConfig) -> None:
             ray.shutdown()
             raise SystemExit(f"tuneloop: cannot start: {short}")
     stop, ready = threading.Event(), threading.Event()
+    serving = False  # Serve started: stopped at the end (its shutdown logs a line when there is none)
     try:
         write_server_file(storage, ray.get_runtime_context().gcs_address)
         try:
@@ -273,6 +274,7 @@ def run_forever(cfg: TuneloopConfig) -> None:
         url = f"http://{cfg.serving.host}:{cfg.serving.port}"
         from tuneloop.serving.app import application_names
 
+        serving = True
         try:
             start_serving(cfg, metrics_dir)  # Serve raises RuntimeError for an application it could not deploy
             wait_ready(url, apps=application_names(cfg))
@@ -296,7 +298,8 @@ def run_forever(cfg: TuneloopConfig) -> None:
         if ray.is_initialized():
             node_id = ray.get_runtime_context().get_node_id()
             try:
-                serve.shutdown()
+                if serving:
+                    serve.shutdown()
             finally:
                 ray.shutdown()
                 stop_orphaned_haproxy(node_id)
