@@ -104,8 +104,8 @@ def train(
     job = outcome.job
     typer.echo(json.dumps(job.model_dump(include={"job_id", "model", "state", "version", "promoted", "message",
                                                   "metrics", "error"}), indent=2))
-    if outcome.manifest is not None and outcome.manifest.gate is not None:
-        typer.echo(f"gate: {outcome.manifest.gate.reason}")
+    if outcome.manifest is not None and outcome.manifest.gate is not None:  # stdout stays one JSON document
+        typer.echo(f"gate: {outcome.manifest.gate.reason}", err=True)
     raise typer.Exit(0 if job.state in ("succeeded", "rejected") else 1)
 
 

@@ -3,6 +3,7 @@ controller actor, and predictions then report the new version, without a restart
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -152,6 +153,8 @@ def test_feedback_triggers_a_new_version_that_takes_over(loop):
     for noise in ("PlacementGroupCleaner", "LongPollClient"):  # Ray's: every second of a job, at its end
         assert noise not in trained.stderr, trained.stderr[-3000:]
     assert '"version": "v3"' in trained.stdout and '"promoted": true' in trained.stdout, trained.stdout[-2000:]
+    assert json.loads(trained.stdout)["state"] == "succeeded"  # stdout is one JSON document (`> job.json`, jq)
+    assert "gate: " in trained.stderr
     deadline = time.monotonic() + 30
     version = None
     while time.monotonic() < deadline and version != "v3":
