@@ -88,6 +88,24 @@ _WAIT_FOR_THE_UPGRADE = (
     'echo "rayservice {name}: upgrade not done after $((i * {poll_s})) s (kubectl describe rayservice {name})" >&2; exit 1')
 
 
+# `kubectl wait --for=condition=Ready` for 30 minutes said nothing while GPU nodes joined and
+# images were pulled: waited for a minute at a time, with a line of the pods' phases between.
+_WAIT_FOR_READY = (
+    'i=0; while [ $i -lt {tries} ]; do '
+    '{k} wait --for=condition=Ready rayservice/{name} --timeout={poll_s}s >/dev/null 2>&1 '
+    '&& {{ echo "rayservice {name} is Ready"; exit 0; }}; '
+    'i=$((i + 1)); '
+    'echo "rayservice {name}: not Ready after $((i * {poll_s})) s (gives up at {total} s); pods:" '
+    '$({k} get pods -l app.kubernetes.io/instance={name} --no-headers 2>/dev/null | awk \'{{printf "%s=%s ", $1, $3}}\') >&2; '
+    'done; echo "rayservice {name}: not Ready after {total} s (kubectl describe rayservice {name})" >&2; exit 1')
+
+
+def wait_until_ready(kubectl: str, name: str, poll_s: int = 60, tries: int = 30) -> str:
+    """The shell loop that waits (``tries`` x ``poll_s``: 30 minutes) for ``name`` to be Ready,
+    saying how it stands every ``poll_s``."""
+    return _WAIT_FOR_READY.format(k=kubectl, name=name, poll_s=poll_s, tries=tries, total=poll_s * tries)
+
+
 def wait_for_the_upgrade(kubectl: str, name: str, poll_s: int = 5, tries: int = 360) -> str:
     """The shell loop that waits (``tries`` x ``poll_s``: 30 minutes) for ``name``'s upgrade."""
     return _WAIT_FOR_THE_UPGRADE.format(k=kubectl, name=name, poll_s=poll_s, tries=tries)
@@ -110,10 +128,10 @@ def plan(cfg: TuneloopConfig, target: str, verb: str, folder: Path, model: str |
         steps = {
             "up": [Step([*k, "apply", "-f", files["config.yaml"]]), Step([*k, "apply", "-f", files["rayservice.yaml"]]),
                    Step([*k, "apply", "-f", files["podmonitor.yaml"]], only_if=has_podmonitor),
-                   Step([*k, "wait", "--for=condition=Ready", f"rayservice/{d.name}", "--timeout=30m"])],
+                   Step(["sh", "-c", wait_until_ready(shlex.join(k), d.name)])],
             "deploy": [Step([*k, "apply", "-f", files["config.yaml"]]), Step([*k, "apply", "-f", files["rayservice.yaml"]]),
                        Step(["sh", "-c", wait_for_the_upgrade(shlex.join(k), d.name)]),
-                       Step([*k, "wait", "--for=condition=Ready", f"rayservice/{d.name}", "--timeout=30m"])],
+                       Step(["sh", "-c", wait_until_ready(shlex.join(k), d.name)])],
             "status": [Step([*k, "get", "rayservice", d.name, "-o", "wide"]),
                        Step([*k, "get", "pods", "-l", f"app.kubernetes.io/instance={d.name}", "-o", "wide"]),
                        Step([*k, "exec", head, "--", "serve", "status"])],

@@ -396,3 +396,25 @@ def test_deploy_waits_until_kuberay_has_read_the_spec_and_no_upgrade_is_in_progr
     cfg, _ = _example()
     steps = [" ".join(step.argv) for step in operate.plan(cfg, "kuberay", "deploy", tmp_path)]
     assert any("UpgradeInProgress" in step for step in steps) and "wait --for=condition=Ready" in steps[-1]
+
+
+@pytest.mark.parametrize("ready_at", [3, None])
+def test_waiting_for_ready_says_how_the_pods_stand_between_tries(tmp_path, ready_at):
+    """`kubectl wait --timeout=30m` said nothing for up to 30 minutes while nodes joined."""
+    import subprocess
+
+    tries = tmp_path / "tries"
+    kubectl = tmp_path / "kubectl"
+    kubectl.write_text(f'#!/bin/sh\ncase "$1" in\n  wait) echo x >> "{tries}"; n=$(wc -l < "{tries}"); '
+                       f'[ "$n" -ge "{ready_at or 99}" ];;\n  get) echo "head-0 0/1 Pending 0 1m"; '
+                       'echo "worker-0 1/1 Running 0 1m";;\nesac\n')
+    kubectl.chmod(0o755)
+    result = subprocess.run(["sh", "-c", operate.wait_until_ready(str(kubectl), "svc", poll_s=0, tries=4)],
+                            capture_output=True, text=True, timeout=30)
+    assert (result.returncode == 0) is (ready_at is not None), result.stderr
+    assert "rayservice svc: not Ready after 0 s (gives up at 0 s); pods: head-0=Pending worker-0=Running" in result.stderr
+    assert len(tries.read_text().split()) == (ready_at or 4)
+    if ready_at:
+        assert "rayservice svc is Ready" in result.stdout
+    else:
+        assert "not Ready after 0 s (kubectl describe rayservice svc)" in result.stderr
