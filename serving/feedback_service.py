@@ -8,6 +8,7 @@ so its decisions are unit-tested with fakes in milliseconds, without Serve or Ra
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -21,6 +22,8 @@ from tuneloop.core.tasks import check_text_length, model_tasks
 from tuneloop.serving import metrics
 from tuneloop.store.records import FeedbackStore, PredictionLog, prediction_time
 from tuneloop.store.storage import Storage
+
+log = logging.getLogger("tuneloop")
 
 PREDICTION_LOG_SLACK_S = 1.0  # a flush's own time, beyond the replicas' flush interval
 # Feedback on ids younger than one flush waits for the log (asynchronously); past this many
@@ -136,9 +139,9 @@ class FeedbackService:
         dropped the feedback on a 500."""
         try:
             return await asyncio.to_thread(self.predictions.lookup, models, prediction_id)
-        except OSError as e:
-            raise StorageUnavailable(f"the prediction log cannot be read ({type(e).__name__}: {e}); "
-                                     "nothing was stored, retry later") from None
+        except OSError as e:  # the detail names buckets and paths: the log's, not the client's
+            log.warning("feedback on %s: the prediction log cannot be read: %s: %s", prediction_id, type(e).__name__, e)
+            raise StorageUnavailable("the prediction log cannot be read now; nothing was stored, retry later") from None
 
     def stored(self, record: dict[str, Any]) -> None:
         """Each newly stored record (never a repeated Idempotency-Key): statistics, the

@@ -276,7 +276,15 @@ def readiness(answers: dict[str, tuple[str | None, dict[str, str]]]) -> JSONResp
     return JSONResponse(body)
 
 
-@serve.deployment(name=INGRESS_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0})
+# Requests the ingress holds at once: Serve's default, 5, let five clients without a key that
+# send their bodies slowly (each held up to serving.body_timeout_s) stall feedback, /readyz,
+# /metrics and every admin call behind them. Its handlers await (bodies, threads for storage),
+# so hundreds cost little; past them, Serve queues up to INGRESS_MAX_QUEUED and then refuses.
+INGRESS_MAX_ONGOING, INGRESS_MAX_QUEUED = 256, 1024
+
+
+@serve.deployment(name=INGRESS_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0},
+                  max_ongoing_requests=INGRESS_MAX_ONGOING, max_queued_requests=INGRESS_MAX_QUEUED)
 @serve.ingress(app)
 class Ingress:
     def __init__(self, config: dict):
@@ -288,6 +296,7 @@ class Ingress:
         self._controller_handle, self._controller_found_at = None, 0.0
         self.feedback = FeedbackService.from_config(self.cfg, trigger=self._trigger)
         self.jobs = JobStore(storage)
+        self._renders: dict[bool, asyncio.Future] = {}  # /metrics' render under way, by whether it has feedback's series
         self.auth = KeyRing(self.cfg.auth, storage, background=True)
         self.feedback_limit = RateLimiter(self.cfg.auth.feedback_per_minute, self.cfg.auth.feedback_burst)
         BodyGuard.max_body_bytes = self.cfg.serving.max_body_bytes()
@@ -367,9 +376,19 @@ class Ingress:
         feedback (online accuracy, labels) only for a key of role metrics, feedback or
         admin: Prometheus sends a metrics key as a bearer token (deploy/prometheus)."""
         with_feedback = self._holds(request.headers.get("authorization"), METRICS_ROLE)
-        stats = self.feedback.all_stats if with_feedback else None
-        body = await asyncio.to_thread(self._render_metrics, stats)
-        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(await self._shared_render(with_feedback), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def _shared_render(self, with_feedback: bool) -> bytes:
+        """One render at a time per kind: a scrape arriving while one runs gets that one's
+        text. Each render lists and reads every job record and manifest it names, and on a
+        cluster asks every node for its files: a loop of anonymous scrapes ran them all at once."""
+        rendering = self._renders.get(with_feedback)
+        if rendering is None:
+            stats = self.feedback.all_stats if with_feedback else None
+            rendering = asyncio.ensure_future(asyncio.to_thread(self._render_metrics, stats))
+            self._renders[with_feedback] = rendering
+            rendering.add_done_callback(lambda _: self._renders.pop(with_feedback, None))
+        return await asyncio.shield(rendering)
 
     def _render_metrics(self, stats) -> bytes:
         models = [m.name for m in self.cfg.models]

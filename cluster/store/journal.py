@@ -295,7 +295,9 @@ class Journal:
 
 
 def _unavailable(e: OSError) -> StorageUnavailable:
-    why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted"}.get(e.errno, str(e))
+    """The client's 503: why in words, never the journal's path (the log has the error)."""
+    log.warning("journal: an append failed: %s: %s", type(e).__name__, e)
+    why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted"}.get(e.errno, "an I/O error")
     return StorageUnavailable(f"feedback could not be stored durably ({why}); nothing was stored, retry later")
 
 

@@ -124,6 +124,32 @@ def test_a_slow_sender_gets_408(hardened, path):
     assert _predict_ok(hardened["url"])
 
 
+def test_slow_senders_without_a_key_do_not_stall_the_ingress(hardened):
+    """Serve's default of 5 requests at once: five keyless clients trickling bodies held
+    every ingress route (feedback, /readyz, /metrics, admin) for body_timeout_s each."""
+    import threading
+
+    def trickle(sock) -> int:
+        sock.sendall(b'{"label": ')
+        time.sleep(BODY_TIMEOUT_S + 1.5)
+        return 10
+
+    head = (b"POST /v1/feedback HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n")
+    slow = [threading.Thread(target=_raw_request, args=(hardened["port"], head, trickle)) for _ in range(12)]
+    for t in slow:
+        t.start()
+    try:
+        time.sleep(0.3)  # every slow sender connected and holding
+        start = time.monotonic()
+        r = httpx.get(f"{hardened['url']}/v1/models", timeout=30)
+        waited = time.monotonic() - start
+    finally:
+        for t in slow:
+            t.join()
+    assert r.status_code == 200 and waited < BODY_TIMEOUT_S / 2, waited
+
+
 def test_the_configured_body_limit_holds_at_the_ingress(hardened):
     """A feedback body past serving's byte limit (about 23 KB here), whatever it holds, is a
     413 before any field is looked at."""

@@ -164,3 +164,4 @@ def test_feedback_on_a_prediction_while_the_log_is_unreachable_is_503_and_stores
     with pytest.raises(StorageUnavailable, match="the prediction log cannot be read") as e:
         asyncio.run(service.submit({"label": "pos"}, prediction_id=new_prediction_id(datetime(2026, 11, 1, tzinfo=UTC))))
     assert e.value.status == 503 and e.value.headers["Retry-After"] and store.appended == []
+    assert "AWS" not in e.value.message and "predictions/m" not in e.value.message  # the log has it, not the client
