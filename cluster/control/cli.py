@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -95,7 +96,10 @@ def train(
     # The job's handle to the ingress logs Serve's start-up of its router at info: not this command's news.
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     try:
-        outcome = run_training(cfg, model, optimize=optimize_version)
+        # Ray's log monitor prints the workers' lines (the epochs, with their ETA) on this
+        # process's stdout: to stderr, so that stdout is the job's JSON alone (> job.json, jq).
+        with contextlib.redirect_stdout(sys.stderr):
+            outcome = run_training(cfg, model, optimize=optimize_version)
     except KeyboardInterrupt:
         typer.echo("tuneloop train: interrupted; the job is recorded as failed (tuneloop status)", err=True)
         raise typer.Exit(130) from None
