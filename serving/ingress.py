@@ -52,6 +52,7 @@ from tuneloop.core.names import (INGRESS_DEPLOYMENT, model_app_name, model_deplo
                                  running_replicas)
 from tuneloop.core.tasks import check_unicode, model_task
 from tuneloop.serving.predict_request import (
+    BodyBudget,
     check_content_length,
     check_content_type,
     load_json,
@@ -219,6 +220,9 @@ class BodyGuard:
 
     max_body_bytes = 1 << 20
     body_timeout_s = 10.0
+    # The bodies held at once, whoever sends them (it reads before any key is checked): up
+    # to INGRESS_MAX_ONGOING slow senders of predict-sized bodies held 376 MiB by default.
+    budget = BodyBudget(64 << 20)
 
     def __init__(self, app):
         self.app = app
@@ -241,9 +245,7 @@ class BodyGuard:
         try:
             check_content_type(headers.get("content-type"))
             check_content_length(headers.get("content-length"), limit)
-            body = await read_body(chunks(), limit, self.body_timeout_s)
-            if body.strip():
-                load_json(body)
+            body = await read_body(chunks(), limit, self.body_timeout_s, self.budget)
         except TuneloopError as e:
             return await error_response(e)(scope, receive, send)
         replayed = False
@@ -255,7 +257,16 @@ class BodyGuard:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        try:
+            if body.strip():
+                load_json(body)
+        except TuneloopError as e:
+            self.budget.give(len(body))
+            return await error_response(e)(scope, receive, send)
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            self.budget.give(len(body))
 
 
 app.add_middleware(BodyGuard)
@@ -300,6 +311,7 @@ class Ingress:
         self.auth = KeyRing(self.cfg.auth, storage, background=True)
         self.feedback_limit = RateLimiter(self.cfg.auth.feedback_per_minute, self.cfg.auth.feedback_burst)
         BodyGuard.max_body_bytes = self.cfg.serving.max_body_bytes()
+        BodyGuard.budget = BodyBudget(max(64 << 20, BodyGuard.max_body_bytes))
         BodyGuard.body_timeout_s = self.cfg.serving.body_timeout_s
 
     def __del__(self):

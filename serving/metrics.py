@@ -116,8 +116,9 @@ class TrainingRunsCollector:
 
     OUTCOMES = ("succeeded", "rejected", "failed")
 
-    # job id -> (model, outcome), once counted; for the process, as a collector lasts one scrape
-    _finished: dict[str, tuple[str, str]] = {}
+    # (storage root, job id) -> (model, outcome), once counted; for the process, as a
+    # collector lasts one scrape (a process reading two roots, as tests do, keeps them apart)
+    _finished: dict[tuple[str, str], tuple[str, str]] = {}
 
     def __init__(self, jobs: JobStore, models: list[str]):
         self.jobs, self.models = jobs, models
@@ -131,10 +132,12 @@ class TrainingRunsCollector:
         runs = CounterMetricFamily("tuneloop_training_runs", "Finished training jobs by outcome",
                                    labels=["model", "outcome"])
         running = GaugeMetricFamily("tuneloop_training_jobs_running", "Training jobs running now", labels=["model"])
+        root = self.jobs.storage.uri
         for j in records:
             if j.state in self.OUTCOMES:
-                self._finished.setdefault(j.job_id, (j.model, j.state))
-        tally = _Tally([*self._finished.values(), *((j.model, j.state) for j in records if j.state == "running")])
+                self._finished.setdefault((root, j.job_id), (j.model, j.state))
+        counted = [outcome for (where, _), outcome in self._finished.items() if where == root]
+        tally = _Tally([*counted, *((j.model, j.state) for j in records if j.state == "running")])
         for model in sorted(set(self.models) | {m for m, _ in tally}):
             for outcome in self.OUTCOMES:
                 runs.add_metric([model, outcome], tally[model, outcome])

@@ -244,8 +244,12 @@ def run_training(cfg: TuneloopConfig, model: str, trigger: str = "manual", job: 
         manifest = _train(cfg, model, job, storage, registry, optimize)
         return TrainingOutcome(job, manifest)
     except KeyboardInterrupt:  # the operator's Ctrl-C: recorded as such, then passed on
-        log.warning("job %s interrupted (Ctrl-C); recorded as failed", job.job_id)
-        job.state, job.error = "failed", "interrupted: Ctrl-C in the process that ran the job"
+        if job.state == "running":
+            published = f" (its version {job.version} was published, not handed over)" if job.version else ""
+            log.warning("job %s interrupted (Ctrl-C); recorded as failed%s", job.job_id, published)
+            job.state, job.error = "failed", f"interrupted: Ctrl-C in the process that ran the job{published}"
+        else:  # handed over already (waiting for the replicas to switch): what it did stands
+            log.warning("job %s interrupted (Ctrl-C) after it %s; recorded as such", job.job_id, job.state)
         raise
     except Exception as e:  # noqa: BLE001 - the job record carries the failure
         # The data, the config or the cluster (ValueError, ResourcesUnavailable): its message

@@ -67,13 +67,21 @@ def train(
     if address and (problem := ray_address_problem(address)):
         typer.echo(f"--address: {problem}", err=True)
         raise typer.Exit(2)
-    running = JobStore(Storage(cfg.storage.root)).running(model)
+    storage = Storage(cfg.storage.root)
+    running = JobStore(storage).running(model)
+    if running is not None and storage.is_local:
+        # The lease a job holds dies with its process: free, that job was killed (its record
+        # says running until its heartbeat is a minute old), and this one may start now.
+        probe = storage.file_lock(f"jobs/{model}.lock", wait=False)
+        if probe is not None:
+            probe.release()
+            running = None
     if running is not None:  # before Ray starts, and without a failed job record to alert on
         typer.echo(f"job {running.job_id} of {model} is running (started {running.created_at}): wait for it, "
                    f"or see `tuneloop status {model}`", err=True)
         raise typer.Exit(2)
     # In a Ray Job ($RAY_ADDRESS set) the job's cluster is the one to join.
-    server = None if address or os.environ.get("RAY_ADDRESS") else running_server_address(Storage(cfg.storage.root))
+    server = None if address or os.environ.get("RAY_ADDRESS") else running_server_address(storage)
     if server:
         # A local Ray started by `tuneloop run` uses token auth (Ray's default since 2.5x),
         # with the token in ~/.ray/auth_token; a joining driver opts in before anything
@@ -95,16 +103,17 @@ def train(
     init_ray(cfg, address or server)
     # The job's handle to the ingress logs Serve's start-up of its router at info: not this command's news.
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    try:
-        # Ray's log monitor prints the workers' lines (the epochs, with their ETA) on this
-        # process's stdout: to stderr, so that stdout is the job's JSON alone (> job.json, jq).
-        with contextlib.redirect_stdout(sys.stderr):
+    # Ray's log monitor prints the workers' lines (the epochs, with their ETA) on this
+    # process's stdout, and the lines it held back at its shutdown: to stderr, so that stdout
+    # is the job's JSON alone (> job.json, jq).
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
             outcome = run_training(cfg, model, optimize=optimize_version)
-    except KeyboardInterrupt:
-        typer.echo("tuneloop train: interrupted; the job is recorded as failed (tuneloop status)", err=True)
-        raise typer.Exit(130) from None
-    finally:
-        ray.shutdown()
+        except KeyboardInterrupt:
+            typer.echo("tuneloop train: interrupted; `tuneloop status` shows what the job had done", err=True)
+            raise typer.Exit(130) from None
+        finally:
+            ray.shutdown()
     job = outcome.job
     typer.echo(json.dumps(job.model_dump(include={"job_id", "model", "state", "version", "promoted", "message",
                                                   "metrics", "error"}), indent=2))

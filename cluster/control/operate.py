@@ -89,21 +89,24 @@ _WAIT_FOR_THE_UPGRADE = (
 
 
 # `kubectl wait --for=condition=Ready` for 30 minutes said nothing while GPU nodes joined and
-# images were pulled: waited for a minute at a time, with a line of the pods' phases between.
+# images were pulled: waited for a minute at a time, with a line of the pods' phases between,
+# and kubectl's own error when it failed for another reason than the wait (no cluster, RBAC).
 _WAIT_FOR_READY = (
-    'i=0; while [ $i -lt {tries} ]; do '
-    '{k} wait --for=condition=Ready rayservice/{name} --timeout={poll_s}s >/dev/null 2>&1 '
+    'start=$(date +%s); i=0; while [ $i -lt {tries} ]; do '
+    'out=$({k} wait --for=condition=Ready rayservice/{name} --timeout={poll_s}s 2>&1) '
     '&& {{ echo "rayservice {name} is Ready"; exit 0; }}; '
     'i=$((i + 1)); '
-    'echo "rayservice {name}: not Ready after $((i * {poll_s})) s (gives up at {total} s); pods:" '
+    'case "$out" in ""|*"timed out"*) ;; *) echo "kubectl: $out" >&2; sleep {poll_s};; esac; '
+    'echo "rayservice {name}: not Ready after $(($(date +%s) - start)) s (try $i of {tries}); pods:" '
     '$({k} get pods -l app.kubernetes.io/instance={name} --no-headers 2>/dev/null | awk \'{{printf "%s=%s ", $1, $3}}\') >&2; '
-    'done; echo "rayservice {name}: not Ready after {total} s (kubectl describe rayservice {name})" >&2; exit 1')
+    'done; echo "rayservice {name}: not Ready after $(($(date +%s) - start)) s (kubectl describe rayservice {name})" >&2; '
+    'exit 1')
 
 
 def wait_until_ready(kubectl: str, name: str, poll_s: int = 60, tries: int = 30) -> str:
     """The shell loop that waits (``tries`` x ``poll_s``: 30 minutes) for ``name`` to be Ready,
     saying how it stands every ``poll_s``."""
-    return _WAIT_FOR_READY.format(k=kubectl, name=name, poll_s=poll_s, tries=tries, total=poll_s * tries)
+    return _WAIT_FOR_READY.format(k=kubectl, name=name, poll_s=poll_s, tries=tries)
 
 
 def wait_for_the_upgrade(kubectl: str, name: str, poll_s: int = 5, tries: int = 360) -> str:

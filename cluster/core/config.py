@@ -260,10 +260,12 @@ def refuse_credentials(v: str, what: str, authority_only: bool = False) -> str:
     if "://" not in v:
         return v
     location, _, query = v.split("://", 1)[1].partition("?")
-    if authority_only:  # a file's path may hold an @ (team@corp/seed.csv); a key is before the first /
-        location = location.partition("/")[0]
     names = {unquote(p.partition("=")[0]).lower() for p in query.split("&")}
-    if "@" in location or names & {"access_key", "secret_key", "session_token"}:
+    # A file's path may hold an @ (team@corp/seed.csv): with ``authority_only``, an @ counts in
+    # the host part, or after KEY:SECRET (a secret key may hold a "/", which ends the host part).
+    carried = (("@" in location.partition("/")[0] or ":" in location.rpartition("@")[0]) if authority_only
+               else "@" in location)
+    if carried or names & {"access_key", "secret_key", "session_token"}:
         raise PydanticCustomError(CREDENTIALS_IN_URI, (  # a type of its own: the message never quotes the value
             f"{what} {without_credentials(v)!r} carries credentials: give them to every node as environment variables "
             "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or GOOGLE_APPLICATION_CREDENTIALS), a profile or "
@@ -755,13 +757,14 @@ class QuarantineConfig(Section):
 
 
 def ray_address_problem(address: str) -> str | None:
-    """Why Ray could not join ``address``, or None: ``auto``, ``host:port`` or
-    ``ray://host:port``. Ray raised a bare ValueError ("Invalid address format") for a host
+    """Why Ray could not join ``address``, or None: ``auto``, ``local``, ``host:port`` (an IPv6
+    host in brackets) or ``ray://host:port``. Ray raised a bare ValueError ("Invalid address format") for a host
     without its port, a traceback at `tuneloop run`."""
-    if address == "auto":
+    if address in ("auto", "local"):
         return None
     host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    bare_ipv6 = ":" in host and not (host.startswith("[") and host.endswith("]"))  # "::1": its last group read as a port
+    if not host or bare_ipv6 or not port.isdigit() or not 0 < int(port) < 65536:
         return (f"Ray address {address!r} is not host:port (the head's GCS port, 6379 by default: e.g. "
                 f"{address.removeprefix('ray://').split(':')[0] or 'head'}:6379), ray://host:port or auto")
     return None

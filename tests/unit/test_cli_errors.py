@@ -168,11 +168,18 @@ def test_train_while_a_job_of_the_model_runs_is_refused_before_ray_and_writes_no
     """It started Ray, wrote a failed job record (the training-failed alert fired) and exited 1."""
     from tuneloop.store.jobs import JobStore
 
-    jobs = JobStore(Storage(str(tmp_path / "store")))
+    from tuneloop.store.jobs import take_lease
+
+    storage = Storage(str(tmp_path / "store"))
+    jobs = JobStore(storage)
     running = jobs.create("m", "feedback")
+    lease = take_lease(storage, jobs, running)  # as its live process holds it
     shown = CliRunner().invoke(app, ["train", "m", "-c", config])
     assert shown.exit_code == 2 and f"job {running.job_id} of m is running" in shown.output
     assert [j.job_id for j in jobs.all()] == [running.job_id]
+    lease.release()  # its process was killed: the record still says running, but a job may start at once
+    shown = CliRunner().invoke(app, ["train", "m", "-c", config])
+    assert "unit tests must not start Ray" in str(shown.exception)  # past the check, on to Ray
 
 
 def test_a_version_given_as_a_number_is_refused_with_its_name_and_before_torch_loads(config):
@@ -190,5 +197,7 @@ def test_a_ray_address_without_its_port_is_refused_in_a_line(config):
     assert shown.exit_code == 2 and "--address: Ray address '10.0.0.5' is not host:port" in shown.output
     with pytest.raises(ConfigError, match="ray.address: Ray address 'head' is not host:port .*head:6379"):
         parse_config({"models": [{"name": "m", "labels": ["a", "b"]}], "ray": {"address": "head"}})
-    for fine in ("auto", "10.0.0.5:6379", "ray://head:10001"):
+    with pytest.raises(ConfigError, match="Ray address '::1' is not host:port"):  # its last group is no port
+        parse_config({"models": [{"name": "m", "labels": ["a", "b"]}], "ray": {"address": "::1"}})
+    for fine in ("auto", "local", "10.0.0.5:6379", "[::1]:6379", "ray://head:10001"):
         assert parse_config({"models": [{"name": "m", "labels": ["a", "b"]}], "ray": {"address": fine}})

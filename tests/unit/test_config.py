@@ -157,6 +157,9 @@ def test_keys_in_a_dataset_uri_or_in_any_quoted_uri_are_never_printed():
             parse_config({"models": [{**MODEL, key: uri}]})
         assert "s3cr3t" not in str(e.value)
     assert parse_config({"models": [{**MODEL, "seed_dataset": "gs://bucket/team@corp/seed.csv"}]})  # an @ in the path
+    with pytest.raises(ConfigError, match="carries credentials") as e:  # a secret key holding a "/"
+        parse_config({"models": [{**MODEL, "seed_dataset": "s3://AKIAXYZ:s3cr/3t@bucket/seed.csv"}]})
+    assert "s3cr" not in str(e.value)
     with pytest.raises(ConfigError) as e:  # a misspelt key holding a list of URIs
         parse_config({"models": [{**MODEL, "seed_datasets": ["s3://AKIAXYZ:s3cr3t@bucket/x"]}]})
     assert "s3cr3t" not in str(e.value) and "s3://bucket/x" in str(e.value)

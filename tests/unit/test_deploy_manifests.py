@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import filecmp
 import json
+import re
 import shlex
 import subprocess
 from pathlib import Path
@@ -412,9 +413,17 @@ def test_waiting_for_ready_says_how_the_pods_stand_between_tries(tmp_path, ready
     result = subprocess.run(["sh", "-c", operate.wait_until_ready(str(kubectl), "svc", poll_s=0, tries=4)],
                             capture_output=True, text=True, timeout=30)
     assert (result.returncode == 0) is (ready_at is not None), result.stderr
-    assert "rayservice svc: not Ready after 0 s (gives up at 0 s); pods: head-0=Pending worker-0=Running" in result.stderr
+    assert re.search(r"rayservice svc: not Ready after \d+ s \(try 1 of 4\); pods: head-0=Pending worker-0=Running",
+                     result.stderr), result.stderr
     assert len(tries.read_text().split()) == (ready_at or 4)
     if ready_at:
         assert "rayservice svc is Ready" in result.stdout
     else:
-        assert "not Ready after 0 s (kubectl describe rayservice svc)" in result.stderr
+        assert re.search(r"not Ready after \d+ s \(kubectl describe rayservice svc\)", result.stderr)
+    assert "kubectl: " not in result.stderr  # a wait that timed out (here: said nothing) is no error
+    failing = tmp_path / "kubectl-failing"
+    failing.write_text('#!/bin/sh\necho "error: the server doesn\x27t have a resource type rayservice" >&2; exit 1\n')
+    failing.chmod(0o755)
+    result = subprocess.run(["sh", "-c", operate.wait_until_ready(str(failing), "svc", poll_s=0, tries=2)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "kubectl: error: the server doesn't have a resource type rayservice" in result.stderr

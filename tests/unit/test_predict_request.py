@@ -144,3 +144,38 @@ def test_the_bytes_in_flight_must_hold_one_whole_body():
 
     with pytest.raises(ConfigError, match="max_body_bytes_in_flight 1000 is below one request body's largest"):
         parse_config({"models": [{"name": "m", "labels": ["a", "b"]}], "serving": {"max_body_bytes_in_flight": 1000}})
+
+
+def test_the_ingress_bounds_the_bodies_it_holds_before_any_key_is_checked(monkeypatch):
+    """256 slow senders of predict-sized bodies, keyless, held 376 MiB at the ingress."""
+    import asyncio
+
+    from tuneloop.serving.ingress import BodyGuard
+    from tuneloop.serving.predict_request import BodyBudget
+
+    monkeypatch.setattr(BodyGuard, "budget", BodyBudget(10))
+    monkeypatch.setattr(BodyGuard, "max_body_bytes", 100)
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(BodyGuard.budget.held)  # held while the route answers
+        await send({"type": "http.response.start", "status": 202, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    def call(body: bytes) -> int:
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/feedback",
+                 "headers": [(b"content-type", b"application/json")]}
+        asyncio.run(BodyGuard(app)(scope, receive, send))
+        return sent[0]["status"]
+
+    assert call(b'{"a": 12}') == 202 and seen == [9] and BodyGuard.budget.held == 0
+    assert call(b'{"a": 1234}') == 503 and BodyGuard.budget.held == 0  # 11 bytes: past the budget
+    assert call(b'{"a": ') == 400 and BodyGuard.budget.held == 0  # not JSON: given back too
