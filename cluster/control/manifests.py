@@ -261,7 +261,11 @@ def _config_volume(config_map: str) -> dict[str, Any]:
 
 
 def _pod(cfg: TuneloopConfig, component: str, container: dict, volumes: list[dict], gpus: int) -> dict[str, Any]:
-    spec: dict[str, Any] = {"containers": [container], "volumes": volumes}
+    # Shared memory for Ray's object store: a container's own /dev/shm is 64 MB, and Ray then
+    # keeps its objects in /tmp on the node's disk (slower, and evicted under disk pressure).
+    container = {**container, "volumeMounts": [*container["volumeMounts"], {"name": "dshm", "mountPath": "/dev/shm"}]}
+    spec: dict[str, Any] = {"containers": [container],
+                            "volumes": [*volumes, {"name": "dshm", "emptyDir": {"medium": "Memory"}}]}
     if cfg.deploy.service_account:
         spec["serviceAccountName"] = cfg.deploy.service_account
     if gpus:
@@ -446,6 +450,8 @@ def launcher(cfg: TuneloopConfig, cloud: str) -> dict[str, Any]:
         head_node: dict[str, Any] = {"InstanceType": a.head_instance,
                                      "BlockDeviceMappings": [{"DeviceName": "/dev/sda1",
                                                               "Ebs": {"VolumeSize": 200, "VolumeType": "gp3"}}]}
+        if a.head_instance_profile_arn:
+            head_node["IamInstanceProfile"] = {"Arn": a.head_instance_profile_arn}
         auth = {"ssh_user": "ubuntu"}
     elif cloud == "gcp":
         g = d.gcp

@@ -64,8 +64,10 @@ class WorkersConfig(Section):
     min_workers: int = Field(default=1, ge=0)
     max_workers: int = Field(default=4, ge=1, description="the autoscaler adds workers up to this")
     gpus_per_worker: int = Field(default=1, ge=0)
-    cpus_per_worker: int = Field(default=8, ge=1)
-    memory: Quantity = Field(default="32Gi", description="per worker pod")
+    # Below the default instance types' 8 vCPUs and 32 GiB: a pod asking for the whole node
+    # never fits its allocatable share (about 7.9 CPUs and 30 GiB, less the node's daemons).
+    cpus_per_worker: int = Field(default=7, ge=1)
+    memory: Quantity = Field(default="28Gi", description="per worker pod")
 
     @model_validator(mode="after")
     def _bounds(self) -> WorkersConfig:
@@ -83,6 +85,11 @@ class AwsConfig(Section):
         default=None, description="an IAM instance profile giving the workers the bucket (the launcher gives the "
                                   "head one of its own, not the workers); None: credentials from the Secret-less "
                                   "environment only")
+    head_instance_profile_arn: str | None = Field(
+        default=None, description="the head's IAM instance profile; its role needs EC2, the bucket and "
+                                  "iam:PassRole on the workers' role (the autoscaler on the head launches them "
+                                  "with it). None: Ray's default ray-autoscaler-v1 role, which has no PassRole, so "
+                                  "workers with a profile of their own cannot be launched")
 
 
 class GcpConfig(Section):

@@ -98,7 +98,9 @@ def test_the_rayservice_serves_from_gpu_workers_and_keeps_the_journal_on_the_hea
     assert head["rayStartParams"]["num-cpus"] == "0"  # no replica and no training worker on the head
     assert json.loads(json.loads(head["rayStartParams"]["resources"])) == {manifests.JOURNAL_RESOURCE: 1}
     head_pod = head["template"]["spec"]
-    assert {v["name"] for v in head_pod["volumes"]} == {"config", "journal"}
+    assert {v["name"] for v in head_pod["volumes"]} == {"config", "journal", "dshm"}
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in head_pod["volumes"]  # Ray's object store: not 64 MB
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in head_pod["containers"][0]["volumeMounts"]
     # A NewCluster upgrade's second head lands beside the first, where the journal volume is.
     (term,) = head_pod["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert term["labelSelector"]["matchLabels"] == head_labels and term["topologyKey"] == "kubernetes.io/hostname"
@@ -156,12 +158,12 @@ def test_a_config_that_only_this_machine_can_run_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize(("serving", "workers", "expected"), [
-    ({}, {}, 24),  # 1 CPU a replica, 8 CPUs a worker, 4 workers, one of them the retrain's
+    ({}, {}, 21),  # 1 CPU a replica, 7 CPUs a worker, 4 workers, one of them the retrain's
     ({"num_cpus_per_replica": 2, "num_gpus_per_replica": 0.5}, {"gpus_per_worker": 1}, 6),  # 2 a GPU
     ({"num_cpus_per_replica": 1, "num_gpus_per_replica": 1}, {"gpus_per_worker": 2, "max_workers": 3}, 4),
-    ({"autoscaling": {"min_replicas": 20}}, {}, 24),  # a minimum within the room (past it: refused, below)
-    (None, {}, 24),  # every key of a section commented out: YAML's null
-    ({"autoscaling": None}, {}, 24),
+    ({"autoscaling": {"min_replicas": 20}}, {}, 21),  # a minimum within the room (past it: refused, below)
+    (None, {}, 21),  # every key of a section commented out: YAML's null
+    ({"autoscaling": None}, {}, 21),
 ])
 def test_left_out_max_replicas_becomes_what_the_workers_hold(serving, workers, expected):
     doc = {"models": [{"name": "m", "base_model": "b", "labels": ["a", "b"]}], "storage": {"root": "s3://b/tl", "journal_dir": "/j"},
@@ -195,10 +197,10 @@ def test_several_models_share_the_replicas_the_workers_hold():
 @pytest.mark.parametrize(("sections", "message"), [
     ({"serving": {"num_gpus_per_replica": 1}, "deploy": {"workers": {"gpus_per_worker": 0}}},
      "serving.num_gpus_per_replica is 1 but a worker node has 0 (deploy.workers.gpus_per_worker)"),
-    ({"serving": {"num_cpus_per_replica": 16}}, "serving.num_cpus_per_replica is 16 but a worker node has 8"),
+    ({"serving": {"num_cpus_per_replica": 16}}, "serving.num_cpus_per_replica is 16 but a worker node has 7"),
     ({"training": {"use_gpu": True}, "deploy": {"workers": {"gpus_per_worker": 0}}},
      "training.gpus_per_worker is 1 but a worker node has 0"),
-    ({"training": {"cpus_per_worker": 12}}, "training.cpus_per_worker is 12 but a worker node has 8"),
+    ({"training": {"cpus_per_worker": 12}}, "training.cpus_per_worker is 12 but a worker node has 7"),
     ({"serving": {"resources_per_replica": {"serving-node": 1}}},
      "serving.resources_per_replica asks for {'serving-node': 1.0}, which no rendered node offers"),
     ({"training": {"resources_per_worker": {"trainer": 1}}}, "training.resources_per_worker asks for"),
@@ -226,6 +228,9 @@ def test_an_aws_cluster_on_a_bucket_needs_the_workers_instance_profile():
     doc["deploy"] = {"aws": {"worker_instance_profile_arn": "arn:aws:iam::1:instance-profile/w"}}
     node = manifests.launcher(parse_config(doc), "aws")["available_node_types"]["gpu_worker"]["node_config"]
     assert node["IamInstanceProfile"] == {"Arn": "arn:aws:iam::1:instance-profile/w"}
+    doc["deploy"]["aws"]["head_instance_profile_arn"] = "arn:aws:iam::1:instance-profile/h"  # may pass the workers' role
+    head = manifests.launcher(parse_config(doc), "aws")["available_node_types"]["head"]["node_config"]
+    assert head["IamInstanceProfile"] == {"Arn": "arn:aws:iam::1:instance-profile/h"}
 
 
 def test_a_gpu_count_the_instance_type_lacks_is_refused_and_mounts_keep_clear_of_the_image():
