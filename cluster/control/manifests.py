@@ -361,7 +361,8 @@ def kuberay(cfg: TuneloopConfig, doc: dict[str, Any]) -> dict[str, list[dict[str
             {   # Prometheus Operator: Ray's metrics agent on every node of every cluster
                 # (serving and training jobs): Serve's, Ray Train's and the nodes' own series.
                 "apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
-                "metadata": {"name": f"{d.name}-ray", **meta, "labels": _labels(cfg, "monitoring")},
+                "metadata": {"name": f"{d.name}-ray", **meta,
+                             "labels": {**d.monitor_labels, **_labels(cfg, "monitoring")}},
                 "spec": {"selector": {"matchLabels": {"app.kubernetes.io/instance": d.name}},
                          "podMetricsEndpoints": [{"port": "metrics", "interval": "15s"}]},
             },
@@ -370,7 +371,8 @@ def kuberay(cfg: TuneloopConfig, doc: dict[str, Any]) -> dict[str, list[dict[str
                 # The feedback-derived series need a key that may read feedback statistics:
                 # the Secret's TUNELOOP_METRICS_KEY (`tuneloop keys create metrics`).
                 "apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
-                "metadata": {"name": f"{d.name}-tuneloop", **meta, "labels": _labels(cfg, "monitoring")},
+                "metadata": {"name": f"{d.name}-tuneloop", **meta,
+                             "labels": {**d.monitor_labels, **_labels(cfg, "monitoring")}},
                 "spec": {"selector": {"matchLabels": {"app.kubernetes.io/instance": d.name,
                                                       "app.kubernetes.io/component": SERVING_HEAD}},
                          "podMetricsEndpoints": [{

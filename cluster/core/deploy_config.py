@@ -127,6 +127,9 @@ class DeployConfig(Section):
         default=None, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
         description="the Kubernetes service account every pod runs as (bucket access through IRSA or "
                     "GKE Workload Identity, instead of keys in the Secret); None: the namespace's default")
+    monitor_labels: dict[str, str] = Field(default_factory=dict, description=(
+        "labels added to the PodMonitors, for the Prometheus that selects them: kube-prometheus-stack selects "
+        "release: <its Helm release> by default, and ignored PodMonitors without it silently"))
     config_dir: str = Field(default="/etc/tuneloop", description="where the config's ConfigMap is mounted")
     journal_dir: str = Field(default="/var/lib/tuneloop/journal", description="where the journal volume is mounted")
     aws: AwsConfig = AwsConfig()

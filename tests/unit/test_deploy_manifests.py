@@ -432,3 +432,17 @@ def test_waiting_for_ready_says_how_the_pods_stand_between_tries(tmp_path, ready
     result = subprocess.run(["sh", "-c", operate.wait_until_ready(str(failing), "svc", poll_s=0, tries=2)],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 1 and "kubectl: error: the server doesn't have a resource type rayservice" in result.stderr
+
+
+def test_podmonitors_carry_the_labels_a_prometheus_selects_on():
+    """A stock kube-prometheus-stack selects PodMonitors labelled release: <its release>, and
+    ignored tuneloop's silently: no series, and only TuneloopDown to say so."""
+    doc = {"models": [{"name": "m", "base_model": "b", "labels": ["a", "b"]}],
+           "storage": {"root": "s3://b/tl", "journal_dir": "/j"},
+           "deploy": {"monitor_labels": {"release": "kube-prometheus-stack"}}}
+    cfg = parse_config(doc)
+    monitors = [d for d in manifests.kuberay(cfg, doc)["podmonitor.yaml"] if d["kind"] == "PodMonitor"]
+    assert len(monitors) == 2
+    for monitor in monitors:
+        labels = monitor["metadata"]["labels"]
+        assert labels["release"] == "kube-prometheus-stack" and labels["app.kubernetes.io/part-of"] == "tuneloop"
