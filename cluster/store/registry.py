@@ -185,6 +185,20 @@ def parse_stored(storage: Storage, document: type[_Doc], raw: Any, rel: str) -> 
     raise CorruptStoredFile(storage.location(rel), why)
 
 
+def update_stored(storage: Storage, document: type[_Doc], rel: str, change: Callable[[_Doc | None], _Doc]) -> _Doc:
+    """``Storage.update_json`` of a stored document, read as ``document`` (None when absent)
+    and changed by ``change`` (pure: compare-and-swap may run it again). One cut or edited
+    by hand raises CorruptStoredFile naming it, as ``read_stored`` does for a read."""
+
+    def apply(raw: Any | None) -> Any:
+        return change(None if raw is None else parse_stored(storage, document, raw, rel)).model_dump(mode="json")
+
+    try:
+        return document.model_validate(storage.update_json(rel, apply))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # not JSON: found reading it, before ``change``
+        raise CorruptStoredFile(storage.location(rel), f"{type(e).__name__}: {e}") from None
+
+
 def _stage_of(rollout: Rollout) -> tuple:
     """Where a rollout stands: a step or a pause leaves another value."""
     return rollout.stage, rollout.step, rollout.stage_started_at
@@ -472,17 +486,13 @@ class Registry:
         back the manifest it had read, naming a build whose files the other had just removed."""
         if not _VERSION.match(version):
             raise UnknownVersion(model, version)
-        rel = f"{self._dir(model, version)}/{MANIFEST}"
 
-        def apply(raw: Any | None) -> Any:
-            if raw is None:
+        def apply(manifest: Manifest | None) -> Manifest:
+            if manifest is None:
                 raise UnknownVersion(model, version)
-            return change(parse_stored(self.storage, Manifest, raw, rel)).model_dump(mode="json")
+            return change(manifest)
 
-        try:
-            return Manifest.model_validate(self.storage.update_json(rel, apply))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # a cut or hand-edited manifest
-            raise CorruptStoredFile(self.storage.location(rel), f"{type(e).__name__}: {e}") from None
+        return update_stored(self.storage, Manifest, f"{self._dir(model, version)}/{MANIFEST}", apply)
 
     def record_switch(self, model: str, version: str, replica: str, at: datetime | None = None) -> None:
         """A serving replica started answering with ``version`` (once per replica and version)."""
@@ -763,10 +773,10 @@ class Registry:
         history already holds changes nothing: the state is answered as it is now."""
         rel = f"{self._dir(model)}/{STATE}"
 
-        def change(raw: dict | None) -> dict:
+        def change(state: RegistryState | None) -> RegistryState:
             # A state.json cut or edited by hand: 503 corrupt_stored_file, as its reads answer
             # (a promote or rollback on it was a 500 while the operator was repairing things).
-            state = RegistryState() if raw is None else parse_stored(self.storage, RegistryState, raw, rel)
+            state = RegistryState() if state is None else state
             if state.carried_out(request):
                 raise _Unchanged(state)  # a retry of a request that was carried out
             if expect_production is not UNCHECKED and state.production != expect_production:
@@ -777,11 +787,9 @@ class Registry:
             entry.generation, entry.request = state.generation, request
             state.production = entry.production
             state.history.append(entry)
-            return state.model_dump(mode="json")
+            return state
 
         try:
-            return RegistryState.model_validate(self.storage.update_json(rel, change))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # not JSON: found reading it, before ``change``
-            raise CorruptStoredFile(self.storage.location(rel), f"{type(e).__name__}: {e}") from None
+            return update_stored(self.storage, RegistryState, rel, change)
         except _Unchanged as unchanged:
             return unchanged.state  # as read under the update: a second read could race a writer
