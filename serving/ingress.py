@@ -257,13 +257,12 @@ class BodyGuard:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        try:
-            if body.strip():
-                load_json(body)
-        except TuneloopError as e:
-            self.budget.give(len(body))
-            return await error_response(e)(scope, receive, send)
-        try:
+        try:  # held until answered, whatever the answer
+            try:
+                if body.strip():
+                    load_json(body)
+            except TuneloopError as e:
+                return await error_response(e)(scope, receive, send)
             await self.app(scope, replay, send)
         finally:
             self.budget.give(len(body))

@@ -67,6 +67,8 @@ from tuneloop.serving.predict_request import (
 )
 
 log = logging.getLogger("ray.serve")
+CLIENT_HEADER = "x-client-id"  # keeps a client on one version through a canary step
+LOAD_RETRY_S, LOAD_RETRY_MAX_S = 10.0, 600.0  # a version that failed to load is tried again, doubling
 
 
 def request_outcome(error: TuneloopError) -> str:
@@ -80,8 +82,6 @@ def request_outcome(error: TuneloopError) -> str:
     if error.status < 500:
         return "invalid"
     return "rejected" if isinstance(error, Overloaded) else "unavailable"
-CLIENT_HEADER = "x-client-id"  # keeps a client on one version through a canary step
-LOAD_RETRY_S, LOAD_RETRY_MAX_S = 10.0, 600.0  # a version that failed to load is tried again, doubling
 
 
 def in_flight_limit(s: ServingConfig) -> int:
@@ -355,11 +355,8 @@ class ModelServer:
             raise NotReady(f"model {self.cfg.name!r} has no production version loaded yet" + (f" ({why})" if why else ""))
         if self._in_flight >= self._max_in_flight:
             raise Overloaded(f"model {self.cfg.name!r} is at capacity ({self._in_flight} requests); retry shortly")
-        rollout, challenger = self._rollout, self._challenger
-        if challenger is not None and (rollout is None or challenger.version != rollout.version):
-            # The watcher thread swaps the challenger before the rollout: a new shadow read
-            # beside the old canary's percent answered users for that moment.
-            challenger = None
+        rollout = self._rollout
+        challenger = self._rollouts_challenger(rollout)
         canary = (rollout is not None and rollout.stage == "canary" and challenger is not None
                   and canary_bucket(client or uuid.uuid4().hex) < rollout.percent)
         routed = challenger if canary else self._loaded  # the version a failure counts against
@@ -387,13 +384,20 @@ class ModelServer:
             self._maybe_shadow(challenger, texts, predictions)
         return predictions
 
+    def _rollouts_challenger(self, rollout: Rollout | None) -> LoadedModel | None:
+        """The challenger, if it is ``rollout``'s version (the rollout as the caller read it):
+        the watcher thread swaps the challenger before the rollout, and a new shadow, read
+        beside the old canary's percent, answered users for that moment."""
+        challenger = self._challenger
+        mine = challenger is not None and rollout is not None and challenger.version == rollout.version
+        return challenger if mine else None
+
     async def _predict_batch(self, role: str, texts: list[str]) -> list[dict[str, Any]]:
         # Pin one version for the whole batch; a challenger gone meanwhile (its rollout
         # ended), or not the rollout's (the next one swapped in first, a shadow), leaves its
         # queued texts to production: none is dropped, and none answered by a shadow.
-        challenger, rollout = self._challenger, self._rollout
-        mine = challenger is not None and rollout is not None and challenger.version == rollout.version
-        loaded = challenger if role == "challenger" and mine else self._loaded
+        challenger = self._rollouts_challenger(self._rollout)
+        loaded = challenger if role == "challenger" and challenger is not None else self._loaded
         batcher = self._challenger_batcher if role == "challenger" else self._batcher
         self._computing += 1
         try:
