@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from tuneloop.control.deploy_cli import deploy_app, known_model
+from tuneloop.control.deploy_cli import deploy_app, known_model, stored_root
 from tuneloop.core.config import ConfigError, TuneloopConfig, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Serve, collect feedback, fine-tune, roll out.")
@@ -23,20 +23,6 @@ def _load(config: str | None) -> TuneloopConfig:
     except ConfigError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(2) from None
-
-
-def _stored(cfg: TuneloopConfig):
-    """The storage root a command reads: a local one that is not there is said so (a typo
-    in storage.root read as a fresh install: "no versions yet", "production none")."""
-    from tuneloop.store.storage import Storage
-
-    root = cfg.storage.root
-    if "://" not in root and not os.path.isdir(root):
-        why = ("is a file, not a folder" if os.path.exists(root) else
-               "does not exist: nothing has run with this config (or storage.root is not where it ran)")
-        typer.echo(f"tuneloop: storage root {root} {why}", err=True)
-        raise typer.Exit(2)
-    return Storage(root)
 
 
 @app.command()
@@ -132,7 +118,7 @@ def versions(model: str, config: str | None = ConfigOption) -> None:
     cfg = _load(config)
     known_model(cfg, model)
     gated = model_task(cfg.model(model)).gate_metric
-    registry = Registry(_stored(cfg))
+    registry = Registry(stored_root(cfg))
     production = registry.production(model)
     published = registry.versions(model)
     if not published:
@@ -160,7 +146,7 @@ def optimize(model: str, version: str, config: str | None = ConfigOption) -> Non
 
     cfg = _load(config)
     known_model(cfg, model)
-    registry = Registry(_stored(cfg))
+    registry = Registry(stored_root(cfg))
     try:
         registry.manifest(model, version)  # before torch is imported: a mistyped version says so at once
     except UnknownVersion as e:
@@ -196,7 +182,7 @@ def lineage(
     from tuneloop.store.registry import Registry
 
     cfg = _load(config)
-    storage = _stored(cfg)
+    storage = stored_root(cfg)
     registry = Registry(storage)
     try:
         if version is not None:
@@ -253,7 +239,7 @@ def rollout(
     if action != "step" and at is not None:
         typer.echo(f"--at goes with step, not with {action}", err=True)
         raise typer.Exit(2)
-    registry = Registry(_stored(cfg))
+    registry = Registry(stored_root(cfg))
     if action == "status":
         state = registry.state(model)
     else:
@@ -296,7 +282,7 @@ def status(
     cfg = _load(config)
     if model is not None:
         known_model(cfg, model)
-    registry = Registry(_stored(cfg))
+    registry = Registry(stored_root(cfg))
     names = [model] if model else [m.name for m in cfg.models]
     states = {name: registry.state(name) for name in names}
     if as_json:
@@ -326,7 +312,7 @@ def feedback_stats_cmd(model: str, config: str | None = ConfigOption) -> None:
     cfg = _load(config)
     known_model(cfg, model)
     tasks = model_tasks(cfg.models)
-    store = FeedbackStore(_stored(cfg), cfg.storage.journal_path(), tasks)
+    store = FeedbackStore(stored_root(cfg), cfg.storage.journal_path(), tasks)
     typer.echo(json.dumps(feedback_stats(model, tasks[model], store.read_all(model, without_text=True)), indent=2))
 
 
@@ -342,7 +328,7 @@ def feedback_keys_cmd(model: str, config: str | None = ConfigOption) -> None:
 
     cfg = _load(config)
     known_model(cfg, model)
-    tasks, storage = model_tasks(cfg.models), _stored(cfg)
+    tasks, storage = model_tasks(cfg.models), stored_root(cfg)
     task = tasks[model]
     # In arrival order, as a job reads them: a key's vote on a text is its newest answer.
     rows = sorted(FeedbackStore(storage, cfg.storage.journal_path(), tasks).read_all(model), key=arrival_order)
@@ -365,7 +351,7 @@ def feedback_release_cmd(model: str, key_id: str = typer.Argument(..., help="a q
     cfg = _load(config)
     known_model(cfg, model)
     try:
-        verdict = QuarantineBook(_stored(cfg)).release(model, key_id)
+        verdict = QuarantineBook(stored_root(cfg)).release(model, key_id)
     except NotQuarantined as e:
         typer.echo(e.message, err=True)
         raise typer.Exit(2) from None
@@ -399,7 +385,7 @@ def keys_list(config: str | None = ConfigOption) -> None:
 
     cfg = _load(config)
     try:
-        keys = KeyRing(cfg.auth, _stored(cfg)).keys()
+        keys = KeyRing(cfg.auth, stored_root(cfg)).keys()
     except ConfigError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(2) from None
@@ -419,7 +405,7 @@ def keys_revoke(key_id: str = typer.Argument(..., help="the key's id, as `tunelo
 
     cfg = _load(config)
     try:  # a root that is not there holds no key, and a mistyped one is not made
-        key = revoke_stored_key(cfg.auth, _stored(cfg), key_id)
+        key = revoke_stored_key(cfg.auth, stored_root(cfg), key_id)
     except (RevokeError, ConfigError) as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(2) from None

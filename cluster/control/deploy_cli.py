@@ -31,6 +31,20 @@ def known_model(cfg: TuneloopConfig, model: str) -> None:
         raise typer.Exit(2)
 
 
+def stored_root(cfg: TuneloopConfig):
+    """The storage root a command reads: a local one that is not there is said so (a typo
+    in storage.root read as a fresh install: "no versions yet", "production none")."""
+    from tuneloop.store.storage import Storage
+
+    root = cfg.storage.root
+    if "://" not in root and not os.path.isdir(root):
+        why = ("is a file, not a folder" if os.path.exists(root) else
+               "does not exist: nothing has run with this config (or storage.root is not where it ran)")
+        typer.echo(f"tuneloop: storage root {root} {why}", err=True)
+        raise typer.Exit(2)
+    return Storage(root)
+
+
 def _load(config: str | None) -> tuple[TuneloopConfig, dict[str, Any]]:
     try:
         cfg = load_config(config)
@@ -119,7 +133,6 @@ def rollout_cmd(model: str, version: str | None = typer.Argument(None, help="the
     serving.reload_interval_s, without a restart and without dropping a request."""
     from tuneloop.core.errors import Conflict, UnknownVersion
     from tuneloop.store.registry import Registry
-    from tuneloop.store.storage import Storage
 
     cfg, _ = _load(config)
     known_model(cfg, model)
@@ -130,10 +143,7 @@ def rollout_cmd(model: str, version: str | None = typer.Argument(None, help="the
     typer.echo(f"# {what} of {model} in {cfg.storage.root}")
     if dry_run:
         return
-    if "://" not in cfg.storage.root and not os.path.isdir(cfg.storage.root):  # a typo: not made by the state's lock
-        typer.echo(f"storage root {cfg.storage.root} does not exist: nothing has run with this config", err=True)
-        raise typer.Exit(2)
-    registry = Registry(Storage(cfg.storage.root))
+    registry = Registry(stored_root(cfg))  # a mistyped local root is said so, not made by the state's lock
     try:
         state = (registry.rollback(model, reason="tuneloop deploy rollout --rollback", labels=cfg.model(model).labels)
                  if rollback else
