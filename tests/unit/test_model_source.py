@@ -47,3 +47,10 @@ def test_a_repo_without_safetensors_gives_its_pytorch_weights(tmp_path, monkeypa
     resolve_model_source("org/old-bert")
     assert "pytorch_model.bin" in fetched(tmp_path) and "openvino/openvino_model.bin" not in fetched(tmp_path)
     assert len(calls) == 2
+
+
+def test_a_local_folder_named_relatively_resolves_to_its_absolute_path(tmp_path, monkeypatch):
+    """A Ray worker opens it from its own working directory, where the relative name means nothing."""
+    (tmp_path / "models" / "teacher").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_source("models/teacher") == str(tmp_path / "models" / "teacher")
