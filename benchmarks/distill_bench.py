@@ -1,14 +1,17 @@
 """Distillation: a student's accuracy and serving speed against its teacher's, in one run.
 
     .venv/bin/python benchmarks/distill_bench.py [--rows 6000] [--student-layers 2] [--epochs 3]
+    .venv/bin/python benchmarks/distill_bench.py --base-model .cache/models/all-mpnet-base-v2 \
+        --student-base sentence-transformers/all-MiniLM-L6-v2   # a BERT-base-sized teacher
     .venv/bin/python benchmarks/distill_bench.py --smoke      # tiny models, generated texts: checks the table
 
 Three tuneloop jobs on the same SST-2 train rows (a fixed sample), SST-2 dev as the golden
 set, each followed by the job's optimization (ONNX, int8, parity, speeds) as in production:
 
-1. **teacher**: MiniLM-L6 fine-tuned on the rows (``--teacher-epochs``);
-2. **student**: ``distill.student_layers`` of the teacher's layers, trained on the teacher's
-   soft labels and the rows' own (``distill.alpha``, ``distill.temperature``);
+1. **teacher**: ``--base-model`` (MiniLM-L6) fine-tuned on the rows (``--teacher-epochs``);
+2. **student**: ``distill.student_layers`` of the teacher's layers, or ``--student-base``
+   (another pretrained model, its own tokenizer), trained on the teacher's soft labels and
+   the rows' own (``distill.alpha``, ``distill.temperature``);
 3. **student, hard labels only**: the same student with ``alpha: 0``: what the soft labels add.
 
 Speed, each model on its own: texts/s of the model alone per runtime (what the optimizer
@@ -75,7 +78,11 @@ def data(args, work: Path) -> tuple[str, str, list[str]]:
 
 def config(args, work: Path, base_model: str, seed: str, golden: str):
     student = {"labels": LABELS, "training": {"epochs": args.epochs, "learning_rate": args.student_lr}}
-    distill = {"teacher": "teacher", "student_layers": args.student_layers, "temperature": args.temperature}
+    distill = {"teacher": "teacher", "temperature": args.temperature}
+    if args.student_base:
+        student["base_model"] = resolve_model_source(args.student_base)
+    else:
+        distill["student_layers"] = args.student_layers
     return parse_config({
         "models": [
             {"name": "teacher", "base_model": base_model, "labels": LABELS, "seed_dataset": seed,
@@ -109,7 +116,8 @@ def train_all(cfg) -> dict[str, dict]:
             raise SystemExit(f"the {name} job did not succeed: {outcome.job.error or outcome.job.message}")
         speeds = m.optimization.texts_per_s.get(hardware, {}) if m.optimization else {}
         auto = choose_runtime("auto", m.optimization, hardware)[0]
-        layers = transformers.AutoConfig.from_pretrained(_local(cfg, name, m.version)).num_hidden_layers
+        arch = transformers.AutoConfig.from_pretrained(_local(cfg, name, m.version))
+        layers = f"{arch.num_hidden_layers} x {arch.hidden_size}"
         out[name] = {"accuracy": m.metrics.accuracy, "f1": m.metrics.f1, "speeds": speeds, "auto": auto,
                      "version": m.version,
                      "layers": layers, "job_s": time.perf_counter() - t0,
@@ -192,6 +200,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3, help="the students' epochs")
     ap.add_argument("--student-lr", type=float, default=1e-4, help="the students' learning rate (the teacher's: 5e-5)")
     ap.add_argument("--student-layers", type=int, default=2, help="distill.student_layers")
+    ap.add_argument("--student-base", default=None,
+                    help="the students' base_model (HF id or local path) instead of --student-layers")
     ap.add_argument("--alpha", type=float, default=0.5, help="distill.alpha of the student")
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=2, help="a replica's threads (and the training worker's)")
@@ -240,7 +250,7 @@ def table(args, trained: dict, served: dict) -> str:
     lines = [f"{source}; teacher {args.teacher_epochs} epoch(s), students "
              f"{args.epochs} at learning rate {args.student_lr:g}, temperature {args.temperature:g}; {args.threads} threads "
              "a replica", "",
-             "| model | layers | SST-2 dev accuracy | vs teacher (points) | serves | model alone, torch texts/s "
+             "| model | layers x hidden | SST-2 dev accuracy | vs teacher (points) | serves | model alone, torch texts/s "
              "(at publish) | model alone, served runtime texts/s (back to back) | × teacher (alone) |",
              "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
     for name in MODELS:
