@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from collections import Counter as _Tally
 from collections import defaultdict
@@ -26,7 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from tuneloop.core.rollout import VersionHealth
 from tuneloop.store.jobs import JobStore
-from tuneloop.store.registry import Registry, RegistryState
+from tuneloop.store.registry import Registry, RegistryState, is_version_name, version_number
 
 log = logging.getLogger(__name__)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -194,18 +193,6 @@ _ROLLOUT_EVENTS = ("rollout", "step", "promote", "abort", "pause", "resume", "al
 _DECIDED_BY = ("automatic", "job", "operator")
 
 
-# A job's reason starts with its id (store/jobs.py), after the stage a rollout's reason
-# leads with ("shadow: job 0123456789abcdef: ...", store/registry.py).
-_JOB_REASON = re.compile(r"^(?:(?:shadow|canary)(?: [0-9.]+%)?: )?job [0-9a-f]{16}\b")
-
-
-def _decided_by(entry) -> str:
-    """automatic: the rollout driver, which records the numbers it saw; job: a training job
-    promoting what its gate passed, or starting its rollout; operator: by hand."""
-    if entry.numbers is not None:
-        return "automatic"
-    return "job" if _JOB_REASON.match(entry.reason) else "operator"
-
 
 class RolloutCollector:
     """A rollout's traffic and decisions, read from the registry's state at scrape time:
@@ -234,10 +221,10 @@ class RolloutCollector:
                 role, value = ("canary", canary) if r.stage == "canary" else ("shadow", self.shadow_percent / 100)
                 share.add_metric([model, r.version, role], value)
                 alert.add_metric([model, r.version], float(r.alerted))
-            tally = _Tally((h.event, _decided_by(h)) for h in state.history if h.event in _ROLLOUT_EVENTS)
+            tally = state.decisions()  # HistoryEntry.decided_by, archived entries included
             for event in _ROLLOUT_EVENTS:  # from 0, so that increase() sees the first one
                 for by in _DECIDED_BY:
-                    events.add_metric([model, event, by], tally[event, by])
+                    events.add_metric([model, event, by], tally.get((event, by), 0))
         yield share
         yield events
         yield alert
@@ -328,16 +315,24 @@ class InServiceCollector:
     ``RETIRED_SERIES_S`` ago (``RegistryState.in_service_since``). A replica's counters live
     in its multiprocess files for good, so a model retrained every hour would otherwise
     expose a dozen latency, batch and token histograms per node for every version it ever
-    had. A version back in service (a rollback to it) shows its series again."""
+    had. A version back in service (a rollback to it) shows its series again. ``in_service``:
+    model -> (its versions in service since, the newest version its state names); newer
+    versions than that show, and so do all of a model left out (its state unread)."""
 
-    def __init__(self, source: Any, retired: dict[str, set[str]]):
-        self.source, self.retired = source, retired
+    def __init__(self, source: Any, in_service: dict[str, tuple[set[str], int]]):
+        self.source, self.in_service = source, in_service
 
     def collect(self):
         for family in self.source.collect():
-            family.samples = [s for s in family.samples
-                              if s.labels.get("version") not in self.retired.get(s.labels.get("model"), ())]
+            family.samples = [s for s in family.samples if not self._retired(s.labels)]
             yield family
+
+    def _retired(self, labels: dict[str, str]) -> bool:
+        version, known = labels.get("version"), self.in_service.get(labels.get("model"))
+        if known is None or not is_version_name(version):
+            return False
+        kept, newest = known
+        return version not in kept and version_number(version) <= newest
 
 
 def _states(registry: Registry, models: list[str]) -> dict[str, RegistryState]:
@@ -374,10 +369,10 @@ def render(jobs: JobStore, running_replicas: Callable[[], dict[str, int]], regis
     else:  # one process (unit use): its own default registry holds everything
         served = REGISTRY
     since = datetime.now(UTC) - timedelta(seconds=RETIRED_SERIES_S)
-    retired = {m: state.named() - state.in_service_since(since) for m, state in states.items()}
+    in_service = {m: (state.in_service_since(since), state.newest_named()) for m, state in states.items()}
     out = b""
     for source in (served, runs):
         shown = CollectorRegistry(auto_describe=False)
-        shown.register(InServiceCollector(source, retired))
+        shown.register(InServiceCollector(source, in_service))
         out += generate_latest(shown)
     return out

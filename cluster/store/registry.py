@@ -4,6 +4,7 @@ Layout under the storage root::
 
     registry/<model>/<version>/        save_pretrained output + manifest.json
     registry/<model>/state.json        {"production": "v2", "generation": 7, "history": [...]}
+    registry/<model>/history/<n>.json  state.json's older history entries, from the n-th on
     registry/<model>/.claims/<version> who took a version number (written first, never removed)
     registry/<model>/switches/<version>/<replica>.json
                                        when each serving replica started answering with a version
@@ -17,7 +18,8 @@ and a publisher that dies mid-copy leaves a gap in the numbers, not a broken ver
 
 Production moves only through ``Registry._transition``: a read-modify-write of state.json
 (``Storage.update``: under a flock locally, compare-and-swap on object stores) that bumps
-``generation`` and appends one history entry. A training job, an operator's promote and an
+``generation`` and appends one history entry (older entries move to ``history/``,
+``_archive_history``). A training job, an operator's promote and an
 operator's rollback can race, from any host; they take turns, and ``expect_production``
 lets a job refuse to overwrite a decision made while it ran.
 """
@@ -34,7 +36,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
 
 import pyarrow as pa
@@ -61,6 +63,20 @@ GOLDEN = "golden.parquet"  # beside the versions: the model's frozen golden set
 STATE = "state.json"
 CLAIMS = ".claims"
 SWITCHES = "switches"
+HISTORY = "history"
+# Replicas read state.json every serving.reload_interval_s, and a model retrained hourly adds
+# four or five entries an hour (candidate, rollout, steps, promote): years of them made it
+# megabytes. It keeps at most ARCHIVE_AT entries; then the oldest HISTORY_CHUNK, once a
+# day old (a burst of changes stays whole for a day), go to history/<n>.json. Fixed chunks
+# give a chunk one content whichever writer archives it: compare-and-swap may run the
+# change twice, or two writers each write the same file.
+HISTORY_CHUNK = 100
+ARCHIVE_AT = 2 * HISTORY_CHUNK
+ARCHIVE_AFTER = timedelta(days=1)
+ROLLBACK_DEPTH = 50  # the production versions a state remembers to roll back to, at most
+# A job's reason starts with its id (store/jobs.py), after the stage a rollout's reason
+# leads with ("shadow: job 0123456789abcdef: ...", ``Registry.start_rollout``).
+_JOB_REASON = re.compile(r"^(?:(?:shadow|canary)(?: [0-9.]+%)?: )?job [0-9a-f]{16}\b")
 
 
 class _Unchecked:
@@ -204,6 +220,10 @@ def _stage_of(rollout: Rollout) -> tuple:
     return rollout.stage, rollout.step, rollout.stage_started_at
 
 
+def is_version_name(name: str | None) -> bool:
+    return name is not None and _VERSION.match(name) is not None
+
+
 def version_number(version: str) -> int:
     m = _VERSION.match(version)
     if not m:
@@ -276,6 +296,47 @@ class HistoryEntry(BaseModel):
     # and action): a retried rollback then moves production once, not twice.
     request: str | None = None
 
+    @property
+    def decided_by(self) -> str:
+        """automatic: the rollout driver, which records the numbers it saw; job: a training
+        job promoting what its gate passed, or starting its rollout; operator: by hand."""
+        if self.numbers is not None:
+            return "automatic"
+        return "job" if _JOB_REASON.match(self.reason) else "operator"
+
+    def when(self) -> datetime:
+        at = datetime.fromisoformat(self.at)
+        return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+class ArchivedHistory(BaseModel):
+    """What the entries moved from state.json to ``history/`` said that readers of the state
+    need: where production was after them, what a rollback returns to, what was decided."""
+
+    entries: int = 0  # how many: the next chunk's file is history/<entries + 1>.json
+    production: str | None = None  # production after the last of them
+    rollback_stack: list[str] = Field(default_factory=list)  # RegistryState.rollback_target's, after them
+    decisions: dict[str, int] = Field(default_factory=dict)  # "<event> <decided_by>": how many
+
+
+def _rollback_stack(entries: list[HistoryEntry], stack: list[str]) -> list[str]:
+    """Production's versions to roll back to, newest last, after ``entries`` on top of
+    ``stack``: promotions push, rollbacks pop; candidates and challengers never were
+    production."""
+    stack = list(stack)
+    for entry in entries:
+        if entry.event == "rollback":
+            # Back to the entry's production: in state files from before a repeated promotion
+            # was a no-op, a rollback could land where it started.
+            if entry.production in stack:
+                while stack[-1] != entry.production:
+                    stack.pop()
+            elif stack:
+                stack.pop()
+        elif entry.event == "promote" and entry.production is not None and stack[-1:] != [entry.production]:
+            stack.append(entry.production)  # a repeated promotion (older state files have them) is one
+    return stack
+
 
 BODY = " body="  # in a request id: what follows is the request body's fingerprint
 
@@ -292,7 +353,8 @@ class RegistryState(BaseModel):
     production: str | None = None
     generation: int = 0
     rollout: Rollout | None = None  # the challenger under way, if any
-    history: list[HistoryEntry] = Field(default_factory=list)
+    history: list[HistoryEntry] = Field(default_factory=list)  # the newest changes, oldest first
+    archived: ArchivedHistory = Field(default_factory=ArchivedHistory)  # the older ones, in history/
 
     def carried_out(self, request: str | None) -> bool:
         """Whether an operator's ``request`` (``HistoryEntry.request``) is in the history.
@@ -314,39 +376,56 @@ class RegistryState(BaseModel):
         challenger now, and every version a change of the state since then named, or moved
         production away from (pure: ``since`` is the caller's clock)."""
         served = {self.production, self.rollout.version if self.rollout else None}
-        before: str | None = None  # production before each entry
+        before = self.archived.production  # production before each entry
         for entry in self.history:
-            at = datetime.fromisoformat(entry.at)
-            if (at if at.tzinfo else at.replace(tzinfo=UTC)) >= since:
+            if entry.when() >= since:
                 served |= {entry.production, entry.version, before}
             before = entry.production
         served.discard(None)
         return served
 
-    def named(self) -> set[str]:
-        """Every version the state or its history names."""
-        out = {self.production, self.rollout.version if self.rollout else None}
-        out |= {v for e in self.history for v in (e.production, e.version)}
-        out.discard(None)
+    def newest_named(self) -> int:
+        """The highest version number the state names (0: none). Any version up to it that is
+        not in service now left it, or never served: entries moved to history/ named the
+        older ones."""
+        named = {self.production, self.archived.production, self.rollout.version if self.rollout else None}
+        named |= {v for e in self.history for v in (e.production, e.version)}
+        return max((version_number(v) for v in named if is_version_name(v)), default=0)
+
+    def decisions(self) -> dict[tuple[str, str], int]:
+        """How many changes of each event each decider made: (event, decided_by) -> count,
+        the archived ones included."""
+        out: dict[tuple[str, str], int] = {}
+        for key, n in self.archived.decisions.items():
+            event, by = key.split(" ", 1)
+            out[event, by] = out.get((event, by), 0) + n
+        for e in self.history:
+            out[e.event, e.decided_by] = out.get((e.event, e.decided_by), 0) + 1
         return out
 
     def rollback_target(self) -> str | None:
         """The production before the current one: promotions stack up, rollbacks pop, so
-        rolling back twice after v1, v2, v3 lands on v1. Candidates and challengers never
-        were production."""
-        stack: list[str] = []
-        for entry in self.history:
-            if entry.event == "rollback":
-                # Back to the entry's production: in state files from before a repeated
-                # promotion was a no-op, a rollback could land where it started.
-                if entry.production in stack:
-                    while stack[-1] != entry.production:
-                        stack.pop()
-                elif stack:
-                    stack.pop()
-            elif entry.event == "promote" and entry.production is not None and stack[-1:] != [entry.production]:
-                stack.append(entry.production)  # a repeated promotion (older state files have them) is one
+        rolling back twice after v1, v2, v3 lands on v1 (``_rollback_stack``)."""
+        stack = _rollback_stack(self.history, self.archived.rollback_stack)
         return stack[-2] if len(stack) >= 2 else None
+
+    def archiving(self, now: datetime) -> tuple[str, list[HistoryEntry]] | None:
+        """(file name under history/, entries) of the chunk due to leave state.json, if one is."""
+        if len(self.history) < ARCHIVE_AT or now - self.history[HISTORY_CHUNK - 1].when() < ARCHIVE_AFTER:
+            return None
+        return f"{self.archived.entries + 1:010d}.json", self.history[:HISTORY_CHUNK]
+
+    def without_oldest(self, entries: list[HistoryEntry]) -> None:
+        """Takes ``entries``, the oldest of the history (``archiving``), out of it, keeping what
+        they said in ``archived``."""
+        a = self.archived
+        decisions = dict(a.decisions)
+        for e in entries:
+            decisions[f"{e.event} {e.decided_by}"] = decisions.get(f"{e.event} {e.decided_by}", 0) + 1
+        self.archived = ArchivedHistory(
+            entries=a.entries + len(entries), production=entries[-1].production, decisions=decisions,
+            rollback_stack=_rollback_stack(entries, a.rollback_stack)[-ROLLBACK_DEPTH:])
+        self.history = self.history[len(entries):]
 
 
 class Registry:
@@ -751,6 +830,17 @@ class Registry:
 
         return self._transition(model, apply, UNCHECKED, request)
 
+    def _archive_history(self, model: str, state: RegistryState) -> None:
+        """Moves the state's oldest history chunk to history/<n>.json when one is due
+        (``RegistryState.archiving``); the file is written before the state that drops them."""
+        due = state.archiving(datetime.now(UTC))
+        if due is None:
+            return
+        name, entries = due
+        self.storage.write_json_atomic(f"{self._dir(model)}/{HISTORY}/{name}",
+                                       [e.model_dump(mode="json") for e in entries])
+        state.without_oldest(entries)
+
     @staticmethod
     def _rollout_of(model: str, state: RegistryState, version: str, judged: Rollout | None = None) -> Rollout:
         """The rollout of ``version``; with ``judged``, only while it is at the stage that
@@ -787,6 +877,7 @@ class Registry:
             entry.generation, entry.request = state.generation, request
             state.production = entry.production
             state.history.append(entry)
+            self._archive_history(model, state)
             return state
 
         try:

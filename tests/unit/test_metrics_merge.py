@@ -115,7 +115,7 @@ def test_resident_weights_are_the_last_replicas_word_per_node(tmp_path):
     assert values == [0.0]
 
 
-def _state(storage, *changes, rollout=None) -> None:
+def _state(storage, *changes, rollout=None, archived=None) -> None:
     """state.json of model m from (minutes ago, event, production after it, version)."""
     from datetime import UTC, datetime, timedelta
 
@@ -125,7 +125,7 @@ def _state(storage, *changes, rollout=None) -> None:
     history = [HistoryEntry(at=iso_time(now - timedelta(minutes=ago)), event=event, production=production,
                             version=version) for ago, event, production, version in changes]
     state = RegistryState(production=history[-1].production, generation=len(history), history=history,
-                          rollout=rollout)
+                          rollout=rollout, **({"archived": archived} if archived else {}))
     storage.write_json_atomic("registry/m/state.json", state.model_dump(mode="json"))
 
 
@@ -157,3 +157,15 @@ def test_a_challenger_of_a_long_rollout_stays_in_the_exposition(tmp_path):
     files = [_counter_file(tmp_path / "a", 7, 1, version=v) for v in ("v1", "v2")]
     _, samples = _rendered(tmp_path, {"aaaa": files})
     assert set(samples) == {("aaaa", "v1"), ("aaaa", "v2")}
+
+
+def test_versions_named_only_by_archived_history_leave_and_its_last_production_stays(tmp_path):
+    """state.json's older entries move to history/ (store/registry.py): a version they alone
+    name is long out of service; production after them served until the first kept change."""
+    from tuneloop.store.registry import ArchivedHistory
+
+    storage = Storage(str(tmp_path / "store"))
+    _state(storage, (10, "promote", "v3", "v3"), archived=ArchivedHistory(entries=100, production="v2"))
+    files = [_counter_file(tmp_path / "a", 7, 1, version=v) for v in ("v1", "v2", "v3")]
+    _, samples = _rendered(tmp_path, {"aaaa": files})
+    assert set(samples) == {("aaaa", "v2"), ("aaaa", "v3")}

@@ -467,3 +467,77 @@ def test_a_nodes_cache_keeps_the_newest_versions_and_those_used_within_the_hour(
     # v2 used a minute ago, v3 asked for, v10-v12 the newest, a download under way, and what is not ours stay.
     assert sorted(p.name for p in models.iterdir()) == ["notes", "v10", "v11", "v12", "v2", "v3", "v5.partial-cd"]
     assert prune_cache(str(tmp_path / "absent"), keep="v1") == []
+
+
+def _old_history(n: int, days_ago: float = 3) -> list[HistoryEntry]:
+    """``n`` entries of a model retrained for days: promotions, rollbacks, candidates, and
+    rollouts by jobs and by the driver (which records its numbers), one a minute, ending
+    ``days_ago`` days ago."""
+    from datetime import UTC, datetime, timedelta
+
+    rng = random.Random(n)
+    start = datetime.now(UTC) - timedelta(days=days_ago, minutes=n)
+    out = []
+    for i in range(n):
+        at, v = (start + timedelta(minutes=i)).isoformat(), f"v{i // 3 + 1}"
+        event = rng.choice(["promote", "promote", "rollback", "candidate", "rollout", "abort"])
+        reason, numbers = rng.choice([("job 0123456789abcdef: passed", None), ("by hand", None), ("", {"p99": 1})])
+        production = out[-1].production if out and event in ("candidate", "rollout", "abort") else v
+        out.append(HistoryEntry(at=at, event=event, production=production, version=v, reason=reason,
+                                numbers=numbers, generation=i + 1))
+    return out
+
+
+def test_old_history_leaves_state_json_in_chunks_and_what_it_said_is_kept(tmp_path, weights):
+    """Replicas read state.json every few seconds: months of hourly retraining made it
+    megabytes. Past 200 entries its oldest 100 (once a day old) move to history/, and the
+    rollback target, the decision counts and production before the kept entries stay."""
+    reg = Registry(Storage(str(tmp_path / "store")))
+    reg.publish("m", weights, _manifest())
+    old = _old_history(199)
+    reg.storage.write_json_atomic("registry/m/state.json", RegistryState(
+        production=old[-1].production, generation=199, history=old).model_dump(mode="json"))
+    whole = RegistryState(production=old[-1].production, history=old)
+
+    state = reg.promote("m", "v1", reason="by hand")  # the 200th entry
+    assert len(state.history) == 100 and state.archived.entries == 100 and state.generation == 200
+    archived = json.loads((tmp_path / "store/registry/m/history/0000000001.json").read_text())
+    assert [HistoryEntry.model_validate(e) for e in archived] == old[:100]
+    assert state.history[:99] == old[100:]
+    # What readers of the state work out is what the whole history gave.
+    whole.history.append(state.history[-1])
+    whole.production = "v1"
+    assert state.rollback_target() == whole.rollback_target()
+    assert state.decisions() == whole.decisions() and sum(state.decisions().values()) == 200
+    assert state.archived.production == old[99].production
+    assert state == reg.state("m")
+    # The next change archives nothing: 101 entries.
+    assert whole.rollback_target() is not None  # not vacuous: there was something to roll back to
+    assert len(reg.rollback("m").history) == 101
+
+
+def test_a_burst_of_changes_stays_in_state_json_for_a_day(tmp_path, weights):
+    reg = Registry(Storage(str(tmp_path / "store")))
+    reg.publish("m", weights, _manifest())
+    recent = _old_history(250, days_ago=0.5)
+    reg.storage.write_json_atomic("registry/m/state.json", RegistryState(
+        production=recent[-1].production, generation=250, history=recent).model_dump(mode="json"))
+    state = reg.promote("m", "v1")
+    assert len(state.history) == 251 and state.archived.entries == 0
+    assert not (tmp_path / "store/registry/m/history").exists()
+
+
+def test_a_rollback_past_archived_promotions_lands_where_the_whole_history_says():
+    from tuneloop.store.registry import HISTORY_CHUNK
+
+    promotions = [HistoryEntry(at="2020-01-01T00:00:00+00:00", event="promote", production=f"v{i}")
+                  for i in range(1, 2 * HISTORY_CHUNK + 1)]
+    state = RegistryState(production=promotions[-1].production, history=list(promotions))
+    state.without_oldest(state.history[:HISTORY_CHUNK])
+    assert state.rollback_target() == f"v{2 * HISTORY_CHUNK - 1}"
+    # Rolling back every kept promotion reaches into the archived ones.
+    for i in range(2 * HISTORY_CHUNK - 1, HISTORY_CHUNK - 2, -1):
+        target = state.rollback_target()
+        assert target == f"v{i}"
+        state.history.append(HistoryEntry(at="2020-01-02T00:00:00+00:00", event="rollback", production=target))
+    assert state.rollback_target() == f"v{HISTORY_CHUNK - 2}"
