@@ -8,6 +8,9 @@ folder's files, and merges each node's (``metrics.render``: one series per node)
 ask: the files are read where they are. (The node folder keeps two nodes of one machine,
 as in the two-node test, from counting each other's files twice.)
 
+A replica starting folds the files of its node's ended processes into one archive per
+kind (serving/metric_compaction.py); readers hold the folder's lock shared meanwhile.
+
 A node that does not answer within ``timeout_s`` is left out of that scrape (and logged), so
 one slow node never fails /metrics; its series miss that scrape (a gap, not a counter reset).
 """
@@ -24,6 +27,7 @@ from contextlib import contextmanager
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from tuneloop.serving.metric_compaction import compact_ended, folder_lock
 from tuneloop.serving.metrics import MULTIPROC_ENV
 
 log = logging.getLogger(__name__)
@@ -43,6 +47,10 @@ def use_node_folder() -> None:
     folder = os.path.join(base, ray.get_runtime_context().get_node_id())
     os.makedirs(folder, mode=0o700, exist_ok=True)
     os.environ[BASE_ENV], os.environ[MULTIPROC_ENV] = base, folder
+    try:
+        compact_ended(folder)  # churn leaves files of ended replicas: scrapes read them all
+    except (OSError, ValueError) as e:  # a cut file, a full disk: the replica serves all the same
+        log.warning("metrics: could not fold ended processes' files in %s: %s", folder, e)
 
 
 def metrics_base() -> str | None:
@@ -77,14 +85,26 @@ def _metric_files(base: str) -> list[str]:
     return [os.path.join(directory, name) for name in sorted(os.listdir(directory)) if name.endswith(".db")]
 
 
+@contextmanager
+def _locked_files(base: str) -> Iterator[list[str]]:
+    """This node's metric files, for the block, which a fold (``compact_ended``) waits out."""
+    directory = _node_folder(base)
+    if not os.path.isdir(directory):
+        yield []
+        return
+    with folder_lock(directory, exclusive=False):
+        yield _metric_files(base)
+
+
 @ray.remote(num_cpus=0, max_retries=0)
 def _node_files(base: str) -> dict[str, bytes]:
     out = {}
-    for path in _metric_files(base):
-        try:
-            out[os.path.basename(path)] = _used_bytes(path)
-        except (FileNotFoundError, struct.error):
-            continue  # a live gauge's file removed as its process ended, or one just created
+    with _locked_files(base) as paths:
+        for path in paths:
+            try:
+                out[os.path.basename(path)] = _used_bytes(path)
+            except (FileNotFoundError, struct.error):
+                continue  # a live gauge's file removed as its process ended, or one just created
     return out
 
 
@@ -102,7 +122,8 @@ def cluster_metric_files(base: str, timeout_s: float = NODE_TIMEOUT_S,
     history as the stage's once it answered)."""
     nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
     if len(nodes) <= 1:
-        yield {node_label(ray.get_runtime_context().get_node_id()): _metric_files(base)}
+        with _locked_files(base) as paths:
+            yield {node_label(ray.get_runtime_context().get_node_id()): paths}
         return
     refs = {node: _node_files.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
                                       ).remote(base) for node in nodes}
