@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Protocol
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 from urllib.parse import parse_qs, urlparse
 
 class ConditionalWrites(Protocol):
@@ -35,6 +36,7 @@ class ConditionalWrites(Protocol):
         False if another writer got there first."""
 
 
+_T = TypeVar("_T")
 READ_ATTEMPTS = 4
 # What a store answers a request it refused before acting on it (its request rate): safe to
 # send again, conditional or not. Not a 500, nor a connection cut, after which a put may have landed.
@@ -48,6 +50,20 @@ def conditional_writes(uri: str) -> ConditionalWrites:
     if scheme in ("gs", "gcs"):
         return _Gcs(uri)
     raise ValueError(f"tuneloop can share state on local paths, s3:// and gs:// roots, not on {uri!r}")
+
+
+def _with_backoff(call: Callable[[], _T], retryable: Callable[[Exception], bool]) -> _T:
+    """``call()``, sent again after a random pause that doubles each time while it raises an
+    error ``retryable`` accepts, READ_ATTEMPTS times in all."""
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except Exception as e:  # noqa: BLE001 - ``retryable`` decides; the rest go up as they are
+            attempt += 1
+            if not retryable(e) or attempt == READ_ATTEMPTS:
+                raise
+        time.sleep(random.uniform(0, 0.05 * 2 ** attempt))
 
 
 def _split(path: str) -> tuple[str, str]:
@@ -87,41 +103,36 @@ class _S3:
         SlowDown; the local endpoint's 500 under a concurrent put) or a connection that
         failed is retried with backoff."""
         bucket, key = _split(path)
-        attempt = 0
-        while True:
+
+        def get() -> tuple[bytes | None, str | None]:
             try:
                 got = self._client.get_object(Bucket=bucket, Key=key)
-                return got["Body"].read(), got["ETag"]
             except self._error as e:
                 if e.response["Error"]["Code"] in ("NoSuchKey", "404"):
                     return None, None
-                attempt += 1
-                if e.response["ResponseMetadata"].get("HTTPStatusCode", 0) < 500 or attempt == READ_ATTEMPTS:
-                    raise
-            except self._transport:
-                attempt += 1
-                if attempt == READ_ATTEMPTS:
-                    raise
-            time.sleep(random.uniform(0, 0.05 * 2 ** attempt))
+                raise
+            return got["Body"].read(), got["ETag"]
+
+        return _with_backoff(get, lambda e: isinstance(e, self._transport) or (
+            isinstance(e, self._error) and e.response["ResponseMetadata"].get("HTTPStatusCode", 0) >= 500))
 
     def write(self, path: str, data: bytes, token: str | None) -> bool:
         """One conditional put; sent again only when the store refused it for its request
         rate (S3_REFUSALS), which writes nothing: a promote hitting S3's SlowDown failed."""
         bucket, key = _split(path)
         condition = {"IfMatch": token} if token is not None else {"IfNoneMatch": "*"}
-        attempt = 0
-        while True:
+
+        def put() -> bool:
             try:
                 self._client.put_object(Bucket=bucket, Key=key, Body=data, **condition)
-                return True
             except self._error as e:
                 # 412: someone wrote first; 409: a concurrent conditional write is in flight.
                 if e.response["ResponseMetadata"].get("HTTPStatusCode") in (409, 412):
                     return False
-                attempt += 1
-                if e.response["Error"].get("Code") not in S3_REFUSALS or attempt == READ_ATTEMPTS:
-                    raise
-            time.sleep(random.uniform(0, 0.05 * 2 ** attempt))
+                raise
+            return True
+
+        return _with_backoff(put, lambda e: isinstance(e, self._error) and e.response["Error"].get("Code") in S3_REFUSALS)
 
 
 class _Gcs:
