@@ -10,7 +10,7 @@ import typer
 
 from tuneloop.control import operate
 from tuneloop.control.manifests import NotClusterable
-from tuneloop.core.config import ConfigError, TuneloopConfig, config_path, load_config, read_config_yaml
+from tuneloop.core.config import ConfigError, TuneloopConfig, load_config_and_document
 
 deploy_app = typer.Typer(no_args_is_help=True, help=(
     "Run tuneloop on a GPU cluster: KubeRay (kubectl) or the Ray cluster launcher (ray up) on AWS or GCP. "
@@ -47,11 +47,10 @@ def stored_root(cfg: TuneloopConfig):
 
 def _load(config: str | None) -> tuple[TuneloopConfig, dict[str, Any]]:
     try:
-        cfg = load_config(config)
+        return load_config_and_document(config)
     except ConfigError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(2) from None
-    return cfg, read_config_yaml(config_path(config))
 
 
 def _render(cfg: TuneloopConfig, doc: dict[str, Any], target: str, folder: str | None) -> Path:

@@ -6,6 +6,8 @@ error names the key and the value that was given. Pure: imports neither ray nor 
 
 from __future__ import annotations
 
+import copy
+
 import difflib
 import hashlib
 import math
@@ -1060,5 +1062,12 @@ def read_config_yaml(path: Path) -> Any:
 
 
 def load_config(explicit: str | None = None) -> TuneloopConfig:
+    return load_config_and_document(explicit)[0]
+
+
+def load_config_and_document(explicit: str | None = None) -> tuple[TuneloopConfig, dict[str, Any]]:
+    """The config, and the YAML document it was read from (what deploy files carry), from
+    one read of the file."""
     path = config_path(explicit)
-    return parse_config(read_config_yaml(path), source=str(path), base_dir=path.resolve().parent)
+    doc = read_config_yaml(path)
+    return parse_config(copy.deepcopy(doc), source=str(path), base_dir=path.resolve().parent), doc
