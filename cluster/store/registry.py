@@ -4,7 +4,7 @@ Layout under the storage root::
 
     registry/<model>/<version>/        save_pretrained output + manifest.json
     registry/<model>/state.json        {"production": "v2", "generation": 7, "history": [...]}
-    registry/<model>/history/<n>.json  state.json's older history entries, from the n-th on
+    registry/<model>/history/<g>.json  state.json's older history entries, from generation g on
     registry/<model>/.claims/<version> who took a version number (written first, never removed)
     registry/<model>/switches/<version>/<replica>.json
                                        when each serving replica started answering with a version
@@ -73,6 +73,7 @@ HISTORY = "history"
 HISTORY_CHUNK = 100
 ARCHIVE_AT = 2 * HISTORY_CHUNK
 ARCHIVE_AFTER = timedelta(days=1)
+ARCHIVE_CHUNKS_AT_ONCE = 20
 ROLLBACK_DEPTH = 50  # the production versions a state remembers to roll back to, at most
 # A job's reason starts with its id (store/jobs.py), after the stage a rollout's reason
 # leads with ("shadow: job 0123456789abcdef: ...", ``Registry.start_rollout``).
@@ -313,8 +314,9 @@ class ArchivedHistory(BaseModel):
     """What the entries moved from state.json to ``history/`` said that readers of the state
     need: where production was after them, what a rollback returns to, what was decided."""
 
-    entries: int = 0  # how many: the next chunk's file is history/<entries + 1>.json
+    entries: int = 0  # how many
     production: str | None = None  # production after the last of them
+    newest: int = 0  # the highest version number they name
     rollback_stack: list[str] = Field(default_factory=list)  # RegistryState.rollback_target's, after them
     decisions: dict[str, int] = Field(default_factory=dict)  # "<event> <decided_by>": how many
 
@@ -336,6 +338,12 @@ def _rollback_stack(entries: list[HistoryEntry], stack: list[str]) -> list[str]:
         elif entry.event == "promote" and entry.production is not None and stack[-1:] != [entry.production]:
             stack.append(entry.production)  # a repeated promotion (older state files have them) is one
     return stack
+
+
+def _newest(entries: list[HistoryEntry], also: tuple[str | None, ...] = ()) -> int:
+    """The highest version number ``entries`` (and ``also``) name; 0 if none."""
+    named = [*also, *(v for e in entries for v in (e.production, e.version))]
+    return max((version_number(v) for v in named if is_version_name(v)), default=0)
 
 
 BODY = " body="  # in a request id: what follows is the request body's fingerprint
@@ -388,9 +396,7 @@ class RegistryState(BaseModel):
         """The highest version number the state names (0: none). Any version up to it that is
         not in service now left it, or never served: entries moved to history/ named the
         older ones."""
-        named = {self.production, self.archived.production, self.rollout.version if self.rollout else None}
-        named |= {v for e in self.history for v in (e.production, e.version)}
-        return max((version_number(v) for v in named if is_version_name(v)), default=0)
+        return max(self.archived.newest, _newest(self.history, (self.production, self.rollout and self.rollout.version)))
 
     def decisions(self) -> dict[tuple[str, str], int]:
         """How many changes of each event each decider made: (event, decided_by) -> count,
@@ -410,10 +416,14 @@ class RegistryState(BaseModel):
         return stack[-2] if len(stack) >= 2 else None
 
     def archiving(self, now: datetime) -> tuple[str, list[HistoryEntry]] | None:
-        """(file name under history/, entries) of the chunk due to leave state.json, if one is."""
+        """(file name under history/, entries) of the chunk due to leave state.json, if one is:
+        named by its first entry's generation, which no other entry has (the number of entries
+        archived before it for entries written before generations existed)."""
         if len(self.history) < ARCHIVE_AT or now - self.history[HISTORY_CHUNK - 1].when() < ARCHIVE_AFTER:
             return None
-        return f"{self.archived.entries + 1:010d}.json", self.history[:HISTORY_CHUNK]
+        first = self.history[0].generation
+        name = f"{first:010d}.json" if first is not None else f"before-generations-{self.archived.entries + 1:010d}.json"
+        return name, self.history[:HISTORY_CHUNK]
 
     def without_oldest(self, entries: list[HistoryEntry]) -> None:
         """Takes ``entries``, the oldest of the history (``archiving``), out of it, keeping what
@@ -424,7 +434,8 @@ class RegistryState(BaseModel):
             decisions[f"{e.event} {e.decided_by}"] = decisions.get(f"{e.event} {e.decided_by}", 0) + 1
         self.archived = ArchivedHistory(
             entries=a.entries + len(entries), production=entries[-1].production, decisions=decisions,
-            rollback_stack=_rollback_stack(entries, a.rollback_stack)[-ROLLBACK_DEPTH:])
+            rollback_stack=_rollback_stack(entries, a.rollback_stack)[-ROLLBACK_DEPTH:],
+            newest=max(a.newest, _newest(entries)))
         self.history = self.history[len(entries):]
 
 
@@ -831,15 +842,19 @@ class Registry:
         return self._transition(model, apply, UNCHECKED, request)
 
     def _archive_history(self, model: str, state: RegistryState) -> None:
-        """Moves the state's oldest history chunk to history/<n>.json when one is due
-        (``RegistryState.archiving``); the file is written before the state that drops them."""
-        due = state.archiving(datetime.now(UTC))
-        if due is None:
-            return
-        name, entries = due
-        self.storage.write_json_atomic(f"{self._dir(model)}/{HISTORY}/{name}",
-                                       [e.model_dump(mode="json") for e in entries])
-        state.without_oldest(entries)
+        """Moves the state's oldest history chunks to history/<generation>.json while one is
+        due (``RegistryState.archiving``), up to ARCHIVE_CHUNKS_AT_ONCE (a state.json of tens
+        of thousands of entries, written before archiving existed, shrinks over a few changes);
+        each file is written before the state that drops its entries."""
+        now = datetime.now(UTC)
+        for _ in range(ARCHIVE_CHUNKS_AT_ONCE):
+            due = state.archiving(now)
+            if due is None:
+                return
+            name, entries = due
+            self.storage.write_json_atomic(f"{self._dir(model)}/{HISTORY}/{name}",
+                                           [e.model_dump(mode="json") for e in entries])
+            state.without_oldest(entries)
 
     @staticmethod
     def _rollout_of(model: str, state: RegistryState, version: str, judged: Rollout | None = None) -> Rollout:

@@ -165,7 +165,19 @@ def test_versions_named_only_by_archived_history_leave_and_its_last_production_s
     from tuneloop.store.registry import ArchivedHistory
 
     storage = Storage(str(tmp_path / "store"))
-    _state(storage, (10, "promote", "v3", "v3"), archived=ArchivedHistory(entries=100, production="v2"))
-    files = [_counter_file(tmp_path / "a", 7, 1, version=v) for v in ("v1", "v2", "v3")]
+    # v4's rollout was aborted long ago: only the archived entries name it.
+    _state(storage, (10, "promote", "v3", "v3"), archived=ArchivedHistory(entries=100, production="v2", newest=4))
+    files = [_counter_file(tmp_path / "a", 7, 1, version=v) for v in ("v1", "v2", "v3", "v4", "v5")]
     _, samples = _rendered(tmp_path, {"aaaa": files})
-    assert set(samples) == {("aaaa", "v2"), ("aaaa", "v3")}
+    assert set(samples) == {("aaaa", "v2"), ("aaaa", "v3"), ("aaaa", "v5")}  # v5: newer than the state knows
+
+
+def test_series_retire_within_the_hour_and_history_leaves_state_json_after_a_day():
+    """in_service_since reads only state.json's entries: it is right while a version's
+    series retire (RETIRED_SERIES_S) well before the entries naming it may leave."""
+    from datetime import timedelta
+
+    from tuneloop.serving.metrics import RETIRED_SERIES_S
+    from tuneloop.store.registry import ARCHIVE_AFTER
+
+    assert timedelta(seconds=RETIRED_SERIES_S) < ARCHIVE_AFTER

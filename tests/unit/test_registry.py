@@ -516,6 +516,28 @@ def test_old_history_leaves_state_json_in_chunks_and_what_it_said_is_kept(tmp_pa
     assert len(reg.rollback("m").history) == 101
 
 
+def test_a_state_json_of_years_before_archiving_shrinks_twenty_chunks_a_change(tmp_path, weights):
+    from tuneloop.store.registry import ARCHIVE_CHUNKS_AT_ONCE, HISTORY_CHUNK
+
+    reg = Registry(Storage(str(tmp_path / "store")))
+    reg.publish("m", weights, _manifest())
+    old = _old_history(2500)
+    for e in old[:150]:
+        e.generation = None  # written before generations existed
+    reg.storage.write_json_atomic("registry/m/state.json", RegistryState(
+        production=old[-1].production, generation=2500, history=old).model_dump(mode="json"))
+    state = reg.promote("m", "v1")
+    assert state.archived.entries == ARCHIVE_CHUNKS_AT_ONCE * HISTORY_CHUNK
+    assert len(state.history) == 2501 - ARCHIVE_CHUNKS_AT_ONCE * HISTORY_CHUNK
+    files = sorted(p.name for p in (tmp_path / "store/registry/m/history").iterdir())
+    assert files[:2] == ["0000000201.json", "0000000301.json"] and len(files) == ARCHIVE_CHUNKS_AT_ONCE
+    assert files[-2:] == ["before-generations-0000000001.json", "before-generations-0000000101.json"]
+    assert state.archived.newest == max(int(e.version[1:]) for e in old[:2000]) and state.newest_named() >= 834
+    archived = [HistoryEntry.model_validate(e) for f in (tmp_path / "store/registry/m/history").iterdir()
+                for e in json.loads(f.read_text())]
+    assert sorted(archived, key=lambda e: e.at) == old[:2000]
+
+
 def test_a_burst_of_changes_stays_in_state_json_for_a_day(tmp_path, weights):
     reg = Registry(Storage(str(tmp_path / "store")))
     reg.publish("m", weights, _manifest())
