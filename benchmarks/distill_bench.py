@@ -199,7 +199,7 @@ def main() -> None:
     ap.add_argument("--teacher-epochs", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=3, help="the students' epochs")
     ap.add_argument("--student-lr", type=float, default=1e-4, help="the students' learning rate (the teacher's: 5e-5)")
-    ap.add_argument("--student-layers", type=int, default=2, help="distill.student_layers")
+    ap.add_argument("--student-layers", type=int, default=2, help="distill.student_layers (without --student-base)")
     ap.add_argument("--student-base", default=None,
                     help="the students' base_model (HF id or local path) instead of --student-layers")
     ap.add_argument("--alpha", type=float, default=0.5, help="distill.alpha of the student")
@@ -247,7 +247,9 @@ def table(args, trained: dict, served: dict) -> str:
     teacher = trained["teacher"]
     source = "smoke: tiny random teacher, 80 generated rows, 40 golden" if args.smoke else \
         f"SST-2: {args.rows} train rows, SST-2 dev golden"
-    lines = [f"{source}; teacher {args.teacher_epochs} epoch(s), students "
+    students = args.student_base or f"{args.student_layers} of the teacher's layers"
+    lines = [f"{source}; teacher {args.base_model if not args.smoke else 'tiny'}, students from {students}; "
+             f"teacher {args.teacher_epochs} epoch(s), students "
              f"{args.epochs} at learning rate {args.student_lr:g}, temperature {args.temperature:g}; {args.threads} threads "
              "a replica", "",
              "| model | layers x hidden | SST-2 dev accuracy | vs teacher (points) | serves | model alone, torch texts/s "
