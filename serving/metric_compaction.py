@@ -14,9 +14,16 @@ before (``test_metric_compaction.py``).
 
 Readers (a scrape) hold the folder's lock shared while they list and read its files; the
 fold holds it exclusive, so no scrape sees an archive and the files it holds at once, or
-neither. Not covered: a process killed between writing the archive and removing the
-files folded into it (a few unlink calls) leaves both, and the node's counters read high
-by that process's values from then on.
+neither. The fold is opportunistic: it waits at most LOCK_WAIT_S for the lock (a scrape
+renders under it), folds at most MAX_FILES_A_FOLD files (the lock bounds scrapes too), and
+leaves a file it cannot read where it is; the next process to start on the node goes on.
+
+A fold killed half-way neither loses nor doubles a value: it writes the new archive aside
+(``.tmp``), renames the files it folded to ``.folding`` (no reader lists them), replaces
+the archive, then deletes them. The next fold finds what was left: with the ``.tmp`` still
+there the archive was not replaced, and the files go back; without it they are in the
+archive, and go. (Scrapes in between, before the next process starts on the node, miss the
+renamed files' values.)
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -33,18 +41,36 @@ log = logging.getLogger(__name__)
 
 ARCHIVE = "archive"  # in place of a pid: <kind>_archive.db
 LOCK_FILE = ".compact.lock"
+FOLDING = ".folding"  # a file being folded, between the archive's replacement and its deletion
+LOCK_WAIT_S = 2.0
+MAX_FILES_A_FOLD = 1000
 _ADDED = ("counter", "histogram", "summary", "gauge_sum", "gauge_livesum")
 
 
 @contextmanager
-def folder_lock(folder: str, exclusive: bool) -> Iterator[None]:
-    """``folder``'s lock: shared for readers of its files, exclusive for ``compact_ended``."""
+def folder_lock(folder: str, exclusive: bool, wait_s: float | None = None) -> Iterator[bool]:
+    """``folder``'s lock: shared for readers of its files, exclusive for ``compact_ended``;
+    with ``wait_s``, gives up after that long (the block gets False)."""
     fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        yield
+        yield _take(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, wait_s)
     finally:
         os.close(fd)  # releases the lock
+
+
+def _take(fd: int, mode: int, wait_s: float | None) -> bool:
+    if wait_s is None:
+        fcntl.flock(fd, mode)
+        return True
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+        time.sleep(0.05)
 
 
 def _kind_and_pid(name: str) -> tuple[str, str] | None:
@@ -85,36 +111,80 @@ def _fold(kind: str, values: dict[str, tuple[float, float]], key: str, value: fl
 
 def compact_ended(folder: str) -> int:
     """Folds the files of ``folder``'s ended processes into one archive per kind; returns
-    how many files it folded (or, for ``live*`` gauges, removed)."""
-    with folder_lock(folder, exclusive=True):
+    how many files it folded (or, for ``live*`` gauges, removed). 0 if a scrape kept the
+    lock past LOCK_WAIT_S."""
+    with folder_lock(folder, exclusive=True, wait_s=LOCK_WAIT_S) as locked:
+        if not locked:
+            log.info("metrics: %s busy; its ended processes' files are left for the next fold", folder)
+            return 0
+        _finish_interrupted(folder, os.listdir(folder))
         ended: dict[str, list[str]] = {}
         for name in sorted(os.listdir(folder)):
             parsed = _kind_and_pid(name)
             if parsed is not None and _ended(parsed[1]) and parsed[0] != "gauge_all":
                 ended.setdefault(parsed[0], []).append(os.path.join(folder, name))
-        done = 0
+        done, budget = 0, MAX_FILES_A_FOLD
         for kind, paths in ended.items():
-            if kind.startswith("gauge_live"):  # only live processes count: an ended one's values go
-                for path in paths:
-                    os.unlink(path)
-                done += len(paths)
-                continue
-            archive = os.path.join(folder, f"{kind}_{ARCHIVE}.db")
-            values: dict[str, tuple[float, float]] = {}
-            for path in ([archive] if os.path.exists(archive) else []) + paths:
-                for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(path):
-                    _fold(kind, values, key, value, timestamp)
-            staged = archive + ".tmp"  # not *.db: no reader lists it
-            if os.path.exists(staged):
-                os.unlink(staged)  # a fold that died before its rename
-            written = MmapedDict(staged)
-            for key, (value, timestamp) in values.items():
-                written.write_value(key, value, timestamp)
-            written.close()
-            os.replace(staged, archive)
-            for path in paths:
-                os.unlink(path)
-            done += len(paths)
+            paths = paths[:budget]
+            if not paths:
+                break
+            budget -= len(paths)
+            done += _fold_kind(folder, kind, paths)
         if done:
             log.info("metrics: folded %d files of ended processes in %s", done, folder)
         return done
+
+
+def _fold_kind(folder: str, kind: str, paths: list[str]) -> int:
+    if kind.startswith("gauge_live"):  # only live processes count: an ended one's values go
+        for path in paths:
+            os.unlink(path)
+        return len(paths)
+    archive = os.path.join(folder, f"{kind}_{ARCHIVE}.db")
+    values: dict[str, tuple[float, float]] = {}
+    if os.path.exists(archive):
+        for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(archive):
+            _fold(kind, values, key, value, timestamp)
+    folded = []
+    for path in paths:
+        try:
+            read = list(MmapedDict.read_all_values_from_file(path))
+        except Exception as e:  # noqa: BLE001 - cut by a process killed as it made it: left where it is
+            log.warning("metrics: cannot read %s (%s); left in place", path, e)
+            continue
+        for key, value, timestamp, _ in read:
+            _fold(kind, values, key, value, timestamp)
+        folded.append(path)
+    if not folded:
+        return 0
+    staged = archive + ".tmp"  # not *.db: no reader lists it
+    if os.path.exists(staged):
+        os.unlink(staged)
+    written = MmapedDict(staged)
+    for key, (value, timestamp) in values.items():
+        written.write_value(key, value, timestamp)
+    written.close()
+    for path in folded:
+        os.replace(path, path + FOLDING)
+    os.replace(staged, archive)
+    for path in folded:
+        os.unlink(path + FOLDING)
+    return len(folded)
+
+
+def _finish_interrupted(folder: str, names: list[str]) -> None:
+    """What a fold killed half-way left (see the module's docstring): files it renamed go
+    back when its archive was not replaced (its ``.tmp`` is there), and go otherwise."""
+    staged = {n[: -len(".tmp")] for n in names if n.endswith(f"_{ARCHIVE}.db.tmp")}
+    for name in names:
+        if not name.endswith(FOLDING):
+            continue
+        original = name[: -len(FOLDING)]
+        parsed = _kind_and_pid(original)
+        path = os.path.join(folder, name)
+        if parsed is not None and f"{parsed[0]}_{ARCHIVE}.db" in staged:
+            os.replace(path, os.path.join(folder, original))
+        else:
+            os.unlink(path)
+    for archive in staged:
+        os.unlink(os.path.join(folder, archive + ".tmp"))

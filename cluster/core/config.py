@@ -7,7 +7,6 @@ error names the key and the value that was given. Pure: imports neither ray nor 
 from __future__ import annotations
 
 import copy
-
 import difflib
 import hashlib
 import math

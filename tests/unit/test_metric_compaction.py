@@ -93,3 +93,57 @@ def test_a_fold_waits_for_a_scrape_reading_the_files(tmp_path):
         assert fold.is_alive() and not folded  # waiting on the scrape
     fold.join(timeout=5)
     assert folded == [4]
+
+
+def test_a_cut_file_is_left_in_place_and_the_rest_fold(tmp_path):
+    """A process killed as it created its file leaves 0 bytes: every replica of the node
+    then failed to start."""
+    _replica(tmp_path, _ended_pid(), requests=5, latency_bucket=1, resident=1.0, at=1.0)
+    cut = tmp_path / f"counter_{_ended_pid()}.db"
+    cut.write_bytes(b"")
+    assert compact_ended(str(tmp_path)) == 4
+    assert cut.exists() and (tmp_path / "counter_archive.db").exists()
+
+
+def _lasting(folder) -> dict:
+    """The node's values that outlive a process (not its live gauges)."""
+    return {k: v for k, v in _merged(folder).items() if k[0] != "tuneloop_inflight"}
+
+
+def test_a_fold_killed_half_way_neither_loses_nor_doubles_a_value(tmp_path):
+    """Killed after renaming the files it folds: the archive was not replaced (its .tmp is
+    there), and the files go back. Killed after replacing it: the renamed files go."""
+    from tuneloop.serving.metric_compaction import ARCHIVE, FOLDING
+
+    _replica(tmp_path, _ended_pid(), requests=5, latency_bucket=1, resident=1.0, at=1.0)
+    compact_ended(str(tmp_path))
+    total = _lasting(tmp_path)
+    pid = _ended_pid()
+    _replica(tmp_path, pid, requests=7, latency_bucket=1, resident=2.0, at=2.0)
+    expected = _lasting(tmp_path)
+    # Before the archive was replaced: the counter file renamed, the new archive staged aside.
+    (tmp_path / f"counter_{pid}.db").rename(tmp_path / f"counter_{pid}.db{FOLDING}")
+    (tmp_path / f"counter_{ARCHIVE}.db.tmp").write_bytes(b"half")
+    compact_ended(str(tmp_path))
+    assert _lasting(tmp_path) == pytest.approx(expected)
+    assert not [n for n in os.listdir(tmp_path) if n.endswith((FOLDING, ".tmp"))]
+    # After: the archive holds the file's values already, and the renamed file is left over.
+    again = _ended_pid()
+    _replica(tmp_path, again, requests=11, latency_bucket=1, resident=3.0, at=3.0)
+    expected = _lasting(tmp_path)
+    compact_ended(str(tmp_path))
+    (tmp_path / f"counter_{again}.db{FOLDING}").write_bytes(b"already folded")
+    compact_ended(str(tmp_path))
+    assert _lasting(tmp_path) == pytest.approx(expected) and total != expected
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(FOLDING)]
+
+
+def test_a_fold_gives_up_on_a_folder_a_scrape_keeps_busy(tmp_path, monkeypatch):
+    from tuneloop.serving import metric_compaction
+    from tuneloop.serving.metric_compaction import folder_lock
+
+    monkeypatch.setattr(metric_compaction, "LOCK_WAIT_S", 0.2)
+    _replica(tmp_path, _ended_pid(), requests=5, latency_bucket=1, resident=1.0, at=1.0)
+    with folder_lock(str(tmp_path), exclusive=False):
+        assert compact_ended(str(tmp_path)) == 0  # the replica starts; the next one folds
+    assert compact_ended(str(tmp_path)) == 4
