@@ -141,3 +141,27 @@ def test_a_students_data_is_judged_on_the_teachers_golden_set_and_learns_its_see
     assert registry.golden("small") is None  # nothing frozen under the student's name
     assert sorted(students.train.column("text").to_pylist()) == sorted(teachers.train.column("text").to_pylist())
     assert students.summary["seed"]["path"] == str(seed)
+
+
+def test_the_teacher_scores_with_its_own_tokenizer_in_the_students_label_order(tmp_path):
+    """The student (its own vocabulary, ``test_training.py``) never sees the teacher's
+    token ids: the scorer reads the texts with the teacher's tokenizer, and puts its logits
+    in the student's head order, whatever order the teacher's head has."""
+    import pyarrow as pa
+    import torch
+    import transformers
+
+    from tests.tiny_models import build_tiny_model
+    from tuneloop.training.distill import TEACHER_COLUMN, _TeacherScorer
+
+    path = build_tiny_model(tmp_path / "teacher", LABELS)
+    texts = ["the film was lovely", "an awful, awful meal", "ok"]
+    scorer = _TeacherScorer({"base_model": path}, "AutoModelForSequenceClassification", list(reversed(LABELS)), 32,
+                            use_gpu=False)
+    scored = scorer(pa.table({"text": texts}))[TEACHER_COLUMN].to_pylist()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(path).eval()
+    with torch.inference_mode():
+        own = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits
+    assert torch.allclose(torch.tensor(scored), own.flip(-1), atol=1e-5)  # reversed: the student's order
+    assert len({tuple(row) for row in scored}) == 3  # each text its own answer
