@@ -76,6 +76,14 @@ def data(args, work: Path) -> tuple[str, str, list[str]]:
             [t for t, _ in golden])
 
 
+def reused_data(args, work: Path) -> tuple[str, str, list[str]]:
+    """The files an earlier run wrote in ``work``, and its golden texts to serve."""
+    seed, golden = work / "seed.tsv", work / "golden.tsv"
+    if not (seed.is_file() and golden.is_file() and (work / "store").is_dir()):
+        raise SystemExit(f"{work} is not a distill_bench work folder (seed.tsv, golden.tsv, store/)")
+    return str(seed), str(golden), [r["text"] for r in read_tsv(golden)]
+
+
 def config(args, work: Path, base_model: str, seed: str, golden: str):
     student = {"labels": LABELS, "training": {"epochs": args.epochs, "learning_rate": args.student_lr}}
     distill = {"teacher": "teacher", "temperature": args.temperature}
@@ -107,24 +115,42 @@ def train_all(cfg) -> dict[str, dict]:
     from tuneloop.training.launcher import run_training
 
     out = {}
-    hardware = hardware_class(cpu_class(), cfg.serving.replica_threads)
     for name in MODELS:
         t0 = time.perf_counter()
         outcome = run_training(cfg, name, trigger="benchmark", optimize=optimize_version)
-        m = outcome.manifest
-        if m is None or outcome.job.state != "succeeded":
+        if outcome.manifest is None or outcome.job.state != "succeeded":
             raise SystemExit(f"the {name} job did not succeed: {outcome.job.error or outcome.job.message}")
-        speeds = m.optimization.texts_per_s.get(hardware, {}) if m.optimization else {}
-        auto = choose_runtime("auto", m.optimization, hardware)[0]
-        arch = transformers.AutoConfig.from_pretrained(_local(cfg, name, m.version))
-        layers = f"{arch.num_hidden_layers} x {arch.hidden_size}"
-        out[name] = {"accuracy": m.metrics.accuracy, "f1": m.metrics.f1, "speeds": speeds, "auto": auto,
-                     "version": m.version,
-                     "layers": layers, "job_s": time.perf_counter() - t0,
-                     "scoring_s": (m.distilled_from or {}).get("scoring_s")}
-        progress(f"{name}: {m.version} in {out[name]['job_s']:.0f}s, golden accuracy {m.metrics.accuracy:.4f}, "
-                 f"serves {auto}, model alone {speeds}")
+        out[name] = summary(cfg, name, outcome.manifest)
+        progress(f"{name}: {outcome.manifest.version} in {time.perf_counter() - t0:.0f}s, golden accuracy "
+                 f"{out[name]['accuracy']:.4f}, serves {out[name]['auto']}, model alone {out[name]['speeds']}")
     return out
+
+
+def trained_before(cfg) -> dict[str, dict]:
+    """``--reuse``: each model's production version in a store an earlier run trained."""
+    from tuneloop.store.registry import Registry
+    from tuneloop.store.storage import Storage
+
+    registry = Registry(Storage(cfg.storage.root))
+    out = {}
+    for name in MODELS:
+        version = registry.production(name)
+        if version is None:
+            raise SystemExit(f"{cfg.storage.root} has no production version of {name}: not a finished run's store")
+        out[name] = summary(cfg, name, registry.manifest(name, version))
+        progress(f"{name}: {version} as trained before, golden accuracy {out[name]['accuracy']:.4f}")
+    return out
+
+
+def summary(cfg, name: str, m) -> dict:
+    """What the tables need of version manifest ``m`` of model ``name``."""
+    hardware = hardware_class(cpu_class(), cfg.serving.replica_threads)
+    speeds = m.optimization.texts_per_s.get(hardware, {}) if m.optimization else {}
+    arch = transformers.AutoConfig.from_pretrained(_local(cfg, name, m.version))
+    return {"accuracy": m.metrics.accuracy, "f1": m.metrics.f1, "speeds": speeds, "version": m.version,
+            "auto": choose_runtime("auto", m.optimization, hardware)[0],
+            "layers": f"{arch.num_hidden_layers} x {arch.hidden_size}",
+            "scoring_s": (m.distilled_from or {}).get("scoring_s")}
 
 
 def alone_speeds(cfg, trained: dict, texts: list[str], seconds: float, rounds: int = 2) -> None:
@@ -208,6 +234,9 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,64")
     ap.add_argument("--seconds", type=float, default=15.0, help="measured seconds per served cell")
     ap.add_argument("--smoke", action="store_true", help="tiny random teacher, generated texts: checks the table only")
+    ap.add_argument("--reuse", type=Path, default=None, help=(
+        "the work folder of an earlier run (the first progress line names it) whose jobs finished: measure its "
+        "versions' speeds again without training; the other options as that run had them"))
     args = ap.parse_args()
     warmup = 3.0
     if args.smoke:
@@ -215,7 +244,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    work = Path(tempfile.mkdtemp(prefix="tuneloop-distill-bench-"))
+    work = args.reuse or Path(tempfile.mkdtemp(prefix="tuneloop-distill-bench-"))
+    progress(f"work folder {work} (the stored versions stay there: --reuse {work} measures them again)")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     with contextlib.redirect_stdout(sys.stderr):  # the tables alone on stdout
         if args.smoke:
@@ -224,14 +254,14 @@ def main() -> None:
             base_model = build_tiny_model(work / "tiny", LABELS)
         else:
             base_model = resolve_model_source(args.base_model)
-        seed, golden, texts = data(args, work)
+        seed, golden, texts = data(args, work) if args.reuse is None else reused_data(args, work)
         cfg = config(args, work, base_model, seed, golden)
         # One Ray for the jobs and Serve: logical CPUs for a training worker, Ray Data's scoring
         # actor and, later, a replica of each model (each on the replica's threads).
         ray.init(num_cpus=len(MODELS) * cfg.serving.replica_threads + 4, include_dashboard=False,
                  log_to_driver=True, runtime_env={"worker_process_setup_hook": worker_setup.HOOK})
         try:
-            trained = train_all(cfg)
+            trained = train_all(cfg) if args.reuse is None else trained_before(cfg)
             alone_speeds(cfg, trained, texts, max(2.0, args.seconds / 3))
             served = serve_all(cfg, work, texts, [int(c) for c in args.concurrency.split(",")], args.seconds, warmup)
         finally:
