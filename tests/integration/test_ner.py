@@ -69,7 +69,9 @@ def test_predictions_are_entities_with_offsets_even_past_max_length(ner):
     long_text = " ".join(f"{n} met {c}" for n, c in zip(NAMES * 3, CITIES * 3, strict=True))  # ~100 tokens
     r = httpx.post(f"{url}/v1/models/ner/predict", json={"inputs": ["Ada flew to Paris", long_text]}, timeout=60)
     assert r.status_code == 200, r.text
-    for text, answer in zip(["Ada flew to Paris", long_text], r.json()["predictions"], strict=True):
+    answers = r.json()["predictions"]
+    assert any(a["entities"] for a in answers)  # the offsets checked below are there to check
+    for text, answer in zip(["Ada flew to Paris", long_text], answers, strict=True):
         assert answer["version"] == "v1" and set(answer) == {"id", "version", "entities"}
         ends = [0]
         for e in answer["entities"]:
