@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import random
@@ -53,6 +54,9 @@ from tuneloop.serving.loaded_models import cpu_class  # noqa: E402
 BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 LABELS = ["negative", "positive"]
 MODELS = ("teacher", "student", "student-hard")
+ARGS_FILE = "args.json"  # in the work folder: the options that shaped the versions, for --reuse
+TRAINING_ARGS = ("base_model", "student_base", "student_layers", "rows", "teacher_epochs", "epochs", "student_lr",
+                 "alpha", "temperature", "threads", "smoke")
 
 
 def write_tsv(path: Path, rows: list[tuple[str, str]]) -> str:
@@ -69,7 +73,7 @@ def data(args, work: Path) -> tuple[str, str, list[str]]:
         rng = random.Random(0)
         words = {"positive": ["great", "lovely", "fine", "superb"], "negative": ["awful", "poor", "dull", "bad"]}
         rows = [(f"the film was {rng.choice(words[y])} {i}", y) for i, y in enumerate(LABELS * 60)]
-        return write_tsv(work / "seed.tsv", rows[:80]), write_tsv(work / "golden.tsv", rows[80:]), [t for t, _ in rows]
+        return write_tsv(work / "seed.tsv", rows[:80]), write_tsv(work / "golden.tsv", rows[80:]), [t for t, _ in rows[80:]]
     train = [(r["text"], LABELS[int(r["label"])]) for r in read_tsv(sst2 / "train.tsv")]
     golden = [(r["text"], LABELS[int(r["label"])]) for r in read_tsv(sst2 / "dev.tsv")]
     return (write_tsv(work / "seed.tsv", sample(train, args.rows, 0)), write_tsv(work / "golden.tsv", golden),
@@ -204,8 +208,7 @@ def serve_all(cfg, work: Path, texts: list[str], levels: list[int], seconds: flo
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
-    os.makedirs(work / "prom")
-    deploy(cfg, str(work / "prom"))
+    deploy(cfg, tempfile.mkdtemp(prefix="prom-", dir=work))  # a run's own: --reuse serves again
     wait_ready(base)
     results = {}
     for name in MODELS:
@@ -238,13 +241,19 @@ def main() -> None:
         "the work folder of an earlier run (the first progress line names it) whose jobs finished: measure its "
         "versions' speeds again without training; the other options as that run had them"))
     args = ap.parse_args()
+    work = args.reuse.resolve() if args.reuse else Path(tempfile.mkdtemp(prefix="tuneloop-distill-bench-"))
+    if args.reuse and (work / ARGS_FILE).is_file():  # the table describes the run that trained the versions
+        args = argparse.Namespace(**{**vars(args), **json.loads((work / ARGS_FILE).read_text()), "reuse": work})
+    elif args.reuse:
+        progress(f"{work} has no {ARGS_FILE} (a run before --reuse existed): the table takes this command's options")
+    else:
+        (work / ARGS_FILE).write_text(json.dumps({k: v for k, v in vars(args).items() if k in TRAINING_ARGS}))
     warmup = 3.0
     if args.smoke:
         args.seconds, warmup, args.student_layers = 2.0, 0.5, 1
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    work = args.reuse or Path(tempfile.mkdtemp(prefix="tuneloop-distill-bench-"))
     progress(f"work folder {work} (the stored versions stay there: --reuse {work} measures them again)")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     with contextlib.redirect_stdout(sys.stderr):  # the tables alone on stdout

@@ -16,7 +16,7 @@ Readers (a scrape) hold the folder's lock shared while they list and read its fi
 fold holds it exclusive, so no scrape sees an archive and the files it holds at once, or
 neither. The fold is opportunistic: it waits at most LOCK_WAIT_S for the lock (a scrape
 renders under it), folds at most MAX_FILES_A_FOLD files (the lock bounds scrapes too), and
-leaves a file it cannot read where it is; the next process to start on the node goes on.
+sets a file it cannot read aside (``.unreadable``); the next process to start on the node goes on.
 
 A fold killed half-way neither loses nor doubles a value: it writes the new archive aside
 (``.tmp``), renames the files it folded to ``.folding`` (no reader lists them), replaces
@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 
 ARCHIVE = "archive"  # in place of a pid: <kind>_archive.db
 LOCK_FILE = ".compact.lock"
-FOLDING = ".folding"  # a file being folded, between the archive's replacement and its deletion
+FOLDING = ".folding"
+UNREADABLE = ".unreadable"  # a file being folded, between the archive's replacement and its deletion
 LOCK_WAIT_S = 2.0
 MAX_FILES_A_FOLD = 1000
 _ADDED = ("counter", "histogram", "summary", "gauge_sum", "gauge_livesum")
@@ -149,8 +150,11 @@ def _fold_kind(folder: str, kind: str, paths: list[str]) -> int:
     for path in paths:
         try:
             read = list(MmapedDict.read_all_values_from_file(path))
-        except Exception as e:  # noqa: BLE001 - cut by a process killed as it made it: left where it is
-            log.warning("metrics: cannot read %s (%s); left in place", path, e)
+        except Exception as e:  # noqa: BLE001 - cut by a process killed as it made it
+            # Its process has ended, so it never will be whole; as *.db it failed every merge
+            # of the node's files (a scrape on one machine). Kept aside, under a name no reader lists.
+            log.warning("metrics: cannot read %s (%s); set aside as %s", path, e, path + UNREADABLE)
+            os.replace(path, path + UNREADABLE)
             continue
         for key, value, timestamp, _ in read:
             _fold(kind, values, key, value, timestamp)

@@ -95,14 +95,15 @@ def test_a_fold_waits_for_a_scrape_reading_the_files(tmp_path):
     assert folded == [4]
 
 
-def test_a_cut_file_is_left_in_place_and_the_rest_fold(tmp_path):
+def test_a_cut_file_is_set_aside_and_the_rest_fold(tmp_path):
     """A process killed as it created its file leaves 0 bytes: every replica of the node
-    then failed to start."""
+    then failed to start, and every merge of the node's files (a scrape) failed on it."""
     _replica(tmp_path, _ended_pid(), requests=5, latency_bucket=1, resident=1.0, at=1.0)
     cut = tmp_path / f"counter_{_ended_pid()}.db"
     cut.write_bytes(b"")
     assert compact_ended(str(tmp_path)) == 4
-    assert cut.exists() and (tmp_path / "counter_archive.db").exists()
+    assert not cut.exists() and (tmp_path / f"{cut.name}.unreadable").exists()  # no merge reads it again
+    assert _merged(tmp_path)[("tuneloop_requests_total", (("model", "m"), ("node", "n"), ("version", "v1")))] == 5
 
 
 def _lasting(folder) -> dict:
