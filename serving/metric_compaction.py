@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 
 ARCHIVE = "archive"  # in place of a pid: <kind>_archive.db
 LOCK_FILE = ".compact.lock"
-FOLDING = ".folding"
-UNREADABLE = ".unreadable"  # a file being folded, between the archive's replacement and its deletion
+FOLDING = ".folding"  # a file being folded, between the archive's replacement and its deletion
+UNREADABLE = ".unreadable"  # an ended process's file no merge can read, kept aside
 LOCK_WAIT_S = 2.0
 MAX_FILES_A_FOLD = 1000
 _ADDED = ("counter", "histogram", "summary", "gauge_sum", "gauge_livesum")
@@ -161,9 +161,7 @@ def _fold_kind(folder: str, kind: str, paths: list[str]) -> int:
         folded.append(path)
     if not folded:
         return 0
-    staged = archive + ".tmp"  # not *.db: no reader lists it
-    if os.path.exists(staged):
-        os.unlink(staged)
+    staged = archive + ".tmp"  # not *.db: no reader lists it; none is left (_finish_interrupted)
     written = MmapedDict(staged)
     for key, (value, timestamp) in values.items():
         written.write_value(key, value, timestamp)

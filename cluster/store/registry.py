@@ -340,6 +340,14 @@ def _rollback_stack(entries: list[HistoryEntry], stack: list[str]) -> list[str]:
     return stack
 
 
+def _count_decisions(entries: list[HistoryEntry], counts: dict[str, int]) -> dict[str, int]:
+    """``counts`` ("<event> <decided_by>": how many) with ``entries`` added."""
+    out = dict(counts)
+    for e in entries:
+        out[f"{e.event} {e.decided_by}"] = out.get(f"{e.event} {e.decided_by}", 0) + 1
+    return out
+
+
 def _newest(entries: list[HistoryEntry], also: tuple[str | None, ...] = ()) -> int:
     """The highest version number ``entries`` (and ``also``) name; 0 if none."""
     named = [*also, *(v for e in entries for v in (e.production, e.version))]
@@ -401,13 +409,8 @@ class RegistryState(BaseModel):
     def decisions(self) -> dict[tuple[str, str], int]:
         """How many changes of each event each decider made: (event, decided_by) -> count,
         the archived ones included."""
-        out: dict[tuple[str, str], int] = {}
-        for key, n in self.archived.decisions.items():
-            event, by = key.split(" ", 1)
-            out[event, by] = out.get((event, by), 0) + n
-        for e in self.history:
-            out[e.event, e.decided_by] = out.get((e.event, e.decided_by), 0) + 1
-        return out
+        counts = _count_decisions(self.history, self.archived.decisions)
+        return {tuple(key.split(" ", 1)): n for key, n in counts.items()}
 
     def rollback_target(self) -> str | None:
         """The production before the current one: promotions stack up, rollbacks pop, so
@@ -429,11 +432,9 @@ class RegistryState(BaseModel):
         """Takes ``entries``, the oldest of the history (``archiving``), out of it, keeping what
         they said in ``archived``."""
         a = self.archived
-        decisions = dict(a.decisions)
-        for e in entries:
-            decisions[f"{e.event} {e.decided_by}"] = decisions.get(f"{e.event} {e.decided_by}", 0) + 1
         self.archived = ArchivedHistory(
-            entries=a.entries + len(entries), production=entries[-1].production, decisions=decisions,
+            entries=a.entries + len(entries), production=entries[-1].production,
+            decisions=_count_decisions(entries, a.decisions),
             rollback_stack=_rollback_stack(entries, a.rollback_stack)[-ROLLBACK_DEPTH:],
             newest=max(a.newest, _newest(entries)))
         self.history = self.history[len(entries):]
