@@ -12,7 +12,10 @@ set, each followed by the job's optimization (ONNX, int8, parity, speeds) as in 
 2. **student**: ``distill.student_layers`` of the teacher's layers, or ``--student-base``
    (another pretrained model, its own tokenizer), trained on the teacher's soft labels and
    the rows' own (``distill.alpha``, ``distill.temperature``);
-3. **student, hard labels only**: the same student with ``alpha: 0``: what the soft labels add.
+3. **student, hard labels only**: the same student with ``alpha: 0``: what the soft labels add;
+4. with ``--transfer-rows N``, **student-transfer**: the distilled student with a transfer set
+   (``distill.transfer_dataset``) of N more SST-2 train texts, their labels dropped, that the
+   teacher labels. ``--reuse`` of a finished run's folder trains just this one.
 
 Speed, each model on its own: texts/s of the model alone per runtime (what the optimizer
 measured at publish, batch 32, ``--threads`` threads), and tuneloop serving it over HTTP with
@@ -54,9 +57,15 @@ from tuneloop.serving.loaded_models import cpu_class  # noqa: E402
 BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 LABELS = ["negative", "positive"]
 MODELS = ("teacher", "student", "student-hard")
+TRANSFER_MODEL = "student-transfer"
 ARGS_FILE = "args.json"  # in the work folder: the options that shaped the versions, for --reuse
 TRAINING_ARGS = ("base_model", "student_base", "student_layers", "rows", "teacher_epochs", "epochs", "student_lr",
-                 "alpha", "temperature", "threads", "smoke")
+                 "alpha", "temperature", "threads", "smoke", "transfer_rows", "transfer_epochs")
+ADDABLE_ARGS = ("transfer_rows", "transfer_epochs")  # a --reuse may add the transfer student to a run without one
+
+
+def models(args) -> tuple[str, ...]:
+    return MODELS + ((TRANSFER_MODEL,) if args.transfer_rows else ())
 
 
 def write_tsv(path: Path, rows: list[tuple[str, str]]) -> str:
@@ -76,8 +85,16 @@ def data(args, work: Path) -> tuple[str, str, list[str]]:
         return write_tsv(work / "seed.tsv", rows[:80]), write_tsv(work / "golden.tsv", rows[80:]), [t for t, _ in rows[80:]]
     train = [(r["text"], LABELS[int(r["label"])]) for r in read_tsv(sst2 / "train.tsv")]
     golden = [(r["text"], LABELS[int(r["label"])]) for r in read_tsv(sst2 / "dev.tsv")]
-    return (write_tsv(work / "seed.tsv", sample(train, args.rows, 0)), write_tsv(work / "golden.tsv", golden),
-            [t for t, _ in golden])
+    seed = sample(train, args.rows, 0)
+    if args.transfer_rows:
+        write_transfer(args, work, train, {t for t, _ in seed})
+    return write_tsv(work / "seed.tsv", seed), write_tsv(work / "golden.tsv", golden), [t for t, _ in golden]
+
+
+def write_transfer(args, work: Path, train: list[tuple[str, str]], seed_texts: set[str]) -> None:
+    """transfer.tsv: ``--transfer-rows`` SST-2 train texts that are not seed rows, text only."""
+    rest = [row for row in train if row[0] not in seed_texts]
+    (work / "transfer.tsv").write_text("text\n" + "".join(f"{t}\n" for t, _ in sample(rest, args.transfer_rows, 1)))
 
 
 def reused_data(args, work: Path) -> tuple[str, str, list[str]]:
@@ -85,6 +102,11 @@ def reused_data(args, work: Path) -> tuple[str, str, list[str]]:
     seed, golden = work / "seed.tsv", work / "golden.tsv"
     if not (seed.is_file() and golden.is_file() and (work / "store").is_dir()):
         raise SystemExit(f"{work} is not a distill_bench work folder (seed.tsv, golden.tsv, store/)")
+    if args.transfer_rows and not (work / "transfer.tsv").is_file():
+        if args.smoke or not (args.data / "sst2" / "train.tsv").is_file():
+            raise SystemExit("--transfer-rows needs SST-2's train rows (../shared/data/sst2)")
+        train = [(r["text"], LABELS[int(r["label"])]) for r in read_tsv(args.data / "sst2" / "train.tsv")]
+        write_transfer(args, work, train, {r["text"] for r in read_tsv(seed)})
     return str(seed), str(golden), [r["text"] for r in read_tsv(golden)]
 
 
@@ -95,12 +117,20 @@ def config(args, work: Path, base_model: str, seed: str, golden: str):
         student["base_model"] = resolve_model_source(args.student_base)
     else:
         distill["student_layers"] = args.student_layers
+    transfer = []
+    if args.transfer_rows:
+        transfer = [{"name": TRANSFER_MODEL, **student,
+                     "training": {**student["training"], "epochs": args.transfer_epochs or args.epochs},
+                     "distill": {**distill, "alpha": args.alpha, "max_gap": 1.0,
+                                 "transfer_dataset": str(work / "transfer.tsv"),
+                                 "transfer_rows_per_job": args.transfer_rows}}]
     return parse_config({
         "models": [
             {"name": "teacher", "base_model": base_model, "labels": LABELS, "seed_dataset": seed,
              "golden_dataset": golden, "training": {"epochs": args.teacher_epochs}},
             {"name": "student", **student, "distill": {**distill, "alpha": args.alpha, "max_gap": 1.0}},
             {"name": "student-hard", **student, "distill": {**distill, "alpha": 0.0, "max_gap": 1.0}},
+            *transfer,
         ],
         "storage": {"root": str(work / "store")},
         "auth": {"create_admin_key": False},
@@ -113,13 +143,22 @@ def config(args, work: Path, base_model: str, seed: str, golden: str):
     })
 
 
-def train_all(cfg) -> dict[str, dict]:
-    """Each model's job (teacher first); what the tables need of each version."""
+def train_all(cfg, names: tuple[str, ...]) -> dict[str, dict]:
+    """Each model's job (teacher first), unless the store holds a production version of it
+    (``--reuse``: trained before); what the tables need of each version."""
     from tuneloop.serving.optimize import optimize_version
+    from tuneloop.store.registry import Registry
+    from tuneloop.store.storage import Storage
     from tuneloop.training.launcher import run_training
 
+    registry = Registry(Storage(cfg.storage.root))
     out = {}
-    for name in MODELS:
+    for name in names:
+        version = registry.production(name)
+        if version is not None:
+            out[name] = summary(cfg, name, registry.manifest(name, version))
+            progress(f"{name}: {version} as trained before, golden accuracy {out[name]['accuracy']:.4f}")
+            continue
         t0 = time.perf_counter()
         outcome = run_training(cfg, name, trigger="benchmark", optimize=optimize_version)
         if outcome.manifest is None or outcome.job.state != "succeeded":
@@ -127,22 +166,6 @@ def train_all(cfg) -> dict[str, dict]:
         out[name] = summary(cfg, name, outcome.manifest)
         progress(f"{name}: {outcome.manifest.version} in {time.perf_counter() - t0:.0f}s, golden accuracy "
                  f"{out[name]['accuracy']:.4f}, serves {out[name]['auto']}, model alone {out[name]['speeds']}")
-    return out
-
-
-def trained_before(cfg) -> dict[str, dict]:
-    """``--reuse``: each model's production version in a store an earlier run trained."""
-    from tuneloop.store.registry import Registry
-    from tuneloop.store.storage import Storage
-
-    registry = Registry(Storage(cfg.storage.root))
-    out = {}
-    for name in MODELS:
-        version = registry.production(name)
-        if version is None:
-            raise SystemExit(f"{cfg.storage.root} has no production version of {name}: not a finished run's store")
-        out[name] = summary(cfg, name, registry.manifest(name, version))
-        progress(f"{name}: {version} as trained before, golden accuracy {out[name]['accuracy']:.4f}")
     return out
 
 
@@ -173,18 +196,18 @@ def alone_speeds(cfg, trained: dict, texts: list[str], seconds: float, rounds: i
     torch.set_num_threads(cfg.serving.replica_threads)
     registry = Registry(Storage(cfg.storage.root))
     loaded = {}
-    for name in MODELS:
+    for name in trained:
         version = trained[name]["version"]
         runtime = trained[name]["auto"]
         loaded[name] = load_model(registry.local_path(name, version), version, model_task(cfg.model(name)),
                                   cfg.serving.max_length, runtime,
                                   registry.manifest(name, version).optimization.artifact_path(runtime),
                                   max_rows=cfg.serving.max_batch_size)
-    measured: dict[str, list[float]] = {name: [] for name in MODELS}
+    measured: dict[str, list[float]] = {name: [] for name in trained}
     for _ in range(rounds):
-        for name in MODELS:
+        for name in trained:
             measured[name].append(texts_per_s(loaded[name], texts, cfg.optimize.speed_batch_size, seconds))
-    for name in MODELS:
+    for name in trained:
         trained[name]["alone"] = sum(measured[name]) / rounds
         progress(f"{name} alone on {trained[name]['auto']}, back to back: "
                  + ", ".join(f"{v:.1f}" for v in measured[name]) + " texts/s")
@@ -211,7 +234,7 @@ def serve_all(cfg, work: Path, texts: list[str], levels: list[int], seconds: flo
     deploy(cfg, tempfile.mkdtemp(prefix="prom-", dir=work))  # a run's own: --reuse serves again
     wait_ready(base)
     results = {}
-    for name in MODELS:
+    for name in (m.name for m in cfg.models):
         for c in levels:
             r = asyncio.run(_closed_loop(f"{base}/v1/models/{name}/predict", lambda t: {"inputs": [t]}, texts, c,
                                          seconds, warmup))
@@ -237,17 +260,23 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,64")
     ap.add_argument("--seconds", type=float, default=15.0, help="measured seconds per served cell")
     ap.add_argument("--smoke", action="store_true", help="tiny random teacher, generated texts: checks the table only")
+    ap.add_argument("--transfer-rows", type=int, default=0, help=(
+        "also train student-transfer, the distilled student with this many more SST-2 train texts (labels "
+        "dropped) as its transfer set"))
+    ap.add_argument("--transfer-epochs", type=int, default=None, help="student-transfer's epochs (default: --epochs)")
     ap.add_argument("--reuse", type=Path, default=None, help=(
-        "the work folder of an earlier run (the first progress line names it) whose jobs finished: measure its "
-        "versions' speeds again without training; the other options as that run had them"))
+        "the work folder of an earlier run (the first progress line names it): measure its versions' speeds again, "
+        "training only the models it has no version of (a --transfer-rows student added since); the other "
+        "options as that run had them"))
     args = ap.parse_args()
     work = args.reuse.resolve() if args.reuse else Path(tempfile.mkdtemp(prefix="tuneloop-distill-bench-"))
     if args.reuse and (work / ARGS_FILE).is_file():  # the table describes the run that trained the versions
-        args = argparse.Namespace(**{**vars(args), **json.loads((work / ARGS_FILE).read_text()), "reuse": work})
+        recorded = json.loads((work / ARGS_FILE).read_text())
+        added = {k: getattr(args, k) for k in ADDABLE_ARGS if not recorded.get(k)}
+        args = argparse.Namespace(**{**vars(args), **recorded, **added, "reuse": work})
     elif args.reuse:
         progress(f"{work} has no {ARGS_FILE} (a run before --reuse existed): the table takes this command's options")
-    else:
-        (work / ARGS_FILE).write_text(json.dumps({k: v for k, v in vars(args).items() if k in TRAINING_ARGS}))
+    (work / ARGS_FILE).write_text(json.dumps({k: v for k, v in vars(args).items() if k in TRAINING_ARGS}))
     warmup = 3.0
     if args.smoke:
         args.seconds, warmup, args.student_layers = 2.0, 0.5, 1
@@ -267,10 +296,10 @@ def main() -> None:
         cfg = config(args, work, base_model, seed, golden)
         # One Ray for the jobs and Serve: logical CPUs for a training worker, Ray Data's scoring
         # actor and, later, a replica of each model (each on the replica's threads).
-        ray.init(num_cpus=len(MODELS) * cfg.serving.replica_threads + 4, include_dashboard=False,
+        ray.init(num_cpus=len(cfg.models) * cfg.serving.replica_threads + 4, include_dashboard=False,
                  log_to_driver=True, runtime_env={"worker_process_setup_hook": worker_setup.HOOK})
         try:
-            trained = train_all(cfg) if args.reuse is None else trained_before(cfg)
+            trained = train_all(cfg, models(args))
             alone_speeds(cfg, trained, texts, max(2.0, args.seconds / 3))
             served = serve_all(cfg, work, texts, [int(c) for c in args.concurrency.split(",")], args.seconds, warmup)
         finally:
@@ -280,6 +309,15 @@ def main() -> None:
                 serve.shutdown()
             ray.shutdown()
     print(table(args, trained, served))
+
+
+def _how(args, name: str) -> str:
+    """How a model of the table learnt, in a few words."""
+    if name == "teacher":
+        return ""
+    if name == TRANSFER_MODEL:
+        return f" (alpha {args.alpha:g}, +{args.transfer_rows} transfer texts, {args.transfer_epochs or args.epochs} epochs)"
+    return f" (alpha {args.alpha if name == 'student' else 0.0:g})"
 
 
 def table(args, trained: dict, served: dict) -> str:
@@ -294,10 +332,10 @@ def table(args, trained: dict, served: dict) -> str:
              "| model | layers x hidden | SST-2 dev accuracy | vs teacher (points) | serves | model alone, torch texts/s "
              "(at publish) | model alone, served runtime texts/s (back to back) | × teacher (alone) |",
              "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
-    for name in MODELS:
+    for name in trained:
         t = trained[name]
         alone = t["alone"]
-        lines.append(f"| {name}{'' if name == 'teacher' else ' (alpha ' + str(args.alpha if name == 'student' else 0.0) + ')'} "
+        lines.append(f"| {name}{_how(args, name)} "
                      f"| {t['layers']} | {t['accuracy']:.4f} | {100 * (t['accuracy'] - teacher['accuracy']):+.2f} "
                      f"| {t['auto']} | {t['speeds'].get('torch', 0.0):.1f} | {alone:.1f} "
                      f"| {alone / max(teacher['alone'], 1e-9):.2f} |")
@@ -307,15 +345,15 @@ def table(args, trained: dict, served: dict) -> str:
         base = served[("teacher", c)].throughput
         lines.append(f"| {name} | {c} | {r.throughput:.1f} | {r.p50 * 1e3:.1f} | {r.p99 * 1e3:.1f} | {r.errors} "
                      f"| {r.throughput / max(base, 1e-9):.2f} |")
-    student = trained["student"]
     top = max(c for _, c in served) if served else None
-    if top is not None:
-        ratio = served[("student", top)].throughput / max(served[("teacher", top)].throughput, 1e-9)
+    for name in (n for n in trained if n not in ("teacher", "student-hard") and top is not None):
+        student = trained[name]
+        ratio = served[(name, top)].throughput / max(served[("teacher", top)].throughput, 1e-9)
         gap = 100 * (teacher["accuracy"] - student["accuracy"])
         where = f"{gap:.2f} points below" if gap > 0 else f"{-gap:.2f} points above"
-        lines += ["", f"student at {top} clients: {ratio:.2f}x the teacher's served texts/s (target 3x: "
+        lines += ["", f"{name} at {top} clients: {ratio:.2f}x the teacher's served texts/s (target 3x: "
                       f"{'met' if ratio >= 3 else 'NOT met'}), {where} its accuracy (target <= 2 below: "
-                      f"{'met' if gap <= 2 else 'NOT met'}); the teacher scored the student's rows in "
+                      f"{'met' if gap <= 2 else 'NOT met'}); the teacher scored its rows in "
                       f"{student['scoring_s']}s"]
     return "\n".join(lines)
 

@@ -82,6 +82,23 @@ def read_dataset(path: str, task: Task) -> pa.Table:
     return table
 
 
+def read_texts(path: str) -> list[str]:
+    """A transfer set's texts: the ``text`` column of a file in any format a seed may have
+    (other columns, labels among them, are not read); empty and missing texts are left out."""
+    fmt = seed_format(path)
+    try:
+        read = _read_file(path, fmt, ["text"], {"text": pa.string()})
+    except (pa.ArrowException, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"dataset {path!r} cannot be read as {fmt[1:]}: {e}") from None
+    if isinstance(read, list):
+        texts = [row.get("text") for row in read]
+    elif "text" not in read.column_names:
+        raise ValueError(f"dataset {path!r} has no column 'text'; it has {read.column_names[:20]}")
+    else:
+        texts = _as(read.column("text"), pa.string()).to_pylist()
+    return [t for t in texts if isinstance(t, str) and t.strip()]
+
+
 def _read_file(path: str, fmt: str, columns: list[str], types: dict[str, pa.DataType]) -> pa.Table | list[dict]:
     """The file as a table, or, for a jsonl file pyarrow refuses, as its rows."""
     if fmt in (".tsv", ".csv"):

@@ -171,18 +171,29 @@ def keep_layers(model, keep: list[int]) -> None:
     model.config.num_hidden_layers = len(keep)
 
 
-def distillation_loss(student_logits, teacher_logits, hard_loss, task: Task, temperature: float, alpha: float):
-    """``alpha`` x the soft-label loss + (1 - alpha) x ``hard_loss`` (the rows' own labels).
+def distillation_loss(student_logits, teacher_logits, targets, labelled, task: Task, temperature: float,
+                      alpha: float):
+    """Per row, ``alpha`` x the soft-label loss + (1 - alpha) x the hard loss on the row's own
+    ``targets``; a row without a label (``labelled`` False: a transfer text) has the soft
+    loss alone. The mean over the rows. ``labelled`` None: every row has its label.
+
     The soft loss compares the student's scores with the teacher's, both softened by
     ``temperature``: cross-entropy for one answer per text (KL divergence plus a constant),
     binary cross-entropy per label for multi-label. It is scaled by temperature squared,
-    which keeps its gradients the size of the hard loss's (Hinton et al., 2015)."""
+    which keeps its gradients the size of the hard loss's (Hinton et al., 2015). The hard
+    loss is the one the model's head computes (cross-entropy, or binary cross-entropy per
+    label), taken per row here so that the rows without labels can be left out of it."""
     import torch.nn.functional as F
 
-    s, t = student_logits.float() / temperature, teacher_logits.float() / temperature
+    logits = student_logits.float()
+    s, t = logits / temperature, teacher_logits.float() / temperature
     if task.activation == "sigmoid":
-        soft = F.binary_cross_entropy_with_logits(s, t.sigmoid())
+        soft = F.binary_cross_entropy_with_logits(s, t.sigmoid(), reduction="none").mean(-1)
+        hard = F.binary_cross_entropy_with_logits(logits, targets.float(), reduction="none").mean(-1)
     else:
-        soft = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
-    return alpha * soft * temperature**2 + (1 - alpha) * hard_loss
-
+        soft = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
+        hard = F.cross_entropy(logits, targets, reduction="none")
+    mixed = alpha * soft * temperature**2 + (1 - alpha) * hard
+    if labelled is None:
+        return mixed.mean()
+    return mixed.where(labelled, soft * temperature**2).mean()

@@ -7,7 +7,9 @@
   uniform sample of all earlier feedback), ``replay_ratio`` rows per fresh row;
 - **golden**: the model's frozen evaluation set, never trained on;
 - **held**: fresh rows of keys the quarantine holds (``cluster/core/quarantine.py``), kept
-  beside the version until an admin releases the key; then the next job trains on them.
+  beside the version until an admin releases the key; then the next job trains on them;
+- **transfer**: a distilled student's sample of ``distill.transfer_dataset``, texts without
+  labels that only the teacher's soft labels teach.
 
 Driver side, pyarrow. What it reads is the parent's reservoir, the seed and the golden
 files, and the feedback partitions from the watermark's day on: bounded by fresh data and
@@ -24,7 +26,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tuneloop.core.config import ModelConfig, QuarantineConfig, TrainingConfig
+from tuneloop.core.config import DistillConfig, ModelConfig, QuarantineConfig, TrainingConfig
 from tuneloop.core.feedback_stats import superseded
 from tuneloop.core.quarantine import ANONYMOUS, flag_keys, normalized, task_key_stats
 from tuneloop.core.replay import kept_back, replay_quota, reservoir_update, stratified_sample
@@ -32,11 +34,13 @@ from tuneloop.core.tasks import Task
 from tuneloop.store.quarantine import QuarantineBook
 from tuneloop.store.records import FeedbackStore, arrow_type
 from tuneloop.store.registry import Manifest, Registry
-from tuneloop.training.data import file_sha256, read_dataset, table_digest
+from tuneloop.training.data import file_sha256, read_dataset, read_texts, table_digest
 
 log = logging.getLogger(__name__)
 
 TS = pa.timestamp("ms", tz="UTC")
+TRANSFER = "transfer"  # the source of a student's transfer texts: the teacher's soft labels are all they have
+LABELLED_COLUMN = "labelled"  # in a train table with transfer rows: False where a row's targets are placeholders
 
 
 def row_schema(task: Task) -> pa.Schema:
@@ -367,6 +371,11 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     strata = [task.stratum(r) for r in pool.select(list(task.target_columns)).to_pylist()]
     replay = _take(pool, stratified_sample(strata, quota, rng))
     train = pa.concat_tables([fresh_train, replay])
+    transfer_summary = None
+    if teacher is not None and mcfg.distill is not None and mcfg.distill.transfer_dataset:
+        judging = golden_texts | texts(fresh_eval) | texts(validation)  # the gate's and early stopping's
+        transfer, transfer_summary = _transfer_rows(mcfg.distill, schema, judging | texts(train), rng)
+        train = pa.concat_tables([train, transfer])
     train = _take(train, rng.sample(range(train.num_rows), train.num_rows))
     if train.num_rows == 0:
         if seed is not None and seed.num_rows:
@@ -402,6 +411,7 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
                      "left_for_next_job": fresh.num_rows - n_eval - n_val - n_train,
                      "waiting_for_compaction": n_behind_pending},
         "replay": {"rows": replay.num_rows, "pool_rows": pool.num_rows, "ratio": tcfg.replay_ratio},
+        "transfer": transfer_summary,
         "validation": {"rows": validation.num_rows, "source": "seed" if parent is None else "feedback"},
         "reservoir": {"rows": child_reservoir.num_rows, "seen": seen},
         "quarantine": quarantine,
@@ -412,6 +422,25 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     return JobData(train=train, golden=golden, fresh_eval=fresh_eval, validation=validation,
                    reservoir=child_reservoir, held=held, summary=summary,
                    answered=pa.table({"text": pa.array(sorted(answered), pa.string())}))
+
+
+def _transfer_rows(settings: DistillConfig, schema: pa.Schema, exclude: set[str],
+                   rng: random.Random) -> tuple[pa.Table, dict[str, Any]]:
+    """A sample of at most ``transfer_rows_per_job`` of the transfer set's texts, each once,
+    none of ``exclude`` (normalized: those that judge the student, and those the job trains
+    on with a label), as rows of ``source`` transfer with no targets."""
+    path = settings.transfer_dataset
+    read = read_texts(path)
+    seen, pool = set(exclude), []
+    for text in read:
+        key = normalized(text)
+        if key not in seen:
+            seen.add(key)
+            pool.append(text)
+    picked = sorted(rng.sample(range(len(pool)), min(settings.transfer_rows_per_job, len(pool))))
+    rows = _rows(pa.table({"text": pa.array([pool[i] for i in picked], pa.string())}), schema, TRANSFER)
+    return rows, {"path": path, "sha256": file_sha256(path), "texts": len(read), "new_texts": len(pool),
+                  "rows": rows.num_rows}
 
 
 def _first_with_each_label(task: Task, targets: list[dict[str, Any]]) -> set[int]:
@@ -442,7 +471,20 @@ def _seed_validation(task: Task, pool: pa.Table, fraction: float, max_rows: int,
 
 
 def with_training_columns(task: Task, table: pa.Table) -> pa.Table:
-    """``text`` and the task's training targets (label ids, for a classifier), for the workers."""
-    targets = task.training_targets({c: table.column(c).to_pylist() for c in task.target_columns})
-    return pa.table({"text": table.column("text"),
-                     **{c: pa.array(targets[c], arrow_type(t)) for c, t in task.training_columns.items()}})
+    """``text`` and the task's training targets (label ids, for a classifier), for the workers.
+    A table with transfer rows also has ``LABELLED_COLUMN``, False on those, whose targets
+    are placeholders (class 0, no labels) that the loss leaves out."""
+    transfer = "source" in table.column_names and TRANSFER in table.column("source").to_pylist()
+    if not transfer:
+        targets = task.training_targets({c: table.column(c).to_pylist() for c in task.target_columns})
+        return pa.table({"text": table.column("text"),
+                         **{c: pa.array(targets[c], arrow_type(t)) for c, t in task.training_columns.items()}})
+    labelled = [source != TRANSFER for source in table.column("source").to_pylist()]
+    known = table.filter(pa.array(labelled))
+    targets = task.training_targets({c: known.column(c).to_pylist() for c in task.target_columns})
+    columns = {}
+    for c, t in task.training_columns.items():
+        values, kind = iter(targets[c]), arrow_type(t)
+        blank = [] if pa.types.is_list(kind) else 0
+        columns[c] = pa.array([next(values) if has else blank for has in labelled], kind)
+    return pa.table({"text": table.column("text"), **columns, LABELLED_COLUMN: pa.array(labelled, pa.bool_())})

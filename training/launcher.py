@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from ray.train import LoggingConfig, RunConfig, ScalingConfig, WorkerGroupError
 from ray.train.torch import TorchTrainer
@@ -42,7 +43,7 @@ from tuneloop.store.records import FeedbackStore
 from tuneloop.store.registry import Manifest, Registry
 from tuneloop.store.storage import Storage
 from tuneloop.training.distill import teacher_of, with_teacher_logits
-from tuneloop.training.job_data import JobData, assemble, with_training_columns
+from tuneloop.training.job_data import TRANSFER, JobData, assemble, with_training_columns
 from tuneloop.training.loop import train_loop_per_worker
 from tuneloop.training.model_files import ModelFiles
 from tuneloop.training.recipe import layer_problem, startup_parts, training_speed
@@ -73,8 +74,10 @@ def _data_line(summary: dict) -> str:
     """What a job trains and is judged on, in one line (the manifest keeps the whole summary)."""
     fb, replay = summary["feedback"], summary["replay"]
     held = summary["quarantine"].get("held_rows", 0)
+    transfer = (summary.get("transfer") or {}).get("rows")
     return (f"{summary['train_rows']} rows to train ({fb['trained_rows']} fresh feedback, {replay['rows']} replayed"
-            f"{'' if summary.get('seed') is None else ' or seed'}), golden set {summary['golden']['rows']}, "
+            f"{'' if summary.get('seed') is None else ' or seed'}"
+            f"{f', {transfer} transfer texts for the teacher to label' if transfer else ''}), golden set {summary['golden']['rows']}, "
             f"{fb['kept_back_rows']} fresh kept back for the gate, {summary['validation']['rows']} for early stopping"
             + (f", {held} held by the quarantine" if held else ""))
 
@@ -85,7 +88,8 @@ def _job_tables(task: Task, data: JobData) -> dict[str, pa.Table]:
     sets = {"train": with_training_columns(task, data.train)}
     # Without a golden set or kept-back rows, some training rows are scored anyway: the gate's
     # check for finite outputs otherwise looked at nothing, and passed weights gone to NaN.
-    sanity = data.train.slice(0, SANITY_ROWS) if not (data.golden.num_rows or data.fresh_eval.num_rows) else None
+    labelled = data.train.filter(pc.invert(pc.fill_null(pc.equal(data.train.column("source"), TRANSFER), False)))
+    sanity = labelled.slice(0, SANITY_ROWS) if not (data.golden.num_rows or data.fresh_eval.num_rows) else None
     for name, table in (("golden", data.golden), ("fresh", data.fresh_eval), ("validation", data.validation),
                         ("sanity", sanity)):
         if table is not None and table.num_rows:

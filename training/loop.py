@@ -18,6 +18,7 @@ from typing import Any
 from tuneloop.core.tasks import Task, make_task
 from tuneloop.training.deepspeed_config import build_deepspeed_config, lr_multiplier, warmup_steps
 from tuneloop.training.distill import TEACHER_COLUMN, distillation_loss, keep_layers
+from tuneloop.training.job_data import LABELLED_COLUMN
 from tuneloop.training.model_files import ModelFiles, load_for_training
 from tuneloop.training.recipe import (
     EarlyStopping,
@@ -407,12 +408,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # entities past the cut (a correction late in a feedback text) never trained.
             inputs, encoding, windows = _windowed(tokenizer, batch, max_length, engine.device, task)
             target = _target_tensor(task.batch_targets(windows, encoding), task, engine.device)
-            out = engine(**inputs, labels=target)
-            loss = out.loss
-            if distill:
+            if distill:  # its loss takes the hard loss per row: transfer rows have none
+                out = engine(**inputs)
                 teacher_logits = torch.tensor(windows[TEACHER_COLUMN], dtype=torch.float32, device=engine.device)
-                loss = distillation_loss(out.logits, teacher_logits, loss, task, distill["temperature"],
-                                         distill["alpha"])
+                labelled = windows.get(LABELLED_COLUMN)
+                loss = distillation_loss(out.logits, teacher_logits, target,
+                                         None if labelled is None else torch.tensor(labelled, device=engine.device),
+                                         task, distill["temperature"], distill["alpha"])
+            else:
+                loss = engine(**inputs, labels=target).loss
             engine.backward(loss)
             steps_before = engine.global_steps
             engine.step()  # an optimizer step at every accumulation boundary

@@ -83,6 +83,12 @@ def data_problems(cfg: TuneloopConfig, models: list[str] | None = None, offline:
                 problems.append(f"models.{m.name}.{key} {path!r} does not exist")
             elif key == "golden_dataset" or production is None:  # what the next job reads
                 problems.extend(f"models.{m.name}.{key}: {e}" for e in _unreadable(path, m))
+        transfer = m.distill.transfer_dataset if m.distill else None
+        if transfer and "://" not in transfer:  # every job of the student reads it
+            if not os.path.exists(transfer):
+                problems.append(f"models.{m.name}.distill.transfer_dataset {transfer!r} does not exist")
+            else:
+                problems.extend(f"models.{m.name}.distill.transfer_dataset: {e}" for e in _unreadable(transfer, None))
         base = m.base_model
         if production is None and base and base.startswith(("/", "./", "../", "~")) \
                 and not os.path.exists(os.path.expanduser(base)):
@@ -124,12 +130,13 @@ def _student_layers_problem(teacher_base: str | None, student_layers: int) -> st
     return None if config is None else layer_problem(config, 0, False, student_layers)
 
 
-def _unreadable(path: str, m: ModelConfig) -> list[str]:
-    """Why a job could not read ``path`` as ``m``'s data: its format, columns or labels."""
-    from tuneloop.training.data import read_dataset
+def _unreadable(path: str, m: ModelConfig | None) -> list[str]:
+    """Why a job could not read ``path`` as ``m``'s data: its format, columns or labels;
+    ``m`` None: as a transfer set's texts."""
+    from tuneloop.training.data import read_dataset, read_texts
 
     try:
-        read_dataset(path, model_task(m))
+        read_dataset(path, model_task(m)) if m is not None else read_texts(path)
     except (ValueError, OSError) as e:
         return [str(e)]
     except Exception as e:  # noqa: BLE001 - a row shaped as no task expects: say so, not a traceback

@@ -62,6 +62,25 @@ class DistillConfig(Section):
     student_layers: int | None = Field(default=None, ge=1, le=1000, description=(
         "v1 starts from the teacher's production weights with this many of its encoder layers, spread "
         "evenly (DistilBERT's initialisation), instead of from base_model"))
+    transfer_dataset: str | None = Field(default=None, min_length=1, description=(
+        "a file of texts without labels (column text of a tsv/csv/jsonl/parquet file; other columns are "
+        "ignored) that the teacher labels for the student: there its soft labels alone teach, beyond the "
+        "labelled rows (a transfer set, as Hinton et al. and TinyBERT used). Never the golden set's texts"))
+    transfer_rows_per_job: int = Field(default=20_000, ge=1, le=10_000_000, description=(
+        "each job trains on a sample of at most this many transfer texts, besides its labelled rows; the "
+        "teacher scores each once per job"))
+
+    @field_validator("transfer_dataset")
+    @classmethod
+    def _no_credentials_in_the_transfer_uri(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return refuse_credentials(v, info.field_name, authority_only=True) if v else v
+
+    @model_validator(mode="after")
+    def _soft_labels_teach_the_transfer_set(self) -> DistillConfig:
+        if self.transfer_dataset is not None and self.alpha == 0:
+            raise ValueError(f"transfer_dataset {self.transfer_dataset!r} has no labels but the teacher's, and "
+                             "alpha 0 gives those no weight: raise alpha or leave the transfer set out")
+        return self
 
 
 RAY_MIN_AMOUNT = 1e-4  # Ray refuses resource amounts finer than this when it places an actor
@@ -1005,6 +1024,8 @@ def _resolve_relative_paths(cfg: TuneloopConfig, base_dir: Path) -> TuneloopConf
                 "seed_dataset": resolve(m.seed_dataset) if m.seed_dataset else None,
                 "golden_dataset": resolve(m.golden_dataset) if m.golden_dataset else None,
                 "base_model": resolve_model_source(m.base_model) if m.base_model else None,
+                "distill": m.distill.model_copy(update={"transfer_dataset": resolve(m.distill.transfer_dataset)})
+                if m.distill and m.distill.transfer_dataset else m.distill,
             }
         )
         for m in cfg.models

@@ -188,7 +188,8 @@ def test_a_student_of_another_family_and_vocabulary_learns_from_the_teacher(trai
                                                                              tmp_path):
     """The issue's student: a pretrained model of its own (here a RoBERTa with a 20-word
     vocabulary, not the teacher's BERT with MiniLM's 30,522 tokens), not the teacher's layers. The
-    teacher scores the texts with its own tokenizer; the student reads them with its own."""
+    teacher scores the texts with its own tokenizer; the student reads them with its own. It
+    also learns from a transfer set, texts without labels that only the teacher labels."""
     import transformers
     from safetensors.torch import load_file
 
@@ -199,8 +200,11 @@ def test_a_student_of_another_family_and_vocabulary_learns_from_the_teacher(trai
     words = sorted({w for t in texts for w in t.split()})
     base = build_tiny_model(tmp_path / "own-vocab", ["negative", "positive"], family="roberta", words=words)
     registry = trained["registry"]
+    transfer = tmp_path / "unlabelled.jsonl"
+    transfer.write_text("".join(json.dumps({"text": f"{a} {b}"}) + "\n" for a, b in zip(words, reversed(words))))
     student = {"name": "own", "base_model": base, "labels": ["negative", "positive"],
-               "distill": {"teacher": "sentiment", "max_gap": 1.0}}
+               "distill": {"teacher": "sentiment", "max_gap": 1.0, "transfer_dataset": str(transfer),
+                           "transfer_rows_per_job": 12}}
     cfg = make_config(trained["root"], tiny_model, seed_tsv, training={"max_steps": 2, "num_workers": 1})
     cfg = cfg.model_copy(update={"models": [*cfg.models, cfg.models[0].model_validate(student)]})
     outcome = run_training(cfg, "own")
@@ -209,6 +213,9 @@ def test_a_student_of_another_family_and_vocabulary_learns_from_the_teacher(trai
     assert manifest.distilled_from["version"] == registry.production("sentiment")
     assert manifest.distilled_from["student_layers"] is None and manifest.distilled_from["scoring_s"] > 0
     assert manifest.metrics.eval_rows == 16  # the teacher's golden set
+    assert manifest.data["transfer"]["rows"] == 12 and manifest.data["train_rows"] == 64 + 12
+    trained_on = registry.table("own", manifest.version, "trained_on").to_pylist()
+    assert sum(r["source"] == "transfer" and r["label"] is None for r in trained_on) == 12
     stored = registry.local_path("own", manifest.version)
     assert transformers.AutoConfig.from_pretrained(stored).model_type == "roberta"
     assert transformers.AutoTokenizer.from_pretrained(stored).vocab_size == len(words) + 5  # its own, kept

@@ -4,6 +4,7 @@ student's data (the teacher's golden set and seed). No Ray."""
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pytest
 
 from tuneloop.core.config import ConfigError, parse_config
@@ -89,20 +90,52 @@ def test_the_gate_holds_a_student_within_max_gap_of_its_teacher():
 
 def test_the_loss_is_the_soft_labels_mixed_with_the_hard_by_alpha():
     import torch
+    import torch.nn.functional as F
 
     from tuneloop.training.distill import distillation_loss
 
     task = make_task("text-classification", LABELS)
     teacher = torch.tensor([[2.0, -1.0], [0.0, 3.0]])
-    hard = torch.tensor(0.7)
+    targets = torch.tensor([1, 1])
+    hard = float(F.cross_entropy(teacher, targets))  # what the model's head computes
     # A student that answers as the teacher does has no soft loss left: only (1 - alpha) x hard.
-    assert float(distillation_loss(teacher.clone(), teacher, hard, task, 2.0, 0.25)) == pytest.approx(0.75 * 0.7)
+    assert float(distillation_loss(teacher.clone(), teacher, targets, None, task, 2.0, 0.25)) == pytest.approx(
+        0.75 * hard, rel=1e-5)
     student = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
     p = (teacher / 2).softmax(-1)
-    kl = float((p * (p.log() - torch.log(torch.tensor(0.5)))).sum(-1).mean())
-    assert float(distillation_loss(student, teacher, hard, task, 2.0, 1.0)) == pytest.approx(kl * 4, rel=1e-5)
+    kl_rows = (p * (p.log() - torch.log(torch.tensor(0.5)))).sum(-1)
+    kl = float(kl_rows.mean())
+    assert float(distillation_loss(student, teacher, targets, None, task, 2.0, 1.0)) == pytest.approx(kl * 4, rel=1e-5)
     multi = make_task("multi-label-classification", LABELS)
-    assert float(distillation_loss(teacher.clone(), teacher, hard, multi, 1.0, 0.0)) == pytest.approx(0.7)
+    hot = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert float(distillation_loss(teacher.clone(), teacher, hot, None, multi, 1.0, 0.0)) == pytest.approx(
+        float(F.binary_cross_entropy_with_logits(teacher, hot)), rel=1e-5)
+
+
+def test_a_row_without_a_label_learns_from_the_soft_labels_alone():
+    """A transfer text's placeholder target (class 0) never reaches the loss: its row has
+    the soft loss at full weight, a labelled row alpha's mix."""
+    import torch
+    import torch.nn.functional as F
+
+    from tuneloop.training.distill import distillation_loss
+
+    task = make_task("text-classification", LABELS)
+    teacher, student = torch.tensor([[2.0, -1.0], [0.0, 3.0]]), torch.tensor([[0.5, 0.0], [1.0, -1.0]])
+    targets, labelled = torch.tensor([1, 0]), torch.tensor([True, False])
+    soft = F.kl_div(F.log_softmax(student / 2, -1), F.log_softmax(teacher / 2, -1), log_target=True,
+                    reduction="none").sum(-1) * 4
+    hard = F.cross_entropy(student, targets, reduction="none")
+    expected = ((0.5 * soft[0] + 0.5 * hard[0]) + soft[1]) / 2
+    got = distillation_loss(student, teacher, targets, labelled, task, 2.0, 0.5)
+    assert float(got) == pytest.approx(float(expected), rel=1e-5)
+    # The placeholder is not read: another class there changes nothing.
+    assert float(distillation_loss(student, teacher, torch.tensor([1, 1]), labelled, task, 2.0, 0.5)) == \
+        pytest.approx(float(got), rel=1e-6)
+    multi = make_task("multi-label-classification", LABELS)
+    none = torch.tensor([False, False])
+    assert float(distillation_loss(student, teacher, torch.zeros(2, 2), none, multi, 1.0, 0.3)) == pytest.approx(
+        float(F.binary_cross_entropy_with_logits(student, teacher.sigmoid())), rel=1e-5)
 
 
 @pytest.mark.parametrize("family", ["bert", "distilbert", "modernbert"])
@@ -141,6 +174,51 @@ def test_a_students_data_is_judged_on_the_teachers_golden_set_and_learns_its_see
     assert registry.golden("small") is None  # nothing frozen under the student's name
     assert sorted(students.train.column("text").to_pylist()) == sorted(teachers.train.column("text").to_pylist())
     assert students.summary["seed"]["path"] == str(seed)
+
+
+def test_a_students_transfer_texts_train_beside_its_labelled_rows_without_labels(tmp_path):
+    """A sample of the transfer set joins the job, capped at transfer_rows_per_job, each
+    text once, never a golden text or one the job has a label for; its rows reach the
+    workers with placeholder targets that LABELLED_COLUMN marks."""
+    import pyarrow.parquet as pq
+
+    from tuneloop.training.job_data import LABELLED_COLUMN, TRANSFER, with_training_columns
+
+    seed = tmp_path / "seed.tsv"
+    seed.write_text("text\tlabel\n" + "".join(f"text {i}\t{LABELS[i % 2]}\n" for i in range(50)))
+    transfer = tmp_path / "unlabelled.parquet"
+    # 40 new texts, one twice, one with different case and spaces, a seed text, an empty one.
+    texts = [f"other {i}" for i in range(40)] + ["other 3", "  OTHER 4 ", "text 7", ""]
+    pq.write_table(pa.table({"text": texts, "meta": list(range(len(texts)))}), transfer)
+    cfg = _cfg({"distill": {"teacher": "big", "student_layers": 1, "transfer_dataset": str(transfer),
+                            "transfer_rows_per_job": 30}}, {**TEACHER, "seed_dataset": str(seed)},
+               storage={"root": str(tmp_path / "store")})
+    storage = Storage(cfg.storage.root)
+    tasks, registry = model_tasks(cfg.models), Registry(storage)
+    feedback = FeedbackStore(storage, str(tmp_path / "journal"), tasks)
+    teachers = assemble(tasks["big"], cfg.model("big"), cfg.training, registry, feedback, None)
+    students = assemble(tasks["small"], cfg.model("small"), cfg.training, registry, feedback, None,
+                        teacher=cfg.model("big"))
+    rows = students.train.to_pylist()
+    extra = [r for r in rows if r["source"] == TRANSFER]
+    assert len(extra) == 30 and all(r["label"] is None for r in extra)
+    assert {r["text"] for r in extra} <= {f"other {i}" for i in range(40)}  # no seed, golden or validation text
+    assert len({r["text"] for r in extra}) == 30
+    labelled = sorted(r["text"] for r in rows if r["source"] != TRANSFER)
+    assert labelled == sorted(teachers.train.column("text").to_pylist())
+    assert students.summary["transfer"] == {"path": str(transfer), "sha256": students.summary["transfer"]["sha256"],
+                                            "texts": 43, "new_texts": 40, "rows": 30}
+    columns = with_training_columns(tasks["small"], students.train).to_pylist()
+    assert [c[LABELLED_COLUMN] for c in columns] == [r["source"] != TRANSFER for r in rows]
+    assert [c["label_id"] for c in columns] == [LABELS.index(r["label"]) if r["label"] else 0 for r in rows]
+    assert LABELLED_COLUMN not in with_training_columns(tasks["big"], teachers.train).column_names
+
+
+def test_a_transfer_set_needs_the_soft_labels_to_weigh_something(tmp_path):
+    with pytest.raises(ConfigError, match="transfer_dataset 'u.tsv' has no labels but the teacher's, and alpha 0"):
+        _cfg({"base_model": "y", "distill": {"teacher": "big", "alpha": 0, "transfer_dataset": "u.tsv"}})
+    with pytest.raises(ConfigError, match="transfer_rows_per_job"):
+        _cfg({"base_model": "y", "distill": {"teacher": "big", "transfer_dataset": "u.tsv", "transfer_rows_per_job": 0}})
 
 
 def test_the_teacher_scores_with_its_own_tokenizer_in_the_students_label_order(tmp_path):
