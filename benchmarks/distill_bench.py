@@ -82,6 +82,9 @@ def data(args, work: Path) -> tuple[str, str, list[str]]:
         rng = random.Random(0)
         words = {"positive": ["great", "lovely", "fine", "superb"], "negative": ["awful", "poor", "dull", "bad"]}
         rows = [(f"the film was {rng.choice(words[y])} {i}", y) for i, y in enumerate(LABELS * 60)]
+        if args.transfer_rows:
+            unlabelled = [(f"a {rng.choice(words[y])} film {i}", y) for i, y in enumerate(LABELS * args.transfer_rows)]
+            write_transfer(args, work, unlabelled, set())
         return write_tsv(work / "seed.tsv", rows[:80]), write_tsv(work / "golden.tsv", rows[80:]), [t for t, _ in rows[80:]]
     train = [(r["text"], LABELS[int(r["label"])]) for r in read_tsv(sst2 / "train.tsv")]
     golden = [(r["text"], LABELS[int(r["label"])]) for r in read_tsv(sst2 / "dev.tsv")]
@@ -143,9 +146,10 @@ def config(args, work: Path, base_model: str, seed: str, golden: str):
     })
 
 
-def train_all(cfg, names: tuple[str, ...]) -> dict[str, dict]:
+def train_all(cfg, names: tuple[str, ...], reuse: bool) -> dict[str, dict]:
     """Each model's job (teacher first), unless the store holds a production version of it
-    (``--reuse``: trained before); what the tables need of each version."""
+    (``reuse``: trained before; only a transfer student added since is trained then); what
+    the tables need of each version."""
     from tuneloop.serving.optimize import optimize_version
     from tuneloop.store.registry import Registry
     from tuneloop.store.storage import Storage
@@ -159,6 +163,8 @@ def train_all(cfg, names: tuple[str, ...]) -> dict[str, dict]:
             out[name] = summary(cfg, name, registry.manifest(name, version))
             progress(f"{name}: {version} as trained before, golden accuracy {out[name]['accuracy']:.4f}")
             continue
+        if reuse and name != TRANSFER_MODEL:
+            raise SystemExit(f"{cfg.storage.root} has no production version of {name}: not a finished run's store")
         t0 = time.perf_counter()
         outcome = run_training(cfg, name, trigger="benchmark", optimize=optimize_version)
         if outcome.manifest is None or outcome.job.state != "succeeded":
@@ -272,7 +278,7 @@ def main() -> None:
     work = args.reuse.resolve() if args.reuse else Path(tempfile.mkdtemp(prefix="tuneloop-distill-bench-"))
     if args.reuse and (work / ARGS_FILE).is_file():  # the table describes the run that trained the versions
         recorded = json.loads((work / ARGS_FILE).read_text())
-        added = {k: getattr(args, k) for k in ADDABLE_ARGS if not recorded.get(k)}
+        added = {k: getattr(args, k) for k in ADDABLE_ARGS} if not recorded.get("transfer_rows") else {}
         args = argparse.Namespace(**{**vars(args), **recorded, **added, "reuse": work})
     elif args.reuse:
         progress(f"{work} has no {ARGS_FILE} (a run before --reuse existed): the table takes this command's options")
@@ -299,7 +305,7 @@ def main() -> None:
         ray.init(num_cpus=len(cfg.models) * cfg.serving.replica_threads + 4, include_dashboard=False,
                  log_to_driver=True, runtime_env={"worker_process_setup_hook": worker_setup.HOOK})
         try:
-            trained = train_all(cfg, models(args))
+            trained = train_all(cfg, models(args), reuse=args.reuse is not None)
             alone_speeds(cfg, trained, texts, max(2.0, args.seconds / 3))
             served = serve_all(cfg, work, texts, [int(c) for c in args.concurrency.split(",")], args.seconds, warmup)
         finally:

@@ -87,7 +87,11 @@ def read_texts(path: str) -> list[str]:
     (other columns, labels among them, are not read); empty and missing texts are left out."""
     fmt = seed_format(path)
     try:
-        read = _read_file(path, fmt, ["text"], {"text": pa.string()})
+        if fmt == ".parquet":  # the text column alone: a transfer set is large, and may hold more
+            with _open(path) as f:
+                read = pq.read_table(f, columns=["text"]) if "text" in pq.read_schema(f).names else pa.table({})
+        else:
+            read = _read_file(path, fmt, ["text"], {"text": pa.string()})
     except (pa.ArrowException, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"dataset {path!r} cannot be read as {fmt[1:]}: {e}") from None
     if isinstance(read, list):

@@ -371,18 +371,18 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     strata = [task.stratum(r) for r in pool.select(list(task.target_columns)).to_pylist()]
     replay = _take(pool, stratified_sample(strata, quota, rng))
     train = pa.concat_tables([fresh_train, replay])
+    if train.num_rows == 0:  # transfer texts alone teach no labels: a job needs some
+        if seed is not None and seed.num_rows:
+            raise ValueError(f"model {mcfg.name!r}: every row of its seed dataset is in its golden set, which never "
+                             "trains, and there is no feedback to train on: give a golden_dataset apart from the "
+                             "seed (or leave it out: a sample of the seed is then kept back)")
+        raise ValueError(f"model {mcfg.name!r} has no seed dataset and no feedback to train on")
     transfer_summary = None
     if teacher is not None and mcfg.distill is not None and mcfg.distill.transfer_dataset:
         judging = golden_texts | texts(fresh_eval) | texts(validation)  # the gate's and early stopping's
         transfer, transfer_summary = _transfer_rows(mcfg.distill, schema, judging | texts(train), rng)
         train = pa.concat_tables([train, transfer])
     train = _take(train, rng.sample(range(train.num_rows), train.num_rows))
-    if train.num_rows == 0:
-        if seed is not None and seed.num_rows:
-            raise ValueError(f"model {mcfg.name!r}: every row of its seed dataset is in its golden set, which never "
-                             "trains, and there is no feedback to train on: give a golden_dataset apart from the "
-                             "seed (or leave it out: a sample of the seed is then kept back)")
-        raise ValueError(f"model {mcfg.name!r} has no seed dataset and no feedback to train on")
     # A text the job trains on is no evidence about the candidate: kept-back and validation
     # rows that repeat one (a frequent query; one text answered on two predictions; a seed
     # text sent again) leave the gate's and early stopping's sets. They are past the
@@ -439,6 +439,9 @@ def _transfer_rows(settings: DistillConfig, schema: pa.Schema, exclude: set[str]
             pool.append(text)
     picked = sorted(rng.sample(range(len(pool)), min(settings.transfer_rows_per_job, len(pool))))
     rows = _rows(pa.table({"text": pa.array([pool[i] for i in picked], pa.string())}), schema, TRANSFER)
+    if not rows.num_rows:
+        log.warning("distill.transfer_dataset %s adds no texts to this job: %s", path,
+                    "it has none" if not read else f"its {len(read)} are all golden, judging or labelled rows' texts")
     return rows, {"path": path, "sha256": file_sha256(path), "texts": len(read), "new_texts": len(pool),
                   "rows": rows.num_rows}
 

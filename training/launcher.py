@@ -312,11 +312,10 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
     _wait_for_resources(tcfg, autoscaled=bool(cfg.ray.address or os.environ.get("RAY_ADDRESS")))
     training_started = _now()  # a student's teacher scoring its rows is training, not queueing
     if teacher is not None:
-        tables["train"], teacher.scoring_s = with_teacher_logits(
-            tables["train"], teacher.files, task, tcfg.max_length, tcfg.use_gpu, tcfg.cpus_per_worker,
-            tcfg.gpus_per_worker)
-        log.info("job %s: teacher %s %s scored %d rows in %.1f s", job.job_id, teacher.model, teacher.version,
-                 data.train.num_rows, teacher.scoring_s)
+        tables["train"] = with_teacher_logits(tables["train"], teacher, task, tcfg.max_length, tcfg.use_gpu,
+                                              tcfg.cpus_per_worker, tcfg.gpus_per_worker)
+        log.info("job %s: teacher %s %s scored %d rows in %.1f s (%s)", job.job_id, teacher.model, teacher.version,
+                 data.train.num_rows, teacher.scoring_s, teacher.scoring_dtype)
     run_started = _now()
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -136,7 +136,10 @@ def _unreadable(path: str, m: ModelConfig | None) -> list[str]:
     from tuneloop.training.data import read_dataset, read_texts
 
     try:
-        read_dataset(path, model_task(m)) if m is not None else read_texts(path)
+        if m is not None:
+            read_dataset(path, model_task(m))
+        elif not read_texts(path):
+            return [f"dataset {path!r} has no texts: its text column is empty"]
     except (ValueError, OSError) as e:
         return [str(e)]
     except Exception as e:  # noqa: BLE001 - a row shaped as no task expects: say so, not a traceback

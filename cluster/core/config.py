@@ -55,7 +55,8 @@ class DistillConfig(Section):
     temperature: float = Field(default=2.0, gt=0, le=100, description=(
         "softens both models' scores before they are compared (Hinton et al.; DistilBERT used 2)"))
     alpha: float = Field(default=0.5, ge=0, le=1, description=(
-        "weight of the teacher's soft labels in the loss; 1 - alpha goes to the rows' own labels"))
+        "weight of the teacher's soft labels in the loss of a row with a label of its own, which has 1 - alpha; "
+        "a transfer text has the soft labels alone"))
     max_gap: float = Field(default=0.02, ge=0, le=1, description=(
         "the gate: the student's gate metric on the teacher's golden set may be this much below the "
         "teacher production's, no more"))
@@ -79,7 +80,7 @@ class DistillConfig(Section):
     def _soft_labels_teach_the_transfer_set(self) -> DistillConfig:
         if self.transfer_dataset is not None and self.alpha == 0:
             raise ValueError(f"transfer_dataset {self.transfer_dataset!r} has no labels but the teacher's, and "
-                             "alpha 0 gives those no weight: raise alpha or leave the transfer set out")
+                             "alpha 0 trains on the rows' own labels alone: raise alpha or leave the transfer set out")
         return self
 
 

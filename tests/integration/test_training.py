@@ -162,6 +162,7 @@ def test_a_student_distils_from_the_teachers_production_and_is_gated_against_it(
     assert job.state == "succeeded", job.error
     assert manifest.distilled_from["model"] == "sentiment" and manifest.distilled_from["version"] == teacher_version
     assert manifest.distilled_from["student_layers"] == 1 and manifest.distilled_from["scoring_s"] > 0
+    assert manifest.distilled_from["scoring_dtype"] == "fp32"  # the teacher has no artifacts here
     teacher_metrics = registry.manifest("sentiment", teacher_version).metrics
     assert manifest.distilled_from["teacher_metrics"]["accuracy"] == teacher_metrics.accuracy
     # The teacher's frozen golden set (16 rows), none of this model's own; its seed's other 64 rows.
@@ -221,6 +222,35 @@ def test_a_student_of_another_family_and_vocabulary_learns_from_the_teacher(trai
     assert transformers.AutoTokenizer.from_pretrained(stored).vocab_size == len(words) + 5  # its own, kept
     before, after = load_file(f"{base}/model.safetensors"), load_file(f"{stored}/model.safetensors")
     assert not after["classifier.out_proj.weight"].equal(before["classifier.out_proj.weight"])
+
+
+def test_the_teacher_scores_longest_texts_first_and_hands_rows_back_in_the_jobs_order(ray_session, tiny_model):
+    """Scored sorted by length (little padding), the rows come back in the order the job
+    made, each with its own logits (those of the text scored alone), and no helper column."""
+    import random
+
+    import numpy as np
+    import pyarrow as pa
+
+    from tuneloop.core.config import DistillConfig
+    from tuneloop.core.tasks import make_task
+    from tuneloop.training.distill import TEACHER_COLUMN, Teacher, _TeacherScorer, with_teacher_logits
+    from tuneloop.training.model_files import ModelFiles
+
+    rng = random.Random(3)
+    words = ["good", "bad", "film", "plot", "the", "was"]
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 30))) + f" {i}" for i in range(150)]
+    table = pa.table({"text": texts, "label_id": [i % 2 for i in range(150)]})
+    teacher = Teacher(model="sentiment", version="v1", files=ModelFiles(base_model=tiny_model), metrics=None,
+                      settings=DistillConfig(teacher="sentiment"))
+    task = make_task("text-classification", ["negative", "positive"])
+    scored = with_teacher_logits(table, teacher, task, 64, use_gpu=False, cpus=1, gpus=0)
+    assert scored.column_names == ["text", "label_id", TEACHER_COLUMN]
+    assert scored.column("text").to_pylist() == texts and scored.column("label_id").equals(table.column("label_id"))
+    scorer = _TeacherScorer({"base_model": tiny_model}, task.auto_class, task.head_labels(), 64, use_gpu=False)
+    alone = [scorer(pa.table({"text": [t]}))[TEACHER_COLUMN].to_pylist()[0] for t in texts]
+    assert np.allclose(np.array(scored.column(TEACHER_COLUMN).to_pylist()), np.array(alone), atol=1e-4)
+    assert teacher.scoring_dtype == "fp32" and teacher.scoring_s > 0  # no bf16 parity on record
 
 
 def test_failed_job_is_recorded_not_raised(ray_session, tiny_model, tmp_path):

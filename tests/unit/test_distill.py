@@ -214,6 +214,27 @@ def test_a_students_transfer_texts_train_beside_its_labelled_rows_without_labels
     assert LABELLED_COLUMN not in with_training_columns(tasks["big"], teachers.train).column_names
 
 
+def test_a_transfer_set_is_read_for_its_texts_alone_in_any_seed_format(tmp_path):
+    import pyarrow.parquet as pq
+
+    from tuneloop.control.server import _unreadable
+    from tuneloop.training.data import read_texts
+
+    pq.write_table(pa.table({"label": ["x", "y"], "text": ["one", "two"]}), tmp_path / "t.parquet")
+    (tmp_path / "t.tsv").write_text('text\tlabel\n"quoted" one\tx\n\t\n   \tx\ntwo\t\n')
+    (tmp_path / "t.jsonl").write_text('{"text": "one", "label": 1}\n{"text": 2, "label": "b"}\n{"label": "c"}\n')
+    assert read_texts(str(tmp_path / "t.parquet")) == ["one", "two"]
+    assert read_texts(str(tmp_path / "t.tsv")) == ['"quoted" one', "two"]  # blank texts left out
+    assert read_texts(str(tmp_path / "t.jsonl")) == ["one", "2"]
+    pq.write_table(pa.table({"sentence": ["one"]}), tmp_path / "no-text.parquet")
+    with pytest.raises(ValueError, match="has no column 'text'; it has \\['sentence'\\]"):
+        read_texts(str(tmp_path / "no-text.parquet"))
+    (tmp_path / "blank.tsv").write_text("text\n\n  \n")
+    assert _unreadable(str(tmp_path / "blank.tsv"), None) == [
+        f"dataset {str(tmp_path / 'blank.tsv')!r} has no texts: its text column is empty"]
+    assert _unreadable(str(tmp_path / "t.tsv"), None) == []
+
+
 def test_a_transfer_set_needs_the_soft_labels_to_weigh_something(tmp_path):
     with pytest.raises(ConfigError, match="transfer_dataset 'u.tsv' has no labels but the teacher's, and alpha 0"):
         _cfg({"base_model": "y", "distill": {"teacher": "big", "alpha": 0, "transfer_dataset": "u.tsv"}})
@@ -243,3 +264,12 @@ def test_the_teacher_scores_with_its_own_tokenizer_in_the_students_label_order(t
         own = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits
     assert torch.allclose(torch.tensor(scored), own.flip(-1), atol=1e-5)  # reversed: the student's order
     assert len({tuple(row) for row in scored}) == 3  # each text its own answer
+    assert scorer.dtype == "fp32"
+    # In bf16 only where its bf16 answers passed parity and this CPU computes bf16 natively.
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    fast = _TeacherScorer({"base_model": path}, "AutoModelForSequenceClassification", list(reversed(LABELS)), 32,
+                          use_gpu=False, bf16=True)
+    assert fast.dtype == ("bf16" if native else "fp32")
+    in_bf16 = fast(pa.table({"text": texts}))
+    assert set(in_bf16["_teacher_dtype"].to_pylist()) == {fast.dtype}
+    assert torch.allclose(torch.tensor(in_bf16[TEACHER_COLUMN].to_pylist()), own.flip(-1), atol=0.05)
