@@ -67,6 +67,7 @@ def main() -> None:
     if not train.is_file():
         raise SystemExit(f"no SST-2 at {train} (see ../shared/data/README.md)")
     transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
     texts = [r["text"] for r in read_tsv(train)]
     texts = random.Random(0).sample(texts, min(args.rows, len(texts)))  # a job's rows come shuffled

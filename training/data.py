@@ -89,7 +89,8 @@ def read_texts(path: str) -> list[str]:
     try:
         if fmt == ".parquet":  # the text column alone: a transfer set is large, and may hold more
             with _open(path) as f:
-                read = pq.read_table(f, columns=["text"]) if "text" in pq.read_schema(f).names else pa.table({})
+                names = pq.read_schema(f).names
+                read = pq.read_table(f, columns=["text"]) if "text" in names else pa.table({n: [] for n in names})
         else:
             read = _read_file(path, fmt, ["text"], {"text": pa.string()})
     except (pa.ArrowException, json.JSONDecodeError, UnicodeDecodeError) as e:

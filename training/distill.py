@@ -92,7 +92,9 @@ class _TeacherScorer:
     """A Ray Data actor: the teacher, and a batch's logits in the student's label order.
     In bf16 when ``bf16`` (its bf16 answers passed the parity check) and this node computes
     bf16 natively (a GPU, or a CPU with AVX512-BF16 or AMX, as ``serving.loaded_models.cpu_class``
-    tells): MPNet-base scored SST-2 rows FIXME x as fast so on this machine's CPU."""
+    tells): it scored 3.5x as many rows a second as fp32 did, both longest text first, with
+    MPNet-base on this machine's 2 threads; 99.9% of the rows' top class agreed, and no
+    softened score moved by more than 0.034 (``benchmarks/teacher_scoring_bench.py``)."""
 
     def __init__(self, files: dict, auto_class: str, head: list[str], max_length: int, use_gpu: bool,
                  bf16: bool = False):
@@ -154,7 +156,8 @@ def with_teacher_logits(train: pa.Table, teacher: Teacher, task: Task, max_lengt
 def _scored(train: pa.Table, teacher: Teacher, task: Task, max_length: int, use_gpu: bool, cpus: float,
             gpus: float) -> pa.Table:
     """The rows scored longest text first, so that a batch's texts are of a length and few
-    of its tokens padding (FIXME on SST-2), then put back in ``train``'s order."""
+    of its tokens padding (2.5x the rows a second of the job's order, SST-2 texts), then put
+    back in ``train``'s order."""
     rows = train.append_column(_ROW, pa.array(range(train.num_rows), pa.int64()))
     by_length = rows.take(pc.array_sort_indices(pc.utf8_length(rows.column("text")), order="descending"))
     scored = ray.data.from_arrow(by_length).map_batches(
