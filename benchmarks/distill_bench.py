@@ -83,8 +83,7 @@ def data(args, work: Path) -> tuple[str, str, list[str]]:
         words = {"positive": ["great", "lovely", "fine", "superb"], "negative": ["awful", "poor", "dull", "bad"]}
         rows = [(f"the film was {rng.choice(words[y])} {i}", y) for i, y in enumerate(LABELS * 60)]
         if args.transfer_rows:
-            unlabelled = [(f"a {rng.choice(words[y])} film {i}", y) for i, y in enumerate(LABELS * args.transfer_rows)]
-            write_transfer(args, work, unlabelled, set())
+            smoke_transfer(args, work)
         return write_tsv(work / "seed.tsv", rows[:80]), write_tsv(work / "golden.tsv", rows[80:]), [t for t, _ in rows[80:]]
     train = [(r["text"], LABELS[int(r["label"])]) for r in read_tsv(sst2 / "train.tsv")]
     golden = [(r["text"], LABELS[int(r["label"])]) for r in read_tsv(sst2 / "dev.tsv")]
@@ -92,6 +91,13 @@ def data(args, work: Path) -> tuple[str, str, list[str]]:
     if args.transfer_rows:
         write_transfer(args, work, train, {t for t, _ in seed})
     return write_tsv(work / "seed.tsv", seed), write_tsv(work / "golden.tsv", golden), [t for t, _ in golden]
+
+
+def smoke_transfer(args, work: Path) -> None:
+    """--smoke's transfer.tsv: generated texts of the smoke rows' words."""
+    rng = random.Random(1)
+    words = ["great", "lovely", "fine", "superb", "awful", "poor", "dull", "bad"]
+    write_transfer(args, work, [(f"a {rng.choice(words)} film {i}", "") for i in range(args.transfer_rows)], set())
 
 
 def write_transfer(args, work: Path, train: list[tuple[str, str]], seed_texts: set[str]) -> None:
@@ -106,10 +112,13 @@ def reused_data(args, work: Path) -> tuple[str, str, list[str]]:
     if not (seed.is_file() and golden.is_file() and (work / "store").is_dir()):
         raise SystemExit(f"{work} is not a distill_bench work folder (seed.tsv, golden.tsv, store/)")
     if args.transfer_rows and not (work / "transfer.tsv").is_file():
-        if args.smoke or not (args.data / "sst2" / "train.tsv").is_file():
+        if args.smoke:
+            smoke_transfer(args, work)
+        elif not (args.data / "sst2" / "train.tsv").is_file():
             raise SystemExit("--transfer-rows needs SST-2's train rows (../shared/data/sst2)")
-        train = [(r["text"], LABELS[int(r["label"])]) for r in read_tsv(args.data / "sst2" / "train.tsv")]
-        write_transfer(args, work, train, {r["text"] for r in read_tsv(seed)})
+        else:
+            train = [(r["text"], LABELS[int(r["label"])]) for r in read_tsv(args.data / "sst2" / "train.tsv")]
+            write_transfer(args, work, train, {r["text"] for r in read_tsv(seed)})
     return str(seed), str(golden), [r["text"] for r in read_tsv(golden)]
 
 

@@ -61,8 +61,10 @@ def main() -> None:
     ap.add_argument("--teacher", default="sentence-transformers/all-MiniLM-L6-v2")
     ap.add_argument("--rows", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--max-length", type=int, default=64, help="tokens a text is cut at (distill_bench's 64)")
     args = ap.parse_args()
+    if args.rows < 1:
+        raise SystemExit(f"--rows {args.rows}: score one row at least")
     train = args.data / "sst2" / "train.tsv"
     if not train.is_file():
         raise SystemExit(f"no SST-2 at {train} (see ../shared/data/README.md)")
@@ -84,8 +86,9 @@ def main() -> None:
         progress("this CPU has no native bf16: the bf16 way is skipped, as a job skips it")
     scorers = {bf16: _TeacherScorer({"base_model": path}, "AutoModelForSequenceClassification", head,
                                     args.max_length, use_gpu=False, bf16=bf16) for bf16 in {False, native}}
+    warm = texts[:SCORE_BATCH_SIZE * 2]
     for scorer in scorers.values():  # warm up: the first passes allocate
-        score(scorer, texts[:SCORE_BATCH_SIZE * 2], list(range(SCORE_BATCH_SIZE * 2)))
+        score(scorer, warm, list(range(len(warm))))
     results: dict[str, tuple[np.ndarray, float]] = {}
     for round_ in range(2):
         for name, bf16, order in ways:

@@ -27,6 +27,7 @@ import ray.data
 from tuneloop.core.config import DistillConfig, TuneloopConfig
 from tuneloop.core.evaluation import EvalMetrics
 from tuneloop.core.gate import TeacherEvidence
+from tuneloop.core.runtimes import holds_to
 from tuneloop.core.tasks import Task
 from tuneloop.store.registry import Registry
 from tuneloop.training.model_files import ModelFiles
@@ -82,10 +83,13 @@ def teacher_of(cfg: TuneloopConfig, registry: Registry, model: str) -> Teacher |
         raise ValueError(f"{model} is distilled from {settings.teacher}, which has no production version yet: "
                          f"train it first (tuneloop train {settings.teacher})")
     manifest = registry.manifest(settings.teacher, version)
+    # As serving judges it: an artifact the config still builds, by today's parity limits.
     bf16 = manifest.optimization.artifacts.get("torch-bf16") if manifest.optimization else None
+    limits = cfg.optimize.min_agreement, cfg.optimize.max_accuracy_drop
+    passed = bf16 is not None and "torch-bf16" in cfg.optimize.runtimes and holds_to(bf16.parity, limits).passed
     return Teacher(model=settings.teacher, version=version,
                    files=ModelFiles.of_version(registry, settings.teacher, version), metrics=manifest.metrics,
-                   settings=settings, bf16_passed=bool(bf16 and bf16.parity.passed))
+                   settings=settings, bf16_passed=passed)
 
 
 class _TeacherScorer:
@@ -103,8 +107,10 @@ class _TeacherScorer:
 
         path = ModelFiles(**files).local_path()  # on the actor's node
         self.device = "cuda" if use_gpu else "cpu"
-        native = use_gpu or torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        self.dtype = "bf16" if bf16 and native else "fp32"
+        # A GPU without bf16 arithmetic (a T4, a V100) emulates it, slower than fp32.
+        native = bf16 and (torch.cuda.is_bf16_supported(including_emulation=False) if use_gpu
+                           else torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        self.dtype = "bf16" if native else "fp32"
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         self.model = getattr(transformers, auto_class).from_pretrained(
             path, dtype=torch.bfloat16 if self.dtype == "bf16" else torch.float32).to(self.device).eval()

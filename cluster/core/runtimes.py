@@ -114,7 +114,7 @@ def _parity_problems(agreement: float, rows: int, accuracy: float | None, refere
     return problems
 
 
-def _holds_to(parity: ParityCheck, limits: tuple[float, float] | None) -> ParityCheck:
+def holds_to(parity: ParityCheck, limits: tuple[float, float] | None) -> ParityCheck:
     """``parity`` judged again by today's ``(min_agreement, max_accuracy_drop)``: a record
     built under looser ones that today's refuse no longer passes (its numbers are kept)."""
     if limits is None or not parity.passed:
@@ -142,7 +142,7 @@ def choose_runtime(requested: str, optimization: Optimization | None, hardware: 
     artifacts = optimization.artifacts if optimization else {}
     if allowed is not None:
         artifacts = {name: record for name, record in artifacts.items() if name in allowed}
-    artifacts = {name: record.model_copy(update={"parity": _holds_to(record.parity, parity_limits)})
+    artifacts = {name: record.model_copy(update={"parity": holds_to(record.parity, parity_limits)})
                  for name, record in artifacts.items()}
     if requested != "auto":
         if not hardware.startswith("cpu"):  # ONNX Runtime runs the artifacts on the CPU here
