@@ -365,7 +365,7 @@ def table(args, trained: dict, served: dict) -> str:
         student = trained[name]
         ratio = served[(name, top)].throughput / max(served[("teacher", top)].throughput, 1e-9)
         gap = 100 * (teacher["accuracy"] - student["accuracy"])
-        where = f"{gap:.2f} points below" if gap > 0 else f"{-gap:.2f} points above"
+        where = f"{gap:.2f} points below" if gap > 0 else f"{-gap:.2f} points above" if gap < 0 else "level with"
         lines += ["", f"{name} at {top} clients: {ratio:.2f}x the teacher's served texts/s (target 3x: "
                       f"{'met' if ratio >= 3 else 'NOT met'}), {where} its accuracy (target <= 2 below: "
                       f"{'met' if gap <= 2 else 'NOT met'}); the teacher scored its rows in "
