@@ -57,6 +57,7 @@ from tuneloop.serving.loaded_models import cpu_class  # noqa: E402
 BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 LABELS = ["negative", "positive"]
 MODELS = ("teacher", "student", "student-hard")
+SMOKE_WORDS = {"positive": ["great", "lovely", "fine", "superb"], "negative": ["awful", "poor", "dull", "bad"]}
 TRANSFER_MODEL = "student-transfer"
 ARGS_FILE = "args.json"  # in the work folder: the options that shaped the versions, for --reuse
 TRAINING_ARGS = ("base_model", "student_base", "student_layers", "rows", "teacher_epochs", "epochs", "student_lr",
@@ -66,6 +67,11 @@ ADDABLE_ARGS = ("transfer_rows", "transfer_epochs")  # a --reuse may add the tra
 
 def models(args) -> tuple[str, ...]:
     return MODELS + ((TRANSFER_MODEL,) if args.transfer_rows else ())
+
+
+def sst2_rows(path: Path) -> list[tuple[str, str]]:
+    """An SST-2 file's (text, label name) rows."""
+    return [(r["text"], LABELS[int(r["label"])]) for r in read_tsv(path)]
 
 
 def write_tsv(path: Path, rows: list[tuple[str, str]]) -> str:
@@ -80,13 +86,11 @@ def data(args, work: Path) -> tuple[str, str, list[str]]:
         if not args.smoke:
             raise SystemExit(f"no SST-2 at {sst2} (see ../shared/data/README.md); --smoke runs without it")
         rng = random.Random(0)
-        words = {"positive": ["great", "lovely", "fine", "superb"], "negative": ["awful", "poor", "dull", "bad"]}
-        rows = [(f"the film was {rng.choice(words[y])} {i}", y) for i, y in enumerate(LABELS * 60)]
+        rows = [(f"the film was {rng.choice(SMOKE_WORDS[y])} {i}", y) for i, y in enumerate(LABELS * 60)]
         if args.transfer_rows:
             smoke_transfer(args, work)
         return write_tsv(work / "seed.tsv", rows[:80]), write_tsv(work / "golden.tsv", rows[80:]), [t for t, _ in rows[80:]]
-    train = [(r["text"], LABELS[int(r["label"])]) for r in read_tsv(sst2 / "train.tsv")]
-    golden = [(r["text"], LABELS[int(r["label"])]) for r in read_tsv(sst2 / "dev.tsv")]
+    train, golden = sst2_rows(sst2 / "train.tsv"), sst2_rows(sst2 / "dev.tsv")
     seed = sample(train, args.rows, 0)
     if args.transfer_rows:
         write_transfer(args, work, train, {t for t, _ in seed})
@@ -96,7 +100,7 @@ def data(args, work: Path) -> tuple[str, str, list[str]]:
 def smoke_transfer(args, work: Path) -> None:
     """--smoke's transfer.tsv: generated texts of the smoke rows' words."""
     rng = random.Random(1)
-    words = ["great", "lovely", "fine", "superb", "awful", "poor", "dull", "bad"]
+    words = [w for of_label in SMOKE_WORDS.values() for w in of_label]
     write_transfer(args, work, [(f"a {rng.choice(words)} film {i}", "") for i in range(args.transfer_rows)], set())
 
 
@@ -117,8 +121,7 @@ def reused_data(args, work: Path) -> tuple[str, str, list[str]]:
         elif not (args.data / "sst2" / "train.tsv").is_file():
             raise SystemExit("--transfer-rows needs SST-2's train rows (../shared/data/sst2)")
         else:
-            train = [(r["text"], LABELS[int(r["label"])]) for r in read_tsv(args.data / "sst2" / "train.tsv")]
-            write_transfer(args, work, train, {r["text"] for r in read_tsv(seed)})
+            write_transfer(args, work, sst2_rows(args.data / "sst2" / "train.tsv"), {r["text"] for r in read_tsv(seed)})
     return str(seed), str(golden), [r["text"] for r in read_tsv(golden)]
 
 

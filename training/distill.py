@@ -224,7 +224,6 @@ def distillation_loss(student_logits, teacher_logits, targets, labelled, task: T
     else:
         soft = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
         hard = F.cross_entropy(logits, targets, reduction="none")
-    mixed = alpha * soft * temperature**2 + (1 - alpha) * hard
-    if labelled is None:
-        return mixed.mean()
-    return mixed.where(labelled, soft * temperature**2).mean()
+    soft = soft * temperature**2
+    mixed = alpha * soft + (1 - alpha) * hard
+    return (mixed if labelled is None else mixed.where(labelled, soft)).mean()

@@ -477,17 +477,17 @@ def with_training_columns(task: Task, table: pa.Table) -> pa.Table:
     """``text`` and the task's training targets (label ids, for a classifier), for the workers.
     A table with transfer rows also has ``LABELLED_COLUMN``, False on those, whose targets
     are placeholders (class 0, no labels) that the loss leaves out."""
-    transfer = "source" in table.column_names and TRANSFER in table.column("source").to_pylist()
-    if not transfer:
-        targets = task.training_targets({c: table.column(c).to_pylist() for c in task.target_columns})
-        return pa.table({"text": table.column("text"),
-                         **{c: pa.array(targets[c], arrow_type(t)) for c, t in task.training_columns.items()}})
-    labelled = [source != TRANSFER for source in table.column("source").to_pylist()]
-    known = table.filter(pa.array(labelled))
+    sources = table.column("source").to_pylist() if "source" in table.column_names else []
+    labelled = [source != TRANSFER for source in sources] if TRANSFER in sources else None
+    known = table if labelled is None else table.filter(pa.array(labelled))
     targets = task.training_targets({c: known.column(c).to_pylist() for c in task.target_columns})
-    columns = {}
+    columns = {"text": table.column("text")}
     for c, t in task.training_columns.items():
-        values, kind = iter(targets[c]), arrow_type(t)
-        blank = [] if pa.types.is_list(kind) else 0
-        columns[c] = pa.array([next(values) if has else blank for has in labelled], kind)
-    return pa.table({"text": table.column("text"), **columns, LABELLED_COLUMN: pa.array(labelled, pa.bool_())})
+        kind = arrow_type(t)
+        if labelled is not None:
+            values, blank = iter(targets[c]), [] if pa.types.is_list(kind) else 0
+            targets[c] = [next(values) if has else blank for has in labelled]
+        columns[c] = pa.array(targets[c], kind)
+    if labelled is not None:
+        columns[LABELLED_COLUMN] = pa.array(labelled, pa.bool_())
+    return pa.table(columns)

@@ -88,8 +88,10 @@ def _job_tables(task: Task, data: JobData) -> dict[str, pa.Table]:
     sets = {"train": with_training_columns(task, data.train)}
     # Without a golden set or kept-back rows, some training rows are scored anyway: the gate's
     # check for finite outputs otherwise looked at nothing, and passed weights gone to NaN.
-    labelled = data.train.filter(pc.invert(pc.fill_null(pc.equal(data.train.column("source"), TRANSFER), False)))
-    sanity = labelled.slice(0, SANITY_ROWS) if not (data.golden.num_rows or data.fresh_eval.num_rows) else None
+    sanity = None
+    if not (data.golden.num_rows or data.fresh_eval.num_rows):
+        is_transfer = pc.fill_null(pc.equal(data.train.column("source"), TRANSFER), False)
+        sanity = data.train.filter(pc.invert(is_transfer)).slice(0, SANITY_ROWS)
     for name, table in (("golden", data.golden), ("fresh", data.fresh_eval), ("validation", data.validation),
                         ("sanity", sanity)):
         if table is not None and table.num_rows:

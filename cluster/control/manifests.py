@@ -55,8 +55,7 @@ def cluster_problems(cfg: TuneloopConfig) -> list[str]:
                         "use an s3:// or gs:// root")
     problems += _unplaceable(cfg)
     for m in cfg.models:
-        for key, path in (("seed_dataset", m.seed_dataset), ("golden_dataset", m.golden_dataset),
-                          ("distill.transfer_dataset", m.distill.transfer_dataset if m.distill else None)):
+        for key, path in m.dataset_files():
             if path and "://" not in path and not path.startswith(_IMAGE_ROOT):
                 problems.append(f"models.{m.name}.{key} {path!r} is a file of this machine: put it in the bucket "
                                 f"(s3://…, gs://…) or give a path inside the image (under {_IMAGE_ROOT})")

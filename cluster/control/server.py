@@ -22,7 +22,7 @@ from ray import serve
 from tuneloop.control import worker_setup
 from tuneloop.store.journal import pending_records
 from tuneloop.store.keys import KeyRing, ensure_admin_key, save_admin_key
-from tuneloop.core.config import ConfigError, ModelConfig, TuneloopConfig
+from tuneloop.core.config import TRANSFER_KEY, ConfigError, ModelConfig, TuneloopConfig
 from tuneloop.core.model_source import local_config
 from tuneloop.core.names import deploy_failures, not_running
 from tuneloop.core.tasks import label_set, model_task
@@ -75,20 +75,14 @@ def data_problems(cfg: TuneloopConfig, models: list[str] | None = None, offline:
         if models is not None and m.name not in models:
             continue
         production = registry.production(m.name) if registry else None
-        for key in ("seed_dataset", "golden_dataset"):
-            path = getattr(m, key)
+        for key, path in m.dataset_files():
             if not path or "://" in path:
                 continue
             if not os.path.exists(path):
                 problems.append(f"models.{m.name}.{key} {path!r} does not exist")
-            elif key == "golden_dataset" or production is None:  # what the next job reads
-                problems.extend(f"models.{m.name}.{key}: {e}" for e in _unreadable(path, m))
-        transfer = m.distill.transfer_dataset if m.distill else None
-        if transfer and "://" not in transfer:  # every job of the student reads it
-            if not os.path.exists(transfer):
-                problems.append(f"models.{m.name}.distill.transfer_dataset {transfer!r} does not exist")
-            else:
-                problems.extend(f"models.{m.name}.distill.transfer_dataset: {e}" for e in _unreadable(transfer, None))
+            elif key != "seed_dataset" or production is None:  # what the next job reads
+                problems.extend(f"models.{m.name}.{key}: {e}"
+                                for e in _unreadable(path, None if key == TRANSFER_KEY else m))
         base = m.base_model
         if production is None and base and base.startswith(("/", "./", "../", "~")) \
                 and not os.path.exists(os.path.expanduser(base)):

