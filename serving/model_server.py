@@ -53,9 +53,10 @@ from tuneloop.serving.metric_files import use_node_folder
 from tuneloop.serving.responses import error_response, internal_error_response
 from tuneloop.serving.batcher import ContinuousBatcher, ItemFailed
 from tuneloop.serving.loaded_models import LabelMismatch, LoadedModel, cpu_class, load_model
+from tuneloop.serving.optimize import measure_runtimes, speed_texts
 from tuneloop.core.batching_policy import AIMDPolicy, next_batch_size
 from tuneloop.core.rollout import Rollout, canary_bucket
-from tuneloop.core.runtimes import choose_runtime, hardware_class
+from tuneloop.core.runtimes import Optimization, choose_runtime, hardware_class, unmeasured_runtimes
 from tuneloop.core.tasks import model_task
 from tuneloop.serving.predict_request import (
     BodyBudget,
@@ -105,6 +106,7 @@ class ModelServer:
         self.cfg, self.serving = cfg.model(model), cfg.serving
         self.runtimes = tuple(cfg.optimize.runtimes)  # the artifacts the operator wants: others are not served
         self._parity_limits = cfg.optimize.min_agreement, cfg.optimize.max_accuracy_drop  # today's, not the build's
+        self.optimize = cfg.optimize
         self.task = model_task(self.cfg)
         storage = Storage(cfg.storage.root)
         self.registry = registry or Registry(storage)
@@ -245,13 +247,13 @@ class ModelServer:
 
     def _load_runtime(self, version: str) -> LoadedModel:
         path = self.registry.local_path(self.cfg.name, version)
-        runtime, artifact, why = self._runtime_for(version)
+        runtime, artifact, why = self._runtime_for(version, path)
         if artifact and not os.path.exists(os.path.join(path, artifact)):
             # An optimize build recorded between the two reads of the manifest (local_path's
             # and _runtime_for's): the folder holds the other build's files. Read both anew,
             # once; the artifact served torch for good otherwise.
             path = self.registry.local_path(self.cfg.name, version)
-            runtime, artifact, why = self._runtime_for(version)
+            runtime, artifact, why = self._runtime_for(version, path)
         try:
             loaded = self._load(path, version, self.task, self.serving.max_length, runtime, artifact)
         except LabelMismatch:
@@ -268,18 +270,45 @@ class ModelServer:
         log.info("model %s: %s runs on %s: %s", self.cfg.name, version, runtime, why)
         return loaded
 
-    def _runtime_for(self, version: str) -> tuple[str, str | None, str]:
+    def _runtime_for(self, version: str, path: str) -> tuple[str, str | None, str]:
         """(runtime, its artifact's path under the version's folder, why) for ``version``:
-        ``serving.runtime`` against the artifacts its manifest records."""
+        ``serving.runtime`` against the artifacts its manifest records, measured here first
+        where no one measured them on this hardware class."""
         if self.serving.runtime == "torch":
             return "torch", None, "serving.runtime is torch"
         optimization = self.registry.manifest(self.cfg.name, version).optimization
         device = "cuda" if self.serving.num_gpus_per_replica > 0 else cpu_class()
-        runtime, why = choose_runtime(self.serving.runtime, optimization,
-                                      hardware_class(device, self.serving.replica_threads), self.runtimes,
+        hardware = hardware_class(device, self.serving.replica_threads)
+        unmeasured = unmeasured_runtimes(self.serving.runtime, optimization, hardware, self.runtimes,
+                                         self._parity_limits)
+        if unmeasured and self.optimize.measure_on_replicas:
+            optimization = self._measured_here(version, path, optimization, hardware, unmeasured)
+        runtime, why = choose_runtime(self.serving.runtime, optimization, hardware, self.runtimes,
                                       self._parity_limits)
         artifact = optimization.artifact_path(runtime) if optimization else None  # none: PyTorch serves
         return runtime, artifact, why
+
+    def _measured_here(self, version: str, path: str, optimization: Optimization, hardware: str,
+                       runtimes: list[str]) -> Optimization:
+        """``optimization`` with the speeds of ``runtimes`` measured in this replica, on its
+        ``hardware`` class, and recorded in the manifest for the next replicas of the class."""
+        o, started = self.optimize, time.perf_counter()
+        texts = speed_texts(self.registry, self.cfg.name, version, o.speed_batch_size, o.parity_max_rows)
+        speeds, failed = measure_runtimes(
+            lambda runtime: self._load(path, version, self.task, self.serving.max_length, runtime,
+                                       optimization.artifact_path(runtime)),
+            runtimes, texts, o.speed_batch_size, o.speed_seconds)
+        log.info("model %s: %s's speeds were not measured on %s; measured here in %.1f s (texts/s: %s)%s",
+                 self.cfg.name, version, hardware, time.perf_counter() - started,
+                 ", ".join(f"{name} {speed:.0f}" for name, speed in speeds.items()),
+                 "".join(f"; {name} did not run: {why}" for name, why in failed.items()))
+        if "torch" not in speeds:  # the weights themselves did not run: loading them says why
+            return optimization
+        try:
+            self.registry.record_speeds(self.cfg.name, version, hardware, speeds, optimization.built_at)
+        except OSError as e:  # this replica serves by them all the same
+            log.warning("model %s: could not record %s's speeds on %s: %s", self.cfg.name, version, hardware, e)
+        return optimization.model_copy(update={"texts_per_s": {**optimization.texts_per_s, hardware: speeds}})
 
     def _watch_registry(self) -> None:
         while not self._stop.wait(self.serving.reload_interval_s):

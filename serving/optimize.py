@@ -148,21 +148,49 @@ def _quiet():
             logging.getLogger(name).setLevel(level)
 
 
-def _golden(registry: Registry, model: str, version: str, task: Task,
-            max_rows: int) -> tuple[list[str], dict[str, list]]:
-    """The texts and training targets of the golden set the version was judged on: the rows
-    its job published beside it (a configured golden_dataset, a student's teacher's set), or
-    for a version published without them the model's frozen set."""
+def _golden_rows(registry: Registry, model: str, version: str, max_rows: int):
+    """Up to ``max_rows`` of the golden set the version was judged on, spread over it: the
+    rows its job published beside it (a configured golden_dataset, a student's teacher's
+    set), or for a version published without them the model's frozen set; None without."""
     table = registry.table(model, version, "golden")
     if table is None:
         table = registry.golden(model)
     if table is None or table.num_rows == 0:
-        return [], {}
+        return None
     # Spread over the set: a golden file sorted by label, cut at its first rows, checked one class.
     rows = min(table.num_rows, max_rows)
-    table = table.take([i * table.num_rows // rows for i in range(rows)])
+    return table.take([i * table.num_rows // rows for i in range(rows)])
+
+
+def _golden(registry: Registry, model: str, version: str, task: Task,
+            max_rows: int) -> tuple[list[str], dict[str, list]]:
+    """The texts and training targets of the version's golden rows (``_golden_rows``)."""
+    table = _golden_rows(registry, model, version, max_rows)
+    if table is None:
+        return [], {}
     targets = task.training_targets({c: table.column(c).to_pylist() for c in task.target_columns})
     return table.column("text").to_pylist(), targets
+
+
+def speed_texts(registry: Registry, model: str, version: str, batch_size: int, max_rows: int) -> list[str]:
+    """The texts every runtime's speed is measured on: the version's golden texts (the
+    model's own lengths), else ``SAMPLE_TEXTS``, a batch of them."""
+    table = _golden_rows(registry, model, version, max_rows)
+    texts = table.column("text").to_pylist() if table is not None else []
+    return texts or SAMPLE_TEXTS * batch_size
+
+
+def measure_runtimes(load: Callable[[str], LoadedModel], runtimes: list[str], texts: list[str], batch_size: int,
+                     seconds: float) -> tuple[dict[str, float], dict[str, str]]:
+    """(texts/s of each of ``runtimes`` that ``load`` loaded and ran, why each other one did
+    not), one after another: a replica ranking the runtimes on its own hardware class."""
+    speeds, failed = {}, {}
+    for runtime in runtimes:
+        try:
+            speeds[runtime] = texts_per_s(load(runtime), texts, batch_size, seconds)
+        except Exception as e:  # noqa: BLE001 - an artifact that does not run here is not ranked
+            failed[runtime] = f"{type(e).__name__}: {e}"
+    return speeds, failed
 
 
 def _answers(loaded: LoadedModel, task: Task, texts: list[str], targets: dict[str, list],
@@ -264,8 +292,8 @@ def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, versio
     tokenizer, max_length = reference.tokenizer, reference.max_length  # held to what the model takes
     device = "cuda" if reference.device.type == "cuda" else "cpu"
     hardware = hardware_class("cuda" if device == "cuda" else cpu_class(), threads)
-    speed_texts = texts or SAMPLE_TEXTS * ocfg.speed_batch_size
-    speeds = {"torch": texts_per_s(reference, speed_texts, ocfg.speed_batch_size, ocfg.speed_seconds)}
+    timed = texts or SAMPLE_TEXTS * ocfg.speed_batch_size  # as speed_texts() picks them
+    speeds = {"torch": texts_per_s(reference, timed, ocfg.speed_batch_size, ocfg.speed_seconds)}
     progress(f"{model} {version}: torch {speeds['torch']:.0f} texts/s on {hardware}")
     del reference
     records: dict[str, ArtifactRecord] = {}
@@ -320,7 +348,7 @@ def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, versio
                 continue
             parity = worst_parity(checks)
             if parity.passed and device == "cpu":  # ONNX Runtime's CPU build: no speed for a GPU's class
-                speeds[runtime] = texts_per_s(loaded, speed_texts, ocfg.speed_batch_size, ocfg.speed_seconds)
+                speeds[runtime] = texts_per_s(loaded, timed, ocfg.speed_batch_size, ocfg.speed_seconds)
             size = os.path.getsize(out) if out else loaded.weight_bytes  # torch-bf16: its weights as loaded
             records[runtime] = ArtifactRecord(runtime=runtime, path=relative, bytes=size,
                                               build_s=round(build_s, 2), parity=parity,

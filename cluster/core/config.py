@@ -749,6 +749,10 @@ class OptimizeConfig(Section):
         default=256, ge=1, description="texts that calibrate the smoothing: the version's training rows, else golden")
     speed_batch_size: int = Field(default=32, ge=1, le=1024, description="batch of the texts/s measured per runtime")
     speed_seconds: float = Field(default=3.0, gt=0, le=600, description="how long each runtime's speed is measured")
+    measure_on_replicas: bool = Field(default=True, description=(
+        "under serving.runtime auto, a CPU replica of a hardware class its version's speeds were not measured on "
+        "(the job ran elsewhere) measures PyTorch and the artifacts that passed, speed_seconds each, before it "
+        "serves the version, and records the speeds for the next replicas of its class; off: it serves PyTorch"))
 
 
 class TriggerConfig(Section):

@@ -100,3 +100,40 @@ def test_a_replica_serves_the_onnx_artifact_with_pytorchs_answers(optimized, met
     for got, want in zip(answers, expected, strict=True):
         assert got["label"] == want["label"]
         assert got["scores"] == pytest.approx(want["scores"], abs=1e-5)
+
+
+def test_a_replica_of_a_class_no_one_measured_ranks_the_runtimes_itself(optimized, metrics_dir):
+    """The job measured on another node (here: a GPU's class, as a job on a GPU worker
+    records): the replica measures PyTorch and the artifacts that passed on its own CPU,
+    serves the fastest, and records the speeds for the next replica of its class."""
+    import torch
+
+    from tuneloop.core.runtimes import choose_runtime
+    from tuneloop.serving.loaded_models import cpu_class
+    from tuneloop.serving.model_server import ModelServer
+
+    cfg, registry, version, _, _ = optimized
+    elsewhere = {"NVIDIA H100 80GB HBM3": {"torch": 5000.0}}
+    registry._update_manifest("sentiment", version, lambda m: m.model_copy(update={
+        "optimization": m.optimization.model_copy(update={"texts_per_s": elsewhere})}))
+    config = cfg.model_dump(mode="json")
+    config["serving"]["runtime"] = "auto"
+    config["optimize"]["speed_seconds"] = 0.3
+    threads = torch.get_num_threads()
+    replica = ModelServer(config, "sentiment", watch=False)
+    try:
+        replica._sync_with_registry()
+        optimization = registry.manifest("sentiment", version).optimization
+        here = f"{cpu_class()}/1t"
+        passed = {name for name, record in optimization.artifacts.items() if record.parity.passed}
+        assert set(optimization.texts_per_s) == {*elsewhere, here}
+        assert set(optimization.texts_per_s[here]) == {"torch", *passed}
+        assert min(optimization.texts_per_s[here].values()) > 0
+        served = replica._runtimes[version]
+        assert served[0] == choose_runtime("auto", optimization, here)[0]
+        assert replica._loaded.runtime == served[0]
+        r = asyncio.run(replica.predict(TEXTS))
+        assert [a["version"] for a in r] == [version] * len(TEXTS)
+    finally:
+        replica.__del__()
+        torch.set_num_threads(threads)

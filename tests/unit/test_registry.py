@@ -338,6 +338,25 @@ def test_record_optimization_adds_the_artifacts_then_names_them_in_the_manifest(
         reg.record_optimization("m", "v9", str(tmp_path / "built"), Optimization())
 
 
+def test_a_replicas_speeds_join_its_builds_record_and_never_a_later_builds(tmp_path, weights):
+    from tuneloop.core.runtimes import Optimization
+
+    reg = Registry(Storage(str(tmp_path / "store")))
+    reg.publish("m", weights, _manifest())
+    (tmp_path / "built").mkdir()
+    reg.record_optimization("m", "v1", str(tmp_path / "built"),
+                            Optimization(texts_per_s={"cuda": {"torch": 900.0}}, built_at="b1"))
+    reg.record_speeds("m", "v1", "cpu/1t", {"torch": 40.04, "onnx": 61.26}, built_at="b1")
+    assert reg.manifest("m", "v1").optimization.texts_per_s == {"cuda": {"torch": 900.0},
+                                                                "cpu/1t": {"torch": 40.0, "onnx": 61.3}}
+    # Measured on b1's artifacts while b2 was recorded: b2's speeds stand alone.
+    reg.record_optimization("m", "v1", str(tmp_path / "built"), Optimization(texts_per_s={}, built_at="b2"))
+    reg.record_speeds("m", "v1", "cpu/2t", {"torch": 70.0}, built_at="b1")
+    assert "cpu/2t" not in reg.manifest("m", "v1").optimization.texts_per_s
+    with pytest.raises(UnknownVersion):
+        reg.record_speeds("m", "v9", "cpu/1t", {"torch": 1.0}, built_at="b1")
+
+
 def test_a_rebuild_leaves_the_served_files_alone_until_its_manifest_names_its_own(tmp_path, weights, monkeypatch):
     """Rebuilt under the same names, the files a replica loads were written over before the
     manifest moved: a half-copied file, or the new build under the old build's parity."""

@@ -43,6 +43,17 @@ class FakeRegistry:
     def record_switch(self, model: str, version: str, replica: str) -> None:
         self.switched.append(version)
 
+    def table(self, model: str, version: str, name: str) -> None:
+        return None  # no golden rows published: the sample texts are timed
+
+    def golden(self, model: str) -> None:
+        return None
+
+    def record_speeds(self, model: str, version: str, hardware: str, speeds: dict, built_at: str | None) -> None:
+        self.recorded = {hardware: speeds}
+        self.optimization = self.optimization.model_copy(
+            update={"texts_per_s": {**self.optimization.texts_per_s, hardware: speeds}})
+
 
 class FakeRecorder:
     def __init__(self):
@@ -74,9 +85,9 @@ class FakeModel:
         return [{"label": "positive", "score": 0.9, "scores": {"negative": 0.1, "positive": 0.9}} for _ in texts], 1, 1
 
 
-def _replica(production="v1", delay_s=0.0, optimization=None, **serving):
+def _replica(production="v1", delay_s=0.0, optimization=None, measure=True, **serving):
     cfg = parse_config({"models": [{"name": "m", "base_model": "x", "labels": LABELS}],
-                        "serving": {"max_batch_size": 8, **serving}})
+                        "serving": {"max_batch_size": 8, **serving}, "optimize": {"measure_on_replicas": measure}})
     registry, recorder = FakeRegistry(production, optimization), FakeRecorder()
     replica = ModelServer(cfg.model_dump(), "m", registry=registry, recorder=recorder, shadow_recorder=FakeRecorder(),
                           keys=object(),
@@ -239,8 +250,38 @@ def test_auto_serves_the_fastest_artifact_that_passed_parity_on_the_replicas_har
     assert (bf16._loaded.runtime, bf16._loaded.artifact) == ("torch-bf16", "")
 
 
-def test_auto_serves_torch_where_the_speeds_were_measured_on_other_hardware():
-    replica, _, _ = _replica(optimization=_optimized(), num_cpus_per_replica=2)  # measured at 1 thread
+def test_a_replica_on_hardware_no_one_measured_measures_the_runtimes_itself_and_records_them():
+    """The job ran on another node (a GPU worker, a CPU of other threads): its replicas
+    served PyTorch whatever the artifacts were worth here."""
+    per_batch_s = {"torch": 0.004, "onnx": 0.002, "onnx-int8": 0.010}  # int8 slowest on this (fake) CPU
+    loads: list[str] = []
+
+    def load(*args):
+        loads.append(args[4])
+        return FakeModel(*args, delay_s=per_batch_s[args[4]])
+
+    cfg = parse_config({"models": [{"name": "m", "base_model": "x", "labels": LABELS}],
+                        "serving": {"max_batch_size": 8, "num_cpus_per_replica": 2},  # measured at 1 thread
+                        "optimize": {"speed_seconds": 0.05}})
+    registry = FakeRegistry("v1", _optimized())
+    replica = ModelServer(cfg.model_dump(), "m", registry=registry, recorder=FakeRecorder(),
+                          shadow_recorder=FakeRecorder(), keys=object(), load=load, watch=False)
+    replica._sync_with_registry()
+    assert loads == ["torch", "onnx", "onnx-int8", "onnx"]  # each measured, then the fastest loaded to serve
+    assert replica._loaded.runtime == "onnx"
+    assert replica.status()["runtimes"]["v1"].startswith(f"onnx (auto: fastest on {CPU}/2t")
+    speeds = registry.recorded[f"{CPU}/2t"]
+    assert speeds["onnx"] > speeds["torch"] > speeds["onnx-int8"] > 0
+    assert registry.optimization.texts_per_s[f"{CPU}/1t"] == _optimized().texts_per_s[f"{CPU}/1t"]  # the job's kept
+    # The next replica of the class reads them and measures nothing.
+    loads.clear()
+    ModelServer(cfg.model_dump(), "m", registry=registry, recorder=FakeRecorder(), shadow_recorder=FakeRecorder(),
+                keys=object(), load=load, watch=False)._sync_with_registry()
+    assert loads == ["onnx"]
+
+
+def test_with_measuring_off_auto_serves_torch_where_the_speeds_were_measured_on_other_hardware():
+    replica, _, _ = _replica(optimization=_optimized(), num_cpus_per_replica=2, measure=False)  # measured at 1 thread
     assert replica._loaded.runtime == "torch"
     assert f"no runtime measured on {CPU}/2t" in replica.status()["runtimes"]["v1"]
 

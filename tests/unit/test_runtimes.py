@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tuneloop.core.runtimes import (ArtifactRecord, Optimization, ParityCheck, choose_runtime, hardware_class, parity_check,
-                                    worst_parity)
+                                    unmeasured_runtimes, worst_parity)
 
 
 def test_parity_passes_within_both_bounds_and_quotes_its_numbers():
@@ -82,6 +82,25 @@ def test_auto_without_a_measurement_here_or_any_artifact_serves_torch():
     runtime, why = choose_runtime("auto", opt, "cpu/4t")
     assert runtime == "torch" and "no runtime measured on cpu/4t" in why
     assert choose_runtime("auto", None, "cpu/2t")[0] == "torch"
+
+
+def test_a_replica_measures_what_passed_where_no_one_measured_its_class():
+    opt = _optimization({"torch": 100, "onnx": 130, "onnx-int8": 260}, failed=("onnx-int8",))
+    assert unmeasured_runtimes("auto", opt, "cpu/2t") == []  # measured on this class
+    assert unmeasured_runtimes("auto", opt, "cpu/4t") == ["torch", "onnx"]  # failed parity: not worth a measurement
+    assert unmeasured_runtimes("auto", opt, "cpu/4t", allowed=("onnx-int8",)) == []  # nothing but PyTorch could serve
+    assert unmeasured_runtimes("auto", opt, "cpu/4t", parity_limits=(1.0, 0.0)) == ["torch", "onnx"]
+    assert unmeasured_runtimes("onnx", opt, "cpu/4t") == []  # named: no ranking
+    assert unmeasured_runtimes("auto", opt, "cuda") == []  # the artifacts are CPU runtimes
+    assert unmeasured_runtimes("auto", None, "cpu/4t") == []
+    # bf16 is measured only on a CPU with native bf16, where it can serve.
+    parity = ParityCheck(passed=True, detail="ok", rows=10, agreement=1.0, accuracy=0.9, reference_accuracy=0.9)
+    opt.artifacts["torch-bf16"] = ArtifactRecord(runtime="torch-bf16", path="", bytes=1, build_s=0.0, parity=parity)
+    assert unmeasured_runtimes("auto", opt, "cpu-bf16/1t") == ["torch", "onnx", "torch-bf16"]
+    assert unmeasured_runtimes("auto", opt, "cpu/1t") == ["torch", "onnx"]
+    # Measured, the replica's speeds decide as the job's would have.
+    opt.texts_per_s["cpu-bf16/1t"] = {"torch": 50, "onnx": 60, "torch-bf16": 110}
+    assert choose_runtime("auto", opt, "cpu-bf16/1t")[0] == "torch-bf16"
 
 
 def test_a_named_runtime_serves_only_when_its_artifact_passed():
