@@ -8,7 +8,9 @@ Rows: a fixed sample of SST-2's train split (short texts); the golden set: SST-2
 once at the end of each job. The plain loop (``plain_loop.py``) runs in this process on
 ``--threads`` torch threads. A setup ``WxZ`` is a tuneloop job with W workers at ZeRO stage
 Z, the global batch and the threads split among them (``training.cpus_per_worker`` =
-threads / W: Ray gives a worker as many torch threads as CPUs).
+threads / W: Ray gives a worker as many torch threads as CPUs); ``WxZg`` the same with
+``training.group_by_length`` (batches of texts of about one length: less padding than the
+plain loop's random batches, so not the like-for-like comparison the targets are judged by).
 
 Reported apart, for each:
 - start-up: the plain loop's model load; the job's queueing (lease, reading its data,
@@ -28,7 +30,7 @@ first ratio is what tuneloop's job costs, the second what a user sees against a 
 on a machine without Ray (on 2 cores Ray's dozen idle processes, each waking about a hundred
 times a second, take a share of the CPU the loop's two threads wait on).
 Targets (against the plain loop alone): steady state >= 0.95x with 1 worker; start-up <= 30 s.
-Prints a markdown table; progress, the jobs' epoch lines included, goes to stderr.
+Each job's SST-2 dev accuracy is in the table. Prints a markdown table; progress, the jobs' epoch lines included, goes to stderr.
 """
 
 from __future__ import annotations
@@ -69,45 +71,54 @@ def read_rows(path: Path) -> list[tuple[str, str]]:
     return [(r["text"], LABELS[int(r["label"])]) for r in read_tsv(path)]
 
 
-def parse_setups(text: str) -> list[tuple[int, int]]:
+def parse_setups(text: str) -> list[tuple[int, int, bool]]:
+    """(workers, ZeRO stage, grouped by length) of each ``WxZ`` or ``WxZg`` setup."""
     setups = []
     for item in text.split(","):
         workers, _, zero = item.partition("x")
+        grouped = zero.endswith("g")
+        zero = zero.removesuffix("g")
         if not (workers.isdigit() and zero in {"0", "1", "2", "3"} and int(workers) >= 1):
-            raise argparse.ArgumentTypeError(f"a setup is WORKERSxZERO_STAGE, as 1x0 or 2x2; got {item!r}")
-        setups.append((int(workers), int(zero)))
+            raise argparse.ArgumentTypeError(f"a setup is WORKERSxZERO_STAGE, as 1x0 or 2x2, with a g for "
+                                             f"training.group_by_length (1x0g); got {item!r}")
+        setups.append((int(workers), int(zero), grouped))
     return setups
 
 
-def job(work: Path, args, workers: int, zero: int) -> dict[str, float | None]:
-    """One tuneloop job of ``workers`` x ZeRO ``zero``; its phases' seconds."""
+def setup_name(workers: int, zero: int, grouped: bool) -> str:
+    return f"{workers} worker(s), ZeRO-{zero}" + (", batches grouped by length" if grouped else "")
+
+
+def job(work: Path, args, workers: int, zero: int, grouped: bool) -> dict[str, float | None]:
+    """One tuneloop job of ``workers`` x ZeRO ``zero`` (``grouped``: training.group_by_length);
+    its phases' seconds and golden accuracy."""
     if args.batch_size % workers or args.threads % workers:
         raise SystemExit(f"--batch-size {args.batch_size} and --threads {args.threads} "
                          f"must split among {workers} workers")
     cfg = parse_config({
         "models": [{"name": "sentiment", "base_model": args.base_model, "labels": LABELS,
                     "seed_dataset": str(work / "seed.tsv"), "golden_dataset": str(work / "golden.tsv")}],
-        "storage": {"root": str(work / f"store-{workers}x{zero}")},
+        "storage": {"root": str(work / f"store-{workers}x{zero}{'g' if grouped else ''}")},
         "auth": {"create_admin_key": False},
         "training": {"epochs": args.epochs, "num_workers": workers, "zero_stage": zero,
                      "batch_size": args.batch_size // workers, "cpus_per_worker": args.threads // workers,
                      "max_length": MAX_LENGTH, "learning_rate": LEARNING_RATE, "warmup_ratio": WARMUP,
                      "weight_decay": WEIGHT_DECAY, "early_stopping_patience": None, "seed": 0,
-                     "golden_max_rows": 100_000},
+                     "golden_max_rows": 100_000, "group_by_length": grouped},
     })
     t0 = time.perf_counter()
     outcome = run_training(cfg, "sentiment", trigger="benchmark")
     whole = time.perf_counter() - t0
     if outcome.manifest is None:
-        raise SystemExit(f"the {workers}x{zero} job failed: {outcome.job.error}")
+        raise SystemExit(f"the {setup_name(workers, zero, grouped)} job failed: {outcome.job.error}")
     speed, phases = outcome.manifest.training["speed"], outcome.job.serving_time.phases
-    progress(f"tuneloop {workers} worker(s), ZeRO-{zero}: {whole:.0f}s, steady {speed['steady_samples_per_s']} "
+    progress(f"tuneloop {setup_name(workers, zero, grouped)}: {whole:.0f}s, steady {speed['steady_samples_per_s']} "
              f"samples/s, golden accuracy {outcome.manifest.metrics.accuracy:.4f}")
     in_run = speed["startup_parts"] or {}  # None when no batch came
     parts = {"queueing": phases["queueing"], **{k: in_run.get(k) for k in STARTUP_PARTS}}  # the manifest sorts keys
     return {"startup": sum(v or 0.0 for v in parts.values()), "startup_parts": parts,
             "steady": speed["steady_samples_per_s"], "evaluation": phases["evaluation"],
-            "publishing": phases["publishing"], "whole": whole}
+            "publishing": phases["publishing"], "whole": whole, "accuracy": outcome.manifest.metrics.accuracy}
 
 
 def _cell(value: float | None, fmt: str = ".1f") -> str:
@@ -139,7 +150,7 @@ def main() -> None:
     for name, part in (("seed.tsv", rows), ("golden.tsv", golden)):
         (work / name).write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in part))
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    results: list[tuple[int, int, dict[str, float | None]]] = []  # workers, ZeRO stage, phases
+    results: list[tuple[tuple[int, int, bool], dict[str, float | None]]] = []  # setup, phases
     with contextlib.redirect_stdout(sys.stderr):  # the tables alone on stdout
         progress(f"{len(rows)} train rows, {len(golden)} golden rows, {args.epochs} epochs, batch {args.batch_size}")
         def plain_loop():
@@ -155,8 +166,8 @@ def main() -> None:
         ray_s = time.perf_counter() - t0
         try:
             plains = [plain_loop()]  # beside the idle Ray: before every job, and after the last
-            for workers, zero in args.setups:
-                results.append((workers, zero, job(work, args, workers, zero)))
+            for setup in args.setups:
+                results.append((setup, job(work, args, *setup)))
                 plains.append(plain_loop())
         finally:
             ray.shutdown()
@@ -169,12 +180,12 @@ def main() -> None:
         f"max_length {MAX_LENGTH}, {args.threads} threads in all; Ray's start {ray_s:.1f}s (once per run)",
         "",
         "| trained by | start-up s | steady samples/s | ratio to plain beside Ray | ratio to plain alone "
-        "| evaluation s | publishing s | whole s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| evaluation s | publishing s | whole s | SST-2 dev accuracy |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     def plain_row(where: str, plain) -> str:
         return (f"| plain Hugging Face loop (1 process, {args.threads} threads), {where} | {plain.load_s:.1f} | "
-                f"{plain.steady_samples_per_s:.1f} | | | | | {plain.total_s:.1f} |")
+                f"{plain.steady_samples_per_s:.1f} | | | | | {plain.total_s:.1f} | |")
 
     lines.append(plain_row("alone, before Ray", alone[0]))
     one = []  # (ratio to the plain loop alone, ratio beside Ray, start-up) of the 1-worker jobs
@@ -182,20 +193,20 @@ def main() -> None:
         lines.append(plain_row(f"beside the idle Ray, run {i + 1}", plain))
         if i == len(results):
             break
-        workers, zero, r = results[i]
+        (workers, zero, grouped), r = results[i]
         beside = r["steady"] / ((steady[i] + steady[i + 1]) / 2) if r["steady"] else None
         to_alone = r["steady"] / alone_steady if r["steady"] else None
         cells = [_cell(r["startup"]), _cell(r["steady"]), _cell(beside, ".2f"), _cell(to_alone, ".2f"),
-                 _cell(r["evaluation"]), _cell(r["publishing"]), f"{r['whole']:.1f}"]
-        lines.append(f"| tuneloop job, {workers} worker(s), ZeRO-{zero} | " + " | ".join(cells) + " |")
-        if workers == 1 and to_alone:
+                 _cell(r["evaluation"]), _cell(r["publishing"]), f"{r['whole']:.1f}", _cell(r["accuracy"], ".4f")]
+        lines.append(f"| tuneloop job, {setup_name(workers, zero, grouped)} | " + " | ".join(cells) + " |")
+        if workers == 1 and to_alone and not grouped:  # the target compares like with like: random batches
             one.append((to_alone, beside, r["startup"]))
     lines.append(plain_row("alone, after Ray", alone[1]))
     lines += ["", "Start-up in parts (queueing: the lease and reading the job's data; workers: Ray Train's "
                   "controller, placement group, worker processes and process group; model load; DeepSpeed's "
                   "initialize; first batch: the job's tables from the object store), seconds:"]
-    lines += [f"- {w} worker(s), ZeRO-{z}: " + ", ".join(f"{k} {_cell(v)}" for k, v in r["startup_parts"].items())
-              for w, z, r in results]
+    lines += [f"- {setup_name(*setup)}: " + ", ".join(f"{k} {_cell(v)}" for k, v in r["startup_parts"].items())
+              for setup, r in results]
     beside_ray = (sum(steady) / len(steady)) / alone_steady
     lines += ["", "Ratio beside Ray: to the mean of the plain runs just before and after the job, which share the "
                   "machine with Ray's idle processes as the job does; alone: to the mean of the two runs "

@@ -610,6 +610,9 @@ class TrainingConfig(Section):
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
     batch_size: int = Field(default=16, ge=1, le=4096, description="per worker")
     max_length: int = Field(default=128, ge=8, le=8192)
+    group_by_length: bool = Field(default=False, description=(
+        "batches of rows of about one length (tokens), the batches' order shuffled every epoch: a batch is "
+        "padded to its longest row, and random batches of short texts are mostly padding"))
     zero_stage: Literal[0, 1, 2, 3] = 2
     num_workers: int = Field(default=2, ge=1, le=1024)
     use_gpu: bool = False

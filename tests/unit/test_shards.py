@@ -44,3 +44,36 @@ def test_batches_are_python_lists_with_a_short_last_one():
     assert list(batches(_table(0), 4)) == []
     with pytest.raises(ValueError, match="at least 1, not 0"):
         next(batches(_table(3), 0))
+
+
+def test_length_grouped_batches_hold_rows_of_one_length_in_a_new_order_every_epoch():
+    import numpy as np
+
+    from tuneloop.training.shards import length_grouped
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 64, size=1003)
+    order = rng.permutation(1003)
+    grouped = length_grouped(order, lengths, 8, np.random.default_rng(1), window=10)
+    assert sorted(grouped.tolist()) == list(range(1003))  # every row once
+    batches_ = [grouped[i:i + 8] for i in range(0, 1003, 8)]
+    assert len(batches_[-1]) == 3 and set(batches_[-1]) <= set(order[960:])  # short one last, of the last window
+    padded = sum(lengths[b].max() * len(b) for b in batches_)
+    random_padded = sum(lengths[order[i:i + 8]].max() * len(order[i:i + 8]) for i in range(0, 1003, 8))
+    assert padded < 0.7 * random_padded  # little padding: each window's rows sorted by length
+    # The batches' order is shuffled, not longest first, and differs with the generator.
+    firsts = [lengths[b].max() for b in batches_[:-1]]
+    assert firsts != sorted(firsts, reverse=True)
+    assert length_grouped(order, lengths, 8, np.random.default_rng(2), window=10).tolist() != grouped.tolist()
+    assert length_grouped(order[:0], lengths, 8, rng).tolist() == []
+
+
+def test_epoch_batches_group_by_the_lengths_given_and_keep_every_row():
+    import numpy as np
+
+    shard = _table(40)
+    lengths = np.array([i % 5 for i in range(40)])
+    for epoch in (0, 1):
+        seen = [batch["i"] for batch in epoch_batches(shard, epoch, 8, seed=0, rank=0, world=1, lengths=lengths)]
+        assert sorted(sum(seen, [])) == list(range(40))
+        assert all(len({lengths[i] for i in batch}) == 1 for batch in seen)  # 8 rows of each length
