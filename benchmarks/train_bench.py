@@ -103,7 +103,7 @@ def job(work: Path, args, workers: int, zero: int, grouped: bool) -> dict[str, f
         "training": {"epochs": args.epochs, "num_workers": workers, "zero_stage": zero,
                      "batch_size": args.batch_size // workers, "cpus_per_worker": args.threads // workers,
                      "max_length": MAX_LENGTH, "learning_rate": LEARNING_RATE, "warmup_ratio": WARMUP,
-                     "weight_decay": WEIGHT_DECAY, "early_stopping_patience": None, "seed": 0,
+                     "weight_decay": WEIGHT_DECAY, "early_stopping_patience": None, "seed": args.seed,
                      "golden_max_rows": 100_000, "group_by_length": grouped},
     })
     t0 = time.perf_counter()
@@ -133,6 +133,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2, help="2 or more: the steady state leaves the first out")
     ap.add_argument("--batch-size", type=int, default=32, help="global batch, split among a job's workers")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the plain loop, split among the workers")
+    ap.add_argument("--seed", type=int, default=0, help="the jobs' training.seed (the plain loop's is 0)")
     ap.add_argument("--setups", type=parse_setups, default=parse_setups("1x0,1x2,2x2"),
                     help="tuneloop jobs, WORKERSxZERO_STAGE, comma-separated (default: 1x0,1x2,2x2)")
     args = ap.parse_args()
