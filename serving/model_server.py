@@ -246,14 +246,8 @@ class ModelServer:
         return loaded
 
     def _load_runtime(self, version: str) -> LoadedModel:
-        path = self.registry.local_path(self.cfg.name, version)
-        runtime, artifact, why = self._runtime_for(version, path)
-        if artifact and not os.path.exists(os.path.join(path, artifact)):
-            # An optimize build recorded between the two reads of the manifest (local_path's
-            # and _runtime_for's): the folder holds the other build's files. Read both anew,
-            # once; the artifact served torch for good otherwise.
-            path = self.registry.local_path(self.cfg.name, version)
-            runtime, artifact, why = self._runtime_for(version, path)
+        path, optimization = self._version_files(version)
+        runtime, artifact, why = self._runtime_for(version, path, optimization)
         try:
             loaded = self._load(path, version, self.task, self.serving.max_length, runtime, artifact)
         except LabelMismatch:
@@ -270,13 +264,25 @@ class ModelServer:
         log.info("model %s: %s runs on %s: %s", self.cfg.name, version, runtime, why)
         return loaded
 
-    def _runtime_for(self, version: str, path: str) -> tuple[str, str | None, str]:
+    def _version_files(self, version: str) -> tuple[str, Optimization | None]:
+        """(the version's folder, its manifest's optimization), the folder holding the files
+        of every artifact that passed: an optimize build recorded between the two reads
+        (local_path's and the manifest's) left the folder with the other build's files, and
+        its artifacts served torch for good. Both are read anew, once."""
+        def read() -> tuple[str, Optimization | None]:
+            return (self.registry.local_path(self.cfg.name, version),
+                    self.registry.manifest(self.cfg.name, version).optimization)
+
+        path, optimization = read()
+        passed = [r.path for r in optimization.artifacts.values() if r.path and r.parity.passed] if optimization else []
+        return (path, optimization) if all(os.path.exists(os.path.join(path, f)) for f in passed) else read()
+
+    def _runtime_for(self, version: str, path: str, optimization: Optimization | None) -> tuple[str, str | None, str]:
         """(runtime, its artifact's path under the version's folder, why) for ``version``:
         ``serving.runtime`` against the artifacts its manifest records, measured here first
         where no one measured them on this hardware class."""
         if self.serving.runtime == "torch":
             return "torch", None, "serving.runtime is torch"
-        optimization = self.registry.manifest(self.cfg.name, version).optimization
         device = "cuda" if self.serving.num_gpus_per_replica > 0 else cpu_class()
         hardware = hardware_class(device, self.serving.replica_threads)
         unmeasured = unmeasured_runtimes(self.serving.runtime, optimization, hardware, self.runtimes,
@@ -291,24 +297,31 @@ class ModelServer:
     def _measured_here(self, version: str, path: str, optimization: Optimization, hardware: str,
                        runtimes: list[str]) -> Optimization:
         """``optimization`` with the speeds of ``runtimes`` measured in this replica, on its
-        ``hardware`` class, and recorded in the manifest for the next replicas of the class."""
+        ``hardware`` class, and recorded in the manifest for the next replicas of the class.
+        On the compute thread: a replica already serving measures between its own batches,
+        not beside them (each skewing the other). Whatever goes wrong, the speeds it had."""
         o, started = self.optimize, time.perf_counter()
-        texts = speed_texts(self.registry, self.cfg.name, version, o.speed_batch_size, o.parity_max_rows)
-        speeds, failed = measure_runtimes(
-            lambda runtime: self._load(path, version, self.task, self.serving.max_length, runtime,
-                                       optimization.artifact_path(runtime)),
-            runtimes, texts, o.speed_batch_size, o.speed_seconds)
-        log.info("model %s: %s's speeds were not measured on %s; measured here in %.1f s (texts/s: %s)%s",
-                 self.cfg.name, version, hardware, time.perf_counter() - started,
-                 ", ".join(f"{name} {speed:.0f}" for name, speed in speeds.items()),
-                 "".join(f"; {name} did not run: {why}" for name, why in failed.items()))
-        if "torch" not in speeds:  # the weights themselves did not run: loading them says why
-            return optimization
         try:
+            texts = speed_texts(self.registry, self.cfg.name, version, o.speed_batch_size, o.parity_max_rows)
+            speeds, failed = self._compute.submit(
+                measure_runtimes,
+                lambda runtime: self._load(path, version, self.task, self.serving.max_length, runtime,
+                                           optimization.artifact_path(runtime)),
+                runtimes, texts, o.speed_batch_size, o.speed_seconds).result()
+            log.info("model %s: %s's speeds on %s lacked %s; measured here in %.1f s (texts/s: %s)%s",
+                     self.cfg.name, version, hardware, ", ".join(runtimes), time.perf_counter() - started,
+                     ", ".join(f"{name} {speed:.0f}" for name, speed in speeds.items()),
+                     "".join(f"; {name} did not run: {why}" for name, why in failed.items()))
+            if "torch" not in speeds:  # the weights themselves did not run: loading them says why
+                return optimization
+            speeds = {name: round(speed, 1) for name, speed in speeds.items()}
             self.registry.record_speeds(self.cfg.name, version, hardware, speeds, optimization.built_at)
-        except OSError as e:  # this replica serves by them all the same
-            log.warning("model %s: could not record %s's speeds on %s: %s", self.cfg.name, version, hardware, e)
-        return optimization.model_copy(update={"texts_per_s": {**optimization.texts_per_s, hardware: speeds}})
+        except Exception as e:  # noqa: BLE001 - storage, a lost race: served by the speeds it had
+            log.warning("model %s: measuring %s's runtimes on %s failed (%s: %s); choosing by what was measured",
+                        self.cfg.name, version, hardware, type(e).__name__, e)
+            return optimization
+        measured = {**optimization.texts_per_s, hardware: {**optimization.texts_per_s.get(hardware, {}), **speeds}}
+        return optimization.model_copy(update={"texts_per_s": measured})
 
     def _watch_registry(self) -> None:
         while not self._stop.wait(self.serving.reload_interval_s):

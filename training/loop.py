@@ -97,20 +97,21 @@ def _eval_loss(logits, target, task: Task):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
 
 
-def _evaluate(engine, tokenizer, rows, max_length: int, task: Task, masked: list[int] | None = None) -> dict[str, Any]:
+def _evaluate(engine, tokenizer, rows, max_length: int, task: Task, masked: list[int] | None = None,
+              order=None) -> dict[str, Any]:
     """Score a whole evaluation set: its metrics, its mean loss, whether each row (by its
     ``row`` number, when the set has one) was answered right, and whether every output was finite. Every
     worker sees all of the set (it is not split), so candidate and production are scored on
     exactly the same rows, and ZeRO-3's collective forward passes stay in step across ranks.
     ``masked``: output rows never answered (production's baseline, which had no rows for the
     labels added since: their fresh rows would answer at random); its loss is then NaN.
-    The rows are scored longest first, in batches of rows of about one length: SST-2 dev
-    (872 rows, MiniLM-L6, 2 threads, cut at 128) took 3.5 s where its own order took 6.8 s,
-    with the same accuracy and loss; nothing here depends on the rows' order."""
-    import numpy as np
+    ``order``: the rows' indices in the order to score them (``_Evaluator`` gives longest
+    first: SST-2 dev, 872 rows, MiniLM-L6, 2 threads, cut at 128, took 3.5 s where its own
+    order took 6.8 s, with the same accuracy and loss). The metrics and the per-row answers
+    do not depend on it; a token classifier's loss does a little (its mean is over the
+    tokens of a pass's windows)."""
     import torch
 
-    by_length = np.argsort(-_token_lengths(tokenizer, rows, max_length), kind="stable")
     engine.eval()
     y_true: list = []
     y_pred: list = []
@@ -118,7 +119,7 @@ def _evaluate(engine, tokenizer, rows, max_length: int, task: Task, masked: list
     finite = True
     loss_sum, windows_scored = 0.0, 0
     with torch.no_grad():
-        for batch in batches(rows, EVAL_BATCH_SIZE, by_length):
+        for batch in batches(rows, EVAL_BATCH_SIZE, order):
             # Read as the replicas read it: a long text in windows, where its task has them.
             inputs, encoding, windows = _windowed(tokenizer, batch, max_length, engine.device, task)
             window_targets = task.batch_targets(windows, encoding)
@@ -147,16 +148,22 @@ def _evaluate(engine, tokenizer, rows, max_length: int, task: Task, masked: list
 
 
 class _Evaluator:
-    """Scores every evaluation set, and counts the seconds spent doing it (the job's
+    """Scores every evaluation set, each longest row first (batches of rows of about one
+    length, little padding), and counts the seconds spent doing it (the job's
     feedback-to-serving time puts them under evaluation, not training)."""
 
     def __init__(self, engine, tokenizer, sets: dict[str, Any], max_length: int, task: Task):
+        import numpy as np
+
         self.engine, self.tokenizer, self.sets, self.max_length, self.task = engine, tokenizer, sets, max_length, task
+        self.orders = {name: np.argsort(-_token_lengths(tokenizer, rows, max_length), kind="stable")
+                       for name, rows in sets.items()}
         self.seconds = 0.0
 
     def __call__(self, masked: list[int] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
-        out = {name: _evaluate(self.engine, self.tokenizer, rows, self.max_length, self.task, masked)
+        out = {name: _evaluate(self.engine, self.tokenizer, rows, self.max_length, self.task, masked,
+                               self.orders[name])
                for name, rows in self.sets.items()}
         self.seconds += time.perf_counter() - t0
         return out

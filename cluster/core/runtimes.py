@@ -166,18 +166,19 @@ def unmeasured_runtimes(requested: str, optimization: Optimization | None, hardw
                         allowed: tuple[str, ...] | None = None,
                         parity_limits: tuple[float, float] | None = None) -> list[str]:
     """The runtimes a replica on ``hardware`` measures itself before ``auto`` chooses, or
-    none: under ``auto``, on a CPU class no one measured this version on (its job ran on
-    another node: a GPU worker, a CPU without native bf16), PyTorch and every artifact that
-    passed parity and runs on this CPU. Without it such a replica served PyTorch: MiniLM-L6
-    in fp32 ran at 0.54x its bf16 artifact's texts/s and 0.73x its int8's at batch 32, one
-    thread, on this project's CPU."""
+    none: under ``auto``, on a CPU, the artifacts that passed parity and run on this CPU but
+    have no speed on this class (the version's job ran on another node: a GPU worker, a CPU
+    without native bf16, other threads; or an artifact did not run where a replica measured
+    before), and PyTorch beside them to rank them against. Without it such a replica served
+    PyTorch: MiniLM-L6 in fp32 ran at 0.54x its bf16 artifact's texts/s and 0.73x its
+    int8's at batch 32, one thread, on this project's CPU."""
     if requested != "auto" or not hardware.startswith("cpu") or optimization is None:
         return []
-    if optimization.texts_per_s.get(hardware):
-        return []
-    passed = [name for name, record in _judged(optimization, allowed, parity_limits).items()
-              if record.parity.passed and not (name == "torch-bf16" and hardware.startswith("cpu/"))]
-    return [TORCH, *passed] if passed else []
+    measured = optimization.texts_per_s.get(hardware, {})
+    missing = [name for name, record in _judged(optimization, allowed, parity_limits).items()
+               if record.parity.passed and name not in measured
+               and not (name == "torch-bf16" and hardware.startswith("cpu/"))]
+    return [TORCH, *missing] if missing else []
 
 
 def _judged(optimization: Optimization | None, allowed: tuple[str, ...] | None,

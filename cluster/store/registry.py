@@ -574,15 +574,16 @@ class Registry:
     def record_speeds(self, model: str, version: str, hardware: str, speeds: dict[str, float],
                       built_at: str | None) -> Manifest:
         """Add the texts/s a replica measured on its own ``hardware`` class for the build
-        made at ``built_at`` (``unmeasured_runtimes``): later replicas of that class choose by
-        them without measuring. A build recorded since (another ``built_at``) is left as it
-        is: these speeds are of artifacts it replaced."""
+        made at ``built_at`` (``unmeasured_runtimes``) to the class's speeds: later replicas
+        of that class choose by them without measuring. A build recorded since (another
+        ``built_at``) is left as it is: these speeds are of artifacts it replaced."""
 
         def record(manifest: Manifest) -> Manifest:
             optimization = manifest.optimization
             if optimization is None or optimization.built_at != built_at:
                 return manifest
-            measured = {**optimization.texts_per_s, hardware: {k: round(v, 1) for k, v in speeds.items()}}
+            ours = {**optimization.texts_per_s.get(hardware, {}), **{k: round(v, 1) for k, v in speeds.items()}}
+            measured = {**optimization.texts_per_s, hardware: ours}
             return manifest.model_copy(update={"optimization": optimization.model_copy(update={"texts_per_s": measured})})
 
         return self._update_manifest(model, version, record)

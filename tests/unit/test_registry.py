@@ -349,6 +349,9 @@ def test_a_replicas_speeds_join_its_builds_record_and_never_a_later_builds(tmp_p
     reg.record_speeds("m", "v1", "cpu/1t", {"torch": 40.04, "onnx": 61.26}, built_at="b1")
     assert reg.manifest("m", "v1").optimization.texts_per_s == {"cuda": {"torch": 900.0},
                                                                 "cpu/1t": {"torch": 40.0, "onnx": 61.3}}
+    reg.record_speeds("m", "v1", "cpu/1t", {"torch": 42.0, "onnx-int8": 90.0}, built_at="b1")  # int8 measured later
+    assert reg.manifest("m", "v1").optimization.texts_per_s["cpu/1t"] == {"torch": 42.0, "onnx": 61.3,
+                                                                          "onnx-int8": 90.0}
     # Measured on b1's artifacts while b2 was recorded: b2's speeds stand alone.
     reg.record_optimization("m", "v1", str(tmp_path / "built"), Optimization(texts_per_s={}, built_at="b2"))
     reg.record_speeds("m", "v1", "cpu/2t", {"torch": 70.0}, built_at="b1")

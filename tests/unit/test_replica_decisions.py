@@ -280,6 +280,23 @@ def test_a_replica_on_hardware_no_one_measured_measures_the_runtimes_itself_and_
     assert loads == ["onnx"]
 
 
+def test_a_measurement_that_fails_leaves_the_version_served_by_the_speeds_it_had():
+    """Storage refusing the record (or the golden rows unreadable) marked the whole version
+    failed: a new replica served nothing until the retry, and measured again then."""
+    class Refusing(FakeRegistry):
+        def record_speeds(self, *args):
+            raise RuntimeError("gave up after 30 conflicting writes")
+
+    cfg = parse_config({"models": [{"name": "m", "base_model": "x", "labels": LABELS}],
+                        "serving": {"max_batch_size": 8, "num_cpus_per_replica": 2},
+                        "optimize": {"speed_seconds": 0.01}})
+    replica = ModelServer(cfg.model_dump(), "m", registry=Refusing("v1", _optimized()), recorder=FakeRecorder(),
+                          shadow_recorder=FakeRecorder(), keys=object(), load=lambda *a: FakeModel(*a), watch=False)
+    replica._sync_with_registry()
+    assert replica._loaded.version == "v1" and replica._loaded.runtime == "torch"
+    assert f"no runtime measured on {CPU}/2t" in replica.status()["runtimes"]["v1"]
+
+
 def test_with_measuring_off_auto_serves_torch_where_the_speeds_were_measured_on_other_hardware():
     replica, _, _ = _replica(optimization=_optimized(), num_cpus_per_replica=2, measure=False)  # measured at 1 thread
     assert replica._loaded.runtime == "torch"

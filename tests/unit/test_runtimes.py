@@ -93,6 +93,10 @@ def test_a_replica_measures_what_passed_where_no_one_measured_its_class():
     assert unmeasured_runtimes("onnx", opt, "cpu/4t") == []  # named: no ranking
     assert unmeasured_runtimes("auto", opt, "cuda") == []  # the artifacts are CPU runtimes
     assert unmeasured_runtimes("auto", None, "cpu/4t") == []
+    # An artifact that passed but has no speed where the others have (it did not run where a
+    # replica measured, or was allowed again since): it, and PyTorch to rank it against.
+    partly = _optimization({"torch": 100, "onnx": 130})
+    assert unmeasured_runtimes("auto", partly, "cpu/2t") == ["torch", "onnx-int8"]
     # bf16 is measured only on a CPU with native bf16, where it can serve.
     parity = ParityCheck(passed=True, detail="ok", rows=10, agreement=1.0, accuracy=0.9, reference_accuracy=0.9)
     opt.artifacts["torch-bf16"] = ArtifactRecord(runtime="torch-bf16", path="", bytes=1, build_s=0.0, parity=parity)
