@@ -169,6 +169,10 @@ def _scored(train: pa.Table, teacher: Teacher, task: Task, max_length: int, use_
     scored = ray.data.from_arrow(by_length).map_batches(
         _TeacherScorer, batch_size=SCORE_BATCH_SIZE, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cpus, num_gpus=gpus if use_gpu else 0,
+        # Not restarted: a scorer that died fails the job, which says so. With restarts Ray
+        # logged an error line at every job (its constructor arguments in the object store
+        # might be gone by a restart, ray-project/ray#53727).
+        max_restarts=0,
         fn_constructor_kwargs={"files": teacher.files.model_dump(), "auto_class": task.auto_class,
                                "head": task.head_labels(), "max_length": max_length, "use_gpu": use_gpu,
                                "bf16": teacher.bf16_passed},

@@ -137,7 +137,7 @@ def test_distill_bench_smoke_prints_both_tables():
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.stdout.splitlines()
             if line.startswith("| ") and "---" not in line]
     models = [r for r in rows if r[0].startswith(("teacher", "student")) and len(r) == 8]
-    assert [r[0] for r in models] == ["teacher", "student (alpha 0.5)", "student-hard (alpha 0.0)"]
+    assert [r[0] for r in models] == ["teacher", "student (alpha 0.5)", "student-hard (alpha 0)"]
     assert [r[1] for r in models] == ["2 x 32", "1 x 32", "1 x 32"]  # the students keep 1 of the teacher's 2 layers
     assert all(0 <= float(r[2]) <= 1 and float(r[5]) > 0 and float(r[6]) > 0 for r in models)
     served = [r for r in rows if len(r) == 7 and r[0] in ("teacher", "student", "student-hard")]
