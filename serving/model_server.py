@@ -106,7 +106,7 @@ class ModelServer:
         self.cfg, self.serving = cfg.model(model), cfg.serving
         self.runtimes = tuple(cfg.optimize.runtimes)  # the artifacts the operator wants: others are not served
         self._parity_limits = cfg.optimize.min_agreement, cfg.optimize.max_accuracy_drop  # today's, not the build's
-        self.optimize = cfg.optimize
+        self.optimize_cfg = cfg.optimize
         self.task = model_task(self.cfg)
         storage = Storage(cfg.storage.root)
         self.registry = registry or Registry(storage)
@@ -273,6 +273,8 @@ class ModelServer:
             return (self.registry.local_path(self.cfg.name, version),
                     self.registry.manifest(self.cfg.name, version).optimization)
 
+        if self.serving.runtime == "torch":  # no artifact serves: the manifest is not read
+            return self.registry.local_path(self.cfg.name, version), None
         path, optimization = read()
         passed = [r.path for r in optimization.artifacts.values() if r.path and r.parity.passed] if optimization else []
         return (path, optimization) if all(os.path.exists(os.path.join(path, f)) for f in passed) else read()
@@ -287,7 +289,7 @@ class ModelServer:
         hardware = hardware_class(device, self.serving.replica_threads)
         unmeasured = unmeasured_runtimes(self.serving.runtime, optimization, hardware, self.runtimes,
                                          self._parity_limits)
-        if unmeasured and self.optimize.measure_on_replicas:
+        if unmeasured and self.optimize_cfg.measure_on_replicas:
             optimization = self._measured_here(version, path, optimization, hardware, unmeasured)
         runtime, why = choose_runtime(self.serving.runtime, optimization, hardware, self.runtimes,
                                       self._parity_limits)
@@ -300,7 +302,7 @@ class ModelServer:
         ``hardware`` class, and recorded in the manifest for the next replicas of the class.
         On the compute thread: a replica already serving measures between its own batches,
         not beside them (each skewing the other). Whatever goes wrong, the speeds it had."""
-        o, started = self.optimize, time.perf_counter()
+        o, started = self.optimize_cfg, time.perf_counter()
         try:
             texts = speed_texts(self.registry, self.cfg.name, version, o.speed_batch_size, o.parity_max_rows)
             speeds, failed = self._compute.submit(

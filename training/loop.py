@@ -254,7 +254,8 @@ def _freeze(model, tcfg: dict[str, Any], rank: int, keep_fp32_copy: bool) -> tup
 
 
 def _token_lengths(tokenizer, shard, max_length: int):
-    """Each row's tokens as a batch takes it (cut at ``max_length``), for ``group_by_length``."""
+    """Each row's tokens as a batch takes it (cut at ``max_length``): ``group_by_length``'s
+    batches, and the evaluation sets' order."""
     import numpy as np
 
     texts = [str(t) for t in shard.column("text").to_pylist()]

@@ -753,9 +753,10 @@ class OptimizeConfig(Section):
     speed_batch_size: int = Field(default=32, ge=1, le=1024, description="batch of the texts/s measured per runtime")
     speed_seconds: float = Field(default=3.0, gt=0, le=600, description="how long each runtime's speed is measured")
     measure_on_replicas: bool = Field(default=True, description=(
-        "under serving.runtime auto, a CPU replica of a hardware class its version's speeds were not measured on "
-        "(the job ran elsewhere) measures PyTorch and the artifacts that passed, speed_seconds each, before it "
-        "serves the version, and records the speeds for the next replicas of its class; off: it serves PyTorch"))
+        "under serving.runtime auto, a CPU replica whose hardware class has no speed for an artifact of its "
+        "version that passed (the job ran elsewhere) measures it and PyTorch, speed_seconds each, before it "
+        "serves the version, and adds the speeds for the next replicas of its class; off: it chooses among what "
+        "was measured, PyTorch where nothing was"))
 
 
 class TriggerConfig(Section):
