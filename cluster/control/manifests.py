@@ -5,7 +5,8 @@ config (and the operator's own document of it) to the dicts written as YAML.
   ``serveConfigV2``): one application per model, the retrain controller, the ingress.
 - ``kuberay``: a ConfigMap with the cluster's tuneloop.yaml, the RayService that serves
   (GPU workers, autoscaling, a head that runs no replicas and keeps the feedback journal on
-  a persistent volume), one RayJob per model for training, and a PodMonitor.
+  a persistent volume), one RayJob per model for training, a PodMonitor, and a
+  NetworkPolicy; every container runs as a user that is not root.
 - ``launcher``: Ray cluster launcher YAMLs for AWS and GCP.
 
 The cluster's config is the operator's document with the keys a cluster needs set (the
@@ -38,6 +39,8 @@ SERVE_FILE = "serve.yaml"
 LAUNCHER_ETC = "etc"  # beside a launcher YAML: the folder mounted at deploy.config_dir on every node
 SERVE_PORT = 8000
 METRICS_PORT = 8080  # Ray's metrics export port on every node (rayStartParams)
+DASHBOARD_PORT = 8265  # Ray's dashboard on the head: the jobs API KubeRay submits through
+HOME = "/home/tuneloop"  # the images' tuneloop user's home; a writable volume when run_as_user is set
 SERVING_HEAD = "serving-head"  # the component label of the RayService's head pod
 METRICS_KEY = "TUNELOOP_METRICS_KEY"  # the Secret's key Prometheus scrapes /metrics with
 
@@ -213,7 +216,24 @@ def _env(cfg: TuneloopConfig) -> tuple[list[dict], list[dict]]:
     nodes get credentials from their service account needs none."""
     env = [{"name": "TUNELOOP_CONFIG", "value": f"{cfg.deploy.config_dir}/{CONFIG_FILE}"},
            *({"name": k, "value": v} for k, v in FAST_PATH_ENV.items())]
+    if cfg.deploy.run_as_user is not None:
+        # A user id the image may not list in /etc/passwd: Python's getpass (torch's compile
+        # cache names its folder with it) reads USER first, and HOME (Hugging Face's,
+        # DeepSpeed's and Triton's caches) is a volume it may write to.
+        env += [{"name": "HOME", "value": HOME}, {"name": "USER", "value": "tuneloop"}]
     return env, [{"secretRef": {"name": cfg.deploy.secret, "optional": True}}]
+
+
+def _security(cfg: TuneloopConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the pod's securityContext, each container's): a user that is not root, the volumes
+    (the journal's) given its group, no privilege escalation, no Linux capability (Ray,
+    Serve and HAProxy bind ports above 1024 only); empty with ``run_as_user`` None."""
+    uid = cfg.deploy.run_as_user
+    if uid is None:
+        return {}, {}
+    pod = {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid, "fsGroup": uid,
+           "seccompProfile": {"type": "RuntimeDefault"}}
+    return pod, {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
 
 def _container(cfg: TuneloopConfig, name: str, cpus: int, memory: str, gpus: int,
@@ -227,9 +247,11 @@ def _container(cfg: TuneloopConfig, name: str, cpus: int, memory: str, gpus: int
         mounts.append({"name": "journal", "mountPath": cfg.deploy.journal_dir})
     # No imagePullPolicy: Kubernetes' default pulls a ``:latest`` or untagged image on every
     # start and a pinned tag once, so an image rebuilt under ``:latest`` reaches the nodes.
-    return {"name": name, "image": cfg.deploy.image, "env": env, "envFrom": env_from,
-            "resources": {"limits": limits, "requests": dict(limits)},
-            "ports": [{"name": n, "containerPort": p} for n, p in ports], "volumeMounts": mounts}
+    container = {"name": name, "image": cfg.deploy.image, "env": env, "envFrom": env_from,
+                 "resources": {"limits": limits, "requests": dict(limits)},
+                 "ports": [{"name": n, "containerPort": p} for n, p in ports], "volumeMounts": mounts}
+    security = _security(cfg)[1]
+    return {**container, "securityContext": security} if security else container
 
 
 # KubeRay refuses a RayJob whose name is longer (it appends 6 characters for the cluster, whose
@@ -262,9 +284,16 @@ def _config_volume(config_map: str) -> dict[str, Any]:
 def _pod(cfg: TuneloopConfig, component: str, container: dict, volumes: list[dict], gpus: int) -> dict[str, Any]:
     # Shared memory for Ray's object store: a container's own /dev/shm is 64 MB, and Ray then
     # keeps its objects in /tmp on the node's disk (slower, and evicted under disk pressure).
-    container = {**container, "volumeMounts": [*container["volumeMounts"], {"name": "dshm", "mountPath": "/dev/shm"}]}
-    spec: dict[str, Any] = {"containers": [container],
-                            "volumes": [*volumes, {"name": "dshm", "emptyDir": {"medium": "Memory"}}]}
+    mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]
+    volumes = [*volumes, {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    pod_security = _security(cfg)[0]
+    if pod_security:
+        mounts.append({"name": "home", "mountPath": HOME})
+        volumes.append({"name": "home", "emptyDir": {}})
+    container = {**container, "volumeMounts": [*container["volumeMounts"], *mounts]}
+    spec: dict[str, Any] = {"containers": [container], "volumes": volumes}
+    if pod_security:
+        spec["securityContext"] = pod_security
     if cfg.deploy.service_account:
         spec["serviceAccountName"] = cfg.deploy.service_account
     if gpus:
@@ -272,6 +301,40 @@ def _pod(cfg: TuneloopConfig, component: str, container: dict, volumes: list[dic
     if component == SERVING_HEAD:
         spec["affinity"] = _with_the_journal(cfg)
     return {"metadata": {"labels": _labels(cfg, component)}, "spec": spec}
+
+
+def _submitter(cfg: TuneloopConfig) -> dict[str, Any]:
+    """The pod KubeRay runs a RayJob's ``ray job submit`` in (KubeRay fills in the command):
+    its default pod, with the deployment's labels, which the NetworkPolicy lets reach the
+    dashboard, and the same security context as the Ray pods."""
+    pod_security, container_security = _security(cfg)
+    container: dict[str, Any] = {"name": "ray-job-submitter", "image": cfg.deploy.image,
+                                 "resources": {"limits": {"cpu": "1", "memory": "1Gi"},
+                                               "requests": {"cpu": "500m", "memory": "200Mi"}}}
+    spec: dict[str, Any] = {"restartPolicy": "Never", "containers": [container]}
+    if pod_security:
+        container["env"] = [{"name": "HOME", "value": "/tmp"}, {"name": "USER", "value": "tuneloop"}]
+        container["securityContext"] = container_security
+        spec["securityContext"] = pod_security
+    return {"metadata": {"labels": _labels(cfg, "training-submitter")}, "spec": spec}
+
+
+def network_policy(cfg: TuneloopConfig) -> dict[str, Any]:
+    """Ingress to the deployment's pods (``deploy.network_policy``): from one another on every
+    port (Ray's nodes talk on many), from anyone to Serve (the API, behind its keys) and to
+    Ray's metrics port (Prometheus), and from the KubeRay operator to the dashboard (it
+    deploys Serve's applications and submits jobs there). Egress stays open: the bucket."""
+    d = cfg.deploy
+    ours = {"matchLabels": {"app.kubernetes.io/part-of": "tuneloop", "app.kubernetes.io/instance": d.name}}
+    operator = [{"namespaceSelector": {}, "podSelector": {"matchLabels": labels}}
+                for labels in d.network_policy.operator_labels]
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": f"{d.name}-ray", "namespace": d.namespace, "labels": _labels(cfg, "network")},
+            "spec": {"podSelector": ours, "policyTypes": ["Ingress"], "ingress": [
+                {"from": [{"podSelector": copy.deepcopy(ours)}]},  # a copy: YAML would write an anchor
+                {"ports": [{"protocol": "TCP", "port": SERVE_PORT}, {"protocol": "TCP", "port": METRICS_PORT}]},
+                {"from": operator, "ports": [{"protocol": "TCP", "port": DASHBOARD_PORT}]},
+            ]}}
 
 
 def _with_the_journal(cfg: TuneloopConfig) -> dict[str, Any]:
@@ -293,7 +356,7 @@ def _cluster_spec(cfg: TuneloopConfig, config_map: str, serving: bool) -> dict[s
     (``num-cpus: 0``) and, when serving, holds the journal volume and offers the journal
     resource the ingress is pinned to; a worker group the autoscaler sizes."""
     d, w = cfg.deploy, cfg.deploy.workers
-    head_ports = [("gcs", 6379), ("dashboard", 8265), ("client", 10001), ("serve", SERVE_PORT),
+    head_ports = [("gcs", 6379), ("dashboard", DASHBOARD_PORT), ("client", 10001), ("serve", SERVE_PORT),
                   ("metrics", METRICS_PORT)]
     head_params = {"num-cpus": "0", "dashboard-host": "0.0.0.0", "metrics-export-port": str(METRICS_PORT)}
     head_volumes = [_config_volume(config_map)]
@@ -321,8 +384,8 @@ def _cluster_spec(cfg: TuneloopConfig, config_map: str, serving: bool) -> dict[s
 
 
 def kuberay(cfg: TuneloopConfig, doc: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """The KubeRay manifests, by file name: ``config.yaml`` (ConfigMap and the journal's
-    PersistentVolumeClaim), ``rayservice.yaml``, ``rayjob-<model>.yaml``, ``podmonitor.yaml``."""
+    """The KubeRay manifests, by file name: ``config.yaml`` (ConfigMap, the journal's
+    PersistentVolumeClaim and the NetworkPolicy), ``rayservice.yaml``, ``rayjob-<model>.yaml``, ``podmonitor.yaml``."""
     d = cfg.deploy
     config_path = f"{d.config_dir}/{CONFIG_FILE}"
     cluster_doc = cluster_config_doc(doc, cfg)
@@ -338,6 +401,7 @@ def kuberay(cfg: TuneloopConfig, doc: dict[str, Any]) -> dict[str, list[dict[str
              "data": {CONFIG_FILE: yaml.safe_dump(cluster_doc, sort_keys=False)}},
             {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
              "metadata": {"name": f"{d.name}-journal", **meta, "labels": _labels(cfg, "journal")}, "spec": claim},
+            *([network_policy(cfg)] if d.network_policy.enabled else []),
         ],
         "rayservice.yaml": [{
             "apiVersion": "ray.io/v1", "kind": "RayService",
@@ -394,6 +458,7 @@ def kuberay(cfg: TuneloopConfig, doc: dict[str, Any]) -> dict[str, list[dict[str
                 "shutdownAfterJobFinishes": True,
                 "ttlSecondsAfterFinished": 600,
                 "backoffLimit": 0,
+                "submitterPodTemplate": _submitter(cfg),
                 "rayClusterSpec": _cluster_spec(cfg, config_map, serving=False),
             },
         }]

@@ -154,8 +154,9 @@ def plan(cfg: TuneloopConfig, target: str, verb: str, folder: Path, model: str |
             # feedback lives there. `kubectl delete pvc <name>-journal` once it is drained.
             "down": [Step([*k, "delete", "-f", files["podmonitor.yaml"], "--ignore-not-found"], only_if=has_podmonitor),
                      Step([*k, "delete", "-f", files["rayservice.yaml"], "--ignore-not-found"]),
-                     # Retrain jobs, and the ConfigMap each config change left (content-named).
-                     Step([*k, "delete", "rayjob,configmap", "-l",
+                     # Retrain jobs, the ConfigMap each config change left (content-named), the
+                     # NetworkPolicy.
+                     Step([*k, "delete", "rayjob,configmap,networkpolicy", "-l",
                            f"app.kubernetes.io/instance={d.name},app.kubernetes.io/part-of=tuneloop",
                            "--ignore-not-found"])],
         }

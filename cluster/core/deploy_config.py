@@ -53,7 +53,7 @@ Quantity = Annotated[str, AfterValidator(_quantity)]
 # What the images (deploy/docker) need in place: a volume mounted at, in or above one of
 # these hides it (/app holds tuneloop, /usr/local its Python); and at or above one of
 # IMAGE_FILES, which hides those (the CA certificates a bucket's TLS needs).
-IMAGE_FOLDERS = ("/app", "/bin", "/dev", "/home/ray", "/lib", "/lib64", "/proc", "/sbin", "/sys", "/usr")
+IMAGE_FOLDERS = ("/app", "/bin", "/dev", "/home/ray", "/home/tuneloop", "/lib", "/lib64", "/proc", "/sbin", "/sys", "/usr")
 IMAGE_FILES = ("/etc/ssl", "/etc/pki", "/etc/ca-certificates", "/etc/passwd", "/root", "/tmp", "/var/lib/dpkg")
 
 
@@ -109,6 +109,34 @@ class GcpConfig(Section):
         return self
 
 
+# How the KubeRay operator's pods are labelled: its Helm chart names them
+# app.kubernetes.io/name=kuberay-operator, its kustomize install component=kuberay-operator.
+KUBERAY_OPERATOR_LABELS = ({"app.kubernetes.io/name": "kuberay-operator"},
+                           {"app.kubernetes.io/component": "kuberay-operator"})
+
+
+class NetworkPolicyConfig(Section):
+    """A NetworkPolicy over the deployment's pods (serving's and the training jobs'): Ray's
+    own ports (GCS, the dashboard, which runs jobs, the client server, the nodes' ports
+    between themselves) answer only the deployment's pods and, for the dashboard, the KubeRay
+    operator; Serve's port (the API, with its keys) and Ray's metrics port answer anyone."""
+
+    enabled: bool = Field(default=True, description=(
+        "render it; without it every pod of the Kubernetes cluster reaches the head's dashboard, which runs "
+        "any job it is sent with the bucket's credentials (a CNI that does not enforce NetworkPolicies ignores it)"))
+    operator_labels: list[dict[str, str]] = Field(
+        default_factory=lambda: [dict(labels) for labels in KUBERAY_OPERATOR_LABELS], min_length=1,
+        description="the KubeRay operator's pods, in any namespace: each entry a set of labels one of them carries")
+
+    @field_validator("operator_labels")
+    @classmethod
+    def _no_empty_selector(cls, v: list[dict[str, str]]) -> list[dict[str, str]]:
+        if any(not labels for labels in v):
+            raise ValueError(f"an empty set of labels selects every pod of the cluster, got {v!r}: name the "
+                             "operator's labels (kubectl get pods -A -l app.kubernetes.io/name=kuberay-operator)")
+        return v
+
+
 class DeployConfig(Section):
     name: str = Field(default="tuneloop", max_length=40, pattern=_DNS_LABEL,
                       description="the RayService, RayJob, ConfigMap and cluster names start with it")
@@ -127,6 +155,11 @@ class DeployConfig(Section):
         default=None, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
         description="the Kubernetes service account every pod runs as (bucket access through IRSA or "
                     "GKE Workload Identity, instead of keys in the Secret); None: the namespace's default")
+    run_as_user: int | None = Field(default=1000, ge=1, description=(
+        "the user id every KubeRay container runs as (the images' tuneloop user), never root, without "
+        "privilege escalation or Linux capabilities; the journal volume is given its group. None: the image's "
+        "own user, root"))
+    network_policy: NetworkPolicyConfig = NetworkPolicyConfig()
     monitor_labels: dict[str, str] = Field(default_factory=dict, description=(
         "labels added to the PodMonitors, for the Prometheus that selects them: kube-prometheus-stack selects "
         "release: <its Helm release> by default, and ignored PodMonitors without it silently"))

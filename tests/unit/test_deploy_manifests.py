@@ -73,8 +73,8 @@ def test_the_committed_files_are_what_the_example_config_renders(rendered):
 
 def test_every_kubernetes_manifest_validates_against_its_schema(rendered):
     docs = [d for f in sorted((rendered / "kuberay").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text())]
-    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "PersistentVolumeClaim", "PodMonitor", "PodMonitor",
-                                               "RayJob", "RayService"]
+    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "NetworkPolicy", "PersistentVolumeClaim", "PodMonitor",
+                                               "PodMonitor", "RayJob", "RayService"]
     for doc in docs:
         _validate_k8s(doc)
     service = next(d for d in docs if d["kind"] == "RayService")
@@ -98,7 +98,7 @@ def test_the_rayservice_serves_from_gpu_workers_and_keeps_the_journal_on_the_hea
     assert head["rayStartParams"]["num-cpus"] == "0"  # no replica and no training worker on the head
     assert json.loads(json.loads(head["rayStartParams"]["resources"])) == {manifests.JOURNAL_RESOURCE: 1}
     head_pod = head["template"]["spec"]
-    assert {v["name"] for v in head_pod["volumes"]} == {"config", "journal", "dshm"}
+    assert {v["name"] for v in head_pod["volumes"]} == {"config", "journal", "dshm", "home"}
     assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in head_pod["volumes"]  # Ray's object store: not 64 MB
     assert {"name": "dshm", "mountPath": "/dev/shm"} in head_pod["containers"][0]["volumeMounts"]
     # A NewCluster upgrade's second head lands beside the first, where the journal volume is.
@@ -446,3 +446,56 @@ def test_podmonitors_carry_the_labels_a_prometheus_selects_on():
     for monitor in monitors:
         labels = monitor["metadata"]["labels"]
         assert labels["release"] == "kube-prometheus-stack" and labels["app.kubernetes.io/part-of"] == "tuneloop"
+
+
+def _pods(files) -> list[dict]:
+    """Every pod template of the rendered KubeRay files: Ray's heads and workers, and the
+    RayJobs' submitters."""
+    pods = []
+    for path in files:
+        for manifest in yaml.safe_load_all(path.read_text()):
+            spec = manifest.get("spec", {})
+            cluster = spec.get("rayClusterConfig") or spec.get("rayClusterSpec")
+            if cluster:
+                pods += [g["template"] for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]]
+            if "submitterPodTemplate" in spec:
+                pods.append(spec["submitterPodTemplate"])
+    return pods
+
+
+def test_no_container_runs_as_root_and_ray_answers_only_the_deployment(tmp_path):
+    doc = {"models": [{"name": "intent", "base_model": "b", "labels": ["a", "b"]}],
+           "storage": {"root": "s3://bucket/tl", "journal_dir": "/j"}}
+    files = operate.render(parse_config(doc), doc, "kuberay", tmp_path)
+    pods = _pods(files)
+    assert len(pods) == 5  # the RayService's head and workers, the RayJob's, its submitter
+    for pod in pods:
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+        assert pod["spec"]["securityContext"]["runAsUser"] == pod["spec"]["securityContext"]["fsGroup"] == 1000
+        (container,) = pod["spec"]["containers"]
+        assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["USER"] == "tuneloop" and env["HOME"]  # getpass and the caches, for a uid /etc/passwd may lack
+    policy = next(m for m in yaml.safe_load_all((tmp_path / "config.yaml").read_text()) if m["kind"] == "NetworkPolicy")
+    _validate_k8s(policy)
+    selected = policy["spec"]["podSelector"]["matchLabels"]
+    # It selects every pod rendered, the submitters included (they reach a job's dashboard as the deployment's).
+    assert all(selected.items() <= pod["metadata"]["labels"].items() for pod in pods)
+    among_us, anyone, operator = policy["spec"]["ingress"]
+    assert among_us == {"from": [{"podSelector": policy["spec"]["podSelector"]}]} and "ports" not in among_us
+    assert "from" not in anyone and {p["port"] for p in anyone["ports"]} == {manifests.SERVE_PORT, manifests.METRICS_PORT}
+    assert operator["ports"] == [{"protocol": "TCP", "port": manifests.DASHBOARD_PORT}]
+    assert {"app.kubernetes.io/name": "kuberay-operator"} in [p["podSelector"]["matchLabels"] for p in operator["from"]]
+    # `deploy down` removes it with the rest.
+    down = operate.plan(parse_config(doc), "kuberay", "down", tmp_path)
+    assert any("networkpolicy" in ",".join(step.argv) for step in down)
+
+    # Turned off: the image's own user and no policy, as before.
+    off = {**doc, "deploy": {"run_as_user": None, "network_policy": {"enabled": False}}}
+    files = operate.render(parse_config(off), off, "kuberay", tmp_path / "off")
+    assert all("securityContext" not in pod["spec"] for pod in _pods(files))
+    assert "NetworkPolicy" not in (tmp_path / "off" / "config.yaml").read_text()
+    for bad, message in [({"run_as_user": 0}, "run_as_user"),
+                         ({"network_policy": {"operator_labels": [{}]}}, "selects every pod")]:
+        with pytest.raises(ValueError, match=message):
+            parse_config({**doc, "deploy": bad})
