@@ -10,7 +10,8 @@ Each replica loads the registry's production version and keeps watching the regi
 state file; when production changes (a training job promoted a version, from this process
 or another) it loads the new weights beside the old ones and swaps one reference. A batch
 already running finishes on the model it started with, so no request is dropped, and the
-application is never restarted.
+application is never restarted. A version optimized again (``tuneloop optimize``) is swapped
+the same way onto the runtime its new build gives (``_pick_up_rebuilds``).
 
 During a rollout (core/rollout.py, in the same state file) it also holds the challenger: at
 most two versions resident, each with its own batch queue and one compute thread for both.
@@ -70,6 +71,7 @@ from tuneloop.serving.predict_request import (
 log = logging.getLogger("ray.serve")
 CLIENT_HEADER = "x-client-id"  # keeps a client on one version through a canary step
 LOAD_RETRY_S, LOAD_RETRY_MAX_S = 10.0, 600.0  # a version that failed to load is tried again, doubling
+REBUILD_CHECK_S = 30.0  # how often a replica reads its versions' manifests for a new optimize build
 
 
 def request_outcome(error: TuneloopError) -> str:
@@ -129,6 +131,8 @@ class ModelServer:
         self._load = load or functools.partial(load_model, gpu=self.serving.num_gpus_per_replica > 0,
                                                max_rows=self.serving.max_batch_size)
         self._runtimes: dict[str, tuple[str, str]] = {}  # version -> the runtime serving it, and why
+        self._built_at: dict[str, str | None] = {}  # version -> the optimize build its runtime was chosen from
+        self._next_rebuild_check = time.monotonic() + REBUILD_CHECK_S
         # One thread runs the model: forward passes never overlap, and the event loop stays
         # free to collect the next batch while this one computes.
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -152,6 +156,7 @@ class ModelServer:
         self._refused: dict[str, str] = {}  # version -> why it cannot be served (versions are immutable)
         self._failed: dict[str, tuple[float, str, int]] = {}  # version -> (next try, why, tries) of a failed load
         self._resident: dict[str, int] = {}  # version -> weight bytes, as last reported
+        self._reported_runtime: dict[str, str] = {}  # version -> the runtime tuneloop_serving_runtime says
         self._stop = threading.Event()
         self._replica_id = uuid.uuid4().hex[:16]
         if watch:
@@ -210,11 +215,16 @@ class ModelServer:
         resident = {m.version: m.weight_bytes for m in (self._loaded, self._challenger) if m is not None}
         for version in self._resident.keys() - resident.keys():
             metrics.RESIDENT_WEIGHT_BYTES.labels(self.cfg.name, version).set(0)
-            metrics.SERVING_RUNTIME.labels(self.cfg.name, version, self._runtimes[version][0]).set(0)
+            metrics.SERVING_RUNTIME.labels(self.cfg.name, version, self._reported_runtime.pop(version)).set(0)
         for version, size in resident.items():
             if self._resident.get(version) != size:
                 metrics.RESIDENT_WEIGHT_BYTES.labels(self.cfg.name, version).set(size)
-                metrics.SERVING_RUNTIME.labels(self.cfg.name, version, self._runtimes[version][0]).set(1)
+            runtime, reported = self._runtimes[version][0], self._reported_runtime.get(version)
+            if reported != runtime:  # a rebuild moved the version to another runtime: the old one goes to 0
+                if reported is not None:
+                    metrics.SERVING_RUNTIME.labels(self.cfg.name, version, reported).set(0)
+                metrics.SERVING_RUNTIME.labels(self.cfg.name, version, runtime).set(1)
+                self._reported_runtime[version] = runtime
         self._resident = resident
 
     def _load_version(self, version: str) -> LoadedModel | None:
@@ -247,6 +257,7 @@ class ModelServer:
 
     def _load_runtime(self, version: str) -> LoadedModel:
         path, optimization = self._version_files(version)
+        built_at = optimization.built_at if optimization else None
         runtime, artifact, why = self._runtime_for(version, path, optimization)
         try:
             loaded = self._load(path, version, self.task, self.serving.max_length, runtime, artifact)
@@ -260,9 +271,40 @@ class ModelServer:
             why = f"the {runtime} artifact did not load: {type(e).__name__}"
             runtime = "torch"
             loaded = self._load(path, version, self.task, self.serving.max_length, runtime, None)
-        self._runtimes[version] = runtime, why
+        self._runtimes[version], self._built_at[version] = (runtime, why), built_at
         log.info("model %s: %s runs on %s: %s", self.cfg.name, version, runtime, why)
         return loaded
+
+    def _pick_up_rebuilds(self) -> None:
+        """A resident version whose manifest names another optimize build than the one its
+        runtime was chosen from (``tuneloop optimize`` ran since it loaded) loads again, on
+        the runtime chosen now, and replaces itself as one reference swap. Before, a rebuild
+        reached a replica only at its restart or with the next version. Every
+        ``REBUILD_CHECK_S``, one manifest read a resident version; not under runtime torch,
+        which no build changes."""
+        if self.serving.runtime == "torch" or time.monotonic() < self._next_rebuild_check:
+            return
+        self._next_rebuild_check = time.monotonic() + REBUILD_CHECK_S
+        for current in dict.fromkeys(m for m in (self._loaded, self._challenger) if m is not None):
+            optimization = self.registry.manifest(self.cfg.name, current.version).optimization
+            built_at = optimization.built_at if optimization else None
+            if built_at == self._built_at.get(current.version):
+                continue
+            try:
+                new = self._load_runtime(current.version)
+            except Exception as e:  # noqa: BLE001 - the earlier build keeps serving; not tried again
+                self._built_at[current.version] = built_at
+                log.warning("model %s: %s was optimized again (build of %s), but it did not load (%s: %s); the "
+                            "earlier build keeps serving it", self.cfg.name, current.version, built_at,
+                            type(e).__name__, e)
+                continue
+            if self._loaded is current:
+                self._loaded = new
+            if self._challenger is current:
+                self._challenger = new
+            log.info("model %s: %s was optimized again (build of %s); swapped in", self.cfg.name, current.version,
+                     built_at)
+        self._report_resident()
 
     def _version_files(self, version: str) -> tuple[str, Optimization | None]:
         """(the version's folder, its manifest's optimization), the folder holding the files
@@ -331,6 +373,11 @@ class ModelServer:
                 self._sync_with_registry()
             except Exception:  # noqa: BLE001 - keep serving the loaded version; retry next tick
                 log.exception("model %s: could not load the new production version", self.cfg.name)
+            try:
+                self._pick_up_rebuilds()
+            except Exception as e:  # noqa: BLE001 - storage out of reach: the builds serving stay; next check
+                log.warning("model %s: could not check for a new optimize build (%s: %s)", self.cfg.name,
+                            type(e).__name__, e)
 
     def status(self) -> dict[str, Any]:
         return {"model": self.cfg.name, "version": self._loaded.version if self._loaded else None,

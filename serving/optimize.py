@@ -176,8 +176,13 @@ def speed_texts(registry: Registry, model: str, version: str, batch_size: int, m
     """The texts every runtime's speed is measured on: the version's golden texts (the
     model's own lengths), else ``SAMPLE_TEXTS``, a batch of them."""
     table = _golden_rows(registry, model, version, max_rows)
-    texts = table.column("text").to_pylist() if table is not None else []
-    return texts or SAMPLE_TEXTS * batch_size
+    return _timed_on(table.column("text").to_pylist() if table is not None else [], batch_size)
+
+
+def _timed_on(golden_texts: list[str], batch_size: int) -> list[str]:
+    """The golden texts, else a batch of ``SAMPLE_TEXTS``: what every runtime is timed on,
+    by the job and by a replica (``speed_texts``) alike."""
+    return golden_texts or SAMPLE_TEXTS * batch_size
 
 
 def measure_runtimes(load: Callable[[str], LoadedModel], runtimes: list[str], texts: list[str], batch_size: int,
@@ -292,7 +297,7 @@ def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, versio
     tokenizer, max_length = reference.tokenizer, reference.max_length  # held to what the model takes
     device = "cuda" if reference.device.type == "cuda" else "cpu"
     hardware = hardware_class("cuda" if device == "cuda" else cpu_class(), threads)
-    timed = texts or SAMPLE_TEXTS * ocfg.speed_batch_size  # as speed_texts() picks them
+    timed = _timed_on(texts, ocfg.speed_batch_size)
     speeds = {"torch": texts_per_s(reference, timed, ocfg.speed_batch_size, ocfg.speed_seconds)}
     progress(f"{model} {version}: torch {speeds['torch']:.0f} texts/s on {hardware}")
     del reference

@@ -137,3 +137,47 @@ def test_a_replica_of_a_class_no_one_measured_ranks_the_runtimes_itself(optimize
     finally:
         replica.__del__()
         torch.set_num_threads(threads)
+
+
+def test_a_version_optimized_again_is_swapped_onto_its_new_build(optimized, metrics_dir, tmp_path):
+    """`tuneloop optimize` run again on a version being served: the replica loads the new
+    build's artifact and swaps it in (the old build's files are removed by the record),
+    answering throughout in its one event loop as Serve runs it."""
+    import torch
+    from typer.testing import CliRunner
+
+    from tuneloop.control.cli import app
+    from tuneloop.serving.model_server import ModelServer
+
+    cfg, registry, version, _, _ = optimized
+    config = tmp_path / "tuneloop.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=True)))
+    threads = torch.get_num_threads()
+    replica = ModelServer(cfg.model_dump(mode="json"), "sentiment", watch=False)  # serving.runtime: onnx
+
+    def optimize_again():
+        shown = CliRunner().invoke(app, ["optimize", "sentiment", version, "-c", str(config)])
+        assert shown.exit_code == 0, shown.output
+
+    async def served_across_the_rebuild():
+        expected = await replica.predict(TEXTS)
+        await asyncio.to_thread(optimize_again)
+        replica._next_rebuild_check = 0.0
+        await asyncio.to_thread(replica._pick_up_rebuilds)  # the registry watcher's thread
+        return expected, await replica.predict(TEXTS)
+
+    try:
+        replica._sync_with_registry()
+        before = replica._loaded
+        assert before.runtime == "onnx"
+        expected, answers = asyncio.run(served_across_the_rebuild())
+        folder = registry.local_path("sentiment", version)
+        assert not os.path.exists(os.path.join(folder, before.artifact))  # the earlier build is gone
+        after = replica._loaded
+        assert after is not before and after.runtime == "onnx" and after.artifact != before.artifact
+        assert after.artifact == registry.manifest("sentiment", version).optimization.artifact_path("onnx")
+        assert [a["label"] for a in answers] == [a["label"] for a in expected]
+        assert {a["version"] for a in answers} == {version}
+    finally:
+        replica.__del__()
+        torch.set_num_threads(threads)

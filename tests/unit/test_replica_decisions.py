@@ -318,3 +318,40 @@ def test_an_artifact_that_does_not_load_leaves_the_version_serving_on_torch():
     assert replica._loaded.runtime == "torch" and replica._loaded.version == "v1"
     assert replica.status()["runtimes"]["v1"] == "torch (the onnx-int8 artifact did not load: RuntimeError)"
     assert asyncio.run(replica.predict(["a"]))[0]["version"] == "v1"
+
+
+def test_a_version_optimized_again_is_swapped_onto_the_new_builds_runtime():
+    """`tuneloop optimize` on the production version reached replicas only at their restart."""
+    first = _optimized(int8_passed=False, folder="artifacts/b1").model_copy(update={"built_at": "b1"})
+    replica, registry, _ = _replica(optimization=first, num_cpus_per_replica=1)
+    serving = replica._loaded
+    assert serving.runtime == "onnx"
+    replica._pick_up_rebuilds()  # before REBUILD_CHECK_S: not even read
+    registry.optimization = _optimized(folder="artifacts/b2").model_copy(update={"built_at": "b2"})
+    replica._next_rebuild_check = 0.0
+    replica._pick_up_rebuilds()
+    assert (replica._loaded.runtime, replica._loaded.artifact) == ("onnx-int8", "artifacts/b2/onnx-int8/model.onnx")
+    assert replica._loaded is not serving and replica._loaded.version == "v1"
+    assert asyncio.run(replica.predict(["a"]))[0]["version"] == "v1"
+    gauge = {r: REGISTRY.get_sample_value("tuneloop_serving_runtime", {"model": "m", "version": "v1", "runtime": r})
+             for r in ("onnx", "onnx-int8")}
+    assert gauge == {"onnx": 0, "onnx-int8": 1}
+    # The same build: nothing loads again.
+    now = replica._loaded
+    replica._next_rebuild_check = 0.0
+    replica._pick_up_rebuilds()
+    assert replica._loaded is now
+    # A build that does not load at all leaves the one serving, and is not tried every check.
+    registry.optimization = registry.optimization.model_copy(update={"built_at": "b3"})
+    replica._load = lambda *a: (_ for _ in ()).throw(OSError("the bucket is out of reach"))
+    replica._next_rebuild_check = 0.0
+    replica._pick_up_rebuilds()
+    assert replica._loaded is now and replica._built_at["v1"] == "b3"
+
+
+def test_under_runtime_torch_no_manifest_is_read_for_rebuilds():
+    replica, registry, _ = _replica(optimization=_optimized(), runtime="torch")
+    registry.manifest = lambda *a: pytest.fail("read a manifest")
+    replica._next_rebuild_check = 0.0
+    replica._pick_up_rebuilds()
+    assert replica._loaded.runtime == "torch"
