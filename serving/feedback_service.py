@@ -18,7 +18,7 @@ from tuneloop.core.config import TuneloopConfig
 from tuneloop.core.errors import (InvalidBody, InvalidValue, Overloaded, StorageUnavailable, UnknownModel,
                                   UnknownPrediction)
 from tuneloop.core.feedback_stats import FeedbackTally
-from tuneloop.core.tasks import check_text_length, model_tasks
+from tuneloop.core.tasks import check_text_length, has_visible_text, model_tasks
 from tuneloop.serving import metrics
 from tuneloop.store.records import FeedbackStore, PredictionLog, prediction_time
 from tuneloop.store.storage import Storage
@@ -78,16 +78,18 @@ class FeedbackService:
             served = await self.served(prediction_id)
             name = self._model(served["model"]).name
             task = self.tasks[name]
-            if not (served["text"] or "").strip():  # served, but nothing to learn: as for a text given blank
-                raise InvalidValue(f"prediction {prediction_id} was of an empty text: there is nothing to learn")
+            if not has_visible_text(served["text"] or ""):  # served, but nothing to learn: as for a text given blank
+                raise InvalidValue(f"prediction {prediction_id} was of a text with no visible character (empty, or "
+                                   "only whitespace, control or format characters): there is nothing to learn")
             fields = {"model": name, "text": served["text"], "prediction_id": served["prediction_id"],
                       "version": served["version"], "predicted_at": served["created_at"], **task.predicted(served)}
         else:
             name = self._model(model).name
             task = self.tasks[name]
             check_text_length(text, "text", self.cfg.serving.max_chars_per_input)
-            if not text.strip():  # nothing to learn, and quarantine would see every key share one text
-                raise InvalidValue("text is empty: feedback on a text needs the text")
+            if not has_visible_text(text):  # nothing to learn, and quarantine would see every key share one text
+                raise InvalidValue("text has no visible character (it is empty, or only whitespace, control or format "
+                                   "characters): feedback on a text needs the text")
             fields = {"model": name, "text": text}
         task.check_feedback_fields(said)
         fields.update(task.feedback_target(name, said, fields["text"]))

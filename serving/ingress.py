@@ -359,11 +359,12 @@ class Ingress:
         return self._controller_handle
 
     # -- health --------------------------------------------------------------------------
-    @app.get("/healthz")
+    # HEAD too: load balancers' and uptime checkers' probes that send it read a 405 as down.
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.api_route("/readyz", methods=["GET", "HEAD"])
     async def readyz(self) -> JSONResponse:
         """200 once every model has a version loaded; either way it names the versions a
         replica refused (labels other than the config's, and which) or failed to load, which

@@ -85,16 +85,23 @@ def _activated(logits, task: Task):
 
 
 def _eval_loss(logits, target, task: Task):
-    """The loss the model's head computes (cross-entropy over classes or tags, tags marked
-    -100 left out; binary cross-entropy per label for multi-label), from fp32 logits: the
-    head's own, on a bf16 engine's bf16 logits, was rounded to 3 significant digits, enough
-    to change which epoch early stopping keeps."""
+    """(the summed loss, how many terms it sums) of the loss the model's head computes:
+    cross-entropy over classes a row, binary cross-entropy per label averaged a row for
+    multi-label, cross-entropy a tagged token for token classification (tags marked -100
+    left out), from fp32 logits: the head's own, on a bf16 engine's bf16 logits, was rounded
+    to 3 significant digits, enough to change which epoch early stopping keeps. Summed, not
+    averaged a pass: a pass of token windows with no tagged token (a text of control
+    characters, whose tokens are all special) averaged to NaN, and the NaN validation loss
+    stopped the job early."""
     import torch.nn.functional as F
 
     logits = logits.float()
     if task.activation == "sigmoid":
-        return F.binary_cross_entropy_with_logits(logits, target.float())
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+        per_row = F.binary_cross_entropy_with_logits(logits, target.float(), reduction="none").mean(-1)
+        return per_row.sum(), per_row.numel()
+    target = target.reshape(-1)
+    summed = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target, ignore_index=-100, reduction="sum")
+    return summed, int((target != -100).sum())
 
 
 def _evaluate(engine, tokenizer, rows, max_length: int, task: Task, masked: list[int] | None = None,
@@ -107,9 +114,8 @@ def _evaluate(engine, tokenizer, rows, max_length: int, task: Task, masked: list
     labels added since: their fresh rows would answer at random); its loss is then NaN.
     ``order``: the rows' indices in the order to score them (``_Evaluator`` gives longest
     first: SST-2 dev, 872 rows, MiniLM-L6, 2 threads, cut at 128, took 3.5 s where its own
-    order took 6.8 s, with the same accuracy and loss). The metrics and the per-row answers
-    do not depend on it; a token classifier's loss does a little (its mean is over the
-    tokens of a pass's windows)."""
+    order took 6.8 s, with the same accuracy and loss). The metrics, the per-row answers and
+    the loss (a mean over rows, or over tagged tokens) do not depend on it."""
     import torch
 
     engine.eval()
@@ -117,7 +123,7 @@ def _evaluate(engine, tokenizer, rows, max_length: int, task: Task, masked: list
     y_pred: list = []
     right: list[list] = []  # [row, answered right]: plain lists cross Ray Train's report
     finite = True
-    loss_sum, windows_scored = 0.0, 0
+    loss_sum, loss_terms = 0.0, 0
     with torch.no_grad():
         for batch in batches(rows, EVAL_BATCH_SIZE, order):
             # Read as the replicas read it: a long text in windows, where its task has them.
@@ -134,16 +140,16 @@ def _evaluate(engine, tokenizer, rows, max_length: int, task: Task, masked: list
                     logits = logits.clone()
                     logits[..., masked] = -1e4
                 finite = finite and bool(torch.isfinite(logits).all())
-                loss_sum += float(_eval_loss(logits, target, task)) * len(window_targets[start:end])
+                summed, terms = _eval_loss(logits, target, task)
+                loss_sum, loss_terms = loss_sum + float(summed), loss_terms + terms
                 scores.extend(_activated(logits, task).tolist())
-            windows_scored += len(window_targets)
             targets, predicted = task.evaluated(batch, encoding, scores)
             y_pred.extend(predicted)
             y_true.extend(targets)
             if "row" in batch:
                 right.extend([int(r), task.answered_right(t, p)] for r, t, p in zip(batch["row"], targets, predicted, strict=True))
     engine.train()
-    loss = loss_sum / windows_scored if windows_scored and not masked else math.nan
+    loss = loss_sum / loss_terms if loss_terms and not masked else math.nan
     return {"metrics": task.metrics(y_true, y_pred).model_dump(), "loss": loss, "right": right, "finite": finite}
 
 
@@ -472,14 +478,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss = _from_rank_zero(evaluation[monitor]["loss"], engine.device)
             if stopping.update(epoch, loss):
                 best = evaluation, _consolidated_state_dict(engine.module, rank, precision, frozen_fp32)
-            line += f", {monitor} loss {loss:.4f} (best: epoch {stopping.best_epoch + 1})"
+            line += f", {monitor} loss {loss:.4f} (best: " + (
+                f"epoch {stopping.best_epoch + 1})" if stopping.best_epoch >= 0 else "none finite yet)")
         _log(rank, line + eta(time.perf_counter() - started, engine.global_steps, total_steps))
         last_line = time.perf_counter()
         if engine.global_steps >= total_steps:
             break
         if per_epoch and stopping.should_stop:
-            _log(rank, f"early stop: no lower {monitor} loss for {stopping.epochs_without_gain} epoch(s); "
-                       f"keeping epoch {stopping.best_epoch + 1}")
+            kept = (f"epoch {stopping.best_epoch + 1}" if stopping.best_epoch >= 0 else
+                    "the last epoch's weights (no epoch's loss was finite)")
+            _log(rank, f"early stop: no lower {monitor} loss for {stopping.epochs_without_gain} epoch(s); keeping {kept}")
             break
 
     if best is None:  # not watching epochs (or every loss diverged): the last weights

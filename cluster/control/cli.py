@@ -13,7 +13,11 @@ import typer
 from tuneloop.control.deploy_cli import deploy_app, known_model, stored_root
 from tuneloop.core.config import ConfigError, TuneloopConfig, load_config
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Serve, collect feedback, fine-tune, roll out.")
+# Markdown: the docstrings' line breaks are not the help's (typer's default, rich markup, kept them,
+# and every command's summary broke mid-sentence).
+HELP_MARKUP = "markdown"
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=HELP_MARKUP,
+                  help="Serve, collect feedback, fine-tune, roll out.")
 ConfigOption = typer.Option(None, "--config", "-c", help="config file (default: $TUNELOOP_CONFIG or ./tuneloop.yaml)")
 
 
@@ -137,8 +141,9 @@ def versions(model: str, config: str | None = ConfigOption) -> None:
 def optimize(model: str, version: str, config: str | None = ConfigOption) -> None:
     """Build VERSION's optimized artifacts (ONNX, int8: `optimize.runtimes`), check each
     against PyTorch on the golden set, measure every runtime's texts/s here, and record it
-    all in the version's manifest; replicas with `serving.runtime: auto` pick them up at
-    their next load of the version. Exits 1 when no artifact passed parity."""
+    all in the version's manifest; replicas serving the version (`serving.runtime: auto`, or
+    the artifact named) swap onto the new build within 30 s. Exits 1 when no artifact passed
+    parity."""
     import logging
 
     from tuneloop.core.errors import UnknownVersion
@@ -293,9 +298,9 @@ def status(
             typer.echo(line)
 
 
-feedback_app = typer.Typer(no_args_is_help=True,
+feedback_app = typer.Typer(no_args_is_help=True, rich_markup_mode=HELP_MARKUP,
                            help="What users said: statistics of the feedback, and the keys held out of training.")
-keys_app = typer.Typer(no_args_is_help=True,
+keys_app = typer.Typer(no_args_is_help=True, rich_markup_mode=HELP_MARKUP,
                        help="API keys: create, list and revoke (secrets are shown once, stored hashed).")
 app.add_typer(feedback_app, name="feedback")
 app.add_typer(keys_app, name="keys")

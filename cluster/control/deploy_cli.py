@@ -12,7 +12,7 @@ from tuneloop.control import operate
 from tuneloop.control.manifests import NotClusterable
 from tuneloop.core.config import ConfigError, TuneloopConfig, load_config_and_document
 
-deploy_app = typer.Typer(no_args_is_help=True, help=(
+deploy_app = typer.Typer(no_args_is_help=True, rich_markup_mode="markdown", help=(
     "Run tuneloop on a GPU cluster: KubeRay (kubectl) or the Ray cluster launcher (ray up) on AWS or GCP. "
     "Every command renders the cluster's files from the config first (into .tuneloop/deploy/, or --dir); "
     "the verbs that run commands take --dry-run, which prints the files and the commands and runs nothing."))

@@ -169,13 +169,27 @@ def bootstrap_versions(cfg: TuneloopConfig) -> None:
                              f"{outcome.job.error or outcome.job.message or outcome.job.state}")
 
 
+class _NotTheReconnects(logging.Filter):
+    """Drops Serve's line at every application deployed into the Serve just started
+    ("Connecting to existing Serve app ... New http_options/controller_options will not be
+    applied"): five of them at each start read as if the config's options were ignored."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Connecting to existing Serve app")
+
+
 def start_serving(cfg: TuneloopConfig, metrics_dir: str | None) -> None:
     """Start Serve's proxy and deploy every application (control/apps.py), the retrain
     controller's keeper included: what a Serve config file or a RayService deploys."""
     from tuneloop.control.apps import deploy
 
     serve.start(http_options={"host": cfg.serving.host, "port": cfg.serving.port})
-    deploy(cfg, metrics_dir)
+    serve_log, quiet = logging.getLogger("ray.serve"), _NotTheReconnects()
+    serve_log.addFilter(quiet)
+    try:
+        deploy(cfg, metrics_dir)
+    finally:
+        serve_log.removeFilter(quiet)
 
 
 def wait_ready(url: str, timeout_s: float = 300.0, alive: Callable[[], bool] | None = None,
@@ -343,3 +357,4 @@ def stop_orphaned_haproxy(node_id: str) -> None:
         proc.kill()
     if leftovers:
         log.info("stopped %d HAProxy process(es) that Serve's shutdown left behind", len(leftovers))
+    shutil.rmtree(marker, ignore_errors=True)  # its config and state: a folder a start, never reused

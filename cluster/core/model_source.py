@@ -30,9 +30,16 @@ class ModelSourceError(RuntimeError):
     pass
 
 
+# Sources this process resolved to their bundled copy: asked again (every model of a config
+# on the default base model, every job), the hub is not tried again, and the line is said once.
+_BUNDLED_HERE: dict[str, str] = {}
+
+
 def resolve_model_source(source: str) -> str:
     if os.path.isdir(source):
         return os.path.abspath(source)
+    if source in _BUNDLED_HERE:
+        return _BUNDLED_HERE[source]
     try:
         from huggingface_hub import snapshot_download
 
@@ -50,6 +57,7 @@ def resolve_model_source(source: str) -> str:
     path = bundled_path(source)
     if path is not None:
         log.info("hub unreachable; using %s bundled by %s", source, BUNDLED_MODELS[source])
+        _BUNDLED_HERE[source] = path
         return path
     raise ModelSourceError(
         f"cannot resolve base model {source!r}: not a local folder, not in the Hugging Face "

@@ -44,6 +44,9 @@ def test_health_ready_and_models(app):
     assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{url}/readyz")
     assert ready.status_code == 200 and ready.json()["models"] == {"sentiment": "v1"}
+    for probe in ("/healthz", "/readyz"):  # a HEAD probe (load balancers, uptime checks) gets the status alone
+        head = httpx.head(f"{url}{probe}")
+        assert head.status_code == 200 and head.content == b""
     models = httpx.get(f"{url}/v1/models").json()["models"]
     assert models == [{"name": "sentiment", "task": "text-classification", "labels": ["negative", "positive"],
                        "production": "v1", "canary": None, "shadow": None, "rollout": None}]

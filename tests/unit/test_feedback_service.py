@@ -113,8 +113,8 @@ def test_bad_feedback_stores_nothing():
         asyncio.run(service.submit({}, model="m", text="ok"))
     with pytest.raises(InvalidBody, match='"label" must be a string'):
         asyncio.run(service.submit({"label": 3}, model="m", text="ok"))
-    for blank in ("", " \n\t"):
-        with pytest.raises(InvalidValue, match="text is empty") as e:
+    for blank in ("", " \n\t", "\x00\x01", "\u200b", "\u2028\ufeff"):  # control and format characters too
+        with pytest.raises(InvalidValue, match="no visible character") as e:
             asyncio.run(service.submit({"label": "pos"}, model="m", text=blank))
         assert e.value.status == 422
     assert store.appended == [] and triggered == []
@@ -129,11 +129,14 @@ def test_a_body_no_task_takes_is_refused_before_the_prediction_is_looked_up():
 
 def test_an_unknown_model_is_404_whatever_the_body_and_an_empty_served_text_is_nothing_to_learn():
     pid = new_prediction_id(NOW)
-    service, store, _, _ = _service({pid: {**_served(pid), "text": "  "}})
+    invisible = new_prediction_id(NOW)
+    service, store, _, _ = _service({pid: {**_served(pid), "text": "  "},
+                                     invisible: {**_served(invisible), "text": "\x00\u200b"}})
     with pytest.raises(UnknownModel):  # was a 422 for the body's shape
         asyncio.run(service.submit({"labels": ["a"]}, model="nope", text="hi"))
-    with pytest.raises(InvalidValue, match="empty text"):  # predict answers "", but a training row of it is not
-        asyncio.run(service.submit({"label": "pos"}, prediction_id=pid))
+    for served in (pid, invisible):  # predict answers "", but a training row of it is not
+        with pytest.raises(InvalidValue, match="no visible character"):
+            asyncio.run(service.submit({"label": "pos"}, prediction_id=served))
     assert store.appended == []
 
 

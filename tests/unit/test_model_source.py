@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import os
 
 import huggingface_hub
 
@@ -54,3 +55,25 @@ def test_a_local_folder_named_relatively_resolves_to_its_absolute_path(tmp_path,
     (tmp_path / "models" / "teacher").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     assert resolve_model_source("models/teacher") == str(tmp_path / "models" / "teacher")
+
+
+def test_the_bundled_default_is_resolved_once_a_process_without_asking_the_hub_again(monkeypatch, caplog):
+    """Every model of a config on the default base model, and every job, asked the hub again
+    (up to its 5 s timeout each) and logged the same line."""
+    from tuneloop.core import model_source
+
+    monkeypatch.setattr(model_source, "_BUNDLED_HERE", {})
+    asked = []
+
+    def unreachable(source, **options):
+        asked.append(options)
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with caplog.at_level("INFO", logger="tuneloop.core.model_source"):
+        first = resolve_model_source("sentence-transformers/all-MiniLM-L6-v2")
+        again = resolve_model_source("sentence-transformers/all-MiniLM-L6-v2")
+    assert first == again and os.path.isdir(first)
+    assert len(asked) == 2  # the cache, then the hub: once
+    assert sum("hub unreachable" in r.message for r in caplog.records) == 1

@@ -309,10 +309,46 @@ def test_the_evaluation_loss_is_the_heads_own_computed_in_fp32(tmp_path, task_na
         target = torch.tensor([0, 1])
     with torch.no_grad():
         out = model(**enc, labels=target)
-    assert float(_eval_loss(out.logits.bfloat16(), target, task)) == pytest.approx(float(out.loss), rel=1e-2)
-    assert float(_eval_loss(out.logits, target, task)) == pytest.approx(float(out.loss), rel=1e-6)
+    def mean(logits):
+        summed, terms = _eval_loss(logits, target, task)
+        return summed, float(summed) / terms
+
+    assert mean(out.logits.bfloat16())[1] == pytest.approx(float(out.loss), rel=1e-2)
+    assert mean(out.logits)[1] == pytest.approx(float(out.loss), rel=1e-6)
     # From bf16 logits: upcast first, so the loss is fp32's of those very logits, not bf16's (3 digits).
     rounded = out.logits.bfloat16()
-    loss = _eval_loss(rounded, target, task)
-    assert loss.dtype == torch.float32
-    assert float(loss) == pytest.approx(float(_eval_loss(rounded.float(), target, task)), rel=1e-6)
+    summed, loss = mean(rounded)
+    assert summed.dtype == torch.float32
+    assert loss == pytest.approx(mean(rounded.float())[1], rel=1e-6)
+    if task_name == "token-classification":  # no tagged token: nothing summed, not NaN
+        assert _eval_loss(out.logits, torch.full_like(target, -100), task)[1] == 0
+        assert float(_eval_loss(out.logits, torch.full_like(target, -100), task)[0]) == 0.0
+
+
+def test_a_validation_row_of_control_characters_leaves_the_token_loss_finite(tmp_path, monkeypatch):
+    """A feedback text of control characters (stored before feedback refused them) is all
+    special tokens: the pass it had to itself averaged to a NaN loss, which made the whole
+    validation loss NaN and stopped the job early."""
+    import pyarrow as pa
+    import transformers
+
+    from tests.tiny_models import build_tiny_model
+    from tuneloop.core.tasks import make_task
+    from tuneloop.training import loop
+    from tuneloop.training.job_data import with_training_columns
+
+    task = make_task("token-classification", ["PER", "LOC"])
+    path = build_tiny_model(tmp_path / "m", ["PER", "LOC"], task="token-classification")
+    model = getattr(transformers, task.auto_class).from_pretrained(path, **task.model_options)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    rows = pa.table({"text": ["Kofi Annan spoke in Geneva", "\x00\x01" * 3],
+                     "entities": [[{"start": 0, "end": 10, "label": "PER"}, {"start": 20, "end": 26, "label": "LOC"}],
+                                  []]})
+    table = with_training_columns(task, rows)
+    together = loop._evaluate(model, tokenizer, table, 32, task)
+    monkeypatch.setattr(loop, "EVAL_BATCH_SIZE", 1)  # each row a pass of its own
+    apart = loop._evaluate(model, tokenizer, table, 32, task)
+    alone = loop._evaluate(model, tokenizer, table.slice(0, 1), 32, task)
+    assert math.isfinite(apart["loss"]) and apart["loss"] == pytest.approx(alone["loss"], rel=1e-6)
+    assert together["loss"] == pytest.approx(apart["loss"], rel=1e-6)  # passes do not weigh it
+    assert math.isnan(loop._evaluate(model, tokenizer, table.slice(1, 1), 32, task)["loss"])  # nothing to measure

@@ -150,6 +150,8 @@ def test_feedback_spans_of_or_edged_with_whitespace_are_refused():
     text = "Kofi Annan spoke in Geneva."
     with pytest.raises(InvalidValue, match="covers only whitespace"):
         NER.feedback_target("ner", {"entities": [{"start": 10, "end": 11, "label": "PER"}]}, text)
+    with pytest.raises(InvalidValue, match="covers only whitespace, control or format characters"):
+        NER.feedback_target("ner", {"entities": [{"start": 0, "end": 1, "label": "LOC"}]}, "\u200b Geneva")
     with pytest.raises(InvalidValue, match=r"\(LOC\): begins or ends with whitespace; the entity is 20..26"):
         NER.feedback_target("ner", {"entities": [{"start": 19, "end": 26, "label": "LOC"}]}, text)
     assert NER.feedback_target("ner", {"entities": [{"start": 20, "end": 26, "label": "LOC"}]}, text) == {

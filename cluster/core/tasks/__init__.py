@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from tuneloop.core.tasks.base import ColumnType, ListOf, MapOf, StructOf, Task, check_text_length, check_unicode
+from tuneloop.core.tasks.base import (ColumnType, ListOf, MapOf, StructOf, Task, check_text_length, check_unicode,
+                                      has_visible_text)
 
 
 def _discover() -> dict[str, type[Task]]:
@@ -57,4 +58,4 @@ def model_tasks(models) -> dict[str, Task]:
 
 
 __all__ = ["TASKS", "ColumnType", "ListOf", "MapOf", "StructOf", "Task", "check_text_length", "check_unicode",
-           "label_set", "make_task", "model_task", "model_tasks"]
+           "has_visible_text", "label_set", "make_task", "model_task", "model_tasks"]

@@ -17,6 +17,8 @@ Adding a task is one module in this package (``tasks/__init__.py`` finds it by i
 
 from __future__ import annotations
 
+import unicodedata
+
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,6 +62,15 @@ def check_unicode(text: str, where: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         raise InvalidValue(f"{where} is not valid Unicode text (a lone surrogate at character {e.start})") from None
+
+
+def has_visible_text(text: str) -> bool:
+    """Whether ``text`` holds a character one can see: not only whitespace, control
+    characters (``"\\x00"``) or format ones (a zero-width space). Such a text's tokens are the
+    model's special ones alone: as feedback it taught nothing, and a validation row of it, whose
+    every token a token classifier leaves out of its loss, made the loss NaN and stopped the
+    job early."""
+    return any(not unicodedata.category(c).startswith(("C", "Z")) for c in text)
 
 
 # Tokenizer outputs a task may ask for (``tokenizer_options``) that no model's forward takes.

@@ -27,7 +27,7 @@ from typing import Any
 
 from tuneloop.core.errors import InvalidBody, InvalidValue
 from tuneloop.core.evaluation import ClassMetrics, EvalMetrics
-from tuneloop.core.tasks.base import ListOf, StructOf, Task
+from tuneloop.core.tasks.base import ListOf, StructOf, Task, has_visible_text
 
 IGNORE = -100  # the loss skips these positions (special tokens, padding, continuation pieces)
 SPAN = StructOf((("start", "int64"), ("end", "int64"), ("label", "string")))
@@ -248,7 +248,9 @@ class TokenClassification(Task):
         for i, e in enumerate(entities):
             if not isinstance(e, dict) or not {"start", "end", "label"} <= set(e) or set(e) - {"start", "end", "label",
                                                                                                "text", "score"}:
-                raise InvalidBody(f'entities[{i}] must be {{"start", "end", "label"}} (and optionally "text"), got {e!r}')
+                # "text" and "score" as a prediction gives them: its entities can be sent back as they are.
+                raise InvalidBody(f'entities[{i}] must be {{"start", "end", "label"}}, and optionally "text" and '
+                                  f'"score" as a prediction gives them, got {e!r}')
             if any(type(e[k]) is not int for k in ("start", "end")) or not isinstance(e["label"], str):
                 raise InvalidBody(f"entities[{i}]: start and end must be integers and label a string, got {e!r}")
 
@@ -275,8 +277,8 @@ class TokenClassification(Task):
             if e.get("text") is not None and e["text"] != covered:
                 raise ValueError(f"{where}: says {e['text']!r} but the text there is not that"
                                  + (f": it is {covered!r}" if quote else ""))
-            if not covered.strip():
-                raise ValueError(f"{where}: covers only whitespace")
+            if not has_visible_text(covered):
+                raise ValueError(f"{where}: covers only whitespace, control or format characters")
             if covered != covered.strip():  # a word it does not cover would count as missed for good
                 start = e["start"] + len(covered) - len(covered.lstrip())
                 raise ValueError(f"{where}:{shown} begins or ends with whitespace; the entity is "
