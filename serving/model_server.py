@@ -280,9 +280,10 @@ class ModelServer:
         runtime was chosen from (``tuneloop optimize`` ran since it loaded) loads again, on
         the runtime chosen now, and replaces itself as one reference swap. Before, a rebuild
         reached a replica only at its restart or with the next version. Every
-        ``REBUILD_CHECK_S``, one manifest read a resident version; not under runtime torch,
-        which no build changes."""
-        if self.serving.runtime == "torch" or time.monotonic() < self._next_rebuild_check:
+        ``REBUILD_CHECK_S``, one manifest read a resident version; not under runtime torch, nor
+        on a GPU (the artifacts are CPU runtimes), where no build changes what serves."""
+        if self.serving.runtime == "torch" or self.serving.num_gpus_per_replica > 0 \
+                or time.monotonic() < self._next_rebuild_check:
             return
         self._next_rebuild_check = time.monotonic() + REBUILD_CHECK_S
         for current in dict.fromkeys(m for m in (self._loaded, self._challenger) if m is not None):

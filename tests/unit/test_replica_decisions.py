@@ -349,8 +349,9 @@ def test_a_version_optimized_again_is_swapped_onto_the_new_builds_runtime():
     assert replica._loaded is now and replica._built_at["v1"] == "b3"
 
 
-def test_under_runtime_torch_no_manifest_is_read_for_rebuilds():
-    replica, registry, _ = _replica(optimization=_optimized(), runtime="torch")
+@pytest.mark.parametrize("serving", [{"runtime": "torch"}, {"num_gpus_per_replica": 1}])
+def test_where_no_build_changes_what_serves_no_manifest_is_read_for_rebuilds(serving):
+    replica, registry, _ = _replica(optimization=_optimized(), **serving)
     registry.manifest = lambda *a: pytest.fail("read a manifest")
     replica._next_rebuild_check = 0.0
     replica._pick_up_rebuilds()
