@@ -133,6 +133,8 @@ class ModelServer:
         self._runtimes: dict[str, tuple[str, str]] = {}  # version -> the runtime serving it, and why
         self._built_at: dict[str, str | None] = {}  # version -> the optimize build its runtime was chosen from
         self._next_rebuild_check = time.monotonic() + REBUILD_CHECK_S
+        # (version, build) -> (next try, tries) of a rebuild that did not load
+        self._rebuild_retry: dict[tuple[str, str | None], tuple[float, int]] = {}
         # One thread runs the model: forward passes never overlap, and the event loop stays
         # free to collect the next batch while this one computes.
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -255,7 +257,10 @@ class ModelServer:
         self._failed.pop(version, None)
         return loaded
 
-    def _load_runtime(self, version: str) -> LoadedModel:
+    def _load_runtime(self, version: str, fall_back: bool = True) -> LoadedModel:
+        """``version`` on the runtime chosen for it; an artifact that does not load falls back
+        to PyTorch, or with ``fall_back`` False raises (a replica serving an artifact already
+        keeps it rather than swap it for PyTorch)."""
         path, optimization = self._version_files(version)
         built_at = optimization.built_at if optimization else None
         runtime, artifact, why = self._runtime_for(version, path, optimization)
@@ -264,7 +269,7 @@ class ModelServer:
         except LabelMismatch:
             raise
         except Exception as e:  # noqa: BLE001 - a broken or unloadable artifact: the weights still serve
-            if runtime == "torch":
+            if runtime == "torch" or not fall_back:
                 raise
             log.warning("model %s: %s's %s artifact did not load (%s: %s); serving it on torch",
                         self.cfg.name, version, runtime, type(e).__name__, e)
@@ -281,30 +286,39 @@ class ModelServer:
         the runtime chosen now, and replaces itself as one reference swap. Before, a rebuild
         reached a replica only at its restart or with the next version. Every
         ``REBUILD_CHECK_S``, one manifest read a resident version; not under runtime torch, nor
-        on a GPU (the artifacts are CPU runtimes), where no build changes what serves."""
-        if self.serving.runtime == "torch" or self.serving.num_gpus_per_replica > 0 \
-                or time.monotonic() < self._next_rebuild_check:
+        on a GPU (the artifacts are CPU runtimes), where no build changes what serves; nor while
+        a rollout holds two versions, whose reload would make three resident. A build that
+        does not load (storage out of reach, an artifact this replica's ONNX Runtime cannot
+        read) leaves the one serving, and is tried again after ``LOAD_RETRY_S``, doubling."""
+        now = time.monotonic()
+        if self.serving.runtime == "torch" or self.serving.num_gpus_per_replica > 0 or now < self._next_rebuild_check:
             return
-        self._next_rebuild_check = time.monotonic() + REBUILD_CHECK_S
-        for current in dict.fromkeys(m for m in (self._loaded, self._challenger) if m is not None):
-            optimization = self.registry.manifest(self.cfg.name, current.version).optimization
+        self._next_rebuild_check = now + REBUILD_CHECK_S
+        resident = list(dict.fromkeys(m for m in (self._loaded, self._challenger) if m is not None))
+        if len(resident) > 1:
+            return
+        for current in resident:
+            version = current.version
+            optimization = self.registry.manifest(self.cfg.name, version).optimization
             built_at = optimization.built_at if optimization else None
-            if built_at == self._built_at.get(current.version):
+            retry_at, tries = self._rebuild_retry.get((version, built_at), (0.0, 0))
+            if built_at == self._built_at.get(version) or now < retry_at:
                 continue
-            try:
-                new = self._load_runtime(current.version)
-            except Exception as e:  # noqa: BLE001 - the earlier build keeps serving; not tried again
-                self._built_at[current.version] = built_at
+            try:  # an artifact serving now is not swapped for PyTorch by a build whose artifact fails
+                new = self._load_runtime(version, fall_back=current.runtime == "torch")
+            except Exception as e:  # noqa: BLE001 - the earlier build keeps serving; tried again later
+                wait = min(LOAD_RETRY_MAX_S, LOAD_RETRY_S * 2 ** tries)
+                self._rebuild_retry[version, built_at] = now + wait, tries + 1
                 log.warning("model %s: %s was optimized again (build of %s), but it did not load (%s: %s); the "
-                            "earlier build keeps serving it", self.cfg.name, current.version, built_at,
-                            type(e).__name__, e)
+                            "earlier build keeps serving it; trying again in %.0f s", self.cfg.name, version,
+                            built_at, type(e).__name__, e, wait)
                 continue
+            self._rebuild_retry.pop((version, built_at), None)
             if self._loaded is current:
                 self._loaded = new
             if self._challenger is current:
                 self._challenger = new
-            log.info("model %s: %s was optimized again (build of %s); swapped in", self.cfg.name, current.version,
-                     built_at)
+            log.info("model %s: %s was optimized again (build of %s); swapped in", self.cfg.name, version, built_at)
         self._report_resident()
 
     def _version_files(self, version: str) -> tuple[str, Optimization | None]:

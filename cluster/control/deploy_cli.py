@@ -20,7 +20,7 @@ deploy_app = typer.Typer(no_args_is_help=True, rich_markup_mode="markdown", help
 ConfigOption = typer.Option(None, "--config", "-c", help="config file (default: $TUNELOOP_CONFIG or ./tuneloop.yaml)")
 TargetOption = typer.Option("kuberay", "--target", "-t", help="kuberay, aws or gcp (render also: serve)")
 DirOption = typer.Option(None, "--dir", help=(
-    "where the rendered files go (default .tuneloop/deploy/kuberay, .tuneloop/deploy/launcher/<cloud>, "
+    "where the rendered files go (default .tuneloop/deploy/kuberay, .tuneloop/deploy/launcher/{cloud}, "
     ".tuneloop/deploy/serve)"))
 DryRunOption = typer.Option(False, "--dry-run", help="print the files and the commands; run nothing")
 

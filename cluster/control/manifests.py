@@ -231,8 +231,10 @@ def _security(cfg: TuneloopConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     uid = cfg.deploy.run_as_user
     if uid is None:
         return {}, {}
+    # OnRootMismatch: the journal's files are given the group once, not walked again at every
+    # head's start (a NewCluster upgrade starts a second head on the same volume).
     pod = {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid, "fsGroup": uid,
-           "seccompProfile": {"type": "RuntimeDefault"}}
+           "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}}
     return pod, {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
 
@@ -326,7 +328,11 @@ def network_policy(cfg: TuneloopConfig) -> dict[str, Any]:
     deploys Serve's applications and submits jobs there). Egress stays open: the bucket."""
     d = cfg.deploy
     ours = {"matchLabels": {"app.kubernetes.io/part-of": "tuneloop", "app.kubernetes.io/instance": d.name}}
-    operator = [{"namespaceSelector": {}, "podSelector": {"matchLabels": labels}}
+    # Labels alone can be worn by any pod of any namespace: the operator's namespace, when
+    # given, narrows the rule to the pods there.
+    namespace = d.network_policy.operator_namespace
+    where = {"matchLabels": {"kubernetes.io/metadata.name": namespace}} if namespace else {}
+    operator = [{"namespaceSelector": copy.deepcopy(where), "podSelector": {"matchLabels": labels}}
                 for labels in d.network_policy.operator_labels]
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": {"name": f"{d.name}-ray", "namespace": d.namespace, "labels": _labels(cfg, "network")},
@@ -371,7 +377,9 @@ def _cluster_spec(cfg: TuneloopConfig, config_map: str, serving: bool) -> dict[s
     return {
         "rayVersion": RAY_VERSION,
         "enableInTreeAutoscaling": True,
-        "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 300},
+        # The autoscaler sidecar KubeRay adds to the head pod: its container's security too.
+        "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 300,
+                              **({"securityContext": _security(cfg)[1]} if cfg.deploy.run_as_user is not None else {})},
         "headGroupSpec": {"rayStartParams": head_params,
                           "template": _pod(cfg, SERVING_HEAD if serving else "training-head", head, head_volumes, 0)},
         "workerGroupSpecs": [{

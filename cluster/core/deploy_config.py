@@ -128,6 +128,11 @@ class NetworkPolicyConfig(Section):
         default_factory=lambda: [dict(labels) for labels in KUBERAY_OPERATOR_LABELS], min_length=1,
         description="the KubeRay operator's pods, in any namespace: each entry a set of labels one of them carries")
 
+    operator_namespace: str | None = Field(default=None, max_length=63, pattern=_DNS_LABEL, description=(
+        "the namespace the KubeRay operator runs in: only pods there with operator_labels reach the dashboard. "
+        "None: any namespace, where any pod given those labels would (an operator started with "
+        "--use-kubernetes-proxy reaches the dashboard through the API server, which the policy refuses: turn it off)"))
+
     @field_validator("operator_labels")
     @classmethod
     def _no_empty_selector(cls, v: list[dict[str, str]]) -> list[dict[str, str]]:

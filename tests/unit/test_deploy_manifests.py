@@ -486,6 +486,19 @@ def test_no_container_runs_as_root_and_ray_answers_only_the_deployment(tmp_path)
     assert "from" not in anyone and {p["port"] for p in anyone["ports"]} == {manifests.SERVE_PORT, manifests.METRICS_PORT}
     assert operator["ports"] == [{"protocol": "TCP", "port": manifests.DASHBOARD_PORT}]
     assert {"app.kubernetes.io/name": "kuberay-operator"} in [p["podSelector"]["matchLabels"] for p in operator["from"]]
+    assert all(p["namespaceSelector"] == {} for p in operator["from"])  # no namespace given: any
+    assert all(pod["spec"]["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch" for pod in pods)
+    service = yaml.safe_load((tmp_path / "rayservice.yaml").read_text())
+    autoscaler = service["spec"]["rayClusterConfig"]["autoscalerOptions"]  # the sidecar KubeRay adds to the head
+    assert autoscaler["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    # With the operator's namespace, only its pods there: labels alone can be worn by any pod.
+    pinned = {**doc, "deploy": {"network_policy": {"operator_namespace": "kuberay-system"}}}
+    operate.render(parse_config(pinned), pinned, "kuberay", tmp_path / "pinned")
+    policy = next(m for m in yaml.safe_load_all((tmp_path / "pinned" / "config.yaml").read_text())
+                  if m["kind"] == "NetworkPolicy")
+    _validate_k8s(policy)
+    assert all(p["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}}
+               for p in policy["spec"]["ingress"][2]["from"])
     # `deploy down` removes it with the rest.
     down = operate.plan(parse_config(doc), "kuberay", "down", tmp_path)
     assert any("networkpolicy" in ",".join(step.argv) for step in down)

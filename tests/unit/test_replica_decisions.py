@@ -341,12 +341,51 @@ def test_a_version_optimized_again_is_swapped_onto_the_new_builds_runtime():
     replica._next_rebuild_check = 0.0
     replica._pick_up_rebuilds()
     assert replica._loaded is now
-    # A build that does not load at all leaves the one serving, and is not tried every check.
+    # A build that does not load leaves the one serving, and is tried again after a wait.
     registry.optimization = registry.optimization.model_copy(update={"built_at": "b3"})
-    replica._load = lambda *a: (_ for _ in ()).throw(OSError("the bucket is out of reach"))
+    load, loads = replica._load, []
+
+    def out_of_reach(*args):
+        loads.append(args[4])
+        raise OSError("the bucket is out of reach")
+
+    replica._load = out_of_reach
     replica._next_rebuild_check = 0.0
     replica._pick_up_rebuilds()
-    assert replica._loaded is now and replica._built_at["v1"] == "b3"
+    assert replica._loaded is now and replica._built_at["v1"] == "b2" and loads == ["onnx-int8"]
+    replica._next_rebuild_check = 0.0
+    replica._pick_up_rebuilds()
+    assert loads == ["onnx-int8"]  # within its wait: not again
+    replica._load = load
+    replica._rebuild_retry[("v1", "b3")] = (0.0, 1)  # the wait over, the bucket back
+    replica._next_rebuild_check = 0.0
+    replica._pick_up_rebuilds()
+    assert replica._loaded is not now and replica._built_at["v1"] == "b3"
+
+
+def test_a_rebuild_whose_artifact_does_not_load_leaves_the_artifact_serving_not_pytorch():
+    """A replica's ONNX Runtime that cannot read the new build (built with a newer one) fell
+    back to PyTorch at half the speed, while the earlier build's session worked."""
+    first = _optimized(folder="artifacts/b1").model_copy(update={"built_at": "b1"})
+    replica, registry, _ = _replica(optimization=first, num_cpus_per_replica=1)
+    serving = replica._loaded
+    assert serving.runtime == "onnx-int8"
+    registry.optimization = _optimized(folder="broken").model_copy(update={"built_at": "b2"})
+    replica._next_rebuild_check = 0.0
+    replica._pick_up_rebuilds()
+    assert replica._loaded is serving and replica._runtimes["v1"][0] == "onnx-int8"
+    assert ("v1", "b2") in replica._rebuild_retry
+
+
+def test_a_rebuild_waits_while_a_rollout_holds_two_versions():
+    """Reloading either would make three versions resident."""
+    replica, registry, _ = _replica(optimization=_optimized().model_copy(update={"built_at": "b1"}),
+                                    num_cpus_per_replica=1)
+    replica._challenger = FakeModel("/weights/v2", "v2", replica.task, 64)
+    registry.manifest = lambda *a: pytest.fail("read a manifest")
+    replica._next_rebuild_check = 0.0
+    replica._pick_up_rebuilds()
+    assert replica._next_rebuild_check > time.monotonic()  # looked again at the next check
 
 
 @pytest.mark.parametrize("serving", [{"runtime": "torch"}, {"num_gpus_per_replica": 1}])

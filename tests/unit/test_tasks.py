@@ -169,3 +169,13 @@ def test_a_second_task_runs_through_the_stores_and_the_feedback_service_unchange
                             parent_golden=spans.metrics(truth, truth)), GateConfig())
     assert not worse.accepted and worse.checks[0].detail.startswith("f1 0.5000 on the golden set")
     store.close()
+
+
+def test_a_visible_character_is_anything_but_space_control_and_format_characters():
+    from tuneloop.core.tasks import has_visible_text
+
+    for invisible in ("", " \n\t", "\x00\x01", "\u200b\ufeff", "\u2028\u00a0"):
+        assert not has_visible_text(invisible), repr(invisible)
+    # An emoji newer than Python 3.11's Unicode tables (unassigned there), private use, CJK, a lone "!".
+    for visible in ("🩷", "\ue000", "東京", "!", "\x00a"):
+        assert has_visible_text(visible), repr(visible)

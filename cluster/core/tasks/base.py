@@ -64,13 +64,19 @@ def check_unicode(text: str, where: str) -> None:
         raise InvalidValue(f"{where} is not valid Unicode text (a lone surrogate at character {e.start})") from None
 
 
+INVISIBLE = ("Cc", "Cf", "Cs")  # control, format (zero-width space, BOM), surrogate
+
+
 def has_visible_text(text: str) -> bool:
     """Whether ``text`` holds a character one can see: not only whitespace, control
     characters (``"\\x00"``) or format ones (a zero-width space). Such a text's tokens are the
     model's special ones alone: as feedback it taught nothing, and a validation row of it, whose
     every token a token classifier leaves out of its loss, made the loss NaN and stopped the
-    job early."""
-    return any(not unicodedata.category(c).startswith(("C", "Z")) for c in text)
+    job early. Unassigned code points (Cn) and private use (Co) count as visible: an emoji newer
+    than this Python's Unicode tables (🩷, Unicode 15, on Python 3.11) is one."""
+    return any(category not in INVISIBLE and not category.startswith("Z")  # Z: spaces, line separators
+               for category in map(unicodedata.category, text))
+
 
 
 # Tokenizer outputs a task may ask for (``tokenizer_options``) that no model's forward takes.
