@@ -277,7 +277,11 @@ class ModelServer:
             runtime = "torch"
             loaded = self._load(path, version, self.task, self.serving.max_length, runtime, None)
         self._runtimes[version], self._built_at[version] = (runtime, why), built_at
-        log.info("model %s: %s runs on %s: %s", self.cfg.name, version, runtime, why)
+        # A runtime the operator named and did not get is theirs to know at warning, not info
+        # (optimize.enabled off, an artifact failing parity: PyTorch served and nothing said so).
+        named_but_not = self.serving.runtime not in ("auto", "torch", runtime)
+        log.log(logging.WARNING if named_but_not else logging.INFO, "model %s: %s runs on %s: %s", self.cfg.name,
+                version, runtime, why)
         return loaded
 
     def _pick_up_rebuilds(self) -> None:

@@ -14,7 +14,7 @@ import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from tuneloop.core.tasks import Task
+from tuneloop.core.tasks import Task, has_visible_text
 from tuneloop.store.records import arrow_type
 
 SEED_FORMATS = {".tsv", ".csv", ".jsonl", ".parquet"}
@@ -132,6 +132,10 @@ def _check_rows(path: str, task: Task, table: pa.Table) -> None:
         if nulls:
             first = table.column(column).is_null().to_pylist().index(True)
             raise ValueError(f"dataset {path!r}, row {first + 1}: no {column!r} ({nulls} such row(s))")
+    blank = [i for i, text in enumerate(table.column("text").to_pylist()) if not has_visible_text(text)]
+    if blank:  # trained on as they were, while feedback refuses such a text
+        raise ValueError(f"dataset {path!r}, row {blank[0] + 1}: its text has no visible character (empty, or only "
+                         f"whitespace, control or format characters; {len(blank)} such row(s))")
     try:
         task.training_targets({c: table.column(c).to_pylist() for c in task.target_columns})
     except ValueError as e:

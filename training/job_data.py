@@ -113,6 +113,28 @@ def _warn_missing_labels(task: Task, golden: pa.Table) -> None:
                     "feedback only (set golden_dataset to a file that has them)", missing)
 
 
+def _check_first_labels(task: Task, mcfg: ModelConfig, train: pa.Table) -> None:
+    """A first version learns the labels its rows hold, and no other: a classifier whose rows
+    hold one class is refused (it answers that class to everything, and the gate, with no
+    production to compare, promoted one: a golden file cut from the seed had taken the other
+    classes' rows); labels (entity types) some row lacks are said."""
+    missing = golden_labels_missing(task, train)
+    if not missing:
+        return
+    known = getattr(task, "types", task.labels)
+    present = sorted(set(known) - set(missing))
+    if task.target_columns == ("label",) and len(present) < 2:
+        raise ValueError(f"model {mcfg.name!r}: its first version would train on rows of {present} alone "
+                         f"({train.num_rows} rows), none of {missing}: a classifier of one class answers it to "
+                         "everything. Give it rows of the others: in the seed"
+                         + (" (seed rows that are texts of golden_dataset are judged, never trained on)"
+                            if mcfg.golden_dataset else "")
+                         + ", or as feedback; or raise training.max_rows_per_job, which fresh feedback of one class "
+                           "may fill")
+    log.warning("model %s: its first version trains on no row of %s: it cannot learn to answer them (add seed "
+                "rows of them)", mcfg.name, missing)
+
+
 def golden_set(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Registry,
                seed: pa.Table | None, feedback_rows: int = 0,
                trained_on_seed: bool = False, first_version: bool = True) -> tuple[pa.Table, dict[str, Any]]:
@@ -352,8 +374,13 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     answered = texts(earlier) if earlier is not None else set()
     if seed is not None:
         answered |= texts(seed) & (texts(fresh) | texts(released) | texts(replayable))
-    seed_pool = _without_texts(_rows(seed, schema, "seed"), golden_texts | answered) if seed is not None \
-        else schema.empty_table()
+    seed_rows = _rows(seed, schema, "seed") if seed is not None else schema.empty_table()
+    if parent is None and mcfg.golden_dataset and seed_rows.num_rows:
+        judged = seed_rows.num_rows - _without_texts(seed_rows, golden_texts).num_rows
+        if judged:  # a golden file cut from the seed: those rows are the gate's, never trained on
+            log.warning("model %s: %d of the seed's %d rows are texts of its golden_dataset: the gate judges "
+                        "them, no job trains on them", mcfg.name, judged, seed_rows.num_rows)
+    seed_pool = _without_texts(seed_rows, golden_texts | answered)
     pool = pa.concat_tables([seed_pool, _rows(replayable, schema, "replay")])
     if parent is None and tcfg.early_stopping_patience is not None and tcfg.epochs > 1:
         # v1 has no fresh feedback to watch: early stopping watches a stratified share of the
@@ -376,7 +403,12 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
             raise ValueError(f"model {mcfg.name!r}: every row of its seed dataset is in its golden set, which never "
                              "trains, and there is no feedback to train on: give a golden_dataset apart from the "
                              "seed (or leave it out: a sample of the seed is then kept back)")
+        if seed is not None:  # a file of a header alone
+            raise ValueError(f"model {mcfg.name!r}: its seed dataset {seed_path} has no rows, and there is no "
+                             "feedback to train on")
         raise ValueError(f"model {mcfg.name!r} has no seed dataset and no feedback to train on")
+    if parent is None:
+        _check_first_labels(task, mcfg, train)
     transfer_summary = None
     if teacher is not None and mcfg.distill is not None and mcfg.distill.transfer_dataset:
         judging = golden_texts | texts(fresh_eval) | texts(validation)  # the gate's and early stopping's

@@ -23,7 +23,7 @@ from tuneloop.control import worker_setup
 from tuneloop.store.journal import pending_records
 from tuneloop.store.keys import KeyRing, ensure_admin_key, save_admin_key
 from tuneloop.core.config import TRANSFER_KEY, ConfigError, ModelConfig, TuneloopConfig
-from tuneloop.core.model_source import local_config
+from tuneloop.core.model_source import local_config, not_a_model_folder
 from tuneloop.core.names import deploy_failures, not_running
 from tuneloop.core.tasks import label_set, model_task
 from tuneloop.core.resources import (gpu_retraining_shortfall, local_ray_cpus, retraining_shortfall,
@@ -88,6 +88,8 @@ def data_problems(cfg: TuneloopConfig, models: list[str] | None = None, offline:
                 and not os.path.exists(os.path.expanduser(base)):
             problems.append(f"models.{m.name}.base_model {base!r} is a path, and nothing is there (a Hugging Face "
                             "id reads org/name)")
+        elif production is None and base and (problem := not_a_model_folder(os.path.expanduser(base))):
+            problems.append(f"models.{m.name}.base_model: {problem}")
         if m.distill is not None and m.distill.student_layers and production is None:
             problem = _student_layers_problem(cfg.model(m.distill.teacher).base_model, m.distill.student_layers)
             if problem:

@@ -26,8 +26,19 @@ MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
 PICKLED_WEIGHTS = ["pytorch_model*.bin"]
 
 
-class ModelSourceError(RuntimeError):
-    pass
+class ModelSourceError(ValueError):
+    """The base model cannot be had: a job fails saying so in a line (a ValueError, as every
+    error of the config or the data), not with a traceback."""
+
+
+def not_a_model_folder(source: str) -> str | None:
+    """Why the folder ``source`` holds no saved model (no ``config.json``, which
+    ``save_pretrained`` writes), or None: for one that is no folder, or is a model's.
+    transformers took such a folder for a tokenizer to convert and failed asking for
+    sentencepiece, in every worker, with a traceback each."""
+    if not os.path.isdir(source) or os.path.exists(os.path.join(source, "config.json")):
+        return None
+    return f"{source!r} is a folder without a config.json: not a saved model (save_pretrained writes one)"
 
 
 # Sources this process resolved to their bundled copy: asked again (every model of a config
@@ -37,6 +48,8 @@ _BUNDLED_HERE: dict[str, str] = {}
 
 def resolve_model_source(source: str) -> str:
     if os.path.isdir(source):
+        if problem := not_a_model_folder(source):
+            raise ModelSourceError(f"base model {problem}")
         return os.path.abspath(source)
     if source in _BUNDLED_HERE:
         return _BUNDLED_HERE[source]

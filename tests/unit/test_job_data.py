@@ -12,7 +12,7 @@ import pytest
 
 from tuneloop.core.config import parse_config
 from tuneloop.core.evaluation import EvalMetrics
-from tuneloop.core.tasks import model_tasks
+from tuneloop.core.tasks import make_task, model_tasks
 from tuneloop.store.records import FeedbackStore
 from tuneloop.store.registry import Manifest, Registry
 from tuneloop.store.storage import Storage
@@ -220,14 +220,29 @@ def test_the_row_budget_caps_the_kept_back_and_validation_rows_too(env):
     tight = cfg.training.model_copy(update={"max_rows_per_job": 30, "early_stopping_patience": 1, "epochs": 3})
     first = assemble(task, cfg.model("m"), tight, registry, feedback, None)
     assert first.validation.num_rows == 16  # a fifth of the 80 rows the seed leaves to train on: within 30
+    low = tight.model_copy(update={"max_rows_per_job": 10})
+    assert assemble(task, cfg.model("m"), low, registry, feedback, None).validation.num_rows == 10  # v1's, of the seed
     v1 = _publish(registry, tmp_path, first, "v1", first.summary)
     _give(feedback, 400)
     data = assemble(task, cfg.model("m"), tight, registry, feedback, v1)
     fb = data.summary["feedback"]
     assert (data.fresh_eval.num_rows, data.validation.num_rows, fb["trained_rows"]) == (30, 30, 30)
     assert fb["left_for_next_job"] == 400 - 90
-    low = tight.model_copy(update={"max_rows_per_job": 10})
-    assert assemble(task, cfg.model("m"), low, registry, feedback, None).validation.num_rows == 10  # v1's, of the seed
+
+
+def test_a_first_version_of_one_class_is_refused_and_one_lacking_labels_said(env, caplog):
+    """A golden file cut from the seed took every row of the other classes: v1 trained on one
+    class, answered it to everything, and the gate, with no production to compare, promoted it."""
+    cfg, task, registry, feedback, tmp_path = env
+    _give(feedback, 40)  # fresh rows of "positive" alone fill a budget of 10
+    low = cfg.training.model_copy(update={"max_rows_per_job": 10})
+    with pytest.raises(ValueError, match=r"would train on rows of \['positive'\] alone .* none of \['negative'\]"):
+        assemble(task, cfg.model("m"), low, registry, feedback, None)
+    three = make_task("text-classification", ["negative", "neutral", "positive"])
+    with caplog.at_level("WARNING"):
+        assemble(three, cfg.model("m").model_copy(update={"labels": ["negative", "neutral", "positive"]}),
+                 cfg.training, registry, feedback, None)
+    assert any("trains on no row of ['neutral']" in r.getMessage() for r in caplog.records)
 
 
 def test_without_new_feedback_a_job_replays(env):
@@ -757,3 +772,11 @@ def test_a_golden_dataset_edited_between_jobs_is_warned_about_and_judges_on_the_
     third = assemble(task, judged, cfg.training, registry, feedback, v1)
     assert "golden_dataset " + str(golden) + " changed since production was judged" in caplog.text
     assert third.golden.num_rows == 3
+
+
+def test_a_seed_row_with_no_visible_text_is_refused_naming_it(tmp_path):
+    """Trained on as they were, while feedback refuses the same texts with a 422."""
+    path = tmp_path / "seed.tsv"
+    path.write_text("text\tlabel\ngood film\tpositive\n   \tnegative\n\x00\tpositive\n")
+    with pytest.raises(ValueError, match=r"row 2: its text has no visible character .*2 such row"):
+        read_dataset(str(path), make_task("text-classification", ["negative", "positive"]))

@@ -53,8 +53,22 @@ def test_a_repo_without_safetensors_gives_its_pytorch_weights(tmp_path, monkeypa
 def test_a_local_folder_named_relatively_resolves_to_its_absolute_path(tmp_path, monkeypatch):
     """A Ray worker opens it from its own working directory, where the relative name means nothing."""
     (tmp_path / "models" / "teacher").mkdir(parents=True)
+    (tmp_path / "models" / "teacher" / "config.json").write_text("{}")
     monkeypatch.chdir(tmp_path)
     assert resolve_model_source("models/teacher") == str(tmp_path / "models" / "teacher")
+
+
+def test_a_folder_without_a_config_json_is_no_model_and_says_so_in_a_line(tmp_path):
+    """transformers took it for a tokenizer to convert and asked for sentencepiece, with a
+    traceback in every worker; a ValueError is a job's one-line failure."""
+    import pytest
+
+    from tuneloop.core.model_source import ModelSourceError
+
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(ModelSourceError, match="folder without a config.json") as e:
+        resolve_model_source(str(tmp_path))
+    assert isinstance(e.value, ValueError)
 
 
 def test_the_bundled_default_is_resolved_once_a_process_without_asking_the_hub_again(monkeypatch, caplog):

@@ -83,6 +83,8 @@ def test_a_base_model_path_with_nothing_there_and_a_ray_too_small_for_a_retrain_
     problems = data_problems(_cfg(tmp_path, base_model=str(tmp_path / "models" / "bert")))
     assert "base_model" in problems[0] and "is a path, and nothing is there" in problems[0]
     assert not any("base_model" in p for p in data_problems(_cfg(tmp_path, base_model="org/name")))  # a Hugging Face id
+    (tmp_path / "notes").mkdir()  # a folder, but no saved model in it
+    assert "folder without a config.json" in data_problems(_cfg(tmp_path, base_model=str(tmp_path / "notes")))[0]
     small = parse_config({"models": [{"name": "m", "base_model": "some/model", "labels": ["a", "b"]}],
                           "storage": {"root": str(tmp_path / "store")}, "ray": {"num_cpus": 2}})
     assert "raise ray.num_cpus to 4" in data_problems(small)[-1]
