@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,17 +167,21 @@ def _scored(train: pa.Table, teacher: Teacher, task: Task, max_length: int, use_
     back in ``train``'s order."""
     rows = train.append_column(_ROW, pa.array(range(train.num_rows), pa.int64()))
     by_length = rows.take(pc.array_sort_indices(pc.utf8_length(rows.column("text")), order="descending"))
-    scored = ray.data.from_arrow(by_length).map_batches(
-        _TeacherScorer, batch_size=SCORE_BATCH_SIZE, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cpus, num_gpus=gpus if use_gpu else 0,
-        # Not restarted: a scorer that died fails the job, which says so. With restarts Ray
-        # logged an error line at every job (its constructor arguments in the object store
-        # might be gone by a restart, ray-project/ray#53727).
-        max_restarts=0,
-        fn_constructor_kwargs={"files": teacher.files.model_dump(), "auto_class": task.auto_class,
-                               "head": task.head_labels(), "max_length": max_length, "use_gpu": use_gpu,
-                               "bf16": teacher.bf16_passed},
-    )
+    with warnings.catch_warnings():
+        # max_restarts goes through ray_remote_args, deprecated in Ray 2.60 with no named
+        # parameter for it yet: the warning reached every student job's console.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+        scored = ray.data.from_arrow(by_length).map_batches(
+            _TeacherScorer, batch_size=SCORE_BATCH_SIZE, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cpus, num_gpus=gpus if use_gpu else 0,
+            # Not restarted: a scorer that died fails the job, which says so. With restarts Ray
+            # logged an error line at every job (its constructor arguments in the object store
+            # might be gone by a restart, ray-project/ray#53727).
+            max_restarts=0,
+            fn_constructor_kwargs={"files": teacher.files.model_dump(), "auto_class": task.auto_class,
+                                   "head": task.head_labels(), "max_length": max_length, "use_gpu": use_gpu,
+                                   "bf16": teacher.bf16_passed},
+        )
     scored = pa.concat_tables(ray.get(scored.to_arrow_refs()))
     return scored.take(pc.sort_indices(scored, [(_ROW, "ascending")])).drop_columns([_ROW])
 
