@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,6 +17,8 @@ import pyarrow.parquet as pq
 
 from tuneloop.core.tasks import Task, has_visible_text
 from tuneloop.store.records import arrow_type
+
+log = logging.getLogger(__name__)
 
 SEED_FORMATS = {".tsv", ".csv", ".jsonl", ".parquet"}
 
@@ -62,7 +65,7 @@ def read_dataset(path: str, task: Task) -> pa.Table:
                 rows.append(task.dataset_row(row))
             except ValueError as e:
                 raise ValueError(f"dataset {path!r}, row {i + 1}: {e}") from None
-        return pa.table({c: pa.array([r[c] for r in rows], types[c]) for c in columns})
+        return _without_invisible(path, pa.table({c: pa.array([r[c] for r in rows], types[c]) for c in columns}))
     twice = sorted({c for c in columns if read.column_names.count(c) > 1})
     if twice:  # pyarrow's column() raised a KeyError on it, a traceback
         raise ValueError(f"dataset {path!r} has the column(s) {twice} more than once: keep one of each")
@@ -79,7 +82,20 @@ def read_dataset(path: str, task: Task) -> pa.Table:
         raise ValueError(f"dataset {path!r}: its columns {columns} are not of the types tuneloop reads "
                          f"({', '.join(f'{c}: {read.column(c).type}' for c in columns)}): {e}") from None
     _check_rows(path, task, table)
-    return table
+    return _without_invisible(path, table)
+
+
+def _without_invisible(path: str, table: pa.Table) -> pa.Table:
+    """``table`` less its rows whose text has no visible character (empty, or whitespace,
+    control or format characters alone: a CoNLL file's empty sentences), said in a warning:
+    they were trained on as they were, while feedback refuses such a text. Left out, not
+    refused: a file that trained before still does."""
+    visible = [has_visible_text(text) for text in table.column("text").to_pylist()]
+    if all(visible):
+        return table
+    log.warning("dataset %s: %d row(s) with no visible text (the first: row %d) left out: nothing to learn or judge",
+                path, visible.count(False), visible.index(False) + 1)
+    return table.filter(pa.array(visible))
 
 
 def read_texts(path: str) -> list[str]:
@@ -132,10 +148,6 @@ def _check_rows(path: str, task: Task, table: pa.Table) -> None:
         if nulls:
             first = table.column(column).is_null().to_pylist().index(True)
             raise ValueError(f"dataset {path!r}, row {first + 1}: no {column!r} ({nulls} such row(s))")
-    blank = [i for i, text in enumerate(table.column("text").to_pylist()) if not has_visible_text(text)]
-    if blank:  # trained on as they were, while feedback refuses such a text
-        raise ValueError(f"dataset {path!r}, row {blank[0] + 1}: its text has no visible character (empty, or only "
-                         f"whitespace, control or format characters; {len(blank)} such row(s))")
     try:
         task.training_targets({c: table.column(c).to_pylist() for c in task.target_columns})
     except ValueError as e:

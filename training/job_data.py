@@ -117,13 +117,17 @@ def _check_first_labels(task: Task, mcfg: ModelConfig, train: pa.Table) -> None:
     """A first version learns the labels its rows hold, and no other: a classifier whose rows
     hold one class is refused (it answers that class to everything, and the gate, with no
     production to compare, promoted one: a golden file cut from the seed had taken the other
-    classes' rows); labels (entity types) some row lacks are said."""
+    classes' rows), unless it is a student of a teacher's soft labels; labels (entity types)
+    no row holds are said."""
     missing = golden_labels_missing(task, train)
     if not missing:
         return
     known = getattr(task, "types", task.labels)
     present = sorted(set(known) - set(missing))
-    if task.target_columns == ("label",) and len(present) < 2:
+    # A student learns every class from its teacher's soft labels (alpha above 0), on rows of
+    # any label and on transfer texts, and its gate compares it with the teacher: said, not refused.
+    learns_from_teacher = mcfg.distill is not None and mcfg.distill.alpha > 0
+    if task.target_columns == ("label",) and len(present) < 2 and not learns_from_teacher:
         raise ValueError(f"model {mcfg.name!r}: its first version would train on rows of {present} alone "
                          f"({train.num_rows} rows), none of {missing}: a classifier of one class answers it to "
                          "everything. Give it rows of the others: in the seed"

@@ -390,13 +390,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer, lambda step: lr_multiplier(step, total_steps, warmup)),
     )
     marks["engine_ready"] = time.time()
-    # Of the rows there are: a job of 4 rows said "steps of 32 rows", the configured batch.
-    per_step = min(batch_size * world * accumulation, train.num_rows)
+    # Of the rows there are: a job of 4 rows said "steps of 32 rows", the configured batch. A
+    # worker's micro-batch holds at most its share (rounded up: shares wrap round).
+    per_step = min(batch_size, math.ceil(train.num_rows / world)) * world * accumulation
     _log(rank, f"{precision} on {engine.device}, {world} worker(s) of {torch.get_num_threads()} thread(s), "
                f"{total_steps} optimizer steps of {per_step} rows"
                + (f" (gradient_accumulation_steps {config['gradient_accumulation_steps']} held to the "
-                  f"{accumulation} micro-batches a worker has)" if accumulation < config["gradient_accumulation_steps"]
-                  else ""))
+                  f"{accumulation} micro-batches a worker has over all epochs)"
+                  if accumulation < config["gradient_accumulation_steps"] else ""))
     train_shard = worker_shard(train, rank, world)
     lengths = _token_lengths(tokenizer, train_shard, max_length) if config["group_by_length"] else None
     # The evaluation sets are scored at the serving length (training.max_length may differ:

@@ -774,9 +774,33 @@ def test_a_golden_dataset_edited_between_jobs_is_warned_about_and_judges_on_the_
     assert third.golden.num_rows == 3
 
 
-def test_a_seed_row_with_no_visible_text_is_refused_naming_it(tmp_path):
-    """Trained on as they were, while feedback refuses the same texts with a 422."""
+def test_seed_rows_with_no_visible_text_are_left_out_and_said(tmp_path, caplog):
+    """Trained on as they were, while feedback refuses the same texts with a 422. Left out, not
+    refused: a seed that trained before (a CoNLL file's empty sentences) still does."""
     path = tmp_path / "seed.tsv"
-    path.write_text("text\tlabel\ngood film\tpositive\n   \tnegative\n\x00\tpositive\n")
-    with pytest.raises(ValueError, match=r"row 2: its text has no visible character .*2 such row"):
-        read_dataset(str(path), make_task("text-classification", ["negative", "positive"]))
+    path.write_text("text\tlabel\ngood film\tpositive\n   \tnegative\n\x00\tpositive\nbad film\tnegative\n")
+    with caplog.at_level("WARNING"):
+        table = read_dataset(str(path), make_task("text-classification", ["negative", "positive"]))
+    assert table.column("text").to_pylist() == ["good film", "bad film"]
+    assert any("2 row(s) with no visible text (the first: row 2) left out" in r.getMessage() for r in caplog.records)
+    conll = tmp_path / "ner.jsonl"
+    conll.write_text('{"tokens": ["Kofi", "Annan"], "tags": ["B-PER", "I-PER"]}\n{"tokens": [], "tags": []}\n')
+    ner = read_dataset(str(conll), make_task("token-classification", ["PER"]))
+    assert ner.column("text").to_pylist() == ["Kofi Annan"]
+
+
+def test_a_student_of_one_class_of_labelled_rows_is_said_not_refused(caplog):
+    """It learns every class from its teacher's soft labels (transfer texts too), and its gate
+    compares it with the teacher."""
+    from tuneloop.training.job_data import _check_first_labels
+
+    cfg = parse_config({"models": [{"name": "t", "base_model": "x", "labels": ["negative", "positive"]},
+                                   {"name": "s", "base_model": "x", "labels": ["negative", "positive"],
+                                    "distill": {"teacher": "t"}}]})
+    task = make_task("text-classification", ["negative", "positive"])
+    one_class = pa.table({"text": ["a", "b"], "label": ["positive", "positive"]})
+    with caplog.at_level("WARNING"):
+        _check_first_labels(task, cfg.model("s"), one_class)
+    assert any("trains on no row of ['negative']" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="alone"):
+        _check_first_labels(task, cfg.model("t"), one_class)
