@@ -74,6 +74,11 @@ LOAD_RETRY_S, LOAD_RETRY_MAX_S = 10.0, 600.0  # a version that failed to load is
 REBUILD_CHECK_S = 30.0  # how often a replica reads its versions' manifests for a new optimize build
 
 
+def retry_wait(failures: int) -> float:
+    """Seconds before a load that failed ``failures`` times in a row is tried again."""
+    return min(LOAD_RETRY_MAX_S, LOAD_RETRY_S * 2 ** (failures - 1))
+
+
 def request_outcome(error: TuneloopError) -> str:
     """``tuneloop_requests_total``'s outcome of a refused request: ``invalid`` (the client's
     4xx), ``rejected`` (overload: more traffic than replicas), ``unavailable`` (another 503: no
@@ -249,7 +254,7 @@ class ModelServer:
             return None
         except Exception as e:  # noqa: BLE001 - serve what loads; this one is tried again later
             tries = failed[2] + 1 if failed else 1
-            wait = min(LOAD_RETRY_MAX_S, LOAD_RETRY_S * 2 ** (tries - 1))
+            wait = retry_wait(tries)
             self._failed[version] = (time.monotonic() + wait, f"{type(e).__name__}: {e}", tries)
             log.error("model %s: %s did not load (%s: %s); still serving %s; trying again in %.0f s", self.cfg.name,
                       version, type(e).__name__, e, self._loaded.version if self._loaded else "nothing", wait)
@@ -311,7 +316,7 @@ class ModelServer:
             try:  # an artifact serving now is not swapped for PyTorch by a build whose artifact fails
                 new = self._load_runtime(version, fall_back=current.runtime == "torch")
             except Exception as e:  # noqa: BLE001 - the earlier build keeps serving; tried again later
-                wait = min(LOAD_RETRY_MAX_S, LOAD_RETRY_S * 2 ** tries)
+                wait = retry_wait(tries + 1)
                 self._rebuild_retry[version, built_at] = now + wait, tries + 1
                 log.warning("model %s: %s was optimized again (build of %s), but it did not load (%s: %s); the "
                             "earlier build keeps serving it; trying again in %.0f s", self.cfg.name, version,

@@ -122,19 +122,19 @@ def _check_first_labels(task: Task, mcfg: ModelConfig, train: pa.Table) -> None:
     missing = golden_labels_missing(task, train)
     if not missing:
         return
-    known = getattr(task, "types", task.labels)
-    present = sorted(set(known) - set(missing))
     # A student learns every class from its teacher's soft labels (alpha above 0), on rows of
     # any label and on transfer texts, and its gate compares it with the teacher: said, not refused.
     learns_from_teacher = mcfg.distill is not None and mcfg.distill.alpha > 0
-    if task.target_columns == ("label",) and len(present) < 2 and not learns_from_teacher:
-        raise ValueError(f"model {mcfg.name!r}: its first version would train on rows of {present} alone "
-                         f"({train.num_rows} rows), none of {missing}: a classifier of one class answers it to "
-                         "everything. Give it rows of the others: in the seed"
-                         + (" (seed rows that are texts of golden_dataset are judged, never trained on)"
-                            if mcfg.golden_dataset else "")
-                         + ", or as feedback; or raise training.max_rows_per_job, which fresh feedback of one class "
-                           "may fill")
+    if task.target_columns == ("label",) and not learns_from_teacher:
+        present = sorted(set(task.labels) - set(missing))
+        if len(present) < 2:
+            raise ValueError(f"model {mcfg.name!r}: its first version would train on rows of {present} alone "
+                             f"({train.num_rows} rows), none of {missing}: a classifier of one class answers it "
+                             "to everything. Give it rows of the others: in the seed"
+                             + (" (seed rows that are texts of golden_dataset are judged, never trained on)"
+                                if mcfg.golden_dataset else "")
+                             + ", or as feedback; or raise training.max_rows_per_job, which fresh feedback of one "
+                               "class may fill")
     log.warning("model %s: its first version trains on no row of %s: it cannot learn to answer them (add seed "
                 "rows of them)", mcfg.name, missing)
 

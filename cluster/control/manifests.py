@@ -379,7 +379,7 @@ def _cluster_spec(cfg: TuneloopConfig, config_map: str, serving: bool) -> dict[s
         "enableInTreeAutoscaling": True,
         # The autoscaler sidecar KubeRay adds to the head pod: its container's security too.
         "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 300,
-                              **({"securityContext": _security(cfg)[1]} if cfg.deploy.run_as_user is not None else {})},
+                              **({"securityContext": security} if (security := _security(cfg)[1]) else {})},
         "headGroupSpec": {"rayStartParams": head_params,
                           "template": _pod(cfg, SERVING_HEAD if serving else "training-head", head, head_volumes, 0)},
         "workerGroupSpecs": [{

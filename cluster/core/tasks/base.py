@@ -18,7 +18,6 @@ Adding a task is one module in this package (``tasks/__init__.py`` finds it by i
 from __future__ import annotations
 
 import unicodedata
-
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -76,7 +75,6 @@ def has_visible_text(text: str) -> bool:
     than this Python's Unicode tables (🩷, Unicode 15, on Python 3.11) is one."""
     return any(category not in INVISIBLE and not category.startswith("Z")  # Z: spaces, line separators
                for category in map(unicodedata.category, text))
-
 
 
 # Tokenizer outputs a task may ask for (``tokenizer_options``) that no model's forward takes.
