@@ -11,7 +11,8 @@ state file; when production changes (a training job promoted a version, from thi
 or another) it loads the new weights beside the old ones and swaps one reference. A batch
 already running finishes on the model it started with, so no request is dropped, and the
 application is never restarted. A version optimized again (``tuneloop optimize``) is swapped
-the same way onto the runtime its new build gives (``_pick_up_rebuilds``).
+the same way onto the runtime its new build gives (``_pick_up_rebuilds``). What a version
+loads as, and what happens when it does not load, is ``version_loader.py``'s.
 
 During a rollout (core/rollout.py, in the same state file) it also holds the challenger: at
 most two versions resident, each with its own batch queue and one compute thread for both.
@@ -28,7 +29,6 @@ import asyncio
 import functools
 import logging
 import math
-import os
 import random
 import threading
 import time
@@ -53,11 +53,10 @@ from tuneloop.serving import metrics
 from tuneloop.serving.metric_files import use_node_folder
 from tuneloop.serving.responses import error_response, internal_error_response
 from tuneloop.serving.batcher import ContinuousBatcher, ItemFailed
-from tuneloop.serving.loaded_models import LabelMismatch, LoadedModel, cpu_class, load_model
-from tuneloop.serving.optimize import measure_runtimes, speed_texts
+from tuneloop.serving.loaded_models import LoadedModel, load_model
+from tuneloop.serving.version_loader import VersionLoader
 from tuneloop.core.batching_policy import AIMDPolicy, next_batch_size
 from tuneloop.core.rollout import Rollout, canary_bucket
-from tuneloop.core.runtimes import Optimization, choose_runtime, hardware_class, unmeasured_runtimes
 from tuneloop.core.tasks import model_task
 from tuneloop.serving.predict_request import (
     BodyBudget,
@@ -70,13 +69,6 @@ from tuneloop.serving.predict_request import (
 
 log = logging.getLogger("ray.serve")
 CLIENT_HEADER = "x-client-id"  # keeps a client on one version through a canary step
-LOAD_RETRY_S, LOAD_RETRY_MAX_S = 10.0, 600.0  # a version that failed to load is tried again, doubling
-REBUILD_CHECK_S = 30.0  # how often a replica reads its versions' manifests for a new optimize build
-
-
-def retry_wait(failures: int) -> float:
-    """Seconds before a load that failed ``failures`` times in a row is tried again."""
-    return min(LOAD_RETRY_MAX_S, LOAD_RETRY_S * 2 ** (failures - 1))
 
 
 def request_outcome(error: TuneloopError) -> str:
@@ -111,9 +103,6 @@ class ModelServer:
         use_node_folder()  # first: before any metric value (serving/metric_files.py)
         cfg = TuneloopConfig.model_validate(config)
         self.cfg, self.serving = cfg.model(model), cfg.serving
-        self.runtimes = tuple(cfg.optimize.runtimes)  # the artifacts the operator wants: others are not served
-        self._parity_limits = cfg.optimize.min_agreement, cfg.optimize.max_accuracy_drop  # today's, not the build's
-        self.optimize_cfg = cfg.optimize
         self.task = model_task(self.cfg)
         storage = Storage(cfg.storage.root)
         self.registry = registry or Registry(storage)
@@ -133,16 +122,13 @@ class ModelServer:
             import torch
 
             torch.set_num_threads(self.serving.replica_threads)
-        self._load = load or functools.partial(load_model, gpu=self.serving.num_gpus_per_replica > 0,
-                                               max_rows=self.serving.max_batch_size)
-        self._runtimes: dict[str, tuple[str, str]] = {}  # version -> the runtime serving it, and why
-        self._built_at: dict[str, str | None] = {}  # version -> the optimize build its runtime was chosen from
-        self._next_rebuild_check = time.monotonic() + REBUILD_CHECK_S
-        # (version, build) -> (next try, tries) of a rebuild that did not load
-        self._rebuild_retry: dict[tuple[str, str | None], tuple[float, int]] = {}
         # One thread runs the model: forward passes never overlap, and the event loop stays
         # free to collect the next batch while this one computes.
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._versions = VersionLoader(
+            model, self.task, self.serving, cfg.optimize, self.registry,
+            load or functools.partial(load_model, gpu=self.serving.num_gpus_per_replica > 0,
+                                      max_rows=self.serving.max_batch_size), self._compute)
         self._policy = AIMDPolicy(
             target_batch_latency_s=self.serving.target_batch_latency_s, max_batch_size=self.serving.max_batch_size
         )
@@ -160,8 +146,6 @@ class ModelServer:
         self._rollout: Rollout | None = None
         self._shadowing = 0  # shadow batches running (at most one)
         self._computing = 0  # production or canary batches handed to the compute thread
-        self._refused: dict[str, str] = {}  # version -> why it cannot be served (versions are immutable)
-        self._failed: dict[str, tuple[float, str, int]] = {}  # version -> (next try, why, tries) of a failed load
         self._resident: dict[str, int] = {}  # version -> weight bytes, as last reported
         self._reported_runtime: dict[str, str] = {}  # version -> the runtime tuneloop_serving_runtime says
         self._stop = threading.Event()
@@ -194,7 +178,7 @@ class ModelServer:
             self._challenger = None  # a challenger the state no longer names goes before a new production loads
         if production is not None and not (self._loaded and self._loaded.version == production):
             reuse = self._challenger if self._challenger and self._challenger.version == production else None
-            new = reuse or self._load_version(production)  # the challenger promoted: already resident
+            new = reuse or self._versions.load(production, self._serving_version())  # the challenger promoted: already resident
             if new is not None:
                 old, self._loaded = self._loaded, new  # one reference swap; running batches keep `old`
                 log.info("model %s now serving %s (was %s)", self.cfg.name, production, old.version if old else None)
@@ -208,13 +192,16 @@ class ModelServer:
             self._challenger = None
         elif not (self._challenger and self._challenger.version == challenger):
             self._challenger = None  # first out: never three versions resident
-            self._challenger = self._load_version(challenger)
+            self._challenger = self._versions.load(challenger, self._serving_version())
             if self._challenger is not None:
                 log.info("model %s: challenger %s loaded (%s; %.0f MB of weights, %.0f MB with production's)",
                          self.cfg.name, challenger, rollout.stage, self._challenger.weight_bytes / 1e6,
                          (self._challenger.weight_bytes + (self._loaded.weight_bytes if self._loaded else 0)) / 1e6)
         self._rollout = rollout
         self._report_resident()
+
+    def _serving_version(self) -> str | None:
+        return self._loaded.version if self._loaded else None
 
     def _report_resident(self) -> None:
         """tuneloop_resident_weight_bytes of the versions this replica holds now (at most
@@ -226,7 +213,7 @@ class ModelServer:
         for version, size in resident.items():
             if self._resident.get(version) != size:
                 metrics.RESIDENT_WEIGHT_BYTES.labels(self.cfg.name, version).set(size)
-            runtime, reported = self._runtimes[version][0], self._reported_runtime.get(version)
+            runtime, reported = self._versions.runtimes[version][0], self._reported_runtime.get(version)
             if reported != runtime:  # a rebuild moved the version to another runtime: the old one goes to 0
                 if reported is not None:
                     metrics.SERVING_RUNTIME.labels(self.cfg.name, version, reported).set(0)
@@ -234,162 +221,17 @@ class ModelServer:
                 self._reported_runtime[version] = runtime
         self._resident = resident
 
-    def _load_version(self, version: str) -> LoadedModel | None:
-        """The version loaded, or None: one trained for other labels never (``_refused``),
-        one that failed to load (files missing or cut, a download that broke) until its next
-        try, ``LOAD_RETRY_S`` doubling up to ``LOAD_RETRY_MAX_S``. A failure raised here
-        stopped a new replica's start (a crash loop, even for a broken challenger beside a
-        good production) and kept running replicas from taking the rollout's next state."""
-        if version in self._refused:
-            return None
-        failed = self._failed.get(version)
-        if failed is not None and time.monotonic() < failed[0]:
-            return None
-        try:
-            loaded = self._load_runtime(version)
-        except LabelMismatch as e:
-            self._refused[version] = str(e)
-            log.error("model %s: %s; still serving %s", self.cfg.name, e,
-                      self._loaded.version if self._loaded else "nothing")
-            return None
-        except Exception as e:  # noqa: BLE001 - serve what loads; this one is tried again later
-            tries = failed[2] + 1 if failed else 1
-            wait = retry_wait(tries)
-            self._failed[version] = (time.monotonic() + wait, f"{type(e).__name__}: {e}", tries)
-            log.error("model %s: %s did not load (%s: %s); still serving %s; trying again in %.0f s", self.cfg.name,
-                      version, type(e).__name__, e, self._loaded.version if self._loaded else "nothing", wait)
-            return None
-        self._failed.pop(version, None)
-        return loaded
-
-    def _load_runtime(self, version: str, fall_back: bool = True) -> LoadedModel:
-        """``version`` on the runtime chosen for it; an artifact that does not load falls back
-        to PyTorch, or with ``fall_back`` False raises (a replica serving an artifact already
-        keeps it rather than swap it for PyTorch)."""
-        path, optimization = self._version_files(version)
-        built_at = optimization.built_at if optimization else None
-        runtime, artifact, why = self._runtime_for(version, path, optimization)
-        try:
-            loaded = self._load(path, version, self.task, self.serving.max_length, runtime, artifact)
-        except LabelMismatch:
-            raise
-        except Exception as e:  # noqa: BLE001 - a broken or unloadable artifact: the weights still serve
-            if runtime == "torch" or not fall_back:
-                raise
-            log.warning("model %s: %s's %s artifact did not load (%s: %s); serving it on torch",
-                        self.cfg.name, version, runtime, type(e).__name__, e)
-            why = f"the {runtime} artifact did not load: {type(e).__name__}"
-            runtime = "torch"
-            loaded = self._load(path, version, self.task, self.serving.max_length, runtime, None)
-        self._runtimes[version], self._built_at[version] = (runtime, why), built_at
-        # A runtime the operator named and did not get is theirs to know at warning, not info
-        # (optimize.enabled off, an artifact failing parity: PyTorch served and nothing said so).
-        named_but_not = self.serving.runtime not in ("auto", "torch", runtime)
-        log.log(logging.WARNING if named_but_not else logging.INFO, "model %s: %s runs on %s: %s", self.cfg.name,
-                version, runtime, why)
-        return loaded
-
     def _pick_up_rebuilds(self) -> None:
-        """A resident version whose manifest names another optimize build than the one its
-        runtime was chosen from (``tuneloop optimize`` ran since it loaded) loads again, on
-        the runtime chosen now, and replaces itself as one reference swap. Before, a rebuild
-        reached a replica only at its restart or with the next version. Every
-        ``REBUILD_CHECK_S``, one manifest read a resident version; not under runtime torch, nor
-        on a GPU (the artifacts are CPU runtimes), where no build changes what serves; nor while
-        a rollout holds two versions, whose reload would make three resident. A build that
-        does not load (storage out of reach, an artifact this replica's ONNX Runtime cannot
-        read) leaves the one serving, and is tried again after ``LOAD_RETRY_S``, doubling."""
-        now = time.monotonic()
-        if self.serving.runtime == "torch" or self.serving.num_gpus_per_replica > 0 or now < self._next_rebuild_check:
-            return
-        self._next_rebuild_check = now + REBUILD_CHECK_S
-        resident = list(dict.fromkeys(m for m in (self._loaded, self._challenger) if m is not None))
-        if len(resident) > 1:
-            return
-        for current in resident:
-            version = current.version
-            optimization = self.registry.manifest(self.cfg.name, version).optimization
-            built_at = optimization.built_at if optimization else None
-            retry_at, tries = self._rebuild_retry.get((version, built_at), (0.0, 0))
-            if built_at == self._built_at.get(version) or now < retry_at:
-                continue
-            try:  # an artifact serving now is not swapped for PyTorch by a build whose artifact fails
-                new = self._load_runtime(version, fall_back=current.runtime == "torch")
-            except Exception as e:  # noqa: BLE001 - the earlier build keeps serving; tried again later
-                wait = retry_wait(tries + 1)
-                self._rebuild_retry[version, built_at] = now + wait, tries + 1
-                log.warning("model %s: %s was optimized again (build of %s), but it did not load (%s: %s); the "
-                            "earlier build keeps serving it; trying again in %.0f s", self.cfg.name, version,
-                            built_at, type(e).__name__, e, wait)
-                continue
-            self._rebuild_retry.pop((version, built_at), None)
+        """Swap in each resident version ``tuneloop optimize`` built again (``VersionLoader.rebuilt``),
+        one reference at a time, as versions are swapped."""
+        swaps = self._versions.rebuilt([m for m in (self._loaded, self._challenger) if m is not None])
+        for current, new in swaps:
             if self._loaded is current:
                 self._loaded = new
             if self._challenger is current:
                 self._challenger = new
-            log.info("model %s: %s was optimized again (build of %s); swapped in", self.cfg.name, version, built_at)
-        self._report_resident()
-
-    def _version_files(self, version: str) -> tuple[str, Optimization | None]:
-        """(the version's folder, its manifest's optimization), the folder holding the files
-        of every artifact that passed: an optimize build recorded between the two reads
-        (local_path's and the manifest's) left the folder with the other build's files, and
-        its artifacts served torch for good. Both are read anew, once."""
-        def read() -> tuple[str, Optimization | None]:
-            return (self.registry.local_path(self.cfg.name, version),
-                    self.registry.manifest(self.cfg.name, version).optimization)
-
-        if self.serving.runtime == "torch":  # no artifact serves: the manifest is not read
-            return self.registry.local_path(self.cfg.name, version), None
-        path, optimization = read()
-        passed = [r.path for r in optimization.artifacts.values() if r.path and r.parity.passed] if optimization else []
-        return (path, optimization) if all(os.path.exists(os.path.join(path, f)) for f in passed) else read()
-
-    def _runtime_for(self, version: str, path: str, optimization: Optimization | None) -> tuple[str, str | None, str]:
-        """(runtime, its artifact's path under the version's folder, why) for ``version``:
-        ``serving.runtime`` against the artifacts its manifest records, measured here first
-        where no one measured them on this hardware class."""
-        if self.serving.runtime == "torch":
-            return "torch", None, "serving.runtime is torch"
-        device = "cuda" if self.serving.num_gpus_per_replica > 0 else cpu_class()
-        hardware = hardware_class(device, self.serving.replica_threads)
-        unmeasured = unmeasured_runtimes(self.serving.runtime, optimization, hardware, self.runtimes,
-                                         self._parity_limits)
-        if unmeasured and self.optimize_cfg.measure_on_replicas:
-            optimization = self._measured_here(version, path, optimization, hardware, unmeasured)
-        runtime, why = choose_runtime(self.serving.runtime, optimization, hardware, self.runtimes,
-                                      self._parity_limits)
-        artifact = optimization.artifact_path(runtime) if optimization else None  # none: PyTorch serves
-        return runtime, artifact, why
-
-    def _measured_here(self, version: str, path: str, optimization: Optimization, hardware: str,
-                       runtimes: list[str]) -> Optimization:
-        """``optimization`` with the speeds of ``runtimes`` measured in this replica, on its
-        ``hardware`` class, and recorded in the manifest for the next replicas of the class.
-        On the compute thread: a replica already serving measures between its own batches,
-        not beside them (each skewing the other). Whatever goes wrong, the speeds it had."""
-        o, started = self.optimize_cfg, time.perf_counter()
-        try:
-            texts = speed_texts(self.registry, self.cfg.name, version, o.speed_batch_size, o.parity_max_rows)
-            speeds, failed = self._compute.submit(
-                measure_runtimes,
-                lambda runtime: self._load(path, version, self.task, self.serving.max_length, runtime,
-                                           optimization.artifact_path(runtime)),
-                runtimes, texts, o.speed_batch_size, o.speed_seconds).result()
-            log.info("model %s: %s's speeds on %s lacked %s; measured here in %.1f s (texts/s: %s)%s",
-                     self.cfg.name, version, hardware, ", ".join(runtimes), time.perf_counter() - started,
-                     ", ".join(f"{name} {speed:.0f}" for name, speed in speeds.items()),
-                     "".join(f"; {name} did not run: {why}" for name, why in failed.items()))
-            if "torch" not in speeds:  # the weights themselves did not run: loading them says why
-                return optimization
-            speeds = {name: round(speed, 1) for name, speed in speeds.items()}
-            self.registry.record_speeds(self.cfg.name, version, hardware, speeds, optimization.built_at)
-        except Exception as e:  # noqa: BLE001 - storage, a lost race: served by the speeds it had
-            log.warning("model %s: measuring %s's runtimes on %s failed (%s: %s); choosing by what was measured",
-                        self.cfg.name, version, hardware, type(e).__name__, e)
-            return optimization
-        measured = {**optimization.texts_per_s, hardware: {**optimization.texts_per_s.get(hardware, {}), **speeds}}
-        return optimization.model_copy(update={"texts_per_s": measured})
+        if swaps:
+            self._report_resident()
 
     def _watch_registry(self) -> None:
         while not self._stop.wait(self.serving.reload_interval_s):
@@ -406,12 +248,12 @@ class ModelServer:
     def status(self) -> dict[str, Any]:
         return {"model": self.cfg.name, "version": self._loaded.version if self._loaded else None,
                 "challenger": self._challenger.version if self._challenger else None,
-                "rollout": self._rollout.model_dump() if self._rollout else None, "refused": dict(self._refused),
+                "rollout": self._rollout.model_dump() if self._rollout else None, "refused": dict(self._versions.refused),
                 # Copies first (dict() is one step under the GIL): the watcher thread adds and
                 # removes entries while a request reads them ("changed size during iteration").
-                "failed": {v: why for v, (_, why, _) in dict(self._failed).items()},
+                "failed": {v: why for v, (_, why, _) in dict(self._versions.failed).items()},
                 "resident_weight_bytes": dict(self._resident),
-                "runtimes": {v: f"{self._runtimes[v][0]} ({self._runtimes[v][1]})" for v in self._resident}}
+                "runtimes": {v: "{} ({})".format(*self._versions.runtimes[v]) for v in self._resident}}
 
     # -- HTTP ------------------------------------------------------------------------------
     async def __call__(self, request: Request) -> JSONResponse:
@@ -465,8 +307,8 @@ class ModelServer:
         if self._loaded is None:
             # A load's own error names local paths and bucket keys: the log has it, not anyone
             # who may call predict (open by default).
-            why = "; ".join([*dict(self._refused).values(),
-                             *(f"{v} did not load; the server's log says why" for v in dict(self._failed))])
+            why = "; ".join([*dict(self._versions.refused).values(),
+                             *(f"{v} did not load; the server's log says why" for v in dict(self._versions.failed))])
             raise NotReady(f"model {self.cfg.name!r} has no production version loaded yet" + (f" ({why})" if why else ""))
         if self._in_flight >= self._max_in_flight:
             raise Overloaded(f"model {self.cfg.name!r} is at capacity ({self._in_flight} requests); retry shortly")

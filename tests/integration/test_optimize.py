@@ -129,7 +129,7 @@ def test_a_replica_of_a_class_no_one_measured_ranks_the_runtimes_itself(optimize
         assert set(optimization.texts_per_s) == {*elsewhere, here}
         assert set(optimization.texts_per_s[here]) == {"torch", *passed}
         assert min(optimization.texts_per_s[here].values()) > 0
-        served = replica._runtimes[version]
+        served = replica._versions.runtimes[version]
         assert served[0] == choose_runtime("auto", optimization, here)[0]
         assert replica._loaded.runtime == served[0]
         r = asyncio.run(replica.predict(TEXTS))
@@ -162,7 +162,7 @@ def test_a_version_optimized_again_is_swapped_onto_its_new_build(optimized, metr
     async def served_across_the_rebuild():
         expected = await replica.predict(TEXTS)
         await asyncio.to_thread(optimize_again)
-        replica._next_rebuild_check = 0.0
+        replica._versions.next_rebuild_check = 0.0
         await asyncio.to_thread(replica._pick_up_rebuilds)  # the registry watcher's thread
         return expected, await replica.predict(TEXTS)
 

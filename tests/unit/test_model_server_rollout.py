@@ -225,9 +225,9 @@ def test_a_challenger_whose_files_are_cut_does_not_stop_a_replica_and_is_tried_a
         answers = asyncio.run(fresh.predict(["a text"], client="anyone"))
         assert answers[0]["version"] == "v1"  # a canary without its challenger: production answers
         fresh._sync_with_registry()
-        assert fresh._failed["v2"][2] == 1  # not tried again before its wait is over
-        fresh._failed["v2"] = (0.0, *fresh._failed["v2"][1:])
+        assert fresh._versions.failed["v2"][2] == 1  # not tried again before its wait is over
+        fresh._versions.failed["v2"] = (0.0, *fresh._versions.failed["v2"][1:])
         fresh._sync_with_registry()
-        assert fresh._failed["v2"][2] == 2 and fresh._failed["v2"][0] - model_server.time.monotonic() > 15
+        assert fresh._versions.failed["v2"][2] == 2 and fresh._versions.failed["v2"][0] - model_server.time.monotonic() > 15
     finally:
         fresh.__del__()

@@ -112,8 +112,8 @@ def test_no_production_yet_is_not_ready():
 def test_a_refused_version_leaves_the_loaded_one_serving_and_is_not_retried():
     replica, registry, _ = _replica()
     loads: list[str] = []
-    load = replica._load
-    replica._load = lambda path, version, *rest: loads.append(version) or load(path, version, *rest)
+    load = replica._versions.load_model
+    replica._versions.load_model = lambda path, version, *rest: loads.append(version) or load(path, version, *rest)
     registry.production_version = "bad"
     replica._sync_with_registry()
     replica._sync_with_registry()  # versions are immutable: not loaded again
@@ -328,7 +328,7 @@ def test_a_version_optimized_again_is_swapped_onto_the_new_builds_runtime():
     assert serving.runtime == "onnx"
     replica._pick_up_rebuilds()  # before REBUILD_CHECK_S: not even read
     registry.optimization = _optimized(folder="artifacts/b2").model_copy(update={"built_at": "b2"})
-    replica._next_rebuild_check = 0.0
+    replica._versions.next_rebuild_check = 0.0
     replica._pick_up_rebuilds()
     assert (replica._loaded.runtime, replica._loaded.artifact) == ("onnx-int8", "artifacts/b2/onnx-int8/model.onnx")
     assert replica._loaded is not serving and replica._loaded.version == "v1"
@@ -338,29 +338,29 @@ def test_a_version_optimized_again_is_swapped_onto_the_new_builds_runtime():
     assert gauge == {"onnx": 0, "onnx-int8": 1}
     # The same build: nothing loads again.
     now = replica._loaded
-    replica._next_rebuild_check = 0.0
+    replica._versions.next_rebuild_check = 0.0
     replica._pick_up_rebuilds()
     assert replica._loaded is now
     # A build that does not load leaves the one serving, and is tried again after a wait.
     registry.optimization = registry.optimization.model_copy(update={"built_at": "b3"})
-    load, loads = replica._load, []
+    load, loads = replica._versions.load_model, []
 
     def out_of_reach(*args):
         loads.append(args[4])
         raise OSError("the bucket is out of reach")
 
-    replica._load = out_of_reach
-    replica._next_rebuild_check = 0.0
+    replica._versions.load_model = out_of_reach
+    replica._versions.next_rebuild_check = 0.0
     replica._pick_up_rebuilds()
-    assert replica._loaded is now and replica._built_at["v1"] == "b2" and loads == ["onnx-int8"]
-    replica._next_rebuild_check = 0.0
+    assert replica._loaded is now and replica._versions.built_at["v1"] == "b2" and loads == ["onnx-int8"]
+    replica._versions.next_rebuild_check = 0.0
     replica._pick_up_rebuilds()
     assert loads == ["onnx-int8"]  # within its wait: not again
-    replica._load = load
-    replica._rebuild_retry[("v1", "b3")] = (0.0, 1)  # the wait over, the bucket back
-    replica._next_rebuild_check = 0.0
+    replica._versions.load_model = load
+    replica._versions.rebuild_retry[("v1", "b3")] = (0.0, 1)  # the wait over, the bucket back
+    replica._versions.next_rebuild_check = 0.0
     replica._pick_up_rebuilds()
-    assert replica._loaded is not now and replica._built_at["v1"] == "b3"
+    assert replica._loaded is not now and replica._versions.built_at["v1"] == "b3"
 
 
 def test_a_rebuild_whose_artifact_does_not_load_leaves_the_artifact_serving_not_pytorch():
@@ -371,10 +371,10 @@ def test_a_rebuild_whose_artifact_does_not_load_leaves_the_artifact_serving_not_
     serving = replica._loaded
     assert serving.runtime == "onnx-int8"
     registry.optimization = _optimized(folder="broken").model_copy(update={"built_at": "b2"})
-    replica._next_rebuild_check = 0.0
+    replica._versions.next_rebuild_check = 0.0
     replica._pick_up_rebuilds()
-    assert replica._loaded is serving and replica._runtimes["v1"][0] == "onnx-int8"
-    assert ("v1", "b2") in replica._rebuild_retry
+    assert replica._loaded is serving and replica._versions.runtimes["v1"][0] == "onnx-int8"
+    assert ("v1", "b2") in replica._versions.rebuild_retry
 
 
 def test_a_rebuild_waits_while_a_rollout_holds_two_versions():
@@ -383,15 +383,15 @@ def test_a_rebuild_waits_while_a_rollout_holds_two_versions():
                                     num_cpus_per_replica=1)
     replica._challenger = FakeModel("/weights/v2", "v2", replica.task, 64)
     registry.manifest = lambda *a: pytest.fail("read a manifest")
-    replica._next_rebuild_check = 0.0
+    replica._versions.next_rebuild_check = 0.0
     replica._pick_up_rebuilds()
-    assert replica._next_rebuild_check > time.monotonic()  # looked again at the next check
+    assert replica._versions.next_rebuild_check > time.monotonic()  # looked again at the next check
 
 
 @pytest.mark.parametrize("serving", [{"runtime": "torch"}, {"num_gpus_per_replica": 1}])
 def test_where_no_build_changes_what_serves_no_manifest_is_read_for_rebuilds(serving):
     replica, registry, _ = _replica(optimization=_optimized(), **serving)
     registry.manifest = lambda *a: pytest.fail("read a manifest")
-    replica._next_rebuild_check = 0.0
+    replica._versions.next_rebuild_check = 0.0
     replica._pick_up_rebuilds()
     assert replica._loaded.runtime == "torch"

@@ -1,0 +1,210 @@
+"""A replica's versions as it loads them: each on the runtime chosen for it, refused or tried
+again when it does not load, and loaded anew when ``tuneloop optimize`` built it again.
+
+``ModelServer`` holds the loaded versions (production, a rollout's challenger) and swaps its
+references; this decides what a version loads as. A version trained for other labels is
+refused for good (versions are immutable). One that fails to load (files missing or cut, a
+download that broke, storage out of reach) is tried again after ``LOAD_RETRY_S``, doubling:
+a failure raised to the replica stopped a new replica's start (a crash loop, even for a broken
+challenger beside a good production) and kept running replicas from taking the rollout's
+next state.
+
+Under ``serving.runtime: auto`` the runtime is the fastest that passed parity on this
+replica's hardware class (``cluster/core/runtimes.py``); a class no one measured is measured
+here first, on the replica's compute thread, and recorded for the next replicas of the class.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+
+from tuneloop.core.config import OptimizeConfig, ServingConfig
+from tuneloop.core.runtimes import Optimization, choose_runtime, hardware_class, unmeasured_runtimes
+from tuneloop.core.tasks import Task
+from tuneloop.serving.loaded_models import LabelMismatch, LoadedModel, cpu_class
+from tuneloop.serving.optimize import measure_runtimes, speed_texts
+from tuneloop.store.registry import Registry
+
+log = logging.getLogger("ray.serve")
+LOAD_RETRY_S, LOAD_RETRY_MAX_S = 10.0, 600.0  # a version that failed to load is tried again, doubling
+REBUILD_CHECK_S = 30.0  # how often a replica reads its versions' manifests for a new optimize build
+
+
+def retry_wait(failures: int) -> float:
+    """Seconds before a load that failed ``failures`` times in a row is tried again."""
+    return min(LOAD_RETRY_MAX_S, LOAD_RETRY_S * 2 ** (failures - 1))
+
+
+class VersionLoader:
+    """Loads ``model``'s versions for one replica with ``load_model`` (``load_model`` in
+    ``loaded_models``, or a test's fake), measuring runtimes on ``compute`` (the replica's one
+    compute thread)."""
+
+    def __init__(self, model: str, task: Task, serving: ServingConfig, optimize: OptimizeConfig,
+                 registry: Registry, load_model: Callable[..., LoadedModel], compute: Executor):
+        self.model, self.task, self.serving, self.optimize = model, task, serving, optimize
+        self.registry, self.load_model, self._compute = registry, load_model, compute
+        self.allowed = tuple(optimize.runtimes)  # the artifacts the operator wants: others are not served
+        self._parity_limits = optimize.min_agreement, optimize.max_accuracy_drop  # today's, not the build's
+        self.runtimes: dict[str, tuple[str, str]] = {}  # version -> the runtime serving it, and why
+        self.built_at: dict[str, str | None] = {}  # version -> the optimize build its runtime was chosen from
+        self.refused: dict[str, str] = {}  # version -> why it cannot be served
+        self.failed: dict[str, tuple[float, str, int]] = {}  # version -> (next try, why, tries) of a failed load
+        # (version, build) -> (next try, tries) of a rebuild that did not load. Apart from
+        # ``failed``, which says a replica is not ready and names the version: this one serves.
+        self.rebuild_retry: dict[tuple[str, str | None], tuple[float, int]] = {}
+        self.next_rebuild_check = time.monotonic() + REBUILD_CHECK_S
+
+    def load(self, version: str, serving: str | None) -> LoadedModel | None:
+        """The version loaded, or None: refused (``refused``), or failed (``failed``) until its
+        next try. ``serving``: the version this replica serves meanwhile, for the log."""
+        if version in self.refused:
+            return None
+        failed = self.failed.get(version)
+        if failed is not None and time.monotonic() < failed[0]:
+            return None
+        try:
+            loaded = self.load_runtime(version)
+        except LabelMismatch as e:
+            self.refused[version] = str(e)
+            log.error("model %s: %s; still serving %s", self.model, e, serving or "nothing")
+            return None
+        except Exception as e:  # noqa: BLE001 - serve what loads; this one is tried again later
+            tries = failed[2] + 1 if failed else 1
+            wait = retry_wait(tries)
+            self.failed[version] = (time.monotonic() + wait, f"{type(e).__name__}: {e}", tries)
+            log.error("model %s: %s did not load (%s: %s); still serving %s; trying again in %.0f s", self.model,
+                      version, type(e).__name__, e, serving or "nothing", wait)
+            return None
+        self.failed.pop(version, None)
+        return loaded
+
+    def load_runtime(self, version: str, fall_back: bool = True) -> LoadedModel:
+        """``version`` on the runtime chosen for it; an artifact that does not load falls back
+        to PyTorch, or with ``fall_back`` False raises (a replica serving an artifact already
+        keeps it rather than swap it for PyTorch)."""
+        path, optimization = self._version_files(version)
+        built_at = optimization.built_at if optimization else None
+        runtime, artifact, why = self._runtime_for(version, path, optimization)
+        try:
+            loaded = self.load_model(path, version, self.task, self.serving.max_length, runtime, artifact)
+        except LabelMismatch:
+            raise
+        except Exception as e:  # noqa: BLE001 - a broken or unloadable artifact: the weights still serve
+            if runtime == "torch" or not fall_back:
+                raise
+            log.warning("model %s: %s's %s artifact did not load (%s: %s); serving it on torch",
+                        self.model, version, runtime, type(e).__name__, e)
+            why = f"the {runtime} artifact did not load: {type(e).__name__}"
+            runtime = "torch"
+            loaded = self.load_model(path, version, self.task, self.serving.max_length, runtime, None)
+        self.runtimes[version], self.built_at[version] = (runtime, why), built_at
+        # A runtime the operator named and did not get is theirs to know at warning, not info
+        # (optimize.enabled off, an artifact failing parity: PyTorch served and nothing said so).
+        named_but_not = self.serving.runtime not in ("auto", "torch", runtime)
+        log.log(logging.WARNING if named_but_not else logging.INFO, "model %s: %s runs on %s: %s", self.model,
+                version, runtime, why)
+        return loaded
+
+    def rebuilt(self, resident: list[LoadedModel]) -> list[tuple[LoadedModel, LoadedModel]]:
+        """(loaded, its replacement) for each of the ``resident`` versions whose manifest names
+        another optimize build than the one its runtime was chosen from (``tuneloop optimize``
+        ran since it loaded), loaded again on the runtime chosen now. Before, a rebuild
+        reached a replica only at its restart or with the next version. Every
+        ``REBUILD_CHECK_S``, one manifest read a resident version; not under runtime torch, nor
+        on a GPU (the artifacts are CPU runtimes), where no build changes what serves; nor while
+        a rollout holds two versions, whose reload would make three resident. A build that
+        does not load (storage out of reach, an artifact this replica's ONNX Runtime cannot
+        read) leaves the one serving, and is tried again after ``LOAD_RETRY_S``, doubling."""
+        now = time.monotonic()
+        if self.serving.runtime == "torch" or self.serving.num_gpus_per_replica > 0 or now < self.next_rebuild_check:
+            return []
+        self.next_rebuild_check = now + REBUILD_CHECK_S
+        resident = list(dict.fromkeys(resident))  # a promoted challenger is production too
+        if len(resident) > 1:
+            return []
+        swaps = []
+        for current in resident:
+            version = current.version
+            optimization = self.registry.manifest(self.model, version).optimization
+            built_at = optimization.built_at if optimization else None
+            retry_at, tries = self.rebuild_retry.get((version, built_at), (0.0, 0))
+            if built_at == self.built_at.get(version) or now < retry_at:
+                continue
+            try:  # an artifact serving now is not swapped for PyTorch by a build whose artifact fails
+                swaps.append((current, self.load_runtime(version, fall_back=current.runtime == "torch")))
+            except Exception as e:  # noqa: BLE001 - the earlier build keeps serving; tried again later
+                wait = retry_wait(tries + 1)
+                self.rebuild_retry[version, built_at] = now + wait, tries + 1
+                log.warning("model %s: %s was optimized again (build of %s), but it did not load (%s: %s); the "
+                            "earlier build keeps serving it; trying again in %.0f s", self.model, version,
+                            built_at, type(e).__name__, e, wait)
+                continue
+            self.rebuild_retry.pop((version, built_at), None)
+            log.info("model %s: %s was optimized again (build of %s); swapped in", self.model, version, built_at)
+        return swaps
+
+    def _version_files(self, version: str) -> tuple[str, Optimization | None]:
+        """(the version's folder, its manifest's optimization), the folder holding the files
+        of every artifact that passed: an optimize build recorded between the two reads
+        (local_path's and the manifest's) left the folder with the other build's files, and
+        its artifacts served torch for good. Both are read anew, once."""
+        def read() -> tuple[str, Optimization | None]:
+            return (self.registry.local_path(self.model, version),
+                    self.registry.manifest(self.model, version).optimization)
+
+        if self.serving.runtime == "torch":  # no artifact serves: the manifest is not read
+            return self.registry.local_path(self.model, version), None
+        path, optimization = read()
+        passed = [r.path for r in optimization.artifacts.values() if r.path and r.parity.passed] if optimization else []
+        return (path, optimization) if all(os.path.exists(os.path.join(path, f)) for f in passed) else read()
+
+    def _runtime_for(self, version: str, path: str, optimization: Optimization | None) -> tuple[str, str | None, str]:
+        """(runtime, its artifact's path under the version's folder, why) for ``version``:
+        ``serving.runtime`` against the artifacts its manifest records, measured here first
+        where no one measured them on this hardware class."""
+        if self.serving.runtime == "torch":
+            return "torch", None, "serving.runtime is torch"
+        device = "cuda" if self.serving.num_gpus_per_replica > 0 else cpu_class()
+        hardware = hardware_class(device, self.serving.replica_threads)
+        unmeasured = unmeasured_runtimes(self.serving.runtime, optimization, hardware, self.allowed,
+                                         self._parity_limits)
+        if unmeasured and self.optimize.measure_on_replicas:
+            optimization = self._measured_here(version, path, optimization, hardware, unmeasured)
+        runtime, why = choose_runtime(self.serving.runtime, optimization, hardware, self.allowed,
+                                      self._parity_limits)
+        artifact = optimization.artifact_path(runtime) if optimization else None  # none: PyTorch serves
+        return runtime, artifact, why
+
+    def _measured_here(self, version: str, path: str, optimization: Optimization, hardware: str,
+                       runtimes: list[str]) -> Optimization:
+        """``optimization`` with the speeds of ``runtimes`` measured in this replica, on its
+        ``hardware`` class, and recorded in the manifest for the next replicas of the class.
+        On the compute thread: a replica already serving measures between its own batches,
+        not beside them (each skewing the other). Whatever goes wrong, the speeds it had."""
+        o, started = self.optimize, time.perf_counter()
+        try:
+            texts = speed_texts(self.registry, self.model, version, o.speed_batch_size, o.parity_max_rows)
+            speeds, failed = self._compute.submit(
+                measure_runtimes,
+                lambda runtime: self.load_model(path, version, self.task, self.serving.max_length, runtime,
+                                                optimization.artifact_path(runtime)),
+                runtimes, texts, o.speed_batch_size, o.speed_seconds).result()
+            log.info("model %s: %s's speeds on %s lacked %s; measured here in %.1f s (texts/s: %s)%s",
+                     self.model, version, hardware, ", ".join(runtimes), time.perf_counter() - started,
+                     ", ".join(f"{name} {speed:.0f}" for name, speed in speeds.items()),
+                     "".join(f"; {name} did not run: {why}" for name, why in failed.items()))
+            if "torch" not in speeds:  # the weights themselves did not run: loading them says why
+                return optimization
+            speeds = {name: round(speed, 1) for name, speed in speeds.items()}
+            self.registry.record_speeds(self.model, version, hardware, speeds, optimization.built_at)
+        except Exception as e:  # noqa: BLE001 - storage, a lost race: served by the speeds it had
+            log.warning("model %s: measuring %s's runtimes on %s failed (%s: %s); choosing by what was measured",
+                        self.model, version, hardware, type(e).__name__, e)
+            return optimization
+        measured = {**optimization.texts_per_s, hardware: {**optimization.texts_per_s.get(hardware, {}), **speeds}}
+        return optimization.model_copy(update={"texts_per_s": measured})
