@@ -33,6 +33,13 @@ class Section(BaseModel):
         return {k: v for k, v in data.items() if not (v is None and _null_means_default(cls.model_fields.get(k)))}
 
 
+def refuse_repeated(values: list[str], what: str) -> None:
+    """Raise, naming them, where ``values`` (``what``: a section's list key) repeat any."""
+    dupes = sorted({v for v in values if values.count(v) > 1})
+    if dupes:
+        raise ValueError(f"{what} must be unique; repeated: {dupes}")
+
+
 def _null_means_default(field: Any) -> bool:
     kind = getattr(field, "annotation", None)
     if isinstance(kind, type) and issubclass(kind, BaseModel):

@@ -18,6 +18,20 @@ import math
 # a spare CPU keeps Ray's own tasks from waiting on a job that took every one.
 DATA_CPUS = 1
 
+RAY_MIN_AMOUNT = 1e-4  # Ray refuses resource amounts finer than this when it places an actor
+
+
+def custom_resources(v: dict[str, float], key: str, instead: str) -> dict[str, float]:
+    """``v`` if it names only custom Ray resources, each a positive amount: CPUs and GPUs
+    there would replace (or contradict) the settings made for them."""
+    builtin = sorted(name for name in v if name.upper() in ("CPU", "GPU"))
+    if builtin:
+        raise ValueError(f"{key} {v}: {builtin} are not custom resources; set {instead} instead")
+    bad = {name: amount for name, amount in v.items() if not amount >= RAY_MIN_AMOUNT}
+    if bad:
+        raise ValueError(f"{key} {v}: amounts must be at least {RAY_MIN_AMOUNT:g} (Ray's precision), got {bad}")
+    return v
+
 
 def training_cpus(num_workers: int, cpus_per_worker: float) -> float:
     """The CPUs a job asks Ray for: its workers' and ``DATA_CPUS``."""
