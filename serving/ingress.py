@@ -40,7 +40,8 @@ from tuneloop.store.keys import KeyRing
 from tuneloop.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from tuneloop.core.idempotency import fingerprint, parse_key
 from tuneloop.store.quarantine import QuarantineBook
-from tuneloop.store.registry import BODY, Registry, RegistryState
+from tuneloop.store.registry import Registry
+from tuneloop.store.registry_state import BODY, RegistryState
 from tuneloop.store.rollout_actions import RolloutAction, operate_rollout
 from tuneloop.core.rollout import Stage
 from tuneloop.store.storage import Storage

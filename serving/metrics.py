@@ -25,7 +25,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from tuneloop.core.rollout import VersionHealth
 from tuneloop.store.jobs import JobStore
-from tuneloop.store.registry import Registry, RegistryState, is_version_name, version_number
+from tuneloop.store.registry import Registry
+from tuneloop.store.registry_state import RegistryState, is_version_name, version_number
 
 log = logging.getLogger(__name__)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"

@@ -11,7 +11,8 @@ from typing import Literal
 
 from tuneloop.core.errors import Conflict, InvalidBody
 from tuneloop.core.rollout import RolloutConfig, Stage, first_stage
-from tuneloop.store.registry import Registry, RegistryState
+from tuneloop.store.registry import Registry
+from tuneloop.store.registry_state import RegistryState
 
 RolloutAction = Literal["start", "pause", "resume", "step", "rollback"]
 

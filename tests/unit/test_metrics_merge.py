@@ -119,7 +119,8 @@ def _state(storage, *changes, rollout=None, archived=None) -> None:
     """state.json of model m from (minutes ago, event, production after it, version)."""
     from datetime import UTC, datetime, timedelta
 
-    from tuneloop.store.registry import HistoryEntry, RegistryState, iso_time
+    from tuneloop.store.registry import iso_time
+    from tuneloop.store.registry_state import HistoryEntry, RegistryState
 
     now = datetime.now(UTC)
     history = [HistoryEntry(at=iso_time(now - timedelta(minutes=ago)), event=event, production=production,
@@ -162,7 +163,7 @@ def test_a_challenger_of_a_long_rollout_stays_in_the_exposition(tmp_path):
 def test_versions_named_only_by_archived_history_leave_and_its_last_production_stays(tmp_path):
     """state.json's older entries move to history/ (store/registry.py): a version they alone
     name is long out of service; production after them served until the first kept change."""
-    from tuneloop.store.registry import ArchivedHistory
+    from tuneloop.store.registry_state import ArchivedHistory
 
     storage = Storage(str(tmp_path / "store"))
     # v4's rollout was aborted long ago: only the archived entries name it.
@@ -178,6 +179,6 @@ def test_series_retire_within_the_hour_and_history_leaves_state_json_after_a_day
     from datetime import timedelta
 
     from tuneloop.serving.metrics import RETIRED_SERIES_S
-    from tuneloop.store.registry import ARCHIVE_AFTER
+    from tuneloop.store.registry_state import ARCHIVE_AFTER
 
     assert timedelta(seconds=RETIRED_SERIES_S) < ARCHIVE_AFTER

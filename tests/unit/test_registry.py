@@ -6,7 +6,8 @@ import threading
 import pytest
 
 from tuneloop.core.errors import Conflict, UnknownVersion
-from tuneloop.store.registry import HistoryEntry, Manifest, Registry, RegistryState
+from tuneloop.store.registry import Manifest, Registry
+from tuneloop.store.registry_state import HistoryEntry, RegistryState
 from tuneloop.store.storage import Storage
 from tests.concurrency import in_threads
 
@@ -539,7 +540,7 @@ def test_old_history_leaves_state_json_in_chunks_and_what_it_said_is_kept(tmp_pa
 
 
 def test_a_state_json_of_years_before_archiving_shrinks_twenty_chunks_a_change(tmp_path, weights):
-    from tuneloop.store.registry import ARCHIVE_CHUNKS_AT_ONCE, HISTORY_CHUNK
+    from tuneloop.store.registry_state import ARCHIVE_CHUNKS_AT_ONCE, HISTORY_CHUNK
 
     reg = Registry(Storage(str(tmp_path / "store")))
     reg.publish("m", weights, _manifest())
@@ -572,7 +573,7 @@ def test_a_burst_of_changes_stays_in_state_json_for_a_day(tmp_path, weights):
 
 
 def test_a_rollback_past_archived_promotions_lands_where_the_whole_history_says():
-    from tuneloop.store.registry import HISTORY_CHUNK
+    from tuneloop.store.registry_state import HISTORY_CHUNK
 
     promotions = [HistoryEntry(at="2020-01-01T00:00:00+00:00", event="promote", production=f"v{i}")
                   for i in range(1, 2 * HISTORY_CHUNK + 1)]

@@ -216,7 +216,7 @@ def test_an_idempotency_key_reused_for_another_body_is_refused_and_changes_nothi
     """A script reusing one Idempotency-Key to promote v2, then v3, got 200 for the second
     while production stayed at v2."""
     from tuneloop.core.errors import InvalidValue
-    from tuneloop.store.registry import BODY
+    from tuneloop.store.registry_state import BODY
 
     reg.promote("m", "v2", request=f"k promote p1{BODY}aaaa")
     assert reg.promote("m", "v2", request=f"k promote p1{BODY}aaaa").production == "v2"  # the retry

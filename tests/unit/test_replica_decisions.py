@@ -16,7 +16,7 @@ from tuneloop.core.errors import NotReady, Overloaded
 from tuneloop.core.runtimes import ArtifactRecord, Optimization, ParityCheck
 from tuneloop.serving.loaded_models import LabelMismatch, cpu_class
 from tuneloop.serving.model_server import ModelServer
-from tuneloop.store.registry import RegistryState
+from tuneloop.store.registry_state import RegistryState
 
 LABELS = ["negative", "positive"]
 CPU = cpu_class()  # cpu-bf16 on a CPU with native bf16: speeds are keyed by it
