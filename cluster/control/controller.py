@@ -20,6 +20,7 @@ from typing import Any
 import ray
 
 from tuneloop.core.config import TuneloopConfig
+from tuneloop.core.errors import CorruptStoredFile
 from tuneloop.core.quarantine import ANONYMOUS
 from tuneloop.core.tasks import model_tasks
 from tuneloop.store.jobs import JobRecord, JobStore
@@ -150,15 +151,23 @@ class Retrainer:
             JobStore(storage)
         started = {}  # model -> when its newest job started
         for job in jobs.all():
+            if job.state != "running" and job.heartbeat_at is None:
+                continue  # never ran (a launch the cluster refused): it trained on nothing, as the sweep reads it
             started[job.model] = max(started.get(job.model, job.created_at), job.created_at)
-        # Feedback of a key the quarantine holds counts toward no trigger, after a restart too.
-        held = {m.name: QuarantineBook(storage).quarantined(m.name) for m in cfg.models}
-        untrained = {m.name: cls._untrained_feedback(registry, feedback, m.name, started.get(m.name), held[m.name])
-                     for m in cfg.models}
         tasks = model_tasks(cfg.models)
-        judged = {m.name: cls._judged_feedback(registry, feedback, tasks[m.name], m.name, started.get(m.name),
-                                               held[m.name])
-                  for m in cfg.models} if cfg.trigger.accuracy_drop is not None else {}
+        untrained, judged = {}, {}
+        for m in cfg.models:
+            try:
+                # Feedback of a key the quarantine holds counts toward no trigger, after a restart too.
+                held = QuarantineBook(storage).quarantined(m.name)
+                untrained[m.name] = cls._untrained_feedback(registry, feedback, m.name, started.get(m.name), held)
+                if cfg.trigger.accuracy_drop is not None:
+                    judged[m.name] = cls._judged_feedback(registry, feedback, tasks[m.name], m.name,
+                                                          started.get(m.name), held)
+            except Exception:  # noqa: BLE001 - one model's cut state.json stopped every model's controller
+                log.exception("retrain controller: could not count %s's feedback since its last job; its triggers "
+                              "count from now", m.name)
+                untrained[m.name] = (0, set())
         return {"cfg": cfg, "jobs": jobs, "registry": registry, "launch": launch,
                 "pending": {m: n for m, (n, _) in untrained.items()},
                 "counted": {m: ids for m, (_, ids) in untrained.items()}, "judged": judged}
@@ -176,10 +185,9 @@ class Retrainer:
             return None, [], 0
         since = datetime.fromisoformat(registry.manifest(model, production).created_at)
         first: dict[str, tuple[datetime, bool]] = {}  # in the order of their first answers
-        rows = feedback.read_since(model, (since, ""))
         # The columns a judgment reads, not the texts: months of feedback in the controller actor.
-        rows = rows.select([c for c in ("prediction_id", "version", "key_id", "created_at", *task.feedback_columns)
-                            if c in rows.column_names])
+        rows = feedback.read_since(model, (since, ""),
+                                   columns=("prediction_id", "version", "key_id", *task.feedback_columns))
         for row in sorted(rows.to_pylist(), key=lambda r: r["created_at"]):
             if row.get("version") == production and row.get("prediction_id") is not None \
                     and (row.get("key_id") or ANONYMOUS) not in held:
@@ -201,7 +209,7 @@ class Retrainer:
         if newest_job is not None:
             started = (datetime.fromisoformat(newest_job), "")
             after = started if after is None else max(after, started)
-        rows = feedback.read_since(model, after)
+        rows = feedback.read_since(model, after, columns=("prediction_id", "key_id"))
         # Not the ``held`` keys' rows: counted here, a flagged flood started a job at every restart.
         ids = [i for i, key in zip(rows.column("prediction_id").to_pylist(), rows.column("key_id").to_pylist(),
                                    strict=True) if (key or ANONYMOUS) not in held]
@@ -271,8 +279,7 @@ class Retrainer:
                     log.info("retrain of %s ended: %s", model, task.result())
                 except Exception as e:  # noqa: BLE001 - run_training never raises: its process died
                     log.exception("retrain task of %s crashed", model)
-                    job_id = self.running.get(model)
-                    job = self.jobs.get(job_id) if job_id else None
+                    job = self._job_record(self.running.get(model))
                     if job is not None:
                         self.jobs.fail_running(job, f"lost: the job's process died ({type(e).__name__})")
                 self.running.pop(model, None)  # its record is final: the task wrote it, or it was failed above
@@ -280,10 +287,20 @@ class Retrainer:
             self._records_read_at = self._clock()
         for model, job_id in list(self.running.items()) if check_records else ():
             if model not in self.tasks:
-                job = self.jobs.get(job_id)  # marks it failed if its heartbeat stopped
+                job = self._job_record(job_id)  # marks it failed if its heartbeat stopped
                 if job is None or job.state != "running":
                     del self.running[model]
                     self._state_read_at.pop(model, None)
+
+    def _job_record(self, job_id: str | None) -> JobRecord | None:
+        """The job's record, None for none or one that is cut or was edited by hand, which
+        ``JobStore.all`` leaves out too: raised, it stopped every model's triggers, feedback
+        calls and status."""
+        try:
+            return self.jobs.get(job_id) if job_id else None
+        except CorruptStoredFile as e:
+            log.warning("%s; the controller no longer waits for that job", e.message)
+            return None
 
     def record_feedback(self, model: str, version: str | None = None, agreed: bool | None = None,
                         prediction_id: str | None = None, key_id: str | None = None) -> str | None:

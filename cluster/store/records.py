@@ -25,7 +25,7 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -591,12 +591,18 @@ class FeedbackStore:
                     raise
         return pa.concat_tables(parts) if parts else schema.empty_table()
 
-    def read_since(self, model: str, after: tuple[datetime, str] | None) -> pa.Table:
+    def read_since(self, model: str, after: tuple[datetime, str] | None,
+                   columns: Sequence[str] | None = None) -> pa.Table:
         """The compacted records after ``after`` -- a (created_at, feedback_id) position in
         the order (created_at, feedback_id), which breaks ties within a millisecond -- or
         all of them with None, in that order. Lists and reads only the date partitions from
         ``after``'s day on, so a job's read follows the feedback that is new to it, not all
-        that was ever stored."""
+        that was ever stored. ``columns``: those alone (and the two that order them), not
+        the texts, for a reader that counts or judges months of feedback."""
+        schema = None
+        if columns is not None:
+            keep = {"created_at", "feedback_id", *columns}
+            schema = pa.schema([f for f in self._schema(model) if f.name in keep])
         where = None
         day = ""
         if after is not None:
@@ -604,7 +610,7 @@ class FeedbackStore:
             day = at.astimezone(UTC).date().isoformat()
             t = pa.scalar(at, _TS)
             where = (pc.field("created_at") > t) | ((pc.field("created_at") == t) & (pc.field("feedback_id") > last_id))
-        table = _first_of_each_id(self._read_listed(model, day, where), "feedback_id")
+        table = _first_of_each_id(self._read_listed(model, day, where, schema), "feedback_id")
         return table.sort_by(_ARRIVAL_ORDER)
 
     def merge_closed_days(self, model: str, today: date | None = None, min_files: int = MERGE_MIN_FILES) -> int:

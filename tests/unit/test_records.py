@@ -145,6 +145,10 @@ def test_read_since_reads_only_newer_records_from_their_date_partitions(tmp_path
     assert [(r["created_at"], r["feedback_id"]) for r in rows] == sorted((r["created_at"], r["feedback_id"]) for r in rows)
     cut = (rows[1]["created_at"], rows[1]["feedback_id"])
     assert [r["feedback_id"] for r in store.read_since("m", cut).to_pylist()] == [r["feedback_id"] for r in rows[2:]]
+    # A counting reader (the retrain controller at its start) reads no texts.
+    counted = store.read_since("m", cut, columns=("label",))
+    assert set(counted.column_names) == {"feedback_id", "created_at", "label"}
+    assert counted.column("feedback_id").to_pylist() == [r["feedback_id"] for r in rows[2:]]
     # A partition before the cut's day is not even opened: a corrupt one there is never read.
     storage.write_bytes_atomic("feedback/m/date=2000-01-01/x.parquet", b"not parquet")
     assert store.read_since("m", (cut[0] + timedelta(days=1), "")).num_rows == 0

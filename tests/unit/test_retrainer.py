@@ -462,16 +462,54 @@ def test_after_a_restart_feedback_a_failed_job_had_does_not_start_a_job_again(tm
     feedback.compact()
     jobs = JobStore(storage)
     job = jobs.create("m", "feedback")
-    job.state = "failed"
+    job.state, job.heartbeat_at = "failed", job.created_at  # it ran, and failed
     jobs.save(job)
     for i in range(2):
         feedback.append(model="m", text=f"later {i}", label="a")
     for label in ("a", "b", "a"):  # three answers on one prediction: one row to train
         feedback.append(model="m", text="relabelled", label=label, prediction_id="f" * 32, version="v1",
                         predicted_label="a")
+    never_ran = jobs.create("m", "feedback")  # a launch the cluster refused: it trained on nothing
+    never_ran.state = "failed"
+    jobs.save(never_ran)
     feedback.close()
     parts = Retrainer.parts_from_config(cfg.model_dump())
     assert parts["pending"] == {"m": 3} and parts["counted"] == {"m": {"f" * 32}}
+
+
+def test_one_models_unreadable_state_at_a_restart_leaves_the_others_counting(tmp_path):
+    """A cut state.json of one model made the controller's start raise: every model's
+    triggers stopped, and the keeper restarted it in a loop."""
+    from tuneloop.core.tasks import model_tasks
+    from tuneloop.store.records import FeedbackStore
+
+    cfg = parse_config({"models": [{"name": name, "base_model": "x", "labels": ["a", "b"]} for name in ("m", "cut")],
+                        "trigger": {"every_n_feedback": 3, "accuracy_drop": 0.1}, "storage": {"root": str(tmp_path)}})
+    storage = Storage(str(tmp_path))
+    feedback = FeedbackStore(storage, str(tmp_path / "journal"), model_tasks(cfg.models))
+    feedback.open_writer()
+    for model in ("m", "cut"):
+        feedback.append(model=model, text="a text", label="a")
+    feedback.close()
+    (tmp_path / "registry" / "cut").mkdir(parents=True)
+    (tmp_path / "registry" / "cut" / "state.json").write_text('{"production": "v1", "gener')
+    parts = Retrainer.parts_from_config(cfg.model_dump())
+    assert parts["pending"] == {"m": 1, "cut": 0} and parts["judged"] == {"m": (None, [], 0)}
+
+
+def test_a_job_record_cut_while_it_runs_leaves_the_controller_answering(tmp_path):
+    """Its record read raised CorruptStoredFile out of every feedback call, status and sweep."""
+    cfg = parse_config({"models": [{"name": "m", "base_model": "x", "labels": ["a", "b"]}],
+                        "trigger": {"every_n_feedback": 100}, "storage": {"root": str(tmp_path)}})
+    storage = Storage(str(tmp_path))
+    jobs = JobStore(storage)
+    other = jobs.create("m", "manual")  # a `tuneloop train` beside the server
+    retrainer = Retrainer(cfg, jobs, Registry(storage), FakeLaunch(jobs), {"m": 0}, sweep_every_s=None)
+    retrainer.sweep()
+    assert retrainer.status()["running"] == ["m"]
+    (tmp_path / "jobs" / f"{other.job_id}.json").write_text("{cut")
+    assert retrainer.record_feedback("m") is None
+    assert retrainer.status()["running"] == []
 
 
 def test_after_a_restart_feedback_of_a_key_the_quarantine_holds_counts_toward_no_trigger(tmp_path):
