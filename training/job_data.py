@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 TS = pa.timestamp("ms", tz="UTC")
 TRANSFER = "transfer"  # the source of a student's transfer texts: the teacher's soft labels are all they have
+SEED_DIGEST = "tuneloop.seed_sha256"  # in a frozen golden sample's Parquet metadata: the seed it came from
 LABELLED_COLUMN = "labelled"  # in a train table with transfer rows: False where a row's targets are placeholders
 
 
@@ -143,7 +144,7 @@ def golden_set(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Re
                seed: pa.Table | None, feedback_rows: int = 0,
                trained_on_seed: bool = False, first_version: bool = True) -> tuple[pa.Table, dict[str, Any]]:
     """The golden set: the configured file, or the frozen sample of the seed (taken at the
-    model's first job and never changed), or none. ``feedback_rows``: the feedback the first
+    model's first job and never changed once a version is published), or none. ``feedback_rows``: the feedback the first
     job also reads (its newest share kept back for the gate). A model whose production
     ``trained_on_seed`` and that has no frozen sample (its golden_dataset was taken out of
     the config since) gets none. ``first_version``: the job makes v1, whose early stopping
@@ -152,7 +153,15 @@ def golden_set(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Re
         table = read_dataset(mcfg.golden_dataset, task)
         return table, {"source": mcfg.golden_dataset, "sha256": file_sha256(mcfg.golden_dataset),
                        "rows": table.num_rows}
-    frozen = registry.golden(mcfg.name)
+    frozen, taken_anew = registry.golden(mcfg.name), False
+    if frozen is not None and first_version and seed is not None and seed.num_rows \
+            and not registry.versions(mcfg.name) and _taken_from(frozen) != table_digest(seed):
+        # A first job that failed (a seed of one class, too few rows) froze a sample of that
+        # seed; the seed a user then corrected was never sampled, and the golden set lacked
+        # its classes for good.
+        log.warning("model %s: its golden set was sampled from another seed by a job that published no version; "
+                    "sampled anew from this one", mcfg.name)
+        frozen, taken_anew = None, True
     if frozen is None and trained_on_seed and seed is not None and seed.num_rows:
         log.warning("model %s has no golden set, and its production trained on its seed: a sample of the seed "
                     "taken now would hold rows it learned, so none is taken; give the model a golden_dataset",
@@ -191,12 +200,20 @@ def golden_set(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Re
                                  + (f" ({validation} more watch early stopping)" if validation else "")
                                  + f", fewer than training.num_workers {tcfg.num_workers}: lower either, or add "
                                  "seed rows")
-            frozen = registry.freeze_golden(mcfg.name, _take(seed, picked))
+            sample = _take(seed, picked).replace_schema_metadata({SEED_DIGEST: table_digest(seed)})
+            frozen = registry.freeze_golden(mcfg.name, sample, replace=taken_anew)
             _warn_missing_labels(task, frozen)
     if frozen is None:
         return pa.table({"text": pa.array([], pa.string())}), {"source": None, "rows": 0}
     return frozen, {"source": "seed sample frozen at the first job", "sha256": table_digest(frozen),
                     "rows": frozen.num_rows}
+
+
+def _taken_from(golden: pa.Table) -> str | None:
+    """The digest of the seed a frozen golden sample was taken from (None: frozen before
+    tuneloop noted it)."""
+    digest = (golden.schema.metadata or {}).get(SEED_DIGEST.encode())
+    return digest.decode() if digest else None
 
 
 def _quarantine(task: Task, qcfg: QuarantineConfig, book: QuarantineBook, model: str, stored: pa.Table,

@@ -343,9 +343,13 @@ class Registry:
         """The model's frozen golden set, if one was frozen."""
         return self.storage.read_parquet(f"{self._dir(model)}/{GOLDEN}")
 
-    def freeze_golden(self, model: str, table: pa.Table) -> pa.Table:
+    def freeze_golden(self, model: str, table: pa.Table, replace: bool = False) -> pa.Table:
         """Freeze ``table`` as the model's golden set unless one is frozen already (then
-        that one is returned): it never changes once written."""
+        that one is returned), or with ``replace`` over it (a model that published no version
+        yet)."""
+        if replace:
+            self.storage.write_bytes_atomic(f"{self._dir(model)}/{GOLDEN}", parquet_bytes(table))
+            return table
         if self.storage.create_new(f"{self._dir(model)}/{GOLDEN}", parquet_bytes(table)):
             return table
         for _ in range(50):  # another job's write won: on S3 (409) it may still be landing

@@ -93,6 +93,25 @@ def test_a_seed_row_the_model_cannot_learn_fails_the_job_before_a_golden_set_is_
     assert assemble(task, cfg.model("m"), cfg.training, registry, feedback, None).golden.num_rows == 20
 
 
+def test_a_seed_corrected_after_a_failed_first_job_is_sampled_anew_until_a_version_is_published(env):
+    """The first job froze a sample of a seed of one class, then failed on it; the seed the
+    user corrected was never sampled, and the golden set held one class for good."""
+    cfg, task, registry, feedback, tmp_path = env
+    seed = tmp_path / "seed.tsv"
+    good = seed.read_text()
+    seed.write_text("text\tlabel\n" + "".join(f"only negative {i}\tnegative\n" for i in range(100)))
+    with pytest.raises(ValueError, match=r"\['negative'\] alone"):
+        assemble(task, cfg.model("m"), cfg.training, registry, feedback, None)
+    assert set(registry.golden("m").column("label").to_pylist()) == {"negative"}  # frozen before the check
+    seed.write_text(good)
+    first = assemble(task, cfg.model("m"), cfg.training, registry, feedback, None)
+    assert Counter(first.golden.column("label").to_pylist()) == {"negative": 10, "positive": 10}
+    v1 = _publish(registry, tmp_path, first, "v1", first.summary)
+    seed.write_text(good + "".join(f"added later {i}\tpositive\n" for i in range(50)))
+    child = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v1)
+    assert child.golden.equals(first.golden)  # a version was judged on it: frozen for good
+
+
 def test_a_child_trains_on_fresh_feedback_plus_as_much_replay_and_keeps_the_newest_back(env):
     cfg, task, registry, feedback, tmp_path = env
     first = assemble(task, cfg.model("m"), cfg.training, registry, feedback, None)
