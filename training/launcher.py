@@ -40,7 +40,7 @@ from tuneloop.core.serving_time import JobMoments, rollout_complete, serving_tim
 from tuneloop.core.tasks import Task, model_tasks
 from tuneloop.store.jobs import Heartbeat, JobLost, JobRecord, JobRunning, JobStore, hand_over, take_lease
 from tuneloop.store.records import FeedbackStore
-from tuneloop.store.registry import Manifest, Registry
+from tuneloop.store.registry import Manifest, Registry, iso_time
 from tuneloop.store.storage import Storage
 from tuneloop.training.distill import teacher_of, with_teacher_logits
 from tuneloop.training.job_data import TRANSFER, JobData, assemble, with_training_columns
@@ -378,7 +378,6 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
                                     tables={"trained_on": trained_on, "reservoir": data.reservoir, "golden": data.golden,
                                             "held": data.held, "answered": data.answered})
     published = _now()
-    _prune_train_runs(storage, model)
     job.version = manifest.version
     job.metrics = metrics.model_dump()
     job.gate = gate
@@ -396,6 +395,7 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
     else:
         job.state, job.promoted = "rejected", False
         job.message = f"{manifest.version} rejected by the gate: {gate.reason}"
+    _prune_train_runs(storage, model)
     moments = JobMoments(created=datetime.fromisoformat(job.created_at), training_started=training_started,
                          training_ended=training_ended, evaluation_s=float(report.get("evaluation_s", 0.0)),
                          gated=gated, published=published, optimized=optimized)
@@ -458,9 +458,26 @@ def _wait_for_rollout(registry: Registry, model: str, version: str, reload_inter
 
 def _prune_train_runs(storage: Storage, model: str, keep: int = KEEP_TRAIN_RUNS) -> None:
     """Ray Train's run folders hold a full checkpoint each, and the registry holds the
-    published copy: keep the newest few of a model (to debug a job), delete the rest."""
-    mine = re.compile(rf"^{re.escape(model)}-[0-9a-f]{{16}}$")  # <model>-<job id>: not model "a-b"'s for "a"
-    runs = sorted((i for i in storage.list_dir("train_runs") if mine.match(i.base_name)), key=lambda i: i.mtime_ns or 0)
+    published copy: keep the newest few of a model (to debug a job), delete the rest. After
+    the version is handed over, and never failing the job: a listing error here failed an
+    accepted job before its version was handed over."""
+    mine = re.compile(rf"^{re.escape(model)}-([0-9a-f]{{16}})$")  # <model>-<job id>: not model "a-b"'s for "a"
+    jobs = JobStore(storage)
+
+    def started(run) -> str:
+        """When its job started, by the job's record: an object store gives a folder no
+        modification time, and its runs were kept in the listing's order, not the newest."""
+        try:
+            job = jobs.get(mine.match(run.base_name).group(1))
+        except Exception:  # noqa: BLE001 - a record cut or out of reach: the folder's own time
+            job = None
+        return job.created_at if job else iso_time(datetime.fromtimestamp((run.mtime_ns or 0) / 1e9, UTC))
+
+    try:
+        runs = sorted((i for i in storage.list_dir("train_runs") if mine.match(i.base_name)), key=started)
+    except OSError as e:
+        log.warning("could not list the train runs to prune: %s", e)
+        return
     for old in runs[:-keep] if keep else runs:
         try:
             storage.delete_dir(f"train_runs/{old.base_name}")

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from tuneloop.core.errors import Conflict, CorruptStoredFile
+from tuneloop.core.errors import Conflict, CorruptStoredFile, TuneloopError
 from tuneloop.core.gate import GateDecision
 from tuneloop.core.rollout import RolloutConfig, first_stage
 from tuneloop.core.serving_time import ServingTime
@@ -295,6 +295,22 @@ class RecordLease:
         self.storage.update_json(self.rel, lambda doc: {} if (doc or {}).get("job_id") == self.job_id else None)
 
 
+def _job_change(job: JobRecord, change: Callable[[str], Any]) -> Any:
+    """``change(request)`` with the job's request id, sent once more if it failed on the way:
+    an object store's answer lost after a conditional put that landed failed the job (a
+    failed-run alert) with its version production. The id makes a landed first try count
+    once (``RegistryState.carried_out``); the store's refusals (Conflict) are answers."""
+    request = f"job {job.job_id}"
+    try:
+        return change(request)
+    except TuneloopError:
+        raise
+    except Exception as e:  # noqa: BLE001 - storage's own errors, of many types (botocore's, OSError)
+        log.warning("job %s: changing production's state failed (%s: %s); trying once more", job.job_id,
+                    type(e).__name__, e)
+        return change(request)
+
+
 def promote_or_wait(registry: Registry, job: JobRecord, version: str, parent: str | None, reason: str) -> None:
     """Promote a job's accepted ``version`` if production is still the ``parent`` it trained
     from and was gated against; otherwise leave it waiting as a candidate.
@@ -305,8 +321,9 @@ def promote_or_wait(registry: Registry, job: JobRecord, version: str, parent: st
     promoting would end it. Sets ``job.promoted`` and ``job.message``.
     """
     try:
-        registry.promote(job.model, version, reason=f"job {job.job_id}: {reason}", expect_production=parent,
-                         over_rollout=False)
+        _job_change(job, lambda request: registry.promote(
+            job.model, version, reason=f"job {job.job_id}: {reason}", expect_production=parent, over_rollout=False,
+            request=request))
     except Conflict as e:
         registry.record_candidate(
             job.model, version, reason=f"job {job.job_id} trained from {parent or 'the base model'}, "
@@ -342,8 +359,9 @@ def hand_over(registry: Registry, job: JobRecord, version: str, parent: str | No
         return
     stage, _, percent = first_stage(rollout.mode, rollout.canary_steps)
     try:
-        registry.start_rollout(job.model, version, stage, percent, f"job {job.job_id}: {reason}",
-                               expect_production=parent)
+        _job_change(job, lambda request: registry.start_rollout(
+            job.model, version, stage, percent, f"job {job.job_id}: {reason}", expect_production=parent,
+            request=request))
     except Conflict as e:
         registry.record_candidate(job.model, version, reason=f"job {job.job_id}: not rolled out: {e.message}")
         job.message = f"{version} passed the gate but was not rolled out ({e.message}): it waits as a candidate"

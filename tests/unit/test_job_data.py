@@ -289,6 +289,26 @@ def test_old_train_runs_of_a_model_are_pruned_and_other_models_kept(tmp_path):
         "a-0000000000000002", "a-0000000000000003", "a-b-0000000000000000"]
 
 
+def test_train_runs_are_kept_by_their_jobs_start_not_the_folders_time(tmp_path):
+    """An object store gives a folder no modification time: the runs kept were the
+    listing's last, not the newest."""
+    import os
+
+    from tuneloop.store.jobs import JobRecord, JobStore
+    from tuneloop.training.launcher import _prune_train_runs
+
+    storage = Storage(str(tmp_path / "store"))
+    for i in range(4):
+        JobStore(storage).save(JobRecord(job_id=f"{i:016x}", model="a", trigger="manual", state="succeeded",
+                                         created_at=f"2026-01-0{i + 1}T00:00:00.000+00:00"))
+        run = tmp_path / "store/train_runs" / f"a-{i:016x}"
+        run.mkdir(parents=True)
+        os.utime(run, (2_000_000 - i, 2_000_000 - i))  # folders' times the other way round
+    _prune_train_runs(storage, "a", keep=2)
+    assert sorted(p.name for p in (tmp_path / "store/train_runs").iterdir()) == [
+        "a-0000000000000002", "a-0000000000000003"]
+
+
 def test_a_key_flipping_labels_is_held_out_until_released_then_trained(env):
     """One key answers 60 predictions, saying production (90% right on the golden set) was
     wrong every time: the job quarantines the key, trains on none of its rows and keeps them

@@ -276,6 +276,25 @@ def test_job_promotes_when_production_is_still_its_parent(registry, jobs):
     assert registry.state("m").history[-1].reason == f"job {job.job_id}: accuracy up"
 
 
+def test_a_promote_whose_answer_was_lost_after_it_landed_counts_once(registry, jobs):
+    """On an object store a conditional put's answer can be lost after it landed: the job
+    failed (a failed-run alert) with its version production."""
+    registry.promote("m", "v1")
+    job = _job(jobs)
+    promote = registry.promote
+
+    def lost_answer(*args, **kwargs):
+        registry.promote = promote  # the next try goes through
+        promote(*args, **kwargs)
+        raise OSError("connection reset by peer")
+
+    registry.promote = lost_answer
+    promote_or_wait(registry, job, "v2", parent="v1", reason="accuracy up")
+    state = registry.state("m")
+    assert state.production == "v2" and job.promoted is True
+    assert [e.event for e in state.history] == ["promote", "promote"]  # v1's and v2's: once
+
+
 def test_first_version_promotes_only_onto_an_empty_production(registry, jobs):
     job = _job(jobs)
     promote_or_wait(registry, job, "v1", parent=None, reason="first version")
