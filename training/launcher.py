@@ -230,7 +230,8 @@ def run_training(cfg: TuneloopConfig, model: str, trigger: str = "manual", job: 
 
     The process holds the model's lease for the whole run (a second job of the model fails
     at once, naming this one) and beats the job's heartbeat, so that if it dies the job is
-    reported failed and the kernel frees the lease for the next one.
+    reported failed and the lease goes to the next one (on a local root the kernel frees its
+    lock; on an object store the next job takes a lease whose job was marked lost).
     """
     storage = Storage(cfg.storage.root)
     registry, jobs = Registry(storage), JobStore(storage)
@@ -247,6 +248,9 @@ def run_training(cfg: TuneloopConfig, model: str, trigger: str = "manual", job: 
     heartbeat = Heartbeat(jobs, job)
     try:
         heartbeat.start()
+        # Marked lost before its first beat (its process started late): it trained to the end,
+        # to be refused at publishing.
+        jobs.check_still_running(job)
         manifest = _train(cfg, model, job, storage, registry, optimize)
         return TrainingOutcome(job, manifest)
     except KeyboardInterrupt:  # the operator's Ctrl-C: recorded as such, then passed on
@@ -437,7 +441,8 @@ def _wait_for_rollout(registry: Registry, model: str, version: str, reload_inter
     here (no `tuneloop run` beside a CLI job) or the rollout did not finish in time."""
     from ray import serve
 
-    deadline = time.monotonic() + max(ROLLOUT_WAIT_S, 10 * reload_interval_s)
+    wait_s = max(ROLLOUT_WAIT_S, 10 * reload_interval_s)
+    deadline = time.monotonic() + wait_s
     while True:
         try:
             apps = serve.status().applications
@@ -451,7 +456,7 @@ def _wait_for_rollout(registry: Registry, model: str, version: str, reload_inter
             return done
         if time.monotonic() > deadline:
             log.warning("%s %s: not every replica serves it after %.0f s; rollout time left unknown",
-                        model, version, ROLLOUT_WAIT_S)
+                        model, version, wait_s)
             return None
         time.sleep(min(1.0, reload_interval_s))
 

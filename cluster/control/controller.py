@@ -3,7 +3,8 @@
 It is the edge where cluster/ meets Ray: the decision itself is the pure
 ``which_trigger``; each job runs as a Ray task so the actor stays responsive and a
 crashing job cannot take it down. It also sweeps the job records for dead jobs
-(``JobStore.all``, which settles them), so a job whose process died is marked failed within a minute.
+(``JobStore.all``, which settles them), so a job whose process died is marked failed about a
+minute later (``STALE_AFTER_S`` and the next sweep).
 """
 
 from __future__ import annotations

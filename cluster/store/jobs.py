@@ -96,16 +96,22 @@ class JobStore:
         self.save(job)
         return job
 
-    def save(self, job: JobRecord) -> None:
+    def save(self, job: JobRecord) -> bool:
         """Every write of a record is a ``Storage.update``, so marking a job lost (a
         read-decide-write by another process, maybe on another host) never overwrites the
-        final record its slow, not dead, process wrote meanwhile."""
+        final record its slow, not dead, process wrote meanwhile. False where a running
+        record was not written for that: the stored one was marked lost."""
+        refused = []
+
         def write(stored: dict | None) -> dict | None:
+            refused.clear()  # a retried compare-and-swap runs this again
             if job.state == "running" and stored is not None and stored.get("state") != "running":
+                refused.append(True)
                 return None  # marked lost meanwhile (its heartbeat was late): a beat must not revive it
             return job.model_dump(mode="json")
 
         self.storage.update_json(f"jobs/{job.job_id}.json", write)
+        return not refused
 
     def _read(self, job_id: str) -> JobRecord | None:
         return read_stored(self.storage, JobRecord, f"jobs/{job_id}.json")  # cut or hand-edited: CorruptStoredFile
@@ -212,12 +218,16 @@ class Heartbeat:
     def __init__(self, jobs: JobStore, job: JobRecord, every_s: float = HEARTBEAT_EVERY_S):
         self.jobs, self.job, self.every_s = jobs, job, every_s
         self._snapshot = job.model_copy()
+        self.lost = False  # the stored record was marked lost: beats no longer reach it
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job.job_id}", daemon=True)
 
     def beat(self) -> None:
         self.job.heartbeat_at = self._snapshot.heartbeat_at = self.jobs.now()
-        self.jobs.save(self._snapshot)
+        if not self.jobs.save(self._snapshot) and not self.lost:
+            self.lost = True  # said once: the beats stop reaching the record, and the job will not publish
+            log.error("job %s was marked lost while it runs (its heartbeat was late, or another host's clock is "
+                      "ahead): it will not publish its version", self.job.job_id)
 
     def start(self) -> Heartbeat:
         self.beat()  # at once: the record says who runs it before anyone looks

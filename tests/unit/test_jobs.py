@@ -71,6 +71,32 @@ def test_heartbeats_keep_a_job_alive_and_the_last_one_is_named(jobs, clock):
     assert lost.error == f"lost: no heartbeat since {beat_at} (the job's process died)"
 
 
+def test_a_heartbeat_on_a_record_marked_lost_says_so_once_and_does_not_revive_it(jobs, storage, clock, caplog):
+    job = jobs.create("m", "manual")
+    clock.advance(61)
+    assert jobs.get(job.job_id).state == "failed"  # its process was late to start beating
+    heartbeat = Heartbeat(jobs, job)
+    with caplog.at_level("ERROR", logger="tuneloop.store.jobs"):
+        heartbeat.beat()
+        heartbeat.beat()
+    assert heartbeat.lost and _on_disk(storage, job.job_id)["state"] == "failed"
+    assert sum("was marked lost while it runs" in r.message for r in caplog.records) == 1
+
+
+def test_a_job_marked_lost_before_its_first_beat_stops_before_it_trains(tmp_path):
+    """It trained to the end, to be refused at publishing."""
+    from tuneloop.core.config import parse_config
+    from tuneloop.training.launcher import run_training
+
+    cfg = parse_config({"models": [{"name": "m", "base_model": "x", "labels": ["a", "b"]}],
+                        "storage": {"root": str(tmp_path / "store")}})
+    jobs = JobStore(Storage(cfg.storage.root))
+    job = jobs.create("m", "feedback")
+    jobs.save(job.model_copy(update={"state": "failed", "error": "lost: no heartbeat since it was created"}))
+    outcome = run_training(cfg, "m", job=job)  # no Ray: it stops before the data is even read
+    assert outcome.manifest is None and outcome.job.state == "failed" and "JobLost" in outcome.job.error
+
+
 def test_staleness_threshold_is_a_parameter(storage, clock):
     quick = JobStore(storage, clock=clock, stale_after_s=2)
     job = quick.create("m", "manual")
