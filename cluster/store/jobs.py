@@ -34,6 +34,13 @@ from tuneloop.store.storage import FileLock, Storage
 log = logging.getLogger(__name__)
 
 JobState = Literal["running", "succeeded", "rejected", "failed"]
+# (storage root, record) -> (the listing's modification time and size, the record) of the
+# finished jobs this process read. A finished record does not change, and every sweep, scrape
+# and job start reads every record: a year of hourly jobs is tens of thousands of reads each
+# time, one GET apiece on an object store. Kept without their gate, metrics and serving time,
+# which ``all``'s callers do not read (``get`` reads a record whole).
+_FINISHED: dict[tuple[str, str], tuple[tuple[int, int], JobRecord]] = {}
+_NOT_KEPT = {"metrics": None, "gate": None, "serving_time": None}
 
 STALE_AFTER_S = 60.0
 """A running job whose heartbeat is older than this is taken for dead."""
@@ -172,11 +179,19 @@ class JobStore:
         return None if job is None else self._settle(job)
 
     def _read_all(self) -> list[JobRecord]:
-        """Every readable record. One that is cut or hand-edited is left out, with a warning
+        """Every readable record; a finished one this process read before, unless its file
+        changed, from ``_FINISHED``. One that is cut or hand-edited is left out, with a warning
         once per process: it stopped the retrain controller at every start, and every sweep
         that marks dead jobs (``GET /v1/jobs/{id}`` answers it 503 corrupt_stored_file)."""
         jobs = []
-        for rel in self.storage.list_files("jobs", ".json"):
+        for info in self.storage.list_dir("jobs"):
+            if not (info.is_file and info.base_name.endswith(".json")):
+                continue
+            rel, seen = f"jobs/{info.base_name}", (info.mtime_ns, info.size)
+            cached = _FINISHED.get((self.storage.uri, rel))
+            if cached is not None and None not in seen and cached[0] == seen:
+                jobs.append(cached[1])
+                continue
             try:
                 job = read_stored(self.storage, JobRecord, rel)
             except CorruptStoredFile as e:
@@ -186,10 +201,13 @@ class JobStore:
                 continue
             if job is not None:
                 jobs.append(job)
+                if job.state != "running" and None not in seen:
+                    _FINISHED[self.storage.uri, rel] = seen, job.model_copy(update=_NOT_KEPT)
         return sorted(jobs, key=lambda j: j.created_at)
 
     def all(self) -> list[JobRecord]:
-        """Every readable record, a dead running job's marked failed (persisted) first."""
+        """Every readable record, a dead running job's marked failed (persisted) first; a
+        finished job's may come without its gate, metrics and serving time (``_FINISHED``)."""
         return [self._settle(j) for j in self._read_all()]
 
     def check_still_running(self, job: JobRecord) -> None:

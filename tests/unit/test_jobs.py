@@ -104,6 +104,33 @@ def test_staleness_threshold_is_a_parameter(storage, clock):
     assert quick.get(job.job_id).state == "failed"
 
 
+def test_a_finished_record_is_read_once_per_process_until_its_file_changes(storage, clock):
+    """Every sweep, scrape and job start read every record: tens of thousands of GETs a
+    time after a year of hourly jobs on an object store."""
+    jobs = JobStore(storage, clock=clock)
+    done = []
+    for _ in range(5):
+        done.append(jobs.create("m", "manual"))
+        done[-1].state = "succeeded"
+        jobs.save(done[-1])
+        clock.advance(1)
+    running = jobs.create("m", "manual")
+    reads = []
+    read_json = storage.read_json
+    storage.read_json = lambda rel: reads.append(rel) or read_json(rel)
+    assert [j.state for j in jobs.all()] == ["succeeded"] * 5 + ["running"]
+    assert len(reads) == 6
+    reads.clear()
+    again = JobStore(storage, clock=clock)  # another reader in the same process (a scrape's)
+    assert [j.job_id for j in again.all()] == [j.job_id for j in [*done, running]]
+    assert reads == [f"jobs/{running.job_id}.json"]  # only the running one is read again
+    done[0].state, done[0].error = "failed", "lost, then its process wrote its end"
+    jobs.save(done[0])  # a changed file is read anew
+    reads.clear()
+    assert jobs.all()[0].state == "failed" and sorted(reads) == sorted(
+        [f"jobs/{done[0].job_id}.json", f"jobs/{running.job_id}.json"])
+
+
 def test_finished_jobs_never_go_stale(jobs, clock):
     job = jobs.create("m", "manual")
     job.state = "succeeded"
