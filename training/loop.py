@@ -78,6 +78,15 @@ def _target_tensor(targets: list, task: Task, device):
     return torch.as_tensor(targets, dtype=torch.float32 if task.target_dtype == "float" else torch.long, device=device)
 
 
+def _training_loss(out, target):
+    """The head's own loss of a micro-batch, or a zero through its logits where no token of
+    the batch is tagged (token windows of texts whose tokens are all special: combining marks
+    an uncased tokenizer strips). The head's mean over no token is NaN; its gradients are
+    zeros, but the epoch's logged loss read NaN from that batch on."""
+    untagged = not target.dtype.is_floating_point and target.dim() > 1 and bool((target == -100).all())
+    return out.logits.sum() * 0.0 if untagged else out.loss
+
+
 def _activated(logits, task: Task):
     """Scores from logits as the task reads them: a softmax over the last axis, or a sigmoid
     per output (multi-label)."""
@@ -451,7 +460,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                          None if labelled is None else torch.tensor(labelled, device=engine.device),
                                          task, distill["temperature"], distill["alpha"])
             else:
-                loss = engine(**inputs, labels=target).loss
+                loss = _training_loss(engine(**inputs, labels=target), target)
             engine.backward(loss)
             steps_before = engine.global_steps
             engine.step()  # an optimizer step at every accumulation boundary

@@ -249,6 +249,25 @@ def test_a_checkpoint_with_the_labels_in_another_order_trains_from_its_rows_in_o
     assert added == [5, 6] and torch.equal(more.classifier.weight[:5], before[[0, 3, 4, 1, 2]])
 
 
+def test_a_text_classifier_trains_one_class_a_text_from_a_multi_label_checkpoint(tmp_path):
+    """The model's built-in loss follows the checkpoint's problem_type: BCE over class ids
+    failed every job of a model started from a multi-label hub checkpoint."""
+    import torch
+
+    from tests.tiny_models import build_tiny_model
+    from tuneloop.core.tasks import make_task
+    from tuneloop.training.model_files import load_for_training
+
+    import json
+
+    path = build_tiny_model(tmp_path / "m", ["joy", "anger", "fear"], task="multi-label-classification")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "problem_type": "multi_label_classification"}))
+    model, _ = load_for_training(path, make_task("text-classification", ["joy", "anger"]), None)
+    out = model(input_ids=torch.tensor([[101, 2000, 102]] * 2), labels=torch.tensor([0, 1]))
+    assert model.config.problem_type == "single_label_classification" and torch.isfinite(out.loss)
+
+
 def test_training_speed_leaves_the_first_epoch_out_of_the_steady_state():
     parts = {"workers": 5.5, "model_load": 3.0, "deepspeed": 0.5, "first_batch": 3.345}
     speed = training_speed([(1000, 50.0), (1000, 20.0), (1000, 30.0)], parts)
@@ -323,6 +342,18 @@ def test_the_evaluation_loss_is_the_heads_own_computed_in_fp32(tmp_path, task_na
     if task_name == "token-classification":  # no tagged token: nothing summed, not NaN
         assert _eval_loss(out.logits, torch.full_like(target, -100), task)[1] == 0
         assert float(_eval_loss(out.logits, torch.full_like(target, -100), task)[0]) == 0.0
+    # Training: the head's own loss, or a zero with zero gradients where no token is tagged
+    # (the head's mean over none is NaN, and the epoch's logged loss with it).
+    from tuneloop.training.loop import _training_loss
+
+    assert _training_loss(out, target) is out.loss
+    untagged = torch.full_like(target, -100) if task_name == "token-classification" else None
+    if untagged is not None:
+        head_loss = model(**enc, labels=untagged)
+        assert math.isnan(float(head_loss.loss))
+        zero = _training_loss(head_loss, untagged)
+        zero.backward()
+        assert float(zero) == 0.0 and all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 
 def test_a_validation_row_of_control_characters_leaves_the_token_loss_finite(tmp_path, monkeypatch):

@@ -18,6 +18,10 @@ class TextClassification(Task):
     feedback_columns = {"predicted_label": "string", "label": "string"}
     target_columns = ("label",)
     training_columns = {"label_id": "int64"}
+    # One class a text, whatever the base checkpoint says: transformers' built-in loss follows
+    # the config's problem_type, and a multi-label checkpoint's (a go_emotions model) took
+    # BCE over class ids, failing every job on the first batch.
+    model_options = {"problem_type": "single_label_classification"}
 
     def __init__(self, labels):
         if len(labels) < 2:
