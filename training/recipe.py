@@ -53,6 +53,10 @@ _BLOCK = re.compile(r"(?:^|\.)(?:layer|layers|block|h)\.(\d+)\.")
 # families' names, and any name holding "embed" (ELECTRA's embeddings_project, DeBERTa's
 # rel_embeddings, which every block reads), which named segments alone left training.
 _EMBEDDING = re.compile(r"(?:^|\.)(?:\w*embed\w*|wte|wpe|shared)(?:\.|$)")
+# What else every block reads, outside them: DeBERTa-v2's norm of its relative embeddings
+# (encoder.LayerNorm) and the convolution over layer 0's output (encoder.conv), MPNet's
+# relative attention bias. Left training, the frozen layers' outputs moved all the same.
+_SHARED_INPUT = re.compile(r"(?:^|\.)(?:encoder\.(?:LayerNorm|conv)|relative_attention_bias)\.")
 
 
 # Where Hugging Face configs keep the encoder's layer count (BERT and most; GPT-2; T5;
@@ -108,7 +112,8 @@ def frozen_parameters(names: Iterable[str], base_prefix: str, freeze_layers: int
     for name in encoder:
         inner = name[len(base_prefix) + 1:]
         block = _BLOCK.search(inner)
-        if (block and int(block.group(1)) < freeze_layers) or (not block and _EMBEDDING.search(inner)):
+        feeds_blocks = _EMBEDDING.search(inner) or _SHARED_INPUT.search(f"{base_prefix}.{inner}")
+        if (block and int(block.group(1)) < freeze_layers) or (not block and feeds_blocks):
             frozen.add(name)
     return frozen
 

@@ -96,6 +96,17 @@ def test_freeze_layers_takes_every_embedding_stage_that_feeds_the_blocks():
                "deberta.encoder.layer.0.attention.self.query_proj.weight",
                "deberta.encoder.layer.1.attention.self.query_proj.weight", "classifier.weight"]
     assert frozen_parameters(deberta, "deberta", freeze_layers=1, feature_extraction=False) == set(deberta[:3])
+    # What every block reads besides: DeBERTa-v2's norm of those embeddings and its
+    # convolution over layer 0's output; MPNet's relative attention bias. Not the pooler.
+    v2 = ["deberta.embeddings.word_embeddings.weight", "deberta.encoder.rel_embeddings.weight",
+          "deberta.encoder.LayerNorm.weight", "deberta.encoder.conv.conv.weight",
+          "deberta.encoder.conv.LayerNorm.bias", "deberta.encoder.layer.0.output.dense.weight",
+          "deberta.encoder.layer.1.output.dense.weight", "pooler.dense.weight", "classifier.weight"]
+    assert frozen_parameters(v2, "deberta", freeze_layers=1, feature_extraction=False) == set(v2[:6])
+    mpnet = ["mpnet.embeddings.word_embeddings.weight", "mpnet.encoder.relative_attention_bias.weight",
+             "mpnet.encoder.layer.0.output.dense.weight", "mpnet.encoder.layer.1.output.dense.weight",
+             "mpnet.pooler.dense.weight", "classifier.dense.weight"]
+    assert frozen_parameters(mpnet, "mpnet", freeze_layers=1, feature_extraction=False) == set(mpnet[:3])
 
 
 def test_a_frozen_model_whose_head_has_no_bias_gets_no_empty_parameter_group():
