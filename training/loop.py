@@ -29,7 +29,7 @@ from tuneloop.training.recipe import (
     student_layers,
     zero_stage_to_run,
 )
-from tuneloop.training.shards import batches, epoch_batches, worker_shard
+from tuneloop.training.shards import batches, epoch_batches
 
 EVAL_BATCH_SIZE = 64
 PROGRESS_EVERY_S = 30.0  # a line within an epoch this often: a one-epoch job showed none until it ended
@@ -407,8 +407,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                + (f" (gradient_accumulation_steps {config['gradient_accumulation_steps']} held to the "
                   f"{accumulation} micro-batches a worker has over all epochs)"
                   if accumulation < config["gradient_accumulation_steps"] else ""))
-    train_shard = worker_shard(train, rank, world)
-    lengths = _token_lengths(tokenizer, train_shard, max_length) if config["group_by_length"] else None
+    lengths = _token_lengths(tokenizer, train, max_length) if config["group_by_length"] else None
     # The evaluation sets are scored at the serving length (training.max_length may differ:
     # the shipped config trains at 64 and serves at 128), within what the model takes.
     eval_length = min(config.get("eval_max_length", max_length), tokenizer.model_max_length)
@@ -445,7 +444,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine.train()
     for epoch in range(config["epochs"]):
         t0, seen, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
-        for batch in epoch_batches(train_shard, epoch, batch_size, config["seed"], rank, world, lengths):
+        for batch in epoch_batches(train, epoch, batch_size, config["seed"], rank, world, lengths):
             if "first_batch" not in marks:  # less production's baseline scoring: evaluation, not start-up
                 marks["first_batch"] = time.time() - evaluate.seconds
             # A long text in windows where its task reads it so: cut at max_length, the

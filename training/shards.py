@@ -2,7 +2,7 @@
 
 The job hands its workers the tables it assembled (``job_data``: a few MB even at
 ``max_rows_per_job``, already in the driver's memory) through Ray's object store, and each
-worker cuts its own share here. Not through Ray Data's datasets handed to the TorchTrainer:
+worker takes its own share of each epoch here. Not through Ray Data's datasets handed to the TorchTrainer:
 they added two actor processes for the job's length (a split coordinator and Ray Data's
 stats actor) and a first block that took 0.6-3.0 s to reach the worker, for a data path that
 measured 0.08 s of a 30 s epoch. Idle processes matter on a small machine: beside a plain
@@ -26,23 +26,27 @@ from tuneloop.training.recipe import worker_rows
 GROUP_WINDOW = 50  # batches sorted together by length: Hugging Face's megabatch of 50
 
 
-def worker_shard(table: pa.Table, rank: int, world: int) -> pa.Table:
-    """Worker ``rank``'s contiguous share of ``table`` (already shuffled by ``job_data``):
-    ``worker_rows`` of them, the share ``optimizer_steps`` counts steps for."""
+def epoch_rows(rows: int, epoch: int, seed: int, rank: int, world: int) -> np.ndarray:
+    """The row numbers worker ``rank`` trains on in ``epoch``: its contiguous share of the
+    table's order, ``worker_rows`` of them (the share ``optimizer_steps`` counts steps for;
+    the last shares wrap around to the first rows). At epoch 0 the job's order (shuffled by
+    ``job_data``), later a permutation of every row that all workers draw alike, as torch's
+    DistributedSampler reshuffles at each ``set_epoch``: each worker shuffled its own share
+    alone, so a row never moved to another worker, nor changed the rows it shared a step with
+    on the others, and the same rows trained twice every epoch."""
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not one of {world} workers")
-    share = worker_rows(table.num_rows, world)
-    if (rank + 1) * share <= table.num_rows:
-        return table.slice(rank * share, share)
-    return table.take(pa.array([(rank * share + i) % table.num_rows for i in range(share)], pa.int64()))
+    order = np.arange(rows) if epoch == 0 else np.random.default_rng(seed * 1000 + epoch).permutation(rows)
+    share = worker_rows(rows, world)
+    return order[(rank * share + np.arange(share)) % rows] if rows else order
 
 
 def batches(table: pa.Table, batch_size: int, order: np.ndarray | None = None) -> Iterator[dict[str, list[Any]]]:
     """``table``'s rows in batches of ``batch_size`` (the last one shorter), each a dict of
-    column to Python list, in ``order`` (row indices) if given."""
+    column to Python list; with ``order`` (row indices), those rows in that order."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-    for start in range(0, table.num_rows, batch_size):
+    for start in range(0, table.num_rows if order is None else len(order), batch_size):
         if order is None:
             chunk = table.slice(start, batch_size)
         else:
@@ -50,20 +54,16 @@ def batches(table: pa.Table, batch_size: int, order: np.ndarray | None = None) -
         yield chunk.to_pydict()
 
 
-def epoch_batches(shard: pa.Table, epoch: int, batch_size: int, seed: int, rank: int,
+def epoch_batches(table: pa.Table, epoch: int, batch_size: int, seed: int, rank: int,
                   world: int, lengths: np.ndarray | None = None) -> Iterator[dict[str, list[Any]]]:
-    """One epoch of a worker's shard: the job's order (shuffled once, by ``job_data``) at
-    epoch 0, a full reshuffle at every later epoch with a seed of its own for each epoch and
-    worker, as a textbook loop reshuffles every epoch; a rerun repeats the same orders. With
-    the rows' ``lengths`` (tokens), that order regrouped into batches of rows of about one
-    length (``length_grouped``)."""
-    rng = np.random.default_rng((seed * 1000 + epoch) * world + rank)
-    order = np.arange(shard.num_rows) if epoch == 0 else rng.permutation(shard.num_rows)
+    """One epoch of worker ``rank``'s rows of the job's ``table`` (``epoch_rows``): a new
+    order every epoch after the first, which a rerun repeats. With the rows' ``lengths``
+    (tokens, a row of ``table`` each), regrouped into batches of rows of about one length
+    (``length_grouped``, with a generator of its own for each epoch and worker)."""
+    order = epoch_rows(table.num_rows, epoch, seed, rank, world)
     if lengths is not None:
-        order = length_grouped(order, lengths, batch_size, rng)
-    elif epoch == 0:
-        order = None
-    return batches(shard, batch_size, order)
+        order = length_grouped(order, lengths, batch_size, np.random.default_rng((seed * 1000 + epoch) * world + rank))
+    return batches(table, batch_size, order)
 
 
 def length_grouped(order: np.ndarray, lengths: np.ndarray, batch_size: int, rng: np.random.Generator,

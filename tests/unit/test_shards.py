@@ -2,39 +2,44 @@ import pyarrow as pa
 import pytest
 
 from tuneloop.training.recipe import worker_rows
-from tuneloop.training.shards import batches, epoch_batches, worker_shard
+from tuneloop.training.shards import batches, epoch_batches, epoch_rows
 
 
 def _table(n: int) -> pa.Table:
     return pa.table({"i": list(range(n)), "tags": [[i, i + 1] for i in range(n)]})
 
 
-def _order(shard: pa.Table, epoch: int, rank: int = 0, world: int = 2, seed: int = 0) -> list[int]:
-    return [i for batch in epoch_batches(shard, epoch, 8, seed=seed, rank=rank, world=world) for i in batch["i"]]
+def _order(table: pa.Table, epoch: int, rank: int = 0, world: int = 2, seed: int = 0) -> list[int]:
+    return [i for batch in epoch_batches(table, epoch, 8, seed=seed, rank=rank, world=world) for i in batch["i"]]
 
 
-def test_each_epoch_after_the_first_reshuffles_the_shard():
-    shard = _table(40)
-    assert _order(shard, 0) == list(range(40))  # the job's own (already shuffled) order
-    epochs = [_order(shard, e) for e in (1, 2)]
+def test_each_epoch_after_the_first_reshuffles_every_row_among_the_workers():
+    """Each worker shuffled its own share alone: a row never moved to another worker, and
+    the rows that wrapped around trained twice in every epoch."""
+    table = _table(40)
+    assert _order(table, 0) == list(range(20)) and _order(table, 0, rank=1) == list(range(20, 40))  # the job's order
+    epochs = [_order(table, e) + _order(table, e, rank=1) for e in (1, 2)]
     for seen in epochs:
-        assert sorted(seen) == list(range(40)) and seen != list(range(40))
+        assert sorted(seen) == list(range(40)) and seen != list(range(40))  # every row once, among both
+    assert set(epochs[0][:20]) != set(range(20))  # rows moved between the workers
     assert epochs[0] != epochs[1]  # a new order every epoch...
-    assert _order(shard, 1) == epochs[0]  # ...that a rerun repeats
-    assert _order(shard, 1, rank=1) != epochs[0]  # each worker its own
-    assert _order(shard, 1, seed=1) != epochs[0]  # and each job seed
+    assert _order(table, 1) == epochs[0][:20]  # ...that a rerun repeats
+    assert _order(table, 1, seed=1) != epochs[0][:20]  # and each job seed its own
+    sizes = [len(b["i"]) for b in epoch_batches(table, 1, 8, seed=0, rank=0, world=2)]
+    assert sizes == [8, 8, 4]  # the worker's 20 rows, no empty batch past them
 
 
 def test_workers_get_equal_shares_of_every_row():
-    table = _table(43)
-    shares = [worker_shard(table, rank, 3)["i"].to_pylist() for rank in range(3)]
+    shares = [epoch_rows(43, 0, 0, rank, 3).tolist() for rank in range(3)]
     assert [len(s) for s in shares] == [15, 15, 15] == [worker_rows(43, 3)] * 3
     assert sorted(sum(shares, [])) == sorted(list(range(43)) + [0, 1])  # the last share wraps to the first rows
-    shares = [worker_shard(_table(5), rank, 4)["i"].to_pylist() for rank in range(4)]
+    shares = [epoch_rows(5, 0, 0, rank, 4).tolist() for rank in range(4)]
     assert shares == [[0, 1], [2, 3], [4, 0], [1, 2]]  # every row trains, none left out
-    assert worker_shard(table, 0, 1).num_rows == 43  # one worker: every row
+    assert len(epoch_rows(43, 0, 0, 0, 1)) == 43  # one worker: every row
+    wrapped = [epoch_rows(43, epoch, 0, 2, 3)[-2:].tolist() for epoch in (1, 2)]
+    assert wrapped[0] != wrapped[1]  # the rows trained twice change with the epoch
     with pytest.raises(ValueError, match="rank 3"):
-        worker_shard(table, 3, 3)
+        epoch_rows(43, 0, 0, 3, 3)
 
 
 def test_batches_are_python_lists_with_a_short_last_one():
