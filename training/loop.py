@@ -217,8 +217,9 @@ def _consolidated_state_dict(module, rank: int, precision: str, frozen_fp32: dic
                 state[name] = param.data.detach().to("cpu", torch.float32, copy=True).contiguous()
     if rank == 0:
         for name, buf in module.named_buffers():
-            if name in keys:
-                state[name] = buf.detach().to("cpu", copy=True)
+            if name in keys:  # a float buffer in fp32 like the weights: DeepSpeed cast it to bf16/fp16
+                dtype = torch.float32 if buf.is_floating_point() else buf.dtype
+                state[name] = buf.detach().to("cpu", dtype, copy=True)
     return state
 
 
