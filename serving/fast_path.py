@@ -8,9 +8,12 @@ they are set first thing, before anything imports ray. An operator's own setting
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sys
 
+from tuneloop.core.serving_config import HAPROXY_PORT_DEFAULTS
 from tuneloop.store.storage import private_temp_dir
 
 FAST_PATH_ENV = {
@@ -25,7 +28,7 @@ FAST_PATH_ENV = {
 
 
 # HAProxy's own metrics and stats listeners, on fixed ports by default (9101, 8404).
-HAPROXY_PORT_VARS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
+HAPROXY_PORT_VARS = tuple(HAPROXY_PORT_DEFAULTS)
 
 # Ray's HAProxy keeps its config, state and an admin socket (``stats socket ... mode 666
 # level admin``: anyone who can reach it can reconfigure the proxy) under the world-readable
@@ -52,6 +55,30 @@ def enable_fast_path(private_haproxy_ports: bool = False) -> None:
     os.environ.setdefault("RAY_SERVE_HAPROXY_SERVER_STATE_BASE", base)
     for var, name in _HAPROXY_FILE_VARS.items():
         os.environ.setdefault(var, os.path.join(base, name))
+
+
+def log_to_stderr() -> None:
+    """tuneloop's own lines of a Serve replica on the process's real stderr, at info (Ray's
+    log files for the worker, and the console of a local `tuneloop run`). Throughput-
+    optimized Serve keeps the ``ray.serve`` logger's records in memory, 1,000 at a time (an
+    ERROR flushes them), and sends none to stderr, which it redirects into that logger: a
+    replica's warnings (an artifact that did not load, a named runtime not served) reached no
+    file and no console. A process whose ``tuneloop`` logger has a handler (a local Ray's
+    worker setup) keeps it; outside a replica (a test constructing one) nothing changes."""
+    from ray import serve
+
+    logger = logging.getLogger("tuneloop")
+    if logger.handlers:
+        return
+    try:
+        serve.get_replica_context()
+    except Exception:  # noqa: BLE001 - RayServeException: not in a replica
+        return
+    handler = logging.StreamHandler(sys.__stderr__)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def haproxy_dir() -> str:

@@ -47,6 +47,7 @@ from tuneloop.core.rollout import Stage
 from tuneloop.store.storage import Storage
 from tuneloop.serving import metrics
 from tuneloop.serving.feedback_service import FeedbackService
+from tuneloop.serving.fast_path import log_to_stderr
 from tuneloop.serving.metric_files import cluster_metric_files, metrics_base, use_node_folder
 from tuneloop.serving.responses import V1, error_response, internal_error_response
 from tuneloop.core.names import (INGRESS_DEPLOYMENT, model_app_name, model_deployment_name, predict_route,
@@ -60,7 +61,7 @@ from tuneloop.serving.predict_request import (
     read_body,
 )
 
-log = logging.getLogger("ray.serve")
+log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 5.0
 CONTROLLER_LOOKUP_S = 5.0  # how long a retrain controller handle is trusted (Ingress._controller)
 
@@ -300,6 +301,7 @@ INGRESS_MAX_ONGOING, INGRESS_MAX_QUEUED = 256, 1024
 class Ingress:
     def __init__(self, config: dict):
         use_node_folder()  # first: before any metric value (serving/metric_files.py)
+        log_to_stderr()
         self.cfg = TuneloopConfig.model_validate(config)
         storage = Storage(self.cfg.storage.root)
         self.registry = Registry(storage)

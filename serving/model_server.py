@@ -50,6 +50,7 @@ from tuneloop.store.records import SHADOW_ROOT, PredictionLog, new_prediction_id
 from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage
 from tuneloop.serving import metrics
+from tuneloop.serving.fast_path import log_to_stderr
 from tuneloop.serving.metric_files import use_node_folder
 from tuneloop.serving.responses import error_response, internal_error_response
 from tuneloop.serving.batcher import ContinuousBatcher, ItemFailed
@@ -67,7 +68,7 @@ from tuneloop.serving.predict_request import (
     read_body,
 )
 
-log = logging.getLogger("ray.serve")
+log = logging.getLogger(__name__)
 CLIENT_HEADER = "x-client-id"  # keeps a client on one version through a canary step
 
 
@@ -101,6 +102,7 @@ class ModelServer:
                  keys: KeyRing | None = None,
                  load: Callable[..., LoadedModel] | None = None, watch: bool = True):
         use_node_folder()  # first: before any metric value (serving/metric_files.py)
+        log_to_stderr()
         cfg = TuneloopConfig.model_validate(config)
         self.cfg, self.serving = cfg.model(model), cfg.serving
         self.task = model_task(self.cfg)

@@ -29,7 +29,7 @@ from tuneloop.serving.loaded_models import LabelMismatch, LoadedModel, cpu_class
 from tuneloop.serving.optimize import measure_runtimes, speed_texts
 from tuneloop.store.registry import Registry
 
-log = logging.getLogger("ray.serve")
+log = logging.getLogger(__name__)
 LOAD_RETRY_S, LOAD_RETRY_MAX_S = 10.0, 600.0  # a version that failed to load is tried again, doubling
 REBUILD_CHECK_S = 30.0  # how often a replica reads its versions' manifests for a new optimize build
 

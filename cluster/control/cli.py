@@ -147,16 +147,24 @@ def optimize(model: str, version: str, config: str | None = ConfigOption) -> Non
     import logging
 
     from tuneloop.core.errors import UnknownVersion
+    from tuneloop.core.tasks import label_set
     from tuneloop.store.registry import Registry
 
     cfg = _load(config)
     known_model(cfg, model)
     registry = Registry(stored_root(cfg))
     try:
-        registry.manifest(model, version)  # before torch is imported: a mistyped version says so at once
+        manifest = registry.manifest(model, version)  # before torch is imported: a mistyped version says so at once
     except UnknownVersion as e:
         typer.echo(e.message, err=True)
         raise typer.Exit(2) from None
+    labels = cfg.model(model).labels
+    if label_set(manifest.task, manifest.labels) != label_set(manifest.task, labels):
+        # No replica serves it (they refuse it at load): its artifacts would never serve. Its
+        # parity reference failed to load with a 69-line traceback, exit 1 ("no artifact passed").
+        typer.echo(f"{model} {version} was trained for labels {manifest.labels}, the config has {labels}: no "
+                   "replica serves it, so there is nothing to optimize", err=True)
+        raise typer.Exit(2)
     from tuneloop.serving.optimize import optimize_version
 
     logging.getLogger("torch").setLevel(logging.ERROR)  # the exporter's progress lines

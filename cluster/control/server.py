@@ -26,6 +26,7 @@ from tuneloop.core.config import TRANSFER_KEY, ConfigError, ModelConfig, Tuneloo
 from tuneloop.core.model_source import local_config, not_a_model_folder
 from tuneloop.core.names import deploy_failures, not_running
 from tuneloop.core.tasks import label_set, model_task
+from tuneloop.core.serving_config import haproxy_ports
 from tuneloop.core.resources import (gpu_retraining_shortfall, local_ray_cpus, retraining_shortfall,
                                      serving_shortfall)
 from tuneloop.store.registry import Registry
@@ -228,9 +229,24 @@ def metrics_dir_for(cfg: TuneloopConfig) -> str:
     return path
 
 
-def check_port_free(host: str, port: int) -> None:
+def check_ports_free(host: str, port: int, local_ray: bool) -> None:
     """Fail fast: otherwise Serve's proxy fails in the background and /readyz would be
-    answered by whatever already holds the port."""
+    answered by whatever already holds the port. With ``local_ray``, HAProxy's side
+    listeners too: a second `tuneloop run` on another port started Ray, then died in a
+    35-line traceback of HAProxy's bind."""
+    problem = _bind_problem(host, port)
+    if problem:
+        raise SystemExit(f"cannot serve on {host}:{port}: {problem} (another tuneloop run?)")
+    for var, side in haproxy_ports().items() if local_ray else ():
+        problem = _bind_problem("0.0.0.0", side)
+        if problem:
+            raise SystemExit(f"Ray Serve's HAProxy needs port {side} ({var}): {problem} (another tuneloop run?); "
+                             f"a second server on this machine needs {' and '.join(haproxy_ports())} set to "
+                             "free ports")
+
+
+def _bind_problem(host: str, port: int) -> str | None:
+    """Why a listener cannot take ``host``:``port`` now (None: it can)."""
     with socket.socket() as s:
         # As servers do: connections of a killed predecessor, left in TIME_WAIT, do not
         # hold the port; only a live listener does.
@@ -238,7 +254,8 @@ def check_port_free(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as e:
-            raise SystemExit(f"cannot serve on {host}:{port}: {e.strerror} (another tuneloop run?)") from None
+            return e.strerror
+    return None
 
 
 def run_forever(cfg: TuneloopConfig) -> None:
@@ -252,7 +269,7 @@ def run_forever(cfg: TuneloopConfig) -> None:
     problems = data_problems(cfg)
     if problems:
         raise SystemExit("tuneloop: cannot start:\n  " + "\n  ".join(problems))
-    check_port_free(cfg.serving.host, cfg.serving.port)
+    check_ports_free(cfg.serving.host, cfg.serving.port, local_ray=cfg.ray.address in (None, "local"))
     announce_admin_key(cfg, storage)
     metrics_dir = metrics_dir_for(cfg)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir

@@ -57,6 +57,15 @@ class AutoscalingConfig(Section):
         return self
 
 
+# Ray Serve's HAProxy opens these listeners beside the serving port, on every interface.
+HAPROXY_PORT_DEFAULTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
+
+
+def haproxy_ports() -> dict[str, int]:
+    """HAProxy's side listeners, by the variable that moves each: the environment's, else Serve's default."""
+    return {var: int(os.environ.get(var) or default) for var, default in HAPROXY_PORT_DEFAULTS.items()}
+
+
 class ServingConfig(Section):
     host: str = Field(default="127.0.0.1", min_length=1,
                       description="an IPv4 address or host name; 0.0.0.0: every interface")
@@ -65,9 +74,8 @@ class ServingConfig(Section):
     @field_validator("port")
     @classmethod
     def _not_haproxys(cls, v: int) -> int:
-        # Ray's HAProxy opens these on every interface beside the serving port.
-        for var, default in (("RAY_SERVE_HAPROXY_STATS_PORT", 8404), ("RAY_SERVE_HAPROXY_METRICS_PORT", 9101)):
-            if v == int(os.environ.get(var) or default):
+        for var, port in haproxy_ports().items():
+            if v == port:
                 raise ValueError(f"port {v} is Ray Serve's HAProxy listener ({var}); give the server another port")
         return v
 

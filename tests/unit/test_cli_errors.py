@@ -189,6 +189,18 @@ def test_a_version_given_as_a_number_is_refused_with_its_name_and_before_torch_l
     assert shown.exit_code == 2 and "did you mean 'v3'?" in shown.output
 
 
+def test_optimizing_a_version_of_other_labels_than_the_configs_is_refused_in_a_line(config, tmp_path):
+    """No replica serves it; its parity reference failed to load: a 69-line traceback and
+    exit 1, which says no artifact passed parity."""
+    doc = yaml.safe_load(open(config))
+    doc["models"][0]["labels"] = ["a", "b", "c"]
+    grown = tmp_path / "grown.yaml"
+    grown.write_text(yaml.safe_dump(doc))
+    shown = CliRunner().invoke(app, ["optimize", "m", "v1", "-c", str(grown)])
+    assert shown.exit_code == 2 and "m v1 was trained for labels ['a', 'b'], the config has ['a', 'b', 'c']" in shown.output
+    assert "Traceback" not in shown.output
+
+
 def test_a_ray_address_without_its_port_is_refused_in_a_line(config):
     """Ray raised a bare ValueError ("Invalid address format"): a traceback."""
     from tuneloop.core.config import ConfigError

@@ -165,3 +165,27 @@ def test_a_student_with_more_layers_than_its_teacher_is_named_before_ray(tmp_pat
     assert any("model 'student': distill.student_layers 8 exceeds the teacher's 6 encoder layers" in p
                for p in problems), problems
     assert not any("student_layers" in p for p in data_problems(cfg(6)))
+
+
+def test_a_second_server_on_this_machine_is_refused_before_ray_starts_naming_haproxys_port(tmp_path, monkeypatch):
+    """Another `tuneloop run` holds HAProxy's side listeners: a second one on another port
+    started Ray, then died in a 35-line traceback of HAProxy's bind."""
+    import socket
+
+    from tuneloop.control.server import check_ports_free
+
+    with socket.socket() as held:
+        held.bind(("0.0.0.0", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", str(port))
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            serving = free.getsockname()[1]
+        with pytest.raises(SystemExit) as info:
+            check_ports_free("127.0.0.1", serving, local_ray=True)
+        assert f"Ray Serve's HAProxy needs port {port} (RAY_SERVE_HAPROXY_STATS_PORT)" in str(info.value)
+        assert "RAY_SERVE_HAPROXY_METRICS_PORT" in str(info.value)
+        check_ports_free("127.0.0.1", serving, local_ray=False)  # a cluster's HAProxy runs on its nodes
+        with pytest.raises(SystemExit, match=f"cannot serve on 0.0.0.0:{port}"):
+            check_ports_free("0.0.0.0", port, local_ray=False)
