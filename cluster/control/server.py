@@ -91,8 +91,10 @@ def data_problems(cfg: TuneloopConfig, models: list[str] | None = None, offline:
                             "id reads org/name)")
         elif production is None and base and (problem := not_a_model_folder(os.path.expanduser(base))):
             problems.append(f"models.{m.name}.base_model: {problem}")
-        if m.distill is not None and m.distill.student_layers and production is None:
-            problem = _student_layers_problem(cfg.model(m.distill.teacher).base_model, m.distill.student_layers)
+        if production is None:
+            tcfg, cut = cfg.training_for(m.name), m.distill.student_layers if m.distill else None
+            problem = _layers_problem(cfg.model(m.distill.teacher).base_model if cut else base, tcfg.freeze_layers,
+                                      tcfg.feature_extraction, cut)
             if problem:
                 problems.append(f"model {m.name!r}: {problem}")
         manifest = registry.manifest(m.name, production) if registry and production else None
@@ -117,14 +119,17 @@ def data_problems(cfg: TuneloopConfig, models: list[str] | None = None, offline:
     return problems
 
 
-def _student_layers_problem(teacher_base: str | None, student_layers: int) -> str | None:
-    """More ``student_layers`` than the teacher's base model has (every version of the teacher
-    has its layers), known from its config.json when it is on this machine: a local folder
-    or a bundled package. A hub id is not looked up (no download before Ray starts)."""
+def _layers_problem(base: str | None, freeze_layers: int, feature_extraction: bool,
+                    student_layers: int | None) -> str | None:
+    """More ``freeze_layers`` than v1's starting model has, or more ``student_layers`` than
+    the teacher's base model has (every version of the teacher has its layers), known from
+    its config.json when it is on this machine: a local folder or a bundled package. A hub id
+    is not looked up (no download before Ray starts). Found by the job, they failed it only
+    after Ray, and maybe other models' jobs, had started."""
     from tuneloop.training.recipe import layer_problem
 
-    config = local_config(teacher_base)
-    return None if config is None else layer_problem(config, 0, False, student_layers)
+    config = local_config(base)
+    return None if config is None else layer_problem(config, freeze_layers, feature_extraction, student_layers)
 
 
 def _unreadable(path: str, m: ModelConfig | None) -> list[str]:

@@ -167,6 +167,18 @@ def test_a_student_with_more_layers_than_its_teacher_is_named_before_ray(tmp_pat
     assert not any("student_layers" in p for p in data_problems(cfg(6)))
 
 
+def test_freezing_more_layers_than_the_base_model_has_is_named_before_ray(tmp_path):
+    """check-config said OK; the job failed once Ray, and maybe other models' jobs, had run."""
+    def cfg(freeze, **training):
+        return parse_config({"models": [{"name": "m", "labels": ["a", "b"], "seed_dataset": None,
+                                         "training": {"freeze_layers": freeze, **training}}],
+                             "storage": {"root": str(tmp_path / "store")}})
+    assert any("model 'm': freeze_layers 7 exceeds the model's 6 encoder layers" in p
+               for p in data_problems(cfg(7))), data_problems(cfg(7))
+    assert not any("freeze_layers" in p for p in data_problems(cfg(6)))
+    assert not any("freeze_layers" in p for p in data_problems(cfg(7, feature_extraction=True)))
+
+
 def test_a_second_server_on_this_machine_is_refused_before_ray_starts_naming_haproxys_port(tmp_path, monkeypatch):
     """Another `tuneloop run` holds HAProxy's side listeners: a second one on another port
     started Ray, then died in a 35-line traceback of HAProxy's bind."""

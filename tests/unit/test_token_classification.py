@@ -297,6 +297,10 @@ def test_seed_files_give_text_and_entities_or_conll_tokens_and_tags(tmp_path):
     bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"tokens": ["Acme"], "tags": ["B-ORG"]}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl', row 2: tags of types \['ORG'\] outside"):
         read_dataset(str(bad), NER)
+    # Plain tags: said to be no BIO tags, not cut into types ("LOC" read as "C", outside [PER, LOC]).
+    bad.write_text(json.dumps({"tokens": ["Oslo", "is", "cold"], "tags": ["LOC", "O", "MISC"]}) + "\n")
+    with pytest.raises(ValueError, match=r"row 1: tags \['LOC', 'MISC'\] are not BIO tags: each tag is O, B-<type>"):
+        read_dataset(str(bad), NER)
     bad.write_text(json.dumps({"text": "Ada", "entities": [{"start": 0, "end": 9, "label": "PER"}]}) + "\n")
     with pytest.raises(ValueError, match="row 1: entity 0..9 .PER.: not a span of the text"):
         read_dataset(str(bad), NER)

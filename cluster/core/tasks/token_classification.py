@@ -78,8 +78,11 @@ def tagged_tokens(tokens: list[str], tags: list[str], types: list[str]) -> dict[
     last I- of the same type."""
     if len(tokens) != len(tags):
         raise ValueError(f"{len(tokens)} tokens but {len(tags)} tags")
-    unknown = sorted({t[2:] for t in tags if t != "O" and t[2:] not in types} | {t for t in tags if t != "O"
-                                                                                 and t[:2] not in ("B-", "I-")})
+    plain = sorted({t for t in tags if t != "O" and t[:2] not in ("B-", "I-")})
+    if plain:  # cut as BIO tags, a plain "LOC" read as type "C", said to be outside [PER, LOC]
+        raise ValueError(f"tags {plain} are not BIO tags: each tag is O, B-<type> or I-<type> "
+                         f"(the model's types: {types})")
+    unknown = sorted({t[2:] for t in tags if t != "O" and t[2:] not in types})
     if unknown:
         raise ValueError(f"tags of types {unknown} outside the model's types {types}")
     words, at = [], 0
