@@ -263,18 +263,21 @@ def rollout(
         except (Conflict, InvalidBody, UnknownVersion) as e:
             typer.echo(e.message, err=True)
             raise typer.Exit(2) from None
-    for line in _describe_state(model, state):
+    for line in _describe_state(model, state, registry.rollout_look(model)):
         typer.echo(line)
 
 
-def _describe_state(model: str, state, last: int = 8) -> list[str]:
-    """Production, the rollout under way, and the last changes with who or what made them
-    and the numbers an automatic decision saw."""
+def _describe_state(model: str, state, look: dict | None, last: int = 8) -> list[str]:
+    """Production, the rollout under way and the rollout driver's latest ``look`` at it (why
+    it holds), and the last changes with who or what made them and the numbers an automatic
+    decision saw."""
     r = state.rollout
     lines = [f"{model}: production {state.production or 'none'}" + (
         f"; challenger {r.version} in {r.stage}" + (f" at {r.percent:g}%" if r.stage == "canary" else "")
         + f" since {r.stage_started_at}" + (" (paused)" if r.paused else "")
         + (" (alert: no decision yet)" if r.alerted else "") if r else "; no rollout under way")]
+    if r and look and (look.get("version"), look.get("stage_started_at")) == (r.version, r.stage_started_at):
+        lines.append(f"  last look {look.get('at')}: {look.get('action')}: {look.get('reason')}")
     for entry in [h for h in state.history if h.event != "candidate"][-last:]:
         lines.append(f"  {entry.at}  {entry.event:<8} {entry.version or '-':<5} {entry.reason}")
         if entry.numbers:
@@ -299,10 +302,11 @@ def status(
     names = [model] if model else [m.name for m in cfg.models]
     states = {name: registry.state(name) for name in names}
     if as_json:
-        typer.echo(json.dumps({n: s.model_dump() for n, s in states.items()}, indent=2, default=str))
+        typer.echo(json.dumps({n: {**s.model_dump(), "rollout_look": registry.rollout_look(n)}
+                               for n, s in states.items()}, indent=2, default=str))
         return
     for name, state in states.items():
-        for line in _describe_state(name, state):
+        for line in _describe_state(name, state, registry.rollout_look(name)):
             typer.echo(line)
 
 

@@ -549,11 +549,6 @@ class RetrainController(Retrainer):
             if not self.retiring:
                 self.rollouts.look_all()
 
-    def rollout_decisions(self) -> dict[str, dict]:
-        """The latest decision per model under rollout, for status."""
-        return {m: {"action": d.action, "reason": d.reason, "alert": d.alert, "numbers": d.numbers}
-                for m, d in self.rollouts.last.items()}
-
     def adopt(self, owner: str) -> None:
         with self._lock:
             self._owner, self.retiring = owner, False

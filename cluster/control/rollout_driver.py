@@ -45,7 +45,7 @@ class RolloutDriver:
         self._readings: dict[str, NodeHealth] = {}  # model -> this look's health reading
         self._shadow_answers: dict[str, dict] = {}  # prediction id -> the shadow's answer (found once)
         self._no_shadow: dict[str, str] = {}  # prediction id -> model: old enough, and no shadow answer
-        self.last: dict[str, Decision] = {}  # model -> the latest decision, for status
+        self._said: dict[str, tuple] = {}  # model -> what its last recorded look said
 
     def look_all(self) -> None:
         for m in self.cfg.models:
@@ -76,12 +76,28 @@ class RolloutDriver:
         seen = self._health_since(model, rollout.version, rollout.stage_started_at)
         found = evidence(self.tasks[model], state.production, rollout, rows, shadow, seen)
         decision = decide(self.cfg.rollout, found, (self.clock() - started).total_seconds())
-        self.last[model] = decision
         try:
             self._apply(model, rollout, decision)
         except Conflict as e:  # an operator or another controller moved it meanwhile: theirs stands
             log.info("rollout of %s %s: %s not applied: %s", model, rollout.version, decision.action, e.message)
+        self._record_look(model, rollout, decision)
         return decision
+
+    def _record_look(self, model: str, rollout: Rollout, d: Decision) -> None:
+        """The look, for `tuneloop rollout` and `tuneloop status`, written when what it says
+        changed (a look every ``evaluate_every_s`` saying the same is not written again)."""
+        said = (rollout.version, rollout.stage_started_at, d.action, d.reason, d.numbers)
+        if self._said.get(model) == said:
+            return
+        look = {"at": self.clock().isoformat(timespec="seconds"), "version": rollout.version, "stage": rollout.stage,
+                "stage_started_at": rollout.stage_started_at, "action": d.action, "reason": d.reason,
+                "numbers": d.numbers}
+        try:
+            self.registry.record_rollout_look(model, look)
+        except OSError as e:  # only a status line is late: the decision itself was applied
+            log.warning("rollout of %s: could not record the look: %s", model, e)
+            return
+        self._said[model] = said
 
     def _apply(self, model: str, judged: Rollout, d: Decision) -> None:
         version = judged.version

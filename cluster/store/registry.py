@@ -8,6 +8,7 @@ Layout under the storage root::
     registry/<model>/.claims/<version> who took a version number (written first, never removed)
     registry/<model>/switches/<version>/<replica>.json
                                        when each serving replica started answering with a version
+    registry/<model>/rollout_look.json the rollout driver's latest look at the rollout (why it holds)
 
 Publishing works the same on a local disk and on an object store, where no folder can be
 renamed: the publisher claims the next number (``Storage.create_new`` of its claim: one
@@ -64,6 +65,7 @@ GOLDEN = "golden.parquet"  # beside the versions: the model's frozen golden set
 STATE = "state.json"
 CLAIMS = ".claims"
 SWITCHES = "switches"
+LOOK = "rollout_look.json"  # the rollout driver's latest look at the model's rollout, a hold included
 HISTORY = "history"
 
 
@@ -432,6 +434,21 @@ class Registry:
         """A serving replica started answering with ``version`` (once per replica and version)."""
         self.storage.write_json_atomic(f"{self._dir(model)}/{SWITCHES}/{version}/{replica}.json",
                                        {"at": iso_time(at or datetime.now(UTC))})
+
+    def record_rollout_look(self, model: str, look: dict[str, Any]) -> None:
+        """The rollout driver's latest look at ``model``'s rollout (``rollout_look``)."""
+        self.storage.write_json_atomic(f"{self._dir(model)}/{LOOK}", look)
+
+    def rollout_look(self, model: str) -> dict[str, Any] | None:
+        """The rollout driver's latest look: when, at which rollout (version,
+        ``stage_started_at``), its action, reason and numbers. A hold changes no state, so
+        without it an operator could not tell why a canary stayed at 10% (too little feedback
+        for ``min_feedback``, say). None when there is none, or it cannot be read."""
+        try:
+            look = self.storage.read_json(f"{self._dir(model)}/{LOOK}")
+        except ValueError:  # cut mid-write by hand, or not JSON: only a status line is lost
+            return None
+        return look if isinstance(look, dict) else None
 
     def switches(self, model: str, version: str) -> list[datetime]:
         """When each replica that ever served ``version`` started to."""

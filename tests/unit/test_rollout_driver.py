@@ -101,6 +101,27 @@ def test_a_better_shadow_goes_to_canary_then_production_by_its_feedback(shadow_w
     assert [h.event for h in state.history][-4:] == ["rollout", "step", "step", "promote"]
 
 
+def test_a_hold_is_recorded_for_status_once_until_what_it_says_changes(shadow_world):
+    """A hold changes no state: an operator could not tell why a canary stayed where it was."""
+    from tuneloop.control.cli import _describe_state
+
+    w = shadow_world
+    decision = w.driver.look("m")
+    look = w.registry.rollout_look("m")
+    rollout = w.registry.state("m").rollout
+    assert (look["action"], look["reason"], look["version"]) == ("hold", decision.reason, "v2")
+    writes = []
+    record = w.registry.record_rollout_look
+    w.registry.record_rollout_look = lambda model, doc: writes.append(doc) or record(model, doc)
+    w.driver.look("m")
+    assert writes == []  # the same hold: not written again
+    lines = _describe_state("m", w.registry.state("m"), look)
+    assert lines[1] == f"  last look {look['at']}: hold: {decision.reason}"
+    stale = {**look, "stage_started_at": "2000-01-01T00:00:00+00:00"}  # a look at an earlier stage: not shown
+    assert not any("last look" in line for line in _describe_state("m", w.registry.state("m"), stale))
+    assert rollout.stage == "shadow"
+
+
 def test_feedback_of_a_key_the_quarantine_holds_judges_no_rollout(shadow_world):
     """Held out of training, a key agreeing with the challenger and not with production
     promoted it all the same."""
