@@ -8,11 +8,11 @@ they are set first thing, before anything imports ray. An operator's own setting
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import sys
 
+from tuneloop.core.log_lines import log_tuneloop_to
 from tuneloop.core.serving_config import HAPROXY_PORT_DEFAULTS
 from tuneloop.store.storage import private_temp_dir
 
@@ -67,18 +67,11 @@ def log_to_stderr() -> None:
     worker setup) keeps it; outside a replica (a test constructing one) nothing changes."""
     from ray import serve
 
-    logger = logging.getLogger("tuneloop")
-    if logger.handlers:
-        return
     try:
         serve.get_replica_context()
     except Exception:  # noqa: BLE001 - RayServeException: not in a replica
         return
-    handler = logging.StreamHandler(sys.__stderr__)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
+    log_tuneloop_to(sys.__stderr__)
 
 
 def haproxy_dir() -> str:

@@ -12,6 +12,7 @@ import typer
 
 from tuneloop.control.deploy_cli import deploy_app, known_model, stored_root
 from tuneloop.core.config import ConfigError, TuneloopConfig, load_config
+from tuneloop.core.log_lines import LOG_FORMAT
 
 # Markdown: the docstrings' line breaks are not the help's (typer's default, rich markup, kept them,
 # and every command's summary broke mid-sentence).
@@ -451,7 +452,7 @@ def main() -> None:
     enable_fast_path()  # before anything imports ray
     # tuneloop's own lines at info; libraries' at warning: botocore said where it found
     # credentials on every command, httpx logged each readiness poll of `run`.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT,
                         stream=sys.stderr)
     logging.getLogger("tuneloop").setLevel(logging.INFO)
     from tuneloop.core.errors import CorruptStoredFile

@@ -1,6 +1,6 @@
 """What every Ray worker process of a local tuneloop (`tuneloop run`, `tuneloop train`
 without a server) sets up first: Ray's ``worker_process_setup_hook``, named by import path
-so workers import this module and nothing else of tuneloop's.
+so workers import this module and, of tuneloop's, only ``core/log_lines.py`` (logging alone).
 
 It keeps library chatter off the console, where an operator reads the job's progress lines
 and tuneloop's own log. A first `make run` printed 350 lines for each model's job before
@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
+
+from tuneloop.core.log_lines import log_tuneloop_to
 
 HOOK = f"{__name__}.quiet_library_logs"
 
@@ -46,21 +49,13 @@ ENVIRONMENT = {
 }
 
 
-# tuneloop's own lines in a worker: a job's steps and the gate's verdict (a Ray task of the
-# retrain controller), the controller's and the rollout driver's decisions. Ray sets up only
-# its own logger in a worker, so below WARNING they were dropped: `tuneloop run` showed a
-# job's epoch lines and nothing of what it decided.
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
 def quiet_library_logs() -> None:
-    tuneloop = logging.getLogger("tuneloop")
-    if not tuneloop.handlers:
-        handler = logging.StreamHandler()  # stderr, which Ray forwards to the driver's console
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
-        tuneloop.addHandler(handler)
-        tuneloop.setLevel(logging.INFO)
-        tuneloop.propagate = False  # a handler a library put on the root logger would print it twice
+    # tuneloop's own lines in a worker: a job's steps and the gate's verdict (a Ray task of the
+    # retrain controller), the controller's and the rollout driver's decisions. Ray sets up only
+    # its own logger in a worker, so below WARNING they were dropped: `tuneloop run` showed a
+    # job's epoch lines and nothing of what it decided. On stderr, which Ray forwards to the
+    # driver's console.
+    log_tuneloop_to(sys.stderr)
     for name, value in ENVIRONMENT.items():
         os.environ.setdefault(name, value)  # a user's own setting wins
     for name, level in QUIET_LOGGERS.items():
