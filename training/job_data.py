@@ -153,9 +153,9 @@ def golden_set(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Re
         table = read_dataset(mcfg.golden_dataset, task)
         return table, {"source": mcfg.golden_dataset, "sha256": file_sha256(mcfg.golden_dataset),
                        "rows": table.num_rows}
-    frozen, taken_anew = registry.golden(mcfg.name), False
+    frozen, taken_anew, seed_digest = registry.golden(mcfg.name), False, None
     if frozen is not None and first_version and seed is not None and seed.num_rows \
-            and not registry.versions(mcfg.name) and _taken_from(frozen) != table_digest(seed):
+            and not registry.versions(mcfg.name) and _taken_from(frozen) != (seed_digest := table_digest(seed)):
         # A first job that failed (a seed of one class, too few rows) froze a sample of that
         # seed; the seed a user then corrected was never sampled, and the golden set lacked
         # its classes for good.
@@ -200,7 +200,7 @@ def golden_set(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Re
                                  + (f" ({validation} more watch early stopping)" if validation else "")
                                  + f", fewer than training.num_workers {tcfg.num_workers}: lower either, or add "
                                  "seed rows")
-            sample = _take(seed, picked).replace_schema_metadata({SEED_DIGEST: table_digest(seed)})
+            sample = _take(seed, picked).replace_schema_metadata({SEED_DIGEST: seed_digest or table_digest(seed)})
             frozen = registry.freeze_golden(mcfg.name, sample, replace=taken_anew)
             _warn_missing_labels(task, frozen)
     if frozen is None:

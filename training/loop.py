@@ -27,6 +27,7 @@ from tuneloop.training.recipe import (
     optimizer_steps,
     resolve_precision,
     student_layers,
+    worker_rows,
     zero_stage_to_run,
 )
 from tuneloop.training.shards import batches, epoch_batches
@@ -402,7 +403,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     marks["engine_ready"] = time.time()
     # Of the rows there are: a job of 4 rows said "steps of 32 rows", the configured batch. A
     # worker's micro-batch holds at most its share (rounded up: shares wrap round).
-    per_step = min(batch_size, math.ceil(train.num_rows / world)) * world * accumulation
+    per_step = min(batch_size, worker_rows(train.num_rows, world)) * world * accumulation
     _log(rank, f"{precision} on {engine.device}, {world} worker(s) of {torch.get_num_threads()} thread(s), "
                f"{total_steps} optimizer steps of {per_step} rows"
                + (f" (gradient_accumulation_steps {config['gradient_accumulation_steps']} held to the "

@@ -148,7 +148,6 @@ def optimize(model: str, version: str, config: str | None = ConfigOption) -> Non
     import logging
 
     from tuneloop.core.errors import UnknownVersion
-    from tuneloop.core.tasks import label_set
     from tuneloop.store.registry import Registry
 
     cfg = _load(config)
@@ -160,7 +159,7 @@ def optimize(model: str, version: str, config: str | None = ConfigOption) -> Non
         typer.echo(e.message, err=True)
         raise typer.Exit(2) from None
     labels = cfg.model(model).labels
-    if label_set(manifest.task, manifest.labels) != label_set(manifest.task, labels):
+    if not manifest.trained_for(labels):
         # No replica serves it (they refuse it at load): its artifacts would never serve. Its
         # parity reference failed to load with a 69-line traceback, exit 1 ("no artifact passed").
         typer.echo(f"{model} {version} was trained for labels {manifest.labels}, the config has {labels}: no "

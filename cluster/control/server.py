@@ -242,12 +242,12 @@ def check_ports_free(host: str, port: int, local_ray: bool) -> None:
     problem = _bind_problem(host, port)
     if problem:
         raise SystemExit(f"cannot serve on {host}:{port}: {problem} (another tuneloop run?)")
-    for var, side in haproxy_ports().items() if local_ray else ():
+    sides = haproxy_ports() if local_ray else {}
+    for var, side in sides.items():
         problem = _bind_problem("0.0.0.0", side)
         if problem:
             raise SystemExit(f"Ray Serve's HAProxy needs port {side} ({var}): {problem} (another tuneloop run?); "
-                             f"a second server on this machine needs {' and '.join(haproxy_ports())} set to "
-                             "free ports")
+                             f"a second server on this machine needs {' and '.join(sides)} set to free ports")
 
 
 def _bind_problem(host: str, port: int) -> str | None:

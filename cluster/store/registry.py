@@ -246,6 +246,11 @@ class Manifest(BaseModel):
     # version when the job started, the loss's settings and the teacher's golden metrics.
     distilled_from: dict[str, Any] | None = None
 
+    def trained_for(self, labels: list[str]) -> bool:
+        """Whether the version was trained for ``labels`` (in any order; a token classifier's
+        types or their BIO tags alike): replicas refuse to serve it otherwise."""
+        return label_set(self.task, self.labels) == label_set(self.task, labels)
+
     def watermark(self) -> tuple[datetime, str] | None:
         """The position, in arrival order (created_at, feedback_id), of the newest feedback
         this version trained on; None for a version that trained on none, or was trained
@@ -577,7 +582,7 @@ class Registry:
             why = f" ({manifest.gate.reason})" if manifest.gate and manifest.gate.reason else ""
             raise Conflict(f"{version} was rejected by the gate{why}; to {verb} it anyway, force it "
                            '("force": true over HTTP, --force on the command line)')
-        if labels is not None and label_set(manifest.task, manifest.labels) != label_set(manifest.task, labels):
+        if labels is not None and not manifest.trained_for(labels):
             raise Conflict(f"{version} was trained for labels {manifest.labels}, the config has {labels}")
 
     def rollback(self, model: str, reason: str = "", expect_production: str | None = UNCHECKED,
