@@ -153,14 +153,15 @@ def fine_tuned(model_dir: str, rows: list[tuple[str, str]], threads: int) -> str
 
 
 def optimized(cfg, version: str, task: str, texts: list[str],
-              runtimes: list[str]) -> tuple[dict[str, str], Optimization]:
+              runtimes: list[str]) -> tuple[dict[str, str], dict[str, str], Optimization]:
     """Optimize the version as a job would, on a golden set (SST-2 dev for text
     classification, when present; else the generated texts labelled by the model itself);
-    prints each artifact's parity and speed. Returns what serves each ``runtimes`` value, and
-    the version's ``Optimization`` (its artifacts)."""
+    prints each artifact's parity and speed. Returns what serves each ``runtimes`` value, what
+    answers one text alone where that is another runtime, and the version's
+    ``Optimization`` (its artifacts)."""
     import pyarrow as pa
 
-    from tuneloop.core.runtimes import choose_runtime, hardware_class
+    from tuneloop.core.runtimes import choose_lone_runtime, choose_runtime, hardware_class
     from tuneloop.serving.loaded_models import LoadedModel, cpu_class
     from tuneloop.serving.optimize import optimize_version
     from tuneloop.store.registry import Registry
@@ -182,7 +183,13 @@ def optimized(cfg, version: str, task: str, texts: list[str],
         registry.freeze_golden("bench", golden)
     manifest = optimize_version(cfg, registry, "bench", version, progress=lambda line: print(line, flush=True))
     hardware = hardware_class(cpu_class(), cfg.serving.replica_threads)
-    return {r: choose_runtime(r, manifest.optimization, hardware)[0] for r in runtimes}, manifest.optimization
+    chosen, alone = {r: choose_runtime(r, manifest.optimization, hardware)[0] for r in runtimes}, {}
+    for r in runtimes:
+        lone, why = choose_lone_runtime(r, manifest.optimization, hardware, chosen[r])
+        if lone:
+            print(f"{r}: {chosen[r]} serves batches, {why}", flush=True)
+            alone[r] = lone
+    return chosen, alone, manifest.optimization
 
 
 # -- 1. bare model ----------------------------------------------------------------------
@@ -493,9 +500,9 @@ def main() -> None:
     trained_on = {"trained_on": pa.table({"text": [t for t, _ in train_rows], "label": [y for _, y in train_rows]})}
     version = publish_version(cfg, model_dir, tables=trained_on if train_rows else None)
     runtimes = [r for r in args.runtimes.split(",") if r]
-    served_by, optimization = {r: r for r in runtimes}, None
+    served_by, alone, optimization = {r: r for r in runtimes}, {}, None
     if set(runtimes) - {"torch"}:
-        chosen, optimization = optimized(cfg, version, args.task, text_sets["short"], runtimes)
+        chosen, alone, optimization = optimized(cfg, version, args.task, text_sets["short"], runtimes)
         served_by.update(chosen)
     artifacts_served = sorted({a for a in served_by.values() if a != "torch"})  # torch-bf16 too: its own loop
     from tuneloop.core.tasks import model_task
@@ -530,7 +537,8 @@ def main() -> None:
 
     try:
         for runtime in runtimes:
-            name = f"tuneloop, {runtime}" + (f" ({served_by[runtime]})" if served_by[runtime] != runtime else "")
+            served = served_by[runtime] + (f", {alone[runtime]} alone" if runtime in alone else "")
+            name = f"tuneloop, {runtime}" + (f" ({served})" if served != runtime else "")
             runtime_of[name] = served_by[runtime]
             runtime_cfg = cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"runtime": runtime})})
             deploy(runtime_cfg, metrics_dir)

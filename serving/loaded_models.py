@@ -50,6 +50,7 @@ class LoadedModel:
     took GPU 0 behind Ray's back."""
 
     runtime = "torch"
+    lone: LoadedModel | None = None  # the same version on the runtime quickest at one text alone, if another
     # Rows a forward pass takes at most: a token classifier reads a long text in many windows,
     # and a batch of 32 texts of 2,000 characters went through one pass as 672 rows.
     max_rows = 64
@@ -127,10 +128,18 @@ class LoadedModel:
         return torch.cat([self._forward(transformers.BatchEncoding({k: v[i:i + self.max_rows] for k, v in enc.items()}))
                           for i in range(0, rows, self.max_rows)])
 
+    def answer_lone_texts_with(self, lone: LoadedModel) -> None:
+        """Answer a batch of one text with ``lone`` (``choose_lone_runtime``), which this
+        replica now holds too."""
+        self.lone = lone
+        self.weight_bytes += lone.weight_bytes
+
     def predict(self, texts: list[str]) -> tuple[list[dict[str, Any]], int, int]:
         """Answers in order, and the batch's real and padded token counts. An input the
         tokenizer refuses, or one the model scores as NaN/inf, raises InputRejected: the
         batcher then runs the batch in halves until that input stands alone."""
+        if len(texts) == 1 and self.lone is not None:
+            return self.lone.predict(texts)
         probs, encoding, tokens, padded = self.scores(texts, self.task.serving_tokenizer_options(self.max_length))
         return self.task.answers(texts, probs.tolist(), self.head, encoding), tokens, padded
 

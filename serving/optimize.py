@@ -36,6 +36,7 @@ import contextlib
 import logging
 import math
 import os
+import statistics
 import tempfile
 import time
 import uuid
@@ -191,16 +192,20 @@ def _timed_on(golden_texts: list[str], batch_size: int) -> list[str]:
 
 
 def measure_runtimes(load: Callable[[str], LoadedModel], runtimes: list[str], texts: list[str], batch_size: int,
-                     seconds: float) -> tuple[dict[str, float], dict[str, str]]:
-    """(texts/s of each of ``runtimes`` that ``load`` loaded and ran, why each other one did
-    not), one after another: a replica ranking the runtimes on its own hardware class."""
-    speeds, failed = {}, {}
+                     seconds: float) -> tuple[dict[str, float], dict[str, float], dict[str, str]]:
+    """(texts/s of each of ``runtimes`` that ``load`` loaded and ran, each one's milliseconds
+    for one text alone, why each other one did not run), one after another: a replica
+    ranking the runtimes on its own hardware class."""
+    speeds, lone, failed = {}, {}, {}
     for runtime in runtimes:
         try:
-            speeds[runtime] = texts_per_s(load(runtime), texts, batch_size, seconds)
+            loaded = load(runtime)
+            speeds[runtime] = texts_per_s(loaded, texts, batch_size, seconds)
+            lone[runtime] = lone_text_ms(loaded, texts, seconds / 2)
         except Exception as e:  # noqa: BLE001 - an artifact that does not run here is not ranked
+            speeds.pop(runtime, None)
             failed[runtime] = f"{type(e).__name__}: {e}"
-    return speeds, failed
+    return speeds, lone, failed
 
 
 def _answers(loaded: LoadedModel, task: Task, texts: list[str], targets: dict[str, list],
@@ -244,6 +249,22 @@ def texts_per_s(loaded: LoadedModel, texts: list[str], batch_size: int, seconds:
         done += len(loaded.predict(batches[i % len(batches)])[0])
         i += 1
     return done / (time.perf_counter() - start)
+
+
+def lone_text_ms(loaded: LoadedModel, texts: list[str], seconds: float) -> float:
+    """Median milliseconds of ``predict`` of one text alone (tokenizer, forward, answer),
+    over at least ``seconds`` after a few warm-up texts, cycling through ``texts``: what a
+    lone request waits for its answer, which ``choose_lone_runtime`` ranks by."""
+    texts = texts or SAMPLE_TEXTS
+    for text in texts[:3]:
+        loaded.predict([text])
+    times, start, i = [], time.perf_counter(), 0
+    while time.perf_counter() - start < seconds or len(times) < 5:
+        began = time.perf_counter()
+        loaded.predict([texts[i % len(texts)]])
+        times.append(time.perf_counter() - began)
+        i += 1
+    return statistics.median(times) * 1e3
 
 
 def _no_bf16(device: str, hardware: str) -> str | None:
@@ -304,7 +325,8 @@ def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, versio
     hardware = hardware_class("cuda" if device == "cuda" else cpu_class(), threads)
     timed = _timed_on(texts, ocfg.speed_batch_size)
     speeds = {"torch": texts_per_s(reference, timed, ocfg.speed_batch_size, ocfg.speed_seconds)}
-    progress(f"{model} {version}: torch {speeds['torch']:.0f} texts/s on {hardware}")
+    lone = {"torch": lone_text_ms(reference, timed, ocfg.speed_seconds / 2)}
+    progress(f"{model} {version}: torch {speeds['torch']:.0f} texts/s on {hardware}, one text {lone['torch']:.1f} ms")
     del reference
     records: dict[str, ArtifactRecord] = {}
     # Each build in a folder of its own under artifacts/: a rebuild never writes over the
@@ -359,15 +381,17 @@ def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, versio
             parity = worst_parity(checks)
             if parity.passed and device == "cpu":  # ONNX Runtime's CPU build: no speed for a GPU's class
                 speeds[runtime] = texts_per_s(loaded, timed, ocfg.speed_batch_size, ocfg.speed_seconds)
+                lone[runtime] = lone_text_ms(loaded, timed, ocfg.speed_seconds / 2)
             size = os.path.getsize(out) if out else loaded.weight_bytes  # torch-bf16: its weights as loaded
             records[runtime] = ArtifactRecord(runtime=runtime, path=relative, bytes=size,
                                               build_s=round(build_s, 2), parity=parity,
                                               settings=settings)
             progress(f"{model} {version}: {runtime} built in {build_s:.0f}s, {size / 1e6:.0f} MB; "
                      f"parity {'passed' if parity.passed else 'FAILED'}: {parity.detail}"
-                     + (f"; {speeds[runtime]:.0f} texts/s" if runtime in speeds else ""))
+                     + (f"; {speeds[runtime]:.0f} texts/s, one text {lone[runtime]:.1f} ms" if runtime in speeds else ""))
         if "onnx" not in records and os.path.exists(fp32):
             os.remove(fp32)  # only int8 was asked for: its fp32 source is not kept
         optimization = Optimization(artifacts=records, texts_per_s={hardware: {k: round(v, 1) for k, v in speeds.items()}},
+                                    lone_ms={hardware: {k: round(v, 2) for k, v in lone.items()}},
                                     batch_size=ocfg.speed_batch_size, built_at=datetime.now(UTC).isoformat())
         return registry.record_optimization(model, version, tmp, optimization)

@@ -23,7 +23,8 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 
 from tuneloop.core.config import OptimizeConfig, ServingConfig
-from tuneloop.core.runtimes import Optimization, choose_runtime, hardware_class, unmeasured_runtimes
+from tuneloop.core.runtimes import (Optimization, choose_lone_runtime, choose_runtime, hardware_class,
+                                    unmeasured_runtimes)
 from tuneloop.core.tasks import Task
 from tuneloop.serving.loaded_models import LabelMismatch, LoadedModel, cpu_class
 from tuneloop.serving.optimize import measure_runtimes, speed_texts
@@ -89,7 +90,8 @@ class VersionLoader:
         keeps it rather than swap it for PyTorch)."""
         path, optimization = self._version_files(version)
         built_at = optimization.built_at if optimization else None
-        runtime, artifact, why = self._runtime_for(version, path, optimization)
+        runtime, optimization, why = self._runtime_for(version, path, optimization)
+        artifact = optimization.artifact_path(runtime) if optimization else None  # none: PyTorch serves
         try:
             loaded = self.load_model(path, version, self.task, self.serving.max_length, runtime, artifact)
         except LabelMismatch:
@@ -102,6 +104,7 @@ class VersionLoader:
             why = f"the {runtime} artifact did not load: {type(e).__name__}"
             runtime = "torch"
             loaded = self.load_model(path, version, self.task, self.serving.max_length, runtime, None)
+        why += self._with_lone_runtime(loaded, path, optimization)
         self.runtimes[version], self.built_at[version] = (runtime, why), built_at
         # A runtime the operator named and did not get is theirs to know at warning, not info
         # (optimize.enabled off, an artifact failing parity: PyTorch served and nothing said so).
@@ -163,22 +166,42 @@ class VersionLoader:
         passed = [r.path for r in optimization.artifacts.values() if r.path and r.parity.passed] if optimization else []
         return (path, optimization) if all(os.path.exists(os.path.join(path, f)) for f in passed) else read()
 
-    def _runtime_for(self, version: str, path: str, optimization: Optimization | None) -> tuple[str, str | None, str]:
-        """(runtime, its artifact's path under the version's folder, why) for ``version``:
+    def _runtime_for(self, version: str, path: str,
+                     optimization: Optimization | None) -> tuple[str, Optimization | None, str]:
+        """(runtime, the optimization it was chosen from, why) for ``version``:
         ``serving.runtime`` against the artifacts its manifest records, measured here first
         where no one measured them on this hardware class."""
         if self.serving.runtime == "torch":
             return "torch", None, "serving.runtime is torch"
-        device = "cuda" if self.serving.num_gpus_per_replica > 0 else cpu_class()
-        hardware = hardware_class(device, self.serving.replica_threads)
+        hardware = self._hardware()
         unmeasured = unmeasured_runtimes(self.serving.runtime, optimization, hardware, self.allowed,
                                          self._parity_limits)
         if unmeasured and self.optimize.measure_on_replicas:
             optimization = self._measured_here(version, path, optimization, hardware, unmeasured)
         runtime, why = choose_runtime(self.serving.runtime, optimization, hardware, self.allowed,
                                       self._parity_limits)
-        artifact = optimization.artifact_path(runtime) if optimization else None  # none: PyTorch serves
-        return runtime, artifact, why
+        return runtime, optimization, why
+
+    def _hardware(self) -> str:
+        device = "cuda" if self.serving.num_gpus_per_replica > 0 else cpu_class()
+        return hardware_class(device, self.serving.replica_threads)
+
+    def _with_lone_runtime(self, loaded: LoadedModel, path: str, optimization: Optimization | None) -> str:
+        """Give ``loaded`` the runtime that answers one text alone faster (``choose_lone_runtime``),
+        if one does; what to add to why it runs as it does. One that does not load leaves the
+        version on its one runtime."""
+        lone, why = choose_lone_runtime(self.serving.runtime, optimization, self._hardware(), loaded.runtime,
+                                        self.allowed, self._parity_limits)
+        if lone is None:
+            return ""
+        try:
+            loaded.answer_lone_texts_with(self.load_model(path, loaded.version, self.task, self.serving.max_length,
+                                                          lone, optimization.artifact_path(lone)))
+        except Exception as e:  # noqa: BLE001 - a broken artifact: the version's own runtime answers lone texts too
+            log.warning("model %s: %s's %s artifact did not load for lone texts (%s: %s); %s answers them too",
+                        self.model, loaded.version, lone, type(e).__name__, e, loaded.runtime)
+            return ""
+        return f"; {why}"
 
     def _measured_here(self, version: str, path: str, optimization: Optimization, hardware: str,
                        runtimes: list[str]) -> Optimization:
@@ -189,7 +212,7 @@ class VersionLoader:
         o, started = self.optimize, time.perf_counter()
         try:
             texts = speed_texts(self.registry, self.model, version, o.speed_batch_size, o.parity_max_rows)
-            speeds, failed = self._compute.submit(
+            speeds, lone, failed = self._compute.submit(
                 measure_runtimes,
                 lambda runtime: self.load_model(path, version, self.task, self.serving.max_length, runtime,
                                                 optimization.artifact_path(runtime)),
@@ -201,10 +224,12 @@ class VersionLoader:
             if "torch" not in speeds:  # the weights themselves did not run: loading them says why
                 return optimization
             speeds = {name: round(speed, 1) for name, speed in speeds.items()}
-            self.registry.record_speeds(self.model, version, hardware, speeds, optimization.built_at)
+            lone = {name: round(ms, 2) for name, ms in lone.items()}
+            self.registry.record_speeds(self.model, version, hardware, speeds, optimization.built_at, lone)
         except Exception as e:  # noqa: BLE001 - storage, a lost race: served by the speeds it had
             log.warning("model %s: measuring %s's runtimes on %s failed (%s: %s); choosing by what was measured",
                         self.model, version, hardware, type(e).__name__, e)
             return optimization
         measured = {**optimization.texts_per_s, hardware: {**optimization.texts_per_s.get(hardware, {}), **speeds}}
-        return optimization.model_copy(update={"texts_per_s": measured})
+        lone_measured = {**optimization.lone_ms, hardware: {**optimization.lone_ms.get(hardware, {}), **lone}}
+        return optimization.model_copy(update={"texts_per_s": measured, "lone_ms": lone_measured})

@@ -7,7 +7,9 @@ against the PyTorch version on the golden set (``parity_check``), and the texts/
 runtime was measured where it was built, on one hardware class (``hardware_class``). A
 replica serves with ``choose_runtime``: the one its config names, or under ``auto`` the
 fastest that passed on its own hardware class, which a replica on a class no one measured
-measures first (``unmeasured_runtimes``). Pure: the manifest's records in, names out.
+measures first (``unmeasured_runtimes``), and beside it, for a batch of one text, the runtime
+quickest at one text where that is another (``choose_lone_runtime``). Pure: the manifest's
+records in, names out.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 TORCH = "torch"
+LONE_GAIN = 0.9  # a lone-text runtime must take at most this share of the batch runtime's time
 RuntimeName = Literal["auto", "torch", "onnx", "onnx-int8", "torch-bf16"]
 ArtifactName = Literal["onnx", "onnx-int8", "torch-bf16"]  # built on CPU; on a GPU torch serves in bf16
 
@@ -49,6 +52,8 @@ class Optimization(BaseModel):
     artifacts: dict[str, ArtifactRecord] = Field(default_factory=dict)
     # hardware class -> runtime -> texts/s at ``batch_size``, measured one after another
     texts_per_s: dict[str, dict[str, float]] = Field(default_factory=dict)
+    # hardware class -> runtime -> median milliseconds of one text alone (``choose_lone_runtime``)
+    lone_ms: dict[str, dict[str, float]] = Field(default_factory=dict)
     batch_size: int = 32
     built_at: str | None = None
 
@@ -160,6 +165,33 @@ def choose_runtime(requested: str, optimization: Optimization | None, hardware: 
     best = max(eligible, key=lambda name: (eligible[name], name == TORCH))
     ranked = ", ".join(f"{name} {speed:.0f}" for name, speed in sorted(eligible.items(), key=lambda kv: -kv[1]))
     return best, f"auto: fastest on {hardware} of those that passed parity (texts/s: {ranked})"
+
+
+def choose_lone_runtime(requested: str, optimization: Optimization | None, hardware: str, chosen: str,
+                        allowed: tuple[str, ...] | None = None,
+                        parity_limits: tuple[float, float] | None = None) -> tuple[str | None, str]:
+    """(the runtime that answers a batch of one text instead of ``chosen``, or None; why).
+
+    ``auto`` ranks runtimes by texts/s at a full batch, where bf16's arithmetic wins; one
+    text alone is a different race, lost to the cost of each operator's dispatch, where ONNX
+    Runtime is lighter than eager PyTorch. MiniLM-L6, one thread, one short SST-2 text: bf16
+    9.6-11.2 ms, fp32 ONNX 8.4-8.6, int8 6.1-6.7; at batch 2 bf16 is already as fast as
+    ONNX (14.7-17.0 ms against 15.9-18.0) and at 8 it takes 0.6x ONNX's time. So under
+    ``auto`` a replica keeps a second runtime for lone texts: among PyTorch and the artifacts
+    that passed parity, the one with the lowest ``lone_ms`` on ``hardware``, when it takes at
+    most ``LONE_GAIN`` of ``chosen``'s time (holding it costs its weights' memory again)."""
+    if requested != "auto" or not hardware.startswith("cpu") or optimization is None:
+        return None, ""
+    lone = optimization.lone_ms.get(hardware) or {}
+    artifacts = _judged(optimization, allowed, parity_limits)
+    eligible = {name: ms for name, ms in lone.items()
+                if name == TORCH or (name in artifacts and artifacts[name].parity.passed)}
+    if chosen not in eligible:
+        return None, ""
+    best = min(eligible, key=lambda name: (eligible[name], name != chosen))
+    if best == chosen or eligible[best] > LONE_GAIN * eligible[chosen]:
+        return None, ""
+    return best, f"one text alone on {best} ({eligible[best]:.1f} ms against {eligible[chosen]:.1f})"
 
 
 def unmeasured_runtimes(requested: str, optimization: Optimization | None, hardware: str,

@@ -405,19 +405,24 @@ class Registry:
         return manifest
 
     def record_speeds(self, model: str, version: str, hardware: str, speeds: dict[str, float],
-                      built_at: str | None) -> Manifest:
-        """Add the texts/s a replica measured on its own ``hardware`` class for the build
-        made at ``built_at`` (``unmeasured_runtimes``) to the class's speeds: later replicas
-        of that class choose by them without measuring. A build recorded since (another
-        ``built_at``) is left as it is: these speeds are of artifacts it replaced."""
+                      built_at: str | None, lone_ms: dict[str, float] | None = None) -> Manifest:
+        """Add the texts/s (and milliseconds for one text alone) a replica measured on its own
+        ``hardware`` class for the build made at ``built_at`` (``unmeasured_runtimes``) to the
+        class's: later replicas of that class choose by them without measuring. A build
+        recorded since (another ``built_at``) is left as it is: these speeds are of artifacts
+        it replaced."""
+
+        def merged(by_class: dict[str, dict[str, float]], ours: dict[str, float], digits: int) -> dict:
+            return {**by_class, hardware: {**by_class.get(hardware, {}), **{k: round(v, digits) for k, v in ours.items()}}}
 
         def record(manifest: Manifest) -> Manifest:
             optimization = manifest.optimization
             if optimization is None or optimization.built_at != built_at:
                 return manifest
-            ours = {**optimization.texts_per_s.get(hardware, {}), **{k: round(v, 1) for k, v in speeds.items()}}
-            measured = {**optimization.texts_per_s, hardware: ours}
-            return manifest.model_copy(update={"optimization": optimization.model_copy(update={"texts_per_s": measured})})
+            update = {"texts_per_s": merged(optimization.texts_per_s, speeds, 1)}
+            if lone_ms:
+                update["lone_ms"] = merged(optimization.lone_ms, lone_ms, 2)
+            return manifest.model_copy(update={"optimization": optimization.model_copy(update=update)})
 
         return self._update_manifest(model, version, record)
 

@@ -67,6 +67,8 @@ def test_optimize_records_checked_artifacts_in_the_manifest(optimized):
         assert not bf16.parity.passed and "no native bf16" in bf16.parity.detail
     speeds = optimization.texts_per_s[f"{cpu_class()}/1t"]  # the config's replicas: 1 CPU each
     assert speeds["torch"] > 0 and speeds["onnx"] > 0
+    lone = optimization.lone_ms[f"{cpu_class()}/1t"]  # one text alone, each runtime that passed
+    assert set(lone) == set(speeds) and min(lone.values()) > 0
     assert '"onnx-int8"' in output  # the CLI prints the record
 
 
@@ -102,6 +104,27 @@ def test_a_replica_serves_the_onnx_artifact_with_pytorchs_answers(optimized, met
         assert got["scores"] == pytest.approx(want["scores"], abs=1e-5)
 
 
+def test_a_lone_text_is_answered_by_the_lone_runtime_and_a_batch_by_the_versions_own(optimized):
+    from tuneloop.core.tasks import model_task
+    from tuneloop.serving.loaded_models import load_model
+
+    cfg, registry, version, _, _ = optimized
+    path, task = registry.local_path("sentiment", version), model_task(cfg.models[0])
+    onnx = registry.manifest("sentiment", version).optimization.artifacts["onnx"]
+    served = load_model(path, version, task, cfg.serving.max_length)
+    alone = load_model(path, version, task, cfg.serving.max_length, "onnx", onnx.path)
+    expected = served.predict(TEXTS[:1])[0]
+    weights = served.weight_bytes
+    served.answer_lone_texts_with(alone)
+    assert served.weight_bytes == weights + alone.weight_bytes  # the replica holds both
+    forwarded, forward = [], alone._forward
+    alone._forward = lambda enc: forwarded.append(len(enc["input_ids"])) or forward(enc)
+    got = served.predict(TEXTS[:1])[0]
+    assert forwarded == [1] and got[0]["label"] == expected[0]["label"]
+    assert got[0]["scores"] == pytest.approx(expected[0]["scores"], abs=1e-5)  # parity: fp32 ONNX, the same answer
+    assert len(served.predict(TEXTS)[0]) == len(TEXTS) and forwarded == [1]  # a batch: the version's own runtime
+
+
 def test_a_replica_of_a_class_no_one_measured_ranks_the_runtimes_itself(optimized, metrics_dir):
     """The job measured on another node (here: a GPU's class, as a job on a GPU worker
     records): the replica measures PyTorch and the artifacts that passed on its own CPU,
@@ -129,6 +152,7 @@ def test_a_replica_of_a_class_no_one_measured_ranks_the_runtimes_itself(optimize
         assert set(optimization.texts_per_s) == {*elsewhere, here}
         assert set(optimization.texts_per_s[here]) == {"torch", *passed}
         assert min(optimization.texts_per_s[here].values()) > 0
+        assert set(optimization.lone_ms[here]) == {"torch", *passed} and min(optimization.lone_ms[here].values()) > 0
         served = replica._versions.runtimes[version]
         assert served[0] == choose_runtime("auto", optimization, here)[0]
         assert replica._loaded.runtime == served[0]

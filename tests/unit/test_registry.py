@@ -350,7 +350,10 @@ def test_a_replicas_speeds_join_its_builds_record_and_never_a_later_builds(tmp_p
     reg.record_speeds("m", "v1", "cpu/1t", {"torch": 40.04, "onnx": 61.26}, built_at="b1")
     assert reg.manifest("m", "v1").optimization.texts_per_s == {"cuda": {"torch": 900.0},
                                                                 "cpu/1t": {"torch": 40.0, "onnx": 61.3}}
-    reg.record_speeds("m", "v1", "cpu/1t", {"torch": 42.0, "onnx-int8": 90.0}, built_at="b1")  # int8 measured later
+    assert reg.manifest("m", "v1").optimization.lone_ms == {}
+    reg.record_speeds("m", "v1", "cpu/1t", {"torch": 42.0, "onnx-int8": 90.0}, built_at="b1",  # int8 measured later
+                      lone_ms={"torch": 9.123, "onnx-int8": 6.0})
+    assert reg.manifest("m", "v1").optimization.lone_ms == {"cpu/1t": {"torch": 9.12, "onnx-int8": 6.0}}
     assert reg.manifest("m", "v1").optimization.texts_per_s["cpu/1t"] == {"torch": 42.0, "onnx": 61.3,
                                                                           "onnx-int8": 90.0}
     # Measured on b1's artifacts while b2 was recorded: b2's speeds stand alone.

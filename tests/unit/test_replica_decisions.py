@@ -49,10 +49,12 @@ class FakeRegistry:
     def golden(self, model: str) -> None:
         return None
 
-    def record_speeds(self, model: str, version: str, hardware: str, speeds: dict, built_at: str | None) -> None:
-        self.recorded = {hardware: speeds}
+    def record_speeds(self, model: str, version: str, hardware: str, speeds: dict, built_at: str | None,
+                      lone_ms: dict | None = None) -> None:
+        self.recorded, self.recorded_lone = {hardware: speeds}, {hardware: lone_ms}
         self.optimization = self.optimization.model_copy(
-            update={"texts_per_s": {**self.optimization.texts_per_s, hardware: speeds}})
+            update={"texts_per_s": {**self.optimization.texts_per_s, hardware: speeds},
+                    "lone_ms": {**self.optimization.lone_ms, hardware: lone_ms}})
 
 
 class FakeRecorder:
@@ -78,6 +80,10 @@ class FakeModel:
         self.runtime, self.artifact = runtime, artifact
         self.batches: list[int] = []
         self.weight_bytes = 1000
+        self.lone = None
+
+    def answer_lone_texts_with(self, lone):
+        self.lone = lone
 
     def predict(self, texts):
         time.sleep(self.delay_s)
@@ -197,7 +203,8 @@ def test_a_batch_the_model_fails_on_shrinks_the_adaptive_limit():
     assert replica._batcher.max_batch_size == next_batch_size(replica._policy, limit, limit, float("inf"))
 
 
-def _optimized(int8_passed: bool = True, folder: str = "artifacts", bf16_speed: float | None = None) -> Optimization:
+def _optimized(int8_passed: bool = True, folder: str = "artifacts", bf16_speed: float | None = None,
+               lone_ms: dict[str, float] | None = None) -> Optimization:
     def record(runtime, passed, path=None):
         parity = ParityCheck(passed=passed, detail="test", rows=10, agreement=1.0 if passed else 0.5,
                              accuracy=0.9, reference_accuracy=0.9)
@@ -208,7 +215,8 @@ def _optimized(int8_passed: bool = True, folder: str = "artifacts", bf16_speed: 
     if bf16_speed is not None:
         artifacts["torch-bf16"] = record("torch-bf16", True, path="")
         speeds["torch-bf16"] = bf16_speed
-    return Optimization(artifacts=artifacts, texts_per_s={f"{CPU}/1t": speeds})
+    return Optimization(artifacts=artifacts, texts_per_s={f"{CPU}/1t": speeds},
+                        lone_ms={f"{CPU}/1t": lone_ms} if lone_ms else {})
 
 
 def test_a_build_recorded_between_the_replicas_two_reads_of_the_manifest_is_read_anew(tmp_path):
@@ -250,6 +258,37 @@ def test_auto_serves_the_fastest_artifact_that_passed_parity_on_the_replicas_har
     assert (bf16._loaded.runtime, bf16._loaded.artifact) == ("torch-bf16", "")
 
 
+def test_a_runtime_quicker_at_one_text_answers_lone_texts_beside_the_fastest_at_a_batch():
+    lone = {"torch": 14.0, "onnx": 8.5, "onnx-int8": 6.2, "torch-bf16": 9.8}
+    replica, _, _ = _replica(optimization=_optimized(bf16_speed=300.0, lone_ms=lone), num_cpus_per_replica=1)
+    assert replica._loaded.runtime == "torch-bf16"
+    assert (replica._loaded.lone.runtime, replica._loaded.lone.artifact) == ("onnx-int8", "artifacts/onnx-int8/model.onnx")
+    assert replica.status()["runtimes"]["v1"].endswith("; one text alone on onnx-int8 (6.2 ms against 9.8))")
+    # Failed parity: never served, alone either; then fp32 ONNX is the quickest that passed.
+    failed, _, _ = _replica(optimization=_optimized(int8_passed=False, bf16_speed=300.0, lone_ms=lone),
+                            num_cpus_per_replica=1)
+    assert failed._loaded.runtime == "torch-bf16" and failed._loaded.lone.runtime == "onnx"
+    # Not a tenth quicker: one runtime, one copy of the weights.
+    close, _, _ = _replica(optimization=_optimized(int8_passed=False, bf16_speed=300.0,
+                                                   lone_ms={**lone, "onnx": 9.0}), num_cpus_per_replica=1)
+    assert close._loaded.lone is None
+    # A named runtime serves everything itself; so does a version measured before lone texts were.
+    named, _, _ = _replica(optimization=_optimized(bf16_speed=300.0, lone_ms=lone), runtime="torch-bf16",
+                           num_cpus_per_replica=1)
+    assert named._loaded.runtime == "torch-bf16" and named._loaded.lone is None
+    old, _, _ = _replica(optimization=_optimized(bf16_speed=300.0), num_cpus_per_replica=1)
+    assert old._loaded.lone is None
+
+
+def test_a_lone_text_runtime_that_does_not_load_leaves_the_version_on_one_runtime():
+    opt = _optimized(bf16_speed=300.0, lone_ms={"torch": 14.0, "onnx": 8.5, "onnx-int8": 6.2, "torch-bf16": 9.8})
+    opt.artifacts["onnx-int8"].path = "broken/onnx-int8/model.onnx"
+    replica, _, _ = _replica(optimization=opt, num_cpus_per_replica=1)
+    assert replica._loaded.runtime == "torch-bf16" and replica._loaded.lone is None
+    assert "one text alone" not in replica.status()["runtimes"]["v1"]
+    assert asyncio.run(replica.predict(["a"]))[0]["version"] == "v1"
+
+
 def test_a_replica_on_hardware_no_one_measured_measures_the_runtimes_itself_and_records_them():
     """The job ran on another node (a GPU worker, a CPU of other threads): its replicas
     served PyTorch whatever the artifacts were worth here."""
@@ -270,8 +309,9 @@ def test_a_replica_on_hardware_no_one_measured_measures_the_runtimes_itself_and_
     assert loads == ["torch", "onnx", "onnx-int8", "onnx"]  # each measured, then the fastest loaded to serve
     assert replica._loaded.runtime == "onnx"
     assert replica.status()["runtimes"]["v1"].startswith(f"onnx (auto: fastest on {CPU}/2t")
-    speeds = registry.recorded[f"{CPU}/2t"]
+    speeds, lone = registry.recorded[f"{CPU}/2t"], registry.recorded_lone[f"{CPU}/2t"]
     assert speeds["onnx"] > speeds["torch"] > speeds["onnx-int8"] > 0
+    assert 0 < lone["onnx"] < lone["torch"] < lone["onnx-int8"]  # one text alone: a batch's delay each
     assert registry.optimization.texts_per_s[f"{CPU}/1t"] == _optimized().texts_per_s[f"{CPU}/1t"]  # the job's kept
     # The next replica of the class reads them and measures nothing.
     loads.clear()

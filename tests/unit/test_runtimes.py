@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tuneloop.core.runtimes import (ArtifactRecord, Optimization, ParityCheck, choose_runtime, hardware_class, parity_check,
+from tuneloop.core.runtimes import (ArtifactRecord, Optimization, ParityCheck, choose_lone_runtime, choose_runtime,
+                                    hardware_class, parity_check,
                                     unmeasured_runtimes, worst_parity)
 
 
@@ -82,6 +83,31 @@ def test_auto_without_a_measurement_here_or_any_artifact_serves_torch():
     runtime, why = choose_runtime("auto", opt, "cpu/4t")
     assert runtime == "torch" and "no runtime measured on cpu/4t" in why
     assert choose_runtime("auto", None, "cpu/2t")[0] == "torch"
+
+
+def test_a_lone_text_goes_to_the_runtime_quickest_at_one_text_when_it_saves_a_tenth():
+    opt = _optimization({"torch": 100, "onnx": 130, "onnx-int8": 260})
+    opt.lone_ms["cpu/2t"] = {"torch": 9.0, "onnx": 7.0, "onnx-int8": 8.5}
+    assert choose_runtime("auto", opt, "cpu/2t")[0] == "onnx-int8"
+    assert choose_lone_runtime("auto", opt, "cpu/2t", "onnx-int8") == ("onnx", "one text alone on onnx (7.0 ms against 8.5)")
+    opt.lone_ms["cpu/2t"]["onnx"] = 7.7  # 0.906 of int8's time: not worth a second copy of the weights
+    assert choose_lone_runtime("auto", opt, "cpu/2t", "onnx-int8")[0] is None
+    opt.lone_ms["cpu/2t"]["onnx"] = 7.0
+    # Only what passed parity, is allowed and holds to today's limits; only under auto, on a CPU.
+    assert choose_lone_runtime("auto", opt, "cpu/2t", "onnx-int8", allowed=("onnx-int8",))[0] is None
+    failed = _optimization({"torch": 100, "onnx": 130, "onnx-int8": 260}, failed=("onnx",))
+    failed.lone_ms = opt.lone_ms
+    assert choose_lone_runtime("auto", failed, "cpu/2t", "onnx-int8")[0] is None
+    opt.artifacts["onnx"].parity = opt.artifacts["onnx"].parity.model_copy(update={"agreement": 0.99})
+    assert choose_lone_runtime("auto", opt, "cpu/2t", "onnx-int8", parity_limits=(0.99, 0.01))[0] == "onnx"
+    assert choose_lone_runtime("auto", opt, "cpu/2t", "onnx-int8", parity_limits=(0.995, 0.01))[0] is None
+    assert choose_lone_runtime("onnx-int8", opt, "cpu/2t", "onnx-int8")[0] is None
+    assert choose_lone_runtime("auto", opt, "cuda", "torch")[0] is None
+    # Nothing measured alone on this class (a build before lone texts were timed), or the
+    # serving runtime not among what was: one runtime.
+    assert choose_lone_runtime("auto", opt, "cpu/4t", "onnx-int8")[0] is None
+    assert choose_lone_runtime("auto", opt, "cpu/2t", "torch-bf16")[0] is None
+    assert choose_lone_runtime("auto", None, "cpu/2t", "torch")[0] is None
 
 
 def test_a_replica_measures_what_passed_where_no_one_measured_its_class():
