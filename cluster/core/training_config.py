@@ -162,7 +162,7 @@ class OptimizeConfig(Section):
     calibration_rows: int = Field(
         default=256, ge=1, description="texts that calibrate the smoothing: the version's training rows, else golden")
     speed_batch_size: int = Field(default=32, ge=1, le=1024, description="batch of the texts/s measured per runtime")
-    speed_seconds: float = Field(default=3.0, gt=0, le=600, description="how long each runtime's speed is measured")
+    speed_seconds: float = Field(default=3.0, gt=0, le=600, description="how long each runtime's texts/s is measured (and half as long, one text at a time)")
     measure_on_replicas: bool = Field(default=True, description=(
         "under serving.runtime auto, a CPU replica whose hardware class has no speed for an artifact of its "
         "version that passed (the job ran elsewhere) measures it and PyTorch, speed_seconds each, before it "
