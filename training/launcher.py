@@ -38,7 +38,7 @@ from tuneloop.core.names import INGRESS_APP, INGRESS_DEPLOYMENT, model_app_name,
 from tuneloop.core.resources import DATA_CPUS, training_shortfall
 from tuneloop.core.serving_time import JobMoments, rollout_complete, serving_time
 from tuneloop.core.tasks import Task, model_tasks
-from tuneloop.store.jobs import Heartbeat, JobLost, JobRecord, JobRunning, JobStore, hand_over, take_lease
+from tuneloop.store.jobs import HEARTBEAT_EVERY_S, Heartbeat, JobLost, JobRecord, JobRunning, JobStore, hand_over, take_lease
 from tuneloop.store.records import FeedbackStore
 from tuneloop.store.registry import Manifest, Registry, iso_time
 from tuneloop.store.storage import Storage
@@ -127,13 +127,17 @@ def _wait_for_resources(tcfg: TrainingConfig, autoscaled: bool) -> None:
             request_resources(bundles=[])  # the workers' own demand keeps the nodes from now on
 
 
-def worker_value_error(e: WorkerGroupError) -> ValueError | None:
+def worker_error(e: WorkerGroupError) -> ValueError | JobLost | None:
     """The ValueError every failed worker raised (the loop's own checks: a tokenizer with
-    neither a pad nor an end token, no output layer to find), as itself: Ray Train wraps it
-    in the worker's traceback, which the job's error then carried instead of the message.
-    None for anything else, a bug, whose traceback is what a user needs."""
+    neither a pad nor an end token, no output layer to find), or the JobLost one raised (its
+    record was marked lost: the others may have died waiting for it), as itself: Ray Train
+    wraps it in the worker's traceback, which the job's error then carried instead of the
+    message. None for anything else, a bug, whose traceback is what a user needs."""
     # Ray Train 2.60 keeps the worker's exception in UserExceptionWithTraceback._base_exc.
     causes = [getattr(f, "_base_exc", f) for f in e.worker_failures.values()]
+    lost = [c for c in causes if isinstance(c, JobLost)]
+    if lost:
+        return JobLost(str(lost[0]))
     if causes and all(isinstance(c, ValueError) for c in causes):
         return ValueError(str(causes[0]))
     return None
@@ -250,7 +254,7 @@ def run_training(cfg: TuneloopConfig, model: str, trigger: str = "manual", job: 
         heartbeat.start()
         # Marked lost before its first beat (its process started late): it trained to the end,
         # to be refused at publishing.
-        jobs.check_still_running(job)
+        jobs.check_still_running(job.job_id)
         manifest = _train(cfg, model, job, storage, registry, optimize)
         return TrainingOutcome(job, manifest)
     except KeyboardInterrupt:  # the operator's Ctrl-C: recorded as such, then passed on
@@ -335,6 +339,8 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
             # The gate judges what will serve: texts read as the replicas read them (cut, or in windows).
             "eval_max_length": cfg.serving.max_length,
             "train_rows": data.train.num_rows,
+            # The workers stop once the job's record no longer says running (marked lost).
+            "job": {"storage": cfg.storage.root, "job_id": job.job_id, "check_every_s": HEARTBEAT_EVERY_S},
             # Object references, not the tables: each worker reads them from the object store.
             "tables": {name: ray.put(table) for name, table in tables.items()},
             "distill": teacher.loop_config(parent is None) if teacher else None,
@@ -352,7 +358,7 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
     try:
         result = _fit(trainer)
     except WorkerGroupError as e:
-        raise worker_value_error(e) or e from None
+        raise worker_error(e) or e from None
     training_ended = _now()
     report = result.metrics
     gate, metrics, parent_metrics = _gate(task, cfg.gate, report, teacher.evidence() if teacher else None, data.golden)
@@ -376,7 +382,7 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
     )
     trained_on = data.train.select(["source", "feedback_id", "prediction_id", "key_id", "text", *task.target_columns])
     jobs = JobStore(storage)
-    jobs.check_still_running(job)  # marked lost meanwhile: the model's next job may be running
+    jobs.check_still_running(job.job_id)  # marked lost meanwhile: the model's next job may be running
     with result.checkpoint.as_directory() as ckpt_dir:
         manifest = registry.publish(model, ckpt_dir, manifest,
                                     tables={"trained_on": trained_on, "reservoir": data.reservoir, "golden": data.golden,
@@ -393,7 +399,7 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
             log.exception("job %s: optimizing %s failed; it serves on PyTorch", job.job_id, manifest.version)
         optimized = _now()
     if gate.accepted:
-        jobs.check_still_running(job)  # optimizing takes minutes
+        jobs.check_still_running(job.job_id)  # optimizing takes minutes
         hand_over(registry, job, manifest.version, parent, gate.reason, cfg.rollout)  # sets job.promoted
         job.state = "succeeded"
     else:

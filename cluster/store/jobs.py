@@ -210,13 +210,15 @@ class JobStore:
         finished job's may come without its gate, metrics and serving time (``_FINISHED``)."""
         return [self._settle(j) for j in self._read_all()]
 
-    def check_still_running(self, job: JobRecord) -> None:
-        """Raise JobLost unless ``job``'s stored record still says running. A job whose beats
+    def check_still_running(self, job_id: str) -> None:
+        """Raise JobLost unless the job's stored record still says running. A job whose beats
         stalled (storage throttled, a partition) was marked lost and trained on; the next job
-        took its lease, and both published."""
-        stored = self._read(job.job_id)
+        took its lease, and both published. Its training workers ask too, every
+        ``HEARTBEAT_EVERY_S``: a lost job's training ran to its end on the GPUs the next job
+        of the model was waiting for."""
+        stored = self._read(job_id)
         if stored is None or stored.state != "running":
-            raise JobLost(f"job {job.job_id} was marked {stored.state if stored else 'gone'} while it ran"
+            raise JobLost(f"job {job_id} was marked {stored.state if stored else 'gone'} while it ran"
                           + (f" ({stored.error})" if stored is not None and stored.error else "")
                           + ": another job may hold its lease; not publishing")
 

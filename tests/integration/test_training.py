@@ -286,3 +286,30 @@ def test_a_label_added_keeps_productions_rows_and_its_baseline_is_productions_ow
     assert parent.eval_rows == 16 and parent.accuracy == recorded.accuracy
     assert [row[1] for row in parent.confusion] == [0, 0, 0]
     assert [[parent.confusion[i][j] for j in (0, 2)] for i in (0, 2)] == recorded.confusion
+
+
+def test_a_job_marked_lost_while_it_trains_stops_its_workers(ray_session, tiny_model, seed_tsv, tmp_path, monkeypatch):
+    """Its heartbeats stalled and the controller marked it lost (the model's next job may be
+    waiting for its GPUs): it trained to its end, to be refused only at publishing."""
+    import threading
+    import time
+
+    from tuneloop.training import launcher
+
+    monkeypatch.setattr(launcher, "HEARTBEAT_EVERY_S", 0.5)  # the workers' check, every half second here
+    cfg = make_config(tmp_path / "store", tiny_model, seed_tsv,
+                      training={"epochs": 1000, "num_workers": 1, "early_stopping_patience": None})
+    jobs = JobStore(Storage(cfg.storage.root))
+    job = jobs.create("sentiment", "manual")
+    outcome = []
+    started = time.monotonic()
+    runner = threading.Thread(target=lambda: outcome.append(launcher.run_training(cfg, "sentiment", job=job)))
+    runner.start()
+    while not (jobs.get(job.job_id).heartbeat_at and time.monotonic() - started > 20):  # past its own first check
+        time.sleep(0.2)
+    jobs.fail_running(job, "lost: no heartbeat (marked by the test)")
+    runner.join(timeout=120)  # a thousand epochs would take many minutes
+    assert not runner.is_alive()
+    done = outcome[0].job
+    assert done.state == "failed" and done.error.startswith("JobLost: job ") and "while it ran" in done.error
+    assert outcome[0].manifest is None and Registry(Storage(cfg.storage.root)).versions("sentiment") == []

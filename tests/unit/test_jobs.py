@@ -200,11 +200,11 @@ def test_a_job_marked_lost_while_it_ran_stops_before_publishing(jobs, storage, c
     from tuneloop.store.jobs import JobLost
 
     job = jobs.create("m", "manual")
-    jobs.check_still_running(job)  # alive: nothing to say
+    jobs.check_still_running(job.job_id)  # alive: nothing to say
     clock.advance(61)
     jobs.all()  # the controller's sweep
     with pytest.raises(JobLost, match="marked failed while it ran .*lost: no heartbeat.*not publishing"):
-        jobs.check_still_running(job)
+        jobs.check_still_running(job.job_id)
 
 
 def test_fail_running_marks_a_job_whose_process_is_known_dead(jobs):

@@ -127,14 +127,21 @@ def test_an_error_every_training_worker_raised_reaches_the_job_as_its_message():
     from ray.train import WorkerGroupError
     from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
 
-    from tuneloop.training.launcher import worker_value_error
+    from tuneloop.training.launcher import worker_error
 
     why = ValueError("the tokenizer has neither a pad nor an end token")
     wrapped = {rank: UserExceptionWithTraceback(why, "Traceback ...\nValueError: the tokenizer ...") for rank in (0, 1)}
-    unwrapped = worker_value_error(WorkerGroupError("workers failed", wrapped))
+    unwrapped = worker_error(WorkerGroupError("workers failed", wrapped))
     assert isinstance(unwrapped, ValueError) and str(unwrapped) == "the tokenizer has neither a pad nor an end token"
     bug = {0: UserExceptionWithTraceback(KeyError("x"), "Traceback ...")}
-    assert worker_value_error(WorkerGroupError("workers failed", bug)) is None  # a bug keeps its traceback
+    assert worker_error(WorkerGroupError("workers failed", bug)) is None  # a bug keeps its traceback
+    # One worker found the job marked lost; the other died of it, waiting at a collective.
+    from tuneloop.store.jobs import JobLost
+
+    lost = {0: UserExceptionWithTraceback(JobLost("job abc was marked failed while it ran"), "Traceback ..."),
+            1: UserExceptionWithTraceback(RuntimeError("Connection closed by peer"), "Traceback ...")}
+    found = worker_error(WorkerGroupError("workers failed", lost))
+    assert isinstance(found, JobLost) and str(found) == "job abc was marked failed while it ran"
 
 
 def test_freezing_what_the_model_does_not_have_says_so():
