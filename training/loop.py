@@ -17,7 +17,7 @@ from contextlib import nullcontext
 from typing import Any
 
 from tuneloop.core.tasks import Task, make_task
-from tuneloop.store.jobs import JobStore
+from tuneloop.store.jobs import JobLost, JobStore
 from tuneloop.store.storage import Storage
 from tuneloop.training.deepspeed_config import build_deepspeed_config, lr_multiplier, warmup_steps
 from tuneloop.training.distill import TEACHER_COLUMN, distillation_loss, keep_layers
@@ -327,21 +327,24 @@ def _without_shm_all_reduce() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def _job_check(job: dict[str, Any] | None) -> Callable[[], None]:
+def _job_check(job: dict[str, Any], rank: int) -> Callable[[], None]:
     """What a worker calls after every step: every ``check_every_s`` it reads the job's
     record and raises JobLost once it no longer says running (marked lost: its heartbeats
     stopped reaching storage, and the model's next job may be waiting for these workers'
     GPUs). Each worker reads for itself, so no collective waits on the check."""
-    if job is None:  # a benchmark's or a test's loop, with no job record
-        return lambda: None
     jobs, every_s = JobStore(Storage(job["storage"])), job["check_every_s"]
     checked = time.perf_counter()
 
     def check() -> None:
         nonlocal checked
         if time.perf_counter() - checked >= every_s:
-            jobs.check_still_running(job["job_id"])
             checked = time.perf_counter()
+            try:
+                jobs.check_still_running(job["job_id"])
+            except JobLost:
+                raise
+            except Exception as e:  # noqa: BLE001 - storage out of reach a moment: training goes on, read next time
+                _log(rank, f"could not read the job's record ({type(e).__name__}: {e}); training goes on")
 
     return check
 
@@ -458,7 +461,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if monitor is None and config["early_stopping_patience"] is not None and config["epochs"] > 1:
         _log(rank, "early stopping is off for this job: no validation rows (too little fresh feedback"
                    + ("; the golden set is the gate's)" if config["has_parent"] else ", and no golden set)"))
-    still_running = _job_check(config.get("job"))
+    still_running = _job_check(config["job"], rank)
     best: tuple[dict[str, Any], dict[str, Any]] | None = None  # (evaluation, weights) of the best epoch
     epochs_run, applied, applied_at_last_check, started = 0, 0, 0, time.perf_counter()
     last_line = started
