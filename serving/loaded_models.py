@@ -17,6 +17,14 @@ from tuneloop.core.errors import InputRejected, NonFiniteScores
 from tuneloop.core.tasks import Task
 
 
+# The longest single row (window) the lone-text runtime answers (``choose_lone_runtime``).
+# One SST-2 dev text alone, MiniLM-L6, one thread, ms for bf16 / fp32 ONNX / int8: 11 tokens
+# 10.8 / 6.0 / 3.9, 26 tokens 13.2 / 9.8 / 7.4, 50 tokens 17.2 / 16.7 / 12.2, 97 tokens
+# 25.7 / 28.4 / 20.4, 191 tokens 37.8 / 57.2 / 46.4: past a few dozen tokens bf16's arithmetic
+# wins again, as it does at a batch of two short texts.
+LONE_MAX_TOKENS = 32
+
+
 class LabelMismatch(ValueError):
     """A version's checkpoint names other labels than the config: serving it would
     mislabel answers (or fail on every predict), so it is refused at load."""
@@ -112,7 +120,8 @@ class LoadedModel:
             raise InputRejected("a text has no tokens this model reads (empty, or only characters its tokenizer drops)")
         tokens, padded = int(mask.sum()), mask.numel()
         encoding = self.task.encoding_for(enc)  # and enc keeps only the model's inputs
-        probs = self._forward_rows(enc)
+        lone = self.lone is not None and mask.shape[0] == 1 and mask.shape[-1] <= LONE_MAX_TOKENS
+        probs = (self.lone if lone else self)._forward_rows(enc)  # the same version's tokenizer and head
         if not bool(torch.isfinite(probs).all()):
             raise NonFiniteScores("the model produced non-finite scores for this input")
         return probs, encoding, tokens, padded
@@ -129,8 +138,9 @@ class LoadedModel:
                           for i in range(0, rows, self.max_rows)])
 
     def answer_lone_texts_with(self, lone: LoadedModel) -> None:
-        """Answer a batch of one text with ``lone`` (``choose_lone_runtime``), which this
-        replica now holds too."""
+        """Run the forward pass of a batch of one short text (one row of at most
+        ``LONE_MAX_TOKENS``) on ``lone`` (``choose_lone_runtime``), which this replica now
+        holds too."""
         self.lone = lone
         self.weight_bytes += lone.weight_bytes
 
@@ -138,8 +148,6 @@ class LoadedModel:
         """Answers in order, and the batch's real and padded token counts. An input the
         tokenizer refuses, or one the model scores as NaN/inf, raises InputRejected: the
         batcher then runs the batch in halves until that input stands alone."""
-        if len(texts) == 1 and self.lone is not None:
-            return self.lone.predict(texts)
         probs, encoding, tokens, padded = self.scores(texts, self.task.serving_tokenizer_options(self.max_length))
         return self.task.answers(texts, probs.tolist(), self.head, encoding), tokens, padded
 

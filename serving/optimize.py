@@ -325,8 +325,10 @@ def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, versio
     hardware = hardware_class("cuda" if device == "cuda" else cpu_class(), threads)
     timed = _timed_on(texts, ocfg.speed_batch_size)
     speeds = {"torch": texts_per_s(reference, timed, ocfg.speed_batch_size, ocfg.speed_seconds)}
-    lone = {"torch": lone_text_ms(reference, timed, ocfg.speed_seconds / 2)}
-    progress(f"{model} {version}: torch {speeds['torch']:.0f} texts/s on {hardware}, one text {lone['torch']:.1f} ms")
+    # One text alone is timed on CPUs only: a GPU's replicas have one runtime (choose_lone_runtime).
+    lone = {"torch": lone_text_ms(reference, timed, ocfg.speed_seconds / 2)} if device == "cpu" else {}
+    progress(f"{model} {version}: torch {speeds['torch']:.0f} texts/s on {hardware}"
+             + (f", one text {lone['torch']:.1f} ms" if lone else ""))
     del reference
     records: dict[str, ArtifactRecord] = {}
     # Each build in a folder of its own under artifacts/: a rebuild never writes over the
@@ -392,6 +394,6 @@ def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, versio
         if "onnx" not in records and os.path.exists(fp32):
             os.remove(fp32)  # only int8 was asked for: its fp32 source is not kept
         optimization = Optimization(artifacts=records, texts_per_s={hardware: {k: round(v, 1) for k, v in speeds.items()}},
-                                    lone_ms={hardware: {k: round(v, 2) for k, v in lone.items()}},
+                                    lone_ms={hardware: {k: round(v, 2) for k, v in lone.items()}} if lone else {},
                                     batch_size=ocfg.speed_batch_size, built_at=datetime.now(UTC).isoformat())
         return registry.record_optimization(model, version, tmp, optimization)

@@ -92,6 +92,7 @@ class VersionLoader:
         built_at = optimization.built_at if optimization else None
         runtime, optimization, why = self._runtime_for(version, path, optimization)
         artifact = optimization.artifact_path(runtime) if optimization else None  # none: PyTorch serves
+        did_not_load = None
         try:
             loaded = self.load_model(path, version, self.task, self.serving.max_length, runtime, artifact)
         except LabelMismatch:
@@ -102,9 +103,9 @@ class VersionLoader:
             log.warning("model %s: %s's %s artifact did not load (%s: %s); serving it on torch",
                         self.model, version, runtime, type(e).__name__, e)
             why = f"the {runtime} artifact did not load: {type(e).__name__}"
-            runtime = "torch"
+            did_not_load, runtime = runtime, "torch"
             loaded = self.load_model(path, version, self.task, self.serving.max_length, runtime, None)
-        why += self._with_lone_runtime(loaded, path, optimization)
+        why += self._with_lone_runtime(loaded, path, optimization, did_not_load)
         self.runtimes[version], self.built_at[version] = (runtime, why), built_at
         # A runtime the operator named and did not get is theirs to know at warning, not info
         # (optimize.enabled off, an artifact failing parity: PyTorch served and nothing said so).
@@ -186,13 +187,17 @@ class VersionLoader:
         device = "cuda" if self.serving.num_gpus_per_replica > 0 else cpu_class()
         return hardware_class(device, self.serving.replica_threads)
 
-    def _with_lone_runtime(self, loaded: LoadedModel, path: str, optimization: Optimization | None) -> str:
+    def _with_lone_runtime(self, loaded: LoadedModel, path: str, optimization: Optimization | None,
+                           did_not_load: str | None) -> str:
         """Give ``loaded`` the runtime that answers one text alone faster (``choose_lone_runtime``),
-        if one does; what to add to why it runs as it does. One that does not load leaves the
-        version on its one runtime."""
+        if one does; what to add to why it runs as it does. One that does not load (or
+        ``did_not_load`` just now) leaves the version on its one runtime, as does a replica
+        whose batches hold one text at most (its batch runtime would never run)."""
+        if self.serving.max_batch_size == 1:
+            return ""
         lone, why = choose_lone_runtime(self.serving.runtime, optimization, self._hardware(), loaded.runtime,
                                         self.allowed, self._parity_limits)
-        if lone is None:
+        if lone is None or lone == did_not_load:
             return ""
         try:
             loaded.answer_lone_texts_with(self.load_model(path, loaded.version, self.task, self.serving.max_length,

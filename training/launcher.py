@@ -326,6 +326,8 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
                                               tcfg.cpus_per_worker, tcfg.gpus_per_worker)
         log.info("job %s: teacher %s %s scored %d rows in %.1f s (%s)", job.job_id, teacher.model, teacher.version,
                  data.train.num_rows, teacher.scoring_s, teacher.scoring_dtype)
+    jobs = JobStore(storage)
+    jobs.check_still_running(job.job_id)  # marked lost during the teacher's scoring or the wait for resources
     run_started = _now()
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -340,7 +342,8 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
             "eval_max_length": cfg.serving.max_length,
             "train_rows": data.train.num_rows,
             # The workers stop once the job's record no longer says running (marked lost).
-            "job": {"storage": cfg.storage.root, "job_id": job.job_id, "check_every_s": HEARTBEAT_EVERY_S},
+            "job": {"storage": storage.uri if not storage.is_local else storage.root, "job_id": job.job_id,
+                    "check_every_s": HEARTBEAT_EVERY_S},
             # Object references, not the tables: each worker reads them from the object store.
             "tables": {name: ray.put(table) for name, table in tables.items()},
             "distill": teacher.loop_config(parent is None) if teacher else None,
@@ -381,7 +384,6 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
         distilled_from=teacher.record(parent is None) if teacher else None,
     )
     trained_on = data.train.select(["source", "feedback_id", "prediction_id", "key_id", "text", *task.target_columns])
-    jobs = JobStore(storage)
     jobs.check_still_running(job.job_id)  # marked lost meanwhile: the model's next job may be running
     with result.checkpoint.as_directory() as ckpt_dir:
         manifest = registry.publish(model, ckpt_dir, manifest,

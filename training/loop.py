@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -328,23 +329,38 @@ def _without_shm_all_reduce() -> None:
 
 
 def _job_check(job: dict[str, Any], rank: int) -> Callable[[], None]:
-    """What a worker calls after every step: every ``check_every_s`` it reads the job's
-    record and raises JobLost once it no longer says running (marked lost: its heartbeats
-    stopped reaching storage, and the model's next job may be waiting for these workers'
-    GPUs). Each worker reads for itself, so no collective waits on the check."""
-    jobs, every_s = JobStore(Storage(job["storage"])), job["check_every_s"]
-    checked = time.perf_counter()
+    """What a worker calls after every step: it raises JobLost once the job's record no
+    longer says running (marked lost: its heartbeats stopped reaching storage, and the model's
+    next job may be waiting for these workers' GPUs). A thread reads the record every
+    ``check_every_s``, so a slow read (an object store's retries) never holds a step; each
+    worker reads for itself, and the others, waiting at the next collective, end with the
+    run when Ray Train stops the group. A record that cannot be read, or is not there, is
+    said once and trains on: only one that says otherwise stops the job."""
+    jobs, job_id = JobStore(Storage(job["storage"])), job["job_id"]
+    lost: list[JobLost] = []
+    said: set[str] = set()
+
+    def read() -> None:
+        while not lost:
+            time.sleep(job["check_every_s"])
+            try:
+                record = jobs.get(job_id)  # a stale heartbeat is marked lost here too, as by any reader
+                if record is None:
+                    raise FileNotFoundError(f"no record of job {job_id} under {job['storage']}")
+                if record.state != "running":
+                    jobs.check_still_running(job_id)  # raises JobLost, saying what the record says
+            except JobLost as e:
+                lost.append(e)
+            except Exception as e:  # noqa: BLE001 - storage out of reach a moment: read again next time
+                if type(e).__name__ not in said:
+                    said.add(type(e).__name__)
+                    _log(rank, f"could not read the job's record ({type(e).__name__}: {e}); training goes on")
+
+    threading.Thread(target=read, name="tuneloop-job-check", daemon=True).start()
 
     def check() -> None:
-        nonlocal checked
-        if time.perf_counter() - checked >= every_s:
-            checked = time.perf_counter()
-            try:
-                jobs.check_still_running(job["job_id"])
-            except JobLost:
-                raise
-            except Exception as e:  # noqa: BLE001 - storage out of reach a moment: training goes on, read next time
-                _log(rank, f"could not read the job's record ({type(e).__name__}: {e}); training goes on")
+        if lost:
+            raise lost[0]
 
     return check
 

@@ -177,21 +177,25 @@ def choose_lone_runtime(requested: str, optimization: Optimization | None, hardw
     Runtime is lighter than eager PyTorch. MiniLM-L6, one thread, one short SST-2 text: bf16
     9.6-11.2 ms, fp32 ONNX 8.4-8.6, int8 6.1-6.7; at batch 2 bf16 is already as fast as
     ONNX (14.7-17.0 ms against 15.9-18.0) and at 8 it takes 0.6x ONNX's time. So under
-    ``auto`` a replica keeps a second runtime for lone texts: among PyTorch and the artifacts
-    that passed parity, the one with the lowest ``lone_ms`` on ``hardware``, when it takes at
-    most ``LONE_GAIN`` of ``chosen``'s time (holding it costs its weights' memory again)."""
+    ``auto`` a replica keeps a second runtime for lone texts: among PyTorch and the ONNX
+    artifacts that passed parity, the one with the lowest ``lone_ms`` on ``hardware``, when it
+    takes at most ``LONE_GAIN`` of ``chosen``'s time (holding it costs its weights' memory
+    again). It answers a lone text of a few dozen tokens only (``LONE_MAX_TOKENS`` in
+    ``serving/loaded_models.py``): past that bf16 wins again."""
     if requested != "auto" or not hardware.startswith("cpu") or optimization is None:
         return None, ""
     lone = optimization.lone_ms.get(hardware) or {}
     artifacts = _judged(optimization, allowed, parity_limits)
-    eligible = {name: ms for name, ms in lone.items()
-                if name == TORCH or (name in artifacts and artifacts[name].parity.passed)}
-    if chosen not in eligible:
+    # torch-bf16's parity is checked in batches only (the ONNX artifacts' at one text too);
+    # it is never the quicker one at one text anyway (eager PyTorch's dispatch, above).
+    candidates = {name: ms for name, ms in lone.items() if name == TORCH or (
+        name != "torch-bf16" and name in artifacts and artifacts[name].parity.passed)}
+    if chosen not in lone or not candidates:
         return None, ""
-    best = min(eligible, key=lambda name: (eligible[name], name != chosen))
-    if best == chosen or eligible[best] > LONE_GAIN * eligible[chosen]:
+    best = min(candidates, key=lambda name: (candidates[name], name != chosen))
+    if best == chosen or candidates[best] > LONE_GAIN * lone[chosen]:
         return None, ""
-    return best, f"one text alone on {best} ({eligible[best]:.1f} ms against {eligible[chosen]:.1f})"
+    return best, f"one text alone on {best} ({candidates[best]:.1f} ms against {lone[chosen]:.1f})"
 
 
 def unmeasured_runtimes(requested: str, optimization: Optimization | None, hardware: str,

@@ -123,6 +123,8 @@ def test_a_lone_text_is_answered_by_the_lone_runtime_and_a_batch_by_the_versions
     assert forwarded == [1] and got[0]["label"] == expected[0]["label"]
     assert got[0]["scores"] == pytest.approx(expected[0]["scores"], abs=1e-5)  # parity: fp32 ONNX, the same answer
     assert len(served.predict(TEXTS)[0]) == len(TEXTS) and forwarded == [1]  # a batch: the version's own runtime
+    served.predict([" ".join(TEXTS * 3)])  # one text past LONE_MAX_TOKENS: the version's own runtime too
+    assert forwarded == [1]
 
 
 def test_a_replica_of_a_class_no_one_measured_ranks_the_runtimes_itself(optimized, metrics_dir):

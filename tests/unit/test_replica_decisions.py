@@ -278,6 +278,18 @@ def test_a_runtime_quicker_at_one_text_answers_lone_texts_beside_the_fastest_at_
     assert named._loaded.runtime == "torch-bf16" and named._loaded.lone is None
     old, _, _ = _replica(optimization=_optimized(bf16_speed=300.0), num_cpus_per_replica=1)
     assert old._loaded.lone is None
+    # Batches of one text at most: the batch runtime would never run, so it alone serves.
+    single, _, _ = _replica(optimization=_optimized(bf16_speed=300.0, lone_ms=lone), num_cpus_per_replica=1,
+                            max_batch_size=1)
+    assert single._loaded.runtime == "torch-bf16" and single._loaded.lone is None
+
+
+def test_an_artifact_that_did_not_load_is_not_loaded_again_for_lone_texts(caplog):
+    opt = _optimized(folder="broken", lone_ms={"torch": 14.0, "onnx": 8.5, "onnx-int8": 6.2})
+    replica, _, _ = _replica(optimization=opt, num_cpus_per_replica=1)
+    assert replica._loaded.runtime == "torch"  # int8, the fastest, did not load: not tried twice
+    assert replica._loaded.lone is None
+    assert not [r for r in caplog.records if "for lone texts" in r.getMessage()]
 
 
 def test_a_lone_text_runtime_that_does_not_load_leaves_the_version_on_one_runtime():

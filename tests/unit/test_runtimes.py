@@ -93,6 +93,13 @@ def test_a_lone_text_goes_to_the_runtime_quickest_at_one_text_when_it_saves_a_te
     opt.lone_ms["cpu/2t"]["onnx"] = 7.7  # 0.906 of int8's time: not worth a second copy of the weights
     assert choose_lone_runtime("auto", opt, "cpu/2t", "onnx-int8")[0] is None
     opt.lone_ms["cpu/2t"]["onnx"] = 7.0
+    # bf16's parity was checked in batches only: compared with, never a lone runtime.
+    parity = ParityCheck(passed=True, detail="ok", rows=10, agreement=1.0, accuracy=0.9, reference_accuracy=0.9)
+    bf16 = opt.model_copy(deep=True)
+    bf16.artifacts["torch-bf16"] = ArtifactRecord(runtime="torch-bf16", path="", bytes=1, build_s=0.0, parity=parity)
+    bf16.lone_ms["cpu/2t"]["torch-bf16"] = 5.0
+    assert choose_lone_runtime("auto", bf16, "cpu/2t", "onnx-int8")[0] == "onnx"
+    assert choose_lone_runtime("auto", bf16, "cpu/2t", "torch-bf16")[0] is None  # 7.0 ms is not quicker than 5.0
     # Only what passed parity, is allowed and holds to today's limits; only under auto, on a CPU.
     assert choose_lone_runtime("auto", opt, "cpu/2t", "onnx-int8", allowed=("onnx-int8",))[0] is None
     failed = _optimization({"torch": 100, "onnx": 130, "onnx-int8": 260}, failed=("onnx",))
