@@ -597,7 +597,9 @@ def main() -> None:
     print()
     print("× bare: to the mean of the bare PyTorch runs just before and after the server (run k and k+1), "
           "as the issue's target is set; × bare, its runtime: to the bare loop on the runtime the server ran "
-          "(an int8 artifact's own speed), which separates what serving keeps from what quantization gave.")
+          "(an int8 artifact's own speed), which separates what serving keeps from what quantization gave; "
+          "a row naming a runtime 'alone' answered single short texts on that one, and is rated against the "
+          "batch runtime's loop.")
     for key, (r, before) in half_peak.items():
         # One batch's compute: a full batch of this set's texts in the bare loop on the runtime
         # that served (a bf16 row against fp32's batch read 0.62x where its own gives 1.67x).
