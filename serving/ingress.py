@@ -68,7 +68,9 @@ CONTROLLER_LOOKUP_S = 5.0  # how long a retrain controller handle is trusted (In
 # A body without a Content-Type is JSON, as the model replicas read it (BodyGuard refuses any
 # other type first): FastAPI's strict default left it unparsed, and feedback sent as
 # requests' data=json.dumps(...) got a 422 "Input should be a valid dictionary".
-app = FastAPI(title="tuneloop", version="1", strict_content_type=False)
+# No 307 to the path without its trailing slash: its empty body and absolute http:// location
+# (wrong behind a TLS proxy) answered where every other unknown path gets a JSON 404.
+app = FastAPI(title="tuneloop", version="1", strict_content_type=False, redirect_slashes=False)
 
 
 class PredictRequest(BaseModel):

@@ -26,6 +26,7 @@ from tuneloop.core.errors import (
     PayloadTooLarge,
     RequestTimeout,
     UnsupportedMediaType,
+    quoted,
 )
 
 
@@ -149,7 +150,8 @@ def parse_predict_body(body: bytes, limits: PredictLimits, task: Task) -> list[s
         raise InvalidBody(f'the body must be a JSON object {{"inputs": [...]}}, not {type(doc).__name__}')
     extra = sorted(set(doc) - {"inputs"})
     if extra:
-        raise InvalidBody(f"unknown field(s) {extra}; the body takes only \"inputs\"")
+        raise InvalidBody(f"unknown field(s) {', '.join(quoted(f) for f in extra[:5])}"
+                          f"{f' and {len(extra) - 5} more' if len(extra) > 5 else ''}; the body takes only \"inputs\"")
     if "inputs" not in doc:
         raise InvalidBody('"inputs" is required: a list of texts')
     return task.check_inputs(doc["inputs"], limits.max_inputs, limits.max_chars)

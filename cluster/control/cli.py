@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from datetime import datetime
 
 import typer
 
@@ -308,6 +309,37 @@ def status(
     for name, state in states.items():
         for line in _describe_state(name, state, registry.rollout_look(name)):
             typer.echo(line)
+
+
+@app.command()
+def jobs(
+    model: str | None = typer.Argument(None, help="one model (default: every model's jobs)"),
+    last: int = typer.Option(20, "--last", min=1, help="how many of the newest jobs"),
+    as_json: bool = typer.Option(False, "--json", help="print the job records as JSON"),
+    config: str | None = ConfigOption,
+) -> None:
+    """The newest training jobs, newest first: state, trigger, version, how long each took,
+    and why a job failed or its version waits (a job that stopped heartbeating is marked
+    failed here, as by every reader). `GET /v1/jobs/{id}` gives one job's whole record."""
+    from tuneloop.store.jobs import JobStore
+
+    cfg = _load(config)
+    if model is not None:
+        known_model(cfg, model)
+    records = [j for j in JobStore(stored_root(cfg)).all() if model is None or j.model == model][-last:][::-1]
+    if as_json:
+        typer.echo(json.dumps([j.model_dump(mode="json") for j in records], indent=2))
+        return
+    if not records:
+        typer.echo(f"no training jobs yet{f' of {model}' if model else ''}")
+    for j in records:
+        took = ""
+        if j.finished_at:
+            seconds = (datetime.fromisoformat(j.finished_at) - datetime.fromisoformat(j.created_at)).total_seconds()
+            took = f" {seconds:.0f}s"
+        why = j.error or j.message or ""
+        why = f": {why[:160]}{'...' if len(why) > 160 else ''}" if why else ""
+        typer.echo(f"{j.job_id} {j.model} {j.state:<9} {j.trigger} {j.version or '-'} {j.created_at}{took}{why}")
 
 
 feedback_app = typer.Typer(no_args_is_help=True, rich_markup_mode=HELP_MARKUP,

@@ -6,6 +6,7 @@ in another terminal joins this Ray cluster instead of starting a second one.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -67,9 +68,13 @@ def data_problems(cfg: TuneloopConfig, models: list[str] | None = None, offline:
     ``num_cpus`` too small for a job beside the replicas (which ``run`` would refuse once
     Ray is up). ``offline``: the storage is not opened (`check-config` on a cluster's config,
     whose bucket this machine may not reach), so what needs the registry is not checked."""
+    if not offline and (problem := storage_root_problem(cfg.storage.root)):
+        return [problem]  # nothing under it can be read
     storage = None if offline else Storage(cfg.storage.root)
     registry = None if storage is None else Registry(storage)
     problems = []
+    if not offline and models is None and (problem := host_problem(cfg.serving.host)):  # run, check-config
+        problems.append(problem)
     if storage is not None and (problem := storage.conditional_write_problem()):
         problems.append(problem)  # an object store that would lose concurrent updates
     for m in cfg.models:
@@ -234,24 +239,42 @@ def metrics_dir_for(cfg: TuneloopConfig) -> str:
     return path
 
 
+def storage_root_problem(root: str) -> str | None:
+    """Why a local ``storage.root`` cannot be tuneloop's folder (None: it can): a file there
+    gave a NotADirectoryError naming a file under it, or "cannot read the key file"."""
+    path = os.path.expanduser(root)
+    if "://" in root or not os.path.exists(path) or os.path.isdir(path):
+        return None
+    return f"storage.root {root!r} is a file, not a folder: name a folder (created if missing)"
+
+
+def host_problem(host: str) -> str | None:
+    """Why no listener can take ``serving.host`` on this machine (a name that does not resolve,
+    an address of no interface here), or None; `check-config` says it as `run` would."""
+    problem, _ = _bind_problem(host, 0)
+    return f"serving.host {host!r}: {problem}" if problem else None
+
+
 def check_ports_free(host: str, port: int, local_ray: bool) -> None:
     """Fail fast: otherwise Serve's proxy fails in the background and /readyz would be
     answered by whatever already holds the port. With ``local_ray``, HAProxy's side
     listeners too: a second `tuneloop run` on another port started Ray, then died in a
     35-line traceback of HAProxy's bind."""
-    problem = _bind_problem(host, port)
+    problem, in_use = _bind_problem(host, port)
     if problem:
-        raise SystemExit(f"cannot serve on {host}:{port}: {problem} (another tuneloop run?)")
+        raise SystemExit(f"cannot serve on {host}:{port}: {problem}" + (" (another tuneloop run?)" if in_use else ""))
     sides = haproxy_ports() if local_ray else {}
     for var, side in sides.items():
-        problem = _bind_problem("0.0.0.0", side)
+        problem, in_use = _bind_problem("0.0.0.0", side)
         if problem:
-            raise SystemExit(f"Ray Serve's HAProxy needs port {side} ({var}): {problem} (another tuneloop run?); "
-                             f"a second server on this machine needs {' and '.join(sides)} set to free ports")
+            raise SystemExit(f"Ray Serve's HAProxy needs port {side} ({var}): {problem}"
+                             + (" (another tuneloop run?)" if in_use else "")
+                             + f"; a second server on this machine needs {' and '.join(sides)} set to free ports")
 
 
-def _bind_problem(host: str, port: int) -> str | None:
-    """Why a listener cannot take ``host``:``port`` now (None: it can)."""
+def _bind_problem(host: str, port: int) -> tuple[str | None, bool]:
+    """(why a listener cannot take ``host``:``port`` now, whether something listens there);
+    (None, False) where it can."""
     with socket.socket() as s:
         # As servers do: connections of a killed predecessor, left in TIME_WAIT, do not
         # hold the port; only a live listener does.
@@ -259,11 +282,13 @@ def _bind_problem(host: str, port: int) -> str | None:
         try:
             s.bind((host, port))
         except OSError as e:
-            return e.strerror
-    return None
+            return e.strerror or str(e), e.errno == errno.EADDRINUSE
+    return None, False
 
 
 def run_forever(cfg: TuneloopConfig) -> None:
+    if problem := storage_root_problem(cfg.storage.root):
+        raise SystemExit(f"tuneloop: cannot start: {problem}")
     storage = Storage(cfg.storage.root)
     try:
         # First of all: a bad key file or $TUNELOOP_API_KEYS stops the start, rather than
@@ -274,7 +299,10 @@ def run_forever(cfg: TuneloopConfig) -> None:
     problems = data_problems(cfg)
     if problems:
         raise SystemExit("tuneloop: cannot start:\n  " + "\n  ".join(problems))
-    check_ports_free(cfg.serving.host, cfg.serving.port, local_ray=cfg.ray.address in (None, "local"))
+    local_ray = cfg.ray.address in (None, "local")
+    if local_ray:
+        stop_haproxy_of_killed_servers()
+    check_ports_free(cfg.serving.host, cfg.serving.port, local_ray=local_ray)
     announce_admin_key(cfg, storage)
     metrics_dir = metrics_dir_for(cfg)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
@@ -294,6 +322,7 @@ def run_forever(cfg: TuneloopConfig) -> None:
             raise SystemExit(f"tuneloop: cannot start: {short}")
     stop, ready = threading.Event(), threading.Event()
     serving = False  # Serve started: stopped at the end (its shutdown logs a line when there is none)
+    own_ray, ray_died = not (cfg.ray.address or os.environ.get("RAY_ADDRESS")), None  # Ray this process started
     try:
         write_server_file(storage, ray.get_runtime_context().gcs_address)
         try:
@@ -332,19 +361,47 @@ def run_forever(cfg: TuneloopConfig) -> None:
         for m in cfg.models:  # what serves where: the first thing a user of a fresh server asks
             print(f"  {m.name} {registry.production(m.name)} ({m.task}): POST {url}/v1/models/{m.name}/predict",
                   flush=True)
-        stop.wait()
-        print("tuneloop: stopping", flush=True)
+        while not stop.wait(RAY_CHECK_S):
+            if own_ray and (ray_died := dead_ray_process()):
+                print(f"tuneloop: the local Ray stopped ({ray_died}): nothing serves any more; stopping, "
+                      "exit 1 (start `tuneloop run` again)", flush=True)
+                break
+        else:
+            print("tuneloop: stopping", flush=True)
     finally:
         ready.set()  # a second Ctrl-C now only asks to stop: raised here, it cut the clean-up short
         remove_server_file(storage)
         if ray.is_initialized():
             node_id = ray.get_runtime_context().get_node_id()
             try:
-                if serving:
+                if serving and not (own_ray and dead_ray_process()):  # Serve's shutdown waits on a dead GCS for good
                     serve.shutdown()
             finally:
                 ray.shutdown()
                 stop_orphaned_haproxy(node_id)
+    if ray_died:
+        raise SystemExit(1)
+
+
+RAY_CHECK_S = 5.0  # how often a serving `tuneloop run` checks that the Ray it started lives
+
+
+def dead_ray_process() -> str | None:
+    """Which of the local Ray's raylet and GCS (the node `tuneloop run` started) exited, or
+    None. A raylet killed, or one that followed an agent killed from outside, left the
+    server process alive with nothing behind it: /healthz said ok, /readyz named no
+    version while predicts answered, /metrics never answered. Ray's own ``Node`` watches
+    these processes (``ray start --block`` asks it the same), a private API: if it is not
+    there, nothing is said."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    try:
+        dead = node.dead_processes() if node is not None else []
+    except Exception:  # noqa: BLE001 - Ray's internals moved: no check rather than a false alarm
+        return None
+    for kind, process in dead:
+        if kind in ("raylet", "gcs_server"):
+            return f"its {kind} (pid {process.pid}) exited with code {process.returncode}"
+    return None
 
 
 def announce_admin_key(cfg: TuneloopConfig, storage: Storage) -> None:
@@ -355,6 +412,49 @@ def announce_admin_key(cfg: TuneloopConfig, storage: Storage) -> None:
         path = save_admin_key(storage, admin_key)
         print(f"created an admin API key in {path} (not shown here: this output may end up in logs); "
               f"read it with `cat {path}`, keep it somewhere safe, then delete the file.", flush=True)
+
+
+def stop_haproxy_of_killed_servers() -> None:
+    """A `tuneloop run` killed with SIGKILL runs none of its clean-up, and an HAProxy that
+    Serve had reloaded under load (a new process, ``-sf``) outlives it, orphaned: it kept the
+    API port and HAProxy's two side ports, answered every request with a plain 500, and the
+    next `tuneloop run` could not start ("Address already in use"). Before a start, stop
+    every HAProxy of tuneloop's private folder whose parent died (a live server's HAProxy is
+    its Serve proxy's child), and remove node folders no HAProxy uses that are older than
+    ``STALE_HAPROXY_DIR_S`` (one a start, never reused; a starting server's is newer)."""
+    import psutil
+
+    from tuneloop.serving.fast_path import haproxy_dir
+
+    root = haproxy_dir()
+    orphans, in_use = [], set()
+    for proc in psutil.process_iter(["name", "cmdline", "ppid"]):
+        try:
+            line = " ".join(proc.info["cmdline"] or ())
+            if "haproxy" not in (proc.info["name"] or "") or f"{root}/" not in line:
+                continue
+            in_use.add(line.split(f"{root}/", 1)[1].split("/", 1)[0])
+            if proc.info["ppid"] == 1 or not psutil.pid_exists(proc.info["ppid"]):
+                orphans.append(proc)
+        except psutil.Error:
+            continue
+    for proc in orphans:
+        proc.terminate()
+    _, alive = psutil.wait_procs(orphans, timeout=5)
+    for proc in alive:
+        proc.kill()
+    if orphans:
+        print(f"tuneloop: stopped {len(orphans)} HAProxy process(es) left by a tuneloop run that was killed "
+              f"(pid {', '.join(str(p.pid) for p in orphans)})", flush=True)
+    for entry in os.scandir(root):
+        try:
+            if entry.is_dir() and entry.name not in in_use and time.time() - entry.stat().st_mtime > STALE_HAPROXY_DIR_S:
+                shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:
+            continue
+
+
+STALE_HAPROXY_DIR_S = 600.0
 
 
 def stop_orphaned_haproxy(node_id: str) -> None:

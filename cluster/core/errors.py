@@ -9,6 +9,13 @@ from __future__ import annotations
 import math
 
 
+def quoted(value: object, limit: int = 80) -> str:
+    """``value`` as a message quotes it, cut at ``limit`` characters: a client's 100,000-
+    character prediction id came back whole in its 404."""
+    text = str(value)
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 class TuneloopError(Exception):
     status: int = 400
     code: str = "bad_request"
@@ -74,43 +81,44 @@ class UnknownModel(TuneloopError):
     status, code = 404, "unknown_model"
 
     def __init__(self, model: str):
-        super().__init__(f"no model named {model!r}")
+        super().__init__(f"no model named {quoted(model)}")
 
 
 class UnknownVersion(TuneloopError):
     status, code = 404, "unknown_version"
 
     def __init__(self, model: str, version: str):
-        hint = f"; versions are named v1, v2, ...: did you mean 'v{version}'?" if str(version).isdigit() else ""
-        super().__init__(f"model {model!r} has no version {version!r}{hint}")
+        hint = (f"; versions are named v1, v2, ...: did you mean 'v{version}'?"
+                if str(version).isdigit() and len(str(version)) < 10 else "")
+        super().__init__(f"model {quoted(model)} has no version {quoted(version)}{hint}")
 
 
 class UnknownPrediction(TuneloopError):
     status, code = 404, "unknown_prediction"
 
     def __init__(self, prediction_id: str, hint: str = ""):
-        super().__init__(f"no prediction with id {prediction_id!r}{hint}")
+        super().__init__(f"no prediction with id {quoted(prediction_id)}{hint}")
 
 
 class UnknownJob(TuneloopError):
     status, code = 404, "unknown_job"
 
     def __init__(self, job_id: str):
-        super().__init__(f"no training job with id {job_id!r}")
+        super().__init__(f"no training job with id {quoted(job_id)}")
 
 
 class NotQuarantined(TuneloopError):
     status, code = 404, "not_quarantined"
 
     def __init__(self, model: str, key_id: str):
-        super().__init__(f"key {key_id!r} is not quarantined for model {model!r}")
+        super().__init__(f"key {quoted(key_id)} is not quarantined for model {quoted(model)}")
 
 
 class InvalidLabel(TuneloopError):
     status, code = 422, "invalid_label"
 
     def __init__(self, model: str, label: str, labels: list[str]):
-        super().__init__(f"label {label!r} is not one of model {model!r}'s labels {labels}")
+        super().__init__(f"label {quoted(label)} is not one of model {quoted(model)}'s labels {labels}")
 
 
 class Unauthorized(TuneloopError):

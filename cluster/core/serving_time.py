@@ -30,7 +30,8 @@ class ServingTime(BaseModel):
     def describe(self) -> str:
         """One line: the total, then each phase that happened, in order."""
         phases = ", ".join(f"{name} {self.phases[name]:.1f} s" for name in PHASES if self.phases.get(name) is not None)
-        total = f"{self.total_s:.1f} s" if self.total_s is not None else "not measured (not rolled out)"
+        why = "not rolled out" if self.serving_all_at is None else "no new feedback to time it from"
+        total = f"{self.total_s:.1f} s" if self.total_s is not None else f"not measured ({why})"
         return f"{total} ({phases})"
 
 

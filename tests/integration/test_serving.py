@@ -111,6 +111,9 @@ def test_transport_level_rejections(app):
     r = httpx.post(url, content=huge, headers=JSON)
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
     assert httpx.get(f"{app['url']}/no/such/path").json()["error"]["code"] == "not_found"
+    for method, path in [("GET", "/v1/models/"), ("POST", "/v1/feedback/")]:  # no empty 307 to the bare path
+        r = httpx.request(method, f"{app['url']}{path}", json={}, headers=bearer(ADMIN_KEY))
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", (path, r.status_code, r.text)
     assert httpx.get(f"{app['url']}/v1/jobs/unknown", headers=bearer(ADMIN_KEY)).status_code == 404
     assert httpx.get(f"{app['url']}/v1/jobs/unknown").status_code == 401  # job records are for admins
 

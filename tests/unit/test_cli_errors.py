@@ -213,3 +213,28 @@ def test_a_ray_address_without_its_port_is_refused_in_a_line(config):
         parse_config({"models": [{"name": "m", "labels": ["a", "b"]}], "ray": {"address": "::1"}})
     for fine in ("auto", "local", "10.0.0.5:6379", "[::1]:6379", "ray://head:10001"):
         assert parse_config({"models": [{"name": "m", "labels": ["a", "b"]}], "ray": {"address": fine}})
+
+
+def test_jobs_lists_the_newest_first_with_why_each_failed(config, tmp_path):
+    """An operator saw a failed job only in the log or its file, or by its id if known."""
+    import json
+
+    from tuneloop.store.jobs import JobStore
+
+    jobs = JobStore(Storage(str(tmp_path / "store")))
+    assert CliRunner().invoke(app, ["jobs", "--config", config]).output.strip() == "no training jobs yet"
+    done = jobs.create("m", "manual")
+    done.state, done.version, done.finished_at = "succeeded", "v2", jobs.now()
+    jobs.save(done)
+    failed = jobs.create("m", "every_n_feedback")
+    failed.state, failed.error, failed.finished_at = "failed", "ValueError: " + "x" * 500, jobs.now()
+    jobs.save(failed)
+    listed = CliRunner().invoke(app, ["jobs", "m", "--config", config])
+    assert listed.exit_code == 0, listed.output
+    lines = listed.output.splitlines()
+    assert lines[0].startswith(f"{failed.job_id} m failed    every_n_feedback - ") and lines[0].endswith("x...")
+    assert len(lines[0]) < 300 and lines[1].startswith(f"{done.job_id} m succeeded manual v2 ")
+    assert len(CliRunner().invoke(app, ["jobs", "--last", "1", "--config", config]).output.splitlines()) == 1
+    records = json.loads(CliRunner().invoke(app, ["jobs", "--json", "--config", config]).output)
+    assert [r["job_id"] for r in records] == [failed.job_id, done.job_id] and records[0]["error"].startswith("ValueError")
+    assert CliRunner().invoke(app, ["jobs", "nope", "--config", config]).exit_code != 0

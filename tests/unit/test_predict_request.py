@@ -108,7 +108,7 @@ def test_an_error_quoting_a_huge_value_is_cut():
     from tuneloop.core.errors import InvalidLabel
 
     body = json.loads(error_response(InvalidLabel("m", "x" * 1_000_000, ["a", "b"])).body)
-    assert len(body["error"]["message"]) < 2100 and body["error"]["message"].endswith("characters)")
+    assert len(body["error"]["message"]) < 2100 and "(1000000 characters)" in body["error"]["message"]
 
 
 def test_a_replicas_request_bytes_are_bounded_together_and_given_back_on_every_outcome():
@@ -179,3 +179,16 @@ def test_the_ingress_bounds_the_bodies_it_holds_before_any_key_is_checked(monkey
     assert call(b'{"a": 12}') == 202 and seen == [9] and BodyGuard.budget.held == 0
     assert call(b'{"a": 1234}') == 503 and BodyGuard.budget.held == 0  # 11 bytes: past the budget
     assert call(b'{"a": ') == 400 and BodyGuard.budget.held == 0  # not JSON: given back too
+
+
+def test_errors_name_a_clients_value_cut_short():
+    """A feedback on a 100,000-character prediction id got a 404 repeating the whole id."""
+    from tuneloop.core.errors import UnknownPrediction, UnknownVersion
+
+    assert len(UnknownPrediction("0" * 100_000).message) < 150
+    assert UnknownPrediction("0" * 100_000).message.endswith("... (100000 characters)")
+    assert UnknownPrediction("abc").message == "no prediction with id 'abc'"
+    assert "did you mean" not in UnknownVersion("m", "1" * 50).message
+    with pytest.raises(TuneloopError) as info:
+        parse_predict_body(json.dumps({"inputs": ["ok"], **{f"k{i}": 1 for i in range(9)}}).encode(), LIMITS, TASK)
+    assert "and 4 more" in info.value.message and "k8" not in info.value.message

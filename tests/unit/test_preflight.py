@@ -201,3 +201,59 @@ def test_a_second_server_on_this_machine_is_refused_before_ray_starts_naming_hap
         check_ports_free("127.0.0.1", serving, local_ray=False)  # a cluster's HAProxy runs on its nodes
         with pytest.raises(SystemExit, match=f"cannot serve on 0.0.0.0:{port}"):
             check_ports_free("0.0.0.0", port, local_ray=False)
+
+
+def test_a_storage_root_that_is_a_file_or_a_host_of_no_interface_here_is_named_by_check_config(tmp_path):
+    """check-config said "config OK" for a serving.host that run then refused, blaming
+    "another tuneloop run?"; a storage.root naming a file gave a NotADirectoryError."""
+    seed = tmp_path / "seed.tsv"
+    seed.write_text("text\tlabel\nfine\ta\n")
+    doc = {"models": [{"name": "m", "base_model": "some/model", "labels": ["a", "b"], "seed_dataset": str(seed)}],
+           "storage": {"root": str(seed)}}
+    config = tmp_path / "tuneloop.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    shown = CliRunner().invoke(app, ["check-config", "-c", str(config)])
+    assert shown.exit_code == 2 and f"storage.root '{seed}' is a file, not a folder" in shown.output
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        run_forever(parse_config(doc))
+    doc["storage"]["root"] = str(tmp_path / "store")
+    for host, why in [("not a host!", "serving.host 'not a host!': "), ("203.0.113.77", "serving.host '203.0.113.77': ")]:
+        config.write_text(yaml.safe_dump({**doc, "serving": {"host": host}}))
+        shown = CliRunner().invoke(app, ["check-config", "-c", str(config)])
+        assert shown.exit_code == 2 and why in shown.output and "another tuneloop run" not in shown.output
+    config.write_text(yaml.safe_dump({**doc, "serving": {"host": "0.0.0.0"}}))
+    assert CliRunner().invoke(app, ["check-config", "-c", str(config)]).exit_code == 0
+
+
+def test_an_haproxy_a_killed_server_left_is_stopped_before_a_start_and_a_live_ones_is_not(tmp_path, monkeypatch):
+    """`kill -9` of `tuneloop run` under load left Serve's reloaded HAProxy running, orphaned:
+    it held the port, answered every request with a 500, and the next run could not start."""
+    import os
+    import shutil
+    import subprocess
+    import time
+
+    import psutil
+
+    from tuneloop.control.server import STALE_HAPROXY_DIR_S, stop_haproxy_of_killed_servers
+
+    root = tmp_path / "haproxy"
+    monkeypatch.setenv("TUNELOOP_HAPROXY_DIR", str(root))
+    for node in ("killed", "live", "old", "starting"):
+        (root / node).mkdir(parents=True)
+    for node in ("killed", "live"):  # a stand-in named haproxy, its command line in the node's folder
+        shutil.copy("/bin/sleep", root / node / "haproxy")
+    # The killed server's: its parent gone (the shell exits at once), re-parented.
+    subprocess.run(["sh", "-c", f"'{root / 'killed' / 'haproxy'}' 300 >/dev/null 2>&1 &"], check=True)
+    live = subprocess.Popen([str(root / "live" / "haproxy"), "300"])  # a live server's: its parent lives
+    old = time.time() - STALE_HAPROXY_DIR_S - 60
+    os.utime(root / "old", (old, old))
+    try:
+        orphan = next(p for p in psutil.process_iter(["cmdline"]) if str(root / "killed") in " ".join(p.info["cmdline"] or ()))
+        stop_haproxy_of_killed_servers()
+        assert not orphan.is_running() or orphan.status() == psutil.STATUS_ZOMBIE
+        assert live.poll() is None
+        assert sorted(p.name for p in root.iterdir()) == ["killed", "live", "starting"]  # the old, unused one goes
+    finally:
+        live.kill()
+        live.wait()

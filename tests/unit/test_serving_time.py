@@ -35,6 +35,10 @@ def test_what_did_not_happen_is_none_not_zero():
     timing = serving_time(None, MOMENTS, serving_all=None)
     assert timing.phases["waiting_for_trigger"] is None and timing.phases["rollout"] is None
     assert timing.total_s is None and timing.phases["training"] == 48.0
+    assert timing.describe().startswith("not measured (not rolled out)")
+    # Rolled out, with no new feedback to time it from: said so, not "not rolled out".
+    assert serving_time(None, MOMENTS, serving_all=_at(101)).describe().startswith(
+        "not measured (no new feedback to time it from)")
 
 
 def test_evaluation_never_exceeds_the_run_it_was_part_of():

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from tuneloop.core.errors import InvalidBody, InvalidValue, PayloadTooLarge
+from tuneloop.core.errors import InvalidBody, InvalidValue, PayloadTooLarge, quoted
 from tuneloop.core.evaluation import EvalMetrics
 
 
@@ -184,7 +184,8 @@ class Task(ABC):
         missing = [f for f in self.feedback_fields if fields.get(f) is None]
         if extra or missing:
             wanted = ", ".join(f'"{f}"' for f in self.feedback_fields)
-            said = f"unknown field(s) {extra}" if extra else f"missing {missing}"
+            unknown = ", ".join(quoted(f) for f in extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+            said = f"unknown field(s) {unknown}" if extra else f"missing {missing}"
             raise InvalidBody(
                 f'{said}: give "prediction_id" or "model" and "text", and {wanted} ({self.name})'
             )
