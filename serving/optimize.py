@@ -27,7 +27,8 @@ Each artifact then answers the model's golden rows beside the PyTorch version
 (``parity_check``: agreement and accuracy), and every runtime's texts/s through the whole
 predict path (tokenizer, forward, answers) is measured on this process's hardware at the
 replica's thread count, which ``serving.runtime: auto`` ranks them by. The manifest records
-all of it; an artifact that fails parity is kept for inspection but never served.
+all of it; an artifact that fails parity is kept for inspection but never serves batches (an
+ONNX one that passed answering one text at a time may answer lone texts: ``serves_alone``).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from datetime import UTC, datetime
 
 from tuneloop.core.config import TuneloopConfig
 from tuneloop.core.runtimes import (ArtifactRecord, Optimization, ParityCheck, hardware_class, parity_check,
-                                    worst_parity)
+                                    serves_alone, worst_parity)
 from tuneloop.core.tasks import Task, model_task
 from tuneloop.serving.loaded_models import LoadedModel, cpu_class, load_model
 from tuneloop.serving.smooth_quant import activation_ranges
@@ -381,16 +382,21 @@ def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, versio
                 records[runtime] = _not_built(runtime, build_s, f"{type(e).__name__}: {e}", relative)
                 continue
             parity = worst_parity(checks)
-            if parity.passed and device == "cpu":  # ONNX Runtime's CPU build: no speed for a GPU's class
-                speeds[runtime] = texts_per_s(loaded, timed, ocfg.speed_batch_size, ocfg.speed_seconds)
-                lone[runtime] = lone_text_ms(loaded, timed, ocfg.speed_seconds / 2)
             size = os.path.getsize(out) if out else loaded.weight_bytes  # torch-bf16: its weights as loaded
             records[runtime] = ArtifactRecord(runtime=runtime, path=relative, bytes=size,
                                               build_s=round(build_s, 2), parity=parity,
-                                              settings=settings)
+                                              settings=settings, lone_parity=checks.get(1) if out else None)
+            if device == "cpu":  # ONNX Runtime's CPU build: no speed for a GPU's class
+                if parity.passed:
+                    speeds[runtime] = texts_per_s(loaded, timed, ocfg.speed_batch_size, ocfg.speed_seconds)
+                if serves_alone(records[runtime]):  # failed in batches, it may still answer lone texts
+                    lone[runtime] = lone_text_ms(loaded, timed, ocfg.speed_seconds / 2)
+            alone_only = not parity.passed and runtime in lone
             progress(f"{model} {version}: {runtime} built in {build_s:.0f}s, {size / 1e6:.0f} MB; "
                      f"parity {'passed' if parity.passed else 'FAILED'}: {parity.detail}"
-                     + (f"; {speeds[runtime]:.0f} texts/s, one text {lone[runtime]:.1f} ms" if runtime in speeds else ""))
+                     + (f"; {speeds[runtime]:.0f} texts/s" if runtime in speeds else "")
+                     + (f"; one text alone {lone[runtime]:.1f} ms" if runtime in lone else "")
+                     + ("; passed one text at a time: may answer lone texts" if alone_only else ""))
         if "onnx" not in records and os.path.exists(fp32):
             os.remove(fp32)  # only int8 was asked for: its fp32 source is not kept
         optimization = Optimization(artifacts=records, texts_per_s={hardware: {k: round(v, 1) for k, v in speeds.items()}},

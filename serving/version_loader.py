@@ -24,7 +24,7 @@ from concurrent.futures import Executor
 
 from tuneloop.core.config import OptimizeConfig, ServingConfig
 from tuneloop.core.runtimes import (Optimization, choose_lone_runtime, choose_runtime, hardware_class,
-                                    unmeasured_runtimes)
+                                    serves_alone, unmeasured_runtimes)
 from tuneloop.core.tasks import Task
 from tuneloop.serving.loaded_models import LabelMismatch, LoadedModel, cpu_class
 from tuneloop.serving.optimize import measure_runtimes, speed_texts
@@ -164,7 +164,7 @@ class VersionLoader:
         if self.serving.runtime == "torch":  # no artifact serves: the manifest is not read
             return self.registry.local_path(self.model, version), None
         path, optimization = read()
-        passed = [r.path for r in optimization.artifacts.values() if r.path and r.parity.passed] if optimization else []
+        passed = [r.path for r in optimization.artifacts.values() if r.path and serves_alone(r)] if optimization else []
         return (path, optimization) if all(os.path.exists(os.path.join(path, f)) for f in passed) else read()
 
     def _runtime_for(self, version: str, path: str,

@@ -44,6 +44,9 @@ class ArtifactRecord(BaseModel):
     build_s: float
     parity: ParityCheck
     settings: dict[str, float | int | str] = Field(default_factory=dict)  # how it was built (int8: smoothing)
+    # The same check answering one text at a time (ONNX artifacts): what the artifact is
+    # judged by as a lone-text runtime (``choose_lone_runtime``), which runs nothing else.
+    lone_parity: ParityCheck | None = None
 
 
 class Optimization(BaseModel):
@@ -178,9 +181,9 @@ def choose_lone_runtime(requested: str, optimization: Optimization | None, hardw
     9.6-11.2 ms, fp32 ONNX 8.4-8.6, int8 6.1-6.7; at batch 2 bf16 is already as fast as
     ONNX (14.7-17.0 ms against 15.9-18.0) and at 8 it takes 0.6x ONNX's time. So under
     ``auto`` a replica keeps a second runtime for lone texts: among PyTorch and the ONNX
-    artifacts that passed parity, the one with the lowest ``lone_ms`` on ``hardware``, when it
-    takes at most ``LONE_GAIN`` of ``chosen``'s time (holding it costs its weights' memory
-    again). It answers a lone text of a few dozen tokens only (``LONE_MAX_TOKENS`` in
+    artifacts that passed parity, in batches or answering one text at a time (``serves_alone``),
+    the one with the lowest ``lone_ms`` on ``hardware``, when it takes at most ``LONE_GAIN``
+    of ``chosen``'s time (holding it costs its weights' memory again). It answers a lone text of a few dozen tokens only (``LONE_MAX_TOKENS`` in
     ``serving/loaded_models.py``): past that bf16 wins again."""
     if requested != "auto" or not hardware.startswith("cpu") or optimization is None:
         return None, ""
@@ -189,13 +192,23 @@ def choose_lone_runtime(requested: str, optimization: Optimization | None, hardw
     # torch-bf16's parity is checked in batches only (the ONNX artifacts' at one text too);
     # it is never the quicker one at one text anyway (eager PyTorch's dispatch, above).
     candidates = {name: ms for name, ms in lone.items() if name == TORCH or (
-        name != "torch-bf16" and name in artifacts and artifacts[name].parity.passed)}
+        name != "torch-bf16" and name in artifacts and serves_alone(artifacts[name], parity_limits))}
     if chosen not in lone or not candidates:
         return None, ""
     best = min(candidates, key=lambda name: (candidates[name], name != chosen))
     if best == chosen or candidates[best] > LONE_GAIN * lone[chosen]:
         return None, ""
     return best, f"one text alone on {best} ({candidates[best]:.1f} ms against {lone[chosen]:.1f})"
+
+
+def serves_alone(record: ArtifactRecord, parity_limits: tuple[float, float] | None = None) -> bool:
+    """Whether an artifact may answer lone texts: it passed parity (``record.parity``, judged
+    already), or passed it answering one text at a time, which is all a lone-text runtime
+    does. Dynamic int8 scales each MatMul's input by its batch's largest value, padding
+    included, so one artifact agreed with PyTorch on 99.31% of SST-2 dev one text at a time
+    and 98.85% in batches of 32: refused for batches, fit for lone texts."""
+    lone = record.lone_parity
+    return record.parity.passed or (lone is not None and holds_to(lone, parity_limits).passed)
 
 
 def unmeasured_runtimes(requested: str, optimization: Optimization | None, hardware: str,
@@ -212,7 +225,7 @@ def unmeasured_runtimes(requested: str, optimization: Optimization | None, hardw
         return []
     measured = optimization.texts_per_s.get(hardware, {})
     missing = [name for name, record in _judged(optimization, allowed, parity_limits).items()
-               if record.parity.passed and name not in measured
+               if serves_alone(record, parity_limits) and name not in measured
                and not (name == "torch-bf16" and hardware.startswith("cpu/"))]
     return [TORCH, *missing] if missing else []
 

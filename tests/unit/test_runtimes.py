@@ -110,6 +110,16 @@ def test_a_lone_text_goes_to_the_runtime_quickest_at_one_text_when_it_saves_a_te
     assert choose_lone_runtime("auto", opt, "cpu/2t", "onnx-int8", parity_limits=(0.995, 0.01))[0] is None
     assert choose_lone_runtime("onnx-int8", opt, "cpu/2t", "onnx-int8")[0] is None
     assert choose_lone_runtime("auto", opt, "cuda", "torch")[0] is None
+    # An artifact that failed in batches but passed answering one text at a time (dynamic
+    # int8, whose scales follow the batch) may answer lone texts, held to today's limits.
+    alone = _optimization({"torch": 100, "onnx": 130, "onnx-int8": 260}, failed=("onnx-int8",))
+    alone.lone_ms["cpu/2t"] = {"torch": 9.0, "onnx": 8.0, "onnx-int8": 6.0}
+    assert choose_lone_runtime("auto", alone, "cpu/2t", "onnx")[0] is None  # int8's one-text parity unknown
+    alone.artifacts["onnx-int8"].lone_parity = ParityCheck(passed=True, detail="d", rows=100, agreement=0.993,
+                                                           accuracy=0.9, reference_accuracy=0.9)
+    assert choose_runtime("auto", alone, "cpu/2t")[0] == "onnx"  # never in batches
+    assert choose_lone_runtime("auto", alone, "cpu/2t", "onnx")[0] == "onnx-int8"
+    assert choose_lone_runtime("auto", alone, "cpu/2t", "onnx", parity_limits=(0.995, 0.01))[0] is None
     # Nothing measured alone on this class (a build before lone texts were timed), or the
     # serving runtime not among what was: one runtime.
     assert choose_lone_runtime("auto", opt, "cpu/4t", "onnx-int8")[0] is None
