@@ -49,7 +49,7 @@ from tuneloop.core.config import TuneloopConfig
 from tuneloop.core.runtimes import (ArtifactRecord, Optimization, ParityCheck, hardware_class, parity_check,
                                     serves_alone, worst_parity)
 from tuneloop.core.tasks import Task, model_task
-from tuneloop.serving.loaded_models import LoadedModel, cpu_class, load_model
+from tuneloop.serving.loaded_models import LONE_MAX_TOKENS, LoadedModel, cpu_class, load_model
 from tuneloop.serving.smooth_quant import activation_ranges
 from tuneloop.store.registry import ARTIFACTS, Manifest, Registry
 
@@ -226,6 +226,13 @@ def _answers(loaded: LoadedModel, task: Task, texts: list[str], targets: dict[st
     return y_pred, float(task.metrics(y_true, y_pred).accuracy) if y_true else math.nan
 
 
+def _short_rows(loaded: LoadedModel, texts: list[str]) -> list[int]:
+    """The golden rows a lone-text runtime answers: one row of at most ``LONE_MAX_TOKENS``."""
+    cut = loaded.tokenizer(texts, truncation=True, max_length=LONE_MAX_TOKENS + 1)["input_ids"] if texts else []
+    lengths = [len(ids) for ids in cut]
+    return [i for i, n in enumerate(lengths) if n <= LONE_MAX_TOKENS]
+
+
 def _calibration_texts(registry: Registry, model: str, version: str, golden_texts: list[str],
                        rows: int) -> tuple[list[str], str]:
     """(texts that calibrate int8's smoothing, where they come from): up to ``rows`` of the
@@ -321,6 +328,10 @@ def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, versio
     reference = LoadedModel(path, version, task, max_length, gpu=gpu)
     reference.max_rows = cfg.serving.max_batch_size  # as a replica runs it
     reference_answers, reference_accuracy = _answers(reference, task, texts, targets, ocfg.speed_batch_size)
+    # The rows a lone-text runtime would answer (one short row each), and PyTorch's answers there.
+    short = _short_rows(reference, texts)
+    short_texts, short_targets = [texts[i] for i in short], {c: [v[i] for i in short] for c, v in targets.items()}
+    short_reference = _answers(reference, task, short_texts, short_targets, ocfg.speed_batch_size)
     tokenizer, max_length = reference.tokenizer, reference.max_length  # held to what the model takes
     device = "cuda" if reference.device.type == "cuda" else "cpu"
     hardware = hardware_class("cuda" if device == "cuda" else cpu_class(), threads)
@@ -377,6 +388,11 @@ def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, versio
                     answers, accuracy = _answers(loaded, task, texts, targets, size)
                     checks[size] = parity_check(reference_answers, answers, accuracy, reference_accuracy,
                                                 ocfg.min_agreement, ocfg.max_accuracy_drop, task.answered_right)
+                lone_parity = None
+                if out:  # as a lone-text runtime: the short rows, one at a time
+                    answers, accuracy = _answers(loaded, task, short_texts, short_targets, 1)
+                    lone_parity = parity_check(short_reference[0], answers, accuracy, short_reference[1],
+                                               ocfg.min_agreement, ocfg.max_accuracy_drop, task.answered_right)
             except Exception as e:  # noqa: BLE001 - built, but it will not load or answer: torch serves
                 log.warning("%s %s: %s was built but does not run: %s", model, version, runtime, e)
                 records[runtime] = _not_built(runtime, build_s, f"{type(e).__name__}: {e}", relative)
@@ -385,7 +401,7 @@ def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, versio
             size = os.path.getsize(out) if out else loaded.weight_bytes  # torch-bf16: its weights as loaded
             records[runtime] = ArtifactRecord(runtime=runtime, path=relative, bytes=size,
                                               build_s=round(build_s, 2), parity=parity,
-                                              settings=settings, lone_parity=checks.get(1) if out else None)
+                                              settings=settings, lone_parity=lone_parity)
             if device == "cpu":  # ONNX Runtime's CPU build: no speed for a GPU's class
                 if parity.passed:
                     speeds[runtime] = texts_per_s(loaded, timed, ocfg.speed_batch_size, ocfg.speed_seconds)

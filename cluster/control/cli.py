@@ -118,6 +118,7 @@ def train(
 def versions(model: str, config: str | None = ConfigOption) -> None:
     """List MODEL's versions with their status and held-out accuracy (and the metric its
     gate compares, where that is another: entity F1 for token classification)."""
+    from tuneloop.core.runtimes import serves_alone
     from tuneloop.core.tasks import model_task
     from tuneloop.store.registry import Registry
 
@@ -133,7 +134,9 @@ def versions(model: str, config: str | None = ConfigOption) -> None:
         scores = " ".join(f"{name}={getattr(m.metrics, name):.4f}" if m.metrics else f"{name}=-"
                           for name in dict.fromkeys(["accuracy", gated]))
         mark = "*" if m.version == production else " "
-        passed = [r for r, a in (m.optimization.artifacts if m.optimization else {}).items() if a.parity.passed]
+        artifacts = m.optimization.artifacts if m.optimization else {}
+        # An artifact fit for lone texts only (serves_alone) is named so: replicas load it for them.
+        passed = [r if a.parity.passed else f"{r}(alone)" for r, a in artifacts.items() if serves_alone(a)]
         teacher = f" teacher={m.distilled_from['model']}:{m.distilled_from['version']}" if m.distilled_from else ""
         typer.echo(f"{mark} {m.version:<5} {m.status:<9} {scores} parent={m.parent or '-'}{teacher} "
                    f"artifacts={','.join(passed) or '-'} {m.created_at}")

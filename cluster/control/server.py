@@ -6,6 +6,7 @@ in another terminal joins this Ray cluster instead of starting a second one.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -73,7 +74,9 @@ def data_problems(cfg: TuneloopConfig, models: list[str] | None = None, offline:
     storage = None if offline else Storage(cfg.storage.root)
     registry = None if storage is None else Registry(storage)
     problems = []
-    if not offline and models is None and (problem := host_problem(cfg.serving.host)):  # run, check-config
+    # run and check-config, where this machine serves (not one joining a remote cluster)
+    if not offline and models is None and cfg.ray.address in (None, "local") \
+            and (problem := host_problem(cfg.serving.host)):
         problems.append(problem)
     if storage is not None and (problem := storage.conditional_write_problem()):
         problems.append(problem)  # an object store that would lose concurrent updates
@@ -322,7 +325,8 @@ def run_forever(cfg: TuneloopConfig) -> None:
             raise SystemExit(f"tuneloop: cannot start: {short}")
     stop, ready = threading.Event(), threading.Event()
     serving = False  # Serve started: stopped at the end (its shutdown logs a line when there is none)
-    own_ray, ray_died = not (cfg.ray.address or os.environ.get("RAY_ADDRESS")), None  # Ray this process started
+    # Ray this process started (a joined cluster's processes are not its own to watch).
+    own_ray, ray_died = cfg.ray.address in (None, "local") and not os.environ.get("RAY_ADDRESS"), None
     try:
         write_server_file(storage, ray.get_runtime_context().gcs_address)
         try:
@@ -365,6 +369,11 @@ def run_forever(cfg: TuneloopConfig) -> None:
             if own_ray and (ray_died := dead_ray_process()):
                 print(f"tuneloop: the local Ray stopped ({ray_died}): nothing serves any more; stopping, "
                       "exit 1 (start `tuneloop run` again)", flush=True)
+                # Ray's shutdown may wait on a dead GCS for its reconnect timeout: a supervisor
+                # restarts a process that has exited, not one that hangs.
+                deadline = threading.Timer(CLEAN_UP_AFTER_RAY_DIED_S, os._exit, args=(1,))
+                deadline.daemon = True  # a clean-up that ends in time exits at once
+                deadline.start()
                 break
         else:
             print("tuneloop: stopping", flush=True)
@@ -384,6 +393,7 @@ def run_forever(cfg: TuneloopConfig) -> None:
 
 
 RAY_CHECK_S = 5.0  # how often a serving `tuneloop run` checks that the Ray it started lives
+CLEAN_UP_AFTER_RAY_DIED_S = 20.0  # then its clean-up gets this long before the process exits anyway
 
 
 def dead_ray_process() -> str | None:
@@ -426,7 +436,7 @@ def stop_haproxy_of_killed_servers() -> None:
 
     from tuneloop.serving.fast_path import haproxy_dir
 
-    root = haproxy_dir()
+    root = os.path.realpath(haproxy_dir()).rstrip("/")  # as Serve's command lines name it
     orphans, in_use = [], set()
     for proc in psutil.process_iter(["name", "cmdline", "ppid"]):
         try:
@@ -438,11 +448,15 @@ def stop_haproxy_of_killed_servers() -> None:
                 orphans.append(proc)
         except psutil.Error:
             continue
-    for proc in orphans:
-        proc.terminate()
+    for proc in list(orphans):
+        try:
+            proc.terminate()
+        except psutil.Error:  # a draining HAProxy that exited by itself meanwhile
+            orphans.remove(proc)
     _, alive = psutil.wait_procs(orphans, timeout=5)
     for proc in alive:
-        proc.kill()
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
     if orphans:
         print(f"tuneloop: stopped {len(orphans)} HAProxy process(es) left by a tuneloop run that was killed "
               f"(pid {', '.join(str(p.pid) for p in orphans)})", flush=True)

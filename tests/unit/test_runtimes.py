@@ -120,6 +120,11 @@ def test_a_lone_text_goes_to_the_runtime_quickest_at_one_text_when_it_saves_a_te
     assert choose_runtime("auto", alone, "cpu/2t")[0] == "onnx"  # never in batches
     assert choose_lone_runtime("auto", alone, "cpu/2t", "onnx")[0] == "onnx-int8"
     assert choose_lone_runtime("auto", alone, "cpu/2t", "onnx", parity_limits=(0.995, 0.01))[0] is None
+    # Its texts/s is never measured (it serves no batch): its time alone is all a class needs.
+    del alone.texts_per_s["cpu/2t"]["onnx-int8"]
+    assert unmeasured_runtimes("auto", alone, "cpu/2t") == []
+    alone.texts_per_s["cpu/4t"], alone.lone_ms["cpu/4t"] = {"torch": 50, "onnx": 60}, {"torch": 9.0, "onnx": 8.0}
+    assert unmeasured_runtimes("auto", alone, "cpu/4t") == ["torch", "onnx-int8"]
     # Nothing measured alone on this class (a build before lone texts were timed), or the
     # serving runtime not among what was: one runtime.
     assert choose_lone_runtime("auto", opt, "cpu/4t", "onnx-int8")[0] is None

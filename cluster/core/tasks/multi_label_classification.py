@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from tuneloop.core.errors import InvalidBody, InvalidLabel
+from tuneloop.core.errors import InvalidBody, InvalidLabel, quoted
 from tuneloop.core.evaluation import ClassMetrics, EvalMetrics
 from tuneloop.core.tasks.base import ListOf, MapOf, Task
 
@@ -76,7 +76,7 @@ class MultiLabelClassification(Task):
         super().check_feedback_fields(fields)
         labels = fields["labels"]
         if not isinstance(labels, list) or any(not isinstance(x, str) for x in labels):
-            raise InvalidBody(f'"labels" must be a list of label names, got {labels!r}')
+            raise InvalidBody(f'"labels" must be a list of label names, got {quoted(labels)}')
 
     def feedback_target(self, model: str, fields: dict[str, Any], text: str) -> dict[str, Any]:
         for label in fields["labels"]:

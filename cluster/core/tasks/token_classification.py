@@ -25,7 +25,7 @@ import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
-from tuneloop.core.errors import InvalidBody, InvalidValue
+from tuneloop.core.errors import InvalidBody, InvalidValue, quoted
 from tuneloop.core.evaluation import ClassMetrics, EvalMetrics
 from tuneloop.core.tasks.base import ListOf, StructOf, Task, has_visible_text
 
@@ -253,9 +253,9 @@ class TokenClassification(Task):
                                                                                                "text", "score"}:
                 # "text" and "score" as a prediction gives them: its entities can be sent back as they are.
                 raise InvalidBody(f'entities[{i}] must be {{"start", "end", "label"}}, and optionally "text" and '
-                                  f'"score" as a prediction gives them, got {e!r}')
+                                  f'"score" as a prediction gives them, got {quoted(e)}')
             if any(type(e[k]) is not int for k in ("start", "end")) or not isinstance(e["label"], str):
-                raise InvalidBody(f"entities[{i}]: start and end must be integers and label a string, got {e!r}")
+                raise InvalidBody(f"entities[{i}]: start and end must be integers and label a string, got {quoted(e)}")
 
     def feedback_target(self, model: str, fields: dict[str, Any], text: str) -> dict[str, Any]:
         try:
