@@ -412,7 +412,8 @@ def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, versio
                      f"parity {'passed' if parity.passed else 'FAILED'}: {parity.detail}"
                      + (f"; {speeds[runtime]:.0f} texts/s" if runtime in speeds else "")
                      + (f"; one text alone {lone[runtime]:.1f} ms" if runtime in lone else "")
-                     + ("; passed one text at a time: may answer lone texts" if alone_only else ""))
+                     + (f"; may answer lone texts: {lone_parity.agreement:.2%} of the {lone_parity.rows} golden rows "
+                        "of one short row, one at a time" if alone_only else ""))
         if "onnx" not in records and os.path.exists(fp32):
             os.remove(fp32)  # only int8 was asked for: its fp32 source is not kept
         optimization = Optimization(artifacts=records, texts_per_s={hardware: {k: round(v, 1) for k, v in speeds.items()}},
