@@ -235,6 +235,4 @@ class VersionLoader:
             log.warning("model %s: measuring %s's runtimes on %s failed (%s: %s); choosing by what was measured",
                         self.model, version, hardware, type(e).__name__, e)
             return optimization
-        measured = {**optimization.texts_per_s, hardware: {**optimization.texts_per_s.get(hardware, {}), **speeds}}
-        lone_measured = {**optimization.lone_ms, hardware: {**optimization.lone_ms.get(hardware, {}), **lone}}
-        return optimization.model_copy(update={"texts_per_s": measured, "lone_ms": lone_measured})
+        return optimization.measured_on(hardware, speeds, lone)

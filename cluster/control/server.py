@@ -326,7 +326,7 @@ def run_forever(cfg: TuneloopConfig) -> None:
     stop, ready = threading.Event(), threading.Event()
     serving = False  # Serve started: stopped at the end (its shutdown logs a line when there is none)
     # Ray this process started (a joined cluster's processes are not its own to watch).
-    own_ray, ray_died = cfg.ray.address in (None, "local") and not os.environ.get("RAY_ADDRESS"), None
+    own_ray, ray_died = local_ray and not os.environ.get("RAY_ADDRESS"), None
     try:
         write_server_file(storage, ray.get_runtime_context().gcs_address)
         try:
@@ -448,15 +448,7 @@ def stop_haproxy_of_killed_servers() -> None:
                 orphans.append(proc)
         except psutil.Error:
             continue
-    for proc in list(orphans):
-        try:
-            proc.terminate()
-        except psutil.Error:  # a draining HAProxy that exited by itself meanwhile
-            orphans.remove(proc)
-    _, alive = psutil.wait_procs(orphans, timeout=5)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
+    orphans = _stopped(orphans)
     if orphans:
         print(f"tuneloop: stopped {len(orphans)} HAProxy process(es) left by a tuneloop run that was killed "
               f"(pid {', '.join(str(p.pid) for p in orphans)})", flush=True)
@@ -469,6 +461,23 @@ def stop_haproxy_of_killed_servers() -> None:
 
 
 STALE_HAPROXY_DIR_S = 600.0
+
+
+def _stopped(procs: list) -> list:
+    """``procs`` (psutil processes) terminated, then killed if still there after 5 s; those
+    that did not exit by themselves before they could be signalled (a draining HAProxy)."""
+    import psutil
+
+    signalled = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+            signalled.append(proc)
+    _, alive = psutil.wait_procs(signalled, timeout=5)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    return signalled
 
 
 def stop_orphaned_haproxy(node_id: str) -> None:
@@ -486,13 +495,10 @@ def stop_orphaned_haproxy(node_id: str) -> None:
     for proc in psutil.process_iter(["name", "cmdline"]):
         try:
             if "haproxy" in (proc.info["name"] or "") and marker in " ".join(proc.info["cmdline"] or ()):
-                proc.terminate()
                 leftovers.append(proc)
         except psutil.Error:
             continue
-    _, alive = psutil.wait_procs(leftovers, timeout=5)
-    for proc in alive:
-        proc.kill()
+    leftovers = _stopped(leftovers)
     if leftovers:
         log.info("stopped %d HAProxy process(es) that Serve's shutdown left behind", len(leftovers))
     shutil.rmtree(marker, ignore_errors=True)  # its config and state: a folder a start, never reused

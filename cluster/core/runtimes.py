@@ -60,6 +60,18 @@ class Optimization(BaseModel):
     batch_size: int = 32
     built_at: str | None = None
 
+    def measured_on(self, hardware: str, texts_per_s: dict[str, float],
+                    lone_ms: dict[str, float] | None = None) -> Optimization:
+        """A copy with the speeds (and times for one text alone) measured on ``hardware``
+        added to that class's, the others' kept."""
+        def merged(by_class: dict[str, dict[str, float]], ours: dict[str, float]) -> dict[str, dict[str, float]]:
+            return {**by_class, hardware: {**by_class.get(hardware, {}), **ours}}
+
+        update = {"texts_per_s": merged(self.texts_per_s, texts_per_s)}
+        if lone_ms:
+            update["lone_ms"] = merged(self.lone_ms, lone_ms)
+        return self.model_copy(update=update)
+
     def artifact_path(self, runtime: str) -> str | None:
         """What ``runtime`` loads under the version's folder: None for PyTorch, which loads the
         version's weights ("" for torch-bf16, which does too)."""

@@ -412,17 +412,13 @@ class Registry:
         recorded since (another ``built_at``) is left as it is: these speeds are of artifacts
         it replaced."""
 
-        def merged(by_class: dict[str, dict[str, float]], ours: dict[str, float], digits: int) -> dict:
-            return {**by_class, hardware: {**by_class.get(hardware, {}), **{k: round(v, digits) for k, v in ours.items()}}}
-
         def record(manifest: Manifest) -> Manifest:
             optimization = manifest.optimization
             if optimization is None or optimization.built_at != built_at:
                 return manifest
-            update = {"texts_per_s": merged(optimization.texts_per_s, speeds, 1)}
-            if lone_ms:
-                update["lone_ms"] = merged(optimization.lone_ms, lone_ms, 2)
-            return manifest.model_copy(update={"optimization": optimization.model_copy(update=update)})
+            measured = optimization.measured_on(hardware, {k: round(v, 1) for k, v in speeds.items()},
+                                                {k: round(v, 2) for k, v in (lone_ms or {}).items()})
+            return manifest.model_copy(update={"optimization": measured})
 
         return self._update_manifest(model, version, record)
 
