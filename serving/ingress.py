@@ -90,16 +90,21 @@ class PromoteRequest(BaseModel):
     force: StrictBool = False  # "yes" or 1 promoting a gate-rejected version would be a surprise
 
 
+def _idempotency_key(request: Request) -> str | None:
+    """The request's Idempotency-Key (the routes' ``Header`` parameters only document it:
+    FastAPI gives them the first of two headers, and two are refused here)."""
+    return parse_key(request.headers.getlist(IDEMPOTENCY_HEADER))
+
+
 def _request_id(key_id: str | None, action: str, idempotency_key: str | None,
                 body: BaseModel | None = None) -> str | None:
     """An operator request's id in the registry's history: its key, what it asked, the
     client's Idempotency-Key (None without one: every call acts) and its body's fingerprint,
     so that the key reused for another version is refused (422) rather than answered with
     the first request's outcome and nothing done."""
-    key = parse_key(idempotency_key)
-    if key is None:
+    if idempotency_key is None:
         return None
-    return f"{key_id} {action} {key}{BODY}{fingerprint(body.model_dump() if body else {})[:16]}"
+    return f"{key_id} {action} {idempotency_key}{BODY}{fingerprint(body.model_dump() if body else {})[:16]}"
 
 
 def _rollout_fields(state: RegistryState, shadow_percent: float) -> dict[str, Any]:
@@ -485,7 +490,7 @@ class Ingress:
                                              description="retry with the same key: stored once, same answer"),
     ) -> dict[str, str]:
         key_id = self.auth.check(request.headers.get("authorization"), "feedback")
-        idempotency_key = parse_key(idempotency_key)
+        idempotency_key = _idempotency_key(request)
         # Per key; clients without one (feedback opened in the config) share one bucket. Their
         # address is no name: behind Serve's HAProxy every request comes from 127.0.0.1, whose
         # X-Forwarded-For uvicorn believes, so a client was whatever address it claimed.
@@ -561,7 +566,7 @@ class Ingress:
         labels = self._model_cfg(model).labels
         state = await asyncio.to_thread(self.registry.promote, model, body.version, f"by key {key_id}",
                                         force=body.force, labels=labels,
-                                        request=_request_id(key_id, "promote", idempotency_key, body))
+                                        request=_request_id(key_id, "promote", _idempotency_key(request), body))
         return self._state_answer(model, state)
 
     @app.post("/v1/models/{model}/rollback")
@@ -570,7 +575,7 @@ class Ingress:
         key_id = self.auth.check(request.headers.get("authorization"), "admin")
         self._model_cfg(model)
         state = await asyncio.to_thread(self.registry.rollback, model, f"by key {key_id}",  # 409: nothing earlier
-                                        request=_request_id(key_id, "rollback", idempotency_key),
+                                        request=_request_id(key_id, "rollback", _idempotency_key(request)),
                                         labels=self._model_cfg(model).labels)
         return self._state_answer(model, state)
 
@@ -581,7 +586,7 @@ class Ingress:
         m = self._model_cfg(model)
         state = await asyncio.to_thread(operate_rollout, self.registry, model, body.action, f"by key {key_id}",
                                         self.cfg.rollout, m.labels, body.version, body.stage, body.force,
-                                        _request_id(key_id, "rollout", idempotency_key, body),
+                                        _request_id(key_id, "rollout", _idempotency_key(request), body),
                                         logs_predictions=self.cfg.predictions.sample_rate > 0, at=body.at)
         return self._state_answer(model, state)
 

@@ -256,6 +256,10 @@ def test_a_retried_idempotency_key_stores_once_and_answers_the_same(hardened):
     assert other.status_code == 422 and "different request" in other.json()["error"]["message"]
     bad_key = httpx.post(f"{url}/v1/feedback", json=body, headers={**bearer(FEEDBACK_KEY), "Idempotency-Key": "x" * 300})
     assert bad_key.status_code == 400
+    two = httpx.Headers([*bearer(FEEDBACK_KEY).items(), ("Idempotency-Key", "a"), ("Idempotency-Key", "b")])
+    twice = httpx.post(f"{url}/v1/feedback", json={**body, "text": f"two keys {uuid.uuid4()}"}, headers=two)
+    assert twice.status_code == 400 and "one Idempotency-Key header, not 2" in twice.json()["error"]["message"]
+    assert stored() == before + 1
 
 
 def test_a_full_disk_answers_503_stores_every_202_exactly_once_and_recovers(hardened):

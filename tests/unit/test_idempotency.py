@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from tuneloop.core.errors import InvalidValue
-from tuneloop.core.idempotency import IdempotencyIndex, fingerprint
+from tuneloop.core.errors import InvalidRequest, InvalidValue
+from tuneloop.core.idempotency import IdempotencyIndex, fingerprint, parse_key
 
 AT = datetime(2026, 12, 1, tzinfo=UTC)
 ONE, OTHER = fingerprint({"model": "m", "text": "a", "label": "x"}), fingerprint({"model": "m", "text": "b", "label": "y"})
@@ -30,3 +30,13 @@ def test_clients_without_an_api_key_are_scoped_by_their_request():
     assert index.answer(None, "1", OTHER) is None  # another client's key "1": neither refused nor answered
     index.remember(None, "1", OTHER, "f2", AT)
     assert index.answer(None, "1", OTHER) == "f2" and index.answer(None, "1", ONE) == "f1"
+
+
+def test_the_key_is_read_from_one_header_quoted_or_bare():
+    assert parse_key([]) is None
+    assert parse_key(['"abc"']) == parse_key(["abc"]) == parse_key([" abc "]) == "abc"
+    for bad in (["a b"], [""], ['""'], ["x" * 256], ["é"]):
+        with pytest.raises(InvalidRequest, match="visible ASCII"):
+            parse_key(bad)
+    with pytest.raises(InvalidRequest, match="one Idempotency-Key header, not 2"):
+        parse_key(["a", "a"])  # alike too: the contract is one header
