@@ -83,11 +83,14 @@ RESIDENT_WEIGHT_BYTES = Gauge(
     "at most two versions (production and a rollout's challenger) are resident", ["model", "version"],
     multiprocess_mode="mostrecent",
 )
-# The same for the runtime each resident version runs on (serving.runtime): 1 while it
-# does, 0 once the version is let go.
+# The same for the runtimes each resident version runs on (serving.runtime): 1 while it
+# does, 0 once the version is let go. ``texts``: ``batches`` (every batch), or ``lone`` (one
+# short text alone, on a runtime quicker at it: choose_lone_runtime), so a lone text's
+# answer is never put down to the batch runtime.
 SERVING_RUNTIME = Gauge(
     "tuneloop_serving_runtime", "1 for the runtime (torch, torch-bf16, onnx, onnx-int8) a resident version runs on, "
-    "0 once unloaded", ["model", "version", "runtime"], multiprocess_mode="mostrecent",
+    "for batches or for one short text alone; 0 once unloaded", ["model", "version", "runtime", "texts"],
+    multiprocess_mode="mostrecent",
 )
 PREDICTION_LOG_DROPPED = Counter(
     "tuneloop_prediction_log_dropped", "Prediction-log rows dropped (oldest first) while the log could not be written",

@@ -90,6 +90,12 @@ def in_flight_limit(s: ServingConfig) -> int:
     return s.max_batch_size * 4 + s.max_queued_requests
 
 
+def _runtimes_of(loaded: LoadedModel) -> list[tuple[str, str]]:
+    """What answers which texts of a version, as tuneloop_serving_runtime's ``texts`` labels
+    them: every batch on its runtime, but one short text alone on ``lone``'s, if it has one."""
+    return [("batches", loaded.runtime)] + ([("lone", loaded.lone.runtime)] if loaded.lone else [])
+
+
 class ModelServer:
     """Serve constructs it from the config and a model name (``bind``). Its collaborators —
     the registry, the prediction recorder, the key ring, the model loader — are built from
@@ -149,7 +155,7 @@ class ModelServer:
         self._shadowing = 0  # shadow batches running (at most one)
         self._computing = 0  # production or canary batches handed to the compute thread
         self._resident: dict[str, int] = {}  # version -> weight bytes, as last reported
-        self._reported_runtime: dict[str, str] = {}  # version -> the runtime tuneloop_serving_runtime says
+        self._reported_runtimes: set[tuple[str, str, str]] = set()  # tuneloop_serving_runtime's rows at 1
         self._stop = threading.Event()
         self._replica_id = uuid.uuid4().hex[:16]
         if watch:
@@ -206,22 +212,22 @@ class ModelServer:
         return self._loaded.version if self._loaded else None
 
     def _report_resident(self) -> None:
-        """tuneloop_resident_weight_bytes of the versions this replica holds now (at most
-        two), and 0 for any it let go since the last report."""
-        resident = {m.version: m.weight_bytes for m in (self._loaded, self._challenger) if m is not None}
+        """tuneloop_resident_weight_bytes and tuneloop_serving_runtime of the versions this
+        replica holds now (at most two), and 0 for what it let go since the last report: a
+        version, or a runtime a rebuild moved one off."""
+        held = [m for m in (self._loaded, self._challenger) if m is not None]
+        resident = {m.version: m.weight_bytes for m in held}
+        runtimes = {(m.version, runtime, texts) for m in held for texts, runtime in _runtimes_of(m)}
         for version in self._resident.keys() - resident.keys():
             metrics.RESIDENT_WEIGHT_BYTES.labels(self.cfg.name, version).set(0)
-            metrics.SERVING_RUNTIME.labels(self.cfg.name, version, self._reported_runtime.pop(version)).set(0)
         for version, size in resident.items():
             if self._resident.get(version) != size:
                 metrics.RESIDENT_WEIGHT_BYTES.labels(self.cfg.name, version).set(size)
-            runtime, reported = self._versions.runtimes[version][0], self._reported_runtime.get(version)
-            if reported != runtime:  # a rebuild moved the version to another runtime: the old one goes to 0
-                if reported is not None:
-                    metrics.SERVING_RUNTIME.labels(self.cfg.name, version, reported).set(0)
-                metrics.SERVING_RUNTIME.labels(self.cfg.name, version, runtime).set(1)
-                self._reported_runtime[version] = runtime
-        self._resident = resident
+        for row in self._reported_runtimes - runtimes:
+            metrics.SERVING_RUNTIME.labels(self.cfg.name, *row).set(0)
+        for row in runtimes - self._reported_runtimes:
+            metrics.SERVING_RUNTIME.labels(self.cfg.name, *row).set(1)
+        self._resident, self._reported_runtimes = resident, runtimes
 
     def _pick_up_rebuilds(self) -> None:
         """Swap in each resident version ``tuneloop optimize`` built again (``VersionLoader.rebuilt``),

@@ -38,7 +38,7 @@ def exported_text(tmp_path_factory) -> str:
     registry.start_rollout("m", "v2", "canary", 5.0)
     for version in ("v1", "v2"):  # as the replicas holding both report them
         RESIDENT_WEIGHT_BYTES.labels("m", version).set(4e6)
-        SERVING_RUNTIME.labels("m", version, "onnx-int8").set(1)
+        SERVING_RUNTIME.labels("m", version, "onnx-int8", "batches").set(1)
     return render(JobStore(storage), lambda: {"m": 1}, registry, ["m"], lambda: STATS).decode()
 
 

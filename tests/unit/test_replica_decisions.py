@@ -250,7 +250,7 @@ def test_auto_serves_the_fastest_artifact_that_passed_parity_on_the_replicas_har
     assert (replica._loaded.runtime, replica._loaded.artifact) == ("onnx-int8", "artifacts/onnx-int8/model.onnx")
     assert replica.status()["runtimes"]["v1"].startswith(f"onnx-int8 (auto: fastest on {CPU}/1t")
     assert REGISTRY.get_sample_value("tuneloop_serving_runtime",
-                                     {"model": "m", "version": "v1", "runtime": "onnx-int8"}) == 1
+                                     {"model": "m", "version": "v1", "runtime": "onnx-int8", "texts": "batches"}) == 1
     failed, _, _ = _replica(optimization=_optimized(int8_passed=False), num_cpus_per_replica=1)
     assert failed._loaded.runtime == "onnx"  # the faster int8 failed parity: never served
     # torch-bf16 has no file: the version's own weights, cast at load.
@@ -264,6 +264,10 @@ def test_a_runtime_quicker_at_one_text_answers_lone_texts_beside_the_fastest_at_
     assert replica._loaded.runtime == "torch-bf16"
     assert (replica._loaded.lone.runtime, replica._loaded.lone.artifact) == ("onnx-int8", "artifacts/onnx-int8/model.onnx")
     assert replica.status()["runtimes"]["v1"].endswith("; one text alone on onnx-int8 (6.2 ms against 9.8))")
+    gauge = {(r, texts): REGISTRY.get_sample_value("tuneloop_serving_runtime",
+                                                   {"model": "m", "version": "v1", "runtime": r, "texts": texts})
+             for r, texts in [("torch-bf16", "batches"), ("onnx-int8", "lone")]}
+    assert gauge == {("torch-bf16", "batches"): 1, ("onnx-int8", "lone"): 1}
     # Failed parity: never served, alone either; then fp32 ONNX is the quickest that passed.
     failed, _, _ = _replica(optimization=_optimized(int8_passed=False, bf16_speed=300.0, lone_ms=lone),
                             num_cpus_per_replica=1)
@@ -390,7 +394,8 @@ def test_a_version_optimized_again_is_swapped_onto_the_new_builds_runtime():
     assert (replica._loaded.runtime, replica._loaded.artifact) == ("onnx-int8", "artifacts/b2/onnx-int8/model.onnx")
     assert replica._loaded is not serving and replica._loaded.version == "v1"
     assert asyncio.run(replica.predict(["a"]))[0]["version"] == "v1"
-    gauge = {r: REGISTRY.get_sample_value("tuneloop_serving_runtime", {"model": "m", "version": "v1", "runtime": r})
+    gauge = {r: REGISTRY.get_sample_value("tuneloop_serving_runtime",
+                                          {"model": "m", "version": "v1", "runtime": r, "texts": "batches"})
              for r in ("onnx", "onnx-int8")}
     assert gauge == {"onnx": 0, "onnx-int8": 1}
     # The same build: nothing loads again.
