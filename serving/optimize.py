@@ -51,7 +51,8 @@ from tuneloop.core.runtimes import (ArtifactRecord, Optimization, ParityCheck, h
 from tuneloop.core.tasks import Task, model_task
 from tuneloop.serving.loaded_models import LONE_MAX_TOKENS, LoadedModel, cpu_class, load_model
 from tuneloop.serving.smooth_quant import activation_ranges
-from tuneloop.store.registry import ARTIFACTS, Manifest, Registry
+from tuneloop.store.manifest import ARTIFACTS, Manifest
+from tuneloop.store.registry import Registry
 
 log = logging.getLogger("tuneloop.optimize")
 SAMPLE_TEXTS = ["a short one", "and a somewhat longer sample text for the export"]

@@ -86,7 +86,8 @@ def predict_with_replica(model_cfg: dict, weights: str, store: Path, texts: list
 
     from tuneloop.core.config import parse_config
     from tuneloop.serving.model_server import ModelServer
-    from tuneloop.store.registry import Manifest, Registry
+    from tuneloop.store.manifest import Manifest
+    from tuneloop.store.registry import Registry
     from tuneloop.store.storage import Storage
 
     cfg = parse_config({"models": [{**model_cfg, "base_model": weights}], "storage": {"root": str(store)},

@@ -33,7 +33,8 @@ from tuneloop.core.replay import kept_back, replay_quota, reservoir_update, stra
 from tuneloop.core.tasks import Task
 from tuneloop.store.quarantine import QuarantineBook
 from tuneloop.store.records import FeedbackStore, arrow_type
-from tuneloop.store.registry import Manifest, Registry
+from tuneloop.store.manifest import Manifest
+from tuneloop.store.registry import Registry
 from tuneloop.training.data import file_sha256, read_dataset, read_texts, table_digest
 
 log = logging.getLogger(__name__)

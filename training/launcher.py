@@ -40,7 +40,9 @@ from tuneloop.core.serving_time import JobMoments, rollout_complete, serving_tim
 from tuneloop.core.tasks import Task, model_tasks
 from tuneloop.store.jobs import HEARTBEAT_EVERY_S, Heartbeat, JobLost, JobRecord, JobRunning, JobStore, hand_over, take_lease
 from tuneloop.store.records import FeedbackStore
-from tuneloop.store.registry import Manifest, Registry, iso_time
+from tuneloop.store.documents import iso_time
+from tuneloop.store.manifest import Manifest
+from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage
 from tuneloop.training.distill import teacher_of, with_teacher_logits
 from tuneloop.training.job_data import TRANSFER, JobData, assemble, with_training_columns

@@ -12,7 +12,8 @@ from typing import Any
 from tuneloop.core.errors import UnknownPrediction
 from tuneloop.core.serving_time import ServingTime
 from tuneloop.store.records import PredictionLog
-from tuneloop.store.registry import Manifest, Registry
+from tuneloop.store.manifest import Manifest
+from tuneloop.store.registry import Registry
 
 TRAINED_ON = "trained_on"
 

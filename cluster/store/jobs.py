@@ -28,7 +28,8 @@ from tuneloop.core.gate import GateDecision
 from tuneloop.core.rollout import RolloutConfig, first_stage
 from tuneloop.core.serving_time import ServingTime
 from tuneloop.core.tasks import label_set
-from tuneloop.store.registry import Registry, iso_time, parse_stored, read_stored
+from tuneloop.store.documents import iso_time, parse_stored, read_stored
+from tuneloop.store.registry import Registry
 from tuneloop.store.storage import FileLock, Storage
 
 log = logging.getLogger(__name__)

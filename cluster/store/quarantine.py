@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from tuneloop.core.errors import NotQuarantined
-from tuneloop.store.registry import now_iso
+from tuneloop.store.documents import now_iso
 from tuneloop.store.storage import Storage
 
 

@@ -28,39 +28,29 @@ is read off them (rollback target, versions in service) are ``registry_state.py`
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import logging
-import os
-import shutil
 import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Literal, TypeVar
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tuneloop.core.errors import Conflict, CorruptStoredFile, UnknownVersion
-from tuneloop.core.evaluation import EvalMetrics
-from tuneloop.core.gate import GateDecision
 from tuneloop.core.runtimes import TORCH, Optimization
-from tuneloop.core.tasks import label_set
 from tuneloop.core.rollout import Rollout, Stage
 from tuneloop.core.serving_time import ServingTime
+from tuneloop.store.documents import iso_time, now_iso, read_stored, update_stored
+from tuneloop.store.manifest import ARTIFACTS, DATA_DIR, MANIFEST, Manifest, artifact_entries
 from tuneloop.store.registry_state import (ARCHIVE_CHUNKS_AT_ONCE, VERSION_NAME, HistoryEntry, RegistryState,
                                            version_number)
-from tuneloop.store.storage import Storage, parquet_bytes, private_temp_dir
+from tuneloop.store.storage import Storage, parquet_bytes
+from tuneloop.store.version_cache import local_copy
 
-_Doc = TypeVar("_Doc", bound=BaseModel)
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-DATA_DIR = "data"  # beside the weights: the tables a version was trained with
-ARTIFACTS = "artifacts"  # beside the weights: optimized runtimes' files (ONNX), added after publishing
 GOLDEN = "golden.parquet"  # beside the versions: the model's frozen golden set
 STATE = "state.json"
 CLAIMS = ".claims"
@@ -79,79 +69,6 @@ UNCHECKED: Any = _Unchecked()
 the default: "expect no production yet" is what a job training v1 passes.)"""
 
 
-def _cached_manifest(target: str) -> dict:
-    """The manifest copied with a cached version ({} when there is none, or it cannot be read:
-    fetch the version anew)."""
-    try:
-        with open(os.path.join(target, MANIFEST)) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return manifest if isinstance(manifest, dict) else {}
-
-
-def _cached_build(target: str) -> str | None:
-    """Which build of the artifacts a cached copy holds: its manifest's ``built_at``."""
-    return (_cached_manifest(target).get("optimization") or {}).get("built_at")
-
-
-CACHE_KEEP_VERSIONS = 3  # a node's cached versions of a model kept besides any used within the hour
-CACHE_KEEP_USED_S = 3600.0
-
-
-def prune_cache(models_dir: str, keep: str, now: float | None = None) -> list[str]:
-    """Remove a node's cached versions of one model (``models_dir``: its folders by version)
-    but ``keep``, the newest CACHE_KEEP_VERSIONS, and any used within CACHE_KEEP_USED_S
-    (``local_path`` touches a version each time it hands it out); and what killed downloads
-    left (``.partial-*``, ``.stale-*``) over that age. Continuous training cached every version
-    ever served on every node, a few hundred MB each, until the disk filled. Returns the
-    versions removed. A replica still serving a removed version keeps its files open (Linux
-    frees them on close); one loading it again downloads it again."""
-    now = time.time() if now is None else now
-    try:
-        entries = os.listdir(models_dir)
-    except OSError:
-        return []
-    versions = sorted((e for e in entries if VERSION_NAME.match(e)), key=version_number)
-    kept = {keep, *versions[-CACHE_KEEP_VERSIONS:]}
-    removed = []
-    for entry in entries:
-        leftover = ".partial-" in entry or ".stale-" in entry
-        if entry in kept or not (leftover or entry in versions):
-            continue
-        try:
-            if now - os.stat(os.path.join(models_dir, entry)).st_mtime < CACHE_KEEP_USED_S:
-                continue
-        except OSError:
-            continue
-        _set_aside(os.path.join(models_dir, entry))
-        removed.append(entry)
-    return removed
-
-
-def _set_aside(path: str) -> None:
-    """Remove a cached folder: renamed first, so no reader ever sees it half deleted."""
-    stale = path if ".stale-" in path else f"{path}.stale-{uuid.uuid4().hex}"
-    with contextlib.suppress(OSError):  # another replica of this node set it aside first
-        os.rename(path, stale)
-    shutil.rmtree(stale, ignore_errors=True)
-
-
-def _write_cached_manifest(folder: str, manifest: Manifest) -> None:
-    written = os.path.join(folder, f"{MANIFEST}.{uuid.uuid4().hex}")
-    with open(written, "w") as f:
-        json.dump(manifest.model_dump(mode="json"), f)
-    os.replace(written, os.path.join(folder, MANIFEST))
-
-
-def _artifact_entries(optimization: Optimization | None) -> set[str]:
-    """The entries of a version's ``artifacts/`` folder that a record's artifacts lie in (a
-    build's folder, or a file or runtime folder of builds made before folders per build)."""
-    if optimization is None:
-        return set()
-    return {a.path.split("/")[1] for a in optimization.artifacts.values() if a.path.startswith(f"{ARTIFACTS}/")}
-
-
 def _with_other_classes(new: Optimization, old: Optimization | None) -> Optimization:
     """``new``, keeping ``old``'s speeds on the hardware classes ``new`` was not measured on,
     for the runtimes ``new`` still serves (PyTorch and its artifacts)."""
@@ -164,101 +81,9 @@ def _with_other_classes(new: Optimization, old: Optimization | None) -> Optimiza
     return new.model_copy(update={"texts_per_s": {**kept, **new.texts_per_s}}) if kept else new
 
 
-def cache_folder(storage_uri: str) -> str:
-    """A folder of this node's cache for one storage root: two roots on one host (staging and
-    production buckets, or a bucket wiped and made again) both have a sentiment v1, and one
-    folder per model and version served the first root's weights for the second's."""
-    return hashlib.sha256(storage_uri.encode()).hexdigest()[:16]
-
-
-def read_stored(storage: Storage, document: type[_Doc], rel: str) -> _Doc | None:
-    """The stored document ``rel`` as ``document``; None if absent. One that is cut or was
-    edited by hand raises CorruptStoredFile naming it (it was a traceback, or a 500)."""
-    try:
-        raw = storage.read_json(rel)
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise CorruptStoredFile(storage.location(rel), f"{type(e).__name__}: {e}") from None
-    return None if raw is None else parse_stored(storage, document, raw, rel)
-
-
-def parse_stored(storage: Storage, document: type[_Doc], raw: Any, rel: str) -> _Doc:
-    """``raw`` (the JSON of ``rel``) as ``document``, or CorruptStoredFile saying what is wrong."""
-    try:
-        return document.model_validate(raw)
-    except ValidationError as e:
-        first = e.errors()[0]
-        why = f"{'.'.join(str(p) for p in first['loc']) or 'the document'}: {first['msg']}"
-    raise CorruptStoredFile(storage.location(rel), why)
-
-
-def update_stored(storage: Storage, document: type[_Doc], rel: str, change: Callable[[_Doc | None], _Doc]) -> _Doc:
-    """``Storage.update_json`` of a stored document, read as ``document`` (None when absent)
-    and changed by ``change`` (pure: compare-and-swap may run it again). One cut or edited
-    by hand raises CorruptStoredFile naming it, as ``read_stored`` does for a read."""
-
-    def apply(raw: Any | None) -> Any:
-        return change(None if raw is None else parse_stored(storage, document, raw, rel)).model_dump(mode="json")
-
-    try:
-        return document.model_validate(storage.update_json(rel, apply))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # not JSON: found reading it, before ``change``
-        raise CorruptStoredFile(storage.location(rel), f"{type(e).__name__}: {e}") from None
-
-
 def _stage_of(rollout: Rollout) -> tuple:
     """Where a rollout stands: a step or a pause leaves another value."""
     return rollout.stage, rollout.step, rollout.stage_started_at
-
-
-def iso_time(t: datetime) -> str:
-    """How every record of the store writes a time: ISO 8601, milliseconds, UTC offset."""
-    return t.isoformat(timespec="milliseconds")
-
-
-def now_iso() -> str:
-    return iso_time(datetime.now(UTC))
-
-
-class Manifest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    version: str
-    model: str
-    parent: str | None
-    base_model: str
-    task: str
-    labels: list[str]
-    training: dict[str, Any] = Field(default_factory=dict)
-    data: dict[str, Any] = Field(default_factory=dict)
-    metrics: EvalMetrics | None = None
-    parent_metrics: EvalMetrics | None = None
-    gate: GateDecision | None = None
-    status: Literal["accepted", "rejected"] = "accepted"
-    job_id: str | None = None
-    created_at: str = Field(default_factory=now_iso)
-    # Feedback-to-serving time (cluster/core/serving_time.py): written at publishing, and
-    # again with the rollout once the version serves all traffic.
-    serving_time: ServingTime | None = None
-    # Optimized artifacts (ONNX, int8) with their parity checks and every runtime's speed:
-    # written by ``tuneloop optimize`` (or the job) after publishing, before serving.
-    optimization: Optimization | None = None
-    # A distilled student's teacher (``ModelConfig.distill``): its model and production
-    # version when the job started, the loss's settings and the teacher's golden metrics.
-    distilled_from: dict[str, Any] | None = None
-
-    def trained_for(self, labels: list[str]) -> bool:
-        """Whether the version was trained for ``labels`` (in any order; a token classifier's
-        types or their BIO tags alike): replicas refuse to serve it otherwise."""
-        return label_set(self.task, self.labels) == label_set(self.task, labels)
-
-    def watermark(self) -> tuple[datetime, str] | None:
-        """The position, in arrival order (created_at, feedback_id), of the newest feedback
-        this version trained on; None for a version that trained on none, or was trained
-        before watermarks were recorded (then all feedback is new to its children)."""
-        mark = self.data.get("watermark")
-        if not isinstance(mark, dict):
-            return None
-        return datetime.fromisoformat(mark["created_at"]), mark["feedback_id"]
 
 
 class _Unchanged(Exception):
@@ -395,7 +220,7 @@ class Registry:
         manifest = self._update_manifest(model, version, record)
         # What the replaced record named and this one does not: a build under way beside
         # this one (a job's and an operator's) is named by neither, and keeps its files.
-        for entry in _artifact_entries(replaced[0]) - _artifact_entries(optimization):
+        for entry in artifact_entries(replaced[0]) - artifact_entries(optimization):
             gone = f"{artifacts}/{entry}"
             kind = self.storage.fs.get_file_info(self.storage.path(gone)).type
             if kind == pafs.FileType.Directory:
@@ -467,78 +292,12 @@ class Registry:
         return times
 
     def local_path(self, model: str, version: str, cache_dir: str | None = None) -> str:
-        """A local folder holding the version's files, downloading them if storage is remote:
-        its weights and the artifacts its manifest names, not the tables it was trained on
-        nor earlier builds' files, which no replica reads. Each download prunes the node's
-        cache of the model (``prune_cache``)."""
+        """A local folder holding the version's files: the storage's own on a local disk,
+        else this node's copy (``version_cache.local_copy``), downloaded if it has none."""
         manifest = self.manifest(model, version)  # raises UnknownVersion
         if self.storage.is_local:
             return self.storage.path(self._dir(model, version))
-        cache = cache_dir or private_temp_dir("tuneloop-cache")
-        models = os.path.join(cache, cache_folder(self.storage.uri), model)
-        target = os.path.join(models, version)
-        with contextlib.suppress(OSError):
-            os.utime(target)  # used now, before anything else: prune_cache (another replica's) keeps it
-        cached = _cached_manifest(target)
-        if cached and cached.get("created_at") != manifest.created_at:
-            # Another version of that name: the root's registry was made anew since (a bucket
-            # emptied, or a prefix reused). Set aside whole, as a download is whole.
-            _set_aside(target)
-            cached = {}
-        if not cached:
-            named = _artifact_entries(manifest.optimization)
-            self._download(self._dir(model, version), target, manifest,
-                           lambda p: not p.startswith(f"{DATA_DIR}/") and (
-                               not p.startswith(f"{ARTIFACTS}/") or p.split("/")[1] in named))
-            prune_cache(models, keep=version)
-        files = manifest.optimization and any(a.path for a in manifest.optimization.artifacts.values())
-        if files and _cached_build(target) != manifest.optimization.built_at:  # torch-bf16 alone has no file
-            # Optimized (or optimized again: a new build's folder, or the same file names of older builds)
-            # after this copy was cached. The old files served under the new records would
-            # be the artifacts whose parity the new build replaced.
-            self._refresh_artifacts(model, version, target, manifest)
-        if not os.path.isdir(target):  # pruned between our look and now (its last use was over an hour ago)
-            return self.local_path(model, version, cache_dir)
-        return target
-
-    def _refresh_artifacts(self, model: str, version: str, target: str, manifest: Manifest) -> None:
-        """The version's artifacts folder anew, then the cached manifest that says which build
-        it holds. A session already open on an old file keeps it (Linux keeps an open file)."""
-        artifacts = os.path.join(target, ARTIFACTS)
-        fresh, stale = f"{artifacts}.fresh-{uuid.uuid4().hex}", f"{artifacts}.stale-{uuid.uuid4().hex}"
-        named = _artifact_entries(manifest.optimization)
-        self.storage.download_dir(f"{self._dir(model, version)}/{ARTIFACTS}", fresh,
-                                  lambda p: p.split("/")[0] in named)
-        try:
-            if os.path.isdir(artifacts):
-                os.rename(artifacts, stale)
-            os.rename(fresh, artifacts)
-        except OSError:  # another replica of this node swapped in the same build meanwhile
-            pass
-        finally:
-            shutil.rmtree(fresh, ignore_errors=True)
-            shutil.rmtree(stale, ignore_errors=True)
-        _write_cached_manifest(target, manifest)  # what the folder now holds
-
-    def _download(self, folder: str, target: str, manifest: Manifest | None = None,
-                  wanted: Callable[[str], bool] | None = None) -> None:
-        """``folder`` of the storage (the files ``wanted`` accepts) to the local ``target``,
-        whole or not at all: into a private name first, then renamed. With ``manifest``
-        (the one whose files were chosen), the copy's manifest is that one: a rebuild landing
-        during the download named files this copy does not hold."""
-        partial = f"{target}.partial-{uuid.uuid4().hex}"
-        try:
-            self.storage.download_dir(folder, partial, wanted)
-            if manifest is not None:
-                _write_cached_manifest(partial, manifest)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            os.rename(partial, target)
-        except OSError:
-            if not os.path.isdir(target):
-                raise
-            # a concurrent download won; its copy is identical
-        finally:  # what a broken or losing download left: a whole model's copy each time
-            shutil.rmtree(partial, ignore_errors=True)
+        return local_copy(self.storage, self._dir(model, version), manifest, cache_dir)
 
     # -- state ---------------------------------------------------------------------------
     def state(self, model: str) -> RegistryState:

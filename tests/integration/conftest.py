@@ -23,7 +23,8 @@ from dataclasses import asdict
 
 from tuneloop.core.auth import new_key
 from tuneloop.core.config import TuneloopConfig, parse_config
-from tuneloop.store.registry import Manifest, Registry
+from tuneloop.store.manifest import Manifest
+from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage
 from tests.tiny_models import build_tiny_model
 

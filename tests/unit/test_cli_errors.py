@@ -13,7 +13,8 @@ from tuneloop.control.cli import app
 from tuneloop.control.operate import Step, StepFailed, plan, run_steps
 from tuneloop.core.config import parse_config
 from tuneloop.core.errors import CorruptStoredFile
-from tuneloop.store.registry import Manifest, Registry
+from tuneloop.store.manifest import Manifest
+from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage
 
 

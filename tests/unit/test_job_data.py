@@ -14,7 +14,8 @@ from tuneloop.core.config import parse_config
 from tuneloop.core.evaluation import EvalMetrics
 from tuneloop.core.tasks import make_task, model_tasks
 from tuneloop.store.records import FeedbackStore
-from tuneloop.store.registry import Manifest, Registry
+from tuneloop.store.manifest import Manifest
+from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage
 from tuneloop.training.data import read_dataset
 from tuneloop.training.job_data import assemble, with_training_columns

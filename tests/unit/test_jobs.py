@@ -8,7 +8,8 @@ import pytest
 from tuneloop.core.errors import Conflict
 from tuneloop.core.rollout import RolloutConfig
 from tuneloop.store.jobs import Heartbeat, JobRecord, JobRunning, JobStore, hand_over, promote_or_wait, take_lease
-from tuneloop.store.registry import Manifest, Registry
+from tuneloop.store.manifest import Manifest
+from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage
 
 T0 = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)

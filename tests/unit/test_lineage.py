@@ -16,7 +16,8 @@ from tuneloop.control.lineage import prediction_lineage, version_lineage
 from tuneloop.core.errors import UnknownPrediction, UnknownVersion
 from tuneloop.core.tasks import make_task
 from tuneloop.store.records import PredictionLog, new_prediction_id, prediction_time
-from tuneloop.store.registry import Manifest, Registry
+from tuneloop.store.manifest import Manifest
+from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage
 
 LABELS = ["negative", "positive"]

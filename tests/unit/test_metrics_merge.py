@@ -119,7 +119,7 @@ def _state(storage, *changes, rollout=None, archived=None) -> None:
     """state.json of model m from (minutes ago, event, production after it, version)."""
     from datetime import UTC, datetime, timedelta
 
-    from tuneloop.store.registry import iso_time
+    from tuneloop.store.documents import iso_time
     from tuneloop.store.registry_state import HistoryEntry, RegistryState
 
     now = datetime.now(UTC)

@@ -10,7 +10,8 @@ import pytest
 
 from tuneloop.core.config import parse_config
 from tuneloop.core.errors import InputRejected
-from tuneloop.store.registry import Manifest, Registry
+from tuneloop.store.manifest import Manifest
+from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage
 from tuneloop.serving.loaded_models import LabelMismatch, checkpoint_labels
 from tuneloop.serving.model_server import ModelServer, request_outcome

@@ -13,7 +13,8 @@ from tuneloop.core.config import parse_config
 from tuneloop.core.rollout import canary_bucket
 from tuneloop.core.tasks import make_task
 from tuneloop.store.records import SHADOW_ROOT, PredictionLog
-from tuneloop.store.registry import Manifest, Registry
+from tuneloop.store.manifest import Manifest
+from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage
 from tuneloop.serving.model_server import ModelServer
 from tests.tiny_models import build_tiny_model

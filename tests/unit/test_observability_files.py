@@ -15,7 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tuneloop.serving.metrics import RESIDENT_WEIGHT_BYTES, SERVING_RUNTIME, render
 from tuneloop.store.jobs import JobStore
-from tuneloop.store.registry import Manifest, Registry
+from tuneloop.store.manifest import Manifest
+from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"

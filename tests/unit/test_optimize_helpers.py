@@ -7,7 +7,8 @@ import pyarrow as pa
 from tuneloop.core.tasks import model_task
 from tuneloop.core.config import ModelConfig
 from tuneloop.serving.optimize import _golden
-from tuneloop.store.registry import Manifest, Registry
+from tuneloop.store.manifest import Manifest
+from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage
 
 

@@ -49,7 +49,8 @@ def test_train_refuses_a_missing_seed_naming_it(tmp_path):
 
 
 def _published(tmp_path, task="text-classification", labels=("a", "b")):
-    from tuneloop.store.registry import Manifest, Registry
+    from tuneloop.store.manifest import Manifest
+    from tuneloop.store.registry import Registry
 
     registry = Registry(Storage(str(tmp_path / "store")))
     weights = tmp_path / "w"
@@ -94,7 +95,7 @@ def test_a_base_model_path_with_nothing_there_and_a_ray_too_small_for_a_retrain_
 def test_a_version_with_other_labels_than_production_is_promoted_not_rolled_out(tmp_path):
     from tuneloop.core.rollout import RolloutConfig
     from tuneloop.store.jobs import JobStore, hand_over
-    from tuneloop.store.registry import Manifest
+    from tuneloop.store.manifest import Manifest
 
     registry = _published(tmp_path)
     for labels in (["a", "b"], ["a", "b", "c"]):

@@ -6,7 +6,8 @@ import threading
 import pytest
 
 from tuneloop.core.errors import Conflict, UnknownVersion
-from tuneloop.store.registry import Manifest, Registry
+from tuneloop.store.manifest import Manifest
+from tuneloop.store.registry import Registry
 from tuneloop.store.registry_state import HistoryEntry, RegistryState
 from tuneloop.store.storage import Storage
 from tests.concurrency import in_threads
@@ -256,7 +257,8 @@ def test_concurrent_promotes_and_rollbacks_from_processes_keep_a_consistent_hist
 def test_promote_refuses_a_gate_rejected_version_without_force_and_other_labels(tmp_path):
     from tuneloop.core.errors import Conflict
     from tuneloop.core.gate import GateDecision
-    from tuneloop.store.registry import Manifest, Registry
+    from tuneloop.store.manifest import Manifest
+    from tuneloop.store.registry import Registry
     from tuneloop.store.storage import Storage
 
     reg = Registry(Storage(str(tmp_path / "store")))
@@ -278,7 +280,8 @@ def test_deploy_rollout_forces_a_rejected_version_only_when_told_and_knows_its_m
 
     from tuneloop.control.cli import app
     from tuneloop.core.gate import GateDecision
-    from tuneloop.store.registry import Manifest, Registry
+    from tuneloop.store.manifest import Manifest
+    from tuneloop.store.registry import Registry
     from tuneloop.store.storage import Storage
 
     reg = Registry(Storage(str(tmp_path / "store")))
@@ -444,13 +447,15 @@ def test_a_serving_time_recorded_during_an_operators_rebuild_keeps_the_rebuild(t
 
 def test_a_download_that_breaks_or_loses_the_race_leaves_no_partial_copy(tmp_path):
     """Each left a whole model's copy in the node's cache, one more at every retry."""
+    from tuneloop.store.version_cache import download
+
     storage = Storage(str(tmp_path / "store"))
     storage.write_bytes_atomic("registry/m/v1/config.json", b"{}")
-    registry, cache = Registry(storage), tmp_path / "cache"
-    registry._download("registry/m/v1", str(cache / "v1"))
-    registry._download("registry/m/v1", str(cache / "v1"))  # a replica beside it got there first
+    cache = tmp_path / "cache"
+    download(storage, "registry/m/v1", str(cache / "v1"))
+    download(storage, "registry/m/v1", str(cache / "v1"))  # a replica beside it got there first
     with pytest.raises(OSError):
-        registry._download("registry/m/v9", str(cache / "v9"))  # nothing there: the download breaks
+        download(storage, "registry/m/v9", str(cache / "v9"))  # nothing there: the download breaks
     assert sorted(p.name for p in cache.iterdir()) == ["v1"] and (cache / "v1/config.json").exists()
 
 
@@ -479,7 +484,7 @@ def test_a_nodes_cache_keeps_the_newest_versions_and_those_used_within_the_hour(
     import os
     import time
 
-    from tuneloop.store.registry import prune_cache
+    from tuneloop.store.version_cache import prune_cache
 
     models = tmp_path / "m"
     now = time.time()

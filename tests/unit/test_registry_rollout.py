@@ -3,7 +3,8 @@
 import pytest
 
 from tuneloop.core.errors import Conflict
-from tuneloop.store.registry import Manifest, Registry
+from tuneloop.store.manifest import Manifest
+from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage
 
 STEPS = [5.0, 25.0, 50.0]

@@ -12,7 +12,8 @@ from tuneloop.control.controller import LAUNCH_RETRY_S, STATE_REFRESH_S, Retrain
 from tuneloop.core.config import parse_config
 from tuneloop.core.evaluation import EvalMetrics
 from tuneloop.store.jobs import JobStore
-from tuneloop.store.registry import Manifest, Registry
+from tuneloop.store.manifest import Manifest
+from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage
 
 
