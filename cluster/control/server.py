@@ -436,14 +436,13 @@ def stop_haproxy_of_killed_servers() -> None:
 
     from tuneloop.serving.fast_path import haproxy_dir
 
-    root = os.path.realpath(haproxy_dir()).rstrip("/")  # as Serve's command lines name it
     orphans, in_use = [], set()
     for proc in psutil.process_iter(["name", "cmdline", "ppid"]):
         try:
-            line = " ".join(proc.info["cmdline"] or ())
-            if "haproxy" not in (proc.info["name"] or "") or f"{root}/" not in line:
+            folder = _haproxy_node_folder(proc.info["name"], proc.info["cmdline"])
+            if folder is None:
                 continue
-            in_use.add(line.split(f"{root}/", 1)[1].split("/", 1)[0])
+            in_use.add(folder)
             if proc.info["ppid"] == 1 or not psutil.pid_exists(proc.info["ppid"]):
                 orphans.append(proc)
         except psutil.Error:
@@ -452,7 +451,7 @@ def stop_haproxy_of_killed_servers() -> None:
     if orphans:
         print(f"tuneloop: stopped {len(orphans)} HAProxy process(es) left by a tuneloop run that was killed "
               f"(pid {', '.join(str(p.pid) for p in orphans)})", flush=True)
-    for entry in os.scandir(root):
+    for entry in os.scandir(haproxy_dir()):
         try:
             if entry.is_dir() and entry.name not in in_use and time.time() - entry.stat().st_mtime > STALE_HAPROXY_DIR_S:
                 shutil.rmtree(entry.path, ignore_errors=True)
@@ -461,6 +460,23 @@ def stop_haproxy_of_killed_servers() -> None:
 
 
 STALE_HAPROXY_DIR_S = 600.0
+
+
+def _haproxy_node_folder(name: str | None, cmdline: list[str] | None) -> str | None:
+    """The node folder (under tuneloop's private HAProxy folder) an HAProxy process's
+    command line names, or None for any other process. Serve writes the folder as it was
+    given, a temp dir behind a symlink (macOS's /var, a linked TMPDIR) included, so both
+    that form and the resolved one are looked for: matching the resolved one alone found
+    no HAProxy there, stopped no orphan and removed live servers' folders."""
+    from tuneloop.serving.fast_path import haproxy_dir
+
+    if "haproxy" not in (name or ""):
+        return None
+    line = " ".join(cmdline or ())
+    for root in dict.fromkeys((haproxy_dir().rstrip("/"), os.path.realpath(haproxy_dir()).rstrip("/"))):
+        if f"{root}/" in line:
+            return line.split(f"{root}/", 1)[1].split("/", 1)[0]
+    return None
 
 
 def _stopped(procs: list) -> list:
@@ -490,15 +506,14 @@ def stop_orphaned_haproxy(node_id: str) -> None:
 
     from tuneloop.serving.fast_path import haproxy_dir
 
-    marker = f"{haproxy_dir()}/{node_id}/"
     leftovers = []
     for proc in psutil.process_iter(["name", "cmdline"]):
         try:
-            if "haproxy" in (proc.info["name"] or "") and marker in " ".join(proc.info["cmdline"] or ()):
+            if _haproxy_node_folder(proc.info["name"], proc.info["cmdline"]) == node_id:
                 leftovers.append(proc)
         except psutil.Error:
             continue
     leftovers = _stopped(leftovers)
     if leftovers:
         log.info("stopped %d HAProxy process(es) that Serve's shutdown left behind", len(leftovers))
-    shutil.rmtree(marker, ignore_errors=True)  # its config and state: a folder a start, never reused
+    shutil.rmtree(f"{haproxy_dir()}/{node_id}", ignore_errors=True)  # its config and state: a folder a start, never reused

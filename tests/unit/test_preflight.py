@@ -226,9 +226,13 @@ def test_a_storage_root_that_is_a_file_or_a_host_of_no_interface_here_is_named_b
     assert CliRunner().invoke(app, ["check-config", "-c", str(config)]).exit_code == 0
 
 
-def test_an_haproxy_a_killed_server_left_is_stopped_before_a_start_and_a_live_ones_is_not(tmp_path, monkeypatch):
+@pytest.mark.parametrize("linked", [False, True])
+def test_an_haproxy_a_killed_server_left_is_stopped_before_a_start_and_a_live_ones_is_not(tmp_path, monkeypatch,
+                                                                                          linked):
     """`kill -9` of `tuneloop run` under load left Serve's reloaded HAProxy running, orphaned:
-    it held the port, answered every request with a 500, and the next run could not start."""
+    it held the port, answered every request with a 500, and the next run could not start.
+    ``linked``: the folder named through a symlink (macOS's /var, a linked TMPDIR), as
+    Serve's command lines then name it: no orphan was found, and live servers' folders went."""
     import os
     import shutil
     import subprocess
@@ -239,16 +243,20 @@ def test_an_haproxy_a_killed_server_left_is_stopped_before_a_start_and_a_live_on
     from tuneloop.control.server import STALE_HAPROXY_DIR_S, stop_haproxy_of_killed_servers
 
     root = tmp_path / "haproxy"
-    monkeypatch.setenv("TUNELOOP_HAPROXY_DIR", str(root))
     for node in ("killed", "live", "old", "starting"):
         (root / node).mkdir(parents=True)
+    if linked:
+        (tmp_path / "link").symlink_to(root)
+        root = tmp_path / "link"
+    monkeypatch.setenv("TUNELOOP_HAPROXY_DIR", str(root))
     for node in ("killed", "live"):  # a stand-in named haproxy, its command line in the node's folder
         shutil.copy("/bin/sleep", root / node / "haproxy")
     # The killed server's: its parent gone (the shell exits at once), re-parented.
     subprocess.run(["sh", "-c", f"'{root / 'killed' / 'haproxy'}' 300 >/dev/null 2>&1 &"], check=True)
     live = subprocess.Popen([str(root / "live" / "haproxy"), "300"])  # a live server's: its parent lives
     old = time.time() - STALE_HAPROXY_DIR_S - 60
-    os.utime(root / "old", (old, old))
+    for node in ("old", "live"):  # a live server's folder is as old as the server: kept while its HAProxy runs
+        os.utime(root / node, (old, old))
     try:
         orphan = next(p for p in psutil.process_iter(["cmdline"]) if str(root / "killed") in " ".join(p.info["cmdline"] or ()))
         stop_haproxy_of_killed_servers()
