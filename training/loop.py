@@ -344,7 +344,7 @@ def _job_check(job: dict[str, Any], rank: int) -> Callable[[], None]:
         while not lost:
             time.sleep(job["check_every_s"])
             try:
-                record = jobs.get(job_id)  # a stale heartbeat is marked lost here too, as by any reader
+                record = jobs.stored(job_id)  # staleness is the driver's and controller's to judge, on their clocks
                 if record is None:
                     raise FileNotFoundError(f"no record of job {job_id} under {job['storage']}")
                 if record.state != "running":

@@ -121,7 +121,10 @@ class JobStore:
         self.storage.update_json(f"jobs/{job.job_id}.json", write)
         return not refused
 
-    def _read(self, job_id: str) -> JobRecord | None:
+    def stored(self, job_id: str) -> JobRecord | None:
+        """The record as stored, no staleness judged (``get`` marks a stale one lost): for a
+        reader whose clock is not the driver's, a training worker on another node, which
+        with its clock a minute ahead marked every job lost at its first look."""
         return read_stored(self.storage, JobRecord, f"jobs/{job_id}.json")  # cut or hand-edited: CorruptStoredFile
 
     # -- staleness -----------------------------------------------------------------------
@@ -176,7 +179,7 @@ class JobStore:
         """The record, with a dead running job reported (and persisted) as failed."""
         if not (len(job_id) <= 64 and job_id.isascii() and job_id.isalnum()):  # no such file name: a 404
             return None
-        job = self._read(job_id)
+        job = self.stored(job_id)
         return None if job is None else self._settle(job)
 
     def _read_all(self) -> list[JobRecord]:
@@ -217,7 +220,7 @@ class JobStore:
         took its lease, and both published. Its training workers ask too, every
         ``HEARTBEAT_EVERY_S``: a lost job's training ran to its end on the GPUs the next job
         of the model was waiting for."""
-        stored = self._read(job_id)
+        stored = self.stored(job_id)
         if stored is None or stored.state != "running":
             raise JobLost(f"job {job_id} was marked {stored.state if stored else 'gone'} while it ran"
                           + (f" ({stored.error})" if stored is not None and stored.error else "")

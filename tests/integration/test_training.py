@@ -308,6 +308,7 @@ def test_a_job_marked_lost_while_it_trains_stops_its_workers(ray_session, tiny_m
     run_folder = Path(cfg.storage.root) / "train_runs" / f"sentiment-{job.job_id}"
     while not run_folder.exists() and time.monotonic() - started < 120:  # the run started: past the driver's checks
         time.sleep(0.2)
+    assert run_folder.exists()  # else the driver's own check would stop it, not the workers'
     jobs.fail_running(job, "lost: no heartbeat (marked by the test)")
     runner.join(timeout=120)  # a thousand epochs would take many minutes
     assert not runner.is_alive()

@@ -455,3 +455,25 @@ def test_a_lease_whose_holder_could_not_be_written_is_given_back(jobs, storage, 
         take_lease(storage, jobs, jobs.create("m", "manual"))
     monkeypatch.undo()
     take_lease(storage, jobs, jobs.create("m", "manual")).release()  # free: no JobRunning
+
+
+def test_a_training_worker_stops_on_what_its_jobs_record_says_and_judges_no_heartbeat(storage, tmp_path):
+    """A worker reading the record through ``get`` judged the heartbeat by its own clock: on a
+    node a minute ahead of the driver's, every job marked itself lost at its first look."""
+    import time
+
+    from tuneloop.store.jobs import JobLost
+    from tuneloop.training.loop import _job_check
+
+    behind = JobStore(storage, clock=lambda: datetime.now(UTC) - timedelta(minutes=10))
+    job = behind.create("m", "manual")  # its heartbeat ten minutes old by this process's clock
+    check = _job_check({"storage": str(tmp_path / "store"), "job_id": job.job_id, "check_every_s": 0.01}, rank=0)
+    time.sleep(0.3)
+    check()  # trains on
+    assert _on_disk(storage, job.job_id)["state"] == "running"
+    behind.fail_running(job, "lost: no heartbeat for 75 s")  # as the driver or the controller mark it
+    deadline = time.monotonic() + 5
+    with pytest.raises(JobLost, match="was marked failed while it ran"):
+        while time.monotonic() < deadline:
+            check()
+            time.sleep(0.01)
