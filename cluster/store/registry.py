@@ -70,15 +70,22 @@ the default: "expect no production yet" is what a job training v1 passes.)"""
 
 
 def _with_other_classes(new: Optimization, old: Optimization | None) -> Optimization:
-    """``new``, keeping ``old``'s speeds on the hardware classes ``new`` was not measured on,
-    for the runtimes ``new`` still serves (PyTorch and its artifacts)."""
+    """``new``, keeping ``old``'s speeds (texts/s, and times for one text alone) on the
+    hardware classes ``new`` was not measured on, for the runtimes ``new`` still serves
+    (PyTorch and its artifacts). Without the times alone, a rebuild from another machine
+    took the lone-text runtime from every replica of the cluster's class, and nothing
+    measured it again (its texts/s were there)."""
     if old is None:
         return new
-    runtimes = {TORCH, *new.artifacts}
-    kept = {hardware: {name: speed for name, speed in speeds.items() if name in runtimes}
-            for hardware, speeds in old.texts_per_s.items() if hardware not in new.texts_per_s}
-    kept = {hardware: speeds for hardware, speeds in kept.items() if speeds}
-    return new.model_copy(update={"texts_per_s": {**kept, **new.texts_per_s}}) if kept else new
+    runtimes, ours = {TORCH, *new.artifacts}, {*new.texts_per_s, *new.lone_ms}
+
+    def kept(by_class: dict[str, dict[str, float]], new_by_class: dict[str, dict[str, float]]) -> dict:
+        theirs = {hardware: {name: value for name, value in values.items() if name in runtimes}
+                  for hardware, values in by_class.items() if hardware not in ours}
+        return {**{hardware: values for hardware, values in theirs.items() if values}, **new_by_class}
+
+    return new.model_copy(update={"texts_per_s": kept(old.texts_per_s, new.texts_per_s),
+                                  "lone_ms": kept(old.lone_ms, new.lone_ms)})
 
 
 def _stage_of(rollout: Rollout) -> tuple:

@@ -420,7 +420,9 @@ def test_a_serving_time_recorded_during_an_operators_rebuild_keeps_the_rebuild(t
         (built / name / "model.onnx").write_bytes(name.encode())
         record = ArtifactRecord(runtime="onnx", path=f"artifacts/{name}/model.onnx", bytes=2, build_s=1.0,
                                 parity=parity)
-        optimization = Optimization(artifacts={"onnx": record}, texts_per_s=speeds, built_at=name)
+        lone = {hardware: {runtime: 10.0 / speed for runtime, speed in by_runtime.items()}
+                for hardware, by_runtime in speeds.items()}
+        optimization = Optimization(artifacts={"onnx": record}, texts_per_s=speeds, lone_ms=lone, built_at=name)
         reg.record_optimization("m", "v1", str(built), optimization)
         return optimization
 
@@ -443,6 +445,8 @@ def test_a_serving_time_recorded_during_an_operators_rebuild_keeps_the_rebuild(t
     # The rebuild, measured on a 1-thread CPU, kept the cluster's speeds of the runtimes it still has.
     assert manifest.optimization.texts_per_s == {"cpu/1t": {"torch": 0.6, "onnx": 0.9},
                                                  "cpu-bf16/2t": {"torch": 1.0, "onnx": 2.0}}
+    assert manifest.optimization.lone_ms == {"cpu/1t": {"torch": 10.0 / 0.6, "onnx": 10.0 / 0.9},  # and its times alone
+                                             "cpu-bf16/2t": {"torch": 10.0, "onnx": 5.0}}
 
 
 def test_a_download_that_breaks_or_loses_the_race_leaves_no_partial_copy(tmp_path):

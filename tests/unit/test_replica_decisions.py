@@ -52,9 +52,7 @@ class FakeRegistry:
     def record_speeds(self, model: str, version: str, hardware: str, speeds: dict, built_at: str | None,
                       lone_ms: dict | None = None) -> None:
         self.recorded, self.recorded_lone = {hardware: speeds}, {hardware: lone_ms}
-        self.optimization = self.optimization.model_copy(
-            update={"texts_per_s": {**self.optimization.texts_per_s, hardware: speeds},
-                    "lone_ms": {**self.optimization.lone_ms, hardware: lone_ms}})
+        self.optimization = self.optimization.measured_on(hardware, speeds, lone_ms)  # as the registry merges
 
 
 class FakeRecorder:
