@@ -213,15 +213,21 @@ class VersionLoader:
         """``optimization`` with the speeds of ``runtimes`` measured in this replica, on its
         ``hardware`` class, and recorded in the manifest for the next replicas of the class.
         On the compute thread: a replica already serving measures between its own batches,
-        not beside them (each skewing the other). Whatever goes wrong, the speeds it had."""
+        not beside them (each skewing the other), one runtime a task, so its batches wait for
+        one runtime's timing (about 1.5 ``speed_seconds``), not all of them (four: 20 s,
+        near a request's timeout). Whatever goes wrong, the speeds it had."""
         o, started = self.optimize, time.perf_counter()
         try:
             texts = speed_texts(self.registry, self.model, version, o.speed_batch_size, o.parity_max_rows)
-            speeds, lone, failed = self._compute.submit(
-                measure_runtimes,
-                lambda runtime: self.load_model(path, version, self.task, self.serving.max_length, runtime,
-                                                optimization.artifact_path(runtime)),
-                runtimes, texts, o.speed_batch_size, o.speed_seconds).result()
+            speeds, lone, failed = {}, {}, {}
+            for runtime in runtimes:
+                measured = self._compute.submit(
+                    measure_runtimes,
+                    lambda name: self.load_model(path, version, self.task, self.serving.max_length, name,
+                                                 optimization.artifact_path(name)),
+                    [runtime], texts, o.speed_batch_size, o.speed_seconds).result()
+                for into, part in zip((speeds, lone, failed), measured):
+                    into.update(part)
             log.info("model %s: %s's speeds on %s lacked %s; measured here in %.1f s (texts/s: %s)%s",
                      self.model, version, hardware, ", ".join(runtimes), time.perf_counter() - started,
                      ", ".join(f"{name} {speed:.0f}" for name, speed in speeds.items()),

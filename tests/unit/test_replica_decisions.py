@@ -327,7 +327,10 @@ def test_a_replica_on_hardware_no_one_measured_measures_the_runtimes_itself_and_
     registry = FakeRegistry("v1", _optimized())
     replica = ModelServer(cfg.model_dump(), "m", registry=registry, recorder=FakeRecorder(),
                           shadow_recorder=FakeRecorder(), keys=object(), load=load, watch=False)
+    compute, tasks = replica._versions._compute, []
+    replica._versions._compute = SimpleNamespace(submit=lambda *a: tasks.append(a[2]) or compute.submit(*a))
     replica._sync_with_registry()
+    assert tasks == [["torch"], ["onnx"], ["onnx-int8"]]  # a task each: batches wait for one runtime's timing
     assert loads == ["torch", "onnx", "onnx-int8", "onnx"]  # each measured, then the fastest loaded to serve
     assert replica._loaded.runtime == "onnx"
     assert replica.status()["runtimes"]["v1"].startswith(f"onnx (auto: fastest on {CPU}/2t")
