@@ -15,7 +15,7 @@ import ray
 from ray import serve
 from ray.serve import Application
 
-from tuneloop.core.config import TuneloopConfig
+from tuneloop.core.config import TuneloopConfig, cluster_to_join
 from tuneloop.serving.ingress import Ingress
 from tuneloop.serving.metrics import MULTIPROC_ENV
 from tuneloop.serving.model_server import ModelServer, in_flight_limit
@@ -29,7 +29,8 @@ def default_metrics_dir() -> str:
 
 
 def _on_a_cluster(cfg: TuneloopConfig) -> bool:
-    return ray.is_initialized() and bool(cfg.ray.address or os.environ.get("RAY_ADDRESS") or not ray_is_local())
+    return ray.is_initialized() and bool(cluster_to_join(cfg.ray.address, os.environ.get("RAY_ADDRESS"))
+                                         or not ray_is_local())
 
 
 def _cores(cfg: TuneloopConfig) -> int:

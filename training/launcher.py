@@ -30,7 +30,7 @@ import ray
 from ray.train import LoggingConfig, RunConfig, ScalingConfig, WorkerGroupError
 from ray.train.torch import TorchTrainer
 
-from tuneloop.core.config import GateConfig, TrainingConfig, TuneloopConfig
+from tuneloop.core.config import GateConfig, TrainingConfig, TuneloopConfig, cluster_to_join
 from tuneloop.core.evaluation import EvalMetrics
 from tuneloop.core.gate import Evidence, GateDecision, TeacherEvidence, decide
 from tuneloop.core.model_source import local_config
@@ -321,7 +321,7 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
     tables = _job_tables(task, data)
     log.info("job %s: %s from %s: %s", job.job_id, model, parent or mcfg.starts_from(), _data_line(data.summary))
     # A cluster joined by address may autoscale; the local Ray `tuneloop run` starts cannot.
-    _wait_for_resources(tcfg, autoscaled=bool(cfg.ray.address or os.environ.get("RAY_ADDRESS")))
+    _wait_for_resources(tcfg, autoscaled=cluster_to_join(cfg.ray.address, os.environ.get("RAY_ADDRESS")) is not None)
     training_started = _now()  # a student's teacher scoring its rows is training, not queueing
     if teacher is not None:
         tables["train"] = with_teacher_logits(tables["train"], teacher, task, tcfg.max_length, tcfg.use_gpu,

@@ -24,7 +24,7 @@ from ray import serve
 from tuneloop.control import worker_setup
 from tuneloop.store.journal import pending_records
 from tuneloop.store.keys import KeyRing, ensure_admin_key, save_admin_key
-from tuneloop.core.config import TRANSFER_KEY, ConfigError, ModelConfig, TuneloopConfig
+from tuneloop.core.config import TRANSFER_KEY, ConfigError, ModelConfig, TuneloopConfig, cluster_to_join
 from tuneloop.core.model_source import local_config, not_a_model_folder
 from tuneloop.core.names import deploy_failures, not_running
 from tuneloop.core.tasks import label_set, model_task
@@ -41,7 +41,7 @@ log = logging.getLogger("tuneloop")
 def init_ray(cfg: TuneloopConfig, address: str | None = None) -> None:
     """Join ``address`` (or the config's, or $RAY_ADDRESS: set for a Ray Job's entrypoint)
     if there is one, else start a local Ray in-process."""
-    address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_to_join(address, cfg.ray.address, os.environ.get("RAY_ADDRESS"))
     if address:
         # The hook quiets the library logs of this driver's job's workers (Ray Train's own
         # actors among them), as it does for a local Ray's.
@@ -51,7 +51,8 @@ def init_ray(cfg: TuneloopConfig, address: str | None = None) -> None:
         s = cfg.serving
         num_cpus = cfg.ray.num_cpus or local_ray_cpus(os.cpu_count() or 1, len(cfg.models), _min_replicas(cfg),
                                                       s.num_cpus_per_replica, cfg.largest_job_cpus())
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+        # "local": a new Ray whatever $RAY_ADDRESS says (the config's local outranks it).
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
                  runtime_env={"worker_process_setup_hook": worker_setup.HOOK})
 
 
@@ -119,7 +120,8 @@ def data_problems(cfg: TuneloopConfig, models: list[str] | None = None, offline:
                 and not any(r.get("model") == m.name for r in pending_records(cfg.storage.journal_path())):
             problems.append(f"model {m.name!r} has no version yet and nothing to train v1 on: give it a "
                             "seed_dataset (labelled rows: text and label), or send feedback on it first")
-    if models is None and cfg.ray.num_cpus is not None and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+    if models is None and cfg.ray.num_cpus is not None \
+            and cluster_to_join(cfg.ray.address, os.environ.get("RAY_ADDRESS")) is None:
         short = retraining_shortfall(len(cfg.models), _min_replicas(cfg), cfg.serving.num_cpus_per_replica,
                                      cfg.largest_job_cpus(), cfg.ray.num_cpus)
         if short:
@@ -311,7 +313,7 @@ def run_forever(cfg: TuneloopConfig) -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     started = time.monotonic()
     init_ray(cfg)
-    if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):  # a joined cluster may autoscale
+    if cluster_to_join(cfg.ray.address, os.environ.get("RAY_ADDRESS")) is None:  # a joined cluster may autoscale
         s = cfg.serving
         short = serving_shortfall(len(cfg.models), _min_replicas(cfg),
                                   {"CPU": s.num_cpus_per_replica, "GPU": s.num_gpus_per_replica,

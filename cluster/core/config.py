@@ -33,7 +33,7 @@ __all__ = ["ApiKeyConfig", "AuthConfig", "AutoscalingConfig", "ConfigError", "DE
            "DistillConfig", "FeedbackConfig", "GateConfig", "ModelConfig", "OptimizeConfig", "PredictionsConfig",
            "QuarantineConfig", "RayConfig", "ServingConfig", "StorageConfig", "TRANSFER_KEY", "TrainingConfig",
            "TrainingDefaults", "TriggerConfig", "TuneloopConfig", "load_config", "load_config_and_document",
-           "parse_config", "ray_address_problem", "read_config_yaml"]
+           "parse_config", "ray_address_problem", "read_config_yaml", "cluster_to_join"]
 
 DEFAULT_CONFIG_PATH = "tuneloop.yaml"
 CONFIG_ENV_VAR = "TUNELOOP_CONFIG"
@@ -55,6 +55,16 @@ def ray_address_problem(address: str) -> str | None:
         return (f"Ray address {address!r} is not host:port (the head's GCS port, 6379 by default: e.g. "
                 f"{address.removeprefix('ray://').split(':')[0] or 'head'}:6379), ray://host:port or auto")
     return None
+
+
+def cluster_to_join(*addresses: str | None) -> str | None:
+    """The Ray cluster this process joins: the first of ``addresses`` given (a flag's, the
+    config's, then $RAY_ADDRESS, which a Ray Job's entrypoint has), or None, where none is or
+    it is ``local``, Ray's word for starting one here. ``local`` counted as a cluster to join:
+    ``ray.num_cpus`` was ignored, the start's resource checks skipped, and a job that could
+    not fit waited for an autoscaler instead of failing."""
+    address = next((a for a in addresses if a), None)
+    return None if address == "local" else address
 
 
 class RayConfig(Section):

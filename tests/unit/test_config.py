@@ -436,3 +436,15 @@ def test_a_min_feedback_below_the_rollback_default_takes_it_down_with_it():
 
     assert RolloutConfig(min_feedback=20).min_feedback_to_roll_back == 20  # a key left out never fails
     assert RolloutConfig().min_feedback_to_roll_back == 30
+
+
+def test_local_is_a_ray_of_our_own_not_a_cluster_to_join():
+    """``ray.address: local`` went the joining way: ``ray.num_cpus`` ignored, the resource
+    checks skipped, a job that could not fit left waiting for an autoscaler."""
+    from tuneloop.core.config import cluster_to_join
+
+    assert cluster_to_join(None, None, None) is None
+    assert cluster_to_join(None, "local", "10.0.0.5:6379") is None  # the config's local wins over $RAY_ADDRESS
+    assert cluster_to_join(None, None, "10.0.0.5:6379") == "10.0.0.5:6379"  # a Ray Job's entrypoint
+    assert cluster_to_join("auto", "local", None) == "auto"  # the flag's first
+    assert cluster_to_join("", None, "local") is None
