@@ -122,6 +122,8 @@ class LoadedModel:
         encoding = self.task.encoding_for(enc)  # and enc keeps only the model's inputs
         lone = self.lone is not None and mask.shape[0] == 1 and mask.shape[-1] <= LONE_MAX_TOKENS
         probs = (self.lone if lone else self)._forward_rows(enc)  # the same version's tokenizer and head
+        if lone and not bool(torch.isfinite(probs).all()):  # int8's scales on one text: the version's own runtime
+            probs = self._forward_rows(enc)
         if not bool(torch.isfinite(probs).all()):
             raise NonFiniteScores("the model produced non-finite scores for this input")
         return probs, encoding, tokens, padded

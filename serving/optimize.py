@@ -228,8 +228,10 @@ def _answers(loaded: LoadedModel, task: Task, texts: list[str], targets: dict[st
 
 
 def _short_rows(loaded: LoadedModel, texts: list[str]) -> list[int]:
-    """The golden rows a lone-text runtime answers: one row of at most ``LONE_MAX_TOKENS``."""
-    cut = loaded.tokenizer(texts, truncation=True, max_length=LONE_MAX_TOKENS + 1)["input_ids"] if texts else []
+    """The golden rows a lone-text runtime answers: one row of at most ``LONE_MAX_TOKENS``,
+    once cut at the model's ``max_length`` (at 32 or below, every text: each is cut that short)."""
+    cut_at = min(LONE_MAX_TOKENS + 1, loaded.max_length)
+    cut = loaded.tokenizer(texts, truncation=True, max_length=cut_at)["input_ids"] if texts else []
     lengths = [len(ids) for ids in cut]
     return [i for i, n in enumerate(lengths) if n <= LONE_MAX_TOKENS]
 

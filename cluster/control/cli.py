@@ -340,7 +340,7 @@ def jobs(
         if j.finished_at:
             seconds = (datetime.fromisoformat(j.finished_at) - datetime.fromisoformat(j.created_at)).total_seconds()
             took = f" {seconds:.0f}s"
-        why = j.error or j.message or ""
+        why = " ".join((j.error or j.message or "").split())  # a worker's traceback: still one line a job
         why = f": {why[:160]}{'...' if len(why) > 160 else ''}" if why else ""
         typer.echo(f"{j.job_id} {j.model} {j.state:<9} {j.trigger} {j.version or '-'} {j.created_at}{took}{why}")
 

@@ -130,6 +130,13 @@ def test_a_lone_text_is_answered_by_the_lone_runtime_and_a_batch_by_the_versions
     assert len(served.predict(TEXTS)[0]) == len(TEXTS) and forwarded == [1]  # a batch: the version's own runtime
     served.predict([" ".join(TEXTS * 3)])  # one text past LONE_MAX_TOKENS: the version's own runtime too
     assert forwarded == [1]
+    # Non-finite scores from the lone runtime (int8's scales on one text): the version's own answers.
+    import torch
+
+    alone._forward = lambda enc: torch.full((1, len(served.head)), float("nan"))
+    got = served.predict(TEXTS[:1])[0]
+    assert got[0]["label"] == expected[0]["label"]
+    assert got[0]["scores"] == pytest.approx(expected[0]["scores"], abs=1e-5)
 
 
 def test_a_replica_of_a_class_no_one_measured_ranks_the_runtimes_itself(optimized, metrics_dir):

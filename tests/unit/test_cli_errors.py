@@ -228,14 +228,16 @@ def test_jobs_lists_the_newest_first_with_why_each_failed(config, tmp_path):
     done.state, done.version, done.finished_at = "succeeded", "v2", jobs.now()
     jobs.save(done)
     failed = jobs.create("m", "every_n_feedback")
-    failed.state, failed.error, failed.finished_at = "failed", "ValueError: " + "x" * 500, jobs.now()
+    failed.state, failed.finished_at = "failed", jobs.now()
+    failed.error = "WorkerGroupError: Traceback (most recent call last):\n  File ...\nValueError: " + "x" * 500
     jobs.save(failed)
     listed = CliRunner().invoke(app, ["jobs", "m", "--config", config])
     assert listed.exit_code == 0, listed.output
     lines = listed.output.splitlines()
     assert lines[0].startswith(f"{failed.job_id} m failed    every_n_feedback - ") and lines[0].endswith("x...")
+    assert "WorkerGroupError: Traceback (most recent call last): File ... ValueError: x" in lines[0]  # one line
     assert len(lines[0]) < 300 and lines[1].startswith(f"{done.job_id} m succeeded manual v2 ")
     assert len(CliRunner().invoke(app, ["jobs", "--last", "1", "--config", config]).output.splitlines()) == 1
     records = json.loads(CliRunner().invoke(app, ["jobs", "--json", "--config", config]).output)
-    assert [r["job_id"] for r in records] == [failed.job_id, done.job_id] and records[0]["error"].startswith("ValueError")
+    assert [r["job_id"] for r in records] == [failed.job_id, done.job_id] and records[0]["error"].startswith("WorkerGroupError")
     assert CliRunner().invoke(app, ["jobs", "nope", "--config", config]).exit_code != 0

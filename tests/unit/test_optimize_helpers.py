@@ -52,8 +52,9 @@ def test_one_text_alone_is_timed_on_the_short_texts_a_lone_text_runtime_answers(
     from tuneloop.serving.optimize import SAMPLE_TEXTS, lone_text_ms
 
     class Timed:  # a token a word
-        def __init__(self):
+        def __init__(self, max_length=128):
             self.seen: set[str] = set()
+            self.max_length = max_length
 
         def tokenizer(self, texts, truncation, max_length):
             return {"input_ids": [text.split()[:max_length] for text in texts]}
@@ -69,3 +70,6 @@ def test_one_text_alone_is_timed_on_the_short_texts_a_lone_text_runtime_answers(
     all_long = Timed()
     lone_text_ms(all_long, [long], 0.01)
     assert all_long.seen == set(SAMPLE_TEXTS)  # none of the golden texts is answered alone: timed on short samples
+    cut_short = Timed(max_length=16)  # every text cut to 16 tokens: each one goes to the lone-text runtime
+    lone_text_ms(cut_short, [long, short], 0.01)
+    assert cut_short.seen == {long, short}

@@ -74,7 +74,7 @@ class FakeModel:
             raise LabelMismatch(f"version {version}'s checkpoint has labels ['x', 'y']")
         if runtime != "torch" and artifact.startswith("broken"):
             raise RuntimeError("[ONNXRuntimeError] : 7 : INVALID_PROTOBUF")
-        self.version, self.task, self.delay_s = version, task, delay_s
+        self.version, self.task, self.delay_s, self.max_length = version, task, delay_s, max_length
         self.runtime, self.artifact = runtime, artifact
         self.batches: list[int] = []
         self.weight_bytes = 1000
