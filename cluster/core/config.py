@@ -192,12 +192,24 @@ class TuneloopConfig(Section):
     def training_for(self, name: str) -> TrainingConfig:
         """The training settings of model ``name``: the top-level ones, with the model's own
         ``training:`` keys over them (a 12-intent seed set wants more epochs than sentiment)."""
-        overrides = self.model(name).training
+        overrides, top = self.model(name).training, self.training.model_dump(exclude_unset=True)
         try:
-            return TrainingConfig.model_validate({**self.training.model_dump(exclude_unset=True), **overrides})
+            return TrainingConfig.model_validate({**top, **overrides})
         except ValidationError as err:
-            where = f"models.{name}.training" if overrides else "training"
-            raise ValueError("\n  ".join(_error_line(e, where, ("training", *e["loc"][:-1]))
+            def where(e: dict[str, Any]) -> str:
+                """The section to blame: the model's, unless the bad key (or, for a check of
+                several keys, the top-level section alone) is the top level's."""
+                if not overrides:
+                    return "training"
+                if e["loc"]:
+                    return f"models.{name}.training" if e["loc"][0] in overrides else "training"
+                try:
+                    TrainingConfig.model_validate(top)
+                except ValidationError:
+                    return "training"
+                return f"models.{name}.training"
+
+            raise ValueError("\n  ".join(_error_line(e, where(e), ("training", *e["loc"][:-1]))
                                           for e in err.errors())) from None
 
     def digest(self) -> str:

@@ -124,6 +124,13 @@ class ServingConfig(Section):
         description="what runs the forward passes: an artifact that passed parity (tuneloop optimize), or torch; "
                     "auto: the fastest measured on the replica's hardware")
 
+    @field_validator("num_gpus_per_replica")
+    @classmethod
+    def _gpus_none_or_placeable(cls, v: float) -> float:
+        if 0 < v < RAY_MIN_AMOUNT:  # Ray refused it when the deployment was built, naming no key
+            raise ValueError(f"must be 0, or at least {RAY_MIN_AMOUNT:g} (Ray's precision)")
+        return v
+
     @field_validator("resources_per_replica")
     @classmethod
     def _custom_resources_only(cls, v: dict[str, float]) -> dict[str, float]:

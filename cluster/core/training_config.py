@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from tuneloop.core.deploy_config import Section
-from tuneloop.core.resources import custom_resources
+from tuneloop.core.resources import RAY_MIN_AMOUNT, custom_resources
 from tuneloop.core.runtimes import ArtifactName
 
 
@@ -27,9 +27,10 @@ class TrainingConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
     num_workers: int = Field(default=2, ge=1, le=1024)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(default=1.0, gt=0, description="Ray CPUs each training worker asks for")
+    # At least Ray's precision: finer amounts passed here and Ray refused them at the job's start.
+    cpus_per_worker: float = Field(default=1.0, ge=RAY_MIN_AMOUNT, description="Ray CPUs each training worker asks for")
     gpus_per_worker: float = Field(
-        default=1.0, gt=0,
+        default=1.0, ge=RAY_MIN_AMOUNT,
         description="with use_gpu: GPUs each worker asks for; below 1 (one worker only) it shares a GPU with "
                     "serving replicas (serving.num_gpus_per_replica)")
     resources_per_worker: dict[str, float] = Field(
@@ -45,8 +46,8 @@ class TrainingConfig(Section):
         description="newest share of a job's fresh feedback kept back to compare candidate and production; "
                     "the next job trains on it",
     )
-    replay_ratio: float = Field(
-        default=1.0, ge=0, description="replay rows (seed and earlier feedback) per fresh feedback row"
+    replay_ratio: float = Field(  # bounded: .inf passed, and every job after v1 failed converting it to rows
+        default=1.0, ge=0, le=1000, description="replay rows (seed and earlier feedback) per fresh feedback row"
     )
     max_rows_per_job: int = Field(default=20_000, ge=1, description=(
         "fresh plus replay rows a job trains on, at most; at most as many are kept back for the gate, and as many "

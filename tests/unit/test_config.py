@@ -1,7 +1,7 @@
+import re
 from pathlib import Path
 
 import pytest
-
 import yaml
 
 from tuneloop.core.config import DEFAULT_BASE_MODEL, ConfigError, TrainingConfig, load_config, parse_config
@@ -448,3 +448,22 @@ def test_local_is_a_ray_of_our_own_not_a_cluster_to_join():
     assert cluster_to_join(None, None, "10.0.0.5:6379") == "10.0.0.5:6379"  # a Ray Job's entrypoint
     assert cluster_to_join("auto", "local", None) == "auto"  # the flag's first
     assert cluster_to_join("", None, "local") is None
+
+
+@pytest.mark.parametrize("section, key, value, says", [
+    ("training", "replay_ratio", float("inf"), "less than or equal to 1000 (got inf)"),  # every job after v1 failed
+    ("training", "cpus_per_worker", 1e-5, "greater than or equal to 0.0001 (got 1e-05)"),  # Ray refused it at the job
+    ("training", "gpus_per_worker", 1e-5, "greater than or equal to 0.0001 (got 1e-05)"),
+    ("serving", "num_gpus_per_replica", 1e-5, "must be 0, or at least 0.0001"),  # Ray refused it at the deployment
+])
+def test_amounts_ray_cannot_place_or_rows_it_cannot_count_are_refused_with_their_key(section, key, value, says):
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}: .*{re.escape(says)}"):
+        parse_config({"models": [MODEL], section: {key: value}})
+
+
+def test_a_check_of_several_training_keys_blames_the_section_that_set_them():
+    """A top-level ``precision: bf16`` without a GPU was put down to a model's own training keys."""
+    with pytest.raises(ConfigError, match=r"\n  training: precision 'bf16' needs use_gpu"):
+        parse_config({"models": [{**MODEL, "training": {"epochs": 5}}], "training": {"precision": "bf16"}})
+    with pytest.raises(ConfigError, match=r"models\.sentiment\.training: precision 'bf16' needs use_gpu"):
+        parse_config({"models": [{**MODEL, "training": {"precision": "bf16"}}]})
