@@ -325,7 +325,12 @@ def run_forever(cfg: TuneloopConfig) -> None:
         if short:
             ray.shutdown()
             raise SystemExit(f"tuneloop: cannot start: {short}")
-    stop, ready = threading.Event(), threading.Event()
+    # Set by the signal handler, which takes no lock: a handler that called ``Event.set``
+    # deadlocked the server for good when it ran while the main thread held that Event's
+    # lock (Python runs handlers in the main thread between bytecodes, and a signal that
+    # another of its 40 threads took ran there as the main thread's 5-second wait ended).
+    stopping: list[int] = []
+    ready = threading.Event()  # read by the handler with ``is_set``, which takes no lock either
     serving = False  # Serve started: stopped at the end (its shutdown logs a line when there is none)
     # Ray this process started (a joined cluster's processes are not its own to watch).
     own_ray, ray_died = local_ray and not os.environ.get("RAY_ADDRESS"), None
@@ -337,13 +342,13 @@ def run_forever(cfg: TuneloopConfig) -> None:
             print("tuneloop: interrupted while training a first version; stopping", flush=True)
             raise SystemExit(130) from None
 
-        def on_signal(*_) -> None:
+        def on_signal(signum: int, _frame) -> None:
             if not ready.is_set():
                 # Still starting: Serve waits for replicas with no deadline (one that cannot
-                # be placed waits for good), and a handler that only set ``stop`` left Ctrl-C
+                # be placed waits for good), and a handler that only asked to stop left Ctrl-C
                 # and SIGTERM unheard there. Unwind through the clean-up below instead.
                 raise KeyboardInterrupt
-            stop.set()
+            stopping.append(signum)
 
         # After bootstrap: Ray Train's fit() installs its own SIGINT handler while it runs.
         signal.signal(signal.SIGINT, on_signal)
@@ -367,16 +372,15 @@ def run_forever(cfg: TuneloopConfig) -> None:
         for m in cfg.models:  # what serves where: the first thing a user of a fresh server asks
             print(f"  {m.name} {registry.production(m.name)} ({m.task}): POST {url}/v1/models/{m.name}/predict",
                   flush=True)
-        while not stop.wait(RAY_CHECK_S):
-            if own_ray and (ray_died := dead_ray_process()):
-                print(f"tuneloop: the local Ray stopped ({ray_died}): nothing serves any more; stopping, "
-                      "exit 1 (start `tuneloop run` again)", flush=True)
-                # Ray's shutdown may wait on a dead GCS for its reconnect timeout: a supervisor
-                # restarts a process that has exited, not one that hangs.
-                deadline = threading.Timer(CLEAN_UP_AFTER_RAY_DIED_S, os._exit, args=(1,))
-                deadline.daemon = True  # a clean-up that ends in time exits at once
-                deadline.start()
-                break
+        ray_died = wait_for_stop(stopping, dead_ray_process if own_ray else lambda: None)
+        if ray_died:
+            print(f"tuneloop: the local Ray stopped ({ray_died}): nothing serves any more; stopping, "
+                  "exit 1 (start `tuneloop run` again)", flush=True)
+            # Ray's shutdown may wait on a dead GCS for its reconnect timeout: a supervisor
+            # restarts a process that has exited, not one that hangs.
+            deadline = threading.Timer(CLEAN_UP_AFTER_RAY_DIED_S, os._exit, args=(1,))
+            deadline.daemon = True  # a clean-up that ends in time exits at once
+            deadline.start()
         else:
             print("tuneloop: stopping", flush=True)
     finally:
@@ -395,7 +399,21 @@ def run_forever(cfg: TuneloopConfig) -> None:
 
 
 RAY_CHECK_S = 5.0  # how often a serving `tuneloop run` checks that the Ray it started lives
+STOP_POLL_S = 0.2  # how soon it notices a Ctrl-C or SIGTERM that another thread of the process took
 CLEAN_UP_AFTER_RAY_DIED_S = 20.0  # then its clean-up gets this long before the process exits anyway
+
+
+def wait_for_stop(stopping: list[int], ray_died: Callable[[], str | None]) -> str | None:
+    """Until a signal's handler appends to ``stopping`` (then None), or ``ray_died`` says
+    why the Ray this process started is gone (asked every ``RAY_CHECK_S``)."""
+    next_check = time.monotonic() + RAY_CHECK_S
+    while not stopping:
+        time.sleep(STOP_POLL_S)
+        if time.monotonic() >= next_check:
+            next_check = time.monotonic() + RAY_CHECK_S
+            if why := ray_died():
+                return why
+    return None
 
 
 def dead_ray_process() -> str | None:

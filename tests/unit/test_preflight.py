@@ -266,3 +266,30 @@ def test_an_haproxy_a_killed_server_left_is_stopped_before_a_start_and_a_live_on
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_signal_another_thread_takes_stops_the_server_and_so_does_its_ray_dying(monkeypatch):
+    """The handler set a threading.Event the main thread was waiting on: run while that wait
+    held the Event's lock (a signal taken by another of the server's threads runs in the main
+    thread at its next bytecode), it blocked on the lock for good, and Ctrl-C and SIGTERM
+    never stopped the server. Now it only appends to a list the wait polls."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from tuneloop.control import server
+
+    monkeypatch.setattr(server, "RAY_CHECK_S", 0.05)
+    stopping: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))
+    try:
+        sender = threading.Timer(0.3, os.kill, args=(os.getpid(), signal.SIGTERM))
+        sender.start()
+        started = time.monotonic()
+        assert server.wait_for_stop(stopping, lambda: None) is None
+        assert stopping == [signal.SIGTERM] and time.monotonic() - started < 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    looks = iter([None, None, "its raylet (pid 7) exited with code 1"])
+    assert server.wait_for_stop([], lambda: next(looks)) == "its raylet (pid 7) exited with code 1"
