@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import posixpath
 import re
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")  # Kubernetes' memory/storage quantities
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -32,12 +33,28 @@ class Section(BaseModel):
             return data
         return {k: v for k, v in data.items() if not (v is None and _null_means_default(cls.model_fields.get(k)))}
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        # Pydantic takes a boolean for the number 1 or 0, and YAML reads true, false, yes, no,
+        # on and off as booleans: ``predictions.sample_rate: false`` turned the prediction log
+        # off and ``serving.port: yes`` asked for port 1, both "config OK".
+        if isinstance(v, bool) and _a_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError("a boolean where a number goes (YAML reads true, false, yes, no, on and off so)")
+        return v
+
 
 def refuse_repeated(values: list[str], what: str) -> None:
     """Raise, naming them, where ``values`` (``what``: a section's list key) repeat any."""
     dupes = sorted({v for v in values if values.count(v) > 1})
     if dupes:
         raise ValueError(f"{what} must be unique; repeated: {dupes}")
+
+
+def _a_number(annotation: Any) -> bool:
+    """Whether a field of ``annotation`` holds a number (int or float, optional or not), not a boolean."""
+    kinds = set(get_args(annotation)) if get_origin(annotation) in (Union, UnionType) else {annotation}
+    return bool(kinds & {int, float}) and bool not in kinds
 
 
 def _null_means_default(field: Any) -> bool:

@@ -467,3 +467,15 @@ def test_a_check_of_several_training_keys_blames_the_section_that_set_them():
         parse_config({"models": [{**MODEL, "training": {"epochs": 5}}], "training": {"precision": "bf16"}})
     with pytest.raises(ConfigError, match=r"models\.sentiment\.training: precision 'bf16' needs use_gpu"):
         parse_config({"models": [{**MODEL, "training": {"precision": "bf16"}}]})
+
+
+def test_a_boolean_where_a_number_goes_is_refused_not_read_as_1_or_0():
+    """YAML reads yes/no/true/false as booleans and pydantic took them for 1 and 0:
+    ``sample_rate: false`` turned the prediction log off, ``port: yes`` asked for port 1."""
+    doc = {"models": [{**MODEL, "window_stride": True}], "serving": {"port": True},
+           "predictions": {"sample_rate": False}, "training": {"epochs": True, "use_gpu": False}}
+    with pytest.raises(ConfigError) as e:
+        parse_config(doc)
+    for key in ("serving.port", "predictions.sample_rate", "training.epochs", "window_stride"):
+        assert re.search(rf"{re.escape(key)}: a boolean where a number goes .*\(got (True|False)\)", str(e.value)), key
+    assert "use_gpu" not in str(e.value)  # a boolean where one goes
