@@ -354,9 +354,12 @@ def read_config_yaml(path: Path) -> Any:
     """The YAML document at ``path``, with a repeated key refused (``_StrictLoader``); a
     ConfigError says what is wrong in one line."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")  # YAML's own; not the locale's
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:  # a Latin-1 "café": a traceback from every command
+        raise ConfigError(f"cannot read config {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                          f"{e.start}); save it as UTF-8") from None
     try:
         loader = _StrictLoader(text)
         loader.name = str(path)

@@ -95,6 +95,10 @@ def test_duplicate_model_names():
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(str(tmp_path / "absent.yaml"))
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("models:\n  - name: t\n    labels: [café, b]\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"cannot read config .*latin.yaml: not UTF-8 text \(byte 0xe9 at 36\)"):
+        load_config(str(latin))  # a traceback from every command
     bad = tmp_path / "bad.yaml"
     bad.write_text("models: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
