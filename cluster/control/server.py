@@ -85,6 +85,10 @@ def data_problems(cfg: TuneloopConfig, models: list[str] | None = None, offline:
         if models is not None and m.name not in models:
             continue
         production = registry.production(m.name) if registry else None
+        # v1 trains on the seed alone: no feedback to add rows, no teacher to learn from.
+        seed_alone = production is None and m.distill is None and storage is not None \
+            and not storage.exists(f"feedback/{m.name}") \
+            and not any(r.get("model") == m.name for r in pending_records(cfg.storage.journal_path()))
         for key, path in m.dataset_files():
             if not path or "://" in path:
                 continue
@@ -92,7 +96,8 @@ def data_problems(cfg: TuneloopConfig, models: list[str] | None = None, offline:
                 problems.append(f"models.{m.name}.{key} {path!r} does not exist")
             elif key != "seed_dataset" or production is None:  # what the next job reads
                 problems.extend(f"models.{m.name}.{key}: {e}"
-                                for e in _unreadable(path, None if key == TRANSFER_KEY else m))
+                                for e in _unreadable(path, None if key == TRANSFER_KEY else m,
+                                                     trains_v1_alone=key == "seed_dataset" and seed_alone))
         base = m.base_model
         if production is None and base and base.startswith(("/", "./", "../", "~")) \
                 and not os.path.exists(os.path.expanduser(base)):
@@ -115,9 +120,7 @@ def data_problems(cfg: TuneloopConfig, models: list[str] | None = None, offline:
             problems.append(f"model {m.name!r}: the config drops label(s) {dropped} "
                             f"of its production {production}, whose golden set, replay rows and feedback hold them: "
                             "restore them (labels may be added), or give the new label set a new model name")
-        if m.seed_dataset is None and m.distill is None and storage is not None and production is None \
-                and not storage.exists(f"feedback/{m.name}") \
-                and not any(r.get("model") == m.name for r in pending_records(cfg.storage.journal_path())):
+        if m.seed_dataset is None and seed_alone:
             problems.append(f"model {m.name!r} has no version yet and nothing to train v1 on: give it a "
                             "seed_dataset (labelled rows: text and label), or send feedback on it first")
     if models is None and cfg.ray.num_cpus is not None \
@@ -142,14 +145,23 @@ def _layers_problem(base: str | None, freeze_layers: int, feature_extraction: bo
     return None if config is None else layer_problem(config, freeze_layers, feature_extraction, student_layers)
 
 
-def _unreadable(path: str, m: ModelConfig | None) -> list[str]:
+def _unreadable(path: str, m: ModelConfig | None, trains_v1_alone: bool = False) -> list[str]:
     """Why a job could not read ``path`` as ``m``'s data: its format, columns or labels;
-    ``m`` None: as a transfer set's texts."""
+    ``m`` None: as a transfer set's texts. ``trains_v1_alone``: a seed that is all v1 would
+    train on (no feedback yet), which the job refuses with no row, or with rows of one class
+    for a classifier: said only after Ray had started, and the first version been tried."""
     from tuneloop.training.data import read_dataset, read_texts
 
     try:
         if m is not None:
-            read_dataset(path, model_task(m))
+            rows = read_dataset(path, model_task(m))
+            if trains_v1_alone and rows.num_rows == 0:
+                return [f"dataset {path!r} has no row with visible text: nothing to train v1 on (add labelled "
+                        "rows, or send feedback on the model first)"]
+            classes = sorted(set(rows.column("label").to_pylist())) if "label" in rows.column_names else None
+            if trains_v1_alone and classes is not None and len(classes) < 2:
+                return [f"dataset {path!r} has rows of {classes} alone: v1 would answer that class to everything "
+                        "(give it rows of the other labels, or send feedback on them first)"]
         elif not read_texts(path):
             return [f"dataset {path!r} has no texts: its text column is empty"]
     except (ValueError, OSError) as e:

@@ -139,6 +139,22 @@ def test_a_seed_a_job_could_not_read_is_refused_before_ray_naming_what_it_has(tm
     assert data_problems(_cfg(tmp_path, seed_dataset=str(tsv))) == []
 
 
+def test_a_seed_of_no_row_or_one_class_is_refused_before_ray_while_it_is_all_v1_would_train_on(tmp_path):
+    """check-config said "config OK"; run and train failed only once Ray had started."""
+    tsv = tmp_path / "seed.tsv"
+    for rows, says in [("", "has no row with visible text"), ("\u200b\ta\n \tb\n", "has no row with visible text"),
+                       ("fine\ta\ngood\ta\n", "has rows of ['a'] alone")]:
+        tsv.write_text("text\tlabel\n" + rows)
+        problems = data_problems(_cfg(tmp_path, seed_dataset=str(tsv)))
+        assert len(problems) == 1 and says in problems[0], problems
+    cfg = _cfg(tmp_path, seed_dataset=str(tsv))  # one class, but feedback brings the other
+    feedback = FeedbackStore(Storage(cfg.storage.root), cfg.storage.journal_path(), model_tasks(cfg.models))
+    feedback.open_writer()
+    feedback.append(model="m", text="bad", label="b")
+    assert data_problems(cfg) == []
+    feedback.close()
+
+
 def test_a_seed_is_not_read_again_once_the_model_has_a_version(tmp_path):
     _published(tmp_path)
     seed = tmp_path / "seed.csv"
@@ -208,7 +224,7 @@ def test_a_storage_root_that_is_a_file_or_a_host_of_no_interface_here_is_named_b
     """check-config said "config OK" for a serving.host that run then refused, blaming
     "another tuneloop run?"; a storage.root naming a file gave a NotADirectoryError."""
     seed = tmp_path / "seed.tsv"
-    seed.write_text("text\tlabel\nfine\ta\n")
+    seed.write_text("text\tlabel\nfine\ta\nbad\tb\n")
     doc = {"models": [{"name": "m", "base_model": "some/model", "labels": ["a", "b"], "seed_dataset": str(seed)}],
            "storage": {"root": str(seed)}}
     config = tmp_path / "tuneloop.yaml"
