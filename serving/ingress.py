@@ -35,7 +35,7 @@ from tuneloop.core.errors import (
     UnknownModel,
 )
 from tuneloop.store.jobs import JobStore
-from tuneloop.core.auth import METRICS_ROLE, RateLimiter
+from tuneloop.core.auth import METRICS_ROLE, RateLimiter, single_header
 from tuneloop.store.keys import KeyRing
 from tuneloop.core.idempotency import HEADER as IDEMPOTENCY_HEADER
 from tuneloop.core.idempotency import fingerprint, parse_key
@@ -88,6 +88,11 @@ class PromoteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: StrictStr
     force: StrictBool = False  # "yes" or 1 promoting a gate-rejected version would be a surprise
+
+
+def _authorization(request: Request) -> str | None:
+    """The request's one Authorization header (two: a 400, ``single_header``)."""
+    return single_header(request.headers.getlist("authorization"), "Authorization")
 
 
 def _idempotency_key(request: Request) -> str | None:
@@ -397,7 +402,7 @@ class Ingress:
         """Operational series for anyone who can reach the port; the series derived from
         feedback (online accuracy, labels) only for a key of role metrics, feedback or
         admin: Prometheus sends a metrics key as a bearer token (deploy/prometheus)."""
-        with_feedback = self._holds(request.headers.get("authorization"), METRICS_ROLE)
+        with_feedback = self._holds(_authorization(request), METRICS_ROLE)
         return Response(await self._shared_render(with_feedback), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def _shared_render(self, with_feedback: bool) -> bytes:
@@ -445,15 +450,15 @@ class Ingress:
     # the labels to read an answer; with predict closed (auth.open_roles: []), a key.
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> dict[str, Any]:
-        self.auth.check(request.headers.get("authorization"), "predict")
+        self.auth.check(_authorization(request), "predict")
         return {"models": await asyncio.to_thread(lambda: [self._summary(m.name) for m in self.cfg.models])}
 
     @app.get("/v1/models/{model}")
     async def get_model(self, model: str, request: Request) -> dict[str, Any]:
         """Versions' evaluation metrics, gate reasons and the state's history are shown to
         admin keys only."""
-        self.auth.check(request.headers.get("authorization"), "predict")
-        admin = self._holds(request.headers.get("authorization"), "admin")
+        self.auth.check(_authorization(request), "predict")
+        admin = self._holds(_authorization(request), "admin")
 
         def detail() -> dict[str, Any]:
             out = self._summary(model)
@@ -489,7 +494,7 @@ class Ingress:
         idempotency_key: str | None = Header(default=None, alias=IDEMPOTENCY_HEADER,
                                              description="retry with the same key: stored once, same answer"),
     ) -> dict[str, str]:
-        key_id = self.auth.check(request.headers.get("authorization"), "feedback")
+        key_id = self.auth.check(_authorization(request), "feedback")
         idempotency_key = _idempotency_key(request)
         # Per key; clients without one (feedback opened in the config) share one bucket. Their
         # address is no name: behind Serve's HAProxy every request comes from 127.0.0.1, whose
@@ -503,7 +508,7 @@ class Ingress:
     @app.get("/v1/jobs/{job_id}")
     async def get_job(self, job_id: str, request: Request) -> dict[str, Any]:
         """Admins only: a job's record carries its error text and the gate's numbers."""
-        self.auth.check(request.headers.get("authorization"), "admin")
+        self.auth.check(_authorization(request), "admin")
         job = await asyncio.to_thread(self.jobs.get, job_id)
         if job is None:
             raise UnknownJob(job_id)
@@ -513,14 +518,14 @@ class Ingress:
     # -- feedback statistics -------------------------------------------------------------
     @app.get("/v1/models/{model}/feedback/stats")
     async def get_feedback_stats(self, model: str, request: Request) -> dict[str, Any]:
-        self.auth.check(request.headers.get("authorization"), "feedback")
+        self.auth.check(_authorization(request), "feedback")
         return self.feedback.stats(model)
 
     # -- admin ---------------------------------------------------------------------------
     @app.get("/v1/models/{model}/feedback/keys")
     async def quarantined_keys(self, model: str, request: Request) -> dict[str, Any]:
         """Feedback keys the quarantine flagged for this model, with why and their numbers."""
-        self.auth.check(request.headers.get("authorization"), "admin")
+        self.auth.check(_authorization(request), "admin")
         self._model_cfg(model)
         verdicts = await asyncio.to_thread(self.quarantine.verdicts, model)
         return {"model": model, "keys": [v.model_dump() for v in verdicts.values()]}
@@ -530,14 +535,14 @@ class Ingress:
                           body: EmptyRequest | None = None) -> dict[str, Any]:
         """Let a quarantined key's feedback be trained on, from the next job on. 404 when the
         key is not quarantined."""
-        self.auth.check(request.headers.get("authorization"), "admin")
+        self.auth.check(_authorization(request), "admin")
         self._model_cfg(model)
         verdict = await asyncio.to_thread(self.quarantine.release, model, key_id)
         return {"model": model, **verdict.model_dump()}
 
     @app.post("/v1/models/{model}/retrain", status_code=202)
     async def retrain(self, model: str, request: Request, body: EmptyRequest | None = None) -> dict[str, str]:
-        key_id = self.auth.check(request.headers.get("authorization"), "admin")
+        key_id = self.auth.check(_authorization(request), "admin")
         self._model_cfg(model)
         for looked_again in (False, True):  # a controller that died since the lookup: its keeper starts another
             controller = self._controller(fresh=looked_again)
@@ -562,7 +567,7 @@ class Ingress:
     @app.post("/v1/models/{model}/promote")
     async def promote(self, model: str, body: PromoteRequest, request: Request,
                       idempotency_key: str | None = Header(default=None, alias=IDEMPOTENCY_HEADER)) -> dict[str, Any]:
-        key_id = self.auth.check(request.headers.get("authorization"), "admin")
+        key_id = self.auth.check(_authorization(request), "admin")
         labels = self._model_cfg(model).labels
         state = await asyncio.to_thread(self.registry.promote, model, body.version, f"by key {key_id}",
                                         force=body.force, labels=labels,
@@ -572,7 +577,7 @@ class Ingress:
     @app.post("/v1/models/{model}/rollback")
     async def rollback(self, model: str, request: Request, body: EmptyRequest | None = None,
                        idempotency_key: str | None = Header(default=None, alias=IDEMPOTENCY_HEADER)) -> dict[str, Any]:
-        key_id = self.auth.check(request.headers.get("authorization"), "admin")
+        key_id = self.auth.check(_authorization(request), "admin")
         self._model_cfg(model)
         state = await asyncio.to_thread(self.registry.rollback, model, f"by key {key_id}",  # 409: nothing earlier
                                         request=_request_id(key_id, "rollback", _idempotency_key(request)),
@@ -582,7 +587,7 @@ class Ingress:
     @app.post("/v1/models/{model}/rollout")
     async def rollout(self, model: str, body: RolloutRequest, request: Request,
                       idempotency_key: str | None = Header(default=None, alias=IDEMPOTENCY_HEADER)) -> dict[str, Any]:
-        key_id = self.auth.check(request.headers.get("authorization"), "admin")
+        key_id = self.auth.check(_authorization(request), "admin")
         m = self._model_cfg(model)
         state = await asyncio.to_thread(operate_rollout, self.registry, model, body.action, f"by key {key_id}",
                                         self.cfg.rollout, m.labels, body.version, body.stage, body.force,

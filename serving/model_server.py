@@ -42,6 +42,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from tuneloop.store.keys import KeyRing
+from tuneloop.core.auth import single_header
 from tuneloop.core.config import ServingConfig, TuneloopConfig
 from tuneloop.core.errors import (InputRejected, InvalidRequest, MethodNotAllowed, NonFiniteScores, NotFound, NotReady,
                                   Overloaded, TimedOut, TuneloopError)
@@ -272,8 +273,11 @@ class ModelServer:
             if request.scope["path"].rstrip("/") != request.scope.get("root_path", "").rstrip("/"):
                 raise NotFound(f"no route {request.url.path!r}")
             if request.method != "POST":
-                raise MethodNotAllowed(f"{request.method} is not allowed here; use POST")
-            key_id = self._keys.check(request.headers.get("authorization"), "predict")
+                wrong = MethodNotAllowed(f"{request.method} is not allowed here; use POST")
+                wrong.headers = {"Allow": "POST"}  # as the ingress's 405s say it
+                raise wrong
+            key_id = self._keys.check(single_header(request.headers.getlist("authorization"), "Authorization"),
+                                      "predict")
             check_content_type(request.headers.get("content-type"))
             check_content_length(request.headers.get("content-length"), self._limits.max_body_bytes)
             body = await read_body(request.stream(), self._limits.max_body_bytes, self.serving.body_timeout_s,

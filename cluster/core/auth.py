@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tuneloop.core.config import ConfigError
-from tuneloop.core.errors import Forbidden, RateLimited, Unauthorized
+from tuneloop.core.errors import Forbidden, InvalidRequest, RateLimited, Unauthorized
 
 log = logging.getLogger("tuneloop")
 
@@ -76,6 +76,16 @@ def new_key(role: str) -> tuple[str, ApiKey]:
 
 def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def single_header(values: list[str], name: str) -> str | None:
+    """The one ``name`` header of a request (``values``: every one it carried), None without
+    one. Two are a 400: which of them counts is a guess, and the first won, so an admin
+    key sent beside a metrics key acted as admin (and a retry's Idempotency-Key was matched
+    on a key the client may not have meant)."""
+    if len(values) > 1:
+        raise InvalidRequest(f"send one {name} header, not {len(values)}")
+    return values[0] if values else None
 
 
 def quote_value(value: Any) -> str:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from tuneloop.core.auth import single_header
 from tuneloop.core.errors import InvalidRequest, InvalidValue
 
 HEADER = "Idempotency-Key"
@@ -34,13 +35,11 @@ _KEY = re.compile(r"^[\x21-\x7e]+$")  # visible ASCII
 def parse_key(headers: list[str]) -> str | None:
     """The key from the request's ``Idempotency-Key`` headers (every one it carried): an
     sf-string (``"abc"``, as the draft writes it) or a bare token; None when absent. Raises
-    InvalidRequest (400) for anything else, two headers included: which of them a retry
-    meant is a guess, and a wrong guess stores a record twice or answers another's id."""
-    if not headers:
+    InvalidRequest (400) for anything else, two headers included (``single_header``)."""
+    header = single_header(headers, HEADER)
+    if header is None:
         return None
-    if len(headers) > 1:
-        raise InvalidRequest(f"send one {HEADER} header, not {len(headers)}")
-    value = headers[0].strip()
+    value = header.strip()
     if len(value) >= 2 and value[0] == value[-1] == '"':
         value = value[1:-1]
     if not value or len(value) > MAX_KEY_CHARS or not _KEY.match(value):

@@ -18,7 +18,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from tuneloop.control.server import wait_ready
-from tests.integration.conftest import ADMIN_KEY, FEEDBACK_KEY, PREDICT_KEY, bearer, make_config, publish_version
+from tests.integration.conftest import ADMIN_KEY, FEEDBACK_KEY, METRICS_KEY, PREDICT_KEY, bearer, make_config, publish_version
 
 BODY_TIMEOUT_S = 1.0
 
@@ -236,6 +236,13 @@ def test_odd_paths_ids_and_headers_get_a_json_4xx(hardened):
         wrong = c.get(f"{url}/v1/feedback")
         assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
         assert wrong.headers["allow"] == "POST"
+        wrong = c.get(f"{url}/v1/models/sentiment/predict")  # the model's own app: the same Allow
+        assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+        # Two keys: the first won, so an admin key beside a metrics key acted as admin.
+        for path, body in [("/v1/models/sentiment/rollback", {}), ("/v1/models/sentiment/predict", {"inputs": ["x"]})]:
+            two = httpx.Headers([("Authorization", f"Bearer {ADMIN_KEY}"), ("Authorization", f"Bearer {METRICS_KEY}")])
+            refused = c.post(f"{url}{path}", json=body, headers=two)
+            assert refused.status_code == 400 and "one Authorization header, not 2" in refused.json()["error"]["message"]
 
 
 def test_a_retried_idempotency_key_stores_once_and_answers_the_same(hardened):

@@ -416,3 +416,14 @@ def test_the_first_admin_key_of_a_bucket_root_is_written_on_this_machine_not_in_
     where = save_admin_key(bucket, "tl_00000000_" + "a" * 32)
     assert where.startswith(str(tmp_path / "machine")) and os.stat(where).st_mode & 0o777 == 0o600
     assert not (tmp_path / "bucket" / "auth" / "admin-key.txt").exists()
+
+
+def test_a_header_sent_twice_is_a_400_not_the_first_one():
+    """An admin key sent beside a metrics key acted as admin: the first header won."""
+    from tuneloop.core.auth import single_header
+    from tuneloop.core.errors import InvalidRequest
+
+    assert single_header([], "Authorization") is None
+    assert single_header(["Bearer k"], "Authorization") == "Bearer k"
+    with pytest.raises(InvalidRequest, match="send one Authorization header, not 2"):
+        single_header(["Bearer a", "Bearer b"], "Authorization")
