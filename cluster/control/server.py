@@ -22,6 +22,7 @@ import ray
 from ray import serve
 
 from tuneloop.control import worker_setup
+from tuneloop.store.jobs import JobStore
 from tuneloop.store.journal import pending_records
 from tuneloop.store.keys import KeyRing, ensure_admin_key, save_admin_key
 from tuneloop.core.config import TRANSFER_KEY, ConfigError, ModelConfig, TuneloopConfig, cluster_to_join
@@ -406,6 +407,8 @@ def run_forever(cfg: TuneloopConfig) -> None:
             finally:
                 ray.shutdown()
                 stop_orphaned_haproxy(node_id)
+                if own_ray:  # the jobs that ran in it stopped with it
+                    JobStore(storage).fail_gone_from_this_host("interrupted: `tuneloop run` stopped while it ran")
     if ray_died:
         raise SystemExit(1)
 

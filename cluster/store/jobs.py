@@ -226,6 +226,24 @@ class JobStore:
                           + (f" ({stored.error})" if stored is not None and stored.error else "")
                           + ": another job may hold its lease; not publishing")
 
+    def fail_gone_from_this_host(self, why: str) -> list[JobRecord]:
+        """Running jobs whose process ran on this host and is gone, marked failed with ``why``
+        now: after `tuneloop run` stopped (its Ray, and the jobs in it, with it) they were
+        listed as running for another minute, until their heartbeats went stale."""
+        failed = []
+        for job in self.all():
+            if job.state != "running" or job.pid is None or job.host != socket.gethostname():
+                continue
+            try:
+                os.kill(job.pid, 0)
+                continue  # alive
+            except ProcessLookupError:
+                pass
+            except OSError:  # another user's process: alive
+                continue
+            failed.append(self.fail_running(job, why))
+        return failed
+
     def running(self, model: str) -> JobRecord | None:
         """The live running job of ``model``, if any (dead ones are marked failed first)."""
         return next((j for j in self.all() if j.model == model and j.state == "running"), None)
