@@ -505,5 +505,8 @@ def main() -> None:
             sys.exit(2)
         raise
     except OSError as e:  # the storage root a file, unreadable, or a bucket out of reach: say so in a line
-        print(f"tuneloop: {type(e).__name__}: {e}", file=sys.stderr)
+        # The system's words and the path ("FileNotFoundError: [Errno 2] ..." read as a crash);
+        # pyarrow's errors carry their message alone.
+        print(f"tuneloop: {e.strerror}: {e.filename}" if e.strerror and e.filename else f"tuneloop: {e}",
+              file=sys.stderr)
         sys.exit(2)
