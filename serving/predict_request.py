@@ -118,8 +118,9 @@ def load_json(body: bytes):
         doc = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise MalformedJSON("the request body is not valid JSON") from None
-    except ValueError as e:  # valid JSON Python will not convert: an integer over 4,300 digits
-        raise InvalidBody(f"the JSON body holds a value out of range: {e}") from None
+    except ValueError:  # valid JSON Python will not convert: an integer over 4,300 digits
+        # Python's own words advised the client to call sys.set_int_max_str_digits().
+        raise InvalidBody("the JSON body holds a number too long to read (more than 4,300 digits)") from None
     except RecursionError:
         doc = None
     else:

@@ -192,3 +192,12 @@ def test_errors_name_a_clients_value_cut_short():
     with pytest.raises(TuneloopError) as info:
         parse_predict_body(json.dumps({"inputs": ["ok"], **{f"k{i}": 1 for i in range(9)}}).encode(), LIMITS, TASK)
     assert "and 4 more" in info.value.message and "k8" not in info.value.message
+
+
+def test_a_number_too_long_for_python_is_a_422_in_our_words():
+    """Python's message advised the client to call sys.set_int_max_str_digits()."""
+    from tuneloop.core.errors import InvalidBody
+    from tuneloop.serving.predict_request import load_json
+
+    with pytest.raises(InvalidBody, match=r"a number too long to read \(more than 4,300 digits\)$"):
+        load_json(b'{"inputs": ["x"], "n": ' + b"1" * 5000 + b"}")
