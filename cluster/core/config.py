@@ -205,8 +205,9 @@ class TuneloopConfig(Section):
                     return f"models.{name}.training" if e["loc"][0] in overrides else "training"
                 try:
                     TrainingConfig.model_validate(top)
-                except ValidationError:
-                    return "training"
+                except ValidationError as alone:  # the same complaint of the top level alone: its keys
+                    if any(a["msg"] == e["msg"] for a in alone.errors()):
+                        return "training"
                 return f"models.{name}.training"
 
             raise ValueError("\n  ".join(_error_line(e, where(e), ("training", *e["loc"][:-1]))

@@ -39,7 +39,7 @@ class Section(BaseModel):
         # Pydantic takes a boolean for the number 1 or 0, and YAML reads true, false, yes, no,
         # on and off as booleans: ``predictions.sample_rate: false`` turned the prediction log
         # off and ``serving.port: yes`` asked for port 1, both "config OK".
-        if isinstance(v, bool) and _a_number(cls.model_fields[info.field_name].annotation):
+        if _boolean_for_number(v, cls.model_fields[info.field_name].annotation):
             raise ValueError("a boolean where a number goes (YAML reads true, false, yes, no, on and off so)")
         return v
 
@@ -51,10 +51,22 @@ def refuse_repeated(values: list[str], what: str) -> None:
         raise ValueError(f"{what} must be unique; repeated: {dupes}")
 
 
-def _a_number(annotation: Any) -> bool:
-    """Whether a field of ``annotation`` holds a number (int or float, optional or not), not a boolean."""
-    kinds = set(get_args(annotation)) if get_origin(annotation) in (Union, UnionType) else {annotation}
-    return bool(kinds & {int, float}) and bool not in kinds
+def _boolean_for_number(value: Any, annotation: Any) -> bool:
+    """Whether ``value`` puts a boolean where ``annotation`` takes a number: an int or float
+    (optional or not), a numeric Literal (``zero_stage``), or a list's items or a mapping's
+    values of one (``canary_steps``, ``resources_per_worker``)."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _boolean_for_number(value, args[0])
+    if origin in (Union, UnionType):
+        return bool not in args and any(_boolean_for_number(value, a) for a in args)
+    if origin is Literal:
+        return isinstance(value, bool) and any(type(a) in (int, float) for a in args)
+    if origin in (list, tuple, set, frozenset) and args and isinstance(value, list | tuple):
+        return any(_boolean_for_number(item, args[0]) for item in value)
+    if origin is dict and len(args) == 2 and isinstance(value, dict):
+        return any(_boolean_for_number(item, args[1]) for item in value.values())
+    return isinstance(value, bool) and annotation in (int, float)
 
 
 def _null_means_default(field: Any) -> bool:

@@ -42,15 +42,17 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tuneloop.core.deploy_config import Section
+
 Mode = Literal["direct", "gated", "shadow", "canary"]
 Stage = Literal["shadow", "canary"]
 Action = Literal["advance", "rollback", "hold"]
 
 
-class RolloutConfig(BaseModel):
+class RolloutConfig(Section):
     """``rollout:`` in the config: what happens to a job's version that passed the gate."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(frozen=False)  # its validator fills min_feedback_to_roll_back in
 
     mode: Mode = Field(default="direct", description=(
         "direct: production at once; gated: waits for an operator (promote, or start its rollout); "

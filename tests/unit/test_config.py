@@ -477,9 +477,12 @@ def test_a_boolean_where_a_number_goes_is_refused_not_read_as_1_or_0():
     """YAML reads yes/no/true/false as booleans and pydantic took them for 1 and 0:
     ``sample_rate: false`` turned the prediction log off, ``port: yes`` asked for port 1."""
     doc = {"models": [{**MODEL, "window_stride": True}], "serving": {"port": True},
-           "predictions": {"sample_rate": False}, "training": {"epochs": True, "use_gpu": False}}
+           "predictions": {"sample_rate": False},
+           "training": {"epochs": True, "use_gpu": False, "zero_stage": True, "resources_per_worker": {"x": True}},
+           "rollout": {"min_feedback": True, "canary_steps": [True, 50]}}
     with pytest.raises(ConfigError) as e:
         parse_config(doc)
-    for key in ("serving.port", "predictions.sample_rate", "training.epochs", "window_stride"):
-        assert re.search(rf"{re.escape(key)}: a boolean where a number goes .*\(got (True|False)\)", str(e.value)), key
+    for key in ("serving.port", "predictions.sample_rate", "training.epochs", "window_stride", "training.zero_stage",
+                "rollout.min_feedback", "rollout.canary_steps"):
+        assert re.search(rf"{re.escape(key)}: a boolean where a number goes .*\(got \[?(True|False)", str(e.value)), key
     assert "use_gpu" not in str(e.value)  # a boolean where one goes
