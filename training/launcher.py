@@ -243,6 +243,7 @@ def run_training(cfg: TuneloopConfig, model: str, trigger: str = "manual", job: 
     registry, jobs = Registry(storage), JobStore(storage)
     job = job or jobs.create(model, trigger)
     job.pid, job.host = os.getpid(), socket.gethostname()
+    job.ray_node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     try:
         lease = take_lease(storage, jobs, job)
     except Exception as e:  # noqa: BLE001 - JobRunning, or the lock file could not be opened

@@ -346,26 +346,27 @@ def run_forever(cfg: TuneloopConfig) -> None:
     ready = threading.Event()  # read by the handler with ``is_set``, which takes no lock either
     serving = False  # Serve started: stopped at the end (its shutdown logs a line when there is none)
     # Ray this process started (a joined cluster's processes are not its own to watch).
-    own_ray, ray_died = local_ray and not os.environ.get("RAY_ADDRESS"), None
+    own_ray, ray_died = cluster_to_join(cfg.ray.address, os.environ.get("RAY_ADDRESS")) is None, None
+    def on_signal(signum: int, _frame) -> None:
+        if not ready.is_set():
+            # Still starting: Serve waits for replicas with no deadline (one that cannot be
+            # placed waits for good), and a handler that only asked to stop left Ctrl-C and
+            # SIGTERM unheard there. Unwind through the clean-up below instead.
+            raise KeyboardInterrupt
+        stopping.append(signum)
+
     try:
         write_server_file(storage, ray.get_runtime_context().gcs_address)
+        # SIGTERM from here on, as Ctrl-C is: during v1's training its default ended the
+        # process at once, no clean-up run (the server file left, the job said running).
+        signal.signal(signal.SIGTERM, on_signal)
         try:
             bootstrap_versions(cfg)
         except KeyboardInterrupt:  # the job's record says interrupted; what is published stays
             print("tuneloop: interrupted while training a first version; stopping", flush=True)
             raise SystemExit(130) from None
-
-        def on_signal(signum: int, _frame) -> None:
-            if not ready.is_set():
-                # Still starting: Serve waits for replicas with no deadline (one that cannot
-                # be placed waits for good), and a handler that only asked to stop left Ctrl-C
-                # and SIGTERM unheard there. Unwind through the clean-up below instead.
-                raise KeyboardInterrupt
-            stopping.append(signum)
-
         # After bootstrap: Ray Train's fit() installs its own SIGINT handler while it runs.
         signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
         url = f"http://{cfg.serving.host}:{cfg.serving.port}"
         from tuneloop.serving.app import application_names
 
@@ -408,7 +409,11 @@ def run_forever(cfg: TuneloopConfig) -> None:
                 ray.shutdown()
                 stop_orphaned_haproxy(node_id)
                 if own_ray:  # the jobs that ran in it stopped with it
-                    JobStore(storage).fail_gone_from_this_host("interrupted: `tuneloop run` stopped while it ran")
+                    try:
+                        JobStore(storage).fail_running_on_node(node_id, "interrupted: `tuneloop run` stopped while "
+                                                                        "it ran")
+                    except Exception as e:  # noqa: BLE001 - storage out of reach: their heartbeats go stale instead
+                        log.warning("could not mark the jobs that stopped with Ray: %s: %s", type(e).__name__, e)
     if ray_died:
         raise SystemExit(1)
 

@@ -74,6 +74,7 @@ class JobRecord(BaseModel):
     # Where the job runs: an operator (or a test) can find the process.
     pid: int | None = None
     host: str | None = None
+    ray_node: str | None = None  # the Ray node that process ran on: when it stops, so did the job
 
 
 class JobRunning(Conflict):
@@ -226,23 +227,12 @@ class JobStore:
                           + (f" ({stored.error})" if stored is not None and stored.error else "")
                           + ": another job may hold its lease; not publishing")
 
-    def fail_gone_from_this_host(self, why: str) -> list[JobRecord]:
-        """Running jobs whose process ran on this host and is gone, marked failed with ``why``
-        now: after `tuneloop run` stopped (its Ray, and the jobs in it, with it) they were
-        listed as running for another minute, until their heartbeats went stale."""
-        failed = []
-        for job in self.all():
-            if job.state != "running" or job.pid is None or job.host != socket.gethostname():
-                continue
-            try:
-                os.kill(job.pid, 0)
-                continue  # alive
-            except ProcessLookupError:
-                pass
-            except OSError:  # another user's process: alive
-                continue
-            failed.append(self.fail_running(job, why))
-        return failed
+    def fail_running_on_node(self, ray_node: str, why: str) -> list[JobRecord]:
+        """Running jobs whose process ran on ``ray_node``, a node that stopped, marked failed
+        with ``why`` now: after `tuneloop run` stopped (its Ray, and the jobs in it, with it)
+        they were listed as running for another minute, until their heartbeats went stale."""
+        return [self.fail_running(job, why) for job in self.all()
+                if job.state == "running" and job.ray_node == ray_node]
 
     def running(self, model: str) -> JobRecord | None:
         """The live running job of ``model``, if any (dead ones are marked failed first)."""

@@ -479,19 +479,16 @@ def test_a_training_worker_stops_on_what_its_jobs_record_says_and_judges_no_hear
             time.sleep(0.01)
 
 
-def test_jobs_whose_process_on_this_host_is_gone_are_marked_failed_at_once(jobs, storage):
+def test_jobs_that_ran_on_a_ray_node_that_stopped_are_marked_failed_at_once(jobs, storage):
     """After `tuneloop run` stopped, its jobs were listed as running for another minute."""
-    import socket
-    import subprocess
-
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    here, other, alive, dead = (jobs.create("m", "manual") for _ in range(4))
-    for job, pid, host in [(here, os.getpid(), socket.gethostname()), (other, gone.pid, "another-host"),
-                           (dead, gone.pid, socket.gethostname())]:
-        job.pid, job.host = pid, host
+    ours, elsewhere, unplaced, finished = (jobs.create("m", "manual") for _ in range(4))
+    for job, node in [(ours, "node-a"), (elsewhere, "node-b"), (finished, "node-a")]:
+        job.ray_node = node
+        if job is finished:
+            job.state, job.finished_at = "succeeded", jobs.now()
         jobs.save(job)
-    failed = jobs.fail_gone_from_this_host("interrupted: `tuneloop run` stopped while it ran")
-    assert [j.job_id for j in failed] == [dead.job_id]
-    assert _on_disk(storage, dead.job_id)["error"] == "interrupted: `tuneloop run` stopped while it ran"
-    assert {_on_disk(storage, j.job_id)["state"] for j in (here, other, alive)} == {"running"}  # alive has no pid yet
+    failed = jobs.fail_running_on_node("node-a", "interrupted: `tuneloop run` stopped while it ran")
+    assert [j.job_id for j in failed] == [ours.job_id]
+    assert _on_disk(storage, ours.job_id)["error"] == "interrupted: `tuneloop run` stopped while it ran"
+    assert [_on_disk(storage, j.job_id)["state"] for j in (elsewhere, unplaced, finished)] == \
+        ["running", "running", "succeeded"]
