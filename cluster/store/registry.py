@@ -301,10 +301,13 @@ class Registry:
     def local_path(self, model: str, version: str, cache_dir: str | None = None) -> str:
         """A local folder holding the version's files: the storage's own on a local disk,
         else this node's copy (``version_cache.local_copy``), downloaded if it has none."""
-        manifest = self.manifest(model, version)  # raises UnknownVersion
-        if self.storage.is_local:
-            return self.storage.path(self._dir(model, version))
-        return local_copy(self.storage, self._dir(model, version), manifest, cache_dir)
+        while True:
+            manifest = self.manifest(model, version)  # raises UnknownVersion
+            if self.storage.is_local:
+                return self.storage.path(self._dir(model, version))
+            copy = local_copy(self.storage, self._dir(model, version), model, version, manifest, cache_dir)
+            if copy is not None:
+                return copy
 
     # -- state ---------------------------------------------------------------------------
     def state(self, model: str) -> RegistryState:

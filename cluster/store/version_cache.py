@@ -30,15 +30,17 @@ def cache_folder(storage_uri: str) -> str:
     return hashlib.sha256(storage_uri.encode()).hexdigest()[:16]
 
 
-def local_copy(storage: Storage, folder: str, manifest: Manifest, cache_dir: str | None = None) -> str:
-    """This node's copy of the version in ``folder`` of a remote ``storage`` (``manifest``:
-    its manifest, read now), downloaded if it has none or it is stale: its weights and the
-    artifacts its manifest names, not the tables it was trained on nor earlier builds'
-    files, which no replica reads. Each download prunes the node's cache of the model
-    (``prune_cache``)."""
+def local_copy(storage: Storage, folder: str, model: str, version: str, manifest: Manifest,
+               cache_dir: str | None = None) -> str | None:
+    """This node's copy of ``model``'s ``version``, in ``folder`` of a remote ``storage``
+    (``manifest``: its manifest, read now), downloaded if it has none or it is stale: its
+    weights and the artifacts its manifest names, not the tables it was trained on nor
+    earlier builds' files, which no replica reads. Each download prunes the node's cache of
+    the model (``prune_cache``). None if the copy was pruned meanwhile: read the manifest
+    again (the version may be gone) and ask again."""
     cache = cache_dir or private_temp_dir("tuneloop-cache")
-    models = os.path.join(cache, cache_folder(storage.uri), manifest.model)
-    target = os.path.join(models, manifest.version)
+    models = os.path.join(cache, cache_folder(storage.uri), model)
+    target = os.path.join(models, version)
     with contextlib.suppress(OSError):
         os.utime(target)  # used now, before anything else: prune_cache (another replica's) keeps it
     cached = _cached_manifest(target)
@@ -52,16 +54,14 @@ def local_copy(storage: Storage, folder: str, manifest: Manifest, cache_dir: str
         download(storage, folder, target, manifest,
                  lambda p: not p.startswith(f"{DATA_DIR}/") and (
                      not p.startswith(f"{ARTIFACTS}/") or p.split("/")[1] in named))
-        prune_cache(models, keep=manifest.version)
+        prune_cache(models, keep=version)
     files = manifest.optimization and any(a.path for a in manifest.optimization.artifacts.values())
     if files and _cached_build(target) != manifest.optimization.built_at:  # torch-bf16 alone has no file
         # Optimized (or optimized again: a new build's folder, or the same file names of older builds)
         # after this copy was cached. The old files served under the new records would
         # be the artifacts whose parity the new build replaced.
         _refresh_artifacts(storage, folder, target, manifest)
-    if not os.path.isdir(target):  # pruned between our look and now (its last use was over an hour ago)
-        return local_copy(storage, folder, manifest, cache_dir)
-    return target
+    return target if os.path.isdir(target) else None  # pruned between our look and now (unused for an hour)
 
 
 def _refresh_artifacts(storage: Storage, folder: str, target: str, manifest: Manifest) -> None:
