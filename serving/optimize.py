@@ -229,11 +229,14 @@ def _answers(loaded: LoadedModel, task: Task, texts: list[str], targets: dict[st
 
 def _short_rows(loaded: LoadedModel, texts: list[str]) -> list[int]:
     """The golden rows a lone-text runtime answers: one row of at most ``LONE_MAX_TOKENS``,
-    once cut at the model's ``max_length`` (at 32 or below, every text: each is cut that short)."""
-    cut_at = min(LONE_MAX_TOKENS + 1, loaded.max_length)
+    once cut at the model's ``max_length`` (at 32 or below, every text: each is cut that
+    short), or, for a task that reads a long text in windows of ``max_length`` (NER), one
+    that fits in one window."""
+    windows = bool(loaded.task.serving_tokenizer_options(loaded.max_length).get("return_overflowing_tokens"))
+    cut_at = LONE_MAX_TOKENS + 1 if windows else min(LONE_MAX_TOKENS + 1, loaded.max_length)
+    most = min(LONE_MAX_TOKENS, loaded.max_length) if windows else LONE_MAX_TOKENS
     cut = loaded.tokenizer(texts, truncation=True, max_length=cut_at)["input_ids"] if texts else []
-    lengths = [len(ids) for ids in cut]
-    return [i for i, n in enumerate(lengths) if n <= LONE_MAX_TOKENS]
+    return [i for i, ids in enumerate(cut) if len(ids) <= most]
 
 
 def _calibration_texts(registry: Registry, model: str, version: str, golden_texts: list[str],

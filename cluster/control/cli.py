@@ -507,6 +507,7 @@ def main() -> None:
     except OSError as e:  # the storage root a file, unreadable, or a bucket out of reach: say so in a line
         # The system's words and the path ("FileNotFoundError: [Errno 2] ..." read as a crash);
         # pyarrow's errors carry their message alone.
-        print(f"tuneloop: {e.strerror}: {e.filename}" if e.strerror and e.filename else f"tuneloop: {e}",
+        where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        print(f"tuneloop: {e.strerror}: {where}" if e.strerror and where else f"tuneloop: {e or type(e).__name__}",
               file=sys.stderr)
         sys.exit(2)

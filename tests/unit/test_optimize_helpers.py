@@ -48,13 +48,17 @@ def test_a_build_quiets_the_exporters_alone_not_the_process(caplog):
 def test_one_text_alone_is_timed_on_the_short_texts_a_lone_text_runtime_answers():
     """Timed on every golden text, a set of long texts ranked the runtimes as they run at 191
     tokens, where int8 is slower than bf16, not at the short texts the winner would answer."""
+    from types import SimpleNamespace
+
     from tuneloop.serving.loaded_models import LONE_MAX_TOKENS
     from tuneloop.serving.optimize import SAMPLE_TEXTS, lone_text_ms
 
     class Timed:  # a token a word
-        def __init__(self, max_length=128):
+        def __init__(self, max_length=128, windows=False):
             self.seen: set[str] = set()
             self.max_length = max_length
+            options = {"return_overflowing_tokens": True} if windows else {}
+            self.task = SimpleNamespace(serving_tokenizer_options=lambda max_length: options)
 
         def tokenizer(self, texts, truncation, max_length):
             return {"input_ids": [text.split()[:max_length] for text in texts]}
@@ -73,3 +77,6 @@ def test_one_text_alone_is_timed_on_the_short_texts_a_lone_text_runtime_answers(
     cut_short = Timed(max_length=16)  # every text cut to 16 tokens: each one goes to the lone-text runtime
     lone_text_ms(cut_short, [long, short], 0.01)
     assert cut_short.seen == {long, short}
+    in_windows = Timed(max_length=16, windows=True)  # NER: a text past 16 tokens is two windows, a batch of two
+    lone_text_ms(in_windows, [long, short], 0.01)
+    assert in_windows.seen == {short}
