@@ -26,6 +26,7 @@ from tuneloop.core.errors import (
     PayloadTooLarge,
     RequestTimeout,
     UnsupportedMediaType,
+    json_type,
     quoted,
 )
 
@@ -148,7 +149,7 @@ def parse_predict_body(body: bytes, limits: PredictLimits, task: Task) -> list[s
         raise PayloadTooLarge(f"request body of {len(body)} bytes exceeds {limits.max_body_bytes}")
     doc = load_json(body)
     if not isinstance(doc, dict):
-        raise InvalidBody(f'the body must be a JSON object {{"inputs": [...]}}, not {type(doc).__name__}')
+        raise InvalidBody(f'the body must be a JSON object {{"inputs": [...]}}, not {json_type(doc)}')
     extra = sorted(set(doc) - {"inputs"})
     if extra:
         raise InvalidBody(f"unknown field(s) {', '.join(quoted(f) for f in extra[:5])}"

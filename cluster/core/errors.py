@@ -16,6 +16,15 @@ def quoted(value: object, limit: int = 80) -> str:
     return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
 
 
+_JSON_TYPES = {"NoneType": "null", "str": "a string", "int": "a number", "float": "a number", "bool": "a boolean",
+               "list": "an array", "dict": "an object"}
+
+
+def json_type(value: object) -> str:
+    """What a client sent, in JSON's words: "not NoneType" named Python's type of a null."""
+    return _JSON_TYPES.get(type(value).__name__, type(value).__name__)
+
+
 class TuneloopError(Exception):
     status: int = 400
     code: str = "bad_request"

@@ -147,7 +147,7 @@ def test_with_several_tasks_a_bad_body_is_told_what_its_own_task_says():
     service = FeedbackService(cfg, FakeStore([None]), FakeLog({}), trigger=lambda *a: None, clock=NOW.timestamp)
     with pytest.raises(InvalidBody) as e:
         asyncio.run(service.submit({"entities": "PER"}, prediction_id=new_prediction_id(NOW)))
-    assert '"entities" must be a list of {"start", "end", "label"}, not str' in str(e.value)  # not "unknown field"
+    assert '"entities" must be a list of {"start", "end", "label"}, not a string' in str(e.value)  # not "unknown field"
 
 
 def test_feedback_on_a_prediction_while_the_log_is_unreachable_is_503_and_stores_nothing(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -55,7 +56,7 @@ def test_bad_bodies_get_the_contract_codes(body, status, code):
 def test_errors_quote_what_was_wrong():
     with pytest.raises(TuneloopError) as info:
         parse_predict_body(json.dumps({"inputs": ["ok", 7]}).encode(), LIMITS, TASK)
-    assert "inputs[1]" in info.value.message and "int" in info.value.message
+    assert "inputs[1]" in info.value.message and "not a number" in info.value.message
     answer = error_response(info.value)
     assert answer.status_code == 422
     assert json.loads(answer.body) == {"error": {"code": "invalid_request", "message": info.value.message}}
@@ -201,3 +202,21 @@ def test_a_number_too_long_for_python_is_a_422_in_our_words():
 
     with pytest.raises(InvalidBody, match=r"a number too long to read \(more than 4,300 digits\)$"):
         load_json(b'{"inputs": ["x"], "n": ' + b"1" * 5000 + b"}")
+
+
+@pytest.mark.parametrize("body, says", [
+    (b"null", "must be a JSON object {\"inputs\": [...]}, not null"),
+    (b'{"inputs": {"a": 1}}', '"inputs" must be a list of texts, not an object'),
+    (b'{"inputs": [null]}', "inputs[0] must be a string, not null"),
+    (b'{"inputs": [true]}', "inputs[0] must be a string, not a boolean"),
+])
+def test_a_wrong_type_is_named_in_jsons_words_not_pythons(body, says):
+    """A null came back as "not NoneType"."""
+    from tuneloop.core.errors import InvalidBody
+    from tuneloop.core.tasks import model_task
+    from tuneloop.core.config import ModelConfig
+    from tuneloop.serving.predict_request import PredictLimits, parse_predict_body
+
+    task = model_task(ModelConfig(name="m", labels=["a", "b"]))
+    with pytest.raises(InvalidBody, match=re.escape(says)):
+        parse_predict_body(body, PredictLimits(max_inputs=8, max_chars=100, max_body_bytes=1000), task)

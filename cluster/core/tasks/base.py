@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from tuneloop.core.errors import InvalidBody, InvalidValue, PayloadTooLarge, quoted
+from tuneloop.core.errors import InvalidBody, InvalidValue, PayloadTooLarge, json_type, quoted
 from tuneloop.core.evaluation import EvalMetrics
 
 
@@ -117,14 +117,14 @@ class Task(ABC):
     def check_inputs(self, inputs: object, max_inputs: int, max_chars: int) -> list[str]:
         """The ``inputs`` of a predict body, checked: a non-empty list of valid texts."""
         if not isinstance(inputs, list):
-            raise InvalidBody(f'"inputs" must be a list of texts, not {type(inputs).__name__}')
+            raise InvalidBody(f'"inputs" must be a list of texts, not {json_type(inputs)}')
         if not inputs:
             raise InvalidValue('"inputs" must hold at least one text')
         if len(inputs) > max_inputs:
             raise PayloadTooLarge(f'"inputs" has {len(inputs)} texts; the limit is {max_inputs}')
         for i, text in enumerate(inputs):
             if not isinstance(text, str):
-                raise InvalidBody(f"inputs[{i}] must be a string, not {type(text).__name__}")
+                raise InvalidBody(f"inputs[{i}] must be a string, not {json_type(text)}")
             check_text_length(text, f"inputs[{i}]", max_chars)
             check_unicode(text, f"inputs[{i}]")
         return inputs

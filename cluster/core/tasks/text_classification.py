@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuneloop.core.errors import InvalidBody, InvalidLabel
+from tuneloop.core.errors import InvalidBody, InvalidLabel, json_type
 from tuneloop.core.evaluation import EvalMetrics, classification_metrics
 from tuneloop.core.tasks.base import MapOf, Task
 
@@ -46,7 +46,7 @@ class TextClassification(Task):
     def check_feedback_fields(self, fields: dict[str, Any]) -> None:
         super().check_feedback_fields(fields)
         if not isinstance(fields["label"], str):
-            raise InvalidBody(f'"label" must be a string, not {type(fields["label"]).__name__}')
+            raise InvalidBody(f'"label" must be a string, not {json_type(fields["label"])}')
 
     def feedback_target(self, model: str, fields: dict[str, Any], text: str) -> dict[str, Any]:
         label = fields["label"]

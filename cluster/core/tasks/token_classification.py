@@ -25,7 +25,7 @@ import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
-from tuneloop.core.errors import InvalidBody, InvalidValue, quoted
+from tuneloop.core.errors import InvalidBody, InvalidValue, json_type, quoted
 from tuneloop.core.evaluation import ClassMetrics, EvalMetrics
 from tuneloop.core.tasks.base import ListOf, StructOf, Task, has_visible_text
 
@@ -247,7 +247,7 @@ class TokenClassification(Task):
         super().check_feedback_fields(fields)
         entities = fields["entities"]
         if not isinstance(entities, list):
-            raise InvalidBody(f'"entities" must be a list of {{"start", "end", "label"}}, not {type(entities).__name__}')
+            raise InvalidBody(f'"entities" must be a list of {{"start", "end", "label"}}, not {json_type(entities)}')
         for i, e in enumerate(entities):
             if not isinstance(e, dict) or not {"start", "end", "label"} <= set(e) or set(e) - {"start", "end", "label",
                                                                                                "text", "score"}:
