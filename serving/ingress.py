@@ -257,7 +257,8 @@ class BodyGuard:
                     return
 
         try:
-            check_content_type(headers.get("content-type"))
+            check_content_type(single_header([v.decode("latin-1") for k, v in scope["headers"]
+                                              if k.lower() == b"content-type"], "Content-Type"))
             check_content_length(headers.get("content-length"), limit)
             body = await read_body(chunks(), limit, self.body_timeout_s, self.budget)
         except TuneloopError as e:

@@ -278,7 +278,7 @@ class ModelServer:
                 raise wrong
             key_id = self._keys.check(single_header(request.headers.getlist("authorization"), "Authorization"),
                                       "predict")
-            check_content_type(request.headers.get("content-type"))
+            check_content_type(single_header(request.headers.getlist("content-type"), "Content-Type"))
             check_content_length(request.headers.get("content-length"), self._limits.max_body_bytes)
             body = await read_body(request.stream(), self._limits.max_body_bytes, self.serving.body_timeout_s,
                                    self._body_budget)

@@ -4,6 +4,7 @@ down, and every acknowledged feedback record is stored exactly once."""
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import shutil
@@ -243,6 +244,11 @@ def test_odd_paths_ids_and_headers_get_a_json_4xx(hardened):
             two = httpx.Headers([("Authorization", f"Bearer {ADMIN_KEY}"), ("Authorization", f"Bearer {METRICS_KEY}")])
             refused = c.post(f"{url}{path}", json=body, headers=two)
             assert refused.status_code == 400 and "one Authorization header, not 2" in refused.json()["error"]["message"]
+            # Two Content-Types: JSON and something else, which one holds was a guess (the first won).
+            two = httpx.Headers([("Authorization", f"Bearer {ADMIN_KEY}"), ("Content-Type", "application/json"),
+                                 ("Content-Type", "text/plain")])
+            refused = c.post(f"{url}{path}", content=json.dumps(body), headers=two)
+            assert refused.status_code == 400 and "one Content-Type header, not 2" in refused.json()["error"]["message"]
 
 
 def test_a_retried_idempotency_key_stores_once_and_answers_the_same(hardened):
