@@ -15,7 +15,7 @@ import ray
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
+from pydantic import BaseModel
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -42,8 +42,7 @@ from tuneloop.core.idempotency import fingerprint, parse_key
 from tuneloop.store.quarantine import QuarantineBook
 from tuneloop.store.registry import Registry
 from tuneloop.store.registry_state import BODY, RegistryState
-from tuneloop.store.rollout_actions import RolloutAction, operate_rollout
-from tuneloop.core.rollout import Stage
+from tuneloop.store.rollout_actions import operate_rollout
 from tuneloop.store.storage import Storage
 from tuneloop.serving import metrics
 from tuneloop.serving.feedback_service import FeedbackService
@@ -52,14 +51,10 @@ from tuneloop.serving.metric_files import cluster_metric_files, metrics_base, us
 from tuneloop.serving.responses import V1, error_response, internal_error_response
 from tuneloop.core.names import (INGRESS_DEPLOYMENT, model_app_name, model_deployment_name, predict_route,
                                  running_replicas)
-from tuneloop.core.tasks import check_unicode, model_task
-from tuneloop.serving.predict_request import (
-    BodyBudget,
-    check_content_length,
-    check_content_type,
-    load_json,
-    read_body,
-)
+from tuneloop.core.tasks import model_task
+from tuneloop.serving.api_bodies import EmptyRequest, FeedbackRequest, PredictRequest, PromoteRequest, RolloutRequest
+from tuneloop.serving.body_guard import BodyGuard
+from tuneloop.serving.predict_request import BodyBudget
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 5.0
@@ -71,23 +66,6 @@ CONTROLLER_LOOKUP_S = 5.0  # how long a retrain controller handle is trusted (In
 # No 307 to the path without its trailing slash: its empty body and absolute http:// location
 # (wrong behind a TLS proxy) answered where every other unknown path gets a JSON 404.
 app = FastAPI(title="tuneloop", version="1", strict_content_type=False, redirect_slashes=False)
-
-
-class PredictRequest(BaseModel):
-    """The predict body, as the model replicas check it (serving/predict_request.py)."""
-
-    model_config = ConfigDict(extra="forbid")
-    inputs: list[StrictStr]
-
-
-class EmptyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class PromoteRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    version: StrictStr
-    force: StrictBool = False  # "yes" or 1 promoting a gate-rejected version would be a surprise
 
 
 def _authorization(request: Request) -> str | None:
@@ -121,62 +99,6 @@ def _rollout_fields(state: RegistryState, shadow_percent: float) -> dict[str, An
             "canary": {"version": r.version, "percent": r.percent} if r and r.stage == "canary" else None,
             "shadow": {"version": r.version, "percent": shadow_percent} if r and r.stage == "shadow" else None,
             "rollout": r.model_dump() if r else None}
-
-
-class RolloutRequest(BaseModel):
-    """``start`` (``version``; ``stage`` shadow or canary, else as rollout.mode says),
-    ``pause``, ``resume``, ``step`` (force the next stage; ``at``: the percent it was seen
-    at, a 409 if it moved since) or ``rollback``."""
-
-    model_config = ConfigDict(extra="forbid")
-    action: RolloutAction
-    version: StrictStr | None = None
-    stage: Stage | None = None
-    force: StrictBool = False
-    at: float | None = Field(default=None, ge=0, le=100)
-
-
-class FeedbackRequest(BaseModel):
-    """What the user says about a prediction (``prediction_id``) or a text (``model`` and
-    ``text``): the other fields are the model's task's feedback fields (a classifier takes
-    ``label``), which the task checks (``FeedbackService.submit``)."""
-
-    model_config = ConfigDict(extra="allow", json_schema_extra={"example": {"prediction_id": "…", "label": "positive"}})
-    prediction_id: StrictStr | None = None
-    model: StrictStr | None = None
-    text: StrictStr | None = None
-
-    @model_validator(mode="after")
-    def _valid_unicode(self) -> "FeedbackRequest":
-        def walk(value: Any, where: str) -> None:  # the journal stores UTF-8; a lone surrogate is none
-            if isinstance(value, str):
-                check_unicode(value, where)
-            elif isinstance(value, list):
-                for i, item in enumerate(value):
-                    walk(item, f"{where}[{i}]")
-            elif isinstance(value, dict):
-                for key, item in value.items():
-                    walk(key, where)
-                    walk(item, f"{where}.{key}")
-
-        for name in ("prediction_id", "model", "text"):
-            walk(getattr(self, name), name)
-        for name, value in self.task_fields().items():
-            walk(name, "body")
-            walk(value, name)
-        return self
-
-    @model_validator(mode="after")
-    def _one_form(self) -> "FeedbackRequest":
-        by_id = self.prediction_id is not None
-        by_text = self.model is not None or self.text is not None
-        if by_id == by_text or (by_text and (self.model is None or self.text is None)):
-            raise ValueError('give either "prediction_id", or "model" and "text", with the task\'s feedback '
-                             'fields ("label" for text classification)')
-        return self
-
-    def task_fields(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
 
 
 @app.exception_handler(TuneloopError)
@@ -220,67 +142,6 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         answer.headers.update(exc.headers or {})  # a 405's Allow: the methods the path takes
         return answer
     return JSONResponse(V1.body("http_error", str(exc.detail)), status_code=exc.status_code)
-
-
-class BodyGuard:
-    """Every body is read here first, as the model replicas read theirs: capped while it
-    arrives (413), within ``body_timeout_s`` (408), and parsed once to refuse JSON nested
-    beyond what the parser can take (422), before FastAPI sees it. A plain ASGI middleware:
-    Starlette's ``BaseHTTPMiddleware`` cannot hand a body it has read on to the app.
-
-    The limits are class attributes, set by ``Ingress.__init__``: Serve serves a pickled
-    copy of the FastAPI app and pickles the ingress class by value, so ``app.state`` set
-    there never reaches the app that answers; this class is imported by reference."""
-
-    max_body_bytes = 1 << 20
-    body_timeout_s = 10.0
-    # The bodies held at once, whoever sends them (it reads before any key is checked): up
-    # to INGRESS_MAX_ONGOING slow senders of predict-sized bodies held 376 MiB by default.
-    budget = BodyBudget(64 << 20)
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        limit = self.max_body_bytes
-
-        async def chunks():
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                yield message.get("body", b"")
-                if not message.get("more_body"):
-                    return
-
-        try:
-            check_content_type(single_header([v.decode("latin-1") for k, v in scope["headers"]
-                                              if k.lower() == b"content-type"], "Content-Type"))
-            check_content_length(headers.get("content-length"), limit)
-            body = await read_body(chunks(), limit, self.body_timeout_s, self.budget)
-        except TuneloopError as e:
-            return await error_response(e)(scope, receive, send)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        try:  # held until answered, whatever the answer
-            try:
-                if body.strip():
-                    load_json(body)
-            except TuneloopError as e:
-                return await error_response(e)(scope, receive, send)
-            await self.app(scope, replay, send)
-        finally:
-            self.budget.give(len(body))
 
 
 app.add_middleware(BodyGuard)

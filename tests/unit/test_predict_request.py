@@ -151,7 +151,7 @@ def test_the_ingress_bounds_the_bodies_it_holds_before_any_key_is_checked(monkey
     """256 slow senders of predict-sized bodies, keyless, held 376 MiB at the ingress."""
     import asyncio
 
-    from tuneloop.serving.ingress import BodyGuard
+    from tuneloop.serving.body_guard import BodyGuard
     from tuneloop.serving.predict_request import BodyBudget
 
     monkeypatch.setattr(BodyGuard, "budget", BodyBudget(10))

@@ -1,0 +1,71 @@
+"""``BodyGuard``: the ingress reads every request body itself before FastAPI does, with the
+limits the model replicas apply to theirs (``predict_request.py``).
+"""
+
+from __future__ import annotations
+
+from tuneloop.core.auth import single_header
+from tuneloop.core.errors import TuneloopError
+from tuneloop.serving.predict_request import BodyBudget, check_content_length, check_content_type, load_json, read_body
+from tuneloop.serving.responses import error_response
+
+
+class BodyGuard:
+    """Every body is read here first, as the model replicas read theirs: capped while it
+    arrives (413), within ``body_timeout_s`` (408), and parsed once to refuse JSON nested
+    beyond what the parser can take (422), before FastAPI sees it. A plain ASGI middleware:
+    Starlette's ``BaseHTTPMiddleware`` cannot hand a body it has read on to the app.
+
+    The limits are class attributes, set by ``Ingress.__init__``: Serve serves a pickled
+    copy of the FastAPI app and pickles the ingress class by value, so ``app.state`` set
+    there never reaches the app that answers; this class is imported by reference."""
+
+    max_body_bytes = 1 << 20
+    body_timeout_s = 10.0
+    # The bodies held at once, whoever sends them (it reads before any key is checked): up
+    # to INGRESS_MAX_ONGOING slow senders of predict-sized bodies held 376 MiB by default.
+    budget = BodyBudget(64 << 20)
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        limit = self.max_body_bytes
+
+        async def chunks():
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                yield message.get("body", b"")
+                if not message.get("more_body"):
+                    return
+
+        try:
+            check_content_type(single_header([v.decode("latin-1") for k, v in scope["headers"]
+                                              if k.lower() == b"content-type"], "Content-Type"))
+            check_content_length(headers.get("content-length"), limit)
+            body = await read_body(chunks(), limit, self.body_timeout_s, self.budget)
+        except TuneloopError as e:
+            return await error_response(e)(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        try:  # held until answered, whatever the answer
+            try:
+                if body.strip():
+                    load_json(body)
+            except TuneloopError as e:
+                return await error_response(e)(scope, receive, send)
+            await self.app(scope, replay, send)
+        finally:
+            self.budget.give(len(body))
