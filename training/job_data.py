@@ -106,13 +106,13 @@ def golden_labels_missing(task: Task, golden: pa.Table) -> list[str]:
     return sorted(set(known) - present)
 
 
-def _warn_missing_labels(task: Task, golden: pa.Table) -> None:
-    """Say so when the frozen golden set leaves labels out: the gate cannot see a version
-    lose (or learn) them there, for good."""
+def _warn_missing_labels(task: Task, golden: pa.Table, source: str = "frozen from the seed") -> None:
+    """Say so when the golden set leaves labels out: the gate cannot see a version lose (or
+    learn) them there (the frozen sample's for good; a golden_dataset's until the file changes)."""
     missing = golden_labels_missing(task, golden)
     if missing:
-        log.warning("the golden set frozen from the seed has no row of %s: the gate judges those on fresh "
-                    "feedback only (set golden_dataset to a file that has them)", missing)
+        log.warning("the golden set %s has no row of %s: the gate judges those on fresh feedback only (set "
+                    "golden_dataset to a file that has them)", source, missing)
 
 
 def _check_first_labels(task: Task, mcfg: ModelConfig, train: pa.Table) -> None:
@@ -152,6 +152,7 @@ def golden_set(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Re
     takes its own share of the seed."""
     if mcfg.golden_dataset:
         table = read_dataset(mcfg.golden_dataset, task)
+        _warn_missing_labels(task, table, f"{mcfg.golden_dataset} (golden_dataset)")
         return table, {"source": mcfg.golden_dataset, "sha256": file_sha256(mcfg.golden_dataset),
                        "rows": table.num_rows}
     frozen, taken_anew, seed_digest = registry.golden(mcfg.name), False, None

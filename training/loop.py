@@ -472,6 +472,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     monitor = "validation" if "validation" in tables else None
     if monitor is None and not config["has_parent"] and "golden" in tables:
         monitor = "golden"
+        if config["early_stopping_patience"] is not None and config["epochs"] > 1:  # said: the gate reads it too
+            _log(rank, "early stopping watches the golden set's loss: no validation rows (eval_fraction 0, or a "
+                       "seed too small to spare them)")
     stopping = EarlyStopping(config["early_stopping_patience"], config["early_stopping_min_delta"])
     per_epoch = monitor is not None and config["early_stopping_patience"] is not None and config["epochs"] > 1
     if monitor is None and config["early_stopping_patience"] is not None and config["epochs"] > 1:

@@ -181,6 +181,10 @@ def test_sanity_refuses_non_finite_outputs_and_a_collapse_to_one_class():
     assert decide(_evidence(collapsed, collapsed), RULES).accepted
     first = decide(_evidence(collapsed), RULES)
     assert first.accepted and "the first version predicts one class" in first.reason
+    # A golden set of one class cannot show a collapse: said so, not "no collapse".
+    one_class = classification_metrics([1] * 10, [1] * 10, LABELS)
+    sanity = decide(_evidence(one_class), RULES).checks[-1]
+    assert sanity.passed and "the golden set holds one class, so a collapse" in sanity.detail
 
 
 def test_the_metric_compared_is_the_tasks():

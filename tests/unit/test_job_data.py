@@ -844,3 +844,19 @@ def test_a_student_of_one_class_of_labelled_rows_is_said_not_refused(caplog):
     assert any("trains on no row of ['negative']" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match="alone"):
         _check_first_labels(task, cfg.model("t"), one_class)
+
+
+def test_a_golden_file_without_a_label_is_said_as_a_frozen_sample_without_one_is(tmp_path, caplog):
+    """A golden_dataset of positive rows alone passed unnoticed, and the gate cannot see a
+    version lose the negative class there."""
+    from tuneloop.training.job_data import golden_set
+
+    golden = tmp_path / "golden.tsv"
+    golden.write_text("text\tlabel\n" + "".join(f"good {i}\tpositive\n" for i in range(10)))
+    cfg = parse_config({"models": [{"name": "m", "base_model": "x", "labels": ["negative", "positive"],
+                                    "golden_dataset": str(golden)}], "storage": {"root": str(tmp_path / "store")}})
+    with caplog.at_level("WARNING", logger="tuneloop.training.job_data"):
+        table, _ = golden_set(model_tasks(cfg.models)["m"], cfg.model("m"), cfg.training,
+                              Registry(Storage(cfg.storage.root)), None)
+    assert table.num_rows == 10
+    assert f"the golden set {golden} (golden_dataset) has no row of ['negative']" in caplog.text
