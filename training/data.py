@@ -148,6 +148,11 @@ def _check_rows(path: str, task: Task, table: pa.Table) -> None:
         if nulls:
             first = table.column(column).is_null().to_pylist().index(True)
             raise ValueError(f"dataset {path!r}, row {first + 1}: no {column!r} ({nulls} such row(s))")
+        if pa.types.is_string(table.column(column).type) and column != "text":  # an empty TSV cell: no label either
+            blank = [not str(v).strip() for v in table.column(column).to_pylist()]
+            if any(blank):
+                raise ValueError(f"dataset {path!r}, row {blank.index(True) + 1}: an empty {column!r} "
+                                 f"({blank.count(True)} such row(s))")
     try:
         task.training_targets({c: table.column(c).to_pylist() for c in task.target_columns})
     except ValueError as e:

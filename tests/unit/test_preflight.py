@@ -135,6 +135,8 @@ def test_a_seed_a_job_could_not_read_is_refused_before_ray_naming_what_it_has(tm
     assert "and a .tsv tab-separated" in data_problems(_cfg(tmp_path, seed_dataset=str(tsv)))[0]
     tsv.write_text("text\tlabel\nfine\tc\n")
     assert "'c'" in data_problems(_cfg(tmp_path, seed_dataset=str(tsv)))[0]
+    tsv.write_text("text\tlabel\nfine\ta\nbad\t\n")  # an empty cell: "training data has labels ['']" before
+    assert "row 2: an empty 'label' (1 such row(s))" in data_problems(_cfg(tmp_path, seed_dataset=str(tsv)))[0]
     tsv.write_text("text\tlabel\nfine\ta\nbad\tb\n")
     assert data_problems(_cfg(tmp_path, seed_dataset=str(tsv))) == []
 

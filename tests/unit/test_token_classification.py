@@ -446,3 +446,14 @@ def test_the_gate_compares_entity_f1_and_each_types_recall():
                                 parent_golden=NER.metrics(truth, truth)), GateConfig())
     sanity = next(c for c in collapsed.checks if c.name == "sanity")
     assert not sanity.passed and "predicts one class" in sanity.detail
+
+
+def test_a_seed_row_without_a_list_of_entities_says_what_it_held():
+    """A JSONL row without "entities" was told "got keys ['entities', 'text']"."""
+    from tuneloop.core.config import ModelConfig
+    from tuneloop.core.tasks import model_task
+
+    task = model_task(ModelConfig(name="n", task="token-classification", labels=["PER"]))
+    for row, held in [({"text": "Ann"}, "null"), ({"text": "Ann", "entities": "PER"}, "a string")]:
+        with pytest.raises(ValueError, match=f'got text: a string, entities: {held}$'):
+            task.dataset_row(row)

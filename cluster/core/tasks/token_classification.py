@@ -329,7 +329,11 @@ class TokenClassification(Task):
             row = tagged_tokens(tokens, tags, self.types)
             return {"text": row["text"], "entities": self._checked_spans(row["entities"], row["text"])}
         if not isinstance(row.get("text"), str) or not isinstance(row.get("entities"), list):
-            raise ValueError(f'a row needs "text" and "entities" (or "tokens" and "tags"), got keys {sorted(row)}')
+            # Which one, and what it held: a JSONL row without "entities" read as null, and the
+            # message named keys the row seemed to have ("got keys ['entities', 'text']").
+            found = {k: json_type(row.get(k)) for k in ("text", "entities")}
+            raise ValueError('a row needs "text" (a string) and "entities" (a list, [] for none), or "tokens" and '
+                             f'"tags"; got text: {found["text"]}, entities: {found["entities"]}')
         for e in row["entities"]:
             if not isinstance(e, dict) or any(type(e.get(k)) is not int for k in ("start", "end")) \
                     or not isinstance(e.get("label"), str):
