@@ -82,7 +82,23 @@ def read_dataset(path: str, task: Task) -> pa.Table:
         raise ValueError(f"dataset {path!r}: its columns {columns} are not of the types tuneloop reads "
                          f"({', '.join(f'{c}: {read.column(c).type}' for c in columns)}): {e}") from None
     _check_rows(path, task, table)
+    _warn_conflicting(path, table)
     return _without_invisible(path, table)
+
+
+def _warn_conflicting(path: str, table: pa.Table) -> None:
+    """Say so when a text comes with two labels (two annotators, a merge of files): each row
+    trains as given, pulling the model both ways, and a golden row of it is wrong either way."""
+    if "label" not in table.column_names:
+        return
+    seen: dict[str, str] = {}
+    conflicting: dict[str, None] = {}  # in the order met
+    for text, label in zip(table.column("text").to_pylist(), table.column("label").to_pylist(), strict=True):
+        if seen.setdefault(text, label) != label:
+            conflicting[text] = None
+    if conflicting:
+        log.warning("dataset %s: %d text(s) come with more than one label (the first: %r); each row trains as "
+                    "given", path, len(conflicting), next(iter(conflicting))[:80])
 
 
 def _without_invisible(path: str, table: pa.Table) -> pa.Table:

@@ -860,3 +860,13 @@ def test_a_golden_file_without_a_label_is_said_as_a_frozen_sample_without_one_is
                               Registry(Storage(cfg.storage.root)), None)
     assert table.num_rows == 10
     assert f"the golden set {golden} (golden_dataset) has no row of ['negative']" in caplog.text
+
+
+def test_a_text_labelled_two_ways_in_a_seed_is_warned_of(tmp_path, caplog):
+    """It trained under both labels without a word."""
+    seed = tmp_path / "seed.tsv"
+    seed.write_text("text\tlabel\ngood\tpositive\ngood\tnegative\nbad\tnegative\nbad\tnegative\n")
+    task = make_task("text-classification", ["negative", "positive"])
+    with caplog.at_level("WARNING", logger="tuneloop.training.data"):
+        assert read_dataset(str(seed), task).num_rows == 4  # read as given
+    assert "1 text(s) come with more than one label (the first: 'good')" in caplog.text  # not "bad": the same twice
