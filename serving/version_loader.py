@@ -90,7 +90,8 @@ class VersionLoader:
         keeps it rather than swap it for PyTorch)."""
         path, optimization = self._version_files(version)
         built_at = optimization.built_at if optimization else None
-        runtime, optimization, why = self._runtime_for(version, path, optimization)
+        hardware = self._hardware()
+        runtime, optimization, why = self._runtime_for(version, path, optimization, hardware)
         artifact = optimization.artifact_path(runtime) if optimization else None  # none: PyTorch serves
         did_not_load = None
         try:
@@ -105,7 +106,7 @@ class VersionLoader:
             why = f"the {runtime} artifact did not load: {type(e).__name__}"
             did_not_load, runtime = runtime, "torch"
             loaded = self.load_model(path, version, self.task, self.serving.max_length, runtime, None)
-        why += self._with_lone_runtime(loaded, path, optimization, did_not_load)
+        why += self._with_lone_runtime(loaded, path, optimization, hardware, did_not_load)
         self.runtimes[version], self.built_at[version] = (runtime, why), built_at
         # A runtime the operator named and did not get is theirs to know at warning, not info
         # (optimize.enabled off, an artifact failing parity: PyTorch served and nothing said so).
@@ -167,14 +168,13 @@ class VersionLoader:
         passed = [r.path for r in optimization.artifacts.values() if r.path and serves_alone(r)] if optimization else []
         return (path, optimization) if all(os.path.exists(os.path.join(path, f)) for f in passed) else read()
 
-    def _runtime_for(self, version: str, path: str,
-                     optimization: Optimization | None) -> tuple[str, Optimization | None, str]:
+    def _runtime_for(self, version: str, path: str, optimization: Optimization | None,
+                     hardware: str) -> tuple[str, Optimization | None, str]:
         """(runtime, the optimization it was chosen from, why) for ``version``:
         ``serving.runtime`` against the artifacts its manifest records, measured here first
-        where no one measured them on this hardware class."""
+        where no one measured them on ``hardware``, this replica's class."""
         if self.serving.runtime == "torch":
             return "torch", None, "serving.runtime is torch"
-        hardware = self._hardware()
         unmeasured = unmeasured_runtimes(self.serving.runtime, optimization, hardware, self.allowed,
                                          self._parity_limits)
         if unmeasured and self.optimize.measure_on_replicas:
@@ -188,14 +188,14 @@ class VersionLoader:
         return hardware_class(device, self.serving.replica_threads)
 
     def _with_lone_runtime(self, loaded: LoadedModel, path: str, optimization: Optimization | None,
-                           did_not_load: str | None) -> str:
+                           hardware: str, did_not_load: str | None) -> str:
         """Give ``loaded`` the runtime that answers one text alone faster (``choose_lone_runtime``),
         if one does; what to add to why it runs as it does. One that does not load (or
         ``did_not_load`` just now) leaves the version on its one runtime, as does a replica
         whose batches hold one text at most (its batch runtime would never run)."""
         if self.serving.max_batch_size == 1:
             return ""
-        lone, why = choose_lone_runtime(self.serving.runtime, optimization, self._hardware(), loaded.runtime,
+        lone, why = choose_lone_runtime(self.serving.runtime, optimization, hardware, loaded.runtime,
                                         self.allowed, self._parity_limits)
         if lone is None or lone == did_not_load:
             return ""

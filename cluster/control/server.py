@@ -318,6 +318,8 @@ def run_forever(cfg: TuneloopConfig) -> None:
     if problems:
         raise SystemExit("tuneloop: cannot start:\n  " + "\n  ".join(problems))
     local_ray = cfg.ray.address in (None, "local")
+    # Ray this process starts (a joined cluster's processes are not its own to watch or size).
+    own_ray = cluster_to_join(cfg.ray.address, os.environ.get("RAY_ADDRESS")) is None
     if local_ray:
         stop_haproxy_of_killed_servers()
     check_ports_free(cfg.serving.host, cfg.serving.port, local_ray=local_ray)
@@ -326,7 +328,7 @@ def run_forever(cfg: TuneloopConfig) -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     started = time.monotonic()
     init_ray(cfg)
-    if cluster_to_join(cfg.ray.address, os.environ.get("RAY_ADDRESS")) is None:  # a joined cluster may autoscale
+    if own_ray:  # a joined cluster may autoscale
         s = cfg.serving
         short = serving_shortfall(len(cfg.models), _min_replicas(cfg),
                                   {"CPU": s.num_cpus_per_replica, "GPU": s.num_gpus_per_replica,
@@ -345,8 +347,8 @@ def run_forever(cfg: TuneloopConfig) -> None:
     stopping: list[int] = []
     ready = threading.Event()  # read by the handler with ``is_set``, which takes no lock either
     serving = False  # Serve started: stopped at the end (its shutdown logs a line when there is none)
-    # Ray this process started (a joined cluster's processes are not its own to watch).
-    own_ray, ray_died = cluster_to_join(cfg.ray.address, os.environ.get("RAY_ADDRESS")) is None, None
+    ray_died = None
+
     def on_signal(signum: int, _frame) -> None:
         if not ready.is_set():
             # Still starting: Serve waits for replicas with no deadline (one that cannot be
@@ -476,10 +478,10 @@ def stop_haproxy_of_killed_servers() -> None:
 
     from tuneloop.serving.fast_path import haproxy_dir
 
-    orphans, in_use = [], set()
+    orphans, in_use, roots = [], set(), _haproxy_roots()
     for proc in psutil.process_iter(["name", "cmdline", "ppid"]):
         try:
-            folder = _haproxy_node_folder(proc.info["name"], proc.info["cmdline"])
+            folder = _haproxy_node_folder(proc.info["name"], proc.info["cmdline"], roots)
             if folder is None:
                 continue
             in_use.add(folder)
@@ -502,18 +504,23 @@ def stop_haproxy_of_killed_servers() -> None:
 STALE_HAPROXY_DIR_S = 600.0
 
 
-def _haproxy_node_folder(name: str | None, cmdline: list[str] | None) -> str | None:
-    """The node folder (under tuneloop's private HAProxy folder) an HAProxy process's
-    command line names, or None for any other process. Serve writes the folder as it was
-    given, a temp dir behind a symlink (macOS's /var, a linked TMPDIR) included, so both
-    that form and the resolved one are looked for: matching the resolved one alone found
-    no HAProxy there, stopped no orphan and removed live servers' folders."""
+def _haproxy_roots() -> list[str]:
+    """tuneloop's private HAProxy folder as Serve's command lines may name it: as given, and
+    resolved. Serve writes it as it was given, a temp dir behind a symlink (macOS's /var, a
+    linked TMPDIR) included: matching the resolved form alone found no HAProxy there,
+    stopped no orphan and removed live servers' folders."""
     from tuneloop.serving.fast_path import haproxy_dir
 
+    return list(dict.fromkeys((haproxy_dir().rstrip("/"), os.path.realpath(haproxy_dir()).rstrip("/"))))
+
+
+def _haproxy_node_folder(name: str | None, cmdline: list[str] | None, roots: list[str]) -> str | None:
+    """The node folder under one of ``roots`` (``_haproxy_roots``) an HAProxy process's
+    command line names, or None for any other process."""
     if "haproxy" not in (name or ""):
         return None
     line = " ".join(cmdline or ())
-    for root in dict.fromkeys((haproxy_dir().rstrip("/"), os.path.realpath(haproxy_dir()).rstrip("/"))):
+    for root in roots:
         if f"{root}/" in line:
             return line.split(f"{root}/", 1)[1].split("/", 1)[0]
     return None
@@ -546,10 +553,10 @@ def stop_orphaned_haproxy(node_id: str) -> None:
 
     from tuneloop.serving.fast_path import haproxy_dir
 
-    leftovers = []
+    leftovers, roots = [], _haproxy_roots()
     for proc in psutil.process_iter(["name", "cmdline"]):
         try:
-            if _haproxy_node_folder(proc.info["name"], proc.info["cmdline"]) == node_id:
+            if _haproxy_node_folder(proc.info["name"], proc.info["cmdline"], roots) == node_id:
                 leftovers.append(proc)
         except psutil.Error:
             continue
