@@ -144,11 +144,16 @@ class TuneloopConfig(Section):
 
     @model_validator(mode="after")
     def _windows_overlap_less_than_half(self) -> TuneloopConfig:
-        most = self.serving.max_length // 2
         for m in self.models:
-            if m.window_stride is not None and m.window_stride > most:
-                raise ValueError(f"model {m.name!r}: window_stride {m.window_stride} exceeds half of serving.max_length "
-                                 f"({self.serving.max_length}): windows would share most of their tokens; at most {most}")
+            if m.window_stride is None:
+                continue
+            # Training reads a long text in the same windows, at its own max_length: a stride
+            # past half of that would be cut there without a word.
+            for key, length in (("serving.max_length", self.serving.max_length),
+                                ("training.max_length", self.training_for(m.name).max_length)):
+                if m.window_stride > length // 2:
+                    raise ValueError(f"model {m.name!r}: window_stride {m.window_stride} exceeds half of {key} "
+                                     f"({length}): windows would share most of their tokens; at most {length // 2}")
         return self
 
     @model_validator(mode="after")
