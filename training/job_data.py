@@ -467,7 +467,9 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
                      "waiting_for_compaction": n_behind_pending},
         "replay": {"rows": replay.num_rows, "pool_rows": pool.num_rows, "ratio": tcfg.replay_ratio},
         "transfer": transfer_summary,
-        "validation": {"rows": validation.num_rows, "source": "seed" if parent is None else "feedback"},
+        # No rows, no source: v1 then watches the golden set, as the training result's ``monitor`` says.
+        "validation": {"rows": validation.num_rows,
+                       "source": None if not validation.num_rows else "seed" if parent is None else "feedback"},
         "reservoir": {"rows": child_reservoir.num_rows, "seen": seen},
         "quarantine": quarantine,
         "watermark": watermark,

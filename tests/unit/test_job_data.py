@@ -468,6 +468,9 @@ def test_early_stopping_watches_its_own_rows_never_the_gates(env):
     assert len(val) == 16 and Counter(first.validation.column("label").to_pylist()) == {"negative": 8, "positive": 8}
     assert not set(val) & (set(first.train.column("text").to_pylist()) | set(first.golden.column("text").to_pylist()))
     assert first.train.num_rows == 64 and first.summary["validation"] == {"rows": 16, "source": "seed"}
+    # eval_fraction 0 holds nothing back: the summary names no source (v1 then watches the golden set).
+    unheld = assemble(task, cfg.model("m"), watching.model_copy(update={"eval_fraction": 0.0}), registry, feedback, None)
+    assert unheld.validation.num_rows == 0 and unheld.summary["validation"] == {"rows": 0, "source": None}
     v1 = _publish(registry, tmp_path, first, "v1", first.summary)
     ids = _give(feedback, 50)
     data = assemble(task, cfg.model("m"), watching, registry, feedback, v1)
