@@ -326,7 +326,7 @@ class Registry:
         version trained for other labels is refused. Raises UnknownVersion for a version
         that was never published. Without ``over_rollout`` (a job's own promotion), a
         rollout under way is a Conflict too: an operator's decision, which stands."""
-        self._servable(model, version, force, labels, "promote")
+        self.check_servable(model, version, force, labels, "promote")
 
         def apply(state: RegistryState) -> HistoryEntry:
             if not over_rollout and state.rollout is not None and state.rollout.version != version:
@@ -346,7 +346,9 @@ class Registry:
 
         return self._transition(model, apply, expect_production, request)
 
-    def _servable(self, model: str, version: str, force: bool, labels: list[str] | None, verb: str) -> None:
+    def check_servable(self, model: str, version: str, force: bool, labels: list[str] | None, verb: str) -> None:
+        """Raises UnknownVersion for a version never published, Conflict for one the gate
+        rejected (without ``force``) or trained for other ``labels``: what refuses ``verb``."""
         manifest = self.manifest(model, version)  # raises UnknownVersion; manifests never change
         if manifest.status == "rejected" and not force:
             why = f" ({manifest.gate.reason})" if manifest.gate and manifest.gate.reason else ""
@@ -377,7 +379,7 @@ class Registry:
                                f"(production is {state.production or 'none'})")
             if labels is not None:
                 try:
-                    self._servable(model, target, True, labels, "roll back to")
+                    self.check_servable(model, target, True, labels, "roll back to")
                 except Conflict as e:
                     raise Conflict(f"cannot roll back from {state.production} to {target}: {e.message}; promote a "
                                    "version trained for the config's labels instead") from None
@@ -402,7 +404,7 @@ class Registry:
                       labels: list[str] | None = None, request: str | None = None) -> RegistryState:
         """Make ``version`` production's challenger, at ``stage`` (``percent``: the canary's
         share). Conflict if a rollout is under way, or (``expect_production``) production moved."""
-        self._servable(model, version, force, labels, "roll out")
+        self.check_servable(model, version, force, labels, "roll out")
 
         def apply(state: RegistryState) -> HistoryEntry:
             if state.rollout is not None:

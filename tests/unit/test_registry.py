@@ -294,6 +294,14 @@ def test_deploy_rollout_forces_a_rejected_version_only_when_told_and_knows_its_m
     config = tmp_path / "tuneloop.yaml"
     config.write_text(f"models: [{{name: m, base_model: b, labels: [a, b]}}]\nstorage: {{root: {tmp_path / 'store'}}}\n")
     runner = CliRunner()
+    # --dry-run meets what the change would: an unknown version, the gate's verdict; and changes nothing
+    dry = [runner.invoke(app, ["deploy", "rollout", "m", *args, "--dry-run", "--config", str(config)])
+           for args in (["v7"], ["v1"], ["v1", "--force"], ["--rollback"])]
+    assert dry[0].exit_code == 2 and "v7" in dry[0].output, dry[0].output
+    assert dry[1].exit_code == 2 and "--force on the command line" in dry[1].output
+    assert dry[2].exit_code == 0 and "production is none; it would be v1; nothing changed" in dry[2].output
+    assert dry[3].exit_code == 2 and "no earlier production version to roll back to" in dry[3].output
+    assert reg.production("m") is None
     refused = runner.invoke(app, ["deploy", "rollout", "m", "v1", "--config", str(config)])
     assert refused.exit_code == 2 and "--force on the command line" in refused.output
     forced = runner.invoke(app, ["deploy", "rollout", "m", "v1", "--force", "--config", str(config)])
