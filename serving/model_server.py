@@ -17,7 +17,7 @@ loads as, and what happens when it does not load, is ``version_loader.py``'s.
 During a rollout (core/rollout.py, in the same state file) it also holds the challenger: at
 most two versions resident, each with its own batch queue and one compute thread for both.
 In canary, a request whose client falls below the canary's percent (``canary_bucket`` of
-its ``X-Client-Id``, else its API key, else the request) is answered by the challenger. In
+its ``X-Client-Id``, else of the request) is answered by the challenger. In
 shadow, after production's answer is sent, a share of requests is run on the challenger
 too, and its answers logged under the same prediction ids (``SHADOW_ROOT``); shadow work is
 shed first: it starts only when the compute thread is idle, one shadow batch at a time.
@@ -276,8 +276,7 @@ class ModelServer:
                 wrong = MethodNotAllowed(f"{request.method} is not allowed here; use POST")
                 wrong.headers = {"Allow": "POST"}  # as the ingress's 405s say it
                 raise wrong
-            key_id = self._keys.check(single_header(request.headers.getlist("authorization"), "Authorization"),
-                                      "predict")
+            self._keys.check(single_header(request.headers.getlist("authorization"), "Authorization"), "predict")
             check_content_type(single_header(request.headers.getlist("content-type"), "Content-Type"))
             check_content_length(request.headers.get("content-length"), self._limits.max_body_bytes)
             body = await read_body(request.stream(), self._limits.max_body_bytes, self.serving.body_timeout_s,
@@ -285,7 +284,9 @@ class ModelServer:
             held = len(body)
             texts = parse_predict_body(body, self._limits, self.task)
             del body  # its texts stay held until answered: the budget counts the body's bytes for them
-            predictions = await self.predict(texts, client=request.headers.get(CLIENT_HEADER) or key_id)
+            # Not the API key: one service key shared by an application put all of its traffic on
+            # one side of the canary, 0% or 100% at a 5% step, whatever the percent said.
+            predictions = await self.predict(texts, client=request.headers.get(CLIENT_HEADER))
         except TimedOut as e:  # the version it was routed to did not answer in time
             metrics.REQUESTS.labels(model, e.version, "timeout").inc()
             return error_response(e)

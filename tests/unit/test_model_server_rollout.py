@@ -56,6 +56,54 @@ def test_canary_answers_the_clients_below_its_share_and_keeps_each_on_one_versio
     assert {"v1", "v2"} == set(versions)
 
 
+def test_one_api_key_without_a_client_id_is_spread_over_the_canary_not_stuck_to_one_side(tmp_path):
+    """An application's one service key, no X-Client-Id: each request is drawn anew. Hashed
+    by the key, all of them went to one side: 0% or 100% of traffic at any percent."""
+    import json
+
+    from starlette.requests import Request
+
+    from tuneloop.core.auth import new_key
+
+    weights = build_tiny_model(tmp_path / "tiny", LABELS)
+    secret, key = new_key("predict")
+    cfg = parse_config({"models": [{"name": "sentiment", "base_model": weights, "labels": LABELS}],
+                        "storage": {"root": str(tmp_path / "store")}, "serving": {"num_cpus_per_replica": 1},
+                        "auth": {"keys": [{"id": key.id, "role": key.role, "sha256": key.sha256}]}})
+    registry = Registry(Storage(cfg.storage.root))
+    for _ in range(2):
+        registry.publish("sentiment", weights, Manifest(version="pending", model="sentiment", parent=None,
+                                                        base_model=weights, task="text-classification", labels=LABELS))
+    registry.promote("sentiment", "v1")
+    registry.start_rollout("sentiment", "v2", "canary", 50.0)
+    replica = ModelServer(cfg.model_dump(), "sentiment")
+    replica._sync_with_registry()
+
+    async def call(headers: dict[str, str]) -> str:
+        body = json.dumps({"inputs": ["a text"]}).encode()
+
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        scope = {"type": "http", "method": "POST", "path": "/", "root_path": "", "query_string": b"",
+                 "headers": [(k.lower().encode(), v.encode()) for k, v in
+                             {"authorization": f"Bearer {secret}", "content-type": "application/json",
+                              "content-length": str(len(body)), **headers}.items()]}
+        answer = await replica(Request(scope, receive))
+        assert answer.status_code == 200, answer.body
+        return json.loads(answer.body)["predictions"][0]["version"]
+
+    async def main():
+        return ([await call({}) for _ in range(40)], [await call({"x-client-id": "c1"}) for _ in range(10)])
+
+    try:
+        keyed, sticky = asyncio.run(main())
+    finally:
+        replica.__del__()
+    assert set(keyed) == {"v1", "v2"}  # spread: P(40 draws at 50% all one side) = 2^-39
+    assert len(set(sticky)) == 1  # a client that sends its id stays on one version
+
+
 def test_a_challenger_swapped_before_its_rollout_answers_no_user(rollout):
     """The watcher thread loads the next challenger before it publishes the next rollout: a
     new shadow read beside the old canary's percent answered users in that moment."""
