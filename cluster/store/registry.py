@@ -458,6 +458,10 @@ class Registry:
 
         def apply(state: RegistryState) -> HistoryEntry:
             rollout = self._rollout_of(model, state, version, judged)
+            if event in ("pause", "resume") and rollout.paused == flags["paused"]:
+                # Checked here, under the compare-and-set: two resumes at once both passed a
+                # check made before it, and the second threw away the stage's evidence again.
+                raise Conflict(f"the rollout of {version} is {'paused' if rollout.paused else 'running'} already")
             if event == "resume":  # its evidence starts again: the wait before an alert, and the alert, too
                 flags.update(stage_started_at=now_iso(), alerted=False)
             state.rollout = rollout.model_copy(update=flags)

@@ -60,6 +60,4 @@ def operate_rollout(registry: Registry, model: str, action: RolloutAction, who: 
                                         request=request, seen=current)
     if action == "rollback":
         return registry.abort_rollout(model, current.version, f"rolled back {who}", request=request)
-    if (action == "pause") == current.paused:
-        raise Conflict(f"the rollout of {current.version} is {'paused' if current.paused else 'running'} already")
     return registry.mark_rollout(model, current.version, action, who, request=request)

@@ -63,6 +63,10 @@ def test_pause_resume_and_alert_are_flags_in_the_history(reg):
     started = reg.state("m").rollout.stage_started_at
     resumed = reg.mark_rollout("m", "v2", "resume").rollout
     assert not resumed.paused and resumed.stage_started_at >= started
+    generation = reg.state("m").generation
+    with pytest.raises(Conflict, match="running already"):  # a second resume, checked under the lock
+        reg.mark_rollout("m", "v2", "resume")
+    assert reg.state("m").generation == generation and reg.state("m").rollout.stage_started_at == resumed.stage_started_at
     assert reg.mark_rollout("m", "v2", "alert", "inconclusive").rollout.alerted
     assert reg.advance_rollout("m", "v2", STEPS).rollout.alerted is False  # a new stage, a new wait
 
