@@ -141,33 +141,22 @@ def rollout_cmd(model: str, version: str | None = typer.Argument(None, help="the
     what = "roll back" if rollback else f"promote {version}"
     typer.echo(f"# {what} of {model} in {cfg.storage.root}")
     registry = Registry(stored_root(cfg))  # a mistyped local root is said so, not made by the state's lock
-    if dry_run:  # what the change would meet, read and not written
-        try:
-            state = registry.state(model)
-            if rollback:
-                target = state.production if state.rollout else state.rollback_target()
-                if target is None:
-                    raise Conflict(f"{model!r} has no earlier production version to roll back to "
-                                   f"(production is {state.production or 'none'})")
-                registry.check_servable(model, target, True, cfg.model(model).labels, "roll back to")
-            else:
-                registry.check_servable(model, version, force, cfg.model(model).labels, "promote")
-                target = version
-        except (Conflict, UnknownVersion) as e:
-            typer.echo(getattr(e, "message", str(e)), err=True)
-            raise typer.Exit(2) from None
-        typer.echo(f"# production is {state.production or 'none'}"
-                   + (f", {state.rollout.version} rolled out beside it" if state.rollout else "")
-                   + f"; it would be {target}; nothing changed (--dry-run)")
-        return
     try:
-        state = (registry.rollback(model, reason="tuneloop deploy rollout --rollback", labels=cfg.model(model).labels)
+        before = registry.state(model).production
+        # --dry-run: the same checks on the state as it is, nothing written
+        state = (registry.rollback(model, reason="tuneloop deploy rollout --rollback", labels=cfg.model(model).labels,
+                                   dry_run=dry_run)
                  if rollback else
                  registry.promote(model, version, reason="tuneloop deploy rollout", force=force,
-                                  labels=cfg.model(model).labels))
+                                  labels=cfg.model(model).labels, dry_run=dry_run))
     except (Conflict, UnknownVersion) as e:
         typer.echo(getattr(e, "message", str(e)), err=True)
         raise typer.Exit(2) from None
+    if dry_run:
+        typer.echo(f"# production is {before or 'none'}; it would be {state.production}"
+                   + (f", the rollout of {state.rollout.version} going on" if state.rollout else "")
+                   + "; nothing changed (--dry-run)")
+        return
     typer.echo(f"{model}: production is {state.production} (generation {state.generation})")
 
 

@@ -319,13 +319,14 @@ class Registry:
     def promote(self, model: str, version: str, reason: str = "",
                 expect_production: str | None = UNCHECKED, force: bool = False,
                 labels: list[str] | None = None, request: str | None = None,
-                over_rollout: bool = True) -> RegistryState:
+                over_rollout: bool = True, dry_run: bool = False) -> RegistryState:
         """Make ``version`` production. With ``expect_production``, only if production is
         still that (None: still no production); otherwise raises Conflict naming the current
         one. A version the gate rejected needs ``force``; with ``labels`` (the config's), a
         version trained for other labels is refused. Raises UnknownVersion for a version
         that was never published. Without ``over_rollout`` (a job's own promotion), a
-        rollout under way is a Conflict too: an operator's decision, which stands."""
+        rollout under way is a Conflict too: an operator's decision, which stands.
+        ``dry_run``: the same checks, and the state it would write, unwritten."""
         self.check_servable(model, version, force, labels, "promote")
 
         def apply(state: RegistryState) -> HistoryEntry:
@@ -344,7 +345,7 @@ class Registry:
             state.rollout = None  # promoting the challenger ends its rollout too
             return HistoryEntry(at=now_iso(), event="promote", production=version, version=version, reason=reason_)
 
-        return self._transition(model, apply, expect_production, request)
+        return self._transition(model, apply, expect_production, request, dry_run)
 
     def check_servable(self, model: str, version: str, force: bool, labels: list[str] | None, verb: str) -> None:
         """Raises UnknownVersion for a version never published, Conflict for one the gate
@@ -358,7 +359,8 @@ class Registry:
             raise Conflict(f"{version} was trained for labels {manifest.labels}, the config has {labels}")
 
     def rollback(self, model: str, reason: str = "", expect_production: str | None = UNCHECKED,
-                 request: str | None = None, labels: list[str] | None = None) -> RegistryState:
+                 request: str | None = None, labels: list[str] | None = None,
+                 dry_run: bool = False) -> RegistryState:
         """Back to production alone: during a rollout, end it (the challenger never was
         production); otherwise go back to the production before the current one
         (``RegistryState.rollback_target``), worked out under the lock so that two rollbacks
@@ -385,7 +387,7 @@ class Registry:
                                    "version trained for the config's labels instead") from None
             return HistoryEntry(at=now_iso(), event="rollback", production=target, version=target, reason=reason)
 
-        return self._transition(model, apply, expect_production, request)
+        return self._transition(model, apply, expect_production, request, dry_run)
 
     def record_candidate(self, model: str, version: str, reason: str = "") -> RegistryState:
         """Note in the history that ``version`` passed its gate but was left waiting, production
@@ -512,12 +514,14 @@ class Registry:
         return r
 
     def _transition(self, model: str, apply: Callable[[RegistryState], HistoryEntry],
-                    expect_production: str | None, request: str | None = None) -> RegistryState:
+                    expect_production: str | None, request: str | None = None,
+                    dry_run: bool = False) -> RegistryState:
         """The one writer of state.json: read, check, append ``apply``'s entry, bump the
         generation and write, as one ``Storage.update``, so concurrent changes (from any
         process on any host) take turns and none is lost. ``apply`` may run more than once
         (compare-and-swap retries): it only reads the state it is given. A ``request`` the
-        history already holds changes nothing: the state is answered as it is now."""
+        history already holds changes nothing: the state is answered as it is now.
+        ``dry_run``: the same checks on the state as read, and nothing written."""
         rel = f"{self._dir(model)}/{STATE}"
 
         def change(state: RegistryState | None) -> RegistryState:
@@ -534,10 +538,13 @@ class Registry:
             entry.generation, entry.request = state.generation, request
             state.production = entry.production
             state.history.append(entry)
-            self._archive_history(model, state)
+            if not dry_run:
+                self._archive_history(model, state)
             return state
 
         try:
+            if dry_run:
+                return change(read_stored(self.storage, RegistryState, rel))
             return update_stored(self.storage, RegistryState, rel, change)
         except _Unchanged as unchanged:
             return unchanged.state  # as read under the update: a second read could race a writer

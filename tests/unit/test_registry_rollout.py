@@ -235,3 +235,13 @@ def test_an_idempotency_key_reused_for_another_body_is_refused_and_changes_nothi
     reg.rollback("m", "by key k", request="k rollback r1")
     state = reg.state("m")
     assert reg.rollback("m", "by key k", request=f"k rollback r1{BODY}cccc").generation == state.generation
+
+
+def test_a_dry_run_meets_the_same_checks_and_writes_nothing(reg):
+    reg.start_rollout("m", "v2", "canary", 5.0)
+    before = reg.state("m")
+    with pytest.raises(Conflict, match="v1 is production already, and v2 is being rolled out"):
+        reg.promote("m", "v1", dry_run=True)
+    assert reg.promote("m", "v3", dry_run=True).production == "v3"  # ends the rollout too
+    assert reg.rollback("m", dry_run=True).rollout is None  # a rollback during a rollout ends it
+    assert reg.state("m") == before
