@@ -76,7 +76,8 @@ class RolloutConfig(Section):
     max_error_rate_increase: float = Field(default=0.01, ge=0, le=1,
                                            description="over production's error rate: beyond it, roll back")
     max_latency_ratio: float = Field(default=1.5, ge=1,
-                                     description="challenger p99 compute time over production's: beyond it, roll back")
+                                     description=("challenger p99 request latency over production's, judged once each has 500 "
+                                                  "requests: beyond it, roll back"))
     inconclusive_after_s: float = Field(default=3600.0, gt=0,
                                         description="hold this long without a decision, then alert")
     evaluate_every_s: float = Field(default=15.0, gt=0, description="how often the controller looks")
@@ -199,18 +200,40 @@ def _rate(errors: int, requests: int) -> float:
     return errors / requests if requests else 0.0
 
 
+# Requests above the p99 that a p99 is judged on: at 50 requests the p99 was the slowest one,
+# and a single cold first batch rolled a canary back.
+TAIL_REQUESTS = 5
+
+
+def error_rate_lower_bound(errors: int, requests: int, z: float) -> float:
+    """Wilson's lower bound of an error rate, ``z`` standard errors down: 1 error in 50 is 2%,
+    but no evidence of a rate above 1% (its bound at the defaults is 0)."""
+    if not requests:
+        return 0.0
+    p, n = errors / requests, requests
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - spread) / (1 + z * z / n))
+
+
 def health_breach(cfg: RolloutConfig, e: Evidence) -> str | None:
-    """Why the challenger is unhealthy next to production, or None."""
+    """Why the challenger is unhealthy next to production, or None. Its error rate breaches
+    when even the rate's lower bound (at ``confidence``, valid at every look with
+    ``sequential``) is past production's plus the allowed increase; its p99 latency once
+    each side has ``TAIL_REQUESTS`` requests above its p99."""
     if e.challenger_requests < cfg.min_requests:
         return None
     mine, theirs = _rate(e.challenger_errors, e.challenger_requests), _rate(e.production_errors, e.production_requests)
-    if mine > theirs + cfg.max_error_rate_increase:
+    z = bound_multiplier(cfg.confidence, e.challenger_requests, cfg.min_requests if cfg.sequential else None)
+    if error_rate_lower_bound(e.challenger_errors, e.challenger_requests, z) > theirs + cfg.max_error_rate_increase:
         return (f"error rate {mine:.2%} over {e.challenger_requests} requests, production's {theirs:.2%} "
                 f"(allowed: +{cfg.max_error_rate_increase:.2%})")
-    if e.challenger_p99_s is not None and e.production_p99_s and e.production_requests >= cfg.min_requests:
+    enough = max(cfg.min_requests, round(TAIL_REQUESTS / 0.01))
+    if e.challenger_p99_s is not None and e.production_p99_s \
+            and min(e.challenger_requests, e.production_requests) >= enough:
         ratio = e.challenger_p99_s / e.production_p99_s
         if ratio > cfg.max_latency_ratio:
-            return (f"p99 compute {e.challenger_p99_s * 1000:.1f} ms, {ratio:.2f}x production's "
+            return (f"p99 latency {e.challenger_p99_s * 1000:.1f} ms, {ratio:.2f}x production's "
                     f"{e.production_p99_s * 1000:.1f} ms (allowed: {cfg.max_latency_ratio:g}x)")
     return None
 

@@ -81,9 +81,15 @@ def test_health_breaches_roll_back_before_any_feedback():
     errors = decide(CFG, paired(0, 0, 0, production_requests=1000, production_errors=1, challenger_requests=100,
                                 challenger_errors=5), 1)
     assert errors.action == "rollback" and "error rate 5.00%" in errors.reason
-    slow = decide(CFG, paired(0, 0, 0, production_requests=1000, challenger_requests=100,
+    slow = decide(CFG, paired(0, 0, 0, production_requests=1000, challenger_requests=500,
                               production_p99_s=0.010, challenger_p99_s=0.020), 1)
-    assert slow.action == "rollback" and "2.00x" in slow.reason
+    assert slow.action == "rollback" and "p99 latency 20.0 ms, 2.00x" in slow.reason
+    # Too little to judge: one error in 50 requests (2%, but no evidence of more than 1%), and
+    # a p99 of 100 requests (their slowest but one: a cold first batch)
+    assert decide(CFG, paired(0, 0, 0, production_requests=1000, challenger_requests=50, challenger_errors=1),
+                  1).action == "hold"
+    assert decide(CFG, paired(0, 0, 0, production_requests=1000, challenger_requests=100,
+                              production_p99_s=0.010, challenger_p99_s=0.020), 1).action == "hold"
     few = decide(CFG, paired(0, 0, 0, production_requests=1000, challenger_requests=49, challenger_errors=49), 1)
     assert few.action == "hold"  # under min_requests: health not judged yet
 
