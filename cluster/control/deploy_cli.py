@@ -140,8 +140,8 @@ def rollout_cmd(model: str, version: str | None = typer.Argument(None, help="the
         raise typer.Exit(2)
     what = "roll back" if rollback else f"promote {version}"
     typer.echo(f"# {what} of {model} in {cfg.storage.root}")
-    registry = Registry(stored_root(cfg))  # a mistyped local root is said so, not made by the state's lock
     try:
+        registry = Registry(stored_root(cfg))  # a mistyped local root is said so, not made by the state's lock
         before = registry.state(model).production
         # --dry-run: the same checks on the state as it is, nothing written
         state = (registry.rollback(model, reason="tuneloop deploy rollout --rollback", labels=cfg.model(model).labels,
@@ -152,6 +152,12 @@ def rollout_cmd(model: str, version: str | None = typer.Argument(None, help="the
     except (Conflict, UnknownVersion) as e:
         typer.echo(getattr(e, "message", str(e)), err=True)
         raise typer.Exit(2) from None
+    except OSError as e:
+        if not dry_run:
+            raise
+        # The cluster's bucket, out of this machine's reach: the plan is printed all the same.
+        typer.echo(f"# not checked against the registry, which this machine cannot read: {e}")
+        return
     if dry_run:
         typer.echo(f"# production is {before or 'none'}; it would be {state.production}"
                    + (f", the rollout of {state.rollout.version} going on" if state.rollout else "")
