@@ -72,6 +72,12 @@ PREDICT_ERRORS = Counter(
     "Predict requests the model failed (500) or did not answer in time (503), by the version they were routed to",
     ["model", "version"],
 )
+VERSION_LOAD_FAILURES = Counter(
+    "tuneloop_version_load_failures",
+    "Loads of a version that failed on a replica (each retry counts): a rollout's challenger that never loads "
+    "is rolled back on them",
+    ["model", "version"],
+)
 SHADOW_RUNS = Counter(
     "tuneloop_shadow_runs", "Requests a rollout's shadow version ran on (ok, error) or skipped under load (shed)",
     ["model", "version", "outcome"],
@@ -292,9 +298,10 @@ def version_health(files_by_node: dict[str, list[str]], model: str) -> dict[str,
 def _node_health(files: list[str], model: str) -> dict[str, VersionHealth]:
     """Each version's serving counts, summed over one node's replicas: requests (answered,
     and failed in the model) with the answered ones' latency buckets; a shadow's runs and
-    failures (its answers reach no user, so no latency)."""
+    failures (its answers reach no user, so no latency); loads that failed."""
     requests: dict[str, float] = defaultdict(float)
     errors: dict[str, float] = defaultdict(float)
+    load_failures: dict[str, float] = defaultdict(float)
     buckets: dict[str, dict[float, float]] = defaultdict(lambda: defaultdict(float))
     for family in FilesCollector({"": files}).collect():
         for s in family.samples:
@@ -311,7 +318,11 @@ def _node_health(files: list[str], model: str) -> dict[str, VersionHealth]:
                 errors[version] += s.value
             elif s.name == "tuneloop_shadow_runs_total" and outcome == "ok":
                 requests[version] += s.value
-    return {v: VersionHealth(requests[v], errors[v], tuple(sorted(buckets[v].items()))) for v in requests}
+            elif s.name == "tuneloop_version_load_failures_total":
+                requests[version] += 0.0  # a version that never loaded has no request: listed all the same
+                load_failures[version] += s.value
+    return {v: VersionHealth(requests[v], errors[v], tuple(sorted(buckets[v].items())), load_failures[v])
+            for v in requests}
 
 
 class InServiceCollector:

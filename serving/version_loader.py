@@ -26,6 +26,7 @@ from tuneloop.core.config import OptimizeConfig, ServingConfig
 from tuneloop.core.runtimes import (Optimization, choose_lone_runtime, choose_runtime, hardware_class,
                                     serves_alone, unmeasured_runtimes)
 from tuneloop.core.tasks import Task
+from tuneloop.serving import metrics
 from tuneloop.serving.loaded_models import LabelMismatch, LoadedModel, cpu_class
 from tuneloop.serving.optimize import measure_runtimes, speed_texts
 from tuneloop.store.registry import Registry
@@ -71,10 +72,12 @@ class VersionLoader:
         try:
             loaded = self.load_runtime(version)
         except LabelMismatch as e:
+            metrics.VERSION_LOAD_FAILURES.labels(self.model, version).inc()
             self.refused[version] = str(e)
             log.error("model %s: %s; still serving %s", self.model, e, serving or "nothing")
             return None
         except Exception as e:  # noqa: BLE001 - serve what loads; this one is tried again later
+            metrics.VERSION_LOAD_FAILURES.labels(self.model, version).inc()  # a challenger's rollout judges them
             tries = failed[2] + 1 if failed else 1
             wait = retry_wait(tries)
             self.failed[version] = (time.monotonic() + wait, f"{type(e).__name__}: {e}", tries)

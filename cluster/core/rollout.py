@@ -148,6 +148,7 @@ class Evidence:
     challenger_errors: int = 0
     production_p99_s: float | None = None
     challenger_p99_s: float | None = None
+    challenger_load_failures: int = 0
 
     def samples(self) -> int:
         return self.pairs if self.paired else min(self.production_feedback, self.challenger_feedback)
@@ -200,6 +201,10 @@ def _rate(errors: int, requests: int) -> float:
     return errors / requests if requests else 0.0
 
 
+# Failed loads of a challenger that answered nothing before it is rolled back: a replica tries
+# again after 10, 20, 40 s (version_loader.py), so one failure is not yet a verdict.
+LOAD_FAILURES_TO_ROLL_BACK = 3
+
 # Requests above the p99 that a p99 is judged on: at 50 requests the p99 was the slowest one,
 # and a single cold first batch rolled a canary back.
 TAIL_REQUESTS = 5
@@ -221,6 +226,12 @@ def health_breach(cfg: RolloutConfig, e: Evidence) -> str | None:
     when even the rate's lower bound (at ``confidence``, valid at every look with
     ``sequential``) is past production's plus the allowed increase; its p99 latency once
     each side has ``TAIL_REQUESTS`` requests above its p99."""
+    if e.challenger_load_failures >= LOAD_FAILURES_TO_ROLL_BACK and not e.challenger_requests \
+            and e.production_requests >= cfg.min_requests:
+        # Without this it held, with no request and no feedback, until the alert an hour on,
+        # and every new version in the meantime was parked as a candidate.
+        return (f"it did not load: {e.challenger_load_failures} failed loads on the replicas and no request "
+                f"answered, while production answered {e.production_requests}")
     if e.challenger_requests < cfg.min_requests:
         return None
     mine, theirs = _rate(e.challenger_errors, e.challenger_requests), _rate(e.production_errors, e.production_requests)
@@ -299,6 +310,7 @@ class VersionHealth:
     requests: float = 0.0
     errors: float = 0.0
     latency_buckets: tuple[tuple[float, float], ...] = ()
+    load_failures: float = 0.0
 
     def since(self, start: VersionHealth | None) -> VersionHealth:
         """What happened after ``start`` (a snapshot of the same counters; never below 0: a
@@ -307,14 +319,15 @@ class VersionHealth:
             return self
         before = dict(start.latency_buckets)
         return VersionHealth(max(0.0, self.requests - start.requests), max(0.0, self.errors - start.errors),
-                             tuple((le, max(0.0, n - before.get(le, 0.0))) for le, n in self.latency_buckets))
+                             tuple((le, max(0.0, n - before.get(le, 0.0))) for le, n in self.latency_buckets),
+                             max(0.0, self.load_failures - start.load_failures))
 
     def __add__(self, other: VersionHealth) -> VersionHealth:
         buckets = dict(self.latency_buckets)
         for le, n in other.latency_buckets:
             buckets[le] = buckets.get(le, 0.0) + n
         return VersionHealth(self.requests + other.requests, self.errors + other.errors,
-                             tuple(sorted(buckets.items())))
+                             tuple(sorted(buckets.items())), self.load_failures + other.load_failures)
 
     def p99_s(self) -> float | None:
         return quantile_from_buckets(list(self.latency_buckets), 0.99)

@@ -32,7 +32,8 @@ def evidence(task: Task, production: str, rollout: Rollout, feedback: list[dict[
     since the stage started (in shadow the challenger's are its shadow runs)."""
     mine, theirs = health.get(rollout.version, VersionHealth()), health.get(production, VersionHealth())
     common = {"production_requests": int(theirs.requests), "production_errors": int(theirs.errors),
-              "challenger_requests": int(mine.requests), "challenger_errors": int(mine.errors)}
+              "challenger_requests": int(mine.requests), "challenger_errors": int(mine.errors),
+              "challenger_load_failures": int(mine.load_failures)}
     if rollout.stage == "shadow":
         pairs = production_only = challenger_only = 0
         for row in feedback:

@@ -80,17 +80,21 @@ def test_version_health_sums_nodes_and_separates_served_from_shadow(tmp_path):
                  _write(tmp_path / "b", 2, "counter", [
                      ("tuneloop_shadow_runs", "tuneloop_shadow_runs_total", {**shadow, "outcome": "ok"}, 40),
                      ("tuneloop_shadow_runs", "tuneloop_shadow_runs_total", {**shadow, "outcome": "error"}, 2),
-                     ("tuneloop_shadow_runs", "tuneloop_shadow_runs_total", {**shadow, "outcome": "shed"}, 7)])]}
+                     ("tuneloop_shadow_runs", "tuneloop_shadow_runs_total", {**shadow, "outcome": "shed"}, 7)])],
+             "c": [_write(tmp_path / "c", 1, "counter", [  # a replica where v3 never loaded
+                 ("tuneloop_version_load_failures", "tuneloop_version_load_failures_total",
+                  {"model": "m", "version": "v3"}, 3)])]}
     from tuneloop.core.rollout import health_since
 
     by_node = version_health(files, "m")
-    assert set(by_node) == {"a", "b"} and by_node["a"]["v1"].requests == 101
+    assert set(by_node) == {"a", "b", "c"} and by_node["a"]["v1"].requests == 101
     health = health_since(by_node, {})
     v1, v2 = health["v1"], health["v2"]
     assert (v1.requests, v1.errors) == (201, 1)  # 200 answered on two nodes, 1 failed
     assert dict(v1.latency_buckets) == {0.1: 189, 1.0: 200, float("inf"): 200}
     assert 0.1 < v1.p99_s() <= 1.0
     assert (v2.requests, v2.errors, v2.latency_buckets) == (42, 2, ())  # shed runs are no requests
+    assert (health["v3"].requests, health["v3"].load_failures) == (0, 3)  # listed, with its failed loads
 
 
 def _resident_file(folder, pid: int, value: float, at: float) -> str:

@@ -267,6 +267,8 @@ def test_a_challenger_whose_files_are_cut_does_not_stop_a_replica_and_is_tried_a
     for f in weights.glob("*.safetensors"):
         f.write_bytes(b"cut")
     registry.start_rollout("sentiment", "v2", "canary", 50.0)
+    labels = {"model": "sentiment", "version": "v2"}
+    failed_loads = REGISTRY.get_sample_value("tuneloop_version_load_failures_total", labels) or 0
     fresh = ModelServer(cfg.model_dump(), "sentiment")  # raised before
     try:
         assert fresh.status()["version"] == "v1" and fresh.status()["challenger"] is None
@@ -278,5 +280,7 @@ def test_a_challenger_whose_files_are_cut_does_not_stop_a_replica_and_is_tried_a
         fresh._versions.failed["v2"] = (0.0, *fresh._versions.failed["v2"][1:])
         fresh._sync_with_registry()
         assert fresh._versions.failed["v2"][2] == 2 and fresh._versions.failed["v2"][0] - model_server.time.monotonic() > 15
+        # each failed load counted, for the rollout's health (a challenger that never loads is rolled back)
+        assert REGISTRY.get_sample_value("tuneloop_version_load_failures_total", labels) == failed_loads + 2
     finally:
         fresh.__del__()

@@ -94,6 +94,17 @@ def test_health_breaches_roll_back_before_any_feedback():
     assert few.action == "hold"  # under min_requests: health not judged yet
 
 
+def test_a_challenger_that_never_loads_is_rolled_back_once_its_loads_failed_three_times():
+    def canary(load_failures, challenger_requests=0):
+        return decide(CFG, Evidence(paired=False, production_requests=200, challenger_requests=challenger_requests,
+                                    challenger_load_failures=load_failures), 1)
+
+    assert canary(2).action == "hold"  # a replica tries again: not yet a verdict
+    gone = canary(3)
+    assert gone.action == "rollback" and "did not load: 3 failed loads" in gone.reason
+    assert canary(3, challenger_requests=5).action == "hold"  # it loaded somewhere and answers
+
+
 def test_stages_follow_the_mode_and_the_steps():
     steps = [5.0, 25.0, 50.0]
     assert first_stage("shadow", steps) == ("shadow", 0, 0.0)
