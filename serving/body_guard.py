@@ -1,5 +1,7 @@
-"""``BodyGuard``: the ingress reads every request body itself before FastAPI does, with the
-limits the model replicas apply to theirs (``predict_request.py``).
+"""The ingress's ASGI middleware. ``BodyGuard``: the ingress reads every request body itself
+before FastAPI does, with the limits the model replicas apply to theirs
+(``predict_request.py``). ``TrailingSlash``: a path with a trailing slash is the path without
+it, as a model replica reads predict's.
 """
 
 from __future__ import annotations
@@ -69,3 +71,20 @@ class BodyGuard:
             await self.app(scope, replay, send)
         finally:
             self.budget.give(len(body))
+
+
+class TrailingSlash:
+    """``/v1/feedback/`` is ``/v1/feedback``, as ``/v1/models/m/predict/`` is predict: the
+    model replicas (HAProxy routes predict to them by prefix) take either, and a client
+    should not find that one route takes a slash and the next answers 404. Not FastAPI's
+    ``redirect_slashes``: its 307 has an empty body and an absolute ``http://`` location,
+    wrong behind a TLS proxy, and a client re-sends a POST's body to it or not."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            scope = {**scope, "path": path.rstrip("/") or "/"}
+        return await self.app(scope, receive, send)

@@ -53,7 +53,7 @@ from tuneloop.core.names import (INGRESS_DEPLOYMENT, model_app_name, model_deplo
                                  running_replicas)
 from tuneloop.core.tasks import model_task
 from tuneloop.serving.api_bodies import EmptyRequest, FeedbackRequest, PredictRequest, PromoteRequest, RolloutRequest
-from tuneloop.serving.body_guard import BodyGuard
+from tuneloop.serving.body_guard import BodyGuard, TrailingSlash
 from tuneloop.serving.predict_request import BodyBudget
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,7 @@ CONTROLLER_LOOKUP_S = 5.0  # how long a retrain controller handle is trusted (In
 # A body without a Content-Type is JSON, as the model replicas read it (BodyGuard refuses any
 # other type first): FastAPI's strict default left it unparsed, and feedback sent as
 # requests' data=json.dumps(...) got a 422 "Input should be a valid dictionary".
-# No 307 to the path without its trailing slash: its empty body and absolute http:// location
-# (wrong behind a TLS proxy) answered where every other unknown path gets a JSON 404.
+# No 307 to the path without its trailing slash (TrailingSlash takes that path instead).
 app = FastAPI(title="tuneloop", version="1", strict_content_type=False, redirect_slashes=False)
 
 
@@ -145,6 +144,7 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 
 app.add_middleware(BodyGuard)
+app.add_middleware(TrailingSlash)  # added last: runs first, on every request
 
 
 def readiness(answers: dict[str, tuple[str | None, dict[str, str]]]) -> JSONResponse:
