@@ -376,7 +376,9 @@ def _train(cfg: TuneloopConfig, model: str, job: JobRecord, storage: Storage, re
         base_model=mcfg.starts_from(),
         task=mcfg.task,
         labels=mcfg.labels,
-        training={**tcfg.model_dump(), "steps": report["steps"], **report["recipe"],
+        # A CPU job's workers held no GPU, whatever gpus_per_worker's default says.
+        training={**tcfg.model_dump(), "gpus_per_worker": tcfg.gpus_per_worker if tcfg.use_gpu else 0,
+                  "steps": report["steps"], **report["recipe"],
                   "speed": _speed(report, run_started)},
         data={**data.summary, "fresh_eval": _fresh_numbers(gate)},
         metrics=metrics,

@@ -43,6 +43,7 @@ def test_first_job_trains_v1_from_the_base_model(trained):
     assert job.state == "succeeded", job.error
     assert manifest.version == "v1" and manifest.parent is None and manifest.status == "accepted"
     assert manifest.training["zero_stage"] == 2 and manifest.training["steps"] == 2
+    assert manifest.training["gpus_per_worker"] == 0  # a CPU job held no GPU, whatever the default says
     speed = manifest.training["speed"]  # the start-up, whole and at the worker's marks
     assert set(speed["startup_parts"]) == {"workers", "model_load", "deepspeed", "first_batch"}
     assert all(s >= 0 for s in speed["startup_parts"].values()) and speed["startup_parts"]["workers"] > 0
