@@ -298,10 +298,12 @@ def version_health(files_by_node: dict[str, list[str]], model: str) -> dict[str,
 def _node_health(files: list[str], model: str) -> dict[str, VersionHealth]:
     """Each version's serving counts, summed over one node's replicas: requests (answered,
     and failed in the model) with the answered ones' latency buckets; a shadow's runs and
-    failures (its answers reach no user, so no latency); loads that failed."""
+    failures (its answers reach no user, so no latency); loads that failed, and whether a
+    replica holds it resident."""
     requests: dict[str, float] = defaultdict(float)
     errors: dict[str, float] = defaultdict(float)
     load_failures: dict[str, float] = defaultdict(float)
+    resident: set[str] = set()
     buckets: dict[str, dict[float, float]] = defaultdict(lambda: defaultdict(float))
     for family in FilesCollector({"": files}).collect():
         for s in family.samples:
@@ -321,8 +323,11 @@ def _node_health(files: list[str], model: str) -> dict[str, VersionHealth]:
             elif s.name == "tuneloop_version_load_failures_total":
                 requests[version] += 0.0  # a version that never loaded has no request: listed all the same
                 load_failures[version] += s.value
-    return {v: VersionHealth(requests[v], errors[v], tuple(sorted(buckets[v].items())), load_failures[v])
-            for v in requests}
+            elif s.name == "tuneloop_resident_weight_bytes" and s.value > 0:
+                requests[version] += 0.0
+                resident.add(version)  # some replica of the node holds it (mostrecent: the last word)
+    return {v: VersionHealth(requests[v], errors[v], tuple(sorted(buckets[v].items())), load_failures[v],
+                             v in resident) for v in requests}
 
 
 class InServiceCollector:

@@ -149,6 +149,7 @@ class Evidence:
     production_p99_s: float | None = None
     challenger_p99_s: float | None = None
     challenger_load_failures: int = 0
+    challenger_resident: bool = False
 
     def samples(self) -> int:
         return self.pairs if self.paired else min(self.production_feedback, self.challenger_feedback)
@@ -201,9 +202,12 @@ def _rate(errors: int, requests: int) -> float:
     return errors / requests if requests else 0.0
 
 
-# Failed loads of a challenger that answered nothing before it is rolled back: a replica tries
-# again after 10, 20, 40 s (version_loader.py), so one failure is not yet a verdict.
+# A challenger no replica holds is rolled back after this many failed loads (summed over the
+# replicas), once its stage is LOAD_GIVE_UP_S old: a replica tries again after 10, 20, 40 s
+# (version_loader.py), so three replicas failing once at the start are not yet a verdict,
+# while one replica has tried four times by then.
 LOAD_FAILURES_TO_ROLL_BACK = 3
+LOAD_GIVE_UP_S = 90.0
 
 # Requests above the p99 that a p99 is judged on: at 50 requests the p99 was the slowest one,
 # and a single cold first batch rolled a canary back.
@@ -221,17 +225,17 @@ def error_rate_lower_bound(errors: int, requests: int, z: float) -> float:
     return max(0.0, (centre - spread) / (1 + z * z / n))
 
 
-def health_breach(cfg: RolloutConfig, e: Evidence) -> str | None:
+def health_breach(cfg: RolloutConfig, e: Evidence, waited_s: float) -> str | None:
     """Why the challenger is unhealthy next to production, or None. Its error rate breaches
     when even the rate's lower bound (at ``confidence``, valid at every look with
     ``sequential``) is past production's plus the allowed increase; its p99 latency once
     each side has ``TAIL_REQUESTS`` requests above its p99."""
-    if e.challenger_load_failures >= LOAD_FAILURES_TO_ROLL_BACK and not e.challenger_requests \
-            and e.production_requests >= cfg.min_requests:
+    if e.challenger_load_failures >= LOAD_FAILURES_TO_ROLL_BACK and not e.challenger_resident \
+            and not e.challenger_requests and waited_s >= LOAD_GIVE_UP_S and e.production_requests >= cfg.min_requests:
         # Without this it held, with no request and no feedback, until the alert an hour on,
         # and every new version in the meantime was parked as a candidate.
-        return (f"it did not load: {e.challenger_load_failures} failed loads on the replicas and no request "
-                f"answered, while production answered {e.production_requests}")
+        return (f"it did not load: {e.challenger_load_failures} failed loads, no replica holds it and it answered "
+                f"no request in {waited_s:.0f} s, while production answered {e.production_requests}")
     if e.challenger_requests < cfg.min_requests:
         return None
     mine, theirs = _rate(e.challenger_errors, e.challenger_requests), _rate(e.production_errors, e.production_requests)
@@ -252,7 +256,7 @@ def health_breach(cfg: RolloutConfig, e: Evidence) -> str | None:
 def decide(cfg: RolloutConfig, e: Evidence, waited_s: float) -> Decision:
     """The decision at one look, ``waited_s`` after the stage started."""
     numbers = {k: v for k, v in asdict(e).items() if v is not None}
-    breach = health_breach(cfg, e)
+    breach = health_breach(cfg, e, waited_s)
     if breach:
         return Decision("rollback", f"unhealthy: {breach}", numbers=numbers)
     overdue = waited_s >= cfg.inconclusive_after_s
@@ -311,6 +315,7 @@ class VersionHealth:
     errors: float = 0.0
     latency_buckets: tuple[tuple[float, float], ...] = ()
     load_failures: float = 0.0
+    resident: bool = False  # a replica holds it loaded now (a state, not a count)
 
     def since(self, start: VersionHealth | None) -> VersionHealth:
         """What happened after ``start`` (a snapshot of the same counters; never below 0: a
@@ -320,14 +325,15 @@ class VersionHealth:
         before = dict(start.latency_buckets)
         return VersionHealth(max(0.0, self.requests - start.requests), max(0.0, self.errors - start.errors),
                              tuple((le, max(0.0, n - before.get(le, 0.0))) for le, n in self.latency_buckets),
-                             max(0.0, self.load_failures - start.load_failures))
+                             max(0.0, self.load_failures - start.load_failures), self.resident)
 
     def __add__(self, other: VersionHealth) -> VersionHealth:
         buckets = dict(self.latency_buckets)
         for le, n in other.latency_buckets:
             buckets[le] = buckets.get(le, 0.0) + n
         return VersionHealth(self.requests + other.requests, self.errors + other.errors,
-                             tuple(sorted(buckets.items())), self.load_failures + other.load_failures)
+                             tuple(sorted(buckets.items())), self.load_failures + other.load_failures,
+                             self.resident or other.resident)
 
     def p99_s(self) -> float | None:
         return quantile_from_buckets(list(self.latency_buckets), 0.99)

@@ -33,7 +33,7 @@ def evidence(task: Task, production: str, rollout: Rollout, feedback: list[dict[
     mine, theirs = health.get(rollout.version, VersionHealth()), health.get(production, VersionHealth())
     common = {"production_requests": int(theirs.requests), "production_errors": int(theirs.errors),
               "challenger_requests": int(mine.requests), "challenger_errors": int(mine.errors),
-              "challenger_load_failures": int(mine.load_failures)}
+              "challenger_load_failures": int(mine.load_failures), "challenger_resident": mine.resident}
     if rollout.stage == "shadow":
         pairs = production_only = challenger_only = 0
         for row in feedback:

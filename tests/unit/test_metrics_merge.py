@@ -83,7 +83,8 @@ def test_version_health_sums_nodes_and_separates_served_from_shadow(tmp_path):
                      ("tuneloop_shadow_runs", "tuneloop_shadow_runs_total", {**shadow, "outcome": "shed"}, 7)])],
              "c": [_write(tmp_path / "c", 1, "counter", [  # a replica where v3 never loaded
                  ("tuneloop_version_load_failures", "tuneloop_version_load_failures_total",
-                  {"model": "m", "version": "v3"}, 3)])]}
+                  {"model": "m", "version": "v3"}, 3)]),
+                   _resident_file(tmp_path / "c", 2, 4e6, at=100.0)]}  # another replica of it holds v2
     from tuneloop.core.rollout import health_since
 
     by_node = version_health(files, "m")
@@ -94,7 +95,8 @@ def test_version_health_sums_nodes_and_separates_served_from_shadow(tmp_path):
     assert dict(v1.latency_buckets) == {0.1: 189, 1.0: 200, float("inf"): 200}
     assert 0.1 < v1.p99_s() <= 1.0
     assert (v2.requests, v2.errors, v2.latency_buckets) == (42, 2, ())  # shed runs are no requests
-    assert (health["v3"].requests, health["v3"].load_failures) == (0, 3)  # listed, with its failed loads
+    assert (health["v3"].requests, health["v3"].load_failures, health["v3"].resident) == (0, 3, False)
+    assert health["v2"].resident and not v1.resident  # (v1's gauge was not written here)
 
 
 def _resident_file(folder, pid: int, value: float, at: float) -> str:

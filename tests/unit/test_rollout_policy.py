@@ -95,14 +95,16 @@ def test_health_breaches_roll_back_before_any_feedback():
 
 
 def test_a_challenger_that_never_loads_is_rolled_back_once_its_loads_failed_three_times():
-    def canary(load_failures, challenger_requests=0):
+    def canary(load_failures, waited_s=120, challenger_requests=0, resident=False):
         return decide(CFG, Evidence(paired=False, production_requests=200, challenger_requests=challenger_requests,
-                                    challenger_load_failures=load_failures), 1)
+                                    challenger_load_failures=load_failures, challenger_resident=resident), waited_s)
 
     assert canary(2).action == "hold"  # a replica tries again: not yet a verdict
     gone = canary(3)
-    assert gone.action == "rollback" and "did not load: 3 failed loads" in gone.reason
+    assert gone.action == "rollback" and "did not load: 3 failed loads, no replica holds it" in gone.reason
+    assert canary(3, waited_s=30).action == "hold"  # three replicas failing once at the start: retries to come
     assert canary(3, challenger_requests=5).action == "hold"  # it loaded somewhere and answers
+    assert canary(3, resident=True).action == "hold"  # loaded on a replica, no request routed to it yet
 
 
 def test_stages_follow_the_mode_and_the_steps():
