@@ -87,4 +87,6 @@ class TrailingSlash:
         path = scope.get("path", "")
         if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
             scope = {**scope, "path": path.rstrip("/") or "/"}
+            if scope.get("raw_path"):  # predict's route compares the path as sent
+                scope["raw_path"] = scope["raw_path"].rstrip(b"/") or b"/"
         return await self.app(scope, receive, send)

@@ -220,3 +220,22 @@ def test_a_wrong_type_is_named_in_jsons_words_not_pythons(body, says):
     task = model_task(ModelConfig(name="m", labels=["a", "b"]))
     with pytest.raises(InvalidBody, match=re.escape(says)):
         parse_predict_body(body, PredictLimits(max_inputs=8, max_chars=100, max_body_bytes=1000), task)
+
+
+def test_a_trailing_slash_is_the_bare_path_as_sent_and_as_decoded():
+    """Predict's ingress route compares ``raw_path`` with its route: a slash left there
+    answered 404 "percent-encoded" where the bare path answered 503 not_ready."""
+    import asyncio
+
+    from tuneloop.serving.body_guard import TrailingSlash
+
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append((scope["path"], scope.get("raw_path")))
+
+    for path, raw in [("/v1/models/m/predict/", b"/v1/models/m/predict/"), ("/healthz//", b"/healthz//"),
+                      ("/", b"/"), ("/v1/feedback", b"/v1/feedback")]:
+        asyncio.run(TrailingSlash(app)({"type": "http", "path": path, "raw_path": raw}, None, None))
+    assert seen == [("/v1/models/m/predict", b"/v1/models/m/predict"), ("/healthz", b"/healthz"), ("/", b"/"),
+                    ("/v1/feedback", b"/v1/feedback")]
