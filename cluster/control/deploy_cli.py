@@ -142,7 +142,7 @@ def rollout_cmd(model: str, version: str | None = typer.Argument(None, help="the
     typer.echo(f"# {what} of {model} in {cfg.storage.root}")
     try:
         registry = Registry(stored_root(cfg))  # a mistyped local root is said so, not made by the state's lock
-        before = registry.state(model).production
+        before = registry.state(model)
         # --dry-run: the same checks on the state as it is, nothing written
         state = (registry.rollback(model, reason="tuneloop deploy rollout --rollback", labels=cfg.model(model).labels,
                                    dry_run=dry_run)
@@ -158,10 +158,10 @@ def rollout_cmd(model: str, version: str | None = typer.Argument(None, help="the
         # The cluster's bucket, out of this machine's reach: the plan is printed all the same.
         typer.echo(f"# not checked against the registry, which this machine cannot read: {e}")
         return
-    if dry_run:
-        typer.echo(f"# production is {before or 'none'}; it would be {state.production}"
-                   + (f", the rollout of {state.rollout.version} going on" if state.rollout else "")
-                   + "; nothing changed (--dry-run)")
+    if dry_run:  # promote and rollback both end a rollout under way
+        ends = f"; the rollout of {before.rollout.version} would end" if before.rollout else ""
+        typer.echo(f"# production is {before.production or 'none'}; it would be {state.production}{ends}; "
+                   "nothing changed (--dry-run)")
         return
     typer.echo(f"{model}: production is {state.production} (generation {state.generation})")
 
