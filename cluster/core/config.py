@@ -149,8 +149,9 @@ class TuneloopConfig(Section):
                 continue
             # Training reads a long text in the same windows, at its own max_length: a stride
             # past half of that would be cut there without a word.
+            trained = f"models.{m.name}.training.max_length" if "max_length" in m.training else "training.max_length"
             for key, length in (("serving.max_length", self.serving.max_length),
-                                ("training.max_length", self.training_for(m.name).max_length)):
+                                (trained, self.training_for(m.name).max_length)):
                 if m.window_stride > length // 2:
                     raise ValueError(f"model {m.name!r}: window_stride {m.window_stride} exceeds half of {key} "
                                      f"({length}): windows would share most of their tokens; at most {length // 2}")

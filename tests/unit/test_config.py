@@ -277,7 +277,7 @@ def test_digest_is_the_same_wherever_the_config_is_loaded(tmp_path):
     ({"task": "token-classification", "labels": ["PER"], "window_stride": 65}, {"max_length": 128},
      "window_stride 65 exceeds half of serving.max_length (128)"),
     ({"task": "token-classification", "labels": ["PER"], "window_stride": 40, "training": {"max_length": 64}},
-     {"max_length": 128}, "window_stride 40 exceeds half of training.max_length (64)"),  # training's windows
+     {"max_length": 128}, "window_stride 40 exceeds half of models.sentiment.training.max_length (64)"),  # training's
     ({}, {"num_replicas": 2, "autoscaling": {"max_replicas": 4}}, "num_replicas 2 is a fixed count"),
     ({}, {"max_batch_size": 2, "max_queued_requests": 4, "autoscaling": {"target_ongoing_requests": 32}},
      "target_ongoing_requests 32 is never reached: a replica holds at most 12 requests"),
