@@ -110,7 +110,7 @@ def _feedback_until(url: str, done, judge, timeout_s: float = 180) -> dict:
             assert time.monotonic() < deadline, f"rollout did not get there: {state}"
             texts = [TEXTS[(i + k) % len(TEXTS)] for k in range(8)]
             i += 8
-            # A client id of its own per request: one API key would be one sticky client.
+            # A client id of its own per request: each drawn on its own, as requests without one are.
             answered = c.post("/v1/models/sentiment/predict", json={"inputs": texts},
                               headers={**bearer(PREDICT_KEY), "X-Client-Id": f"judge-{i}"})
             assert answered.status_code == 200, answered.text
