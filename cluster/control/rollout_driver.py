@@ -58,9 +58,11 @@ class RolloutDriver:
         """One look at ``model``'s rollout; the decision taken (None: no rollout, or paused)."""
         state = self.registry.state(model)
         rollout = state.rollout
-        if rollout is None:
+        if rollout is None or rollout.stage != "shadow":  # only a shadow stage reads them: a canary's
+            # hours would otherwise keep every shadow answer of the stage before, texts and all
             self._shadow_answers = {k: v for k, v in self._shadow_answers.items() if v.get("model") != model}
             self._no_shadow = {k: m for k, m in self._no_shadow.items() if m != model}
+        if rollout is None:
             return None
         if rollout.paused or state.production is None:
             return None

@@ -88,8 +88,10 @@ def test_a_better_shadow_goes_to_canary_then_production_by_its_feedback(shadow_w
     state = w.registry.state("m")
     assert (state.rollout.stage, state.rollout.percent) == ("canary", 10.0)
     assert state.history[-1].numbers["challenger_only"] == 16
+    assert len(w.driver._shadow_answers) == 80
     # Canary: only predictions since the step count; v2 now answers its own share.
     assert w.driver.look("m").action == "hold"
+    assert not w.driver._shadow_answers  # the shadow's answers are let go with their stage
     for step in range(2):
         assert w.driver.look("m").action == "hold"  # the stage's first look: its health counts start here
         for i in range(70):
