@@ -41,10 +41,11 @@ class LoopTimes:
 
 def fine_tune(base: str, labels: list[str], rows: list[tuple[str, str]], *, epochs: int, learning_rate: float,
               batch_size: int, max_length: int, warmup_ratio: float, weight_decay: float, seed: int = 0,
-              out: Path | None = None, progress=None) -> LoopTimes:
+              out: Path | None = None, progress=None, on_step=None) -> LoopTimes:
     """Fine-tune ``base`` on ``rows`` (text, label); saves the model to ``out`` if given.
     ``seed`` sets the head's initialisation, dropout and the order of every epoch. Runs on
-    the torch threads the caller set."""
+    the torch threads the caller set. ``on_step(step, net, tokenizer)``, if given, after
+    every optimizer step (an evaluation in it is timed with the epoch)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
     torch.manual_seed(seed)
@@ -76,6 +77,8 @@ def fine_tune(base: str, labels: list[str], rows: list[tuple[str, str]], *, epoc
             optimizer.step()
             schedule.step()
             optimizer.zero_grad()
+            if on_step:
+                on_step(schedule.last_epoch, net, tokenizer)
         times.epoch_s.append(time.perf_counter() - t0)
         if progress:
             progress(f"plain loop (seed {seed}): epoch {epoch + 1}/{epochs} done in {times.epoch_s[-1]:.0f}s, "

@@ -180,3 +180,17 @@ def test_rollout_bench_smoke_decides_both_rollouts():
     assert len(failed) == 2 and all(f.isdigit() for f in failed)  # failures counted, not dropped
     assert "production" in decided["better challenger, shadow to production"]
     assert "rolled back" in decided["worse canary at 50%, to rollback"]
+
+
+def test_student_ceiling_smoke_prints_its_checks(tmp_path):
+    # A tiny random model on 64 generated rows, a check every 2 steps: seconds.
+    base = build_tiny_model(tmp_path / "tiny", ["negative", "positive"])
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "student_ceiling.py"), "--smoke",
+                          "--base-model", base, "--epochs", "2"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    checks = result["checks"]  # 64 rows in batches of 32, two epochs: 4 steps, a check every 2
+    assert result["rows"] == 64 and [(c["step"], c["epoch"]) for c in checks] == [(2, 1), (4, 2)]
+    assert all(0 <= c["dev_accuracy"] <= 1 for c in checks) and result["last"] == checks[-1]
+    assert "step 4/4: SST-2 dev accuracy" in out.stderr  # a line per check
