@@ -330,7 +330,9 @@ class Registry:
         self.check_servable(model, version, force, labels, "promote")
 
         def apply(state: RegistryState) -> HistoryEntry:
-            if not over_rollout and state.rollout is not None and state.rollout.version != version:
+            # Its own version's too: an operator who started a canary of it while the job built
+            # its artifacts decided how it takes traffic (the job's promotion ended that canary).
+            if not over_rollout and state.rollout is not None:
                 raise Conflict(f"{state.rollout.version} of {model!r} is being rolled out "
                                f"({state.rollout.stage}); that rollout stands")
             if version == state.production:

@@ -440,6 +440,18 @@ def test_a_direct_jobs_version_leaves_an_operators_rollout_under_way(registry, j
     assert registry.promote("m", "v3").production == "v3"  # an operator still may, ending it
 
 
+def test_a_direct_jobs_version_leaves_an_operators_canary_of_that_very_version(registry, jobs):
+    """An operator started a canary of the job's own version while the job built its
+    artifacts: the job promoted it, and the canary the operator chose ended (probe)."""
+    registry.promote("m", "v1")
+    job = _job(jobs)
+    registry.start_rollout("m", "v3", "canary", 50.0)
+    hand_over(registry, job, "v3", parent="v1", reason="up", rollout=RolloutConfig(mode="direct"))
+    state = registry.state("m")
+    assert (state.production, state.rollout.version, state.rollout.stage) == ("v1", "v3", "canary")
+    assert job.promoted is False and "v3 of 'm' is being rolled out (canary)" in job.message
+
+
 def test_a_lease_whose_holder_could_not_be_written_is_given_back(jobs, storage, monkeypatch):
     """On a full disk the lock was taken and never returned: in a pooled Ray worker, which
     lives on, every later job of the model failed as 'already running'."""
