@@ -207,6 +207,7 @@ class ModelServer:
                          self.cfg.name, challenger, rollout.stage, self._challenger.weight_bytes / 1e6,
                          (self._challenger.weight_bytes + (self._loaded.weight_bytes if self._loaded else 0)) / 1e6)
         self._rollout = rollout
+        self._versions.forget_all_but({production, challenger})
         self._report_resident()
 
     def _serving_version(self) -> str | None:

@@ -61,6 +61,13 @@ class VersionLoader:
         self.rebuild_retry: dict[tuple[str, str | None], tuple[float, int]] = {}
         self.next_rebuild_check = time.monotonic() + REBUILD_CHECK_S
 
+    def forget_all_but(self, wanted: set[str | None]) -> None:
+        """Drop the failures and refusals of versions the state no longer names: /readyz went
+        on reporting a rolled-back challenger as not loaded. One named again is tried at once."""
+        for record in (self.failed, self.refused):
+            for version in [v for v in record if v not in wanted]:
+                record.pop(version, None)
+
     def load(self, version: str, serving: str | None) -> LoadedModel | None:
         """The version loaded, or None: refused (``refused``), or failed (``failed``) until its
         next try. ``serving``: the version this replica serves meanwhile, for the log."""

@@ -280,6 +280,9 @@ def test_a_challenger_whose_files_are_cut_does_not_stop_a_replica_and_is_tried_a
         fresh._versions.failed["v2"] = (0.0, *fresh._versions.failed["v2"][1:])
         fresh._sync_with_registry()
         assert fresh._versions.failed["v2"][2] == 2 and fresh._versions.failed["v2"][0] - model_server.time.monotonic() > 15
+        registry.abort_rollout("sentiment", "v2")
+        fresh._sync_with_registry()
+        assert "v2" not in fresh.status()["failed"]  # rolled back: no longer reported as not loaded (/readyz)
         # each failed load counted, for the rollout's health (a challenger that never loads is rolled back)
         assert REGISTRY.get_sample_value("tuneloop_version_load_failures_total", labels) == failed_loads + 2
     finally:
