@@ -136,7 +136,7 @@ def rollout_cmd(model: str, version: str | None = typer.Argument(None, help="the
     cfg, _ = _load(config)
     known_model(cfg, model)
     if (version is None) == (not rollback):
-        typer.echo("give a VERSION or --rollback", err=True)
+        typer.echo("give a VERSION or --rollback" + (", not both" if rollback else ""), err=True)
         raise typer.Exit(2)
     what = "roll back" if rollback else f"promote {version}"
     typer.echo(f"# {what} of {model} in {cfg.storage.root}")
