@@ -54,8 +54,9 @@ def operate_rollout(registry: Registry, model: str, action: RolloutAction, who: 
         raise Conflict(f"the rollout under way is of {current.version}, not of {version!r}")
     if action == "step":
         if at is not None and at != current.percent:
-            raise Conflict(f"the rollout of {current.version} is at {current.stage} {current.percent:g}%, not at "
-                           f"{at:g}%: it moved since you looked; look again before stepping")
+            where = "in shadow (0% of answers)" if current.stage == "shadow" else f"at canary {current.percent:g}%"
+            raise Conflict(f"the rollout of {current.version} is {where}, not at {at:g}%: it moved since you "
+                           "looked; look again before stepping")
         return registry.advance_rollout(model, current.version, rollout.canary_steps, f"forced {who}",
                                         request=request, seen=current)
     if action == "rollback":

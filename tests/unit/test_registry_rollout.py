@@ -202,6 +202,10 @@ def test_an_operators_step_at_the_percent_seen_is_refused_once_the_rollout_moved
     assert (reg.state("m").production, reg.state("m").rollout.percent) == ("v1", 50.0)
     with pytest.raises(InvalidBody, match='"at" goes with "step"'):
         operate_rollout(reg, "m", "pause", "by k", steps, ["a", "b"], at=50.0)
+    reg.abort_rollout("m", "v2")
+    operate_rollout(reg, "m", "start", "by k", steps, ["a", "b"], "v2", "shadow")
+    with pytest.raises(Conflict, match=r"is in shadow \(0% of answers\), not at 5%"):  # not "at shadow 0%"
+        operate_rollout(reg, "m", "step", "by k", steps, ["a", "b"], at=5.0)
 
 
 def test_a_rollout_is_not_started_when_no_prediction_is_logged(reg):
