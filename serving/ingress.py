@@ -134,10 +134,16 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 
 
 @app.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     typed = {404: NotFound, 405: MethodNotAllowed}.get(exc.status_code)
     if typed is not None:
-        answer = error_response(typed(str(exc.detail)))
+        # Starlette's own words ("Not Found", "Method Not Allowed") named neither the path
+        # nor the method; predict's replicas say both.
+        allowed = (exc.headers or {}).get("Allow")
+        said = {404: f"no route {request.url.path!r}",
+                405: f"{request.method} is not allowed here; use {allowed}" if allowed else None}.get(exc.status_code)
+        generic = str(exc.detail) in ("Not Found", "Method Not Allowed")
+        answer = error_response(typed(said if said and generic else str(exc.detail)))
         answer.headers.update(exc.headers or {})  # a 405's Allow: the methods the path takes
         return answer
     return JSONResponse(V1.body("http_error", str(exc.detail)), status_code=exc.status_code)

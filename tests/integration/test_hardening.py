@@ -237,6 +237,9 @@ def test_odd_paths_ids_and_headers_get_a_json_4xx(hardened):
         wrong = c.get(f"{url}/v1/feedback")
         assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
         assert wrong.headers["allow"] == "POST"
+        assert wrong.json()["error"]["message"] == "GET is not allowed here; use POST"  # as predict says it
+        unknown = c.get(f"{url}/v1/nothing")
+        assert unknown.status_code == 404 and unknown.json()["error"]["message"] == "no route '/v1/nothing'"
         wrong = c.get(f"{url}/v1/models/sentiment/predict")  # the model's own app: the same Allow
         assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
         # Two keys: the first won, so an admin key beside a metrics key acted as admin.
