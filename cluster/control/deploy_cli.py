@@ -142,7 +142,7 @@ def rollout_cmd(model: str, version: str | None = typer.Argument(None, help="the
     typer.echo(f"# {what} of {model} in {cfg.storage.root}")
     try:
         registry = Registry(stored_root(cfg))  # a mistyped local root is said so, not made by the state's lock
-        before = registry.state(model)
+        before = registry.state(model) if dry_run else None  # for what the dry run says
         # --dry-run: the same checks on the state as it is, nothing written
         state = (registry.rollback(model, reason="tuneloop deploy rollout --rollback", labels=cfg.model(model).labels,
                                    dry_run=dry_run)

@@ -327,7 +327,7 @@ class Registry:
         that was never published. Without ``over_rollout`` (a job's own promotion), a
         rollout under way is a Conflict too: an operator's decision, which stands.
         ``dry_run``: the same checks, and the state it would write, unwritten."""
-        self.check_servable(model, version, force, labels, "promote")
+        self._servable(model, version, force, labels, "promote")
 
         def apply(state: RegistryState) -> HistoryEntry:
             # Its own version's too: an operator who started a canary of it while the job built
@@ -349,7 +349,7 @@ class Registry:
 
         return self._transition(model, apply, expect_production, request, dry_run)
 
-    def check_servable(self, model: str, version: str, force: bool, labels: list[str] | None, verb: str) -> None:
+    def _servable(self, model: str, version: str, force: bool, labels: list[str] | None, verb: str) -> None:
         """Raises UnknownVersion for a version never published, Conflict for one the gate
         rejected (without ``force``) or trained for other ``labels``: what refuses ``verb``."""
         manifest = self.manifest(model, version)  # raises UnknownVersion; manifests never change
@@ -383,7 +383,7 @@ class Registry:
                                f"(production is {state.production or 'none'})")
             if labels is not None:
                 try:
-                    self.check_servable(model, target, True, labels, "roll back to")
+                    self._servable(model, target, True, labels, "roll back to")
                 except Conflict as e:
                     raise Conflict(f"cannot roll back from {state.production} to {target}: {e.message}; promote a "
                                    "version trained for the config's labels instead") from None
@@ -408,7 +408,7 @@ class Registry:
                       labels: list[str] | None = None, request: str | None = None) -> RegistryState:
         """Make ``version`` production's challenger, at ``stage`` (``percent``: the canary's
         share). Conflict if a rollout is under way, or (``expect_production``) production moved."""
-        self.check_servable(model, version, force, labels, "roll out")
+        self._servable(model, version, force, labels, "roll out")
 
         def apply(state: RegistryState) -> HistoryEntry:
             if state.rollout is not None:
