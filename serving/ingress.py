@@ -139,11 +139,12 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     if typed is not None:
         # Starlette's own words ("Not Found", "Method Not Allowed") named neither the path
         # nor the method; predict's replicas say both.
-        allowed = (exc.headers or {}).get("Allow")
-        said = {404: f"no route {request.url.path!r}",
-                405: f"{request.method} is not allowed here; use {allowed}" if allowed else None}.get(exc.status_code)
-        generic = str(exc.detail) in ("Not Found", "Method Not Allowed")
-        answer = error_response(typed(said if said and generic else str(exc.detail)))
+        detail, allowed = str(exc.detail), (exc.headers or {}).get("Allow")
+        if detail == "Not Found":
+            detail = f"no route {request.url.path!r}"
+        elif detail == "Method Not Allowed" and allowed:
+            detail = f"{request.method} is not allowed here; use {allowed}"
+        answer = error_response(typed(detail))
         answer.headers.update(exc.headers or {})  # a 405's Allow: the methods the path takes
         return answer
     return JSONResponse(V1.body("http_error", str(exc.detail)), status_code=exc.status_code)

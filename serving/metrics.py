@@ -321,13 +321,12 @@ def _node_health(files: list[str], model: str) -> dict[str, VersionHealth]:
             elif s.name == "tuneloop_shadow_runs_total" and outcome == "ok":
                 requests[version] += s.value
             elif s.name == "tuneloop_version_load_failures_total":
-                requests[version] += 0.0  # a version that never loaded has no request: listed all the same
                 load_failures[version] += s.value
             elif s.name == "tuneloop_resident_weight_bytes" and s.value > 0:
-                requests[version] += 0.0
                 resident.add(version)  # some replica of the node holds it (mostrecent: the last word)
+    # A version that never loaded has no request: listed all the same, by its failed loads.
     return {v: VersionHealth(requests[v], errors[v], tuple(sorted(buckets[v].items())), load_failures[v],
-                             v in resident) for v in requests}
+                             v in resident) for v in requests.keys() | load_failures.keys() | resident}
 
 
 class InServiceCollector:
