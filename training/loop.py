@@ -470,14 +470,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # gate's, never the gate's own; at v1 a share of the seed), or, at a v1 whose seed was too
     # small to spare one, on the golden set (v1 has no production for the gate to compare with).
     monitor = "validation" if "validation" in tables else None
+    stops_early = config["early_stopping_patience"] is not None and config["epochs"] > 1
     if monitor is None and not config["has_parent"] and "golden" in tables:
         monitor = "golden"
-        if config["early_stopping_patience"] is not None and config["epochs"] > 1:  # said: the gate reads it too
+        if stops_early:  # said: the gate reads the golden set too
             _log(rank, "early stopping watches the golden set's loss: no validation rows (eval_fraction 0, or a "
                        "seed too small to spare them)")
     stopping = EarlyStopping(config["early_stopping_patience"], config["early_stopping_min_delta"])
-    per_epoch = monitor is not None and config["early_stopping_patience"] is not None and config["epochs"] > 1
-    if monitor is None and config["early_stopping_patience"] is not None and config["epochs"] > 1:
+    per_epoch = monitor is not None and stops_early
+    if monitor is None and stops_early:
         _log(rank, "early stopping is off for this job: no validation rows (too little fresh feedback"
                    + ("; the golden set is the gate's)" if config["has_parent"] else ", and no golden set)"))
     still_running = _job_check(config["job"], rank)

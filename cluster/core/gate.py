@@ -219,12 +219,11 @@ def _sanity_check(e: Evidence) -> GateCheck:
     if not e.finite:
         return GateCheck(name="sanity", passed=False, numbers=numbers, detail="the candidate produced non-finite outputs")
     collapsed = true_classes > 1 and predicted <= 1
+    answers = "one class" if predicted else "no class"  # multi-label: every sigmoid under its threshold
     if collapsed and e.parent_golden is not None and _classes(e.parent_golden)[1] > 1:
         return GateCheck(name="sanity", passed=False, numbers=numbers,
-                         detail=f"the candidate predicts {'one class' if predicted else 'no class'} for a golden "
-                                f"set of {true_classes} classes "
+                         detail=f"the candidate predicts {answers} for a golden set of {true_classes} classes "
                                 f"(production predicts {_classes(e.parent_golden)[1]})")
-    answers = "one class" if predicted else "no class"  # multi-label: every sigmoid under its threshold
     if collapsed:
         return GateCheck(name="sanity", passed=True, numbers=numbers,
                          detail=f"finite outputs; predicts {answers}, as production does" if e.parent_golden
