@@ -23,6 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 
 from tuneloop.core.config import OptimizeConfig, ServingConfig
+from tuneloop.core.rollout import LOAD_FAILURES_TO_ROLL_BACK
 from tuneloop.core.runtimes import (Optimization, choose_lone_runtime, choose_runtime, hardware_class,
                                     serves_alone, unmeasured_runtimes)
 from tuneloop.core.tasks import Task
@@ -79,7 +80,9 @@ class VersionLoader:
         try:
             loaded = self.load_runtime(version)
         except LabelMismatch as e:
-            metrics.VERSION_LOAD_FAILURES.labels(self.model, version).inc()
+            # Refused for good, so never tried again: counted as every failure a challenger's
+            # rollback waits for. Counted once, one replica's refusal never reached the three.
+            metrics.VERSION_LOAD_FAILURES.labels(self.model, version).inc(LOAD_FAILURES_TO_ROLL_BACK)
             self.refused[version] = str(e)
             log.error("model %s: %s; still serving %s", self.model, e, serving or "nothing")
             return None

@@ -13,6 +13,7 @@ from prometheus_client import REGISTRY
 from tuneloop.core.batching_policy import next_batch_size
 from tuneloop.core.config import parse_config
 from tuneloop.core.errors import NotReady, Overloaded
+from tuneloop.core.rollout import LOAD_FAILURES_TO_ROLL_BACK
 from tuneloop.core.runtimes import ArtifactRecord, Optimization, ParityCheck
 from tuneloop.serving.loaded_models import LabelMismatch, cpu_class
 from tuneloop.serving.model_server import ModelServer
@@ -122,9 +123,13 @@ def test_a_refused_version_leaves_the_loaded_one_serving_and_is_not_retried():
     load = replica._versions.load_model
     replica._versions.load_model = lambda path, version, *rest: loads.append(version) or load(path, version, *rest)
     registry.production_version = "bad"
+    counted = REGISTRY.get_sample_value("tuneloop_version_load_failures_total", {"model": "m", "version": "bad"}) or 0
     replica._sync_with_registry()
     replica._sync_with_registry()  # versions are immutable: not loaded again
     assert loads == ["bad"]
+    # refused for good: as many failures as a challenger's rollback waits for, from one replica
+    assert REGISTRY.get_sample_value("tuneloop_version_load_failures_total",
+                                     {"model": "m", "version": "bad"}) == counted + LOAD_FAILURES_TO_ROLL_BACK
     assert registry.switched == ["v1"]  # a refused version was never switched to
     assert replica.status() == {"model": "m", "version": "v1", "challenger": None, "rollout": None,
                                 "refused": {"bad": "version bad's checkpoint has labels ['x', 'y']"}, "failed": {},
