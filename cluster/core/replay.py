@@ -39,7 +39,11 @@ def replay_quota(fresh_train_rows: int, ratio: float, max_rows: int) -> int:
 
 def stratified_sample(labels: Sequence[str], k: int, rng: random.Random) -> list[int]:
     """``k`` indices of ``labels`` (all of them if fewer), each label getting its share of
-    the sample (largest remainder), every present label at least one when ``k`` allows."""
+    the sample, every present label at least one when ``k`` allows. A share's whole part is
+    given; the slots left over go to labels drawn by ``rng``, weighted by what their share
+    lacks (Efraimidis-Spirakis): given to the largest remainders, ties by name, the same
+    classes took them in every job (4 replay slots, 12 intents of equal size: the same 4
+    replayed in each of 20 jobs, the other 8 never)."""
     n = len(labels)
     if k >= n:
         return list(range(n))
@@ -49,22 +53,19 @@ def stratified_sample(labels: Sequence[str], k: int, rng: random.Random) -> list
     for i, label in enumerate(labels):
         by_label[label].append(i)
     groups = sorted(by_label.items())
-    exact = [(len(members) * k / n, label) for label, members in groups]
-    counts = {label: int(share) for share, label in exact}
+    exact = {label: len(members) * k / n for label, members in groups}
+    counts = {label: int(share) for label, share in exact.items()}
     if k >= len(groups):
         for label, _ in groups:
             counts[label] = max(counts[label], 1)
-    # Hand out what is left by largest remainder; take back from the largest if over.
-    remainder = sorted(exact, key=lambda x: (x[0] - int(x[0]), x[1]), reverse=True)
-    i = 0
-    while sum(counts.values()) < k:
-        label = remainder[i % len(remainder)][1]
-        if counts[label] < len(by_label[label]):
-            counts[label] += 1
-        i += 1
-    while sum(counts.values()) > k:
-        label = max(counts, key=lambda lb: counts[lb])
-        counts[label] -= 1
+    # Leftover slots: labels drawn with weight = the share a label still lacks.
+    lacking = {label: exact[label] - counts[label] for label in counts if exact[label] > counts[label]}
+    drawn = sorted(lacking, key=lambda label: rng.random() ** (1 / lacking[label]), reverse=True)
+    for label in drawn[:k - sum(counts.values())]:
+        counts[label] += 1
+    while sum(counts.values()) > k:  # labels given one they lacked: taken back from the largest
+        top = max(counts.values())
+        counts[rng.choice([label for label, c in counts.items() if c == top])] -= 1
     picked: list[int] = []
     for label, members in groups:
         picked.extend(rng.sample(members, counts[label]))

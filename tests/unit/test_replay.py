@@ -32,6 +32,23 @@ def test_stratified_sample_keeps_label_shares_and_every_label():
     assert stratified_sample(labels, 100, random.Random(1)) != picked  # seeded, not fixed
 
 
+def test_stratified_sample_gives_leftover_slots_to_drawn_labels_not_always_the_same():
+    """4 slots among 12 intents of 25 rows: by largest remainder, ties by name, the same 4
+    intents were replayed by every job and the other 8 never."""
+    labels = [f"intent{j:02d}" for j in range(12) for _ in range(25)]
+    hits = Counter()
+    for seed in range(600):
+        picked = stratified_sample(labels, 4, random.Random(seed))
+        assert len(picked) == 4 == len({labels[i] for i in picked})  # 4 labels, one row each
+        hits.update(labels[i] for i in picked)
+    assert set(hits) == set(labels) and min(hits.values()) > 140  # each 200 expected
+    # unequal remainders: a label's expected count is its share (a's 4.4 of 8, c's 1.6), where
+    # the largest remainder gave c its 2 and a its 4 every time
+    labels = ["a"] * 55 + ["b"] * 25 + ["c"] * 20
+    counts = Counter(labels[i] for seed in range(2000) for i in stratified_sample(labels, 8, random.Random(seed)))
+    assert abs(counts["a"] / 2000 - 4.4) < 0.05 and abs(counts["c"] / 2000 - 1.6) < 0.05 and counts["b"] == 4000
+
+
 def test_reservoir_is_bounded_and_uniform_over_all_history():
     rng = random.Random(7)
     hits = Counter()
