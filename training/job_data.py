@@ -255,6 +255,20 @@ def _latest_answers(table: pa.Table) -> tuple[pa.Table, int]:
     return table, len(dropped)
 
 
+def _texts(table: pa.Table) -> set[str]:
+    return {normalized(t) for t in table.column("text").to_pylist()}
+
+
+def _newest_per_text(table: pa.Table) -> tuple[pa.Table, int]:
+    """``table`` (in arrival order) with only the newest answer per text (normalized), and
+    how many it dropped: two answers on one text in one job both trained, opposite labels
+    side by side, and both went into the reservoir, where the older was replayed for good."""
+    newest = {normalized(t): i for i, t in enumerate(table.column("text").to_pylist())}
+    if len(newest) == table.num_rows:
+        return table, 0
+    return _take(table, sorted(newest.values())), table.num_rows - len(newest)
+
+
 def _among(table: pa.Table, column: str, other: pa.Table) -> pa.Array:
     """Which rows of ``table`` have a ``column`` value that ``other`` has too (nulls never do)."""
     values = other.column(column).combine_chunks().drop_null()
@@ -302,12 +316,12 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     else:  # the teacher's, frozen at its first job: never a sample of this model's seed
         golden, golden_summary = golden_set(task, teacher, tcfg, registry, None)
         golden_summary["model"] = teacher.name
-    golden_texts = {normalized(t) for t in golden.column("text").to_pylist()}
+    golden_texts = _texts(golden)
     frozen = registry.golden(mcfg.name)
     if frozen is not None and mcfg.golden_dataset:
         # The sample frozen at the first job stays out of training while a golden_dataset
         # judges instead: taken out of the config, the file leaves that sample judging again.
-        golden_texts |= {normalized(t) for t in frozen.column("text").to_pylist()}
+        golden_texts |= _texts(frozen)
     before = ((parent.data or {}).get("golden") or {}) if parent is not None else {}
     if mcfg.golden_dataset and before.get("sha256") and before.get("source") == mcfg.golden_dataset \
             and before["sha256"] != golden_summary.get("sha256"):
@@ -322,7 +336,8 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
                                         mcfg.name, latest, parent)
     of_held = _of_keys(stored, held_keys)
     fresh, n_superseded = _latest_answers(stored.filter(pc.invert(of_held)))
-    fresh = _rows(fresh, schema, "feedback")
+    fresh, n_same_text = _newest_per_text(_rows(fresh, schema, "feedback"))  # as the reservoir's rows are replaced
+    n_superseded += n_same_text
     on_golden = fresh.num_rows
     fresh = _without_texts(fresh, golden_texts)
     on_golden -= fresh.num_rows
@@ -340,6 +355,7 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     released = released.filter(pc.invert(_among(released, "feedback_id", stored)))
     released = _latest_answers(released.filter(pc.invert(_among(released, "prediction_id", fresh))))[0]
     released = _without_texts(released, golden_texts)  # a golden_dataset set since they were held
+    released = _newest_per_text(_without_texts(released, _texts(fresh)))[0]
     # Only a held key's answers that are still the latest on their prediction: one another key
     # replaced in this window, held, was released later over the answer this job trained on.
     newly_held = _without_texts(_rows(latest.filter(_of_keys(latest, held_keys)), schema, "feedback"), golden_texts)
@@ -384,9 +400,7 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     # prediction id, and a user's correction of a seed text trained beside the seed's old
     # label, which came back in every job after (and, sampled, took the correction out of
     # the gate's kept-back rows).
-    def texts(table: pa.Table) -> set[str]:
-        return {normalized(t) for t in table.column("text").to_pylist()}
-    reservoir = _without_texts(reservoir, texts(fresh))  # fresh rows are newer than any there
+    reservoir = _without_texts(reservoir, _texts(fresh))  # fresh rows are newer than any there
     # A key held since its rows were sampled in replays none of them; they stay in the
     # reservoir, so that an admin's release brings them back.
     replayable = reservoir.filter(pc.invert(_of_keys(reservoir, held_keys))) if held_keys else reservoir
@@ -394,9 +408,9 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     # A seed text users answered, now or in any job before, is theirs: kept from version to
     # version (``answered``), as the reservoir, a sample, forgets most answers.
     earlier = registry.table(mcfg.name, parent.version, "answered") if parent else None
-    answered = texts(earlier) if earlier is not None else set()
+    answered = _texts(earlier) if earlier is not None else set()
     if seed is not None:
-        answered |= texts(seed) & (texts(fresh) | texts(released) | texts(replayable))
+        answered |= _texts(seed) & (_texts(fresh) | _texts(released) | _texts(replayable))
     seed_rows = _rows(seed, schema, "seed") if seed is not None else schema.empty_table()
     if parent is None and mcfg.golden_dataset and seed_rows.num_rows:
         judged = seed_rows.num_rows - _without_texts(seed_rows, golden_texts).num_rows
@@ -434,15 +448,15 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
         _check_first_labels(task, mcfg, train)
     transfer_summary = None
     if teacher is not None and mcfg.distill is not None and mcfg.distill.transfer_dataset:
-        judging = golden_texts | texts(fresh_eval) | texts(validation)  # the gate's and early stopping's
-        transfer, transfer_summary = _transfer_rows(mcfg.distill, schema, judging | texts(train), rng)
+        judging = golden_texts | _texts(fresh_eval) | _texts(validation)  # the gate's and early stopping's
+        transfer, transfer_summary = _transfer_rows(mcfg.distill, schema, judging | _texts(train), rng)
         train = pa.concat_tables([train, transfer])
     train = _take(train, rng.sample(range(train.num_rows), train.num_rows))
     # A text the job trains on is no evidence about the candidate: kept-back and validation
     # rows that repeat one (a frequent query; one text answered on two predictions; a seed
     # text sent again) leave the gate's and early stopping's sets. They are past the
     # watermark, so the next job still trains on them.
-    train_texts = {normalized(t) for t in train.column("text").to_pylist()}
+    train_texts = _texts(train)
     drawn = fresh_eval.num_rows + validation.num_rows
     fresh_eval, validation = _without_texts(fresh_eval, train_texts), _without_texts(validation, train_texts)
     repeating = drawn - fresh_eval.num_rows - validation.num_rows

@@ -179,9 +179,10 @@ def test_another_tools_undated_rows_train_first_and_move_no_watermark(env):
 
 
 def test_kept_back_rows_repeating_a_text_the_job_trains_on_are_no_evidence(env):
-    """A frequent query answered in the trained share and again in the kept-back one, or a
-    seed text sent as feedback: the gate's McNemar test counted the candidate right on text
-    it had just learned."""
+    """A seed text sent as feedback: the gate's McNemar test counted the candidate right on
+    text it had just learned. And a text answered twice in one job (a frequent query): the
+    newer answer replaces the older, as it does a reservoir's row; both trained, opposite
+    labels side by side, and both went into the reservoir."""
     cfg, task, registry, feedback, tmp_path = env
     first = assemble(task, cfg.model("m"), cfg.training, registry, feedback, None)
     v1 = _publish(registry, tmp_path, first, "v1", first.summary)
@@ -198,8 +199,11 @@ def test_kept_back_rows_repeating_a_text_the_job_trains_on_are_no_evidence(env):
     seed_kept = [] if sorted(seed_texts)[0] in trained else [sorted(seed_texts)[0]]
     assert kept == seed_kept + [f"new text {i}" for i in range(8)] and not {t.lower() for t in kept} & trained
     fb = data.summary["feedback"]
-    assert (fb["fresh_rows"], fb["kept_back_rows"], fb["kept_back_repeating_training"]) == (
-        50, 8 + len(seed_kept), 2 - len(seed_kept))
+    assert (fb["fresh_rows"], fb["superseded"], fb["kept_back_rows"], fb["kept_back_repeating_training"]) == (
+        49, 1, 8 + len(seed_kept), 1 - len(seed_kept))
+    answers = [r for t in (data.train, data.validation, data.fresh_eval, data.reservoir) for r in t.to_pylist()
+               if r["text"].strip().lower() == "feedback 3"]
+    assert {(r["text"], r["label"]) for r in answers} == {("  Feedback 3 ", "negative")}
 
 
 def test_latest_answer_per_prediction_wins_and_golden_texts_never_train(env):
