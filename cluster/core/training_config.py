@@ -135,9 +135,11 @@ class GateConfig(Section):
     class_recall_margin: float = Field(
         default=0.05, ge=0, le=1, description="any class's recall on the golden set may fall this much, no more"
     )
-    alpha: float = Field(default=0.05, gt=0, lt=1, description="McNemar's test level on fresh feedback")
+    alpha: float = Field(default=0.05, gt=0, lt=1,
+                         description="level of the one-sided tests: a class's recall drop, a win on fresh feedback")
     min_fresh_rows: int = Field(
-        default=30, ge=1, description="fresh rows needed for the test; with fewer the candidate must not lose"
+        default=30, ge=1, description="fresh rows from which McNemar's test of a win is recorded (a candidate must "
+                                      "not lose there at any number of rows)"
     )
 
 

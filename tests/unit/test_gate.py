@@ -136,18 +136,22 @@ def test_many_classes_a_better_model_passes_and_a_traded_class_fails():
     assert not d.accepted and d.checks[0].numbers["recall_drops"] == {"intent_5": (0.1538, 0.8462)}
 
 
-def test_fresh_rows_need_a_significant_win_when_there_are_enough():
+def test_fresh_rows_need_the_candidate_not_to_lose_and_record_whether_its_win_is_chance():
     parent = _golden(45, 45)
     # 40 rows: the candidate alone is right on 10, production alone on 1: p ~ 0.006.
     cand = [True] * 10 + [False] * 1 + [True] * 29
     par = [False] * 10 + [True] * 1 + [True] * 29
     d = decide(_evidence(parent, parent, cand, par), RULES)
-    assert d.accepted and d.checks[1].numbers["p_value"] < 0.05
-    # 5 against 3 on 40 rows is no evidence (p ~ 0.36): rejected.
+    assert d.accepted and d.checks[1].numbers["p_value"] < 0.05 and "win (shown at 0.05)" in d.checks[1].detail
+    # 5 against 3 on 40 rows is no evidence of a win (p ~ 0.36), but no loss either: it was
+    # rejected, where 2 against 2 (too few disagreements for the test) passed.
     cand = [True] * 5 + [False] * 3 + [True] * 32
     par = [False] * 5 + [True] * 3 + [True] * 32
     d = decide(_evidence(parent, parent, cand, par), RULES)
-    assert not d.accepted and "does not beat production on 40 fresh rows" in d.reason
+    assert d.accepted and "beats production on 40 fresh rows" in d.checks[1].detail
+    assert d.checks[1].numbers["p_value"] > 0.05 and "win (not shown at 0.05)" in d.checks[1].detail
+    d = decide(_evidence(parent, parent, par, cand), RULES)  # 3 against 5: it loses
+    assert not d.accepted and "loses to production on 40 fresh rows" in d.reason
 
 
 def test_with_too_few_disagreements_for_the_test_the_candidate_must_not_lose():
@@ -156,7 +160,8 @@ def test_with_too_few_disagreements_for_the_test_the_candidate_must_not_lose():
     cand = [True] * 40
     par = [False] + [True] * 39
     d = decide(_evidence(parent, parent, cand, par), RULES)
-    assert d.accepted and "1 where they differ" in d.checks[1].detail
+    assert d.accepted and "p_value" not in d.checks[1].numbers and "1 right where production was wrong, 0 the" \
+        in d.checks[1].detail
     d = decide(_evidence(parent, parent, par, cand), RULES)
     assert not d.accepted and "loses to production on 40 fresh rows" in d.reason
 
