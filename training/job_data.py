@@ -35,6 +35,7 @@ from tuneloop.store.quarantine import QuarantineBook
 from tuneloop.store.records import FeedbackStore, arrow_type
 from tuneloop.store.manifest import Manifest
 from tuneloop.store.registry import Registry
+from tuneloop.store.registry_state import version_number
 from tuneloop.training.data import file_sha256, read_dataset, read_texts, table_digest
 
 log = logging.getLogger(__name__)
@@ -287,7 +288,11 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     teacher's golden set, so that both are measured on the same rows, and without a seed of
     its own it learns from the teacher's seed texts."""
     schema = row_schema(task)
-    rng = random.Random(f"{tcfg.seed}:{parent.version if parent else 'v0'}")
+    # Seeded by the parent and by the versions published since it (rejected ones): a job
+    # after a rejected one, with no new feedback (a student whose teacher changed), drew the
+    # same replay and transfer sample again.
+    since = registry.latest_number(mcfg.name) - (version_number(parent.version) if parent else 0)
+    rng = random.Random(f"{tcfg.seed}:{parent.version if parent else 'v0'}" + (f":{since}" if since > 0 else ""))
     seed_path = mcfg.seed_dataset or (teacher.seed_dataset if teacher else None)
     seed = read_dataset(seed_path, task) if seed_path else None
     # Fresh feedback: after the parent's watermark (read first: the first job's golden set

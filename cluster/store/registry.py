@@ -155,14 +155,17 @@ class Registry:
         self.storage.write_json_atomic(f"{folder}/{MANIFEST}", final.model_dump(mode="json"))  # the commit
         return final
 
+    def latest_number(self, model: str) -> int:
+        """The highest version number published or claimed (0: none), from two listings,
+        no manifest read."""
+        return max((version_number(i.base_name) for folder in (self._dir(model), f"{self._dir(model)}/{CLAIMS}")
+                    for i in self.storage.list_dir(folder) if VERSION_NAME.match(i.base_name)), default=0)
+
     def _claim_version(self, model: str) -> str:
         """Take the next version number: the first one past every claim and folder that
         ``create_new`` gets. A claim is never given back, so a failed publish leaves a gap."""
         claims = f"{self._dir(model)}/{CLAIMS}"
-        taken = [version_number(i.base_name)
-                 for folder in (self._dir(model), claims)
-                 for i in self.storage.list_dir(folder) if VERSION_NAME.match(i.base_name)]
-        number = max(taken, default=0) + 1
+        number = self.latest_number(model) + 1
         for _ in range(100):
             if self.storage.create_new(f"{claims}/v{number}", f"{uuid.uuid4().hex} {now_iso()}\n".encode()):
                 return f"v{number}"

@@ -65,6 +65,22 @@ def _on_v1(feedback: FeedbackStore, kind: str, label: str, key_id: str, ids: ran
                             version="v1", predicted_label="positive", key_id=key_id) for i in ids]
 
 
+def test_a_job_after_a_rejected_version_draws_a_new_sample(env):
+    """Seeded by the parent alone, a job with no new feedback after a rejected one (a
+    student whose teacher changed) trained on the same replay sample, in the same order."""
+    cfg, task, registry, feedback, tmp_path = env
+    tcfg = cfg.training.model_copy(update={"max_rows_per_job": 30})
+    first = assemble(task, cfg.model("m"), tcfg, registry, feedback, None)
+    v1 = _publish(registry, tmp_path, first, "v1", first.summary)
+    registry.promote("m", v1.version)
+    before = assemble(task, cfg.model("m"), tcfg, registry, feedback, v1)
+    assert before.train.equals(assemble(task, cfg.model("m"), tcfg, registry, feedback, v1).train)  # reproducible
+    _publish(registry, tmp_path, before, "v2", before.summary)  # v2, say rejected: v1 stays production
+    after = assemble(task, cfg.model("m"), tcfg, registry, feedback, v1)
+    assert after.train.num_rows == before.train.num_rows == 30
+    assert set(after.train.column("text").to_pylist()) != set(before.train.column("text").to_pylist())
+
+
 def test_first_job_learns_the_seed_and_freezes_a_stratified_golden_set(env):
     cfg, task, registry, feedback, _ = env
     data = assemble(task, cfg.model("m"), cfg.training, registry, feedback, None)
