@@ -58,7 +58,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer  # no
 from tuneloop.core.config import TuneloopConfig, parse_config  # noqa: E402
 from tuneloop.core.model_source import resolve_model_source  # noqa: E402
 from tuneloop.core.tasks import model_tasks  # noqa: E402
-from tuneloop.store.records import FeedbackStore, new_prediction_id  # noqa: E402
+from tuneloop.store.feedback_store import FeedbackStore  # noqa: E402
+from tuneloop.store.records import new_prediction_id
 from tuneloop.store.registry import Registry  # noqa: E402
 from tuneloop.store.storage import Storage  # noqa: E402
 from tuneloop.training.launcher import TrainingOutcome, run_training  # noqa: E402

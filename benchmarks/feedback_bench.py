@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.percentiles import percentile  # noqa: E402
 from tuneloop.core.tasks import make_task  # noqa: E402
-from tuneloop.store.records import FeedbackStore, feedback_schema  # noqa: E402
+from tuneloop.store.feedback_store import FeedbackStore  # noqa: E402
+from tuneloop.store.records import feedback_schema
 from tuneloop.store.storage import Storage  # noqa: E402
 
 

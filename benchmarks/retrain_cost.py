@@ -42,7 +42,8 @@ import ray  # noqa: E402
 from tests.tiny_models import build_tiny_model  # noqa: E402
 from tuneloop.core.config import TuneloopConfig, parse_config  # noqa: E402
 from tuneloop.core.tasks import model_tasks  # noqa: E402
-from tuneloop.store.records import FeedbackStore, feedback_schema  # noqa: E402
+from tuneloop.store.feedback_store import FeedbackStore  # noqa: E402
+from tuneloop.store.records import feedback_schema
 from tuneloop.store.manifest import Manifest  # noqa: E402
 from tuneloop.store.registry import Registry  # noqa: E402
 from tuneloop.store.storage import Storage  # noqa: E402

@@ -53,7 +53,7 @@ from tuneloop.core.evaluation import EvalMetrics, classification_metrics  # noqa
 from tuneloop.core.model_source import resolve_model_source  # noqa: E402
 from tuneloop.core.tasks import model_tasks  # noqa: E402
 from tuneloop.core.tasks.token_classification import tagged_tokens  # noqa: E402
-from tuneloop.store.records import FeedbackStore  # noqa: E402
+from tuneloop.store.feedback_store import FeedbackStore  # noqa: E402
 from tuneloop.store.registry import Registry  # noqa: E402
 from tuneloop.store.storage import Storage  # noqa: E402
 from tuneloop.training.launcher import TrainingOutcome, run_training  # noqa: E402

@@ -20,7 +20,8 @@ from tuneloop.core.errors import (InvalidBody, InvalidValue, Overloaded, Storage
 from tuneloop.core.feedback_stats import FeedbackTally
 from tuneloop.core.tasks import check_text_length, has_visible_text, model_tasks
 from tuneloop.serving import metrics
-from tuneloop.store.records import FeedbackStore, PredictionLog, prediction_time
+from tuneloop.store.feedback_store import FeedbackStore
+from tuneloop.store.records import PredictionLog, prediction_time
 from tuneloop.store.storage import Storage
 
 log = logging.getLogger("tuneloop")

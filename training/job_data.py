@@ -31,9 +31,10 @@ from tuneloop.core.feedback_stats import superseded
 from tuneloop.core.quarantine import ANONYMOUS, flag_keys, normalized, task_key_stats
 from tuneloop.core.replay import kept_back, replay_quota, reservoir_update, stratified_sample
 from tuneloop.core.tasks import Task
-from tuneloop.store.quarantine import QuarantineBook
-from tuneloop.store.records import FeedbackStore, arrow_type
+from tuneloop.store.feedback_store import FeedbackStore
 from tuneloop.store.manifest import Manifest
+from tuneloop.store.quarantine import QuarantineBook
+from tuneloop.store.records import arrow_type
 from tuneloop.store.registry import Registry
 from tuneloop.store.registry_state import version_number
 from tuneloop.training.data import file_sha256, read_dataset, read_texts, table_digest

@@ -39,7 +39,7 @@ from tuneloop.core.resources import DATA_CPUS, training_shortfall
 from tuneloop.core.serving_time import JobMoments, rollout_complete, serving_time
 from tuneloop.core.tasks import Task, model_tasks
 from tuneloop.store.jobs import HEARTBEAT_EVERY_S, Heartbeat, JobLost, JobRecord, JobRunning, JobStore, hand_over, take_lease
-from tuneloop.store.records import FeedbackStore
+from tuneloop.store.feedback_store import FeedbackStore
 from tuneloop.store.documents import iso_time
 from tuneloop.store.manifest import Manifest
 from tuneloop.store.registry import Registry

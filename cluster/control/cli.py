@@ -359,7 +359,7 @@ def feedback_stats_cmd(model: str, config: str | None = ConfigOption) -> None:
     """Counts by label, version and day, and each version's online accuracy, as JSON."""
     from tuneloop.core.feedback_stats import feedback_stats
     from tuneloop.core.tasks import model_tasks
-    from tuneloop.store.records import FeedbackStore
+    from tuneloop.store.feedback_store import FeedbackStore
 
     cfg = _load(config)
     known_model(cfg, model)
@@ -376,7 +376,7 @@ def feedback_keys_cmd(model: str, config: str | None = ConfigOption) -> None:
     from tuneloop.core.quarantine import task_key_stats
     from tuneloop.core.tasks import model_tasks
     from tuneloop.store.quarantine import QuarantineBook
-    from tuneloop.store.records import FeedbackStore
+    from tuneloop.store.feedback_store import FeedbackStore
 
     cfg = _load(config)
     known_model(cfg, model)

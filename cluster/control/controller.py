@@ -29,7 +29,8 @@ from tuneloop.store.quarantine import QuarantineBook
 from tuneloop.control.rollout_driver import RolloutDriver
 from tuneloop.serving.metric_files import cluster_metric_files
 from tuneloop.serving.metrics import version_health
-from tuneloop.store.records import PREDICTIONS_ROOT, SHADOW_ROOT, FeedbackStore, PredictionLog
+from tuneloop.store.feedback_store import FeedbackStore
+from tuneloop.store.records import PREDICTIONS_ROOT, SHADOW_ROOT, PredictionLog
 from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage
 from tuneloop.core.triggers import online_accuracy, which_trigger

@@ -232,7 +232,7 @@ def model_status(cfg: TuneloopConfig) -> list[dict[str, Any]]:
     from tuneloop.core.feedback_stats import feedback_stats
     from tuneloop.core.tasks import model_tasks
     from tuneloop.store.jobs import JobStore
-    from tuneloop.store.records import FeedbackStore
+    from tuneloop.store.feedback_store import FeedbackStore
     from tuneloop.store.registry import Registry
     from tuneloop.store.storage import Storage, private_temp_dir
 

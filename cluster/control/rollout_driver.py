@@ -25,7 +25,8 @@ from tuneloop.core.rollout import Decision, NodeHealth, Rollout, VersionHealth, 
 from tuneloop.core.rollout_evidence import evidence, stage_feedback
 from tuneloop.core.tasks import model_tasks
 from tuneloop.store.quarantine import QuarantineBook
-from tuneloop.store.records import FeedbackStore, PredictionLog, prediction_time
+from tuneloop.store.feedback_store import FeedbackStore
+from tuneloop.store.records import PredictionLog, prediction_time
 from tuneloop.store.registry import Registry
 
 log = logging.getLogger(__name__)

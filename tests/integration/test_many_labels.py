@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tuneloop.core.tasks import model_tasks
-from tuneloop.store.records import FeedbackStore
+from tuneloop.store.feedback_store import FeedbackStore
 from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage
 from tests.integration.conftest import ADMIN_KEY, FEEDBACK_KEY, bearer, make_config, trained_and_served

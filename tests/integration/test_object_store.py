@@ -18,7 +18,7 @@ from tuneloop.core.errors import Conflict, NotQuarantined
 from tuneloop.store.jobs import JobRunning, JobStore, take_lease
 from tuneloop.store.keys import KeyRing, add_stored_key, ensure_admin_key, revoke_stored_key, save_admin_key
 from tuneloop.store.quarantine import QuarantineBook
-from tuneloop.store.records import FeedbackStore
+from tuneloop.store.feedback_store import FeedbackStore
 from tuneloop.store.manifest import Manifest
 from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage

@@ -10,7 +10,7 @@ import pytest
 
 from tuneloop.core.tasks import model_tasks
 from tuneloop.store.jobs import JobStore
-from tuneloop.store.records import FeedbackStore
+from tuneloop.store.feedback_store import FeedbackStore
 from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage
 from tests.integration.conftest import make_config

@@ -12,7 +12,7 @@ from tuneloop.core.config import GateConfig
 from tuneloop.core.evaluation import classification_metrics
 from tuneloop.core.gate import Evidence, TeacherEvidence, decide
 from tuneloop.core.tasks import make_task, model_tasks
-from tuneloop.store.records import FeedbackStore
+from tuneloop.store.feedback_store import FeedbackStore
 from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage
 from tuneloop.training.job_data import assemble

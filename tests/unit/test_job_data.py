@@ -13,7 +13,7 @@ import pytest
 from tuneloop.core.config import parse_config
 from tuneloop.core.evaluation import EvalMetrics
 from tuneloop.core.tasks import make_task, model_tasks
-from tuneloop.store.records import FeedbackStore
+from tuneloop.store.feedback_store import FeedbackStore
 from tuneloop.store.manifest import Manifest
 from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage

@@ -158,7 +158,7 @@ def test_records_a_writer_left_in_an_earlier_journal_dir_reach_parquet_when_the_
         import os, signal, sys
         sys.path.insert(0, {os.getcwd()!r})
         from tuneloop.core.tasks import make_task
-        from tuneloop.store.records import FeedbackStore
+        from tuneloop.store.feedback_store import FeedbackStore
         from tuneloop.store.storage import Storage
         store = FeedbackStore(Storage({str(root)!r}), {str(old)!r}, {{"m": make_task("text-classification", ["a", "b"])}})
         store.open_writer()
@@ -169,7 +169,7 @@ def test_records_a_writer_left_in_an_earlier_journal_dir_reach_parquet_when_the_
     assert subprocess.run([sys.executable, "-c", script], capture_output=True).returncode == -9
 
     from tuneloop.core.tasks import make_task
-    from tuneloop.store.records import FeedbackStore
+    from tuneloop.store.feedback_store import FeedbackStore
 
     store = FeedbackStore(Storage(str(root)), str(new), {"m": make_task("text-classification", ["a", "b"])})
     store.open_writer()

@@ -147,7 +147,7 @@ def test_a_writer_starts_even_when_a_dead_writers_records_cannot_be_recovered_ye
     """The ingress opens the writer in its constructor: an error there restarted it forever,
     every route down, where feedback should answer 503 until the disk is back."""
     from tuneloop.core.tasks import make_task
-    from tuneloop.store.records import FeedbackStore
+    from tuneloop.store.feedback_store import FeedbackStore
 
     tasks = {"m": make_task("text-classification", ["neg", "pos"])}
     storage = Storage(str(tmp_path / "store"))

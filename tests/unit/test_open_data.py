@@ -6,7 +6,8 @@ from datetime import UTC, datetime
 import duckdb
 import pyarrow.dataset as pads
 
-from tuneloop.store.records import FeedbackStore, PredictionLog, new_prediction_id
+from tuneloop.store.feedback_store import FeedbackStore
+from tuneloop.store.records import PredictionLog, new_prediction_id
 from tuneloop.store.storage import Storage
 from tuneloop.core.tasks import make_task
 

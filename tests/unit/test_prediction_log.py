@@ -37,13 +37,13 @@ def _files(root) -> list[str]:
 def _reads(monkeypatch) -> list[list[str]]:
     """Every list of files the lookup hands to the Parquet reader."""
     calls: list[list[str]] = []
-    real = records._read
+    real = records.read_files
 
     def counting(storage, files, schema, filter=None):
         calls.append(list(files))
         return real(storage, files, schema, filter)
 
-    monkeypatch.setattr(records, "_read", counting)
+    monkeypatch.setattr(records, "read_files", counting)
     return calls
 
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from tuneloop.control.cli import app
 from tuneloop.control.server import data_problems, run_forever
 from tuneloop.core.config import parse_config
-from tuneloop.store.records import FeedbackStore
+from tuneloop.store.feedback_store import FeedbackStore
 from tuneloop.store.storage import Storage
 from tuneloop.core.tasks import model_tasks
 

@@ -3,7 +3,8 @@ from datetime import UTC, date, datetime, timedelta
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from tuneloop.store.records import FeedbackStore, feedback_schema, PredictionLog, new_prediction_id, prediction_time
+from tuneloop.store.feedback_store import FeedbackStore
+from tuneloop.store.records import feedback_schema, PredictionLog, new_prediction_id, prediction_time
 from tuneloop.store.storage import Storage
 from tuneloop.core.tasks import make_task
 
@@ -262,7 +263,7 @@ def test_a_read_that_keeps_meeting_a_merge_deleting_its_sources_still_reads_ever
     import shutil
     from datetime import timedelta
 
-    from tuneloop.store import records
+    from tuneloop.store import feedback_store
 
     storage, store = _compacted_one_by_one(tmp_path, 20)
     sources = store.files("m")
@@ -272,14 +273,14 @@ def test_a_read_that_keeps_meeting_a_merge_deleting_its_sources_still_reads_ever
     day = storage.path(sources[0]).rsplit("/", 1)[0]
     for f in saved.iterdir():  # the moment after the merged file was written: every source still there
         shutil.copy(f, day)
-    real, doomed = records._read, sorted(sources)
+    real, doomed = feedback_store.read_files, sorted(sources)
 
     def racing_merge(storage_, files, schema, filter=None, skipped=None):
         if doomed:  # the merge deletes one more source before each read
             storage.delete_file(doomed.pop(0))
         return real(storage_, files, schema, filter, skipped)
 
-    monkeypatch.setattr(records, "_read", racing_merge)
+    monkeypatch.setattr(feedback_store, "read_files", racing_merge)
     rows = store.read_since("m", None)
     assert sorted(rows.column("text").to_pylist()) == sorted(f"t{i}" for i in range(20))
     store.close()
@@ -320,7 +321,7 @@ def test_a_segment_recovered_after_its_day_was_merged_is_not_written_twice(tmp_p
 def test_a_wall_clock_stepped_back_never_puts_a_record_behind_an_earlier_one(tmp_path, monkeypatch):
     """NTP stepping the clock back put acknowledged records before a job's watermark, where
     no job read them, and let an older answer win "latest wins"."""
-    import tuneloop.store.records as records
+    import tuneloop.store.feedback_store as feedback_store
 
     clock = [datetime(2026, 5, 1, 12, 0, 5, tzinfo=UTC)]
 
@@ -331,7 +332,7 @@ def test_a_wall_clock_stepped_back_never_puts_a_record_behind_an_earlier_one(tmp
 
     store = FeedbackStore(Storage(str(tmp_path / "store")), str(tmp_path / "journal"), TASKS)
     store.open_writer()
-    monkeypatch.setattr(records, "datetime", SteppedClock)
+    monkeypatch.setattr(feedback_store, "datetime", SteppedClock)
     first = store.append(model="m", text="t", label="negative", prediction_id="p" * 32)
     clock[0] = datetime(2026, 5, 1, 12, 0, 3, tzinfo=UTC)  # two seconds back
     second = store.append(model="m", text="t", label="positive", prediction_id="p" * 32)

@@ -148,7 +148,7 @@ def test_a_restart_keeps_the_accuracy_drop_window_of_productions_judged_predicti
     waited for a whole window of new answers, and answers judged before were judged again."""
     from tuneloop.core.tasks import model_tasks
     from tuneloop.store.quarantine import QuarantineBook
-    from tuneloop.store.records import FeedbackStore
+    from tuneloop.store.feedback_store import FeedbackStore
 
     _, _, registry = _accuracy_drop_world(tmp_path)  # v1 in production, golden accuracy 0.9, a window of 4
     config = {"models": [{"name": "m", "base_model": "x", "labels": ["a", "b"]}],
@@ -450,7 +450,7 @@ def test_a_burst_of_feedback_reads_the_registry_state_once_a_refresh_period(tmp_
 
 def test_after_a_restart_feedback_a_failed_job_had_does_not_start_a_job_again(tmp_path):
     from tuneloop.core.tasks import model_tasks
-    from tuneloop.store.records import FeedbackStore
+    from tuneloop.store.feedback_store import FeedbackStore
 
     config = {"models": [{"name": "m", "base_model": "x", "labels": ["a", "b"]}],
               "trigger": {"every_n_feedback": 3}, "storage": {"root": str(tmp_path)}}
@@ -482,7 +482,7 @@ def test_one_models_unreadable_state_at_a_restart_leaves_the_others_counting(tmp
     """A cut state.json of one model made the controller's start raise: every model's
     triggers stopped, and the keeper restarted it in a loop."""
     from tuneloop.core.tasks import model_tasks
-    from tuneloop.store.records import FeedbackStore
+    from tuneloop.store.feedback_store import FeedbackStore
 
     cfg = parse_config({"models": [{"name": name, "base_model": "x", "labels": ["a", "b"]} for name in ("m", "cut")],
                         "trigger": {"every_n_feedback": 3, "accuracy_drop": 0.1}, "storage": {"root": str(tmp_path)}})
@@ -518,7 +518,7 @@ def test_after_a_restart_feedback_of_a_key_the_quarantine_holds_counts_toward_no
     a flagged flood started a job at every restart (any config change restarts it)."""
     from tuneloop.core.tasks import model_tasks
     from tuneloop.store.quarantine import QuarantineBook
-    from tuneloop.store.records import FeedbackStore
+    from tuneloop.store.feedback_store import FeedbackStore
 
     cfg = parse_config({"models": [{"name": "m", "base_model": "x", "labels": ["a", "b"]}],
                         "trigger": {"every_n_feedback": 3}, "storage": {"root": str(tmp_path)}})

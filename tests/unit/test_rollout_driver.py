@@ -13,7 +13,8 @@ from tuneloop.control.rollout_driver import RolloutDriver
 from tuneloop.core.config import parse_config
 from tuneloop.core.rollout import VersionHealth
 from tuneloop.core.tasks import model_tasks
-from tuneloop.store.records import SHADOW_ROOT, FeedbackStore, PredictionLog, new_prediction_id
+from tuneloop.store.feedback_store import FeedbackStore
+from tuneloop.store.records import SHADOW_ROOT, PredictionLog, new_prediction_id
 from tuneloop.store.manifest import Manifest
 from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage

@@ -15,7 +15,8 @@ from tuneloop.core.evaluation import EvalMetrics
 from tuneloop.core.feedback_stats import feedback_stats
 from tuneloop.core.gate import Evidence, decide
 from tuneloop.core.tasks import TASKS, ListOf, StructOf, Task, make_task, model_tasks
-from tuneloop.store.records import FeedbackStore, PredictionLog, feedback_schema, new_prediction_id
+from tuneloop.store.feedback_store import FeedbackStore
+from tuneloop.store.records import PredictionLog, feedback_schema, new_prediction_id
 from tuneloop.store.storage import Storage
 
 LABELS = ["negative", "positive"]
