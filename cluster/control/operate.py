@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 
-from tuneloop.control import manifests
+from tuneloop.control import launcher_yaml, manifests
 from tuneloop.core.config import TuneloopConfig
 
 TARGETS = ("kuberay", "aws", "gcp")
@@ -50,7 +50,7 @@ def render(cfg: TuneloopConfig, doc: dict[str, Any], target: str, out: Path) -> 
     elif target in ("aws", "gcp"):
         cluster_doc = manifests.cluster_config_doc(doc, cfg)
         etc = manifests.LAUNCHER_ETC
-        files = {"cluster.yaml": [manifests.launcher(cfg, target)], f"{etc}/{manifests.CONFIG_FILE}": [cluster_doc],
+        files = {"cluster.yaml": [launcher_yaml.launcher(cfg, target)], f"{etc}/{manifests.CONFIG_FILE}": [cluster_doc],
                  f"{etc}/{manifests.SERVE_FILE}": [manifests.serve_config(cfg, f"{cfg.deploy.config_dir}/"
                                                                                f"{manifests.CONFIG_FILE}")]}
     elif target == "serve":

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from tuneloop.control import manifests, operate
+from tuneloop.control import launcher_yaml, manifests, operate
 from tuneloop.control.cli import app
 from tuneloop.core.config import parse_config
 
@@ -224,12 +224,12 @@ def test_an_aws_cluster_on_a_bucket_needs_the_workers_instance_profile():
     doc = {"models": [{"name": "m", "base_model": "b", "labels": ["a", "b"]}],
            "storage": {"root": "s3://b/tl", "journal_dir": "/j"}}
     with pytest.raises(manifests.NotClusterable, match="deploy.aws.worker_instance_profile_arn"):
-        manifests.launcher(parse_config(doc), "aws")
+        launcher_yaml.launcher(parse_config(doc), "aws")
     doc["deploy"] = {"aws": {"worker_instance_profile_arn": "arn:aws:iam::1:instance-profile/w"}}
-    node = manifests.launcher(parse_config(doc), "aws")["available_node_types"]["gpu_worker"]["node_config"]
+    node = launcher_yaml.launcher(parse_config(doc), "aws")["available_node_types"]["gpu_worker"]["node_config"]
     assert node["IamInstanceProfile"] == {"Arn": "arn:aws:iam::1:instance-profile/w"}
     doc["deploy"]["aws"]["head_instance_profile_arn"] = "arn:aws:iam::1:instance-profile/h"  # may pass the workers' role
-    head = manifests.launcher(parse_config(doc), "aws")["available_node_types"]["head"]["node_config"]
+    head = launcher_yaml.launcher(parse_config(doc), "aws")["available_node_types"]["head"]["node_config"]
     assert head["IamInstanceProfile"] == {"Arn": "arn:aws:iam::1:instance-profile/h"}
 
 
@@ -244,11 +244,11 @@ def test_a_gpu_count_the_instance_type_lacks_is_refused_and_mounts_keep_clear_of
            "deploy": {"workers": {"gpus_per_worker": 2}, "aws": {"worker_instance_profile_arn": "arn:aws:iam::1:instance-profile/w"}}}
     for cloud, instance in [("gcp", "g2-standard-8"), ("aws", "g5.2xlarge")]:
         with pytest.raises(manifests.NotClusterable, match=f"gpus_per_worker is 2, but a {instance} has 1"):
-            manifests.launcher(parse_config(doc), cloud)
+            launcher_yaml.launcher(parse_config(doc), cloud)
     doc["deploy"]["gcp"] = {"worker_instance": "g2-standard-24"}
-    assert manifests.launcher(parse_config(doc), "gcp")["available_node_types"]["gpu_worker"]["resources"]["GPU"] == 2
+    assert launcher_yaml.launcher(parse_config(doc), "gcp")["available_node_types"]["gpu_worker"]["resources"]["GPU"] == 2
     doc["deploy"]["gcp"] = {"worker_instance": "custom-gpu-box"}  # a type not in the table: taken as said
-    assert manifests.launcher(parse_config(doc), "gcp")
+    assert launcher_yaml.launcher(parse_config(doc), "gcp")
     for deploy, message in [({"gcp": {"region": "europe-west4"}}, "zone 'us-central1-a' is not in region"),
                             ({"config_dir": "/app"}, "mounted over the image's /app"),
                             ({"journal_dir": "/var"}, "mounted over the image's /var/lib/dpkg"),
