@@ -188,6 +188,8 @@ class ModelServer:
         if production is not None and not (self._loaded and self._loaded.version == production):
             reuse = self._challenger if self._challenger and self._challenger.version == production else None
             new = reuse or self._versions.load(production, self._serving_version())  # the challenger promoted: already resident
+            if new is not None and reuse is None and not self._still_named(production, "production"):
+                return  # rolled back while it loaded: the next tick serves what the state names now
             if new is not None:
                 old, self._loaded = self._loaded, new  # one reference swap; running batches keep `old`
                 log.info("model %s now serving %s (was %s)", self.cfg.name, production, old.version if old else None)
@@ -202,6 +204,9 @@ class ModelServer:
         elif not (self._challenger and self._challenger.version == challenger):
             self._challenger = None  # first out: never three versions resident
             self._challenger = self._versions.load(challenger, self._serving_version())
+            if self._challenger is not None and not self._still_named(challenger, "challenger"):
+                self._challenger = None  # the rollout ended while it loaded
+                return
             if self._challenger is not None:
                 log.info("model %s: challenger %s loaded (%s; %.0f MB of weights, %.0f MB with production's)",
                          self.cfg.name, challenger, rollout.stage, self._challenger.weight_bytes / 1e6,
@@ -209,6 +214,17 @@ class ModelServer:
         self._rollout = rollout
         self._versions.forget_all_but({production, challenger})
         self._report_resident()
+
+    def _still_named(self, version: str, role: str) -> bool:
+        """Whether the state still names ``version`` as ``role`` after its load: a load takes
+        seconds (a download, runtimes timed here), and a rollback in the meantime had every
+        replica swap to the version just rolled back, answer with it, and record the switch."""
+        state = self.registry.state(self.cfg.name)
+        named = state.production if role == "production" else state.rollout.version if state.rollout else None
+        if named != version:
+            log.info("model %s: %s loaded, but the state names %s as %s now: not swapped in", self.cfg.name,
+                     version, named, role)
+        return named == version
 
     def _serving_version(self) -> str | None:
         return self._loaded.version if self._loaded else None

@@ -111,6 +111,24 @@ def test_every_answer_carries_an_id_and_the_version_and_is_logged():
     assert [r["prediction_id"] for r in recorder.rows] == [a["id"] for a in answers]
 
 
+def test_a_version_rolled_back_while_it_loaded_is_not_swapped_in():
+    """Promote v2, roll back to v1 during v2's load (a download, runtimes timed): every
+    replica swapped to v2 when its load ended, answered with it and recorded the switch."""
+    replica, registry, _ = _replica()
+    load = replica._versions.load_model
+
+    def slow_load(path, version, *rest):
+        loaded = load(path, version, *rest)
+        registry.production_version = "v1"  # the rollback, while v2 loads
+        return loaded
+
+    replica._versions.load_model = slow_load
+    registry.production_version = "v2"
+    replica._sync_with_registry()
+    assert replica.status()["version"] == "v1" and registry.switched == ["v1"]
+    assert asyncio.run(replica.predict(["a"]))[0]["version"] == "v1"
+
+
 def test_no_production_yet_is_not_ready():
     replica, _, _ = _replica(production=None)
     with pytest.raises(NotReady):
