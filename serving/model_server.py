@@ -57,7 +57,7 @@ from tuneloop.serving.responses import error_response, internal_error_response
 from tuneloop.serving.batcher import ContinuousBatcher, ItemFailed
 from tuneloop.serving.loaded_models import LoadedModel, load_model
 from tuneloop.serving.version_loader import VersionLoader
-from tuneloop.core.batching_policy import AIMDPolicy, next_batch_size
+from tuneloop.core.batching_policy import AIMDPolicy, estimated_wait, next_batch_size, seconds_per_text
 from tuneloop.core.rollout import Rollout, canary_bucket
 from tuneloop.core.tasks import model_task
 from tuneloop.serving.predict_request import (
@@ -150,6 +150,10 @@ class ModelServer:
         # Requests this replica holds (running or waiting); past the bound: 503 at once.
         self._in_flight = 0
         self._max_in_flight = in_flight_limit(self.serving)
+        # Texts the held requests carry, and the compute seconds a text took in recent batches
+        # (None before the first): past request_timeout_s of work, a 503 at once (batching_policy).
+        self._texts_in_flight = 0
+        self._seconds_per_text: float | None = None
         self._loaded: LoadedModel | None = None
         self._challenger: LoadedModel | None = None  # a rollout's, beside production
         self._rollout: Rollout | None = None
@@ -342,6 +346,11 @@ class ModelServer:
             raise NotReady(f"model {self.cfg.name!r} has no production version loaded yet" + (f" ({why})" if why else ""))
         if self._in_flight >= self._max_in_flight:
             raise Overloaded(f"model {self.cfg.name!r} is at capacity ({self._in_flight} requests); retry shortly")
+        wait = estimated_wait(self._texts_in_flight + len(texts), self._seconds_per_text)
+        if wait > self.serving.request_timeout_s:
+            raise Overloaded(f"model {self.cfg.name!r} is at capacity ({self._texts_in_flight} texts waiting, about "
+                             f"{wait:.0f}s of work, past request_timeout_s {self.serving.request_timeout_s:g}); "
+                             "retry shortly")
         rollout = self._rollout
         challenger = self._rollouts_challenger(rollout)
         canary = (rollout is not None and rollout.stage == "canary" and challenger is not None
@@ -349,6 +358,7 @@ class ModelServer:
         routed = challenger if canary else self._loaded  # the version a failure counts against
         timeout = self.serving.request_timeout_s
         self._in_flight += 1
+        self._texts_in_flight += len(texts)
         try:
             batcher = self._challenger_batcher if canary else self._batcher
             predictions = await asyncio.wait_for(batcher.submit_many(texts), timeout)
@@ -367,6 +377,7 @@ class ModelServer:
                            routed.version) from None
         finally:
             self._in_flight -= 1
+            self._texts_in_flight -= len(texts)
         if rollout is not None and rollout.stage == "shadow" and challenger is not None:
             self._maybe_shadow(challenger, texts, predictions)
         return predictions
@@ -402,6 +413,7 @@ class ModelServer:
             raise
         finally:
             self._computing -= 1
+        self._seconds_per_text = seconds_per_text(self._seconds_per_text, seconds, len(texts))
         if self.serving.adaptive_batching:  # the batch's own time: not its wait behind the other role's or a shadow's
             batcher.max_batch_size = next_batch_size(self._policy, batcher.max_batch_size, len(texts), seconds)
         return results

@@ -1,4 +1,5 @@
-"""Batching policy: which queued texts form the next batch, and how many. Pure; no Ray, no torch.
+"""Batching policy: which queued texts form the next batch, how many, and whether a request
+still fits in a replica's queue. Pure; no Ray, no torch.
 
 Length-aware selection: a batch is padded to its longest text, so mixing a 5-token and a
 60-token sentence makes the 5-token one cost 60. The oldest queued text always goes next
@@ -57,3 +58,19 @@ def select_batch(lengths: list[int], limit: int) -> list[int]:
     anchor = lengths[0]
     nearest = sorted(range(1, len(lengths)), key=lambda i: (abs(lengths[i] - anchor), i))[: limit - 1]
     return sorted([0, *nearest])
+
+
+# Admission by estimated wait: a replica's bound on requests held (4 x max_batch_size plus
+# max_queued_requests) counts requests, not texts, and took 1,152 requests of 64 texts each,
+# which waited request_timeout_s and timed out (counted against the version, alerting as a
+# hung model) where an immediate 503 was due.
+def seconds_per_text(before: float | None, batch_seconds: float, texts: int) -> float:
+    """The compute seconds a text takes, smoothed over batches (each weighs a fifth)."""
+    now = batch_seconds / max(1, texts)
+    return now if before is None else 0.8 * before + 0.2 * now
+
+
+def estimated_wait(texts: int, per_text: float | None) -> float:
+    """Seconds of compute the ``texts`` held take on one compute thread (0 before any batch
+    was timed)."""
+    return texts * per_text if per_text is not None else 0.0

@@ -1,6 +1,6 @@
 import pytest
 
-from tuneloop.core.batching_policy import AIMDPolicy, next_batch_size
+from tuneloop.core.batching_policy import AIMDPolicy, estimated_wait, next_batch_size, seconds_per_text
 
 
 def test_grows_additively_while_full_and_fast():
@@ -58,3 +58,11 @@ def test_select_batch_keeps_the_oldest_and_groups_by_length():
     assert select_batch(lengths[:4], 4) == [0, 1, 2, 3]  # only the lengths given are candidates
     assert select_batch([], 4) == []
     assert select_batch([5, 5, 5], 8) == [0, 1, 2]
+
+
+def test_a_texts_seconds_are_smoothed_over_batches_and_give_the_wait():
+    assert estimated_wait(1000, None) == 0.0  # nothing timed yet: nothing refused on a guess
+    per_text = seconds_per_text(None, 0.32, 32)
+    assert per_text == pytest.approx(0.01) and estimated_wait(100, per_text) == pytest.approx(1.0)
+    assert seconds_per_text(per_text, 0.06, 1) == pytest.approx(0.8 * 0.01 + 0.2 * 0.06)  # a fifth each
+    assert seconds_per_text(None, 0.0, 0) == 0.0

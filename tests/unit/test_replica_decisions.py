@@ -171,6 +171,26 @@ def test_past_capacity_the_answer_is_503_at_once():
     assert time.perf_counter() - start < 0.5  # not after waiting in a queue (request_timeout_s)
 
 
+def test_a_request_whose_texts_would_wait_past_the_timeout_is_503_at_once():
+    """The bound counts requests: 1,152 requests of 64 texts each were taken, waited
+    request_timeout_s and timed out (counted against the version: a hung model's alert),
+    where an immediate 503 was due."""
+    replica, _, _ = _replica(delay_s=0.05, request_timeout_s=1.0, max_batch_size=64)
+
+    async def requests() -> float:
+        await replica.predict(["a"])  # one batch timed: 0.05 s a text
+        replica._texts_in_flight = 16  # held by other requests: 0.8 s of work
+        start = time.perf_counter()
+        with pytest.raises(Overloaded, match=r"16 texts waiting, about 1s of work, past request_timeout_s 1\)"):
+            await replica.predict(["c"] * 5)  # 1.05 s
+        took = time.perf_counter() - start
+        replica._texts_in_flight = 15
+        assert len(await replica.predict(["b"] * 4)) == 4  # 0.95 s: it fits
+        return took
+
+    assert asyncio.run(requests()) < 0.2
+
+
 def test_a_request_past_its_timeout_is_503():
     replica, _, _ = _replica(delay_s=0.3, request_timeout_s=0.05, target_batch_latency_s=0.02)
     with pytest.raises(Overloaded, match="did not answer within"):
