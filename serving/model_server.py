@@ -154,6 +154,7 @@ class ModelServer:
         # (None before the first): past request_timeout_s of work, a 503 at once (batching_policy).
         self._texts_in_flight = 0
         self._seconds_per_text: float | None = None
+        self._first_batch_done = False
         self._loaded: LoadedModel | None = None
         self._challenger: LoadedModel | None = None  # a rollout's, beside production
         self._rollout: Rollout | None = None
@@ -347,7 +348,7 @@ class ModelServer:
         if self._in_flight >= self._max_in_flight:
             raise Overloaded(f"model {self.cfg.name!r} is at capacity ({self._in_flight} requests); retry shortly")
         wait = estimated_wait(self._texts_in_flight + len(texts), self._seconds_per_text)
-        if wait > self.serving.request_timeout_s:
+        if self._texts_in_flight and wait > self.serving.request_timeout_s:  # an idle replica takes any request
             raise Overloaded(f"model {self.cfg.name!r} is at capacity ({self._texts_in_flight} texts waiting, about "
                              f"{wait:.0f}s of work, past request_timeout_s {self.serving.request_timeout_s:g}); "
                              "retry shortly")
@@ -413,7 +414,9 @@ class ModelServer:
             raise
         finally:
             self._computing -= 1
-        self._seconds_per_text = seconds_per_text(self._seconds_per_text, seconds, len(texts))
+        if self._first_batch_done:  # a replica's first batch is no measure: kernels and caches warm up
+            self._seconds_per_text = seconds_per_text(self._seconds_per_text, seconds, len(texts))
+        self._first_batch_done = True
         if self.serving.adaptive_batching:  # the batch's own time: not its wait behind the other role's or a shadow's
             batcher.max_batch_size = next_batch_size(self._policy, batcher.max_batch_size, len(texts), seconds)
         return results

@@ -178,13 +178,17 @@ def test_a_request_whose_texts_would_wait_past_the_timeout_is_503_at_once():
     replica, _, _ = _replica(delay_s=0.05, request_timeout_s=1.0, max_batch_size=64)
 
     async def requests() -> float:
+        await replica.predict(["a"] * 8)  # the first batch is no measure (warming up)
+        assert replica._seconds_per_text is None
         await replica.predict(["a"])  # one batch timed: 0.05 s a text
         replica._texts_in_flight = 16  # held by other requests: 0.8 s of work
         start = time.perf_counter()
         with pytest.raises(Overloaded, match=r"16 texts waiting, about 1s of work, past request_timeout_s 1\)"):
             await replica.predict(["c"] * 5)  # 1.05 s
         took = time.perf_counter() - start
-        replica._texts_in_flight = 15
+        replica._texts_in_flight = 0
+        assert len(await replica.predict(["d"] * 30)) == 30  # 1.5 s of work, but the replica was idle
+        replica._seconds_per_text, replica._texts_in_flight = 0.05, 15
         assert len(await replica.predict(["b"] * 4)) == 4  # 0.95 s: it fits
         return took
 
