@@ -27,9 +27,11 @@ from tuneloop.store.storage import Storage
 log = logging.getLogger("tuneloop")
 
 PREDICTION_LOG_SLACK_S = 1.0  # a flush's own time, beyond the replicas' flush interval
-# Feedback on ids younger than one flush waits for the log (asynchronously); past this many
-# such waits at once, more answer 503 at once: forged fresh ids cannot pile up.
-MAX_YOUNG_ID_WAITS = 256
+# Feedback on ids younger than two flushes waits for the log (asynchronously); past this many
+# such waits at once, more answer 503 at once: forged fresh ids cannot pile up. Half of the
+# ingress's requests at once (ingress.py's 256): at 256 it could never refuse, and waits
+# could hold every slot, /readyz's and /metrics' too.
+MAX_YOUNG_ID_WAITS = 128
 
 
 class FeedbackService:
@@ -115,22 +117,28 @@ class FeedbackService:
     async def served(self, prediction_id: str) -> dict[str, Any]:
         """The logged prediction. Replicas write their log once per flush interval, so an
         id younger than that may not be on disk yet: wait out the interval (without holding
-        a thread), look again."""
+        a thread), look again; and once more a flush later. A replica sleeps the interval
+        after its flush ends, so a row that came just after a flush began is written an
+        interval and two writes later: on a bucket, where a write takes a second, one look
+        answered a real id 404, which clients do not retry."""
         models = [m.name for m in self.cfg.models]
         found = await self._lookup(models, prediction_id)
         born = prediction_time(prediction_id)
         if found is None and born is not None:
             settle = self.cfg.predictions.flush_interval_s + PREDICTION_LOG_SLACK_S
             wait = born.timestamp() + settle - self._clock()
-            if 0 < wait <= settle:
+            if -settle < wait <= settle:  # younger than two flushes: a look at each
                 if self._young_id_waits >= MAX_YOUNG_ID_WAITS:
                     raise Overloaded("too many feedback requests on predictions not yet logged; retry shortly")
                 self._young_id_waits += 1
                 try:
-                    await self._sleep(wait)
+                    for pause in (wait, settle) if wait > 0 else (wait + settle,):
+                        await self._sleep(pause)
+                        found = await self._lookup(models, prediction_id)
+                        if found is not None:
+                            break
                 finally:
                     self._young_id_waits -= 1
-                found = await self._lookup(models, prediction_id)
         if found is None:
             hint = "" if self.cfg.predictions.sample_rate >= 1 else " (or it was not sampled into the log)"
             raise UnknownPrediction(prediction_id, hint)

@@ -5,7 +5,7 @@ Milliseconds, no Serve, no Ray, no files."""
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -81,6 +81,28 @@ def test_a_young_id_waits_for_the_flush_without_a_thread_then_is_found():
     asyncio.run(service.submit({"label": "pos"}, prediction_id=pid))
     assert slept == [pytest.approx(2.0, abs=0.01)]  # flush interval + slack, asked of the fake sleep
     assert len(store.appended) == 1
+
+
+def test_a_young_id_is_looked_for_once_more_a_flush_later():
+    """A row that came just after a flush began is written an interval and two writes later:
+    on a bucket one look answered a real id 404."""
+    pid = new_prediction_id(NOW)
+    service, store, _, slept = _service({pid: _served(pid)}, visible_after=2)
+    asyncio.run(service.submit({"label": "pos"}, prediction_id=pid))
+    assert slept == [pytest.approx(2.0, abs=0.01)] * 2 and len(store.appended) == 1
+    aged = new_prediction_id(NOW - timedelta(seconds=3))  # past one flush's look, not the second's
+    service, store, _, slept = _service({aged: _served(aged)}, visible_after=1)
+    asyncio.run(service.submit({"label": "pos"}, prediction_id=aged))
+    assert slept == [pytest.approx(1.0, abs=0.01)] and len(store.appended) == 1
+    unknown = new_prediction_id(NOW)
+    service, store, _, slept = _service()
+    with pytest.raises(UnknownPrediction):
+        asyncio.run(service.submit({"label": "pos"}, prediction_id=unknown))
+    assert slept == [pytest.approx(2.0, abs=0.01)] * 2 and store.appended == []
+    gone = new_prediction_id(NOW - timedelta(seconds=5))  # two flushes old: 404 at once
+    with pytest.raises(UnknownPrediction):
+        asyncio.run(service.submit({"label": "pos"}, prediction_id=gone))
+    assert len(slept) == 2
 
 
 def test_an_old_unknown_id_is_404_at_once_and_a_forged_id_too():
