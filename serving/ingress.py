@@ -193,7 +193,7 @@ class Ingress:
         self._renders: dict[bool, asyncio.Future] = {}  # /metrics' render under way, by whether it has feedback's series
         self.auth = KeyRing(self.cfg.auth, storage, background=True)
         self.feedback_limit = RateLimiter(self.cfg.auth.feedback_per_minute, self.cfg.auth.feedback_burst)
-        BodyGuard.max_body_bytes = self.cfg.serving.max_body_bytes()
+        BodyGuard.max_body_bytes = max(self.cfg.serving.max_body_bytes(), self.cfg.serving.max_feedback_body_bytes())
         BodyGuard.budget = BodyBudget(max(64 << 20, BodyGuard.max_body_bytes))
         BodyGuard.body_timeout_s = self.cfg.serving.body_timeout_s
 

@@ -177,6 +177,13 @@ class ServingConfig(Section):
         json.dumps writes them so)."""
         return self.max_inputs_per_request * (self.max_chars_per_input * 12 + 8) + 4096
 
+    def max_feedback_body_bytes(self) -> int:
+        """The largest feedback body the limits allow: one text, escaped as above, and its
+        entities, at most one a character, each ``{"start": .., "end": .., "label": ..}``
+        in 64 bytes. With ``max_inputs_per_request: 1`` the predict limit (24 KB at 2,000
+        characters) refused an NER correction of a long text with many entities (413)."""
+        return self.max_chars_per_input * (12 + 64) + 4096
+
     @model_validator(mode="after")
     def _bodies_fit_in_memory(self) -> ServingConfig:
         # Bodies are read whole, and a replica holds up to 4 batches and its queue of them.

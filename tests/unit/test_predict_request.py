@@ -84,6 +84,15 @@ def test_body_limit_allows_the_largest_legal_request():
     assert len(emoji) <= s.max_body_bytes() and len(parse_predict_body(emoji, limits, TASK)) == 4
 
 
+def test_feedback_body_limit_allows_a_text_with_an_entity_a_character():
+    """One input a request: the predict limit (24 KB at 2,000 characters) refused an NER
+    correction of a long text with many entities."""
+    s = ServingConfig(max_inputs_per_request=1, max_chars_per_input=2000)
+    entities = [{"start": 9_999_999, "end": 9_999_999, "label": "ORGANISATION_NAME"}] * 2000
+    body = json.dumps({"prediction_id": "f" * 32, "text": "\u00e9" * 2000, "entities": entities}).encode()
+    assert s.max_body_bytes() < len(body) <= s.max_feedback_body_bytes()  # every character escaped, too
+
+
 def test_valid_json_python_cannot_convert_is_a_422_not_malformed():
     from tuneloop.serving.predict_request import load_json
 
