@@ -121,8 +121,27 @@ async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
     return internal_error_response()
 
 
+class _Models:
+    """The configured model names, for the answers FastAPI gives before a route's own code
+    runs (a body it cannot validate, a method the path does not take): set by
+    ``Ingress.__init__``, as ``BodyGuard``'s limits are (Serve pickles the ingress by value)."""
+
+    names: frozenset[str] | None = None
+
+
+def _unknown_model(request: Request) -> JSONResponse | None:
+    """404 unknown_model for a path naming a model the config lacks: ``POST
+    /v1/models/nosuch/predict`` with ``{}`` answered 422, and a GET 405."""
+    model = request.path_params.get("model")
+    if model is None or _Models.names is None or model in _Models.names:
+        return None
+    return error_response(UnknownModel(model))
+
+
 @app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    if (unknown := _unknown_model(request)) is not None:
+        return unknown
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         return error_response(MalformedJSON("the request body is not valid JSON"))
@@ -135,6 +154,8 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 405 and (unknown := _unknown_model(request)) is not None:
+        return unknown
     typed = {404: NotFound, 405: MethodNotAllowed}.get(exc.status_code)
     if typed is not None:
         # Starlette's own words ("Not Found", "Method Not Allowed") named neither the path
@@ -196,6 +217,7 @@ class Ingress:
         BodyGuard.max_body_bytes = max(self.cfg.serving.max_body_bytes(), self.cfg.serving.max_feedback_body_bytes())
         BodyGuard.budget = BodyBudget(max(64 << 20, BodyGuard.max_body_bytes))
         BodyGuard.body_timeout_s = self.cfg.serving.body_timeout_s
+        _Models.names = frozenset(m.name for m in self.cfg.models)
 
     def __del__(self):
         self.auth.close()

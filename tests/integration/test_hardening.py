@@ -242,6 +242,8 @@ def test_odd_paths_ids_and_headers_get_a_json_4xx(hardened):
         assert unknown.status_code == 404 and unknown.json()["error"]["message"] == "no route '/v1/nothing'"
         wrong = c.get(f"{url}/v1/models/sentiment/predict")  # the model's own app: the same Allow
         assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+        nosuch = c.get(f"{url}/v1/models/nosuch/predict")  # no such model: 404, not a 405 for a method
+        assert nosuch.status_code == 404 and nosuch.json()["error"]["code"] == "unknown_model"
         # Two keys: the first won, so an admin key beside a metrics key acted as admin.
         for path, body in [("/v1/models/sentiment/rollback", {}), ("/v1/models/sentiment/predict", {"inputs": ["x"]})]:
             two = httpx.Headers([("Authorization", f"Bearer {ADMIN_KEY}"), ("Authorization", f"Bearer {METRICS_KEY}")])

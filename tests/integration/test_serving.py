@@ -84,6 +84,8 @@ def test_predict_returns_id_version_and_scores(app):
         ("/v1/models/sentiment/predict", {"inputs": ["x"] * 9}, 413, "payload_too_large"),
         ("/v1/models/sentiment/predict", {"inputs": ["x" * 201]}, 413, "payload_too_large"),
         ("/v1/models/unknown/predict", {"inputs": ["x"]}, 404, "unknown_model"),
+        ("/v1/models/unknown/predict", {}, 404, "unknown_model"),  # not 422: the body is no matter
+        ("/v1/models/unknown/predict", {"inputs": "x"}, 404, "unknown_model"),
         ("/v1/feedback", {"model": "sentiment", "text": "x", "label": "neutral"}, 422, "invalid_label"),
         ("/v1/feedback", {"model": "unknown", "text": "x", "label": "positive"}, 404, "unknown_model"),
         ("/v1/feedback", {"prediction_id": "0" * 32, "label": "positive"}, 404, "unknown_prediction"),
