@@ -11,6 +11,7 @@ and no request ever waits for company that is not coming. Pure asyncio; no Ray, 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
@@ -29,11 +30,57 @@ class ItemFailed(Exception):
         self.index, self.error = index, error
 
 
+class ComputeSlot:
+    """The one compute thread that batchers share (a replica's production and challenger),
+    granted to the waiter whose oldest queued text has waited longest. An ``asyncio.Lock``
+    granted it in turns: past capacity a 5% canary got every other batch, its p99 51 ms
+    against production's 583 ms (a simulation at 1,500 requests/s), and the rollout's
+    latency check leaned towards advancing it."""
+
+    def __init__(self) -> None:
+        self._busy = False
+        self._waiters: list[tuple[Callable[[], float], asyncio.Future]] = []
+
+    async def acquire(self, oldest: Callable[[], float]) -> None:
+        """Wait for the slot; ``oldest``: when the caller's oldest queued text arrived."""
+        if not self._busy:
+            self._busy = True
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((oldest, waiter))
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # granted as it was cancelled: pass it on
+            else:
+                self._waiters.remove((oldest, waiter))
+            raise
+
+    def release(self) -> None:
+        if not self._waiters:
+            self._busy = False
+            return
+        turn = min(self._waiters, key=lambda w: w[0]())
+        self._waiters.remove(turn)
+        turn[1].set_result(None)  # the slot passes on, still busy
+
+    def pass_on(self, oldest: Callable[[], float]) -> bool:
+        """Between two batches of the holder, whose oldest queued text arrived at
+        ``oldest()``: True when the slot went to a waiter with an older one (the holder waits
+        again), False when the holder keeps it."""
+        mine = oldest()
+        if not any(w[0]() < mine for w in self._waiters):
+            return False
+        self.release()
+        return True
+
+
 class ContinuousBatcher(Generic[T, R]):
     """``length`` (optional) makes batching length-aware: see ``select_batch``; the oldest
     item always goes next, joined by the queued items (within ``window``) nearest in length.
     ``on_batch`` (optional) hears how long each item of a batch waited in the queue, in
-    seconds, as the batch starts. ``slot`` (optional) gives the lock of the compute that
+    seconds, as the batch starts. ``slot`` (optional) gives the ``ComputeSlot`` that
     batchers share (a replica's production and challenger batchers): a batch is chosen only
     once it is held, so each takes what queued while the other's batch ran, not a batch
     picked early that then waited behind it."""
@@ -45,7 +92,7 @@ class ContinuousBatcher(Generic[T, R]):
         length: Callable[[T], int] | None = None,
         window: int = 4,
         on_batch: Callable[[list[float]], None] | None = None,
-        slot: Callable[[], asyncio.Lock] | None = None,
+        slot: Callable[[], ComputeSlot] | None = None,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size!r}")
@@ -93,9 +140,23 @@ class ContinuousBatcher(Generic[T, R]):
                 await self._wake.wait()
             if self._slot is None:
                 await self._next_batch()
-            else:
-                async with self._slot():
+                continue
+            slot = self._slot()
+            await slot.acquire(self._oldest)
+            held = True
+            try:
+                while held:  # kept while no other batcher's text waited longer than ours
                     await self._next_batch()
+                    if not self._queue:
+                        break
+                    held = not slot.pass_on(self._oldest)
+            finally:
+                if held:
+                    slot.release()
+
+    def _oldest(self) -> float:
+        """When the oldest queued item arrived (monotonic; none queued: never)."""
+        return min((enqueued for _, fut, enqueued in self._queue if not fut.cancelled()), default=math.inf)
 
     async def _next_batch(self) -> None:
         """Choose a batch from what queued, and run it."""

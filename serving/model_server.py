@@ -54,7 +54,7 @@ from tuneloop.serving import metrics
 from tuneloop.serving.fast_path import log_to_stderr
 from tuneloop.serving.metric_files import use_node_folder
 from tuneloop.serving.responses import error_response, internal_error_response
-from tuneloop.serving.batcher import ContinuousBatcher, ItemFailed
+from tuneloop.serving.batcher import ComputeSlot, ContinuousBatcher, ItemFailed
 from tuneloop.serving.loaded_models import LoadedModel, load_model
 from tuneloop.serving.version_loader import VersionLoader
 from tuneloop.core.batching_policy import AIMDPolicy, estimated_wait, next_batch_size, seconds_per_text
@@ -141,7 +141,7 @@ class ModelServer:
         self._policy = AIMDPolicy(
             target_batch_latency_s=self.serving.target_batch_latency_s, max_batch_size=self.serving.max_batch_size
         )
-        self._slot: asyncio.Lock | None = None
+        self._slot: ComputeSlot | None = None
         self._slot_loop: asyncio.AbstractEventLoop | None = None
         self._batcher = self._new_batcher("production")
         self._challenger_batcher = self._new_batcher("challenger")
@@ -174,14 +174,14 @@ class ModelServer:
                                  length=len if self.task.batch_by_length else None, on_batch=self._observe_waits,
                                  slot=self._compute_slot)
 
-    def _compute_slot(self) -> asyncio.Lock:
-        """The lock production's and the challenger's batchers take before choosing a batch
+    def _compute_slot(self) -> ComputeSlot:
+        """The slot production's and the challenger's batchers take before choosing a batch
         (one compute thread): in a canary, production chose a batch of 1 while the canary's
-        batch ran, and later arrivals waited a whole extra batch. One per event loop (an
-        asyncio lock belongs to the loop it first waited in)."""
+        batch ran, and later arrivals waited a whole extra batch. One per event loop (its
+        futures belong to the loop they were made in)."""
         loop = asyncio.get_running_loop()
         if self._slot_loop is not loop:
-            self._slot, self._slot_loop = asyncio.Lock(), loop
+            self._slot, self._slot_loop = ComputeSlot(), loop
         return self._slot
 
     def _sync_with_registry(self) -> None:

@@ -2,7 +2,7 @@ import asyncio
 
 import pytest
 
-from tuneloop.serving.batcher import ContinuousBatcher, ItemFailed
+from tuneloop.serving.batcher import ComputeSlot, ContinuousBatcher, ItemFailed
 
 
 def run(coro):
@@ -182,7 +182,7 @@ def test_batchers_sharing_a_compute_slot_choose_their_batch_only_when_it_is_free
     the one text queued while the canary's batch ran, then waited with it behind that batch;
     the texts arriving meanwhile waited a whole extra batch."""
     batches: list[tuple[str, list[int]]] = []
-    slot = asyncio.Lock()
+    slot = ComputeSlot()
 
     def runner(role):
         async def run(items):
@@ -204,6 +204,46 @@ def test_batchers_sharing_a_compute_slot_choose_their_batch_only_when_it_is_free
 
     asyncio.run(scenario())
     assert batches == [("canary", [100]), ("production", [0, 1, 2, 3, 4, 5])]
+
+
+def test_the_compute_slot_goes_to_the_batcher_whose_oldest_text_waited_longest():
+    """A lock granted it in turns: past capacity a 5% canary got every other batch, and its
+    latency looked far better than production's."""
+    batches: list[str] = []
+    slot = ComputeSlot()
+
+    def runner(role):
+        async def run(items):
+            batches.append(role)
+            await asyncio.sleep(0.01)
+            return items
+        return run
+
+    async def scenario():
+        production = ContinuousBatcher(runner("production"), max_batch_size=2, slot=lambda: slot)
+        canary = ContinuousBatcher(runner("canary"), max_batch_size=2, slot=lambda: slot)
+        backlog = [asyncio.create_task(production.submit_many([i])) for i in range(8)]  # 4 batches' worth
+        await asyncio.sleep(0.005)  # production's first batch runs
+        late = asyncio.create_task(canary.submit_many([100]))  # after all of production's texts
+        await asyncio.gather(*backlog, late)
+
+    asyncio.run(scenario())
+    assert batches == ["production"] * 4 + ["canary"]  # a lock gave the canary the second batch
+
+    async def cancelled_waiter():  # a waiter that gives up leaves the slot to the others
+        slot = ComputeSlot()
+        await slot.acquire(lambda: 0.0)
+        gave_up = asyncio.create_task(slot.acquire(lambda: 1.0))
+        stays = asyncio.create_task(slot.acquire(lambda: 2.0))
+        await asyncio.sleep(0)
+        gave_up.cancel()
+        await asyncio.sleep(0)
+        slot.release()
+        await asyncio.wait_for(stays, 1)
+        slot.release()
+        await asyncio.wait_for(slot.acquire(lambda: 3.0), 1)  # free again
+
+    asyncio.run(cancelled_waiter())
 
 
 def test_a_failed_batch_whose_requests_gave_up_is_not_retried_in_halves():
