@@ -192,11 +192,17 @@ def _read_jsonl(path: str, columns: list[str], string_columns: list[str]) -> pa.
         with _open(path) as f:
             # Split at "\n" only: splitlines() also splits at U+2028, U+2029 and U+0085, which a
             # JSON string may hold unescaped.
-            lines = [line.removesuffix("\r") for line in f.read().decode("utf-8-sig").split("\n") if line.strip()]
+            lines = [line.removesuffix("\r") for line in f.read().decode("utf-8-sig").split("\n")]
     keep = (*columns, *_ROW_KEYS)
     rows = []
-    for n, line in enumerate(lines, 1):
-        row = json.loads(line)
+    for n, line in enumerate(lines, 1):  # n: the file's line, blank lines counted
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:  # its own "line 1 column 13" is the line's, not the file's
+            raise ValueError(f"dataset {path!r}, line {n}: not JSON ({e.msg} at column {e.colno}): "
+                             f"{line[:80]!r}") from None
         if not isinstance(row, dict):
             raise ValueError(f"dataset {path!r}, line {n}: a row must be a JSON object, got {line[:80]!r}")
         rows.append({k: row[k] for k in keep if k in row})

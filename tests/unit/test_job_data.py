@@ -666,8 +666,12 @@ def test_a_large_csv_whose_quoted_texts_hold_line_breaks_is_read(tmp_path):
 @pytest.mark.parametrize(("name", "content", "fragment"), [
     ("seed.tsv", 'text\tlabel\n"a\tquoted"\tpositive\nb\tnegative\n', "cannot be read as tsv: CSV parse error"),
     ("seed.csv", "text,label\na,positive\n \n", "cannot be read as csv: CSV parse error"),
-    ("seed.jsonl", '{"text": "a", "label": "positive"}\n{"text": "b", "label": \n', "cannot be read as jsonl"),
+    ("seed.jsonl", '{"text": "a", "label": "positive"}\n{"text": "b", "label": \n', "line 2: not JSON"),
     ("seed.jsonl", '{"text": "a", "label": "positive"}\n["b", "negative"]\n', "line 2: a row must be a JSON object"),
+    # the file's line, blank lines counted: it said "line 1 column 13", the record's own
+    ("seed.jsonl", '{"text": "a", "label": "positive"}\n\n\n{"text":"d" "label":"positive"}\n',
+     "line 4: not JSON (Expecting ',' delimiter at column 13)"),
+    ("seed.jsonl", '{"text": "a", "label": "positive"}\n\n[1]\n', "line 3: a row must be a JSON object"),
     ("seed.parquet", "not parquet", "cannot be read as parquet"),
 ])
 def test_a_file_that_cannot_be_parsed_is_named_in_the_error(tmp_path, name, content, fragment):
