@@ -67,6 +67,9 @@ Optimizer = Callable[[TuneloopConfig, Registry, str, str], Manifest]
 class TrainingOutcome:
     job: JobRecord
     manifest: Manifest | None
+    # Why the job never started (another job of the model holds its lease), for a job this
+    # call created: its record is removed, as a refusal is no failed job to alert on.
+    refused: str | None = None
 
 
 SANITY_ROWS = 256
@@ -241,6 +244,7 @@ def run_training(cfg: TuneloopConfig, model: str, trigger: str = "manual", job: 
     """
     storage = Storage(cfg.storage.root)
     registry, jobs = Registry(storage), JobStore(storage)
+    created_here = job is None
     job = job or jobs.create(model, trigger)
     job.pid, job.host = os.getpid(), socket.gethostname()
     job.ray_node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
@@ -248,8 +252,14 @@ def run_training(cfg: TuneloopConfig, model: str, trigger: str = "manual", job: 
         lease = take_lease(storage, jobs, job)
     except Exception as e:  # noqa: BLE001 - JobRunning, or the lock file could not be opened
         error = e.message if isinstance(e, JobRunning) else f"{type(e).__name__}: {e}"
-        log.error("job %s not started: %s", job.job_id, error)
         job.state, job.error, job.finished_at = "failed", error, jobs.now()
+        if created_here and isinstance(e, JobRunning):
+            # `tuneloop train` beside a job that took the lease just after its own check: it
+            # left a failed job on record, which the failed-jobs alert took for a failed run.
+            log.error("not started: %s", error)
+            jobs.discard(job)
+            return TrainingOutcome(job, None, refused=error)
+        log.error("job %s not started: %s", job.job_id, error)
         jobs.save(job)
         return TrainingOutcome(job, None)
     heartbeat = Heartbeat(jobs, job)

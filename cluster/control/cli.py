@@ -70,7 +70,7 @@ def train(
             running = None
     if running is not None:  # before Ray starts, and without a failed job record to alert on
         typer.echo(f"job {running.job_id} of {model} is running (started {running.created_at}): wait for it, "
-                   f"or see `tuneloop status {model}`", err=True)
+                   f"or see `tuneloop jobs {model}`", err=True)
         raise typer.Exit(2)
     # In a Ray Job ($RAY_ADDRESS set) the job's cluster is the one to join.
     server = None if address or os.environ.get("RAY_ADDRESS") else running_server_address(storage)
@@ -106,6 +106,9 @@ def train(
             raise typer.Exit(130) from None
         finally:
             ray.shutdown()
+    if outcome.refused:  # another job took the model's lease after the check above
+        typer.echo(f"{outcome.refused}; `tuneloop jobs {model}` lists it", err=True)
+        raise typer.Exit(2)
     job = outcome.job
     typer.echo(json.dumps(job.model_dump(include={"job_id", "model", "state", "version", "promoted", "message",
                                                   "metrics", "error"}), indent=2))

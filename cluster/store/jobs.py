@@ -122,6 +122,10 @@ class JobStore:
         self.storage.update_json(f"jobs/{job.job_id}.json", write)
         return not refused
 
+    def discard(self, job: JobRecord) -> None:
+        """Remove the record of a job that never started (it was refused the model's lease)."""
+        self.storage.delete_file(f"jobs/{job.job_id}.json")
+
     def stored(self, job_id: str) -> JobRecord | None:
         """The record as stored, no staleness judged (``get`` marks a stale one lost): for a
         reader whose clock is not the driver's, a training worker on another node, which

@@ -98,6 +98,29 @@ def test_a_job_marked_lost_before_its_first_beat_stops_before_it_trains(tmp_path
     assert outcome.manifest is None and outcome.job.state == "failed" and "JobLost" in outcome.job.error
 
 
+def test_a_job_refused_the_lease_leaves_no_failed_record_unless_another_process_made_it(tmp_path):
+    """`tuneloop train` just after a triggered job's record, before its lease: the CLI's
+    check passed, its own job was refused, and a failed job stayed on record (its alert)."""
+    from tuneloop.core.config import parse_config
+    from tuneloop.training.launcher import run_training
+
+    cfg = parse_config({"models": [{"name": "m", "base_model": "x", "labels": ["a", "b"]}],
+                        "storage": {"root": str(tmp_path / "store")}})
+    storage = Storage(cfg.storage.root)
+    jobs = JobStore(storage)
+    holder = jobs.create("m", "feedback")
+    lease = take_lease(storage, jobs, holder)
+    try:
+        outcome = run_training(cfg, "m")
+        assert outcome.refused and f"job {holder.job_id}" in outcome.refused and outcome.manifest is None
+        assert [j.job_id for j in jobs.all()] == [holder.job_id]  # no record of the refused one
+        made_by_controller = jobs.create("m", "feedback")  # the controller's record: the client has its id
+        outcome = run_training(cfg, "m", job=made_by_controller)
+        assert outcome.refused is None and jobs.get(made_by_controller.job_id).state == "failed"
+    finally:
+        lease.release()
+
+
 def test_staleness_threshold_is_a_parameter(storage, clock):
     quick = JobStore(storage, clock=clock, stale_after_s=2)
     job = quick.create("m", "manual")
