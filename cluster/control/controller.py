@@ -59,6 +59,10 @@ def _train_job(config: dict, model: str, trigger: str, job: JobRecord) -> str:
     from tuneloop.serving.optimize import optimize_version  # imported in the task, not by the actor
     from tuneloop.training.launcher import run_training
 
+    # The job's handle to the ingress logs Serve's start of its router at info, an object's
+    # repr ("Started <ray.serve._private.router.SharedRouterLongPollClient object at ...>"),
+    # as `tuneloop train` quiets it in its own process.
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     return run_training(TuneloopConfig.model_validate(config), model, trigger=trigger, job=job,
                         optimize=optimize_version).job.state
 

@@ -22,6 +22,7 @@ import ray
 from ray import serve
 
 from tuneloop.control import worker_setup
+from tuneloop.control.console_filter import without_stop_noise
 from tuneloop.store.jobs import JobStore
 from tuneloop.store.journal import pending_records
 from tuneloop.store.keys import KeyRing, ensure_admin_key, save_admin_key
@@ -43,6 +44,10 @@ def init_ray(cfg: TuneloopConfig, address: str | None = None) -> None:
     """Join ``address`` (or the config's, or $RAY_ADDRESS: set for a Ray Job's entrypoint)
     if there is one, else start a local Ray in-process."""
     address = cluster_to_join(address, cfg.ray.address, os.environ.get("RAY_ADDRESS"))
+    # "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to
+    # opt out" at every run and train: tuneloop keeps Ray's default on purpose (the dashboard
+    # and GCS of a local Ray are not anyone's), and the line invited turning it off.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if address:
         # The hook quiets the library logs of this driver's job's workers (Ray Train's own
         # actors among them), as it does for a local Ray's.
@@ -405,10 +410,13 @@ def run_forever(cfg: TuneloopConfig) -> None:
         if ray.is_initialized():
             node_id = ray.get_runtime_context().get_node_id()
             try:
-                if serving and not (own_ray and dead_ray_process()):  # Serve's shutdown waits on a dead GCS for good
-                    serve.shutdown()
+                with without_stop_noise():
+                    try:
+                        if serving and not (own_ray and dead_ray_process()):  # Serve's shutdown waits on a dead GCS
+                            serve.shutdown()
+                    finally:
+                        ray.shutdown()
             finally:
-                ray.shutdown()
                 stop_orphaned_haproxy(node_id)
                 if own_ray:  # the jobs that ran in it stopped with it
                     try:

@@ -49,6 +49,15 @@ ENVIRONMENT = {
 }
 
 
+class _NotServesBanner(logging.Filter):
+    """Serve's controller announces the fast path tuneloop turns on (serving/fast_path.py) in
+    eight lines at every start, "Throughput optimized Ray Serve enabled with ...": tuneloop's
+    own choice, nothing for an operator to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Throughput optimized Ray Serve enabled")
+
+
 def quiet_library_logs() -> None:
     # tuneloop's own lines in a worker: a job's steps and the gate's verdict (a Ray task of the
     # retrain controller), the controller's and the rollout driver's decisions. Ray sets up only
@@ -60,6 +69,7 @@ def quiet_library_logs() -> None:
         os.environ.setdefault(name, value)  # a user's own setting wins
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
+    logging.getLogger("ray.serve").addFilter(_NotServesBanner())
     import ray  # already imported: this runs in a Ray worker
 
     logging.getLogger(os.path.join(os.path.dirname(ray.__file__), *TRAIN_CONTEXT_LOGGER)).setLevel(logging.WARNING)

@@ -1,0 +1,67 @@
+"""Lines Ray prints on the driver's console that tuneloop's own stop causes, dropped there.
+
+`serve.shutdown()` kills Serve's controller with ``ray.kill`` while calls to it are under
+way (the proxies' and handles' long polls, its own graceful shutdown), and Ray reports each
+as a failed task on the driver's stdout: every Ctrl-C of `tuneloop run` ended with
+
+    (raylet) Task ServeController.graceful_shutdown failed. There are infinite retries
+    remaining, so the task will be retried. Error: The actor is dead because it was killed
+    by `ray.kill`.
+
+which reads as an error where the stop went as planned. Ray prints them from a thread of
+its own, to whatever ``sys.stdout`` is at that moment; nothing in its API turns them off.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TextIO
+
+
+def killed_serve_call(line: str) -> bool:
+    """A call to Serve's controller reported failed because the stop killed it."""
+    return "Task ServeController." in line and "killed by `ray.kill`" in line
+
+
+class LineFilter:
+    """A text stream that passes on ``stream`` every whole line ``drop`` does not match."""
+
+    def __init__(self, stream: TextIO, drop: Callable[[str], bool]):
+        self.stream, self.drop = stream, drop
+        self._pending, self._lock = "", threading.Lock()  # Ray's log thread and ours write
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            *lines, self._pending = (self._pending + text).split("\n")
+            for line in lines:
+                if not self.drop(line):
+                    self.stream.write(line + "\n")
+        return len(text)
+
+    def close_pending(self) -> None:
+        with self._lock:
+            if self._pending and not self.drop(self._pending):
+                self.stream.write(self._pending)
+            self._pending = ""
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str):  # isatty, encoding, fileno: the stream's own
+        return getattr(self.stream, name)
+
+
+@contextmanager
+def without_stop_noise() -> Iterator[None]:
+    """Around `serve.shutdown()` and `ray.shutdown()`: stdout without the failed calls the
+    stop itself causes."""
+    original, sys.stdout = sys.stdout, LineFilter(sys.stdout, killed_serve_call)
+    try:
+        yield
+    finally:
+        filtered, sys.stdout = sys.stdout, original
+        if isinstance(filtered, LineFilter):
+            filtered.close_pending()
