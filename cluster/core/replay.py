@@ -16,6 +16,7 @@ the parent's reservoir and the seed file, never the whole history.
 
 from __future__ import annotations
 
+import math
 import random
 from collections import defaultdict
 from collections.abc import Sequence
@@ -40,10 +41,10 @@ def replay_quota(fresh_train_rows: int, ratio: float, max_rows: int) -> int:
 def stratified_sample(labels: Sequence[str], k: int, rng: random.Random) -> list[int]:
     """``k`` indices of ``labels`` (all of them if fewer), each label getting its share of
     the sample, every present label at least one when ``k`` allows. A share's whole part is
-    given; the slots left over go to labels drawn by ``rng``, weighted by what their share
-    lacks (Efraimidis-Spirakis): given to the largest remainders, ties by name, the same
-    classes took them in every job (4 replay slots, 12 intents of equal size: the same 4
-    replayed in each of 20 jobs, the other 8 never)."""
+    given; the slots left over go to labels drawn by ``rng`` with the chance the share they
+    lack (``_draw``): given to the largest remainders, ties by name, the same classes took
+    them in every job (4 replay slots, 12 intents of equal size: the same 4 replayed in each
+    of 20 jobs, the other 8 never)."""
     n = len(labels)
     if k >= n:
         return list(range(n))
@@ -58,10 +59,8 @@ def stratified_sample(labels: Sequence[str], k: int, rng: random.Random) -> list
     if k >= len(groups):
         for label, _ in groups:
             counts[label] = max(counts[label], 1)
-    # Leftover slots: labels drawn with weight = the share a label still lacks.
     lacking = {label: exact[label] - counts[label] for label in counts if exact[label] > counts[label]}
-    drawn = sorted(lacking, key=lambda label: rng.random() ** (1 / lacking[label]), reverse=True)
-    for label in drawn[:k - sum(counts.values())]:
+    for label in _draw(lacking, k - sum(counts.values()), rng):
         counts[label] += 1
     while sum(counts.values()) > k:  # labels given one they lacked: taken back from the largest
         top = max(counts.values())
@@ -70,6 +69,29 @@ def stratified_sample(labels: Sequence[str], k: int, rng: random.Random) -> list
     for label, members in groups:
         picked.extend(rng.sample(members, counts[label]))
     return sorted(picked)
+
+
+def _draw(weights: dict[str, float], slots: int, rng: random.Random) -> list[str]:
+    """``slots`` distinct keys of ``weights`` (each below 1), key i drawn with chance
+    ``slots * w_i / sum(w)``: ``w_i`` itself when the weights sum to ``slots``, as the shares
+    left over do. Systematic sampling over the keys in a random order: one uniform number,
+    steps of 1 along the weights laid end to end; none for ``slots`` of 0 or less."""
+    total = sum(weights.values())
+    if slots <= 0 or total <= 0:
+        return []
+    keys = sorted(weights)
+    rng.shuffle(keys)
+    start, at, drawn = rng.random(), 0.0, []
+
+    def points_below(x: float) -> int:  # how many of start, start + 1, ... lie below x
+        return max(0, math.ceil(x - start))
+
+    for key in keys:
+        at_next = at + weights[key] * slots / total
+        if points_below(at_next) > points_below(at):  # a point in [at, at_next): one at most
+            drawn.append(key)
+        at = at_next
+    return drawn[:slots]
 
 
 def reservoir_update(reservoir: list[T], seen: int, new: Sequence[T], capacity: int,

@@ -47,6 +47,15 @@ def test_stratified_sample_gives_leftover_slots_to_drawn_labels_not_always_the_s
     labels = ["a"] * 55 + ["b"] * 25 + ["c"] * 20
     counts = Counter(labels[i] for seed in range(2000) for i in stratified_sample(labels, 8, random.Random(seed)))
     assert abs(counts["a"] / 2000 - 4.4) < 0.05 and abs(counts["c"] / 2000 - 1.6) < 0.05 and counts["b"] == 4000
+    # several leftover slots: each label drawn with the chance of the share it lacks
+    labels = ["a"] * 19 + ["b"] * 19 + ["c"] * 11 + ["d"] * 11  # k=10: shares 3.17, 3.17, 1.83, 1.83
+    counts = Counter(labels[i] for seed in range(4000) for i in stratified_sample(labels, 10, random.Random(seed)))
+    assert all(abs(counts[x] / 4000 - share) < 0.03 for x, share in zip("abcd", (19 / 6, 19 / 6, 11 / 6, 11 / 6)))
+    # the one each label is owed takes the sample past k: no leftover slot is drawn, the excess
+    # is taken back from the largest (a slice by a negative count handed out most of them)
+    labels = ["A"] * 60 + ["B"] * 12 + ["C"] * 12 + ["D"] * 12 + ["e1", "e2", "e3", "e4"]
+    counts = Counter(labels[i] for seed in range(200) for i in stratified_sample(labels, 12, random.Random(seed)))
+    assert counts["A"] == 200 * 5 and all(counts[x] == 200 for x in ("B", "C", "D", "e1", "e4"))
 
 
 def test_reservoir_is_bounded_and_uniform_over_all_history():
