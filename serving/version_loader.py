@@ -23,7 +23,6 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 
 from tuneloop.core.config import OptimizeConfig, ServingConfig
-from tuneloop.core.rollout import LOAD_FAILURES_TO_ROLL_BACK
 from tuneloop.core.runtimes import (Optimization, choose_lone_runtime, choose_runtime, hardware_class,
                                     serves_alone, unmeasured_runtimes)
 from tuneloop.core.tasks import Task
@@ -73,6 +72,11 @@ class VersionLoader:
         """The version loaded, or None: refused (``refused``), or failed (``failed``) until its
         next try. ``serving``: the version this replica serves meanwhile, for the log."""
         if version in self.refused:
+            # Never tried again, but counted at each look while the state names it: counted
+            # once (or three times) at its refusal, the count could fall before a rollout's
+            # stage began counting (up to evaluate_every_s after it), and the rollback rule
+            # never saw it.
+            metrics.VERSION_LOAD_FAILURES.labels(self.model, version).inc()
             return None
         failed = self.failed.get(version)
         if failed is not None and time.monotonic() < failed[0]:
@@ -80,9 +84,7 @@ class VersionLoader:
         try:
             loaded = self.load_runtime(version)
         except LabelMismatch as e:
-            # Refused for good, so never tried again: counted as every failure a challenger's
-            # rollback waits for. Counted once, one replica's refusal never reached the three.
-            metrics.VERSION_LOAD_FAILURES.labels(self.model, version).inc(LOAD_FAILURES_TO_ROLL_BACK)
+            metrics.VERSION_LOAD_FAILURES.labels(self.model, version).inc()
             self.refused[version] = str(e)
             log.error("model %s: %s; still serving %s", self.model, e, serving or "nothing")
             return None
