@@ -33,6 +33,7 @@ import random
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -57,7 +58,7 @@ from tuneloop.serving.responses import error_response, internal_error_response
 from tuneloop.serving.batcher import ComputeSlot, ContinuousBatcher, ItemFailed
 from tuneloop.serving.loaded_models import LoadedModel, load_model
 from tuneloop.serving.version_loader import VersionLoader
-from tuneloop.core.batching_policy import AIMDPolicy, estimated_wait, next_batch_size, seconds_per_text
+from tuneloop.core.batching_policy import AIMDPolicy, cheapest_text_seconds, estimated_wait, next_batch_size
 from tuneloop.core.rollout import Rollout, canary_bucket
 from tuneloop.core.tasks import model_task
 from tuneloop.serving.predict_request import (
@@ -153,8 +154,8 @@ class ModelServer:
         # Texts the held requests carry, and the compute seconds a text took in recent batches
         # (None before the first): past request_timeout_s of work, a 503 at once (batching_policy).
         self._texts_in_flight = 0
-        self._seconds_per_text: float | None = None
-        self._first_batch_done = False
+        self._seconds_per_text: float | None = None  # since production last changed
+        self._warm: weakref.WeakSet[LoadedModel] = weakref.WeakSet()  # versions that ran a batch here
         self._loaded: LoadedModel | None = None
         self._challenger: LoadedModel | None = None  # a rollout's, beside production
         self._rollout: Rollout | None = None
@@ -197,6 +198,7 @@ class ModelServer:
                 return  # rolled back while it loaded: the next tick serves what the state names now
             if new is not None:
                 old, self._loaded = self._loaded, new  # one reference swap; running batches keep `old`
+                self._seconds_per_text = None  # another version's cost: measured anew
                 log.info("model %s now serving %s (was %s)", self.cfg.name, production, old.version if old else None)
                 try:  # the rollout's end, for the version's feedback-to-serving time
                     self.registry.record_switch(self.cfg.name, production, self._replica_id)
@@ -414,9 +416,9 @@ class ModelServer:
             raise
         finally:
             self._computing -= 1
-        if self._first_batch_done:  # a replica's first batch is no measure: kernels and caches warm up
-            self._seconds_per_text = seconds_per_text(self._seconds_per_text, seconds, len(texts))
-        self._first_batch_done = True
+        if loaded in self._warm:  # a version's first batch is no measure: kernels and caches warm up
+            self._seconds_per_text = cheapest_text_seconds(self._seconds_per_text, seconds, len(texts))
+        self._warm.add(loaded)
         if self.serving.adaptive_batching:  # the batch's own time: not its wait behind the other role's or a shadow's
             batcher.max_batch_size = next_batch_size(self._policy, batcher.max_batch_size, len(texts), seconds)
         return results

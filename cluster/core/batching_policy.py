@@ -64,10 +64,13 @@ def select_batch(lengths: list[int], limit: int) -> list[int]:
 # max_queued_requests) counts requests, not texts, and took 1,152 requests of 64 texts each,
 # which waited request_timeout_s and timed out (counted against the version, alerting as a
 # hung model) where an immediate 503 was due.
-def seconds_per_text(before: float | None, batch_seconds: float, texts: int) -> float:
-    """The compute seconds a text takes, smoothed over batches (each weighs a fifth)."""
+def cheapest_text_seconds(before: float | None, batch_seconds: float, texts: int) -> float:
+    """The fewest compute seconds a text took in a batch so far: the estimate is optimistic,
+    so that only a request that cannot be answered in time is refused. A smoothed cost of
+    recent batches, one text each at light load, overstated what a full batch costs, and
+    refused the first burst."""
     now = batch_seconds / max(1, texts)
-    return now if before is None else 0.8 * before + 0.2 * now
+    return now if before is None else min(before, now)
 
 
 def estimated_wait(texts: int, per_text: float | None) -> float:

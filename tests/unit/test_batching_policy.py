@@ -1,6 +1,6 @@
 import pytest
 
-from tuneloop.core.batching_policy import AIMDPolicy, estimated_wait, next_batch_size, seconds_per_text
+from tuneloop.core.batching_policy import AIMDPolicy, cheapest_text_seconds, estimated_wait, next_batch_size
 
 
 def test_grows_additively_while_full_and_fast():
@@ -60,9 +60,12 @@ def test_select_batch_keeps_the_oldest_and_groups_by_length():
     assert select_batch([5, 5, 5], 8) == [0, 1, 2]
 
 
-def test_a_texts_seconds_are_smoothed_over_batches_and_give_the_wait():
+def test_the_wait_is_estimated_at_the_cheapest_text_seen():
+    """Optimistic: a request is refused only when it cannot be answered in time. Smoothed,
+    one-text batches at light load overstated a full batch's cost and refused a first burst."""
     assert estimated_wait(1000, None) == 0.0  # nothing timed yet: nothing refused on a guess
-    per_text = seconds_per_text(None, 0.32, 32)
+    per_text = cheapest_text_seconds(None, 0.32, 32)
     assert per_text == pytest.approx(0.01) and estimated_wait(100, per_text) == pytest.approx(1.0)
-    assert seconds_per_text(per_text, 0.06, 1) == pytest.approx(0.8 * 0.01 + 0.2 * 0.06)  # a fifth each
-    assert seconds_per_text(None, 0.0, 0) == 0.0
+    assert cheapest_text_seconds(per_text, 0.06, 1) == pytest.approx(0.01)  # a lone text's batch costs more
+    assert cheapest_text_seconds(per_text, 0.16, 32) == pytest.approx(0.005)
+    assert cheapest_text_seconds(None, 0.0, 0) == 0.0

@@ -178,12 +178,15 @@ def test_a_request_whose_texts_would_wait_past_the_timeout_is_503_at_once():
     """The bound counts requests: 1,152 requests of 64 texts each were taken, waited
     request_timeout_s and timed out (counted against the version: a hung model's alert),
     where an immediate 503 was due."""
-    replica, _, _ = _replica(delay_s=0.05, request_timeout_s=1.0, max_batch_size=64)
+    replica, registry, _ = _replica(delay_s=0.05, request_timeout_s=1.0, max_batch_size=64)
 
     async def requests() -> float:
-        await replica.predict(["a"] * 8)  # the first batch is no measure (warming up)
+        await replica.predict(["a"] * 8)  # a version's first batch is no measure (warming up)
         assert replica._seconds_per_text is None
         await replica.predict(["a"])  # one batch timed: 0.05 s a text
+        await replica.predict(["a", "b"])  # 0.025: the cheapest text is the estimate
+        assert replica._seconds_per_text == pytest.approx(0.025, rel=0.3)
+        replica._seconds_per_text = 0.05
         replica._texts_in_flight = 16  # held by other requests: 0.8 s of work
         start = time.perf_counter()
         with pytest.raises(Overloaded, match=r"16 texts waiting, about 1s of work, past request_timeout_s 1\)"):
@@ -196,6 +199,9 @@ def test_a_request_whose_texts_would_wait_past_the_timeout_is_503_at_once():
         return took
 
     assert asyncio.run(requests()) < 0.2
+    registry.production_version = "v2"
+    replica._sync_with_registry()
+    assert replica._seconds_per_text is None  # another version's cost is measured anew
 
 
 def test_a_request_past_its_timeout_is_503():
