@@ -53,11 +53,14 @@ class ComputeSlot:
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self.release()  # granted as it was cancelled: pass it on
-            else:
+            elif (oldest, waiter) in self._waiters:
                 self._waiters.remove((oldest, waiter))
             raise
 
     def release(self) -> None:
+        # A waiter cancelled since it queued (its task not yet run to take itself out) is
+        # passed over: granted, the slot stayed busy with no one to use it.
+        self._waiters = [w for w in self._waiters if not w[1].done()]
         if not self._waiters:
             self._busy = False
             return
