@@ -191,7 +191,7 @@ def _compacted_one_by_one(tmp_path, n: int) -> tuple[Storage, FeedbackStore]:
     held enough to merge)."""
     from unittest import mock
 
-    from tuneloop.store import records
+    from tuneloop.store import feedback_store
 
     noon = (datetime.now(UTC) - timedelta(days=1)).replace(hour=12, minute=0, second=0, microsecond=0)
 
@@ -203,7 +203,7 @@ def _compacted_one_by_one(tmp_path, n: int) -> tuple[Storage, FeedbackStore]:
     storage = Storage(str(tmp_path / "store"))
     store = FeedbackStore(storage, str(tmp_path / "journal"), TASKS)
     store.open_writer()
-    with mock.patch.object(records, "datetime", Yesterday):
+    with mock.patch.object(feedback_store, "datetime", Yesterday):
         for i in range(n):
             store.append(model="m", text=f"t{i}", label="positive")
             store.compact()
