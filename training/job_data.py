@@ -31,7 +31,7 @@ from tuneloop.core.feedback_stats import superseded
 from tuneloop.core.quarantine import ANONYMOUS, flag_keys, normalized, task_key_stats
 from tuneloop.core.replay import kept_back, replay_quota, reservoir_update, stratified_sample
 from tuneloop.core.tasks import Task
-from tuneloop.store.feedback_store import FeedbackStore
+from tuneloop.store.feedback_store import ARRIVAL_ORDER, FeedbackStore
 from tuneloop.store.manifest import Manifest
 from tuneloop.store.quarantine import QuarantineBook
 from tuneloop.store.records import arrow_type
@@ -361,7 +361,9 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     released = released.filter(pc.invert(_among(released, "feedback_id", stored)))
     released = _latest_answers(released.filter(pc.invert(_among(released, "prediction_id", fresh))))[0]
     released = _without_texts(released, golden_texts)  # a golden_dataset set since they were held
-    released = _newest_per_text(_without_texts(released, _texts(fresh)))[0]
+    # In arrival order: the held table is [still held, newly held, waiting], and the waiting
+    # rows are older; the newest per text, and the oldest first within the row budget.
+    released = _newest_per_text(_without_texts(released.sort_by(ARRIVAL_ORDER), _texts(fresh)))[0]
     # Only a held key's answers that are still the latest on their prediction: one another key
     # replaced in this window, held, was released later over the answer this job trained on.
     newly_held = _without_texts(_rows(latest.filter(_of_keys(latest, held_keys)), schema, "feedback"), golden_texts)

@@ -42,7 +42,7 @@ def _feedback_day_folder(model: str, day: str) -> str:
 # The order feedback arrived in: time, then id (ids sort in arrival order within a writer).
 # Rows another tool stored without a time or an id first, as older than any of ours (the
 # statistics' arrival_order too): last, they fell among a job's newest, kept-back rows.
-_ARRIVAL_ORDER = [("created_at", "ascending", "at_start"), ("feedback_id", "ascending", "at_start")]
+ARRIVAL_ORDER = [("created_at", "ascending", "at_start"), ("feedback_id", "ascending", "at_start")]
 
 
 def _partition_day(path: str) -> str:
@@ -338,7 +338,7 @@ class FeedbackStore:
             t = pa.scalar(at, TIMESTAMP)
             where = (pc.field("created_at") > t) | ((pc.field("created_at") == t) & (pc.field("feedback_id") > last_id))
         table = _first_of_each_id(self._read_listed(model, day, where, schema), "feedback_id")
-        return table.sort_by(_ARRIVAL_ORDER)
+        return table.sort_by(ARRIVAL_ORDER)
 
     def merge_closed_days(self, model: str, today: date | None = None, min_files: int = MERGE_MIN_FILES) -> int:
         """Merge each closed day's small files (compaction writes one every few seconds: up
@@ -369,7 +369,7 @@ class FeedbackStore:
                             "left unmerged", model, day)
                 continue
             files = [f for f in files if f not in unreadable]  # never deleted: their rows are in no merge
-            table = table.sort_by(_ARRIVAL_ORDER)
+            table = table.sort_by(ARRIVAL_ORDER)
             ms = table.column("created_at").cast(pa.int64()).to_pylist()
             digest = hashlib.blake2b("\n".join(table.column("feedback_id").to_pylist()).encode(),
                                      digest_size=8).hexdigest()

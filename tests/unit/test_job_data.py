@@ -476,6 +476,32 @@ def test_released_rows_train_within_the_row_budget_and_the_rest_wait_for_the_nex
     assert sorted(trained) == sorted(flipped)  # every released row trained, once (replay aside)
 
 
+def test_released_rows_are_taken_in_arrival_order_whatever_the_held_tables_order(env):
+    """A held table is [still held, newly held, waiting], the waiting rows older: released,
+    the newest rows went first within the row budget, and a newer answer on a text lost to
+    an older one."""
+    from dataclasses import replace
+
+    from tuneloop.store.quarantine import QuarantineBook
+
+    cfg, task, registry, feedback, tmp_path = env
+    tight = cfg.training.model_copy(update={"max_rows_per_job": 40})
+    first = assemble(task, cfg.model("m"), tight, registry, feedback, None)
+    v1 = _publish(registry, tmp_path, first, "v1", first.summary, golden_accuracy=0.9)
+    _on_v1(feedback, "honest", "positive", "aaaaaaaa", range(10))
+    flipped = _on_v1(feedback, "flipped", "negative", "bbbbbbbb", range(60))
+    _on_v1(feedback, "honest", "positive", "aaaaaaaa", range(10, 40))
+    feedback.compact()
+    data = assemble(task, cfg.model("m"), tight, registry, feedback, v1)
+    reversed_held = data.held.take(list(range(data.held.num_rows - 1, -1, -1)))  # newest first
+    v2 = _publish(registry, tmp_path, replace(data, held=reversed_held), "v2", data.summary, golden_accuracy=0.9)
+    QuarantineBook(registry.storage).release("m", "bbbbbbbb")
+    now = assemble(task, cfg.model("m"), tight, registry, feedback, v2)
+    released = now.summary["quarantine"]["released_rows"]
+    trained = {r["feedback_id"] for r in now.train.to_pylist() if r["feedback_id"] in flipped}
+    assert released and trained == set(flipped[:released])  # the oldest first
+
+
 def test_early_stopping_watches_its_own_rows_never_the_gates(env):
     """With early stopping on, the fresh rows before the kept-back ones are its validation
     set: [trained | validation | kept back], and the next job trains on both."""
