@@ -447,9 +447,9 @@ def test_a_held_answer_replaced_within_its_own_window_is_never_held_nor_released
     assert set(released.train.column("feedback_id").to_pylist()).isdisjoint(stale[:25])
 
 
-def test_released_rows_train_within_the_row_budget_and_the_rest_wait_for_the_next_job(env):
-    from tuneloop.store.quarantine import QuarantineBook
-
+def _held_flipped_rows(env):
+    """v1 with a 40-row budget, then 40 honest answers and, between them, 60 flipped ones
+    of key bbbbbbbb, which the next job holds: (that job's data, the flipped ids, tight)."""
     cfg, task, registry, feedback, tmp_path = env
     tight = cfg.training.model_copy(update={"max_rows_per_job": 40})
     first = assemble(task, cfg.model("m"), tight, registry, feedback, None)
@@ -459,7 +459,14 @@ def test_released_rows_train_within_the_row_budget_and_the_rest_wait_for_the_nex
     # The watermark lies past the flipped rows: released, they are not fresh again.
     _on_v1(feedback, "honest", "positive", "aaaaaaaa", range(10, 40))
     feedback.compact()
-    data = assemble(task, cfg.model("m"), tight, registry, feedback, v1)
+    return assemble(task, cfg.model("m"), tight, registry, feedback, v1), flipped, tight
+
+
+def test_released_rows_train_within_the_row_budget_and_the_rest_wait_for_the_next_job(env):
+    from tuneloop.store.quarantine import QuarantineBook
+
+    cfg, task, registry, feedback, tmp_path = env
+    data, flipped, tight = _held_flipped_rows(env)
     assert data.held.num_rows == 60
     v2 = _publish(registry, tmp_path, data, "v2", data.summary, golden_accuracy=0.9)
     QuarantineBook(registry.storage).release("m", "bbbbbbbb")
@@ -485,14 +492,7 @@ def test_released_rows_are_taken_in_arrival_order_whatever_the_held_tables_order
     from tuneloop.store.quarantine import QuarantineBook
 
     cfg, task, registry, feedback, tmp_path = env
-    tight = cfg.training.model_copy(update={"max_rows_per_job": 40})
-    first = assemble(task, cfg.model("m"), tight, registry, feedback, None)
-    v1 = _publish(registry, tmp_path, first, "v1", first.summary, golden_accuracy=0.9)
-    _on_v1(feedback, "honest", "positive", "aaaaaaaa", range(10))
-    flipped = _on_v1(feedback, "flipped", "negative", "bbbbbbbb", range(60))
-    _on_v1(feedback, "honest", "positive", "aaaaaaaa", range(10, 40))
-    feedback.compact()
-    data = assemble(task, cfg.model("m"), tight, registry, feedback, v1)
+    data, flipped, tight = _held_flipped_rows(env)
     reversed_held = data.held.take(list(range(data.held.num_rows - 1, -1, -1)))  # newest first
     v2 = _publish(registry, tmp_path, replace(data, held=reversed_held), "v2", data.summary, golden_accuracy=0.9)
     QuarantineBook(registry.storage).release("m", "bbbbbbbb")
