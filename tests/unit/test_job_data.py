@@ -99,7 +99,7 @@ def test_a_seed_row_the_model_cannot_learn_fails_the_job_before_a_golden_set_is_
     seed = tmp_path / "seed.tsv"
     good = seed.read_text()
     seed.write_text(good + "a typo in a label\tPositive\n")
-    with pytest.raises(ValueError, match=r"seed.tsv': training data has labels \['Positive'\] outside"):
+    with pytest.raises(ValueError, match=r"seed.tsv': rows have labels \['Positive'\] outside"):
         assemble(task, cfg.model("m"), cfg.training, registry, feedback, None)
     assert registry.golden("m") is None  # nothing frozen: fixing the file is enough
     jsonl = tmp_path / "seed.jsonl"

@@ -125,7 +125,7 @@ class MultiLabelClassification(Task):
         index = {name: i for i, name in enumerate(self.labels)}
         unknown = sorted({str(x) for row in columns["labels"] for x in row or [] if x not in index})
         if unknown:
-            raise ValueError(f"training data has labels {unknown} outside the model's labels {self.labels}")
+            raise ValueError(f"rows have labels {unknown} outside the model's labels {self.labels}")
         return {"label_ids": [[index[x] for x in row or []] for row in columns["labels"]]}
 
     def stratum(self, targets: dict[str, Any]) -> str:

@@ -75,7 +75,7 @@ class TextClassification(Task):
         names = columns["label"]  # cast to the column's type (string) by the reader
         unknown = sorted({str(n) for n in names if n not in index})
         if unknown:
-            raise ValueError(f"training data has labels {unknown} outside the model's labels {self.labels}")
+            raise ValueError(f"rows have labels {unknown} outside the model's labels {self.labels}")
         return {"label_id": [index[n] for n in names]}
 
     def batch_targets(self, batch: dict[str, list], encoding: dict[str, list]) -> list[int]:

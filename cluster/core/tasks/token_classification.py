@@ -355,7 +355,7 @@ class TokenClassification(Task):
         index = {t: i for i, t in enumerate(self.types)}
         unknown = sorted({e["label"] for spans in columns["entities"] for e in spans or [] if e["label"] not in index})
         if unknown:
-            raise ValueError(f"training data has entity types {unknown} outside the model's types {self.types}")
+            raise ValueError(f"rows have entity types {unknown} outside the model's types {self.types}")
         return {"spans": [[v for e in spans or [] for v in (e["start"], e["end"], index[e["label"]])]
                           for spans in columns["entities"]]}
 
