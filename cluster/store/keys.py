@@ -170,8 +170,8 @@ def revoke_stored_key(auth: AuthConfig, storage: Storage, key_id: str) -> ApiKey
     def remove(doc: dict[str, Any], _: list[ApiKey]) -> dict[str, Any]:
         rest, gone = without_key(doc, key_id)
         if gone is None:
-            raise RevokeError(f"no key with id {key_id!r} in {storage.location(KEYS_FILE)}; "
-                              "`tuneloop keys list` shows the ids")
+            raise RevokeError(f"no key with id {key_id!r} in {storage.location(KEYS_FILE)} (revoked already, or "
+                              "never made there); `tuneloop keys list` shows the ids")
         removed.update(gone)
         return rest
 
