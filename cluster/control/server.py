@@ -168,6 +168,10 @@ def _unreadable(path: str, m: ModelConfig | None, trains_v1_alone: bool = False)
             if trains_v1_alone and classes is not None and len(classes) < 2:
                 return [f"dataset {path!r} has rows of {classes} alone: v1 would answer that class to everything "
                         "(give it rows of the other labels, or send feedback on them first)"]
+            if trains_v1_alone and classes is not None and (lacking := sorted(set(m.labels) - set(classes))):
+                # Said at the job too, once Ray and maybe other models' jobs had run.
+                log.warning("model %s: dataset %s has no row of %s: v1 cannot learn to answer them (add rows of "
+                            "them, or feedback later)", m.name, path, lacking)
         elif not read_texts(path):
             return [f"dataset {path!r} has no texts: its text column is empty"]
     except (ValueError, OSError) as e:

@@ -157,6 +157,18 @@ def test_a_seed_of_no_row_or_one_class_is_refused_before_ray_while_it_is_all_v1_
     feedback.close()
 
 
+def test_a_label_no_seed_row_holds_is_said_before_ray_not_refused(tmp_path, caplog):
+    """check-config said "config OK" for labels [ham, spam, phishing] and a seed without
+    phishing; the job said so only once Ray had started, and v1 never answered phishing."""
+    tsv = tmp_path / "seed.tsv"
+    tsv.write_text("text\tlabel\nfine\tham\nbuy now\tspam\n")
+    cfg = parse_config({"models": [{"name": "m", "base_model": "some/model", "labels": ["ham", "spam", "phishing"],
+                                    "seed_dataset": str(tsv)}], "storage": {"root": str(tmp_path / "store")}})
+    with caplog.at_level("WARNING", logger="tuneloop"):
+        assert data_problems(cfg) == []
+    assert any("has no row of ['phishing']: v1 cannot learn" in r.getMessage() for r in caplog.records)
+
+
 def test_a_seed_is_not_read_again_once_the_model_has_a_version(tmp_path):
     _published(tmp_path)
     seed = tmp_path / "seed.csv"
