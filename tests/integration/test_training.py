@@ -25,8 +25,9 @@ def trained(ray_session, tiny_model, seed_tsv, tmp_path_factory):
     first = run_training(cfg, "sentiment")
     feedback = FeedbackStore(Storage(cfg.storage.root), cfg.storage.journal_path(), model_tasks(cfg.models))
     feedback.open_writer()
-    for text, label in [("the film was a joy", "positive"), ("the film was a chore", "negative")] * 3:
-        feedback.append(model="sentiment", text=text, label=label)
+    for i in range(3):  # six texts: answers on one text are the newest alone (test_job_data.py)
+        for text, label in [(f"the film was a joy {i}", "positive"), (f"the film was a chore {i}", "negative")]:
+            feedback.append(model="sentiment", text=text, label=label)
     # Two answers on one prediction: only the later one is trained on.
     feedback.append(model="sentiment", text="the film was fine", label="negative", prediction_id="p" * 32,
                     version="v1", predicted_label="positive")
