@@ -145,20 +145,20 @@ class ContinuousBatcher(Generic[T, R]):
                 await self._next_batch()
                 continue
             slot = self._slot()
-            await slot.acquire(self._oldest)
+            await slot.acquire(self.oldest_arrival)
             held = True
             try:
                 while held:  # kept while no other batcher's text waited longer than ours
                     await self._next_batch()
                     if not self._queue:
                         break
-                    held = not slot.pass_on(self._oldest)
+                    held = not slot.pass_on(self.oldest_arrival)
             finally:
                 if held:
                     slot.release()
 
-    def _oldest(self) -> float:
-        """When the oldest queued item arrived (monotonic; none queued: never)."""
+    def oldest_arrival(self) -> float:
+        """When the oldest queued item arrived (monotonic; none queued: never, inf)."""
         return min((enqueued for _, fut, enqueued in self._queue if not fut.cancelled()), default=math.inf)
 
     async def _next_batch(self) -> None:

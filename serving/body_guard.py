@@ -7,7 +7,7 @@ it, as a model replica reads predict's.
 from __future__ import annotations
 
 from tuneloop.core.auth import single_header
-from tuneloop.core.errors import TuneloopError
+from tuneloop.core.errors import TuneloopError, UnknownModel
 from tuneloop.serving.predict_request import BodyBudget, check_content_length, check_content_type, load_json, read_body
 from tuneloop.serving.responses import error_response
 
@@ -24,6 +24,9 @@ class BodyGuard:
 
     max_body_bytes = 1 << 20
     body_timeout_s = 10.0
+    # The configured models: a body refused on a path naming another (malformed JSON, a media
+    # type) is that path's 404 unknown_model, as FastAPI's own refusals are (ingress.py).
+    models: frozenset[str] | None = None
     # The bodies held at once, whoever sends them (it reads before any key is checked): up
     # to INGRESS_MAX_ONGOING slow senders of predict-sized bodies held 376 MiB by default.
     budget = BodyBudget(64 << 20)
@@ -52,7 +55,7 @@ class BodyGuard:
             check_content_length(headers.get("content-length"), limit)
             body = await read_body(chunks(), limit, self.body_timeout_s, self.budget)
         except TuneloopError as e:
-            return await error_response(e)(scope, receive, send)
+            return await error_response(self._unknown_model(scope["path"]) or e)(scope, receive, send)
         replayed = False
 
         async def replay():
@@ -67,10 +70,23 @@ class BodyGuard:
                 if body.strip():
                     load_json(body)
             except TuneloopError as e:
-                return await error_response(e)(scope, receive, send)
+                return await error_response(self._unknown_model(scope["path"]) or e)(scope, receive, send)
             await self.app(scope, replay, send)
         finally:
             self.budget.give(len(body))
+
+
+    @classmethod
+    def _unknown_model(cls, path: str) -> UnknownModel | None:
+        return UnknownModel(model) if (model := unknown_model(path, cls.models)) is not None else None
+
+
+def unknown_model(path: str, models: frozenset[str] | None) -> str | None:
+    """The model a ``/v1/models/<model>/...`` path names, if it is not one of ``models``."""
+    parts = path.rstrip("/").split("/")
+    if len(parts) < 4 or parts[1:3] != ["v1", "models"] or models is None or parts[3] in models:
+        return None
+    return parts[3]
 
 
 class TrailingSlash:

@@ -53,7 +53,7 @@ from tuneloop.core.names import (INGRESS_DEPLOYMENT, model_app_name, model_deplo
                                  running_replicas)
 from tuneloop.core.tasks import model_task
 from tuneloop.serving.api_bodies import EmptyRequest, FeedbackRequest, PredictRequest, PromoteRequest, RolloutRequest
-from tuneloop.serving.body_guard import BodyGuard, TrailingSlash
+from tuneloop.serving.body_guard import BodyGuard, TrailingSlash, unknown_model
 from tuneloop.serving.predict_request import BodyBudget
 
 log = logging.getLogger(__name__)
@@ -121,21 +121,11 @@ async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
     return internal_error_response()
 
 
-class _Models:
-    """The configured model names, for the answers FastAPI gives before a route's own code
-    runs (a body it cannot validate, a method the path does not take): set by
-    ``Ingress.__init__``, as ``BodyGuard``'s limits are (Serve pickles the ingress by value)."""
-
-    names: frozenset[str] | None = None
-
-
 def _unknown_model(request: Request) -> JSONResponse | None:
     """404 unknown_model for a path naming a model the config lacks: ``POST
     /v1/models/nosuch/predict`` with ``{}`` answered 422, and a GET 405."""
-    model = request.path_params.get("model")
-    if model is None or _Models.names is None or model in _Models.names:
-        return None
-    return error_response(UnknownModel(model))
+    model = unknown_model(request.url.path, BodyGuard.models)
+    return None if model is None else error_response(UnknownModel(model))
 
 
 @app.exception_handler(RequestValidationError)
@@ -217,7 +207,7 @@ class Ingress:
         BodyGuard.max_body_bytes = max(self.cfg.serving.max_body_bytes(), self.cfg.serving.max_feedback_body_bytes())
         BodyGuard.budget = BodyBudget(max(64 << 20, BodyGuard.max_body_bytes))
         BodyGuard.body_timeout_s = self.cfg.serving.body_timeout_s
-        _Models.names = frozenset(m.name for m in self.cfg.models)
+        BodyGuard.models = frozenset(m.name for m in self.cfg.models)
 
     def __del__(self):
         self.auth.close()

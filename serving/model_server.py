@@ -26,6 +26,7 @@ shed first: it starts only when the compute thread is idle, one shadow batch at 
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import math
@@ -58,7 +59,8 @@ from tuneloop.serving.responses import error_response, internal_error_response
 from tuneloop.serving.batcher import ComputeSlot, ContinuousBatcher, ItemFailed
 from tuneloop.serving.loaded_models import LoadedModel, load_model
 from tuneloop.serving.version_loader import VersionLoader
-from tuneloop.core.batching_policy import AIMDPolicy, cheapest_text_seconds, estimated_wait, next_batch_size
+from tuneloop.core.batching_policy import (BACKLOG_BATCH_TEXTS, BACKLOG_BATCHES, AIMDPolicy, next_batch_size,
+                                           over_capacity, text_seconds)
 from tuneloop.core.rollout import Rollout, canary_bucket
 from tuneloop.core.tasks import model_task
 from tuneloop.serving.predict_request import (
@@ -154,7 +156,8 @@ class ModelServer:
         # Texts the held requests carry, and the compute seconds a text took in recent batches
         # (None before the first): past request_timeout_s of work, a 503 at once (batching_policy).
         self._texts_in_flight = 0
-        self._seconds_per_text: float | None = None  # since production last changed
+        # (seconds, texts) of recent backlog batches since production last changed (batching_policy)
+        self._backlog: collections.deque[tuple[float, int]] = collections.deque(maxlen=BACKLOG_BATCHES)
         self._warm: weakref.WeakSet[LoadedModel] = weakref.WeakSet()  # versions that ran a batch here
         self._loaded: LoadedModel | None = None
         self._challenger: LoadedModel | None = None  # a rollout's, beside production
@@ -198,7 +201,7 @@ class ModelServer:
                 return  # rolled back while it loaded: the next tick serves what the state names now
             if new is not None:
                 old, self._loaded = self._loaded, new  # one reference swap; running batches keep `old`
-                self._seconds_per_text = None  # another version's cost: measured anew
+                self._backlog.clear()  # another version's cost: measured anew
                 log.info("model %s now serving %s (was %s)", self.cfg.name, production, old.version if old else None)
                 try:  # the rollout's end, for the version's feedback-to-serving time
                     self.registry.record_switch(self.cfg.name, production, self._replica_id)
@@ -349,11 +352,11 @@ class ModelServer:
             raise NotReady(f"model {self.cfg.name!r} has no production version loaded yet" + (f" ({why})" if why else ""))
         if self._in_flight >= self._max_in_flight:
             raise Overloaded(f"model {self.cfg.name!r} is at capacity ({self._in_flight} requests); retry shortly")
-        wait = estimated_wait(self._texts_in_flight + len(texts), self._seconds_per_text)
-        if self._texts_in_flight and wait > self.serving.request_timeout_s:  # an idle replica takes any request
-            raise Overloaded(f"model {self.cfg.name!r} is at capacity ({self._texts_in_flight} texts waiting, about "
-                             f"{wait:.0f}s of work, past request_timeout_s {self.serving.request_timeout_s:g}); "
-                             "retry shortly")
+        full = over_capacity(self._texts_in_flight, len(texts), text_seconds(self._backlog), self._oldest_wait(),
+                             self.serving.request_timeout_s)
+        if full:
+            raise Overloaded(f"model {self.cfg.name!r} is at capacity ({full}; request_timeout_s "
+                             f"{self.serving.request_timeout_s:g}); retry shortly")
         rollout = self._rollout
         challenger = self._rollouts_challenger(rollout)
         canary = (rollout is not None and rollout.stage == "canary" and challenger is not None
@@ -384,6 +387,11 @@ class ModelServer:
         if rollout is not None and rollout.stage == "shadow" and challenger is not None:
             self._maybe_shadow(challenger, texts, predictions)
         return predictions
+
+    def _oldest_wait(self) -> float:
+        """Seconds the oldest text queued for a batch has waited (0 with none queued)."""
+        oldest = min(self._batcher.oldest_arrival(), self._challenger_batcher.oldest_arrival())
+        return max(0.0, time.monotonic() - oldest) if oldest != math.inf else 0.0
 
     def _rollouts_challenger(self, rollout: Rollout | None) -> LoadedModel | None:
         """The challenger, if it is ``rollout``'s version (the rollout as the caller read it):
@@ -416,8 +424,10 @@ class ModelServer:
             raise
         finally:
             self._computing -= 1
-        if loaded in self._warm:  # a version's first batch is no measure: kernels and caches warm up
-            self._seconds_per_text = cheapest_text_seconds(self._seconds_per_text, seconds, len(texts))
+        # A version's first batch is no measure (kernels and caches warm up), nor a batch of a few
+        # texts, which costs several times a text of a backlog's.
+        if loaded in self._warm and len(texts) >= min(BACKLOG_BATCH_TEXTS, self.serving.max_batch_size):
+            self._backlog.append((seconds, len(texts)))
         self._warm.add(loaded)
         if self.serving.adaptive_batching:  # the batch's own time: not its wait behind the other role's or a shadow's
             batcher.max_batch_size = next_batch_size(self._policy, batcher.max_batch_size, len(texts), seconds)

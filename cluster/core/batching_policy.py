@@ -16,6 +16,7 @@ hardware, for this model and these texts, without anyone tuning a knob.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -60,20 +61,34 @@ def select_batch(lengths: list[int], limit: int) -> list[int]:
     return sorted([0, *nearest])
 
 
-# Admission by estimated wait: a replica's bound on requests held (4 x max_batch_size plus
-# max_queued_requests) counts requests, not texts, and took 1,152 requests of 64 texts each,
-# which waited request_timeout_s and timed out (counted against the version, alerting as a
-# hung model) where an immediate 503 was due.
-def cheapest_text_seconds(before: float | None, batch_seconds: float, texts: int) -> float:
-    """The fewest compute seconds a text took in a batch so far: the estimate is optimistic,
-    so that only a request that cannot be answered in time is refused. A smoothed cost of
-    recent batches, one text each at light load, overstated what a full batch costs, and
-    refused the first burst."""
-    now = batch_seconds / max(1, texts)
-    return now if before is None else min(before, now)
+# Admission: a replica's bound on requests held (4 x max_batch_size plus max_queued_requests)
+# counts requests, not texts, and took 1,152 requests of 64 texts each, which waited
+# request_timeout_s and timed out (counted against the version, alerting as a hung model)
+# where an immediate 503 was due.
+BACKLOG_BATCHES = 16  # the recent full batches a text's cost is taken from
+BACKLOG_BATCH_TEXTS = 8  # a batch of at least this many texts (or the limit, if lower) is a backlog's
 
 
-def estimated_wait(texts: int, per_text: float | None) -> float:
-    """Seconds of compute the ``texts`` held take on one compute thread (0 before any batch
-    was timed)."""
-    return texts * per_text if per_text is not None else 0.0
+def text_seconds(batches: Sequence[tuple[float, int]]) -> float | None:
+    """Compute seconds a text takes when texts queue: over recent batches of a backlog,
+    (seconds, texts) each, their seconds over their texts; None before one ran. Not lone
+    texts' batches, which cost several times a text in a full one (refusing a first burst
+    the replica had time for), nor the cheapest batch ever (a run of short texts then let
+    in long ones that all timed out)."""
+    texts = sum(n for _, n in batches)
+    return sum(s for s, _ in batches) / texts if texts else None
+
+
+def over_capacity(held_texts: int, new_texts: int, per_text: float | None, oldest_wait_s: float,
+                  timeout_s: float) -> str | None:
+    """Why a request of ``new_texts`` should be refused at once, or None: beside
+    ``held_texts``, the texts would take past ``timeout_s`` at ``per_text``, or the oldest
+    queued text has waited half of it already (a shift to longer texts that the cost per
+    text has not caught up with). An idle replica takes any request."""
+    if not held_texts:
+        return None
+    if per_text is not None and (held_texts + new_texts) * per_text > timeout_s:
+        return f"{held_texts} texts waiting, about {(held_texts + new_texts) * per_text:.0f}s of work"
+    if oldest_wait_s > timeout_s / 2:
+        return f"{held_texts} texts waiting, the oldest for {oldest_wait_s:.1f}s"
+    return None

@@ -86,6 +86,7 @@ def test_predict_returns_id_version_and_scores(app):
         ("/v1/models/unknown/predict", {"inputs": ["x"]}, 404, "unknown_model"),
         ("/v1/models/unknown/predict", {}, 404, "unknown_model"),  # not 422: the body is no matter
         ("/v1/models/unknown/predict", {"inputs": "x"}, 404, "unknown_model"),
+        ("/v1/models/unknown/predict", b'{"inputs": ["x"', 404, "unknown_model"),  # not 400: no such model
         ("/v1/feedback", {"model": "sentiment", "text": "x", "label": "neutral"}, 422, "invalid_label"),
         ("/v1/feedback", {"model": "unknown", "text": "x", "label": "positive"}, 404, "unknown_model"),
         ("/v1/feedback", {"prediction_id": "0" * 32, "label": "positive"}, 404, "unknown_prediction"),

@@ -1,6 +1,6 @@
 import pytest
 
-from tuneloop.core.batching_policy import AIMDPolicy, cheapest_text_seconds, estimated_wait, next_batch_size
+from tuneloop.core.batching_policy import AIMDPolicy, next_batch_size, over_capacity, text_seconds
 
 
 def test_grows_additively_while_full_and_fast():
@@ -60,12 +60,18 @@ def test_select_batch_keeps_the_oldest_and_groups_by_length():
     assert select_batch([5, 5, 5], 8) == [0, 1, 2]
 
 
-def test_the_wait_is_estimated_at_the_cheapest_text_seen():
-    """Optimistic: a request is refused only when it cannot be answered in time. Smoothed,
-    one-text batches at light load overstated a full batch's cost and refused a first burst."""
-    assert estimated_wait(1000, None) == 0.0  # nothing timed yet: nothing refused on a guess
-    per_text = cheapest_text_seconds(None, 0.32, 32)
-    assert per_text == pytest.approx(0.01) and estimated_wait(100, per_text) == pytest.approx(1.0)
-    assert cheapest_text_seconds(per_text, 0.06, 1) == pytest.approx(0.01)  # a lone text's batch costs more
-    assert cheapest_text_seconds(per_text, 0.16, 32) == pytest.approx(0.005)
-    assert cheapest_text_seconds(None, 0.0, 0) == 0.0
+def test_a_texts_cost_is_its_share_of_recent_backlog_batches():
+    assert text_seconds([]) is None  # nothing timed yet: nothing refused on a guess
+    assert text_seconds([(0.32, 32), (0.08, 16)]) == pytest.approx(0.4 / 48)  # weighed by texts
+
+
+def test_a_request_is_refused_when_its_texts_or_the_queue_say_it_cannot_be_answered_in_time():
+    """The request bound took 1,152 requests of 64 texts that timed out; the cheapest text ever
+    seen (short ones) then let in long texts that all timed out."""
+    assert over_capacity(0, 5000, 0.1, 0.0, 30.0) is None  # an idle replica takes any request
+    assert over_capacity(100, 64, 0.1, 0.0, 30.0) is None  # 16.4 s of work
+    assert over_capacity(300, 64, 0.1, 0.0, 30.0) == "300 texts waiting, about 36s of work"
+    assert over_capacity(300, 64, None, 0.0, 30.0) is None  # no backlog batch timed yet
+    # the cost per text lags a shift to long texts: the oldest queued text's wait says it
+    assert over_capacity(300, 64, 0.001, 16.0, 30.0) == "300 texts waiting, the oldest for 16.0s"
+    assert over_capacity(300, 64, 0.001, 14.0, 30.0) is None

@@ -191,6 +191,19 @@ def test_the_ingress_bounds_the_bodies_it_holds_before_any_key_is_checked(monkey
     assert call(b'{"a": ') == 400 and BodyGuard.budget.held == 0  # not JSON: given back too
 
 
+def test_a_path_naming_a_model_the_config_lacks_is_found_whatever_else_it_holds():
+    """Malformed JSON or another media type on /v1/models/nosuch/predict answered 400 or 415,
+    where every other refusal there is 404 unknown_model."""
+    from tuneloop.serving.body_guard import unknown_model
+
+    models = frozenset({"sentiment"})
+    assert unknown_model("/v1/models/nosuch/predict", models) == "nosuch"
+    assert unknown_model("/v1/models/nosuch/", models) == "nosuch"
+    assert unknown_model("/v1/models/sentiment/predict", models) is None
+    assert unknown_model("/v1/models", models) is None and unknown_model("/v1/feedback", models) is None
+    assert unknown_model("/v1/models/nosuch/predict", None) is None  # before the ingress set them
+
+
 def test_errors_name_a_clients_value_cut_short():
     """A feedback on a 100,000-character prediction id got a 404 repeating the whole id."""
     from tuneloop.core.errors import UnknownPrediction, UnknownVersion

@@ -178,30 +178,28 @@ def test_a_request_whose_texts_would_wait_past_the_timeout_is_503_at_once():
     """The bound counts requests: 1,152 requests of 64 texts each were taken, waited
     request_timeout_s and timed out (counted against the version: a hung model's alert),
     where an immediate 503 was due."""
-    replica, registry, _ = _replica(delay_s=0.05, request_timeout_s=1.0, max_batch_size=64)
+    replica, registry, _ = _replica(delay_s=0.08, request_timeout_s=1.0, max_batch_size=8)
 
     async def requests() -> float:
         await replica.predict(["a"] * 8)  # a version's first batch is no measure (warming up)
-        assert replica._seconds_per_text is None
-        await replica.predict(["a"])  # one batch timed: 0.05 s a text
-        await replica.predict(["a", "b"])  # 0.025: the cheapest text is the estimate
-        assert replica._seconds_per_text == pytest.approx(0.025, rel=0.3)
-        replica._seconds_per_text = 0.05
-        replica._texts_in_flight = 16  # held by other requests: 0.8 s of work
+        await replica.predict(["a"])  # a lone text's batch: no measure of a backlog's text either
+        assert not replica._backlog
+        await replica.predict(["a"] * 8)  # a backlog's batch: 0.01 s a text
+        assert replica._backlog and len(replica._backlog) == 1
+        replica._backlog.append((0.5, 10))  # 0.05 s a text, on the recent batches together
+        replica._texts_in_flight = 16  # held by other requests
         start = time.perf_counter()
-        with pytest.raises(Overloaded, match=r"16 texts waiting, about 1s of work, past request_timeout_s 1\)"):
-            await replica.predict(["c"] * 5)  # 1.05 s
+        with pytest.raises(Overloaded, match=r"16 texts waiting, about 1s of work; request_timeout_s 1\)"):
+            await replica.predict(["c"] * 20)  # 36 texts, about 1.1 s
         took = time.perf_counter() - start
         replica._texts_in_flight = 0
-        assert len(await replica.predict(["d"] * 30)) == 30  # 1.5 s of work, but the replica was idle
-        replica._seconds_per_text, replica._texts_in_flight = 0.05, 15
-        assert len(await replica.predict(["b"] * 4)) == 4  # 0.95 s: it fits
+        assert len(await replica.predict(["d"] * 30)) == 30  # about 1.5 s of work, but the replica was idle
         return took
 
     assert asyncio.run(requests()) < 0.2
     registry.production_version = "v2"
     replica._sync_with_registry()
-    assert replica._seconds_per_text is None  # another version's cost is measured anew
+    assert not replica._backlog  # another version's cost is measured anew
 
 
 def test_a_request_past_its_timeout_is_503():
