@@ -59,8 +59,8 @@ from tuneloop.serving.responses import error_response, internal_error_response
 from tuneloop.serving.batcher import ComputeSlot, ContinuousBatcher, ItemFailed
 from tuneloop.serving.loaded_models import LoadedModel, load_model
 from tuneloop.serving.version_loader import VersionLoader
-from tuneloop.core.batching_policy import (BACKLOG_BATCH_TEXTS, BACKLOG_BATCHES, AIMDPolicy, next_batch_size,
-                                           over_capacity, text_seconds)
+from tuneloop.core.batching_policy import (RECENT_BATCHES, AIMDPolicy, next_batch_size, over_capacity,
+                                           unit_seconds, work_units)
 from tuneloop.core.rollout import Rollout, canary_bucket
 from tuneloop.core.tasks import model_task
 from tuneloop.serving.predict_request import (
@@ -155,9 +155,9 @@ class ModelServer:
         self._max_in_flight = in_flight_limit(self.serving)
         # Texts the held requests carry, and the compute seconds a text took in recent batches
         # (None before the first): past request_timeout_s of work, a 503 at once (batching_policy).
-        self._texts_in_flight = 0
-        # (seconds, texts) of recent backlog batches since production last changed (batching_policy)
-        self._backlog: collections.deque[tuple[float, int]] = collections.deque(maxlen=BACKLOG_BATCHES)
+        self._units_in_flight = 0
+        # (seconds, work units) of recent batches since production last changed (batching_policy)
+        self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=RECENT_BATCHES)
         self._warm: weakref.WeakSet[LoadedModel] = weakref.WeakSet()  # versions that ran a batch here
         self._loaded: LoadedModel | None = None
         self._challenger: LoadedModel | None = None  # a rollout's, beside production
@@ -201,7 +201,7 @@ class ModelServer:
                 return  # rolled back while it loaded: the next tick serves what the state names now
             if new is not None:
                 old, self._loaded = self._loaded, new  # one reference swap; running batches keep `old`
-                self._backlog.clear()  # another version's cost: measured anew
+                self._recent.clear()  # another version's cost: measured anew
                 log.info("model %s now serving %s (was %s)", self.cfg.name, production, old.version if old else None)
                 try:  # the rollout's end, for the version's feedback-to-serving time
                     self.registry.record_switch(self.cfg.name, production, self._replica_id)
@@ -352,7 +352,8 @@ class ModelServer:
             raise NotReady(f"model {self.cfg.name!r} has no production version loaded yet" + (f" ({why})" if why else ""))
         if self._in_flight >= self._max_in_flight:
             raise Overloaded(f"model {self.cfg.name!r} is at capacity ({self._in_flight} requests); retry shortly")
-        full = over_capacity(self._texts_in_flight, len(texts), text_seconds(self._backlog), self._oldest_wait(),
+        units = work_units(texts, self.serving.max_length)
+        full = over_capacity(self._units_in_flight, units, unit_seconds(self._recent), self._oldest_wait(),
                              self.serving.request_timeout_s)
         if full:
             raise Overloaded(f"model {self.cfg.name!r} is at capacity ({full}; request_timeout_s "
@@ -364,7 +365,7 @@ class ModelServer:
         routed = challenger if canary else self._loaded  # the version a failure counts against
         timeout = self.serving.request_timeout_s
         self._in_flight += 1
-        self._texts_in_flight += len(texts)
+        self._units_in_flight += units
         try:
             batcher = self._challenger_batcher if canary else self._batcher
             predictions = await asyncio.wait_for(batcher.submit_many(texts), timeout)
@@ -383,7 +384,7 @@ class ModelServer:
                            routed.version) from None
         finally:
             self._in_flight -= 1
-            self._texts_in_flight -= len(texts)
+            self._units_in_flight -= units
         if rollout is not None and rollout.stage == "shadow" and challenger is not None:
             self._maybe_shadow(challenger, texts, predictions)
         return predictions
@@ -424,10 +425,8 @@ class ModelServer:
             raise
         finally:
             self._computing -= 1
-        # A version's first batch is no measure (kernels and caches warm up), nor a batch of a few
-        # texts, which costs several times a text of a backlog's.
-        if loaded in self._warm and len(texts) >= min(BACKLOG_BATCH_TEXTS, self.serving.max_batch_size):
-            self._backlog.append((seconds, len(texts)))
+        if loaded in self._warm:  # a version's first batch is no measure: kernels and caches warm up
+            self._recent.append((seconds, work_units(texts, self.serving.max_length)))
         self._warm.add(loaded)
         if self.serving.adaptive_batching:  # the batch's own time: not its wait behind the other role's or a shadow's
             batcher.max_batch_size = next_batch_size(self._policy, batcher.max_batch_size, len(texts), seconds)

@@ -65,30 +65,34 @@ def select_batch(lengths: list[int], limit: int) -> list[int]:
 # counts requests, not texts, and took 1,152 requests of 64 texts each, which waited
 # request_timeout_s and timed out (counted against the version, alerting as a hung model)
 # where an immediate 503 was due.
-BACKLOG_BATCHES = 16  # the recent full batches a text's cost is taken from
-BACKLOG_BATCH_TEXTS = 8  # a batch of at least this many texts (or the limit, if lower) is a backlog's
+RECENT_BATCHES = 16  # the batches a unit of work's cost is taken from
 
 
-def text_seconds(batches: Sequence[tuple[float, int]]) -> float | None:
-    """Compute seconds a text takes when texts queue: over recent batches of a backlog,
-    (seconds, texts) each, their seconds over their texts; None before one ran. Not lone
-    texts' batches, which cost several times a text in a full one (refusing a first burst
-    the replica had time for), nor the cheapest batch ever (a run of short texts then let
-    in long ones that all timed out)."""
-    texts = sum(n for _, n in batches)
-    return sum(s for s, _ in batches) / texts if texts else None
+def work_units(texts: Sequence[str], max_tokens: int) -> int:
+    """The work ``texts`` are, in tokens as their characters estimate them (about four a token,
+    two for the special ones), each cut at ``max_tokens`` as the model reads it. Counted in
+    texts, a request of 64 texts of 2,000 characters was let in at short texts' cost and
+    timed out, and after long texts, 64 short ones were refused that took 0.2 s."""
+    return sum(min(max_tokens, len(text) // 4 + 2) for text in texts)
 
 
-def over_capacity(held_texts: int, new_texts: int, per_text: float | None, oldest_wait_s: float,
+def unit_seconds(batches: Sequence[tuple[float, int]]) -> float | None:
+    """Compute seconds a unit of work takes: over recent batches, (seconds, units) each, their
+    seconds over their units; None before one ran. Lone texts' batches cost more a unit than
+    full ones: an estimate that errs towards a 503 (with Retry-After) over a timeout."""
+    units = sum(n for _, n in batches)
+    return sum(s for s, _ in batches) / units if units else None
+
+
+def over_capacity(held_units: int, new_units: int, per_unit: float | None, oldest_wait_s: float,
                   timeout_s: float) -> str | None:
-    """Why a request of ``new_texts`` should be refused at once, or None: beside
-    ``held_texts``, the texts would take past ``timeout_s`` at ``per_text``, or the oldest
-    queued text has waited half of it already (a shift to longer texts that the cost per
-    text has not caught up with). An idle replica takes any request."""
-    if not held_texts:
+    """Why a request of ``new_units`` of work should be refused at once, or None: beside
+    ``held_units``, it would take past ``timeout_s`` at ``per_unit``, or the oldest queued
+    text has waited half of it already. An idle replica takes any request."""
+    if not held_units:
         return None
-    if per_text is not None and (held_texts + new_texts) * per_text > timeout_s:
-        return f"{held_texts} texts waiting, about {(held_texts + new_texts) * per_text:.0f}s of work"
+    if per_unit is not None and (held_units + new_units) * per_unit > timeout_s:
+        return f"about {(held_units + new_units) * per_unit:.0f}s of work held"
     if oldest_wait_s > timeout_s / 2:
-        return f"{held_texts} texts waiting, the oldest for {oldest_wait_s:.1f}s"
+        return f"its oldest queued text has waited {oldest_wait_s:.1f}s"
     return None

@@ -1,6 +1,6 @@
 import pytest
 
-from tuneloop.core.batching_policy import AIMDPolicy, next_batch_size, over_capacity, text_seconds
+from tuneloop.core.batching_policy import AIMDPolicy, next_batch_size, over_capacity, unit_seconds, work_units
 
 
 def test_grows_additively_while_full_and_fast():
@@ -60,18 +60,20 @@ def test_select_batch_keeps_the_oldest_and_groups_by_length():
     assert select_batch([5, 5, 5], 8) == [0, 1, 2]
 
 
-def test_a_texts_cost_is_its_share_of_recent_backlog_batches():
-    assert text_seconds([]) is None  # nothing timed yet: nothing refused on a guess
-    assert text_seconds([(0.32, 32), (0.08, 16)]) == pytest.approx(0.4 / 48)  # weighed by texts
+def test_work_is_counted_in_tokens_estimated_from_characters_and_cut_where_the_model_cuts():
+    """Counted in texts, 64 texts of 2,000 characters were let in at short texts' cost and
+    timed out, and 64 short ones refused after long ones."""
+    assert work_units(["great film", "x" * 2000], 128) == (10 // 4 + 2) + 128
+    assert work_units([], 128) == 0
+    assert unit_seconds([]) is None  # nothing timed yet: nothing refused on a guess
+    assert unit_seconds([(0.32, 320), (0.08, 160)]) == pytest.approx(0.4 / 480)  # weighed by work
 
 
-def test_a_request_is_refused_when_its_texts_or_the_queue_say_it_cannot_be_answered_in_time():
-    """The request bound took 1,152 requests of 64 texts that timed out; the cheapest text ever
-    seen (short ones) then let in long texts that all timed out."""
-    assert over_capacity(0, 5000, 0.1, 0.0, 30.0) is None  # an idle replica takes any request
+def test_a_request_is_refused_when_its_work_or_the_queue_say_it_cannot_be_answered_in_time():
+    assert over_capacity(0, 500_000, 0.1, 0.0, 30.0) is None  # an idle replica takes any request
     assert over_capacity(100, 64, 0.1, 0.0, 30.0) is None  # 16.4 s of work
-    assert over_capacity(300, 64, 0.1, 0.0, 30.0) == "300 texts waiting, about 36s of work"
-    assert over_capacity(300, 64, None, 0.0, 30.0) is None  # no backlog batch timed yet
-    # the cost per text lags a shift to long texts: the oldest queued text's wait says it
-    assert over_capacity(300, 64, 0.001, 16.0, 30.0) == "300 texts waiting, the oldest for 16.0s"
+    assert over_capacity(300, 64, 0.1, 0.0, 30.0) == "about 36s of work held"
+    assert over_capacity(300, 64, None, 0.0, 30.0) is None  # no batch timed yet
+    # the cost lags what queues now: the oldest queued text's wait says it
+    assert over_capacity(300, 64, 0.001, 16.0, 30.0) == "its oldest queued text has waited 16.0s"
     assert over_capacity(300, 64, 0.001, 14.0, 30.0) is None

@@ -174,32 +174,32 @@ def test_past_capacity_the_answer_is_503_at_once():
     assert time.perf_counter() - start < 0.5  # not after waiting in a queue (request_timeout_s)
 
 
-def test_a_request_whose_texts_would_wait_past_the_timeout_is_503_at_once():
+def test_a_request_whose_work_would_wait_past_the_timeout_is_503_at_once():
     """The bound counts requests: 1,152 requests of 64 texts each were taken, waited
     request_timeout_s and timed out (counted against the version: a hung model's alert),
     where an immediate 503 was due."""
     replica, registry, _ = _replica(delay_s=0.08, request_timeout_s=1.0, max_batch_size=8)
+    long = "word " * 40  # 200 characters: 52 units of work
 
     async def requests() -> float:
-        await replica.predict(["a"] * 8)  # a version's first batch is no measure (warming up)
-        await replica.predict(["a"])  # a lone text's batch: no measure of a backlog's text either
-        assert not replica._backlog
-        await replica.predict(["a"] * 8)  # a backlog's batch: 0.01 s a text
-        assert replica._backlog and len(replica._backlog) == 1
-        replica._backlog.append((0.5, 10))  # 0.05 s a text, on the recent batches together
-        replica._texts_in_flight = 16  # held by other requests
+        await replica.predict([long] * 8)  # a version's first batch is no measure (warming up)
+        assert not replica._recent
+        await replica.predict([long] * 8)  # 0.08 s for 416 units
+        assert len(replica._recent) == 1
+        replica._units_in_flight = 5000  # held by other requests: about 0.96 s
         start = time.perf_counter()
-        with pytest.raises(Overloaded, match=r"16 texts waiting, about 1s of work; request_timeout_s 1\)"):
-            await replica.predict(["c"] * 20)  # 36 texts, about 1.1 s
+        with pytest.raises(Overloaded, match=r"about 1s of work held; request_timeout_s 1\)"):
+            await replica.predict([long] * 8)  # 416 more: past 1 s
         took = time.perf_counter() - start
-        replica._texts_in_flight = 0
-        assert len(await replica.predict(["d"] * 30)) == 30  # about 1.5 s of work, but the replica was idle
+        assert len(await replica.predict(["ok"] * 8)) == 8  # 8 short texts, 16 units: they fit
+        replica._units_in_flight = 0
+        assert len(await replica.predict([long] * 30)) == 30  # an idle replica takes any request
         return took
 
     assert asyncio.run(requests()) < 0.2
     registry.production_version = "v2"
     replica._sync_with_registry()
-    assert not replica._backlog  # another version's cost is measured anew
+    assert not replica._recent  # another version's cost is measured anew
 
 
 def test_a_request_past_its_timeout_is_503():
