@@ -84,8 +84,8 @@ class BodyGuard:
 def unknown_model(path: str, models: frozenset[str] | None) -> str | None:
     """The model a ``/v1/models/<model>/...`` path names, if it is not one of ``models``."""
     parts = path.rstrip("/").split("/")
-    if len(parts) < 4 or parts[1:3] != ["v1", "models"] or models is None or parts[3] in models:
-        return None
+    if len(parts) < 4 or parts[1:3] != ["v1", "models"] or models is None or not parts[3] or parts[3] in models:
+        return None  # an empty segment (/v1/models//predict) names no model: no route
     return parts[3]
 
 

@@ -153,11 +153,13 @@ class ModelServer:
         # Requests this replica holds (running or waiting); past the bound: 503 at once.
         self._in_flight = 0
         self._max_in_flight = in_flight_limit(self.serving)
-        # Texts the held requests carry, and the compute seconds a text took in recent batches
-        # (None before the first): past request_timeout_s of work, a 503 at once (batching_policy).
+        # The work the held requests carry (batching_policy.work_units), and (seconds, units) of
+        # production's recent batches since it took production: past request_timeout_s of
+        # work, a 503 at once. A task that reads long texts in windows counts each window.
         self._units_in_flight = 0
-        # (seconds, work units) of recent batches since production last changed (batching_policy)
         self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=RECENT_BATCHES)
+        options = self.task.serving_tokenizer_options(self.serving.max_length)
+        self._window_stride = options.get("stride") if options.get("return_overflowing_tokens") else None
         self._warm: weakref.WeakSet[LoadedModel] = weakref.WeakSet()  # versions that ran a batch here
         self._loaded: LoadedModel | None = None
         self._challenger: LoadedModel | None = None  # a rollout's, beside production
@@ -352,8 +354,9 @@ class ModelServer:
             raise NotReady(f"model {self.cfg.name!r} has no production version loaded yet" + (f" ({why})" if why else ""))
         if self._in_flight >= self._max_in_flight:
             raise Overloaded(f"model {self.cfg.name!r} is at capacity ({self._in_flight} requests); retry shortly")
-        units = work_units(texts, self.serving.max_length)
-        full = over_capacity(self._units_in_flight, units, unit_seconds(self._recent), self._oldest_wait(),
+        units = work_units(texts, self.serving.max_length, self._window_stride)
+        # A copy: the registry watch's thread clears it when production changes.
+        full = over_capacity(self._units_in_flight, units, unit_seconds(tuple(self._recent)), self._oldest_wait(),
                              self.serving.request_timeout_s)
         if full:
             raise Overloaded(f"model {self.cfg.name!r} is at capacity ({full}; request_timeout_s "
@@ -425,8 +428,10 @@ class ModelServer:
             raise
         finally:
             self._computing -= 1
-        if loaded in self._warm:  # a version's first batch is no measure: kernels and caches warm up
-            self._recent.append((seconds, work_units(texts, self.serving.max_length)))
+        # Production's batches alone: not a challenger's (another cost), nor one of the version
+        # production was when the batch began; nor a version's first (kernels and caches warm up).
+        if loaded in self._warm and loaded is self._loaded:
+            self._recent.append((seconds, work_units(texts, self.serving.max_length, self._window_stride)))
         self._warm.add(loaded)
         if self.serving.adaptive_batching:  # the batch's own time: not its wait behind the other role's or a shadow's
             batcher.max_batch_size = next_batch_size(self._policy, batcher.max_batch_size, len(texts), seconds)

@@ -16,6 +16,7 @@ hardware, for this model and these texts, without anyone tuning a knob.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -68,12 +69,21 @@ def select_batch(lengths: list[int], limit: int) -> list[int]:
 RECENT_BATCHES = 16  # the batches a unit of work's cost is taken from
 
 
-def work_units(texts: Sequence[str], max_tokens: int) -> int:
+def work_units(texts: Sequence[str], max_tokens: int, window_stride: int | None = None) -> int:
     """The work ``texts`` are, in tokens as their characters estimate them (about four a token,
-    two for the special ones), each cut at ``max_tokens`` as the model reads it. Counted in
-    texts, a request of 64 texts of 2,000 characters was let in at short texts' cost and
-    timed out, and after long texts, 64 short ones were refused that took 0.2 s."""
-    return sum(min(max_tokens, len(text) // 4 + 2) for text in texts)
+    two for the special ones), each cut at ``max_tokens`` as the model reads it, or, for a
+    task that reads a long text in windows sharing ``window_stride`` tokens, that many windows
+    of ``max_tokens``. Counted in texts, a request of 64 texts of 2,000 characters was let in
+    at short texts' cost and timed out, and after long texts, 64 short ones were refused that
+    took 0.2 s."""
+    units = 0
+    for text in texts:
+        tokens = len(text) // 4 + 2
+        if window_stride is None or tokens <= max_tokens:
+            units += min(tokens, max_tokens)
+        else:
+            units += max_tokens * (1 + math.ceil((tokens - max_tokens) / max(1, max_tokens - window_stride)))
+    return units
 
 
 def unit_seconds(batches: Sequence[tuple[float, int]]) -> float | None:

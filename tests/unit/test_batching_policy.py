@@ -65,6 +65,9 @@ def test_work_is_counted_in_tokens_estimated_from_characters_and_cut_where_the_m
     timed out, and 64 short ones refused after long ones."""
     assert work_units(["great film", "x" * 2000], 128) == (10 // 4 + 2) + 128
     assert work_units([], 128) == 0
+    # a task that reads long texts in windows sharing 32 tokens: 502 tokens are 5 windows of 128
+    assert work_units(["x" * 2000], 128, window_stride=32) == 128 * 5
+    assert work_units(["great film"], 128, window_stride=32) == 10 // 4 + 2
     assert unit_seconds([]) is None  # nothing timed yet: nothing refused on a guess
     assert unit_seconds([(0.32, 320), (0.08, 160)]) == pytest.approx(0.4 / 480)  # weighed by work
 

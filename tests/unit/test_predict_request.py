@@ -202,6 +202,7 @@ def test_a_path_naming_a_model_the_config_lacks_is_found_whatever_else_it_holds(
     assert unknown_model("/v1/models/sentiment/predict", models) is None
     assert unknown_model("/v1/models", models) is None and unknown_model("/v1/feedback", models) is None
     assert unknown_model("/v1/models/nosuch/predict", None) is None  # before the ingress set them
+    assert unknown_model("/v1/models//predict", models) is None  # no model named: no route
 
 
 def test_errors_name_a_clients_value_cut_short():
