@@ -75,7 +75,6 @@ class BodyGuard:
         finally:
             self.budget.give(len(body))
 
-
     @classmethod
     def _unknown_model(cls, path: str) -> UnknownModel | None:
         return UnknownModel(model) if (model := unknown_model(path, cls.models)) is not None else None

@@ -347,6 +347,7 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     on_golden = fresh.num_rows
     fresh = _without_texts(fresh, golden_texts)
     on_golden -= fresh.num_rows
+    fresh_texts = _texts(fresh)  # newer than any held, reservoir or seed row with one of them
 
     # Held rows: the parent's, less those of released keys, which train now (unless they lie
     # past the watermark: then they came again above, as fresh rows), plus this job's.
@@ -360,10 +361,10 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     released = held.filter(pc.invert(still_held))
     released = released.filter(pc.invert(_among(released, "feedback_id", stored)))
     released = _latest_answers(released.filter(pc.invert(_among(released, "prediction_id", fresh))))[0]
-    released = _without_texts(released, golden_texts)  # a golden_dataset set since they were held
-    # In arrival order: the held table is [still held, newly held, waiting], and the waiting
-    # rows are older; the newest per text, and the oldest first within the row budget.
-    released = _newest_per_text(_without_texts(released.sort_by(ARRIVAL_ORDER), _texts(fresh)))[0]
+    # Not a golden_dataset's texts (set since they were held), nor fresh ones. In arrival order:
+    # the held table is [still held, newly held, waiting], and the waiting rows are older; the
+    # newest per text, and the oldest first within the row budget.
+    released = _newest_per_text(_without_texts(released.sort_by(ARRIVAL_ORDER), golden_texts | fresh_texts))[0]
     # Only a held key's answers that are still the latest on their prediction: one another key
     # replaced in this window, held, was released later over the answer this job trained on.
     newly_held = _without_texts(_rows(latest.filter(_of_keys(latest, held_keys)), schema, "feedback"), golden_texts)
@@ -408,7 +409,7 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     # prediction id, and a user's correction of a seed text trained beside the seed's old
     # label, which came back in every job after (and, sampled, took the correction out of
     # the gate's kept-back rows).
-    reservoir = _without_texts(reservoir, _texts(fresh))  # fresh rows are newer than any there
+    reservoir = _without_texts(reservoir, fresh_texts)  # fresh rows are newer than any there
     # A key held since its rows were sampled in replays none of them; they stay in the
     # reservoir, so that an admin's release brings them back.
     replayable = reservoir.filter(pc.invert(_of_keys(reservoir, held_keys))) if held_keys else reservoir
@@ -418,7 +419,7 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     earlier = registry.table(mcfg.name, parent.version, "answered") if parent else None
     answered = _texts(earlier) if earlier is not None else set()
     if seed is not None:
-        answered |= _texts(seed) & (_texts(fresh) | _texts(released) | _texts(replayable))
+        answered |= _texts(seed) & (fresh_texts | _texts(released) | _texts(replayable))
     seed_rows = _rows(seed, schema, "seed") if seed is not None else schema.empty_table()
     if parent is None and mcfg.golden_dataset and seed_rows.num_rows:
         judged = seed_rows.num_rows - _without_texts(seed_rows, golden_texts).num_rows

@@ -157,6 +157,7 @@ def _unreadable(path: str, m: ModelConfig | None, trains_v1_alone: bool = False)
     train on (no feedback yet), which the job refuses with no row, or with rows of one class
     for a classifier: said only after Ray had started, and the first version been tried."""
     from tuneloop.training.data import read_dataset, read_texts
+    from tuneloop.training.job_data import golden_labels_missing
 
     try:
         if m is not None:
@@ -168,7 +169,7 @@ def _unreadable(path: str, m: ModelConfig | None, trains_v1_alone: bool = False)
             if trains_v1_alone and classes is not None and len(classes) < 2:
                 return [f"dataset {path!r} has rows of {classes} alone: v1 would answer that class to everything "
                         "(give it rows of the other labels, or send feedback on them first)"]
-            if trains_v1_alone and classes is not None and (lacking := sorted(set(m.labels) - set(classes))):
+            if trains_v1_alone and classes is not None and (lacking := golden_labels_missing(model_task(m), rows)):
                 # Said at the job too, once Ray and maybe other models' jobs had run.
                 log.warning("model %s: dataset %s has no row of %s: v1 cannot learn to answer them (add rows of "
                             "them, or feedback later)", m.name, path, lacking)
