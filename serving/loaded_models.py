@@ -59,6 +59,7 @@ class LoadedModel:
 
     runtime = "torch"
     lone: LoadedModel | None = None  # the same version on the runtime quickest at one text alone, if another
+    warm_batch: tuple[float, int] | None = None  # (seconds, units of work) of its warm-up batch, once run
     # Rows a forward pass takes at most: a token classifier reads a long text in many windows,
     # and a batch of 32 texts of 2,000 characters went through one pass as 672 rows.
     max_rows = 64

@@ -137,10 +137,12 @@ class ModelServer:
         # One thread runs the model: forward passes never overlap, and the event loop stays
         # free to collect the next batch while this one computes.
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        options = self.task.serving_tokenizer_options(self.serving.max_length)
+        self._window_stride = options.get("stride") if options.get("return_overflowing_tokens") else None
         self._versions = VersionLoader(
             model, self.task, self.serving, cfg.optimize, self.registry,
             load or functools.partial(load_model, gpu=self.serving.num_gpus_per_replica > 0,
-                                      max_rows=self.serving.max_batch_size), self._compute)
+                                      max_rows=self.serving.max_batch_size), self._compute, self._window_stride)
         self._policy = AIMDPolicy(
             target_batch_latency_s=self.serving.target_batch_latency_s, max_batch_size=self.serving.max_batch_size
         )
@@ -158,8 +160,6 @@ class ModelServer:
         # work, a 503 at once. A task that reads long texts in windows counts each window.
         self._units_in_flight = 0
         self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=RECENT_BATCHES)
-        options = self.task.serving_tokenizer_options(self.serving.max_length)
-        self._window_stride = options.get("stride") if options.get("return_overflowing_tokens") else None
         self._warm: weakref.WeakSet[LoadedModel] = weakref.WeakSet()  # versions that ran a batch here
         self._loaded: LoadedModel | None = None
         self._challenger: LoadedModel | None = None  # a rollout's, beside production
@@ -203,7 +203,7 @@ class ModelServer:
                 return  # rolled back while it loaded: the next tick serves what the state names now
             if new is not None:
                 old, self._loaded = self._loaded, new  # one reference swap; running batches keep `old`
-                self._recent.clear()  # another version's cost: measured anew
+                self._cost_from(new)
                 log.info("model %s now serving %s (was %s)", self.cfg.name, production, old.version if old else None)
                 try:  # the rollout's end, for the version's feedback-to-serving time
                     self.registry.record_switch(self.cfg.name, production, self._replica_id)
@@ -226,6 +226,15 @@ class ModelServer:
         self._rollout = rollout
         self._versions.forget_all_but({production, challenger})
         self._report_resident()
+
+    def _cost_from(self, production: LoadedModel) -> None:
+        """Production's cost a unit of work, measured anew for a version (or a runtime) it just
+        took: its warm-up batch's until its own batches come, all of them warm. Another
+        version's cost is not its own, and before this a replica had none until its first
+        warm batches: a burst at a new replica was let in whole and timed out."""
+        self._recent.clear()
+        if production.warm_batch is not None:
+            self._recent.append(production.warm_batch)
 
     def _still_named(self, version: str, role: str) -> bool:
         """Whether the state still names ``version`` as ``role`` after its load: a load takes
@@ -266,6 +275,7 @@ class ModelServer:
         for current, new in swaps:
             if self._loaded is current:
                 self._loaded = new
+                self._cost_from(new)
             if self._challenger is current:
                 self._challenger = new
         if swaps:
@@ -429,8 +439,9 @@ class ModelServer:
         finally:
             self._computing -= 1
         # Production's batches alone: not a challenger's (another cost), nor one of the version
-        # production was when the batch began; nor a version's first (kernels and caches warm up).
-        if loaded in self._warm and loaded is self._loaded:
+        # production was when the batch began; nor the first of a version whose warm-up failed
+        # (kernels and caches warm up).
+        if (loaded.warm_batch is not None or loaded in self._warm) and loaded is self._loaded:
             self._recent.append((seconds, work_units(texts, self.serving.max_length, self._window_stride)))
         self._warm.add(loaded)
         if self.serving.adaptive_batching:  # the batch's own time: not its wait behind the other role's or a shadow's

@@ -12,6 +12,10 @@ next state.
 Under ``serving.runtime: auto`` the runtime is the fastest that passed parity on this
 replica's hardware class (``cluster/core/runtimes.py``); a class no one measured is measured
 here first, on the replica's compute thread, and recorded for the next replicas of the class.
+
+Every version loaded is warmed up (``warm_up``) before it takes a request: its first batch ran
+cold, and the replica's admission had no cost a unit of work until production's first warm
+batches, so a burst at a new replica was all let in and timed out.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 
+from tuneloop.core.batching_policy import work_units
 from tuneloop.core.config import OptimizeConfig, ServingConfig
 from tuneloop.core.runtimes import (Optimization, choose_lone_runtime, choose_runtime, hardware_class,
                                     serves_alone, unmeasured_runtimes)
@@ -36,6 +41,29 @@ LOAD_RETRY_S, LOAD_RETRY_MAX_S = 10.0, 600.0  # a version that failed to load is
 REBUILD_CHECK_S = 30.0  # how often a replica reads its versions' manifests for a new optimize build
 
 
+# The warm-up batch: a few texts of a typical length. Long enough to time (8 x 128 tokens of
+# MiniLM-L6 on one thread: tens of milliseconds), short enough that a large model's load is
+# not held up for long on a CPU.
+WARM_UP_TEXTS, WARM_UP_TOKENS = 8, 128
+WARM_UP_SENTENCE = "The service reads this sentence while the model warms up before its first request. "
+
+
+def warm_up(loaded: LoadedModel, serving: ServingConfig, window_stride: int | None) -> tuple[float, int]:
+    """(seconds, units of work) of a warm batch of ``loaded``, after a cold one (and one short
+    text for its lone-text runtime, if it has one): the cost a unit the replica admits
+    requests by before production's own batches have run. Units as ``work_units`` counts a
+    request's, so the two compare."""
+    tokens = min(WARM_UP_TOKENS, serving.max_length)
+    text = (WARM_UP_SENTENCE * (1 + 4 * tokens // len(WARM_UP_SENTENCE)))[:4 * max(1, tokens - 2)]
+    texts = [text] * max(1, min(WARM_UP_TEXTS, serving.max_batch_size))
+    loaded.predict(texts)  # cold: kernels chosen, caches and a GPU's libraries set up
+    if loaded.lone is not None:
+        loaded.predict([WARM_UP_SENTENCE])
+    start = time.perf_counter()
+    loaded.predict(texts)
+    return time.perf_counter() - start, work_units(texts, serving.max_length, window_stride)
+
+
 def retry_wait(failures: int) -> float:
     """Seconds before a load that failed ``failures`` times in a row is tried again."""
     return min(LOAD_RETRY_MAX_S, LOAD_RETRY_S * 2 ** (failures - 1))
@@ -47,9 +75,11 @@ class VersionLoader:
     compute thread)."""
 
     def __init__(self, model: str, task: Task, serving: ServingConfig, optimize: OptimizeConfig,
-                 registry: Registry, load_model: Callable[..., LoadedModel], compute: Executor):
+                 registry: Registry, load_model: Callable[..., LoadedModel], compute: Executor,
+                 window_stride: int | None = None):
         self.model, self.task, self.serving, self.optimize = model, task, serving, optimize
         self.registry, self.load_model, self._compute = registry, load_model, compute
+        self.window_stride = window_stride  # a task reading long texts in windows: work_units counts them
         self.allowed = tuple(optimize.runtimes)  # the artifacts the operator wants: others are not served
         self._parity_limits = optimize.min_agreement, optimize.max_accuracy_drop  # today's, not the build's
         self.runtimes: dict[str, tuple[str, str]] = {}  # version -> the runtime serving it, and why
@@ -122,6 +152,7 @@ class VersionLoader:
             did_not_load, runtime = runtime, "torch"
             loaded = self.load_model(path, version, self.task, self.serving.max_length, runtime, None)
         why += self._with_lone_runtime(loaded, path, optimization, hardware, did_not_load)
+        self._warm_up(loaded)
         self.runtimes[version], self.built_at[version] = (runtime, why), built_at
         # A runtime the operator named and did not get is theirs to know at warning, not info
         # (optimize.enabled off, an artifact failing parity: PyTorch served and nothing said so).
@@ -167,6 +198,20 @@ class VersionLoader:
             self.rebuild_retry.pop((version, built_at), None)
             log.info("model %s: %s was optimized again (build of %s); swapped in", self.model, version, built_at)
         return swaps
+
+    def _warm_up(self, loaded: LoadedModel) -> None:
+        """``warm_up`` on the compute thread (a replica serving another version runs it between
+        its batches); ``loaded.warm_batch`` its cost. One that fails leaves the version to warm
+        up on its first batch, as before: a model that cannot read the warm-up sentence may
+        still read its users' texts."""
+        try:
+            loaded.warm_batch = self._compute.submit(warm_up, loaded, self.serving, self.window_stride).result()
+        except Exception as e:  # noqa: BLE001 - the version still serves; its first batch warms it
+            log.warning("model %s: %s's warm-up batch failed (%s: %s); its first requests warm it up",
+                        self.model, loaded.version, type(e).__name__, e)
+            return
+        seconds, units = loaded.warm_batch
+        log.info("model %s: %s warmed up (%d units of work in %.3f s)", self.model, loaded.version, units, seconds)
 
     def _version_files(self, version: str) -> tuple[str, Optimization | None]:
         """(the version's folder, its manifest's optimization), the folder holding the files

@@ -80,6 +80,7 @@ class FakeModel:
         self.batches: list[int] = []
         self.weight_bytes = 1000
         self.lone = None
+        self.warm_batch = None
 
     def answer_lone_texts_with(self, lone):
         self.lone = lone
@@ -182,11 +183,12 @@ def test_a_request_whose_work_would_wait_past_the_timeout_is_503_at_once():
     long = "word " * 40  # 200 characters: 52 units of work
 
     async def requests() -> float:
-        await replica.predict([long] * 8)  # a version's first batch is no measure (warming up)
-        assert not replica._recent
-        await replica.predict([long] * 8)  # 0.08 s for 416 units
-        assert len(replica._recent) == 1
-        replica._units_in_flight = 5000  # held by other requests: about 0.96 s
+        assert len(replica._recent) == 1  # its warm-up batch, warm: a cost before any request
+        await replica.predict([long] * 8)  # 0.08 s for 416 units, warm already: measured
+        assert len(replica._recent) == 2
+        replica._recent.clear()
+        replica._recent.append((0.1, 1000))  # a unit costs 0.1 ms, exactly (sleeps overshoot)
+        replica._units_in_flight = 9700  # held by other requests: about 0.97 s
         start = time.perf_counter()
         with pytest.raises(Overloaded, match=r"about 1s of work held; request_timeout_s 1\)"):
             await replica.predict([long] * 8)  # 416 more: past 1 s
@@ -199,7 +201,46 @@ def test_a_request_whose_work_would_wait_past_the_timeout_is_503_at_once():
     assert asyncio.run(requests()) < 0.2
     registry.production_version = "v2"
     replica._sync_with_registry()
-    assert not replica._recent  # another version's cost is measured anew
+    assert list(replica._recent) == [replica._loaded.warm_batch]  # another version's cost: its own warm-up
+
+
+def test_a_new_replica_prices_a_burst_by_its_warm_up_before_any_request_ran():
+    """Before a version's first warm batch the replica had no cost a unit of work: a burst at
+    a new replica was let in whole (19 of 60 requests of 64 long texts timed out)."""
+    replica, _, _ = _replica(delay_s=0.05, request_timeout_s=1.0, max_batch_size=8)
+    seconds, units = replica._loaded.warm_batch
+    assert replica._loaded.batches == [8, 8] and units == 8 * 128  # a cold batch, then the timed one
+    assert 0.05 <= seconds < 0.5 and list(replica._recent) == [(seconds, units)]
+    long = "word " * 200  # 1,000 characters: cut at max_length, 128 units each
+
+    async def burst():
+        return await asyncio.gather(*(replica.predict([long] * 8) for _ in range(40)), return_exceptions=True)
+
+    outcomes = asyncio.run(burst())
+    refused = [o for o in outcomes if isinstance(o, Overloaded)]
+    # 40 batches of 0.05 s are 2 s of work against a 1 s timeout: the rest refused at once,
+    # none timed out (TimedOut is an Overloaded too, saying "did not answer").
+    assert refused and not any("did not answer" in o.message for o in refused)
+    assert sum(isinstance(o, list) for o in outcomes) >= 10
+
+
+def test_a_version_whose_warm_up_fails_still_serves_and_its_first_batch_is_not_measured():
+    cfg = parse_config({"models": [{"name": "m", "base_model": "x", "labels": LABELS}]})
+
+    class Unwarmable(FakeModel):
+        def predict(self, texts):
+            if any(text.startswith("The service reads this sentence") for text in texts):
+                raise RuntimeError("a tokenizer that cannot read it")
+            return super().predict(texts)
+
+    replica = ModelServer(cfg.model_dump(), "m", registry=FakeRegistry("v1"), recorder=FakeRecorder(),
+                          shadow_recorder=FakeRecorder(), keys=object(), load=lambda *a: Unwarmable(*a), watch=False)
+    replica._sync_with_registry()
+    assert replica._loaded.warm_batch is None and not replica._recent
+    assert asyncio.run(replica.predict(["a"]))[0]["version"] == "v1"
+    assert not replica._recent  # its first batch ran cold: no measure
+    asyncio.run(replica.predict(["b"]))
+    assert len(replica._recent) == 1
 
 
 def test_a_request_past_its_timeout_is_503():
@@ -382,9 +423,12 @@ def test_a_replica_on_hardware_no_one_measured_measures_the_runtimes_itself_and_
     replica = ModelServer(cfg.model_dump(), "m", registry=registry, recorder=FakeRecorder(),
                           shadow_recorder=FakeRecorder(), keys=object(), load=load, watch=False)
     compute, tasks = replica._versions._compute, []
-    replica._versions._compute = SimpleNamespace(submit=lambda *a: tasks.append(a[2]) or compute.submit(*a))
+    replica._versions._compute = SimpleNamespace(
+        submit=lambda f, *a: tasks.append((f.__name__, a[1] if f.__name__ == "measure_runtimes" else None))
+        or compute.submit(f, *a))
     replica._sync_with_registry()
-    assert tasks == [["torch"], ["onnx"], ["onnx-int8"]]  # a task each: batches wait for one runtime's timing
+    # a task each: batches wait for one runtime's timing; then the one served warms up, there too
+    assert tasks == [("measure_runtimes", [r]) for r in ("torch", "onnx", "onnx-int8")] + [("warm_up", None)]
     assert loads == ["torch", "onnx", "onnx-int8", "onnx"]  # each measured, then the fastest loaded to serve
     assert replica._loaded.runtime == "onnx"
     assert replica.status()["runtimes"]["v1"].startswith(f"onnx (auto: fastest on {CPU}/2t")
