@@ -19,7 +19,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from tuneloop.core.config import TuneloopConfig
-from tuneloop.core.errors import Conflict
+from tuneloop.core.errors import Conflict, CorruptStoredFile
 from tuneloop.core.quarantine import ANONYMOUS
 from tuneloop.core.rollout import Decision, NodeHealth, Rollout, VersionHealth, decide, health_since
 from tuneloop.core.rollout_evidence import evidence, stage_feedback
@@ -72,7 +72,11 @@ class RolloutDriver:
         # the challenger and not with production, it promoted it (or the reverse, rolled back).
         # Left out before the newest answer per prediction is taken: after, a held key's answer
         # replaced an honest one and was then dropped, and the prediction counted for nothing.
-        held = QuarantineBook(self.registry.storage).quarantined(model)
+        try:
+            held = QuarantineBook(self.registry.storage).quarantined(model)
+        except CorruptStoredFile as e:  # the rollout is still judged (a failing canary rolled back), and said so
+            log.error("rollout of %s: %s; judging on every key's feedback until it is repaired", model, e.message)
+            held = set()
         rows = stage_feedback([r for r in self.feedback.read_since(model, (started, "")).to_pylist()
                                if (r.get("key_id") or ANONYMOUS) not in held], started)
         shadow = self._find_shadow_answers(model, rollout.version, rows) if rollout.stage == "shadow" else {}

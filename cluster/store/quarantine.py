@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, RootModel
 
 from tuneloop.core.errors import NotQuarantined
-from tuneloop.store.documents import now_iso
+from tuneloop.store.documents import now_iso, read_stored, update_stored
 from tuneloop.store.storage import Storage
 
 
@@ -27,6 +27,13 @@ class KeyVerdict(BaseModel):
     stats: dict[str, Any] = Field(default_factory=dict)  # the key's numbers when it was flagged
 
 
+class _Verdicts(RootModel[dict[str, KeyVerdict]]):
+    """The book's file: key id -> verdict. Read as a stored document, so one cut mid-write or
+    edited by hand raises CorruptStoredFile naming it: it was a traceback at `tuneloop
+    feedback release`, a 500 at the quarantine endpoints, and a failure at every rollout look
+    and job of the model."""
+
+
 class QuarantineBook:
     def __init__(self, storage: Storage):
         self.storage = storage
@@ -36,20 +43,19 @@ class QuarantineBook:
         return f"registry/{model}/quarantine.json"
 
     def verdicts(self, model: str) -> dict[str, KeyVerdict]:
-        raw = self.storage.read_json(self._file(model)) or {}
-        return {k: KeyVerdict.model_validate(v) for k, v in raw.items()}
+        book = read_stored(self.storage, _Verdicts, self._file(model))
+        return book.root if book is not None else {}
 
     def _change(self, model: str, change: Callable[[dict[str, KeyVerdict]], None]) -> dict[str, KeyVerdict]:
         """Read the verdicts, let ``change`` edit them in place, write them back; as one
         ``Storage.update`` (``change`` may run again if another writer came first)."""
 
-        def edit(raw: dict | None) -> dict:
-            verdicts = {k: KeyVerdict.model_validate(v) for k, v in (raw or {}).items()}
+        def edit(book: _Verdicts | None) -> _Verdicts:
+            verdicts = dict(book.root) if book is not None else {}
             change(verdicts)
-            return {k: v.model_dump() for k, v in sorted(verdicts.items())}
+            return _Verdicts(dict(sorted(verdicts.items())))
 
-        written = self.storage.update_json(self._file(model), edit)
-        return {k: KeyVerdict.model_validate(v) for k, v in written.items()}
+        return update_stored(self.storage, _Verdicts, self._file(model), edit).root
 
     def quarantined(self, model: str) -> set[str]:
         return {k for k, v in self.verdicts(model).items() if v.state == "quarantined"}

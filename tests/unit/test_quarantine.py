@@ -132,3 +132,19 @@ def test_the_book_quarantines_releases_and_never_requarantines(tmp_path):
         book.release("m", "bbbbbbbb")
     with pytest.raises(NotQuarantined):
         book.release("other", "cccccccc")
+
+
+@pytest.mark.parametrize("content", ['{"abc": {"key_id": "abc"', '{"abc": {"key_id": "abc"}}', '[1, 2]'])
+def test_a_book_cut_mid_write_or_edited_by_hand_is_named_not_a_traceback(tmp_path, content):
+    """Read raw, it raised JSONDecodeError or pydantic's ValidationError: a traceback at
+    `tuneloop feedback release`, a 500 at the quarantine endpoints, and every rollout look and
+    job of the model failed."""
+    from tuneloop.core.errors import CorruptStoredFile
+
+    book = QuarantineBook(Storage(str(tmp_path)))
+    (tmp_path / "registry/m").mkdir(parents=True)
+    (tmp_path / "registry/m/quarantine.json").write_text(content)
+    for read in (lambda: book.verdicts("m"), lambda: book.release("m", "abc"),
+                 lambda: book.quarantine("m", {"dddddddd": "off"}, {})):
+        with pytest.raises(CorruptStoredFile, match="quarantine.json"):
+            read()

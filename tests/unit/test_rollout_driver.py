@@ -4,6 +4,8 @@ stage started can roll a challenger back before any feedback."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import random
 from datetime import UTC, datetime, timedelta
 
@@ -160,6 +162,18 @@ def test_a_held_keys_answer_on_an_honest_keys_prediction_does_not_erase_it(shado
     w.feedback.compact()
     decision = w.driver.look("m")
     assert decision.action == "advance" and decision.numbers["pairs"] == 80
+
+
+def test_a_quarantine_book_cut_mid_write_stops_no_rollout_decision(shadow_world, caplog):
+    """Read raw, a cut book raised at every look: no decision was taken for the model, health
+    rollbacks included, until someone repaired the file."""
+    w = shadow_world
+    (Path(w.registry.storage.root) / "registry/m/quarantine.json").write_text('{"bad00000": {"key_')
+    for i in range(80):
+        w.served("v1", right=i % 10 < 9, shadow_right=i % 10 < 5)
+    w.feedback.compact()
+    assert w.driver.look("m").action == "rollback"
+    assert "quarantine.json" in caplog.text and "judging on every key's feedback" in caplog.text
 
 
 def test_a_worse_shadow_is_rolled_back_by_itself(shadow_world):
