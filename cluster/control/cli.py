@@ -325,14 +325,16 @@ def jobs(
     config: str | None = ConfigOption,
 ) -> None:
     """The newest training jobs, newest first: state, trigger, version, how long each took,
-    and why a job failed or its version waits (a job that stopped heartbeating is marked
-    failed here, as by every reader). `GET /v1/jobs/{id}` gives one job's whole record."""
+    and why a job failed or its version waits. A running job that stopped heartbeating is
+    shown so, not marked failed: this machine's clock may be off the cluster's, whose
+    controller marks it. `GET /v1/jobs/{id}` gives one job's whole record."""
     from tuneloop.store.jobs import JobStore
 
     cfg = _load(config)
     if model is not None:
         known_model(cfg, model)
-    records = [j for j in JobStore(stored_root(cfg)).all() if model is None or j.model == model][-last:][::-1]
+    store = JobStore(stored_root(cfg))
+    records = [j for j in store.all(settle=False) if model is None or j.model == model][-last:][::-1]
     if as_json:
         typer.echo(json.dumps([j.model_dump(mode="json") for j in records], indent=2))
         return
@@ -345,6 +347,9 @@ def jobs(
             took = f" {seconds:.0f}s"
         why = " ".join((j.error or j.message or "").split())  # a worker's traceback: still one line a job
         why = f": {why[:160]}{'...' if len(why) > 160 else ''}" if why else ""
+        if store.is_stale(j):
+            why = (f": no heartbeat since {j.heartbeat_at or j.created_at} by this machine's clock (lost if its "
+                   "process died; the cluster's controller marks it failed)")
         typer.echo(f"{j.job_id} {j.model} {j.state:<9} {j.trigger} {j.version or '-'} {j.created_at}{took}{why}")
 
 

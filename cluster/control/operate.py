@@ -241,7 +241,7 @@ def model_status(cfg: TuneloopConfig) -> list[dict[str, Any]]:
     # Compacted feedback only: the journal is the ingress's, on the cluster.
     tasks = model_tasks(cfg.models)
     feedback = FeedbackStore(storage, private_temp_dir("tuneloop-status-journal"), tasks)
-    records = jobs.all()
+    records = jobs.all(settle=False)  # a reader off the cluster: its clock must not mark live jobs lost
     rows = []
     for m in cfg.models:
         state = registry.state(m.name)

@@ -214,10 +214,13 @@ class JobStore:
                     _FINISHED[self.storage.uri, rel] = seen, job.model_copy(update=_NOT_KEPT)
         return sorted(jobs, key=lambda j: j.created_at)
 
-    def all(self) -> list[JobRecord]:
+    def all(self, settle: bool = True) -> list[JobRecord]:
         """Every readable record, a dead running job's marked failed (persisted) first; a
-        finished job's may come without its gate, metrics and serving time (``_FINISHED``)."""
-        return [self._settle(j) for j in self._read_all()]
+        finished job's may come without its gate, metrics and serving time (``_FINISHED``).
+        ``settle`` False: as stored, none marked, for a reader off the cluster whose clock may
+        be a minute off the jobs' (an operator's laptop after a sleep): `tuneloop jobs` and
+        `tuneloop deploy status` marked live jobs lost, which then never published."""
+        return [self._settle(j) for j in self._read_all()] if settle else self._read_all()
 
     def check_still_running(self, job_id: str) -> None:
         """Raise JobLost unless the job's stored record still says running. A job whose beats

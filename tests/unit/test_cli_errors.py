@@ -242,3 +242,19 @@ def test_jobs_lists_the_newest_first_with_why_each_failed(config, tmp_path):
     records = json.loads(CliRunner().invoke(app, ["jobs", "--json", "--config", config]).output)
     assert [r["job_id"] for r in records] == [failed.job_id, done.job_id] and records[0]["error"].startswith("WorkerGroupError")
     assert CliRunner().invoke(app, ["jobs", "nope", "--config", config]).exit_code != 0
+
+
+def test_jobs_shows_a_job_without_heartbeat_and_leaves_marking_it_lost_to_the_cluster(config, tmp_path):
+    """Read by this machine's clock, a minute ahead of the cluster's (a laptop after a sleep),
+    `tuneloop jobs` marked a live job lost, and that job then never published its version."""
+    from datetime import timedelta
+
+    from tuneloop.store.jobs import JobStore, _utcnow
+
+    jobs = JobStore(Storage(str(tmp_path / "store")), clock=lambda: _utcnow() - timedelta(seconds=90))
+    job = jobs.create("m", "manual")  # its heartbeat by the cluster's clock, 90 s behind this one's
+    listed = CliRunner().invoke(app, ["jobs", "m", "--config", config])
+    assert listed.exit_code == 0, listed.output
+    assert f"{job.job_id} m running" in listed.output and "no heartbeat since" in listed.output
+    assert "the cluster's controller marks it failed" in listed.output
+    assert jobs.stored(job.job_id).state == "running"  # not marked: only the cluster's readers do
