@@ -17,6 +17,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")  # Kubernetes' memory/storage quantities
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# The name RayService, RayJob and the Services KubeRay makes from it take: a letter first
+# (DNS-1035). `9lives` passed the check and was refused by the cluster at `deploy up`.
+_DNS_1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 
 class Section(BaseModel):
@@ -179,8 +182,9 @@ class NetworkPolicyConfig(Section):
 
 
 class DeployConfig(Section):
-    name: str = Field(default="tuneloop", max_length=40, pattern=_DNS_LABEL,
-                      description="the RayService, RayJob, ConfigMap and cluster names start with it")
+    name: str = Field(default="tuneloop", max_length=40, pattern=_DNS_1035_LABEL,
+                      description="the RayService, RayJob, ConfigMap and cluster names start with it: "
+                                  "lower-case letters, digits and '-', a letter first")
     namespace: str = Field(default="default", max_length=63, pattern=_DNS_LABEL)
     image: str = Field(default="tuneloop:0.1.0-cuda",
                        description="the image deploy/docker/Dockerfile.cuda builds; push it and name it here")

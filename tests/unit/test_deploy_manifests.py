@@ -513,3 +513,13 @@ def test_no_container_runs_as_root_and_ray_answers_only_the_deployment(tmp_path)
                          ({"network_policy": {"operator_labels": [{}]}}, "selects every pod")]:
         with pytest.raises(ValueError, match=message):
             parse_config({**doc, "deploy": bad})
+
+
+@pytest.mark.parametrize("name", ["9lives", "-x", "x-", "Tuneloop", "tune_loop"])
+def test_a_deploy_name_kuberay_would_refuse_is_refused_by_the_config(name):
+    """A name starting with a digit passed the check, and the cluster refused its RayService,
+    RayJob and Services (DNS-1035: a letter first) at `deploy up`."""
+    with pytest.raises(ValueError, match=rf"deploy.name: .*\(got '{name}'\)"):
+        parse_config({"models": [{"name": "m", "base_model": "b", "labels": ["a", "b"]}], "deploy": {"name": name}})
+    assert parse_config({"models": [{"name": "m", "base_model": "b", "labels": ["a", "b"]}],
+                         "deploy": {"name": "lives9-a"}}).deploy.name == "lives9-a"
