@@ -271,6 +271,20 @@ def _newest_per_text(table: pa.Table) -> tuple[pa.Table, int]:
     return _take(table, sorted(newest.values())), table.num_rows - len(newest)
 
 
+def _not_answered_since(table: pa.Table, other: pa.Table) -> pa.Table:
+    """``table``'s rows on whose text (normalized) ``other`` holds no answer that arrived after
+    them (``ARRIVAL_ORDER``)."""
+    if not table.num_rows or not other.num_rows:
+        return table
+    columns = ["text", "created_at", "feedback_id"]
+    both = pa.concat_tables([table.select(columns), other.select(columns)])
+    texts = [normalized(t) for t in both.column("text").to_pylist()]
+    newest = {}
+    for i in pc.sort_indices(both, ARRIVAL_ORDER).to_pylist():
+        newest[texts[i]] = i
+    return table.filter(pa.array([newest[texts[i]] == i for i in range(table.num_rows)]))
+
+
 def _among(table: pa.Table, column: str, other: pa.Table) -> pa.Array:
     """Which rows of ``table`` have a ``column`` value that ``other`` has too (nulls never do)."""
     values = other.column(column).combine_chunks().drop_null()
@@ -365,6 +379,12 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     # the held table is [still held, newly held, waiting], and the waiting rows are older; the
     # newest per text, and the oldest first within the row budget.
     released = _newest_per_text(_without_texts(released.sort_by(ARRIVAL_ORDER), golden_texts | fresh_texts))[0]
+    # Nor one older than the reservoir's answer on its text (another key's, given while it was
+    # held): both trained side by side, opposite labels, and both went on in the reservoir.
+    reservoir = registry.table(mcfg.name, parent.version, "reservoir") if parent else None
+    reservoir = _rows(reservoir, schema) if reservoir is not None else schema.empty_table()
+    reservoir = _without_texts(reservoir, golden_texts)  # a golden_dataset set since it was sampled
+    released = _not_answered_since(released, reservoir.filter(pc.invert(_of_keys(reservoir, held_keys))))
     # Only a held key's answers that are still the latest on their prediction: one another key
     # replaced in this window, held, was released later over the answer this job trained on.
     newly_held = _without_texts(_rows(latest.filter(_of_keys(latest, held_keys)), schema, "feedback"), golden_texts)
@@ -399,9 +419,6 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
 
     # Replay pool: the seed (less the golden set) and the parent's reservoir, less what
     # fresh feedback on the same prediction replaces.
-    reservoir = registry.table(mcfg.name, parent.version, "reservoir") if parent else None
-    reservoir = _rows(reservoir, schema) if reservoir is not None else schema.empty_table()
-    reservoir = _without_texts(reservoir, golden_texts)  # a golden_dataset set since it was sampled
     replaced = {p for t in (fresh, released) for p in t.column("prediction_id").to_pylist() if p is not None}
     if replaced and reservoir.num_rows:
         reservoir = reservoir.filter(pc.invert(pc.is_in(reservoir.column("prediction_id"), pa.array(sorted(replaced)))))
@@ -410,6 +427,7 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     # label, which came back in every job after (and, sampled, took the correction out of
     # the gate's kept-back rows).
     reservoir = _without_texts(reservoir, fresh_texts)  # fresh rows are newer than any there
+    reservoir = _without_texts(reservoir, _texts(released))  # and released ones training now, as above
     # A key held since its rows were sampled in replays none of them; they stay in the
     # reservoir, so that an admin's release brings them back.
     replayable = reservoir.filter(pc.invert(_of_keys(reservoir, held_keys))) if held_keys else reservoir

@@ -423,6 +423,38 @@ def test_a_held_answer_replaced_by_a_newer_one_is_not_trained_when_its_key_is_re
     assert released.summary["quarantine"]["released_rows"] == 35
 
 
+def test_a_released_answer_older_than_the_reservoirs_on_its_text_is_not_trained(env):
+    """A held key's answer on a text another key answered since (as model + text, another
+    prediction id) came back at its release beside the newer answer in the reservoir:
+    opposite labels side by side, and both replayed from then on."""
+    from tuneloop.store.quarantine import QuarantineBook
+
+    cfg, task, registry, feedback, tmp_path = env
+    tcfg = cfg.training.model_copy(update={"reservoir_size": 1000})
+    first = assemble(task, cfg.model("m"), tcfg, registry, feedback, None)
+    v1 = _publish(registry, tmp_path, first, "v1", first.summary, golden_accuracy=0.9)
+    held_ids = _on_v1(feedback, "flipped", "negative", "bbbbbbbb", range(60))
+    _on_v1(feedback, "honest", "positive", "aaaaaaaa", range(40))
+    feedback.compact()
+    held = assemble(task, cfg.model("m"), tcfg, registry, feedback, v1)
+    assert held.held.num_rows == 60
+    v2 = _publish(registry, tmp_path, held, "v2", held.summary, golden_accuracy=0.9)
+    since = [feedback.append(model="m", text=f"Flipped  {i}", label="positive", key_id="cccccccc") for i in range(20)]
+    _give(feedback, 20)  # fresh rows after them: the 20 answers train, and enter the reservoir
+    answered = assemble(task, cfg.model("m"), tcfg, registry, feedback, v2)
+    assert set(since) <= set(answered.reservoir.column("feedback_id").to_pylist())
+    v3 = _publish(registry, tmp_path, answered, "v3", answered.summary, golden_accuracy=0.9)
+    QuarantineBook(registry.storage).release("m", "bbbbbbbb")
+    released = assemble(task, cfg.model("m"), tcfg, registry, feedback, v3)
+    trained = set(released.train.column("feedback_id").to_pylist())
+    assert trained.isdisjoint(held_ids[:20]) and set(held_ids[20:]) <= trained
+    assert released.summary["quarantine"]["released_rows"] == 40
+    kept = set(released.reservoir.column("feedback_id").to_pylist())
+    assert set(since) & kept and not set(held_ids[:20]) & kept  # the newer answers stay, alone on their texts
+    texts = [t.lower() for t in released.train.column("text").to_pylist()]
+    assert all(texts.count(t) == 1 for t in texts if t.startswith("flipped"))
+
+
 def test_a_held_answer_replaced_within_its_own_window_is_never_held_nor_released(env):
     """The replacement came in the same job's window as the held answer: the job trained the
     newer answer, and must not keep the older one to release over it later."""
