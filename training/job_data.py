@@ -144,11 +144,11 @@ def _check_first_labels(task: Task, mcfg: ModelConfig, train: pa.Table) -> None:
 
 
 def golden_set(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Registry,
-               seed: pa.Table | None, feedback_rows: int = 0,
+               seed: pa.Table | None, feedback: pa.Table | None = None,
                trained_on_seed: bool = False, first_version: bool = True) -> tuple[pa.Table, dict[str, Any]]:
     """The golden set: the configured file, or the frozen sample of the seed (taken at the
-    model's first job and never changed once a version is published), or none. ``feedback_rows``: the feedback the first
-    job also reads (its newest share kept back for the gate). A model whose production
+    model's first job and never changed once a version is published), or none. ``feedback``:
+    the stored feedback the first job also reads (its newest share kept back for the gate). A model whose production
     ``trained_on_seed`` and that has no frozen sample (its golden_dataset was taken out of
     the config since) gets none. ``first_version``: the job makes v1, whose early stopping
     takes its own share of the seed."""
@@ -194,10 +194,15 @@ def golden_set(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Re
             # What trains: the seed less the golden set and, at v1 with early stopping on, its
             # validation share; the feedback less the share kept back for the gate. Counting
             # those in, a golden set was frozen for good and the job then failed anyway.
-            seed_left = sum(t not in golden_texts for t in texts)
+            # Feedback as the job counts it: the newest answer per prediction and per text, none
+            # on a golden text; a seed text it answers leaves the seed's rows. Counted raw
+            # (repeats, answers on seed and golden texts), a golden set was frozen and the job
+            # then failed with fewer rows than workers.
+            answers = _texts(_latest_answers(feedback)[0]) - golden_texts if feedback is not None else set()
+            seed_left = sum(t not in golden_texts and t not in answers for t in texts)
             watching = first_version and tcfg.early_stopping_patience is not None and tcfg.epochs > 1
             validation = min(kept_back(seed_left, tcfg.eval_fraction), tcfg.max_rows_per_job) if watching else 0
-            left = seed_left - validation + feedback_rows - kept_back(feedback_rows, tcfg.eval_fraction)
+            left = seed_left - validation + len(answers) - kept_back(len(answers), tcfg.eval_fraction)
             if left < tcfg.num_workers:  # checked here: the golden set is for good
                 raise ValueError(f"model {mcfg.name!r}: a golden set of {size} of the seed's {seed.num_rows} rows "
                                  f"(golden_fraction {tcfg.golden_fraction:g}) leaves {left} to train on"
@@ -331,7 +336,7 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
         # A production trained by a job with a seed has seen any sample of it; one published by
         # hand (weights from elsewhere) has not, and its first job may still freeze one.
         trained_on_seed = parent is not None and (parent.data or {}).get("seed") is not None
-        golden, golden_summary = golden_set(task, mcfg, tcfg, registry, seed, stored.num_rows, trained_on_seed,
+        golden, golden_summary = golden_set(task, mcfg, tcfg, registry, seed, stored, trained_on_seed,
                                             first_version=parent is None)
     else:  # the teacher's, frozen at its first job: never a sample of this model's seed
         golden, golden_summary = golden_set(task, teacher, tcfg, registry, None)

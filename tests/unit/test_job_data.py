@@ -787,6 +787,25 @@ def test_the_first_jobs_feedback_counts_among_the_rows_a_golden_set_leaves(env):
     assert data.golden.num_rows == 90 and data.train.num_rows >= 12
 
 
+def test_repeated_feedback_and_answers_on_seed_texts_are_counted_as_the_job_trains_them(env):
+    """Counted raw, two answers on one seed text counted as two more rows: the golden set was
+    frozen, and the job then failed with fewer training rows than workers."""
+    cfg, task, registry, feedback, tmp_path = env
+    seed = tmp_path / "four.tsv"
+    seed.write_text("text\tlabel\na1\tnegative\na2\tnegative\nb1\tpositive\nb2\tpositive\n")
+    four = cfg.model("m").model_copy(update={"seed_dataset": str(seed)})
+    tcfg = cfg.training.model_copy(update={"num_workers": 4, "golden_fraction": 0.25})
+    feedback.append(model="m", text="b1", label="negative")
+    feedback.append(model="m", text="B1 ", label="positive")
+    feedback.compact()
+    # 4 seed rows, 1 golden: a1/a2/b1/b2 less it, less b1 (answered), plus 1 answer: 3 rows
+    with pytest.raises(ValueError, match=r"leaves 3 to train on, fewer than training.num_workers 4"):
+        assemble(task, four, tcfg, registry, feedback, None)
+    assert registry.golden("m") is None  # refused before it was frozen
+    three = tcfg.model_copy(update={"num_workers": 3})
+    assert assemble(task, four, three, registry, feedback, None).train.num_rows == 3
+
+
 def test_the_labels_a_golden_set_lacks_are_named_for_every_task():
     from tuneloop.core.tasks import make_task
     from tuneloop.training.job_data import golden_labels_missing
