@@ -88,6 +88,20 @@ class Evidence(BaseModel):
     teacher: TeacherEvidence | None = None
 
 
+def _log_comb(n: int, k: int) -> float:
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+
+def _exp_sum(logs: list[float]) -> float:
+    """sum(exp(x) for x in logs), without overflow or underflow on the way."""
+    top = max(logs)
+    return math.exp(top) * math.fsum(math.exp(x - top) for x in logs)
+
+
+# Both tests sum their tails in log space: in exact integers (math.comb) they took 3.4 s for
+# 10,000 discordant rows and 25 s for a golden set of 20,000 rows, on one core, inside a job.
+
+
 def mcnemar_exact(candidate_only: int, parent_only: int) -> float:
     """One-sided p-value that the candidate is right more often than production, given the
     rows only the candidate got right and those only production got right: P(X >= b) for
@@ -95,8 +109,7 @@ def mcnemar_exact(candidate_only: int, parent_only: int) -> float:
     n = candidate_only + parent_only
     if n == 0:
         return 1.0
-    tail = sum(math.comb(n, k) for k in range(candidate_only, n + 1))
-    return min(1.0, tail / 2**n)
+    return min(1.0, _exp_sum([_log_comb(n, k) - n * math.log(2) for k in range(candidate_only, n + 1)]))
 
 
 def fisher_lower(ours: int, theirs: int, n: int) -> float:
@@ -104,9 +117,9 @@ def fisher_lower(ours: int, theirs: int, n: int) -> float:
     is below production's (``theirs`` of the same ``n``): P(X <= ours) with X hypergeometric,
     the rows right in all (ours + theirs) drawn n of 2n."""
     right = ours + theirs
-    total = math.comb(2 * n, n)
-    tail = sum(math.comb(right, x) * math.comb(2 * n - right, n - x) for x in range(max(0, right - n), ours + 1))
-    return min(1.0, tail / total)
+    total = _log_comb(2 * n, n)
+    return min(1.0, _exp_sum([_log_comb(right, x) + _log_comb(2 * n - right, n - x) - total
+                              for x in range(max(0, right - n), ours + 1)]))
 
 
 def _golden_check(e: Evidence, rules: GateConfig) -> GateCheck:
