@@ -418,8 +418,10 @@ class ModelServer:
     async def _predict_batch(self, role: str, texts: list[str]) -> list[dict[str, Any]]:
         # Pin one version for the whole batch; a challenger gone meanwhile (its rollout
         # ended), or not the rollout's (the next one swapped in first, a shadow), leaves its
-        # queued texts to production: none is dropped, and none answered by a shadow.
-        challenger = self._rollouts_challenger(self._rollout)
+        # queued texts to production: none is dropped, and none answered by a shadow (the
+        # rollout now a shadow of the same or the next version: the challenger answered users).
+        rollout = self._rollout
+        challenger = self._rollouts_challenger(rollout) if rollout is not None and rollout.stage == "canary" else None
         loaded = challenger if role == "challenger" and challenger is not None else self._loaded
         batcher = self._challenger_batcher if role == "challenger" else self._batcher
         self._computing += 1

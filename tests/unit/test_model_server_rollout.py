@@ -156,6 +156,33 @@ def test_a_canary_that_does_not_answer_in_time_counts_the_timeout_as_its_error(r
     assert (errors("v1"), errors("v2")) == (before[0], before[1] + 1)
 
 
+def test_canary_texts_still_queued_when_the_rollout_turns_shadow_are_answered_by_production(rollout):
+    """Routed to the canary on arrival, a text whose batch ran after the rollout became a
+    shadow (of the same version, restarted; or the next one) was answered to its user by the
+    shadow, logged and counted under it."""
+    import time
+
+    replica, registry, _ = rollout
+    registry.start_rollout("sentiment", "v2", "canary", 100.0)
+    replica._sync_with_registry()
+    challenger, real = replica._challenger, replica._challenger.predict
+    challenger.predict = lambda texts: time.sleep(0.3) or real(texts)
+
+    async def main():
+        running = asyncio.create_task(replica.predict(["the canary's batch"], client="c"))
+        await asyncio.sleep(0.1)
+        queued = asyncio.create_task(replica.predict(["queued behind it"], client="c"))
+        await asyncio.sleep(0.05)
+        registry.abort_rollout("sentiment", "v2", reason="test")
+        registry.start_rollout("sentiment", "v2", "shadow", 0.0)
+        replica._sync_with_registry()  # the watch thread's tick: the same version, no load
+        return await running, await queued
+
+    [first], [second] = asyncio.run(main())
+    assert replica._rollout.stage == "shadow"
+    assert (first["version"], second["version"]) == ("v2", "v1")  # the batch already running was the canary's
+
+
 def test_shadow_answers_are_logged_under_production_ids_and_never_returned(rollout):
     replica, registry, cfg = rollout
     registry.start_rollout("sentiment", "v2", "shadow", 0)
