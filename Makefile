@@ -49,7 +49,9 @@ bench-smoke: $(STAMP)
 deploy-files: $(STAMP)
 	$(BIN)/tuneloop deploy render --config deploy/tuneloop.cluster.yaml --target kuberay --dir deploy/kuberay
 	$(BIN)/tuneloop deploy render --config deploy/tuneloop.cluster.yaml --target aws --dir deploy/launcher/aws
-	$(BIN)/tuneloop deploy render --config deploy/tuneloop.cluster.yaml --target gcp --dir deploy/launcher/gcp
+	tmp=$$(mktemp -d) && sed 's#s3://#gs://#g' deploy/tuneloop.cluster.yaml > $$tmp/tuneloop.cluster.yaml && \
+	  $(BIN)/tuneloop deploy render --config $$tmp/tuneloop.cluster.yaml --target gcp --dir deploy/launcher/gcp; \
+	  rc=$$?; rm -rf $$tmp; exit $$rc
 	$(BIN)/tuneloop deploy render --config deploy/tuneloop.cluster.yaml --target serve --dir deploy/serve
 
 test-unit: $(STAMP)

@@ -45,9 +45,9 @@ def stored_root(cfg: TuneloopConfig):
     return Storage(root)
 
 
-def _load(config: str | None) -> tuple[TuneloopConfig, dict[str, Any]]:
+def _load(config: str | None, clients_here: bool = True) -> tuple[TuneloopConfig, dict[str, Any]]:
     try:
-        return load_config_and_document(config)
+        return load_config_and_document(config, clients_here)
     except ConfigError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(2) from None
@@ -70,7 +70,8 @@ def _render(cfg: TuneloopConfig, doc: dict[str, Any], target: str, folder: str |
 
 def _verb(verb: str, config: str | None, target: str, folder: str | None, dry_run: bool,
           model: str | None = None) -> TuneloopConfig:
-    cfg, doc = _load(config)
+    # Only `status` reads the storage root from here; the others render and run kubectl or ray.
+    cfg, doc = _load(config, clients_here=verb == "status" and not dry_run)
     if model is not None and model not in {m.name for m in cfg.models}:
         typer.echo(f"unknown model {model!r}; configured: {[m.name for m in cfg.models]}", err=True)
         raise typer.Exit(2)
@@ -91,8 +92,9 @@ def _verb(verb: str, config: str | None, target: str, folder: str | None, dry_ru
 def render_cmd(config: str | None = ConfigOption, target: str = TargetOption, folder: str | None = DirOption) -> None:
     """Write the target's files: kuberay (ConfigMap, journal volume, RayService, a RayJob per
     model, PodMonitor), aws or gcp (cluster launcher YAML, the cluster's config, Serve's
-    config) or serve (a Serve config file)."""
-    cfg, doc = _load(config)
+    config) or serve (a Serve config file). The storage root's client library (boto3,
+    google-cloud-storage) need not be installed here: the image has it."""
+    cfg, doc = _load(config, clients_here=False)
     _render(cfg, doc, target, folder)
 
 

@@ -33,6 +33,20 @@ INSTANCE_GPUS = {
 }
 
 
+# The bucket scheme each cloud's nodes have credentials for: the launcher passes no Secret,
+# only the instances' own identity (an IAM instance profile, a GCP service account).
+_OWN_SCHEME = {"aws": "s3://", "gcp": "gs://"}
+
+
+def _other_clouds_buckets(cfg: TuneloopConfig, cloud: str) -> list[str]:
+    """Config paths in a bucket of a cloud other than ``cloud``: its nodes cannot read them
+    (a gcp cluster on an s3:// root rendered, and no node could load a version)."""
+    foreign = tuple(scheme for name, scheme in _OWN_SCHEME.items() if name != cloud)
+    paths = [("storage.root", cfg.storage.root)]
+    paths += [(f"models.{m.name}.{key}", path) for m in cfg.models for key, path in m.dataset_files() if path]
+    return [f"{key} {path!r}" for key, path in paths if path.startswith(foreign)]
+
+
 def launcher(cfg: TuneloopConfig, cloud: str) -> dict[str, Any]:
     """A Ray cluster launcher YAML (`ray up`) for ``cloud`` ("aws" or "gcp"): the image as a
     docker container on every node, a CPU head holding the journal, GPU workers (spot or
@@ -46,8 +60,17 @@ def launcher(cfg: TuneloopConfig, cloud: str) -> dict[str, Any]:
         raise NotClusterable(f"deploy.workers.gpus_per_worker is {w.gpus_per_worker}, but a {instance} has "
                              f"{INSTANCE_GPUS[instance]}: set deploy.{cloud}.worker_instance to a type with "
                              f"{w.gpus_per_worker} GPUs")
+    if cloud in _OWN_SCHEME and (foreign := _other_clouds_buckets(cfg, cloud)):
+        raise NotClusterable(f"{', '.join(foreign)} on another cloud than {cloud}, whose nodes have no credentials "
+                             f"for it: use {_OWN_SCHEME[cloud]} paths")
     if cloud == "aws":
         a = d.aws
+        if a.worker_instance_profile_arn and not a.head_instance_profile_arn:
+            # Ray's default head role (EC2 and S3 full access) has no iam:PassRole: the
+            # autoscaler's every launch of a worker with its profile was refused.
+            raise NotClusterable("deploy.aws.worker_instance_profile_arn needs deploy.aws.head_instance_profile_arn "
+                                 "too: the autoscaler on the head launches the workers with their profile, which "
+                                 "takes iam:PassRole on their role, and Ray's default head role has none")
         if cfg.storage.root.startswith("s3://") and not a.worker_instance_profile_arn:
             # The launcher gives the head an instance profile, never the workers, and passes
             # no Secret: replicas could not load a version, nor training workers checkpoint.
@@ -76,7 +99,10 @@ def launcher(cfg: TuneloopConfig, cloud: str) -> dict[str, Any]:
                            "initializeParams": {"diskSizeGb": 200, "sourceImage":
                                                 "projects/deeplearning-platform-release/global/images/family/"
                                                 "common-cu124-ubuntu-2204-py310"}}],
-                "scheduling": [{"onHostMaintenance": "TERMINATE"}, {"preemptible": preemptible}],
+                # An object, as GCE takes it (Ray's examples give a list: ray#46248). GPU
+                # hosts are not live-migrated; a preemptible VM is never restarted.
+                "scheduling": {"onHostMaintenance": "TERMINATE", "preemptible": preemptible,
+                               "automaticRestart": not preemptible},
             }
             if worker:  # the head gets the launcher's own service account; workers the project's
                 # default one, with the scope that reaches the bucket (gs://).

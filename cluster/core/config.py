@@ -287,12 +287,15 @@ def _known_keys(loc: tuple) -> list[str]:
     return list(getattr(model, "model_fields", {}))
 
 
-def parse_config(data: object, source: str = "<dict>", base_dir: Path | None = None) -> TuneloopConfig:
-    """Validate a parsed YAML document; relative paths are taken from ``base_dir``."""
+def parse_config(data: object, source: str = "<dict>", base_dir: Path | None = None,
+                 clients_here: bool = True) -> TuneloopConfig:
+    """Validate a parsed YAML document; relative paths are taken from ``base_dir``.
+    ``clients_here`` False: the storage root's client library need not be installed here (the
+    config is only rendered into a cluster's files)."""
     if not isinstance(data, dict):
         raise ConfigError(f"invalid config {source}: expected a mapping at the top, got {data!r}")
     try:
-        cfg = TuneloopConfig.model_validate(data)
+        cfg = TuneloopConfig.model_validate(data, context={"clients_here": clients_here})
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
     if base_dir is not None:
@@ -382,9 +385,11 @@ def load_config(explicit: str | None = None) -> TuneloopConfig:
     return load_config_and_document(explicit)[0]
 
 
-def load_config_and_document(explicit: str | None = None) -> tuple[TuneloopConfig, dict[str, Any]]:
+def load_config_and_document(explicit: str | None = None,
+                             clients_here: bool = True) -> tuple[TuneloopConfig, dict[str, Any]]:
     """The config, and the YAML document it was read from (what deploy files carry), from
     one read of the file."""
     path = config_path(explicit)
     doc = read_config_yaml(path)
-    return parse_config(copy.deepcopy(doc), source=str(path), base_dir=path.resolve().parent), doc
+    return parse_config(copy.deepcopy(doc), source=str(path), base_dir=path.resolve().parent,
+                        clients_here=clients_here), doc

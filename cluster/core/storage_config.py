@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from urllib.parse import unquote
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from tuneloop.core.deploy_config import Section
@@ -84,12 +84,15 @@ class StorageConfig(Section):
         return refuse_credentials(v, "storage root")
 
     @model_validator(mode="after")
-    def _journal_is_local(self) -> StorageConfig:
+    def _journal_is_local(self, info: ValidationInfo) -> StorageConfig:
         scheme = self.root.split("://", 1)[0] if "://" in self.root else None
         if scheme is not None and scheme not in OBJECT_STORE_CLIENTS:
             raise ValueError(f"storage root {self.root!r}: tuneloop shares state on local paths, s3:// and gs:// "
                              f"roots (conditional writes), not on {scheme}://")
-        if scheme is not None and not _installed(OBJECT_STORE_CLIENTS[scheme][0]):
+        # Not where the config is only rendered into a cluster's files (`deploy render`): the
+        # image has the clients, and rendering a gs:// cluster asked for them here.
+        clients_here = (info.context or {}).get("clients_here", True)
+        if scheme is not None and clients_here and not _installed(OBJECT_STORE_CLIENTS[scheme][0]):
             raise ValueError(f"storage root {self.root!r} needs {OBJECT_STORE_CLIENTS[scheme][1]}: "
                              f"`.venv/bin/pip install -e '.[{OBJECT_STORE_CLIENTS[scheme][2]}]'` in tuneloop's clone "
                              f"(or `pip install {OBJECT_STORE_CLIENTS[scheme][1]}`)")

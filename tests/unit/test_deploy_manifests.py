@@ -59,8 +59,12 @@ def _validate_k8s(doc: dict) -> None:
 def rendered(tmp_path_factory):
     cfg, doc = _example()
     out = tmp_path_factory.mktemp("deploy")
-    for target in ("kuberay", "aws", "gcp", "serve"):
+    for target in ("kuberay", "aws", "serve"):
         operate.render(cfg, doc, target, out / operate.FOLDERS[target])
+    # GCP's from the same file with its buckets on GCS, as `make deploy-files` renders it
+    doc = yaml.safe_load(EXAMPLE.read_text().replace("s3://", "gs://"))
+    operate.render(parse_config(doc, base_dir=EXAMPLE.parent, clients_here=False), doc, "gcp",
+                   out / operate.FOLDERS["gcp"])
     return out
 
 
@@ -225,12 +229,34 @@ def test_an_aws_cluster_on_a_bucket_needs_the_workers_instance_profile():
            "storage": {"root": "s3://b/tl", "journal_dir": "/j"}}
     with pytest.raises(manifests.NotClusterable, match="deploy.aws.worker_instance_profile_arn"):
         launcher_yaml.launcher(parse_config(doc), "aws")
-    doc["deploy"] = {"aws": {"worker_instance_profile_arn": "arn:aws:iam::1:instance-profile/w"}}
-    node = launcher_yaml.launcher(parse_config(doc), "aws")["available_node_types"]["gpu_worker"]["node_config"]
-    assert node["IamInstanceProfile"] == {"Arn": "arn:aws:iam::1:instance-profile/w"}
-    doc["deploy"]["aws"]["head_instance_profile_arn"] = "arn:aws:iam::1:instance-profile/h"  # may pass the workers' role
-    head = launcher_yaml.launcher(parse_config(doc), "aws")["available_node_types"]["head"]["node_config"]
-    assert head["IamInstanceProfile"] == {"Arn": "arn:aws:iam::1:instance-profile/h"}
+    doc["deploy"] = {"aws": {"worker_instance_profile_arn": "arn:aws:iam::1:instance-profile/w",
+                             "head_instance_profile_arn": "arn:aws:iam::1:instance-profile/h"}}  # may pass the workers' role
+    nodes = launcher_yaml.launcher(parse_config(doc), "aws")["available_node_types"]
+    assert nodes["gpu_worker"]["node_config"]["IamInstanceProfile"] == {"Arn": "arn:aws:iam::1:instance-profile/w"}
+    assert nodes["head"]["node_config"]["IamInstanceProfile"] == {"Arn": "arn:aws:iam::1:instance-profile/h"}
+
+
+def test_a_launcher_cluster_is_refused_what_its_nodes_cannot_reach_or_launch():
+    """A gcp cluster on an s3:// root (or aws on gs://) rendered, and no node had credentials
+    for the bucket; workers with an instance profile beside a head without one rendered, and
+    Ray's default head role, without iam:PassRole, could launch none of them."""
+    doc = {"models": [{"name": "m", "base_model": "b", "labels": ["a", "b"], "seed_dataset": "s3://b/seed.tsv"}],
+           "storage": {"root": "gs://b/tl", "journal_dir": "/j"}}
+    with pytest.raises(manifests.NotClusterable, match=r"models.m.seed_dataset 's3://b/seed.tsv' on another cloud "
+                                                       r"than gcp.*use gs:// paths"):
+        launcher_yaml.launcher(parse_config(doc, clients_here=False), "gcp")
+    with pytest.raises(manifests.NotClusterable, match=r"storage.root 'gs://b/tl' on another cloud than aws"):
+        launcher_yaml.launcher(parse_config(doc, clients_here=False), "aws")
+    doc["models"][0]["seed_dataset"] = "gs://b/seed.tsv"
+    gcp = launcher_yaml.launcher(parse_config(doc, clients_here=False), "gcp")["available_node_types"]
+    assert gcp["gpu_worker"]["node_config"]["scheduling"] == {  # an object, as GCE takes it
+        "onHostMaintenance": "TERMINATE", "preemptible": True, "automaticRestart": False}
+    assert gcp["head"]["node_config"]["scheduling"]["automaticRestart"] is True
+    doc = {"models": [{"name": "m", "base_model": "b", "labels": ["a", "b"]}],
+           "storage": {"root": "s3://b/tl", "journal_dir": "/j"},
+           "deploy": {"aws": {"worker_instance_profile_arn": "arn:aws:iam::1:instance-profile/w"}}}
+    with pytest.raises(manifests.NotClusterable, match="needs deploy.aws.head_instance_profile_arn too"):
+        launcher_yaml.launcher(parse_config(doc), "aws")
 
 
 def test_a_gpu_count_the_instance_type_lacks_is_refused_and_mounts_keep_clear_of_the_image():
@@ -242,13 +268,15 @@ def test_a_gpu_count_the_instance_type_lacks_is_refused_and_mounts_keep_clear_of
     doc = {"models": [{"name": "m", "base_model": "b", "labels": ["a", "b"]}],
            "storage": {"root": "s3://b/tl", "journal_dir": "/j"},
            "deploy": {"workers": {"gpus_per_worker": 2}, "aws": {"worker_instance_profile_arn": "arn:aws:iam::1:instance-profile/w"}}}
-    for cloud, instance in [("gcp", "g2-standard-8"), ("aws", "g5.2xlarge")]:
+    on_gcs = {**doc, "storage": {"root": "gs://b/tl", "journal_dir": "/j"}}
+    for cloud, instance, d in [("gcp", "g2-standard-8", on_gcs), ("aws", "g5.2xlarge", doc)]:
         with pytest.raises(manifests.NotClusterable, match=f"gpus_per_worker is 2, but a {instance} has 1"):
-            launcher_yaml.launcher(parse_config(doc), cloud)
-    doc["deploy"]["gcp"] = {"worker_instance": "g2-standard-24"}
-    assert launcher_yaml.launcher(parse_config(doc), "gcp")["available_node_types"]["gpu_worker"]["resources"]["GPU"] == 2
-    doc["deploy"]["gcp"] = {"worker_instance": "custom-gpu-box"}  # a type not in the table: taken as said
-    assert launcher_yaml.launcher(parse_config(doc), "gcp")
+            launcher_yaml.launcher(parse_config(d, clients_here=False), cloud)
+    on_gcs["deploy"]["gcp"] = {"worker_instance": "g2-standard-24"}
+    gcp = launcher_yaml.launcher(parse_config(on_gcs, clients_here=False), "gcp")
+    assert gcp["available_node_types"]["gpu_worker"]["resources"]["GPU"] == 2
+    on_gcs["deploy"]["gcp"] = {"worker_instance": "custom-gpu-box"}  # a type not in the table: taken as said
+    assert launcher_yaml.launcher(parse_config(on_gcs, clients_here=False), "gcp")
     for deploy, message in [({"gcp": {"region": "europe-west4"}}, "zone 'us-central1-a' is not in region"),
                             ({"config_dir": "/app"}, "mounted over the image's /app"),
                             ({"journal_dir": "/var"}, "mounted over the image's /var/lib/dpkg"),
@@ -329,10 +357,15 @@ def _parses(argv: list[str]) -> None:
 @pytest.mark.parametrize("target", operate.TARGETS)
 def test_every_dry_run_prints_commands_that_parse_and_files_that_exist(target, tmp_path):
     cfg, _ = _example()
+    example = EXAMPLE
+    if target == "gcp":  # on GCS, as `make deploy-files` renders it (no google-cloud-storage needed here)
+        example = tmp_path / "gcp.yaml"
+        example.write_text(EXAMPLE.read_text().replace("s3://", "gs://"))
+        cfg = parse_config(yaml.safe_load(example.read_text()), base_dir=tmp_path, clients_here=False)
     runner = CliRunner()
     for verb, model in [("up", None), ("deploy", None), ("status", None), ("retrain", "sentiment"), ("logs", None),
                         ("down", None)]:
-        result = runner.invoke(app, ["deploy", verb, *([model] if model else []), "--config", str(EXAMPLE),
+        result = runner.invoke(app, ["deploy", verb, *([model] if model else []), "--config", str(example),
                                      "--target", target, "--dir", str(tmp_path), "--dry-run"])
         assert result.exit_code == 0, result.output
         steps = operate.plan(cfg, target, verb, tmp_path, model)
