@@ -88,6 +88,8 @@ def launcher(cfg: TuneloopConfig, cloud: str) -> dict[str, Any]:
                                                               "Ebs": {"VolumeSize": 200, "VolumeType": "gp3"}}]}
         if a.head_instance_profile_arn:
             head_node["IamInstanceProfile"] = {"Arn": a.head_instance_profile_arn}
+        if a.image_id:
+            head_node["ImageId"] = worker_node["ImageId"] = a.image_id
         auth = {"ssh_user": "ubuntu"}
     elif cloud == "gcp":
         g = d.gcp

@@ -120,6 +120,11 @@ class AwsConfig(Section):
     head_instance: str = "m6i.2xlarge"
     worker_instance: str = Field(default="g5.2xlarge", description="one NVIDIA A10G, 8 vCPUs")
     spot: bool = Field(default=True, description="workers on spot instances (the head never is)")
+    image_id: str | None = Field(
+        default=None, pattern=r"^ami-[0-9a-f]{8,17}$",
+        description="the AMI of every node, in `region`: one whose NVIDIA driver is 570 or newer, as the CUDA "
+                    "12.8 image needs. None: Ray's default, an Ubuntu 18.04 Deep Learning AMI whose driver "
+                    "predates it, so the GPU workers could not start the container")
     worker_instance_profile_arn: str | None = Field(
         default=None, description="an IAM instance profile giving the workers the bucket (the launcher gives the "
                                   "head one of its own, not the workers); None: credentials from the Secret-less "

@@ -234,6 +234,10 @@ def test_an_aws_cluster_on_a_bucket_needs_the_workers_instance_profile():
     nodes = launcher_yaml.launcher(parse_config(doc), "aws")["available_node_types"]
     assert nodes["gpu_worker"]["node_config"]["IamInstanceProfile"] == {"Arn": "arn:aws:iam::1:instance-profile/w"}
     assert nodes["head"]["node_config"]["IamInstanceProfile"] == {"Arn": "arn:aws:iam::1:instance-profile/h"}
+    assert "ImageId" not in nodes["head"]["node_config"]  # Ray's default AMI, unless named
+    doc["deploy"]["aws"]["image_id"] = "ami-0123456789abcdef0"
+    nodes = launcher_yaml.launcher(parse_config(doc), "aws")["available_node_types"]
+    assert {n["node_config"]["ImageId"] for n in nodes.values()} == {"ami-0123456789abcdef0"}
 
 
 def test_a_launcher_cluster_is_refused_what_its_nodes_cannot_reach_or_launch():
