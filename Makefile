@@ -37,9 +37,10 @@ cluster-test: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider -m cluster tests/integration/test_two_nodes.py
 	$(BIN)/pytest -q -p no:cacheprovider -m cluster tests/integration/test_serve_config.py
 
-# kill -9 during a feedback flood, then count: minutes, so kept out of `make test`.
+# kill -9 during a feedback flood, then count; a stop with requests in flight: minutes, so
+# kept out of `make test`.
 crash-test: $(STAMP)
-	$(BIN)/pytest -q -s -p no:cacheprovider -m slow tests/integration/test_feedback_crash.py
+	$(BIN)/pytest -q -s -p no:cacheprovider -m slow tests/integration/test_feedback_crash.py tests/integration/test_stop.py
 
 # The serving benchmark end to end with a tiny model (its own Ray and Serve: ~70 s).
 bench-smoke: $(STAMP)

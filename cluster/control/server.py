@@ -418,6 +418,7 @@ def run_forever(cfg: TuneloopConfig) -> None:
                 with without_stop_noise():
                     try:
                         if serving and not (own_ray and dead_ray_process()):  # Serve's shutdown waits on a dead GCS
+                            drain(cfg)
                             serve.shutdown()
                     finally:
                         ray.shutdown()
@@ -431,6 +432,25 @@ def run_forever(cfg: TuneloopConfig) -> None:
                         log.warning("could not mark the jobs that stopped with Ray: %s: %s", type(e).__name__, e)
     if ray_died:
         raise SystemExit(1)
+
+
+def drain(cfg: TuneloopConfig) -> None:
+    """Delete the applications and wait while their replicas answer what they hold, before
+    Serve's shutdown: that stops the HTTP proxy first, and every request in flight at a
+    Ctrl-C or SIGTERM was cut off ("server disconnected") within 0.2 s. A replica gets
+    ``graceful_shutdown_timeout_s`` (``serving/app.py``), so this ends within it."""
+    from tuneloop.serving.app import SHUTDOWN_SLACK_S, undeploy
+
+    s = cfg.serving
+    serve_log = logging.getLogger("ray.serve")
+    level = serve_log.level
+    serve_log.setLevel(logging.WARNING)  # not a "Deleting app" line per application at each stop
+    try:
+        undeploy(cfg, timeout_s=s.body_timeout_s + s.request_timeout_s + 2 * SHUTDOWN_SLACK_S)
+    except Exception as e:  # noqa: BLE001 - Serve's shutdown still stops what is left
+        log.warning("stopping: the applications did not drain (%s: %s); stopping them anyway", type(e).__name__, e)
+    finally:
+        serve_log.setLevel(level)
 
 
 RAY_CHECK_S = 5.0  # how often a serving `tuneloop run` checks that the Ray it started lives
