@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from tuneloop.core.auth import single_header
 from tuneloop.core.errors import TuneloopError, UnknownModel
-from tuneloop.serving.predict_request import BodyBudget, check_content_length, check_content_type, load_json, read_body
+from starlette.routing import Match
+
+from tuneloop.serving.predict_request import (BodyBudget, check_content_encoding, check_content_length,
+                                              check_content_type, load_json, read_body)
 from tuneloop.serving.responses import error_response
 
 
@@ -35,7 +38,7 @@ class BodyGuard:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH") or not _routed(scope):
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         limit = self.max_body_bytes
@@ -52,6 +55,7 @@ class BodyGuard:
         try:
             check_content_type(single_header([v.decode("latin-1") for k, v in scope["headers"]
                                               if k.lower() == b"content-type"], "Content-Type"))
+            check_content_encoding([v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"content-encoding"])
             check_content_length(headers.get("content-length"), limit)
             body = await read_body(chunks(), limit, self.body_timeout_s, self.budget)
         except TuneloopError as e:
@@ -78,6 +82,14 @@ class BodyGuard:
     @classmethod
     def _unknown_model(cls, path: str) -> UnknownModel | None:
         return UnknownModel(model) if (model := unknown_model(path, cls.models)) is not None else None
+
+
+def _routed(scope) -> bool:
+    """Whether a route of the app takes this method on this path: FastAPI answers the rest
+    404 or 405, which reading the body first answered 415 or 400 (a PUT of text to /healthz,
+    a POST to a path no route has)."""
+    routes = getattr(getattr(scope.get("app"), "router", None), "routes", None)
+    return routes is None or any(route.matches(scope)[0] == Match.FULL for route in routes)
 
 
 def unknown_model(path: str, models: frozenset[str] | None) -> str | None:

@@ -66,6 +66,7 @@ from tuneloop.core.tasks import model_task
 from tuneloop.serving.predict_request import (
     BodyBudget,
     PredictLimits,
+    check_content_encoding,
     check_content_length,
     check_content_type,
     parse_predict_body,
@@ -317,6 +318,7 @@ class ModelServer:
                 raise wrong
             self._keys.check(single_header(request.headers.getlist("authorization"), "Authorization"), "predict")
             check_content_type(single_header(request.headers.getlist("content-type"), "Content-Type"))
+            check_content_encoding(request.headers.getlist("content-encoding"))
             check_content_length(request.headers.get("content-length"), self._limits.max_body_bytes)
             body = await read_body(request.stream(), self._limits.max_body_bytes, self.serving.body_timeout_s,
                                    self._body_budget)

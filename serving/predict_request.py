@@ -48,6 +48,14 @@ def check_content_type(content_type: str | None) -> None:
         raise UnsupportedMediaType(f"send JSON with Content-Type: application/json, not {ctype!r}")
 
 
+def check_content_encoding(encodings: list[str]) -> None:
+    """Refuse a compressed body (415): read as it came, a gzipped JSON body answered 400
+    "not valid JSON", and another encoding's bytes were parsed raw."""
+    named = [e.strip().lower() for value in encodings for e in value.split(",") if e.strip()]
+    if any(e != "identity" for e in named):
+        raise UnsupportedMediaType(f"Content-Encoding {', '.join(named)!r} is not taken: send the body uncompressed")
+
+
 def check_content_length(content_length: str | None, limit: int) -> None:
     """Refuse an oversized body from its header, before reading it."""
     if content_length is None:

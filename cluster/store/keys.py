@@ -157,7 +157,9 @@ def revoke_stored_key(auth: AuthConfig, storage: Storage, key_id: str) -> ApiKey
     """Remove key ``key_id`` from the key file and return it; a running server refuses it
     from its KeyRing's next refresh (within 5 s). RevokeError, changing nothing, for an
     unknown id, and for a key of the config or TUNELOOP_API_KEYS: those are not in the file,
-    and only editing them there (and restarting the server) removes them."""
+    and only editing them there (and restarting the server) removes them. An id in capitals
+    is the same id: refused, its message said it was not 8 hex digits."""
+    key_id = key_id.lower() if isinstance(key_id, str) and key_id.isascii() else key_id
     if not (isinstance(key_id, str) and ID_PATTERN.match(key_id)):
         raise RevokeError(f"a key id is 8 hex digits (tl_<id>_…), not {quote_value(key_id)}; "
                           "`tuneloop keys list` shows the ids")

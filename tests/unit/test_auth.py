@@ -178,7 +178,7 @@ def test_a_revoked_key_is_refused_from_the_next_refresh(storage):
     ring = KeyRing(AuthConfig(), storage, refresh_s=5.0, clock=lambda: now[0])
     revoked_id = revoked.split("_")[1]
     assert ring.check(f"Bearer {revoked}", "admin") == revoked_id
-    assert revoke_stored_key(AuthConfig(), storage, revoked_id).role == "admin"
+    assert revoke_stored_key(AuthConfig(), storage, revoked_id.upper()).role == "admin"  # the same id in capitals
     assert revoked_id not in (storage.read_bytes("auth/keys.json") or b"").decode()
     now[0] = 4.0
     assert ring.check(f"Bearer {revoked}", "admin") == revoked_id  # the cached set, for at most 5 s
@@ -244,6 +244,8 @@ def test_revoke_refuses_unknown_ids_and_keys_that_live_elsewhere(storage, monkey
     before = storage.read_bytes("auth/keys.json")
     with pytest.raises(RevokeError, match="no key with id 'cccccccc'.*keys list"):
         revoke_stored_key(AuthConfig(), storage, "cccccccc")
+    with pytest.raises(RevokeError, match="no key with id 'cccccccc'"):  # capitals: the same id, not "not 8 hex digits"
+        revoke_stored_key(AuthConfig(), storage, "CCCCCCCC")
     config_key = ApiKeyConfig(id="dddddddd", role="admin", sha256="0" * 64)
     with pytest.raises(RevokeError, match="dddddddd comes from the config's auth.keys"):
         revoke_stored_key(AuthConfig(keys=[config_key]), storage, "dddddddd")

@@ -262,3 +262,38 @@ def test_a_trailing_slash_is_the_bare_path_as_sent_and_as_decoded():
         asyncio.run(TrailingSlash(app)({"type": "http", "path": path, "raw_path": raw}, None, None))
     assert seen == [("/v1/models/m/predict", b"/v1/models/m/predict"), ("/healthz", b"/healthz"), ("/", b"/"),
                     ("/v1/feedback", b"/v1/feedback")]
+
+
+def test_the_ingress_routes_before_it_reads_a_body_and_refuses_compressed_ones(monkeypatch):
+    """Read first, a PUT of text to /healthz answered 415 and a POST to a path no route has
+    400 or 415, where the route's 405 or 404 was due; a gzipped JSON body answered 400 "not
+    valid JSON", and another encoding's bytes were parsed raw."""
+    import gzip
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from tuneloop.serving.body_guard import BodyGuard
+
+    app = FastAPI()
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok"}
+
+    @app.post("/v1/feedback", status_code=202)
+    def feedback(body: dict):
+        return body
+
+    app.add_middleware(BodyGuard)
+    client = TestClient(app)
+    text = {"Content-Type": "text/plain"}
+    assert client.put("/healthz", content=b"x", headers=text).status_code == 405
+    assert client.put("/v1/feedback", content=b"not json", headers={"Content-Type": "application/json"}).status_code == 405
+    assert client.post("/nosuch", content=b"x", headers=text).status_code == 404
+    zipped = client.post("/v1/feedback", content=gzip.compress(b'{"a": 1}'),
+                         headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert zipped.status_code == 415 and "Content-Encoding 'gzip' is not taken" in zipped.json()["error"]["message"]
+    assert client.post("/v1/feedback", content=b"{", headers={"Content-Type": "application/json"}).status_code == 400
+    assert client.post("/v1/feedback", json={"a": 1}, headers={"Content-Encoding": "identity"}).status_code == 202
+    assert client.post("/v1/feedback", content=b"x" * 10, headers=text).status_code == 415  # routed: read as before
