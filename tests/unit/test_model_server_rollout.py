@@ -259,7 +259,11 @@ def _resident_bytes(version: str) -> float | None:
 
 
 def test_two_versions_resident_at_most_and_a_promoted_challenger_is_not_reloaded(rollout):
+    from tuneloop.serving import metrics
+
     replica, registry, _ = rollout
+    for version in ("v2", "v3"):  # the gauge is the process's: an earlier test's replica left these rows set
+        metrics.RESIDENT_WEIGHT_BYTES.labels("sentiment", version).set(0)
     registry.start_rollout("sentiment", "v2", "canary", 5.0)
     replica._sync_with_registry()
     challenger = replica._challenger
