@@ -1,6 +1,8 @@
 """Named-entity recognition end to end on a tiny random-init token classifier: v1 trains
 through Ray Train on a CoNLL-layout seed file, the replica answers entities with character
-offsets over real HTTP (a text past max_length is read in windows), corrected entity lists
+offsets over real HTTP (a text past max_length too, in windows: what the trained tiny model tags
+there varies from run to run, so that every window is read is checked in
+``test_token_classification.py`` on a model that tags every word), corrected entity lists
 are stored as feedback, bad spans get 422 and nothing stored, and the statistics count
 entity types."""
 
@@ -64,7 +66,7 @@ def test_the_model_list_gives_the_entity_types_answers_and_feedback_use(ner):
     assert listed["ner"]["labels"] == TYPES  # not the config's BIO_TAGS: feedback naming B-PER is refused
 
 
-def test_predictions_are_entities_with_offsets_even_past_max_length(ner):
+def test_predictions_are_entities_with_offsets_also_for_a_text_past_max_length(ner):
     url, _, _ = ner
     long_text = " ".join(f"{n} met {c}" for n, c in zip(NAMES * 3, CITIES * 3, strict=True))  # ~100 tokens
     r = httpx.post(f"{url}/v1/models/ner/predict", json={"inputs": ["Ada flew to Paris", long_text]}, timeout=60)
