@@ -198,6 +198,9 @@ def golden_set(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Re
             # on a golden text; a seed text it answers leaves the seed's rows. Counted raw
             # (repeats, answers on seed and golden texts), a golden set was frozen and the job
             # then failed with fewer rows than workers.
+            if feedback is not None:  # less the keys the quarantine holds already (from a first job before)
+                held = QuarantineBook(registry.storage).quarantined(mcfg.name)
+                feedback = feedback.filter(pc.invert(_of_keys(feedback, held))) if held else feedback
             answers = _texts(_latest_answers(feedback)[0]) - golden_texts if feedback is not None else set()
             seed_left = sum(t not in golden_texts and t not in answers for t in texts)
             watching = first_version and tcfg.early_stopping_patience is not None and tcfg.epochs > 1
@@ -432,7 +435,10 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     # label, which came back in every job after (and, sampled, took the correction out of
     # the gate's kept-back rows).
     reservoir = _without_texts(reservoir, fresh_texts)  # fresh rows are newer than any there
-    reservoir = _without_texts(reservoir, _texts(released))  # and released ones training now, as above
+    # And released ones training now, as above; a held key's row there stays for its release.
+    released_texts = _texts(released)
+    on_released = pa.array([normalized(t) in released_texts for t in reservoir.column("text").to_pylist()], pa.bool_())
+    reservoir = reservoir.filter(pc.or_(pc.invert(on_released), _of_keys(reservoir, held_keys)))
     # A key held since its rows were sampled in replays none of them; they stay in the
     # reservoir, so that an admin's release brings them back.
     replayable = reservoir.filter(pc.invert(_of_keys(reservoir, held_keys))) if held_keys else reservoir
