@@ -82,12 +82,13 @@ SHADOW_RUNS = Counter(
     "tuneloop_shadow_runs", "Requests a rollout's shadow version ran on (ok, error) or skipped under load (shed)",
     ["model", "version", "outcome"],
 )
-# Most recent value across a node's replicas: every replica holding a version holds the same
-# bytes of it, and the one that let it go last wrote 0 (a crashed replica's last value stays).
+# The largest across a node's live replicas: every replica holding a version holds the same
+# bytes of it. The most recent value was one replica's word for all: one that let a version go
+# wrote 0 while another still served it, and a stopped replica's last values stayed.
 RESIDENT_WEIGHT_BYTES = Gauge(
     "tuneloop_resident_weight_bytes", "Weights and buffers a replica holds for a version (0 once unloaded); "
     "at most two versions (production and a rollout's challenger) are resident", ["model", "version"],
-    multiprocess_mode="mostrecent",
+    multiprocess_mode="livemax",
 )
 # The same for the runtimes each resident version runs on (serving.runtime): 1 while it
 # does, 0 once the version is let go. ``texts``: ``batches`` (every batch), or ``lone`` (one
@@ -96,8 +97,26 @@ RESIDENT_WEIGHT_BYTES = Gauge(
 SERVING_RUNTIME = Gauge(
     "tuneloop_serving_runtime", "1 for the runtime (torch, torch-bf16, onnx, onnx-int8) a resident version runs on, "
     "for batches or for one short text alone; 0 once unloaded", ["model", "version", "runtime", "texts"],
-    multiprocess_mode="mostrecent",
+    multiprocess_mode="livemax",
 )
+# A request's outcomes with no version (refused before one took it), and a version's own,
+# at 0 from the replica's start and the version's load: a series born at its first increment
+# lost that increment to rate() and increase(), a new canary's first error or timeout too.
+UNVERSIONED_OUTCOMES = ("invalid", "rejected", "unavailable", "error", "cancelled")
+VERSION_OUTCOMES = ("ok", "timeout")
+
+
+def count_from_zero(model: str, version: str | None) -> None:
+    """``model``'s request series at 0: the unversioned outcomes, or ``version``'s."""
+    if version is None:
+        for outcome in UNVERSIONED_OUTCOMES:
+            REQUESTS.labels(model, "none", outcome)
+        return
+    for outcome in VERSION_OUTCOMES:
+        REQUESTS.labels(model, version, outcome)
+    PREDICT_ERRORS.labels(model, version)
+
+
 PREDICTION_LOG_DROPPED = Counter(
     "tuneloop_prediction_log_dropped", "Prediction-log rows dropped (oldest first) while the log could not be written",
     ["model"],
@@ -323,7 +342,7 @@ def _node_health(files: list[str], model: str) -> dict[str, VersionHealth]:
             elif s.name == "tuneloop_version_load_failures_total":
                 load_failures[version] += s.value
             elif s.name == "tuneloop_resident_weight_bytes" and s.value > 0:
-                resident.add(version)  # some replica of the node holds it (mostrecent: the last word)
+                resident.add(version)  # some live replica of the node holds it (livemax)
     # A version that never loaded has no request: listed all the same, by its failed loads.
     return {v: VersionHealth(requests[v], errors[v], tuple(sorted(buckets[v].items())), load_failures[v],
                              v in resident) for v in requests.keys() | load_failures.keys() | resident}

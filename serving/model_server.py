@@ -171,6 +171,7 @@ class ModelServer:
         self._reported_runtimes: set[tuple[str, str, str]] = set()  # tuneloop_serving_runtime's rows at 1
         self._stop = threading.Event()
         self._replica_id = uuid.uuid4().hex[:16]
+        metrics.count_from_zero(model, None)
         if watch:
             self._sync_with_registry()
             threading.Thread(target=self._watch_registry, name="registry-watch", daemon=True).start()
@@ -258,6 +259,8 @@ class ModelServer:
         held = [m for m in (self._loaded, self._challenger) if m is not None]
         resident = {m.version: m.weight_bytes for m in held}
         runtimes = {(m.version, runtime, texts) for m in held for texts, runtime in _runtimes_of(m)}
+        for version in resident.keys() - self._resident.keys():
+            metrics.count_from_zero(self.cfg.name, version)
         for version in self._resident.keys() - resident.keys():
             metrics.RESIDENT_WEIGHT_BYTES.labels(self.cfg.name, version).set(0)
         for version, size in resident.items():

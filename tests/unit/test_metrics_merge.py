@@ -100,9 +100,9 @@ def test_version_health_sums_nodes_and_separates_served_from_shadow(tmp_path):
 
 
 def _resident_file(folder, pid: int, value: float, at: float) -> str:
-    """A replica's resident-weights gauge file (mostrecent mode: value and its write time)."""
+    """A live replica's resident-weights gauge file (livemax mode: a file a live process)."""
     folder.mkdir(exist_ok=True)
-    path = str(folder / f"gauge_mostrecent_{pid}.db")
+    path = str(folder / f"gauge_livemax_{pid}.db")
     values = MmapedDict(path)
     key = mmap_key("tuneloop_resident_weight_bytes", "tuneloop_resident_weight_bytes", ["model", "version"],
                    ["m", "v2"], "Weights.")
@@ -111,14 +111,19 @@ def _resident_file(folder, pid: int, value: float, at: float) -> str:
     return path
 
 
-def test_resident_weights_are_the_last_replicas_word_per_node(tmp_path):
-    # Two replicas on one node held v2; the one that let it go last wrote 0.
+def test_resident_weights_are_held_while_any_live_replica_of_the_node_holds_them(tmp_path):
+    """Two replicas on one node held v2 and one let it go (wrote 0) while the other still
+    serves it: as the most recent value, the node said v2 was not resident."""
     held, let_go = _resident_file(tmp_path / "a", 7, 4e6, at=100.0), _resident_file(tmp_path / "a", 8, 0, at=200.0)
     storage = Storage(str(tmp_path / "store"))
-    text = render(JobStore(storage), lambda: {}, Registry(storage), ["m"], None, {"aaaa": [held, let_go]}).decode()
-    values = [s.value for f in text_string_to_metric_families(text) if f.name == "tuneloop_resident_weight_bytes"
-              for s in f.samples]
-    assert values == [0.0]
+
+    def resident(paths) -> list[float]:
+        text = render(JobStore(storage), lambda: {}, Registry(storage), ["m"], None, {"aaaa": paths}).decode()
+        return [s.value for f in text_string_to_metric_families(text) if f.name == "tuneloop_resident_weight_bytes"
+                for s in f.samples]
+
+    assert resident([held, let_go]) == [4e6]
+    assert resident([let_go]) == [0.0]  # the holder ended (compaction removes a live gauge's file): let go
 
 
 def _state(storage, *changes, rollout=None, archived=None) -> None:

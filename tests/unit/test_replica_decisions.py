@@ -573,3 +573,17 @@ def test_where_no_build_changes_what_serves_no_manifest_is_read_for_rebuilds(ser
     replica._versions.next_rebuild_check = 0.0
     replica._pick_up_rebuilds()
     assert replica._loaded.runtime == "torch"
+
+
+def test_a_replicas_request_series_exist_at_zero_before_their_first_request():
+    """Born at its first increment, a series lost that increment to rate() and increase(): a
+    new canary's first error or timeout never showed."""
+    cfg = parse_config({"models": [{"name": "zeroed", "base_model": "x", "labels": LABELS}]})
+    ModelServer(cfg.model_dump(), "zeroed", registry=FakeRegistry("v7"), recorder=FakeRecorder(),
+                shadow_recorder=FakeRecorder(), keys=object(), load=lambda *a: FakeModel(*a),
+                watch=False)._sync_with_registry()
+    for version, outcome in [("v7", "ok"), ("v7", "timeout"), ("none", "rejected"), ("none", "unavailable"),
+                             ("none", "invalid"), ("none", "error")]:
+        assert REGISTRY.get_sample_value("tuneloop_requests_total",
+                                         {"model": "zeroed", "version": version, "outcome": outcome}) == 0
+    assert REGISTRY.get_sample_value("tuneloop_predict_errors_total", {"model": "zeroed", "version": "v7"}) == 0
