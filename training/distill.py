@@ -29,7 +29,7 @@ from tuneloop.core.config import DistillConfig, TuneloopConfig
 from tuneloop.core.evaluation import EvalMetrics
 from tuneloop.core.gate import TeacherEvidence
 from tuneloop.core.runtimes import holds_to
-from tuneloop.core.tasks import Task
+from tuneloop.core.tasks import Task, teacher_labels_problem
 from tuneloop.store.registry import Registry
 from tuneloop.training.model_files import ModelFiles
 
@@ -84,6 +84,9 @@ def teacher_of(cfg: TuneloopConfig, registry: Registry, model: str) -> Teacher |
         raise ValueError(f"{model} is distilled from {settings.teacher}, which has no production version yet: "
                          f"train it first (tuneloop train {settings.teacher})")
     manifest = registry.manifest(settings.teacher, version)
+    student = cfg.model(model)
+    if problem := teacher_labels_problem(student.task, student.labels, settings.teacher, version, manifest.labels):
+        raise ValueError(f"{model}: {problem}")  # said here, not as an actor's death inside Ray Data's scoring
     # As serving judges it: an artifact the config still builds, by today's parity limits.
     bf16 = manifest.optimization.artifacts.get("torch-bf16") if manifest.optimization else None
     limits = cfg.optimize.min_agreement, cfg.optimize.max_accuracy_drop

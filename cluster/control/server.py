@@ -29,7 +29,7 @@ from tuneloop.store.keys import KeyRing, ensure_admin_key, save_admin_key
 from tuneloop.core.config import TRANSFER_KEY, ConfigError, ModelConfig, TuneloopConfig, cluster_to_join
 from tuneloop.core.model_source import local_config, not_a_model_folder
 from tuneloop.core.names import deploy_failures, not_running
-from tuneloop.core.tasks import label_set, model_task
+from tuneloop.core.tasks import label_set, model_task, teacher_labels_problem
 from tuneloop.core.serving_config import haproxy_ports
 from tuneloop.core.resources import (gpu_retraining_shortfall, local_ray_cpus, retraining_shortfall,
                                      serving_shortfall)
@@ -103,7 +103,8 @@ def data_problems(cfg: TuneloopConfig, models: list[str] | None = None, offline:
             elif key != "seed_dataset" or production is None:  # what the next job reads
                 problems.extend(f"models.{m.name}.{key}: {e}"
                                 for e in _unreadable(path, None if key == TRANSFER_KEY else m,
-                                                     trains_v1_alone=key == "seed_dataset" and seed_alone))
+                                                     trains_v1_alone=key == "seed_dataset" and seed_alone,
+                                                     judges=key == "golden_dataset"))
         base = m.base_model
         if production is None and base and base.startswith(("/", "./", "../", "~")) \
                 and not os.path.exists(os.path.expanduser(base)):
@@ -126,6 +127,11 @@ def data_problems(cfg: TuneloopConfig, models: list[str] | None = None, offline:
             problems.append(f"model {m.name!r}: the config drops label(s) {dropped} "
                             f"of its production {production}, whose golden set, replay rows and feedback hold them: "
                             "restore them (labels may be added), or give the new label set a new model name")
+        teacher = m.distill.teacher if m.distill else None
+        teacher_version = registry.production(teacher) if registry and teacher else None
+        if teacher_version and models is not None and teacher not in models and (problem := teacher_labels_problem(
+                m.task, m.labels, teacher, teacher_version, registry.manifest(teacher, teacher_version).labels)):
+            problems.append(f"model {m.name!r}: {problem}")  # `run` trains the teacher first
         if m.seed_dataset is None and seed_alone:
             problems.append(f"model {m.name!r} has no version yet and nothing to train v1 on: give it a "
                             "seed_dataset (labelled rows: text and label), or send feedback on it first")
@@ -151,17 +157,22 @@ def _layers_problem(base: str | None, freeze_layers: int, feature_extraction: bo
     return None if config is None else layer_problem(config, freeze_layers, feature_extraction, student_layers)
 
 
-def _unreadable(path: str, m: ModelConfig | None, trains_v1_alone: bool = False) -> list[str]:
+def _unreadable(path: str, m: ModelConfig | None, trains_v1_alone: bool = False, judges: bool = False) -> list[str]:
     """Why a job could not read ``path`` as ``m``'s data: its format, columns or labels;
     ``m`` None: as a transfer set's texts. ``trains_v1_alone``: a seed that is all v1 would
     train on (no feedback yet), which the job refuses with no row, or with rows of one class
-    for a classifier: said only after Ray had started, and the first version been tried."""
+    for a classifier: said only after Ray had started, and the first version been tried.
+    ``judges``: a golden_dataset, which with no row judged nothing, every gate saying the model
+    had none, and every version scored 0.0 on it."""
     from tuneloop.training.data import read_dataset, read_texts
     from tuneloop.training.job_data import golden_labels_missing
 
     try:
         if m is not None:
             rows = read_dataset(path, model_task(m))
+            if judges and rows.num_rows == 0:
+                return [f"dataset {path!r} has no row with visible text: the gate would judge every version on "
+                        "nothing (give it labelled rows, or leave golden_dataset out for a sample of the seed)"]
             if trains_v1_alone and rows.num_rows == 0:
                 return [f"dataset {path!r} has no row with visible text: nothing to train v1 on (add labelled "
                         "rows, or send feedback on the model first)"]

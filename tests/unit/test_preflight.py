@@ -323,3 +323,38 @@ def test_a_signal_another_thread_takes_stops_the_server_and_so_does_its_ray_dyin
         signal.signal(signal.SIGTERM, previous)
     looks = iter([None, None, "its raylet (pid 7) exited with code 1"])
     assert server.wait_for_stop([], lambda: next(looks)) == "its raylet (pid 7) exited with code 1"
+
+
+def test_an_empty_golden_file_is_refused_before_ray(tmp_path):
+    """A header-only golden_dataset passed check-config; every gate then said the model had no
+    golden_dataset, and every version scored 0.0 on it."""
+    golden = tmp_path / "gold.tsv"
+    golden.write_text("text\tlabel\n\n")
+    problems = data_problems(_cfg(tmp_path, golden_dataset=str(golden)))
+    assert any("models.m.golden_dataset" in p and "the gate would judge every version on nothing" in p
+               for p in problems), problems
+    golden.write_text("text\tlabel\ngood\ta\n")
+    assert not any("golden_dataset" in p for p in data_problems(_cfg(tmp_path, golden_dataset=str(golden))))
+
+
+def test_training_a_student_whose_teachers_production_lacks_its_labels_is_refused_before_ray(tmp_path):
+    """Labels added to teacher and student, `tuneloop train student` before the teacher: the
+    job died inside Ray Data's scoring actor, a Ray traceback asking to report a Ray bug."""
+    from tuneloop.store.manifest import Manifest
+    from tuneloop.store.registry import Registry
+
+    registry = Registry(Storage(str(tmp_path / "store")))
+    weights = tmp_path / "w"
+    weights.mkdir()
+    registry.publish("teacher", str(weights), Manifest(version="pending", model="teacher", parent=None,
+                                                       base_model="some/model", task="text-classification",
+                                                       labels=["a", "b"]))
+    registry.promote("teacher", "v1")
+    cfg = parse_config({"models": [{"name": "teacher", "base_model": "some/model", "labels": ["a", "b", "c"]},
+                                   {"name": "student", "base_model": "some/model", "labels": ["a", "b", "c"],
+                                    "distill": {"teacher": "teacher"}}],
+                        "storage": {"root": str(tmp_path / "store")}})
+    problems = data_problems(cfg, ["student"])
+    assert any("its teacher teacher's production v1 answers ['a', 'b']" in p and "tuneloop train teacher" in p
+               for p in problems), problems
+    assert not any("its teacher" in p for p in data_problems(cfg, ["teacher", "student"]))  # run: teacher first

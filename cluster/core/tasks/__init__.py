@@ -44,6 +44,18 @@ def label_set(task: str, labels: list[str]) -> frozenset[str]:
     return frozenset(make_task(task, list(labels)).label_names())
 
 
+def teacher_labels_problem(task: str, labels: list[str], teacher: str, version: str,
+                           teacher_labels: list[str]) -> str | None:
+    """Why a student of ``labels`` cannot learn from ``teacher``'s ``version`` answering
+    ``teacher_labels`` (labels added to both in the config, the teacher not trained on them
+    yet), or None."""
+    if label_set(task, labels) == label_set(task, teacher_labels):
+        return None
+    return (f"its teacher {teacher}'s production {version} answers {sorted(label_set(task, teacher_labels))}, the "
+            f"config gives the student {sorted(label_set(task, labels))}: distillation needs the same labels; "
+            f"train the teacher on them first (tuneloop train {teacher})")
+
+
 def model_task(m) -> Task:
     """A configured model's task (``m``: a ModelConfig, or its dump)."""
     get = m.get if isinstance(m, dict) else lambda k, default=None: getattr(m, k, default)
@@ -58,4 +70,4 @@ def model_tasks(models) -> dict[str, Task]:
 
 
 __all__ = ["TASKS", "ColumnType", "ListOf", "MapOf", "StructOf", "Task", "check_text_length", "check_unicode",
-           "has_visible_text", "label_set", "make_task", "model_task", "model_tasks"]
+           "has_visible_text", "label_set", "make_task", "model_task", "model_tasks", "teacher_labels_problem"]
