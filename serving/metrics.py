@@ -138,9 +138,9 @@ class TrainingRunsCollector:
     start at 0: a series born at 1 hid the first failure from ``increase()``, which alerts
     use, and a running job counted in the counter made it fall when the job ended (a reset
     to Prometheus, and a phantom run in every ``increase()``). A finished job stays counted
-    under the outcome it was first counted with, for the life of this process: a record
-    briefly unreadable, or a job marked lost whose process then finished, made the counter
-    fall, and the failure alert fire on the reset."""
+    under the outcome it was first counted with, for the life of this process, and beyond it
+    by its record's ``counted_as``: a record briefly unreadable, or a job marked lost whose
+    process then finished, made the counter fall, and the failure alert fire on the reset."""
 
     OUTCOMES = ("succeeded", "rejected", "failed")
 
@@ -163,7 +163,7 @@ class TrainingRunsCollector:
         root = self.jobs.storage.uri
         for j in records:
             if j.state in self.OUTCOMES:
-                self._finished.setdefault((root, j.job_id), (j.model, j.state))
+                self._finished.setdefault((root, j.job_id), (j.model, j.counted_as or j.state))
         counted = [outcome for (where, _), outcome in self._finished.items() if where == root]
         tally = _Tally([*counted, *((j.model, j.state) for j in records if j.state == "running")])
         for model in sorted(set(self.models) | {m for m, _ in tally}):

@@ -75,6 +75,10 @@ class JobRecord(BaseModel):
     pid: int | None = None
     host: str | None = None
     ray_node: str | None = None  # the Ray node that process ran on: when it stops, so did the job
+    # The outcome readers counted first, kept when the job's own process, slow and not dead,
+    # writes another over the record that marked it lost: counted by its state, the failed
+    # runs fell after a restart of the process counting them, and the failure alert fired.
+    counted_as: JobState | None = None
 
 
 class JobRunning(Conflict):
@@ -117,7 +121,11 @@ class JobStore:
             if job.state == "running" and stored is not None and stored.get("state") != "running":
                 refused.append(True)
                 return None  # marked lost meanwhile (its heartbeat was late): a beat must not revive it
-            return job.model_dump(mode="json")
+            doc = job.model_dump(mode="json")
+            first = (stored or {}).get("counted_as") or (stored or {}).get("state")
+            if first not in (None, "running") and first != doc["state"]:
+                doc["counted_as"] = first
+            return doc
 
         self.storage.update_json(f"jobs/{job.job_id}.json", write)
         return not refused

@@ -124,10 +124,20 @@ def test_counters_alerts_take_increase_of_start_at_zero_and_never_fall(tmp_path)
     assert done[("tuneloop_training_jobs_running", (("model", "m"),))] == 0
     # Marked lost, then finished by its still-running process; then its record cut: counted once, as first seen.
     jobs.save(job.model_copy(update={"state": "succeeded"}))
+    assert jobs.stored(job.job_id).state == "succeeded" and jobs.stored(job.job_id).counted_as == "failed"
+    written = (tmp_path / f"jobs/{job.job_id}.json").read_text()
     (tmp_path / f"jobs/{job.job_id}.json").write_text("{")
     later = _samples(render(jobs, lambda: {"m": 1}, registry, ["m"], None).decode())
     assert later[("tuneloop_training_runs_total", (("model", "m"), ("outcome", "failed")))] == 1
     assert later[("tuneloop_training_runs_total", (("model", "m"), ("outcome", "succeeded")))] == 0
+    # And after a restart of the process counting (its memory of first outcomes gone): still failed.
+    from tuneloop.serving.metrics import TrainingRunsCollector
+
+    (tmp_path / f"jobs/{job.job_id}.json").write_text(written)  # readable again, as its process wrote it
+    TrainingRunsCollector._finished.clear()
+    restarted = _samples(render(jobs, lambda: {"m": 1}, registry, ["m"], None).decode())
+    assert restarted[("tuneloop_training_runs_total", (("model", "m"), ("outcome", "failed")))] == 1
+    assert restarted[("tuneloop_training_runs_total", (("model", "m"), ("outcome", "succeeded")))] == 0
 
 
 def test_a_job_store_or_serve_that_cannot_answer_leaves_the_other_series(tmp_path):
