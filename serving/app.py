@@ -108,19 +108,18 @@ def on_journal_node() -> dict:
 
 
 def deploy(cfg: TuneloopConfig, metrics_dir: str | None = None) -> None:
-    """Deploy (or update) the ingress, then every model application, each once the one
+    """Deploy (or update) every model application, then the ingress, each once the one
     before runs (Serve raises RuntimeError for one it could not deploy). Serving only:
-    ``tuneloop.control.apps.deploy`` adds the retrain controller. The ingress first: last,
-    every route answered Serve's plain-text 404 for the 13-24 s the models took to load
-    (feedback on a prediction just made too, which a client takes for an unknown id), where
-    the ingress answers /healthz, feedback, and 503 not_ready for a model not yet deployed.
-    Deployed together (serve.run_many), restart to ready fell from 30-34 s to 20-26 s, but
-    two fresh-clone CI runs then failed the first hardening test right after ready (a 64 MiB
-    chunked body read past 16 MiB before its 413): one after another, until that is understood."""
-    serve.run(ingress_app(cfg, metrics_dir), name=INGRESS_APP, route_prefix="/", blocking=False)
+    ``tuneloop.control.apps.deploy`` adds the retrain controller. Deployed together
+    (serve.run_many), restart to ready fell from 30-34 s to 20-26 s, but two fresh-clone CI
+    runs then failed the first hardening test right after ready (a 64 MiB chunked body read
+    past 16 MiB before its 413): one after another, until that is understood. The ingress
+    first (its routes answering during a start, where Serve's plain-text 404 answers until it
+    is up) failed that test in one of three fresh-clone runs too: not done, for that reason."""
     for m in cfg.models:
         serve.run(model_app(cfg, m.name, metrics_dir), name=model_app_name(m.name), route_prefix=predict_route(m.name),
                   blocking=False)
+    serve.run(ingress_app(cfg, metrics_dir), name=INGRESS_APP, route_prefix="/", blocking=False)
 
 
 def application_names(cfg: TuneloopConfig) -> list[str]:

@@ -98,7 +98,6 @@ def controller_app(cfg: TuneloopConfig, metrics_dir: str | None = None) -> Appli
 
 def deploy(cfg: TuneloopConfig, metrics_dir: str | None = None) -> None:
     """Deploy (or update) every application of ``cfg``, the ones ``build`` makes for a Serve
-    config file, one after another (serving.app.deploy says why), the controller last: first,
-    its start kept every route on Serve's plain-text 404 a few seconds longer."""
-    deploy_serving(cfg, metrics_dir)
+    config file, one after another (serving.app.deploy says why)."""
     serve.run(controller_app(cfg, metrics_dir), name=CONTROLLER_APP, route_prefix=None, blocking=False)
+    deploy_serving(cfg, metrics_dir)
