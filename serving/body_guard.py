@@ -6,10 +6,10 @@ it, as a model replica reads predict's.
 
 from __future__ import annotations
 
-from tuneloop.core.auth import single_header
-from tuneloop.core.errors import TuneloopError, UnknownModel
 from starlette.routing import Match
 
+from tuneloop.core.auth import single_header
+from tuneloop.core.errors import TuneloopError, UnknownModel
 from tuneloop.serving.predict_request import (BodyBudget, check_content_encoding, check_content_length,
                                               check_content_type, load_json, read_body)
 from tuneloop.serving.responses import error_response
@@ -40,7 +40,9 @@ class BodyGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH") or not _routed(scope):
             return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        headers: dict[str, list[str]] = {}  # every value of each, in order
+        for k, v in scope["headers"]:
+            headers.setdefault(k.decode("latin-1").lower(), []).append(v.decode("latin-1"))
         limit = self.max_body_bytes
 
         async def chunks():
@@ -53,10 +55,9 @@ class BodyGuard:
                     return
 
         try:
-            check_content_type(single_header([v.decode("latin-1") for k, v in scope["headers"]
-                                              if k.lower() == b"content-type"], "Content-Type"))
-            check_content_encoding([v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"content-encoding"])
-            check_content_length(headers.get("content-length"), limit)
+            check_content_type(single_header(headers.get("content-type", []), "Content-Type"))
+            check_content_encoding(headers.get("content-encoding", []))
+            check_content_length((headers.get("content-length") or [None])[-1], limit)
             body = await read_body(chunks(), limit, self.body_timeout_s, self.budget)
         except TuneloopError as e:
             return await error_response(self._unknown_model(scope["path"]) or e)(scope, receive, send)

@@ -121,8 +121,8 @@ class JobStore:
             if job.state == "running" and stored is not None and stored.get("state") != "running":
                 refused.append(True)
                 return None  # marked lost meanwhile (its heartbeat was late): a beat must not revive it
-            doc = job.model_dump(mode="json")
-            first = (stored or {}).get("counted_as") or (stored or {}).get("state")
+            doc, stored = job.model_dump(mode="json"), stored or {}
+            first = stored.get("counted_as") or stored.get("state")
             if first not in (None, "running") and first != doc["state"]:
                 doc["counted_as"] = first
             return doc
