@@ -303,10 +303,11 @@ class Ingress:
         base = metrics_base()
         if not base:  # one process (unit use)
             return metrics.render(self.jobs, self._running_replicas, self.registry, models, stats,
-                                  shadow_percent=self.cfg.rollout.shadow_percent)
+                                  shadow_percent=self.cfg.rollout.shadow_percent,
+                                  min_replicas=self.cfg.serving.min_replicas)
         with cluster_metric_files(base) as files:  # every node's replicas
             return metrics.render(self.jobs, self._running_replicas, self.registry, models, stats, files,
-                                  self.cfg.rollout.shadow_percent)
+                                  self.cfg.rollout.shadow_percent, self.cfg.serving.min_replicas)
 
     def _trigger(self, model: str, version: str | None, agreed: bool | None, prediction_id: str | None,
                  key_id: str | None) -> None:

@@ -175,10 +175,13 @@ class TrainingRunsCollector:
 
 
 class ReplicasCollector:
-    """tuneloop_replicas{model}: running replicas, as Serve reports them at scrape time."""
+    """tuneloop_replicas{model}: running replicas, as Serve reports them at scrape time; and
+    tuneloop_replicas_min{model}, the fewest the config keeps (``serving.num_replicas``, or
+    ``autoscaling.min_replicas``), so that an alert on no replica can leave out the models
+    allowed to scale to zero."""
 
-    def __init__(self, running_replicas: Callable[[], dict[str, int]]):
-        self.running_replicas = running_replicas
+    def __init__(self, running_replicas: Callable[[], dict[str, int]], min_replicas: int):
+        self.running_replicas, self.min_replicas = running_replicas, min_replicas
 
     def collect(self):
         try:
@@ -187,9 +190,13 @@ class ReplicasCollector:
             log.warning("metrics: no replica counts from Serve: %s", e)
             return
         family = GaugeMetricFamily("tuneloop_replicas", "Running replicas per model", labels=["model"])
+        least = GaugeMetricFamily("tuneloop_replicas_min", "Fewest replicas the config keeps per model (0: it may "
+                                  "scale to zero)", labels=["model"])
         for model, n in sorted(replicas.items()):
             family.add_metric([model], n)
+            least.add_metric([model], self.min_replicas)
         yield family
+        yield least
 
 
 class FeedbackStatsCollector:
@@ -385,7 +392,7 @@ def _states(registry: Registry, models: list[str]) -> dict[str, RegistryState]:
 
 def render(jobs: JobStore, running_replicas: Callable[[], dict[str, int]], registry: Registry, models: list[str],
            feedback_stats: Callable[[], list[dict]] | None, files: dict[str, list[str]] | None = None,
-           shadow_percent: float = 100.0) -> bytes:
+           shadow_percent: float = 100.0, min_replicas: int = 1) -> bytes:
     """The exposition text for GET /metrics: every process's metrics (from ``files``, the
     multiprocess files of each node, when given), training runs, replicas,
     feedback-to-serving time and, when ``feedback_stats`` is given (the caller may read them),
@@ -393,7 +400,7 @@ def render(jobs: JobStore, running_replicas: Callable[[], dict[str, int]], regis
     states = _states(registry, models)  # read once a scrape: one GET each on a bucket
     runs = CollectorRegistry()
     runs.register(TrainingRunsCollector(jobs, models))
-    runs.register(ReplicasCollector(running_replicas))
+    runs.register(ReplicasCollector(running_replicas, min_replicas))
     runs.register(ServingTimeCollector(registry, states))
     runs.register(RolloutCollector(states, shadow_percent))
     if feedback_stats is not None:

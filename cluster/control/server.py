@@ -65,7 +65,7 @@ def init_ray(cfg: TuneloopConfig, address: str | None = None) -> None:
 def _min_replicas(cfg: TuneloopConfig) -> int:
     """Each model's fixed replica count, or its autoscaling minimum; at least one: a model
     that scales to zero starts one with its first request, and it must fit then."""
-    return max(1, cfg.serving.num_replicas or cfg.serving.autoscaling.min_replicas)
+    return max(1, cfg.serving.min_replicas)
 
 
 def data_problems(cfg: TuneloopConfig, models: list[str] | None = None, offline: bool = False) -> list[str]:

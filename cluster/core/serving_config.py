@@ -224,6 +224,12 @@ class ServingConfig(Section):
         return self
 
     @property
+    def min_replicas(self) -> int:
+        """The fewest replicas a model keeps: the fixed count, or autoscaling's floor (0:
+        none while idle)."""
+        return self.num_replicas or self.autoscaling.min_replicas
+
+    @property
     def replica_threads(self) -> int:
         """A replica's torch (and ONNX Runtime) threads: its CPUs, rounded up. The optimizer
         times the runtimes at this count, and a replica looks its speeds up by it."""

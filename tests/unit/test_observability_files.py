@@ -152,3 +152,19 @@ def test_a_job_store_or_serve_that_cannot_answer_leaves_the_other_series(tmp_pat
     text = render(Unreadable(storage), no_serve, Registry(storage), ["m"], lambda: STATS).decode()
     names = {f.name for f in text_string_to_metric_families(text)}
     assert "tuneloop_feedback_online_accuracy" in names and "tuneloop_training_runs" not in names
+
+
+@pytest.mark.parametrize("min_replicas", [0, 2])
+def test_replica_counts_carry_the_configured_floor_that_the_no_replica_alert_reads(tmp_path, min_replicas):
+    """TuneloopNoReplicas fired for every model allowed to scale to zero once it had."""
+    storage = Storage(str(tmp_path))
+    text = render(JobStore(storage), lambda: {"m": 0, "n": 3}, Registry(storage), ["m", "n"], None,
+                  min_replicas=min_replicas).decode()
+    samples = _samples(text)
+    assert samples[("tuneloop_replicas", (("model", "m"),))] == 0
+    assert samples[("tuneloop_replicas", (("model", "n"),))] == 3
+    assert samples[("tuneloop_replicas_min", (("model", "m"),))] == min_replicas
+    assert samples[("tuneloop_replicas_min", (("model", "n"),))] == min_replicas
+    rules = yaml.safe_load((DEPLOY / "prometheus/alerts.yml").read_text())["groups"]
+    no_replicas = next(r for g in rules for r in g["rules"] if r["alert"] == "TuneloopNoReplicas")
+    assert "tuneloop_replicas_min" in no_replicas["expr"]
