@@ -64,7 +64,10 @@ CONTROLLER_LOOKUP_S = 5.0  # how long a retrain controller handle is trusted (In
 # other type first): FastAPI's strict default left it unparsed, and feedback sent as
 # requests' data=json.dumps(...) got a 422 "Input should be a valid dictionary".
 # No 307 to the path without its trailing slash (TrailingSlash takes that path instead).
-app = FastAPI(title="tuneloop", version="1", strict_content_type=False, redirect_slashes=False)
+# No /docs or /redoc: their pages load Swagger UI and ReDoc from a CDN, which a cluster's
+# network may not reach (a blank page); /openapi.json stays, the schema itself.
+app = FastAPI(title="tuneloop", version="1", strict_content_type=False, redirect_slashes=False,
+              docs_url=None, redoc_url=None)
 
 
 def _authorization(request: Request) -> str | None:
@@ -205,7 +208,8 @@ class Ingress:
         self.auth = KeyRing(self.cfg.auth, storage, background=True)
         self.feedback_limit = RateLimiter(self.cfg.auth.feedback_per_minute, self.cfg.auth.feedback_burst)
         BodyGuard.max_body_bytes = max(self.cfg.serving.max_body_bytes(), self.cfg.serving.max_feedback_body_bytes())
-        BodyGuard.budget = BodyBudget(max(64 << 20, BodyGuard.max_body_bytes))
+        BodyGuard.budget = BodyBudget(max(64 << 20, BodyGuard.max_body_bytes),
+                                      "the ingress's: 64 MiB, or one largest body where that is more")
         BodyGuard.body_timeout_s = self.cfg.serving.body_timeout_s
         BodyGuard.models = frozenset(m.name for m in self.cfg.models)
 

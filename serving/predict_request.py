@@ -72,13 +72,13 @@ class BodyBudget:
     1,184 by default) let 114 MiB bodies add up to 132 GiB. Taken while a body arrives,
     given back when its request is answered; one event loop, so no lock."""
 
-    def __init__(self, limit: int):
-        self.limit, self.held = limit, 0
+    def __init__(self, limit: int, source: str = "serving.max_body_bytes_in_flight"):
+        self.limit, self.held, self.source = limit, 0, source  # source: what sets the limit, for the 503
 
     def take(self, n: int) -> None:
         if self.held + n > self.limit:
             raise Overloaded(f"this replica holds {self.held} bytes of requests, its limit "
-                             f"{self.limit} (serving.max_body_bytes_in_flight); retry shortly")
+                             f"{self.limit} ({self.source}); retry shortly")
         self.held += n
 
     def give(self, n: int) -> None:

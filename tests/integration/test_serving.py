@@ -55,6 +55,10 @@ def test_health_ready_and_models(app):
     assert "gate" not in detail["versions"][0] and "history" not in detail  # gate, metrics, history: admins'
     detail = httpx.get(f"{url}/v1/models/sentiment", headers=bearer(ADMIN_KEY)).json()
     assert {"gate", "metrics"} <= set(detail["versions"][0]) and detail["history"][-1]["event"] == "promote"
+    assert httpx.get(f"{url}/openapi.json").json()["info"]["title"] == "tuneloop"  # the schema, open
+    for page in ("/docs", "/redoc"):  # Swagger UI and ReDoc from a CDN: not served
+        gone = httpx.get(f"{url}{page}")
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
 
 
 def test_predict_returns_id_version_and_scores(app):

@@ -137,7 +137,7 @@ def test_a_replicas_request_bytes_are_bounded_together_and_given_back_on_every_o
     budget = BodyBudget(10)
     first = asyncio.run(read_body(chunks(b"1234", b"5678"), limit=100, timeout_s=5, budget=budget))
     assert first == b"12345678" and budget.held == 8  # held until its request is answered
-    with pytest.raises(Overloaded, match="holds 10 bytes of requests, its limit 10") as e:
+    with pytest.raises(Overloaded, match=r"holds 10 bytes of requests, its limit 10 \(serving.max_body_bytes_in_flight\)") as e:
         asyncio.run(read_body(chunks(b"ab", b"cde"), limit=100, timeout_s=5, budget=budget))
     assert e.value.status == 503 and budget.held == 8  # the refused body's own bytes went back
     with pytest.raises(PayloadTooLarge):
@@ -147,6 +147,9 @@ def test_a_replicas_request_bytes_are_bounded_together_and_given_back_on_every_o
     assert budget.held == 8
     budget.give(len(first))
     assert budget.held == 0 and asyncio.run(read_body(chunks(b"0123456789"), 100, 5, budget)) == b"0123456789"
+    ingress = BodyBudget(1, "the ingress's")  # the key above does not size it: the 503 says what does
+    with pytest.raises(Overloaded, match=r"its limit 1 \(the ingress's\)"):
+        asyncio.run(read_body(chunks(b"ab"), 100, 5, ingress))
 
 
 def test_the_bytes_in_flight_must_hold_one_whole_body():
