@@ -141,7 +141,12 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     parts = []
     for e in errors[:5]:
         where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
-        parts.append(f"{where}: {e.get('msg')}")
+        message = str(e.get("msg"))
+        if e.get("type") == "value_error":  # a validator's own words, less pydantic's prefix
+            message = message.removeprefix("Value error, ")
+            parts.append(message if where == "body" else f"{where}: {message}")
+        else:
+            parts.append(f"{where}: {message}")
     return error_response(InvalidBody("; ".join(parts)))
 
 

@@ -181,7 +181,7 @@ def _golden_check(e: Evidence, rules: GateConfig) -> GateCheck:
         (drops if p < level else by_chance)[label] = (round(ours.recall, 4), round(theirs.recall, 4))
     numbers.update(recall_drops=drops, recall_drops_by_chance=by_chance, recall_test_level=level)
     if drops:
-        worst = ", ".join(f"{k} {a:.4f} < {b:.4f}" for k, (a, b) in sorted(drops.items()))
+        worst = ", ".join(f"{k!r} {a:.4f} < {b:.4f}" for k, (a, b) in sorted(drops.items()))  # quoted: label 1 is no number
         return GateCheck(name="golden", passed=False, numbers=numbers,
                          detail=f"recall on the golden set fell by more than {rules.class_recall_margin:g} for {worst} "
                                 f"({test}, p < {level:.2g})")

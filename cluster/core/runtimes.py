@@ -168,8 +168,9 @@ def choose_runtime(requested: str, optimization: Optimization | None, hardware: 
             return TORCH, "serving.runtime is torch-bf16, but this CPU has no native bf16 (emulated, slower than fp32)"
         record = artifacts.get(requested)
         if record is None:
-            return TORCH, (f"serving.runtime is {requested}, but this version has no {requested} artifact (jobs "
-                           "build none with optimize.enabled false: `tuneloop optimize <model> <version>` builds it)")
+            return TORCH, (f"serving.runtime is {requested}, but this version has no {requested} artifact (a job "
+                           "builds them for a version its gate passed, unless optimize.enabled is false, or its "
+                           "optimizing failed: `tuneloop optimize <model> <version>` builds it)")
         if not record.parity.passed:
             return TORCH, f"serving.runtime is {requested}, but its artifact failed parity: {record.parity.detail}"
         return requested, f"serving.runtime is {requested}; parity: {record.parity.detail}"

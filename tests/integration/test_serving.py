@@ -110,6 +110,14 @@ def test_bad_requests_get_json_4xx(app, path, body, status, code):
     assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
 
 
+def test_a_feedback_body_of_neither_form_is_told_so_in_its_own_words(app):
+    """The message began 'body: Value error, ', pydantic's words, not the API's."""
+    r = post(app["url"] + "/v1/feedback", {"label": "positive"})
+    assert r.status_code == 422 and r.json()["error"]["message"].startswith('give either "prediction_id"'), r.text
+    r = post(app["url"] + "/v1/feedback", {"model": "sentiment", "text": "x", "label": None})
+    assert r.status_code == 422 and '"label" must be a string, not null' in r.json()["error"]["message"], r.text
+
+
 def test_transport_level_rejections(app):
     url = f"{app['url']}/v1/models/sentiment/predict"
     r = httpx.post(url, content=b"inputs=x", headers={"Content-Type": "application/x-www-form-urlencoded"})

@@ -69,7 +69,7 @@ def test_a_class_losing_recall_fails_even_when_the_average_holds():
     parent = _golden(360, 360, n=800)  # recall 0.9 each
     candidate = _golden(400, 328, n=800)  # accuracy 0.91, but positive recall 0.82
     d = decide(_evidence(candidate, parent), RULES)
-    assert not d.accepted and "positive 0.8200 < 0.9000" in d.reason and "Fisher" in d.reason
+    assert not d.accepted and "for 'positive' 0.8200 < 0.9000" in d.reason and "Fisher" in d.reason
     assert d.checks[0].numbers["recall_drops"] == {"positive": (0.82, 0.9)}
 
 
@@ -98,7 +98,7 @@ def test_a_class_drop_is_tested_on_the_classes_rows_paired_when_their_classes_ar
     assert decide(unpaired, RULES).accepted  # Fisher's: b's drop is "chance"
     paired = unpaired.model_copy(update={"golden_classes": classes})
     d = decide(paired, RULES)
-    assert not d.accepted and "b 0.7250 < 0.9000" in d.reason and "McNemar's exact test on the class's rows" in d.reason
+    assert not d.accepted and "'b' 0.7250 < 0.9000" in d.reason and "McNemar's exact test on the class's rows" in d.reason
 
 
 def test_a_fall_of_exactly_the_margin_passes_whatever_the_float():

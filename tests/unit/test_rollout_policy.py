@@ -70,6 +70,18 @@ def test_all_right_or_all_wrong_does_not_break_the_interval():
     assert decide(CFG, canary((200, 0), (200, 200)), 1).action == "advance"
 
 
+def test_a_decision_says_the_difference_counted_and_bounds_a_difference_can_take():
+    """13 of 13 against 0 of 7 was said as +82.2% (the smoothed centre), bounds up to +120.5%."""
+    e = canary((7, 0), (13, 13))
+    diff, low, high = accuracy_difference(e, 0.95)
+    assert -1 <= low < diff < high == 1.0
+    advanced = decide(RolloutConfig(min_feedback=2), e, 60)
+    assert advanced.action == "advance" and "online accuracy +100.0% vs production" in advanced.reason
+    assert advanced.numbers["observed"] == 1.0 and advanced.numbers["upper"] == 1.0
+    assert "+100.0%)" in advanced.reason  # the upper bound, clipped
+    assert decide(RolloutConfig(min_feedback=2), paired(40, 10, 2), 60).numbers["observed"] == -0.2
+
+
 def test_a_challenger_whose_health_was_not_seen_does_not_advance():
     unseen = decide(CFG, paired(200, 5, 30, challenger_requests=49), 60)
     assert unseen.action == "hold" and "waiting for 50 challenger requests to judge its health: 49" in unseen.reason

@@ -60,6 +60,30 @@ def test_feedback_fields_are_the_label_and_it_must_be_one_of_the_models():
     assert not TC.agrees({"label": "positive", "predicted_label": None})
 
 
+@pytest.mark.parametrize("task, field, wanted", [("text-classification", "label", "a string"),
+                                                 ("multi-label-classification", "labels", "a list of label names"),
+                                                 ("token-classification", "entities", "a list of")])
+def test_a_null_feedback_field_is_of_the_wrong_type_not_missing(task, field, wanted):
+    """``"entities": null`` was answered 'missing ['entities']', though the body held it."""
+    with pytest.raises(InvalidBody, match=f'"{field}" must be {wanted}.*not null'):
+        make_task(task, ["PER", "LOC"] if task == "token-classification" else LABELS).check_feedback_fields({field: None})
+
+
+def test_a_feedback_label_in_another_unicode_form_is_the_configured_one():
+    """'tre\u0300s bien' (a combining accent) looks like 'tr\u00e8s bien' and was refused as unknown."""
+    composed, decomposed = "tr\u00e8s bien", "tre\u0300s bien"
+    assert composed != decomposed
+    assert make_task("text-classification", ["pas bien", composed]).feedback_target("m", {"label": decomposed}, "t") \
+        == {"label": composed}
+    multi = make_task("multi-label-classification", ["pas bien", composed])
+    assert multi.feedback_target("m", {"labels": [decomposed]}, "t") == {"labels": [composed]}
+    ner = make_task("token-classification", ["PER", "CAF\u00c9"])
+    assert ner.feedback_target("m", {"entities": [{"start": 0, "end": 4, "label": "CAFE\u0301"}]}, "Luna bar") == \
+        {"entities": [{"start": 0, "end": 4, "label": "CAF\u00c9"}]}
+    with pytest.raises(InvalidLabel, match="bien!"):  # another text is still another label
+        make_task("text-classification", ["pas bien", composed]).feedback_target("m", {"label": "bien!"}, "t")
+
+
 def test_training_targets_are_label_ids_and_unknown_labels_fail_naming_them():
     assert TC.training_targets({"label": ["positive", "negative", "positive"]}) == {"label_id": [1, 0, 1]}
     with pytest.raises(ValueError, match=r"labels \['neutral'\] outside"):

@@ -107,6 +107,17 @@ class Task(ABC):
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and other.labels == self.labels
 
+    def spelled_as_configured(self, label: Any, names: Sequence[str] | None = None) -> Any:
+        """``label``, or the one of ``names`` (default: the labels) it equals once both are in
+        Unicode's composed form (NFC). "très bien" typed with a combining accent, as macOS
+        input methods and file names give it, looked the same as the config's label on screen
+        and was refused as unknown."""
+        names = self.labels if names is None else names
+        if not isinstance(label, str) or label in names:
+            return label
+        composed = unicodedata.normalize("NFC", label)
+        return next((n for n in names if unicodedata.normalize("NFC", n) == composed), label)
+
     def __hash__(self) -> int:
         return hash((self.name, tuple(self.labels)))
 
@@ -181,7 +192,7 @@ class Task(ABC):
         """The shape of a feedback body's task fields: exactly ``feedback_fields``, of the
         right JSON types (values are checked by ``feedback_target``, once the model is known)."""
         extra = sorted(set(fields) - set(self.feedback_fields))
-        missing = [f for f in self.feedback_fields if fields.get(f) is None]
+        missing = [f for f in self.feedback_fields if f not in fields]  # a null is the wrong type: the task says
         if extra or missing:
             wanted = ", ".join(f'"{f}"' for f in self.feedback_fields)
             unknown = ", ".join(quoted(f) for f in extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from tuneloop.core.errors import InvalidBody, InvalidLabel, quoted
+from tuneloop.core.errors import InvalidBody, InvalidLabel, json_type, quoted
 from tuneloop.core.evaluation import ClassMetrics, EvalMetrics
 from tuneloop.core.tasks.base import ListOf, MapOf, Task
 
@@ -75,14 +75,17 @@ class MultiLabelClassification(Task):
     def check_feedback_fields(self, fields: dict[str, Any]) -> None:
         super().check_feedback_fields(fields)
         labels = fields["labels"]
-        if not isinstance(labels, list) or any(not isinstance(x, str) for x in labels):
+        if not isinstance(labels, list):
+            raise InvalidBody(f'"labels" must be a list of label names, not {json_type(labels)}')
+        if any(not isinstance(x, str) for x in labels):
             raise InvalidBody(f'"labels" must be a list of label names, got {quoted(labels)}')
 
     def feedback_target(self, model: str, fields: dict[str, Any], text: str) -> dict[str, Any]:
-        for label in fields["labels"]:
+        labels = [self.spelled_as_configured(label) for label in fields["labels"]]
+        for label in labels:
             if label not in self.labels:
                 raise InvalidLabel(model, label, self.labels)
-        return {"labels": self._ordered(fields["labels"])}
+        return {"labels": self._ordered(labels)}
 
     def _ordered(self, labels) -> list[str]:
         chosen = set(labels)

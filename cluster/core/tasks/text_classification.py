@@ -49,7 +49,7 @@ class TextClassification(Task):
             raise InvalidBody(f'"label" must be a string, not {json_type(fields["label"])}')
 
     def feedback_target(self, model: str, fields: dict[str, Any], text: str) -> dict[str, Any]:
-        label = fields["label"]
+        label = self.spelled_as_configured(fields["label"])
         if label not in self.labels:
             raise InvalidLabel(model, label, self.labels)
         return {"label": label}

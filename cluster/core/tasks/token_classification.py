@@ -269,6 +269,7 @@ class TokenClassification(Task):
         """``entities`` in text order as {start, end, label}, or ValueError: a type the model
         does not know, a span outside the text or empty, an echoed ``text`` that is not the
         text there, a span of whitespace or with whitespace at an edge, or two spans that overlap."""
+        entities = [{**e, "label": self.spelled_as_configured(e["label"], self.types)} for e in entities]
         for e in entities:
             where = f"entity {e['start']}..{e['end']} ({e['label']})"
             if e["label"] not in self.types:
