@@ -135,13 +135,47 @@ def data_problems(cfg: TuneloopConfig, models: list[str] | None = None, offline:
         if m.seed_dataset is None and seed_alone:
             problems.append(f"model {m.name!r} has no version yet and nothing to train v1 on: give it a "
                             "seed_dataset (labelled rows: text and label), or send feedback on it first")
-    if models is None and cfg.ray.num_cpus is not None \
-            and cluster_to_join(cfg.ray.address, os.environ.get("RAY_ADDRESS")) is None:
+    local = cluster_to_join(cfg.ray.address, os.environ.get("RAY_ADDRESS")) is None
+    if models is None and cfg.ray.num_cpus is not None and local:
         short = retraining_shortfall(len(cfg.models), _min_replicas(cfg), cfg.serving.num_cpus_per_replica,
                                      cfg.largest_job_cpus(), cfg.ray.num_cpus)
         if short:
             problems.append(short)
+    # A cluster's config (a deploy: section, or checked offline for its bucket) is checked on
+    # an operator's machine, whose GPUs are not the cluster's.
+    for_here = local and not offline and "deploy" not in cfg.model_fields_set
+    if for_here and (short := _local_gpu_shortfall(cfg, serving=models is None)):
+        problems.append(short)
     return problems
+
+
+def _local_gpu_shortfall(cfg: TuneloopConfig, serving: bool) -> str | None:
+    """What the GPUs a local Ray would find here (Ray's own detection, before it starts)
+    cannot hold: the replicas (``serving``) and the largest GPU job. ``check-config`` passed
+    ``use_gpu: true`` on a machine with none, and ``run`` refused only once Ray was up."""
+    s = cfg.serving
+    wanted = (s.num_gpus_per_replica if serving else 0) or cfg.largest_job_gpus()
+    if not wanted or (gpus := local_gpus()) is None:
+        return None
+    if serving and (short := serving_shortfall(len(cfg.models), _min_replicas(cfg), {"GPU": s.num_gpus_per_replica},
+                                               {"GPU": gpus})):
+        return f"{short} (this machine has {gpus:g} GPU(s))"
+    return gpu_retraining_shortfall(len(cfg.models), _min_replicas(cfg) if serving else 0, s.num_gpus_per_replica,
+                                    cfg.largest_job_gpus(), gpus)
+
+
+def local_gpus() -> float | None:
+    """The GPUs Ray finds on this machine (its accelerator manager, as ``ray.init`` counts
+    them, within ``CUDA_VISIBLE_DEVICES``); None where that cannot be asked (a Ray without it)."""
+    try:
+        from ray._private.accelerators import get_accelerator_manager_for_resource
+
+        manager = get_accelerator_manager_for_resource("GPU")
+        found = manager.get_current_node_num_accelerators()
+        visible = manager.get_current_process_visible_accelerator_ids()
+    except Exception:  # noqa: BLE001 - a private API of Ray's: where it moved, run's own check after ray.init stays
+        return None
+    return float(found if visible is None else min(found, len(visible)))
 
 
 def _layers_problem(base: str | None, freeze_layers: int, feature_extraction: bool,

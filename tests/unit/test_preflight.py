@@ -92,6 +92,37 @@ def test_a_base_model_path_with_nothing_there_and_a_ray_too_small_for_a_retrain_
     assert not any("num_cpus" in p for p in data_problems(small, ["m"]))  # `tuneloop train` runs no replicas
 
 
+def test_gpus_a_local_ray_would_not_find_are_named_before_ray_starts(tmp_path, monkeypatch):
+    """check-config passed use_gpu: true on a machine without a GPU, and `run` refused only once Ray was up."""
+    import tuneloop.control.server as server
+
+    def cfg(**sections):
+        return parse_config({"models": [{"name": "m", "base_model": "some/model", "labels": ["a", "b"]}],
+                             "storage": {"root": str(tmp_path / "store")}, **sections})
+
+    assert server.local_gpus() is not None  # Ray's detection answers here (0 on this CPU machine)
+    monkeypatch.setattr(server, "local_gpus", lambda: 0.0)
+    trains = cfg(training={"use_gpu": True, "num_workers": 1})
+    assert any("training.use_gpu is true, but Ray sees no GPU on this machine" in p for p in data_problems(trains))
+    assert any("Ray sees no GPU" in p for p in data_problems(trains, ["m"]))  # `tuneloop train` too
+    serves = cfg(serving={"num_gpus_per_replica": 1})
+    assert any("serving needs 1 GPU" in p and "this machine has 0 GPU(s)" in p for p in data_problems(serves))
+    assert not any("GPU" in p for p in data_problems(serves, ["m"]))  # a job alone runs no replica
+    assert not any("GPU" in p for p in data_problems(cfg()))
+    joined = cfg(training={"use_gpu": True, "num_workers": 1}, ray={"address": "ray://head:10001"})
+    assert not any("GPU" in p for p in data_problems(joined, ["m"]))  # a cluster's GPUs are not this machine's
+    for_a_cluster = cfg(training={"use_gpu": True, "num_workers": 1}, deploy={"name": "prod"})
+    assert not any("GPU" in p for p in data_problems(for_a_cluster))  # checked on an operator's laptop
+    assert not any("GPU" in p for p in data_problems(trains, offline=True))
+    monkeypatch.setattr(server, "local_gpus", lambda: 1.0)
+    both = cfg(serving={"num_gpus_per_replica": 0.5},
+               training={"use_gpu": True, "num_workers": 1, "gpus_per_worker": 0.5})  # one GPU, shared
+    assert not any("GPU" in p for p in data_problems(both))
+    assert any("a training job needs 1 GPU(s) beside the replicas' 1" in p
+               for p in data_problems(cfg(serving={"num_gpus_per_replica": 1}, training={"use_gpu": True,
+                                                                                          "num_workers": 1})))
+
+
 def test_a_version_with_other_labels_than_production_is_promoted_not_rolled_out(tmp_path):
     from tuneloop.core.rollout import RolloutConfig
     from tuneloop.store.jobs import JobStore, hand_over
