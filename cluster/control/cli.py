@@ -81,7 +81,8 @@ def train(
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
-    from tuneloop.control.server import data_problems, init_ray
+    from tuneloop.control.preflight import data_problems
+    from tuneloop.control.server import init_ray
 
     problems = data_problems(cfg, [model])
     if problems:
@@ -476,7 +477,7 @@ def keys_revoke(key_id: str = typer.Argument(..., help="the key's id, as `tunelo
 def check_config(config: str | None = ConfigOption) -> None:
     """Validate the config file and print it with defaults filled in; then check what `tuneloop
     run` checks before it starts (seed and golden files, something to train v1 on)."""
-    from tuneloop.control.server import data_problems
+    from tuneloop.control.preflight import data_problems
 
     cfg = _load(config)
     typer.echo(json.dumps(cfg.model_dump(), indent=2))

@@ -217,7 +217,7 @@ def test_a_students_transfer_texts_train_beside_its_labelled_rows_without_labels
 def test_a_transfer_set_is_read_for_its_texts_alone_in_any_seed_format(tmp_path):
     import pyarrow.parquet as pq
 
-    from tuneloop.control.server import _unreadable
+    from tuneloop.control.preflight import _unreadable
     from tuneloop.training.data import read_texts
 
     pq.write_table(pa.table({"label": ["x", "y"], "text": ["one", "two"]}), tmp_path / "t.parquet")

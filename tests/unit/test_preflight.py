@@ -8,7 +8,8 @@ import yaml
 from typer.testing import CliRunner
 
 from tuneloop.control.cli import app
-from tuneloop.control.server import data_problems, run_forever
+from tuneloop.control.preflight import data_problems
+from tuneloop.control.server import run_forever
 from tuneloop.core.config import parse_config
 from tuneloop.store.feedback_store import FeedbackStore
 from tuneloop.store.storage import Storage
@@ -94,14 +95,14 @@ def test_a_base_model_path_with_nothing_there_and_a_ray_too_small_for_a_retrain_
 
 def test_gpus_a_local_ray_would_not_find_are_named_before_ray_starts(tmp_path, monkeypatch):
     """check-config passed use_gpu: true on a machine without a GPU, and `run` refused only once Ray was up."""
-    import tuneloop.control.server as server
+    import tuneloop.control.preflight as preflight
 
     def cfg(**sections):
         return parse_config({"models": [{"name": "m", "base_model": "some/model", "labels": ["a", "b"]}],
                              "storage": {"root": str(tmp_path / "store")}, **sections})
 
-    assert server.local_gpus() is not None  # Ray's detection answers here (0 on this CPU machine)
-    monkeypatch.setattr(server, "local_gpus", lambda: 0.0)
+    assert preflight.local_gpus() is not None  # Ray's detection answers here (0 on this CPU machine)
+    monkeypatch.setattr(preflight, "local_gpus", lambda: 0.0)
     trains = cfg(training={"use_gpu": True, "num_workers": 1})
     assert any("training.use_gpu is true, but Ray sees no GPU on this machine" in p for p in data_problems(trains))
     assert any("Ray sees no GPU" in p for p in data_problems(trains, ["m"]))  # `tuneloop train` too
@@ -114,7 +115,7 @@ def test_gpus_a_local_ray_would_not_find_are_named_before_ray_starts(tmp_path, m
     for_a_cluster = cfg(training={"use_gpu": True, "num_workers": 1}, deploy={"name": "prod"})
     assert not any("GPU" in p for p in data_problems(for_a_cluster))  # checked on an operator's laptop
     assert not any("GPU" in p for p in data_problems(trains, offline=True))
-    monkeypatch.setattr(server, "local_gpus", lambda: 1.0)
+    monkeypatch.setattr(preflight, "local_gpus", lambda: 1.0)
     both = cfg(serving={"num_gpus_per_replica": 0.5},
                training={"use_gpu": True, "num_workers": 1, "gpus_per_worker": 0.5})  # one GPU, shared
     assert not any("GPU" in p for p in data_problems(both))
@@ -246,7 +247,7 @@ def test_a_second_server_on_this_machine_is_refused_before_ray_starts_naming_hap
     started Ray, then died in a 35-line traceback of HAProxy's bind."""
     import socket
 
-    from tuneloop.control.server import check_ports_free
+    from tuneloop.control.preflight import check_ports_free
 
     with socket.socket() as held:
         held.bind(("0.0.0.0", 0))
