@@ -1,4 +1,5 @@
-"""Lines Ray prints on the driver's console that tuneloop's own stop causes, dropped there.
+"""Lines Ray prints on the driver's console that say nothing an operator can act on, dropped
+there: the raylet's worker-startup warnings, and the failed calls tuneloop's own stop causes.
 
 `serve.shutdown()` kills Serve's controller with ``ray.kill`` while calls to it are under
 way (the proxies' and handles' long polls, its own graceful shutdown), and Ray reports each
@@ -14,11 +15,21 @@ its own, to whatever ``sys.stdout`` is at that moment; nothing in its API turns 
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TextIO
+
+
+def worker_startup_warning(line: str) -> bool:
+    """The raylet's "WARNING: 8 PYTHON worker processes have been started on node ..., which is
+    4x the maximum expected startup concurrency (2)": a training job's workers and Ray Train's
+    own actors starting beside the replicas on a small machine, seven times a first `make
+    run`; nothing an operator of tuneloop can act on."""
+    return "(raylet)" in line and "PYTHON worker processes have been started on node" in line
 
 
 def killed_serve_call(line: str) -> bool:
@@ -52,6 +63,17 @@ class LineFilter:
 
     def __getattr__(self, name: str):  # isatty, encoding, fileno: the stream's own
         return getattr(self.stream, name)
+
+
+def quiet_driver_console() -> None:
+    """For a driver's whole life (`tuneloop run`, `tuneloop train`): stdout without the raylet's
+    worker-startup warnings, and Ray's colour codes left out of what is not a terminal (a
+    log file held ``ESC[36m`` before every worker's line)."""
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # read by Ray at each line it prints
+    if not isinstance(sys.stdout, LineFilter):
+        sys.stdout = LineFilter(sys.stdout, worker_startup_warning)
+        atexit.register(sys.stdout.close_pending)
 
 
 @contextmanager

@@ -6,6 +6,7 @@ golden set it was judged on, and its feedback-to-serving time. Read by `tuneloop
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from typing import Any
 
@@ -114,7 +115,7 @@ def describe(lineage: dict[str, Any]) -> list[str]:
             lines.append(f"    feedback to serving: {ServingTime.model_validate(v['serving_time']).describe()}")
         if v["rows_file"]:
             lines.append(f"    rows: {v['rows_file']}")
-        for r in v.get("rows", []):
-            lines.append(f"      {r}")
+        for r in v.get("rows", []):  # one JSON object a row: what jq and a script read (a dict's repr was not)
+            lines.append(f"      {json.dumps(r, default=str, ensure_ascii=False)}")
     lines.append(f"base model: {lineage['base_model']}")
     return lines

@@ -44,6 +44,7 @@ def init_ray(cfg: TuneloopConfig, address: str | None = None) -> None:
     # opt out" at every run and train: tuneloop keeps Ray's default on purpose (the dashboard
     # and GCS of a local Ray are not anyone's), and the line invited turning it off.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    worker_setup.quiet_driver_logs()
     if address:
         # The hook quiets the library logs of this driver's job's workers (Ray Train's own
         # actors among them), as it does for a local Ray's.
@@ -240,6 +241,7 @@ def run_forever(cfg: TuneloopConfig) -> None:
             print("tuneloop: stopping", flush=True)
     finally:
         ready.set()  # a second Ctrl-C now only asks to stop: raised here, it cut the clean-up short
+        stop_began = time.monotonic()
         remove_server_file(storage)
         if ray.is_initialized():
             node_id = ray.get_runtime_context().get_node_id()
@@ -259,6 +261,9 @@ def run_forever(cfg: TuneloopConfig) -> None:
                                                                         "it ran")
                     except Exception as e:  # noqa: BLE001 - storage out of reach: their heartbeats go stale instead
                         log.warning("could not mark the jobs that stopped with Ray: %s: %s", type(e).__name__, e)
+    # The last line: without it the console ended at "stopping" and a line of the retrain
+    # controller's, and whether the stop was over was a guess.
+    print(f"tuneloop: stopped ({time.monotonic() - stop_began:.1f} s)", flush=True)
     if ray_died:
         raise SystemExit(1)
 

@@ -52,10 +52,26 @@ ENVIRONMENT = {
 class _NotServesBanner(logging.Filter):
     """Serve's controller announces the fast path tuneloop turns on (serving/fast_path.py) in
     eight lines at every start, "Throughput optimized Ray Serve enabled with ...": tuneloop's
-    own choice, nothing for an operator to act on."""
+    own choice, nothing for an operator to act on. And a process's first Serve handle (a job
+    asking the ingress to compact feedback) logged "Started <ray.serve._private.router.
+    SharedRouterLongPollClient object at 0x7f...>" at info, in every job."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Throughput optimized Ray Serve enabled")
+        message = record.getMessage()
+        return not (message.startswith("Throughput optimized Ray Serve enabled")
+                    or message.startswith("Started <ray.serve._private.router."))
+
+
+def quiet_driver_logs() -> None:
+    """In a driver (`tuneloop run`, `tuneloop train`), the same library loggers as in its
+    workers: `tuneloop train` of a student scores the teacher's rows on Ray Data from the
+    driver, which printed "Progress bars disabled. To enable, set ...". And its console
+    without the raylet's noise (``console_filter``)."""
+    from tuneloop.control.console_filter import quiet_driver_console
+
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+    quiet_driver_console()
 
 
 def quiet_library_logs() -> None:

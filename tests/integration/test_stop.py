@@ -70,3 +70,6 @@ def test_requests_in_flight_at_a_stop_are_answered(tmp_path, signum):
     assert in_flight and before, outcomes[-30:]
     assert set(before) == {"200"}, sorted(set(before))  # none cut off, none refused
     assert server.proc.returncode == 0
+    console = server.log.read_text()
+    assert "tuneloop: stopped (" in console.splitlines()[-1], console[-2000:]  # the stop says it is over
+    assert "\x1b[" not in console  # a log file: no colour codes of Ray's

@@ -28,3 +28,28 @@ def test_stdout_is_filtered_only_inside_the_stop(capsys):
     print(KILLED)  # outside: printed as it is
     assert capsys.readouterr().out == f"tuneloop: the local Ray stopped\n{KILLED}\n"
     assert not isinstance(sys.stdout, LineFilter)
+
+
+STARTUP = ("\x1b[33m(raylet)\x1b[0m WARNING: 8 PYTHON worker processes have been started on node: 2273 with address: "
+           "192.0.2.2, which is 4x the maximum expected startup concurrency (2). This could be a result of using a "
+           "large number of actors, or due to tasks blocked in ray.get() calls")
+
+
+def test_a_drivers_console_drops_the_raylets_startup_warnings_and_colours_no_log_file(monkeypatch):
+    import os
+
+    from tuneloop.control.console_filter import quiet_driver_console
+
+    out = io.StringIO()  # not a terminal: a log file, a pipe
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.delenv("RAY_COLOR_PREFIX", raising=False)
+    quiet_driver_console()
+    quiet_driver_console()  # once is enough: not a filter of a filter
+    assert isinstance(sys.stdout, LineFilter) and sys.stdout.stream is out
+    print(STARTUP)
+    print("(_train_job pid=5734) [tuneloop train] epoch 1/3 step 7/21 loss 0.69")
+    print("(raylet) WARNING: something else")
+    sys.stdout.close_pending()
+    assert out.getvalue() == ("(_train_job pid=5734) [tuneloop train] epoch 1/3 step 7/21 loss 0.69\n"
+                              "(raylet) WARNING: something else\n")
+    assert os.environ["RAY_COLOR_PREFIX"] == "0"  # Ray reads it at every line it prints

@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from tuneloop.control.cli import app
-from tuneloop.control.lineage import prediction_lineage, version_lineage
+from tuneloop.control.lineage import describe, prediction_lineage, version_lineage
 from tuneloop.core.errors import UnknownPrediction, UnknownVersion
 from tuneloop.core.tasks import make_task
 from tuneloop.store.records import PredictionLog, new_prediction_id, prediction_time
@@ -64,6 +64,8 @@ def test_a_versions_ancestry_and_the_rows_each_trained_on(store):
     assert v3["rows_file"].endswith("registry/sentiment/v3/data/trained_on.parquet")
     with_rows = version_lineage(store["registry"], "sentiment", "v2", with_rows=True)
     assert [r["feedback_id"] for r in with_rows["ancestry"][0]["rows"]] == ["f1", "f2", None]
+    printed = [line.strip() for line in describe(with_rows) if line.startswith("      {")]
+    assert [json.loads(line)["feedback_id"] for line in printed][:3] == ["f1", "f2", None]  # JSON, not a repr
     with pytest.raises(UnknownVersion):
         version_lineage(store["registry"], "sentiment", "v9")
 
