@@ -81,10 +81,11 @@ def train(
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
+    from tuneloop.control.console_filter import LineFilter, worker_startup_warning
     from tuneloop.control.preflight import data_problems
     from tuneloop.control.server import init_ray
 
-    problems = data_problems(cfg, [model])
+    problems = data_problems(cfg, [model], joins=address or server)
     if problems:
         typer.echo("cannot train:\n  " + "\n  ".join(problems), err=True)
         raise typer.Exit(2)
@@ -99,7 +100,8 @@ def train(
     # Ray's log monitor prints the workers' lines (the epochs, with their ETA) on this
     # process's stdout, and the lines it held back at its shutdown: to stderr, so that stdout
     # is the job's JSON alone (> job.json, jq).
-    with contextlib.redirect_stdout(sys.stderr):
+    workers_lines = LineFilter(sys.stderr, worker_startup_warning)
+    with contextlib.redirect_stdout(workers_lines):
         try:
             outcome = run_training(cfg, model, optimize=optimize_version)
         except KeyboardInterrupt:
@@ -107,6 +109,7 @@ def train(
             raise typer.Exit(130) from None
         finally:
             ray.shutdown()
+            workers_lines.close_pending()
     if outcome.refused:  # another job took the model's lease after the check above
         typer.echo(f"{outcome.refused}; `tuneloop jobs {model}` lists it", err=True)
         raise typer.Exit(2)

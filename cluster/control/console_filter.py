@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -24,12 +25,18 @@ from contextlib import contextmanager
 from typing import TextIO
 
 
+_RAYLET_WORKER_STARTUP = re.compile(r"(\x1b\[[0-9;]*m)?\(raylet\)(\x1b\[[0-9;]*m)? WARNING: \d+ PYTHON worker "
+                                    r"processes have been started on node")
+
+
 def worker_startup_warning(line: str) -> bool:
     """The raylet's "WARNING: 8 PYTHON worker processes have been started on node ..., which is
     4x the maximum expected startup concurrency (2)": a training job's workers and Ray Train's
     own actors starting beside the replicas on a small machine, seven times a first `make
     run`; nothing an operator of tuneloop can act on."""
-    return "(raylet)" in line and "PYTHON worker processes have been started on node" in line
+    # Anchored at the line's start: a line of tuneloop's that Ray's thread wrote into (a print
+    # is two writes, its text and its newline) keeps its own start, and is kept.
+    return _RAYLET_WORKER_STARTUP.match(line) is not None
 
 
 def killed_serve_call(line: str) -> bool:
@@ -59,6 +66,9 @@ class LineFilter:
             self._pending = ""
 
     def flush(self) -> None:
+        """Passes on a partial line too: a prompt (``print(..., end="", flush=True)``) shows
+        when it is flushed, not at the next newline."""
+        self.close_pending()
         self.stream.flush()
 
     def __getattr__(self, name: str):  # isatty, encoding, fileno: the stream's own
@@ -69,7 +79,11 @@ def quiet_driver_console() -> None:
     """For a driver's whole life (`tuneloop run`, `tuneloop train`): stdout without the raylet's
     worker-startup warnings, and Ray's colour codes left out of what is not a terminal (a
     log file held ``ESC[36m`` before every worker's line)."""
-    if not sys.stdout.isatty():
+    if sys.stdout is None:  # started with its stdout closed: Ray prints nothing either
+        return
+    # Ray prints workers' lines to stdout, or to stderr where the driver sends them there
+    # (`tuneloop train` keeps stdout for its JSON): colours only where both are terminals.
+    if not (sys.stdout.isatty() and sys.stderr is not None and sys.stderr.isatty()):
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # read by Ray at each line it prints
     if not isinstance(sys.stdout, LineFilter):
         sys.stdout = LineFilter(sys.stdout, worker_startup_warning)

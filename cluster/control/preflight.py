@@ -7,6 +7,7 @@ storage root, host or ports that cannot be used. Each check names what to change
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import socket
@@ -29,7 +30,8 @@ def fewest_replicas(cfg: TuneloopConfig) -> int:
     return max(1, cfg.serving.min_replicas)
 
 
-def data_problems(cfg: TuneloopConfig, models: list[str] | None = None, offline: bool = False) -> list[str]:
+def data_problems(cfg: TuneloopConfig, models: list[str] | None = None, offline: bool = False,
+                  joins: str | None = None) -> list[str]:
     """What would fail ``models``' jobs (default: all) only once Ray, and maybe other models'
     jobs, had run: a local seed or golden file that is not there, or a model with no version
     and nothing to train v1 on (no seed, no teacher, no feedback), or a ``base_model`` path
@@ -96,7 +98,7 @@ def data_problems(cfg: TuneloopConfig, models: list[str] | None = None, offline:
         if m.seed_dataset is None and seed_alone:
             problems.append(f"model {m.name!r} has no version yet and nothing to train v1 on: give it a "
                             "seed_dataset (labelled rows: text and label), or send feedback on it first")
-    local = cluster_to_join(cfg.ray.address, os.environ.get("RAY_ADDRESS")) is None
+    local = cluster_to_join(joins, cfg.ray.address, os.environ.get("RAY_ADDRESS")) is None
     if models is None and cfg.ray.num_cpus is not None and local:
         short = retraining_shortfall(len(cfg.models), fewest_replicas(cfg), cfg.serving.num_cpus_per_replica,
                                      cfg.largest_job_cpus(), cfg.ray.num_cpus)
@@ -105,29 +107,40 @@ def data_problems(cfg: TuneloopConfig, models: list[str] | None = None, offline:
     # A cluster's config (a deploy: section, or checked offline for its bucket) is checked on
     # an operator's machine, whose GPUs are not the cluster's.
     for_here = local and not offline and "deploy" not in cfg.model_fields_set
-    if for_here and (short := _local_gpu_shortfall(cfg, serving=models is None)):
+    if for_here and (short := _local_gpu_shortfall(cfg, models)):
         problems.append(short)
     return problems
 
 
-def _local_gpu_shortfall(cfg: TuneloopConfig, serving: bool) -> str | None:
+def _local_gpu_shortfall(cfg: TuneloopConfig, models: list[str] | None) -> str | None:
     """What the GPUs a local Ray would find here (Ray's own detection, before it starts)
-    cannot hold: the replicas (``serving``) and the largest GPU job. ``check-config`` passed
-    ``use_gpu: true`` on a machine with none, and ``run`` refused only once Ray was up."""
-    s = cfg.serving
-    wanted = (s.num_gpus_per_replica if serving else 0) or cfg.largest_job_gpus()
-    if not wanted or (gpus := local_gpus()) is None:
+    cannot hold: the replicas and the largest GPU job (``run``: ``models`` None), or the
+    largest of ``models``' jobs (``train``, no replicas). ``check-config`` passed ``use_gpu:
+    true`` on a machine with none, and ``run`` refused only once Ray was up."""
+    s, serving = cfg.serving, models is None
+    if serving:
+        job = cfg.largest_job_gpus()
+    else:
+        jobs = (cfg.training_for(m) for m in models)
+        job = max((t.num_workers * t.gpus_per_worker if t.use_gpu else 0.0 for t in jobs), default=0.0)
+    if not ((s.num_gpus_per_replica if serving else 0) or job) or (gpus := local_gpus()) is None:
         return None
     if serving and (short := serving_shortfall(len(cfg.models), fewest_replicas(cfg), {"GPU": s.num_gpus_per_replica},
                                                {"GPU": gpus})):
         return f"{short} (this machine has {gpus:g} GPU(s))"
     return gpu_retraining_shortfall(len(cfg.models), fewest_replicas(cfg) if serving else 0, s.num_gpus_per_replica,
-                                    cfg.largest_job_gpus(), gpus)
+                                    job, gpus)
 
 
 def local_gpus() -> float | None:
     """The GPUs Ray finds on this machine (its accelerator manager, as ``ray.init`` counts
     them, within ``CUDA_VISIBLE_DEVICES``); None where that cannot be asked (a Ray without it)."""
+    try:  # Ray's own override of what it detects (resource_spec.py), as a local Ray would read it
+        override = json.loads(os.environ.get("RAY_OVERRIDE_RESOURCES") or "{}").get("GPU")
+    except (ValueError, AttributeError):
+        override = None
+    if override is not None:
+        return float(override)
     try:
         from ray._private.accelerators import get_accelerator_manager_for_resource
 

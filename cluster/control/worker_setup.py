@@ -71,6 +71,8 @@ def quiet_driver_logs() -> None:
 
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
+    for name, value in ENVIRONMENT.items():  # the driver saves and loads models too ("Writing model shards" bars)
+        os.environ.setdefault(name, value)
     quiet_driver_console()
 
 

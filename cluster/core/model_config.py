@@ -5,6 +5,7 @@ student, the teacher it is distilled from. Pure.
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -156,6 +157,12 @@ class ModelConfig(Section):
     @classmethod
     def _labels_unique(cls, v: list[str]) -> list[str]:
         refuse_repeated(v, "labels")
+        composed = [unicodedata.normalize("NFC", x) for x in v]  # feedback matches labels so (tasks/base.py)
+        if len(set(composed)) < len(v):
+            same = sorted({x for x in v if composed.count(unicodedata.normalize("NFC", x)) > 1})
+            raise ValueError(f"labels {', '.join(ascii(x) for x in same)} differ only in their Unicode form (a "
+                             "composed or a combining accent), "
+                             "so feedback could not tell them apart: keep one")
         if any(not x.strip() for x in v):
             raise ValueError(f"labels must be non-empty strings, got {v!r}")
         return v

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import sys
 
-from tuneloop.control.console_filter import LineFilter, killed_serve_call, without_stop_noise
+from tuneloop.control.console_filter import LineFilter, killed_serve_call, without_stop_noise, worker_startup_warning
 
 KILLED = ("\x1b[33m(raylet)\x1b[0m Task ServeController.graceful_shutdown failed. There are infinite retries "
           "remaining, so the task will be retried. Error: The actor is dead because it was killed by `ray.kill`.")
@@ -42,7 +42,8 @@ def test_a_drivers_console_drops_the_raylets_startup_warnings_and_colours_no_log
 
     out = io.StringIO()  # not a terminal: a log file, a pipe
     monkeypatch.setattr(sys, "stdout", out)
-    monkeypatch.delenv("RAY_COLOR_PREFIX", raising=False)
+    monkeypatch.setenv("RAY_COLOR_PREFIX", "unset")  # recorded, so the teardown puts back what was
+    monkeypatch.delenv("RAY_COLOR_PREFIX")
     quiet_driver_console()
     quiet_driver_console()  # once is enough: not a filter of a filter
     assert isinstance(sys.stdout, LineFilter) and sys.stdout.stream is out
@@ -53,3 +54,20 @@ def test_a_drivers_console_drops_the_raylets_startup_warnings_and_colours_no_log
     assert out.getvalue() == ("(_train_job pid=5734) [tuneloop train] epoch 1/3 step 7/21 loss 0.69\n"
                               "(raylet) WARNING: something else\n")
     assert os.environ["RAY_COLOR_PREFIX"] == "0"  # Ray reads it at every line it prints
+
+
+def test_a_line_ray_wrote_into_keeps_its_start_and_a_flush_shows_a_prompt():
+    """A print is two writes: Ray's thread between them made 'tuneloop ready at ...' one line
+    with the raylet's warning, which was dropped whole."""
+    out = io.StringIO()
+    stream = LineFilter(out, worker_startup_warning)
+    stream.write("tuneloop ready at http://127.0.0.1:8000")
+    stream.write(STARTUP)
+    stream.write("\n")
+    stream.write("\n")
+    assert out.getvalue().startswith("tuneloop ready at http://127.0.0.1:8000")
+    stream.write("continue? [y/N] ")
+    stream.flush()
+    assert out.getvalue().endswith("continue? [y/N] ")
+    assert worker_startup_warning(STARTUP) and worker_startup_warning(STARTUP.replace("\x1b[33m", "").replace(
+        "\x1b[0m", ""))

@@ -102,6 +102,9 @@ def test_gpus_a_local_ray_would_not_find_are_named_before_ray_starts(tmp_path, m
                              "storage": {"root": str(tmp_path / "store")}, **sections})
 
     assert preflight.local_gpus() is not None  # Ray's detection answers here (0 on this CPU machine)
+    monkeypatch.setenv("RAY_OVERRIDE_RESOURCES", '{"GPU": 2}')  # Ray's own override of what it detects
+    assert preflight.local_gpus() == 2.0
+    monkeypatch.delenv("RAY_OVERRIDE_RESOURCES")
     monkeypatch.setattr(preflight, "local_gpus", lambda: 0.0)
     trains = cfg(training={"use_gpu": True, "num_workers": 1})
     assert any("training.use_gpu is true, but Ray sees no GPU on this machine" in p for p in data_problems(trains))
@@ -115,6 +118,13 @@ def test_gpus_a_local_ray_would_not_find_are_named_before_ray_starts(tmp_path, m
     for_a_cluster = cfg(training={"use_gpu": True, "num_workers": 1}, deploy={"name": "prod"})
     assert not any("GPU" in p for p in data_problems(for_a_cluster))  # checked on an operator's laptop
     assert not any("GPU" in p for p in data_problems(trains, offline=True))
+    two = parse_config({"models": [{"name": "cpu", "base_model": "some/model", "labels": ["a", "b"]},
+                                   {"name": "gpu", "base_model": "some/model", "labels": ["a", "b"],
+                                    "training": {"use_gpu": True, "num_workers": 1}}],
+                        "storage": {"root": str(tmp_path / "store")}})
+    assert not any("GPU" in p for p in data_problems(two, ["cpu"]))  # another model's GPU job is not this one's
+    assert any("Ray sees no GPU" in p for p in data_problems(two, ["gpu"]))
+    assert not any("GPU" in p for p in data_problems(trains, ["m"], joins="ray://gpu-head:10001"))  # train --address
     monkeypatch.setattr(preflight, "local_gpus", lambda: 1.0)
     both = cfg(serving={"num_gpus_per_replica": 0.5},
                training={"use_gpu": True, "num_workers": 1, "gpus_per_worker": 0.5})  # one GPU, shared

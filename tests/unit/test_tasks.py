@@ -80,6 +80,8 @@ def test_a_feedback_label_in_another_unicode_form_is_the_configured_one():
     ner = make_task("token-classification", ["PER", "CAF\u00c9"])
     assert ner.feedback_target("m", {"entities": [{"start": 0, "end": 4, "label": "CAFE\u0301"}]}, "Luna bar") == \
         {"entities": [{"start": 0, "end": 4, "label": "CAF\u00c9"}]}
+    with pytest.raises(ConfigError, match=r"labels 'cafe\\u0301', 'caf\\xe9' differ only in their Unicode form"):
+        parse_config({"models": [{"name": "m", "labels": ["caf\u00e9", "cafe\u0301"]}]})  # feedback could not tell
     with pytest.raises(InvalidLabel, match="bien!"):  # another text is still another label
         make_task("text-classification", ["pas bien", composed]).feedback_target("m", {"label": "bien!"}, "t")
 
