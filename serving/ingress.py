@@ -142,11 +142,9 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     for e in errors[:5]:
         where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
         message = str(e.get("msg"))
-        if e.get("type") == "value_error":  # a validator's own words, less pydantic's prefix
-            message = message.removeprefix("Value error, ")
-            parts.append(message if where == "body" else f"{where}: {message}")
-        else:
-            parts.append(f"{where}: {message}")
+        if e.get("type") == "value_error":  # a validator's own words, less pydantic's prefix and "body: "
+            message, where = message.removeprefix("Value error, "), None if where == "body" else where
+        parts.append(f"{where}: {message}" if where else message)
     return error_response(InvalidBody("; ".join(parts)))
 
 

@@ -117,12 +117,7 @@ def _local_gpu_shortfall(cfg: TuneloopConfig, models: list[str] | None) -> str |
     cannot hold: the replicas and the largest GPU job (``run``: ``models`` None), or the
     largest of ``models``' jobs (``train``, no replicas). ``check-config`` passed ``use_gpu:
     true`` on a machine with none, and ``run`` refused only once Ray was up."""
-    s, serving = cfg.serving, models is None
-    if serving:
-        job = cfg.largest_job_gpus()
-    else:
-        jobs = (cfg.training_for(m) for m in models)
-        job = max((t.num_workers * t.gpus_per_worker if t.use_gpu else 0.0 for t in jobs), default=0.0)
+    s, serving, job = cfg.serving, models is None, cfg.largest_job_gpus(models)
     if not ((s.num_gpus_per_replica if serving else 0) or job) or (gpus := local_gpus()) is None:
         return None
     if serving and (short := serving_shortfall(len(cfg.models), fewest_replicas(cfg), {"GPU": s.num_gpus_per_replica},

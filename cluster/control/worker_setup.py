@@ -69,11 +69,16 @@ def quiet_driver_logs() -> None:
     without the raylet's noise (``console_filter``)."""
     from tuneloop.control.console_filter import quiet_driver_console
 
+    _quiet_libraries()  # the driver saves and loads models too ("Writing model shards" bars)
+    quiet_driver_console()
+
+
+def _quiet_libraries() -> None:
+    """The library settings a driver and its workers share: environment, then loggers."""
+    for name, value in ENVIRONMENT.items():
+        os.environ.setdefault(name, value)  # a user's own setting wins
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
-    for name, value in ENVIRONMENT.items():  # the driver saves and loads models too ("Writing model shards" bars)
-        os.environ.setdefault(name, value)
-    quiet_driver_console()
 
 
 def quiet_library_logs() -> None:
@@ -83,10 +88,7 @@ def quiet_library_logs() -> None:
     # job's epoch lines and nothing of what it decided. On stderr, which Ray forwards to the
     # driver's console.
     log_tuneloop_to(sys.stderr)
-    for name, value in ENVIRONMENT.items():
-        os.environ.setdefault(name, value)  # a user's own setting wins
-    for name, level in QUIET_LOGGERS.items():
-        logging.getLogger(name).setLevel(level)
+    _quiet_libraries()
     logging.getLogger("ray.serve").addFilter(_NotServesBanner())
     import ray  # already imported: this runs in a Ray worker
 

@@ -190,10 +190,10 @@ class TuneloopConfig(Section):
         jobs = (self.training_for(m.name) for m in self.models)
         return max(training_cpus(t.num_workers, t.cpus_per_worker) for t in jobs)
 
-    def largest_job_gpus(self) -> float:
-        """The GPUs the largest of the models' training jobs asks Ray for (0 on CPUs)."""
-        jobs = (self.training_for(m.name) for m in self.models)
-        return max(t.num_workers * t.gpus_per_worker if t.use_gpu else 0.0 for t in jobs)
+    def largest_job_gpus(self, models: list[str] | None = None) -> float:
+        """The GPUs the largest of ``models``' (default: all) training jobs asks Ray for (0 on CPUs)."""
+        jobs = (self.training_for(name) for name in (models if models is not None else [m.name for m in self.models]))
+        return max((t.num_workers * t.gpus_per_worker if t.use_gpu else 0.0 for t in jobs), default=0.0)
 
     def training_for(self, name: str) -> TrainingConfig:
         """The training settings of model ``name``: the top-level ones, with the model's own

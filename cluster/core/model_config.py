@@ -159,7 +159,7 @@ class ModelConfig(Section):
         refuse_repeated(v, "labels")
         composed = [unicodedata.normalize("NFC", x) for x in v]  # feedback matches labels so (tasks/base.py)
         if len(set(composed)) < len(v):
-            same = sorted({x for x in v if composed.count(unicodedata.normalize("NFC", x)) > 1})
+            same = sorted({x for x, c in zip(v, composed, strict=True) if composed.count(c) > 1})
             raise ValueError(f"labels {', '.join(ascii(x) for x in same)} differ only in their Unicode form (a "
                              "composed or a combining accent), "
                              "so feedback could not tell them apart: keep one")
