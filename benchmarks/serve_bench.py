@@ -220,15 +220,18 @@ def bare_throughput(model_dir: str, task: str, texts: list[str], batch_size: int
 def bare_artifact_throughput(path: str, version: str, task, runtime: str, artifact: str, texts: list[str],
                              batch_size: int, threads: int, max_length: int, seconds: float) -> float:
     """The bare loop on an optimized artifact (``runtime``): what the model alone does on the
-    runtime a server row serves, so that the server is also rated against the same model."""
+    runtime a server row serves, so that the server is also rated against the same model.
+    Each batch runs padded whole, as in the bare fp32 loop: tuneloop's passes by length
+    (``forward_passes``) count as serving's, not the model's."""
     import torch
 
     from tuneloop.serving.loaded_models import load_model
     from tuneloop.serving.optimize import texts_per_s
 
     torch.set_num_threads(threads)  # ONNX Runtime's session takes torch's thread count
-    return texts_per_s(load_model(path, version, task, max_length, runtime, artifact, max_rows=batch_size), texts,
-                       batch_size, seconds)
+    loaded = load_model(path, version, task, max_length, runtime, artifact, max_rows=batch_size)
+    loaded.passes_by_length = False
+    return texts_per_s(loaded, texts, batch_size, seconds)
 
 
 # -- load generator ---------------------------------------------------------------------

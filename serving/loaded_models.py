@@ -13,6 +13,7 @@ import json
 import os
 from typing import Any
 
+from tuneloop.core.batching_policy import forward_passes
 from tuneloop.core.errors import InputRejected, NonFiniteScores
 from tuneloop.core.tasks import Task
 
@@ -63,6 +64,9 @@ class LoadedModel:
     # Rows a forward pass takes at most: a token classifier reads a long text in many windows,
     # and a batch of 32 texts of 2,000 characters went through one pass as 672 rows.
     max_rows = 64
+    # Passes padded to their own longest row (``_passes``); the benchmarks' bare loop turns it
+    # off to run the plain model, padded whole, beside tuneloop's.
+    passes_by_length = True
 
     def __init__(self, path: str, version: str, task: Task, max_length: int, bf16: bool = False,
                  gpu: bool = False):
@@ -75,6 +79,7 @@ class LoadedModel:
         # The tokens the model takes, which the job that made the version saved in its
         # tokenizer: a longer batch failed indexing the model's position table (a 500).
         self.max_length = min(max_length, self.tokenizer.model_max_length)
+        self.pads_right = self.tokenizer.padding_side == "right"
         self._load_weights(path)
 
     def _load_weights(self, path: str) -> None:
@@ -87,6 +92,7 @@ class LoadedModel:
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         else:
             dtype = torch.bfloat16 if self.bf16 else torch.float32
+        self.passes_by_length = self.device.type == "cpu"
         auto_class = getattr(transformers, self.task.auto_class)
         self.model = auto_class.from_pretrained(path, dtype=dtype).to(self.device).eval()
         self.model.config.use_cache = False  # a decoder's (GPT-2's) key-value cache is for generating, not scoring
@@ -119,26 +125,48 @@ class LoadedModel:
             # A tokenizer that adds no special tokens (GPT-2's) gives "" none: the forward pass
             # then failed reshaping an empty tensor, a 500.
             raise InputRejected("a text has no tokens this model reads (empty, or only characters its tokenizer drops)")
-        tokens, padded = int(mask.sum()), mask.numel()
+        lengths = mask.sum(-1).tolist()
+        tokens, passes = sum(lengths), self._passes(lengths, mask.shape[-1])
+        padded = sum(len(rows) * width for rows, width in passes)
         encoding = self.task.encoding_for(enc)  # and enc keeps only the model's inputs
         lone = self.lone is not None and mask.shape[0] == 1 and mask.shape[-1] <= LONE_MAX_TOKENS
-        probs = (self.lone if lone else self)._forward_rows(enc)  # the same version's tokenizer and head
+        probs = (self.lone if lone else self)._forward_passes(enc, passes)  # the same version's tokenizer and head
         if lone and not bool(torch.isfinite(probs).all()):  # int8's scales on one text: the version's own runtime
-            probs = self._forward_rows(enc)
+            probs = self._forward_passes(enc, passes)
         if not bool(torch.isfinite(probs).all()):
             raise NonFiniteScores("the model produced non-finite scores for this input")
         return probs, encoding, tokens, padded
 
-    def _forward_rows(self, enc) -> Any:
-        """``_forward`` in passes of at most ``max_rows`` rows (windows), scores in order."""
+    def _passes(self, lengths: list[int], width: int) -> list[tuple[list[int], int]]:
+        """(rows, the tokens each is padded to) of each forward pass over a batch of rows of
+        ``lengths`` real tokens padded to ``width``: by length (``forward_passes``), each
+        pass as wide as its longest row, where padding is on the right and the pass runs on
+        the CPU; else windows of ``max_rows`` in order, as wide as the batch. A GPU's cost of
+        one more pass (kernel launches) was not measured, and cutting a left-padded pass
+        (GPT-2 may pad so) would move its rows' positions."""
+        if self.passes_by_length and self.pads_right:
+            return [(rows, max(lengths[i] for i in rows)) for rows in forward_passes(lengths, self.max_rows)]
+        return [(list(range(i, min(i + self.max_rows, len(lengths)))), width)
+                for i in range(0, len(lengths), self.max_rows)]
+
+    def _forward_passes(self, enc, passes: list[tuple[list[int], int]]) -> Any:
+        """``_forward`` on each of ``passes`` (``_passes``), its scores in the batch's row order;
+        a token classifier's padded past a pass's width with zeros (no token reads them)."""
         import torch
         import transformers
 
         rows = int(next(iter(enc.values())).shape[0])
-        if rows <= self.max_rows:
+        if len(passes) == 1 and len(passes[0][0]) == rows:
             return self._forward(enc)
-        return torch.cat([self._forward(transformers.BatchEncoding({k: v[i:i + self.max_rows] for k, v in enc.items()}))
-                          for i in range(0, rows, self.max_rows)])
+        scores = None
+        for pass_rows, width in passes:
+            index = torch.tensor(pass_rows)
+            part = self._forward(transformers.BatchEncoding({k: v[index, :width] for k, v in enc.items()}))
+            if scores is None:  # (rows, labels), or a token classifier's (rows, tokens, labels)
+                shape = (rows, *part.shape[1:]) if part.dim() == 2 else (rows, enc["attention_mask"].shape[-1], part.shape[-1])
+                scores = part.new_zeros(shape)
+            scores[index, :part.shape[1]] = part
+        return scores
 
     def answer_lone_texts_with(self, lone: LoadedModel) -> None:
         """Run the forward pass of a batch of one short text (one row of at most

@@ -60,6 +60,44 @@ def test_select_batch_keeps_the_oldest_and_groups_by_length():
     assert select_batch([5, 5, 5], 8) == [0, 1, 2]
 
 
+def test_forward_passes_pad_each_pass_to_its_own_longest_row_where_a_pass_costs_less_than_the_padding():
+    from tuneloop.core.batching_policy import forward_passes
+
+    short_and_long = [5, 60, 5, 60, 5, 60, 5, 60]
+    assert forward_passes(short_and_long, 64, pass_cost=64) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert forward_passes([20, 21, 19], 64, pass_cost=64) == [[0, 1, 2]]  # 2 tokens of padding: one pass
+    assert forward_passes(short_and_long, 64, pass_cost=10_000) == [list(range(8))]
+    assert forward_passes([7] * 10, 4, pass_cost=0) and all(len(p) <= 4 for p in forward_passes([7] * 10, 4))
+    assert sorted(i for p in forward_passes([7] * 10, 4) for i in p) == list(range(10))
+    assert forward_passes([], 8) == []
+    with pytest.raises(ValueError, match="max_rows must be >= 1, got 0"):
+        forward_passes([3], 0)
+
+
+def test_forward_passes_cost_no_more_than_any_other_cut_of_the_rows_in_length_order():
+    import itertools
+    import random
+
+    from tuneloop.core.batching_policy import forward_passes
+
+    def cost(passes, lengths, pass_cost):
+        return sum(len(p) * max(lengths[i] for i in p) + pass_cost for p in passes)
+
+    rng = random.Random(3)
+    for _ in range(200):
+        lengths = [rng.randint(1, 80) for _ in range(rng.randint(1, 8))]
+        max_rows, pass_cost = rng.randint(1, 8), rng.choice([0, 16, 64, 256])
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        best = min(cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))], lengths, pass_cost)
+                   for k in range(len(order))
+                   for cuts in itertools.combinations(range(1, len(order)), k)
+                   if all(b - a <= max_rows for a, b in zip((0, *cuts), (*cuts, len(order)))))
+        passes = forward_passes(lengths, max_rows, pass_cost)
+        assert sorted(i for p in passes for i in p) == list(range(len(lengths)))
+        assert all(len(p) <= max_rows for p in passes)
+        assert cost(passes, lengths, pass_cost) == best
+
+
 def test_work_is_counted_in_tokens_estimated_from_characters_and_cut_where_the_model_cuts():
     """Counted in texts, 64 texts of 2,000 characters were let in at short texts' cost and
     timed out, and 64 short ones refused after long ones."""

@@ -187,3 +187,31 @@ def test_a_token_classifiers_windows_run_in_passes_of_at_most_max_rows_with_the_
     assert [e["score"] for a in chunked for e in a["entities"]] == \
         pytest.approx([e["score"] for a in once for e in a["entities"]], abs=1e-5)  # another batch size's arithmetic
     assert len(seen) > 3 and max(seen) == 4  # many windows, never more than 4 rows a pass
+
+
+@pytest.mark.parametrize("task_name, labels", [("text-classification", ["neg", "pos"]),
+                                               ("token-classification", ["PER", "LOC"])])
+def test_a_batch_runs_in_passes_by_length_each_padded_to_its_longest_with_the_same_answers(tmp_path, task_name, labels):
+    """Padded whole, a 3-token text beside a 60-token one cost 60 tokens; in passes by
+    length (``forward_passes``) the short texts run apart, no wider than they are."""
+    from tuneloop.core.tasks import make_task
+    from tuneloop.serving.loaded_models import load_model
+
+    task = make_task(task_name, labels)
+    weights = build_tiny_model(tmp_path / "m", labels, task=task_name)
+    texts = ["Ada went home", " ".join(["Paris"] * 50), "Bob ran", " ".join(["Rome"] * 45), "ok"]
+    by_length = load_model(weights, "v1", task, 64)
+    whole = load_model(weights, "v1", task, 64)
+    whole.passes_by_length = False
+    widths = []
+    forward = by_length._forward
+    by_length._forward = lambda enc: widths.append(tuple(enc["input_ids"].shape)) or forward(enc)
+    (answers, tokens, padded), (once, tokens_once, padded_once) = by_length.predict(texts), whole.predict(texts)
+    assert len(widths) == 2 and sorted(rows for rows, _ in widths) == [2, 3]  # short and long apart
+    assert tokens == tokens_once and padded < 0.7 * padded_once == 0.7 * len(texts) * max(w for _, w in widths)
+    if task_name == "text-classification":
+        assert [a["label"] for a in answers] == [a["label"] for a in once]
+        assert [a["score"] for a in answers] == pytest.approx([a["score"] for a in once], abs=1e-5)
+    else:
+        assert [[(e["start"], e["end"], e["label"]) for e in a["entities"]] for a in answers] == \
+            [[(e["start"], e["end"], e["label"]) for e in a["entities"]] for a in once]
