@@ -81,9 +81,21 @@ def read_dataset(path: str, task: Task) -> pa.Table:
     except pa.ArrowException as e:  # a list where a label goes, a struct where text does
         raise ValueError(f"dataset {path!r}: its columns {columns} are not of the types tuneloop reads "
                          f"({', '.join(f'{c}: {read.column(c).type}' for c in columns)}): {e}") from None
+    table = _spelled_as_configured(task, table)
     _check_rows(path, task, table)
     _warn_conflicting(path, table)
     return _without_invisible(path, table)
+
+
+def _spelled_as_configured(task: Task, table: pa.Table) -> pa.Table:
+    """The file's string labels as the config spells them where they are the same once in
+    Unicode's composed form (NFC), as feedback's are: "très bien" written with a combining
+    accent (macOS file names and some editors) was refused as outside the model's labels."""
+    for column in task.target_columns:
+        if pa.types.is_string(table.column(column).type):
+            values = [task.spelled_as_configured(v) for v in table.column(column).to_pylist()]
+            table = table.set_column(table.column_names.index(column), column, pa.array(values, pa.string()))
+    return table
 
 
 def _warn_conflicting(path: str, table: pa.Table) -> None:

@@ -344,17 +344,21 @@ def jobs(
         return
     if not records:
         typer.echo(f"no training jobs yet{f' of {model}' if model else ''}")
+        return
+    rows = [("JOB", "MODEL", "STATE", "TRIGGER", "VERSION", "CREATED", "TOOK", "WHY")]
     for j in records:
-        took = ""
+        took = "-"
         if j.finished_at:
-            seconds = (datetime.fromisoformat(j.finished_at) - datetime.fromisoformat(j.created_at)).total_seconds()
-            took = f" {seconds:.0f}s"
+            took = f"{(datetime.fromisoformat(j.finished_at) - datetime.fromisoformat(j.created_at)).total_seconds():.0f}s"
         why = " ".join((j.error or j.message or "").split())  # a worker's traceback: still one line a job
-        why = f": {why[:160]}{'...' if len(why) > 160 else ''}" if why else ""
+        why = f"{why[:160]}{'...' if len(why) > 160 else ''}"
         if store.is_stale(j):
-            why = (f": no heartbeat since {j.heartbeat_at or j.created_at} by this machine's clock (lost if its "
+            why = (f"no heartbeat since {j.heartbeat_at or j.created_at} by this machine's clock (lost if its "
                    "process died; the cluster's controller marks it failed)")
-        typer.echo(f"{j.job_id} {j.model} {j.state:<9} {j.trigger} {j.version or '-'} {j.created_at}{took}{why}")
+        rows.append((j.job_id, j.model, j.state, j.trigger, j.version or "-", j.created_at, took, why))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        typer.echo(("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]).rstrip())
 
 
 feedback_app = typer.Typer(no_args_is_help=True, rich_markup_mode=HELP_MARKUP,

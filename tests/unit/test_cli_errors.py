@@ -234,11 +234,13 @@ def test_jobs_lists_the_newest_first_with_why_each_failed(config, tmp_path):
     jobs.save(failed)
     listed = CliRunner().invoke(app, ["jobs", "m", "--config", config])
     assert listed.exit_code == 0, listed.output
-    lines = listed.output.splitlines()
-    assert lines[0].startswith(f"{failed.job_id} m failed    every_n_feedback - ") and lines[0].endswith("x...")
+    header, *lines = listed.output.splitlines()
+    assert header.split() == ["JOB", "MODEL", "STATE", "TRIGGER", "VERSION", "CREATED", "TOOK", "WHY"]
+    assert lines[0].split()[:5] == [failed.job_id, "m", "failed", "every_n_feedback", "-"] and lines[0].endswith("x...")
     assert "WorkerGroupError: Traceback (most recent call last): File ... ValueError: x" in lines[0]  # one line
-    assert len(lines[0]) < 300 and lines[1].startswith(f"{done.job_id} m succeeded manual v2 ")
-    assert len(CliRunner().invoke(app, ["jobs", "--last", "1", "--config", config]).output.splitlines()) == 1
+    assert len(lines[0]) < 320 and lines[1].split()[:5] == [done.job_id, "m", "succeeded", "manual", "v2"]
+    assert lines[1].index("manual") == lines[0].index("every_n_feedback") == header.index("TRIGGER")  # columns
+    assert len(CliRunner().invoke(app, ["jobs", "--last", "1", "--config", config]).output.splitlines()) == 2
     records = json.loads(CliRunner().invoke(app, ["jobs", "--json", "--config", config]).output)
     assert [r["job_id"] for r in records] == [failed.job_id, done.job_id] and records[0]["error"].startswith("WorkerGroupError")
     assert CliRunner().invoke(app, ["jobs", "nope", "--config", config]).exit_code != 0
@@ -255,6 +257,7 @@ def test_jobs_shows_a_job_without_heartbeat_and_leaves_marking_it_lost_to_the_cl
     job = jobs.create("m", "manual")  # its heartbeat by the cluster's clock, 90 s behind this one's
     listed = CliRunner().invoke(app, ["jobs", "m", "--config", config])
     assert listed.exit_code == 0, listed.output
-    assert f"{job.job_id} m running" in listed.output and "no heartbeat since" in listed.output
+    assert listed.output.splitlines()[1].split()[:3] == [job.job_id, "m", "running"]
+    assert "no heartbeat since" in listed.output
     assert "the cluster's controller marks it failed" in listed.output
     assert jobs.stored(job.job_id).state == "running"  # not marked: only the cluster's readers do

@@ -5,6 +5,7 @@ to version."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pyarrow as pa
@@ -593,6 +594,30 @@ def test_a_jsonl_seed_may_write_labels_as_numbers_and_strings_in_one_file(tmp_pa
     path.write_text('{"text": "a\u2028b", "label": 1.0}\n{"text": "c", "label": "0"}\r\n', encoding="utf-8")
     table = read_dataset(str(path), make_task("text-classification", ["0", "1"]))
     assert table.to_pylist() == [{"text": "a\u2028b", "label": "1"}, {"text": "c", "label": "0"}]
+
+
+def test_a_seed_files_labels_in_another_unicode_form_are_read_as_the_configured_ones(tmp_path):
+    """Feedback matched "tre\u0300s bien" (a combining accent) to the config's "tr\u00e8s bien";
+    a seed file that wrote it so was refused as outside the model's labels."""
+    from tuneloop.core.tasks import make_task
+
+    composed, decomposed = "tr\u00e8s bien", "tre\u0300s bien"
+    tsv = tmp_path / "seed.tsv"
+    tsv.write_text(f"text\tlabel\nfine\t{decomposed}\nbad\tpas bien\n", encoding="utf-8")
+    table = read_dataset(str(tsv), make_task("text-classification", ["pas bien", composed]))
+    assert table.column("label").to_pylist() == [composed, "pas bien"]
+    multi = tmp_path / "multi.tsv"
+    multi.write_text(f"text\tlabels\nfine\t{decomposed}|pas bien\n", encoding="utf-8")
+    table = read_dataset(str(multi), make_task("multi-label-classification", ["pas bien", composed]))
+    assert sorted(table.column("labels").to_pylist()[0]) == sorted(["pas bien", composed])
+    ner, types = tmp_path / "ner.jsonl", ["PER", "CAF\u00c9"]
+    ner.write_text(json.dumps({"text": "Luna bar", "entities": [{"start": 0, "end": 4, "label": "CAFE\u0301"}]}) + "\n"
+                   + json.dumps({"tokens": ["Luna", "bar"], "tags": ["B-CAFE\u0301", "O"]}) + "\n", encoding="utf-8")
+    table = read_dataset(str(ner), make_task("token-classification", types))
+    assert [e["label"] for spans in table.column("entities").to_pylist() for e in spans] == ["CAF\u00c9"] * 2
+    with pytest.raises(ValueError, match="bien!"):  # another text is still another label
+        tsv.write_text("text\tlabel\nfine\tbien!\n", encoding="utf-8")
+        read_dataset(str(tsv), make_task("text-classification", ["pas bien", composed]))
 
 
 def test_a_dataset_with_a_column_twice_is_refused_naming_it(tmp_path):

@@ -215,3 +215,23 @@ def test_a_batch_runs_in_passes_by_length_each_padded_to_its_longest_with_the_sa
     else:
         assert [[(e["start"], e["end"], e["label"]) for e in a["entities"]] for a in answers] == \
             [[(e["start"], e["end"], e["label"]) for e in a["entities"]] for a in once]
+
+
+def test_a_tokenizer_that_pads_on_the_left_runs_its_batch_in_one_pass_as_wide_as_the_batch(tmp_path):
+    """Cutting a left-padded pass to its longest row would cut real tokens and move the rest."""
+    import json
+
+    from tuneloop.core.tasks import make_task
+    from tuneloop.serving.loaded_models import load_model
+
+    weights = build_tiny_model(tmp_path / "m", ["neg", "pos"])
+    config = tmp_path / "m" / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "padding_side": "left"}))
+    loaded = load_model(weights, "v1", make_task("text-classification", ["neg", "pos"]), 64)
+    widths = []
+    forward = loaded._forward
+    loaded._forward = lambda enc: widths.append(tuple(enc["input_ids"].shape)) or forward(enc)
+    texts = ["Ada went home", " ".join(["Paris"] * 50), "ok"]
+    _, tokens, padded = loaded.predict(texts)
+    assert loaded.tokenizer.padding_side == "left" and widths == [(3, widths[0][1])]
+    assert padded == 3 * widths[0][1] > tokens

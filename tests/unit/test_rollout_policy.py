@@ -80,6 +80,10 @@ def test_a_decision_says_the_difference_counted_and_bounds_a_difference_can_take
     assert advanced.numbers["observed"] == 1.0 and advanced.numbers["upper"] == 1.0
     assert "+100.0%)" in advanced.reason  # the upper bound, clipped
     assert decide(RolloutConfig(min_feedback=2), paired(40, 10, 2), 60).numbers["observed"] == -0.2
+    assert "smoothed" not in advanced.reason  # +100% lies within its bounds
+    low_confidence = decide(RolloutConfig(min_feedback=2, confidence=0.6, sequential=False), e, 60)
+    assert not low_confidence.numbers["lower"] <= 1.0 <= low_confidence.numbers["upper"]
+    assert "+100.0% vs production" in low_confidence.reason and "around +82.2% smoothed)" in low_confidence.reason
 
 
 def test_a_challenger_whose_health_was_not_seen_does_not_advance():

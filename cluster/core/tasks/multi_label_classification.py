@@ -119,6 +119,7 @@ class MultiLabelClassification(Task):
                       for x in labels]
         if not isinstance(row.get("text"), str) or not isinstance(labels, list):
             raise ValueError(f'a row needs "text" and "labels" (a list, or joined by "|"), got {row!r}')
+        labels = [self.spelled_as_configured(x) for x in labels]
         unknown = sorted({str(x) for x in labels if x not in self.labels})
         if unknown:
             raise ValueError(f"labels {unknown} outside the model's labels {self.labels}")

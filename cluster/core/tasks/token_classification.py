@@ -327,6 +327,8 @@ class TokenClassification(Task):
                 tags = self._tag_names(tags)
             if not isinstance(tags, list) or any(not isinstance(t, str) for t in tags):
                 raise ValueError(f'"tags" must be a list of BIO tags (or of their ids), got {str(tags)[:200]}')
+            tags = [t[:2] + self.spelled_as_configured(t[2:], self.types) if t[:2] in ("B-", "I-") else t
+                    for t in tags]
             row = tagged_tokens(tokens, tags, self.types)
             return {"text": row["text"], "entities": self._checked_spans(row["entities"], row["text"])}
         if not isinstance(row.get("text"), str) or not isinstance(row.get("entities"), list):
@@ -339,7 +341,8 @@ class TokenClassification(Task):
             if not isinstance(e, dict) or any(type(e.get(k)) is not int for k in ("start", "end")) \
                     or not isinstance(e.get("label"), str):
                 raise ValueError(f'each entity needs integer "start", "end" and a "label", got {e!r}')
-        return {"text": row["text"], "entities": self._checked_spans(row["entities"], row["text"])}
+        entities = [{**e, "label": self.spelled_as_configured(e["label"], self.types)} for e in row["entities"]]
+        return {"text": row["text"], "entities": self._checked_spans(entities, row["text"])}
 
     def _tag_names(self, ids: list[int]) -> list[str]:
         """Tags given as ids (Hugging Face's ``conll2003`` ``ner_tags``): the config's labels,
