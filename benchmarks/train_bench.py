@@ -10,7 +10,11 @@ once at the end of each job. The plain loop (``plain_loop.py``) runs in this pro
 Z, the global batch and the threads split among them (``training.cpus_per_worker`` =
 threads / W: Ray gives a worker as many torch threads as CPUs); ``WxZg`` the same with
 ``training.group_by_length`` (batches of texts of about one length: less padding than the
-plain loop's random batches, so not the like-for-like comparison the targets are judged by).
+plain loop's random batches, so not the like-for-like comparison the targets are judged by);
+``WxZw`` with ``training.passes_by_length`` off (each random batch one pass, padded to its
+longest row, as the plain loop runs it; by default a job runs each batch's rows in passes by
+length, the same batches and gradients: ``training/length_passes.py``). The verdict reads
+setups without a flag, as a config that leaves both keys out trains.
 
 Reported apart, for each:
 - start-up: the plain loop's model load; the job's queueing (lease, reading its data,
@@ -71,48 +75,53 @@ def read_rows(path: Path) -> list[tuple[str, str]]:
     return [(r["text"], LABELS[int(r["label"])]) for r in read_tsv(path)]
 
 
-def parse_setups(text: str) -> list[tuple[int, int, bool]]:
-    """(workers, ZeRO stage, grouped by length) of each ``WxZ`` or ``WxZg`` setup."""
+def parse_setups(text: str) -> list[tuple[int, int, str]]:
+    """(workers, ZeRO stage, flags) of each ``WxZ`` setup, flags after it: ``g`` for
+    training.group_by_length, ``w`` for each batch one padded pass (training.passes_by_length
+    off), as ``1x0g`` or ``1x0w``."""
     setups = []
     for item in text.split(","):
         workers, _, zero = item.partition("x")
-        grouped = zero.endswith("g")
-        zero = zero.removesuffix("g")
-        if not (workers.isdigit() and zero in {"0", "1", "2", "3"} and int(workers) >= 1):
+        flags = zero.lstrip("0123")
+        zero = zero[:len(zero) - len(flags)]
+        if not (workers.isdigit() and zero in {"0", "1", "2", "3"} and int(workers) >= 1 and set(flags) <= set("gw")):
             raise argparse.ArgumentTypeError(f"a setup is WORKERSxZERO_STAGE, as 1x0 or 2x2, with a g for "
-                                             f"training.group_by_length (1x0g); got {item!r}")
-        setups.append((int(workers), int(zero), grouped))
+                                             f"training.group_by_length (1x0g) or a w for whole batches, "
+                                             f"training.passes_by_length off (1x0w); got {item!r}")
+        setups.append((int(workers), int(zero), "".join(sorted(set(flags)))))
     return setups
 
 
-def setup_name(workers: int, zero: int, grouped: bool) -> str:
-    return f"{workers} worker(s), ZeRO-{zero}" + (", batches grouped by length" if grouped else "")
+def setup_name(workers: int, zero: int, flags: str) -> str:
+    return (f"{workers} worker(s), ZeRO-{zero}" + (", batches grouped by length" if "g" in flags else "")
+            + (", each batch one padded pass" if "w" in flags else ""))
 
 
-def job(work: Path, args, workers: int, zero: int, grouped: bool) -> dict[str, float | None]:
-    """One tuneloop job of ``workers`` x ZeRO ``zero`` (``grouped``: training.group_by_length);
-    its phases' seconds and golden accuracy."""
+def job(work: Path, args, workers: int, zero: int, flags: str) -> dict[str, float | None]:
+    """One tuneloop job of ``workers`` x ZeRO ``zero`` (``flags``: ``parse_setups``); its
+    phases' seconds and golden accuracy."""
     if args.batch_size % workers or args.threads % workers:
         raise SystemExit(f"--batch-size {args.batch_size} and --threads {args.threads} "
                          f"must split among {workers} workers")
     cfg = parse_config({
         "models": [{"name": "sentiment", "base_model": args.base_model, "labels": LABELS,
                     "seed_dataset": str(work / "seed.tsv"), "golden_dataset": str(work / "golden.tsv")}],
-        "storage": {"root": str(work / f"store-{workers}x{zero}{'g' if grouped else ''}")},
+        "storage": {"root": str(work / f"store-{workers}x{zero}{flags}")},
         "auth": {"create_admin_key": False},
         "training": {"epochs": args.epochs, "num_workers": workers, "zero_stage": zero,
                      "batch_size": args.batch_size // workers, "cpus_per_worker": args.threads // workers,
                      "max_length": MAX_LENGTH, "learning_rate": LEARNING_RATE, "warmup_ratio": WARMUP,
                      "weight_decay": WEIGHT_DECAY, "early_stopping_patience": None, "seed": args.seed,
-                     "golden_max_rows": 100_000, "group_by_length": grouped},
+                     "golden_max_rows": 100_000, "group_by_length": "g" in flags,
+                     "passes_by_length": "w" not in flags},
     })
     t0 = time.perf_counter()
     outcome = run_training(cfg, "sentiment", trigger="benchmark")
     whole = time.perf_counter() - t0
     if outcome.manifest is None:
-        raise SystemExit(f"the {setup_name(workers, zero, grouped)} job failed: {outcome.job.error}")
+        raise SystemExit(f"the {setup_name(workers, zero, flags)} job failed: {outcome.job.error}")
     speed, phases = outcome.manifest.training["speed"], outcome.job.serving_time.phases
-    progress(f"tuneloop {setup_name(workers, zero, grouped)}: {whole:.0f}s, steady {speed['steady_samples_per_s']} "
+    progress(f"tuneloop {setup_name(workers, zero, flags)}: {whole:.0f}s, steady {speed['steady_samples_per_s']} "
              f"samples/s, golden accuracy {outcome.manifest.metrics.accuracy:.4f}")
     in_run = speed["startup_parts"] or {}  # None when no batch came
     parts = {"queueing": phases["queueing"], **{k: in_run.get(k) for k in STARTUP_PARTS}}  # the manifest sorts keys
@@ -151,7 +160,7 @@ def main() -> None:
     for name, part in (("seed.tsv", rows), ("golden.tsv", golden)):
         (work / name).write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in part))
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    results: list[tuple[tuple[int, int, bool], dict[str, float | None]]] = []  # setup, phases
+    results: list[tuple[tuple[int, int, str], dict[str, float | None]]] = []  # setup, phases
     with contextlib.redirect_stdout(sys.stderr):  # the tables alone on stdout
         progress(f"{len(rows)} train rows, {len(golden)} golden rows, {args.epochs} epochs, batch {args.batch_size}")
         def plain_loop():
@@ -194,14 +203,14 @@ def main() -> None:
         lines.append(plain_row(f"beside the idle Ray, run {i + 1}", plain))
         if i == len(results):
             break
-        (workers, zero, grouped), r = results[i]
+        (workers, zero, flags), r = results[i]
         beside = r["steady"] / ((steady[i] + steady[i + 1]) / 2) if r["steady"] else None
         to_alone = r["steady"] / alone_steady if r["steady"] else None
         cells = [_cell(r["startup"]), _cell(r["steady"]), _cell(beside, ".2f"), _cell(to_alone, ".2f"),
                  _cell(r["evaluation"]), _cell(r["publishing"]), f"{r['whole']:.1f}", _cell(r["accuracy"], ".4f")]
-        lines.append(f"| tuneloop job, {setup_name(workers, zero, grouped)} | " + " | ".join(cells) + " |")
-        if workers == 1:  # its start-up counts; its steady state only like for like (random batches)
-            one.append((None if grouped else to_alone, beside, r["startup"]))
+        lines.append(f"| tuneloop job, {setup_name(workers, zero, flags)} | " + " | ".join(cells) + " |")
+        if workers == 1:  # its start-up counts; its steady state only like for like (random batches), as set by default
+            one.append((None if flags else to_alone, beside, r["startup"]))
     lines.append(plain_row("alone, after Ray", alone[1]))
     lines += ["", "Start-up in parts (queueing: the lease and reading the job's data; workers: Ray Train's "
                   "controller, placement group, worker processes and process group; model load; DeepSpeed's "

@@ -23,6 +23,7 @@ from tuneloop.store.storage import Storage
 from tuneloop.training.deepspeed_config import build_deepspeed_config, lr_multiplier, warmup_steps
 from tuneloop.training.distill import TEACHER_COLUMN, distillation_loss, keep_layers
 from tuneloop.training.job_data import LABELLED_COLUMN
+from tuneloop.training.length_passes import batch_loss, passes_of, targets_counted
 from tuneloop.training.model_files import ModelFiles, load_for_training
 from tuneloop.training.recipe import (
     EarlyStopping,
@@ -442,11 +443,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer, lambda step: lr_multiplier(step, total_steps, warmup)),
     )
     marks["engine_ready"] = time.time()
+    # Each micro-batch in passes by length (length_passes.py): on a CPU, right padding only
+    # (cutting a left-padded pass would cut real tokens).
+    by_length = config.get("passes_by_length", True) and torch.device(engine.device).type == "cpu" \
+        and tokenizer.padding_side == "right"
     # Of the rows there are: a job of 4 rows said "steps of 32 rows", the configured batch. A
     # worker's micro-batch holds at most its share (rounded up: shares wrap round).
     per_step = min(batch_size, worker_rows(train.num_rows, world)) * world * accumulation
     _log(rank, f"{precision} on {engine.device}, {world} worker(s) of {torch.get_num_threads()} thread(s), "
                f"{total_steps} optimizer steps of {per_step} rows"
+               + (", each micro-batch in passes by length" if by_length else "")
                + (f" (gradient_accumulation_steps {config['gradient_accumulation_steps']} held to the "
                   f"{accumulation} micro-batches a worker has over all epochs)"
                   if accumulation < config["gradient_accumulation_steps"] else ""))
@@ -500,14 +506,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             inputs, encoding, windows = _windowed(tokenizer, batch, max_length, engine.device, task)
             target = _target_tensor(task.batch_targets(windows, encoding), task, engine.device)
             if distill:  # its loss takes the hard loss per row: transfer rows have none
-                out = engine(**inputs)
                 teacher_logits = torch.tensor(windows[TEACHER_COLUMN], dtype=torch.float32, device=engine.device)
                 labelled = windows.get(LABELLED_COLUMN)
-                loss = distillation_loss(out.logits, teacher_logits, target,
-                                         None if labelled is None else torch.tensor(labelled, device=engine.device),
-                                         task, distill["temperature"], distill["alpha"])
+                labelled = None if labelled is None else torch.tensor(labelled, device=engine.device)
+
+                def loss_of(part, part_target, index):  # the mean over the pass's rows
+                    rows = slice(None) if index is None else index
+                    return (distillation_loss(engine(**part).logits, teacher_logits[rows], part_target,
+                                              None if labelled is None else labelled[rows], task,
+                                              distill["temperature"], distill["alpha"]), len(part_target))
             else:
-                loss = _training_loss(engine(**inputs, labels=target), target)
+                def loss_of(part, part_target, index):
+                    return _training_loss(engine(**part, labels=part_target), part_target), targets_counted(part_target)
+            loss = batch_loss(inputs, target, passes_of(inputs, by_length), loss_of)
             engine.backward(loss)
             steps_before = engine.global_steps
             engine.step()  # an optimizer step at every accumulation boundary

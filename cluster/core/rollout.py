@@ -283,7 +283,8 @@ def decide(cfg: RolloutConfig, e: Evidence, waited_s: float) -> Decision:
     # The bounds are centred on the smoothed difference: at a low confidence they are narrow
     # enough to leave out the difference as counted (13 of 13 against 0 of 7, +100%, had fixed
     # 60% bounds +79.1% .. +85.3%), which read as a contradiction unless the centre is said.
-    centre = "" if low <= observed <= high else f" around {diff:+.1%} smoothed"
+    shown = [round(x, 3) for x in (low, observed, high)]  # as the line prints them
+    centre = "" if shown[0] <= shown[1] <= shown[2] else f" around {diff:+.1%} smoothed"
     said = (f"online accuracy {observed:+.1%} vs production ({cfg.confidence:.0%} {kind}bounds {low:+.1%} .. "
             f"{high:+.1%}{centre})")
     if n >= cfg.min_feedback and low > -cfg.margin:

@@ -98,7 +98,7 @@ def test_train_bench_smoke_prints_the_table(tmp_path):
     base = build_tiny_model(tmp_path / "tiny", ["negative", "positive"])
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "train_bench.py"), "--data", str(tmp_path / "data"),
-         "--base-model", base, "--rows", "16", "--batch-size", "4", "--setups", "1x0,2x2g"],
+         "--base-model", base, "--rows", "16", "--batch-size", "4", "--setups", "1x0,1x0w,2x2g"],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -109,7 +109,8 @@ def test_train_bench_smoke_prints_the_table(tmp_path):
     plain = "plain Hugging Face loop (1 process, 2 threads), "
     assert names == [plain + "alone, before Ray", plain + "beside the idle Ray, run 1",
                      "tuneloop job, 1 worker(s), ZeRO-0", plain + "beside the idle Ray, run 2",
-                     "tuneloop job, 2 worker(s), ZeRO-2, batches grouped by length", plain + "beside the idle Ray, run 3",
+                     "tuneloop job, 1 worker(s), ZeRO-0, each batch one padded pass", plain + "beside the idle Ray, run 3",
+                     "tuneloop job, 2 worker(s), ZeRO-2, batches grouped by length", plain + "beside the idle Ray, run 4",
                      plain + "alone, after Ray"]
     for row in rows[1:]:
         cells = [c.strip() for c in row.split("|")[1:-1]]
@@ -120,7 +121,8 @@ def test_train_bench_smoke_prints_the_table(tmp_path):
             assert 0 <= float(cells[8]) <= 1, row  # its golden accuracy
     assert "Ray's idle processes alone: the plain loop beside them at" in out.stdout
     parts = [line for line in out.stdout.splitlines() if line.startswith("- ") and "worker(s), ZeRO-" in line]
-    assert [p.split(":")[0] for p in parts] == ["- 1 worker(s), ZeRO-0", "- 2 worker(s), ZeRO-2, batches grouped by length"]
+    assert [p.split(":")[0] for p in parts] == ["- 1 worker(s), ZeRO-0", "- 1 worker(s), ZeRO-0, each batch one padded pass",
+                                                "- 2 worker(s), ZeRO-2, batches grouped by length"]
     for line in parts:  # each part in seconds
         seconds = dict(kv.rsplit(" ", 1) for kv in line.split(": ", 1)[1].split(", "))
         assert list(seconds) == ["queueing", "workers", "model_load", "deepspeed", "first_batch"], line

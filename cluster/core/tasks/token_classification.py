@@ -341,8 +341,7 @@ class TokenClassification(Task):
             if not isinstance(e, dict) or any(type(e.get(k)) is not int for k in ("start", "end")) \
                     or not isinstance(e.get("label"), str):
                 raise ValueError(f'each entity needs integer "start", "end" and a "label", got {e!r}')
-        entities = [{**e, "label": self.spelled_as_configured(e["label"], self.types)} for e in row["entities"]]
-        return {"text": row["text"], "entities": self._checked_spans(entities, row["text"])}
+        return {"text": row["text"], "entities": self._checked_spans(row["entities"], row["text"])}
 
     def _tag_names(self, ids: list[int]) -> list[str]:
         """Tags given as ids (Hugging Face's ``conll2003`` ``ner_tags``): the config's labels,
