@@ -9,7 +9,12 @@ and the passes' losses are weighted by what each head's mean is over (rows, or t
 for a tagger) and summed, so that one backward gives the gradient of the whole batch padded
 once, up to float rounding and dropout's draws. On a CPU only, where a forward pass costs
 its tokens; on a GPU a pass costs its launches as much (not measured here), and a batch
-runs whole.
+runs whole. DeepSpeed's engine takes several forwards before one backward at every ZeRO
+stage on one worker (tests/integration/test_deepspeed_bf16.py); with several workers,
+stages 0-2 reduce each gradient once per backward, but stage 3 gathers the weights at every
+forward, so the loop runs whole batches there. Each forward's hooks open a backward in
+DeepSpeed's bookkeeping (``backward_active_depth`` counts up by the extra passes); nothing
+the loop uses reads it.
 """
 
 from __future__ import annotations
@@ -60,4 +65,4 @@ def batch_loss(inputs: dict[str, Any], target: Any, passes: list[list[int]] | No
     counted = sum(n for _, n in parts)
     if not counted:  # nothing to learn from in the batch: the zeros the head's loss gave
         return sum(loss for loss, _ in parts)
-    return sum(loss * (n / counted) for loss, n in parts)
+    return sum(loss.float() * (n / counted) for loss, n in parts)  # in bf16 the weights would round

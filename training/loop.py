@@ -444,9 +444,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     marks["engine_ready"] = time.time()
     # Each micro-batch in passes by length (length_passes.py): on a CPU, right padding only
-    # (cutting a left-padded pass would cut real tokens).
+    # (cutting a left-padded pass would cut real tokens), and not where ZeRO-3 partitions the
+    # weights among workers: each forward gathers them from every worker, and workers whose
+    # micro-batches cut into different numbers of passes would wait on each other's gathers.
     by_length = config.get("passes_by_length", True) and torch.device(engine.device).type == "cpu" \
-        and tokenizer.padding_side == "right"
+        and tokenizer.padding_side == "right" and not (zero_stage == 3 and world > 1)
     # Of the rows there are: a job of 4 rows said "steps of 32 rows", the configured batch. A
     # worker's micro-batch holds at most its share (rounded up: shares wrap round).
     per_step = min(batch_size, worker_rows(train.num_rows, world)) * world * accumulation

@@ -27,7 +27,7 @@ class TrainingConfig(Section):
     passes_by_length: bool = Field(default=True, description=(
         "on a CPU, each micro-batch's rows run forward in passes of about one length, each padded to its own "
         "longest, and one backward over their weighted losses: the same batch and gradient as one padded pass, "
-        "with less padding computed (training/length_passes.py)"))
+        "with less padding computed (training/length_passes.py); not at ZeRO-3 with several workers"))
     zero_stage: Literal[0, 1, 2, 3] = 2
     num_workers: int = Field(default=2, ge=1, le=1024)
     use_gpu: bool = False
