@@ -142,9 +142,8 @@ class LoadedModel:
         ``lengths`` real tokens padded to ``width``: by length (``forward_passes``), each
         pass as wide as its longest row, where padding is on the right, the pass runs on the
         CPU and the task batches by length; else windows of ``max_rows`` in order, as wide as
-        the batch. A GPU's cost of
-        one more pass (kernel launches) was not measured, and cutting a left-padded pass
-        (GPT-2 may pad so) would move its rows' positions."""
+        the batch. A GPU's cost of one more pass (kernel launches) was not measured, and
+        cutting a left-padded pass (GPT-2 may pad so) would move its rows' positions."""
         if self.passes_by_length and self.pads_right and self.task.batch_by_length:
             return [(rows, max(lengths[i] for i in rows)) for rows in forward_passes(lengths, self.max_rows)]
         return [(list(range(i, min(i + self.max_rows, len(lengths)))), width)
