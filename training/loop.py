@@ -7,24 +7,25 @@ Runs once per worker inside a TorchTrainer, which has already set up torch.distr
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from typing import Any
 
-from tuneloop.core.tasks import Task, make_task
+from tuneloop.core.tasks import make_task
 from tuneloop.store.jobs import JobLost, JobStore
 from tuneloop.store.storage import Storage
+from tuneloop.training.collectives import consolidated_state_dict, from_rank_zero, on_every_rank, without_shm_all_reduce
 from tuneloop.training.deepspeed_config import build_deepspeed_config, lr_multiplier, warmup_steps
 from tuneloop.training.distill import TEACHER_COLUMN, distillation_loss, keep_layers
+from tuneloop.training.evaluation import Evaluator, summary
 from tuneloop.training.job_data import LABELLED_COLUMN
 from tuneloop.training.length_passes import batch_loss, passes_of, targets_counted
 from tuneloop.training.model_files import ModelFiles, load_for_training
+from tuneloop.training.model_inputs import encode_batch, fit_to_positions, target_tensor, token_lengths, with_pad_token
 from tuneloop.training.recipe import (
     EarlyStopping,
     eta,
@@ -35,9 +36,8 @@ from tuneloop.training.recipe import (
     worker_rows,
     zero_stage_to_run,
 )
-from tuneloop.training.shards import batches, epoch_batches
+from tuneloop.training.shards import epoch_batches
 
-EVAL_BATCH_SIZE = 64
 PROGRESS_EVERY_S = 30.0  # a line within an epoch this often: a one-epoch job showed none until it ended
 
 
@@ -62,28 +62,6 @@ def _param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
                                 {"params": no_decay, "weight_decay": 0.0}) if group["params"]]
 
 
-def _windowed(tokenizer, batch: dict[str, list], max_length: int, device,
-              task: Task) -> tuple[dict[str, Any], dict[str, list], dict[str, list]]:
-    """``batch`` read as the replicas read it: the model's inputs on ``device``, the encoding
-    as lists for the task (with what it asked the tokenizer for, such as offsets, which the
-    model does not take), and the batch with a row per window. A task that reads long texts
-    in windows (token classification) has a window per ``max_length`` tokens, each a row of
-    the inputs; any other, a row per text."""
-    enc = tokenizer([str(t) for t in batch["text"]], padding=True, truncation=True, max_length=max_length,
-                    return_tensors="pt", **task.serving_tokenizer_options(max_length))
-    encoding = task.encoding_for(enc)  # and enc keeps only the model's inputs
-    of_window = encoding.get("overflow_to_sample_mapping") or range(len(batch["text"]))
-    windows = {k: [v[int(i)] for i in of_window] for k, v in batch.items()}
-    return {k: v.to(device) for k, v in enc.items()}, encoding, windows
-
-
-def _target_tensor(targets: list, task: Task, device):
-    """The loss's targets: class or tag ids, or multi-hot rows (``task.target_dtype``)."""
-    import torch
-
-    return torch.as_tensor(targets, dtype=torch.float32 if task.target_dtype == "float" else torch.long, device=device)
-
-
 def _training_loss(out, target):
     """The head's own loss of a micro-batch, or a zero through its logits where no token of
     the batch is tagged (token windows of texts whose tokens are all special: combining marks
@@ -91,170 +69,6 @@ def _training_loss(out, target):
     zeros, but the epoch's logged loss read NaN from that batch on."""
     untagged = not target.dtype.is_floating_point and target.dim() > 1 and bool((target == -100).all())
     return out.logits.sum() * 0.0 if untagged else out.loss
-
-
-def _activated(logits, task: Task):
-    """Scores from logits as the task reads them: a softmax over the last axis, or a sigmoid
-    per output (multi-label)."""
-    return logits.float().sigmoid() if task.activation == "sigmoid" else logits.float().softmax(-1)
-
-
-def _eval_loss(logits, target, task: Task):
-    """(the summed loss, how many terms it sums) of the loss the model's head computes:
-    cross-entropy over classes a row, binary cross-entropy per label averaged a row for
-    multi-label, cross-entropy a tagged token for token classification (tags marked -100
-    left out), from fp32 logits: the head's own, on a bf16 engine's bf16 logits, was rounded
-    to 3 significant digits, enough to change which epoch early stopping keeps. Summed, not
-    averaged a pass: a pass of token windows with no tagged token (a text of control
-    characters, whose tokens are all special) averaged to NaN, and the NaN validation loss
-    stopped the job early."""
-    import torch.nn.functional as F
-
-    logits = logits.float()
-    if task.activation == "sigmoid":
-        per_row = F.binary_cross_entropy_with_logits(logits, target.float(), reduction="none").mean(-1)
-        return per_row.sum(), per_row.numel()
-    target = target.reshape(-1)
-    summed = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target, ignore_index=-100, reduction="sum")
-    return summed, int((target != -100).sum())
-
-
-def _evaluate(engine, tokenizer, rows, max_length: int, task: Task, masked: list[int] | None = None,
-              order=None) -> dict[str, Any]:
-    """Score a whole evaluation set: its metrics, its mean loss, whether each row (by its
-    ``row`` number, when the set has one) was answered right, and whether every output was finite. Every
-    worker sees all of the set (it is not split), so candidate and production are scored on
-    exactly the same rows, and ZeRO-3's collective forward passes stay in step across ranks.
-    ``masked``: output rows never answered (production's baseline, which had no rows for the
-    labels added since: their fresh rows would answer at random); its loss is then NaN.
-    ``order``: the rows' indices in the order to score them (``_Evaluator`` gives longest
-    first: SST-2 dev, 872 rows, MiniLM-L6, 2 threads, cut at 128, took 3.5 s where its own
-    order took 6.8 s, with the same accuracy and loss). The metrics, the per-row answers and
-    the loss (a mean over rows, or over tagged tokens) do not depend on it."""
-    import torch
-
-    engine.eval()
-    y_true: list = []
-    y_pred: list = []
-    right: list[list] = []  # [row, answered right]: plain lists cross Ray Train's report
-    finite = True
-    loss_sum, loss_terms = 0.0, 0
-    with torch.no_grad():
-        for batch in batches(rows, EVAL_BATCH_SIZE, order):
-            # Read as the replicas read it: a long text in windows, where its task has them.
-            inputs, encoding, windows = _windowed(tokenizer, batch, max_length, engine.device, task)
-            window_targets = task.batch_targets(windows, encoding)
-            scores: list = []
-            # At most EVAL_BATCH_SIZE windows a forward pass: a batch of long documents is
-            # thousands of windows (seed and golden rows have no max_chars_per_input).
-            for start in range(0, len(window_targets), EVAL_BATCH_SIZE):
-                end = start + EVAL_BATCH_SIZE
-                logits = engine(**{k: v[start:end] for k, v in inputs.items()}).logits
-                target = _target_tensor(window_targets[start:end], task, engine.device)
-                if masked:
-                    logits = logits.clone()
-                    logits[..., masked] = -1e4
-                finite = finite and bool(torch.isfinite(logits).all())
-                summed, terms = _eval_loss(logits, target, task)
-                loss_sum, loss_terms = loss_sum + float(summed), loss_terms + terms
-                scores.extend(_activated(logits, task).tolist())
-            targets, predicted = task.evaluated(batch, encoding, scores)
-            y_pred.extend(predicted)
-            y_true.extend(targets)
-            if "row" in batch:
-                right.extend([int(r), task.answered_right(t, p)] for r, t, p in zip(batch["row"], targets, predicted, strict=True))
-    engine.train()
-    loss = loss_sum / loss_terms if loss_terms and not masked else math.nan
-    return {"metrics": task.metrics(y_true, y_pred).model_dump(), "loss": loss, "right": right, "finite": finite}
-
-
-class _Evaluator:
-    """Scores every evaluation set, each longest row first (batches of rows of about one
-    length, little padding), and counts the seconds spent doing it (the job's
-    feedback-to-serving time puts them under evaluation, not training)."""
-
-    def __init__(self, engine, tokenizer, sets: dict[str, Any], max_length: int, task: Task):
-        import numpy as np
-
-        self.engine, self.tokenizer, self.sets, self.max_length, self.task = engine, tokenizer, sets, max_length, task
-        self.orders = {name: np.argsort(-_token_lengths(tokenizer, rows, max_length), kind="stable")
-                       for name, rows in sets.items()}
-        self.seconds = 0.0
-
-    def __call__(self, masked: list[int] | None = None) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        out = {name: _evaluate(self.engine, self.tokenizer, rows, self.max_length, self.task, masked,
-                               self.orders[name])
-               for name, rows in self.sets.items()}
-        self.seconds += time.perf_counter() - t0
-        return out
-
-
-def _summary(evaluations: dict[str, Any]) -> str:
-    return ", ".join(f"{name}: accuracy {e['metrics']['accuracy']:.4f} on {e['metrics']['eval_rows']} rows"
-                     for name, e in evaluations.items())
-
-
-def _consolidated_state_dict(module, rank: int, precision: str, frozen_fp32: dict[str, Any]) -> dict[str, Any]:
-    """Full fp32 weights on rank 0. Trained in bf16 or fp16, a parameter's weights in the
-    module are a rounded copy: the optimizer's fp32 master copy is what is exported (frozen
-    parameters have none, and are exported from the fp32 copy taken when they were loaded).
-    ZeRO-3's partitions are gathered one parameter at a time; every rank takes part."""
-    import deepspeed
-    import torch
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    keys = set(module.state_dict().keys())  # persistent entries only
-    state: dict[str, Any] = {}
-    for name, param in module.named_parameters():
-        if name in frozen_fp32 or (precision != "fp32" and param.requires_grad is False):
-            if rank == 0 and name in keys:
-                state[name] = frozen_fp32[name] if name in frozen_fp32 else param.data.detach().float().cpu()
-            continue
-        master = safe_get_full_fp32_param(param) if precision != "fp32" else None  # collective
-        if master is not None:
-            if rank == 0 and name in keys:
-                state[name] = master.detach().to("cpu", torch.float32, copy=True).contiguous()
-            continue
-        partitioned = hasattr(param, "ds_id")
-        ctx = deepspeed.zero.GatheredParameters([param], modifier_rank=None) if partitioned else nullcontext()
-        with ctx:
-            if rank == 0 and name in keys:
-                state[name] = param.data.detach().to("cpu", torch.float32, copy=True).contiguous()
-    if rank == 0:
-        for name, buf in module.named_buffers():
-            if name in keys:  # a float buffer in fp32 like the weights: DeepSpeed cast it to bf16/fp16
-                dtype = torch.float32 if buf.is_floating_point() else buf.dtype
-                state[name] = buf.detach().to("cpu", dtype, copy=True)
-    return state
-
-
-def _on_every_rank(flag: bool, device) -> bool:
-    """Whether ``flag`` holds on every rank. A job whose workers landed on GPUs of two kinds
-    (one without bf16) trains in one precision, fp16, on all of them: ranks in different
-    precisions would not agree on their collectives' tensors, and a rank refusing bf16 alone
-    left the others waiting for it."""
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
-
-def _from_rank_zero(value: float, device) -> float:
-    """Rank 0's ``value`` on every rank: decisions that lead to collective calls must not
-    hang on a near-tie that two ranks' arithmetic resolves differently."""
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.broadcast(t, src=0)
-    return float(t.item())
 
 
 def _freeze(model, tcfg: dict[str, Any], rank: int, keep_fp32_copy: bool) -> tuple[set[str], dict[str, Any]]:
@@ -273,60 +87,6 @@ def _freeze(model, tcfg: dict[str, Any], rank: int, keep_fp32_copy: bool) -> tup
     if names:
         _log(rank, f"froze {len(names)} parameter tensors: training {trainable:,} of {total:,} weights")
     return names, copies
-
-
-def _token_lengths(tokenizer, shard, max_length: int):
-    """Each row's tokens as a batch takes it (cut at ``max_length``): ``group_by_length``'s
-    batches, and the evaluation sets' order."""
-    import numpy as np
-
-    texts = [str(t) for t in shard.column("text").to_pylist()]
-    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if texts else []
-    return np.array([len(row) for row in ids], dtype=np.int64)
-
-
-def _with_pad_token(tokenizer, model) -> str | None:
-    """Give a tokenizer without a padding token (GPT-2's, Llama's: decoder families) its end
-    token as padding, and tell the model, which finds a text's last real token by it. Batches
-    need padding, and the version saved with both serves as it trained. Returns what it did."""
-    if tokenizer.pad_token is not None:
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-        return None
-    if tokenizer.eos_token is None:
-        raise ValueError(f"the tokenizer of {type(model).__name__} has neither a padding nor an end token "
-                         "to pad batches with: save the base model's tokenizer with a pad_token")
-    tokenizer.pad_token = tokenizer.eos_token
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return f"the tokenizer has no padding token: padding with its end token {tokenizer.eos_token!r}"
-
-
-def _fit_to_positions(tokenizer, model, max_length: int) -> tuple[int, str | None]:
-    """``max_length`` within the tokens ``model`` takes: its table of absolute positions
-    (less the slots before the first position, in families that number positions after the
-    pad id: RoBERTa's 514 hold 512 tokens), and the tokenizer's own limit. A longer batch
-    failed indexing that table. The tokenizer keeps the limit, so the version it is saved
-    with tells every replica, PyTorch or ONNX. Returns the length and what it changed."""
-    table = next((m for name, m in model.base_model.named_modules()
-                  if name.rpartition(".")[2] in ("position_embeddings", "wpe") and hasattr(m, "num_embeddings")), None)
-    if table is not None:
-        before = table.padding_idx + 1 if table.padding_idx is not None else 0
-        tokenizer.model_max_length = min(tokenizer.model_max_length, table.num_embeddings - before)
-    if max_length <= tokenizer.model_max_length:
-        return max_length, None
-    return tokenizer.model_max_length, (f"max_length {max_length} is more than the {tokenizer.model_max_length} "
-                                        f"tokens {type(model).__name__} takes: training at {tokenizer.model_max_length}")
-
-
-def _without_shm_all_reduce() -> None:
-    """On CPU, DeepSpeed's process-group setup compiles its shared-memory all-reduce, a C++
-    extension (measured: 2 minutes on 2 cores, at a machine's first job and again for each
-    virtualenv path), which only ``inference_all_reduce`` uses; training's collectives go
-    through gloo either way. Marked unavailable, the extension is never built.
-    (``deepspeed.ops.__compatible_ops__`` is probed once and kept, so the mark holds.)"""
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def _job_check(job: dict[str, Any], rank: int) -> Callable[[], None]:
@@ -377,7 +137,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import transformers
 
     if not config["use_gpu"]:
-        _without_shm_all_reduce()
+        without_shm_all_reduce()
     # Its info lines (the engine's set-up, step by step) are not an operator's; warnings go too.
     deepspeed.utils.logger.setLevel(logging.ERROR)
     ctx = ray.train.get_context()
@@ -388,14 +148,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     batch_size: int = config["batch_size"]
     bf16 = config["use_gpu"] and torch.cuda.is_bf16_supported(including_emulation=False)
     precision = resolve_precision(config["precision"], config["use_gpu"],
-                                  _on_every_rank(bf16, ray.train.torch.get_device()))
+                                  on_every_rank(bf16, ray.train.torch.get_device()))
 
     init_path = ModelFiles(**config["init_files"]).local_path()  # on this worker's node
     tokenizer = transformers.AutoTokenizer.from_pretrained(init_path)
     model, new_rows = load_for_training(init_path, task, config["dropout"])
-    if padded := _with_pad_token(tokenizer, model):
+    if padded := with_pad_token(tokenizer, model):
         _log(rank, padded)
-    max_length, capped = _fit_to_positions(tokenizer, model, max_length)
+    max_length, capped = fit_to_positions(tokenizer, model, max_length)
     if capped:
         _log(rank, capped)
     distill = config.get("distill")
@@ -458,11 +218,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                + (f" (gradient_accumulation_steps {config['gradient_accumulation_steps']} held to the "
                   f"{accumulation} micro-batches a worker has over all epochs)"
                   if accumulation < config["gradient_accumulation_steps"] else ""))
-    lengths = _token_lengths(tokenizer, train, max_length) if config["group_by_length"] else None
+    lengths = token_lengths(tokenizer, train, max_length) if config["group_by_length"] else None
     # The evaluation sets are scored at the serving length (training.max_length may differ:
     # the shipped config trains at 64 and serves at 128), within what the model takes.
     eval_length = min(config.get("eval_max_length", max_length), tokenizer.model_max_length)
-    evaluate = _Evaluator(engine, tokenizer, tables, eval_length, task)
+    evaluate = Evaluator(engine, tokenizer, tables, eval_length, task)
 
     parent_eval = None
     if config["has_parent"]:
@@ -472,7 +232,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _log(rank, f"labels added since production: {[task.head_labels()[i] for i in new_rows]} "
                        "(production's rows for the others are kept)")
         parent_eval = evaluate(masked=new_rows)
-        _log(rank, "production baseline: " + _summary(parent_eval))
+        _log(rank, "production baseline: " + summary(parent_eval))
 
     # Early stopping watches the loss on its validation rows (fresh feedback just before the
     # gate's, never the gate's own; at v1 a share of the seed), or, at a v1 whose seed was too
@@ -505,8 +265,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 marks["first_batch"] = time.time() - evaluate.seconds
             # A long text in windows where its task reads it so: cut at max_length, the
             # entities past the cut (a correction late in a feedback text) never trained.
-            inputs, encoding, windows = _windowed(tokenizer, batch, max_length, engine.device, task)
-            target = _target_tensor(task.batch_targets(windows, encoding), task, engine.device)
+            inputs, encoding, windows = encode_batch(tokenizer, batch, max_length, engine.device, task)
+            target = target_tensor(task.batch_targets(windows, encoding), task, engine.device)
             if distill:  # its loss takes the hard loss per row: transfer rows have none
                 teacher_logits = torch.tensor(windows[TEACHER_COLUMN], dtype=torch.float32, device=engine.device)
                 labelled = windows.get(LABELLED_COLUMN)
@@ -551,9 +311,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             applied_at_last_check = applied
             evaluation = evaluate()
             # Every rank must take the same branch (the weights' gather is collective): rank 0's loss decides.
-            loss = _from_rank_zero(evaluation[monitor]["loss"], engine.device)
+            loss = from_rank_zero(evaluation[monitor]["loss"], engine.device)
             if stopping.update(epoch, loss):
-                best = evaluation, _consolidated_state_dict(engine.module, rank, precision, frozen_fp32)
+                best = evaluation, consolidated_state_dict(engine.module, rank, precision, frozen_fp32)
             line += f", {monitor} loss {loss:.4f} (best: " + (
                 f"epoch {stopping.best_epoch + 1})" if stopping.best_epoch >= 0 else "none finite yet)")
         _log(rank, line + eta(time.perf_counter() - started, engine.global_steps, total_steps))
@@ -568,10 +328,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     if best is None:  # not watching epochs (or every loss diverged): the last weights
         best = (evaluate(),
-                _consolidated_state_dict(engine.module, rank, precision, frozen_fp32))
+                consolidated_state_dict(engine.module, rank, precision, frozen_fp32))
         stopping.best_epoch = epochs_run - 1
     candidate_eval, state = best
-    _log(rank, "candidate: " + _summary(candidate_eval))
+    _log(rank, "candidate: " + summary(candidate_eval))
     report = {
         "candidate": candidate_eval, "parent": parent_eval, "steps": engine.global_steps,
         "evaluation_s": evaluate.seconds, "epochs": epoch_times, "startup_marks": marks,

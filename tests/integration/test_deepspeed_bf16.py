@@ -16,9 +16,9 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WO
 import deepspeed
 from deepspeed.utils import safe_get_full_grad
 from tuneloop.training.deepspeed_config import build_deepspeed_config
-from tuneloop.training.loop import _without_shm_all_reduce
+from tuneloop.training.collectives import without_shm_all_reduce
 
-_without_shm_all_reduce()  # as a CPU job's worker does: no C++ build (40 s of this test in a fresh clone)
+without_shm_all_reduce()  # as a CPU job's worker does: no C++ build (40 s of this test in a fresh clone)
 deepspeed.init_distributed(dist_backend="gloo")
 n = 64
 for stage, ours in [(1, True), (2, True), (3, True), (2, False)]:
@@ -55,9 +55,9 @@ import deepspeed
 from deepspeed.utils import safe_get_full_grad
 from tuneloop.training.deepspeed_config import build_deepspeed_config
 from tuneloop.training.length_passes import batch_loss, passes_of, targets_counted
-from tuneloop.training.loop import _without_shm_all_reduce
+from tuneloop.training.collectives import without_shm_all_reduce
 
-_without_shm_all_reduce()
+without_shm_all_reduce()
 deepspeed.init_distributed(dist_backend="gloo")
 tokenizer = transformers.AutoTokenizer.from_pretrained(sys.argv[2])
 texts = ["ok", "the film was " + "great and " * 12, "fine", "the show was " + "long and " * 12] * 2

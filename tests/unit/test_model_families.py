@@ -1,6 +1,6 @@
 """Code that must not assume BERT, on tiny random models of other families: the ONNX
 export (``serving/optimize.py``) run by ONNX Runtime against PyTorch, and the padding a
-decoder's tokenizer lacks (``training/loop.py``). No Ray."""
+decoder's tokenizer lacks (``training/model_inputs.py``). No Ray."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def test_a_decoder_pads_with_its_end_token_and_its_version_serves_and_exports(tm
     import transformers
 
     from tests.tiny_models import build_tiny_model
-    from tuneloop.training.loop import _with_pad_token
+    from tuneloop.training.model_inputs import with_pad_token
 
     path = build_tiny_model(tmp_path / "gpt2", LABELS, family="gpt2")
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
@@ -56,9 +56,9 @@ def test_a_decoder_pads_with_its_end_token_and_its_version_serves_and_exports(tm
     assert tokenizer.pad_token is None
     with pytest.raises(ValueError, match="padding token"):
         tokenizer(TEXTS, padding=True)
-    assert "end token '[SEP]'" in _with_pad_token(tokenizer, model)
+    assert "end token '[SEP]'" in with_pad_token(tokenizer, model)
     assert model.config.pad_token_id == tokenizer.pad_token_id == tokenizer.eos_token_id
-    assert _with_pad_token(tokenizer, model) is None  # once is enough
+    assert with_pad_token(tokenizer, model) is None  # once is enough
     # GPT-2 scores a text at its last real token, found by the pad id: padding changes nothing.
     with torch.no_grad():
         batch = model(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits
@@ -75,14 +75,14 @@ def test_a_tokenizer_with_nothing_to_pad_with_is_refused_saying_so(tmp_path):
     import transformers
 
     from tests.tiny_models import build_tiny_model
-    from tuneloop.training.loop import _with_pad_token
+    from tuneloop.training.model_inputs import with_pad_token
 
     path = build_tiny_model(tmp_path / "gpt2", LABELS, family="gpt2")
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     tokenizer.eos_token = None
     model = transformers.AutoModelForSequenceClassification.from_pretrained(path)
     with pytest.raises(ValueError, match="neither a padding nor an end token"):
-        _with_pad_token(tokenizer, model)
+        with_pad_token(tokenizer, model)
 
 
 @pytest.mark.parametrize(("family", "takes"), [("bert", 128), ("roberta", 129), ("gpt2", 128), ("modernbert", 512)])
@@ -93,14 +93,14 @@ def test_max_length_is_held_to_the_tokens_the_model_takes_and_its_version_says_s
 
     from tests.tiny_models import build_tiny_model
     from tuneloop.serving.loaded_models import LoadedModel
-    from tuneloop.training.loop import _fit_to_positions, _with_pad_token
+    from tuneloop.training.model_inputs import fit_to_positions, with_pad_token
 
     path = build_tiny_model(tmp_path / "m", LABELS, family=family)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(path).eval()
-    _with_pad_token(tokenizer, model)
-    assert _fit_to_positions(tokenizer, model, 64) == (64, None)
-    length, said = _fit_to_positions(tokenizer, model, 1024)
+    with_pad_token(tokenizer, model)
+    assert fit_to_positions(tokenizer, model, 64) == (64, None)
+    length, said = fit_to_positions(tokenizer, model, 1024)
     assert length == takes and f"max_length 1024 is more than the {takes} tokens" in said
     model.save_pretrained(tmp_path / "v1")
     tokenizer.save_pretrained(tmp_path / "v1")

@@ -329,7 +329,7 @@ def test_the_evaluation_loss_is_the_heads_own_computed_in_fp32(tmp_path, task_na
 
     from tests.tiny_models import build_tiny_model
     from tuneloop.core.tasks import make_task
-    from tuneloop.training.loop import _eval_loss
+    from tuneloop.training.evaluation import eval_loss
 
     task = make_task(task_name, labels)
     path = build_tiny_model(tmp_path / "m", labels, task=task_name)
@@ -347,7 +347,7 @@ def test_the_evaluation_loss_is_the_heads_own_computed_in_fp32(tmp_path, task_na
     with torch.no_grad():
         out = model(**enc, labels=target)
     def mean(logits):
-        summed, terms = _eval_loss(logits, target, task)
+        summed, terms = eval_loss(logits, target, task)
         return summed, float(summed) / terms
 
     assert mean(out.logits.bfloat16())[1] == pytest.approx(float(out.loss), rel=1e-2)
@@ -358,8 +358,8 @@ def test_the_evaluation_loss_is_the_heads_own_computed_in_fp32(tmp_path, task_na
     assert summed.dtype == torch.float32
     assert loss == pytest.approx(mean(rounded.float())[1], rel=1e-6)
     if task_name == "token-classification":  # no tagged token: nothing summed, not NaN
-        assert _eval_loss(out.logits, torch.full_like(target, -100), task)[1] == 0
-        assert float(_eval_loss(out.logits, torch.full_like(target, -100), task)[0]) == 0.0
+        assert eval_loss(out.logits, torch.full_like(target, -100), task)[1] == 0
+        assert float(eval_loss(out.logits, torch.full_like(target, -100), task)[0]) == 0.0
     # Training: the head's own loss, or a zero with zero gradients where no token is tagged
     # (the head's mean over none is NaN, and the epoch's logged loss with it).
     from tuneloop.training.loop import _training_loss
@@ -383,7 +383,7 @@ def test_a_validation_row_of_control_characters_leaves_the_token_loss_finite(tmp
 
     from tests.tiny_models import build_tiny_model
     from tuneloop.core.tasks import make_task
-    from tuneloop.training import loop
+    from tuneloop.training import evaluation
     from tuneloop.training.job_data import with_training_columns
 
     task = make_task("token-classification", ["PER", "LOC"])
@@ -394,10 +394,10 @@ def test_a_validation_row_of_control_characters_leaves_the_token_loss_finite(tmp
                      "entities": [[{"start": 0, "end": 10, "label": "PER"}, {"start": 20, "end": 26, "label": "LOC"}],
                                   []]})
     table = with_training_columns(task, rows)
-    together = loop._evaluate(model, tokenizer, table, 32, task)
-    monkeypatch.setattr(loop, "EVAL_BATCH_SIZE", 1)  # each row a pass of its own
-    apart = loop._evaluate(model, tokenizer, table, 32, task)
-    alone = loop._evaluate(model, tokenizer, table.slice(0, 1), 32, task)
+    together = evaluation.evaluate(model, tokenizer, table, 32, task)
+    monkeypatch.setattr(evaluation, "EVAL_BATCH_SIZE", 1)  # each row a pass of its own
+    apart = evaluation.evaluate(model, tokenizer, table, 32, task)
+    alone = evaluation.evaluate(model, tokenizer, table.slice(0, 1), 32, task)
     assert math.isfinite(apart["loss"]) and apart["loss"] == pytest.approx(alone["loss"], rel=1e-6)
     assert together["loss"] == pytest.approx(apart["loss"], rel=1e-6)  # passes do not weigh it
-    assert math.isnan(loop._evaluate(model, tokenizer, table.slice(1, 1), 32, task)["loss"])  # nothing to measure
+    assert math.isnan(evaluation.evaluate(model, tokenizer, table.slice(1, 1), 32, task)["loss"])  # nothing to measure

@@ -381,7 +381,7 @@ def test_training_reads_a_long_text_in_windows_and_tags_an_entity_a_window_begin
     import transformers
 
     from tests.tiny_models import build_tiny_model
-    from tuneloop.training.loop import _windowed
+    from tuneloop.training.model_inputs import encode_batch
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(build_tiny_model(tmp_path / "ner", TYPES,
                                                                             task="token-classification"))
@@ -397,7 +397,7 @@ def test_training_reads_a_long_text_in_windows_and_tags_an_entity_a_window_begin
     tagged = []
     for i in range(len(windows["text"]) - 1):  # each window a row of its own, as a training batch reads it
         one = {k: v[i:i + 1] for k, v in windows.items()}
-        _, encoding, as_read = _windowed(tokenizer, one, 16, "cpu", NER)
+        _, encoding, as_read = encode_batch(tokenizer, one, 16, "cpu", NER)
         assert len(as_read["text"]) == 1  # a window's text is one window again
         tagged.append([HEAD[t] for t in NER.batch_targets(as_read, encoding)[0] if t != IGNORE])
     assert tagged[-1][-1] == "B-LOC"  # past the first max_length tokens
