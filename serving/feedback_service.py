@@ -32,6 +32,11 @@ PREDICTION_LOG_SLACK_S = 1.0  # a flush's own time, beyond the replicas' flush i
 # ingress's requests at once (ingress.py's 256): at 256 it could never refuse, and waits
 # could hold every slot, /readyz's and /metrics' too.
 MAX_YOUNG_ID_WAITS = 128
+# A replica on another node whose clock runs ahead of the ingress's stamps ids a little in the
+# future: young ids too, not unknown ones (feedback a few ms after its prediction, with the
+# replica 5 ms ahead, answered 404 at once, which clients do not retry). NTP keeps nodes far
+# closer than this; an id further ahead is forged, and 404 at once.
+MAX_CLOCK_AHEAD_S = 5.0
 
 
 class FeedbackService:
@@ -127,7 +132,8 @@ class FeedbackService:
         if found is None and born is not None:
             settle = self.cfg.predictions.flush_interval_s + PREDICTION_LOG_SLACK_S
             wait = born.timestamp() + settle - self._clock()
-            if -settle < wait <= settle:  # younger than two flushes: a look at each
+            if -settle < wait <= settle + MAX_CLOCK_AHEAD_S:  # younger than two flushes: a look at each
+                wait = min(wait, settle)  # born "ahead" of this clock: logged within a flush from now
                 if self._young_id_waits >= MAX_YOUNG_ID_WAITS:
                     raise Overloaded("too many feedback requests on predictions not yet logged; retry shortly")
                 self._young_id_waits += 1

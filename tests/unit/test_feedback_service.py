@@ -105,6 +105,24 @@ def test_a_young_id_is_looked_for_once_more_a_flush_later():
     assert len(slept) == 2
 
 
+def test_an_id_from_a_replica_whose_clock_runs_a_little_ahead_is_young_not_unknown():
+    """A replica on another node stamps ids with its own clock: 5 ms ahead of the ingress's,
+    feedback a moment after its prediction was answered 404 at once, and lost."""
+    ahead = new_prediction_id(NOW + timedelta(milliseconds=5))
+    service, store, _, slept = _service({ahead: _served(ahead)}, visible_after=1)
+    asyncio.run(service.submit({"label": "pos"}, prediction_id=ahead))
+    assert slept == [pytest.approx(2.0, abs=0.01)] and len(store.appended) == 1  # a flush's wait, no more
+    further = new_prediction_id(NOW + timedelta(seconds=4))
+    service, store, _, slept = _service({further: _served(further)}, visible_after=2)
+    asyncio.run(service.submit({"label": "pos"}, prediction_id=further))
+    assert slept == [pytest.approx(2.0, abs=0.01)] * 2 and len(store.appended) == 1
+    forged = new_prediction_id(NOW + timedelta(minutes=5))  # further ahead than any clock: 404 at once
+    service, store, _, slept = _service()
+    with pytest.raises(UnknownPrediction):
+        asyncio.run(service.submit({"label": "pos"}, prediction_id=forged))
+    assert slept == [] and store.appended == []
+
+
 def test_an_old_unknown_id_is_404_at_once_and_a_forged_id_too():
     service, store, _, slept = _service()
     old = new_prediction_id(datetime(2026, 11, 1, tzinfo=UTC))
