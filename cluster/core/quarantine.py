@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
@@ -29,7 +30,14 @@ ANONYMOUS = "(no key)"  # feedback taken without a key, where the feedback role 
 
 
 def normalized(text: str) -> str:
-    """The form in which texts are compared (shared texts, golden-set exclusion)."""
+    """The form in which texts are compared (shared texts, golden-set exclusion, the newest
+    answer per text): one Unicode composition, NFC, as labels are compared, so a seed's
+    "café" written by a macOS tool (NFD: e and a combining accent) and a browser's are one
+    text; without format characters (zero-width spaces and joiners: invisible, and
+    tokenizers drop them); blanks collapsed; lower case. Compared as they came, golden texts
+    sent back in the other form trained while judging the candidate."""
+    if not text.isascii():
+        text = "".join(c for c in unicodedata.normalize("NFC", text) if unicodedata.category(c) != "Cf")
     return " ".join(text.split()).lower()
 
 

@@ -233,12 +233,15 @@ def test_latest_answer_per_prediction_wins_and_golden_texts_never_train(env):
     feedback.append(model="m", text="p", label="positive", prediction_id="a" * 32, version="v1",
                     predicted_label="positive")
     feedback.append(model="m", text=golden_text.upper(), label="positive")
+    # The same text with a zero-width space, as some editors paste it: invisible, and no other text.
+    feedback.append(model="m", text=golden_text.replace(" ", " \u200b", 1) + "\u200b", label="negative")
     _give(feedback, 10)
     data = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v1)
-    assert data.summary["feedback"]["superseded"] == 1 and data.summary["feedback"]["on_golden_texts"] == 1
+    # One text, answered twice (the newer answer replaces the older), and a golden one: never trained.
+    assert data.summary["feedback"]["superseded"] == 2 and data.summary["feedback"]["on_golden_texts"] == 1
     rows = data.train.to_pylist() + data.fresh_eval.to_pylist()
     assert [r["label"] for r in rows if r["text"] == "p"] == ["positive"]
-    assert not any(r["text"].lower() == golden_text.lower() for r in rows)
+    assert not any(r["text"].replace("\u200b", "").lower() == golden_text.lower() for r in rows)
 
 
 def test_the_row_budget_caps_replay_then_fresh(env):

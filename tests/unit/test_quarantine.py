@@ -4,7 +4,7 @@ which keys are far off the rest, on numbers alone, and the book that holds the v
 import pytest
 
 from tuneloop.core.errors import NotQuarantined
-from tuneloop.core.quarantine import ANONYMOUS, flag_keys, key_stats, task_key_stats
+from tuneloop.core.quarantine import ANONYMOUS, flag_keys, key_stats, normalized, task_key_stats
 from tuneloop.core.tasks.token_classification import TokenClassification
 from tuneloop.store.quarantine import QuarantineBook
 from tuneloop.store.storage import Storage
@@ -148,3 +148,13 @@ def test_a_book_cut_mid_write_or_edited_by_hand_is_named_not_a_traceback(tmp_pat
                  lambda: book.quarantine("m", {"dddddddd": "off"}, {})):
         with pytest.raises(CorruptStoredFile, match="quarantine.json"):
             read()
+
+
+def test_texts_compare_in_one_unicode_form_without_invisible_characters():
+    """A seed's text written in NFD (macOS tools) and the same text sent back in NFC (a
+    browser) compared as two texts: golden texts trained while judging the candidate."""
+    composed, decomposed = "Caf\u00e9 num\u00e9ro 3", "Cafe\u0301 nume\u0301ro 3"
+    assert normalized(composed) == normalized(decomposed) == "caf\u00e9 num\u00e9ro 3"
+    assert normalized("hello\u200bworld\ufeff") == normalized("helloworld")
+    assert normalized("  Two   words\n") == "two words"
+    assert normalized("na\u00efve") != normalized("naive")  # a letter's accent is no format character
