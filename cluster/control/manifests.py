@@ -80,11 +80,16 @@ def _unplaceable(cfg: TuneloopConfig) -> list[str]:
     custom = [("serving.resources_per_replica", s.resources_per_replica)]
     for m in cfg.models:
         t = cfg.training_for(m.name)
-        where = "training" if not m.training else f"models.{m.name}.training"
-        asks.append((where, "cpus_per_worker", t.cpus_per_worker, "cpus_per_worker", w.cpus_per_worker))
+
+        def where(key: str, m=m) -> str:  # the section that set it: a model overriding epochs set no cpus_per_worker
+            return f"models.{m.name}.training" if key in m.training else "training"
+
+        asks.append((where("cpus_per_worker"), "cpus_per_worker", t.cpus_per_worker, "cpus_per_worker",
+                     w.cpus_per_worker))
         if t.use_gpu:
-            asks.append((where, "gpus_per_worker", t.gpus_per_worker, "gpus_per_worker", w.gpus_per_worker))
-        custom.append((f"{where}.resources_per_worker", t.resources_per_worker))
+            asks.append((where("gpus_per_worker"), "gpus_per_worker", t.gpus_per_worker, "gpus_per_worker",
+                         w.gpus_per_worker))
+        custom.append((f"{where('resources_per_worker')}.resources_per_worker", t.resources_per_worker))
     problems = []
     # Left out, max_replicas is the room shared by the models, but never below one replica
     # each (or min_replicas): more models than the room holds are refused as a set value is.

@@ -46,9 +46,9 @@ KEY_ROLES = (*ROLES, METRICS_ROLE)
 KEYS_ENV = "TUNELOOP_API_KEYS"
 KEYS_FILE = "auth/keys.json"
 ADMIN_KEY_FILE = "auth/admin-key.txt"
-_KEY = re.compile(r"^tl_([0-9a-f]{8})_([0-9a-f]{32})$")
-ID_PATTERN = re.compile(r"^[0-9a-f]{8}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_KEY = re.compile(r"^tl_([0-9a-f]{8})_([0-9a-f]{32})\Z")
+ID_PATTERN = re.compile(r"^[0-9a-f]{8}\Z")
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 _DUMMY_HASH = hashlib.sha256(b"no such key").hexdigest()
 
 

@@ -29,7 +29,7 @@ from tuneloop.core.errors import InvalidRequest, InvalidValue
 
 HEADER = "Idempotency-Key"
 MAX_KEY_CHARS = 255
-_KEY = re.compile(r"^[\x21-\x7e]+$")  # visible ASCII
+_KEY = re.compile(r"^[\x21-\x7e]+\Z")  # visible ASCII
 
 
 def parse_key(headers: list[str]) -> str | None:

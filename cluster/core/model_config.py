@@ -14,7 +14,7 @@ from tuneloop.core.deploy_config import Section, refuse_repeated
 from tuneloop.core.storage_config import refuse_credentials
 from tuneloop.core.tasks import TASKS, model_task
 
-_MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")
 # What a Serve config's `app` argument names besides models (control/apps.py).
 _RESERVED_NAMES = frozenset({"ingress", "controller"})
 # The model a ModelConfig without base_model (and not cut from a teacher) starts from: the

@@ -80,7 +80,7 @@ class RolloutConfig(Section):
                                                   "requests: beyond it, roll back"))
     inconclusive_after_s: float = Field(default=3600.0, gt=0,
                                         description="hold this long without a decision, then alert")
-    evaluate_every_s: float = Field(default=15.0, gt=0, description="how often the controller looks")
+    evaluate_every_s: float = Field(default=15.0, gt=0, le=3600, description="how often the controller looks")
 
     @field_validator("canary_steps")
     @classmethod

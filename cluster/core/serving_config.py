@@ -240,7 +240,7 @@ class PredictionsConfig(Section):
     """The prediction log (what was served, for joining feedback by prediction id)."""
 
     sample_rate: float = Field(default=1.0, ge=0, le=1, description="share of predictions recorded")
-    retention_days: int | None = Field(default=30, ge=1, description="older date partitions are dropped; null keeps all")
+    retention_days: int | None = Field(default=30, ge=1, le=36_500, description="older date partitions are dropped; null keeps all")
     flush_interval_s: float = Field(default=1.0, gt=0, le=60, description="replicas write what gathered this often")
     max_buffered_rows: int = Field(
         default=100_000, ge=1,
@@ -264,6 +264,12 @@ class ApiKeyConfig(Section):
     id: str = Field(pattern=r"^[0-9a-f]{8}$")
     role: Literal["predict", "feedback", "admin", "metrics"]  # metrics: /metrics' feedback series only
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the key's secret part, hex")
+
+    @field_validator("sha256", mode="before")
+    @classmethod
+    def _hex_in_either_case(cls, v: Any) -> Any:
+        """The same digest in upper case (PowerShell's ``Get-FileHash`` prints it so) was refused."""
+        return v.lower() if isinstance(v, str) else v
 
     @field_validator("id", mode="before")
     @classmethod

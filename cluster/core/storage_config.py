@@ -36,8 +36,16 @@ def without_credentials(uri: str) -> str:
     if "://" not in uri:
         return uri
     scheme, rest = uri.split("://", 1)
-    # An @ anywhere before the query: a secret key may hold a "/", which ends the host part.
-    return f"{scheme}://{rest.partition('?')[0].rpartition('@')[2]}"
+    location = rest.partition("?")[0]
+    # KEY:SECRET@ (a secret key may hold a "/", which ends the host part), or an @ in the host
+    # part: keys. An @ in the path past the host is a folder's (team@corp/), and stays.
+    userinfo, at, after = location.rpartition("@")
+    if at and (":" in userinfo or "/" not in userinfo):
+        location = after
+    else:
+        host, slash, path = location.partition("/")
+        location = host.rpartition("@")[2] + slash + path
+    return f"{scheme}://{location}"
 
 
 def refuse_credentials(v: str, what: str, authority_only: bool = False) -> str:
@@ -81,7 +89,7 @@ class StorageConfig(Section):
     @field_validator("root")
     @classmethod
     def _no_credentials_in_the_uri(cls, v: str) -> str:
-        return refuse_credentials(v, "storage root")
+        return refuse_credentials(v, "storage root", authority_only=True)  # s3://bucket/team@corp/ is a path
 
     @model_validator(mode="after")
     def _journal_is_local(self, info: ValidationInfo) -> StorageConfig:

@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from tuneloop.core.config import DEFAULT_BASE_MODEL, ConfigError, TrainingConfig, load_config, parse_config
+from tuneloop.core.storage_config import without_credentials
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = {"name": "sentiment", "base_model": "some/model", "labels": ["negative", "positive"]}
@@ -153,6 +154,17 @@ def test_credentials_in_a_storage_uri_are_refused_without_printing_them(root):
                                                         "journal_dir": "/wal"}}).storage.root.endswith("scheme=http")
 
 
+def test_an_at_sign_in_a_storage_roots_path_is_a_folders_not_keys():
+    """pyarrow reads s3://bucket/team@corp/ as bucket ``bucket``: the root was refused as
+    carrying credentials, and the message quoted another bucket (``s3://corp/...``)."""
+    root = "s3://bucket/team@corp/tuneloop"  # (boto3 is installed here; google-cloud-storage is not)
+    assert parse_config({"models": [MODEL], "storage": {"root": root, "journal_dir": "/wal"}}).storage.root == root
+    assert without_credentials(root) == root
+    assert without_credentials("gs://bucket/users/alice@example.com/t") == "gs://bucket/users/alice@example.com/t"
+    assert without_credentials("s3://KEY@bucket/team@corp/x") == "s3://bucket/team@corp/x"
+    assert without_credentials("s3://KEY:se/cret@bucket/x") == "s3://bucket/x"
+
+
 def test_keys_in_a_dataset_uri_or_in_any_quoted_uri_are_never_printed():
     """The seed's URI went into every version's manifest and the job's log."""
     for key, uri in [("seed_dataset", "s3://AKIAXYZ:s3cr3t@bucket/seed.tsv"),
@@ -189,6 +201,30 @@ def test_an_unquoted_numeric_key_id_says_to_quote_it_and_an_empty_key_list_is_no
         parse_config({"models": [MODEL], "auth": {"keys": [{"id": 342391, "role": "admin", "sha256": "a" * 64}]}})
     cfg = parse_config({"models": [MODEL], "auth": {"keys": None}, "serving": {"resources_per_replica": None}})
     assert cfg.auth.keys == [] and cfg.serving.resources_per_replica == {}
+
+
+def test_a_key_digest_in_upper_case_is_the_same_digest():
+    """PowerShell's Get-FileHash prints upper-case hex: it was refused as no SHA-256."""
+    cfg = parse_config({"models": [MODEL], "auth": {"keys": [{"id": "0123abcd", "role": "admin", "sha256": "AB" * 32}]}})
+    assert cfg.auth.keys[0].sha256 == "ab" * 32
+
+
+def test_a_name_or_quantity_ending_in_a_line_break_is_refused():
+    """Python's ``$`` matches before a final newline: a YAML block scalar (``name: |``)
+    gave the model ``sentiment\n``, its route ``/v1/models/sentiment\n/predict``."""
+    with pytest.raises(ConfigError, match=r"models.0.name: model name 'sentiment\\n'"):
+        parse_config({"models": [{**MODEL, "name": "sentiment\n"}]})
+    with pytest.raises(ConfigError, match="not a Kubernetes quantity"):
+        parse_config({"models": [MODEL], "deploy": {"head_memory": "16Gi\n"}})
+
+
+@pytest.mark.parametrize(("section", "key", "value"), [("rollout", "evaluate_every_s", 1e10),
+                                                       ("predictions", "retention_days", 1_000_000)])
+def test_periods_past_what_a_clock_can_sleep_or_subtract_are_refused(section, key, value):
+    """Valid before, they overflowed later: time.sleep(1e10) killed the controller's rollout
+    thread at its first look, and a million days' cutoff failed every hourly prune."""
+    with pytest.raises(ConfigError, match=f"{section}.{key}: Input should be less than or equal to"):
+        parse_config({"models": [MODEL], section: {key: value}})
 
 
 def test_a_batch_target_past_half_the_timeout_is_refused_and_auto_replicas_is_autoscaling():

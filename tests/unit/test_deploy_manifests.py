@@ -222,6 +222,21 @@ def test_what_no_rendered_worker_node_can_hold_is_refused(sections, message):
     assert message in str(refused.value)
 
 
+def test_what_no_node_holds_is_blamed_on_the_section_that_set_it():
+    """A model overriding only its epochs was blamed for the top level's cpus_per_worker too,
+    under a key (models.intent.training.cpus_per_worker) the config never had."""
+    doc = {"models": [{"name": "m", "base_model": "b", "labels": ["a", "b"]},
+                      {"name": "intent", "base_model": "b", "labels": ["a", "b"], "training": {"epochs": 10}},
+                      {"name": "big", "base_model": "b", "labels": ["a", "b"], "training": {"cpus_per_worker": 9}}],
+           "storage": {"root": "s3://b/tl", "journal_dir": "/j"}, "training": {"cpus_per_worker": 8}}
+    with pytest.raises(manifests.NotClusterable) as refused:
+        manifests.cluster_config_doc(doc, parse_config(doc))
+    said = str(refused.value)
+    assert said.count("training.cpus_per_worker is 8 but a worker node has 7") == 1
+    assert "models.intent.training" not in said
+    assert "models.big.training.cpus_per_worker is 9 but a worker node has 7" in said
+
+
 def test_an_aws_cluster_on_a_bucket_needs_the_workers_instance_profile():
     """The launcher gives the head an instance profile, never the workers: they could not
     read a version or write a checkpoint."""
