@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictStr, model_validator
 
 from tuneloop.core.rollout import Stage
 from tuneloop.core.tasks import check_unicode
@@ -41,7 +41,7 @@ class RolloutRequest(BaseModel):
     version: StrictStr | None = None
     stage: Stage | None = None
     force: StrictBool = False
-    at: float | None = Field(default=None, ge=0, le=100)
+    at: StrictFloat | None = Field(default=None, ge=0, le=100)  # true or "50" is no percent
 
 
 class FeedbackRequest(BaseModel):

@@ -285,7 +285,7 @@ class Ingress:
         names = [m.name for m in self.cfg.models]
         return readiness(dict(zip(names, await asyncio.gather(*(loaded(n) for n in names)), strict=True)))
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def prometheus(self, request: Request) -> Response:
         """Operational series for anyone who can reach the port; the series derived from
         feedback (online accuracy, labels) only for a key of role metrics, feedback or
@@ -337,12 +337,12 @@ class Ingress:
 
     # Who may read the models: whoever may predict (anyone, by default), as a client needs
     # the labels to read an answer; with predict closed (auth.open_roles: []), a key.
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def list_models(self, request: Request) -> dict[str, Any]:
         self.auth.check(_authorization(request), "predict")
         return {"models": await asyncio.to_thread(lambda: [self._summary(m.name) for m in self.cfg.models])}
 
-    @app.get("/v1/models/{model}")
+    @app.api_route("/v1/models/{model}", methods=["GET", "HEAD"])
     async def get_model(self, model: str, request: Request) -> dict[str, Any]:
         """Versions' evaluation metrics, gate reasons and the state's history are shown to
         admin keys only."""
@@ -394,7 +394,7 @@ class Ingress:
         return {"feedback_id": feedback_id}
 
     # -- jobs ----------------------------------------------------------------------------
-    @app.get("/v1/jobs/{job_id}")
+    @app.api_route("/v1/jobs/{job_id}", methods=["GET", "HEAD"])
     async def get_job(self, job_id: str, request: Request) -> dict[str, Any]:
         """Admins only: a job's record carries its error text and the gate's numbers."""
         self.auth.check(_authorization(request), "admin")
@@ -405,13 +405,13 @@ class Ingress:
                                        "error"})
 
     # -- feedback statistics -------------------------------------------------------------
-    @app.get("/v1/models/{model}/feedback/stats")
+    @app.api_route("/v1/models/{model}/feedback/stats", methods=["GET", "HEAD"])
     async def get_feedback_stats(self, model: str, request: Request) -> dict[str, Any]:
         self.auth.check(_authorization(request), "feedback")
         return self.feedback.stats(model)
 
     # -- admin ---------------------------------------------------------------------------
-    @app.get("/v1/models/{model}/feedback/keys")
+    @app.api_route("/v1/models/{model}/feedback/keys", methods=["GET", "HEAD"])
     async def quarantined_keys(self, model: str, request: Request) -> dict[str, Any]:
         """Feedback keys the quarantine flagged for this model, with why and their numbers."""
         self.auth.check(_authorization(request), "admin")

@@ -44,9 +44,11 @@ def test_health_ready_and_models(app):
     assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{url}/readyz")
     assert ready.status_code == 200 and ready.json()["models"] == {"sentiment": "v1"}
-    for probe in ("/healthz", "/readyz"):  # a HEAD probe (load balancers, uptime checks) gets the status alone
+    # A HEAD (load balancers, uptime checks) gets the status alone, wherever a GET is answered (RFC 9110).
+    for probe in ("/healthz", "/readyz", "/v1/models", "/v1/models/sentiment", "/metrics"):
         head = httpx.head(f"{url}{probe}")
-        assert head.status_code == 200 and head.content == b""
+        assert head.status_code == 200 and head.content == b"", probe
+    assert httpx.head(f"{url}/v1/models/nope").status_code == 404
     models = httpx.get(f"{url}/v1/models").json()["models"]
     assert models == [{"name": "sentiment", "task": "text-classification", "labels": ["negative", "positive"],
                        "production": "v1", "canary": None, "shadow": None, "rollout": None}]

@@ -68,6 +68,10 @@ def test_headers_are_checked_before_the_body_is_read():
     check_content_type("application/problem+json")
     assert _code(check_content_type, "text/plain") == (415, "unsupported_media_type")
     assert _code(check_content_type, "text/x+json") == (415, "unsupported_media_type")  # FastAPI parses it not
+    check_content_type("")  # an empty header: read as JSON, as FastAPI reads it
+    check_content_type("Application/JSON")
+    for odd in ("application/a/b+json", "application//+json", "application/jsonx", "\x00"):  # no JSON type to FastAPI
+        assert _code(check_content_type, odd) == (415, "unsupported_media_type"), odd
     check_content_length(None, 10)
     check_content_length("10", 10)
     assert _code(check_content_length, "11", 10) == (413, "payload_too_large")
