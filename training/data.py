@@ -196,15 +196,20 @@ def _read_jsonl(path: str, columns: list[str], string_columns: list[str]) -> pa.
     written ``1`` in one row and ``"positive"`` in the next, labels as a list in one row and
     joined by "|" in the next), the rows one by one with those columns' numbers as strings,
     and only the keys tuneloop reads (another key whose type changes, an ``id`` or a
-    ``meta``, failed the whole file)."""
+    ``meta``, failed the whole file). The rows one by one too where pyarrow took a column
+    tuneloop reads for dates: it does so when every value of a block is an ISO date, and
+    the text "2024-01-01" trained as "2024-01-01 00:00:00"."""
     try:
         with _open(path) as f:
-            return pajson.read_json(f)
+            table = pajson.read_json(f)
+        if not any(_temporal(table.schema.field(c).type) for c in (*columns, *_ROW_KEYS) if c in table.column_names):
+            return table
     except pa.ArrowInvalid:
-        with _open(path) as f:
-            # Split at "\n" only: splitlines() also splits at U+2028, U+2029 and U+0085, which a
-            # JSON string may hold unescaped.
-            lines = [line.removesuffix("\r") for line in f.read().decode("utf-8-sig").split("\n")]
+        pass
+    with _open(path) as f:
+        # Split at "\n" only: splitlines() also splits at U+2028, U+2029 and U+0085, which a
+        # JSON string may hold unescaped.
+        lines = [line.removesuffix("\r") for line in f.read().decode("utf-8-sig").split("\n")]
     keep = (*columns, *_ROW_KEYS)
     rows = []
     for n, line in enumerate(lines, 1):  # n: the file's line, blank lines counted
@@ -226,6 +231,15 @@ def _read_jsonl(path: str, columns: list[str], string_columns: list[str]) -> pa.
                 value = row[c]
                 row[c] = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
     return rows
+
+
+def _temporal(dtype: pa.DataType) -> bool:
+    """A date or time type, or a list or struct holding one (CoNLL's tokens)."""
+    if pa.types.is_temporal(dtype):
+        return True
+    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
+        return _temporal(dtype.value_type)
+    return pa.types.is_struct(dtype) and any(_temporal(dtype.field(i).type) for i in range(dtype.num_fields))
 
 
 def _as(column: pa.ChunkedArray, to: pa.DataType) -> pa.ChunkedArray:

@@ -18,7 +18,7 @@ from tuneloop.store.feedback_store import FeedbackStore
 from tuneloop.store.manifest import Manifest
 from tuneloop.store.registry import Registry
 from tuneloop.store.storage import Storage
-from tuneloop.training.data import read_dataset
+from tuneloop.training.data import read_dataset, read_texts
 from tuneloop.training.job_data import assemble, with_training_columns
 
 
@@ -597,6 +597,23 @@ def test_a_jsonl_seed_may_write_labels_as_numbers_and_strings_in_one_file(tmp_pa
     path.write_text('{"text": "a\u2028b", "label": 1.0}\n{"text": "c", "label": "0"}\r\n', encoding="utf-8")
     table = read_dataset(str(path), make_task("text-classification", ["0", "1"]))
     assert table.to_pylist() == [{"text": "a\u2028b", "label": "1"}, {"text": "c", "label": "0"}]
+
+
+def test_a_jsonl_file_of_date_like_texts_is_read_as_written(tmp_path):
+    """pyarrow reads a block whose values are all ISO dates as timestamps: the text
+    "2024-01-01" trained as "2024-01-01 00:00:00", and a tagger's tokens failed the job."""
+    from tuneloop.core.tasks import make_task
+
+    path = tmp_path / "seed.jsonl"
+    path.write_text('{"text": "2024-01-01", "label": "2024-05-06"}\n{"text": "2024-02-03", "label": "later"}\n')
+    table = read_dataset(str(path), make_task("text-classification", ["2024-05-06", "later"]))
+    assert table.to_pylist() == [{"text": "2024-01-01", "label": "2024-05-06"},
+                                 {"text": "2024-02-03", "label": "later"}]
+    assert read_texts(str(path)) == ["2024-01-01", "2024-02-03"]
+    conll = tmp_path / "ner.jsonl"
+    conll.write_text('{"tokens": ["2024-01-01", "2024-02-03"], "tags": ["O", "O"]}\n')
+    assert read_dataset(str(conll), make_task("token-classification", ["PER"])).to_pylist() == [
+        {"text": "2024-01-01 2024-02-03", "entities": []}]
 
 
 def test_a_seed_files_labels_in_another_unicode_form_are_read_as_the_configured_ones(tmp_path):
