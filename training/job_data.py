@@ -325,8 +325,12 @@ def assemble(task: Task, mcfg: ModelConfig, tcfg: TrainingConfig, registry: Regi
     # than the newest compacted row; a watermark past them would leave them out of every job.
     # What arrived since the oldest of them waits for the next job. Looked for before the
     # Parquet is read: the other way round, a segment compacted in between was in neither.
+    # And after it: one writer's record appended in between, older than another writer's
+    # compacted in between too, was in the journal only after the first look, and the
+    # watermark passed it.
     pending = feedback.oldest_pending(mcfg.name)
     stored = feedback.read_since(mcfg.name, after)
+    pending = min((t for t in (pending, feedback.oldest_pending(mcfg.name)) if t is not None), default=None)
     n_behind_pending = 0
     if pending is not None:
         before = stored.filter(pc.fill_null(pc.less(stored.column("created_at"),  # undated rows: older than all

@@ -919,6 +919,17 @@ def test_a_golden_dataset_taken_out_later_leaves_no_golden_set_rather_than_one_o
     assert "give the model a golden_dataset" in caplog.text
 
 
+def _v1_and_a_second_writer(env) -> tuple[Manifest, FeedbackStore]:
+    """v1 published, 20 fresh records compacted, and a second ingress journaling beside the first."""
+    cfg, task, registry, feedback, tmp_path = env
+    first = assemble(task, cfg.model("m"), cfg.training, registry, feedback, None)
+    v1 = _publish(registry, tmp_path, first, "v1", first.summary)
+    _give(feedback, 20)
+    other = FeedbackStore(registry.storage, str(tmp_path / "journal"), feedback.tasks)
+    other.open_writer()
+    return v1, other
+
+
 def test_records_another_live_writer_has_not_compacted_hold_the_watermark_back(env):
     """During an upgrade two ingresses journal side by side; a job compacts one. The other's
     records, older than the newest compacted one, fell behind the job's watermark and no later
@@ -926,11 +937,7 @@ def test_records_another_live_writer_has_not_compacted_hold_the_watermark_back(e
     import time
 
     cfg, task, registry, feedback, tmp_path = env
-    first = assemble(task, cfg.model("m"), cfg.training, registry, feedback, None)
-    v1 = _publish(registry, tmp_path, first, "v1", first.summary)
-    _give(feedback, 20)
-    other = FeedbackStore(registry.storage, str(tmp_path / "journal"), feedback.tasks)  # the second ingress
-    other.open_writer()
+    v1, other = _v1_and_a_second_writer(env)
     late = [other.append(model="m", text=f"other writer {i}", label="negative") for i in range(5)]
     time.sleep(0.01)
     _give(feedback, 30, start=20)  # newer, and compacted: the newest rows in Parquet
@@ -943,6 +950,33 @@ def test_records_another_live_writer_has_not_compacted_hold_the_watermark_back(e
     seen = {*nxt.train.column("feedback_id").to_pylist(), *nxt.fresh_eval.column("feedback_id").to_pylist()}
     assert set(late) <= seen and nxt.summary["feedback"]["waiting_for_compaction"] == 0
     assert nxt.summary["feedback"]["fresh_rows"] == 4 + 5 + 30  # v1's kept back, the other's, the waiting ones
+
+
+def test_a_record_another_writer_journals_while_the_job_reads_holds_the_watermark_back(env, monkeypatch):
+    """Both journals empty at the job's first look; then one writer journals a record and the
+    other a newer one, compacted before the read: the job saw the newer alone, and its
+    watermark passed the older for good."""
+    import time
+
+    cfg, task, registry, feedback, tmp_path = env
+    v1, other = _v1_and_a_second_writer(env)
+    late, read_since = [], feedback.read_since
+
+    def read_while_both_write(model, after):
+        late.append(other.append(model="m", text="other writer", label="negative"))  # journaled only
+        time.sleep(0.01)
+        _give(feedback, 5, start=20)  # newer, and compacted before the read lists the files
+        return read_since(model, after)
+
+    monkeypatch.setattr(feedback, "read_since", read_while_both_write)
+    data = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v1)
+    monkeypatch.setattr(feedback, "read_since", read_since)
+    assert (data.summary["feedback"]["fresh_rows"], data.summary["feedback"]["waiting_for_compaction"]) == (20, 5)
+    other.close()  # compacts its record
+    v2 = _publish(registry, tmp_path, data, "v2", data.summary)
+    nxt = assemble(task, cfg.model("m"), cfg.training, registry, feedback, v2)
+    seen = {*nxt.train.column("feedback_id").to_pylist(), *nxt.fresh_eval.column("feedback_id").to_pylist()}
+    assert set(late) <= seen
 
 
 def test_a_golden_dataset_edited_between_jobs_is_warned_about_and_judges_on_the_new_file(env, caplog):
