@@ -23,11 +23,13 @@ R = TypeVar("R")
 
 
 class ItemFailed(Exception):
-    """Item ``index`` of a submitted request failed alone with ``error``."""
+    """Items of a submitted request failed alone: ``failures``, (index, error) in the
+    request's order; ``index`` and ``error`` are the first's."""
 
-    def __init__(self, index: int, error: Exception):
-        super().__init__(f"item {index}: {error}")
-        self.index, self.error = index, error
+    def __init__(self, failures: list[tuple[int, Exception]]):
+        self.index, self.error = failures[0]
+        super().__init__(f"item {self.index}: {self.error}")
+        self.failures = failures
 
 
 class ComputeSlot:
@@ -121,6 +123,9 @@ class ContinuousBatcher(Generic[T, R]):
         a replica holds, and max_queued_requests the ones waiting for it.
         """
         if self._loop_task is None or self._loop_task.done():
+            # Its own event, as the consumer is its only waiter: one bound to an earlier loop
+            # (Serve runs one; a test may call asyncio.run again) failed the new consumer.
+            self._wake = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(self._consume())
         loop = asyncio.get_running_loop()
         futures = []
@@ -131,9 +136,9 @@ class ContinuousBatcher(Generic[T, R]):
             futures.append(fut)
         self._wake.set()
         results = await asyncio.gather(*futures, return_exceptions=True)
-        for i, result in enumerate(results):
-            if isinstance(result, Exception):
-                raise ItemFailed(i, result) from result
+        failures = [(i, result) for i, result in enumerate(results) if isinstance(result, Exception)]
+        if failures:
+            raise ItemFailed(failures) from failures[0][1]
         return list(results)
 
     async def _consume(self) -> None:

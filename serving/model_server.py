@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import logging
 import math
@@ -75,6 +76,9 @@ from tuneloop.serving.predict_request import (
 
 log = logging.getLogger(__name__)
 CLIENT_HEADER = "x-client-id"  # keeps a client on one version through a canary step
+# Set on a batch's exception: the version that computed it (a request queued before production
+# changed ran on the new one, whose failures counted against the old).
+COMPUTED_BY = "tuneloop_computed_by"
 
 
 def request_outcome(error: TuneloopError) -> str:
@@ -388,12 +392,18 @@ class ModelServer:
             batcher = self._challenger_batcher if canary else self._batcher
             predictions = await asyncio.wait_for(batcher.submit_many(texts), timeout)
         except ItemFailed as failed:
-            if isinstance(failed.error, NonFiniteScores) or not isinstance(failed.error, TuneloopError):
-                # the model failed (NaN scores too): a rollout's health counts it
-                metrics.PREDICT_ERRORS.labels(self.cfg.name, routed.version).inc()
-            if isinstance(failed.error, InputRejected):  # this request's alone; NaN scores stay a fault of ours
-                raise type(failed.error)(f"inputs[{failed.index}]: {failed.error.message}") from None
-            raise failed.error from None
+            # The model's faults (NaN scores too) count in a rollout's health, charged to the
+            # version whose batch failed; a crash is answered (500, logged) before another
+            # text's 422: the first failure alone hid a fault behind a bad text before it.
+            faults = [(i, e) for i, e in failed.failures if isinstance(e, NonFiniteScores)
+                      or not isinstance(e, TuneloopError)]
+            for version in {getattr(e, COMPUTED_BY, routed.version) for _, e in faults}:
+                metrics.PREDICT_ERRORS.labels(self.cfg.name, version).inc()
+            index, error = next(((i, e) for i, e in faults if not isinstance(e, TuneloopError)),
+                                (failed.index, failed.error))
+            if isinstance(error, InputRejected):  # this request's alone; NaN scores stay a fault of ours
+                raise type(error)(f"inputs[{index}]: {error.message}") from None
+            raise error from None
         except TimeoutError:
             # Counted against the version it was routed to: a canary too slow to answer
             # otherwise left only its fast answers in its health (and its latency).
@@ -434,6 +444,8 @@ class ModelServer:
             results, seconds = await asyncio.get_running_loop().run_in_executor(
                 self._compute, self._timed_batch, loaded, texts)
         except Exception as e:
+            with contextlib.suppress(AttributeError):  # queued before a switch, it failed on this version
+                setattr(e, COMPUTED_BY, loaded.version)
             if self.serving.adaptive_batching and len(texts) >= batcher.max_batch_size \
                     and not isinstance(e, TuneloopError):
                 # The model failed on a full batch (out of memory on a GPU): shrink as for an

@@ -12,7 +12,7 @@ from prometheus_client import REGISTRY
 
 from tuneloop.core.batching_policy import next_batch_size
 from tuneloop.core.config import parse_config
-from tuneloop.core.errors import NotReady, Overloaded
+from tuneloop.core.errors import InputRejected, NonFiniteScores, NotReady, Overloaded
 from tuneloop.core.rollout import LOAD_FAILURES_TO_ROLL_BACK
 from tuneloop.core.runtimes import ArtifactRecord, Optimization, ParityCheck
 from tuneloop.serving.loaded_models import LabelMismatch, cpu_class
@@ -299,6 +299,62 @@ def test_a_batch_the_model_fails_on_shrinks_the_adaptive_limit():
 
     asyncio.run(one_bad())
     assert replica._batcher.max_batch_size == next_batch_size(replica._policy, limit, limit, float("inf"))
+
+
+def _errors(version: str) -> float:
+    return REGISTRY.get_sample_value("tuneloop_predict_errors_total", {"model": "m", "version": version}) or 0.0
+
+
+def test_a_models_fault_is_counted_and_answered_though_another_text_of_the_request_was_bad():
+    """One request, a text the tokenizer refuses and one the version fails on: the first
+    failure alone was read, a 422, and the version's crash (or NaN) went uncounted in its
+    health and unlogged."""
+    replica, _, _ = _replica()
+    real = replica._loaded.predict
+
+    def picky(texts):
+        if "bad" in texts:
+            raise InputRejected("cannot tokenize it")
+        if "boom" in texts:
+            raise RuntimeError("the version crashed")
+        if "nan" in texts:
+            raise NonFiniteScores("scores are not finite")
+        return real(texts)
+
+    replica._loaded.predict = picky
+    before = _errors("v1")
+    with pytest.raises(InputRejected, match=r"inputs\[0\]: cannot tokenize"):
+        asyncio.run(replica.predict(["bad", "fine"]))
+    assert _errors("v1") == before  # the client's error alone
+    with pytest.raises(InputRejected):  # both 422s: the first answers, and the NaN counts against v1
+        asyncio.run(replica.predict(["bad", "nan"]))
+    assert _errors("v1") == before + 1
+    with pytest.raises(RuntimeError, match="the version crashed"):
+        asyncio.run(replica.predict(["bad", "boom"]))
+    assert _errors("v1") == before + 2
+
+
+def test_a_failure_is_charged_to_the_version_whose_batch_raised_it():
+    """A request admitted on v1 and computed on v2 (production changed while it queued)
+    charged v2's crash to v1."""
+    replica, _, _ = _replica()
+    v2 = FakeModel("/weights/v2", "v2", replica.task, 64)
+
+    def crashes(texts):
+        raise RuntimeError("v2 cannot run")
+
+    v2.predict = crashes
+    before = (_errors("v1"), _errors("v2"))
+
+    async def admitted_then_swapped():
+        request = asyncio.ensure_future(replica.predict(["x"]))
+        await asyncio.sleep(0)  # admitted on v1, queued for its batch
+        replica._loaded = v2  # a promotion's swap, before the batch begins
+        return await request
+
+    with pytest.raises(RuntimeError, match="v2 cannot run"):
+        asyncio.run(admitted_then_swapped())
+    assert (_errors("v1"), _errors("v2")) == (before[0], before[1] + 1)
 
 
 def _optimized(int8_passed: bool = True, folder: str = "artifacts", bf16_speed: float | None = None,
