@@ -15,14 +15,14 @@ from tuneloop.core.config import ConfigError, TuneloopConfig, load_config_and_do
 deploy_app = typer.Typer(no_args_is_help=True, rich_markup_mode="markdown", help=(
     "Run tuneloop on a GPU cluster: KubeRay (kubectl) or the Ray cluster launcher (ray up) on AWS or GCP. "
     "Every command renders the cluster's files from the config first (into .tuneloop/deploy/, or --dir); "
-    "the verbs that run commands take --dry-run, which prints the files and the commands and runs nothing."))
+    "the verbs that run commands take --dry-run, which renders the files, prints their paths and the commands, and runs nothing."))
 
 ConfigOption = typer.Option(None, "--config", "-c", help="config file (default: $TUNELOOP_CONFIG or ./tuneloop.yaml)")
 TargetOption = typer.Option("kuberay", "--target", "-t", help="kuberay, aws or gcp (render also: serve)")
 DirOption = typer.Option(None, "--dir", help=(
     "where the rendered files go (default .tuneloop/deploy/kuberay, .tuneloop/deploy/launcher/{cloud}, "
     ".tuneloop/deploy/serve)"))
-DryRunOption = typer.Option(False, "--dry-run", help="print the files and the commands; run nothing")
+DryRunOption = typer.Option(False, "--dry-run", help="render the files and print their paths and the commands; run nothing")
 
 
 def known_model(cfg: TuneloopConfig, model: str) -> None:
