@@ -156,13 +156,16 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     if typed is not None:
         # Starlette's own words ("Not Found", "Method Not Allowed") named neither the path
         # nor the method; predict's replicas say both.
-        detail, allowed = str(exc.detail), (exc.headers or {}).get("Allow")
+        headers = dict(exc.headers or {})
+        detail, allowed = str(exc.detail), headers.get("Allow")
+        if allowed and "GET" in allowed.split(", ") and "HEAD" not in allowed.split(", "):
+            allowed = headers["Allow"] = f"{allowed}, HEAD"  # its own route, after the GET's
         if detail == "Not Found":
             detail = f"no route {request.url.path!r}"
         elif detail == "Method Not Allowed" and allowed:
             detail = f"{request.method} is not allowed here; use {allowed}"
         answer = error_response(typed(detail))
-        answer.headers.update(exc.headers or {})  # a 405's Allow: the methods the path takes
+        answer.headers.update(headers)  # a 405's Allow: the methods the path takes
         return answer
     return JSONResponse(V1.body("http_error", str(exc.detail)), status_code=exc.status_code)
 
@@ -262,12 +265,17 @@ class Ingress:
         return self._controller_handle
 
     # -- health --------------------------------------------------------------------------
-    # HEAD too: load balancers' and uptime checkers' probes that send it read a 405 as down.
-    @app.api_route("/healthz", methods=["GET", "HEAD"])
+    # Every GET answers HEAD too (RFC 9110): load balancers' and uptime checkers' probes that
+    # send it read a 405 as down. A route of its own, out of the schema: one route of both
+    # gave the two operations one operationId, an invalid OpenAPI document. Declared after
+    # the GET's, whose methods a 405's Allow lists (the path's first route).
+    @app.head("/healthz", include_in_schema=False)
+    @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.api_route("/readyz", methods=["GET", "HEAD"])
+    @app.head("/readyz", include_in_schema=False)
+    @app.get("/readyz")
     async def readyz(self) -> JSONResponse:
         """200 once every model has a version loaded; either way it names the versions a
         replica refused (labels other than the config's, and which) or failed to load, which
@@ -285,7 +293,8 @@ class Ingress:
         names = [m.name for m in self.cfg.models]
         return readiness(dict(zip(names, await asyncio.gather(*(loaded(n) for n in names)), strict=True)))
 
-    @app.api_route("/metrics", methods=["GET", "HEAD"])
+    @app.head("/metrics", include_in_schema=False)
+    @app.get("/metrics")
     async def prometheus(self, request: Request) -> Response:
         """Operational series for anyone who can reach the port; the series derived from
         feedback (online accuracy, labels) only for a key of role metrics, feedback or
@@ -337,12 +346,14 @@ class Ingress:
 
     # Who may read the models: whoever may predict (anyone, by default), as a client needs
     # the labels to read an answer; with predict closed (auth.open_roles: []), a key.
-    @app.api_route("/v1/models", methods=["GET", "HEAD"])
+    @app.head("/v1/models", include_in_schema=False)
+    @app.get("/v1/models")
     async def list_models(self, request: Request) -> dict[str, Any]:
         self.auth.check(_authorization(request), "predict")
         return {"models": await asyncio.to_thread(lambda: [self._summary(m.name) for m in self.cfg.models])}
 
-    @app.api_route("/v1/models/{model}", methods=["GET", "HEAD"])
+    @app.head("/v1/models/{model}", include_in_schema=False)
+    @app.get("/v1/models/{model}")
     async def get_model(self, model: str, request: Request) -> dict[str, Any]:
         """Versions' evaluation metrics, gate reasons and the state's history are shown to
         admin keys only."""
@@ -394,7 +405,8 @@ class Ingress:
         return {"feedback_id": feedback_id}
 
     # -- jobs ----------------------------------------------------------------------------
-    @app.api_route("/v1/jobs/{job_id}", methods=["GET", "HEAD"])
+    @app.head("/v1/jobs/{job_id}", include_in_schema=False)
+    @app.get("/v1/jobs/{job_id}")
     async def get_job(self, job_id: str, request: Request) -> dict[str, Any]:
         """Admins only: a job's record carries its error text and the gate's numbers."""
         self.auth.check(_authorization(request), "admin")
@@ -405,13 +417,15 @@ class Ingress:
                                        "error"})
 
     # -- feedback statistics -------------------------------------------------------------
-    @app.api_route("/v1/models/{model}/feedback/stats", methods=["GET", "HEAD"])
+    @app.head("/v1/models/{model}/feedback/stats", include_in_schema=False)
+    @app.get("/v1/models/{model}/feedback/stats")
     async def get_feedback_stats(self, model: str, request: Request) -> dict[str, Any]:
         self.auth.check(_authorization(request), "feedback")
         return self.feedback.stats(model)
 
     # -- admin ---------------------------------------------------------------------------
-    @app.api_route("/v1/models/{model}/feedback/keys", methods=["GET", "HEAD"])
+    @app.head("/v1/models/{model}/feedback/keys", include_in_schema=False)
+    @app.get("/v1/models/{model}/feedback/keys")
     async def quarantined_keys(self, model: str, request: Request) -> dict[str, Any]:
         """Feedback keys the quarantine flagged for this model, with why and their numbers."""
         self.auth.check(_authorization(request), "admin")

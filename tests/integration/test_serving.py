@@ -49,6 +49,11 @@ def test_health_ready_and_models(app):
         head = httpx.head(f"{url}{probe}")
         assert head.status_code == 200 and head.content == b"", probe
     assert httpx.head(f"{url}/v1/models/nope").status_code == 404
+    assert httpx.delete(f"{url}/v1/models").headers["allow"] == "GET, HEAD"
+    schema = httpx.get(f"{url}/openapi.json").json()  # one operation a GET, each its own operationId
+    operations = [op for path in schema["paths"].values() for op in path.values()]
+    assert "head" not in {m for path in schema["paths"].values() for m in path}
+    assert len({op["operationId"] for op in operations}) == len(operations)
     models = httpx.get(f"{url}/v1/models").json()["models"]
     assert models == [{"name": "sentiment", "task": "text-classification", "labels": ["negative", "positive"],
                        "production": "v1", "canary": None, "shadow": None, "rollout": None}]
