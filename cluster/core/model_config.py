@@ -53,7 +53,7 @@ class DistillConfig(Section):
     @field_validator("transfer_dataset")
     @classmethod
     def _no_credentials_in_the_transfer_uri(cls, v: str | None, info: ValidationInfo) -> str | None:
-        return refuse_credentials(v, info.field_name, authority_only=True) if v else v
+        return refuse_credentials(v, info.field_name) if v else v
 
     @model_validator(mode="after")
     def _soft_labels_teach_the_transfer_set(self) -> DistillConfig:
@@ -100,7 +100,7 @@ class ModelConfig(Section):
     @field_validator("seed_dataset", "golden_dataset")
     @classmethod
     def _no_credentials_in_a_dataset_uri(cls, v: str | None, info: ValidationInfo) -> str | None:
-        return refuse_credentials(v, info.field_name, authority_only=True) if v else v
+        return refuse_credentials(v, info.field_name) if v else v
 
     @model_validator(mode="before")
     @classmethod

@@ -30,6 +30,18 @@ def _installed(module: str) -> bool:
         return False
 
 
+def _keys_end(location: str) -> int:
+    """Where keys written before a URI's bucket end (past their "@"), or 0 where it has none:
+    an "@" in the host part (``KEY@bucket``, ``KEY:SECRET@bucket``), or, after a ":" in it,
+    the first "@" (a secret key may hold a "/", which ends the host part: ``KEY:se/cret@bucket``;
+    no bucket name holds a ":"). An "@" or ":" in the path past the bucket is a folder's
+    (``bucket/team@corp/``, ``bucket/runs/12:00@x/``)."""
+    host = location.partition("/")[0]
+    if "@" in host:
+        return host.rindex("@") + 1
+    return location.index("@") + 1 if ":" in host and "@" in location else 0
+
+
 def without_credentials(uri: str) -> str:
     """``uri`` as messages may quote it: its scheme and location, never keys (``KEY:SECRET@``)
     nor its query (``?secret_key=``)."""
@@ -37,18 +49,10 @@ def without_credentials(uri: str) -> str:
         return uri
     scheme, rest = uri.split("://", 1)
     location = rest.partition("?")[0]
-    # KEY:SECRET@ (a secret key may hold a "/", which ends the host part), or an @ in the host
-    # part: keys. An @ in the path past the host is a folder's (team@corp/), and stays.
-    userinfo, at, after = location.rpartition("@")
-    if at and (":" in userinfo or "/" not in userinfo):
-        location = after
-    else:
-        host, slash, path = location.partition("/")
-        location = host.rpartition("@")[2] + slash + path
-    return f"{scheme}://{location}"
+    return f"{scheme}://{location[_keys_end(location):]}"
 
 
-def refuse_credentials(v: str, what: str, authority_only: bool = False) -> str:
+def refuse_credentials(v: str, what: str) -> str:
     """``v`` unless it is a URI carrying keys (``s3://KEY:SECRET@bucket``, or ``?secret_key=``):
     keys there reached pyarrow only, not the conditional writes' boto3 client, which then
     wrote as another identity or found none; and the URI is printed in logs, command output
@@ -57,11 +61,7 @@ def refuse_credentials(v: str, what: str, authority_only: bool = False) -> str:
         return v
     location, _, query = v.split("://", 1)[1].partition("?")
     names = {unquote(p.partition("=")[0]).lower() for p in query.split("&")}
-    # A file's path may hold an @ (team@corp/seed.csv): with ``authority_only``, an @ counts in
-    # the host part, or after KEY:SECRET (a secret key may hold a "/", which ends the host part).
-    carried = (("@" in location.partition("/")[0] or ":" in location.rpartition("@")[0]) if authority_only
-               else "@" in location)
-    if carried or names & {"access_key", "secret_key", "session_token"}:
+    if _keys_end(location) or names & {"access_key", "secret_key", "session_token"}:
         raise PydanticCustomError(CREDENTIALS_IN_URI, (  # a type of its own: the message never quotes the value
             f"{what} {without_credentials(v)!r} carries credentials: give them to every node as environment variables "
             "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or GOOGLE_APPLICATION_CREDENTIALS), a profile or "
@@ -89,7 +89,7 @@ class StorageConfig(Section):
     @field_validator("root")
     @classmethod
     def _no_credentials_in_the_uri(cls, v: str) -> str:
-        return refuse_credentials(v, "storage root", authority_only=True)  # s3://bucket/team@corp/ is a path
+        return refuse_credentials(v, "storage root")
 
     @model_validator(mode="after")
     def _journal_is_local(self, info: ValidationInfo) -> StorageConfig:

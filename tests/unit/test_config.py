@@ -163,6 +163,8 @@ def test_an_at_sign_in_a_storage_roots_path_is_a_folders_not_keys():
     assert without_credentials("gs://bucket/users/alice@example.com/t") == "gs://bucket/users/alice@example.com/t"
     assert without_credentials("s3://KEY@bucket/team@corp/x") == "s3://bucket/team@corp/x"
     assert without_credentials("s3://KEY:se/cret@bucket/x") == "s3://bucket/x"
+    assert without_credentials("s3://KEY:SECRET@bucket/team@corp/x") == "s3://bucket/team@corp/x"
+    assert parse_config({"models": [MODEL], "storage": {"root": "s3://bucket/runs/12:00@x", "journal_dir": "/wal"}})
 
 
 def test_keys_in_a_dataset_uri_or_in_any_quoted_uri_are_never_printed():
