@@ -132,6 +132,7 @@ def keys_from_doc(doc: Any, source: str = KEYS_FILE) -> list[ApiKey]:
         if not isinstance(entry, dict):
             raise KeyFileError(f"{where} must be a JSON object {{id, role, sha256}}, not {quote_value(entry)}")
         key_id, role, sha256 = entry.get("id"), entry.get("role"), entry.get("sha256")
+        sha256 = sha256.lower() if isinstance(sha256, str) else sha256  # as the config takes it: any case
         if not (isinstance(key_id, str) and ID_PATTERN.match(key_id)):
             raise KeyFileError(f"{where}: id must be 8 hex digits, not {quote_value(key_id)}")
         if not (isinstance(role, str) and role in KEY_ROLES):

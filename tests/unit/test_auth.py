@@ -50,6 +50,15 @@ def test_keys_are_stored_hashed_and_checked_by_role():
         auth.check(f"Bearer {fb}", "admin")
 
 
+def test_a_key_files_digest_in_upper_case_is_the_same_digest():
+    """Hand-edited with a tool that prints hex in upper case (PowerShell's Get-FileHash), as
+    the config's auth.keys takes it."""
+    key, rec = new_key("feedback")
+    doc = stored_keys_doc([rec])
+    doc["keys"][0]["sha256"] = doc["keys"][0]["sha256"].upper()
+    assert Authorizer(keys_from_doc(doc)).check(f"Bearer {key}", "feedback") == rec.id
+
+
 def test_a_metrics_key_reads_the_feedback_series_and_nothing_else():
     """Prometheus' scrape key sits in a Secret or a file: leaked, it must not send feedback
     that trains the next version, nor read what the feedback says."""
