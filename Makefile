@@ -42,7 +42,7 @@ cluster-test: $(STAMP)
 crash-test: $(STAMP)
 	$(BIN)/pytest -q -s -p no:cacheprovider -m slow tests/integration/test_feedback_crash.py tests/integration/test_stop.py
 
-# Every benchmark script end to end on tiny models and generated data, checking their tables (seven tests, their own Ray: about 9 minutes).
+# Seven benchmark scripts end to end on tiny models and generated data, checking their tables (their own Ray: about 9 minutes).
 bench-smoke: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider -m slow tests/integration/test_bench_smoke.py
 

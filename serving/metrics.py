@@ -69,7 +69,8 @@ BATCH_TOKENS = Histogram(
 FEEDBACK = Counter("tuneloop_feedback", "Feedback records accepted", ["model"])
 PREDICT_ERRORS = Counter(
     "tuneloop_predict_errors",
-    "Predict requests the model failed (500) or did not answer in time (503), by the version they were routed to",
+    "Predict requests the model failed (500; NaN scores 422), by the version whose batch failed, or did not answer "
+    "in time (503), by the version they were routed to",
     ["model", "version"],
 )
 VERSION_LOAD_FAILURES = Counter(

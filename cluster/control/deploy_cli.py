@@ -22,7 +22,8 @@ TargetOption = typer.Option("kuberay", "--target", "-t", help="kuberay, aws or g
 DirOption = typer.Option(None, "--dir", help=(
     "where the rendered files go (default .tuneloop/deploy/kuberay, .tuneloop/deploy/launcher/{cloud}, "
     ".tuneloop/deploy/serve)"))
-DryRunOption = typer.Option(False, "--dry-run", help="render the files and print their paths and the commands; run nothing")
+DryRunOption = typer.Option(False, "--dry-run", help=(
+    "render the files and print their paths and the commands (rollout: check the switch); run nothing"))
 
 
 def known_model(cfg: TuneloopConfig, model: str) -> None:

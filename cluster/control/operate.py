@@ -2,7 +2,7 @@
 
 Every verb first renders the cluster's files from the config (``manifests.py``), so what is
 applied is what the config says; then runs ``kubectl`` (KubeRay) or ``ray`` (the cluster
-launcher on AWS or GCP). ``--dry-run`` prints the files and exactly the commands, and runs
+launcher on AWS or GCP). ``--dry-run`` renders the files, prints their paths and exactly the commands, and runs
 nothing. ``status`` and ``rollout`` also read and change the registry in the storage root
 directly: the operator's machine reaches the same bucket as the cluster.
 """
