@@ -371,8 +371,14 @@ app.add_typer(deploy_app, name="deploy")
 
 
 @feedback_app.command("stats")
-def feedback_stats_cmd(model: str, config: str | None = ConfigOption) -> None:
-    """Counts by label, version and day, and each version's online accuracy, as JSON."""
+def feedback_stats_cmd(
+    model: str,
+    as_json: bool = typer.Option(False, "--json", help="print the statistics as JSON"),
+    config: str | None = ConfigOption,
+) -> None:
+    """Counts by label, version and day, each version's online accuracy (the share of
+    feedback on its answers that agreed), and its labels' online precision and recall."""
+    from tuneloop.control.feedback_report import feedback_lines
     from tuneloop.core.feedback_stats import feedback_stats
     from tuneloop.core.tasks import model_tasks
     from tuneloop.store.feedback_store import FeedbackStore
@@ -381,7 +387,8 @@ def feedback_stats_cmd(model: str, config: str | None = ConfigOption) -> None:
     known_model(cfg, model)
     tasks = model_tasks(cfg.models)
     store = FeedbackStore(stored_root(cfg), cfg.storage.journal_path(), tasks)
-    typer.echo(json.dumps(feedback_stats(model, tasks[model], store.read_all(model, without_text=True)), indent=2))
+    stats = feedback_stats(model, tasks[model], store.read_all(model, without_text=True))
+    typer.echo(json.dumps(stats, indent=2) if as_json else "\n".join(feedback_lines(stats)))
 
 
 @feedback_app.command("keys")

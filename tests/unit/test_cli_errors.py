@@ -246,6 +246,38 @@ def test_jobs_lists_the_newest_first_with_why_each_failed(config, tmp_path):
     assert CliRunner().invoke(app, ["jobs", "nope", "--config", config]).exit_code != 0
 
 
+def test_feedback_stats_prints_each_versions_online_accuracy_in_columns_and_json_on_request(config, tmp_path):
+    """It printed the statistics' JSON document alone, which `status` and `jobs` print as
+    lines (their JSON behind --json)."""
+    import json
+
+    from tuneloop.core.tasks import model_tasks
+    from tuneloop.store.feedback_store import FeedbackStore
+
+    cfg = parse_config(yaml.safe_load(open(config)))
+    assert CliRunner().invoke(app, ["feedback", "stats", "m", "--config", config]).output.strip() == "m: no feedback yet"
+    store = FeedbackStore(Storage(str(tmp_path / "store")), cfg.storage.journal_path(), model_tasks(cfg.models))
+    store.open_writer()
+    for i, (said, served) in enumerate([("a", "a"), ("a", "b"), ("b", "b"), ("b", "b")]):
+        store.append(model="m", text=f"t{i}", label=said, prediction_id=f"{i:032x}", version="v1",
+                     predicted_label=served)
+    store.append(model="m", text="t0", label="b", prediction_id=f"{0:032x}", version="v1", predicted_label="a")
+    store.append(model="m", text="unserved", label="a")
+    store.close()
+    shown = CliRunner().invoke(app, ["feedback", "stats", "m", "--config", config])
+    assert shown.exit_code == 0, shown.output
+    lines = shown.output.splitlines()
+    assert lines[0] == ("m: 5 feedback record(s) count; 1 earlier answer(s) on the same predictions were replaced by "
+                        "newer ones (latest wins)")
+    assert lines[1] == "labels: a 2, b 3"
+    header = lines.index("VERSION  FEEDBACK  AGREED  ONLINE ACCURACY")
+    assert lines[header + 1].split() == ["v1", "4", "2", "0.5000"]  # t0 now says b where v1 served a
+    label_header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["LABEL", "RIGHT"])
+    assert lines[label_header + 1].split()[:4] == ["a", "0", "1", "1"] and lines[-1].startswith("days: ")
+    document = json.loads(CliRunner().invoke(app, ["feedback", "stats", "m", "--json", "--config", config]).output)
+    assert document["total"] == 5 and document["by_version"]["v1"]["online_accuracy"] == 0.5
+
+
 def test_jobs_shows_a_job_without_heartbeat_and_leaves_marking_it_lost_to_the_cluster(config, tmp_path):
     """Read by this machine's clock, a minute ahead of the cluster's (a laptop after a sleep),
     `tuneloop jobs` marked a live job lost, and that job then never published its version."""

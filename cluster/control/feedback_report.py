@@ -1,0 +1,56 @@
+"""`tuneloop feedback stats` as an operator reads it: what the feedback says of each serving
+version, in aligned columns (``--json`` prints ``feedback_stats``' document as it is). Pure:
+the statistics in, lines out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _columns(rows: list[tuple[str, ...]], indent: str = "") -> list[str]:
+    """Left-aligned columns, the first row a header: `tuneloop jobs`' layout."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [(indent + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))).rstrip()
+            for row in rows]
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def feedback_lines(stats: dict[str, Any]) -> list[str]:
+    """The model's feedback in a few lines: the total, each label's count, each version's
+    online accuracy (the share of feedback on its answers that agreed with them), its labels'
+    online precision and recall where feedback judged them (right, wrong, missed), and the
+    days."""
+    model, total = stats["model"], stats["total"]
+    if not total:
+        return [f"{model}: no feedback yet"]
+    replaced = stats.get("superseded") or 0
+    lines = [f"{model}: {total} feedback record(s) count"
+             + (f"; {replaced} earlier answer(s) on the same predictions were replaced by newer ones (latest wins)"
+                if replaced else "")]
+    if stats["by_label"]:
+        lines.append("labels: " + ", ".join(f"{label} {n}" for label, n in stats["by_label"].items()))
+    versions = stats["by_version"]
+    if not versions:
+        lines.append("no feedback on a prediction yet (feedback on a text alone judges no version)")
+    else:
+        lines.append("")
+        lines.extend(_columns([("VERSION", "FEEDBACK", "AGREED", "ONLINE ACCURACY")]
+                              + [(version, str(seen["feedback"]), str(seen["agreed"]), _share(seen["online_accuracy"]))
+                                 for version, seen in versions.items()]))
+    for version, seen in versions.items():
+        judged = seen.get("by_label") or {}
+        if judged:
+            lines.append("")
+            lines.append(f"{version}, each label as feedback judged it:")
+            rows = [("LABEL", "RIGHT", "WRONG", "MISSED", "PRECISION", "RECALL")]
+            rows += [(label, str(q["right"]), str(q["wrong"]), str(q["missed"]), _share(q["precision"]),
+                      _share(q["recall"])) for label, q in judged.items()]
+            lines.extend(_columns(rows, indent="  "))
+    if stats["by_day"]:
+        lines.append("")
+        lines.append("days: " + ", ".join(f"{day} {n}" for day, n in stats["by_day"].items()))
+    return lines
