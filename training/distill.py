@@ -212,6 +212,24 @@ def keep_layers(model, keep: list[int]) -> None:
     if isinstance(getattr(model.config, "layer_types", None), list | tuple):
         model.config.layer_types = [model.config.layer_types[i] for i in keep]
     model.config.num_hidden_layers = len(keep)
+    _as_built_in_place(model, name, getattr(parent, name.rpartition(".")[2]))
+
+
+def _as_built_in_place(model, stack: str, kept) -> None:
+    """Give each kept layer the modules a model of the cut config builds in its new place.
+    A family may build a layer by its place: ModernBERT's first has no attention norm (the
+    embeddings' norm comes just before it), so a student of its last layer alone trained
+    with a norm the saved version reloaded without (dropped as an unexpected weight): the
+    version served was not the one the gate passed. Built on the meta device: no weights."""
+    import torch
+
+    with torch.device("meta"):
+        built = type(model)(model.config).base_model.get_submodule(stack)
+    for layer, fresh in zip(kept, built, strict=True):
+        for name, module in fresh.named_modules():
+            if name and isinstance(module, torch.nn.Identity) and not isinstance(layer.get_submodule(name),
+                                                                                 torch.nn.Identity):
+                layer.set_submodule(name, torch.nn.Identity())
 
 
 def distillation_loss(student_logits, teacher_logits, targets, labelled, task: Task, temperature: float,
