@@ -118,8 +118,11 @@ class Rollout(BaseModel):
     alerted: bool = False  # the inconclusive alert was raised for this stage
 
     def next_stage(self, steps: list[float]) -> tuple[Stage, int, float] | None:
-        """Where advancing leads: the next canary step, or None (production)."""
-        step = 0 if self.stage == "shadow" else self.step + 1
+        """Where advancing leads: the first canary step past the share it has now, or None
+        (production). By share, not by the step's index: read in ``canary_steps`` edited
+        mid-rollout, the index skipped a share ([5, 25, 50] at 25%, edited to [10, 50]:
+        straight to production), repeated one or went down."""
+        step = 0 if self.stage == "shadow" else next((i for i, s in enumerate(steps) if s > self.percent), len(steps))
         return ("canary", step, steps[step]) if step < len(steps) else None
 
 

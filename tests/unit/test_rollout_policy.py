@@ -131,7 +131,18 @@ def test_stages_follow_the_mode_and_the_steps():
     assert r.next_stage(steps) == ("canary", 0, 5.0)
     r = Rollout(version="v2", stage="canary", step=1, percent=25, started_at="t", stage_started_at="t")
     assert r.next_stage(steps) == ("canary", 2, 50.0)
-    assert r.model_copy(update={"step": 2}).next_stage(steps) is None  # then production
+    assert r.model_copy(update={"step": 2, "percent": 50}).next_stage(steps) is None  # then production
+
+
+def test_canary_steps_edited_mid_rollout_lead_past_the_share_it_has():
+    """At 25% of [5, 25, 50], the next step was read by index in the edited list: [10, 50]
+    went straight to production, [30, 40, 60] skipped to 60%, [5, 10, 25, 50] repeated 25%,
+    [1, 2, 3] went down to 3%."""
+    r = Rollout(version="v2", stage="canary", step=1, percent=25, started_at="t", stage_started_at="t")
+    assert r.next_stage([10.0, 50.0]) == ("canary", 1, 50.0)
+    assert r.next_stage([30.0, 40.0, 60.0]) == ("canary", 0, 30.0)
+    assert r.next_stage([5.0, 10.0, 25.0, 50.0]) == ("canary", 3, 50.0)
+    assert r.next_stage([1.0, 2.0, 3.0]) is None  # past every step: production, never a smaller share
 
 
 @pytest.mark.parametrize("steps", [[5, 5], [50, 25], [0, 10], [10, 100], []])
