@@ -35,6 +35,8 @@ def which_trigger(cfg: TriggerConfig, *, pending: int, running: bool, now: float
         return "schedule"
     if cfg.accuracy_drop is not None and golden_accuracy is not None and len(agreements) >= cfg.accuracy_window:
         recent = online_accuracy(agreements[-cfg.accuracy_window:])
-        if recent is not None and recent <= golden_accuracy - cfg.accuracy_drop:
+        # The gate's tolerance on ties: 0.3 - 0.1 is 0.19999999999999998, and a window at
+        # exactly 0.2 (40 of 200) did not fire where 0.7 - 0.1 and 0.5 did.
+        if recent is not None and recent <= golden_accuracy - cfg.accuracy_drop + 1e-9:
             return "accuracy_drop"
     return None

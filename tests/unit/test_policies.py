@@ -37,6 +37,10 @@ def test_accuracy_drop_trigger_compares_the_window_with_golden_accuracy():
     assert _which(agreements=window[:9], golden=0.90, accuracy_drop=0.05, accuracy_window=10) is None  # too few yet
     assert _which(agreements=[False] * 5 + window, golden=0.90, accuracy_drop=0.05, accuracy_window=10) == "accuracy_drop"
     assert _which(pending=0, agreements=window, golden=0.9, accuracy_drop=0.05, accuracy_window=10) is None
+    # A drop of exactly accuracy_drop fires whatever its float rounding: 0.3 - 0.1 < 0.2.
+    tie = [True] * 2 + [False] * 8
+    assert _which(agreements=tie, golden=0.3, accuracy_drop=0.1, accuracy_window=10) == "accuracy_drop"
+    assert _which(agreements=tie, golden=0.29, accuracy_drop=0.1, accuracy_window=10) is None
 
 
 def test_seed_format():
