@@ -110,6 +110,8 @@ class Retrainer:
         self._launch_failed_at: dict[str, float] = {}  # model -> when its last launch failed
         self._configured = {m.name for m in cfg.models}
         for j in records:
+            if j.state != "running" and j.heartbeat_at is None:
+                continue  # never ran (a launch refused): the schedule waited a whole interval after it
             self.last_started[j.model] = max(self.last_started.get(j.model, 0.0),
                                              datetime.fromisoformat(j.created_at).timestamp())
         # Whether users agreed with each of production's predictions that got feedback.
@@ -167,13 +169,18 @@ class Retrainer:
                 # Feedback of a key the quarantine holds counts toward no trigger, after a restart too.
                 held = QuarantineBook(storage).quarantined(m.name)
                 untrained[m.name] = cls._untrained_feedback(registry, feedback, m.name, started.get(m.name), held)
-                if cfg.trigger.accuracy_drop is not None:
-                    judged[m.name] = cls._judged_feedback(registry, feedback, tasks[m.name], m.name,
-                                                          started.get(m.name), held)
             except Exception:  # noqa: BLE001 - one model's cut state.json stopped every model's controller
                 log.exception("retrain controller: could not count %s's feedback since its last job; its triggers "
                               "count from now", m.name)
                 untrained[m.name] = (0, set())
+                continue
+            if cfg.trigger.accuracy_drop is not None:
+                try:  # apart: a window that cannot be rebuilt wiped the count read just before it
+                    judged[m.name] = cls._judged_feedback(registry, feedback, tasks[m.name], m.name,
+                                                          started.get(m.name), held)
+                except Exception:  # noqa: BLE001 - a stored row the task cannot judge
+                    log.exception("retrain controller: could not rebuild %s's accuracy window; it fills from now",
+                                  m.name)
         return {"cfg": cfg, "jobs": jobs, "registry": registry, "launch": launch,
                 "pending": {m: n for m, (n, _) in untrained.items()},
                 "counted": {m: ids for m, (_, ids) in untrained.items()}, "judged": judged}

@@ -262,6 +262,26 @@ def test_the_schedule_fires_from_the_sweeper_when_there_is_new_feedback(tmp_path
     assert [t for _, t, _ in launch.launched] == ["schedule", "schedule"]
 
 
+def test_a_launch_that_never_ran_does_not_hold_the_schedule_back_after_a_restart(tmp_path):
+    """A refused launch leaves a failed record with no heartbeat; a controller started after
+    it took it for the newest job and waited a whole interval_s after a job that trained on
+    nothing."""
+    from datetime import UTC, datetime
+
+    cfg = parse_config({"models": [{"name": "m", "base_model": "x", "labels": ["a", "b"]}],
+                        "trigger": {"interval_s": 3600}, "storage": {"root": str(tmp_path)}})
+    storage = Storage(str(tmp_path))
+    jobs = JobStore(storage)
+    refused = jobs.create("m", "schedule")
+    refused.state, refused.finished_at = "failed", jobs.now()
+    jobs.save(refused)
+    now = datetime.fromisoformat(refused.created_at).astimezone(UTC).timestamp() + 120
+    retrainer = Retrainer(cfg, jobs, Registry(storage), FakeLaunch(jobs), {"m": 5}, clock=lambda: now,
+                          sweep_every_s=None)
+    with retrainer._lock:
+        assert retrainer._maybe_start("m") is not None  # due: no job ever ran
+
+
 def test_a_retiring_controller_starts_no_job_and_is_busy_until_its_own_ends(tmp_path):
     """Handing over to a new config's controller (control/apps.py): the old one finishes
     its job and starts no other; the successor sees that job and starts none beside it."""
@@ -532,6 +552,28 @@ def test_after_a_restart_feedback_of_a_key_the_quarantine_holds_counts_toward_no
     feedback.close()
     QuarantineBook(storage).quarantine("m", {"bad00000": "flipped every label"}, {})
     assert Retrainer.parts_from_config(cfg.model_dump())["pending"] == {"m": 2}
+
+
+def test_an_accuracy_window_that_cannot_be_rebuilt_keeps_the_feedback_count_read_before_it(tmp_path, monkeypatch):
+    """One try held both reads: a stored row the task could not judge wiped the count, and
+    every_n_feedback waited for as many records again."""
+    from tuneloop.core.tasks import model_tasks
+    from tuneloop.store.feedback_store import FeedbackStore
+
+    cfg = parse_config({"models": [{"name": "m", "base_model": "x", "labels": ["a", "b"]}],
+                        "trigger": {"every_n_feedback": 5, "accuracy_drop": 0.1}, "storage": {"root": str(tmp_path)}})
+    feedback = FeedbackStore(Storage(str(tmp_path)), str(tmp_path / "journal"), model_tasks(cfg.models))
+    feedback.open_writer()
+    for i in range(3):
+        feedback.append(model="m", text=f"t{i}", label="a")
+    feedback.close()
+
+    def cannot_judge(*args):
+        raise KeyError("predicted_label")
+
+    monkeypatch.setattr(Retrainer, "_judged_feedback", cannot_judge)
+    parts = Retrainer.parts_from_config(cfg.model_dump())
+    assert parts["pending"] == {"m": 3} and parts["judged"] == {}
 
 
 def test_a_student_job_for_any_reason_counts_as_learning_from_the_teachers_production(tmp_path):
