@@ -174,6 +174,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # The job's tables, from the object store (zero-copy): train is split, each worker scores
     # all of every evaluation set (shards.py says why not Ray Data). A long text trains in
     # serving's windows, a row each (the same rows on every worker: they split them evenly).
+    data_started = time.time()
     tables = {name: ray.get(ref) for name, ref in config["tables"].items()}
     train = tables.pop("train")
     rows = train.to_pydict()
@@ -181,6 +182,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if windowed is not rows:
         _log(rank, f"{train.num_rows} texts train in {len(windowed['text'])} windows of {max_length} tokens")
         train = pa.Table.from_pydict(windowed, schema=train.schema)
+    data_s = time.time() - data_started  # start-up's first_batch, not deepspeed (recipe.startup_parts)
     accumulation, total_steps = optimizer_steps(train.num_rows, batch_size, world,
                                                 config["gradient_accumulation_steps"], config["epochs"],
                                                 config.get("max_steps"))
@@ -202,7 +204,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_multiplier(step, total_steps, warmup)),
     )
-    marks["engine_ready"] = time.time()
+    marks["engine_ready"] = time.time() - data_s
     # Each micro-batch in passes by length (length_passes.py): on a CPU, right padding only
     # (cutting a left-padded pass would cut real tokens), and not where ZeRO-3 partitions the
     # weights among workers: each forward gathers them from every worker, and workers whose

@@ -239,9 +239,10 @@ def startup_parts(run_started: float, marks: dict[str, float | None]) -> dict[st
     """A run's start-up split at the marks its rank-0 worker took (wall clocks, seconds):
     ``workers`` from the run's start to the loop's first line (Ray Train's controller, the
     placement group, the worker processes, the process group), ``model_load`` (imports,
-    tokenizer and weights), ``deepspeed`` (``deepspeed.initialize``) and ``first_batch``
-    (the job's tables read from the object store, the first batch cut). None when a mark is
-    missing: no batch came."""
+    tokenizer and weights), ``deepspeed`` (``deepspeed.initialize``, and the layers frozen)
+    and ``first_batch`` (the job's tables read from the object store, and cut in windows where
+    the task reads texts so; the evaluation sets tokenized; the first batch cut). None when a
+    mark is missing: no batch came."""
     times = [run_started, *(marks.get(m) for m in STARTUP_MARKS)]
     if any(t is None for t in times):
         return None
