@@ -392,9 +392,14 @@ def feedback_stats_cmd(
 
 
 @feedback_app.command("keys")
-def feedback_keys_cmd(model: str, config: str | None = ConfigOption) -> None:
+def feedback_keys_cmd(
+    model: str,
+    as_json: bool = typer.Option(False, "--json", help="print the keys' numbers and verdicts as JSON"),
+    config: str | None = ConfigOption,
+) -> None:
     """Each feedback key's agreement with production and with other keys over all of MODEL's
-    feedback, and the quarantine's verdicts, as JSON."""
+    feedback, and the quarantine's verdicts."""
+    from tuneloop.control.feedback_report import key_lines
     from tuneloop.core.feedback_stats import arrival_order, superseded
     from tuneloop.core.quarantine import task_key_stats
     from tuneloop.core.tasks import model_tasks
@@ -413,7 +418,7 @@ def feedback_keys_cmd(model: str, config: str | None = ConfigOption) -> None:
     stats = task_key_stats(task, [r for r in rows if r["feedback_id"] not in dropped], held)
     out = [{**s.as_dict(), "quarantine": verdicts[k].model_dump() if k in verdicts else None}
            for k, s in sorted(stats.items())]
-    typer.echo(json.dumps({"model": model, "keys": out}, indent=2))
+    typer.echo(json.dumps({"model": model, "keys": out}, indent=2) if as_json else "\n".join(key_lines(model, out)))
 
 
 @feedback_app.command("release")

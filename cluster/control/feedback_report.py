@@ -54,3 +54,20 @@ def feedback_lines(stats: dict[str, Any]) -> list[str]:
         lines.append("")
         lines.append("days: " + ", ".join(f"{day} {n}" for day, n in stats["by_day"].items()))
     return lines
+
+
+def key_lines(model: str, keys: list[dict[str, Any]]) -> list[str]:
+    """`tuneloop feedback keys`: each key's agreement with production (on feedback about its
+    predictions) and with the other keys (on texts they answered too), and the quarantine's
+    verdict on it, a row a key."""
+    if not keys:
+        return [f"{model}: no feedback yet"]
+    rows = [("KEY", "ROWS", "JUDGED", "WITH PRODUCTION", "SHARED TEXTS", "WITH PEERS", "QUARANTINE")]
+    for k in keys:
+        verdict = k.get("quarantine")
+        said = "-" if verdict is None else (
+            f"held since {verdict['since']}: {verdict['reason']}" if verdict["state"] == "quarantined"
+            else f"released {verdict.get('released_at') or ''}".rstrip())
+        rows.append((k["key_id"], str(k["rows"]), str(k["judged"]), _share(k["production_agreement"]),
+                     str(k["shared_texts"]), _share(k["peer_agreement"]), said))
+    return _columns(rows)

@@ -276,6 +276,17 @@ def test_feedback_stats_prints_each_versions_online_accuracy_in_columns_and_json
     assert lines[label_header + 1].split()[:4] == ["a", "0", "1", "1"] and lines[-1].startswith("days: ")
     document = json.loads(CliRunner().invoke(app, ["feedback", "stats", "m", "--json", "--config", config]).output)
     assert document["total"] == 5 and document["by_version"]["v1"]["online_accuracy"] == 0.5
+    # The keys, a row each, with the quarantine's verdict; their JSON behind --json too.
+    from tuneloop.store.quarantine import QuarantineBook
+
+    QuarantineBook(Storage(str(tmp_path / "store"))).quarantine("m", {"(no key)": "flipped every label"}, {})
+    keys = CliRunner().invoke(app, ["feedback", "keys", "m", "--config", config])
+    assert keys.exit_code == 0, keys.output
+    header, row = keys.output.splitlines()
+    assert header.split()[:3] == ["KEY", "ROWS", "JUDGED"] and row.startswith("(no key)")
+    assert row.split()[2:4] == ["5", "4"] and "held since" in row and row.endswith("flipped every label")
+    listed = json.loads(CliRunner().invoke(app, ["feedback", "keys", "m", "--json", "--config", config]).output)
+    assert listed["keys"][0]["quarantine"]["state"] == "quarantined"
 
 
 def test_jobs_shows_a_job_without_heartbeat_and_leaves_marking_it_lost_to_the_cluster(config, tmp_path):
