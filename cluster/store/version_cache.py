@@ -70,13 +70,14 @@ def _refresh_artifacts(storage: Storage, folder: str, target: str, manifest: Man
     artifacts = os.path.join(target, ARTIFACTS)
     fresh, stale = f"{artifacts}.fresh-{uuid.uuid4().hex}", f"{artifacts}.stale-{uuid.uuid4().hex}"
     named = artifact_entries(manifest.optimization)
-    storage.download_dir(f"{folder}/{ARTIFACTS}", fresh, lambda p: p.split("/")[0] in named)
-    try:
-        if os.path.isdir(artifacts):
-            os.rename(artifacts, stale)
-        os.rename(fresh, artifacts)
-    except OSError:  # another replica of this node swapped in the same build meanwhile
-        pass
+    try:  # a download that fails midway leaves nothing: it left a partial build per reload tick
+        storage.download_dir(f"{folder}/{ARTIFACTS}", fresh, lambda p: p.split("/")[0] in named)
+        try:
+            if os.path.isdir(artifacts):
+                os.rename(artifacts, stale)
+            os.rename(fresh, artifacts)
+        except OSError:  # another replica of this node swapped in the same build meanwhile
+            pass
     finally:
         shutil.rmtree(fresh, ignore_errors=True)
         shutil.rmtree(stale, ignore_errors=True)
@@ -140,6 +141,8 @@ def prune_cache(models_dir: str, keep: str, now: float | None = None) -> list[st
     versions = sorted((e for e in entries if VERSION_NAME.match(e)), key=version_number)
     kept = {keep, *versions[-CACHE_KEEP_VERSIONS:]}
     removed = []
+    for version in versions:  # what a process killed mid-refresh left inside a version
+        _prune_refresh_leftovers(os.path.join(models_dir, version), now)
     for entry in entries:
         leftover = ".partial-" in entry or ".stale-" in entry
         if entry in kept or not (leftover or entry in versions):
@@ -152,6 +155,21 @@ def prune_cache(models_dir: str, keep: str, now: float | None = None) -> list[st
         _set_aside(os.path.join(models_dir, entry))
         removed.append(entry)
     return removed
+
+
+def _prune_refresh_leftovers(version_dir: str, now: float) -> None:
+    """The ``artifacts.fresh-*`` and ``artifacts.stale-*`` folders of a refresh whose process
+    was killed between its renames, over CACHE_KEEP_USED_S old (a refresh under way is younger)."""
+    try:
+        entries = os.listdir(version_dir)
+    except OSError:
+        return
+    for entry in entries:
+        if entry.startswith((f"{ARTIFACTS}.fresh-", f"{ARTIFACTS}.stale-")):
+            path = os.path.join(version_dir, entry)
+            with contextlib.suppress(OSError):
+                if now - os.stat(path).st_mtime >= CACHE_KEEP_USED_S:
+                    shutil.rmtree(path, ignore_errors=True)
 
 
 def _set_aside(path: str) -> None:

@@ -1,5 +1,6 @@
 import json
 import multiprocessing
+import pathlib
 import random
 import threading
 
@@ -469,6 +470,44 @@ def test_a_download_that_breaks_or_loses_the_race_leaves_no_partial_copy(tmp_pat
     with pytest.raises(OSError):
         download(storage, "registry/m/v9", str(cache / "v9"))  # nothing there: the download breaks
     assert sorted(p.name for p in cache.iterdir()) == ["v1"] and (cache / "v1/config.json").exists()
+
+
+def test_an_artifact_refresh_that_breaks_leaves_nothing_and_a_killed_ones_leftovers_go_in_an_hour(
+        tmp_path, weights, monkeypatch):
+    """The new build's download began before the clean-up was armed: each failed refresh (one a
+    reload tick) left a partial build inside the cached version, which no pruning reached."""
+    import os
+    import time
+
+    from tuneloop.core.runtimes import ArtifactRecord, Optimization, ParityCheck
+    from tuneloop.store import version_cache
+
+    storage = Storage(str(tmp_path / "store"))
+    reg = Registry(storage)
+    reg.publish("m", weights, _manifest())
+    built = tmp_path / "built" / "onnx"
+    built.mkdir(parents=True)
+    (built / "model.onnx").write_bytes(b"\1" * 64)
+    parity = ParityCheck(passed=True, detail="d", rows=5, agreement=1.0, accuracy=0.8, reference_accuracy=0.8)
+    record = ArtifactRecord(runtime="onnx", path="artifacts/onnx/model.onnx", bytes=64, build_s=1.0, parity=parity)
+    reg.record_optimization("m", "v1", str(tmp_path / "built"), Optimization(artifacts={"onnx": record}))
+    target = tmp_path / "cache" / "v1"
+    target.mkdir(parents=True)
+
+    def breaks_midway(folder, local, wanted=None):
+        os.makedirs(os.path.join(local, "onnx"))
+        (pathlib.Path(local) / "onnx" / "model.onnx").write_bytes(b"\1" * 8)  # a part of it
+        raise ConnectionResetError("the bucket hung up")
+
+    monkeypatch.setattr(storage, "download_dir", breaks_midway)
+    with pytest.raises(ConnectionResetError):
+        version_cache._refresh_artifacts(storage, "registry/m/v1", str(target), reg.manifest("m", "v1"))
+    assert list(target.iterdir()) == []
+    killed = target / "artifacts.fresh-0123"  # a process killed between its renames
+    killed.mkdir()
+    os.utime(killed, (time.time() - 7200,) * 2)
+    version_cache.prune_cache(str(tmp_path / "cache"), keep="v1")
+    assert list(target.iterdir()) == []
 
 
 def test_one_unreadable_manifest_is_left_out_of_the_versions_not_fatal_to_them(tmp_path, weights, caplog):
