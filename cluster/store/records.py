@@ -267,8 +267,10 @@ class PredictionLog:
         match = pc.field("prediction_id") == prediction_id
         for model in models:
             schema = prediction_schema(self.tasks[model])
-            for files in (self._files_holding(model, ms), self._old_layout_files(model, ms)):
-                table = read_files(self.storage, files, schema, match)
+            # Listed in turn: a tuple of both lists listed the date folder at every lookup, one
+            # more round trip to a bucket on the feedback path.
+            for listing in (self._files_holding, self._old_layout_files):
+                table = read_files(self.storage, listing(model, ms), schema, match)
                 if table.num_rows:
                     return table.slice(0, 1).to_pylist()[0]
         return None

@@ -111,9 +111,12 @@ def test_lookup_opens_only_the_files_whose_range_holds_the_id(tmp_path, monkeypa
         log.append("m", rows)
     assert len({f.rsplit("/", 1)[0] for f in _files(tmp_path)}) == 1 and len(_files(tmp_path)) == 60
     reads = _reads(monkeypatch)
+    listed, list_dir = [], log.storage.list_dir
+    monkeypatch.setattr(log.storage, "list_dir", lambda folder: listed.append(folder) or list_dir(folder))
     wanted = flushes[17][3]
     assert log.lookup(["m"], wanted["prediction_id"])["text"] == wanted["text"]
     assert len(reads) == 1 and len(reads[0]) == 1 and reads[0][0].endswith(".parquet")
+    assert len(listed) == 1 and "minute=" in listed[0]  # found there: the date folder is not listed
     # A time between two flushes: no file is opened (the date folder holds no old-layout files).
     reads.clear()
     assert log.lookup(["m"], new_prediction_id(start + timedelta(seconds=5, milliseconds=700))) is None
