@@ -292,8 +292,9 @@ class Storage:
         pafs.copy_files(local_dir, self.path(rel), destination_filesystem=self.fs)
         if self.is_local:
             # copy_files creates with the umask's modes; the 0700 folder made above hides
-            # the copies until they are made private here.
-            _make_tree_private(self.path(rel), fsync=True)
+            # the copies until they are made private here. The copies alone: walking all of
+            # rel met another optimize's build of the version as it was deleted, and failed.
+            _make_tree_private(self.path(rel), fsync=True, source=local_dir)
 
     def download_dir(self, rel: str, local_dir: str, wanted: Callable[[str], bool] | None = None) -> None:
         """Copy a folder to the local disk, as private as it is in a local root; with
@@ -415,17 +416,20 @@ def make_private_dirs(path: str) -> None:
         fsync_dir(os.path.dirname(folder))
 
 
-def _make_tree_private(top: str, fsync: bool) -> None:
-    for dirpath, dirnames, files in os.walk(top):
+def _make_tree_private(top: str, fsync: bool, source: str | None = None) -> None:
+    """Private modes (and synced, with ``fsync``) for the tree under ``top``, or, with
+    ``source``, for the copies under ``top`` of ``source``'s tree alone."""
+    for dirpath, dirnames, files in os.walk(source or top):
+        here = dirpath if source is None else os.path.join(top, os.path.relpath(dirpath, source))
         for name in dirnames:
-            os.chmod(os.path.join(dirpath, name), DIR_MODE)
+            os.chmod(os.path.join(here, name), DIR_MODE)
         for name in files:
-            path = os.path.join(dirpath, name)
+            path = os.path.join(here, name)
             os.chmod(path, FILE_MODE)
             if fsync:
                 _fsync_file(path)
         if fsync:
-            fsync_dir(dirpath)
+            fsync_dir(here)
 
 
 def _fsync_file(path: str) -> None:

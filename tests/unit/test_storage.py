@@ -62,6 +62,34 @@ def test_uploaded_and_downloaded_folders_are_private(tmp_path):
     assert (back / "nested/weights.bin").read_bytes() == b"w"
 
 
+def test_an_upload_makes_its_own_copies_private_and_leaves_the_rest_of_the_folder_alone(tmp_path, monkeypatch):
+    """It walked the whole destination: two optimizations of a version at once, one deleting
+    the build it replaced while the other's upload walked artifacts/, failed that upload
+    (FileNotFoundError) with its files copied and recorded nowhere."""
+    import os
+
+    from tuneloop.store import storage as storage_module
+
+    storage = Storage(str(tmp_path / "root"))
+    for build in ("build_a", "build_b"):
+        (tmp_path / build / build).mkdir(parents=True)
+        (tmp_path / build / build / "model.onnx").write_bytes(b"m")
+    storage.upload_dir(str(tmp_path / "build_a"), "registry/m/v1/artifacts")
+    chmod = os.chmod
+
+    def other_optimize_deletes_a(path, mode):  # the other optimize drops build_a mid-walk
+        if (tmp_path / "root/registry/m/v1/artifacts/build_a").exists():
+            storage.delete_dir("registry/m/v1/artifacts/build_a")
+        chmod(path, mode)
+
+    monkeypatch.setattr(storage_module.os, "chmod", other_optimize_deletes_a)
+    storage.upload_dir(str(tmp_path / "build_b"), "registry/m/v1/artifacts")
+    monkeypatch.undo()
+    artifacts = tmp_path / "root/registry/m/v1/artifacts"
+    assert sorted(p.name for p in artifacts.iterdir()) == ["build_b"]
+    assert _mode(artifacts / "build_b") == 0o700 and _mode(artifacts / "build_b/model.onnx") == 0o600
+
+
 def test_locked_makes_a_private_lock_file_and_releases_it_on_error(tmp_path):
     storage = Storage(str(tmp_path / "root"))
     with pytest.raises(RuntimeError), storage.locked("auth/keys.lock"):
