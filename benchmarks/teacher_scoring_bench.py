@@ -35,6 +35,7 @@ import transformers  # noqa: E402
 
 from benchmarks.adapt_bench import progress, read_tsv  # noqa: E402
 from tuneloop.core.model_source import resolve_model_source  # noqa: E402
+from tuneloop.serving.loaded_models import cpu_class  # noqa: E402
 from tuneloop.training.distill import SCORE_BATCH_SIZE, TEACHER_COLUMN, _TeacherScorer  # noqa: E402
 
 
@@ -78,7 +79,7 @@ def main() -> None:
     head = [config.id2label[i] for i in range(len(config.id2label))]
     job_order = list(range(len(texts)))
     by_length = sorted(job_order, key=lambda i: -len(texts[i]))  # as distill._scored orders them
-    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    native = cpu_class() == "cpu-bf16"  # AVX512-BF16 or AMX, as a job's teacher scorer asks
     ways = [("fp32, the job's order (before)", False, job_order), ("fp32, longest text first", False, by_length)]
     if native:
         ways.append(("bf16, longest text first (now)", True, by_length))

@@ -15,6 +15,7 @@ from typing import Any
 
 from tuneloop.core.batching_policy import forward_passes
 from tuneloop.core.errors import InputRejected, NonFiniteScores
+from tuneloop.core.runtimes import native_bf16
 from tuneloop.core.tasks import Task
 
 
@@ -46,9 +47,13 @@ def cpu_class() -> str:
     """This CPU's device name in a hardware class: ``cpu-bf16`` where oneDNN has native bf16
     arithmetic (AVX512-BF16 or AMX), where ``torch-bf16`` runs 1.6-1.8x fp32 (measured on an
     EPYC with AVX512-BF16); ``cpu`` elsewhere, where bf16 is emulated and slower than fp32."""
+    import platform
+
     import torch
 
-    return "cpu-bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "cpu"
+    native = native_bf16(platform.machine(), torch.cpu._is_avx512_bf16_supported(),
+                         torch.cpu._is_amx_tile_supported(), torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return "cpu-bf16" if native else "cpu"
 
 
 class LoadedModel:

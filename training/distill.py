@@ -28,7 +28,7 @@ import ray.data
 from tuneloop.core.config import DistillConfig, TuneloopConfig
 from tuneloop.core.evaluation import EvalMetrics
 from tuneloop.core.gate import TeacherEvidence
-from tuneloop.core.runtimes import holds_to
+from tuneloop.core.runtimes import holds_to, native_bf16
 from tuneloop.core.tasks import Task, teacher_labels_problem
 from tuneloop.store.registry import Registry
 from tuneloop.training.model_files import ModelFiles
@@ -106,14 +106,18 @@ class _TeacherScorer:
 
     def __init__(self, files: dict, auto_class: str, head: list[str], max_length: int, use_gpu: bool,
                  bf16: bool = False):
+        import platform
+
         import torch
         import transformers
 
         path = ModelFiles(**files).local_path()  # on the actor's node
         self.device = "cuda" if use_gpu else "cpu"
-        # A GPU without bf16 arithmetic (a T4, a V100) emulates it, slower than fp32.
-        native = bf16 and (torch.cuda.is_bf16_supported(including_emulation=False) if use_gpu
-                           else torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        # A GPU without bf16 arithmetic (a T4, a V100) emulates it, slower than fp32; so does
+        # a CPU without AVX512-BF16 or AMX (runtimes.native_bf16).
+        native = bf16 and (torch.cuda.is_bf16_supported(including_emulation=False) if use_gpu else native_bf16(
+            platform.machine(), torch.cpu._is_avx512_bf16_supported(), torch.cpu._is_amx_tile_supported(),
+            torch.ops.mkldnn._is_mkldnn_bf16_supported()))
         self.dtype = "bf16" if native else "fp32"
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         self.model = getattr(transformers, auto_class).from_pretrained(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tuneloop.core.runtimes import (ArtifactRecord, Optimization, ParityCheck, choose_lone_runtime, choose_runtime,
-                                    hardware_class, parity_check,
+                                    hardware_class, native_bf16, parity_check,
                                     unmeasured_runtimes, worst_parity)
 
 
@@ -120,6 +120,12 @@ def test_a_lone_text_goes_to_the_runtime_quickest_at_one_text_when_it_saves_a_te
     assert choose_runtime("auto", alone, "cpu/2t")[0] == "onnx"  # never in batches
     assert choose_lone_runtime("auto", alone, "cpu/2t", "onnx")[0] == "onnx-int8"
     assert choose_lone_runtime("auto", alone, "cpu/2t", "onnx", parity_limits=(0.995, 0.01))[0] is None
+    # Judged on too few short rows to show one miss against 99%: 5 of 5 is no evidence.
+    few = alone.artifacts["onnx-int8"].lone_parity
+    alone.artifacts["onnx-int8"].lone_parity = few.model_copy(update={"rows": 5, "agreement": 1.0})
+    assert choose_lone_runtime("auto", alone, "cpu/2t", "onnx")[0] is None
+    assert choose_lone_runtime("auto", alone, "cpu/2t", "onnx", parity_limits=(0.8, 0.01))[0] == "onnx-int8"
+    alone.artifacts["onnx-int8"].lone_parity = few
     # Its texts/s is never measured (it serves no batch): its time alone is all a class needs.
     del alone.texts_per_s["cpu/2t"]["onnx-int8"]
     assert unmeasured_runtimes("auto", alone, "cpu/2t") == []
@@ -181,3 +187,14 @@ def test_hardware_class_names_the_threads_on_cpu_only():
     assert hardware_class("cpu", 2) == "cpu/2t"
     assert hardware_class("cpu-bf16", 4) == "cpu-bf16/4t"  # a CPU with native bf16 ranks apart
     assert hardware_class("cuda", 2) == "cuda"
+
+
+def test_native_bf16_on_x86_is_avx512_bf16_or_amx_not_onednns_word():
+    """oneDNN says bf16 on any AVX-512 CPU (Skylake to Ice Lake), where it is emulated and
+    slower than fp32: such replicas took the cpu-bf16 class and served bf16 on the speeds a
+    native-bf16 node measured."""
+    assert native_bf16("x86_64", avx512_bf16=False, amx_tile=False, onednn_bf16=True) is False  # Ice Lake
+    assert native_bf16("x86_64", avx512_bf16=True, amx_tile=False, onednn_bf16=True) is True  # Zen 4
+    assert native_bf16("AMD64", avx512_bf16=False, amx_tile=True, onednn_bf16=True) is True  # Sapphire Rapids
+    assert native_bf16("aarch64", avx512_bf16=False, amx_tile=False, onednn_bf16=True) is True  # Arm: oneDNN's word
+    assert native_bf16("aarch64", avx512_bf16=False, amx_tile=False, onednn_bf16=False) is False
