@@ -394,7 +394,11 @@ def optimize_version(cfg: TuneloopConfig, registry: Registry, model: str, versio
                 loaded = load_model(path, version, task, max_length, runtime, out, gpu=gpu,
                                     max_rows=cfg.serving.max_batch_size)  # as a replica runs it
                 # An exported graph is also checked one text at a time, as a lone request runs it.
-                sizes = dict.fromkeys([ocfg.speed_batch_size] + ([1] if out else []))
+                # And at the replicas' largest batch where it is larger: dynamic int8's scale
+                # covers a whole pass, and a larger pass holds more outliers.
+                sizes = dict.fromkeys([ocfg.speed_batch_size] + ([1] if out else [])
+                                      + ([cfg.serving.max_batch_size]
+                                         if cfg.serving.max_batch_size > ocfg.speed_batch_size else []))
                 checks = {}
                 for size in sizes:
                     answers, accuracy = _answers(loaded, task, texts, targets, size)
