@@ -440,7 +440,7 @@ def test_a_runtime_quicker_at_one_text_answers_lone_texts_beside_the_fastest_at_
     assert failed._loaded.runtime == "torch-bf16" and failed._loaded.lone.runtime == "onnx"
     # Failed in batches, passed one text at a time: it answers lone texts only.
     alone = _optimized(int8_passed=False, bf16_speed=300.0, lone_ms=lone)
-    alone.artifacts["onnx-int8"].lone_parity = alone.artifacts["onnx"].parity
+    alone.artifacts["onnx-int8"].lone_parity = alone.artifacts["onnx"].parity.model_copy(update={"rows": 100})
     lone_int8, _, _ = _replica(optimization=alone, num_cpus_per_replica=1)
     assert lone_int8._loaded.runtime == "torch-bf16" and lone_int8._loaded.lone.runtime == "onnx-int8"
     # Not a tenth quicker: one runtime, one copy of the weights.
