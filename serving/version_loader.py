@@ -89,6 +89,10 @@ class VersionLoader:
         # (version, build) -> (next try, tries) of a rebuild that did not load. Apart from
         # ``failed``, which says a replica is not ready and names the version: this one serves.
         self.rebuild_retry: dict[tuple[str, str | None], tuple[float, int]] = {}
+        # Versions serving on torch because their artifact did not load: ``rebuilt`` tries the
+        # artifact again, backing off, as it would a new build (a load that met another
+        # replica's refresh between its renames stayed on torch until a restart).
+        self.fell_back: set[str] = set()
         self.next_rebuild_check = time.monotonic() + REBUILD_CHECK_S
 
     def forget_all_but(self, wanted: set[str | None]) -> None:
@@ -154,6 +158,12 @@ class VersionLoader:
         why += self._with_lone_runtime(loaded, path, optimization, hardware, did_not_load)
         self._warm_up(loaded)
         self.runtimes[version], self.built_at[version] = (runtime, why), built_at
+        if did_not_load:
+            self.fell_back.add(version)
+            _, tries = self.rebuild_retry.get((version, built_at), (0.0, 0))
+            self.rebuild_retry[version, built_at] = time.monotonic() + retry_wait(tries + 1), tries + 1
+        else:
+            self.fell_back.discard(version)
         # A runtime the operator named and did not get is theirs to know at warning, not info
         # (optimize.enabled off, an artifact failing parity: PyTorch served and nothing said so).
         named_but_not = self.serving.runtime not in ("auto", "torch", runtime)
@@ -184,10 +194,13 @@ class VersionLoader:
             optimization = self.registry.manifest(self.model, version).optimization
             built_at = optimization.built_at if optimization else None
             retry_at, tries = self.rebuild_retry.get((version, built_at), (0.0, 0))
-            if built_at == self.built_at.get(version) or now < retry_at:
+            if (built_at == self.built_at.get(version) and version not in self.fell_back) or now < retry_at:
                 continue
-            try:  # an artifact serving now is not swapped for PyTorch by a build whose artifact fails
-                swaps.append((current, self.load_runtime(version, fall_back=current.runtime == "torch")))
+            # An artifact serving now is not swapped for PyTorch by a build whose artifact fails,
+            # and PyTorch serving after a failed load is swapped only for the artifact.
+            fall_back = current.runtime == "torch" and version not in self.fell_back
+            try:
+                swaps.append((current, self.load_runtime(version, fall_back=fall_back)))
             except Exception as e:  # noqa: BLE001 - the earlier build keeps serving; tried again later
                 wait = retry_wait(tries + 1)
                 self.rebuild_retry[version, built_at] = now + wait, tries + 1

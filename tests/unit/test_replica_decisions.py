@@ -550,6 +550,25 @@ def test_an_artifact_that_does_not_load_leaves_the_version_serving_on_torch():
     replica, _, _ = _replica(optimization=_optimized(folder="broken"), num_cpus_per_replica=1)
     assert replica._loaded.runtime == "torch" and replica._loaded.version == "v1"
     assert replica.status()["runtimes"]["v1"] == "torch (the onnx-int8 artifact did not load: RuntimeError)"
+    # Tried again, backing off (a load that met another replica's refresh mid-rename stayed
+    # on torch until a restart): still broken, torch serves on; loadable, the artifact swaps in.
+    versions = replica._versions
+    versions.next_rebuild_check, versions.rebuild_retry = 0.0, {key: (0.0, n) for key, (_, n) in
+                                                                 versions.rebuild_retry.items()}
+    replica._pick_up_rebuilds()
+    assert replica._loaded.runtime == "torch" and all(at > time.monotonic() for at, _ in versions.rebuild_retry.values())
+
+    def loads_now(path, version, task, max_length, runtime="torch", artifact=None):
+        return FakeModel(path, version, task, max_length, runtime, artifact and artifact.replace("broken", "fixed"))
+
+    versions.load_model = loads_now
+    versions.next_rebuild_check, versions.rebuild_retry = 0.0, {key: (0.0, n) for key, (_, n) in
+                                                                 versions.rebuild_retry.items()}
+    replica._pick_up_rebuilds()
+    assert replica._loaded.runtime == "onnx-int8" and "did not load" not in replica.status()["runtimes"]["v1"]
+    versions.next_rebuild_check = 0.0
+    replica._pick_up_rebuilds()  # served as built: no more tries
+    assert replica._loaded.runtime == "onnx-int8" and not versions.fell_back
     assert asyncio.run(replica.predict(["a"]))[0]["version"] == "v1"
 
 
