@@ -331,18 +331,24 @@ def test_switches_and_serving_time_complete_a_published_version(tmp_path, weight
     assert reg.manifest("m", v1).serving_time == timing
 
 
-def test_record_optimization_adds_the_artifacts_then_names_them_in_the_manifest(tmp_path, weights):
+def _publish_with_onnx(reg: Registry, weights, tmp_path, **optimization) -> None:
+    """v1 of model m, optimized: a 64-byte ONNX artifact that passed parity on 5 rows."""
     from tuneloop.core.runtimes import ArtifactRecord, Optimization, ParityCheck
 
-    reg = Registry(Storage(str(tmp_path / "store")))
     reg.publish("m", weights, _manifest())
     built = tmp_path / "built" / "onnx"
     built.mkdir(parents=True)
     (built / "model.onnx").write_bytes(b"\1" * 64)
     parity = ParityCheck(passed=True, detail="d", rows=5, agreement=1.0, accuracy=0.8, reference_accuracy=0.8)
     record = ArtifactRecord(runtime="onnx", path="artifacts/onnx/model.onnx", bytes=64, build_s=1.0, parity=parity)
-    reg.record_optimization("m", "v1", str(tmp_path / "built"),
-                            Optimization(artifacts={"onnx": record}, texts_per_s={"cpu/2t": {"torch": 1.0, "onnx": 2.0}}))
+    reg.record_optimization("m", "v1", str(tmp_path / "built"), Optimization(artifacts={"onnx": record}, **optimization))
+
+
+def test_record_optimization_adds_the_artifacts_then_names_them_in_the_manifest(tmp_path, weights):
+    from tuneloop.core.runtimes import Optimization
+
+    reg = Registry(Storage(str(tmp_path / "store")))
+    _publish_with_onnx(reg, weights, tmp_path, texts_per_s={"cpu/2t": {"torch": 1.0, "onnx": 2.0}})
     manifest = reg.manifest("m", "v1")
     assert manifest.optimization.artifacts["onnx"].parity.agreement == 1.0
     assert manifest.optimization.texts_per_s == {"cpu/2t": {"torch": 1.0, "onnx": 2.0}}
@@ -479,18 +485,11 @@ def test_an_artifact_refresh_that_breaks_leaves_nothing_and_a_killed_ones_leftov
     import os
     import time
 
-    from tuneloop.core.runtimes import ArtifactRecord, Optimization, ParityCheck
     from tuneloop.store import version_cache
 
     storage = Storage(str(tmp_path / "store"))
     reg = Registry(storage)
-    reg.publish("m", weights, _manifest())
-    built = tmp_path / "built" / "onnx"
-    built.mkdir(parents=True)
-    (built / "model.onnx").write_bytes(b"\1" * 64)
-    parity = ParityCheck(passed=True, detail="d", rows=5, agreement=1.0, accuracy=0.8, reference_accuracy=0.8)
-    record = ArtifactRecord(runtime="onnx", path="artifacts/onnx/model.onnx", bytes=64, build_s=1.0, parity=parity)
-    reg.record_optimization("m", "v1", str(tmp_path / "built"), Optimization(artifacts={"onnx": record}))
+    _publish_with_onnx(reg, weights, tmp_path)
     target = tmp_path / "cache" / "v1"
     target.mkdir(parents=True)
 
