@@ -332,6 +332,7 @@ def jobs(
     and why a job failed or its version waits. A running job that stopped heartbeating is
     shown so, not marked failed: this machine's clock may be off the cluster's, whose
     controller marks it. `GET /v1/jobs/{id}` gives one job's whole record."""
+    from tuneloop.control.text_columns import columns
     from tuneloop.store.jobs import JobStore
 
     cfg = _load(config)
@@ -356,9 +357,7 @@ def jobs(
             why = (f"no heartbeat since {j.heartbeat_at or j.created_at} by this machine's clock (lost if its "
                    "process died; the cluster's controller marks it failed)")
         rows.append((j.job_id, j.model, j.state, j.trigger, j.version or "-", j.created_at, took, why))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
-        typer.echo(("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]).rstrip())
+    typer.echo("\n".join(columns(rows)))
 
 
 feedback_app = typer.Typer(no_args_is_help=True, rich_markup_mode=HELP_MARKUP,

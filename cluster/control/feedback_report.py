@@ -7,12 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-
-def _columns(rows: list[tuple[str, ...]], indent: str = "") -> list[str]:
-    """Left-aligned columns, the first row a header: `tuneloop jobs`' layout."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return [(indent + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))).rstrip()
-            for row in rows]
+from tuneloop.control.text_columns import columns
 
 
 def _share(value: float | None) -> str:
@@ -38,7 +33,7 @@ def feedback_lines(stats: dict[str, Any]) -> list[str]:
         lines.append("no feedback on a prediction yet (feedback on a text alone judges no version)")
     else:
         lines.append("")
-        lines.extend(_columns([("VERSION", "FEEDBACK", "AGREED", "ONLINE ACCURACY")]
+        lines.extend(columns([("VERSION", "FEEDBACK", "AGREED", "ONLINE ACCURACY")]
                               + [(version, str(seen["feedback"]), str(seen["agreed"]), _share(seen["online_accuracy"]))
                                  for version, seen in versions.items()]))
     for version, seen in versions.items():
@@ -49,7 +44,7 @@ def feedback_lines(stats: dict[str, Any]) -> list[str]:
             rows = [("LABEL", "RIGHT", "WRONG", "MISSED", "PRECISION", "RECALL")]
             rows += [(label, str(q["right"]), str(q["wrong"]), str(q["missed"]), _share(q["precision"]),
                       _share(q["recall"])) for label, q in judged.items()]
-            lines.extend(_columns(rows, indent="  "))
+            lines.extend(columns(rows, indent="  "))
     if stats["by_day"]:
         lines.append("")
         lines.append("days: " + ", ".join(f"{day} {n}" for day, n in stats["by_day"].items()))
@@ -70,4 +65,4 @@ def key_lines(model: str, keys: list[dict[str, Any]]) -> list[str]:
             else f"released {verdict.get('released_at') or ''}".rstrip())
         rows.append((k["key_id"], str(k["rows"]), str(k["judged"]), _share(k["production_agreement"]),
                      str(k["shared_texts"]), _share(k["peer_agreement"]), said))
-    return _columns(rows)
+    return columns(rows)
